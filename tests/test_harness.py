@@ -1,0 +1,48 @@
+"""The simulated cluster itself: results come back by rank, failures and hangs fail fast."""
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from harness import DistributedTestError, run_distributed
+
+
+def _all_reduce_rank() -> tuple[int, float]:
+    t = torch.tensor([float(dist.get_rank())])
+    dist.all_reduce(t)
+    return dist.get_rank(), t.item()
+
+
+def _raise_on_rank(bad_rank: int) -> None:
+    if dist.get_rank() == bad_rank:
+        raise ValueError(f"planted failure on rank {bad_rank}")
+    dist.barrier()  # the healthy ranks wait here for the one that failed
+
+
+def _sleep_forever() -> None:
+    time.sleep(3600)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_results_come_back_by_rank(world_size):
+    out = run_distributed(world_size, _all_reduce_rank)
+    expected = sum(range(world_size))
+    assert out == [(r, float(expected)) for r in range(world_size)]
+
+
+def test_failing_rank_reports_its_traceback_and_pool_recovers():
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError, match="rank 1 failed:(.|\n)*planted failure on rank 1"):
+        run_distributed(2, _raise_on_rank, 1)
+    assert time.monotonic() - start < 60
+    assert run_distributed(2, _all_reduce_rank) == [(0, 1.0), (1, 1.0)]
+
+
+def test_hanging_rank_times_out_and_pool_recovers():
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError, match="did not finish within 3 s"):
+        run_distributed(2, _sleep_forever, timeout=3)
+    assert time.monotonic() - start < 30
+    assert run_distributed(2, _all_reduce_rank) == [(0, 1.0), (1, 1.0)]
