@@ -1,0 +1,288 @@
+"""Process groups for tensor (TP), pipeline (PP) and data (DP) parallelism.
+
+This module holds the only global state in ``mp``. Ranks are laid out as Megatron-Core does,
+TP fastest, then DP, then PP::
+
+    rank = tp_rank + TP * (dp_rank + DP * pp_rank),   DP = world_size / (TP * PP)
+
+so that the ranks of one TP group are adjacent (same node, fastest links). For 16 ranks with
+TP=2, PP=4: TP groups [0,1] [2,3] ...; DP groups [0,2] [1,3] [4,6] ...; PP groups
+[0,4,8,12] [1,5,9,13] ...; embedding groups (first and last stage) [0,12] [1,13] ...
+
+The getters carry Megatron's names so ported code runs unchanged, and the module doubles as
+DeepSpeed's ``mpu``: DeepSpeed calls ``get_model_parallel_{world_size,rank,group}`` and
+``get_data_parallel_{world_size,rank,group}``. "Model parallel" means TP x PP together, as in
+Megatron-Core (with PP=1 it is the TP group, which is what older DeepSpeed code expects).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """Every group of each kind, as lists of global ranks (pure arithmetic, no processes)."""
+
+    tensor: list[list[int]]
+    data: list[list[int]]
+    pipeline: list[list[int]]
+    model: list[list[int]]
+    embedding: list[list[int]]
+
+
+def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
+                pipeline_model_parallel_size: int = 1) -> RankLayout:
+    """Megatron's group layout for ``world_size`` ranks; raises ValueError on impossible sizes."""
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    for name, value in (("world_size", world_size), ("tensor_model_parallel_size", tp),
+                        ("pipeline_model_parallel_size", pp)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    if world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"world_size={world_size} is not divisible by tensor_model_parallel_size={tp} "
+            f"x pipeline_model_parallel_size={pp} = {tp * pp}")
+    dp = world_size // (tp * pp)
+
+    def rank(t: int, d: int, p: int) -> int:
+        return t + tp * (d + dp * p)
+
+    pipeline = [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    return RankLayout(
+        tensor=[[rank(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
+        data=[[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
+        pipeline=pipeline,
+        model=[sorted(rank(t, d, p) for p in range(pp) for t in range(tp)) for d in range(dp)],
+        embedding=[sorted({g[0], g[-1]}) for g in pipeline],
+    )
+
+
+@dataclass
+class _Groups:
+    """This rank's groups and the global ranks in each."""
+
+    tensor: dist.ProcessGroup
+    tensor_ranks: list[int]
+    data: dist.ProcessGroup
+    data_ranks: list[int]
+    pipeline: dist.ProcessGroup
+    pipeline_ranks: list[int]
+    model: dist.ProcessGroup
+    model_ranks: list[int]
+    embedding: dist.ProcessGroup | None  # None on ranks that hold no embedding
+    embedding_ranks: list[int]
+    virtual_pipeline_world_size: int | None
+    virtual_pipeline_rank: int | None
+
+
+_GROUPS: _Groups | None = None
+
+
+def initialize_model_parallel(tensor_model_parallel_size: int = 1,
+                              pipeline_model_parallel_size: int = 1,
+                              virtual_pipeline_model_parallel_size: int | None = None,
+                              *, backend: str | None = None) -> None:
+    """Create the TP, DP, PP, model-parallel and embedding groups over the default group.
+
+    Every rank must call this with the same arguments (``torch.distributed`` must already be
+    initialized). Sizes are checked before any collective. ``backend`` defaults to the default
+    group's backend.
+    """
+    global _GROUPS
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized: call "
+                           "torch.distributed.init_process_group before initialize_model_parallel")
+    if _GROUPS is not None:
+        raise RuntimeError("model parallel groups are already initialized; "
+                           "call destroy_model_parallel first")
+    vpp = virtual_pipeline_model_parallel_size
+    if vpp is not None:
+        if not isinstance(vpp, int) or vpp < 1:
+            raise ValueError(f"virtual_pipeline_model_parallel_size={vpp!r} must be a positive "
+                             "integer or None")
+        if pipeline_model_parallel_size < 2:
+            raise ValueError(
+                f"virtual_pipeline_model_parallel_size={vpp} needs "
+                f"pipeline_model_parallel_size > 1, got {pipeline_model_parallel_size}")
+    layout = rank_layout(dist.get_world_size(), tensor_model_parallel_size,
+                         pipeline_model_parallel_size)
+    me = dist.get_rank()
+    mine: dict[str, tuple[dist.ProcessGroup | None, list[int]]] = {}
+    for kind in ("tensor", "data", "pipeline", "model", "embedding"):
+        mine[kind] = (None, [])  # only "embedding" can stay empty (middle stages)
+        for ranks in getattr(layout, kind):
+            group = dist.new_group(ranks, backend=backend)  # every rank creates every group
+            if me in ranks:
+                mine[kind] = (group, ranks)
+    _GROUPS = _Groups(
+        *mine["tensor"], *mine["data"], *mine["pipeline"], *mine["model"], *mine["embedding"],
+        virtual_pipeline_world_size=vpp, virtual_pipeline_rank=0 if vpp is not None else None)
+
+
+def model_parallel_is_initialized() -> bool:
+    return _GROUPS is not None
+
+
+def destroy_model_parallel() -> None:
+    """Forget the groups (the default group stays). Safe to call when not initialized."""
+    global _GROUPS
+    if _GROUPS is None:
+        return
+    groups = {id(g): g for g in (_GROUPS.tensor, _GROUPS.data, _GROUPS.pipeline, _GROUPS.model,
+                                 _GROUPS.embedding) if g is not None}
+    _GROUPS = None
+    for group in groups.values():
+        dist.destroy_process_group(group)
+
+
+def _groups() -> _Groups:
+    if _GROUPS is None:
+        raise RuntimeError("model parallel groups are not initialized: call "
+                           "mp.parallel_state.initialize_model_parallel first")
+    return _GROUPS
+
+
+# --- groups -------------------------------------------------------------------------------
+
+def get_tensor_model_parallel_group() -> dist.ProcessGroup:
+    return _groups().tensor
+
+
+def get_pipeline_model_parallel_group() -> dist.ProcessGroup:
+    return _groups().pipeline
+
+
+def get_data_parallel_group() -> dist.ProcessGroup:
+    return _groups().data
+
+
+def get_model_parallel_group() -> dist.ProcessGroup:
+    """TP x PP ranks that together hold one replica of the model."""
+    return _groups().model
+
+
+def get_embedding_group() -> dist.ProcessGroup | None:
+    """First and last pipeline stage (tied word embeddings); None on other stages."""
+    return _groups().embedding
+
+
+def is_rank_in_embedding_group() -> bool:
+    return _groups().embedding is not None
+
+
+# --- sizes and ranks ----------------------------------------------------------------------
+
+def get_tensor_model_parallel_world_size() -> int:
+    return len(_groups().tensor_ranks)
+
+
+def get_tensor_model_parallel_rank() -> int:
+    return _groups().tensor_ranks.index(dist.get_rank())
+
+
+def get_pipeline_model_parallel_world_size() -> int:
+    return len(_groups().pipeline_ranks)
+
+
+def get_pipeline_model_parallel_rank() -> int:
+    return _groups().pipeline_ranks.index(dist.get_rank())
+
+
+def get_data_parallel_world_size() -> int:
+    return len(_groups().data_ranks)
+
+
+def get_data_parallel_rank() -> int:
+    return _groups().data_ranks.index(dist.get_rank())
+
+
+def get_model_parallel_world_size() -> int:
+    return len(_groups().model_ranks)
+
+
+def get_model_parallel_rank() -> int:
+    return _groups().model_ranks.index(dist.get_rank())
+
+
+def get_tensor_model_parallel_src_rank() -> int:
+    """Global rank of TP rank 0 in this rank's TP group (the source of TP broadcasts)."""
+    return _groups().tensor_ranks[0]
+
+
+def get_data_parallel_src_rank() -> int:
+    return _groups().data_ranks[0]
+
+
+def get_tensor_model_parallel_ranks() -> list[int]:
+    return list(_groups().tensor_ranks)
+
+
+def get_data_parallel_ranks() -> list[int]:
+    return list(_groups().data_ranks)
+
+
+def get_pipeline_model_parallel_ranks() -> list[int]:
+    return list(_groups().pipeline_ranks)
+
+
+# --- pipeline neighbours and stages -------------------------------------------------------
+
+def get_pipeline_model_parallel_first_rank() -> int:
+    return _groups().pipeline_ranks[0]
+
+
+def get_pipeline_model_parallel_last_rank() -> int:
+    return _groups().pipeline_ranks[-1]
+
+
+def get_pipeline_model_parallel_next_rank() -> int:
+    """Global rank of the next stage (wraps around from the last stage to the first)."""
+    ranks = _groups().pipeline_ranks
+    return ranks[(get_pipeline_model_parallel_rank() + 1) % len(ranks)]
+
+
+def get_pipeline_model_parallel_prev_rank() -> int:
+    """Global rank of the previous stage (wraps around from the first stage to the last)."""
+    ranks = _groups().pipeline_ranks
+    return ranks[(get_pipeline_model_parallel_rank() - 1) % len(ranks)]
+
+
+def is_pipeline_first_stage(ignore_virtual: bool = False) -> bool:
+    """True on the first stage; with virtual stages, only while model chunk 0 is current."""
+    if not ignore_virtual and get_virtual_pipeline_model_parallel_world_size() is not None:
+        if get_virtual_pipeline_model_parallel_rank() != 0:
+            return False
+    return get_pipeline_model_parallel_rank() == 0
+
+
+def is_pipeline_last_stage(ignore_virtual: bool = False) -> bool:
+    """True on the last stage; with virtual stages, only while the last chunk is current."""
+    vpp = get_virtual_pipeline_model_parallel_world_size()
+    if not ignore_virtual and vpp is not None:
+        if get_virtual_pipeline_model_parallel_rank() != vpp - 1:
+            return False
+    return get_pipeline_model_parallel_rank() == get_pipeline_model_parallel_world_size() - 1
+
+
+# --- virtual pipeline stages (interleaved schedule) ---------------------------------------
+
+def get_virtual_pipeline_model_parallel_world_size() -> int | None:
+    return _groups().virtual_pipeline_world_size
+
+
+def get_virtual_pipeline_model_parallel_rank() -> int | None:
+    return _groups().virtual_pipeline_rank
+
+
+def set_virtual_pipeline_model_parallel_rank(rank: int) -> None:
+    """Select the current model chunk (the interleaved schedule calls this before each step)."""
+    vpp = get_virtual_pipeline_model_parallel_world_size()
+    if vpp is None:
+        raise RuntimeError("no virtual pipeline stages: initialize_model_parallel was called "
+                           "without virtual_pipeline_model_parallel_size")
+    if not 0 <= rank < vpp:
+        raise ValueError(f"virtual pipeline rank {rank} is outside [0, {vpp})")
+    _groups().virtual_pipeline_rank = rank

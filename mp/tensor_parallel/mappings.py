@@ -1,0 +1,213 @@
+"""The autograd collectives of tensor and sequence parallelism.
+
+Shoeybi et al. 2019 ("Megatron-LM", section 3) pair two conjugate operators around each
+tensor-parallel block: ``f`` is the identity forward and an all-reduce backward, ``g`` the
+reverse. Korthikanti et al. 2022 ("Reducing Activation Recomputation", section 4.2.2) replace
+the all-reduce by a reduce-scatter plus an all-gather along the sequence (first) dimension,
+so that the regions between tensor-parallel blocks hold ``1/TP`` of the sequence.
+
+| function                                     | forward               | backward              |
+| -------------------------------------------- | --------------------- | --------------------- |
+| copy_to_tensor_model_parallel_region (f)     | identity              | all-reduce            |
+| reduce_from_tensor_model_parallel_region (g) | all-reduce            | identity              |
+| scatter_to_tensor_model_parallel_region      | split last dim        | all-gather last dim   |
+| gather_from_tensor_model_parallel_region     | all-gather last dim   | split last dim        |
+| scatter_to_sequence_parallel_region          | split first dim       | all-gather first dim  |
+| gather_from_sequence_parallel_region         | all-gather first dim  | reduce-scatter first  |
+| reduce_scatter_to_sequence_parallel_region   | reduce-scatter first  | all-gather first dim  |
+
+Activations are ``[sequence, batch, hidden]`` as in Megatron, so "first dim" is the sequence.
+Every function takes ``group`` (default: the tensor-parallel group of ``parallel_state``) and
+is the identity when the group has one rank. None of them changes its input, except
+``reduce_from_tensor_model_parallel_region``, which all-reduces in place (as Megatron does, to
+save a copy) and tells autograd so: using a tensor that autograd still needs raises an error
+instead of silently giving wrong gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from mp import parallel_state
+
+
+def _group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    return parallel_state.get_tensor_model_parallel_group() if group is None else group
+
+
+def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Sum ``x`` over the group, in place."""
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _split_along_last_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``[..., n]`` -> this rank's ``[..., n / world]``."""
+    world = dist.get_world_size(group)
+    if x.size(-1) % world != 0:
+        raise ValueError(f"last dimension {x.size(-1)} is not divisible by the group size {world}")
+    return x.chunk(world, dim=-1)[dist.get_rank(group)].contiguous()
+
+
+def _gather_along_last_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``[..., n]`` on each rank -> ``[..., world * n]`` in rank order."""
+    gathered = _gather_along_first_dim(x.unsqueeze(0), group)
+    return torch.cat(gathered.unbind(0), dim=-1)
+
+
+def _split_along_first_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``[s, ...]`` -> this rank's ``[s / world, ...]``."""
+    world = dist.get_world_size(group)
+    if x.size(0) % world != 0:
+        raise ValueError(f"first (sequence) dimension {x.size(0)} is not divisible by the "
+                         f"group size {world}")
+    return x.chunk(world, dim=0)[dist.get_rank(group)].contiguous()
+
+
+def _gather_along_first_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``[s, ...]`` on each rank -> ``[world * s, ...]`` in rank order."""
+    world = dist.get_world_size(group)
+    out = torch.empty((world * x.size(0), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter_along_first_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``[s, ...]`` on each rank -> this rank's ``[s / world, ...]`` of the sum over ranks."""
+    world = dist.get_world_size(group)
+    if x.size(0) % world != 0:
+        raise ValueError(f"first (sequence) dimension {x.size(0)} is not divisible by the "
+                         f"group size {world}")
+    out = torch.empty((x.size(0) // world, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+class _CopyToModelParallelRegion(torch.autograd.Function):
+    """f: identity forward, all-reduce of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad.clone(), ctx.group), None
+
+
+class _ReduceFromModelParallelRegion(torch.autograd.Function):
+    """g: all-reduce forward (in place), identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.mark_dirty(x)
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToModelParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_along_last_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_along_last_dim(grad, ctx.group), None
+
+
+class _GatherFromModelParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_along_last_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_along_last_dim(grad, ctx.group), None
+
+
+class _ScatterToSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_along_first_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_along_first_dim(grad, ctx.group), None
+
+
+class _GatherFromSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, tensor_parallel_output_grad):
+        ctx.group = group
+        ctx.tensor_parallel_output_grad = tensor_parallel_output_grad
+        return _gather_along_first_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.tensor_parallel_output_grad:
+            return _reduce_scatter_along_first_dim(grad, ctx.group), None, None
+        return _split_along_first_dim(grad, ctx.group), None, None
+
+
+class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_along_first_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_along_first_dim(grad, ctx.group), None
+
+
+def _single_rank(group: dist.ProcessGroup) -> bool:
+    return dist.get_world_size(group) == 1
+
+
+def copy_to_tensor_model_parallel_region(x: torch.Tensor, group=None) -> torch.Tensor:
+    group = _group(group)
+    return x if _single_rank(group) else _CopyToModelParallelRegion.apply(x, group)
+
+
+def reduce_from_tensor_model_parallel_region(x: torch.Tensor, group=None) -> torch.Tensor:
+    group = _group(group)
+    return x if _single_rank(group) else _ReduceFromModelParallelRegion.apply(x, group)
+
+
+def scatter_to_tensor_model_parallel_region(x: torch.Tensor, group=None) -> torch.Tensor:
+    group = _group(group)
+    return x if _single_rank(group) else _ScatterToModelParallelRegion.apply(x, group)
+
+
+def gather_from_tensor_model_parallel_region(x: torch.Tensor, group=None) -> torch.Tensor:
+    group = _group(group)
+    return x if _single_rank(group) else _GatherFromModelParallelRegion.apply(x, group)
+
+
+def scatter_to_sequence_parallel_region(x: torch.Tensor, group=None) -> torch.Tensor:
+    group = _group(group)
+    return x if _single_rank(group) else _ScatterToSequenceParallelRegion.apply(x, group)
+
+
+def gather_from_sequence_parallel_region(x: torch.Tensor, tensor_parallel_output_grad: bool = True,
+                                         group=None) -> torch.Tensor:
+    """All-gather along the sequence. Backward reduce-scatters the gradient, or, with
+    ``tensor_parallel_output_grad=False`` (the consumer is replicated, not TP-sharded), only
+    splits it."""
+    group = _group(group)
+    if _single_rank(group):
+        return x
+    return _GatherFromSequenceParallelRegion.apply(x, group, tensor_parallel_output_grad)
+
+
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group=None) -> torch.Tensor:
+    group = _group(group)
+    return x if _single_rank(group) else _ReduceScatterToSequenceParallelRegion.apply(x, group)

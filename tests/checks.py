@@ -1,0 +1,24 @@
+"""Comparison and data helpers shared by the distributed tests."""
+
+from __future__ import annotations
+
+import torch
+
+RTOL = 1e-6  # the project's bar for fp32 against a float64 or single-process reference
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL,
+                     what: str = "tensor") -> None:
+    """Norm-wise relative error ``|a - e| / |e| <= rtol`` (computed in float64), same shape."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != " \
+                                           f"{tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    err = (a - e).norm().item()
+    scale = max(e.norm().item(), 1e-30)
+    assert err <= rtol * scale, f"{what}: relative error {err / scale:.3e} > {rtol:.1e}"
+
+
+def seeded(shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+    """A reproducible normal tensor: the same on every rank for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
