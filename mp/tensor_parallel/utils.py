@@ -5,17 +5,19 @@ from __future__ import annotations
 import torch
 
 
-def divide(numerator: int, denominator: int, what: str = "numerator") -> int:
-    """``numerator // denominator``, raising a clear ValueError when it does not divide."""
+def divide(numerator: int, denominator: int, what: str = "numerator",
+           by: str = "tensor_model_parallel_size") -> int:
+    """``numerator // denominator``; a ValueError naming both values when it does not divide,
+    e.g. ``output_size=10 is not divisible by tensor_model_parallel_size=4``."""
     if denominator <= 0 or numerator % denominator != 0:
-        raise ValueError(f"{what}={numerator} is not divisible by {denominator}")
+        raise ValueError(f"{what}={numerator} is not divisible by {by}={denominator}")
     return numerator // denominator
 
 
 def split_tensor_along_last_dim(tensor: torch.Tensor, num_partitions: int,
                                 contiguous_split_chunks: bool = False) -> tuple[torch.Tensor, ...]:
     """Split ``[..., n]`` into ``num_partitions`` views ``[..., n / num_partitions]``."""
-    last = divide(tensor.size(-1), num_partitions, "last dimension size")
+    last = divide(tensor.size(-1), num_partitions, "last dimension size", "num_partitions")
     chunks = torch.split(tensor, last, dim=-1)
     if contiguous_split_chunks:
         return tuple(chunk.contiguous() for chunk in chunks)

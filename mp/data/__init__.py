@@ -1,0 +1,14 @@
+"""The data pipeline: tokenizers, Megatron ``.bin``/``.idx`` datasets, GPT samples, loaders.
+
+Import from the modules (importing this package loads nothing):
+
+- `mp.data.tokenizer`: ``build_tokenizer``, ``vocab_size_with_padding`` and the tokenizers.
+- `mp.data.indexed_dataset`: ``IndexedDataset`` / ``IndexedDatasetBuilder`` (Megatron's format).
+- `mp.data.preprocess`: ``preprocess_files`` (the engine of ``tools/preprocess_data.py``).
+- `mp.data.gpt_dataset`: ``GPTDataset`` and its index builders.
+- `mp.data.blended_dataset`: ``BlendedDataset``.
+- `mp.data.dataset_builder`: ``build_gpt_datasets(data_path, split, ...)`` -> train/valid/test.
+- `mp.data.samplers`: ``MegatronPretrainingSampler``, ``build_pretraining_data_loader``.
+- `mp.data.corpus`: ``prepare_default_corpus`` (the embedded standard-library corpus).
+- `mp.data.cache`: atomic writes and the build-once-then-share collective.
+"""

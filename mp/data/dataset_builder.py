@@ -1,0 +1,150 @@
+"""Train / valid / test GPT datasets from ``--data-path`` and ``--split`` (Megatron's
+``BlendedMegatronDatasetBuilder`` for GPT).
+
+``data_path`` is ``["prefix"]``, several prefixes (weighted by their tokens), or weights and
+prefixes in turn: ``["0.3", "a", "0.7", "b"]``. ``split`` like ``"969,30,1"`` gives each
+prefix's documents in that proportion, in order: with ``N`` documents and cumulative normalized
+fractions ``c``, split ``i`` holds documents ``[round(c[i] N), round(c[i+1] N))``, as in Megatron.
+
+With one prefix each split is a `GPTDataset`. With several, each prefix's split is a
+`GPTDataset` of ``ceil(ceil(n * w) * 1.005)`` samples (Megatron's margin) and the split is a
+`BlendedDataset` of exactly ``n`` samples. A split whose fraction is 0 or that is asked for 0
+samples is ``None``; one asked for samples but left without documents is an error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mp.data.blended_dataset import BlendedDataset
+from mp.data.gpt_dataset import GPTDataset
+from mp.data.indexed_dataset import IndexedDataset
+
+SPLIT_NAMES = ("train", "valid", "test")
+_BLEND_MARGIN = 0.005
+_NUMBER = re.compile(r"^\s*(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$")
+
+
+def parse_data_path(data_path: Sequence[str]) -> tuple[list[str], list[float] | None]:
+    """``(prefixes, weights or None)`` from a ``--data-path`` list."""
+    entries = [str(e).strip() for e in data_path]
+    if not entries:
+        raise ValueError("data_path is empty")
+    numeric = [bool(_NUMBER.match(e)) for e in entries]
+    if not any(numeric[0::2]):
+        return entries, None
+    if len(entries) % 2 or not all(numeric[0::2]) or any(numeric[1::2]):
+        raise ValueError(
+            f"data_path={list(data_path)} mixes forms: give prefixes only, or weight and prefix "
+            "pairs such as ['0.3', 'a', '0.7', 'b']"
+        )
+    weights = [float(w) for w in entries[0::2]]
+    if sum(weights) <= 0:
+        raise ValueError(f"data_path weights {weights} must have a positive sum")
+    return entries[1::2], weights
+
+
+def parse_split(split: str) -> list[float]:
+    """``"969,30,1"`` -> normalized ``[train, valid, test]`` fractions (missing ones are 0)."""
+    parts = re.split(r"[,/]", split)
+    if not 1 <= len(parts) <= 3 or not all(_NUMBER.match(p) for p in parts):
+        raise ValueError(
+            f"split={split!r} must be 1 to 3 non-negative numbers separated by commas, "
+            "e.g. '969,30,1'"
+        )
+    values = [float(p) for p in parts] + [0.0] * (3 - len(parts))
+    if sum(values) <= 0:
+        raise ValueError(f"split={split!r} must have a positive sum")
+    return [v / sum(values) for v in values]
+
+
+def split_document_ranges(split: str, num_documents: int) -> list[tuple[int, int] | None]:
+    """The ``[begin, end)`` document range of each split, None where its fraction is 0."""
+    fractions = parse_split(split)
+    bounds = [0.0, *itertools.accumulate(fractions)]
+    return [
+        None if f == 0 else (round(bounds[i] * num_documents), round(bounds[i + 1] * num_documents))
+        for i, f in enumerate(fractions)
+    ]
+
+
+def build_gpt_datasets(
+    data_path: Sequence[str],
+    split: str,
+    seq_length: int,
+    seed: int,
+    train_samples: int,
+    valid_samples: int,
+    test_samples: int,
+    *,
+    eod: int | None = None,
+    eod_mask_loss: bool = False,
+    path_to_cache: str | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[torch.utils.data.Dataset | None, ...]:
+    """``(train, valid, test)``, each a `GPTDataset`, a `BlendedDataset` or None (see the module
+    doc); items are `GPTDataset` dicts of ``[seq_length]`` tensors.
+
+    Collective over ``group`` under ``torch.distributed`` (index caches are built by its rank 0
+    while the others wait): call it on every rank of the group.
+    """
+    sizes = (train_samples, valid_samples, test_samples)
+    for name, n in zip(SPLIT_NAMES, sizes):
+        if not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"{name}_samples={n!r} must be an integer >= 0")
+    prefixes, weights = parse_data_path(data_path)
+    parse_split(split)  # fail before touching any file
+    for prefix in prefixes:
+        if not IndexedDataset.exists(prefix):
+            raise FileNotFoundError(
+                f"data_path prefix {prefix!r}: no {prefix}.bin and {prefix}.idx"
+            )
+    indexed = [IndexedDataset(p) for p in prefixes]
+    ranges = [split_document_ranges(split, len(d)) for d in indexed]
+    options = {
+        "eod": eod,
+        "eod_mask_loss": eod_mask_loss,
+        "path_to_cache": path_to_cache,
+        "group": group,
+    }
+    result = []
+    for i, (name, n) in enumerate(zip(SPLIT_NAMES, sizes)):
+        members = [(d, r[i]) for d, r in zip(indexed, ranges)]
+        if n == 0 or members[0][1] is None:
+            result.append(None)
+            continue
+        empty = [d.path_prefix for d, r in members if r[0] == r[1]]
+        if empty:
+            raise ValueError(
+                f"{name} split of {', '.join(empty)} has no documents (split={split!r}); "
+                f"{n} {name} samples were requested"
+            )
+        split_weights = weights or [
+            float(d.sequence_lengths[r[0] : r[1]].sum()) for d, r in members
+        ]
+        total = sum(split_weights)
+        datasets = [
+            GPTDataset(
+                d,
+                np.arange(*r),
+                n
+                if len(members) == 1
+                else math.ceil(math.ceil(n * w / total) * (1 + _BLEND_MARGIN)),
+                seq_length,
+                seed,
+                split_name=name,
+                **options,
+            )
+            for (d, r), w in zip(members, split_weights)
+        ]
+        result.append(
+            datasets[0] if len(datasets) == 1 else BlendedDataset(datasets, split_weights, n)
+        )
+    return tuple(result)

@@ -1,0 +1,272 @@
+"""Tokenizers: one small interface over GPT-2 BPE, Hugging Face, SentencePiece and raw bytes.
+
+Every tokenizer has ``tokenize(text) -> list[int]``, ``detokenize(ids) -> str``, ``vocab_size``
+and ``eod`` (the end-of-document id that preprocessing appends with ``--append-eod``). The
+merging itself is done by the maintained libraries (``tokenizers``, ``sentencepiece``, both in the
+``data`` extra), imported only when such a tokenizer is built. `build_tokenizer` takes Megatron's
+``--tokenizer-type`` names and file arguments:
+
+======================  ===========================  ======================================
+tokenizer_type          files                        behaviour (as in Megatron-LM)
+======================  ===========================  ======================================
+GPT2BPETokenizer        vocab_file, merge_file       GPT-2 byte-level BPE; eod is
+                                                     ``<|endoftext|>``; special-token text in
+                                                     the input is encoded as plain text
+HuggingFaceTokenizer    tokenizer_model              a ``tokenizer.json`` (or a directory with
+                                                     one); special tokens of its post-processor
+                                                     (e.g. BOS) are added, as
+                                                     ``AutoTokenizer(text)`` does
+GPTSentencePieceTokenizer  tokenizer_model           a SentencePiece ``.model``; eod is its
+                                                     ``</s>`` (eos) id
+ByteLevelTokenizer      none                         ids 0..255 are the UTF-8 bytes, eod is 256,
+                                                     vocab_size 257
+======================  ===========================  ======================================
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class Tokenizer(abc.ABC):
+    """The interface the data pipeline and the model rely on."""
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """The number of ids (before the model pads it, see `vocab_size_with_padding`)."""
+
+    @property
+    @abc.abstractmethod
+    def eod(self) -> int:
+        """The end-of-document id."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Text to ids."""
+
+    @abc.abstractmethod
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Ids to text."""
+
+
+class ByteLevelTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255 plus an end-of-document id 256; needs no files.
+
+    ``detokenize(tokenize(s)) == s`` for every string of Unicode scalar values. ``detokenize``
+    drops the eod id and decodes invalid UTF-8 (a model may generate it) with U+FFFD.
+    """
+
+    EOD_ID = 256
+
+    @property
+    def vocab_size(self) -> int:
+        return 257
+
+    @property
+    def eod(self) -> int:
+        return self.EOD_ID
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        values = np.asarray(ids, dtype=np.int64)
+        values = values[values != self.EOD_ID]
+        if values.size and (values.min() < 0 or values.max() > 255):
+            bad = values[(values < 0) | (values > 255)][0]
+            raise ValueError(f"id {bad} is not a byte (0..255) nor the eod id {self.EOD_ID}")
+        return values.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+class _HFTokenizerBase(Tokenizer):
+    """Shared by the tokenizers backed by a ``tokenizers.Tokenizer``."""
+
+    def __init__(self, backend, eod_token: str, source: str, add_special_tokens: bool) -> None:
+        self._backend = backend
+        self._add_special_tokens = add_special_tokens
+        eod = backend.token_to_id(eod_token)
+        if eod is None:
+            raise ValueError(
+                f"{source}: the end-of-document token {eod_token!r} is not in the vocabulary"
+            )
+        self._eod = eod
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=self._add_special_tokens).ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._backend.decode(list(ids), skip_special_tokens=False)
+
+
+class GPT2BPETokenizer(_HFTokenizerBase):
+    """GPT-2's byte-level BPE from ``vocab.json`` and ``merges.txt`` (Megatron's
+    ``GPT2BPETokenizer``): the GPT-2 pre-tokenizing regex, no prefix space, eod
+    ``<|endoftext|>``."""
+
+    def __init__(self, vocab_file: str, merge_file: str) -> None:
+        from tokenizers import Tokenizer as Backend
+        from tokenizers import decoders, models, pre_tokenizers
+
+        _require_file(vocab_file, "vocab_file")
+        _require_file(merge_file, "merge_file")
+        backend = Backend(models.BPE.from_file(vocab_file, merge_file))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        super().__init__(backend, "<|endoftext|>", vocab_file, add_special_tokens=False)
+
+
+#: Tried in order when a Hugging Face tokenizer names no eos token.
+EOD_TOKEN_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
+
+
+class HuggingFaceTokenizer(_HFTokenizerBase):
+    """A Hugging Face ``tokenizer.json`` (a file, or a model directory holding one).
+
+    The eod token is ``eod_token`` when given, else the ``eos_token`` of a
+    ``tokenizer_config.json`` beside the file, else the first of `EOD_TOKEN_CANDIDATES` in the
+    vocabulary.
+    """
+
+    def __init__(self, tokenizer_model: str, eod_token: str | None = None) -> None:
+        from tokenizers import Tokenizer as Backend
+
+        path = tokenizer_model
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        _require_file(path, "tokenizer_model")
+        backend = Backend.from_file(path)
+        if eod_token is None:
+            eod_token = _configured_eos(os.path.dirname(path)) or next(
+                (t for t in EOD_TOKEN_CANDIDATES if backend.token_to_id(t) is not None), None
+            )
+        if eod_token is None:
+            raise ValueError(
+                f"{path}: no end-of-document token found (no eos_token in tokenizer_config.json "
+                f"and none of {', '.join(EOD_TOKEN_CANDIDATES)} in the vocabulary); pass eod_token"
+            )
+        super().__init__(backend, eod_token, path, add_special_tokens=True)
+
+
+def _configured_eos(directory: str) -> str | None:
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path, encoding="utf-8") as f:
+        eos = json.load(f).get("eos_token")
+    return eos.get("content") if isinstance(eos, dict) else eos
+
+
+class GPTSentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model (Megatron's ``GPTSentencePieceTokenizer``): plain ``encode`` /
+    ``decode``, eod is the model's eos id."""
+
+    def __init__(self, tokenizer_model: str) -> None:
+        import sentencepiece
+
+        _require_file(tokenizer_model, "tokenizer_model")
+        self._processor = sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
+        self._eod = self._processor.eos_id()
+        if self._eod < 0:
+            raise ValueError(f"{tokenizer_model}: the SentencePiece model has no eos piece for eod")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._processor.vocab_size()
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._processor.encode(text)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._processor.decode([int(i) for i in ids])
+
+
+def _require_file(path: str | None, role: str) -> None:
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"{role}={path!r} is not a file")
+
+
+TOKENIZER_TYPES = (
+    "GPT2BPETokenizer",
+    "HuggingFaceTokenizer",
+    "GPTSentencePieceTokenizer",
+    "ByteLevelTokenizer",
+)
+
+
+def build_tokenizer(
+    tokenizer_type: str,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
+    tokenizer_model: str | None = None,
+    eod_token: str | None = None,
+) -> Tokenizer:
+    """The tokenizer named by Megatron's ``--tokenizer-type`` (see the module table).
+
+    Raises ``ValueError`` for an unknown type or for an argument the type does not take, and
+    ``FileNotFoundError`` naming the argument whose file is missing.
+    """
+    given = {
+        "vocab_file": vocab_file,
+        "merge_file": merge_file,
+        "tokenizer_model": tokenizer_model,
+        "eod_token": eod_token,
+    }
+    takes = {
+        "GPT2BPETokenizer": ("vocab_file", "merge_file"),
+        "HuggingFaceTokenizer": ("tokenizer_model", "eod_token"),
+        "GPTSentencePieceTokenizer": ("tokenizer_model",),
+        "ByteLevelTokenizer": (),
+    }
+    if tokenizer_type not in takes:
+        raise ValueError(
+            f"tokenizer_type={tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}"
+        )
+    extra = [
+        name
+        for name, value in given.items()
+        if value is not None and name not in takes[tokenizer_type]
+    ]
+    if extra:
+        raise ValueError(
+            f"tokenizer_type={tokenizer_type!r} does not take {', '.join(extra)} "
+            f"(it takes: {', '.join(takes[tokenizer_type]) or 'no files'})"
+        )
+    if tokenizer_type == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(vocab_file, merge_file)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(tokenizer_model, eod_token)
+    if tokenizer_type == "GPTSentencePieceTokenizer":
+        return GPTSentencePieceTokenizer(tokenizer_model)
+    return ByteLevelTokenizer()
+
+
+def vocab_size_with_padding(
+    vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1
+) -> int:
+    """The embedding rows Megatron allocates: ``vocab_size`` rounded up to a multiple of
+    ``make_vocab_size_divisible_by * tensor_model_parallel_size``."""
+    if vocab_size < 1 or make_vocab_size_divisible_by < 1 or tensor_model_parallel_size < 1:
+        raise ValueError(
+            f"vocab_size={vocab_size}, make_vocab_size_divisible_by={make_vocab_size_divisible_by} "
+            f"and tensor_model_parallel_size={tensor_model_parallel_size} must all be >= 1"
+        )
+    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
