@@ -171,9 +171,9 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError("ColumnParallelLinear: sequence_parallel=True and gather_output=True "
                              "cannot be combined")
         self.group = _resolve_group(group)
+        self.world_size = dist.get_world_size(self.group)
         self.input_size, self.output_size = input_size, output_size
-        self.output_size_per_partition = divide(output_size, dist.get_world_size(self.group),
-                                                "output_size")
+        self.output_size_per_partition = divide(output_size, self.world_size, "output_size")
         self.gather_output, self.skip_bias_add = gather_output, skip_bias_add
         self.sequence_parallel = sequence_parallel
         self.weight = None if skip_weight_param_allocation else _sharded_parameter(
@@ -192,7 +192,7 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError(f"weight of shape {tuple(weight.shape)} passed to forward; expected "
                              f"{(self.output_size_per_partition, self.input_size)}")
         bias = None if self.skip_bias_add else self.bias
-        if dist.get_world_size(self.group) == 1:
+        if self.world_size == 1:
             output = F.linear(input_, weight, bias)
         else:
             output = LinearWithAsyncGradReduce.apply(input_, weight, bias, self.group,
@@ -221,9 +221,9 @@ class RowParallelLinear(nn.Module):
             raise ValueError("RowParallelLinear: sequence_parallel=True needs "
                              "input_is_parallel=True")
         self.group = _resolve_group(group)
+        self.world_size = dist.get_world_size(self.group)
         self.input_size, self.output_size = input_size, output_size
-        self.input_size_per_partition = divide(input_size, dist.get_world_size(self.group),
-                                               "input_size")
+        self.input_size_per_partition = divide(input_size, self.world_size, "input_size")
         self.input_is_parallel, self.skip_bias_add = input_is_parallel, skip_bias_add
         self.sequence_parallel = sequence_parallel
         self.weight = _sharded_parameter((output_size, input_size), 1, init_method, self.group,
@@ -233,7 +233,7 @@ class RowParallelLinear(nn.Module):
             self.bias.sequence_parallel = sequence_parallel
 
     def forward(self, input_: torch.Tensor):
-        if dist.get_world_size(self.group) == 1:
+        if self.world_size == 1:
             if self.skip_bias_add:
                 return F.linear(input_, self.weight), self.bias
             return F.linear(input_, self.weight, self.bias), None
@@ -268,7 +268,8 @@ class VocabParallelEmbedding(nn.Module):
         self.group = _resolve_group(group)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.reduce_scatter_embeddings = reduce_scatter_embeddings
-        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        self.world_size = world = dist.get_world_size(self.group)
+        rank = dist.get_rank(self.group)
         self.vocab_start_index, self.vocab_end_index = (
             VocabUtility.vocab_range_from_global_vocab_size(num_embeddings, rank, world))
         self.num_embeddings_per_partition = self.vocab_end_index - self.vocab_start_index
@@ -277,7 +278,7 @@ class VocabParallelEmbedding(nn.Module):
                                          perform_initialization)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if dist.get_world_size(self.group) == 1:
+        if self.world_size == 1:
             output = F.embedding(input_ids, self.weight)
         else:
             outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)

@@ -1,0 +1,33 @@
+"""Start ``torch.distributed`` for a job: from torchrun's environment, or as a world of one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def initialize_distributed(backend: str | None = None, timeout_minutes: float = 10.0) -> None:
+    """Initialise the default process group once.
+
+    Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` set) every rank joins the job;
+    without them this process becomes a world of one (benchmarks, notebooks). The backend is
+    NCCL with one GPU per local rank when CUDA is available, gloo otherwise. A rank that fails
+    to reach the others gives up after ``timeout_minutes`` instead of hanging forever.
+    """
+    if dist.is_initialized():
+        return
+    cuda = torch.cuda.is_available() and os.environ.get("MP_DEVICE", "cuda").startswith("cuda")
+    if backend is None:
+        backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(minutes=timeout_minutes)
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        store = dist.FileStore(tempfile.mktemp(prefix="mp-world-of-one-"), 1)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
