@@ -1,0 +1,156 @@
+"""``TransformerConfig``: the shape of a GPT and how it is split and computed.
+
+Field names follow Megatron-Core's ``TransformerConfig`` / ``ModelParallelConfig`` so ported
+code and configs read the same. Everything is checked in ``__post_init__``, before any process
+group exists, with messages that name the value and the rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TransformerConfig:
+    # shape
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    seq_length: int
+    ffn_hidden_size: int | None = None  # default 4 * hidden_size (8/3 * h rounded for SwiGLU)
+    max_position_embeddings: int | None = None  # default seq_length
+    make_vocab_size_divisible_by: int = 128
+    # architecture
+    normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
+    layernorm_epsilon: float = 1e-5
+    activation: str = "gelu"  # gelu | swiglu
+    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
+    rotary_base: float = 10000.0
+    add_bias_linear: bool = True
+    untie_embeddings_and_output_weights: bool = False
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    attention_backend: str = "sdpa"  # sdpa (flash on GPU) | unfused (matmul, softmax, matmul)
+    masked_softmax_fusion: bool = True  # unfused backend: use mp.fused's kernel when built
+    # parallelism and memory
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    sequence_parallel: bool = False
+    recompute_granularity: str | None = None  # None | full | selective (attention core only)
+    recompute_method: str | None = None  # full: uniform | block
+    recompute_num_layers: int | None = None  # full: layers per chunk (uniform) or count (block)
+    distribute_saved_activations: bool = False
+    # numerics
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (parameters and activations)
+    apply_query_key_layer_scaling: bool = False
+    fp32_residual_connection: bool = False
+    extra: dict = field(default_factory=dict, repr=False)  # free-form notes, never read
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                     "seq_length", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
+                     "pipeline_model_parallel_size"):
+            _positive_int(name, getattr(self, name))
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = (_swiglu_ffn(self.hidden_size, self.tensor_model_parallel_size)
+                                    if self.activation == "swiglu" else 4 * self.hidden_size)
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        _positive_int("ffn_hidden_size", self.ffn_hidden_size)
+        _one_of("normalization", self.normalization, ("LayerNorm", "RMSNorm"))
+        _one_of("activation", self.activation, ("gelu", "swiglu"))
+        _one_of("position_embedding_type", self.position_embedding_type,
+                ("learned_absolute", "rope"))
+        _one_of("attention_backend", self.attention_backend, ("sdpa", "unfused"))
+        _one_of("precision", self.precision, tuple(_PRECISIONS))
+        _one_of("recompute_granularity", self.recompute_granularity, (None, "full", "selective"))
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        _divisible("hidden_size", self.hidden_size, "num_attention_heads",
+                   self.num_attention_heads)
+        _divisible("num_attention_heads", self.num_attention_heads,
+                   "tensor_model_parallel_size", tp)
+        _divisible("ffn_hidden_size", self.ffn_hidden_size, "tensor_model_parallel_size", tp)
+        if self.position_embedding_type == "rope" and self.kv_channels % 2:
+            raise ValueError(f"rope needs an even head size; hidden_size / num_attention_heads "
+                             f"= {self.kv_channels}")
+        if self.seq_length > self.max_position_embeddings:
+            raise ValueError(f"seq_length={self.seq_length} exceeds "
+                             f"max_position_embeddings={self.max_position_embeddings}")
+        if self.sequence_parallel:
+            _divisible("seq_length", self.seq_length, "tensor_model_parallel_size "
+                       "(sequence_parallel=True)", tp)
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            _positive_int("virtual_pipeline_model_parallel_size", vpp)
+            if pp < 2:
+                raise ValueError(f"virtual_pipeline_model_parallel_size={vpp} needs "
+                                 f"pipeline_model_parallel_size > 1, got {pp}")
+        _divisible("num_layers", self.num_layers, "pipeline_model_parallel_size x "
+                   "virtual_pipeline_model_parallel_size", pp * (vpp or 1))
+        if self.recompute_granularity == "full":
+            _one_of("recompute_method", self.recompute_method, ("uniform", "block"))
+            if self.recompute_num_layers is None:
+                self.recompute_num_layers = 1
+            _positive_int("recompute_num_layers", self.recompute_num_layers)
+            if self.recompute_num_layers > self.layers_per_chunk:
+                raise ValueError(f"recompute_num_layers={self.recompute_num_layers} exceeds the "
+                                 f"{self.layers_per_chunk} layers of a pipeline chunk")
+        elif self.recompute_method is not None:
+            raise ValueError(f"recompute_method={self.recompute_method!r} needs "
+                             "recompute_granularity='full'")
+
+    # --- derived sizes ---------------------------------------------------------------------
+
+    @property
+    def kv_channels(self) -> int:
+        """Size of one attention head."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by * TP``
+        (Megatron's rule), so every TP rank holds an equal, aligned slice."""
+        multiple = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
+        return math.ceil(self.vocab_size / multiple) * multiple
+
+    @property
+    def layers_per_chunk(self) -> int:
+        """Transformer layers in one pipeline chunk (a stage, or a virtual stage)."""
+        return self.num_layers // (self.pipeline_model_parallel_size
+                                   * (self.virtual_pipeline_model_parallel_size or 1))
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return _PRECISIONS[self.precision]
+
+
+def _swiglu_ffn(hidden: int, tp: int) -> int:
+    """8/3 * h (the same parameters as a 4h GeLU MLP), rounded up to a multiple of 64 * TP."""
+    multiple = 64 * tp
+    return math.ceil(8 * hidden / 3 / multiple) * multiple
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def _one_of(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} must be one of {', '.join(map(repr, allowed))}")
+
+
+def _divisible(name: str, value: int, by_name: str, by: int) -> None:
+    if value % by:
+        raise ValueError(f"{name}={value} is not divisible by {by_name}={by}")
