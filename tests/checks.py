@@ -22,3 +22,16 @@ def seeded(shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.T
     """A reproducible normal tensor: the same on every rank for the same seed."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def own_rank_group():
+    """A process group holding only this rank (every rank must call this together): lets a
+    single-process reference model run beside the parallel one in the same worker."""
+    import torch.distributed as dist
+
+    mine = None
+    for r in range(dist.get_world_size()):
+        group = dist.new_group([r])
+        if r == dist.get_rank():
+            mine = group
+    return mine

@@ -1,5 +1,6 @@
 """The GPT model built from tensor-parallel layers."""
 
 from mp.model.config import TransformerConfig
+from mp.model.gpt import GPTModel
 
-__all__ = ["TransformerConfig"]
+__all__ = ["GPTModel", "TransformerConfig"]

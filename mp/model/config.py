@@ -8,7 +8,7 @@ group exists, with messages that name the value and the rule.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -23,7 +23,7 @@ class TransformerConfig:
     num_attention_heads: int
     vocab_size: int
     seq_length: int
-    ffn_hidden_size: int | None = None  # default 4 * hidden_size (8/3 * h rounded for SwiGLU)
+    ffn_hidden_size: int | None = None  # default 4h (GeLU) or 8h/3 rounded up to 64 (SwiGLU)
     max_position_embeddings: int | None = None  # default seq_length
     make_vocab_size_divisible_by: int = 128
     # architecture
@@ -50,9 +50,6 @@ class TransformerConfig:
     distribute_saved_activations: bool = False
     # numerics
     precision: str = "fp32"  # fp32 | bf16 | fp16 (parameters and activations)
-    apply_query_key_layer_scaling: bool = False
-    fp32_residual_connection: bool = False
-    extra: dict = field(default_factory=dict, repr=False)  # free-form notes, never read
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
@@ -60,8 +57,8 @@ class TransformerConfig:
                      "pipeline_model_parallel_size"):
             _positive_int(name, getattr(self, name))
         if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = (_swiglu_ffn(self.hidden_size, self.tensor_model_parallel_size)
-                                    if self.activation == "swiglu" else 4 * self.hidden_size)
+            self.ffn_hidden_size = (_swiglu_ffn(self.hidden_size) if self.activation == "swiglu"
+                                    else 4 * self.hidden_size)
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
         _positive_int("ffn_hidden_size", self.ffn_hidden_size)
@@ -135,10 +132,10 @@ class TransformerConfig:
         return _PRECISIONS[self.precision]
 
 
-def _swiglu_ffn(hidden: int, tp: int) -> int:
-    """8/3 * h (the same parameters as a 4h GeLU MLP), rounded up to a multiple of 64 * TP."""
-    multiple = 64 * tp
-    return math.ceil(8 * hidden / 3 / multiple) * multiple
+def _swiglu_ffn(hidden: int) -> int:
+    """8h/3 (about the parameters of a 4h GeLU MLP) rounded up to a multiple of 64; it does not
+    depend on the TP size, so a model is the same model at every layout."""
+    return math.ceil(8 * hidden / 3 / 64) * 64
 
 
 def _positive_int(name: str, value) -> None:

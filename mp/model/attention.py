@@ -1,0 +1,118 @@
+"""Causal self-attention with heads split over tensor-parallel ranks.
+
+``[s, b, h]`` (or ``[s / t, b, h]`` with sequence parallelism) -> fused QKV projection
+(column-parallel, ``[s, b, 3h / t]``: this rank's ``np = heads / t`` heads) -> attention per
+head -> output projection (row-parallel, reduced back to ``[s, b, h]`` or ``[s / t, b, h]``).
+
+The fused QKV weight is laid out per head, ``[heads, 3, head_dim]`` along its output dim, so a
+contiguous TP slice holds whole heads with their query, key and value.
+
+Two attention cores:
+- ``sdpa`` (default): ``torch.nn.functional.scaled_dot_product_attention``, flash or
+  memory-efficient kernels on GPU; causal unless a mask is given.
+- ``unfused``: ``Q K^T`` -> ``FusedScaleMaskSoftmax`` (mp's CUDA kernel when built and usable,
+  torch otherwise) -> dropout -> ``P V``; for custom masks and for checking the fused path.
+Masks follow Megatron: boolean ``[b or 1, 1, s, s]``, ``True`` = masked out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mp.fused import AttnMaskType, FusedScaleMaskSoftmax
+from mp.model.config import TransformerConfig
+from mp.model.init import init_method_normal, scaled_init_method_normal
+from mp.model.rope import apply_rotary
+from mp.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    checkpoint,
+    divide,
+    get_cuda_rng_tracker,
+)
+
+
+def _mask_with_min(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return scores.masked_fill(mask, torch.finfo(scores.dtype).min)
+
+
+class CoreAttention(nn.Module):
+    """``q, k, v [s, b, np, hd] -> context [s, b, np * hd]``.
+
+    Dropout on the attention probabilities runs in the TP-specific RNG stream: each rank
+    holds different heads, as a serial model's heads draw different masks.
+    """
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.backend = config.attention_backend
+        self.dropout = config.attention_dropout
+        self.scale = 1.0 / math.sqrt(config.kv_channels)
+        self.softmax = FusedScaleMaskSoftmax(
+            input_in_fp16=config.precision == "fp16", input_in_bf16=config.precision == "bf16",
+            attn_mask_type=AttnMaskType.causal,
+            scaled_masked_softmax_fusion=config.masked_softmax_fusion,
+            mask_func=_mask_with_min, softmax_in_fp32=True, scale=self.scale)
+
+    def forward(self, q, k, v, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        s, b, heads, head_dim = q.shape
+        dropout = self.dropout if self.training else 0.0
+        with get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
+            if self.backend == "sdpa":
+                context = F.scaled_dot_product_attention(
+                    *(t.permute(1, 2, 0, 3) for t in (q, k, v)),  # [b, np, s, hd]
+                    attn_mask=None if attention_mask is None else ~attention_mask,
+                    dropout_p=dropout, is_causal=attention_mask is None, scale=self.scale)
+            else:
+                context = self._unfused(q, k, v, attention_mask, dropout)
+        return context.permute(2, 0, 1, 3).reshape(s, b, heads * head_dim)
+
+    def _unfused(self, q, k, v, attention_mask, dropout) -> torch.Tensor:
+        """Returns ``[b, np, s, hd]``."""
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        scores = torch.matmul(q, k.transpose(-1, -2))  # [b, np, s, s], scaled in the softmax
+        self.softmax.attn_mask_type = (AttnMaskType.causal if attention_mask is None
+                                       else AttnMaskType.padding)
+        probs = F.dropout(self.softmax(scores, attention_mask), dropout, dropout > 0)
+        return torch.matmul(probs, v)
+
+
+class SelfAttention(nn.Module):
+    """Returns ``(output, bias)`` like the row-parallel projection it ends with (the bias is
+    left for the caller's fused bias-dropout-add)."""
+
+    def __init__(self, config: TransformerConfig, group=None):
+        super().__init__()
+        self.config = config
+        sp, dtype, bias = config.sequence_parallel, config.params_dtype, config.add_bias_linear
+        self.query_key_value = ColumnParallelLinear(
+            config.hidden_size, 3 * config.hidden_size, bias=bias, gather_output=False,
+            init_method=init_method_normal(config.init_method_std), sequence_parallel=sp,
+            params_dtype=dtype, group=group)
+        self.heads_per_partition = divide(config.num_attention_heads,
+                                          self.query_key_value.world_size,
+                                          "num_attention_heads")
+        self.core_attention = CoreAttention(config)
+        self.dense = RowParallelLinear(
+            config.hidden_size, config.hidden_size, bias=bias, input_is_parallel=True,
+            init_method=scaled_init_method_normal(config.init_method_std, config.num_layers),
+            skip_bias_add=True, sequence_parallel=sp, params_dtype=dtype, group=group)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                rotary_freqs: torch.Tensor | None = None):
+        qkv, _ = self.query_key_value(hidden)  # [s, b, 3h / t]
+        s, b = qkv.shape[:2]
+        head_dim = self.config.kv_channels
+        q, k, v = qkv.view(s, b, self.heads_per_partition, 3 * head_dim).split(head_dim, dim=-1)
+        if rotary_freqs is not None:
+            q, k = apply_rotary(q, rotary_freqs), apply_rotary(k, rotary_freqs)
+        if self.config.recompute_granularity == "selective":
+            context = checkpoint(self.core_attention, False, q, k, v, attention_mask)
+        else:
+            context = self.core_attention(q, k, v, attention_mask)
+        return self.dense(context)

@@ -1,0 +1,79 @@
+"""GPT: embedding, transformer block, final norm, vocab-parallel output and loss.
+
+``forward(input_ids [b, s], position_ids [b, s] | None, attention_mask, labels [b, s] | None)``
+returns the per-token loss ``[b, s]`` (fp32) when ``labels`` are given, otherwise the logits
+``[b, s, V / t]`` still split over the vocabulary (gather them with
+``gather_from_tensor_model_parallel_region`` if a full distribution is needed). The loss never
+materialises full logits: ``vocab_parallel_cross_entropy`` works on the shards.
+
+With pipeline parallelism a stage has ``pre_process`` (holds the embedding) and/or
+``post_process`` (holds the final norm, output layer and loss); a stage without
+``pre_process`` takes its input from ``set_input_tensor``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mp import parallel_state
+from mp.model.config import TransformerConfig
+from mp.model.embedding import LanguageModelEmbedding
+from mp.model.init import init_method_normal
+from mp.model.rope import rotary_freqs
+from mp.model.transformer import TransformerBlock
+from mp.tensor_parallel import ColumnParallelLinear, vocab_parallel_cross_entropy
+
+
+class GPTModel(nn.Module):
+    def __init__(self, config: TransformerConfig, pre_process: bool = True,
+                 post_process: bool = True, first_layer_number: int = 1, group=None):
+        super().__init__()
+        self.config = config
+        self.group = parallel_state.get_tensor_model_parallel_group() if group is None else group
+        self.pre_process, self.post_process = pre_process, post_process
+        self.share_embeddings = not config.untie_embeddings_and_output_weights
+        self.input_tensor: torch.Tensor | None = None
+        self.embedding = LanguageModelEmbedding(config, self.group) if pre_process else None
+        self.decoder = TransformerBlock(config, post_process, first_layer_number, self.group)
+        self.output_layer = None
+        if post_process:
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size, config.padded_vocab_size, bias=False, gather_output=False,
+                init_method=init_method_normal(config.init_method_std),
+                sequence_parallel=config.sequence_parallel,
+                skip_weight_param_allocation=pre_process and self.share_embeddings,
+                params_dtype=config.params_dtype, group=self.group)
+
+    def set_input_tensor(self, input_tensor: torch.Tensor | None) -> None:
+        """The activations ``[s, b, h]`` a stage without ``pre_process`` starts from."""
+        self.input_tensor = input_tensor
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
+        """The word-embedding weight the output layer uses (tied embeddings)."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        if self.post_process:
+            return self.output_layer.weight
+        return None
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pre_process:
+            hidden = self.embedding(input_ids, position_ids)
+        else:
+            hidden = self.input_tensor
+        freqs = None
+        if self.config.position_embedding_type == "rope":
+            freqs = rotary_freqs(input_ids.size(1), self.config.kv_channels,
+                                 self.config.rotary_base, input_ids.device)
+        hidden = self.decoder(hidden, attention_mask, freqs)
+        if not self.post_process:
+            return hidden
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings else None
+        logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V / t]
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), group=self.group)
+        return loss.transpose(0, 1).contiguous()

@@ -1,0 +1,105 @@
+"""Pre-norm transformer layers and the block that stacks them (with activation recompute)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mp.device import get_device
+from mp.fused import FusedLayerNorm, FusedRMSNorm
+from mp.model.attention import SelfAttention
+from mp.model.config import TransformerConfig
+from mp.model.dropout import hidden_dropout
+from mp.model.mlp import MLP
+from mp.tensor_parallel import checkpoint
+
+
+def build_norm(config: TransformerConfig) -> nn.Module:
+    """LayerNorm or RMSNorm over the hidden dim; its parameters are replicated over TP and
+    marked ``sequence_parallel`` when their gradients are partial (sequence parallelism)."""
+    cls = FusedLayerNorm if config.normalization == "LayerNorm" else FusedRMSNorm
+    norm = cls(config.hidden_size, eps=config.layernorm_epsilon,
+               sequence_parallel=config.sequence_parallel)
+    return norm.to(device=get_device(), dtype=config.params_dtype)
+
+
+class TransformerLayer(nn.Module):
+    """``x + attn(norm(x))`` then ``x + mlp(norm(x))``, each with bias-dropout-add.
+
+    ``hidden [s, b, h]`` (``[s / t, b, h]`` with sequence parallelism) in and out.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, group=None):
+        super().__init__()
+        self.config = config
+        self.layer_number = layer_number  # 1-based, over the whole model
+        self.input_layernorm = build_norm(config)
+        self.self_attention = SelfAttention(config, group)
+        self.pre_mlp_layernorm = build_norm(config)
+        self.mlp = MLP(config, group)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                rotary_freqs: torch.Tensor | None = None) -> torch.Tensor:
+        out, bias = self.self_attention(self.input_layernorm(hidden), attention_mask,
+                                        rotary_freqs)
+        hidden = self._bias_dropout_add(out, bias, hidden)
+        out, bias = self.mlp(self.pre_mlp_layernorm(hidden))
+        return self._bias_dropout_add(out, bias, hidden)
+
+    def _bias_dropout_add(self, x, bias, residual):
+        if bias is not None:
+            x = x + bias
+        return residual + hidden_dropout(x, self.config.hidden_dropout, self.training,
+                                         self.config.sequence_parallel)
+
+
+class TransformerBlock(nn.Module):
+    """The layers of one pipeline chunk, and the final norm on the last one.
+
+    Full activation recompute (Megatron's ``recompute_granularity='full'``) keeps only chunk
+    inputs: ``uniform`` checkpoints every group of ``recompute_num_layers`` consecutive layers;
+    ``block`` checkpoints each of the first ``recompute_num_layers`` layers and runs the rest
+    normally. ``selective`` recompute happens inside the attention (see ``SelfAttention``).
+    """
+
+    def __init__(self, config: TransformerConfig, post_process: bool = True,
+                 first_layer_number: int = 1, group=None):
+        super().__init__()
+        self.config = config
+        self.group = group
+        self.layers = nn.ModuleList(
+            TransformerLayer(config, first_layer_number + i, group)
+            for i in range(config.layers_per_chunk))
+        self.final_layernorm = build_norm(config) if post_process else None
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                rotary_freqs: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = self.config
+        if cfg.recompute_granularity == "full" and self.training:
+            hidden = self._recomputed(hidden, attention_mask, rotary_freqs)
+        else:
+            for layer in self.layers:
+                hidden = layer(hidden, attention_mask, rotary_freqs)
+        return hidden if self.final_layernorm is None else self.final_layernorm(hidden)
+
+    def _recomputed(self, hidden, attention_mask, rotary_freqs):
+        cfg = self.config
+        n = cfg.recompute_num_layers
+
+        def run(start: int, end: int):
+            def chunk(x, mask, freqs):
+                for layer in self.layers[start:end]:
+                    x = layer(x, mask, freqs)
+                return x
+            return chunk
+
+        num = len(self.layers)
+        step = n if cfg.recompute_method == "uniform" else 1
+        for start in range(0, num, step):
+            end = min(start + step, num)
+            if cfg.recompute_method == "uniform" or start < n:
+                hidden = checkpoint(run(start, end), cfg.distribute_saved_activations, hidden,
+                                    attention_mask, rotary_freqs, group=self.group)
+            else:
+                hidden = run(start, end)(hidden, attention_mask, rotary_freqs)
+        return hidden

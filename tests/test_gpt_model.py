@@ -1,0 +1,111 @@
+"""GPT under tensor (and sequence) parallelism equals the TP=1 model on the same weights:
+logits, loss and every gradient, for each recompute mode and architecture option."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from checks import assert_rel_close, own_rank_group
+from harness import run_distributed
+from mp import parallel_state as ps
+from mp.model import GPTModel, TransformerConfig
+from mp.tensor_parallel import gather_from_tensor_model_parallel_region
+
+B, S, VOCAB = 2, 16, 96
+SEED = 77
+
+
+def _config(tp: int, **overrides) -> TransformerConfig:
+    kw = dict(num_layers=3, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB,
+              seq_length=S, make_vocab_size_divisible_by=32, hidden_dropout=0.0,
+              attention_dropout=0.0, tensor_model_parallel_size=tp)
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def _build(config, group):
+    torch.manual_seed(SEED)
+    return GPTModel(config, group=group)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    return (torch.randint(0, VOCAB, (B, S), generator=g),
+            torch.randint(0, VOCAB, (B, S), generator=g))
+
+
+def _check_against_tp1(tp: int, overrides: dict):
+    ps.initialize_model_parallel(tp)
+    ref_group = own_rank_group()
+    tp_group = ps.get_tensor_model_parallel_group()
+    r = ps.get_tensor_model_parallel_rank()
+    ids, labels = _batch()
+    config = _config(tp, **overrides)
+    model, ref = _build(config, tp_group), _build(_config(1, **{
+        k: v for k, v in overrides.items() if k != "sequence_parallel"}), ref_group)
+
+    loss = model(ids, labels=labels)
+    ref_loss = ref(ids, labels=labels)
+    assert_rel_close(loss, ref_loss, what="loss")
+    weights = torch.linspace(0.5, 1.5, B * S).view(B, S)  # a loss-mask-like weighting
+    (loss * weights).sum().backward()
+    (ref_loss * weights).sum().backward()
+
+    with torch.no_grad():
+        logits = gather_from_tensor_model_parallel_region(model(ids), group=tp_group)
+        assert_rel_close(logits, ref(ids), what="logits")
+
+    ref_params = dict(ref.named_parameters())
+    assert set(dict(model.named_parameters())) == set(ref_params)
+    for name, p in model.named_parameters():
+        expected = ref_params[name].grad
+        grad = p.grad.clone()
+        if getattr(p, "tensor_model_parallel", False):
+            expected = expected.chunk(tp, dim=p.partition_dim)[r]
+        elif getattr(p, "sequence_parallel", False):
+            dist.all_reduce(grad, group=tp_group)  # what finalize_model_grads does
+        assert_rel_close(grad, expected, what=f"grad of {name}")
+
+
+VARIANTS = {
+    "plain": {},
+    "sequence_parallel": {"sequence_parallel": True},
+    "full_uniform": {"recompute_granularity": "full", "recompute_method": "uniform",
+                     "recompute_num_layers": 2},
+    "full_block_sp": {"recompute_granularity": "full", "recompute_method": "block",
+                      "recompute_num_layers": 2, "sequence_parallel": True},
+    "selective": {"recompute_granularity": "selective"},
+    "distributed_saved": {"recompute_granularity": "full", "recompute_method": "uniform",
+                          "distribute_saved_activations": True},
+    "rope_swiglu_rms_untied_sp": {"position_embedding_type": "rope", "activation": "swiglu",
+                                  "normalization": "RMSNorm", "sequence_parallel": True,
+                                  "untie_embeddings_and_output_weights": True,
+                                  "add_bias_linear": False},
+    "unfused_attention": {"attention_backend": "unfused"},
+}
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gpt_tp_equals_tp1(tp, variant):
+    run_distributed(tp, _check_against_tp1, tp, VARIANTS[variant])
+
+
+def _check_custom_mask_backends_agree():
+    """A custom (padding + causal) mask through SDPA and through the unfused softmax path."""
+    ps.initialize_model_parallel(1)
+    ids, labels = _batch()
+    mask = torch.ones(S, S, dtype=torch.bool).triu(1).expand(B, 1, S, S).clone()
+    mask[1, :, :, :3] = True  # the second sequence may not see its first three tokens
+    mask[1, :, :3, 0] = False  # ... except the first token, so no row is fully masked
+    losses = []
+    for backend in ("sdpa", "unfused"):
+        model = _build(_config(1, attention_backend=backend), None)
+        losses.append(model(ids, attention_mask=mask, labels=labels))
+    assert_rel_close(losses[1], losses[0], what="unfused vs sdpa loss")
+    causal = _build(_config(1), None)(ids, labels=labels)
+    assert not torch.allclose(causal[1], losses[0][1]), "the custom mask had no effect"
+
+
+def test_custom_mask_backends_agree():
+    run_distributed(1, _check_custom_mask_backends_agree)
