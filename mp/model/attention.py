@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mp.fused import AttnMaskType, FusedScaleMaskSoftmax
+from mp.fused import AttnMaskType, FusedScaleMaskSoftmax, attention_mask_func
 from mp.model.config import TransformerConfig
 from mp.model.init import init_method_normal, scaled_init_method_normal
 from mp.model.rope import apply_rotary
@@ -35,10 +35,6 @@ from mp.tensor_parallel import (
     divide,
     get_cuda_rng_tracker,
 )
-
-
-def _mask_with_min(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return scores.masked_fill(mask, torch.finfo(scores.dtype).min)
 
 
 class CoreAttention(nn.Module):
@@ -57,7 +53,7 @@ class CoreAttention(nn.Module):
             input_in_fp16=config.precision == "fp16", input_in_bf16=config.precision == "bf16",
             attn_mask_type=AttnMaskType.causal,
             scaled_masked_softmax_fusion=config.masked_softmax_fusion,
-            mask_func=_mask_with_min, softmax_in_fp32=True, scale=self.scale)
+            mask_func=attention_mask_func, softmax_in_fp32=True, scale=self.scale)
 
     def forward(self, q, k, v, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         s, b, heads, head_dim = q.shape

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mp.device import get_device
 from mp.fused import FusedLayerNorm, FusedRMSNorm
 from mp.model.attention import SelfAttention
 from mp.model.config import TransformerConfig
@@ -18,9 +17,8 @@ def build_norm(config: TransformerConfig) -> nn.Module:
     """LayerNorm or RMSNorm over the hidden dim; its parameters are replicated over TP and
     marked ``sequence_parallel`` when their gradients are partial (sequence parallelism)."""
     cls = FusedLayerNorm if config.normalization == "LayerNorm" else FusedRMSNorm
-    norm = cls(config.hidden_size, eps=config.layernorm_epsilon,
-               sequence_parallel=config.sequence_parallel)
-    return norm.to(device=get_device(), dtype=config.params_dtype)
+    return cls(config.hidden_size, eps=config.layernorm_epsilon,
+               sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype)
 
 
 class TransformerLayer(nn.Module):
