@@ -1,0 +1,45 @@
+"""Parameter counts of the GPT-3 configs: the model built on the meta device, the analytic
+formula, and the sizes Brown et al. 2020 (Table 2.1) give them."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from harness import run_distributed
+from mp import parallel_state as ps
+from mp.config import load_config
+from mp.model import GPTModel
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PAPER = {"125m": 125e6, "350m": 350e6, "760m": 760e6, "1.3b": 1.3e9, "2.7b": 2.7e9,
+         "6.7b": 6.7e9, "13b": 13e9, "175b": 175e9}
+
+
+def formula(l: int, h: int, vocab: int, s: int) -> int:
+    """12 l h^2 + 13 l h + (V + s) h + 2 h: learned positions, tied embeddings, biases."""
+    return 12 * l * h * h + 13 * l * h + (vocab + s) * h + 2 * h
+
+
+def _count_on_meta(name: str) -> tuple[int, int]:
+    os.environ["MP_DEVICE"] = "meta"
+    try:
+        cfg = load_config(CONFIGS / f"gpt3-{name}.yaml", ["--tensor-model-parallel-size", "1",
+                                                          "--pipeline-model-parallel-size", "1"],
+                          world_size=1).model
+        ps.initialize_model_parallel(1)
+        model = GPTModel(cfg)
+        built = sum(p.numel() for p in model.parameters())
+    finally:
+        os.environ["MP_DEVICE"] = "cpu"
+    return built, formula(cfg.num_layers, cfg.hidden_size, cfg.padded_vocab_size,
+                          cfg.max_position_embeddings)
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_gpt3_parameter_count(name):
+    [(built, analytic)] = run_distributed(1, _count_on_meta, name)
+    assert built == analytic
+    # the paper rounds its names (350M is 356M by the formula): within 2% of each
+    assert abs(built - PAPER[name]) <= 0.02 * PAPER[name], \
+        f"{built / 1e9:.3f}B is more than 2% from the paper's {PAPER[name] / 1e9}B"
