@@ -1,0 +1,30 @@
+"""Job configs: YAML files plus command-line overrides to a checked `JobConfig`.
+
+- `load_config(path, overrides, world_size)` and `parse_args(argv)` (``--config PATH`` and
+  overrides, for ``launch/pretrain_gpt.py``) in `mp.config.loader` / `mp.config.cli`;
+- `JobConfig` (sections ``model``, ``training``, ``data``, ``logging``), `format_config` and
+  `resolve_world_size` in `mp.config.job`; the sections in `mp.config.sections`;
+- the override syntax and Megatron flag aliases in `mp.config.overrides`;
+- value conversion and `ConfigError` in `mp.config.coerce`.
+"""
+
+from mp.config.cli import help_text, parse_args
+from mp.config.coerce import ConfigError
+from mp.config.job import JobConfig, format_config, known_keys, resolve_world_size
+from mp.config.loader import load_config
+from mp.config.sections import BUILTIN_DATA_PATH, DataConfig, LoggingConfig, TrainingConfig
+
+__all__ = [
+    "BUILTIN_DATA_PATH",
+    "ConfigError",
+    "DataConfig",
+    "JobConfig",
+    "LoggingConfig",
+    "TrainingConfig",
+    "format_config",
+    "help_text",
+    "known_keys",
+    "load_config",
+    "parse_args",
+    "resolve_world_size",
+]

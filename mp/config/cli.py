@@ -1,0 +1,86 @@
+"""`parse_args`: the pretraining job's command line, ``--config PATH`` and overrides, to a
+`JobConfig`, with a ``--help`` generated from the schema."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from mp.config.coerce import ConfigError, describe, field_annotations
+from mp.config.job import SECTIONS, JobConfig
+from mp.config.loader import load_config
+from mp.config.overrides import ALIASES, CONSTANT_FLAGS, VIRTUAL_STAGE_FLAG
+
+CONFIG_FLAG = "--config"
+
+
+def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
+               prog: str | None = None) -> JobConfig:
+    """``load_config(PATH, overrides, world_size)`` from ``--config PATH [overrides...]``
+    (``argv`` defaults to ``sys.argv[1:]``; overrides as in `mp.config.overrides`).
+
+    Like argparse, ``-h``/``--help`` prints `help_text` and exits with status 0, and a bad
+    command line or config prints ``PROG: error: MESSAGE`` to stderr and exits with status 2.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or os.path.basename(sys.argv[0] or "pretrain_gpt.py")
+    if "-h" in argv or "--help" in argv:
+        print(help_text(prog))
+        raise SystemExit(0)
+    try:
+        path, overrides = _split_config_flag(argv)
+        return load_config(path, overrides, world_size)
+    except (ValueError, OSError) as error:  # ConfigError, TransformerConfig's, a missing file
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+def _split_config_flag(argv: list[str]) -> tuple[str, list[str]]:
+    """``(PATH, the other arguments)`` from ``--config PATH`` or ``--config=PATH``."""
+    for i, token in enumerate(argv):
+        if token == CONFIG_FLAG and i + 1 < len(argv):
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+        if token.startswith(CONFIG_FLAG + "="):
+            return token.partition("=")[2], argv[:i] + argv[i + 1:]
+    raise ConfigError(f"{CONFIG_FLAG} PATH is required (a YAML file such as "
+                      "configs/gpt-tiny.yaml)")
+
+
+def help_text(prog: str = "pretrain_gpt.py") -> str:
+    """The usage, the Megatron flags and every ``--section.key`` with its type and default."""
+    lines = [
+        f"usage: {prog} {CONFIG_FLAG} PATH [--section.key VALUE | --megatron-flag VALUE ...]",
+        "",
+        "Reads the YAML config at PATH, applies the overrides left to right and checks the",
+        "result for the world size (WORLD_SIZE, set by torchrun; 1 without it).",
+        "  --section.key VALUE, --section.key=VALUE  set any key listed below; null is None",
+        "  --section.key (a bool key alone)          set it to true",
+        "  --data-path 0.3 a 0.7 b                   a list key takes values up to the next --",
+        "",
+        "Megatron-LM flags:",
+    ]
+    width = max(map(len, [*ALIASES, *CONSTANT_FLAGS, VIRTUAL_STAGE_FLAG])) + 2
+    lines += [f"  {flag:<{width}}{key}" for flag, key in ALIASES.items()]
+    lines += [f"  {flag:<{width}}{key}={value}" for flag, (key, value) in CONSTANT_FLAGS.items()]
+    lines.append(f"  {VIRTUAL_STAGE_FLAG:<{width}}model.virtual_pipeline_model_parallel_size"
+                 " = num_layers / pipeline_model_parallel_size / N")
+    for name, section_cls in SECTIONS.items():
+        lines += ["", f"{name}:"]
+        annotations = field_annotations(section_cls)
+        for f in dataclasses.fields(section_cls):
+            lines.append(f"  --{name}.{f.name}: {describe(annotations[f.name])}"
+                         f"{_default_text(f)}")
+    return "\n".join(lines)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return " (required)"
+    return f" (default {json.dumps(default)})"  # JSON is YAML: null, true, "auto", [...]

@@ -1,0 +1,151 @@
+"""`JobConfig`: everything a pretraining job reads, in four sections, and the rules that join
+them to the world size.
+
+A config is plain data in and out: `JobConfig.from_dict` builds one from nested mappings (with
+the checks of `mp.config.coerce` and of each section) and `JobConfig.to_dict` gives back only
+builtin types, so that it can be printed (`format_config`) and saved inside a checkpoint that
+is read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import yaml
+
+from mp.config.coerce import ConfigError, build_dataclass, field_annotations, unknown_key_message
+from mp.config.sections import DataConfig, LoggingConfig, TrainingConfig
+from mp.model.config import TransformerConfig
+
+
+@dataclass
+class JobConfig:
+    """A pretraining job: the model (shape, parallel layout, precision), the training loop,
+    the data and the logging. See ``configs/*.yaml`` for the YAML form."""
+
+    model: TransformerConfig
+    training: TrainingConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # --- derived sizes ---------------------------------------------------------------------
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """``world_size / (TP x PP)``; an error unless it divides exactly."""
+        _check_world_size(world_size)
+        tp = self.model.tensor_model_parallel_size
+        pp = self.model.pipeline_model_parallel_size
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"world_size={world_size} is not divisible by tensor_model_parallel_size x "
+                f"pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}"
+            )
+        return world_size // (tp * pp)
+
+    def num_microbatches(self, world_size: int) -> int:
+        """Micro-batches per iteration on each data-parallel rank:
+        ``global_batch_size / (micro_batch_size x DP)``; an error unless it divides exactly."""
+        dp = self.data_parallel_size(world_size)
+        gbs, mbs = self.training.global_batch_size, self.training.micro_batch_size
+        if gbs % (mbs * dp):
+            raise ConfigError(
+                f"training.global_batch_size={gbs} is not divisible by training.micro_batch_size "
+                f"x data_parallel_size = {mbs} x {dp} = {mbs * dp} (world_size={world_size})"
+            )
+        return gbs // (mbs * dp)
+
+    def validate(self, world_size: int) -> None:
+        """The rules that need the world size (each section checked itself when built): TP x PP
+        divides it, micro-batch x DP divides the global batch, and with virtual pipeline
+        stages the micro-batches are a multiple of PP (Megatron's interleaved schedule)."""
+        microbatches = self.num_microbatches(world_size)
+        pp = self.model.pipeline_model_parallel_size
+        if self.model.virtual_pipeline_model_parallel_size is not None and microbatches % pp:
+            raise ConfigError(
+                f"the interleaved pipeline schedule needs the number of micro-batches "
+                f"({microbatches} = training.global_batch_size / (training.micro_batch_size x "
+                f"data_parallel_size)) to be a multiple of pipeline_model_parallel_size={pp}"
+            )
+
+    # --- plain data ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """``{section: {key: value}}`` of builtin types only (every default filled in)."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, sections: Mapping) -> JobConfig:
+        """Build and check a config from ``{section: {key: value}}`` (`to_dict`'s form, or a
+        YAML file's). Unknown sections or keys, values of the wrong type and missing required
+        keys are errors."""
+        check_keys(sections)
+        built = {name: build_dataclass(section_cls, name, sections.get(name) or {})
+                 for name, section_cls in SECTIONS.items()}
+        return cls(**built)
+
+
+#: The sections of a `JobConfig` and the dataclass each one builds.
+SECTIONS: dict[str, type] = {
+    "model": TransformerConfig,
+    "training": TrainingConfig,
+    "data": DataConfig,
+    "logging": LoggingConfig,
+}
+
+
+@functools.cache
+def known_keys() -> tuple[str, ...]:
+    """Every ``section.key`` a config may set, in schema order."""
+    return tuple(f"{name}.{key}" for name, section_cls in SECTIONS.items()
+                 for key in field_annotations(section_cls))
+
+
+def check_keys(sections: Mapping, source: str | None = None) -> None:
+    """Reject a top level that is not a mapping of known sections, a section that is not a
+    mapping, and unknown keys (suggesting the closest known one)."""
+    where = f"{source}: " if source else ""
+    if not isinstance(sections, Mapping):
+        raise ConfigError(f"{where}a config must be a mapping of the sections "
+                          f"{', '.join(SECTIONS)}; got {type(sections).__name__}")
+    known = known_keys()
+    for name, values in sections.items():
+        if name not in SECTIONS:
+            raise ConfigError(where + unknown_key_message("section", str(name), SECTIONS))
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{where}section {name!r} must be a mapping of keys to values; "
+                              f"got {type(values).__name__}")
+        for key in values:
+            if f"{name}.{key}" not in known:
+                raise ConfigError(where + unknown_key_message("key", f"{name}.{key}", known))
+
+
+def resolve_world_size(world_size: int | None = None) -> int:
+    """``world_size`` if given, else ``WORLD_SIZE`` from the environment (torchrun sets it),
+    else 1."""
+    if world_size is None:
+        text = os.environ.get("WORLD_SIZE")
+        if text is None:
+            return 1
+        try:
+            world_size = int(text)
+        except ValueError:
+            raise ConfigError(f"the environment's WORLD_SIZE={text!r} is not an integer") from None
+    _check_world_size(world_size)
+    return world_size
+
+
+def _check_world_size(world_size: int) -> None:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ConfigError(f"world_size={world_size!r} must be a positive integer")
+
+
+def format_config(cfg: JobConfig) -> str:
+    """The resolved config as YAML, every default filled in: printed at the start of a job,
+    and read back by `mp.config.load_config` to rerun it."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,99 @@
+"""`load_config`: a YAML file, its base files and command-line overrides to a checked
+`JobConfig`, before any process group exists.
+
+A config file is a mapping of the sections ``model`` (`mp.model.TransformerConfig`'s fields),
+``training``, ``data`` and ``logging`` (`mp.config.sections`). It may start from another file
+with ``base: PATH`` (relative to the file): the base is read first (its own ``base`` too) and
+this file's keys replace its keys, section by section. ``model.vocab_size`` may be left out:
+it is then the tokenizer's vocabulary size (the model pads it, see
+`TransformerConfig.padded_vocab_size`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import yaml
+
+from mp.config.coerce import ConfigError, build_dataclass
+from mp.config.job import JobConfig, check_keys, resolve_world_size
+from mp.config.overrides import apply_overrides
+from mp.config.sections import DataConfig
+from mp.data.tokenizer import build_tokenizer
+
+BASE_KEY = "base"
+
+
+def load_config(path: str, overrides: Sequence[str] = (),
+                world_size: int | None = None) -> JobConfig:
+    """The `JobConfig` of the YAML file at ``path`` with ``overrides`` applied (see
+    `mp.config.overrides`), checked for ``world_size`` (default: ``WORLD_SIZE`` from the
+    environment, else 1).
+
+    Raises `ConfigError` (a ``ValueError``) for an unknown key, a value of the wrong type or a
+    combination that cannot run, and ``ValueError`` from `TransformerConfig` for the model's own
+    rules; each message names the values and the rule.
+    """
+    sections = read_config_file(path)
+    check_keys(sections, path)
+    apply_overrides(sections, overrides)
+    model = sections.get("model") or {}
+    if "vocab_size" not in model:
+        sections["model"] = {**model, "vocab_size": _tokenizer_vocab_size(sections.get("data"))}
+    cfg = JobConfig.from_dict(sections)
+    cfg.validate(resolve_world_size(world_size))
+    return cfg
+
+
+def read_config_file(path: str, _chain: tuple[str, ...] = ()) -> dict:
+    """The sections of the YAML file at ``path``, merged over its ``base`` files (not checked)."""
+    path = os.path.abspath(path)
+    if path in _chain:
+        loop = " -> ".join((*_chain[_chain.index(path):], path))
+        raise ConfigError(f"the base files of {_chain[0]} form a loop: {loop}")
+    if not os.path.isfile(path):
+        via = f" (the base of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"no config file {path}{via}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            sections = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if sections is None:
+        sections = {}
+    if not isinstance(sections, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got "
+                          f"{type(sections).__name__}")
+    base = sections.pop(BASE_KEY, None)
+    if base is None:
+        return sections
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: {BASE_KEY}={base!r} must be a file path")
+    parent = read_config_file(os.path.join(os.path.dirname(path), base), (*_chain, path))
+    return _merge(parent, sections)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """``base`` with ``override``'s keys replacing its keys, recursively into mappings (a list
+    is replaced, not extended)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = _merge(merged[key], value)
+        merged[key] = value
+    return merged
+
+
+def _tokenizer_vocab_size(data_section: dict | None) -> int:
+    """The vocabulary size of the tokenizer the ``data`` section names."""
+    data = build_dataclass(DataConfig, "data", data_section or {})
+    try:
+        tokenizer = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
+                                    merge_file=data.merge_file,
+                                    tokenizer_model=data.tokenizer_model,
+                                    eod_token=data.eod_token)
+    except (ValueError, OSError, ImportError) as error:
+        raise ConfigError(f"model.vocab_size is not set, so it is read from the tokenizer "
+                          f"({data.tokenizer_type}), which could not be built: {error}") from error
+    return tokenizer.vocab_size

@@ -1,0 +1,176 @@
+"""Command-line overrides of a config: ``--section.key VALUE`` for any key, and Megatron-LM's
+common flags as aliases.
+
+Syntax, applied left to right (a later override of the same key wins):
+
+- ``--section.key VALUE`` or ``--section.key=VALUE`` sets any key of `known_keys`, e.g.
+  ``--training.lr 3e-4``, ``--model.hidden_size=256``; dashes in the key are read as
+  underscores (``--training.micro-batch-size 4``). ``VALUE`` is read as the key's type (see
+  `mp.config.coerce`): ``null`` for None, ``true``/``false`` for a bool.
+- A bool key may stand alone for ``true``: ``--model.sequence_parallel``.
+- A list key takes every value up to the next ``--option``:
+  ``--data-path 0.3 a 0.7 b`` (or one value with ``=``).
+- A Megatron flag, ``--tensor-model-parallel-size 2`` or ``--lr=3e-4``, is its key's alias
+  (`ALIASES` maps each to its key). ``--bf16``, ``--fp16`` set ``model.precision`` and
+  ``--swiglu`` sets ``model.activation``; they take no value.
+  ``--num-layers-per-virtual-pipeline-stage N`` sets ``model.virtual_pipeline_model_parallel_size``
+  to ``num_layers / pipeline_model_parallel_size / N`` (after every other override).
+
+A value never starts with ``--`` unless it is given with ``=``.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mp.config.coerce import ConfigError, coerce, field_annotations, unknown_key_message
+from mp.config.job import SECTIONS, known_keys
+
+# Megatron-LM flags that are their key's name with dashes, grouped by section.
+_MEGATRON_NAMES = {
+    "model": (
+        "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
+        "max_position_embeddings", "make_vocab_size_divisible_by", "normalization",
+        "position_embedding_type", "untie_embeddings_and_output_weights", "hidden_dropout",
+        "attention_dropout", "init_method_std", "tensor_model_parallel_size",
+        "pipeline_model_parallel_size", "sequence_parallel", "recompute_granularity",
+        "recompute_method", "recompute_num_layers",
+    ),
+    "training": (
+        "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr",
+        "lr_decay_style", "lr_warmup_iters", "lr_decay_iters", "weight_decay", "adam_beta1",
+        "adam_beta2", "adam_eps", "clip_grad", "seed", "loss_scale", "initial_loss_scale",
+        "min_loss_scale", "loss_scale_window", "hysteresis", "use_distributed_optimizer",
+        "overlap_grad_reduce", "eval_interval", "eval_iters", "save", "load", "save_interval",
+    ),
+    "data": (
+        "data_path", "split", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model",
+        "data_cache_path", "num_workers", "eod_mask_loss",
+    ),
+    "logging": ("log_interval", "tensorboard_dir"),
+}
+
+#: Megatron-LM flag -> the key it sets.
+ALIASES: dict[str, str] = {
+    "--" + name.replace("_", "-"): f"{section}.{name}"
+    for section, names in _MEGATRON_NAMES.items() for name in names
+}
+
+#: Megatron-LM flags that take no value -> (key, the value they set).
+CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
+    "--bf16": ("model.precision", "bf16"),
+    "--fp16": ("model.precision", "fp16"),
+    "--swiglu": ("model.activation", "swiglu"),
+}
+
+VIRTUAL_STAGE_FLAG = "--num-layers-per-virtual-pipeline-stage"
+
+
+@dataclass(frozen=True)
+class _Option:
+    """What one ``--option`` sets and how many values it takes."""
+
+    key: str | None  # None: the virtual-stage flag, resolved after the others
+    min_values: int
+    max_values: int | None  # None: any number
+    constant: str | None = None
+
+
+def apply_overrides(sections: dict, args: Sequence[str]) -> None:
+    """Apply command-line overrides (module doc) to ``{section: {key: value}}`` in place.
+
+    Values are stored as given (text); `JobConfig.from_dict` converts them to their types.
+    """
+    layers_per_virtual_stage = None
+    constants_given: dict[str, str] = {}
+    for name, option, values in _split_options(args):
+        if option.key is None:
+            layers_per_virtual_stage = coerce(name, values[0], int)
+        elif option.constant is not None:
+            earlier = constants_given.setdefault(option.key, name)
+            if CONSTANT_FLAGS[earlier][1] != option.constant:
+                raise ConfigError(f"{name} conflicts with {earlier} (both set {option.key})")
+            _set(sections, option.key, option.constant)
+        elif option.max_values is None:
+            _set(sections, option.key, values)
+        else:
+            _set(sections, option.key, values[0] if values else "true")
+    if layers_per_virtual_stage is not None:
+        vpp = _virtual_stages(sections.get("model") or {}, layers_per_virtual_stage)
+        _set(sections, "model.virtual_pipeline_model_parallel_size", vpp)
+
+
+def _set(sections: dict, key: str, value) -> None:
+    section, name = key.split(".")
+    sections[section] = {**(sections.get(section) or {}), name: value}
+
+
+def _split_options(args: Sequence[str]):
+    """``(option name, its _Option, [values])`` for each ``--option`` of ``args``, in order."""
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--"):
+            raise ConfigError(
+                f"unexpected argument {token!r}: overrides are --section.key VALUE, "
+                "--section.key=VALUE or a Megatron flag such as --lr 3e-4"
+            )
+        name, equals, inline = token.partition("=")
+        option = _option(name)
+        i += 1
+        if equals:
+            values = [inline]
+        else:
+            values = []
+            while (i < len(args) and not args[i].startswith("--")
+                   and (option.max_values is None or len(values) < option.max_values)):
+                values.append(args[i])
+                i += 1
+        if len(values) < option.min_values:
+            raise ConfigError(f"{name} needs a value")
+        if option.max_values is not None and len(values) > option.max_values:
+            raise ConfigError(f"{name} takes no value, got {inline!r}")
+        yield name, option, values
+
+
+def _option(name: str) -> _Option:
+    """The `_Option` for ``--name``; an unknown option is an error naming the closest one."""
+    if name == VIRTUAL_STAGE_FLAG:
+        return _Option(None, 1, 1)
+    if name in CONSTANT_FLAGS:
+        key, constant = CONSTANT_FLAGS[name]
+        return _Option(key, 0, 0, constant)
+    key = ALIASES.get(name) or name[2:].replace("-", "_")
+    if "." not in key or key not in known_keys():
+        raise ConfigError(unknown_key_message("option", name, option_names()))
+    section, field_name = key.split(".")
+    annotation = field_annotations(SECTIONS[section])[field_name]
+    if typing.get_origin(annotation) is list:
+        return _Option(key, 1, None)
+    if annotation is bool:
+        return _Option(key, 0, 1)
+    return _Option(key, 1, 1)
+
+
+def option_names() -> list[str]:
+    """Every option `apply_overrides` knows: the Megatron flags, then ``--section.key``."""
+    return [*ALIASES, *CONSTANT_FLAGS, VIRTUAL_STAGE_FLAG, *(f"--{k}" for k in known_keys())]
+
+
+def _virtual_stages(model: dict, layers_per_stage: int) -> int:
+    """``num_layers / pipeline_model_parallel_size / layers_per_stage``, which must divide."""
+    if layers_per_stage < 1:
+        raise ConfigError(f"{VIRTUAL_STAGE_FLAG}={layers_per_stage} must be >= 1")
+    if "num_layers" not in model:
+        raise ConfigError(f"{VIRTUAL_STAGE_FLAG} needs model.num_layers")
+    num_layers = coerce("model.num_layers", model["num_layers"], int)
+    pp = coerce("model.pipeline_model_parallel_size",
+                model.get("pipeline_model_parallel_size", 1), int)
+    if pp < 1 or num_layers % (pp * layers_per_stage):
+        raise ConfigError(
+            f"{VIRTUAL_STAGE_FLAG}={layers_per_stage} does not divide num_layers / "
+            f"pipeline_model_parallel_size = {num_layers} / {pp}"
+        )
+    return num_layers // (pp * layers_per_stage)

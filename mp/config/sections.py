@@ -1,0 +1,181 @@
+"""The ``training``, ``data`` and ``logging`` sections of a job config.
+
+(The ``model`` section is `mp.model.TransformerConfig`.) Field names follow Megatron-LM's
+arguments (``--lr-warmup-iters`` is ``lr_warmup_iters``). Each section checks its own values in
+``__post_init__`` with messages that name the key and the rule; values are already of their
+field's type when built by the loader (`mp.config.coerce`). Rules that join sections, or need
+the world size, are `JobConfig.validate`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from mp.config.coerce import ConfigError
+from mp.data.dataset_builder import parse_data_path, parse_split
+from mp.data.tokenizer import TOKENIZER_TYPES
+
+#: The ``data.data_path`` entry that stands for the embedded default corpus
+#: (`mp.data.corpus.prepare_default_corpus`), so that pretraining needs no download.
+BUILTIN_DATA_PATH = "builtin"
+
+
+class _Section:
+    """Checks shared by the sections; ``section`` names the section in messages."""
+
+    section: ClassVar[str]
+
+    def _key(self, name: str) -> str:
+        return f"{self.section}.{name}"
+
+    def _at_least(self, name: str, low, optional: bool = False) -> None:
+        value = getattr(self, name)
+        if optional and value is None:
+            return
+        if value < low:
+            raise ConfigError(f"{self._key(name)}={value!r} must be >= {low}")
+
+    def _below_one(self, name: str) -> None:
+        value = getattr(self, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{self._key(name)}={value!r} must be in [0, 1)")
+
+    def _positive(self, name: str) -> None:
+        value = getattr(self, name)
+        if value <= 0:
+            raise ConfigError(f"{self._key(name)}={value!r} must be > 0")
+
+    def _not_above(self, name: str, other: str) -> None:
+        value, limit = getattr(self, name), getattr(self, other)
+        if value > limit:
+            raise ConfigError(f"{self._key(name)}={value!r} exceeds {self._key(other)}={limit!r}")
+
+    def _one_of(self, name: str, allowed: tuple) -> None:
+        value = getattr(self, name)
+        if value not in allowed:
+            raise ConfigError(
+                f"{self._key(name)}={value!r} must be one of {', '.join(map(repr, allowed))}"
+            )
+
+
+@dataclass
+class TrainingConfig(_Section):
+    """Batch sizes, the learning-rate schedule, the optimizer, loss scaling, evaluation and
+    checkpointing.
+
+    ``lr_decay_iters`` defaults to ``train_iters``; as in Megatron it counts from iteration 0,
+    warm-up included. ``clip_grad=0`` turns clipping off. ``loss_scale`` (fp16 only) fixes the
+    loss scale; ``None`` scales dynamically from ``initial_loss_scale``, halving after
+    ``hysteresis`` overflows (never below ``min_loss_scale``) and doubling after
+    ``loss_scale_window`` clean iterations. ``eval_interval=None`` or ``save_interval=None``
+    turns periodic evaluation or saving off (a run with ``save`` still saves at its end);
+    ``keep_last=None`` keeps every checkpoint.
+    """
+
+    section: ClassVar[str] = "training"
+
+    micro_batch_size: int
+    global_batch_size: int
+    train_iters: int
+    lr: float
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None  # default train_iters
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    loss_scale: float | None = None
+    initial_loss_scale: float = 2.0**32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = True
+    bucket_size_mb: float = 25.0
+    eval_interval: int | None = 1000
+    eval_iters: int = 100
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    keep_last: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "global_batch_size", "train_iters",
+                     "loss_scale_window", "hysteresis"):
+            self._at_least(name, 1)
+        for name in ("eval_interval", "save_interval", "keep_last"):
+            self._at_least(name, 1, optional=True)
+        for name in ("lr_warmup_iters", "eval_iters", "seed"):
+            self._at_least(name, 0)
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
+            self._at_least(name, 0.0)
+        for name in ("adam_eps", "initial_loss_scale", "min_loss_scale", "bucket_size_mb"):
+            self._positive(name)
+        if self.loss_scale is not None:
+            self._positive("loss_scale")
+        self._below_one("adam_beta1")
+        self._below_one("adam_beta2")
+        self._one_of("lr_decay_style", ("cosine", "linear", "constant"))
+        if self.lr_decay_iters is None:
+            self.lr_decay_iters = self.train_iters
+        self._at_least("lr_decay_iters", 1)
+        self._not_above("lr_warmup_iters", "lr_decay_iters")
+        self._not_above("min_lr", "lr")
+        self._not_above("min_loss_scale", "initial_loss_scale")
+
+
+@dataclass
+class DataConfig(_Section):
+    """Where the tokens come from and how they are tokenized (Megatron's data arguments).
+
+    ``data_path`` is a list of dataset prefixes (``.bin``/``.idx``), or of weights and prefixes
+    in turn (``[0.3, a, 0.7, b]``); `BUILTIN_DATA_PATH` stands for the embedded default corpus.
+    ``split`` gives train/valid/test proportions of each dataset's documents. ``tokenizer_type``
+    and its files are `mp.data.tokenizer.build_tokenizer`'s arguments. ``data_cache_path`` holds
+    the index caches (``None``: beside the data). ``eod_mask_loss`` leaves end-of-document
+    tokens out of the loss.
+    """
+
+    section: ClassVar[str] = "data"
+
+    data_path: list[str] = field(default_factory=lambda: [BUILTIN_DATA_PATH])
+    split: str = "969,30,1"
+    tokenizer_type: str = "ByteLevelTokenizer"
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    tokenizer_model: str | None = None
+    eod_token: str | None = None
+    data_cache_path: str | None = None
+    num_workers: int = 2
+    eod_mask_loss: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            parse_data_path(self.data_path)
+            parse_split(self.split)
+        except ValueError as error:
+            raise ConfigError(f"{self.section}.{error}") from None
+        self._one_of("tokenizer_type", TOKENIZER_TYPES)
+        self._at_least("num_workers", 0)
+
+
+@dataclass
+class LoggingConfig(_Section):
+    """What the training loop reports: a line every ``log_interval`` iterations, TensorBoard
+    scalars when ``tensorboard_dir`` is set, and a progress bar (``"auto"``: only when the
+    output is a terminal)."""
+
+    section: ClassVar[str] = "logging"
+
+    log_interval: int = 100
+    tensorboard_dir: str | None = None
+    progress: bool | str = "auto"
+
+    def __post_init__(self) -> None:
+        self._at_least("log_interval", 1)
+        self._one_of("progress", ("auto", True, False))
