@@ -1,0 +1,134 @@
+"""LayerNorm and RMSNorm over the last dim, one fused kernel each way.
+
+    LayerNorm: y = (x - mean) * rstd * weight + bias,  rstd = 1 / sqrt(var + eps)
+    RMSNorm:   y = x * rstd * weight,                  rstd = 1 / sqrt(mean(x^2) + eps)
+
+Statistics in fp32 for fp32, fp16 and bf16 inputs; hidden sizes 1..65536. The backward
+computes dx and the weight (and bias) gradients in one pass over x and dy, the gradients summed
+over rows in a fixed order (bitwise deterministic).
+
+``fused_layer_norm`` / ``fused_rms_norm`` run the kernels when ``norm_kernel_usable`` says they
+can (a CUDA input of one of those dtypes, weight and bias of the same dtype, the extension
+built) and torch's ``F.layer_norm`` / ``F.rms_norm`` otherwise. ``FusedLayerNorm`` and
+``FusedRMSNorm`` are the modules, with Megatron's ``sequence_parallel`` attribute on their
+parameters: under sequence parallelism each TP rank sees part of the sequence, so these
+replicated parameters' gradients must be all-reduced over the TP group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mp.device import get_device
+from mp.fused.extension import load_fused_kernels
+
+MAX_HIDDEN = 65536  # csrc/fused_kernels.h: kMaxNormHidden
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def norm_kernel_usable(x: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> bool:
+    """Whether the fused kernels take ``x [..., hidden]`` with ``weight`` (and ``bias``)."""
+    hidden = weight.numel()
+    params = (weight,) if bias is None else (weight, bias)
+    return (x.is_cuda and x.dtype in KERNEL_DTYPES and x.dim() >= 1
+            and 1 <= hidden <= MAX_HIDDEN and x.size(-1) == hidden
+            and all(p.dim() == 1 and p.numel() == hidden and p.dtype == x.dtype
+                    and p.device == x.device for p in params)
+            and load_fused_kernels() is not None)
+
+
+def fused_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm of ``x [..., hidden]`` with ``weight`` and ``bias`` ``[hidden]``."""
+    if norm_kernel_usable(x, weight, bias):
+        return _FusedNorm.apply(x, weight, bias, eps)
+    return F.layer_norm(x, (weight.numel(),), weight, bias, eps)
+
+
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm of ``x [..., hidden]`` with ``weight [hidden]``."""
+    if norm_kernel_usable(x, weight):
+        return _FusedNorm.apply(x, weight, None, eps)
+    return F.rms_norm(x, (weight.numel(),), weight, eps)
+
+
+class _FusedNorm(torch.autograd.Function):
+    """The kernels: LayerNorm when ``bias`` is given, RMSNorm when it is ``None``. Saves x, the
+    weight and the fp32 per-row statistics ``[rows]``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        x = x.contiguous()
+        out = load_fused_kernels().norm_forward(
+            x, weight.contiguous(), None if bias is None else bias.contiguous(), eps)
+        y, stats = out[0], out[1:]  # [mean, rstd] or [rstd]
+        ctx.save_for_backward(x, weight, *stats)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, *stats = ctx.saved_tensors
+        mean, rstd = stats if ctx.has_bias else (None, stats[0])
+        grads = load_fused_kernels().norm_backward(dy.contiguous(), x, weight.contiguous(),
+                                                   mean, rstd)
+        dx, dweight = grads[0], grads[1]
+        return dx, dweight, grads[2] if ctx.has_bias else None, None
+
+
+def _mark_sequence_parallel(module: nn.Module, sequence_parallel: bool) -> None:
+    for param in module.parameters():
+        param.sequence_parallel = sequence_parallel
+
+
+class FusedLayerNorm(nn.Module):
+    """LayerNorm over the last dim (``hidden_size``) with weight and bias, fused on CUDA."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, sequence_parallel: bool = False, *,
+                 params_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        device = get_device() if device is None else torch.device(device)
+        self.hidden_size, self.eps = hidden_size, eps
+        self.sequence_parallel = sequence_parallel
+        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=params_dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(hidden_size, dtype=params_dtype, device=device))
+        self.reset_parameters()
+        _mark_sequence_parallel(self, sequence_parallel)
+        load_fused_kernels()  # build now rather than in the first forward
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}, sequence_parallel={self.sequence_parallel}"
+
+
+class FusedRMSNorm(nn.Module):
+    """RMSNorm over the last dim (``hidden_size``) with a weight, fused on CUDA."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, sequence_parallel: bool = False, *,
+                 params_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        device = get_device() if device is None else torch.device(device)
+        self.hidden_size, self.eps = hidden_size, eps
+        self.sequence_parallel = sequence_parallel
+        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=params_dtype, device=device))
+        self.reset_parameters()
+        _mark_sequence_parallel(self, sequence_parallel)
+        load_fused_kernels()  # build now rather than in the first forward
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}, sequence_parallel={self.sequence_parallel}"
