@@ -4,6 +4,7 @@ field against Megatron's documented format (not against our own reader)."""
 import os
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,19 +18,30 @@ from mp.data.indexed_dataset import (
 
 # Megatron's documented codes (REFERENCES.md), written out here rather than taken from the module.
 MEGATRON_CODES = {
-    np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4,
-    np.int64: 5, np.float64: 6, np.float32: 7, np.uint16: 8,
+    np.uint8: 1,
+    np.int8: 2,
+    np.int16: 3,
+    np.int32: 4,
+    np.int64: 5,
+    np.float64: 6,
+    np.float32: 7,
+    np.uint16: 8,
 }
 
 
 def _random_documents(dtype, seed=0):
     """Documents as lists of sequences, with empty sequences and a wide value range."""
     rng = np.random.default_rng(seed)
-    low, high = (0, 100) if np.dtype(dtype).kind == "f" else (
-        max(np.iinfo(dtype).min, -(2**40)), min(np.iinfo(dtype).max, 2**40))
+    low, high = (
+        (0, 100)
+        if np.dtype(dtype).kind == "f"
+        else (max(np.iinfo(dtype).min, -(2**40)), min(np.iinfo(dtype).max, 2**40))
+    )
     return [
-        [rng.integers(low, high, size=rng.integers(0, 20)).astype(dtype)
-         for _ in range(rng.integers(1, 4))]
+        [
+            rng.integers(low, high, size=rng.integers(0, 20)).astype(dtype)
+            for _ in range(rng.integers(1, 4))
+        ]
         for _ in range(12)
     ]
 
@@ -77,7 +89,7 @@ def test_header_and_index_match_megatron_layout_byte_for_byte(tmp_path):
         builder.end_document()
         builder.add_document([5, 6], [2])
         builder.finalize(prefix + ".idx")
-    idx = open(prefix + ".idx", "rb").read()
+    idx = Path(prefix + ".idx").read_bytes()
     assert idx[:9] == b"MMIDIDX\x00\x00"
     assert struct.unpack_from("<Q", idx, 9) == (1,)  # version
     assert struct.unpack_from("<B", idx, 17) == (8,)  # uint16
@@ -87,7 +99,7 @@ def test_header_and_index_match_megatron_layout_byte_for_byte(tmp_path):
     assert struct.unpack_from("<3q", idx, 46) == (0, 6, 8)  # byte offsets (2 bytes a token)
     assert struct.unpack_from("<3q", idx, 70) == (0, 2, 3)  # document indices
     assert len(idx) == 94
-    assert open(prefix + ".bin", "rb").read() == struct.pack("<6H", 1, 2, 3, 4, 5, 6)
+    assert Path(prefix + ".bin").read_bytes() == struct.pack("<6H", 1, 2, 3, 4, 5, 6)
 
 
 def _write_like_megatron(prefix, sequences, documents, dtype):
@@ -96,14 +108,17 @@ def _write_like_megatron(prefix, sequences, documents, dtype):
     itemsize = np.dtype(dtype).itemsize
     pointers = [sum(lengths[:i]) * itemsize for i in range(len(lengths))]
     with open(prefix + ".idx", "wb") as f:
-        f.write(b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", MEGATRON_CODES[dtype]))
+        f.write(
+            b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", MEGATRON_CODES[dtype])
+        )
         f.write(struct.pack("<Q", len(sequences)) + struct.pack("<Q", len(documents)))
         f.write(struct.pack(f"<{len(lengths)}i", *lengths))
         f.write(struct.pack(f"<{len(pointers)}q", *pointers))
         f.write(struct.pack(f"<{len(documents)}q", *documents))
     with open(prefix + ".bin", "wb") as f:
-        for s in sequences:
-            f.write(np.asarray(s, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
+        f.writelines(
+            np.asarray(s, dtype=np.dtype(dtype).newbyteorder("<")).tobytes() for s in sequences
+        )
 
 
 def test_reads_files_written_by_megatron(tmp_path):
@@ -123,20 +138,23 @@ def test_optimal_dtype_follows_megatron():
     assert {code: np.dtype(t) for t, code in MEGATRON_CODES.items()} == DTYPE_CODES
 
 
-def _corrupt(prefix, offset, data):
-    with open(prefix + ".idx", "r+b") as f:
-        f.seek(offset)
+def _corrupt(path, offset, data):
+    """Overwrite bytes at ``offset``, or append them when ``offset`` is None."""
+    with open(path, "r+b") as f:
+        f.seek(
+            offset if offset is not None else 0, os.SEEK_SET if offset is not None else os.SEEK_END
+        )
         f.write(data)
 
 
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda p: _corrupt(p, 0, b"XXXXXXX"), "magic"),
-        (lambda p: _corrupt(p, 9, struct.pack("<Q", 2)), "version 2"),
-        (lambda p: _corrupt(p, 17, struct.pack("<B", 9)), "dtype code 9"),
-        (lambda p: open(p + ".bin", "ab").write(b"\x00\x00"), "not written together"),
-        (lambda p: open(p + ".idx", "ab").write(b"\x00" * 2), "multimodal"),
+        (lambda p: _corrupt(p + ".idx", 0, b"XXXXXXX"), "magic"),
+        (lambda p: _corrupt(p + ".idx", 9, struct.pack("<Q", 2)), "version 2"),
+        (lambda p: _corrupt(p + ".idx", 17, struct.pack("<B", 9)), "dtype code 9"),
+        (lambda p: _corrupt(p + ".bin", None, b"\x00\x00"), "not written together"),
+        (lambda p: _corrupt(p + ".idx", None, b"\x00\x00"), "multimodal"),
         (lambda p: os.remove(p + ".bin"), "no file"),
     ],
 )
@@ -154,17 +172,19 @@ def test_out_of_range_reads_and_ids_are_errors(tmp_path):
     ds = IndexedDataset(prefix)
     with pytest.raises(IndexError, match=r"tokens \[1, 3\) are outside sequence 0 of length 2"):
         ds.get(0, 1, 2)
-    with pytest.raises(ValueError, match="token id 70000 does not fit the dataset dtype uint16"):
-        with IndexedDatasetBuilder(str(tmp_path / "e.bin"), np.uint16) as builder:
-            builder.add_item([1, 70000])
+    out_of_range = pytest.raises(
+        ValueError, match="token id 70000 does not fit the dataset dtype uint16"
+    )
+    with out_of_range, IndexedDatasetBuilder(str(tmp_path / "e.bin"), np.uint16) as builder:
+        builder.add_item([1, 70000])
     assert sorted(os.listdir(tmp_path)) == ["d.bin", "d.idx"]
 
 
 def test_unfinished_build_leaves_no_file(tmp_path):
-    with pytest.raises(RuntimeError, match="interrupted"):
-        with IndexedDatasetBuilder(str(tmp_path / "x.bin"), np.int32) as builder:
-            builder.add_item([1, 2, 3])
-            raise RuntimeError("interrupted")
+    interrupted = pytest.raises(RuntimeError, match="interrupted")
+    with interrupted, IndexedDatasetBuilder(str(tmp_path / "x.bin"), np.int32) as builder:
+        builder.add_item([1, 2, 3])
+        raise RuntimeError("interrupted")
     assert os.listdir(tmp_path) == []
 
 
@@ -179,7 +199,7 @@ def test_add_index_concatenates_datasets(tmp_path):
     ds = IndexedDataset(merged)
     assert [ds[i].tolist() for i in range(3)] == [[1], [2, 3], [4, 5, 6]]
     assert ds.document_indices.tolist() == [0, 2, 3]
-    with pytest.raises(ValueError, match="dtype uint16 differs"):
-        with IndexedDatasetBuilder(str(tmp_path / "z.bin"), np.int32) as builder:
-            builder.add_index(a)
+    mismatch = pytest.raises(ValueError, match="dtype uint16 differs")
+    with mismatch, IndexedDatasetBuilder(str(tmp_path / "z.bin"), np.int32) as builder:
+        builder.add_index(a)
     assert not [n for n in os.listdir(tmp_path) if n.startswith("z")]

@@ -1,6 +1,7 @@
 """Tokenizers: GPT-2 BPE against the original GPT-2 algorithm on small vocab/merges files,
 byte-level round trips on arbitrary Unicode, Hugging Face and SentencePiece files built here."""
 
+import itertools
 import json
 
 import numpy as np
@@ -36,8 +37,20 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 BYTE_CHARS = _bytes_to_unicode()
-MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "w"), ("o", "r"),
-          ("Ġw", "or"), ("l", "d"), ("Ġwor", "ld"), ("Ã", "©"), ("Ġ", "Ġ"), ("e", "r")]
+MERGES = [
+    ("Ġ", "t"),
+    ("h", "e"),
+    ("Ġt", "he"),
+    ("i", "n"),
+    ("Ġ", "w"),
+    ("o", "r"),
+    ("Ġw", "or"),
+    ("l", "d"),
+    ("Ġwor", "ld"),
+    ("Ã", "©"),
+    ("Ġ", "Ġ"),
+    ("e", "r"),
+]
 
 
 def _reference_gpt2_encode(text: str, vocab: dict, ranks: dict) -> list[int]:
@@ -46,7 +59,7 @@ def _reference_gpt2_encode(text: str, vocab: dict, ranks: dict) -> list[int]:
     for piece in GPT2_PATTERN.findall(text):
         word = [BYTE_CHARS[b] for b in piece.encode("utf-8")]
         while len(word) > 1:
-            best = min(zip(word, word[1:]), key=lambda pair: ranks.get(pair, float("inf")))
+            best = min(itertools.pairwise(word), key=lambda pair: ranks.get(pair, float("inf")))
             if best not in ranks:
                 break
             merged, i = [], 0
@@ -81,19 +94,26 @@ def test_gpt2_bpe_hand_checked(gpt2_files):
     assert tok.eod == vocab["<|endoftext|>"] == 268
     # "the" has no "Ġ": t + he; " the" -> Ġthe; " world" -> Ġworld; "!" is byte 33.
     assert tok.tokenize("the world the!") == [
-        vocab["t"], vocab["he"], vocab["Ġworld"], vocab["Ġthe"], vocab["!"]
+        vocab["t"],
+        vocab["he"],
+        vocab["Ġworld"],
+        vocab["Ġthe"],
+        vocab["!"],
     ]
     # special-token text in the input is plain text, as in Megatron's GPT2BPETokenizer
     assert vocab["<|endoftext|>"] not in tok.tokenize("a<|endoftext|>b")
 
 
-@pytest.mark.parametrize("text", [
-    "the world in the other world",
-    "  leading spaces,\ttabs\nand newlines\n\n  ",
-    "café naïve — ümlaut 数据 🚀 it's we'll I'd",
-    "numbers 12345 and 3.14; punctuation!!! ...",
-    "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the world in the other world",
+        "  leading spaces,\ttabs\nand newlines\n\n  ",
+        "café naïve — ümlaut 数据 🚀 it's we'll I'd",
+        "numbers 12345 and 3.14; punctuation!!! ...",
+        "",
+    ],
+)
 def test_gpt2_bpe_matches_the_reference_algorithm(gpt2_files, text):
     vocab_file, merge_file, vocab = gpt2_files
     tok = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab_file, merge_file=merge_file)
@@ -156,11 +176,18 @@ def test_sentencepiece_model(tmp_path):
     import sentencepiece
 
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(["the quick brown fox jumps over the lazy dog"] * 20 +
-                                ["pack my box with five dozen liquor jugs"] * 20))
+    corpus.write_text(
+        "\n".join(
+            ["the quick brown fox jumps over the lazy dog"] * 20
+            + ["pack my box with five dozen liquor jugs"] * 20
+        )
+    )
     sentencepiece.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=40,
-        model_type="bpe", minloglevel=2,
+        input=str(corpus),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=40,
+        model_type="bpe",
+        minloglevel=2,
     )
     tok = build_tokenizer("GPTSentencePieceTokenizer", tokenizer_model=str(tmp_path / "sp.model"))
     assert (tok.vocab_size, tok.eod) == (40, 2)  # SentencePiece's default ids: unk 0, bos 1, eos 2
@@ -174,8 +201,11 @@ def test_build_tokenizer_errors_name_the_value(tmp_path):
         build_tokenizer("BertWordPiece")
     with pytest.raises(ValueError, match="does not take vocab_file"):
         build_tokenizer("ByteLevelTokenizer", vocab_file="v.json")
+    (tmp_path / "vocab.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="merge_file=None is not a file"):
-        build_tokenizer("GPT2BPETokenizer", vocab_file=str(tmp_path))
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(tmp_path / "vocab.json"))
+    with pytest.raises(FileNotFoundError, match="tokenizer_model='nowhere.model' is not a file"):
+        build_tokenizer("GPTSentencePieceTokenizer", tokenizer_model="nowhere.model")
 
 
 def test_vocab_size_with_padding_matches_megatron():

@@ -109,42 +109,50 @@ def build_gpt_datasets(
     indexed = [IndexedDataset(p) for p in prefixes]
     ranges = [split_document_ranges(split, len(d)) for d in indexed]
     options = {
+        "seq_length": seq_length,
+        "seed": seed,
         "eod": eod,
         "eod_mask_loss": eod_mask_loss,
         "path_to_cache": path_to_cache,
         "group": group,
     }
-    result = []
-    for i, (name, n) in enumerate(zip(SPLIT_NAMES, sizes)):
-        members = [(d, r[i]) for d, r in zip(indexed, ranges)]
-        if n == 0 or members[0][1] is None:
-            result.append(None)
-            continue
-        empty = [d.path_prefix for d, r in members if r[0] == r[1]]
-        if empty:
-            raise ValueError(
-                f"{name} split of {', '.join(empty)} has no documents (split={split!r}); "
-                f"{n} {name} samples were requested"
-            )
-        split_weights = weights or [
-            float(d.sequence_lengths[r[0] : r[1]].sum()) for d, r in members
-        ]
-        total = sum(split_weights)
-        datasets = [
-            GPTDataset(
-                d,
-                np.arange(*r),
-                n
-                if len(members) == 1
-                else math.ceil(math.ceil(n * w / total) * (1 + _BLEND_MARGIN)),
-                seq_length,
-                seed,
-                split_name=name,
-                **options,
-            )
-            for (d, r), w in zip(members, split_weights)
-        ]
-        result.append(
-            datasets[0] if len(datasets) == 1 else BlendedDataset(datasets, split_weights, n)
+    return tuple(
+        None
+        if n == 0 or ranges[0][i] is None
+        else _build_split(name, n, [(d, r[i]) for d, r in zip(indexed, ranges)], weights, options)
+        for i, (name, n) in enumerate(zip(SPLIT_NAMES, sizes))
+    )
+
+
+def _build_split(
+    name: str,
+    num_samples: int,
+    members: list[tuple[IndexedDataset, tuple[int, int]]],
+    weights: list[float] | None,
+    options: dict,
+) -> torch.utils.data.Dataset:
+    """One split: a GPTDataset over the one member's document range, or a blend of them."""
+    empty = [d.path_prefix for d, (begin, end) in members if begin == end]
+    if empty:
+        raise ValueError(
+            f"{name} split of {', '.join(empty)} has no documents; "
+            f"{num_samples} {name} samples were requested"
         )
-    return tuple(result)
+    if len(members) == 1:
+        ((dataset, document_range),) = members
+        return GPTDataset(
+            dataset, np.arange(*document_range), num_samples, split_name=name, **options
+        )
+    weights = weights or [float(d.sequence_lengths[b:e].sum()) for d, (b, e) in members]
+    total = sum(weights)
+    datasets = [
+        GPTDataset(
+            dataset,
+            np.arange(*document_range),
+            math.ceil(math.ceil(num_samples * w / total) * (1 + _BLEND_MARGIN)),
+            split_name=name,
+            **options,
+        )
+        for (dataset, document_range), w in zip(members, weights)
+    ]
+    return BlendedDataset(datasets, weights, num_samples)

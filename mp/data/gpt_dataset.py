@@ -120,6 +120,43 @@ def build_indices(
     return document_index, sample_index, build_shuffle_index(shuffled_together, total, rng)
 
 
+def _cache_paths(
+    indexed_dataset: IndexedDataset,
+    document_ids: np.ndarray,
+    split_name: str,
+    num_samples: int,
+    seq_length: int,
+    seed: int,
+    path_to_cache: str | None,
+) -> dict[str, str]:
+    """The cache file of each index, the description file (written last: its presence means
+    the cache is complete) and the description text. Names start with the md5 of the
+    description, as Megatron's do, so any change of input gets new files."""
+    prefix = indexed_dataset.path_prefix
+    if path_to_cache is None:
+        path_to_cache = os.path.join(
+            os.path.dirname(os.path.abspath(prefix)), "cache", "GPTDataset_indices"
+        )
+    description = json.dumps(
+        {
+            "class": "GPTDataset",
+            "dataset_path": os.path.abspath(prefix),
+            "idx_bytes": os.path.getsize(get_idx_path(prefix)),
+            "bin_bytes": os.path.getsize(get_bin_path(prefix)),
+            "split": split_name,
+            "documents": hashlib.md5(document_ids.tobytes()).hexdigest(),
+            "num_samples": num_samples,
+            "sequence_length": seq_length,
+            "random_seed": seed,
+        },
+        indent=4,
+    )
+    digest = hashlib.md5(description.encode()).hexdigest()
+    base = os.path.join(path_to_cache, f"{digest}-GPTDataset-{split_name}")
+    paths = {name: f"{base}-{name}.npy" for name in _INDEX_NAMES}
+    return {**paths, "description": f"{base}-description.txt", "description_text": description}
+
+
 class GPTDataset(torch.utils.data.Dataset):
     """GPT training windows over documents ``document_ids`` of ``indexed_dataset``.
 
@@ -170,54 +207,33 @@ class GPTDataset(torch.utils.data.Dataset):
                 f"{split_name} split of {indexed_dataset.path_prefix}: its {document_ids.size} "
                 "documents hold no tokens"
             )
-        prefix = indexed_dataset.path_prefix
-        if path_to_cache is None:
-            path_to_cache = os.path.join(
-                os.path.dirname(os.path.abspath(prefix)), "cache", "GPTDataset_indices"
-            )
-        description = json.dumps(
-            {
-                "class": "GPTDataset",
-                "dataset_path": os.path.abspath(prefix),
-                "idx_bytes": os.path.getsize(get_idx_path(prefix)),
-                "bin_bytes": os.path.getsize(get_bin_path(prefix)),
-                "split": split_name,
-                "documents": hashlib.md5(document_ids.tobytes()).hexdigest(),
-                "num_samples": num_samples,
-                "sequence_length": seq_length,
-                "random_seed": seed,
-            },
-            indent=4,
+        paths = _cache_paths(
+            indexed_dataset, document_ids, split_name, num_samples, seq_length, seed, path_to_cache
         )
-        base = os.path.join(
-            path_to_cache,
-            f"{hashlib.md5(description.encode()).hexdigest()}-GPTDataset-{split_name}",
-        )
-        paths = {name: f"{base}-{name}.npy" for name in _INDEX_NAMES}
-        description_path = f"{base}-description.txt"
 
         def build() -> None:
             arrays = build_indices(
                 indexed_dataset.sequence_lengths, document_ids, num_samples, seq_length, seed
             )
             try:
-                os.makedirs(path_to_cache, exist_ok=True)
+                os.makedirs(os.path.dirname(paths["description"]), exist_ok=True)
                 for name, values in zip(_INDEX_NAMES, arrays):
                     save_array(paths[name], values)
-                with atomic_path(description_path) as tmp, open(tmp, "w") as f:
-                    f.write(description)
+                with atomic_path(paths["description"]) as tmp, open(tmp, "w") as f:
+                    f.write(paths["description_text"])
             except OSError as error:
                 raise OSError(
-                    f"cannot write the GPTDataset index cache in {path_to_cache} ({error}); "
+                    f"cannot write the GPTDataset index cache in "
+                    f"{os.path.dirname(paths['description'])} ({error}); "
                     "pass path_to_cache=<a writable directory>"
                 ) from error
             self.built_anew = True
 
-        build_once(
-            lambda: os.path.isfile(description_path), build, f"the GPTDataset indices {base}", group
-        )
+        what = f"the GPTDataset indices {paths['description']}"
+        build_once(lambda: os.path.isfile(paths["description"]), build, what, group)
+        # plain ndarray views of the mappings: indexing a numpy.memmap costs microseconds more
         self.document_index, self.sample_index, self.shuffle_index = (
-            np.load(paths[name], mmap_mode="r") for name in _INDEX_NAMES
+            np.load(paths[name], mmap_mode="r").view(np.ndarray) for name in _INDEX_NAMES
         )
 
     def __len__(self) -> int:
@@ -241,8 +257,8 @@ class GPTDataset(torch.utils.data.Dataset):
         return np.concatenate(parts, dtype=np.int64)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
-        text = torch.from_numpy(self.sample_tokens(idx))
-        tokens, labels = text[:-1], text[1:]
+        text = self.sample_tokens(idx)
+        tokens, labels = torch.from_numpy(text[:-1]), torch.from_numpy(text[1:])
         loss_mask = torch.ones(self.seq_length, dtype=torch.float32)
         if self.eod_mask_loss:
             loss_mask[tokens == self.eod] = 0.0

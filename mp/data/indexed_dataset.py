@@ -142,12 +142,10 @@ class IndexedDataset(torch.utils.data.Dataset):
                 f"{self.document_indices[:1].tolist()}...{self.document_indices[-1:].tolist()}"
             )
         self._bin = _map_read_only(bin_path)
-        end = (
-            0
-            if n == 0
-            else int(self.sequence_pointers[-1])
-            + int(self.sequence_lengths[-1]) * self.dtype.itemsize
-        )
+        end = 0  # the byte after the last sequence
+        if n:
+            last_length = int(self.sequence_lengths[-1])
+            end = int(self.sequence_pointers[-1]) + last_length * self.dtype.itemsize
         if self._bin.nbytes != end:
             raise ValueError(
                 f"{bin_path}: {self._bin.nbytes} bytes, but its index {idx_path} ends the last "
@@ -273,11 +271,9 @@ class IndexedDatasetBuilder:
             )
         if lengths.size and (lengths.min() < 0 or lengths.max() > np.iinfo(np.int32).max):
             raise ValueError("sequence lengths must lie in 0..2**31-1 (stored as int32)")
-        counts = (
-            np.ones(lengths.size, np.int64)
-            if sequences_per_document is None
-            else (np.asarray(sequences_per_document, dtype=np.int64))
-        )
+        if sequences_per_document is None:
+            sequences_per_document = np.ones(lengths.size, np.int64)
+        counts = np.asarray(sequences_per_document, dtype=np.int64)
         if int(counts.sum()) != lengths.size:
             raise ValueError(
                 f"sequences_per_document sums to {int(counts.sum())}, not {lengths.size} sequences"
@@ -306,17 +302,14 @@ class IndexedDatasetBuilder:
         self._file = None
         lengths = np.frombuffer(self._lengths, dtype=np.int32)
         pointers = np.zeros(lengths.size, dtype=np.int64)
-        np.cumsum(lengths[:-1], out=pointers[1:])
+        np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
         pointers *= self.dtype.itemsize
         documents = np.frombuffer(self._document_indices, dtype=np.int64)
         idx_tmp = f"{idx_path}.tmp{os.getpid()}"
         try:
+            header = (_MAGIC, _VERSION, dtype_code(self.dtype), lengths.size, documents.size)
             with open(idx_tmp, "wb") as f:
-                f.write(
-                    _HEADER.pack(
-                        _MAGIC, _VERSION, dtype_code(self.dtype), lengths.size, documents.size
-                    )
-                )
+                f.write(_HEADER.pack(*header))
                 f.write(lengths.tobytes())
                 f.write(pointers.tobytes())
                 f.write(documents.tobytes())

@@ -64,7 +64,8 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 
 @dataclass
 class _Record:
-    """One document's raw bytes, or the mark of a file that holds no document."""
+    """A raw line (or whole file) of input, blank ones included so that every input byte is
+    accounted for; or the mark of a file that holds no document."""
 
     path: str
     line: int  # 1-based; 1 for a whole-file record
@@ -85,12 +86,20 @@ class _Encoded:
 
 
 class _Encoder:
-    """Turns records into token arrays; lives in each worker (set before the fork)."""
+    """Turns records into token arrays; inherited by each forked worker."""
 
-    def __init__(self, tokenizer: Tokenizer, keys: Sequence[str], is_json: bool, append_eod: bool):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        keys: Sequence[str],
+        is_json: bool,
+        by_line: bool,
+        append_eod: bool,
+    ):
         self.tokenizer = tokenizer
         self.keys = list(keys)
         self.is_json = is_json
+        self.by_line = by_line
         self.append_eod = append_eod
         self.dtype = optimal_dtype(tokenizer.vocab_size)
 
@@ -102,17 +111,15 @@ class _Encoder:
         try:
             decoded = record.raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise _BadRecord(
-                "not UTF-8", f"{where}: not UTF-8 (byte {error.start}: {error.reason})"
-            )
+            message = f"{where}: not UTF-8 (byte {error.start}: {error.reason})"
+            raise _BadRecord("not UTF-8", message) from None
         if not self.is_json:
-            return {self.keys[0]: decoded}
+            return {self.keys[0]: decoded.rstrip("\r\n") if self.by_line else decoded}
         try:
             obj = json.loads(decoded)
         except json.JSONDecodeError as error:
-            raise _BadRecord(
-                "not JSON", f"{where}: not valid JSON ({error.msg} at column {error.colno})"
-            )
+            message = f"{where}: not valid JSON ({error.msg} at column {error.colno})"
+            raise _BadRecord("not JSON", message) from None
         if not isinstance(obj, dict):
             raise _BadRecord(
                 "not an object", f"{where}: expected a JSON object, got {type(obj).__name__}"
@@ -138,6 +145,8 @@ class _Encoder:
         lengths = {key: [] for key in self.keys}
         bad, empty, documents = [], 0, 0
         for record in records:
+            if not (record.raw.strip() or record.empty_file):
+                continue  # a blank line
             try:
                 texts = self.texts(record)
             except _BadRecord as error:
@@ -164,7 +173,7 @@ class _BadRecord(Exception):
     """args: (reason, message)."""
 
 
-_worker_encoder: _Encoder | None = None
+_worker_encoder: _Encoder | None = None  # set in each worker only
 
 
 def _set_worker_encoder(encoder: _Encoder) -> None:
@@ -176,21 +185,15 @@ def _encode_in_worker(records: list) -> _Encoded:
     return _worker_encoder.encode(records)
 
 
-def _read_records(paths: Sequence[str], text_unit: str, is_json: bool) -> Iterator[_Record]:
-    """Raw records in input order, blank lines passed over."""
+def _read_records(paths: Sequence[str], by_line: bool) -> Iterator[_Record]:
+    """Raw lines (or whole files) in input order, each file followed by an empty-file mark
+    when nothing in it but white space."""
     for path in paths:
         found = False
         with open(path, "rb") as f:
-            if not is_json and text_unit == "file":
-                raw = f.read()
-                if raw.strip():
-                    found = True
-                    yield _Record(path, 1, raw)
-            else:
-                for number, raw in enumerate(f, start=1):
-                    if raw.strip():
-                        found = True
-                        yield _Record(path, number, raw.rstrip(b"\r\n") if not is_json else raw)
+            for number, raw in enumerate(f if by_line else [f.read()], start=1):
+                found = found or bool(raw.strip())
+                yield _Record(path, number, raw)
         if not found:
             yield _Record(path, 0, b"", empty_file=True)
 
@@ -245,11 +248,12 @@ def preprocess_files(
     keys = list(json_keys) if is_json else ["text"]
     if not keys or len(set(keys)) != len(keys):
         raise ValueError(f"json_keys={keys} must be non-empty and distinct")
-    encoder = _Encoder(tokenizer, keys, is_json, append_eod)
+    by_line = is_json or text_unit == "line"
+    encoder = _Encoder(tokenizer, keys, is_json, by_line, append_eod)
     stats = PreprocessStats(outputs={key: output_prefix_for(output_prefix, key) for key in keys})
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     start = time.perf_counter()
-    chunks = _chunks(_read_records(paths, text_unit, is_json))
+    chunks = _chunks(_read_records(paths, by_line))
     builders = {}
     pool = None
     try:
@@ -257,9 +261,9 @@ def preprocess_files(
             builders[key] = IndexedDatasetBuilder(get_bin_path(prefix), encoder.dtype)
         if workers == 1:
             results = map(encoder.encode, chunks)
-        else:
-            _set_worker_encoder(encoder)
-            pool = multiprocessing.get_context("fork").Pool(workers)
+        else:  # forked: the workers inherit the encoder (and tokenizer) without pickling
+            context = multiprocessing.get_context("fork")
+            pool = context.Pool(workers, initializer=_set_worker_encoder, initargs=(encoder,))
             results = pool.imap(_encode_in_worker, chunks)
         for result in results:
             _account(result.bad, skip_bad_input, stats)

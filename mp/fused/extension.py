@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 EXTENSION_NAME = "mp_fused_kernels"
-SOURCES = ("fused_binding.cpp", "softmax.cu", "norm_forward.cu", "norm_backward.cu")
 NVCC_FLAGS = ("-O3", "-lineinfo")
 
 logger = logging.getLogger("mp.fused")
@@ -46,14 +45,15 @@ def kernel_sources_dir() -> Path | None:
     """``csrc/``: shipped inside the package by ``setup.py``, or the checkout's top level."""
     here = Path(__file__).resolve().parent
     for candidate in (here / "csrc", here.parents[1] / "csrc"):
-        if all((candidate / name).is_file() for name in SOURCES):
+        if (candidate / "fused_binding.cpp").is_file():
             return candidate
     return None
 
 
 def _find_or_build():
     if not torch.cuda.is_available():
-        return _unavailable("no CUDA device")
+        _notice("no CUDA device")
+        return None
     try:
         from mp.fused import _fused_kernels  # built ahead of time
 
@@ -62,20 +62,22 @@ def _find_or_build():
         pass
     sources = kernel_sources_dir()
     if sources is None:
-        return _unavailable("kernel sources (csrc/) not found and no prebuilt module; "
-                            "install with MP_BUILD_CUDA_EXT=1")
+        _notice("kernel sources (csrc/) not found and no prebuilt module; install with "
+                "MP_BUILD_CUDA_EXT=1")
+        return None
     try:
         return _build(sources)
-    except Exception as error:  # noqa: BLE001 - any build failure means: run the torch path
+    except Exception as error:  # any build failure means: run the torch path
         logger.debug("building the fused kernels failed", exc_info=True)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return _unavailable(f"could not build them ({type(error).__name__}: {first_line[:200]})")
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        _notice(f"could not build them: {type(error).__name__}: {first_line[:160]}; the whole "
+                "error is logged at DEBUG level on 'mp.fused'")
+        return None
 
 
-def _unavailable(reason: str):
+def _notice(reason: str) -> None:
     logger.warning("mp.fused: fused CUDA kernels unavailable (%s); using the torch "
                    "implementations", reason)
-    return None
 
 
 def build_directory() -> Path:
@@ -87,8 +89,9 @@ def build_directory() -> Path:
     if archs:
         archs = archs.replace(" ", "_").replace(";", "_").replace("+", "")
     else:
-        archs = "_".join(sorted({"sm%d%d" % torch.cuda.get_device_capability(i)
-                                 for i in range(torch.cuda.device_count())}))
+        capabilities = {torch.cuda.get_device_capability(i)
+                        for i in range(torch.cuda.device_count())}
+        archs = "_".join(f"sm{major}{minor}" for major, minor in sorted(capabilities))
     return Path(root) / EXTENSION_NAME / f"torch{torch.__version__}-cu{torch.version.cuda}-{archs}"
 
 
@@ -103,7 +106,7 @@ def _build(sources: Path):
             (directory / "lock").unlink(missing_ok=True)  # a killed builder's stale baton
             return cpp_extension.load(
                 name=EXTENSION_NAME,
-                sources=[str(sources / name) for name in SOURCES],
+                sources=sorted(str(p) for p in sources.iterdir() if p.suffix in (".cpp", ".cu")),
                 extra_include_paths=[str(sources)],
                 extra_cflags=["-O3"],
                 extra_cuda_cflags=list(NVCC_FLAGS),

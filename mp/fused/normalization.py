@@ -28,16 +28,23 @@ MAX_HIDDEN = 65536  # csrc/fused_kernels.h: kMaxNormHidden
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def norm_kernel_usable(x: torch.Tensor, weight: torch.Tensor,
-                       bias: torch.Tensor | None = None) -> bool:
-    """Whether the fused kernels take ``x [..., hidden]`` with ``weight`` (and ``bias``)."""
+def norm_kernel_fits(x: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> bool:
+    """Whether the kernels take ``x [..., hidden]`` with ``weight`` (and ``bias``) ``[hidden]``,
+    on any device: one dtype of fp32/fp16/bf16 for all, 1 <= hidden <= 65536."""
     hidden = weight.numel()
     params = (weight,) if bias is None else (weight, bias)
-    return (x.is_cuda and x.dtype in KERNEL_DTYPES and x.dim() >= 1
-            and 1 <= hidden <= MAX_HIDDEN and x.size(-1) == hidden
+    return (x.dtype in KERNEL_DTYPES and x.dim() >= 1 and 1 <= hidden <= MAX_HIDDEN
+            and x.size(-1) == hidden
             and all(p.dim() == 1 and p.numel() == hidden and p.dtype == x.dtype
-                    and p.device == x.device for p in params)
-            and load_fused_kernels() is not None)
+                    and p.device == x.device for p in params))
+
+
+def norm_kernel_usable(x: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> bool:
+    """Whether the fused kernels run: the tensors fit, are on CUDA, and the extension is built.
+    Otherwise torch's implementation runs."""
+    return x.is_cuda and norm_kernel_fits(x, weight, bias) and load_fused_kernels() is not None
 
 
 def fused_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

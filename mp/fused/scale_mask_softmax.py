@@ -18,7 +18,7 @@ results. Differences from Megatron, each a fix:
 from __future__ import annotations
 
 import enum
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -51,17 +51,22 @@ def mask_fits(mask: torch.Tensor, x: torch.Tensor) -> bool:
             and mask.shape[2:] == x.shape[2:])
 
 
-def softmax_kernel_usable(x: torch.Tensor, mask: torch.Tensor | None = None,
-                          causal: bool = False) -> bool:
-    """Whether the fused kernel can take these scores (and mask); else use the torch path."""
-    if not (x.is_cuda and x.dtype in KERNEL_DTYPES and x.dim() >= 2
-            and 1 <= x.size(-1) <= MAX_KEYS):
+def softmax_kernel_fits(x: torch.Tensor, mask: torch.Tensor | None = None,
+                        causal: bool = False) -> bool:
+    """Whether the kernels take scores of this dtype and shape (and this mask), on any device:
+    fp16/bf16 ``[..., sq, sk]`` with 1 <= sk <= 16384; sq == sk when causal."""
+    if not (x.dtype in KERNEL_DTYPES and x.dim() >= 2 and 1 <= x.size(-1) <= MAX_KEYS):
         return False
     if causal and x.size(-2) != x.size(-1):
         return False
-    if mask is not None and not (mask.device == x.device and mask_fits(mask, x)):
-        return False
-    return load_fused_kernels() is not None
+    return mask is None or (mask.device == x.device and mask_fits(mask, x))
+
+
+def softmax_kernel_usable(x: torch.Tensor, mask: torch.Tensor | None = None,
+                          causal: bool = False) -> bool:
+    """Whether the fused kernel runs for these scores: they fit, are on CUDA, and the
+    extension is built. Otherwise the torch path runs."""
+    return x.is_cuda and softmax_kernel_fits(x, mask, causal) and load_fused_kernels() is not None
 
 
 def causal_mask(sq: int, sk: int, device=None) -> torch.Tensor:

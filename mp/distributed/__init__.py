@@ -1,0 +1,10 @@
+"""Data-parallel gradient synchronisation and the end-of-backward gradient fix-ups."""
+
+from mp.distributed.distributed_data_parallel import DEFAULT_BUCKET_SIZE, DistributedDataParallel
+from mp.distributed.finalize_model_grads import (
+    allreduce_sequence_parallel_grads,
+    finalize_model_grads,
+)
+
+__all__ = ["DEFAULT_BUCKET_SIZE", "DistributedDataParallel", "allreduce_sequence_parallel_grads",
+           "finalize_model_grads"]

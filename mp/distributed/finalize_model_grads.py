@@ -1,0 +1,57 @@
+"""After the last micro-batch's backward: make every gradient the model-replica gradient.
+
+Megatron's ``finalize_model_grads``, in order:
+
+1. data parallel: ``finish_grad_sync()`` on each chunk (the mean over data-parallel ranks);
+2. sequence parallel: parameters replicated over TP ranks but fed only ``1/TP`` of the
+   sequence (``param.sequence_parallel``: norm weights and biases, row-parallel biases) hold
+   partial gradients; they are summed over the tensor-parallel group, all in one coalesced
+   all-reduce.
+
+Tied word embeddings across pipeline stages (an all-reduce over the embedding group) join
+here when the pipelined schedules arrive.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from mp import parallel_state
+
+
+def _grad(param: nn.Parameter) -> torch.Tensor | None:
+    return param.main_grad if hasattr(param, "main_grad") else param.grad
+
+
+def allreduce_sequence_parallel_grads(model_chunks: Iterable[nn.Module],
+                                      tensor_model_parallel_group=None) -> None:
+    """Sum the gradients of ``sequence_parallel`` parameters over the TP group (in place)."""
+    group = (parallel_state.get_tensor_model_parallel_group()
+             if tensor_model_parallel_group is None else tensor_model_parallel_group)
+    if dist.get_world_size(group) == 1:
+        return
+    grads = [g for chunk in model_chunks for p in chunk.parameters()
+             if p.requires_grad and getattr(p, "sequence_parallel", False)
+             and (g := _grad(p)) is not None]
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+
+
+def finalize_model_grads(model_chunks: Iterable[nn.Module]) -> None:
+    """Finish the data-parallel reduction of each chunk (when it has one), then all-reduce
+    the sequence-parallel gradients over TP. Call once per iteration, after backward."""
+    chunks = list(model_chunks)
+    for chunk in chunks:
+        finish = getattr(chunk, "finish_grad_sync", None)
+        if finish is not None:
+            finish()
+    allreduce_sequence_parallel_grads(chunks)

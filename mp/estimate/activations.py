@@ -1,0 +1,192 @@
+"""Activation memory: what one micro-batch leaves saved for backward, layer by layer.
+
+Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
+section 4) count the bytes a GPT layer saves with 16-bit activations, ``a`` heads, ``t``
+tensor-parallel ranks: `korthikanti_layer_bytes` gives their closed forms. `layer_terms`
+counts the same thing tensor by tensor for the layer ``mp.model`` builds, so it also covers
+fp32, SwiGLU, RoPE, no biases, any FFN size, dropout off, and the attention kernels:
+
+| saved for backward | bytes (``e`` = activation bytes, ``n = s b`` tokens, ``n'`` = ``n / t`` with SP, else ``n``) |
+| --- | --- |
+| the two norm inputs, the QKV input, the MLP input | ``4 e n' h`` |
+| the norms' statistics (mean and rstd, or rstd) | per row, fp32 on CUDA; Korthikanti leave them out |
+| Q, K, V (one fused QKV output; q, k, v are views) | ``3 e n h / t`` |
+| the attention core, unfused: softmax output, dropout mask, dropped probabilities | ``(e + 1 + e) a s^2 b / t`` |
+| the attention core, SDPA (flash): the log-sum-exp (the output is the dense input) | ``4 a s b / t`` |
+| the attention output (the dense layer's input) | ``e n h / t`` |
+| the two residual dropout masks | ``2 n' h`` (bool) |
+| the MLP interior: GeLU input and fc2 input (SwiGLU: gate, SiLU, up and fc2 inputs) | ``2 e n f / t`` (``4 e n f / t``) |
+
+With 16-bit activations, GeLU, ``f = 4h``, the unfused core and the statistics left out, the
+sum is Korthikanti's ``s b h (34 + 5 a s / h)`` at ``t = 1``, ``s b h (10 + 24 / t + 5 a s /
+(h t))`` under TP and ``s b h / t (34 + 5 a s / h)`` with SP, term for term. Selective
+recompute drops the attention core (``34 s b h / t``); full recompute keeps only each
+checkpointed chunk's input (see `mp.estimate.memory`). The SDPA core saves far less than the
+formula's ``5 a s / h`` term: no ``s x s`` tensor at all.
+
+What the kernels save depends on where they run; `Kernels` names the differences, and
+`CUDA` (the default) and `CPU` (what the tests measure) are the two sets of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mp.model.config import TransformerConfig
+
+FP32 = 4
+INT64 = 8
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """How the kernels a layer runs store what they save for backward.
+
+    Args:
+        name: for messages and reports.
+        dropout_mask_bytes: bytes per element of a dropout mask: 1 for CUDA's fused dropout
+            (a bool mask); ``None`` for "the activation's own size" (the CPU computes dropout
+            as ``x * scaled_bernoulli_noise`` and saves the noise).
+        fused_softmax: mp's fused scale-mask-softmax kernel runs for 16-bit scores (CUDA, the
+            extension built) and saves the probabilities in the activation dtype. Otherwise
+            the torch path saves them in fp32, plus the ``[s, s]`` causal mask and the
+            ``[s, 1]`` flags of fully masked rows (bools).
+        norm_stats_bytes: bytes of each per-row norm statistic: 4 (fp32) on CUDA; ``None``
+            for the activation's size (the CPU LayerNorm keeps bf16 statistics for bf16 input).
+        sdpa_dropout_kernel: SDPA with attention dropout: ``"flash"`` (CUDA: the flash kernel
+            takes dropout) or ``"math"`` (CPU: the math path, which upcasts 16-bit q, k, v to
+            fp32 and saves fp32 copies of them and of the softmax, its dropout mask and the
+            dropped probabilities). Without dropout the CPU runs a flash kernel too.
+    """
+
+    name: str
+    dropout_mask_bytes: int | None
+    fused_softmax: bool
+    norm_stats_bytes: int | None
+    sdpa_dropout_kernel: str
+
+    def __post_init__(self):
+        if self.sdpa_dropout_kernel not in ("flash", "math"):
+            raise ValueError(f"sdpa_dropout_kernel={self.sdpa_dropout_kernel!r} must be one "
+                             "of 'flash', 'math'")
+
+
+CUDA = Kernels("cuda", dropout_mask_bytes=1, fused_softmax=True, norm_stats_bytes=FP32,
+               sdpa_dropout_kernel="flash")
+CPU = Kernels("cpu", dropout_mask_bytes=None, fused_softmax=False, norm_stats_bytes=None,
+              sdpa_dropout_kernel="math")
+
+
+def activation_bytes(cfg: TransformerConfig) -> int:
+    """Bytes per activation element: 4 for fp32, 2 for bf16 and fp16."""
+    return 4 if cfg.precision == "fp32" else 2
+
+
+def norm_stats_per_row(cfg: TransformerConfig, kernels: Kernels) -> int:
+    """Bytes of statistics one norm saves per row: mean and rstd, or rstd (RMSNorm)."""
+    size = kernels.norm_stats_bytes or activation_bytes(cfg)
+    return (2 if cfg.normalization == "LayerNorm" else 1) * size
+
+
+def dropout_mask_bytes(cfg: TransformerConfig, kernels: Kernels) -> int:
+    return kernels.dropout_mask_bytes or activation_bytes(cfg)
+
+
+def sequence_rows(cfg: TransformerConfig, micro_batch: int) -> float:
+    """Rows (tokens) of a tensor in the sequence-parallel regions on one rank: ``s b / t``
+    with sequence parallelism, ``s b`` without."""
+    rows = cfg.seq_length * micro_batch
+    return rows / cfg.tensor_model_parallel_size if cfg.sequence_parallel else rows
+
+
+def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
+                selective: bool | None = None) -> dict[str, float]:
+    """Bytes one transformer layer saves for backward on one TP rank for one micro-batch,
+    by tensor (see the module doc). ``selective`` (default: the config's recompute) leaves out
+    the attention core, which is then recomputed; full recompute is not applied here.
+    """
+    if selective is None:
+        selective = cfg.recompute_granularity == "selective"
+    e = activation_bytes(cfg)
+    t, s, h, f = (cfg.tensor_model_parallel_size, cfg.seq_length, cfg.hidden_size,
+                  cfg.ffn_hidden_size)
+    tokens = s * micro_batch
+    local = sequence_rows(cfg, micro_batch)
+    mask = dropout_mask_bytes(cfg, kernels)
+    math_core = (cfg.attention_backend == "sdpa" and cfg.attention_dropout > 0
+                 and kernels.sdpa_dropout_kernel == "math" and not selective)
+    terms = {
+        "norm inputs": 2 * e * local * h,
+        "norm statistics": 2 * norm_stats_per_row(cfg, kernels) * local,
+        "QKV input": e * local * h,
+    }
+    if math_core:  # fp32 copies of q, k, v replace the 16-bit QKV output (and RoPE's q, k)
+        terms["Q, K, V (fp32 copies)"] = 3 * FP32 * tokens * h / t
+    else:
+        terms["Q, K, V"] = 3 * e * tokens * h / t
+        if cfg.position_embedding_type == "rope":
+            terms["rotated Q, K"] = 2 * e * tokens * h / t
+    if cfg.position_embedding_type == "rope":  # cos and sin tables, for q and for k
+        terms["rotary tables"] = 4 * FP32 * s * cfg.kv_channels
+    if not selective:
+        terms.update(_attention_core(cfg, micro_batch, kernels, math_core))
+    terms["attention output"] = e * tokens * h / t
+    if cfg.hidden_dropout > 0:
+        terms["residual dropout masks"] = 2 * mask * local * h
+    terms["MLP input"] = e * local * h
+    if cfg.activation == "swiglu":
+        terms["SwiGLU gate, SiLU and up outputs"] = 3 * e * tokens * f / t
+    else:
+        terms["GeLU input"] = e * tokens * f / t
+    terms["fc2 input"] = e * tokens * f / t
+    return terms
+
+
+def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
+                    math_core: bool) -> dict[str, float]:
+    """What the attention core saves between Q, K, V and its output."""
+    e = activation_bytes(cfg)
+    s = cfg.seq_length
+    heads = cfg.num_attention_heads // cfg.tensor_model_parallel_size
+    scores = heads * s * s * micro_batch  # elements of one [b, np, s, s] tensor
+    dropout = cfg.attention_dropout > 0
+    if math_core:
+        return {"softmax output (fp32)": FP32 * scores, "attention dropout mask (fp32)":
+                FP32 * scores, "dropped probabilities (fp32)": FP32 * scores}
+    if cfg.attention_backend == "sdpa":
+        return {"softmax log-sum-exp": FP32 * heads * s * micro_batch}
+    fused = kernels.fused_softmax and e == 2  # the kernel takes 16-bit scores only
+    softmax_bytes = e if fused else FP32
+    core = {"softmax output": softmax_bytes * scores}
+    if not fused:
+        core["causal mask"] = s * s + s  # [s, s] mask and the [s, 1] fully-masked-row flags
+    if dropout:
+        core["attention dropout mask"] = dropout_mask_bytes(cfg, kernels) * scores
+        core["dropped probabilities"] = e * scores
+    elif softmax_bytes != e:
+        core["probabilities (activation dtype)"] = e * scores
+    return core
+
+
+def layer_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
+                selective: bool | None = None) -> float:
+    """The sum of `layer_terms`."""
+    return sum(layer_terms(cfg, micro_batch, kernels, selective).values())
+
+
+def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1,
+                            sequence_parallel: bool = False, recompute: str | None = None
+                            ) -> float:
+    """Korthikanti et al. 2022's activation bytes per layer (16-bit, dropout on, GeLU 4h):
+    none ``s b h (34 + 5 a s / h)``; TP ``s b h (10 + 24 / t + 5 a s / (h t))``; TP + SP
+    ``s b h / t (34 + 5 a s / h)``; selective recompute (TP + SP) ``34 s b h / t`` (without SP
+    ``s b h (10 + 24 / t)``); full recompute ``2 s b h``."""
+    if recompute not in (None, "selective", "full"):
+        raise ValueError(f"recompute={recompute!r} must be one of None, 'selective', 'full'")
+    sbh = s * b * h
+    if recompute == "full":
+        return 2 * sbh
+    attention = 0 if recompute == "selective" else 5 * a * s / h
+    if sequence_parallel:
+        return sbh / t * (34 + attention)
+    return sbh * (10 + 24 / t + attention / t)

@@ -1,0 +1,181 @@
+"""Bytes each collective moves in one iteration, per rank, and how long that takes.
+
+`collectives` lists what one rank of pipeline stage ``pp_rank`` calls in an iteration of ``m``
+micro-batches (forward and backward of each, then the gradient reduction and the optimizer
+step), following mp's code call by call. ``a`` is one ``[s, b, h]`` activation in the model's
+dtype; ``c`` column-parallel layers per transformer layer (QKV, fc1, and SwiGLU's gate), two
+row-parallel ones (attention output, fc2):
+
+| group | call | per micro-batch |
+| --- | --- | --- |
+| TP, no SP | all-reduce of each row-parallel output (forward) and of each column-parallel input gradient (backward) | ``(2 + c) a`` per layer |
+| TP, no SP | the vocab-parallel embedding's all-reduce (first stage); the output layer's input gradient (last stage) | ``a`` each |
+| TP + SP | column-parallel: all-gather forward, all-gather (re-gather) and reduce-scatter backward; row-parallel: reduce-scatter forward, all-gather backward | ``(2c + 2) a`` gathered, ``(c + 2) a`` scattered per layer |
+| TP + SP | embedding: all-reduce forward (learned positions; reduce-scatter with RoPE), all-gather backward; output layer: as a column-parallel layer | |
+| TP | cross-entropy: all-reduce of the row maxima and of the target logits and exp sums, fp32 | ``3 s b x 4`` bytes |
+| TP, full recompute | the recomputed layers' forward calls again; with ``distribute_saved_activations`` an all-gather of each checkpoint's input | |
+| TP, once | sequence-parallel parameters' fp32 gradients (norms, row-parallel biases) | |
+| DP, once | the fp32 gradient buffer: all-reduce; with the distributed optimizer reduce-scatter, then all-gather of the updated parameters | ``4 P`` (``4 P`` + ``e P``) |
+| PP | each chunk's output forward, its gradient backward, ``e s b h`` (``/ t`` with SP) | |
+| embedding, once | tied word-embedding gradients between the first and last stage (PP > 1) | ``4 V h / t`` |
+| model-parallel, once | the gradient norm, one fp32 scalar | |
+
+Bytes follow `mp.estimate.measure`: an all-reduce moves its tensor; an all-gather its
+gathered output; a reduce-scatter its full input. On the wire, a ring all-reduce over ``n``
+ranks sends ``2 (n - 1) / n`` of that per rank, an all-gather or reduce-scatter ``(n - 1) / n``,
+a send all of it. The TP, DP and model-parallel rows are checked against mp's code; pipeline
+and distributed-optimizer rows are formulas until those exist in mp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mp.estimate.activations import FP32, activation_bytes, sequence_rows
+from mp.estimate.hardware import GPUSpec
+from mp.estimate.params import norm_params, rank_params
+from mp.estimate.setup import Setup
+
+GROUPS = ("tp", "dp", "pp", "embedding", "mp")
+WIRE_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+               "reduce_scatter": lambda n: (n - 1) / n, "send": lambda n: 1.0,
+               "recv": lambda n: 0.0}  # a send's bytes are on the wire once, counted at send
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One kind of call over one group: ``bytes`` summed over an iteration on one rank."""
+
+    what: str
+    kind: str  # all_reduce | all_gather | reduce_scatter | send | recv
+    group: str  # one of GROUPS
+    bytes: float
+
+
+def collectives(setup: Setup, pp_rank: int = 0) -> list[Collective]:
+    """Every collective one rank of stage ``pp_rank`` calls in one iteration (module doc)."""
+    cfg = setup.model
+    out: list[Collective] = []
+    if setup.tp > 1:
+        out += _tensor_parallel(setup, pp_rank)
+    if setup.data_parallel_size > 1:
+        grads = FP32 * rank_params(cfg, pp_rank).total
+        if setup.distributed_optimizer:
+            params = activation_bytes(cfg) * rank_params(cfg, pp_rank).total
+            out += [Collective("gradients (distributed optimizer)", "reduce_scatter", "dp",
+                               grads),
+                    Collective("updated parameters (distributed optimizer)", "all_gather", "dp",
+                               params)]
+        else:
+            out.append(Collective("gradients", "all_reduce", "dp", grads))
+    if setup.pp > 1:
+        out += _pipeline(setup, pp_rank)
+    if setup.tp * setup.pp > 1:
+        out.append(Collective("gradient norm", "all_reduce", "mp", FP32))
+    return [c for c in out if c.bytes > 0]
+
+
+def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
+    cfg, m = setup.model, setup.num_microbatches
+    act = activation_bytes(cfg) * cfg.seq_length * setup.micro_batch_size * cfg.hidden_size
+    column = 3 if cfg.activation == "swiglu" else 2
+    first, last = pp_rank == 0, pp_rank == setup.pp - 1
+    layers = cfg.num_layers // setup.pp
+    forwards = layers + _recomputed_layers(setup)  # full recompute repeats the forward's calls
+    out = []
+    if cfg.sequence_parallel:
+        gathers = forwards * column + layers * (column + 2)
+        scatters = forwards * 2 + layers * column
+        if last:  # the output layer is column-parallel
+            gathers, scatters = gathers + 2, scatters + 1
+        if first:
+            gathers += 1  # the embedding's backward
+            if cfg.position_embedding_type == "rope":
+                scatters += 1
+            else:
+                out.append(Collective("embedding", "all_reduce", "tp", m * act))
+        out += [Collective("sequence-parallel activations", "all_gather", "tp",
+                           m * gathers * act),
+                Collective("sequence-parallel activations", "reduce_scatter", "tp",
+                           m * scatters * act)]
+        out.append(Collective("sequence-parallel parameter gradients", "all_reduce", "tp",
+                              FP32 * _sequence_parallel_params(setup, pp_rank)))
+    else:
+        reduces = forwards * 2 + layers * column + (1 if first else 0) + (1 if last else 0)
+        out.append(Collective("tensor-parallel activations", "all_reduce", "tp",
+                              m * reduces * act))
+    if cfg.recompute_granularity == "full" and cfg.distribute_saved_activations:
+        saved = activation_bytes(cfg) * sequence_rows(cfg, setup.micro_batch_size) \
+            * cfg.hidden_size
+        out.append(Collective("distributed checkpoint inputs", "all_gather", "tp",
+                              m * _checkpoints(setup) * saved))
+    if last:
+        rows = cfg.seq_length * setup.micro_batch_size
+        out.append(Collective("cross-entropy", "all_reduce", "tp", m * 3 * FP32 * rows))
+    return out
+
+
+def _recomputed_layers(setup: Setup) -> int:
+    """Layers of one rank whose forward full recompute runs again in backward."""
+    cfg = setup.model
+    if cfg.recompute_granularity != "full":
+        return 0
+    if cfg.recompute_method == "uniform":
+        return cfg.num_layers // setup.pp
+    return cfg.recompute_num_layers * setup.vpp
+
+
+def _checkpoints(setup: Setup) -> int:
+    """Checkpointed chunks of layers on one rank (full recompute)."""
+    cfg = setup.model
+    if cfg.recompute_method == "block":
+        return cfg.recompute_num_layers * setup.vpp
+    return -(-cfg.layers_per_chunk // cfg.recompute_num_layers) * setup.vpp
+
+
+def _sequence_parallel_params(setup: Setup, pp_rank: int) -> int:
+    """Elements of the parameters replicated over TP whose gradients are partial under SP."""
+    cfg = setup.model
+    per_layer = 2 * norm_params(cfg)[0] + (2 * cfg.hidden_size if cfg.add_bias_linear else 0)
+    total = cfg.num_layers // setup.pp * per_layer
+    return total + rank_params(cfg, pp_rank).final_norm
+
+
+def _pipeline(setup: Setup, pp_rank: int) -> list[Collective]:
+    cfg, m, v = setup.model, setup.num_microbatches, setup.vpp
+    tensor = (activation_bytes(cfg) * sequence_rows(cfg, setup.micro_batch_size)
+              * cfg.hidden_size)
+    first, last = pp_rank == 0, pp_rank == setup.pp - 1
+    # each of the m v chunk passes sends its output on, except the model's last chunk, and
+    # its input gradient back, except the model's first chunk
+    sends = 2 * m * v - (m if last else 0) - (m if first else 0)
+    out = [Collective("stage activations and gradients", "send", "pp", sends * tensor),
+           Collective("stage activations and gradients", "recv", "pp", sends * tensor)]
+    tied = not cfg.untie_embeddings_and_output_weights
+    if tied and (first or last):
+        shard = cfg.padded_vocab_size // setup.tp * cfg.hidden_size
+        out.append(Collective("tied word-embedding gradients", "all_reduce", "embedding",
+                              FP32 * shard))
+    return out
+
+
+def group_size(setup: Setup, group: str) -> int:
+    return {"tp": setup.tp, "dp": setup.data_parallel_size, "pp": setup.pp,
+            "embedding": 2, "mp": setup.tp * setup.pp}[group]
+
+
+def group_bandwidth(setup: Setup, group: str, gpu: GPUSpec) -> float:
+    """Bytes/s per rank for ``group``'s traffic: NVLink when the whole group shares a node
+    (ranks are laid out TP fastest, then DP, then PP), InfiniBand otherwise."""
+    span = {"tp": setup.tp, "dp": setup.tp * setup.data_parallel_size,
+            "pp": setup.world_size, "embedding": setup.world_size,
+            "mp": setup.world_size}[group]
+    gbps = gpu.intra_node_gbps if span <= gpu.gpus_per_node else gpu.inter_node_gbps
+    return gbps * 1e9
+
+
+def seconds(setup: Setup, collective: Collective, gpu: GPUSpec) -> float:
+    """Time on the wire of ``collective`` (bandwidth only; no latency, no overlap)."""
+    n = group_size(setup, collective.group)
+    wire = collective.bytes * WIRE_FACTOR[collective.kind](n)
+    return wire / group_bandwidth(setup, collective.group, gpu)

@@ -1,0 +1,63 @@
+"""Floating-point operations per iteration (Narayanan et al. 2021, section 5.1 and appendix).
+
+A matrix product of ``[m, k] x [k, n]`` costs ``2 m k n`` FLOPs; backward costs twice the
+forward (the input and the weight gradients). Per layer and micro-batch of ``b`` sequences
+the forward costs, with ``n = b s`` tokens:
+
+- QKV projection ``6 n h^2``, attention output ``2 n h^2``;
+- scores ``Q K^T`` and ``P V``: ``2 b s^2 h`` each (the full ``s x s``, the papers' convention,
+  although a causal kernel skips half of it);
+- MLP ``4 n h f`` (GeLU) or ``6 n h f`` (SwiGLU's gate);
+
+and the logits ``2 n h V``. Training is three forwards' worth; full recompute adds one more
+forward of every layer, selective recompute one more of the attention scores. For GPT-3's
+shape this is exactly Narayanan's eq. 3, ``96 B s l h^2 (1 + s / (6 h) + V / (16 l h))`` with
+full recompute and ``72 B s l h^2 (1 + s / (6 h) + V / (12 l h))`` without (`narayanan_flops`).
+Norms, softmax, dropout and the optimizer are left out, as there.
+"""
+
+from __future__ import annotations
+
+from mp.model.config import TransformerConfig
+
+
+def layer_forward_flops(cfg: TransformerConfig, sequences: int) -> tuple[float, float]:
+    """(the attention scores' share, the rest) of one layer's forward for ``sequences``."""
+    s, h, f = cfg.seq_length, cfg.hidden_size, cfg.ffn_hidden_size
+    tokens = sequences * s
+    mlp_matrices = 3 if cfg.activation == "swiglu" else 2
+    dense = 2 * tokens * h * (3 * h + h + mlp_matrices * f)
+    scores = 2 * 2 * sequences * s * s * h
+    return scores, dense
+
+
+def logits_forward_flops(cfg: TransformerConfig, sequences: int) -> float:
+    return 2 * sequences * cfg.seq_length * cfg.hidden_size * cfg.padded_vocab_size
+
+
+def training_flops(cfg: TransformerConfig, sequences: int, recompute: str | None = "config",
+                   num_layers: int | None = None, logits: bool = True) -> float:
+    """FLOPs to train on ``sequences`` sequences: forward, backward and the recompute of
+    ``recompute`` (``"config"``: the config's ``recompute_granularity``; ``None`` for the
+    model FLOPs that MFU counts). ``num_layers`` (default all) and ``logits`` select a part
+    of the model: a pipeline stage."""
+    if recompute == "config":
+        recompute = cfg.recompute_granularity
+    if num_layers is None:
+        num_layers = cfg.num_layers
+    scores, dense = layer_forward_flops(cfg, sequences)
+    passes = {None: 3 * (scores + dense), "selective": 4 * scores + 3 * dense,
+              "full": 4 * (scores + dense)}
+    if recompute not in passes:
+        raise ValueError(f"recompute={recompute!r} must be one of None, 'selective', 'full'")
+    total = num_layers * passes[recompute]
+    if logits:
+        total += 3 * logits_forward_flops(cfg, sequences)
+    return total
+
+
+def narayanan_flops(batch: int, s: int, l: int, h: int, vocab: int, recompute: bool) -> float:
+    """Narayanan et al. 2021, eq. 3 (with full recompute) and its no-recompute form."""
+    if recompute:
+        return 96 * batch * s * l * h * h * (1 + s / (6 * h) + vocab / (16 * l * h))
+    return 72 * batch * s * l * h * h * (1 + s / (6 * h) + vocab / (12 * l * h))

@@ -1,0 +1,171 @@
+"""Peak memory of each pipeline stage: model state plus the activations in flight.
+
+A stage's peak is its model state (`mp.estimate.params`) plus, at the worst moment of an
+iteration, the activations saved for backward by every micro-batch it has in flight, plus the
+working memory of that moment:
+
+- **In flight** (Narayanan et al. 2021; Megatron's schedules): under 1F1B, stage ``r`` of ``p``
+  runs ``min(p - r - 1, m)`` warm-up forwards and one more forward before its first backward,
+  so it holds ``min(p - r, m)`` micro-batches: the first stage ``p``, the last one. Interleaved
+  with ``v`` chunks per rank, Megatron warms up ``2 (p - r - 1) + (v - 1) p`` chunk forwards
+  (all ``m v`` when ``m = p``), each chunk holding ``1 / v`` of the stage's layers: the first
+  stage holds ``p (1 + (p - 1) / (p v))`` micro-batches' worth (Korthikanti et al. 2022).
+- **First stage**: the token ids (and, under TP, the out-of-range flags and shifted ids) the
+  embedding saves, the position ids, the embedding dropout mask, for each micro-batch in
+  flight.
+- **Last stage**: the final norm's input and statistics, the output layer's input, and the
+  cross-entropy's fp32 softmax ``[s, b, V / t]`` (with its target flags and ids) for the one
+  micro-batch whose backward comes next. While the cross-entropy runs forward, the logits in
+  the activation dtype and their fp32 copy are alive as well: ``(e + 4) s b V / t`` more bytes
+  (``4 s b V / t`` for fp32), the largest transient of a step for GPT-3's vocabulary.
+- **Full recompute** keeps each checkpointed chunk's input (a ``1 / t`` slice of it with
+  ``distribute_saved_activations``); in backward one chunk of layers is recomputed, so its full
+  activations are a transient. Selective recompute recomputes one layer's attention core.
+
+Gradients flowing through backward (a few ``s b h``-sized tensors at a time) are left out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from mp.estimate.activations import (
+    CUDA,
+    FP32,
+    INT64,
+    Kernels,
+    activation_bytes,
+    dropout_mask_bytes,
+    layer_bytes,
+    norm_stats_per_row,
+    sequence_rows,
+)
+from mp.estimate.params import RankParams, StateBytes, rank_params, state_bytes
+from mp.estimate.setup import Setup
+from mp.model.config import TransformerConfig
+
+
+def microbatches_in_flight(pp: int, pp_rank: int, num_microbatches: int, vpp: int = 1
+                           ) -> float:
+    """Micro-batches' worth of a stage's activations held at its peak (see the module doc):
+    chunk forwards in flight divided by the chunks per rank."""
+    if not 0 <= pp_rank < pp:
+        raise ValueError(f"pp_rank={pp_rank} must be in [0, pp={pp})")
+    m = num_microbatches
+    if vpp == 1:
+        return min(pp - pp_rank, m)
+    total = m * vpp
+    if m == pp:
+        return total / vpp
+    warmup = min(2 * (pp - pp_rank - 1) + (vpp - 1) * pp, total)
+    return min(warmup + 1, total) / vpp
+
+
+def embedding_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA
+                    ) -> dict[str, float]:
+    """What the embedding saves for one micro-batch on one TP rank."""
+    tokens = cfg.seq_length * micro_batch
+    terms = {"token ids": INT64 * tokens}
+    if cfg.tensor_model_parallel_size > 1:
+        terms["out-of-range token flags"] = tokens
+    if cfg.position_embedding_type == "learned_absolute":
+        terms["position ids"] = INT64 * cfg.seq_length
+    if cfg.hidden_dropout > 0:
+        terms["embedding dropout mask"] = (dropout_mask_bytes(cfg, kernels)
+                                           * sequence_rows(cfg, micro_batch) * cfg.hidden_size)
+    return terms
+
+
+def output_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA
+                 ) -> dict[str, float]:
+    """What the final norm, the output layer and the loss save for one micro-batch."""
+    e, h = activation_bytes(cfg), cfg.hidden_size
+    tokens = cfg.seq_length * micro_batch
+    local = sequence_rows(cfg, micro_batch)
+    return {
+        "final norm input": e * local * h,
+        "final norm statistics": norm_stats_per_row(cfg, kernels) * local,
+        "output layer input": e * local * h,
+        "cross-entropy softmax (fp32)": FP32 * tokens * _vocab_shard(cfg),
+        "cross-entropy target flags and ids": (1 + INT64) * tokens,
+    }
+
+
+def loss_transient(cfg: TransformerConfig, micro_batch: int) -> float:
+    """Bytes alive beside the saved activations while the cross-entropy runs forward: the
+    logits, and their fp32 copy unless they are fp32 already."""
+    e = activation_bytes(cfg)
+    logits = cfg.seq_length * micro_batch * _vocab_shard(cfg)
+    return logits * (e + (FP32 if e != FP32 else 0))
+
+
+def _vocab_shard(cfg: TransformerConfig) -> int:
+    return cfg.padded_vocab_size // cfg.tensor_model_parallel_size
+
+
+def chunk_saved_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA
+                      ) -> float:
+    """The transformer layers of one pipeline chunk, for one micro-batch: every layer's
+    `layer_bytes`, or with full recompute the checkpointed chunks' inputs (and the layers left
+    out of ``block`` recompute whole)."""
+    layers = cfg.layers_per_chunk
+    if cfg.recompute_granularity != "full":
+        return layers * layer_bytes(cfg, micro_batch, kernels)
+    n = cfg.recompute_num_layers
+    checkpoint_input = activation_bytes(cfg) * sequence_rows(cfg, micro_batch) * cfg.hidden_size
+    if cfg.distribute_saved_activations:
+        checkpoint_input /= cfg.tensor_model_parallel_size
+    if cfg.recompute_method == "uniform":
+        return math.ceil(layers / n) * checkpoint_input
+    return n * checkpoint_input + (layers - n) * layer_bytes(cfg, micro_batch, kernels,
+                                                             selective=False)
+
+
+def recompute_working_set(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA
+                          ) -> float:
+    """Activations rebuilt at once during backward: one checkpointed chunk of layers (full),
+    one layer's attention core (selective), nothing otherwise."""
+    if cfg.recompute_granularity == "full":
+        group = cfg.recompute_num_layers if cfg.recompute_method == "uniform" else 1
+        return group * layer_bytes(cfg, micro_batch, kernels, selective=False)
+    if cfg.recompute_granularity == "selective":
+        return (layer_bytes(cfg, micro_batch, kernels, selective=False)
+                - layer_bytes(cfg, micro_batch, kernels, selective=True))
+    return 0.0
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """One rank of pipeline stage ``pp_rank`` at its peak, in bytes."""
+
+    pp_rank: int
+    params: RankParams
+    state: StateBytes
+    in_flight: float  # micro-batches' worth of the stage's activations
+    activations: float  # saved for backward at the peak
+    transient: float  # working memory at the peak: the loss forward, or a recompute
+
+    @property
+    def peak(self) -> float:
+        return self.state.total + self.activations + self.transient
+
+
+def stage_memory(setup: Setup, pp_rank: int, kernels: Kernels = CUDA) -> StageMemory:
+    """The peak of one rank of stage ``pp_rank`` (see the module doc)."""
+    cfg, b = setup.model, setup.micro_batch_size
+    params = rank_params(cfg, pp_rank)
+    in_flight = microbatches_in_flight(setup.pp, pp_rank, setup.num_microbatches, setup.vpp)
+    saved = in_flight * setup.vpp * chunk_saved_bytes(cfg, b, kernels)
+    forward_extra = backward_extra = 0.0
+    if pp_rank == 0:
+        saved += min(in_flight, setup.num_microbatches) * sum(
+            embedding_terms(cfg, b, kernels).values())
+    if pp_rank == setup.pp - 1:
+        output = sum(output_terms(cfg, b, kernels).values())
+        saved += output
+        forward_extra = loss_transient(cfg, b)
+        backward_extra = -output  # the loss's backward has freed them before any recompute
+    transient = max(forward_extra, backward_extra + recompute_working_set(cfg, b, kernels))
+    return StageMemory(pp_rank=pp_rank, params=params, state=state_bytes(setup, params),
+                       in_flight=in_flight, activations=saved, transient=max(transient, 0.0))

@@ -1,0 +1,109 @@
+"""The layout planner: every valid way to split a job over N GPUs, the ones that fit, fastest
+first.
+
+A layout is a tensor-parallel size ``t`` (a divisor of N no larger than a node, so TP traffic
+stays on NVLink), a pipeline size ``p`` (dividing ``N / t``), virtual stages ``v`` (with
+``p > 1``), a micro-batch size, a recompute mode (none, selective, full with one layer per
+checkpoint) and sequence parallelism (on with ``t > 1`` by default: it only saves memory).
+Data parallelism takes the rest, ``N / (t p)``. Each candidate is built as the training job
+would be built, through `mp.model.TransformerConfig` and `mp.config.JobConfig.validate`, so
+the planner knows the same rules (heads divisible by ``t``, layers by ``p v``, the global batch
+by ``micro-batch x DP``, micro-batches by ``p`` when interleaving); a candidate that breaks
+one is not a layout. The rest are estimated, those whose busiest rank exceeds
+``memory_fraction`` of the GPU's memory are dropped, and the others are ranked by predicted
+tokens per second (less memory first among equals).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+
+from mp.config import JobConfig
+from mp.estimate.activations import CUDA, Kernels
+from mp.estimate.estimate import Estimate, estimate
+from mp.estimate.hardware import GPUSpec
+from mp.estimate.setup import Setup
+from mp.estimate.step_time import DEFAULT_EFFICIENCY
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+DEFAULT_MICRO_BATCH_SIZES = (1, 2, 4, 8)
+DEFAULT_MEMORY_FRACTION = 0.9  # allocator fragmentation, CUDA context, NCCL buffers
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """The planner's answer: the layouts that fit, fastest first, and how many were tried."""
+
+    fitting: list[Estimate]
+    valid: int  # layouts that the job's rules allow
+    too_big: int  # of those, layouts that do not fit memory
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_setups(job: JobConfig, world_size: int,
+                     micro_batch_sizes: tuple[int, ...] = DEFAULT_MICRO_BATCH_SIZES,
+                     recompute_modes: tuple[str, ...] = RECOMPUTE_MODES,
+                     sequence_parallel: tuple[bool, ...] = (True,),
+                     max_tensor_parallel: int = 8,
+                     distributed_optimizer: bool | None = None) -> list[Setup]:
+    """Every layout of ``job``'s model on ``world_size`` GPUs that its rules allow.
+    ``sequence_parallel`` lists the values tried when ``t > 1`` (``t = 1`` has none);
+    ``distributed_optimizer`` defaults to the job's ``training.use_distributed_optimizer``."""
+    for mode in recompute_modes:
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute mode {mode!r} must be one of "
+                             f"{', '.join(map(repr, RECOMPUTE_MODES))}")
+    if distributed_optimizer is None:
+        distributed_optimizer = job.training.use_distributed_optimizer
+    layers = job.model.num_layers
+    setups = []
+    for tp in (d for d in _divisors(world_size) if d <= max_tensor_parallel):
+        for pp in (d for d in _divisors(world_size // tp) if layers % d == 0):
+            vpps = [None] + ([v for v in _divisors(layers // pp) if v > 1] if pp > 1 else [])
+            sps = sequence_parallel if tp > 1 else (False,)
+            for vpp, sp, mbs, mode in itertools.product(vpps, sps, micro_batch_sizes,
+                                                        recompute_modes):
+                setup = _setup(job, world_size, tp, pp, vpp, sp, mbs, mode,
+                               distributed_optimizer)
+                if setup is not None:
+                    setups.append(setup)
+    return setups
+
+
+def _setup(job: JobConfig, world_size: int, tp: int, pp: int, vpp: int | None, sp: bool,
+           mbs: int, recompute: str, distributed_optimizer: bool) -> Setup | None:
+    """The layout as a job would build it, or None when a rule of the job forbids it."""
+    full = recompute == "full"
+    try:
+        model = dataclasses.replace(
+            job.model, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp,
+            recompute_granularity=None if recompute == "none" else recompute,
+            recompute_method="uniform" if full else None,
+            recompute_num_layers=1 if full else None, distribute_saved_activations=False)
+        training = dataclasses.replace(job.training, micro_batch_size=mbs,
+                                       use_distributed_optimizer=distributed_optimizer)
+        return Setup.from_job(dataclasses.replace(job, model=model, training=training),
+                              world_size)
+    except ValueError:  # TransformerConfig's and JobConfig's rules (ConfigError is one)
+        return None
+
+
+def plan(job: JobConfig, world_size: int, gpu: GPUSpec, *,
+         efficiency: float = DEFAULT_EFFICIENCY,
+         memory_fraction: float = DEFAULT_MEMORY_FRACTION, kernels: Kernels = CUDA,
+         **candidates) -> PlanResult:
+    """Estimate every `candidate_setups` layout (``candidates`` are its keyword arguments),
+    keep those that fit in ``memory_fraction`` of ``gpu``'s memory, fastest first."""
+    if not 0 < memory_fraction <= 1:
+        raise ValueError(f"memory_fraction={memory_fraction} must be in (0, 1]")
+    setups = candidate_setups(job, world_size, **candidates)
+    estimates = [estimate(s, gpu, efficiency, kernels) for s in setups]
+    fitting = [e for e in estimates if e.fits(memory_fraction)]
+    fitting.sort(key=lambda e: (-e.tokens_per_second, e.peak_bytes))
+    return PlanResult(fitting=fitting, valid=len(setups), too_big=len(setups) - len(fitting))

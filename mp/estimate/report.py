@@ -1,0 +1,169 @@
+"""Text reports of estimates and plans, and the memory-breakdown chart."""
+
+from __future__ import annotations
+
+from mp.estimate.activations import CUDA, Kernels, korthikanti_layer_bytes, layer_terms
+from mp.estimate.comm import seconds
+from mp.estimate.estimate import Estimate
+from mp.estimate.hardware import GiB
+from mp.estimate.planner import PlanResult
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GiB:.2f}"
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_estimate(est: Estimate, kernels: Kernels = CUDA) -> str:
+    """A full report of one estimate: model, memory per stage, activations per layer,
+    FLOPs, communication per rank and step time."""
+    setup, cfg, gpu = est.setup, est.setup.model, est.gpu
+    lines = [
+        f"{setup.world_size} x {gpu.name}: {setup.describe()}",
+        (f"model: {_count(est.parameters)} parameters, {cfg.num_layers} layers, hidden "
+         f"{cfg.hidden_size}, {cfg.num_attention_heads} heads, ffn {cfg.ffn_hidden_size}, "
+         f"sequence {cfg.seq_length}, vocabulary {cfg.vocab_size} padded to "
+         f"{cfg.padded_vocab_size}, {cfg.precision}, {cfg.attention_backend} attention"),
+        "",
+        "Memory per rank (GiB), at each stage's peak:",
+    ]
+    shown = sorted({0, setup.pp - 1, est.peak_stage.pp_rank})
+    rows = []
+    for r in shown:
+        st = est.stages[r]
+        rows.append([str(r), _count(st.params.total), _gib(st.state.weights),
+                     _gib(st.state.grads), _gib(st.state.optimizer),
+                     f"{_gib(st.activations)} ({st.in_flight:g} mb)", _gib(st.transient),
+                     _gib(st.peak)])
+    lines.append(_table(["stage", "params", "weights", "grads", "optimizer",
+                         "activations (in flight)", "transient", "peak"], rows))
+    lines.append(f"peak {_gib(est.peak_bytes)} GiB of {gpu.memory_gib:g} GiB "
+                 f"(stage {est.peak_stage.pp_rank})")
+    lines += ["", _activation_section(est, kernels), "", _flops_section(est), "",
+              _comm_section(est), "", _step_section(est)]
+    return "\n".join(lines)
+
+
+def _activation_section(est: Estimate, kernels: Kernels) -> str:
+    cfg, b = est.setup.model, est.setup.micro_batch_size
+    terms = layer_terms(cfg, b, kernels)
+    paper = korthikanti_layer_bytes(cfg.seq_length, b, cfg.hidden_size,
+                                    cfg.num_attention_heads, cfg.tensor_model_parallel_size,
+                                    cfg.sequence_parallel,
+                                    cfg.recompute_granularity)
+    top = sorted(terms.items(), key=lambda kv: -kv[1])[:5]
+    note = " (without full recompute)" if cfg.recompute_granularity == "full" else ""
+    return (f"Activations per layer and micro-batch{note}: {_bytes(sum(terms.values()))} "
+            f"(Korthikanti et al. formula: {_bytes(paper)}); largest: "
+            + ", ".join(f"{name} {_bytes(v)}" for name, v in top))
+
+
+def _flops_section(est: Estimate) -> str:
+    return (f"FLOPs per iteration: {est.flops:.3e} with recompute, {est.model_flops:.3e} model "
+            f"(global batch {est.setup.global_batch_size} x {est.setup.model.seq_length})")
+
+
+def _comm_section(est: Estimate) -> str:
+    setup = est.setup
+    stages = sorted({0, setup.pp - 1})
+    rows = []
+    for r in stages:
+        for c in est.collectives[r]:
+            wire = "-" if c.kind == "recv" else f"{seconds(setup, c, est.gpu) * 1e3:.2f}"
+            rows.append([str(r), c.group, c.kind, c.what, _bytes(c.bytes), wire])
+    if not rows:
+        return "Communication: none (one GPU)"
+    return "Communication per rank per iteration:\n" + _table(
+        ["stage", "group", "kind", "what", "bytes", "ms on wire"], rows)
+
+
+def _step_section(est: Estimate) -> str:
+    st = est.step
+    parts = ", ".join(f"{name} {value:.3f}" for name, value in (
+        ("compute", st.compute), ("TP comm", st.tp_comm), ("PP comm", st.pp_comm),
+        ("bubble", st.bubble), ("grad sync", st.grad_sync), ("optimizer", st.optimizer)))
+    return (f"Step time {st.total:.3f} s at {est.efficiency:.0%} of {est.gpu.peak_tflops:g} "
+            f"TFLOP/s ({parts}); {est.tokens_per_second:,.0f} tokens/s, MFU {est.mfu:.1%}, "
+            f"bubble {est.bubble_fraction:.1%}")
+
+
+def format_plan(result: PlanResult, top: int = 10) -> str:
+    """The fastest ``top`` layouts that fit, as a table."""
+    if not result.fitting:
+        return (f"none of the {result.valid} valid layouts fits in memory; try more GPUs, "
+                "recompute, or a smaller micro-batch")
+    rows = []
+    for i, e in enumerate(result.fitting[:top], 1):
+        s = e.setup
+        rows.append([str(i), str(s.tp), str(s.pp), str(s.vpp), str(s.data_parallel_size),
+                     str(s.micro_batch_size), str(s.num_microbatches),
+                     "on" if s.model.sequence_parallel else "off",
+                     s.model.recompute_granularity or "none", _gib(e.peak_bytes),
+                     f"{e.step.total:.2f}", f"{e.tokens_per_second:,.0f}", f"{e.mfu:.1%}",
+                     f"{e.bubble_fraction:.1%}"])
+    header = ["#", "TP", "PP", "VP", "DP", "mbs", "m", "SP", "recompute", "peak GiB",
+              "step s", "tokens/s", "MFU", "bubble"]
+    return (_table(header, rows) + f"\n{len(result.fitting)} of {result.valid} valid layouts "
+            f"fit ({result.too_big} do not); peak = the busiest rank")
+
+
+def memory_chart(estimates: list[Estimate], path: str, memory_fraction: float) -> None:
+    """A stacked bar per layout (its busiest rank): weights, gradients, optimizer state,
+    activations, transient; with the GPU's memory and the planner's limit. Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise RuntimeError("the memory chart needs matplotlib (pip install matplotlib)") \
+            from error
+    labels = [f"TP{e.setup.tp} PP{e.setup.pp}" + (f"v{e.setup.vpp}" if e.setup.vpp > 1 else "")
+              + f" DP{e.setup.data_parallel_size}\nmbs{e.setup.micro_batch_size} "
+              + (e.setup.model.recompute_granularity or "none") for e in estimates]
+    parts = {"weights": [], "gradients": [], "optimizer": [], "activations": [],
+             "transient": []}
+    for e in estimates:
+        st = e.peak_stage
+        for name, value in zip(parts, (st.state.weights, st.state.grads, st.state.optimizer,
+                                       st.activations, st.transient)):
+            parts[name].append(value / GiB)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(estimates)), 5))
+    bottom = [0.0] * len(estimates)
+    for name, values in parts.items():
+        ax.bar(labels, values, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    gpu = estimates[0].gpu
+    ax.axhline(gpu.memory_gib, color="black", linestyle="-", linewidth=1,
+               label=f"{gpu.name} memory")
+    ax.axhline(gpu.memory_gib * memory_fraction, color="black", linestyle="--", linewidth=1,
+               label=f"limit ({memory_fraction:.0%})")
+    ax.set_ylabel("GiB per GPU (busiest rank)")
+    ax.set_title("Memory per GPU by layout")
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,96 @@
+"""`Setup`: what an estimate is of: a model split one way over a number of GPUs, fed one way.
+
+The model and its split (TP, PP, virtual stages, sequence parallelism, recompute, precision)
+are a `mp.model.TransformerConfig`, which checks its own rules; the rest is the data-parallel
+size, the batch and the optimizer. `Setup.from_job` takes them from a job config, so that the
+estimator reads the same YAML files (and overrides) as the training job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mp.config import JobConfig
+from mp.model.config import TransformerConfig
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A model, its parallel layout and its batch, as one training job would run them.
+
+    Args:
+        model: shape, TP/PP/virtual-stage sizes, sequence parallelism, recompute, precision.
+        data_parallel_size: DP; the job runs on ``TP x PP x DP`` GPUs.
+        micro_batch_size: sequences per micro-batch on one data-parallel rank.
+        num_microbatches: micro-batches per iteration on each data-parallel rank
+            (``global batch / (micro_batch_size x DP)``).
+        distributed_optimizer: optimizer state (fp32 master weights and Adam moments) sharded
+            over the DP ranks (Megatron's distributed optimizer; formula only in mp so far).
+    """
+
+    model: TransformerConfig
+    data_parallel_size: int = 1
+    micro_batch_size: int = 1
+    num_microbatches: int = 1
+    distributed_optimizer: bool = False
+
+    def __post_init__(self):
+        for name in ("data_parallel_size", "micro_batch_size", "num_microbatches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        pp = self.model.pipeline_model_parallel_size
+        if self.model.virtual_pipeline_model_parallel_size is not None \
+                and self.num_microbatches % pp:
+            raise ValueError(f"num_microbatches={self.num_microbatches} is not divisible by "
+                             f"pipeline_model_parallel_size={pp} (the interleaved schedule's rule)")
+
+    @classmethod
+    def from_job(cls, job: JobConfig, world_size: int) -> Setup:
+        """The setup of ``job`` on ``world_size`` GPUs (checked by ``job.validate``)."""
+        job.validate(world_size)
+        return cls(model=job.model, data_parallel_size=job.data_parallel_size(world_size),
+                   micro_batch_size=job.training.micro_batch_size,
+                   num_microbatches=job.num_microbatches(world_size),
+                   distributed_optimizer=job.training.use_distributed_optimizer)
+
+    # --- derived sizes ---------------------------------------------------------------------
+
+    @property
+    def tp(self) -> int:
+        return self.model.tensor_model_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.model.pipeline_model_parallel_size
+
+    @property
+    def vpp(self) -> int:
+        """Model chunks per pipeline rank (1 without interleaving)."""
+        return self.model.virtual_pipeline_model_parallel_size or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.data_parallel_size
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.num_microbatches * self.data_parallel_size
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes per element of activations (and of the parameters): the model's precision."""
+        return 4 if self.model.precision == "fp32" else 2
+
+    def describe(self) -> str:
+        """``TP8 PP16 (v2) DP8, mbs 1 x 192, SP, recompute full, distributed optimizer``."""
+        cfg = self.model
+        parts = [f"TP{self.tp} PP{self.pp}" + (f" (v{self.vpp})" if self.vpp > 1 else "")
+                 + f" DP{self.data_parallel_size}",
+                 f"mbs {self.micro_batch_size} x {self.num_microbatches}"]
+        if cfg.sequence_parallel:
+            parts.append("SP")
+        parts.append(f"recompute {cfg.recompute_granularity or 'none'}")
+        if self.distributed_optimizer:
+            parts.append("distributed optimizer")
+        return ", ".join(parts)

@@ -1,0 +1,115 @@
+"""A predicted iteration time from FLOPs, bytes and the GPU's rates.
+
+The model is deliberately simple, and each part is printed so that it can be argued with:
+
+- **compute**: a stage's training FLOPs per micro-batch (`mp.estimate.flops`, with its
+  recompute) over ``peak x efficiency``, divided over its TP ranks. ``efficiency`` is the
+  achievable fraction of peak for the matrix products (Narayanan et al. 2021 reach 44-52 %
+  on A100 with full recompute counted); it is an input, not a prediction.
+- **tensor- and pipeline-parallel communication** sit on the critical path of every
+  micro-batch (mp overlaps none of it with compute except the column-parallel weight
+  gradient, which is ignored here).
+- **pipeline**: with ``m`` micro-batches the busiest stage's micro-batch time ``T`` is paid
+  ``m + (p - 1) / v`` times (1F1B; interleaving with ``v`` chunks divides the bubble by ``v``).
+- **data-parallel reduction** overlaps the backward of the last micro-batch (mp's
+  ``overlap_grad_reduce``); only what does not fit there is exposed. The distributed
+  optimizer's parameter all-gather after the step is exposed whole.
+- **optimizer step**: bound by HBM bandwidth: AdamW reads and writes the fp32 master and
+  both moments, reads the fp32 gradient and writes the parameter: ``28 + e`` bytes per
+  parameter (the state part divided by DP with the distributed optimizer).
+
+The step time is their sum; throughput is ``global batch x s`` tokens over it, and MFU the
+model FLOPs (no recompute) over ``step time x GPUs x peak``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mp.estimate.activations import FP32, activation_bytes
+from mp.estimate.comm import collectives, seconds
+from mp.estimate.flops import training_flops
+from mp.estimate.hardware import GPUSpec
+from mp.estimate.params import rank_params
+from mp.estimate.setup import Setup
+
+DEFAULT_EFFICIENCY = 0.5
+# AdamW per parameter: read and write master and both moments (3 x 8), read the gradient (4)
+ADAM_STATE_TRAFFIC = 6 * FP32
+ADAM_GRAD_TRAFFIC = FP32
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds of one iteration, by part (see the module doc)."""
+
+    compute: float  # m micro-batches of the busiest stage's compute
+    tp_comm: float  # m micro-batches of its tensor-parallel communication
+    pp_comm: float  # m micro-batches of its point-to-point transfers
+    bubble: float  # (p - 1) / v micro-batch times
+    grad_sync: float  # gradient reduction and parameter gather not hidden behind backward
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return (self.compute + self.tp_comm + self.pp_comm + self.bubble + self.grad_sync
+                + self.optimizer)
+
+
+def stage_compute_seconds(setup: Setup, pp_rank: int, gpu: GPUSpec,
+                          efficiency: float) -> float:
+    """One micro-batch's forward, backward and recompute on one rank of stage ``pp_rank``."""
+    cfg = setup.model
+    flops = training_flops(cfg, setup.micro_batch_size, num_layers=cfg.num_layers // setup.pp,
+                           logits=pp_rank == setup.pp - 1)
+    return flops / setup.tp / (gpu.peak_tflops * 1e12 * efficiency)
+
+
+@dataclass(frozen=True)
+class _Stage:
+    compute: float  # per micro-batch
+    tp: float  # per micro-batch
+    pp: float  # per micro-batch
+    grad_reduce: float  # per iteration, can overlap the last backward
+    exposed: float  # per iteration, after the step or outside backward
+
+    @property
+    def per_microbatch(self) -> float:
+        return self.compute + self.tp + self.pp
+
+
+def _stage(setup: Setup, pp_rank: int, gpu: GPUSpec, efficiency: float) -> _Stage:
+    m = setup.num_microbatches
+    parts = {"tp": 0.0, "pp": 0.0, "grad_reduce": 0.0, "exposed": 0.0}
+    for c in collectives(setup, pp_rank):
+        t = seconds(setup, c, gpu)
+        if c.group in ("tp", "pp"):
+            parts[c.group] += t / m
+        elif c.group == "dp" and c.kind != "all_gather":
+            parts["grad_reduce"] += t
+        else:  # the distributed optimizer's parameter gather, tied embeddings, the grad norm
+            parts["exposed"] += t
+    return _Stage(compute=stage_compute_seconds(setup, pp_rank, gpu, efficiency), **parts)
+
+
+def step_time(setup: Setup, gpu: GPUSpec, efficiency: float = DEFAULT_EFFICIENCY) -> StepTime:
+    """The predicted iteration time of ``setup`` on ``gpu`` (see the module doc)."""
+    if not 0 < efficiency <= 1:
+        raise ValueError(f"efficiency={efficiency} must be in (0, 1]")
+    m = setup.num_microbatches
+    stage = max((_stage(setup, r, gpu, efficiency) for r in range(setup.pp)),
+                key=lambda st: st.per_microbatch)
+    backward = stage.compute * 2 / 3  # backward is two of the three forward-equivalents
+    return StepTime(compute=m * stage.compute, tp_comm=m * stage.tp, pp_comm=m * stage.pp,
+                    bubble=(setup.pp - 1) / setup.vpp * stage.per_microbatch,
+                    grad_sync=max(0.0, stage.grad_reduce - backward) + stage.exposed,
+                    optimizer=_optimizer_seconds(setup, gpu))
+
+
+def _optimizer_seconds(setup: Setup, gpu: GPUSpec) -> float:
+    params = max(rank_params(setup.model, r).total for r in range(setup.pp))
+    state = ADAM_STATE_TRAFFIC
+    if setup.distributed_optimizer:
+        state /= setup.data_parallel_size
+    traffic = params * (state + ADAM_GRAD_TRAFFIC + activation_bytes(setup.model))
+    return traffic / (gpu.hbm_gbps * 1e9)

@@ -1,0 +1,21 @@
+"""Optimizers: AdamW with fp32 master weights, loss scaling, clipping, and the LR schedule."""
+
+from mp.optim.clip_grads import (
+    clip_grad_by_total_norm_fp32,
+    counts_in_grad_norm,
+    get_grad_norm_fp32,
+)
+from mp.optim.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from mp.optim.lr_scheduler import OptimizerParamScheduler
+from mp.optim.optimizer import (
+    MixedPrecisionOptimizer,
+    StepResult,
+    get_megatron_optimizer,
+    get_param_groups,
+)
+
+__all__ = [
+    "ConstantGradScaler", "DynamicGradScaler", "MixedPrecisionOptimizer", "OptimizerParamScheduler", "StepResult",
+    "clip_grad_by_total_norm_fp32", "counts_in_grad_norm", "get_grad_norm_fp32",
+    "get_megatron_optimizer", "get_param_groups",
+]

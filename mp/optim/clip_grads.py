@@ -1,0 +1,56 @@
+"""The global gradient norm over a model split across ranks, and clipping by it.
+
+One model replica lives on the TP x PP ranks of a model-parallel group. Its squared L2 norm
+is the sum over those ranks of the squared norms of the gradients each holds, counting every
+parameter once: sharded parameters on every rank, parameters replicated over TP (norm weights,
+row-parallel biases) only on TP rank 0 (``param_is_not_tensor_parallel_duplicate``), and never
+a pipeline stage's copy of a weight owned by another stage (``param.shared``, the last stage's
+copy of tied word embeddings). Data-parallel replicas hold the same (already averaged)
+gradients, so the data-parallel group takes no part.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from mp import parallel_state
+from mp.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+
+def counts_in_grad_norm(param: torch.Tensor, tensor_model_parallel_group=None) -> bool:
+    """Whether this rank adds ``param``'s gradient to the model's norm (see the module doc)."""
+    return (not getattr(param, "shared", False)
+            and param_is_not_tensor_parallel_duplicate(param, tensor_model_parallel_group))
+
+
+def get_grad_norm_fp32(grads_for_norm: list[torch.Tensor], model_parallel_group=None, *,
+                       other_grads: list[torch.Tensor] = (),
+                       device: torch.device | None = None) -> float:
+    """``sqrt(sum over model-parallel ranks of sum_g |g|^2)``; each rank passes the gradients
+    it counts (`counts_in_grad_norm`) as ``grads_for_norm``.
+
+    The result is inf or NaN on every rank of the group when any gradient holds an inf or
+    NaN, including ``other_grads`` (the ones this rank holds but does not count): they add
+    ``0 * |g|``, which is 0 when finite and NaN otherwise, so one all-reduce of one scalar is
+    both the norm and the overflow check. ``device`` places the sum when this rank has no
+    gradients at all.
+    """
+    group = parallel_state.get_model_parallel_group() if model_parallel_group is None \
+        else model_parallel_group
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    if grads_for_norm:
+        total = torch.stack(torch._foreach_norm(grads_for_norm, 2.0)).float().square().sum()
+    if other_grads:
+        total = total + 0.0 * torch.stack(torch._foreach_norm(list(other_grads), 2.0)).sum()
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(total, group=group)
+    return total.sqrt().item()
+
+
+def clip_grad_by_total_norm_fp32(grads: list[torch.Tensor], max_norm: float,
+                                 total_norm: float) -> None:
+    """Scale ``grads`` in place by ``max_norm / (total_norm + 1e-6)`` when that is below 1."""
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, coeff)

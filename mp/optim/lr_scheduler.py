@@ -1,0 +1,98 @@
+"""The learning-rate schedule: linear warm-up, then cosine or linear decay to ``min_lr``.
+
+Megatron's ``OptimizerParamScheduler`` semantics, counted in optimizer steps (iterations):
+
+- ``num_steps <= warmup``:  ``lr = init_lr + (max_lr - init_lr) * num_steps / warmup``
+- ``constant``:             ``lr = max_lr``
+- ``num_steps > decay``:    ``lr = min_lr``
+- otherwise, with ``r = (num_steps - warmup) / (decay - warmup)``:
+  ``lr = min_lr + (max_lr - min_lr) * c`` where ``c = 1 - r`` (linear) or
+  ``c = (1 + cos(pi r)) / 2`` (cosine).
+
+As in Megatron, the training loop calls ``step()`` after each successful optimizer step, so the
+first update runs at ``lr(0)`` (``init_lr`` when there is a warm-up) and a skipped fp16 step
+does not advance the schedule. A group's ``lr_mult`` (default 1) scales its rate.
+"""
+
+from __future__ import annotations
+
+import math
+
+DECAY_STYLES = ("cosine", "linear", "constant")
+
+
+class OptimizerParamScheduler:
+    """Sets ``lr`` of every param group of ``optimizer`` from the step count.
+
+    ``optimizer`` is anything with ``param_groups`` (a ``torch.optim`` optimizer or
+    `MixedPrecisionOptimizer`). The rate for the current count is applied at construction.
+    """
+
+    def __init__(self, optimizer, *, max_lr: float, min_lr: float = 0.0,
+                 lr_warmup_steps: int = 0, lr_decay_steps: int, lr_decay_style: str = "cosine",
+                 init_lr: float = 0.0):
+        if lr_decay_style not in DECAY_STYLES:
+            raise ValueError(f"lr_decay_style={lr_decay_style!r} must be one of "
+                             f"{', '.join(map(repr, DECAY_STYLES))}")
+        if not 0.0 <= min_lr <= max_lr:
+            raise ValueError(f"min_lr={min_lr} must lie in [0, max_lr={max_lr}]")
+        if lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps={lr_warmup_steps} must be >= 0")
+        if lr_decay_style != "constant" and lr_decay_steps < max(1, lr_warmup_steps):
+            raise ValueError(f"lr_decay_steps={lr_decay_steps} must be >= 1 and >= "
+                             f"lr_warmup_steps={lr_warmup_steps} (lr_decay_style="
+                             f"{lr_decay_style!r})")
+        self.optimizer = optimizer
+        self.init_lr, self.max_lr, self.min_lr = init_lr, max_lr, min_lr
+        self.lr_warmup_steps, self.lr_decay_steps = lr_warmup_steps, lr_decay_steps
+        self.lr_decay_style = lr_decay_style
+        self.num_steps = 0
+        self.step(0)
+
+    def get_lr(self, num_steps: int | None = None) -> float:
+        """The base rate after ``num_steps`` steps (default: the current count)."""
+        n = self.num_steps if num_steps is None else num_steps
+        if self.lr_warmup_steps > 0 and n <= self.lr_warmup_steps:
+            return self.init_lr + (self.max_lr - self.init_lr) * n / self.lr_warmup_steps
+        if self.lr_decay_style == "constant":
+            return self.max_lr
+        if n > self.lr_decay_steps:
+            return self.min_lr
+        ratio = (n - self.lr_warmup_steps) / (self.lr_decay_steps - self.lr_warmup_steps)
+        coeff = 1.0 - ratio if self.lr_decay_style == "linear" else \
+            0.5 * (math.cos(math.pi * ratio) + 1.0)
+        return self.min_lr + coeff * (self.max_lr - self.min_lr)
+
+    def step(self, increment: int = 1) -> None:
+        """Advance the count by ``increment`` steps and set every group's ``lr``."""
+        self.num_steps += increment
+        lr = self.get_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+
+    _HYPERPARAMETERS = ("init_lr", "max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps",
+                        "lr_decay_style")
+
+    def state_dict(self) -> dict:
+        return {"num_steps": self.num_steps,
+                **{name: getattr(self, name) for name in self._HYPERPARAMETERS}}
+
+    def load_state_dict(self, state: dict, *, use_checkpoint_values: bool = False) -> None:
+        """Resume at the saved step count.
+
+        A hyper-parameter that differs from this scheduler's raises ValueError naming both
+        values, unless ``use_checkpoint_values`` (take the saved ones; Megatron's
+        ``--use-checkpoint-opt_param-scheduler``).
+        """
+        for name in self._HYPERPARAMETERS:
+            mine, saved = getattr(self, name), state[name]
+            if mine == saved:
+                continue
+            if not use_checkpoint_values:
+                raise ValueError(f"learning-rate schedule mismatch: {name}={mine!r} here but "
+                                 f"{saved!r} in the checkpoint (pass use_checkpoint_values=True "
+                                 "to take the checkpoint's)")
+            setattr(self, name, saved)
+        self.num_steps = 0
+        self.step(int(state["num_steps"]))
+

@@ -1,0 +1,222 @@
+"""AdamW over fp32 master weights, with loss scaling and global-norm clipping.
+
+One class covers Megatron's ``FP32Optimizer`` and ``Float16OptimizerWithFloat16Params``:
+an fp32 parameter is its own master; a bf16 or fp16 parameter gets an fp32 master copy that
+``torch.optim.AdamW`` (fused where the device has the kernel, else foreach) updates, after which
+the result is copied back into the half-precision parameter. Gradients are read from
+``param.main_grad`` (the fp32 accumulation buffer of `mp.distributed.DistributedDataParallel`)
+when present, else from ``param.grad`` (cast to fp32).
+
+``step()`` per iteration:
+
+1. attach the fp32 gradients to the masters;
+2. fp16 only: divide them by the loss scale;
+3. compute the global L2 norm over the model-parallel group (`get_grad_norm_fp32`); an inf or
+   NaN in any gradient of any rank (counted in the norm or not) makes it non-finite on every
+   rank, so the norm doubles as the inf check and all ranks agree without a second collective;
+4. fp16 with a non-finite norm: skip the update (every rank skips) and back off the scale;
+5. clip by the norm, run AdamW, copy masters into the model's half-precision parameters.
+
+It returns ``StepResult(update_successful, grad_norm)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, NamedTuple
+
+import torch
+from torch import nn
+
+from mp import parallel_state
+from mp.optim.clip_grads import (
+    clip_grad_by_total_norm_fp32,
+    counts_in_grad_norm,
+    get_grad_norm_fp32,
+)
+from mp.optim.grad_scaler import ConstantGradScaler, DynamicGradScaler
+
+
+class StepResult(NamedTuple):
+    update_successful: bool  # False when an fp16 step was skipped for an inf/NaN gradient
+    grad_norm: float  # the global norm before clipping (inf/NaN when non-finite)
+
+
+def get_param_groups(model_chunks: Iterable[nn.Module], weight_decay: float) -> list[dict]:
+    """Two AdamW groups: matrices decay with ``weight_decay``; 1-D parameters (biases, norm
+    weights) do not. Each parameter appears once even when chunks share it."""
+    decay, no_decay, seen = [], [], set()
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                (decay if param.dim() > 1 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _adamw(groups: list[dict], lr: float, betas: tuple[float, float],
+           eps: float) -> torch.optim.AdamW:
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    except RuntimeError:  # no fused kernel for this device
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+
+
+class MixedPrecisionOptimizer:
+    """AdamW on fp32 masters of ``param_groups``' parameters (see the module doc).
+
+    Args:
+        param_groups: ``torch.optim``-style groups of the model's parameters (any of fp32,
+            bf16, fp16), e.g. from `get_param_groups`.
+        lr, betas, eps: AdamW's (``lr`` is the initial rate; a scheduler sets it later).
+        clip_grad: clip to this global L2 norm; 0 disables clipping (the norm is still
+            computed and returned).
+        grad_scaler: a `DynamicGradScaler` or `ConstantGradScaler` for fp16; None for
+            fp32/bf16.
+        model_parallel_group, tensor_model_parallel_group: default from ``parallel_state``.
+    """
+
+    def __init__(self, param_groups: list[dict], *, lr: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 clip_grad: float = 0.0, grad_scaler: DynamicGradScaler | ConstantGradScaler | None = None,
+                 model_parallel_group=None, tensor_model_parallel_group=None):
+        if clip_grad < 0:
+            raise ValueError(f"clip_grad={clip_grad} must be >= 0 (0 disables clipping)")
+        self.clip_grad, self.grad_scaler = clip_grad, grad_scaler
+        self.model_parallel_group = (parallel_state.get_model_parallel_group()
+                                     if model_parallel_group is None else model_parallel_group)
+        self.model_params: list[nn.Parameter] = []
+        self.main_params: list[torch.Tensor] = []
+        main_groups = []
+        for group in param_groups:
+            mains = []
+            for param in group["params"]:
+                main = param if param.dtype == torch.float32 else \
+                    param.detach().clone().float()
+                self.model_params.append(param)
+                self.main_params.append(main)
+                mains.append(main)
+            main_groups.append({**group, "params": mains})
+        if not self.model_params:
+            raise ValueError("MixedPrecisionOptimizer got no parameters")
+        self._counts_in_norm = [counts_in_grad_norm(p, tensor_model_parallel_group)
+                                for p in self.model_params]
+        self._half = [(model, main) for model, main in zip(self.model_params, self.main_params)
+                      if main is not model]
+        self.optimizer = _adamw(main_groups, lr, betas, eps)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The inner AdamW's groups (of master parameters): schedulers set ``lr`` here."""
+        return self.optimizer.param_groups
+
+    def get_loss_scale(self) -> float:
+        return 1.0 if self.grad_scaler is None else self.grad_scaler.scale
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss * loss_scale``: what backward must start from (the schedules' hook)."""
+        return loss if self.grad_scaler is None else loss * self.grad_scaler.scale
+
+    def zero_grad(self) -> None:
+        """Drop ``.grad`` of model and master parameters (``main_grad`` buffers belong to the
+        data-parallel wrapper, which zeroes them)."""
+        for param in self.model_params + self.main_params:
+            param.grad = None
+
+    def _attach_main_grads(self):
+        """Give every master its fp32 gradient. Returns (grads counted in the norm, the other
+        grads, masters whose ``.grad`` was borrowed here and must be released after the step)."""
+        norm_grads, other_grads, borrowed = [], [], []
+        for model, main, counts in zip(self.model_params, self.main_params,
+                                       self._counts_in_norm):
+            grad = getattr(model, "main_grad", None)
+            if grad is None:
+                grad = model.grad
+                if grad is None:
+                    continue
+            if grad is not main.grad:
+                main.grad = grad.float()  # no copy when already fp32 (main_grad buffers)
+                borrowed.append(main)
+            (norm_grads if counts else other_grads).append(main.grad)
+        return norm_grads, other_grads, borrowed
+
+    @torch.no_grad()
+    def step(self) -> StepResult:
+        norm_grads, other_grads, borrowed = self._attach_main_grads()
+        try:
+            return self._step(norm_grads, other_grads)
+        finally:
+            # a borrowed main_grad left on an fp32 parameter would make the next backward
+            # accumulate into the buffer twice
+            for main in borrowed:
+                main.grad = None
+
+    def _step(self, norm_grads: list[torch.Tensor],
+              other_grads: list[torch.Tensor]) -> StepResult:
+        grads = norm_grads + other_grads
+        if self.grad_scaler is not None and grads:
+            torch._foreach_mul_(grads, self.grad_scaler.inv_scale)
+        grad_norm = get_grad_norm_fp32(norm_grads, self.model_parallel_group,
+                                       other_grads=other_grads,
+                                       device=self.main_params[0].device)
+        if self.grad_scaler is not None:
+            found_inf = not math.isfinite(grad_norm)
+            self.grad_scaler.update(found_inf)
+            if found_inf:
+                return StepResult(False, grad_norm)
+        if self.clip_grad > 0:
+            clip_grad_by_total_norm_fp32(grads, self.clip_grad, grad_norm)
+        self.optimizer.step()
+        if self._half:
+            models, mains = zip(*self._half)
+            torch._foreach_copy_(list(models), list(mains))
+        return StepResult(True, grad_norm)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(),
+                "grad_scaler": None if self.grad_scaler is None else self.grad_scaler.state_dict(),
+                "main_params": [main for _, main in self._half]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore AdamW's moments, the loss scale and the fp32 masters (which are the
+        authoritative weights: half-precision parameters are refreshed from them)."""
+        saved = state["main_params"]
+        if len(saved) != len(self._half):
+            raise ValueError(f"optimizer state holds {len(saved)} fp32 master parameters; "
+                             f"this model has {len(self._half)} half-precision parameters")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if (state["grad_scaler"] is None) != (self.grad_scaler is None):
+            raise ValueError("optimizer state and this optimizer disagree on loss scaling "
+                             "(fp16 against fp32/bf16)")
+        if self.grad_scaler is not None:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        with torch.no_grad():
+            for (model, main), value in zip(self._half, saved):
+                main.copy_(value)
+                model.copy_(main)
+
+
+def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
+                           weight_decay: float = 0.01, adam_beta1: float = 0.9,
+                           adam_beta2: float = 0.999, adam_eps: float = 1e-8,
+                           clip_grad: float = 1.0, loss_scale: float | None = None,
+                           initial_loss_scale: float = 2.0**32, min_loss_scale: float = 1.0,
+                           loss_scale_window: int = 1000,
+                           hysteresis: int = 2) -> MixedPrecisionOptimizer:
+    """The training optimizer for ``model_chunks`` (Megatron's name and arguments).
+
+    Loss scaling is switched on exactly when a parameter is fp16: a fixed ``loss_scale`` when
+    given, else dynamic from ``initial_loss_scale``. The loss-scale arguments are ignored for
+    fp32 and bf16 models.
+    """
+    chunks = list(model_chunks)
+    groups = get_param_groups(chunks, weight_decay)
+    scaler = None
+    if any(p.dtype == torch.float16 for g in groups for p in g["params"]):
+        scaler = ConstantGradScaler(loss_scale) if loss_scale is not None else \
+            DynamicGradScaler(initial_scale=initial_loss_scale, min_scale=min_loss_scale,
+                              growth_interval=loss_scale_window, hysteresis=hysteresis)
+    return MixedPrecisionOptimizer(groups, lr=lr, betas=(adam_beta1, adam_beta2), eps=adam_eps,
+                                   clip_grad=clip_grad, grad_scaler=scaler)

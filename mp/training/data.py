@@ -1,0 +1,71 @@
+"""The training and validation data iterators of a job (Megatron's
+``build_train_valid_test_data_iterators``).
+
+``data.data_path: [builtin]`` is the embedded corpus, tokenized once (by one rank, the others
+waiting) into ``data.data_cache_path`` or ``~/.cache/mp``. Sample counts follow Megatron:
+``train_iters x global_batch_size`` training samples and, for validation, ``eval_iters x
+global_batch_size`` for each evaluation the run will do (every ``eval_interval`` iterations and
+one at the end). Each data-parallel rank reads its own micro-batches (the tensor-parallel ranks
+of a replica read the same ones), starting after ``consumed_train_samples``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+from mp import parallel_state
+from mp.config import BUILTIN_DATA_PATH, JobConfig
+from mp.data.corpus import prepare_default_corpus
+from mp.data.dataset_builder import build_gpt_datasets
+from mp.data.samplers import build_pretraining_data_loader
+from mp.data.tokenizer import build_tokenizer
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/mp``, else ``~/.cache/mp``."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "mp")
+
+
+def num_evaluations(cfg: JobConfig) -> int:
+    """Evaluations in a whole run: one every ``eval_interval`` iterations and one at the end
+    (unless the last periodic one falls on the last iteration)."""
+    tr = cfg.training
+    if not tr.eval_iters:
+        return 0
+    periodic = tr.train_iters // tr.eval_interval if tr.eval_interval else 0
+    ends_on_one = bool(tr.eval_interval) and tr.train_iters % tr.eval_interval == 0
+    return periodic + (0 if ends_on_one else 1)
+
+
+def build_data_iterators(cfg: JobConfig, consumed_train_samples: int = 0
+                         ) -> tuple[Iterator[dict], Iterator[dict] | None]:
+    """``(train, valid)`` iterators of micro-batch dicts (`mp.data.gpt_dataset.GPTDataset`'s
+    items stacked to ``[micro_batch_size, seq_length]``); ``valid`` is None when the split or
+    the run has no validation. Collective: every rank must call it."""
+    data, tr = cfg.data, cfg.training
+    tokenizer = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
+                                merge_file=data.merge_file, tokenizer_model=data.tokenizer_model,
+                                eod_token=data.eod_token)
+    if tokenizer.vocab_size > cfg.model.padded_vocab_size:
+        raise ValueError(f"the tokenizer's vocabulary ({tokenizer.vocab_size} tokens) does not "
+                         f"fit model.vocab_size={cfg.model.vocab_size} (padded to "
+                         f"{cfg.model.padded_vocab_size})")
+    data_path = list(data.data_path)
+    if data_path == [BUILTIN_DATA_PATH]:
+        cache = data.data_cache_path or default_cache_dir()
+        data_path = [prepare_default_corpus(os.path.join(cache, "corpus"), tokenizer)]
+    batch = tr.global_batch_size
+    train_ds, valid_ds, _ = build_gpt_datasets(
+        data_path, data.split, cfg.model.seq_length, tr.seed, tr.train_iters * batch,
+        num_evaluations(cfg) * tr.eval_iters * batch, 0, eod=tokenizer.eod,
+        eod_mask_loss=data.eod_mask_loss, path_to_cache=data.data_cache_path)
+    if train_ds is None:
+        raise ValueError(f"data.split={data.split!r} leaves no documents for training")
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    loaders = [build_pretraining_data_loader(ds, consumed, tr.micro_batch_size, dp_rank,
+                                             dp_size, data.num_workers)
+               for ds, consumed in ((train_ds, consumed_train_samples), (valid_ds, 0))]
+    return tuple(None if loader is None else iter(loader) for loader in loaders)

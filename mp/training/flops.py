@@ -1,0 +1,76 @@
+"""FLOPs of a training iteration, and the peak the device could have done.
+
+Narayanan et al. 2021 (eq. 3) count, per token and layer of the forward pass, the matrix
+multiplications: ``24 h^2`` in the linear layers (QKV ``6 h^2``, output projection ``2 h^2``,
+MLP ``16 h^2``) and ``4 s h`` in attention (``Q K^T`` and ``softmax . V`` over the full
+``s x s`` square), plus ``2 h V`` for the logits. Backward costs twice the forward; activation
+recompute repeats the recomputed forward once more. Hence, for a batch of ``B`` sequences::
+
+    no recompute:    72 B s l h^2 (1 + s / (6h) + V / (12 l h))
+    full recompute:  96 B s l h^2 (1 + s / (6h) + V / (16 l h))
+
+`num_floating_point_operations` counts the same way for any MLP width and activation (SwiGLU
+has three ``h x ffn`` matrices instead of two), and for selective recompute (only the
+attention core is recomputed); for a ``4h`` GeLU MLP it is exactly the formulas above. ``V`` is
+the padded vocabulary (what the output layer computes). See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from mp.model.config import TransformerConfig
+
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s, matched as whole words against the device
+# name, in order (so "H100 PCIe" is tested before "H100"; "L40" or "A10G" match nothing).
+PEAK_TFLOPS = (
+    ("B200", 2250.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+    ("V100", 125.0),  # fp16 (no bf16)
+)
+
+
+def _passes(config: TransformerConfig, recompute: bool) -> tuple[int, int]:
+    """How many times the (linear, attention-core) forward work is done per iteration."""
+    granularity = config.recompute_granularity if recompute else None
+    if granularity == "full":
+        return 4, 4
+    if granularity == "selective":
+        return 3, 4
+    return 3, 3
+
+
+def num_floating_point_operations(config: TransformerConfig, batch_size: int,
+                                  recompute: bool = True) -> float:
+    """FLOPs of one iteration (forward and backward) over ``batch_size`` sequences of
+    ``config.seq_length`` tokens, on the whole model (all ranks together). ``recompute``
+    counts the recomputed forward work of ``config.recompute_granularity``; without it the
+    count is the model's own (what MFU divides)."""
+    h, s, l = config.hidden_size, config.seq_length, config.num_layers
+    mlp_matrices = 3 if config.activation == "swiglu" else 2
+    linear = 2 * (3 * h * h) + 2 * h * h + 2 * mlp_matrices * h * config.ffn_hidden_size
+    attention = 4 * s * h
+    logits = 2 * h * config.padded_vocab_size
+    linear_passes, attention_passes = _passes(config, recompute)
+    per_token = l * (linear_passes * linear + attention_passes * attention) + 3 * logits
+    return float(batch_size * s * per_token)
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The dense bf16 peak of ``device`` in TFLOP/s; None on the CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS:
+        if re.search(rf"\b{key}\b", name):
+            return tflops
+    return None

@@ -1,0 +1,37 @@
+"""The GPT forward step the schedules call (Megatron's ``pretrain_gpt.forward_step``).
+
+A micro-batch is the data loader's dict of ``[b, s]`` tensors (`mp.data.gpt_dataset`):
+``tokens``, ``labels`` (the tokens shifted by one), ``loss_mask`` and ``position_ids``. The
+model returns the per-token loss ``[b, s]``; the micro-batch loss is its mean over the tokens
+the mask keeps.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from mp.device import get_device
+
+
+def get_batch(data_iterator: Iterator[dict]) -> dict[str, torch.Tensor]:
+    """The next micro-batch, on this rank's device."""
+    device = get_device()
+    return {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """``sum(loss * mask) / sum(mask)`` and what to report of it."""
+    mask = loss_mask.float()
+    loss = (output_tensor.float() * mask).sum() / mask.sum()
+    return loss, {"lm loss": loss.detach()}
+
+
+def forward_step(data_iterator: Iterator[dict], model: nn.Module):
+    """Run ``model`` on the next micro-batch; return ``(per-token loss, loss_func)``."""
+    batch = get_batch(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
+    return output, functools.partial(loss_func, batch["loss_mask"])

@@ -1,0 +1,153 @@
+"""What the training loop reports, on one rank: a line every ``log_interval`` iterations,
+validation results, TensorBoard scalars and the progress bar.
+
+The line (values over the interval since the last line; losses and times averaged)::
+
+    iteration 20/300 | consumed samples 320 | lm loss 3.1734E+00 | lr 6.667E-04 |
+    grad norm 0.912 | loss scale 1 | 403.1 ms/iter | 5081 tokens/s | 0.01 TFLOP/s/GPU |
+    MFU - | peak mem 371 MiB
+
+(on one line). TFLOP/s per GPU counts recomputed work (Narayanan et al. 2021, eq. 3); MFU
+divides the model's own FLOPs (no recompute) by the device's dense bf16 peak ("-" on the CPU
+or an unknown GPU). Peak memory is CUDA's max allocated, or the process's max RSS on the CPU.
+Evaluation time is left out of ms/iter.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+
+import torch
+
+from mp.config import JobConfig
+from mp.training.flops import num_floating_point_operations, peak_tflops
+from mp.training.progress import ProgressBar
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA's max allocated bytes on ``device``; on the CPU the process's max resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _open_tensorboard(directory: str | None):
+    if directory is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        print(f"logging.tensorboard_dir={directory!r} is set but TensorBoard is not usable "
+              f"({error}); pip install tensorboard to get its scalars", flush=True)
+        return None
+    return SummaryWriter(log_dir=directory)
+
+
+class TrainingLogger:
+    """Reports for a job of ``world_size`` ranks on ``device``. Only the rank constructed
+    with ``enabled=True`` writes anything; the others only keep the interval timer."""
+
+    def __init__(self, cfg: JobConfig, world_size: int, device: torch.device, *,
+                 enabled: bool, start_iteration: int = 0):
+        self.cfg, self.world_size, self.device, self.enabled = cfg, world_size, device, enabled
+        batch = cfg.training.global_batch_size
+        self.tokens_per_iteration = batch * cfg.model.seq_length
+        self.flops_per_iteration = num_floating_point_operations(cfg.model, batch)
+        self.model_flops_per_iteration = num_floating_point_operations(cfg.model, batch,
+                                                                       recompute=False)
+        self.peak_tflops = peak_tflops(device)
+        self.writer = _open_tensorboard(cfg.logging.tensorboard_dir) if enabled else None
+        show = cfg.logging.progress
+        if show == "auto":
+            show = sys.stdout.isatty()
+        self.progress = ProgressBar(cfg.training.train_iters, start_iteration) \
+            if enabled and show else None
+        self._reset_interval()
+
+    def _reset_interval(self) -> None:
+        self._loss_sums: dict[str, float] = {}
+        self._iterations = self._skipped = 0
+        self._elapsed, self._started = 0.0, time.perf_counter()
+
+    def pause(self) -> None:
+        """Stop the interval clock (around evaluation)."""
+        self._elapsed += time.perf_counter() - self._started
+
+    def resume(self) -> None:
+        self._started = time.perf_counter()
+
+    def _print(self, line: str) -> None:
+        if self.progress is not None:
+            self.progress.clear()
+        print(line, flush=True)
+
+    def training_iteration(self, iteration: int, consumed_samples: int,
+                           losses: dict[str, float], lr: float, grad_norm: float,
+                           loss_scale: float, update_successful: bool) -> None:
+        """Account one finished iteration; print and write scalars every ``log_interval``."""
+        self._iterations += 1
+        self._skipped += not update_successful
+        for key, value in losses.items():
+            self._loss_sums[key] = self._loss_sums.get(key, 0.0) + value
+        if self.progress is not None:
+            self.progress.update(iteration, " | ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        if iteration % self.cfg.logging.log_interval:
+            return
+        self.pause()
+        seconds = self._elapsed / self._iterations
+        means = {k: v / self._iterations for k, v in self._loss_sums.items()}
+        tflops = self.flops_per_iteration / seconds / self.world_size / 1e12
+        mfu = None if self.peak_tflops is None else \
+            self.model_flops_per_iteration / seconds / self.world_size / 1e12 / self.peak_tflops
+        tokens_per_s = self.tokens_per_iteration / seconds
+        memory = peak_memory_bytes(self.device)
+        if self.enabled:
+            fields = [f"iteration {iteration}/{self.cfg.training.train_iters}",
+                      f"consumed samples {consumed_samples}",
+                      *(f"{k} {v:.4E}" for k, v in means.items()),
+                      f"lr {lr:.3E}", f"grad norm {grad_norm:.3f}", f"loss scale {loss_scale:g}",
+                      f"{1000 * seconds:.1f} ms/iter", f"{tokens_per_s:.0f} tokens/s",
+                      f"{tflops:.2f} TFLOP/s/GPU",
+                      f"MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'}",
+                      f"peak mem {_bytes(memory)}"]
+            if self._skipped:
+                fields.append(f"skipped {self._skipped}")
+            self._print(" | ".join(fields))
+        if self.writer is not None:
+            scalars = {**means, "learning-rate": lr, "grad-norm": grad_norm,
+                       "loss-scale": loss_scale, "iteration-time-ms": 1000 * seconds,
+                       "tokens-per-second": tokens_per_s, "tflops-per-gpu": tflops,
+                       "peak-memory-bytes": memory, "skipped-iterations": self._skipped}
+            if mfu is not None:
+                scalars["mfu"] = mfu
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, iteration)
+        self._reset_interval()
+
+    def validation(self, iteration: int, losses: dict[str, float]) -> None:
+        """Print the validation losses and perplexities (``exp(min(20, loss))``, Megatron's)."""
+        if not self.enabled:
+            return
+        results = {}
+        for key, value in losses.items():
+            results[key] = value
+            results[f"{key} PPL"] = math.exp(min(20.0, value))
+        self._print(f"validation at iteration {iteration} | "
+                    + " | ".join(f"{k} {v:.4E}" for k, v in results.items()))
+        if self.writer is not None:
+            for key, value in results.items():
+                self.writer.add_scalar(f"validation {key}", value, iteration)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.writer is not None:
+            self.writer.close()

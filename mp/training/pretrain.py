@@ -1,0 +1,106 @@
+"""A pretraining job once the process groups exist: seeds, model, optimizer, data, the loop
+(Megatron's ``pretrain``; ``launch/pretrain_gpt.py`` calls it)."""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mp import parallel_state
+from mp.config import JobConfig
+from mp.device import get_device
+from mp.distributed import DistributedDataParallel
+from mp.model import GPTModel
+from mp.optim import MixedPrecisionOptimizer, OptimizerParamScheduler, get_megatron_optimizer
+from mp.tensor_parallel import (
+    model_parallel_cuda_manual_seed,
+    param_is_not_tensor_parallel_duplicate,
+)
+from mp.training import gpt_step
+from mp.training.data import build_data_iterators
+from mp.training.logger import TrainingLogger
+from mp.training.training import TrainState, train
+
+_BYTES_PER_GRAD = 4  # main_grad buffers are fp32
+
+
+def set_random_seed(seed: int) -> None:
+    """Megatron's ``_set_random_seed``: ``seed + 100 * pp_rank`` (pipeline stages differ) for
+    Python, NumPy and torch, then the tensor-parallel RNG tracker from the same value
+    (`model_parallel_cuda_manual_seed`). Tensor- and data-parallel ranks share the seed, so
+    replicated weights start equal everywhere."""
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def setup_model_and_optimizer(cfg: JobConfig) -> tuple[list[DistributedDataParallel],
+                                                       MixedPrecisionOptimizer,
+                                                       OptimizerParamScheduler]:
+    """This stage's GPT wrapped for data parallelism, its optimizer and LR schedule."""
+    tr = cfg.training
+    model = GPTModel(cfg.model, pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage())
+    ddp = DistributedDataParallel(
+        model, overlap_grad_reduce=tr.overlap_grad_reduce,
+        bucket_size=max(1, int(tr.bucket_size_mb * 2**20 / _BYTES_PER_GRAD)))
+    optimizer = get_megatron_optimizer(
+        [ddp], lr=tr.lr, weight_decay=tr.weight_decay, adam_beta1=tr.adam_beta1,
+        adam_beta2=tr.adam_beta2, adam_eps=tr.adam_eps, clip_grad=tr.clip_grad,
+        loss_scale=tr.loss_scale, initial_loss_scale=tr.initial_loss_scale,
+        min_loss_scale=tr.min_loss_scale, loss_scale_window=tr.loss_scale_window,
+        hysteresis=tr.hysteresis)
+    scheduler = OptimizerParamScheduler(
+        optimizer, max_lr=tr.lr, min_lr=tr.min_lr, lr_warmup_steps=tr.lr_warmup_iters,
+        lr_decay_steps=tr.lr_decay_iters, lr_decay_style=tr.lr_decay_style)
+    return [ddp], optimizer, scheduler
+
+
+def count_parameters(model: list[torch.nn.Module]) -> int:
+    """Parameters of the whole model, each counted once over the model-parallel ranks."""
+    local = sum(p.numel() for chunk in model for p in chunk.parameters()
+                if param_is_not_tensor_parallel_duplicate(p))
+    total = torch.tensor([local], dtype=torch.float64, device=get_device())
+    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return int(total.item())
+
+
+def _check_supported(cfg: JobConfig) -> None:
+    tr = cfg.training
+    unsupported = [f"training.{name}" for name in ("save", "load") if getattr(tr, name)]
+    if tr.use_distributed_optimizer:
+        unsupported.append("training.use_distributed_optimizer=true")
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)}: not supported yet (checkpointing and the "
+                         "distributed optimizer come in later issues)")
+
+
+def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step) -> TrainState:
+    """Build everything from ``cfg`` and train. Needs ``initialize_model_parallel`` done with
+    ``cfg``'s sizes; rank 0 reports."""
+    _check_supported(cfg)
+    set_random_seed(cfg.training.seed)
+    model, optimizer, scheduler = setup_model_and_optimizer(cfg)
+    world = dist.get_world_size()
+    n_params = count_parameters(model)
+    train_iterator, valid_iterator = build_data_iterators(cfg)
+    reporting = dist.get_rank() == 0
+    if reporting:
+        m = cfg.model
+        print(f"world {world} = TP {m.tensor_model_parallel_size} x PP "
+              f"{m.pipeline_model_parallel_size} x DP {parallel_state.get_data_parallel_world_size()}"
+              f" | {dist.get_backend()} on {get_device()} | {n_params / 1e6:.2f}M parameters | "
+              f"{cfg.num_microbatches(world)} micro-batches of {cfg.training.micro_batch_size} "
+              f"per data-parallel rank per iteration", flush=True)
+    logger = TrainingLogger(cfg, world, get_device(), enabled=reporting)
+    try:
+        return train(forward_step_func, model, optimizer, scheduler, train_iterator,
+                     valid_iterator, cfg, logger)
+    finally:
+        logger.close()

@@ -1,0 +1,168 @@
+"""The training loop (Megatron's ``train_step``, ``evaluate`` and ``train``).
+
+One iteration: zero the gradient buffers, run the schedule over the iteration's micro-batches
+(forward, backward, gradient sync), take an optimizer step, advance the learning-rate schedule
+when the step was applied, and average the reported losses over micro-batches and
+data-parallel ranks (one all-reduce). Every ``eval_interval`` iterations, and after the last
+one, the validation loss is measured with a forward-only schedule.
+
+A loss that is not finite in a bf16 or fp32 run stops the run with an error that names the
+iteration and the rank (fp16 runs skip such steps through the loss scaler instead). The
+``checkpoint_hook`` is called with the `TrainState` every ``save_interval`` iterations and at
+the end; the error names the last iteration it saved, the one to resume from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mp import parallel_state
+from mp.config import JobConfig
+from mp.optim import MixedPrecisionOptimizer, OptimizerParamScheduler
+from mp.pipeline_parallel.schedules import get_forward_backward_func
+from mp.training.logger import TrainingLogger
+
+
+@dataclass
+class TrainState:
+    """Where a run is: what a checkpoint must hold to resume it exactly."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    last_saved_iteration: int | None = None
+
+
+class StepOutput(NamedTuple):
+    losses: dict[str, float]  # mean over micro-batches and data-parallel ranks
+    local_losses: dict[str, float]  # this rank's mean over its micro-batches
+    update_successful: bool
+    grad_norm: float
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became inf or NaN in a run without loss scaling."""
+
+
+def _average_losses(per_microbatch: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
+    """(this rank's mean over micro-batches, the data-parallel mean of that), as floats."""
+    keys = list(per_microbatch[0])
+    local = torch.stack([torch.stack([d[k].float() for d in per_microbatch]).mean()
+                         for k in keys])
+    reduced = local.clone()
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(reduced, group=parallel_state.get_data_parallel_group())
+        reduced /= parallel_state.get_data_parallel_world_size()
+    local_values, reduced_values = torch.stack([local, reduced]).tolist()
+    return dict(zip(keys, reduced_values)), dict(zip(keys, local_values))
+
+
+def train_step(forward_step_func: Callable, data_iterator: Iterator, model: list[nn.Module],
+               optimizer: MixedPrecisionOptimizer, opt_param_scheduler: OptimizerParamScheduler,
+               *, num_microbatches: int, seq_length: int, micro_batch_size: int) -> StepOutput:
+    """One iteration over ``num_microbatches`` micro-batches of ``model`` (a list of
+    `DistributedDataParallel` chunks)."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
+        num_microbatches=num_microbatches, seq_length=seq_length,
+        micro_batch_size=micro_batch_size, grad_scale_func=optimizer.scale_loss)
+    result = optimizer.step()
+    if result.update_successful:
+        opt_param_scheduler.step()
+    reduced, local = _average_losses(losses)
+    return StepOutput(reduced, local, result.update_successful, result.grad_norm)
+
+
+def evaluate(forward_step_func: Callable, data_iterator: Iterator, model: list[nn.Module], *,
+             eval_iters: int, num_microbatches: int, seq_length: int,
+             micro_batch_size: int) -> dict[str, float]:
+    """The reported losses averaged over ``eval_iters`` forward-only iterations (models in
+    eval mode, no gradients), their micro-batches and the data-parallel ranks."""
+    for chunk in model:
+        chunk.eval()
+    totals: dict[str, float] = {}
+    try:
+        for _ in range(eval_iters):
+            losses = get_forward_backward_func()(
+                forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
+                num_microbatches=num_microbatches, seq_length=seq_length,
+                micro_batch_size=micro_batch_size, forward_only=True)
+            for key, value in _average_losses(losses)[0].items():
+                totals[key] = totals.get(key, 0.0) + value
+    finally:
+        for chunk in model:
+            chunk.train()
+    return {key: value / eval_iters for key, value in totals.items()}
+
+
+def _check_finite(out: StepOutput, state: TrainState) -> None:
+    bad = {k: v for k, v in out.losses.items() if not math.isfinite(v)}
+    if not bad:
+        return
+    key, value = next(iter(bad.items()))
+    local = out.local_losses[key]
+    where = (f"this rank's own {key} is {local}" if not math.isfinite(local)
+             else f"this rank's own {key} is finite ({local:.4f}): another data-parallel rank "
+                  "produced it")
+    resume = (f"resume from the checkpoint of iteration {state.last_saved_iteration}"
+              if state.last_saved_iteration is not None else "no checkpoint was saved")
+    raise NonFiniteLossError(
+        f"iteration {state.iteration}: the data-parallel mean {key} is {value} on rank "
+        f"{dist.get_rank()} ({where}); stopping the run ({resume})")
+
+
+def train(forward_step_func: Callable, model: list[nn.Module],
+          optimizer: MixedPrecisionOptimizer, opt_param_scheduler: OptimizerParamScheduler,
+          train_data_iterator: Iterator, valid_data_iterator: Iterator | None,
+          cfg: JobConfig, logger: TrainingLogger, *, state: TrainState | None = None,
+          checkpoint_hook: Callable[[TrainState], None] | None = None) -> TrainState:
+    """Run iterations from ``state`` (default: the start) up to ``training.train_iters``."""
+    tr = cfg.training
+    state = TrainState() if state is None else state
+    shapes = dict(num_microbatches=cfg.num_microbatches(dist.get_world_size()),
+                  seq_length=cfg.model.seq_length, micro_batch_size=tr.micro_batch_size)
+    check_loss = cfg.model.precision != "fp16"
+    evaluated_at = None
+
+    def run_evaluation():
+        logger.pause()
+        losses = evaluate(forward_step_func, valid_data_iterator, model,
+                          eval_iters=tr.eval_iters, **shapes)
+        logger.validation(state.iteration, losses)
+        logger.resume()
+
+    def save():
+        checkpoint_hook(state)
+        state.last_saved_iteration = state.iteration
+
+    for chunk in model:
+        chunk.train()
+    can_evaluate = valid_data_iterator is not None and tr.eval_iters > 0
+    while state.iteration < tr.train_iters:
+        out = train_step(forward_step_func, train_data_iterator, model, optimizer,
+                         opt_param_scheduler, **shapes)
+        state.iteration += 1
+        state.consumed_train_samples += tr.global_batch_size
+        if check_loss:
+            _check_finite(out, state)
+        logger.training_iteration(state.iteration, state.consumed_train_samples, out.losses,
+                                  opt_param_scheduler.get_lr(), out.grad_norm,
+                                  optimizer.get_loss_scale(), out.update_successful)
+        if can_evaluate and tr.eval_interval and state.iteration % tr.eval_interval == 0:
+            run_evaluation()
+            evaluated_at = state.iteration
+        if checkpoint_hook and tr.save_interval and state.iteration % tr.save_interval == 0:
+            save()
+    if can_evaluate and evaluated_at != state.iteration:
+        run_evaluation()
+    if checkpoint_hook and state.last_saved_iteration != state.iteration:
+        save()
+    return state

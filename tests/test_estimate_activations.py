@@ -1,0 +1,165 @@
+"""Activation memory: the bytes autograd saves for backward, counted with saved-tensor hooks
+on the real layers, against the estimate; and the estimate against Korthikanti et al.'s
+closed forms. 16-bit (bf16) activations, dropout on, as the formulas assume.
+
+On the CPU the kernels save a little differently from CUDA (dropout masks in bf16, the
+softmax in fp32, the SDPA math path under dropout): the CPU measurement is compared with the
+estimate for `mp.estimate.CPU`, which must match it to the byte, and the CUDA estimate, which
+the same code computes with CUDA's storage rules, is tied to the paper's formulas term for
+term (tests/test_estimate_gpu.py measures it on a GPU).
+"""
+
+import itertools
+
+import pytest
+import torch
+from harness import run_distributed
+
+from mp import parallel_state as ps
+from mp.estimate import CPU, CUDA, SavedTensorMeter, korthikanti_layer_bytes, layer_terms
+from mp.estimate.memory import chunk_saved_bytes, embedding_terms, output_terms
+from mp.model import GPTModel, TransformerConfig
+from mp.model.rope import rotary_freqs
+from mp.model.transformer import TransformerBlock, TransformerLayer
+from mp.tensor_parallel import model_parallel_cuda_manual_seed
+
+S, B, H, HEADS = 64, 2, 128, 4
+
+LAYER_CASES = {  # name -> config overrides (tp and sequence_parallel are added per case)
+    "unfused": dict(attention_backend="unfused"),
+    "unfused_selective": dict(attention_backend="unfused", recompute_granularity="selective"),
+    "sdpa_math": dict(attention_backend="sdpa"),  # attention dropout on: torch's math path
+    "sdpa_flash": dict(attention_backend="sdpa", attention_dropout=0.0),
+    "sdpa_selective": dict(attention_backend="sdpa", recompute_granularity="selective"),
+    "swiglu_rope_nobias": dict(attention_backend="unfused", activation="swiglu",
+                               position_embedding_type="rope", add_bias_linear=False),
+}
+BLOCK_CASES = {  # full recompute over a two-layer chunk
+    "full_uniform": dict(recompute_granularity="full", recompute_method="uniform"),
+    "full_uniform_distributed": dict(recompute_granularity="full", recompute_method="uniform",
+                                     distribute_saved_activations=True),
+    "full_block": dict(recompute_granularity="full", recompute_method="block",
+                       recompute_num_layers=1, attention_backend="unfused"),
+}
+
+
+def _config(tp: int, sequence_parallel: bool, num_layers: int = 1, **overrides):
+    kw = dict(num_layers=num_layers, hidden_size=H, num_attention_heads=HEADS, vocab_size=300,
+              seq_length=S, hidden_dropout=0.1, attention_dropout=0.1, precision="bf16",
+              tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel)
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def _saved_bytes(module: torch.nn.Module, cfg: TransformerConfig, *args) -> int:
+    """Bytes ``module(x, None, rotary)`` saves for backward on this rank (parameters excluded);
+    runs the backward too, so that a wrong save would also show up as a failure."""
+    rows = S // cfg.tensor_model_parallel_size if cfg.sequence_parallel else S
+    x = torch.randn(rows, B, H, dtype=torch.bfloat16, requires_grad=True)
+    freqs = (rotary_freqs(S, cfg.kv_channels, cfg.rotary_base, x.device)
+             if cfg.position_embedding_type == "rope" else None)
+    with SavedTensorMeter(exclude=module.parameters()) as meter:
+        y = module(x, None, freqs)
+    y.float().square().sum().backward()
+    assert x.grad is not None
+    return meter.bytes
+
+
+def _measure_layers(tp: int) -> dict:
+    """Saved bytes of one layer (or a two-layer chunk under full recompute) per case."""
+    ps.initialize_model_parallel(tp)
+    model_parallel_cuda_manual_seed(1234)
+    results = {}
+    sps = (False, True) if tp > 1 else (False,)
+    for (name, overrides), sp in itertools.product(LAYER_CASES.items(), sps):
+        cfg = _config(tp, sp, **overrides)
+        results[name, sp] = _saved_bytes(TransformerLayer(cfg, 1), cfg)
+    for (name, overrides), sp in itertools.product(BLOCK_CASES.items(), sps):
+        cfg = _config(tp, sp, num_layers=2, **overrides)
+        results[name, sp] = _saved_bytes(TransformerBlock(cfg, post_process=False), cfg)
+    return results
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_saved_bytes_of_a_layer_match_the_estimate(tp):
+    measured = run_distributed(tp, _measure_layers, tp)
+    assert all(m == measured[0] for m in measured), "TP ranks saved different amounts"
+    failures = []
+    for (name, sp), got in measured[0].items():
+        if name in LAYER_CASES:
+            cfg = _config(tp, sp, **LAYER_CASES[name])
+            expected = sum(layer_terms(cfg, B, CPU).values())
+        else:
+            cfg = _config(tp, sp, num_layers=2, **BLOCK_CASES[name])
+            expected = chunk_saved_bytes(cfg, B, CPU)
+        if got != expected:  # the CPU estimate is exact to the byte
+            failures.append(f"{name} (SP {sp}): measured {got} B, estimated {expected:.0f} B "
+                            f"({got / expected - 1:+.2%})")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+@pytest.mark.parametrize("recompute", [None, "selective"])
+def test_cuda_estimate_is_korthikanti_term_for_term(tp, sequence_parallel, recompute):
+    """GPT-3's layer (GeLU 4h, LayerNorm, biases, dropout on), unfused attention with the fused
+    softmax: the CUDA estimate without the norm statistics (which the paper leaves out) is
+    the paper's formula exactly."""
+    if tp == 1 and sequence_parallel:
+        pytest.skip("sequence parallelism needs TP > 1")
+    s, b, h, a = 2048, 4, 12288, 96
+    cfg = TransformerConfig(num_layers=96, hidden_size=h, num_attention_heads=a,
+                            vocab_size=51200, seq_length=s, precision="bf16",
+                            attention_backend="unfused", tensor_model_parallel_size=tp,
+                            sequence_parallel=sequence_parallel,
+                            recompute_granularity=recompute)
+    terms = layer_terms(cfg, b, CUDA)
+    ours = sum(terms.values()) - terms["norm statistics"]
+    assert ours == pytest.approx(korthikanti_layer_bytes(s, b, h, a, tp, sequence_parallel,
+                                                         recompute), rel=1e-12)
+
+
+def test_full_recompute_keeps_the_layer_input():
+    """Korthikanti's full recompute: ``2 s b h`` per layer (a checkpoint per layer, no SP)."""
+    cfg = TransformerConfig(num_layers=8, hidden_size=256, num_attention_heads=8,
+                            vocab_size=1000, seq_length=128, precision="bf16",
+                            tensor_model_parallel_size=2, recompute_granularity="full",
+                            recompute_method="uniform")
+    per_layer = chunk_saved_bytes(cfg, 4, CUDA) / cfg.num_layers
+    assert per_layer == korthikanti_layer_bytes(128, 4, 256, 8, 2, recompute="full")
+
+
+def test_flash_attention_saves_less_than_the_formula():
+    """SDPA's flash kernel keeps the log-sum-exp, not the formula's ``5 a s^2 b`` bytes."""
+    s, b, h, a = 2048, 1, 4096, 32
+    common = dict(num_layers=1, hidden_size=h, num_attention_heads=a, vocab_size=51200,
+                  seq_length=s, precision="bf16")
+    flash = layer_terms(TransformerConfig(attention_backend="sdpa", **common), b, CUDA)
+    unfused = layer_terms(TransformerConfig(attention_backend="unfused", **common), b, CUDA)
+    assert "softmax output" not in flash and flash["softmax log-sum-exp"] == 4 * a * s * b
+    assert sum(unfused.values()) - sum(flash.values()) == pytest.approx(
+        5 * a * s * s * b - 4 * a * s * b, rel=1e-12)
+
+
+def _measure_model(tp: int, sequence_parallel: bool) -> tuple[int, int]:
+    """Saved bytes of a two-layer GPT's forward with the loss, and of one of its layers."""
+    ps.initialize_model_parallel(tp)
+    model_parallel_cuda_manual_seed(1234)
+    cfg = _config(tp, sequence_parallel, num_layers=2, attention_backend="unfused")
+    model = GPTModel(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(0))
+    with SavedTensorMeter(exclude=model.parameters()) as meter:
+        loss = model(ids, labels=ids)
+    loss.float().mean().backward()
+    return meter.bytes
+
+
+@pytest.mark.parametrize("tp,sequence_parallel", [(1, False), (2, True)])
+def test_saved_bytes_of_the_whole_model(tp, sequence_parallel):
+    """Embedding, layers, final norm, output layer and the fp32 cross-entropy softmax."""
+    got = run_distributed(tp, _measure_model, tp, sequence_parallel)[0]
+    cfg = _config(tp, sequence_parallel, num_layers=2, attention_backend="unfused")
+    expected = (2 * sum(layer_terms(cfg, B, CPU).values())
+                + sum(embedding_terms(cfg, B, CPU).values())
+                + sum(output_terms(cfg, B, CPU).values()))
+    assert got == expected

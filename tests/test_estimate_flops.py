@@ -1,0 +1,81 @@
+"""FLOPs, the pipeline's micro-batches in flight and its bubble, against the papers'
+closed forms (Narayanan et al. 2021; Korthikanti et al. 2022)."""
+
+import pytest
+from test_estimate_params import NARAYANAN_TABLE_1
+
+from mp.estimate import (
+    Setup,
+    estimate,
+    gpu_spec,
+    microbatches_in_flight,
+    narayanan_flops,
+    training_flops,
+)
+from mp.model import TransformerConfig
+
+
+def _config(heads, hidden, layers, **overrides):
+    return TransformerConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                             vocab_size=51200, seq_length=2048, **overrides)
+
+
+@pytest.mark.parametrize("heads,hidden,layers,printed", NARAYANAN_TABLE_1)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_training_flops_are_narayanan_eq_3(heads, hidden, layers, printed, recompute):
+    """The per-matrix count equals eq. 3 (full recompute) or its 72-form (none) for every
+    model of Table 1, at a batch of 512."""
+    cfg = _config(heads, hidden, layers)
+    got = training_flops(cfg, 512, recompute="full" if recompute else None)
+    assert got == pytest.approx(narayanan_flops(512, 2048, layers, hidden, 51200, recompute),
+                                rel=1e-12)
+
+
+def test_selective_recompute_adds_the_attention_scores_once():
+    cfg = _config(32, 4096, 36)
+    extra = training_flops(cfg, 8, "selective") - training_flops(cfg, 8, None)
+    assert extra == 36 * 4 * 8 * 2048 * 2048 * 4096  # QK^T and PV forward, 2 b s^2 h each
+
+
+def test_swiglu_mlp_costs_three_matrices():
+    gelu = _config(32, 4096, 1, ffn_hidden_size=8192)
+    swiglu = _config(32, 4096, 1, ffn_hidden_size=8192, activation="swiglu")
+    tokens = 2048
+    diff = training_flops(swiglu, 1, None, logits=False) - training_flops(gelu, 1, None,
+                                                                          logits=False)
+    assert diff == 3 * 2 * tokens * 4096 * 8192
+
+
+@pytest.mark.parametrize("pp,m", [(4, 8), (8, 8), (8, 3), (16, 64)])
+def test_1f1b_in_flight(pp, m):
+    """Stage r holds min(p - r, m) micro-batches; the first stage p (when m >= p)."""
+    assert [microbatches_in_flight(pp, r, m) for r in range(pp)] == \
+        [min(pp - r, m) for r in range(pp)]
+
+
+@pytest.mark.parametrize("pp,v,m", [(4, 2, 16), (8, 3, 32), (16, 6, 192)])
+def test_interleaved_first_stage_in_flight_is_korthikanti(pp, v, m):
+    """Korthikanti et al. 2022, section 4.2.3: the first stage of an interleaved schedule
+    holds ``p (1 + (p - 1) / (p v))`` micro-batches' worth of activations."""
+    assert microbatches_in_flight(pp, 0, m, v) == pytest.approx(pp * (1 + (pp - 1) / (pp * v)))
+    assert microbatches_in_flight(pp, pp - 1, m, v) < microbatches_in_flight(pp, 0, m, v)
+
+
+def test_interleaving_needs_micro_batches_divisible_by_stages():
+    cfg = _config(32, 4096, 36, pipeline_model_parallel_size=4,
+                  virtual_pipeline_model_parallel_size=3)
+    with pytest.raises(ValueError, match=r"num_microbatches=6 is not divisible by "
+                                         r"pipeline_model_parallel_size=4"):
+        Setup(cfg, num_microbatches=6)
+
+
+def test_bubble_and_step_time_parts():
+    """The bubble is (p - 1) / (v m) of the ideal time, and the step time's bubble part is
+    (p - 1) / v micro-batch times of the busiest stage."""
+    cfg = _config(32, 4096, 32, pipeline_model_parallel_size=4,
+                  virtual_pipeline_model_parallel_size=2)
+    est = estimate(Setup(cfg, data_parallel_size=2, num_microbatches=8), gpu_spec("h100"))
+    assert est.bubble_fraction == 3 / 16
+    per_microbatch = (est.step.compute + est.step.tp_comm + est.step.pp_comm) / 8
+    assert est.step.bubble == pytest.approx(3 / 2 * per_microbatch, rel=1e-12)
+    assert est.step.total > est.step.compute > 0

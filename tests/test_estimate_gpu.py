@@ -1,0 +1,136 @@
+"""On a GPU: the estimate against ``torch.cuda.max_memory_allocated`` of real training
+iterations, and the bytes a layer saves with CUDA's kernels (flash attention, the fused
+softmax, bool dropout masks, fp32 norm statistics). Skipped without CUDA.
+
+    python -m pytest -s tests/test_estimate_gpu.py   # prints the table docs/benchmarks.md holds
+
+Each case builds GPT-3 350M or 1.3B on one GPU (TP = PP = DP = 1) with mp's data-parallel
+gradient buffer and mixed-precision AdamW, runs one iteration of two micro-batches to create
+the optimizer state, then measures the peak of a second one.
+"""
+
+import dataclasses
+import gc
+import os
+import time
+
+import pytest
+import torch
+
+from mp import parallel_state as ps
+from mp.config import load_config
+from mp.distributed import DistributedDataParallel, finalize_model_grads
+from mp.estimate import CUDA, SavedTensorMeter, Setup, estimate, gpu_spec, layer_terms
+from mp.estimate.activations import korthikanti_layer_bytes
+from mp.estimate.hardware import GiB
+from mp.fused import load_fused_kernels
+from mp.initialize import initialize_distributed
+from mp.model import GPTModel
+from mp.model.transformer import TransformerLayer
+from mp.optim import get_megatron_optimizer
+from mp.tensor_parallel import model_parallel_cuda_manual_seed
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+MICROBATCHES = 2
+TOLERANCE = 0.10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_gpu_world():
+    os.environ.setdefault("MP_DEVICE", "cuda")
+    initialize_distributed()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def fresh_groups():
+    ps.initialize_model_parallel(1)
+    model_parallel_cuda_manual_seed(1234)
+    yield
+    ps.destroy_model_parallel()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _kernels():
+    """CUDA's storage rules, with the fused softmax only if mp's extension built here."""
+    return dataclasses.replace(CUDA, fused_softmax=load_fused_kernels() is not None)
+
+
+def _gpu():
+    return gpu_spec("h200" if "H200" in torch.cuda.get_device_name() else "h100")
+
+
+def _job(name: str, mbs: int, recompute: str):
+    overrides = ["--micro-batch-size", str(mbs), "--global-batch-size", str(mbs * MICROBATCHES)]
+    if recompute == "full":
+        overrides += ["--recompute-granularity", "full", "--recompute-method", "uniform"]
+    return load_config(os.path.join(CONFIGS, f"gpt3-{name}.yaml"), overrides, world_size=1)
+
+
+def _iteration(model, opt, batches):
+    model.zero_grad_buffer()
+    for i, ids in enumerate(batches):
+        with model.no_sync() if i < len(batches) - 1 else torch.enable_grad():
+            (model(ids, labels=ids).float().mean() / len(batches)).backward()
+    finalize_model_grads([model])
+    assert opt.step().update_successful
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+@pytest.mark.parametrize("mbs", [1, 2, 4, 8])
+@pytest.mark.parametrize("name", ["350m", "1.3b"])
+def test_peak_memory_of_an_iteration(name, mbs, recompute):
+    job = _job(name, mbs, recompute)
+    cfg = job.model
+    base = torch.cuda.memory_allocated()
+    model = DistributedDataParallel(GPTModel(cfg))
+    opt = get_megatron_optimizer([model], lr=1e-4)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (mbs, cfg.seq_length), device="cuda",
+                             generator=gen) for _ in range(MICROBATCHES)]
+    _iteration(model, opt, batches)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    _iteration(model, opt, batches)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    measured = torch.cuda.max_memory_allocated() - base
+    est = estimate(Setup.from_job(job, 1), _gpu(), kernels=_kernels())
+    stage = est.stages[0]
+    tflops = est.flops / seconds / 1e12
+    print(f"\n| gpt3-{name} | {mbs} | {recompute} | {measured / GiB:.2f} | "
+          f"{est.peak_bytes / GiB:.2f} | {est.peak_bytes / measured - 1:+.1%} | "
+          f"{stage.state.total / GiB:.2f} | {stage.activations / GiB:.2f} | "
+          f"{stage.transient / GiB:.2f} | {seconds:.3f} | {tflops:.0f} |")
+    del model, opt
+    assert abs(est.peak_bytes - measured) <= TOLERANCE * measured
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "unfused"])
+def test_saved_bytes_of_a_layer_on_cuda(backend):
+    """GPT-3 1.3B's layer at micro-batch 2, dropout on: the CUDA estimate, and for the unfused
+    core Korthikanti's ``s b h (34 + 5 a s / h)`` (plus the norm statistics it leaves out)."""
+    job = _job("1.3b", 2, "none")
+    cfg = dataclasses.replace(job.model, attention_backend=backend)
+    layer = TransformerLayer(cfg, 1)
+    x = torch.randn(cfg.seq_length, 2, cfg.hidden_size, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    with SavedTensorMeter(exclude=layer.parameters()) as meter:
+        y = layer(x)
+    y.float().sum().backward()
+    terms = layer_terms(cfg, 2, _kernels())
+    expected = sum(terms.values())
+    paper = korthikanti_layer_bytes(cfg.seq_length, 2, cfg.hidden_size,
+                                    cfg.num_attention_heads) + terms["norm statistics"]
+    print(f"\n{backend}: measured {meter.bytes} B, estimate {expected:.0f} B "
+          f"({expected / meter.bytes - 1:+.2%}), Korthikanti + statistics {paper:.0f} B "
+          f"({paper / meter.bytes - 1:+.2%}); fused softmax built: "
+          f"{load_fused_kernels() is not None}")
+    assert abs(expected - meter.bytes) <= TOLERANCE * meter.bytes
+    if backend == "unfused" and _kernels().fused_softmax:
+        assert abs(paper - meter.bytes) <= TOLERANCE * meter.bytes

@@ -1,0 +1,131 @@
+"""Parameters and model-state bytes per rank: the estimate against the built model, its
+data-parallel gradient buffer and its optimizer, exactly; and the parameter counts of
+Narayanan et al. 2021, Table 1."""
+
+import os
+
+import pytest
+import torch
+from harness import run_distributed
+
+from mp import parallel_state as ps
+from mp.distributed import DistributedDataParallel, finalize_model_grads
+from mp.estimate import Setup, model_params, rank_params, state_bytes
+from mp.model import GPTModel, TransformerConfig
+from mp.optim import get_megatron_optimizer
+
+VARIANTS = {
+    "gpt": {},
+    "swiglu_rms_rope_untied_nobias": dict(activation="swiglu", normalization="RMSNorm",
+                                          position_embedding_type="rope",
+                                          untie_embeddings_and_output_weights=True,
+                                          add_bias_linear=False),
+}
+
+
+def _config(tp: int, pp: int = 1, vpp: int | None = None, **overrides) -> TransformerConfig:
+    kw = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=1000,
+              seq_length=32, make_vocab_size_divisible_by=96, tensor_model_parallel_size=tp,
+              pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp)
+    kw.update(overrides)  # the vocabulary is padded: 1056 rows at TP 1, 1152 at TP 2 and 4
+    return TransformerConfig(**kw)
+
+
+def _stage_counts(tp: int, pp: int, vpp: int | None, overrides: dict) -> list[tuple[int, int]]:
+    """(parameter elements, parameter tensors) one TP rank holds on each pipeline stage: the
+    model chunks of that stage built on the meta device, as a pipelined job builds them."""
+    os.environ["MP_DEVICE"] = "meta"
+    try:
+        ps.initialize_model_parallel(tp)
+        cfg = _config(tp, pp, vpp, **overrides)
+        chunks = vpp or 1
+        counts = []
+        for stage in range(pp):
+            params = []
+            for chunk in range(chunks):
+                model = GPTModel(cfg, pre_process=stage == 0 and chunk == 0,
+                                 post_process=stage == pp - 1 and chunk == chunks - 1)
+                params += list(model.parameters())
+            counts.append((sum(p.numel() for p in params), len(params)))
+        return counts
+    finally:
+        os.environ["MP_DEVICE"] = "cpu"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("tp,pp,vpp", [(1, 1, None), (2, 1, None), (4, 1, None), (1, 2, None),
+                                       (2, 4, None), (2, 2, 2)])
+def test_rank_params_equal_the_built_model(tp, pp, vpp, variant):
+    built = run_distributed(tp, _stage_counts, tp, pp, vpp, VARIANTS[variant])[0]
+    cfg = _config(tp, pp, vpp, **VARIANTS[variant])
+    for stage, (elements, tensors) in enumerate(built):
+        estimate = rank_params(cfg, stage)
+        assert (estimate.total, estimate.tensors) == (elements, tensors), f"stage {stage}"
+
+
+def test_model_params_is_the_gpt3_formula():
+    """``12 l h^2 + 13 l h + (V + s) h + 2 h`` with the vocabulary padded for the TP size."""
+    for tp in (1, 2, 8):
+        cfg = _config(tp, num_layers=6, hidden_size=96, num_attention_heads=8)
+        l, h, s, v = 6, 96, 32, cfg.padded_vocab_size
+        assert model_params(cfg) == 12 * l * h * h + 13 * l * h + (v + s) * h + 2 * h
+
+
+# Narayanan et al. 2021, Table 1: (heads, hidden, layers) and the size it prints, in billions;
+# vocabulary 51,200, sequence 2048, learned positions, tied embeddings.
+NARAYANAN_TABLE_1 = [(24, 2304, 24, "1.7"), (32, 3072, 30, "3.6"), (32, 4096, 36, "7.5"),
+                     (48, 6144, 40, "18.4"), (64, 8192, 48, "39.1"), (80, 10240, 60, "76.1"),
+                     (96, 12288, 80, "145.6"), (128, 16384, 96, "310.1"),
+                     (128, 20480, 105, "529.6"), (160, 25600, 128, "1008.0")]
+
+
+@pytest.mark.parametrize("heads,hidden,layers,printed", NARAYANAN_TABLE_1)
+def test_narayanan_table_1_sizes(heads, hidden, layers, printed):
+    cfg = TransformerConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                            vocab_size=51200, seq_length=2048)
+    decimals = len(printed.split(".")[1])
+    assert f"{model_params(cfg) / 1e9:.{decimals}f}" == printed
+
+
+def _measured_state(tp: int, precision: str, overrides: dict) -> tuple[float, float, float]:
+    """Bytes of weights, gradient buffer and optimizer state this rank holds after a step."""
+    ps.initialize_model_parallel(tp)
+    torch.manual_seed(0)
+    cfg = _config(tp, precision=precision, hidden_dropout=0.0, attention_dropout=0.0,
+                  **overrides)
+    model = DistributedDataParallel(GPTModel(cfg))
+    opt = get_megatron_optimizer([model], lr=1e-3, initial_loss_scale=2.0**8)
+    ids = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length),
+                        generator=torch.Generator().manual_seed(1))
+    model.zero_grad_buffer()
+    model(ids, labels=ids).float().mean().backward()
+    finalize_model_grads([model])
+    assert opt.step().update_successful, "the step was skipped: no optimizer state to count"
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = model.grad_buffer.numel() * model.grad_buffer.element_size()
+    own = {id(p) for p in model.parameters()}
+    masters = sum(m.numel() * m.element_size() for m in opt.main_params if id(m) not in own)
+    moments = sum(t.numel() * t.element_size() for state in opt.optimizer.state.values()
+                  for t in state.values())
+    return weights, grads, masters + moments
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("tp,variant", [(2, "gpt"), (1, "gpt"), (2, "swiglu_rms_rope_untied_nobias")])
+def test_state_bytes_equal_model_ddp_and_optimizer(tp, variant, precision):
+    """Weights, the fp32 gradient buffer, fp32 masters, Adam moments and step counters."""
+    measured = run_distributed(2, _measured_state, tp, precision, VARIANTS[variant])
+    cfg = _config(tp, precision=precision, **VARIANTS[variant])
+    expected = state_bytes(Setup(cfg, data_parallel_size=2 // tp), rank_params(cfg))
+    for rank, got in enumerate(measured):
+        assert got == (expected.weights, expected.grads, expected.optimizer), f"rank {rank}"
+
+
+def test_distributed_optimizer_bytes_follow_megatron_table():
+    """Megatron's distributed-optimizer table: ``6 + 12 / d`` bytes per parameter for bf16,
+    ``8 + 8 / d`` for fp32 (formula only: mp has no distributed optimizer yet)."""
+    for precision, fixed, sharded in (("bf16", 6, 12), ("fp32", 8, 8)):
+        cfg = _config(1, precision=precision)
+        params = rank_params(cfg)
+        got = state_bytes(Setup(cfg, data_parallel_size=8, distributed_optimizer=True), params)
+        assert got.total == pytest.approx(params.total * (fixed + sharded / 8), rel=1e-12)

@@ -1,0 +1,120 @@
+"""The layout planner and ``tools/estimate.py``: valid layouts only, memory respected, ranked
+by throughput; the command line's output and its errors."""
+
+import importlib.util
+import os
+
+import pytest
+
+from mp.config import load_config
+from mp.estimate import Setup, candidate_setups, estimate, gpu_spec, plan
+from mp.estimate.hardware import GiB
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("estimate_tool",
+                                                  os.path.join(ROOT, "tools", "estimate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _job(name: str):
+    return load_config(os.path.join(CONFIGS, f"{name}.yaml"), [], world_size=_gpus(name))
+
+
+def _gpus(name: str) -> int:
+    return {"gpt3-1.3b": 8, "gpt3-175b": 1024}[name]
+
+
+def test_candidates_are_exactly_the_valid_layouts():
+    """An independent count of gpt3-1.3b's layouts on 8 GPUs (16 heads, 24 layers, global
+    batch 512): TP | 8 and TP <= 8; PP | 8/TP and PP | 24; v | 24/PP with PP > 1 and m % PP
+    == 0; micro-batch in 1, 2, 4, 8 with 512 % (mbs x DP) == 0; 3 recompute modes."""
+    job = _job("gpt3-1.3b")
+    expected = set()
+    for tp in (1, 2, 4, 8):
+        for pp in (p for p in (1, 2, 4, 8) if (8 // tp) % p == 0 and 24 % p == 0):
+            dp = 8 // (tp * pp)
+            for mbs in (1, 2, 4, 8):
+                if 512 % (mbs * dp):
+                    continue
+                m = 512 // (mbs * dp)
+                vs = [1] + [v for v in range(2, 25) if pp > 1 and (24 // pp) % v == 0
+                            and 24 % (pp * v) == 0 and m % pp == 0]
+                for v in vs:
+                    for mode in ("none", "selective", "full"):
+                        expected.add((tp, pp, v, dp, mbs, m, mode))
+    got = {(s.tp, s.pp, s.vpp, s.data_parallel_size, s.micro_batch_size, s.num_microbatches,
+            s.model.recompute_granularity or "none") for s in candidate_setups(job, 8)}
+    assert got == expected
+
+
+def test_plan_keeps_what_fits_fastest_first():
+    job = _job("gpt3-175b")
+    gpu = gpu_spec("h100")
+    result = plan(job, 1024, gpu, micro_batch_sizes=(1, 2))
+    assert result.fitting and result.too_big > 0
+    assert result.valid == len(result.fitting) + result.too_big
+    for e in result.fitting:
+        assert e.setup.world_size == 1024
+        assert e.peak_bytes <= 0.9 * gpu.memory_gib * GiB
+    speeds = [e.tokens_per_second for e in result.fitting]
+    assert speeds == sorted(speeds, reverse=True)
+    # the config's own layout (Megatron's TP 8 x PP 16, micro-batch 1) fits an 80 GB GPU
+    assert estimate(Setup.from_job(job, 1024), gpu).fits(0.9)
+
+
+def test_plan_with_no_room_says_so():
+    result = plan(_job("gpt3-175b"), 64, gpu_spec("a100-40gb"), micro_batch_sizes=(1,))
+    assert result.fitting == [] and result.valid > 0
+
+
+def test_cli_plan(capsys, tmp_path):
+    tool = _tool()
+    assert tool.main(["--config", os.path.join(CONFIGS, "gpt3-1.3b.yaml"), "--gpus", "8",
+                      "--gpu", "h100", "--plan", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("gpt3-1.3b.yaml on 8 x h100, global batch 512 x 2048")
+    assert lines[1].split()[:5] == ["#", "TP", "PP", "VP", "DP"]
+    assert [line.split()[0] for line in lines[3:6]] == ["1", "2", "3"]
+    assert "valid layouts fit" in lines[6]
+
+
+def test_cli_single_estimate_with_overrides(capsys):
+    tool = _tool()
+    assert tool.main(["--config", os.path.join(CONFIGS, "gpt3-175b.yaml"), "--gpus", "1024",
+                      "--gpu", "h200", "--inter-node-gbps", "100",
+                      "--recompute-granularity", "selective"]) == 0
+    out = capsys.readouterr().out
+    assert "TP8 PP16 DP8, mbs 1 x 192, SP, recompute selective, distributed optimizer" in out
+    for section in ("Memory per rank", "Activations per layer", "FLOPs per iteration",
+                    "Communication per rank", "Step time"):
+        assert section in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--gpus", "8", "--tensor-model-parallel-size", "3"],
+     "num_attention_heads=16 is not divisible by tensor_model_parallel_size=3"),
+    (["--gpus", "12"], ("training.global_batch_size=512 is not divisible by "
+                        "training.micro_batch_size x data_parallel_size = 4 x 12 = 48")),
+    (["--gpus", "8", "--efficiency", "1.5"], "efficiency=1.5 must be in (0, 1]"),
+    (["--gpus", "8", "--memory-gib", "0"], "memory_gib=0.0 must be > 0 (GPU 'h100')"),
+])
+def test_cli_errors_name_the_value_and_rule(capsys, argv, message):
+    tool = _tool()
+    assert tool.main(["--config", os.path.join(CONFIGS, "gpt3-1.3b.yaml"), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_memory_chart(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    tool = _tool()
+    chart = tmp_path / "plan.png"
+    assert tool.main(["--config", os.path.join(CONFIGS, "gpt3-1.3b.yaml"), "--gpus", "8",
+                      "--plan", "--top", "4", "--chart", str(chart)]) == 0
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

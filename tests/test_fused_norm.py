@@ -1,0 +1,100 @@
+"""mp.fused LayerNorm/RMSNorm without a GPU: the torch paths against a float64 reference
+(forward and backward), the modules' parameters and attributes, and the gate's decisions.
+
+The CUDA kernels are checked against the same reference in tests/gpu/."""
+
+import pytest
+import torch
+from checks import assert_rel_close, seeded
+
+from mp.fused import (
+    FusedLayerNorm,
+    FusedRMSNorm,
+    fused_layer_norm,
+    fused_rms_norm,
+    norm_kernel_usable,
+)
+from mp.fused.normalization import norm_kernel_fits
+
+TOLERANCE = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def reference_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   eps: float) -> torch.Tensor:
+    """float64 LayerNorm over the last dim (RMSNorm when ``bias`` is None), differentiable."""
+    x, weight = x.double(), weight.double()
+    if bias is None:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).pow(2).mean(-1, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps) * weight + bias.double()
+
+
+def check_norm(op, x, weight, bias, eps, dtype, seed, tolerance=None):
+    """Forward and backward (dx, dweight, dbias) of ``op(x, weight, bias)`` against autograd of
+    the float64 reference."""
+    tol = tolerance or TOLERANCE[dtype]
+    params = [weight] if bias is None else [weight, bias]
+    ours = [t.to(dtype).requires_grad_(True) for t in [x, *params]]
+    refs = [t.detach().double().requires_grad_(True) for t in ours]
+    y = op(*ours)
+    y_ref = reference_norm(*refs, None, eps) if bias is None else reference_norm(*refs, eps)
+    dy = seeded(y.shape, seed, dtype)
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    assert y.dtype == dtype
+    assert_rel_close(y, y_ref, tol, "output")
+    for name, t, r in zip(["dx", "dweight", "dbias"], ours, refs):
+        assert t.grad.dtype == dtype
+        assert_rel_close(t.grad, r.grad, 2 * tol, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rms", [False, True])
+def test_fallback_matches_float64(rms, dtype):
+    hidden, eps = 37, 1e-5
+    x = seeded((3, 5, hidden), 1, scale=2.0) + 3.0  # an offset: the variance is not E[x^2]
+    weight = seeded((hidden,), 2) + 1.0
+    bias = None if rms else seeded((hidden,), 3)
+    if rms:
+        check_norm(lambda a, w: fused_rms_norm(a, w, eps), x, weight, None, eps, dtype, 4)
+    else:
+        check_norm(lambda a, w, b: fused_layer_norm(a, w, b, eps), x, weight, bias, eps, dtype, 4)
+
+
+@pytest.mark.parametrize("cls", [FusedLayerNorm, FusedRMSNorm])
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_modules(cls, sequence_parallel):
+    module = cls(12, eps=1e-6, sequence_parallel=sequence_parallel, params_dtype=torch.bfloat16)
+    names = ["weight", "bias"] if cls is FusedLayerNorm else ["weight"]
+    assert [n for n, _ in module.named_parameters()] == names
+    for name, p in module.named_parameters():
+        assert p.sequence_parallel is sequence_parallel
+        assert p.dtype == torch.bfloat16 and p.shape == (12,)
+        assert (p == (1.0 if name == "weight" else 0.0)).all()
+    assert f"sequence_parallel={sequence_parallel}" in repr(module)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(seeded(p.shape, 7))
+    x = seeded((4, 2, 12), 8, torch.bfloat16)
+    expected = fused_layer_norm(x, module.weight, module.bias, 1e-6) if cls is FusedLayerNorm \
+        else fused_rms_norm(x, module.weight, 1e-6)
+    assert torch.equal(module(x), expected)
+
+
+def test_kernel_fit_decisions():
+    def fits(hidden=64, dtype=torch.bfloat16, weight_dtype=None, weight_shape=None, bias=True):
+        x = torch.empty(3, hidden, dtype=dtype, device="meta")
+        w = torch.empty(weight_shape or (hidden,), dtype=weight_dtype or dtype, device="meta")
+        return norm_kernel_fits(x, w, torch.empty_like(w) if bias else None)
+
+    assert fits() and fits(bias=False)
+    assert fits(dtype=torch.float16) and fits(dtype=torch.float32)
+    assert fits(hidden=1) and fits(hidden=4097) and fits(hidden=65536)
+    assert not fits(hidden=65537)
+    assert not fits(dtype=torch.float64)
+    assert not fits(weight_dtype=torch.float32)  # mixed dtypes: torch's implementation
+    assert not fits(weight_shape=(32,))
+    assert not fits(weight_shape=(8, 8))
+    x, w = torch.zeros(2, 8, dtype=torch.bfloat16), torch.ones(8, dtype=torch.bfloat16)
+    assert not norm_kernel_usable(x, w)  # CPU

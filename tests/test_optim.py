@@ -1,0 +1,225 @@
+"""The optimizer pieces against independent references: the LR schedule against its closed
+form, parameter groups, the loss scaler's rule, the global grad norm and clipped AdamW step of
+a tensor-parallel model against a float64 dense model, skipping on inf across ranks, and fp32
+master weights against ``torch.optim.AdamW`` run on the masters."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from checks import assert_rel_close, seeded
+from harness import run_distributed
+from mp import parallel_state as ps
+from mp.distributed import DistributedDataParallel, finalize_model_grads
+from mp.optim import (
+    DynamicGradScaler,
+    MixedPrecisionOptimizer,
+    OptimizerParamScheduler,
+    get_megatron_optimizer,
+    get_param_groups,
+)
+from test_grad_sync import B, H, S, ToyModel, dense_loss, full_weights, local_loss, local_shard
+
+# --- learning-rate schedule -----------------------------------------------------------------
+
+
+def closed_form_lr(n, style, max_lr, min_lr, warmup, decay):
+    if warmup > 0 and n <= warmup:
+        return max_lr * n / warmup
+    if style == "constant":
+        return max_lr
+    if n > decay:
+        return min_lr
+    progress = (n - warmup) / (decay - warmup)
+    shape = {"linear": 1 - progress, "cosine": (1 + math.cos(math.pi * progress)) / 2}[style]
+    return min_lr + (max_lr - min_lr) * shape
+
+
+def _sgd(lr_mult=None):
+    group = {"params": [nn.Parameter(torch.zeros(1))]}
+    if lr_mult is not None:
+        group["lr_mult"] = lr_mult
+    return torch.optim.SGD([group], lr=123.0)
+
+
+@pytest.mark.parametrize("style", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup,decay", [(0, 50), (10, 50), (10, 10)])
+def test_lr_schedule_matches_closed_form(style, warmup, decay):
+    opt = _sgd()
+    sched = OptimizerParamScheduler(opt, max_lr=3e-3, min_lr=3e-4, lr_warmup_steps=warmup,
+                                    lr_decay_steps=decay, lr_decay_style=style)
+    for n in range(60):
+        want = closed_form_lr(n, style, 3e-3, 3e-4, warmup, decay)
+        assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12, abs=1e-15), n
+        sched.step()
+
+
+def test_lr_schedule_resumes_and_checks_hyperparameters():
+    opt = _sgd(lr_mult=0.5)
+    kw = dict(max_lr=1.0, min_lr=0.1, lr_warmup_steps=5, lr_decay_steps=40)
+    sched = OptimizerParamScheduler(opt, **kw)
+    for _ in range(17):
+        sched.step()
+    resumed = OptimizerParamScheduler(_sgd(), **kw)
+    resumed.load_state_dict(sched.state_dict())
+    assert resumed.num_steps == 17 and resumed.get_lr() == sched.get_lr()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * sched.get_lr())  # lr_mult
+    other = OptimizerParamScheduler(_sgd(), **{**kw, "max_lr": 2.0})
+    with pytest.raises(ValueError, match="max_lr=2.0 here but 1.0 in the checkpoint"):
+        other.load_state_dict(sched.state_dict())
+    other.load_state_dict(sched.state_dict(), use_checkpoint_values=True)
+    assert other.get_lr() == sched.get_lr()
+    with pytest.raises(ValueError, match="lr_decay_steps=4 must be >= 1 and >= lr_warmup_steps=5"):
+        OptimizerParamScheduler(_sgd(), max_lr=1.0, lr_warmup_steps=5, lr_decay_steps=4)
+    with pytest.raises(ValueError, match="lr_decay_style='step' must be one of"):
+        OptimizerParamScheduler(_sgd(), max_lr=1.0, lr_decay_steps=5, lr_decay_style="step")
+
+
+# --- parameter groups and the loss scaler ---------------------------------------------------
+
+
+def test_no_weight_decay_on_biases_and_norm_weights():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 8), nn.LayerNorm(8))
+    shared = nn.Sequential(model[1])  # a second chunk sharing a parameter: counted once
+    decay, no_decay = get_param_groups([model, shared], weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[1].weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(model[1].bias), id(model[2].weight),
+                                                   id(model[2].bias)}
+
+
+def test_dynamic_loss_scaler_rule():
+    scaler = DynamicGradScaler(initial_scale=2.0**10, min_scale=2.0**8, growth_interval=3,
+                               hysteresis=2)
+    history = []
+    for found_inf in [True, True, True, False, False, False, True, True, True, True, True]:
+        scaler.update(found_inf)
+        history.append(scaler.scale)
+    # first inf: hysteresis 2 -> 1, no backoff; then each inf halves; 3 good steps double
+    # and refill the hysteresis; the scale never goes below min_scale
+    assert history == [2**10, 2**9, 2**8, 2**8, 2**8, 2**9, 2**9, 2**8, 2**8, 2**8, 2**8]
+    resumed = DynamicGradScaler(initial_scale=1.0, min_scale=1.0)
+    resumed.load_state_dict(scaler.state_dict())
+    assert resumed.state_dict() == scaler.state_dict()
+    with pytest.raises(ValueError, match="min_scale=4.0 must lie in"):
+        DynamicGradScaler(initial_scale=2.0, min_scale=4.0)
+
+
+# --- grad norm and clipping over tensor-parallel ranks --------------------------------------
+
+
+def _dense_clipped_adamw(x, steps: int, clip: float, **adam):
+    """The serial model's float64 AdamW trajectory with torch's clipping; returns the norms
+    and the final weights."""
+    weights = {n: w.double().requires_grad_(True) for n, w in full_weights().items()}
+    groups = [{"params": [w for w in weights.values() if w.dim() > 1], "weight_decay": 0.1},
+              {"params": [w for w in weights.values() if w.dim() == 1], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, foreach=False, **adam)
+    norms = []
+    for step in range(steps):
+        opt.zero_grad()
+        dense_loss(weights, x[step].double()).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(list(weights.values()), clip).item())
+        opt.step()
+    return norms, weights
+
+
+def _check_clipped_steps(tp: int, sequence_parallel: bool):
+    ps.initialize_model_parallel(tp)
+    model = DistributedDataParallel(ToyModel(sequence_parallel))
+    adam = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-3)
+    opt = get_megatron_optimizer([model], weight_decay=0.1, clip_grad=0.05, adam_beta1=0.9,
+                                 adam_beta2=0.95, adam_eps=1e-3, lr=0.05)
+    x = seeded((3, S, B, H), 5)
+    norms = []
+    for step in range(3):
+        model.zero_grad_buffer()
+        opt.zero_grad()
+        xs = x[step]
+        if sequence_parallel:
+            xs = xs.chunk(tp, 0)[ps.get_tensor_model_parallel_rank()]
+        local_loss(model(xs)).backward()
+        finalize_model_grads([model])
+        result = opt.step()
+        assert result.update_successful
+        norms.append(result.grad_norm)
+    want_norms, want = _dense_clipped_adamw(x, 3, 0.05, **adam)
+    assert min(want_norms) > 0.05, "the test needs clipping to be active"
+    for got, expected in zip(norms, want_norms):
+        assert got == pytest.approx(expected, rel=1e-6)
+    for name, param in model.module.named_parameters():
+        if name in want:
+            assert_rel_close(param, local_shard(param, want[name].detach()), what=name)
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True), (4, True)])
+def test_grad_norm_counts_replicated_params_once(tp, sp):
+    run_distributed(tp, _check_clipped_steps, tp, sp)
+
+
+def _check_inf_skips_every_rank(poisoned: str, bad_rank: int):
+    ps.initialize_model_parallel(2)
+    model = ToyModel().half()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = get_megatron_optimizer([model], lr=0.1, initial_loss_scale=2.0**12, hysteresis=1)
+    if dist.get_rank() == bad_rank:
+        getattr(model, poisoned).weight.grad[0, ...] = float("inf")
+    result = opt.step()
+    assert not result.update_successful and not math.isfinite(result.grad_norm)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "params moved"
+    assert opt.get_loss_scale() == 2.0**11  # backed off (hysteresis 1)
+    for p in model.parameters():  # a clean step afterwards goes through on every rank
+        p.grad = torch.full_like(p, 0.5 * 2.0**11)
+    result = opt.step()
+    assert result.update_successful and math.isfinite(result.grad_norm)
+    assert not torch.equal(model.fc1.weight, before["fc1.weight"])
+
+
+@pytest.mark.parametrize("poisoned,bad_rank", [("fc1", 0), ("fc1", 1), ("ln1", 1)])
+def test_inf_on_one_rank_skips_the_step_on_all(poisoned, bad_rank):
+    """``ln1`` is replicated over TP: on rank 1 it is not counted in the norm, yet its inf must
+    still make every rank skip."""
+    run_distributed(2, _check_inf_skips_every_rank, poisoned, bad_rank)
+
+
+# --- fp32 master weights ----------------------------------------------------------------------
+
+
+def _check_master_weights(dtype: torch.dtype, via_main_grad: bool):
+    ps.initialize_model_parallel(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.LayerNorm(8)).to(dtype)
+    scale = 2.0**10 if dtype == torch.float16 else 1.0
+    adam = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    scaler = DynamicGradScaler(initial_scale=scale) if dtype == torch.float16 else None
+    opt = MixedPrecisionOptimizer(get_param_groups([model], 0.1), clip_grad=0.0,
+                                  grad_scaler=scaler, **adam)
+    masters = [nn.Parameter(p.detach().float().clone()) for p in model.parameters()]
+    ref = torch.optim.AdamW(get_param_groups([nn.ParameterList(masters)], 0.1), foreach=False,
+                            **adam)
+    for step in range(4):
+        grads = [seeded(p.shape, 10 * step + i, scale=1e-2) for i, p in enumerate(masters)]
+        for param, grad in zip(model.parameters(), grads):
+            if via_main_grad:
+                param.main_grad = grad * scale
+            else:
+                param.grad = (grad * scale).to(dtype)
+        for master, grad in zip(masters, grads):
+            master.grad = grad if via_main_grad else (grad * scale).to(dtype).float() / scale
+        assert opt.step().update_successful
+        ref.step()
+        for param, master, kept in zip(model.parameters(), masters, opt.main_params):
+            assert_rel_close(kept, master, what="fp32 master")
+            assert torch.equal(param, kept.to(dtype)), "model param is not the rounded master"
+    assert all(p.grad is None for p in opt.main_params), "a borrowed grad left on a master"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("via_main_grad", [True, False])
+def test_master_weights_follow_fp32_adamw(dtype, via_main_grad):
+    run_distributed(1, _check_master_weights, dtype, via_main_grad)

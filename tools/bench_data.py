@@ -1,0 +1,154 @@
+"""Data pipeline benchmarks: preprocessing throughput, index building, random sample reads.
+
+    python tools/bench_data.py [--workers 1 2] [--seq-length 2048] [--skip-bpe]
+
+Prints one table row per measurement:
+
+- preprocessing the embedded corpus (``mp.data.corpus``: the standard library's source, one
+  document per file) with the byte-level tokenizer, and with a GPT-2-style BPE of 8192 ids that
+  is first trained on part of the same corpus (``tokenizers``), for each worker count; this is
+  the engine of ``tools/preprocess_data.py``, timed from the first read to the renamed output;
+- building the document / sample / shuffle indices for millions of samples of ``seq_length``
+  over synthetic document lengths;
+- reading random samples of ``seq_length`` through the mmap: a raw ``IndexedDataset.get``, a full
+  ``GPTDataset`` item, and a DataLoader of micro-batches of 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+
+from mp.data.corpus import stdlib_source_files, tokenize_corpus
+from mp.data.gpt_dataset import GPTDataset, build_indices
+from mp.data.indexed_dataset import IndexedDataset
+from mp.data.samplers import build_pretraining_data_loader
+from mp.data.tokenizer import ByteLevelTokenizer, GPT2BPETokenizer
+
+
+def row(what: str, amount: str, seconds: float, rate: str) -> None:
+    print(f"| {what} | {amount} | {seconds:.3f} | {rate} |", flush=True)
+
+
+def bench_preprocess(files: list[str], tokenizer, name: str, workers: list[int], out: str) -> str:
+    prefix = ""
+    for w in workers:
+        stats = tokenize_corpus(files, os.path.join(out, f"{name}-w{w}"), tokenizer, w)
+        prefix = stats.outputs["text"]
+        row(
+            f"preprocess corpus, {name}, {w} worker(s)",
+            f"{stats.documents} docs, {stats.tokens:,} tokens, {stats.bytes_read / 1e6:.1f} MB",
+            stats.seconds,
+            f"{stats.tokens_per_second:,.0f} tokens/s",
+        )
+    return prefix
+
+
+def train_bpe(files: list[str], out: str) -> GPT2BPETokenizer:
+    """A GPT-2-style byte-level BPE (8192 ids) trained on the first 2 MB of the corpus."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    text, size = [], 0
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            text.append(f.read())
+        size += len(text[-1])
+        if size > 2_000_000:
+            break
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator(
+        text, vocab_size=8192, special_tokens=["<|endoftext|>"], show_progress=False
+    )
+    trainer.save_model(out)
+    return GPT2BPETokenizer(os.path.join(out, "vocab.json"), os.path.join(out, "merges.txt"))
+
+
+def bench_index_build(seq_length: int, num_samples: int, num_documents: int) -> None:
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.lognormal(6.0, 1.0, num_documents), 100_000).astype(np.int32) + 1
+    start = time.perf_counter()
+    _, sample_index, _ = build_indices(
+        lengths, np.arange(num_documents), num_samples, seq_length, 1
+    )
+    seconds = time.perf_counter() - start
+    samples = sample_index.shape[0] - 1
+    row(
+        f"build indices, seq_length {seq_length}",
+        f"{num_documents:,} docs, {int(lengths.sum()):,} tokens, {samples:,} samples",
+        seconds,
+        f"{samples / seconds:,.0f} samples/s",
+    )
+
+
+def bench_reads(prefix: str, seq_length: int, reads: int, cache: str) -> None:
+    ds = IndexedDataset(prefix)
+    rng = np.random.default_rng(0)
+    long_enough = np.flatnonzero(ds.sequence_lengths > seq_length)
+    picks = rng.choice(long_enough, reads)
+    start = time.perf_counter()
+    for i in picks:
+        ds.get(int(i), 0, seq_length + 1)
+    seconds = time.perf_counter() - start
+    row(
+        f"IndexedDataset.get of {seq_length + 1} tokens, random",
+        f"{reads:,} reads",
+        seconds,
+        f"{reads / seconds:,.0f} samples/s ({1e6 * seconds / reads:.1f} us)",
+    )
+
+    gpt = GPTDataset(ds, np.arange(len(ds)), 10 * reads, seq_length, 1, path_to_cache=cache)
+    picks = rng.integers(0, len(gpt), reads)
+    start = time.perf_counter()
+    for i in picks:
+        gpt[int(i)]
+    seconds = time.perf_counter() - start
+    row(
+        f"GPTDataset item, seq_length {seq_length}, random",
+        f"{reads:,} samples of {len(gpt):,}",
+        seconds,
+        f"{reads / seconds:,.0f} samples/s ({1e6 * seconds / reads:.1f} us)",
+    )
+
+    loader = build_pretraining_data_loader(gpt, 0, 8, 0, 1)
+    batches = min(len(loader), reads // 8)
+    start = time.perf_counter()
+    for _, _ in zip(range(batches), loader):
+        pass
+    seconds = time.perf_counter() - start
+    row(
+        f"DataLoader micro-batches of 8 x {seq_length}",
+        f"{batches:,} batches",
+        seconds,
+        f"{8 * batches / seconds:,.0f} samples/s",
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--seq-length", type=int, default=2048)
+    parser.add_argument("--index-samples", type=int, default=5_000_000)
+    parser.add_argument("--index-documents", type=int, default=1_000_000)
+    parser.add_argument("--reads", type=int, default=20_000)
+    parser.add_argument("--skip-bpe", action="store_true", help="no BPE preprocessing rows")
+    args = parser.parse_args(argv)
+    files = stdlib_source_files()
+    print(f"{os.cpu_count()} CPUs, 1-minute load average at start {os.getloadavg()[0]:.2f}\n")
+    print("| measurement | amount | seconds | rate |\n| --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as out:
+        prefix = bench_preprocess(files, ByteLevelTokenizer(), "byte-level", args.workers, out)
+        if not args.skip_bpe:
+            bench_preprocess(files, train_bpe(files, out), "BPE-8192", args.workers, out)
+        bench_index_build(args.seq_length, args.index_samples, args.index_documents)
+        bench_reads(prefix, args.seq_length, args.reads, os.path.join(out, "cache"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Estimate a training job's memory, FLOPs, communication and step time, or plan its layout.
+
+    # one layout: the config's own (TP, PP, ...), with any override of the config
+    python tools/estimate.py --config configs/gpt3-175b.yaml --gpus 1024 --gpu h100
+    python tools/estimate.py --config configs/gpt3-1.3b.yaml --gpus 8 --micro-batch-size 8 \\
+        --recompute-granularity full --recompute-method uniform
+
+    # every valid layout that fits, fastest first, and a memory chart (needs matplotlib)
+    python tools/estimate.py --config configs/gpt3-175b.yaml --gpus 1024 --gpu h100 --plan \\
+        --top 10 --chart plan.png
+
+Arguments this tool does not know are config overrides, as for pretraining
+(``--section.key VALUE`` or a Megatron flag such as ``--global-batch-size 2048``). With
+``--plan`` the config's own layout is ignored: the planner tries every one. See
+docs/estimate.md for the model behind each number and what is checked against the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mp.config import load_config
+from mp.estimate import (
+    CPU,
+    CUDA,
+    GPUS,
+    Setup,
+    estimate,
+    format_estimate,
+    format_plan,
+    gpu_spec,
+    memory_chart,
+    plan,
+)
+from mp.estimate.planner import (
+    DEFAULT_MEMORY_FRACTION,
+    DEFAULT_MICRO_BATCH_SIZES,
+    RECOMPUTE_MODES,
+)
+from mp.estimate.step_time import DEFAULT_EFFICIENCY
+
+# what --plan resets before the user's overrides: the planner chooses these itself, and the
+# config's own layout need not fit the GPU count
+_PLAN_RESETS = ["--model.tensor_model_parallel_size", "1",
+                "--model.pipeline_model_parallel_size", "1",
+                "--model.virtual_pipeline_model_parallel_size", "null",
+                "--model.sequence_parallel", "false",
+                "--model.recompute_granularity", "null", "--model.recompute_method", "null",
+                "--model.recompute_num_layers", "null",
+                "--training.micro_batch_size", "1"]
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be a positive integer")
+    return values
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    modes = tuple(text.split(","))
+    for mode in modes:
+        if mode not in RECOMPUTE_MODES:
+            raise argparse.ArgumentTypeError(
+                f"recompute mode {mode!r} must be one of {', '.join(RECOMPUTE_MODES)}")
+    return modes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Other arguments are config overrides.")
+    p.add_argument("--config", required=True, help="the job's YAML config")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (world size)")
+    p.add_argument("--gpu", default="h100", choices=sorted(GPUS), help="GPU type")
+    hw = p.add_argument_group("GPU and links (override the GPU type's figures)")
+    hw.add_argument("--peak-tflops", type=float, help="dense 16-bit peak, TFLOP/s")
+    hw.add_argument("--memory-gib", type=float, help="memory per GPU, GiB")
+    hw.add_argument("--hbm-gbps", type=float, help="HBM bandwidth, GB/s")
+    hw.add_argument("--intra-node-gbps", type=float, help="NVLink per GPU per direction, GB/s")
+    hw.add_argument("--inter-node-gbps", type=float, help="network per GPU per direction, GB/s")
+    hw.add_argument("--gpus-per-node", type=int, help="GPUs per node")
+    p.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY,
+                   help="achievable fraction of peak for the matrix products (default "
+                        "%(default)s)")
+    p.add_argument("--kernels", choices=("cuda", "cpu"), default="cuda",
+                   help="whose kernels' saved tensors to count (default cuda)")
+    pl = p.add_argument_group("planning")
+    pl.add_argument("--plan", action="store_true", help="rank every valid layout that fits")
+    pl.add_argument("--top", type=int, default=10, help="layouts to print (default 10)")
+    pl.add_argument("--memory-fraction", type=float, default=DEFAULT_MEMORY_FRACTION,
+                    help="usable fraction of GPU memory (default %(default)s)")
+    pl.add_argument("--micro-batch-sizes", type=_int_list, default=DEFAULT_MICRO_BATCH_SIZES,
+                    help="micro-batch sizes to try, e.g. 1,2,4 (default 1,2,4,8)")
+    pl.add_argument("--recompute", type=_modes, default=RECOMPUTE_MODES,
+                    help="recompute modes to try (default none,selective,full)")
+    pl.add_argument("--sequence-parallel", choices=("on", "off", "both"), default="on",
+                    help="sequence parallelism when TP > 1 (default on)")
+    pl.add_argument("--max-tensor-parallel", type=int,
+                    help="largest TP size tried (default: GPUs per node)")
+    pl.add_argument("--distributed-optimizer", choices=("on", "off"),
+                    help="default: the config's training.use_distributed_optimizer")
+    p.add_argument("--chart", metavar="PNG", help="draw the memory breakdown (matplotlib)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        gpu = gpu_spec(args.gpu, peak_tflops=args.peak_tflops, memory_gib=args.memory_gib,
+                       hbm_gbps=args.hbm_gbps, intra_node_gbps=args.intra_node_gbps,
+                       inter_node_gbps=args.inter_node_gbps, gpus_per_node=args.gpus_per_node)
+        kernels = CUDA if args.kernels == "cuda" else CPU
+        if args.plan:
+            job = load_config(args.config, _PLAN_RESETS + overrides, world_size=1)
+            sp = {"on": (True,), "off": (False,), "both": (True, False)}[args.sequence_parallel]
+            distributed = None if args.distributed_optimizer is None else \
+                args.distributed_optimizer == "on"
+            result = plan(job, args.gpus, gpu, efficiency=args.efficiency,
+                          memory_fraction=args.memory_fraction, kernels=kernels,
+                          micro_batch_sizes=args.micro_batch_sizes,
+                          recompute_modes=args.recompute, sequence_parallel=sp,
+                          max_tensor_parallel=args.max_tensor_parallel or gpu.gpus_per_node,
+                          distributed_optimizer=distributed)
+            print(f"{os.path.basename(args.config)} on {args.gpus} x {gpu.name}, global batch "
+                  f"{job.training.global_batch_size} x {job.model.seq_length} tokens, "
+                  f"{args.efficiency:.0%} of peak:")
+            print(format_plan(result, args.top))
+            shown = result.fitting[:args.top]
+        else:
+            job = load_config(args.config, overrides, world_size=args.gpus)
+            est = estimate(Setup.from_job(job, args.gpus), gpu, args.efficiency, kernels)
+            print(f"{os.path.basename(args.config)}: " + format_estimate(est, kernels))
+            shown = [est]
+        if args.chart and shown:
+            memory_chart(shown, args.chart, args.memory_fraction)
+            print(f"memory chart written to {args.chart}")
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
