@@ -31,14 +31,17 @@ def _communicate(*, send_next: torch.Tensor | None = None, send_prev: torch.Tens
     prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()
     from_prev = torch.empty(tensor_shape, dtype=dtype, device=device) if recv_prev else None
     from_next = torch.empty(tensor_shape, dtype=dtype, device=device) if recv_next else None
+    # Messages between two ranks are matched in the order they are posted. Post the forward
+    # flow (activations: send next, receive prev) before the backward flow (gradients: send
+    # prev, receive next) on every rank, so that with two stages -- where next and prev are
+    # the same peer -- an activation is never taken for a gradient.
     ops = []
-    # The order (send prev, recv prev, send next, recv next) matches on both sides of a link.
-    if send_prev is not None:
-        ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), prev_rank))
-    if from_prev is not None:
-        ops.append(dist.P2POp(dist.irecv, from_prev, prev_rank))
     if send_next is not None:
         ops.append(dist.P2POp(dist.isend, send_next.contiguous(), next_rank))
+    if from_prev is not None:
+        ops.append(dist.P2POp(dist.irecv, from_prev, prev_rank))
+    if send_prev is not None:
+        ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), prev_rank))
     if from_next is not None:
         ops.append(dist.P2POp(dist.irecv, from_next, next_rank))
     if ops:

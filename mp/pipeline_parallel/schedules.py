@@ -17,13 +17,17 @@ will reuse, adding the exchange of activations between stages.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from mp import parallel_state
 from mp.distributed import finalize_model_grads
+from mp.pipeline_parallel.pipelined import (
+    forward_backward_pipelining_with_interleaving,
+    forward_backward_pipelining_without_interleaving,
+)
 
 
 def forward_step(forward_step_func: Callable, data_iterator: Iterator, model: nn.Module,
@@ -89,11 +93,10 @@ def forward_backward_no_pipelining(*, forward_step_func: Callable, data_iterator
 
 
 def get_forward_backward_func() -> Callable:
-    """The schedule for the current layout: without pipeline parallelism,
-    `forward_backward_no_pipelining`."""
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if pp > 1:
-        raise NotImplementedError(
-            f"pipeline_model_parallel_size={pp}: the pipelined schedules (1F1B, interleaved) "
-            "are not implemented yet; use pipeline_model_parallel_size=1")
-    return forward_backward_no_pipelining
+    """The schedule for the current layout: `forward_backward_no_pipelining` without pipeline
+    parallelism, 1F1B with it, interleaved 1F1B with virtual stages."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return forward_backward_no_pipelining
+    if parallel_state.get_virtual_pipeline_model_parallel_world_size() is None:
+        return forward_backward_pipelining_without_interleaving
+    return forward_backward_pipelining_with_interleaving

@@ -1,0 +1,80 @@
+"""GPT split into pipeline stages (and virtual stages) for this rank.
+
+With ``p`` pipeline stages and ``v`` virtual stages (model chunks) per rank, the ``L`` layers
+are cut into ``p * v`` chunks of ``L / (p * v)`` consecutive layers. Chunk ``c`` of stage ``r``
+holds global chunk ``c * p + r`` (Narayanan et al. 2021's interleaved assignment; ``v = 1``
+gives each stage one contiguous block). The embedding lives on the first chunk of stage 0, the
+final norm, output layer and loss on the last chunk of stage ``p - 1``.
+
+Tied word embeddings across stages: the last stage holds its own copy of the embedding matrix
+as the output layer's weight. It starts as the first stage's (zeros, then a sum over the
+embedding group) and stays equal because the two copies' gradients are summed over the same
+group every step (`allreduce_embedding_grads`). The copy is marked ``shared = True`` so that
+norms and counts take the matrix once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mp import parallel_state
+from mp.model.config import TransformerConfig
+from mp.model.gpt import GPTModel
+
+
+def chunk_first_layer(config: TransformerConfig, pp_rank: int, chunk: int) -> int:
+    """0-based index of the first transformer layer of ``chunk`` on stage ``pp_rank``."""
+    return (chunk * config.pipeline_model_parallel_size + pp_rank) * config.layers_per_chunk
+
+
+def build_gpt_chunks(config: TransformerConfig, group=None) -> list[GPTModel]:
+    """This rank's model chunks (one without virtual stages), built in order."""
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp != config.pipeline_model_parallel_size:
+        raise ValueError(f"config.pipeline_model_parallel_size="
+                         f"{config.pipeline_model_parallel_size} but the pipeline group has "
+                         f"{pp} ranks")
+    rank = parallel_state.get_pipeline_model_parallel_rank()
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    chunks = [GPTModel(config, pre_process=rank == 0 and c == 0,
+                       post_process=rank == pp - 1 and c == vpp - 1,
+                       first_layer_number=chunk_first_layer(config, rank, c) + 1, group=group)
+              for c in range(vpp)]
+    initialize_word_embeddings(chunks)
+    return chunks
+
+
+def _shared_weight(chunks: list[nn.Module]) -> torch.Tensor | None:
+    """The embedding matrix this rank holds as part of the tied pair, if any."""
+    for chunk in chunks:
+        chunk = getattr(chunk, "module", chunk)
+        if chunk.share_embeddings and (chunk.pre_process or chunk.post_process):
+            return chunk.shared_embedding_or_output_weight()
+    return None
+
+
+@torch.no_grad()
+def initialize_word_embeddings(chunks: list[GPTModel]) -> None:
+    """Make the last stage's copy of a tied embedding equal to the first stage's."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    weight = _shared_weight(chunks)
+    if weight is None:
+        return
+    if not parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+        weight.zero_()
+        weight.shared = True
+    dist.all_reduce(weight.data, group=parallel_state.get_embedding_group())
+
+
+def allreduce_embedding_grads(chunks: list[nn.Module]) -> None:
+    """Sum the tied embedding's gradient over the first and last stage (no-op elsewhere)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    weight = _shared_weight(chunks)
+    if weight is None:
+        return
+    grad = weight.main_grad if hasattr(weight, "main_grad") else weight.grad
+    dist.all_reduce(grad, group=parallel_state.get_embedding_group())

@@ -1,0 +1,275 @@
+"""Pipelined schedules: 1F1B and interleaved 1F1B (Narayanan et al. 2021, section 2.2).
+
+Both run ``m`` micro-batches through ``p`` stages and keep at most a stage-dependent number of
+micro-batches' activations alive (1F1B: ``p - r`` on stage ``r``, not ``m`` as GPipe does).
+
+1F1B on stage ``r``: ``min(p - r - 1, m)`` warm-up forwards, then ``m - warmup`` pairs of one
+forward and one backward, then ``warmup`` cool-down backwards.
+
+Interleaved (``v`` model chunks per rank): virtual micro-batch ``k`` runs chunk
+``(k mod p v) // p`` on micro-batch ``(k // p v) p + k mod p``; backwards walk the chunks in
+reverse. Warm-up is ``2 (p - r - 1) + (v - 1) p`` forwards (all ``m v`` when ``m = p``), then
+1F1B pairs, then cool-down. The bubble shrinks by ``v``; Megatron's schedule needs ``m`` to be a
+multiple of ``p``, and so does this one.
+
+An output already sent downstream keeps only its autograd graph: its data is freed (it is
+never read again) and backward runs from the gradient the next stage sends back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from typing import Callable
+
+import torch
+from torch.autograd import Variable
+from torch import nn
+
+from mp import parallel_state
+from mp.pipeline_parallel.p2p import P2P, _communicate
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+class _Stage:
+    """Forward and backward of one micro-batch on one model chunk of this rank."""
+
+    def __init__(self, forward_step_func: Callable, num_microbatches: int,
+                 grad_scale_func: Callable | None, forward_only: bool):
+        self.forward_step_func, self.num_microbatches = forward_step_func, num_microbatches
+        self.grad_scale_func, self.forward_only = grad_scale_func, forward_only
+        self.forward_data_store: list[dict] = []
+
+    def forward(self, model: nn.Module, data_iterator, input_tensor: torch.Tensor | None,
+                is_last_stage: bool) -> torch.Tensor:
+        """``[s, b, h]`` activations for the next stage, or on the last stage the micro-batch's
+        loss divided by ``m``."""
+        if input_tensor is not None and not self.forward_only:
+            input_tensor.requires_grad_()
+        _unwrap(model).set_input_tensor(input_tensor)
+        output, loss_func = self.forward_step_func(data_iterator, model)
+        if not is_last_stage:
+            return output
+        loss, reported = loss_func(output)
+        self.forward_data_store.append(reported)
+        return loss / self.num_microbatches
+
+    def backward(self, input_tensor: torch.Tensor | None, output: torch.Tensor,
+                 output_grad: torch.Tensor | None) -> torch.Tensor | None:
+        """Backward of one micro-batch; the gradient for the previous stage (None on the
+        first). ``output_grad`` is None on the last stage, where ``output`` is the loss."""
+        if output_grad is None:
+            if self.grad_scale_func is not None:
+                output = self.grad_scale_func(output)
+            torch.autograd.backward(output)
+        else:
+            # output's data was freed after sending; autograd.backward would check its shape
+            Variable._execution_engine.run_backward(
+                (output,), (output_grad,), False, False, (), True, True)
+        return None if input_tensor is None else input_tensor.grad
+
+
+def _free(output: torch.Tensor) -> None:
+    """Drop the data of an output that the next stage has received (keep its graph)."""
+    output.data = torch.empty((1,), dtype=output.dtype, device=output.device)
+
+
+def _tensor_shape(model: nn.Module, seq_length: int, micro_batch_size: int):
+    config = _unwrap(model).config
+    s = seq_length // config.tensor_model_parallel_size if config.sequence_parallel \
+        else seq_length
+    return (s, micro_batch_size, config.hidden_size), config.params_dtype
+
+
+def _no_sync_all(models: list[nn.Module]):
+    stack = contextlib.ExitStack()
+    for model in models:
+        stack.enter_context(getattr(model, "no_sync", contextlib.nullcontext)())
+    return stack
+
+
+def forward_backward_pipelining_without_interleaving(
+        *, forward_step_func: Callable, data_iterator, model, num_microbatches: int,
+        seq_length: int, micro_batch_size: int, forward_only: bool = False,
+        grad_scale_func: Callable | None = None,
+        finalize_model_grads_func: Callable | None = None) -> list[dict]:
+    """1F1B over ``p`` stages; arguments as ``forward_backward_no_pipelining``."""
+    model = model[0] if isinstance(model, (list, tuple)) else model
+    data_iterator = (data_iterator[0] if isinstance(data_iterator, (list, tuple))
+                     else data_iterator)
+    p = parallel_state.get_pipeline_model_parallel_world_size()
+    r = parallel_state.get_pipeline_model_parallel_rank()
+    last = parallel_state.is_pipeline_last_stage()
+    shape, dtype = _tensor_shape(model, seq_length, micro_batch_size)
+    comm = P2P(shape, dtype, next(model.parameters()).device)
+    stage = _Stage(forward_step_func, num_microbatches, grad_scale_func, forward_only)
+    warmup = min(p - r - 1, num_microbatches)
+    steady = num_microbatches - warmup
+    inputs: deque = deque()
+    outputs: deque = deque()
+
+    def run_forward(input_tensor):
+        output = stage.forward(model, data_iterator, input_tensor, last)
+        return output
+
+    with torch.no_grad() if forward_only else contextlib.nullcontext(), _no_sync_all([model]):
+        for _ in range(warmup):
+            input_tensor = comm.recv_forward()
+            output = run_forward(input_tensor)
+            comm.send_forward(output)
+            if not forward_only:
+                inputs.append(input_tensor)
+                outputs.append(output)
+                if not last:
+                    _free(output)
+        input_tensor = comm.recv_forward() if steady > 0 else None
+        for i in range(steady):
+            final = i == steady - 1
+            output = run_forward(input_tensor)
+            if forward_only:
+                comm.send_forward(output)
+                input_tensor = None if final else comm.recv_forward()
+                continue
+            output_grad = comm.send_forward_recv_backward(output)
+            inputs.append(input_tensor)
+            outputs.append(output)
+            if not last:
+                _free(output)
+            input_grad = stage.backward(inputs.popleft(), outputs.popleft(), output_grad)
+            if final:
+                comm.send_backward(input_grad)
+            else:
+                input_tensor = comm.send_backward_recv_forward(input_grad)
+        if not forward_only:
+            for _ in range(warmup):
+                output_grad = comm.recv_backward()
+                comm.send_backward(stage.backward(inputs.popleft(), outputs.popleft(),
+                                                  output_grad))
+    if not forward_only and finalize_model_grads_func is not None:
+        finalize_model_grads_func([model])
+    return stage.forward_data_store
+
+
+def interleaved_chunk(k: int, p: int, v: int, forward: bool) -> int:
+    """The model chunk of virtual micro-batch ``k`` (backwards walk the chunks in reverse)."""
+    chunk = (k % (p * v)) // p
+    return chunk if forward else v - 1 - chunk
+
+
+def forward_backward_pipelining_with_interleaving(
+        *, forward_step_func: Callable, data_iterator, model, num_microbatches: int,
+        seq_length: int, micro_batch_size: int, forward_only: bool = False,
+        grad_scale_func: Callable | None = None,
+        finalize_model_grads_func: Callable | None = None) -> list[dict]:
+    """Interleaved 1F1B: ``model`` and ``data_iterator`` are lists, one per model chunk."""
+    models, iterators = list(model), list(data_iterator)
+    p = parallel_state.get_pipeline_model_parallel_world_size()
+    r = parallel_state.get_pipeline_model_parallel_rank()
+    v = len(models)
+    if len(iterators) != v:
+        raise ValueError(f"{v} model chunks but {len(iterators)} data iterators")
+    if num_microbatches % p:
+        raise ValueError(f"the interleaved schedule needs num_microbatches={num_microbatches} "
+                         f"to be a multiple of pipeline_model_parallel_size={p}")
+    m = num_microbatches
+    total = m * v
+    all_warmup = m == p
+    warmup = total if all_warmup else min((p - r - 1) * 2 + (v - 1) * p, total)
+    shape, dtype = _tensor_shape(models[0], seq_length, micro_batch_size)
+    device = next(models[0].parameters()).device
+    stage = _Stage(forward_step_func, m, grad_scale_func, forward_only)
+    inputs = [deque() for _ in range(v)]
+    outputs = [deque() for _ in range(v)]
+    output_grads = [deque() for _ in range(v)]
+    first_rank, last_rank = r == 0, r == p - 1
+
+    def exchange(send_next=None, send_prev=None, recv_prev=False, recv_next=False):
+        return _communicate(send_next=send_next, send_prev=send_prev, recv_prev=recv_prev,
+                            recv_next=recv_next, tensor_shape=shape, dtype=dtype, device=device)
+
+    def run_forward(k: int):
+        c = interleaved_chunk(k, p, v, True)
+        parallel_state.set_virtual_pipeline_model_parallel_rank(c)
+        if parallel_state.is_pipeline_first_stage() and len(inputs[c]) == len(outputs[c]):
+            inputs[c].append(None)
+        is_last = parallel_state.is_pipeline_last_stage()
+        output = stage.forward(models[c], iterators[c], inputs[c][-1], is_last)
+        outputs[c].append(output)
+        if forward_only:
+            inputs[c].pop()
+            outputs[c].pop()
+        return None if is_last else output  # nothing to send from the very last chunk
+
+    def run_backward(k: int):
+        c = interleaved_chunk(k, p, v, False)
+        parallel_state.set_virtual_pipeline_model_parallel_rank(c)
+        if parallel_state.is_pipeline_last_stage() and not output_grads[c]:
+            output_grads[c].append(None)
+        input_grad = stage.backward(inputs[c].popleft(), outputs[c].popleft(),
+                                    output_grads[c].popleft())
+        return None if parallel_state.is_pipeline_first_stage() else input_grad
+
+    def free_sent(output):
+        if output is not None and not forward_only:
+            _free(output)
+
+    with torch.no_grad() if forward_only else contextlib.nullcontext(), _no_sync_all(models):
+        parallel_state.set_virtual_pipeline_model_parallel_rank(0)
+        inputs[0].append(exchange(recv_prev=not first_rank)[0])
+        for k in range(warmup):
+            output = run_forward(k)
+            next_chunk = interleaved_chunk(k + 1, p, v, True)
+            recv_prev = not (first_rank and next_chunk == 0) and k != total - 1
+            if k == warmup - 1 and not forward_only and not all_warmup:
+                from_prev, from_next = exchange(send_next=output, recv_prev=recv_prev,
+                                                recv_next=not last_rank)
+                output_grads[v - 1].append(from_next)
+            else:
+                from_prev, _ = exchange(send_next=output, recv_prev=recv_prev)
+            free_sent(output)
+            if recv_prev:
+                inputs[next_chunk].append(from_prev)
+
+        for i in range(total - warmup):
+            fk, bk = i + warmup, i
+            output = run_forward(fk)
+            input_grad = None if forward_only else run_backward(bk)
+            if first_rank:
+                next_fwd = interleaved_chunk(fk - (p - 1), p, v, True)
+                recv_prev = next_fwd != v - 1
+                next_fwd += 1
+            else:
+                next_fwd, recv_prev = interleaved_chunk(fk + 1, p, v, True), True
+            if last_rank:
+                next_bwd = interleaved_chunk(bk - (p - 1), p, v, False)
+                recv_next = next_bwd != 0
+                next_bwd -= 1
+            else:
+                next_bwd, recv_next = interleaved_chunk(bk + 1, p, v, False), True
+            recv_prev = recv_prev and i != total - warmup - 1
+            recv_next = recv_next and not forward_only
+            from_prev, from_next = exchange(send_next=output, send_prev=input_grad,
+                                            recv_prev=recv_prev, recv_next=recv_next)
+            free_sent(output)
+            if recv_prev:
+                inputs[next_fwd].append(from_prev)
+            if recv_next:
+                output_grads[next_bwd].append(from_next)
+
+        if not forward_only:
+            if all_warmup:
+                output_grads[v - 1].append(exchange(recv_next=not last_rank)[1])
+            for k in range(total - warmup, total):
+                input_grad = run_backward(k)
+                next_chunk = interleaved_chunk(k + 1, p, v, False)
+                recv_next = not (last_rank and next_chunk == v - 1) and k != total - 1
+                _, from_next = exchange(send_prev=input_grad, recv_next=recv_next)
+                if recv_next:
+                    output_grads[next_chunk].append(from_next)
+    parallel_state.set_virtual_pipeline_model_parallel_rank(0)
+    if not forward_only and finalize_model_grads_func is not None:
+        finalize_model_grads_func(models)
+    return stage.forward_data_store
