@@ -23,7 +23,7 @@ from mp.model.rope import rotary_freqs
 from mp.model.transformer import TransformerBlock, TransformerLayer
 from mp.tensor_parallel import model_parallel_cuda_manual_seed
 
-S, B, H, HEADS = 64, 2, 128, 4
+S, B, H, HEADS = 32, 2, 64, 4
 
 LAYER_CASES = {  # name -> config overrides (tp and sequence_parallel are added per case)
     "unfused": dict(attention_backend="unfused"),

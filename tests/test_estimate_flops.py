@@ -79,3 +79,17 @@ def test_bubble_and_step_time_parts():
     per_microbatch = (est.step.compute + est.step.tp_comm + est.step.pp_comm) / 8
     assert est.step.bubble == pytest.approx(3 / 2 * per_microbatch, rel=1e-12)
     assert est.step.total > est.step.compute > 0
+
+
+@pytest.mark.parametrize("recompute", [None, "selective", "full"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_training_flops_agree_with_the_training_loop_count(recompute, activation):
+    """The training loop's MFU count (mp.training.flops) and the estimator's are the same."""
+    from mp.training.flops import num_floating_point_operations
+
+    cfg = _config(32, 4096, 8, activation=activation, recompute_granularity=recompute,
+                  recompute_method="uniform" if recompute == "full" else None)
+    assert training_flops(cfg, 16) == pytest.approx(num_floating_point_operations(cfg, 16),
+                                                    rel=1e-12)
+    assert training_flops(cfg, 16, None) == pytest.approx(
+        num_floating_point_operations(cfg, 16, recompute=False), rel=1e-12)

@@ -111,7 +111,8 @@ def _measured_state(tp: int, precision: str, overrides: dict) -> tuple[float, fl
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("tp,variant", [(2, "gpt"), (1, "gpt"), (2, "swiglu_rms_rope_untied_nobias")])
+@pytest.mark.parametrize("tp,variant", [(2, "gpt"), (1, "gpt"),
+                                        (2, "swiglu_rms_rope_untied_nobias")])
 def test_state_bytes_equal_model_ddp_and_optimizer(tp, variant, precision):
     """Weights, the fp32 gradient buffer, fp32 masters, Adam moments and step counters."""
     measured = run_distributed(2, _measured_state, tp, precision, VARIANTS[variant])

@@ -97,6 +97,16 @@ def test_cli_single_estimate_with_overrides(capsys):
         assert section in out
 
 
+def test_cli_overrides_are_not_taken_for_its_own_flags(capsys):
+    """``--micro-batch-size`` is the config's key, not an abbreviation of the planner's
+    ``--micro-batch-sizes``."""
+    tool = _tool()
+    assert tool.main(["--config", os.path.join(CONFIGS, "gpt3-1.3b.yaml"), "--gpus", "1",
+                      "--micro-batch-size", "8", "--global-batch-size", "8",
+                      "--use-distributed-optimizer", "false"]) == 0
+    assert "1 x h100: TP1 PP1 DP1, mbs 8 x 1, recompute none\n" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--gpus", "8", "--tensor-model-parallel-size", "3"],
      "num_attention_heads=16 is not divisible by tensor_model_parallel_size=3"),

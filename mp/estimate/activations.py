@@ -4,18 +4,21 @@ Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
 section 4) count the bytes a GPT layer saves with 16-bit activations, ``a`` heads, ``t``
 tensor-parallel ranks: `korthikanti_layer_bytes` gives their closed forms. `layer_terms`
 counts the same thing tensor by tensor for the layer ``mp.model`` builds, so it also covers
-fp32, SwiGLU, RoPE, no biases, any FFN size, dropout off, and the attention kernels:
+fp32, SwiGLU, RoPE, no biases, any FFN size, dropout off, and the attention kernels.
 
-| saved for backward | bytes (``e`` = activation bytes, ``n = s b`` tokens, ``n'`` = ``n / t`` with SP, else ``n``) |
-| --- | --- |
-| the two norm inputs, the QKV input, the MLP input | ``4 e n' h`` |
-| the norms' statistics (mean and rstd, or rstd) | per row, fp32 on CUDA; Korthikanti leave them out |
-| Q, K, V (one fused QKV output; q, k, v are views) | ``3 e n h / t`` |
-| the attention core, unfused: softmax output, dropout mask, dropped probabilities | ``(e + 1 + e) a s^2 b / t`` |
-| the attention core, SDPA (flash): the log-sum-exp (the output is the dense input) | ``4 a s b / t`` |
-| the attention output (the dense layer's input) | ``e n h / t`` |
-| the two residual dropout masks | ``2 n' h`` (bool) |
-| the MLP interior: GeLU input and fc2 input (SwiGLU: gate, SiLU, up and fc2 inputs) | ``2 e n f / t`` (``4 e n f / t``) |
+Saved for backward, with ``e`` bytes per activation, ``n = s b`` tokens and ``n'`` = ``n / t``
+with sequence parallelism (else ``n``):
+
+- the two norm inputs, the QKV input and the MLP input: ``4 e n' h``;
+- the norms' statistics (mean and rstd, or rstd per row; fp32 on CUDA), which Korthikanti
+  et al. leave out;
+- Q, K, V: one fused QKV output that q, k and v view, ``3 e n h / t``;
+- the attention core, unfused: softmax output, dropout mask and dropped probabilities,
+  ``(e + 1 + e) a s^2 b / t``; SDPA (flash): only the fp32 log-sum-exp, ``4 a s b / t``;
+- the attention output (the input of the attention's output projection): ``e n h / t``;
+- the two residual dropout masks: ``2 n' h`` (bools);
+- the MLP interior: GeLU input and fc2 input, ``2 e n f / t`` (SwiGLU: gate, SiLU and up
+  outputs and the fc2 input, ``4 e n f / t``).
 
 With 16-bit activations, GeLU, ``f = 4h``, the unfused core and the statistics left out, the
 sum is Korthikanti's ``s b h (34 + 5 a s / h)`` at ``t = 1``, ``s b h (10 + 24 / t + 5 a s /

@@ -6,19 +6,26 @@ step), following mp's code call by call. ``a`` is one ``[s, b, h]`` activation i
 dtype; ``c`` column-parallel layers per transformer layer (QKV, fc1, and SwiGLU's gate), two
 row-parallel ones (attention output, fc2):
 
-| group | call | per micro-batch |
-| --- | --- | --- |
-| TP, no SP | all-reduce of each row-parallel output (forward) and of each column-parallel input gradient (backward) | ``(2 + c) a`` per layer |
-| TP, no SP | the vocab-parallel embedding's all-reduce (first stage); the output layer's input gradient (last stage) | ``a`` each |
-| TP + SP | column-parallel: all-gather forward, all-gather (re-gather) and reduce-scatter backward; row-parallel: reduce-scatter forward, all-gather backward | ``(2c + 2) a`` gathered, ``(c + 2) a`` scattered per layer |
-| TP + SP | embedding: all-reduce forward (learned positions; reduce-scatter with RoPE), all-gather backward; output layer: as a column-parallel layer | |
-| TP | cross-entropy: all-reduce of the row maxima and of the target logits and exp sums, fp32 | ``3 s b x 4`` bytes |
-| TP, full recompute | the recomputed layers' forward calls again; with ``distribute_saved_activations`` an all-gather of each checkpoint's input | |
-| TP, once | sequence-parallel parameters' fp32 gradients (norms, row-parallel biases) | |
-| DP, once | the fp32 gradient buffer: all-reduce; with the distributed optimizer reduce-scatter, then all-gather of the updated parameters | ``4 P`` (``4 P`` + ``e P``) |
-| PP | each chunk's output forward, its gradient backward, ``e s b h`` (``/ t`` with SP) | |
-| embedding, once | tied word-embedding gradients between the first and last stage (PP > 1) | ``4 V h / t`` |
-| model-parallel, once | the gradient norm, one fp32 scalar | |
+- TP without SP: an all-reduce of ``a`` for each row-parallel output (forward) and each
+  column-parallel input gradient (backward), ``(2 + c) a`` per layer and micro-batch; the
+  vocab-parallel embedding's forward (first stage) and the output layer's input gradient
+  (last stage), ``a`` each.
+- TP with SP: a column-parallel layer all-gathers its input forward, re-gathers it and
+  reduce-scatters its input gradient backward; a row-parallel one reduce-scatters forward
+  and all-gathers backward: ``(2c + 2) a`` gathered and ``(c + 2) a`` scattered per layer. The
+  embedding all-reduces forward (reduce-scatters with RoPE) and all-gathers backward; the
+  output layer is a column-parallel layer.
+- TP: the cross-entropy's all-reduces of the row maxima and of the target logits and exp
+  sums, ``3 s b`` fp32 values per micro-batch; once per iteration, with SP, the fp32
+  gradients of the parameters replicated over TP (norms, row-parallel biases).
+- TP under full recompute: the recomputed layers' forward calls again, and with
+  ``distribute_saved_activations`` an all-gather of each checkpoint's input.
+- DP, once: the fp32 gradient buffer, ``4 P`` all-reduced; with the distributed optimizer
+  reduce-scattered, then the updated parameters (``e P``) all-gathered.
+- PP: each chunk's output forward and its gradient backward, ``e s b h`` (``/ t`` with SP);
+  once per iteration, the tied word-embedding gradients between the first and last stage,
+  ``4 V h / t``.
+- Model-parallel group, once: the gradient norm, one fp32 scalar.
 
 Bytes follow `mp.estimate.measure`: an all-reduce moves its tensor; an all-gather its
 gathered output; a reduce-scatter its full input. On the wire, a ring all-reduce over ``n``

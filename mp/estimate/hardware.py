@@ -1,11 +1,11 @@
 """GPU types: peak rate, memory, and the links between them.
 
 Figures are the vendors' data-sheet numbers for the SXM parts: dense (not 2:4 sparse) 16-bit
-tensor-core rates, HBM bandwidth, NVLink bandwidth
-per GPU per direction inside a node, and one 400 Gb/s InfiniBand NIC per GPU across nodes
-(50 GB/s per direction); memory is what the device reports as its total (the "80 GB" H100
-shows 79.6 GiB, the "141 GB" H200 140.4 GiB). Every figure can be overridden (`gpu_spec`'s keyword arguments, the
-``tools/estimate.py`` flags), and should be for a cluster that differs.
+tensor-core rates, HBM bandwidth, NVLink bandwidth per GPU per direction inside a node, and
+one InfiniBand NIC per GPU across nodes (400 Gb/s, 50 GB/s per direction, with Hopper; 200
+Gb/s with A100). Memory is what the device reports as its total (the "80 GB" H100 shows 79.6
+GiB, the "141 GB" H200 140.4 GiB). Every figure can be overridden (`gpu_spec`'s keyword
+arguments, the ``tools/estimate.py`` flags), and should be for a cluster that differs.
 """
 
 from __future__ import annotations

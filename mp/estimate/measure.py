@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 
 class SavedTensorMeter:
@@ -74,9 +75,12 @@ _SIZED_BY = {
     "irecv": ("recv", "tensor"),
 }
 # calls the estimate does not model: they fail the measurement rather than go uncounted
+# (``batch_isend_irecv`` is not among them: it runs each ``P2POp``'s isend or irecv, counted)
 _UNMODELLED = ("all_gather", "reduce_scatter", "all_to_all", "all_to_all_single", "reduce",
-               "gather", "scatter", "batch_isend_irecv", "all_gather_object",
-               "broadcast_object_list")
+               "gather", "scatter", "all_gather_object", "broadcast_object_list")
+# the modules a caller may reach the functions through; ``P2POp`` checks its ``op`` against
+# distributed_c10d's own ``isend``/``irecv``, so both must hold the same wrapper
+_NAMESPACES = (dist, distributed_c10d)
 
 
 class CollectiveMeter:
@@ -87,7 +91,7 @@ class CollectiveMeter:
 
     def __init__(self):
         self.calls: list[tuple[str, tuple[int, ...], int]] = []
-        self._originals: dict[str, object] = {}
+        self._originals: dict[tuple[object, str], object] = {}
 
     def __enter__(self) -> CollectiveMeter:
         for name, (kind, argument) in _SIZED_BY.items():
@@ -97,8 +101,8 @@ class CollectiveMeter:
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, original in self._originals.items():
-            setattr(dist, name, original)
+        for (namespace, name), original in self._originals.items():
+            setattr(namespace, name, original)
         self._originals.clear()
 
     def totals(self) -> dict[tuple[str, tuple[int, ...]], int]:
@@ -108,9 +112,11 @@ class CollectiveMeter:
         return dict(sums)
 
     def _wrap(self, name: str, make) -> None:
-        original = getattr(dist, name)
-        self._originals[name] = original
-        setattr(dist, name, make(original))
+        original = getattr(distributed_c10d, name)
+        wrapper = make(original)
+        for namespace in _NAMESPACES:
+            self._originals[namespace, name] = getattr(namespace, name)
+            setattr(namespace, name, wrapper)
 
     def _recorder(self, kind: str, argument: str):
         def make(original):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from mp.estimate.activations import CUDA, Kernels, korthikanti_layer_bytes, layer_terms
 from mp.estimate.comm import seconds
 from mp.estimate.estimate import Estimate
 from mp.estimate.hardware import GiB
+from mp.estimate.params import state_bytes
 from mp.estimate.planner import PlanResult
 
 
@@ -61,23 +64,42 @@ def format_estimate(est: Estimate, kernels: Kernels = CUDA) -> str:
                          "activations (in flight)", "transient", "peak"], rows))
     lines.append(f"peak {_gib(est.peak_bytes)} GiB of {gpu.memory_gib:g} GiB "
                  f"(stage {est.peak_stage.pp_rank})")
+    lines.append(_precision_line(est))
     lines += ["", _activation_section(est, kernels), "", _flops_section(est), "",
               _comm_section(est), "", _step_section(est)]
     return "\n".join(lines)
 
 
+def _precision_line(est: Estimate) -> str:
+    """The busiest stage's model state had the model been kept in each precision."""
+    stage = est.peak_stage
+    parts = []
+    for precision in ("fp32", "bf16", "fp16"):
+        model = dataclasses.replace(est.setup.model, precision=precision)
+        state = state_bytes(dataclasses.replace(est.setup, model=model), stage.params)
+        parts.append(f"{precision} {_gib(state.weights)} + {_gib(state.grads)} + "
+                     f"{_gib(state.optimizer)}")
+    return (f"model state of stage {stage.pp_rank} by precision (weights + grads + optimizer, "
+            "GiB): " + "; ".join(parts))
+
+
 def _activation_section(est: Estimate, kernels: Kernels) -> str:
     cfg, b = est.setup.model, est.setup.micro_batch_size
     terms = layer_terms(cfg, b, kernels)
-    paper = korthikanti_layer_bytes(cfg.seq_length, b, cfg.hidden_size,
-                                    cfg.num_attention_heads, cfg.tensor_model_parallel_size,
-                                    cfg.sequence_parallel,
-                                    cfg.recompute_granularity)
     top = sorted(terms.items(), key=lambda kv: -kv[1])[:5]
     note = " (without full recompute)" if cfg.recompute_granularity == "full" else ""
-    return (f"Activations per layer and micro-batch{note}: {_bytes(sum(terms.values()))} "
-            f"(Korthikanti et al. formula: {_bytes(paper)}); largest: "
-            + ", ".join(f"{name} {_bytes(v)}" for name, v in top))
+    s, h, a, t = (cfg.seq_length, cfg.hidden_size, cfg.num_attention_heads,
+                  cfg.tensor_model_parallel_size)
+    paper = {"none": korthikanti_layer_bytes(s, b, h, a),
+             f"TP {t}": korthikanti_layer_bytes(s, b, h, a, t),
+             f"TP {t} + SP": korthikanti_layer_bytes(s, b, h, a, t, True),
+             "selective (TP + SP)": korthikanti_layer_bytes(s, b, h, a, t, True, "selective"),
+             "full": korthikanti_layer_bytes(s, b, h, a, t, recompute="full")}
+    return (f"Activations per layer and micro-batch on a rank{note}: "
+            f"{_bytes(sum(terms.values()))}; largest: "
+            + ", ".join(f"{name} {_bytes(v)}" for name, v in top)
+            + "\nKorthikanti et al. 2022 for this model: "
+            + ", ".join(f"{name} {_bytes(v)}" for name, v in paper.items()))
 
 
 def _flops_section(est: Estimate) -> str:
