@@ -29,6 +29,7 @@ def _communicate(*, send_next: torch.Tensor | None = None, send_prev: torch.Tens
         raise ValueError("receiving needs tensor_shape, dtype and device")
     next_rank = parallel_state.get_pipeline_model_parallel_next_rank()
     prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()
+    group = parallel_state.get_pipeline_model_parallel_group()  # peers stay global ranks
     from_prev = torch.empty(tensor_shape, dtype=dtype, device=device) if recv_prev else None
     from_next = torch.empty(tensor_shape, dtype=dtype, device=device) if recv_next else None
     # Messages between two ranks are matched in the order they are posted. Post the forward
@@ -37,13 +38,13 @@ def _communicate(*, send_next: torch.Tensor | None = None, send_prev: torch.Tens
     # the same peer -- an activation is never taken for a gradient.
     ops = []
     if send_next is not None:
-        ops.append(dist.P2POp(dist.isend, send_next.contiguous(), next_rank))
+        ops.append(dist.P2POp(dist.isend, send_next.contiguous(), next_rank, group))
     if from_prev is not None:
-        ops.append(dist.P2POp(dist.irecv, from_prev, prev_rank))
+        ops.append(dist.P2POp(dist.irecv, from_prev, prev_rank, group))
     if send_prev is not None:
-        ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), prev_rank))
+        ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), prev_rank, group))
     if from_next is not None:
-        ops.append(dist.P2POp(dist.irecv, from_next, next_rank))
+        ops.append(dist.P2POp(dist.irecv, from_next, next_rank, group))
     if ops:
         for request in dist.batch_isend_irecv(ops):
             request.wait()
