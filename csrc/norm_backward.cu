@@ -7,9 +7,11 @@
 //
 // Registers path: a persistent grid of as many blocks as fit on the device at once. A block walks
 // rows with its groups of tpr threads; a thread owns the same columns in every row, so it keeps
-// its share of dw and db in registers across rows. At the end the block adds its groups' sums in
-// shared memory and writes one partial row; a column sum adds the partial rows. x and dy are read
-// once; the partial rows are a few percent of that traffic.
+// its share of dw and db in registers across rows. While a group reduces and writes one row, the
+// next row's x and dy are already on their way into shared memory (cp.async, two stages), so
+// the memory system stays busy through the reductions. At the end the block adds its groups'
+// sums in shared memory and writes one partial row; a column sum adds the partial rows. x and dy
+// are read once; the partial rows are about a percent of that traffic.
 // General path: one block per row computes dx (two passes over the row), a column sum over
 // x and dy writes partial sums per chunk of rows, and the same column sum adds the chunks.
 #include "norm_common.cuh"
@@ -52,12 +54,16 @@ __global__ void __launch_bounds__(kNormMaxThreads, 1)
     cp_async_commit();
   };
 
+  // Every group of the block takes the same number of steps (the reductions of groups that share
+  // a warp must meet); a group whose row is past the end idles through its last step.
   float dw[kNormVecs][kVec] = {}, db[kNormVecs][kVec] = {};
   const int64_t stride = static_cast<int64_t>(gridDim.x) * groups;
-  int64_t row = static_cast<int64_t>(blockIdx.x) * groups + group;
   int stage = 0;
-  fetch(row, stage);
-  for (; row < a.rows; row += stride, stage ^= 1) {
+  fetch(static_cast<int64_t>(blockIdx.x) * groups + group, stage);
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * groups; first < a.rows;
+       first += stride, stage ^= 1) {
+    const int64_t row = first + group;
+    const bool live = row < a.rows;
     const float mean = next_mean, rstd = next_rstd;
     fetch(row + stride, stage ^ 1);  // in flight while this row is reduced and written
     cp_async_wait<1>();
@@ -68,7 +74,7 @@ __global__ void __launch_bounds__(kNormMaxThreads, 1)
 #pragma unroll
     for (int j = 0; j < kNormVecs; ++j) {
       const int col = (j * tpr + lane) * kVec;
-      if (col < hidden) {
+      if (live && col < hidden) {
         const Vec<T, kVec> xv = load_vec<T, kVec>(sx + col), gv = load_vec<T, kVec>(sg + col);
         const Vec<T, kVec> wv = load_vec<T, kVec>(w + col);
 #pragma unroll
@@ -85,7 +91,7 @@ __global__ void __launch_bounds__(kNormMaxThreads, 1)
 #pragma unroll
     for (int j = 0; j < kNormVecs; ++j) {
       const int col = (j * tpr + lane) * kVec;
-      if (col < hidden) {
+      if (live && col < hidden) {
         const Vec<T, kVec> xv = load_vec<T, kVec>(sx + col), gv = load_vec<T, kVec>(sg + col);
         const Vec<T, kVec> wv = load_vec<T, kVec>(w + col);
         Vec<T, kVec> out;

@@ -45,22 +45,31 @@ def padding_mask(batches: int, sq: int, sk: int, seed: int) -> torch.Tensor:
     return mask
 
 
+def check_softmax(x, masked, scale, dy, y, dx):
+    """Outputs ``y`` and input gradient ``dx`` for scores ``x`` and output gradient ``dy``
+    against autograd of the float64 reference: within the dtype's tolerance, nothing left
+    unwritten (NaN), masked positions exactly 0. Shared by the kernel tests in tests/gpu/."""
+    x_ref = x.detach().double().requires_grad_(True)
+    y_ref = reference_softmax(x_ref, masked, scale)
+    y_ref.backward(dy.double())
+    tol = TOLERANCE[x.dtype]
+    what = f"{tuple(x.shape)} {x.dtype}"
+    assert y.dtype == dx.dtype == x.dtype, what
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all(), f"{what}: NaN or inf"
+    assert_rel_close(y, y_ref, tol, f"{what} probabilities")
+    assert_rel_close(dx, x_ref.grad, 2 * tol, f"{what} input gradient")
+    if masked is not None:
+        full = masked.expand_as(y)
+        assert (y[full] == 0).all() and (dx[full] == 0).all(), f"{what}: masked positions not 0"
+
+
 def check_against_reference(op, x, masked, scale, dtype, seed):
-    """Forward and backward of ``op`` on ``x`` (cast to dtype) against the float64 reference;
-    masked positions must be exactly 0."""
+    """``op`` (a torch path) forward and backward through autograd, checked."""
     x = x.to(dtype).requires_grad_(True)
     dy = seeded(x.shape, seed + 1, dtype)
     y = op(x)
     y.backward(dy)
-    x_ref = x.detach().double().requires_grad_(True)
-    y_ref = reference_softmax(x_ref, masked, scale)
-    y_ref.backward(dy.double())
-    tol = TOLERANCE[dtype]
-    assert y.dtype == dtype and x.grad.dtype == dtype
-    assert_rel_close(y, y_ref, tol, "probabilities")
-    assert_rel_close(x.grad, x_ref.grad, 2 * tol, "input gradient")
-    if masked is not None:
-        assert (y.detach()[masked.expand_as(y)] == 0).all(), "masked positions must be 0"
+    check_softmax(x, masked, scale, dy, y.detach(), x.grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -29,11 +29,14 @@ echo "build took $((SECONDS - start)) s"
 echo "== compute-sanitizer (background) and tests"
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 for tool in memcheck racecheck; do
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 "$sanitizer" --tool "$tool" --error-exitcode 9 \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 "$sanitizer" --tool "$tool" --error-exitcode 9 \
     --print-limit 20 python3 tests/gpu/kernel_cases.py > "$OUT/sanitizer_$tool.log" 2>&1 &
 done
 start=$SECONDS
-python3 -m pytest -q --tb=short --maxfail=30 -p no:cacheprovider tests/gpu \
+# -v names each test as it ends; a hung kernel blocks the process in C, and pytest-timeout's
+# thread method still ends it.
+timeout 300 python3 -m pytest -v --tb=short --maxfail=30 -p no:cacheprovider \
+  --timeout=60 --timeout-method=thread tests/gpu \
   tests/test_fused_softmax.py tests/test_fused_norm.py tests/test_fused_build.py \
   --deselect tests/test_fused_build.py::test_sources_compile_for_sm80_and_sm90
 echo "tests exit $? after $((SECONDS - start)) s"
@@ -43,4 +46,4 @@ for tool in memcheck racecheck; do
 done
 
 echo "== benchmark"
-python3 tools/bench_kernels.py | tee "$OUT/bench.md"
+timeout 300 python3 tools/bench_kernels.py | tee "$OUT/bench.md"

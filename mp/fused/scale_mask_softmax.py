@@ -118,14 +118,15 @@ class FusedScaleMaskSoftmax(nn.Module):
         if self.scale is not None:
             input = input * self.scale
         sq, sk = input.shape[-2:]
-        if mask is None and self.attn_mask_type == AttnMaskType.causal and sq > 1:
+        if mask is not None:
+            probs = zero_fully_masked_rows(torch.softmax(self.mask_func(input, mask), dim=-1),
+                                           mask)
+        elif self.attn_mask_type == AttnMaskType.causal and sq > 1:
             if sq != sk:
                 raise ValueError(f"causal attention without a mask needs sq == sk, got sq={sq}, "
                                  f"sk={sk}")
-            mask = causal_mask(sq, sk, input.device)
-        if mask is None:
-            probs = torch.softmax(input, dim=-1)
+            # a causal row always keeps its diagonal: no row is fully masked
+            probs = torch.softmax(self.mask_func(input, causal_mask(sq, sk, input.device)), dim=-1)
         else:
-            probs = zero_fully_masked_rows(torch.softmax(self.mask_func(input, mask), dim=-1),
-                                           mask)
+            probs = torch.softmax(input, dim=-1)
         return probs.to(dtype) if to_fp32 else probs

@@ -1,6 +1,7 @@
 """Every fused kernel path once, on small inputs, for compute-sanitizer (tools/gpu_check.sh):
 
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 tests/gpu/kernel_cases.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+        python3 tests/gpu/kernel_cases.py
 
 Without torch's caching allocator each tensor is its own allocation, so memcheck sees an access
 one element past any tensor; racecheck sees the shared-memory hazards of the reductions and of
