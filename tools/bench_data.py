@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -38,17 +39,29 @@ def row(what: str, amount: str, seconds: float, rate: str) -> None:
 
 
 def bench_preprocess(files: list[str], tokenizer, name: str, workers: list[int], out: str) -> str:
+    """Rows with tokens/s of wall time, and the CPU seconds of the run (this process and its
+    finished workers), which other jobs on the machine do not inflate."""
     prefix = ""
     for w in workers:
+        cpu = _cpu_seconds()
         stats = tokenize_corpus(files, os.path.join(out, f"{name}-w{w}"), tokenizer, w)
+        cpu = _cpu_seconds() - cpu
         prefix = stats.outputs["text"]
         row(
             f"preprocess corpus, {name}, {w} worker(s)",
             f"{stats.documents} docs, {stats.tokens:,} tokens, {stats.bytes_read / 1e6:.1f} MB",
             stats.seconds,
-            f"{stats.tokens_per_second:,.0f} tokens/s",
+            f"{stats.tokens_per_second:,.0f} tokens/s ({cpu:.2f} CPU s)",
         )
     return prefix
+
+
+def _cpu_seconds() -> float:
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def train_bpe(files: list[str], out: str) -> GPT2BPETokenizer:

@@ -59,7 +59,7 @@ def build_once(
     if first:
         try:
             built = _build_if_missing(is_built, build)
-        except BaseException as error:
+        except BaseException as error:  # even an interrupt: the others must not wait forever
             outcome[0] = f"{type(error).__name__}: {error}"
             _share(outcome, group)
             raise

@@ -4,23 +4,16 @@ Every tokenizer has ``tokenize(text) -> list[int]``, ``detokenize(ids) -> str``,
 and ``eod`` (the end-of-document id that preprocessing appends with ``--append-eod``). The
 merging itself is done by the maintained libraries (``tokenizers``, ``sentencepiece``, both in the
 ``data`` extra), imported only when such a tokenizer is built. `build_tokenizer` takes Megatron's
-``--tokenizer-type`` names and file arguments:
+``--tokenizer-type`` names and file arguments (behaviour as in Megatron-LM):
 
-======================  ===========================  ======================================
-tokenizer_type          files                        behaviour (as in Megatron-LM)
-======================  ===========================  ======================================
-GPT2BPETokenizer        vocab_file, merge_file       GPT-2 byte-level BPE; eod is
-                                                     ``<|endoftext|>``; special-token text in
-                                                     the input is encoded as plain text
-HuggingFaceTokenizer    tokenizer_model              a ``tokenizer.json`` (or a directory with
-                                                     one); special tokens of its post-processor
-                                                     (e.g. BOS) are added, as
-                                                     ``AutoTokenizer(text)`` does
-GPTSentencePieceTokenizer  tokenizer_model           a SentencePiece ``.model``; eod is its
-                                                     ``</s>`` (eos) id
-ByteLevelTokenizer      none                         ids 0..255 are the UTF-8 bytes, eod is 256,
-                                                     vocab_size 257
-======================  ===========================  ======================================
+- ``GPT2BPETokenizer`` (``vocab_file``, ``merge_file``): GPT-2 byte-level BPE; eod is
+  ``<|endoftext|>``; special-token text in the input is encoded as plain text.
+- ``HuggingFaceTokenizer`` (``tokenizer_model``, optional ``eod_token``): a ``tokenizer.json``
+  or a directory holding one; the special tokens of its post-processor (e.g. BOS) are added, as
+  ``AutoTokenizer(text)`` does.
+- ``GPTSentencePieceTokenizer`` (``tokenizer_model``): a SentencePiece ``.model``; eod is its
+  eos (``</s>``) id.
+- ``ByteLevelTokenizer`` (no files): ids 0..255 are the UTF-8 bytes, eod is 256, vocab_size 257.
 """
 
 from __future__ import annotations
