@@ -18,16 +18,21 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch.distributed as dist  # noqa: E402
+import torch.distributed as dist
 
-from mp import parallel_state  # noqa: E402
-from mp.config import format_config, parse_args  # noqa: E402
-from mp.initialize import initialize_distributed  # noqa: E402
-from mp.training.pretrain import pretrain  # noqa: E402
+from mp import parallel_state
+from mp.config import format_config, parse_args
+from mp.initialize import initialize_distributed
+from mp.training.pretrain import check_supported, pretrain
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv, prog="pretrain_gpt.py")
+    try:
+        check_supported(cfg)
+    except ValueError as error:
+        print(f"pretrain_gpt.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
     initialize_distributed()
     try:
         m = cfg.model

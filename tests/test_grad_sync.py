@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
-
 from checks import assert_rel_close, seeded
 from harness import run_distributed
+from torch import nn
+
 from mp import parallel_state as ps
 from mp import tensor_parallel as tp_
+from mp.device import get_device
 from mp.distributed import DistributedDataParallel, finalize_model_grads
 
 S, B, H, FFN, OUT = 8, 2, 8, 16, 12  # sequence, micro-batch per DP rank, hidden, ffn, head
@@ -43,18 +44,20 @@ def local_shard(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 class ToyModel(nn.Module):
     """``head(ln2(x + fc2(gelu(fc1(ln1(x))))))``: ``x [s, b, H]`` (``[s / t, b, H]`` with sequence
-    parallelism) to head outputs ``[s, b, OUT / t]``. The norms are replicated over TP (and
-    marked ``sequence_parallel`` when their gradients are partial); ``unused`` never gets a
-    gradient."""
+    parallelism) to head outputs ``[s, b, OUT / t]``, on this rank's device. The norms are
+    replicated over TP (and marked ``sequence_parallel`` when their gradients are partial);
+    ``unused`` never gets a gradient."""
 
     def __init__(self, sequence_parallel: bool = False, dtype=torch.float32):
         super().__init__()
-        kw = dict(sequence_parallel=sequence_parallel, params_dtype=dtype)
-        self.ln1, self.ln2 = nn.LayerNorm(H, dtype=dtype), nn.LayerNorm(H, dtype=dtype)
+        kw = {"sequence_parallel": sequence_parallel, "params_dtype": dtype}
+        self.device = get_device()
+        self.ln1 = nn.LayerNorm(H, dtype=dtype, device=self.device)
+        self.ln2 = nn.LayerNorm(H, dtype=dtype, device=self.device)
         self.fc1 = tp_.ColumnParallelLinear(H, FFN, **kw)
         self.fc2 = tp_.RowParallelLinear(FFN, H, input_is_parallel=True, **kw)
         self.head = tp_.ColumnParallelLinear(H, OUT, bias=False, **kw)
-        self.unused = nn.Parameter(torch.zeros(3, dtype=dtype))
+        self.unused = nn.Parameter(torch.zeros(3, dtype=dtype, device=self.device))
         for norm in (self.ln1, self.ln2):
             for p in norm.parameters():
                 p.sequence_parallel = sequence_parallel
@@ -65,6 +68,7 @@ class ToyModel(nn.Module):
                     param.copy_(local_shard(param, weights[name]))
 
     def forward(self, x):
+        x = x.to(self.device)
         h = x + self.fc2(F.gelu(self.fc1(self.ln1(x))[0]))[0]
         return self.head(self.ln2(h))[0]
 

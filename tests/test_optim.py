@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from checks import assert_rel_close, seeded
 from harness import run_distributed
+from test_grad_sync import B, H, S, ToyModel, dense_loss, full_weights, local_loss, local_shard
+from torch import nn
+
 from mp import parallel_state as ps
+from mp.device import get_device
 from mp.distributed import DistributedDataParallel, finalize_model_grads
 from mp.optim import (
     DynamicGradScaler,
@@ -21,7 +23,6 @@ from mp.optim import (
     get_megatron_optimizer,
     get_param_groups,
 )
-from test_grad_sync import B, H, S, ToyModel, dense_loss, full_weights, local_loss, local_shard
 
 # --- learning-rate schedule -----------------------------------------------------------------
 
@@ -59,7 +60,7 @@ def test_lr_schedule_matches_closed_form(style, warmup, decay):
 
 def test_lr_schedule_resumes_and_checks_hyperparameters():
     opt = _sgd(lr_mult=0.5)
-    kw = dict(max_lr=1.0, min_lr=0.1, lr_warmup_steps=5, lr_decay_steps=40)
+    kw = {"max_lr": 1.0, "min_lr": 0.1, "lr_warmup_steps": 5, "lr_decay_steps": 40}
     sched = OptimizerParamScheduler(opt, **kw)
     for _ in range(17):
         sched.step()
@@ -130,7 +131,7 @@ def _dense_clipped_adamw(x, steps: int, clip: float, **adam):
 def _check_clipped_steps(tp: int, sequence_parallel: bool):
     ps.initialize_model_parallel(tp)
     model = DistributedDataParallel(ToyModel(sequence_parallel))
-    adam = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-3)
+    adam = {"lr": 0.05, "betas": (0.9, 0.95), "eps": 1e-3}
     opt = get_megatron_optimizer([model], weight_decay=0.1, clip_grad=0.05, adam_beta1=0.9,
                                  adam_beta2=0.95, adam_eps=1e-3, lr=0.05)
     x = seeded((3, S, B, H), 5)
@@ -193,9 +194,9 @@ def test_inf_on_one_rank_skips_the_step_on_all(poisoned, bad_rank):
 def _check_master_weights(dtype: torch.dtype, via_main_grad: bool):
     ps.initialize_model_parallel(1)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 8), nn.LayerNorm(8)).to(dtype)
+    model = nn.Sequential(nn.Linear(16, 8), nn.LayerNorm(8)).to(get_device(), dtype)
     scale = 2.0**10 if dtype == torch.float16 else 1.0
-    adam = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    adam = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
     scaler = DynamicGradScaler(initial_scale=scale) if dtype == torch.float16 else None
     opt = MixedPrecisionOptimizer(get_param_groups([model], 0.1), clip_grad=0.0,
                                   grad_scaler=scaler, **adam)
@@ -203,7 +204,8 @@ def _check_master_weights(dtype: torch.dtype, via_main_grad: bool):
     ref = torch.optim.AdamW(get_param_groups([nn.ParameterList(masters)], 0.1), foreach=False,
                             **adam)
     for step in range(4):
-        grads = [seeded(p.shape, 10 * step + i, scale=1e-2) for i, p in enumerate(masters)]
+        grads = [seeded(p.shape, 10 * step + i, scale=1e-2).to(p.device)
+                 for i, p in enumerate(masters)]
         for param, grad in zip(model.parameters(), grads):
             if via_main_grad:
                 param.main_grad = grad * scale

@@ -51,20 +51,25 @@ def test_short_run_lowers_the_loss(cache_dir):
     assert "tensor_model_parallel_size: 2" in out  # the resolved config, printed once
     assert out.count("world 4 = TP 2 x PP 1 x DP 2") == 1
     losses = [float(x) for x in re.findall(r"^iteration \d+/30 \|.*?\| lm loss (\S+) \|", out,
-                                           re.M)]
+                                           re.MULTILINE)]
     assert len(losses) == 6, out
     assert losses[-1] < 0.8 * losses[0], f"the loss did not fall: {losses}"
     assert len(re.findall(r"^validation at iteration (15|30) \| lm loss \S+ \| lm loss PPL",
-                          out, re.M)) == 2
+                          out, re.MULTILINE)) == 2
     print(f"e2e: {time.monotonic() - start:.1f} s, lm loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
-def test_bad_config_fails_before_any_process_group():
+@pytest.mark.parametrize("override,message", [
+    (["--tensor-model-parallel-size", "3"],
+     "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
+    (["--use-distributed-optimizer", "true"],
+     "training.use_distributed_optimizer=true: not supported by the pretraining job yet")])
+def test_bad_config_fails_before_any_process_group(override, message):
     env = {**os.environ, "WORLD_SIZE": "4"}  # torchrun's world, but no rendezvous to join
-    run = subprocess.run([sys.executable, LAUNCH, *TINY, "--tensor-model-parallel-size", "3"],
+    run = subprocess.run([sys.executable, LAUNCH, *TINY, *override], check=False,
                          capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
-    assert run.returncode == 2
-    assert "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3" in run.stderr
+    assert run.returncode == 2, run.stderr
+    assert message in run.stderr
 
 
 def test_a_dying_rank_takes_the_job_down(cache_dir, tmp_path):

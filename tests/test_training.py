@@ -10,9 +10,9 @@ import re
 import pytest
 import torch
 import torch.distributed as dist
-
 from checks import seeded
 from harness import run_distributed
+
 from mp import parallel_state as ps
 from mp.config import JobConfig
 from mp.model import TransformerConfig
@@ -28,15 +28,15 @@ SEQ, VOCAB, MBS, GBS, STEPS = 16, 64, 2, 8, 20
 
 def job(tp: int = 1, sequence_parallel: bool = False, **training) -> JobConfig:
     return JobConfig.from_dict({
-        "model": dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB,
-                      seq_length=SEQ, make_vocab_size_divisible_by=16, hidden_dropout=0.0,
-                      attention_dropout=0.0, tensor_model_parallel_size=tp,
-                      sequence_parallel=sequence_parallel),
-        "training": {**dict(micro_batch_size=MBS, global_batch_size=GBS, train_iters=STEPS,
-                            lr=3e-3, min_lr=3e-4, lr_warmup_iters=3, weight_decay=0.1,
-                            clip_grad=1.0, seed=7, eval_interval=None, eval_iters=0,
-                            overlap_grad_reduce=True), **training},
-        "logging": dict(log_interval=1000, progress=False),
+        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                  "vocab_size": VOCAB, "seq_length": SEQ, "make_vocab_size_divisible_by": 16,
+                  "hidden_dropout": 0.0, "attention_dropout": 0.0,
+                  "tensor_model_parallel_size": tp, "sequence_parallel": sequence_parallel},
+        "training": {"micro_batch_size": MBS, "global_batch_size": GBS, "train_iters": STEPS,
+                     "lr": 3e-3, "min_lr": 3e-4, "lr_warmup_iters": 3, "weight_decay": 0.1,
+                     "clip_grad": 1.0, "seed": 7, "eval_interval": None, "eval_iters": 0,
+                     "overlap_grad_reduce": True, **training},
+        "logging": {"log_interval": 1000, "progress": False},
     })
 
 
@@ -56,8 +56,8 @@ def micro_batches(iterations: int):
         text = global_batch(it)
         for m in range(GBS // (MBS * dp)):
             rows = text[(m * dp + d) * MBS:(m * dp + d + 1) * MBS]
-            yield {"tokens": rows[:, :-1], "labels": rows[:, 1:],
-                   "loss_mask": torch.ones(MBS, SEQ), "position_ids": torch.arange(SEQ).repeat(MBS, 1)}
+            yield {"tokens": rows[:, :-1], "labels": rows[:, 1:], "loss_mask": torch.ones(MBS, SEQ),
+                   "position_ids": torch.arange(SEQ).repeat(MBS, 1)}
 
 
 def _train_curve(tp: int, sequence_parallel: bool):

@@ -5,14 +5,14 @@ import functools
 
 import pytest
 import torch
-import torch.distributed as dist
-
 from checks import assert_rel_close, seeded
 from harness import run_distributed
+from test_grad_sync import B, H, S, ToyModel, dense_grads, local_batch, local_loss, local_shard
+
 from mp import parallel_state as ps
 from mp.distributed import DistributedDataParallel
+from mp.pipeline_parallel.pipelined import forward_backward_pipelining_without_interleaving
 from mp.pipeline_parallel.schedules import forward_backward_no_pipelining, get_forward_backward_func
-from test_grad_sync import B, H, S, ToyModel, dense_grads, local_batch, local_loss, local_shard
 
 MICROBATCHES = 3
 
@@ -65,6 +65,7 @@ def _check_forward_only():
     x = seeded((S, B * MICROBATCHES, H), 22)
     data = iter([local_batch(x, m, False) for m in range(MICROBATCHES)])
     model.zero_grad_buffer()
+    assert get_forward_backward_func() is forward_backward_no_pipelining
     reported = get_forward_backward_func()(
         forward_step_func=functools.partial(_toy_step, []), data_iterator=data, model=model,
         num_microbatches=MICROBATCHES, seq_length=S, micro_batch_size=B, forward_only=True)
@@ -79,16 +80,13 @@ def test_forward_only_touches_no_gradient():
     run_distributed(1, _check_forward_only)
 
 
-def _check_pipeline_schedule_is_refused():
+def _check_schedule_choice():
     ps.initialize_model_parallel(1, 2)
-    with pytest.raises(NotImplementedError, match="pipeline_model_parallel_size=2: the "
-                                                  "pipelined schedules"):
-        get_forward_backward_func()
+    assert get_forward_backward_func() is forward_backward_pipelining_without_interleaving
     with pytest.raises(ValueError, match="num_microbatches=0 must be a positive integer"):
         forward_backward_no_pipelining(forward_step_func=None, data_iterator=None, model=None,
                                        num_microbatches=0, seq_length=S, micro_batch_size=B)
-    return dist.get_rank()
 
 
 def test_schedule_choice_and_argument_checks():
-    run_distributed(2, _check_pipeline_schedule_is_refused)
+    run_distributed(2, _check_schedule_choice)

@@ -27,19 +27,20 @@ from contextlib import nullcontext
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 
-from mp import parallel_state  # noqa: E402
-from mp.config import load_config  # noqa: E402
-from mp.device import get_device  # noqa: E402
-from mp.initialize import initialize_distributed  # noqa: E402
-from mp.model import TransformerConfig  # noqa: E402
-from mp.training import gpt_step  # noqa: E402
-from mp.training.flops import num_floating_point_operations, peak_tflops  # noqa: E402
-from mp.training.pretrain import set_random_seed, setup_model_and_optimizer  # noqa: E402
-from mp.training.training import train_step  # noqa: E402
+from mp import parallel_state
+from mp.config import load_config
+from mp.device import get_device
+from mp.initialize import initialize_distributed
+from mp.model import TransformerConfig
+from mp.training import gpt_step
+from mp.training.flops import num_floating_point_operations, peak_tflops
+from mp.training.pretrain import set_random_seed, setup_model_and_optimizer
+from mp.training.training import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,9 +92,9 @@ class PlainGPT(nn.Module):
 
 def check_plain_architecture(cfg: TransformerConfig) -> None:
     """The reference is the standard GPT; refuse configs it does not reproduce."""
-    expected = dict(normalization="LayerNorm", activation="gelu",
-                    position_embedding_type="learned_absolute", add_bias_linear=True,
-                    untie_embeddings_and_output_weights=False)
+    expected = {"normalization": "LayerNorm", "activation": "gelu",
+                "position_embedding_type": "learned_absolute", "add_bias_linear": True,
+                "untie_embeddings_and_output_weights": False}
     wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in expected.items() if getattr(cfg, k) != v]
     if wrong:
         raise SystemExit(f"bench_gpt compares against a standard GPT (LayerNorm, GeLU, learned "
@@ -167,21 +168,8 @@ def _free(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "gpt3-1.3b.yaml"))
-    parser.add_argument("--micro-batch-size", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
-    args, overrides = parser.parse_known_args()
-    mbs = str(args.micro_batch_size)
-    cfg = load_config(args.config, [*overrides, "--tensor-model-parallel-size", "1",
-                                    "--pipeline-model-parallel-size", "1",
-                                    "--micro-batch-size", mbs, "--global-batch-size", mbs],
-                      world_size=1)
-    check_plain_architecture(cfg.model)
-    initialize_distributed()
-    parallel_state.initialize_model_parallel(1)
+def run(cfg, args: argparse.Namespace) -> None:
+    """Both benchmarks on the same batch, then the table."""
     device = get_device()
     m = cfg.model
     text = torch.randint(0, m.vocab_size, (args.micro_batch_size, m.seq_length + 1),
@@ -216,6 +204,28 @@ def main() -> None:
               f"{flops[key] / seconds / 1e12:>9.2f}{mfu:>7}{mem:>11}{loss:>8.3f}")
     ratio = rows["plain"][2] / rows["mp"][2]
     print(f"mp throughput / plain PyTorch: {ratio:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "gpt3-1.3b.yaml"))
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    args, overrides = parser.parse_known_args()
+    mbs = str(args.micro_batch_size)
+    cfg = load_config(args.config, [*overrides, "--tensor-model-parallel-size", "1",
+                                    "--pipeline-model-parallel-size", "1",
+                                    "--micro-batch-size", mbs, "--global-batch-size", mbs],
+                      world_size=1)
+    check_plain_architecture(cfg.model)
+    initialize_distributed()
+    try:
+        parallel_state.initialize_model_parallel(1)
+        run(cfg, args)
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -83,7 +83,8 @@ class DistributedDataParallel(nn.Module):
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._next_to_launch = 0
         self._sync_enabled = True
-        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in params]
+        for param in params:
+            param.register_post_accumulate_grad_hook(self._grad_ready)
 
     def _make_buckets(self, params: list[nn.Parameter], bucket_size: int | None) -> list[_Bucket]:
         buckets, members, start, offset = [], [], 0, 0

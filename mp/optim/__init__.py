@@ -15,7 +15,8 @@ from mp.optim.optimizer import (
 )
 
 __all__ = [
-    "ConstantGradScaler", "DynamicGradScaler", "MixedPrecisionOptimizer", "OptimizerParamScheduler", "StepResult",
+    "ConstantGradScaler", "DynamicGradScaler", "MixedPrecisionOptimizer",
+    "OptimizerParamScheduler", "StepResult",
     "clip_grad_by_total_norm_fp32", "counts_in_grad_norm", "get_grad_norm_fp32",
     "get_megatron_optimizer", "get_param_groups",
 ]

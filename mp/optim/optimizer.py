@@ -23,7 +23,8 @@ It returns ``StepResult(update_successful, grad_norm)``.
 from __future__ import annotations
 
 import math
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -80,7 +81,8 @@ class MixedPrecisionOptimizer:
 
     def __init__(self, param_groups: list[dict], *, lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 clip_grad: float = 0.0, grad_scaler: DynamicGradScaler | ConstantGradScaler | None = None,
+                 clip_grad: float = 0.0,
+                 grad_scaler: DynamicGradScaler | ConstantGradScaler | None = None,
                  model_parallel_group=None, tensor_model_parallel_group=None):
         if clip_grad < 0:
             raise ValueError(f"clip_grad={clip_grad} must be >= 0 (0 disables clipping)")

@@ -9,9 +9,8 @@ the mean over the iteration), runs backward from it (times the loss scale, throu
 (``model.no_sync()`` around the others), and finally calls ``finalize_model_grads_func``. It
 returns the reported dicts, one per micro-batch.
 
-`get_forward_backward_func` picks the schedule for the current layout. The helpers
-`forward_step` and `backward_step` are the pieces a pipelined schedule (1F1B, interleaved)
-will reuse, adding the exchange of activations between stages.
+`get_forward_backward_func` picks the schedule for the current layout; the pipelined ones
+(1F1B, interleaved 1F1B) live in `mp.pipeline_parallel.pipelined` and keep the same contract.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ of a replica read the same ones), starting after ``consumed_train_samples``.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from mp import parallel_state
 from mp.config import BUILTIN_DATA_PATH, JobConfig

@@ -9,7 +9,7 @@ the mask keeps.
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

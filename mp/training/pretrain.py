@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -15,11 +15,13 @@ from mp.config import JobConfig
 from mp.device import get_device
 from mp.distributed import DistributedDataParallel
 from mp.model import GPTModel
-from mp.optim import MixedPrecisionOptimizer, OptimizerParamScheduler, get_megatron_optimizer
-from mp.tensor_parallel import (
-    model_parallel_cuda_manual_seed,
-    param_is_not_tensor_parallel_duplicate,
+from mp.optim import (
+    MixedPrecisionOptimizer,
+    OptimizerParamScheduler,
+    counts_in_grad_norm,
+    get_megatron_optimizer,
 )
+from mp.tensor_parallel import model_parallel_cuda_manual_seed
 from mp.training import gpt_step
 from mp.training.data import build_data_iterators
 from mp.training.logger import TrainingLogger
@@ -63,28 +65,37 @@ def setup_model_and_optimizer(cfg: JobConfig) -> tuple[list[DistributedDataParal
 
 
 def count_parameters(model: list[torch.nn.Module]) -> int:
-    """Parameters of the whole model, each counted once over the model-parallel ranks."""
+    """Parameters of the whole model, each counted once over the model-parallel ranks (the
+    grad norm's rule: TP-replicated ones on TP rank 0, a stage's ``shared`` copy never)."""
     local = sum(p.numel() for chunk in model for p in chunk.parameters()
-                if param_is_not_tensor_parallel_duplicate(p))
+                if counts_in_grad_norm(p))
     total = torch.tensor([local], dtype=torch.float64, device=get_device())
     dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
     return int(total.item())
 
 
-def _check_supported(cfg: JobConfig) -> None:
+def check_supported(cfg: JobConfig) -> None:
+    """Refuse what this version cannot do yet (ValueError); needs no process group."""
     tr = cfg.training
-    unsupported = [f"training.{name}" for name in ("save", "load") if getattr(tr, name)]
+    unsupported = [f"training.{name}={getattr(tr, name)!r}" for name in ("save", "load")
+                   if getattr(tr, name)]
     if tr.use_distributed_optimizer:
         unsupported.append("training.use_distributed_optimizer=true")
+    if cfg.model.pipeline_model_parallel_size > 1:  # stages need mp.model.stages' build
+        unsupported.append(f"model.pipeline_model_parallel_size="
+                           f"{cfg.model.pipeline_model_parallel_size}")
     if unsupported:
-        raise ValueError(f"{', '.join(unsupported)}: not supported yet (checkpointing and the "
-                         "distributed optimizer come in later issues)")
+        raise ValueError(f"{', '.join(unsupported)}: not supported by the pretraining job yet "
+                         "(checkpointing, the distributed optimizer and pipeline stages come in "
+                         "later issues); override with --training.save null --training.load "
+                         "null --training.use_distributed_optimizer false "
+                         "--pipeline-model-parallel-size 1")
 
 
 def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step) -> TrainState:
     """Build everything from ``cfg`` and train. Needs ``initialize_model_parallel`` done with
     ``cfg``'s sizes; rank 0 reports."""
-    _check_supported(cfg)
+    check_supported(cfg)
     set_random_seed(cfg.training.seed)
     model, optimizer, scheduler = setup_model_and_optimizer(cfg)
     world = dist.get_world_size()
@@ -92,9 +103,9 @@ def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step
     train_iterator, valid_iterator = build_data_iterators(cfg)
     reporting = dist.get_rank() == 0
     if reporting:
-        m = cfg.model
+        m, dp = cfg.model, parallel_state.get_data_parallel_world_size()
         print(f"world {world} = TP {m.tensor_model_parallel_size} x PP "
-              f"{m.pipeline_model_parallel_size} x DP {parallel_state.get_data_parallel_world_size()}"
+              f"{m.pipeline_model_parallel_size} x DP {dp}"
               f" | {dist.get_backend()} on {get_device()} | {n_params / 1e6:.2f}M parameters | "
               f"{cfg.num_microbatches(world)} micro-batches of {cfg.training.micro_batch_size} "
               f"per data-parallel rank per iteration", flush=True)

@@ -1,6 +1,6 @@
 """A one-line progress bar for a person at a terminal (tqdm's look, no tqdm dependency)::
 
-     45%|█████████████▌                | 135/300 [01:02<01:16, 2.17 it/s] lm loss 3.2104
+     45%|█████████████                 | 135/300 [01:02<01:16, 2.17 it/s] lm loss 3.2104
 """
 
 from __future__ import annotations

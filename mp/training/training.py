@@ -15,8 +15,9 @@ the end; the error names the last iteration it saved, the one to resume from.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -50,7 +51,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _average_losses(per_microbatch: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
-    """(this rank's mean over micro-batches, the data-parallel mean of that), as floats."""
+    """(the data-parallel mean, this rank's own mean) over micro-batches, as floats."""
     keys = list(per_microbatch[0])
     local = torch.stack([torch.stack([d[k].float() for d in per_microbatch]).mean()
                          for k in keys])
@@ -127,8 +128,8 @@ def train(forward_step_func: Callable, model: list[nn.Module],
     """Run iterations from ``state`` (default: the start) up to ``training.train_iters``."""
     tr = cfg.training
     state = TrainState() if state is None else state
-    shapes = dict(num_microbatches=cfg.num_microbatches(dist.get_world_size()),
-                  seq_length=cfg.model.seq_length, micro_batch_size=tr.micro_batch_size)
+    shapes = {"num_microbatches": cfg.num_microbatches(dist.get_world_size()),
+              "seq_length": cfg.model.seq_length, "micro_batch_size": tr.micro_batch_size}
     check_loss = cfg.model.precision != "fp16"
     evaluated_at = None
 

@@ -1,0 +1,28 @@
+"""Checkpoints: exact resume, loading at any parallel layout, and conversion.
+
+- `save_checkpoint` / `load_checkpoint` (`mp.checkpointing.checkpoint`): a job's model,
+  optimizer (fp32 masters, AdamW moments), LR schedule, loss scaler, iteration, consumed
+  samples, every rank's RNG states and the resolved config; collective over the ranks.
+- `save_global_model` / `load_global_model`: whole weights in one process (tools).
+- `resolve_checkpoint`, `read_latest` (`mp.checkpointing.files`): where the newest complete
+  checkpoint of a save directory is.
+- `CheckpointError`, `CorruptCheckpointError`.
+
+See docs/checkpoints.md for the format and the guarantees.
+"""
+
+from mp.checkpointing.checkpoint import (
+    CheckpointInfo,
+    load_checkpoint,
+    load_global_model,
+    save_checkpoint,
+    save_global_model,
+)
+from mp.checkpointing.errors import CheckpointError, CorruptCheckpointError
+from mp.checkpointing.files import read_latest, resolve_checkpoint
+
+__all__ = [
+    "CheckpointError", "CheckpointInfo", "CorruptCheckpointError", "load_checkpoint",
+    "load_global_model", "read_latest", "resolve_checkpoint", "save_checkpoint",
+    "save_global_model",
+]

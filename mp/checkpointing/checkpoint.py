@@ -1,0 +1,366 @@
+"""Save and load a training job's state: atomically, verified, at any parallel layout.
+
+``save_checkpoint`` and ``load_checkpoint`` are collective over the default process group:
+every rank calls them with its own model chunks and optimizer. Each rank writes only what it
+holds (DCP, `mp.checkpointing.storage`), so no rank ever holds the whole model. A checkpoint is
+laid out on disk as `mp.checkpointing.files` describes; its tensors as
+`mp.checkpointing.state` lists; ``meta.json`` holds the rest as plain JSON::
+
+    {"format": "mp-checkpoint", "version": 1, "iteration": 40,
+     "consumed_train_samples": 640, "has_optimizer": true,
+     "layout": {"world_size": 4, "tensor_model_parallel_size": 2, ...},
+     "model": {TransformerConfig's fields}, "config": {the job's resolved config} | null,
+     "scheduler": {OptimizerParamScheduler.state_dict()} | null,
+     "grad_scaler": {the loss scaler's state_dict()} | null}
+
+Loading first checks every file against the manifest (the ranks share the hashing) and
+every key and global shape against the model, and agrees across ranks on the outcome: a
+damaged or mismatched checkpoint raises the same error on every rank before anything is
+read. Model and optimizer state load at any layout whose padded vocabulary matches; the RNG
+states are restored only at the layout that wrote them (``CheckpointInfo.rng_restored``).
+
+``save_global_model`` / ``load_global_model`` write and read whole, unsharded weights in one
+process (conversion tools); their checkpoints load at any layout like the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mp import parallel_state
+from mp.checkpointing.errors import CheckpointError, CorruptCheckpointError
+from mp.checkpointing.files import (
+    META_FILE,
+    checkpoint_dir,
+    check_files,
+    commit,
+    content_files,
+    describe_files,
+    read_latest,
+    read_manifest,
+    remove_stale,
+    resolve_checkpoint,
+    staging_dir,
+    write_manifest,
+    write_text_atomically,
+)
+from mp.checkpointing.naming import Placement, named_parameters, unwrap
+from mp.checkpointing.rng import set_rng_state
+from mp.checkpointing.state import (
+    OptimizerTargets,
+    model_key,
+    model_targets,
+    model_tensors,
+    optimizer_tensors,
+    rng_states,
+    rng_targets,
+    rng_tensors,
+    weight_source,
+)
+from mp.checkpointing.storage import (
+    METADATA_FILE,
+    PlacedTensors,
+    read_metadata,
+    read_tensors,
+    tensor_entries,
+    write_tensors,
+)
+from mp.model.config import TransformerConfig
+from mp.optim import MixedPrecisionOptimizer, OptimizerParamScheduler
+
+FORMAT, VERSION = "mp-checkpoint", 1
+
+#: Model fields that two checkpoints of "the same model" share (the rest, such as dropout,
+#: precision and the parallel layout, may change between save and load).
+ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                "vocab_size", "max_position_embeddings", "normalization", "activation",
+                "position_embedding_type", "add_bias_linear",
+                "untie_embeddings_and_output_weights")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What `load_checkpoint` loaded."""
+
+    path: Path  # the checkpoint directory (iter_NNNNNNN)
+    iteration: int
+    consumed_train_samples: int
+    config: dict | None  # the job's resolved config (JobConfig.to_dict form), if it saved one
+    model_config: dict  # TransformerConfig's fields at save time
+    layout: dict | None  # the parallel layout that wrote it (None: a single-process tool)
+    has_optimizer: bool
+    rng_restored: bool
+
+
+class _Ranks:
+    """The collectives save and load need, over the default group or within one process."""
+
+    def __init__(self, distributed: bool):
+        self.distributed = distributed
+        self.rank = dist.get_rank() if distributed else 0
+        self.world = dist.get_world_size() if distributed else 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def gather(self, value) -> list:
+        """Every rank's ``value`` (picklable), on every rank."""
+        if not self.distributed:
+            return [value]
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+    def agree(self, problems: list[str], error: type[CheckpointError], headline: str) -> None:
+        """Raise ``error`` on every rank when any rank found a problem."""
+        found = sorted({p for part in self.gather(problems) for p in part})
+        if found:
+            raise error(headline + ":\n  " + "\n  ".join(found))
+
+
+def current_layout() -> dict:
+    """The parallel layout of this job (part of ``meta.json``)."""
+    return {"world_size": dist.get_world_size(),
+            "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size":
+                parallel_state.get_pipeline_model_parallel_world_size(),
+            "virtual_pipeline_model_parallel_size":
+                parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+            "data_parallel_size": parallel_state.get_data_parallel_world_size()}
+
+
+def _chunks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    return [model] if isinstance(model, nn.Module) else list(model)
+
+
+# --- saving -------------------------------------------------------------------------------
+
+def _save(ranks: _Ranks, save_dir: str | Path, iteration: int, tensors: PlacedTensors,
+          meta: dict, keep_last: int | None) -> Path:
+    if not isinstance(iteration, int) or iteration < 0:
+        raise ValueError(f"iteration={iteration!r} must be a non-negative integer")
+    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last={keep_last!r} must be a positive integer or None")
+    save_dir = Path(save_dir)
+    if read_latest(save_dir) == iteration:
+        raise CheckpointError(f"iteration {iteration} is already the latest checkpoint in "
+                              f"{save_dir}; refusing to overwrite it")
+    staging = staging_dir(save_dir, iteration)
+    if ranks.rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save that crashed
+        staging.mkdir()
+    ranks.barrier()
+    write_tensors(staging, tensors, distributed=ranks.distributed)
+    if ranks.rank == 0:
+        write_text_atomically(staging / META_FILE, json.dumps(meta, indent=1))
+    ranks.barrier()
+    names = content_files(staging)
+    described = ranks.gather(describe_files(staging, names[ranks.rank::ranks.world]))
+    if ranks.rank == 0:
+        write_manifest(staging, {k: v for part in described for k, v in part.items()})
+        commit(save_dir, iteration)
+        remove_stale(save_dir, iteration, keep_last)
+    ranks.barrier()
+    return checkpoint_dir(save_dir, iteration)
+
+
+def save_checkpoint(save_dir: str | Path, iteration: int,
+                    model: nn.Module | Sequence[nn.Module],
+                    optimizer: MixedPrecisionOptimizer | None = None,
+                    scheduler: OptimizerParamScheduler | None = None, *,
+                    consumed_train_samples: int = 0, config: dict | None = None,
+                    keep_last: int | None = None) -> Path:
+    """Write ``save_dir/iter_<iteration>`` and make it the latest; return its path.
+
+    ``model`` is this rank's chunk or list of chunks (`DistributedDataParallel`-wrapped or
+    not); ``config`` the job's resolved config (``JobConfig.to_dict()``), stored for the
+    record. ``keep_last`` deletes all but the newest ``keep_last`` checkpoints once this one
+    is committed. Collective: every rank calls it. Returns after the commit on every rank.
+    """
+    chunks = _chunks(model)
+    ranks = _Ranks(distributed=True)
+    params = named_parameters(chunks)
+    tensors = model_tensors(params)
+    if optimizer is not None:
+        tensors.update(optimizer_tensors(optimizer, params))
+    tensors.update(rng_tensors(ranks.rank))
+    scaler = None if optimizer is None else optimizer.grad_scaler
+    meta = {"format": FORMAT, "version": VERSION, "iteration": iteration,
+            "consumed_train_samples": consumed_train_samples,
+            "has_optimizer": optimizer is not None, "layout": current_layout(),
+            "model": dataclasses.asdict(unwrap(chunks[0]).config), "config": config,
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "grad_scaler": None if scaler is None else scaler.state_dict()}
+    return _save(ranks, save_dir, iteration, tensors, meta, keep_last)
+
+
+def save_global_model(save_dir: str | Path, model_config: TransformerConfig,
+                      weights: dict[str, torch.Tensor], *, iteration: int = 0) -> Path:
+    """Write whole weights ``{global name: tensor}`` as a model-only checkpoint, from one
+    process (no process group needed). Loads at any layout with ``load_checkpoint``."""
+    tensors = {model_key(name): (tensor, Placement.whole(tensor))
+               for name, tensor in weights.items()}
+    meta = {"format": FORMAT, "version": VERSION, "iteration": iteration,
+            "consumed_train_samples": 0, "has_optimizer": False, "layout": None,
+            "model": dataclasses.asdict(model_config), "config": None, "scheduler": None,
+            "grad_scaler": None}
+    return _save(_Ranks(distributed=False), save_dir, iteration, tensors, meta, None)
+
+
+# --- loading ------------------------------------------------------------------------------
+
+def _verify(ranks: _Ranks, directory: Path) -> None:
+    """Every file against the manifest, hashing shared over the ranks."""
+    manifest = read_manifest(directory)
+    missing = [name for name in (META_FILE, METADATA_FILE) if name not in manifest]
+    if missing:
+        raise CorruptCheckpointError(f"{directory}: the manifest lists no {', '.join(missing)}")
+    names = sorted(manifest)
+    ranks.agree(check_files(directory, manifest, names[ranks.rank::ranks.world]),
+                CorruptCheckpointError, f"checkpoint {directory} is damaged; nothing was loaded")
+
+
+def _read_meta(directory: Path) -> dict:
+    path = directory / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from error
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an mp checkpoint's metadata")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path} has format version {meta.get('version')!r}; this mp "
+                              f"reads version {VERSION}")
+    return meta
+
+
+def _info(directory: Path, meta: dict, rng_restored: bool) -> CheckpointInfo:
+    return CheckpointInfo(directory, meta["iteration"], meta["consumed_train_samples"],
+                          meta["config"], meta["model"], meta["layout"], meta["has_optimizer"],
+                          rng_restored)
+
+
+def _architecture_problems(saved: dict, config: TransformerConfig) -> list[str]:
+    return [f"model.{name}={saved.get(name)!r} in the checkpoint but {getattr(config, name)!r} "
+            "here" for name in ARCHITECTURE if saved.get(name) != getattr(config, name)]
+
+
+def _vocab_problem(saved_rows: int, rows: int, config: TransformerConfig) -> str:
+    """Why the vocabulary dimension differs, and the setting that would make it agree."""
+    tp = config.tensor_model_parallel_size
+    fits = [d for d in range(1, saved_rows // tp + 1)
+            if saved_rows % (d * tp) == 0 and saved_rows - d * tp < config.vocab_size]
+    fix = (f"model.make_vocab_size_divisible_by={max(fits)} pads it to {saved_rows} at "
+           f"tensor_model_parallel_size={tp}" if fits else
+           f"no make_vocab_size_divisible_by pads it to {saved_rows} at "
+           f"tensor_model_parallel_size={tp}")
+    return (f"the checkpoint pads the vocabulary (vocab_size={config.vocab_size}) to "
+            f"{saved_rows} rows but this layout pads it to {rows} (a multiple of "
+            f"make_vocab_size_divisible_by={config.make_vocab_size_divisible_by} x "
+            f"tensor_model_parallel_size={tp}); {fix}")
+
+
+def _target_problems(targets: PlacedTensors, entries: dict, config: TransformerConfig,
+                     directory: Path) -> list[str]:
+    problems = []
+    for key, (_, placement) in targets.items():
+        entry = entries.get(key)
+        if entry is None:
+            problems.append(f"{directory} has no entry {key!r}")
+            continue
+        stored, wanted = tuple(entry.size), placement.global_shape
+        if stored == wanted:
+            continue
+        if ("word_embeddings" in key or "output_layer" in key) and stored[1:] == wanted[1:]:
+            problems.append(_vocab_problem(stored[0], wanted[0], config))
+        else:
+            problems.append(f"{key} is {list(stored)} in the checkpoint but {list(wanted)} here")
+    return problems
+
+
+def load_checkpoint(path: str | Path, model: nn.Module | Sequence[nn.Module],
+                    optimizer: MixedPrecisionOptimizer | None = None,
+                    scheduler: OptimizerParamScheduler | None = None, *,
+                    load_rng: bool = True) -> CheckpointInfo:
+    """Load a checkpoint into this rank's chunks, optimizer and schedule; collective.
+
+    ``path`` is a checkpoint directory or a save directory (its latest checkpoint). Without
+    ``optimizer`` only the weights are loaded (a model-only checkpoint needs that). The RNG
+    states are restored when ``load_rng`` and the layout is the saving one. Raises
+    `CorruptCheckpointError` or `CheckpointError` on every rank, before reading any tensor,
+    when a file is damaged or the checkpoint does not fit.
+    """
+    ranks = _Ranks(distributed=True)
+    directory = resolve_checkpoint(path)
+    _verify(ranks, directory)
+    meta = _read_meta(directory)
+    chunks = _chunks(model)
+    config = unwrap(chunks[0]).config
+    entries = tensor_entries(read_metadata(directory))
+    stored = set(entries)
+    params = named_parameters(chunks)
+    problems = _architecture_problems(meta["model"], config)
+    targets = model_targets(params, stored)
+    optimizer_targets = None
+    if optimizer is not None:
+        if not meta["has_optimizer"]:
+            problems.append("it holds no optimizer state (a model-only checkpoint): load it "
+                            "without an optimizer")
+        else:
+            optimizer_targets = OptimizerTargets(optimizer, params, stored)
+            targets.update(optimizer_targets.tensors)
+    if scheduler is not None:
+        try:
+            if meta["scheduler"] is None:
+                raise ValueError("it holds no learning-rate schedule")
+            scheduler.load_state_dict(meta["scheduler"])
+        except ValueError as error:
+            problems.append(str(error))
+    restore_rng = load_rng and meta["layout"] == current_layout()
+    if restore_rng:
+        shapes = {key: (entry.size, entry.properties.dtype) for key, entry in entries.items()}
+        targets.update(rng_targets(ranks.rank, shapes))
+        if not rng_states(ranks.rank, targets):
+            problems.append(f"it holds no RNG state for rank {ranks.rank}")
+    problems += _target_problems(targets, entries, config, directory)
+    ranks.agree(problems, CheckpointError, f"cannot load {directory} into this model")
+    read_tensors(directory, targets, distributed=True)
+    if optimizer_targets is not None:
+        optimizer_targets.apply()
+        if optimizer.grad_scaler is not None and meta["grad_scaler"] is not None:
+            optimizer.grad_scaler.load_state_dict(meta["grad_scaler"])
+    if restore_rng:
+        set_rng_state(rng_states(ranks.rank, targets))
+    return _info(directory, meta, restore_rng)
+
+
+def load_global_model(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """The whole weights ``{global name: tensor}`` of a checkpoint (fp32 masters where it
+    has them), verified, in one process; for tools. Holds the entire model in memory."""
+    ranks = _Ranks(distributed=False)
+    directory = resolve_checkpoint(path)
+    _verify(ranks, directory)
+    meta = _read_meta(directory)
+    entries = tensor_entries(read_metadata(directory))
+    stored, prefix = set(entries), model_key("")
+    weights: dict[str, torch.Tensor] = {}
+    targets: PlacedTensors = {}
+    for key in entries:
+        if key.startswith(prefix):
+            source = weight_source(key[len(prefix):], stored)
+            tensor = torch.empty(entries[source].size, dtype=entries[source].properties.dtype)
+            weights[key[len(prefix):]] = tensor
+            targets[source] = (tensor, Placement.whole(tensor))
+    read_tensors(directory, targets, distributed=False)
+    return weights, _info(directory, meta, False)

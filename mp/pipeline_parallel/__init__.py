@@ -1,0 +1,1 @@
+"""Pipeline parallelism: point-to-point exchange between stages and the schedules."""
