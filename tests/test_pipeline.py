@@ -12,9 +12,9 @@ from torch import nn
 from checks import assert_rel_close, own_rank_group
 from harness import run_distributed
 from mp import parallel_state as ps
-from mp.distributed import DistributedDataParallel, finalize_model_grads
+from mp.distributed import DistributedDataParallel
 from mp.model import TransformerConfig
-from mp.model.stages import allreduce_embedding_grads, build_gpt_chunks, chunk_first_layer
+from mp.model.stages import build_gpt_chunks, chunk_first_layer
 from mp.model.gpt import GPTModel
 from mp.optim import get_megatron_optimizer
 from mp.pipeline_parallel.schedules import get_forward_backward_func
@@ -176,10 +176,6 @@ def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int):
                                  {"params": [p for p in ref.parameters() if p.dim() == 1],
                                   "weight_decay": 0.0}], lr=LR, eps=EPS)
 
-    def finalize(chunks_):
-        finalize_model_grads(chunks_)
-        allreduce_embedding_grads(chunks_)
-
     losses, ref_losses = [], []
     for batch in _global_batches(global_batch):
         rows = slice(dp_rank * global_batch // dp, (dp_rank + 1) * global_batch // dp)
@@ -192,7 +188,7 @@ def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int):
         reported = get_forward_backward_func()(
             forward_step_func=gpt_forward_step, data_iterator=[iter(micro) for _ in models],
             model=models, num_microbatches=microbatches, seq_length=S, micro_batch_size=MBS,
-            grad_scale_func=optimizer.scale_loss, finalize_model_grads_func=finalize)
+            grad_scale_func=optimizer.scale_loss)
         optimizer.step()
         if reported:
             loss = torch.stack([r["lm loss"] for r in reported]).mean()

@@ -59,6 +59,21 @@ def test_short_run_lowers_the_loss(cache_dir):
     print(f"e2e: {time.monotonic() - start:.1f} s, lm loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
+def test_interleaved_pipeline_run_lowers_the_loss(cache_dir):
+    """PP=2 with two virtual stages per rank (TP=1, DP=2): the job builds the stages, the
+    interleaved schedule trains, and rank 0 (first stage) logs the last stage's loss."""
+    run = torchrun(LAUNCH, [*TINY, "--tensor-model-parallel-size", "1",
+                            "--pipeline-model-parallel-size", "2", "--num-layers", "4",
+                            "--num-layers-per-virtual-pipeline-stage", "1", "--train-iters", "20",
+                            "--eval-interval", "20", "--data-cache-path", cache_dir], timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("world 4 = TP 1 x PP 2 x DP 2") == 1
+    losses = [float(x) for x in re.findall(r"^iteration \d+/20 \|.*?\| lm loss (\S+) \|",
+                                           run.stdout, re.MULTILINE)]
+    assert len(losses) == 4, run.stdout
+    assert losses[-1] < 0.8 * losses[0], f"the loss did not fall: {losses}"
+
+
 @pytest.mark.parametrize("override,message", [
     (["--tensor-model-parallel-size", "3"],
      "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),

@@ -8,8 +8,10 @@ Megatron's ``finalize_model_grads``, in order:
    partial gradients; they are summed over the tensor-parallel group, all in one coalesced
    all-reduce.
 
-Tied word embeddings across pipeline stages (an all-reduce over the embedding group) join
-here when the pipelined schedules arrive.
+3. pipeline parallel with tied word embeddings: the first stage's embedding matrix and the
+   last stage's copy of it (both marked ``embedding_group_sync`` by
+   `mp.model.stages.initialize_word_embeddings`) sum their gradients over the embedding group,
+   so the two copies take the same step and stay equal.
 """
 
 from __future__ import annotations
@@ -46,12 +48,23 @@ def allreduce_sequence_parallel_grads(model_chunks: Iterable[nn.Module],
         grad.copy_(synced)
 
 
+def allreduce_embedding_grads(model_chunks: Iterable[nn.Module]) -> None:
+    """Sum the gradients of the tied embedding's two copies over the embedding group (first
+    and last pipeline stage); nothing on other ranks or without pipeline parallelism."""
+    grads = [_grad(p) for chunk in model_chunks for p in chunk.parameters()
+             if getattr(p, "embedding_group_sync", False)]
+    for grad in grads:
+        dist.all_reduce(grad, group=parallel_state.get_embedding_group())
+
+
 def finalize_model_grads(model_chunks: Iterable[nn.Module]) -> None:
-    """Finish the data-parallel reduction of each chunk (when it has one), then all-reduce
-    the sequence-parallel gradients over TP. Call once per iteration, after backward."""
+    """Finish the data-parallel reduction of each chunk (when it has one), all-reduce the
+    sequence-parallel gradients over TP and the tied embedding's over the embedding group.
+    Call once per iteration, after backward."""
     chunks = list(model_chunks)
     for chunk in chunks:
         finish = getattr(chunk, "finish_grad_sync", None)
         if finish is not None:
             finish()
     allreduce_sequence_parallel_grads(chunks)
+    allreduce_embedding_grads(chunks)

@@ -8,16 +8,16 @@ final norm, output layer and loss on the last chunk of stage ``p - 1``.
 
 Tied word embeddings across stages: the last stage holds its own copy of the embedding matrix
 as the output layer's weight. It starts as the first stage's (zeros, then a sum over the
-embedding group) and stays equal because the two copies' gradients are summed over the same
-group every step (`allreduce_embedding_grads`). The copy is marked ``shared = True`` so that
-norms and counts take the matrix once.
+embedding group) and stays equal because both copies are marked ``embedding_group_sync`` and
+their gradients are summed over that group every step
+(`mp.distributed.finalize_model_grads`). The last stage's copy is marked ``shared = True`` so
+that norms and counts take the matrix once.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from mp import parallel_state
 from mp.model.config import TransformerConfig
@@ -46,10 +46,9 @@ def build_gpt_chunks(config: TransformerConfig, group=None) -> list[GPTModel]:
     return chunks
 
 
-def _shared_weight(chunks: list[nn.Module]) -> torch.Tensor | None:
+def _shared_weight(chunks: list[GPTModel]) -> torch.Tensor | None:
     """The embedding matrix this rank holds as part of the tied pair, if any."""
     for chunk in chunks:
-        chunk = getattr(chunk, "module", chunk)
         if chunk.share_embeddings and (chunk.pre_process or chunk.post_process):
             return chunk.shared_embedding_or_output_weight()
     return None
@@ -66,15 +65,5 @@ def initialize_word_embeddings(chunks: list[GPTModel]) -> None:
     if not parallel_state.is_pipeline_first_stage(ignore_virtual=True):
         weight.zero_()
         weight.shared = True
+    weight.embedding_group_sync = True
     dist.all_reduce(weight.data, group=parallel_state.get_embedding_group())
-
-
-def allreduce_embedding_grads(chunks: list[nn.Module]) -> None:
-    """Sum the tied embedding's gradient over the first and last stage (no-op elsewhere)."""
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return
-    weight = _shared_weight(chunks)
-    if weight is None:
-        return
-    grad = weight.main_grad if hasattr(weight, "main_grad") else weight.grad
-    dist.all_reduce(grad, group=parallel_state.get_embedding_group())

@@ -27,6 +27,7 @@ from torch.autograd import Variable
 from torch import nn
 
 from mp import parallel_state
+from mp.distributed import finalize_model_grads
 from mp.pipeline_parallel.p2p import P2P, _communicate
 
 
@@ -95,7 +96,7 @@ def forward_backward_pipelining_without_interleaving(
         *, forward_step_func: Callable, data_iterator, model, num_microbatches: int,
         seq_length: int, micro_batch_size: int, forward_only: bool = False,
         grad_scale_func: Callable | None = None,
-        finalize_model_grads_func: Callable | None = None) -> list[dict]:
+        finalize_model_grads_func: Callable | None = finalize_model_grads) -> list[dict]:
     """1F1B over ``p`` stages; arguments as ``forward_backward_no_pipelining``."""
     model = model[0] if isinstance(model, (list, tuple)) else model
     data_iterator = (data_iterator[0] if isinstance(data_iterator, (list, tuple))
@@ -163,7 +164,7 @@ def forward_backward_pipelining_with_interleaving(
         *, forward_step_func: Callable, data_iterator, model, num_microbatches: int,
         seq_length: int, micro_batch_size: int, forward_only: bool = False,
         grad_scale_func: Callable | None = None,
-        finalize_model_grads_func: Callable | None = None) -> list[dict]:
+        finalize_model_grads_func: Callable | None = finalize_model_grads) -> list[dict]:
     """Interleaved 1F1B: ``model`` and ``data_iterator`` are lists, one per model chunk."""
     models, iterators = list(model), list(data_iterator)
     p = parallel_state.get_pipeline_model_parallel_world_size()

@@ -14,7 +14,7 @@ from mp import parallel_state
 from mp.config import JobConfig
 from mp.device import get_device
 from mp.distributed import DistributedDataParallel
-from mp.model import GPTModel
+from mp.model.stages import build_gpt_chunks
 from mp.optim import (
     MixedPrecisionOptimizer,
     OptimizerParamScheduler,
@@ -45,15 +45,15 @@ def set_random_seed(seed: int) -> None:
 def setup_model_and_optimizer(cfg: JobConfig) -> tuple[list[DistributedDataParallel],
                                                        MixedPrecisionOptimizer,
                                                        OptimizerParamScheduler]:
-    """This stage's GPT wrapped for data parallelism, its optimizer and LR schedule."""
+    """This rank's GPT chunks (one per virtual stage) wrapped for data parallelism, their
+    optimizer and LR schedule."""
     tr = cfg.training
-    model = GPTModel(cfg.model, pre_process=parallel_state.is_pipeline_first_stage(),
-                     post_process=parallel_state.is_pipeline_last_stage())
-    ddp = DistributedDataParallel(
-        model, overlap_grad_reduce=tr.overlap_grad_reduce,
+    model = [DistributedDataParallel(
+        chunk, overlap_grad_reduce=tr.overlap_grad_reduce,
         bucket_size=max(1, int(tr.bucket_size_mb * 2**20 / _BYTES_PER_GRAD)))
+        for chunk in build_gpt_chunks(cfg.model)]
     optimizer = get_megatron_optimizer(
-        [ddp], lr=tr.lr, weight_decay=tr.weight_decay, adam_beta1=tr.adam_beta1,
+        model, lr=tr.lr, weight_decay=tr.weight_decay, adam_beta1=tr.adam_beta1,
         adam_beta2=tr.adam_beta2, adam_eps=tr.adam_eps, clip_grad=tr.clip_grad,
         loss_scale=tr.loss_scale, initial_loss_scale=tr.initial_loss_scale,
         min_loss_scale=tr.min_loss_scale, loss_scale_window=tr.loss_scale_window,
@@ -61,7 +61,7 @@ def setup_model_and_optimizer(cfg: JobConfig) -> tuple[list[DistributedDataParal
     scheduler = OptimizerParamScheduler(
         optimizer, max_lr=tr.lr, min_lr=tr.min_lr, lr_warmup_steps=tr.lr_warmup_iters,
         lr_decay_steps=tr.lr_decay_iters, lr_decay_style=tr.lr_decay_style)
-    return [ddp], optimizer, scheduler
+    return model, optimizer, scheduler
 
 
 def count_parameters(model: list[torch.nn.Module]) -> int:
@@ -81,15 +81,11 @@ def check_supported(cfg: JobConfig) -> None:
                    if getattr(tr, name)]
     if tr.use_distributed_optimizer:
         unsupported.append("training.use_distributed_optimizer=true")
-    if cfg.model.pipeline_model_parallel_size > 1:  # stages need mp.model.stages' build
-        unsupported.append(f"model.pipeline_model_parallel_size="
-                           f"{cfg.model.pipeline_model_parallel_size}")
     if unsupported:
         raise ValueError(f"{', '.join(unsupported)}: not supported by the pretraining job yet "
-                         "(checkpointing, the distributed optimizer and pipeline stages come in "
-                         "later issues); override with --training.save null --training.load "
-                         "null --training.use_distributed_optimizer false "
-                         "--pipeline-model-parallel-size 1")
+                         "(checkpointing and the distributed optimizer come in later issues); "
+                         "override with --training.save null --training.load null "
+                         "--training.use_distributed_optimizer false")
 
 
 def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step) -> TrainState:
@@ -100,7 +96,10 @@ def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step
     model, optimizer, scheduler = setup_model_and_optimizer(cfg)
     world = dist.get_world_size()
     n_params = count_parameters(model)
-    train_iterator, valid_iterator = build_data_iterators(cfg)
+    # one pair of iterators per model chunk: interleaved chunks each read every micro-batch
+    chunks = cfg.model.virtual_pipeline_model_parallel_size or 1
+    train_iterator, valid_iterator = zip(*(build_data_iterators(cfg) for _ in range(chunks)))
+    valid_iterator = None if valid_iterator[0] is None else list(valid_iterator)
     reporting = dist.get_rank() == 0
     if reporting:
         m, dp = cfg.model, parallel_state.get_data_parallel_world_size()
@@ -111,7 +110,7 @@ def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step
               f"per data-parallel rank per iteration", flush=True)
     logger = TrainingLogger(cfg, world, get_device(), enabled=reporting)
     try:
-        return train(forward_step_func, model, optimizer, scheduler, train_iterator,
+        return train(forward_step_func, model, optimizer, scheduler, list(train_iterator),
                      valid_iterator, cfg, logger)
     finally:
         logger.close()

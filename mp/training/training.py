@@ -51,16 +51,25 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _average_losses(per_microbatch: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
-    """(the data-parallel mean, this rank's own mean) over micro-batches, as floats."""
-    keys = list(per_microbatch[0])
-    local = torch.stack([torch.stack([d[k].float() for d in per_microbatch]).mean()
-                         for k in keys])
-    reduced = local.clone()
-    if parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(reduced, group=parallel_state.get_data_parallel_group())
-        reduced /= parallel_state.get_data_parallel_world_size()
-    local_values, reduced_values = torch.stack([local, reduced]).tolist()
-    return dict(zip(keys, reduced_values)), dict(zip(keys, local_values))
+    """(the data-parallel mean, this rank's own mean) over micro-batches, as floats. Only the
+    last pipeline stage computes losses; it sends the result to the other stages."""
+    result = None
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        keys = list(per_microbatch[0])
+        local = torch.stack([torch.stack([d[k].float() for d in per_microbatch]).mean()
+                             for k in keys])
+        reduced = local.clone()
+        if parallel_state.get_data_parallel_world_size() > 1:
+            dist.all_reduce(reduced, group=parallel_state.get_data_parallel_group())
+            reduced /= parallel_state.get_data_parallel_world_size()
+        local_values, reduced_values = torch.stack([local, reduced]).tolist()
+        result = dict(zip(keys, reduced_values)), dict(zip(keys, local_values))
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                   group=parallel_state.get_pipeline_model_parallel_group())
+        result = box[0]
+    return result
 
 
 def train_step(forward_step_func: Callable, data_iterator: Iterator, model: list[nn.Module],
