@@ -52,8 +52,10 @@ class Kernels:
             as ``x * scaled_bernoulli_noise`` and saves the noise).
         fused_softmax: mp's fused scale-mask-softmax kernel runs for 16-bit scores (CUDA, the
             extension built) and saves the probabilities in the activation dtype. Otherwise
-            the torch path saves them in fp32, plus the ``[s, s]`` causal mask and the
-            ``[s, 1]`` flags of fully masked rows (bools).
+            the torch path saves them in fp32, plus the ``[s, s]`` causal mask (bools, kept
+            by the ``masked_fill`` of the scores). No ``[s, 1]`` fully-masked-row flags: a
+            causal row always keeps its diagonal, so the causal path skips
+            ``zero_fully_masked_rows`` (only an explicit padding mask runs it).
         norm_stats_bytes: bytes of each per-row norm statistic: 4 (fp32) on CUDA; ``None``
             for the activation's size (the CPU LayerNorm keeps bf16 statistics for bf16 input).
         sdpa_dropout_kernel: SDPA with attention dropout: ``"flash"`` (CUDA: the flash kernel
@@ -162,7 +164,9 @@ def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
     softmax_bytes = e if fused else FP32
     core = {"softmax output": softmax_bytes * scores}
     if not fused:
-        core["causal mask"] = s * s + s  # [s, s] mask and the [s, 1] fully-masked-row flags
+        # the [s, s] bool mask the scores' masked_fill saves; the causal torch path does not
+        # run zero_fully_masked_rows (no row is fully masked), so no [s, 1] row flags
+        core["causal mask"] = s * s
     if dropout:
         core["attention dropout mask"] = dropout_mask_bytes(cfg, kernels) * scores
         core["dropped probabilities"] = e * scores
