@@ -21,6 +21,7 @@ import re
 
 import torch
 
+from mp.estimate.flops import training_flops
 from mp.model.config import TransformerConfig
 
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s, matched as whole words against the device
@@ -39,30 +40,14 @@ PEAK_TFLOPS = (
 )
 
 
-def _passes(config: TransformerConfig, recompute: bool) -> tuple[int, int]:
-    """How many times the (linear, attention-core) forward work is done per iteration."""
-    granularity = config.recompute_granularity if recompute else None
-    if granularity == "full":
-        return 4, 4
-    if granularity == "selective":
-        return 3, 4
-    return 3, 3
-
-
 def num_floating_point_operations(config: TransformerConfig, batch_size: int,
                                   recompute: bool = True) -> float:
     """FLOPs of one iteration (forward and backward) over ``batch_size`` sequences of
     ``config.seq_length`` tokens, on the whole model (all ranks together). ``recompute``
     counts the recomputed forward work of ``config.recompute_granularity``; without it the
-    count is the model's own (what MFU divides)."""
-    h, s, l = config.hidden_size, config.seq_length, config.num_layers
-    mlp_matrices = 3 if config.activation == "swiglu" else 2
-    linear = 2 * (3 * h * h) + 2 * h * h + 2 * mlp_matrices * h * config.ffn_hidden_size
-    attention = 4 * s * h
-    logits = 2 * h * config.padded_vocab_size
-    linear_passes, attention_passes = _passes(config, recompute)
-    per_token = l * (linear_passes * linear + attention_passes * attention) + 3 * logits
-    return float(batch_size * s * per_token)
+    count is the model's own (what MFU divides). The count is the estimator's
+    (`mp.estimate.flops.training_flops`), so logs and plans agree."""
+    return training_flops(config, batch_size, "config" if recompute else None)
 
 
 def peak_tflops(device: torch.device) -> float | None:
