@@ -119,12 +119,12 @@ STEPS, LR, CLIP = 10, 2e-3, 0.5
 EPS = 1e-5
 
 
-def _config(tp=1, pp=1, vpp=None) -> TransformerConfig:
+def _config(tp=1, pp=1, vpp=None, sp=False) -> TransformerConfig:
     return TransformerConfig(num_layers=LAYERS, hidden_size=32, num_attention_heads=4,
                              vocab_size=VOCAB, seq_length=S, make_vocab_size_divisible_by=8,
                              hidden_dropout=0.0, attention_dropout=0.0,
                              tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                             virtual_pipeline_model_parallel_size=vpp)
+                             virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp)
 
 
 def _global_batches(global_batch: int):
@@ -152,7 +152,7 @@ def _shard(param, full: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int):
+def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int, sp: bool):
     ps.initialize_model_parallel(tp, pp, vpp)
     ref_group = own_rank_group()
     dp = ps.get_data_parallel_world_size()
@@ -162,7 +162,7 @@ def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int):
     torch.manual_seed(5)
     ref = GPTModel(_config(), group=ref_group)
     ref_params = dict(ref.named_parameters())
-    chunks = build_gpt_chunks(_config(tp, pp, vpp))
+    chunks = build_gpt_chunks(_config(tp, pp, vpp, sp))
     with torch.no_grad():  # start from the reference's weights (stages are seeded apart)
         for c, chunk in enumerate(chunks):
             first = chunk_first_layer(chunk.config, pp_rank, c)
@@ -213,14 +213,14 @@ def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int):
                              rtol=1e-5, what=f"final {name}")
 
 
-@pytest.mark.parametrize("tp,pp,vpp,microbatches", [
-    (2, 2, None, 4),   # TP2 x PP2 x DP2, 1F1B
-    (1, 4, None, 4),   # PP4 x DP2
-    (2, 2, 2, 4),      # TP2 x PP2 x VPP2 x DP2, interleaved
-    (1, 8, None, 8),   # PP8, 8 micro-batches
+@pytest.mark.parametrize("tp,pp,vpp,microbatches,sp", [
+    (2, 2, None, 4, False),  # TP2 x PP2 x DP2, 1F1B
+    (1, 4, None, 4, False),  # PP4 x DP2
+    (2, 2, 2, 4, True),      # TP2 x PP2 x VPP2 x DP2, interleaved, sequence parallel
+    (1, 8, None, 8, False),  # PP8, 8 micro-batches
 ])
-def test_gpt_pipeline_training_matches_single_process(tp, pp, vpp, microbatches):
-    run_distributed(8, _check_pipeline_training, tp, pp, vpp, microbatches, timeout=600)
+def test_gpt_pipeline_training_matches_single_process(tp, pp, vpp, microbatches, sp):
+    run_distributed(8, _check_pipeline_training, tp, pp, vpp, microbatches, sp, timeout=600)
 
 
 def _check_forward_only(pp: int, vpp):
