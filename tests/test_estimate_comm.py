@@ -1,7 +1,12 @@
 """Communication: the bytes of every ``torch.distributed`` call in one training iteration
 (micro-batches forward and backward, gradient reduction, optimizer step), counted per kind and
 group by wrapping the collectives, equal the estimate exactly. TP 2 x DP 2 and TP 1 x DP 4 on
-4 ranks; pipeline parallelism is formula only until mp has it."""
+4 ranks; and TP 1 x PP 2 x DP 2 through `mp.training.training.train_step` (1F1B, and
+interleaved with 2 model chunks per stage), stage by stage: the pipeline's sends and receives,
+the tied word-embedding gradients, each stage's data-parallel gradients. The loss that
+``train_step`` broadcasts from the last stage (``broadcast_object_list``) is logging: the meter
+lists it apart, once per iteration over the pipeline group, and it is not in the estimate; the
+loss's all-reduce over DP on the last stage is the estimate's ``logging`` row."""
 
 import pytest
 import torch
@@ -12,8 +17,11 @@ from mp import parallel_state as ps
 from mp.distributed import DistributedDataParallel, finalize_model_grads
 from mp.estimate import CollectiveMeter, Setup, collectives
 from mp.model import GPTModel, TransformerConfig
-from mp.optim import get_megatron_optimizer
+from mp.model.stages import build_gpt_chunks
+from mp.optim import OptimizerParamScheduler, get_megatron_optimizer
 from mp.tensor_parallel import model_parallel_cuda_manual_seed
+from mp.training.gpt_step import forward_step as gpt_forward_step
+from mp.training.training import train_step
 
 WORLD, MICROBATCHES, MBS = 4, 2, 2
 
@@ -39,9 +47,22 @@ def _config(tp: int, **overrides) -> TransformerConfig:
 
 
 def _group_ranks() -> dict[str, tuple[int, ...]]:
-    return {"tp": tuple(ps.get_tensor_model_parallel_ranks()),
-            "dp": tuple(ps.get_data_parallel_ranks()),
-            "mp": tuple(dist.get_process_group_ranks(ps.get_model_parallel_group()))}
+    ranks = {"tp": tuple(ps.get_tensor_model_parallel_ranks()),
+             "dp": tuple(ps.get_data_parallel_ranks()),
+             "pp": tuple(dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())),
+             "mp": tuple(dist.get_process_group_ranks(ps.get_model_parallel_group()))}
+    if ps.is_rank_in_embedding_group():
+        ranks["embedding"] = tuple(dist.get_process_group_ranks(ps.get_embedding_group()))
+    return ranks
+
+
+def _expected(setup: Setup, pp_rank: int = 0, logging: bool = False) -> dict:
+    ranks = _group_ranks()
+    expected: dict = {}
+    for c in collectives(setup, pp_rank, logging):
+        key = (c.kind, ranks[c.group])
+        expected[key] = expected.get(key, 0) + c.bytes
+    return expected
 
 
 def _one_iteration(tp: int, overrides: dict) -> tuple[dict, dict]:
@@ -64,12 +85,7 @@ def _one_iteration(tp: int, overrides: dict) -> tuple[dict, dict]:
         opt.step()
     setup = Setup(cfg, data_parallel_size=WORLD // tp, micro_batch_size=MBS,
                   num_microbatches=MICROBATCHES)
-    ranks = _group_ranks()
-    expected: dict = {}
-    for c in collectives(setup):
-        key = (c.kind, ranks[c.group])
-        expected[key] = expected.get(key, 0) + c.bytes
-    return meter.totals(), expected
+    return meter.totals(), _expected(setup)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -80,3 +96,47 @@ def test_collective_bytes_of_one_iteration(tp, variant):
     for rank, (measured, expected) in enumerate(run_distributed(WORLD, _one_iteration, tp,
                                                                 VARIANTS[variant])):
         assert measured == expected, f"rank {rank}"
+
+
+PP, PP_MICROBATCHES = 2, 4
+
+
+def _pipelined_iteration(vpp, overrides: dict) -> tuple[dict, dict, list]:
+    """Measured and estimated bytes per (kind, group ranks) for one `train_step` on this rank
+    of a TP 1 x PP 2 x DP 2 layout, and the logging calls the meter set apart."""
+    ps.initialize_model_parallel(1, PP, vpp)
+    model_parallel_cuda_manual_seed(1)
+    torch.manual_seed(0)
+    cfg = _config(1, num_layers=4, pipeline_model_parallel_size=PP,
+                  virtual_pipeline_model_parallel_size=vpp, **overrides)
+    models = [DistributedDataParallel(chunk, bucket_size=2000)
+              for chunk in build_gpt_chunks(cfg)]  # its embedding all-reduce: build time
+    opt = get_megatron_optimizer(models, lr=1e-3)
+    scheduler = OptimizerParamScheduler(opt, max_lr=1e-3, lr_decay_steps=10)
+    gen = torch.Generator().manual_seed(ps.get_data_parallel_rank())
+    micro = []
+    for _ in range(PP_MICROBATCHES):
+        ids = torch.randint(0, cfg.vocab_size, (MBS, cfg.seq_length + 1), generator=gen)
+        micro.append({"tokens": ids[:, :-1], "labels": ids[:, 1:],
+                      "loss_mask": torch.ones(MBS, cfg.seq_length),
+                      "position_ids": torch.arange(cfg.seq_length).expand(MBS, -1)})
+    with CollectiveMeter() as meter:
+        train_step(gpt_forward_step, [iter(micro) for _ in models], models, opt, scheduler,
+                   num_microbatches=PP_MICROBATCHES, seq_length=cfg.seq_length,
+                   micro_batch_size=MBS)
+    setup = Setup(cfg, data_parallel_size=WORLD // PP, micro_batch_size=MBS,
+                  num_microbatches=PP_MICROBATCHES)
+    return meter.totals(), _expected(setup, ps.get_pipeline_model_parallel_rank(), logging=True), \
+        meter.logging
+
+
+@pytest.mark.parametrize("variant", ["plain", "untied_bf16"])
+@pytest.mark.parametrize("vpp", [None, 2], ids=["1f1b", "interleaved"])
+def test_collective_bytes_of_one_pipelined_iteration(vpp, variant):
+    overrides = {} if variant == "plain" else dict(untie_embeddings_and_output_weights=True,
+                                                   precision="bf16")
+    results = run_distributed(WORLD, _pipelined_iteration, vpp, overrides)
+    for rank, (measured, expected, logging) in enumerate(results):
+        assert measured == expected, f"rank {rank}"
+        pipeline = (rank % 2, rank % 2 + 2)  # TP fastest, then DP, then PP
+        assert logging == [("broadcast_object_list", pipeline)], f"rank {rank}"

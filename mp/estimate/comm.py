@@ -30,8 +30,9 @@ row-parallel ones (attention output, fc2):
 Bytes follow `mp.estimate.measure`: an all-reduce moves its tensor; an all-gather its
 gathered output; a reduce-scatter its full input. On the wire, a ring all-reduce over ``n``
 ranks sends ``2 (n - 1) / n`` of that per rank, an all-gather or reduce-scatter ``(n - 1) / n``,
-a send all of it. The TP, DP and model-parallel rows are checked against mp's code; pipeline
-and distributed-optimizer rows are formulas until those exist in mp.
+a send all of it. The TP, DP, pipeline (1F1B and interleaved, tied embeddings) and
+model-parallel rows are checked against mp's code; distributed-optimizer rows are formulas until
+it exists in mp.
 """
 
 from __future__ import annotations
@@ -59,8 +60,11 @@ class Collective:
     bytes: float
 
 
-def collectives(setup: Setup, pp_rank: int = 0) -> list[Collective]:
-    """Every collective one rank of stage ``pp_rank`` calls in one iteration (module doc)."""
+def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[Collective]:
+    """Every collective one rank of stage ``pp_rank`` calls in one iteration (module doc).
+    ``logging`` adds what `mp.training.training.train_step` does to report the loss: on the
+    last stage, the all-reduce of the micro-batch mean of the loss (one fp32 value) over DP
+    (its ``broadcast_object_list`` to the other stages is not modelled)."""
     cfg = setup.model
     out: list[Collective] = []
     if setup.tp > 1:
@@ -79,6 +83,8 @@ def collectives(setup: Setup, pp_rank: int = 0) -> list[Collective]:
         out += _pipeline(setup, pp_rank)
     if setup.tp * setup.pp > 1:
         out.append(Collective("gradient norm", "all_reduce", "mp", FP32))
+    if logging and pp_rank == setup.pp - 1 and setup.data_parallel_size > 1:
+        out.append(Collective("reported loss (logging)", "all_reduce", "dp", FP32))
     return [c for c in out if c.bytes > 0]
 
 

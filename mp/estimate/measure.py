@@ -10,7 +10,10 @@ The estimator is only worth what its checks are worth; these two meters read the
   a ``with`` block, with its kind, the global ranks of its group and its size in bytes: the
   tensor of an all-reduce, broadcast or send/recv; the gathered (full) buffer of an
   all-gather; the full input of a reduce-scatter. That is the per-call ``bytes`` of
-  `mp.estimate.comm.Collective`, so the two compare directly.
+  `mp.estimate.comm.Collective`, so the two compare directly. ``broadcast_object_list`` is
+  logging (the training loss, sent from the last pipeline stage to the others): it runs, but
+  neither it nor the broadcasts it makes inside count in ``calls``; it is listed in
+  ``logging`` as ``(name, group ranks)`` instead.
 """
 
 from __future__ import annotations
@@ -77,7 +80,9 @@ _SIZED_BY = {
 # calls the estimate does not model: they fail the measurement rather than go uncounted
 # (``batch_isend_irecv`` is not among them: it runs each ``P2POp``'s isend or irecv, counted)
 _UNMODELLED = ("all_gather", "reduce_scatter", "all_to_all", "all_to_all_single", "reduce",
-               "gather", "scatter", "all_gather_object", "broadcast_object_list")
+               "gather", "scatter", "all_gather_object")
+# logging, not training communication: run, listed in ``logging``, not counted in ``calls``
+_LOGGING = ("broadcast_object_list",)
 # the modules a caller may reach the functions through; ``P2POp`` checks its ``op`` against
 # distributed_c10d's own ``isend``/``irecv``, so both must hold the same wrapper
 _NAMESPACES = (dist, distributed_c10d)
@@ -91,6 +96,8 @@ class CollectiveMeter:
 
     def __init__(self):
         self.calls: list[tuple[str, tuple[int, ...], int]] = []
+        self.logging: list[tuple[str, tuple[int, ...]]] = []
+        self._in_logging = False
         self._originals: dict[tuple[object, str], object] = {}
 
     def __enter__(self) -> CollectiveMeter:
@@ -98,6 +105,8 @@ class CollectiveMeter:
             self._wrap(name, self._recorder(kind, argument))
         for name in _UNMODELLED:
             self._wrap(name, self._refuser(name))
+        for name in _LOGGING:
+            self._wrap(name, self._logger(name))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -123,12 +132,31 @@ class CollectiveMeter:
             signature = inspect.signature(original)
 
             def call(*args, **kwargs):
+                if self._in_logging:
+                    return original(*args, **kwargs)
                 bound = signature.bind(*args, **kwargs).arguments
                 tensor, group = bound[argument], bound.get("group")
                 ranks = tuple(dist.get_process_group_ranks(group) if group is not None
                               else range(dist.get_world_size()))
                 self.calls.append((kind, ranks, tensor.numel() * tensor.element_size()))
                 return original(*args, **kwargs)
+            return call
+        return make
+
+    def _logger(self, name: str):
+        def make(original):
+            signature = inspect.signature(original)
+
+            def call(*args, **kwargs):
+                group = signature.bind(*args, **kwargs).arguments.get("group")
+                self.logging.append((name, tuple(dist.get_process_group_ranks(group)
+                                                 if group is not None
+                                                 else range(dist.get_world_size()))))
+                self._in_logging = True
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self._in_logging = False
             return call
         return make
 
