@@ -45,7 +45,7 @@ def torchrun(script: str, args: list[str], timeout: float) -> subprocess.Complet
 def test_short_run_lowers_the_loss(cache_dir):
     start = time.monotonic()
     run = torchrun(LAUNCH, [*TINY, "--train-iters", "30", "--eval-interval", "15",
-                            "--data-cache-path", cache_dir], timeout=240)
+                            "--data-cache-path", cache_dir], timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
     assert "tensor_model_parallel_size: 2" in out  # the resolved config, printed once
@@ -65,7 +65,7 @@ def test_interleaved_pipeline_run_lowers_the_loss(cache_dir):
     run = torchrun(LAUNCH, [*TINY, "--tensor-model-parallel-size", "1",
                             "--pipeline-model-parallel-size", "2", "--num-layers", "4",
                             "--num-layers-per-virtual-pipeline-stage", "1", "--train-iters", "20",
-                            "--eval-interval", "20", "--data-cache-path", cache_dir], timeout=240)
+                            "--eval-interval", "20", "--data-cache-path", cache_dir], timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("world 4 = TP 1 x PP 2 x DP 2") == 1
     losses = [float(x) for x in re.findall(r"^iteration \d+/20 \|.*?\| lm loss (\S+) \|",
