@@ -86,13 +86,13 @@ class _FusedNorm(torch.autograd.Function):
         return dx, dweight, grads[2] if ctx.has_bias else None, None
 
 
-def _mark_sequence_parallel(module: nn.Module, sequence_parallel: bool) -> None:
-    for param in module.parameters():
-        param.sequence_parallel = sequence_parallel
+class _FusedNormModule(nn.Module):
+    """A norm over the last dim (``hidden_size``) with a weight (ones), and a bias (zeros) when
+    ``has_bias``. Its parameters are replicated over TP and carry ``sequence_parallel``: under
+    sequence parallelism each rank sees part of the sequence, so their gradients are partial
+    sums that `mp.distributed.finalize_model_grads` adds up over TP."""
 
-
-class FusedLayerNorm(nn.Module):
-    """LayerNorm over the last dim (``hidden_size``) with weight and bias, fused on CUDA."""
+    has_bias: bool
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, sequence_parallel: bool = False, *,
                  params_dtype: torch.dtype = torch.float32, device=None):
@@ -100,42 +100,35 @@ class FusedLayerNorm(nn.Module):
         device = get_device() if device is None else torch.device(device)
         self.hidden_size, self.eps = hidden_size, eps
         self.sequence_parallel = sequence_parallel
-        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=params_dtype, device=device))
-        self.bias = nn.Parameter(torch.empty(hidden_size, dtype=params_dtype, device=device))
-        self.reset_parameters()
-        _mark_sequence_parallel(self, sequence_parallel)
+        kw = dict(dtype=params_dtype, device=device)
+        self.weight = nn.Parameter(torch.ones(hidden_size, **kw))
+        self.bias = nn.Parameter(torch.zeros(hidden_size, **kw)) if self.has_bias else None
+        for param in self.parameters():
+            param.sequence_parallel = sequence_parallel
         load_fused_kernels()  # build now rather than in the first forward
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
-        nn.init.zeros_(self.bias)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}, sequence_parallel={self.sequence_parallel}"
+
+
+class FusedLayerNorm(_FusedNormModule):
+    """LayerNorm over the last dim (``hidden_size``) with weight and bias, fused on CUDA."""
+
+    has_bias = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fused_layer_norm(x, self.weight, self.bias, self.eps)
 
-    def extra_repr(self) -> str:
-        return f"{self.hidden_size}, eps={self.eps}, sequence_parallel={self.sequence_parallel}"
 
-
-class FusedRMSNorm(nn.Module):
+class FusedRMSNorm(_FusedNormModule):
     """RMSNorm over the last dim (``hidden_size``) with a weight, fused on CUDA."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5, sequence_parallel: bool = False, *,
-                 params_dtype: torch.dtype = torch.float32, device=None):
-        super().__init__()
-        device = get_device() if device is None else torch.device(device)
-        self.hidden_size, self.eps = hidden_size, eps
-        self.sequence_parallel = sequence_parallel
-        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=params_dtype, device=device))
-        self.reset_parameters()
-        _mark_sequence_parallel(self, sequence_parallel)
-        load_fused_kernels()  # build now rather than in the first forward
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+    has_bias = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fused_rms_norm(x, self.weight, self.eps)
-
-    def extra_repr(self) -> str:
-        return f"{self.hidden_size}, eps={self.eps}, sequence_parallel={self.sequence_parallel}"
