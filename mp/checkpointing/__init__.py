@@ -4,8 +4,11 @@
   optimizer (fp32 masters, AdamW moments), LR schedule, loss scaler, iteration, consumed
   samples, every rank's RNG states and the resolved config; collective over the ranks.
 - `save_global_model` / `load_global_model`: whole weights in one process (tools).
-- `resolve_checkpoint`, `read_latest` (`mp.checkpointing.files`): where the newest complete
-  checkpoint of a save directory is.
+- `read_checkpoint_info`: what a checkpoint holds, from its metadata alone.
+- `resolve_checkpoint`, `find_checkpoint`, `read_latest` (`mp.checkpointing.files`): where the
+  newest complete checkpoint of a save directory is.
+- `mp.checkpointing.job`: the pretraining job's resume and save hook;
+  `mp.checkpointing.hf_gpt2`: Hugging Face GPT-2 weights to and from global names.
 - `CheckpointError`, `CorruptCheckpointError`.
 
 See docs/checkpoints.md for the format and the guarantees.
@@ -15,14 +18,15 @@ from mp.checkpointing.checkpoint import (
     CheckpointInfo,
     load_checkpoint,
     load_global_model,
+    read_checkpoint_info,
     save_checkpoint,
     save_global_model,
 )
 from mp.checkpointing.errors import CheckpointError, CorruptCheckpointError
-from mp.checkpointing.files import read_latest, resolve_checkpoint
+from mp.checkpointing.files import find_checkpoint, read_latest, resolve_checkpoint
 
 __all__ = [
-    "CheckpointError", "CheckpointInfo", "CorruptCheckpointError", "load_checkpoint",
-    "load_global_model", "read_latest", "resolve_checkpoint", "save_checkpoint",
-    "save_global_model",
+    "CheckpointError", "CheckpointInfo", "CorruptCheckpointError", "find_checkpoint",
+    "load_checkpoint", "load_global_model", "read_checkpoint_info", "read_latest",
+    "resolve_checkpoint", "save_checkpoint", "save_global_model",
 ]

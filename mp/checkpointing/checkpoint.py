@@ -40,8 +40,8 @@ from mp import parallel_state
 from mp.checkpointing.errors import CheckpointError, CorruptCheckpointError
 from mp.checkpointing.files import (
     META_FILE,
-    checkpoint_dir,
     check_files,
+    checkpoint_dir,
     commit,
     content_files,
     describe_files,
@@ -89,7 +89,7 @@ ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What `load_checkpoint` loaded."""
+    """What a checkpoint holds (`read_checkpoint_info`) or `load_checkpoint` loaded."""
 
     path: Path  # the checkpoint directory (iter_NNNNNNN)
     iteration: int
@@ -251,6 +251,13 @@ def _info(directory: Path, meta: dict, rng_restored: bool) -> CheckpointInfo:
                           rng_restored)
 
 
+def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
+    """What a checkpoint (or a save directory's latest) holds, from its ``meta.json`` alone
+    (nothing is verified or loaded)."""
+    directory = resolve_checkpoint(path)
+    return _info(directory, _read_meta(directory), False)
+
+
 def _architecture_problems(saved: dict, config: TransformerConfig) -> list[str]:
     return [f"model.{name}={saved.get(name)!r} in the checkpoint but {getattr(config, name)!r} "
             "here" for name in ARCHITECTURE if saved.get(name) != getattr(config, name)]
@@ -261,14 +268,26 @@ def _vocab_problem(saved_rows: int, rows: int, config: TransformerConfig) -> str
     tp = config.tensor_model_parallel_size
     fits = [d for d in range(1, saved_rows // tp + 1)
             if saved_rows % (d * tp) == 0 and saved_rows - d * tp < config.vocab_size]
-    fix = (f"model.make_vocab_size_divisible_by={max(fits)} pads it to {saved_rows} at "
-           f"tensor_model_parallel_size={tp}" if fits else
-           f"no make_vocab_size_divisible_by pads it to {saved_rows} at "
-           f"tensor_model_parallel_size={tp}")
+    if fits:
+        powers_of_two = [d for d in fits if d & (d - 1) == 0]
+        fix = f"model.make_vocab_size_divisible_by={min(powers_of_two or fits)} pads it to"
+    else:
+        fix = "no make_vocab_size_divisible_by pads it to"
+    fix += f" {saved_rows} at tensor_model_parallel_size={tp}"
     return (f"the checkpoint pads the vocabulary (vocab_size={config.vocab_size}) to "
             f"{saved_rows} rows but this layout pads it to {rows} (a multiple of "
             f"make_vocab_size_divisible_by={config.make_vocab_size_divisible_by} x "
             f"tensor_model_parallel_size={tp}); {fix}")
+
+
+def _scheduler_problems(scheduler: OptimizerParamScheduler, saved: dict | None) -> list[str]:
+    """The schedule's settings against the saved ones (its step count is what loads)."""
+    if saved is None:
+        return ["it holds no learning-rate schedule"]
+    mine = scheduler.state_dict()
+    return [f"learning-rate schedule: {key}={value!r} here but {saved.get(key)!r} in the "
+            "checkpoint" for key, value in mine.items()
+            if key != "num_steps" and saved.get(key) != value]
 
 
 def _target_problems(targets: PlacedTensors, entries: dict, config: TransformerConfig,
@@ -321,12 +340,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | Sequence[nn.Module],
             optimizer_targets = OptimizerTargets(optimizer, params, stored)
             targets.update(optimizer_targets.tensors)
     if scheduler is not None:
-        try:
-            if meta["scheduler"] is None:
-                raise ValueError("it holds no learning-rate schedule")
-            scheduler.load_state_dict(meta["scheduler"])
-        except ValueError as error:
-            problems.append(str(error))
+        problems += _scheduler_problems(scheduler, meta["scheduler"])
     restore_rng = load_rng and meta["layout"] == current_layout()
     if restore_rng:
         shapes = {key: (entry.size, entry.properties.dtype) for key, entry in entries.items()}
@@ -336,6 +350,8 @@ def load_checkpoint(path: str | Path, model: nn.Module | Sequence[nn.Module],
     problems += _target_problems(targets, entries, config, directory)
     ranks.agree(problems, CheckpointError, f"cannot load {directory} into this model")
     read_tensors(directory, targets, distributed=True)
+    if scheduler is not None:
+        scheduler.load_state_dict(meta["scheduler"])
     if optimizer_targets is not None:
         optimizer_targets.apply()
         if optimizer.grad_scaler is not None and meta["grad_scaler"] is not None:

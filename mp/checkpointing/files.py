@@ -101,6 +101,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return directory
 
 
+def find_checkpoint(path: str | Path) -> Path | None:
+    """Like `resolve_checkpoint`, but None when ``path`` holds no checkpoint at all (neither
+    a manifest nor a pointer file): a save directory before its first save."""
+    path = Path(path)
+    if not (path / MANIFEST_FILE).is_file() and not (path / LATEST_FILE).is_file():
+        return None
+    return resolve_checkpoint(path)
+
+
 # --- integrity ----------------------------------------------------------------------------
 
 def _sha256(path: Path) -> str:

@@ -16,7 +16,9 @@ DCP's metadata classes, ``torch.Size`` and dtypes (Python's "restricting globals
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -150,15 +152,27 @@ class _SafeReader(FileSystemReader):
         return metadata
 
 
+@contextlib.contextmanager
+def _single_process(distributed: bool):
+    """Silence DCP's warning that it "assumes" one process: without ``distributed`` that is
+    what was asked for."""
+    with warnings.catch_warnings():
+        if not distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled",
+                                    category=UserWarning)
+        yield
+
+
 def write_tensors(directory: str | Path, tensors: PlacedTensors, *, distributed: bool) -> None:
     """Write ``{key: (tensor, placement)}`` into ``directory`` (one data file per rank, each
     fsynced): collective over the default group when ``distributed``, else this process
     alone."""
-    dcp.save({key: tensor.detach() for key, (tensor, _) in tensors.items()},
-             storage_writer=FileSystemWriter(directory, single_file_per_rank=True,
-                                             sync_files=True),
-             planner=_PlacedSavePlanner({key: p for key, (_, p) in tensors.items()}),
-             no_dist=not distributed)
+    with _single_process(distributed):
+        dcp.save({key: tensor.detach() for key, (tensor, _) in tensors.items()},
+                 storage_writer=FileSystemWriter(directory, single_file_per_rank=True,
+                                                 sync_files=True),
+                 planner=_PlacedSavePlanner({key: p for key, (_, p) in tensors.items()}),
+                 no_dist=not distributed)
 
 
 def tensor_entries(metadata: Metadata) -> dict[str, TensorStorageMetadata]:
@@ -176,7 +190,8 @@ def read_tensors(directory: str | Path, targets: PlacedTensors, *, distributed: 
     """Fill each target with its region of the stored global tensor (casting dtypes).
     The caller checks first that every key exists with the expected global shape.
     Collective like `write_tensors`."""
-    dcp.load({key: tensor.detach() for key, (tensor, _) in targets.items()},
-             storage_reader=_SafeReader(directory),
-             planner=_PlacedLoadPlanner({key: p for key, (_, p) in targets.items()}),
-             no_dist=not distributed)
+    with _single_process(distributed):
+        dcp.load({key: tensor.detach() for key, (tensor, _) in targets.items()},
+                 storage_reader=_SafeReader(directory),
+                 planner=_PlacedLoadPlanner({key: p for key, (_, p) in targets.items()}),
+                 no_dist=not distributed)

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from mp import parallel_state
+from mp.checkpointing import job as checkpoint_job
 from mp.config import JobConfig
 from mp.device import get_device
 from mp.distributed import DistributedDataParallel
@@ -76,29 +77,28 @@ def count_parameters(model: list[torch.nn.Module]) -> int:
 
 def check_supported(cfg: JobConfig) -> None:
     """Refuse what this version cannot do yet (ValueError); needs no process group."""
-    tr = cfg.training
-    unsupported = [f"training.{name}={getattr(tr, name)!r}" for name in ("save", "load")
-                   if getattr(tr, name)]
-    if tr.use_distributed_optimizer:
-        unsupported.append("training.use_distributed_optimizer=true")
-    if unsupported:
-        raise ValueError(f"{', '.join(unsupported)}: not supported by the pretraining job yet "
-                         "(checkpointing and the distributed optimizer come in later issues); "
-                         "override with --training.save null --training.load null "
-                         "--training.use_distributed_optimizer false")
+    if cfg.training.use_distributed_optimizer:
+        raise ValueError("training.use_distributed_optimizer=true: not supported by the "
+                         "pretraining job yet (the distributed optimizer comes in a later "
+                         "issue); override with --training.use_distributed_optimizer false")
 
 
 def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step) -> TrainState:
-    """Build everything from ``cfg`` and train. Needs ``initialize_model_parallel`` done with
-    ``cfg``'s sizes; rank 0 reports."""
+    """Build everything from ``cfg``, resume from ``training.load`` when set, and train,
+    saving into ``training.save`` (`mp.checkpointing.job`). Needs
+    ``initialize_model_parallel`` done with ``cfg``'s sizes; rank 0 reports."""
     check_supported(cfg)
     set_random_seed(cfg.training.seed)
     model, optimizer, scheduler = setup_model_and_optimizer(cfg)
+    start = checkpoint_job.start_point(cfg)
+    state = TrainState(start.iteration, start.consumed_train_samples,
+                       start.iteration if start.resumes else None)
     world = dist.get_world_size()
     n_params = count_parameters(model)
     # one pair of iterators per model chunk: interleaved chunks each read every micro-batch
     chunks = cfg.model.virtual_pipeline_model_parallel_size or 1
-    train_iterator, valid_iterator = zip(*(build_data_iterators(cfg) for _ in range(chunks)))
+    train_iterator, valid_iterator = zip(*(build_data_iterators(cfg, state.consumed_train_samples)
+                                           for _ in range(chunks)))
     valid_iterator = None if valid_iterator[0] is None else list(valid_iterator)
     reporting = dist.get_rank() == 0
     if reporting:
@@ -108,9 +108,13 @@ def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step
               f" | {dist.get_backend()} on {get_device()} | {n_params / 1e6:.2f}M parameters | "
               f"{cfg.num_microbatches(world)} micro-batches of {cfg.training.micro_batch_size} "
               f"per data-parallel rank per iteration", flush=True)
-    logger = TrainingLogger(cfg, world, get_device(), enabled=reporting)
+    checkpoint_job.resume(start, model, optimizer, scheduler)  # last: restores the RNG states
+    logger = TrainingLogger(cfg, world, get_device(), enabled=reporting,
+                            start_iteration=state.iteration)
     try:
         return train(forward_step_func, model, optimizer, scheduler, list(train_iterator),
-                     valid_iterator, cfg, logger)
+                     valid_iterator, cfg, logger, state=state,
+                     checkpoint_hook=checkpoint_job.checkpoint_hook(cfg, model, optimizer,
+                                                                    scheduler))
     finally:
         logger.close()

@@ -1,0 +1,144 @@
+"""Convert Hugging Face GPT-2 weights to an mp checkpoint, and back.
+
+    python tools/convert_checkpoint.py hf-to-mp --input gpt2/ --output ckpt/gpt2 \\
+        [--tensor-model-parallel-size 2] [--make-vocab-size-divisible-by 128] [--seq-length 1024]
+    python tools/convert_checkpoint.py mp-to-hf --input ckpt/gpt2 --output gpt2-out/ \\
+        [--format safetensors|bin]
+
+``hf-to-mp`` reads a ``GPT2LMHeadModel`` directory (``config.json`` with ``model.safetensors``
+or ``pytorch_model.bin``) or one weights file (then ``--config`` names the ``config.json``),
+and writes a model-only mp checkpoint (a save directory with ``iter_0000000``). mp checkpoints
+are layout-free: the result loads at any tensor/pipeline/data-parallel layout whose padded
+vocabulary matches, which ``--tensor-model-parallel-size`` and
+``--make-vocab-size-divisible-by`` set (GPT-2's 50257 tokens pad to 50304 with 128 x 1). Start
+training from it with ``launch/pretrain_gpt.py --load ckpt/gpt2``.
+
+``mp-to-hf`` reads any mp checkpoint (a checkpoint directory or a save directory's latest;
+the fp32 masters when it has them) and writes ``config.json`` and the weights in GPT-2's
+names and layout (``lm_head.weight`` is left out of safetensors files when tied, as
+``save_pretrained`` does).
+
+Files are read safely: safetensors, or ``torch.load(weights_only=True)``. mp's MLP computes
+the exact GELU; a GPT-2 with ``gelu_new`` converts exactly but its logits then differ from
+mp's by the tanh approximation (a warning says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from mp.checkpointing import CheckpointError, load_global_model, save_global_model
+from mp.checkpointing.hf_gpt2 import (
+    activation_is_exact,
+    config_from_hf,
+    hf_config,
+    hf_to_mp,
+    mp_to_hf,
+)
+from mp.model.config import TransformerConfig
+
+SAFETENSORS, BIN, CONFIG = "model.safetensors", "pytorch_model.bin", "config.json"
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as error:
+        raise SystemExit("convert_checkpoint.py: reading or writing .safetensors needs the "
+                         "safetensors package: pip install safetensors") from error
+    return safetensors.torch
+
+
+def read_hf(path: Path, config_path: Path | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config.json contents, state dict)`` of a GPT-2 directory or weights file."""
+    if path.is_dir():
+        weights = next((path / name for name in (SAFETENSORS, BIN) if (path / name).is_file()),
+                       None)
+        if weights is None:
+            raise SystemExit(f"convert_checkpoint.py: {path} has neither {SAFETENSORS} nor {BIN}")
+        config_path = config_path or path / CONFIG
+    else:
+        weights = path
+    if config_path is None or not config_path.is_file():
+        raise SystemExit(f"convert_checkpoint.py: no {CONFIG} for {path}: pass --config")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if weights.suffix == ".safetensors":
+        state = _safetensors().load_file(str(weights))
+    else:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    return config, state
+
+
+def write_hf(directory: Path, config: TransformerConfig, state: dict[str, torch.Tensor],
+             fmt: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG).write_text(json.dumps(hf_config(config), indent=2) + "\n",
+                                    encoding="utf-8")
+    if fmt == "bin":
+        torch.save(state, directory / BIN)
+        return directory / BIN
+    if not config.untie_embeddings_and_output_weights:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    _safetensors().save_file(state, str(directory / SAFETENSORS), metadata={"format": "pt"})
+    return directory / SAFETENSORS
+
+
+def hf_to_mp_command(args) -> None:
+    hf, state = read_hf(Path(args.input), args.config and Path(args.config))
+    config = config_from_hf(hf, tensor_model_parallel_size=args.tensor_model_parallel_size,
+                            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                            seq_length=args.seq_length)
+    if not activation_is_exact(hf):
+        print(f"warning: activation_function={hf.get('activation_function', 'gelu_new')!r} is "
+              "GELU's tanh approximation; mp computes the exact GELU, so logits will differ "
+              "slightly from the Hugging Face model's", file=sys.stderr)
+    path = save_global_model(args.output, config, hf_to_mp(state, config))
+    print(f"wrote {path}: {config.num_layers} layers, hidden {config.hidden_size}, vocabulary "
+          f"{config.vocab_size} padded to {config.padded_vocab_size}")
+
+
+def mp_to_hf_command(args) -> None:
+    weights, info = load_global_model(args.input)
+    config = TransformerConfig(**info.model_config)
+    path = write_hf(Path(args.output), config, mp_to_hf(weights, config), args.format)
+    print(f"wrote {path} and {Path(args.output) / CONFIG} from {info.path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_mp = commands.add_parser("hf-to-mp", help="Hugging Face GPT-2 -> mp checkpoint")
+    to_mp.add_argument("--input", required=True, help="GPT-2 directory or weights file")
+    to_mp.add_argument("--config", help="config.json (default: beside the weights)")
+    to_mp.add_argument("--output", required=True, help="mp save directory to create")
+    to_mp.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                       help="sets the vocabulary padding (with --make-vocab-size-divisible-by)")
+    to_mp.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                       help="checked against the number of layers")
+    to_mp.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    to_mp.add_argument("--seq-length", type=int, help="default: n_positions")
+    to_mp.set_defaults(run=hf_to_mp_command)
+    to_hf = commands.add_parser("mp-to-hf", help="mp checkpoint -> Hugging Face GPT-2")
+    to_hf.add_argument("--input", required=True, help="mp checkpoint or save directory")
+    to_hf.add_argument("--output", required=True, help="directory to write")
+    to_hf.add_argument("--format", choices=("safetensors", "bin"), default="safetensors")
+    to_hf.set_defaults(run=mp_to_hf_command)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, CheckpointError) as error:  # each names the value and the rule
+        raise SystemExit(f"convert_checkpoint.py: error: {error}") from error
+
+
+if __name__ == "__main__":
+    main()
