@@ -18,9 +18,9 @@ the fp32 masters when it has them) and writes ``config.json`` and the weights in
 names and layout (``lm_head.weight`` is left out of safetensors files when tied, as
 ``save_pretrained`` does).
 
-Files are read safely: safetensors, or ``torch.load(weights_only=True)``. mp's MLP computes
-the exact GELU; a GPT-2 with ``gelu_new`` converts exactly but its logits then differ from
-mp's by the tanh approximation (a warning says so).
+Files are read safely: safetensors, or ``torch.load(weights_only=True)``. GPT-2's ``gelu_new``
+becomes mp's ``activation: gelu_tanh`` (the same function), so logits agree with the Hugging
+Face model's to float rounding.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import torch
 
 from mp.checkpointing import CheckpointError, load_global_model, save_global_model
 from mp.checkpointing.hf_gpt2 import (
-    activation_is_exact,
     config_from_hf,
     hf_config,
     hf_to_mp,
@@ -97,10 +96,6 @@ def hf_to_mp_command(args) -> None:
                             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
                             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                             seq_length=args.seq_length)
-    if not activation_is_exact(hf):
-        print(f"warning: activation_function={hf.get('activation_function', 'gelu_new')!r} is "
-              "GELU's tanh approximation; mp computes the exact GELU, so logits will differ "
-              "slightly from the Hugging Face model's", file=sys.stderr)
     path = save_global_model(args.output, config, hf_to_mp(state, config))
     print(f"wrote {path}: {config.num_layers} layers, hidden {config.hidden_size}, vocabulary "
           f"{config.vocab_size} padded to {config.padded_vocab_size}")

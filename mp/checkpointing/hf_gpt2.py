@@ -11,10 +11,8 @@ writes the files. What differs between the two:
   weight's rows and the bias are permuted between the two.
 - mp pads the vocabulary to ``padded_vocab_size`` rows (zeros here; they are never a target);
   GPT-2 has exactly ``vocab_size``.
-- The MLP activation: GPT-2 uses ``gelu_new`` (the tanh approximation); mp's MLP computes the
-  exact GELU. Weights convert exactly either way, but logits of a ``gelu_new`` model differ
-  from mp's by the approximation error (`activation_is_exact` tells which case applies). A
-  GPT-2 config with ``activation_function="gelu"`` matches mp exactly.
+- The MLP activation: GPT-2's ``gelu_new`` (also named ``gelu_pytorch_tanh``, ``gelu_fast``:
+  the same tanh approximation) is mp's ``activation="gelu_tanh"``; ``gelu`` is the exact one.
 """
 
 from __future__ import annotations
@@ -23,7 +21,10 @@ import torch
 
 from mp.model.config import TransformerConfig
 
-_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+#: GPT-2 ``activation_function`` -> mp's ``activation`` (``gelu_new`` is GPT-2's default)
+_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu_fast": "gelu_tanh"}
+_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 _PREFIX = "transformer."
 _LAYER_PAIRS = (  # (GPT-2 suffix, mp suffix, transposed Conv1D weight)
     ("ln_1", "input_layernorm", False),
@@ -41,9 +42,9 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
                    seq_length: int | None = None) -> TransformerConfig:
     """The mp model of a GPT-2 ``config.json``; ValueError for what mp cannot express."""
     activation = hf.get("activation_function", "gelu_new")
-    if activation != "gelu" and activation not in _TANH_GELUS:
-        raise ValueError(f"activation_function={activation!r}: mp's GPT MLP computes GELU "
-                         f"only ('gelu', or approximately {', '.join(_TANH_GELUS)})")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation_function={activation!r}: mp's GPT-2 MLP takes one of "
+                         f"{', '.join(map(repr, _ACTIVATIONS))}")
     for key, value in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                        ("add_cross_attention", False)):
         if hf.get(key, value) != value:
@@ -54,7 +55,8 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
         vocab_size=hf["vocab_size"], seq_length=seq_length or positions,
         max_position_embeddings=positions, ffn_hidden_size=hf.get("n_inner") or 4 * hf["n_embd"],
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        layernorm_epsilon=hf.get("layer_norm_epsilon", 1e-5), activation="gelu",
+        layernorm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        activation=_ACTIVATIONS[activation],
         hidden_dropout=hf.get("resid_pdrop", 0.1), attention_dropout=hf.get("attn_pdrop", 0.1),
         init_method_std=hf.get("initializer_range", 0.02),
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", True),
@@ -62,25 +64,21 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
         pipeline_model_parallel_size=pipeline_model_parallel_size)
 
 
-def activation_is_exact(hf: dict) -> bool:
-    """Whether mp computes the same MLP activation as this GPT-2 config."""
-    return hf.get("activation_function", "gelu_new") == "gelu"
-
-
 def hf_config(config: TransformerConfig) -> dict:
-    """A GPT-2 ``config.json`` for mp model ``config`` (``activation_function="gelu"``: the
-    function mp computes); ValueError for an mp model GPT-2 cannot express."""
-    needs = {"normalization": "LayerNorm", "activation": "gelu",
-             "position_embedding_type": "learned_absolute", "add_bias_linear": True}
-    wrong = [f"{k}={getattr(config, k)!r}" for k, v in needs.items() if getattr(config, k) != v]
+    """A GPT-2 ``config.json`` for mp model ``config``; ValueError for an mp model GPT-2
+    cannot express."""
+    needs = {"normalization": ("LayerNorm",), "activation": tuple(_HF_ACTIVATION),
+             "position_embedding_type": ("learned_absolute",), "add_bias_linear": (True,)}
+    wrong = [f"{k}={getattr(config, k)!r}" for k, v in needs.items() if getattr(config, k) not in v]
     if wrong:
         raise ValueError(f"model.{', model.'.join(wrong)}: GPT-2 needs "
-                         + ", ".join(f"{k}={v!r}" for k, v in needs.items()))
+                         + ", ".join(f"{k} in {v!r}" for k, v in needs.items()))
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": config.vocab_size, "n_positions": config.max_position_embeddings,
             "n_embd": config.hidden_size, "n_layer": config.num_layers,
             "n_head": config.num_attention_heads, "n_inner": config.ffn_hidden_size,
-            "activation_function": "gelu", "layer_norm_epsilon": config.layernorm_epsilon,
+            "activation_function": _HF_ACTIVATION[config.activation],
+            "layer_norm_epsilon": config.layernorm_epsilon,
             "resid_pdrop": config.hidden_dropout, "embd_pdrop": config.hidden_dropout,
             "attn_pdrop": config.attention_dropout,
             "initializer_range": config.init_method_std,

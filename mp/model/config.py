@@ -29,7 +29,7 @@ class TransformerConfig:
     # architecture
     normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
     layernorm_epsilon: float = 1e-5
-    activation: str = "gelu"  # gelu | swiglu
+    activation: str = "gelu"  # gelu | gelu_tanh (GPT-2's gelu_new) | swiglu
     position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
     rotary_base: float = 10000.0
     add_bias_linear: bool = True
@@ -63,7 +63,7 @@ class TransformerConfig:
             self.max_position_embeddings = self.seq_length
         _positive_int("ffn_hidden_size", self.ffn_hidden_size)
         _one_of("normalization", self.normalization, ("LayerNorm", "RMSNorm"))
-        _one_of("activation", self.activation, ("gelu", "swiglu"))
+        _one_of("activation", self.activation, ("gelu", "gelu_tanh", "swiglu"))
         _one_of("position_embedding_type", self.position_embedding_type,
                 ("learned_absolute", "rope"))
         _one_of("attention_backend", self.attention_backend, ("sdpa", "unfused"))

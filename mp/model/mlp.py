@@ -14,7 +14,8 @@ from mp.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 class MLP(nn.Module):
     """``[s, b, h] -> [s, b, ffn / t] -> act -> (output [s, b, h], bias)``.
 
-    GeLU: ``fc2(gelu(fc1 x))``. SwiGLU (Shazeer 2020): ``fc2(silu(gate x) * fc1 x)``; the gate
+    GeLU: ``fc2(gelu(fc1 x))``, exact (erf) or, for ``activation="gelu_tanh"``, the tanh
+    approximation GPT-2 was trained with (Hugging Face's ``gelu_new``). SwiGLU (Shazeer 2020): ``fc2(silu(gate x) * fc1 x)``; the gate
     is its own column-parallel layer, so the sharded weights mean the same thing at every TP
     size (a fused ``[gate; up]`` weight would interleave differently per layout). Under
     sequence parallelism that costs a second all-gather of the input.
@@ -27,6 +28,7 @@ class MLP(nn.Module):
         init = init_method_normal(config.init_method_std)
         h, ffn = config.hidden_size, config.ffn_hidden_size
         self.swiglu = config.activation == "swiglu"
+        self.gelu_approximate = "tanh" if config.activation == "gelu_tanh" else "none"
         self.linear_fc1 = ColumnParallelLinear(h, ffn, init_method=init, skip_bias_add=True, **kw)
         self.linear_gate = (ColumnParallelLinear(h, ffn, init_method=init, skip_bias_add=True,
                                                  **kw) if self.swiglu else None)
@@ -40,7 +42,7 @@ class MLP(nn.Module):
         if self.swiglu:
             up = F.silu(_with_bias(*self.linear_gate(hidden))) * up
         else:
-            up = F.gelu(up)
+            up = F.gelu(up, approximate=self.gelu_approximate)
         return self.linear_fc2(up)
 
 
