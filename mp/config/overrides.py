@@ -12,7 +12,8 @@ Syntax, applied left to right (a later override of the same key wins):
   ``--data-path 0.3 a 0.7 b`` (or one value with ``=``).
 - A Megatron flag, ``--tensor-model-parallel-size 2`` or ``--lr=3e-4``, is its key's alias
   (`ALIASES` maps each to its key). ``--bf16``, ``--fp16`` set ``model.precision`` and
-  ``--swiglu`` sets ``model.activation``; they take no value.
+  ``--swiglu`` sets ``model.activation``, ``--apex-fused-adam`` and ``--apex-layer-norm``
+  choose apex's optimizer and norms; they take no value.
   ``--num-layers-per-virtual-pipeline-stage N`` sets ``model.virtual_pipeline_model_parallel_size``
   to ``num_layers / pipeline_model_parallel_size / N`` (after every other override).
 
@@ -43,7 +44,7 @@ _MEGATRON_NAMES = {
         "lr_decay_style", "lr_warmup_iters", "lr_decay_iters", "weight_decay", "adam_beta1",
         "adam_beta2", "adam_eps", "clip_grad", "seed", "loss_scale", "initial_loss_scale",
         "min_loss_scale", "loss_scale_window", "hysteresis", "use_distributed_optimizer",
-        "overlap_grad_reduce", "eval_interval", "eval_iters", "save", "load", "save_interval",
+        "overlap_grad_reduce", "deepspeed", "deepspeed_config", "eval_interval", "eval_iters", "save", "load", "save_interval",
     ),
     "data": (
         "data_path", "split", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model",
@@ -63,6 +64,8 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--bf16": ("model.precision", "bf16"),
     "--fp16": ("model.precision", "fp16"),
     "--swiglu": ("model.activation", "swiglu"),
+    "--apex-fused-adam": ("training.optimizer_impl", "apex"),
+    "--apex-layer-norm": ("model.normalization_impl", "apex"),
 }
 
 VIRTUAL_STAGE_FLAG = "--num-layers-per-virtual-pipeline-stage"

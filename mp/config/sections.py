@@ -71,6 +71,12 @@ class TrainingConfig(_Section):
     ``loss_scale_window`` clean iterations. ``eval_interval=None`` or ``save_interval=None``
     turns periodic evaluation or saving off (a run with ``save`` still saves at its end);
     ``keep_last=None`` keeps every checkpoint.
+
+    ``use_distributed_optimizer`` shards the fp32 master weights and AdamW moments over the
+    data-parallel ranks (Megatron's distributed optimizer). ``optimizer_impl="apex"`` steps
+    with NVIDIA apex's ``FusedAdam`` when apex is importable (a notice and torch's AdamW
+    otherwise). ``deepspeed`` hands data parallelism and the optimizer (ZeRO stage 1 or 2) to
+    DeepSpeed's engine configured by the JSON file ``deepspeed_config``.
     """
 
     section: ClassVar[str] = "training"
@@ -95,6 +101,9 @@ class TrainingConfig(_Section):
     loss_scale_window: int = 1000
     hysteresis: int = 2
     use_distributed_optimizer: bool = False
+    optimizer_impl: str = "torch"  # torch | apex (FusedAdam)
+    deepspeed: bool = False
+    deepspeed_config: str | None = None
     overlap_grad_reduce: bool = True
     bucket_size_mb: float = 25.0
     eval_interval: int | None = 1000
@@ -121,6 +130,7 @@ class TrainingConfig(_Section):
         self._below_one("adam_beta1")
         self._below_one("adam_beta2")
         self._one_of("lr_decay_style", ("cosine", "linear", "constant"))
+        self._one_of("optimizer_impl", ("torch", "apex"))
         if self.lr_decay_iters is None:
             self.lr_decay_iters = self.train_iters
         self._at_least("lr_decay_iters", 1)

@@ -28,6 +28,7 @@ class TransformerConfig:
     make_vocab_size_divisible_by: int = 128
     # architecture
     normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
+    normalization_impl: str = "mp"  # mp (mp.fused: kernel when built, else torch) | apex
     layernorm_epsilon: float = 1e-5
     activation: str = "gelu"  # gelu | gelu_tanh (GPT-2's gelu_new) | swiglu
     position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
@@ -63,6 +64,7 @@ class TransformerConfig:
             self.max_position_embeddings = self.seq_length
         _positive_int("ffn_hidden_size", self.ffn_hidden_size)
         _one_of("normalization", self.normalization, ("LayerNorm", "RMSNorm"))
+        _one_of("normalization_impl", self.normalization_impl, ("mp", "apex"))
         _one_of("activation", self.activation, ("gelu", "gelu_tanh", "swiglu"))
         _one_of("position_embedding_type", self.position_embedding_type,
                 ("learned_absolute", "rope"))
