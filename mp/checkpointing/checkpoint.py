@@ -69,11 +69,13 @@ from mp.checkpointing.state import (
 from mp.checkpointing.storage import (
     METADATA_FILE,
     PlacedTensors,
+    placed,
     read_metadata,
     read_tensors,
     tensor_entries,
     write_tensors,
 )
+from mp.distributed import DistributedDataParallel
 from mp.model.config import TransformerConfig
 from mp.optim import MixedPrecisionOptimizer, OptimizerParamScheduler
 
@@ -189,6 +191,9 @@ def save_checkpoint(save_dir: str | Path, iteration: int,
     is committed. Collective: every rank calls it. Returns after the commit on every rank.
     """
     chunks = _chunks(model)
+    for chunk in chunks:  # parameters still being all-gathered (distributed optimizer)
+        if isinstance(chunk, DistributedDataParallel):
+            chunk.finish_param_sync()
     ranks = _Ranks(distributed=True)
     params = named_parameters(chunks)
     tensors = model_tensors(params)
@@ -209,7 +214,7 @@ def save_global_model(save_dir: str | Path, model_config: TransformerConfig,
                       weights: dict[str, torch.Tensor], *, iteration: int = 0) -> Path:
     """Write whole weights ``{global name: tensor}`` as a model-only checkpoint, from one
     process (no process group needed). Loads at any layout with ``load_checkpoint``."""
-    tensors = {model_key(name): (tensor, Placement.whole(tensor))
+    tensors = {model_key(name): placed(tensor, Placement.whole(tensor))
                for name, tensor in weights.items()}
     meta = {"format": FORMAT, "version": VERSION, "iteration": iteration,
             "consumed_train_samples": 0, "has_optimizer": False, "layout": None,
@@ -293,12 +298,14 @@ def _scheduler_problems(scheduler: OptimizerParamScheduler, saved: dict | None) 
 def _target_problems(targets: PlacedTensors, entries: dict, config: TransformerConfig,
                      directory: Path) -> list[str]:
     problems = []
-    for key, (_, placement) in targets.items():
+    for key, pieces in targets.items():
         entry = entries.get(key)
         if entry is None:
             problems.append(f"{directory} has no entry {key!r}")
             continue
-        stored, wanted = tuple(entry.size), placement.global_shape
+        if not pieces:
+            continue
+        stored, wanted = tuple(entry.size), pieces[0][1].global_shape
         if stored == wanted:
             continue
         if ("word_embeddings" in key or "output_layer" in key) and stored[1:] == wanted[1:]:
@@ -377,6 +384,6 @@ def load_global_model(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkp
             source = weight_source(key[len(prefix):], stored)
             tensor = torch.empty(entries[source].size, dtype=entries[source].properties.dtype)
             weights[key[len(prefix):]] = tensor
-            targets[source] = (tensor, Placement.whole(tensor))
+            targets[source] = placed(tensor, Placement.whole(tensor))
     read_tensors(directory, targets, distributed=False)
     return weights, _info(directory, meta, False)

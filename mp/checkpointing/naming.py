@@ -57,6 +57,41 @@ class Placement:
                              "of another rank")
         return placement
 
+    def of_flat_range(self, shape: tuple[int, ...], start: int, end: int
+                      ) -> list[tuple[tuple[int, ...], Placement]]:
+        """Elements ``[start, end)`` (row-major) of a local tensor of ``shape`` placed here,
+        as rectangles: ``(sizes, placement)`` of each, in element order (at most
+        ``2 * len(shape) - 1`` of them, each contiguous in the flat range)."""
+        return [(sizes, Placement(self.global_shape,
+                                  tuple(o + b for o, b in zip(self.offsets, offsets))))
+                for offsets, sizes in flat_range_boxes(tuple(shape), start, end)]
+
+
+def flat_range_boxes(shape: tuple[int, ...], start: int, end: int
+                     ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``(offsets, sizes)`` of the rectangles that tile elements ``[start, end)`` of a
+    row-major tensor of ``shape``, in element order: a partial first row, whole rows, a
+    partial last row, each partial row split the same way one dimension down."""
+    if start >= end:
+        return []
+    if not shape:
+        return [((), ())]
+    row = 1
+    for size in shape[1:]:
+        row *= size
+    first, last = -(-start // row), end // row  # the whole rows [first, last)
+    if first > last:  # inside one row
+        index = start // row
+        return [((index, *o), (1, *n))
+                for o, n in flat_range_boxes(shape[1:], start - index * row, end - index * row)]
+    head = [((first - 1, *o), (1, *n))
+            for o, n in flat_range_boxes(shape[1:], start - (first - 1) * row, row)] \
+        if start < first * row else []
+    middle = [((first, *(0,) * (len(shape) - 1)), (last - first, *shape[1:]))] \
+        if last > first else []
+    tail = [((last, *o), (1, *n)) for o, n in flat_range_boxes(shape[1:], 0, end - last * row)]
+    return head + middle + tail
+
 
 @dataclass(frozen=True)
 class NamedParameter:

@@ -15,16 +15,25 @@ key                                    value                                    
 parameter writes it (never the tied embedding's ``shared`` copy); every rank that holds a piece
 reads it. Weights are the fp32 master when the checkpoint has one: an fp32 model loads the
 masters of a bf16 run, and a bf16 model's masters come from an fp32 run's weights.
+
+Optimizer entries are written and read per `mp.optim.ParamShard`: a whole parameter, or,
+under the distributed optimizer, the flat slice of it this data-parallel rank updates, placed
+as the rectangles that tile it (`Placement.of_flat_range`). The global tensors are the same
+either way, so a checkpoint loads with or without the distributed optimizer at any
+data-parallel size. Half-precision parameters take their values from the loaded masters
+(``reload_model_params``, which all-gathers them under the distributed optimizer).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from mp.checkpointing.naming import NamedParameter, Placement
 from mp.checkpointing.rng import get_rng_state
-from mp.checkpointing.storage import PlacedTensors
-from mp.optim import MixedPrecisionOptimizer
+from mp.checkpointing.storage import PlacedTensors, placed
+from mp.optim import MixedPrecisionOptimizer, ParamShard
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _STEP = Placement((), ())
@@ -48,48 +57,60 @@ def weight_source(name: str, stored: set[str]) -> str:
     return master if master in stored else model_key(name)
 
 
-def _masters(optimizer: MixedPrecisionOptimizer, params: list[NamedParameter]
-             ) -> dict[str, torch.Tensor]:
-    """``{global name: fp32 master}`` (the parameter itself when it is fp32)."""
-    main_of = {id(model): main for model, main in zip(optimizer.model_params,
-                                                      optimizer.main_params)}
-    names = {id(entry.param) for entry in params}
-    if any(id(model) not in names for model in optimizer.model_params):
+def _shards(optimizer: MixedPrecisionOptimizer, params: list[NamedParameter]
+            ) -> dict[str, list[ParamShard]]:
+    """``{global name: this rank's shards of it}`` for every parameter the optimizer holds."""
+    names = {id(entry.param): entry.name for entry in params}
+    if any(id(param) not in names for param in optimizer.params):
         raise ValueError("the optimizer holds parameters that are not in the model chunks "
                          "passed with it")
-    return {entry.name: main_of[id(entry.param)] for entry in params
-            if id(entry.param) in main_of}
+    shards = {names[id(param)]: [] for param in optimizer.params}
+    for shard in optimizer.shards:
+        shards[names[id(shard.param)]].append(shard)
+    return shards
+
+
+def _pieces(values: torch.Tensor, shard: ParamShard, placement: Placement) -> list:
+    """``values`` (one per element of ``shard``, shaped like its master) as placed pieces."""
+    flat, pieces, position = values.view(-1), [], 0
+    for sizes, box in placement.of_flat_range(shard.param.shape, shard.start, shard.end):
+        count = math.prod(sizes)
+        pieces.append((flat[position:position + count].view(sizes), box))
+        position += count
+    return pieces
 
 
 # --- saving -------------------------------------------------------------------------------
 
 def model_tensors(params: list[NamedParameter]) -> PlacedTensors:
-    return {model_key(e.name): (e.param, e.placement) for e in params if e.owner}
+    return {model_key(e.name): placed(e.param, e.placement) for e in params if e.owner}
 
 
 def optimizer_tensors(optimizer: MixedPrecisionOptimizer,
                       params: list[NamedParameter]) -> PlacedTensors:
-    """Masters and AdamW state of the parameters this rank owns (zeros and step 0 before the
-    first step, which is what AdamW starts from)."""
-    masters = _masters(optimizer, params)
+    """Masters and AdamW state of this rank's shards of the parameters it owns (zeros and
+    step 0 before the first step, which is what AdamW starts from)."""
+    shards = _shards(optimizer, params)
     tensors: PlacedTensors = {}
     for entry in params:
-        main = masters.get(entry.name)
-        if main is None or not entry.owner:
+        if not entry.owner:
             continue
-        state = optimizer.optimizer.state.get(main, {})
-        for item in MOMENTS:
-            tensors[optimizer_key(entry.name, item)] = (
-                state.get(item, torch.zeros_like(main)), entry.placement)
-        step = state.get("step", torch.zeros((), dtype=torch.float32))
-        tensors[optimizer_key(entry.name, "step")] = (step.float(), _STEP)
-        if main is not entry.param:
-            tensors[optimizer_key(entry.name, "master")] = (main, entry.placement)
+        for shard in shards.get(entry.name, ()):
+            state = optimizer.optimizer.state.get(shard.main, {})
+            for item in MOMENTS:
+                tensors.setdefault(optimizer_key(entry.name, item), []).extend(
+                    _pieces(state.get(item, torch.zeros_like(shard.main)), shard,
+                            entry.placement))
+            step = state.get("step", torch.zeros((), dtype=torch.float32))
+            tensors[optimizer_key(entry.name, "step")] = placed(step.float(), _STEP)
+            if not shard.main_is_param:
+                tensors.setdefault(optimizer_key(entry.name, "master"), []).extend(
+                    _pieces(shard.main, shard, entry.placement))
     return tensors
 
 
 def rng_tensors(rank: int) -> PlacedTensors:
-    return {rng_prefix(rank) + key: (value, Placement.whole(value))
+    return {rng_prefix(rank) + key: placed(value, Placement.whole(value))
             for key, value in get_rng_state().items()}
 
 
@@ -101,42 +122,43 @@ class OptimizerTargets:
     def __init__(self, optimizer: MixedPrecisionOptimizer, params: list[NamedParameter],
                  stored: set[str]):
         self.optimizer = optimizer
-        self.masters = _masters(optimizer, params)
-        self.state = {name: {"step": torch.zeros((), dtype=torch.float32),
-                             **{item: torch.zeros_like(main) for item in MOMENTS}}
-                      for name, main in self.masters.items()}
+        self.state: dict[ParamShard, dict] = {}
         self.tensors: PlacedTensors = {}
-        self.half: list[tuple[torch.Tensor, torch.Tensor]] = []
+        shards = _shards(optimizer, params)
         for entry in params:
-            if entry.name not in self.masters:
+            if entry.name not in shards:
                 continue
-            state, main = self.state[entry.name], self.masters[entry.name]
-            for item in MOMENTS:
-                self.tensors[optimizer_key(entry.name, item)] = (state[item], entry.placement)
-            self.tensors[optimizer_key(entry.name, "step")] = (state["step"], _STEP)
-            if main is not entry.param:  # the master is read; the parameter copies it
-                self.tensors[weight_source(entry.name, stored)] = (main, entry.placement)
-                self.half.append((entry.param, main))
+            if entry.param.dtype != torch.float32:  # the masters are read, not the weight
+                self.tensors[weight_source(entry.name, stored)] = []
+            for shard in shards[entry.name]:
+                state = self.state[shard] = {"step": torch.zeros((), dtype=torch.float32),
+                                             **{m: torch.zeros_like(shard.main) for m in MOMENTS}}
+                for item in MOMENTS:
+                    self.tensors.setdefault(optimizer_key(entry.name, item), []).extend(
+                        _pieces(state[item], shard, entry.placement))
+                self.tensors[optimizer_key(entry.name, "step")] = placed(state["step"], _STEP)
+                if not shard.main_is_param:
+                    self.tensors[weight_source(entry.name, stored)].extend(
+                        _pieces(shard.main, shard, entry.placement))
 
     @torch.no_grad()
     def apply(self) -> None:
         """Give the loaded moments and step counts to the inner AdamW (its own
-        ``load_state_dict`` places them as its kernels want), and copy the loaded masters
-        into their half-precision parameters."""
+        ``load_state_dict`` places them as its kernels want), and refresh the half-precision
+        parameters from the loaded masters."""
         inner = self.optimizer.optimizer
         order = {id(p): i for i, p in enumerate(p for g in inner.param_groups
                                                 for p in g["params"])}
-        state = {order[id(main)]: self.state[name] for name, main in self.masters.items()}
+        state = {order[id(shard.main)]: value for shard, value in self.state.items()}
         inner.load_state_dict({"state": state,
                                "param_groups": inner.state_dict()["param_groups"]})
-        for param, main in self.half:
-            param.copy_(main)
+        self.optimizer.reload_model_params()
 
 
 def model_targets(params: list[NamedParameter], stored: set[str]) -> PlacedTensors:
     """Every parameter of this rank, the tied embedding's copy included. (With an optimizer,
     `OptimizerTargets` replaces the targets of half-precision parameters by their masters.)"""
-    return {weight_source(e.name, stored): (e.param, e.placement) for e in params}
+    return {weight_source(e.name, stored): placed(e.param, e.placement) for e in params}
 
 
 def rng_targets(rank: int, shapes: dict[str, tuple[torch.Size, torch.dtype]]
@@ -148,12 +170,12 @@ def rng_targets(rank: int, shapes: dict[str, tuple[torch.Size, torch.dtype]]
     for key, (shape, dtype) in shapes.items():
         if key.startswith(prefix):
             tensor = torch.empty(shape, dtype=dtype)
-            targets[key] = (tensor, Placement.whole(tensor))
+            targets[key] = placed(tensor, Placement.whole(tensor))
     return targets
 
 
 def rng_states(rank: int, targets: PlacedTensors) -> dict[str, torch.Tensor]:
     """The loaded rng targets of rank ``rank`` under `mp.checkpointing.rng`'s keys."""
     prefix = rng_prefix(rank)
-    return {key[len(prefix):]: tensor for key, (tensor, _) in targets.items()
+    return {key[len(prefix):]: pieces[0][0] for key, pieces in targets.items()
             if key.startswith(prefix)}

@@ -47,7 +47,22 @@ from mp.checkpointing.naming import Placement
 
 METADATA_FILE = ".metadata"  # DCP's index of keys, shapes, chunks and where they are stored
 
-PlacedTensors = dict[str, tuple[torch.Tensor, Placement]]
+#: ``{key: [(local tensor, its placement in the key's global tensor), ...]}``: usually one
+#: piece per key; a piece per rectangle when a rank holds a flat slice of a tensor (the
+#: distributed optimizer's shards, `mp.checkpointing.state`).
+PlacedTensors = dict[str, list[tuple[torch.Tensor, Placement]]]
+
+
+def placed(tensor: torch.Tensor, placement: Placement) -> list[tuple[torch.Tensor, Placement]]:
+    """One piece: ``tensor`` at ``placement``."""
+    return [(tensor, placement)]
+
+
+def _pieces(tensors: PlacedTensors):
+    """``(key, index, tensor, placement)`` of every piece."""
+    for key, pieces in tensors.items():
+        for index, (tensor, placement) in enumerate(pieces):
+            yield key, index, tensor, placement
 
 
 def _write_item(key: str, tensor: torch.Tensor, placement: Placement) -> WriteItem:
@@ -63,40 +78,42 @@ def _write_item(key: str, tensor: torch.Tensor, placement: Placement) -> WriteIt
 
 
 class _PlacedSavePlanner(DefaultSavePlanner):
-    """Writes each tensor as the chunk its `Placement` names (DCP's deduplication and
+    """Writes each piece as the chunk its `Placement` names (DCP's deduplication and
     global-plan checks, which reject chunks that overlap or leave holes, stay on)."""
 
-    def __init__(self, placements: dict[str, Placement]):
+    def __init__(self, tensors: PlacedTensors):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self._placements = placements
+        self._items = [_write_item(key, tensor, placement)
+                       for key, _, tensor, placement in _pieces(tensors)]
+        self._by_chunk = {(key, tuple(placement.offsets)): tensor.detach()
+                          for key, _, tensor, placement in _pieces(tensors)}
 
     def create_local_plan(self) -> SavePlan:
-        self.plan = SavePlan([_write_item(key, tensor, self._placements[key])
-                              for key, tensor in self.state_dict.items()])
+        self.plan = SavePlan(self._items)
         return self.plan
 
     def lookup_object(self, index: MetadataIndex) -> torch.Tensor:
-        return self.state_dict[index.fqn]
+        return self._by_chunk[index.fqn, tuple(index.offset)]
 
 
 class _PlacedLoadPlanner(DefaultLoadPlanner):
-    """Reads into each tensor the region of the global tensor its `Placement` names."""
+    """Reads into each piece the region of the global tensor its `Placement` names."""
 
-    def __init__(self, placements: dict[str, Placement]):
+    def __init__(self, tensors: PlacedTensors):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self._placements = placements
+        self._tensors = tensors
 
     def create_local_plan(self) -> LoadPlan:
         items = []
-        for key, tensor in self.state_dict.items():
-            chunk = ChunkStorageMetadata(offsets=torch.Size(self._placements[key].offsets),
-                                         sizes=tensor.size())
+        for key, pieces in self._tensors.items():
+            chunks = [ChunkStorageMetadata(offsets=torch.Size(placement.offsets),
+                                           sizes=tensor.size()) for tensor, placement in pieces]
             items += create_read_items_for_chunk_list(
-                key, self.metadata.state_dict_metadata[key], [chunk])
+                key, self.metadata.state_dict_metadata[key], chunks)
         return LoadPlan(items)
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
-        return self.state_dict[index.fqn]
+        return self._tensors[index.fqn][index.index][0].detach()
 
     def load_bytes(self, read_item, value) -> None:
         raise CheckpointError(f"checkpoint entry {read_item.dest_index.fqn!r} is pickled bytes; "
@@ -163,16 +180,20 @@ def _single_process(distributed: bool):
         yield
 
 
+def _by_piece(tensors: PlacedTensors) -> dict[str, torch.Tensor]:
+    """The flat ``{key#index: tensor}`` DCP is handed (the planners place the pieces)."""
+    return {f"{key}#{index}": tensor.detach() for key, index, tensor, _ in _pieces(tensors)}
+
+
 def write_tensors(directory: str | Path, tensors: PlacedTensors, *, distributed: bool) -> None:
-    """Write ``{key: (tensor, placement)}`` into ``directory`` (one data file per rank, each
+    """Write every piece of ``tensors`` into ``directory`` (one data file per rank, each
     fsynced): collective over the default group when ``distributed``, else this process
     alone."""
     with _single_process(distributed):
-        dcp.save({key: tensor.detach() for key, (tensor, _) in tensors.items()},
+        dcp.save(_by_piece(tensors),
                  storage_writer=FileSystemWriter(directory, single_file_per_rank=True,
                                                  sync_files=True),
-                 planner=_PlacedSavePlanner({key: p for key, (_, p) in tensors.items()}),
-                 no_dist=not distributed)
+                 planner=_PlacedSavePlanner(tensors), no_dist=not distributed)
 
 
 def tensor_entries(metadata: Metadata) -> dict[str, TensorStorageMetadata]:
@@ -187,11 +208,9 @@ def tensor_entries(metadata: Metadata) -> dict[str, TensorStorageMetadata]:
 
 
 def read_tensors(directory: str | Path, targets: PlacedTensors, *, distributed: bool) -> None:
-    """Fill each target with its region of the stored global tensor (casting dtypes).
+    """Fill each target piece with its region of the stored global tensor (casting dtypes).
     The caller checks first that every key exists with the expected global shape.
     Collective like `write_tensors`."""
     with _single_process(distributed):
-        dcp.load({key: tensor.detach() for key, (tensor, _) in targets.items()},
-                 storage_reader=_SafeReader(directory),
-                 planner=_PlacedLoadPlanner({key: p for key, (_, p) in targets.items()}),
-                 no_dist=not distributed)
+        dcp.load(_by_piece(targets), storage_reader=_SafeReader(directory),
+                 planner=_PlacedLoadPlanner(targets), no_dist=not distributed)

@@ -21,6 +21,22 @@ Megatron-Core's ``DistributedDataParallel`` idea, plainly:
 
 With one data-parallel rank nothing is communicated and no readiness is tracked; only the
 accumulation into ``main_grad`` remains (which mixed precision needs anyway).
+
+``use_distributed_optimizer`` (Megatron's distributed optimizer, `mp.optim.DistributedOptimizer`):
+
+- each bucket is padded to a multiple of DP and split into DP equal shards; data-parallel
+  rank ``r`` owns shard ``r`` of every bucket (`Bucket.shard`), and its optimizer updates
+  exactly the parameter elements that fall there;
+- a bucket is reduce-scattered instead of all-reduced: afterwards only the owned shard of
+  ``main_grad`` holds the data-parallel mean (the rest is this rank's own partial sum). A
+  bucket holding a tied embedding copy (``embedding_group_sync``, summed across pipeline stages
+  afterwards) is all-reduced, and sits in a bucket of its own, since the two stages' shards
+  of it differ;
+- the parameters become views into one contiguous buffer laid out like the gradients, so
+  that after the optimizer wrote its shard, one all-gather per bucket (`start_param_sync`)
+  gives every rank the updated parameters. With ``overlap_param_gather`` the all-gathers run
+  asynchronously and a forward pre-hook on each module waits only for the buckets of its
+  own parameters, so the next forward overlaps them.
 """
 
 from __future__ import annotations
@@ -38,15 +54,26 @@ DEFAULT_BUCKET_SIZE = 40_000_000  # elements (Megatron-Core's default)
 
 
 @dataclass(eq=False)
-class _Bucket:
-    """A contiguous slice of the gradient buffer and the parameters whose grads live in it."""
+class Bucket:
+    """A contiguous slice ``[start, end)`` of the gradient (and, with the distributed
+    optimizer, parameter) buffer and the parameters whose elements live in it."""
 
     index: int
-    data: torch.Tensor
+    start: int
+    end: int
+    data: torch.Tensor  # the gradient buffer's slice
     params: frozenset
+    all_reduce: bool = True  # False: reduce-scatter (distributed optimizer)
     ready: set = field(default_factory=set)
-    handle: object = None  # the async all-reduce's Work once launched
+    handle: object = None  # the async gradient reduction's Work once launched
     launched: bool = False
+    param_data: torch.Tensor | None = None  # the parameter buffer's slice (distributed opt.)
+    param_handle: object = None  # the async parameter all-gather's Work while in flight
+
+    def shard(self, rank: int, size: int) -> tuple[int, int]:
+        """Data-parallel rank ``rank``'s ``[start, end)`` of the buffer (of ``size`` ranks)."""
+        length = (self.end - self.start) // size
+        return self.start + rank * length, self.start + (rank + 1) * length
 
 
 class DistributedDataParallel(nn.Module):
@@ -55,13 +82,19 @@ class DistributedDataParallel(nn.Module):
     Args:
         module: the model (chunk); its parameters must all live on one device.
         data_parallel_group: default ``parallel_state.get_data_parallel_group()``.
-        overlap_grad_reduce: start each bucket's all-reduce during backward.
+        overlap_grad_reduce: start each bucket's reduction during backward.
         bucket_size: elements per bucket (a parameter is never split; a bucket closes once it
             holds at least this many); None puts everything in one bucket.
+        use_distributed_optimizer: shard buckets over DP, reduce-scatter gradients and keep
+            the parameters in one buffer for the all-gather (module doc); the parameters must
+            then share one dtype.
+        overlap_param_gather: with the distributed optimizer, run the parameter all-gathers
+            asynchronously and wait for them module by module in the next forward.
     """
 
     def __init__(self, module: nn.Module, *, data_parallel_group=None,
-                 overlap_grad_reduce: bool = True, bucket_size: int | None = DEFAULT_BUCKET_SIZE):
+                 overlap_grad_reduce: bool = True, bucket_size: int | None = DEFAULT_BUCKET_SIZE,
+                 use_distributed_optimizer: bool = False, overlap_param_gather: bool = False):
         super().__init__()
         if bucket_size is not None and bucket_size < 1:
             raise ValueError(f"bucket_size={bucket_size} must be a positive number of elements "
@@ -70,34 +103,81 @@ class DistributedDataParallel(nn.Module):
         self.data_parallel_group = (parallel_state.get_data_parallel_group()
                                     if data_parallel_group is None else data_parallel_group)
         self.data_parallel_size = dist.get_world_size(self.data_parallel_group)
+        self.data_parallel_rank = dist.get_rank(self.data_parallel_group)
         self.overlap_grad_reduce = overlap_grad_reduce
+        self.use_distributed_optimizer = use_distributed_optimizer
+        self.overlap_param_gather = overlap_param_gather and use_distributed_optimizer
         params = [p for p in module.parameters() if p.requires_grad][::-1]
         if not params:
             raise ValueError("DistributedDataParallel: the module has no trainable parameters")
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"DistributedDataParallel: parameters on several devices {devices}")
-        self.grad_buffer = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32,
-                                       device=params[0].device)
-        self.buckets = self._make_buckets(params, bucket_size)
+        self.param_range: dict[nn.Parameter, tuple[int, int]] = {}
+        self.buckets = self._plan_buckets(params, bucket_size)
+        size = self.buckets[-1].end
+        self.grad_buffer = torch.zeros(size, dtype=torch.float32, device=params[0].device)
+        for param, (start, end) in self.param_range.items():
+            param.main_grad = self.grad_buffer[start:end].view_as(param)
+        for bucket in self.buckets:
+            bucket.data = self.grad_buffer[bucket.start:bucket.end]
+        self.param_buffer = self._gather_params_into_buffer(params) \
+            if use_distributed_optimizer else None
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._next_to_launch = 0
         self._sync_enabled = True
         for param in params:
             param.register_post_accumulate_grad_hook(self._grad_ready)
+        if self.overlap_param_gather:
+            for sub in module.modules():
+                if any(True for _ in sub.parameters(recurse=False)):
+                    sub.register_forward_pre_hook(self._wait_for_own_params)
 
-    def _make_buckets(self, params: list[nn.Parameter], bucket_size: int | None) -> list[_Bucket]:
+    def _plan_buckets(self, params: list[nn.Parameter],
+                      bucket_size: int | None) -> list[Bucket]:
+        """Lay ``params`` out back to back (filling ``param_range``) and cut the buckets;
+        with the distributed optimizer each bucket is padded to a multiple of DP and a tied
+        embedding copy gets a bucket of its own."""
         buckets, members, start, offset = [], [], 0, 0
-        for i, param in enumerate(params):
-            param.main_grad = self.grad_buffer[offset:offset + param.numel()].view_as(param)
+        pad = self.data_parallel_size if self.use_distributed_optimizer else 1
+
+        def close():
+            nonlocal members, start, offset
+            offset = -(-offset // pad) * pad
+            alone = any(getattr(p, "embedding_group_sync", False) for p in members)
+            buckets.append(Bucket(len(buckets), start, offset, None, frozenset(members),
+                                  all_reduce=alone or not self.use_distributed_optimizer))
+            members, start = [], offset
+
+        for param in params:
+            isolate = self.use_distributed_optimizer and getattr(param, "embedding_group_sync",
+                                                                 False)
+            if isolate and members:
+                close()
+            self.param_range[param] = (offset, offset + param.numel())
             members.append(param)
             offset += param.numel()
-            last = i == len(params) - 1
-            if last or (bucket_size is not None and offset - start >= bucket_size):
-                buckets.append(_Bucket(len(buckets), self.grad_buffer[start:offset],
-                                       frozenset(members)))
-                members, start = [], offset
+            if isolate or (bucket_size is not None and offset - start >= bucket_size):
+                close()
+        if members:
+            close()
         return buckets
+
+    @torch.no_grad()
+    def _gather_params_into_buffer(self, params: list[nn.Parameter]) -> torch.Tensor:
+        """Move every parameter into one buffer laid out like ``grad_buffer``."""
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) > 1:
+            raise ValueError(f"the distributed optimizer needs parameters of one dtype; this "
+                             f"module has {sorted(map(str, dtypes))}")
+        buffer = torch.zeros(self.grad_buffer.numel(), dtype=params[0].dtype,
+                             device=params[0].device)
+        for param, (start, end) in self.param_range.items():
+            buffer[start:end].copy_(param.detach().view(-1))
+            param.data = buffer[start:end].view_as(param)
+        for bucket in self.buckets:
+            bucket.param_data = buffer[bucket.start:bucket.end]
+        return buffer
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -121,12 +201,22 @@ class DistributedDataParallel(nn.Module):
                    == len(self.buckets[self._next_to_launch].params)):
                 self._launch(self.buckets[self._next_to_launch])
 
-    def _launch(self, bucket: _Bucket) -> None:
+    def _launch(self, bucket: Bucket) -> None:
         bucket.data.mul_(1.0 / self.data_parallel_size)
-        bucket.handle = dist.all_reduce(bucket.data, group=self.data_parallel_group,
-                                        async_op=True)
+        if bucket.all_reduce:
+            bucket.handle = dist.all_reduce(bucket.data, group=self.data_parallel_group,
+                                            async_op=True)
+        else:
+            start, end = self.shard(bucket)
+            bucket.handle = dist.reduce_scatter_tensor(
+                self.grad_buffer[start:end], bucket.data, group=self.data_parallel_group,
+                async_op=True)
         bucket.launched = True
         self._next_to_launch = bucket.index + 1
+
+    def shard(self, bucket: Bucket) -> tuple[int, int]:
+        """This rank's ``[start, end)`` of ``bucket`` in buffer coordinates."""
+        return bucket.shard(self.data_parallel_rank, self.data_parallel_size)
 
     # --- the public protocol (Megatron-Core's names) ------------------------------------
 
@@ -148,6 +238,38 @@ class DistributedDataParallel(nn.Module):
             for bucket in self.buckets:
                 bucket.handle.wait()
         self._reset_buckets()
+
+    def start_param_sync(self) -> None:
+        """All-gather every bucket's parameters from the shards their owners updated
+        (distributed optimizer); asynchronous with ``overlap_param_gather``, else done on
+        return."""
+        if self.data_parallel_size == 1:
+            return
+        for bucket in reversed(self.buckets):  # the first layers' buckets first
+            start, end = self.shard(bucket)
+            bucket.param_handle = dist.all_gather_into_tensor(
+                bucket.param_data, self.param_buffer[start:end],
+                group=self.data_parallel_group, async_op=self.overlap_param_gather)
+        if not self.overlap_param_gather:
+            for bucket in self.buckets:
+                bucket.param_handle = None
+
+    def finish_param_sync(self) -> None:
+        """Wait for every parameter all-gather still in flight."""
+        for bucket in self.buckets:
+            self._wait_for_params(bucket)
+
+    @staticmethod
+    def _wait_for_params(bucket: Bucket) -> None:
+        if bucket.param_handle is not None:
+            bucket.param_handle.wait()
+            bucket.param_handle = None
+
+    def _wait_for_own_params(self, module: nn.Module, args) -> None:
+        for param in module.parameters(recurse=False):
+            bucket = self._bucket_of.get(param)
+            if bucket is not None:
+                self._wait_for_params(bucket)
 
     def zero_grad_buffer(self) -> None:
         """Zero every ``main_grad`` (one fill of the buffer); call before each iteration."""

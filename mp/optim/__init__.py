@@ -9,13 +9,16 @@ from mp.optim.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from mp.optim.lr_scheduler import OptimizerParamScheduler
 from mp.optim.optimizer import (
     MixedPrecisionOptimizer,
+    ParamShard,
     StepResult,
     get_megatron_optimizer,
     get_param_groups,
 )
+from mp.optim.distrib_optimizer import DistributedOptimizer
 
 __all__ = [
-    "ConstantGradScaler", "DynamicGradScaler", "MixedPrecisionOptimizer",
+    "ConstantGradScaler", "DistributedOptimizer", "DynamicGradScaler",
+    "MixedPrecisionOptimizer", "ParamShard",
     "OptimizerParamScheduler", "StepResult",
     "clip_grad_by_total_norm_fp32", "counts_in_grad_norm", "get_grad_norm_fp32",
     "get_megatron_optimizer", "get_param_groups",

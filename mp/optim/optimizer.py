@@ -18,12 +18,17 @@ when present, else from ``param.grad`` (cast to fp32).
 5. clip by the norm, run AdamW, copy masters into the model's half-precision parameters.
 
 It returns ``StepResult(update_successful, grad_norm)``.
+
+The optimizer works on `ParamShard`s: the elements ``[start, end)`` (row-major) of a model
+parameter that this rank updates, with their fp32 master. Here every shard is a whole
+parameter; `mp.optim.DistributedOptimizer` cuts them over the data-parallel ranks.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -36,6 +41,36 @@ from mp.optim.clip_grads import (
     get_grad_norm_fp32,
 )
 from mp.optim.grad_scaler import ConstantGradScaler, DynamicGradScaler
+
+
+@dataclass(eq=False)
+class ParamShard:
+    """Elements ``[start, end)`` of ``param`` (row-major) and their fp32 ``main`` (the master
+    AdamW updates): the parameter itself (fp32, whole), a view of it (fp32, part), or an fp32
+    copy (bf16/fp16), shaped like the parameter when whole, else 1-D."""
+
+    param: nn.Parameter
+    start: int
+    end: int
+    main: torch.Tensor
+
+    @classmethod
+    def make(cls, param: nn.Parameter, start: int, end: int) -> ParamShard:
+        whole = start == 0 and end == param.numel()
+        if param.dtype == torch.float32:
+            main = param if whole else param.detach().view(-1)[start:end]
+        else:
+            main = (param.detach() if whole else param.detach().view(-1)[start:end]).float()
+        return cls(param, start, end, main)
+
+    @property
+    def main_is_param(self) -> bool:
+        """Whether ``main`` is (a view of) the parameter, so AdamW updates it directly."""
+        return self.param.dtype == torch.float32
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This shard's elements of ``tensor`` (shaped like ``param``), shaped like ``main``."""
+        return tensor.view(-1)[self.start:self.end].view_as(self.main)
 
 
 class StepResult(NamedTuple):
@@ -89,25 +124,33 @@ class MixedPrecisionOptimizer:
         self.clip_grad, self.grad_scaler = clip_grad, grad_scaler
         self.model_parallel_group = (parallel_state.get_model_parallel_group()
                                      if model_parallel_group is None else model_parallel_group)
-        self.model_params: list[nn.Parameter] = []
-        self.main_params: list[torch.Tensor] = []
+        self.params: list[nn.Parameter] = [p for g in param_groups for p in g["params"]]
+        if not self.params:
+            raise ValueError(f"{type(self).__name__} got no parameters")
+        self.shards: list[ParamShard] = []
         main_groups = []
         for group in param_groups:
-            mains = []
-            for param in group["params"]:
-                main = param if param.dtype == torch.float32 else \
-                    param.detach().clone().float()
-                self.model_params.append(param)
-                self.main_params.append(main)
-                mains.append(main)
-            main_groups.append({**group, "params": mains})
-        if not self.model_params:
-            raise ValueError("MixedPrecisionOptimizer got no parameters")
-        self._counts_in_norm = [counts_in_grad_norm(p, tensor_model_parallel_group)
-                                for p in self.model_params]
-        self._half = [(model, main) for model, main in zip(self.model_params, self.main_params)
-                      if main is not model]
-        self.optimizer = _adamw(main_groups, lr, betas, eps)
+            shards = [ParamShard.make(param, start, end) for param in group["params"]
+                      for start, end in self._ranges(param)]
+            self.shards += shards
+            main_groups.append({**group, "params": [shard.main for shard in shards]})
+        self._counts_in_norm = [counts_in_grad_norm(s.param, tensor_model_parallel_group)
+                                for s in self.shards]
+        self._copied = [s for s in self.shards if not s.main_is_param]
+        self.optimizer = _adamw([g for g in main_groups if g["params"]], lr, betas, eps)
+
+    def _ranges(self, param: nn.Parameter) -> list[tuple[int, int]]:
+        """The ``[start, end)`` element ranges of ``param`` this rank updates: all of it."""
+        return [(0, param.numel())]
+
+    @property
+    def model_params(self) -> list[nn.Parameter]:
+        """The parameter of each shard (`main_params` holds their masters, in order)."""
+        return [s.param for s in self.shards]
+
+    @property
+    def main_params(self) -> list[torch.Tensor]:
+        return [s.main for s in self.shards]
 
     @property
     def param_groups(self) -> list[dict]:
@@ -124,22 +167,22 @@ class MixedPrecisionOptimizer:
     def zero_grad(self) -> None:
         """Drop ``.grad`` of model and master parameters (``main_grad`` buffers belong to the
         data-parallel wrapper, which zeroes them)."""
-        for param in self.model_params + self.main_params:
+        for param in self.params + self.main_params:
             param.grad = None
 
     def _attach_main_grads(self):
         """Give every master its fp32 gradient. Returns (grads counted in the norm, the other
         grads, masters whose ``.grad`` was borrowed here and must be released after the step)."""
         norm_grads, other_grads, borrowed = [], [], []
-        for model, main, counts in zip(self.model_params, self.main_params,
-                                       self._counts_in_norm):
-            grad = getattr(model, "main_grad", None)
+        for shard, counts in zip(self.shards, self._counts_in_norm):
+            grad = getattr(shard.param, "main_grad", None)
             if grad is None:
-                grad = model.grad
+                grad = shard.param.grad
                 if grad is None:
                     continue
+            main = shard.main
             if grad is not main.grad:
-                main.grad = grad.float()  # no copy when already fp32 (main_grad buffers)
+                main.grad = shard.of(grad).float()  # no copy when fp32 (main_grad buffers)
                 borrowed.append(main)
             (norm_grads if counts else other_grads).append(main.grad)
         return norm_grads, other_grads, borrowed
@@ -161,8 +204,7 @@ class MixedPrecisionOptimizer:
         if self.grad_scaler is not None and grads:
             torch._foreach_mul_(grads, self.grad_scaler.inv_scale)
         grad_norm = get_grad_norm_fp32(norm_grads, self.model_parallel_group,
-                                       other_grads=other_grads,
-                                       device=self.main_params[0].device)
+                                       other_grads=other_grads, device=self.params[0].device)
         if self.grad_scaler is not None:
             found_inf = not math.isfinite(grad_norm)
             self.grad_scaler.update(found_inf)
@@ -171,23 +213,30 @@ class MixedPrecisionOptimizer:
         if self.clip_grad > 0:
             clip_grad_by_total_norm_fp32(grads, self.clip_grad, grad_norm)
         self.optimizer.step()
-        if self._half:
-            models, mains = zip(*self._half)
-            torch._foreach_copy_(list(models), list(mains))
+        self.reload_model_params()
         return StepResult(True, grad_norm)
+
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Copy the masters into the model's parameters (Megatron's name): after each step,
+        and after a checkpoint loaded the masters."""
+        if self._copied:
+            torch._foreach_copy_([s.of(s.param) for s in self._copied],
+                                 [s.main for s in self._copied])
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(),
                 "grad_scaler": None if self.grad_scaler is None else self.grad_scaler.state_dict(),
-                "main_params": [main for _, main in self._half]}
+                "main_params": [s.main for s in self._copied]}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore AdamW's moments, the loss scale and the fp32 masters (which are the
         authoritative weights: half-precision parameters are refreshed from them)."""
         saved = state["main_params"]
-        if len(saved) != len(self._half):
+        if len(saved) != len(self._copied):
             raise ValueError(f"optimizer state holds {len(saved)} fp32 master parameters; "
-                             f"this model has {len(self._half)} half-precision parameters")
+                             f"this optimizer has {len(self._copied)} fp32 copies of "
+                             "half-precision parameters")
         self.optimizer.load_state_dict(state["optimizer"])
         if (state["grad_scaler"] is None) != (self.grad_scaler is None):
             raise ValueError("optimizer state and this optimizer disagree on loss scaling "
@@ -195,9 +244,9 @@ class MixedPrecisionOptimizer:
         if self.grad_scaler is not None:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         with torch.no_grad():
-            for (model, main), value in zip(self._half, saved):
-                main.copy_(value)
-                model.copy_(main)
+            for shard, value in zip(self._copied, saved):
+                shard.main.copy_(value)
+        self.reload_model_params()
 
 
 def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
@@ -205,9 +254,11 @@ def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
                            adam_beta2: float = 0.999, adam_eps: float = 1e-8,
                            clip_grad: float = 1.0, loss_scale: float | None = None,
                            initial_loss_scale: float = 2.0**32, min_loss_scale: float = 1.0,
-                           loss_scale_window: int = 1000,
-                           hysteresis: int = 2) -> MixedPrecisionOptimizer:
-    """The training optimizer for ``model_chunks`` (Megatron's name and arguments).
+                           loss_scale_window: int = 1000, hysteresis: int = 2,
+                           use_distributed_optimizer: bool = False) -> MixedPrecisionOptimizer:
+    """The training optimizer for ``model_chunks`` (Megatron's name and arguments):
+    a `DistributedOptimizer` when ``use_distributed_optimizer`` (the chunks must then be
+    `DistributedDataParallel` built for it), else a `MixedPrecisionOptimizer`.
 
     Loss scaling is switched on exactly when a parameter is fp16: a fixed ``loss_scale`` when
     given, else dynamic from ``initial_loss_scale``. The loss-scale arguments are ignored for
@@ -220,5 +271,9 @@ def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
         scaler = ConstantGradScaler(loss_scale) if loss_scale is not None else \
             DynamicGradScaler(initial_scale=initial_loss_scale, min_scale=min_loss_scale,
                               growth_interval=loss_scale_window, hysteresis=hysteresis)
-    return MixedPrecisionOptimizer(groups, lr=lr, betas=(adam_beta1, adam_beta2), eps=adam_eps,
-                                   clip_grad=clip_grad, grad_scaler=scaler)
+    kwargs = dict(lr=lr, betas=(adam_beta1, adam_beta2), eps=adam_eps, clip_grad=clip_grad,
+                  grad_scaler=scaler)
+    if use_distributed_optimizer:
+        from mp.optim.distrib_optimizer import DistributedOptimizer  # it subclasses this one
+        return DistributedOptimizer(groups, chunks, **kwargs)
+    return MixedPrecisionOptimizer(groups, **kwargs)
