@@ -145,6 +145,13 @@ def _chunks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     return [model] if isinstance(model, nn.Module) else list(model)
 
 
+def _finish_param_sync(chunks: list[nn.Module]) -> None:
+    """Wait for parameters still being all-gathered (distributed optimizer)."""
+    for chunk in chunks:
+        if isinstance(chunk, DistributedDataParallel):
+            chunk.finish_param_sync()
+
+
 # --- saving -------------------------------------------------------------------------------
 
 def _save(ranks: _Ranks, save_dir: str | Path, iteration: int, tensors: PlacedTensors,
@@ -191,9 +198,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int,
     is committed. Collective: every rank calls it. Returns after the commit on every rank.
     """
     chunks = _chunks(model)
-    for chunk in chunks:  # parameters still being all-gathered (distributed optimizer)
-        if isinstance(chunk, DistributedDataParallel):
-            chunk.finish_param_sync()
+    _finish_param_sync(chunks)
     ranks = _Ranks(distributed=True)
     params = named_parameters(chunks)
     tensors = model_tensors(params)
@@ -361,6 +366,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | Sequence[nn.Module],
         scheduler.load_state_dict(meta["scheduler"])
     if optimizer_targets is not None:
         optimizer_targets.apply()
+        _finish_param_sync(chunks)
         if optimizer.grad_scaler is not None and meta["grad_scaler"] is not None:
             optimizer.grad_scaler.load_state_dict(meta["grad_scaler"])
     if restore_rng:

@@ -44,6 +44,7 @@ _MEGATRON_NAMES = {
         "lr_decay_style", "lr_warmup_iters", "lr_decay_iters", "weight_decay", "adam_beta1",
         "adam_beta2", "adam_eps", "clip_grad", "seed", "loss_scale", "initial_loss_scale",
         "min_loss_scale", "loss_scale_window", "hysteresis", "use_distributed_optimizer",
+        "overlap_param_gather",
         "overlap_grad_reduce", "deepspeed", "deepspeed_config", "eval_interval", "eval_iters", "save", "load", "save_interval",
     ),
     "data": (

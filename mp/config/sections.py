@@ -73,7 +73,8 @@ class TrainingConfig(_Section):
     ``keep_last=None`` keeps every checkpoint.
 
     ``use_distributed_optimizer`` shards the fp32 master weights and AdamW moments over the
-    data-parallel ranks (Megatron's distributed optimizer). ``optimizer_impl="apex"`` steps
+    data-parallel ranks (Megatron's distributed optimizer); ``overlap_param_gather`` then
+    overlaps the all-gather of updated parameters with the next forward. ``optimizer_impl="apex"`` steps
     with NVIDIA apex's ``FusedAdam`` when apex is importable (a notice and torch's AdamW
     otherwise). ``deepspeed`` hands data parallelism and the optimizer (ZeRO stage 1 or 2) to
     DeepSpeed's engine configured by the JSON file ``deepspeed_config``.
@@ -101,6 +102,7 @@ class TrainingConfig(_Section):
     loss_scale_window: int = 1000
     hysteresis: int = 2
     use_distributed_optimizer: bool = False
+    overlap_param_gather: bool = True  # distributed optimizer: all-gather during forward
     optimizer_impl: str = "torch"  # torch | apex (FusedAdam)
     deepspeed: bool = False
     deepspeed_config: str | None = None

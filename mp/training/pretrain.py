@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 
@@ -51,14 +52,16 @@ def setup_model_and_optimizer(cfg: JobConfig) -> tuple[list[DistributedDataParal
     tr = cfg.training
     model = [DistributedDataParallel(
         chunk, overlap_grad_reduce=tr.overlap_grad_reduce,
-        bucket_size=max(1, int(tr.bucket_size_mb * 2**20 / _BYTES_PER_GRAD)))
+        bucket_size=max(1, int(tr.bucket_size_mb * 2**20 / _BYTES_PER_GRAD)),
+        use_distributed_optimizer=tr.use_distributed_optimizer,
+        overlap_param_gather=tr.overlap_param_gather)
         for chunk in build_gpt_chunks(cfg.model)]
     optimizer = get_megatron_optimizer(
         model, lr=tr.lr, weight_decay=tr.weight_decay, adam_beta1=tr.adam_beta1,
         adam_beta2=tr.adam_beta2, adam_eps=tr.adam_eps, clip_grad=tr.clip_grad,
         loss_scale=tr.loss_scale, initial_loss_scale=tr.initial_loss_scale,
         min_loss_scale=tr.min_loss_scale, loss_scale_window=tr.loss_scale_window,
-        hysteresis=tr.hysteresis)
+        hysteresis=tr.hysteresis, use_distributed_optimizer=tr.use_distributed_optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer, max_lr=tr.lr, min_lr=tr.min_lr, lr_warmup_steps=tr.lr_warmup_iters,
         lr_decay_steps=tr.lr_decay_iters, lr_decay_style=tr.lr_decay_style)
@@ -75,12 +78,19 @@ def count_parameters(model: list[torch.nn.Module]) -> int:
     return int(total.item())
 
 
-def check_supported(cfg: JobConfig) -> None:
-    """Refuse what this version cannot do yet (ValueError); needs no process group."""
-    if cfg.training.use_distributed_optimizer:
-        raise ValueError("training.use_distributed_optimizer=true: not supported by the "
-                         "pretraining job yet (the distributed optimizer comes in a later "
-                         "issue); override with --training.use_distributed_optimizer false")
+def check_supported(cfg: JobConfig, world_size: int | None = None) -> None:
+    """Refuse what this version cannot do (ValueError); needs no process group. The world
+    size defaults to the job's (``WORLD_SIZE`` before ``torch.distributed`` starts)."""
+    tr = cfg.training
+    if tr.deepspeed:
+        from mp.training.deepspeed import check_deepspeed_supported
+        if world_size is None:
+            world_size = dist.get_world_size() if dist.is_initialized() else \
+                int(os.environ.get("WORLD_SIZE", "1"))
+        check_deepspeed_supported(cfg, world_size)
+    elif tr.deepspeed_config is not None:
+        raise ValueError(f"training.deepspeed_config={tr.deepspeed_config!r} is set but "
+                         "training.deepspeed is false: add --deepspeed, or drop the config")
 
 
 def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step) -> TrainState:
@@ -88,6 +98,9 @@ def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step
     saving into ``training.save`` (`mp.checkpointing.job`). Needs
     ``initialize_model_parallel`` done with ``cfg``'s sizes; rank 0 reports."""
     check_supported(cfg)
+    if cfg.training.deepspeed:  # DeepSpeed's engine does data parallelism and the optimizer
+        from mp.training.deepspeed import pretrain_deepspeed
+        return pretrain_deepspeed(cfg, forward_step_func)
     set_random_seed(cfg.training.seed)
     model, optimizer, scheduler = setup_model_and_optimizer(cfg)
     start = checkpoint_job.start_point(cfg)
