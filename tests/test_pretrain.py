@@ -59,10 +59,12 @@ def test_short_run_lowers_the_loss(cache_dir):
     print(f"e2e: {time.monotonic() - start:.1f} s, lm loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
-def test_interleaved_pipeline_run_lowers_the_loss(cache_dir):
-    """PP=2 with two virtual stages per rank (TP=1, DP=2): the job builds the stages, the
-    interleaved schedule trains, and rank 0 (first stage) logs the last stage's loss."""
-    run = torchrun(LAUNCH, [*TINY, "--tensor-model-parallel-size", "1",
+def test_interleaved_pipeline_run_with_distributed_optimizer_lowers_the_loss(cache_dir):
+    """PP=2 with two virtual stages per rank (TP=1, DP=2) and the distributed optimizer: the
+    job builds the stages, the interleaved schedule trains, the optimizer state is sharded
+    over DP, and rank 0 (first stage) logs the last stage's loss."""
+    run = torchrun(LAUNCH, [*TINY, "--use-distributed-optimizer",
+                            "--tensor-model-parallel-size", "1",
                             "--pipeline-model-parallel-size", "2", "--num-layers", "4",
                             "--num-layers-per-virtual-pipeline-stage", "1", "--train-iters", "20",
                             "--eval-interval", "20", "--data-cache-path", cache_dir], timeout=600)
@@ -77,8 +79,9 @@ def test_interleaved_pipeline_run_lowers_the_loss(cache_dir):
 @pytest.mark.parametrize("override,message", [
     (["--tensor-model-parallel-size", "3"],
      "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
-    (["--use-distributed-optimizer", "true"],
-     "training.use_distributed_optimizer=true: not supported by the pretraining job yet")])
+    (["--micro-batch-size", "3"],
+     "training.global_batch_size=8 is not divisible by training.micro_batch_size x "
+     "data_parallel_size = 3 x 2 = 6")])
 def test_bad_config_fails_before_any_process_group(override, message):
     env = {**os.environ, "WORLD_SIZE": "4"}  # torchrun's world, but no rendezvous to join
     run = subprocess.run([sys.executable, LAUNCH, *TINY, *override], check=False,

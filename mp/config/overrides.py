@@ -45,7 +45,8 @@ _MEGATRON_NAMES = {
         "adam_beta2", "adam_eps", "clip_grad", "seed", "loss_scale", "initial_loss_scale",
         "min_loss_scale", "loss_scale_window", "hysteresis", "use_distributed_optimizer",
         "overlap_param_gather",
-        "overlap_grad_reduce", "deepspeed", "deepspeed_config", "eval_interval", "eval_iters", "save", "load", "save_interval",
+        "overlap_grad_reduce", "deepspeed", "deepspeed_config", "eval_interval", "eval_iters",
+        "save", "load", "save_interval",
     ),
     "data": (
         "data_path", "split", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model",

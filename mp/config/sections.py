@@ -74,10 +74,11 @@ class TrainingConfig(_Section):
 
     ``use_distributed_optimizer`` shards the fp32 master weights and AdamW moments over the
     data-parallel ranks (Megatron's distributed optimizer); ``overlap_param_gather`` then
-    overlaps the all-gather of updated parameters with the next forward. ``optimizer_impl="apex"`` steps
-    with NVIDIA apex's ``FusedAdam`` when apex is importable (a notice and torch's AdamW
-    otherwise). ``deepspeed`` hands data parallelism and the optimizer (ZeRO stage 1 or 2) to
-    DeepSpeed's engine configured by the JSON file ``deepspeed_config``.
+    overlaps the all-gather of updated parameters with the next forward.
+    ``optimizer_impl="apex"`` steps with NVIDIA apex's ``FusedAdam`` when apex is importable
+    (a notice and torch's AdamW otherwise). ``deepspeed`` hands data parallelism and the
+    optimizer (ZeRO stage 1 or 2) to DeepSpeed's engine configured by the JSON file
+    ``deepspeed_config``.
     """
 
     section: ClassVar[str] = "training"

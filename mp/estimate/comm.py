@@ -25,14 +25,15 @@ row-parallel ones (attention output, fc2):
 - PP: each chunk's output forward and its gradient backward, ``e s b h`` (``/ t`` with SP);
   once per iteration, the tied word-embedding gradients between the first and last stage,
   ``4 V h / t``.
-- Model-parallel group, once: the gradient norm, one fp32 scalar.
+- Model-parallel group, once: the gradient norm, one fp32 scalar (over every rank with the
+  distributed optimizer, whose data-parallel shards add to it).
 
 Bytes follow `mp.estimate.measure`: an all-reduce moves its tensor; an all-gather its
 gathered output; a reduce-scatter its full input. On the wire, a ring all-reduce over ``n``
 ranks sends ``2 (n - 1) / n`` of that per rank, an all-gather or reduce-scatter ``(n - 1) / n``,
-a send all of it. The TP, DP, pipeline (1F1B and interleaved, tied embeddings) and
-model-parallel rows are checked against mp's code; distributed-optimizer rows are formulas until
-it exists in mp.
+a send all of it. Every row is checked against mp's code (TP, DP with and without the
+distributed optimizer, pipeline with 1F1B and interleaving, tied embeddings, the norm); the
+distributed optimizer's padding of each bucket to a multiple of DP elements is left out.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from mp.estimate.hardware import GPUSpec
 from mp.estimate.params import norm_params, rank_params
 from mp.estimate.setup import Setup
 
-GROUPS = ("tp", "dp", "pp", "embedding", "mp")
+GROUPS = ("tp", "dp", "pp", "embedding", "mp", "world")
 WIRE_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
                "reduce_scatter": lambda n: (n - 1) / n, "send": lambda n: 1.0,
                "recv": lambda n: 0.0}  # a send's bytes are on the wire once, counted at send
@@ -81,7 +82,9 @@ def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[C
             out.append(Collective("gradients", "all_reduce", "dp", grads))
     if setup.pp > 1:
         out += _pipeline(setup, pp_rank)
-    if setup.tp * setup.pp > 1:
+    if setup.distributed_optimizer and setup.world_size > 1:  # the DP shards add up too
+        out.append(Collective("gradient norm", "all_reduce", "world", FP32))
+    elif setup.tp * setup.pp > 1:
         out.append(Collective("gradient norm", "all_reduce", "mp", FP32))
     if logging and pp_rank == setup.pp - 1 and setup.data_parallel_size > 1:
         out.append(Collective("reported loss (logging)", "all_reduce", "dp", FP32))
@@ -174,7 +177,7 @@ def _pipeline(setup: Setup, pp_rank: int) -> list[Collective]:
 
 def group_size(setup: Setup, group: str) -> int:
     return {"tp": setup.tp, "dp": setup.data_parallel_size, "pp": setup.pp,
-            "embedding": 2, "mp": setup.tp * setup.pp}[group]
+            "embedding": 2, "mp": setup.tp * setup.pp, "world": setup.world_size}[group]
 
 
 def group_bandwidth(setup: Setup, group: str, gpu: GPUSpec) -> float:
@@ -182,7 +185,7 @@ def group_bandwidth(setup: Setup, group: str, gpu: GPUSpec) -> float:
     (ranks are laid out TP fastest, then DP, then PP), InfiniBand otherwise."""
     span = {"tp": setup.tp, "dp": setup.tp * setup.data_parallel_size,
             "pp": setup.world_size, "embedding": setup.world_size,
-            "mp": setup.world_size}[group]
+            "mp": setup.world_size, "world": setup.world_size}[group]
     gbps = gpu.intra_node_gbps if span <= gpu.gpus_per_node else gpu.inter_node_gbps
     return gbps * 1e9
 

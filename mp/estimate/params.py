@@ -18,8 +18,10 @@ Bytes per parameter, as ``mp`` keeps them (checked against the built model and o
 plus AdamW's ``step`` counter, a 4-byte tensor per parameter tensor. That is 18 bytes per
 parameter for bf16 (Megatron's figure). fp16 costs 18 too: mp accumulates every precision's
 gradients in fp32, where Megatron's fp16 path keeps fp16 gradients and an fp32 copy (20).
-With the distributed optimizer (formula only: not in mp yet) the optimizer column is divided
-by DP: ``6 + 12 / DP`` bytes for bf16 (Megatron's table).
+With the distributed optimizer (`mp.optim.DistributedOptimizer`) the optimizer column is
+divided by DP: ``6 + 12 / DP`` bytes for bf16 (Megatron's table), leaving out each bucket's
+padding to a multiple of DP elements and the per-shard step counters
+(``tests/test_distrib_optimizer.py`` counts both).
 """
 
 from __future__ import annotations

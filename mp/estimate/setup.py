@@ -25,7 +25,7 @@ class Setup:
         num_microbatches: micro-batches per iteration on each data-parallel rank
             (``global batch / (micro_batch_size x DP)``).
         distributed_optimizer: optimizer state (fp32 master weights and Adam moments) sharded
-            over the DP ranks (Megatron's distributed optimizer; formula only in mp so far).
+            over the DP ranks (Megatron's distributed optimizer, `mp.optim.DistributedOptimizer`).
     """
 
     model: TransformerConfig

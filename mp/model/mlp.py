@@ -15,10 +15,11 @@ class MLP(nn.Module):
     """``[s, b, h] -> [s, b, ffn / t] -> act -> (output [s, b, h], bias)``.
 
     GeLU: ``fc2(gelu(fc1 x))``, exact (erf) or, for ``activation="gelu_tanh"``, the tanh
-    approximation GPT-2 was trained with (Hugging Face's ``gelu_new``). SwiGLU (Shazeer 2020): ``fc2(silu(gate x) * fc1 x)``; the gate
-    is its own column-parallel layer, so the sharded weights mean the same thing at every TP
-    size (a fused ``[gate; up]`` weight would interleave differently per layout). Under
-    sequence parallelism that costs a second all-gather of the input.
+    approximation GPT-2 was trained with (Hugging Face's ``gelu_new``). SwiGLU (Shazeer 2020):
+    ``fc2(silu(gate x) * fc1 x)``; the gate is its own column-parallel layer, so the sharded
+    weights mean the same thing at every TP size (a fused ``[gate; up]`` weight would
+    interleave differently per layout). Under sequence parallelism that costs a second
+    all-gather of the input.
     """
 
     def __init__(self, config: TransformerConfig, group=None):
