@@ -24,23 +24,25 @@ S, MBS, GLOBAL_BATCH, VOCAB = 16, 2, 8, 128  # VOCAB pads to 128 rows at TP 1, 2
 LR, EPS = 3e-3, 1e-5
 
 
-def gpt_config(tp: int, pp: int, precision: str = "fp32") -> TransformerConfig:
+def gpt_config(tp: int, pp: int, precision: str = "fp32", **overrides) -> TransformerConfig:
     return TransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=4,
                              vocab_size=VOCAB, seq_length=S, make_vocab_size_divisible_by=8,
                              hidden_dropout=0.0, attention_dropout=0.0, precision=precision,
-                             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+                             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                             **overrides)
 
 
 def setup(tp: int, pp: int, seed: int, precision: str = "fp32", *,
           distributed_optimizer: bool = False, overlap_param_gather: bool = True,
-          bucket_size: int = 5000, clip_grad: float = 1.0):
-    """This rank's DDP-wrapped chunks, optimizer and LR schedule, weights from ``seed``."""
+          bucket_size: int = 5000, clip_grad: float = 1.0, **overrides):
+    """This rank's DDP-wrapped chunks, optimizer and LR schedule, weights from ``seed``
+    (``overrides``: `TransformerConfig` fields)."""
     ps.initialize_model_parallel(tp, pp)
     model_parallel_cuda_manual_seed(seed)
     models = [DistributedDataParallel(chunk, bucket_size=bucket_size,
                                       use_distributed_optimizer=distributed_optimizer,
                                       overlap_param_gather=overlap_param_gather)
-              for chunk in build_gpt_chunks(gpt_config(tp, pp, precision))]
+              for chunk in build_gpt_chunks(gpt_config(tp, pp, precision, **overrides))]
     optimizer = get_megatron_optimizer(models, lr=LR, weight_decay=0.1, clip_grad=clip_grad,
                                        adam_eps=EPS,
                                        use_distributed_optimizer=distributed_optimizer)
