@@ -1,4 +1,5 @@
-"""Start ``torch.distributed`` for a job: from torchrun's environment, or as a world of one."""
+"""Start ``torch.distributed`` for a job: from torchrun's environment, from ``mpirun``'s (through
+mpi4py), or as a world of one."""
 
 from __future__ import annotations
 
@@ -9,17 +10,25 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from mp import launch_env
+
 
 def initialize_distributed(backend: str | None = None, timeout_minutes: float = 10.0) -> None:
     """Initialise the default process group once.
 
-    Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` set) every rank joins the job;
-    without them this process becomes a world of one (benchmarks, notebooks). The backend is
-    NCCL with one GPU per local rank when CUDA is available, gloo otherwise. A rank that fails
-    to reach the others gives up after ``timeout_minutes`` instead of hanging forever.
+    Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` set) every rank joins the job.
+    Under ``mpirun`` (Open MPI, MPICH, Intel MPI, MVAPICH2 or a PMIx launcher, and no
+    ``RANK``/``WORLD_SIZE``) mpi4py gives the ranks and rank 0's address and a free port
+    (`mp.launch_env.setup_env_from_mpi` sets torchrun's variables; ``MASTER_ADDR`` and
+    ``MASTER_PORT`` set by the user win), then the same ``env://`` start follows. Without either
+    this process becomes a world of one (benchmarks, notebooks). The backend is NCCL with one
+    GPU per local rank when CUDA is available, gloo otherwise. A rank that fails to reach the
+    others gives up after ``timeout_minutes`` instead of hanging forever.
     """
     if dist.is_initialized():
         return
+    if launch_env.needs_mpi_setup():
+        launch_env.setup_env_from_mpi()
     cuda = torch.cuda.is_available() and os.environ.get("MP_DEVICE", "cuda").startswith("cuda")
     if backend is None:
         backend = "nccl" if cuda else "gloo"
@@ -27,7 +36,7 @@ def initialize_distributed(backend: str | None = None, timeout_minutes: float = 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = timedelta(minutes=timeout_minutes)
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, init_method="env://", timeout=timeout)
     else:
         store = dist.FileStore(tempfile.mktemp(prefix="mp-world-of-one-"), 1)
         dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)

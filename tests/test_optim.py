@@ -225,3 +225,85 @@ def _check_master_weights(dtype: torch.dtype, via_main_grad: bool):
 @pytest.mark.parametrize("via_main_grad", [True, False])
 def test_master_weights_follow_fp32_adamw(dtype, via_main_grad):
     run_distributed(1, _check_master_weights, dtype, via_main_grad)
+
+
+# --- apex's FusedAdam -----------------------------------------------------------------------
+
+class _GroupStepAdam(torch.optim.Optimizer):
+    """apex's ``FusedAdam`` as mp calls it, from the AdamW formulas: ``adam_w_mode`` and, like
+    apex, one ``step`` count per parameter group instead of per parameter."""
+
+    def __init__(self, params, lr, betas, eps, adam_w_mode, weight_decay=0.0):
+        assert adam_w_mode
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
+                                  "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            group["step"] = t = group.get("step", 0) + 1
+            (b1, b2), lr = group["betas"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), \
+                        torch.zeros_like(p)
+                p.mul_(1 - lr * group["weight_decay"])
+                state["exp_avg"].mul_(b1).add_(p.grad, alpha=1 - b1)
+                state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt().add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
+
+
+def _with_fake_apex_adam(path: str) -> dict:
+    """Train 3 steps with optimizer_impl="apex" (a fake apex) and with torch's AdamW, save the
+    apex run, and load it into a fresh apex optimizer and into a torch one."""
+    import sys
+    import types
+
+    from gpt_runs import EPS, LR, assemble, pieces, setup, train_step
+
+    from mp import apex as mp_apex
+    from mp.checkpointing import load_checkpoint, save_checkpoint
+
+    module = types.ModuleType("apex.optimizers")
+    module.FusedAdam = _GroupStepAdam
+    sys.modules.update({"apex": types.ModuleType("apex"), "apex.optimizers": module})
+    mp_apex.fused_adam_class.cache_clear()
+    try:
+        runs, loaded = {}, {}
+        for impl in ("apex", "torch"):
+            models, _, scheduler = setup(1, 1, seed=1)
+            optimizer = get_megatron_optimizer(models, lr=LR, weight_decay=0.1, adam_eps=EPS,
+                                               optimizer_impl=impl)
+            scheduler.optimizer = optimizer
+            for step in range(3):
+                train_step(models, optimizer, scheduler, step)
+            runs[impl] = (type(optimizer.optimizer), assemble([pieces(models)]))
+            if impl == "apex":
+                save_checkpoint(path, 3, models, optimizer, scheduler)
+            ps.destroy_model_parallel()
+        for impl in ("apex", "torch"):
+            models, _, scheduler = setup(1, 1, seed=2)
+            optimizer = get_megatron_optimizer(models, lr=LR, optimizer_impl=impl)
+            load_checkpoint(path, models, optimizer)
+            loaded[impl] = [optimizer.adam_state(s)["step"].item() for s in optimizer.shards]
+            ps.destroy_model_parallel()
+        return {"runs": runs, "loaded": loaded}
+    finally:
+        for name in ("apex", "apex.optimizers"):
+            sys.modules.pop(name, None)
+        mp_apex.fused_adam_class.cache_clear()
+
+
+def test_apex_fused_adam_trains_like_adamw_and_checkpoints_its_group_step(tmp_path):
+    result = run_distributed(1, _with_fake_apex_adam, str(tmp_path / "ckpt"))[0]
+    (apex_type, apex_weights), (torch_type, torch_weights) = (result["runs"]["apex"],
+                                                              result["runs"]["torch"])
+    assert apex_type is _GroupStepAdam and torch_type is torch.optim.AdamW
+    for name in torch_weights:
+        assert_rel_close(apex_weights[name], torch_weights[name], rtol=1e-5, what=name)
+    assert set(result["loaded"]["apex"]) == {3.0}  # the group's count came back
+    assert set(result["loaded"]["torch"]) == {3.0}  # and became each parameter's

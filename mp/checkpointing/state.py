@@ -34,8 +34,8 @@ from mp.checkpointing.naming import NamedParameter, Placement
 from mp.checkpointing.rng import get_rng_state
 from mp.checkpointing.storage import PlacedTensors, placed
 from mp.optim import MixedPrecisionOptimizer, ParamShard
+from mp.optim.optimizer import MOMENTS
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
 _STEP = Placement((), ())
 
 
@@ -96,13 +96,11 @@ def optimizer_tensors(optimizer: MixedPrecisionOptimizer,
         if not entry.owner:
             continue
         for shard in shards.get(entry.name, ()):
-            state = optimizer.optimizer.state.get(shard.main, {})
+            state = optimizer.adam_state(shard)
             for item in MOMENTS:
                 tensors.setdefault(optimizer_key(entry.name, item), []).extend(
-                    _pieces(state.get(item, torch.zeros_like(shard.main)), shard,
-                            entry.placement))
-            step = state.get("step", torch.zeros((), dtype=torch.float32))
-            tensors[optimizer_key(entry.name, "step")] = placed(step.float(), _STEP)
+                    _pieces(state[item], shard, entry.placement))
+            tensors[optimizer_key(entry.name, "step")] = placed(state["step"], _STEP)
             if not shard.main_is_param:
                 tensors.setdefault(optimizer_key(entry.name, "master"), []).extend(
                     _pieces(shard.main, shard, entry.placement))
@@ -143,15 +141,9 @@ class OptimizerTargets:
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Give the loaded moments and step counts to the inner AdamW (its own
-        ``load_state_dict`` places them as its kernels want), and refresh the half-precision
+        """Give the loaded moments and step counts to AdamW, and refresh the half-precision
         parameters from the loaded masters."""
-        inner = self.optimizer.optimizer
-        order = {id(p): i for i, p in enumerate(p for g in inner.param_groups
-                                                for p in g["params"])}
-        state = {order[id(shard.main)]: value for shard, value in self.state.items()}
-        inner.load_state_dict({"state": state,
-                               "param_groups": inner.state_dict()["param_groups"]})
+        self.optimizer.load_adam_state(self.state)
         self.optimizer.reload_model_params()
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from mp import launch_env
 from mp.config.coerce import ConfigError, build_dataclass, field_annotations, unknown_key_message
 from mp.config.sections import DataConfig, LoggingConfig, TrainingConfig
 from mp.model.config import TransformerConfig
@@ -125,13 +126,14 @@ def check_keys(sections: Mapping, source: str | None = None) -> None:
                 raise ConfigError(where + unknown_key_message("key", f"{name}.{key}", known))
 
 
-def resolve_world_size(world_size: int | None = None) -> int:
+def resolve_world_size(world_size: int | None = None,
+                       environ: Mapping[str, str] = os.environ) -> int:
     """``world_size`` if given, else ``WORLD_SIZE`` from the environment (torchrun sets it),
-    else 1."""
+    else the size an MPI launcher announces (`mp.launch_env.launcher_world_size`), else 1."""
     if world_size is None:
-        text = os.environ.get("WORLD_SIZE")
+        text = environ.get("WORLD_SIZE")
         if text is None:
-            return 1
+            return launch_env.launcher_world_size(environ) or 1
         try:
             world_size = int(text)
         except ValueError:

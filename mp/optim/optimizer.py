@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from mp import parallel_state
+from mp.apex import fused_adam_class
 from mp.optim.clip_grads import (
     clip_grad_by_total_norm_fp32,
     counts_in_grad_norm,
@@ -73,6 +74,9 @@ class ParamShard:
         return tensor.view(-1)[self.start:self.end].view_as(self.main)
 
 
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides ``step``
+
+
 class StepResult(NamedTuple):
     update_successful: bool  # False when an fp16 step was skipped for an inf/NaN gradient
     grad_norm: float  # the global norm before clipping (inf/NaN when non-finite)
@@ -92,8 +96,14 @@ def get_param_groups(model_chunks: Iterable[nn.Module], weight_decay: float) -> 
     return [g for g in groups if g["params"]]
 
 
-def _adamw(groups: list[dict], lr: float, betas: tuple[float, float],
-           eps: float) -> torch.optim.AdamW:
+def _adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+           impl: str) -> torch.optim.Optimizer:
+    """AdamW over ``groups``: apex's ``FusedAdam`` for ``impl="apex"`` when importable, else
+    torch's (fused where the device has the kernel, else foreach)."""
+    if impl == "apex":
+        fused_adam = fused_adam_class()
+        if fused_adam is not None:
+            return fused_adam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     except RuntimeError:  # no fused kernel for this device
@@ -112,13 +122,15 @@ class MixedPrecisionOptimizer:
         grad_scaler: a `DynamicGradScaler` or `ConstantGradScaler` for fp16; None for
             fp32/bf16.
         model_parallel_group, tensor_model_parallel_group: default from ``parallel_state``.
+        impl: ``"torch"`` (AdamW) or ``"apex"`` (apex's ``FusedAdam`` when importable).
     """
 
     def __init__(self, param_groups: list[dict], *, lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  clip_grad: float = 0.0,
                  grad_scaler: DynamicGradScaler | ConstantGradScaler | None = None,
-                 model_parallel_group=None, tensor_model_parallel_group=None):
+                 model_parallel_group=None, tensor_model_parallel_group=None,
+                 impl: str = "torch"):
         if clip_grad < 0:
             raise ValueError(f"clip_grad={clip_grad} must be >= 0 (0 disables clipping)")
         self.clip_grad, self.grad_scaler = clip_grad, grad_scaler
@@ -137,7 +149,7 @@ class MixedPrecisionOptimizer:
         self._counts_in_norm = [counts_in_grad_norm(s.param, tensor_model_parallel_group)
                                 for s in self.shards]
         self._copied = [s for s in self.shards if not s.main_is_param]
-        self.optimizer = _adamw([g for g in main_groups if g["params"]], lr, betas, eps)
+        self.optimizer = _adamw([g for g in main_groups if g["params"]], lr, betas, eps, impl)
 
     def _ranges(self, param: nn.Parameter) -> list[tuple[int, int]]:
         """The ``[start, end)`` element ranges of ``param`` this rank updates: all of it."""
@@ -216,6 +228,31 @@ class MixedPrecisionOptimizer:
         self.reload_model_params()
         return StepResult(True, grad_norm)
 
+    def adam_state(self, shard: ParamShard) -> dict[str, torch.Tensor]:
+        """AdamW's ``exp_avg``, ``exp_avg_sq`` and ``step`` (fp32 scalar) for ``shard``; zeros
+        and step 0 before the first step. (torch keeps ``step`` per parameter, apex's
+        FusedAdam per group.)"""
+        state = self.optimizer.state.get(shard.main, {})
+        group = next(g for g in self.optimizer.param_groups
+                     if any(p is shard.main for p in g["params"]))
+        step = state.get("step", group.get("step", 0))
+        return {"step": torch.as_tensor(step, dtype=torch.float32).detach().cpu(),
+                **{m: state.get(m, torch.zeros_like(shard.main)) for m in MOMENTS}}
+
+    def load_adam_state(self, states: dict[ParamShard, dict[str, torch.Tensor]]) -> None:
+        """Give AdamW the moments and step counts of ``states`` (`adam_state`'s form), through
+        its own ``load_state_dict``, which places them as its kernels want."""
+        order = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups
+                                                for p in g["params"])}
+        saved = self.optimizer.state_dict()
+        saved["state"] = {order[id(shard.main)]: dict(value) for shard, value in states.items()}
+        for group in saved["param_groups"]:
+            if "step" in group:  # apex: one count per group, the same for all its params
+                steps = [states[s]["step"] for s in self.shards
+                         if s in states and order[id(s.main)] in group["params"]]
+                group["step"] = int(steps[0]) if steps else group["step"]
+        self.optimizer.load_state_dict(saved)
+
     @torch.no_grad()
     def reload_model_params(self) -> None:
         """Copy the masters into the model's parameters (Megatron's name): after each step,
@@ -255,10 +292,12 @@ def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
                            clip_grad: float = 1.0, loss_scale: float | None = None,
                            initial_loss_scale: float = 2.0**32, min_loss_scale: float = 1.0,
                            loss_scale_window: int = 1000, hysteresis: int = 2,
-                           use_distributed_optimizer: bool = False) -> MixedPrecisionOptimizer:
+                           use_distributed_optimizer: bool = False,
+                           optimizer_impl: str = "torch") -> MixedPrecisionOptimizer:
     """The training optimizer for ``model_chunks`` (Megatron's name and arguments):
     a `DistributedOptimizer` when ``use_distributed_optimizer`` (the chunks must then be
-    `DistributedDataParallel` built for it), else a `MixedPrecisionOptimizer`.
+    `DistributedDataParallel` built for it), else a `MixedPrecisionOptimizer`; AdamW from
+    torch, or apex's ``FusedAdam`` for ``optimizer_impl="apex"``.
 
     Loss scaling is switched on exactly when a parameter is fp16: a fixed ``loss_scale`` when
     given, else dynamic from ``initial_loss_scale``. The loss-scale arguments are ignored for
@@ -272,7 +311,7 @@ def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
             DynamicGradScaler(initial_scale=initial_loss_scale, min_scale=min_loss_scale,
                               growth_interval=loss_scale_window, hysteresis=hysteresis)
     kwargs = dict(lr=lr, betas=(adam_beta1, adam_beta2), eps=adam_eps, clip_grad=clip_grad,
-                  grad_scaler=scaler)
+                  grad_scaler=scaler, impl=optimizer_impl)
     if use_distributed_optimizer:
         from mp.optim.distrib_optimizer import DistributedOptimizer  # it subclasses this one
         return DistributedOptimizer(groups, chunks, **kwargs)

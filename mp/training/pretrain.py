@@ -61,7 +61,8 @@ def setup_model_and_optimizer(cfg: JobConfig) -> tuple[list[DistributedDataParal
         adam_beta2=tr.adam_beta2, adam_eps=tr.adam_eps, clip_grad=tr.clip_grad,
         loss_scale=tr.loss_scale, initial_loss_scale=tr.initial_loss_scale,
         min_loss_scale=tr.min_loss_scale, loss_scale_window=tr.loss_scale_window,
-        hysteresis=tr.hysteresis, use_distributed_optimizer=tr.use_distributed_optimizer)
+        hysteresis=tr.hysteresis, use_distributed_optimizer=tr.use_distributed_optimizer,
+        optimizer_impl=tr.optimizer_impl)
     scheduler = OptimizerParamScheduler(
         optimizer, max_lr=tr.lr, min_lr=tr.min_lr, lr_warmup_steps=tr.lr_warmup_iters,
         lr_decay_steps=tr.lr_decay_iters, lr_decay_style=tr.lr_decay_style)
