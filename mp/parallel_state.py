@@ -286,3 +286,10 @@ def set_virtual_pipeline_model_parallel_rank(rank: int) -> None:
     if not 0 <= rank < vpp:
         raise ValueError(f"virtual pipeline rank {rank} is outside [0, {vpp})")
     _groups().virtual_pipeline_rank = rank
+
+
+# --- names DeepSpeed's ``mpu`` protocol adds ------------------------------------------------
+
+def get_data_parallel_group_ranks() -> list[int]:
+    """DeepSpeed's name for `get_data_parallel_ranks` (its checkpoint writers ask for it)."""
+    return get_data_parallel_ranks()

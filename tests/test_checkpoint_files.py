@@ -257,3 +257,17 @@ def test_a_changed_schedule_is_named_and_nothing_is_loaded(tmp_path):
         assert "learning-rate schedule: lr_decay_steps=30 here but 20 in the checkpoint" \
             in message
         assert untouched
+
+
+def test_a_deepspeed_save_directory_is_not_mistaken_for_an_empty_one(tmp_path):
+    """A plain job pointed at a --deepspeed job's save directory stops with a clear error
+    instead of starting over from iteration 0."""
+    from mp.checkpointing.job import DEEPSPEED_LATEST, start_point
+    from mp.config import parse_args
+
+    (tmp_path / DEEPSPEED_LATEST).write_text("iter_0000002")
+    cfg = parse_args(["--config", os.path.join(os.path.dirname(__file__), "..", "configs",
+                                               "gpt-tiny.yaml"),
+                      "--tensor-model-parallel-size", "1", "--load", str(tmp_path)])
+    with pytest.raises(CheckpointError, match="holds a DeepSpeed checkpoint"):
+        start_point(cfg)

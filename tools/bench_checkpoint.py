@@ -17,26 +17,19 @@ rank (each rank writes only its own part of the state). Other arguments are conf
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import resource
 import shutil
 import statistics
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import torch.distributed as dist
+from bench_job import BenchJob
 
 from mp import parallel_state
 from mp.checkpointing import load_checkpoint, save_checkpoint
-from mp.config import parse_args
-from mp.initialize import initialize_distributed
-from mp.training import gpt_step
-from mp.training.pretrain import count_parameters, set_random_seed, setup_model_and_optimizer
-from mp.training.training import train_step
+from mp.training.pretrain import count_parameters
 
 
 def _timed(fn) -> float:
@@ -56,31 +49,13 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", required=True, help="save directory (emptied first)")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps")
-    parser.add_argument("--config", required=True, help="YAML config, as for pretrain_gpt.py")
-    args, overrides = parser.parse_known_args()
-    cfg = parse_args(["--config", args.config, *overrides], prog="bench_checkpoint.py")
-    initialize_distributed()
-    m, tr = cfg.model, cfg.training
-    parallel_state.initialize_model_parallel(m.tensor_model_parallel_size,
-                                             m.pipeline_model_parallel_size,
-                                             m.virtual_pipeline_model_parallel_size)
-    set_random_seed(tr.seed)
-    model, optimizer, scheduler = setup_model_and_optimizer(cfg)
+    job = BenchJob.start(parser, prog="bench_checkpoint.py")
+    args, cfg, model, optimizer, scheduler = (job.args, job.cfg, job.model, job.optimizer,
+                                              job.scheduler)
+    m = cfg.model
     params = count_parameters(model)
-    text = torch.randint(0, m.vocab_size, (tr.micro_batch_size, m.seq_length + 1),
-                         generator=torch.Generator().manual_seed(0))
-    batch = {"tokens": text[:, :-1], "labels": text[:, 1:],
-             "loss_mask": torch.ones(tr.micro_batch_size, m.seq_length),
-             "position_ids": torch.arange(m.seq_length).repeat(tr.micro_batch_size, 1)}
-
-    def step() -> None:
-        train_step(gpt_step.forward_step, [itertools.repeat(batch) for _ in model], model,
-                   optimizer, scheduler, num_microbatches=cfg.num_microbatches(
-                       dist.get_world_size()), seq_length=m.seq_length,
-                   micro_batch_size=tr.micro_batch_size)
-
-    step()  # AdamW's state exists from the first step on
-    step_s = statistics.median(_timed(step) for _ in range(args.steps))
+    job.step()  # AdamW's state exists from the first step on
+    step_s = statistics.median(_timed(job.step) for _ in range(args.steps))
     if dist.get_rank() == 0:
         shutil.rmtree(args.dir, ignore_errors=True)
     first = _timed(lambda: save_checkpoint(args.dir, 1, model, optimizer, scheduler,
@@ -99,8 +74,7 @@ def main() -> None:
               f"{first:.2f} s / {save_s:.2f} s ({size / 2**20 / save_s:.0f} MiB/s) | "
               f"{load_s:.2f} s ({size / 2**20 / load_s:.0f} MiB/s) | {save_s / step_s:.2f} | "
               f"{rss.item() / 2**30:.2f} GiB |", flush=True)
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    job.end()
 
 
 if __name__ == "__main__":

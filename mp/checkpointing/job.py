@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,12 @@ import torch.distributed as dist
 from torch import nn
 
 from mp.checkpointing.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+from mp.checkpointing.errors import CheckpointError
 from mp.checkpointing.files import find_checkpoint
 from mp.config import JobConfig
 from mp.optim import MixedPrecisionOptimizer, OptimizerParamScheduler
+
+DEEPSPEED_LATEST = "latest"  # DeepSpeed's file naming a save directory's newest checkpoint
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,10 @@ def start_point(cfg: JobConfig) -> StartPoint:
         return StartPoint()
     directory = find_checkpoint(cfg.training.load)
     if directory is None:
+        if os.path.isfile(os.path.join(cfg.training.load, DEEPSPEED_LATEST)):
+            raise CheckpointError(f"training.load={cfg.training.load!r} holds a DeepSpeed "
+                                  "checkpoint (its 'latest' file): resume it with --deepspeed "
+                                  "and the same TP and DP sizes")
         _say(f"no checkpoint in {cfg.training.load} yet: starting from iteration 0")
         return StartPoint()
     info = read_checkpoint_info(directory)

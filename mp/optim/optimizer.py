@@ -96,7 +96,7 @@ def get_param_groups(model_chunks: Iterable[nn.Module], weight_decay: float) -> 
     return [g for g in groups if g["params"]]
 
 
-def _adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+def build_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
            impl: str) -> torch.optim.Optimizer:
     """AdamW over ``groups``: apex's ``FusedAdam`` for ``impl="apex"`` when importable, else
     torch's (fused where the device has the kernel, else foreach)."""
@@ -149,7 +149,7 @@ class MixedPrecisionOptimizer:
         self._counts_in_norm = [counts_in_grad_norm(s.param, tensor_model_parallel_group)
                                 for s in self.shards]
         self._copied = [s for s in self.shards if not s.main_is_param]
-        self.optimizer = _adamw([g for g in main_groups if g["params"]], lr, betas, eps, impl)
+        self.optimizer = build_adamw([g for g in main_groups if g["params"]], lr, betas, eps, impl)
 
     def _ranges(self, param: nn.Parameter) -> list[tuple[int, int]]:
         """The ``[start, end)`` element ranges of ``param`` this rank updates: all of it."""

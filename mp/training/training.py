@@ -50,7 +50,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss became inf or NaN in a run without loss scaling."""
 
 
-def _average_losses(per_microbatch: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
+def average_losses(per_microbatch: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
     """(the data-parallel mean, this rank's own mean) over micro-batches, as floats. Only the
     last pipeline stage computes losses; it sends the result to the other stages."""
     result = None
@@ -87,7 +87,7 @@ def train_step(forward_step_func: Callable, data_iterator: Iterator, model: list
     result = optimizer.step()
     if result.update_successful:
         opt_param_scheduler.step()
-    reduced, local = _average_losses(losses)
+    reduced, local = average_losses(losses)
     return StepOutput(reduced, local, result.update_successful, result.grad_norm)
 
 
@@ -105,7 +105,7 @@ def evaluate(forward_step_func: Callable, data_iterator: Iterator, model: list[n
                 forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
                 num_microbatches=num_microbatches, seq_length=seq_length,
                 micro_batch_size=micro_batch_size, forward_only=True)
-            for key, value in _average_losses(losses)[0].items():
+            for key, value in average_losses(losses)[0].items():
                 totals[key] = totals.get(key, 0.0) + value
     finally:
         for chunk in model:
@@ -135,37 +135,53 @@ def train(forward_step_func: Callable, model: list[nn.Module],
           cfg: JobConfig, logger: TrainingLogger, *, state: TrainState | None = None,
           checkpoint_hook: Callable[[TrainState], None] | None = None) -> TrainState:
     """Run iterations from ``state`` (default: the start) up to ``training.train_iters``."""
+    shapes = {"num_microbatches": cfg.num_microbatches(dist.get_world_size()),
+              "seq_length": cfg.model.seq_length,
+              "micro_batch_size": cfg.training.micro_batch_size}
+    for chunk in model:
+        chunk.train()
+    return run_iterations(
+        lambda: train_step(forward_step_func, train_data_iterator, model, optimizer,
+                           opt_param_scheduler, **shapes),
+        cfg, logger, lr=opt_param_scheduler.get_lr, loss_scale=optimizer.get_loss_scale,
+        evaluate=None if valid_data_iterator is None else
+        lambda: evaluate(forward_step_func, valid_data_iterator, model,
+                         eval_iters=cfg.training.eval_iters, **shapes),
+        state=state, checkpoint_hook=checkpoint_hook)
+
+
+def run_iterations(step: Callable[[], StepOutput], cfg: JobConfig, logger: TrainingLogger, *,
+                   lr: Callable[[], float], loss_scale: Callable[[], float],
+                   evaluate: Callable[[], dict[str, float]] | None,
+                   state: TrainState | None = None,
+                   checkpoint_hook: Callable[[TrainState], None] | None = None) -> TrainState:
+    """The loop around one iteration's ``step`` (mp's `train_step`, or DeepSpeed's engine in
+    `mp.training.deepspeed`): count, check the loss, log with ``lr()`` and ``loss_scale()``,
+    ``evaluate`` every ``eval_interval`` iterations and after the last, save every
+    ``save_interval`` iterations and at the end."""
     tr = cfg.training
     state = TrainState() if state is None else state
-    shapes = {"num_microbatches": cfg.num_microbatches(dist.get_world_size()),
-              "seq_length": cfg.model.seq_length, "micro_batch_size": tr.micro_batch_size}
     check_loss = cfg.model.precision != "fp16"
     evaluated_at = None
 
     def run_evaluation():
         logger.pause()
-        losses = evaluate(forward_step_func, valid_data_iterator, model,
-                          eval_iters=tr.eval_iters, **shapes)
-        logger.validation(state.iteration, losses)
+        logger.validation(state.iteration, evaluate())
         logger.resume()
 
     def save():
         checkpoint_hook(state)
         state.last_saved_iteration = state.iteration
 
-    for chunk in model:
-        chunk.train()
-    can_evaluate = valid_data_iterator is not None and tr.eval_iters > 0
+    can_evaluate = evaluate is not None and tr.eval_iters > 0
     while state.iteration < tr.train_iters:
-        out = train_step(forward_step_func, train_data_iterator, model, optimizer,
-                         opt_param_scheduler, **shapes)
+        out = step()
         state.iteration += 1
         state.consumed_train_samples += tr.global_batch_size
         if check_loss:
             _check_finite(out, state)
         logger.training_iteration(state.iteration, state.consumed_train_samples, out.losses,
-                                  opt_param_scheduler.get_lr(), out.grad_norm,
-                                  optimizer.get_loss_scale(), out.update_successful)
+                                  lr(), out.grad_norm, loss_scale(), out.update_successful)
         if can_evaluate and tr.eval_interval and state.iteration % tr.eval_interval == 0:
             run_evaluation()
             evaluated_at = state.iteration

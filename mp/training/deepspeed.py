@@ -1,0 +1,393 @@
+"""Training with DeepSpeed's engine: DeepSpeed does data parallelism and ZeRO stage 1 or 2,
+mp does tensor parallelism (the split of Megatron-DeepSpeed)::
+
+    torchrun --nproc-per-node 4 launch/pretrain_gpt.py --config configs/gpt-tiny.yaml \\
+        --tensor-model-parallel-size 2 --deepspeed --deepspeed-config configs/deepspeed/zero1.json
+
+How the two meet (more in ``docs/training.md``, "DeepSpeed"):
+
+- mp starts ``torch.distributed`` and its groups; DeepSpeed adopts the default group and takes
+  `mp.parallel_state` as its ``mpu``. Without CUDA, ``DS_ACCELERATOR=cpu`` is set before the
+  import and DeepSpeed's shared-memory op (a 30+ s C++ build, for inference only) is not built.
+- `deepspeed_config` joins ``ds.json`` to the mp config: batch sizes and ``gradient_clipping``
+  are filled in from mp or must agree; ``bf16``/``fp16`` follow ``model.precision``; ZeRO stage
+  1 or 2. `check_deepspeed_supported` refuses the rest before any process group.
+- The optimizer is mp's AdamW over `get_param_groups` (or the JSON's ``optimizer`` section),
+  wrapped by ZeRO; the learning rate is mp's `OptimizerParamScheduler`, stepped by the engine.
+- ZeRO counts a gradient in the norm when its parameter is ``tensor_model_parallel`` or on TP
+  rank 0, as mp does (`mp.optim.counts_in_grad_norm`), so norms and clipping agree.
+- Sequence-parallel parameters get a hook summing each micro-batch's gradient over TP before
+  DeepSpeed sees it (what `mp.distributed.finalize_model_grads` does once per iteration).
+- An iteration is ``gradient_accumulation_steps`` rounds of forward, ``engine.backward`` and
+  ``engine.step``; loss averaging, the NaN stop, evaluation and the log line are mp's.
+- ``training.save``/``load`` hold DeepSpeed checkpoints with the iteration, consumed samples
+  and RNG states as client state (not interchangeable with mp's own format).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mp import parallel_state
+from mp.checkpointing.files import find_checkpoint
+from mp.checkpointing.job import DEEPSPEED_LATEST
+from mp.checkpointing.rng import get_rng_state, set_rng_state
+from mp.config import JobConfig
+from mp.device import get_device
+from mp.model.stages import build_gpt_chunks
+from mp.optim import OptimizerParamScheduler, get_param_groups
+from mp.optim.optimizer import build_adamw
+from mp.pipeline_parallel.schedules import forward_step
+from mp.training import gpt_step
+from mp.training.data import build_data_iterators
+from mp.training.logger import TrainingLogger
+from mp.training.pretrain import count_parameters, set_random_seed
+from mp.training.training import (
+    StepOutput,
+    TrainState,
+    average_losses,
+    evaluate,
+    run_iterations,
+)
+
+INSTALL_HINT = 'pip install -e ".[deepspeed]"'
+ZERO_STAGES = (1, 2)
+_TAG = "iter_{:07d}"
+
+
+# --- DeepSpeed itself ----------------------------------------------------------------------
+
+def import_deepspeed():
+    """``deepspeed``, imported for this rank's device (see the module doc). ValueError, with
+    the install command, when it is not importable."""
+    if get_device().type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except Exception as error:  # ImportError, or a broken install failing at import
+        raise ValueError(f"training.deepspeed=true but DeepSpeed is not importable ({error}); "
+                         f"install it with {INSTALL_HINT}") from error
+    return deepspeed
+
+
+def _skip_shared_memory_op(deepspeed) -> None:
+    """On the CPU accelerator, mark DeepSpeed's shared-memory comm op unbuildable: its
+    ``TorchBackend`` would otherwise compile it (30+ s) the first time, for a kernel only
+    DeepSpeed inference uses; training collectives go through ``torch.distributed``."""
+    from deepspeed.accelerator import get_accelerator
+
+    try:
+        from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+    except ImportError:  # a DeepSpeed without the op: nothing to skip
+        return
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+# --- the config -----------------------------------------------------------------------------
+
+def _read_json(path: str | None) -> dict:
+    if path is None:
+        raise ValueError("training.deepspeed=true needs training.deepspeed_config "
+                         "(--deepspeed-config ds.json, DeepSpeed's JSON config; examples in "
+                         "configs/deepspeed/)")
+    try:
+        with open(path, encoding="utf-8") as file:
+            ds = json.load(file)
+    except OSError as error:
+        raise ValueError(f"training.deepspeed_config={path!r} cannot be read: "
+                         f"{error.strerror or error}") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"training.deepspeed_config={path!r} is not valid JSON: {error}") \
+            from error
+    if not isinstance(ds, dict):  # a config error like the others: ValueError, not TypeError
+        raise ValueError(  # noqa: TRY004
+            f"training.deepspeed_config={path!r} must hold a JSON object, not "
+            f"{type(ds).__name__}")
+    return ds
+
+
+def _agree(ds: dict, key: str, value, source: str, path: str) -> None:
+    """Fill ``ds[key]`` with mp's ``value`` (``source`` says where it comes from) when absent
+    or ``"auto"``; else it must equal it."""
+    given = ds.get(key)
+    if given is None or given == "auto":
+        ds[key] = value
+    elif isinstance(given, bool) or not isinstance(given, (int, float)) or given != value:
+        raise ValueError(f"{path}: {key}={given!r} contradicts the mp config, {source} = "
+                         f"{value!r}; drop {key} from the JSON (mp fills it in) or make them "
+                         "agree")
+
+
+def _enabled(ds: dict, section: str) -> bool | None:
+    """True/False when ``ds[section]["enabled"]`` says so; None when absent or ``"auto"``."""
+    block = ds.get(section)
+    if block is None:
+        return None
+    value = block.get("enabled", False) if isinstance(block, dict) else block
+    return None if value == "auto" else bool(value)
+
+
+def _precision(ds: dict, cfg: JobConfig, path: str) -> None:
+    """Make the ``bf16``/``fp16`` sections say what ``model.precision`` says, or refuse."""
+    tr, precision = cfg.training, cfg.model.precision
+    for section in ("amp", "torch_autocast"):
+        if _enabled(ds, section):
+            raise ValueError(f"{path}: {section}.enabled=true is not supported with mp: the "
+                             f"parameters' precision is model.precision={precision!r} (fp32, "
+                             "bf16 or fp16)")
+    for section in ("bf16", "fp16"):
+        enabled = _enabled(ds, section)
+        if enabled and precision != section:
+            raise ValueError(f"{path}: {section}.enabled=true contradicts model.precision="
+                             f"{precision!r}; set --model.precision {section} or drop the "
+                             f"{section} section")
+        if enabled is False and precision == section:
+            raise ValueError(f"{path}: {section}.enabled=false contradicts model.precision="
+                             f"{precision!r}; drop the {section} section (mp enables it)")
+    if precision == "fp32":
+        return
+    block = ds[precision] = dict(ds.get(precision) or {})
+    block["enabled"] = True
+    if precision == "fp16":  # mp's loss-scaling settings, unless the JSON has its own
+        block.setdefault("loss_scale", 0 if tr.loss_scale is None else tr.loss_scale)
+        block.setdefault("initial_scale_power", round(math.log2(tr.initial_loss_scale)))
+        block.setdefault("loss_scale_window", tr.loss_scale_window)
+        block.setdefault("hysteresis", tr.hysteresis)
+        block.setdefault("min_loss_scale", tr.min_loss_scale)
+
+
+def deepspeed_config(cfg: JobConfig, world_size: int) -> dict:
+    """``training.deepspeed_config``'s JSON joined to ``cfg`` for ``world_size`` ranks (see
+    the module doc): what ``deepspeed.initialize`` gets. ValueError when they disagree."""
+    path = cfg.training.deepspeed_config
+    ds = copy.deepcopy(_read_json(path))
+    tr = cfg.training
+    dp = cfg.data_parallel_size(world_size)
+    _agree(ds, "train_micro_batch_size_per_gpu", tr.micro_batch_size,
+           "training.micro_batch_size", path)
+    _agree(ds, "gradient_accumulation_steps", cfg.num_microbatches(world_size),
+           f"training.global_batch_size / (micro_batch_size x data-parallel size) = "
+           f"{tr.global_batch_size} / ({tr.micro_batch_size} x {dp})", path)
+    _agree(ds, "train_batch_size", tr.global_batch_size, "training.global_batch_size", path)
+    _agree(ds, "gradient_clipping", tr.clip_grad, "training.clip_grad", path)
+    zero = ds.get("zero_optimization") or {}
+    stage = zero.get("stage") if isinstance(zero, dict) else zero
+    if stage == 3:
+        raise ValueError(f"{path}: zero_optimization.stage=3 is not supported with mp's tensor "
+                         "parallelism (ZeRO-3 partitions the parameters mp has already sharded); "
+                         "use stage 1 or 2")
+    if stage not in ZERO_STAGES:
+        given = " is not set (DeepSpeed's default is 0)" if stage is None else f"={stage!r}"
+        raise ValueError(f"{path}: zero_optimization.stage{given}: mp runs DeepSpeed with "
+                         "ZeRO stage 1 or 2 (without ZeRO, drop --deepspeed: mp's own data "
+                         "parallelism does the same)")
+    if "scheduler" in ds:
+        raise ValueError(f"{path}: a scheduler section is not supported: the learning rate "
+                         "follows mp's schedule (training.lr, min_lr, lr_warmup_iters, "
+                         "lr_decay_iters, lr_decay_style); drop the section")
+    _precision(ds, cfg, path)
+    return ds
+
+
+def check_deepspeed_supported(cfg: JobConfig, world_size: int) -> None:
+    """The refusals of a ``training.deepspeed`` job (ValueError); needs no process group but
+    imports DeepSpeed."""
+    tr, m = cfg.training, cfg.model
+    if m.pipeline_model_parallel_size > 1:
+        raise ValueError(f"training.deepspeed=true with model.pipeline_model_parallel_size="
+                         f"{m.pipeline_model_parallel_size}: not supported (DeepSpeed runs "
+                         "here with tensor and data parallelism only); use "
+                         "--pipeline-model-parallel-size 1, or drop --deepspeed")
+    if tr.use_distributed_optimizer:
+        raise ValueError("training.deepspeed=true with training.use_distributed_optimizer=true: "
+                         "choose one (ZeRO stage 1/2 already shards the optimizer state)")
+    load = tr.load
+    if load is not None and not os.path.isfile(os.path.join(load, DEEPSPEED_LATEST)) \
+            and find_checkpoint(load) is not None:
+        raise ValueError(f"training.load={load!r} holds an mp-format checkpoint, which does not "
+                         "load into a --deepspeed job (it resumes DeepSpeed checkpoints: a "
+                         "'latest' file and iter_NNNNNNN folders)")
+    deepspeed_config(cfg, world_size)
+    import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(),
+                 "fp16": accelerator.is_fp16_supported()}
+    if not supported[m.precision]:
+        raise ValueError(f"model.precision={m.precision!r}: DeepSpeed's "
+                         f"{accelerator.device_name()} accelerator does not support it; use "
+                         + " or ".join(p for p, ok in supported.items() if ok))
+
+
+# --- the engine -------------------------------------------------------------------------------
+
+def sum_sequence_parallel_grads_over_tp(module: nn.Module, group=None) -> list:
+    """Hook every ``sequence_parallel`` parameter of ``module`` so that each gradient reaching
+    it (one per micro-batch) is first summed over the TP group; returns the hook handles."""
+    group = parallel_state.get_tensor_model_parallel_group() if group is None else group
+    if dist.get_world_size(group) == 1:
+        return []
+
+    def summed(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+    return [p.register_hook(summed) for p in module.parameters()
+            if p.requires_grad and getattr(p, "sequence_parallel", False)]
+
+
+def setup_deepspeed_engine(cfg: JobConfig, ds_config: dict):
+    """This rank's GPT in a DeepSpeed engine with ZeRO over mp's data-parallel group and mp's
+    LR schedule (``engine.lr_scheduler``). Needs ``initialize_model_parallel`` done."""
+    deepspeed = import_deepspeed()
+    _skip_shared_memory_op(deepspeed)
+    # DeepSpeed insists on LOCAL_RANK (torchrun and mp's mpirun path set it; a world of one
+    # or a test harness may not): the local device's index, as mp chose it
+    os.environ.setdefault("LOCAL_RANK", str(get_device().index or 0))
+    tr = cfg.training
+    (model,) = build_gpt_chunks(cfg.model)
+    if cfg.model.sequence_parallel:
+        sum_sequence_parallel_grads_over_tp(model)
+    groups = get_param_groups([model], tr.weight_decay)
+    optimizer = None if "optimizer" in ds_config else \
+        build_adamw(groups, tr.lr, (tr.adam_beta1, tr.adam_beta2), tr.adam_eps, tr.optimizer_impl)
+
+    def scheduler(opt) -> OptimizerParamScheduler:
+        return OptimizerParamScheduler(
+            opt, max_lr=tr.lr, min_lr=tr.min_lr, lr_warmup_steps=tr.lr_warmup_iters,
+            lr_decay_steps=tr.lr_decay_iters, lr_decay_style=tr.lr_decay_style)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=groups,
+                                      lr_scheduler=scheduler, config=ds_config,
+                                      mpu=parallel_state, dist_init_required=False)
+    return engine
+
+
+def loss_scale(engine) -> float:
+    """The engine's current loss scale (1 without fp16)."""
+    return float(getattr(engine.optimizer, "loss_scale", 1.0))
+
+
+def train_step_deepspeed(forward_step_func: Callable, data_iterator: Iterator, engine, *,
+                         num_microbatches: int) -> StepOutput:
+    """One iteration: ``num_microbatches`` (the engine's gradient accumulation steps) rounds of
+    forward, ``engine.backward`` and ``engine.step``; the update happens on the last."""
+    if engine.gradient_accumulation_steps() != num_microbatches:
+        raise ValueError(f"the engine's gradient_accumulation_steps="
+                         f"{engine.gradient_accumulation_steps()} is not the iteration's "
+                         f"{num_microbatches} micro-batches")
+    reported: list[dict] = []
+    for _ in range(num_microbatches):
+        loss = forward_step(forward_step_func, data_iterator, engine, 1, reported)
+        engine.backward(loss)  # divides by the accumulation steps
+        engine.step()
+    reduced, local = average_losses(reported)
+    norm = engine.get_global_grad_norm()
+    norm = math.nan if norm is None else float(norm)
+    return StepOutput(reduced, local, engine.was_step_applied(), norm)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def save_deepspeed_checkpoint(engine, cfg: JobConfig, state: TrainState) -> None:
+    """``engine.save_checkpoint`` into ``training.save`` under ``iter_NNNNNNN`` (then only
+    the newest ``training.keep_last`` are kept). Collective."""
+    tr = cfg.training
+    engine.save_checkpoint(tr.save, tag=_TAG.format(state.iteration), client_state={
+        "iteration": state.iteration, "consumed_train_samples": state.consumed_train_samples,
+        "rng_state": get_rng_state(), "mp_config": cfg.to_dict()})
+    if tr.keep_last is not None and dist.get_rank() == 0:
+        tags = sorted(name for name in os.listdir(tr.save)
+                      if name.startswith("iter_") and name[5:].isdigit())
+        for name in tags[:-tr.keep_last]:
+            shutil.rmtree(os.path.join(tr.save, name), ignore_errors=True)
+    dist.barrier()
+
+
+def load_deepspeed_checkpoint(engine, cfg: JobConfig) -> dict | None:
+    """Load ``training.load``'s newest DeepSpeed checkpoint (its ``latest`` file) into
+    ``engine``; return its client state (iteration, consumed samples, RNG states), or None
+    when the folder holds no checkpoint yet. Collective."""
+    directory = cfg.training.load
+    if directory is None:
+        return None
+    if not os.path.isfile(os.path.join(directory, DEEPSPEED_LATEST)):
+        if dist.get_rank() == 0:
+            print(f"no checkpoint in {directory} yet: starting from iteration 0", flush=True)
+        return None
+    path, client = engine.load_checkpoint(directory)
+    if path is None:
+        raise ValueError(f"training.load={directory!r}: DeepSpeed could not load its "
+                         "checkpoint")
+    if "iteration" not in client:
+        raise ValueError(f"{path} holds no iteration in its client state: not a checkpoint "
+                         "of mp's --deepspeed job")
+    return client
+
+
+# --- the job ------------------------------------------------------------------------------------
+
+def train_deepspeed(forward_step_func: Callable, engine, train_data_iterator: Iterator,
+                    valid_data_iterator: Iterator | None, cfg: JobConfig,
+                    logger: TrainingLogger, *, state: TrainState | None = None,
+                    checkpoint_hook: Callable[[TrainState], None] | None = None) -> TrainState:
+    """`mp.training.training.train` with `train_step_deepspeed` as the step."""
+    num_microbatches = cfg.num_microbatches(dist.get_world_size())
+    shapes = {"num_microbatches": num_microbatches, "seq_length": cfg.model.seq_length,
+              "micro_batch_size": cfg.training.micro_batch_size}
+    engine.train()
+    return run_iterations(
+        lambda: train_step_deepspeed(forward_step_func, train_data_iterator, engine,
+                                     num_microbatches=num_microbatches),
+        cfg, logger, lr=engine.lr_scheduler.get_lr, loss_scale=lambda: loss_scale(engine),
+        evaluate=None if valid_data_iterator is None else
+        lambda: evaluate(forward_step_func, valid_data_iterator, [engine],
+                         eval_iters=cfg.training.eval_iters, **shapes),
+        state=state, checkpoint_hook=checkpoint_hook)
+
+
+def pretrain_deepspeed(cfg: JobConfig,
+                       forward_step_func: Callable = gpt_step.forward_step) -> TrainState:
+    """`mp.training.pretrain.pretrain` with DeepSpeed's engine (``training.deepspeed``)."""
+    world = dist.get_world_size()
+    ds_config = deepspeed_config(cfg, world)
+    set_random_seed(cfg.training.seed)
+    engine = setup_deepspeed_engine(cfg, ds_config)
+    client = load_deepspeed_checkpoint(engine, cfg)
+    state = TrainState() if client is None else TrainState(
+        client["iteration"], client["consumed_train_samples"], client["iteration"])
+    train_iterator, valid_iterator = build_data_iterators(cfg, state.consumed_train_samples)
+    n_params = count_parameters([engine.module])
+    reporting = dist.get_rank() == 0
+    if reporting:
+        m = cfg.model
+        print(f"world {world} = TP {m.tensor_model_parallel_size} x PP 1 x DP "
+              f"{parallel_state.get_data_parallel_world_size()} | DeepSpeed ZeRO-"
+              f"{engine.zero_optimization_stage()} | {dist.get_backend()} on {get_device()} | "
+              f"{n_params / 1e6:.2f}M parameters | {cfg.num_microbatches(world)} micro-batches "
+              f"of {cfg.training.micro_batch_size} per data-parallel rank per iteration",
+              flush=True)
+        if client is not None:
+            print(f"resuming from {cfg.training.load}: iteration {state.iteration}, "
+                  f"{state.consumed_train_samples} samples consumed", flush=True)
+    if client is not None:  # last: the data iterators drew from the generators above
+        set_rng_state(client["rng_state"])
+    logger = TrainingLogger(cfg, world, get_device(), enabled=reporting,
+                            start_iteration=state.iteration)
+    hook = None if cfg.training.save is None else \
+        (lambda s: save_deepspeed_checkpoint(engine, cfg, s))
+    try:
+        return train_deepspeed(forward_step_func, engine, train_iterator, valid_iterator, cfg,
+                               logger, state=state, checkpoint_hook=hook)
+    finally:
+        logger.close()
