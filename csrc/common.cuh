@@ -139,4 +139,25 @@ inline int threads_per_row(int64_t units, int per_thread) {
 // A block of whole row groups, about `target` threads (one group when a group is larger).
 inline int block_threads(int tpr, int target) { return tpr * (tpr < target ? target / tpr : 1); }
 
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// `launch(TypeTag<T>{})` for the element type T of `dtype` (fp32 only when kWithFloat32);
+// cudaErrorInvalidValue for a dtype the caller does not take.
+template <bool kWithFloat32, typename Launch>
+cudaError_t dispatch_dtype(DType dtype, Launch&& launch) {
+  switch (dtype) {
+    case DType::kFloat32:
+      if constexpr (kWithFloat32) return launch(TypeTag<float>{});
+      break;
+    case DType::kFloat16:
+      return launch(TypeTag<__half>{});
+    case DType::kBFloat16:
+      return launch(TypeTag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace mp_fused

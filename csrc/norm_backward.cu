@@ -339,15 +339,9 @@ cudaError_t norm_backward(const NormBackwardArgs& args, DType dtype, cudaStream_
     const cudaError_t err = cudaMemsetAsync(args.dweight, 0, bytes, stream);
     return err != cudaSuccess || args.rms ? err : cudaMemsetAsync(args.dbias, 0, bytes, stream);
   }
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_typed<float>(args, stream);
-    case DType::kFloat16:
-      return launch_typed<__half>(args, stream);
-    case DType::kBFloat16:
-      return launch_typed<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype<true>(dtype, [&](auto tag) {
+    return launch_typed<typename decltype(tag)::type>(args, stream);
+  });
 }
 
 }  // namespace mp_fused

@@ -134,15 +134,9 @@ cudaError_t launch_typed(const NormForwardArgs& a, cudaStream_t stream) {
 
 cudaError_t norm_forward(const NormForwardArgs& args, DType dtype, cudaStream_t stream) {
   if (args.rows == 0) return cudaSuccess;
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_typed<float>(args, stream);
-    case DType::kFloat16:
-      return launch_typed<__half>(args, stream);
-    case DType::kBFloat16:
-      return launch_typed<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype<true>(dtype, [&](auto tag) {
+    return launch_typed<typename decltype(tag)::type>(args, stream);
+  });
 }
 
 }  // namespace mp_fused

@@ -213,26 +213,16 @@ cudaError_t backward_typed(const SoftmaxBackwardArgs& a, cudaStream_t stream) {
 
 cudaError_t softmax_forward(const SoftmaxForwardArgs& args, DType dtype, cudaStream_t stream) {
   if (args.rows == 0) return cudaSuccess;
-  switch (dtype) {
-    case DType::kFloat16:
-      return forward_typed<__half>(args, stream);
-    case DType::kBFloat16:
-      return forward_typed<__nv_bfloat16>(args, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype<false>(dtype, [&](auto tag) {
+    return forward_typed<typename decltype(tag)::type>(args, stream);
+  });
 }
 
 cudaError_t softmax_backward(const SoftmaxBackwardArgs& args, DType dtype, cudaStream_t stream) {
   if (args.rows == 0) return cudaSuccess;
-  switch (dtype) {
-    case DType::kFloat16:
-      return backward_typed<__half>(args, stream);
-    case DType::kBFloat16:
-      return backward_typed<__nv_bfloat16>(args, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype<false>(dtype, [&](auto tag) {
+    return backward_typed<typename decltype(tag)::type>(args, stream);
+  });
 }
 
 }  // namespace mp_fused

@@ -42,13 +42,14 @@ class _Record(torch.autograd.Function):
 class _ToyChunk(nn.Module):
     """A one-layer pipeline chunk that logs its forward and backward passes."""
 
-    def __init__(self, chunk: int, log: list):
+    def __init__(self, chunk: int, log: list, overlap_p2p_comm: bool = True):
         super().__init__()
         self.chunk, self.log, self.count = chunk, log, 0
         self.layer = nn.Linear(H, H)
         self.input_tensor = None
         self.config = SimpleNamespace(sequence_parallel=False, tensor_model_parallel_size=1,
-                                      hidden_size=H, params_dtype=torch.float32)
+                                      hidden_size=H, params_dtype=torch.float32,
+                                      overlap_p2p_comm=overlap_p2p_comm)
 
     def set_input_tensor(self, tensor):
         self.input_tensor = tensor
@@ -66,10 +67,10 @@ def _toy_step(data_iterator, model):
     return out, lambda o: (o.sum(), {"loss": o.sum().detach()})
 
 
-def _run_order(v: int, m: int) -> list:
+def _run_order(v: int, m: int, overlap: bool = False) -> list:
     ps.initialize_model_parallel(1, dist.get_world_size(), v if v > 1 else None)
     log = []
-    chunks = [_ToyChunk(c, log) for c in range(v)]
+    chunks = [_ToyChunk(c, log, overlap) for c in range(v)]
     iterators = [iter([torch.ones(4, 2, H)] * m) for _ in range(v)]
     get_forward_backward_func()(forward_step_func=_toy_step, data_iterator=iterators,
                                 model=chunks, num_microbatches=m, seq_length=4,
@@ -95,9 +96,9 @@ def expected_order(p: int, r: int, m: int, v: int) -> list:
     return order + [("B",) + b for b in bwd[len(fwd) - warmup:]]
 
 
-@pytest.mark.parametrize("v", [1, 2])
-def test_schedule_order_p4_m8(v):
-    logs = run_distributed(4, _run_order, v, 8)
+@pytest.mark.parametrize("v,overlap", [(1, False), (2, False), (2, True)])
+def test_schedule_order_p4_m8(v, overlap):
+    logs = run_distributed(4, _run_order, v, 8, overlap)
     for r, log in enumerate(logs):
         assert log == expected_order(4, r, 8, v), f"stage {r}"
 
@@ -119,12 +120,13 @@ STEPS, LR, CLIP = 10, 2e-3, 0.5
 EPS = 1e-5
 
 
-def _config(tp=1, pp=1, vpp=None, sp=False) -> TransformerConfig:
+def _config(tp=1, pp=1, vpp=None, sp=False, overlap=True) -> TransformerConfig:
     return TransformerConfig(num_layers=LAYERS, hidden_size=32, num_attention_heads=4,
                              vocab_size=VOCAB, seq_length=S, make_vocab_size_divisible_by=8,
                              hidden_dropout=0.0, attention_dropout=0.0,
                              tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                             virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp)
+                             virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp,
+                             overlap_p2p_comm=overlap)
 
 
 def _global_batches(global_batch: int):
@@ -152,7 +154,8 @@ def _shard(param, full: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int, sp: bool):
+def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int, sp: bool,
+                             overlap: bool = True):
     ps.initialize_model_parallel(tp, pp, vpp)
     ref_group = own_rank_group()
     dp = ps.get_data_parallel_world_size()
@@ -162,7 +165,7 @@ def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int, sp: bool)
     torch.manual_seed(5)
     ref = GPTModel(_config(), group=ref_group)
     ref_params = dict(ref.named_parameters())
-    chunks = build_gpt_chunks(_config(tp, pp, vpp, sp))
+    chunks = build_gpt_chunks(_config(tp, pp, vpp, sp, overlap))
     with torch.no_grad():  # start from the reference's weights (stages are seeded apart)
         for c, chunk in enumerate(chunks):
             first = chunk_first_layer(chunk.config, pp_rank, c)
@@ -213,14 +216,16 @@ def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int, sp: bool)
                              rtol=1e-5, what=f"final {name}")
 
 
-@pytest.mark.parametrize("tp,pp,vpp,microbatches,sp", [
-    (2, 2, None, 4, False),  # TP2 x PP2 x DP2, 1F1B
-    (1, 4, None, 4, False),  # PP4 x DP2
-    (2, 2, 2, 4, True),      # TP2 x PP2 x VPP2 x DP2, interleaved, sequence parallel
-    (1, 8, None, 8, False),  # PP8, 8 micro-batches
+@pytest.mark.parametrize("tp,pp,vpp,microbatches,sp,overlap", [
+    (2, 2, None, 4, False, True),  # TP2 x PP2 x DP2, 1F1B
+    (1, 4, None, 4, False, True),  # PP4 x DP2
+    (2, 2, 2, 4, True, True),      # TP2 x PP2 x VPP2 x DP2, interleaved (p2p under compute), SP
+    (1, 4, 2, 8, False, False),    # PP4 x VPP2 x DP2, interleaved, blocking p2p
+    (1, 8, None, 8, False, True),  # PP8, 8 micro-batches
 ])
-def test_gpt_pipeline_training_matches_single_process(tp, pp, vpp, microbatches, sp):
-    run_distributed(8, _check_pipeline_training, tp, pp, vpp, microbatches, sp, timeout=600)
+def test_gpt_pipeline_training_matches_single_process(tp, pp, vpp, microbatches, sp, overlap):
+    run_distributed(8, _check_pipeline_training, tp, pp, vpp, microbatches, sp, overlap,
+                    timeout=600)
 
 
 def _check_forward_only(pp: int, vpp):

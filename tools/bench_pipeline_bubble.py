@@ -45,13 +45,14 @@ class _Sleep(torch.autograd.Function):
 
 
 class _SleepChunk(nn.Module):
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, overlap_p2p_comm: bool):
         super().__init__()
         self.seconds = seconds
         self.scale = nn.Parameter(torch.ones(H))
         self.input_tensor = None
         self.config = SimpleNamespace(sequence_parallel=False, tensor_model_parallel_size=1,
-                                      hidden_size=H, params_dtype=torch.float32)
+                                      hidden_size=H, params_dtype=torch.float32,
+                                      overlap_p2p_comm=overlap_p2p_comm)
 
     def set_input_tensor(self, tensor):
         self.input_tensor = tensor
@@ -74,10 +75,10 @@ def _rank(rank: int, world: int, init_file: str, args, results) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     rows = []
-    for v in args.chunks:
+    for v, overlap in _schedules(args.chunks):
         parallel_state.initialize_model_parallel(1, world, v if v > 1 else None)
         for m in args.microbatches:
-            chunks = [_SleepChunk(args.tf_ms / 1e3 / v) for _ in range(v)]
+            chunks = [_SleepChunk(args.tf_ms / 1e3 / v, overlap) for _ in range(v)]
             iters = [iter([torch.ones(2, 1, H)] * m) for _ in range(v)]
             dist.barrier()
             start = time.perf_counter()
@@ -86,10 +87,15 @@ def _rank(rank: int, world: int, init_file: str, args, results) -> None:
                                         micro_batch_size=1, finalize_model_grads_func=None)
             wall = time.perf_counter() - start
             busy = 3 * args.tf_ms / 1e3 * m  # forward t_f + backward 2 t_f per micro-batch
-            rows.append((v, m, rank, wall, busy))
+            rows.append((v, overlap, m, rank, wall, busy))
         parallel_state.destroy_model_parallel()
     results.put(rows)
     dist.destroy_process_group()
+
+
+def _schedules(chunks: list[int]) -> list[tuple[int, bool]]:
+    """(v, overlap_p2p_comm): 1F1B, and each interleaving with blocking and overlapped p2p."""
+    return [(v, overlap) for v in chunks for overlap in ((False,) if v == 1 else (False, True))]
 
 
 def main() -> None:
@@ -111,17 +117,18 @@ def main() -> None:
         proc.join()
     print(f"p={p}, t_f={args.tf_ms} ms, t_b={2 * args.tf_ms} ms per micro-batch per stage "
           "(busy is the same on every stage); iteration = the slowest stage's wall time")
-    print(f"{'schedule':<18}{'m':>4}{'busy s':>9}{'iteration s':>13}{'stage walls s':>26}"
+    print(f"{'schedule':<28}{'m':>4}{'busy s':>9}{'iteration s':>13}{'stage walls s':>26}"
           f"{'idle %':>9}{'model idle %':>14}")
-    for v in args.chunks:
+    for v, overlap in _schedules(args.chunks):
         for m in args.microbatches:
-            walls = [wall for vv, mm, _, wall, _ in rows if (vv, mm) == (v, m)]
-            busy = next(b for vv, mm, _, _, b in rows if (vv, mm) == (v, m))
+            mine = [row for row in rows if row[:3] == (v, overlap, m)]
+            walls = [row[4] for row in mine]
+            busy = mine[0][5]
             iteration = max(walls)
             bubble = (p - 1) / v
-            name = "1F1B" if v == 1 else f"interleaved v={v}"
+            name = "1F1B" if v == 1 else f"interleaved v={v}" + (", overlap" if overlap else "")
             spread = " ".join(f"{w:.2f}" for w in walls)
-            print(f"{name:<18}{m:>4}{busy:>9.3f}{iteration:>13.3f}{spread:>26}"
+            print(f"{name:<28}{m:>4}{busy:>9.3f}{iteration:>13.3f}{spread:>26}"
                   f"{(iteration - busy) / iteration:>9.1%}{bubble / (m + bubble):>14.1%}")
 
 if __name__ == "__main__":

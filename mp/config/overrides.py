@@ -37,6 +37,7 @@ _MEGATRON_NAMES = {
         "position_embedding_type", "untie_embeddings_and_output_weights", "hidden_dropout",
         "attention_dropout", "init_method_std", "tensor_model_parallel_size",
         "pipeline_model_parallel_size", "sequence_parallel", "recompute_granularity",
+        "overlap_p2p_comm",
         "recompute_method", "recompute_num_layers",
     ),
     "training": (
@@ -60,6 +61,8 @@ ALIASES: dict[str, str] = {
     "--" + name.replace("_", "-"): f"{section}.{name}"
     for section, names in _MEGATRON_NAMES.items() for name in names
 }
+
+ALIASES["--overlap-p2p-communication"] = "model.overlap_p2p_comm"  # Megatron's spelling
 
 #: Megatron-LM flags that take no value -> (key, the value they set).
 CONSTANT_FLAGS: dict[str, tuple[str, str]] = {

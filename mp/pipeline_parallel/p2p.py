@@ -19,12 +19,14 @@ import torch.distributed as dist
 from mp import parallel_state
 
 
-def _communicate(*, send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
-                 recv_prev: bool = False, recv_next: bool = False,
-                 tensor_shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Post every requested send and receive at once; return ``(from_prev, from_next)``."""
+def post(*, send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
+         recv_prev: bool = False, recv_next: bool = False,
+         tensor_shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None,
+         device: torch.device | None = None
+         ) -> tuple[torch.Tensor | None, torch.Tensor | None, list]:
+    """Post every requested send and receive at once, without waiting; return
+    ``(from_prev, from_next, requests)``: the receive buffers are filled once every request
+    is waited for (and a sent tensor may be changed only then)."""
     if (recv_prev or recv_next) and (tensor_shape is None or dtype is None or device is None):
         raise ValueError("receiving needs tensor_shape, dtype and device")
     next_rank = parallel_state.get_pipeline_model_parallel_next_rank()
@@ -35,7 +37,8 @@ def _communicate(*, send_next: torch.Tensor | None = None, send_prev: torch.Tens
     # Messages between two ranks are matched in the order they are posted. Post the forward
     # flow (activations: send next, receive prev) before the backward flow (gradients: send
     # prev, receive next) on every rank, so that with two stages -- where next and prev are
-    # the same peer -- an activation is never taken for a gradient.
+    # the same peer -- an activation is never taken for a gradient. (Split into two posts,
+    # forward flow first, the order is the same.)
     ops = []
     if send_next is not None:
         ops.append(dist.P2POp(dist.isend, send_next.contiguous(), next_rank, group))
@@ -45,9 +48,14 @@ def _communicate(*, send_next: torch.Tensor | None = None, send_prev: torch.Tens
         ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), prev_rank, group))
     if from_next is not None:
         ops.append(dist.P2POp(dist.irecv, from_next, next_rank, group))
-    if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
+    return from_prev, from_next, dist.batch_isend_irecv(ops) if ops else []
+
+
+def _communicate(**kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`post`, then wait: ``(from_prev, from_next)``."""
+    from_prev, from_next, requests = post(**kwargs)
+    for request in requests:
+        request.wait()
     return from_prev, from_next
 
 

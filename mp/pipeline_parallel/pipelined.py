@@ -14,6 +14,13 @@ multiple of ``p``, and so does this one.
 
 An output already sent downstream keeps only its autograd graph: its data is freed (it is
 never read again) and backward runs from the gradient the next stage sends back.
+
+With ``overlap_p2p_comm`` (the model config's; Megatron's ``--overlap-p2p-communication``) the
+interleaved schedule's steady phase posts the forward flow (send the activation, receive the
+next input) right after each forward and waits for it only before the next forward, and the
+backward flow (send the input gradient, receive the next output gradient) right after each
+backward, waited for before the next backward: each exchange runs under the other pass's
+compute instead of stopping both neighbours. The order of posts is the blocking schedule's.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from torch import nn
 
 from mp import parallel_state
 from mp.distributed import finalize_model_grads
-from mp.pipeline_parallel.p2p import P2P, _communicate
+from mp.pipeline_parallel.p2p import P2P, _communicate, post
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -186,6 +193,7 @@ def forward_backward_pipelining_with_interleaving(
     outputs = [deque() for _ in range(v)]
     output_grads = [deque() for _ in range(v)]
     first_rank, last_rank = r == 0, r == p - 1
+    overlap = _unwrap(models[0]).config.overlap_p2p_comm
 
     def exchange(send_next=None, send_prev=None, recv_prev=False, recv_next=False):
         return _communicate(send_next=send_next, send_prev=send_prev, recv_prev=recv_prev,
@@ -217,6 +225,21 @@ def forward_backward_pipelining_with_interleaving(
         if output is not None and not forward_only:
             _free(output)
 
+    pending = {"forward": [], "backward": []}  # posted, not yet waited: (requests, sent output)
+
+    def post_flow(flow: str, send_next=None, **kw):
+        from_prev, from_next, requests = post(send_next=send_next, tensor_shape=shape,
+                                              dtype=dtype, device=device, **kw)
+        pending[flow].append((requests, send_next))
+        return from_prev, from_next
+
+    def wait(flow: str):
+        for requests, sent in pending[flow]:
+            for request in requests:
+                request.wait()
+            free_sent(sent)
+        pending[flow].clear()
+
     with torch.no_grad() if forward_only else contextlib.nullcontext(), _no_sync_all(models):
         parallel_state.set_virtual_pipeline_model_parallel_rank(0)
         inputs[0].append(exchange(recv_prev=not first_rank)[0])
@@ -236,29 +259,43 @@ def forward_backward_pipelining_with_interleaving(
 
         for i in range(total - warmup):
             fk, bk = i + warmup, i
+            if overlap:
+                wait("forward")  # this forward's input
             output = run_forward(fk)
-            input_grad = None if forward_only else run_backward(bk)
             if first_rank:
                 next_fwd = interleaved_chunk(fk - (p - 1), p, v, True)
                 recv_prev = next_fwd != v - 1
                 next_fwd += 1
             else:
                 next_fwd, recv_prev = interleaved_chunk(fk + 1, p, v, True), True
+            recv_prev = recv_prev and i != total - warmup - 1
+            if overlap:
+                from_prev, _ = post_flow("forward", send_next=output, recv_prev=recv_prev)
+                output = None  # sent (and freed) in the background
+            input_grad = None
+            if not forward_only:
+                if overlap:
+                    wait("backward")  # this backward's output gradient
+                input_grad = run_backward(bk)
             if last_rank:
                 next_bwd = interleaved_chunk(bk - (p - 1), p, v, False)
                 recv_next = next_bwd != 0
                 next_bwd -= 1
             else:
                 next_bwd, recv_next = interleaved_chunk(bk + 1, p, v, False), True
-            recv_prev = recv_prev and i != total - warmup - 1
             recv_next = recv_next and not forward_only
-            from_prev, from_next = exchange(send_next=output, send_prev=input_grad,
-                                            recv_prev=recv_prev, recv_next=recv_next)
-            free_sent(output)
+            if overlap:
+                _, from_next = post_flow("backward", send_prev=input_grad, recv_next=recv_next)
+            else:
+                from_prev, from_next = exchange(send_next=output, send_prev=input_grad,
+                                                recv_prev=recv_prev, recv_next=recv_next)
+                free_sent(output)
             if recv_prev:
                 inputs[next_fwd].append(from_prev)
             if recv_next:
                 output_grads[next_bwd].append(from_next)
+        wait("forward")
+        wait("backward")
 
         if not forward_only:
             if all_warmup:
