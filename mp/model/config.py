@@ -45,7 +45,7 @@ class TransformerConfig:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
     sequence_parallel: bool = False
-    overlap_p2p_comm: bool = True  # interleaved pipeline: p2p under compute (see pipelined.py)
+    overlap_p2p_comm: bool = False  # interleaved pipeline: p2p under compute (pipelined.py)
     recompute_granularity: str | None = None  # None | full | selective (attention core only)
     recompute_method: str | None = None  # full: uniform | block
     recompute_num_layers: int | None = None  # full: layers per chunk (uniform) or count (block)
