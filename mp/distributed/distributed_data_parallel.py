@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mp import parallel_state
+from mp.comm import all_gather_single, reduce_scatter_single
 
 DEFAULT_BUCKET_SIZE = 40_000_000  # elements (Megatron-Core's default)
 
@@ -208,7 +209,7 @@ class DistributedDataParallel(nn.Module):
                                             async_op=True)
         else:
             start, end = self.shard(bucket)
-            bucket.handle = dist.reduce_scatter_tensor(
+            bucket.handle = reduce_scatter_single(
                 self.grad_buffer[start:end], bucket.data, group=self.data_parallel_group,
                 async_op=True)
         bucket.launched = True
@@ -247,7 +248,7 @@ class DistributedDataParallel(nn.Module):
             return
         for bucket in reversed(self.buckets):  # the first layers' buckets first
             start, end = self.shard(bucket)
-            bucket.param_handle = dist.all_gather_into_tensor(
+            bucket.param_handle = all_gather_single(
                 bucket.param_data, self.param_buffer[start:end],
                 group=self.data_parallel_group, async_op=self.overlap_param_gather)
         if not self.overlap_param_gather:

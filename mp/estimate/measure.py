@@ -66,12 +66,17 @@ def _storage_key(tensor: torch.Tensor) -> tuple:
     return tensor.device, tensor.untyped_storage().data_ptr()
 
 
-# function name in torch.distributed -> (kind, the argument whose size the call has)
+# function name in torch.distributed -> (kind, the argument whose size the call has); the
+# single-tensor all-gather and reduce-scatter under this torch's names (`mp.comm`): torch
+# 2.13's deprecated old names call the new ones, so only one of each pair is wrapped
+_GATHER, _SCATTER = (("all_gather_single", "reduce_scatter_single")
+                     if hasattr(distributed_c10d, "all_gather_single")
+                     else ("all_gather_into_tensor", "reduce_scatter_tensor"))
 _SIZED_BY = {
     "all_reduce": ("all_reduce", "tensor"),
     "broadcast": ("broadcast", "tensor"),
-    "all_gather_into_tensor": ("all_gather", "output_tensor"),
-    "reduce_scatter_tensor": ("reduce_scatter", "input"),
+    _GATHER: ("all_gather", "output_tensor"),
+    _SCATTER: ("reduce_scatter", "input"),
     "send": ("send", "tensor"),
     "recv": ("recv", "tensor"),
     "isend": ("send", "tensor"),

@@ -5,6 +5,7 @@ from mp.optim.clip_grads import (
     counts_in_grad_norm,
     get_grad_norm_fp32,
 )
+from mp.optim.distrib_optimizer import DistributedOptimizer
 from mp.optim.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from mp.optim.lr_scheduler import OptimizerParamScheduler
 from mp.optim.optimizer import (
@@ -14,7 +15,6 @@ from mp.optim.optimizer import (
     get_megatron_optimizer,
     get_param_groups,
 )
-from mp.optim.distrib_optimizer import DistributedOptimizer
 
 __all__ = [
     "ConstantGradScaler", "DistributedOptimizer", "DynamicGradScaler",

@@ -30,8 +30,8 @@ from collections import deque
 from typing import Callable
 
 import torch
-from torch.autograd import Variable
 from torch import nn
+from torch.autograd import Variable
 
 from mp import parallel_state
 from mp.distributed import finalize_model_grads

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mp import parallel_state
+from mp.comm import all_gather_single, reduce_scatter_single
 from mp.device import get_device
 from mp.tensor_parallel.mappings import (
     _gather_along_first_dim,
@@ -125,7 +126,7 @@ class LinearWithAsyncGradReduce(torch.autograd.Function):
         if sp:
             total = torch.empty((x.size(0) * dist.get_world_size(group), *x.shape[1:]),
                                 dtype=x.dtype, device=x.device)
-            gather = dist.all_gather_into_tensor(total, x.contiguous(), group=group,
+            gather = all_gather_single(total, x.contiguous(), group=group,
                                                  async_op=True)
         else:
             total, gather = x, None
@@ -134,7 +135,7 @@ class LinearWithAsyncGradReduce(torch.autograd.Function):
             grad_total = grad_output.matmul(weight)
             if sp:
                 grad_x = torch.empty_like(x)
-                reduce = dist.reduce_scatter_tensor(grad_x, grad_total, group=group,
+                reduce = reduce_scatter_single(grad_x, grad_total, group=group,
                                                     async_op=True)
             else:
                 grad_x = grad_total

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from mp import parallel_state
+from mp.comm import all_gather_single, reduce_scatter_single
 
 
 def _group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
@@ -69,7 +70,7 @@ def _gather_along_first_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.
     """``[s, ...]`` on each rank -> ``[world * s, ...]`` in rank order."""
     world = dist.get_world_size(group)
     out = torch.empty((world * x.size(0), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    all_gather_single(out, x.contiguous(), group=group)
     return out
 
 
@@ -80,7 +81,7 @@ def _reduce_scatter_along_first_dim(x: torch.Tensor, group: dist.ProcessGroup) -
         raise ValueError(f"first (sequence) dimension {x.size(0)} is not divisible by the "
                          f"group size {world}")
     out = torch.empty((x.size(0) // world, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    reduce_scatter_single(out, x.contiguous(), group=group)
     return out
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from mp import parallel_state
+from mp.comm import all_gather_single
 from mp.device import get_device
 
 _MODEL_PARALLEL_RNG_TRACKER_NAME = "model-parallel-rng"
@@ -197,7 +198,7 @@ def _slice_for_rank(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 def _gather_slices(part: torch.Tensor, shape: torch.Size, group: dist.ProcessGroup):
     full = torch.empty(part.numel() * dist.get_world_size(group), dtype=part.dtype,
                        device=part.device)
-    dist.all_gather_into_tensor(full, part, group=group)
+    all_gather_single(full, part, group=group)
     return full.view(shape)
 
 
