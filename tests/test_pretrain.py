@@ -36,8 +36,14 @@ def torchrun(script: str, args: list[str], timeout: float) -> subprocess.Complet
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        # torchrun starts each rank in a session of its own, out of reach of killpg: SIGTERM
+        # makes torchrun stop them itself; SIGKILL only if it does not end
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
         pytest.fail(f"torchrun did not finish within {timeout} s:\n{out[-3000:]}{err[-3000:]}")
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
