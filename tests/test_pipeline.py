@@ -2,20 +2,19 @@
 TP x PP x DP (1F1B and interleaved) against a single-process PyTorch reference."""
 
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from checks import assert_rel_close, own_rank_group
 from harness import run_distributed
+from torch import nn
+
 from mp import parallel_state as ps
 from mp.distributed import DistributedDataParallel
 from mp.model import TransformerConfig
-from mp.model.stages import build_gpt_chunks, chunk_first_layer
 from mp.model.gpt import GPTModel
+from mp.model.stages import build_gpt_chunks, chunk_first_layer
 from mp.optim import get_megatron_optimizer
 from mp.pipeline_parallel.schedules import get_forward_backward_func
 from mp.training.gpt_step import forward_step as gpt_forward_step
@@ -47,9 +46,9 @@ class _ToyChunk(nn.Module):
         self.chunk, self.log, self.count = chunk, log, 0
         self.layer = nn.Linear(H, H)
         self.input_tensor = None
-        self.config = SimpleNamespace(sequence_parallel=False, tensor_model_parallel_size=1,
-                                      hidden_size=H, params_dtype=torch.float32,
-                                      overlap_p2p_comm=overlap_p2p_comm)
+        self.config = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=1,
+                                        vocab_size=1, seq_length=4,
+                                        overlap_p2p_comm=overlap_p2p_comm)
 
     def set_input_tensor(self, tensor):
         self.input_tensor = tensor

@@ -19,12 +19,13 @@ import argparse
 import os
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 from torch import nn
+
+from mp.model import TransformerConfig
 
 H = 8
 
@@ -50,9 +51,10 @@ class _SleepChunk(nn.Module):
         self.seconds = seconds
         self.scale = nn.Parameter(torch.ones(H))
         self.input_tensor = None
-        self.config = SimpleNamespace(sequence_parallel=False, tensor_model_parallel_size=1,
-                                      hidden_size=H, params_dtype=torch.float32,
-                                      overlap_p2p_comm=overlap_p2p_comm)
+        # what the schedule reads: the activation shape and dtype, and overlap_p2p_comm
+        self.config = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=1,
+                                        vocab_size=1, seq_length=2,
+                                        overlap_p2p_comm=overlap_p2p_comm)
 
     def set_input_tensor(self, tensor):
         self.input_tensor = tensor

@@ -142,26 +142,28 @@ class DistributedDataParallel(nn.Module):
         buckets, members, start, offset = [], [], 0, 0
         pad = self.data_parallel_size if self.use_distributed_optimizer else 1
 
-        def close():
+        def close(all_reduce: bool):
             nonlocal members, start, offset
             offset = -(-offset // pad) * pad
-            alone = any(getattr(p, "embedding_group_sync", False) for p in members)
             buckets.append(Bucket(len(buckets), start, offset, None, frozenset(members),
-                                  all_reduce=alone or not self.use_distributed_optimizer))
+                                  all_reduce=all_reduce))
             members, start = [], offset
 
+        # buckets are all-reduced without the distributed optimizer, else reduce-scattered but
+        # for a tied embedding copy's own bucket
+        plain = not self.use_distributed_optimizer
         for param in params:
             isolate = self.use_distributed_optimizer and getattr(param, "embedding_group_sync",
                                                                  False)
             if isolate and members:
-                close()
+                close(plain)
             self.param_range[param] = (offset, offset + param.numel())
             members.append(param)
             offset += param.numel()
             if isolate or (bucket_size is not None and offset - start >= bucket_size):
-                close()
+                close(isolate or plain)
         if members:
-            close()
+            close(plain)
         return buckets
 
     @torch.no_grad()
@@ -251,9 +253,6 @@ class DistributedDataParallel(nn.Module):
             bucket.param_handle = all_gather_single(
                 bucket.param_data, self.param_buffer[start:end],
                 group=self.data_parallel_group, async_op=self.overlap_param_gather)
-        if not self.overlap_param_gather:
-            for bucket in self.buckets:
-                bucket.param_handle = None
 
     def finish_param_sync(self) -> None:
         """Wait for every parameter all-gather still in flight."""

@@ -6,8 +6,8 @@ buckets that are each split into DP equal shards. Data-parallel rank ``r`` owns 
 every bucket. One iteration:
 
 1. backward: each bucket's gradients are reduce-scattered, so the owned shard of
-   ``main_grad`` holds the data-parallel mean (``2 (d - 1) / d`` of the gradient bytes
-   cross the links, as for an all-reduce's first half);
+   ``main_grad`` holds the data-parallel mean (``(d - 1) / d`` of the gradient bytes leave
+   each rank: the first half of a ring all-reduce);
 2. `step`: AdamW updates, on each rank, only the parameter elements in its shards (a
    `ParamShard` per parameter that meets a shard: a 1-D slice of it), with their fp32
    masters and moments; the global gradient norm sums the shards' squares over every rank

@@ -97,7 +97,7 @@ def get_param_groups(model_chunks: Iterable[nn.Module], weight_decay: float) -> 
 
 
 def build_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
-           impl: str) -> torch.optim.Optimizer:
+                impl: str) -> torch.optim.Optimizer:
     """AdamW over ``groups``: apex's ``FusedAdam`` for ``impl="apex"`` when importable, else
     torch's (fused where the device has the kernel, else foreach)."""
     if impl == "apex":
@@ -233,9 +233,11 @@ class MixedPrecisionOptimizer:
         and step 0 before the first step. (torch keeps ``step`` per parameter, apex's
         FusedAdam per group.)"""
         state = self.optimizer.state.get(shard.main, {})
-        group = next(g for g in self.optimizer.param_groups
-                     if any(p is shard.main for p in g["params"]))
-        step = state.get("step", group.get("step", 0))
+        step = state.get("step")
+        if step is None:  # apex's count, or nothing before the first step
+            group = next(g for g in self.optimizer.param_groups
+                         if any(p is shard.main for p in g["params"]))
+            step = group.get("step", 0)
         return {"step": torch.as_tensor(step, dtype=torch.float32).detach().cpu(),
                 **{m: state.get(m, torch.zeros_like(shard.main)) for m in MOMENTS}}
 
