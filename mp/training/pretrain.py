@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable
 
@@ -13,7 +12,7 @@ import torch.distributed as dist
 
 from mp import parallel_state
 from mp.checkpointing import job as checkpoint_job
-from mp.config import JobConfig
+from mp.config import JobConfig, resolve_world_size
 from mp.device import get_device
 from mp.distributed import DistributedDataParallel
 from mp.model.stages import build_gpt_chunks
@@ -81,13 +80,14 @@ def count_parameters(model: list[torch.nn.Module]) -> int:
 
 def check_supported(cfg: JobConfig, world_size: int | None = None) -> None:
     """Refuse what this version cannot do (ValueError); needs no process group. The world
-    size defaults to the job's (``WORLD_SIZE`` before ``torch.distributed`` starts)."""
+    size defaults to the job's (`mp.config.resolve_world_size` before ``torch.distributed``
+    starts: torchrun's or the MPI launcher's)."""
     tr = cfg.training
     if tr.deepspeed:
         from mp.training.deepspeed import check_deepspeed_supported
         if world_size is None:
             world_size = dist.get_world_size() if dist.is_initialized() else \
-                int(os.environ.get("WORLD_SIZE", "1"))
+                resolve_world_size()
         check_deepspeed_supported(cfg, world_size)
     elif tr.deepspeed_config is not None:
         raise ValueError(f"training.deepspeed_config={tr.deepspeed_config!r} is set but "
