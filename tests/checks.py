@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 RTOL = 1e-6  # the project's bar for fp32 against a float64 or single-process reference
@@ -35,3 +38,17 @@ def own_rank_group():
         if r == dist.get_rank():
             mine = group
     return mine
+
+
+@contextlib.contextmanager
+def jit_compiled_on_cpu():
+    """Within it, `mp.jit` fused functions run their ``torch.compile`` build on the CPU (the
+    pool workers outlive a test, so the switch is set and undone in the rank itself)."""
+    from mp import jit
+
+    os.environ["MP_JIT_FUSION_CPU"] = "1"
+    try:
+        yield
+        assert jit.compiles_on(torch.device("cpu")), "torch.compile failed; eager ran instead"
+    finally:
+        del os.environ["MP_JIT_FUSION_CPU"]

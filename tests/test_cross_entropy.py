@@ -1,10 +1,12 @@
 """vocab_parallel_cross_entropy against torch.nn.functional.cross_entropy on the full logits."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from checks import assert_rel_close, seeded
+from checks import assert_rel_close, jit_compiled_on_cpu, seeded
 from harness import run_distributed
 from mp import parallel_state as ps
 from mp import tensor_parallel as tp_
@@ -12,7 +14,7 @@ from mp import tensor_parallel as tp_
 S, B, V = 6, 3, 32
 
 
-def _check(t: int, alpha: float, dtype: torch.dtype):
+def _check(t: int, alpha: float, dtype: torch.dtype, fused: bool = False):
     ps.initialize_model_parallel(t)
     r = ps.get_tensor_model_parallel_rank()
     logits = seeded((S, B, V), 1, scale=4.0)
@@ -21,8 +23,10 @@ def _check(t: int, alpha: float, dtype: torch.dtype):
     dloss = seeded((S, B), 3)
 
     local = logits.chunk(t, -1)[r].to(dtype).requires_grad_(True)
-    loss = tp_.vocab_parallel_cross_entropy(local * 1.0, target, label_smoothing=alpha)
-    loss.backward(dloss)
+    with jit_compiled_on_cpu() if fused else contextlib.nullcontext():
+        loss = tp_.vocab_parallel_cross_entropy(local * 1.0, target, label_smoothing=alpha,
+                                                fused=fused)
+        loss.backward(dloss)
 
     # Megatron's smoothing alpha (spread over K - 1 classes) is PyTorch's alpha * K / (K - 1)
     ref_logits = logits.to(dtype).double().requires_grad_(True)
@@ -44,6 +48,12 @@ def test_matches_torch_cross_entropy(t, alpha):
 
 def test_bf16_logits_fp32_loss():
     run_distributed(2, _check, 2, 0.0, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_matches_torch_cross_entropy(dtype):
+    """The compiled loss and gradient (inductor's C++ backend here, Triton on a GPU)."""
+    run_distributed(2, _check, 2, 0.1, dtype, True)
 
 
 def test_smoothing_convention_spreads_over_wrong_classes():

@@ -156,7 +156,7 @@ def _measure_model(tp: int, sequence_parallel: bool) -> tuple[int, int]:
 
 @pytest.mark.parametrize("tp,sequence_parallel", [(1, False), (2, True)])
 def test_saved_bytes_of_the_whole_model(tp, sequence_parallel):
-    """Embedding, layers, final norm, output layer and the fp32 cross-entropy softmax."""
+    """Embedding, layers, final norm, output layer and what the cross-entropy saves."""
     got = run_distributed(tp, _measure_model, tp, sequence_parallel)[0]
     cfg = _config(tp, sequence_parallel, num_layers=2, attention_backend="unfused")
     expected = (2 * sum(layer_terms(cfg, B, CPU).values())

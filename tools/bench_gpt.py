@@ -3,12 +3,16 @@
     python tools/bench_gpt.py                                   # gpt3-1.3b, micro-batch 8, bf16
     python tools/bench_gpt.py --config configs/gpt-tiny.yaml    # CPU-sized
     python tools/bench_gpt.py --iters 10 --recompute-granularity selective
+    python tools/bench_gpt.py --hidden-dropout 0 --attention-dropout 0      # no dropout in either
+    python tools/bench_gpt.py --no-bias-dropout-fusion --no-cross-entropy-loss-fusion
 
 Both models take full training steps on the same batch of random tokens, one after the other
 in this process: mp runs its real training step (`mp.training.training.train_step`: fp32
 gradient buffers, fp32 master weights, global-norm clipping, fused AdamW, the loss averaged
 for logging); the reference is nanoGPT's recipe (``nn.Linear``, ``scaled_dot_product_attention``,
-fp32 weights under bf16/fp16 autocast, ``clip_grad_norm_``, fused AdamW). The table gives the
+fp32 weights under bf16/fp16 autocast, ``clip_grad_norm_``, fused AdamW). Both apply the
+config's dropouts (nanoGPT's places: the embeddings, SDPA's attention dropout, each residual
+branch); GPT-3's configs have 0.1, as Megatron's defaults. The table gives the
 median step time over ``--iters`` steps after ``--warmup``, tokens/s, achieved TFLOP/s
 (Narayanan et al.'s count, recompute included), MFU (the model's FLOPs against the GPU's dense
 bf16 peak), and CUDA peak memory (each model measured alone). Extra arguments are config
@@ -32,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mp import parallel_state
+from mp import jit, parallel_state
 from mp.config import load_config
 from mp.device import get_device
 from mp.initialize import initialize_distributed
@@ -46,12 +50,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class PlainBlock(nn.Module):
-    """nanoGPT's block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``; ``x [b, s, h]``."""
+    """nanoGPT's block: ``x + drop(attn(ln_1(x)))``, then ``x + drop(mlp(ln_2(x)))``, ``x [b, s,
+    h]``, with the config's hidden dropout there and its attention dropout inside SDPA."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         h = cfg.hidden_size
         self.heads = cfg.num_attention_heads
+        self.attn_dropout = cfg.attention_dropout
+        self.drop = nn.Dropout(cfg.hidden_dropout)
         self.ln_1, self.ln_2 = nn.LayerNorm(h, eps=cfg.layernorm_epsilon), \
             nn.LayerNorm(h, eps=cfg.layernorm_epsilon)
         self.c_attn, self.attn_proj = nn.Linear(h, 3 * h), nn.Linear(h, h)
@@ -62,18 +69,21 @@ class PlainBlock(nn.Module):
         b, s, h = x.shape
         q, k, v = (t.view(b, s, self.heads, h // self.heads).transpose(1, 2)
                    for t in self.c_attn(self.ln_1(x)).split(h, dim=2))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.attn_proj(y.transpose(1, 2).reshape(b, s, h))
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        x = x + self.drop(self.attn_proj(y.transpose(1, 2).reshape(b, s, h)))
+        return x + self.drop(self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)))))
 
 
 class PlainGPT(nn.Module):
-    """nanoGPT: learned positions, tied input/output embeddings, mean cross-entropy."""
+    """nanoGPT: learned positions, embedding dropout, tied input/output embeddings, mean
+    cross-entropy."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         h, vocab = cfg.hidden_size, cfg.padded_vocab_size
         self.wte, self.wpe = nn.Embedding(vocab, h), nn.Embedding(cfg.seq_length, h)
+        self.drop = nn.Dropout(cfg.hidden_dropout)
         self.blocks = nn.ModuleList(PlainBlock(cfg) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(h, eps=cfg.layernorm_epsilon)
         self.lm_head = nn.Linear(h, vocab, bias=False)
@@ -83,7 +93,8 @@ class PlainGPT(nn.Module):
                 nn.init.normal_(p, std=cfg.init_method_std)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x = self.wte(tokens) + self.wpe(torch.arange(tokens.size(1), device=tokens.device))
+        x = self.drop(self.wte(tokens) + self.wpe(torch.arange(tokens.size(1),
+                                                               device=tokens.device)))
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
@@ -182,6 +193,9 @@ def run(cfg, args: argparse.Namespace) -> None:
     print(f"{os.path.basename(args.config)}: l={m.num_layers} h={m.hidden_size} "
           f"a={m.num_attention_heads} s={m.seq_length} V={m.padded_vocab_size} | micro-batch "
           f"{args.micro_batch_size} | {m.precision} | recompute {m.recompute_granularity} | "
+          f"dropout {m.hidden_dropout}/{m.attention_dropout} | mp fusions: bias-dropout-add "
+          f"{m.bias_dropout_fusion}, loss {m.cross_entropy_loss_fusion}, compiled here "
+          f"{jit.compiles_on(device)} | "
           f"{name} (dense bf16 peak {peak or '-'} TFLOP/s)", flush=True)
     tokens = args.micro_batch_size * m.seq_length
     # mp does the config's recompute; the reference never recomputes (its count = model FLOPs)

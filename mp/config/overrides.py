@@ -71,6 +71,10 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--swiglu": ("model.activation", "swiglu"),
     "--apex-fused-adam": ("training.optimizer_impl", "apex"),
     "--apex-layer-norm": ("model.normalization_impl", "apex"),
+    "--no-masked-softmax-fusion": ("model.masked_softmax_fusion", "false"),
+    "--no-bias-dropout-fusion": ("model.bias_dropout_fusion", "false"),
+    "--cross-entropy-loss-fusion": ("model.cross_entropy_loss_fusion", "true"),
+    "--no-cross-entropy-loss-fusion": ("model.cross_entropy_loss_fusion", "false"),
 }
 
 VIRTUAL_STAGE_FLAG = "--num-layers-per-virtual-pipeline-stage"

@@ -62,6 +62,9 @@ class Kernels:
             takes dropout) or ``"math"`` (CPU: the math path, which upcasts 16-bit q, k, v to
             fp32 and saves fp32 copies of them and of the softmax, its dropout mask and the
             dropped probabilities). Without dropout the CPU runs a flash kernel too.
+        compiled_loss: the cross-entropy's element-wise work runs compiled (`mp.jit`: CUDA,
+            with ``cross_entropy_loss_fusion``), with no ``[s, b, V / t]`` fp32 intermediates;
+            eagerly it keeps one fp32 copy of the logits (and in backward a bool one-hot).
     """
 
     name: str
@@ -69,6 +72,7 @@ class Kernels:
     fused_softmax: bool
     norm_stats_bytes: int | None
     sdpa_dropout_kernel: str
+    compiled_loss: bool
 
     def __post_init__(self):
         if self.sdpa_dropout_kernel not in ("flash", "math"):
@@ -77,9 +81,9 @@ class Kernels:
 
 
 CUDA = Kernels("cuda", dropout_mask_bytes=1, fused_softmax=True, norm_stats_bytes=FP32,
-               sdpa_dropout_kernel="flash")
+               sdpa_dropout_kernel="flash", compiled_loss=True)
 CPU = Kernels("cpu", dropout_mask_bytes=None, fused_softmax=False, norm_stats_bytes=None,
-              sdpa_dropout_kernel="math")
+              sdpa_dropout_kernel="math", compiled_loss=False)
 
 
 def activation_bytes(cfg: TransformerConfig) -> int:

@@ -13,11 +13,13 @@ working memory of that moment:
 - **First stage**: the token ids (and, under TP, the out-of-range flags and shifted ids) the
   embedding saves, the position ids, the embedding dropout mask, for each micro-batch in
   flight.
-- **Last stage**: the final norm's input and statistics, the output layer's input, and the
-  cross-entropy's fp32 softmax ``[s, b, V / t]`` (with its target flags and ids) for the one
-  micro-batch whose backward comes next. While the cross-entropy runs forward, the logits in
-  the activation dtype and their fp32 copy are alive as well: ``(e + 4) s b V / t`` more bytes
-  (``4 s b V / t`` for fp32), the largest transient of a step for GPT-3's vocabulary.
+- **Last stage**: the final norm's input and statistics, the output layer's input, and what
+  the cross-entropy keeps for backward -- the logits ``[s, b, V / t]`` in the activation
+  dtype, one fp32 normalizer per row, its target flags and ids -- for the one micro-batch whose
+  backward comes next. The loss adds working memory beside them, the largest transient of a
+  step for GPT-3's vocabulary: compiled (`mp.jit`, CUDA), only the logits' gradient,
+  ``e s b V / t`` bytes; eagerly, an fp32 copy of the logits, a bool one-hot and the gradient,
+  ``(5 + e) s b V / t``.
 - **Full recompute** keeps each checkpointed chunk's input (a ``1 / t`` slice of it with
   ``distribute_saved_activations``); in backward one chunk of layers is recomputed, so its full
   activations are a transient. Selective recompute recomputes one layer's attention core.
@@ -87,17 +89,19 @@ def output_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CU
         "final norm input": e * local * h,
         "final norm statistics": norm_stats_per_row(cfg, kernels) * local,
         "output layer input": e * local * h,
-        "cross-entropy softmax (fp32)": FP32 * tokens * _vocab_shard(cfg),
+        "cross-entropy logits": e * tokens * _vocab_shard(cfg),
+        "cross-entropy normalizers (fp32)": FP32 * tokens,
         "cross-entropy target flags and ids": (1 + INT64) * tokens,
     }
 
 
-def loss_transient(cfg: TransformerConfig, micro_batch: int) -> float:
-    """Bytes alive beside the saved activations while the cross-entropy runs forward: the
-    logits, and their fp32 copy unless they are fp32 already."""
+def loss_transient(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA) -> float:
+    """Bytes the cross-entropy needs beside what it saves, at its worst moment (the backward,
+    which writes the logits' gradient; see the module doc)."""
     e = activation_bytes(cfg)
     logits = cfg.seq_length * micro_batch * _vocab_shard(cfg)
-    return logits * (e + (FP32 if e != FP32 else 0))
+    compiled = kernels.compiled_loss and cfg.cross_entropy_loss_fusion
+    return logits * (e if compiled else FP32 + 1 + e)
 
 
 def _vocab_shard(cfg: TransformerConfig) -> int:
@@ -164,7 +168,7 @@ def stage_memory(setup: Setup, pp_rank: int, kernels: Kernels = CUDA) -> StageMe
     if pp_rank == setup.pp - 1:
         output = sum(output_terms(cfg, b, kernels).values())
         saved += output
-        forward_extra = loss_transient(cfg, b)
+        forward_extra = loss_transient(cfg, b, kernels)
         backward_extra = -output  # the loss's backward has freed them before any recompute
     transient = max(forward_extra, backward_extra + recompute_working_set(cfg, b, kernels))
     return StageMemory(pp_rank=pp_rank, params=params, state=state_bytes(setup, params),

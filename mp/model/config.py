@@ -40,6 +40,8 @@ class TransformerConfig:
     init_method_std: float = 0.02
     attention_backend: str = "sdpa"  # sdpa (flash on GPU) | unfused (matmul, softmax, matmul)
     masked_softmax_fusion: bool = True  # unfused backend: use mp.fused's kernel when built
+    bias_dropout_fusion: bool = True  # bias-dropout-add compiled into one kernel (mp.jit)
+    cross_entropy_loss_fusion: bool = True  # loss and its gradient compiled (mp.jit)
     # parallelism and memory
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1

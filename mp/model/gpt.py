@@ -75,5 +75,6 @@ class GPTModel(nn.Module):
         logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V / t]
         if labels is None:
             return logits.transpose(0, 1).contiguous()
-        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), group=self.group)
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), group=self.group,
+                                            fused=self.config.cross_entropy_loss_fusion)
         return loss.transpose(0, 1).contiguous()

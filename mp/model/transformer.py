@@ -10,7 +10,7 @@ from mp.device import get_device
 from mp.fused import FusedLayerNorm, FusedRMSNorm
 from mp.model.attention import SelfAttention
 from mp.model.config import TransformerConfig
-from mp.model.dropout import hidden_dropout
+from mp.model.dropout import bias_dropout_add
 from mp.model.mlp import MLP
 from mp.tensor_parallel import checkpoint
 
@@ -59,10 +59,9 @@ class TransformerLayer(nn.Module):
         return self._bias_dropout_add(out, bias, hidden)
 
     def _bias_dropout_add(self, x, bias, residual):
-        if bias is not None:
-            x = x + bias
-        return residual + hidden_dropout(x, self.config.hidden_dropout, self.training,
-                                         self.config.sequence_parallel)
+        cfg = self.config
+        return bias_dropout_add(x, bias, residual, cfg.hidden_dropout, self.training,
+                                cfg.sequence_parallel, cfg.bias_dropout_fusion)
 
 
 class TransformerBlock(nn.Module):

@@ -1,0 +1,106 @@
+"""The compiled bias-dropout-add (`mp.jit`, run here with inductor's C++ backend): the same
+function as the eager one, masks from the right random stream under TP, and activation
+checkpointing replays its masks bit for bit."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from checks import assert_rel_close, jit_compiled_on_cpu, seeded
+from harness import run_distributed
+from mp import parallel_state as ps
+from mp import tensor_parallel as tp_
+from mp.model.dropout import bias_dropout_add
+
+SEED = 1234
+P = 0.3
+
+
+def _compiled_against_eager():
+    x, bias, residual = seeded((64, 2, 32), 1), seeded(32, 2), seeded((64, 2, 32), 3)
+    dy = seeded((64, 2, 32), 4)
+    with jit_compiled_on_cpu():
+        for training, p in ((False, P), (True, 0.0)):  # no dropout: the same sum
+            out = {}
+            for fused in (False, True):
+                leaves = [t.clone().requires_grad_(True) for t in (x, bias, residual)]
+                y = bias_dropout_add(*leaves, p, training, False, fused)
+                y.backward(dy)
+                out[fused] = [y, *(t.grad for t in leaves)]
+            for name, eager, compiled in zip(("out", "dx", "dbias", "dresidual"), *out.values()):
+                assert_rel_close(compiled, eager, what=f"{name} training={training} p={p}")
+
+        torch.manual_seed(SEED)
+        xs = x.clone().requires_grad_(True)
+        y = bias_dropout_add(xs, bias, residual, P, True, False, True)
+        y.backward(dy)
+        kept = (y - residual) != 0
+        assert_rel_close((y - residual)[kept], ((x + bias) / (1 - P))[kept], what="kept values")
+        assert abs(1 - kept.float().mean().item() - P) < 0.03, "drop rate"
+        assert_rel_close(xs.grad, torch.where(kept, dy / (1 - P), 0.0), what="dx = mask * dy")
+        torch.manual_seed(SEED)
+        again = bias_dropout_add(x, bias, residual, P, True, False, True)
+        assert torch.equal(again, y.detach()), "the same seed gave another mask"
+
+
+def test_compiled_bias_dropout_add_is_the_eager_function():
+    run_distributed(1, _compiled_against_eager)
+
+
+def _streams(tp: int):
+    """Replicated activations: one mask on every TP rank; sequence-parallel shards: a mask
+    per rank."""
+    ps.initialize_model_parallel(tp)
+    tp_.model_parallel_cuda_manual_seed(SEED)
+    ones, zeros = torch.ones(16, 2, 64), torch.zeros(16, 2, 64)
+    with jit_compiled_on_cpu():
+        masks = [bias_dropout_add(ones, None, zeros, 0.5, True, sp, True) != 0
+                 for sp in (False, True)]
+    group = ps.get_tensor_model_parallel_group()
+    for sp, mask in zip((False, True), masks):
+        gathered = [torch.empty_like(mask) for _ in range(tp)]
+        dist.all_gather(gathered, mask, group=group)
+        same = all(torch.equal(gathered[0], m) for m in gathered[1:])
+        assert same != sp, f"sequence_parallel={sp}: masks {'differ' if same else 'agree'}"
+
+
+def test_compiled_masks_follow_the_tp_streams():
+    run_distributed(2, _streams, 2)
+
+
+class _Block(torch.nn.Module):
+    """Linear -> bias-dropout-add (replicated) -> linear -> bias-dropout-add (TP stream)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.randn(16, 16, generator=g) / 4) for _ in range(2)])
+        self.b = torch.nn.Parameter(torch.randn(16, generator=g))
+
+    def forward(self, x):
+        x = bias_dropout_add(x @ self.w[0], self.b, x, P, True, False, True)
+        x = bias_dropout_add(x @ self.w[1], self.b, x, P, True, True, True)
+        return torch.tanh(x)
+
+
+def _checkpoint_replays(tp: int):
+    ps.initialize_model_parallel(tp)
+    block = _Block()
+    x0 = seeded((8, 2, 16), 1)
+    results = []
+    with jit_compiled_on_cpu():
+        for use_checkpoint in (False, True):
+            tp_.model_parallel_cuda_manual_seed(SEED)
+            block.zero_grad(set_to_none=True)
+            x = x0.clone().requires_grad_(True)
+            y = tp_.checkpoint(block, False, x) if use_checkpoint else block(x)
+            y.pow(2).sum().backward()
+            results.append([y.detach(), x.grad, *[p.grad for p in block.parameters()]])
+    for plain, ckpt in zip(*results):
+        assert torch.equal(plain, ckpt), "the recomputed masks differ from the forward's"
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_checkpoint_replays_compiled_masks(tp):
+    run_distributed(tp, _checkpoint_replays, tp)

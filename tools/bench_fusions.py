@@ -1,0 +1,122 @@
+"""The compiled fusions of `mp.jit` against the same functions run eagerly, forward+backward.
+
+    python tools/bench_fusions.py                 # GPT-3 1.3B's shapes (GPU), smaller on a CPU
+    MP_JIT_FUSION_CPU=1 python tools/bench_fusions.py   # compile on the CPU as well
+
+Ops, each at the shape one GPT-3 1.3B micro-batch of 8 gives it (``s=2048, b=8, h=2048``,
+``V=50304``; a quarter of ``s`` and ``h`` and an eighth of ``V`` on a CPU), in the model's
+precision (bf16 on a GPU, fp32 on a CPU):
+
+- ``bias-dropout-add``: ``residual + dropout(x + bias)`` with p = 0.1, as each transformer
+  layer runs it twice (`mp.model.dropout.bias_dropout_add`);
+- ``cross-entropy``: the loss from logits ``[s * b, V]`` and its gradient
+  (`mp.tensor_parallel.vocab_parallel_cross_entropy` at TP=1), and beside it what a plain
+  PyTorch model runs under autocast, ``F.cross_entropy(logits.float())``.
+
+Columns: median milliseconds of forward+backward (``bench_gpt.timed_steps``), the fewest bytes
+the op must move as a rate (bias-dropout-add: read x, residual, dy; write y, the 1-byte mask, dx
+and d residual; cross-entropy: read the logits twice, write their gradient), and on CUDA the
+memory the op allocates beyond its inputs at its peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from bench_gpt import timed_steps
+
+from mp import jit, parallel_state
+from mp.device import get_device
+from mp.initialize import initialize_distributed
+from mp.model.dropout import bias_dropout_add
+from mp.tensor_parallel import vocab_parallel_cross_entropy
+
+
+def bias_dropout_add_case(s: int, b: int, h: int, dtype, device):
+    """(variants, bytes moved): each variant a function running one forward+backward."""
+    x, residual = (torch.randn(s, b, h, dtype=dtype, device=device, requires_grad=True)
+                   for _ in range(2))
+    bias = torch.randn(h, dtype=dtype, device=device, requires_grad=True)
+    dy = torch.randn(s, b, h, dtype=dtype, device=device)
+
+    def run(fused: bool):
+        def step():
+            bias_dropout_add(x, bias, residual, 0.1, True, False, fused).backward(dy)
+            x.grad = bias.grad = residual.grad = None
+        return step
+
+    n, e = x.numel(), x.element_size()
+    return {"mp eager": run(False), "mp compiled": run(True)}, n * (7 * e + 1)
+
+
+def cross_entropy_case(tokens: int, vocab: int, dtype, device):
+    logits = torch.randn(tokens, vocab, dtype=dtype, device=device, requires_grad=True)
+    target = torch.randint(0, vocab, (tokens,), device=device)
+
+    def run(fused: bool):
+        def step():
+            vocab_parallel_cross_entropy(logits, target, fused=fused).sum().backward()
+            logits.grad = None
+        return step
+
+    def plain():
+        F.cross_entropy(logits.float(), target, reduction="sum").backward()
+        logits.grad = None
+
+    variants = {"mp eager": run(False), "mp compiled": run(True),
+                "F.cross_entropy(fp32)": plain}
+    return variants, 3 * logits.numel() * logits.element_size()
+
+
+def measure(step, device, iters: int) -> tuple[float, float | None]:
+    """(median seconds, CUDA bytes allocated beyond the inputs at the peak, or None)."""
+    step()  # compile outside the timing and the memory peak
+    if device.type != "cuda":
+        return timed_steps(step, device, 2, iters)[0], None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed_steps(step, device, 2, iters)[0]
+    return seconds, torch.cuda.max_memory_allocated(device) - base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    initialize_distributed()
+    try:
+        parallel_state.initialize_model_parallel(1)
+        device = get_device()
+        cuda = device.type == "cuda"
+        dtype = torch.bfloat16 if cuda else torch.float32
+        s, b, h, vocab = (2048, 8, 2048, 50304) if cuda else (512, 8, 512, 6288)
+        name = torch.cuda.get_device_name(device) if cuda else "CPU"
+        print(f"{name} | {dtype} | s={s} b={b} h={h} V={vocab} | compiled here: "
+              f"{jit.compiles_on(device)}", flush=True)
+        cases = {f"bias-dropout-add [{s}, {b}, {h}]": bias_dropout_add_case(s, b, h, dtype,
+                                                                            device),
+                 f"cross-entropy [{s * b}, {vocab}]": cross_entropy_case(s * b, vocab, dtype,
+                                                                         device)}
+        print("| op | variant | ms fwd+bwd | GB/s | extra memory |\n"
+              "| --- | --- | ---: | ---: | ---: |")
+        for op, (variants, moved) in cases.items():
+            for variant, step in variants.items():
+                seconds, extra = measure(step, device, args.iters)
+                memory = "-" if extra is None else f"{extra / 2**20:,.0f} MiB"
+                print(f"| {op} | {variant} | {1000 * seconds:.3f} | {moved / seconds / 1e9:,.0f} "
+                      f"| {memory} |", flush=True)
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
