@@ -80,8 +80,8 @@ def _sharded_parameter(full_shape: tuple[int, int], partition_dim: int, init_met
     """This rank's slice of a ``full_shape`` weight initialised as a serial one would be."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local_shape = list(full_shape)
-    local_shape[partition_dim] = divide(full_shape[partition_dim], world,
-                                        f"dimension {partition_dim} of a {tuple(full_shape)} weight")
+    what = f"dimension {partition_dim} of a {tuple(full_shape)} weight"
+    local_shape[partition_dim] = divide(full_shape[partition_dim], world, what)
     device = get_device() if device is None else torch.device(device)
     weight = nn.Parameter(torch.empty(local_shape, dtype=params_dtype, device=device))
     if perform_initialization and device.type != "meta":

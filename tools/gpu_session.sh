@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Every check the open GPU work needs, in parts that each fit one device call (the device's
+# limit is 600 s a call). Each part prints a short table last; everything is also written to
+# $OUT (default /tmp/mp-gpu).
+#
+#   bash tools/gpu_session.sh kernels      # tools/gpu_check.sh: build, kernel tests, bench_kernels
+#   bash tools/gpu_session.sh training     # memory against the estimate, fusions, bench_gpt
+#   bash tools/gpu_session.sh              # both
+#
+# CONFIG (default configs/gpt3-1.3b.yaml) is the model bench_gpt runs; a CPU rehearsal of the
+# training part: CONFIG=configs/gpt-tiny.yaml bash tools/gpu_session.sh training
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/mp-gpu}
+CONFIG=${CONFIG:-configs/gpt3-1.3b.yaml}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(kernels training)
+
+bench_gpt() {  # a label, then bench_gpt's arguments
+  local label=$1; shift
+  echo "== bench_gpt: $label"
+  timeout 170 python3 tools/bench_gpt.py --config "$CONFIG" --iters 8 "$@" \
+    | tee "$OUT/bench_gpt_$label.txt" | tail -n 4
+}
+
+for part in "${parts[@]}"; do
+  case $part in
+    kernels)
+      bash tools/gpu_check.sh ;;
+    training)
+      (
+        echo "== peak memory against the estimate"
+        timeout 200 python3 -m pytest -s -q -p no:cacheprovider tests/test_estimate_gpu.py \
+          | grep -E "^\||passed|failed|skipped"
+        echo "== fusions"
+        timeout 120 python3 tools/bench_fusions.py
+        bench_gpt default
+        bench_gpt unfused --no-bias-dropout-fusion --no-cross-entropy-loss-fusion
+        bench_gpt no_dropout --hidden-dropout 0 --attention-dropout 0
+      ) 2>&1 | tee -a "$OUT/training.log" ;;
+    *)
+      echo "unknown part '$part': expected kernels or training" >&2; exit 2 ;;
+  esac
+done
