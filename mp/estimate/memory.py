@@ -15,7 +15,7 @@ working memory of that moment:
   flight.
 - **Last stage**: the final norm's input and statistics, the output layer's input, and what
   the cross-entropy keeps for backward -- the logits ``[s, b, V / t]`` in the activation
-  dtype, one fp32 normalizer per row, its target flags and ids -- for the one micro-batch whose
+  dtype, one fp32 normalizer per row, the target ids -- for the one micro-batch whose
   backward comes next. The loss adds working memory beside them, the largest transient of a
   step for GPT-3's vocabulary: compiled (`mp.jit`, CUDA), only the logits' gradient,
   ``e s b V / t`` bytes; eagerly, an fp32 copy of the logits, a bool one-hot and the gradient,
@@ -91,7 +91,7 @@ def output_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CU
         "output layer input": e * local * h,
         "cross-entropy logits": e * tokens * _vocab_shard(cfg),
         "cross-entropy normalizers (fp32)": FP32 * tokens,
-        "cross-entropy target flags and ids": (1 + INT64) * tokens,
+        "cross-entropy target ids": INT64 * tokens,
     }
 
 

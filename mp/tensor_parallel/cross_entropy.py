@@ -48,14 +48,13 @@ def _row_sums(logits: torch.Tensor, logits_max: torch.Tensor, local_target: torc
 
 
 def _logits_grad(logits: torch.Tensor, log_norm: torch.Tensor, local_target: torch.Tensor,
-                 outside: torch.Tensor, grad_loss: torch.Tensor, smoothing: float,
-                 vocab: int) -> torch.Tensor:
+                 grad_loss: torch.Tensor, smoothing: float, vocab: int) -> torch.Tensor:
     """``d loss / d logits [N, V / t]`` in the logits' dtype: ``(softmax - (1 - s) one_hot -
-    s / V) * grad_loss``, the softmax rebuilt as ``exp(x - log_norm)``."""
+    s / V) * grad_loss``, the softmax rebuilt as ``exp(x - log_norm)``; ``local_target [N]`` is
+    -1 where the target is on another rank."""
     grad = logits.to(torch.float32, copy=True).sub_(log_norm.unsqueeze(-1)).exp_()
     columns = torch.arange(logits.size(-1), device=logits.device)
-    hit = (columns == local_target.unsqueeze(-1)).logical_and_(~outside.unsqueeze(-1))
-    grad.add_(hit, alpha=smoothing - 1.0)
+    grad.add_(columns == local_target.unsqueeze(-1), alpha=smoothing - 1.0)
     if smoothing > 0:
         grad.sub_(smoothing / vocab)
     return grad.mul_(grad_loss.unsqueeze(-1)).to(logits.dtype)
@@ -95,15 +94,16 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             loss = (1.0 - smoothing) * loss - smoothing * mean_log_prob
 
         ctx.smoothing, ctx.vocab, ctx.fused = smoothing, vocab, fused
-        ctx.save_for_backward(logits, logits_max + log_sum_exp, local_target, outside)
+        local_target.masked_fill_(outside, -1)  # no one-hot column on this rank
+        ctx.save_for_backward(logits, logits_max + log_sum_exp, local_target)
         return loss.view(shape)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, log_norm, local_target, outside = ctx.saved_tensors
+        logits, log_norm, local_target = ctx.saved_tensors
         logits_grad = _logits_grad_fused if ctx.fused else _logits_grad
-        grad = logits_grad(logits, log_norm, local_target, outside, grad_loss.reshape(-1),
-                           ctx.smoothing, ctx.vocab)
+        grad = logits_grad(logits, log_norm, local_target, grad_loss.reshape(-1), ctx.smoothing,
+                           ctx.vocab)
         return grad.view(*grad_loss.shape, -1), None, None, None, None
 
 
