@@ -39,15 +39,20 @@ def compiles_on(device: torch.device) -> bool:
 
 def jit_fuser(fn: F) -> F:
     """``fn`` (a pure function of tensors and Python scalars, its first argument a tensor),
-    compiled for the devices `compiles_on` accepts and eager elsewhere."""
-    compiled = torch.compile(fn, fullgraph=True)
+    compiled for the devices `compiles_on` accepts and eager elsewhere. Nothing is imported
+    or compiled until a call needs it (importing the compiler costs seconds)."""
+    compiled = None
 
     @functools.wraps(fn)
     def run(*args):
+        nonlocal compiled
         if compiles_on(args[0].device):
+            from torch._dynamo.exc import TorchDynamoException
+
+            compiled = compiled or torch.compile(fn, fullgraph=True)
             try:
                 return compiled(*args)
-            except torch._dynamo.exc.TorchDynamoException as err:
+            except TorchDynamoException as err:
                 _broken.append(str(err).splitlines()[0] if str(err) else type(err).__name__)
                 logger.warning("mp.jit: torch.compile failed (%s); fused functions run "
                                "eagerly", _broken[0])
