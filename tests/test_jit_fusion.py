@@ -104,3 +104,30 @@ def _checkpoint_replays(tp: int):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_checkpoint_replays_compiled_masks(tp):
     run_distributed(tp, _checkpoint_replays, tp)
+
+
+def test_a_compiler_failure_falls_back_to_eager_once(monkeypatch, caplog):
+    """No Triton or C++ compiler: one notice, the eager result, and no further attempts."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    from mp import jit
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            attempts.append(1)
+            raise TorchDynamoException("no working compiler\nthe details")
+        return compiled
+
+    attempts = []
+    monkeypatch.setattr(jit, "_broken", [])
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setenv("MP_JIT_FUSION_CPU", "1")
+    square_plus_one = jit.jit_fuser(lambda x: x * x + 1)
+    x = seeded(5, 1)
+    with caplog.at_level("WARNING", logger="mp.jit"):
+        assert torch.equal(square_plus_one(x), x * x + 1)
+        assert torch.equal(square_plus_one(x), x * x + 1)
+    assert attempts == [1], "compiled again after a failure"
+    assert [r.getMessage() for r in caplog.records] == [
+        "mp.jit: torch.compile failed (no working compiler); fused functions run eagerly"]
+    assert not jit.compiles_on(x.device)
