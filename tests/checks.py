@@ -46,9 +46,13 @@ def jit_compiled_on_cpu():
     pool workers outlive a test, so the switch is set and undone in the rank itself)."""
     from mp import jit
 
+    before = os.environ.get("MP_JIT_FUSION_CPU")
     os.environ["MP_JIT_FUSION_CPU"] = "1"
     try:
         yield
         assert jit.compiles_on(torch.device("cpu")), "torch.compile failed; eager ran instead"
     finally:
-        del os.environ["MP_JIT_FUSION_CPU"]
+        if before is None:
+            del os.environ["MP_JIT_FUSION_CPU"]
+        else:
+            os.environ["MP_JIT_FUSION_CPU"] = before

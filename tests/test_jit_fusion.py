@@ -16,9 +16,9 @@ SEED = 1234
 P = 0.3
 
 
-def _compiled_against_eager():
-    x, bias, residual = seeded((64, 2, 32), 1), seeded(32, 2), seeded((64, 2, 32), 3)
-    dy = seeded((64, 2, 32), 4)
+def _compiled_against_eager(device: str = "cpu"):
+    x, bias, residual, dy = (seeded(shape, seed).to(device) for seed, shape in
+                             enumerate([(64, 2, 32), 32, (64, 2, 32), (64, 2, 32)]))
     with jit_compiled_on_cpu():
         for training, p in ((False, P), (True, 0.0)):  # no dropout: the same sum
             out = {}
@@ -84,10 +84,10 @@ class _Block(torch.nn.Module):
         return torch.tanh(x)
 
 
-def _checkpoint_replays(tp: int):
+def _checkpoint_replays(tp: int, device: str = "cpu"):
     ps.initialize_model_parallel(tp)
-    block = _Block()
-    x0 = seeded((8, 2, 16), 1)
+    block = _Block().to(device)
+    x0 = seeded((8, 2, 16), 1).to(device)
     results = []
     with jit_compiled_on_cpu():
         for use_checkpoint in (False, True):
