@@ -40,11 +40,9 @@ def _row_sums(logits: torch.Tensor, logits_max: torch.Tensor, local_target: torc
     logits, from ``logits [N, V / t]`` and the global row maxima ``[N]``."""
     shifted = logits.to(torch.float32, copy=True).sub_(logits_max.unsqueeze(-1))
     target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
-    sums = [target_logit.masked_fill(outside, 0.0)]
-    if smoothing:
-        sums.append(shifted.sum(dim=-1))
-    sums.insert(1, shifted.exp_().sum(dim=-1))
-    return torch.stack(sums)
+    sum_shifted = [shifted.sum(dim=-1)] if smoothing else []  # before exp_ overwrites them
+    sum_exp = shifted.exp_().sum(dim=-1)
+    return torch.stack([target_logit.masked_fill(outside, 0.0), sum_exp, *sum_shifted])
 
 
 def _logits_grad(logits: torch.Tensor, log_norm: torch.Tensor, local_target: torch.Tensor,
