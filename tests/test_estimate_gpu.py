@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 
+from mp import jit
 from mp import parallel_state as ps
 from mp.config import load_config
 from mp.distributed import DistributedDataParallel, finalize_model_grads
@@ -55,8 +56,10 @@ def fresh_groups():
 
 
 def _kernels():
-    """CUDA's storage rules, with the fused softmax only if mp's extension built here."""
-    return dataclasses.replace(CUDA, fused_softmax=load_fused_kernels() is not None)
+    """CUDA's storage rules, with the fused softmax only if mp's extension built here and the
+    compiled loss only if `mp.jit` could compile (call it after the model ran)."""
+    return dataclasses.replace(CUDA, fused_softmax=load_fused_kernels() is not None,
+                               compiled_loss=jit.compiles_on(torch.device("cuda")))
 
 
 def _gpu():
