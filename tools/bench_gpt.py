@@ -5,6 +5,7 @@
     python tools/bench_gpt.py --iters 10 --recompute-granularity selective
     python tools/bench_gpt.py --hidden-dropout 0 --attention-dropout 0      # no dropout in either
     python tools/bench_gpt.py --no-bias-dropout-fusion --no-cross-entropy-loss-fusion
+    python tools/bench_gpt.py --model.compile_layers true          # torch.compile each layer
 
 Both models take full training steps on the same batch of random tokens, one after the other
 in this process: mp runs its real training step (`mp.training.training.train_step`: fp32
@@ -195,7 +196,7 @@ def run(cfg, args: argparse.Namespace) -> None:
           f"{args.micro_batch_size} | {m.precision} | recompute {m.recompute_granularity} | "
           f"dropout {m.hidden_dropout}/{m.attention_dropout} | mp fusions: bias-dropout-add "
           f"{m.bias_dropout_fusion}, loss {m.cross_entropy_loss_fusion}, compiled here "
-          f"{jit.compiles_on(device)} | "
+          f"{jit.compiles_on(device)} | compile_layers {m.compile_layers} | "
           f"{name} (dense bf16 peak {peak or '-'} TFLOP/s)", flush=True)
     tokens = args.micro_batch_size * m.seq_length
     # mp does the config's recompute; the reference never recomputes (its count = model FLOPs)

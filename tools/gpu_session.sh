@@ -4,8 +4,9 @@
 # $OUT (default /tmp/mp-gpu).
 #
 #   bash tools/gpu_session.sh kernels      # tools/gpu_check.sh: build, kernel tests, bench_kernels
-#   bash tools/gpu_session.sh training     # memory against the estimate, fusions, bench_gpt
-#   bash tools/gpu_session.sh              # both
+#   bash tools/gpu_session.sh memory       # peak memory of 350M/1.3B against the estimate
+#   bash tools/gpu_session.sh training     # fusions, bench_gpt four ways
+#   bash tools/gpu_session.sh              # all three
 #
 # CONFIG (default configs/gpt3-1.3b.yaml) is the model bench_gpt runs; a CPU rehearsal of the
 # training part: CONFIG=configs/gpt-tiny.yaml bash tools/gpu_session.sh training
@@ -16,7 +17,7 @@ CONFIG=${CONFIG:-configs/gpt3-1.3b.yaml}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(kernels training)
+[ ${#parts[@]} -eq 0 ] && parts=(kernels memory training)
 
 bench_gpt() {  # a label, then bench_gpt's arguments
   local label=$1; shift
@@ -29,18 +30,20 @@ for part in "${parts[@]}"; do
   case $part in
     kernels)
       bash tools/gpu_check.sh ;;
+    memory)
+      echo "== peak memory against the estimate"
+      timeout 300 python3 -m pytest -s -q -p no:cacheprovider tests/test_estimate_gpu.py 2>&1 \
+        | tee "$OUT/memory.log" | grep -E "^\||^(sdpa|unfused):|passed|failed|skipped" ;;
     training)
       (
-        echo "== peak memory against the estimate"
-        timeout 200 python3 -m pytest -s -q -p no:cacheprovider tests/test_estimate_gpu.py \
-          | grep -E "^\||passed|failed|skipped"
         echo "== fusions"
         timeout 120 python3 tools/bench_fusions.py
         bench_gpt default
         bench_gpt unfused --no-bias-dropout-fusion --no-cross-entropy-loss-fusion
         bench_gpt no_dropout --hidden-dropout 0 --attention-dropout 0
+        bench_gpt compiled_layers --model.compile_layers true
       ) 2>&1 | tee -a "$OUT/training.log" ;;
     *)
-      echo "unknown part '$part': expected kernels or training" >&2; exit 2 ;;
+      echo "unknown part '$part': expected kernels, memory or training" >&2; exit 2 ;;
   esac
 done

@@ -42,6 +42,7 @@ class TransformerConfig:
     masked_softmax_fusion: bool = True  # unfused backend: use mp.fused's kernel when built
     bias_dropout_fusion: bool = True  # bias-dropout-add compiled into one kernel (mp.jit)
     cross_entropy_loss_fusion: bool = True  # loss and its gradient compiled (mp.jit)
+    compile_layers: bool = False  # each transformer layer through torch.compile
     # parallelism and memory
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1

@@ -81,6 +81,9 @@ class TransformerBlock(nn.Module):
         self.layers = nn.ModuleList(
             TransformerLayer(config, first_layer_number + i, group)
             for i in range(config.layers_per_chunk))
+        if config.compile_layers:  # in place: parameter names and hooks stay as they are
+            for layer in self.layers:
+                layer.compile()
         self.final_layernorm = build_norm(config) if post_process else None
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
