@@ -5,7 +5,7 @@
     python tools/bench_gpt.py --iters 10 --recompute-granularity selective
     python tools/bench_gpt.py --hidden-dropout 0 --attention-dropout 0      # no dropout in either
     python tools/bench_gpt.py --no-bias-dropout-fusion --no-cross-entropy-loss-fusion
-    python tools/bench_gpt.py --model.compile_layers true          # torch.compile each layer
+    python tools/bench_gpt.py --model.compile_layers true --compile-reference  # both compiled
 
 Both models take full training steps on the same batch of random tokens, one after the other
 in this process: mp runs its real training step (`mp.training.training.train_step`: fp32
@@ -23,6 +23,7 @@ overrides (see ``launch/pretrain_gpt.py --help``); TP and PP are forced to 1.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -146,9 +147,12 @@ def bench_mp(cfg, batch: dict, device, warmup: int, iters: int):
     return params, *timed_steps(step, device, warmup, iters)
 
 
-def bench_plain(cfg, batch: dict, device, warmup: int, iters: int):
+def bench_plain(cfg, batch: dict, device, warmup: int, iters: int, compiled: bool = False):
     torch.manual_seed(cfg.training.seed)
     model = PlainGPT(cfg.model).to(device)
+    if compiled:  # each block, as compile_layers does for mp
+        for block in model.blocks:
+            block.compile()
     params = sum(p.numel() for p in model.parameters())
     tr = cfg.training
     optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, betas=(tr.adam_beta1,
@@ -203,8 +207,9 @@ def run(cfg, args: argparse.Namespace) -> None:
     flops = {"mp": num_floating_point_operations(m, args.micro_batch_size),
              "plain": num_floating_point_operations(m, args.micro_batch_size, recompute=False)}
     rows = {}
-    for key, label, bench in (("mp", "mp GPTModel, TP=1", bench_mp),
-                              ("plain", "plain PyTorch (nanoGPT)", bench_plain)):
+    plain = ("plain", "plain PyTorch, compiled", functools.partial(bench_plain, compiled=True)) \
+        if args.compile_reference else ("plain", "plain PyTorch (nanoGPT)", bench_plain)
+    for key, label, bench in (("mp", "mp GPTModel, TP=1", bench_mp), plain):
         _free(device)
         params, seconds, loss = bench(cfg, batch, device, args.warmup, args.iters)
         memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -227,6 +232,8 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--compile-reference", action="store_true",
+                        help="torch.compile each block of the plain-PyTorch model")
     args, overrides = parser.parse_known_args()
     mbs = str(args.micro_batch_size)
     cfg = load_config(args.config, [*overrides, "--tensor-model-parallel-size", "1",

@@ -5,7 +5,7 @@
 #
 #   bash tools/gpu_session.sh kernels      # tools/gpu_check.sh: build, kernel tests, bench_kernels
 #   bash tools/gpu_session.sh memory       # peak memory of 350M/1.3B against the estimate
-#   bash tools/gpu_session.sh training     # fusions, bench_gpt four ways
+#   bash tools/gpu_session.sh training     # fusions, bench_gpt four ways (the last compiled)
 #   bash tools/gpu_session.sh              # all three
 #
 # CONFIG (default configs/gpt3-1.3b.yaml) is the model bench_gpt runs; a CPU rehearsal of the
@@ -41,7 +41,7 @@ for part in "${parts[@]}"; do
         bench_gpt default
         bench_gpt unfused --no-bias-dropout-fusion --no-cross-entropy-loss-fusion
         bench_gpt no_dropout --hidden-dropout 0 --attention-dropout 0
-        bench_gpt compiled_layers --model.compile_layers true
+        bench_gpt compiled --model.compile_layers true --compile-reference
       ) 2>&1 | tee -a "$OUT/training.log" ;;
     *)
       echo "unknown part '$part': expected kernels, memory or training" >&2; exit 2 ;;
