@@ -38,7 +38,7 @@ def _row_sums(logits: torch.Tensor, logits_max: torch.Tensor, local_target: torc
     """``[2 or 3, N]``: the shifted target logit (0 where the target is on another rank), the
     sum of ``exp`` of the shifted logits and, for label smoothing, the sum of the shifted
     logits, from ``logits [N, V / t]`` and the global row maxima ``[N]``."""
-    shifted = logits.to(torch.float32, copy=True).sub_(logits_max.unsqueeze(-1))
+    shifted = logits - logits_max.unsqueeze(-1)  # fp32 (the maxima are), a new tensor
     target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
     sum_shifted = [shifted.sum(dim=-1)] if smoothing else []  # before exp_ overwrites them
     sum_exp = shifted.exp_().sum(dim=-1)
@@ -50,7 +50,7 @@ def _logits_grad(logits: torch.Tensor, log_norm: torch.Tensor, local_target: tor
     """``d loss / d logits [N, V / t]`` in the logits' dtype: ``(softmax - (1 - s) one_hot -
     s / V) * grad_loss``, the softmax rebuilt as ``exp(x - log_norm)``; ``local_target [N]`` is
     -1 where the target is on another rank."""
-    grad = logits.to(torch.float32, copy=True).sub_(log_norm.unsqueeze(-1)).exp_()
+    grad = (logits - log_norm.unsqueeze(-1)).exp_()  # fp32, as log_norm
     columns = torch.arange(logits.size(-1), device=logits.device)
     grad.add_(columns == local_target.unsqueeze(-1), alpha=smoothing - 1.0)
     if smoothing > 0:
