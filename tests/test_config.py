@@ -209,6 +209,16 @@ def test_precision_flags(flag, precision):
     assert shipped("gpt-tiny", flag, flag).model.precision == precision
 
 
+def test_fusion_flags():
+    m = shipped("gpt-tiny").model
+    assert (m.bias_dropout_fusion, m.cross_entropy_loss_fusion, m.masked_softmax_fusion,
+            m.compile_layers) == (True, True, True, False)
+    m = shipped("gpt-tiny", "--no-bias-dropout-fusion", "--no-cross-entropy-loss-fusion",
+                "--no-masked-softmax-fusion", "--model.compile_layers", "true").model
+    assert (m.bias_dropout_fusion, m.cross_entropy_loss_fusion, m.masked_softmax_fusion,
+            m.compile_layers) == (False, False, False, True)
+
+
 def test_data_path_takes_several_values():
     cfg = shipped("gpt-tiny", "--data-path", "0.3", "a", "0.7", "b", "--lr", "2e-3")
     assert cfg.data.data_path == ["0.3", "a", "0.7", "b"]
@@ -274,6 +284,9 @@ COMMAND_LINE_ERRORS = [
     (["--lr"], 4, "--lr needs a value"),
     (["--bf16=yes"], 4, "--bf16 takes no value, got 'yes'"),
     (["--bf16", "--fp16"], 4, "--fp16 conflicts with --bf16 (both set model.precision)"),
+    (["--cross-entropy-loss-fusion", "--no-cross-entropy-loss-fusion"], 4,
+     "--no-cross-entropy-loss-fusion conflicts with --cross-entropy-loss-fusion (both set "
+     "model.cross_entropy_loss_fusion)"),
     # the parallel layout and the batch
     (["--tensor-model-parallel-size", "8"], 8,
      "num_attention_heads=4 is not divisible by tensor_model_parallel_size=8"),
