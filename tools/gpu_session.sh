@@ -11,7 +11,7 @@
 # CONFIG (default configs/gpt3-1.3b.yaml) is the model bench_gpt runs; a CPU rehearsal of the
 # training part: CONFIG=configs/gpt-tiny.yaml bash tools/gpu_session.sh training
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/mp-gpu}
 CONFIG=${CONFIG:-configs/gpt3-1.3b.yaml}
 mkdir -p "$OUT"
