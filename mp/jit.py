@@ -25,7 +25,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable)
+Fn = TypeVar("Fn", bound=Callable)
 
 _broken: list[str] = []  # the first compiler failure's message, once one happened
 
@@ -37,7 +37,7 @@ def compiles_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("MP_JIT_FUSION_CPU") == "1"
 
 
-def jit_fuser(fn: F) -> F:
+def jit_fuser(fn: Fn) -> Fn:
     """``fn`` (a pure function of tensors and Python scalars, its first argument a tensor),
     compiled for the devices `compiles_on` accepts and eager elsewhere. Nothing is imported
     or compiled until a call needs it (importing the compiler costs seconds)."""
@@ -47,12 +47,11 @@ def jit_fuser(fn: F) -> F:
     def run(*args):
         nonlocal compiled
         if compiles_on(args[0].device):
-            from torch._dynamo.exc import TorchDynamoException
-
-            compiled = compiled or torch.compile(fn, fullgraph=True)
+            if compiled is None:
+                compiled = torch.compile(fn, fullgraph=True)  # imports torch._dynamo
             try:
                 return compiled(*args)
-            except TorchDynamoException as err:
+            except torch._dynamo.exc.TorchDynamoException as err:
                 _broken.append(str(err).splitlines()[0] if str(err) else type(err).__name__)
                 logger.warning("mp.jit: torch.compile failed (%s); fused functions run "
                                "eagerly", _broken[0])

@@ -28,10 +28,8 @@ def _rng_stream(p: float, training: bool, sequence_parallel: bool):
 def hidden_dropout(x: torch.Tensor, p: float, training: bool,
                    sequence_parallel: bool) -> torch.Tensor:
     """Dropout on ``[s, b, h]``, or on ``[s / t, b, h]`` under sequence parallelism."""
-    if not training or p == 0.0:
-        return x
     with _rng_stream(p, training, sequence_parallel):
-        return F.dropout(x, p, True)
+        return F.dropout(x, p, training)
 
 
 def _bias_dropout_add(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,

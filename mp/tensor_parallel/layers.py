@@ -126,8 +126,7 @@ class LinearWithAsyncGradReduce(torch.autograd.Function):
         if sp:
             total = torch.empty((x.size(0) * dist.get_world_size(group), *x.shape[1:]),
                                 dtype=x.dtype, device=x.device)
-            gather = all_gather_single(total, x.contiguous(), group=group,
-                                                 async_op=True)
+            gather = all_gather_single(total, x.contiguous(), group=group, async_op=True)
         else:
             total, gather = x, None
         grad_x, reduce = None, None
@@ -136,7 +135,7 @@ class LinearWithAsyncGradReduce(torch.autograd.Function):
             if sp:
                 grad_x = torch.empty_like(x)
                 reduce = reduce_scatter_single(grad_x, grad_total, group=group,
-                                                    async_op=True)
+                                               async_op=True)
             else:
                 grad_x = grad_total
                 reduce = dist.all_reduce(grad_x, group=group, async_op=True)
