@@ -209,14 +209,20 @@ def test_precision_flags(flag, precision):
     assert shipped("gpt-tiny", flag, flag).model.precision == precision
 
 
+def _fusions(*args) -> tuple[bool, ...]:
+    m = shipped("gpt-tiny", *args).model
+    return (m.bias_dropout_fusion, m.bias_activation_fusion, m.cross_entropy_loss_fusion,
+            m.masked_softmax_fusion, m.compile_layers)
+
+
 def test_fusion_flags():
-    m = shipped("gpt-tiny").model
-    assert (m.bias_dropout_fusion, m.cross_entropy_loss_fusion, m.masked_softmax_fusion,
-            m.compile_layers) == (True, True, True, False)
-    m = shipped("gpt-tiny", "--no-bias-dropout-fusion", "--no-cross-entropy-loss-fusion",
-                "--no-masked-softmax-fusion", "--model.compile_layers", "true").model
-    assert (m.bias_dropout_fusion, m.cross_entropy_loss_fusion, m.masked_softmax_fusion,
-            m.compile_layers) == (False, False, False, True)
+    assert _fusions() == (True, True, True, True, False)
+    assert _fusions("--no-bias-dropout-fusion", "--no-bias-gelu-fusion",
+                    "--no-cross-entropy-loss-fusion", "--no-masked-softmax-fusion",
+                    "--model.compile_layers", "true") == (False, False, False, False, True)
+    # Megatron has a flag per activation; both turn off mp's one switch, alone or together
+    assert _fusions("--no-bias-swiglu-fusion")[1] is False
+    assert _fusions("--no-bias-gelu-fusion", "--no-bias-swiglu-fusion")[1] is False
 
 
 def test_data_path_takes_several_values():

@@ -9,10 +9,13 @@ the same code computes with CUDA's storage rules, is tied to the paper's formula
 term (tests/test_estimate_gpu.py measures it on a GPU).
 """
 
+import contextlib
+import dataclasses
 import itertools
 
 import pytest
 import torch
+from checks import jit_compiled_on_cpu
 from harness import run_distributed
 
 from mp import parallel_state as ps
@@ -141,25 +144,33 @@ def test_flash_attention_saves_less_than_the_formula():
         5 * a * s * s * b - 4 * a * s * b, rel=1e-12)
 
 
-def _measure_model(tp: int, sequence_parallel: bool) -> tuple[int, int]:
-    """Saved bytes of a two-layer GPT's forward with the loss, and of one of its layers."""
+def _measure_model(tp: int, sequence_parallel: bool, compiled: bool, **overrides) -> int:
+    """Saved bytes of a two-layer GPT's forward with the loss; ``compiled``: with `mp.jit`'s
+    fused functions compiled (on the CPU by inductor's C++ backend)."""
     ps.initialize_model_parallel(tp)
     model_parallel_cuda_manual_seed(1234)
-    cfg = _config(tp, sequence_parallel, num_layers=2, attention_backend="unfused")
+    cfg = _config(tp, sequence_parallel, num_layers=2, **overrides)
     model = GPTModel(cfg)
     ids = torch.randint(0, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(0))
-    with SavedTensorMeter(exclude=model.parameters()) as meter:
-        loss = model(ids, labels=ids)
-    loss.float().mean().backward()
+    with jit_compiled_on_cpu() if compiled else contextlib.nullcontext():
+        with SavedTensorMeter(exclude=model.parameters()) as meter:
+            loss = model(ids, labels=ids)
+        loss.float().mean().backward()
     return meter.bytes
 
 
-@pytest.mark.parametrize("tp,sequence_parallel", [(1, False), (2, True)])
-def test_saved_bytes_of_the_whole_model(tp, sequence_parallel):
+@pytest.mark.parametrize("tp,sequence_parallel,compiled,overrides", [
+    (1, False, False, dict(attention_backend="unfused")),
+    (2, True, False, dict(attention_backend="unfused")),
+    # compiled: bool residual dropout masks, the SiLU recomputed, the loss's own saves
+    (2, True, True, dict(attention_backend="unfused", activation="swiglu")),
+], ids=["tp1", "tp2_sp", "tp2_sp_compiled_swiglu"])
+def test_saved_bytes_of_the_whole_model(tp, sequence_parallel, compiled, overrides):
     """Embedding, layers, final norm, output layer and what the cross-entropy saves."""
-    got = run_distributed(tp, _measure_model, tp, sequence_parallel)[0]
-    cfg = _config(tp, sequence_parallel, num_layers=2, attention_backend="unfused")
-    expected = (2 * sum(layer_terms(cfg, B, CPU).values())
-                + sum(embedding_terms(cfg, B, CPU).values())
-                + sum(output_terms(cfg, B, CPU).values()))
+    got = run_distributed(tp, _measure_model, tp, sequence_parallel, compiled, **overrides)[0]
+    cfg = _config(tp, sequence_parallel, num_layers=2, **overrides)
+    kernels = dataclasses.replace(CPU, jit_compiled=compiled)
+    expected = (2 * sum(layer_terms(cfg, B, kernels).values())
+                + sum(embedding_terms(cfg, B, kernels).values())
+                + sum(output_terms(cfg, B, kernels).values()))
     assert got == expected

@@ -59,7 +59,7 @@ def _kernels():
     """CUDA's storage rules, with the fused softmax only if mp's extension built here and the
     compiled loss only if `mp.jit` could compile (call it after the model ran)."""
     return dataclasses.replace(CUDA, fused_softmax=load_fused_kernels() is not None,
-                               compiled_loss=jit.compiles_on(torch.device("cuda")))
+                               jit_compiled=jit.compiles_on(torch.device("cuda")))
 
 
 def _gpu():

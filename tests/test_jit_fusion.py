@@ -1,7 +1,11 @@
-"""The compiled bias-dropout-add (`mp.jit`, run here with inductor's C++ backend): the same
-function as the eager one, masks from the right random stream under TP, and activation
-checkpointing replays its masks bit for bit."""
+"""The compiled element-wise functions (`mp.jit`, run here with inductor's C++ backend).
+Bias-dropout-add: the same function as the eager one, masks from the right random stream under
+TP, and activation checkpointing replays its masks bit for bit. Bias-GeLU and bias-SwiGLU: the
+activations' formulas in float64, values and gradients."""
 
+import math
+
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -10,6 +14,7 @@ from harness import run_distributed
 from mp import parallel_state as ps
 from mp import tensor_parallel as tp_
 from mp.model.dropout import bias_dropout_add
+from mp.model.mlp import bias_gelu, bias_swiglu
 
 SEED = 1234
 P = 0.3
@@ -65,6 +70,45 @@ def _streams(tp: int):
 
 def test_compiled_masks_follow_the_tp_streams():
     run_distributed(2, _streams, 2)
+
+
+def _activation_formula(kind: str, up, up_bias, gate=None, gate_bias=None):
+    """The activation written out (float64 in, float64 out): erf GeLU, tanh GeLU, SwiGLU."""
+    z = up if up_bias is None else up + up_bias
+    if kind == "none":
+        return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
+    if kind == "tanh":
+        return 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+    g = gate if gate_bias is None else gate + gate_bias
+    return g * torch.sigmoid(g) * z
+
+
+def _compiled_activations(kind: str, bias: bool, dtype: torch.dtype):
+    rtol = 1e-6 if dtype == torch.float32 else 1e-2
+    shapes = [(64, 2, 96), 96, (64, 2, 96), 96] if kind == "swiglu" else [(64, 2, 96), 96]
+    inputs = [seeded(shape, seed, dtype, scale=2.0) for seed, shape in enumerate(shapes)]
+    if not bias:
+        inputs[1::2] = [None] * len(inputs[1::2])
+    dy = seeded((64, 2, 96), 9, dtype)
+    leaves = [t if t is None else t.clone().requires_grad_(True) for t in inputs]
+    with jit_compiled_on_cpu():
+        y = (bias_swiglu(*leaves, fused=True) if kind == "swiglu"
+             else bias_gelu(*leaves, kind, fused=True))
+        y.backward(dy)
+    refs = [t if t is None else t.double().requires_grad_(True) for t in inputs]
+    expected = _activation_formula(kind, *refs)
+    expected.backward(dy.double())
+    assert y.dtype == dtype
+    assert_rel_close(y, expected, rtol, what=f"{kind} output")
+    for i, (leaf, ref) in enumerate(zip(leaves, refs)):
+        if leaf is not None:
+            assert_rel_close(leaf.grad, ref.grad, rtol, what=f"{kind} grad of input {i}")
+
+
+@pytest.mark.parametrize("kind", ["none", "tanh", "swiglu"])
+def test_compiled_bias_activations_follow_the_formulas(kind):
+    run_distributed(1, _compiled_activations, kind, True, torch.float32)
+    run_distributed(1, _compiled_activations, kind, False, torch.bfloat16)
 
 
 class _Block(torch.nn.Module):

@@ -9,13 +9,17 @@ precision (bf16 on a GPU, fp32 on a CPU):
 
 - ``bias-dropout-add``: ``residual + dropout(x + bias)`` with p = 0.1, as each transformer
   layer runs it twice (`mp.model.dropout.bias_dropout_add`);
+- ``bias-gelu`` and ``bias-swiglu``: the MLP's activation with fc1's bias on ``[s, b, 4h]``
+  (`mp.model.mlp.bias_gelu`, `bias_swiglu`);
 - ``cross-entropy``: the loss from logits ``[s * b, V]`` and its gradient
   (`mp.tensor_parallel.vocab_parallel_cross_entropy` at TP=1), and beside it what a plain
   PyTorch model runs under autocast, ``F.cross_entropy(logits.float())``.
 
 Columns: median milliseconds of forward+backward (``bench_gpt.timed_steps``), the fewest bytes
 the op must move as a rate (bias-dropout-add: read x, residual, dy and the 1-byte mask; write
-y, the mask, dx and d residual; cross-entropy: read the logits twice, write their gradient),
+y, the mask, dx and d residual; bias-gelu: read x and dy, x again in backward, write y and dx;
+bias-swiglu: read up, gate, dy, and up and gate again, write y, d up and d gate;
+cross-entropy: read the logits twice, write their gradient),
 and on CUDA the memory the op allocates beyond its inputs at its peak.
 """
 
@@ -36,6 +40,7 @@ from mp import jit, parallel_state
 from mp.device import get_device
 from mp.initialize import initialize_distributed
 from mp.model.dropout import bias_dropout_add
+from mp.model.mlp import bias_gelu, bias_swiglu
 from mp.tensor_parallel import vocab_parallel_cross_entropy
 
 
@@ -54,6 +59,24 @@ def bias_dropout_add_case(s: int, b: int, h: int, dtype, device):
 
     n, e = x.numel(), x.element_size()
     return {"mp eager": run(False), "mp compiled": run(True)}, n * (6 * e + 2)
+
+
+def bias_activation_case(swiglu: bool, s: int, b: int, f: int, dtype, device):
+    inputs = [torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
+              for shape in [(s, b, f), (f,)] * (2 if swiglu else 1)]
+    dy = torch.randn(s, b, f, dtype=dtype, device=device)
+
+    def run(fused: bool):
+        def step():
+            y = (bias_swiglu(*inputs, fused=fused) if swiglu
+                 else bias_gelu(*inputs, "none", fused=fused))
+            y.backward(dy)
+            for t in inputs:
+                t.grad = None
+        return step
+
+    n, e = inputs[0].numel(), inputs[0].element_size()
+    return {"mp eager": run(False), "mp compiled": run(True)}, n * e * (8 if swiglu else 5)
 
 
 def cross_entropy_case(tokens: int, vocab: int, dtype, device):
@@ -103,6 +126,10 @@ def main() -> None:
               f"{jit.compiles_on(device)}", flush=True)
         cases = {f"bias-dropout-add [{s}, {b}, {h}]": bias_dropout_add_case(s, b, h, dtype,
                                                                             device),
+                 f"bias-gelu [{s}, {b}, {4 * h}]": bias_activation_case(False, s, b, 4 * h,
+                                                                         dtype, device),
+                 f"bias-swiglu [{s}, {b}, {4 * h}]": bias_activation_case(True, s, b, 4 * h,
+                                                                           dtype, device),
                  f"cross-entropy [{s * b}, {vocab}]": cross_entropy_case(s * b, vocab, dtype,
                                                                          device)}
         print("| op | variant | ms fwd+bwd | GB/s | extra memory |\n"

@@ -4,7 +4,8 @@
     python tools/bench_gpt.py --config configs/gpt-tiny.yaml    # CPU-sized
     python tools/bench_gpt.py --iters 10 --recompute-granularity selective
     python tools/bench_gpt.py --hidden-dropout 0 --attention-dropout 0      # no dropout in either
-    python tools/bench_gpt.py --no-bias-dropout-fusion --no-cross-entropy-loss-fusion
+    python tools/bench_gpt.py --no-bias-dropout-fusion --no-bias-gelu-fusion \
+        --no-cross-entropy-loss-fusion                          # mp.jit's fusions off
     python tools/bench_gpt.py --model.compile_layers true --compile-reference  # both compiled
 
 Both models take full training steps on the same batch of random tokens, one after the other
@@ -199,8 +200,8 @@ def run(cfg, args: argparse.Namespace) -> None:
           f"a={m.num_attention_heads} s={m.seq_length} V={m.padded_vocab_size} | micro-batch "
           f"{args.micro_batch_size} | {m.precision} | recompute {m.recompute_granularity} | "
           f"dropout {m.hidden_dropout}/{m.attention_dropout} | mp fusions: bias-dropout-add "
-          f"{m.bias_dropout_fusion}, loss {m.cross_entropy_loss_fusion} | compile_layers "
-          f"{m.compile_layers} | "
+          f"{m.bias_dropout_fusion}, bias-activation {m.bias_activation_fusion}, loss "
+          f"{m.cross_entropy_loss_fusion} | compile_layers {m.compile_layers} | "
           f"{name} (dense bf16 peak {peak or '-'} TFLOP/s)", flush=True)
     tokens = args.micro_batch_size * m.seq_length
     # mp does the config's recompute; the reference never recomputes (its count = model FLOPs)

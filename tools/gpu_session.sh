@@ -39,7 +39,8 @@ for part in "${parts[@]}"; do
         echo "== fusions"
         timeout 120 python3 tools/bench_fusions.py
         bench_gpt default
-        bench_gpt unfused --no-bias-dropout-fusion --no-cross-entropy-loss-fusion
+        bench_gpt unfused --no-bias-dropout-fusion --no-bias-gelu-fusion \
+            --no-cross-entropy-loss-fusion
         bench_gpt no_dropout --hidden-dropout 0 --attention-dropout 0
         bench_gpt compiled --model.compile_layers true --compile-reference
       ) 2>&1 | tee -a "$OUT/training.log" ;;

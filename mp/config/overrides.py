@@ -73,6 +73,8 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--apex-layer-norm": ("model.normalization_impl", "apex"),
     "--no-masked-softmax-fusion": ("model.masked_softmax_fusion", "false"),
     "--no-bias-dropout-fusion": ("model.bias_dropout_fusion", "false"),
+    "--no-bias-gelu-fusion": ("model.bias_activation_fusion", "false"),
+    "--no-bias-swiglu-fusion": ("model.bias_activation_fusion", "false"),
     "--cross-entropy-loss-fusion": ("model.cross_entropy_loss_fusion", "true"),
     "--no-cross-entropy-loss-fusion": ("model.cross_entropy_loss_fusion", "false"),
 }

@@ -18,7 +18,7 @@ with sequence parallelism (else ``n``):
 - the attention output (the input of the attention's output projection): ``e n h / t``;
 - the two residual dropout masks: ``2 n' h`` (bools);
 - the MLP interior: GeLU input and fc2 input, ``2 e n f / t`` (SwiGLU: gate, SiLU and up
-  outputs and the fc2 input, ``4 e n f / t``).
+  outputs and the fc2 input, ``4 e n f / t``; compiled, the SiLU output is recomputed).
 
 With 16-bit activations, GeLU, ``f = 4h``, the unfused core and the statistics left out, the
 sum is Korthikanti's ``s b h (34 + 5 a s / h)`` at ``t = 1``, ``s b h (10 + 24 / t + 5 a s /
@@ -72,7 +72,7 @@ class Kernels:
     fused_softmax: bool
     norm_stats_bytes: int | None
     sdpa_dropout_kernel: str
-    compiled_loss: bool
+    jit_compiled: bool
 
     def __post_init__(self):
         if self.sdpa_dropout_kernel not in ("flash", "math"):
@@ -81,9 +81,9 @@ class Kernels:
 
 
 CUDA = Kernels("cuda", dropout_mask_bytes=1, fused_softmax=True, norm_stats_bytes=FP32,
-               sdpa_dropout_kernel="flash", compiled_loss=True)
+               sdpa_dropout_kernel="flash", jit_compiled=True)
 CPU = Kernels("cpu", dropout_mask_bytes=None, fused_softmax=False, norm_stats_bytes=None,
-              sdpa_dropout_kernel="math", compiled_loss=False)
+              sdpa_dropout_kernel="math", jit_compiled=False)
 
 
 def activation_bytes(cfg: TransformerConfig) -> int:
@@ -141,9 +141,12 @@ def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUD
         terms.update(_attention_core(cfg, micro_batch, kernels, math_core))
     terms["attention output"] = e * tokens * h / t
     if cfg.hidden_dropout > 0:
-        terms["residual dropout masks"] = 2 * mask * local * h
+        compiled = kernels.jit_compiled and cfg.bias_dropout_fusion
+        terms["residual dropout masks"] = 2 * (1 if compiled else mask) * local * h
     terms["MLP input"] = e * local * h
-    if cfg.activation == "swiglu":
+    if cfg.activation == "swiglu" and kernels.jit_compiled and cfg.bias_activation_fusion:
+        terms["SwiGLU gate and up outputs"] = 2 * e * tokens * f / t
+    elif cfg.activation == "swiglu":
         terms["SwiGLU gate, SiLU and up outputs"] = 3 * e * tokens * f / t
     else:
         terms["GeLU input"] = e * tokens * f / t

@@ -100,7 +100,7 @@ def loss_transient(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = 
     which writes the logits' gradient; see the module doc)."""
     e = activation_bytes(cfg)
     logits = cfg.seq_length * micro_batch * _vocab_shard(cfg)
-    compiled = kernels.compiled_loss and cfg.cross_entropy_loss_fusion
+    compiled = kernels.jit_compiled and cfg.cross_entropy_loss_fusion
     return logits * (e if compiled else FP32 + 1 + e)
 
 

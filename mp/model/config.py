@@ -41,6 +41,7 @@ class TransformerConfig:
     attention_backend: str = "sdpa"  # sdpa (flash on GPU) | unfused (matmul, softmax, matmul)
     masked_softmax_fusion: bool = True  # unfused backend: use mp.fused's kernel when built
     bias_dropout_fusion: bool = True  # bias-dropout-add compiled into one kernel (mp.jit)
+    bias_activation_fusion: bool = True  # fc1 bias + GeLU/SwiGLU compiled likewise (mp.jit)
     cross_entropy_loss_fusion: bool = True  # loss and its gradient compiled (mp.jit)
     compile_layers: bool = False  # each transformer layer through torch.compile
     # parallelism and memory
