@@ -138,7 +138,7 @@ def main() -> None:
             for variant, step in variants.items():
                 seconds, extra = measure(step, device, args.iters)
                 memory = "-" if extra is None else f"{extra / 2**20:,.0f} MiB"
-                print(f"| {op} | {variant} | {1000 * seconds:.3f} | {moved / seconds / 1e9:,.0f} "
+                print(f"| {op} | {variant} | {1000 * seconds:.3f} | {moved / seconds / 1e9:,.1f} "
                       f"| {memory} |", flush=True)
     finally:
         parallel_state.destroy_model_parallel()
