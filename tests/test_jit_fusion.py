@@ -83,13 +83,14 @@ def _activation_formula(kind: str, up, up_bias, gate=None, gate_bias=None):
     return g * torch.sigmoid(g) * z
 
 
-def _compiled_activations(kind: str, bias: bool, dtype: torch.dtype):
+def _compiled_activations(kind: str, bias: bool, dtype: torch.dtype, device: str = "cpu"):
     rtol = 1e-6 if dtype == torch.float32 else 1e-2
     shapes = [(64, 2, 96), 96, (64, 2, 96), 96] if kind == "swiglu" else [(64, 2, 96), 96]
-    inputs = [seeded(shape, seed, dtype, scale=2.0) for seed, shape in enumerate(shapes)]
+    inputs = [seeded(shape, seed, dtype, scale=2.0).to(device)
+              for seed, shape in enumerate(shapes)]
     if not bias:
         inputs[1::2] = [None] * len(inputs[1::2])
-    dy = seeded((64, 2, 96), 9, dtype)
+    dy = seeded((64, 2, 96), 9, dtype).to(device)
     leaves = [t if t is None else t.clone().requires_grad_(True) for t in inputs]
     with jit_compiled_on_cpu():
         y = (bias_swiglu(*leaves, fused=True) if kind == "swiglu"

@@ -1,13 +1,13 @@
 """The compiled fusions of `mp.jit` on a GPU (inductor's Triton kernels): the cross-entropy at
 GPT-2's vocabulary against float64, holding no fp32 copy of the logits; bias-dropout-add
 against the eager function, and replayed bit for bit by activation checkpointing with the CUDA
-RNG tracker."""
+RNG tracker; bias-GeLU and bias-SwiGLU against their formulas in float64."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from checks import assert_rel_close
-from test_jit_fusion import _checkpoint_replays, _compiled_against_eager
+from test_jit_fusion import _checkpoint_replays, _compiled_activations, _compiled_against_eager
 
 from mp import jit
 from mp import parallel_state as ps
@@ -68,3 +68,9 @@ def test_bias_dropout_add_matches_eager():
 
 def test_checkpoint_replays_compiled_masks():
     _checkpoint_replays(1, "cuda")
+
+
+@pytest.mark.parametrize("kind", ["none", "tanh", "swiglu"])
+def test_bias_activations_follow_the_formulas(kind):
+    _compiled_activations(kind, True, torch.float32, "cuda")
+    _compiled_activations(kind, False, torch.bfloat16, "cuda")
