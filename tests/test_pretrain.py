@@ -48,21 +48,37 @@ def torchrun(script: str, args: list[str], timeout: float) -> subprocess.Complet
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
-def test_short_run_lowers_the_loss(cache_dir):
+def test_short_run_lowers_the_loss(cache_dir, tmp_path):
     start = time.monotonic()
     run = torchrun(LAUNCH, [*TINY, "--train-iters", "30", "--eval-interval", "15",
-                            "--data-cache-path", cache_dir], timeout=600)
+                            "--data-cache-path", cache_dir,
+                            "--logging.tensorboard_dir", str(tmp_path / "tb")], timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
     assert "tensor_model_parallel_size: 2" in out  # the resolved config, printed once
     assert out.count("world 4 = TP 2 x PP 1 x DP 2") == 1
-    losses = [float(x) for x in re.findall(r"^iteration \d+/30 \|.*?\| lm loss (\S+) \|", out,
-                                           re.MULTILINE)]
+    logged = re.findall(r"^iteration (\d+)/30 \|.*?\| lm loss (\S+) \| lr (\S+) \|", out,
+                        re.MULTILINE)
+    losses = [float(loss) for _, loss, _ in logged]
     assert len(losses) == 6, out
     assert losses[-1] < 0.8 * losses[0], f"the loss did not fall: {losses}"
-    assert len(re.findall(r"^validation at iteration (15|30) \| lm loss \S+ \| lm loss PPL",
-                          out, re.MULTILINE)) == 2
+    validation = re.findall(r"^validation at iteration (15|30) \| lm loss (\S+) \| lm loss PPL",
+                            out, re.MULTILINE)
+    assert len(validation) == 2
     print(f"e2e: {time.monotonic() - start:.1f} s, lm loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+    # TensorBoard (a test dependency) holds the values of the printed lines, once each
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    for tag, printed in (("lm loss", [(it, loss) for it, loss, _ in logged]),
+                         ("learning-rate", [(it, lr) for it, _, lr in logged]),
+                         ("validation lm loss", validation)):
+        written = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [step for step, _ in written] == [int(it) for it, _ in printed], tag
+        for (step, value), (_, text) in zip(written, printed):
+            assert value == pytest.approx(float(text), rel=1e-3), f"{tag} at {step}"
 
 
 def test_interleaved_pipeline_run_with_distributed_optimizer_lowers_the_loss(cache_dir):
