@@ -70,7 +70,7 @@ def test_checkpoint_replays_compiled_masks():
     _checkpoint_replays(1, "cuda")
 
 
-@pytest.mark.parametrize("kind", ["none", "tanh", "swiglu"])
+@pytest.mark.parametrize("kind", ["none", "tanh", "swiglu"], ids=["gelu", "gelu_tanh", "swiglu"])
 def test_bias_activations_follow_the_formulas(kind):
     _compiled_activations(kind, True, torch.float32, "cuda")
     _compiled_activations(kind, False, torch.bfloat16, "cuda")
