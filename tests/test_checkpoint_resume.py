@@ -1,5 +1,6 @@
 """Exact resume of the pretraining job under ``torchrun`` at TP2 x DP2: 40 iterations straight
-against 20 iterations, a SIGKILL of the whole job, and a resume for the last 20. The loss, the
+against 20 iterations, a SIGKILL of the whole job, and a resume for the last 20; and the same
+for a run counted in samples, killed in the middle of its batch-size ramp. The loss, the
 gradient norm and the learning rate of every iteration (read bit for bit, as float.hex) and
 the final weights are identical."""
 
@@ -11,19 +12,24 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 
 from mp.checkpointing import load_global_model, read_latest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "pretrain_gpt.py")
-ITERS, SAVE_AT = 40, 20
 TINY = ["--config", os.path.join(ROOT, "configs", "gpt-tiny.yaml"),
         "--tensor-model-parallel-size", "2", "--num-layers", "2", "--hidden-size", "64",
         "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
         "--lr", "3e-3", "--lr-warmup-iters", "5", "--log-interval", "10", "--eval-iters", "0",
         "--hidden-dropout", "0.1", "--attention-dropout", "0.1",  # the RNG states matter
-        "--train-iters", str(ITERS)]
+        "--train-iters", "40"]
+# 200 samples: batches of 4 (x6), 8 (x3), 12 (x2), then 16 (x8); the checkpoint after 8
+# iterations (40 samples) is mid-ramp, the learning rate counted in samples
+RAMPED = [*TINY, "--global-batch-size", "16", "--train-iters", "null", "--lr-warmup-iters", "0",
+          "--train-samples", "200", "--lr-warmup-samples", "40", "--rampup-batch-size", "4", "4",
+          "64"]
 
 
 def _exact_logging_script(directory) -> str:
@@ -103,36 +109,40 @@ def _exact(out: str) -> dict[int, tuple[str, str, str]]:
             (line.split()[1:] for line in out.splitlines() if line.startswith("exact "))}
 
 
-def test_killed_and_resumed_job_matches_the_straight_run(tmp_path):
+@pytest.mark.parametrize("args, iters, save_at, consumed", [(TINY, 40, 20, 160),
+                                                             (RAMPED, 19, 8, 40)],
+                         ids=["iterations", "samples_ramp"])
+def test_killed_and_resumed_job_matches_the_straight_run(tmp_path, args, iters, save_at,
+                                                         consumed):
     start = time.monotonic()
     script = _exact_logging_script(tmp_path)
-    common = [*TINY, "--data-cache-path", str(tmp_path / "cache")]
+    common = [*args, "--data-cache-path", str(tmp_path / "cache")]
 
     straight = _exact(_run(script, [*common, "--save", str(tmp_path / "straight")],
                            tmp_path / "straight.log"))
-    assert sorted(straight) == list(range(1, ITERS + 1))
+    assert sorted(straight) == list(range(1, iters + 1))
 
     killed_dir, killed_log = tmp_path / "killed", tmp_path / "killed.log"
     with open(killed_log, "w") as log:
         proc = _start(script, [*common, "--save", str(killed_dir), "--save-interval",
-                               str(SAVE_AT)], log)
+                               str(save_at)], log)
         deadline = time.monotonic() + 480
         while read_latest(killed_dir) is None and proc.poll() is None:
             assert time.monotonic() < deadline, "no checkpoint within 480 s"
             time.sleep(0.05)
         _kill_job(proc)  # mid-training, right after the checkpoint
-    assert read_latest(killed_dir) == SAVE_AT, killed_log.read_text()[-3000:]
+    assert read_latest(killed_dir) == save_at, killed_log.read_text()[-3000:]
     killed = _exact(killed_log.read_text())
 
     out = _run(script, [*common, "--save", str(killed_dir), "--load", str(killed_dir)],
                tmp_path / "resumed.log")
-    assert re.search(rf"resuming from \S+iter_{SAVE_AT:07d}: iteration {SAVE_AT}, "
-                     rf"{SAVE_AT * 8} samples consumed, RNG states restored", out), out[-3000:]
+    assert re.search(rf"resuming from \S+iter_{save_at:07d}: iteration {save_at}, "
+                     rf"{consumed} samples consumed, RNG states restored", out), out[-3000:]
     resumed = _exact(out)
-    assert sorted(resumed) == list(range(SAVE_AT + 1, ITERS + 1))
+    assert sorted(resumed) == list(range(save_at + 1, iters + 1))
 
-    for iteration in range(1, ITERS + 1):
-        got = (killed if iteration <= SAVE_AT else resumed)[iteration]
+    for iteration in range(1, iters + 1):
+        got = (killed if iteration <= save_at else resumed)[iteration]
         assert got == straight[iteration], f"iteration {iteration}: (loss, grad norm, lr) " \
                                            f"{got} after resuming, {straight[iteration]} straight"
     final, _ = load_global_model(killed_dir)

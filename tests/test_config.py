@@ -311,9 +311,9 @@ COMMAND_LINE_ERRORS = [
     (["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "4",
       "--num-layers", "8", "--num-layers-per-virtual-pipeline-stage", "1",
       "--global-batch-size", "8"], 4,
-     ("the interleaved pipeline schedule needs the number of micro-batches (2 = "
-     "training.global_batch_size / (training.micro_batch_size x data_parallel_size)) to be "
-     "a multiple of pipeline_model_parallel_size=4")),
+     ("the interleaved pipeline schedule needs the number of micro-batches (2 = global batch "
+     "8 (training.global_batch_size) / (training.micro_batch_size x data_parallel_size = 4)) "
+     "to be a multiple of pipeline_model_parallel_size=4")),
     # the schedule and the data
     (["--lr-warmup-iters", "400"], 4,
      "training.lr_warmup_iters=400 exceeds training.lr_decay_iters=300"),

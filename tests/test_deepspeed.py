@@ -186,8 +186,8 @@ def test_launch_with_deepspeed_trains_at_tp2_dp2(cache_dir):
     out = run.stdout
     assert out.count("world 4 = TP 2 x PP 1 x DP 2 | DeepSpeed ZeRO-2 | gloo") == 1, out
     losses = [float(x) for x in re.findall(r"^iteration [24]/4 \| consumed samples \d+ \| "
-                                           r"lm loss (\S+) \| lr \S+ \| grad norm \S+ \| "
-                                           r"loss scale 1 \|", out, re.MULTILINE)]
+                                           r"global batch size 8 \| lm loss (\S+) \| lr \S+ \| "
+                                           r"grad norm \S+ \| loss scale 1 \|", out, re.MULTILINE)]
     assert len(losses) == 2, out
     # a freshly initialised GPT predicts about uniformly over the 257 byte tokens
     assert abs(losses[0] - math.log(257)) < 0.5, losses

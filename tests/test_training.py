@@ -145,13 +145,14 @@ def test_log_line_has_every_field(capsys):
     cfg.logging.log_interval = 2
     logger = TrainingLogger(cfg, 4, torch.device("cpu"), enabled=True)
     for it in (1, 2):
-        logger.training_iteration(it, it * GBS, {"lm loss": 4.0 + it}, 1e-3, 0.5, 1.0, True)
+        logger.training_iteration(it, it * GBS, {"lm loss": 4.0 + it}, 1e-3, 0.5, 1.0, True, GBS)
     logger.validation(2, {"lm loss": 2.0})
     logger.close()
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     assert re.fullmatch(
-        r"iteration 2/20 \| consumed samples 16 \| lm loss 5\.5000E\+00 \| lr 1\.000E-03 \| "
+        r"iteration 2/20 \| consumed samples 16 \| global batch size 8 \| lm loss 5\.5000E\+00 \| "
+        r"lr 1\.000E-03 \| "
         r"grad norm 0\.500 \| loss scale 1 \| [\d.]+ ms/iter \| \d+ tokens/s \| "
         r"[\d.]+ TFLOP/s/GPU \| MFU - \| peak mem \d+ MiB", lines[0]), lines[0]
     assert lines[1] == (f"validation at iteration 2 | lm loss 2.0000E+00 | "

@@ -5,9 +5,11 @@
 - `JobConfig` (sections ``model``, ``training``, ``data``, ``logging``), `format_config` and
   `resolve_world_size` in `mp.config.job`; the sections in `mp.config.sections`;
 - the override syntax and Megatron flag aliases in `mp.config.overrides`;
-- value conversion and `ConfigError` in `mp.config.coerce`.
+- value conversion and `ConfigError` in `mp.config.coerce`;
+- `BatchSchedule` (the global batch size along the run, its ramp) in `mp.config.batch_schedule`.
 """
 
+from mp.config.batch_schedule import BatchSchedule
 from mp.config.cli import help_text, parse_args
 from mp.config.coerce import ConfigError
 from mp.config.job import JobConfig, format_config, known_keys, resolve_world_size
@@ -15,6 +17,7 @@ from mp.config.loader import load_config
 from mp.config.sections import BUILTIN_DATA_PATH, DataConfig, LoggingConfig, TrainingConfig
 
 __all__ = [
+    "BatchSchedule",
     "BUILTIN_DATA_PATH",
     "ConfigError",
     "DataConfig",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from mp import launch_env
+from mp.config.batch_schedule import BatchSchedule
 from mp.config.coerce import ConfigError, build_dataclass, field_annotations, unknown_key_message
 from mp.config.sections import DataConfig, LoggingConfig, TrainingConfig
 from mp.model.config import TransformerConfig
@@ -59,18 +60,46 @@ class JobConfig:
             )
         return gbs // (mbs * dp)
 
+    def batch_schedule(self, world_size: int) -> BatchSchedule:
+        """The global batch size at each point of the run (constant, or
+        ``training.rampup_batch_size``); an error unless every batch size it takes divides
+        into micro-batches over the data-parallel ranks."""
+        tr = self.training
+        rampup = None if tr.rampup_batch_size is None else tuple(tr.rampup_batch_size)
+        self.num_microbatches(world_size)  # the full batch's error names the world size
+        return BatchSchedule(tr.global_batch_size, tr.micro_batch_size,
+                             self.data_parallel_size(world_size), rampup)
+
+    def train_iterations(self, world_size: int) -> int:
+        """The run's iterations: ``training.train_iters``, or as many as fit whole in
+        ``training.train_samples`` (`BatchSchedule.iterations`)."""
+        tr = self.training
+        if not tr.counts_samples:
+            return tr.train_iters
+        return self.batch_schedule(world_size).iterations(tr.train_samples)
+
     def validate(self, world_size: int) -> None:
         """The rules that need the world size (each section checked itself when built): TP x PP
-        divides it, micro-batch x DP divides the global batch, and with virtual pipeline
-        stages the micro-batches are a multiple of PP (Megatron's interleaved schedule)."""
-        microbatches = self.num_microbatches(world_size)
+        divides it, micro-batch x DP divides every global batch size of the run, with virtual
+        pipeline stages the micro-batches are a multiple of PP (Megatron's interleaved
+        schedule), and a run counted in samples holds at least one iteration."""
+        schedule = self.batch_schedule(world_size)
         pp = self.model.pipeline_model_parallel_size
-        if self.model.virtual_pipeline_model_parallel_size is not None and microbatches % pp:
+        step = schedule.micro_batch_size * schedule.data_parallel_size
+        for batch in schedule.batch_sizes():
+            if self.model.virtual_pipeline_model_parallel_size is not None and batch // step % pp:
+                where = "training.global_batch_size" if batch == schedule.global_batch_size \
+                    else f"a step of training.rampup_batch_size={self.training.rampup_batch_size}"
+                raise ConfigError(
+                    f"the interleaved pipeline schedule needs the number of micro-batches "
+                    f"({batch // step} = global batch {batch} ({where}) / "
+                    f"(training.micro_batch_size x data_parallel_size = {step})) to be a "
+                    f"multiple of pipeline_model_parallel_size={pp}"
+                )
+        if self.train_iterations(world_size) < 1:
             raise ConfigError(
-                f"the interleaved pipeline schedule needs the number of micro-batches "
-                f"({microbatches} = training.global_batch_size / (training.micro_batch_size x "
-                f"data_parallel_size)) to be a multiple of pipeline_model_parallel_size={pp}"
-            )
+                f"training.train_samples={self.training.train_samples} holds no whole iteration "
+                f"(the first takes {schedule.global_batch_size_at(0)} samples)")
 
     # --- plain data ------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ Syntax, applied left to right (a later override of the same key wins):
   `mp.config.coerce`): ``null`` for None, ``true``/``false`` for a bool.
 - A bool key may stand alone for ``true``: ``--model.sequence_parallel``.
 - A list key takes every value up to the next ``--option``:
-  ``--data-path 0.3 a 0.7 b`` (or one value with ``=``).
+  ``--data-path 0.3 a 0.7 b``, ``--rampup-batch-size 16 16 5859375`` (or one value with
+  ``=``; ``null`` unsets an optional list).
 - A Megatron flag, ``--tensor-model-parallel-size 2`` or ``--lr=3e-4``, is its key's alias
   (`ALIASES` maps each to its key). ``--bf16``, ``--fp16`` set ``model.precision`` and
   ``--swiglu`` sets ``model.activation``, ``--apex-fused-adam`` and ``--apex-layer-norm``
@@ -41,8 +42,9 @@ _MEGATRON_NAMES = {
         "recompute_method", "recompute_num_layers",
     ),
     "training": (
-        "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr",
-        "lr_decay_style", "lr_warmup_iters", "lr_decay_iters", "weight_decay", "adam_beta1",
+        "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
+        "rampup_batch_size", "lr", "min_lr", "lr_decay_style", "lr_warmup_iters",
+        "lr_decay_iters", "lr_warmup_samples", "lr_decay_samples", "weight_decay", "adam_beta1",
         "adam_beta2", "adam_eps", "clip_grad", "seed", "loss_scale", "initial_loss_scale",
         "min_loss_scale", "loss_scale_window", "hysteresis", "use_distributed_optimizer",
         "overlap_param_gather",
@@ -107,8 +109,8 @@ def apply_overrides(sections: dict, args: Sequence[str]) -> None:
             if CONSTANT_FLAGS[earlier][1] != option.constant:
                 raise ConfigError(f"{name} conflicts with {earlier} (both set {option.key})")
             _set(sections, option.key, option.constant)
-        elif option.max_values is None:
-            _set(sections, option.key, values)
+        elif option.max_values is None:  # one value is read as one item, or as null
+            _set(sections, option.key, values[0] if len(values) == 1 else values)
         else:
             _set(sections, option.key, values[0] if values else "true")
     if layers_per_virtual_stage is not None:
@@ -161,7 +163,7 @@ def _option(name: str) -> _Option:
         raise ConfigError(unknown_key_message("option", name, option_names()))
     section, field_name = key.split(".")
     annotation = field_annotations(SECTIONS[section])[field_name]
-    if typing.get_origin(annotation) is list:
+    if any(typing.get_origin(a) is list for a in (annotation, *typing.get_args(annotation))):
         return _Option(key, 1, None)
     if annotation is bool:
         return _Option(key, 0, 1)

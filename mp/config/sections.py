@@ -21,6 +21,9 @@ from mp.data.tokenizer import TOKENIZER_TYPES
 BUILTIN_DATA_PATH = "builtin"
 
 
+_WORDS = {"iters": "iterations", "samples": "samples"}
+
+
 class _Section:
     """Checks shared by the sections; ``section`` names the section in messages."""
 
@@ -64,13 +67,21 @@ class TrainingConfig(_Section):
     """Batch sizes, the learning-rate schedule, the optimizer, loss scaling, evaluation and
     checkpointing.
 
-    ``lr_decay_iters`` defaults to ``train_iters``; as in Megatron it counts from iteration 0,
-    warm-up included. ``clip_grad=0`` turns clipping off. ``loss_scale`` (fp16 only) fixes the
-    loss scale; ``None`` scales dynamically from ``initial_loss_scale``, halving after
-    ``hysteresis`` overflows (never below ``min_loss_scale``) and doubling after
-    ``loss_scale_window`` clean iterations. ``eval_interval=None`` or ``save_interval=None``
-    turns periodic evaluation or saving off (a run with ``save`` still saves at its end);
-    ``keep_last=None`` keeps every checkpoint.
+    A run is counted in iterations (``train_iters``, ``lr_warmup_iters``, ``lr_decay_iters``)
+    or, as Megatron's ``--train-samples``, in samples (``train_samples``,
+    ``lr_warmup_samples``, ``lr_decay_samples``): exactly one of ``train_iters`` and
+    ``train_samples`` is set, and the schedule's keys of the other count are left unset. In
+    samples, the run takes as many whole iterations as fit in ``train_samples`` and the
+    learning rate follows the consumed samples. ``rampup_batch_size = [start, increment,
+    samples]`` (sample counts only, as in Megatron) grows the global batch from ``start`` by
+    ``increment`` to ``global_batch_size`` over the first ``samples`` samples
+    (`mp.config.batch_schedule`). ``lr_decay_iters`` / ``lr_decay_samples`` default to the
+    run's length; as in Megatron they count from the start, warm-up included. ``clip_grad=0`` turns
+    clipping off. ``loss_scale`` (fp16 only) fixes the loss scale; ``None`` scales dynamically from
+    ``initial_loss_scale``, halving after ``hysteresis`` overflows (never below ``min_loss_scale``)
+    and doubling after ``loss_scale_window`` clean iterations. ``eval_interval=None`` or
+    ``save_interval=None`` turns periodic evaluation or saving off (a run with ``save`` still saves
+    at its end); ``keep_last=None`` keeps every checkpoint.
 
     ``use_distributed_optimizer`` shards the fp32 master weights and AdamW moments over the
     data-parallel ranks (Megatron's distributed optimizer); ``overlap_param_gather`` then
@@ -85,12 +96,16 @@ class TrainingConfig(_Section):
 
     micro_batch_size: int
     global_batch_size: int
-    train_iters: int
     lr: float
+    train_iters: int | None = None  # or train_samples
+    train_samples: int | None = None
+    rampup_batch_size: list[int] | None = None  # [start, increment, samples]
     min_lr: float = 0.0
     lr_decay_style: str = "cosine"  # cosine | linear | constant
     lr_warmup_iters: int = 0
     lr_decay_iters: int | None = None  # default train_iters
+    lr_warmup_samples: int = 0
+    lr_decay_samples: int | None = None  # default train_samples
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -117,12 +132,12 @@ class TrainingConfig(_Section):
     keep_last: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("micro_batch_size", "global_batch_size", "train_iters",
-                     "loss_scale_window", "hysteresis"):
+        for name in ("micro_batch_size", "global_batch_size", "loss_scale_window", "hysteresis"):
             self._at_least(name, 1)
-        for name in ("eval_interval", "save_interval", "keep_last"):
+        for name in ("train_iters", "train_samples", "eval_interval", "save_interval",
+                     "keep_last"):
             self._at_least(name, 1, optional=True)
-        for name in ("lr_warmup_iters", "eval_iters", "seed"):
+        for name in ("lr_warmup_iters", "lr_warmup_samples", "eval_iters", "seed"):
             self._at_least(name, 0)
         for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
             self._at_least(name, 0.0)
@@ -134,12 +149,47 @@ class TrainingConfig(_Section):
         self._below_one("adam_beta2")
         self._one_of("lr_decay_style", ("cosine", "linear", "constant"))
         self._one_of("optimizer_impl", ("torch", "apex"))
-        if self.lr_decay_iters is None:
-            self.lr_decay_iters = self.train_iters
-        self._at_least("lr_decay_iters", 1)
-        self._not_above("lr_warmup_iters", "lr_decay_iters")
+        self._check_run_length()
         self._not_above("min_lr", "lr")
         self._not_above("min_loss_scale", "initial_loss_scale")
+
+
+    def _check_run_length(self) -> None:
+        """One of the two counts, with its schedule keys and defaults; the ramp's shape."""
+        in_samples = self.train_samples is not None
+        if in_samples == (self.train_iters is not None):
+            raise ConfigError(
+                "set exactly one of training.train_iters and training.train_samples (got "
+                f"train_iters={self.train_iters!r}, train_samples={self.train_samples!r}): a run "
+                "is counted in iterations or in samples")
+        unit, other = ("samples", "iters") if in_samples else ("iters", "samples")
+        for name, unset in ((f"lr_warmup_{other}", 0), (f"lr_decay_{other}", None)):
+            if getattr(self, name) != unset:
+                raise ConfigError(
+                    f"training.{name}={getattr(self, name)!r} is counted in {_WORDS[other]}, but "
+                    f"the run is counted in {_WORDS[unit]} (training.train_{unit}): set it to "
+                    f"{'null' if unset is None else unset} and use training."
+                    f"{name.replace(other, unit)}")
+        if self.rampup_batch_size is not None:
+            if not in_samples:
+                raise ConfigError(
+                    f"training.rampup_batch_size={self.rampup_batch_size} needs a run counted in "
+                    "samples (training.train_samples, and lr_warmup_samples / lr_decay_samples "
+                    "for the schedule), as in Megatron-LM: an iteration no longer has a fixed "
+                    "size")
+            if len(self.rampup_batch_size) != 3:
+                raise ConfigError(
+                    f"training.rampup_batch_size={self.rampup_batch_size} must be three ints: "
+                    "start batch size, increment, ramp-up samples")
+        if getattr(self, f"lr_decay_{unit}") is None:
+            setattr(self, f"lr_decay_{unit}", getattr(self, f"train_{unit}"))
+        self._at_least(f"lr_decay_{unit}", 1)
+        self._not_above(f"lr_warmup_{unit}", f"lr_decay_{unit}")
+
+    @property
+    def counts_samples(self) -> bool:
+        """Whether the run and its learning-rate schedule are counted in samples."""
+        return self.train_samples is not None
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """The learning-rate schedule: linear warm-up, then cosine or linear decay to ``min_lr``.
 
-Megatron's ``OptimizerParamScheduler`` semantics, counted in optimizer steps (iterations):
+Megatron's ``OptimizerParamScheduler`` semantics, counted in steps: iterations, or samples in
+a run counted in samples (the loop then calls ``step(global_batch_size)``, as Megatron always
+does):
 
 - ``num_steps <= warmup``:  ``lr = init_lr + (max_lr - init_lr) * num_steps / warmup``
 - ``constant``:             ``lr = max_lr``

@@ -3,16 +3,18 @@
 
 ``data.data_path: [builtin]`` is the embedded corpus, tokenized once (by one rank, the others
 waiting) into ``data.data_cache_path`` or ``~/.cache/mp``. Sample counts follow Megatron:
-``train_iters x global_batch_size`` training samples and, for validation, ``eval_iters x
-global_batch_size`` for each evaluation the run will do (every ``eval_interval`` iterations and
-one at the end). Each data-parallel rank reads its own micro-batches (the tensor-parallel ranks
-of a replica read the same ones), starting after ``consumed_train_samples``.
+``train_samples``, or ``train_iters x global_batch_size``, training samples and, for validation,
+``eval_iters x global_batch_size`` for each evaluation the run will do (every ``eval_interval``
+iterations and one at the end). Each data-parallel rank reads its own micro-batches (the
+tensor-parallel ranks of a replica read the same ones), starting after ``consumed_train_samples``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+
+import torch.distributed as dist
 
 from mp import parallel_state
 from mp.config import BUILTIN_DATA_PATH, JobConfig
@@ -28,14 +30,15 @@ def default_cache_dir() -> str:
     return os.path.join(root, "mp")
 
 
-def num_evaluations(cfg: JobConfig) -> int:
+def num_evaluations(cfg: JobConfig, world_size: int) -> int:
     """Evaluations in a whole run: one every ``eval_interval`` iterations and one at the end
     (unless the last periodic one falls on the last iteration)."""
     tr = cfg.training
     if not tr.eval_iters:
         return 0
-    periodic = tr.train_iters // tr.eval_interval if tr.eval_interval else 0
-    ends_on_one = bool(tr.eval_interval) and tr.train_iters % tr.eval_interval == 0
+    iterations = cfg.train_iterations(world_size)
+    periodic = iterations // tr.eval_interval if tr.eval_interval else 0
+    ends_on_one = bool(tr.eval_interval) and iterations % tr.eval_interval == 0
     return periodic + (0 if ends_on_one else 1)
 
 
@@ -56,10 +59,11 @@ def build_data_iterators(cfg: JobConfig, consumed_train_samples: int = 0
     if data_path == [BUILTIN_DATA_PATH]:
         cache = data.data_cache_path or default_cache_dir()
         data_path = [prepare_default_corpus(os.path.join(cache, "corpus"), tokenizer)]
-    batch = tr.global_batch_size
+    batch, world = tr.global_batch_size, dist.get_world_size()
+    train_samples = tr.train_samples if tr.counts_samples else tr.train_iters * batch
     train_ds, valid_ds, _ = build_gpt_datasets(
-        data_path, data.split, cfg.model.seq_length, tr.seed, tr.train_iters * batch,
-        num_evaluations(cfg) * tr.eval_iters * batch, 0, eod=tokenizer.eod,
+        data_path, data.split, cfg.model.seq_length, tr.seed, train_samples,
+        num_evaluations(cfg, world) * tr.eval_iters * batch, 0, eod=tokenizer.eod,
         eod_mask_loss=data.eod_mask_loss, path_to_cache=data.data_cache_path)
     if train_ds is None:
         raise ValueError(f"data.split={data.split!r} leaves no documents for training")

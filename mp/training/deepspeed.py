@@ -44,13 +44,18 @@ from mp.checkpointing.rng import get_rng_state, set_rng_state
 from mp.config import JobConfig
 from mp.device import get_device
 from mp.model.stages import build_gpt_chunks
-from mp.optim import OptimizerParamScheduler, get_param_groups
+from mp.optim import get_param_groups
 from mp.optim.optimizer import build_adamw
 from mp.pipeline_parallel.schedules import forward_step
 from mp.training import gpt_step
 from mp.training.data import build_data_iterators
 from mp.training.logger import TrainingLogger
-from mp.training.pretrain import count_parameters, set_random_seed
+from mp.training.pretrain import (
+    batches_text,
+    build_opt_param_scheduler,
+    count_parameters,
+    set_random_seed,
+)
 from mp.training.training import (
     StepOutput,
     TrainState,
@@ -193,8 +198,8 @@ def deepspeed_config(cfg: JobConfig, world_size: int) -> dict:
                          "parallelism does the same)")
     if "scheduler" in ds:
         raise ValueError(f"{path}: a scheduler section is not supported: the learning rate "
-                         "follows mp's schedule (training.lr, min_lr, lr_warmup_iters, "
-                         "lr_decay_iters, lr_decay_style); drop the section")
+                         "follows mp's schedule (training.lr, min_lr, lr_warmup_iters or "
+                         "_samples, lr_decay_iters or _samples, lr_decay_style); drop the section")
     _precision(ds, cfg, path)
     return ds
 
@@ -211,6 +216,10 @@ def check_deepspeed_supported(cfg: JobConfig, world_size: int) -> None:
     if tr.use_distributed_optimizer:
         raise ValueError("training.deepspeed=true with training.use_distributed_optimizer=true: "
                          "choose one (ZeRO stage 1/2 already shards the optimizer state)")
+    if tr.rampup_batch_size is not None:
+        raise ValueError(f"training.deepspeed=true with training.rampup_batch_size="
+                         f"{tr.rampup_batch_size}: not supported (DeepSpeed's engine fixes "
+                         "train_batch_size and its accumulation steps); drop one of them")
     load = tr.load
     if load is not None and not os.path.isfile(os.path.join(load, DEEPSPEED_LATEST)) \
             and find_checkpoint(load) is not None:
@@ -263,12 +272,9 @@ def setup_deepspeed_engine(cfg: JobConfig, ds_config: dict):
     optimizer = None if "optimizer" in ds_config else \
         build_adamw(groups, tr.lr, (tr.adam_beta1, tr.adam_beta2), tr.adam_eps, tr.optimizer_impl)
 
-    def scheduler(opt) -> OptimizerParamScheduler:
-        return OptimizerParamScheduler(
-            opt, max_lr=tr.lr, min_lr=tr.min_lr, lr_warmup_steps=tr.lr_warmup_iters,
-            lr_decay_steps=tr.lr_decay_iters, lr_decay_style=tr.lr_decay_style)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=groups,
-                                      lr_scheduler=scheduler, config=ds_config,
+                                      lr_scheduler=lambda opt: build_opt_param_scheduler(opt, tr),
+                                      config=ds_config,
                                       mpu=parallel_state, dist_init_required=False)
     return engine
 
@@ -279,9 +285,10 @@ def loss_scale(engine) -> float:
 
 
 def train_step_deepspeed(forward_step_func: Callable, data_iterator: Iterator, engine, *,
-                         num_microbatches: int) -> StepOutput:
+                         num_microbatches: int, lr_increment: int = 1) -> StepOutput:
     """One iteration: ``num_microbatches`` (the engine's gradient accumulation steps) rounds of
-    forward, ``engine.backward`` and ``engine.step``; the update happens on the last."""
+    forward, ``engine.backward`` and ``engine.step``; the update happens on the last, and then
+    advances mp's learning-rate schedule by ``lr_increment``."""
     if engine.gradient_accumulation_steps() != num_microbatches:
         raise ValueError(f"the engine's gradient_accumulation_steps="
                          f"{engine.gradient_accumulation_steps()} is not the iteration's "
@@ -290,7 +297,7 @@ def train_step_deepspeed(forward_step_func: Callable, data_iterator: Iterator, e
     for _ in range(num_microbatches):
         loss = forward_step(forward_step_func, data_iterator, engine, 1, reported)
         engine.backward(loss)  # divides by the accumulation steps
-        engine.step()
+        engine.step(lr_kwargs={"increment": lr_increment})
     reduced, local = average_losses(reported)
     norm = engine.get_global_grad_norm()
     norm = math.nan if norm is None else float(norm)
@@ -346,9 +353,11 @@ def train_deepspeed(forward_step_func: Callable, engine, train_data_iterator: It
     shapes = {"num_microbatches": num_microbatches, "seq_length": cfg.model.seq_length,
               "micro_batch_size": cfg.training.micro_batch_size}
     engine.train()
+    lr_increment = cfg.training.global_batch_size if cfg.training.counts_samples else 1
     return run_iterations(
-        lambda: train_step_deepspeed(forward_step_func, train_data_iterator, engine,
-                                     num_microbatches=num_microbatches),
+        lambda batch: train_step_deepspeed(forward_step_func, train_data_iterator, engine,
+                                           num_microbatches=num_microbatches,
+                                           lr_increment=lr_increment),
         cfg, logger, lr=engine.lr_scheduler.get_lr, loss_scale=lambda: loss_scale(engine),
         evaluate=None if valid_data_iterator is None else
         lambda: evaluate(forward_step_func, valid_data_iterator, [engine],
@@ -374,9 +383,7 @@ def pretrain_deepspeed(cfg: JobConfig,
         print(f"world {world} = TP {m.tensor_model_parallel_size} x PP 1 x DP "
               f"{parallel_state.get_data_parallel_world_size()} | DeepSpeed ZeRO-"
               f"{engine.zero_optimization_stage()} | {dist.get_backend()} on {get_device()} | "
-              f"{n_params / 1e6:.2f}M parameters | {cfg.num_microbatches(world)} micro-batches "
-              f"of {cfg.training.micro_batch_size} per data-parallel rank per iteration",
-              flush=True)
+              f"{n_params / 1e6:.2f}M parameters | {batches_text(cfg, world)}", flush=True)
         if client is not None:
             print(f"resuming from {cfg.training.load}: iteration {state.iteration}, "
                   f"{state.consumed_train_samples} samples consumed", flush=True)

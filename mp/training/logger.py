@@ -3,14 +3,15 @@ validation results, TensorBoard scalars and the progress bar.
 
 The line (values over the interval since the last line; losses and times averaged)::
 
-    iteration 20/300 | consumed samples 320 | lm loss 3.1734E+00 | lr 6.667E-04 |
-    grad norm 0.912 | loss scale 1 | 403.1 ms/iter | 5081 tokens/s | 0.01 TFLOP/s/GPU |
-    MFU - | peak mem 371 MiB
+    iteration 20/300 | consumed samples 320 | global batch size 16 | lm loss 3.1734E+00 |
+    lr 6.667E-04 | grad norm 0.912 | loss scale 1 | 403.1 ms/iter | 5081 tokens/s |
+    0.01 TFLOP/s/GPU | MFU - | peak mem 371 MiB
 
-(on one line). TFLOP/s per GPU counts recomputed work (Narayanan et al. 2021, eq. 3); MFU
-divides the model's own FLOPs (no recompute) by the device's dense bf16 peak ("-" on the CPU
-or an unknown GPU). Peak memory is CUDA's max allocated, or the process's max RSS on the CPU.
-Evaluation time is left out of ms/iter.
+(on one line; the global batch size is the last iteration's, which changes only under
+``training.rampup_batch_size``; rates count the interval's own samples). TFLOP/s per GPU counts
+recomputed work (Narayanan et al. 2021, eq. 3); MFU divides the model's own FLOPs (no recompute) by
+the device's dense bf16 peak ("-" on the CPU or an unknown GPU). Peak memory is CUDA's max
+allocated, or the process's max RSS on the CPU. Evaluation time is left out of ms/iter.
 """
 
 from __future__ import annotations
@@ -58,23 +59,19 @@ class TrainingLogger:
     def __init__(self, cfg: JobConfig, world_size: int, device: torch.device, *,
                  enabled: bool, start_iteration: int = 0):
         self.cfg, self.world_size, self.device, self.enabled = cfg, world_size, device, enabled
-        batch = cfg.training.global_batch_size
-        self.tokens_per_iteration = batch * cfg.model.seq_length
-        self.flops_per_iteration = num_floating_point_operations(cfg.model, batch)
-        self.model_flops_per_iteration = num_floating_point_operations(cfg.model, batch,
-                                                                       recompute=False)
+        self.train_iterations = cfg.train_iterations(world_size)
         self.peak_tflops = peak_tflops(device)
         self.writer = _open_tensorboard(cfg.logging.tensorboard_dir) if enabled else None
         show = cfg.logging.progress
         if show == "auto":
             show = sys.stdout.isatty()
-        self.progress = ProgressBar(cfg.training.train_iters, start_iteration) \
+        self.progress = ProgressBar(self.train_iterations, start_iteration) \
             if enabled and show else None
         self._reset_interval()
 
     def _reset_interval(self) -> None:
         self._loss_sums: dict[str, float] = {}
-        self._iterations = self._skipped = 0
+        self._iterations = self._skipped = self._samples = 0
         self._elapsed, self._started = 0.0, time.perf_counter()
 
     def pause(self) -> None:
@@ -91,9 +88,12 @@ class TrainingLogger:
 
     def training_iteration(self, iteration: int, consumed_samples: int,
                            losses: dict[str, float], lr: float, grad_norm: float,
-                           loss_scale: float, update_successful: bool) -> None:
-        """Account one finished iteration; print and write scalars every ``log_interval``."""
+                           loss_scale: float, update_successful: bool,
+                           global_batch_size: int) -> None:
+        """Account one finished iteration of ``global_batch_size`` samples; print and write
+        scalars every ``log_interval``."""
         self._iterations += 1
+        self._samples += global_batch_size
         self._skipped += not update_successful
         for key, value in losses.items():
             self._loss_sums[key] = self._loss_sums.get(key, 0.0) + value
@@ -104,14 +104,18 @@ class TrainingLogger:
         self.pause()
         seconds = self._elapsed / self._iterations
         means = {k: v / self._iterations for k, v in self._loss_sums.items()}
-        tflops = self.flops_per_iteration / seconds / self.world_size / 1e12
+        model = self.cfg.model
+        per_gpu = self._elapsed * self.world_size * 1e12  # FLOPs -> TFLOP/s per GPU
+        tflops = num_floating_point_operations(model, self._samples) / per_gpu
         mfu = None if self.peak_tflops is None else \
-            self.model_flops_per_iteration / seconds / self.world_size / 1e12 / self.peak_tflops
-        tokens_per_s = self.tokens_per_iteration / seconds
+            num_floating_point_operations(model, self._samples, recompute=False) / per_gpu \
+            / self.peak_tflops
+        tokens_per_s = self._samples * model.seq_length / self._elapsed
         memory = peak_memory_bytes(self.device)
         if self.enabled:
-            fields = [f"iteration {iteration}/{self.cfg.training.train_iters}",
+            fields = [f"iteration {iteration}/{self.train_iterations}",
                       f"consumed samples {consumed_samples}",
+                      f"global batch size {global_batch_size}",
                       *(f"{k} {v:.4E}" for k, v in means.items()),
                       f"lr {lr:.3E}", f"grad norm {grad_norm:.3f}", f"loss scale {loss_scale:g}",
                       f"{1000 * seconds:.1f} ms/iter", f"{tokens_per_s:.0f} tokens/s",
@@ -122,7 +126,8 @@ class TrainingLogger:
                 fields.append(f"skipped {self._skipped}")
             self._print(" | ".join(fields))
         if self.writer is not None:
-            scalars = {**means, "learning-rate": lr, "grad-norm": grad_norm,
+            scalars = {**means, "learning-rate": lr, "batch-size": global_batch_size,
+                       "grad-norm": grad_norm,
                        "loss-scale": loss_scale, "iteration-time-ms": 1000 * seconds,
                        "tokens-per-second": tokens_per_s, "tflops-per-gpu": tflops,
                        "peak-memory-bytes": memory, "skipped-iterations": self._skipped}

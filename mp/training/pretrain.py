@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from mp import parallel_state
 from mp.checkpointing import job as checkpoint_job
-from mp.config import JobConfig, resolve_world_size
+from mp.config import JobConfig, TrainingConfig, resolve_world_size
 from mp.device import get_device
 from mp.distributed import DistributedDataParallel
 from mp.model.stages import build_gpt_chunks
@@ -62,10 +62,18 @@ def setup_model_and_optimizer(cfg: JobConfig) -> tuple[list[DistributedDataParal
         min_loss_scale=tr.min_loss_scale, loss_scale_window=tr.loss_scale_window,
         hysteresis=tr.hysteresis, use_distributed_optimizer=tr.use_distributed_optimizer,
         optimizer_impl=tr.optimizer_impl)
-    scheduler = OptimizerParamScheduler(
-        optimizer, max_lr=tr.lr, min_lr=tr.min_lr, lr_warmup_steps=tr.lr_warmup_iters,
-        lr_decay_steps=tr.lr_decay_iters, lr_decay_style=tr.lr_decay_style)
-    return model, optimizer, scheduler
+    return model, optimizer, build_opt_param_scheduler(optimizer, tr)
+
+
+def build_opt_param_scheduler(optimizer, tr: TrainingConfig) -> OptimizerParamScheduler:
+    """``tr``'s learning-rate schedule for ``optimizer``, counted in iterations or, when the
+    run counts samples, in samples (the training loop then steps it by each iteration's
+    global batch, as Megatron does)."""
+    warmup, decay = (tr.lr_warmup_samples, tr.lr_decay_samples) if tr.counts_samples else \
+        (tr.lr_warmup_iters, tr.lr_decay_iters)
+    return OptimizerParamScheduler(optimizer, max_lr=tr.lr, min_lr=tr.min_lr,
+                                   lr_warmup_steps=warmup, lr_decay_steps=decay,
+                                   lr_decay_style=tr.lr_decay_style)
 
 
 def count_parameters(model: list[torch.nn.Module]) -> int:
@@ -76,6 +84,17 @@ def count_parameters(model: list[torch.nn.Module]) -> int:
     total = torch.tensor([local], dtype=torch.float64, device=get_device())
     dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
     return int(total.item())
+
+
+def batches_text(cfg: JobConfig, world_size: int) -> str:
+    """The start-up line's account of the batches: ``8 micro-batches of 4 per data-parallel
+    rank per iteration, 1234 iterations`` (the ramp's first and last counts when it ramps)."""
+    schedule, tr = cfg.batch_schedule(world_size), cfg.training
+    counts = [schedule.num_microbatches_at(0), cfg.num_microbatches(world_size)]
+    ramp = "" if tr.rampup_batch_size is None else \
+        f" (ramping from {counts[0]} over the first {schedule.ramp_samples} samples)"
+    return (f"{counts[-1]} micro-batches of {tr.micro_batch_size} per data-parallel rank per "
+            f"iteration{ramp}, {cfg.train_iterations(world_size)} iterations")
 
 
 def check_supported(cfg: JobConfig, world_size: int | None = None) -> None:
@@ -120,8 +139,7 @@ def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step
         print(f"world {world} = TP {m.tensor_model_parallel_size} x PP "
               f"{m.pipeline_model_parallel_size} x DP {dp}"
               f" | {dist.get_backend()} on {get_device()} | {n_params / 1e6:.2f}M parameters | "
-              f"{cfg.num_microbatches(world)} micro-batches of {cfg.training.micro_batch_size} "
-              f"per data-parallel rank per iteration", flush=True)
+              f"{batches_text(cfg, world)}", flush=True)
     checkpoint_job.resume(start, model, optimizer, scheduler)  # last: restores the RNG states
     logger = TrainingLogger(cfg, world, get_device(), enabled=reporting,
                             start_iteration=state.iteration)

@@ -1,10 +1,12 @@
 """The training loop (Megatron's ``train_step``, ``evaluate`` and ``train``).
 
 One iteration: zero the gradient buffers, run the schedule over the iteration's micro-batches
-(forward, backward, gradient sync), take an optimizer step, advance the learning-rate schedule
-when the step was applied, and average the reported losses over micro-batches and
-data-parallel ranks (one all-reduce). Every ``eval_interval`` iterations, and after the last
-one, the validation loss is measured with a forward-only schedule.
+(as many as its global batch holds: `mp.config.BatchSchedule`, which may ramp the batch up),
+take an optimizer step, advance the learning-rate schedule (by one iteration, or by the
+iteration's samples in a run counted in samples) when the step was applied, and average the
+reported losses over micro-batches and data-parallel ranks (one all-reduce). Every
+``eval_interval`` iterations, and after the last one, the validation loss is measured with a
+forward-only schedule.
 
 A loss that is not finite in a bf16 or fp32 run stops the run with an error that names the
 iteration and the rank (fp16 runs skip such steps through the loss scaler instead). The
@@ -74,9 +76,11 @@ def average_losses(per_microbatch: list[dict]) -> tuple[dict[str, float], dict[s
 
 def train_step(forward_step_func: Callable, data_iterator: Iterator, model: list[nn.Module],
                optimizer: MixedPrecisionOptimizer, opt_param_scheduler: OptimizerParamScheduler,
-               *, num_microbatches: int, seq_length: int, micro_batch_size: int) -> StepOutput:
+               *, num_microbatches: int, seq_length: int, micro_batch_size: int,
+               lr_increment: int = 1) -> StepOutput:
     """One iteration over ``num_microbatches`` micro-batches of ``model`` (a list of
-    `DistributedDataParallel` chunks)."""
+    `DistributedDataParallel` chunks); a successful update advances the learning-rate schedule
+    by ``lr_increment`` (the iteration's samples when it counts samples)."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -86,7 +90,7 @@ def train_step(forward_step_func: Callable, data_iterator: Iterator, model: list
         micro_batch_size=micro_batch_size, grad_scale_func=optimizer.scale_loss)
     result = optimizer.step()
     if result.update_successful:
-        opt_param_scheduler.step()
+        opt_param_scheduler.step(lr_increment)
     reduced, local = average_losses(losses)
     return StepOutput(reduced, local, result.update_successful, result.grad_norm)
 
@@ -134,31 +138,34 @@ def train(forward_step_func: Callable, model: list[nn.Module],
           train_data_iterator: Iterator, valid_data_iterator: Iterator | None,
           cfg: JobConfig, logger: TrainingLogger, *, state: TrainState | None = None,
           checkpoint_hook: Callable[[TrainState], None] | None = None) -> TrainState:
-    """Run iterations from ``state`` (default: the start) up to ``training.train_iters``."""
-    shapes = {"num_microbatches": cfg.num_microbatches(dist.get_world_size()),
-              "seq_length": cfg.model.seq_length,
-              "micro_batch_size": cfg.training.micro_batch_size}
+    """Run iterations from ``state`` (default: the start) to the end of the run
+    (`JobConfig.train_iterations`). Evaluation iterations take the full global batch."""
+    tr = cfg.training
+    shapes = {"seq_length": cfg.model.seq_length, "micro_batch_size": tr.micro_batch_size}
+    per_microbatch = tr.micro_batch_size * parallel_state.get_data_parallel_world_size()
     for chunk in model:
         chunk.train()
     return run_iterations(
-        lambda: train_step(forward_step_func, train_data_iterator, model, optimizer,
-                           opt_param_scheduler, **shapes),
+        lambda batch: train_step(forward_step_func, train_data_iterator, model, optimizer,
+                                 opt_param_scheduler, num_microbatches=batch // per_microbatch,
+                                 lr_increment=batch if tr.counts_samples else 1, **shapes),
         cfg, logger, lr=opt_param_scheduler.get_lr, loss_scale=optimizer.get_loss_scale,
         evaluate=None if valid_data_iterator is None else
         lambda: evaluate(forward_step_func, valid_data_iterator, model,
-                         eval_iters=cfg.training.eval_iters, **shapes),
+                         eval_iters=tr.eval_iters,
+                         num_microbatches=cfg.num_microbatches(dist.get_world_size()), **shapes),
         state=state, checkpoint_hook=checkpoint_hook)
 
 
-def run_iterations(step: Callable[[], StepOutput], cfg: JobConfig, logger: TrainingLogger, *,
+def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: TrainingLogger, *,
                    lr: Callable[[], float], loss_scale: Callable[[], float],
                    evaluate: Callable[[], dict[str, float]] | None,
                    state: TrainState | None = None,
                    checkpoint_hook: Callable[[TrainState], None] | None = None) -> TrainState:
-    """The loop around one iteration's ``step`` (mp's `train_step`, or DeepSpeed's engine in
-    `mp.training.deepspeed`): count, check the loss, log with ``lr()`` and ``loss_scale()``,
-    ``evaluate`` every ``eval_interval`` iterations and after the last, save every
-    ``save_interval`` iterations and at the end."""
+    """The loop around ``step(global_batch_size)``, one iteration (mp's `train_step`, or
+    DeepSpeed's engine in `mp.training.deepspeed`): count iterations and samples, check the
+    loss, log with ``lr()`` and ``loss_scale()``, ``evaluate`` every ``eval_interval``
+    iterations and after the last, save every ``save_interval`` iterations and at the end."""
     tr = cfg.training
     state = TrainState() if state is None else state
     check_loss = cfg.model.precision != "fp16"
@@ -174,14 +181,18 @@ def run_iterations(step: Callable[[], StepOutput], cfg: JobConfig, logger: Train
         state.last_saved_iteration = state.iteration
 
     can_evaluate = evaluate is not None and tr.eval_iters > 0
-    while state.iteration < tr.train_iters:
-        out = step()
+    schedule = cfg.batch_schedule(dist.get_world_size())
+    iterations = cfg.train_iterations(dist.get_world_size())
+    while state.iteration < iterations:
+        batch = schedule.global_batch_size_at(state.consumed_train_samples)
+        out = step(batch)
         state.iteration += 1
-        state.consumed_train_samples += tr.global_batch_size
+        state.consumed_train_samples += batch
         if check_loss:
             _check_finite(out, state)
         logger.training_iteration(state.iteration, state.consumed_train_samples, out.losses,
-                                  lr(), out.grad_norm, loss_scale(), out.update_successful)
+                                  lr(), out.grad_norm, loss_scale(), out.update_successful,
+                                  batch)
         if can_evaluate and tr.eval_interval and state.iteration % tr.eval_interval == 0:
             run_evaluation()
             evaluated_at = state.iteration
