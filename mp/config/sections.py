@@ -81,7 +81,9 @@ class TrainingConfig(_Section):
     ``initial_loss_scale``, halving after ``hysteresis`` overflows (never below ``min_loss_scale``)
     and doubling after ``loss_scale_window`` clean iterations. ``eval_interval=None`` or
     ``save_interval=None`` turns periodic evaluation or saving off (a run with ``save`` still saves
-    at its end); ``keep_last=None`` keeps every checkpoint.
+    at its end); ``keep_last=None`` keeps every checkpoint. ``exit_interval``,
+    ``exit_duration_in_mins`` and ``exit_signal_handler`` (with ``exit_signal``) end the run
+    early with a checkpoint (`mp.training.exit`).
 
     ``use_distributed_optimizer`` shards the fp32 master weights and AdamW moments over the
     data-parallel ranks (Megatron's distributed optimizer); ``overlap_param_gather`` then
@@ -130,13 +132,19 @@ class TrainingConfig(_Section):
     load: str | None = None
     save_interval: int | None = None
     keep_last: int | None = None
+    exit_interval: int | None = None
+    exit_duration_in_mins: float | None = None
+    exit_signal_handler: bool = False
+    exit_signal: str = "SIGTERM"  # SIGTERM | SIGINT | SIGUSR1 | SIGUSR2
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "global_batch_size", "loss_scale_window", "hysteresis"):
             self._at_least(name, 1)
         for name in ("train_iters", "train_samples", "eval_interval", "save_interval",
-                     "keep_last"):
+                     "keep_last", "exit_interval"):
             self._at_least(name, 1, optional=True)
+        if self.exit_duration_in_mins is not None:
+            self._positive("exit_duration_in_mins")
         for name in ("lr_warmup_iters", "lr_warmup_samples", "eval_iters", "seed"):
             self._at_least(name, 0)
         for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
@@ -149,6 +157,7 @@ class TrainingConfig(_Section):
         self._below_one("adam_beta2")
         self._one_of("lr_decay_style", ("cosine", "linear", "constant"))
         self._one_of("optimizer_impl", ("torch", "apex"))
+        self._one_of("exit_signal", ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"))
         self._check_run_length()
         self._not_above("min_lr", "lr")
         self._not_above("min_loss_scale", "initial_loss_scale")

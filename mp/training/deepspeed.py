@@ -49,6 +49,7 @@ from mp.optim.optimizer import build_adamw
 from mp.pipeline_parallel.schedules import forward_step
 from mp.training import gpt_step
 from mp.training.data import build_data_iterators
+from mp.training.exit import ExitConditions
 from mp.training.logger import TrainingLogger
 from mp.training.pretrain import (
     batches_text,
@@ -347,7 +348,8 @@ def load_deepspeed_checkpoint(engine, cfg: JobConfig) -> dict | None:
 def train_deepspeed(forward_step_func: Callable, engine, train_data_iterator: Iterator,
                     valid_data_iterator: Iterator | None, cfg: JobConfig,
                     logger: TrainingLogger, *, state: TrainState | None = None,
-                    checkpoint_hook: Callable[[TrainState], None] | None = None) -> TrainState:
+                    checkpoint_hook: Callable[[TrainState], None] | None = None,
+                    exit_conditions: ExitConditions | None = None) -> TrainState:
     """`mp.training.training.train` with `train_step_deepspeed` as the step."""
     num_microbatches = cfg.num_microbatches(dist.get_world_size())
     shapes = {"num_microbatches": num_microbatches, "seq_length": cfg.model.seq_length,
@@ -362,11 +364,11 @@ def train_deepspeed(forward_step_func: Callable, engine, train_data_iterator: It
         evaluate=None if valid_data_iterator is None else
         lambda: evaluate(forward_step_func, valid_data_iterator, [engine],
                          eval_iters=cfg.training.eval_iters, **shapes),
-        state=state, checkpoint_hook=checkpoint_hook)
+        state=state, checkpoint_hook=checkpoint_hook, exit_conditions=exit_conditions)
 
 
-def pretrain_deepspeed(cfg: JobConfig,
-                       forward_step_func: Callable = gpt_step.forward_step) -> TrainState:
+def pretrain_deepspeed(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step,
+                       exit_conditions: ExitConditions | None = None) -> TrainState:
     """`mp.training.pretrain.pretrain` with DeepSpeed's engine (``training.deepspeed``)."""
     world = dist.get_world_size()
     ds_config = deepspeed_config(cfg, world)
@@ -395,6 +397,7 @@ def pretrain_deepspeed(cfg: JobConfig,
         (lambda s: save_deepspeed_checkpoint(engine, cfg, s))
     try:
         return train_deepspeed(forward_step_func, engine, train_iterator, valid_iterator, cfg,
-                               logger, state=state, checkpoint_hook=hook)
+                               logger, state=state, checkpoint_hook=hook,
+                               exit_conditions=exit_conditions)
     finally:
         logger.close()

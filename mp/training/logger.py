@@ -151,6 +151,17 @@ class TrainingLogger:
             for key, value in results.items():
                 self.writer.add_scalar(f"validation {key}", value, iteration)
 
+    def early_exit(self, iteration: int, reason: str) -> None:
+        """Say that the run stopped after ``iteration`` (of `JobConfig.train_iterations`),
+        why, and where its checkpoint is."""
+        if not self.enabled:
+            return
+        save = self.cfg.training.save
+        where = f"checkpoint saved in {save}" if save is not None else \
+            "no checkpoint (training.save is not set)"
+        self._print(f"exiting after iteration {iteration}/{self.train_iterations}: {reason}; "
+                    f"{where}")
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()

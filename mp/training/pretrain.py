@@ -25,6 +25,7 @@ from mp.optim import (
 from mp.tensor_parallel import model_parallel_cuda_manual_seed
 from mp.training import gpt_step
 from mp.training.data import build_data_iterators
+from mp.training.exit import ExitConditions
 from mp.training.logger import TrainingLogger
 from mp.training.training import TrainState, train
 
@@ -115,12 +116,19 @@ def check_supported(cfg: JobConfig, world_size: int | None = None) -> None:
 
 def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step) -> TrainState:
     """Build everything from ``cfg``, resume from ``training.load`` when set, and train,
-    saving into ``training.save`` (`mp.checkpointing.job`). Needs
+    saving into ``training.save`` (`mp.checkpointing.job`), until the last iteration or an
+    early exit (`mp.training.exit`, whose clock and signal handler start here). Needs
     ``initialize_model_parallel`` done with ``cfg``'s sizes; rank 0 reports."""
     check_supported(cfg)
-    if cfg.training.deepspeed:  # DeepSpeed's engine does data parallelism and the optimizer
-        from mp.training.deepspeed import pretrain_deepspeed
-        return pretrain_deepspeed(cfg, forward_step_func)
+    with ExitConditions(cfg.training) as exit_conditions:
+        if cfg.training.deepspeed:  # DeepSpeed's engine does data parallelism and the optimizer
+            from mp.training.deepspeed import pretrain_deepspeed
+            return pretrain_deepspeed(cfg, forward_step_func, exit_conditions)
+        return _pretrain(cfg, forward_step_func, exit_conditions)
+
+
+def _pretrain(cfg: JobConfig, forward_step_func: Callable,
+              exit_conditions: ExitConditions) -> TrainState:
     set_random_seed(cfg.training.seed)
     model, optimizer, scheduler = setup_model_and_optimizer(cfg)
     start = checkpoint_job.start_point(cfg)
@@ -147,6 +155,7 @@ def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step
         return train(forward_step_func, model, optimizer, scheduler, list(train_iterator),
                      valid_iterator, cfg, logger, state=state,
                      checkpoint_hook=checkpoint_job.checkpoint_hook(cfg, model, optimizer,
-                                                                    scheduler))
+                                                                    scheduler),
+                     exit_conditions=exit_conditions)
     finally:
         logger.close()

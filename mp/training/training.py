@@ -29,6 +29,7 @@ from mp import parallel_state
 from mp.config import JobConfig
 from mp.optim import MixedPrecisionOptimizer, OptimizerParamScheduler
 from mp.pipeline_parallel.schedules import get_forward_backward_func
+from mp.training.exit import ExitConditions
 from mp.training.logger import TrainingLogger
 
 
@@ -137,9 +138,11 @@ def train(forward_step_func: Callable, model: list[nn.Module],
           optimizer: MixedPrecisionOptimizer, opt_param_scheduler: OptimizerParamScheduler,
           train_data_iterator: Iterator, valid_data_iterator: Iterator | None,
           cfg: JobConfig, logger: TrainingLogger, *, state: TrainState | None = None,
-          checkpoint_hook: Callable[[TrainState], None] | None = None) -> TrainState:
+          checkpoint_hook: Callable[[TrainState], None] | None = None,
+          exit_conditions: ExitConditions | None = None) -> TrainState:
     """Run iterations from ``state`` (default: the start) to the end of the run
-    (`JobConfig.train_iterations`). Evaluation iterations take the full global batch."""
+    (`JobConfig.train_iterations`), or until ``exit_conditions`` stop it. Evaluation
+    iterations take the full global batch."""
     tr = cfg.training
     shapes = {"seq_length": cfg.model.seq_length, "micro_batch_size": tr.micro_batch_size}
     per_microbatch = tr.micro_batch_size * parallel_state.get_data_parallel_world_size()
@@ -154,18 +157,21 @@ def train(forward_step_func: Callable, model: list[nn.Module],
         lambda: evaluate(forward_step_func, valid_data_iterator, model,
                          eval_iters=tr.eval_iters,
                          num_microbatches=cfg.num_microbatches(dist.get_world_size()), **shapes),
-        state=state, checkpoint_hook=checkpoint_hook)
+        state=state, checkpoint_hook=checkpoint_hook, exit_conditions=exit_conditions)
 
 
 def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: TrainingLogger, *,
                    lr: Callable[[], float], loss_scale: Callable[[], float],
                    evaluate: Callable[[], dict[str, float]] | None,
                    state: TrainState | None = None,
-                   checkpoint_hook: Callable[[TrainState], None] | None = None) -> TrainState:
+                   checkpoint_hook: Callable[[TrainState], None] | None = None,
+                   exit_conditions: ExitConditions | None = None) -> TrainState:
     """The loop around ``step(global_batch_size)``, one iteration (mp's `train_step`, or
     DeepSpeed's engine in `mp.training.deepspeed`): count iterations and samples, check the
     loss, log with ``lr()`` and ``loss_scale()``, ``evaluate`` every ``eval_interval``
-    iterations and after the last, save every ``save_interval`` iterations and at the end."""
+    iterations and after the last, save every ``save_interval`` iterations and at the end.
+    When ``exit_conditions`` give a reason to stop before the last iteration, the run saves
+    and ends there, without the final evaluation."""
     tr = cfg.training
     state = TrainState() if state is None else state
     check_loss = cfg.model.precision != "fp16"
@@ -181,6 +187,7 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
         state.last_saved_iteration = state.iteration
 
     can_evaluate = evaluate is not None and tr.eval_iters > 0
+    stop = None
     schedule = cfg.batch_schedule(dist.get_world_size())
     iterations = cfg.train_iterations(dist.get_world_size())
     while state.iteration < iterations:
@@ -198,8 +205,14 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
             evaluated_at = state.iteration
         if checkpoint_hook and tr.save_interval and state.iteration % tr.save_interval == 0:
             save()
-    if can_evaluate and evaluated_at != state.iteration:
+        if exit_conditions is not None and state.iteration < iterations:
+            stop = exit_conditions.reason(state.iteration)
+            if stop is not None:
+                break
+    if can_evaluate and stop is None and evaluated_at != state.iteration:
         run_evaluation()
     if checkpoint_hook and state.last_saved_iteration != state.iteration:
         save()
+    if stop is not None:
+        logger.early_exit(state.iteration, stop)
     return state
