@@ -3,7 +3,10 @@ at TP1, TP4, TP1 x DP4 and TP2 x PP2 (and again at TP2 x DP2); the loss on a fix
 next optimizer step and the weights after it agree with the saving run continuing on its own
 (to 1e-6; bit for bit at the saving layout, where the RNG states come back too). Mixed
 precision: the fp32 masters, not the bf16 weights, travel. The same holds for checkpoints
-written or read with the distributed optimizer (masters and moments sharded over DP)."""
+written or read with the distributed optimizer (masters and moments sharded over DP). A bf16
+job that loads a model-only checkpoint takes its masters from the loaded weights."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from harness import run_distributed
 
 from gpt_runs import GLOBAL_BATCH, assemble, batch, masters, pieces, run, setup, train_step
 
+from mp.checkpointing import job as checkpoint_job
 from mp.checkpointing import load_checkpoint, save_checkpoint
 from mp.tensor_parallel import get_cuda_rng_tracker
 
@@ -141,3 +145,27 @@ def test_masters_travel_between_layouts_and_precisions(tmp_path, save_distopt, w
         assert master.dtype == torch.float32
         assert torch.equal(got_masters[name], master), name
         assert torch.equal(got_weights[name], master.to(got_weights[name].dtype)), name
+
+
+def _save_model_only(path: str) -> dict:
+    models, _, _ = setup(2, 1, seed=1)
+    save_checkpoint(path, 0, models)  # no optimizer: what tools/convert_checkpoint.py writes
+    return pieces(models)
+
+
+def _job_loads_model_only(path: str, distributed_optimizer: bool) -> dict:
+    models, optimizer, scheduler = setup(2, 1, seed=2, precision="bf16",
+                                         distributed_optimizer=distributed_optimizer)
+    checkpoint_job.resume(checkpoint_job.StartPoint(Path(path)), models, optimizer, scheduler)
+    return masters(models, optimizer)
+
+
+@pytest.mark.parametrize("distopt", [False, True], ids=["", "distopt"])
+def test_a_bf16_job_loading_weights_only_refreshes_its_masters(tmp_path, distopt):
+    """The masters were made from the initial weights: left so, the first step would put
+    those back over the loaded ones."""
+    path = str(tmp_path / "save")
+    saved = assemble(run_distributed(4, _save_model_only, path))
+    got = assemble(run_distributed(4, _job_loads_model_only, path, distopt))
+    for name, weight in saved.items():
+        assert torch.equal(got[name], weight.to(torch.bfloat16).float()), name

@@ -327,7 +327,8 @@ def load_checkpoint(path: str | Path, model: nn.Module | Sequence[nn.Module],
     """Load a checkpoint into this rank's chunks, optimizer and schedule; collective.
 
     ``path`` is a checkpoint directory or a save directory (its latest checkpoint). Without
-    ``optimizer`` only the weights are loaded (a model-only checkpoint needs that). The RNG
+    ``optimizer`` only the weights are loaded (a model-only checkpoint needs that); an optimizer
+    built earlier then holds stale fp32 masters: call its ``reload_model_params()``. The RNG
     states are restored when ``load_rng`` and the layout is the saving one. Raises
     `CorruptCheckpointError` or `CheckpointError` on every rank, before reading any tensor,
     when a file is damaged or the checkpoint does not fit.

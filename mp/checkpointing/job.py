@@ -72,6 +72,7 @@ def resume(start: StartPoint, model: list[nn.Module], optimizer: MixedPrecisionO
         return
     if not start.resumes:
         load_checkpoint(start.checkpoint, model, load_rng=False)
+        optimizer.reload_model_params()  # the fp32 masters were made from the initial weights
         _say(f"loaded the weights of model-only checkpoint {start.checkpoint}; the optimizer "
              "and the learning-rate schedule start fresh at iteration 0")
         return

@@ -16,12 +16,12 @@ parameter writes it (never the tied embedding's ``shared`` copy); every rank tha
 reads it. Weights are the fp32 master when the checkpoint has one: an fp32 model loads the
 masters of a bf16 run, and a bf16 model's masters come from an fp32 run's weights.
 
-Optimizer entries are written and read per `mp.optim.ParamShard`: a whole parameter, or,
-under the distributed optimizer, the flat slice of it this data-parallel rank updates, placed
-as the rectangles that tile it (`Placement.of_flat_range`). The global tensors are the same
-either way, so a checkpoint loads with or without the distributed optimizer at any
-data-parallel size. Half-precision parameters take their values from the loaded masters
-(``reload_model_params``, which all-gathers them under the distributed optimizer).
+Optimizer entries are written and read per `mp.optim.ParamShard`: a whole parameter, or, under the
+distributed optimizer, the flat slice of it this data-parallel rank updates, placed as the
+rectangles that tile it (`Placement.of_flat_range`). The global tensors are the same either way, so
+a checkpoint loads with or without the distributed optimizer at any data-parallel size.
+Half-precision parameters take their values from the loaded masters (``copy_main_params_to_model``,
+which all-gathers them under the distributed optimizer).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class OptimizerTargets:
         """Give the loaded moments and step counts to AdamW, and refresh the half-precision
         parameters from the loaded masters."""
         self.optimizer.load_adam_state(self.state)
-        self.optimizer.reload_model_params()
+        self.optimizer.copy_main_params_to_model()
 
 
 def model_targets(params: list[NamedParameter], stored: set[str]) -> PlacedTensors:

@@ -73,10 +73,10 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
             chunk.finish_param_sync()
         return super().step()
 
-    def reload_model_params(self) -> None:
+    def copy_main_params_to_model(self) -> None:
         """Write the masters into this rank's shards of the parameters, then all-gather the
         parameters over data parallel (asynchronous when the chunks overlap it)."""
-        super().reload_model_params()
+        super().copy_main_params_to_model()
         for chunk in self.model_chunks:
             chunk.start_param_sync()
 

@@ -225,7 +225,7 @@ class MixedPrecisionOptimizer:
         if self.clip_grad > 0:
             clip_grad_by_total_norm_fp32(grads, self.clip_grad, grad_norm)
         self.optimizer.step()
-        self.reload_model_params()
+        self.copy_main_params_to_model()
         return StepResult(True, grad_norm)
 
     def adam_state(self, shard: ParamShard) -> dict[str, torch.Tensor]:
@@ -256,12 +256,21 @@ class MixedPrecisionOptimizer:
         self.optimizer.load_state_dict(saved)
 
     @torch.no_grad()
-    def reload_model_params(self) -> None:
-        """Copy the masters into the model's parameters (Megatron's name): after each step,
-        and after a checkpoint loaded the masters."""
+    def copy_main_params_to_model(self) -> None:
+        """Copy the masters into the model's parameters: after each step, and after a
+        checkpoint loaded the masters."""
         if self._copied:
             torch._foreach_copy_([s.of(s.param) for s in self._copied],
                                  [s.main for s in self._copied])
+
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Refresh the masters from the model's parameters (Megatron's name and meaning):
+        after weights were written into the model alone, as a model-only checkpoint load
+        does; otherwise the next step would put the stale masters back."""
+        if self._copied:
+            torch._foreach_copy_([s.main for s in self._copied],
+                                 [s.of(s.param) for s in self._copied])
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(),
@@ -285,7 +294,7 @@ class MixedPrecisionOptimizer:
         with torch.no_grad():
             for shard, value in zip(self._copied, saved):
                 shard.main.copy_(value)
-        self.reload_model_params()
+        self.copy_main_params_to_model()
 
 
 def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
