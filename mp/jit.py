@@ -11,7 +11,9 @@ on two cores. ``MP_JIT_FUSION_CPU=1`` compiles on the CPU as well (inductor's C+
 the tests use it to check the compiled code against the eager one. If compiling fails (no
 Triton, no C++ compiler, an unsupported GPU), a one-line notice is logged and every fused
 function runs eagerly from then on. Only compiler failures are caught: an error raised by the
-compiled code when it runs (out of memory, say) propagates as it would eagerly.
+compiled code when it runs (out of memory, say) propagates as it would eagerly. Called while
+an enclosing ``torch.compile`` traces (``model.compile_layers``), ``fn`` is traced into that
+graph and nothing is compiled separately.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def jit_fuser(fn: Fn) -> Fn:
     @functools.wraps(fn)
     def run(*args):
         nonlocal compiled
+        if torch.compiler.is_compiling():  # traced into an enclosing torch.compile's graph
+            return fn(*args)
         if compiles_on(args[0].device):
             if compiled is None:
                 compiled = torch.compile(fn, fullgraph=True)  # imports torch._dynamo

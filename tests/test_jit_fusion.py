@@ -13,6 +13,8 @@ from checks import assert_rel_close, jit_compiled_on_cpu, seeded
 from harness import run_distributed
 from mp import parallel_state as ps
 from mp import tensor_parallel as tp_
+from mp.estimate import SavedTensorMeter
+from mp.jit import jit_fuser
 from mp.model.dropout import bias_dropout_add
 from mp.model.mlp import bias_gelu, bias_swiglu
 
@@ -149,6 +151,25 @@ def _checkpoint_replays(tp: int, device: str = "cpu"):
 
 def test_checkpoint_replays_compiled_masks():
     run_distributed(2, _checkpoint_replays, 2)
+
+
+def _dropout_traced_then_alone() -> list[torch.dtype]:
+    """The dtypes a fused dropout saves when called alone, after an enclosing compile (as
+    ``compile_layers`` does) traced it first."""
+    drop = jit_fuser(lambda x: torch.nn.functional.dropout(x, P, True))
+    x = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
+    with jit_compiled_on_cpu():
+        torch.compile(lambda t: drop(t) * 2, backend="eager", fullgraph=True)(x)
+        with SavedTensorMeter() as meter:
+            drop(x)
+    return [dtype for _, dtype, _, _ in meter.entries]
+
+
+def test_a_function_traced_by_an_enclosing_compile_still_compiles_alone():
+    """Its own compiled build saves a bool mask (eager CPU dropout saves bf16 noise). The
+    build once became the eager function for good when the first call came while an
+    enclosing compile traced it."""
+    assert run_distributed(1, _dropout_traced_then_alone)[0] == [torch.bool]
 
 
 def test_a_compiler_failure_falls_back_to_eager_once(monkeypatch, caplog):
