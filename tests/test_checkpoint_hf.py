@@ -13,6 +13,7 @@ from harness import run_distributed
 
 from mp import parallel_state as ps
 from mp.checkpointing import load_checkpoint, read_checkpoint_info
+from mp.checkpointing.hf_gpt2 import hf_config
 from mp.model import GPTModel, TransformerConfig
 from mp.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -101,3 +102,11 @@ def test_unsupported_gpt2_configs_are_refused_by_name(tmp_path):
     with pytest.raises(SystemExit, match="scale_attn_by_inverse_layer_idx=True: mp's attention "
                                          "needs scale_attn_by_inverse_layer_idx=False"):
         _convert_to_mp(tmp_path / "hf", tmp_path / "mp")
+
+
+def test_grouped_query_models_do_not_export_to_gpt2():
+    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
+                               num_query_groups=2, vocab_size=64, seq_length=16)
+    with pytest.raises(ValueError, match=r"model.num_query_groups=2: GPT-2 needs .*"
+                                         r"num_query_groups in \(4,\)"):
+        hf_config(config)

@@ -17,7 +17,7 @@ from harness import run_distributed
 from gpt_runs import GLOBAL_BATCH, assemble, batch, masters, pieces, run, setup, train_step
 
 from mp.checkpointing import job as checkpoint_job
-from mp.checkpointing import load_checkpoint, save_checkpoint
+from mp.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
 from mp.tensor_parallel import get_cuda_rng_tracker
 
 SAVED_AT = 3
@@ -169,3 +169,31 @@ def test_a_bf16_job_loading_weights_only_refreshes_its_masters(tmp_path, distopt
     got = assemble(run_distributed(4, _job_loads_model_only, path, distopt))
     for name, weight in saved.items():
         assert torch.equal(got[name], weight.to(torch.bfloat16).float()), name
+
+
+def _save_grouped_query(path: str) -> float:
+    models, _, _ = setup(2, 1, seed=1, num_query_groups=2)  # 4 heads share 2 keys and values
+    save_checkpoint(path, 0, models)
+    return run(models, batch(100), forward_only=True)
+
+
+def _load_grouped_query(path: str, tp: int, groups: int) -> float | str:
+    """The loaded model's loss on the probe batch, or the refusal's message."""
+    models, _, _ = setup(tp, 1, seed=2, num_query_groups=groups)
+    try:
+        load_checkpoint(path, models)
+    except CheckpointError as error:
+        return str(error)
+    return run(models, batch(100), forward_only=True)
+
+
+def test_grouped_query_checkpoint_loads_at_other_tp_sizes(tmp_path):
+    """The grouped QKV weight (whole query groups per TP rank) saved at TP2 x DP2 gives the
+    same loss at TP1 and TP2; a multi-head model refuses it, naming the field."""
+    path = str(tmp_path / "save")
+    expected = run_distributed(4, _save_grouped_query, path)[0]
+    for world, tp in ((1, 1), (2, 2)):
+        got = run_distributed(world, _load_grouped_query, path, tp, 2)[0]
+        assert got == pytest.approx(expected, rel=1e-6), f"TP{tp}"
+    refusal = run_distributed(1, _load_grouped_query, path, 1, 4)[0]
+    assert "model.num_query_groups=2 in the checkpoint but 4 here" in refusal

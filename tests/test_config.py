@@ -202,6 +202,15 @@ def test_more_megatron_flags():
     assert t.overlap_grad_reduce is False
 
 
+def test_grouped_query_attention_flags():
+    """As in Megatron, --group-query-attention alone is multi-query attention (one group);
+    --num-query-groups gives the count on either side of it, or alone."""
+    groups = [shipped("gpt3-125m", *args).model.num_query_groups for args in (
+        (), ("--group-query-attention",), ("--group-query-attention", "--num-query-groups", "4"),
+        ("--num-query-groups", "4", "--group-query-attention"), ("--num-query-groups", "2"))]
+    assert groups == [12, 1, 4, 4, 2]
+
+
 @pytest.mark.parametrize("flag, precision", [("--bf16", "bf16"), ("--fp16", "fp16")])
 def test_precision_flags(flag, precision):
     assert shipped("gpt-tiny").model.precision == "fp32"
@@ -296,6 +305,10 @@ COMMAND_LINE_ERRORS = [
     # the parallel layout and the batch
     (["--tensor-model-parallel-size", "8"], 8,
      "num_attention_heads=4 is not divisible by tensor_model_parallel_size=8"),
+    (["--num-query-groups", "3"], 4,
+     "num_attention_heads=4 is not divisible by num_query_groups=3"),
+    (["--group-query-attention"], 4,
+     "num_query_groups=1 is not divisible by tensor_model_parallel_size=2"),
     (["--global-batch-size", "20"], 4,
      ("training.global_batch_size=20 is not divisible by training.micro_batch_size x "
      "data_parallel_size = 4 x 2 = 8 (world_size=4)")),

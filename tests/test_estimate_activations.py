@@ -36,6 +36,17 @@ LAYER_CASES = {  # name -> config overrides (tp and sequence_parallel are added 
     "sdpa_selective": dict(attention_backend="sdpa", recompute_granularity="selective"),
     "swiglu_rope_nobias": dict(attention_backend="unfused", activation="swiglu",
                                position_embedding_type="rope", add_bias_linear=False),
+    # grouped-query attention: 16 heads share 4 keys and values
+    "gqa_unfused": dict(attention_backend="unfused", num_attention_heads=16, num_query_groups=4),
+    "gqa_sdpa_math": dict(num_attention_heads=16, num_query_groups=4),
+    "gqa_sdpa_flash": dict(num_attention_heads=16, num_query_groups=4, attention_dropout=0.0),
+    "gqa_unfused_selective": dict(attention_backend="unfused", num_attention_heads=16,
+                                  num_query_groups=4, recompute_granularity="selective"),
+    "gqa_unfused_rope": dict(attention_backend="unfused", num_attention_heads=16,
+                             num_query_groups=4, position_embedding_type="rope"),
+    "gqa_rope_selective": dict(num_attention_heads=16, num_query_groups=4,
+                               position_embedding_type="rope",
+                               recompute_granularity="selective"),
 }
 BLOCK_CASES = {  # full recompute over a two-layer chunk
     "full_uniform": dict(recompute_granularity="full", recompute_method="uniform"),

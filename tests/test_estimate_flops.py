@@ -81,6 +81,26 @@ def test_bubble_and_step_time_parts():
     assert est.step.total > est.step.compute > 0
 
 
+def _megatron_flops(cfg: TransformerConfig, batch: int) -> float:
+    """Megatron-LM's ``num_floating_point_operations`` (no recompute), which counts grouped
+    queries and gated MLPs: ``12 B s l h^2 ((1 + g / a + s / h) q / h + f / h m + V / (2 l h))``
+    with ``q = a d`` the query width and ``m`` 1.5 for a gated MLP."""
+    s, l, h = cfg.seq_length, cfg.num_layers, cfg.hidden_size
+    a, g = cfg.num_attention_heads, cfg.num_query_groups
+    gated = 1.5 if cfg.activation == "swiglu" else 1.0
+    query_ratio = cfg.kv_channels * a / h
+    return 12 * batch * s * l * h * h * ((1 + g / a + s / h) * query_ratio
+                                         + cfg.ffn_hidden_size / h * gated
+                                         + cfg.padded_vocab_size / (2 * l * h))
+
+
+@pytest.mark.parametrize("groups", [32, 8, 1])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_grouped_query_flops_are_megatrons(groups, activation):
+    cfg = _config(32, 4096, 8, num_query_groups=groups, activation=activation)
+    assert training_flops(cfg, 4, None) == pytest.approx(_megatron_flops(cfg, 4), rel=1e-12)
+
+
 @pytest.mark.parametrize("recompute", [None, "selective", "full"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_training_flops_agree_with_the_training_loop_count(recompute, activation):

@@ -20,6 +20,7 @@ VARIANTS = {
                                           position_embedding_type="rope",
                                           untie_embeddings_and_output_weights=True,
                                           add_bias_linear=False),
+    "grouped_query": dict(num_attention_heads=8, num_query_groups=4),
 }
 
 

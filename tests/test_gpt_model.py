@@ -91,6 +91,11 @@ VARIANTS = {
                                   "untie_embeddings_and_output_weights": True,
                                   "add_bias_linear": False},
     "unfused_attention": {"attention_backend": "unfused"},
+    "grouped_query_sp": {"num_attention_heads": 8, "num_query_groups": 4,
+                         "sequence_parallel": True},
+    "grouped_query_unfused_rope": {"num_attention_heads": 8, "num_query_groups": 4,
+                                   "attention_backend": "unfused",
+                                   "position_embedding_type": "rope"},
 }
 
 
@@ -148,3 +153,44 @@ def _check_custom_mask_backends_agree():
 
 def test_custom_mask_backends_agree():
     run_distributed(1, _check_custom_mask_backends_agree)
+
+
+def _grouped_qkv_as_multi_head(t: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
+    """A grouped-query QKV weight or bias (``[g, a / g + 2, d]`` along dim 0) as the
+    multi-head one (``[a, 3, d]``) that gives every query head its group's key and value."""
+    per_group = heads // groups
+    grouped = t.view(groups, per_group + 2, -1, *t.shape[1:])
+    q = grouped[:, :per_group].flatten(0, 1)  # [a, d, ...]
+    k, v = (grouped[:, i].repeat_interleave(per_group, dim=0)
+            for i in (per_group, per_group + 1))
+    return torch.stack((q, k, v), dim=1).flatten(0, 2)
+
+
+def _check_grouped_query_is_multi_head_with_shared_keys(groups: int, overrides: dict):
+    """Grouped-query attention against the multi-head model whose heads of a group share one
+    key and one value projection: logits, loss, and the gradients of every parameter (the
+    shared key/value rows get the sum over the heads that read them, through autograd)."""
+    ps.initialize_model_parallel(1)
+    ids, labels = _batch()
+    heads = 8
+    gqa = _build(_config(1, num_attention_heads=heads, num_query_groups=groups, **overrides),
+                 None)
+    mha = _build(_config(1, num_attention_heads=heads, **overrides), None)
+    leaves = {n: p.detach().clone().requires_grad_() for n, p in gqa.named_parameters()}
+    as_mha = {n: _grouped_qkv_as_multi_head(p, heads, groups) if "query_key_value" in n else p
+              for n, p in leaves.items()}
+    ref_loss = torch.func.functional_call(mha, as_mha, (ids,), {"labels": labels})
+    loss = gqa(ids, labels=labels)
+    assert_rel_close(loss, ref_loss, what="loss")
+    loss.sum().backward()
+    ref_loss.sum().backward()
+    for name, p in gqa.named_parameters():
+        assert_rel_close(p.grad, leaves[name].grad, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("groups", [4, 2, 1])
+@pytest.mark.parametrize("overrides", [{}, {"attention_backend": "unfused",
+                                            "position_embedding_type": "rope"}],
+                         ids=["sdpa", "unfused_rope"])
+def test_grouped_query_is_multi_head_with_shared_keys(groups, overrides):
+    run_distributed(1, _check_grouped_query_is_multi_head_with_shared_keys, groups, overrides)

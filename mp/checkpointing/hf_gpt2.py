@@ -68,7 +68,8 @@ def hf_config(config: TransformerConfig) -> dict:
     """A GPT-2 ``config.json`` for mp model ``config``; ValueError for an mp model GPT-2
     cannot express."""
     needs = {"normalization": ("LayerNorm",), "activation": tuple(_HF_ACTIVATION),
-             "position_embedding_type": ("learned_absolute",), "add_bias_linear": (True,)}
+             "position_embedding_type": ("learned_absolute",), "add_bias_linear": (True,),
+             "num_query_groups": (config.num_attention_heads,)}  # GPT-2 has one key per head
     wrong = [f"{k}={getattr(config, k)!r}" for k, v in needs.items() if getattr(config, k) not in v]
     if wrong:
         raise ValueError(f"model.{', model.'.join(wrong)}: GPT-2 needs "

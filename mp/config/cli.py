@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from mp.config.coerce import ConfigError, describe, field_annotations
 from mp.config.job import SECTIONS, JobConfig
 from mp.config.loader import load_config
-from mp.config.overrides import ALIASES, CONSTANT_FLAGS, VIRTUAL_STAGE_FLAG
+from mp.config.overrides import ALIASES, CONSTANT_FLAGS, GROUP_QUERY_FLAG, VIRTUAL_STAGE_FLAG
 
 CONFIG_FLAG = "--config"
 
@@ -62,11 +62,12 @@ def help_text(prog: str = "pretrain_gpt.py") -> str:
         "",
         "Megatron-LM flags:",
     ]
-    width = max(map(len, [*ALIASES, *CONSTANT_FLAGS, VIRTUAL_STAGE_FLAG])) + 2
+    width = max(map(len, [*ALIASES, *CONSTANT_FLAGS, VIRTUAL_STAGE_FLAG, GROUP_QUERY_FLAG])) + 2
     lines += [f"  {flag:<{width}}{key}" for flag, key in ALIASES.items()]
     lines += [f"  {flag:<{width}}{key}={value}" for flag, (key, value) in CONSTANT_FLAGS.items()]
     lines.append(f"  {VIRTUAL_STAGE_FLAG:<{width}}model.virtual_pipeline_model_parallel_size"
                  " = num_layers / pipeline_model_parallel_size / N")
+    lines.append(f"  {GROUP_QUERY_FLAG:<{width}}model.num_query_groups=1 unless given")
     for name, section_cls in SECTIONS.items():
         lines += ["", f"{name}:"]
         annotations = field_annotations(section_cls)

@@ -17,6 +17,10 @@ Syntax, applied left to right (a later override of the same key wins):
   choose apex's optimizer and norms; they take no value.
   ``--num-layers-per-virtual-pipeline-stage N`` sets ``model.virtual_pipeline_model_parallel_size``
   to ``num_layers / pipeline_model_parallel_size / N`` (after every other override).
+- ``--group-query-attention`` turns on grouped-query attention as in Megatron, where
+  ``--num-query-groups`` then defaults to 1 (multi-query attention): it sets
+  ``model.num_query_groups`` to 1 unless the config or the command line gives a count.
+  Unlike Megatron, ``--num-query-groups G`` alone takes effect too.
 
 A value never starts with ``--`` unless it is given with ``=``.
 """
@@ -33,7 +37,8 @@ from mp.config.job import SECTIONS, known_keys
 # Megatron-LM flags that are their key's name with dashes, grouped by section.
 _MEGATRON_NAMES = {
     "model": (
-        "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
+        "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+        "ffn_hidden_size", "seq_length",
         "max_position_embeddings", "make_vocab_size_divisible_by", "normalization",
         "position_embedding_type", "untie_embeddings_and_output_weights", "hidden_dropout",
         "attention_dropout", "init_method_std", "tensor_model_parallel_size",
@@ -83,13 +88,14 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
 }
 
 VIRTUAL_STAGE_FLAG = "--num-layers-per-virtual-pipeline-stage"
+GROUP_QUERY_FLAG = "--group-query-attention"
 
 
 @dataclass(frozen=True)
 class _Option:
     """What one ``--option`` sets and how many values it takes."""
 
-    key: str | None  # None: the virtual-stage flag, resolved after the others
+    key: str | None  # None: a flag resolved after the others (virtual stages, query groups)
     min_values: int
     max_values: int | None  # None: any number
     constant: str | None = None
@@ -101,9 +107,12 @@ def apply_overrides(sections: dict, args: Sequence[str]) -> None:
     Values are stored as given (text); `JobConfig.from_dict` converts them to their types.
     """
     layers_per_virtual_stage = None
+    group_query_attention = False
     constants_given: dict[str, str] = {}
     for name, option, values in _split_options(args):
-        if option.key is None:
+        if name == GROUP_QUERY_FLAG:
+            group_query_attention = True
+        elif option.key is None:
             layers_per_virtual_stage = coerce(name, values[0], int)
         elif option.constant is not None:
             earlier = constants_given.setdefault(option.key, name)
@@ -114,6 +123,8 @@ def apply_overrides(sections: dict, args: Sequence[str]) -> None:
             _set(sections, option.key, values[0] if len(values) == 1 else values)
         else:
             _set(sections, option.key, values[0] if values else "true")
+    if group_query_attention and "num_query_groups" not in (sections.get("model") or {}):
+        _set(sections, "model.num_query_groups", 1)
     if layers_per_virtual_stage is not None:
         vpp = _virtual_stages(sections.get("model") or {}, layers_per_virtual_stage)
         _set(sections, "model.virtual_pipeline_model_parallel_size", vpp)
@@ -156,6 +167,8 @@ def _option(name: str) -> _Option:
     """The `_Option` for ``--name``; an unknown option is an error naming the closest one."""
     if name == VIRTUAL_STAGE_FLAG:
         return _Option(None, 1, 1)
+    if name == GROUP_QUERY_FLAG:
+        return _Option(None, 0, 0)
     if name in CONSTANT_FLAGS:
         key, constant = CONSTANT_FLAGS[name]
         return _Option(key, 0, 0, constant)
@@ -173,7 +186,8 @@ def _option(name: str) -> _Option:
 
 def option_names() -> list[str]:
     """Every option `apply_overrides` knows: the Megatron flags, then ``--section.key``."""
-    return [*ALIASES, *CONSTANT_FLAGS, VIRTUAL_STAGE_FLAG, *(f"--{k}" for k in known_keys())]
+    return [*ALIASES, *CONSTANT_FLAGS, VIRTUAL_STAGE_FLAG, GROUP_QUERY_FLAG,
+            *(f"--{k}" for k in known_keys())]
 
 
 def _virtual_stages(model: dict, layers_per_stage: int) -> int:

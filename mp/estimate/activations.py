@@ -12,7 +12,11 @@ with sequence parallelism (else ``n``):
 - the two norm inputs, the QKV input and the MLP input: ``4 e n' h``;
 - the norms' statistics (mean and rstd, or rstd per row; fp32 on CUDA), which Korthikanti
   et al. leave out;
-- Q, K, V: one fused QKV output that q, k and v view, ``3 e n h / t``;
+- Q, K, V: one fused QKV output that q, k and v view, ``3 e n h / t``; with ``g < a``
+  key/value heads (grouped-query attention) it is ``e n h (1 + 2 g / a) / t``, plus the
+  queries, copied out of their groups (``e n h / t``, unless a rank holds one group); the
+  unfused core saves q and the keys and values repeated per query head instead, ``3 e n h /
+  t`` again;
 - the attention core, unfused: softmax output, dropout mask and dropped probabilities,
   ``(e + 1 + e) a s^2 b / t``; SDPA (flash): only the fp32 log-sum-exp, ``4 a s b / t``;
 - the attention output (the input of the attention's output projection): ``e n h / t``;
@@ -129,12 +133,19 @@ def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUD
         "norm statistics": 2 * norm_stats_per_row(cfg, kernels) * local,
         "QKV input": e * local * h,
     }
+    grouped = cfg.num_query_groups < cfg.num_attention_heads
     if math_core:  # fp32 copies of q, k, v replace the 16-bit QKV output (and RoPE's q, k)
         terms["Q, K, V (fp32 copies)"] = 3 * FP32 * tokens * h / t
+    elif grouped and cfg.attention_backend == "unfused" and not selective:
+        # the matmuls save q and the keys and values repeated for every query head
+        terms["Q, and K, V repeated per head"] = 3 * e * tokens * h / t
     else:
-        terms["Q, K, V"] = 3 * e * tokens * h / t
+        terms["Q, K, V"] = e * tokens * cfg.qkv_size / t  # v views the whole QKV output
         if cfg.position_embedding_type == "rope":
-            terms["rotated Q, K"] = 2 * e * tokens * h / t
+            keys = cfg.num_query_groups * cfg.kv_channels
+            terms["rotated Q, K"] = e * tokens * (h + keys) / t
+        elif grouped and cfg.num_query_groups > t:  # with one group per rank, q is a view
+            terms["Q (copied out of its groups)"] = e * tokens * h / t
     if cfg.position_embedding_type == "rope":  # cos and sin tables, for q and for k
         terms["rotary tables"] = 4 * FP32 * s * cfg.kv_channels
     if not selective:

@@ -4,7 +4,8 @@ A matrix product of ``[m, k] x [k, n]`` costs ``2 m k n`` FLOPs; backward costs 
 forward (the input and the weight gradients). Per layer and micro-batch of ``b`` sequences
 the forward costs, with ``n = b s`` tokens:
 
-- QKV projection ``6 n h^2``, attention output ``2 n h^2``;
+- QKV projection ``6 n h^2``, attention output ``2 n h^2`` (with ``g`` key/value heads for
+  ``a`` query heads, grouped-query attention, the QKV projection is ``2 n h^2 (1 + 2 g / a)``);
 - scores ``Q K^T`` and ``P V``: ``2 b s^2 h`` each (the full ``s x s``, the papers' convention,
   although a causal kernel skips half of it);
 - MLP ``4 n h f`` (GeLU) or ``6 n h f`` (SwiGLU's gate);
@@ -26,7 +27,7 @@ def layer_forward_flops(cfg: TransformerConfig, sequences: int) -> tuple[float, 
     s, h, f = cfg.seq_length, cfg.hidden_size, cfg.ffn_hidden_size
     tokens = sequences * s
     mlp_matrices = 3 if cfg.activation == "swiglu" else 2
-    dense = 2 * tokens * h * (3 * h + h + mlp_matrices * f)
+    dense = 2 * tokens * h * (cfg.qkv_size + h + mlp_matrices * f)
     scores = 2 * 2 * sequences * s * s * h
     return scores, dense
 

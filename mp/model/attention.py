@@ -1,11 +1,15 @@
 """Causal self-attention with heads split over tensor-parallel ranks.
 
 ``[s, b, h]`` (or ``[s / t, b, h]`` with sequence parallelism) -> fused QKV projection
-(column-parallel, ``[s, b, 3h / t]``: this rank's ``np = heads / t`` heads) -> attention per
-head -> output projection (row-parallel, reduced back to ``[s, b, h]`` or ``[s / t, b, h]``).
+(column-parallel, ``[s, b, (a + 2 g) d / t]``: this rank's ``np = a / t`` query heads and
+``ng = g / t`` key/value heads) -> attention per head -> output projection (row-parallel,
+reduced back to ``[s, b, h]`` or ``[s / t, b, h]``). ``a`` heads of size ``d = h / a``
+share ``g`` key/value heads (``num_query_groups``): ``g = a`` is multi-head attention,
+``g < a`` grouped-query attention (Ainslie et al. 2023), ``g = 1`` multi-query attention.
 
-The fused QKV weight is laid out per head, ``[heads, 3, head_dim]`` along its output dim, so a
-contiguous TP slice holds whole heads with their query, key and value.
+The fused QKV weight is laid out per query group, ``[g, a / g + 2, d]`` along its output
+dim: the group's queries, then its key, then its value (Megatron's layout; with ``g = a``
+that is ``[heads, 3, d]``). A contiguous TP slice holds whole groups.
 
 Two attention cores:
 - ``sdpa`` (default): ``torch.nn.functional.scaled_dot_product_attention``, flash or
@@ -56,15 +60,21 @@ class CoreAttention(nn.Module):
             mask_func=attention_mask_func, softmax_in_fp32=True, scale=self.scale)
 
     def forward(self, q, k, v, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``q [s, b, np, hd]``, ``k, v [s, b, ng, hd]`` (``ng`` divides ``np``: each key
+        and value head serves ``np / ng`` consecutive query heads)."""
         s, b, heads, head_dim = q.shape
+        groups = k.size(2)
         dropout = self.dropout if self.training else 0.0
         with get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
             if self.backend == "sdpa":
                 context = F.scaled_dot_product_attention(
                     *(t.permute(1, 2, 0, 3) for t in (q, k, v)),  # [b, np, s, hd]
                     attn_mask=None if attention_mask is None else ~attention_mask,
-                    dropout_p=dropout, is_causal=attention_mask is None, scale=self.scale)
+                    dropout_p=dropout, is_causal=attention_mask is None, scale=self.scale,
+                    enable_gqa=groups < heads)
             else:
+                if groups < heads:
+                    k, v = (t.repeat_interleave(heads // groups, dim=2) for t in (k, v))
                 context = self._unfused(q, k, v, attention_mask, dropout)
         return context.permute(2, 0, 1, 3).reshape(s, b, heads * head_dim)
 
@@ -87,12 +97,12 @@ class SelfAttention(nn.Module):
         self.config = config
         sp, dtype, bias = config.sequence_parallel, config.params_dtype, config.add_bias_linear
         self.query_key_value = ColumnParallelLinear(
-            config.hidden_size, 3 * config.hidden_size, bias=bias, gather_output=False,
+            config.hidden_size, config.qkv_size, bias=bias, gather_output=False,
             init_method=init_method_normal(config.init_method_std), sequence_parallel=sp,
             params_dtype=dtype, group=group)
-        self.heads_per_partition = divide(config.num_attention_heads,
-                                          self.query_key_value.world_size,
-                                          "num_attention_heads")
+        tp = self.query_key_value.world_size
+        self.heads_per_partition = divide(config.num_attention_heads, tp, "num_attention_heads")
+        self.groups_per_partition = divide(config.num_query_groups, tp, "num_query_groups")
         self.core_attention = CoreAttention(config)
         self.dense = RowParallelLinear(
             config.hidden_size, config.hidden_size, bias=bias, input_is_parallel=True,
@@ -101,10 +111,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_freqs: torch.Tensor | None = None):
-        qkv, _ = self.query_key_value(hidden)  # [s, b, 3h / t]
+        qkv, _ = self.query_key_value(hidden)  # [s, b, (a + 2 g) d / t]
         s, b = qkv.shape[:2]
-        head_dim = self.config.kv_channels
-        q, k, v = qkv.view(s, b, self.heads_per_partition, 3 * head_dim).split(head_dim, dim=-1)
+        d, groups = self.config.kv_channels, self.groups_per_partition
+        queries = self.heads_per_partition // groups * d  # per group
+        q, k, v = qkv.view(s, b, groups, queries + 2 * d).split([queries, d, d], dim=-1)
+        q = q.reshape(s, b, self.heads_per_partition, d)  # a view when groups = heads
         if rotary_freqs is not None:
             q, k = apply_rotary(q, rotary_freqs), apply_rotary(k, rotary_freqs)
         if self.config.recompute_granularity == "selective":

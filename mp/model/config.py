@@ -23,6 +23,8 @@ class TransformerConfig:
     num_attention_heads: int
     vocab_size: int
     seq_length: int
+    num_query_groups: int | None = None  # key/value heads (grouped-query attention); default
+    # one per query head (multi-head attention), 1 for multi-query attention
     ffn_hidden_size: int | None = None  # default 4h (GeLU) or 8h/3 rounded up to 64 (SwiGLU)
     max_position_embeddings: int | None = None  # default seq_length
     make_vocab_size_divisible_by: int = 128
@@ -67,6 +69,9 @@ class TransformerConfig:
                                     else 4 * self.hidden_size)
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        _positive_int("num_query_groups", self.num_query_groups)
         _positive_int("ffn_hidden_size", self.ffn_hidden_size)
         _one_of("normalization", self.normalization, ("LayerNorm", "RMSNorm"))
         _one_of("normalization_impl", self.normalization_impl, ("mp", "apex"))
@@ -84,6 +89,9 @@ class TransformerConfig:
                    self.num_attention_heads)
         _divisible("num_attention_heads", self.num_attention_heads,
                    "tensor_model_parallel_size", tp)
+        _divisible("num_attention_heads", self.num_attention_heads, "num_query_groups",
+                   self.num_query_groups)
+        _divisible("num_query_groups", self.num_query_groups, "tensor_model_parallel_size", tp)
         _divisible("ffn_hidden_size", self.ffn_hidden_size, "tensor_model_parallel_size", tp)
         if self.position_embedding_type == "rope" and self.kv_channels % 2:
             raise ValueError(f"rope needs an even head size; hidden_size / num_attention_heads "
@@ -120,6 +128,12 @@ class TransformerConfig:
     def kv_channels(self) -> int:
         """Size of one attention head."""
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def qkv_size(self) -> int:
+        """Outputs of the fused QKV projection: a query per head, a key and a value per
+        query group, ``h + 2 g h / a``."""
+        return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
 
     @property
     def padded_vocab_size(self) -> int:
