@@ -43,10 +43,13 @@ def format_estimate(est: Estimate, kernels: Kernels = CUDA) -> str:
     """A full report of one estimate: model, memory per stage, activations per layer,
     FLOPs, communication per rank and step time."""
     setup, cfg, gpu = est.setup, est.setup.model, est.gpu
+    heads = f"{cfg.num_attention_heads} heads"
+    if cfg.num_query_groups < cfg.num_attention_heads:
+        heads += f" sharing {cfg.num_query_groups} keys and values"
     lines = [
         f"{setup.world_size} x {gpu.name}: {setup.describe()}",
         (f"model: {_count(est.parameters)} parameters, {cfg.num_layers} layers, hidden "
-         f"{cfg.hidden_size}, {cfg.num_attention_heads} heads, ffn {cfg.ffn_hidden_size}, "
+         f"{cfg.hidden_size}, {heads}, ffn {cfg.ffn_hidden_size}, "
          f"sequence {cfg.seq_length}, vocabulary {cfg.vocab_size} padded to "
          f"{cfg.padded_vocab_size}, {cfg.precision}, {cfg.attention_backend} attention"),
         "",
