@@ -302,6 +302,14 @@ COMMAND_LINE_ERRORS = [
     (["--cross-entropy-loss-fusion", "--no-cross-entropy-loss-fusion"], 4,
      "--no-cross-entropy-loss-fusion conflicts with --cross-entropy-loss-fusion (both set "
      "model.cross_entropy_loss_fusion)"),
+    (["--no-position-embedding"], 4,
+     "--no-position-embedding needs model.position_embedding_type=rope (got 'learned_absolute')"
+     ": mp has no model without position information; add --position-embedding-type rope"),
+    (["--lr-warmup-fraction", "0.1"], 4,
+     "training.lr_warmup_fraction=0.1 and training.lr_warmup_iters=30 both set the warm-up, as "
+     "Megatron-LM forbids: set one (--lr-warmup-iters 0 clears the count)"),
+    (["--lr-warmup-iters", "0", "--lr-warmup-fraction", "1.5"], 4,
+     "training.lr_warmup_fraction=1.5 must be in [0, 1]"),
     # the parallel layout and the batch
     (["--tensor-model-parallel-size", "8"], 8,
      "num_attention_heads=4 is not divisible by tensor_model_parallel_size=8"),
@@ -451,11 +459,95 @@ def test_parse_args(capsys):
     assert capsys.readouterr().err == (
         "job: error: training.global_batch_size=20 is not divisible by training.micro_batch_size"
         " x data_parallel_size = 4 x 2 = 8 (world_size=4)\n")
-    with pytest.raises(SystemExit) as exit_info:
+    for argv in (["--lr", "1", "--config"], ["--config", "--lr", "1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(argv, prog="job")
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == (
+            "job: error: --config needs a PATH (a YAML file such as configs/gpt-tiny.yaml)\n")
+    with pytest.raises(SystemExit):  # no file: the flags must give the whole model
         parse_args(["--lr", "1"], prog="job")
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err == (
-        "job: error: --config PATH is required (a YAML file such as configs/gpt-tiny.yaml)\n")
+    assert capsys.readouterr().err == "job: error: model.num_layers is required (it has no " \
+                                      "default)\n"
+
+
+def _gpt2_files(tmp_path) -> list[str]:
+    """``--vocab-file``, ``--merge-file`` and ``--tokenizer-type`` for a two-token GPT-2 BPE
+    vocabulary (the model's vocab_size comes from it)."""
+    (tmp_path / "vocab.json").write_text('{"a": 0, "<|endoftext|>": 1}')
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    return ["--vocab-file", str(tmp_path / "vocab.json"), "--merge-file",
+            str(tmp_path / "merges.txt"), "--tokenizer-type", "GPT2BPETokenizer"]
+
+
+# Megatron-LM's examples/gpt3/train_gpt3_175b_distributed.sh, its flags as written, without
+# --rampup-batch-size, which Megatron itself refuses beside --train-iters.
+MEGATRON_GPT3_175B = (
+    "--num-layers 96 --hidden-size 12288 --num-attention-heads 96 --seq-length 2048 "
+    "--max-position-embeddings 2048 --attention-backend auto --micro-batch-size 1 "
+    "--global-batch-size 1536 --train-iters 500000 --weight-decay 0.1 --adam-beta1 0.9 "
+    "--adam-beta2 0.95 --init-method-std 0.006 --clip-grad 1.0 --fp16 --lr 6.0e-5 "
+    "--lr-decay-style cosine --min-lr 6.0e-6 --lr-warmup-fraction .001 --lr-decay-iters 430000 "
+    "--tensor-model-parallel-size 8 --pipeline-model-parallel-size 16 "
+    "--data-path corpus_text_document --split 949,50,1 --log-interval 100 "
+    "--save-interval 10000 --eval-interval 1000 --save ckpt --load ckpt --eval-iters 10 "
+    "--tensorboard-dir tb").split()
+
+
+def test_megatron_gpt3_example_runs_without_a_config_file(tmp_path):
+    cfg = parse_args(MEGATRON_GPT3_175B + _gpt2_files(tmp_path), world_size=256)
+    m, t = cfg.model, cfg.training
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups) == \
+        (96, 12288, 96, 96)
+    assert (m.seq_length, m.max_position_embeddings, m.vocab_size) == (2048, 2048, 2)
+    assert (m.attention_backend, m.precision, m.init_method_std) == ("sdpa", "fp16", 0.006)
+    assert (m.tensor_model_parallel_size, m.pipeline_model_parallel_size) == (8, 16)
+    assert cfg.num_microbatches(256) == 1536 // 2
+    assert (t.lr, t.min_lr, t.train_iters, t.weight_decay) == (6e-5, 6e-6, 500000, 0.1)
+    assert t.lr_schedule_steps == (pytest.approx(430.0, rel=1e-12), 430000)
+    assert (t.save, t.load, t.save_interval, t.eval_interval, t.eval_iters) == \
+        ("ckpt", "ckpt", 10000, 1000, 10)
+    assert (cfg.data.data_path, cfg.data.split) == (["corpus_text_document"], "949,50,1")
+    assert (cfg.logging.log_interval, cfg.logging.tensorboard_dir) == (100, "tb")
+
+
+def test_llama_style_megatron_flags():
+    """The flags of Megatron-LM's Llama recipes, on a shipped GPT-3 config."""
+    m = shipped("gpt3-125m", "--disable-bias-linear", "--swiglu", "--normalization", "RMSNorm",
+                "--norm-epsilon", "1e-6", "--use-rotary-position-embeddings",
+                "--no-position-embedding", "--rotary-base", "500000",
+                "--untie-embeddings-and-output-weights", "--group-query-attention",
+                "--num-query-groups", "4", "--use-flash-attn", "--recompute-activations",
+                "--distribute-saved-activations").model
+    assert (m.add_bias_linear, m.activation, m.normalization, m.layernorm_epsilon) == \
+        (False, "swiglu", "RMSNorm", 1e-6)
+    assert (m.position_embedding_type, m.rotary_base) == ("rope", 500000.0)
+    assert (m.untie_embeddings_and_output_weights, m.num_query_groups) == (True, 4)
+    assert (m.attention_backend, m.recompute_granularity) == ("sdpa", "selective")
+    assert m.distribute_saved_activations is True
+    assert shipped("gpt3-125m", "--layernorm-epsilon", "1e-6").model.layernorm_epsilon == 1e-6
+
+
+@pytest.mark.parametrize("megatron, mp", [("auto", "sdpa"), ("flash", "sdpa"), ("fused", "sdpa"),
+                                          ("local", "unfused"), ("unfused", "unfused"),
+                                          ("sdpa", "sdpa")])
+def test_attention_backend_takes_megatrons_names(megatron, mp):
+    assert shipped("gpt-tiny", "--attention-backend", megatron).model.attention_backend == mp
+
+
+def test_lr_warmup_fraction_is_a_fraction_of_the_decay():
+    """Megatron's rule: warm-up = fraction x decay, here 0.1 x 25 = 2.5 iterations."""
+    from mp.training.pretrain import build_opt_param_scheduler
+
+    t = shipped("gpt-tiny", "--lr-warmup-iters", "0", "--lr-warmup-fraction", "0.1",
+                "--lr-decay-iters", "25").training
+    assert t.lr_schedule_steps == (pytest.approx(2.5, rel=1e-12), 25)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.lr)
+    scheduler = build_opt_param_scheduler(optimizer, t)
+    assert [scheduler.get_lr(n) for n in (1, 2)] == pytest.approx([t.lr / 2.5, 2 * t.lr / 2.5])
+    samples = shipped("gpt-tiny", "--train-iters", "null", "--lr-warmup-iters", "0",
+                      "--train-samples", "1000", "--lr-warmup-fraction", "0.01").training
+    assert samples.lr_schedule_steps == (pytest.approx(10.0), 1000)
 
 
 def test_help_lists_the_megatron_flags_and_keys(capsys):

@@ -12,15 +12,16 @@ from collections.abc import Sequence
 from mp.config.coerce import ConfigError, describe, field_annotations
 from mp.config.job import SECTIONS, JobConfig
 from mp.config.loader import load_config
-from mp.config.overrides import ALIASES, CONSTANT_FLAGS, GROUP_QUERY_FLAG, VIRTUAL_STAGE_FLAG
+from mp.config.overrides import ALIASES, CONSTANT_FLAGS, DEFERRED_FLAGS, MEGATRON_VALUES
 
 CONFIG_FLAG = "--config"
 
 
 def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
                prog: str | None = None) -> JobConfig:
-    """``load_config(PATH, overrides, world_size)`` from ``--config PATH [overrides...]``
-    (``argv`` defaults to ``sys.argv[1:]``; overrides as in `mp.config.overrides`).
+    """``load_config(PATH, overrides, world_size)`` from ``[--config PATH] [overrides...]``
+    (``argv`` defaults to ``sys.argv[1:]``; overrides as in `mp.config.overrides`; without
+    ``--config`` the flags give the whole job, as on Megatron-LM's command line).
 
     Like argparse, ``-h``/``--help`` prints `help_text` and exits with status 0, and a bad
     command line or config prints ``PROG: error: MESSAGE`` to stderr and exits with status 2.
@@ -38,36 +39,40 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
         raise SystemExit(2) from error
 
 
-def _split_config_flag(argv: list[str]) -> tuple[str, list[str]]:
-    """``(PATH, the other arguments)`` from ``--config PATH`` or ``--config=PATH``."""
+def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``(PATH, the other arguments)`` from ``--config PATH`` or ``--config=PATH``; PATH is
+    None without one."""
     for i, token in enumerate(argv):
-        if token == CONFIG_FLAG and i + 1 < len(argv):
+        if token == CONFIG_FLAG:
+            if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"{CONFIG_FLAG} needs a PATH (a YAML file such as "
+                                  "configs/gpt-tiny.yaml)")
             return argv[i + 1], argv[:i] + argv[i + 2:]
         if token.startswith(CONFIG_FLAG + "="):
             return token.partition("=")[2], argv[:i] + argv[i + 1:]
-    raise ConfigError(f"{CONFIG_FLAG} PATH is required (a YAML file such as "
-                      "configs/gpt-tiny.yaml)")
+    return None, argv
 
 
 def help_text(prog: str = "pretrain_gpt.py") -> str:
     """The usage, the Megatron flags and every ``--section.key`` with its type and default."""
     lines = [
-        f"usage: {prog} {CONFIG_FLAG} PATH [--section.key VALUE | --megatron-flag VALUE ...]",
+        f"usage: {prog} [{CONFIG_FLAG} PATH] [--section.key VALUE | --megatron-flag VALUE ...]",
         "",
         "Reads the YAML config at PATH, applies the overrides left to right and checks the",
-        "result for the world size (WORLD_SIZE, set by torchrun; 1 without it).",
+        "result for the world size (WORLD_SIZE, set by torchrun; 1 without it). Without",
+        f"{CONFIG_FLAG}, the defaults below and the flags make the job, as in Megatron-LM.",
         "  --section.key VALUE, --section.key=VALUE  set any key listed below; null is None",
         "  --section.key (a bool key alone)          set it to true",
         "  --data-path 0.3 a 0.7 b                   a list key takes values up to the next --",
         "",
         "Megatron-LM flags:",
     ]
-    width = max(map(len, [*ALIASES, *CONSTANT_FLAGS, VIRTUAL_STAGE_FLAG, GROUP_QUERY_FLAG])) + 2
-    lines += [f"  {flag:<{width}}{key}" for flag, key in ALIASES.items()]
+    width = max(map(len, [*ALIASES, *CONSTANT_FLAGS, *DEFERRED_FLAGS])) + 2
+    for flag, key in ALIASES.items():
+        values = ", ".join(f"{m} = {v}" for m, v in MEGATRON_VALUES.get(flag, {}).items())
+        lines.append(f"  {flag:<{width}}{key}" + (f" (Megatron's {values})" if values else ""))
     lines += [f"  {flag:<{width}}{key}={value}" for flag, (key, value) in CONSTANT_FLAGS.items()]
-    lines.append(f"  {VIRTUAL_STAGE_FLAG:<{width}}model.virtual_pipeline_model_parallel_size"
-                 " = num_layers / pipeline_model_parallel_size / N")
-    lines.append(f"  {GROUP_QUERY_FLAG:<{width}}model.num_query_groups=1 unless given")
+    lines += [f"  {flag:<{width}}{what}" for flag, what in DEFERRED_FLAGS.items()]
     for name, section_cls in SECTIONS.items():
         lines += ["", f"{name}:"]
         annotations = field_annotations(section_cls)

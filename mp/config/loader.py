@@ -6,7 +6,8 @@ A config file is a mapping of the sections ``model`` (`mp.model.TransformerConfi
 with ``base: PATH`` (relative to the file): the base is read first (its own ``base`` too) and
 this file's keys replace its keys, section by section. ``model.vocab_size`` may be left out:
 it is then the tokenizer's vocabulary size (the model pads it, see
-`TransformerConfig.padded_vocab_size`).
+`TransformerConfig.padded_vocab_size`). Without a file (``path=None``) the defaults and the
+overrides make the whole config, as a Megatron-LM command line does.
 """
 
 from __future__ import annotations
@@ -25,17 +26,17 @@ from mp.data.tokenizer import build_tokenizer
 BASE_KEY = "base"
 
 
-def load_config(path: str, overrides: Sequence[str] = (),
+def load_config(path: str | None, overrides: Sequence[str] = (),
                 world_size: int | None = None) -> JobConfig:
-    """The `JobConfig` of the YAML file at ``path`` with ``overrides`` applied (see
-    `mp.config.overrides`), checked for ``world_size`` (default: ``WORLD_SIZE`` from the
+    """The `JobConfig` of the YAML file at ``path`` (None: no file) with ``overrides`` applied
+    (see `mp.config.overrides`), checked for ``world_size`` (default: ``WORLD_SIZE`` from the
     environment, else 1).
 
     Raises `ConfigError` (a ``ValueError``) for an unknown key, a value of the wrong type or a
     combination that cannot run, and ``ValueError`` from `TransformerConfig` for the model's own
     rules; each message names the values and the rule.
     """
-    sections = read_config_file(path)
+    sections = {} if path is None else read_config_file(path)
     check_keys(sections, path)
     apply_overrides(sections, overrides)
     model = sections.get("model") or {}

@@ -17,10 +17,19 @@ Syntax, applied left to right (a later override of the same key wins):
   choose apex's optimizer and norms; they take no value.
   ``--num-layers-per-virtual-pipeline-stage N`` sets ``model.virtual_pipeline_model_parallel_size``
   to ``num_layers / pipeline_model_parallel_size / N`` (after every other override).
+  Other value-less flags (`CONSTANT_FLAGS`) set a key to a fixed value the same way:
+  ``--disable-bias-linear``, ``--use-rotary-position-embeddings``, ``--use-flash-attn``,
+  ``--recompute-activations`` (selective recompute, as in Megatron), ...
+- ``--attention-backend`` also takes Megatron's values (`MEGATRON_VALUES`): ``auto``,
+  ``flash`` and ``fused`` are ``sdpa`` (PyTorch picks the flash or cuDNN kernel), ``local``
+  (matmul, fused softmax, matmul) is ``unfused``.
 - ``--group-query-attention`` turns on grouped-query attention as in Megatron, where
   ``--num-query-groups`` then defaults to 1 (multi-query attention): it sets
   ``model.num_query_groups`` to 1 unless the config or the command line gives a count.
   Unlike Megatron, ``--num-query-groups G`` alone takes effect too.
+- ``--no-position-embedding`` (no learned absolute position embedding) is accepted with
+  RoPE, which adds none; mp has no model without position information, so without
+  ``position_embedding_type=rope`` it is an error.
 
 A value never starts with ``--`` unless it is given with ``=``.
 """
@@ -43,12 +52,13 @@ _MEGATRON_NAMES = {
         "position_embedding_type", "untie_embeddings_and_output_weights", "hidden_dropout",
         "attention_dropout", "init_method_std", "tensor_model_parallel_size",
         "pipeline_model_parallel_size", "sequence_parallel", "recompute_granularity",
-        "overlap_p2p_comm",
-        "recompute_method", "recompute_num_layers",
+        "overlap_p2p_comm", "recompute_method", "recompute_num_layers",
+        "distribute_saved_activations", "rotary_base", "attention_backend",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
-        "rampup_batch_size", "lr", "min_lr", "lr_decay_style", "lr_warmup_iters",
+        "rampup_batch_size", "lr", "min_lr", "lr_decay_style", "lr_warmup_fraction",
+        "lr_warmup_iters",
         "lr_decay_iters", "lr_warmup_samples", "lr_decay_samples", "weight_decay", "adam_beta1",
         "adam_beta2", "adam_eps", "clip_grad", "seed", "loss_scale", "initial_loss_scale",
         "min_loss_scale", "loss_scale_window", "hysteresis", "use_distributed_optimizer",
@@ -70,13 +80,24 @@ ALIASES: dict[str, str] = {
     for section, names in _MEGATRON_NAMES.items() for name in names
 }
 
-ALIASES["--overlap-p2p-communication"] = "model.overlap_p2p_comm"  # Megatron's spelling
+ALIASES["--overlap-p2p-communication"] = "model.overlap_p2p_comm"  # Megatron's spellings
+ALIASES["--norm-epsilon"] = ALIASES["--layernorm-epsilon"] = "model.layernorm_epsilon"
+
+#: Megatron-LM values of a flag -> the value of its key in mp (other values pass as given).
+MEGATRON_VALUES: dict[str, dict[str, str]] = {
+    "--attention-backend": {"auto": "sdpa", "flash": "sdpa", "fused": "sdpa",
+                            "local": "unfused"},
+}
 
 #: Megatron-LM flags that take no value -> (key, the value they set).
 CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--bf16": ("model.precision", "bf16"),
     "--fp16": ("model.precision", "fp16"),
     "--swiglu": ("model.activation", "swiglu"),
+    "--disable-bias-linear": ("model.add_bias_linear", "false"),
+    "--use-rotary-position-embeddings": ("model.position_embedding_type", "rope"),
+    "--use-flash-attn": ("model.attention_backend", "sdpa"),
+    "--recompute-activations": ("model.recompute_granularity", "selective"),
     "--apex-fused-adam": ("training.optimizer_impl", "apex"),
     "--apex-layer-norm": ("model.normalization_impl", "apex"),
     "--no-masked-softmax-fusion": ("model.masked_softmax_fusion", "false"),
@@ -89,13 +110,22 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
 
 VIRTUAL_STAGE_FLAG = "--num-layers-per-virtual-pipeline-stage"
 GROUP_QUERY_FLAG = "--group-query-attention"
+NO_POSITION_EMBEDDING_FLAG = "--no-position-embedding"
+
+#: Flags resolved after every other override -> what they do (for --help).
+DEFERRED_FLAGS: dict[str, str] = {
+    VIRTUAL_STAGE_FLAG: ("model.virtual_pipeline_model_parallel_size = num_layers / "
+                         "pipeline_model_parallel_size / N"),
+    GROUP_QUERY_FLAG: "model.num_query_groups=1 unless given",
+    NO_POSITION_EMBEDDING_FLAG: "accepted with model.position_embedding_type=rope",
+}
 
 
 @dataclass(frozen=True)
 class _Option:
     """What one ``--option`` sets and how many values it takes."""
 
-    key: str | None  # None: a flag resolved after the others (virtual stages, query groups)
+    key: str | None  # None: a flag of DEFERRED_FLAGS, resolved after the others
     min_values: int
     max_values: int | None  # None: any number
     constant: str | None = None
@@ -106,14 +136,11 @@ def apply_overrides(sections: dict, args: Sequence[str]) -> None:
 
     Values are stored as given (text); `JobConfig.from_dict` converts them to their types.
     """
-    layers_per_virtual_stage = None
-    group_query_attention = False
+    deferred: dict[str, list[str]] = {}
     constants_given: dict[str, str] = {}
     for name, option, values in _split_options(args):
-        if name == GROUP_QUERY_FLAG:
-            group_query_attention = True
-        elif option.key is None:
-            layers_per_virtual_stage = coerce(name, values[0], int)
+        if option.key is None:
+            deferred[name] = values
         elif option.constant is not None:
             earlier = constants_given.setdefault(option.key, name)
             if CONSTANT_FLAGS[earlier][1] != option.constant:
@@ -121,12 +148,21 @@ def apply_overrides(sections: dict, args: Sequence[str]) -> None:
             _set(sections, option.key, option.constant)
         elif option.max_values is None:  # one value is read as one item, or as null
             _set(sections, option.key, values[0] if len(values) == 1 else values)
+        elif values:
+            _set(sections, option.key, MEGATRON_VALUES.get(name, {}).get(values[0], values[0]))
         else:
-            _set(sections, option.key, values[0] if values else "true")
-    if group_query_attention and "num_query_groups" not in (sections.get("model") or {}):
+            _set(sections, option.key, "true")
+    model = sections.get("model") or {}
+    if GROUP_QUERY_FLAG in deferred and "num_query_groups" not in model:
         _set(sections, "model.num_query_groups", 1)
-    if layers_per_virtual_stage is not None:
-        vpp = _virtual_stages(sections.get("model") or {}, layers_per_virtual_stage)
+    if NO_POSITION_EMBEDDING_FLAG in deferred and model.get("position_embedding_type") != "rope":
+        raise ConfigError(
+            f"{NO_POSITION_EMBEDDING_FLAG} needs model.position_embedding_type=rope (got "
+            f"{model.get('position_embedding_type', 'learned_absolute')!r}): mp has no model "
+            "without position information; add --position-embedding-type rope")
+    if VIRTUAL_STAGE_FLAG in deferred:
+        layers_per_stage = coerce(VIRTUAL_STAGE_FLAG, deferred[VIRTUAL_STAGE_FLAG][0], int)
+        vpp = _virtual_stages(model, layers_per_stage)
         _set(sections, "model.virtual_pipeline_model_parallel_size", vpp)
 
 
@@ -165,10 +201,8 @@ def _split_options(args: Sequence[str]):
 
 def _option(name: str) -> _Option:
     """The `_Option` for ``--name``; an unknown option is an error naming the closest one."""
-    if name == VIRTUAL_STAGE_FLAG:
-        return _Option(None, 1, 1)
-    if name == GROUP_QUERY_FLAG:
-        return _Option(None, 0, 0)
+    if name in DEFERRED_FLAGS:
+        return _Option(None, int(name == VIRTUAL_STAGE_FLAG), int(name == VIRTUAL_STAGE_FLAG))
     if name in CONSTANT_FLAGS:
         key, constant = CONSTANT_FLAGS[name]
         return _Option(key, 0, 0, constant)
@@ -186,8 +220,7 @@ def _option(name: str) -> _Option:
 
 def option_names() -> list[str]:
     """Every option `apply_overrides` knows: the Megatron flags, then ``--section.key``."""
-    return [*ALIASES, *CONSTANT_FLAGS, VIRTUAL_STAGE_FLAG, GROUP_QUERY_FLAG,
-            *(f"--{k}" for k in known_keys())]
+    return [*ALIASES, *CONSTANT_FLAGS, *DEFERRED_FLAGS, *(f"--{k}" for k in known_keys())]
 
 
 def _virtual_stages(model: dict, layers_per_stage: int) -> int:

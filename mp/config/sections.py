@@ -70,7 +70,9 @@ class TrainingConfig(_Section):
     A run is counted in iterations (``train_iters``, ``lr_warmup_iters``, ``lr_decay_iters``)
     or, as Megatron's ``--train-samples``, in samples (``train_samples``,
     ``lr_warmup_samples``, ``lr_decay_samples``): exactly one of ``train_iters`` and
-    ``train_samples`` is set, and the schedule's keys of the other count are left unset. In
+    ``train_samples`` is set, and the schedule's keys of the other count are left unset.
+    ``lr_warmup_fraction`` (Megatron's ``--lr-warmup-fraction``) gives the warm-up instead as
+    that fraction of the decay length, which may make it a fractional count. In
     samples, the run takes as many whole iterations as fit in ``train_samples`` and the
     learning rate follows the consumed samples. ``rampup_batch_size = [start, increment,
     samples]`` (sample counts only, as in Megatron) grows the global batch from ``start`` by
@@ -104,6 +106,7 @@ class TrainingConfig(_Section):
     rampup_batch_size: list[int] | None = None  # [start, increment, samples]
     min_lr: float = 0.0
     lr_decay_style: str = "cosine"  # cosine | linear | constant
+    lr_warmup_fraction: float | None = None  # or lr_warmup_iters / lr_warmup_samples
     lr_warmup_iters: int = 0
     lr_decay_iters: int | None = None  # default train_iters
     lr_warmup_samples: int = 0
@@ -194,6 +197,26 @@ class TrainingConfig(_Section):
             setattr(self, f"lr_decay_{unit}", getattr(self, f"train_{unit}"))
         self._at_least(f"lr_decay_{unit}", 1)
         self._not_above(f"lr_warmup_{unit}", f"lr_decay_{unit}")
+        if self.lr_warmup_fraction is not None:
+            if not 0.0 <= self.lr_warmup_fraction <= 1.0:
+                raise ConfigError(f"training.lr_warmup_fraction={self.lr_warmup_fraction!r} "
+                                  "must be in [0, 1]")
+            if getattr(self, f"lr_warmup_{unit}"):
+                raise ConfigError(
+                    f"training.lr_warmup_fraction={self.lr_warmup_fraction!r} and training."
+                    f"lr_warmup_{unit}={getattr(self, f'lr_warmup_{unit}')!r} both set the "
+                    f"warm-up, as Megatron-LM forbids: set one (--lr-warmup-{unit} 0 clears "
+                    "the count)")
+
+    @property
+    def lr_schedule_steps(self) -> tuple[float, int]:
+        """(warm-up, decay) lengths of the learning-rate schedule, in the run's unit
+        (iterations, or samples when it `counts_samples`)."""
+        unit = "samples" if self.counts_samples else "iters"
+        decay = getattr(self, f"lr_decay_{unit}")
+        if self.lr_warmup_fraction is not None:
+            return self.lr_warmup_fraction * decay, decay
+        return getattr(self, f"lr_warmup_{unit}"), decay
 
     @property
     def counts_samples(self) -> bool:

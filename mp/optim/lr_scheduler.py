@@ -31,7 +31,7 @@ class OptimizerParamScheduler:
     """
 
     def __init__(self, optimizer, *, max_lr: float, min_lr: float = 0.0,
-                 lr_warmup_steps: int = 0, lr_decay_steps: int, lr_decay_style: str = "cosine",
+                 lr_warmup_steps: float = 0, lr_decay_steps: int, lr_decay_style: str = "cosine",
                  init_lr: float = 0.0):
         if lr_decay_style not in DECAY_STYLES:
             raise ValueError(f"lr_decay_style={lr_decay_style!r} must be one of "

@@ -199,8 +199,9 @@ def deepspeed_config(cfg: JobConfig, world_size: int) -> dict:
                          "parallelism does the same)")
     if "scheduler" in ds:
         raise ValueError(f"{path}: a scheduler section is not supported: the learning rate "
-                         "follows mp's schedule (training.lr, min_lr, lr_warmup_iters or "
-                         "_samples, lr_decay_iters or _samples, lr_decay_style); drop the section")
+                         "follows mp's schedule (training.lr, min_lr, lr_warmup_iters, _samples or "
+                         "_fraction, lr_decay_iters or _samples, lr_decay_style); drop the "
+                         "section")
     _precision(ds, cfg, path)
     return ds
 

@@ -70,8 +70,7 @@ def build_opt_param_scheduler(optimizer, tr: TrainingConfig) -> OptimizerParamSc
     """``tr``'s learning-rate schedule for ``optimizer``, counted in iterations or, when the
     run counts samples, in samples (the training loop then steps it by each iteration's
     global batch, as Megatron does)."""
-    warmup, decay = (tr.lr_warmup_samples, tr.lr_decay_samples) if tr.counts_samples else \
-        (tr.lr_warmup_iters, tr.lr_decay_iters)
+    warmup, decay = tr.lr_schedule_steps
     return OptimizerParamScheduler(optimizer, max_lr=tr.lr, min_lr=tr.min_lr,
                                    lr_warmup_steps=warmup, lr_decay_steps=decay,
                                    lr_decay_style=tr.lr_decay_style)
