@@ -3,7 +3,8 @@
     torchrun --nproc-per-node 4 launch/pretrain_gpt.py --config configs/gpt-tiny.yaml \\
         --tensor-model-parallel-size 2
 
-The config (YAML plus overrides, see ``--help``) is checked against the world size before any
+The config (YAML plus overrides, see ``--help``; without ``--config``, Megatron-LM's flags
+alone) is checked against the world size before any
 process group exists. Then every rank joins the job (NCCL with one GPU per local rank when
 CUDA is there, gloo on the CPU), the tensor/pipeline/data-parallel groups are made, rank 0
 prints the resolved config, and `mp.training.pretrain.pretrain` builds the data (the embedded
