@@ -4,7 +4,8 @@ next optimizer step and the weights after it agree with the saving run continuin
 (to 1e-6; bit for bit at the saving layout, where the RNG states come back too). Mixed
 precision: the fp32 masters, not the bf16 weights, travel. The same holds for checkpoints
 written or read with the distributed optimizer (masters and moments sharded over DP). A bf16
-job that loads a model-only checkpoint takes its masters from the loaded weights."""
+job that loads a model-only checkpoint, or fine-tunes from a full one, takes its masters from
+the stored fp32 weights."""
 
 from pathlib import Path
 
@@ -15,8 +16,10 @@ from checks import assert_rel_close
 from harness import run_distributed
 
 from gpt_runs import GLOBAL_BATCH, assemble, batch, masters, pieces, run, setup, train_step
+from test_config import TINY
 
 from mp.checkpointing import job as checkpoint_job
+from mp.config import load_config
 from mp.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
 from mp.tensor_parallel import get_cuda_rng_tracker
 
@@ -163,12 +166,13 @@ def _job_loads_model_only(path: str, distributed_optimizer: bool) -> dict:
 @pytest.mark.parametrize("distopt", [False, True], ids=["", "distopt"])
 def test_a_bf16_job_loading_weights_only_refreshes_its_masters(tmp_path, distopt):
     """The masters were made from the initial weights: left so, the first step would put
-    those back over the loaded ones."""
+    those back over the loaded ones. They take the stored fp32 weights, not their bf16
+    rounding."""
     path = str(tmp_path / "save")
     saved = assemble(run_distributed(4, _save_model_only, path))
     got = assemble(run_distributed(4, _job_loads_model_only, path, distopt))
     for name, weight in saved.items():
-        assert torch.equal(got[name], weight.to(torch.bfloat16).float()), name
+        assert torch.equal(got[name], weight), name
 
 
 def _save_grouped_query(path: str) -> float:
@@ -197,3 +201,28 @@ def test_grouped_query_checkpoint_loads_at_other_tp_sizes(tmp_path):
         assert got == pytest.approx(expected, rel=1e-6), f"TP{tp}"
     refusal = run_distributed(1, _load_grouped_query, path, 1, 4)[0]
     assert "model.num_query_groups=2 in the checkpoint but 4 here" in refusal
+
+
+def _finetune(path: str) -> tuple[dict, int, int, float]:
+    """A bf16 job with ``--finetune`` from ``path``: its masters, scheduler step, Adam state
+    count and learning rate after the load."""
+    cfg = load_config(TINY, ["--load", path, "--finetune"], world_size=4)
+    models, optimizer, scheduler = setup(2, 1, seed=2, precision="bf16")
+    start = checkpoint_job.start_point(cfg)
+    assert (start.checkpoint, start.resumes, start.iteration, start.consumed_train_samples) == \
+        (Path(path) / "iter_0000002", False, 0, 0)
+    checkpoint_job.resume(start, models, optimizer, scheduler)
+    return (masters(models, optimizer), scheduler.num_steps, len(optimizer.optimizer.state),
+            scheduler.get_lr())
+
+
+def test_finetune_takes_only_the_weights_of_a_full_checkpoint(tmp_path):
+    """Megatron's --finetune: the weights of a checkpoint saved with its optimizer and
+    schedule after 2 steps, then iteration 0, no Adam moments, the warm-up's first rate."""
+    path = str(tmp_path / "save")
+    saved = assemble(run_distributed(4, _save_bf16, path, False))
+    loaded = run_distributed(4, _finetune, path)
+    got = assemble([m for m, *_ in loaded])
+    for name, master in saved.items():
+        assert torch.equal(got[name], master), name
+    assert {tuple(rest) for _, *rest in loaded} == {(0, 0, 0.0)}

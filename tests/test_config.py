@@ -302,6 +302,9 @@ COMMAND_LINE_ERRORS = [
     (["--cross-entropy-loss-fusion", "--no-cross-entropy-loss-fusion"], 4,
      "--no-cross-entropy-loss-fusion conflicts with --cross-entropy-loss-fusion (both set "
      "model.cross_entropy_loss_fusion)"),
+    (["--finetune"], 4,
+     "training.finetune=true needs training.load (the checkpoint whose weights the run starts "
+     "from)"),
     (["--no-position-embedding"], 4,
      "--no-position-embedding needs model.position_embedding_type=rope (got 'learned_absolute')"
      ": mp has no model without position information; add --position-embedding-type rope"),

@@ -235,6 +235,8 @@ REFUSALS = {
                  "bf16.enabled=false contradicts model.precision='bf16'"),
     "scheduler": ({}, {**ZERO, "scheduler": {"type": "WarmupLR"}},
                   "a scheduler section is not supported"),
+    "finetune": ({"finetune": True, "load": "pretrained"}, ZERO,
+                 "training.finetune=true: not supported"),
 }
 MODEL_KEYS = {"pipeline_model_parallel_size", "num_layers", "precision"}
 

@@ -324,13 +324,17 @@ def _target_problems(targets: PlacedTensors, entries: dict, config: TransformerC
 def load_checkpoint(path: str | Path, model: nn.Module | Sequence[nn.Module],
                     optimizer: MixedPrecisionOptimizer | None = None,
                     scheduler: OptimizerParamScheduler | None = None, *,
-                    load_rng: bool = True) -> CheckpointInfo:
+                    load_rng: bool = True, load_optimizer_state: bool = True
+                    ) -> CheckpointInfo:
     """Load a checkpoint into this rank's chunks, optimizer and schedule; collective.
 
-    ``path`` is a checkpoint directory or a save directory (its latest checkpoint). Without
-    ``optimizer`` only the weights are loaded (a model-only checkpoint needs that); an optimizer
-    built earlier then holds stale fp32 masters: call its ``reload_model_params()``. The RNG
-    states are restored when ``load_rng`` and the layout is the saving one. Raises
+    ``path`` is a checkpoint directory or a save directory (its latest checkpoint). With
+    ``load_optimizer_state=False`` (a model-only checkpoint needs that, fine-tuning wants it)
+    the weights go into the model and into ``optimizer``'s fp32 masters, at full precision,
+    and AdamW's moments and step counts stay fresh. Without ``optimizer`` only the model is
+    loaded; an optimizer built earlier then holds stale fp32 masters: call its
+    ``reload_model_params()``. The RNG states are restored when ``load_rng`` and the layout
+    is the saving one. Raises
     `CorruptCheckpointError` or `CheckpointError` on every rank, before reading any tensor,
     when a file is damaged or the checkpoint does not fit.
     """
@@ -347,11 +351,11 @@ def load_checkpoint(path: str | Path, model: nn.Module | Sequence[nn.Module],
     targets = model_targets(params, stored)
     optimizer_targets = None
     if optimizer is not None:
-        if not meta["has_optimizer"]:
+        if load_optimizer_state and not meta["has_optimizer"]:
             problems.append("it holds no optimizer state (a model-only checkpoint): load it "
-                            "without an optimizer")
+                            "with load_optimizer_state=False")
         else:
-            optimizer_targets = OptimizerTargets(optimizer, params, stored)
+            optimizer_targets = OptimizerTargets(optimizer, params, stored, load_optimizer_state)
             targets.update(optimizer_targets.tensors)
     if scheduler is not None:
         problems += _scheduler_problems(scheduler, meta["scheduler"])
@@ -369,7 +373,8 @@ def load_checkpoint(path: str | Path, model: nn.Module | Sequence[nn.Module],
     if optimizer_targets is not None:
         optimizer_targets.apply()
         _finish_param_sync(chunks)
-        if optimizer.grad_scaler is not None and meta["grad_scaler"] is not None:
+        if load_optimizer_state and optimizer.grad_scaler is not None \
+                and meta["grad_scaler"] is not None:
             optimizer.grad_scaler.load_state_dict(meta["grad_scaler"])
     if restore_rng:
         set_rng_state(rng_states(ranks.rank, targets))

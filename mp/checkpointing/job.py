@@ -4,8 +4,9 @@
 - `start_point`: where the run starts, from ``training.load``'s newest complete checkpoint
   (its metadata only). A directory with no checkpoint yet starts from scratch, so one command
   line serves the first run and every restart of a preemptible job (as in Megatron). A
-  model-only checkpoint (converted from Hugging Face) gives weights only: the run starts at
-  iteration 0 with a fresh optimizer and schedule.
+  model-only checkpoint (converted from Hugging Face), or any checkpoint under
+  ``training.finetune``, gives weights only: the run starts at iteration 0 with a fresh
+  optimizer and schedule.
 - `resume`: load it. Call it last, right before the training loop: it restores the RNG states,
   and anything drawing from them afterwards would shift the run (creating a DataLoader
   iterator draws its base seed from torch's generator, so build the data iterators first).
@@ -60,7 +61,7 @@ def start_point(cfg: JobConfig) -> StartPoint:
         _say(f"no checkpoint in {cfg.training.load} yet: starting from iteration 0")
         return StartPoint()
     info = read_checkpoint_info(directory)
-    if not info.has_optimizer:
+    if not info.has_optimizer or cfg.training.finetune:
         return StartPoint(directory)
     return StartPoint(directory, True, info.iteration, info.consumed_train_samples)
 
@@ -71,10 +72,10 @@ def resume(start: StartPoint, model: list[nn.Module], optimizer: MixedPrecisionO
     if start.checkpoint is None:
         return
     if not start.resumes:
-        load_checkpoint(start.checkpoint, model, load_rng=False)
-        optimizer.reload_model_params()  # the fp32 masters were made from the initial weights
-        _say(f"loaded the weights of model-only checkpoint {start.checkpoint}; the optimizer "
-             "and the learning-rate schedule start fresh at iteration 0")
+        load_checkpoint(start.checkpoint, model, optimizer, load_rng=False,
+                        load_optimizer_state=False)  # the weights into the fp32 masters too
+        _say(f"loaded the weights of checkpoint {start.checkpoint}; the optimizer and the "
+             "learning-rate schedule start fresh at iteration 0")
         return
     info = load_checkpoint(start.checkpoint, model, optimizer, scheduler)
     rng = "restored" if info.rng_restored else "not restored (saved at another layout)"

@@ -115,12 +115,14 @@ def rng_tensors(rank: int) -> PlacedTensors:
 # --- loading ------------------------------------------------------------------------------
 
 class OptimizerTargets:
-    """Tensors to read a rank's optimizer state into, and `apply` to hand it to AdamW."""
+    """Tensors to read a rank's optimizer state into, and `apply` to hand it to AdamW. With
+    ``adam_state=False`` only the fp32 masters are read (the stored weights), and AdamW's
+    moments and step counts stay as they are."""
 
     def __init__(self, optimizer: MixedPrecisionOptimizer, params: list[NamedParameter],
-                 stored: set[str]):
+                 stored: set[str], adam_state: bool = True):
         self.optimizer = optimizer
-        self.state: dict[ParamShard, dict] = {}
+        self.state: dict[ParamShard, dict] | None = {} if adam_state else None
         self.tensors: PlacedTensors = {}
         shards = _shards(optimizer, params)
         for entry in params:
@@ -129,21 +131,26 @@ class OptimizerTargets:
             if entry.param.dtype != torch.float32:  # the masters are read, not the weight
                 self.tensors[weight_source(entry.name, stored)] = []
             for shard in shards[entry.name]:
-                state = self.state[shard] = {"step": torch.zeros((), dtype=torch.float32),
-                                             **{m: torch.zeros_like(shard.main) for m in MOMENTS}}
-                for item in MOMENTS:
-                    self.tensors.setdefault(optimizer_key(entry.name, item), []).extend(
-                        _pieces(state[item], shard, entry.placement))
-                self.tensors[optimizer_key(entry.name, "step")] = placed(state["step"], _STEP)
+                if self.state is not None:
+                    self._read_adam_state(entry, shard)
                 if not shard.main_is_param:
                     self.tensors[weight_source(entry.name, stored)].extend(
                         _pieces(shard.main, shard, entry.placement))
 
+    def _read_adam_state(self, entry: NamedParameter, shard: ParamShard) -> None:
+        state = self.state[shard] = {"step": torch.zeros((), dtype=torch.float32),
+                                     **{m: torch.zeros_like(shard.main) for m in MOMENTS}}
+        for item in MOMENTS:
+            self.tensors.setdefault(optimizer_key(entry.name, item), []).extend(
+                _pieces(state[item], shard, entry.placement))
+        self.tensors[optimizer_key(entry.name, "step")] = placed(state["step"], _STEP)
+
     @torch.no_grad()
     def apply(self) -> None:
-        """Give the loaded moments and step counts to AdamW, and refresh the half-precision
-        parameters from the loaded masters."""
-        self.optimizer.load_adam_state(self.state)
+        """Give the loaded moments and step counts to AdamW (when read), and refresh the
+        half-precision parameters from the loaded masters."""
+        if self.state is not None:
+            self.optimizer.load_adam_state(self.state)
         self.optimizer.copy_main_params_to_model()
 
 

@@ -83,7 +83,8 @@ class TrainingConfig(_Section):
     ``initial_loss_scale``, halving after ``hysteresis`` overflows (never below ``min_loss_scale``)
     and doubling after ``loss_scale_window`` clean iterations. ``eval_interval=None`` or
     ``save_interval=None`` turns periodic evaluation or saving off (a run with ``save`` still saves
-    at its end); ``keep_last=None`` keeps every checkpoint. ``exit_interval``,
+    at its end); ``finetune`` (Megatron's ``--finetune``) takes only the weights of ``load``'s
+    checkpoint and starts at iteration 0 with a fresh optimizer, schedule and data order; ``keep_last=None`` keeps every checkpoint. ``exit_interval``,
     ``exit_duration_in_mins`` and ``exit_signal_handler`` (with ``exit_signal``) end the run
     early with a checkpoint (`mp.training.exit`).
 
@@ -133,6 +134,7 @@ class TrainingConfig(_Section):
     eval_iters: int = 100
     save: str | None = None
     load: str | None = None
+    finetune: bool = False  # load's weights only: iteration 0, fresh optimizer and schedule
     save_interval: int | None = None
     keep_last: int | None = None
     exit_interval: int | None = None
@@ -162,6 +164,9 @@ class TrainingConfig(_Section):
         self._one_of("optimizer_impl", ("torch", "apex"))
         self._one_of("exit_signal", ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"))
         self._check_run_length()
+        if self.finetune and self.load is None:
+            raise ConfigError("training.finetune=true needs training.load (the checkpoint whose "
+                              "weights the run starts from)")
         self._not_above("min_lr", "lr")
         self._not_above("min_loss_scale", "initial_loss_scale")
 

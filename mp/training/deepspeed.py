@@ -222,6 +222,10 @@ def check_deepspeed_supported(cfg: JobConfig, world_size: int) -> None:
         raise ValueError(f"training.deepspeed=true with training.rampup_batch_size="
                          f"{tr.rampup_batch_size}: not supported (DeepSpeed's engine fixes "
                          "train_batch_size and its accumulation steps); drop one of them")
+    if tr.finetune:
+        raise ValueError("training.deepspeed=true with training.finetune=true: not supported "
+                         "(a DeepSpeed job resumes its own checkpoints whole); fine-tune "
+                         "without --deepspeed")
     load = tr.load
     if load is not None and not os.path.isfile(os.path.join(load, DEEPSPEED_LATEST)) \
             and find_checkpoint(load) is not None:
