@@ -1,0 +1,134 @@
+"""Text generation (`mp.generation`, `tools/generate.py`): greedy decoding at TP=2 against
+Hugging Face's ``generate`` on the same GPT-2 weights, end-of-document handling included; the
+temperature, top-k and top-p filters against transformers' logits warpers; sampled tokens the
+same on every tensor-parallel rank; the command line on a converted checkpoint."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from harness import run_distributed
+from test_checkpoint_hf import VOCAB, _convert_to_mp, _gpt2
+
+from mp import parallel_state as ps
+from mp.checkpointing import load_checkpoint, read_checkpoint_info
+from mp.generation import SamplingParams, filter_logits, generate
+from mp.model import GPTModel, TransformerConfig
+
+from transformers.generation.logits_process import (  # noqa: E402 (after the skip above)
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+NEW = 12
+GENERATE = Path(__file__).resolve().parents[1] / "tools" / "generate.py"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A perturbed random GPT-2 (`test_checkpoint_hf`) and its mp checkpoint."""
+    directory = tmp_path_factory.mktemp("generation")
+    model = _gpt2("gelu_new")
+    model.save_pretrained(directory / "hf")
+    _convert_to_mp(directory / "hf", directory / "mp")
+    return model, str(directory / "mp")
+
+
+def _prompts() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(11))
+
+
+def _hf_greedy(model, prompts: torch.Tensor, eod: int | None) -> torch.Tensor:
+    return model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=NEW,
+                          do_sample=False, eos_token_id=eod, pad_token_id=eod or 0)
+
+
+def _mp_generate(path: str, prompts: torch.Tensor, params: SamplingParams, eod: int | None,
+                 seed: int) -> torch.Tensor:
+    ps.initialize_model_parallel(2)
+    saved = read_checkpoint_info(path).model_config
+    model = GPTModel(TransformerConfig(**{**saved, "tensor_model_parallel_size": 2}))
+    load_checkpoint(path, model)
+    # each rank its own seed: rank 0's draws must count everywhere
+    generator = torch.Generator().manual_seed(100 * seed + torch.distributed.get_rank())
+    return generate(model, prompts, NEW, params, eod=eod, generator=generator)
+
+
+def test_greedy_generation_matches_transformers_at_tp2(converted):
+    hf_model, path = converted
+    prompts = _prompts()
+    with torch.no_grad():
+        expected = _hf_greedy(hf_model, prompts, None)
+    got = run_distributed(2, _mp_generate, path, prompts, SamplingParams(greedy=True), None, 0)
+    assert torch.equal(got[0], got[1])
+    assert torch.equal(got[0], expected)
+    assert len(set(expected[:, 5:].flatten().tolist())) > 3, "a degenerate reference"
+
+    # the first prompt's third new token ends its document: it is padded with the token after
+    # that, the others go on (Hugging Face pads with pad_token_id, set to the same token)
+    eod = int(expected[0, 5 + 2])
+    with torch.no_grad():
+        expected = _hf_greedy(hf_model, prompts, eod)
+    got = run_distributed(2, _mp_generate, path, prompts, SamplingParams(greedy=True), eod, 0)
+    assert torch.equal(got[0], expected)
+    assert (expected[0, 5 + 2:] == eod).all()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.8), (1.3, 7, 0.6), (0.5, 0, 0.05)])
+def test_filters_match_transformers_warpers(temperature, top_k, top_p):
+    """Temperature, then top-k, then top-p, each as transformers' warper does it."""
+    scores = torch.randn(6, 50, generator=torch.Generator().manual_seed(5)) * 3
+    expected = scores.clone()
+    warpers = [TemperatureLogitsWarper(temperature)]
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    for warper in warpers:
+        expected = warper(None, expected)
+    got = filter_logits(scores, SamplingParams(temperature=temperature, top_k=top_k,
+                                               top_p=top_p))
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    kept = ~torch.isinf(expected)
+    torch.testing.assert_close(got[kept], expected[kept], rtol=1e-6, atol=0)
+    if top_k or top_p < 1.0:
+        assert (~kept).any(), "the filter removed nothing: a test that cannot fail"
+
+
+def test_sampling_draws_the_same_tokens_on_every_tp_rank(converted):
+    _, path = converted
+    params = SamplingParams(temperature=1.5, top_p=0.95)
+    seeded = [run_distributed(2, _mp_generate, path, _prompts(), params, None, seed)
+              for seed in (1, 2)]
+    for run in seeded:
+        assert torch.equal(run[0], run[1])
+    assert not torch.equal(seeded[0][0], seeded[1][0]), "the seed changed nothing"
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(temperature=0.0), "temperature=0.0 must be > 0"),
+    (dict(top_k=-1), "top_k=-1 must be >= 0"),
+    (dict(top_p=0.0), "top_p=0.0 must be in (0, 1]")])
+def test_sampling_params_are_checked(params, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        SamplingParams(**params)
+
+
+def test_command_line_continues_prompts(converted, tmp_path):
+    """One process (TP 1) on the checkpoint padded for TP 2. A converted checkpoint names no
+    tokenizer: without one the tool refuses; with the byte-level one (the prompts' bytes are
+    below the model's VOCAB, whose ids are the only ones drawn) it prints each prompt and its
+    continuation."""
+    _, path = converted
+    cmd = [sys.executable, str(GENERATE), "--load", path, "--prompt", "ab",
+           "--prompt", "xyz", "--max-new-tokens", "6", "--greedy"]
+    refused = subprocess.run(cmd, capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert "holds no job config to take the tokenizer from" in refused.stderr
+    done = subprocess.run([*cmd, "--tokenizer-type", "ByteLevelTokenizer"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ab\n" + "-" * 40 + "\n")
+    assert "\nxyz\n" + "-" * 40 + "\n" in done.stdout
