@@ -17,7 +17,7 @@ from mp.checkpointing import load_checkpoint, read_checkpoint_info
 from mp.generation import SamplingParams, filter_logits, generate
 from mp.model import GPTModel, TransformerConfig
 
-from transformers.generation.logits_process import (  # noqa: E402 (after the skip above)
+from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,

@@ -1,13 +1,15 @@
-"""Convert Hugging Face GPT-2 weights to an mp checkpoint, and back.
+"""Convert Hugging Face GPT-2 and Llama weights to an mp checkpoint, and back.
 
     python tools/convert_checkpoint.py hf-to-mp --input gpt2/ --output ckpt/gpt2 \\
         [--tensor-model-parallel-size 2] [--make-vocab-size-divisible-by 128] [--seq-length 1024]
     python tools/convert_checkpoint.py mp-to-hf --input ckpt/gpt2 --output gpt2-out/ \\
         [--format safetensors|bin]
 
-``hf-to-mp`` reads a ``GPT2LMHeadModel`` directory (``config.json`` with ``model.safetensors``
-or ``pytorch_model.bin``) or one weights file (then ``--config`` names the ``config.json``),
-and writes a model-only mp checkpoint (a save directory with ``iter_0000000``). mp checkpoints
+``hf-to-mp`` reads a ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` directory (``config.json``
+with ``model.safetensors``, the shards a ``model.safetensors.index.json`` names, or
+``pytorch_model.bin``) or one weights file (then ``--config`` names the ``config.json``); the
+config's ``model_type`` (``gpt2`` or ``llama``) picks the mapping
+(`mp.checkpointing.hf_gpt2`, `mp.checkpointing.hf_llama`). It writes a model-only mp checkpoint (a save directory with ``iter_0000000``). mp checkpoints
 are layout-free: the result loads at any tensor/pipeline/data-parallel layout whose padded
 vocabulary matches, which ``--tensor-model-parallel-size`` and
 ``--make-vocab-size-divisible-by`` set (GPT-2's 50257 tokens pad to 50304 with 128 x 1). Start
@@ -15,8 +17,8 @@ training from it with ``launch/pretrain_gpt.py --load ckpt/gpt2``.
 
 ``mp-to-hf`` reads any mp checkpoint (a checkpoint directory or a save directory's latest;
 the fp32 masters when it has them) and writes ``config.json`` and the weights in GPT-2's
-names and layout (``lm_head.weight`` is left out of safetensors files when tied, as
-``save_pretrained`` does).
+names and layout, or Llama's for a model with rotary embeddings (``lm_head.weight`` is left
+out of safetensors files when tied, as ``save_pretrained`` does).
 
 Files are read safely: safetensors, or ``torch.load(weights_only=True)``. GPT-2's ``gelu_new``
 becomes mp's ``activation: gelu_tanh`` (the same function), so logits agree with the Hugging
@@ -35,16 +37,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from mp.checkpointing import CheckpointError, load_global_model, save_global_model
-from mp.checkpointing.hf_gpt2 import (
-    config_from_hf,
-    hf_config,
-    hf_to_mp,
-    mp_to_hf,
+from mp.checkpointing import (
+    CheckpointError,
+    hf_gpt2,
+    hf_llama,
+    load_global_model,
+    save_global_model,
 )
 from mp.model.config import TransformerConfig
 
 SAFETENSORS, BIN, CONFIG = "model.safetensors", "pytorch_model.bin", "config.json"
+INDEX = SAFETENSORS + ".index.json"  # a sharded checkpoint's map of tensors to files
+FORMATS = {"gpt2": hf_gpt2, "llama": hf_llama}  # config.json's model_type -> its mapping
+
+
+def _format_of(config: TransformerConfig):
+    """The Hugging Face mapping an mp model converts to: Llama's with rotary embeddings."""
+    return hf_llama if config.position_embedding_type == "rope" else hf_gpt2
 
 
 def _safetensors():
@@ -57,19 +66,25 @@ def _safetensors():
 
 
 def read_hf(path: Path, config_path: Path | None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(config.json contents, state dict)`` of a GPT-2 directory or weights file."""
+    """``(config.json contents, state dict)`` of a Hugging Face directory or weights file."""
     if path.is_dir():
-        weights = next((path / name for name in (SAFETENSORS, BIN) if (path / name).is_file()),
-                       None)
+        weights = next((path / name for name in (SAFETENSORS, INDEX, BIN)
+                        if (path / name).is_file()), None)
         if weights is None:
-            raise SystemExit(f"convert_checkpoint.py: {path} has neither {SAFETENSORS} nor {BIN}")
+            raise SystemExit(f"convert_checkpoint.py: {path} has none of {SAFETENSORS}, "
+                             f"{INDEX}, {BIN}")
         config_path = config_path or path / CONFIG
     else:
         weights = path
     if config_path is None or not config_path.is_file():
         raise SystemExit(f"convert_checkpoint.py: no {CONFIG} for {path}: pass --config")
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    if weights.suffix == ".safetensors":
+    if weights.name.endswith(INDEX):
+        shards = sorted(set(json.loads(weights.read_text(encoding="utf-8"))["weight_map"]
+                            .values()))
+        state = {k: v for shard in shards
+                 for k, v in _safetensors().load_file(str(weights.parent / shard)).items()}
+    elif weights.suffix == ".safetensors":
         state = _safetensors().load_file(str(weights))
     else:
         state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -79,8 +94,8 @@ def read_hf(path: Path, config_path: Path | None) -> tuple[dict, dict[str, torch
 def write_hf(directory: Path, config: TransformerConfig, state: dict[str, torch.Tensor],
              fmt: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG).write_text(json.dumps(hf_config(config), indent=2) + "\n",
-                                    encoding="utf-8")
+    (directory / CONFIG).write_text(json.dumps(_format_of(config).hf_config(config), indent=2)
+                                    + "\n", encoding="utf-8")
     if fmt == "bin":
         torch.save(state, directory / BIN)
         return directory / BIN
@@ -92,11 +107,17 @@ def write_hf(directory: Path, config: TransformerConfig, state: dict[str, torch.
 
 def hf_to_mp_command(args) -> None:
     hf, state = read_hf(Path(args.input), args.config and Path(args.config))
-    config = config_from_hf(hf, tensor_model_parallel_size=args.tensor_model_parallel_size,
-                            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                            seq_length=args.seq_length)
-    path = save_global_model(args.output, config, hf_to_mp(state, config))
+    kind = hf.get("model_type", "gpt2")
+    if kind not in FORMATS:
+        raise ValueError(f"model_type={kind!r}: convert_checkpoint.py converts "
+                         f"{' and '.join(map(repr, FORMATS))}")
+    mapping = FORMATS[kind]
+    config = mapping.config_from_hf(
+        hf, tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        seq_length=args.seq_length)
+    path = save_global_model(args.output, config, mapping.hf_to_mp(state, config))
     print(f"wrote {path}: {config.num_layers} layers, hidden {config.hidden_size}, vocabulary "
           f"{config.vocab_size} padded to {config.padded_vocab_size}")
 
@@ -104,7 +125,8 @@ def hf_to_mp_command(args) -> None:
 def mp_to_hf_command(args) -> None:
     weights, info = load_global_model(args.input)
     config = TransformerConfig(**info.model_config)
-    path = write_hf(Path(args.output), config, mp_to_hf(weights, config), args.format)
+    path = write_hf(Path(args.output), config, _format_of(config).mp_to_hf(weights, config),
+                    args.format)
     print(f"wrote {path} and {Path(args.output) / CONFIG} from {info.path}")
 
 
@@ -112,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    to_mp = commands.add_parser("hf-to-mp", help="Hugging Face GPT-2 -> mp checkpoint")
-    to_mp.add_argument("--input", required=True, help="GPT-2 directory or weights file")
+    to_mp = commands.add_parser("hf-to-mp", help="Hugging Face GPT-2 or Llama -> mp checkpoint")
+    to_mp.add_argument("--input", required=True, help="Hugging Face directory or weights file")
     to_mp.add_argument("--config", help="config.json (default: beside the weights)")
     to_mp.add_argument("--output", required=True, help="mp save directory to create")
     to_mp.add_argument("--tensor-model-parallel-size", type=int, default=1,
@@ -121,9 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     to_mp.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                        help="checked against the number of layers")
     to_mp.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    to_mp.add_argument("--seq-length", type=int, help="default: n_positions")
+    to_mp.add_argument("--seq-length", type=int,
+                       help="default: n_positions / max_position_embeddings")
     to_mp.set_defaults(run=hf_to_mp_command)
-    to_hf = commands.add_parser("mp-to-hf", help="mp checkpoint -> Hugging Face GPT-2")
+    to_hf = commands.add_parser("mp-to-hf", help="mp checkpoint -> Hugging Face GPT-2 or Llama")
     to_hf.add_argument("--input", required=True, help="mp checkpoint or save directory")
     to_hf.add_argument("--output", required=True, help="directory to write")
     to_hf.add_argument("--format", choices=("safetensors", "bin"), default="safetensors")

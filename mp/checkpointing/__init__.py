@@ -8,7 +8,8 @@
 - `resolve_checkpoint`, `find_checkpoint`, `read_latest` (`mp.checkpointing.files`): where the
   newest complete checkpoint of a save directory is.
 - `mp.checkpointing.job`: the pretraining job's resume and save hook;
-  `mp.checkpointing.hf_gpt2`: Hugging Face GPT-2 weights to and from global names.
+  `mp.checkpointing.hf_gpt2`, `mp.checkpointing.hf_llama`: Hugging Face GPT-2 and Llama
+  weights to and from global names.
 - `CheckpointError`, `CorruptCheckpointError`.
 
 See docs/checkpoints.md for the format and the guarantees.

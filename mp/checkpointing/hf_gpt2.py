@@ -19,6 +19,12 @@ from __future__ import annotations
 
 import torch
 
+from mp.checkpointing.hf_tensors import (
+    check_expressible,
+    check_keys,
+    check_output_layer,
+    pad_rows,
+)
 from mp.model.config import TransformerConfig
 
 #: GPT-2 ``activation_function`` -> mp's ``activation`` (``gelu_new`` is GPT-2's default)
@@ -70,10 +76,7 @@ def hf_config(config: TransformerConfig) -> dict:
     needs = {"normalization": ("LayerNorm",), "activation": tuple(_HF_ACTIVATION),
              "position_embedding_type": ("learned_absolute",), "add_bias_linear": (True,),
              "num_query_groups": (config.num_attention_heads,)}  # GPT-2 has one key per head
-    wrong = [f"{k}={getattr(config, k)!r}" for k, v in needs.items() if getattr(config, k) not in v]
-    if wrong:
-        raise ValueError(f"model.{', model.'.join(wrong)}: GPT-2 needs "
-                         + ", ".join(f"{k} in {v!r}" for k, v in needs.items()))
+    check_expressible(config, needs, "GPT-2")
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": config.vocab_size, "n_positions": config.max_position_embeddings,
             "n_embd": config.hidden_size, "n_layer": config.num_layers,
@@ -95,17 +98,6 @@ def _qkv_to_hf(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.reshape(heads, 3, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
-
-
-def _check_keys(got: set[str], expected: set[str], what: str) -> None:
-    missing, unexpected = sorted(expected - got), sorted(got - expected)
-    if missing or unexpected:
-        raise ValueError(f"{what}: missing {missing[:6]}{' ...' if len(missing) > 6 else ''}; "
-                         f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
-
-
 def hf_to_mp(state_dict: dict[str, torch.Tensor],
              config: TransformerConfig) -> dict[str, torch.Tensor]:
     """``GPT2LMHeadModel`` (or ``GPT2Model``) weights to mp's global names and layout."""
@@ -116,18 +108,15 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
     expected = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"} | {
         f"h.{i}.{name}.{p}" for i in range(config.num_layers) for p in ("weight", "bias")
         for name in ("attn.c_attn", *(pair[0] for pair in _LAYER_PAIRS))}
-    _check_keys(set(hf), expected, "GPT-2 state dict")
-    if tied and head is not None and not torch.equal(head, hf["wte.weight"]):
-        raise ValueError("tie_word_embeddings is true but lm_head.weight differs from wte")
-    if not tied and head is None:
-        raise ValueError("tie_word_embeddings is false but the state dict has no lm_head.weight")
+    check_keys(set(hf), expected, "GPT-2 state dict")
+    check_output_layer(head, hf["wte.weight"], tied, "wte")
     rows, heads = config.padded_vocab_size, config.num_attention_heads
-    mp = {"embedding.word_embeddings.weight": _pad_rows(hf["wte.weight"], rows),
+    mp = {"embedding.word_embeddings.weight": pad_rows(hf["wte.weight"], rows),
           "embedding.position_embeddings.weight": hf["wpe.weight"],
           "decoder.final_layernorm.weight": hf["ln_f.weight"],
           "decoder.final_layernorm.bias": hf["ln_f.bias"]}
     if not tied:
-        mp["output_layer.weight"] = _pad_rows(head, rows)
+        mp["output_layer.weight"] = pad_rows(head, rows)
     for i in range(config.num_layers):
         src, dst = f"h.{i}.", f"decoder.layers.{i}."
         mp[dst + "self_attention.query_key_value.weight"] = _qkv_to_mp(
@@ -152,7 +141,7 @@ def mp_to_hf(weights: dict[str, torch.Tensor],
                    for p in ("weight", "bias")
                    for name in ("self_attention.query_key_value",
                                 *(pair[1] for pair in _LAYER_PAIRS))}
-    _check_keys(set(weights), layer_names | {
+    check_keys(set(weights), layer_names | {
         "embedding.word_embeddings.weight", "embedding.position_embeddings.weight",
         "decoder.final_layernorm.weight", "decoder.final_layernorm.bias",
         *(() if tied else ("output_layer.weight",))}, "mp checkpoint")

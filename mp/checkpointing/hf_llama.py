@@ -1,0 +1,169 @@
+"""Hugging Face Llama (``LlamaForCausalLM``) weights to and from mp's global parameter names.
+
+A Llama is mp's GPT with RMSNorm, SwiGLU, rotary embeddings (the rotate-half form, mp's own),
+no linear biases, untied embeddings unless ``tie_word_embeddings``, and grouped-query
+attention: ``num_key_value_heads`` is mp's ``num_query_groups``. Pure tensor functions (no
+``transformers`` import); ``tools/convert_checkpoint.py`` reads and writes the files. What
+differs between the two:
+
+- ``q_proj [a d, h]``, ``k_proj`` and ``v_proj [g d, h]`` are three weights; mp's fused
+  ``query_key_value`` lays their rows per query group, ``[g, a / g + 2, d]`` (the group's
+  ``a / g`` queries, its key, its value), so a tensor-parallel slice holds whole groups.
+- ``gate_proj``, ``up_proj`` and ``down_proj`` are mp's ``linear_gate``, ``linear_fc1`` and
+  ``linear_fc2``; the norms are ``input_layernorm`` and ``pre_mlp_layernorm``.
+- mp pads the vocabulary to ``padded_vocab_size`` rows (zeros, never a target).
+
+What mp cannot express is refused by name: RoPE scaling (Llama 3.1's ``llama3``, linear,
+dynamic, ...), biases, a ``head_dim`` other than ``hidden_size / num_attention_heads``, an
+activation other than SiLU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mp.checkpointing.hf_tensors import (
+    check_expressible,
+    check_keys,
+    check_output_layer,
+    pad_rows,
+)
+from mp.model.config import TransformerConfig
+
+_PREFIX = "model."
+_QKV = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
+_LAYER_PAIRS = (  # (Llama suffix, mp suffix)
+    ("input_layernorm", "input_layernorm"),
+    ("self_attn.o_proj", "self_attention.dense"),
+    ("post_attention_layernorm", "pre_mlp_layernorm"),
+    ("mlp.gate_proj", "mlp.linear_gate"),
+    ("mlp.up_proj", "mlp.linear_fc1"),
+    ("mlp.down_proj", "mlp.linear_fc2"),
+)
+_IGNORED_BUFFERS = ("rotary_emb.inv_freq",)  # older checkpoints saved the RoPE frequencies
+
+
+def _rope_theta(hf: dict) -> float:
+    """The RoPE base of a config (``rope_theta``, or transformers 5's ``rope_parameters``);
+    ValueError for any scaled RoPE."""
+    parameters = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling")
+    kind = parameters.get("rope_type", "default")
+    if scaling is not None or kind != "default":
+        raise ValueError(f"RoPE scaling {scaling or parameters!r}: mp's RoPE has no scaling "
+                         "(rope_type 'default' only)")
+    return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
+                   pipeline_model_parallel_size: int = 1,
+                   make_vocab_size_divisible_by: int = 128,
+                   seq_length: int | None = None) -> TransformerConfig:
+    """The mp model of a Llama ``config.json``; ValueError for what mp cannot express."""
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    for key, value in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+                       ("head_dim", hidden // heads), ("pretraining_tp", 1)):
+        if hf.get(key, value) != value:
+            raise ValueError(f"{key}={hf[key]!r}: mp's Llama needs {key}={value!r}")
+    positions = hf["max_position_embeddings"]
+    return TransformerConfig(
+        num_layers=hf["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        vocab_size=hf["vocab_size"], seq_length=seq_length or positions,
+        max_position_embeddings=positions, ffn_hidden_size=hf["intermediate_size"],
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        normalization="RMSNorm", layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
+        activation="swiglu", position_embedding_type="rope", rotary_base=_rope_theta(hf),
+        add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=hf.get("attention_dropout", 0.0),
+        init_method_std=hf.get("initializer_range", 0.02),
+        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size)
+
+
+def hf_config(config: TransformerConfig) -> dict:
+    """A Llama ``config.json`` for mp model ``config``; ValueError for an mp model Llama
+    cannot express."""
+    check_expressible(config, {"normalization": ("RMSNorm",), "activation": ("swiglu",),
+                               "position_embedding_type": ("rope",),
+                               "add_bias_linear": (False,)}, "Llama")
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+            "intermediate_size": config.ffn_hidden_size,
+            "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_query_groups, "head_dim": config.kv_channels,
+            "hidden_act": "silu", "max_position_embeddings": config.max_position_embeddings,
+            "rms_norm_eps": config.layernorm_epsilon, "rope_theta": config.rotary_base,
+            "attention_bias": False, "mlp_bias": False,
+            "attention_dropout": config.attention_dropout,
+            "initializer_range": config.init_method_std,
+            "tie_word_embeddings": not config.untie_embeddings_and_output_weights}
+
+
+def _qkv_to_mp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               groups: int) -> torch.Tensor:
+    """``q [a d, h]``, ``k, v [g d, h]`` -> mp's ``[g (a / g + 2) d, h]``."""
+    per_group = [t.reshape(groups, -1, k.shape[0] // groups, t.shape[-1]) for t in (q, k, v)]
+    return torch.cat(per_group, dim=1).reshape(-1, q.shape[-1])
+
+
+def _qkv_to_hf(qkv: torch.Tensor, heads: int, groups: int) -> list[torch.Tensor]:
+    """mp's fused QKV weight -> ``[q, k, v]`` (the inverse of `_qkv_to_mp`)."""
+    per_group = qkv.reshape(groups, heads // groups + 2, -1, qkv.shape[-1])
+    q, k, v = per_group.split([heads // groups, 1, 1], dim=1)
+    return [t.reshape(-1, qkv.shape[-1]) for t in (q, k, v)]
+
+
+def hf_to_mp(state_dict: dict[str, torch.Tensor],
+             config: TransformerConfig) -> dict[str, torch.Tensor]:
+    """``LlamaForCausalLM`` (or ``LlamaModel``) weights to mp's global names and layout."""
+    hf = {k.removeprefix(_PREFIX): v for k, v in state_dict.items()
+          if not k.endswith(_IGNORED_BUFFERS)}
+    head = hf.pop("lm_head.weight", None)
+    tied = not config.untie_embeddings_and_output_weights
+    check_keys(set(hf), {"embed_tokens.weight", "norm.weight"} | {
+        f"layers.{i}.{name}.weight" for i in range(config.num_layers)
+        for name in (*_QKV, *(pair[0] for pair in _LAYER_PAIRS))}, "Llama state dict")
+    check_output_layer(head, hf["embed_tokens.weight"], tied, "embed_tokens")
+    rows = config.padded_vocab_size
+    mp = {"embedding.word_embeddings.weight": pad_rows(hf["embed_tokens.weight"], rows),
+          "decoder.final_layernorm.weight": hf["norm.weight"]}
+    if not tied:
+        mp["output_layer.weight"] = pad_rows(head, rows)
+    for i in range(config.num_layers):
+        src, dst = f"layers.{i}.", f"decoder.layers.{i}."
+        mp[dst + "self_attention.query_key_value.weight"] = _qkv_to_mp(
+            *(hf[f"{src}{name}.weight"] for name in _QKV), config.num_query_groups)
+        for hf_name, mp_name in _LAYER_PAIRS:
+            mp[f"{dst}{mp_name}.weight"] = hf[f"{src}{hf_name}.weight"]
+    return {k: v.contiguous().clone() for k, v in mp.items()}
+
+
+def mp_to_hf(weights: dict[str, torch.Tensor],
+             config: TransformerConfig) -> dict[str, torch.Tensor]:
+    """mp's global weights to ``LlamaForCausalLM.state_dict()``'s keys, shapes and layout
+    (``lm_head.weight`` included; with tied embeddings it is ``embed_tokens``' tensor)."""
+    hf_config(config)  # raises for models Llama cannot express
+    tied = not config.untie_embeddings_and_output_weights
+    vocab = config.vocab_size
+    check_keys(set(weights), {
+        "embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
+        *(() if tied else ("output_layer.weight",))} | {
+        f"decoder.layers.{i}.{name}.weight" for i in range(config.num_layers)
+        for name in ("self_attention.query_key_value", *(pair[1] for pair in _LAYER_PAIRS))},
+        "mp checkpoint")
+    hf = {"model.embed_tokens.weight": weights["embedding.word_embeddings.weight"][:vocab],
+          "model.norm.weight": weights["decoder.final_layernorm.weight"]}
+    for i in range(config.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        qkv = _qkv_to_hf(weights[src + "self_attention.query_key_value.weight"],
+                         config.num_attention_heads, config.num_query_groups)
+        hf.update({f"{dst}{name}.weight": t for name, t in zip(_QKV, qkv)})
+        for hf_name, mp_name in _LAYER_PAIRS:
+            hf[f"{dst}{hf_name}.weight"] = weights[f"{src}{mp_name}.weight"]
+    hf = {k: v.contiguous().clone() for k, v in hf.items()}
+    hf["lm_head.weight"] = hf["model.embed_tokens.weight"] if tied else \
+        weights["output_layer.weight"][:vocab].contiguous().clone()
+    return hf

@@ -1,0 +1,40 @@
+"""What the Hugging Face converters (`mp.checkpointing.hf_gpt2`, `hf_llama`) share: the
+padded vocabulary rows, and the checks of a state dict's names, its output layer and the
+model an mp config describes."""
+
+from __future__ import annotations
+
+import torch
+
+from mp.model.config import TransformerConfig
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with zero rows appended up to ``rows`` (mp's padded vocabulary; never a target)."""
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def check_keys(got: set[str], expected: set[str], what: str) -> None:
+    """ValueError naming the first missing and unexpected names, if any."""
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing or unexpected:
+        raise ValueError(f"{what}: missing {missing[:6]}{' ...' if len(missing) > 6 else ''}; "
+                         f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+
+
+def check_output_layer(head: torch.Tensor | None, embedding: torch.Tensor, tied: bool,
+                       embedding_name: str) -> None:
+    """``lm_head.weight`` (None when absent) against ``tie_word_embeddings``."""
+    if tied and head is not None and not torch.equal(head, embedding):
+        raise ValueError(f"tie_word_embeddings is true but lm_head.weight differs from "
+                         f"{embedding_name}")
+    if not tied and head is None:
+        raise ValueError("tie_word_embeddings is false but the state dict has no lm_head.weight")
+
+
+def check_expressible(config: TransformerConfig, needs: dict[str, tuple], family: str) -> None:
+    """ValueError naming each ``model.key`` whose value is not among ``needs[key]``."""
+    wrong = [f"{k}={getattr(config, k)!r}" for k, v in needs.items() if getattr(config, k) not in v]
+    if wrong:
+        raise ValueError(f"model.{', model.'.join(wrong)}: {family} needs "
+                         + ", ".join(f"{k} in {v!r}" for k, v in needs.items()))

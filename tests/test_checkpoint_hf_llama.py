@@ -1,0 +1,111 @@
+"""Hugging Face Llama round trip: random-weight ``LlamaForCausalLM`` models (built from a
+config, no download) with grouped-query, multi-query and multi-head attention, a non-default
+RoPE base and tied or untied embeddings, converted by ``tools/convert_checkpoint.py``, give
+transformers' own logits in mp at TP 1 and 2; converted back, the same state dict, and a
+model transformers loads with the same logits. Configs mp cannot express are refused."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+from checks import assert_rel_close, seeded
+from harness import run_distributed
+
+from mp import parallel_state as ps
+from mp.checkpointing import load_checkpoint, read_checkpoint_info
+from mp.model import GPTModel, TransformerConfig
+from mp.tensor_parallel import gather_from_tensor_model_parallel_region
+
+transformers = pytest.importorskip(
+    "transformers", reason="the Hugging Face round trip needs transformers and safetensors "
+                           "(pip install -e '.[test]')")
+pytest.importorskip("safetensors", reason="the Hugging Face round trip needs safetensors")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+convert = importlib.import_module("convert_checkpoint")
+
+VOCAB, POSITIONS, HEADS = 200, 32, 8
+
+
+def _llama(kv_heads: int, tied: bool = False):
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=HEADS, num_key_value_heads=kv_heads,
+        max_position_embeddings=POSITIONS, rms_norm_eps=1e-5, rope_theta=500000.0,
+        tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # make the norms non-trivial too
+        for i, param in enumerate(model.parameters()):
+            param.add_(seeded(param.shape, 100 + i, scale=0.05))
+    return model
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def _mp_logits(path: str, tp: int, tokens: torch.Tensor) -> torch.Tensor:
+    saved = read_checkpoint_info(path).model_config
+    ps.initialize_model_parallel(tp)
+    model = GPTModel(TransformerConfig(**{**saved, "tensor_model_parallel_size": tp})).eval()
+    load_checkpoint(path, model)
+    with torch.no_grad():
+        logits = gather_from_tensor_model_parallel_region(model(tokens))
+    return logits[..., :VOCAB]
+
+
+def _to_mp(hf_dir, mp_dir, tp: int) -> None:
+    convert.main(["hf-to-mp", "--input", str(hf_dir), "--output", str(mp_dir),
+                  "--tensor-model-parallel-size", str(tp), "--make-vocab-size-divisible-by",
+                  "16"])
+
+
+@pytest.mark.parametrize("kv_heads, tied, tp", [(2, False, 2), (8, False, 2), (1, False, 1),
+                                                (2, True, 2)],
+                         ids=["grouped-TP2", "multi-head-TP2", "multi-query-TP1", "tied-TP2"])
+def test_llama_logits_match_after_conversion(tmp_path, kv_heads, tied, tp):
+    model = _llama(kv_heads, tied)
+    model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")  # several shards + index
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    _to_mp(tmp_path / "hf", tmp_path / "mp", tp)
+    saved = read_checkpoint_info(tmp_path / "mp").model_config
+    assert (saved["num_query_groups"], saved["rotary_base"]) == (kv_heads, 500000.0)
+    tokens = _tokens()
+    with torch.no_grad():
+        expected = model(tokens).logits
+    logits = run_distributed(tp, _mp_logits, str(tmp_path / "mp"), tp, tokens)
+    assert_rel_close(logits[0], expected, rtol=1e-5, what=f"logits ({kv_heads} kv heads)")
+
+
+def test_llama_state_dict_round_trip_is_exact(tmp_path):
+    model = _llama(2)
+    model.save_pretrained(tmp_path / "hf")
+    _to_mp(tmp_path / "hf", tmp_path / "mp", 1)
+    convert.main(["mp-to-hf", "--input", str(tmp_path / "mp"), "--output", str(tmp_path / "back")])
+    back_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
+    expected, back = model.state_dict(), back_model.state_dict()
+    assert back.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(back[name], tensor), name
+    tokens = _tokens()  # the written config.json means the same model (the RoPE base too)
+    with torch.no_grad():
+        assert torch.equal(back_model(tokens).logits, model(tokens).logits)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "mp's RoPE has no scaling"),
+    ({"attention_bias": True}, "attention_bias=True: mp's Llama needs attention_bias=False"),
+    ({"head_dim": 16}, "head_dim=16: mp's Llama needs head_dim=8"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu': mp's Llama needs hidden_act='silu'"),
+])
+def test_unsupported_llama_configs_are_refused_by_name(tmp_path, change, message):
+    model = _llama(2)
+    model.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        _to_mp(tmp_path / "hf", tmp_path / "mp", 1)
