@@ -11,17 +11,16 @@ import pytest
 import torch
 from harness import run_distributed
 from test_checkpoint_hf import VOCAB, _convert_to_mp, _gpt2
-
-from mp import parallel_state as ps
-from mp.checkpointing import load_checkpoint, read_checkpoint_info
-from mp.generation import SamplingParams, filter_logits, generate
-from mp.model import GPTModel, TransformerConfig
-
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from mp import parallel_state as ps
+from mp.checkpointing import load_checkpoint, read_checkpoint_info
+from mp.generation import SamplingParams, filter_logits, generate
+from mp.model import GPTModel, TransformerConfig
 
 NEW = 12
 GENERATE = Path(__file__).resolve().parents[1] / "tools" / "generate.py"
