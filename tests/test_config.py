@@ -302,6 +302,9 @@ COMMAND_LINE_ERRORS = [
     (["--cross-entropy-loss-fusion", "--no-cross-entropy-loss-fusion"], 4,
      "--no-cross-entropy-loss-fusion conflicts with --cross-entropy-loss-fusion (both set "
      "model.cross_entropy_loss_fusion)"),
+    (["--use-checkpoint-args"], 4,
+     "training.use_checkpoint_args=true needs training.load (the checkpoint whose model "
+     "arguments the run takes)"),
     (["--finetune"], 4,
      "training.finetune=true needs training.load (the checkpoint whose weights the run starts "
      "from)"),
@@ -536,6 +539,29 @@ def test_llama_style_megatron_flags():
                                           ("sdpa", "sdpa")])
 def test_attention_backend_takes_megatrons_names(megatron, mp):
     assert shipped("gpt-tiny", "--attention-backend", megatron).model.attention_backend == mp
+
+
+def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(tmp_path):
+    """Over the config file's model, under the command line's (here --seq-length)."""
+    from mp.checkpointing import save_global_model
+    from mp.config.loader import CHECKPOINT_ARGS
+    from mp.model import TransformerConfig
+
+    saved = TransformerConfig(
+        num_layers=3, hidden_size=48, num_attention_heads=6, num_query_groups=2, vocab_size=300,
+        seq_length=96, max_position_embeddings=128, normalization="RMSNorm",
+        layernorm_epsilon=1e-6, activation="swiglu", position_embedding_type="rope",
+        rotary_base=5e5, add_bias_linear=False, untie_embeddings_and_output_weights=True,
+        make_vocab_size_divisible_by=32)
+    save_global_model(tmp_path / "ckpt", saved, {"output_layer.weight": torch.zeros(2, 2)})
+    m = shipped("gpt-tiny", "--load", str(tmp_path / "ckpt"), "--use-checkpoint-args",
+                "--seq-length", "64").model
+    assert {name: getattr(m, name) for name in CHECKPOINT_ARGS} == \
+        {**{name: getattr(saved, name) for name in CHECKPOINT_ARGS}, "seq_length": 64}
+    assert (m.tensor_model_parallel_size, m.hidden_dropout) == (2, 0.0)  # the file's
+    assert shipped("gpt-tiny", "--load", str(tmp_path / "ckpt")).model.hidden_size == 128
+    assert error_of("--use-checkpoint-args", "--load", str(tmp_path / "none")).startswith(
+        "training.use_checkpoint_args=true: ")
 
 
 def test_lr_warmup_fraction_is_a_fraction_of_the_decay():

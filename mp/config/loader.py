@@ -7,17 +7,20 @@ with ``base: PATH`` (relative to the file): the base is read first (its own ``ba
 this file's keys replace its keys, section by section. ``model.vocab_size`` may be left out:
 it is then the tokenizer's vocabulary size (the model pads it, see
 `TransformerConfig.padded_vocab_size`). Without a file (``path=None``) the defaults and the
-overrides make the whole config, as a Megatron-LM command line does.
+overrides make the whole config, as a Megatron-LM command line does. With
+``training.use_checkpoint_args`` the model's architecture comes from ``training.load``'s
+checkpoint, over the file's values and under the command line's.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 
 import yaml
 
-from mp.config.coerce import ConfigError, build_dataclass
+from mp.config.coerce import ConfigError, build_dataclass, coerce
 from mp.config.job import JobConfig, check_keys, resolve_world_size
 from mp.config.overrides import apply_overrides
 from mp.config.sections import DataConfig
@@ -38,13 +41,45 @@ def load_config(path: str | None, overrides: Sequence[str] = (),
     """
     sections = {} if path is None else read_config_file(path)
     check_keys(sections, path)
-    apply_overrides(sections, overrides)
+    given = copy.deepcopy(sections)
+    apply_overrides(given, overrides)
+    _take_checkpoint_args(sections, given.get("training") or {})
+    apply_overrides(sections, overrides)  # the command line wins over the checkpoint's args
     model = sections.get("model") or {}
     if "vocab_size" not in model:
         sections["model"] = {**model, "vocab_size": _tokenizer_vocab_size(sections.get("data"))}
     cfg = JobConfig.from_dict(sections)
     cfg.validate(resolve_world_size(world_size))
     return cfg
+
+
+#: What ``training.use_checkpoint_args`` takes from the checkpoint: the architecture (the
+#: fields a load checks), the functions' constants, the vocabulary padding and the sequence.
+CHECKPOINT_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                   "ffn_hidden_size", "vocab_size", "max_position_embeddings", "normalization",
+                   "activation", "position_embedding_type", "add_bias_linear",
+                   "untie_embeddings_and_output_weights", "layernorm_epsilon", "rotary_base",
+                   "make_vocab_size_divisible_by", "seq_length")
+
+
+def _take_checkpoint_args(sections: dict, training: dict) -> None:
+    """Megatron's ``--use-checkpoint-args``: when ``training`` (the resolved section) asks,
+    `CHECKPOINT_ARGS` from the metadata of its ``load``'s newest checkpoint replace the model
+    section's values in ``sections`` (the config file's; the command line is applied after)."""
+    if not coerce("training.use_checkpoint_args", training.get("use_checkpoint_args", False),
+                  bool):
+        return
+    if training.get("load") is None:
+        raise ConfigError("training.use_checkpoint_args=true needs training.load (the "
+                          "checkpoint whose model arguments the run takes)")
+    from mp.checkpointing import CheckpointError, read_checkpoint_info  # imports mp.config
+
+    try:
+        saved = read_checkpoint_info(training["load"]).model_config
+    except CheckpointError as error:
+        raise ConfigError(f"training.use_checkpoint_args=true: {error}") from None
+    taken = {name: saved[name] for name in CHECKPOINT_ARGS if name in saved}
+    sections["model"] = {**(sections.get("model") or {}), **taken}
 
 
 def read_config_file(path: str, _chain: tuple[str, ...] = ()) -> dict:

@@ -64,7 +64,7 @@ _MEGATRON_NAMES = {
         "min_loss_scale", "loss_scale_window", "hysteresis", "use_distributed_optimizer",
         "overlap_param_gather",
         "overlap_grad_reduce", "deepspeed", "deepspeed_config", "eval_interval", "eval_iters",
-        "save", "load", "finetune", "save_interval", "exit_interval", "exit_duration_in_mins",
+        "save", "load", "finetune", "use_checkpoint_args", "save_interval", "exit_interval", "exit_duration_in_mins",
         "exit_signal_handler", "exit_signal",
     ),
     "data": (

@@ -84,7 +84,9 @@ class TrainingConfig(_Section):
     and doubling after ``loss_scale_window`` clean iterations. ``eval_interval=None`` or
     ``save_interval=None`` turns periodic evaluation or saving off (a run with ``save`` still saves
     at its end); ``finetune`` (Megatron's ``--finetune``) takes only the weights of ``load``'s
-    checkpoint and starts at iteration 0 with a fresh optimizer, schedule and data order; ``keep_last=None`` keeps every checkpoint. ``exit_interval``,
+    checkpoint and starts at iteration 0 with a fresh optimizer, schedule and data order;
+    ``use_checkpoint_args`` (Megatron's ``--use-checkpoint-args``) takes the model's
+    architecture from that checkpoint (`mp.config.loader.CHECKPOINT_ARGS`); ``keep_last=None`` keeps every checkpoint. ``exit_interval``,
     ``exit_duration_in_mins`` and ``exit_signal_handler`` (with ``exit_signal``) end the run
     early with a checkpoint (`mp.training.exit`).
 
@@ -135,6 +137,7 @@ class TrainingConfig(_Section):
     save: str | None = None
     load: str | None = None
     finetune: bool = False  # load's weights only: iteration 0, fresh optimizer and schedule
+    use_checkpoint_args: bool = False  # the model's architecture from load's checkpoint
     save_interval: int | None = None
     keep_last: int | None = None
     exit_interval: int | None = None
