@@ -50,6 +50,8 @@ INTENDED_WORLD_SIZE = {
     "gpt3-6.7b": 32,
     "gpt3-13b": 64,
     "gpt3-175b": 1024,
+    "llama3-8b": 8,
+    "llama3-70b": 64,
 }
 
 

@@ -1,5 +1,6 @@
-"""Parameter counts of the GPT-3 configs: the model built on the meta device, the analytic
-formula, and the sizes Brown et al. 2020 (Table 2.1) give them."""
+"""Parameter counts of the shipped configs, the model built on the meta device: the GPT-3
+sizes against the analytic formula and Brown et al. 2020 (Table 2.1), the Llama 3 sizes
+against Meta's checkpoints."""
 
 import os
 from pathlib import Path
@@ -21,11 +22,19 @@ def formula(l: int, h: int, vocab: int, s: int) -> int:
     return 12 * l * h * h + 13 * l * h + (vocab + s) * h + 2 * h
 
 
+# Meta's Llama 3 checkpoints (3.1's have the same shapes): model.safetensors.index.json's
+# total_size, bf16 bytes, over 2.
+LLAMA3 = {"llama3-8b": 16_060_522_496 // 2, "llama3-70b": 141_107_412_992 // 2}
+
+
 def _count_on_meta(name: str) -> tuple[int, int]:
+    """(parameters of config ``name`` built at TP 1, PP 1, the GPT-3 formula for its sizes)."""
     os.environ["MP_DEVICE"] = "meta"
     try:
-        cfg = load_config(CONFIGS / f"gpt3-{name}.yaml", ["--tensor-model-parallel-size", "1",
-                                                          "--pipeline-model-parallel-size", "1"],
+        cfg = load_config(CONFIGS / f"{name}.yaml", ["--tensor-model-parallel-size", "1",
+                                                     "--pipeline-model-parallel-size", "1",
+                                                     "--model.virtual_pipeline_model_parallel_size",
+                                                     "null"],
                           world_size=1).model
         ps.initialize_model_parallel(1)
         model = GPTModel(cfg)
@@ -38,8 +47,16 @@ def _count_on_meta(name: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("name", list(PAPER))
 def test_gpt3_parameter_count(name):
-    [(built, analytic)] = run_distributed(1, _count_on_meta, name)
+    [(built, analytic)] = run_distributed(1, _count_on_meta, f"gpt3-{name}")
     assert built == analytic
     # the paper rounds its names (350M is 356M by the formula): within 2% of each
     assert abs(built - PAPER[name]) <= 0.02 * PAPER[name], \
         f"{built / 1e9:.3f}B is more than 2% from the paper's {PAPER[name] / 1e9}B"
+
+
+@pytest.mark.parametrize("name", list(LLAMA3))
+def test_llama3_parameter_count_is_metas(name):
+    """Grouped-query attention, SwiGLU, untied embeddings, no biases: to the parameter (the
+    128,256-token vocabulary needs no padding at TP 1)."""
+    [(built, _)] = run_distributed(1, _count_on_meta, name)
+    assert built == LLAMA3[name]
