@@ -1,6 +1,6 @@
 """Hugging Face Llama round trip: random-weight ``LlamaForCausalLM`` models (built from a
 config, no download) with grouped-query, multi-query and multi-head attention, a non-default
-RoPE base and tied or untied embeddings, converted by ``tools/convert_checkpoint.py``, give
+RoPE base, Llama 3.1's RoPE scaling and tied or untied embeddings, converted by ``tools/convert_checkpoint.py``, give
 transformers' own logits in mp at TP 1 and 2; converted back, the same state dict, and a
 model transformers loads with the same logits. Configs mp cannot express are refused."""
 
@@ -30,11 +30,18 @@ convert = importlib.import_module("convert_checkpoint")
 VOCAB, POSITIONS, HEADS = 200, 32, 8
 
 
-def _llama(kv_heads: int, tied: bool = False):
+# Llama 3.1's RoPE scaling: with head size 8 and base 5e5 the wavelengths are about 6, 167,
+# 4443 and 118,000 tokens, one in each of its three regimes (kept, blended, divided).
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _llama(kv_heads: int, tied: bool = False, scaling: dict | None = None):
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=HEADS, num_key_value_heads=kv_heads,
-        max_position_embeddings=POSITIONS, rms_norm_eps=1e-5, rope_theta=500000.0,
+        max_position_embeddings=POSITIONS, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0, **(scaling or {})},
         tie_word_embeddings=tied)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
@@ -64,16 +71,20 @@ def _to_mp(hf_dir, mp_dir, tp: int) -> None:
                   "16"])
 
 
-@pytest.mark.parametrize("kv_heads, tied, tp", [(2, False, 2), (8, False, 2), (1, False, 1),
-                                                (2, True, 2)],
-                         ids=["grouped-TP2", "multi-head-TP2", "multi-query-TP1", "tied-TP2"])
-def test_llama_logits_match_after_conversion(tmp_path, kv_heads, tied, tp):
-    model = _llama(kv_heads, tied)
+@pytest.mark.parametrize("kv_heads, tied, tp, scaling", [
+    (2, False, 2, None), (8, False, 2, None), (1, False, 1, None), (2, True, 2, None),
+    (2, True, 2, LLAMA3_SCALING), (2, False, 1, {**LLAMA3_SCALING, "factor": 32.0})],
+    ids=["grouped-TP2", "multi-head-TP2", "multi-query-TP1", "tied-TP2",
+         "llama3.1-rope-TP2", "llama3.2-rope-TP1"])
+def test_llama_logits_match_after_conversion(tmp_path, kv_heads, tied, tp, scaling):
+    model = _llama(kv_heads, tied, scaling)
     model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")  # several shards + index
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     _to_mp(tmp_path / "hf", tmp_path / "mp", tp)
     saved = read_checkpoint_info(tmp_path / "mp").model_config
     assert (saved["num_query_groups"], saved["rotary_base"]) == (kv_heads, 500000.0)
+    assert (saved["use_rope_scaling"], saved["rope_scaling_factor"]) == \
+        ((True, scaling["factor"]) if scaling else (False, 8.0))
     tokens = _tokens()
     with torch.no_grad():
         expected = model(tokens).logits
@@ -81,8 +92,9 @@ def test_llama_logits_match_after_conversion(tmp_path, kv_heads, tied, tp):
     assert_rel_close(logits[0], expected, rtol=1e-5, what=f"logits ({kv_heads} kv heads)")
 
 
-def test_llama_state_dict_round_trip_is_exact(tmp_path):
-    model = _llama(2)
+@pytest.mark.parametrize("scaling", [None, LLAMA3_SCALING], ids=["plain", "llama3.1-rope"])
+def test_llama_state_dict_round_trip_is_exact(tmp_path, scaling):
+    model = _llama(2, scaling=scaling)
     model.save_pretrained(tmp_path / "hf")
     _to_mp(tmp_path / "hf", tmp_path / "mp", 1)
     convert.main(["mp-to-hf", "--input", str(tmp_path / "mp"), "--output", str(tmp_path / "back")])
@@ -91,13 +103,16 @@ def test_llama_state_dict_round_trip_is_exact(tmp_path):
     assert back.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(back[name], tensor), name
-    tokens = _tokens()  # the written config.json means the same model (the RoPE base too)
+    tokens = _tokens()  # the written config.json means the same model (its RoPE too)
     with torch.no_grad():
         assert torch.equal(back_model(tokens).logits, model(tokens).logits)
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "mp's RoPE has no scaling"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+     "mp's RoPE has Llama 3.1's scaling"),
+    ({"rope_parameters": {**LLAMA3_SCALING, "high_freq_factor": 2.0, "rope_theta": 1e4}},
+     "mp's RoPE has Llama 3.1's scaling"),
     ({"attention_bias": True}, "attention_bias=True: mp's Llama needs attention_bias=False"),
     ({"head_dim": 16}, "head_dim=16: mp's Llama needs head_dim=8"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu': mp's Llama needs hidden_act='silu'"),

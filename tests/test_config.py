@@ -307,6 +307,9 @@ COMMAND_LINE_ERRORS = [
     (["--use-checkpoint-args"], 4,
      "training.use_checkpoint_args=true needs training.load (the checkpoint whose model "
      "arguments the run takes)"),
+    (["--use-rope-scaling"], 4,
+     "use_rope_scaling=True scales rotary embeddings; position_embedding_type="
+     "'learned_absolute'"),
     (["--finetune"], 4,
      "training.finetune=true needs training.load (the checkpoint whose weights the run starts "
      "from)"),
@@ -523,13 +526,15 @@ def test_llama_style_megatron_flags():
     """The flags of Megatron-LM's Llama recipes, on a shipped GPT-3 config."""
     m = shipped("gpt3-125m", "--disable-bias-linear", "--swiglu", "--normalization", "RMSNorm",
                 "--norm-epsilon", "1e-6", "--use-rotary-position-embeddings",
-                "--no-position-embedding", "--rotary-base", "500000",
+                "--no-position-embedding", "--rotary-base", "500000", "--use-rope-scaling",
+                "--rope-scaling-factor", "32",
                 "--untie-embeddings-and-output-weights", "--group-query-attention",
                 "--num-query-groups", "4", "--use-flash-attn", "--recompute-activations",
                 "--distribute-saved-activations").model
     assert (m.add_bias_linear, m.activation, m.normalization, m.layernorm_epsilon) == \
         (False, "swiglu", "RMSNorm", 1e-6)
     assert (m.position_embedding_type, m.rotary_base) == ("rope", 500000.0)
+    assert (m.use_rope_scaling, m.rope_scaling_factor) == (True, 32.0)
     assert (m.untie_embeddings_and_output_weights, m.num_query_groups) == (True, 4)
     assert (m.attention_backend, m.recompute_granularity) == ("sdpa", "selective")
     assert m.distribute_saved_activations is True

@@ -13,8 +13,9 @@ differs between the two:
   ``linear_fc2``; the norms are ``input_layernorm`` and ``pre_mlp_layernorm``.
 - mp pads the vocabulary to ``padded_vocab_size`` rows (zeros, never a target).
 
-What mp cannot express is refused by name: RoPE scaling (Llama 3.1's ``llama3``, linear,
-dynamic, ...), biases, a ``head_dim`` other than ``hidden_size / num_attention_heads``, an
+Llama 3.1's RoPE scaling (``rope_type: llama3``, the factor free, the other constants
+Meta's) is mp's ``use_rope_scaling`` and ``rope_scaling_factor``. What mp cannot express is
+refused by name: other RoPE scalings (linear, dynamic, YaRN, ...), biases, a ``head_dim`` other than ``hidden_size / num_attention_heads``, an
 activation other than SiLU.
 """
 
@@ -43,16 +44,25 @@ _LAYER_PAIRS = (  # (Llama suffix, mp suffix)
 _IGNORED_BUFFERS = ("rotary_emb.inv_freq",)  # older checkpoints saved the RoPE frequencies
 
 
-def _rope_theta(hf: dict) -> float:
-    """The RoPE base of a config (``rope_theta``, or transformers 5's ``rope_parameters``);
-    ValueError for any scaled RoPE."""
-    parameters = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    kind = parameters.get("rope_type", "default")
-    if scaling is not None or kind != "default":
-        raise ValueError(f"RoPE scaling {scaling or parameters!r}: mp's RoPE has no scaling "
-                         "(rope_type 'default' only)")
-    return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
+# Llama 3.1's RoPE scaling as mp has it (`mp.model.rope`): only the factor may vary.
+_LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+
+
+def _rope(hf: dict) -> dict:
+    """mp's RoPE fields of a config (``rope_theta`` and ``rope_scaling``, or transformers 5's
+    ``rope_parameters``); ValueError for a scaling mp does not have."""
+    parameters = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    kind = parameters.get("rope_type", parameters.get("type", "default"))
+    base = float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return {"rotary_base": base}
+    llama3 = {k: parameters.get(k) for k in _LLAMA3_SCALING}
+    if kind != "llama3" or llama3 != _LLAMA3_SCALING:
+        raise ValueError(f"RoPE scaling {parameters!r}: mp's RoPE has Llama 3.1's scaling "
+                         f"(rope_type 'llama3' with {_LLAMA3_SCALING}) or none")
+    return {"rotary_base": base, "use_rope_scaling": True,
+            "rope_scaling_factor": float(parameters["factor"])}
 
 
 def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
@@ -73,7 +83,7 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
         max_position_embeddings=positions, ffn_hidden_size=hf["intermediate_size"],
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         normalization="RMSNorm", layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
-        activation="swiglu", position_embedding_type="rope", rotary_base=_rope_theta(hf),
+        activation="swiglu", position_embedding_type="rope", **_rope(hf),
         add_bias_linear=False, hidden_dropout=0.0,
         attention_dropout=hf.get("attention_dropout", 0.0),
         init_method_std=hf.get("initializer_range", 0.02),
@@ -88,7 +98,9 @@ def hf_config(config: TransformerConfig) -> dict:
     check_expressible(config, {"normalization": ("RMSNorm",), "activation": ("swiglu",),
                                "position_embedding_type": ("rope",),
                                "add_bias_linear": (False,)}, "Llama")
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    scaling = {"rope_scaling": {"rope_type": "llama3", "factor": config.rope_scaling_factor,
+                                **_LLAMA3_SCALING}} if config.use_rope_scaling else {}
+    return {**scaling, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
             "intermediate_size": config.ffn_hidden_size,
             "num_hidden_layers": config.num_layers,

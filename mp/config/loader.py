@@ -59,7 +59,8 @@ CHECKPOINT_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_quer
                    "ffn_hidden_size", "vocab_size", "max_position_embeddings", "normalization",
                    "activation", "position_embedding_type", "add_bias_linear",
                    "untie_embeddings_and_output_weights", "layernorm_epsilon", "rotary_base",
-                   "make_vocab_size_divisible_by", "seq_length")
+                   "use_rope_scaling", "rope_scaling_factor", "make_vocab_size_divisible_by",
+                   "seq_length")
 
 
 def _take_checkpoint_args(sections: dict, training: dict) -> None:

@@ -53,7 +53,8 @@ _MEGATRON_NAMES = {
         "attention_dropout", "init_method_std", "tensor_model_parallel_size",
         "pipeline_model_parallel_size", "sequence_parallel", "recompute_granularity",
         "overlap_p2p_comm", "recompute_method", "recompute_num_layers",
-        "distribute_saved_activations", "rotary_base", "attention_backend",
+        "distribute_saved_activations", "rotary_base", "use_rope_scaling",
+        "rope_scaling_factor", "attention_backend",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",

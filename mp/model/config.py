@@ -35,6 +35,8 @@ class TransformerConfig:
     activation: str = "gelu"  # gelu | gelu_tanh (GPT-2's gelu_new) | swiglu
     position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
     rotary_base: float = 10000.0
+    use_rope_scaling: bool = False  # Llama 3.1's RoPE frequency scaling (mp.model.rope)
+    rope_scaling_factor: float = 8.0
     add_bias_linear: bool = True
     untie_embeddings_and_output_weights: bool = False
     hidden_dropout: float = 0.1
@@ -96,6 +98,11 @@ class TransformerConfig:
         if self.position_embedding_type == "rope" and self.kv_channels % 2:
             raise ValueError(f"rope needs an even head size; hidden_size / num_attention_heads "
                              f"= {self.kv_channels}")
+        if self.use_rope_scaling and self.position_embedding_type != "rope":
+            raise ValueError(f"use_rope_scaling=True scales rotary embeddings; "
+                             f"position_embedding_type={self.position_embedding_type!r}")
+        if not self.rope_scaling_factor > 0:
+            raise ValueError(f"rope_scaling_factor={self.rope_scaling_factor} must be > 0")
         if self.seq_length > self.max_position_embeddings:
             raise ValueError(f"seq_length={self.seq_length} exceeds "
                              f"max_position_embeddings={self.max_position_embeddings}")

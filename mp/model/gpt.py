@@ -66,8 +66,10 @@ class GPTModel(nn.Module):
             hidden = self.input_tensor
         freqs = None
         if self.config.position_embedding_type == "rope":
-            freqs = rotary_freqs(input_ids.size(1), self.config.kv_channels,
-                                 self.config.rotary_base, input_ids.device)
+            c = self.config
+            freqs = rotary_freqs(input_ids.size(1), c.kv_channels, c.rotary_base,
+                                 input_ids.device,
+                                 c.rope_scaling_factor if c.use_rope_scaling else None)
         hidden = self.decoder(hidden, attention_mask, freqs)
         if not self.post_process:
             return hidden
