@@ -1,10 +1,12 @@
 """Text generation from a GPT: greedy or sampled decoding, one token at a time, under tensor
 parallelism (`tools/generate.py` is the command line).
 
-Each step runs the model over the whole sequence so far and reads the logits of its last
-position: no key/value cache, so ``n`` new tokens cost ``n`` forward passes of growing
-length. That is exact and simple, and fast enough to look at what a model learned; it is not
-a serving engine.
+The prompt runs through the model once; then each step feeds only the newest token, its
+attention reading the keys and values of the earlier ones from a cache
+(`mp.model.inference.InferenceParams`). ``kv_cache=False`` runs the whole sequence so far
+at every step instead: the same tokens, ``n`` times the work, kept as the plain reference.
+Prompts of one call share a length; this is for looking at what a model learned, not a
+serving engine.
 
 Sampling follows the usual order (Hugging Face's): logits divided by ``temperature``, then
 only the ``top_k`` largest kept, then only the smallest set of the largest whose
@@ -24,6 +26,7 @@ import torch.distributed as dist
 
 from mp import parallel_state
 from mp.model import GPTModel
+from mp.model.inference import InferenceParams
 from mp.tensor_parallel import gather_from_tensor_model_parallel_region
 
 
@@ -75,7 +78,8 @@ def next_token(logits: torch.Tensor, params: SamplingParams,
 @torch.no_grad()
 def generate(model: GPTModel, tokens: torch.Tensor, max_new_tokens: int,
              params: SamplingParams = SamplingParams(), *, eod: int | None = None,
-             generator: torch.Generator | None = None, group=None) -> torch.Tensor:
+             generator: torch.Generator | None = None, group=None,
+             kv_cache: bool = True) -> torch.Tensor:
     """``tokens [b, s]`` followed by up to ``max_new_tokens`` generated ones, ``[b, s + n]``.
     A sequence that produces ``eod`` is finished: it is padded with ``eod`` until every
     sequence is finished or ``n = max_new_tokens``. Collective over the tensor-parallel
@@ -101,9 +105,11 @@ def generate(model: GPTModel, tokens: torch.Tensor, max_new_tokens: int,
     was_training = model.training
     model.eval()
     done = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
+    cache = InferenceParams(tokens.size(1) + max_new_tokens) if kv_cache else None
+    new = tokens  # what the model has not seen yet
     try:
         for _ in range(max_new_tokens):
-            local = model(tokens)[:, -1]  # [b, V / t]
+            local = model(new, inference_params=cache)[:, -1]  # [b, V / t]
             logits = gather_from_tensor_model_parallel_region(local, group)  # [b, V padded]
             logits[:, config.vocab_size:] = float("-inf")
             token = next_token(logits, params, generator)
@@ -112,6 +118,9 @@ def generate(model: GPTModel, tokens: torch.Tensor, max_new_tokens: int,
                 token = token.masked_fill(done, eod)
                 done |= token == eod
             tokens = torch.cat([tokens, token[:, None]], dim=1)
+            if cache is not None:
+                cache.sequence_len_offset += new.size(1)
+            new = tokens if cache is None else token[:, None]
             if done.all():
                 break
     finally:

@@ -1,7 +1,9 @@
 """Text generation (`mp.generation`, `tools/generate.py`): greedy decoding at TP=2 against
-Hugging Face's ``generate`` on the same GPT-2 weights, end-of-document handling included; the
-temperature, top-k and top-p filters against transformers' logits warpers; sampled tokens the
-same on every tensor-parallel rank; the command line on a converted checkpoint."""
+Hugging Face's ``generate`` on the same GPT-2 and Llama weights (learned and rotary positions,
+grouped-query attention, end-of-document handling), with the key/value cache; the cache
+against running the whole sequence at each step; the temperature, top-k and top-p filters
+against transformers' logits warpers; sampled tokens the same on every tensor-parallel rank;
+the command line on a converted checkpoint."""
 
 import subprocess
 import sys
@@ -9,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from checks import assert_rel_close
 from harness import run_distributed
 from test_checkpoint_hf import VOCAB, _convert_to_mp, _gpt2
+from test_checkpoint_hf_llama import _llama, _to_mp
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -21,6 +25,7 @@ from mp import parallel_state as ps
 from mp.checkpointing import load_checkpoint, read_checkpoint_info
 from mp.generation import SamplingParams, filter_logits, generate
 from mp.model import GPTModel, TransformerConfig
+from mp.model.inference import InferenceParams
 
 NEW = 12
 GENERATE = Path(__file__).resolve().parents[1] / "tools" / "generate.py"
@@ -46,14 +51,15 @@ def _hf_greedy(model, prompts: torch.Tensor, eod: int | None) -> torch.Tensor:
 
 
 def _mp_generate(path: str, prompts: torch.Tensor, params: SamplingParams, eod: int | None,
-                 seed: int) -> torch.Tensor:
+                 seed: int, kv_cache: bool = True, **model) -> torch.Tensor:
     ps.initialize_model_parallel(2)
     saved = read_checkpoint_info(path).model_config
-    model = GPTModel(TransformerConfig(**{**saved, "tensor_model_parallel_size": 2}))
+    model = GPTModel(TransformerConfig(**{**saved, "tensor_model_parallel_size": 2, **model}))
     load_checkpoint(path, model)
     # each rank its own seed: rank 0's draws must count everywhere
     generator = torch.Generator().manual_seed(100 * seed + torch.distributed.get_rank())
-    return generate(model, prompts, NEW, params, eod=eod, generator=generator)
+    return generate(model, prompts, NEW, params, eod=eod, generator=generator,
+                    kv_cache=kv_cache)
 
 
 def test_greedy_generation_matches_transformers_at_tp2(converted):
@@ -74,6 +80,65 @@ def test_greedy_generation_matches_transformers_at_tp2(converted):
     got = run_distributed(2, _mp_generate, path, prompts, SamplingParams(greedy=True), eod, 0)
     assert torch.equal(got[0], expected)
     assert (expected[0, 5 + 2:] == eod).all()
+
+
+def test_greedy_llama_generation_matches_transformers_at_tp2(tmp_path):
+    """Grouped-query attention and rotary embeddings: the cache's positions and heads."""
+    hf_model = _llama(2)
+    hf_model.save_pretrained(tmp_path / "hf")
+    _to_mp(tmp_path / "hf", tmp_path / "mp", 2)
+    prompts = _prompts()
+    with torch.no_grad():
+        expected = _hf_greedy(hf_model, prompts, None)
+    got = run_distributed(2, _mp_generate, str(tmp_path / "mp"), prompts,
+                          SamplingParams(greedy=True), None, 0)
+    assert torch.equal(got[0], expected)
+    assert len(set(expected[:, 5:].flatten().tolist())) > 3, "a degenerate reference"
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "unfused"])
+def test_cached_generation_equals_running_the_whole_sequence(converted, backend):
+    """The key/value cache against no cache: the same tokens, greedy and sampled (the
+    unfused core takes the cache's explicit causal mask, SDPA its own for the prompt)."""
+    _, path = converted
+    for params in (SamplingParams(greedy=True), SamplingParams(temperature=1.5)):
+        runs = [run_distributed(2, _mp_generate, path, _prompts(), params, None, 3, kv_cache,
+                                attention_backend=backend)[0] for kv_cache in (True, False)]
+        assert torch.equal(*runs), params
+
+
+def _logits_in_pieces(path: str, tokens: torch.Tensor, cuts: list[int], backend: str):
+    """Logits of ``tokens`` in one forward, and through the cache in pieces split at
+    ``cuts`` (the later pieces see the earlier through the cache and its causal mask)."""
+    ps.initialize_model_parallel(2)
+    saved = read_checkpoint_info(path).model_config
+    model = GPTModel(TransformerConfig(**{**saved, "tensor_model_parallel_size": 2,
+                                          "attention_backend": backend})).eval()
+    load_checkpoint(path, model)
+    cache = InferenceParams(tokens.size(1))
+    pieces = []
+    with torch.no_grad():
+        whole = model(tokens)
+        for start, end in zip([0, *cuts], [*cuts, tokens.size(1)]):
+            pieces.append(model(tokens[:, start:end], inference_params=cache))
+            cache.sequence_len_offset = end
+    return whole, torch.cat(pieces, dim=1)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "unfused"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_cache_fed_in_pieces_gives_the_whole_sequences_logits(converted, tmp_path, family,
+                                                                 backend):
+    if family == "llama":
+        _llama(2).save_pretrained(tmp_path / "hf")
+        _to_mp(tmp_path / "hf", tmp_path / "mp", 2)
+        path = str(tmp_path / "mp")
+    else:
+        path = converted[1]
+    tokens = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(4))
+    whole, pieces = run_distributed(2, _logits_in_pieces, path, tokens, [7, 8, 15],
+                                    backend)[0]
+    assert_rel_close(pieces, whole, rtol=1e-5, what=f"{family} logits through the cache")
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [

@@ -31,6 +31,7 @@ from torch import nn
 from mp.fused import AttnMaskType, FusedScaleMaskSoftmax, attention_mask_func
 from mp.model.config import TransformerConfig
 from mp.model.init import init_method_normal, scaled_init_method_normal
+from mp.model.inference import InferenceParams
 from mp.model.rope import apply_rotary
 from mp.tensor_parallel import (
     ColumnParallelLinear,
@@ -92,9 +93,10 @@ class SelfAttention(nn.Module):
     """Returns ``(output, bias)`` like the row-parallel projection it ends with (the bias is
     left for the caller's fused bias-dropout-add)."""
 
-    def __init__(self, config: TransformerConfig, group=None):
+    def __init__(self, config: TransformerConfig, group=None, layer_number: int = 1):
         super().__init__()
         self.config = config
+        self.layer_number = layer_number  # its key in an inference cache
         sp, dtype, bias = config.sequence_parallel, config.params_dtype, config.add_bias_linear
         self.query_key_value = ColumnParallelLinear(
             config.hidden_size, config.qkv_size, bias=bias, gather_output=False,
@@ -110,7 +112,10 @@ class SelfAttention(nn.Module):
             skip_bias_add=True, sequence_parallel=sp, params_dtype=dtype, group=group)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                rotary_freqs: torch.Tensor | None = None):
+                rotary_freqs: torch.Tensor | None = None,
+                inference_params: InferenceParams | None = None):
+        """With ``inference_params`` the keys and values join the cached ones, and the new
+        queries attend over all of them (``attention_mask`` must then be None)."""
         qkv, _ = self.query_key_value(hidden)  # [s, b, (a + 2 g) d / t]
         s, b = qkv.shape[:2]
         d, groups = self.config.kv_channels, self.groups_per_partition
@@ -119,6 +124,12 @@ class SelfAttention(nn.Module):
         q = q.reshape(s, b, self.heads_per_partition, d)  # a view when groups = heads
         if rotary_freqs is not None:
             q, k = apply_rotary(q, rotary_freqs), apply_rotary(k, rotary_freqs)
+        if inference_params is not None:
+            if attention_mask is not None:
+                raise ValueError("a key/value cache attends causally: attention_mask must be "
+                                 "None")
+            attention_mask = inference_params.causal_mask(s, hidden.device)
+            k, v = inference_params.update(self.layer_number, k, v)
         if self.config.recompute_granularity == "selective":
             context = checkpoint(self.core_attention, False, q, k, v, attention_mask)
         else:

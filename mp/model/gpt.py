@@ -1,14 +1,15 @@
 """GPT: embedding, transformer block, final norm, vocab-parallel output and loss.
 
-``forward(input_ids [b, s], position_ids [b, s] | None, attention_mask, labels [b, s] | None)``
-returns the per-token loss ``[b, s]`` (fp32) when ``labels`` are given, otherwise the logits
-``[b, s, V / t]`` still split over the vocabulary (gather them with
+``forward(input_ids [b, s], position_ids [b, s] | None, attention_mask, labels [b, s] | None,
+inference_params)`` returns the per-token loss ``[b, s]`` (fp32) when ``labels`` are given,
+otherwise the logits ``[b, s, V / t]`` still split over the vocabulary (gather them with
 ``gather_from_tensor_model_parallel_region`` if a full distribution is needed). The loss never
 materialises full logits: ``vocab_parallel_cross_entropy`` works on the shards.
 
 With pipeline parallelism a stage has ``pre_process`` (holds the embedding) and/or
 ``post_process`` (holds the final norm, output layer and loss); a stage without
-``pre_process`` takes its input from ``set_input_tensor``.
+``pre_process`` takes its input from ``set_input_tensor``. With ``inference_params``
+(`mp.model.inference`) ``input_ids`` are the tokens after the cached ones.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from mp import parallel_state
 from mp.model.config import TransformerConfig
 from mp.model.embedding import LanguageModelEmbedding
+from mp.model.inference import InferenceParams
 from mp.model.init import init_method_normal
 from mp.model.rope import rotary_freqs
 from mp.model.transformer import TransformerBlock
@@ -59,7 +61,13 @@ class GPTModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None,
+                inference_params: InferenceParams | None = None) -> torch.Tensor:
+        length, offset = input_ids.size(1), 0
+        if inference_params is not None:  # the tokens after the cached ones
+            offset = inference_params.sequence_len_offset
+            if position_ids is None:
+                position_ids = inference_params.positions(length, input_ids.device)
         if self.pre_process:
             hidden = self.embedding(input_ids, position_ids)
         else:
@@ -67,10 +75,10 @@ class GPTModel(nn.Module):
         freqs = None
         if self.config.position_embedding_type == "rope":
             c = self.config
-            freqs = rotary_freqs(input_ids.size(1), c.kv_channels, c.rotary_base,
+            freqs = rotary_freqs(offset + length, c.kv_channels, c.rotary_base,
                                  input_ids.device,
-                                 c.rope_scaling_factor if c.use_rope_scaling else None)
-        hidden = self.decoder(hidden, attention_mask, freqs)
+                                 c.rope_scaling_factor if c.use_rope_scaling else None)[offset:]
+        hidden = self.decoder(hidden, attention_mask, freqs, inference_params)
         if not self.post_process:
             return hidden
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings else None

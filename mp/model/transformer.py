@@ -11,6 +11,7 @@ from mp.fused import FusedLayerNorm, FusedRMSNorm
 from mp.model.attention import SelfAttention
 from mp.model.config import TransformerConfig
 from mp.model.dropout import bias_dropout_add
+from mp.model.inference import InferenceParams
 from mp.model.mlp import MLP
 from mp.tensor_parallel import checkpoint
 
@@ -46,14 +47,15 @@ class TransformerLayer(nn.Module):
         self.config = config
         self.layer_number = layer_number  # 1-based, over the whole model
         self.input_layernorm = build_norm(config)
-        self.self_attention = SelfAttention(config, group)
+        self.self_attention = SelfAttention(config, group, layer_number)
         self.pre_mlp_layernorm = build_norm(config)
         self.mlp = MLP(config, group)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                rotary_freqs: torch.Tensor | None = None) -> torch.Tensor:
+                rotary_freqs: torch.Tensor | None = None,
+                inference_params: InferenceParams | None = None) -> torch.Tensor:
         out, bias = self.self_attention(self.input_layernorm(hidden), attention_mask,
-                                        rotary_freqs)
+                                        rotary_freqs, inference_params)
         hidden = self._bias_dropout_add(out, bias, hidden)
         out, bias = self.mlp(self.pre_mlp_layernorm(hidden))
         return self._bias_dropout_add(out, bias, hidden)
@@ -87,13 +89,14 @@ class TransformerBlock(nn.Module):
         self.final_layernorm = build_norm(config) if post_process else None
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                rotary_freqs: torch.Tensor | None = None) -> torch.Tensor:
+                rotary_freqs: torch.Tensor | None = None,
+                inference_params: InferenceParams | None = None) -> torch.Tensor:
         cfg = self.config
         if cfg.recompute_granularity == "full" and self.training:
             hidden = self._recomputed(hidden, attention_mask, rotary_freqs)
         else:
             for layer in self.layers:
-                hidden = layer(hidden, attention_mask, rotary_freqs)
+                hidden = layer(hidden, attention_mask, rotary_freqs, inference_params)
         return hidden if self.final_layernorm is None else self.final_layernorm(hidden)
 
     def _recomputed(self, hidden, attention_mask, rotary_freqs):
