@@ -194,3 +194,26 @@ def _check_grouped_query_is_multi_head_with_shared_keys(groups: int, overrides: 
                          ids=["sdpa", "unfused_rope"])
 def test_grouped_query_is_multi_head_with_shared_keys(groups, overrides):
     run_distributed(1, _check_grouped_query_is_multi_head_with_shared_keys, groups, overrides)
+
+
+def _check_sdpa_before_torch_2_5_repeats_the_groups():
+    """Where SDPA has no ``enable_gqa`` (torch < 2.5), the grouped keys and values are
+    repeated per query head first: the same logits as SDPA reading the groups itself."""
+    from mp.model import attention
+
+    ps.initialize_model_parallel(2)
+    ids, _ = _batch()
+    model = _build(_config(2, num_attention_heads=8, num_query_groups=4),
+                   ps.get_tensor_model_parallel_group())
+    logits, this_torch = {}, attention.SDPA_TAKES_GROUPS
+    try:
+        for takes_groups in (True, False):
+            attention.SDPA_TAKES_GROUPS = takes_groups
+            logits[takes_groups] = model(ids)
+    finally:
+        attention.SDPA_TAKES_GROUPS = this_torch
+    assert_rel_close(logits[False], logits[True], what="logits")
+
+
+def test_sdpa_before_torch_2_5_repeats_the_groups():
+    run_distributed(2, _check_sdpa_before_torch_2_5_repeats_the_groups)

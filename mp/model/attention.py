@@ -42,6 +42,11 @@ from mp.tensor_parallel import (
 )
 
 
+# SDPA reads grouped keys and values itself from torch 2.5 (enable_gqa); before, they are
+# repeated per query head first, as for the unfused core.
+SDPA_TAKES_GROUPS = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 class CoreAttention(nn.Module):
     """``q, k, v [s, b, np, hd] -> context [s, b, np * hd]``.
 
@@ -65,17 +70,19 @@ class CoreAttention(nn.Module):
         and value head serves ``np / ng`` consecutive query heads)."""
         s, b, heads, head_dim = q.shape
         groups = k.size(2)
+        if groups < heads and not (self.backend == "sdpa" and SDPA_TAKES_GROUPS):
+            k, v = (t.repeat_interleave(heads // groups, dim=2) for t in (k, v))
+            groups = heads
         dropout = self.dropout if self.training else 0.0
         with get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
             if self.backend == "sdpa":
+                grouped = {"enable_gqa": True} if groups < heads else {}
                 context = F.scaled_dot_product_attention(
                     *(t.permute(1, 2, 0, 3) for t in (q, k, v)),  # [b, np, s, hd]
                     attn_mask=None if attention_mask is None else ~attention_mask,
                     dropout_p=dropout, is_causal=attention_mask is None, scale=self.scale,
-                    enable_gqa=groups < heads)
+                    **grouped)
             else:
-                if groups < heads:
-                    k, v = (t.repeat_interleave(heads // groups, dim=2) for t in (k, v))
                 context = self._unfused(q, k, v, attention_mask, dropout)
         return context.permute(2, 0, 1, 3).reshape(s, b, heads * head_dim)
 
