@@ -10,7 +10,8 @@ import torch.distributed as dist
 from checks import assert_rel_close, jit_compiled_on_cpu, own_rank_group
 from harness import run_distributed
 from mp import parallel_state as ps
-from mp.model import GPTModel, TransformerConfig
+from mp.model import GPTModel, TransformerConfig, attention
+from mp.model.attention import SDPA_TAKES_GROUPS
 from mp.tensor_parallel import (
     gather_from_tensor_model_parallel_region,
     model_parallel_cuda_manual_seed,
@@ -199,21 +200,21 @@ def test_grouped_query_is_multi_head_with_shared_keys(groups, overrides):
 def _check_sdpa_before_torch_2_5_repeats_the_groups():
     """Where SDPA has no ``enable_gqa`` (torch < 2.5), the grouped keys and values are
     repeated per query head first: the same logits as SDPA reading the groups itself."""
-    from mp.model import attention
-
     ps.initialize_model_parallel(2)
     ids, _ = _batch()
     model = _build(_config(2, num_attention_heads=8, num_query_groups=4),
                    ps.get_tensor_model_parallel_group())
-    logits, this_torch = {}, attention.SDPA_TAKES_GROUPS
+    logits = {}
     try:
         for takes_groups in (True, False):
             attention.SDPA_TAKES_GROUPS = takes_groups
             logits[takes_groups] = model(ids)
     finally:
-        attention.SDPA_TAKES_GROUPS = this_torch
+        attention.SDPA_TAKES_GROUPS = True
     assert_rel_close(logits[False], logits[True], what="logits")
 
 
+@pytest.mark.skipif(not SDPA_TAKES_GROUPS, reason="this torch has no enable_gqa: every "
+                                                   "grouped test takes the repeated path")
 def test_sdpa_before_torch_2_5_repeats_the_groups():
     run_distributed(2, _check_sdpa_before_torch_2_5_repeats_the_groups)
