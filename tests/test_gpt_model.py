@@ -6,9 +6,9 @@ import contextlib
 import pytest
 import torch
 import torch.distributed as dist
-
 from checks import assert_rel_close, jit_compiled_on_cpu, own_rank_group
 from harness import run_distributed
+
 from mp import parallel_state as ps
 from mp.model import GPTModel, TransformerConfig, attention
 from mp.model.attention import SDPA_TAKES_GROUPS
