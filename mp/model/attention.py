@@ -16,7 +16,9 @@ Two attention cores:
   memory-efficient kernels on GPU; causal unless a mask is given.
 - ``unfused``: ``Q K^T`` -> ``FusedScaleMaskSoftmax`` (mp's CUDA kernel when built and usable,
   torch otherwise) -> dropout -> ``P V``; for custom masks and for checking the fused path.
-Masks follow Megatron: boolean ``[b or 1, 1, s, s]``, ``True`` = masked out.
+Masks follow Megatron: boolean ``[b or 1, 1, s, s]``, ``True`` = masked out. With a key/value
+cache (`mp.model.inference`) the new queries attend over the cached keys too, through the
+cache's ``[1, 1, s, cached + s]`` causal mask.
 """
 
 from __future__ import annotations
