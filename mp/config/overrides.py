@@ -70,7 +70,7 @@ _MEGATRON_NAMES = {
     ),
     "data": (
         "data_path", "split", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model",
-        "data_cache_path", "num_workers", "eod_mask_loss",
+        "data_cache_path", "num_workers", "eod_mask_loss", "mock_data",
     ),
     "logging": ("log_interval", "tensorboard_dir"),
 }

@@ -241,7 +241,8 @@ class DataConfig(_Section):
     ``split`` gives train/valid/test proportions of each dataset's documents. ``tokenizer_type``
     and its files are `mp.data.tokenizer.build_tokenizer`'s arguments. ``data_cache_path`` holds
     the index caches (``None``: beside the data). ``eod_mask_loss`` leaves end-of-document
-    tokens out of the loss.
+    tokens out of the loss. ``mock_data`` (Megatron's ``--mock-data``) trains on random tokens
+    of ``model.vocab_size`` instead, reading no file and building no tokenizer.
     """
 
     section: ClassVar[str] = "data"
@@ -256,6 +257,7 @@ class DataConfig(_Section):
     data_cache_path: str | None = None
     num_workers: int = 2
     eod_mask_loss: bool = False
+    mock_data: bool = False  # random tokens instead of data_path (mp.data.mock)
 
     def __post_init__(self) -> None:
         try:

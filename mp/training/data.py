@@ -2,7 +2,8 @@
 ``build_train_valid_test_data_iterators``).
 
 ``data.data_path: [builtin]`` is the embedded corpus, tokenized once (by one rank, the others
-waiting) into ``data.data_cache_path`` or ``~/.cache/mp``. Sample counts follow Megatron:
+waiting) into ``data.data_cache_path`` or ``~/.cache/mp``; ``data.mock_data`` reads random
+tokens instead (`mp.data.mock`), no tokenizer or file needed. Sample counts follow Megatron:
 ``train_samples``, or ``train_iters x global_batch_size``, training samples and, for validation,
 ``eval_iters x global_batch_size`` for each evaluation the run will do (every ``eval_interval``
 iterations and one at the end). Each data-parallel rank reads its own micro-batches (the
@@ -20,6 +21,7 @@ from mp import parallel_state
 from mp.config import BUILTIN_DATA_PATH, JobConfig
 from mp.data.corpus import prepare_default_corpus
 from mp.data.dataset_builder import build_gpt_datasets
+from mp.data.mock import MockGPTDataset
 from mp.data.samplers import build_pretraining_data_loader
 from mp.data.tokenizer import build_tokenizer
 
@@ -42,11 +44,9 @@ def num_evaluations(cfg: JobConfig, world_size: int) -> int:
     return periodic + (0 if ends_on_one else 1)
 
 
-def build_data_iterators(cfg: JobConfig, consumed_train_samples: int = 0
-                         ) -> tuple[Iterator[dict], Iterator[dict] | None]:
-    """``(train, valid)`` iterators of micro-batch dicts (`mp.data.gpt_dataset.GPTDataset`'s
-    items stacked to ``[micro_batch_size, seq_length]``); ``valid`` is None when the split or
-    the run has no validation. Collective: every rank must call it."""
+def _corpus_datasets(cfg: JobConfig, train_samples: int, valid_samples: int):
+    """The training and validation `GPTDataset` of ``data.data_path`` (the embedded corpus
+    tokenized first when it is ``builtin``)."""
     data, tr = cfg.data, cfg.training
     tokenizer = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
                                 merge_file=data.merge_file, tokenizer_model=data.tokenizer_model,
@@ -59,12 +59,27 @@ def build_data_iterators(cfg: JobConfig, consumed_train_samples: int = 0
     if data_path == [BUILTIN_DATA_PATH]:
         cache = data.data_cache_path or default_cache_dir()
         data_path = [prepare_default_corpus(os.path.join(cache, "corpus"), tokenizer)]
+    train_ds, valid_ds, _ = build_gpt_datasets(
+        data_path, data.split, cfg.model.seq_length, tr.seed, train_samples, valid_samples, 0,
+        eod=tokenizer.eod, eod_mask_loss=data.eod_mask_loss, path_to_cache=data.data_cache_path)
+    return train_ds, valid_ds
+
+
+def build_data_iterators(cfg: JobConfig, consumed_train_samples: int = 0
+                         ) -> tuple[Iterator[dict], Iterator[dict] | None]:
+    """``(train, valid)`` iterators of micro-batch dicts (`mp.data.gpt_dataset.GPTDataset`'s
+    items stacked to ``[micro_batch_size, seq_length]``); ``valid`` is None when the split or
+    the run has no validation. Collective: every rank must call it."""
+    data, tr = cfg.data, cfg.training
     batch, world = tr.global_batch_size, dist.get_world_size()
     train_samples = tr.train_samples if tr.counts_samples else tr.train_iters * batch
-    train_ds, valid_ds, _ = build_gpt_datasets(
-        data_path, data.split, cfg.model.seq_length, tr.seed, train_samples,
-        num_evaluations(cfg, world) * tr.eval_iters * batch, 0, eod=tokenizer.eod,
-        eod_mask_loss=data.eod_mask_loss, path_to_cache=data.data_cache_path)
+    valid_samples = num_evaluations(cfg, world) * tr.eval_iters * batch
+    if data.mock_data:
+        train_ds, valid_ds = (
+            MockGPTDataset(n, cfg.model.seq_length, cfg.model.vocab_size, tr.seed + i) if n
+            else None for i, n in enumerate((train_samples, valid_samples)))
+    else:
+        train_ds, valid_ds = _corpus_datasets(cfg, train_samples, valid_samples)
     if train_ds is None:
         raise ValueError(f"data.split={data.split!r} leaves no documents for training")
     dp_rank = parallel_state.get_data_parallel_rank()
