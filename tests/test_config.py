@@ -351,7 +351,17 @@ COMMAND_LINE_ERRORS = [
      "training.lr_warmup_iters=400 exceeds training.lr_decay_iters=300"),
     (["--min-lr", "0.01"], 4, "training.min_lr=0.01 exceeds training.lr=0.001"),
     (["--lr-decay-style", "step"], 4,
-     "training.lr_decay_style='step' must be one of 'cosine', 'linear', 'constant'"),
+     "training.lr_decay_style='step' must be one of 'cosine', 'linear', 'constant', "
+     "'inverse-square-root', 'WSD'"),
+    (["--lr-decay-style", "WSD"], 4,
+     "training.lr_decay_style='WSD' needs training.lr_wsd_decay_iters (the length of its final "
+     "anneal)"),
+    (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "400"], 4,
+     "training.lr_wsd_decay_iters=400 exceeds training.lr_decay_iters=300"),
+    (["--train-iters", "null", "--train-samples", "800", "--lr-warmup-iters", "0",
+      "--lr-wsd-decay-iters", "10"], 4,
+     "training.lr_wsd_decay_iters=10 is counted in iterations, but the run is counted in samples "
+     "(training.train_samples): set it to null and use training.lr_wsd_decay_samples"),
     (["--micro-batch-size", "0"], 4, "training.micro_batch_size=0 must be >= 1"),
     (["--adam-beta2", "1"], 4, "training.adam_beta2=1.0 must be in [0, 1)"),
     (["--split", "90,x"], 4, ("data.split='90,x' must be 1 to 3 non-negative numbers "
@@ -515,7 +525,7 @@ def test_megatron_gpt3_example_runs_without_a_config_file(tmp_path):
     assert (m.tensor_model_parallel_size, m.pipeline_model_parallel_size) == (8, 16)
     assert cfg.num_microbatches(256) == 1536 // 2
     assert (t.lr, t.min_lr, t.train_iters, t.weight_decay) == (6e-5, 6e-6, 500000, 0.1)
-    assert t.lr_schedule_steps == (pytest.approx(430.0, rel=1e-12), 430000)
+    assert t.lr_schedule_steps == (pytest.approx(430.0, rel=1e-12), 430000, None)
     assert (t.save, t.load, t.save_interval, t.eval_interval, t.eval_iters) == \
         ("ckpt", "ckpt", 10000, 1000, 10)
     assert (cfg.data.data_path, cfg.data.split) == (["corpus_text_document"], "949,50,1")
@@ -577,13 +587,13 @@ def test_lr_warmup_fraction_is_a_fraction_of_the_decay():
 
     t = shipped("gpt-tiny", "--lr-warmup-iters", "0", "--lr-warmup-fraction", "0.1",
                 "--lr-decay-iters", "25").training
-    assert t.lr_schedule_steps == (pytest.approx(2.5, rel=1e-12), 25)
+    assert t.lr_schedule_steps == (pytest.approx(2.5, rel=1e-12), 25, None)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.lr)
     scheduler = build_opt_param_scheduler(optimizer, t)
     assert [scheduler.get_lr(n) for n in (1, 2)] == pytest.approx([t.lr / 2.5, 2 * t.lr / 2.5])
     samples = shipped("gpt-tiny", "--train-iters", "null", "--lr-warmup-iters", "0",
                       "--train-samples", "1000", "--lr-warmup-fraction", "0.01").training
-    assert samples.lr_schedule_steps == (pytest.approx(10.0), 1000)
+    assert samples.lr_schedule_steps == (pytest.approx(10.0), 1000, None)
 
 
 def test_help_lists_the_megatron_flags_and_keys(capsys):

@@ -27,13 +27,21 @@ from mp.optim import (
 # --- learning-rate schedule -----------------------------------------------------------------
 
 
-def closed_form_lr(n, style, max_lr, min_lr, warmup, decay):
+def closed_form_lr(n, style, max_lr, min_lr, warmup, decay, anneal=None, anneal_style=None):
+    """Megatron-LM's schedules, written out; WSD anneals over the last ``anneal`` steps."""
     if warmup > 0 and n <= warmup:
         return max_lr * n / warmup
     if style == "constant":
         return max_lr
     if n > decay:
         return min_lr
+    if style == "inverse-square-root":
+        return max(min_lr, max_lr * math.sqrt(max(warmup, 1)) / math.sqrt(max(n, 1)))
+    if style == "WSD":
+        q = max(0, n - (decay - anneal)) / anneal
+        shape = {"linear": 1 - q, "cosine": (1 + math.cos(math.pi * q)) / 2,
+                 "exponential": 2 * 0.5**q - 1, "minus_sqrt": 1 - math.sqrt(q)}[anneal_style]
+        return min_lr + (max_lr - min_lr) * shape
     progress = (n - warmup) / (decay - warmup)
     shape = {"linear": 1 - progress, "cosine": (1 + math.cos(math.pi * progress)) / 2}[style]
     return min_lr + (max_lr - min_lr) * shape
@@ -46,7 +54,7 @@ def _sgd(lr_mult=None):
     return torch.optim.SGD([group], lr=123.0)
 
 
-@pytest.mark.parametrize("style", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("style", ["cosine", "linear", "constant", "inverse-square-root"])
 @pytest.mark.parametrize("warmup,decay", [(0, 50), (10, 50), (10, 10)])
 def test_lr_schedule_matches_closed_form(style, warmup, decay):
     opt = _sgd()
@@ -56,6 +64,25 @@ def test_lr_schedule_matches_closed_form(style, warmup, decay):
         want = closed_form_lr(n, style, 3e-3, 3e-4, warmup, decay)
         assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12, abs=1e-15), n
         sched.step()
+
+
+@pytest.mark.parametrize("anneal_style", ["linear", "cosine", "exponential", "minus_sqrt"])
+def test_wsd_schedule_matches_closed_form(anneal_style):
+    """Warm-up 10, stable to step 30, then the anneal over the last 20 steps of 50."""
+    opt = _sgd()
+    sched = OptimizerParamScheduler(opt, max_lr=3e-3, min_lr=3e-4, lr_warmup_steps=10,
+                                    lr_decay_steps=50, lr_decay_style="WSD", wsd_decay_steps=20,
+                                    lr_wsd_decay_style=anneal_style)
+    lrs = []
+    for n in range(60):
+        want = closed_form_lr(n, "WSD", 3e-3, 3e-4, 10, 50, 20, anneal_style)
+        assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12, abs=1e-15), n
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert lrs[10:31] == [3e-3] * 21 and lrs[31] < 3e-3 and lrs[50] == pytest.approx(3e-4)
+    with pytest.raises(ValueError, match=r"lr_decay_style='WSD' needs wsd_decay_steps in \[1, "
+                                         r"lr_decay_steps=50\], got None"):
+        OptimizerParamScheduler(_sgd(), max_lr=1.0, lr_decay_steps=50, lr_decay_style="WSD")
 
 
 def test_lr_schedule_resumes_and_checks_hyperparameters():
@@ -73,6 +100,9 @@ def test_lr_schedule_resumes_and_checks_hyperparameters():
         other.load_state_dict(sched.state_dict())
     other.load_state_dict(sched.state_dict(), use_checkpoint_values=True)
     assert other.get_lr() == sched.get_lr()
+    before_wsd = {k: v for k, v in sched.state_dict().items()  # a checkpoint from before WSD
+                  if k not in ("wsd_decay_steps", "lr_wsd_decay_style")}
+    assert resumed.saved_differences(before_wsd) == {}
     with pytest.raises(ValueError, match="lr_decay_steps=4 must be >= 1 and >= lr_warmup_steps=5"):
         OptimizerParamScheduler(_sgd(), max_lr=1.0, lr_warmup_steps=5, lr_decay_steps=4)
     with pytest.raises(ValueError, match="lr_decay_style='step' must be one of"):

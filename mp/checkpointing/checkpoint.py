@@ -295,10 +295,8 @@ def _scheduler_problems(scheduler: OptimizerParamScheduler, saved: dict | None) 
     """The schedule's settings against the saved ones (its step count is what loads)."""
     if saved is None:
         return ["it holds no learning-rate schedule"]
-    mine = scheduler.state_dict()
-    return [f"learning-rate schedule: {key}={value!r} here but {saved.get(key)!r} in the "
-            "checkpoint" for key, value in mine.items()
-            if key != "num_steps" and saved.get(key) != value]
+    return [f"learning-rate schedule: {key}={mine!r} here but {theirs!r} in the checkpoint"
+            for key, (mine, theirs) in scheduler.saved_differences(saved).items()]
 
 
 def _target_problems(targets: PlacedTensors, entries: dict, config: TransformerConfig,

@@ -58,7 +58,8 @@ _MEGATRON_NAMES = {
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
-        "rampup_batch_size", "lr", "min_lr", "lr_decay_style", "lr_warmup_fraction",
+        "rampup_batch_size", "lr", "min_lr", "lr_decay_style", "lr_wsd_decay_style",
+        "lr_wsd_decay_iters", "lr_wsd_decay_samples", "lr_warmup_fraction",
         "lr_warmup_iters",
         "lr_decay_iters", "lr_warmup_samples", "lr_decay_samples", "weight_decay", "adam_beta1",
         "adam_beta2", "adam_eps", "clip_grad", "seed", "loss_scale", "initial_loss_scale",

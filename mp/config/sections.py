@@ -15,6 +15,7 @@ from typing import ClassVar
 from mp.config.coerce import ConfigError
 from mp.data.dataset_builder import parse_data_path, parse_split
 from mp.data.tokenizer import TOKENIZER_TYPES
+from mp.optim.lr_scheduler import DECAY_STYLES, WSD_DECAY_STYLES
 
 #: The ``data.data_path`` entry that stands for the embedded default corpus
 #: (`mp.data.corpus.prepare_default_corpus`), so that pretraining needs no download.
@@ -108,7 +109,10 @@ class TrainingConfig(_Section):
     train_samples: int | None = None
     rampup_batch_size: list[int] | None = None  # [start, increment, samples]
     min_lr: float = 0.0
-    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    lr_decay_style: str = "cosine"  # cosine | linear | constant | inverse-square-root | WSD
+    lr_wsd_decay_style: str = "exponential"  # WSD's anneal: linear|cosine|exponential|minus_sqrt
+    lr_wsd_decay_iters: int | None = None  # WSD: the anneal's length, at the end of the decay
+    lr_wsd_decay_samples: int | None = None
     lr_warmup_fraction: float | None = None  # or lr_warmup_iters / lr_warmup_samples
     lr_warmup_iters: int = 0
     lr_decay_iters: int | None = None  # default train_iters
@@ -163,7 +167,8 @@ class TrainingConfig(_Section):
             self._positive("loss_scale")
         self._below_one("adam_beta1")
         self._below_one("adam_beta2")
-        self._one_of("lr_decay_style", ("cosine", "linear", "constant"))
+        self._one_of("lr_decay_style", DECAY_STYLES)
+        self._one_of("lr_wsd_decay_style", tuple(WSD_DECAY_STYLES))
         self._one_of("optimizer_impl", ("torch", "apex"))
         self._one_of("exit_signal", ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"))
         self._check_run_length()
@@ -183,7 +188,8 @@ class TrainingConfig(_Section):
                 f"train_iters={self.train_iters!r}, train_samples={self.train_samples!r}): a run "
                 "is counted in iterations or in samples")
         unit, other = ("samples", "iters") if in_samples else ("iters", "samples")
-        for name, unset in ((f"lr_warmup_{other}", 0), (f"lr_decay_{other}", None)):
+        for name, unset in ((f"lr_warmup_{other}", 0), (f"lr_decay_{other}", None),
+                            (f"lr_wsd_decay_{other}", None)):
             if getattr(self, name) != unset:
                 raise ConfigError(
                     f"training.{name}={getattr(self, name)!r} is counted in {_WORDS[other]}, but "
@@ -205,6 +211,13 @@ class TrainingConfig(_Section):
             setattr(self, f"lr_decay_{unit}", getattr(self, f"train_{unit}"))
         self._at_least(f"lr_decay_{unit}", 1)
         self._not_above(f"lr_warmup_{unit}", f"lr_decay_{unit}")
+        wsd = getattr(self, f"lr_wsd_decay_{unit}")
+        if self.lr_decay_style == "WSD" and wsd is None:
+            raise ConfigError(f"training.lr_decay_style='WSD' needs training.lr_wsd_decay_{unit} "
+                              "(the length of its final anneal)")
+        if wsd is not None:
+            self._at_least(f"lr_wsd_decay_{unit}", 1)
+            self._not_above(f"lr_wsd_decay_{unit}", f"lr_decay_{unit}")
         if self.lr_warmup_fraction is not None:
             if not 0.0 <= self.lr_warmup_fraction <= 1.0:
                 raise ConfigError(f"training.lr_warmup_fraction={self.lr_warmup_fraction!r} "
@@ -217,14 +230,14 @@ class TrainingConfig(_Section):
                     "the count)")
 
     @property
-    def lr_schedule_steps(self) -> tuple[float, int]:
-        """(warm-up, decay) lengths of the learning-rate schedule, in the run's unit
-        (iterations, or samples when it `counts_samples`)."""
+    def lr_schedule_steps(self) -> tuple[float, int, int | None]:
+        """(warm-up, decay, WSD anneal) lengths of the learning-rate schedule, in the run's
+        unit (iterations, or samples when it `counts_samples`)."""
         unit = "samples" if self.counts_samples else "iters"
-        decay = getattr(self, f"lr_decay_{unit}")
+        decay, wsd = getattr(self, f"lr_decay_{unit}"), getattr(self, f"lr_wsd_decay_{unit}")
         if self.lr_warmup_fraction is not None:
-            return self.lr_warmup_fraction * decay, decay
-        return getattr(self, f"lr_warmup_{unit}"), decay
+            return self.lr_warmup_fraction * decay, decay, wsd
+        return getattr(self, f"lr_warmup_{unit}"), decay, wsd
 
     @property
     def counts_samples(self) -> bool:

@@ -1,4 +1,4 @@
-"""The learning-rate schedule: linear warm-up, then cosine or linear decay to ``min_lr``.
+"""The learning-rate schedule: linear warm-up, then a decay to ``min_lr``.
 
 Megatron's ``OptimizerParamScheduler`` semantics, counted in steps: iterations, or samples in
 a run counted in samples (the loop then calls ``step(global_batch_size)``, as Megatron always
@@ -7,9 +7,14 @@ does):
 - ``num_steps <= warmup``:  ``lr = init_lr + (max_lr - init_lr) * num_steps / warmup``
 - ``constant``:             ``lr = max_lr``
 - ``num_steps > decay``:    ``lr = min_lr``
+- ``inverse-square-root``: ``lr = max(min_lr, max_lr * sqrt(max(warmup, 1) / max(n, 1)))``
 - otherwise, with ``r = (num_steps - warmup) / (decay - warmup)``:
   ``lr = min_lr + (max_lr - min_lr) * c`` where ``c = 1 - r`` (linear) or
-  ``c = (1 + cos(pi r)) / 2`` (cosine).
+  ``c = (1 + cos(pi r)) / 2`` (cosine);
+- ``WSD`` (warm-up, stable, decay): ``c = 1`` until the last ``wsd_decay_steps`` before
+  ``decay``, then, with ``q`` their fraction done, ``c = 1 - q`` (linear),
+  ``(1 + cos(pi q)) / 2`` (cosine), ``2 * 0.5^q - 1`` (exponential) or ``1 - sqrt(q)``
+  (minus_sqrt), as ``lr_wsd_decay_style`` says.
 
 As in Megatron, the training loop calls ``step()`` after each successful optimizer step, so the
 first update runs at ``lr(0)`` (``init_lr`` when there is a warm-up) and a skipped fp16 step
@@ -20,7 +25,13 @@ from __future__ import annotations
 
 import math
 
-DECAY_STYLES = ("cosine", "linear", "constant")
+DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
+WSD_DECAY_STYLES = {  # the annealing phase's coefficient of its fraction done, q
+    "linear": lambda q: 1.0 - q,
+    "cosine": lambda q: 0.5 * (math.cos(math.pi * q) + 1.0),
+    "exponential": lambda q: 2.0 * 0.5**q - 1.0,
+    "minus_sqrt": lambda q: 1.0 - math.sqrt(q),
+}
 
 
 class OptimizerParamScheduler:
@@ -32,10 +43,18 @@ class OptimizerParamScheduler:
 
     def __init__(self, optimizer, *, max_lr: float, min_lr: float = 0.0,
                  lr_warmup_steps: float = 0, lr_decay_steps: int, lr_decay_style: str = "cosine",
-                 init_lr: float = 0.0):
+                 init_lr: float = 0.0, wsd_decay_steps: int | None = None,
+                 lr_wsd_decay_style: str = "exponential"):
         if lr_decay_style not in DECAY_STYLES:
             raise ValueError(f"lr_decay_style={lr_decay_style!r} must be one of "
                              f"{', '.join(map(repr, DECAY_STYLES))}")
+        if lr_wsd_decay_style not in WSD_DECAY_STYLES:
+            raise ValueError(f"lr_wsd_decay_style={lr_wsd_decay_style!r} must be one of "
+                             f"{', '.join(map(repr, WSD_DECAY_STYLES))}")
+        if lr_decay_style == "WSD" and not (
+                wsd_decay_steps is not None and 0 < wsd_decay_steps <= lr_decay_steps):
+            raise ValueError(f"lr_decay_style='WSD' needs wsd_decay_steps in [1, "
+                             f"lr_decay_steps={lr_decay_steps}], got {wsd_decay_steps}")
         if not 0.0 <= min_lr <= max_lr:
             raise ValueError(f"min_lr={min_lr} must lie in [0, max_lr={max_lr}]")
         if lr_warmup_steps < 0:
@@ -48,6 +67,7 @@ class OptimizerParamScheduler:
         self.init_lr, self.max_lr, self.min_lr = init_lr, max_lr, min_lr
         self.lr_warmup_steps, self.lr_decay_steps = lr_warmup_steps, lr_decay_steps
         self.lr_decay_style = lr_decay_style
+        self.wsd_decay_steps, self.lr_wsd_decay_style = wsd_decay_steps, lr_wsd_decay_style
         self.num_steps = 0
         self.step(0)
 
@@ -60,9 +80,17 @@ class OptimizerParamScheduler:
             return self.max_lr
         if n > self.lr_decay_steps:
             return self.min_lr
-        ratio = (n - self.lr_warmup_steps) / (self.lr_decay_steps - self.lr_warmup_steps)
-        coeff = 1.0 - ratio if self.lr_decay_style == "linear" else \
-            0.5 * (math.cos(math.pi * ratio) + 1.0)
+        if self.lr_decay_style == "inverse-square-root":
+            return max(self.min_lr, self.max_lr * math.sqrt(max(self.lr_warmup_steps, 1)
+                                                            / max(n, 1)))
+        if self.lr_decay_style == "WSD":
+            anneal_start = self.lr_decay_steps - self.wsd_decay_steps
+            coeff = 1.0 if n <= anneal_start else WSD_DECAY_STYLES[self.lr_wsd_decay_style](
+                (n - anneal_start) / self.wsd_decay_steps)
+        else:
+            ratio = (n - self.lr_warmup_steps) / (self.lr_decay_steps - self.lr_warmup_steps)
+            coeff = 1.0 - ratio if self.lr_decay_style == "linear" else \
+                0.5 * (math.cos(math.pi * ratio) + 1.0)
         return self.min_lr + coeff * (self.max_lr - self.min_lr)
 
     def step(self, increment: int = 1) -> None:
@@ -73,11 +101,20 @@ class OptimizerParamScheduler:
             group["lr"] = lr * group.get("lr_mult", 1.0)
 
     _HYPERPARAMETERS = ("init_lr", "max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps",
-                        "lr_decay_style")
+                        "lr_decay_style", "wsd_decay_steps", "lr_wsd_decay_style")
+    # hyper-parameters older checkpoints did not save, at the values they then had
+    _ADDED_LATER = {"wsd_decay_steps": None, "lr_wsd_decay_style": "exponential"}
 
     def state_dict(self) -> dict:
         return {"num_steps": self.num_steps,
                 **{name: getattr(self, name) for name in self._HYPERPARAMETERS}}
+
+    def saved_differences(self, state: dict) -> dict[str, tuple]:
+        """``{name: (this value, saved value)}`` for each hyper-parameter that ``state`` (a
+        `state_dict`, perhaps from before a hyper-parameter existed) sets differently."""
+        pairs = {name: (getattr(self, name), state.get(name, self._ADDED_LATER.get(name)))
+                 for name in self._HYPERPARAMETERS}
+        return {name: pair for name, pair in pairs.items() if pair[0] != pair[1]}
 
     def load_state_dict(self, state: dict, *, use_checkpoint_values: bool = False) -> None:
         """Resume at the saved step count.
@@ -86,10 +123,7 @@ class OptimizerParamScheduler:
         values, unless ``use_checkpoint_values`` (take the saved ones; Megatron's
         ``--use-checkpoint-opt_param-scheduler``).
         """
-        for name in self._HYPERPARAMETERS:
-            mine, saved = getattr(self, name), state[name]
-            if mine == saved:
-                continue
+        for name, (mine, saved) in self.saved_differences(state).items():
             if not use_checkpoint_values:
                 raise ValueError(f"learning-rate schedule mismatch: {name}={mine!r} here but "
                                  f"{saved!r} in the checkpoint (pass use_checkpoint_values=True "

@@ -70,10 +70,11 @@ def build_opt_param_scheduler(optimizer, tr: TrainingConfig) -> OptimizerParamSc
     """``tr``'s learning-rate schedule for ``optimizer``, counted in iterations or, when the
     run counts samples, in samples (the training loop then steps it by each iteration's
     global batch, as Megatron does)."""
-    warmup, decay = tr.lr_schedule_steps
+    warmup, decay, wsd = tr.lr_schedule_steps
     return OptimizerParamScheduler(optimizer, max_lr=tr.lr, min_lr=tr.min_lr,
                                    lr_warmup_steps=warmup, lr_decay_steps=decay,
-                                   lr_decay_style=tr.lr_decay_style)
+                                   lr_decay_style=tr.lr_decay_style, wsd_decay_steps=wsd,
+                                   lr_wsd_decay_style=tr.lr_wsd_decay_style)
 
 
 def count_parameters(model: list[torch.nn.Module]) -> int:
