@@ -24,6 +24,7 @@ does not advance the schedule. A group's ``lr_mult`` (default 1) scales its rate
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = {  # the annealing phase's coefficient of its fraction done, q
@@ -103,7 +104,8 @@ class OptimizerParamScheduler:
     _HYPERPARAMETERS = ("init_lr", "max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps",
                         "lr_decay_style", "wsd_decay_steps", "lr_wsd_decay_style")
     # hyper-parameters older checkpoints did not save, at the values they then had
-    _ADDED_LATER = {"wsd_decay_steps": None, "lr_wsd_decay_style": "exponential"}
+    _ADDED_LATER: ClassVar[dict] = {"wsd_decay_steps": None,
+                                    "lr_wsd_decay_style": "exponential"}
 
     def state_dict(self) -> dict:
         return {"num_steps": self.num_steps,
