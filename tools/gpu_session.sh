@@ -3,7 +3,8 @@
 # limit is 600 s a call). Each part prints a short table last; everything is also written to
 # $OUT (default /tmp/mp-gpu).
 #
-#   bash tools/gpu_session.sh kernels      # tools/gpu_check.sh: build, kernel tests, bench_kernels
+#   bash tools/gpu_session.sh kernels      # tools/gpu_check.sh: build, tests/gpu (kernels, compiled
+#                                          # fusions, grouped-query attention, the KV cache), bench_kernels
 #   bash tools/gpu_session.sh memory       # peak memory of 350M/1.3B against the estimate
 #   bash tools/gpu_session.sh training     # fusions, bench_gpt four ways (the last compiled)
 #   bash tools/gpu_session.sh              # all three

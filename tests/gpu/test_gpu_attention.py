@@ -1,0 +1,88 @@
+"""Grouped-query attention and the key/value cache on a GPU: SDPA reading the key/value groups
+itself (``enable_gqa``, flash or cuDNN kernels) against the same model with the groups
+repeated per query head, and against the unfused core (mp's fused softmax when built), in
+fp32 and bf16, forward and backward; generation with the cache against running the whole
+sequence at each step."""
+
+import pytest
+import torch
+
+from mp import parallel_state as ps
+from mp.device import get_device
+from mp.generation import SamplingParams, generate
+from mp.initialize import initialize_distributed
+from mp.model import GPTModel, TransformerConfig, attention
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+HEADS, GROUPS, SEQ, VOCAB = 16, 4, 512, 1000
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_gpu_world():
+    initialize_distributed()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def model_parallel():
+    ps.initialize_model_parallel(1)
+    yield
+    ps.destroy_model_parallel()
+
+
+def grouped_model(precision: str, **overrides) -> GPTModel:
+    """A two-layer Llama-style GPT, the same weights for the same arguments."""
+    torch.manual_seed(0)
+    return GPTModel(TransformerConfig(
+        num_layers=2, hidden_size=1024, num_attention_heads=HEADS, num_query_groups=GROUPS,
+        vocab_size=VOCAB, seq_length=SEQ, normalization="RMSNorm", activation="swiglu",
+        position_embedding_type="rope", add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=0.0, precision=precision, **overrides))
+
+
+def loss_and_grads(model: GPTModel, repeat_groups: bool) -> tuple[torch.Tensor, list]:
+    """The mean loss on a fixed batch and every parameter's gradient, with SDPA reading the
+    groups itself or given them repeated per head (the torch < 2.5 path)."""
+    g = torch.Generator().manual_seed(1)
+    ids, labels = (torch.randint(0, VOCAB, (2, SEQ), generator=g).to(get_device())
+                   for _ in range(2))
+    saved = attention.SDPA_TAKES_GROUPS
+    attention.SDPA_TAKES_GROUPS = not repeat_groups
+    try:
+        model.zero_grad()
+        loss = model(ids, labels=labels).float().mean()
+        loss.backward()
+    finally:
+        attention.SDPA_TAKES_GROUPS = saved
+    return loss.detach(), [p.grad.float().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("precision, rtol", [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_sdpa_reads_groups_as_the_repeated_heads(precision, rtol):
+    model = grouped_model(precision)
+    loss, grads = loss_and_grads(model, repeat_groups=False)
+    ref_loss, ref_grads = loss_and_grads(model, repeat_groups=True)
+    torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=0)
+    for grad, ref in zip(grads, ref_grads):
+        assert (grad - ref).norm() <= rtol * ref.norm()
+
+
+@pytest.mark.parametrize("precision, rtol", [("fp32", 1e-4), ("bf16", 3e-2)])
+def test_sdpa_and_unfused_cores_agree(precision, rtol):
+    loss, grads = loss_and_grads(grouped_model(precision), repeat_groups=False)
+    ref_loss, ref_grads = loss_and_grads(grouped_model(precision, attention_backend="unfused"),
+                                         repeat_groups=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=0)
+    for grad, ref in zip(grads, ref_grads):
+        assert (grad - ref).norm() <= rtol * ref.norm()
+
+
+def test_cached_generation_equals_the_whole_sequence():
+    model = grouped_model("fp32")
+    prompts = torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(2))
+    prompts = prompts.to(get_device())
+    runs = [generate(model, prompts, 64, SamplingParams(greedy=True), kv_cache=kv_cache)
+            for kv_cache in (True, False)]
+    assert torch.equal(*runs)
