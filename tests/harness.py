@@ -30,11 +30,13 @@ from __future__ import annotations
 import atexit
 import multiprocessing as mp_proc
 import os
+import pickle
 import queue
 import tempfile
 import time
 import traceback
 from datetime import timedelta
+from multiprocessing.reduction import ForkingPickler
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("MP_TEST_TIMEOUT", "180"))
 FAILURE_GRACE_S = 5.0  # after one rank fails, how long the others get to finish on their own
@@ -69,7 +71,7 @@ def _worker_main(rank: int, world_size: int, init_file: str, tasks, results) -> 
         world_size=world_size,
         timeout=timedelta(seconds=DEFAULT_TIMEOUT_S + 60),
     )
-    results.put(("ready", rank, True, None))
+    results.put(("ready", rank, _pickled((True, None))))
     while True:
         task = tasks.get()
         if task is None:
@@ -83,8 +85,19 @@ def _worker_main(rank: int, world_size: int, init_file: str, tasks, results) -> 
             _reset_rank_state()
         except BaseException:  # noqa: BLE001
             outcome = (False, "state reset after the test failed:\n" + traceback.format_exc())
-        results.put((task_id, rank, *outcome))
+        results.put((task_id, rank, _pickled(outcome)))
     dist.destroy_process_group()
+
+
+def _pickled(outcome: tuple[bool, object]) -> bytes:
+    """``outcome`` pickled as the queue would (torch's reductions included), here, where a
+    failure can be reported: the queue pickles in a thread of its own and would drop it."""
+    try:
+        return bytes(ForkingPickler.dumps(outcome))
+    except Exception:  # noqa: BLE001 - the reason goes back to the parent instead
+        return bytes(ForkingPickler.dumps((False, "the result cannot be sent back (detach "
+                                                  "tensors that require grad):\n"
+                                                  + traceback.format_exc())))
 
 
 class _Pool:
@@ -143,7 +156,7 @@ class _Pool:
         deadline = time.monotonic() + timeout
         while len(got) < self.world_size and time.monotonic() < deadline:
             try:
-                tid, rank, ok, value = self._results.get(timeout=0.2)
+                tid, rank, payload = self._results.get(timeout=0.2)
             except queue.Empty:
                 dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in got]
                 for r in dead:
@@ -151,7 +164,7 @@ class _Pool:
                 continue
             if tid != task_id:
                 continue  # a late answer from an earlier, already-failed task
-            got[rank] = (ok, value)
+            ok, value = got[rank] = pickle.loads(payload)
             if not ok:
                 deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
         return got

@@ -40,6 +40,21 @@ def test_failing_rank_reports_its_traceback_and_pool_recovers():
     assert run_distributed(2, _all_reduce_rank) == [(0, 1.0), (1, 1.0)]
 
 
+def _graph_tensor() -> torch.Tensor:
+    return torch.ones(2, requires_grad=True) * 2  # not a leaf: pickle refuses it
+
+
+def test_an_unsendable_result_fails_fast_with_the_reason():
+    """Without the check the queue's feeder thread drops the pickling error and the test
+    waits for its whole timeout."""
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError, match="the result cannot be sent back (.|\n)*"
+                                                   "non-leaf tensor"):
+        run_distributed(1, _graph_tensor, timeout=60)
+    assert time.monotonic() - start < 30
+    assert run_distributed(1, _all_reduce_rank) == [(0, 0.0)]
+
+
 def test_hanging_rank_times_out_and_pool_recovers():
     start = time.monotonic()
     with pytest.raises(DistributedTestError, match="did not finish within 3 s"):

@@ -71,7 +71,8 @@ _MEGATRON_NAMES = {
     ),
     "data": (
         "data_path", "split", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model",
-        "data_cache_path", "num_workers", "eod_mask_loss", "mock_data",
+        "data_cache_path", "num_workers", "eod_mask_loss", "mock_data", "reset_position_ids",
+        "reset_attention_mask",
     ),
     "logging": ("log_interval", "tensorboard_dir"),
 }

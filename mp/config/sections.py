@@ -256,6 +256,8 @@ class DataConfig(_Section):
     the index caches (``None``: beside the data). ``eod_mask_loss`` leaves end-of-document
     tokens out of the loss. ``mock_data`` (Megatron's ``--mock-data``) trains on random tokens
     of ``model.vocab_size`` instead, reading no file and building no tokenizer.
+    ``reset_position_ids`` and ``reset_attention_mask`` (Megatron's) keep the documents packed
+    into a sample apart (`mp.data.document_masks`).
     """
 
     section: ClassVar[str] = "data"
@@ -271,6 +273,8 @@ class DataConfig(_Section):
     num_workers: int = 2
     eod_mask_loss: bool = False
     mock_data: bool = False  # random tokens instead of data_path (mp.data.mock)
+    reset_position_ids: bool = False  # positions restart after each end-of-document token
+    reset_attention_mask: bool = False  # tokens attend within their own document only
 
     def __post_init__(self) -> None:
         try:
@@ -280,6 +284,9 @@ class DataConfig(_Section):
             raise ConfigError(f"{self.section}.{error}") from None
         self._one_of("tokenizer_type", TOKENIZER_TYPES)
         self._at_least("num_workers", 0)
+        if self.mock_data and (self.reset_position_ids or self.reset_attention_mask):
+            raise ConfigError("data.reset_position_ids / reset_attention_mask need documents; "
+                              "data.mock_data=true has none")
 
 
 @dataclass

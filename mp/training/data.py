@@ -3,7 +3,8 @@
 
 ``data.data_path: [builtin]`` is the embedded corpus, tokenized once (by one rank, the others
 waiting) into ``data.data_cache_path`` or ``~/.cache/mp``; ``data.mock_data`` reads random
-tokens instead (`mp.data.mock`), no tokenizer or file needed. Sample counts follow Megatron:
+tokens instead (`mp.data.mock`), no tokenizer or file needed. ``data.reset_position_ids`` and
+``data.reset_attention_mask`` keep a sample's documents apart (`mp.data.document_masks`). Sample counts follow Megatron:
 ``train_samples``, or ``train_iters x global_batch_size``, training samples and, for validation,
 ``eval_iters x global_batch_size`` for each evaluation the run will do (every ``eval_interval``
 iterations and one at the end). Each data-parallel rank reads its own micro-batches (the
@@ -21,6 +22,7 @@ from mp import parallel_state
 from mp.config import BUILTIN_DATA_PATH, JobConfig
 from mp.data.corpus import prepare_default_corpus
 from mp.data.dataset_builder import build_gpt_datasets
+from mp.data.document_masks import DocumentMasked
 from mp.data.mock import MockGPTDataset
 from mp.data.samplers import build_pretraining_data_loader
 from mp.data.tokenizer import build_tokenizer
@@ -46,7 +48,7 @@ def num_evaluations(cfg: JobConfig, world_size: int) -> int:
 
 def _corpus_datasets(cfg: JobConfig, train_samples: int, valid_samples: int):
     """The training and validation `GPTDataset` of ``data.data_path`` (the embedded corpus
-    tokenized first when it is ``builtin``)."""
+    tokenized first when it is ``builtin``), and the end-of-document id."""
     data, tr = cfg.data, cfg.training
     tokenizer = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
                                 merge_file=data.merge_file, tokenizer_model=data.tokenizer_model,
@@ -62,7 +64,7 @@ def _corpus_datasets(cfg: JobConfig, train_samples: int, valid_samples: int):
     train_ds, valid_ds, _ = build_gpt_datasets(
         data_path, data.split, cfg.model.seq_length, tr.seed, train_samples, valid_samples, 0,
         eod=tokenizer.eod, eod_mask_loss=data.eod_mask_loss, path_to_cache=data.data_cache_path)
-    return train_ds, valid_ds
+    return train_ds, valid_ds, tokenizer.eod
 
 
 def build_data_iterators(cfg: JobConfig, consumed_train_samples: int = 0
@@ -79,7 +81,12 @@ def build_data_iterators(cfg: JobConfig, consumed_train_samples: int = 0
             MockGPTDataset(n, cfg.model.seq_length, cfg.model.vocab_size, tr.seed + i) if n
             else None for i, n in enumerate((train_samples, valid_samples)))
     else:
-        train_ds, valid_ds = _corpus_datasets(cfg, train_samples, valid_samples)
+        train_ds, valid_ds, eod = _corpus_datasets(cfg, train_samples, valid_samples)
+        if data.reset_position_ids or data.reset_attention_mask:
+            train_ds, valid_ds = (
+                None if ds is None else DocumentMasked(ds, eod, data.reset_position_ids,
+                                                       data.reset_attention_mask)
+                for ds in (train_ds, valid_ds))
     if train_ds is None:
         raise ValueError(f"data.split={data.split!r} leaves no documents for training")
     dp_rank = parallel_state.get_data_parallel_rank()

@@ -1,7 +1,8 @@
 """The GPT forward step the schedules call (Megatron's ``pretrain_gpt.forward_step``).
 
 A micro-batch is the data loader's dict of ``[b, s]`` tensors (`mp.data.gpt_dataset`):
-``tokens``, ``labels`` (the tokens shifted by one), ``loss_mask`` and ``position_ids``. The
+``tokens``, ``labels`` (the tokens shifted by one), ``loss_mask`` and ``position_ids``, and
+``attention_mask [b, 1, s, s]`` when documents are kept apart (`mp.data.document_masks`). The
 model returns the per-token loss ``[b, s]``; the micro-batch loss is its mean over the tokens
 the mask keeps.
 """
@@ -33,5 +34,6 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def forward_step(data_iterator: Iterator[dict], model: nn.Module):
     """Run ``model`` on the next micro-batch; return ``(per-token loss, loss_func)``."""
     batch = get_batch(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                   labels=batch["labels"])
     return output, functools.partial(loss_func, batch["loss_mask"])

@@ -1,0 +1,55 @@
+"""Documents packed into one sample, kept apart (Megatron's ``--reset-position-ids`` and
+``--reset-attention-mask``).
+
+A sample of `GPTDataset` runs across document boundaries: each document ends with the
+end-of-document token and the next one starts right after it. By default a token attends to
+everything before it in the sample and positions count from the sample's start, as in
+Megatron. ``reset_position_ids`` restarts the positions at 0 after each end-of-document token;
+``reset_attention_mask`` lets a token attend only to earlier tokens of its own document (the
+end-of-document token belongs to the document it ends). Rotary embeddings depend only on
+relative positions, so with ``reset_attention_mask`` a document's outputs do not depend on
+where it starts; learned position embeddings read the reset positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+
+def document_positions_and_mask(tokens: torch.Tensor,
+                                eod: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``tokens [s]``: each token's position in its document ``[s]``, and the attention
+    mask ``[1, s, s]`` (True where query ``i`` must not see key ``j``: ``j > i`` or another
+    document)."""
+    s = tokens.size(0)
+    index = torch.arange(s)
+    ends = tokens == eod
+    starts = torch.ones(s, dtype=torch.bool)
+    starts[1:] = ends[:-1]
+    positions = index - torch.where(starts, index, 0).cummax(0).values
+    document = torch.cumsum(starts, 0)
+    mask = (index[None, :] > index[:, None]) | (document[None, :] != document[:, None])
+    return positions, mask[None]
+
+
+class DocumentMasked(Dataset):
+    """``dataset``'s items with positions and/or an ``attention_mask [1, s, s]`` that keep
+    the documents of a sample apart (see the module doc)."""
+
+    def __init__(self, dataset: Dataset, eod: int, reset_position_ids: bool,
+                 reset_attention_mask: bool):
+        self.dataset, self.eod = dataset, eod
+        self.reset_position_ids, self.reset_attention_mask = reset_position_ids, reset_attention_mask
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        item = dict(self.dataset[idx])
+        positions, mask = document_positions_and_mask(item["tokens"], self.eod)
+        if self.reset_position_ids:
+            item["position_ids"] = positions
+        if self.reset_attention_mask:
+            item["attention_mask"] = mask
+        return item

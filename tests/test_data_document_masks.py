@@ -1,0 +1,86 @@
+"""Documents packed into a sample, kept apart (``--reset-position-ids``,
+``--reset-attention-mask``): positions and masks against Megatron-LM's
+``get_ltor_masks_and_position_ids`` written out, and a GPT on a packed sample against the same
+GPT on each document alone (learned and rotary positions, both attention cores)."""
+
+import pytest
+import torch
+from checks import assert_rel_close
+from harness import run_distributed
+
+from mp import parallel_state as ps
+from mp.data.document_masks import DocumentMasked, document_positions_and_mask
+from mp.model import GPTModel, TransformerConfig
+
+EOD = 0
+
+
+def megatron_ltor(tokens: torch.Tensor, eod: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Megatron-LM's loop for one sample, both resets on: position ids and a [1, s, s] mask
+    (True = masked)."""
+    s = tokens.size(0)
+    keep = torch.tril(torch.ones(s, s))
+    positions = torch.arange(s)
+    previous = 0
+    for i in (tokens == eod).nonzero().flatten().tolist():
+        keep[i + 1:, :i + 1] = 0
+        positions[i + 1:] -= i + 1 - previous
+        previous = i + 1
+    return positions, (keep < 0.5)[None]
+
+
+def test_by_hand():
+    positions, mask = document_positions_and_mask(torch.tensor([5, 7, EOD, 3, EOD, EOD, 9]), EOD)
+    assert positions.tolist() == [0, 1, 2, 0, 1, 0, 0]
+    sees = [[j for j in range(7) if not mask[0, i, j]] for i in range(7)]
+    assert sees == [[0], [0, 1], [0, 1, 2], [3], [3, 4], [5], [6]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_megatrons_positions_and_masks(seed):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 4, (64,), generator=g)  # about one token in four ends a document
+    tokens[0] = EOD if seed == 0 else tokens[0]  # a sample that starts with an end
+    got, want = document_positions_and_mask(tokens, EOD), megatron_ltor(tokens, EOD)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_the_wrapper_sets_only_what_it_is_asked():
+    sample = {"tokens": torch.tensor([4, EOD, 6, 2]), "position_ids": torch.arange(4)}
+    only_positions = DocumentMasked([sample], EOD, True, False)[0]
+    assert only_positions["position_ids"].tolist() == [0, 1, 0, 1]
+    assert "attention_mask" not in only_positions
+    only_mask = DocumentMasked([sample], EOD, False, True)[0]
+    assert only_mask["position_ids"].tolist() == [0, 1, 2, 3]
+    assert only_mask["attention_mask"].shape == (1, 4, 4)
+
+
+def _packed_against_alone(position_embedding_type: str, backend: str):
+    """Per-token losses of two documents packed into one sample, against each alone."""
+    ps.initialize_model_parallel(1)
+    torch.manual_seed(0)
+    model = GPTModel(TransformerConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=50,
+        seq_length=24, make_vocab_size_divisible_by=8, hidden_dropout=0.0,
+        attention_dropout=0.0, position_embedding_type=position_embedding_type,
+        attention_backend=backend))
+    g = torch.Generator().manual_seed(1)
+    first, second = torch.randint(1, 50, (10,), generator=g), torch.randint(1, 50, (13,),
+                                                                            generator=g)
+    first[-1] = EOD
+    tokens = torch.cat([first, second, torch.randint(1, 50, (1,), generator=g)])  # 24
+    labels = torch.roll(tokens, -1)
+    item = DocumentMasked([{"tokens": tokens, "position_ids": torch.arange(24)}], EOD, True,
+                          True)[0]
+    packed = model(tokens[None], item["position_ids"][None], item["attention_mask"][None],
+                   labels=labels[None])[0]
+    alone = [model(doc[None], labels=doc_labels[None])[0] for doc, doc_labels in (
+        (tokens[:10], labels[:10]), (tokens[10:], labels[10:]))]
+    return packed.detach(), torch.cat(alone).detach()
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "unfused"])
+@pytest.mark.parametrize("positions", ["learned_absolute", "rope"])
+def test_a_packed_sample_is_its_documents_alone(positions, backend):
+    packed, alone = run_distributed(1, _packed_against_alone, positions, backend)[0]
+    assert_rel_close(packed, alone, rtol=1e-6, what="per-token loss")
