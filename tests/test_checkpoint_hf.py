@@ -2,28 +2,18 @@
 download) converted by ``tools/convert_checkpoint.py`` loads into mp at TP=2 and gives
 transformers' own logits; converted back, it is the same state dict, tensor for tensor."""
 
-import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 from checks import assert_rel_close, seeded
 from harness import run_distributed
+from hf_convert import convert, transformers
 
 from mp import parallel_state as ps
 from mp.checkpointing import load_checkpoint, read_checkpoint_info
 from mp.checkpointing.hf_gpt2 import hf_config
 from mp.model import GPTModel, TransformerConfig
 from mp.tensor_parallel import gather_from_tensor_model_parallel_region
-
-transformers = pytest.importorskip(
-    "transformers", reason="the Hugging Face round trip needs transformers and safetensors "
-                           "(pip install -e '.[test]')")
-pytest.importorskip("safetensors", reason="the Hugging Face round trip needs safetensors")
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
-convert = importlib.import_module("convert_checkpoint")
 
 VOCAB, POSITIONS, BATCH, SEQ = 200, 32, 2, 24
 

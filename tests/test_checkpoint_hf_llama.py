@@ -4,28 +4,18 @@ RoPE base, Llama 3.1's RoPE scaling and tied or untied embeddings, converted by 
 transformers' own logits in mp at TP 1 and 2; converted back, the same state dict, and a
 model transformers loads with the same logits. Configs mp cannot express are refused."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
 from checks import assert_rel_close, seeded
 from harness import run_distributed
+from hf_convert import convert, transformers
 
 from mp import parallel_state as ps
 from mp.checkpointing import load_checkpoint, read_checkpoint_info
 from mp.model import GPTModel, TransformerConfig
 from mp.tensor_parallel import gather_from_tensor_model_parallel_region
-
-transformers = pytest.importorskip(
-    "transformers", reason="the Hugging Face round trip needs transformers and safetensors "
-                           "(pip install -e '.[test]')")
-pytest.importorskip("safetensors", reason="the Hugging Face round trip needs safetensors")
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
-convert = importlib.import_module("convert_checkpoint")
 
 VOCAB, POSITIONS, HEADS = 200, 32, 8
 
