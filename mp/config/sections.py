@@ -172,6 +172,10 @@ class TrainingConfig(_Section):
         self._one_of("optimizer_impl", ("torch", "apex"))
         self._one_of("exit_signal", ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"))
         self._check_run_length()
+        if self.finetune and self.deepspeed:
+            raise ConfigError("training.deepspeed=true with training.finetune=true: not "
+                              "supported (a DeepSpeed job resumes its own checkpoints whole); "
+                              "fine-tune without --deepspeed")
         if self.finetune and self.load is None:
             raise ConfigError("training.finetune=true needs training.load (the checkpoint whose "
                               "weights the run starts from)")

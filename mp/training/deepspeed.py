@@ -199,9 +199,8 @@ def deepspeed_config(cfg: JobConfig, world_size: int) -> dict:
                          "parallelism does the same)")
     if "scheduler" in ds:
         raise ValueError(f"{path}: a scheduler section is not supported: the learning rate "
-                         "follows mp's schedule (training.lr, min_lr, lr_warmup_iters, _samples or "
-                         "_fraction, lr_decay_iters or _samples, lr_decay_style); drop the "
-                         "section")
+                         "follows mp's schedule (training.lr, min_lr, lr_warmup_*, lr_decay_*, "
+                         "lr_wsd_*, lr_decay_style); drop the section")
     _precision(ds, cfg, path)
     return ds
 
@@ -222,10 +221,6 @@ def check_deepspeed_supported(cfg: JobConfig, world_size: int) -> None:
         raise ValueError(f"training.deepspeed=true with training.rampup_batch_size="
                          f"{tr.rampup_batch_size}: not supported (DeepSpeed's engine fixes "
                          "train_batch_size and its accumulation steps); drop one of them")
-    if tr.finetune:
-        raise ValueError("training.deepspeed=true with training.finetune=true: not supported "
-                         "(a DeepSpeed job resumes its own checkpoints whole); fine-tune "
-                         "without --deepspeed")
     load = tr.load
     if load is not None and not os.path.isfile(os.path.join(load, DEEPSPEED_LATEST)) \
             and find_checkpoint(load) is not None:
