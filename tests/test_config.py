@@ -274,8 +274,8 @@ def test_unknown_yaml_key_suggests_the_closest(tmp_path):
                                    "did you mean 'model.hidden_size'?")
     path = write(tmp_path, "e.yaml", f"base: {TINY}\ntrain:\n  lr: 0.1\n")
     assert error_of(path=path) == f"{path}: unknown section 'train'; did you mean 'training'?"
-    path = write(tmp_path, "f.yaml", f"base: {TINY}\nlogging:\n  zzz: 1\n")
-    assert error_of(path=path) == f"{path}: unknown key 'logging.zzz'"
+    path = write(tmp_path, "f.yaml", f"base: {TINY}\nlogging:\n  qxqxqxqx: 1\n")
+    assert error_of(path=path) == f"{path}: unknown key 'logging.qxqxqxqx'"
 
 
 # (overrides of gpt-tiny, world size, the exact message)

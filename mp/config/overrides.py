@@ -54,7 +54,7 @@ _MEGATRON_NAMES = {
         "pipeline_model_parallel_size", "sequence_parallel", "recompute_granularity",
         "overlap_p2p_comm", "recompute_method", "recompute_num_layers",
         "distribute_saved_activations", "rotary_base", "use_rope_scaling",
-        "rope_scaling_factor", "attention_backend",
+        "rope_scaling_factor", "attention_backend", "kv_channels", "rotary_percent",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
@@ -67,14 +67,19 @@ _MEGATRON_NAMES = {
         "overlap_param_gather",
         "overlap_grad_reduce", "deepspeed", "deepspeed_config", "eval_interval", "eval_iters",
         "save", "load", "finetune", "use_checkpoint_args", "save_interval", "exit_interval", "exit_duration_in_mins",
-        "exit_signal_handler", "exit_signal",
+        "exit_signal_handler", "exit_signal", "calculate_per_token_loss", "decoupled_lr",
+        "decoupled_min_lr", "grad_reduce_in_bf16", "manual_gc", "manual_gc_interval",
+        "empty_unused_memory_level", "distributed_timeout_minutes",
     ),
     "data": (
         "data_path", "split", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model",
         "data_cache_path", "num_workers", "eod_mask_loss", "mock_data", "reset_position_ids",
-        "reset_attention_mask",
+        "reset_attention_mask", "vocab_size",
     ),
-    "logging": ("log_interval", "tensorboard_dir"),
+    "logging": ("log_interval", "tensorboard_dir", "log_params_norm", "log_num_zeros_in_grad",
+                "wandb_project", "wandb_exp_name", "wandb_save_dir", "profile",
+                "use_pytorch_profiler", "profile_step_start", "profile_step_end",
+                "profile_ranks"),
 }
 
 #: Megatron-LM flag -> the key it sets.
@@ -109,6 +114,9 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--no-bias-swiglu-fusion": ("model.bias_activation_fusion", "false"),
     "--cross-entropy-loss-fusion": ("model.cross_entropy_loss_fusion", "true"),
     "--no-cross-entropy-loss-fusion": ("model.cross_entropy_loss_fusion", "false"),
+    "--apply-layernorm-1p": ("model.layernorm_zero_centered_gamma", "true"),
+    "--no-manual-gc-eval": ("training.manual_gc_eval", "false"),
+    "--no-mmap-bin-files": ("data.mmap_bin_files", "false"),
 }
 
 VIRTUAL_STAGE_FLAG = "--num-layers-per-virtual-pipeline-stage"

@@ -148,6 +148,16 @@ class TrainingConfig(_Section):
     exit_duration_in_mins: float | None = None
     exit_signal_handler: bool = False
     exit_signal: str = "SIGTERM"  # SIGTERM | SIGINT | SIGUSR1 | SIGUSR2
+    calculate_per_token_loss: bool = False  # average over the batch's tokens, not micro-batches
+    decoupled_lr: float | None = None  # the embedding's and output layer's own peak rate
+    decoupled_min_lr: float | None = None  # ... and final rate (default min_lr)
+    grad_reduce_in_bf16: bool = False  # bf16 gradient buffers and reduction (bf16 runs)
+    manual_gc: bool = False  # Python's garbage collector only every manual_gc_interval
+    manual_gc_interval: int = 0  # iterations between collections (0: never)
+    manual_gc_eval: bool = True  # ... and a collection after each evaluation
+    empty_unused_memory_level: int = 0  # 1: empty the CUDA cache after each step, 2: also
+    # after the forward and backward passes
+    distributed_timeout_minutes: float = 10.0  # collectives' timeout
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "global_batch_size", "loss_scale_window", "hysteresis"):
@@ -161,6 +171,16 @@ class TrainingConfig(_Section):
             self._at_least(name, 0)
         for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
             self._at_least(name, 0.0)
+        for name in ("decoupled_lr", "decoupled_min_lr"):
+            self._at_least(name, 0.0, optional=True)
+        if self.decoupled_min_lr is not None:
+            if self.decoupled_lr is None:
+                raise ConfigError(f"training.decoupled_min_lr={self.decoupled_min_lr!r} needs "
+                                  "training.decoupled_lr (the rate it decays from)")
+            self._not_above("decoupled_min_lr", "decoupled_lr")
+        self._at_least("manual_gc_interval", 0)
+        self._one_of("empty_unused_memory_level", (0, 1, 2))
+        self._positive("distributed_timeout_minutes")
         for name in ("adam_eps", "initial_loss_scale", "min_loss_scale", "bucket_size_mb"):
             self._positive(name)
         if self.loss_scale is not None:
@@ -279,6 +299,8 @@ class DataConfig(_Section):
     mock_data: bool = False  # random tokens instead of data_path (mp.data.mock)
     reset_position_ids: bool = False  # positions restart after each end-of-document token
     reset_attention_mask: bool = False  # tokens attend within their own document only
+    vocab_size: int | None = None  # NullTokenizer: token ids below it, and the EOD id itself
+    mmap_bin_files: bool = True  # False: read each .bin file into memory instead of mapping it
 
     def __post_init__(self) -> None:
         try:
@@ -288,6 +310,7 @@ class DataConfig(_Section):
             raise ConfigError(f"{self.section}.{error}") from None
         self._one_of("tokenizer_type", TOKENIZER_TYPES)
         self._at_least("num_workers", 0)
+        self._at_least("vocab_size", 1, optional=True)
         if self.mock_data and (self.reset_position_ids or self.reset_attention_mask):
             raise ConfigError("data.reset_position_ids / reset_attention_mask need documents; "
                               "data.mock_data=true has none")
@@ -304,7 +327,21 @@ class LoggingConfig(_Section):
     log_interval: int = 100
     tensorboard_dir: str | None = None
     progress: bool | str = "auto"
+    log_params_norm: bool = False  # the L2 norm of all parameters, on each log line
+    log_num_zeros_in_grad: bool = False  # the count of zero gradient elements, likewise
+    wandb_project: str | None = None  # Weights & Biases: log there too (when installed)
+    wandb_exp_name: str | None = None
+    wandb_save_dir: str | None = None
+    profile: bool = False  # profile iterations [profile_step_start, profile_step_end)
+    use_pytorch_profiler: bool = False  # torch.profiler trace (else the CUDA profiler range)
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
 
     def __post_init__(self) -> None:
         self._at_least("log_interval", 1)
+        self._at_least("profile_step_start", 0)
+        if self.profile_step_end <= self.profile_step_start:
+            raise ConfigError(f"logging.profile_step_end={self.profile_step_end!r} must be "
+                              f"after logging.profile_step_start={self.profile_step_start!r}")
         self._one_of("progress", ("auto", True, False))

@@ -23,6 +23,7 @@ class TransformerConfig:
     num_attention_heads: int
     vocab_size: int
     seq_length: int
+    kv_channels: int | None = None  # size of one attention head; default hidden / heads
     num_query_groups: int | None = None  # key/value heads (grouped-query attention); default
     # one per query head (multi-head attention), 1 for multi-query attention
     ffn_hidden_size: int | None = None  # default 4h (GeLU) or 8h/3 rounded up to 64 (SwiGLU)
@@ -32,11 +33,13 @@ class TransformerConfig:
     normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
     normalization_impl: str = "mp"  # mp (mp.fused: kernel when built, else torch) | apex
     layernorm_epsilon: float = 1e-5
+    layernorm_zero_centered_gamma: bool = False  # norms scale by 1 + weight, weight starts at 0
     activation: str = "gelu"  # gelu | gelu_tanh (GPT-2's gelu_new) | swiglu
     position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
     rotary_base: float = 10000.0
     use_rope_scaling: bool = False  # Llama 3.1's RoPE frequency scaling (mp.model.rope)
     rope_scaling_factor: float = 8.0
+    rotary_percent: float = 1.0  # fraction of each head's channels that RoPE rotates
     add_bias_linear: bool = True
     untie_embeddings_and_output_weights: bool = False
     hidden_dropout: float = 0.1
@@ -74,6 +77,11 @@ class TransformerConfig:
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         _positive_int("num_query_groups", self.num_query_groups)
+        if self.kv_channels is None:
+            _divisible("hidden_size", self.hidden_size, "num_attention_heads",
+                       self.num_attention_heads)
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        _positive_int("kv_channels", self.kv_channels)
         _positive_int("ffn_hidden_size", self.ffn_hidden_size)
         _one_of("normalization", self.normalization, ("LayerNorm", "RMSNorm"))
         _one_of("normalization_impl", self.normalization_impl, ("mp", "apex"))
@@ -87,17 +95,19 @@ class TransformerConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        _divisible("hidden_size", self.hidden_size, "num_attention_heads",
-                   self.num_attention_heads)
         _divisible("num_attention_heads", self.num_attention_heads,
                    "tensor_model_parallel_size", tp)
         _divisible("num_attention_heads", self.num_attention_heads, "num_query_groups",
                    self.num_query_groups)
         _divisible("num_query_groups", self.num_query_groups, "tensor_model_parallel_size", tp)
         _divisible("ffn_hidden_size", self.ffn_hidden_size, "tensor_model_parallel_size", tp)
-        if self.position_embedding_type == "rope" and self.kv_channels % 2:
-            raise ValueError(f"rope needs an even head size; hidden_size / num_attention_heads "
-                             f"= {self.kv_channels}")
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ValueError(f"rotary_percent={self.rotary_percent} must be in (0, 1]")
+        if self.position_embedding_type == "rope" and (
+                self.rotary_dim < 2 or self.rotary_dim % 2):
+            raise ValueError(f"rope rotates pairs of channels: kv_channels x rotary_percent = "
+                             f"{self.kv_channels} x {self.rotary_percent} = {self.rotary_dim} "
+                             "must be even and at least 2")
         if self.use_rope_scaling and self.position_embedding_type != "rope":
             raise ValueError(f"use_rope_scaling=True scales rotary embeddings; "
                              f"position_embedding_type={self.position_embedding_type!r}")
@@ -132,14 +142,14 @@ class TransformerConfig:
     # --- derived sizes ---------------------------------------------------------------------
 
     @property
-    def kv_channels(self) -> int:
-        """Size of one attention head."""
-        return self.hidden_size // self.num_attention_heads
+    def rotary_dim(self) -> int:
+        """Channels of a head that RoPE rotates (the first ones; Megatron's rounding)."""
+        return int(self.kv_channels * self.rotary_percent)
 
     @property
     def qkv_size(self) -> int:
         """Outputs of the fused QKV projection: a query per head, a key and a value per
-        query group, ``h + 2 g h / a``."""
+        query group, each ``kv_channels`` wide (``h + 2 g h / a`` by default)."""
         return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
 
     @property
