@@ -7,7 +7,7 @@ The config (YAML plus overrides, see ``--help``; without ``--config``, Megatron-
 alone) is checked against the world size before any
 process group exists. Then every rank joins the job (NCCL with one GPU per local rank when
 CUDA is there, gloo on the CPU), the tensor/pipeline/data-parallel groups are made, rank 0
-prints the resolved config, and `mp.training.pretrain.pretrain` builds the data (the embedded
+prints the resolved config (and a notice for each Megatron flag that changes nothing in mp), and `mp.training.pretrain.pretrain` builds the data (the embedded
 corpus by default), the model and the optimizer, and trains. An exception on any rank ends
 that rank with a traceback and a non-zero status, and torchrun then stops the others.
 """
@@ -22,12 +22,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.distributed as dist
 
 from mp import parallel_state
-from mp.config import format_config, parse_args
+from mp.config import flag_notices, format_config, parse_args
 from mp.initialize import initialize_distributed
 from mp.training.pretrain import check_supported, pretrain
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv, prog="pretrain_gpt.py")
     try:
         check_supported(cfg)
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
                                                  m.virtual_pipeline_model_parallel_size)
         if dist.get_rank() == 0:
             print(format_config(cfg), end="", flush=True)
+            for line in flag_notices(argv):
+                print(line, flush=True)
         pretrain(cfg)
     finally:
         parallel_state.destroy_model_parallel()

@@ -1,7 +1,7 @@
 """Job configs: YAML files plus command-line overrides to a checked `JobConfig`.
 
 - `load_config(path, overrides, world_size)` and `parse_args(argv)` (``--config PATH`` and
-  overrides, for ``launch/pretrain_gpt.py``) in `mp.config.loader` / `mp.config.cli`;
+  overrides, for ``launch/pretrain_gpt.py``, which also prints `flag_notices`) in `mp.config.loader` / `mp.config.cli`;
 - `JobConfig` (sections ``model``, ``training``, ``data``, ``logging``), `format_config` and
   `resolve_world_size` in `mp.config.job`; the sections in `mp.config.sections`;
 - the override syntax and Megatron flag aliases in `mp.config.overrides`;
@@ -10,7 +10,7 @@
 """
 
 from mp.config.batch_schedule import BatchSchedule
-from mp.config.cli import help_text, parse_args
+from mp.config.cli import flag_notices, help_text, parse_args
 from mp.config.coerce import ConfigError
 from mp.config.job import JobConfig, format_config, known_keys, resolve_world_size
 from mp.config.loader import load_config
@@ -24,6 +24,7 @@ __all__ = [
     "JobConfig",
     "LoggingConfig",
     "TrainingConfig",
+    "flag_notices",
     "format_config",
     "help_text",
     "known_keys",

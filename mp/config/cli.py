@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from mp.config.coerce import ConfigError, describe, field_annotations
 from mp.config.job import SECTIONS, JobConfig
 from mp.config.loader import load_config
-from mp.config.overrides import ALIASES, CONSTANT_FLAGS, DEFERRED_FLAGS, MEGATRON_VALUES
+from mp.config.overrides import (ALIASES, CONSTANT_FLAGS, DEFERRED_FLAGS, MEGATRON_VALUES,
+                                 NO_EFFECT_FLAGS, no_effect_notices)
 
 CONFIG_FLAG = "--config"
 
@@ -37,6 +38,12 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
     except (ValueError, OSError) as error:  # ConfigError, TransformerConfig's, a missing file
         print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
+
+
+def flag_notices(argv: Sequence[str]) -> list[str]:
+    """The notices a job prints for the flags of ``argv`` (a command line that `parse_args`
+    took) that change nothing in mp (`mp.config.overrides.NO_EFFECT_FLAGS`)."""
+    return no_effect_notices(_split_config_flag(list(argv))[1])
 
 
 def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -67,12 +74,13 @@ def help_text(prog: str = "pretrain_gpt.py") -> str:
         "",
         "Megatron-LM flags:",
     ]
-    width = max(map(len, [*ALIASES, *CONSTANT_FLAGS, *DEFERRED_FLAGS])) + 2
+    width = max(map(len, [*ALIASES, *CONSTANT_FLAGS, *DEFERRED_FLAGS, *NO_EFFECT_FLAGS])) + 2
     for flag, key in ALIASES.items():
         values = ", ".join(f"{m} = {v}" for m, v in MEGATRON_VALUES.get(flag, {}).items())
         lines.append(f"  {flag:<{width}}{key}" + (f" (Megatron's {values})" if values else ""))
     lines += [f"  {flag:<{width}}{key}={value}" for flag, (key, value) in CONSTANT_FLAGS.items()]
     lines += [f"  {flag:<{width}}{what}" for flag, what in DEFERRED_FLAGS.items()]
+    lines += [f"  {flag:<{width}}no effect: {why}" for flag, (_, why) in NO_EFFECT_FLAGS.items()]
     for name, section_cls in SECTIONS.items():
         lines += ["", f"{name}:"]
         annotations = field_annotations(section_cls)

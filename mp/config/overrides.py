@@ -31,6 +31,11 @@ Syntax, applied left to right (a later override of the same key wins):
   RoPE, which adds none; mp has no model without position information, so without
   ``position_embedding_type=rope`` it is an error.
 
+- Megatron flags that would change nothing in mp (`NO_EFFECT_FLAGS`, such as
+  ``--use-mcore-models`` or ``--ckpt-format torch_dist``) are accepted, and the job prints why
+  each changes nothing; ``--context-parallel-size`` is accepted as 1. Flags of features mp does
+  not have (`UNSUPPORTED_FLAGS`: FP8, mixture of experts) are errors that say so.
+
 A value never starts with ``--`` unless it is given with ``=``.
 """
 
@@ -119,9 +124,36 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--no-mmap-bin-files": ("data.mmap_bin_files", "false"),
 }
 
+#: Megatron-LM flags that mp accepts and that change nothing in mp -> (how many values they
+#: take, why). A job started with one says so once (`no_effect_notices`).
+NO_EFFECT_FLAGS: dict[str, tuple[int, str]] = {
+    "--use-mcore-models": (0, "mp has one GPT, laid out as Megatron-Core's"),
+    "--log-throughput": (0, "every log line has tokens/s, TFLOP/s per GPU and MFU"),
+    "--log-timers-to-tensorboard": (0, "mp times whole iterations, and TensorBoard always gets "
+                                       "that time (iteration-time-ms)"),
+    "--no-create-attention-mask-in-dataloader": (0, "mp's loader never builds a causal mask; "
+                                                    "attention applies causality itself"),
+    "--attention-softmax-in-fp32": (0, "mp's softmax always computes in fp32"),
+    "--tiktoken-pattern": (1, "it configures Megatron's TikTokenizer, which mp does not have"),
+    "--ckpt-format": (1, "mp writes one format, which loads at any parallel layout as "
+                         "torch_dist does (docs/checkpoints.md)"),
+    "--transformer-impl": (1, "mp always runs its own layers (Megatron's local ones), not "
+                              "Transformer Engine's"),
+}
+
+#: Megatron-LM flags of features mp does not have -> what to say when one is given.
+UNSUPPORTED_FLAGS: dict[str, str] = {
+    **dict.fromkeys(("--fp8-format", "--fp8-recipe", "--fp8-margin", "--fp8-amax-history-len",
+                     "--fp8-amax-compute-algo", "--fp8-param-gather"),
+                    "mp has no FP8 training (Transformer Engine); use --bf16"),
+    **dict.fromkeys(("--num-experts", "--moe-router-topk", "--expert-model-parallel-size"),
+                    "mp has no mixture-of-experts layers"),
+}
+
 VIRTUAL_STAGE_FLAG = "--num-layers-per-virtual-pipeline-stage"
 GROUP_QUERY_FLAG = "--group-query-attention"
 NO_POSITION_EMBEDDING_FLAG = "--no-position-embedding"
+CONTEXT_PARALLEL_FLAG = "--context-parallel-size"
 
 #: Flags resolved after every other override -> what they do (for --help).
 DEFERRED_FLAGS: dict[str, str] = {
@@ -129,6 +161,7 @@ DEFERRED_FLAGS: dict[str, str] = {
                          "pipeline_model_parallel_size / N"),
     GROUP_QUERY_FLAG: "model.num_query_groups=1 unless given",
     NO_POSITION_EMBEDDING_FLAG: "accepted with model.position_embedding_type=rope",
+    CONTEXT_PARALLEL_FLAG: "accepted as 1: mp has no context parallelism",
 }
 
 
@@ -136,7 +169,8 @@ DEFERRED_FLAGS: dict[str, str] = {
 class _Option:
     """What one ``--option`` sets and how many values it takes."""
 
-    key: str | None  # None: a flag of DEFERRED_FLAGS, resolved after the others
+    key: str | None  # None: a flag of DEFERRED_FLAGS (resolved after the others), or of
+    # NO_EFFECT_FLAGS
     min_values: int
     max_values: int | None  # None: any number
     constant: str | None = None
@@ -171,6 +205,11 @@ def apply_overrides(sections: dict, args: Sequence[str]) -> None:
             f"{NO_POSITION_EMBEDDING_FLAG} needs model.position_embedding_type=rope (got "
             f"{model.get('position_embedding_type', 'learned_absolute')!r}): mp has no model "
             "without position information; add --position-embedding-type rope")
+    if CONTEXT_PARALLEL_FLAG in deferred and coerce(
+            CONTEXT_PARALLEL_FLAG, deferred[CONTEXT_PARALLEL_FLAG][0], int) != 1:
+        raise ConfigError(f"{CONTEXT_PARALLEL_FLAG}={deferred[CONTEXT_PARALLEL_FLAG][0]}: mp has "
+                          "no context parallelism (only 1 is accepted); split long sequences "
+                          "over the tensor-parallel ranks with --sequence-parallel")
     if VIRTUAL_STAGE_FLAG in deferred:
         layers_per_stage = coerce(VIRTUAL_STAGE_FLAG, deferred[VIRTUAL_STAGE_FLAG][0], int)
         vpp = _virtual_stages(model, layers_per_stage)
@@ -212,8 +251,14 @@ def _split_options(args: Sequence[str]):
 
 def _option(name: str) -> _Option:
     """The `_Option` for ``--name``; an unknown option is an error naming the closest one."""
+    if name in UNSUPPORTED_FLAGS:
+        raise ConfigError(f"{name}: {UNSUPPORTED_FLAGS[name]}")
     if name in DEFERRED_FLAGS:
-        return _Option(None, int(name == VIRTUAL_STAGE_FLAG), int(name == VIRTUAL_STAGE_FLAG))
+        takes = int(name in (VIRTUAL_STAGE_FLAG, CONTEXT_PARALLEL_FLAG))
+        return _Option(None, takes, takes)
+    if name in NO_EFFECT_FLAGS:
+        takes = NO_EFFECT_FLAGS[name][0]
+        return _Option(None, takes, takes)
     if name in CONSTANT_FLAGS:
         key, constant = CONSTANT_FLAGS[name]
         return _Option(key, 0, 0, constant)
@@ -231,7 +276,16 @@ def _option(name: str) -> _Option:
 
 def option_names() -> list[str]:
     """Every option `apply_overrides` knows: the Megatron flags, then ``--section.key``."""
-    return [*ALIASES, *CONSTANT_FLAGS, *DEFERRED_FLAGS, *(f"--{k}" for k in known_keys())]
+    return [*ALIASES, *CONSTANT_FLAGS, *DEFERRED_FLAGS, *NO_EFFECT_FLAGS,
+            *(f"--{k}" for k in known_keys())]
+
+
+def no_effect_notices(args: Sequence[str]) -> list[str]:
+    """One line for each `NO_EFFECT_FLAGS` flag in ``args`` (a valid command line), saying
+    why it changes nothing."""
+    return [f"notice: {' '.join([name, *values])} has no effect in mp: "
+            f"{NO_EFFECT_FLAGS[name][1]}"
+            for name, _, values in _split_options(args) if name in NO_EFFECT_FLAGS]
 
 
 def _virtual_stages(model: dict, layers_per_stage: int) -> int:

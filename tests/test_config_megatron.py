@@ -1,0 +1,158 @@
+"""Megatron-LM command lines: its example scripts' flags as written, the flags that change
+nothing in mp (accepted, with a notice) and those of features mp does not have (refused)."""
+
+import pytest
+
+from mp.config import flag_notices, parse_args
+from test_config import TINY, error_of, shipped
+
+
+def _gpt2_files(tmp_path) -> list[str]:
+    """``--vocab-file``, ``--merge-file`` and ``--tokenizer-type`` for a two-token GPT-2 BPE
+    vocabulary (the model's vocab_size comes from it)."""
+    (tmp_path / "vocab.json").write_text('{"a": 0, "<|endoftext|>": 1}')
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    return ["--vocab-file", str(tmp_path / "vocab.json"), "--merge-file",
+            str(tmp_path / "merges.txt"), "--tokenizer-type", "GPT2BPETokenizer"]
+
+
+# Megatron-LM's examples/gpt3/train_gpt3_175b_distributed.sh, its flags as written, without
+# --rampup-batch-size, which Megatron itself refuses beside --train-iters.
+MEGATRON_GPT3_175B = (
+    "--num-layers 96 --hidden-size 12288 --num-attention-heads 96 --seq-length 2048 "
+    "--max-position-embeddings 2048 --attention-backend auto --micro-batch-size 1 "
+    "--global-batch-size 1536 --train-iters 500000 --weight-decay 0.1 --adam-beta1 0.9 "
+    "--adam-beta2 0.95 --init-method-std 0.006 --clip-grad 1.0 --fp16 --lr 6.0e-5 "
+    "--lr-decay-style cosine --min-lr 6.0e-6 --lr-warmup-fraction .001 --lr-decay-iters 430000 "
+    "--tensor-model-parallel-size 8 --pipeline-model-parallel-size 16 "
+    "--data-path corpus_text_document --split 949,50,1 --log-interval 100 "
+    "--save-interval 10000 --eval-interval 1000 --save ckpt --load ckpt --eval-iters 10 "
+    "--tensorboard-dir tb").split()
+
+
+def test_megatron_gpt3_example_runs_without_a_config_file(tmp_path):
+    cfg = parse_args(MEGATRON_GPT3_175B + _gpt2_files(tmp_path), world_size=256)
+    m, t = cfg.model, cfg.training
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups) == \
+        (96, 12288, 96, 96)
+    assert (m.seq_length, m.max_position_embeddings, m.vocab_size) == (2048, 2048, 2)
+    assert (m.attention_backend, m.precision, m.init_method_std) == ("sdpa", "fp16", 0.006)
+    assert (m.tensor_model_parallel_size, m.pipeline_model_parallel_size) == (8, 16)
+    assert cfg.num_microbatches(256) == 1536 // 2
+    assert (t.lr, t.min_lr, t.train_iters, t.weight_decay) == (6e-5, 6e-6, 500000, 0.1)
+    assert t.lr_schedule_steps == (pytest.approx(430.0, rel=1e-12), 430000, None)
+    assert (t.save, t.load, t.save_interval, t.eval_interval, t.eval_iters) == \
+        ("ckpt", "ckpt", 10000, 1000, 10)
+    assert (cfg.data.data_path, cfg.data.split) == (["corpus_text_document"], "949,50,1")
+    assert (cfg.logging.log_interval, cfg.logging.tensorboard_dir) == (100, "tb")
+
+
+def test_llama_style_megatron_flags():
+    """The flags of Megatron-LM's Llama recipes, on a shipped GPT-3 config."""
+    m = shipped("gpt3-125m", "--disable-bias-linear", "--swiglu", "--normalization", "RMSNorm",
+                "--norm-epsilon", "1e-6", "--use-rotary-position-embeddings",
+                "--no-position-embedding", "--rotary-base", "500000", "--use-rope-scaling",
+                "--rope-scaling-factor", "32",
+                "--untie-embeddings-and-output-weights", "--group-query-attention",
+                "--num-query-groups", "4", "--use-flash-attn", "--recompute-activations",
+                "--distribute-saved-activations").model
+    assert (m.add_bias_linear, m.activation, m.normalization, m.layernorm_epsilon) == \
+        (False, "swiglu", "RMSNorm", 1e-6)
+    assert (m.position_embedding_type, m.rotary_base) == ("rope", 500000.0)
+    assert (m.use_rope_scaling, m.rope_scaling_factor) == (True, 32.0)
+    assert (m.untie_embeddings_and_output_weights, m.num_query_groups) == (True, 4)
+    assert (m.attention_backend, m.recompute_granularity) == ("sdpa", "selective")
+    assert m.distribute_saved_activations is True
+    assert shipped("gpt3-125m", "--layernorm-epsilon", "1e-6").model.layernorm_epsilon == 1e-6
+
+
+@pytest.mark.parametrize("megatron, mp", [("auto", "sdpa"), ("flash", "sdpa"), ("fused", "sdpa"),
+                                          ("local", "unfused"), ("unfused", "unfused"),
+                                          ("sdpa", "sdpa")])
+def test_attention_backend_takes_megatrons_names(megatron, mp):
+    assert shipped("gpt-tiny", "--attention-backend", megatron).model.attention_backend == mp
+
+
+# Megatron-LM's examples/llama/train_llama3_8b_h200_bf16.sh on mock data, its flags in its
+# order as bash passes them (so --split keeps its quotes). Not here: its --save/--load/
+# --tensorboard-dir/--data-cache-path paths (see LLAMA3_PATHS) and torchrun's arguments.
+MEGATRON_LLAMA3_8B = (
+    "--use-mcore-models --num-layers 32 --hidden-size 4096 --ffn-hidden-size 14336 "
+    "--num-attention-heads 32 --group-query-attention --num-query-groups 8 --kv-channels 128 "
+    "--seq-length 8192 --max-position-embeddings 8192 --position-embedding-type rope "
+    "--rotary-base 1000000 --rotary-percent 1.0 --attention-dropout 0.0 --hidden-dropout 0.0 "
+    "--swiglu --init-method-std 0.0134 --attention-backend fused --apply-layernorm-1p "
+    "--untie-embeddings-and-output-weights --disable-bias-linear "
+    "--micro-batch-size 1 --global-batch-size 128 --train-samples 1953125000 "
+    "--lr-decay-samples 1949218748 --lr-warmup-samples 3906252 --lr 0.00015 --min-lr 0.00001 "
+    "--decoupled-lr 5.0e-4 --decoupled-min-lr 4.5e-5 --lr-decay-style cosine --clip-grad 1.0 "
+    "--weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --bf16 --grad-reduce-in-bf16 "
+    "--cross-entropy-loss-fusion --calculate-per-token-loss --manual-gc "
+    "--empty-unused-memory-level 1 --exit-duration-in-mins 235 "
+    "--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather "
+    "--tensor-model-parallel-size 1 --context-parallel-size 1 --sequence-parallel "
+    "--mock-data --tokenizer-type NullTokenizer --vocab-size 128256 --tiktoken-pattern v2 "
+    "--split '99,1,0' --no-create-attention-mask-in-dataloader --no-mmap-bin-files "
+    "--num-workers 1 --log-interval 1 --save-interval 1000 --log-throughput --profile "
+    "--profile-step-start 4 --profile-step-end 6 --ckpt-format torch_dist "
+    "--distributed-timeout-minutes 60 --wandb-project megatron-lm-training "
+    "--wandb-exp-name llama3x-8b-bf16-tp1 --log-params-norm --log-num-zeros-in-grad "
+    "--log-timers-to-tensorboard").split()
+LLAMA3_PATHS = ["--save", "ckpt", "--load", "ckpt", "--tensorboard-dir", "tb",
+                "--data-cache-path", "cache", "--wandb-save-dir", "ckpt/wandb"]
+
+
+def test_megatron_llama3_example_runs_as_written():
+    cfg = parse_args(MEGATRON_LLAMA3_8B + LLAMA3_PATHS, world_size=8)
+    m, t, d, log = cfg.model, cfg.training, cfg.data, cfg.logging
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads) == \
+        (32, 4096, 14336, 32)
+    assert (m.num_query_groups, m.kv_channels, m.qkv_size) == (8, 128, 6144)
+    assert (m.position_embedding_type, m.rotary_base, m.rotary_percent, m.rotary_dim) == \
+        ("rope", 1e6, 1.0, 128)
+    assert (m.normalization, m.layernorm_zero_centered_gamma) == ("LayerNorm", True)
+    assert (m.activation, m.add_bias_linear, m.untie_embeddings_and_output_weights) == \
+        ("swiglu", False, True)
+    assert (m.precision, m.attention_backend, m.init_method_std) == ("bf16", "sdpa", 0.0134)
+    assert m.vocab_size == 128257  # NullTokenizer: the ids below 128256, and its EOD
+    assert (t.lr, t.min_lr, t.decoupled_lr, t.decoupled_min_lr) == (1.5e-4, 1e-5, 5e-4, 4.5e-5)
+    assert t.lr_schedule_steps == (3906252, 1949218748, None)
+    assert (t.calculate_per_token_loss, t.grad_reduce_in_bf16, t.manual_gc) == (True,) * 3
+    assert (t.empty_unused_memory_level, t.distributed_timeout_minutes) == (1, 60.0)
+    assert (t.use_distributed_optimizer, t.overlap_grad_reduce, t.overlap_param_gather) == \
+        (True,) * 3
+    assert cfg.num_microbatches(8) == 16
+    assert (d.mock_data, d.tokenizer_type, d.vocab_size, d.mmap_bin_files, d.num_workers) == \
+        (True, "NullTokenizer", 128256, False, 1)
+    assert (log.profile, log.profile_step_start, log.profile_step_end) == (True, 4, 6)
+    assert (log.log_params_norm, log.log_num_zeros_in_grad, log.wandb_project) == \
+        (True, True, "megatron-lm-training")
+    assert [line.split(" has no effect")[0] for line in flag_notices(MEGATRON_LLAMA3_8B)] == [
+        "notice: --use-mcore-models", "notice: --tiktoken-pattern v2",
+        "notice: --no-create-attention-mask-in-dataloader", "notice: --log-throughput",
+        "notice: --ckpt-format torch_dist", "notice: --log-timers-to-tensorboard"]
+
+
+def test_flags_without_effect_say_why():
+    argv = ["--config", TINY, "--transformer-impl", "local",
+            "--attention-softmax-in-fp32", "--lr", "1e-3"]
+    assert parse_args(argv, world_size=4).training.lr == 1e-3
+    assert flag_notices(argv) == [
+        "notice: --transformer-impl local has no effect in mp: mp always runs its own layers "
+        "(Megatron's local ones), not Transformer Engine's",
+        "notice: --attention-softmax-in-fp32 has no effect in mp: mp's softmax always computes "
+        "in fp32"]
+    assert error_of("--ckpt-format") == "--ckpt-format needs a value"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--context-parallel-size", "2"], "--context-parallel-size=2: mp has no context "
+     "parallelism (only 1 is accepted); split long sequences over the tensor-parallel ranks "
+     "with --sequence-parallel"),
+    (["--fp8-format", "hybrid"], "--fp8-format: mp has no FP8 training (Transformer Engine); "
+     "use --bf16"),
+    (["--num-experts", "8"], "--num-experts: mp has no mixture-of-experts layers"),
+])
+def test_flags_of_missing_features_are_refused(flags, message):
+    assert error_of(*flags) == message
+    assert shipped("gpt-tiny", "--context-parallel-size", "1").model.num_layers == 4
