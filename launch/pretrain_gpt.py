@@ -35,12 +35,14 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         print(f"pretrain_gpt.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
-    initialize_distributed()
+    timeout = cfg.training.distributed_timeout_minutes
+    initialize_distributed(timeout_minutes=timeout)
     try:
         m = cfg.model
         parallel_state.initialize_model_parallel(m.tensor_model_parallel_size,
                                                  m.pipeline_model_parallel_size,
-                                                 m.virtual_pipeline_model_parallel_size)
+                                                 m.virtual_pipeline_model_parallel_size,
+                                                 distributed_timeout_minutes=timeout)
         if dist.get_rank() == 0:
             print(format_config(cfg), end="", flush=True)
             for line in flag_notices(argv):

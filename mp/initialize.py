@@ -23,7 +23,9 @@ def initialize_distributed(backend: str | None = None, timeout_minutes: float = 
     ``MASTER_PORT`` set by the user win), then the same ``env://`` start follows. Without either
     this process becomes a world of one (benchmarks, notebooks). The backend is NCCL with one
     GPU per local rank when CUDA is available, gloo otherwise. A rank that fails to reach the
-    others gives up after ``timeout_minutes`` instead of hanging forever.
+    others, or waits longer in a collective, gives up after ``timeout_minutes`` instead of
+    hanging forever (a job passes ``training.distributed_timeout_minutes``, Megatron's
+    ``--distributed-timeout-minutes``, here and to ``initialize_model_parallel``).
     """
     if dist.is_initialized():
         return

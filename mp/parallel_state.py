@@ -18,6 +18,7 @@ Megatron-Core (with PP=1 it is the TP group, which is what older DeepSpeed code 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -84,12 +85,15 @@ _GROUPS: _Groups | None = None
 def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                               pipeline_model_parallel_size: int = 1,
                               virtual_pipeline_model_parallel_size: int | None = None,
-                              *, backend: str | None = None) -> None:
+                              *, backend: str | None = None,
+                              distributed_timeout_minutes: float = 10.0) -> None:
     """Create the TP, DP, PP, model-parallel and embedding groups over the default group.
 
     Every rank must call this with the same arguments (``torch.distributed`` must already be
     initialized). Sizes are checked before any collective. ``backend`` defaults to the default
-    group's backend.
+    group's backend. A collective in any of the groups that waits longer than
+    ``distributed_timeout_minutes`` for a peer fails instead of hanging (Megatron's
+    ``--distributed-timeout-minutes``, the ``timeout`` of each group).
     """
     global _GROUPS
     if not dist.is_initialized():
@@ -98,6 +102,9 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     if _GROUPS is not None:
         raise RuntimeError("model parallel groups are already initialized; "
                            "call destroy_model_parallel first")
+    if not distributed_timeout_minutes > 0:
+        raise ValueError(f"distributed_timeout_minutes={distributed_timeout_minutes!r} must be "
+                         "> 0")
     vpp = virtual_pipeline_model_parallel_size
     if vpp is not None:
         if not isinstance(vpp, int) or vpp < 1:
@@ -110,11 +117,13 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     layout = rank_layout(dist.get_world_size(), tensor_model_parallel_size,
                          pipeline_model_parallel_size)
     me = dist.get_rank()
+    timeout = timedelta(minutes=distributed_timeout_minutes)
     mine: dict[str, tuple[dist.ProcessGroup | None, list[int]]] = {}
     for kind in ("tensor", "data", "pipeline", "model", "embedding"):
         mine[kind] = (None, [])  # only "embedding" can stay empty (middle stages)
         for ranks in getattr(layout, kind):
-            group = dist.new_group(ranks, backend=backend)  # every rank creates every group
+            # every rank creates every group
+            group = dist.new_group(ranks, backend=backend, timeout=timeout)
             if me in ranks:
                 mine[kind] = (group, ranks)
     _GROUPS = _Groups(

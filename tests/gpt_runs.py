@@ -9,7 +9,6 @@ naming of their own (not `mp.checkpointing`'s), so that tests check that code in
 import re
 
 import torch
-import torch.distributed as dist
 
 from mp import parallel_state as ps
 from mp.distributed import DistributedDataParallel
@@ -19,9 +18,11 @@ from mp.optim import OptimizerParamScheduler, get_megatron_optimizer
 from mp.pipeline_parallel.schedules import get_forward_backward_func
 from mp.tensor_parallel import model_parallel_cuda_manual_seed
 from mp.training.gpt_step import forward_step
+from mp.training.training import average_losses
 
 S, MBS, GLOBAL_BATCH, VOCAB = 16, 2, 8, 128  # VOCAB pads to 128 rows at TP 1, 2 and 4
 LR, EPS = 3e-3, 1e-5
+WARMUP, DECAY = 2, 20  # the cosine schedule's steps (from 0 to LR, then down to LR / 10)
 
 
 def gpt_config(tp: int, pp: int, precision: str = "fp32", **overrides) -> TransformerConfig:
@@ -34,60 +35,98 @@ def gpt_config(tp: int, pp: int, precision: str = "fp32", **overrides) -> Transf
 
 def setup(tp: int, pp: int, seed: int, precision: str = "fp32", *,
           distributed_optimizer: bool = False, overlap_param_gather: bool = True,
-          bucket_size: int = 5000, clip_grad: float = 1.0, **overrides):
+          bucket_size: int = 5000, clip_grad: float = 1.0,
+          calculate_per_token_loss: bool = False, grad_dtype: torch.dtype = torch.float32,
+          vpp: int | None = None, decoupled_lr: float | None = None,
+          decoupled_min_lr: float | None = None, optimizer_args: dict | None = None,
+          **overrides):
     """This rank's DDP-wrapped chunks, optimizer and LR schedule, weights from ``seed``
-    (``overrides``: `TransformerConfig` fields)."""
-    ps.initialize_model_parallel(tp, pp)
+    (``optimizer_args``: more of `get_megatron_optimizer`'s; ``overrides``:
+    `TransformerConfig` fields)."""
+    ps.initialize_model_parallel(tp, pp, vpp)
     model_parallel_cuda_manual_seed(seed)
+    config = gpt_config(tp, pp, precision, virtual_pipeline_model_parallel_size=vpp,
+                        **overrides)
     models = [DistributedDataParallel(chunk, bucket_size=bucket_size,
                                       use_distributed_optimizer=distributed_optimizer,
-                                      overlap_param_gather=overlap_param_gather)
-              for chunk in build_gpt_chunks(gpt_config(tp, pp, precision, **overrides))]
+                                      overlap_param_gather=overlap_param_gather,
+                                      calculate_per_token_loss=calculate_per_token_loss,
+                                      grad_dtype=grad_dtype)
+              for chunk in build_gpt_chunks(config)]
     optimizer = get_megatron_optimizer(models, lr=LR, weight_decay=0.1, clip_grad=clip_grad,
                                        adam_eps=EPS,
-                                       use_distributed_optimizer=distributed_optimizer)
+                                       use_distributed_optimizer=distributed_optimizer,
+                                       decoupled_lr=decoupled_lr, **(optimizer_args or {}))
     scheduler = OptimizerParamScheduler(optimizer, max_lr=LR, min_lr=LR / 10,
-                                        lr_warmup_steps=2, lr_decay_steps=20)
+                                        lr_warmup_steps=WARMUP, lr_decay_steps=DECAY,
+                                        decoupled_lr=decoupled_lr,
+                                        decoupled_min_lr=decoupled_min_lr)
     return models, optimizer, scheduler
 
 
-def batch(seed: int) -> list[dict]:
-    """This data-parallel rank's micro-batches of a seeded global batch."""
+def global_batch(seed: int, masked: bool = False) -> dict:
+    """A seeded global batch: ``[GLOBAL_BATCH, S]`` tensors. ``masked``: sample ``i`` keeps each
+    token in the loss with probability ``(i + 1) / GLOBAL_BATCH``, so micro-batches (and
+    data-parallel ranks) hold unequal numbers of loss tokens."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, S), generator=g)
-    batch = {"tokens": tokens, "labels": torch.randint(0, VOCAB, (GLOBAL_BATCH, S), generator=g),
-             "loss_mask": torch.ones(GLOBAL_BATCH, S),
-             "position_ids": torch.arange(S).expand(GLOBAL_BATCH, S)}
+    labels = torch.randint(0, VOCAB, (GLOBAL_BATCH, S), generator=g)
+    keep = torch.arange(1, GLOBAL_BATCH + 1).unsqueeze(1) / GLOBAL_BATCH
+    mask = (torch.rand(GLOBAL_BATCH, S, generator=g) < keep).float() if masked else \
+        torch.ones(GLOBAL_BATCH, S)
+    return {"tokens": tokens, "labels": labels, "loss_mask": mask,
+            "position_ids": torch.arange(S).expand(GLOBAL_BATCH, S)}
+
+
+def batch(seed: int, masked: bool = False) -> list[dict]:
+    """This data-parallel rank's micro-batches of `global_batch` ``seed``: rank ``r`` takes the
+    ``r``-th of DP equal blocks of samples and cuts it into micro-batches of ``MBS``."""
+    batch = global_batch(seed, masked)
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     local = {k: v.chunk(dp)[rank] for k, v in batch.items()}
     return [{k: v[i:i + MBS] for k, v in local.items()} for i in range(0, len(local["tokens"]),
                                                                       MBS)]
 
 
-def run(models, micro: list[dict], forward_only: bool) -> float:
-    """The global batch's mean loss, on every rank."""
+def run(models, micro: list[dict], forward_only: bool, per_token: bool = False,
+        grad_scale_func=None) -> float:
+    """The global batch's loss, on every rank: the mean of the micro-batches', or with
+    ``per_token`` the mean over its loss tokens (`average_losses`)."""
     reported = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=[iter(micro) for _ in models],
         model=models, num_microbatches=len(micro), seq_length=S, micro_batch_size=MBS,
-        forward_only=forward_only)
-    loss = torch.zeros(())
-    last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
-    if last_stage and ps.get_tensor_model_parallel_rank() == 0:
-        loss = torch.stack([r["lm loss"] for r in reported]).mean()
-    dist.all_reduce(loss)  # one term per data-parallel replica
-    return loss.item() / ps.get_data_parallel_world_size()
+        forward_only=forward_only, calculate_per_token_loss=per_token,
+        grad_scale_func=grad_scale_func)
+    return average_losses(reported, per_token)[0]["lm loss"]
 
 
-def train_step(models, optimizer, scheduler, seed: int) -> tuple[float, float]:
+def train_step(models, optimizer, scheduler, seed: int, *, per_token: bool = False,
+               masked: bool = False) -> tuple[float, float]:
     """One iteration on batch ``seed``: (its loss, the gradient norm before clipping)."""
     for model in models:
         model.zero_grad_buffer()
     optimizer.zero_grad()
-    loss = run(models, batch(seed), forward_only=False)
+    loss = run(models, batch(seed, masked), forward_only=False, per_token=per_token,
+               grad_scale_func=optimizer.scale_loss)
     result = optimizer.step()
     assert result.update_successful
     scheduler.step()
     return loss, result.grad_norm
+
+
+def _global_parameters(models):
+    """``(global name, offsets, parameter)`` of this rank's chunks; the tied embedding's
+    last-stage copy is named as the embedding (and marked ``shared``)."""
+    for c, model in enumerate(models):
+        chunk = model.module
+        first = chunk_first_layer(chunk.config, ps.get_pipeline_model_parallel_rank(), c)
+        for name, param in chunk.named_parameters():
+            match = re.fullmatch(r"decoder\.layers\.(\d+)\.(.*)", name)
+            if match:
+                name = f"decoder.layers.{first + int(match[1])}.{match[2]}"
+            elif getattr(param, "shared", False):
+                name = "embedding.word_embeddings.weight"
+            yield name, getattr(param, "shard_offset", (0,) * param.dim()), param
 
 
 def pieces(models, value=lambda param: param) -> dict:
@@ -96,18 +135,19 @@ def pieces(models, value=lambda param: param) -> dict:
     found = {}
     for model in models:
         model.finish_param_sync()  # updated parameters may still be on their way
-    for c, model in enumerate(models):
-        chunk = model.module
-        first = chunk_first_layer(chunk.config, ps.get_pipeline_model_parallel_rank(), c)
-        for name, param in chunk.named_parameters():
-            if getattr(param, "shared", False):
-                continue
-            match = re.fullmatch(r"decoder\.layers\.(\d+)\.(.*)", name)
-            if match:
-                name = f"decoder.layers.{first + int(match[1])}.{match[2]}"
-            offsets = getattr(param, "shard_offset", (0,) * param.dim())
+    for name, offsets, param in _global_parameters(models):
+        if not getattr(param, "shared", False):
             found.setdefault(name, []).append((offsets, value(param).detach().clone()))
     return found
+
+
+@torch.no_grad()
+def load_whole(models, optimizer, whole: dict[str, torch.Tensor]) -> None:
+    """Give this rank's parameters (and the optimizer's masters) their pieces of ``whole``,
+    `assemble`'s tensors: any layout then starts from the same weights."""
+    for name, offsets, param in _global_parameters(models):
+        param.copy_(whole[name][tuple(slice(o, o + n) for o, n in zip(offsets, param.shape))])
+    optimizer.reload_model_params()
 
 
 def masters(models, optimizer) -> dict:

@@ -126,9 +126,10 @@ def test_mp_impl_never_imports_apex(no_apex, caplog, monkeypatch):
     assert not _apex_notices(caplog)
 
 
-def _check_fake_apex_model(normalization: str):
+def _check_fake_apex_model(normalization: str, zero_centered_gamma: bool):
     """In a rank of a world of one (the model needs model-parallel groups): build the GPT with
-    mp's norms and with the fake apex's, same weights, and compare loss, logits and grads."""
+    mp's norms and with the fake apex's, same weights, and compare loss, logits and grads
+    (with ``zero_centered_gamma`` both scale by ``1 + weight``, apex's through mp.apex)."""
     from mp import parallel_state as ps
 
     _install_fake_apex()
@@ -136,15 +137,19 @@ def _check_fake_apex_model(normalization: str):
     try:
         ps.initialize_model_parallel(1)
         assert mp_apex.fused_adam_class() is _FakeFusedAdam
+        arch = {"normalization": normalization,
+                "layernorm_zero_centered_gamma": zero_centered_gamma}
         torch.manual_seed(5)
-        ref = GPTModel(_config(normalization=normalization))
+        ref = GPTModel(_config(**arch))
         torch.manual_seed(5)
-        model = GPTModel(_config(normalization=normalization, normalization_impl="apex"))
+        model = GPTModel(_config(**arch, normalization_impl="apex"))
         fake = _FakeFusedLayerNorm if normalization == "LayerNorm" else _FakeFusedRMSNorm
-        apex_norms = [m for m in model.modules() if type(m) is fake]
+        apex_norms = [m for m in model.modules() if isinstance(m, fake)]
         assert len(apex_norms) == 2 * 2 + 1, model  # two per layer and the final one
         assert not any(isinstance(m, (FusedLayerNorm, FusedRMSNorm)) for m in model.modules())
         assert all(p.sequence_parallel is False for m in apex_norms for p in m.parameters())
+        assert all(torch.equal(m.weight, torch.full((H,), 0.0 if zero_centered_gamma else 1.0))
+                   for m in apex_norms)
         with torch.no_grad():  # norm weights away from ones/zeros, so that they matter
             for i, (name, p) in enumerate(ref.named_parameters()):
                 if "layernorm" in name:
@@ -167,12 +172,15 @@ def _check_fake_apex_model(normalization: str):
         _clear_caches()
 
 
+@pytest.mark.parametrize("zero_centered_gamma", [False, True], ids=["", "zero_centered"])
 @pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
-def test_fake_apex_is_chosen_and_model_matches_mp_norms(normalization):
-    run_distributed(1, _check_fake_apex_model, normalization)
+def test_fake_apex_is_chosen_and_model_matches_mp_norms(normalization, zero_centered_gamma):
+    run_distributed(1, _check_fake_apex_model, normalization, zero_centered_gamma)
 
 
-def test_fake_apex_norm_takes_mp_shape_eps_dtype_and_sequence_parallel(monkeypatch):
+@pytest.mark.parametrize("zero_centered_gamma", [False, True], ids=["", "zero_centered"])
+def test_fake_apex_norm_takes_mp_shape_eps_dtype_and_sequence_parallel(monkeypatch,
+                                                                       zero_centered_gamma):
     """Under sequence parallelism the norm's gradients are partial sums over TP; the apex
     module's parameters must carry ``sequence_parallel`` as mp's do, so they get summed."""
     _install_fake_apex()
@@ -180,13 +188,12 @@ def test_fake_apex_norm_takes_mp_shape_eps_dtype_and_sequence_parallel(monkeypat
         monkeypatch.setitem(sys.modules, name, sys.modules[name])  # removed again at the end
     _clear_caches()
     try:
-        config = _config(tensor_model_parallel_size=2, sequence_parallel=True,
-                         layernorm_epsilon=1e-3, precision="bf16",
-                         normalization_impl="apex")
-        norm, mp_norm = build_norm(config), build_norm(_config(
-            tensor_model_parallel_size=2, sequence_parallel=True, layernorm_epsilon=1e-3,
-            precision="bf16"))
-        assert type(norm) is _FakeFusedLayerNorm and norm.eps == 1e-3
+        common = dict(tensor_model_parallel_size=2, sequence_parallel=True,
+                      layernorm_epsilon=1e-3, precision="bf16",
+                      layernorm_zero_centered_gamma=zero_centered_gamma)
+        norm = build_norm(_config(**common, normalization_impl="apex"))
+        mp_norm = build_norm(_config(**common))
+        assert isinstance(norm, _FakeFusedLayerNorm) and norm.eps == 1e-3
         assert norm.sequence_parallel is True
         params, mp_params = dict(norm.named_parameters()), dict(mp_norm.named_parameters())
         assert set(params) == set(mp_params) == {"weight", "bias"}

@@ -211,7 +211,7 @@ class Recorder:
         self.rows = []
 
     def training_iteration(self, iteration, consumed, losses, lr, grad_norm, loss_scale,
-                           update_successful, global_batch_size):
+                           update_successful, global_batch_size, **norms_and_counts):
         self.rows.append((global_batch_size, consumed, losses["lm loss"], grad_norm, lr))
 
 

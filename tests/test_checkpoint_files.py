@@ -28,10 +28,10 @@ from mp.model import GPTModel, TransformerConfig
 from mp.optim import OptimizerParamScheduler, get_megatron_optimizer
 
 
-def _config(tp=1, layers=2, divisible=16) -> TransformerConfig:
+def _config(tp=1, layers=2, divisible=16, **model) -> TransformerConfig:
     return TransformerConfig(num_layers=layers, hidden_size=32, num_attention_heads=4,
                              vocab_size=200, seq_length=8, make_vocab_size_divisible_by=divisible,
-                             tensor_model_parallel_size=tp)
+                             tensor_model_parallel_size=tp, **model)
 
 
 def _weights(seed: int) -> dict[str, torch.Tensor]:
@@ -207,9 +207,9 @@ def test_rotation_keeps_the_last_k_and_roll_back_works(tmp_path):
     assert meta["layout"]["tensor_model_parallel_size"] == 2 and meta["iteration"] == 5
 
 
-def _load_mismatched(path: str, tp: int, layers: int, divisible: int) -> str:
+def _load_mismatched(path: str, tp: int, layers: int, divisible: int, **model) -> str:
     try:
-        load_checkpoint(path, _model(1, tp, layers=layers, divisible=divisible))
+        load_checkpoint(path, _model(1, tp, layers=layers, divisible=divisible, **model))
     except CheckpointError as error:
         return str(error)
     return "loaded"
@@ -229,6 +229,30 @@ def test_a_checkpoint_that_does_not_fit_says_which_setting_differs(tmp_path, tp,
     world = 2 if tp == 2 else 1
     results = run_distributed(world, _load_mismatched, str(tmp_path), tp, layers, divisible)
     assert all(message in r for r in results), results[0]
+
+
+NEWER_FIELDS = ("num_query_groups", "kv_channels", "rotary_percent",
+                "layernorm_zero_centered_gamma")
+
+
+def test_older_checkpoints_hold_the_defaults_of_newer_fields(tmp_path):
+    """A checkpoint from before these fields were saved holds the model of their defaults
+    (one key/value head per head, heads hidden / heads wide, whole-head RoPE, plain norms)."""
+    run_distributed(2, _save, str(tmp_path), 1, 1)
+    directory = tmp_path / "iter_0000001"
+    meta = json.loads((directory / META_FILE).read_text())
+    meta["model"] = {k: v for k, v in meta["model"].items() if k not in NEWER_FIELDS}
+    (directory / META_FILE).write_text(json.dumps(meta))
+    write_manifest(directory, describe_files(
+        directory, sorted(n for n in os.listdir(directory) if n != MANIFEST_FILE)))
+    assert run_distributed(1, _load_mismatched, str(tmp_path), 1, 2, 32) == ["loaded"]
+    refusal = run_distributed(1, _load_mismatched, str(tmp_path), 1, 2, 32, kv_channels=16,
+                              num_query_groups=2, rotary_percent=0.5,
+                              layernorm_zero_centered_gamma=True)[0]
+    for field, saved, here in (("num_query_groups", 4, 2), ("kv_channels", 8, 16),
+                               ("rotary_percent", 1.0, 0.5),
+                               ("layernorm_zero_centered_gamma", False, True)):
+        assert f"model.{field}={saved} in the checkpoint but {here} here" in refusal
 
 
 def _with_schedule(seed: int, decay_steps: int):

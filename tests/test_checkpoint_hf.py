@@ -1,6 +1,7 @@
 """Hugging Face GPT-2 round trip: a random-weight ``GPT2LMHeadModel`` (built from a config, no
-download) converted by ``tools/convert_checkpoint.py`` loads into mp at TP=2 and gives
-transformers' own logits; converted back, it is the same state dict, tensor for tensor."""
+download) converted by ``tools/convert_checkpoint.py`` (also into an mp model with zero-centred
+LayerNorms) loads into mp at TP=2 and gives transformers' own logits; converted back, it is
+the same state dict, tensor for tensor. mp models GPT-2 cannot express are refused by name."""
 
 
 import pytest
@@ -47,17 +48,22 @@ def _mp_logits(path: str, tokens: torch.Tensor) -> torch.Tensor:
     return logits[..., :VOCAB]
 
 
-def _convert_to_mp(hf_dir, mp_dir) -> None:
+def _convert_to_mp(hf_dir, mp_dir, *options: str) -> None:
     convert.main(["hf-to-mp", "--input", str(hf_dir), "--output", str(mp_dir),
-                  "--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "16"])
+                  "--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "16",
+                  *options])
 
 
 # gelu_new (GPT-2's default) and gelu_fast are mp's gelu_tanh; gelu is the exact one
-@pytest.mark.parametrize("activation", ["gelu", "gelu_new", "gelu_fast"])
-def test_gpt2_logits_match_after_conversion_at_tp2(tmp_path, activation):
+@pytest.mark.parametrize("activation, options", [
+    ("gelu", ()), ("gelu_new", ()), ("gelu_fast", ()), ("gelu_new", ("--apply-layernorm-1p",))],
+    ids=["gelu", "gelu_new", "gelu_fast", "gelu_new-layernorm-1p"])
+def test_gpt2_logits_match_after_conversion_at_tp2(tmp_path, activation, options):
     model = _gpt2(activation)
     model.save_pretrained(tmp_path / "hf")
-    _convert_to_mp(tmp_path / "hf", tmp_path / "mp")
+    _convert_to_mp(tmp_path / "hf", tmp_path / "mp", *options)
+    saved = read_checkpoint_info(tmp_path / "mp").model_config
+    assert saved["layernorm_zero_centered_gamma"] is bool(options)
     tokens = _tokens()
     with torch.no_grad():
         expected = model(tokens).logits
@@ -66,15 +72,18 @@ def test_gpt2_logits_match_after_conversion_at_tp2(tmp_path, activation):
     assert_rel_close(logits[0], expected, rtol=1e-5, what=f"logits ({activation})")
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_gpt2_state_dict_round_trip_is_exact(tmp_path, fmt):
+@pytest.mark.parametrize("fmt, options", [("safetensors", ()), ("bin", ()),
+                                          ("safetensors", ("--apply-layernorm-1p",))],
+                         ids=["safetensors", "bin", "safetensors-layernorm-1p"])
+def test_gpt2_state_dict_round_trip_is_exact(tmp_path, fmt, options):
     model = _gpt2("gelu_new")
     expected = model.state_dict()
     source = tmp_path / "gpt2.bin"  # a lone .bin with its config beside it in another name
     torch.save(expected, source)
     model.config.to_json_file(tmp_path / "gpt2-config.json")
     convert.main(["hf-to-mp", "--input", str(source), "--config",
-                  str(tmp_path / "gpt2-config.json"), "--output", str(tmp_path / "mp")])
+                  str(tmp_path / "gpt2-config.json"), "--output", str(tmp_path / "mp"),
+                  *options])
     convert.main(["mp-to-hf", "--input", str(tmp_path / "mp"), "--output",
                   str(tmp_path / "back"), "--format", fmt])
     back_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back")
@@ -94,9 +103,15 @@ def test_unsupported_gpt2_configs_are_refused_by_name(tmp_path):
         _convert_to_mp(tmp_path / "hf", tmp_path / "mp")
 
 
-def test_grouped_query_models_do_not_export_to_gpt2():
-    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
-                               num_query_groups=2, vocab_size=64, seq_length=16)
-    with pytest.raises(ValueError, match=r"model.num_query_groups=2: GPT-2 needs .*"
-                                         r"num_query_groups in \(4,\)"):
+@pytest.mark.parametrize("model, message", [
+    ({"num_query_groups": 2},
+     r"model.num_query_groups=2: GPT-2 needs .*num_query_groups in \(4,\)"),
+    ({"kv_channels": 16}, r"model.kv_channels=16: GPT-2 needs .*kv_channels in \(8,\)"),
+    ({"hidden_size": 30, "kv_channels": 8},
+     r"model.kv_channels=8: GPT-2 needs .*kv_channels in \(\)")],
+    ids=["grouped_query", "kv_channels", "heads_do_not_divide_hidden"])
+def test_models_gpt2_cannot_express_do_not_export(model, message):
+    config = TransformerConfig(**{"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                                  "vocab_size": 64, "seq_length": 16, **model})
+    with pytest.raises(ValueError, match=message):
         hf_config(config)

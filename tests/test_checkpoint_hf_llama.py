@@ -1,8 +1,10 @@
 """Hugging Face Llama round trip: random-weight ``LlamaForCausalLM`` models (built from a
 config, no download) with grouped-query, multi-query and multi-head attention, a non-default
-RoPE base, Llama 3.1's RoPE scaling and tied or untied embeddings, converted by ``tools/convert_checkpoint.py``, give
-transformers' own logits in mp at TP 1 and 2; converted back, the same state dict, and a
-model transformers loads with the same logits. Configs mp cannot express are refused."""
+RoPE base, Llama 3.1's RoPE scaling, a ``head_dim`` other than hidden / heads (mp's
+``kv_channels``) and tied or untied embeddings, converted by ``tools/convert_checkpoint.py``
+(also into an mp model with zero-centred norms), give transformers' own logits in mp at TP 1
+and 2; converted back, the same state dict, and a model transformers loads with the same
+logits. Configs one side cannot express are refused by name."""
 
 import json
 
@@ -13,7 +15,12 @@ from harness import run_distributed
 from hf_convert import convert, transformers
 
 from mp import parallel_state as ps
-from mp.checkpointing import load_checkpoint, read_checkpoint_info
+from mp.checkpointing import (
+    hf_llama,
+    load_checkpoint,
+    load_global_model,
+    read_checkpoint_info,
+)
 from mp.model import GPTModel, TransformerConfig
 from mp.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -26,10 +33,12 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-def _llama(kv_heads: int, tied: bool = False, scaling: dict | None = None):
+def _llama(kv_heads: int, tied: bool = False, scaling: dict | None = None,
+           head_dim: int | None = None):
+    """``head_dim``: the default (None) is hidden / heads = 8."""
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=HEADS, num_key_value_heads=kv_heads,
+        num_attention_heads=HEADS, num_key_value_heads=kv_heads, head_dim=head_dim,
         max_position_embeddings=POSITIONS, rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0, **(scaling or {})},
         tie_word_embeddings=tied)
@@ -55,24 +64,27 @@ def _mp_logits(path: str, tp: int, tokens: torch.Tensor) -> torch.Tensor:
     return logits[..., :VOCAB]
 
 
-def _to_mp(hf_dir, mp_dir, tp: int) -> None:
+def _to_mp(hf_dir, mp_dir, tp: int, *options: str) -> None:
     convert.main(["hf-to-mp", "--input", str(hf_dir), "--output", str(mp_dir),
                   "--tensor-model-parallel-size", str(tp), "--make-vocab-size-divisible-by",
-                  "16"])
+                  "16", *options])
 
 
-@pytest.mark.parametrize("kv_heads, tied, tp, scaling", [
-    (2, False, 2, None), (8, False, 2, None), (1, False, 1, None), (2, True, 2, None),
-    (2, True, 2, LLAMA3_SCALING), (2, False, 1, {**LLAMA3_SCALING, "factor": 32.0})],
+@pytest.mark.parametrize("kv_heads, tied, tp, scaling, head_dim", [
+    (2, False, 2, None, None), (8, False, 2, None, None), (1, False, 1, None, None),
+    (2, True, 2, None, None), (2, True, 2, LLAMA3_SCALING, None),
+    (2, False, 1, {**LLAMA3_SCALING, "factor": 32.0}, None),
+    (2, False, 2, None, 12), (8, False, 1, LLAMA3_SCALING, 16)],
     ids=["grouped-TP2", "multi-head-TP2", "multi-query-TP1", "tied-TP2",
-         "llama3.1-rope-TP2", "llama3.2-rope-TP1"])
-def test_llama_logits_match_after_conversion(tmp_path, kv_heads, tied, tp, scaling):
-    model = _llama(kv_heads, tied, scaling)
+         "llama3.1-rope-TP2", "llama3.2-rope-TP1", "head-dim-12-TP2", "head-dim-16-TP1"])
+def test_llama_logits_match_after_conversion(tmp_path, kv_heads, tied, tp, scaling, head_dim):
+    model = _llama(kv_heads, tied, scaling, head_dim)
     model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")  # several shards + index
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     _to_mp(tmp_path / "hf", tmp_path / "mp", tp)
     saved = read_checkpoint_info(tmp_path / "mp").model_config
     assert (saved["num_query_groups"], saved["rotary_base"]) == (kv_heads, 500000.0)
+    assert saved["kv_channels"] == (head_dim or 64 // HEADS)
     assert (saved["use_rope_scaling"], saved["rope_scaling_factor"]) == \
         ((True, scaling["factor"]) if scaling else (False, 8.0))
     tokens = _tokens()
@@ -82,11 +94,23 @@ def test_llama_logits_match_after_conversion(tmp_path, kv_heads, tied, tp, scali
     assert_rel_close(logits[0], expected, rtol=1e-5, what=f"logits ({kv_heads} kv heads)")
 
 
-@pytest.mark.parametrize("scaling", [None, LLAMA3_SCALING], ids=["plain", "llama3.1-rope"])
-def test_llama_state_dict_round_trip_is_exact(tmp_path, scaling):
-    model = _llama(2, scaling=scaling)
+@pytest.mark.parametrize("scaling, head_dim, options", [
+    (None, None, ()), (LLAMA3_SCALING, None, ()), (None, 12, ()),
+    (None, 12, ("--apply-layernorm-1p",))],
+    ids=["plain", "llama3.1-rope", "head-dim-12", "head-dim-12-layernorm-1p"])
+def test_llama_state_dict_round_trip_is_exact(tmp_path, scaling, head_dim, options):
+    model = _llama(2, scaling=scaling, head_dim=head_dim)
     model.save_pretrained(tmp_path / "hf")
-    _to_mp(tmp_path / "hf", tmp_path / "mp", 1)
+    _to_mp(tmp_path / "hf", tmp_path / "mp", 1, *options)
+    if options:  # mp's zero-centred norms hold Hugging Face's weights minus 1, same logits
+        weights, info = load_global_model(tmp_path / "mp")
+        assert info.model_config["layernorm_zero_centered_gamma"]
+        hf_norm = model.state_dict()["model.layers.1.post_attention_layernorm.weight"]
+        assert torch.equal(weights["decoder.layers.1.pre_mlp_layernorm.weight"], hf_norm - 1)
+        with torch.no_grad():
+            expected = model(_tokens()).logits
+        logits = run_distributed(1, _mp_logits, str(tmp_path / "mp"), 1, _tokens())[0]
+        assert_rel_close(logits, expected, rtol=1e-5, what="zero-centred mp logits")
     convert.main(["mp-to-hf", "--input", str(tmp_path / "mp"), "--output", str(tmp_path / "back")])
     back_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
     expected, back = model.state_dict(), back_model.state_dict()
@@ -104,7 +128,6 @@ def test_llama_state_dict_round_trip_is_exact(tmp_path, scaling):
     ({"rope_parameters": {**LLAMA3_SCALING, "high_freq_factor": 2.0, "rope_theta": 1e4}},
      "mp's RoPE has Llama 3.1's scaling"),
     ({"attention_bias": True}, "attention_bias=True: mp's Llama needs attention_bias=False"),
-    ({"head_dim": 16}, "head_dim=16: mp's Llama needs head_dim=8"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu': mp's Llama needs hidden_act='silu'"),
 ])
 def test_unsupported_llama_configs_are_refused_by_name(tmp_path, change, message):
@@ -114,3 +137,14 @@ def test_unsupported_llama_configs_are_refused_by_name(tmp_path, change, message
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
         _to_mp(tmp_path / "hf", tmp_path / "mp", 1)
+
+
+def test_partly_rotated_heads_do_not_export_to_llama():
+    """Llama rotates whole heads: an mp model with ``rotary_percent < 1`` is refused."""
+    config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=HEADS,
+                               vocab_size=VOCAB, seq_length=16, normalization="RMSNorm",
+                               activation="swiglu", position_embedding_type="rope",
+                               add_bias_linear=False, rotary_percent=0.5)
+    with pytest.raises(ValueError, match=r"model.rotary_percent=0.5: Llama needs .*"
+                                         r"rotary_percent in \(1.0,\)"):
+        hf_llama.mp_to_hf({}, config)

@@ -175,15 +175,15 @@ def test_a_bf16_job_loading_weights_only_refreshes_its_masters(tmp_path, distopt
         assert torch.equal(got[name], weight), name
 
 
-def _save_grouped_query(path: str) -> float:
-    models, _, _ = setup(2, 1, seed=1, num_query_groups=2)  # 4 heads share 2 keys and values
+def _save_model(path: str, model: dict) -> float:
+    models, _, _ = setup(2, 1, seed=1, **model)
     save_checkpoint(path, 0, models)
     return run(models, batch(100), forward_only=True)
 
 
-def _load_grouped_query(path: str, tp: int, groups: int) -> float | str:
+def _load_model(path: str, tp: int, model: dict) -> float | str:
     """The loaded model's loss on the probe batch, or the refusal's message."""
-    models, _, _ = setup(tp, 1, seed=2, num_query_groups=groups)
+    models, _, _ = setup(tp, 1, seed=2, **model)
     try:
         load_checkpoint(path, models)
     except CheckpointError as error:
@@ -191,16 +191,31 @@ def _load_grouped_query(path: str, tp: int, groups: int) -> float | str:
     return run(models, batch(100), forward_only=True)
 
 
-def test_grouped_query_checkpoint_loads_at_other_tp_sizes(tmp_path):
-    """The grouped QKV weight (whole query groups per TP rank) saved at TP2 x DP2 gives the
-    same loss at TP1 and TP2; a multi-head model refuses it, naming the field."""
+GROUPED = {"num_query_groups": 2}  # 4 heads share 2 keys and values
+WIDE_HEADS = {**GROUPED, "kv_channels": 12, "position_embedding_type": "rope",
+              "rotary_percent": 0.5, "layernorm_zero_centered_gamma": True}  # 32 / 4 = 8 wide
+
+
+@pytest.mark.parametrize("model, other, refusal", [
+    (GROUPED, {"num_query_groups": 4}, "model.num_query_groups=2 in the checkpoint but 4 here"),
+    (WIDE_HEADS, {**WIDE_HEADS, "kv_channels": 8},
+     "model.kv_channels=12 in the checkpoint but 8 here"),
+    (WIDE_HEADS, {**WIDE_HEADS, "rotary_percent": 1.0},
+     "model.rotary_percent=0.5 in the checkpoint but 1.0 here"),
+    (WIDE_HEADS, {**WIDE_HEADS, "layernorm_zero_centered_gamma": False},
+     "model.layernorm_zero_centered_gamma=True in the checkpoint but False here"),
+], ids=["grouped_query", "kv_channels", "rotary_percent", "zero_centered_gamma"])
+def test_checkpoint_loads_at_other_tp_sizes_and_refuses_another_model(tmp_path, model, other,
+                                                                      refusal):
+    """The grouped QKV weight (whole query groups per TP rank; heads of any width) saved at
+    TP2 x DP2 gives the same loss at TP1 and TP2; a model that differs refuses it, naming
+    the field."""
     path = str(tmp_path / "save")
-    expected = run_distributed(4, _save_grouped_query, path)[0]
+    expected = run_distributed(4, _save_model, path, model)[0]
     for world, tp in ((1, 1), (2, 2)):
-        got = run_distributed(world, _load_grouped_query, path, tp, 2)[0]
+        got = run_distributed(world, _load_model, path, tp, model)[0]
         assert got == pytest.approx(expected, rel=1e-6), f"TP{tp}"
-    refusal = run_distributed(1, _load_grouped_query, path, 1, 4)[0]
-    assert "model.num_query_groups=2 in the checkpoint but 4 here" in refusal
+    assert refusal in run_distributed(1, _load_model, path, 1, other)[0]
 
 
 def _finetune(path: str) -> tuple[dict, int, int, float]:

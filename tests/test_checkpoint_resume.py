@@ -1,6 +1,7 @@
 """Exact resume of the pretraining job under ``torchrun`` at TP2 x DP2: 40 iterations straight
 against 20 iterations, a SIGKILL of the whole job, and a resume for the last 20; and the same
-for a run counted in samples, killed in the middle of its batch-size ramp. The loss, the
+for a run counted in samples, killed in the middle of its batch-size ramp, and for one with
+decoupled learning rates for the embedding and output weights. The loss, the
 gradient norm and the learning rate of every iteration (read bit for bit, as float.hex) and
 the final weights are identical."""
 
@@ -30,6 +31,9 @@ TINY = ["--config", os.path.join(ROOT, "configs", "gpt-tiny.yaml"),
 RAMPED = [*TINY, "--global-batch-size", "16", "--train-iters", "null", "--lr-warmup-iters", "0",
           "--train-samples", "200", "--lr-warmup-samples", "40", "--rampup-batch-size", "4", "4",
           "64"]
+# the embedding and output weights at their own rates (12 iterations, saved after 6)
+DECOUPLED = [*TINY, "--train-iters", "12", "--untie-embeddings-and-output-weights",
+             "--decoupled-lr", "1e-2", "--decoupled-min-lr", "1e-4"]
 
 
 def _exact_logging_script(directory) -> str:
@@ -42,11 +46,11 @@ def _exact_logging_script(directory) -> str:
 
         real = TrainingLogger.training_iteration
 
-        def exact(self, iteration, consumed, losses, lr, grad_norm, *rest):
+        def exact(self, iteration, consumed, losses, lr, grad_norm, *rest, **extras):
             if self.enabled:
                 print(f"exact {{iteration}} {{losses['lm loss'].hex()}} {{grad_norm.hex()}} "
                       f"{{lr.hex()}}", flush=True)
-            return real(self, iteration, consumed, losses, lr, grad_norm, *rest)
+            return real(self, iteration, consumed, losses, lr, grad_norm, *rest, **extras)
 
         TrainingLogger.training_iteration = exact
         sys.argv = [{LAUNCH!r}, *sys.argv[1:]]
@@ -110,8 +114,9 @@ def _exact(out: str) -> dict[int, tuple[str, str, str]]:
 
 
 @pytest.mark.parametrize("args, iters, save_at, consumed", [(TINY, 40, 20, 160),
-                                                             (RAMPED, 19, 8, 40)],
-                         ids=["iterations", "samples_ramp"])
+                                                             (RAMPED, 19, 8, 40),
+                                                             (DECOUPLED, 12, 6, 48)],
+                         ids=["iterations", "samples_ramp", "decoupled_lr"])
 def test_killed_and_resumed_job_matches_the_straight_run(tmp_path, args, iters, save_at,
                                                          consumed):
     start = time.monotonic()

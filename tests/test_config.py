@@ -365,12 +365,12 @@ COMMAND_LINE_ERRORS = [
     (["--micro-batch-size", "0"], 4, "training.micro_batch_size=0 must be >= 1"),
     (["--adam-beta2", "1"], 4, "training.adam_beta2=1.0 must be in [0, 1)"),
     (["--split", "90,x"], 4, ("data.split='90,x' must be 1 to 3 non-negative numbers "
-     "separated by commas, e.g. '969,30,1'")),
+     "separated by commas or slashes, e.g. '969,30,1'")),
     (["--data-path", "0.5", "a", "b"], 4, ("data.data_path=['0.5', 'a', 'b'] mixes forms: give "
      "prefixes only, or weight and prefix pairs such as ['0.3', 'a', '0.7', 'b']")),
     (["--tokenizer-type", "Bytes", "--model.vocab_size", "300"], 4,
      ("data.tokenizer_type='Bytes' must be one of 'GPT2BPETokenizer', 'HuggingFaceTokenizer', "
-     "'GPTSentencePieceTokenizer', 'ByteLevelTokenizer'")),
+     "'GPTSentencePieceTokenizer', 'ByteLevelTokenizer', 'NullTokenizer'")),
     (["--tokenizer-type", "GPT2BPETokenizer"], 4,
      ("model.vocab_size is not set, so it is read from the tokenizer (GPT2BPETokenizer), which "
      "could not be built: vocab_file=None is not a file")),
@@ -503,7 +503,8 @@ def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(tmp_path):
         seq_length=96, max_position_embeddings=128, normalization="RMSNorm",
         layernorm_epsilon=1e-6, activation="swiglu", position_embedding_type="rope",
         rotary_base=5e5, add_bias_linear=False, untie_embeddings_and_output_weights=True,
-        make_vocab_size_divisible_by=32)
+        make_vocab_size_divisible_by=32, kv_channels=12, rotary_percent=0.5,
+        layernorm_zero_centered_gamma=True)
     save_global_model(tmp_path / "ckpt", saved, {"output_layer.weight": torch.zeros(2, 2)})
     m = shipped("gpt-tiny", "--load", str(tmp_path / "ckpt"), "--use-checkpoint-args",
                 "--seq-length", "64").model

@@ -155,9 +155,15 @@ def test_split_string_follows_megatron():
     assert parse_split("98,2") == pytest.approx([0.98, 0.02, 0.0])
     assert split_document_ranges("969,30,1", 1000) == [(0, 969), (969, 999), (999, 1000)]
     assert split_document_ranges("1,1,0", 5) == [(0, 2), (2, 5), None]  # round half to even
-    for bad in ("", "a,b", "1,2,3,4", "0,0,0", "-1,2"):
+    for bad in ("", "a,b", "1,2,3,4", "0,0,0", "-1,2", "'99,1,0", "'a,b'", "''"):
         with pytest.raises(ValueError, match="split="):
             parse_split(bad)
+
+
+def test_split_takes_megatron_scripts_quoted_value():
+    # bash passes --split '99,1,0' from an unquoted array with the quotes in the value
+    for quoted in ("'99,1,0'", '"99,1,0"', " '99/1/0' "):
+        assert parse_split(quoted) == pytest.approx([0.99, 0.01, 0.0])
 
 
 def test_data_path_forms():
@@ -194,6 +200,25 @@ def test_build_gpt_datasets_splits_documents(dataset, tmp_path):
         build_gpt_datasets(["nowhere"], "1", 16, 3, 10, 0, 0)
     with pytest.raises(ValueError, match="valid_samples=-1"):
         build_gpt_datasets([dataset.path_prefix], "1", 16, 3, 10, -1, 0)
+
+
+def test_unmapped_bin_files_give_the_same_samples(dataset, tmp_path):
+    built = [
+        build_gpt_datasets(
+            [dataset.path_prefix], "80,20,0", 16, 3, 50, 10, 0,
+            path_to_cache=str(tmp_path / "c"), mmap_bin_files=mmap,
+        )
+        for mmap in (True, False)
+    ]
+    for mapped, read in zip(*built):
+        if mapped is None:
+            assert read is None
+            continue
+        assert (mapped.dataset.mmap, read.dataset.mmap) == (True, False)
+        assert len(mapped) == len(read)
+        for i in range(len(mapped)):
+            for key, value in mapped[i].items():
+                assert torch.equal(value, read[i][key]), (i, key)
 
 
 def _build_on_every_rank(prefix, cache):

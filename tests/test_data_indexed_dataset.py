@@ -1,5 +1,6 @@
-"""The .bin/.idx dataset: round trips for every dtype, and the byte layout checked field by
-field against Megatron's documented format (not against our own reader)."""
+"""The .bin/.idx dataset: round trips for every dtype, mapped or read with plain file reads
+(``mmap=False``), and the byte layout checked field by field against Megatron's documented
+format (not against our own reader)."""
 
 import os
 import pickle
@@ -60,11 +61,13 @@ def _build(prefix, documents, dtype, how):
 
 @pytest.mark.parametrize("dtype", list(MEGATRON_CODES))
 @pytest.mark.parametrize("how", ["items", "documents"])
-def test_round_trip_every_sequence_and_document_boundary(tmp_path, dtype, how):
+@pytest.mark.parametrize("mmap", [True, False], ids=["mmap", "file-reads"])
+def test_round_trip_every_sequence_and_document_boundary(tmp_path, dtype, how, mmap):
     documents = _random_documents(dtype)
     prefix = str(tmp_path / "data")
     _build(prefix, documents, dtype, how)
-    ds = IndexedDataset(prefix)
+    ds = IndexedDataset(prefix, mmap=mmap)
+    assert ds[0].flags.writeable is not mmap  # a view of the mapping, or an array of its own
     sequences = [s for doc in documents for s in doc]
     assert ds.dtype == np.dtype(dtype)
     assert len(ds) == len(sequences) and ds.num_documents == len(documents)
@@ -78,6 +81,7 @@ def test_round_trip_every_sequence_and_document_boundary(tmp_path, dtype, how):
     longest = int(np.argmax(ds.sequence_lengths))
     np.testing.assert_array_equal(ds.get(longest, 2, 3), sequences[longest][2:5])
     clone = pickle.loads(pickle.dumps(ds))
+    assert clone.mmap == mmap
     np.testing.assert_array_equal(clone[longest], sequences[longest])
 
 

@@ -202,3 +202,20 @@ def test_command_line_bad_input_exits_nonzero_with_the_location(tmp_path, capsys
         )
         == 2
     )
+
+
+def test_null_tokenizer_preprocesses_token_ids(tmp_path, capsys):
+    from tools.preprocess_data import main
+
+    path = tmp_path / "ids.txt"
+    path.write_text("1 2 3\n499\n")
+    args = ["--input", str(path), "--output-prefix", str(tmp_path / "ids"), "--tokenizer-type",
+            "NullTokenizer", "--vocab-size", "500", "--append-eod", "--no-progress"]
+    assert main(args) == 0
+    prefix = str(tmp_path / "ids_text_document")
+    assert _documents(prefix) == [[1, 2, 3, 500], [499, 500]]  # eod is the vocab size
+    assert IndexedDataset(prefix).dtype == np.uint16
+    path.write_text("1 2 3\n4 x\n")
+    assert main(args) == 1
+    assert "ids.txt:2: NullTokenizer reads integer ids separated by whitespace" in \
+        capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Tokenizers: GPT-2 BPE against the original GPT-2 algorithm on small vocab/merges files,
-byte-level round trips on arbitrary Unicode, Hugging Face and SentencePiece files built here."""
+byte-level round trips on arbitrary Unicode, Hugging Face and SentencePiece files built here,
+Megatron's NullTokenizer (integer ids, eod V, vocabulary V + 1) and its config rules."""
 
 import itertools
 import json
@@ -8,8 +9,10 @@ import numpy as np
 import pytest
 import regex
 
+from mp.config import ConfigError, DataConfig, load_config
 from mp.data.tokenizer import (
     ByteLevelTokenizer,
+    NullTokenizer,
     build_tokenizer,
     vocab_size_with_padding,
 )
@@ -206,6 +209,45 @@ def test_build_tokenizer_errors_name_the_value(tmp_path):
         build_tokenizer("GPT2BPETokenizer", vocab_file=str(tmp_path / "vocab.json"))
     with pytest.raises(FileNotFoundError, match="tokenizer_model='nowhere.model' is not a file"):
         build_tokenizer("GPTSentencePieceTokenizer", tokenizer_model="nowhere.model")
+
+
+def test_null_tokenizer_reads_ids_as_megatron_does():
+    tok = build_tokenizer("NullTokenizer", vocab_size=1000)
+    assert isinstance(tok, NullTokenizer)
+    assert (tok.vocab_size, tok.eod) == (1001, 1000)  # Megatron's: the eod id V after V ids
+    assert tok.tokenize("5 0 999 1000") == [5, 0, 999, 1000]
+    assert tok.tokenize(" 7\t8\n") == [7, 8]  # any whitespace (Megatron: single spaces)
+    assert tok.detokenize(np.array([5, 0, 999])) == "5 0 999"
+    assert tok.tokenize(tok.detokenize([3, 1, 4])) == [3, 1, 4]
+    with pytest.raises(ValueError, match="invalid literal for int.*'five'"):
+        tok.tokenize("4 five")
+    with pytest.raises(ValueError, match="id 1001 is outside 0..1000"):
+        tok.tokenize("1 1001")
+    with pytest.raises(ValueError, match="id -1 is outside"):
+        tok.tokenize("-1")
+    with pytest.raises(ValueError, match="NullTokenizer needs vocab_size .* got None"):
+        build_tokenizer("NullTokenizer")
+    with pytest.raises(ValueError, match="'GPT2BPETokenizer' does not take vocab_size"):
+        build_tokenizer("GPT2BPETokenizer", vocab_size=1000)
+
+
+def test_null_tokenizer_sizes_the_model_and_vocab_size_is_its_key_only():
+    cfg = load_config(None, ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads",
+                             "4", "--seq-length", "16", "--micro-batch-size", "1",
+                             "--global-batch-size", "2", "--lr", "1e-3", "--train-iters", "2",
+                             "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size",
+                             "1000"], world_size=1)
+    assert cfg.model.vocab_size == 1001  # as Megatron's --mock-data with NullTokenizer
+    with pytest.raises(ConfigError) as error:
+        DataConfig(tokenizer_type="HuggingFaceTokenizer", vocab_size=1000)
+    assert str(error.value) == (
+        "data.vocab_size=1000 is for tokenizer_type NullTokenizer only; "
+        "data.tokenizer_type='HuggingFaceTokenizer' has its own vocabulary (set "
+        "model.vocab_size to change the model's)")
+    with pytest.raises(ConfigError, match="'NullTokenizer' needs data.vocab_size"):
+        DataConfig(tokenizer_type="NullTokenizer", mock_data=True)
+    with pytest.raises(ConfigError, match="data.data_path='builtin' corpus is text"):
+        DataConfig(tokenizer_type="NullTokenizer", vocab_size=1000)
 
 
 def test_vocab_size_with_padding_matches_megatron():

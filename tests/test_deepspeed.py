@@ -139,9 +139,9 @@ def _pretrain_losses(ds_path: str, cache: str, **training) -> tuple[list[float],
         output, loss_func = gpt_step.forward_step(data_iterator, model)
 
         def recorded(output_tensor):
-            loss, reported = loss_func(output_tensor)
-            losses.append(loss.item())
-            return loss, reported
+            outputs = loss_func(output_tensor)  # (loss sum, token count, reported)
+            losses.append(outputs[0].item())
+            return outputs
         return output, recorded
 
     printed = io.StringIO()
@@ -237,6 +237,11 @@ REFUSALS = {
                   "a scheduler section is not supported"),
     "finetune": ({"finetune": True, "load": "pretrained"}, ZERO,
                  "training.finetune=true: not supported"),
+    "per-token-loss": ({"calculate_per_token_loss": True}, ZERO,
+                       "training.calculate_per_token_loss=True: not supported"),
+    "decoupled-lr": ({"decoupled_lr": 1e-2}, ZERO, "training.decoupled_lr=0.01: not supported"),
+    "bf16-grad-reduce": ({"precision": "bf16", "grad_reduce_in_bf16": True}, ZERO,
+                         "training.grad_reduce_in_bf16=True: not supported"),
 }
 MODEL_KEYS = {"pipeline_model_parallel_size", "num_layers", "precision"}
 
@@ -250,6 +255,15 @@ def test_refusal_names_the_rule(tmp_path, overrides, content, message):
     with pytest.raises(ValueError) as error:
         check_supported(ds_job(model, **training), world_size=4)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("key", ["log_params_norm", "log_num_zeros_in_grad"])
+def test_norms_and_counts_of_mp_optimizer_are_refused(key):
+    cfg = ds_job()
+    setattr(cfg.logging, key, True)
+    with pytest.raises(ValueError, match=f"logging.{key}=true is not supported with "
+                                         "training.deepspeed=true"):
+        cfg.validate(4)
 
 
 def test_refusals_without_deepspeed_or_its_fp16(tmp_path, monkeypatch):

@@ -47,6 +47,13 @@ LAYER_CASES = {  # name -> config overrides (tp and sequence_parallel are added 
     "gqa_rope_selective": dict(num_attention_heads=16, num_query_groups=4,
                                position_embedding_type="rope",
                                recompute_granularity="selective"),
+    # heads 24 wide (64 / 4 would be 16): queries 96, output projection 96 -> 64
+    "kv_channels_sdpa_math": dict(kv_channels=24),
+    "kv_channels_sdpa_flash_zero_centered": dict(kv_channels=24, attention_dropout=0.0,
+                                                 layernorm_zero_centered_gamma=True),
+    "kv_channels_gqa_unfused_partial_rope": dict(
+        attention_backend="unfused", num_attention_heads=8, num_query_groups=4, kv_channels=24,
+        position_embedding_type="rope", rotary_percent=0.5),
 }
 BLOCK_CASES = {  # full recompute over a two-layer chunk
     "full_uniform": dict(recompute_granularity="full", recompute_method="uniform"),
@@ -70,7 +77,7 @@ def _saved_bytes(module: torch.nn.Module, cfg: TransformerConfig, *args) -> int:
     runs the backward too, so that a wrong save would also show up as a failure."""
     rows = S // cfg.tensor_model_parallel_size if cfg.sequence_parallel else S
     x = torch.randn(rows, B, H, dtype=torch.bfloat16, requires_grad=True)
-    freqs = (rotary_freqs(S, cfg.kv_channels, cfg.rotary_base, x.device)
+    freqs = (rotary_freqs(S, cfg.rotary_dim, cfg.rotary_base, x.device)
              if cfg.position_embedding_type == "rope" else None)
     with SavedTensorMeter(exclude=module.parameters()) as meter:
         y = module(x, None, freqs)
@@ -175,7 +182,8 @@ def _measure_model(tp: int, sequence_parallel: bool, compiled: bool, **overrides
     (2, True, False, dict(attention_backend="unfused")),
     # compiled: bool residual dropout masks, the SiLU recomputed, the loss's own saves
     (2, True, True, dict(attention_backend="unfused", activation="swiglu")),
-], ids=["tp1", "tp2_sp", "tp2_sp_compiled_swiglu"])
+    (2, True, False, dict(layernorm_zero_centered_gamma=True, kv_channels=24)),
+], ids=["tp1", "tp2_sp", "tp2_sp_compiled_swiglu", "tp2_sp_zero_centered_kv_channels"])
 def test_saved_bytes_of_the_whole_model(tp, sequence_parallel, compiled, overrides):
     """Embedding, layers, final norm, output layer and what the cross-entropy saves."""
     got = run_distributed(tp, _measure_model, tp, sequence_parallel, compiled, **overrides)[0]

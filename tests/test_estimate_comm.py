@@ -3,7 +3,10 @@
 group by wrapping the collectives, equal the estimate exactly. TP 2 x DP 2 and TP 1 x DP 4 on
 4 ranks; and TP 1 x PP 2 x DP 2 through `mp.training.training.train_step` (1F1B, and
 interleaved with 2 model chunks per stage), stage by stage: the pipeline's sends and receives,
-the tied word-embedding gradients, each stage's data-parallel gradients. The loss that
+the tied word-embedding gradients, each stage's data-parallel gradients. Gradients reduced in
+bf16 (``training.grad_reduce_in_bf16``) move half the bytes: TP2 x DP2 with sequence
+parallelism, with and without the distributed optimizer, and the pipelined tied embedding. The
+loss that
 ``train_step`` broadcasts from the last stage (``broadcast_object_list``) is logging: the meter
 lists it apart, once per iteration over the pipeline group, and it is not in the estimate; the
 loss's all-reduce over DP on the last stage is the estimate's ``logging`` row."""
@@ -66,18 +69,19 @@ def _expected(setup: Setup, pp_rank: int = 0, logging: bool = False) -> dict:
     return expected
 
 
-def _one_iteration(tp: int, overrides: dict,
-                   distributed_optimizer: bool = False) -> tuple[dict, dict]:
+def _one_iteration(tp: int, overrides: dict, distributed_optimizer: bool = False,
+                   bf16_grads: bool = False) -> tuple[dict, dict]:
     """Measured and estimated bytes per (kind, group ranks) for one iteration on this rank.
     With the distributed optimizer, one bucket (padding to a multiple of DP is not
-    modelled; the test checks there is none)."""
+    modelled; the test checks there is none); ``bf16_grads``: bf16 gradient buffers."""
     ps.initialize_model_parallel(tp)
     model_parallel_cuda_manual_seed(1)
     torch.manual_seed(0)
     cfg = _config(tp, **overrides)
     model = DistributedDataParallel(  # several buckets, or one for the distributed optimizer
         GPTModel(cfg), bucket_size=None if distributed_optimizer else 2000,
-        use_distributed_optimizer=distributed_optimizer, overlap_param_gather=True)
+        use_distributed_optimizer=distributed_optimizer, overlap_param_gather=True,
+        grad_dtype=torch.bfloat16 if bf16_grads else torch.float32)
     if distributed_optimizer:
         assert model.grad_buffer.numel() == sum(p.numel() for p in model.parameters())
     opt = get_megatron_optimizer([model], lr=1e-3,
@@ -94,7 +98,8 @@ def _one_iteration(tp: int, overrides: dict,
         opt.step()
         model.finish_param_sync()
     setup = Setup(cfg, data_parallel_size=WORLD // tp, micro_batch_size=MBS,
-                  num_microbatches=MICROBATCHES, distributed_optimizer=distributed_optimizer)
+                  num_microbatches=MICROBATCHES, distributed_optimizer=distributed_optimizer,
+                  grad_reduce_in_bf16=bf16_grads)
     return meter.totals(), _expected(setup)
 
 
@@ -117,10 +122,19 @@ def test_collective_bytes_with_the_distributed_optimizer(variant):
         assert measured == expected, f"rank {rank}"
 
 
+@pytest.mark.parametrize("distributed_optimizer", [False, True])
+def test_collective_bytes_with_bf16_gradient_reduction(distributed_optimizer):
+    """The gradients (data parallel, and the sequence-parallel ones over TP) in bf16."""
+    sp_bf16 = dict(sequence_parallel=True, precision="bf16")
+    for rank, (measured, expected) in enumerate(run_distributed(
+            WORLD, _one_iteration, 2, sp_bf16, distributed_optimizer, True)):
+        assert measured == expected, f"rank {rank}"
+
+
 PP, PP_MICROBATCHES = 2, 4
 
 
-def _pipelined_iteration(vpp, overrides: dict) -> tuple[dict, dict, list]:
+def _pipelined_iteration(vpp, overrides: dict, bf16_grads: bool) -> tuple[dict, dict, list]:
     """Measured and estimated bytes per (kind, group ranks) for one `train_step` on this rank
     of a TP 1 x PP 2 x DP 2 layout, and the logging calls the meter set apart."""
     ps.initialize_model_parallel(1, PP, vpp)
@@ -128,7 +142,8 @@ def _pipelined_iteration(vpp, overrides: dict) -> tuple[dict, dict, list]:
     torch.manual_seed(0)
     cfg = _config(1, num_layers=4, pipeline_model_parallel_size=PP,
                   virtual_pipeline_model_parallel_size=vpp, **overrides)
-    models = [DistributedDataParallel(chunk, bucket_size=2000)
+    models = [DistributedDataParallel(chunk, bucket_size=2000,
+                                      grad_dtype=torch.bfloat16 if bf16_grads else torch.float32)
               for chunk in build_gpt_chunks(cfg)]  # its embedding all-reduce: build time
     opt = get_megatron_optimizer(models, lr=1e-3)
     scheduler = OptimizerParamScheduler(opt, max_lr=1e-3, lr_decay_steps=10)
@@ -144,17 +159,21 @@ def _pipelined_iteration(vpp, overrides: dict) -> tuple[dict, dict, list]:
                    num_microbatches=PP_MICROBATCHES, seq_length=cfg.seq_length,
                    micro_batch_size=MBS)
     setup = Setup(cfg, data_parallel_size=WORLD // PP, micro_batch_size=MBS,
-                  num_microbatches=PP_MICROBATCHES)
+                  num_microbatches=PP_MICROBATCHES, grad_reduce_in_bf16=bf16_grads)
     return meter.totals(), _expected(setup, ps.get_pipeline_model_parallel_rank(), logging=True), \
         meter.logging
 
 
-@pytest.mark.parametrize("variant", ["plain", "untied_bf16"])
+PIPELINED = {"plain": ({}, False),
+             "untied_bf16": (dict(untie_embeddings_and_output_weights=True, precision="bf16"),
+                             False),
+             "tied_bf16_grads": (dict(precision="bf16"), True)}
+
+
+@pytest.mark.parametrize("variant", list(PIPELINED))
 @pytest.mark.parametrize("vpp", [None, 2], ids=["1f1b", "interleaved"])
 def test_collective_bytes_of_one_pipelined_iteration(vpp, variant):
-    overrides = {} if variant == "plain" else dict(untie_embeddings_and_output_weights=True,
-                                                   precision="bf16")
-    results = run_distributed(WORLD, _pipelined_iteration, vpp, overrides)
+    results = run_distributed(WORLD, _pipelined_iteration, vpp, *PIPELINED[variant])
     for rank, (measured, expected, logging) in enumerate(results):
         assert measured == expected, f"rank {rank}"
         pipeline = (rank % 2, rank % 2 + 2)  # TP fastest, then DP, then PP

@@ -94,10 +94,12 @@ def _megatron_flops(cfg: TransformerConfig, batch: int) -> float:
                                          + cfg.padded_vocab_size / (2 * l * h))
 
 
+@pytest.mark.parametrize("kv_channels", [None, 96])  # heads 4096 / 32 = 128 wide, or 96
 @pytest.mark.parametrize("groups", [32, 8, 1])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_grouped_query_flops_are_megatrons(groups, activation):
-    cfg = _config(32, 4096, 8, num_query_groups=groups, activation=activation)
+def test_grouped_query_flops_are_megatrons(groups, activation, kv_channels):
+    cfg = _config(32, 4096, 8, num_query_groups=groups, activation=activation,
+                  kv_channels=kv_channels)
     assert training_flops(cfg, 4, None) == pytest.approx(_megatron_flops(cfg, 4), rel=1e-12)
 
 

@@ -95,6 +95,28 @@ def test_modules(cls, sequence_parallel):
     assert torch.equal(module(x), expected)
 
 
+@pytest.mark.parametrize("cls", [FusedLayerNorm, FusedRMSNorm])
+def test_zero_centered_modules_scale_by_one_plus_weight(cls):
+    """``zero_centered_gamma`` (Megatron's ``--apply-layernorm-1p``): the weight starts (and
+    resets) at zeros, keeps ``sequence_parallel``, and the module is the float64 norm with
+    ``1 + weight``, forward and backward (dweight is the gradient of ``1 + weight``)."""
+    hidden, eps = 37, 1e-5
+    module = cls(hidden, eps=eps, sequence_parallel=True, zero_centered_gamma=True)
+    assert (module.weight == 0).all() and "zero_centered_gamma=True" in repr(module)
+    assert all(p.sequence_parallel for p in module.parameters())
+    with torch.no_grad():
+        for i, p in enumerate(module.parameters()):
+            p.copy_(seeded(p.shape, 2 + i, scale=0.3))
+    x = (seeded((3, 5, hidden), 1, scale=2.0) + 3.0).requires_grad_(True)
+    y = module(x)
+    dy = seeded(y.shape, 4)
+    y.backward(dy)
+    grads = [x.grad, *(p.grad for p in module.parameters())]
+    check_norm(x, module.weight.detach() + 1, module.bias, eps, dy, y.detach(), grads)
+    module.reset_parameters()
+    assert (module.weight == 0).all()
+
+
 def test_kernel_fit_decisions():
     def fits(hidden=64, dtype=torch.bfloat16, weight_dtype=None, weight_shape=None, bias=True):
         x = torch.empty(3, hidden, dtype=dtype, device="meta")

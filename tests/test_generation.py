@@ -126,11 +126,11 @@ def _logits_in_pieces(path: str, tokens: torch.Tensor, cuts: list[int], backend:
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "unfused"])
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "llama_head_dim_12"])
 def test_a_cache_fed_in_pieces_gives_the_whole_sequences_logits(converted, tmp_path, family,
                                                                  backend):
-    if family == "llama":
-        _llama(2).save_pretrained(tmp_path / "hf")
+    if family.startswith("llama"):  # heads hidden / heads = 8 wide, or 12 (kv_channels)
+        _llama(2, head_dim=12 if family.endswith("12") else None).save_pretrained(tmp_path / "hf")
         _to_mp(tmp_path / "hf", tmp_path / "mp", 2)
         path = str(tmp_path / "mp")
     else:

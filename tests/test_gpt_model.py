@@ -6,7 +6,7 @@ import contextlib
 import pytest
 import torch
 import torch.distributed as dist
-from checks import assert_rel_close, jit_compiled_on_cpu, own_rank_group
+from checks import assert_rel_close, jit_compiled_on_cpu, own_rank_group, seeded
 from harness import run_distributed
 
 from mp import parallel_state as ps
@@ -97,6 +97,15 @@ VARIANTS = {
     "grouped_query_unfused_rope": {"num_attention_heads": 8, "num_query_groups": 4,
                                    "attention_backend": "unfused",
                                    "position_embedding_type": "rope"},
+    # heads wider than hidden / heads: queries 4 x 24 = 96 wide, the output projection 96 -> 64
+    "kv_channels": {"hidden_size": 64, "kv_channels": 24},
+    "kv_channels_grouped_query_sp": {"hidden_size": 64, "kv_channels": 24,
+                                     "num_attention_heads": 8, "num_query_groups": 4,
+                                     "sequence_parallel": True},
+    "partial_rope_kv_channels_unfused": {"kv_channels": 24, "position_embedding_type": "rope",
+                                         "rotary_percent": 0.5, "attention_backend": "unfused"},
+    "zero_centered_gamma_rms_sp": {"layernorm_zero_centered_gamma": True,
+                                   "normalization": "RMSNorm", "sequence_parallel": True},
 }
 
 
@@ -195,6 +204,41 @@ def _check_grouped_query_is_multi_head_with_shared_keys(groups: int, overrides: 
                          ids=["sdpa", "unfused_rope"])
 def test_grouped_query_is_multi_head_with_shared_keys(groups, overrides):
     run_distributed(1, _check_grouped_query_is_multi_head_with_shared_keys, groups, overrides)
+
+
+def _check_zero_centered_gamma_is_the_plain_model_plus_one(normalization: str):
+    """Zero-centred norms (Megatron's ``--apply-layernorm-1p``) start at zeros; with weights
+    ``w`` they are the plain model with ``w + 1``: loss, logits and every gradient (the norm
+    weights' too: d(1 + w)/dw = 1)."""
+    ps.initialize_model_parallel(1)
+    ids, labels = _batch()
+    centered = _build(_config(1, normalization=normalization,
+                              layernorm_zero_centered_gamma=True), None)
+    plain = _build(_config(1, normalization=normalization), None)
+    norm_weights = [n for n, _ in centered.named_parameters() if n.endswith("layernorm.weight")]
+    assert len(norm_weights) == 2 * 3 + 1
+    params, plain_params = dict(centered.named_parameters()), dict(plain.named_parameters())
+    with torch.no_grad():
+        for i, name in enumerate(norm_weights):
+            assert torch.equal(params[name], torch.zeros(32)), f"{name} does not start at 0"
+            params[name].copy_(seeded((32,), 50 + i, scale=0.3))
+            plain_params[name].copy_(params[name].double() + 1)
+    loss, ref_loss = centered(ids, labels=labels), plain(ids, labels=labels)
+    assert_rel_close(loss, ref_loss, what="loss")
+    loss.sum().backward()
+    ref_loss.sum().backward()
+    for name, p in params.items():
+        assert_rel_close(p.grad, plain_params[name].grad, what=f"grad of {name}")
+    with torch.no_grad():
+        assert_rel_close(centered(ids), plain(ids), what="logits")
+        assert not torch.allclose(centered(ids), _build(_config(1, normalization=normalization),
+                                                        None)(ids)), \
+            "the norm weights had no effect"
+
+
+@pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
+def test_zero_centered_gamma_is_the_plain_model_plus_one(normalization):
+    run_distributed(1, _check_zero_centered_gamma_is_the_plain_model_plus_one, normalization)
 
 
 def _check_sdpa_before_torch_2_5_repeats_the_groups():

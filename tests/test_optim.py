@@ -3,7 +3,10 @@ form, parameter groups, the loss scaler's rule, the global grad norm and clipped
 a tensor-parallel model against a float64 dense model, skipping on inf across ranks, and fp32
 master weights against ``torch.optim.AdamW`` run on the masters."""
 
+import contextlib
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -66,6 +69,37 @@ def test_lr_schedule_matches_closed_form(style, warmup, decay):
         sched.step()
 
 
+@pytest.mark.parametrize("decoupled_min_lr", [None, 1e-4])
+@pytest.mark.parametrize("style", ["cosine", "linear", "inverse-square-root"])
+def test_decoupled_group_follows_its_own_peak_and_final_rate(style, decoupled_min_lr):
+    """Megatron's ``--decoupled-lr``: the group marked ``is_decoupled_lr`` runs the same
+    warm-up and decay from ``decoupled_lr`` to ``decoupled_min_lr`` (default ``min_lr``)."""
+    opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))]},
+                           {"params": [nn.Parameter(torch.zeros(1))], "is_decoupled_lr": True}],
+                          lr=123.0)
+    kw = {"max_lr": 3e-3, "min_lr": 3e-4, "lr_warmup_steps": 10, "lr_decay_steps": 50,
+          "lr_decay_style": style}
+    sched = OptimizerParamScheduler(opt, **kw, decoupled_lr=1e-2,
+                                    decoupled_min_lr=decoupled_min_lr)
+    final = 3e-4 if decoupled_min_lr is None else decoupled_min_lr
+    for n in range(60):
+        base, decoupled = (group["lr"] for group in opt.param_groups)
+        assert base == pytest.approx(closed_form_lr(n, style, 3e-3, 3e-4, 10, 50), rel=1e-12)
+        assert decoupled == pytest.approx(closed_form_lr(n, style, 1e-2, final, 10, 50),
+                                          rel=1e-12), n
+        sched.step()
+    assert decoupled == pytest.approx(final)
+    plain = OptimizerParamScheduler(_sgd(), **kw)
+    with pytest.raises(ValueError, match="decoupled_lr=0.01 here but None in the checkpoint"):
+        sched.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match="marked is_decoupled_lr .* but decoupled_lr=None"):
+        OptimizerParamScheduler(opt, max_lr=3e-3, lr_decay_steps=50)
+    with pytest.raises(ValueError, match=r"decoupled_min_lr=0.5 must lie in \[0, "
+                                         r"decoupled_lr=0.01\]"):
+        OptimizerParamScheduler(opt, max_lr=3e-3, lr_decay_steps=50, decoupled_lr=1e-2,
+                                decoupled_min_lr=0.5)
+
+
 @pytest.mark.parametrize("anneal_style", ["linear", "cosine", "exponential", "minus_sqrt"])
 def test_wsd_schedule_matches_closed_form(anneal_style):
     """Warm-up 10, stable to step 30, then the anneal over the last 20 steps of 50."""
@@ -101,7 +135,8 @@ def test_lr_schedule_resumes_and_checks_hyperparameters():
     other.load_state_dict(sched.state_dict(), use_checkpoint_values=True)
     assert other.get_lr() == sched.get_lr()
     before_wsd = {k: v for k, v in sched.state_dict().items()  # a checkpoint from before WSD
-                  if k not in ("wsd_decay_steps", "lr_wsd_decay_style")}
+                  if k not in ("wsd_decay_steps", "lr_wsd_decay_style", "decoupled_lr",
+                               "decoupled_min_lr")}
     assert resumed.saved_differences(before_wsd) == {}
     with pytest.raises(ValueError, match="lr_decay_steps=4 must be >= 1 and >= lr_warmup_steps=5"):
         OptimizerParamScheduler(_sgd(), max_lr=1.0, lr_warmup_steps=5, lr_decay_steps=4)
@@ -287,22 +322,31 @@ class _GroupStepAdam(torch.optim.Optimizer):
                 p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
 
 
-def _with_fake_apex_adam(path: str) -> dict:
-    """Train 3 steps with optimizer_impl="apex" (a fake apex) and with torch's AdamW, save the
-    apex run, and load it into a fresh apex optimizer and into a torch one."""
-    import sys
-    import types
-
-    from gpt_runs import EPS, LR, assemble, pieces, setup, train_step
-
+@contextlib.contextmanager
+def fake_apex_fused_adam():
+    """Within it (in this rank), ``apex.optimizers.FusedAdam`` is `_GroupStepAdam`."""
     from mp import apex as mp_apex
-    from mp.checkpointing import load_checkpoint, save_checkpoint
 
     module = types.ModuleType("apex.optimizers")
     module.FusedAdam = _GroupStepAdam
     sys.modules.update({"apex": types.ModuleType("apex"), "apex.optimizers": module})
     mp_apex.fused_adam_class.cache_clear()
     try:
+        yield
+    finally:
+        for name in ("apex", "apex.optimizers"):
+            sys.modules.pop(name, None)
+        mp_apex.fused_adam_class.cache_clear()
+
+
+def _with_fake_apex_adam(path: str) -> dict:
+    """Train 3 steps with optimizer_impl="apex" (a fake apex) and with torch's AdamW, save the
+    apex run, and load it into a fresh apex optimizer and into a torch one."""
+    from gpt_runs import EPS, LR, assemble, pieces, setup, train_step
+
+    from mp.checkpointing import load_checkpoint, save_checkpoint
+
+    with fake_apex_fused_adam():
         runs, loaded = {}, {}
         for impl in ("apex", "torch"):
             models, _, scheduler = setup(1, 1, seed=1)
@@ -322,10 +366,6 @@ def _with_fake_apex_adam(path: str) -> dict:
             loaded[impl] = [optimizer.adam_state(s)["step"].item() for s in optimizer.shards]
             ps.destroy_model_parallel()
         return {"runs": runs, "loaded": loaded}
-    finally:
-        for name in ("apex", "apex.optimizers"):
-            sys.modules.pop(name, None)
-        mp_apex.fused_adam_class.cache_clear()
 
 
 def test_apex_fused_adam_trains_like_adamw_and_checkpoints_its_group_step(tmp_path):

@@ -137,3 +137,23 @@ def test_works_as_deepspeed_mpu():
     out = run_distributed(4, _deepspeed_mpu_view, 2, 1)
     assert [o[:4] for o in out] == [(2, 2, True, True)] * 4
     assert [o[4:] for o in out] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+
+
+def _collective_with_a_missing_peer(timeout_s: float) -> str | None:
+    with pytest.raises(ValueError, match="distributed_timeout_minutes=0 must be > 0"):
+        ps.initialize_model_parallel(distributed_timeout_minutes=0)
+    ps.initialize_model_parallel(1, distributed_timeout_minutes=timeout_s / 60)
+    message = None
+    if dist.get_rank() == 0:  # rank 1 stays alive but never joins the all-reduce
+        with pytest.raises(RuntimeError) as error:
+            dist.all_reduce(torch.ones(1), group=ps.get_data_parallel_group())
+        message = str(error.value)
+    dist.barrier()  # over the default group: rank 1 waits here until rank 0 gives up
+    return message
+
+
+def test_a_group_made_with_a_short_timeout_gives_up_on_a_missing_peer():
+    # with the default timeout (10 minutes) rank 0 would still be waiting when the harness
+    # gives up after 60 s, failing the test
+    message, _ = run_distributed(2, _collective_with_a_missing_peer, 2.0, timeout=60)
+    assert "Timed out waiting 2000ms" in message, message

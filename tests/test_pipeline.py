@@ -123,6 +123,9 @@ EPS = 1e-5
 LLAMA = {"num_query_groups": 2, "normalization": "RMSNorm", "activation": "swiglu",
          "position_embedding_type": "rope", "add_bias_linear": False,
          "untie_embeddings_and_output_weights": True}
+# ... with heads 12 wide (hidden 32 / 4 heads would be 8), half of each rotated, 1 + weight norms
+WIDE_HEADS = {**LLAMA, "kv_channels": 12, "rotary_percent": 0.5,
+              "layernorm_zero_centered_gamma": True}
 
 
 def _config(tp=1, pp=1, vpp=None, sp=False, overlap=True, **model) -> TransformerConfig:
@@ -202,7 +205,7 @@ def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int, sp: bool,
             grad_scale_func=optimizer.scale_loss)
         optimizer.step()
         if reported:
-            loss = torch.stack([r["lm loss"] for r in reported]).mean()
+            loss = torch.stack([r["lm loss"][0] / r["lm loss"][1] for r in reported]).mean()
             dist.all_reduce(loss, group=ps.get_data_parallel_group())
             losses.append(loss.item() / dp)
 
@@ -232,6 +235,7 @@ def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int, sp: bool,
     (1, 4, 2, 8, False, False, None),    # PP4 x VPP2 x DP2, interleaved, blocking p2p
     (1, 8, None, 8, False, True, None),  # PP8, 8 micro-batches
     (2, 2, 2, 4, True, True, LLAMA),     # the interleaved SP layout with a Llama-style model
+    (2, 2, None, 4, True, True, WIDE_HEADS),  # TP2 x PP2 x DP2, SP, 1F1B, kv_channels etc.
 ])
 def test_gpt_pipeline_training_matches_single_process(tp, pp, vpp, microbatches, sp, overlap,
                                                       model):
@@ -258,7 +262,7 @@ def _check_forward_only(pp: int, vpp):
         forward_only=True)
     assert all(p.grad is None for chunk in chunks for p in chunk.parameters())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
-        loss = torch.stack([r["lm loss"] for r in reported]).mean()
+        loss = torch.stack([r["lm loss"][0] / r["lm loss"][1] for r in reported]).mean()
         with torch.no_grad():
             assert_rel_close(loss, ref(batch["tokens"], labels=batch["labels"]).mean(),
                              what="validation loss")

@@ -1,7 +1,8 @@
 """The training loop on GPTModel: 20 steps at TP2 x DP2 (with and without sequence
 parallelism) follow the single-process loss and grad-norm curve of the same global batches;
 a non-finite loss stops the run naming the iteration and rank; the FLOPs count equals
-Narayanan et al.'s formula; the log line carries every field."""
+Narayanan et al.'s formula; the log line carries every field; the setup hands the per-token
+loss, bf16 gradient reduction, decoupled LR and zero-count keys on."""
 
 import io
 import math
@@ -124,6 +125,33 @@ def test_nan_loss_stops_the_run_naming_iteration_and_rank():
     assert "this rank's own lm loss is nan" in messages[1]
     assert "another data-parallel rank produced it" in messages[0]
     assert "no checkpoint was saved" in messages[0]  # save_interval unset: only a final save
+
+
+def _setup_of(training: dict, log_num_zeros_in_grad: bool) -> dict:
+    cfg = job(**training)
+    cfg.model.precision, cfg.logging.log_num_zeros_in_grad = "bf16", log_num_zeros_in_grad
+    cfg.validate(dist.get_world_size())
+    ps.initialize_model_parallel(1)
+    model, optimizer, scheduler = setup_model_and_optimizer(cfg)
+    decoupled = [g["lr"] for g in optimizer.param_groups if g.get("is_decoupled_lr")]
+    return {"grads": {m.grad_buffer.dtype for m in model},
+            "scaling": {m.gradient_scaling_factor for m in model},
+            "decoupled": decoupled, "zeros": optimizer.log_num_zeros_in_grad,
+            "schedule": (scheduler.decoupled_lr, scheduler.decoupled_min_lr)}
+
+
+def test_setup_wires_the_megatron_keys():
+    """``setup_model_and_optimizer`` hands the training keys to the pieces that implement them
+    (their behaviour: test_per_token_loss, test_grad_reduce_bf16, test_decoupled_lr,
+    test_params_norm)."""
+    keys = {"calculate_per_token_loss": True, "grad_reduce_in_bf16": True,
+            "decoupled_lr": 1e-2, "decoupled_min_lr": 1e-4}
+    plain, wired = (run_distributed(2, _setup_of, training, bool(training))[0]
+                    for training in ({}, keys))
+    assert plain == {"grads": {torch.float32}, "scaling": {0.5}, "decoupled": [],
+                     "zeros": False, "schedule": (None, None)}
+    assert wired == {"grads": {torch.bfloat16}, "scaling": {1.0}, "decoupled": [0.0],  # warm-up
+                     "zeros": True, "schedule": (1e-2, 1e-4)}
 
 
 @pytest.mark.parametrize("granularity", [None, "full", "selective"])

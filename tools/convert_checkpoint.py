@@ -1,7 +1,8 @@
 """Convert Hugging Face GPT-2 and Llama weights to an mp checkpoint, and back.
 
     python tools/convert_checkpoint.py hf-to-mp --input gpt2/ --output ckpt/gpt2 \\
-        [--tensor-model-parallel-size 2] [--make-vocab-size-divisible-by 128] [--seq-length 1024]
+        [--tensor-model-parallel-size 2] [--make-vocab-size-divisible-by 128] [--seq-length 1024] \\
+        [--apply-layernorm-1p]
     python tools/convert_checkpoint.py mp-to-hf --input ckpt/gpt2 --output gpt2-out/ \\
         [--format safetensors|bin]
 
@@ -28,6 +29,7 @@ Face model's to float rounding.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -117,6 +119,7 @@ def hf_to_mp_command(args) -> None:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         seq_length=args.seq_length)
+    config = dataclasses.replace(config, layernorm_zero_centered_gamma=args.apply_layernorm_1p)
     path = save_global_model(args.output, config, mapping.hf_to_mp(state, config))
     print(f"wrote {path}: {config.num_layers} layers, hidden {config.hidden_size}, vocabulary "
           f"{config.vocab_size} padded to {config.padded_vocab_size}")
@@ -145,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     to_mp.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     to_mp.add_argument("--seq-length", type=int,
                        help="default: n_positions / max_position_embeddings")
+    to_mp.add_argument("--apply-layernorm-1p", action="store_true",
+                       help="an mp model whose norms scale by 1 + weight (the weights are "
+                            "stored minus 1)")
     to_mp.set_defaults(run=hf_to_mp_command)
     to_hf = commands.add_parser("mp-to-hf", help="mp checkpoint -> Hugging Face GPT-2 or Llama")
     to_hf.add_argument("--input", required=True, help="mp checkpoint or save directory")

@@ -58,6 +58,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab-file")
     p.add_argument("--merge-file")
     p.add_argument("--tokenizer-model")
+    p.add_argument("--vocab-size", type=int, help="NullTokenizer: ids below it")
     return p.parse_args(argv)
 
 
@@ -73,7 +74,8 @@ def tokenizer_args(args: argparse.Namespace, job_config: dict | None) -> dict:
             "vocab_file": args.vocab_file or data.get("vocab_file"),
             "merge_file": args.merge_file or data.get("merge_file"),
             "tokenizer_model": args.tokenizer_model or data.get("tokenizer_model"),
-            "eod_token": data.get("eod_token")}
+            "eod_token": data.get("eod_token"),
+            "vocab_size": args.vocab_size or data.get("vocab_size")}
 
 
 def generation_config(saved: dict, tp: int) -> TransformerConfig:

@@ -62,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "GPTSentencePieceTokenizer: the .model file",
     )
     group.add_argument(
+        "--vocab-size",
+        type=int,
+        help="NullTokenizer: the input is token ids below this; the eod id is this value",
+    )
+    group.add_argument(
         "--append-eod", action="store_true", help="end every document with the tokenizer's eod id"
     )
     group = parser.add_argument_group("output data")
@@ -90,7 +95,11 @@ def main(argv=None) -> int:
     try:
         paths = expand_inputs(args.input)
         tokenizer = build_tokenizer(
-            args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model
+            args.tokenizer_type,
+            args.vocab_file,
+            args.merge_file,
+            args.tokenizer_model,
+            vocab_size=args.vocab_size,
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

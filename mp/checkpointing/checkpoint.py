@@ -84,8 +84,9 @@ FORMAT, VERSION = "mp-checkpoint", 1
 #: Model fields that two checkpoints of "the same model" share (the rest, such as dropout,
 #: precision and the parallel layout, may change between save and load).
 ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                "ffn_hidden_size", "vocab_size", "max_position_embeddings", "normalization",
-                "activation", "position_embedding_type", "add_bias_linear",
+                "kv_channels", "ffn_hidden_size", "vocab_size", "max_position_embeddings",
+                "normalization", "layernorm_zero_centered_gamma", "activation",
+                "position_embedding_type", "rotary_percent", "add_bias_linear",
                 "untie_embeddings_and_output_weights")
 
 
@@ -269,7 +270,10 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
 
 
 def _architecture_problems(saved: dict, config: TransformerConfig) -> list[str]:
-    saved = {"num_query_groups": saved.get("num_attention_heads"), **saved}  # older checkpoints
+    heads = saved["num_attention_heads"]
+    saved = {"num_query_groups": heads, "kv_channels": saved["hidden_size"] // heads,
+             "rotary_percent": 1.0, "layernorm_zero_centered_gamma": False,
+             **saved}  # older checkpoints lack these: they were the defaults
     return [f"model.{name}={saved.get(name)!r} in the checkpoint but {getattr(config, name)!r} "
             "here" for name in ARCHITECTURE if saved.get(name) != getattr(config, name)]
 

@@ -13,6 +13,10 @@ writes the files. What differs between the two:
   GPT-2 has exactly ``vocab_size``.
 - The MLP activation: GPT-2's ``gelu_new`` (also named ``gelu_pytorch_tanh``, ``gelu_fast``:
   the same tanh approximation) is mp's ``activation="gelu_tanh"``; ``gelu`` is the exact one.
+- A zero-centred mp model (``layernorm_zero_centered_gamma``) stores each LayerNorm weight
+  minus 1 (`mp.checkpointing.hf_tensors.shift_norm_weights`).
+
+GPT-2's heads are ``n_embd / n_head`` wide: an mp model with another ``kv_channels`` is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from mp.checkpointing.hf_tensors import (
     check_keys,
     check_output_layer,
     pad_rows,
+    shift_norm_weights,
 )
 from mp.model.config import TransformerConfig
 
@@ -73,9 +78,11 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
 def hf_config(config: TransformerConfig) -> dict:
     """A GPT-2 ``config.json`` for mp model ``config``; ValueError for an mp model GPT-2
     cannot express."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
     needs = {"normalization": ("LayerNorm",), "activation": tuple(_HF_ACTIVATION),
              "position_embedding_type": ("learned_absolute",), "add_bias_linear": (True,),
-             "num_query_groups": (config.num_attention_heads,)}  # GPT-2 has one key per head
+             "num_query_groups": (heads,),  # GPT-2 has one key per head
+             "kv_channels": (hidden // heads,) if hidden % heads == 0 else ()}
     check_expressible(config, needs, "GPT-2")
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": config.vocab_size, "n_positions": config.max_position_embeddings,
@@ -127,7 +134,7 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
             weight = hf[f"{src}{hf_name}.weight"]
             mp[f"{dst}{mp_name}.weight"] = weight.t() if conv1d else weight
             mp[f"{dst}{mp_name}.bias"] = hf[f"{src}{hf_name}.bias"]
-    return {k: v.contiguous().clone() for k, v in mp.items()}
+    return shift_norm_weights({k: v.contiguous().clone() for k, v in mp.items()}, config, -1.0)
 
 
 def mp_to_hf(weights: dict[str, torch.Tensor],
@@ -145,7 +152,7 @@ def mp_to_hf(weights: dict[str, torch.Tensor],
         "embedding.word_embeddings.weight", "embedding.position_embeddings.weight",
         "decoder.final_layernorm.weight", "decoder.final_layernorm.bias",
         *(() if tied else ("output_layer.weight",))}, "mp checkpoint")
-    w = {k: v.contiguous() for k, v in weights.items()}
+    w = {k: v.contiguous() for k, v in shift_norm_weights(weights, config, 1.0).items()}
     hf = {"transformer.wte.weight": w["embedding.word_embeddings.weight"][:vocab],
           "transformer.wpe.weight": w["embedding.position_embeddings.weight"]}
     for i in range(config.num_layers):

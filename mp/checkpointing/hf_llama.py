@@ -14,9 +14,13 @@ differs between the two:
 - mp pads the vocabulary to ``padded_vocab_size`` rows (zeros, never a target).
 
 Llama 3.1's RoPE scaling (``rope_type: llama3``, the factor free, the other constants
-Meta's) is mp's ``use_rope_scaling`` and ``rope_scaling_factor``. What mp cannot express is
-refused by name: other RoPE scalings (linear, dynamic, YaRN, ...), biases, a ``head_dim`` other than ``hidden_size / num_attention_heads``, an
-activation other than SiLU.
+Meta's) is mp's ``use_rope_scaling`` and ``rope_scaling_factor``; ``head_dim`` is mp's
+``kv_channels`` (``hidden_size / num_attention_heads`` when absent). A zero-centred mp model
+(``layernorm_zero_centered_gamma``) stores each norm weight minus 1
+(`mp.checkpointing.hf_tensors.shift_norm_weights`). What one side cannot express is refused
+by name: other RoPE scalings (linear, dynamic, YaRN, ...), biases, an activation other than
+SiLU; an mp model that rotates part of each head (``rotary_percent < 1``; Llama rotates whole
+heads).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from mp.checkpointing.hf_tensors import (
     check_keys,
     check_output_layer,
     pad_rows,
+    shift_norm_weights,
 )
 from mp.model.config import TransformerConfig
 
@@ -72,12 +77,13 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
     """The mp model of a Llama ``config.json``; ValueError for what mp cannot express."""
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     for key, value in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
-                       ("head_dim", hidden // heads), ("pretraining_tp", 1)):
+                       ("pretraining_tp", 1)):
         if hf.get(key, value) != value:
             raise ValueError(f"{key}={hf[key]!r}: mp's Llama needs {key}={value!r}")
     positions = hf["max_position_embeddings"]
     return TransformerConfig(
         num_layers=hf["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
+        kv_channels=hf.get("head_dim") or hidden // heads,
         num_query_groups=hf.get("num_key_value_heads") or heads,
         vocab_size=hf["vocab_size"], seq_length=seq_length or positions,
         max_position_embeddings=positions, ffn_hidden_size=hf["intermediate_size"],
@@ -96,7 +102,7 @@ def hf_config(config: TransformerConfig) -> dict:
     """A Llama ``config.json`` for mp model ``config``; ValueError for an mp model Llama
     cannot express."""
     check_expressible(config, {"normalization": ("RMSNorm",), "activation": ("swiglu",),
-                               "position_embedding_type": ("rope",),
+                               "position_embedding_type": ("rope",), "rotary_percent": (1.0,),
                                "add_bias_linear": (False,)}, "Llama")
     scaling = {"rope_scaling": {"rope_type": "llama3", "factor": config.rope_scaling_factor,
                                 **_LLAMA3_SCALING}} if config.use_rope_scaling else {}
@@ -150,7 +156,7 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
             *(hf[f"{src}{name}.weight"] for name in _QKV), config.num_query_groups)
         for hf_name, mp_name in _LAYER_PAIRS:
             mp[f"{dst}{mp_name}.weight"] = hf[f"{src}{hf_name}.weight"]
-    return {k: v.contiguous().clone() for k, v in mp.items()}
+    return shift_norm_weights({k: v.contiguous().clone() for k, v in mp.items()}, config, -1.0)
 
 
 def mp_to_hf(weights: dict[str, torch.Tensor],
@@ -160,6 +166,7 @@ def mp_to_hf(weights: dict[str, torch.Tensor],
     hf_config(config)  # raises for models Llama cannot express
     tied = not config.untie_embeddings_and_output_weights
     vocab = config.vocab_size
+    weights = shift_norm_weights(weights, config, 1.0)
     check_keys(set(weights), {
         "embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
         *(() if tied else ("output_layer.weight",))} | {

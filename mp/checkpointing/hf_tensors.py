@@ -1,6 +1,6 @@
 """What the Hugging Face converters (`mp.checkpointing.hf_gpt2`, `hf_llama`) share: the
-padded vocabulary rows, and the checks of a state dict's names, its output layer and the
-model an mp config describes."""
+padded vocabulary rows, zero-centred norm weights, and the checks of a state dict's names,
+its output layer and the model an mp config describes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,20 @@ from mp.model.config import TransformerConfig
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """``t`` with zero rows appended up to ``rows`` (mp's padded vocabulary; never a target)."""
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def shift_norm_weights(weights: dict[str, torch.Tensor], config: TransformerConfig,
+                       shift: float) -> dict[str, torch.Tensor]:
+    """``weights`` (mp's global names) with ``shift`` added to each norm weight
+    (``*layernorm.weight``) when ``config.layernorm_zero_centered_gamma``, else unchanged.
+
+    Hugging Face's norms scale by their weight, a zero-centred mp norm by ``1 + weight``:
+    mp's weight is Hugging Face's ``- 1`` (``shift=-1``) and back (``+1``). For Hugging Face
+    weights in [0.5, 2] the subtraction is exact (Sterbenz's lemma), so their round trip
+    through mp is bitwise."""
+    if not config.layernorm_zero_centered_gamma:
+        return weights
+    return {k: v + shift if k.endswith("layernorm.weight") else v for k, v in weights.items()}
 
 
 def check_keys(got: set[str], expected: set[str], what: str) -> None:

@@ -82,7 +82,9 @@ class JobConfig:
         """The rules that need the world size (each section checked itself when built): TP x PP
         divides it, micro-batch x DP divides every global batch size of the run, with virtual
         pipeline stages the micro-batches are a multiple of PP (Megatron's interleaved
-        schedule), and a run counted in samples holds at least one iteration."""
+        schedule), a run counted in samples holds at least one iteration,
+        ``training.grad_reduce_in_bf16`` goes with a bf16 model, and DeepSpeed jobs do not
+        ask for the norms and counts only mp's optimizer measures."""
         schedule = self.batch_schedule(world_size)
         pp = self.model.pipeline_model_parallel_size
         step = schedule.micro_batch_size * schedule.data_parallel_size
@@ -100,6 +102,15 @@ class JobConfig:
             raise ConfigError(
                 f"training.train_samples={self.training.train_samples} holds no whole iteration "
                 f"(the first takes {schedule.global_batch_size_at(0)} samples)")
+        if self.training.grad_reduce_in_bf16 and self.model.precision != "bf16":
+            raise ConfigError(f"training.grad_reduce_in_bf16=true needs model.precision='bf16' "
+                              f"(got {self.model.precision!r}): fp32 and fp16 runs reduce "
+                              "their gradients in fp32")
+        for name in ("log_params_norm", "log_num_zeros_in_grad"):
+            if self.training.deepspeed and getattr(self.logging, name):
+                raise ConfigError(f"logging.{name}=true is not supported with "
+                                  "training.deepspeed=true (DeepSpeed's engine holds the "
+                                  "gradients and optimizer state); drop one of them")
 
     # --- plain data ------------------------------------------------------------------------
 

@@ -56,11 +56,12 @@ def load_config(path: str | None, overrides: Sequence[str] = (),
 #: What ``training.use_checkpoint_args`` takes from the checkpoint: the architecture (the
 #: fields a load checks), the functions' constants, the vocabulary padding and the sequence.
 CHECKPOINT_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                   "ffn_hidden_size", "vocab_size", "max_position_embeddings", "normalization",
-                   "activation", "position_embedding_type", "add_bias_linear",
+                   "kv_channels", "ffn_hidden_size", "vocab_size", "max_position_embeddings",
+                   "normalization", "layernorm_zero_centered_gamma", "activation",
+                   "position_embedding_type", "add_bias_linear",
                    "untie_embeddings_and_output_weights", "layernorm_epsilon", "rotary_base",
-                   "use_rope_scaling", "rope_scaling_factor", "make_vocab_size_divisible_by",
-                   "seq_length")
+                   "rotary_percent", "use_rope_scaling", "rope_scaling_factor",
+                   "make_vocab_size_divisible_by", "seq_length")
 
 
 def _take_checkpoint_args(sections: dict, training: dict) -> None:
@@ -129,7 +130,7 @@ def _tokenizer_vocab_size(data_section: dict | None) -> int:
         tokenizer = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
                                     merge_file=data.merge_file,
                                     tokenizer_model=data.tokenizer_model,
-                                    eod_token=data.eod_token)
+                                    eod_token=data.eod_token, vocab_size=data.vocab_size)
     except (ValueError, OSError, ImportError) as error:
         raise ConfigError(f"model.vocab_size is not set, so it is read from the tokenizer "
                           f"({data.tokenizer_type}), which could not be built: {error}") from error

@@ -196,6 +196,11 @@ class TrainingConfig(_Section):
             raise ConfigError("training.deepspeed=true with training.finetune=true: not "
                               "supported (a DeepSpeed job resumes its own checkpoints whole); "
                               "fine-tune without --deepspeed")
+        for name in ("calculate_per_token_loss", "decoupled_lr", "grad_reduce_in_bf16"):
+            if self.deepspeed and getattr(self, name) not in (False, None):
+                raise ConfigError(f"training.deepspeed=true with training.{name}="
+                                  f"{getattr(self, name)!r}: not supported (mp's own data "
+                                  "parallelism and optimizer implement it); drop one of them")
         if self.finetune and self.load is None:
             raise ConfigError("training.finetune=true needs training.load (the checkpoint whose "
                               "weights the run starts from)")
@@ -311,6 +316,18 @@ class DataConfig(_Section):
         self._one_of("tokenizer_type", TOKENIZER_TYPES)
         self._at_least("num_workers", 0)
         self._at_least("vocab_size", 1, optional=True)
+        null = self.tokenizer_type == "NullTokenizer"
+        if self.vocab_size is not None and not null:
+            raise ConfigError(f"data.vocab_size={self.vocab_size} is for tokenizer_type "
+                              f"NullTokenizer only; data.tokenizer_type={self.tokenizer_type!r} "
+                              "has its own vocabulary (set model.vocab_size to change the model's)")
+        if null and self.vocab_size is None:
+            raise ConfigError("data.tokenizer_type='NullTokenizer' needs data.vocab_size (ids "
+                              "0..V-1; V is the end-of-document id)")
+        if null and not self.mock_data and list(self.data_path) == [BUILTIN_DATA_PATH]:
+            raise ConfigError("data.tokenizer_type='NullTokenizer' reads token ids, and the "
+                              f"data.data_path={BUILTIN_DATA_PATH!r} corpus is text: give a "
+                              "data_path preprocessed with it, or data.mock_data")
         if self.mock_data and (self.reset_position_ids or self.reset_attention_mask):
             raise ConfigError("data.reset_position_ids / reset_attention_mask need documents; "
                               "data.mock_data=true has none")
@@ -344,4 +361,7 @@ class LoggingConfig(_Section):
         if self.profile_step_end <= self.profile_step_start:
             raise ConfigError(f"logging.profile_step_end={self.profile_step_end!r} must be "
                               f"after logging.profile_step_start={self.profile_step_start!r}")
+        if self.profile and self.use_pytorch_profiler and self.tensorboard_dir is None:
+            raise ConfigError("logging.use_pytorch_profiler=true writes its trace into "
+                              "logging.tensorboard_dir (as Megatron does), which is not set")
         self._one_of("progress", ("auto", True, False))

@@ -30,6 +30,7 @@ from mp.data.indexed_dataset import IndexedDataset
 SPLIT_NAMES = ("train", "valid", "test")
 _BLEND_MARGIN = 0.005
 _NUMBER = re.compile(r"^\s*(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$")
+_QUOTED = re.compile(r"""^\s*(['"])(.*)\1\s*$""")
 
 
 def parse_data_path(data_path: Sequence[str]) -> tuple[list[str], list[float] | None]:
@@ -52,12 +53,17 @@ def parse_data_path(data_path: Sequence[str]) -> tuple[list[str], list[float] | 
 
 
 def parse_split(split: str) -> list[float]:
-    """``"969,30,1"`` -> normalized ``[train, valid, test]`` fractions (missing ones are 0)."""
-    parts = re.split(r"[,/]", split)
+    """``"969,30,1"`` -> normalized ``[train, valid, test]`` fractions (missing ones are 0).
+
+    Numbers are separated by commas or slashes; quotes around the whole value are ignored, since
+    Megatron's example scripts pass ``--split '99,1,0'`` from an unquoted bash array and
+    Megatron picks the numbers out of whatever it gets."""
+    quoted = _QUOTED.match(split)
+    parts = re.split(r"[,/]", quoted.group(2) if quoted else split)
     if not 1 <= len(parts) <= 3 or not all(_NUMBER.match(p) for p in parts):
         raise ValueError(
-            f"split={split!r} must be 1 to 3 non-negative numbers separated by commas, "
-            "e.g. '969,30,1'"
+            f"split={split!r} must be 1 to 3 non-negative numbers separated by commas or "
+            "slashes, e.g. '969,30,1'"
         )
     values = [float(p) for p in parts] + [0.0] * (3 - len(parts))
     if sum(values) <= 0:
@@ -88,9 +94,12 @@ def build_gpt_datasets(
     eod_mask_loss: bool = False,
     path_to_cache: str | None = None,
     group: dist.ProcessGroup | None = None,
+    mmap_bin_files: bool = True,
 ) -> tuple[torch.utils.data.Dataset | None, ...]:
     """``(train, valid, test)``, each a `GPTDataset`, a `BlendedDataset` or None (see the module
-    doc); items are `GPTDataset` dicts of ``[seq_length]`` tensors.
+    doc); items are `GPTDataset` dicts of ``[seq_length]`` tensors. ``mmap_bin_files=False``
+    reads the ``.bin`` files with plain reads instead of mapping them (`IndexedDataset`'s
+    ``mmap``).
 
     Collective over ``group`` under ``torch.distributed`` (index caches are built by its rank 0
     while the others wait): call it on every rank of the group.
@@ -106,7 +115,7 @@ def build_gpt_datasets(
             raise FileNotFoundError(
                 f"data_path prefix {prefix!r}: no {prefix}.bin and {prefix}.idx"
             )
-    indexed = [IndexedDataset(p) for p in prefixes]
+    indexed = [IndexedDataset(p, mmap=mmap_bin_files) for p in prefixes]
     ranges = [split_document_ranges(split, len(d)) for d in indexed]
     options = {
         "seq_length": seq_length,

@@ -21,7 +21,10 @@ and data written here loads in Megatron-LM:
     ======  =========================  ==================================================
 
 `IndexedDataset` maps both files; reading a sequence is two array lookups and a zero-copy
-``numpy.frombuffer`` over the mapping, so it is O(1) and nothing reads the whole file.
+``numpy.frombuffer`` over the mapping, so it is O(1) and nothing reads the whole file. With
+``mmap=False`` (Megatron's ``--no-mmap-bin-files``, for file systems where mapping large files
+is slow or unsupported) the ``.bin`` is not mapped: each sequence is read from the file with one
+plain read into a new array, as Megatron's ``_FileBinReader`` does; the values are the same.
 `IndexedDatasetBuilder` keeps Megatron's API (``add_item``, ``end_document``, ``add_document``,
 ``add_index``, ``finalize``) and fixes one of its warts: it writes under temporary names and
 renames on ``finalize``, so an interrupted build never leaves a partial file under the final name.
@@ -91,19 +94,21 @@ def _map_read_only(path: str) -> np.ndarray:
 
 
 class IndexedDataset(torch.utils.data.Dataset):
-    """The sequences of a ``.bin`` / ``.idx`` pair, memory-mapped.
+    """The sequences of a ``.bin`` / ``.idx`` pair, memory-mapped (the ``.bin`` read with plain
+    file reads instead when ``mmap`` is False).
 
-    ``dataset[i]`` is sequence ``i`` as a read-only numpy view ``[sequence_lengths[i]]`` in
-    `dtype`; ``dataset[a:b]`` is a list of such views; ``get(i, offset, length)`` is a slice of one
-    sequence. The dataset pickles as its path (DataLoader workers re-map the files).
+    ``dataset[i]`` is sequence ``i`` as a numpy array ``[sequence_lengths[i]]`` in `dtype` (a
+    read-only view of the mapping, or a new array when not mapped); ``dataset[a:b]`` is a list of
+    them; ``get(i, offset, length)`` is a slice of one sequence. The dataset pickles as its path
+    and ``mmap`` (DataLoader workers re-open the files).
     """
 
-    def __init__(self, path_prefix: str) -> None:
+    def __init__(self, path_prefix: str, mmap: bool = True) -> None:
         super().__init__()
-        self._open(path_prefix)
+        self._open(path_prefix, mmap)
 
-    def _open(self, path_prefix: str) -> None:
-        self.path_prefix = path_prefix
+    def _open(self, path_prefix: str, mmap: bool) -> None:
+        self.path_prefix, self.mmap = path_prefix, mmap
         idx_path, bin_path = get_idx_path(path_prefix), get_bin_path(path_prefix)
         for path in (idx_path, bin_path):
             if not os.path.isfile(path):
@@ -141,22 +146,23 @@ class IndexedDataset(torch.utils.data.Dataset):
                 f"{idx_path}: document indices must run from 0 to the sequence count {n}, got "
                 f"{self.document_indices[:1].tolist()}...{self.document_indices[-1:].tolist()}"
             )
-        self._bin = _map_read_only(bin_path)
         end = 0  # the byte after the last sequence
         if n:
             last_length = int(self.sequence_lengths[-1])
             end = int(self.sequence_pointers[-1]) + last_length * self.dtype.itemsize
-        if self._bin.nbytes != end:
+        bin_bytes = os.path.getsize(bin_path)
+        if bin_bytes != end:
             raise ValueError(
-                f"{bin_path}: {self._bin.nbytes} bytes, but its index {idx_path} ends the last "
+                f"{bin_path}: {bin_bytes} bytes, but its index {idx_path} ends the last "
                 f"sequence at byte {end} (the pair was not written together)"
             )
+        self._bin = _map_read_only(bin_path) if mmap else None
 
-    def __getstate__(self) -> str:
-        return self.path_prefix
+    def __getstate__(self) -> tuple[str, bool]:
+        return self.path_prefix, self.mmap
 
-    def __setstate__(self, path_prefix: str) -> None:
-        self._open(path_prefix)
+    def __setstate__(self, state: tuple[str, bool]) -> None:
+        self._open(*state)
 
     def __len__(self) -> int:
         """The number of sequences."""
@@ -178,7 +184,7 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens ``[offset, offset + length)`` of sequence ``idx`` (to its end when ``length``
-        is None): a read-only view ``[length]`` into the mapped ``.bin``."""
+        is None): ``[length]``, a read-only view into the mapped ``.bin``, or read from it."""
         size = int(self.sequence_lengths[idx])
         if length is None:
             length = size - offset
@@ -187,6 +193,8 @@ class IndexedDataset(torch.utils.data.Dataset):
                 f"tokens [{offset}, {offset + length}) are outside sequence {idx} of length {size}"
             )
         pointer = int(self.sequence_pointers[idx]) + offset * self.dtype.itemsize
+        if self._bin is None:
+            return np.fromfile(get_bin_path(self.path_prefix), self.dtype, length, offset=pointer)
         return np.frombuffer(self._bin, self.dtype, length, pointer)
 
     @staticmethod

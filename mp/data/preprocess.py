@@ -9,9 +9,10 @@ is written per key, named like Megatron's ``tools/preprocess_data.py`` does:
 The main process reads raw lines in chunks; workers (forked, so the tokenizer is shared
 without pickling) decode, parse and tokenize them; results come back in input order, so the
 output does not depend on the number of workers. Blank lines are passed over. Bad input — a
-line that is not UTF-8 or not a JSON object, a missing key, a value that is not a string, an
-empty file — raises `InputError` naming the file and line, or, with ``skip_bad_input``, is
-skipped and counted by reason. Documents that tokenize to nothing are dropped and counted.
+line that is not UTF-8 or not a JSON object, a missing key, a value that is not a string, text
+the tokenizer refuses (``NullTokenizer``'s, when it is not integer ids), an empty file —
+raises `InputError` naming the file and line, or, with ``skip_bad_input``, is skipped and
+counted by reason. Documents that tokenize to nothing are dropped and counted.
 Outputs are written under temporary names and renamed at the end, so a failed run leaves no
 file under the final names.
 """
@@ -140,6 +141,14 @@ class _Encoder:
             texts[key] = obj[key]
         return texts
 
+    def tokenize(self, text: str, record: _Record) -> list[int]:
+        """The ids of ``text``, or raise ``_BadRecord`` for text the tokenizer refuses
+        (``NullTokenizer``'s: anything but integer ids in range)."""
+        try:
+            return self.tokenizer.tokenize(text)
+        except ValueError as error:
+            raise _BadRecord("not tokenizable", f"{record.path}:{record.line}: {error}") from None
+
     def encode(self, records: list) -> _Encoded:
         tokens = {key: [] for key in self.keys}
         lengths = {key: [] for key in self.keys}
@@ -148,13 +157,13 @@ class _Encoder:
             if not (record.raw.strip() or record.empty_file):
                 continue  # a blank line
             try:
-                texts = self.texts(record)
+                encoded = {key: self.tokenize(text, record)
+                           for key, text in self.texts(record).items()}
             except _BadRecord as error:
                 bad.append(error.args)
                 continue
             documents += 1
-            for key, text in texts.items():
-                ids = self.tokenizer.tokenize(text)
+            for key, ids in encoded.items():
                 if not ids:
                     empty += 1
                     continue

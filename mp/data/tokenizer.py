@@ -14,6 +14,8 @@ merging itself is done by the maintained libraries (``tokenizers``, ``sentencepi
 - ``GPTSentencePieceTokenizer`` (``tokenizer_model``): a SentencePiece ``.model``; eod is its
   eos (``</s>``) id.
 - ``ByteLevelTokenizer`` (no files): ids 0..255 are the UTF-8 bytes, eod is 256, vocab_size 257.
+- ``NullTokenizer`` (``vocab_size`` V, no files): the text is already token ids, written as
+  integers separated by whitespace; eod is V and vocab_size V + 1.
 """
 
 from __future__ import annotations
@@ -75,6 +77,47 @@ class ByteLevelTokenizer(Tokenizer):
             bad = values[(values < 0) | (values > 255)][0]
             raise ValueError(f"id {bad} is not a byte (0..255) nor the eod id {self.EOD_ID}")
         return values.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+class NullTokenizer(Tokenizer):
+    """Megatron's ``NullTokenizer`` (``--tokenizer-type NullTokenizer --vocab-size V``), for data
+    that is token ids already: ``tokenize("5 0 17")`` is ``[5, 0, 17]``, ``detokenize`` joins the
+    ids with single spaces; ids lie in ``0..V``, where V is the eod id, so ``vocab_size`` is
+    V + 1.
+
+    Megatron splits the text on single spaces only; here any run of whitespace separates ids (a
+    trailing newline is no error), and an id outside ``0..V`` is an error instead of an
+    out-of-range embedding lookup later.
+    """
+
+    def __init__(self, vocab_size: int | None) -> None:
+        if not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"NullTokenizer needs vocab_size (the number of ids before its eod "
+                             f"id) as an integer >= 1, got {vocab_size!r}")
+        self._eod = vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self._eod + 1
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    def tokenize(self, text: str) -> list[int]:
+        try:
+            ids = [int(word) for word in text.split()]
+        except ValueError as error:
+            raise ValueError(f"NullTokenizer reads integer ids separated by whitespace: "
+                             f"{error}") from None
+        bad = next((i for i in ids if not 0 <= i <= self._eod), None)
+        if bad is not None:
+            raise ValueError(f"NullTokenizer: id {bad} is outside 0..{self._eod} (vocab_size "
+                             f"{self._eod} and the eod id {self._eod})")
+        return ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
 
 
 class _HFTokenizerBase(Tokenizer):
@@ -201,6 +244,7 @@ TOKENIZER_TYPES = (
     "HuggingFaceTokenizer",
     "GPTSentencePieceTokenizer",
     "ByteLevelTokenizer",
+    "NullTokenizer",
 )
 
 
@@ -210,6 +254,7 @@ def build_tokenizer(
     merge_file: str | None = None,
     tokenizer_model: str | None = None,
     eod_token: str | None = None,
+    vocab_size: int | None = None,
 ) -> Tokenizer:
     """The tokenizer named by Megatron's ``--tokenizer-type`` (see the module table).
 
@@ -221,12 +266,14 @@ def build_tokenizer(
         "merge_file": merge_file,
         "tokenizer_model": tokenizer_model,
         "eod_token": eod_token,
+        "vocab_size": vocab_size,
     }
     takes = {
         "GPT2BPETokenizer": ("vocab_file", "merge_file"),
         "HuggingFaceTokenizer": ("tokenizer_model", "eod_token"),
         "GPTSentencePieceTokenizer": ("tokenizer_model",),
         "ByteLevelTokenizer": (),
+        "NullTokenizer": ("vocab_size",),
     }
     if tokenizer_type not in takes:
         raise ValueError(
@@ -248,6 +295,8 @@ def build_tokenizer(
         return HuggingFaceTokenizer(tokenizer_model, eod_token)
     if tokenizer_type == "GPTSentencePieceTokenizer":
         return GPTSentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type == "NullTokenizer":
+        return NullTokenizer(vocab_size)
     return ByteLevelTokenizer()
 
 

@@ -1,11 +1,14 @@
-"""Data parallelism: fp32 gradient buckets, all-reduced over the data-parallel group.
+"""Data parallelism: fp32 (or bf16) gradient buckets, all-reduced over the data-parallel group.
 
 Megatron-Core's ``DistributedDataParallel`` idea, plainly:
 
 - Every trainable parameter gets ``param.main_grad``, an fp32 view into one contiguous buffer.
   After autograd accumulates a parameter's gradient, a post-accumulate-grad hook adds it to
   ``main_grad`` and frees ``param.grad``, so gradients sum in fp32 across micro-batches
-  whatever the parameter dtype (bf16 and fp16 included).
+  whatever the parameter dtype (bf16 and fp16 included). ``grad_dtype=torch.bfloat16``
+  (Megatron's ``--grad-reduce-in-bf16``, for a bf16 model) makes the buffer bf16 instead:
+  gradients then accumulate and are reduced in bf16, half the bytes on the wire; the
+  optimizer casts them to fp32 before its step.
 - The buffer is cut into buckets of about ``bucket_size`` elements, in reverse parameter order
   (roughly the order backward produces gradients). A bucket is all-reduced as one tensor.
 - ``overlap_grad_reduce``: during the backward of the micro-batch that synchronises, a
@@ -18,6 +21,9 @@ Megatron-Core's ``DistributedDataParallel`` idea, plainly:
   the last micro-batch's backward.
 - Averaging: each bucket is multiplied by ``1 / DP`` before a SUM all-reduce, so ``main_grad``
   holds the data-parallel mean (the loss of each rank being a mean over its own samples).
+  With ``calculate_per_token_loss`` the buckets are summed as they are (each rank's loss is a
+  sum over its tokens) and `mp.distributed.finalize_model_grads` divides by the global token
+  count through `scale_gradients`.
 
 With one data-parallel rank nothing is communicated and no readiness is tracked; only the
 accumulation into ``main_grad`` remains (which mixed precision needs anyway).
@@ -91,11 +97,17 @@ class DistributedDataParallel(nn.Module):
             then share one dtype.
         overlap_param_gather: with the distributed optimizer, run the parameter all-gathers
             asynchronously and wait for them module by module in the next forward.
+        calculate_per_token_loss: sum the gradients over data parallel instead of averaging
+            them (module doc).
+        grad_dtype: the dtype of ``main_grad`` and of the reduction: fp32, or bf16 (module
+            doc).
     """
 
     def __init__(self, module: nn.Module, *, data_parallel_group=None,
                  overlap_grad_reduce: bool = True, bucket_size: int | None = DEFAULT_BUCKET_SIZE,
-                 use_distributed_optimizer: bool = False, overlap_param_gather: bool = False):
+                 use_distributed_optimizer: bool = False, overlap_param_gather: bool = False,
+                 calculate_per_token_loss: bool = False,
+                 grad_dtype: torch.dtype = torch.float32):
         super().__init__()
         if bucket_size is not None and bucket_size < 1:
             raise ValueError(f"bucket_size={bucket_size} must be a positive number of elements "
@@ -108,6 +120,8 @@ class DistributedDataParallel(nn.Module):
         self.overlap_grad_reduce = overlap_grad_reduce
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_param_gather = overlap_param_gather and use_distributed_optimizer
+        self.gradient_scaling_factor = 1.0 if calculate_per_token_loss else \
+            1.0 / self.data_parallel_size
         params = [p for p in module.parameters() if p.requires_grad][::-1]
         if not params:
             raise ValueError("DistributedDataParallel: the module has no trainable parameters")
@@ -117,7 +131,7 @@ class DistributedDataParallel(nn.Module):
         self.param_range: dict[nn.Parameter, tuple[int, int]] = {}
         self.buckets = self._plan_buckets(params, bucket_size)
         size = self.buckets[-1].end
-        self.grad_buffer = torch.zeros(size, dtype=torch.float32, device=params[0].device)
+        self.grad_buffer = torch.zeros(size, dtype=grad_dtype, device=params[0].device)
         for param, (start, end) in self.param_range.items():
             param.main_grad = self.grad_buffer[start:end].view_as(param)
         for bucket in self.buckets:
@@ -205,7 +219,8 @@ class DistributedDataParallel(nn.Module):
                 self._launch(self.buckets[self._next_to_launch])
 
     def _launch(self, bucket: Bucket) -> None:
-        bucket.data.mul_(1.0 / self.data_parallel_size)
+        if self.gradient_scaling_factor != 1.0:
+            bucket.data.mul_(self.gradient_scaling_factor)
         if bucket.all_reduce:
             bucket.handle = dist.all_reduce(bucket.data, group=self.data_parallel_group,
                                             async_op=True)
@@ -234,7 +249,8 @@ class DistributedDataParallel(nn.Module):
 
     def finish_grad_sync(self) -> None:
         """Launch the buckets not yet in flight, wait for all: ``main_grad`` then holds the
-        data-parallel mean. Call once after the last micro-batch's backward."""
+        data-parallel mean (sum, with ``calculate_per_token_loss``). Call once after the last
+        micro-batch's backward."""
         if self.data_parallel_size > 1:
             for bucket in self.buckets[self._next_to_launch:]:
                 self._launch(bucket)
@@ -270,6 +286,11 @@ class DistributedDataParallel(nn.Module):
             bucket = self._bucket_of.get(param)
             if bucket is not None:
                 self._wait_for_params(bucket)
+
+    @torch.no_grad()
+    def scale_gradients(self, scaling: float) -> None:
+        """Multiply every ``main_grad`` by ``scaling`` (after `finish_grad_sync`)."""
+        self.grad_buffer.mul_(scaling)
 
     def zero_grad_buffer(self) -> None:
         """Zero every ``main_grad`` (one fill of the buffer); call before each iteration."""

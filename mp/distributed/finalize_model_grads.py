@@ -11,7 +11,11 @@ Megatron's ``finalize_model_grads``, in order:
 3. pipeline parallel with tied word embeddings: the first stage's embedding matrix and the
    last stage's copy of it (both marked ``embedding_group_sync`` by
    `mp.model.stages.initialize_word_embeddings`) sum their gradients over the embedding group,
-   so the two copies take the same step and stay equal.
+   so the two copies take the same step and stay equal;
+4. per-token loss (``num_tokens`` given, `mp.pipeline_parallel.losses`): the token count the
+   last stage added up is broadcast over the pipeline group and summed over data parallel,
+   and every gradient is divided by that global count (the chunks' data-parallel reduction
+   summed instead of averaging).
 """
 
 from __future__ import annotations
@@ -57,10 +61,30 @@ def allreduce_embedding_grads(model_chunks: Iterable[nn.Module]) -> None:
         dist.all_reduce(grad, group=parallel_state.get_embedding_group())
 
 
-def finalize_model_grads(model_chunks: Iterable[nn.Module]) -> None:
+def divide_by_global_token_count(model_chunks: list[nn.Module],
+                                 num_tokens: torch.Tensor | int) -> None:
+    """Divide the gradients of ``model_chunks`` (`DistributedDataParallel`) by the global
+    batch's token count: ``num_tokens`` of the last pipeline stage summed over data parallel
+    (Megatron leaves them as they are when it is 0)."""
+    device = next(model_chunks[0].parameters()).device
+    count = torch.tensor(int(num_tokens), dtype=torch.int64, device=device)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(count, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
+    total = int(count.item())
+    if total > 0:
+        for chunk in model_chunks:
+            chunk.scale_gradients(1.0 / total)
+
+
+def finalize_model_grads(model_chunks: Iterable[nn.Module],
+                         num_tokens: torch.Tensor | int | None = None) -> None:
     """Finish the data-parallel reduction of each chunk (when it has one), all-reduce the
-    sequence-parallel gradients over TP and the tied embedding's over the embedding group.
-    Call once per iteration, after backward."""
+    sequence-parallel gradients over TP and the tied embedding's over the embedding group;
+    with ``num_tokens`` (per-token loss) divide by the global token count. Call once per
+    iteration, after backward (Megatron's signature)."""
     chunks = list(model_chunks)
     for chunk in chunks:
         finish = getattr(chunk, "finish_grad_sync", None)
@@ -68,3 +92,5 @@ def finalize_model_grads(model_chunks: Iterable[nn.Module]) -> None:
             finish()
     allreduce_sequence_parallel_grads(chunks)
     allreduce_embedding_grads(chunks)
+    if num_tokens is not None:
+        divide_by_global_token_count(chunks, num_tokens)

@@ -12,17 +12,20 @@ with sequence parallelism (else ``n``):
 - the two norm inputs, the QKV input and the MLP input: ``4 e n' h``;
 - the norms' statistics (mean and rstd, or rstd per row; fp32 on CUDA), which Korthikanti
   et al. leave out;
-- Q, K, V: one fused QKV output that q, k and v view, ``3 e n h / t``; with ``g < a``
-  key/value heads (grouped-query attention) it is ``e n h (1 + 2 g / a) / t``, plus the
-  queries, copied out of their groups (``e n h / t``, unless a rank holds one group); the
-  unfused core saves q and the keys and values repeated per query head instead, ``3 e n h /
-  t`` again;
+- Q, K, V: one fused QKV output that q, k and v view, ``3 e n h / t``. In general, with heads
+  ``d`` wide (``kv_channels``; ``h / a`` by default), query width ``q = a d`` and ``g <= a``
+  key/value heads (grouped-query attention), it is ``e n (q + 2 g d) / t``, plus the queries
+  copied out of their groups when ``g < a`` (``e n q / t``, unless a rank holds one group);
+  the unfused core saves q and the keys and values repeated per query head instead,
+  ``3 e n q / t``; with RoPE the rotated q and k, and fp32 cos and sin tables of the
+  ``rotary_dim`` rotated channels;
 - the attention core, unfused: softmax output, dropout mask and dropped probabilities,
   ``(e + 1 + e) a s^2 b / t``; SDPA (flash): only the fp32 log-sum-exp, ``4 a s b / t``;
-- the attention output (the input of the attention's output projection): ``e n h / t``;
+- the attention output (the input of the attention's output projection): ``e n q / t``;
 - the two residual dropout masks: ``2 n' h`` (bools);
 - the MLP interior: GeLU input and fc2 input, ``2 e n f / t`` (SwiGLU: gate, SiLU and up
-  outputs and the fc2 input, ``4 e n f / t``; compiled, the SiLU output is recomputed).
+  outputs and the fc2 input, ``4 e n f / t``; compiled, the SiLU output is recomputed);
+- with ``layernorm_zero_centered_gamma``, each norm's ``1 + weight``, ``2 e h``.
 
 With 16-bit activations, GeLU, ``f = 4h``, the unfused core and the statistics left out, the
 sum is Korthikanti's ``s b h (34 + 5 a s / h)`` at ``t = 1``, ``s b h (10 + 24 / t + 5 a s /
@@ -123,6 +126,7 @@ def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUD
     e = activation_bytes(cfg)
     t, s, h, f = (cfg.tensor_model_parallel_size, cfg.seq_length, cfg.hidden_size,
                   cfg.ffn_hidden_size)
+    q = cfg.query_projection_size
     tokens = s * micro_batch
     local = sequence_rows(cfg, micro_batch)
     mask = dropout_mask_bytes(cfg, kernels)
@@ -133,24 +137,26 @@ def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUD
         "norm statistics": 2 * norm_stats_per_row(cfg, kernels) * local,
         "QKV input": e * local * h,
     }
+    if cfg.layernorm_zero_centered_gamma:
+        terms["norm weights (1 + weight)"] = 2 * e * h
     grouped = cfg.num_query_groups < cfg.num_attention_heads
     if math_core:  # fp32 copies of q, k, v replace the 16-bit QKV output (and RoPE's q, k)
-        terms["Q, K, V (fp32 copies)"] = 3 * FP32 * tokens * h / t
+        terms["Q, K, V (fp32 copies)"] = 3 * FP32 * tokens * q / t
     elif grouped and cfg.attention_backend == "unfused" and not selective:
         # the matmuls save q and the keys and values repeated for every query head
-        terms["Q, and K, V repeated per head"] = 3 * e * tokens * h / t
+        terms["Q, and K, V repeated per head"] = 3 * e * tokens * q / t
     else:
         terms["Q, K, V"] = e * tokens * cfg.qkv_size / t  # v views the whole QKV output
         if cfg.position_embedding_type == "rope":
             keys = cfg.num_query_groups * cfg.kv_channels
-            terms["rotated Q, K"] = e * tokens * (h + keys) / t
+            terms["rotated Q, K"] = e * tokens * (q + keys) / t
         elif grouped and cfg.num_query_groups > t:  # with one group per rank, q is a view
-            terms["Q (copied out of its groups)"] = e * tokens * h / t
+            terms["Q (copied out of its groups)"] = e * tokens * q / t
     if cfg.position_embedding_type == "rope":  # cos and sin tables, for q and for k
-        terms["rotary tables"] = 4 * FP32 * s * cfg.kv_channels
+        terms["rotary tables"] = 4 * FP32 * s * cfg.rotary_dim
     if not selective:
         terms.update(_attention_core(cfg, micro_batch, kernels, math_core))
-    terms["attention output"] = e * tokens * h / t
+    terms["attention output"] = e * tokens * q / t
     if cfg.hidden_dropout > 0:
         compiled = kernels.jit_compiled and cfg.bias_dropout_fusion
         terms["residual dropout masks"] = 2 * (1 if compiled else mask) * local * h

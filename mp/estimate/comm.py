@@ -16,15 +16,18 @@ row-parallel ones (attention output, fc2):
   embedding all-reduces forward (reduce-scatters with RoPE) and all-gathers backward; the
   output layer is a column-parallel layer.
 - TP: the cross-entropy's all-reduces of the row maxima and of the target logits and exp
-  sums, ``3 s b`` fp32 values per micro-batch; once per iteration, with SP, the fp32
-  gradients of the parameters replicated over TP (norms, row-parallel biases).
+  sums, ``3 s b`` fp32 values per micro-batch; once per iteration, with SP, the gradients of
+  the parameters replicated over TP (norms, row-parallel biases).
 - TP under full recompute: the recomputed layers' forward calls again, and with
   ``distribute_saved_activations`` an all-gather of each checkpoint's input.
-- DP, once: the fp32 gradient buffer, ``4 P`` all-reduced; with the distributed optimizer
+- DP, once: the gradient buffer, ``g P`` all-reduced; with the distributed optimizer
   reduce-scattered, then the updated parameters (``e P``) all-gathered.
 - PP: each chunk's output forward and its gradient backward, ``e s b h`` (``/ t`` with SP);
   once per iteration, the tied word-embedding gradients between the first and last stage,
-  ``4 V h / t``.
+  ``g V h / t``.
+
+Gradients are read from the buffers, ``g`` bytes an element: 4 (fp32), or 2 with
+``grad_reduce_in_bf16`` (`Setup.grad_bytes`).
 - Model-parallel group, once: the gradient norm, one fp32 scalar (over every rank with the
   distributed optimizer, whose data-parallel shards add to it).
 
@@ -45,6 +48,7 @@ from mp.estimate.hardware import GPUSpec
 from mp.estimate.params import norm_params, rank_params
 from mp.estimate.setup import Setup
 
+FP64 = 8
 GROUPS = ("tp", "dp", "pp", "embedding", "mp", "world")
 WIRE_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
                "reduce_scatter": lambda n: (n - 1) / n, "send": lambda n: 1.0,
@@ -64,14 +68,15 @@ class Collective:
 def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[Collective]:
     """Every collective one rank of stage ``pp_rank`` calls in one iteration (module doc).
     ``logging`` adds what `mp.training.training.train_step` does to report the loss: on the
-    last stage, the all-reduce of the micro-batch mean of the loss (one fp32 value) over DP
-    (its ``broadcast_object_list`` to the other stages is not modelled)."""
+    last stage, the all-reduce over DP of its numerator and denominator (two float64 values,
+    `mp.training.training.average_losses`; its ``broadcast_object_list`` to the other stages
+    is not modelled)."""
     cfg = setup.model
     out: list[Collective] = []
     if setup.tp > 1:
         out += _tensor_parallel(setup, pp_rank)
     if setup.data_parallel_size > 1:
-        grads = FP32 * rank_params(cfg, pp_rank).total
+        grads = setup.grad_bytes * rank_params(cfg, pp_rank).total
         if setup.distributed_optimizer:
             params = activation_bytes(cfg) * rank_params(cfg, pp_rank).total
             out += [Collective("gradients (distributed optimizer)", "reduce_scatter", "dp",
@@ -87,7 +92,7 @@ def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[C
     elif setup.tp * setup.pp > 1:
         out.append(Collective("gradient norm", "all_reduce", "mp", FP32))
     if logging and pp_rank == setup.pp - 1 and setup.data_parallel_size > 1:
-        out.append(Collective("reported loss (logging)", "all_reduce", "dp", FP32))
+        out.append(Collective("reported loss (logging)", "all_reduce", "dp", 2 * FP64))
     return [c for c in out if c.bytes > 0]
 
 
@@ -115,7 +120,7 @@ def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
                 Collective("sequence-parallel activations", "reduce_scatter", "tp",
                            m * scatters * act)]
         out.append(Collective("sequence-parallel parameter gradients", "all_reduce", "tp",
-                              FP32 * _sequence_parallel_params(setup, pp_rank)))
+                              setup.grad_bytes * _sequence_parallel_params(setup, pp_rank)))
     else:
         reduces = forwards * 2 + layers * column + (1 if first else 0) + (1 if last else 0)
         out.append(Collective("tensor-parallel activations", "all_reduce", "tp",
@@ -171,7 +176,7 @@ def _pipeline(setup: Setup, pp_rank: int) -> list[Collective]:
     if tied and (first or last):
         shard = cfg.padded_vocab_size // setup.tp * cfg.hidden_size
         out.append(Collective("tied word-embedding gradients", "all_reduce", "embedding",
-                              FP32 * shard))
+                              setup.grad_bytes * shard))
     return out
 
 

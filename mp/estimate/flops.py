@@ -4,9 +4,10 @@ A matrix product of ``[m, k] x [k, n]`` costs ``2 m k n`` FLOPs; backward costs 
 forward (the input and the weight gradients). Per layer and micro-batch of ``b`` sequences
 the forward costs, with ``n = b s`` tokens:
 
-- QKV projection ``6 n h^2``, attention output ``2 n h^2`` (with ``g`` key/value heads for
-  ``a`` query heads, grouped-query attention, the QKV projection is ``2 n h^2 (1 + 2 g / a)``);
-- scores ``Q K^T`` and ``P V``: ``2 b s^2 h`` each (the full ``s x s``, the papers' convention,
+- QKV projection ``6 n h^2``, attention output ``2 n h^2``; in general, with ``g`` key/value
+  heads for ``a`` query heads (grouped-query attention) and heads ``d`` wide (``kv_channels``,
+  query width ``q = a d``, ``h`` by default), ``2 n h (q + 2 g d)`` and ``2 n q h``;
+- scores ``Q K^T`` and ``P V``: ``2 b s^2 q`` each (the full ``s x s``, the papers' convention,
   although a causal kernel skips half of it);
 - MLP ``4 n h f`` (GeLU) or ``6 n h f`` (SwiGLU's gate);
 
@@ -14,7 +15,9 @@ and the logits ``2 n h V``. Training is three forwards' worth; full recompute ad
 forward of every layer, selective recompute one more of the attention scores. For GPT-3's
 shape this is exactly Narayanan's eq. 3, ``96 B s l h^2 (1 + s / (6 h) + V / (16 l h))`` with
 full recompute and ``72 B s l h^2 (1 + s / (6 h) + V / (12 l h))`` without (`narayanan_flops`).
-Norms, softmax, dropout and the optimizer are left out, as there.
+Norms, softmax, dropout and the optimizer are left out, as there. For any ``q``, ``g``, MLP
+and vocabulary this is Megatron-LM's ``num_floating_point_operations``, ``12 B s l h^2 ((1 +
+g / a + s / h) q / h + ...)`` with ``query_projection_size = kv_channels x heads``.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from mp.model.config import TransformerConfig
 
 def layer_forward_flops(cfg: TransformerConfig, sequences: int) -> tuple[float, float]:
     """(the attention scores' share, the rest) of one layer's forward for ``sequences``."""
-    s, h, f = cfg.seq_length, cfg.hidden_size, cfg.ffn_hidden_size
+    s, h, f, q = cfg.seq_length, cfg.hidden_size, cfg.ffn_hidden_size, cfg.query_projection_size
     tokens = sequences * s
     mlp_matrices = 3 if cfg.activation == "swiglu" else 2
-    dense = 2 * tokens * h * (cfg.qkv_size + h + mlp_matrices * f)
-    scores = 2 * 2 * sequences * s * s * h
+    dense = 2 * tokens * h * (cfg.qkv_size + q + mlp_matrices * f)
+    scores = 2 * 2 * sequences * s * s * q
     return scores, dense
 
 

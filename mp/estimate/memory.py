@@ -85,7 +85,7 @@ def output_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CU
     e, h = activation_bytes(cfg), cfg.hidden_size
     tokens = cfg.seq_length * micro_batch
     local = sequence_rows(cfg, micro_batch)
-    return {
+    terms = {
         "final norm input": e * local * h,
         "final norm statistics": norm_stats_per_row(cfg, kernels) * local,
         "output layer input": e * local * h,
@@ -93,6 +93,9 @@ def output_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CU
         "cross-entropy normalizers (fp32)": FP32 * tokens,
         "cross-entropy target ids": INT64 * tokens,
     }
+    if cfg.layernorm_zero_centered_gamma:
+        terms["final norm weight (1 + weight)"] = e * h
+    return terms
 
 
 def loss_transient(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA) -> float:

@@ -70,9 +70,11 @@ def _linear(cfg: TransformerConfig, in_size: int, out_size: int, shard_out: bool
 
 
 def layer_params(cfg: TransformerConfig) -> tuple[int, int]:
-    """(elements, tensors) of one transformer layer on one TP rank."""
+    """(elements, tensors) of one transformer layer on one TP rank (the attention output
+    projection maps the ``a d`` query width to ``h``)."""
     h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    parts = [norm_params(cfg), _linear(cfg, h, cfg.qkv_size, True), _linear(cfg, h, h, False),
+    parts = [norm_params(cfg), _linear(cfg, h, cfg.qkv_size, True),
+             _linear(cfg, cfg.query_projection_size, h, False),
              norm_params(cfg), _linear(cfg, h, f, True), _linear(cfg, f, h, False)]
     if cfg.activation == "swiglu":
         parts.append(_linear(cfg, h, f, True))

@@ -26,6 +26,8 @@ class Setup:
             (``global batch / (micro_batch_size x DP)``).
         distributed_optimizer: optimizer state (fp32 master weights and Adam moments) sharded
             over the DP ranks (Megatron's distributed optimizer, `mp.optim.DistributedOptimizer`).
+        grad_reduce_in_bf16: gradients accumulated and reduced in bf16, not fp32 (Megatron's
+            ``--grad-reduce-in-bf16``; bf16 models only).
     """
 
     model: TransformerConfig
@@ -33,6 +35,7 @@ class Setup:
     micro_batch_size: int = 1
     num_microbatches: int = 1
     distributed_optimizer: bool = False
+    grad_reduce_in_bf16: bool = False
 
     def __post_init__(self):
         for name in ("data_parallel_size", "micro_batch_size", "num_microbatches"):
@@ -44,6 +47,9 @@ class Setup:
                 and self.num_microbatches % pp:
             raise ValueError(f"num_microbatches={self.num_microbatches} is not divisible by "
                              f"pipeline_model_parallel_size={pp} (the interleaved schedule's rule)")
+        if self.grad_reduce_in_bf16 and self.model.precision != "bf16":
+            raise ValueError(f"grad_reduce_in_bf16=True needs a bf16 model, not precision="
+                             f"{self.model.precision!r}")
 
     @classmethod
     def from_job(cls, job: JobConfig, world_size: int) -> Setup:
@@ -52,7 +58,8 @@ class Setup:
         return cls(model=job.model, data_parallel_size=job.data_parallel_size(world_size),
                    micro_batch_size=job.training.micro_batch_size,
                    num_microbatches=job.num_microbatches(world_size),
-                   distributed_optimizer=job.training.use_distributed_optimizer)
+                   distributed_optimizer=job.training.use_distributed_optimizer,
+                   grad_reduce_in_bf16=job.training.grad_reduce_in_bf16)
 
     # --- derived sizes ---------------------------------------------------------------------
 
@@ -76,6 +83,12 @@ class Setup:
     @property
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.num_microbatches * self.data_parallel_size
+
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes per element of the gradient buffers and their reductions: 4, or 2 when
+        ``grad_reduce_in_bf16``."""
+        return 2 if self.grad_reduce_in_bf16 else 4
 
     @property
     def activation_bytes(self) -> int:

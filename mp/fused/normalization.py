@@ -12,7 +12,10 @@ can (a CUDA input of one of those dtypes, weight and bias of the same dtype, the
 built) and torch's ``F.layer_norm`` / ``F.rms_norm`` otherwise. ``FusedLayerNorm`` and
 ``FusedRMSNorm`` are the modules, with Megatron's ``sequence_parallel`` attribute on their
 parameters: under sequence parallelism each TP rank sees part of the sequence, so these
-replicated parameters' gradients must be all-reduced over the TP group.
+replicated parameters' gradients must be all-reduced over the TP group. With
+``zero_centered_gamma`` (Megatron's ``--apply-layernorm-1p``) a module's weight starts at zeros
+and the norm scales by ``1 + weight``: the kernels (or torch) get ``1 + weight`` and autograd
+carries its gradient back to the weight.
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ class _FusedNorm(torch.autograd.Function):
 
 
 class _FusedNormModule(nn.Module):
-    """A norm over the last dim (``hidden_size``) with a weight (ones), and a bias (zeros) when
+    """A norm over the last dim (``hidden_size``) with a weight (ones; zeros with
+    ``zero_centered_gamma``, the norm then scaling by ``1 + weight``), and a bias (zeros) when
     ``has_bias``. Its parameters are replicated over TP and carry ``sequence_parallel``: under
     sequence parallelism each rank sees part of the sequence, so their gradients are partial
     sums that `mp.distributed.finalize_model_grads` adds up over TP."""
@@ -95,25 +99,33 @@ class _FusedNormModule(nn.Module):
     has_bias: bool
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, sequence_parallel: bool = False, *,
-                 params_dtype: torch.dtype = torch.float32, device=None):
+                 params_dtype: torch.dtype = torch.float32, device=None,
+                 zero_centered_gamma: bool = False):
         super().__init__()
         device = get_device() if device is None else torch.device(device)
         self.hidden_size, self.eps = hidden_size, eps
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel, self.zero_centered_gamma = sequence_parallel, zero_centered_gamma
         kw = dict(dtype=params_dtype, device=device)
-        self.weight = nn.Parameter(torch.ones(hidden_size, **kw))
-        self.bias = nn.Parameter(torch.zeros(hidden_size, **kw)) if self.has_bias else None
+        self.weight = nn.Parameter(torch.empty(hidden_size, **kw))
+        self.bias = nn.Parameter(torch.empty(hidden_size, **kw)) if self.has_bias else None
+        self.reset_parameters()
         for param in self.parameters():
             param.sequence_parallel = sequence_parallel
         load_fused_kernels()  # build now rather than in the first forward
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        (nn.init.zeros_ if self.zero_centered_gamma else nn.init.ones_)(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    def scale(self) -> torch.Tensor:
+        """What the normalized input is multiplied by, ``[hidden]``: the weight, or
+        ``1 + weight`` with ``zero_centered_gamma``."""
+        return self.weight + 1 if self.zero_centered_gamma else self.weight
+
     def extra_repr(self) -> str:
-        return f"{self.hidden_size}, eps={self.eps}, sequence_parallel={self.sequence_parallel}"
+        return (f"{self.hidden_size}, eps={self.eps}, sequence_parallel={self.sequence_parallel}"
+                + (", zero_centered_gamma=True" if self.zero_centered_gamma else ""))
 
 
 class FusedLayerNorm(_FusedNormModule):
@@ -122,7 +134,7 @@ class FusedLayerNorm(_FusedNormModule):
     has_bias = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_layer_norm(x, self.weight, self.bias, self.eps)
+        return fused_layer_norm(x, self.scale(), self.bias, self.eps)
 
 
 class FusedRMSNorm(_FusedNormModule):
@@ -131,4 +143,4 @@ class FusedRMSNorm(_FusedNormModule):
     has_bias = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_rms_norm(x, self.weight, self.eps)
+        return fused_rms_norm(x, self.scale(), self.eps)

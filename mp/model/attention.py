@@ -3,9 +3,10 @@
 ``[s, b, h]`` (or ``[s / t, b, h]`` with sequence parallelism) -> fused QKV projection
 (column-parallel, ``[s, b, (a + 2 g) d / t]``: this rank's ``np = a / t`` query heads and
 ``ng = g / t`` key/value heads) -> attention per head -> output projection (row-parallel,
-reduced back to ``[s, b, h]`` or ``[s / t, b, h]``). ``a`` heads of size ``d = h / a``
-share ``g`` key/value heads (``num_query_groups``): ``g = a`` is multi-head attention,
-``g < a`` grouped-query attention (Ainslie et al. 2023), ``g = 1`` multi-query attention.
+reduced back to ``[s, b, h]`` or ``[s / t, b, h]``). ``a`` heads of size ``d`` (``kv_channels``,
+``h / a`` by default; the output projection takes ``a d`` inputs) share ``g`` key/value heads
+(``num_query_groups``): ``g = a`` is multi-head attention, ``g < a`` grouped-query attention
+(Ainslie et al. 2023), ``g = 1`` multi-query attention.
 
 The fused QKV weight is laid out per query group, ``[g, a / g + 2, d]`` along its output
 dim: the group's queries, then its key, then its value (Megatron's layout; with ``g = a``
@@ -116,7 +117,7 @@ class SelfAttention(nn.Module):
         self.groups_per_partition = divide(config.num_query_groups, tp, "num_query_groups")
         self.core_attention = CoreAttention(config)
         self.dense = RowParallelLinear(
-            config.hidden_size, config.hidden_size, bias=bias, input_is_parallel=True,
+            config.query_projection_size, config.hidden_size, bias=bias, input_is_parallel=True,
             init_method=scaled_init_method_normal(config.init_method_std, config.num_layers),
             skip_bias_add=True, sequence_parallel=sp, params_dtype=dtype, group=group)
 

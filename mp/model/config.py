@@ -23,7 +23,9 @@ class TransformerConfig:
     num_attention_heads: int
     vocab_size: int
     seq_length: int
-    kv_channels: int | None = None  # size of one attention head; default hidden / heads
+    kv_channels: int | None = None  # size of one attention head (Megatron's --kv-channels);
+    # default hidden / heads. Queries are heads x kv_channels wide, the output projection maps
+    # that back to hidden_size.
     num_query_groups: int | None = None  # key/value heads (grouped-query attention); default
     # one per query head (multi-head attention), 1 for multi-query attention
     ffn_hidden_size: int | None = None  # default 4h (GeLU) or 8h/3 rounded up to 64 (SwiGLU)
@@ -33,13 +35,15 @@ class TransformerConfig:
     normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
     normalization_impl: str = "mp"  # mp (mp.fused: kernel when built, else torch) | apex
     layernorm_epsilon: float = 1e-5
-    layernorm_zero_centered_gamma: bool = False  # norms scale by 1 + weight, weight starts at 0
+    layernorm_zero_centered_gamma: bool = False  # every norm scales by 1 + weight and its weight
+    # starts at 0 (Megatron's --apply-layernorm-1p); LayerNorm and RMSNorm, mp's or apex's
     activation: str = "gelu"  # gelu | gelu_tanh (GPT-2's gelu_new) | swiglu
     position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
     rotary_base: float = 10000.0
     use_rope_scaling: bool = False  # Llama 3.1's RoPE frequency scaling (mp.model.rope)
     rope_scaling_factor: float = 8.0
-    rotary_percent: float = 1.0  # fraction of each head's channels that RoPE rotates
+    rotary_percent: float = 1.0  # RoPE rotates the first int(kv_channels x this) channels of
+    # each head, frequencies over those (Megatron's --rotary-percent); the rest pass unchanged
     add_bias_linear: bool = True
     untie_embeddings_and_output_weights: bool = False
     hidden_dropout: float = 0.1
@@ -145,6 +149,12 @@ class TransformerConfig:
     def rotary_dim(self) -> int:
         """Channels of a head that RoPE rotates (the first ones; Megatron's rounding)."""
         return int(self.kv_channels * self.rotary_percent)
+
+    @property
+    def query_projection_size(self) -> int:
+        """Width of all query heads together, ``a d`` (Megatron's name): the attention output
+        projection's input (``h`` by default)."""
+        return self.num_attention_heads * self.kv_channels
 
     @property
     def qkv_size(self) -> int:

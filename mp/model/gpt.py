@@ -75,7 +75,7 @@ class GPTModel(nn.Module):
         freqs = None
         if self.config.position_embedding_type == "rope":
             c = self.config
-            freqs = rotary_freqs(offset + length, c.kv_channels, c.rotary_base,
+            freqs = rotary_freqs(offset + length, c.rotary_dim, c.rotary_base,
                                  input_ids.device,
                                  c.rope_scaling_factor if c.use_rope_scaling else None)[offset:]
         hidden = self.decoder(hidden, attention_mask, freqs, inference_params)

@@ -7,7 +7,8 @@ inference_params=params)`` takes the tokens that follow the ``params.sequence_le
 cached ones; the caller advances the offset after each call, as in Megatron.
 
 The cache holds this rank's key/value heads (``ng = g / t`` under tensor parallelism), in
-buffers ``[max_sequence_length, b, ng, d]`` allocated on a layer's first call.
+buffers ``[max_sequence_length, b, ng, d]`` (``d = kv_channels``, keys after RoPE) allocated
+on a layer's first call.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Rotary position embeddings (Su et al. 2021), the "rotate half" form of GPT-NeoX/Megatron,
-with Llama 3.1's frequency scaling as an option."""
+with Llama 3.1's frequency scaling and Megatron's partial rotation (``rotary_percent``: only
+the first ``rotary_dim`` channels of each head rotate, frequencies over those) as options."""
 
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ def scale_frequencies(inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
     return (1 - mix) * inv_freq / factor + mix * inv_freq
 
 
-def rotary_freqs(seq_length: int, head_dim: int, base: float, device,
+def rotary_freqs(seq_length: int, dim: int, base: float, device,
                  scaling_factor: float | None = None) -> torch.Tensor:
-    """Angles ``[s, 1, 1, head_dim]``: position ``p`` times ``base^(-2i / head_dim)`` (scaled
-    by `scale_frequencies` when ``scaling_factor`` is given), repeated for the two halves
-    that ``apply_rotary`` rotates against each other."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
-                        / head_dim)
+    """Angles ``[s, 1, 1, dim]`` for the ``dim`` rotated channels of a head (``rotary_dim``:
+    all of them unless ``rotary_percent < 1``): position ``p`` times ``base^(-2i / dim)``
+    (scaled by `scale_frequencies` when ``scaling_factor`` is given), repeated for the two
+    halves that ``apply_rotary`` rotates against each other."""
+    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
     if scaling_factor is not None:
         inv_freq = scale_frequencies(inv_freq, scaling_factor)
     angles = torch.outer(torch.arange(seq_length, dtype=torch.float32, device=device), inv_freq)
@@ -35,7 +36,12 @@ def rotary_freqs(seq_length: int, head_dim: int, base: float, device,
 
 
 def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [s, b, heads, head_dim]`` by ``freqs [s, 1, 1, head_dim]`` (math in fp32)."""
+    """Rotate the first ``r`` channels of ``x [s, b, heads, head_dim]`` by ``freqs
+    [s, 1, 1, r]`` (math in fp32); the other ``head_dim - r`` pass through unchanged
+    (Megatron's ``rotary_percent``)."""
+    rotary_dim = freqs.size(-1)
+    if rotary_dim < x.size(-1):
+        return torch.cat((apply_rotary(x[..., :rotary_dim], freqs), x[..., rotary_dim:]), dim=-1)
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x.float() * freqs.cos() + rotated * freqs.sin()).to(x.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mp.apex import norm_class
+from mp.apex import norm_class, zero_centered
 from mp.device import get_device
 from mp.fused import FusedLayerNorm, FusedRMSNorm
 from mp.model.attention import SelfAttention
@@ -22,12 +22,17 @@ def build_norm(config: TransformerConfig) -> nn.Module:
 
     ``normalization_impl="apex"`` uses NVIDIA apex's fused module when apex is importable
     (`mp.apex.norm_class`; a notice and mp's norm otherwise), with the same shape, eps, dtype,
-    device and ``sequence_parallel`` marks as mp's."""
+    device and ``sequence_parallel`` marks as mp's. With ``layernorm_zero_centered_gamma``
+    either stores its weight centred on 0 and scales by ``1 + weight``."""
+    zero_centered_gamma = config.layernorm_zero_centered_gamma
     apex_cls = norm_class(config.normalization) if config.normalization_impl == "apex" else None
     if apex_cls is None:
         cls = FusedLayerNorm if config.normalization == "LayerNorm" else FusedRMSNorm
         return cls(config.hidden_size, eps=config.layernorm_epsilon,
-                   sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype)
+                   sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
+                   zero_centered_gamma=zero_centered_gamma)
+    if zero_centered_gamma:
+        apex_cls = zero_centered(apex_cls)
     norm = apex_cls(config.hidden_size, eps=config.layernorm_epsilon)
     norm.to(device=get_device(), dtype=config.params_dtype)
     norm.sequence_parallel = config.sequence_parallel

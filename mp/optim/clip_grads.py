@@ -1,4 +1,5 @@
-"""The global gradient norm over a model split across ranks, and clipping by it.
+"""The global gradient norm over a model split across ranks, clipping by it, and the count of
+zero gradient elements.
 
 One model replica lives on the TP x PP ranks of a model-parallel group. Its squared L2 norm
 is the sum over those ranks of the squared norms of the gradients each holds, counting every
@@ -46,6 +47,21 @@ def get_grad_norm_fp32(grads_for_norm: list[torch.Tensor], model_parallel_group=
     if dist.get_world_size(group) > 1:
         dist.all_reduce(total, group=group)
     return total.sqrt().item()
+
+
+def count_zeros_fp32(grads_for_norm: list[torch.Tensor], model_parallel_group=None, *,
+                     device: torch.device | None = None) -> int:
+    """Zero elements of the gradients each rank counts (`counts_in_grad_norm`), summed over
+    the model-parallel group: every element of the model once (Megatron's
+    ``count_zeros_fp32``)."""
+    group = parallel_state.get_model_parallel_group() if model_parallel_group is None \
+        else model_parallel_group
+    zeros = torch.zeros((), dtype=torch.int64, device=device)
+    for grad in grads_for_norm:
+        zeros += grad.numel() - torch.count_nonzero(grad)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(zeros, group=group)
+    return int(zeros.item())
 
 
 def clip_grad_by_total_norm_fp32(grads: list[torch.Tensor], max_norm: float,

@@ -19,6 +19,11 @@ does):
 As in Megatron, the training loop calls ``step()`` after each successful optimizer step, so the
 first update runs at ``lr(0)`` (``init_lr`` when there is a warm-up) and a skipped fp16 step
 does not advance the schedule. A group's ``lr_mult`` (default 1) scales its rate.
+
+Groups marked ``is_decoupled_lr`` (the embedding and output weights with Megatron's
+``--decoupled-lr``, `mp.optim.get_param_groups`) follow the same warm-up and decay from
+``decoupled_lr`` to ``decoupled_min_lr`` (default ``min_lr``, as in Megatron) in place of
+``max_lr`` and ``min_lr``. Both are saved with the other hyper-parameters.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ class OptimizerParamScheduler:
     def __init__(self, optimizer, *, max_lr: float, min_lr: float = 0.0,
                  lr_warmup_steps: float = 0, lr_decay_steps: int, lr_decay_style: str = "cosine",
                  init_lr: float = 0.0, wsd_decay_steps: int | None = None,
-                 lr_wsd_decay_style: str = "exponential"):
+                 lr_wsd_decay_style: str = "exponential", decoupled_lr: float | None = None,
+                 decoupled_min_lr: float | None = None):
         if lr_decay_style not in DECAY_STYLES:
             raise ValueError(f"lr_decay_style={lr_decay_style!r} must be one of "
                              f"{', '.join(map(repr, DECAY_STYLES))}")
@@ -58,6 +64,13 @@ class OptimizerParamScheduler:
                              f"lr_decay_steps={lr_decay_steps}], got {wsd_decay_steps}")
         if not 0.0 <= min_lr <= max_lr:
             raise ValueError(f"min_lr={min_lr} must lie in [0, max_lr={max_lr}]")
+        if decoupled_min_lr is not None and (decoupled_lr is None
+                                             or not 0.0 <= decoupled_min_lr <= decoupled_lr):
+            raise ValueError(f"decoupled_min_lr={decoupled_min_lr} must lie in [0, "
+                             f"decoupled_lr={decoupled_lr}] (it needs decoupled_lr)")
+        if decoupled_lr is None and any(g.get("is_decoupled_lr") for g in optimizer.param_groups):
+            raise ValueError("the optimizer has a param group marked is_decoupled_lr (the "
+                             "embedding and output weights) but decoupled_lr=None")
         if lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps={lr_warmup_steps} must be >= 0")
         if lr_decay_style != "constant" and lr_decay_steps < max(1, lr_warmup_steps):
@@ -69,21 +82,27 @@ class OptimizerParamScheduler:
         self.lr_warmup_steps, self.lr_decay_steps = lr_warmup_steps, lr_decay_steps
         self.lr_decay_style = lr_decay_style
         self.wsd_decay_steps, self.lr_wsd_decay_style = wsd_decay_steps, lr_wsd_decay_style
+        self.decoupled_lr, self.decoupled_min_lr = decoupled_lr, decoupled_min_lr
         self.num_steps = 0
         self.step(0)
 
-    def get_lr(self, num_steps: int | None = None) -> float:
-        """The base rate after ``num_steps`` steps (default: the current count)."""
+    def get_lr(self, num_steps: int | None = None, param_group: dict | None = None) -> float:
+        """The rate after ``num_steps`` steps (default: the current count) of ``param_group``
+        (before its ``lr_mult``): the decoupled schedule's for a group marked
+        ``is_decoupled_lr``, else (and by default) the base one."""
         n = self.num_steps if num_steps is None else num_steps
+        max_lr, min_lr = self.max_lr, self.min_lr
+        if param_group is not None and param_group.get("is_decoupled_lr", False):
+            max_lr = self.decoupled_lr
+            min_lr = self.min_lr if self.decoupled_min_lr is None else self.decoupled_min_lr
         if self.lr_warmup_steps > 0 and n <= self.lr_warmup_steps:
-            return self.init_lr + (self.max_lr - self.init_lr) * n / self.lr_warmup_steps
+            return self.init_lr + (max_lr - self.init_lr) * n / self.lr_warmup_steps
         if self.lr_decay_style == "constant":
-            return self.max_lr
+            return max_lr
         if n > self.lr_decay_steps:
-            return self.min_lr
+            return min_lr
         if self.lr_decay_style == "inverse-square-root":
-            return max(self.min_lr, self.max_lr * math.sqrt(max(self.lr_warmup_steps, 1)
-                                                            / max(n, 1)))
+            return max(min_lr, max_lr * math.sqrt(max(self.lr_warmup_steps, 1) / max(n, 1)))
         if self.lr_decay_style == "WSD":
             anneal_start = self.lr_decay_steps - self.wsd_decay_steps
             coeff = 1.0 if n <= anneal_start else WSD_DECAY_STYLES[self.lr_wsd_decay_style](
@@ -92,20 +111,21 @@ class OptimizerParamScheduler:
             ratio = (n - self.lr_warmup_steps) / (self.lr_decay_steps - self.lr_warmup_steps)
             coeff = 1.0 - ratio if self.lr_decay_style == "linear" else \
                 0.5 * (math.cos(math.pi * ratio) + 1.0)
-        return self.min_lr + coeff * (self.max_lr - self.min_lr)
+        return min_lr + coeff * (max_lr - min_lr)
 
     def step(self, increment: int = 1) -> None:
         """Advance the count by ``increment`` steps and set every group's ``lr``."""
         self.num_steps += increment
-        lr = self.get_lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["lr"] = self.get_lr(param_group=group) * group.get("lr_mult", 1.0)
 
     _HYPERPARAMETERS = ("init_lr", "max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps",
-                        "lr_decay_style", "wsd_decay_steps", "lr_wsd_decay_style")
+                        "lr_decay_style", "wsd_decay_steps", "lr_wsd_decay_style",
+                        "decoupled_lr", "decoupled_min_lr")
     # hyper-parameters older checkpoints did not save, at the values they then had
     _ADDED_LATER: ClassVar[dict] = {"wsd_decay_steps": None,
-                                    "lr_wsd_decay_style": "exponential"}
+                                    "lr_wsd_decay_style": "exponential",
+                                    "decoupled_lr": None, "decoupled_min_lr": None}
 
     def state_dict(self) -> dict:
         return {"num_steps": self.num_steps,

@@ -15,9 +15,11 @@ when present, else from ``param.grad`` (cast to fp32).
    NaN in any gradient of any rank (counted in the norm or not) makes it non-finite on every
    rank, so the norm doubles as the inf check and all ranks agree without a second collective;
 4. fp16 with a non-finite norm: skip the update (every rank skips) and back off the scale;
-5. clip by the norm, run AdamW, copy masters into the model's half-precision parameters.
+5. with ``log_num_zeros_in_grad``, count the zero gradient elements (`count_zeros_fp32`);
+6. clip by the norm, run AdamW, copy masters into the model's half-precision parameters.
 
-It returns ``StepResult(update_successful, grad_norm)``.
+It returns ``StepResult(update_successful, grad_norm, num_zeros_in_grad)``.
+`calc_params_l2_norm` gives the norm of the updated masters by the same rule as the gradients'.
 
 The optimizer works on `ParamShard`s: the elements ``[start, end)`` (row-major) of a model
 parameter that this rank updates, with their fp32 master. Here every shard is a whole
@@ -38,6 +40,7 @@ from mp import parallel_state
 from mp.apex import fused_adam_class
 from mp.optim.clip_grads import (
     clip_grad_by_total_norm_fp32,
+    count_zeros_fp32,
     counts_in_grad_norm,
     get_grad_norm_fp32,
 )
@@ -80,20 +83,38 @@ MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides ``step``
 class StepResult(NamedTuple):
     update_successful: bool  # False when an fp16 step was skipped for an inf/NaN gradient
     grad_norm: float  # the global norm before clipping (inf/NaN when non-finite)
+    num_zeros_in_grad: int | None = None  # with log_num_zeros_in_grad, on applied steps
 
 
-def get_param_groups(model_chunks: Iterable[nn.Module], weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices decay with ``weight_decay``; 1-D parameters (biases, norm
-    weights) do not. Each parameter appears once even when chunks share it."""
-    decay, no_decay, seen = [], [], set()
+def is_embedding_or_output_parameter(name: str) -> bool:
+    """Whether the parameter called ``name`` in a GPT chunk (wrapped or not) is the word
+    embedding's weight or the output layer's (with tied embeddings: the shared matrix, and
+    a last stage's copy of it): Megatron's ``is_embedding_or_output_parameter``, which
+    leaves out the position embeddings and every bias and norm."""
+    return ("." + name).endswith((".embedding.word_embeddings.weight", ".output_layer.weight"))
+
+
+def get_param_groups(model_chunks: Iterable[nn.Module], weight_decay: float,
+                     decoupled_lr: float | None = None) -> list[dict]:
+    """AdamW groups: matrices decay with ``weight_decay``; 1-D parameters (biases, norm
+    weights) do not. With ``decoupled_lr`` (Megatron's ``--decoupled-lr``) the embedding and
+    output weights (`is_embedding_or_output_parameter`) get a group of their own, marked
+    ``is_decoupled_lr`` and starting at that rate (`OptimizerParamScheduler` gives it its own
+    schedule). Each parameter appears once even when chunks share it."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    seen = set()
     for chunk in model_chunks:
-        for param in chunk.parameters():
+        for name, param in chunk.named_parameters():
             if param.requires_grad and id(param) not in seen:
                 seen.add(id(param))
-                (decay if param.dim() > 1 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+                decoupled = decoupled_lr is not None and is_embedding_or_output_parameter(name)
+                groups.setdefault((decoupled, param.dim() == 1), []).append(param)
+    out = []
+    for (decoupled, no_decay), params in sorted(groups.items()):
+        group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+        out.append({**group, "is_decoupled_lr": True, "lr": decoupled_lr} if decoupled
+                   else group)
+    return out
 
 
 def build_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
@@ -123,6 +144,7 @@ class MixedPrecisionOptimizer:
             fp32/bf16.
         model_parallel_group, tensor_model_parallel_group: default from ``parallel_state``.
         impl: ``"torch"`` (AdamW) or ``"apex"`` (apex's ``FusedAdam`` when importable).
+        log_num_zeros_in_grad: count the zero gradient elements at each applied step.
     """
 
     def __init__(self, param_groups: list[dict], *, lr: float,
@@ -130,10 +152,11 @@ class MixedPrecisionOptimizer:
                  clip_grad: float = 0.0,
                  grad_scaler: DynamicGradScaler | ConstantGradScaler | None = None,
                  model_parallel_group=None, tensor_model_parallel_group=None,
-                 impl: str = "torch"):
+                 impl: str = "torch", log_num_zeros_in_grad: bool = False):
         if clip_grad < 0:
             raise ValueError(f"clip_grad={clip_grad} must be >= 0 (0 disables clipping)")
         self.clip_grad, self.grad_scaler = clip_grad, grad_scaler
+        self.log_num_zeros_in_grad = log_num_zeros_in_grad
         self.model_parallel_group = (parallel_state.get_model_parallel_group()
                                      if model_parallel_group is None else model_parallel_group)
         self.params: list[nn.Parameter] = [p for g in param_groups for p in g["params"]]
@@ -222,11 +245,25 @@ class MixedPrecisionOptimizer:
             self.grad_scaler.update(found_inf)
             if found_inf:
                 return StepResult(False, grad_norm)
+        num_zeros = count_zeros_fp32(norm_grads, self.model_parallel_group,
+                                     device=self.params[0].device) \
+            if self.log_num_zeros_in_grad else None
         if self.clip_grad > 0:
             clip_grad_by_total_norm_fp32(grads, self.clip_grad, grad_norm)
         self.optimizer.step()
         self.copy_main_params_to_model()
-        return StepResult(True, grad_norm)
+        return StepResult(True, grad_norm, num_zeros)
+
+    @torch.no_grad()
+    def calc_params_l2_norm(self) -> float:
+        """The L2 norm of the whole model's fp32 masters (the parameters themselves in fp32
+        runs), summed over the model-parallel group with the gradient norm's rule: sharded
+        parameters on every rank, TP-replicated ones on TP rank 0, a stage's shared copy never
+        (and the distributed optimizer's shards on their owners). Megatron's
+        ``calc_params_l2_norm`` (which also reads the masters in bf16 runs)."""
+        mains = [s.main for s, counts in zip(self.shards, self._counts_in_norm) if counts]
+        return get_grad_norm_fp32(mains, self.model_parallel_group,
+                                  device=self.params[0].device)
 
     def adam_state(self, shard: ParamShard) -> dict[str, torch.Tensor]:
         """AdamW's ``exp_avg``, ``exp_avg_sq`` and ``step`` (fp32 scalar) for ``shard``; zeros
@@ -304,25 +341,28 @@ def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
                            initial_loss_scale: float = 2.0**32, min_loss_scale: float = 1.0,
                            loss_scale_window: int = 1000, hysteresis: int = 2,
                            use_distributed_optimizer: bool = False,
-                           optimizer_impl: str = "torch") -> MixedPrecisionOptimizer:
+                           optimizer_impl: str = "torch", decoupled_lr: float | None = None,
+                           log_num_zeros_in_grad: bool = False) -> MixedPrecisionOptimizer:
     """The training optimizer for ``model_chunks`` (Megatron's name and arguments):
     a `DistributedOptimizer` when ``use_distributed_optimizer`` (the chunks must then be
     `DistributedDataParallel` built for it), else a `MixedPrecisionOptimizer`; AdamW from
-    torch, or apex's ``FusedAdam`` for ``optimizer_impl="apex"``.
+    torch, or apex's ``FusedAdam`` for ``optimizer_impl="apex"``; the groups of
+    `get_param_groups` (``decoupled_lr``: the embedding and output weights apart).
 
     Loss scaling is switched on exactly when a parameter is fp16: a fixed ``loss_scale`` when
     given, else dynamic from ``initial_loss_scale``. The loss-scale arguments are ignored for
     fp32 and bf16 models.
     """
     chunks = list(model_chunks)
-    groups = get_param_groups(chunks, weight_decay)
+    groups = get_param_groups(chunks, weight_decay, decoupled_lr)
     scaler = None
     if any(p.dtype == torch.float16 for g in groups for p in g["params"]):
         scaler = ConstantGradScaler(loss_scale) if loss_scale is not None else \
             DynamicGradScaler(initial_scale=initial_loss_scale, min_scale=min_loss_scale,
                               growth_interval=loss_scale_window, hysteresis=hysteresis)
     kwargs = dict(lr=lr, betas=(adam_beta1, adam_beta2), eps=adam_eps, clip_grad=clip_grad,
-                  grad_scaler=scaler, impl=optimizer_impl)
+                  grad_scaler=scaler, impl=optimizer_impl,
+                  log_num_zeros_in_grad=log_num_zeros_in_grad)
     if use_distributed_optimizer:
         from mp.optim.distrib_optimizer import DistributedOptimizer  # it subclasses this one
         return DistributedOptimizer(groups, chunks, **kwargs)

@@ -35,6 +35,7 @@ from torch.autograd import Variable
 
 from mp import parallel_state
 from mp.distributed import finalize_model_grads
+from mp.pipeline_parallel.losses import microbatch_loss
 from mp.pipeline_parallel.p2p import P2P, _communicate, post
 
 
@@ -43,27 +44,41 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 class _Stage:
-    """Forward and backward of one micro-batch on one model chunk of this rank."""
+    """Forward and backward of one micro-batch on one model chunk of this rank; the last
+    stage keeps the reported values and counts the loss's tokens."""
 
     def __init__(self, forward_step_func: Callable, num_microbatches: int,
-                 grad_scale_func: Callable | None, forward_only: bool):
+                 grad_scale_func: Callable | None, forward_only: bool,
+                 calculate_per_token_loss: bool):
         self.forward_step_func, self.num_microbatches = forward_step_func, num_microbatches
         self.grad_scale_func, self.forward_only = grad_scale_func, forward_only
+        self.calculate_per_token_loss = calculate_per_token_loss
         self.forward_data_store: list[dict] = []
+        self.num_tokens = 0
+
+    def finalize(self, finalize_model_grads_func: Callable | None,
+                 models: list[nn.Module]) -> None:
+        """After the last backward: ``finalize_model_grads_func`` (with the token count when
+        the loss is per token)."""
+        if not self.forward_only and finalize_model_grads_func is not None:
+            finalize_model_grads_func(models, self.num_tokens if self.calculate_per_token_loss
+                                      else None)
 
     def forward(self, model: nn.Module, data_iterator, input_tensor: torch.Tensor | None,
                 is_last_stage: bool) -> torch.Tensor:
-        """``[s, b, h]`` activations for the next stage, or on the last stage the micro-batch's
-        loss divided by ``m``."""
+        """``[s, b, h]`` activations for the next stage, or on the last stage the loss to
+        backpropagate (`microbatch_loss`)."""
         if input_tensor is not None and not self.forward_only:
             input_tensor.requires_grad_()
         _unwrap(model).set_input_tensor(input_tensor)
         output, loss_func = self.forward_step_func(data_iterator, model)
         if not is_last_stage:
             return output
-        loss, reported = loss_func(output)
-        self.forward_data_store.append(reported)
-        return loss / self.num_microbatches
+        loss, num_tokens = microbatch_loss(loss_func(output), self.num_microbatches,
+                                           self.forward_data_store,
+                                           self.calculate_per_token_loss)
+        self.num_tokens = self.num_tokens + num_tokens
+        return loss
 
     def backward(self, input_tensor: torch.Tensor | None, output: torch.Tensor,
                  output_grad: torch.Tensor | None) -> torch.Tensor | None:
@@ -103,7 +118,8 @@ def forward_backward_pipelining_without_interleaving(
         *, forward_step_func: Callable, data_iterator, model, num_microbatches: int,
         seq_length: int, micro_batch_size: int, forward_only: bool = False,
         grad_scale_func: Callable | None = None,
-        finalize_model_grads_func: Callable | None = finalize_model_grads) -> list[dict]:
+        finalize_model_grads_func: Callable | None = finalize_model_grads,
+        calculate_per_token_loss: bool = False) -> list[dict]:
     """1F1B over ``p`` stages; arguments as ``forward_backward_no_pipelining``."""
     model = model[0] if isinstance(model, (list, tuple)) else model
     data_iterator = (data_iterator[0] if isinstance(data_iterator, (list, tuple))
@@ -113,7 +129,8 @@ def forward_backward_pipelining_without_interleaving(
     last = parallel_state.is_pipeline_last_stage()
     shape, dtype = _tensor_shape(model, seq_length, micro_batch_size)
     comm = P2P(shape, dtype, next(model.parameters()).device)
-    stage = _Stage(forward_step_func, num_microbatches, grad_scale_func, forward_only)
+    stage = _Stage(forward_step_func, num_microbatches, grad_scale_func, forward_only,
+                   calculate_per_token_loss)
     warmup = min(p - r - 1, num_microbatches)
     steady = num_microbatches - warmup
     inputs: deque = deque()
@@ -156,8 +173,7 @@ def forward_backward_pipelining_without_interleaving(
                 output_grad = comm.recv_backward()
                 comm.send_backward(stage.backward(inputs.popleft(), outputs.popleft(),
                                                   output_grad))
-    if not forward_only and finalize_model_grads_func is not None:
-        finalize_model_grads_func([model])
+    stage.finalize(finalize_model_grads_func, [model])
     return stage.forward_data_store
 
 
@@ -171,7 +187,8 @@ def forward_backward_pipelining_with_interleaving(
         *, forward_step_func: Callable, data_iterator, model, num_microbatches: int,
         seq_length: int, micro_batch_size: int, forward_only: bool = False,
         grad_scale_func: Callable | None = None,
-        finalize_model_grads_func: Callable | None = finalize_model_grads) -> list[dict]:
+        finalize_model_grads_func: Callable | None = finalize_model_grads,
+        calculate_per_token_loss: bool = False) -> list[dict]:
     """Interleaved 1F1B: ``model`` and ``data_iterator`` are lists, one per model chunk."""
     models, iterators = list(model), list(data_iterator)
     p = parallel_state.get_pipeline_model_parallel_world_size()
@@ -188,7 +205,8 @@ def forward_backward_pipelining_with_interleaving(
     warmup = total if all_warmup else min((p - r - 1) * 2 + (v - 1) * p, total)
     shape, dtype = _tensor_shape(models[0], seq_length, micro_batch_size)
     device = next(models[0].parameters()).device
-    stage = _Stage(forward_step_func, m, grad_scale_func, forward_only)
+    stage = _Stage(forward_step_func, m, grad_scale_func, forward_only,
+                   calculate_per_token_loss)
     inputs = [deque() for _ in range(v)]
     outputs = [deque() for _ in range(v)]
     output_grads = [deque() for _ in range(v)]
@@ -308,6 +326,5 @@ def forward_backward_pipelining_with_interleaving(
                 if recv_next:
                     output_grads[next_chunk].append(from_next)
     parallel_state.set_virtual_pipeline_model_parallel_rank(0)
-    if not forward_only and finalize_model_grads_func is not None:
-        finalize_model_grads_func(models)
+    stage.finalize(finalize_model_grads_func, models)
     return stage.forward_data_store

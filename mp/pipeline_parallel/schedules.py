@@ -2,12 +2,14 @@
 
 Megatron-Core's contract. ``forward_step_func(data_iterator, model)`` takes the next
 micro-batch from the iterator, runs the model and returns ``(output_tensor, loss_func)``;
-``loss_func(output_tensor)`` returns ``(loss, {"lm loss": reported, ...})``. The schedule
-divides each micro-batch's loss by the number of micro-batches (so gradients accumulate to
-the mean over the iteration), runs backward from it (times the loss scale, through
-``grad_scale_func``), lets only the last micro-batch's backward synchronise gradients
-(``model.no_sync()`` around the others), and finally calls ``finalize_model_grads_func``. It
-returns the reported dicts, one per micro-batch.
+``loss_func(output_tensor)`` returns ``(loss, {"lm loss": reported, ...})`` or ``(loss_sum,
+num_tokens, {...})`` (`mp.pipeline_parallel.losses`). The schedule averages each micro-batch's
+loss over the iteration (so gradients accumulate to the mean; with
+``calculate_per_token_loss`` it keeps the sum and counts the tokens instead), runs backward
+from it (times the loss scale, through ``grad_scale_func``), lets only the last micro-batch's
+backward synchronise gradients (``model.no_sync()`` around the others), and finally calls
+``finalize_model_grads_func(model_chunks, num_tokens)`` (``num_tokens`` None unless
+``calculate_per_token_loss``). It returns the reported dicts, one per micro-batch.
 
 `get_forward_backward_func` picks the schedule for the current layout; the pipelined ones
 (1F1B, interleaved 1F1B) live in `mp.pipeline_parallel.pipelined` and keep the same contract.
@@ -23,6 +25,7 @@ from torch import nn
 
 from mp import parallel_state
 from mp.distributed import finalize_model_grads
+from mp.pipeline_parallel.losses import microbatch_loss
 from mp.pipeline_parallel.pipelined import (
     forward_backward_pipelining_with_interleaving,
     forward_backward_pipelining_without_interleaving,
@@ -30,17 +33,18 @@ from mp.pipeline_parallel.pipelined import (
 
 
 def forward_step(forward_step_func: Callable, data_iterator: Iterator, model: nn.Module,
-                 num_microbatches: int, forward_data_store: list) -> torch.Tensor:
+                 num_microbatches: int, forward_data_store: list,
+                 calculate_per_token_loss: bool = False) -> tuple[torch.Tensor,
+                                                                  torch.Tensor | int]:
     """Run one micro-batch forward; append its reported values to ``forward_data_store``;
-    return its loss divided by ``num_microbatches``."""
+    return ``(the loss to backpropagate, its token count)`` (`microbatch_loss`)."""
     output_tensor, loss_func = forward_step_func(data_iterator, model)
-    loss, reported = loss_func(output_tensor)
-    forward_data_store.append(reported)
-    return loss / num_microbatches
+    return microbatch_loss(loss_func(output_tensor), num_microbatches, forward_data_store,
+                           calculate_per_token_loss)
 
 
 def backward_step(output_tensor: torch.Tensor, grad_scale_func: Callable | None) -> None:
-    """Backward from a micro-batch's (already averaged) loss, scaled for fp16."""
+    """Backward from a micro-batch's loss (as `forward_step` returned it), scaled for fp16."""
     if grad_scale_func is not None:
         output_tensor = grad_scale_func(output_tensor)
     torch.autograd.backward(output_tensor)
@@ -60,15 +64,17 @@ def forward_backward_no_pipelining(*, forward_step_func: Callable, data_iterator
                                    micro_batch_size: int, forward_only: bool = False,
                                    grad_scale_func: Callable | None = None,
                                    finalize_model_grads_func: Callable | None =
-                                   finalize_model_grads) -> list[dict]:
+                                   finalize_model_grads,
+                                   calculate_per_token_loss: bool = False) -> list[dict]:
     """All micro-batches on one stage, each forward followed by its backward.
 
     ``model`` and ``data_iterator`` may be given bare or as one-element lists (Megatron
     passes lists). ``seq_length`` and ``micro_batch_size`` are the shapes pipelined schedules
     exchange; unused here but checked, so every schedule takes the same arguments.
     ``grad_scale_func`` (the optimizer's ``scale_loss``) and ``finalize_model_grads_func``
-    are what Megatron reads from the model config; they are arguments here. With
-    ``forward_only`` nothing is differentiated (evaluation) and no gradients are touched.
+    and ``calculate_per_token_loss`` are what Megatron reads from the model config; they are
+    arguments here. With ``forward_only`` nothing is differentiated (evaluation) and no
+    gradients are touched.
     """
     model = _single(model, "model chunk")
     data_iterator = _single(data_iterator, "data iterator")
@@ -78,16 +84,19 @@ def forward_backward_no_pipelining(*, forward_step_func: Callable, data_iterator
             raise ValueError(f"{name}={value!r} must be a positive integer")
     no_sync = getattr(model, "no_sync", contextlib.nullcontext)
     forward_data_store: list[dict] = []
+    num_tokens = 0
     with torch.no_grad() if forward_only else contextlib.nullcontext():
         for i in range(num_microbatches):
             last = i == num_microbatches - 1
             with contextlib.nullcontext() if last or forward_only else no_sync():
-                loss = forward_step(forward_step_func, data_iterator, model, num_microbatches,
-                                    forward_data_store)
+                loss, tokens = forward_step(forward_step_func, data_iterator, model,
+                                            num_microbatches, forward_data_store,
+                                            calculate_per_token_loss)
+                num_tokens = num_tokens + tokens
                 if not forward_only:
                     backward_step(loss, grad_scale_func)
     if not forward_only and finalize_model_grads_func is not None:
-        finalize_model_grads_func([model])
+        finalize_model_grads_func([model], num_tokens if calculate_per_token_loss else None)
     return forward_data_store
 
 

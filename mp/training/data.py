@@ -52,7 +52,7 @@ def _corpus_datasets(cfg: JobConfig, train_samples: int, valid_samples: int):
     data, tr = cfg.data, cfg.training
     tokenizer = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
                                 merge_file=data.merge_file, tokenizer_model=data.tokenizer_model,
-                                eod_token=data.eod_token)
+                                eod_token=data.eod_token, vocab_size=data.vocab_size)
     if tokenizer.vocab_size > cfg.model.padded_vocab_size:
         raise ValueError(f"the tokenizer's vocabulary ({tokenizer.vocab_size} tokens) does not "
                          f"fit model.vocab_size={cfg.model.vocab_size} (padded to "
@@ -63,7 +63,8 @@ def _corpus_datasets(cfg: JobConfig, train_samples: int, valid_samples: int):
         data_path = [prepare_default_corpus(os.path.join(cache, "corpus"), tokenizer)]
     train_ds, valid_ds, _ = build_gpt_datasets(
         data_path, data.split, cfg.model.seq_length, tr.seed, train_samples, valid_samples, 0,
-        eod=tokenizer.eod, eod_mask_loss=data.eod_mask_loss, path_to_cache=data.data_cache_path)
+        eod=tokenizer.eod, eod_mask_loss=data.eod_mask_loss, path_to_cache=data.data_cache_path,
+        mmap_bin_files=data.mmap_bin_files)
     return train_ds, valid_ds, tokenizer.eod
 
 

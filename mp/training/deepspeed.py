@@ -296,7 +296,7 @@ def train_step_deepspeed(forward_step_func: Callable, data_iterator: Iterator, e
                          f"{num_microbatches} micro-batches")
     reported: list[dict] = []
     for _ in range(num_microbatches):
-        loss = forward_step(forward_step_func, data_iterator, engine, 1, reported)
+        loss, _ = forward_step(forward_step_func, data_iterator, engine, 1, reported)
         engine.backward(loss)  # divides by the accumulation steps
         engine.step(lr_kwargs={"increment": lr_increment})
     reduced, local = average_losses(reported)

@@ -3,8 +3,9 @@
 A micro-batch is the data loader's dict of ``[b, s]`` tensors (`mp.data.gpt_dataset`):
 ``tokens``, ``labels`` (the tokens shifted by one), ``loss_mask`` and ``position_ids``, and
 ``attention_mask [b, 1, s, s]`` when documents are kept apart (`mp.data.document_masks`). The
-model returns the per-token loss ``[b, s]``; the micro-batch loss is its mean over the tokens
-the mask keeps.
+model returns the per-token loss ``[b, s]``; as in Megatron, `loss_func` returns its sum over
+the tokens the mask keeps and their count, and the schedule takes the micro-batch's mean from
+them, or keeps the sum for the per-token loss (`mp.pipeline_parallel.losses`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ def get_batch(data_iterator: Iterator[dict]) -> dict[str, torch.Tensor]:
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """``sum(loss * mask) / sum(mask)`` and what to report of it."""
+    """``(sum(loss * mask), sum(mask) as int64, {"lm loss": [that sum, that count]})`` for the
+    per-token loss ``output_tensor [b, s]`` and ``loss_mask [b, s]``."""
     mask = loss_mask.float()
-    loss = (output_tensor.float() * mask).sum() / mask.sum()
-    return loss, {"lm loss": loss.detach()}
+    loss_sum = (output_tensor.float() * mask).sum()
+    num_tokens = mask.sum()
+    return loss_sum, num_tokens.to(torch.int64), \
+        {"lm loss": torch.stack([loss_sum, num_tokens]).detach()}
 
 
 def forward_step(data_iterator: Iterator[dict], model: nn.Module):

@@ -8,20 +8,31 @@ The line (values over the interval since the last line; losses and times average
     0.01 TFLOP/s/GPU | MFU - | peak mem 371 MiB
 
 (on one line; the global batch size is the last iteration's, which changes only under
-``training.rampup_batch_size``; rates count the interval's own samples). TFLOP/s per GPU counts
+``training.rampup_batch_size``; rates count the interval's own samples; with
+``logging.log_num_zeros_in_grad`` / ``log_params_norm``, the last iteration's ``num zeros N`` /
+``params norm X`` follow the grad norm). TFLOP/s per GPU counts
 recomputed work (Narayanan et al. 2021, eq. 3); MFU divides the model's own FLOPs (no recompute) by
 the device's dense bf16 peak ("-" on the CPU or an unknown GPU). Peak memory is CUDA's max
 allocated, or the process's max RSS on the CPU. Evaluation time is left out of ms/iter.
+
+The same values go to TensorBoard (``logging.tensorboard_dir``, from the reporting rank) and to
+Weights & Biases (``logging.wandb_project``, from the last rank, as in Megatron): that rank
+starts a run named ``wandb_exp_name`` (None: W&B picks one) in ``wandb_save_dir`` (default
+``<training.save>/wandb`` as in Megatron, else W&B's own default), with the resolved job config
+as its config, and finishes it at the end. Without ``wandb`` installed (``pip install wandb``,
+mp's ``wandb`` extra) it says so in one line and the job runs.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import resource
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 from mp.config import JobConfig
 from mp.training.flops import num_floating_point_operations, peak_tflops
@@ -52,9 +63,33 @@ def _open_tensorboard(directory: str | None):
     return SummaryWriter(log_dir=directory)
 
 
+def _is_last_rank() -> bool:
+    """Megatron's W&B rank: the last one (a process without ``torch.distributed`` is)."""
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+def _open_wandb(cfg: JobConfig):
+    """A W&B run of ``cfg`` (see the module doc), or None when ``wandb`` cannot be imported."""
+    lg = cfg.logging
+    try:
+        import wandb
+    except ImportError as error:
+        print(f"logging.wandb_project={lg.wandb_project!r} is set but wandb is not usable "
+              f"({error}); pip install wandb to log there", flush=True)
+        return None
+    directory = lg.wandb_save_dir
+    if directory is None and cfg.training.save is not None:
+        directory = os.path.join(cfg.training.save, "wandb")
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
+    return wandb.init(project=lg.wandb_project, name=lg.wandb_exp_name, dir=directory,
+                      config=cfg.to_dict())
+
+
 class TrainingLogger:
     """Reports for a job of ``world_size`` ranks on ``device``. Only the rank constructed
-    with ``enabled=True`` writes anything; the others only keep the interval timer."""
+    with ``enabled=True`` prints and writes TensorBoard scalars, and only the last rank logs to
+    W&B; the others only keep the interval timer."""
 
     def __init__(self, cfg: JobConfig, world_size: int, device: torch.device, *,
                  enabled: bool, start_iteration: int = 0):
@@ -62,6 +97,7 @@ class TrainingLogger:
         self.train_iterations = cfg.train_iterations(world_size)
         self.peak_tflops = peak_tflops(device)
         self.writer = _open_tensorboard(cfg.logging.tensorboard_dir) if enabled else None
+        self.wandb = _open_wandb(cfg) if cfg.logging.wandb_project and _is_last_rank() else None
         show = cfg.logging.progress
         if show == "auto":
             show = sys.stdout.isatty()
@@ -89,9 +125,11 @@ class TrainingLogger:
     def training_iteration(self, iteration: int, consumed_samples: int,
                            losses: dict[str, float], lr: float, grad_norm: float,
                            loss_scale: float, update_successful: bool,
-                           global_batch_size: int) -> None:
+                           global_batch_size: int, *, params_norm: float | None = None,
+                           num_zeros_in_grad: int | None = None) -> None:
         """Account one finished iteration of ``global_batch_size`` samples; print and write
-        scalars every ``log_interval``."""
+        scalars every ``log_interval``, with this iteration's ``num_zeros_in_grad`` and
+        ``params_norm`` when given (``logging.log_num_zeros_in_grad``, ``log_params_norm``)."""
         self._iterations += 1
         self._samples += global_batch_size
         self._skipped += not update_successful
@@ -117,7 +155,10 @@ class TrainingLogger:
                       f"consumed samples {consumed_samples}",
                       f"global batch size {global_batch_size}",
                       *(f"{k} {v:.4E}" for k, v in means.items()),
-                      f"lr {lr:.3E}", f"grad norm {grad_norm:.3f}", f"loss scale {loss_scale:g}",
+                      f"lr {lr:.3E}", f"grad norm {grad_norm:.3f}",
+                      *([] if num_zeros_in_grad is None else [f"num zeros {num_zeros_in_grad}"]),
+                      *([] if params_norm is None else [f"params norm {params_norm:.3f}"]),
+                      f"loss scale {loss_scale:g}",
                       f"{1000 * seconds:.1f} ms/iter", f"{tokens_per_s:.0f} tokens/s",
                       f"{tflops:.2f} TFLOP/s/GPU",
                       f"MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'}",
@@ -125,31 +166,36 @@ class TrainingLogger:
             if self._skipped:
                 fields.append(f"skipped {self._skipped}")
             self._print(" | ".join(fields))
+        scalars = {**means, "learning-rate": lr, "batch-size": global_batch_size,
+                   "grad-norm": grad_norm,
+                   "loss-scale": loss_scale, "iteration-time-ms": 1000 * seconds,
+                   "tokens-per-second": tokens_per_s, "tflops-per-gpu": tflops,
+                   "peak-memory-bytes": memory, "skipped-iterations": self._skipped}
+        for tag, value in (("mfu", mfu), ("num-zeros", num_zeros_in_grad),
+                           ("params-norm", params_norm)):
+            if value is not None:
+                scalars[tag] = value
+        self._write_scalars(scalars, iteration)
+        self._reset_interval()
+
+    def _write_scalars(self, scalars: dict[str, float], iteration: int) -> None:
+        """``scalars`` at step ``iteration`` to TensorBoard and W&B, where they are open."""
         if self.writer is not None:
-            scalars = {**means, "learning-rate": lr, "batch-size": global_batch_size,
-                       "grad-norm": grad_norm,
-                       "loss-scale": loss_scale, "iteration-time-ms": 1000 * seconds,
-                       "tokens-per-second": tokens_per_s, "tflops-per-gpu": tflops,
-                       "peak-memory-bytes": memory, "skipped-iterations": self._skipped}
-            if mfu is not None:
-                scalars["mfu"] = mfu
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, iteration)
-        self._reset_interval()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=iteration)
 
     def validation(self, iteration: int, losses: dict[str, float]) -> None:
         """Print the validation losses and perplexities (``exp(min(20, loss))``, Megatron's)."""
-        if not self.enabled:
-            return
         results = {}
         for key, value in losses.items():
             results[key] = value
             results[f"{key} PPL"] = math.exp(min(20.0, value))
-        self._print(f"validation at iteration {iteration} | "
-                    + " | ".join(f"{k} {v:.4E}" for k, v in results.items()))
-        if self.writer is not None:
-            for key, value in results.items():
-                self.writer.add_scalar(f"validation {key}", value, iteration)
+        if self.enabled:
+            self._print(f"validation at iteration {iteration} | "
+                        + " | ".join(f"{k} {v:.4E}" for k, v in results.items()))
+        self._write_scalars({f"validation {k}": v for k, v in results.items()}, iteration)
 
     def early_exit(self, iteration: int, reason: str) -> None:
         """Say that the run stopped after ``iteration`` (of `JobConfig.train_iterations`),
@@ -167,3 +213,5 @@ class TrainingLogger:
             self.progress.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()

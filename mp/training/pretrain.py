@@ -29,8 +29,6 @@ from mp.training.exit import ExitConditions
 from mp.training.logger import TrainingLogger
 from mp.training.training import TrainState, train
 
-_BYTES_PER_GRAD = 4  # main_grad buffers are fp32
-
 
 def set_random_seed(seed: int) -> None:
     """Megatron's ``_set_random_seed``: ``seed + 100 * pp_rank`` (pipeline stages differ) for
@@ -50,11 +48,13 @@ def setup_model_and_optimizer(cfg: JobConfig) -> tuple[list[DistributedDataParal
     """This rank's GPT chunks (one per virtual stage) wrapped for data parallelism, their
     optimizer and LR schedule."""
     tr = cfg.training
+    grad_dtype = torch.bfloat16 if tr.grad_reduce_in_bf16 else torch.float32
     model = [DistributedDataParallel(
         chunk, overlap_grad_reduce=tr.overlap_grad_reduce,
-        bucket_size=max(1, int(tr.bucket_size_mb * 2**20 / _BYTES_PER_GRAD)),
+        bucket_size=max(1, int(tr.bucket_size_mb * 2**20 / grad_dtype.itemsize)),
         use_distributed_optimizer=tr.use_distributed_optimizer,
-        overlap_param_gather=tr.overlap_param_gather)
+        overlap_param_gather=tr.overlap_param_gather,
+        calculate_per_token_loss=tr.calculate_per_token_loss, grad_dtype=grad_dtype)
         for chunk in build_gpt_chunks(cfg.model)]
     optimizer = get_megatron_optimizer(
         model, lr=tr.lr, weight_decay=tr.weight_decay, adam_beta1=tr.adam_beta1,
@@ -62,7 +62,8 @@ def setup_model_and_optimizer(cfg: JobConfig) -> tuple[list[DistributedDataParal
         loss_scale=tr.loss_scale, initial_loss_scale=tr.initial_loss_scale,
         min_loss_scale=tr.min_loss_scale, loss_scale_window=tr.loss_scale_window,
         hysteresis=tr.hysteresis, use_distributed_optimizer=tr.use_distributed_optimizer,
-        optimizer_impl=tr.optimizer_impl)
+        optimizer_impl=tr.optimizer_impl, decoupled_lr=tr.decoupled_lr,
+        log_num_zeros_in_grad=cfg.logging.log_num_zeros_in_grad)
     return model, optimizer, build_opt_param_scheduler(optimizer, tr)
 
 
@@ -74,7 +75,9 @@ def build_opt_param_scheduler(optimizer, tr: TrainingConfig) -> OptimizerParamSc
     return OptimizerParamScheduler(optimizer, max_lr=tr.lr, min_lr=tr.min_lr,
                                    lr_warmup_steps=warmup, lr_decay_steps=decay,
                                    lr_decay_style=tr.lr_decay_style, wsd_decay_steps=wsd,
-                                   lr_wsd_decay_style=tr.lr_wsd_decay_style)
+                                   lr_wsd_decay_style=tr.lr_wsd_decay_style,
+                                   decoupled_lr=tr.decoupled_lr,
+                                   decoupled_min_lr=tr.decoupled_min_lr)
 
 
 def count_parameters(model: list[torch.nn.Module]) -> int:

@@ -4,14 +4,23 @@ One iteration: zero the gradient buffers, run the schedule over the iteration's 
 (as many as its global batch holds: `mp.config.BatchSchedule`, which may ramp the batch up),
 take an optimizer step, advance the learning-rate schedule (by one iteration, or by the
 iteration's samples in a run counted in samples) when the step was applied, and average the
-reported losses over micro-batches and data-parallel ranks (one all-reduce). Every
+reported losses over micro-batches and data-parallel ranks (one all-reduce; with
+``training.calculate_per_token_loss``, total loss over total tokens: `average_losses`). Every
 ``eval_interval`` iterations, and after the last one, the validation loss is measured with a
-forward-only schedule.
+forward-only schedule, averaged the same way over all its iterations. With
+``logging.log_params_norm`` the step also measures the parameters' norm
+(`MixedPrecisionOptimizer.calc_params_l2_norm`).
 
 A loss that is not finite in a bf16 or fp32 run stops the run with an error that names the
 iteration and the rank (fp16 runs skip such steps through the loss scaler instead). The
 ``checkpoint_hook`` is called with the `TrainState` every ``save_interval`` iterations and at
 the end; the error names the last iteration it saved, the one to resume from.
+
+Around the iterations: Python's garbage collector at the same points on every rank with
+``training.manual_gc`` (`mp.training.manual_gc`), the CUDA cache emptied after the
+forward-backward pass (``training.empty_unused_memory_level`` 1, evaluation too) and after the
+optimizer step (2), as in Megatron, and the profiled range of ``logging.profile``
+(`mp.training.profiling`).
 """
 
 from __future__ import annotations
@@ -27,10 +36,13 @@ from torch import nn
 
 from mp import parallel_state
 from mp.config import JobConfig
+from mp.device import get_device
 from mp.optim import MixedPrecisionOptimizer, OptimizerParamScheduler
 from mp.pipeline_parallel.schedules import get_forward_backward_func
 from mp.training.exit import ExitConditions
 from mp.training.logger import TrainingLogger
+from mp.training.manual_gc import ManualGC
+from mp.training.profiling import IterationProfiler
 
 
 @dataclass
@@ -47,26 +59,43 @@ class StepOutput(NamedTuple):
     local_losses: dict[str, float]  # this rank's mean over its micro-batches
     update_successful: bool
     grad_norm: float
+    params_norm: float | None = None  # with logging.log_params_norm
+    num_zeros_in_grad: int | None = None  # with logging.log_num_zeros_in_grad
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became inf or NaN in a run without loss scaling."""
 
 
-def average_losses(per_microbatch: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
-    """(the data-parallel mean, this rank's own mean) over micro-batches, as floats. Only the
-    last pipeline stage computes losses; it sends the result to the other stages."""
+def _sum_and_count(values: list[torch.Tensor], per_token: bool) -> torch.Tensor:
+    """``[numerator, denominator]`` (float64) of the mean of one reported key over
+    micro-batches: a value is a micro-batch's mean (one element) or its ``[loss sum, token
+    count]`` (two), whose ratio is averaged per micro-batch, or summed when ``per_token``."""
+    pairs = torch.stack([v.detach().double().view(-1) for v in values])
+    if pairs.size(1) == 1:
+        return torch.stack([pairs.sum(), pairs.new_tensor(float(len(values)))])
+    if per_token:
+        return pairs.sum(0)
+    return torch.stack([(pairs[:, 0] / pairs[:, 1]).sum(), pairs.new_tensor(float(len(values)))])
+
+
+def average_losses(per_microbatch: list[dict], calculate_per_token_loss: bool = False
+                   ) -> tuple[dict[str, float], dict[str, float]]:
+    """(the data-parallel mean, this rank's own mean) over micro-batches, as floats: the mean
+    of the micro-batches' losses, or with ``calculate_per_token_loss`` the sum of their loss
+    sums over the sum of their token counts (Megatron's per-token reporting). Only the last
+    pipeline stage computes losses; it sends the result to the other stages."""
     result = None
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         keys = list(per_microbatch[0])
-        local = torch.stack([torch.stack([d[k].float() for d in per_microbatch]).mean()
-                             for k in keys])
+        local = torch.stack([_sum_and_count([d[k] for d in per_microbatch],
+                                            calculate_per_token_loss) for k in keys])
         reduced = local.clone()
         if parallel_state.get_data_parallel_world_size() > 1:
             dist.all_reduce(reduced, group=parallel_state.get_data_parallel_group())
-            reduced /= parallel_state.get_data_parallel_world_size()
-        local_values, reduced_values = torch.stack([local, reduced]).tolist()
-        result = dict(zip(keys, reduced_values)), dict(zip(keys, local_values))
+        local_values, reduced_values = (t[:, 0] / t[:, 1] for t in (local, reduced))
+        result = (dict(zip(keys, reduced_values.tolist())),
+                  dict(zip(keys, local_values.tolist())))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         box = [result]
         dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
@@ -78,44 +107,58 @@ def average_losses(per_microbatch: list[dict]) -> tuple[dict[str, float], dict[s
 def train_step(forward_step_func: Callable, data_iterator: Iterator, model: list[nn.Module],
                optimizer: MixedPrecisionOptimizer, opt_param_scheduler: OptimizerParamScheduler,
                *, num_microbatches: int, seq_length: int, micro_batch_size: int,
-               lr_increment: int = 1) -> StepOutput:
+               lr_increment: int = 1, empty_unused_memory_level: int = 0,
+               calculate_per_token_loss: bool = False, log_params_norm: bool = False
+               ) -> StepOutput:
     """One iteration over ``num_microbatches`` micro-batches of ``model`` (a list of
     `DistributedDataParallel` chunks); a successful update advances the learning-rate schedule
-    by ``lr_increment`` (the iteration's samples when it counts samples)."""
+    by ``lr_increment`` (the iteration's samples when it counts samples). The CUDA cache is
+    emptied after the forward-backward pass at ``empty_unused_memory_level`` 1, and also after
+    the optimizer step at 2 (Megatron's)."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses = get_forward_backward_func()(
         forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
         num_microbatches=num_microbatches, seq_length=seq_length,
-        micro_batch_size=micro_batch_size, grad_scale_func=optimizer.scale_loss)
+        micro_batch_size=micro_batch_size, grad_scale_func=optimizer.scale_loss,
+        calculate_per_token_loss=calculate_per_token_loss)
+    if empty_unused_memory_level >= 1:
+        torch.cuda.empty_cache()  # does nothing until CUDA is used
     result = optimizer.step()
     if result.update_successful:
         opt_param_scheduler.step(lr_increment)
-    reduced, local = average_losses(losses)
-    return StepOutput(reduced, local, result.update_successful, result.grad_norm)
+    if empty_unused_memory_level >= 2:
+        torch.cuda.empty_cache()
+    reduced, local = average_losses(losses, calculate_per_token_loss)
+    return StepOutput(reduced, local, result.update_successful, result.grad_norm,
+                      optimizer.calc_params_l2_norm() if log_params_norm else None,
+                      result.num_zeros_in_grad)
 
 
 def evaluate(forward_step_func: Callable, data_iterator: Iterator, model: list[nn.Module], *,
              eval_iters: int, num_microbatches: int, seq_length: int,
-             micro_batch_size: int) -> dict[str, float]:
-    """The reported losses averaged over ``eval_iters`` forward-only iterations (models in
-    eval mode, no gradients), their micro-batches and the data-parallel ranks."""
+             micro_batch_size: int, empty_unused_memory_level: int = 0,
+             calculate_per_token_loss: bool = False) -> dict[str, float]:
+    """The reported losses of ``eval_iters`` forward-only iterations (models in eval mode, no
+    gradients) averaged over all their micro-batches and the data-parallel ranks, or per
+    token (`average_losses`); the CUDA cache is emptied after each at
+    ``empty_unused_memory_level`` >= 1."""
     for chunk in model:
         chunk.eval()
-    totals: dict[str, float] = {}
+    losses: list[dict] = []
     try:
         for _ in range(eval_iters):
-            losses = get_forward_backward_func()(
+            losses += get_forward_backward_func()(
                 forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
                 num_microbatches=num_microbatches, seq_length=seq_length,
                 micro_batch_size=micro_batch_size, forward_only=True)
-            for key, value in average_losses(losses)[0].items():
-                totals[key] = totals.get(key, 0.0) + value
+            if empty_unused_memory_level >= 1:
+                torch.cuda.empty_cache()
     finally:
         for chunk in model:
             chunk.train()
-    return {key: value / eval_iters for key, value in totals.items()}
+    return average_losses(losses, calculate_per_token_loss)[0]
 
 
 def _check_finite(out: StepOutput, state: TrainState) -> None:
@@ -144,19 +187,22 @@ def train(forward_step_func: Callable, model: list[nn.Module],
     (`JobConfig.train_iterations`), or until ``exit_conditions`` stop it. Evaluation
     iterations take the full global batch."""
     tr = cfg.training
-    shapes = {"seq_length": cfg.model.seq_length, "micro_batch_size": tr.micro_batch_size}
+    shared = {"seq_length": cfg.model.seq_length, "micro_batch_size": tr.micro_batch_size,
+              "empty_unused_memory_level": tr.empty_unused_memory_level,
+              "calculate_per_token_loss": tr.calculate_per_token_loss}
     per_microbatch = tr.micro_batch_size * parallel_state.get_data_parallel_world_size()
     for chunk in model:
         chunk.train()
     return run_iterations(
         lambda batch: train_step(forward_step_func, train_data_iterator, model, optimizer,
                                  opt_param_scheduler, num_microbatches=batch // per_microbatch,
-                                 lr_increment=batch if tr.counts_samples else 1, **shapes),
+                                 lr_increment=batch if tr.counts_samples else 1,
+                                 log_params_norm=cfg.logging.log_params_norm, **shared),
         cfg, logger, lr=opt_param_scheduler.get_lr, loss_scale=optimizer.get_loss_scale,
         evaluate=None if valid_data_iterator is None else
         lambda: evaluate(forward_step_func, valid_data_iterator, model,
                          eval_iters=tr.eval_iters,
-                         num_microbatches=cfg.num_microbatches(dist.get_world_size()), **shapes),
+                         num_microbatches=cfg.num_microbatches(dist.get_world_size()), **shared),
         state=state, checkpoint_hook=checkpoint_hook, exit_conditions=exit_conditions)
 
 
@@ -171,7 +217,8 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
     loss, log with ``lr()`` and ``loss_scale()``, ``evaluate`` every ``eval_interval``
     iterations and after the last, save every ``save_interval`` iterations and at the end.
     When ``exit_conditions`` give a reason to stop before the last iteration, the run saves
-    and ends there, without the final evaluation."""
+    and ends there, without the final evaluation. Garbage collection (`ManualGC`) and
+    profiling (`IterationProfiler`) happen around the iterations."""
     tr = cfg.training
     state = TrainState() if state is None else state
     check_loss = cfg.model.precision != "fp16"
@@ -179,7 +226,9 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
 
     def run_evaluation():
         logger.pause()
+        collector.before_evaluation()
         logger.validation(state.iteration, evaluate())
+        collector.after_evaluation()
         logger.resume()
 
     def save():
@@ -190,29 +239,35 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
     stop = None
     schedule = cfg.batch_schedule(dist.get_world_size())
     iterations = cfg.train_iterations(dist.get_world_size())
-    while state.iteration < iterations:
-        batch = schedule.global_batch_size_at(state.consumed_train_samples)
-        out = step(batch)
-        state.iteration += 1
-        state.consumed_train_samples += batch
-        if check_loss:
-            _check_finite(out, state)
-        logger.training_iteration(state.iteration, state.consumed_train_samples, out.losses,
-                                  lr(), out.grad_norm, loss_scale(), out.update_successful,
-                                  batch)
-        if can_evaluate and tr.eval_interval and state.iteration % tr.eval_interval == 0:
+    with (ManualGC(tr) as collector,
+          IterationProfiler(cfg.logging, dist.get_rank(), get_device()) as profiler):
+        while state.iteration < iterations:
+            batch = schedule.global_batch_size_at(state.consumed_train_samples)
+            profiler.before_iteration(state.iteration)
+            out = step(batch)
+            state.iteration += 1
+            state.consumed_train_samples += batch
+            if check_loss:
+                _check_finite(out, state)
+            logger.training_iteration(state.iteration, state.consumed_train_samples, out.losses,
+                                      lr(), out.grad_norm, loss_scale(), out.update_successful,
+                                      batch, params_norm=out.params_norm,
+                                      num_zeros_in_grad=out.num_zeros_in_grad)
+            if can_evaluate and tr.eval_interval and state.iteration % tr.eval_interval == 0:
+                run_evaluation()
+                evaluated_at = state.iteration
+            if checkpoint_hook and tr.save_interval and state.iteration % tr.save_interval == 0:
+                save()
+            profiler.after_iteration(state.iteration)
+            collector.after_iteration(state.iteration)
+            if exit_conditions is not None and state.iteration < iterations:
+                stop = exit_conditions.reason(state.iteration)
+                if stop is not None:
+                    break
+        if can_evaluate and stop is None and evaluated_at != state.iteration:
             run_evaluation()
-            evaluated_at = state.iteration
-        if checkpoint_hook and tr.save_interval and state.iteration % tr.save_interval == 0:
+        if checkpoint_hook and state.last_saved_iteration != state.iteration:
             save()
-        if exit_conditions is not None and state.iteration < iterations:
-            stop = exit_conditions.reason(state.iteration)
-            if stop is not None:
-                break
-    if can_evaluate and stop is None and evaluated_at != state.iteration:
-        run_evaluation()
-    if checkpoint_hook and state.last_saved_iteration != state.iteration:
-        save()
     if stop is not None:
         logger.early_exit(state.iteration, stop)
     return state

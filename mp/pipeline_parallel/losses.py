@@ -1,0 +1,42 @@
+"""From one micro-batch's ``loss_func`` output to what its backward starts from (the tail of
+Megatron-Core's schedule ``forward_step``), shared by every schedule.
+
+``loss_func(output_tensor)`` returns either ``(loss, reported)``, the micro-batch's loss already
+averaged, or, as Megatron's GPT step does (`mp.training.gpt_step`), ``(loss_sum, num_tokens,
+reported)``: the sum of the per-token losses its mask keeps and how many tokens that is.
+``reported`` maps names to what the training loop averages
+(`mp.training.training.average_losses`).
+
+By default backward starts from the micro-batch's mean loss divided by the number of
+micro-batches ``m``, so that the gradients accumulate to the mean over micro-batches (and
+`mp.distributed.DistributedDataParallel` averages them over the data-parallel ranks). With
+``calculate_per_token_loss`` (Megatron's ``--calculate-per-token-loss``) it starts from the sum
+itself; the schedule adds the micro-batches' token counts up and
+`mp.distributed.finalize_model_grads` divides the gradients by the global batch's count. The
+step then minimises (sum of every kept token's loss) / (number of kept tokens) over the whole
+global batch, which differs from the mean of micro-batch means when the loss masks keep
+unequal numbers of tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def microbatch_loss(outputs: tuple, num_microbatches: int, forward_data_store: list[dict],
+                    calculate_per_token_loss: bool) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """``(scalar to backpropagate, token count)`` from ``loss_func``'s ``outputs`` (the count
+    is 0 for a loss_func that returns a mean); appends ``reported`` to ``forward_data_store``."""
+    if len(outputs) == 3:
+        loss, num_tokens, reported = outputs
+        if not calculate_per_token_loss:
+            loss = loss / num_tokens / num_microbatches
+    elif calculate_per_token_loss:
+        raise ValueError("calculate_per_token_loss=True needs a loss_func that returns "
+                         f"(loss sum, token count, reported); this one returned {len(outputs)} "
+                         "values")
+    else:
+        (loss, reported), num_tokens = outputs, 0
+        loss = loss / num_microbatches
+    forward_data_store.append(reported)
+    return loss, num_tokens
