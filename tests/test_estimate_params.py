@@ -90,13 +90,14 @@ def test_narayanan_table_1_sizes(heads, hidden, layers, printed):
     assert f"{model_params(cfg) / 1e9:.{decimals}f}" == printed
 
 
-def _measured_state(tp: int, precision: str, overrides: dict) -> tuple[float, float, float]:
+def _measured_state(tp: int, precision: str, overrides: dict,
+                    grad_dtype: torch.dtype = torch.float32) -> tuple[float, float, float]:
     """Bytes of weights, gradient buffer and optimizer state this rank holds after a step."""
     ps.initialize_model_parallel(tp)
     torch.manual_seed(0)
     cfg = _config(tp, precision=precision, hidden_dropout=0.0, attention_dropout=0.0,
                   **overrides)
-    model = DistributedDataParallel(GPTModel(cfg))
+    model = DistributedDataParallel(GPTModel(cfg), grad_dtype=grad_dtype)
     opt = get_megatron_optimizer([model], lr=1e-3, initial_loss_scale=2.0**8)
     ids = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length),
                         generator=torch.Generator().manual_seed(1))
@@ -121,6 +122,16 @@ def test_state_bytes_equal_model_ddp_and_optimizer(tp, variant, precision):
     measured = run_distributed(2, _measured_state, tp, precision, VARIANTS[variant])
     cfg = _config(tp, precision=precision, **VARIANTS[variant])
     expected = state_bytes(Setup(cfg, data_parallel_size=2 // tp), rank_params(cfg))
+    for rank, got in enumerate(measured):
+        assert got == (expected.weights, expected.grads, expected.optimizer), f"rank {rank}"
+
+
+def test_bf16_gradient_buffers_halve_the_gradient_bytes():
+    """``grad_reduce_in_bf16``: 2 bytes per parameter for the gradients, the rest unchanged."""
+    measured = run_distributed(2, _measured_state, 2, "bf16", {}, torch.bfloat16)
+    cfg = _config(2, precision="bf16")
+    expected = state_bytes(Setup(cfg, grad_reduce_in_bf16=True), rank_params(cfg))
+    assert expected.grads == 2 * rank_params(cfg).total
     for rank, got in enumerate(measured):
         assert got == (expected.weights, expected.grads, expected.optimizer), f"rank {rank}"
 

@@ -2,6 +2,7 @@
 short run on the embedded corpus lowers the loss; a bad config stops before any process group;
 a rank that dies takes the whole job down."""
 
+import math
 import os
 import re
 import signal
@@ -137,3 +138,49 @@ def test_a_dying_rank_takes_the_job_down(cache_dir, tmp_path):
     assert run.returncode != 0
     assert "planted failure on rank 1" in run.stdout + run.stderr
     assert time.monotonic() - start < 120
+
+
+def _replaced(flags: list[str], values: dict[str, str]) -> list[str]:
+    """``flags`` with the value after each flag of ``values`` replaced."""
+    out = list(flags)
+    for flag, value in values.items():
+        out[out.index(flag) + 1] = value
+    return out
+
+
+def test_megatron_llama3_example_runs_scaled_down(cache_dir, tmp_path, monkeypatch):
+    """Megatron-LM's Llama 3 8B bf16 example on mock data, its flags as written but the sizes
+    shrunk (and TP 2; heads 24 wide at hidden size 64): it trains in bf16 with the per-token
+    loss, decoupled rates and bf16 gradient reduction, prints why the flags without effect
+    have none, and its final checkpoint continues a NullTokenizer prompt (tools/generate.py)."""
+    from test_config_megatron import MEGATRON_LLAMA3_8B
+
+    flags = _replaced(MEGATRON_LLAMA3_8B, {
+        "--num-layers": "2", "--hidden-size": "64", "--ffn-hidden-size": "128",
+        "--num-attention-heads": "4", "--num-query-groups": "2", "--kv-channels": "24",
+        "--seq-length": "64", "--max-position-embeddings": "64", "--global-batch-size": "8",
+        "--train-samples": "96", "--lr-decay-samples": "96", "--lr-warmup-samples": "16",
+        "--tensor-model-parallel-size": "2", "--vocab-size": "1000"})
+    flags += ["--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt"),
+              "--tensorboard-dir", str(tmp_path / "tb"), "--data-cache-path", cache_dir,
+              "--wandb-save-dir", str(tmp_path / "wandb")]
+    monkeypatch.setenv("WANDB_MODE", "offline")  # when wandb is installed: no network
+    run = torchrun(LAUNCH, flags, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+    assert out.count("world 4 = TP 2 x PP 1 x DP 2") == 1
+    assert out.count("has no effect in mp") == 6
+    losses = [float(x) for x in re.findall(r"^iteration \d+/12 \|.*?\| lm loss (\S+) \|", out,
+                                           re.MULTILINE)]
+    assert len(losses) == 12, out
+    assert abs(losses[0] - math.log(1001)) < 0.1  # random tokens of NullTokenizer's vocabulary
+    assert re.search(r"^iteration 12/12 \|.*\| num zeros \d+ \| params norm \S+ \|", out,
+                     re.MULTILINE), out
+    generate = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--load",
+         str(tmp_path / "ckpt"), "--prompt", "1 2 3", "--max-new-tokens", "4", "--greedy"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert generate.returncode == 0, generate.stderr[-3000:]
+    prompt, *_, continued = generate.stdout.strip().splitlines()
+    assert prompt == "1 2 3", generate.stdout
+    assert [int(token) <= 1000 for token in continued.split()] == [True] * 4, generate.stdout

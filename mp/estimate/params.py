@@ -15,7 +15,8 @@ Bytes per parameter, as ``mp`` keeps them (checked against the built model and o
 | bf16 / fp16 | 2 | 4 | 12: fp32 master, Adam ``exp_avg`` and ``exp_avg_sq`` |
 | fp32 | 4 | 4 | 8: the parameter is its own master |
 
-plus AdamW's ``step`` counter, a 4-byte tensor per parameter tensor. That is 18 bytes per
+plus AdamW's ``step`` counter, a 4-byte tensor per parameter tensor. With
+``grad_reduce_in_bf16`` (Megatron's ``--grad-reduce-in-bf16``) the gradients take 2 bytes. That is 18 bytes per
 parameter for bf16 (Megatron's figure). fp16 costs 18 too: mp accumulates every precision's
 gradients in fp32, where Megatron's fp16 path keeps fp16 gradients and an fp32 copy (20).
 With the distributed optimizer (`mp.optim.DistributedOptimizer`) the optimizer column is
@@ -134,11 +135,13 @@ class StateBytes:
 
 
 def state_bytes(setup: Setup, params: RankParams) -> StateBytes:
-    """Weights, fp32 gradient buffer and optimizer state for ``params`` (see the module doc)."""
+    """Weights, gradient buffer (fp32, or bf16 with ``setup.grad_reduce_in_bf16``) and
+    optimizer state for ``params`` (see the module doc)."""
     n = params.total
     master = 0 if setup.model.precision == "fp32" else FP32
     if setup.distributed_optimizer:
         optimizer = n * (master + ADAM_MOMENT_BYTES) / setup.data_parallel_size
     else:
         optimizer = n * (master + ADAM_MOMENT_BYTES) + params.tensors * STEP_COUNTER_BYTES
-    return StateBytes(weights=n * setup.activation_bytes, grads=n * FP32, optimizer=optimizer)
+    return StateBytes(weights=n * setup.activation_bytes, grads=n * setup.grad_bytes,
+                      optimizer=optimizer)
