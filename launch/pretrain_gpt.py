@@ -7,8 +7,9 @@ The config (YAML plus overrides, see ``--help``; without ``--config``, Megatron-
 alone) is checked against the world size before any
 process group exists. Then every rank joins the job (NCCL with one GPU per local rank when
 CUDA is there, gloo on the CPU), the tensor/pipeline/data-parallel groups are made, rank 0
-prints the resolved config (and a notice for each Megatron flag that changes nothing in mp), and `mp.training.pretrain.pretrain` builds the data (the embedded
-corpus by default), the model and the optimizer, and trains. An exception on any rank ends
+prints the resolved config (and a notice for each Megatron flag that changes nothing in mp),
+and `mp.training.pretrain.pretrain` builds the data (the embedded corpus by default), the
+model and the optimizer, and trains. An exception on any rank ends
 that rank with a traceback and a non-zero status, and torchrun then stops the others.
 """
 

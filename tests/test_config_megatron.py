@@ -2,9 +2,9 @@
 nothing in mp (accepted, with a notice) and those of features mp does not have (refused)."""
 
 import pytest
+from test_config import TINY, error_of, shipped
 
 from mp.config import flag_notices, parse_args
-from test_config import TINY, error_of, shipped
 
 
 def _gpt2_files(tmp_path) -> list[str]:
@@ -138,19 +138,19 @@ def test_flags_without_effect_say_why():
             "--attention-softmax-in-fp32", "--lr", "1e-3"]
     assert parse_args(argv, world_size=4).training.lr == 1e-3
     assert flag_notices(argv) == [
-        "notice: --transformer-impl local has no effect in mp: mp always runs its own layers "
-        "(Megatron's local ones), not Transformer Engine's",
-        "notice: --attention-softmax-in-fp32 has no effect in mp: mp's softmax always computes "
-        "in fp32"]
+        ("notice: --transformer-impl local has no effect in mp: mp always runs its own layers "
+        "(Megatron's local ones), not Transformer Engine's"),
+        ("notice: --attention-softmax-in-fp32 has no effect in mp: mp's softmax always computes "
+        "in fp32")]
     assert error_of("--ckpt-format") == "--ckpt-format needs a value"
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--context-parallel-size", "2"], "--context-parallel-size=2: mp has no context "
+    (["--context-parallel-size", "2"], ("--context-parallel-size=2: mp has no context "
      "parallelism (only 1 is accepted); split long sequences over the tensor-parallel ranks "
-     "with --sequence-parallel"),
-    (["--fp8-format", "hybrid"], "--fp8-format: mp has no FP8 training (Transformer Engine); "
-     "use --bf16"),
+     "with --sequence-parallel")),
+    (["--fp8-format", "hybrid"], ("--fp8-format: mp has no FP8 training (Transformer Engine); "
+     "use --bf16")),
     (["--num-experts", "8"], "--num-experts: mp has no mixture-of-experts layers"),
 ])
 def test_flags_of_missing_features_are_refused(flags, message):

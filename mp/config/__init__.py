@@ -1,7 +1,8 @@
 """Job configs: YAML files plus command-line overrides to a checked `JobConfig`.
 
 - `load_config(path, overrides, world_size)` and `parse_args(argv)` (``--config PATH`` and
-  overrides, for ``launch/pretrain_gpt.py``, which also prints `flag_notices`) in `mp.config.loader` / `mp.config.cli`;
+  overrides, for ``launch/pretrain_gpt.py``, which also prints `flag_notices`) in
+  `mp.config.loader` / `mp.config.cli`;
 - `JobConfig` (sections ``model``, ``training``, ``data``, ``logging``), `format_config` and
   `resolve_world_size` in `mp.config.job`; the sections in `mp.config.sections`;
 - the override syntax and Megatron flag aliases in `mp.config.overrides`;

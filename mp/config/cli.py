@@ -12,8 +12,14 @@ from collections.abc import Sequence
 from mp.config.coerce import ConfigError, describe, field_annotations
 from mp.config.job import SECTIONS, JobConfig
 from mp.config.loader import load_config
-from mp.config.overrides import (ALIASES, CONSTANT_FLAGS, DEFERRED_FLAGS, MEGATRON_VALUES,
-                                 NO_EFFECT_FLAGS, no_effect_notices)
+from mp.config.overrides import (
+    ALIASES,
+    CONSTANT_FLAGS,
+    DEFERRED_FLAGS,
+    MEGATRON_VALUES,
+    NO_EFFECT_FLAGS,
+    no_effect_notices,
+)
 
 CONFIG_FLAG = "--config"
 

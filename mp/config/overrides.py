@@ -69,10 +69,10 @@ _MEGATRON_NAMES = {
         "lr_decay_iters", "lr_warmup_samples", "lr_decay_samples", "weight_decay", "adam_beta1",
         "adam_beta2", "adam_eps", "clip_grad", "seed", "loss_scale", "initial_loss_scale",
         "min_loss_scale", "loss_scale_window", "hysteresis", "use_distributed_optimizer",
-        "overlap_param_gather",
-        "overlap_grad_reduce", "deepspeed", "deepspeed_config", "eval_interval", "eval_iters",
-        "save", "load", "finetune", "use_checkpoint_args", "save_interval", "exit_interval", "exit_duration_in_mins",
-        "exit_signal_handler", "exit_signal", "calculate_per_token_loss", "decoupled_lr",
+        "overlap_param_gather", "overlap_grad_reduce", "deepspeed", "deepspeed_config",
+        "eval_interval", "eval_iters", "save", "load", "finetune", "use_checkpoint_args",
+        "save_interval", "exit_interval", "exit_duration_in_mins", "exit_signal_handler",
+        "exit_signal", "calculate_per_token_loss", "decoupled_lr",
         "decoupled_min_lr", "grad_reduce_in_bf16", "manual_gc", "manual_gc_interval",
         "empty_unused_memory_level", "distributed_timeout_minutes",
     ),
@@ -129,16 +129,16 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
 NO_EFFECT_FLAGS: dict[str, tuple[int, str]] = {
     "--use-mcore-models": (0, "mp has one GPT, laid out as Megatron-Core's"),
     "--log-throughput": (0, "every log line has tokens/s, TFLOP/s per GPU and MFU"),
-    "--log-timers-to-tensorboard": (0, "mp times whole iterations, and TensorBoard always gets "
-                                       "that time (iteration-time-ms)"),
-    "--no-create-attention-mask-in-dataloader": (0, "mp's loader never builds a causal mask; "
-                                                    "attention applies causality itself"),
+    "--log-timers-to-tensorboard": (0, ("mp times whole iterations, and TensorBoard always gets "
+                                       "that time (iteration-time-ms)")),
+    "--no-create-attention-mask-in-dataloader": (0, ("mp's loader never builds a causal mask; "
+                                                    "attention applies causality itself")),
     "--attention-softmax-in-fp32": (0, "mp's softmax always computes in fp32"),
     "--tiktoken-pattern": (1, "it configures Megatron's TikTokenizer, which mp does not have"),
-    "--ckpt-format": (1, "mp writes one format, which loads at any parallel layout as "
-                         "torch_dist does (docs/checkpoints.md)"),
-    "--transformer-impl": (1, "mp always runs its own layers (Megatron's local ones), not "
-                              "Transformer Engine's"),
+    "--ckpt-format": (1, ("mp writes one format, which loads at any parallel layout as "
+                         "torch_dist does (docs/checkpoints.md)")),
+    "--transformer-impl": (1, ("mp always runs its own layers (Megatron's local ones), not "
+                              "Transformer Engine's")),
 }
 
 #: Megatron-LM flags of features mp does not have -> what to say when one is given.

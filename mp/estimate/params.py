@@ -15,10 +15,11 @@ Bytes per parameter, as ``mp`` keeps them (checked against the built model and o
 | bf16 / fp16 | 2 | 4 | 12: fp32 master, Adam ``exp_avg`` and ``exp_avg_sq`` |
 | fp32 | 4 | 4 | 8: the parameter is its own master |
 
-plus AdamW's ``step`` counter, a 4-byte tensor per parameter tensor. With
-``grad_reduce_in_bf16`` (Megatron's ``--grad-reduce-in-bf16``) the gradients take 2 bytes. That is 18 bytes per
-parameter for bf16 (Megatron's figure). fp16 costs 18 too: mp accumulates every precision's
-gradients in fp32, where Megatron's fp16 path keeps fp16 gradients and an fp32 copy (20).
+plus AdamW's ``step`` counter, a 4-byte tensor per parameter tensor. That is 18 bytes per
+parameter for bf16 (Megatron's figure), 16 when ``grad_reduce_in_bf16`` (Megatron's
+``--grad-reduce-in-bf16``) keeps the gradients in bf16. fp16 costs 18 too: mp accumulates
+every precision's gradients in fp32, where Megatron's fp16 path keeps fp16 gradients and an
+fp32 copy (20).
 With the distributed optimizer (`mp.optim.DistributedOptimizer`) the optimizer column is
 divided by DP: ``6 + 12 / DP`` bytes for bf16 (Megatron's table), leaving out each bucket's
 padding to a multiple of DP elements and the per-shard step counters
