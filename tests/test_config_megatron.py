@@ -156,3 +156,9 @@ def test_flags_without_effect_say_why():
 def test_flags_of_missing_features_are_refused(flags, message):
     assert error_of(*flags) == message
     assert shipped("gpt-tiny", "--context-parallel-size", "1").model.num_layers == 4
+
+
+def test_profile_ranks_must_exist():
+    assert error_of("--profile", "--profile-ranks", "0", "5", world_size=4) == (
+        "logging.profile_ranks=[0, 5] names ranks [5] outside the world of 4 ranks")
+    assert shipped("gpt-tiny", "--profile-ranks", "7").logging.profile_ranks == [7]  # not used

@@ -36,6 +36,13 @@ LAYER_CASES = {  # name -> config overrides (tp and sequence_parallel are added 
     "sdpa_selective": dict(attention_backend="sdpa", recompute_granularity="selective"),
     "swiglu_rope_nobias": dict(attention_backend="unfused", activation="swiglu",
                                position_embedding_type="rope", add_bias_linear=False),
+    # torch's composite RMSNorm: fp32 input copy, fp32 normalized input, fp32 rstd
+    "rmsnorm_swiglu_rope_gqa": dict(normalization="RMSNorm", activation="swiglu",
+                                    position_embedding_type="rope", add_bias_linear=False,
+                                    num_attention_heads=16, num_query_groups=4),
+    "rmsnorm_zero_centered_selective": dict(normalization="RMSNorm",
+                                            layernorm_zero_centered_gamma=True,
+                                            recompute_granularity="selective"),
     # grouped-query attention: 16 heads share 4 keys and values
     "gqa_unfused": dict(attention_backend="unfused", num_attention_heads=16, num_query_groups=4),
     "gqa_sdpa_math": dict(num_attention_heads=16, num_query_groups=4),
@@ -183,7 +190,10 @@ def _measure_model(tp: int, sequence_parallel: bool, compiled: bool, **overrides
     # compiled: bool residual dropout masks, the SiLU recomputed, the loss's own saves
     (2, True, True, dict(attention_backend="unfused", activation="swiglu")),
     (2, True, False, dict(layernorm_zero_centered_gamma=True, kv_channels=24)),
-], ids=["tp1", "tp2_sp", "tp2_sp_compiled_swiglu", "tp2_sp_zero_centered_kv_channels"])
+    (2, True, False, dict(normalization="RMSNorm", activation="swiglu", add_bias_linear=False,
+                          position_embedding_type="rope")),
+], ids=["tp1", "tp2_sp", "tp2_sp_compiled_swiglu", "tp2_sp_zero_centered_kv_channels",
+        "tp2_sp_rmsnorm_llama"])
 def test_saved_bytes_of_the_whole_model(tp, sequence_parallel, compiled, overrides):
     """Embedding, layers, final norm, output layer and what the cross-entropy saves."""
     got = run_distributed(tp, _measure_model, tp, sequence_parallel, compiled, **overrides)[0]

@@ -83,8 +83,9 @@ class JobConfig:
         divides it, micro-batch x DP divides every global batch size of the run, with virtual
         pipeline stages the micro-batches are a multiple of PP (Megatron's interleaved
         schedule), a run counted in samples holds at least one iteration,
-        ``training.grad_reduce_in_bf16`` goes with a bf16 model, and DeepSpeed jobs do not
-        ask for the norms and counts only mp's optimizer measures."""
+        ``training.grad_reduce_in_bf16`` goes with a bf16 model, DeepSpeed jobs do not
+        ask for the norms and counts only mp's optimizer measures, and the ranks to profile
+        exist."""
         schedule = self.batch_schedule(world_size)
         pp = self.model.pipeline_model_parallel_size
         step = schedule.micro_batch_size * schedule.data_parallel_size
@@ -111,6 +112,10 @@ class JobConfig:
                 raise ConfigError(f"logging.{name}=true is not supported with "
                                   "training.deepspeed=true (DeepSpeed's engine holds the "
                                   "gradients and optimizer state); drop one of them")
+        outside = [r for r in self.logging.profile_ranks if not 0 <= r < world_size]
+        if self.logging.profile and outside:
+            raise ConfigError(f"logging.profile_ranks={self.logging.profile_ranks} names ranks "
+                              f"{outside} outside the world of {world_size} ranks")
 
     # --- plain data ------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ with sequence parallelism (else ``n``):
 
 - the two norm inputs, the QKV input and the MLP input: ``4 e n' h``;
 - the norms' statistics (mean and rstd, or rstd per row; fp32 on CUDA), which Korthikanti
-  et al. leave out;
+  et al. leave out (torch's composite RMSNorm, which the CPU runs, keeps the input in fp32, a
+  copy for 16-bit input, and the fp32 normalized input too: `norm_terms`);
 - Q, K, V: one fused QKV output that q, k and v view, ``3 e n h / t``. In general, with heads
   ``d`` wide (``kv_channels``; ``h / a`` by default), query width ``q = a d`` and ``g <= a``
   key/value heads (grouped-query attention), it is ``e n (q + 2 g d) / t``, plus the queries
@@ -65,6 +66,9 @@ class Kernels:
             ``zero_fully_masked_rows`` (only an explicit padding mask runs it).
         norm_stats_bytes: bytes of each per-row norm statistic: 4 (fp32) on CUDA; ``None``
             for the activation's size (the CPU LayerNorm keeps bf16 statistics for bf16 input).
+        composite_rms_norm: RMSNorm runs as torch's composite ``F.rms_norm`` (the CPU), which
+            computes in fp32 and saves the fp32 input (a copy of 16-bit input), the fp32
+            ``x * rstd`` and an fp32 rstd; otherwise mp's kernel saves x and the rstd.
         sdpa_dropout_kernel: SDPA with attention dropout: ``"flash"`` (CUDA: the flash kernel
             takes dropout) or ``"math"`` (CPU: the math path, which upcasts 16-bit q, k, v to
             fp32 and saves fp32 copies of them and of the softmax, its dropout mask and the
@@ -78,6 +82,7 @@ class Kernels:
     dropout_mask_bytes: int | None
     fused_softmax: bool
     norm_stats_bytes: int | None
+    composite_rms_norm: bool
     sdpa_dropout_kernel: str
     jit_compiled: bool
 
@@ -88,9 +93,9 @@ class Kernels:
 
 
 CUDA = Kernels("cuda", dropout_mask_bytes=1, fused_softmax=True, norm_stats_bytes=FP32,
-               sdpa_dropout_kernel="flash", jit_compiled=True)
+               composite_rms_norm=False, sdpa_dropout_kernel="flash", jit_compiled=True)
 CPU = Kernels("cpu", dropout_mask_bytes=None, fused_softmax=False, norm_stats_bytes=None,
-              sdpa_dropout_kernel="math", jit_compiled=False)
+              composite_rms_norm=True, sdpa_dropout_kernel="math", jit_compiled=False)
 
 
 def activation_bytes(cfg: TransformerConfig) -> int:
@@ -98,10 +103,16 @@ def activation_bytes(cfg: TransformerConfig) -> int:
     return 4 if cfg.precision == "fp32" else 2
 
 
-def norm_stats_per_row(cfg: TransformerConfig, kernels: Kernels) -> int:
-    """Bytes of statistics one norm saves per row: mean and rstd, or rstd (RMSNorm)."""
-    size = kernels.norm_stats_bytes or activation_bytes(cfg)
-    return (2 if cfg.normalization == "LayerNorm" else 1) * size
+def norm_terms(cfg: TransformerConfig, kernels: Kernels, rows: float) -> dict[str, float]:
+    """What one norm over ``rows`` rows of ``h`` saves: its input and statistics (mean and
+    rstd, or rstd for RMSNorm), and the fp32 normalized input of a composite RMSNorm."""
+    h = cfg.hidden_size
+    if cfg.normalization == "RMSNorm" and kernels.composite_rms_norm:
+        return {"input (fp32)": FP32 * rows * h, "normalized input (fp32)": FP32 * rows * h,
+                "statistics": FP32 * rows}
+    stats = (2 if cfg.normalization == "LayerNorm" else 1) * (kernels.norm_stats_bytes
+                                                              or activation_bytes(cfg))
+    return {"input": activation_bytes(cfg) * rows * h, "statistics": stats * rows}
 
 
 def dropout_mask_bytes(cfg: TransformerConfig, kernels: Kernels) -> int:
@@ -132,11 +143,8 @@ def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUD
     mask = dropout_mask_bytes(cfg, kernels)
     math_core = (cfg.attention_backend == "sdpa" and cfg.attention_dropout > 0
                  and kernels.sdpa_dropout_kernel == "math" and not selective)
-    terms = {
-        "norm inputs": 2 * e * local * h,
-        "norm statistics": 2 * norm_stats_per_row(cfg, kernels) * local,
-        "QKV input": e * local * h,
-    }
+    terms = {f"norm {name}": 2 * size for name, size in norm_terms(cfg, kernels, local).items()}
+    terms["QKV input"] = e * local * h
     if cfg.layernorm_zero_centered_gamma:
         terms["norm weights (1 + weight)"] = 2 * e * h
     grouped = cfg.num_query_groups < cfg.num_attention_heads

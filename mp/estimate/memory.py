@@ -40,7 +40,7 @@ from mp.estimate.activations import (
     activation_bytes,
     dropout_mask_bytes,
     layer_bytes,
-    norm_stats_per_row,
+    norm_terms,
     sequence_rows,
 )
 from mp.estimate.params import RankParams, StateBytes, rank_params, state_bytes
@@ -86,8 +86,7 @@ def output_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CU
     tokens = cfg.seq_length * micro_batch
     local = sequence_rows(cfg, micro_batch)
     terms = {
-        "final norm input": e * local * h,
-        "final norm statistics": norm_stats_per_row(cfg, kernels) * local,
+        **{f"final norm {name}": size for name, size in norm_terms(cfg, kernels, local).items()},
         "output layer input": e * local * h,
         "cross-entropy logits": e * tokens * _vocab_shard(cfg),
         "cross-entropy normalizers (fp32)": FP32 * tokens,
