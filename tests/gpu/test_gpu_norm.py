@@ -102,3 +102,26 @@ def test_modules_use_the_kernels(ext, cls):
     assert torch.equal(module.weight.grad, back[1])
     if bias is not None:
         assert torch.equal(bias.grad, back[2])
+
+
+@pytest.mark.parametrize("cls", [FusedLayerNorm, FusedRMSNorm])
+def test_zero_centered_modules_equal_the_plain_ones_with_one_added(ext, cls):
+    """``--apply-layernorm-1p`` on the kernel path: weights ``w`` give what ``1 + w`` gives a
+    plain module, bit for bit, and the same weight gradient."""
+    centred = cls(1024, eps=EPS, params_dtype=torch.bfloat16, device="cuda",
+                  zero_centered_gamma=True)
+    plain = cls(1024, eps=EPS, params_dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        for p, q in zip(centred.parameters(), plain.parameters()):
+            p.copy_(randn(p.shape, torch.bfloat16, 7, scale=0.1))
+            q.copy_(p + 1 if q is plain.weight else p)
+    x = randn((4, 8, 1024), torch.bfloat16, 8)
+    dy = randn((4, 8, 1024), torch.bfloat16, 9)
+    outputs = []
+    for module in (centred, plain):
+        y = module(x)
+        y.backward(dy)
+        outputs.append(y.detach())
+    assert torch.equal(*outputs)
+    for p, q in zip(centred.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
