@@ -26,11 +26,12 @@ WARMUP, DECAY = 2, 20  # the cosine schedule's steps (from 0 to LR, then down to
 
 
 def gpt_config(tp: int, pp: int, precision: str = "fp32", **overrides) -> TransformerConfig:
+    """The test GPT (no dropout unless ``overrides`` set it)."""
+    overrides = {"hidden_dropout": 0.0, "attention_dropout": 0.0, **overrides}
     return TransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=4,
                              vocab_size=VOCAB, seq_length=S, make_vocab_size_divisible_by=8,
-                             hidden_dropout=0.0, attention_dropout=0.0, precision=precision,
-                             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                             **overrides)
+                             precision=precision, tensor_model_parallel_size=tp,
+                             pipeline_model_parallel_size=pp, **overrides)
 
 
 def setup(tp: int, pp: int, seed: int, precision: str = "fp32", *,

@@ -386,7 +386,7 @@ def test_wrong_yaml_types(tmp_path):
     path = write(tmp_path, "c.yaml", f"base: {TINY}\ntraining:\n  micro_batch_size: true\n")
     assert error_of(path=path) == "training.micro_batch_size=True must be an int"
     path = write(tmp_path, "d.yaml", f"base: {TINY}\ndata:\n  data_path: {{a: 1}}\n")
-    assert error_of(path=path) == "data.data_path={'a': 1} must be a list of strings"
+    assert error_of(path=path) == "data.data_path={'a': 1} must be a list of strings or null"
     path = write(tmp_path, "e.yaml", f"base: {TINY}\nmodel: [1, 2]\n")
     assert error_of(path=path) == f"{path}: section 'model' must be a mapping of keys to " \
                                   "values; got list"

@@ -173,6 +173,11 @@ def test_resumed_run_continues_the_uninterrupted_one(cache_dir, tmp_path):
     logged = [re.findall(r"^(iteration \d/4 \| consumed samples .*? \| grad norm \S+) \|",
                          run[0][1], re.MULTILINE) for run in (full, resumed)]
     assert len(logged[0]) == 4 and logged[1] == logged[0][2:], logged
+    # --skip-train: the engine loads the checkpoint and the loop runs no iteration
+    losses, printed = run_distributed(4, _pretrain_losses, ZERO2, cache_dir, load=save,
+                                      skip_train=True)[0]
+    assert losses == [] and "iteration 2, 16 samples consumed" in printed
+    assert not re.search(r"^iteration \d", printed, re.MULTILINE), printed
 
 
 # --- torchrun ---------------------------------------------------------------------------------

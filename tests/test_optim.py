@@ -132,8 +132,10 @@ def test_lr_schedule_resumes_and_checks_hyperparameters():
     other = OptimizerParamScheduler(_sgd(), **{**kw, "max_lr": 2.0})
     with pytest.raises(ValueError, match="max_lr=2.0 here but 1.0 in the checkpoint"):
         other.load_state_dict(sched.state_dict())
-    other.load_state_dict(sched.state_dict(), use_checkpoint_values=True)
-    assert other.get_lr() == sched.get_lr()
+    taking = OptimizerParamScheduler(_sgd(), **{**kw, "max_lr": 2.0},
+                                     use_checkpoint_opt_param_scheduler=True)
+    taking.load_state_dict(sched.state_dict())
+    assert taking.max_lr == 1.0 and taking.get_lr() == sched.get_lr()
     before_wsd = {k: v for k, v in sched.state_dict().items()  # a checkpoint from before WSD
                   if k not in ("wsd_decay_steps", "lr_wsd_decay_style", "decoupled_lr",
                                "decoupled_min_lr")}

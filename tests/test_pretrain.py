@@ -104,7 +104,10 @@ def test_interleaved_pipeline_run_with_distributed_optimizer_lowers_the_loss(cac
      "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
     (["--micro-batch-size", "3"],
      "training.global_batch_size=8 is not divisible by training.micro_batch_size x "
-     "data_parallel_size = 3 x 2 = 6")])
+     "data_parallel_size = 3 x 2 = 6"),
+    (["--load", "/nonexistent/ckpt", "--exit-on-missing-checkpoint"],
+     "training.load='/nonexistent/ckpt' holds no checkpoint and training."
+     "exit_on_missing_checkpoint is set: stopping before training")])
 def test_bad_config_fails_before_any_process_group(override, message):
     env = {**os.environ, "WORLD_SIZE": "4"}  # torchrun's world, but no rendezvous to join
     run = subprocess.run([sys.executable, LAUNCH, *TINY, *override], check=False,

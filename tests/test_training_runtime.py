@@ -120,12 +120,14 @@ def tiny_job(**logging) -> JobConfig:
 
 
 def _pretrain(cfg: JobConfig, env: dict[str, str]) -> str:
-    """What the job prints on this rank, run with ``env`` in the environment."""
+    """What the job prints on this rank, run with ``env`` in the environment (at ``cfg``'s
+    TP and PP sizes)."""
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     out = io.StringIO()
     try:
-        ps.initialize_model_parallel(1)
+        ps.initialize_model_parallel(cfg.model.tensor_model_parallel_size,
+                                     cfg.model.pipeline_model_parallel_size)
         with contextlib.redirect_stdout(out):
             pretrain(cfg)
         return out.getvalue()

@@ -7,7 +7,7 @@ laid out on disk as `mp.checkpointing.files` describes; its tensors as
 `mp.checkpointing.state` lists; ``meta.json`` holds the rest as plain JSON::
 
     {"format": "mp-checkpoint", "version": 1, "iteration": 40,
-     "consumed_train_samples": 640, "has_optimizer": true,
+     "consumed_train_samples": 640, "has_optimizer": true, "has_rng": true,
      "layout": {"world_size": 4, "tensor_model_parallel_size": 2, ...},
      "model": {TransformerConfig's fields}, "config": {the job's resolved config} | null,
      "scheduler": {OptimizerParamScheduler.state_dict()} | null,
@@ -18,6 +18,9 @@ every key and global shape against the model, and agrees across ranks on the out
 damaged or mismatched checkpoint raises the same error on every rank before anything is
 read. Model and optimizer state load at any layout whose padded vocabulary matches; the RNG
 states are restored only at the layout that wrote them (``CheckpointInfo.rng_restored``).
+A checkpoint may leave out the optimizer state (``optimizer=None``: Megatron's
+``--no-save-optim``) or the RNG states (``save_rng=False``: ``--no-save-rng``); one without RNG
+states restores none when loaded.
 
 ``save_global_model`` / ``load_global_model`` write and read whole, unsharded weights in one
 process (conversion tools); their checkpoints load at any layout like the others.
@@ -53,6 +56,7 @@ from mp.checkpointing.files import (
     write_manifest,
     write_text_atomically,
 )
+from mp.checkpointing.fit import architecture_problems, target_problems
 from mp.checkpointing.naming import Placement, named_parameters, unwrap
 from mp.checkpointing.rng import set_rng_state
 from mp.checkpointing.state import (
@@ -81,15 +85,6 @@ from mp.optim import MixedPrecisionOptimizer, OptimizerParamScheduler
 
 FORMAT, VERSION = "mp-checkpoint", 1
 
-#: Model fields that two checkpoints of "the same model" share (the rest, such as dropout,
-#: precision and the parallel layout, may change between save and load).
-ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                "kv_channels", "ffn_hidden_size", "vocab_size", "max_position_embeddings",
-                "normalization", "layernorm_zero_centered_gamma", "activation",
-                "position_embedding_type", "rotary_percent", "add_bias_linear",
-                "untie_embeddings_and_output_weights")
-
-
 @dataclass(frozen=True)
 class CheckpointInfo:
     """What a checkpoint holds (`read_checkpoint_info`) or `load_checkpoint` loaded."""
@@ -101,6 +96,7 @@ class CheckpointInfo:
     model_config: dict  # TransformerConfig's fields at save time
     layout: dict | None  # the parallel layout that wrote it (None: a single-process tool)
     has_optimizer: bool
+    has_rng: bool  # it holds every rank's RNG states
     rng_restored: bool
 
 
@@ -190,12 +186,14 @@ def save_checkpoint(save_dir: str | Path, iteration: int,
                     optimizer: MixedPrecisionOptimizer | None = None,
                     scheduler: OptimizerParamScheduler | None = None, *,
                     consumed_train_samples: int = 0, config: dict | None = None,
-                    keep_last: int | None = None) -> Path:
+                    keep_last: int | None = None, save_rng: bool = True) -> Path:
     """Write ``save_dir/iter_<iteration>`` and make it the latest; return its path.
 
     ``model`` is this rank's chunk or list of chunks (`DistributedDataParallel`-wrapped or
     not); ``config`` the job's resolved config (``JobConfig.to_dict()``), stored for the
-    record. ``keep_last`` deletes all but the newest ``keep_last`` checkpoints once this one
+    record. Without ``optimizer`` the checkpoint holds no optimizer state (half-precision
+    weights then only in their own dtype), without ``scheduler`` no schedule, and with
+    ``save_rng=False`` no RNG states. ``keep_last`` deletes all but the newest ``keep_last`` checkpoints once this one
     is committed. Collective: every rank calls it. Returns after the commit on every rank.
     """
     chunks = _chunks(model)
@@ -205,11 +203,13 @@ def save_checkpoint(save_dir: str | Path, iteration: int,
     tensors = model_tensors(params)
     if optimizer is not None:
         tensors.update(optimizer_tensors(optimizer, params))
-    tensors.update(rng_tensors(ranks.rank))
+    if save_rng:
+        tensors.update(rng_tensors(ranks.rank))
     scaler = None if optimizer is None else optimizer.grad_scaler
     meta = {"format": FORMAT, "version": VERSION, "iteration": iteration,
             "consumed_train_samples": consumed_train_samples,
-            "has_optimizer": optimizer is not None, "layout": current_layout(),
+            "has_optimizer": optimizer is not None, "has_rng": save_rng,
+            "layout": current_layout(),
             "model": dataclasses.asdict(unwrap(chunks[0]).config), "config": config,
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "grad_scaler": None if scaler is None else scaler.state_dict()}
@@ -223,7 +223,8 @@ def save_global_model(save_dir: str | Path, model_config: TransformerConfig,
     tensors = {model_key(name): placed(tensor, Placement.whole(tensor))
                for name, tensor in weights.items()}
     meta = {"format": FORMAT, "version": VERSION, "iteration": iteration,
-            "consumed_train_samples": 0, "has_optimizer": False, "layout": None,
+            "consumed_train_samples": 0, "has_optimizer": False, "has_rng": False,
+            "layout": None,
             "model": dataclasses.asdict(model_config), "config": None, "scheduler": None,
             "grad_scaler": None}
     return _save(_Ranks(distributed=False), save_dir, iteration, tensors, meta, None)
@@ -253,13 +254,14 @@ def _read_meta(directory: Path) -> dict:
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path} has format version {meta.get('version')!r}; this mp "
                               f"reads version {VERSION}")
+    meta.setdefault("has_rng", meta["layout"] is not None)  # older ones: a job's always did
     return meta
 
 
 def _info(directory: Path, meta: dict, rng_restored: bool) -> CheckpointInfo:
     return CheckpointInfo(directory, meta["iteration"], meta["consumed_train_samples"],
                           meta["config"], meta["model"], meta["layout"], meta["has_optimizer"],
-                          rng_restored)
+                          meta["has_rng"], rng_restored)
 
 
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
@@ -269,58 +271,12 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     return _info(directory, _read_meta(directory), False)
 
 
-def _architecture_problems(saved: dict, config: TransformerConfig) -> list[str]:
-    heads = saved["num_attention_heads"]
-    saved = {"num_query_groups": heads, "kv_channels": saved["hidden_size"] // heads,
-             "rotary_percent": 1.0, "layernorm_zero_centered_gamma": False,
-             **saved}  # older checkpoints lack these: they were the defaults
-    return [f"model.{name}={saved.get(name)!r} in the checkpoint but {getattr(config, name)!r} "
-            "here" for name in ARCHITECTURE if saved.get(name) != getattr(config, name)]
-
-
-def _vocab_problem(saved_rows: int, rows: int, config: TransformerConfig) -> str:
-    """Why the vocabulary dimension differs, and the setting that would make it agree."""
-    tp = config.tensor_model_parallel_size
-    fits = [d for d in range(1, saved_rows // tp + 1)
-            if saved_rows % (d * tp) == 0 and saved_rows - d * tp < config.vocab_size]
-    if fits:
-        powers_of_two = [d for d in fits if d & (d - 1) == 0]
-        fix = f"model.make_vocab_size_divisible_by={min(powers_of_two or fits)} pads it to"
-    else:
-        fix = "no make_vocab_size_divisible_by pads it to"
-    fix += f" {saved_rows} at tensor_model_parallel_size={tp}"
-    return (f"the checkpoint pads the vocabulary (vocab_size={config.vocab_size}) to "
-            f"{saved_rows} rows but this layout pads it to {rows} (a multiple of "
-            f"make_vocab_size_divisible_by={config.make_vocab_size_divisible_by} x "
-            f"tensor_model_parallel_size={tp}); {fix}")
-
-
 def _scheduler_problems(scheduler: OptimizerParamScheduler, saved: dict | None) -> list[str]:
-    """The schedule's settings against the saved ones (its step count is what loads)."""
+    """The schedule's settings against the saved ones (its step count is what loads), as
+    its resume flags allow (`OptimizerParamScheduler.mismatches`)."""
     if saved is None:
         return ["it holds no learning-rate schedule"]
-    return [f"learning-rate schedule: {key}={mine!r} here but {theirs!r} in the checkpoint"
-            for key, (mine, theirs) in scheduler.saved_differences(saved).items()]
-
-
-def _target_problems(targets: PlacedTensors, entries: dict, config: TransformerConfig,
-                     directory: Path) -> list[str]:
-    problems = []
-    for key, pieces in targets.items():
-        entry = entries.get(key)
-        if entry is None:
-            problems.append(f"{directory} has no entry {key!r}")
-            continue
-        if not pieces:
-            continue
-        stored, wanted = tuple(entry.size), pieces[0][1].global_shape
-        if stored == wanted:
-            continue
-        if ("word_embeddings" in key or "output_layer" in key) and stored[1:] == wanted[1:]:
-            problems.append(_vocab_problem(stored[0], wanted[0], config))
-        else:
-            problems.append(f"{key} is {list(stored)} in the checkpoint but {list(wanted)} here")
-    return problems
+    return scheduler.mismatches(saved)
 
 
 def load_checkpoint(path: str | Path, model: nn.Module | Sequence[nn.Module],
@@ -335,8 +291,8 @@ def load_checkpoint(path: str | Path, model: nn.Module | Sequence[nn.Module],
     the weights go into the model and into ``optimizer``'s fp32 masters, at full precision,
     and AdamW's moments and step counts stay fresh. Without ``optimizer`` only the model is
     loaded; an optimizer built earlier then holds stale fp32 masters: call its
-    ``reload_model_params()``. The RNG states are restored when ``load_rng`` and the layout
-    is the saving one. Raises
+    ``reload_model_params()``. The RNG states are restored when ``load_rng``, the checkpoint
+    holds them and the layout is the saving one. Raises
     `CorruptCheckpointError` or `CheckpointError` on every rank, before reading any tensor,
     when a file is damaged or the checkpoint does not fit.
     """
@@ -349,7 +305,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | Sequence[nn.Module],
     entries = tensor_entries(read_metadata(directory))
     stored = set(entries)
     params = named_parameters(chunks)
-    problems = _architecture_problems(meta["model"], config)
+    problems = architecture_problems(meta["model"], config)
     targets = model_targets(params, stored)
     optimizer_targets = None
     if optimizer is not None:
@@ -361,13 +317,13 @@ def load_checkpoint(path: str | Path, model: nn.Module | Sequence[nn.Module],
             targets.update(optimizer_targets.tensors)
     if scheduler is not None:
         problems += _scheduler_problems(scheduler, meta["scheduler"])
-    restore_rng = load_rng and meta["layout"] == current_layout()
+    restore_rng = load_rng and meta["has_rng"] and meta["layout"] == current_layout()
     if restore_rng:
         shapes = {key: (entry.size, entry.properties.dtype) for key, entry in entries.items()}
         targets.update(rng_targets(ranks.rank, shapes))
         if not rng_states(ranks.rank, targets):
             problems.append(f"it holds no RNG state for rank {ranks.rank}")
-    problems += _target_problems(targets, entries, config, directory)
+    problems += target_problems(targets, entries, config, directory)
     ranks.agree(problems, CheckpointError, f"cannot load {directory} into this model")
     read_tensors(directory, targets, distributed=True)
     if scheduler is not None:

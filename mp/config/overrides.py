@@ -71,15 +71,20 @@ _MEGATRON_NAMES = {
         "min_loss_scale", "loss_scale_window", "hysteresis", "use_distributed_optimizer",
         "overlap_param_gather", "overlap_grad_reduce", "deepspeed", "deepspeed_config",
         "eval_interval", "eval_iters", "save", "load", "finetune", "use_checkpoint_args",
+        "no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng",
+        "exit_on_missing_checkpoint", "skip_train",
         "save_interval", "exit_interval", "exit_duration_in_mins", "exit_signal_handler",
         "exit_signal", "calculate_per_token_loss", "decoupled_lr",
         "decoupled_min_lr", "grad_reduce_in_bf16", "manual_gc", "manual_gc_interval",
         "empty_unused_memory_level", "distributed_timeout_minutes",
+        "weight_decay_incr_style", "start_weight_decay", "end_weight_decay",
+        "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler",
     ),
     "data": (
         "data_path", "split", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model",
         "data_cache_path", "num_workers", "eod_mask_loss", "mock_data", "reset_position_ids",
-        "reset_attention_mask", "vocab_size",
+        "reset_attention_mask", "vocab_size", "train_data_path", "valid_data_path",
+        "test_data_path",
     ),
     "logging": ("log_interval", "tensorboard_dir", "log_params_norm", "log_num_zeros_in_grad",
                 "wandb_project", "wandb_exp_name", "wandb_save_dir", "profile",
@@ -95,6 +100,8 @@ ALIASES: dict[str, str] = {
 
 ALIASES["--overlap-p2p-communication"] = "model.overlap_p2p_comm"  # Megatron's spellings
 ALIASES["--norm-epsilon"] = ALIASES["--layernorm-epsilon"] = "model.layernorm_epsilon"
+ALIASES["--override-opt_param-scheduler"] = "training.override_opt_param_scheduler"
+ALIASES["--use-checkpoint-opt_param-scheduler"] = "training.use_checkpoint_opt_param_scheduler"
 
 #: Megatron-LM values of a flag -> the value of its key in mp (other values pass as given).
 MEGATRON_VALUES: dict[str, dict[str, str]] = {

@@ -13,16 +13,30 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from mp.config.coerce import ConfigError
-from mp.data.dataset_builder import parse_data_path, parse_split
+from mp.data.dataset_builder import SPLIT_NAMES, parse_data_sources
 from mp.data.tokenizer import TOKENIZER_TYPES
-from mp.optim.lr_scheduler import DECAY_STYLES, WSD_DECAY_STYLES
+from mp.optim.lr_scheduler import DECAY_STYLES, WD_INCR_STYLES, WSD_DECAY_STYLES
 
 #: The ``data.data_path`` entry that stands for the embedded default corpus
 #: (`mp.data.corpus.prepare_default_corpus`), so that pretraining needs no download.
 BUILTIN_DATA_PATH = "builtin"
+#: ``data.split`` when ``data.data_path`` is cut without one (Megatron-LM's legacy default).
+DEFAULT_SPLIT = "969,30,1"
 
 
 _WORDS = {"iters": "iterations", "samples": "samples"}
+
+#: Training keys a ``deepspeed`` job refuses -> why.
+_NOT_WITH_DEEPSPEED = {
+    **dict.fromkeys(("calculate_per_token_loss", "decoupled_lr", "grad_reduce_in_bf16"),
+                    "mp's own data parallelism and optimizer implement it"),
+    **dict.fromkeys(("no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng"),
+                    "a DeepSpeed job saves and resumes DeepSpeed's checkpoints whole"),
+}
+
+#: Training keys that need ``load`` -> what it is to them.
+_NEEDS_LOAD = {"finetune": "the checkpoint whose weights the run starts from",
+               "exit_on_missing_checkpoint": "the directory that must hold a checkpoint"}
 
 
 class _Section:
@@ -89,7 +103,14 @@ class TrainingConfig(_Section):
     ``use_checkpoint_args`` (Megatron's ``--use-checkpoint-args``) takes the model's
     architecture from that checkpoint (`mp.config.loader.CHECKPOINT_ARGS`); ``keep_last=None`` keeps every checkpoint. ``exit_interval``,
     ``exit_duration_in_mins`` and ``exit_signal_handler`` (with ``exit_signal``) end the run
-    early with a checkpoint (`mp.training.exit`).
+    early with a checkpoint (`mp.training.exit`). ``no_load_optim``, ``no_load_rng``,
+    ``no_save_optim``, ``no_save_rng``, ``exit_on_missing_checkpoint`` and ``skip_train`` are
+    Megatron's checkpoint and run-control flags (`mp.checkpointing.job`, docs/checkpoints.md).
+    ``weight_decay_incr_style`` linear or cosine moves the weight decay from
+    ``start_weight_decay`` to ``end_weight_decay`` over the whole run; ``constant`` keeps
+    ``weight_decay``. A resume refuses schedule values other than the checkpoint's unless
+    ``override_opt_param_scheduler`` (this run's win) or ``use_checkpoint_opt_param_scheduler``
+    (the checkpoint's win).
 
     ``use_distributed_optimizer`` shards the fp32 master weights and AdamW moments over the
     data-parallel ranks (Megatron's distributed optimizer); ``overlap_param_gather`` then
@@ -119,6 +140,11 @@ class TrainingConfig(_Section):
     lr_warmup_samples: int = 0
     lr_decay_samples: int | None = None  # default train_samples
     weight_decay: float = 0.1
+    weight_decay_incr_style: str = "constant"  # constant | linear | cosine, over the whole run
+    start_weight_decay: float | None = None  # linear / cosine: from this ...
+    end_weight_decay: float | None = None  # ... to this (>= start)
+    override_opt_param_scheduler: bool = False  # on resume, this run's schedule values win
+    use_checkpoint_opt_param_scheduler: bool = False  # ... or the checkpoint's
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -142,6 +168,12 @@ class TrainingConfig(_Section):
     load: str | None = None
     finetune: bool = False  # load's weights only: iteration 0, fresh optimizer and schedule
     use_checkpoint_args: bool = False  # the model's architecture from load's checkpoint
+    no_load_optim: bool = False  # resume without the optimizer state, loss scale and schedule
+    no_load_rng: bool = False  # resume without the RNG states
+    no_save_optim: bool = False  # checkpoints without the optimizer state, loss scale, schedule
+    no_save_rng: bool = False  # checkpoints without the RNG states
+    exit_on_missing_checkpoint: bool = False  # stop when load holds no checkpoint
+    skip_train: bool = False  # no iterations: evaluate (what load holds) and exit
     save_interval: int | None = None
     keep_last: int | None = None
     exit_interval: int | None = None
@@ -189,6 +221,7 @@ class TrainingConfig(_Section):
         self._below_one("adam_beta2")
         self._one_of("lr_decay_style", DECAY_STYLES)
         self._one_of("lr_wsd_decay_style", tuple(WSD_DECAY_STYLES))
+        self._check_param_scheduler()
         self._one_of("optimizer_impl", ("torch", "apex"))
         self._one_of("exit_signal", ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"))
         self._check_run_length()
@@ -196,16 +229,39 @@ class TrainingConfig(_Section):
             raise ConfigError("training.deepspeed=true with training.finetune=true: not "
                               "supported (a DeepSpeed job resumes its own checkpoints whole); "
                               "fine-tune without --deepspeed")
-        for name in ("calculate_per_token_loss", "decoupled_lr", "grad_reduce_in_bf16"):
+        for name, why in _NOT_WITH_DEEPSPEED.items():
             if self.deepspeed and getattr(self, name) not in (False, None):
                 raise ConfigError(f"training.deepspeed=true with training.{name}="
-                                  f"{getattr(self, name)!r}: not supported (mp's own data "
-                                  "parallelism and optimizer implement it); drop one of them")
-        if self.finetune and self.load is None:
-            raise ConfigError("training.finetune=true needs training.load (the checkpoint whose "
-                              "weights the run starts from)")
+                                  f"{getattr(self, name)!r}: not supported ({why}); drop one "
+                                  "of them")
+        for name, what in _NEEDS_LOAD.items():
+            if getattr(self, name) and self.load is None:
+                raise ConfigError(f"training.{name}=true needs training.load ({what})")
         self._not_above("min_lr", "lr")
         self._not_above("min_loss_scale", "initial_loss_scale")
+
+    def _check_param_scheduler(self) -> None:
+        """Megatron's rules for the weight decay's schedule (``constant`` takes no start and
+        end: it keeps ``weight_decay``; linear and cosine need both, ``0 <= start <= end``) and
+        for the resume flags (one at most)."""
+        self._one_of("weight_decay_incr_style", WD_INCR_STYLES)
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ConfigError("training.override_opt_param_scheduler and training.use_checkpoint"
+                              "_opt_param_scheduler are both true: on resume either this run's "
+                              "schedule values win or the checkpoint's (Megatron-LM allows one)")
+        ends = {f"training.{name}_weight_decay": getattr(self, f"{name}_weight_decay")
+                for name in ("start", "end")}
+        constant = self.weight_decay_incr_style == "constant"
+        wrong = [f"{key}={value!r}" for key, value in ends.items()
+                 if (value is None) != constant]
+        if wrong:
+            raise ConfigError(
+                f"{' and '.join(wrong)} with training.weight_decay_incr_style="
+                f"{self.weight_decay_incr_style!r}: linear and cosine need both start and end "
+                "weight decay, constant takes neither (it keeps training.weight_decay)")
+        if not constant:
+            self._at_least("start_weight_decay", 0.0)
+            self._not_above("start_weight_decay", "end_weight_decay")
 
 
     def _check_run_length(self) -> None:
@@ -269,6 +325,15 @@ class TrainingConfig(_Section):
         return getattr(self, f"lr_warmup_{unit}"), decay, wsd
 
     @property
+    def weight_decay_schedule(self) -> tuple[float, float, int | None]:
+        """(start, end, length) of the weight decay's schedule, the length in the run's unit:
+        the whole run, as in Megatron (None for ``constant``, which keeps ``weight_decay``)."""
+        if self.weight_decay_incr_style == "constant":
+            return self.weight_decay, self.weight_decay, None
+        length = self.train_samples if self.counts_samples else self.train_iters
+        return self.start_weight_decay, self.end_weight_decay, length
+
+    @property
     def counts_samples(self) -> bool:
         """Whether the run and its learning-rate schedule are counted in samples."""
         return self.train_samples is not None
@@ -279,8 +344,11 @@ class DataConfig(_Section):
     """Where the tokens come from and how they are tokenized (Megatron's data arguments).
 
     ``data_path`` is a list of dataset prefixes (``.bin``/``.idx``), or of weights and prefixes
-    in turn (``[0.3, a, 0.7, b]``); `BUILTIN_DATA_PATH` stands for the embedded default corpus.
-    ``split`` gives train/valid/test proportions of each dataset's documents. ``tokenizer_type``
+    in turn (``[0.3, a, 0.7, b]``); `BUILTIN_DATA_PATH` stands for the embedded default corpus
+    (the default). ``split`` gives train/valid/test proportions of each dataset's documents
+    (default `DEFAULT_SPLIT`). Instead, as in Megatron, ``train_data_path``, ``valid_data_path``
+    and ``test_data_path`` (lists of the same form; valid and test optional) give each split
+    whole datasets of its own, with neither ``data_path`` nor ``split``. ``tokenizer_type``
     and its files are `mp.data.tokenizer.build_tokenizer`'s arguments. ``data_cache_path`` holds
     the index caches (``None``: beside the data). ``eod_mask_loss`` leaves end-of-document
     tokens out of the loss. ``mock_data`` (Megatron's ``--mock-data``) trains on random tokens
@@ -291,8 +359,11 @@ class DataConfig(_Section):
 
     section: ClassVar[str] = "data"
 
-    data_path: list[str] = field(default_factory=lambda: [BUILTIN_DATA_PATH])
-    split: str = "969,30,1"
+    data_path: list[str] | None = None  # default [builtin] unless the splits have their own
+    split: str | None = None  # default DEFAULT_SPLIT with data_path
+    train_data_path: list[str] | None = None  # or each split from its own datasets
+    valid_data_path: list[str] | None = None
+    test_data_path: list[str] | None = None
     tokenizer_type: str = "ByteLevelTokenizer"
     vocab_file: str | None = None
     merge_file: str | None = None
@@ -308,9 +379,16 @@ class DataConfig(_Section):
     mmap_bin_files: bool = True  # False: read each .bin file into memory instead of mapping it
 
     def __post_init__(self) -> None:
+        per_split = self.per_split_data_path
+        if per_split is None:
+            self.data_path = [BUILTIN_DATA_PATH] if self.data_path is None else self.data_path
+            self.split = DEFAULT_SPLIT if self.split is None else self.split
+        elif self.train_data_path is None:
+            raise ConfigError(f"data.valid_data_path={self.valid_data_path!r} and data."
+                              f"test_data_path={self.test_data_path!r} without data."
+                              "train_data_path: the run needs its training data")
         try:
-            parse_data_path(self.data_path)
-            parse_split(self.split)
+            parse_data_sources(self.data_path, self.split, per_split)
         except ValueError as error:
             raise ConfigError(f"{self.section}.{error}") from None
         self._one_of("tokenizer_type", TOKENIZER_TYPES)
@@ -324,13 +402,20 @@ class DataConfig(_Section):
         if null and self.vocab_size is None:
             raise ConfigError("data.tokenizer_type='NullTokenizer' needs data.vocab_size (ids "
                               "0..V-1; V is the end-of-document id)")
-        if null and not self.mock_data and list(self.data_path) == [BUILTIN_DATA_PATH]:
+        if null and not self.mock_data and self.data_path == [BUILTIN_DATA_PATH]:
             raise ConfigError("data.tokenizer_type='NullTokenizer' reads token ids, and the "
                               f"data.data_path={BUILTIN_DATA_PATH!r} corpus is text: give a "
                               "data_path preprocessed with it, or data.mock_data")
         if self.mock_data and (self.reset_position_ids or self.reset_attention_mask):
             raise ConfigError("data.reset_position_ids / reset_attention_mask need documents; "
                               "data.mock_data=true has none")
+
+    @property
+    def per_split_data_path(self) -> list[list[str] | None] | None:
+        """``[train, valid, test]`` data paths when any is set (each split then has its own
+        datasets), else None."""
+        paths = [getattr(self, f"{split}_data_path") for split in SPLIT_NAMES]
+        return None if paths == [None] * len(paths) else paths
 
 
 @dataclass

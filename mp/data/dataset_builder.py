@@ -1,15 +1,20 @@
-"""Train / valid / test GPT datasets from ``--data-path`` and ``--split`` (Megatron's
-``BlendedMegatronDatasetBuilder`` for GPT).
+"""Train / valid / test GPT datasets from ``--data-path`` and ``--split``, or from
+``--train-data-path``, ``--valid-data-path`` and ``--test-data-path`` (Megatron's
+``BlendedMegatronDatasetBuilder`` for GPT, with its ``blend`` or ``blend_per_split``).
 
 ``data_path`` is ``["prefix"]``, several prefixes (weighted by their tokens), or weights and
 prefixes in turn: ``["0.3", "a", "0.7", "b"]``. ``split`` like ``"969,30,1"`` gives each
 prefix's documents in that proportion, in order: with ``N`` documents and cumulative normalized
 fractions ``c``, split ``i`` holds documents ``[round(c[i] N), round(c[i+1] N))``, as in Megatron.
+With per-split paths (each a list of the same form) a split holds every document of its own
+datasets, and there is no ``split``; a split without a path is ``None``.
 
 With one prefix each split is a `GPTDataset`. With several, each prefix's split is a
 `GPTDataset` of ``ceil(ceil(n * w) * 1.005)`` samples (Megatron's margin) and the split is a
 `BlendedDataset` of exactly ``n`` samples. A split whose fraction is 0 or that is asked for 0
-samples is ``None``; one asked for samples but left without documents is an error.
+samples is ``None``; one asked for samples but left without documents is an error. Each
+`GPTDataset` caches its indices under its file's path and its split's name (among others), so
+different files or splits never share a cache entry.
 """
 
 from __future__ import annotations
@@ -33,22 +38,24 @@ _NUMBER = re.compile(r"^\s*(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$")
 _QUOTED = re.compile(r"""^\s*(['"])(.*)\1\s*$""")
 
 
-def parse_data_path(data_path: Sequence[str]) -> tuple[list[str], list[float] | None]:
-    """``(prefixes, weights or None)`` from a ``--data-path`` list."""
+def parse_data_path(
+    data_path: Sequence[str], name: str = "data_path"
+) -> tuple[list[str], list[float] | None]:
+    """``(prefixes, weights or None)`` from a ``--data-path`` list (``name`` in messages)."""
     entries = [str(e).strip() for e in data_path]
     if not entries:
-        raise ValueError("data_path is empty")
+        raise ValueError(f"{name} is empty")
     numeric = [bool(_NUMBER.match(e)) for e in entries]
     if not any(numeric[0::2]):
         return entries, None
     if len(entries) % 2 or not all(numeric[0::2]) or any(numeric[1::2]):
         raise ValueError(
-            f"data_path={list(data_path)} mixes forms: give prefixes only, or weight and prefix "
+            f"{name}={list(data_path)} mixes forms: give prefixes only, or weight and prefix "
             "pairs such as ['0.3', 'a', '0.7', 'b']"
         )
     weights = [float(w) for w in entries[0::2]]
     if sum(weights) <= 0:
-        raise ValueError(f"data_path weights {weights} must have a positive sum")
+        raise ValueError(f"{name} weights {weights} must have a positive sum")
     return entries[1::2], weights
 
 
@@ -81,15 +88,44 @@ def split_document_ranges(split: str, num_documents: int) -> list[tuple[int, int
     ]
 
 
+def parse_data_sources(
+    data_path: Sequence[str] | None,
+    split: str | None,
+    per_split_data_path: Sequence[Sequence[str] | None] | None,
+) -> dict[str, tuple[list[str], list[float] | None]]:
+    """``{"data_path": (prefixes, weights)}`` for ``data_path`` cut by ``split``, or the same
+    for each ``<split>_data_path`` that ``per_split_data_path`` (``[train, valid, test]``, each
+    a list or None) gives. Megatron's rules (one or the other; per-split paths take no
+    ``split``) and the forms are checked: ValueError naming the values."""
+    if per_split_data_path is None:
+        if data_path is None or split is None:
+            raise ValueError(f"data_path={data_path!r} and split={split!r}: give both, or "
+                             "per-split data paths")
+        parse_split(split)
+        return {"data_path": parse_data_path(data_path)}
+    if len(per_split_data_path) != len(SPLIT_NAMES):
+        raise ValueError(f"per_split_data_path={per_split_data_path!r} must hold a path (or "
+                         f"None) for each of {', '.join(SPLIT_NAMES)}")
+    given = {f"{name}_data_path": path
+             for name, path in zip(SPLIT_NAMES, per_split_data_path) if path is not None}
+    for name, value in (("data_path", data_path), ("split", split)):
+        if value is not None:
+            shown = " and ".join(f"{key}={path!r}" for key, path in given.items())
+            raise ValueError(f"{name}={value!r} with {shown}: each split comes whole from its "
+                             f"own datasets, so {name} must be unset (null), as in Megatron-LM")
+    return {key: parse_data_path(path, key) for key, path in given.items()}
+
+
 def build_gpt_datasets(
-    data_path: Sequence[str],
-    split: str,
+    data_path: Sequence[str] | None,
+    split: str | None,
     seq_length: int,
     seed: int,
     train_samples: int,
     valid_samples: int,
     test_samples: int,
     *,
+    per_split_data_path: Sequence[Sequence[str] | None] | None = None,
     eod: int | None = None,
     eod_mask_loss: bool = False,
     path_to_cache: str | None = None,
@@ -97,7 +133,9 @@ def build_gpt_datasets(
     mmap_bin_files: bool = True,
 ) -> tuple[torch.utils.data.Dataset | None, ...]:
     """``(train, valid, test)``, each a `GPTDataset`, a `BlendedDataset` or None (see the module
-    doc); items are `GPTDataset` dicts of ``[seq_length]`` tensors. ``mmap_bin_files=False``
+    doc); items are `GPTDataset` dicts of ``[seq_length]`` tensors. The data is ``data_path``
+    cut by ``split``, or ``per_split_data_path`` = ``[train, valid, test]`` paths (each a
+    ``data_path`` list or None) with ``data_path`` and ``split`` None. ``mmap_bin_files=False``
     reads the ``.bin`` files with plain reads instead of mapping them (`IndexedDataset`'s
     ``mmap``).
 
@@ -108,15 +146,14 @@ def build_gpt_datasets(
     for name, n in zip(SPLIT_NAMES, sizes):
         if not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"{name}_samples={n!r} must be an integer >= 0")
-    prefixes, weights = parse_data_path(data_path)
-    parse_split(split)  # fail before touching any file
-    for prefix in prefixes:
-        if not IndexedDataset.exists(prefix):
-            raise FileNotFoundError(
-                f"data_path prefix {prefix!r}: no {prefix}.bin and {prefix}.idx"
-            )
-    indexed = [IndexedDataset(p, mmap=mmap_bin_files) for p in prefixes]
-    ranges = [split_document_ranges(split, len(d)) for d in indexed]
+    blends = parse_data_sources(data_path, split, per_split_data_path)  # before any file
+    for key, (prefixes, _) in blends.items():
+        for prefix in prefixes:
+            if not IndexedDataset.exists(prefix):
+                raise FileNotFoundError(f"{key} prefix {prefix!r}: no {prefix}.bin and "
+                                        f"{prefix}.idx")
+    opened = {key: ([IndexedDataset(p, mmap=mmap_bin_files) for p in prefixes], weights)
+              for key, (prefixes, weights) in blends.items()}
     options = {
         "seq_length": seq_length,
         "seed": seed,
@@ -125,12 +162,26 @@ def build_gpt_datasets(
         "path_to_cache": path_to_cache,
         "group": group,
     }
+    sources = _split_sources(opened, split)
     return tuple(
-        None
-        if n == 0 or ranges[0][i] is None
-        else _build_split(name, n, [(d, r[i]) for d, r in zip(indexed, ranges)], weights, options)
+        None if n == 0 or sources[i] is None else _build_split(name, n, *sources[i], options)
         for i, (name, n) in enumerate(zip(SPLIT_NAMES, sizes))
     )
+
+
+def _split_sources(opened: dict, split: str | None) -> list[tuple[list, list | None] | None]:
+    """Each split's ``(members, weights)``, members being ``(dataset, document range)`` pairs:
+    ``opened["data_path"]``'s datasets cut by ``split``, or with no ``split`` the whole datasets
+    of ``opened["<split>_data_path"]``; None for a split without data."""
+    if split is not None:
+        indexed, weights = opened["data_path"]
+        ranges = [split_document_ranges(split, len(d)) for d in indexed]
+        return [None if ranges[0][i] is None
+                else ([(d, r[i]) for d, r in zip(indexed, ranges)], weights)
+                for i in range(len(SPLIT_NAMES))]
+    blends = [opened.get(f"{name}_data_path") for name in SPLIT_NAMES]
+    return [None if blend is None else ([(d, (0, len(d))) for d in blend[0]], blend[1])
+            for blend in blends]
 
 
 def _build_split(

@@ -97,7 +97,8 @@ def is_embedding_or_output_parameter(name: str) -> bool:
 def get_param_groups(model_chunks: Iterable[nn.Module], weight_decay: float,
                      decoupled_lr: float | None = None) -> list[dict]:
     """AdamW groups: matrices decay with ``weight_decay``; 1-D parameters (biases, norm
-    weights) do not. With ``decoupled_lr`` (Megatron's ``--decoupled-lr``) the embedding and
+    weights) do not (each group's ``wd_mult``, 1 or 0, says which for a weight-decay schedule,
+    as in Megatron). With ``decoupled_lr`` (Megatron's ``--decoupled-lr``) the embedding and
     output weights (`is_embedding_or_output_parameter`) get a group of their own, marked
     ``is_decoupled_lr`` and starting at that rate (`OptimizerParamScheduler` gives it its own
     schedule). Each parameter appears once even when chunks share it."""
@@ -111,7 +112,8 @@ def get_param_groups(model_chunks: Iterable[nn.Module], weight_decay: float,
                 groups.setdefault((decoupled, param.dim() == 1), []).append(param)
     out = []
     for (decoupled, no_decay), params in sorted(groups.items()):
-        group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+        group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+                 "wd_mult": 0.0 if no_decay else 1.0}
         out.append({**group, "is_decoupled_lr": True, "lr": decoupled_lr} if decoupled
                    else group)
     return out

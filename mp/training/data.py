@@ -2,8 +2,10 @@
 ``build_train_valid_test_data_iterators``).
 
 ``data.data_path: [builtin]`` is the embedded corpus, tokenized once (by one rank, the others
-waiting) into ``data.data_cache_path`` or ``~/.cache/mp``; ``data.mock_data`` reads random
-tokens instead (`mp.data.mock`), no tokenizer or file needed. ``data.reset_position_ids`` and
+waiting) into ``data.data_cache_path`` or ``~/.cache/mp``; ``data.train_data_path`` and
+``valid_data_path`` give each split its own datasets instead (``test_data_path`` is checked but
+not read: there is no test evaluation); ``data.mock_data`` reads random tokens instead
+(`mp.data.mock`), no tokenizer or file needed. ``data.reset_position_ids`` and
 ``data.reset_attention_mask`` keep a sample's documents apart (`mp.data.document_masks`). Sample counts follow Megatron:
 ``train_samples``, or ``train_iters x global_batch_size``, training samples and, for validation,
 ``eval_iters x global_batch_size`` for each evaluation the run will do (every ``eval_interval``
@@ -47,8 +49,9 @@ def num_evaluations(cfg: JobConfig, world_size: int) -> int:
 
 
 def _corpus_datasets(cfg: JobConfig, train_samples: int, valid_samples: int):
-    """The training and validation `GPTDataset` of ``data.data_path`` (the embedded corpus
-    tokenized first when it is ``builtin``), and the end-of-document id."""
+    """The training and validation datasets of ``data.data_path`` (the embedded corpus
+    tokenized first when it is ``builtin``) or of the per-split paths, and the end-of-document
+    id."""
     data, tr = cfg.data, cfg.training
     tokenizer = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
                                 merge_file=data.merge_file, tokenizer_model=data.tokenizer_model,
@@ -57,13 +60,14 @@ def _corpus_datasets(cfg: JobConfig, train_samples: int, valid_samples: int):
         raise ValueError(f"the tokenizer's vocabulary ({tokenizer.vocab_size} tokens) does not "
                          f"fit model.vocab_size={cfg.model.vocab_size} (padded to "
                          f"{cfg.model.padded_vocab_size})")
-    data_path = list(data.data_path)
+    data_path = data.data_path
     if data_path == [BUILTIN_DATA_PATH]:
         cache = data.data_cache_path or default_cache_dir()
         data_path = [prepare_default_corpus(os.path.join(cache, "corpus"), tokenizer)]
     train_ds, valid_ds, _ = build_gpt_datasets(
         data_path, data.split, cfg.model.seq_length, tr.seed, train_samples, valid_samples, 0,
-        eod=tokenizer.eod, eod_mask_loss=data.eod_mask_loss, path_to_cache=data.data_cache_path,
+        per_split_data_path=data.per_split_data_path, eod=tokenizer.eod,
+        eod_mask_loss=data.eod_mask_loss, path_to_cache=data.data_cache_path,
         mmap_bin_files=data.mmap_bin_files)
     return train_ds, valid_ds, tokenizer.eod
 

@@ -68,16 +68,22 @@ def setup_model_and_optimizer(cfg: JobConfig) -> tuple[list[DistributedDataParal
 
 
 def build_opt_param_scheduler(optimizer, tr: TrainingConfig) -> OptimizerParamScheduler:
-    """``tr``'s learning-rate schedule for ``optimizer``, counted in iterations or, when the
-    run counts samples, in samples (the training loop then steps it by each iteration's
-    global batch, as Megatron does)."""
+    """``tr``'s learning-rate and weight-decay schedule for ``optimizer``, counted in
+    iterations or, when the run counts samples, in samples (the training loop then steps it by
+    each iteration's global batch, as Megatron does)."""
     warmup, decay, wsd = tr.lr_schedule_steps
+    start_wd, end_wd, wd_steps = tr.weight_decay_schedule
     return OptimizerParamScheduler(optimizer, max_lr=tr.lr, min_lr=tr.min_lr,
                                    lr_warmup_steps=warmup, lr_decay_steps=decay,
                                    lr_decay_style=tr.lr_decay_style, wsd_decay_steps=wsd,
                                    lr_wsd_decay_style=tr.lr_wsd_decay_style,
                                    decoupled_lr=tr.decoupled_lr,
-                                   decoupled_min_lr=tr.decoupled_min_lr)
+                                   decoupled_min_lr=tr.decoupled_min_lr, start_wd=start_wd,
+                                   end_wd=end_wd, wd_incr_steps=wd_steps,
+                                   wd_incr_style=tr.weight_decay_incr_style,
+                                   override_opt_param_scheduler=tr.override_opt_param_scheduler,
+                                   use_checkpoint_opt_param_scheduler=(
+                                       tr.use_checkpoint_opt_param_scheduler))
 
 
 def count_parameters(model: list[torch.nn.Module]) -> int:
@@ -102,10 +108,12 @@ def batches_text(cfg: JobConfig, world_size: int) -> str:
 
 
 def check_supported(cfg: JobConfig, world_size: int | None = None) -> None:
-    """Refuse what this version cannot do (ValueError); needs no process group. The world
-    size defaults to the job's (`mp.config.resolve_world_size` before ``torch.distributed``
-    starts: torchrun's or the MPI launcher's)."""
+    """Refuse what this version cannot do, and a ``training.load`` that holds no checkpoint
+    under ``training.exit_on_missing_checkpoint`` (ValueError); needs no process group. The
+    world size defaults to the job's (`mp.config.resolve_world_size` before
+    ``torch.distributed`` starts: torchrun's or the MPI launcher's)."""
     tr = cfg.training
+    checkpoint_job.check_checkpoint_exists(cfg)
     if tr.deepspeed:
         from mp.training.deepspeed import check_deepspeed_supported
         if world_size is None:
@@ -120,7 +128,8 @@ def check_supported(cfg: JobConfig, world_size: int | None = None) -> None:
 def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step) -> TrainState:
     """Build everything from ``cfg``, resume from ``training.load`` when set, and train,
     saving into ``training.save`` (`mp.checkpointing.job`), until the last iteration or an
-    early exit (`mp.training.exit`, whose clock and signal handler start here). Needs
+    early exit (`mp.training.exit`, whose clock and signal handler start here); with
+    ``training.skip_train`` only evaluate, saving nothing (`mp.training.training.train`). Needs
     ``initialize_model_parallel`` done with ``cfg``'s sizes; rank 0 reports."""
     check_supported(cfg)
     with ExitConditions(cfg.training) as exit_conditions:
@@ -132,16 +141,18 @@ def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step
 
 def _pretrain(cfg: JobConfig, forward_step_func: Callable,
               exit_conditions: ExitConditions) -> TrainState:
+    start = checkpoint_job.start_point(cfg)  # first: a checkpoint the flags refuse stops here
     set_random_seed(cfg.training.seed)
     model, optimizer, scheduler = setup_model_and_optimizer(cfg)
-    start = checkpoint_job.start_point(cfg)
     state = TrainState(start.iteration, start.consumed_train_samples,
                        start.iteration if start.resumes else None)
     world = dist.get_world_size()
     n_params = count_parameters(model)
-    # one pair of iterators per model chunk: interleaved chunks each read every micro-batch
+    # one pair of iterators per model chunk: interleaved chunks each read every micro-batch;
+    # skip_train reads no training data (a finished run's checkpoint has none left)
     chunks = cfg.model.virtual_pipeline_model_parallel_size or 1
-    train_iterator, valid_iterator = zip(*(build_data_iterators(cfg, state.consumed_train_samples)
+    consumed = 0 if cfg.training.skip_train else state.consumed_train_samples
+    train_iterator, valid_iterator = zip(*(build_data_iterators(cfg, consumed)
                                            for _ in range(chunks)))
     valid_iterator = None if valid_iterator[0] is None else list(valid_iterator)
     reporting = dist.get_rank() == 0
@@ -152,6 +163,9 @@ def _pretrain(cfg: JobConfig, forward_step_func: Callable,
               f" | {dist.get_backend()} on {get_device()} | {n_params / 1e6:.2f}M parameters | "
               f"{batches_text(cfg, world)}", flush=True)
     checkpoint_job.resume(start, model, optimizer, scheduler)  # last: restores the RNG states
+    if reporting and cfg.training.skip_train:
+        print(f"skipping training (training.skip_train) at iteration {state.iteration}",
+              flush=True)
     logger = TrainingLogger(cfg, world, get_device(), enabled=reporting,
                             start_iteration=state.iteration)
     try:

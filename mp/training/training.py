@@ -14,7 +14,9 @@ forward-only schedule, averaged the same way over all its iterations. With
 A loss that is not finite in a bf16 or fp32 run stops the run with an error that names the
 iteration and the rank (fp16 runs skip such steps through the loss scaler instead). The
 ``checkpoint_hook`` is called with the `TrainState` every ``save_interval`` iterations and at
-the end; the error names the last iteration it saved, the one to resume from.
+the end; the error names the last iteration it saved, the one to resume from. With
+``training.skip_train`` (Megatron's ``--skip-train``) the loop runs no iteration: it evaluates
+once at the state's iteration (when there is validation data) and saves nothing.
 
 Around the iterations: Python's garbage collector at the same points on every rank with
 ``training.manual_gc`` (`mp.training.manual_gc`), the CUDA cache emptied after the
@@ -217,7 +219,8 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
     loss, log with ``lr()`` and ``loss_scale()``, ``evaluate`` every ``eval_interval``
     iterations and after the last, save every ``save_interval`` iterations and at the end.
     When ``exit_conditions`` give a reason to stop before the last iteration, the run saves
-    and ends there, without the final evaluation. Garbage collection (`ManualGC`) and
+    and ends there, without the final evaluation. With ``training.skip_train`` only that
+    final evaluation happens, at ``state``'s iteration. Garbage collection (`ManualGC`) and
     profiling (`IterationProfiler`) happen around the iterations."""
     tr = cfg.training
     state = TrainState() if state is None else state
@@ -238,7 +241,7 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
     can_evaluate = evaluate is not None and tr.eval_iters > 0
     stop = None
     schedule = cfg.batch_schedule(dist.get_world_size())
-    iterations = cfg.train_iterations(dist.get_world_size())
+    iterations = state.iteration if tr.skip_train else cfg.train_iterations(dist.get_world_size())
     with (ManualGC(tr) as collector,
           IterationProfiler(cfg.logging, dist.get_rank(), get_device()) as profiler):
         while state.iteration < iterations:
@@ -266,7 +269,7 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
                     break
         if can_evaluate and stop is None and evaluated_at != state.iteration:
             run_evaluation()
-        if checkpoint_hook and state.last_saved_iteration != state.iteration:
+        if checkpoint_hook and not tr.skip_train and state.last_saved_iteration != state.iteration:
             save()
     if stop is not None:
         logger.early_exit(state.iteration, stop)
