@@ -20,7 +20,8 @@ import yaml
 from mp import launch_env
 from mp.config.batch_schedule import BatchSchedule
 from mp.config.coerce import ConfigError, build_dataclass, field_annotations, unknown_key_message
-from mp.config.sections import DataConfig, LoggingConfig, TrainingConfig
+from mp.config.sections import DataConfig, LoggingConfig
+from mp.config.training_section import TrainingConfig
 from mp.model.config import TransformerConfig
 
 
