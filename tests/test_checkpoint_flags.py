@@ -186,6 +186,19 @@ def test_skip_train_evaluates_the_checkpoint_and_writes_nothing(tmp_path, tp, pp
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before
 
 
+def test_a_finished_run_started_again_resumes_and_trains_nothing(tmp_path):
+    """The same job launched again after it finished (a requeued batch job): it resumes at its
+    last iteration with every sample consumed (mock data holds no more) and ends there."""
+    trained = _variant(tiny_job(), model={"num_layers": 2}, training={
+        "eval_interval": None, "eval_iters": 2, "save": str(tmp_path / "ckpt"),
+        "load": str(tmp_path / "ckpt")})
+    run_distributed(2, _pretrain, trained, {})
+    again = run_distributed(2, _pretrain, trained, {})[0]
+    assert re.search(r"resuming from \S+iter_0000004: iteration 4, 8 samples consumed", again)
+    assert not re.search(r"^iteration \d", again, re.MULTILINE), again
+    assert VALIDATION.search(again), again
+
+
 def _loop_skipping_training() -> tuple[list[str], int]:
     """The loop under ``training.skip_train`` from a state that saved nothing (a fine-tuning
     start): what it called, and its iteration after."""

@@ -75,12 +75,14 @@ def test_data_loader_resumes_at_consumed_samples():
     for got, expected in zip(resumed, full_batches[2:]):
         assert torch.equal(got["tokens"], expected)
     assert build_pretraining_data_loader(None, 0, 2, 0, 1) is None
+    done = build_pretraining_data_loader(_Squares(), len(_Squares()), 2, 1, 2)
+    assert (len(done), list(done)) == (0, [])  # every sample consumed: a finished run
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        ((10, 10, 1, 0, 1), "consumed_samples=10 must lie in 0..total_samples-1=9"),
+        ((10, 11, 1, 0, 1), "consumed_samples=11 must lie in 0..total_samples=10"),
         ((10, 0, 0, 0, 1), "micro_batch_size=0"),
         ((10, 0, 1, 2, 2), "data_parallel_rank=2 must lie in 0..1"),
         ((0, 0, 1, 0, 1), "total_samples=0"),

@@ -17,7 +17,8 @@ import torch
 
 class MegatronPretrainingSampler:
     """A batch sampler: yields this rank's micro-batches as lists of ``micro_batch_size``
-    dataset indices, from ``consumed_samples`` up to ``total_samples``.
+    dataset indices, from ``consumed_samples`` up to ``total_samples``. All of them consumed
+    (a finished run started again) yields nothing, where Megatron's sampler fails.
 
     With ``drop_last`` (the default) a last, incomplete global batch is dropped; without it,
     each rank gets its share of that batch and ranks past its end get nothing. Unlike
@@ -36,10 +37,10 @@ class MegatronPretrainingSampler:
     ) -> None:
         if total_samples <= 0:
             raise ValueError(f"total_samples={total_samples} must be > 0")
-        if not 0 <= consumed_samples < total_samples:
+        if not 0 <= consumed_samples <= total_samples:
             raise ValueError(
-                f"consumed_samples={consumed_samples} must lie in 0..total_samples-1="
-                f"{total_samples - 1} (no samples left to consume)"
+                f"consumed_samples={consumed_samples} must lie in 0..total_samples="
+                f"{total_samples}"
             )
         if micro_batch_size <= 0 or data_parallel_size <= 0:
             raise ValueError(

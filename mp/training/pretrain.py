@@ -148,11 +148,10 @@ def _pretrain(cfg: JobConfig, forward_step_func: Callable,
                        start.iteration if start.resumes else None)
     world = dist.get_world_size()
     n_params = count_parameters(model)
-    # one pair of iterators per model chunk: interleaved chunks each read every micro-batch;
-    # skip_train reads no training data (a finished run's checkpoint has none left)
+    # one pair of iterators per model chunk: interleaved chunks each read every micro-batch
     chunks = cfg.model.virtual_pipeline_model_parallel_size or 1
-    consumed = 0 if cfg.training.skip_train else state.consumed_train_samples
-    train_iterator, valid_iterator = zip(*(build_data_iterators(cfg, consumed)
+    train_iterator, valid_iterator = zip(*(build_data_iterators(cfg,
+                                                                state.consumed_train_samples)
                                            for _ in range(chunks)))
     valid_iterator = None if valid_iterator[0] is None else list(valid_iterator)
     reporting = dist.get_rank() == 0
