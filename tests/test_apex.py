@@ -17,8 +17,9 @@ from torch import nn
 
 from mp import apex as mp_apex
 from mp.fused import FusedLayerNorm, FusedRMSNorm
-from mp.model import GPTModel, TransformerConfig, transformer
-from mp.model.transformer import build_norm
+from mp.model import GPTModel, TransformerConfig
+from mp.model import norm as mp_norm
+from mp.model.norm import build_norm
 
 B, S, VOCAB, H = 2, 16, 96, 32
 
@@ -121,7 +122,7 @@ def test_missing_apex_adam_notice_once(no_apex, caplog):
 
 
 def test_mp_impl_never_imports_apex(no_apex, caplog, monkeypatch):
-    monkeypatch.setattr(transformer, "norm_class", lambda *_: pytest.fail("apex was looked up"))
+    monkeypatch.setattr(mp_norm, "norm_class", lambda *_: pytest.fail("apex was looked up"))
     assert type(build_norm(_config())) is FusedLayerNorm
     assert not _apex_notices(caplog)
 

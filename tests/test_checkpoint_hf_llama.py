@@ -34,16 +34,18 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 
 def _llama(kv_heads: int, tied: bool = False, scaling: dict | None = None,
-           head_dim: int | None = None):
-    """``head_dim``: the default (None) is hidden / heads = 8."""
-    config = transformers.LlamaConfig(
+           head_dim: int | None = None, family: str = "Llama"):
+    """``head_dim``: the default (None) is hidden / heads = 8. ``family``: Llama, or Qwen3 (a
+    Llama with q/k norms)."""
+    config = getattr(transformers, f"{family}Config")(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=HEADS, num_key_value_heads=kv_heads, head_dim=head_dim,
+        num_attention_heads=HEADS, num_key_value_heads=kv_heads,
+        **({} if head_dim is None else {"head_dim": head_dim}),  # Qwen3's default: 128
         max_position_embeddings=POSITIONS, rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0, **(scaling or {})},
         tie_word_embeddings=tied)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
     with torch.no_grad():  # make the norms non-trivial too
         for i, param in enumerate(model.parameters()):
             param.add_(seeded(param.shape, 100 + i, scale=0.05))
@@ -70,21 +72,27 @@ def _to_mp(hf_dir, mp_dir, tp: int, *options: str) -> None:
                   "16", *options])
 
 
-@pytest.mark.parametrize("kv_heads, tied, tp, scaling, head_dim", [
-    (2, False, 2, None, None), (8, False, 2, None, None), (1, False, 1, None, None),
-    (2, True, 2, None, None), (2, True, 2, LLAMA3_SCALING, None),
-    (2, False, 1, {**LLAMA3_SCALING, "factor": 32.0}, None),
-    (2, False, 2, None, 12), (8, False, 1, LLAMA3_SCALING, 16)],
+@pytest.mark.parametrize("kv_heads, tied, tp, scaling, head_dim, family", [
+    (2, False, 2, None, None, "Llama"), (8, False, 2, None, None, "Llama"),
+    (1, False, 1, None, None, "Llama"), (2, True, 2, None, None, "Llama"),
+    (2, True, 2, LLAMA3_SCALING, None, "Llama"),
+    (2, False, 1, {**LLAMA3_SCALING, "factor": 32.0}, None, "Llama"),
+    (2, False, 2, None, 12, "Llama"), (8, False, 1, LLAMA3_SCALING, 16, "Llama"),
+    (2, False, 2, None, 12, "Qwen3"), (2, True, 1, None, 12, "Qwen3"),
+    (2, True, 2, None, 12, "Qwen3")],
     ids=["grouped-TP2", "multi-head-TP2", "multi-query-TP1", "tied-TP2",
-         "llama3.1-rope-TP2", "llama3.2-rope-TP1", "head-dim-12-TP2", "head-dim-16-TP1"])
-def test_llama_logits_match_after_conversion(tmp_path, kv_heads, tied, tp, scaling, head_dim):
-    model = _llama(kv_heads, tied, scaling, head_dim)
+         "llama3.1-rope-TP2", "llama3.2-rope-TP1", "head-dim-12-TP2", "head-dim-16-TP1",
+         "qwen3-head-dim-12-TP2", "qwen3-tied-TP1", "qwen3-tied-TP2"])
+def test_llama_logits_match_after_conversion(tmp_path, kv_heads, tied, tp, scaling, head_dim,
+                                             family):
+    model = _llama(kv_heads, tied, scaling, head_dim, family)
     model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")  # several shards + index
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     _to_mp(tmp_path / "hf", tmp_path / "mp", tp)
     saved = read_checkpoint_info(tmp_path / "mp").model_config
     assert (saved["num_query_groups"], saved["rotary_base"]) == (kv_heads, 500000.0)
     assert saved["kv_channels"] == (head_dim or 64 // HEADS)
+    assert saved["qk_layernorm"] == (family == "Qwen3")
     assert (saved["use_rope_scaling"], saved["rope_scaling_factor"]) == \
         ((True, scaling["factor"]) if scaling else (False, 8.0))
     tokens = _tokens()
@@ -94,12 +102,14 @@ def test_llama_logits_match_after_conversion(tmp_path, kv_heads, tied, tp, scali
     assert_rel_close(logits[0], expected, rtol=1e-5, what=f"logits ({kv_heads} kv heads)")
 
 
-@pytest.mark.parametrize("scaling, head_dim, options", [
-    (None, None, ()), (LLAMA3_SCALING, None, ()), (None, 12, ()),
-    (None, 12, ("--apply-layernorm-1p",))],
-    ids=["plain", "llama3.1-rope", "head-dim-12", "head-dim-12-layernorm-1p"])
-def test_llama_state_dict_round_trip_is_exact(tmp_path, scaling, head_dim, options):
-    model = _llama(2, scaling=scaling, head_dim=head_dim)
+@pytest.mark.parametrize("scaling, head_dim, options, family", [
+    (None, None, (), "Llama"), (LLAMA3_SCALING, None, (), "Llama"), (None, 12, (), "Llama"),
+    (None, 12, ("--apply-layernorm-1p",), "Llama"), (None, 12, (), "Qwen3"),
+    (None, 12, ("--apply-layernorm-1p",), "Qwen3")],
+    ids=["plain", "llama3.1-rope", "head-dim-12", "head-dim-12-layernorm-1p", "qwen3",
+         "qwen3-layernorm-1p"])
+def test_llama_state_dict_round_trip_is_exact(tmp_path, scaling, head_dim, options, family):
+    model = _llama(2, scaling=scaling, head_dim=head_dim, family=family)
     model.save_pretrained(tmp_path / "hf")
     _to_mp(tmp_path / "hf", tmp_path / "mp", 1, *options)
     if options:  # mp's zero-centred norms hold Hugging Face's weights minus 1, same logits
@@ -112,7 +122,8 @@ def test_llama_state_dict_round_trip_is_exact(tmp_path, scaling, head_dim, optio
         logits = run_distributed(1, _mp_logits, str(tmp_path / "mp"), 1, _tokens())[0]
         assert_rel_close(logits, expected, rtol=1e-5, what="zero-centred mp logits")
     convert.main(["mp-to-hf", "--input", str(tmp_path / "mp"), "--output", str(tmp_path / "back")])
-    back_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
+    back_model = getattr(transformers, f"{family}ForCausalLM").from_pretrained(
+        tmp_path / "back").eval()
     expected, back = model.state_dict(), back_model.state_dict()
     assert back.keys() == expected.keys()
     for name, tensor in expected.items():
@@ -122,16 +133,23 @@ def test_llama_state_dict_round_trip_is_exact(tmp_path, scaling, head_dim, optio
         assert torch.equal(back_model(tokens).logits, model(tokens).logits)
 
 
-@pytest.mark.parametrize("change, message", [
+@pytest.mark.parametrize("change, message, family", [
     ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
-     "mp's RoPE has Llama 3.1's scaling"),
+     "mp's RoPE has Llama 3.1's scaling", "Llama"),
     ({"rope_parameters": {**LLAMA3_SCALING, "high_freq_factor": 2.0, "rope_theta": 1e4}},
-     "mp's RoPE has Llama 3.1's scaling"),
-    ({"attention_bias": True}, "attention_bias=True: mp's Llama needs attention_bias=False"),
-    ({"hidden_act": "gelu"}, "hidden_act='gelu': mp's Llama needs hidden_act='silu'"),
+     "mp's RoPE has Llama 3.1's scaling", "Llama"),
+    ({"attention_bias": True}, "attention_bias=True: mp's Llama needs attention_bias=False",
+     "Llama"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu': mp's Llama needs hidden_act='silu'", "Llama"),
+    ({"attention_bias": True}, "attention_bias=True: mp's Qwen3 needs attention_bias=False",
+     "Qwen3"),
+    ({"use_sliding_window": True, "sliding_window": 8, "layer_types": ["full_attention",
+                                                                       "sliding_attention"]},
+     "use_sliding_window=True, layer_types .*'sliding_attention'.*: mp attends over the "
+     "whole sequence", "Qwen3"),
 ])
-def test_unsupported_llama_configs_are_refused_by_name(tmp_path, change, message):
-    model = _llama(2)
+def test_unsupported_llama_configs_are_refused_by_name(tmp_path, change, message, family):
+    model = _llama(2, family=family)
     model.save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **change}))

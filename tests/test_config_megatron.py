@@ -162,3 +162,15 @@ def test_profile_ranks_must_exist():
     assert error_of("--profile", "--profile-ranks", "0", "5", world_size=4) == (
         "logging.profile_ranks=[0, 5] names ranks [5] outside the world of 4 ranks")
     assert shipped("gpt-tiny", "--profile-ranks", "7").logging.profile_ranks == [7]  # not used
+
+
+def test_model_flags_beyond_gpt3():
+    m = shipped("gpt-tiny", "--qk-layernorm", "--squared-relu", "--kv-channels", "24",
+                "--rotary-percent", "0.5", "--position-embedding-type", "rope",
+                "--apply-layernorm-1p").model
+    assert (m.qk_layernorm, m.activation, m.kv_channels, m.rotary_dim) == \
+        (True, "squared_relu", 24, 12)
+    assert m.layernorm_zero_centered_gamma is True
+    assert shipped("gpt-tiny", "--openai-gelu").model.activation == "gelu_tanh"
+    assert error_of("--openai-gelu", "--swiglu") == \
+        "--swiglu conflicts with --openai-gelu (both set model.activation)"

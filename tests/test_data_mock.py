@@ -35,7 +35,7 @@ def test_items_are_shifted_random_tokens_fixed_by_seed_and_index():
 
 def _first_batches(cfg):
     ps.initialize_model_parallel(2)
-    train, valid = build_data_iterators(cfg)
+    train, valid, _ = build_data_iterators(cfg)
     return next(train), next(valid)
 
 

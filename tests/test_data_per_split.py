@@ -143,25 +143,26 @@ JOB = ["--tensor-model-parallel-size", "1", "--tokenizer-type", "NullTokenizer",
 
 def _first_micro_batches(cfg):
     ps.initialize_model_parallel(1)
-    train, valid = build_data_iterators(cfg)
-    return next(train)["tokens"], next(valid)["tokens"]
+    return [next(split)["tokens"] for split in build_data_iterators(cfg)]
 
 
 def test_the_job_reads_each_split_from_its_files(files, tmp_path):
     """At DP 2 each rank's first micro-batch is its two samples of the one-split datasets
-    (train from a, validation from b; c, the test split's, is only checked)."""
+    (train from a, validation from b, test from c)."""
     cache = str(tmp_path / "cache")
     cfg = load_config(TINY, [*JOB, "--train-data-path", files["a"], "--valid-data-path",
                              files["b"], "--test-data-path", files["c"], "--data-cache-path",
                              cache], world_size=2)
     assert (cfg.data.data_path, cfg.data.split) == (None, None)
     batches = run_distributed(2, _first_micro_batches, cfg)
-    sizes = (4 * 8, num_evaluations(cfg, 2) * 8)
-    train = build_gpt_datasets([files["a"]], "1,0,0", SEQ, SEED, sizes[0], 0, 0,
-                               path_to_cache=cache)[0]
-    valid = build_gpt_datasets([files["b"]], "0,1,0", SEQ, SEED, 0, sizes[1], 0,
-                               path_to_cache=cache)[1]
-    for rank, (train_tokens, valid_tokens) in enumerate(batches):
-        for got, dataset in ((train_tokens, train), (valid_tokens, valid)):
+    datasets = []
+    for i, (name, n) in enumerate((("a", 4 * 8), ("b", num_evaluations(cfg, 2) * 8),
+                                   ("c", 1 * 8))):
+        sizes = [n if j == i else 0 for j in range(3)]
+        split = ",".join("1" if j == i else "0" for j in range(3))
+        datasets.append(build_gpt_datasets([files[name]], split, SEQ, SEED, *sizes,
+                                           path_to_cache=cache)[i])
+    for rank, got_splits in enumerate(batches):
+        for got, dataset in zip(got_splits, datasets):
             want = torch.stack([dataset[i]["tokens"] for i in (2 * rank, 2 * rank + 1)])
             assert torch.equal(got, want), rank

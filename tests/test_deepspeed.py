@@ -30,11 +30,8 @@ from test_training import MBS, SEQ, job, micro_batches
 from mp import parallel_state as ps
 from mp.config import JobConfig
 from mp.training import gpt_step
-from mp.training.deepspeed import (
-    deepspeed_config,
-    setup_deepspeed_engine,
-    train_step_deepspeed,
-)
+from mp.training.deepspeed import setup_deepspeed_engine, train_step_deepspeed
+from mp.training.deepspeed_config import deepspeed_config
 from mp.training.pretrain import (
     check_supported,
     pretrain,
@@ -57,12 +54,11 @@ def ds_job(model: dict | None = None, **training) -> JobConfig:
 
 # --- the same curve as mp's own optimizer ---------------------------------------------------
 
-def _curves(sequence_parallel: bool, precision: str, ds_path: str):
+def _curves(model: dict, ds_path: str):
     """Per iteration (loss, grad norm, lr) of mp's DDP + MixedPrecisionOptimizer and of the
-    DeepSpeed engine from the same seed and data, and the relative difference of this rank's
-    parameters at the end."""
-    cfg = ds_job({"sequence_parallel": sequence_parallel, "precision": precision},
-                 deepspeed_config=ds_path)
+    DeepSpeed engine from the same seed and data, for the model keys ``model``, and the
+    relative difference of this rank's parameters at the end."""
+    cfg = ds_job(model, deepspeed_config=ds_path)
     ps.initialize_model_parallel(2)
     num_microbatches = cfg.num_microbatches(dist.get_world_size())
     set_random_seed(cfg.training.seed)
@@ -95,16 +91,18 @@ def _curves(sequence_parallel: bool, precision: str, ds_path: str):
 
 # fp32: the same numbers up to the order of floating-point sums; bf16 (DeepSpeed accumulates
 # gradients in bf16, mp in fp32): agreement at bf16's resolution
-CASES = {"zero1-fp32": (1, False, "fp32", ZERO1, 1e-5, 1e-5),
-         "zero2-sp-fp32": (2, True, "fp32", ZERO2, 1e-5, 1e-5),
-         "zero2-bf16": (2, False, "bf16", ZERO2, 1e-4, 3e-3)}
+# (qk_layernorm's norms get gradients partial over TP without sequence parallelism too)
+FP32, BF16 = {"precision": "fp32"}, {"precision": "bf16"}
+CASES = {"zero1-fp32": (1, FP32, ZERO1, 1e-5, 1e-5),
+         "zero2-sp-fp32": (2, {**FP32, "sequence_parallel": True}, ZERO2, 1e-5, 1e-5),
+         "zero1-qk-layernorm-fp32": (1, {**FP32, "qk_layernorm": True}, ZERO1, 1e-5, 1e-5),
+         "zero2-bf16": (2, BF16, ZERO2, 1e-4, 3e-3)}
 
 
-@pytest.mark.parametrize("stage,sequence_parallel,precision,ds_path,loss_rtol,norm_rtol",
-                         CASES.values(), ids=CASES.keys())
-def test_zero_follows_mp_optimizer_at_tp2_dp2(stage, sequence_parallel, precision, ds_path,
-                                              loss_rtol, norm_rtol):
-    results = run_distributed(4, _curves, sequence_parallel, precision, ds_path)
+@pytest.mark.parametrize("stage,model,ds_path,loss_rtol,norm_rtol", CASES.values(),
+                         ids=CASES.keys())
+def test_zero_follows_mp_optimizer_at_tp2_dp2(stage, model, ds_path, loss_rtol, norm_rtol):
+    results = run_distributed(4, _curves, model, ds_path)
     mp_curve, ds_curve, _, num_microbatches, zero_stage, _ = results[0]
     assert zero_stage == stage and num_microbatches == 2  # gradient accumulation over 2
     # DeepSpeed sees mp's data-parallel groups: TP neighbours are adjacent ranks

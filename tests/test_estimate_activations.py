@@ -61,6 +61,16 @@ LAYER_CASES = {  # name -> config overrides (tp and sequence_parallel are added 
     "kv_channels_gqa_unfused_partial_rope": dict(
         attention_backend="unfused", num_attention_heads=8, num_query_groups=4, kv_channels=24,
         position_embedding_type="rope", rotary_percent=0.5),
+    # qk_layernorm: the q and k norms' inputs, statistics per head row, normalized q and k
+    "qk_layernorm_gqa_unfused": dict(qk_layernorm=True, attention_backend="unfused",
+                                     num_attention_heads=16, num_query_groups=4),
+    "qk_rmsnorm_rope_zero_centered_selective": dict(
+        qk_layernorm=True, normalization="RMSNorm", position_embedding_type="rope",
+        layernorm_zero_centered_gamma=True, recompute_granularity="selective"),
+    "qk_rmsnorm_gqa_sdpa_flash_kv_channels": dict(
+        qk_layernorm=True, normalization="RMSNorm", num_attention_heads=16, num_query_groups=4,
+        attention_dropout=0.0, kv_channels=24),
+    "squared_relu_nobias": dict(activation="squared_relu", add_bias_linear=False),
 }
 BLOCK_CASES = {  # full recompute over a two-layer chunk
     "full_uniform": dict(recompute_granularity="full", recompute_method="uniform"),
@@ -192,8 +202,9 @@ def _measure_model(tp: int, sequence_parallel: bool, compiled: bool, **overrides
     (2, True, False, dict(layernorm_zero_centered_gamma=True, kv_channels=24)),
     (2, True, False, dict(normalization="RMSNorm", activation="swiglu", add_bias_linear=False,
                           position_embedding_type="rope")),
+    (2, False, False, dict(qk_layernorm=True, activation="squared_relu")),
 ], ids=["tp1", "tp2_sp", "tp2_sp_compiled_swiglu", "tp2_sp_zero_centered_kv_channels",
-        "tp2_sp_rmsnorm_llama"])
+        "tp2_sp_rmsnorm_llama", "tp2_qk_layernorm_squared_relu"])
 def test_saved_bytes_of_the_whole_model(tp, sequence_parallel, compiled, overrides):
     """Embedding, layers, final norm, output layer and what the cross-entropy saves."""
     got = run_distributed(tp, _measure_model, tp, sequence_parallel, compiled, **overrides)[0]

@@ -23,6 +23,10 @@ VARIANTS = {
     "grouped_query": dict(num_attention_heads=8, num_query_groups=4),
     # heads 12 wide, not 64 / 8: QKV 64 -> 8 x 12 + 2 x 4 x 12, output projection 96 -> 64
     "kv_channels_grouped_query": dict(num_attention_heads=8, num_query_groups=4, kv_channels=12),
+    # q and k norms over 12 channels: LayerNorm 4 vectors per layer, RMSNorm 2
+    "qk_layernorm_kv_channels": dict(qk_layernorm=True, kv_channels=12),
+    "qk_rmsnorm_squared_relu": dict(qk_layernorm=True, normalization="RMSNorm",
+                                    activation="squared_relu"),
 }
 
 

@@ -82,9 +82,11 @@ def test_greedy_generation_matches_transformers_at_tp2(converted):
     assert (expected[0, 5 + 2:] == eod).all()
 
 
-def test_greedy_llama_generation_matches_transformers_at_tp2(tmp_path):
-    """Grouped-query attention and rotary embeddings: the cache's positions and heads."""
-    hf_model = _llama(2)
+@pytest.mark.parametrize("family, head_dim", [("Llama", None), ("Qwen3", 12)])
+def test_greedy_llama_generation_matches_transformers_at_tp2(tmp_path, family, head_dim):
+    """Grouped-query attention and rotary embeddings: the cache's positions and heads (Qwen3:
+    keys normalized before they are cached, heads 12 wide)."""
+    hf_model = _llama(2, head_dim=head_dim, family=family)
     hf_model.save_pretrained(tmp_path / "hf")
     _to_mp(tmp_path / "hf", tmp_path / "mp", 2)
     prompts = _prompts()

@@ -6,7 +6,7 @@ import contextlib
 import pytest
 import torch
 import torch.distributed as dist
-from checks import assert_rel_close, jit_compiled_on_cpu, own_rank_group, seeded
+from checks import RTOL, assert_rel_close, jit_compiled_on_cpu, own_rank_group, seeded
 from harness import run_distributed
 
 from mp import parallel_state as ps
@@ -74,7 +74,14 @@ def _check_against_tp1(tp: int, overrides: dict):
             expected = expected.chunk(tp, dim=p.partition_dim)[r]
         elif getattr(p, "sequence_parallel", False):
             dist.all_reduce(grad, group=tp_group)  # what finalize_model_grads does
-        assert_rel_close(grad, expected, what=f"grad of {name}")
+        if name.endswith("k_layernorm.bias"):
+            # it shifts all scores of a query alike, which the softmax ignores: its gradient
+            # is 0 up to rounding in both models
+            assert max(grad.abs().max(), expected.abs().max()) < 1e-6, name
+            continue
+        # the q/k norms' gradients sum over every head and token, per layout in another order
+        rtol = 5 * RTOL if "q_layernorm" in name or "k_layernorm" in name else RTOL
+        assert_rel_close(grad, expected, rtol=rtol, what=f"grad of {name}")
 
 
 VARIANTS = {
@@ -106,6 +113,17 @@ VARIANTS = {
                                          "rotary_percent": 0.5, "attention_backend": "unfused"},
     "zero_centered_gamma_rms_sp": {"layernorm_zero_centered_gamma": True,
                                    "normalization": "RMSNorm", "sequence_parallel": True},
+    # q/k norms replicated over TP, each rank normalizing its heads: gradients summed over TP
+    "qk_layernorm_grouped_query": {"qk_layernorm": True, "num_attention_heads": 8,
+                                   "num_query_groups": 4},
+    "qk_layernorm_rms_rope_kv_channels_selective_sp": {
+        "qk_layernorm": True, "normalization": "RMSNorm", "position_embedding_type": "rope",
+        "kv_channels": 12, "layernorm_zero_centered_gamma": True,
+        "recompute_granularity": "selective", "sequence_parallel": True},
+    "qk_layernorm_full_recompute_sp": {"qk_layernorm": True, "recompute_granularity": "full",
+                                       "recompute_method": "uniform",
+                                       "sequence_parallel": True},
+    "squared_relu": {"activation": "squared_relu"},
 }
 
 

@@ -31,9 +31,11 @@ def _norm(tensors) -> float:
 def _step(tp: int, pp: int, untie: bool, initial: dict | None = None,
           distributed_optimizer: bool = False) -> dict:
     """The optimizer's norms and zero count around one step (from ``initial`` weights), and
-    on one rank the same values computed here from the tensors themselves. No linear biases:
-    the key projection's would have gradients that are zero only up to rounding."""
+    on one rank the same values computed here from the tensors themselves. q/k norms
+    (replicated over TP: counted once). No biases: the key projection's (and a LayerNorm
+    k_layernorm's) would have gradients that are zero only up to rounding."""
     models, optimizer, scheduler = setup(tp, pp, seed=1, add_bias_linear=False,
+                                         qk_layernorm=True, normalization="RMSNorm",
                                          untie_embeddings_and_output_weights=untie,
                                          distributed_optimizer=distributed_optimizer,
                                          optimizer_args={"log_num_zeros_in_grad": True})

@@ -123,9 +123,10 @@ EPS = 1e-5
 LLAMA = {"num_query_groups": 2, "normalization": "RMSNorm", "activation": "swiglu",
          "position_embedding_type": "rope", "add_bias_linear": False,
          "untie_embeddings_and_output_weights": True}
-# ... with heads 12 wide (hidden 32 / 4 heads would be 8), half of each rotated, 1 + weight norms
+# ... with heads 12 wide (hidden 32 / 4 heads would be 8), half of each rotated, 1 + weight norms,
+# and q/k norms (replicated over TP, their gradients summed there)
 WIDE_HEADS = {**LLAMA, "kv_channels": 12, "rotary_percent": 0.5,
-              "layernorm_zero_centered_gamma": True}
+              "layernorm_zero_centered_gamma": True, "qk_layernorm": True}
 
 
 def _config(tp=1, pp=1, vpp=None, sp=False, overlap=True, **model) -> TransformerConfig:

@@ -66,19 +66,30 @@ def test_short_run_lowers_the_loss(cache_dir, tmp_path):
     validation = re.findall(r"^validation at iteration (15|30) \| lm loss (\S+) \| lm loss PPL",
                             out, re.MULTILINE)
     assert len(validation) == 2
+    test = re.findall(r"^test at iteration (30) \| lm loss (\S+) \| lm loss PPL", out,
+                      re.MULTILINE)
+    assert len(test) == 1, out  # the builtin corpus's test split: the last of 969,30,1
     print(f"e2e: {time.monotonic() - start:.1f} s, lm loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
-    # TensorBoard (a test dependency) holds the values of the printed lines, once each
+    # TensorBoard (a test dependency) holds each iteration's loss and rate (the default
+    # --tensorboard-log-interval 1): each line's loss is the mean of its 5 iterations', and the
+    # evaluations' values are the printed ones
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
-    for tag, printed in (("lm loss", [(it, loss) for it, loss, _ in logged]),
-                         ("learning-rate", [(it, lr) for it, _, lr in logged]),
-                         ("validation lm loss", validation)):
-        written = [(e.step, e.value) for e in events.Scalars(tag)]
-        assert [step for step, _ in written] == [int(it) for it, _ in printed], tag
-        for (step, value), (_, text) in zip(written, printed):
+    written = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+               for tag in ("lm loss", "learning-rate", "validation lm loss", "test lm loss")}
+    assert [step for step, _ in written["lm loss"]] == list(range(1, 31))
+    assert [step for step, _ in written["learning-rate"]] == list(range(1, 31))
+    for it, loss, lr in logged:
+        last = int(it)
+        window = [value for step, value in written["lm loss"] if last - 5 < step <= last]
+        assert sum(window) / 5 == pytest.approx(float(loss), rel=1e-3), f"lm loss at {it}"
+        assert written["learning-rate"][last - 1][1] == pytest.approx(float(lr), rel=1e-3)
+    for tag, printed in (("validation lm loss", validation), ("test lm loss", test)):
+        assert [step for step, _ in written[tag]] == [int(it) for it, _ in printed], tag
+        for (step, value), (_, text) in zip(written[tag], printed):
             assert value == pytest.approx(float(text), rel=1e-3), f"{tag} at {step}"
 
 

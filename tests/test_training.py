@@ -174,7 +174,7 @@ def test_log_line_has_every_field(capsys):
     logger = TrainingLogger(cfg, 4, torch.device("cpu"), enabled=True)
     for it in (1, 2):
         logger.training_iteration(it, it * GBS, {"lm loss": 4.0 + it}, 1e-3, 0.5, 1.0, True, GBS)
-    logger.validation(2, {"lm loss": 2.0})
+    logger.evaluation("validation", 2, {"lm loss": 2.0})
     logger.close()
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2

@@ -197,7 +197,7 @@ def _read_wandb_file(path: str) -> list:
 def test_wandb_run_on_the_last_rank_holds_the_logged_values(tmp_path):
     pytest.importorskip("wandb")
     cfg = tiny_job(wandb_project="mp-test", wandb_exp_name="tiny",
-                   wandb_save_dir=str(tmp_path / "wandb"))
+                   wandb_save_dir=str(tmp_path / "wandb"), log_interval=1)
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true",
            **{f"WANDB_{d}_DIR": str(tmp_path / d.lower()) for d in ("CONFIG", "CACHE", "DATA")}}
     printed = run_distributed(2, _pretrain, cfg, env)[0]
@@ -214,18 +214,20 @@ def test_wandb_run_on_the_last_rank_holds_the_logged_values(tmp_path):
             items = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
                      for i in record.history.item}
             history.setdefault(record.history.step.num, {}).update(items)
-    assert sorted(history) == [2, 4]
-    for step in (2, 4):
+    assert sorted(history) == [1, 2, 3, 4]  # logged and written every iteration
+    for step in (1, 2, 3, 4):
         values = history[step]
         # rank 0 prints what rank 1 logs (losses, rate and norm are the same on every rank)
         assert (f"iteration {step}/4 | consumed samples {2 * step} | global batch size 2 | "
                 f"lm loss {values['lm loss']:.4E} | lr {values['learning-rate']:.3E} | "
                 f"grad norm {values['grad-norm']:.3f} |") in printed, (values, printed)
-        assert (f"validation at iteration {step} | lm loss {values['validation lm loss']:.4E}"
-                in printed)
-        assert values["validation lm loss PPL"] == pytest.approx(
-            math.exp(values["validation lm loss"]))
         assert values["batch-size"] == 2
+    for step, split in ((2, "validation"), (4, "validation"), (4, "test")):
+        values = history[step]
+        assert f"{split} at iteration {step} | lm loss {values[f'{split} lm loss']:.4E}" \
+            in printed
+        assert values[f"{split} lm loss PPL"] == pytest.approx(
+            math.exp(values[f"{split} lm loss"]))
     assert any(r.WhichOneof("record_type") == "exit" for r in records)  # finished
 
 

@@ -1,4 +1,4 @@
-"""Convert Hugging Face GPT-2 and Llama weights to an mp checkpoint, and back.
+"""Convert Hugging Face GPT-2, Llama and Qwen3 weights to an mp checkpoint, and back.
 
     python tools/convert_checkpoint.py hf-to-mp --input gpt2/ --output ckpt/gpt2 \\
         [--tensor-model-parallel-size 2] [--make-vocab-size-divisible-by 128] [--seq-length 1024] \\
@@ -6,11 +6,13 @@
     python tools/convert_checkpoint.py mp-to-hf --input ckpt/gpt2 --output gpt2-out/ \\
         [--format safetensors|bin]
 
-``hf-to-mp`` reads a ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` directory (``config.json``
-with ``model.safetensors``, the shards a ``model.safetensors.index.json`` names, or
-``pytorch_model.bin``) or one weights file (then ``--config`` names the ``config.json``); the
-config's ``model_type`` (``gpt2`` or ``llama``) picks the mapping
-(`mp.checkpointing.hf_gpt2`, `mp.checkpointing.hf_llama`). It writes a model-only mp checkpoint (a save directory with ``iter_0000000``). mp checkpoints
+``hf-to-mp`` reads a ``GPT2LMHeadModel``, ``LlamaForCausalLM`` or ``Qwen3ForCausalLM``
+directory (``config.json`` with ``model.safetensors``, the shards a
+``model.safetensors.index.json`` names, or ``pytorch_model.bin``) or one weights file (then
+``--config`` names the ``config.json``); the config's ``model_type`` (``gpt2``, ``llama`` or
+``qwen3``) picks the mapping (`mp.checkpointing.hf_gpt2`, `mp.checkpointing.hf_llama` for
+both others). It writes a
+model-only mp checkpoint (a save directory with ``iter_0000000``). mp checkpoints
 are layout-free: the result loads at any tensor/pipeline/data-parallel layout whose padded
 vocabulary matches, which ``--tensor-model-parallel-size`` and
 ``--make-vocab-size-divisible-by`` set (GPT-2's 50257 tokens pad to 50304 with 128 x 1). Start
@@ -18,7 +20,8 @@ training from it with ``launch/pretrain_gpt.py --load ckpt/gpt2``.
 
 ``mp-to-hf`` reads any mp checkpoint (a checkpoint directory or a save directory's latest;
 the fp32 masters when it has them) and writes ``config.json`` and the weights in GPT-2's
-names and layout, or Llama's for a model with rotary embeddings (``lm_head.weight`` is left
+names and layout, or Llama's for a model with rotary embeddings (Qwen3's with
+``qk_layernorm``; ``lm_head.weight`` is left
 out of safetensors files when tied, as ``save_pretrained`` does).
 
 Files are read safely: safetensors, or ``torch.load(weights_only=True)``. GPT-2's ``gelu_new``
@@ -50,11 +53,13 @@ from mp.model.config import TransformerConfig
 
 SAFETENSORS, BIN, CONFIG = "model.safetensors", "pytorch_model.bin", "config.json"
 INDEX = SAFETENSORS + ".index.json"  # a sharded checkpoint's map of tensors to files
-FORMATS = {"gpt2": hf_gpt2, "llama": hf_llama}  # config.json's model_type -> its mapping
+# config.json's model_type -> its mapping
+FORMATS = {"gpt2": hf_gpt2, **{kind: hf_llama for kind in hf_llama.FAMILIES}}
 
 
 def _format_of(config: TransformerConfig):
-    """The Hugging Face mapping an mp model converts to: Llama's with rotary embeddings."""
+    """The Hugging Face mapping an mp model converts to: Llama's (Qwen3's with
+    ``qk_layernorm``) with rotary embeddings."""
     return hf_llama if config.position_embedding_type == "rope" else hf_gpt2
 
 
@@ -137,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    to_mp = commands.add_parser("hf-to-mp", help="Hugging Face GPT-2 or Llama -> mp checkpoint")
+    to_mp = commands.add_parser("hf-to-mp", help="Hugging Face GPT-2, Llama or Qwen3 -> mp "
+                                   "checkpoint")
     to_mp.add_argument("--input", required=True, help="Hugging Face directory or weights file")
     to_mp.add_argument("--config", help="config.json (default: beside the weights)")
     to_mp.add_argument("--output", required=True, help="mp save directory to create")
@@ -152,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="an mp model whose norms scale by 1 + weight (the weights are "
                             "stored minus 1)")
     to_mp.set_defaults(run=hf_to_mp_command)
-    to_hf = commands.add_parser("mp-to-hf", help="mp checkpoint -> Hugging Face GPT-2 or Llama")
+    to_hf = commands.add_parser("mp-to-hf", help="mp checkpoint -> Hugging Face GPT-2, Llama or "
+                                   "Qwen3")
     to_hf.add_argument("--input", required=True, help="mp checkpoint or save directory")
     to_hf.add_argument("--output", required=True, help="directory to write")
     to_hf.add_argument("--format", choices=("safetensors", "bin"), default="safetensors")

@@ -1,4 +1,5 @@
-"""Hugging Face Llama (``LlamaForCausalLM``) weights to and from mp's global parameter names.
+"""Hugging Face Llama (``LlamaForCausalLM``) and Qwen3 (``Qwen3ForCausalLM``) weights to and
+from mp's global parameter names.
 
 A Llama is mp's GPT with RMSNorm, SwiGLU, rotary embeddings (the rotate-half form, mp's own),
 no linear biases, untied embeddings unless ``tie_word_embeddings``, and grouped-query
@@ -21,9 +22,18 @@ Meta's) is mp's ``use_rope_scaling`` and ``rope_scaling_factor``; ``head_dim`` i
 by name: other RoPE scalings (linear, dynamic, YaRN, ...), biases, an activation other than
 SiLU; an mp model that rotates part of each head (``rotary_percent < 1``; Llama rotates whole
 heads).
+
+Qwen3 is a Llama whose attention normalizes each query and key head over its ``head_dim``
+channels before RoPE with an RMSNorm shared by the heads (``q_norm``, ``k_norm``): mp's
+``qk_layernorm`` (``self_attention.q_layernorm``, ``k_layernorm``). The config's
+``model_type`` picks the family one way, ``qk_layernorm`` the other. Qwen3's sliding-window
+attention (``use_sliding_window``, ``layer_types`` other than ``full_attention``) and
+``attention_bias=True`` (biases on the attention projections only) are refused by name.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -46,7 +56,39 @@ _LAYER_PAIRS = (  # (Llama suffix, mp suffix)
     ("mlp.up_proj", "mlp.linear_fc1"),
     ("mlp.down_proj", "mlp.linear_fc2"),
 )
+_QK_NORM_PAIRS = (("self_attn.q_norm", "self_attention.q_layernorm"),
+                  ("self_attn.k_norm", "self_attention.k_layernorm"))
 _IGNORED_BUFFERS = ("rotary_emb.inv_freq",)  # older checkpoints saved the RoPE frequencies
+
+
+class Family(NamedTuple):
+    name: str
+    architecture: str
+    qk_layernorm: bool  # whether its heads have q/k norms
+
+
+#: ``model_type`` -> the family
+FAMILIES = {"llama": Family("Llama", "LlamaForCausalLM", False),
+            "qwen3": Family("Qwen3", "Qwen3ForCausalLM", True)}
+
+
+def _model_type(config: TransformerConfig) -> str:
+    """The family an mp model converts to: Qwen3 with ``qk_layernorm``, else Llama."""
+    return "qwen3" if config.qk_layernorm else "llama"
+
+
+def _layer_pairs(config: TransformerConfig) -> tuple[tuple[str, str], ...]:
+    """(Hugging Face suffix, mp suffix) of a layer's weights other than q, k, v."""
+    return _LAYER_PAIRS + (_QK_NORM_PAIRS if config.qk_layernorm else ())
+
+
+def _check_full_attention(hf: dict) -> None:
+    """ValueError for Qwen3's sliding-window attention (mp attends over the whole sequence)."""
+    layer_types = set(hf.get("layer_types") or ("full_attention",))
+    if hf.get("use_sliding_window") or layer_types != {"full_attention"}:
+        raise ValueError(f"use_sliding_window={hf.get('use_sliding_window')!r}, layer_types "
+                         f"{sorted(layer_types)}: mp attends over the whole sequence "
+                         "(use_sliding_window=false, every layer 'full_attention')")
 
 
 # Llama 3.1's RoPE scaling as mp has it (`mp.model.rope`): only the factor may vary.
@@ -74,12 +116,18 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
                    pipeline_model_parallel_size: int = 1,
                    make_vocab_size_divisible_by: int = 128,
                    seq_length: int | None = None) -> TransformerConfig:
-    """The mp model of a Llama ``config.json``; ValueError for what mp cannot express."""
+    """The mp model of a Llama or Qwen3 ``config.json`` (its ``model_type``, default llama);
+    ValueError for what mp cannot express."""
+    kind = hf.get("model_type", "llama")
+    if kind not in FAMILIES:
+        raise ValueError(f"model_type={kind!r} must be one of {', '.join(map(repr, FAMILIES))}")
+    _check_full_attention(hf)
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     for key, value in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
                        ("pretraining_tp", 1)):
         if hf.get(key, value) != value:
-            raise ValueError(f"{key}={hf[key]!r}: mp's Llama needs {key}={value!r}")
+            raise ValueError(f"{key}={hf[key]!r}: mp's {FAMILIES[kind].name} needs "
+                             f"{key}={value!r}")
     positions = hf["max_position_embeddings"]
     return TransformerConfig(
         num_layers=hf["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
@@ -90,6 +138,7 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         normalization="RMSNorm", layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
         activation="swiglu", position_embedding_type="rope", **_rope(hf),
+        qk_layernorm=FAMILIES[kind].qk_layernorm,
         add_bias_linear=False, hidden_dropout=0.0,
         attention_dropout=hf.get("attention_dropout", 0.0),
         init_method_std=hf.get("initializer_range", 0.02),
@@ -99,14 +148,17 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
 
 
 def hf_config(config: TransformerConfig) -> dict:
-    """A Llama ``config.json`` for mp model ``config``; ValueError for an mp model Llama
-    cannot express."""
+    """A Llama ``config.json`` for mp model ``config``, Qwen3's with ``qk_layernorm``;
+    ValueError for an mp model neither can express."""
+    kind = _model_type(config)
     check_expressible(config, {"normalization": ("RMSNorm",), "activation": ("swiglu",),
                                "position_embedding_type": ("rope",), "rotary_percent": (1.0,),
-                               "add_bias_linear": (False,)}, "Llama")
+                               "add_bias_linear": (False,)}, FAMILIES[kind].name)
     scaling = {"rope_scaling": {"rope_type": "llama3", "factor": config.rope_scaling_factor,
                                 **_LLAMA3_SCALING}} if config.use_rope_scaling else {}
-    return {**scaling, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    sliding = {"use_sliding_window": False} if kind == "qwen3" else {}
+    return {**scaling, **sliding, "architectures": [FAMILIES[kind].architecture],
+            "model_type": kind,
             "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
             "intermediate_size": config.ffn_hidden_size,
             "num_hidden_layers": config.num_layers,
@@ -136,14 +188,16 @@ def _qkv_to_hf(qkv: torch.Tensor, heads: int, groups: int) -> list[torch.Tensor]
 
 def hf_to_mp(state_dict: dict[str, torch.Tensor],
              config: TransformerConfig) -> dict[str, torch.Tensor]:
-    """``LlamaForCausalLM`` (or ``LlamaModel``) weights to mp's global names and layout."""
+    """``LlamaForCausalLM`` or ``Qwen3ForCausalLM`` (or their ``...Model``) weights to mp's
+    global names and layout."""
     hf = {k.removeprefix(_PREFIX): v for k, v in state_dict.items()
           if not k.endswith(_IGNORED_BUFFERS)}
     head = hf.pop("lm_head.weight", None)
     tied = not config.untie_embeddings_and_output_weights
     check_keys(set(hf), {"embed_tokens.weight", "norm.weight"} | {
         f"layers.{i}.{name}.weight" for i in range(config.num_layers)
-        for name in (*_QKV, *(pair[0] for pair in _LAYER_PAIRS))}, "Llama state dict")
+        for name in (*_QKV, *(pair[0] for pair in _layer_pairs(config)))},
+        f"{FAMILIES[_model_type(config)].name} state dict")
     check_output_layer(head, hf["embed_tokens.weight"], tied, "embed_tokens")
     rows = config.padded_vocab_size
     mp = {"embedding.word_embeddings.weight": pad_rows(hf["embed_tokens.weight"], rows),
@@ -154,7 +208,7 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
         src, dst = f"layers.{i}.", f"decoder.layers.{i}."
         mp[dst + "self_attention.query_key_value.weight"] = _qkv_to_mp(
             *(hf[f"{src}{name}.weight"] for name in _QKV), config.num_query_groups)
-        for hf_name, mp_name in _LAYER_PAIRS:
+        for hf_name, mp_name in _layer_pairs(config):
             mp[f"{dst}{mp_name}.weight"] = hf[f"{src}{hf_name}.weight"]
     return shift_norm_weights({k: v.contiguous().clone() for k, v in mp.items()}, config, -1.0)
 
@@ -162,8 +216,9 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
 def mp_to_hf(weights: dict[str, torch.Tensor],
              config: TransformerConfig) -> dict[str, torch.Tensor]:
     """mp's global weights to ``LlamaForCausalLM.state_dict()``'s keys, shapes and layout
-    (``lm_head.weight`` included; with tied embeddings it is ``embed_tokens``' tensor)."""
-    hf_config(config)  # raises for models Llama cannot express
+    (``Qwen3ForCausalLM``'s with ``qk_layernorm``; ``lm_head.weight`` included; with tied
+    embeddings it is ``embed_tokens``' tensor)."""
+    hf_config(config)  # raises for models Llama and Qwen3 cannot express
     tied = not config.untie_embeddings_and_output_weights
     vocab = config.vocab_size
     weights = shift_norm_weights(weights, config, 1.0)
@@ -171,7 +226,8 @@ def mp_to_hf(weights: dict[str, torch.Tensor],
         "embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
         *(() if tied else ("output_layer.weight",))} | {
         f"decoder.layers.{i}.{name}.weight" for i in range(config.num_layers)
-        for name in ("self_attention.query_key_value", *(pair[1] for pair in _LAYER_PAIRS))},
+        for name in ("self_attention.query_key_value",
+                     *(pair[1] for pair in _layer_pairs(config)))},
         "mp checkpoint")
     hf = {"model.embed_tokens.weight": weights["embedding.word_embeddings.weight"][:vocab],
           "model.norm.weight": weights["decoder.final_layernorm.weight"]}
@@ -180,7 +236,7 @@ def mp_to_hf(weights: dict[str, torch.Tensor],
         qkv = _qkv_to_hf(weights[src + "self_attention.query_key_value.weight"],
                          config.num_attention_heads, config.num_query_groups)
         hf.update({f"{dst}{name}.weight": t for name, t in zip(_QKV, qkv)})
-        for hf_name, mp_name in _LAYER_PAIRS:
+        for hf_name, mp_name in _layer_pairs(config):
             hf[f"{dst}{hf_name}.weight"] = weights[f"{src}{mp_name}.weight"]
     hf = {k: v.contiguous().clone() for k, v in hf.items()}
     hf["lm_head.weight"] = hf["model.embed_tokens.weight"] if tied else \

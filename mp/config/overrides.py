@@ -60,6 +60,7 @@ _MEGATRON_NAMES = {
         "overlap_p2p_comm", "recompute_method", "recompute_num_layers",
         "distribute_saved_activations", "rotary_base", "use_rope_scaling",
         "rope_scaling_factor", "attention_backend", "kv_channels", "rotary_percent",
+        "qk_layernorm",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
@@ -89,7 +90,8 @@ _MEGATRON_NAMES = {
     "logging": ("log_interval", "tensorboard_dir", "log_params_norm", "log_num_zeros_in_grad",
                 "wandb_project", "wandb_exp_name", "wandb_save_dir", "profile",
                 "use_pytorch_profiler", "profile_step_start", "profile_step_end",
-                "profile_ranks"),
+                "profile_ranks", "tensorboard_log_interval", "tensorboard_queue_size",
+                "log_world_size_to_tensorboard"),
 }
 
 #: Megatron-LM flag -> the key it sets.
@@ -114,6 +116,8 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--bf16": ("model.precision", "bf16"),
     "--fp16": ("model.precision", "fp16"),
     "--swiglu": ("model.activation", "swiglu"),
+    "--squared-relu": ("model.activation", "squared_relu"),
+    "--openai-gelu": ("model.activation", "gelu_tanh"),
     "--disable-bias-linear": ("model.add_bias_linear", "false"),
     "--use-rotary-position-embeddings": ("model.position_embedding_type", "rope"),
     "--use-flash-attn": ("model.attention_backend", "sdpa"),
@@ -141,6 +145,15 @@ NO_EFFECT_FLAGS: dict[str, tuple[int, str]] = {
     "--no-create-attention-mask-in-dataloader": (0, ("mp's loader never builds a causal mask; "
                                                     "attention applies causality itself")),
     "--attention-softmax-in-fp32": (0, "mp's softmax always computes in fp32"),
+    "--log-memory-to-tensorboard": (0, ("TensorBoard always gets the peak memory "
+                                       "(peak-memory-bytes)")),
+    "--log-batch-size-to-tensorboard": (0, ("TensorBoard always gets the global batch size "
+                                           "(batch-size)")),
+    "--log-validation-ppl-to-tensorboard": (0, ("TensorBoard always gets the validation "
+                                               "perplexity (validation lm loss PPL)")),
+    "--data-impl": (1, ("mp reads Megatron's indexed format (.bin/.idx), memory-mapped unless "
+                       "--no-mmap-bin-files")),
+    "--distributed-backend": (1, "mp uses NCCL with CUDA and gloo on the CPU"),
     "--tiktoken-pattern": (1, "it configures Megatron's TikTokenizer, which mp does not have"),
     "--ckpt-format": (1, ("mp writes one format, which loads at any parallel layout as "
                          "torch_dist does (docs/checkpoints.md)")),

@@ -107,13 +107,18 @@ class DataConfig(Section):
 @dataclass
 class LoggingConfig(Section):
     """What the training loop reports: a line every ``log_interval`` iterations, TensorBoard
-    scalars when ``tensorboard_dir`` is set, and a progress bar (``"auto"``: only when the
-    output is a terminal)."""
+    scalars when ``tensorboard_dir`` is set (the iteration's own values every
+    ``tensorboard_log_interval`` iterations, the interval's rates with each line; the writer
+    holds up to ``tensorboard_queue_size`` events before it writes them out), and a progress bar
+    (``"auto"``: only when the output is a terminal)."""
 
     section: ClassVar[str] = "logging"
 
     log_interval: int = 100
     tensorboard_dir: str | None = None
+    tensorboard_log_interval: int = 1  # Megatron's: TensorBoard/W&B scalars every N iterations
+    tensorboard_queue_size: int = 1000  # SummaryWriter's max_queue
+    log_world_size_to_tensorboard: bool = False  # the scalar world-size, with the others
     progress: bool | str = "auto"
     log_params_norm: bool = False  # the L2 norm of all parameters, on each log line
     log_num_zeros_in_grad: bool = False  # the count of zero gradient elements, likewise
@@ -128,6 +133,8 @@ class LoggingConfig(Section):
 
     def __post_init__(self) -> None:
         self._at_least("log_interval", 1)
+        self._at_least("tensorboard_log_interval", 1)
+        self._at_least("tensorboard_queue_size", 1)
         self._at_least("profile_step_start", 0)
         if self.profile_step_end <= self.profile_step_start:
             raise ConfigError(f"logging.profile_step_end={self.profile_step_end!r} must be "

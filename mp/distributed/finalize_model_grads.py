@@ -5,8 +5,9 @@ Megatron's ``finalize_model_grads``, in order:
 1. data parallel: ``finish_grad_sync()`` on each chunk (the mean over data-parallel ranks);
 2. sequence parallel: parameters replicated over TP ranks but fed only ``1/TP`` of the
    sequence (``param.sequence_parallel``: norm weights and biases, row-parallel biases) hold
-   partial gradients; they are summed over the tensor-parallel group, all in one coalesced
-   all-reduce.
+   partial gradients, as do the ``qk_layernorm`` norms at any TP size (each rank normalizes
+   only its heads; marked likewise); they are summed over the tensor-parallel group, all in
+   one coalesced all-reduce.
 
 3. pipeline parallel with tied word embeddings: the first stage's embedding matrix and the
    last stage's copy of it (both marked ``embedding_group_sync`` by

@@ -147,19 +147,7 @@ def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUD
     terms["QKV input"] = e * local * h
     if cfg.layernorm_zero_centered_gamma:
         terms["norm weights (1 + weight)"] = 2 * e * h
-    grouped = cfg.num_query_groups < cfg.num_attention_heads
-    if math_core:  # fp32 copies of q, k, v replace the 16-bit QKV output (and RoPE's q, k)
-        terms["Q, K, V (fp32 copies)"] = 3 * FP32 * tokens * q / t
-    elif grouped and cfg.attention_backend == "unfused" and not selective:
-        # the matmuls save q and the keys and values repeated for every query head
-        terms["Q, and K, V repeated per head"] = 3 * e * tokens * q / t
-    else:
-        terms["Q, K, V"] = e * tokens * cfg.qkv_size / t  # v views the whole QKV output
-        if cfg.position_embedding_type == "rope":
-            keys = cfg.num_query_groups * cfg.kv_channels
-            terms["rotated Q, K"] = e * tokens * (q + keys) / t
-        elif grouped and cfg.num_query_groups > t:  # with one group per rank, q is a view
-            terms["Q (copied out of its groups)"] = e * tokens * q / t
+    terms.update(_qkv_terms(cfg, micro_batch, kernels, math_core, selective))
     if cfg.position_embedding_type == "rope":  # cos and sin tables, for q and for k
         terms["rotary tables"] = 4 * FP32 * s * cfg.rotary_dim
     if not selective:
@@ -173,9 +161,62 @@ def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUD
         terms["SwiGLU gate and up outputs"] = 2 * e * tokens * f / t
     elif cfg.activation == "swiglu":
         terms["SwiGLU gate, SiLU and up outputs"] = 3 * e * tokens * f / t
+    elif cfg.activation == "squared_relu":  # relu and square both keep relu's output
+        terms["ReLU output"] = e * tokens * f / t
     else:
         terms["GeLU input"] = e * tokens * f / t
     terms["fc2 input"] = e * tokens * f / t
+    return terms
+
+
+def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_core: bool,
+               selective: bool) -> dict[str, float]:
+    """What the QKV output, the queries and keys (normalized, rotated) leave saved, and the
+    ``qk_layernorm`` norms' own saves (their input when they keep it as it comes, statistics
+    per head row, a composite RMSNorm's fp32 tensors, the ``1 + weight`` of zero-centred
+    ones)."""
+    e, t = activation_bytes(cfg), cfg.tensor_model_parallel_size
+    tokens = cfg.seq_length * micro_batch
+    q, kv = cfg.query_projection_size, cfg.num_query_groups * cfg.kv_channels
+    grouped = cfg.num_query_groups < cfg.num_attention_heads
+    copied_q = grouped and cfg.num_query_groups > t  # with one group per rank, q is a view
+    qk_norm = cfg.qk_layernorm
+    composite = cfg.normalization == "RMSNorm" and kernels.composite_rms_norm
+    # a norm that keeps its q, k input as is (k is a view of the QKV output); the composite
+    # RMSNorm keeps an fp32 copy of 16-bit input instead
+    norm_keeps_input = qk_norm and not (composite and e != FP32)
+    terms = {}
+    if math_core:  # fp32 copies of q, k, v replace the 16-bit QKV output (and RoPE's q, k)
+        terms["Q, K, V (fp32 copies)"] = 3 * FP32 * tokens * q / t
+    elif grouped and cfg.attention_backend == "unfused" and not selective:
+        # the matmuls save q and the keys and values repeated for every query head
+        terms["Q, and K, V repeated per head"] = 3 * e * tokens * q / t
+    else:  # v views the whole QKV output
+        terms["Q, K, V"] = e * tokens * cfg.qkv_size / t
+        if cfg.position_embedding_type == "rope":
+            terms["rotated Q, K"] = e * tokens * (q + kv) / t
+        elif qk_norm:
+            terms["normalized Q, K"] = e * tokens * (q + kv) / t
+        elif copied_q:
+            terms["Q (copied out of its groups)"] = e * tokens * q / t
+    if not qk_norm:
+        return terms
+    if norm_keeps_input:
+        terms["Q, K, V"] = e * tokens * cfg.qkv_size / t
+        if copied_q:
+            terms["Q (copied out of its groups)"] = e * tokens * q / t
+    rows = tokens * (cfg.num_attention_heads + cfg.num_query_groups) / t
+    if composite:
+        if e != FP32:
+            terms["Q, K norm input (fp32)"] = FP32 * tokens * (q + kv) / t
+        terms["Q, K normalized (fp32)"] = FP32 * tokens * (q + kv) / t
+        terms["Q, K norm statistics"] = FP32 * rows
+    else:
+        stats = kernels.norm_stats_bytes or e
+        terms["Q, K norm statistics"] = (2 if cfg.normalization == "LayerNorm" else 1) * \
+            stats * rows
+    if cfg.layernorm_zero_centered_gamma:
+        terms["Q, K norm weights (1 + weight)"] = 2 * e * cfg.kv_channels
     return terms
 
 

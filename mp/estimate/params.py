@@ -54,10 +54,11 @@ class RankParams:
         return self.embedding + self.layers + self.final_norm + self.output_layer
 
 
-def norm_params(cfg: TransformerConfig) -> tuple[int, int]:
-    """(elements, tensors) of one norm: weight and bias (LayerNorm) or weight (RMSNorm)."""
+def norm_params(cfg: TransformerConfig, size: int | None = None) -> tuple[int, int]:
+    """(elements, tensors) of one norm ``size`` wide (default ``hidden_size``): weight and
+    bias (LayerNorm) or weight (RMSNorm)."""
     n = 2 if cfg.normalization == "LayerNorm" else 1
-    return n * cfg.hidden_size, n
+    return n * (cfg.hidden_size if size is None else size), n
 
 
 def _linear(cfg: TransformerConfig, in_size: int, out_size: int, shard_out: bool
@@ -73,13 +74,16 @@ def _linear(cfg: TransformerConfig, in_size: int, out_size: int, shard_out: bool
 
 def layer_params(cfg: TransformerConfig) -> tuple[int, int]:
     """(elements, tensors) of one transformer layer on one TP rank (the attention output
-    projection maps the ``a d`` query width to ``h``)."""
+    projection maps the ``a d`` query width to ``h``; ``qk_layernorm`` adds two norms ``d``
+    wide, replicated)."""
     h, f = cfg.hidden_size, cfg.ffn_hidden_size
     parts = [norm_params(cfg), _linear(cfg, h, cfg.qkv_size, True),
              _linear(cfg, cfg.query_projection_size, h, False),
              norm_params(cfg), _linear(cfg, h, f, True), _linear(cfg, f, h, False)]
     if cfg.activation == "swiglu":
         parts.append(_linear(cfg, h, f, True))
+    if cfg.qk_layernorm:
+        parts += [norm_params(cfg, cfg.kv_channels)] * 2
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 

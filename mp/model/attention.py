@@ -35,6 +35,7 @@ from mp.fused import AttnMaskType, FusedScaleMaskSoftmax, attention_mask_func
 from mp.model.config import TransformerConfig
 from mp.model.init import init_method_normal, scaled_init_method_normal
 from mp.model.inference import InferenceParams
+from mp.model.norm import build_norm
 from mp.model.rope import apply_rotary
 from mp.tensor_parallel import (
     ColumnParallelLinear,
@@ -101,7 +102,15 @@ class CoreAttention(nn.Module):
 
 class SelfAttention(nn.Module):
     """Returns ``(output, bias)`` like the row-parallel projection it ends with (the bias is
-    left for the caller's fused bias-dropout-add)."""
+    left for the caller's fused bias-dropout-add).
+
+    With ``config.qk_layernorm`` (Megatron's ``--qk-layernorm``) each query head and each key
+    head is normalized over its ``d`` channels after the projection and before RoPE, by the
+    model's norm: ``q_layernorm`` is shared by all query heads, ``k_layernorm`` by all key
+    heads, each ``[d]``. They are replicated over TP while each rank sees only its heads, so
+    their gradients are partial sums over the TP group (marked ``sequence_parallel``, as
+    sequence-parallel norms are; `mp.distributed.finalize_model_grads` adds them up).
+    """
 
     def __init__(self, config: TransformerConfig, group=None, layer_number: int = 1):
         super().__init__()
@@ -115,6 +124,10 @@ class SelfAttention(nn.Module):
         tp = self.query_key_value.world_size
         self.heads_per_partition = divide(config.num_attention_heads, tp, "num_attention_heads")
         self.groups_per_partition = divide(config.num_query_groups, tp, "num_query_groups")
+        self.q_layernorm, self.k_layernorm = (
+            (build_norm(config, config.kv_channels, partial_grads=True),
+             build_norm(config, config.kv_channels, partial_grads=True))
+            if config.qk_layernorm else (None, None))
         self.core_attention = CoreAttention(config)
         self.dense = RowParallelLinear(
             config.query_projection_size, config.hidden_size, bias=bias, input_is_parallel=True,
@@ -132,6 +145,8 @@ class SelfAttention(nn.Module):
         queries = self.heads_per_partition // groups * d  # per group
         q, k, v = qkv.view(s, b, groups, queries + 2 * d).split([queries, d, d], dim=-1)
         q = q.reshape(s, b, self.heads_per_partition, d)  # a view when groups = heads
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rotary_freqs is not None:
             q, k = apply_rotary(q, rotary_freqs), apply_rotary(k, rotary_freqs)
         if inference_params is not None:

@@ -37,7 +37,10 @@ class TransformerConfig:
     layernorm_epsilon: float = 1e-5
     layernorm_zero_centered_gamma: bool = False  # every norm scales by 1 + weight and its weight
     # starts at 0 (Megatron's --apply-layernorm-1p); LayerNorm and RMSNorm, mp's or apex's
-    activation: str = "gelu"  # gelu | gelu_tanh (GPT-2's gelu_new) | swiglu
+    activation: str = "gelu"  # gelu | gelu_tanh (GPT-2's gelu_new, Megatron's --openai-gelu)
+    # | swiglu | squared_relu (relu(x)^2, Megatron's --squared-relu)
+    qk_layernorm: bool = False  # normalize each query and key head over its kv_channels
+    # (Megatron's --qk-layernorm): one q_layernorm and one k_layernorm shared by all heads
     position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
     rotary_base: float = 10000.0
     use_rope_scaling: bool = False  # Llama 3.1's RoPE frequency scaling (mp.model.rope)
@@ -89,7 +92,7 @@ class TransformerConfig:
         _positive_int("ffn_hidden_size", self.ffn_hidden_size)
         _one_of("normalization", self.normalization, ("LayerNorm", "RMSNorm"))
         _one_of("normalization_impl", self.normalization_impl, ("mp", "apex"))
-        _one_of("activation", self.activation, ("gelu", "gelu_tanh", "swiglu"))
+        _one_of("activation", self.activation, ("gelu", "gelu_tanh", "swiglu", "squared_relu"))
         _one_of("position_embedding_type", self.position_embedding_type,
                 ("learned_absolute", "rope"))
         _one_of("attention_backend", self.attention_backend, ("sdpa", "unfused"))

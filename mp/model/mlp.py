@@ -16,7 +16,9 @@ class MLP(nn.Module):
     """``[s, b, h] -> [s, b, ffn / t] -> act -> (output [s, b, h], bias)``.
 
     GeLU: ``fc2(gelu(fc1 x))``, exact (erf) or, for ``activation="gelu_tanh"``, the tanh
-    approximation GPT-2 was trained with (Hugging Face's ``gelu_new``). SwiGLU (Shazeer 2020):
+    approximation GPT-2 was trained with (Hugging Face's ``gelu_new``, Megatron's
+    ``--openai-gelu``). Squared ReLU (So et al. 2021, Megatron's ``--squared-relu``):
+    ``fc2(relu(fc1 x)^2)``. SwiGLU (Shazeer 2020):
     ``fc2(silu(gate x) * fc1 x)``; the gate is its own column-parallel layer, so the sharded
     weights mean the same thing at every TP size (a fused ``[gate; up]`` weight would
     interleave differently per layout). Under sequence parallelism that costs a second
@@ -24,10 +26,10 @@ class MLP(nn.Module):
 
     The fc1 (and gate) biases are added inside the activation. With
     ``config.bias_activation_fusion`` (Megatron's ``bias_gelu_fusion`` / ``bias_swiglu_fusion``)
-    bias and activation run as one compiled kernel (`mp.jit`): GeLU reads ``[s, b, ffn / t]``
-    once and writes it once instead of twice each; SwiGLU also saves only the gate and up
-    projections for backward (the SiLU output is recomputed), two ``[s, b, ffn / t]`` tensors
-    instead of three.
+    bias and activation run as one compiled kernel (`mp.jit`): GeLU (squared ReLU alike) reads
+    ``[s, b, ffn / t]`` once and writes it once instead of twice each; SwiGLU also saves only
+    the gate and up projections for backward (the SiLU output is recomputed), two
+    ``[s, b, ffn / t]`` tensors instead of three.
     """
 
     def __init__(self, config: TransformerConfig, group=None):
@@ -36,6 +38,7 @@ class MLP(nn.Module):
                   params_dtype=config.params_dtype, group=group)
         init = init_method_normal(config.init_method_std)
         h, ffn = config.hidden_size, config.ffn_hidden_size
+        self.activation = config.activation
         self.swiglu = config.activation == "swiglu"
         self.gelu_approximate = "tanh" if config.activation == "gelu_tanh" else "none"
         self.fused = config.bias_activation_fusion
@@ -51,6 +54,8 @@ class MLP(nn.Module):
         up, up_bias = self.linear_fc1(hidden)
         if self.swiglu:
             act = bias_swiglu(up, up_bias, *self.linear_gate(hidden), fused=self.fused)
+        elif self.activation == "squared_relu":
+            act = bias_squared_relu(up, up_bias, fused=self.fused)
         else:
             act = bias_gelu(up, up_bias, self.gelu_approximate, fused=self.fused)
         return self.linear_fc2(act)
@@ -64,12 +69,17 @@ def _bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> 
     return F.gelu(_with_bias(x, bias), approximate=approximate)
 
 
+def _bias_squared_relu(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.relu(_with_bias(x, bias)).square()
+
+
 def _bias_swiglu(up: torch.Tensor, up_bias: torch.Tensor | None, gate: torch.Tensor,
                  gate_bias: torch.Tensor | None) -> torch.Tensor:
     return F.silu(_with_bias(gate, gate_bias)) * _with_bias(up, up_bias)
 
 
 _bias_gelu_fused = jit_fuser(_bias_gelu)
+_bias_squared_relu_fused = jit_fuser(_bias_squared_relu)
 _bias_swiglu_fused = jit_fuser(_bias_swiglu)
 
 
@@ -78,6 +88,12 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str,
     """``gelu(x + bias)`` for ``x [s, b, ffn / t]`` and ``bias [ffn / t]`` or None;
     ``approximate`` is "none" (erf) or "tanh". ``fused``: one compiled kernel (`mp.jit`)."""
     return (_bias_gelu_fused if fused else _bias_gelu)(x, bias, approximate)
+
+
+def bias_squared_relu(x: torch.Tensor, bias: torch.Tensor | None, fused: bool) -> torch.Tensor:
+    """``relu(x + bias)^2`` for ``x [s, b, ffn / t]`` and ``bias [ffn / t]`` or None.
+    ``fused``: one compiled kernel (`mp.jit`)."""
+    return (_bias_squared_relu_fused if fused else _bias_squared_relu)(x, bias)
 
 
 def bias_swiglu(up: torch.Tensor, up_bias: torch.Tensor | None, gate: torch.Tensor,

@@ -5,40 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mp.apex import norm_class, zero_centered
-from mp.device import get_device
-from mp.fused import FusedLayerNorm, FusedRMSNorm
 from mp.model.attention import SelfAttention
 from mp.model.config import TransformerConfig
 from mp.model.dropout import bias_dropout_add
 from mp.model.inference import InferenceParams
 from mp.model.mlp import MLP
+from mp.model.norm import build_norm
 from mp.tensor_parallel import checkpoint
-
-
-def build_norm(config: TransformerConfig) -> nn.Module:
-    """LayerNorm or RMSNorm over the hidden dim; its parameters are replicated over TP and
-    marked ``sequence_parallel`` when their gradients are partial (sequence parallelism).
-
-    ``normalization_impl="apex"`` uses NVIDIA apex's fused module when apex is importable
-    (`mp.apex.norm_class`; a notice and mp's norm otherwise), with the same shape, eps, dtype,
-    device and ``sequence_parallel`` marks as mp's. With ``layernorm_zero_centered_gamma``
-    either stores its weight centred on 0 and scales by ``1 + weight``."""
-    zero_centered_gamma = config.layernorm_zero_centered_gamma
-    apex_cls = norm_class(config.normalization) if config.normalization_impl == "apex" else None
-    if apex_cls is None:
-        cls = FusedLayerNorm if config.normalization == "LayerNorm" else FusedRMSNorm
-        return cls(config.hidden_size, eps=config.layernorm_epsilon,
-                   sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
-                   zero_centered_gamma=zero_centered_gamma)
-    if zero_centered_gamma:
-        apex_cls = zero_centered(apex_cls)
-    norm = apex_cls(config.hidden_size, eps=config.layernorm_epsilon)
-    norm.to(device=get_device(), dtype=config.params_dtype)
-    norm.sequence_parallel = config.sequence_parallel
-    for param in norm.parameters():
-        param.sequence_parallel = config.sequence_parallel
-    return norm
 
 
 class TransformerLayer(nn.Module):

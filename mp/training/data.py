@@ -1,16 +1,19 @@
-"""The training and validation data iterators of a job (Megatron's
+"""The training, validation and test data iterators of a job (Megatron's
 ``build_train_valid_test_data_iterators``).
 
 ``data.data_path: [builtin]`` is the embedded corpus, tokenized once (by one rank, the others
-waiting) into ``data.data_cache_path`` or ``~/.cache/mp``; ``data.train_data_path`` and
-``valid_data_path`` give each split its own datasets instead (``test_data_path`` is checked but
-not read: there is no test evaluation); ``data.mock_data`` reads random tokens instead
-(`mp.data.mock`), no tokenizer or file needed. ``data.reset_position_ids`` and
-``data.reset_attention_mask`` keep a sample's documents apart (`mp.data.document_masks`). Sample counts follow Megatron:
-``train_samples``, or ``train_iters x global_batch_size``, training samples and, for validation,
-``eval_iters x global_batch_size`` for each evaluation the run will do (every ``eval_interval``
-iterations and one at the end). Each data-parallel rank reads its own micro-batches (the
-tensor-parallel ranks of a replica read the same ones), starting after ``consumed_train_samples``.
+waiting) into ``data.data_cache_path`` or ``~/.cache/mp``; ``data.train_data_path``,
+``valid_data_path`` and ``test_data_path`` give each split its own datasets instead;
+``data.mock_data`` reads random tokens instead (`mp.data.mock`), no tokenizer or file needed,
+each split built where ``data.split`` gives it a share (all where it is unset).
+``data.reset_position_ids`` and ``data.reset_attention_mask`` keep a sample's documents apart
+(`mp.data.document_masks`).
+Sample counts follow Megatron: ``train_samples``, or ``train_iters x global_batch_size``,
+training samples; for validation, ``eval_iters x global_batch_size`` for each evaluation the
+run will do (every ``eval_interval`` iterations and one at the end); for the test, one
+evaluation's. Each data-parallel rank reads its own micro-batches (the tensor-parallel ranks
+of a replica read the same ones), training from ``consumed_train_samples``, validation and
+test from the start.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch.distributed as dist
 from mp import parallel_state
 from mp.config import BUILTIN_DATA_PATH, JobConfig
 from mp.data.corpus import prepare_default_corpus
-from mp.data.dataset_builder import build_gpt_datasets
+from mp.data.dataset_builder import build_gpt_datasets, parse_split
 from mp.data.document_masks import DocumentMasked
 from mp.data.mock import MockGPTDataset
 from mp.data.samplers import build_pretraining_data_loader
@@ -48,10 +51,10 @@ def num_evaluations(cfg: JobConfig, world_size: int) -> int:
     return periodic + (0 if ends_on_one else 1)
 
 
-def _corpus_datasets(cfg: JobConfig, train_samples: int, valid_samples: int):
-    """The training and validation datasets of ``data.data_path`` (the embedded corpus
-    tokenized first when it is ``builtin``) or of the per-split paths, and the end-of-document
-    id."""
+def _corpus_datasets(cfg: JobConfig, samples: tuple[int, int, int]):
+    """The training, validation and test datasets of ``samples`` samples each from
+    ``data.data_path`` (the embedded corpus tokenized first when it is ``builtin``) or from the
+    per-split paths, and the end-of-document id."""
     data, tr = cfg.data, cfg.training
     tokenizer = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
                                 merge_file=data.merge_file, tokenizer_model=data.tokenizer_model,
@@ -64,39 +67,40 @@ def _corpus_datasets(cfg: JobConfig, train_samples: int, valid_samples: int):
     if data_path == [BUILTIN_DATA_PATH]:
         cache = data.data_cache_path or default_cache_dir()
         data_path = [prepare_default_corpus(os.path.join(cache, "corpus"), tokenizer)]
-    train_ds, valid_ds, _ = build_gpt_datasets(
-        data_path, data.split, cfg.model.seq_length, tr.seed, train_samples, valid_samples, 0,
+    datasets = build_gpt_datasets(
+        data_path, data.split, cfg.model.seq_length, tr.seed, *samples,
         per_split_data_path=data.per_split_data_path, eod=tokenizer.eod,
         eod_mask_loss=data.eod_mask_loss, path_to_cache=data.data_cache_path,
         mmap_bin_files=data.mmap_bin_files)
-    return train_ds, valid_ds, tokenizer.eod
+    return datasets, tokenizer.eod
 
 
 def build_data_iterators(cfg: JobConfig, consumed_train_samples: int = 0
-                         ) -> tuple[Iterator[dict], Iterator[dict] | None]:
-    """``(train, valid)`` iterators of micro-batch dicts (`mp.data.gpt_dataset.GPTDataset`'s
-    items stacked to ``[micro_batch_size, seq_length]``); ``valid`` is None when the split or
-    the run has no validation. Collective: every rank must call it."""
+                         ) -> tuple[Iterator[dict], Iterator[dict] | None, Iterator[dict] | None]:
+    """``(train, valid, test)`` iterators of micro-batch dicts
+    (`mp.data.gpt_dataset.GPTDataset`'s items stacked to ``[micro_batch_size, seq_length]``);
+    ``valid`` and ``test`` are None when the split or the run (``eval_iters`` 0) has none.
+    Collective: every rank must call it."""
     data, tr = cfg.data, cfg.training
     batch, world = tr.global_batch_size, dist.get_world_size()
-    train_samples = tr.train_samples if tr.counts_samples else tr.train_iters * batch
-    valid_samples = num_evaluations(cfg, world) * tr.eval_iters * batch
+    samples = (tr.train_samples if tr.counts_samples else tr.train_iters * batch,
+               num_evaluations(cfg, world) * tr.eval_iters * batch, tr.eval_iters * batch)
     if data.mock_data:
-        train_ds, valid_ds = (
-            MockGPTDataset(n, cfg.model.seq_length, cfg.model.vocab_size, tr.seed + i) if n
-            else None for i, n in enumerate((train_samples, valid_samples)))
+        shares = (1.0,) * 3 if data.split is None else parse_split(data.split)
+        datasets = [MockGPTDataset(n, cfg.model.seq_length, cfg.model.vocab_size, tr.seed + i)
+                    if n and share else None
+                    for i, (n, share) in enumerate(zip(samples, shares))]
     else:
-        train_ds, valid_ds, eod = _corpus_datasets(cfg, train_samples, valid_samples)
+        datasets, eod = _corpus_datasets(cfg, samples)
         if data.reset_position_ids or data.reset_attention_mask:
-            train_ds, valid_ds = (
-                None if ds is None else DocumentMasked(ds, eod, data.reset_position_ids,
-                                                       data.reset_attention_mask)
-                for ds in (train_ds, valid_ds))
-    if train_ds is None:
+            datasets = [None if ds is None else DocumentMasked(ds, eod, data.reset_position_ids,
+                                                               data.reset_attention_mask)
+                        for ds in datasets]
+    if datasets[0] is None:
         raise ValueError(f"data.split={data.split!r} leaves no documents for training")
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     loaders = [build_pretraining_data_loader(ds, consumed, tr.micro_batch_size, dp_rank,
                                              dp_size, data.num_workers)
-               for ds, consumed in ((train_ds, consumed_train_samples), (valid_ds, 0))]
+               for ds, consumed in zip(datasets, (consumed_train_samples, 0, 0))]
     return tuple(None if loader is None else iter(loader) for loader in loaders)

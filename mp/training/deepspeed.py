@@ -9,15 +9,17 @@ How the two meet (more in ``docs/training.md``, "DeepSpeed"):
 - mp starts ``torch.distributed`` and its groups; DeepSpeed adopts the default group and takes
   `mp.parallel_state` as its ``mpu``. Without CUDA, ``DS_ACCELERATOR=cpu`` is set before the
   import and DeepSpeed's shared-memory op (a 30+ s C++ build, for inference only) is not built.
-- `deepspeed_config` joins ``ds.json`` to the mp config: batch sizes and ``gradient_clipping``
-  are filled in from mp or must agree; ``bf16``/``fp16`` follow ``model.precision``; ZeRO stage
-  1 or 2. `check_deepspeed_supported` refuses the rest before any process group.
+- `mp.training.deepspeed_config.deepspeed_config` joins ``ds.json`` to the mp config: batch
+  sizes and ``gradient_clipping`` are filled in from mp or must agree; ``bf16``/``fp16`` follow
+  ``model.precision``; ZeRO stage 1 or 2. `check_deepspeed_supported` there refuses the rest
+  before any process group.
 - The optimizer is mp's AdamW over `get_param_groups` (or the JSON's ``optimizer`` section),
   wrapped by ZeRO; the learning rate is mp's `OptimizerParamScheduler`, stepped by the engine.
 - ZeRO counts a gradient in the norm when its parameter is ``tensor_model_parallel`` or on TP
   rank 0, as mp does (`mp.optim.counts_in_grad_norm`), so norms and clipping agree.
-- Sequence-parallel parameters get a hook summing each micro-batch's gradient over TP before
-  DeepSpeed sees it (what `mp.distributed.finalize_model_grads` does once per iteration).
+- Parameters whose gradients are partial over TP (sequence-parallel ones, ``qk_layernorm``'s
+  norms) get a hook summing each micro-batch's gradient over TP before DeepSpeed sees it (what
+  `mp.distributed.finalize_model_grads` does once per iteration).
 - An iteration is ``gradient_accumulation_steps`` rounds of forward, ``engine.backward`` and
   ``engine.step``; loss averaging, the NaN stop, evaluation and the log line are mp's.
 - ``training.save``/``load`` hold DeepSpeed checkpoints with the iteration, consumed samples
@@ -26,8 +28,6 @@ How the two meet (more in ``docs/training.md``, "DeepSpeed"):
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import os
 import shutil
@@ -38,7 +38,6 @@ import torch.distributed as dist
 from torch import nn
 
 from mp import parallel_state
-from mp.checkpointing.files import find_checkpoint
 from mp.checkpointing.job import DEEPSPEED_LATEST
 from mp.checkpointing.rng import get_rng_state, set_rng_state
 from mp.config import JobConfig
@@ -49,6 +48,7 @@ from mp.optim.optimizer import build_adamw
 from mp.pipeline_parallel.schedules import forward_step
 from mp.training import gpt_step
 from mp.training.data import build_data_iterators
+from mp.training.deepspeed_config import deepspeed_config, import_deepspeed
 from mp.training.exit import ExitConditions
 from mp.training.logger import TrainingLogger
 from mp.training.pretrain import (
@@ -65,25 +65,10 @@ from mp.training.training import (
     run_iterations,
 )
 
-INSTALL_HINT = 'pip install -e ".[deepspeed]"'
-ZERO_STAGES = (1, 2)
 _TAG = "iter_{:07d}"
 
 
 # --- DeepSpeed itself ----------------------------------------------------------------------
-
-def import_deepspeed():
-    """``deepspeed``, imported for this rank's device (see the module doc). ValueError, with
-    the install command, when it is not importable."""
-    if get_device().type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        import deepspeed
-    except Exception as error:  # ImportError, or a broken install failing at import
-        raise ValueError(f"training.deepspeed=true but DeepSpeed is not importable ({error}); "
-                         f"install it with {INSTALL_HINT}") from error
-    return deepspeed
-
 
 def _skip_shared_memory_op(deepspeed) -> None:
     """On the CPU accelerator, mark DeepSpeed's shared-memory comm op unbuildable: its
@@ -99,152 +84,13 @@ def _skip_shared_memory_op(deepspeed) -> None:
         deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
-# --- the config -----------------------------------------------------------------------------
-
-def _read_json(path: str | None) -> dict:
-    if path is None:
-        raise ValueError("training.deepspeed=true needs training.deepspeed_config "
-                         "(--deepspeed-config ds.json, DeepSpeed's JSON config; examples in "
-                         "configs/deepspeed/)")
-    try:
-        with open(path, encoding="utf-8") as file:
-            ds = json.load(file)
-    except OSError as error:
-        raise ValueError(f"training.deepspeed_config={path!r} cannot be read: "
-                         f"{error.strerror or error}") from error
-    except json.JSONDecodeError as error:
-        raise ValueError(f"training.deepspeed_config={path!r} is not valid JSON: {error}") \
-            from error
-    if not isinstance(ds, dict):  # a config error like the others: ValueError, not TypeError
-        raise ValueError(  # noqa: TRY004
-            f"training.deepspeed_config={path!r} must hold a JSON object, not "
-            f"{type(ds).__name__}")
-    return ds
-
-
-def _agree(ds: dict, key: str, value, source: str, path: str) -> None:
-    """Fill ``ds[key]`` with mp's ``value`` (``source`` says where it comes from) when absent
-    or ``"auto"``; else it must equal it."""
-    given = ds.get(key)
-    if given is None or given == "auto":
-        ds[key] = value
-    elif isinstance(given, bool) or not isinstance(given, (int, float)) or given != value:
-        raise ValueError(f"{path}: {key}={given!r} contradicts the mp config, {source} = "
-                         f"{value!r}; drop {key} from the JSON (mp fills it in) or make them "
-                         "agree")
-
-
-def _enabled(ds: dict, section: str) -> bool | None:
-    """True/False when ``ds[section]["enabled"]`` says so; None when absent or ``"auto"``."""
-    block = ds.get(section)
-    if block is None:
-        return None
-    value = block.get("enabled", False) if isinstance(block, dict) else block
-    return None if value == "auto" else bool(value)
-
-
-def _precision(ds: dict, cfg: JobConfig, path: str) -> None:
-    """Make the ``bf16``/``fp16`` sections say what ``model.precision`` says, or refuse."""
-    tr, precision = cfg.training, cfg.model.precision
-    for section in ("amp", "torch_autocast"):
-        if _enabled(ds, section):
-            raise ValueError(f"{path}: {section}.enabled=true is not supported with mp: the "
-                             f"parameters' precision is model.precision={precision!r} (fp32, "
-                             "bf16 or fp16)")
-    for section in ("bf16", "fp16"):
-        enabled = _enabled(ds, section)
-        if enabled and precision != section:
-            raise ValueError(f"{path}: {section}.enabled=true contradicts model.precision="
-                             f"{precision!r}; set --model.precision {section} or drop the "
-                             f"{section} section")
-        if enabled is False and precision == section:
-            raise ValueError(f"{path}: {section}.enabled=false contradicts model.precision="
-                             f"{precision!r}; drop the {section} section (mp enables it)")
-    if precision == "fp32":
-        return
-    block = ds[precision] = dict(ds.get(precision) or {})
-    block["enabled"] = True
-    if precision == "fp16":  # mp's loss-scaling settings, unless the JSON has its own
-        block.setdefault("loss_scale", 0 if tr.loss_scale is None else tr.loss_scale)
-        block.setdefault("initial_scale_power", round(math.log2(tr.initial_loss_scale)))
-        block.setdefault("loss_scale_window", tr.loss_scale_window)
-        block.setdefault("hysteresis", tr.hysteresis)
-        block.setdefault("min_loss_scale", tr.min_loss_scale)
-
-
-def deepspeed_config(cfg: JobConfig, world_size: int) -> dict:
-    """``training.deepspeed_config``'s JSON joined to ``cfg`` for ``world_size`` ranks (see
-    the module doc): what ``deepspeed.initialize`` gets. ValueError when they disagree."""
-    path = cfg.training.deepspeed_config
-    ds = copy.deepcopy(_read_json(path))
-    tr = cfg.training
-    dp = cfg.data_parallel_size(world_size)
-    _agree(ds, "train_micro_batch_size_per_gpu", tr.micro_batch_size,
-           "training.micro_batch_size", path)
-    _agree(ds, "gradient_accumulation_steps", cfg.num_microbatches(world_size),
-           f"training.global_batch_size / (micro_batch_size x data-parallel size) = "
-           f"{tr.global_batch_size} / ({tr.micro_batch_size} x {dp})", path)
-    _agree(ds, "train_batch_size", tr.global_batch_size, "training.global_batch_size", path)
-    _agree(ds, "gradient_clipping", tr.clip_grad, "training.clip_grad", path)
-    zero = ds.get("zero_optimization") or {}
-    stage = zero.get("stage") if isinstance(zero, dict) else zero
-    if stage == 3:
-        raise ValueError(f"{path}: zero_optimization.stage=3 is not supported with mp's tensor "
-                         "parallelism (ZeRO-3 partitions the parameters mp has already sharded); "
-                         "use stage 1 or 2")
-    if stage not in ZERO_STAGES:
-        given = " is not set (DeepSpeed's default is 0)" if stage is None else f"={stage!r}"
-        raise ValueError(f"{path}: zero_optimization.stage{given}: mp runs DeepSpeed with "
-                         "ZeRO stage 1 or 2 (without ZeRO, drop --deepspeed: mp's own data "
-                         "parallelism does the same)")
-    if "scheduler" in ds:
-        raise ValueError(f"{path}: a scheduler section is not supported: the learning rate "
-                         "follows mp's schedule (training.lr, min_lr, lr_warmup_*, lr_decay_*, "
-                         "lr_wsd_*, lr_decay_style); drop the section")
-    _precision(ds, cfg, path)
-    return ds
-
-
-def check_deepspeed_supported(cfg: JobConfig, world_size: int) -> None:
-    """The refusals of a ``training.deepspeed`` job (ValueError); needs no process group but
-    imports DeepSpeed."""
-    tr, m = cfg.training, cfg.model
-    if m.pipeline_model_parallel_size > 1:
-        raise ValueError(f"training.deepspeed=true with model.pipeline_model_parallel_size="
-                         f"{m.pipeline_model_parallel_size}: not supported (DeepSpeed runs "
-                         "here with tensor and data parallelism only); use "
-                         "--pipeline-model-parallel-size 1, or drop --deepspeed")
-    if tr.use_distributed_optimizer:
-        raise ValueError("training.deepspeed=true with training.use_distributed_optimizer=true: "
-                         "choose one (ZeRO stage 1/2 already shards the optimizer state)")
-    if tr.rampup_batch_size is not None:
-        raise ValueError(f"training.deepspeed=true with training.rampup_batch_size="
-                         f"{tr.rampup_batch_size}: not supported (DeepSpeed's engine fixes "
-                         "train_batch_size and its accumulation steps); drop one of them")
-    load = tr.load
-    if load is not None and not os.path.isfile(os.path.join(load, DEEPSPEED_LATEST)) \
-            and find_checkpoint(load) is not None:
-        raise ValueError(f"training.load={load!r} holds an mp-format checkpoint, which does not "
-                         "load into a --deepspeed job (it resumes DeepSpeed checkpoints: a "
-                         "'latest' file and iter_NNNNNNN folders)")
-    deepspeed_config(cfg, world_size)
-    import_deepspeed()
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(),
-                 "fp16": accelerator.is_fp16_supported()}
-    if not supported[m.precision]:
-        raise ValueError(f"model.precision={m.precision!r}: DeepSpeed's "
-                         f"{accelerator.device_name()} accelerator does not support it; use "
-                         + " or ".join(p for p, ok in supported.items() if ok))
-
-
 # --- the engine -------------------------------------------------------------------------------
 
 def sum_sequence_parallel_grads_over_tp(module: nn.Module, group=None) -> list:
-    """Hook every ``sequence_parallel`` parameter of ``module`` so that each gradient reaching
-    it (one per micro-batch) is first summed over the TP group; returns the hook handles."""
+    """Hook every ``sequence_parallel`` parameter of ``module`` (a gradient partial over TP:
+    sequence-parallel norms and biases, ``qk_layernorm``'s norms at any TP size) so that each
+    gradient reaching it (one per micro-batch) is first summed over the TP group; returns the
+    hook handles (none without such parameters)."""
     group = parallel_state.get_tensor_model_parallel_group() if group is None else group
     if dist.get_world_size(group) == 1:
         return []
@@ -267,8 +113,7 @@ def setup_deepspeed_engine(cfg: JobConfig, ds_config: dict):
     os.environ.setdefault("LOCAL_RANK", str(get_device().index or 0))
     tr = cfg.training
     (model,) = build_gpt_chunks(cfg.model)
-    if cfg.model.sequence_parallel:
-        sum_sequence_parallel_grads_over_tp(model)
+    sum_sequence_parallel_grads_over_tp(model)  # SP norms and biases, qk_layernorm's norms
     groups = get_param_groups([model], tr.weight_decay)
     optimizer = None if "optimizer" in ds_config else \
         build_adamw(groups, tr.lr, (tr.adam_beta1, tr.adam_beta2), tr.adam_eps, tr.optimizer_impl)
@@ -349,11 +194,17 @@ def train_deepspeed(forward_step_func: Callable, engine, train_data_iterator: It
                     valid_data_iterator: Iterator | None, cfg: JobConfig,
                     logger: TrainingLogger, *, state: TrainState | None = None,
                     checkpoint_hook: Callable[[TrainState], None] | None = None,
-                    exit_conditions: ExitConditions | None = None) -> TrainState:
+                    exit_conditions: ExitConditions | None = None,
+                    test_data_iterator: Iterator | None = None) -> TrainState:
     """`mp.training.training.train` with `train_step_deepspeed` as the step."""
     num_microbatches = cfg.num_microbatches(dist.get_world_size())
     shapes = {"num_microbatches": num_microbatches, "seq_length": cfg.model.seq_length,
               "micro_batch_size": cfg.training.micro_batch_size}
+
+    def evaluator(iterator: Iterator | None) -> Callable[[], dict[str, float]] | None:
+        return None if iterator is None else lambda: evaluate(
+            forward_step_func, iterator, [engine], eval_iters=cfg.training.eval_iters, **shapes)
+
     engine.train()
     lr_increment = cfg.training.global_batch_size if cfg.training.counts_samples else 1
     return run_iterations(
@@ -361,9 +212,7 @@ def train_deepspeed(forward_step_func: Callable, engine, train_data_iterator: It
                                            num_microbatches=num_microbatches,
                                            lr_increment=lr_increment),
         cfg, logger, lr=engine.lr_scheduler.get_lr, loss_scale=lambda: loss_scale(engine),
-        evaluate=None if valid_data_iterator is None else
-        lambda: evaluate(forward_step_func, valid_data_iterator, [engine],
-                         eval_iters=cfg.training.eval_iters, **shapes),
+        evaluate=evaluator(valid_data_iterator), test=evaluator(test_data_iterator),
         state=state, checkpoint_hook=checkpoint_hook, exit_conditions=exit_conditions)
 
 
@@ -377,7 +226,8 @@ def pretrain_deepspeed(cfg: JobConfig, forward_step_func: Callable = gpt_step.fo
     client = load_deepspeed_checkpoint(engine, cfg)
     state = TrainState() if client is None else TrainState(
         client["iteration"], client["consumed_train_samples"], client["iteration"])
-    train_iterator, valid_iterator = build_data_iterators(cfg, state.consumed_train_samples)
+    train_iterator, valid_iterator, test_iterator = build_data_iterators(
+        cfg, state.consumed_train_samples)
     n_params = count_parameters([engine.module])
     reporting = dist.get_rank() == 0
     if reporting:
@@ -398,6 +248,7 @@ def pretrain_deepspeed(cfg: JobConfig, forward_step_func: Callable = gpt_step.fo
     try:
         return train_deepspeed(forward_step_func, engine, train_iterator, valid_iterator, cfg,
                                logger, state=state, checkpoint_hook=hook,
-                               exit_conditions=exit_conditions)
+                               exit_conditions=exit_conditions,
+                               test_data_iterator=test_iterator)
     finally:
         logger.close()

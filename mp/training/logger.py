@@ -1,5 +1,5 @@
 """What the training loop reports, on one rank: a line every ``log_interval`` iterations,
-validation results, TensorBoard scalars and the progress bar.
+validation and test results, TensorBoard scalars and the progress bar.
 
 The line (values over the interval since the last line; losses and times averaged)::
 
@@ -15,9 +15,18 @@ recomputed work (Narayanan et al. 2021, eq. 3); MFU divides the model's own FLOP
 the device's dense bf16 peak ("-" on the CPU or an unknown GPU). Peak memory is CUDA's max
 allocated, or the process's max RSS on the CPU. Evaluation time is left out of ms/iter.
 
-The same values go to TensorBoard (``logging.tensorboard_dir``, from the reporting rank) and to
-Weights & Biases (``logging.wandb_project``, from the last rank, as in Megatron): that rank
-starts a run named ``wandb_exp_name`` (None: W&B picks one) in ``wandb_save_dir`` (default
+Scalars go to TensorBoard (``logging.tensorboard_dir``, from the reporting rank, which holds
+up to ``logging.tensorboard_queue_size`` events before writing them out) and to Weights &
+Biases (``logging.wandb_project``, from the last rank, as in Megatron), at Megatron's steps:
+the iteration's own losses, ``learning-rate``, ``batch-size``, ``grad-norm``, ``loss-scale``
+and ``peak-memory-bytes`` (and ``num-zeros``, ``params-norm``, ``world-size`` when asked for)
+every ``logging.tensorboard_log_interval`` iterations; the interval's ``iteration-time-ms``,
+``tokens-per-second``, ``tflops-per-gpu``, ``mfu`` and ``skipped-iterations`` with each line.
+Evaluations write ``validation lm loss`` / ``test lm loss`` and their ``... PPL`` (Megatron
+writes both splits under ``lm loss validation``, the test point overwriting the validation one
+at the same step; mp keeps them apart), except under ``training.skip_train`` (as in Megatron:
+an evaluation-only run adds no points to the training run's curves). The W&B rank starts a run
+named ``wandb_exp_name`` (None: W&B picks one) in ``wandb_save_dir`` (default
 ``<training.save>/wandb`` as in Megatron, else W&B's own default), with the resolved job config
 as its config, and finishes it at the end. Without ``wandb`` installed (``pip install wandb``,
 mp's ``wandb`` extra) it says so in one line and the job runs.
@@ -51,7 +60,7 @@ def _bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def _open_tensorboard(directory: str | None):
+def _open_tensorboard(directory: str | None, max_queue: int):
     if directory is None:
         return None
     try:
@@ -60,7 +69,7 @@ def _open_tensorboard(directory: str | None):
         print(f"logging.tensorboard_dir={directory!r} is set but TensorBoard is not usable "
               f"({error}); pip install tensorboard to get its scalars", flush=True)
         return None
-    return SummaryWriter(log_dir=directory)
+    return SummaryWriter(log_dir=directory, max_queue=max_queue)
 
 
 def _is_last_rank() -> bool:
@@ -96,7 +105,9 @@ class TrainingLogger:
         self.cfg, self.world_size, self.device, self.enabled = cfg, world_size, device, enabled
         self.train_iterations = cfg.train_iterations(world_size)
         self.peak_tflops = peak_tflops(device)
-        self.writer = _open_tensorboard(cfg.logging.tensorboard_dir) if enabled else None
+        lg = cfg.logging
+        self.writer = _open_tensorboard(lg.tensorboard_dir, lg.tensorboard_queue_size) \
+            if enabled else None
         self.wandb = _open_wandb(cfg) if cfg.logging.wandb_project and _is_last_rank() else None
         show = cfg.logging.progress
         if show == "auto":
@@ -127,9 +138,10 @@ class TrainingLogger:
                            loss_scale: float, update_successful: bool,
                            global_batch_size: int, *, params_norm: float | None = None,
                            num_zeros_in_grad: int | None = None) -> None:
-        """Account one finished iteration of ``global_batch_size`` samples; print and write
-        scalars every ``log_interval``, with this iteration's ``num_zeros_in_grad`` and
-        ``params_norm`` when given (``logging.log_num_zeros_in_grad``, ``log_params_norm``)."""
+        """Account one finished iteration of ``global_batch_size`` samples; write its scalars
+        every ``tensorboard_log_interval`` (with ``num_zeros_in_grad`` and ``params_norm`` when
+        given: ``logging.log_num_zeros_in_grad``, ``log_params_norm``), and print the line and
+        write the interval's rates every ``log_interval``."""
         self._iterations += 1
         self._samples += global_batch_size
         self._skipped += not update_successful
@@ -137,7 +149,18 @@ class TrainingLogger:
             self._loss_sums[key] = self._loss_sums.get(key, 0.0) + value
         if self.progress is not None:
             self.progress.update(iteration, " | ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-        if iteration % self.cfg.logging.log_interval:
+        lg = self.cfg.logging
+        if iteration % lg.tensorboard_log_interval == 0:
+            scalars = {**losses, "learning-rate": lr, "batch-size": global_batch_size,
+                       "grad-norm": grad_norm, "loss-scale": loss_scale,
+                       "peak-memory-bytes": peak_memory_bytes(self.device)}
+            for tag, value in (("num-zeros", num_zeros_in_grad), ("params-norm", params_norm),
+                               ("world-size", self.world_size
+                                if lg.log_world_size_to_tensorboard else None)):
+                if value is not None:
+                    scalars[tag] = value
+            self._write_scalars(scalars, iteration)
+        if iteration % lg.log_interval:
             return
         self.pause()
         seconds = self._elapsed / self._iterations
@@ -166,16 +189,9 @@ class TrainingLogger:
             if self._skipped:
                 fields.append(f"skipped {self._skipped}")
             self._print(" | ".join(fields))
-        scalars = {**means, "learning-rate": lr, "batch-size": global_batch_size,
-                   "grad-norm": grad_norm,
-                   "loss-scale": loss_scale, "iteration-time-ms": 1000 * seconds,
-                   "tokens-per-second": tokens_per_s, "tflops-per-gpu": tflops,
-                   "peak-memory-bytes": memory, "skipped-iterations": self._skipped}
-        for tag, value in (("mfu", mfu), ("num-zeros", num_zeros_in_grad),
-                           ("params-norm", params_norm)):
-            if value is not None:
-                scalars[tag] = value
-        self._write_scalars(scalars, iteration)
+        rates = {"iteration-time-ms": 1000 * seconds, "tokens-per-second": tokens_per_s,
+                 "tflops-per-gpu": tflops, "skipped-iterations": self._skipped}
+        self._write_scalars(rates if mfu is None else {**rates, "mfu": mfu}, iteration)
         self._reset_interval()
 
     def _write_scalars(self, scalars: dict[str, float], iteration: int) -> None:
@@ -186,16 +202,20 @@ class TrainingLogger:
         if self.wandb is not None:
             self.wandb.log(scalars, step=iteration)
 
-    def validation(self, iteration: int, losses: dict[str, float]) -> None:
-        """Print the validation losses and perplexities (``exp(min(20, loss))``, Megatron's)."""
+    def evaluation(self, split: str, iteration: int, losses: dict[str, float], *,
+                   write: bool = True) -> None:
+        """Print the losses and perplexities (``exp(min(20, loss))``, Megatron's) of an
+        evaluation of ``split`` (``validation`` or ``test``) at ``iteration``, and write them
+        as scalars ``<split> <key>`` unless not ``write``."""
         results = {}
         for key, value in losses.items():
             results[key] = value
             results[f"{key} PPL"] = math.exp(min(20.0, value))
         if self.enabled:
-            self._print(f"validation at iteration {iteration} | "
+            self._print(f"{split} at iteration {iteration} | "
                         + " | ".join(f"{k} {v:.4E}" for k, v in results.items()))
-        self._write_scalars({f"validation {k}": v for k, v in results.items()}, iteration)
+        if write:
+            self._write_scalars({f"{split} {k}": v for k, v in results.items()}, iteration)
 
     def early_exit(self, iteration: int, reason: str) -> None:
         """Say that the run stopped after ``iteration`` (of `JobConfig.train_iterations`),

@@ -115,7 +115,7 @@ def check_supported(cfg: JobConfig, world_size: int | None = None) -> None:
     tr = cfg.training
     checkpoint_job.check_checkpoint_exists(cfg)
     if tr.deepspeed:
-        from mp.training.deepspeed import check_deepspeed_supported
+        from mp.training.deepspeed_config import check_deepspeed_supported
         if world_size is None:
             world_size = dist.get_world_size() if dist.is_initialized() else \
                 resolve_world_size()
@@ -128,8 +128,9 @@ def check_supported(cfg: JobConfig, world_size: int | None = None) -> None:
 def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step) -> TrainState:
     """Build everything from ``cfg``, resume from ``training.load`` when set, and train,
     saving into ``training.save`` (`mp.checkpointing.job`), until the last iteration or an
-    early exit (`mp.training.exit`, whose clock and signal handler start here); with
-    ``training.skip_train`` only evaluate, saving nothing (`mp.training.training.train`). Needs
+    early exit (`mp.training.exit`, whose clock and signal handler start here), then evaluate
+    the test split; with ``training.skip_train`` only evaluate, saving nothing
+    (`mp.training.training.train`). Needs
     ``initialize_model_parallel`` done with ``cfg``'s sizes; rank 0 reports."""
     check_supported(cfg)
     with ExitConditions(cfg.training) as exit_conditions:
@@ -148,12 +149,12 @@ def _pretrain(cfg: JobConfig, forward_step_func: Callable,
                        start.iteration if start.resumes else None)
     world = dist.get_world_size()
     n_params = count_parameters(model)
-    # one pair of iterators per model chunk: interleaved chunks each read every micro-batch
+    # one set of iterators per model chunk: interleaved chunks each read every micro-batch
     chunks = cfg.model.virtual_pipeline_model_parallel_size or 1
-    train_iterator, valid_iterator = zip(*(build_data_iterators(cfg,
-                                                                state.consumed_train_samples)
-                                           for _ in range(chunks)))
-    valid_iterator = None if valid_iterator[0] is None else list(valid_iterator)
+    train_iterator, valid_iterator, test_iterator = (
+        None if split[0] is None else list(split)
+        for split in zip(*(build_data_iterators(cfg, state.consumed_train_samples)
+                           for _ in range(chunks))))
     reporting = dist.get_rank() == 0
     if reporting:
         m, dp = cfg.model, parallel_state.get_data_parallel_world_size()
@@ -168,10 +169,10 @@ def _pretrain(cfg: JobConfig, forward_step_func: Callable,
     logger = TrainingLogger(cfg, world, get_device(), enabled=reporting,
                             start_iteration=state.iteration)
     try:
-        return train(forward_step_func, model, optimizer, scheduler, list(train_iterator),
+        return train(forward_step_func, model, optimizer, scheduler, train_iterator,
                      valid_iterator, cfg, logger, state=state,
                      checkpoint_hook=checkpoint_job.checkpoint_hook(cfg, model, optimizer,
                                                                     scheduler),
-                     exit_conditions=exit_conditions)
+                     exit_conditions=exit_conditions, test_data_iterator=test_iterator)
     finally:
         logger.close()

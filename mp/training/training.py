@@ -7,7 +7,9 @@ iteration's samples in a run counted in samples) when the step was applied, and 
 reported losses over micro-batches and data-parallel ranks (one all-reduce; with
 ``training.calculate_per_token_loss``, total loss over total tokens: `average_losses`). Every
 ``eval_interval`` iterations, and after the last one, the validation loss is measured with a
-forward-only schedule, averaged the same way over all its iterations. With
+forward-only schedule, averaged the same way over all its iterations; after the last one (and
+the final save) the test split's loss is measured the same way, over its first ``eval_iters``
+global batches (Megatron's end of ``pretrain``). With
 ``logging.log_params_norm`` the step also measures the parameters' norm
 (`MixedPrecisionOptimizer.calc_params_l2_norm`).
 
@@ -16,7 +18,8 @@ iteration and the rank (fp16 runs skip such steps through the loss scaler instea
 ``checkpoint_hook`` is called with the `TrainState` every ``save_interval`` iterations and at
 the end; the error names the last iteration it saved, the one to resume from. With
 ``training.skip_train`` (Megatron's ``--skip-train``) the loop runs no iteration: it evaluates
-once at the state's iteration (when there is validation data) and saves nothing.
+the validation and test data once at the state's iteration (where there is such data), writes
+no scalars and saves nothing.
 
 Around the iterations: Python's garbage collector at the same points on every rank with
 ``training.manual_gc`` (`mp.training.manual_gc`), the CUDA cache emptied after the
@@ -184,15 +187,22 @@ def train(forward_step_func: Callable, model: list[nn.Module],
           train_data_iterator: Iterator, valid_data_iterator: Iterator | None,
           cfg: JobConfig, logger: TrainingLogger, *, state: TrainState | None = None,
           checkpoint_hook: Callable[[TrainState], None] | None = None,
-          exit_conditions: ExitConditions | None = None) -> TrainState:
+          exit_conditions: ExitConditions | None = None,
+          test_data_iterator: Iterator | None = None) -> TrainState:
     """Run iterations from ``state`` (default: the start) to the end of the run
-    (`JobConfig.train_iterations`), or until ``exit_conditions`` stop it. Evaluation
-    iterations take the full global batch."""
+    (`JobConfig.train_iterations`), or until ``exit_conditions`` stop it, then evaluate the
+    test data. Evaluation iterations take the full global batch."""
     tr = cfg.training
     shared = {"seq_length": cfg.model.seq_length, "micro_batch_size": tr.micro_batch_size,
               "empty_unused_memory_level": tr.empty_unused_memory_level,
               "calculate_per_token_loss": tr.calculate_per_token_loss}
     per_microbatch = tr.micro_batch_size * parallel_state.get_data_parallel_world_size()
+
+    def evaluator(iterator: Iterator | None) -> Callable[[], dict[str, float]] | None:
+        return None if iterator is None else lambda: evaluate(
+            forward_step_func, iterator, model, eval_iters=tr.eval_iters,
+            num_microbatches=cfg.num_microbatches(dist.get_world_size()), **shared)
+
     for chunk in model:
         chunk.train()
     return run_iterations(
@@ -201,10 +211,7 @@ def train(forward_step_func: Callable, model: list[nn.Module],
                                  lr_increment=batch if tr.counts_samples else 1,
                                  log_params_norm=cfg.logging.log_params_norm, **shared),
         cfg, logger, lr=opt_param_scheduler.get_lr, loss_scale=optimizer.get_loss_scale,
-        evaluate=None if valid_data_iterator is None else
-        lambda: evaluate(forward_step_func, valid_data_iterator, model,
-                         eval_iters=tr.eval_iters,
-                         num_microbatches=cfg.num_microbatches(dist.get_world_size()), **shared),
+        evaluate=evaluator(valid_data_iterator), test=evaluator(test_data_iterator),
         state=state, checkpoint_hook=checkpoint_hook, exit_conditions=exit_conditions)
 
 
@@ -213,24 +220,27 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
                    evaluate: Callable[[], dict[str, float]] | None,
                    state: TrainState | None = None,
                    checkpoint_hook: Callable[[TrainState], None] | None = None,
-                   exit_conditions: ExitConditions | None = None) -> TrainState:
+                   exit_conditions: ExitConditions | None = None,
+                   test: Callable[[], dict[str, float]] | None = None) -> TrainState:
     """The loop around ``step(global_batch_size)``, one iteration (mp's `train_step`, or
     DeepSpeed's engine in `mp.training.deepspeed`): count iterations and samples, check the
-    loss, log with ``lr()`` and ``loss_scale()``, ``evaluate`` every ``eval_interval``
-    iterations and after the last, save every ``save_interval`` iterations and at the end.
-    When ``exit_conditions`` give a reason to stop before the last iteration, the run saves
-    and ends there, without the final evaluation. With ``training.skip_train`` only that
-    final evaluation happens, at ``state``'s iteration. Garbage collection (`ManualGC`) and
-    profiling (`IterationProfiler`) happen around the iterations."""
+    loss, log with ``lr()`` and ``loss_scale()``, ``evaluate`` the validation data every
+    ``eval_interval`` iterations and after the last, save every ``save_interval`` iterations
+    and at the end, then evaluate the ``test`` data. When ``exit_conditions`` give a reason to
+    stop before the last iteration, the run saves and ends there, without the final
+    evaluations. With ``training.skip_train`` only the final evaluations happen, at
+    ``state``'s iteration, printed but not written as scalars. Nothing is evaluated with
+    ``eval_iters`` 0. Garbage collection (`ManualGC`) and profiling (`IterationProfiler`)
+    happen around the iterations."""
     tr = cfg.training
     state = TrainState() if state is None else state
     check_loss = cfg.model.precision != "fp16"
     evaluated_at = None
 
-    def run_evaluation():
+    def run_evaluation(split: str, losses: Callable[[], dict[str, float]]):
         logger.pause()
         collector.before_evaluation()
-        logger.validation(state.iteration, evaluate())
+        logger.evaluation(split, state.iteration, losses(), write=not tr.skip_train)
         collector.after_evaluation()
         logger.resume()
 
@@ -257,7 +267,7 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
                                       batch, params_norm=out.params_norm,
                                       num_zeros_in_grad=out.num_zeros_in_grad)
             if can_evaluate and tr.eval_interval and state.iteration % tr.eval_interval == 0:
-                run_evaluation()
+                run_evaluation("validation", evaluate)
                 evaluated_at = state.iteration
             if checkpoint_hook and tr.save_interval and state.iteration % tr.save_interval == 0:
                 save()
@@ -268,9 +278,11 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
                 if stop is not None:
                     break
         if can_evaluate and stop is None and evaluated_at != state.iteration:
-            run_evaluation()
+            run_evaluation("validation", evaluate)
         if checkpoint_hook and not tr.skip_train and state.last_saved_iteration != state.iteration:
             save()
+        if test is not None and tr.eval_iters > 0 and stop is None:
+            run_evaluation("test", test)
     if stop is not None:
         logger.early_exit(state.iteration, stop)
     return state
