@@ -50,9 +50,17 @@ def _reset_rank_state() -> None:
     """Undo what a test left behind in this rank, so the next test starts clean."""
     import sys
 
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
     ps = sys.modules.get("mp.parallel_state")
     if ps is not None:
         ps.destroy_model_parallel()
+    # groups made elsewhere (a test's own, DeepSpeed's): each keeps gloo threads polling, and
+    # hundreds of them left in a long-lived pool slow every later test down
+    for group in list(distributed_c10d._world.pg_map):
+        if group is not distributed_c10d.GroupMember.WORLD:
+            dist.destroy_process_group(group)
     rnd = sys.modules.get("mp.tensor_parallel.random")
     if rnd is not None:
         rnd.get_cuda_rng_tracker().reset()
