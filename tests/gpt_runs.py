@@ -13,7 +13,7 @@ import torch
 from mp import parallel_state as ps
 from mp.distributed import DistributedDataParallel
 from mp.model import TransformerConfig
-from mp.model.stages import build_gpt_chunks, chunk_first_layer
+from mp.model.stages import build_gpt_chunks
 from mp.optim import OptimizerParamScheduler, get_megatron_optimizer
 from mp.pipeline_parallel.schedules import get_forward_backward_func
 from mp.tensor_parallel import model_parallel_cuda_manual_seed
@@ -120,7 +120,7 @@ def _global_parameters(models):
     last-stage copy is named as the embedding (and marked ``shared``)."""
     for c, model in enumerate(models):
         chunk = model.module
-        first = chunk_first_layer(chunk.config, ps.get_pipeline_model_parallel_rank(), c)
+        first = chunk.config.chunk_layers(ps.get_pipeline_model_parallel_rank(), c).start
         for name, param in chunk.named_parameters():
             match = re.fullmatch(r"decoder\.layers\.(\d+)\.(.*)", name)
             if match:

@@ -21,7 +21,6 @@ from mp import parallel_state as ps
 from mp.config import BatchSchedule, ConfigError, JobConfig
 from mp.data.samplers import build_pretraining_data_loader
 from mp.model import GPTModel
-from mp.model.stages import chunk_first_layer
 from mp.training import gpt_step
 from mp.training.pretrain import setup_model_and_optimizer
 from mp.training.training import TrainState, train, train_step
@@ -192,7 +191,7 @@ def start_from_the_reference(model, cfg: JobConfig) -> None:
                  .named_parameters())
     with torch.no_grad():
         for c, ddp in enumerate(model):
-            first = chunk_first_layer(ddp.module.config, ps.get_pipeline_model_parallel_rank(), c)
+            first = ddp.module.config.chunk_layers(ps.get_pipeline_model_parallel_rank(), c).start
             for name, param in ddp.module.named_parameters():
                 layer = re.fullmatch(r"decoder\.layers\.(\d+)\.(.*)", name)
                 if layer:

@@ -1,11 +1,11 @@
-"""Checkpoints move between parallel layouts: a GPT trained and saved at TP2 x DP2 is loaded
-at TP1, TP4, TP1 x DP4 and TP2 x PP2 (and again at TP2 x DP2); the loss on a fixed batch, the
-next optimizer step and the weights after it agree with the saving run continuing on its own
-(to 1e-6; bit for bit at the saving layout, where the RNG states come back too). Mixed
-precision: the fp32 masters, not the bf16 weights, travel. The same holds for checkpoints
-written or read with the distributed optimizer (masters and moments sharded over DP). A bf16
-job that loads a model-only checkpoint, or fine-tunes from a full one, takes its masters from
-the stored fp32 weights."""
+"""Checkpoints move between parallel layouts: a GPT trained and saved at TP2 x DP2 is loaded at
+TP1, TP4, TP1 x DP4, TP2 x PP2, uneven pipeline splits (and again at TP2 x DP2); the loss on a
+fixed batch, the next optimizer step and the weights after it agree with the saving run
+continuing on its own (to 1e-6; bit for bit at the saving layout, where the RNG states come back
+too). Mixed precision: the fp32 masters, not the bf16 weights, travel. The same holds for
+checkpoints written or read with the distributed optimizer (masters and moments sharded over
+DP). A bf16 job that loads a model-only checkpoint, or fine-tunes from a full one, takes its
+masters from the stored fp32 weights."""
 
 from pathlib import Path
 
@@ -52,9 +52,10 @@ def _train_save_and_continue(path: str, distributed_optimizer: bool = False) -> 
     return _probe(models, optimizer, scheduler)
 
 
-def _load_and_continue(path: str, tp: int, pp: int, distributed_optimizer: bool = False) -> dict:
+def _load_and_continue(path: str, tp: int, pp: int, distributed_optimizer: bool = False,
+                       **split) -> dict:
     models, optimizer, scheduler = setup(  # other weights before the load
-        tp, pp, seed=2, distributed_optimizer=distributed_optimizer)
+        tp, pp, seed=2, distributed_optimizer=distributed_optimizer, **split)
     info = load_checkpoint(path, models, optimizer, scheduler)
     assert (info.iteration, info.consumed_train_samples) == (SAVED_AT, SAVED_AT * GLOBAL_BATCH)
     assert info.rng_restored == (dist.get_world_size() == 4 and (tp, pp) == (2, 1))
@@ -75,9 +76,10 @@ def saved_sharded(tmp_path_factory):
 
 
 def _check_continues(saved, world: int, tp: int, pp: int, distributed_optimizer: bool,
-                     same_layout: bool) -> None:
+                     same_layout: bool, **split) -> None:
     path, reference = saved
-    results = run_distributed(world, _load_and_continue, path, tp, pp, distributed_optimizer)
+    results = run_distributed(world, _load_and_continue, path, tp, pp, distributed_optimizer,
+                              **split)
     expected, got = reference[0], results[0]
     tolerance = 0.0 if same_layout else 1e-6
     for key in ("before", "step", "after", "lr"):
@@ -104,6 +106,16 @@ def _check_continues(saved, world: int, tp: int, pp: int, distributed_optimizer:
 def test_load_at_another_layout_continues_the_run(saved, world, tp, pp, distopt):
     _check_continues(saved, world, tp, pp, distopt, same_layout=(world, tp, pp, distopt)
                      == (4, 2, 1, False))
+
+
+@pytest.mark.parametrize("pp,distopt,split", [
+    (4, False, {"num_layers_in_first_pipeline_stage": 0, "num_layers_in_last_pipeline_stage": 2}),
+    (2, True, {"num_layers_in_first_pipeline_stage": 1})],
+    ids=["PP4-0-1-1-2", "PP2xDP2-1-3-distopt"])
+def test_uneven_pipeline_stages_load_and_continue(saved, pp, distopt, split):
+    """Saved at TP2 x DP2; loaded at PP4 with stages of 0, 1, 1 and 2 layers, and at PP2 x DP2
+    with 1 and 3 layers and the distributed optimizer."""
+    _check_continues(saved, 4, 1, pp, distopt, same_layout=False, **split)
 
 
 @pytest.mark.parametrize("world,tp,pp,distopt", [

@@ -3,7 +3,8 @@
 group by wrapping the collectives, equal the estimate exactly. TP 2 x DP 2 and TP 1 x DP 4 on
 4 ranks; and TP 1 x PP 2 x DP 2 through `mp.training.training.train_step` (1F1B, and
 interleaved with 2 model chunks per stage), stage by stage: the pipeline's sends and receives,
-the tied word-embedding gradients, each stage's data-parallel gradients. Gradients reduced in
+the tied word-embedding gradients, each stage's data-parallel gradients (also with every layer
+on the last stage). Gradients reduced in
 bf16 (``training.grad_reduce_in_bf16``) move half the bytes: TP2 x DP2 with sequence
 parallelism, with and without the distributed optimizer, and the pipelined tied embedding. The
 loss that
@@ -178,3 +179,11 @@ def test_collective_bytes_of_one_pipelined_iteration(vpp, variant):
         assert measured == expected, f"rank {rank}"
         pipeline = (rank % 2, rank % 2 + 2)  # TP fastest, then DP, then PP
         assert logging == [("broadcast_object_list", pipeline)], f"rank {rank}"
+
+
+def test_collective_bytes_of_one_pipelined_iteration_with_every_layer_on_the_last_stage():
+    """1F1B with stage 0 holding only the embedding (an uneven split)."""
+    results = run_distributed(WORLD, _pipelined_iteration, None,
+                              dict(num_layers_in_first_pipeline_stage=0), False)
+    for rank, (measured, expected, _) in enumerate(results):
+        assert measured == expected, f"rank {rank}"

@@ -51,7 +51,8 @@ def _stage_counts(tp: int, pp: int, vpp: int | None, overrides: dict) -> list[tu
             params = []
             for chunk in range(chunks):
                 model = GPTModel(cfg, pre_process=stage == 0 and chunk == 0,
-                                 post_process=stage == pp - 1 and chunk == chunks - 1)
+                                 post_process=stage == pp - 1 and chunk == chunks - 1,
+                                 layers=cfg.chunk_layers(stage, chunk))
                 params += list(model.parameters())
             counts.append((sum(p.numel() for p in params), len(params)))
         return counts
@@ -65,6 +66,22 @@ def _stage_counts(tp: int, pp: int, vpp: int | None, overrides: dict) -> list[tu
 def test_rank_params_equal_the_built_model(tp, pp, vpp, variant):
     built = run_distributed(tp, _stage_counts, tp, pp, vpp, VARIANTS[variant])[0]
     cfg = _config(tp, pp, vpp, **VARIANTS[variant])
+    for stage, (elements, tensors) in enumerate(built):
+        estimate = rank_params(cfg, stage)
+        assert (estimate.total, estimate.tensors) == (elements, tensors), f"stage {stage}"
+
+
+@pytest.mark.parametrize("tp,pp,vpp,split", [
+    (2, 4, None, dict(num_layers_in_first_pipeline_stage=0, num_layers_in_last_pipeline_stage=2)),
+    (1, 2, 2, dict(num_layers=6, account_for_embedding_in_pipeline_split=True,
+                   account_for_loss_in_pipeline_split=True)),
+], ids=["stages-0-1-1-2", "chunks-1-2-2-1"])
+def test_rank_params_of_uneven_stages_equal_the_built_model(tp, pp, vpp, split):
+    built = run_distributed(tp, _stage_counts, tp, pp, vpp, split)[0]
+    cfg = _config(tp, pp, vpp, **split)
+    assert [rank_params(cfg, stage).layers for stage in range(pp)] == \
+        [cfg.stage_num_layers(stage) * rank_params(_config(tp)).layers // 4
+         for stage in range(pp)]
     for stage, (elements, tensors) in enumerate(built):
         estimate = rank_params(cfg, stage)
         assert (estimate.total, estimate.tensors) == (elements, tensors), f"stage {stage}"

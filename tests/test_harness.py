@@ -34,7 +34,8 @@ def test_results_come_back_by_rank(world_size):
 
 def test_failing_rank_reports_its_traceback_and_pool_recovers():
     start = time.monotonic()
-    with pytest.raises(DistributedTestError, match="rank 1 failed:(.|\n)*planted failure on rank 1"):
+    with pytest.raises(DistributedTestError,
+                       match="rank 1 failed:(.|\n)*planted failure on rank 1"):
         run_distributed(2, _raise_on_rank, 1)
     assert time.monotonic() - start < 60
     assert run_distributed(2, _all_reduce_rank) == [(0, 1.0), (1, 1.0)]

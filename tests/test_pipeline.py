@@ -14,7 +14,7 @@ from mp import parallel_state as ps
 from mp.distributed import DistributedDataParallel
 from mp.model import TransformerConfig
 from mp.model.gpt import GPTModel
-from mp.model.stages import build_gpt_chunks, chunk_first_layer
+from mp.model.stages import build_gpt_chunks
 from mp.optim import get_megatron_optimizer
 from mp.pipeline_parallel.schedules import get_forward_backward_func
 from mp.training.gpt_step import forward_step as gpt_forward_step
@@ -130,12 +130,13 @@ WIDE_HEADS = {**LLAMA, "kv_channels": 12, "rotary_percent": 0.5,
 
 
 def _config(tp=1, pp=1, vpp=None, sp=False, overlap=True, **model) -> TransformerConfig:
-    return TransformerConfig(num_layers=LAYERS, hidden_size=32, num_attention_heads=4,
-                             vocab_size=VOCAB, seq_length=S, make_vocab_size_divisible_by=8,
-                             hidden_dropout=0.0, attention_dropout=0.0,
-                             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+    return TransformerConfig(**{"num_layers": LAYERS, **model}, hidden_size=32,
+                             num_attention_heads=4, vocab_size=VOCAB, seq_length=S,
+                             make_vocab_size_divisible_by=8, hidden_dropout=0.0,
+                             attention_dropout=0.0, tensor_model_parallel_size=tp,
+                             pipeline_model_parallel_size=pp,
                              virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp,
-                             overlap_p2p_comm=overlap, **model)
+                             overlap_p2p_comm=overlap)
 
 
 def _global_batches(global_batch: int):
@@ -164,7 +165,10 @@ def _shard(param, full: torch.Tensor) -> torch.Tensor:
 
 
 def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int, sp: bool,
-                             overlap: bool = True, model: dict | None = None):
+                             overlap: bool = True, model: dict | None = None,
+                             split: dict | None = None):
+    """``split``: an uneven pipeline split (`TransformerConfig` fields) for the pipelined
+    model only."""
     model = model or {}
     tied = not model.get("untie_embeddings_and_output_weights", False)
     ps.initialize_model_parallel(tp, pp, vpp)
@@ -177,10 +181,10 @@ def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int, sp: bool,
     ref = GPTModel(_config(**model), group=ref_group)
     ref_params = dict(ref.named_parameters())
     initial = {n: p.detach().clone() for n, p in ref_params.items()}
-    chunks = build_gpt_chunks(_config(tp, pp, vpp, sp, overlap, **model))
+    chunks = build_gpt_chunks(_config(tp, pp, vpp, sp, overlap, **model, **(split or {})))
     with torch.no_grad():  # start from the reference's weights (stages are seeded apart)
         for c, chunk in enumerate(chunks):
-            first = chunk_first_layer(chunk.config, pp_rank, c)
+            first = chunk.config.chunk_layers(pp_rank, c).start
             for name, p in chunk.named_parameters():
                 p.copy_(_shard(p, ref_params[_reference_name(name, first, tied)]))
     models = [DistributedDataParallel(chunk, bucket_size=2000) for chunk in chunks]
@@ -223,10 +227,11 @@ def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int, sp: bool,
     unchanged = [n for n, p in ref.named_parameters() if torch.equal(p, initial[n])]
     assert not unchanged, f"the reference never updated {unchanged}: the test is too weak"
     for c, chunk in enumerate(chunks):
-        first = chunk_first_layer(chunk.config, pp_rank, c)
+        first = chunk.config.chunk_layers(pp_rank, c).start
         for name, p in chunk.named_parameters():
             assert_rel_close(p, _shard(p, ref_params[_reference_name(name, first, tied)]),
                              rtol=1e-5, what=f"final {name}")
+    return pp_rank, [len(chunk.decoder.layers) for chunk in chunks]
 
 
 @pytest.mark.parametrize("tp,pp,vpp,microbatches,sp,overlap,model", [
@@ -244,6 +249,25 @@ def test_gpt_pipeline_training_matches_single_process(tp, pp, vpp, microbatches,
                     timeout=600)
 
 
+@pytest.mark.parametrize("tp,pp,vpp,microbatches,model,split,chunk_layers", [
+    # PP4 x DP2, 1F1B: stages of 1, 3, 3 and 1 layers
+    (1, 4, None, 4, None, {"num_layers_in_first_pipeline_stage": 1,
+                           "num_layers_in_last_pipeline_stage": 1}, [[1], [3], [3], [1]]),
+    # TP2 x PP2 x VPP2 x DP2, interleaved, SP: chunks of 1 layer on stage 0, of 3 on stage 1
+    (2, 2, 2, 4, LLAMA, {"num_layers_in_first_pipeline_stage": 2}, [[1, 1], [3, 3]]),
+    # PP4 x VPP2 x DP2, 6 layers + embedding + loss in 8 chunks: the model's first chunk holds
+    # only the embedding, its last only the output layer and loss
+    (1, 4, 2, 8, {"num_layers": 6}, {"account_for_embedding_in_pipeline_split": True,
+                                     "account_for_loss_in_pipeline_split": True},
+     [[0, 1], [1, 1], [1, 1], [1, 0]]),
+], ids=["first-last-1f1b", "first-interleaved-llama", "embedding-loss-empty-chunks"])
+def test_uneven_pipeline_training_matches_single_process(tp, pp, vpp, microbatches, model,
+                                                         split, chunk_layers):
+    built = run_distributed(8, _check_pipeline_training, tp, pp, vpp, microbatches, tp > 1,
+                            True, model, split, timeout=600)
+    assert {pp_rank: layers for pp_rank, layers in built} == dict(enumerate(chunk_layers))
+
+
 def _check_forward_only(pp: int, vpp):
     ps.initialize_model_parallel(1, pp, vpp)
     torch.manual_seed(5)
@@ -252,7 +276,7 @@ def _check_forward_only(pp: int, vpp):
     chunks = build_gpt_chunks(_config(1, pp, vpp))
     with torch.no_grad():
         for c, chunk in enumerate(chunks):
-            first = chunk_first_layer(chunk.config, ps.get_pipeline_model_parallel_rank(), c)
+            first = chunk.config.chunk_layers(ps.get_pipeline_model_parallel_rank(), c).start
             for name, p in chunk.named_parameters():
                 p.copy_(ref_params[_reference_name(name, first, True)])
     batch = next(_global_batches(MBS * pp))
@@ -279,6 +303,10 @@ def _check_bad_layouts():
                                          "pipeline_model_parallel_size x "
                                          "virtual_pipeline_model_parallel_size=3"):
         _config(1, 3)
+    with pytest.raises(ValueError, match="num_layers_in_first_pipeline_stage=3 must be a "
+                                         "non-negative integer divisible by "
+                                         "virtual_pipeline_model_parallel_size=2"):
+        _config(1, 2, 2, num_layers_in_first_pipeline_stage=3)
     ps.initialize_model_parallel(1, 2, 2)
     with pytest.raises(ValueError, match="the interleaved schedule needs num_microbatches=3 "
                                          "to be a multiple of pipeline_model_parallel_size=2"):

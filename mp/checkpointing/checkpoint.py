@@ -193,8 +193,9 @@ def save_checkpoint(save_dir: str | Path, iteration: int,
     not); ``config`` the job's resolved config (``JobConfig.to_dict()``), stored for the
     record. Without ``optimizer`` the checkpoint holds no optimizer state (half-precision
     weights then only in their own dtype), without ``scheduler`` no schedule, and with
-    ``save_rng=False`` no RNG states. ``keep_last`` deletes all but the newest ``keep_last`` checkpoints once this one
-    is committed. Collective: every rank calls it. Returns after the commit on every rank.
+    ``save_rng=False`` no RNG states. ``keep_last`` deletes all but the newest ``keep_last``
+    checkpoints once this one is committed. Collective: every rank calls it. Returns after the
+    commit on every rank.
     """
     chunks = _chunks(model)
     _finish_param_sync(chunks)

@@ -4,10 +4,10 @@
 A config file is a mapping of the sections ``model`` (`mp.model.TransformerConfig`'s fields),
 ``training``, ``data`` and ``logging`` (`mp.config.training_section`, `mp.config.sections`).
 It may start from another file with ``base: PATH`` (relative to the file): the base is read
-first (its own ``base`` too) and this file's keys replace its keys, section by section. ``model.vocab_size`` may be left out:
-it is then the tokenizer's vocabulary size (the model pads it, see
-`TransformerConfig.padded_vocab_size`). Without a file (``path=None``) the defaults and the
-overrides make the whole config, as a Megatron-LM command line does. With
+first (its own ``base`` too) and this file's keys replace its keys, section by section.
+``model.vocab_size`` may be left out: it is then the tokenizer's vocabulary size (the model
+pads it, see `TransformerConfig.padded_vocab_size`). Without a file (``path=None``) the
+defaults and the overrides make the whole config, as a Megatron-LM command line does. With
 ``training.use_checkpoint_args`` the model's architecture comes from ``training.load``'s
 checkpoint, over the file's values and under the command line's.
 """

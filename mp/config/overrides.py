@@ -16,7 +16,9 @@ Syntax, applied left to right (a later override of the same key wins):
   ``--swiglu`` sets ``model.activation``, ``--apex-fused-adam`` and ``--apex-layer-norm``
   choose apex's optimizer and norms; they take no value.
   ``--num-layers-per-virtual-pipeline-stage N`` sets ``model.virtual_pipeline_model_parallel_size``
-  to ``num_layers / pipeline_model_parallel_size / N`` (after every other override).
+  to ``num_layers / pipeline_model_parallel_size / N`` (after every other override); with an
+  uneven split (``--decoder-first-pipeline-num-layers`` and the like) give the chunks per stage
+  instead, ``--num-virtual-stages-per-pipeline-rank V``, as Megatron asks.
   Other value-less flags (`CONSTANT_FLAGS`) set a key to a fixed value the same way:
   ``--disable-bias-linear``, ``--use-rotary-position-embeddings``, ``--use-flash-attn``,
   ``--recompute-activations`` (selective recompute, as in Megatron), ...
@@ -60,7 +62,8 @@ _MEGATRON_NAMES = {
         "overlap_p2p_comm", "recompute_method", "recompute_num_layers",
         "distribute_saved_activations", "rotary_base", "use_rope_scaling",
         "rope_scaling_factor", "attention_backend", "kv_channels", "rotary_percent",
-        "qk_layernorm",
+        "qk_layernorm", "account_for_embedding_in_pipeline_split",
+        "account_for_loss_in_pipeline_split",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
@@ -102,6 +105,9 @@ ALIASES: dict[str, str] = {
 
 ALIASES["--overlap-p2p-communication"] = "model.overlap_p2p_comm"  # Megatron's spellings
 ALIASES["--norm-epsilon"] = ALIASES["--layernorm-epsilon"] = "model.layernorm_epsilon"
+ALIASES["--num-virtual-stages-per-pipeline-rank"] = "model.virtual_pipeline_model_parallel_size"
+ALIASES["--decoder-first-pipeline-num-layers"] = "model.num_layers_in_first_pipeline_stage"
+ALIASES["--decoder-last-pipeline-num-layers"] = "model.num_layers_in_last_pipeline_stage"
 ALIASES["--override-opt_param-scheduler"] = "training.override_opt_param_scheduler"
 ALIASES["--use-checkpoint-opt_param-scheduler"] = "training.use_checkpoint_opt_param_scheduler"
 
@@ -308,6 +314,10 @@ def no_effect_notices(args: Sequence[str]) -> list[str]:
             for name, _, values in _split_options(args) if name in NO_EFFECT_FLAGS]
 
 
+_UNEVEN_SPLIT = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+                 "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split")
+
+
 def _virtual_stages(model: dict, layers_per_stage: int) -> int:
     """``num_layers / pipeline_model_parallel_size / layers_per_stage``, which must divide."""
     if layers_per_stage < 1:
@@ -317,6 +327,13 @@ def _virtual_stages(model: dict, layers_per_stage: int) -> int:
     num_layers = coerce("model.num_layers", model["num_layers"], int)
     pp = coerce("model.pipeline_model_parallel_size",
                 model.get("pipeline_model_parallel_size", 1), int)
+    fields = field_annotations(SECTIONS["model"])
+    for name in _UNEVEN_SPLIT:
+        value = coerce(f"model.{name}", model.get(name), fields[name]) if name in model else None
+        if value is not None and value is not False:  # a count of 0 is set
+            raise ConfigError(f"{VIRTUAL_STAGE_FLAG} assumes an even split and model.{name}="
+                              f"{value!r} is set: give the chunks per stage with "
+                              "--num-virtual-stages-per-pipeline-rank instead")
     if pp < 1 or num_layers % (pp * layers_per_stage):
         raise ConfigError(
             f"{VIRTUAL_STAGE_FLAG}={layers_per_stage} does not divide num_layers / "

@@ -54,7 +54,8 @@ class TrainingConfig(Section):
     at its end); ``finetune`` (Megatron's ``--finetune``) takes only the weights of ``load``'s
     checkpoint and starts at iteration 0 with a fresh optimizer, schedule and data order;
     ``use_checkpoint_args`` (Megatron's ``--use-checkpoint-args``) takes the model's
-    architecture from that checkpoint (`mp.config.loader.CHECKPOINT_ARGS`); ``keep_last=None`` keeps every checkpoint. ``exit_interval``,
+    architecture from that checkpoint (`mp.config.loader.CHECKPOINT_ARGS`); ``keep_last=None``
+    keeps every checkpoint. ``exit_interval``,
     ``exit_duration_in_mins`` and ``exit_signal_handler`` (with ``exit_signal``) end the run
     early with a checkpoint (`mp.training.exit`). ``no_load_optim``, ``no_load_rng``,
     ``no_save_optim``, ``no_save_rng``, ``exit_on_missing_checkpoint`` and ``skip_train`` are

@@ -40,7 +40,8 @@ class DocumentMasked(Dataset):
     def __init__(self, dataset: Dataset, eod: int, reset_position_ids: bool,
                  reset_attention_mask: bool):
         self.dataset, self.eod = dataset, eod
-        self.reset_position_ids, self.reset_attention_mask = reset_position_ids, reset_attention_mask
+        self.reset_position_ids = reset_position_ids
+        self.reset_attention_mask = reset_attention_mask
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -101,8 +101,9 @@ def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
     act = activation_bytes(cfg) * cfg.seq_length * setup.micro_batch_size * cfg.hidden_size
     column = 3 if cfg.activation == "swiglu" else 2
     first, last = pp_rank == 0, pp_rank == setup.pp - 1
-    layers = cfg.num_layers // setup.pp
-    forwards = layers + _recomputed_layers(setup)  # full recompute repeats the forward's calls
+    layers = cfg.stage_num_layers(pp_rank)
+    # full recompute repeats the forward's calls
+    forwards = layers + _recomputed_layers(setup, pp_rank)
     out = []
     if cfg.sequence_parallel:
         gathers = forwards * column + layers * (column + 2)
@@ -129,36 +130,38 @@ def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
         saved = activation_bytes(cfg) * sequence_rows(cfg, setup.micro_batch_size) \
             * cfg.hidden_size
         out.append(Collective("distributed checkpoint inputs", "all_gather", "tp",
-                              m * _checkpoints(setup) * saved))
+                              m * _checkpoints(setup, pp_rank) * saved))
     if last:
         rows = cfg.seq_length * setup.micro_batch_size
         out.append(Collective("cross-entropy", "all_reduce", "tp", m * 3 * FP32 * rows))
     return out
 
 
-def _recomputed_layers(setup: Setup) -> int:
-    """Layers of one rank whose forward full recompute runs again in backward."""
+def _recomputed_layers(setup: Setup, pp_rank: int) -> int:
+    """Layers of one rank of stage ``pp_rank`` whose forward full recompute runs again in
+    backward."""
     cfg = setup.model
     if cfg.recompute_granularity != "full":
         return 0
     if cfg.recompute_method == "uniform":
-        return cfg.num_layers // setup.pp
-    return cfg.recompute_num_layers * setup.vpp
+        return cfg.stage_num_layers(pp_rank)
+    return _checkpoints(setup, pp_rank)  # block: one checkpoint a recomputed layer
 
 
-def _checkpoints(setup: Setup) -> int:
-    """Checkpointed chunks of layers on one rank (full recompute)."""
-    cfg = setup.model
+def _checkpoints(setup: Setup, pp_rank: int) -> int:
+    """Checkpointed groups of layers on one rank of stage ``pp_rank`` (full recompute): the
+    first ``n`` layers of each chunk (block), or its layers in groups of ``n`` (uniform)."""
+    cfg, n = setup.model, setup.model.recompute_num_layers
     if cfg.recompute_method == "block":
-        return cfg.recompute_num_layers * setup.vpp
-    return -(-cfg.layers_per_chunk // cfg.recompute_num_layers) * setup.vpp
+        return sum(min(n, layers) for layers in cfg.chunk_layer_counts[pp_rank])
+    return sum(-(-layers // n) for layers in cfg.chunk_layer_counts[pp_rank])
 
 
 def _sequence_parallel_params(setup: Setup, pp_rank: int) -> int:
     """Elements of the parameters replicated over TP whose gradients are partial under SP."""
     cfg = setup.model
     per_layer = 2 * norm_params(cfg)[0] + (2 * cfg.hidden_size if cfg.add_bias_linear else 0)
-    total = cfg.num_layers // setup.pp * per_layer
+    total = cfg.stage_num_layers(pp_rank) * per_layer
     return total + rank_params(cfg, pp_rank).final_norm
 
 

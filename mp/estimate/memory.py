@@ -110,12 +110,13 @@ def _vocab_shard(cfg: TransformerConfig) -> int:
     return cfg.padded_vocab_size // cfg.tensor_model_parallel_size
 
 
-def chunk_saved_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA
-                      ) -> float:
-    """The transformer layers of one pipeline chunk, for one micro-batch: every layer's
-    `layer_bytes`, or with full recompute the checkpointed chunks' inputs (and the layers left
-    out of ``block`` recompute whole)."""
-    layers = cfg.layers_per_chunk
+def chunk_saved_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
+                      layers: int | None = None) -> float:
+    """The ``layers`` transformer layers of one pipeline chunk (default: the first chunk's),
+    for one micro-batch: every layer's `layer_bytes`, or with full recompute the checkpointed
+    chunks' inputs (and the layers left out of ``block`` recompute whole)."""
+    if layers is None:
+        layers = len(cfg.chunk_layers())
     if cfg.recompute_granularity != "full":
         return layers * layer_bytes(cfg, micro_batch, kernels)
     n = cfg.recompute_num_layers
@@ -124,6 +125,7 @@ def chunk_saved_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels
         checkpoint_input /= cfg.tensor_model_parallel_size
     if cfg.recompute_method == "uniform":
         return math.ceil(layers / n) * checkpoint_input
+    n = min(n, layers)
     return n * checkpoint_input + (layers - n) * layer_bytes(cfg, micro_batch, kernels,
                                                              selective=False)
 
@@ -162,7 +164,8 @@ def stage_memory(setup: Setup, pp_rank: int, kernels: Kernels = CUDA) -> StageMe
     cfg, b = setup.model, setup.micro_batch_size
     params = rank_params(cfg, pp_rank)
     in_flight = microbatches_in_flight(setup.pp, pp_rank, setup.num_microbatches, setup.vpp)
-    saved = in_flight * setup.vpp * chunk_saved_bytes(cfg, b, kernels)
+    saved = in_flight * sum(chunk_saved_bytes(cfg, b, kernels, layers)
+                            for layers in cfg.chunk_layer_counts[pp_rank])
     forward_extra = backward_extra = 0.0
     if pp_rank == 0:
         saved += min(in_flight, setup.num_microbatches) * sum(

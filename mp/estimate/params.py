@@ -3,7 +3,8 @@
 A rank holds ``1 / TP`` of each sharded weight (QKV, attention output, MLP, word embedding and
 output layer, with Megatron's vocabulary padding) and a full copy of each replicated one
 (norms, row-parallel biases, the position table), for the layers of its pipeline stage: the
-``num_layers / PP`` layers of its ``v`` model chunks. The first stage adds the embedding, the
+layers of its ``v`` model chunks (``num_layers / PP``, or as `TransformerConfig.chunk_layer_counts`
+splits them unevenly). The first stage adds the embedding, the
 last the final norm and, with untied embeddings or with tied embeddings split over stages
 (PP > 1), the output layer: Megatron keeps a copy of the word embedding there and keeps the
 two in step by all-reducing their gradients.
@@ -96,7 +97,7 @@ def rank_params(cfg: TransformerConfig, pp_rank: int = 0) -> RankParams:
     h = cfg.hidden_size
     vocab_shard = cfg.padded_vocab_size // cfg.tensor_model_parallel_size * h
     per_layer, layer_tensors = layer_params(cfg)
-    num_layers = cfg.num_layers // pp
+    num_layers = cfg.stage_num_layers(pp_rank)
     embedding = tensors = 0
     if first:
         embedding, tensors = vocab_shard, 1
@@ -119,7 +120,9 @@ def model_params(cfg: TransformerConfig) -> int:
     for GPT-3's shape. It is one rank's count for the same model unsplit."""
     unsplit = dataclasses.replace(
         cfg, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        virtual_pipeline_model_parallel_size=None, sequence_parallel=False,
+        virtual_pipeline_model_parallel_size=None, num_layers_in_first_pipeline_stage=None,
+        num_layers_in_last_pipeline_stage=None, account_for_embedding_in_pipeline_split=False,
+        account_for_loss_in_pipeline_split=False, sequence_parallel=False,
         recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
         make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by
         * cfg.tensor_model_parallel_size)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from mp.config import JobConfig
 from mp.model.config import TransformerConfig
+from mp.model.pipeline_split import uneven_stages_text
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,12 @@ class Setup:
         return 4 if self.model.precision == "fp32" else 2
 
     def describe(self) -> str:
-        """``TP8 PP16 (v2) DP8, mbs 1 x 192, SP, recompute full, distributed optimizer``."""
+        """``TP8 PP16 (v2) DP8, mbs 1 x 192, SP, recompute full, distributed optimizer``;
+        an uneven pipeline split adds each stage's layers: ``PP2 (v2, layers 34+46)``."""
         cfg = self.model
-        parts = [f"TP{self.tp} PP{self.pp}" + (f" (v{self.vpp})" if self.vpp > 1 else "")
+        pipeline = ", ".join(part for part in (f"v{self.vpp}" if self.vpp > 1 else "",
+                                               uneven_stages_text(cfg.chunk_layer_counts)) if part)
+        parts = [f"TP{self.tp} PP{self.pp}" + (f" ({pipeline})" if pipeline else "")
                  + f" DP{self.data_parallel_size}",
                  f"mbs {self.micro_batch_size} x {self.num_microbatches}"]
         if cfg.sequence_parallel:

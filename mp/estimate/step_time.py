@@ -60,7 +60,7 @@ def stage_compute_seconds(setup: Setup, pp_rank: int, gpu: GPUSpec,
                           efficiency: float) -> float:
     """One micro-batch's forward, backward and recompute on one rank of stage ``pp_rank``."""
     cfg = setup.model
-    flops = training_flops(cfg, setup.micro_batch_size, num_layers=cfg.num_layers // setup.pp,
+    flops = training_flops(cfg, setup.micro_batch_size, num_layers=cfg.stage_num_layers(pp_rank),
                            logits=pp_rank == setup.pp - 1)
     return flops / setup.tp / (gpu.peak_tflops * 1e12 * efficiency)
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mp.model.pipeline_split import chunk_layer_counts, chunk_layer_range
+
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -62,6 +64,12 @@ class TransformerConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
+    # uneven pipeline splits (mp.model.pipeline_split); default: L / (PP x VPP) layers a chunk
+    num_layers_in_first_pipeline_stage: int | None = None  # Megatron's
+    # --decoder-first-pipeline-num-layers; the middle stages share what first and last leave
+    num_layers_in_last_pipeline_stage: int | None = None  # --decoder-last-pipeline-num-layers
+    account_for_embedding_in_pipeline_split: bool = False  # the embedding counts as a layer
+    account_for_loss_in_pipeline_split: bool = False  # the output layer and loss count as one
     sequence_parallel: bool = False
     overlap_p2p_comm: bool = False  # interleaved pipeline: p2p under compute (pipelined.py)
     recompute_granularity: str | None = None  # None | full | selective (attention core only)
@@ -132,16 +140,15 @@ class TransformerConfig:
             if pp < 2:
                 raise ValueError(f"virtual_pipeline_model_parallel_size={vpp} needs "
                                  f"pipeline_model_parallel_size > 1, got {pp}")
-        _divisible("num_layers", self.num_layers, "pipeline_model_parallel_size x "
-                   "virtual_pipeline_model_parallel_size", pp * (vpp or 1))
+        largest_chunk = max(max(stage) for stage in self.chunk_layer_counts)
         if self.recompute_granularity == "full":
             _one_of("recompute_method", self.recompute_method, ("uniform", "block"))
             if self.recompute_num_layers is None:
                 self.recompute_num_layers = 1
             _positive_int("recompute_num_layers", self.recompute_num_layers)
-            if self.recompute_num_layers > self.layers_per_chunk:
+            if self.recompute_num_layers > largest_chunk:
                 raise ValueError(f"recompute_num_layers={self.recompute_num_layers} exceeds the "
-                                 f"{self.layers_per_chunk} layers of a pipeline chunk")
+                                 f"{largest_chunk} layers of the largest pipeline chunk")
         elif self.recompute_method is not None:
             raise ValueError(f"recompute_method={self.recompute_method!r} needs "
                              "recompute_granularity='full'")
@@ -173,10 +180,22 @@ class TransformerConfig:
         return math.ceil(self.vocab_size / multiple) * multiple
 
     @property
-    def layers_per_chunk(self) -> int:
-        """Transformer layers in one pipeline chunk (a stage, or a virtual stage)."""
-        return self.num_layers // (self.pipeline_model_parallel_size
-                                   * (self.virtual_pipeline_model_parallel_size or 1))
+    def chunk_layer_counts(self) -> tuple[tuple[int, ...], ...]:
+        """``counts[r][c]``: transformer layers of chunk ``c`` (a virtual stage) of pipeline
+        stage ``r``; even unless an uneven split is set (`mp.model.pipeline_split`)."""
+        return chunk_layer_counts(
+            self.num_layers, self.pipeline_model_parallel_size,
+            self.virtual_pipeline_model_parallel_size, self.num_layers_in_first_pipeline_stage,
+            self.num_layers_in_last_pipeline_stage, self.account_for_embedding_in_pipeline_split,
+            self.account_for_loss_in_pipeline_split)
+
+    def chunk_layers(self, pp_rank: int = 0, chunk: int = 0) -> range:
+        """0-based indices over the whole model of the layers of ``chunk`` on ``pp_rank``."""
+        return chunk_layer_range(self.chunk_layer_counts, pp_rank, chunk)
+
+    def stage_num_layers(self, pp_rank: int) -> int:
+        """Transformer layers of pipeline stage ``pp_rank``, all its chunks together."""
+        return sum(self.chunk_layer_counts[pp_rank])
 
     @property
     def params_dtype(self) -> torch.dtype:

@@ -8,7 +8,9 @@ materialises full logits: ``vocab_parallel_cross_entropy`` works on the shards.
 
 With pipeline parallelism a stage has ``pre_process`` (holds the embedding) and/or
 ``post_process`` (holds the final norm, output layer and loss); a stage without
-``pre_process`` takes its input from ``set_input_tensor``. With ``inference_params``
+``pre_process`` takes its input from ``set_input_tensor``; ``layers`` are the 0-based indices
+over the whole model of the transformer layers it holds (default: the first chunk's,
+`TransformerConfig.chunk_layers`, all of them without pipelining). With ``inference_params``
 (`mp.model.inference`) ``input_ids`` are the tokens after the cached ones.
 """
 
@@ -29,7 +31,7 @@ from mp.tensor_parallel import ColumnParallelLinear, vocab_parallel_cross_entrop
 
 class GPTModel(nn.Module):
     def __init__(self, config: TransformerConfig, pre_process: bool = True,
-                 post_process: bool = True, first_layer_number: int = 1, group=None):
+                 post_process: bool = True, layers: range | None = None, group=None):
         super().__init__()
         self.config = config
         self.group = parallel_state.get_tensor_model_parallel_group() if group is None else group
@@ -37,7 +39,7 @@ class GPTModel(nn.Module):
         self.share_embeddings = not config.untie_embeddings_and_output_weights
         self.input_tensor: torch.Tensor | None = None
         self.embedding = LanguageModelEmbedding(config, self.group) if pre_process else None
-        self.decoder = TransformerBlock(config, post_process, first_layer_number, self.group)
+        self.decoder = TransformerBlock(config, post_process, layers, self.group)
         self.output_layer = None
         if post_process:
             self.output_layer = ColumnParallelLinear(

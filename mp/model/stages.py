@@ -1,10 +1,11 @@
 """GPT split into pipeline stages (and virtual stages) for this rank.
 
 With ``p`` pipeline stages and ``v`` virtual stages (model chunks) per rank, the ``L`` layers
-are cut into ``p * v`` chunks of ``L / (p * v)`` consecutive layers. Chunk ``c`` of stage ``r``
-holds global chunk ``c * p + r`` (Narayanan et al. 2021's interleaved assignment; ``v = 1``
-gives each stage one contiguous block). The embedding lives on the first chunk of stage 0, the
-final norm, output layer and loss on the last chunk of stage ``p - 1``.
+are cut into ``p * v`` chunks of consecutive layers, ``L / (p * v)`` each unless the config
+splits them unevenly (`mp.model.pipeline_split`). Chunk ``c`` of stage ``r`` holds global chunk
+``c * p + r`` (Narayanan et al. 2021's interleaved assignment; ``v = 1`` gives each stage one
+contiguous block). The embedding lives on the first chunk of stage 0, the final norm, output
+layer and loss on the last chunk of stage ``p - 1``.
 
 Tied word embeddings across stages: the last stage holds its own copy of the embedding matrix
 as the output layer's weight. It starts as the first stage's (zeros, then a sum over the
@@ -24,11 +25,6 @@ from mp.model.config import TransformerConfig
 from mp.model.gpt import GPTModel
 
 
-def chunk_first_layer(config: TransformerConfig, pp_rank: int, chunk: int) -> int:
-    """0-based index of the first transformer layer of ``chunk`` on stage ``pp_rank``."""
-    return (chunk * config.pipeline_model_parallel_size + pp_rank) * config.layers_per_chunk
-
-
 def build_gpt_chunks(config: TransformerConfig, group=None) -> list[GPTModel]:
     """This rank's model chunks (one without virtual stages), built in order."""
     pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -40,7 +36,7 @@ def build_gpt_chunks(config: TransformerConfig, group=None) -> list[GPTModel]:
     vpp = config.virtual_pipeline_model_parallel_size or 1
     chunks = [GPTModel(config, pre_process=rank == 0 and c == 0,
                        post_process=rank == pp - 1 and c == vpp - 1,
-                       first_layer_number=chunk_first_layer(config, rank, c) + 1, group=group)
+                       layers=config.chunk_layers(rank, c), group=group)
               for c in range(vpp)]
     initialize_word_embeddings(chunks)
     return chunks

@@ -47,6 +47,9 @@ class TransformerLayer(nn.Module):
 class TransformerBlock(nn.Module):
     """The layers of one pipeline chunk, and the final norm on the last one.
 
+    ``layers``: the 0-based indices over the whole model of the chunk's layers (default
+    `TransformerConfig.chunk_layers` of the first chunk: every layer without pipelining).
+
     Full activation recompute (Megatron's ``recompute_granularity='full'``) keeps only chunk
     inputs: ``uniform`` checkpoints every group of ``recompute_num_layers`` consecutive layers;
     ``block`` checkpoints each of the first ``recompute_num_layers`` layers and runs the rest
@@ -54,13 +57,13 @@ class TransformerBlock(nn.Module):
     """
 
     def __init__(self, config: TransformerConfig, post_process: bool = True,
-                 first_layer_number: int = 1, group=None):
+                 layers: range | None = None, group=None):
         super().__init__()
         self.config = config
         self.group = group
         self.layers = nn.ModuleList(
-            TransformerLayer(config, first_layer_number + i, group)
-            for i in range(config.layers_per_chunk))
+            TransformerLayer(config, index + 1, group)
+            for index in (config.chunk_layers() if layers is None else layers))
         if config.compile_layers:  # in place: parameter names and hooks stay as they are
             for layer in self.layers:
                 layer.compile()

@@ -15,6 +15,7 @@ from mp.checkpointing import job as checkpoint_job
 from mp.config import JobConfig, TrainingConfig, resolve_world_size
 from mp.device import get_device
 from mp.distributed import DistributedDataParallel
+from mp.model.pipeline_split import uneven_stages_text
 from mp.model.stages import build_gpt_chunks
 from mp.optim import (
     MixedPrecisionOptimizer,
@@ -158,8 +159,9 @@ def _pretrain(cfg: JobConfig, forward_step_func: Callable,
     reporting = dist.get_rank() == 0
     if reporting:
         m, dp = cfg.model, parallel_state.get_data_parallel_world_size()
+        split = uneven_stages_text(m.chunk_layer_counts)
         print(f"world {world} = TP {m.tensor_model_parallel_size} x PP "
-              f"{m.pipeline_model_parallel_size} x DP {dp}"
+              f"{m.pipeline_model_parallel_size}{f' ({split})' if split else ''} x DP {dp}"
               f" | {dist.get_backend()} on {get_device()} | {n_params / 1e6:.2f}M parameters | "
               f"{batches_text(cfg, world)}", flush=True)
     checkpoint_job.resume(start, model, optimizer, scheduler)  # last: restores the RNG states
@@ -176,3 +178,4 @@ def _pretrain(cfg: JobConfig, forward_step_func: Callable,
                      exit_conditions=exit_conditions, test_data_iterator=test_iterator)
     finally:
         logger.close()
+
