@@ -1,13 +1,19 @@
-"""Process groups for tensor (TP), pipeline (PP) and data (DP) parallelism.
+"""Process groups for tensor (TP), context (CP), pipeline (PP) and data (DP) parallelism.
 
 This module holds the only global state in ``mp``. Ranks are laid out as Megatron-Core does,
-TP fastest, then DP, then PP::
+TP fastest, then CP, then DP, then PP::
 
-    rank = tp_rank + TP * (dp_rank + DP * pp_rank),   DP = world_size / (TP * PP)
+    rank = tp_rank + TP * (cp_rank + CP * (dp_rank + DP * pp_rank)),
+    DP = world_size / (TP * CP * PP)
 
 so that the ranks of one TP group are adjacent (same node, fastest links). For 16 ranks with
 TP=2, PP=4: TP groups [0,1] [2,3] ...; DP groups [0,2] [1,3] [4,6] ...; PP groups
 [0,4,8,12] [1,5,9,13] ...; embedding groups (first and last stage) [0,12] [1,13] ...
+
+Context parallelism (`mp.model.context_parallel`) splits each sequence over the CP ranks;
+they hold the same weights, so gradients are reduced over DP x CP together
+(``get_data_parallel_group(with_context_parallel=True)``), while the data loader shards
+samples over DP alone. With CP=1 (the default) the two groups are the same.
 
 The getters carry Megatron's names so ported code runs unchanged, and the module doubles as
 DeepSpeed's ``mpu``: DeepSpeed calls ``get_model_parallel_{world_size,rank,group}`` and
@@ -28,37 +34,45 @@ class RankLayout:
     """Every group of each kind, as lists of global ranks (pure arithmetic, no processes)."""
 
     tensor: list[list[int]]
+    context: list[list[int]]
     data: list[list[int]]
+    data_with_context: list[list[int]]  # DP x CP: the ranks that reduce gradients together
     pipeline: list[list[int]]
     model: list[list[int]]
     embedding: list[list[int]]
 
 
 def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
-                pipeline_model_parallel_size: int = 1) -> RankLayout:
+                pipeline_model_parallel_size: int = 1,
+                context_parallel_size: int = 1) -> RankLayout:
     """Megatron's group layout for ``world_size`` ranks; raises ValueError on impossible sizes."""
-    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
     for name, value in (("world_size", world_size), ("tensor_model_parallel_size", tp),
-                        ("pipeline_model_parallel_size", pp)):
+                        ("pipeline_model_parallel_size", pp), ("context_parallel_size", cp)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive integer")
-    if world_size % (tp * pp) != 0:
+    if world_size % (tp * pp * cp) != 0:
         raise ValueError(
             f"world_size={world_size} is not divisible by tensor_model_parallel_size={tp} "
-            f"x pipeline_model_parallel_size={pp} = {tp * pp}")
-    dp = world_size // (tp * pp)
+            f"x pipeline_model_parallel_size={pp}" + (
+                f" x context_parallel_size={cp}" if cp > 1 else "") + f" = {tp * pp * cp}")
+    dp = world_size // (tp * pp * cp)
+    coords = [(t, c, d, p) for p in range(pp) for d in range(dp) for c in range(cp)
+              for t in range(tp)]  # in rank order
 
-    def rank(t: int, d: int, p: int) -> int:
-        return t + tp * (d + dp * p)
+    def groups(*varying: int) -> list[list[int]]:
+        """The groups whose ranks differ only in the coordinates ``varying`` (0 t, 1 c, 2 d,
+        3 p), each in rank order, the groups ordered by their first rank."""
+        found: dict[tuple, list[int]] = {}
+        for rank, xs in enumerate(coords):
+            key = tuple(x for i, x in enumerate(xs) if i not in varying)
+            found.setdefault(key, []).append(rank)
+        return sorted(found.values())
 
-    pipeline = [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
-    return RankLayout(
-        tensor=[[rank(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
-        data=[[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
-        pipeline=pipeline,
-        model=[sorted(rank(t, d, p) for p in range(pp) for t in range(tp)) for d in range(dp)],
-        embedding=[sorted({g[0], g[-1]}) for g in pipeline],
-    )
+    pipeline = groups(3)
+    return RankLayout(tensor=groups(0), context=groups(1), data=groups(2),
+                      data_with_context=groups(1, 2), pipeline=pipeline, model=groups(0, 3),
+                      embedding=[sorted({g[0], g[-1]}) for g in pipeline])
 
 
 @dataclass
@@ -67,8 +81,12 @@ class _Groups:
 
     tensor: dist.ProcessGroup
     tensor_ranks: list[int]
+    context: dist.ProcessGroup
+    context_ranks: list[int]
     data: dist.ProcessGroup
     data_ranks: list[int]
+    data_with_context: dist.ProcessGroup
+    data_with_context_ranks: list[int]
     pipeline: dist.ProcessGroup
     pipeline_ranks: list[int]
     model: dist.ProcessGroup
@@ -85,9 +103,10 @@ _GROUPS: _Groups | None = None
 def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                               pipeline_model_parallel_size: int = 1,
                               virtual_pipeline_model_parallel_size: int | None = None,
-                              *, backend: str | None = None,
+                              *, context_parallel_size: int = 1, backend: str | None = None,
                               distributed_timeout_minutes: float = 10.0) -> None:
-    """Create the TP, DP, PP, model-parallel and embedding groups over the default group.
+    """Create the TP, CP, DP, DP x CP, PP, model-parallel and embedding groups over the
+    default group.
 
     Every rank must call this with the same arguments (``torch.distributed`` must already be
     initialized). Sizes are checked before any collective. ``backend`` defaults to the default
@@ -115,11 +134,12 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                 f"virtual_pipeline_model_parallel_size={vpp} needs "
                 f"pipeline_model_parallel_size > 1, got {pipeline_model_parallel_size}")
     layout = rank_layout(dist.get_world_size(), tensor_model_parallel_size,
-                         pipeline_model_parallel_size)
+                         pipeline_model_parallel_size, context_parallel_size)
     me = dist.get_rank()
     timeout = timedelta(minutes=distributed_timeout_minutes)
     mine: dict[str, tuple[dist.ProcessGroup | None, list[int]]] = {}
-    for kind in ("tensor", "data", "pipeline", "model", "embedding"):
+    kinds = ("tensor", "context", "data", "data_with_context", "pipeline", "model", "embedding")
+    for kind in kinds:
         mine[kind] = (None, [])  # only "embedding" can stay empty (middle stages)
         for ranks in getattr(layout, kind):
             # every rank creates every group
@@ -127,7 +147,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
             if me in ranks:
                 mine[kind] = (group, ranks)
     _GROUPS = _Groups(
-        *mine["tensor"], *mine["data"], *mine["pipeline"], *mine["model"], *mine["embedding"],
+        *(part for kind in kinds for part in mine[kind]),
         virtual_pipeline_world_size=vpp, virtual_pipeline_rank=0 if vpp is not None else None)
 
 
@@ -140,7 +160,8 @@ def destroy_model_parallel() -> None:
     global _GROUPS
     if _GROUPS is None:
         return
-    groups = {id(g): g for g in (_GROUPS.tensor, _GROUPS.data, _GROUPS.pipeline, _GROUPS.model,
+    groups = {id(g): g for g in (_GROUPS.tensor, _GROUPS.context, _GROUPS.data,
+                                 _GROUPS.data_with_context, _GROUPS.pipeline, _GROUPS.model,
                                  _GROUPS.embedding) if g is not None}
     _GROUPS = None
     for group in groups.values():
@@ -164,8 +185,16 @@ def get_pipeline_model_parallel_group() -> dist.ProcessGroup:
     return _groups().pipeline
 
 
-def get_data_parallel_group() -> dist.ProcessGroup:
-    return _groups().data
+def get_context_parallel_group() -> dist.ProcessGroup:
+    """The ranks that hold the parts of the same sequences (`mp.model.context_parallel`)."""
+    return _groups().context
+
+
+def get_data_parallel_group(with_context_parallel: bool = False) -> dist.ProcessGroup:
+    """The data-parallel ranks (which read different samples), or with
+    ``with_context_parallel`` the DP x CP ranks, which reduce gradients together."""
+    groups = _groups()
+    return groups.data_with_context if with_context_parallel else groups.data
 
 
 def get_model_parallel_group() -> dist.ProcessGroup:
@@ -200,12 +229,29 @@ def get_pipeline_model_parallel_rank() -> int:
     return _groups().pipeline_ranks.index(dist.get_rank())
 
 
-def get_data_parallel_world_size() -> int:
-    return len(_groups().data_ranks)
+def get_context_parallel_world_size() -> int:
+    return len(_groups().context_ranks)
 
 
-def get_data_parallel_rank() -> int:
-    return _groups().data_ranks.index(dist.get_rank())
+def get_context_parallel_rank() -> int:
+    return _groups().context_ranks.index(dist.get_rank())
+
+
+def get_context_parallel_global_ranks() -> list[int]:
+    return list(_groups().context_ranks)
+
+
+def _data_ranks(with_context_parallel: bool) -> list[int]:
+    groups = _groups()
+    return groups.data_with_context_ranks if with_context_parallel else groups.data_ranks
+
+
+def get_data_parallel_world_size(with_context_parallel: bool = False) -> int:
+    return len(_data_ranks(with_context_parallel))
+
+
+def get_data_parallel_rank(with_context_parallel: bool = False) -> int:
+    return _data_ranks(with_context_parallel).index(dist.get_rank())
 
 
 def get_model_parallel_world_size() -> int:

@@ -17,6 +17,24 @@ def test_layout_16_ranks_tp2_pp4_matches_megatron_docs():
     assert layout.model == [[0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15]]
 
 
+def test_layout_16_ranks_tp2_cp2_pp2_follows_megatrons_order():
+    """TP fastest, then CP, then DP, then PP: rank = t + 2 (c + 2 (d + 2 p))."""
+    layout = ps.rank_layout(16, 2, 2, context_parallel_size=2)
+    assert layout.tensor == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]]
+    assert layout.context == [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11], [12, 14],
+                              [13, 15]]
+    assert layout.data == [[0, 4], [1, 5], [2, 6], [3, 7], [8, 12], [9, 13], [10, 14],
+                           [11, 15]]
+    assert layout.data_with_context == [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14],
+                                        [9, 11, 13, 15]]
+    assert layout.pipeline == [[r, r + 8] for r in range(8)]
+    assert layout.model == [[0, 1, 8, 9], [2, 3, 10, 11], [4, 5, 12, 13], [6, 7, 14, 15]]
+    assert layout.embedding == layout.pipeline
+    without = ps.rank_layout(16, 2, 2)
+    assert without.context == [[r] for r in range(16)]
+    assert without.data_with_context == without.data
+
+
 def test_layout_8_ranks():
     l22 = ps.rank_layout(8, 2, 2)
     assert l22.tensor == [[0, 1], [2, 3], [4, 5], [6, 7]]
@@ -34,16 +52,19 @@ def test_layout_8_ranks():
               r"pipeline_model_parallel_size=1 = 3"),
     (8, 2, 3, "not divisible"),
     (8, 0, 1, "tensor_model_parallel_size=0 must be a positive integer"),
+    (8, 2, 1, r"world_size=8 is not divisible by tensor_model_parallel_size=2 x "
+              r"pipeline_model_parallel_size=1 x context_parallel_size=3 = 6"),
 ])
 def test_layout_rejects_impossible_sizes(world, tp, pp, match):
+    cp = 3 if "context" in match else 1
     with pytest.raises(ValueError, match=match):
-        ps.rank_layout(world, tp, pp)
+        ps.rank_layout(world, tp, pp, cp)
 
 
-def _check_groups(tp: int, pp: int, vpp):
-    ps.initialize_model_parallel(tp, pp, vpp)
+def _check_groups(tp: int, pp: int, vpp, cp: int = 1):
+    ps.initialize_model_parallel(tp, pp, vpp, context_parallel_size=cp)
     world, rank = dist.get_world_size(), dist.get_rank()
-    layout = ps.rank_layout(world, tp, pp)
+    layout = ps.rank_layout(world, tp, pp, cp)
 
     def mine(groups):
         return next(g for g in groups if rank in g)
@@ -51,8 +72,13 @@ def _check_groups(tp: int, pp: int, vpp):
     for kind, size, my_rank, group, ranks in [
         ("tensor", ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
          ps.get_tensor_model_parallel_group(), layout.tensor),
+        ("context", ps.get_context_parallel_world_size(), ps.get_context_parallel_rank(),
+         ps.get_context_parallel_group(), layout.context),
         ("data", ps.get_data_parallel_world_size(), ps.get_data_parallel_rank(),
          ps.get_data_parallel_group(), layout.data),
+        ("data x context", ps.get_data_parallel_world_size(with_context_parallel=True),
+         ps.get_data_parallel_rank(with_context_parallel=True),
+         ps.get_data_parallel_group(with_context_parallel=True), layout.data_with_context),
         ("pipeline", ps.get_pipeline_model_parallel_world_size(),
          ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_group(),
          layout.pipeline),
@@ -75,6 +101,7 @@ def _check_groups(tp: int, pp: int, vpp):
     assert ps.get_pipeline_model_parallel_last_rank() == pipe[-1]
     assert ps.get_tensor_model_parallel_src_rank() == mine(layout.tensor)[0]
     assert ps.get_data_parallel_src_rank() == mine(layout.data)[0]
+    assert ps.get_context_parallel_global_ranks() == mine(layout.context)
     assert ps.is_rank_in_embedding_group() == (p in (0, pp - 1))
     if ps.is_rank_in_embedding_group():
         t = torch.tensor([rank])
@@ -94,12 +121,13 @@ def _check_groups(tp: int, pp: int, vpp):
     return rank
 
 
-@pytest.mark.parametrize("world,tp,pp,vpp", [
-    (8, 2, 2, None), (8, 4, 1, None), (8, 2, 4, 2), (8, 1, 8, None), (4, 2, 1, None),
-    (2, 1, 2, 3), (1, 1, 1, None),
+@pytest.mark.parametrize("world,tp,pp,vpp,cp", [
+    (8, 2, 2, None, 1), (8, 4, 1, None, 1), (8, 2, 4, 2, 1), (8, 1, 8, None, 1),
+    (4, 2, 1, None, 1), (2, 1, 2, 3, 1), (1, 1, 1, None, 1), (8, 2, 2, None, 2),
+    (8, 1, 1, None, 4),
 ])
-def test_groups_and_getters(world, tp, pp, vpp):
-    assert run_distributed(world, _check_groups, tp, pp, vpp) == list(range(world))
+def test_groups_and_getters(world, tp, pp, vpp, cp):
+    assert run_distributed(world, _check_groups, tp, pp, vpp, cp) == list(range(world))
 
 
 def _check_errors_before_any_collective():
