@@ -30,9 +30,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
+from mp import parallel_state
 from mp.fused import AttnMaskType, FusedScaleMaskSoftmax, attention_mask_func
 from mp.model.config import TransformerConfig
+from mp.model.context_parallel import context_parallel_attention
 from mp.model.init import init_method_normal, scaled_init_method_normal
 from mp.model.inference import InferenceParams
 from mp.model.norm import build_norm
@@ -55,11 +58,16 @@ class CoreAttention(nn.Module):
     """``q, k, v [s, b, np, hd] -> context [s, b, np * hd]``.
 
     Dropout on the attention probabilities runs in the TP-specific RNG stream: each rank
-    holds different heads, as a serial model's heads draw different masks.
+    holds different heads, as a serial model's heads draw different masks. With context
+    parallelism (``config.context_parallel_size > 1``) ``s`` is the rank's part of the
+    sequence and the keys and values of the rest come from the other CP ranks
+    (`mp.model.context_parallel`).
     """
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
+        self.cp_group = (parallel_state.get_context_parallel_group()
+                         if config.context_parallel_size > 1 else None)
         self.backend = config.attention_backend
         self.dropout = config.attention_dropout
         self.scale = 1.0 / math.sqrt(config.kv_channels)
@@ -72,7 +80,16 @@ class CoreAttention(nn.Module):
     def forward(self, q, k, v, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``q [s, b, np, hd]``, ``k, v [s, b, ng, hd]`` (``ng`` divides ``np``: each key
         and value head serves ``np / ng`` consecutive query heads)."""
+        if self.cp_group is not None:
+            return context_parallel_attention(self._attend, q, k, v, attention_mask,
+                                              self.cp_group)
+        return self._attend(q, k, v, attention_mask)
+
+    def _attend(self, q, k, v, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """``q [sq, b, np, hd]``, ``k, v [sk, b, ng, hd]`` -> ``[sq, b, np * hd]``. Without a
+        mask, causal with the queries at the last ``sq`` of the ``sk`` positions."""
         s, b, heads, head_dim = q.shape
+        offset = k.size(0) - s  # keys before the first query (context parallelism)
         groups = k.size(2)
         if groups < heads and not (self.backend == "sdpa" and SDPA_TAKES_GROUPS):
             k, v = (t.repeat_interleave(heads // groups, dim=2) for t in (k, v))
@@ -81,19 +98,25 @@ class CoreAttention(nn.Module):
         with get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
             if self.backend == "sdpa":
                 grouped = {"enable_gqa": True} if groups < heads else {}
+                if attention_mask is not None:
+                    keep = ~attention_mask  # True = masked in mp, kept in SDPA
+                else:  # flash and memory-efficient kernels take the bottom-right form
+                    keep = causal_lower_right(s, k.size(0)) if offset else None
                 context = F.scaled_dot_product_attention(
                     *(t.permute(1, 2, 0, 3) for t in (q, k, v)),  # [b, np, s, hd]
-                    attn_mask=None if attention_mask is None else ~attention_mask,
-                    dropout_p=dropout, is_causal=attention_mask is None, scale=self.scale,
-                    **grouped)
+                    attn_mask=keep, dropout_p=dropout, is_causal=keep is None,
+                    scale=self.scale, **grouped)
             else:
+                if attention_mask is None and offset:
+                    attention_mask = torch.ones(s, k.size(0), dtype=torch.bool,
+                                                device=q.device).triu(offset + 1)[None, None]
                 context = self._unfused(q, k, v, attention_mask, dropout)
         return context.permute(2, 0, 1, 3).reshape(s, b, heads * head_dim)
 
     def _unfused(self, q, k, v, attention_mask, dropout) -> torch.Tensor:
         """Returns ``[b, np, s, hd]``."""
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        scores = torch.matmul(q, k.transpose(-1, -2))  # [b, np, s, s], scaled in the softmax
+        scores = torch.matmul(q, k.transpose(-1, -2))  # [b, np, sq, sk], scaled in the softmax
         self.softmax.attn_mask_type = (AttnMaskType.causal if attention_mask is None
                                        else AttnMaskType.padding)
         probs = F.dropout(self.softmax(scores, attention_mask), dropout, dropout > 0)

@@ -64,6 +64,8 @@ class TransformerConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
+    context_parallel_size: int = 1  # each sequence split over this many ranks
+    # (mp.model.context_parallel; Megatron's --context-parallel-size)
     # uneven pipeline splits (mp.model.pipeline_split); default: L / (PP x VPP) layers a chunk
     num_layers_in_first_pipeline_stage: int | None = None  # Megatron's
     # --decoder-first-pipeline-num-layers; the middle stages share what first and last leave
@@ -82,7 +84,7 @@ class TransformerConfig:
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
                      "seq_length", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
-                     "pipeline_model_parallel_size"):
+                     "pipeline_model_parallel_size", "context_parallel_size"):
             _positive_int(name, getattr(self, name))
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = (_swiglu_ffn(self.hidden_size) if self.activation == "swiglu"
@@ -131,9 +133,13 @@ class TransformerConfig:
         if self.seq_length > self.max_position_embeddings:
             raise ValueError(f"seq_length={self.seq_length} exceeds "
                              f"max_position_embeddings={self.max_position_embeddings}")
+        cp = self.context_parallel_size
+        if cp > 1:  # two chunks per CP rank (load balancing), each rank's part split over TP
+            _divisible("seq_length", self.seq_length, "2 x context_parallel_size", 2 * cp)
         if self.sequence_parallel:
-            _divisible("seq_length", self.seq_length, "tensor_model_parallel_size "
-                       "(sequence_parallel=True)", tp)
+            _divisible("seq_length", self.seq_length, "tensor_model_parallel_size x "
+                       "context_parallel_size (sequence_parallel=True)" if cp > 1 else
+                       "tensor_model_parallel_size (sequence_parallel=True)", tp * cp)
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:
             _positive_int("virtual_pipeline_model_parallel_size", vpp)

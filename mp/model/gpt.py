@@ -21,6 +21,7 @@ from torch import nn
 
 from mp import parallel_state
 from mp.model.config import TransformerConfig
+from mp.model.context_parallel import local_positions
 from mp.model.embedding import LanguageModelEmbedding
 from mp.model.inference import InferenceParams
 from mp.model.init import init_method_normal
@@ -76,10 +77,12 @@ class GPTModel(nn.Module):
             hidden = self.input_tensor
         freqs = None
         if self.config.position_embedding_type == "rope":
-            c = self.config
-            freqs = rotary_freqs(offset + length, c.rotary_dim, c.rotary_base,
+            c, cp = self.config, self.config.context_parallel_size
+            freqs = rotary_freqs(offset + length * cp, c.rotary_dim, c.rotary_base,
                                  input_ids.device,
-                                 c.rope_scaling_factor if c.use_rope_scaling else None)[offset:]
+                                 c.rope_scaling_factor if c.use_rope_scaling else None)
+            freqs = freqs[offset:] if cp == 1 else freqs[local_positions(
+                length * cp, cp, parallel_state.get_context_parallel_rank(), input_ids.device)]
         hidden = self.decoder(hidden, attention_mask, freqs, inference_params)
         if not self.post_process:
             return hidden

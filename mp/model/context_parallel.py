@@ -1,0 +1,83 @@
+"""Context parallelism: each sequence split over the CP ranks, attention across them.
+
+With ``c`` context-parallel ranks a sequence of ``s`` tokens is cut into ``2c`` chunks of
+``L = s / (2c)`` tokens, and CP rank ``r`` holds chunks ``r`` and ``2c - 1 - r`` (Megatron's
+load balancing: under a causal mask a late chunk attends to many keys and an early one to
+few, so pairing them gives every rank the same work). Everything outside attention is per
+token and runs on the rank's ``s / c`` tokens unchanged; the batch is cut with
+`get_batch_on_this_cp_rank`, RoPE takes the angles of the rank's positions
+(`local_positions`).
+
+Attention gathers the keys and values of the whole sequence over the CP group (Megatron's
+``--cp-comm-type all_gather``; backward reduce-scatters their gradients) and puts them back
+in sequence order. Each of the rank's two query chunks then attends to the keys up to its own
+end, causally: the mask is aligned to the bottom right, the queries being the last ``L`` of
+those keys. A given attention mask (document masks, ``[b, 1, s / c, s]``: the rank's queries
+against every key) is cut the same way.
+
+The loss of a micro-batch is the sum over every token of the sequence, so the CP ranks add
+their sums and token counts up (`mp.training.gpt_step.loss_func`), and gradients, which each
+rank holds for its own tokens, are reduced over DP x CP
+(``get_data_parallel_group(with_context_parallel=True)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from mp.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+
+def local_positions(seq_length: int, cp_size: int, cp_rank: int,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """The positions (int64, ``[seq_length / cp_size]``) of the tokens CP rank ``cp_rank``
+    holds: chunks ``cp_rank`` and ``2 cp_size - 1 - cp_rank`` of ``2 cp_size``."""
+    if seq_length % (2 * cp_size):
+        raise ValueError(f"seq_length={seq_length} is not divisible by 2 x "
+                         f"context_parallel_size={2 * cp_size}")
+    chunk = seq_length // (2 * cp_size)
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device)
+                      for c in (cp_rank, 2 * cp_size - 1 - cp_rank)])
+
+
+def get_batch_on_this_cp_rank(batch: dict[str, torch.Tensor], group: dist.ProcessGroup
+                              ) -> dict[str, torch.Tensor]:
+    """This CP rank's part of a micro-batch of ``[b, s]`` tensors (``tokens``, ``labels``,
+    ``loss_mask``, ``position_ids``); an ``attention_mask [b, 1, s, s]`` keeps the rank's
+    query rows and every key (Megatron's ``get_batch_on_this_cp_rank``)."""
+    cp = dist.get_world_size(group)
+    if cp == 1:
+        return batch
+    seq_length = batch["tokens"].size(1)
+    index = local_positions(seq_length, cp, dist.get_rank(group), batch["tokens"].device)
+    return {key: value.index_select(2 if key == "attention_mask" else 1, index)
+            for key, value in batch.items()}
+
+
+def context_parallel_attention(attend: Callable, q: torch.Tensor, k: torch.Tensor,
+                               v: torch.Tensor, attention_mask: torch.Tensor | None,
+                               group: dist.ProcessGroup) -> torch.Tensor:
+    """``attend(q, k, v, mask)`` over the whole sequence for this rank's queries.
+
+    ``q [s / c, b, np, d]`` and ``k, v [s / c, b, ng, d]`` hold this rank's two chunks;
+    ``attention_mask`` is None (causal) or ``[b or 1, 1, s / c, s]``. ``attend`` treats a
+    None mask as causal with the queries at the end of the keys. Returns ``attend``'s context
+    for the rank's queries, ``[s / c, b, ...]``.
+    """
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    local = q.size(0)
+    seq_length, chunk = local * cp, local // 2
+    gathered = torch.cat([local_positions(seq_length, cp, r, q.device) for r in range(cp)])
+    order = torch.argsort(gathered)  # gathered blocks -> sequence order
+    k, v = (gather_from_sequence_parallel_region(t, True, group=group).index_select(0, order)
+            for t in (k, v))
+    contexts = []
+    for half, c in enumerate((rank, 2 * cp - 1 - rank)):
+        rows = slice(half * chunk, (half + 1) * chunk)
+        keys = slice(0, (c + 1) * chunk)
+        mask = None if attention_mask is None else attention_mask[:, :, rows, keys]
+        contexts.append(attend(q[rows], k[keys], v[keys], mask))
+    return torch.cat(contexts, dim=0)

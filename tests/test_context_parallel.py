@@ -1,0 +1,119 @@
+"""Context parallelism: GPT with each sequence split over CP ranks equals the one-process
+model on the same weights -- per-token losses at every position, every gradient (summed over
+CP, as the DP x CP reduction does) -- at CP 2 and 4, with TP and sequence parallelism, both
+attention cores, grouped queries, RoPE, document masks and recompute; the load-balanced
+split against Megatron's description."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from checks import assert_rel_close, own_rank_group
+from harness import run_distributed
+
+from mp import parallel_state as ps
+from mp.data.document_masks import document_positions_and_mask
+from mp.model import GPTModel, TransformerConfig
+from mp.model.context_parallel import get_batch_on_this_cp_rank, local_positions
+
+B, S, VOCAB = 2, 16, 96
+SEED = 77
+
+
+def test_local_positions_pair_an_early_chunk_with_a_late_one():
+    """16 tokens over CP 2: 4 chunks of 4; rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2."""
+    assert local_positions(16, 2, 0).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert local_positions(16, 2, 1).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    assert local_positions(8, 4, 3).tolist() == [3, 4]
+    with pytest.raises(ValueError, match="seq_length=12 is not divisible by 2 x "
+                                         "context_parallel_size=8"):
+        local_positions(12, 4, 0)
+
+
+def _config(tp: int = 1, cp: int = 1, **overrides) -> TransformerConfig:
+    kw = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB,
+              seq_length=S, make_vocab_size_divisible_by=8, hidden_dropout=0.0,
+              attention_dropout=0.0, tensor_model_parallel_size=tp, context_parallel_size=cp)
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def _batch(documents: bool) -> dict:
+    g = torch.Generator().manual_seed(3)
+    batch = {"tokens": torch.randint(0, VOCAB, (B, S), generator=g),
+             "labels": torch.randint(0, VOCAB, (B, S), generator=g),
+             "position_ids": torch.arange(S).expand(B, S)}
+    if documents:  # documents end after tokens 5 and 11 of sample 0, after 8 of sample 1
+        eod = 0
+        batch["tokens"][0, [5, 11]] = eod
+        batch["tokens"][1, 8] = eod
+        batch["attention_mask"] = torch.stack([document_positions_and_mask(t, eod)[1]
+                                               for t in batch["tokens"]])  # [b, 1, s, s]
+    return batch
+
+
+def _check_against_one_process(tp: int, cp: int, overrides: dict, documents: bool):
+    ps.initialize_model_parallel(tp, context_parallel_size=cp)
+    cp_group, tp_group = ps.get_context_parallel_group(), ps.get_tensor_model_parallel_group()
+    torch.manual_seed(SEED)
+    ref = GPTModel(_config(**{k: v for k, v in overrides.items() if k != "sequence_parallel"}),
+                   group=own_rank_group())
+    model = GPTModel(_config(tp, cp, **overrides), group=tp_group)
+    with torch.no_grad():  # the reference's weights, this rank's TP shard of each
+        ref_params = dict(ref.named_parameters())
+        for name, p in model.named_parameters():
+            full = ref_params[name]
+            if getattr(p, "tensor_model_parallel", False):
+                full = full.chunk(tp, p.partition_dim)[ps.get_tensor_model_parallel_rank()]
+            p.copy_(full)
+
+    batch = _batch(documents)
+    ref_loss = ref(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                   labels=batch["labels"])
+    local = get_batch_on_this_cp_rank(batch, cp_group)
+    loss = model(local["tokens"], local["position_ids"], local.get("attention_mask"),
+                 labels=local["labels"])
+    positions = local_positions(S, cp, ps.get_context_parallel_rank())
+    assert_rel_close(loss, ref_loss[:, positions], what="per-token loss at this rank's positions")
+
+    weights = torch.linspace(0.5, 1.5, B * S).view(B, S)  # a loss-mask-like weighting
+    (ref_loss * weights).sum().backward()
+    (loss * weights[:, positions]).sum().backward()
+    for name, p in model.named_parameters():
+        grad = p.grad.clone()
+        dist.all_reduce(grad, group=cp_group)  # each CP rank holds its tokens' part
+        if getattr(p, "sequence_parallel", False):
+            dist.all_reduce(grad, group=tp_group)
+        expected = ref_params[name].grad
+        if getattr(p, "tensor_model_parallel", False):
+            expected = expected.chunk(tp, p.partition_dim)[ps.get_tensor_model_parallel_rank()]
+        assert_rel_close(grad, expected, what=f"grad of {name}")
+
+
+VARIANTS = {
+    "sdpa": {},
+    "unfused": {"attention_backend": "unfused"},
+    "rope_grouped_query_swiglu_rms": {"position_embedding_type": "rope",
+                                      "num_attention_heads": 8, "num_query_groups": 2,
+                                      "activation": "swiglu", "normalization": "RMSNorm",
+                                      "add_bias_linear": False},
+    "sequence_parallel_selective": {"sequence_parallel": True,
+                                    "recompute_granularity": "selective"},
+    "full_recompute_unfused_rope": {"recompute_granularity": "full",
+                                    "recompute_method": "uniform",
+                                    "attention_backend": "unfused",
+                                    "position_embedding_type": "rope"},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("tp,cp", [(1, 2), (2, 2), (1, 4)], ids=["cp2", "tp2_cp2", "cp4"])
+def test_gpt_with_context_parallelism_equals_one_process(tp, cp, variant):
+    overrides = VARIANTS[variant]
+    if tp == 1 and overrides.get("sequence_parallel"):
+        pytest.skip("sequence parallelism needs TP > 1")
+    run_distributed(tp * cp, _check_against_one_process, tp, cp, overrides, False)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "unfused"])
+def test_document_masks_cut_like_the_sequence(backend):
+    run_distributed(2, _check_against_one_process, 1, 2, {"attention_backend": backend}, True)
