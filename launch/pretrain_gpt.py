@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         parallel_state.initialize_model_parallel(m.tensor_model_parallel_size,
                                                  m.pipeline_model_parallel_size,
                                                  m.virtual_pipeline_model_parallel_size,
+                                                 context_parallel_size=m.context_parallel_size,
                                                  distributed_timeout_minutes=timeout)
         if dist.get_rank() == 0:
             print(format_config(cfg), end="", flush=True)

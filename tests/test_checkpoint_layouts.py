@@ -58,7 +58,8 @@ def _load_and_continue(path: str, tp: int, pp: int, distributed_optimizer: bool 
         tp, pp, seed=2, distributed_optimizer=distributed_optimizer, **split)
     info = load_checkpoint(path, models, optimizer, scheduler)
     assert (info.iteration, info.consumed_train_samples) == (SAVED_AT, SAVED_AT * GLOBAL_BATCH)
-    assert info.rng_restored == (dist.get_world_size() == 4 and (tp, pp) == (2, 1))
+    assert info.rng_restored == (dist.get_world_size() == 4 and (tp, pp) == (2, 1)
+                                 and split.get("cp", 1) == 1)
     return _probe(models, optimizer, scheduler)
 
 
@@ -108,14 +109,18 @@ def test_load_at_another_layout_continues_the_run(saved, world, tp, pp, distopt)
                      == (4, 2, 1, False))
 
 
-@pytest.mark.parametrize("pp,distopt,split", [
-    (4, False, {"num_layers_in_first_pipeline_stage": 0, "num_layers_in_last_pipeline_stage": 2}),
-    (2, True, {"num_layers_in_first_pipeline_stage": 1})],
-    ids=["PP4-0-1-1-2", "PP2xDP2-1-3-distopt"])
-def test_uneven_pipeline_stages_load_and_continue(saved, pp, distopt, split):
-    """Saved at TP2 x DP2; loaded at PP4 with stages of 0, 1, 1 and 2 layers, and at PP2 x DP2
-    with 1 and 3 layers and the distributed optimizer."""
-    _check_continues(saved, 4, 1, pp, distopt, same_layout=False, **split)
+@pytest.mark.parametrize("tp,pp,distopt,split", [
+    (1, 4, False, {"num_layers_in_first_pipeline_stage": 0,
+                   "num_layers_in_last_pipeline_stage": 2}),
+    (1, 2, True, {"num_layers_in_first_pipeline_stage": 1}),
+    (1, 1, True, {"cp": 2}), (2, 1, False, {"cp": 2, "sequence_parallel": True})],
+    ids=["PP4-0-1-1-2", "PP2xDP2-1-3-distopt", "CP2xDP2-distopt", "TP2xCP2-SP"])
+def test_uneven_pipelines_and_context_parallelism_load_and_continue(saved, tp, pp, distopt,
+                                                                     split):
+    """Saved at TP2 x DP2; loaded at PP4 with stages of 0, 1, 1 and 2 layers, at PP2 x DP2
+    with 1 and 3 layers and the distributed optimizer, at CP2 x DP2 with the distributed
+    optimizer (sharded over DP x CP) and at TP2 x CP2 with SP."""
+    _check_continues(saved, 4, tp, pp, distopt, same_layout=False, **split)
 
 
 @pytest.mark.parametrize("world,tp,pp,distopt", [

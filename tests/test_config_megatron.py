@@ -146,16 +146,23 @@ def test_flags_without_effect_say_why():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--context-parallel-size", "2"], ("--context-parallel-size=2: mp has no context "
-     "parallelism (only 1 is accepted); split long sequences over the tensor-parallel ranks "
-     "with --sequence-parallel")),
     (["--fp8-format", "hybrid"], ("--fp8-format: mp has no FP8 training (Transformer Engine); "
      "use --bf16")),
     (["--num-experts", "8"], "--num-experts: mp has no mixture-of-experts layers"),
 ])
 def test_flags_of_missing_features_are_refused(flags, message):
     assert error_of(*flags) == message
-    assert shipped("gpt-tiny", "--context-parallel-size", "1").model.num_layers == 4
+
+
+def test_context_parallel_size_joins_the_world_size_rule():
+    """``--context-parallel-size`` sets the model's CP size; DP = world / (TP x PP x CP)."""
+    cfg = shipped("gpt-tiny", "--context-parallel-size", "2", world_size=8)
+    assert cfg.model.context_parallel_size == 2 and cfg.data_parallel_size(8) == 2
+    assert error_of("--context-parallel-size", "2", world_size=6) == (
+        "world_size=6 is not divisible by tensor_model_parallel_size x "
+        "pipeline_model_parallel_size x context_parallel_size = 2 x 1 x 2 = 4")
+    assert error_of("--context-parallel-size", "3", world_size=6) == (
+        "seq_length=128 is not divisible by 2 x context_parallel_size=6")
 
 
 def test_profile_ranks_must_exist():

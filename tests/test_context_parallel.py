@@ -11,6 +11,7 @@ from checks import assert_rel_close, own_rank_group
 from harness import run_distributed
 
 from mp import parallel_state as ps
+from mp.estimate import Setup
 from mp.data.document_masks import document_positions_and_mask
 from mp.model import GPTModel, TransformerConfig
 from mp.model.context_parallel import get_batch_on_this_cp_rank, local_positions
@@ -117,3 +118,9 @@ def test_gpt_with_context_parallelism_equals_one_process(tp, cp, variant):
 @pytest.mark.parametrize("backend", ["sdpa", "unfused"])
 def test_document_masks_cut_like_the_sequence(backend):
     run_distributed(2, _check_against_one_process, 1, 2, {"attention_backend": backend}, True)
+
+
+def test_the_estimator_refuses_context_parallelism_by_name():
+    with pytest.raises(ValueError, match="model.context_parallel_size=2: the estimator does not "
+                                         "model context parallelism yet"):
+        Setup(_config(cp=2))

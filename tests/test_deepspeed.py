@@ -216,6 +216,8 @@ REFUSALS = {
     "bad-json": ({}, "{not json", "is not valid JSON"),
     "pipeline": ({"pipeline_model_parallel_size": 2, "num_layers": 2}, ZERO,
                  "pipeline_model_parallel_size=2: not supported"),
+    "context-parallel": ({"context_parallel_size": 2}, ZERO,
+                         "model.context_parallel_size=2: not supported"),
     "distributed-optimizer": ({"use_distributed_optimizer": True}, ZERO,
                               "training.use_distributed_optimizer=true: choose one"),
     "zero3": ({}, {"zero_optimization": {"stage": 3}},
@@ -246,7 +248,7 @@ REFUSALS = {
     "bf16-grad-reduce": ({"precision": "bf16", "grad_reduce_in_bf16": True}, ZERO,
                          "training.grad_reduce_in_bf16=True: not supported"),
 }
-MODEL_KEYS = {"pipeline_model_parallel_size", "num_layers", "precision"}
+MODEL_KEYS = {"pipeline_model_parallel_size", "num_layers", "precision", "context_parallel_size"}
 
 
 @pytest.mark.parametrize("overrides,content,message", REFUSALS.values(), ids=REFUSALS.keys())

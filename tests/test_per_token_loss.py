@@ -4,8 +4,10 @@ every kept token's loss) / (number of kept tokens), on batches whose loss masks 
 numbers of tokens per micro-batch and per data-parallel rank: the loss, the gradient norm
 (clipping active) and the weights after a few steps, and the per-token evaluation loss over
 two batches, agree at TP2 x DP2 (with and without SP and the distributed optimizer), PP2 x DP2
-with 1F1B and interleaved; in fp16 with loss scaling within fp16's precision. The default
-mode still follows the mean of the micro-batches' means, which differs on that data."""
+with 1F1B and interleaved, and with context parallelism (CP2 x DP2, TP2 x CP2 with SP and the
+distributed optimizer, PP2 x CP2); in fp16 with loss scaling within fp16's precision. The
+default mode still follows the mean of the micro-batches' means, which differs on that data,
+at TP2 x DP2, CP2 x DP2 and TP2 x CP2."""
 
 import pytest
 import torch
@@ -123,6 +125,10 @@ LAYOUTS = {
                            "distributed_optimizer": True},
     "PP2xDP2-1F1B": {"tp": 1, "pp": 2},
     "PP2xDP2-interleaved": {"tp": 1, "pp": 2, "vpp": 2},
+    "CP2xDP2": {"tp": 1, "pp": 1, "cp": 2},
+    "TP2xCP2-SP-distopt": {"tp": 2, "pp": 1, "cp": 2, "sequence_parallel": True,
+                           "distributed_optimizer": True},
+    "PP2xCP2-1F1B": {"tp": 1, "pp": 2, "cp": 2},
 }
 
 
@@ -133,9 +139,11 @@ def test_per_token_loss_follows_the_single_process_reference(references, layout)
                     want, rtol=RTOL)
 
 
-def test_default_mode_is_the_mean_of_micro_batch_means(references):
+@pytest.mark.parametrize("layout", ["TP2xDP2", "CP2xDP2", "TP2xCP2-SP-distopt"])
+def test_default_mode_is_the_mean_of_micro_batch_means(references, layout):
     want = references[False]
-    _assert_follows(run_distributed(4, _parallel, want["initial"], 2, 1, False), want, rtol=RTOL)
+    _assert_follows(run_distributed(4, _parallel, want["initial"], per_token=False,
+                                    **LAYOUTS[layout]), want, rtol=RTOL)
 
 
 def test_per_token_loss_with_fp16_loss_scaling(references):

@@ -46,6 +46,7 @@ from mp.estimate.step_time import DEFAULT_EFFICIENCY
 _PLAN_RESETS = ["--model.tensor_model_parallel_size", "1",
                 "--model.pipeline_model_parallel_size", "1",
                 "--model.virtual_pipeline_model_parallel_size", "null",
+                "--model.context_parallel_size", "1",
                 "--model.num_layers_in_first_pipeline_stage", "null",
                 "--model.num_layers_in_last_pipeline_stage", "null",
                 "--model.account_for_embedding_in_pipeline_split", "false",

@@ -36,6 +36,7 @@ from mp.model import GPTModel, TransformerConfig
 # What generation changes in the saved model config: one stage, no sequence parallelism
 # (the sequence grows a token at a time), nothing that only matters in training.
 _FOR_GENERATION = dict(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+                       context_parallel_size=1,
                        num_layers_in_first_pipeline_stage=None,
                        num_layers_in_last_pipeline_stage=None,
                        account_for_embedding_in_pipeline_split=False,

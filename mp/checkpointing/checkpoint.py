@@ -135,6 +135,7 @@ def current_layout() -> dict:
                 parallel_state.get_pipeline_model_parallel_world_size(),
             "virtual_pipeline_model_parallel_size":
                 parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+            "context_parallel_size": parallel_state.get_context_parallel_world_size(),
             "data_parallel_size": parallel_state.get_data_parallel_world_size()}
 
 
@@ -256,6 +257,8 @@ def _read_meta(directory: Path) -> dict:
         raise CheckpointError(f"{path} has format version {meta.get('version')!r}; this mp "
                               f"reads version {VERSION}")
     meta.setdefault("has_rng", meta["layout"] is not None)  # older ones: a job's always did
+    if meta["layout"] is not None:  # older ones were written without context parallelism
+        meta["layout"].setdefault("context_parallel_size", 1)
     return meta
 
 

@@ -38,16 +38,18 @@ class JobConfig:
     # --- derived sizes ---------------------------------------------------------------------
 
     def data_parallel_size(self, world_size: int) -> int:
-        """``world_size / (TP x PP)``; an error unless it divides exactly."""
+        """``world_size / (TP x PP x CP)``; an error unless it divides exactly."""
         _check_world_size(world_size)
         tp = self.model.tensor_model_parallel_size
         pp = self.model.pipeline_model_parallel_size
-        if world_size % (tp * pp):
+        cp = self.model.context_parallel_size
+        if world_size % (tp * pp * cp):
+            cp_text = (" x context_parallel_size", f" x {cp}") if cp > 1 else ("", "")
             raise ConfigError(
                 f"world_size={world_size} is not divisible by tensor_model_parallel_size x "
-                f"pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}"
-            )
-        return world_size // (tp * pp)
+                f"pipeline_model_parallel_size{cp_text[0]} = {tp} x {pp}{cp_text[1]} = "
+                f"{tp * pp * cp}")
+        return world_size // (tp * pp * cp)
 
     def num_microbatches(self, world_size: int) -> int:
         """Micro-batches per iteration on each data-parallel rank:

@@ -35,8 +35,8 @@ Syntax, applied left to right (a later override of the same key wins):
 
 - Megatron flags that would change nothing in mp (`NO_EFFECT_FLAGS`, such as
   ``--use-mcore-models`` or ``--ckpt-format torch_dist``) are accepted, and the job prints why
-  each changes nothing; ``--context-parallel-size`` is accepted as 1. Flags of features mp does
-  not have (`UNSUPPORTED_FLAGS`: FP8, mixture of experts) are errors that say so.
+  each changes nothing. Flags of features mp does not have (`UNSUPPORTED_FLAGS`: FP8, mixture
+  of experts) are errors that say so.
 
 A value never starts with ``--`` unless it is given with ``=``.
 """
@@ -62,7 +62,7 @@ _MEGATRON_NAMES = {
         "overlap_p2p_comm", "recompute_method", "recompute_num_layers",
         "distribute_saved_activations", "rotary_base", "use_rope_scaling",
         "rope_scaling_factor", "attention_backend", "kv_channels", "rotary_percent",
-        "qk_layernorm", "account_for_embedding_in_pipeline_split",
+        "qk_layernorm", "context_parallel_size", "account_for_embedding_in_pipeline_split",
         "account_for_loss_in_pipeline_split",
     ),
     "training": (
@@ -179,7 +179,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
 VIRTUAL_STAGE_FLAG = "--num-layers-per-virtual-pipeline-stage"
 GROUP_QUERY_FLAG = "--group-query-attention"
 NO_POSITION_EMBEDDING_FLAG = "--no-position-embedding"
-CONTEXT_PARALLEL_FLAG = "--context-parallel-size"
 
 #: Flags resolved after every other override -> what they do (for --help).
 DEFERRED_FLAGS: dict[str, str] = {
@@ -187,7 +186,6 @@ DEFERRED_FLAGS: dict[str, str] = {
                          "pipeline_model_parallel_size / N"),
     GROUP_QUERY_FLAG: "model.num_query_groups=1 unless given",
     NO_POSITION_EMBEDDING_FLAG: "accepted with model.position_embedding_type=rope",
-    CONTEXT_PARALLEL_FLAG: "accepted as 1: mp has no context parallelism",
 }
 
 
@@ -231,11 +229,6 @@ def apply_overrides(sections: dict, args: Sequence[str]) -> None:
             f"{NO_POSITION_EMBEDDING_FLAG} needs model.position_embedding_type=rope (got "
             f"{model.get('position_embedding_type', 'learned_absolute')!r}): mp has no model "
             "without position information; add --position-embedding-type rope")
-    if CONTEXT_PARALLEL_FLAG in deferred and coerce(
-            CONTEXT_PARALLEL_FLAG, deferred[CONTEXT_PARALLEL_FLAG][0], int) != 1:
-        raise ConfigError(f"{CONTEXT_PARALLEL_FLAG}={deferred[CONTEXT_PARALLEL_FLAG][0]}: mp has "
-                          "no context parallelism (only 1 is accepted); split long sequences "
-                          "over the tensor-parallel ranks with --sequence-parallel")
     if VIRTUAL_STAGE_FLAG in deferred:
         layers_per_stage = coerce(VIRTUAL_STAGE_FLAG, deferred[VIRTUAL_STAGE_FLAG][0], int)
         vpp = _virtual_stages(model, layers_per_stage)
@@ -280,7 +273,7 @@ def _option(name: str) -> _Option:
     if name in UNSUPPORTED_FLAGS:
         raise ConfigError(f"{name}: {UNSUPPORTED_FLAGS[name]}")
     if name in DEFERRED_FLAGS:
-        takes = int(name in (VIRTUAL_STAGE_FLAG, CONTEXT_PARALLEL_FLAG))
+        takes = int(name == VIRTUAL_STAGE_FLAG)
         return _Option(None, takes, takes)
     if name in NO_EFFECT_FLAGS:
         takes = NO_EFFECT_FLAGS[name][0]

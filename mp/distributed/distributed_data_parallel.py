@@ -88,7 +88,9 @@ class DistributedDataParallel(nn.Module):
 
     Args:
         module: the model (chunk); its parameters must all live on one device.
-        data_parallel_group: default ``parallel_state.get_data_parallel_group()``.
+        data_parallel_group: default ``parallel_state.get_data_parallel_group(
+            with_context_parallel=True)``: the DP ranks, and the CP ranks, which hold the
+            same weights and gradients for their parts of the sequences.
         overlap_grad_reduce: start each bucket's reduction during backward.
         bucket_size: elements per bucket (a parameter is never split; a bucket closes once it
             holds at least this many); None puts everything in one bucket.
@@ -113,8 +115,9 @@ class DistributedDataParallel(nn.Module):
             raise ValueError(f"bucket_size={bucket_size} must be a positive number of elements "
                              "or None (one bucket)")
         self.module = module
-        self.data_parallel_group = (parallel_state.get_data_parallel_group()
-                                    if data_parallel_group is None else data_parallel_group)
+        self.data_parallel_group = (
+            parallel_state.get_data_parallel_group(with_context_parallel=True)
+            if data_parallel_group is None else data_parallel_group)
         self.data_parallel_size = dist.get_world_size(self.data_parallel_group)
         self.data_parallel_rank = dist.get_rank(self.data_parallel_group)
         self.overlap_grad_reduce = overlap_grad_reduce

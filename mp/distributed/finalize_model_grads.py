@@ -65,15 +65,18 @@ def allreduce_embedding_grads(model_chunks: Iterable[nn.Module]) -> None:
 def divide_by_global_token_count(model_chunks: list[nn.Module],
                                  num_tokens: torch.Tensor | int) -> None:
     """Divide the gradients of ``model_chunks`` (`DistributedDataParallel`) by the global
-    batch's token count: ``num_tokens`` of the last pipeline stage summed over data parallel
-    (Megatron leaves them as they are when it is 0)."""
+    batch's token count: ``num_tokens`` of the last pipeline stage summed over the ranks the
+    gradients were summed over, DP x CP (Megatron leaves them as they are when it is 0; with
+    context parallelism each CP rank counts and backpropagates ``CP x`` its sequences' part,
+    `mp.training.gpt_step`, which cancels here)."""
     device = next(model_chunks[0].parameters()).device
     count = torch.tensor(int(num_tokens), dtype=torch.int64, device=device)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(count, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
-    if parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1:
+        dist.all_reduce(count,
+                        group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     total = int(count.item())
     if total > 0:
         for chunk in model_chunks:

@@ -48,6 +48,11 @@ class Setup:
                 and self.num_microbatches % pp:
             raise ValueError(f"num_microbatches={self.num_microbatches} is not divisible by "
                              f"pipeline_model_parallel_size={pp} (the interleaved schedule's rule)")
+        if self.model.context_parallel_size > 1:
+            raise ValueError(f"model.context_parallel_size={self.model.context_parallel_size}: "
+                             "the estimator does not model context parallelism yet (each rank's "
+                             "share of the sequence, the key/value all-gathers); estimate with "
+                             "--context-parallel-size 1")
         if self.grad_reduce_in_bf16 and self.model.precision != "bf16":
             raise ValueError(f"grad_reduce_in_bf16=True needs a bf16 model, not precision="
                              f"{self.model.precision!r}")

@@ -101,9 +101,11 @@ def _free(output: torch.Tensor) -> None:
 
 
 def _tensor_shape(model: nn.Module, seq_length: int, micro_batch_size: int):
+    """What a stage sends: ``[s / CP (/ TP with sequence parallelism), b, h]``."""
     config = _unwrap(model).config
-    s = seq_length // config.tensor_model_parallel_size if config.sequence_parallel \
-        else seq_length
+    s = seq_length // config.context_parallel_size
+    if config.sequence_parallel:
+        s //= config.tensor_model_parallel_size
     return (s, micro_batch_size, config.hidden_size), config.params_dtype
 
 

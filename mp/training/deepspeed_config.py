@@ -145,6 +145,11 @@ def check_deepspeed_supported(cfg: JobConfig, world_size: int) -> None:
                          f"{m.pipeline_model_parallel_size}: not supported (DeepSpeed runs "
                          "here with tensor and data parallelism only); use "
                          "--pipeline-model-parallel-size 1, or drop --deepspeed")
+    if m.context_parallel_size > 1:
+        raise ValueError(f"training.deepspeed=true with model.context_parallel_size="
+                         f"{m.context_parallel_size}: not supported (DeepSpeed would reduce "
+                         "gradients over data parallel only); use --context-parallel-size 1, "
+                         "or drop --deepspeed")
     if tr.use_distributed_optimizer:
         raise ValueError("training.deepspeed=true with training.use_distributed_optimizer=true: "
                          "choose one (ZeRO stage 1/2 already shards the optimizer state)")

@@ -6,6 +6,12 @@ A micro-batch is the data loader's dict of ``[b, s]`` tensors (`mp.data.gpt_data
 model returns the per-token loss ``[b, s]``; as in Megatron, `loss_func` returns its sum over
 the tokens the mask keeps and their count, and the schedule takes the micro-batch's mean from
 them, or keeps the sum for the per-token loss (`mp.pipeline_parallel.losses`).
+
+With context parallelism each CP rank runs its part of every sequence
+(`mp.model.context_parallel.get_batch_on_this_cp_rank`); the CP ranks add their loss sums and
+token counts up, so the mean and the reported loss are the whole sequence's. Each rank
+backpropagates ``CP x`` its own sum: the gradients are then averaged over DP x CP, which adds
+the CP ranks' parts up (Megatron scales by the CP size too).
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ import functools
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from mp import parallel_state
 from mp.device import get_device
+from mp.model.context_parallel import get_batch_on_this_cp_rank
 
 
 def get_batch(data_iterator: Iterator[dict]) -> dict[str, torch.Tensor]:
@@ -25,19 +34,27 @@ def get_batch(data_iterator: Iterator[dict]) -> dict[str, torch.Tensor]:
     return {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor,
+              cp_group: dist.ProcessGroup | None = None):
     """``(sum(loss * mask), sum(mask) as int64, {"lm loss": [that sum, that count]})`` for the
-    per-token loss ``output_tensor [b, s]`` and ``loss_mask [b, s]``."""
+    per-token loss ``output_tensor [b, s]`` and ``loss_mask [b, s]``. Over a context-parallel
+    group ``cp_group`` the count and the reported sum are the whole sequence's and the sum to
+    backpropagate is ``CP x`` this rank's (module doc)."""
     mask = loss_mask.float()
     loss_sum = (output_tensor.float() * mask).sum()
-    num_tokens = mask.sum()
-    return loss_sum, num_tokens.to(torch.int64), \
-        {"lm loss": torch.stack([loss_sum, num_tokens]).detach()}
+    totals = torch.stack([loss_sum, mask.sum()]).detach()
+    cp = 1 if cp_group is None else dist.get_world_size(cp_group)
+    if cp > 1:
+        dist.all_reduce(totals, group=cp_group)
+        loss_sum = loss_sum * cp
+    return loss_sum, totals[1].to(torch.int64), {"lm loss": totals}
 
 
 def forward_step(data_iterator: Iterator[dict], model: nn.Module):
-    """Run ``model`` on the next micro-batch; return ``(per-token loss, loss_func)``."""
-    batch = get_batch(data_iterator)
+    """Run ``model`` on the next micro-batch (this CP rank's part of it); return
+    ``(per-token loss, loss_func)``."""
+    cp_group = parallel_state.get_context_parallel_group()
+    batch = get_batch_on_this_cp_rank(get_batch(data_iterator), cp_group)
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
                    labels=batch["labels"])
-    return output, functools.partial(loss_func, batch["loss_mask"])
+    return output, functools.partial(loss_func, batch["loss_mask"], cp_group=cp_group)

@@ -160,7 +160,8 @@ def _pretrain(cfg: JobConfig, forward_step_func: Callable,
     if reporting:
         m, dp = cfg.model, parallel_state.get_data_parallel_world_size()
         split = uneven_stages_text(m.chunk_layer_counts)
-        print(f"world {world} = TP {m.tensor_model_parallel_size} x PP "
+        cp = f" x CP {m.context_parallel_size}" if m.context_parallel_size > 1 else ""
+        print(f"world {world} = TP {m.tensor_model_parallel_size}{cp} x PP "
               f"{m.pipeline_model_parallel_size}{f' ({split})' if split else ''} x DP {dp}"
               f" | {dist.get_backend()} on {get_device()} | {n_params / 1e6:.2f}M parameters | "
               f"{batches_text(cfg, world)}", flush=True)
