@@ -163,6 +163,9 @@ def test_context_parallel_size_joins_the_world_size_rule():
         "pipeline_model_parallel_size x context_parallel_size = 2 x 1 x 2 = 4")
     assert error_of("--context-parallel-size", "3", world_size=6) == (
         "seq_length=128 is not divisible by 2 x context_parallel_size=6")
+    assert flag_notices(["--cp-comm-type", "p2p"]) == [
+        "notice: --cp-comm-type p2p has no effect in mp: mp's context parallelism always "
+        "all-gathers the keys and values (Megatron's all_gather)"]
 
 
 def test_profile_ranks_must_exist():

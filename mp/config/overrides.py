@@ -165,6 +165,8 @@ NO_EFFECT_FLAGS: dict[str, tuple[int, str]] = {
                          "torch_dist does (docs/checkpoints.md)")),
     "--transformer-impl": (1, ("mp always runs its own layers (Megatron's local ones), not "
                               "Transformer Engine's")),
+    "--cp-comm-type": (1, ("mp's context parallelism always all-gathers the keys and values "
+                          "(Megatron's all_gather)")),
 }
 
 #: Megatron-LM flags of features mp does not have -> what to say when one is given.
