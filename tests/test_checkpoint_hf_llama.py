@@ -31,6 +31,16 @@ VOCAB, POSITIONS, HEADS = 200, 32, 8
 # 4443 and 118,000 tokens, one in each of its three regimes (kept, blended, divided).
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LINEAR_SCALING = {"rope_type": "linear", "factor": 4.0}  # positions / 4
+
+
+def _saved_rope(scaling: dict | None) -> dict:
+    """The RoPE fields mp's config should hold for Hugging Face's ``scaling``."""
+    kind = (scaling or {}).get("rope_type")
+    return {"use_rope_scaling": kind == "llama3",
+            "rope_scaling_factor": scaling["factor"] if kind == "llama3" else 8.0,
+            "rotary_seq_len_interpolation_factor": scaling["factor"] if kind == "linear"
+            else None}
 
 
 def _llama(kv_heads: int, tied: bool = False, scaling: dict | None = None,
@@ -77,12 +87,13 @@ def _to_mp(hf_dir, mp_dir, tp: int, *options: str) -> None:
     (1, False, 1, None, None, "Llama"), (2, True, 2, None, None, "Llama"),
     (2, True, 2, LLAMA3_SCALING, None, "Llama"),
     (2, False, 1, {**LLAMA3_SCALING, "factor": 32.0}, None, "Llama"),
+    (2, False, 2, LINEAR_SCALING, None, "Llama"),
     (2, False, 2, None, 12, "Llama"), (8, False, 1, LLAMA3_SCALING, 16, "Llama"),
     (2, False, 2, None, 12, "Qwen3"), (2, True, 1, None, 12, "Qwen3"),
     (2, True, 2, None, 12, "Qwen3")],
     ids=["grouped-TP2", "multi-head-TP2", "multi-query-TP1", "tied-TP2",
-         "llama3.1-rope-TP2", "llama3.2-rope-TP1", "head-dim-12-TP2", "head-dim-16-TP1",
-         "qwen3-head-dim-12-TP2", "qwen3-tied-TP1", "qwen3-tied-TP2"])
+         "llama3.1-rope-TP2", "llama3.2-rope-TP1", "linear-rope-TP2", "head-dim-12-TP2",
+         "head-dim-16-TP1", "qwen3-head-dim-12-TP2", "qwen3-tied-TP1", "qwen3-tied-TP2"])
 def test_llama_logits_match_after_conversion(tmp_path, kv_heads, tied, tp, scaling, head_dim,
                                              family):
     model = _llama(kv_heads, tied, scaling, head_dim, family)
@@ -93,8 +104,7 @@ def test_llama_logits_match_after_conversion(tmp_path, kv_heads, tied, tp, scali
     assert (saved["num_query_groups"], saved["rotary_base"]) == (kv_heads, 500000.0)
     assert saved["kv_channels"] == (head_dim or 64 // HEADS)
     assert saved["qk_layernorm"] == (family == "Qwen3")
-    assert (saved["use_rope_scaling"], saved["rope_scaling_factor"]) == \
-        ((True, scaling["factor"]) if scaling else (False, 8.0))
+    assert {key: saved[key] for key in _saved_rope(None)} == _saved_rope(scaling)
     tokens = _tokens()
     with torch.no_grad():
         expected = model(tokens).logits
@@ -103,11 +113,12 @@ def test_llama_logits_match_after_conversion(tmp_path, kv_heads, tied, tp, scali
 
 
 @pytest.mark.parametrize("scaling, head_dim, options, family", [
-    (None, None, (), "Llama"), (LLAMA3_SCALING, None, (), "Llama"), (None, 12, (), "Llama"),
+    (None, None, (), "Llama"), (LLAMA3_SCALING, None, (), "Llama"),
+    (LINEAR_SCALING, None, (), "Llama"), (None, 12, (), "Llama"),
     (None, 12, ("--apply-layernorm-1p",), "Llama"), (None, 12, (), "Qwen3"),
     (None, 12, ("--apply-layernorm-1p",), "Qwen3")],
-    ids=["plain", "llama3.1-rope", "head-dim-12", "head-dim-12-layernorm-1p", "qwen3",
-         "qwen3-layernorm-1p"])
+    ids=["plain", "llama3.1-rope", "linear-rope", "head-dim-12", "head-dim-12-layernorm-1p",
+         "qwen3", "qwen3-layernorm-1p"])
 def test_llama_state_dict_round_trip_is_exact(tmp_path, scaling, head_dim, options, family):
     model = _llama(2, scaling=scaling, head_dim=head_dim, family=family)
     model.save_pretrained(tmp_path / "hf")
@@ -134,7 +145,7 @@ def test_llama_state_dict_round_trip_is_exact(tmp_path, scaling, head_dim, optio
 
 
 @pytest.mark.parametrize("change, message, family", [
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
      "mp's RoPE has Llama 3.1's scaling", "Llama"),
     ({"rope_parameters": {**LLAMA3_SCALING, "high_freq_factor": 2.0, "rope_theta": 1e4}},
      "mp's RoPE has Llama 3.1's scaling", "Llama"),

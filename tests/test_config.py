@@ -285,8 +285,8 @@ COMMAND_LINE_ERRORS = [
      "unknown option '--lr-warmup-iter'; did you mean '--lr-warmup-iters'?"),
     (["--tensor-parallel-size", "2"], 4,
      "unknown option '--tensor-parallel-size'; did you mean '--tensor-model-parallel-size'?"),
-    (["--training.lr_warmup", "5"], 4,
-     "unknown option '--training.lr_warmup'; did you mean '--training.lr_warmup_iters'?"),
+    (["--training.lr_warmup_iter", "5"], 4,
+     "unknown option '--training.lr_warmup_iter'; did you mean '--training.lr_warmup_iters'?"),
     (["--training.hidden_size", "5"], 4,
      "unknown option '--training.hidden_size'; did you mean '--model.hidden_size'?"),
     (["lr", "5"], 4, ("unexpected argument 'lr': overrides are --section.key VALUE, "

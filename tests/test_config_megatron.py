@@ -149,6 +149,18 @@ def test_flags_without_effect_say_why():
     (["--fp8-format", "hybrid"], ("--fp8-format: mp has no FP8 training (Transformer Engine); "
      "use --bf16")),
     (["--num-experts", "8"], "--num-experts: mp has no mixture-of-experts layers"),
+    (["--moe-router-load-balancing-type", "aux_loss"],  # any --moe-* flag
+     "--moe-router-load-balancing-type: mp has no mixture-of-experts layers"),
+    (["--use-torch-fsdp2"], ("--use-torch-fsdp2: mp has no FSDP; --use-distributed-optimizer "
+                             "shards the optimizer state over data parallel")),
+    (["--apply-residual-connection-post-layernorm"], (
+        "--apply-residual-connection-post-layernorm: mp's layers add the residual from before "
+        "the norm (pre-norm, Megatron's default)")),
+    (["--optimizer", "sgd"], ("--optimizer sgd: mp trains with AdamW (Megatron's adam); only "
+                              "adam is accepted")),
+    (["--recompute-modules", "core_attn", "mlp", "layernorm"], (
+        "--recompute-modules mlp layernorm: mp's selective recompute (--recompute-activations) "
+        "recomputes the attention core only; only core_attn is accepted")),
 ])
 def test_flags_of_missing_features_are_refused(flags, message):
     assert error_of(*flags) == message
@@ -184,3 +196,26 @@ def test_model_flags_beyond_gpt3():
     assert shipped("gpt-tiny", "--openai-gelu").model.activation == "gelu_tanh"
     assert error_of("--openai-gelu", "--swiglu") == \
         "--swiglu conflicts with --openai-gelu (both set model.activation)"
+
+
+def test_what_mp_does_anyway_is_accepted():
+    """``--optimizer adam`` and ``--recompute-modules core_attn`` are mp's own behaviour;
+    flags that change nothing here are accepted with a notice each."""
+    argv = ["--config", TINY, "--optimizer", "adam", "--recompute-activations",
+            "--recompute-modules", "core_attn", "--tp-comm-overlap",
+            "--no-gradient-accumulation-fusion", "--timing-log-level", "2"]
+    cfg = parse_args(argv, world_size=4)
+    assert cfg.model.recompute_granularity == "selective"
+    assert [line.split(" has no effect")[0] for line in flag_notices(argv)] == [
+        "notice: --tp-comm-overlap", "notice: --no-gradient-accumulation-fusion",
+        "notice: --timing-log-level 2"]
+
+
+def test_xavier_init_interpolated_rope_and_warmup_init_flags():
+    cfg = parse_args(["--config", TINY, "--init-method-xavier-uniform",
+                      "--position-embedding-type", "rope",
+                      "--rotary-seq-len-interpolation-factor", "4", "--lr-warmup-init", "1e-5"],
+                     world_size=4)
+    assert cfg.model.init_method_xavier_uniform
+    assert cfg.model.rotary_seq_len_interpolation_factor == 4.0
+    assert cfg.training.lr_warmup_init == 1e-5

@@ -87,6 +87,8 @@ def _check_against_tp1(tp: int, overrides: dict):
 VARIANTS = {
     "plain": {},
     "sequence_parallel": {"sequence_parallel": True},
+    # Glorot's uniform of each full weight: each TP shard is the serial weight's slice
+    "xavier_uniform_sp": {"init_method_xavier_uniform": True, "sequence_parallel": True},
     "full_uniform": {"recompute_granularity": "full", "recompute_method": "uniform",
                      "recompute_num_layers": 2},
     "full_block_sp": {"recompute_granularity": "full", "recompute_method": "block",
@@ -131,6 +133,29 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_gpt_tp_equals_tp1(tp, variant):
     run_distributed(tp, _check_against_tp1, tp, VARIANTS[variant])
+
+
+def test_xavier_uniform_init_draws_glorots_distribution():
+    """Every weight matrix uniform on ``(-a, a)``, ``a = sqrt(6 / (fan_in + fan_out))`` of
+    the full weight: none beyond ``a``, the standard deviation ``a / sqrt(3)`` (within 10 %)."""
+    for name, (largest, std, bound) in run_distributed(1, _xavier_statistics)[0].items():
+        assert largest <= bound, f"{name}: {largest} beyond {bound}"
+        assert std == pytest.approx(bound / 3 ** 0.5, rel=0.1), name
+
+
+def _xavier_statistics() -> dict:
+    ps.initialize_model_parallel(1)
+    config = _config(1, init_method_xavier_uniform=True,
+                     untie_embeddings_and_output_weights=True)
+    model = _build(config, ps.get_tensor_model_parallel_group())
+    found = {}
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            fan_out, fan_in = p.shape
+            found[name] = (p.abs().max().item(), p.std().item(),
+                           (6 / (fan_in + fan_out)) ** 0.5)
+    assert len(found) == 2 + 4 * 3 + 1, sorted(found)  # embeddings, 4 per layer, output
+    return found
 
 
 def test_compiled_layers_equal_tp1():

@@ -165,3 +165,15 @@ def test_a_changed_lr_on_resume(tmp_path, flag, peak):
         max_lr, rates, num_steps = outcome
         assert (max_lr, num_steps) == (peak, 4)
         assert rates == [pytest.approx(peak * 4 / 30, rel=1e-12)] * len(rates)
+
+
+def test_warmup_starts_at_lr_warmup_init():
+    """Megatron's ``--lr-warmup-init``: the warm-up runs linearly from it to ``lr``."""
+    cfg = load_config(TINY, ["--lr", "1e-3", "--lr-warmup-init", "1e-4", "--lr-warmup-iters",
+                             "10", "--train-iters", "100"], world_size=2)
+    assert cfg.training.lr_warmup_init == 1e-4
+    scheduler = build_opt_param_scheduler(_groups(), cfg.training)
+    rates = [scheduler.get_lr(n) for n in (0, 5, 10)]
+    assert rates == pytest.approx([1e-4, 1e-4 + (1e-3 - 1e-4) * 5 / 10, 1e-3], rel=1e-12)
+    with pytest.raises(ConfigError, match="training.lr_warmup_init=-1.0 must be >= 0"):
+        load_config(TINY, ["--lr-warmup-init", "-1"], world_size=2)

@@ -78,3 +78,17 @@ def test_a_gpt_hands_its_layers_the_rotary_dim_tables(kv_channels, rotary_percen
     for freqs, positions in ((whole, torch.arange(S)), (cached, torch.arange(7, S))):
         angles = reference_angles(positions, rotary_dim).repeat(1, 2)[:, None, None, :]
         assert_rel_close(freqs, angles, what=f"angles at positions {positions.tolist()}")
+
+
+def test_position_interpolation_divides_the_positions():
+    """Megatron's ``--rotary-seq-len-interpolation-factor 4``: position ``p`` turns as ``p / 4``
+    would; the model refuses it without RoPE or with a factor that is not positive."""
+    angles = rotary_freqs(S, 8, BASE, "cpu", interpolation_factor=4.0)[:, 0, 0, :4]
+    expected = reference_angles(torch.arange(S) / 4, 8)
+    assert_rel_close(angles.double(), expected, rtol=1e-6, what="interpolated angles")
+    cfg = _config(16, 1.0)
+    for value, extra in ((0.0, {}), (2.0, {"position_embedding_type": "learned_absolute"})):
+        with pytest.raises(ValueError, match=f"rotary_seq_len_interpolation_factor={value} "
+                                             "must be > 0 and needs position_embedding_type="):
+            TransformerConfig(**{**cfg.__dict__, "rotary_seq_len_interpolation_factor": value,
+                                 **extra})

@@ -104,10 +104,14 @@ def _rope(hf: dict) -> dict:
     base = float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
     if kind == "default":
         return {"rotary_base": base}
+    if kind == "linear":  # positions divided by the factor
+        return {"rotary_base": base,
+                "rotary_seq_len_interpolation_factor": float(parameters["factor"])}
     llama3 = {k: parameters.get(k) for k in _LLAMA3_SCALING}
     if kind != "llama3" or llama3 != _LLAMA3_SCALING:
         raise ValueError(f"RoPE scaling {parameters!r}: mp's RoPE has Llama 3.1's scaling "
-                         f"(rope_type 'llama3' with {_LLAMA3_SCALING}) or none")
+                         f"(rope_type 'llama3' with {_LLAMA3_SCALING}), linear position "
+                         "interpolation (rope_type 'linear') or none")
     return {"rotary_base": base, "use_rope_scaling": True,
             "rope_scaling_factor": float(parameters["factor"])}
 
@@ -154,8 +158,16 @@ def hf_config(config: TransformerConfig) -> dict:
     check_expressible(config, {"normalization": ("RMSNorm",), "activation": ("swiglu",),
                                "position_embedding_type": ("rope",), "rotary_percent": (1.0,),
                                "add_bias_linear": (False,)}, FAMILIES[kind].name)
-    scaling = {"rope_scaling": {"rope_type": "llama3", "factor": config.rope_scaling_factor,
-                                **_LLAMA3_SCALING}} if config.use_rope_scaling else {}
+    interpolation = config.rotary_seq_len_interpolation_factor
+    if config.use_rope_scaling and interpolation is not None:
+        raise ValueError("use_rope_scaling with rotary_seq_len_interpolation_factor: a Hugging "
+                         "Face config holds one RoPE scaling")
+    scaling = {}
+    if config.use_rope_scaling:
+        scaling = {"rope_scaling": {"rope_type": "llama3", "factor": config.rope_scaling_factor,
+                                    **_LLAMA3_SCALING}}
+    elif interpolation is not None:
+        scaling = {"rope_scaling": {"rope_type": "linear", "factor": interpolation}}
     sliding = {"use_sliding_window": False} if kind == "qwen3" else {}
     return {**scaling, **sliding, "architectures": [FAMILIES[kind].architecture],
             "model_type": kind,

@@ -14,6 +14,7 @@ from mp.config.job import SECTIONS, JobConfig
 from mp.config.loader import load_config
 from mp.config.overrides import (
     ALIASES,
+    CHOICE_FLAGS,
     CONSTANT_FLAGS,
     DEFERRED_FLAGS,
     MEGATRON_VALUES,
@@ -80,13 +81,16 @@ def help_text(prog: str = "pretrain_gpt.py") -> str:
         "",
         "Megatron-LM flags:",
     ]
-    width = max(map(len, [*ALIASES, *CONSTANT_FLAGS, *DEFERRED_FLAGS, *NO_EFFECT_FLAGS])) + 2
+    width = max(map(len, [*ALIASES, *CONSTANT_FLAGS, *DEFERRED_FLAGS, *NO_EFFECT_FLAGS,
+                          *CHOICE_FLAGS])) + 2
     for flag, key in ALIASES.items():
         values = ", ".join(f"{m} = {v}" for m, v in MEGATRON_VALUES.get(flag, {}).items())
         lines.append(f"  {flag:<{width}}{key}" + (f" (Megatron's {values})" if values else ""))
     lines += [f"  {flag:<{width}}{key}={value}" for flag, (key, value) in CONSTANT_FLAGS.items()]
     lines += [f"  {flag:<{width}}{what}" for flag, what in DEFERRED_FLAGS.items()]
     lines += [f"  {flag:<{width}}no effect: {why}" for flag, (_, why) in NO_EFFECT_FLAGS.items()]
+    lines += [f"  {flag:<{width}}accepted as {' '.join(accepted)}: {why}"
+              for flag, (accepted, why) in CHOICE_FLAGS.items()]
     for name, section_cls in SECTIONS.items():
         lines += ["", f"{name}:"]
         annotations = field_annotations(section_cls)

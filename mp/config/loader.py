@@ -61,7 +61,8 @@ CHECKPOINT_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_quer
                    "position_embedding_type", "add_bias_linear",
                    "untie_embeddings_and_output_weights", "layernorm_epsilon", "rotary_base",
                    "rotary_percent", "use_rope_scaling", "rope_scaling_factor",
-                   "make_vocab_size_divisible_by", "seq_length", "qk_layernorm")
+                   "make_vocab_size_divisible_by", "seq_length", "qk_layernorm",
+                   "rotary_seq_len_interpolation_factor")
 
 
 def _take_checkpoint_args(sections: dict, training: dict) -> None:

@@ -35,8 +35,10 @@ Syntax, applied left to right (a later override of the same key wins):
 
 - Megatron flags that would change nothing in mp (`NO_EFFECT_FLAGS`, such as
   ``--use-mcore-models`` or ``--ckpt-format torch_dist``) are accepted, and the job prints why
-  each changes nothing. Flags of features mp does not have (`UNSUPPORTED_FLAGS`: FP8, mixture
-  of experts) are errors that say so.
+  each changes nothing. Flags of features mp does not have (`UNSUPPORTED_FLAGS`,
+  `UNSUPPORTED_PREFIXES`: FP8, mixture of experts, FSDP, ...) are errors that say so, and so
+  are the values mp lacks of `CHOICE_FLAGS` (``--optimizer sgd``; ``--optimizer adam`` and
+  ``--recompute-modules core_attn`` are what mp does).
 
 A value never starts with ``--`` unless it is given with ``=``.
 """
@@ -62,6 +64,7 @@ _MEGATRON_NAMES = {
         "overlap_p2p_comm", "recompute_method", "recompute_num_layers",
         "distribute_saved_activations", "rotary_base", "use_rope_scaling",
         "rope_scaling_factor", "attention_backend", "kv_channels", "rotary_percent",
+        "rotary_seq_len_interpolation_factor", "init_method_xavier_uniform",
         "qk_layernorm", "context_parallel_size", "account_for_embedding_in_pipeline_split",
         "account_for_loss_in_pipeline_split",
     ),
@@ -69,7 +72,7 @@ _MEGATRON_NAMES = {
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
         "rampup_batch_size", "lr", "min_lr", "lr_decay_style", "lr_wsd_decay_style",
         "lr_wsd_decay_iters", "lr_wsd_decay_samples", "lr_warmup_fraction",
-        "lr_warmup_iters",
+        "lr_warmup_iters", "lr_warmup_init",
         "lr_decay_iters", "lr_warmup_samples", "lr_decay_samples", "weight_decay", "adam_beta1",
         "adam_beta2", "adam_eps", "clip_grad", "seed", "loss_scale", "initial_loss_scale",
         "min_loss_scale", "loss_scale_window", "hysteresis", "use_distributed_optimizer",
@@ -141,6 +144,11 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--no-mmap-bin-files": ("data.mmap_bin_files", "false"),
 }
 
+_LOSS_CHECK = ("mp always checks the loss: a non-finite one stops a bf16/fp32 run, and fp16's "
+               "loss scaler skips the step")
+_DCP = ("mp's checkpoints are torch.distributed.checkpoint directories: every rank writes and "
+        "reads its own part")
+
 #: Megatron-LM flags that mp accepts and that change nothing in mp -> (how many values they
 #: take, why). A job started with one says so once (`no_effect_notices`).
 NO_EFFECT_FLAGS: dict[str, tuple[int, str]] = {
@@ -167,15 +175,48 @@ NO_EFFECT_FLAGS: dict[str, tuple[int, str]] = {
                               "Transformer Engine's")),
     "--cp-comm-type": (1, ("mp's context parallelism always all-gathers the keys and values "
                           "(Megatron's all_gather)")),
+    "--no-gradient-accumulation-fusion": (0, ("mp accumulates weight gradients into the fp32 "
+                                              "main_grad buffer with a hook; it has no fused "
+                                              "kernel to turn off")),
+    "--accumulate-allreduce-grads-in-fp32": (0, ("mp accumulates and reduces gradients in fp32 "
+                                                 "unless --grad-reduce-in-bf16")),
+    "--no-persist-layer-norm": (0, "mp has no persistent layer-norm kernel to turn off"),
+    "--fp16-lm-cross-entropy": (0, "mp's cross-entropy always computes in fp32"),
+    "--tp-comm-overlap": (0, ("mp does not overlap tensor-parallel communication with the "
+                              "matrix products (Transformer Engine's userbuffers)")),
+    "--use-cpu-initialization": (0, "mp draws each weight on the device it lives on"),
+    "--check-for-nan-in-loss-and-grad": (0, _LOSS_CHECK),
+    "--no-check-for-nan-in-loss-and-grad": (0, _LOSS_CHECK),
+    "--async-save": (0, "mp writes each checkpoint before training goes on (atomically)"),
+    "--ckpt-fully-parallel-save": (0, _DCP),
+    "--ckpt-fully-parallel-load": (0, _DCP),
+    "--num-dataset-builder-threads": (1, "mp builds the dataset indices without a thread pool"),
+    "--timing-log-level": (1, ("mp times whole iterations only (the log line's ms/iter)")),
 }
 
-#: Megatron-LM flags of features mp does not have -> what to say when one is given.
+#: Megatron-LM flags of features mp does not have -> what to say when one is given
+#: (`UNSUPPORTED_PREFIXES` covers whole families of them).
 UNSUPPORTED_FLAGS: dict[str, str] = {
-    **dict.fromkeys(("--fp8-format", "--fp8-recipe", "--fp8-margin", "--fp8-amax-history-len",
-                     "--fp8-amax-compute-algo", "--fp8-param-gather"),
-                    "mp has no FP8 training (Transformer Engine); use --bf16"),
-    **dict.fromkeys(("--num-experts", "--moe-router-topk", "--expert-model-parallel-size"),
-                    "mp has no mixture-of-experts layers"),
+    **dict.fromkeys(("--num-experts", "--expert-model-parallel-size",
+                     "--expert-tensor-parallel-size"), "mp has no mixture-of-experts layers"),
+    **dict.fromkeys(("--use-torch-fsdp2", "--use-custom-fsdp"),
+                    "mp has no FSDP; --use-distributed-optimizer shards the optimizer state "
+                    "over data parallel"),
+    "--fp32-residual-connection": "mp keeps the residual stream in the model's precision",
+    "--apply-residual-connection-post-layernorm": ("mp's layers add the residual from before "
+                                                   "the norm (pre-norm, Megatron's default)"),
+    "--use-legacy-models": "mp has one GPT, laid out as Megatron-Core's; drop the flag",
+}
+#: Flag-name prefixes of Megatron-LM feature families mp does not have -> what to say.
+UNSUPPORTED_PREFIXES: dict[str, str] = {
+    "--fp8": "mp has no FP8 training (Transformer Engine); use --bf16",
+    "--moe-": "mp has no mixture-of-experts layers",
+}
+#: Megatron-LM flags that take values of which mp has some -> (the values mp has, why).
+CHOICE_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
+    "--recompute-modules": (("core_attn",), ("mp's selective recompute (--recompute-activations) "
+                                             "recomputes the attention core only")),
+    "--optimizer": (("adam",), "mp trains with AdamW (Megatron's adam)"),
 }
 
 VIRTUAL_STAGE_FLAG = "--num-layers-per-virtual-pipeline-stage"
@@ -195,8 +236,8 @@ DEFERRED_FLAGS: dict[str, str] = {
 class _Option:
     """What one ``--option`` sets and how many values it takes."""
 
-    key: str | None  # None: a flag of DEFERRED_FLAGS (resolved after the others), or of
-    # NO_EFFECT_FLAGS
+    key: str | None  # None: a flag of DEFERRED_FLAGS (resolved after the others), of
+    # CHOICE_FLAGS (checked after them) or of NO_EFFECT_FLAGS
     min_values: int
     max_values: int | None  # None: any number
     constant: str | None = None
@@ -223,6 +264,11 @@ def apply_overrides(sections: dict, args: Sequence[str]) -> None:
             _set(sections, option.key, MEGATRON_VALUES.get(name, {}).get(values[0], values[0]))
         else:
             _set(sections, option.key, "true")
+    for name, (accepted, why) in CHOICE_FLAGS.items():
+        others = [value for value in deferred.get(name, ()) if value not in accepted]
+        if others:
+            raise ConfigError(f"{name} {' '.join(others)}: {why}; only "
+                              f"{', '.join(accepted)} is accepted")
     model = sections.get("model") or {}
     if GROUP_QUERY_FLAG in deferred and "num_query_groups" not in model:
         _set(sections, "model.num_query_groups", 1)
@@ -274,6 +320,11 @@ def _option(name: str) -> _Option:
     """The `_Option` for ``--name``; an unknown option is an error naming the closest one."""
     if name in UNSUPPORTED_FLAGS:
         raise ConfigError(f"{name}: {UNSUPPORTED_FLAGS[name]}")
+    for prefix, why in UNSUPPORTED_PREFIXES.items():
+        if name.startswith(prefix):
+            raise ConfigError(f"{name}: {why}")
+    if name in CHOICE_FLAGS:
+        return _Option(None, 1, None)
     if name in DEFERRED_FLAGS:
         takes = int(name == VIRTUAL_STAGE_FLAG)
         return _Option(None, takes, takes)
@@ -297,7 +348,7 @@ def _option(name: str) -> _Option:
 
 def option_names() -> list[str]:
     """Every option `apply_overrides` knows: the Megatron flags, then ``--section.key``."""
-    return [*ALIASES, *CONSTANT_FLAGS, *DEFERRED_FLAGS, *NO_EFFECT_FLAGS,
+    return [*ALIASES, *CONSTANT_FLAGS, *DEFERRED_FLAGS, *NO_EFFECT_FLAGS, *CHOICE_FLAGS,
             *(f"--{k}" for k in known_keys())]
 
 

@@ -93,6 +93,7 @@ class TrainingConfig(Section):
     lr_decay_iters: int | None = None  # default train_iters
     lr_warmup_samples: int = 0
     lr_decay_samples: int | None = None  # default train_samples
+    lr_warmup_init: float = 0.0  # the warm-up's first rate (Megatron's --lr-warmup-init)
     weight_decay: float = 0.1
     weight_decay_incr_style: str = "constant"  # constant | linear | cosine, over the whole run
     start_weight_decay: float | None = None  # linear / cosine: from this ...
@@ -155,7 +156,7 @@ class TrainingConfig(Section):
             self._positive("exit_duration_in_mins")
         for name in ("lr_warmup_iters", "lr_warmup_samples", "eval_iters", "seed"):
             self._at_least(name, 0)
-        for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_init"):
             self._at_least(name, 0.0)
         for name in ("decoupled_lr", "decoupled_min_lr"):
             self._at_least(name, 0.0, optional=True)

@@ -36,7 +36,7 @@ from mp import parallel_state
 from mp.fused import AttnMaskType, FusedScaleMaskSoftmax, attention_mask_func
 from mp.model.config import TransformerConfig
 from mp.model.context_parallel import context_parallel_attention
-from mp.model.init import init_method_normal, scaled_init_method_normal
+from mp.model.init import init_method, output_init_method
 from mp.model.inference import InferenceParams
 from mp.model.norm import build_norm
 from mp.model.rope import apply_rotary
@@ -142,7 +142,7 @@ class SelfAttention(nn.Module):
         sp, dtype, bias = config.sequence_parallel, config.params_dtype, config.add_bias_linear
         self.query_key_value = ColumnParallelLinear(
             config.hidden_size, config.qkv_size, bias=bias, gather_output=False,
-            init_method=init_method_normal(config.init_method_std), sequence_parallel=sp,
+            init_method=init_method(config), sequence_parallel=sp,
             params_dtype=dtype, group=group)
         tp = self.query_key_value.world_size
         self.heads_per_partition = divide(config.num_attention_heads, tp, "num_attention_heads")
@@ -154,7 +154,7 @@ class SelfAttention(nn.Module):
         self.core_attention = CoreAttention(config)
         self.dense = RowParallelLinear(
             config.query_projection_size, config.hidden_size, bias=bias, input_is_parallel=True,
-            init_method=scaled_init_method_normal(config.init_method_std, config.num_layers),
+            init_method=output_init_method(config),
             skip_bias_add=True, sequence_parallel=sp, params_dtype=dtype, group=group)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -47,6 +47,8 @@ class TransformerConfig:
     rotary_base: float = 10000.0
     use_rope_scaling: bool = False  # Llama 3.1's RoPE frequency scaling (mp.model.rope)
     rope_scaling_factor: float = 8.0
+    rotary_seq_len_interpolation_factor: float | None = None  # RoPE at positions / this
+    # (linear position interpolation, Megatron's --rotary-seq-len-interpolation-factor)
     rotary_percent: float = 1.0  # RoPE rotates the first int(kv_channels x this) channels of
     # each head, frequencies over those (Megatron's --rotary-percent); the rest pass unchanged
     add_bias_linear: bool = True
@@ -54,6 +56,8 @@ class TransformerConfig:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     init_method_std: float = 0.02
+    init_method_xavier_uniform: bool = False  # Glorot's uniform for every weight matrix
+    # instead of N(0, init_method_std) (Megatron's --init-method-xavier-uniform)
     attention_backend: str = "sdpa"  # sdpa (flash on GPU) | unfused (matmul, softmax, matmul)
     masked_softmax_fusion: bool = True  # unfused backend: use mp.fused's kernel when built
     bias_dropout_fusion: bool = True  # bias-dropout-add compiled into one kernel (mp.jit)
@@ -128,6 +132,10 @@ class TransformerConfig:
         if self.use_rope_scaling and self.position_embedding_type != "rope":
             raise ValueError(f"use_rope_scaling=True scales rotary embeddings; "
                              f"position_embedding_type={self.position_embedding_type!r}")
+        factor = self.rotary_seq_len_interpolation_factor
+        if factor is not None and not (factor > 0 and self.position_embedding_type == "rope"):
+            raise ValueError(f"rotary_seq_len_interpolation_factor={factor!r} must be > 0 and "
+                             "needs position_embedding_type='rope' (it divides RoPE's positions)")
         if not self.rope_scaling_factor > 0:
             raise ValueError(f"rope_scaling_factor={self.rope_scaling_factor} must be > 0")
         if self.seq_length > self.max_position_embeddings:

@@ -24,7 +24,7 @@ from mp.model.config import TransformerConfig
 from mp.model.context_parallel import local_positions
 from mp.model.embedding import LanguageModelEmbedding
 from mp.model.inference import InferenceParams
-from mp.model.init import init_method_normal
+from mp.model.init import init_method
 from mp.model.rope import rotary_freqs
 from mp.model.transformer import TransformerBlock
 from mp.tensor_parallel import ColumnParallelLinear, vocab_parallel_cross_entropy
@@ -45,7 +45,7 @@ class GPTModel(nn.Module):
         if post_process:
             self.output_layer = ColumnParallelLinear(
                 config.hidden_size, config.padded_vocab_size, bias=False, gather_output=False,
-                init_method=init_method_normal(config.init_method_std),
+                init_method=init_method(config),
                 sequence_parallel=config.sequence_parallel,
                 skip_weight_param_allocation=pre_process and self.share_embeddings,
                 params_dtype=config.params_dtype, group=self.group)
@@ -80,7 +80,8 @@ class GPTModel(nn.Module):
             c, cp = self.config, self.config.context_parallel_size
             freqs = rotary_freqs(offset + length * cp, c.rotary_dim, c.rotary_base,
                                  input_ids.device,
-                                 c.rope_scaling_factor if c.use_rope_scaling else None)
+                                 c.rope_scaling_factor if c.use_rope_scaling else None,
+                                 c.rotary_seq_len_interpolation_factor)
             freqs = freqs[offset:] if cp == 1 else freqs[local_positions(
                 length * cp, cp, parallel_state.get_context_parallel_rank(), input_ids.device)]
         hidden = self.decoder(hidden, attention_mask, freqs, inference_params)

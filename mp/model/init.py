@@ -7,6 +7,8 @@ import math
 
 from torch import nn
 
+from mp.model.config import TransformerConfig
+
 
 def init_method_normal(std: float):
     """``N(0, std)`` for most weights."""
@@ -17,3 +19,20 @@ def scaled_init_method_normal(std: float, num_layers: int):
     """``N(0, std / sqrt(2 * num_layers))`` for the projections that feed the residual stream
     (attention output, second MLP layer), as in GPT-2 and Megatron."""
     return init_method_normal(std / math.sqrt(2.0 * num_layers))
+
+
+def init_method(config: TransformerConfig):
+    """The model's weights but the residual projections: ``N(0, init_method_std)``, or
+    ``U(-a, a)`` with Glorot's ``a = sqrt(6 / (fan_in + fan_out))`` of each full (unsharded)
+    weight with ``init_method_xavier_uniform`` (Megatron's ``--init-method-xavier-uniform``)."""
+    if config.init_method_xavier_uniform:
+        return nn.init.xavier_uniform_
+    return init_method_normal(config.init_method_std)
+
+
+def output_init_method(config: TransformerConfig):
+    """The residual projections (attention output, second MLP layer): the scaled normal, or
+    Glorot's uniform like every weight with ``init_method_xavier_uniform``, as in Megatron."""
+    if config.init_method_xavier_uniform:
+        return nn.init.xavier_uniform_
+    return scaled_init_method_normal(config.init_method_std, config.num_layers)

@@ -8,7 +8,7 @@ from torch import nn
 
 from mp.jit import jit_fuser
 from mp.model.config import TransformerConfig
-from mp.model.init import init_method_normal, scaled_init_method_normal
+from mp.model.init import init_method, output_init_method
 from mp.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
@@ -36,7 +36,7 @@ class MLP(nn.Module):
         super().__init__()
         kw = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel,
                   params_dtype=config.params_dtype, group=group)
-        init = init_method_normal(config.init_method_std)
+        init = init_method(config)
         h, ffn = config.hidden_size, config.ffn_hidden_size
         self.activation = config.activation
         self.swiglu = config.activation == "swiglu"
@@ -47,7 +47,7 @@ class MLP(nn.Module):
                                                  **kw) if self.swiglu else None)
         self.linear_fc2 = RowParallelLinear(
             ffn, h, input_is_parallel=True, skip_bias_add=True,
-            init_method=scaled_init_method_normal(config.init_method_std, config.num_layers),
+            init_method=output_init_method(config),
             **kw)
 
     def forward(self, hidden: torch.Tensor):

@@ -23,15 +23,20 @@ def scale_frequencies(inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def rotary_freqs(seq_length: int, dim: int, base: float, device,
-                 scaling_factor: float | None = None) -> torch.Tensor:
+                 scaling_factor: float | None = None,
+                 interpolation_factor: float | None = None) -> torch.Tensor:
     """Angles ``[s, 1, 1, dim]`` for the ``dim`` rotated channels of a head (``rotary_dim``:
-    all of them unless ``rotary_percent < 1``): position ``p`` times ``base^(-2i / dim)``
-    (scaled by `scale_frequencies` when ``scaling_factor`` is given), repeated for the two
-    halves that ``apply_rotary`` rotates against each other."""
+    all of them unless ``rotary_percent < 1``): position ``p`` (``p / interpolation_factor``
+    when given: linear position interpolation) times ``base^(-2i / dim)`` (scaled by
+    `scale_frequencies` when ``scaling_factor`` is given), repeated for the two halves that
+    ``apply_rotary`` rotates against each other."""
     inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
     if scaling_factor is not None:
         inv_freq = scale_frequencies(inv_freq, scaling_factor)
-    angles = torch.outer(torch.arange(seq_length, dtype=torch.float32, device=device), inv_freq)
+    positions = torch.arange(seq_length, dtype=torch.float32, device=device)
+    if interpolation_factor is not None:
+        positions = positions / interpolation_factor
+    angles = torch.outer(positions, inv_freq)
     return torch.cat((angles, angles), dim=-1)[:, None, None, :]
 
 

@@ -76,6 +76,7 @@ def build_opt_param_scheduler(optimizer, tr: TrainingConfig) -> OptimizerParamSc
     start_wd, end_wd, wd_steps = tr.weight_decay_schedule
     return OptimizerParamScheduler(optimizer, max_lr=tr.lr, min_lr=tr.min_lr,
                                    lr_warmup_steps=warmup, lr_decay_steps=decay,
+                                   init_lr=tr.lr_warmup_init,
                                    lr_decay_style=tr.lr_decay_style, wsd_decay_steps=wsd,
                                    lr_wsd_decay_style=tr.lr_wsd_decay_style,
                                    decoupled_lr=tr.decoupled_lr,
