@@ -191,8 +191,8 @@ def test_megatron_llama3_example_runs_scaled_down(cache_dir, tmp_path, monkeypat
                                            re.MULTILINE)]
     assert len(losses) == 12, out
     assert abs(losses[0] - math.log(1001)) < 0.1  # random tokens of NullTokenizer's vocabulary
-    assert re.search(r"^iteration 12/12 \|.*\| num zeros \d+ \| params norm \S+ \|", out,
-                     re.MULTILINE), out
+    assert re.search(r"^iteration 12/12 \|.*\| decoupled lr \S+ \| grad norm \S+ \| num zeros "
+                     r"\d+ \| params norm \S+ \|", out, re.MULTILINE), out
     generate = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--load",
          str(tmp_path / "ckpt"), "--prompt", "1 2 3", "--max-new-tokens", "4", "--greedy"],

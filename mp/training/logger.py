@@ -9,8 +9,9 @@ The line (values over the interval since the last line; losses and times average
 
 (on one line; the global batch size is the last iteration's, which changes only under
 ``training.rampup_batch_size``; rates count the interval's own samples; with
-``logging.log_num_zeros_in_grad`` / ``log_params_norm``, the last iteration's ``num zeros N`` /
-``params norm X`` follow the grad norm). TFLOP/s per GPU counts
+``training.decoupled_lr`` the embedding's and output layer's rate follows the lr as
+``decoupled lr X``; with ``logging.log_num_zeros_in_grad`` / ``log_params_norm``, the last
+iteration's ``num zeros N`` / ``params norm X`` follow the grad norm). TFLOP/s per GPU counts
 recomputed work (Narayanan et al. 2021, eq. 3); MFU divides the model's own FLOPs (no recompute) by
 the device's dense bf16 peak ("-" on the CPU or an unknown GPU). Peak memory is CUDA's max
 allocated, or the process's max RSS on the CPU. Evaluation time is left out of ms/iter.
@@ -19,7 +20,8 @@ Scalars go to TensorBoard (``logging.tensorboard_dir``, from the reporting rank,
 up to ``logging.tensorboard_queue_size`` events before writing them out) and to Weights &
 Biases (``logging.wandb_project``, from the last rank, as in Megatron), at Megatron's steps:
 the iteration's own losses, ``learning-rate``, ``batch-size``, ``grad-norm``, ``loss-scale``
-and ``peak-memory-bytes`` (and ``num-zeros``, ``params-norm``, ``world-size`` when asked for)
+and ``peak-memory-bytes`` (and ``decoupled-learning-rate``, ``num-zeros``, ``params-norm``,
+``world-size`` when asked for)
 every ``logging.tensorboard_log_interval`` iterations; the interval's ``iteration-time-ms``,
 ``tokens-per-second``, ``tflops-per-gpu``, ``mfu`` and ``skipped-iterations`` with each line.
 Evaluations write ``validation lm loss`` / ``test lm loss`` and their ``... PPL`` (Megatron
@@ -137,11 +139,13 @@ class TrainingLogger:
                            losses: dict[str, float], lr: float, grad_norm: float,
                            loss_scale: float, update_successful: bool,
                            global_batch_size: int, *, params_norm: float | None = None,
-                           num_zeros_in_grad: int | None = None) -> None:
+                           num_zeros_in_grad: int | None = None,
+                           decoupled_lr: float | None = None) -> None:
         """Account one finished iteration of ``global_batch_size`` samples; write its scalars
-        every ``tensorboard_log_interval`` (with ``num_zeros_in_grad`` and ``params_norm`` when
-        given: ``logging.log_num_zeros_in_grad``, ``log_params_norm``), and print the line and
-        write the interval's rates every ``log_interval``."""
+        every ``tensorboard_log_interval`` (with ``decoupled_lr``, ``num_zeros_in_grad`` and
+        ``params_norm`` when given: ``training.decoupled_lr``,
+        ``logging.log_num_zeros_in_grad``, ``log_params_norm``), and print the line and write
+        the interval's rates every ``log_interval``."""
         self._iterations += 1
         self._samples += global_batch_size
         self._skipped += not update_successful
@@ -154,7 +158,8 @@ class TrainingLogger:
             scalars = {**losses, "learning-rate": lr, "batch-size": global_batch_size,
                        "grad-norm": grad_norm, "loss-scale": loss_scale,
                        "peak-memory-bytes": peak_memory_bytes(self.device)}
-            for tag, value in (("num-zeros", num_zeros_in_grad), ("params-norm", params_norm),
+            for tag, value in (("decoupled-learning-rate", decoupled_lr),
+                               ("num-zeros", num_zeros_in_grad), ("params-norm", params_norm),
                                ("world-size", self.world_size
                                 if lg.log_world_size_to_tensorboard else None)):
                 if value is not None:
@@ -178,7 +183,9 @@ class TrainingLogger:
                       f"consumed samples {consumed_samples}",
                       f"global batch size {global_batch_size}",
                       *(f"{k} {v:.4E}" for k, v in means.items()),
-                      f"lr {lr:.3E}", f"grad norm {grad_norm:.3f}",
+                      f"lr {lr:.3E}",
+                      *([] if decoupled_lr is None else [f"decoupled lr {decoupled_lr:.3E}"]),
+                      f"grad norm {grad_norm:.3f}",
                       *([] if num_zeros_in_grad is None else [f"num zeros {num_zeros_in_grad}"]),
                       *([] if params_norm is None else [f"params norm {params_norm:.3f}"]),
                       f"loss scale {loss_scale:g}",

@@ -30,6 +30,7 @@ optimizer step (2), as in Megatron, and the profiled range of ``logging.profile`
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -211,6 +212,8 @@ def train(forward_step_func: Callable, model: list[nn.Module],
                                  lr_increment=batch if tr.counts_samples else 1,
                                  log_params_norm=cfg.logging.log_params_norm, **shared),
         cfg, logger, lr=opt_param_scheduler.get_lr, loss_scale=optimizer.get_loss_scale,
+        decoupled_lr=None if tr.decoupled_lr is None else functools.partial(
+            opt_param_scheduler.get_lr, param_group={"is_decoupled_lr": True}),
         evaluate=evaluator(valid_data_iterator), test=evaluator(test_data_iterator),
         state=state, checkpoint_hook=checkpoint_hook, exit_conditions=exit_conditions)
 
@@ -218,15 +221,16 @@ def train(forward_step_func: Callable, model: list[nn.Module],
 def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: TrainingLogger, *,
                    lr: Callable[[], float], loss_scale: Callable[[], float],
                    evaluate: Callable[[], dict[str, float]] | None,
+                   decoupled_lr: Callable[[], float] | None = None,
                    state: TrainState | None = None,
                    checkpoint_hook: Callable[[TrainState], None] | None = None,
                    exit_conditions: ExitConditions | None = None,
                    test: Callable[[], dict[str, float]] | None = None) -> TrainState:
     """The loop around ``step(global_batch_size)``, one iteration (mp's `train_step`, or
     DeepSpeed's engine in `mp.training.deepspeed`): count iterations and samples, check the
-    loss, log with ``lr()`` and ``loss_scale()``, ``evaluate`` the validation data every
-    ``eval_interval`` iterations and after the last, save every ``save_interval`` iterations
-    and at the end, then evaluate the ``test`` data. When ``exit_conditions`` give a reason to
+    loss, log with ``lr()``, ``loss_scale()`` (and ``decoupled_lr()``), ``evaluate`` the
+    validation data every ``eval_interval`` iterations and after the last, save every
+    ``save_interval`` iterations and at the end, then evaluate the ``test`` data. When ``exit_conditions`` give a reason to
     stop before the last iteration, the run saves and ends there, without the final
     evaluations. With ``training.skip_train`` only the final evaluations happen, at
     ``state``'s iteration, printed but not written as scalars. Nothing is evaluated with
@@ -265,7 +269,9 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
             logger.training_iteration(state.iteration, state.consumed_train_samples, out.losses,
                                       lr(), out.grad_norm, loss_scale(), out.update_successful,
                                       batch, params_norm=out.params_norm,
-                                      num_zeros_in_grad=out.num_zeros_in_grad)
+                                      num_zeros_in_grad=out.num_zeros_in_grad,
+                                      decoupled_lr=None if decoupled_lr is None
+                                      else decoupled_lr())
             if can_evaluate and tr.eval_interval and state.iteration % tr.eval_interval == 0:
                 run_evaluation("validation", evaluate)
                 evaluated_at = state.iteration
