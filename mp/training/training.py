@@ -227,15 +227,14 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
                    exit_conditions: ExitConditions | None = None,
                    test: Callable[[], dict[str, float]] | None = None) -> TrainState:
     """The loop around ``step(global_batch_size)``, one iteration (mp's `train_step`, or
-    DeepSpeed's engine in `mp.training.deepspeed`): count iterations and samples, check the
-    loss, log with ``lr()``, ``loss_scale()`` (and ``decoupled_lr()``), ``evaluate`` the
-    validation data every ``eval_interval`` iterations and after the last, save every
-    ``save_interval`` iterations and at the end, then evaluate the ``test`` data. When ``exit_conditions`` give a reason to
-    stop before the last iteration, the run saves and ends there, without the final
-    evaluations. With ``training.skip_train`` only the final evaluations happen, at
-    ``state``'s iteration, printed but not written as scalars. Nothing is evaluated with
-    ``eval_iters`` 0. Garbage collection (`ManualGC`) and profiling (`IterationProfiler`)
-    happen around the iterations."""
+    DeepSpeed's engine in `mp.training.deepspeed`): count iterations and samples, check the loss,
+    log with ``lr()``, ``loss_scale()`` (and ``decoupled_lr()``), ``evaluate`` the validation data
+    every ``eval_interval`` iterations and after the last, save every ``save_interval`` iterations
+    and at the end, then evaluate the ``test`` data. When ``exit_conditions`` give a reason to stop
+    before the last iteration, the run saves and ends there, without the final evaluations. With
+    ``training.skip_train`` only the final evaluations happen, at ``state``'s iteration, printed but
+    not written as scalars. Nothing is evaluated with ``eval_iters`` 0. Garbage collection
+    (`ManualGC`) and profiling (`IterationProfiler`) happen around the iterations."""
     tr = cfg.training
     state = TrainState() if state is None else state
     check_loss = cfg.model.precision != "fp16"
