@@ -1,10 +1,9 @@
 """Exact resume of the pretraining job under ``torchrun`` at TP2 x DP2: 40 iterations straight
 against 20 iterations, a SIGKILL of the whole job, and a resume for the last 20; and the same
-for a run counted in samples, killed in the middle of its batch-size ramp, for one with
-decoupled learning rates for the embedding and output weights, and for one whose weight decay
-follows Megatron's cosine schedule. The loss, the
-gradient norm and the learning rate of every iteration (read bit for bit, as float.hex) and
-the final weights are identical."""
+for a run counted in samples, killed in the middle of its batch-size ramp, and for one with
+decoupled learning rates for the embedding and output weights whose weight decay follows
+Megatron's cosine schedule. The loss, the gradient norm and the learning rate of every
+iteration (read bit for bit, as float.hex) and the final weights are identical."""
 
 import os
 import re
@@ -32,12 +31,12 @@ TINY = ["--config", os.path.join(ROOT, "configs", "gpt-tiny.yaml"),
 RAMPED = [*TINY, "--global-batch-size", "16", "--train-iters", "null", "--lr-warmup-iters", "0",
           "--train-samples", "200", "--lr-warmup-samples", "40", "--rampup-batch-size", "4", "4",
           "64"]
-# the embedding and output weights at their own rates (12 iterations, saved after 6)
-DECOUPLED = [*TINY, "--train-iters", "12", "--untie-embeddings-and-output-weights",
-             "--decoupled-lr", "1e-2", "--decoupled-min-lr", "1e-4"]
-# the weight decay rising from 0.01 to 0.3 over the run (12 iterations, saved after 6)
-WEIGHT_DECAY = [*TINY, "--train-iters", "12", "--weight-decay-incr-style", "cosine",
-                "--start-weight-decay", "0.01", "--end-weight-decay", "0.3"]
+# the embedding and output weights at their own rates, the weight decay rising from 0.01 to
+# 0.3 over the run (12 iterations, saved after 6)
+SCHEDULES = [*TINY, "--train-iters", "12", "--untie-embeddings-and-output-weights",
+             "--decoupled-lr", "1e-2", "--decoupled-min-lr", "1e-4",
+             "--weight-decay-incr-style", "cosine", "--start-weight-decay", "0.01",
+             "--end-weight-decay", "0.3"]
 
 
 def _exact_logging_script(directory) -> str:
@@ -119,9 +118,8 @@ def _exact(out: str) -> dict[int, tuple[str, str, str]]:
 
 @pytest.mark.parametrize("args, iters, save_at, consumed", [(TINY, 40, 20, 160),
                                                              (RAMPED, 19, 8, 40),
-                                                             (DECOUPLED, 12, 6, 48),
-                                                             (WEIGHT_DECAY, 12, 6, 48)],
-                         ids=["iterations", "samples_ramp", "decoupled_lr", "weight_decay"])
+                                                             (SCHEDULES, 12, 6, 48)],
+                         ids=["iterations", "samples_ramp", "decoupled_lr_weight_decay"])
 def test_killed_and_resumed_job_matches_the_straight_run(tmp_path, args, iters, save_at,
                                                          consumed):
     start = time.monotonic()
