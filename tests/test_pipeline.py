@@ -260,7 +260,10 @@ def test_gpt_pipeline_training_matches_single_process(tp, pp, vpp, microbatches,
     (1, 4, 2, 8, {"num_layers": 6}, {"account_for_embedding_in_pipeline_split": True,
                                      "account_for_loss_in_pipeline_split": True},
      [[0, 1], [1, 1], [1, 1], [1, 0]]),
-], ids=["first-last-1f1b", "first-interleaved-llama", "embedding-loss-empty-chunks"])
+    # PP4 x VPP2 x DP2 from Megatron's layout string: chunks Et, tt, t, t, t, t, t, L
+    (1, 4, 2, 8, None, {"pipeline_model_parallel_layout": "Et|tt|(t|)*5,L"},
+     [[1, 1], [2, 1], [1, 1], [1, 0]]),
+], ids=["first-last-1f1b", "first-interleaved-llama", "embedding-loss-empty-chunks", "layout"])
 def test_uneven_pipeline_training_matches_single_process(tp, pp, vpp, microbatches, model,
                                                          split, chunk_layers):
     built = run_distributed(8, _check_pipeline_training, tp, pp, vpp, microbatches, tp > 1,

@@ -1,6 +1,7 @@
 """Uneven pipeline splits: the layers of each chunk, written out by hand from Megatron-LM's
-description of ``--decoder-first/last-pipeline-num-layers`` and
-``--account-for-embedding/loss-in-pipeline-split``; their rules and messages; the flags."""
+description of ``--decoder-first/last-pipeline-num-layers``,
+``--account-for-embedding/loss-in-pipeline-split`` and ``--pipeline-model-parallel-layout``;
+their rules and messages; the flags."""
 
 import re
 
@@ -21,6 +22,7 @@ def _config(num_layers: int, pp: int, vpp: int | None = None, **split) -> Transf
 
 FIRST, LAST = "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"
 EMBEDDING, LOSS = "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split"
+LAYOUT = "pipeline_model_parallel_layout"
 
 # (num_layers, pp, vpp, split) -> the layers of each stage's chunks, as global index ranges
 CASES = {
@@ -46,6 +48,10 @@ CASES = {
     "embedding and loss, interleaved": ((6, 4, 2, {EMBEDDING: True, LOSS: True}),
                                         [[(0, 0), (3, 4)], [(0, 1), (4, 5)], [(1, 2), (5, 6)],
                                          [(2, 3), (6, 6)]]),
+    # chunks in model order: 3, 2, 2, 2 (round 1), 2, 2, 2, 1 and the loss (round 2)
+    "layout": ((16, 4, None, {LAYOUT: "Et*3|(tt|)*6,tL"}),
+               [[(0, 3), (9, 11)], [(3, 5), (11, 13)], [(5, 7), (13, 15)], [(7, 9), (15, 16)]]),
+    "layout, one chunk a stage": ((5, 2, None, {LAYOUT: "E|t*5L"}), [[(0, 0)], [(0, 5)]]),
 }
 
 
@@ -53,6 +59,7 @@ CASES = {
 def test_chunks_hold_the_layers_megatron_gives_them(case):
     (num_layers, pp, vpp, split), expected = CASES[case]
     cfg = _config(num_layers, pp, vpp, **split)
+    vpp = cfg.virtual_pipeline_model_parallel_size  # a layout sets it
     got = [[(r.start, r.stop) for r in (cfg.chunk_layers(stage, c) for c in range(vpp or 1))]
            for stage in range(pp)]
     assert got == expected
@@ -92,6 +99,20 @@ def test_the_estimate_names_an_uneven_split():
     (8, 2, None, {FIRST: 3, LAST: 3}, "leaves 2 layers for the 0 other stages"),
     (8, 2, None, {FIRST: 9}, "leaves -1 layers"),
     (8, 2, None, {FIRST: 4, LOSS: True}, "set one of them"),
+    (8, 2, None, {LAYOUT: "Ett*3|t*4L", LOSS: True},
+     "account_for_embedding/loss_in_pipeline_split and pipeline_model_parallel_layout are ways "
+     "to split the layers unevenly; set one of them"),
+    (8, 2, 2, {LAYOUT: "Et*4|t*4L"}, "pipeline_model_parallel_layout='Et*4|t*4L' has 2 chunks; "
+                                     "pipeline_model_parallel_size x "
+                                     "virtual_pipeline_model_parallel_size = 2 x 2 = 4"),
+    (8, 2, None, {LAYOUT: "Et*4|t*3L"}, "pipeline_model_parallel_layout='Et*4|t*3L' holds 7 "
+                                        "transformer layers (t) but num_layers=8"),
+    (8, 2, None, {LAYOUT: "t*4|Et*4L"}, "E must open the first chunk and L close the last"),
+    (8, 2, None, {LAYOUT: "Et*4|t*4|mL"}, "places multi-token prediction layers (m), which mp "
+                                          "does not have"),
+    (8, 2, None, {LAYOUT: "Et*4|t*4x"}, "only E, t, L, |, repetitions"),
+    (8, 2, None, {LAYOUT: "Et*4||t*4|L"}, "this split of num_layers=8 leaves chunk 0 of "
+                                          "pipeline stage 1 without layers"),
     (8, 2, 2, {FIRST: 0}, "this split of num_layers=8 leaves chunk 1 of pipeline stage 0 "
                           "without layers (layers per stage and chunk: [[0, 0], [4, 4]]); only "
                           "the model's first chunk (the embedding) and last chunk (the loss) may "
@@ -111,6 +132,16 @@ def test_recompute_counts_layers_of_the_largest_chunk():
                                          "largest pipeline chunk"):
         _config(10, 4, None, **{FIRST: 1, LAST: 3}, recompute_granularity="full",
                 recompute_method="block", recompute_num_layers=4)
+
+
+def test_layout_flag_sets_the_virtual_stages():
+    """Megatron's ``--pipeline-model-parallel-layout``: 6 chunks at PP 3 are 2 a stage."""
+    m = load_config(TINY, ["--tensor-model-parallel-size", "1", "--num-layers", "6",
+                           "--pipeline-model-parallel-size", "3",
+                           "--pipeline-model-parallel-layout", "E|(t|)*4,ttL",
+                           "--global-batch-size", "24"], 3).model
+    assert m.virtual_pipeline_model_parallel_size == 2
+    assert m.chunk_layer_counts == ((0, 1), (1, 1), (1, 2))
 
 
 def test_megatron_flags_set_the_split():

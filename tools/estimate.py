@@ -18,6 +18,7 @@ docs/estimate.md for the model behind each number and what is checked against th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -40,6 +41,7 @@ from mp.estimate.planner import (
     RECOMPUTE_MODES,
 )
 from mp.estimate.step_time import DEFAULT_EFFICIENCY
+from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
 
 # what --plan resets before the user's overrides: the planner chooses these itself, and the
 # config's own layout need not fit the GPU count
@@ -47,10 +49,8 @@ _PLAN_RESETS = ["--model.tensor_model_parallel_size", "1",
                 "--model.pipeline_model_parallel_size", "1",
                 "--model.virtual_pipeline_model_parallel_size", "null",
                 "--model.context_parallel_size", "1",
-                "--model.num_layers_in_first_pipeline_stage", "null",
-                "--model.num_layers_in_last_pipeline_stage", "null",
-                "--model.account_for_embedding_in_pipeline_split", "false",
-                "--model.account_for_loss_in_pipeline_split", "false",
+                *(part for name, even in UNEVEN_SPLIT_FIELDS.items()
+                  for part in (f"--model.{name}", json.dumps(even))),
                 "--model.sequence_parallel", "false",
                 "--model.recompute_granularity", "null", "--model.recompute_method", "null",
                 "--model.recompute_num_layers", "null",

@@ -32,15 +32,13 @@ from mp.device import get_device
 from mp.generation import SamplingParams, generate
 from mp.initialize import initialize_distributed
 from mp.model import GPTModel, TransformerConfig
+from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
 
 # What generation changes in the saved model config: one stage, no sequence parallelism
 # (the sequence grows a token at a time), nothing that only matters in training.
 _FOR_GENERATION = dict(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
                        context_parallel_size=1,
-                       num_layers_in_first_pipeline_stage=None,
-                       num_layers_in_last_pipeline_stage=None,
-                       account_for_embedding_in_pipeline_split=False,
-                       account_for_loss_in_pipeline_split=False,
+                       **UNEVEN_SPLIT_FIELDS,
                        sequence_parallel=False, recompute_granularity=None,
                        recompute_method=None, recompute_num_layers=None,
                        distribute_saved_activations=False, hidden_dropout=0.0,

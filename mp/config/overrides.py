@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 from mp.config.coerce import ConfigError, coerce, field_annotations, unknown_key_message
 from mp.config.job import SECTIONS, known_keys
+from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
 
 # Megatron-LM flags that are their key's name with dashes, grouped by section.
 _MEGATRON_NAMES = {
@@ -66,7 +67,7 @@ _MEGATRON_NAMES = {
         "rope_scaling_factor", "attention_backend", "kv_channels", "rotary_percent",
         "rotary_seq_len_interpolation_factor", "init_method_xavier_uniform",
         "qk_layernorm", "context_parallel_size", "account_for_embedding_in_pipeline_split",
-        "account_for_loss_in_pipeline_split",
+        "account_for_loss_in_pipeline_split", "pipeline_model_parallel_layout",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
@@ -360,10 +361,6 @@ def no_effect_notices(args: Sequence[str]) -> list[str]:
             for name, _, values in _split_options(args) if name in NO_EFFECT_FLAGS]
 
 
-_UNEVEN_SPLIT = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
-                 "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split")
-
-
 def _virtual_stages(model: dict, layers_per_stage: int) -> int:
     """``num_layers / pipeline_model_parallel_size / layers_per_stage``, which must divide."""
     if layers_per_stage < 1:
@@ -374,7 +371,7 @@ def _virtual_stages(model: dict, layers_per_stage: int) -> int:
     pp = coerce("model.pipeline_model_parallel_size",
                 model.get("pipeline_model_parallel_size", 1), int)
     fields = field_annotations(SECTIONS["model"])
-    for name in _UNEVEN_SPLIT:
+    for name in UNEVEN_SPLIT_FIELDS:
         value = coerce(f"model.{name}", model.get(name), fields[name]) if name in model else None
         if value is not None and value is not False:  # a count of 0 is set
             raise ConfigError(f"{VIRTUAL_STAGE_FLAG} assumes an even split and model.{name}="

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from mp.estimate.setup import Setup
 from mp.model.config import TransformerConfig
+from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
 
 FP32 = 4
 ADAM_MOMENT_BYTES = 2 * FP32  # exp_avg and exp_avg_sq
@@ -120,9 +121,8 @@ def model_params(cfg: TransformerConfig) -> int:
     for GPT-3's shape. It is one rank's count for the same model unsplit."""
     unsplit = dataclasses.replace(
         cfg, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        virtual_pipeline_model_parallel_size=None, num_layers_in_first_pipeline_stage=None,
-        num_layers_in_last_pipeline_stage=None, account_for_embedding_in_pipeline_split=False,
-        account_for_loss_in_pipeline_split=False, sequence_parallel=False,
+        virtual_pipeline_model_parallel_size=None, **UNEVEN_SPLIT_FIELDS,
+        sequence_parallel=False,
         recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
         make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by
         * cfg.tensor_model_parallel_size)

@@ -36,8 +36,8 @@ from mp import parallel_state
 from mp.fused import AttnMaskType, FusedScaleMaskSoftmax, attention_mask_func
 from mp.model.config import TransformerConfig
 from mp.model.context_parallel import context_parallel_attention
-from mp.model.init import init_method, output_init_method
 from mp.model.inference import InferenceParams
+from mp.model.init import init_method, output_init_method
 from mp.model.norm import build_norm
 from mp.model.rope import apply_rotary
 from mp.tensor_parallel import (
@@ -47,7 +47,6 @@ from mp.tensor_parallel import (
     divide,
     get_cuda_rng_tracker,
 )
-
 
 # SDPA reads grouped keys and values itself from torch 2.5 (enable_gqa); before, they are
 # repeated per query head first, as for the unfused core.

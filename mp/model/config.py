@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mp.model.pipeline_split import chunk_layer_counts, chunk_layer_range
+from mp.model.pipeline_split import chunk_layer_counts, chunk_layer_range, parse_layout
 
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,6 +76,8 @@ class TransformerConfig:
     num_layers_in_last_pipeline_stage: int | None = None  # --decoder-last-pipeline-num-layers
     account_for_embedding_in_pipeline_split: bool = False  # the embedding counts as a layer
     account_for_loss_in_pipeline_split: bool = False  # the output layer and loss count as one
+    pipeline_model_parallel_layout: str | None = None  # every chunk written out ("Et*3|...|tL",
+    # Megatron's --pipeline-model-parallel-layout); its chunks / PP are the virtual stages
     sequence_parallel: bool = False
     overlap_p2p_comm: bool = False  # interleaved pipeline: p2p under compute (pipelined.py)
     recompute_granularity: str | None = None  # None | full | selective (attention core only)
@@ -148,6 +150,11 @@ class TransformerConfig:
             _divisible("seq_length", self.seq_length, "tensor_model_parallel_size x "
                        "context_parallel_size (sequence_parallel=True)" if cp > 1 else
                        "tensor_model_parallel_size (sequence_parallel=True)", tp * cp)
+        if self.pipeline_model_parallel_layout is not None \
+                and self.virtual_pipeline_model_parallel_size is None:
+            chunks = len(parse_layout(self.pipeline_model_parallel_layout))
+            if chunks > pp and chunks % pp == 0:
+                self.virtual_pipeline_model_parallel_size = chunks // pp
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:
             _positive_int("virtual_pipeline_model_parallel_size", vpp)
@@ -201,7 +208,7 @@ class TransformerConfig:
             self.num_layers, self.pipeline_model_parallel_size,
             self.virtual_pipeline_model_parallel_size, self.num_layers_in_first_pipeline_stage,
             self.num_layers_in_last_pipeline_stage, self.account_for_embedding_in_pipeline_split,
-            self.account_for_loss_in_pipeline_split)
+            self.account_for_loss_in_pipeline_split, self.pipeline_model_parallel_layout)
 
     def chunk_layers(self, pp_rank: int = 0, chunk: int = 0) -> range:
         """0-based indices over the whole model of the layers of ``chunk`` on ``pp_rank``."""

@@ -15,6 +15,12 @@ chunk's first layer is the count of every chunk before it. How many each chunk g
   ``--account-for-loss-in-pipeline-split``): the split is even over ``L + 1`` (or ``L + 2``)
   "layers", and the model's first chunk (last chunk) has one transformer layer fewer, its
   share going to the embedding (the output layer and loss).
+- **a layout** (``--pipeline-model-parallel-layout``, `parse_layout`): every chunk written
+  out, in global-chunk order, as Megatron's string: ``|`` ends a chunk, ``t`` is a transformer
+  layer, ``E`` the embedding (opening the first chunk), ``L`` the loss (closing the last),
+  ``x*n`` and ``(...)*n`` repeat, commas are cosmetic. ``"Et*3|(tt|)*6,tL"`` at PP 4 is 8
+  chunks, 2 per stage: 3 layers, then 2 in each chunk up to the last, which holds 1 and the
+  loss (16 layers). The number of chunks gives the virtual stages per rank.
 
 Only the model's first chunk (which holds the embedding) and its last (the output layer and
 loss) may be left without layers: any other chunk would hold nothing at all. Every rule is
@@ -23,18 +29,33 @@ checked with a message naming the values, before any process group exists.
 
 from __future__ import annotations
 
+import re
+
+#: The `TransformerConfig` fields that split the layers unevenly, and their values for an even
+#: split (what a model has once it is not pipelined).
+UNEVEN_SPLIT_FIELDS = {"num_layers_in_first_pipeline_stage": None,
+                       "num_layers_in_last_pipeline_stage": None,
+                       "account_for_embedding_in_pipeline_split": False,
+                       "account_for_loss_in_pipeline_split": False,
+                       "pipeline_model_parallel_layout": None}
+
 
 def chunk_layer_counts(num_layers: int, pp: int, vpp: int | None = None,
                        first: int | None = None, last: int | None = None,
-                       account_for_embedding: bool = False,
-                       account_for_loss: bool = False) -> tuple[tuple[int, ...], ...]:
+                       account_for_embedding: bool = False, account_for_loss: bool = False,
+                       layout: str | None = None) -> tuple[tuple[int, ...], ...]:
     """``counts[r][c]``: transformer layers of chunk ``c`` on pipeline stage ``r``."""
     v = vpp or 1
-    if first is not None or last is not None:
-        if account_for_embedding or account_for_loss:
-            raise ValueError("num_layers_in_first/last_pipeline_stage and account_for_embedding"
-                             "/loss_in_pipeline_split are two ways to split the layers unevenly;"
-                             " set one of them")
+    ways = [name for name, given in (
+        ("num_layers_in_first/last_pipeline_stage", first is not None or last is not None),
+        ("account_for_embedding/loss_in_pipeline_split", account_for_embedding or account_for_loss),
+        ("pipeline_model_parallel_layout", layout is not None)) if given]
+    if len(ways) > 1:
+        raise ValueError(f"{' and '.join(ways)} are ways to split the layers unevenly; set one "
+                         "of them")
+    if layout is not None:
+        counts = _layout_split(layout, num_layers, pp, v)
+    elif first is not None or last is not None:
         counts = _first_last_split(num_layers, pp, v, first, last)
     else:
         counts = _even_split(num_layers, pp, v, account_for_embedding, account_for_loss)
@@ -93,6 +114,44 @@ def _first_last_split(num_layers: int, pp: int, v: int, first: int | None,
     if last is not None:
         counts[-1] = [last // v] * v
     return tuple(tuple(stage) for stage in counts)
+
+
+def parse_layout(layout: str) -> list[str]:
+    """The chunks of a layout string (module doc), its repetitions written out:
+    ``"Et*2|(t|)*2,tL"`` is ``["Ett", "t", "t", "tL"]``. ValueError for anything else."""
+    text = layout.replace(",", "").replace(" ", "")
+    while True:  # innermost groups first
+        expanded = re.sub(r"\(([^()]*)\)\*(\d+)", lambda m: m[1] * int(m[2]), text)
+        if expanded == text:
+            break
+        text = expanded
+    text = re.sub(r"([EtmL|])\*(\d+)", lambda m: m[1] * int(m[2]), text)
+    if "m" in text:
+        raise ValueError(f"pipeline_model_parallel_layout={layout!r} places multi-token "
+                         "prediction layers (m), which mp does not have")
+    if re.search(r"[^EtL|]", text):
+        raise ValueError(f"pipeline_model_parallel_layout={layout!r}: only E, t, L, |, "
+                         "repetitions (x*n, (...)*n) and commas are understood")
+    return text.split("|")
+
+
+def _layout_split(layout: str, num_layers: int, pp: int, v: int
+                  ) -> tuple[tuple[int, ...], ...]:
+    chunks = parse_layout(layout)
+    where = f"pipeline_model_parallel_layout={layout!r}"
+    if len(chunks) != pp * v:
+        raise ValueError(f"{where} has {len(chunks)} chunks; pipeline_model_parallel_size x "
+                         f"virtual_pipeline_model_parallel_size = {pp} x {v} = {pp * v}")
+    text = "|".join(chunks)
+    if not (chunks[0].startswith("E") and chunks[-1].endswith("L")
+            and text.count("E") == text.count("L") == 1):
+        raise ValueError(f"{where}: E must open the first chunk and L close the last, once "
+                         "each (mp keeps the embedding on the first chunk and the loss on the "
+                         "last)")
+    if text.count("t") != num_layers:
+        raise ValueError(f"{where} holds {text.count('t')} transformer layers (t) but "
+                         f"num_layers={num_layers}")
+    return tuple(tuple(chunks[c * pp + r].count("t") for c in range(v)) for r in range(pp))
 
 
 def chunk_layer_range(counts: tuple[tuple[int, ...], ...], pp_rank: int, chunk: int) -> range:
