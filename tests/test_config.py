@@ -313,9 +313,8 @@ COMMAND_LINE_ERRORS = [
     (["--finetune"], 4,
      "training.finetune=true needs training.load (the checkpoint whose weights the run starts "
      "from)"),
-    (["--no-position-embedding"], 4,
-     "--no-position-embedding needs model.position_embedding_type=rope (got 'learned_absolute')"
-     ": mp has no model without position information; add --position-embedding-type rope"),
+    (["--position-embedding-type", "alibi"], 4,
+     "position_embedding_type='alibi' must be one of 'learned_absolute', 'rope', 'none'"),
     (["--lr-warmup-fraction", "0.1"], 4,
      "training.lr_warmup_fraction=0.1 and training.lr_warmup_iters=30 both set the warm-up, as "
      "Megatron-LM forbids: set one (--lr-warmup-iters 0 clears the count)"),

@@ -219,3 +219,12 @@ def test_xavier_init_interpolated_rope_and_warmup_init_flags():
     assert cfg.model.init_method_xavier_uniform
     assert cfg.model.rotary_seq_len_interpolation_factor == 4.0
     assert cfg.training.lr_warmup_init == 1e-5
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--no-position-embedding"], "none"),  # Megatron's NoPE: no table, no rotation
+    (["--use-rotary-position-embeddings", "--no-position-embedding"], "rope"),
+    (["--position-embedding-type", "none"], "none")])
+def test_no_position_embedding(flags, expected):
+    assert parse_args(["--config", TINY, *flags], world_size=4).model.position_embedding_type \
+        == expected

@@ -35,6 +35,7 @@ VARIANTS = {
     "sp_swiglu_rope_rms_untied": dict(sequence_parallel=True, activation="swiglu",
                                       position_embedding_type="rope", normalization="RMSNorm",
                                       untie_embeddings_and_output_weights=True),
+    "sp_no_position_embedding": dict(sequence_parallel=True, position_embedding_type="none"),
     "full_recompute": dict(recompute_granularity="full", recompute_method="uniform"),
     "sp_block_recompute_distributed": dict(sequence_parallel=True, recompute_granularity="full",
                                            recompute_method="block", recompute_num_layers=1,

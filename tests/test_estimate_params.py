@@ -21,6 +21,7 @@ VARIANTS = {
                                           untie_embeddings_and_output_weights=True,
                                           add_bias_linear=False),
     "grouped_query": dict(num_attention_heads=8, num_query_groups=4),
+    "no_position_embedding": dict(position_embedding_type="none"),
     # heads 12 wide, not 64 / 8: QKV 64 -> 8 x 12 + 2 x 4 x 12, output projection 96 -> 64
     "kv_channels_grouped_query": dict(num_attention_heads=8, num_query_groups=4, kv_channels=12),
     # q and k norms over 12 channels: LayerNorm 4 vectors per layer, RMSNorm 2

@@ -89,6 +89,8 @@ VARIANTS = {
     "sequence_parallel": {"sequence_parallel": True},
     # Glorot's uniform of each full weight: each TP shard is the serial weight's slice
     "xavier_uniform_sp": {"init_method_xavier_uniform": True, "sequence_parallel": True},
+    # no position information (NoPE): the word embedding reduce-scattered straight under SP
+    "no_position_embedding_sp": {"position_embedding_type": "none", "sequence_parallel": True},
     "full_uniform": {"recompute_granularity": "full", "recompute_method": "uniform",
                      "recompute_num_layers": 2},
     "full_block_sp": {"recompute_granularity": "full", "recompute_method": "block",

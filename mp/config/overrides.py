@@ -29,9 +29,9 @@ Syntax, applied left to right (a later override of the same key wins):
   ``--num-query-groups`` then defaults to 1 (multi-query attention): it sets
   ``model.num_query_groups`` to 1 unless the config or the command line gives a count.
   Unlike Megatron, ``--num-query-groups G`` alone takes effect too.
-- ``--no-position-embedding`` (no learned absolute position embedding) is accepted with
-  RoPE, which adds none; mp has no model without position information, so without
-  ``position_embedding_type=rope`` it is an error.
+- ``--no-position-embedding`` (no learned absolute position embedding) changes nothing with
+  RoPE, which adds none; otherwise it sets ``model.position_embedding_type`` to ``none`` (no
+  position information but the causal mask), as in Megatron.
 
 - Megatron flags that would change nothing in mp (`NO_EFFECT_FLAGS`, such as
   ``--use-mcore-models`` or ``--ckpt-format torch_dist``) are accepted, and the job prints why
@@ -229,7 +229,7 @@ DEFERRED_FLAGS: dict[str, str] = {
     VIRTUAL_STAGE_FLAG: ("model.virtual_pipeline_model_parallel_size = num_layers / "
                          "pipeline_model_parallel_size / N"),
     GROUP_QUERY_FLAG: "model.num_query_groups=1 unless given",
-    NO_POSITION_EMBEDDING_FLAG: "accepted with model.position_embedding_type=rope",
+    NO_POSITION_EMBEDDING_FLAG: ("model.position_embedding_type=none unless it is rope"),
 }
 
 
@@ -274,10 +274,7 @@ def apply_overrides(sections: dict, args: Sequence[str]) -> None:
     if GROUP_QUERY_FLAG in deferred and "num_query_groups" not in model:
         _set(sections, "model.num_query_groups", 1)
     if NO_POSITION_EMBEDDING_FLAG in deferred and model.get("position_embedding_type") != "rope":
-        raise ConfigError(
-            f"{NO_POSITION_EMBEDDING_FLAG} needs model.position_embedding_type=rope (got "
-            f"{model.get('position_embedding_type', 'learned_absolute')!r}): mp has no model "
-            "without position information; add --position-embedding-type rope")
+        _set(sections, "model.position_embedding_type", "none")
     if VIRTUAL_STAGE_FLAG in deferred:
         layers_per_stage = coerce(VIRTUAL_STAGE_FLAG, deferred[VIRTUAL_STAGE_FLAG][0], int)
         vpp = _virtual_stages(model, layers_per_stage)

@@ -112,7 +112,7 @@ def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
             gathers, scatters = gathers + 2, scatters + 1
         if first:
             gathers += 1  # the embedding's backward
-            if cfg.position_embedding_type == "rope":
+            if cfg.position_embedding_type != "learned_absolute":  # no table: reduce-scattered
                 scatters += 1
             else:
                 out.append(Collective("embedding", "all_reduce", "tp", m * act))

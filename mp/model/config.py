@@ -43,7 +43,8 @@ class TransformerConfig:
     # | swiglu | squared_relu (relu(x)^2, Megatron's --squared-relu)
     qk_layernorm: bool = False  # normalize each query and key head over its kv_channels
     # (Megatron's --qk-layernorm): one q_layernorm and one k_layernorm shared by all heads
-    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
+    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope | none (no
+    # position information but the causal mask, "NoPE"; Megatron's --no-position-embedding)
     rotary_base: float = 10000.0
     use_rope_scaling: bool = False  # Llama 3.1's RoPE frequency scaling (mp.model.rope)
     rope_scaling_factor: float = 8.0
@@ -110,7 +111,7 @@ class TransformerConfig:
         _one_of("normalization_impl", self.normalization_impl, ("mp", "apex"))
         _one_of("activation", self.activation, ("gelu", "gelu_tanh", "swiglu", "squared_relu"))
         _one_of("position_embedding_type", self.position_embedding_type,
-                ("learned_absolute", "rope"))
+                ("learned_absolute", "rope", "none"))
         _one_of("attention_backend", self.attention_backend, ("sdpa", "unfused"))
         _one_of("precision", self.precision, tuple(_PRECISIONS))
         _one_of("recompute_granularity", self.recompute_granularity, (None, "full", "selective"))
