@@ -23,6 +23,7 @@ rank holds for its own tokens, are reduced over DP x CP
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -57,6 +58,15 @@ def get_batch_on_this_cp_rank(batch: dict[str, torch.Tensor], group: dist.Proces
             for key, value in batch.items()}
 
 
+@functools.lru_cache(maxsize=8)
+def _sequence_order(seq_length: int, cp_size: int, device: torch.device) -> torch.Tensor:
+    """The permutation that puts the CP ranks' gathered blocks back in sequence order (the
+    same for every layer and micro-batch, so computed once)."""
+    gathered = torch.cat([local_positions(seq_length, cp_size, r, device)
+                          for r in range(cp_size)])
+    return torch.argsort(gathered)
+
+
 def context_parallel_attention(attend: Callable, q: torch.Tensor, k: torch.Tensor,
                                v: torch.Tensor, attention_mask: torch.Tensor | None,
                                group: dist.ProcessGroup) -> torch.Tensor:
@@ -69,9 +79,8 @@ def context_parallel_attention(attend: Callable, q: torch.Tensor, k: torch.Tenso
     """
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     local = q.size(0)
-    seq_length, chunk = local * cp, local // 2
-    gathered = torch.cat([local_positions(seq_length, cp, r, q.device) for r in range(cp)])
-    order = torch.argsort(gathered)  # gathered blocks -> sequence order
+    chunk = local // 2
+    order = _sequence_order(local * cp, cp, q.device)
     k, v = (gather_from_sequence_parallel_region(t, True, group=group).index_select(0, order)
             for t in (k, v))
     contexts = []
