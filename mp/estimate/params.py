@@ -3,11 +3,11 @@
 A rank holds ``1 / TP`` of each sharded weight (QKV, attention output, MLP, word embedding and
 output layer, with Megatron's vocabulary padding) and a full copy of each replicated one
 (norms, row-parallel biases, the position table), for the layers of its pipeline stage: the
-layers of its ``v`` model chunks (``num_layers / PP``, or as `TransformerConfig.chunk_layer_counts`
-splits them unevenly). The first stage adds the embedding, the
-last the final norm and, with untied embeddings or with tied embeddings split over stages
-(PP > 1), the output layer: Megatron keeps a copy of the word embedding there and keeps the
-two in step by all-reducing their gradients.
+layers of its ``v`` model chunks (``num_layers / PP``, or as
+`TransformerConfig.chunk_layer_counts` splits them unevenly). The first stage adds the
+embedding, the last the final norm and, with untied embeddings or with tied embeddings split
+over stages (PP > 1), the output layer: Megatron keeps a copy of the word embedding there and
+keeps the two in step by all-reducing their gradients.
 
 Bytes per parameter, as ``mp`` keeps them (checked against the built model and optimizer):
 
