@@ -14,6 +14,7 @@ from mp import parallel_state as ps
 from mp.estimate import Setup
 from mp.data.document_masks import document_positions_and_mask
 from mp.model import GPTModel, TransformerConfig
+from mp.model.inference import InferenceParams
 from mp.model.context_parallel import get_batch_on_this_cp_rank, local_positions
 
 B, S, VOCAB = 2, 16, 96
@@ -124,3 +125,15 @@ def test_the_estimator_refuses_context_parallelism_by_name():
     with pytest.raises(ValueError, match="model.context_parallel_size=2: the estimator does not "
                                          "model context parallelism yet"):
         Setup(_config(cp=2))
+
+
+def _decode_with_context_parallelism():
+    ps.initialize_model_parallel(1, context_parallel_size=2)
+    model = GPTModel(_config(cp=2))
+    with pytest.raises(ValueError, match="a key/value cache \\(inference_params\\) needs "
+                                         "context_parallel_size=1, not 2"):
+        model(torch.zeros(1, 4, dtype=torch.int64), inference_params=InferenceParams(S))
+
+
+def test_decoding_with_a_cache_is_refused_under_context_parallelism():
+    run_distributed(2, _decode_with_context_parallelism)

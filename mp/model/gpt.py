@@ -67,6 +67,10 @@ class GPTModel(nn.Module):
                 labels: torch.Tensor | None = None,
                 inference_params: InferenceParams | None = None) -> torch.Tensor:
         length, offset = input_ids.size(1), 0
+        if inference_params is not None and self.config.context_parallel_size > 1:
+            raise ValueError(f"a key/value cache (inference_params) needs context_parallel_size=1"
+                             f", not {self.config.context_parallel_size}: decoding adds one "
+                             "token at a time (tools/generate.py builds the model without CP)")
         if inference_params is not None:  # the tokens after the cached ones
             offset = inference_params.sequence_len_offset
             if position_ids is None:
