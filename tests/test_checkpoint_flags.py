@@ -175,6 +175,7 @@ def test_skip_train_evaluates_the_checkpoint_and_writes_nothing(tmp_path, tp, pp
     out = run_distributed(2, _pretrain, skipping, {})[0]
     assert re.search(r"resuming from \S+iter_0000004: iteration 4, 8 samples consumed", out), out
     assert "skipping training (training.skip_train) at iteration 4" in out
+    assert "per iteration, no training iterations (training.skip_train)" in out
     assert not re.search(r"^iteration \d", out, re.MULTILINE), out
     want, got = VALIDATION.search(printed), VALIDATION.search(out)
     assert got, out

@@ -100,13 +100,16 @@ def count_parameters(model: list[torch.nn.Module]) -> int:
 
 def batches_text(cfg: JobConfig, world_size: int) -> str:
     """The start-up line's account of the batches: ``8 micro-batches of 4 per data-parallel
-    rank per iteration, 1234 iterations`` (the ramp's first and last counts when it ramps)."""
+    rank per iteration, 1234 iterations`` (the ramp's first and last counts when it ramps;
+    ``no training iterations (training.skip_train)`` when it only evaluates)."""
     schedule, tr = cfg.batch_schedule(world_size), cfg.training
     counts = [schedule.num_microbatches_at(0), cfg.num_microbatches(world_size)]
     ramp = "" if tr.rampup_batch_size is None else \
         f" (ramping from {counts[0]} over the first {schedule.ramp_samples} samples)"
+    iterations = "no training iterations (training.skip_train)" if tr.skip_train else \
+        f"{cfg.train_iterations(world_size)} iterations"
     return (f"{counts[-1]} micro-batches of {tr.micro_batch_size} per data-parallel rank per "
-            f"iteration{ramp}, {cfg.train_iterations(world_size)} iterations")
+            f"iteration{ramp}, {iterations}")
 
 
 def check_supported(cfg: JobConfig, world_size: int | None = None) -> None:
