@@ -5,7 +5,7 @@ numbers of tokens per micro-batch and per data-parallel rank: the loss, the grad
 (clipping active) and the weights after a few steps, and the per-token evaluation loss over
 two batches, agree at TP2 x DP2 (with and without SP and the distributed optimizer), PP2 x DP2
 with 1F1B and interleaved, and with context parallelism (CP2 x DP2, TP2 x CP2 with SP and the
-distributed optimizer, PP2 x CP2); in fp16 with loss scaling within fp16's precision. The
+distributed optimizer, PP2 x CP2, and TP2 x CP2 x PP2 interleaved on 8 ranks); in fp16 with loss scaling within fp16's precision. The
 default mode still follows the mean of the micro-batches' means, which differs on that data,
 at TP2 x DP2, CP2 x DP2 and TP2 x CP2."""
 
@@ -137,6 +137,14 @@ def test_per_token_loss_follows_the_single_process_reference(references, layout)
     want = references[True]
     _assert_follows(run_distributed(4, _parallel, want["initial"], per_token=True, **layout),
                     want, rtol=RTOL)
+
+
+def test_every_parallelism_at_once_follows_the_reference(references):
+    """TP2 x CP2 x PP2 (interleaved) on 8 ranks, with SP and the distributed optimizer."""
+    want = references[True]
+    _assert_follows(run_distributed(8, _parallel, want["initial"], per_token=True, tp=2, pp=2,
+                                    cp=2, vpp=2, sequence_parallel=True,
+                                    distributed_optimizer=True), want, rtol=RTOL)
 
 
 @pytest.mark.parametrize("layout", ["TP2xDP2", "CP2xDP2", "TP2xCP2-SP-distopt"])
