@@ -228,3 +228,15 @@ def test_xavier_init_interpolated_rope_and_warmup_init_flags():
 def test_no_position_embedding(flags, expected):
     assert parse_args(["--config", TINY, *flags], world_size=4).model.position_embedding_type \
         == expected
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_ddp_bucket_size_counts_elements(bf16):
+    """Megatron's ``--ddp-bucket-size`` is gradient elements per bucket; the job's buckets hold
+    ``bucket_size_mb x 2^20 / (gradient bytes)`` elements: the same count."""
+    flags = ["--config", TINY, "--ddp-bucket-size", "1000003"]
+    flags += ["--bf16", "--grad-reduce-in-bf16"] if bf16 else []
+    tr = parse_args(flags, world_size=4).training
+    assert int(tr.bucket_size_mb * 2**20 / (2 if bf16 else 4)) == 1000003
+    assert error_of("--ddp-bucket-size", "0") == "--ddp-bucket-size=0 must be >= 1 (elements " \
+        "per bucket)"

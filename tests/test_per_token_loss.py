@@ -2,12 +2,12 @@
 single process that takes the whole global batch in one forward and computes, itself, (sum of
 every kept token's loss) / (number of kept tokens), on batches whose loss masks keep unequal
 numbers of tokens per micro-batch and per data-parallel rank: the loss, the gradient norm
-(clipping active) and the weights after a few steps, and the per-token evaluation loss over
-two batches, agree at TP2 x DP2 (with and without SP and the distributed optimizer), PP2 x DP2
-with 1F1B and interleaved, and with context parallelism (CP2 x DP2, TP2 x CP2 with SP and the
-distributed optimizer, PP2 x CP2, and TP2 x CP2 x PP2 interleaved on 8 ranks); in fp16 with loss scaling within fp16's precision. The
-default mode still follows the mean of the micro-batches' means, which differs on that data,
-at TP2 x DP2, CP2 x DP2 and TP2 x CP2."""
+(clipping active) and the weights after a few steps, and the per-token evaluation loss over two
+batches, agree at TP2 x DP2 (with and without SP and the distributed optimizer), PP2 x DP2 with
+1F1B and interleaved, and with context parallelism (CP2 x DP2, TP2 x CP2 with SP and the
+distributed optimizer, PP2 x CP2, and TP2 x CP2 x PP2 interleaved on 8 ranks); in fp16 with loss
+scaling within fp16's precision. The default mode still follows the mean of the micro-batches'
+means, which differs on that data, at TP2 x DP2, CP2 x DP2 and TP2 x CP2."""
 
 import pytest
 import torch

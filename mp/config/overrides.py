@@ -223,6 +223,7 @@ CHOICE_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
 VIRTUAL_STAGE_FLAG = "--num-layers-per-virtual-pipeline-stage"
 GROUP_QUERY_FLAG = "--group-query-attention"
 NO_POSITION_EMBEDDING_FLAG = "--no-position-embedding"
+BUCKET_SIZE_FLAG = "--ddp-bucket-size"
 
 #: Flags resolved after every other override -> what they do (for --help).
 DEFERRED_FLAGS: dict[str, str] = {
@@ -230,6 +231,8 @@ DEFERRED_FLAGS: dict[str, str] = {
                          "pipeline_model_parallel_size / N"),
     GROUP_QUERY_FLAG: "model.num_query_groups=1 unless given",
     NO_POSITION_EMBEDDING_FLAG: ("model.position_embedding_type=none unless it is rope"),
+    BUCKET_SIZE_FLAG: ("training.bucket_size_mb = N elements x the gradient's bytes (4, or 2 "
+                       "with grad_reduce_in_bf16) / 2^20"),
 }
 
 
@@ -275,6 +278,9 @@ def apply_overrides(sections: dict, args: Sequence[str]) -> None:
         _set(sections, "model.num_query_groups", 1)
     if NO_POSITION_EMBEDDING_FLAG in deferred and model.get("position_embedding_type") != "rope":
         _set(sections, "model.position_embedding_type", "none")
+    if BUCKET_SIZE_FLAG in deferred:
+        _set(sections, "training.bucket_size_mb",
+             _bucket_megabytes(sections.get("training") or {}, deferred[BUCKET_SIZE_FLAG][0]))
     if VIRTUAL_STAGE_FLAG in deferred:
         layers_per_stage = coerce(VIRTUAL_STAGE_FLAG, deferred[VIRTUAL_STAGE_FLAG][0], int)
         vpp = _virtual_stages(model, layers_per_stage)
@@ -324,7 +330,7 @@ def _option(name: str) -> _Option:
     if name in CHOICE_FLAGS:
         return _Option(None, 1, None)
     if name in DEFERRED_FLAGS:
-        takes = int(name == VIRTUAL_STAGE_FLAG)
+        takes = int(name in (VIRTUAL_STAGE_FLAG, BUCKET_SIZE_FLAG))
         return _Option(None, takes, takes)
     if name in NO_EFFECT_FLAGS:
         takes = NO_EFFECT_FLAGS[name][0]
@@ -356,6 +362,17 @@ def no_effect_notices(args: Sequence[str]) -> list[str]:
     return [f"notice: {' '.join([name, *values])} has no effect in mp: "
             f"{NO_EFFECT_FLAGS[name][1]}"
             for name, _, values in _split_options(args) if name in NO_EFFECT_FLAGS]
+
+
+def _bucket_megabytes(training: dict, elements: str) -> float:
+    """Megatron's ``--ddp-bucket-size`` (gradient elements per bucket) as mp's
+    ``bucket_size_mb`` (exact: a whole number of elements times 2 or 4 bytes over 2^20)."""
+    count = coerce(BUCKET_SIZE_FLAG, elements, int)
+    if count < 1:
+        raise ConfigError(f"{BUCKET_SIZE_FLAG}={count} must be >= 1 (elements per bucket)")
+    bf16 = coerce("training.grad_reduce_in_bf16", training.get("grad_reduce_in_bf16", False),
+                  bool)
+    return count * (2 if bf16 else 4) / 2**20
 
 
 def _virtual_stages(model: dict, layers_per_stage: int) -> int:
