@@ -85,6 +85,14 @@ def test_cli_plan(capsys, tmp_path):
     assert "valid layouts fit" in lines[6]
 
 
+def test_cli_plan_refuses_the_layout_it_chooses(capsys):
+    tool = _tool()
+    assert tool.main(["--config", os.path.join(CONFIGS, "gpt3-1.3b.yaml"), "--gpus", "8",
+                      "--plan", "--tensor-model-parallel-size", "2"]) == 2
+    assert "--plan chooses model.tensor_model_parallel_size itself: drop it from the command " \
+        "line" in capsys.readouterr().err
+
+
 def test_cli_single_estimate_with_overrides(capsys):
     tool = _tool()
     assert tool.main(["--config", os.path.join(CONFIGS, "gpt3-175b.yaml"), "--gpus", "1024",

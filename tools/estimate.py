@@ -23,6 +23,7 @@ import os
 import sys
 
 from mp.config import load_config
+from mp.config.overrides import apply_overrides
 from mp.estimate import (
     CPU,
     CUDA,
@@ -55,6 +56,17 @@ _PLAN_RESETS = ["--model.tensor_model_parallel_size", "1",
                 "--model.recompute_granularity", "null", "--model.recompute_method", "null",
                 "--model.recompute_num_layers", "null",
                 "--training.micro_batch_size", "1"]
+
+
+def _check_plan_overrides(overrides: list[str]) -> None:
+    """ValueError naming an override of a key the planner chooses itself."""
+    given: dict = {}
+    apply_overrides(given, overrides)
+    for flag in _PLAN_RESETS[::2]:
+        section, name = flag[2:].split(".")
+        if name in (given.get(section) or {}):
+            raise ValueError(f"--plan chooses {section}.{name} itself: drop it from the command "
+                             "line (without --plan the tool estimates the layout it is given)")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -123,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                        inter_node_gbps=args.inter_node_gbps, gpus_per_node=args.gpus_per_node)
         kernels = CUDA if args.kernels == "cuda" else CPU
         if args.plan:
+            _check_plan_overrides(overrides)
             job = load_config(args.config, _PLAN_RESETS + overrides, world_size=1)
             sp = {"on": (True,), "off": (False,), "both": (True, False)}[args.sequence_parallel]
             distributed = None if args.distributed_optimizer is None else \
