@@ -1,0 +1,196 @@
+"""Megatron-LM's command-line flags as mp reads them: the tables `mp.config.overrides` parses
+with.
+
+- `ALIASES`: a flag -> the ``section.key`` it sets (most are the key's name with dashes);
+  `MEGATRON_VALUES` translates some of their values.
+- `CONSTANT_FLAGS`: value-less flags that set a key to a fixed value (``--bf16``).
+- `DEFERRED_FLAGS`: flags resolved after every other override, since they read other keys
+  (``--num-layers-per-virtual-pipeline-stage``, ``--ddp-bucket-size``, ...).
+- `NO_EFFECT_FLAGS`: flags that change nothing in mp, each with the reason the job prints.
+- `UNSUPPORTED_FLAGS`, `UNSUPPORTED_PREFIXES`: flags of features mp does not have, with what
+  to say; `CHOICE_FLAGS`: flags of which mp has some values only.
+"""
+
+from __future__ import annotations
+
+# Megatron-LM flags that are their key's name with dashes, grouped by section.
+_MEGATRON_NAMES = {
+    "model": (
+        "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+        "ffn_hidden_size", "seq_length",
+        "max_position_embeddings", "make_vocab_size_divisible_by", "normalization",
+        "position_embedding_type", "untie_embeddings_and_output_weights", "hidden_dropout",
+        "attention_dropout", "init_method_std", "tensor_model_parallel_size",
+        "pipeline_model_parallel_size", "sequence_parallel", "recompute_granularity",
+        "overlap_p2p_comm", "recompute_method", "recompute_num_layers",
+        "distribute_saved_activations", "rotary_base", "use_rope_scaling",
+        "rope_scaling_factor", "attention_backend", "kv_channels", "rotary_percent",
+        "rotary_seq_len_interpolation_factor", "init_method_xavier_uniform",
+        "qk_layernorm", "context_parallel_size", "account_for_embedding_in_pipeline_split",
+        "account_for_loss_in_pipeline_split", "pipeline_model_parallel_layout",
+    ),
+    "training": (
+        "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
+        "rampup_batch_size", "lr", "min_lr", "lr_decay_style", "lr_wsd_decay_style",
+        "lr_wsd_decay_iters", "lr_wsd_decay_samples", "lr_warmup_fraction",
+        "lr_warmup_iters", "lr_warmup_init",
+        "lr_decay_iters", "lr_warmup_samples", "lr_decay_samples", "weight_decay", "adam_beta1",
+        "adam_beta2", "adam_eps", "clip_grad", "seed", "loss_scale", "initial_loss_scale",
+        "min_loss_scale", "loss_scale_window", "hysteresis", "use_distributed_optimizer",
+        "overlap_param_gather", "overlap_grad_reduce", "deepspeed", "deepspeed_config",
+        "eval_interval", "eval_iters", "save", "load", "finetune", "use_checkpoint_args",
+        "no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng",
+        "exit_on_missing_checkpoint", "skip_train",
+        "save_interval", "exit_interval", "exit_duration_in_mins", "exit_signal_handler",
+        "exit_signal", "calculate_per_token_loss", "decoupled_lr",
+        "decoupled_min_lr", "grad_reduce_in_bf16", "manual_gc", "manual_gc_interval",
+        "empty_unused_memory_level", "distributed_timeout_minutes",
+        "weight_decay_incr_style", "start_weight_decay", "end_weight_decay",
+        "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler",
+    ),
+    "data": (
+        "data_path", "split", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model",
+        "data_cache_path", "num_workers", "eod_mask_loss", "mock_data", "reset_position_ids",
+        "reset_attention_mask", "vocab_size", "train_data_path", "valid_data_path",
+        "test_data_path",
+    ),
+    "logging": ("log_interval", "tensorboard_dir", "log_params_norm", "log_num_zeros_in_grad",
+                "wandb_project", "wandb_exp_name", "wandb_save_dir", "profile",
+                "use_pytorch_profiler", "profile_step_start", "profile_step_end",
+                "profile_ranks", "tensorboard_log_interval", "tensorboard_queue_size",
+                "log_world_size_to_tensorboard"),
+}
+
+#: Megatron-LM flag -> the key it sets.
+ALIASES: dict[str, str] = {
+    "--" + name.replace("_", "-"): f"{section}.{name}"
+    for section, names in _MEGATRON_NAMES.items() for name in names
+}
+
+ALIASES["--overlap-p2p-communication"] = "model.overlap_p2p_comm"  # Megatron's spellings
+ALIASES["--norm-epsilon"] = ALIASES["--layernorm-epsilon"] = "model.layernorm_epsilon"
+ALIASES["--num-virtual-stages-per-pipeline-rank"] = "model.virtual_pipeline_model_parallel_size"
+ALIASES["--decoder-first-pipeline-num-layers"] = "model.num_layers_in_first_pipeline_stage"
+ALIASES["--decoder-last-pipeline-num-layers"] = "model.num_layers_in_last_pipeline_stage"
+ALIASES["--override-opt_param-scheduler"] = "training.override_opt_param_scheduler"
+ALIASES["--use-checkpoint-opt_param-scheduler"] = "training.use_checkpoint_opt_param_scheduler"
+
+#: Megatron-LM values of a flag -> the value of its key in mp (other values pass as given).
+MEGATRON_VALUES: dict[str, dict[str, str]] = {
+    "--attention-backend": {"auto": "sdpa", "flash": "sdpa", "fused": "sdpa",
+                            "local": "unfused"},
+}
+
+#: Megatron-LM flags that take no value -> (key, the value they set).
+CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
+    "--bf16": ("model.precision", "bf16"),
+    "--fp16": ("model.precision", "fp16"),
+    "--swiglu": ("model.activation", "swiglu"),
+    "--squared-relu": ("model.activation", "squared_relu"),
+    "--openai-gelu": ("model.activation", "gelu_tanh"),
+    "--disable-bias-linear": ("model.add_bias_linear", "false"),
+    "--use-rotary-position-embeddings": ("model.position_embedding_type", "rope"),
+    "--use-flash-attn": ("model.attention_backend", "sdpa"),
+    "--recompute-activations": ("model.recompute_granularity", "selective"),
+    "--apex-fused-adam": ("training.optimizer_impl", "apex"),
+    "--apex-layer-norm": ("model.normalization_impl", "apex"),
+    "--no-masked-softmax-fusion": ("model.masked_softmax_fusion", "false"),
+    "--no-bias-dropout-fusion": ("model.bias_dropout_fusion", "false"),
+    "--no-bias-gelu-fusion": ("model.bias_activation_fusion", "false"),
+    "--no-bias-swiglu-fusion": ("model.bias_activation_fusion", "false"),
+    "--cross-entropy-loss-fusion": ("model.cross_entropy_loss_fusion", "true"),
+    "--no-cross-entropy-loss-fusion": ("model.cross_entropy_loss_fusion", "false"),
+    "--apply-layernorm-1p": ("model.layernorm_zero_centered_gamma", "true"),
+    "--no-manual-gc-eval": ("training.manual_gc_eval", "false"),
+    "--no-mmap-bin-files": ("data.mmap_bin_files", "false"),
+}
+
+_LOSS_CHECK = ("mp always checks the loss: a non-finite one stops a bf16/fp32 run, and fp16's "
+               "loss scaler skips the step")
+_DCP = ("mp's checkpoints are torch.distributed.checkpoint directories: every rank writes and "
+        "reads its own part")
+
+#: Megatron-LM flags that mp accepts and that change nothing in mp -> (how many values they
+#: take, why). A job started with one says so once (`no_effect_notices`).
+NO_EFFECT_FLAGS: dict[str, tuple[int, str]] = {
+    "--use-mcore-models": (0, "mp has one GPT, laid out as Megatron-Core's"),
+    "--log-throughput": (0, "every log line has tokens/s, TFLOP/s per GPU and MFU"),
+    "--log-timers-to-tensorboard": (0, ("mp times whole iterations, and TensorBoard always gets "
+                                       "that time (iteration-time-ms)")),
+    "--no-create-attention-mask-in-dataloader": (0, ("mp's loader never builds a causal mask; "
+                                                    "attention applies causality itself")),
+    "--attention-softmax-in-fp32": (0, "mp's softmax always computes in fp32"),
+    "--log-memory-to-tensorboard": (0, ("TensorBoard always gets the peak memory "
+                                       "(peak-memory-bytes)")),
+    "--log-batch-size-to-tensorboard": (0, ("TensorBoard always gets the global batch size "
+                                           "(batch-size)")),
+    "--log-validation-ppl-to-tensorboard": (0, ("TensorBoard always gets the validation "
+                                               "perplexity (validation lm loss PPL)")),
+    "--data-impl": (1, ("mp reads Megatron's indexed format (.bin/.idx), memory-mapped unless "
+                       "--no-mmap-bin-files")),
+    "--distributed-backend": (1, "mp uses NCCL with CUDA and gloo on the CPU"),
+    "--tiktoken-pattern": (1, "it configures Megatron's TikTokenizer, which mp does not have"),
+    "--ckpt-format": (1, ("mp writes one format, which loads at any parallel layout as "
+                         "torch_dist does (docs/checkpoints.md)")),
+    "--transformer-impl": (1, ("mp always runs its own layers (Megatron's local ones), not "
+                              "Transformer Engine's")),
+    "--cp-comm-type": (1, ("mp's context parallelism always all-gathers the keys and values "
+                          "(Megatron's all_gather)")),
+    "--no-gradient-accumulation-fusion": (0, ("mp accumulates weight gradients into the fp32 "
+                                              "main_grad buffer with a hook; it has no fused "
+                                              "kernel to turn off")),
+    "--accumulate-allreduce-grads-in-fp32": (0, ("mp accumulates and reduces gradients in fp32 "
+                                                 "unless --grad-reduce-in-bf16")),
+    "--no-persist-layer-norm": (0, "mp has no persistent layer-norm kernel to turn off"),
+    "--fp16-lm-cross-entropy": (0, "mp's cross-entropy always computes in fp32"),
+    "--tp-comm-overlap": (0, ("mp does not overlap tensor-parallel communication with the "
+                              "matrix products (Transformer Engine's userbuffers)")),
+    "--use-cpu-initialization": (0, "mp draws each weight on the device it lives on"),
+    "--check-for-nan-in-loss-and-grad": (0, _LOSS_CHECK),
+    "--no-check-for-nan-in-loss-and-grad": (0, _LOSS_CHECK),
+    "--async-save": (0, "mp writes each checkpoint before training goes on (atomically)"),
+    "--ckpt-fully-parallel-save": (0, _DCP),
+    "--ckpt-fully-parallel-load": (0, _DCP),
+    "--num-dataset-builder-threads": (1, "mp builds the dataset indices without a thread pool"),
+    "--timing-log-level": (1, ("mp times whole iterations only (the log line's ms/iter)")),
+}
+
+#: Megatron-LM flags of features mp does not have -> what to say when one is given
+#: (`UNSUPPORTED_PREFIXES` covers whole families of them).
+UNSUPPORTED_FLAGS: dict[str, str] = {
+    **dict.fromkeys(("--num-experts", "--expert-model-parallel-size",
+                     "--expert-tensor-parallel-size"), "mp has no mixture-of-experts layers"),
+    **dict.fromkeys(("--use-torch-fsdp2", "--use-custom-fsdp"),
+                    "mp has no FSDP; --use-distributed-optimizer shards the optimizer state "
+                    "over data parallel"),
+    "--fp32-residual-connection": "mp keeps the residual stream in the model's precision",
+    "--apply-residual-connection-post-layernorm": ("mp's layers add the residual from before "
+                                                   "the norm (pre-norm, Megatron's default)"),
+    "--use-legacy-models": "mp has one GPT, laid out as Megatron-Core's; drop the flag",
+}
+#: Flag-name prefixes of Megatron-LM feature families mp does not have -> what to say.
+UNSUPPORTED_PREFIXES: dict[str, str] = {
+    "--fp8": "mp has no FP8 training (Transformer Engine); use --bf16",
+    "--moe-": "mp has no mixture-of-experts layers",
+}
+#: Megatron-LM flags that take values of which mp has some -> (the values mp has, why).
+CHOICE_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
+    "--recompute-modules": (("core_attn",), ("mp's selective recompute (--recompute-activations) "
+                                             "recomputes the attention core only")),
+    "--optimizer": (("adam",), "mp trains with AdamW (Megatron's adam)"),
+}
+
+VIRTUAL_STAGE_FLAG = "--num-layers-per-virtual-pipeline-stage"
+GROUP_QUERY_FLAG = "--group-query-attention"
+NO_POSITION_EMBEDDING_FLAG = "--no-position-embedding"
+BUCKET_SIZE_FLAG = "--ddp-bucket-size"
+
+#: Flags resolved after every other override -> what they do (for --help).
+DEFERRED_FLAGS: dict[str, str] = {
+    VIRTUAL_STAGE_FLAG: ("model.virtual_pipeline_model_parallel_size = num_layers / "
+                         "pipeline_model_parallel_size / N"),
+    GROUP_QUERY_FLAG: "model.num_query_groups=1 unless given",
+    NO_POSITION_EMBEDDING_FLAG: ("model.position_embedding_type=none unless it is rope"),
+    BUCKET_SIZE_FLAG: ("training.bucket_size_mb = N elements x the gradient's bytes (4, or 2 "
+                       "with grad_reduce_in_bf16) / 2^20"),
+}
