@@ -9,6 +9,7 @@ import pytest
 from mp.config import load_config
 from mp.estimate import Setup, candidate_setups, estimate, gpu_spec, plan
 from mp.estimate.hardware import GiB
+from mp.estimate.planner import split_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -53,6 +54,26 @@ def test_candidates_are_exactly_the_valid_layouts():
     assert got == expected
 
 
+def test_uneven_splits_add_the_pipelines_an_even_split_cannot_make():
+    """23 layers on 8 GPUs: evenly only PP 1; counting the embedding or the loss as a layer,
+    24 "layers" split over PP 2, 4 and 8 (25, with both, over none). Duplicates of an even
+    split are left out."""
+    job = load_config(os.path.join(CONFIGS, "gpt3-1.3b.yaml"), ["--num-layers", "23"],
+                      world_size=8)
+    setups = candidate_setups(job, 8, micro_batch_sizes=(1,), recompute_modes=("none",),
+                              max_tensor_parallel=1, uneven_splits=True)
+    assert {(s.pp, split_name(s)) for s in setups} == {
+        (1, "even"), *((pp, split) for pp in (2, 4, 8) for split in ("emb", "loss"))}
+    for s in setups:
+        counts = s.model.chunk_layer_counts
+        assert sum(map(sum, counts)) == 23
+    keys = [(s.pp, s.vpp, s.model.chunk_layer_counts) for s in setups]
+    assert len(keys) == len(set(keys))
+    assert {(s.pp, split_name(s)) for s in candidate_setups(
+        job, 8, micro_batch_sizes=(1,), recompute_modes=("none",), max_tensor_parallel=1)} \
+        == {(1, "even")}
+
+
 def test_plan_keeps_what_fits_fastest_first():
     job = _job("gpt3-175b")
     gpu = gpu_spec("h100")
@@ -83,6 +104,20 @@ def test_cli_plan(capsys, tmp_path):
     assert lines[1].split()[:5] == ["#", "TP", "PP", "VP", "DP"]
     assert [line.split()[0] for line in lines[3:6]] == ["1", "2", "3"]
     assert "valid layouts fit" in lines[6]
+
+
+def test_cli_plan_with_uneven_splits_names_them(capsys):
+    """A 94-layer GPT-3 175B on 1024 H100s: no even split fits (the estimate), while
+    ``--uneven-pipeline`` finds layouts with the embedding and the loss counted as layers."""
+    tool = _tool()
+    args = ["--config", os.path.join(CONFIGS, "gpt3-175b.yaml"), "--gpus", "1024", "--plan",
+            "--num-layers", "94", "--micro-batch-sizes", "1", "--recompute", "none"]
+    assert tool.main(args) == 0
+    assert "none of the" in capsys.readouterr().out
+    assert tool.main([*args, "--uneven-pipeline", "--top", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:6] == ["#", "TP", "PP", "VP", "split", "DP"]
+    assert lines[3].split()[4] == "emb+loss"
 
 
 def test_cli_plan_refuses_the_layout_it_chooses(capsys):

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest TP size tried (default: GPUs per node)")
     pl.add_argument("--distributed-optimizer", choices=("on", "off"),
                     help="default: the config's training.use_distributed_optimizer")
+    pl.add_argument("--uneven-pipeline", action="store_true",
+                    help="also try pipeline splits that count the embedding and/or the loss as "
+                         "a layer (Megatron's --account-for-embedding/loss-in-pipeline-split)")
     p.add_argument("--chart", metavar="PNG", help="draw the memory breakdown (matplotlib)")
     return p
 
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                           micro_batch_sizes=args.micro_batch_sizes,
                           recompute_modes=args.recompute, sequence_parallel=sp,
                           max_tensor_parallel=args.max_tensor_parallel or gpu.gpus_per_node,
-                          distributed_optimizer=distributed)
+                          distributed_optimizer=distributed, uneven_splits=args.uneven_pipeline)
             print(f"{os.path.basename(args.config)} on {args.gpus} x {gpu.name}, global batch "
                   f"{job.training.global_batch_size} x {job.model.seq_length} tokens, "
                   f"{args.efficiency:.0%} of peak:")

@@ -5,6 +5,9 @@ A layout is a tensor-parallel size ``t`` (a divisor of N no larger than a node, 
 stays on NVLink), a pipeline size ``p`` (dividing ``N / t``), virtual stages ``v`` (with
 ``p > 1``), a micro-batch size, a recompute mode (none, selective, full with one layer per
 checkpoint) and sequence parallelism (on with ``t > 1`` by default: it only saves memory).
+With ``uneven_splits`` the planner also tries Megatron's uneven pipeline splits that count the
+embedding and/or the loss as a layer (`PIPELINE_SPLITS`): they balance the first and last
+stages, and they let ``p v`` divide ``L + 1`` or ``L + 2`` when it does not divide ``L``.
 Data parallelism takes the rest, ``N / (t p)``. Each candidate is built as the training job
 would be built, through `mp.model.TransformerConfig` and `mp.config.JobConfig.validate`, so
 the planner knows the same rules (heads divisible by ``t``, layers by ``p v``, the global batch
@@ -26,8 +29,17 @@ from mp.estimate.estimate import Estimate, estimate
 from mp.estimate.hardware import GPUSpec
 from mp.estimate.setup import Setup
 from mp.estimate.step_time import DEFAULT_EFFICIENCY
+from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
 
 RECOMPUTE_MODES = ("none", "selective", "full")
+#: The pipeline splits the planner can try -> the `TransformerConfig` fields that make them.
+PIPELINE_SPLITS = {
+    "even": {},
+    "emb": {"account_for_embedding_in_pipeline_split": True},
+    "loss": {"account_for_loss_in_pipeline_split": True},
+    "emb+loss": {"account_for_embedding_in_pipeline_split": True,
+                 "account_for_loss_in_pipeline_split": True},
+}
 DEFAULT_MICRO_BATCH_SIZES = (1, 2, 4, 8)
 DEFAULT_MEMORY_FRACTION = 0.9  # allocator fragmentation, CUDA context, NCCL buffers
 
@@ -50,38 +62,57 @@ def candidate_setups(job: JobConfig, world_size: int,
                      recompute_modes: tuple[str, ...] = RECOMPUTE_MODES,
                      sequence_parallel: tuple[bool, ...] = (True,),
                      max_tensor_parallel: int = 8,
-                     distributed_optimizer: bool | None = None) -> list[Setup]:
+                     distributed_optimizer: bool | None = None,
+                     uneven_splits: bool = False) -> list[Setup]:
     """Every layout of ``job``'s model on ``world_size`` GPUs that its rules allow.
     ``sequence_parallel`` lists the values tried when ``t > 1`` (``t = 1`` has none);
-    ``distributed_optimizer`` defaults to the job's ``training.use_distributed_optimizer``."""
+    ``distributed_optimizer`` defaults to the job's ``training.use_distributed_optimizer``;
+    ``uneven_splits`` adds `PIPELINE_SPLITS` beyond the even one (module doc)."""
     for mode in recompute_modes:
         if mode not in RECOMPUTE_MODES:
             raise ValueError(f"recompute mode {mode!r} must be one of "
                              f"{', '.join(map(repr, RECOMPUTE_MODES))}")
     if distributed_optimizer is None:
         distributed_optimizer = job.training.use_distributed_optimizer
-    layers = job.model.num_layers
-    setups = []
+    splits = PIPELINE_SPLITS if uneven_splits else {"even": {}}
+    setups, seen = [], set()
     for tp in (d for d in _divisors(world_size) if d <= max_tensor_parallel):
-        for pp in (d for d in _divisors(world_size // tp) if layers % d == 0):
+        for pp, split in itertools.product(_divisors(world_size // tp), splits.values()):
+            layers = job.model.num_layers + len(split)  # each counted part is one "layer"
+            if layers % pp or (pp == 1 and split):
+                continue
             vpps = [None] + ([v for v in _divisors(layers // pp) if v > 1] if pp > 1 else [])
             sps = sequence_parallel if tp > 1 else (False,)
             for vpp, sp, mbs, mode in itertools.product(vpps, sps, micro_batch_sizes,
                                                         recompute_modes):
                 setup = _setup(job, world_size, tp, pp, vpp, sp, mbs, mode,
-                               distributed_optimizer)
-                if setup is not None:
+                               distributed_optimizer, split)
+                if setup is None:
+                    continue
+                # an uneven split that puts the layers where the even one does is the same
+                key = (tp, pp, vpp, sp, mbs, mode, setup.model.chunk_layer_counts)
+                if key not in seen:
+                    seen.add(key)
                     setups.append(setup)
     return setups
 
 
+def split_name(setup: Setup) -> str:
+    """The `PIPELINE_SPLITS` name of ``setup``'s pipeline split."""
+    model = setup.model
+    return next(name for name, fields in PIPELINE_SPLITS.items()
+                if all(getattr(model, key) == fields.get(key, False) for key in
+                       PIPELINE_SPLITS["emb+loss"]))
+
+
 def _setup(job: JobConfig, world_size: int, tp: int, pp: int, vpp: int | None, sp: bool,
-           mbs: int, recompute: str, distributed_optimizer: bool) -> Setup | None:
+           mbs: int, recompute: str, distributed_optimizer: bool, split: dict) -> Setup | None:
     """The layout as a job would build it, or None when a rule of the job forbids it."""
     full = recompute == "full"
     try:
         model = dataclasses.replace(
-            job.model, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            job.model, **{**UNEVEN_SPLIT_FIELDS, **split}, tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp, context_parallel_size=1,
             virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp,
             recompute_granularity=None if recompute == "none" else recompute,
             recompute_method="uniform" if full else None,

@@ -9,7 +9,7 @@ from mp.estimate.comm import seconds
 from mp.estimate.estimate import Estimate
 from mp.estimate.hardware import GiB
 from mp.estimate.params import state_bytes
-from mp.estimate.planner import PlanResult
+from mp.estimate.planner import PlanResult, split_name
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -135,21 +135,26 @@ def _step_section(est: Estimate) -> str:
 
 
 def format_plan(result: PlanResult, top: int = 10) -> str:
-    """The fastest ``top`` layouts that fit, as a table."""
+    """The fastest ``top`` layouts that fit, as a table (with a ``split`` column, the
+    pipeline's `mp.estimate.planner.PIPELINE_SPLITS` name, when one of them is uneven)."""
     if not result.fitting:
         return (f"none of the {result.valid} valid layouts fits in memory; try more GPUs, "
                 "recompute, or a smaller micro-batch")
+    shown = result.fitting[:top]
+    splits = [split_name(e.setup) for e in shown]
+    uneven = any(name != "even" for name in splits)
     rows = []
-    for i, e in enumerate(result.fitting[:top], 1):
+    for i, (e, split) in enumerate(zip(shown, splits), 1):
         s = e.setup
-        rows.append([str(i), str(s.tp), str(s.pp), str(s.vpp), str(s.data_parallel_size),
+        rows.append([str(i), str(s.tp), str(s.pp), str(s.vpp), *([split] if uneven else []),
+                     str(s.data_parallel_size),
                      str(s.micro_batch_size), str(s.num_microbatches),
                      "on" if s.model.sequence_parallel else "off",
                      s.model.recompute_granularity or "none", _gib(e.peak_bytes),
                      f"{e.step.total:.2f}", f"{e.tokens_per_second:,.0f}", f"{e.mfu:.1%}",
                      f"{e.bubble_fraction:.1%}"])
-    header = ["#", "TP", "PP", "VP", "DP", "mbs", "m", "SP", "recompute", "peak GiB",
-              "step s", "tokens/s", "MFU", "bubble"]
+    header = ["#", "TP", "PP", "VP", *(["split"] if uneven else []), "DP", "mbs", "m", "SP",
+              "recompute", "peak GiB", "step s", "tokens/s", "MFU", "bubble"]
     return (_table(header, rows) + f"\n{len(result.fitting)} of {result.valid} valid layouts "
             f"fit ({result.too_big} do not); peak = the busiest rank")
 
