@@ -11,7 +11,6 @@ from checks import assert_rel_close, own_rank_group
 from harness import run_distributed
 
 from mp import parallel_state as ps
-from mp.estimate import Setup
 from mp.data.document_masks import document_positions_and_mask
 from mp.model import GPTModel, TransformerConfig
 from mp.model.inference import InferenceParams
@@ -53,7 +52,9 @@ def _batch(documents: bool) -> dict:
     return batch
 
 
-def _check_against_one_process(tp: int, cp: int, overrides: dict, documents: bool):
+def _check_against_one_process(tp: int, cp: int, overrides: dict, documents: bool,
+                               given_positions: bool = True):
+    """``given_positions=False``: both models make their own position ids."""
     ps.initialize_model_parallel(tp, context_parallel_size=cp)
     cp_group, tp_group = ps.get_context_parallel_group(), ps.get_tensor_model_parallel_group()
     torch.manual_seed(SEED)
@@ -69,10 +70,13 @@ def _check_against_one_process(tp: int, cp: int, overrides: dict, documents: boo
             p.copy_(full)
 
     batch = _batch(documents)
+    if not given_positions:
+        batch["position_ids"] = None
     ref_loss = ref(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
                    labels=batch["labels"])
-    local = get_batch_on_this_cp_rank(batch, cp_group)
-    loss = model(local["tokens"], local["position_ids"], local.get("attention_mask"),
+    local = get_batch_on_this_cp_rank({k: v for k, v in batch.items() if v is not None},
+                                      cp_group)
+    loss = model(local["tokens"], local.get("position_ids"), local.get("attention_mask"),
                  labels=local["labels"])
     positions = local_positions(S, cp, ps.get_context_parallel_rank())
     assert_rel_close(loss, ref_loss[:, positions], what="per-token loss at this rank's positions")
@@ -116,15 +120,15 @@ def test_gpt_with_context_parallelism_equals_one_process(tp, cp, variant):
     run_distributed(tp * cp, _check_against_one_process, tp, cp, overrides, False)
 
 
+def test_the_model_makes_the_positions_of_its_own_tokens():
+    """Called without position ids, the learned position table is read at the rank's
+    positions, not at 0 .. s / c - 1."""
+    run_distributed(2, _check_against_one_process, 1, 2, {}, False, False)
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "unfused"])
 def test_document_masks_cut_like_the_sequence(backend):
     run_distributed(2, _check_against_one_process, 1, 2, {"attention_backend": backend}, True)
-
-
-def test_the_estimator_refuses_context_parallelism_by_name():
-    with pytest.raises(ValueError, match="model.context_parallel_size=2: the estimator does not "
-                                         "model context parallelism yet"):
-        Setup(_config(cp=2))
 
 
 def _decode_with_context_parallelism():

@@ -64,10 +64,10 @@ def test_matches_the_plain_optimizer(tp, pp, precision, overlap, clip):
                              what=f"{kind} {name}")
 
 
-def _state_bytes(precision: str) -> dict:
+def _state_bytes(precision: str, cp: int = 1) -> dict:
     """Optimizer bytes this rank holds, counted tensor by tensor after one step, and the
-    elements of the model it updates."""
-    models, optimizer, scheduler = setup(1, 1, seed=1, precision=precision,
+    elements of the model it updates (its shards are over DP x CP)."""
+    models, optimizer, scheduler = setup(1, 1, seed=1, precision=precision, cp=cp,
                                          distributed_optimizer=True, bucket_size=2999)
     train_step(models, optimizer, scheduler, 0)
     held = 0
@@ -85,12 +85,14 @@ def _state_bytes(precision: str) -> dict:
             "padding": sum(m.grad_buffer.numel() for m in models) - local}
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world,cp", [(1, 1), (2, 1), (4, 1), (4, 2)],
+                         ids=["DP1", "DP2", "DP4", "DP2xCP2"])
 @pytest.mark.parametrize("precision,per_element", [("bf16", 12), ("fp32", 8)])
-def test_optimizer_bytes_per_parameter_follow_megatrons_table(world, precision, per_element):
+def test_optimizer_bytes_per_parameter_follow_megatrons_table(world, cp, precision,
+                                                              per_element):
     """bf16: 2 + 4 + 12/d bytes per parameter; fp32: 4 + 4 + 8/d (plus AdamW's 4-byte step
-    counter per shard, and at most DP - 1 elements of padding per bucket)."""
-    ranks = run_distributed(world, _state_bytes, precision)
+    counter per shard, and at most d - 1 elements of padding per bucket), ``d`` = DP x CP."""
+    ranks = run_distributed(world, _state_bytes, precision, cp)
     local = ranks[0]["local"]
     assert sum(r["owned"] for r in ranks) == local  # every element updated exactly once
     for r in ranks:
@@ -98,8 +100,8 @@ def test_optimizer_bytes_per_parameter_follow_megatrons_table(world, precision, 
         assert r["weights"] == local * (2 if precision == "bf16" else 4)
         assert r["grads"] == (local + r["padding"]) * 4
         assert abs(r["owned"] - local / world) <= r["padding"]
-    config = gpt_config(1, 1, precision)
-    estimate = state_bytes(Setup(model=config, data_parallel_size=world,
+    config = gpt_config(1, 1, precision, context_parallel_size=cp)
+    estimate = state_bytes(Setup(model=config, data_parallel_size=world // cp,
                                  distributed_optimizer=True), rank_params(config, 0))
     assert estimate.weights + estimate.grads == ranks[0]["weights"] + 4 * local
     for r in ranks:  # the estimate leaves out padding and step counters

@@ -4,7 +4,10 @@ group by wrapping the collectives, equal the estimate exactly. TP 2 x DP 2 and T
 4 ranks; and TP 1 x PP 2 x DP 2 through `mp.training.training.train_step` (1F1B, and
 interleaved with 2 model chunks per stage), stage by stage: the pipeline's sends and receives,
 the tied word-embedding gradients, each stage's data-parallel gradients (also with every layer
-on the last stage). Gradients reduced in
+on the last stage). Context parallelism through ``train_step`` too: CP 2 with DP 2, with TP 2
+and sequence parallelism, with PP 2, with selective recompute and the distributed optimizer
+(keys and values gathered and their gradients reduce-scattered over CP, the loss's sum and
+count all-reduced over CP, gradients reduced over DP x CP). Gradients reduced in
 bf16 (``training.grad_reduce_in_bf16``) move half the bytes: TP2 x DP2 with sequence
 parallelism, with and without the distributed optimizer, and the pipelined tied embedding. The
 loss that
@@ -53,7 +56,10 @@ def _config(tp: int, **overrides) -> TransformerConfig:
 
 def _group_ranks() -> dict[str, tuple[int, ...]]:
     ranks = {"tp": tuple(ps.get_tensor_model_parallel_ranks()),
+             "cp": tuple(ps.get_context_parallel_global_ranks()),
              "dp": tuple(ps.get_data_parallel_ranks()),
+             "dp_cp": tuple(dist.get_process_group_ranks(
+                 ps.get_data_parallel_group(with_context_parallel=True))),
              "pp": tuple(dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())),
              "mp": tuple(dist.get_process_group_ranks(ps.get_model_parallel_group())),
              "world": tuple(range(dist.get_world_size()))}
@@ -136,18 +142,27 @@ def test_collective_bytes_with_bf16_gradient_reduction(distributed_optimizer):
 PP, PP_MICROBATCHES = 2, 4
 
 
-def _pipelined_iteration(vpp, overrides: dict, bf16_grads: bool) -> tuple[dict, dict, list]:
+def _pipelined_iteration(vpp, overrides: dict, bf16_grads: bool, tp: int = 1, cp: int = 1,
+                         pp: int = PP, distributed_optimizer: bool = False
+                         ) -> tuple[dict, dict, list]:
     """Measured and estimated bytes per (kind, group ranks) for one `train_step` on this rank
-    of a TP 1 x PP 2 x DP 2 layout, and the logging calls the meter set apart."""
-    ps.initialize_model_parallel(1, PP, vpp)
+    of a TP x CP x PP x DP layout (default TP 1 x PP 2 x DP 2), and the logging calls the
+    meter set apart."""
+    ps.initialize_model_parallel(tp, pp, vpp, context_parallel_size=cp)
     model_parallel_cuda_manual_seed(1)
     torch.manual_seed(0)
-    cfg = _config(1, num_layers=4, pipeline_model_parallel_size=PP,
-                  virtual_pipeline_model_parallel_size=vpp, **overrides)
-    models = [DistributedDataParallel(chunk, bucket_size=2000,
+    cfg = _config(tp, num_layers=4, pipeline_model_parallel_size=pp,
+                  virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
+                  **overrides)
+    models = [DistributedDataParallel(chunk, bucket_size=None if distributed_optimizer else 2000,
+                                      use_distributed_optimizer=distributed_optimizer,
                                       grad_dtype=torch.bfloat16 if bf16_grads else torch.float32)
               for chunk in build_gpt_chunks(cfg)]  # its embedding all-reduce: build time
-    opt = get_megatron_optimizer(models, lr=1e-3)
+    if distributed_optimizer:  # one bucket, not padded (the estimate leaves padding out)
+        assert all(m.grad_buffer.numel() == sum(p.numel() for p in m.parameters())
+                   for m in models)
+    opt = get_megatron_optimizer(models, lr=1e-3,
+                                 use_distributed_optimizer=distributed_optimizer)
     scheduler = OptimizerParamScheduler(opt, max_lr=1e-3, lr_decay_steps=10)
     gen = torch.Generator().manual_seed(ps.get_data_parallel_rank())
     micro = []
@@ -160,8 +175,9 @@ def _pipelined_iteration(vpp, overrides: dict, bf16_grads: bool) -> tuple[dict, 
         train_step(gpt_forward_step, [iter(micro) for _ in models], models, opt, scheduler,
                    num_microbatches=PP_MICROBATCHES, seq_length=cfg.seq_length,
                    micro_batch_size=MBS)
-    setup = Setup(cfg, data_parallel_size=WORLD // PP, micro_batch_size=MBS,
-                  num_microbatches=PP_MICROBATCHES, grad_reduce_in_bf16=bf16_grads)
+    setup = Setup(cfg, data_parallel_size=WORLD // (tp * cp * pp), micro_batch_size=MBS,
+                  num_microbatches=PP_MICROBATCHES, grad_reduce_in_bf16=bf16_grads,
+                  distributed_optimizer=distributed_optimizer)
     return meter.totals(), _expected(setup, ps.get_pipeline_model_parallel_rank(), logging=True), \
         meter.logging
 
@@ -187,4 +203,26 @@ def test_collective_bytes_of_one_pipelined_iteration_with_every_layer_on_the_las
     results = run_distributed(WORLD, _pipelined_iteration, None,
                               dict(num_layers_in_first_pipeline_stage=0), False)
     for rank, (measured, expected, _) in enumerate(results):
+        assert measured == expected, f"rank {rank}"
+
+
+CONTEXT_PARALLEL = {  # name -> (tp, cp, pp, overrides, distributed optimizer)
+    "cp2_dp2": (1, 2, 1, {}, False),
+    "tp2_cp2_sp_rope": (2, 2, 1, dict(sequence_parallel=True, position_embedding_type="rope"),
+                        False),
+    "cp2_pp2": (1, 2, 2, {}, False),
+    "cp2_dp2_selective_distributed_optimizer": (
+        1, 2, 1, dict(recompute_granularity="selective", num_query_groups=2), True),
+    "cp2_dp2_full_recompute": (1, 2, 1, dict(recompute_granularity="full",
+                                             recompute_method="uniform"), False),
+}
+
+
+@pytest.mark.parametrize("variant", list(CONTEXT_PARALLEL))
+def test_collective_bytes_with_context_parallelism(variant):
+    tp, cp, pp, overrides, distributed_optimizer = CONTEXT_PARALLEL[variant]
+    results = run_distributed(WORLD, _pipelined_iteration, None, overrides, False, tp, cp, pp,
+                              distributed_optimizer)
+    for rank, (measured, expected, _) in enumerate(results):
+        assert any(kind == "all_gather" for kind, _ in measured), f"rank {rank}"
         assert measured == expected, f"rank {rank}"

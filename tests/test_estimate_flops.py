@@ -1,6 +1,8 @@
 """FLOPs, the pipeline's micro-batches in flight and its bubble, against the papers'
 closed forms (Narayanan et al. 2021; Korthikanti et al. 2022)."""
 
+import dataclasses
+
 import pytest
 from test_estimate_params import NARAYANAN_TABLE_1
 
@@ -79,6 +81,20 @@ def test_bubble_and_step_time_parts():
     per_microbatch = (est.step.compute + est.step.tp_comm + est.step.pp_comm) / 8
     assert est.step.bubble == pytest.approx(3 / 2 * per_microbatch, rel=1e-12)
     assert est.step.total > est.step.compute > 0
+
+
+def test_context_parallel_ranks_share_the_compute():
+    """The same global batch on the same 8 GPUs, as DP 8 or as CP 4 x DP 2 (each micro-batch
+    split over 4 ranks, 4 times as many per rank): the same model FLOPs and compute time; CP
+    adds its all-gathers to the critical path."""
+    cfg = dataclasses.replace(_config(32, 4096, 32), seq_length=8192,
+                              max_position_embeddings=8192)
+    split = dataclasses.replace(cfg, context_parallel_size=4)
+    whole = estimate(Setup(cfg, data_parallel_size=8, num_microbatches=4), gpu_spec("h100"))
+    cp = estimate(Setup(split, data_parallel_size=2, num_microbatches=16), gpu_spec("h100"))
+    assert cp.step.compute == pytest.approx(whole.step.compute, rel=1e-12)
+    assert cp.model_flops == whole.model_flops
+    assert whole.step.cp_comm == 0 < cp.step.cp_comm
 
 
 def _megatron_flops(cfg: TransformerConfig, batch: int) -> float:

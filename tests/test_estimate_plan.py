@@ -74,6 +74,46 @@ def test_uneven_splits_add_the_pipelines_an_even_split_cannot_make():
         == {(1, "even")}
 
 
+def test_context_parallel_candidates_are_exactly_the_valid_layouts():
+    """CP sizes 1, 2, 4, 8, 16 for gpt3-1.3b (seq 2048, 16 heads, 24 layers) on 16 GPUs: CP
+    divides 16 / TP (and 2 CP divides the sequence), TP | 16 / CP with TP <= 8, PP | 16 /
+    (TP CP) and PP | 24; DP the rest, with 512 % DP == 0 at micro-batch 1."""
+    job = load_config(os.path.join(CONFIGS, "gpt3-1.3b.yaml"), [], world_size=8)
+    expected = set()
+    for cp in (1, 2, 4, 8, 16):
+        for tp in (t for t in (1, 2, 4, 8) if 16 % (t * cp) == 0):
+            for pp in (p for p in (1, 2, 4, 8, 16) if (16 // (tp * cp)) % p == 0
+                       and 24 % p == 0):
+                expected.add((tp, cp, pp, 16 // (tp * cp * pp)))
+    setups = candidate_setups(job, 16, micro_batch_sizes=(1,), recompute_modes=("none",),
+                              context_parallel_sizes=(1, 2, 4, 8, 16))
+    assert {(s.tp, s.cp, s.pp, s.data_parallel_size) for s in setups if s.vpp == 1} == expected
+    assert all(s.world_size == 16 for s in setups)
+    assert {s.cp for s in candidate_setups(job, 16, micro_batch_sizes=(1,),
+                                           recompute_modes=("none",))} == {1}
+
+
+def test_cli_plan_with_context_parallelism_on_a_long_sequence(capsys):
+    """Llama 3 8B on 64 H100s at 131072 tokens a sequence (estimates): without context
+    parallelism only full recompute fits; with CP 2-8 tried, the fastest layout splits the
+    sequence and recomputes nothing, at a higher predicted throughput."""
+    tool = _tool()
+    args = ["--config", os.path.join(CONFIGS, "llama3-8b.yaml"), "--gpus", "64", "--plan",
+            "--seq-length", "131072", "--max-position-embeddings", "131072",
+            "--global-batch-size", "16", "--micro-batch-sizes", "1", "--top", "1"]
+    assert tool.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "CP" not in lines[1].split()
+    best_without = float(lines[3].split()[-3].replace(",", ""))
+    assert lines[3].split()[-6] == "full"
+    assert tool.main([*args, "--context-parallel-sizes", "1,2,4,8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header, best = lines[1].split(), lines[3].split()
+    assert header[:3] == ["#", "TP", "CP"]
+    assert int(best[2]) > 1 and best[header.index("recompute")] == "none"
+    assert float(best[-3].replace(",", "")) > best_without
+
+
 def test_plan_keeps_what_fits_fastest_first():
     job = _job("gpt3-175b")
     gpu = gpu_spec("h100")
@@ -140,6 +180,21 @@ def test_cli_single_estimate_with_overrides(capsys):
     for section in ("Memory per rank", "Activations per layer", "FLOPs per iteration",
                     "Communication per rank", "Step time"):
         assert section in out
+
+
+def test_cli_single_estimate_with_context_parallelism(capsys):
+    """Megatron's ``--context-parallel-size`` and ``--sequence-parallel`` are config overrides
+    (the planner's own flag is ``--sequence-parallel-modes``)."""
+    tool = _tool()
+    assert tool.main(["--config", os.path.join(CONFIGS, "llama3-8b.yaml"), "--gpus", "64",
+                      "--seq-length", "32768", "--max-position-embeddings", "32768",
+                      "--global-batch-size", "16", "--tensor-model-parallel-size", "4",
+                      "--context-parallel-size", "4", "--sequence-parallel"]) == 0
+    out = capsys.readouterr().out
+    assert "64 x h100: TP4 CP4 PP1 DP4, mbs 1 x 4, SP" in out
+    assert "K, V gathered over CP" in out and "CP comm" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("0     cp")]
+    assert [row[2] for row in rows] == ["all_gather", "reduce_scatter", "all_reduce"]
 
 
 def test_cli_overrides_are_not_taken_for_its_own_flags(capsys):

@@ -116,12 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="micro-batch sizes to try, e.g. 1,2,4 (default 1,2,4,8)")
     pl.add_argument("--recompute", type=_modes, default=RECOMPUTE_MODES,
                     help="recompute modes to try (default none,selective,full)")
-    pl.add_argument("--sequence-parallel", choices=("on", "off", "both"), default="on",
-                    help="sequence parallelism when TP > 1 (default on)")
+    pl.add_argument("--sequence-parallel-modes", choices=("on", "off", "both"), default="on",
+                    help="sequence parallelism tried when TP > 1 (default on; Megatron's "
+                         "--sequence-parallel is a config override)")
     pl.add_argument("--max-tensor-parallel", type=int,
                     help="largest TP size tried (default: GPUs per node)")
     pl.add_argument("--distributed-optimizer", choices=("on", "off"),
                     help="default: the config's training.use_distributed_optimizer")
+    pl.add_argument("--context-parallel-sizes", type=_int_list, default=(1,),
+                    help="context-parallel sizes to try, e.g. 1,2,4,8 (default 1: context "
+                         "parallelism pays for long sequences only)")
     pl.add_argument("--uneven-pipeline", action="store_true",
                     help="also try pipeline splits that count the embedding and/or the loss as "
                          "a layer (Megatron's --account-for-embedding/loss-in-pipeline-split)")
@@ -140,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan:
             _check_plan_overrides(overrides)
             job = load_config(args.config, _PLAN_RESETS + overrides, world_size=1)
-            sp = {"on": (True,), "off": (False,), "both": (True, False)}[args.sequence_parallel]
+            sp = {"on": (True,), "off": (False,),
+                  "both": (True, False)}[args.sequence_parallel_modes]
             distributed = None if args.distributed_optimizer is None else \
                 args.distributed_optimizer == "on"
             result = plan(job, args.gpus, gpu, efficiency=args.efficiency,
@@ -148,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                           micro_batch_sizes=args.micro_batch_sizes,
                           recompute_modes=args.recompute, sequence_parallel=sp,
                           max_tensor_parallel=args.max_tensor_parallel or gpu.gpus_per_node,
-                          distributed_optimizer=distributed, uneven_splits=args.uneven_pipeline)
+                          distributed_optimizer=distributed, uneven_splits=args.uneven_pipeline,
+                          context_parallel_sizes=args.context_parallel_sizes)
             print(f"{os.path.basename(args.config)} on {args.gpus} x {gpu.name}, global batch "
                   f"{job.training.global_batch_size} x {job.model.seq_length} tokens, "
                   f"{args.efficiency:.0%} of peak:")

@@ -73,6 +73,10 @@ class Kernels:
             takes dropout) or ``"math"`` (CPU: the math path, which upcasts 16-bit q, k, v to
             fp32 and saves fp32 copies of them and of the softmax, its dropout mask and the
             dropped probabilities). Without dropout the CPU runs a flash kernel too.
+        sdpa_bottom_right_mask: SDPA's bottom-right causal form (context parallelism's query
+            chunks against longer keys) runs as a materialized ``[sq, sk]`` mask in the
+            activation dtype, which the kernel saves (the CPU); CUDA's flash and
+            memory-efficient kernels take the form as it is.
         compiled_loss: the cross-entropy's element-wise work runs compiled (`mp.jit`: CUDA,
             with ``cross_entropy_loss_fusion``), with no ``[s, b, V / t]`` fp32 intermediates;
             eagerly it keeps one fp32 copy of the logits (and in backward a bool one-hot).
@@ -84,6 +88,7 @@ class Kernels:
     norm_stats_bytes: int | None
     composite_rms_norm: bool
     sdpa_dropout_kernel: str
+    sdpa_bottom_right_mask: bool
     jit_compiled: bool
 
     def __post_init__(self):
@@ -93,9 +98,11 @@ class Kernels:
 
 
 CUDA = Kernels("cuda", dropout_mask_bytes=1, fused_softmax=True, norm_stats_bytes=FP32,
-               composite_rms_norm=False, sdpa_dropout_kernel="flash", jit_compiled=True)
+               composite_rms_norm=False, sdpa_dropout_kernel="flash",
+               sdpa_bottom_right_mask=False, jit_compiled=True)
 CPU = Kernels("cpu", dropout_mask_bytes=None, fused_softmax=False, norm_stats_bytes=None,
-              composite_rms_norm=True, sdpa_dropout_kernel="math", jit_compiled=False)
+              composite_rms_norm=True, sdpa_dropout_kernel="math", sdpa_bottom_right_mask=True,
+              jit_compiled=False)
 
 
 def activation_bytes(cfg: TransformerConfig) -> int:
@@ -119,11 +126,31 @@ def dropout_mask_bytes(cfg: TransformerConfig, kernels: Kernels) -> int:
     return kernels.dropout_mask_bytes or activation_bytes(cfg)
 
 
+def local_tokens(cfg: TransformerConfig, micro_batch: int) -> int:
+    """Tokens of a micro-batch on one rank: ``s b``, or ``s b / c`` with ``c`` context-parallel
+    ranks."""
+    return cfg.seq_length // cfg.context_parallel_size * micro_batch
+
+
 def sequence_rows(cfg: TransformerConfig, micro_batch: int) -> float:
-    """Rows (tokens) of a tensor in the sequence-parallel regions on one rank: ``s b / t``
-    with sequence parallelism, ``s b`` without."""
-    rows = cfg.seq_length * micro_batch
+    """Rows (tokens) of a tensor in the sequence-parallel regions on one rank: `local_tokens`,
+    divided by ``t`` with sequence parallelism."""
+    rows = local_tokens(cfg, micro_batch)
     return rows / cfg.tensor_model_parallel_size if cfg.sequence_parallel else rows
+
+
+def attention_blocks(cfg: TransformerConfig) -> list[tuple[int, int]]:
+    """``(queries, keys)`` of each causal attention call on one rank for one sequence: the
+    whole sequence, ``[(s, s)]``; with ``c > 1`` context-parallel ranks, each of the rank's
+    two chunks of ``L = s / (2c)`` queries against the keys up to its end
+    (`mp.model.context_parallel`). Those are CP rank 1's, ``[(L, 2L), (L, (2c - 1) L)]``: every
+    rank but 0 attends over ``(2c + 1) L`` keys in all, and rank 0, with the same total, has a
+    square first block, which needs no bottom-right mask and saves less."""
+    s, c = cfg.seq_length, cfg.context_parallel_size
+    if c == 1:
+        return [(s, s)]
+    chunk = s // (2 * c)
+    return [(chunk, 2 * chunk), (chunk, (2 * c - 1) * chunk)]
 
 
 def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
@@ -135,10 +162,9 @@ def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUD
     if selective is None:
         selective = cfg.recompute_granularity == "selective"
     e = activation_bytes(cfg)
-    t, s, h, f = (cfg.tensor_model_parallel_size, cfg.seq_length, cfg.hidden_size,
-                  cfg.ffn_hidden_size)
+    t, h, f = cfg.tensor_model_parallel_size, cfg.hidden_size, cfg.ffn_hidden_size
     q = cfg.query_projection_size
-    tokens = s * micro_batch
+    tokens = local_tokens(cfg, micro_batch)
     local = sequence_rows(cfg, micro_batch)
     mask = dropout_mask_bytes(cfg, kernels)
     math_core = (cfg.attention_backend == "sdpa" and cfg.attention_dropout > 0
@@ -149,7 +175,7 @@ def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUD
         terms["norm weights (1 + weight)"] = 2 * e * h
     terms.update(_qkv_terms(cfg, micro_batch, kernels, math_core, selective))
     if cfg.position_embedding_type == "rope":  # cos and sin tables, for q and for k
-        terms["rotary tables"] = 4 * FP32 * s * cfg.rotary_dim
+        terms["rotary tables"] = 4 * FP32 * local_tokens(cfg, 1) * cfg.rotary_dim
     if not selective:
         terms.update(_attention_core(cfg, micro_batch, kernels, math_core))
     terms["attention output"] = e * tokens * q / t
@@ -174,9 +200,14 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
     """What the QKV output, the queries and keys (normalized, rotated) leave saved, and the
     ``qk_layernorm`` norms' own saves (their input when they keep it as it comes, statistics
     per head row, a composite RMSNorm's fp32 tensors, the ``1 + weight`` of zero-centred
-    ones)."""
+    ones). With context parallelism the attention reads the keys and values of the whole
+    sequence, gathered over CP: copies, so the QKV output stays saved only through the
+    queries that view it."""
     e, t = activation_bytes(cfg), cfg.tensor_model_parallel_size
-    tokens = cfg.seq_length * micro_batch
+    tokens = local_tokens(cfg, micro_batch)
+    keys = micro_batch * sum(k for _, k in attention_blocks(cfg))  # read by the attention calls
+    gathered = cfg.context_parallel_size > 1 and not selective  # else recomputed
+    rope = cfg.position_embedding_type == "rope"
     q, kv = cfg.query_projection_size, cfg.num_query_groups * cfg.kv_channels
     grouped = cfg.num_query_groups < cfg.num_attention_heads
     copied_q = grouped and cfg.num_query_groups > t  # with one group per rank, q is a view
@@ -187,16 +218,22 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
     norm_keeps_input = qk_norm and not (composite and e != FP32)
     terms = {}
     if math_core:  # fp32 copies of q, k, v replace the 16-bit QKV output (and RoPE's q, k)
-        terms["Q, K, V (fp32 copies)"] = 3 * FP32 * tokens * q / t
+        terms["Q, K, V (fp32 copies)"] = FP32 * (tokens + 2 * keys) * q / t
     elif grouped and cfg.attention_backend == "unfused" and not selective:
         # the matmuls save q and the keys and values repeated for every query head
-        terms["Q, and K, V repeated per head"] = 3 * e * tokens * q / t
-    else:  # v views the whole QKV output
-        terms["Q, K, V"] = e * tokens * cfg.qkv_size / t
-        if cfg.position_embedding_type == "rope":
-            terms["rotated Q, K"] = e * tokens * (q + kv) / t
+        terms["Q, and K, V repeated per head"] = e * (tokens + 2 * keys) * q / t
+    else:
+        if gathered:
+            terms["K, V gathered over CP"] = 2 * e * micro_batch * cfg.seq_length * kv / t
+            if not (rope or qk_norm or copied_q):  # q views the QKV output
+                terms["Q, K, V"] = e * tokens * cfg.qkv_size / t
+        else:  # v views the whole QKV output
+            terms["Q, K, V"] = e * tokens * cfg.qkv_size / t
+        qk, names = (q, "Q") if gathered else (q + kv, "Q, K")
+        if rope:
+            terms[f"rotated {names}"] = e * tokens * qk / t
         elif qk_norm:
-            terms["normalized Q, K"] = e * tokens * (q + kv) / t
+            terms[f"normalized {names}"] = e * tokens * qk / t
         elif copied_q:
             terms["Q (copied out of its groups)"] = e * tokens * q / t
     if not qk_norm:
@@ -222,24 +259,39 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
 
 def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
                     math_core: bool) -> dict[str, float]:
-    """What the attention core saves between Q, K, V and its output."""
-    e = activation_bytes(cfg)
-    s = cfg.seq_length
-    heads = cfg.num_attention_heads // cfg.tensor_model_parallel_size
-    scores = heads * s * s * micro_batch  # elements of one [b, np, s, s] tensor
+    """What the attention core saves between Q, K, V and its output, over the
+    `attention_blocks` of ``micro_batch`` sequences."""
+    e, t = activation_bytes(cfg), cfg.tensor_model_parallel_size
+    blocks = attention_blocks(cfg)
+    heads = cfg.num_attention_heads // t
+    scores = heads * micro_batch * sum(q * k for q, k in blocks)  # [b, np, sq, sk] elements
+    queries = micro_batch * sum(q for q, _ in blocks)
+    bottom_right = sum(q * k for q, k in blocks if k > q)  # elements of their [sq, sk] masks
     dropout = cfg.attention_dropout > 0
     if math_core:
         return {"softmax output (fp32)": FP32 * scores, "attention dropout mask (fp32)":
                 FP32 * scores, "dropped probabilities (fp32)": FP32 * scores}
     if cfg.attention_backend == "sdpa":
-        return {"softmax log-sum-exp": FP32 * heads * s * micro_batch}
+        core = {"softmax log-sum-exp": FP32 * heads * queries}
+        if len(blocks) > 1:  # each call's output, then their concatenation (the projection's)
+            core["attention output per query chunk"] = \
+                e * queries * cfg.query_projection_size / t
+        if kernels.sdpa_bottom_right_mask and bottom_right:
+            core["bottom-right causal masks"] = e * bottom_right
+        return core
     fused = kernels.fused_softmax and e == 2  # the kernel takes 16-bit scores only
     softmax_bytes = e if fused else FP32
     core = {"softmax output": softmax_bytes * scores}
     if not fused:
-        # the [s, s] bool mask the scores' masked_fill saves; the causal torch path does not
-        # run zero_fully_masked_rows (no row is fully masked), so no [s, 1] row flags
-        core["causal mask"] = s * s
+        # the [sq, sk] bool mask the scores' masked_fill saves: the causal torch path runs no
+        # zero_fully_masked_rows (no row is fully masked), so no [sq, 1] row flags; a
+        # bottom-right block's explicit mask takes the padding path, which saves them
+        square = sum(q * q for q, k in blocks if k == q)
+        if square:
+            core["causal mask"] = square
+        if bottom_right:
+            core["bottom-right causal masks and row flags"] = bottom_right + sum(
+                q for q, k in blocks if k > q)
     if dropout:
         core["attention dropout mask"] = dropout_mask_bytes(cfg, kernels) * scores
         core["dropped probabilities"] = e * scores

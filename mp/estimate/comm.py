@@ -20,8 +20,14 @@ row-parallel ones (attention output, fc2):
   the parameters replicated over TP (norms, row-parallel biases).
 - TP under full recompute: the recomputed layers' forward calls again, and with
   ``distribute_saved_activations`` an all-gather of each checkpoint's input.
+- CP (context parallelism, ``c`` ranks; ``a`` is then the rank's ``[s / c, b, h]``): each
+  layer all-gathers its keys and values, ``[s, b, g d / t]`` each, in every forward (again
+  when full or selective recompute reruns it) and reduce-scatters their gradients in
+  backward; the last stage all-reduces each micro-batch's loss sum and token count (two fp32
+  values) over CP.
 - DP, once: the gradient buffer, ``g P`` all-reduced; with the distributed optimizer
-  reduce-scattered, then the updated parameters (``e P``) all-gathered.
+  reduce-scattered, then the updated parameters (``e P``) all-gathered. With CP the
+  gradients are reduced over DP x CP (group ``dp_cp``).
 - PP: each chunk's output forward and its gradient backward, ``e s b h`` (``/ t`` with SP);
   once per iteration, the tied word-embedding gradients between the first and last stage,
   ``g V h / t``.
@@ -43,13 +49,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mp.estimate.activations import FP32, activation_bytes, sequence_rows
+from mp.estimate.activations import FP32, activation_bytes, local_tokens, sequence_rows
 from mp.estimate.hardware import GPUSpec
 from mp.estimate.params import norm_params, rank_params
 from mp.estimate.setup import Setup
 
 FP64 = 8
-GROUPS = ("tp", "dp", "pp", "embedding", "mp", "world")
+GROUPS = ("tp", "cp", "dp", "dp_cp", "pp", "embedding", "mp", "world")
 WIRE_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
                "reduce_scatter": lambda n: (n - 1) / n, "send": lambda n: 1.0,
                "recv": lambda n: 0.0}  # a send's bytes are on the wire once, counted at send
@@ -75,16 +81,19 @@ def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[C
     out: list[Collective] = []
     if setup.tp > 1:
         out += _tensor_parallel(setup, pp_rank)
-    if setup.data_parallel_size > 1:
+    if setup.cp > 1:
+        out += _context_parallel(setup, pp_rank)
+    if setup.gradient_group_size > 1:
         grads = setup.grad_bytes * rank_params(cfg, pp_rank).total
+        group = "dp_cp" if setup.cp > 1 else "dp"
         if setup.distributed_optimizer:
             params = activation_bytes(cfg) * rank_params(cfg, pp_rank).total
-            out += [Collective("gradients (distributed optimizer)", "reduce_scatter", "dp",
+            out += [Collective("gradients (distributed optimizer)", "reduce_scatter", group,
                                grads),
-                    Collective("updated parameters (distributed optimizer)", "all_gather", "dp",
-                               params)]
+                    Collective("updated parameters (distributed optimizer)", "all_gather",
+                               group, params)]
         else:
-            out.append(Collective("gradients", "all_reduce", "dp", grads))
+            out.append(Collective("gradients", "all_reduce", group, grads))
     if setup.pp > 1:
         out += _pipeline(setup, pp_rank)
     if setup.distributed_optimizer and setup.world_size > 1:  # the DP shards add up too
@@ -98,7 +107,7 @@ def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[C
 
 def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
     cfg, m = setup.model, setup.num_microbatches
-    act = activation_bytes(cfg) * cfg.seq_length * setup.micro_batch_size * cfg.hidden_size
+    act = activation_bytes(cfg) * local_tokens(cfg, setup.micro_batch_size) * cfg.hidden_size
     column = 3 if cfg.activation == "swiglu" else 2
     first, last = pp_rank == 0, pp_rank == setup.pp - 1
     layers = cfg.stage_num_layers(pp_rank)
@@ -132,8 +141,23 @@ def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
         out.append(Collective("distributed checkpoint inputs", "all_gather", "tp",
                               m * _checkpoints(setup, pp_rank) * saved))
     if last:
-        rows = cfg.seq_length * setup.micro_batch_size
+        rows = local_tokens(cfg, setup.micro_batch_size)
         out.append(Collective("cross-entropy", "all_reduce", "tp", m * 3 * FP32 * rows))
+    return out
+
+
+def _context_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
+    cfg, m = setup.model, setup.num_microbatches
+    layers = cfg.stage_num_layers(pp_rank)
+    forwards = layers + _recomputed_layers(setup, pp_rank)
+    if cfg.recompute_granularity == "selective":  # the recomputed core gathers again
+        forwards += layers
+    keys = (activation_bytes(cfg) * cfg.seq_length * setup.micro_batch_size
+            * cfg.num_query_groups * cfg.kv_channels / setup.tp)  # K or V, gathered
+    out = [Collective("keys and values", "all_gather", "cp", m * 2 * forwards * keys),
+           Collective("key and value gradients", "reduce_scatter", "cp", m * 2 * layers * keys)]
+    if pp_rank == setup.pp - 1:
+        out.append(Collective("loss sum and token count", "all_reduce", "cp", m * 2 * FP32))
     return out
 
 
@@ -184,14 +208,16 @@ def _pipeline(setup: Setup, pp_rank: int) -> list[Collective]:
 
 
 def group_size(setup: Setup, group: str) -> int:
-    return {"tp": setup.tp, "dp": setup.data_parallel_size, "pp": setup.pp,
-            "embedding": 2, "mp": setup.tp * setup.pp, "world": setup.world_size}[group]
+    return {"tp": setup.tp, "cp": setup.cp, "dp": setup.data_parallel_size,
+            "dp_cp": setup.gradient_group_size, "pp": setup.pp, "embedding": 2,
+            "mp": setup.tp * setup.pp, "world": setup.world_size}[group]
 
 
 def group_bandwidth(setup: Setup, group: str, gpu: GPUSpec) -> float:
     """Bytes/s per rank for ``group``'s traffic: NVLink when the whole group shares a node
-    (ranks are laid out TP fastest, then DP, then PP), InfiniBand otherwise."""
-    span = {"tp": setup.tp, "dp": setup.tp * setup.data_parallel_size,
+    (ranks are laid out TP fastest, then CP, then DP, then PP), InfiniBand otherwise."""
+    data = setup.tp * setup.cp * setup.data_parallel_size
+    span = {"tp": setup.tp, "cp": setup.tp * setup.cp, "dp": data, "dp_cp": data,
             "pp": setup.world_size, "embedding": setup.world_size,
             "mp": setup.world_size, "world": setup.world_size}[group]
     gbps = gpu.intra_node_gbps if span <= gpu.gpus_per_node else gpu.inter_node_gbps

@@ -40,6 +40,7 @@ from mp.estimate.activations import (
     activation_bytes,
     dropout_mask_bytes,
     layer_bytes,
+    local_tokens,
     norm_terms,
     sequence_rows,
 )
@@ -67,12 +68,12 @@ def microbatches_in_flight(pp: int, pp_rank: int, num_microbatches: int, vpp: in
 def embedding_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA
                     ) -> dict[str, float]:
     """What the embedding saves for one micro-batch on one TP rank."""
-    tokens = cfg.seq_length * micro_batch
+    tokens = local_tokens(cfg, micro_batch)
     terms = {"token ids": INT64 * tokens}
     if cfg.tensor_model_parallel_size > 1:
         terms["out-of-range token flags"] = tokens
     if cfg.position_embedding_type == "learned_absolute":
-        terms["position ids"] = INT64 * cfg.seq_length
+        terms["position ids"] = INT64 * local_tokens(cfg, 1)
     if cfg.hidden_dropout > 0:
         terms["embedding dropout mask"] = (dropout_mask_bytes(cfg, kernels)
                                            * sequence_rows(cfg, micro_batch) * cfg.hidden_size)
@@ -83,7 +84,7 @@ def output_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CU
                  ) -> dict[str, float]:
     """What the final norm, the output layer and the loss save for one micro-batch."""
     e, h = activation_bytes(cfg), cfg.hidden_size
-    tokens = cfg.seq_length * micro_batch
+    tokens = local_tokens(cfg, micro_batch)
     local = sequence_rows(cfg, micro_batch)
     terms = {
         **{f"final norm {name}": size for name, size in norm_terms(cfg, kernels, local).items()},
@@ -101,7 +102,7 @@ def loss_transient(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = 
     """Bytes the cross-entropy needs beside what it saves, at its worst moment (the backward,
     which writes the logits' gradient; see the module doc)."""
     e = activation_bytes(cfg)
-    logits = cfg.seq_length * micro_batch * _vocab_shard(cfg)
+    logits = local_tokens(cfg, micro_batch) * _vocab_shard(cfg)
     compiled = kernels.jit_compiled and cfg.cross_entropy_loss_fusion
     return logits * (e if compiled else FP32 + 1 + e)
 

@@ -22,7 +22,8 @@ parameter for bf16 (Megatron's figure), 16 when ``grad_reduce_in_bf16`` (Megatro
 every precision's gradients in fp32, where Megatron's fp16 path keeps fp16 gradients and an
 fp32 copy (20).
 With the distributed optimizer (`mp.optim.DistributedOptimizer`) the optimizer column is
-divided by DP: ``6 + 12 / DP`` bytes for bf16 (Megatron's table), leaving out each bucket's
+divided by DP (by DP x CP with context parallelism: the ranks that reduce gradients
+together): ``6 + 12 / DP`` bytes for bf16 (Megatron's table), leaving out each bucket's
 padding to a multiple of DP elements and the per-shard step counters
 (``tests/test_distrib_optimizer.py`` counts both).
 """
@@ -148,7 +149,7 @@ def state_bytes(setup: Setup, params: RankParams) -> StateBytes:
     n = params.total
     master = 0 if setup.model.precision == "fp32" else FP32
     if setup.distributed_optimizer:
-        optimizer = n * (master + ADAM_MOMENT_BYTES) / setup.data_parallel_size
+        optimizer = n * (master + ADAM_MOMENT_BYTES) / setup.gradient_group_size
     else:
         optimizer = n * (master + ADAM_MOMENT_BYTES) + params.tensors * STEP_COUNTER_BYTES
     return StateBytes(weights=n * setup.activation_bytes, grads=n * setup.grad_bytes,

@@ -2,15 +2,18 @@
 first.
 
 A layout is a tensor-parallel size ``t`` (a divisor of N no larger than a node, so TP traffic
-stays on NVLink), a pipeline size ``p`` (dividing ``N / t``), virtual stages ``v`` (with
+stays on NVLink), a context-parallel size ``c`` (from ``context_parallel_sizes``: 1 unless
+asked, as it pays only for long sequences), a pipeline size ``p`` (dividing ``N / (t c)``),
+virtual stages ``v`` (with
 ``p > 1``), a micro-batch size, a recompute mode (none, selective, full with one layer per
 checkpoint) and sequence parallelism (on with ``t > 1`` by default: it only saves memory).
 With ``uneven_splits`` the planner also tries Megatron's uneven pipeline splits that count the
 embedding and/or the loss as a layer (`PIPELINE_SPLITS`): they balance the first and last
 stages, and they let ``p v`` divide ``L + 1`` or ``L + 2`` when it does not divide ``L``.
-Data parallelism takes the rest, ``N / (t p)``. Each candidate is built as the training job
+Data parallelism takes the rest, ``N / (t c p)``. Each candidate is built as the training job
 would be built, through `mp.model.TransformerConfig` and `mp.config.JobConfig.validate`, so
-the planner knows the same rules (heads divisible by ``t``, layers by ``p v``, the global batch
+the planner knows the same rules (heads divisible by ``t``, the sequence by ``2 c``, layers by
+``p v``, the global batch
 by ``micro-batch x DP``, micro-batches by ``p`` when interleaving); a candidate that breaks
 one is not a layout. The rest are estimated, those whose busiest rank exceeds
 ``memory_fraction`` of the GPU's memory are dropped, and the others are ranked by predicted
@@ -63,11 +66,13 @@ def candidate_setups(job: JobConfig, world_size: int,
                      sequence_parallel: tuple[bool, ...] = (True,),
                      max_tensor_parallel: int = 8,
                      distributed_optimizer: bool | None = None,
-                     uneven_splits: bool = False) -> list[Setup]:
+                     uneven_splits: bool = False,
+                     context_parallel_sizes: tuple[int, ...] = (1,)) -> list[Setup]:
     """Every layout of ``job``'s model on ``world_size`` GPUs that its rules allow.
     ``sequence_parallel`` lists the values tried when ``t > 1`` (``t = 1`` has none);
     ``distributed_optimizer`` defaults to the job's ``training.use_distributed_optimizer``;
-    ``uneven_splits`` adds `PIPELINE_SPLITS` beyond the even one (module doc)."""
+    ``uneven_splits`` adds `PIPELINE_SPLITS` beyond the even one; ``context_parallel_sizes``
+    lists the CP sizes tried (module doc)."""
     for mode in recompute_modes:
         if mode not in RECOMPUTE_MODES:
             raise ValueError(f"recompute mode {mode!r} must be one of "
@@ -76,8 +81,10 @@ def candidate_setups(job: JobConfig, world_size: int,
         distributed_optimizer = job.training.use_distributed_optimizer
     splits = PIPELINE_SPLITS if uneven_splits else {"even": {}}
     setups, seen = [], set()
-    for tp in (d for d in _divisors(world_size) if d <= max_tensor_parallel):
-        for pp, split in itertools.product(_divisors(world_size // tp), splits.values()):
+    layouts = ((cp, tp) for cp in context_parallel_sizes if world_size % cp == 0
+               for tp in _divisors(world_size // cp) if tp <= max_tensor_parallel)
+    for cp, tp in layouts:
+        for pp, split in itertools.product(_divisors(world_size // (tp * cp)), splits.values()):
             layers = job.model.num_layers + len(split)  # each counted part is one "layer"
             if layers % pp or (pp == 1 and split):
                 continue
@@ -85,12 +92,12 @@ def candidate_setups(job: JobConfig, world_size: int,
             sps = sequence_parallel if tp > 1 else (False,)
             for vpp, sp, mbs, mode in itertools.product(vpps, sps, micro_batch_sizes,
                                                         recompute_modes):
-                setup = _setup(job, world_size, tp, pp, vpp, sp, mbs, mode,
+                setup = _setup(job, world_size, tp, cp, pp, vpp, sp, mbs, mode,
                                distributed_optimizer, split)
                 if setup is None:
                     continue
                 # an uneven split that puts the layers where the even one does is the same
-                key = (tp, pp, vpp, sp, mbs, mode, setup.model.chunk_layer_counts)
+                key = (tp, cp, pp, vpp, sp, mbs, mode, setup.model.chunk_layer_counts)
                 if key not in seen:
                     seen.add(key)
                     setups.append(setup)
@@ -105,14 +112,15 @@ def split_name(setup: Setup) -> str:
                        PIPELINE_SPLITS["emb+loss"]))
 
 
-def _setup(job: JobConfig, world_size: int, tp: int, pp: int, vpp: int | None, sp: bool,
-           mbs: int, recompute: str, distributed_optimizer: bool, split: dict) -> Setup | None:
+def _setup(job: JobConfig, world_size: int, tp: int, cp: int, pp: int, vpp: int | None,
+           sp: bool, mbs: int, recompute: str, distributed_optimizer: bool, split: dict
+           ) -> Setup | None:
     """The layout as a job would build it, or None when a rule of the job forbids it."""
     full = recompute == "full"
     try:
         model = dataclasses.replace(
             job.model, **{**UNEVEN_SPLIT_FIELDS, **split}, tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=pp, context_parallel_size=1,
+            pipeline_model_parallel_size=pp, context_parallel_size=cp,
             virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp,
             recompute_granularity=None if recompute == "none" else recompute,
             recompute_method="uniform" if full else None,

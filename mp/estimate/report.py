@@ -101,7 +101,9 @@ def _activation_section(est: Estimate, kernels: Kernels) -> str:
     return (f"Activations per layer and micro-batch on a rank{note}: "
             f"{_bytes(sum(terms.values()))}; largest: "
             + ", ".join(f"{name} {_bytes(v)}" for name, v in top)
-            + "\nKorthikanti et al. 2022 for this model: "
+            + "\nKorthikanti et al. 2022 for this model"
+            + (" (the whole sequence on each rank: the paper has no context parallelism)"
+               if est.setup.cp > 1 else "") + ": "
             + ", ".join(f"{name} {_bytes(v)}" for name, v in paper.items()))
 
 
@@ -127,7 +129,8 @@ def _comm_section(est: Estimate) -> str:
 def _step_section(est: Estimate) -> str:
     st = est.step
     parts = ", ".join(f"{name} {value:.3f}" for name, value in (
-        ("compute", st.compute), ("TP comm", st.tp_comm), ("PP comm", st.pp_comm),
+        ("compute", st.compute), ("TP comm", st.tp_comm),
+        *((("CP comm", st.cp_comm),) if est.setup.cp > 1 else ()), ("PP comm", st.pp_comm),
         ("bubble", st.bubble), ("grad sync", st.grad_sync), ("optimizer", st.optimizer)))
     return (f"Step time {st.total:.3f} s at {est.efficiency:.0%} of {est.gpu.peak_tflops:g} "
             f"TFLOP/s ({parts}); {est.tokens_per_second:,.0f} tokens/s, MFU {est.mfu:.1%}, "
@@ -136,24 +139,28 @@ def _step_section(est: Estimate) -> str:
 
 def format_plan(result: PlanResult, top: int = 10) -> str:
     """The fastest ``top`` layouts that fit, as a table (with a ``split`` column, the
-    pipeline's `mp.estimate.planner.PIPELINE_SPLITS` name, when one of them is uneven)."""
+    pipeline's `mp.estimate.planner.PIPELINE_SPLITS` name, when one of them is uneven, and a
+    ``CP`` column when one of them is context-parallel)."""
     if not result.fitting:
         return (f"none of the {result.valid} valid layouts fits in memory; try more GPUs, "
                 "recompute, or a smaller micro-batch")
     shown = result.fitting[:top]
     splits = [split_name(e.setup) for e in shown]
     uneven = any(name != "even" for name in splits)
+    context = any(e.setup.cp > 1 for e in shown)
     rows = []
     for i, (e, split) in enumerate(zip(shown, splits), 1):
         s = e.setup
-        rows.append([str(i), str(s.tp), str(s.pp), str(s.vpp), *([split] if uneven else []),
+        rows.append([str(i), str(s.tp), *([str(s.cp)] if context else []), str(s.pp),
+                     str(s.vpp), *([split] if uneven else []),
                      str(s.data_parallel_size),
                      str(s.micro_batch_size), str(s.num_microbatches),
                      "on" if s.model.sequence_parallel else "off",
                      s.model.recompute_granularity or "none", _gib(e.peak_bytes),
                      f"{e.step.total:.2f}", f"{e.tokens_per_second:,.0f}", f"{e.mfu:.1%}",
                      f"{e.bubble_fraction:.1%}"])
-    header = ["#", "TP", "PP", "VP", *(["split"] if uneven else []), "DP", "mbs", "m", "SP",
+    header = ["#", "TP", *(["CP"] if context else []), "PP", "VP",
+              *(["split"] if uneven else []), "DP", "mbs", "m", "SP",
               "recompute", "peak GiB", "step s", "tokens/s", "MFU", "bubble"]
     return (_table(header, rows) + f"\n{len(result.fitting)} of {result.valid} valid layouts "
             f"fit ({result.too_big} do not); peak = the busiest rank")
@@ -170,7 +177,8 @@ def memory_chart(estimates: list[Estimate], path: str, memory_fraction: float) -
     except ImportError as error:
         raise RuntimeError("the memory chart needs matplotlib (pip install matplotlib)") \
             from error
-    labels = [f"TP{e.setup.tp} PP{e.setup.pp}" + (f"v{e.setup.vpp}" if e.setup.vpp > 1 else "")
+    labels = [f"TP{e.setup.tp}" + (f" CP{e.setup.cp}" if e.setup.cp > 1 else "")
+              + f" PP{e.setup.pp}" + (f"v{e.setup.vpp}" if e.setup.vpp > 1 else "")
               + f" DP{e.setup.data_parallel_size}\nmbs{e.setup.micro_batch_size} "
               + (e.setup.model.recompute_granularity or "none") for e in estimates]
     parts = {"weights": [], "gradients": [], "optimizer": [], "activations": [],

@@ -1,9 +1,9 @@
 """`Setup`: what an estimate is of: a model split one way over a number of GPUs, fed one way.
 
-The model and its split (TP, PP, virtual stages, sequence parallelism, recompute, precision)
-are a `mp.model.TransformerConfig`, which checks its own rules; the rest is the data-parallel
-size, the batch and the optimizer. `Setup.from_job` takes them from a job config, so that the
-estimator reads the same YAML files (and overrides) as the training job.
+The model and its split (TP, CP, PP, virtual stages, sequence parallelism, recompute,
+precision) are a `mp.model.TransformerConfig`, which checks its own rules; the rest is the
+data-parallel size, the batch and the optimizer. `Setup.from_job` takes them from a job
+config, so that the estimator reads the same YAML files (and overrides) as the training job.
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ class Setup:
     """A model, its parallel layout and its batch, as one training job would run them.
 
     Args:
-        model: shape, TP/PP/virtual-stage sizes, sequence parallelism, recompute, precision.
-        data_parallel_size: DP; the job runs on ``TP x PP x DP`` GPUs.
+        model: shape, TP/CP/PP/virtual-stage sizes, sequence parallelism, recompute,
+            precision.
+        data_parallel_size: DP; the job runs on ``TP x CP x PP x DP`` GPUs.
         micro_batch_size: sequences per micro-batch on one data-parallel rank.
         num_microbatches: micro-batches per iteration on each data-parallel rank
             (``global batch / (micro_batch_size x DP)``).
         distributed_optimizer: optimizer state (fp32 master weights and Adam moments) sharded
-            over the DP ranks (Megatron's distributed optimizer, `mp.optim.DistributedOptimizer`).
+            over the DP (x CP) ranks (Megatron's distributed optimizer,
+            `mp.optim.DistributedOptimizer`).
         grad_reduce_in_bf16: gradients accumulated and reduced in bf16, not fp32 (Megatron's
             ``--grad-reduce-in-bf16``; bf16 models only).
     """
@@ -48,11 +50,6 @@ class Setup:
                 and self.num_microbatches % pp:
             raise ValueError(f"num_microbatches={self.num_microbatches} is not divisible by "
                              f"pipeline_model_parallel_size={pp} (the interleaved schedule's rule)")
-        if self.model.context_parallel_size > 1:
-            raise ValueError(f"model.context_parallel_size={self.model.context_parallel_size}: "
-                             "the estimator does not model context parallelism yet (each rank's "
-                             "share of the sequence, the key/value all-gathers); estimate with "
-                             "--context-parallel-size 1")
         if self.grad_reduce_in_bf16 and self.model.precision != "bf16":
             raise ValueError(f"grad_reduce_in_bf16=True needs a bf16 model, not precision="
                              f"{self.model.precision!r}")
@@ -74,6 +71,10 @@ class Setup:
         return self.model.tensor_model_parallel_size
 
     @property
+    def cp(self) -> int:
+        return self.model.context_parallel_size
+
+    @property
     def pp(self) -> int:
         return self.model.pipeline_model_parallel_size
 
@@ -84,7 +85,13 @@ class Setup:
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.data_parallel_size
+        return self.tp * self.cp * self.pp * self.data_parallel_size
+
+    @property
+    def gradient_group_size(self) -> int:
+        """The ranks that reduce gradients together and share the distributed optimizer's
+        state: DP x CP (each CP rank holds the gradients of its part of the sequences)."""
+        return self.data_parallel_size * self.cp
 
     @property
     def global_batch_size(self) -> int:
@@ -103,11 +110,13 @@ class Setup:
 
     def describe(self) -> str:
         """``TP8 PP16 (v2) DP8, mbs 1 x 192, SP, recompute full, distributed optimizer``;
-        an uneven pipeline split adds each stage's layers: ``PP2 (v2, layers 34+46)``."""
+        an uneven pipeline split adds each stage's layers: ``PP2 (v2, layers 34+46)``;
+        context parallelism shows as ``TP8 CP4 PP2 DP4``."""
         cfg = self.model
         pipeline = ", ".join(part for part in (f"v{self.vpp}" if self.vpp > 1 else "",
                                                uneven_stages_text(cfg.chunk_layer_counts)) if part)
-        parts = [f"TP{self.tp} PP{self.pp}" + (f" ({pipeline})" if pipeline else "")
+        parts = [f"TP{self.tp}" + (f" CP{self.cp}" if self.cp > 1 else "") + f" PP{self.pp}"
+                 + (f" ({pipeline})" if pipeline else "")
                  + f" DP{self.data_parallel_size}",
                  f"mbs {self.micro_batch_size} x {self.num_microbatches}"]
         if cfg.sequence_parallel:

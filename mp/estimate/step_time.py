@@ -3,11 +3,11 @@
 The model is deliberately simple, and each part is printed so that it can be argued with:
 
 - **compute**: a stage's training FLOPs per micro-batch (`mp.estimate.flops`, with its
-  recompute) over ``peak x efficiency``, divided over its TP ranks. ``efficiency`` is the
+  recompute) over ``peak x efficiency``, divided over its TP and CP ranks. ``efficiency`` is the
   achievable fraction of peak for the matrix products (Narayanan et al. 2021 reach 44-52 %
   on A100 with full recompute counted); it is an input, not a prediction.
-- **tensor- and pipeline-parallel communication** sit on the critical path of every
-  micro-batch (mp overlaps none of it with compute except the column-parallel weight
+- **tensor-, context- and pipeline-parallel communication** sit on the critical path of
+  every micro-batch (mp overlaps none of it with compute except the column-parallel weight
   gradient, which is ignored here).
 - **pipeline**: with ``m`` micro-batches the busiest stage's micro-batch time ``T`` is paid
   ``m + (p - 1) / v`` times (1F1B; interleaving with ``v`` chunks divides the bubble by ``v``).
@@ -16,7 +16,7 @@ The model is deliberately simple, and each part is printed so that it can be arg
   optimizer's parameter all-gather after the step is exposed whole.
 - **optimizer step**: bound by HBM bandwidth: AdamW reads and writes the fp32 master and
   both moments, reads the fp32 gradient and writes the parameter: ``28 + e`` bytes per
-  parameter (the state part divided by DP with the distributed optimizer).
+  parameter (the state part divided by DP x CP with the distributed optimizer).
 
 The step time is their sum; throughput is ``global batch x s`` tokens over it, and MFU the
 model FLOPs (no recompute) over ``step time x GPUs x peak``.
@@ -45,6 +45,7 @@ class StepTime:
 
     compute: float  # m micro-batches of the busiest stage's compute
     tp_comm: float  # m micro-batches of its tensor-parallel communication
+    cp_comm: float  # m micro-batches of its context-parallel communication
     pp_comm: float  # m micro-batches of its point-to-point transfers
     bubble: float  # (p - 1) / v micro-batch times
     grad_sync: float  # gradient reduction and parameter gather not hidden behind backward
@@ -52,8 +53,8 @@ class StepTime:
 
     @property
     def total(self) -> float:
-        return (self.compute + self.tp_comm + self.pp_comm + self.bubble + self.grad_sync
-                + self.optimizer)
+        return (self.compute + self.tp_comm + self.cp_comm + self.pp_comm + self.bubble
+                + self.grad_sync + self.optimizer)
 
 
 def stage_compute_seconds(setup: Setup, pp_rank: int, gpu: GPUSpec,
@@ -62,30 +63,31 @@ def stage_compute_seconds(setup: Setup, pp_rank: int, gpu: GPUSpec,
     cfg = setup.model
     flops = training_flops(cfg, setup.micro_batch_size, num_layers=cfg.stage_num_layers(pp_rank),
                            logits=pp_rank == setup.pp - 1)
-    return flops / setup.tp / (gpu.peak_tflops * 1e12 * efficiency)
+    return flops / (setup.tp * setup.cp) / (gpu.peak_tflops * 1e12 * efficiency)
 
 
 @dataclass(frozen=True)
 class _Stage:
     compute: float  # per micro-batch
     tp: float  # per micro-batch
+    cp: float  # per micro-batch
     pp: float  # per micro-batch
     grad_reduce: float  # per iteration, can overlap the last backward
     exposed: float  # per iteration, after the step or outside backward
 
     @property
     def per_microbatch(self) -> float:
-        return self.compute + self.tp + self.pp
+        return self.compute + self.tp + self.cp + self.pp
 
 
 def _stage(setup: Setup, pp_rank: int, gpu: GPUSpec, efficiency: float) -> _Stage:
     m = setup.num_microbatches
-    parts = {"tp": 0.0, "pp": 0.0, "grad_reduce": 0.0, "exposed": 0.0}
+    parts = {"tp": 0.0, "cp": 0.0, "pp": 0.0, "grad_reduce": 0.0, "exposed": 0.0}
     for c in collectives(setup, pp_rank):
         t = seconds(setup, c, gpu)
-        if c.group in ("tp", "pp"):
+        if c.group in ("tp", "cp", "pp"):
             parts[c.group] += t / m
-        elif c.group == "dp" and c.kind != "all_gather":
+        elif c.group in ("dp", "dp_cp") and c.kind != "all_gather":
             parts["grad_reduce"] += t
         else:  # the distributed optimizer's parameter gather, tied embeddings, the grad norm
             parts["exposed"] += t
@@ -100,7 +102,8 @@ def step_time(setup: Setup, gpu: GPUSpec, efficiency: float = DEFAULT_EFFICIENCY
     stage = max((_stage(setup, r, gpu, efficiency) for r in range(setup.pp)),
                 key=lambda st: st.per_microbatch)
     backward = stage.compute * 2 / 3  # backward is two of the three forward-equivalents
-    return StepTime(compute=m * stage.compute, tp_comm=m * stage.tp, pp_comm=m * stage.pp,
+    return StepTime(compute=m * stage.compute, tp_comm=m * stage.tp, cp_comm=m * stage.cp,
+                    pp_comm=m * stage.pp,
                     bubble=(setup.pp - 1) / setup.vpp * stage.per_microbatch,
                     grad_sync=max(0.0, stage.grad_reduce - backward) + stage.exposed,
                     optimizer=_optimizer_seconds(setup, gpu))
@@ -110,6 +113,6 @@ def _optimizer_seconds(setup: Setup, gpu: GPUSpec) -> float:
     params = max(rank_params(setup.model, r).total for r in range(setup.pp))
     state = ADAM_STATE_TRAFFIC
     if setup.distributed_optimizer:
-        state /= setup.data_parallel_size
+        state /= setup.gradient_group_size
     traffic = params * (state + ADAM_GRAD_TRAFFIC + activation_bytes(setup.model))
     return traffic / (gpu.hbm_gbps * 1e9)

@@ -23,7 +23,6 @@ rank holds for its own tokens, are reduced over DP x CP
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -58,13 +57,12 @@ def get_batch_on_this_cp_rank(batch: dict[str, torch.Tensor], group: dist.Proces
             for key, value in batch.items()}
 
 
-@functools.lru_cache(maxsize=8)
-def _sequence_order(seq_length: int, cp_size: int, device: torch.device) -> torch.Tensor:
-    """The permutation that puts the CP ranks' gathered blocks back in sequence order (the
-    same for every layer and micro-batch, so computed once)."""
-    gathered = torch.cat([local_positions(seq_length, cp_size, r, device)
-                          for r in range(cp_size)])
-    return torch.argsort(gathered)
+def _in_sequence_order(gathered: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """``[s, ...]`` gathered rank by rank (rank ``r``'s chunks ``r`` and ``2c - 1 - r``) ->
+    ``[s, ...]`` in sequence order. A concatenation of views: autograd saves nothing for it."""
+    chunks = gathered.chunk(2 * cp_size)  # rank r's two chunks are entries 2r and 2r + 1
+    return torch.cat([chunks[2 * r] for r in range(cp_size)]
+                     + [chunks[2 * r + 1] for r in reversed(range(cp_size))])
 
 
 def context_parallel_attention(attend: Callable, q: torch.Tensor, k: torch.Tensor,
@@ -80,8 +78,7 @@ def context_parallel_attention(attend: Callable, q: torch.Tensor, k: torch.Tenso
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     local = q.size(0)
     chunk = local // 2
-    order = _sequence_order(local * cp, cp, q.device)
-    k, v = (gather_from_sequence_parallel_region(t, True, group=group).index_select(0, order)
+    k, v = (_in_sequence_order(gather_from_sequence_parallel_region(t, True, group=group), cp)
             for t in (k, v))
     contexts = []
     for half, c in enumerate((rank, 2 * cp - 1 - rank)):

@@ -67,21 +67,26 @@ class GPTModel(nn.Module):
                 labels: torch.Tensor | None = None,
                 inference_params: InferenceParams | None = None) -> torch.Tensor:
         length, offset = input_ids.size(1), 0
-        if inference_params is not None and self.config.context_parallel_size > 1:
+        cp = self.config.context_parallel_size
+        if inference_params is not None and cp > 1:
             raise ValueError(f"a key/value cache (inference_params) needs context_parallel_size=1"
-                             f", not {self.config.context_parallel_size}: decoding adds one "
-                             "token at a time (tools/generate.py builds the model without CP)")
+                             f", not {cp}: decoding adds one token at a time (tools/generate.py "
+                             "builds the model without CP)")
         if inference_params is not None:  # the tokens after the cached ones
             offset = inference_params.sequence_len_offset
             if position_ids is None:
                 position_ids = inference_params.positions(length, input_ids.device)
+        elif position_ids is None and cp > 1:  # this CP rank's tokens
+            position_ids = local_positions(length * cp, cp,
+                                           parallel_state.get_context_parallel_rank(),
+                                           input_ids.device)
         if self.pre_process:
             hidden = self.embedding(input_ids, position_ids)
         else:
             hidden = self.input_tensor
         freqs = None
         if self.config.position_embedding_type == "rope":
-            c, cp = self.config, self.config.context_parallel_size
+            c = self.config
             freqs = rotary_freqs(offset + length * cp, c.rotary_dim, c.rotary_base,
                                  input_ids.device,
                                  c.rope_scaling_factor if c.use_rope_scaling else None,
