@@ -13,8 +13,8 @@ from harness import run_distributed
 from mp import parallel_state as ps
 from mp.data.document_masks import document_positions_and_mask
 from mp.model import GPTModel, TransformerConfig
-from mp.model.inference import InferenceParams
 from mp.model.context_parallel import get_batch_on_this_cp_rank, local_positions
+from mp.model.inference import InferenceParams
 
 B, S, VOCAB = 2, 16, 96
 SEED = 77

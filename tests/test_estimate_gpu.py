@@ -6,7 +6,8 @@ softmax, bool dropout masks, fp32 norm statistics). Skipped without CUDA.
 
 Each case builds GPT-3 350M or 1.3B on one GPU (TP = PP = DP = 1) with mp's data-parallel
 gradient buffer and mixed-precision AdamW, runs one iteration of two micro-batches to create
-the optimizer state, then measures the peak of a second one.
+the optimizer state, then measures the peak of a second one. A context-parallel layer runs
+on two ranks sharing the GPU (gloo carries the CUDA tensors of the K/V all-gathers).
 """
 
 import dataclasses
@@ -15,6 +16,7 @@ import os
 
 import pytest
 import torch
+from harness import run_distributed
 
 from mp import jit
 from mp import parallel_state as ps
@@ -26,6 +28,7 @@ from mp.estimate.hardware import GiB
 from mp.fused import load_fused_kernels
 from mp.initialize import initialize_distributed
 from mp.model import GPTModel
+from mp.model.context_parallel import local_positions
 from mp.model.transformer import TransformerLayer
 from mp.optim import get_megatron_optimizer
 from mp.tensor_parallel import model_parallel_cuda_manual_seed
@@ -134,3 +137,35 @@ def test_saved_bytes_of_a_layer_on_cuda(backend):
     assert abs(expected - meter.bytes) <= TOLERANCE * meter.bytes
     if backend == "unfused" and _kernels().fused_softmax:
         assert abs(paper - meter.bytes) <= TOLERANCE * meter.bytes
+
+
+def cp_layer_saved_bytes(config, device: str) -> int:
+    """Bytes one layer of ``config`` (context-parallel) saves on this rank for micro-batch 1,
+    on ``device``. Module level: `run_distributed` runs it on each rank."""
+    ps.initialize_model_parallel(1, context_parallel_size=config.context_parallel_size)
+    model_parallel_cuda_manual_seed(1234)
+    layer = TransformerLayer(config, 1).to(device)
+    cp = config.context_parallel_size
+    x = torch.randn(config.seq_length // cp, 1, config.hidden_size, device=device,
+                    dtype=torch.bfloat16, requires_grad=True)
+    assert local_positions(config.seq_length, cp, ps.get_context_parallel_rank()).numel() \
+        == x.size(0)
+    with SavedTensorMeter(exclude=layer.parameters()) as meter:
+        y = layer(x)
+    y.float().sum().backward()
+    return meter.bytes
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "unfused"])
+def test_saved_bytes_of_a_context_parallel_layer_on_cuda(backend):
+    """GPT-3 1.3B's layer at CP 2 on two ranks sharing the GPU: CP rank 1 (the busiest)
+    against the CUDA estimate: flash attention's bottom-right causal form without a mask,
+    each query chunk's output, the keys and values gathered over CP."""
+    job = _job("1.3b", 1, "none")
+    cfg = dataclasses.replace(job.model, attention_backend=backend, context_parallel_size=2)
+    measured = run_distributed(2, cp_layer_saved_bytes, cfg, "cuda")
+    expected = sum(layer_terms(cfg, 1, _kernels()).values())
+    print(f"\nCP 2, {backend}: measured {measured} B, estimate {expected:.0f} B "
+          f"({expected / measured[1] - 1:+.2%} against rank 1)")
+    assert measured[0] <= measured[1]
+    assert abs(expected - measured[1]) <= TOLERANCE * measured[1]
