@@ -173,7 +173,7 @@ def test_cli_single_estimate_with_overrides(capsys):
     assert tool.main(["--config", os.path.join(CONFIGS, "gpt3-175b.yaml"), "--gpus", "1024",
                       "--gpu", "h200", "--inter-node-gbps", "100",
                       "--recompute-granularity", "selective",
-                      # the GPT-3 base config turns it off until mp has one (issue 8)
+                      # the GPT-3 base config leaves it off
                       "--use-distributed-optimizer", "true"]) == 0
     out = capsys.readouterr().out
     assert "TP8 PP16 DP8, mbs 1 x 192, SP, recompute selective, distributed optimizer" in out
