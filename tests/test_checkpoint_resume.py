@@ -2,7 +2,8 @@
 against 20 iterations, a SIGKILL of the whole job, and a resume for the last 20; and the same
 for a run counted in samples, killed in the middle of its batch-size ramp, and for one with
 decoupled learning rates for the embedding and output weights whose weight decay follows
-Megatron's cosine schedule. The loss, the gradient norm and the learning rate of every
+Megatron's cosine schedule, reading its samples in Megatron's cyclic (shuffled) order. The
+loss, the gradient norm and the learning rate of every
 iteration (read bit for bit, as float.hex) and the final weights are identical."""
 
 import os
@@ -32,8 +33,9 @@ RAMPED = [*TINY, "--global-batch-size", "16", "--train-iters", "null", "--lr-war
           "--train-samples", "200", "--lr-warmup-samples", "40", "--rampup-batch-size", "4", "4",
           "64"]
 # the embedding and output weights at their own rates, the weight decay rising from 0.01 to
-# 0.3 over the run (12 iterations, saved after 6)
-SCHEDULES = [*TINY, "--train-iters", "12", "--untie-embeddings-and-output-weights",
+# 0.3 over the run (12 iterations, saved after 6), the samples in the cyclic order
+SCHEDULES = [*TINY, "--train-iters", "12", "--dataloader-type", "cyclic",
+             "--untie-embeddings-and-output-weights",
              "--decoupled-lr", "1e-2", "--decoupled-min-lr", "1e-4",
              "--weight-decay-incr-style", "cosine", "--start-weight-decay", "0.01",
              "--end-weight-decay", "0.3"]

@@ -240,3 +240,17 @@ def test_ddp_bucket_size_counts_elements(bf16):
     assert int(tr.bucket_size_mb * 2**20 / (2 if bf16 else 4)) == 1000003
     assert error_of("--ddp-bucket-size", "0") == "--ddp-bucket-size=0 must be >= 1 (elements " \
         "per bucket)"
+
+
+def test_dataloader_type_and_data_sharding():
+    """Megatron's ``--dataloader-type`` (``single`` or ``cyclic``) and ``--no-data-sharding``;
+    ``external`` (a user's own iterator) has no place in mp's job."""
+    data = parse_args(["--config", TINY], world_size=4).data
+    assert (data.dataloader_type, data.data_sharding) == ("single", True)
+    data = parse_args(["--config", TINY, "--dataloader-type", "cyclic", "--no-data-sharding"],
+                      world_size=4).data
+    assert (data.dataloader_type, data.data_sharding) == ("cyclic", False)
+    assert error_of("--dataloader-type", "external").startswith(
+        "data.dataloader_type='external' hands Megatron a data iterator of the user's own")
+    assert error_of("--dataloader-type", "random") == (
+        "data.dataloader_type='random' must be one of 'single', 'cyclic'")

@@ -1,10 +1,18 @@
 """Data-parallel micro-batches: ranks see disjoint slices whose union is the global batch, and
-starting at consumed sample k gives what skipping k samples gives."""
+starting at consumed sample k gives what skipping k samples gives; in Megatron's cyclic order,
+each epoch a new permutation (Megatron's: ``randperm`` seeded with the epoch), within each
+rank's shard or over the whole dataset, without end."""
+
+import itertools
 
 import pytest
 import torch
 
-from mp.data.samplers import MegatronPretrainingSampler, build_pretraining_data_loader
+from mp.data.samplers import (
+    MegatronPretrainingRandomSampler,
+    MegatronPretrainingSampler,
+    build_pretraining_data_loader,
+)
 
 
 def _steps(total, consumed, mbs, dp, drop_last=True):
@@ -91,3 +99,85 @@ def test_data_loader_resumes_at_consumed_samples():
 def test_invalid_sampler_arguments(args, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         MegatronPretrainingSampler(*args)
+
+
+def _cyclic_steps(total, consumed, mbs, dp, steps, sharding=True):
+    """The first ``steps`` steps of the cyclic order: per step, each rank's micro-batch."""
+    streams = [itertools.islice(MegatronPretrainingRandomSampler(total, consumed, mbs, r, dp,
+                                                                 sharding), steps)
+               for r in range(dp)]
+    return [list(step) for step in zip(*streams)]
+
+
+@pytest.mark.parametrize("sharding", [True, False], ids=["sharded", "unsharded"])
+@pytest.mark.parametrize("dp, mbs, total", [(1, 1, 7), (2, 3, 40), (4, 2, 37), (3, 5, 100)])
+def test_cyclic_epochs_are_new_permutations_of_whole_global_batches(dp, mbs, total, sharding):
+    global_batch = dp * mbs
+    per_epoch = total // global_batch
+    steps = _cyclic_steps(total, 0, mbs, dp, 3 * per_epoch, sharding)
+    epochs = [steps[e * per_epoch:(e + 1) * per_epoch] for e in range(3)]
+    bucket = per_epoch * mbs  # each rank's shard
+    orders = []
+    for epoch in epochs:
+        assert all(len(b) == mbs for step in epoch for b in step)
+        flat = [i for step in epoch for b in step for i in b]
+        assert len(set(flat)) == len(flat) == per_epoch * global_batch
+        assert all(0 <= i < total for i in flat)
+        if sharding:  # every index of the whole global batches, each rank in its own shard
+            assert sorted(flat) == list(range(per_epoch * global_batch))
+            for r in range(dp):
+                assert all(r * bucket <= i < (r + 1) * bucket for step in epoch for i in step[r])
+        orders.append(flat)
+    assert orders[0] != orders[1] != orders[2]
+
+
+def test_cyclic_order_is_megatrons():
+    """Megatron's MegatronPretrainingRandomSampler: with data sharding, rank r permutes its
+    shard ``[r B, (r + 1) B)`` by ``randperm(B)`` seeded with the epoch; without, the ranks
+    deal out ``randperm`` of the dataset's whole micro-batches, r taking every dp-th."""
+    total, mbs, dp = 22, 2, 2  # an epoch: 5 global batches of 4, so 20 samples
+    for epoch in range(2):
+        seeded = torch.Generator().manual_seed(epoch)
+        shard = torch.randperm(10, generator=seeded)
+        seeded = torch.Generator().manual_seed(epoch)
+        whole = torch.randperm(22, generator=seeded)[:20]
+        for r in range(dp):
+            sharded = MegatronPretrainingRandomSampler(total, 20 * epoch, mbs, r, dp)
+            got = [i for b in itertools.islice(sharded, 5) for i in b]
+            assert got == (shard + 10 * r).tolist()
+            dealt = MegatronPretrainingRandomSampler(total, 20 * epoch, mbs, r, dp, False)
+            got = [i for b in itertools.islice(dealt, 5) for i in b]
+            assert got == whole[r::dp].tolist()
+
+
+@pytest.mark.parametrize("sharding", [True, False], ids=["sharded", "unsharded"])
+@pytest.mark.parametrize("consumed", [0, 6, 36, 42, 90])
+def test_cyclic_resumes_at_consumed_samples(consumed, sharding):
+    """Mid-epoch and across epochs (an epoch here is 36 samples)."""
+    dp, mbs, total = 2, 3, 40
+    from_start = _cyclic_steps(total, 0, mbs, dp, 30, sharding)
+    skipped = consumed // (dp * mbs)
+    assert _cyclic_steps(total, consumed, mbs, dp, 30 - skipped, sharding) == \
+        from_start[skipped:]
+
+
+def test_cyclic_data_loader_runs_on_past_the_dataset():
+    loader = build_pretraining_data_loader(_Squares(), 0, 2, 1, 2, dataloader_type="cyclic")
+    sampler = MegatronPretrainingRandomSampler(40, 0, 2, 1, 2)
+    for batch, indices in zip(itertools.islice(loader, 25), sampler):  # 10 a rank an epoch
+        assert batch["tokens"][:, 0].tolist() == indices
+    with pytest.raises(ValueError, match="dataloader_type='random' must be one of 'single', "
+                                         "'cyclic'"):
+        build_pretraining_data_loader(_Squares(), 0, 2, 1, 2, dataloader_type="random")
+
+
+@pytest.mark.parametrize("args, message", [
+    ((10, 2, 2, 0, 2), "consumed_samples=2 is not a whole number of micro_batch_size x "
+                       "data_parallel_size = 4 batches"),
+    ((3, 0, 2, 0, 2), "total_samples=3 is less than one global batch of micro_batch_size x "
+                      "data_parallel_size = 4"),
+    ((10, 0, 1, 2, 2), "data_parallel_rank=2 must lie in 0..1"),
+])
+def test_invalid_cyclic_sampler_arguments(args, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        MegatronPretrainingRandomSampler(*args)

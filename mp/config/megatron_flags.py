@@ -52,7 +52,7 @@ _MEGATRON_NAMES = {
         "data_path", "split", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model",
         "data_cache_path", "num_workers", "eod_mask_loss", "mock_data", "reset_position_ids",
         "reset_attention_mask", "vocab_size", "train_data_path", "valid_data_path",
-        "test_data_path",
+        "test_data_path", "dataloader_type",
     ),
     "logging": ("log_interval", "tensorboard_dir", "log_params_norm", "log_num_zeros_in_grad",
                 "wandb_project", "wandb_exp_name", "wandb_save_dir", "profile",
@@ -103,6 +103,7 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--apply-layernorm-1p": ("model.layernorm_zero_centered_gamma", "true"),
     "--no-manual-gc-eval": ("training.manual_gc_eval", "false"),
     "--no-mmap-bin-files": ("data.mmap_bin_files", "false"),
+    "--no-data-sharding": ("data.data_sharding", "false"),
 }
 
 _LOSS_CHECK = ("mp always checks the loss: a non-finite one stops a bf16/fp32 run, and fp16's "

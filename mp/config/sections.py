@@ -16,6 +16,7 @@ from typing import ClassVar
 from mp.config.coerce import ConfigError
 from mp.config.section import Section
 from mp.data.dataset_builder import SPLIT_NAMES, parse_data_sources
+from mp.data.samplers import DATALOADER_TYPES
 from mp.data.tokenizer import TOKENIZER_TYPES
 
 #: The ``data.data_path`` entry that stands for the embedded default corpus
@@ -40,7 +41,10 @@ class DataConfig(Section):
     tokens out of the loss. ``mock_data`` (Megatron's ``--mock-data``) trains on random tokens
     of ``model.vocab_size`` instead, reading no file and building no tokenizer.
     ``reset_position_ids`` and ``reset_attention_mask`` (Megatron's) keep the documents packed
-    into a sample apart (`mp.data.document_masks`).
+    into a sample apart (`mp.data.document_masks`). ``dataloader_type`` is Megatron's order of
+    the samples, ``single`` (once, in dataset order) or ``cyclic`` (epoch after epoch, each
+    shuffled, within each data-parallel rank's shard unless ``data_sharding`` is off):
+    `mp.data.samplers`.
     """
 
     section: ClassVar[str] = "data"
@@ -63,6 +67,8 @@ class DataConfig(Section):
     reset_attention_mask: bool = False  # tokens attend within their own document only
     vocab_size: int | None = None  # NullTokenizer: token ids below it, and the EOD id itself
     mmap_bin_files: bool = True  # False: read each .bin file into memory instead of mapping it
+    dataloader_type: str = "single"  # or "cyclic" (Megatron's --dataloader-type)
+    data_sharding: bool = True  # cyclic: each DP rank shuffles its own shard (--no-data-sharding)
 
     def __post_init__(self) -> None:
         per_split = self.per_split_data_path
@@ -78,6 +84,11 @@ class DataConfig(Section):
         except ValueError as error:
             raise ConfigError(f"{self.section}.{error}") from None
         self._one_of("tokenizer_type", TOKENIZER_TYPES)
+        if self.dataloader_type == "external":
+            raise ConfigError("data.dataloader_type='external' hands Megatron a data iterator "
+                              "of the user's own; mp's job builds its loaders itself: use "
+                              "'single' or 'cyclic'")
+        self._one_of("dataloader_type", DATALOADER_TYPES)
         self._at_least("num_workers", 0)
         self._at_least("vocab_size", 1, optional=True)
         null = self.tokenizer_type == "NullTokenizer"

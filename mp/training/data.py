@@ -13,7 +13,7 @@ training samples; for validation, ``eval_iters x global_batch_size`` for each ev
 run will do (every ``eval_interval`` iterations and one at the end); for the test, one
 evaluation's. Each data-parallel rank reads its own micro-batches (the tensor-parallel ranks
 of a replica read the same ones), training from ``consumed_train_samples``, validation and
-test from the start.
+test from the start, in ``data.dataloader_type``'s order (`mp.data.samplers`).
 """
 
 from __future__ import annotations
@@ -101,6 +101,8 @@ def build_data_iterators(cfg: JobConfig, consumed_train_samples: int = 0
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     loaders = [build_pretraining_data_loader(ds, consumed, tr.micro_batch_size, dp_rank,
-                                             dp_size, data.num_workers)
+                                             dp_size, data.num_workers,
+                                             dataloader_type=data.dataloader_type,
+                                             data_sharding=data.data_sharding)
                for ds, consumed in zip(datasets, (consumed_train_samples, 0, 0))]
     return tuple(None if loader is None else iter(loader) for loader in loaders)
