@@ -111,34 +111,36 @@ def _saved_bytes(module: torch.nn.Module, cfg: TransformerConfig, *args) -> int:
     return meter.bytes
 
 
-def _measure_layers(tp: int, cp: int = 1) -> dict:
+def _measure_layers(tp: int, cp: int = 1, comm_type: str = "all_gather") -> dict:
     """Saved bytes of one layer (or a two-layer chunk under full recompute) per case."""
     ps.initialize_model_parallel(tp, context_parallel_size=cp)
     model_parallel_cuda_manual_seed(1234)
     results = {}
     sps = (False, True) if tp > 1 else (False,)
     for (name, overrides), sp in itertools.product(LAYER_CASES.items(), sps):
-        cfg = _config(tp, sp, cp=cp, **overrides)
+        cfg = _config(tp, sp, cp=cp, cp_comm_type=comm_type, **overrides)
         results[name, sp] = _saved_bytes(TransformerLayer(cfg, 1), cfg)
     for (name, overrides), sp in itertools.product(BLOCK_CASES.items(), sps):
-        cfg = _config(tp, sp, num_layers=2, cp=cp, **overrides)
+        cfg = _config(tp, sp, num_layers=2, cp=cp, cp_comm_type=comm_type, **overrides)
         results[name, sp] = _saved_bytes(TransformerBlock(cfg, post_process=False), cfg)
     return results
 
 
-def _check_layers(tp: int, cp: int = 1) -> None:
-    """Every rank's measured bytes against the estimate: equal, except CP rank 0's, which
-    may only be smaller (module doc)."""
-    measured = run_distributed(tp * cp, _measure_layers, tp, cp)
+def _check_layers(tp: int, cp: int = 1, comm_type: str = "all_gather") -> None:
+    """Every rank's measured bytes against the estimate: equal, except all_gather's CP rank
+    0's, which may only be smaller (module doc)."""
+    measured = run_distributed(tp * cp, _measure_layers, tp, cp, comm_type)
     failures = []
     for rank, results in enumerate(measured):
-        busiest = cp == 1 or rank // tp % cp != 0  # ranks are laid out TP first, then CP
+        # ranks are laid out TP first, then CP
+        busiest = cp == 1 or comm_type == "a2a" or rank // tp % cp != 0
         for (name, sp), got in results.items():
             if name in LAYER_CASES:
-                cfg = _config(tp, sp, cp=cp, **LAYER_CASES[name])
+                cfg = _config(tp, sp, cp=cp, cp_comm_type=comm_type, **LAYER_CASES[name])
                 expected = sum(layer_terms(cfg, B, CPU).values())
             else:
-                cfg = _config(tp, sp, num_layers=2, cp=cp, **BLOCK_CASES[name])
+                cfg = _config(tp, sp, num_layers=2, cp=cp, cp_comm_type=comm_type,
+                              **BLOCK_CASES[name])
                 expected = chunk_saved_bytes(cfg, B, CPU)
             # the CPU estimate is exact to the byte
             if got != expected if busiest else got > expected:
@@ -153,10 +155,12 @@ def test_saved_bytes_of_a_layer_match_the_estimate(tp):
 
 
 @pytest.mark.parametrize("tp,cp", [(1, 2), (2, 2), (1, 4)], ids=["cp2", "tp2_cp2", "cp4"])
-def test_saved_bytes_of_a_layer_with_context_parallelism_match_the_estimate(tp, cp):
-    """The keys and values gathered over CP, each query chunk's attention (scores, masks,
-    outputs), the rank's share of every per-token tensor; recompute re-gathers."""
-    _check_layers(tp, cp)
+@pytest.mark.parametrize("comm_type", ["all_gather", "a2a"])
+def test_saved_bytes_of_a_layer_with_context_parallelism_match_the_estimate(tp, cp, comm_type):
+    """all_gather: the keys and values gathered over CP, each query chunk's attention (scores,
+    masks, outputs); a2a: Q, K, V exchanged for every token of 1 / CP of the heads, attended
+    whole; both: the rank's share of every per-token tensor."""
+    _check_layers(tp, cp, comm_type)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])

@@ -6,8 +6,9 @@ interleaved with 2 model chunks per stage), stage by stage: the pipeline's sends
 the tied word-embedding gradients, each stage's data-parallel gradients (also with every layer
 on the last stage). Context parallelism through ``train_step`` too: CP 2 with DP 2, with TP 2
 and sequence parallelism, with PP 2, with selective recompute and the distributed optimizer
-(keys and values gathered and their gradients reduce-scattered over CP, the loss's sum and
-count all-reduced over CP, gradients reduced over DP x CP). Gradients reduced in
+(keys and values gathered and their gradients reduce-scattered over CP, or with ``a2a`` q, k,
+v and the attention output exchanged over CP; the loss's sum and count all-reduced over CP,
+gradients reduced over DP x CP). Gradients reduced in
 bf16 (``training.grad_reduce_in_bf16``) move half the bytes: TP2 x DP2 with sequence
 parallelism, with and without the distributed optimizer, and the pipelined tied embedding. The
 loss that
@@ -215,6 +216,11 @@ CONTEXT_PARALLEL = {  # name -> (tp, cp, pp, overrides, distributed optimizer)
         1, 2, 1, dict(recompute_granularity="selective", num_query_groups=2), True),
     "cp2_dp2_full_recompute": (1, 2, 1, dict(recompute_granularity="full",
                                              recompute_method="uniform"), False),
+    "a2a_cp2_dp2": (1, 2, 1, dict(cp_comm_type="a2a"), False),
+    "a2a_tp2_cp2_sp_rope": (2, 2, 1, dict(cp_comm_type="a2a", sequence_parallel=True,
+                                          position_embedding_type="rope"), False),
+    "a2a_cp2_pp2_selective_grouped": (1, 2, 2, dict(cp_comm_type="a2a", num_query_groups=2,
+                                                    recompute_granularity="selective"), False),
 }
 
 
@@ -224,5 +230,5 @@ def test_collective_bytes_with_context_parallelism(variant):
     results = run_distributed(WORLD, _pipelined_iteration, None, overrides, False, tp, cp, pp,
                               distributed_optimizer)
     for rank, (measured, expected, _) in enumerate(results):
-        assert any(kind == "all_gather" for kind, _ in measured), f"rank {rank}"
+        assert any(kind in ("all_gather", "all_to_all") for kind, _ in measured), f"rank {rank}"
         assert measured == expected, f"rank {rank}"

@@ -1,5 +1,6 @@
-"""The seven tensor/sequence-parallel collectives, forward and backward, against the
-analytic result computed from every rank's (reproducible) tensors."""
+"""The tensor/sequence-parallel collectives and the all-to-all of context parallelism,
+forward and backward, against the analytic result computed from every rank's (reproducible)
+tensors."""
 
 import pytest
 import torch
@@ -63,6 +64,11 @@ def _check_mapping(t: int, name: str):
     elif name == "reduce_scatter_seq":
         y, gx = _run(tp_.reduce_scatter_to_sequence_parallel_region, xs[r], g_first[r])
         want_y, want_gx = total_x.chunk(t, 0)[r], torch.cat(g_first, 0)
+    elif name == "all_to_all":  # the last dim's blocks for the first dim's: [t S, B, H / t]
+        g_out = _per_rank(3, t, (t * S, B, H // t))
+        y, gx = _run(lambda x: tp_.all_to_all(x, 2, 0), xs[r], g_out[r])
+        want_y = torch.cat([x.chunk(t, 2)[r] for x in xs], 0)
+        want_gx = torch.cat([g.chunk(t, 0)[r] for g in g_out], 2)
     else:
         raise AssertionError(name)
     assert_rel_close(y, want_y, what=f"{name} forward")
@@ -70,7 +76,7 @@ def _check_mapping(t: int, name: str):
 
 
 NAMES = ["copy", "reduce", "scatter", "gather", "scatter_seq", "gather_seq",
-         "gather_seq_replicated_grad", "reduce_scatter_seq"]
+         "gather_seq_replicated_grad", "reduce_scatter_seq", "all_to_all"]
 
 
 @pytest.mark.parametrize("t", [1, 2, 4, 8])

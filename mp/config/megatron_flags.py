@@ -28,6 +28,7 @@ _MEGATRON_NAMES = {
         "rotary_seq_len_interpolation_factor", "init_method_xavier_uniform",
         "qk_layernorm", "context_parallel_size", "account_for_embedding_in_pipeline_split",
         "account_for_loss_in_pipeline_split", "pipeline_model_parallel_layout",
+        "cp_comm_type",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
@@ -79,6 +80,13 @@ ALIASES["--use-checkpoint-opt_param-scheduler"] = "training.use_checkpoint_opt_p
 MEGATRON_VALUES: dict[str, dict[str, str]] = {
     "--attention-backend": {"auto": "sdpa", "flash": "sdpa", "fused": "sdpa",
                             "local": "unfused"},
+    "--cp-comm-type": {"p2p": "all_gather"},
+}
+#: (flag, Megatron value) -> why mp runs it as the `MEGATRON_VALUES` value; the job says so
+#: once, as for `NO_EFFECT_FLAGS`.
+VALUE_NOTICES: dict[tuple[str, str], str] = {
+    ("--cp-comm-type", "p2p"): ("mp has no ring exchange of the keys and values: it gathers "
+                                "them whole (the same attention, more memory for K and V)"),
 }
 
 #: Megatron-LM flags that take no value -> (key, the value they set).
@@ -135,8 +143,6 @@ NO_EFFECT_FLAGS: dict[str, tuple[int, str]] = {
                          "torch_dist does (docs/checkpoints.md)")),
     "--transformer-impl": (1, ("mp always runs its own layers (Megatron's local ones), not "
                               "Transformer Engine's")),
-    "--cp-comm-type": (1, ("mp's context parallelism always all-gathers the keys and values "
-                          "(Megatron's all_gather)")),
     "--no-gradient-accumulation-fusion": (0, ("mp accumulates weight gradients into the fp32 "
                                               "main_grad buffer with a hook; it has no fused "
                                               "kernel to turn off")),

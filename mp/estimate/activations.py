@@ -141,16 +141,24 @@ def sequence_rows(cfg: TransformerConfig, micro_batch: int) -> float:
 
 def attention_blocks(cfg: TransformerConfig) -> list[tuple[int, int]]:
     """``(queries, keys)`` of each causal attention call on one rank for one sequence: the
-    whole sequence, ``[(s, s)]``; with ``c > 1`` context-parallel ranks, each of the rank's
-    two chunks of ``L = s / (2c)`` queries against the keys up to its end
+    whole sequence, ``[(s, s)]`` (also for ``a2a`` context parallelism, over fewer heads:
+    `attention_heads`); with ``c > 1`` ``all_gather`` context-parallel ranks, each of the
+    rank's two chunks of ``L = s / (2c)`` queries against the keys up to its end
     (`mp.model.context_parallel`). Those are CP rank 1's, ``[(L, 2L), (L, (2c - 1) L)]``: every
     rank but 0 attends over ``(2c + 1) L`` keys in all, and rank 0, with the same total, has a
     square first block, which needs no bottom-right mask and saves less."""
     s, c = cfg.seq_length, cfg.context_parallel_size
-    if c == 1:
+    if c == 1 or cfg.cp_comm_type == "a2a":
         return [(s, s)]
     chunk = s // (2 * c)
     return [(chunk, 2 * chunk), (chunk, (2 * c - 1) * chunk)]
+
+
+def attention_heads(cfg: TransformerConfig) -> int:
+    """Query heads one rank attends with: ``a / t``, or ``a / (t c)`` when ``a2a`` context
+    parallelism trades its tokens of every head for every token of some heads."""
+    heads = cfg.num_attention_heads // cfg.tensor_model_parallel_size
+    return heads // cfg.context_parallel_size if cfg.cp_comm_type == "a2a" else heads
 
 
 def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
@@ -202,11 +210,17 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
     per head row, a composite RMSNorm's fp32 tensors, the ``1 + weight`` of zero-centred
     ones). With context parallelism the attention reads the keys and values of the whole
     sequence, gathered over CP: copies, so the QKV output stays saved only through the
-    queries that view it."""
+    queries that view it; with ``a2a`` the attention reads copies of all three, exchanged
+    for every token of its heads."""
     e, t = activation_bytes(cfg), cfg.tensor_model_parallel_size
     tokens = local_tokens(cfg, micro_batch)
-    keys = micro_batch * sum(k for _, k in attention_blocks(cfg))  # read by the attention calls
-    gathered = cfg.context_parallel_size > 1 and not selective  # else recomputed
+    # rows the attention calls read, and the query channels they read them with
+    queries = micro_batch * sum(q for q, _ in attention_blocks(cfg))
+    keys = micro_batch * sum(k for _, k in attention_blocks(cfg))
+    width = attention_heads(cfg) * cfg.kv_channels
+    split = cfg.context_parallel_size > 1 and not selective  # else recomputed with the core
+    gathered = split and cfg.cp_comm_type == "all_gather"
+    exchanged = split and cfg.cp_comm_type == "a2a"
     rope = cfg.position_embedding_type == "rope"
     q, kv = cfg.query_projection_size, cfg.num_query_groups * cfg.kv_channels
     grouped = cfg.num_query_groups < cfg.num_attention_heads
@@ -218,10 +232,12 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
     norm_keeps_input = qk_norm and not (composite and e != FP32)
     terms = {}
     if math_core:  # fp32 copies of q, k, v replace the 16-bit QKV output (and RoPE's q, k)
-        terms["Q, K, V (fp32 copies)"] = FP32 * (tokens + 2 * keys) * q / t
+        terms["Q, K, V (fp32 copies)"] = FP32 * (queries + 2 * keys) * width
     elif grouped and cfg.attention_backend == "unfused" and not selective:
         # the matmuls save q and the keys and values repeated for every query head
-        terms["Q, and K, V repeated per head"] = e * (tokens + 2 * keys) * q / t
+        terms["Q, and K, V repeated per head"] = e * (queries + 2 * keys) * width
+    elif exchanged:  # RoPE's, the norms' and the projection's q, k, v go into the exchange
+        terms["Q, K, V exchanged over CP"] = e * tokens * cfg.qkv_size / t
     else:
         if gathered:
             terms["K, V gathered over CP"] = 2 * e * micro_batch * cfg.seq_length * kv / t
@@ -261,9 +277,9 @@ def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
                     math_core: bool) -> dict[str, float]:
     """What the attention core saves between Q, K, V and its output, over the
     `attention_blocks` of ``micro_batch`` sequences."""
-    e, t = activation_bytes(cfg), cfg.tensor_model_parallel_size
+    e = activation_bytes(cfg)
     blocks = attention_blocks(cfg)
-    heads = cfg.num_attention_heads // t
+    heads = attention_heads(cfg)
     scores = heads * micro_batch * sum(q * k for q, k in blocks)  # [b, np, sq, sk] elements
     queries = micro_batch * sum(q for q, _ in blocks)
     bottom_right = sum(q * k for q, k in blocks if k > q)  # elements of their [sq, sk] masks
@@ -273,9 +289,10 @@ def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
                 FP32 * scores, "dropped probabilities (fp32)": FP32 * scores}
     if cfg.attention_backend == "sdpa":
         core = {"softmax log-sum-exp": FP32 * heads * queries}
-        if len(blocks) > 1:  # each call's output, then their concatenation (the projection's)
-            core["attention output per query chunk"] = \
-                e * queries * cfg.query_projection_size / t
+        if cfg.context_parallel_size > 1:  # the projection's input is a copy: of the query
+            # chunks' outputs concatenated (all_gather), or exchanged back (a2a)
+            core["attention output before CP's concatenation or exchange"] = \
+                e * queries * heads * cfg.kv_channels
         if kernels.sdpa_bottom_right_mask and bottom_right:
             core["bottom-right causal masks"] = e * bottom_right
         return core

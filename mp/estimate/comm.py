@@ -20,10 +20,12 @@ row-parallel ones (attention output, fc2):
   the parameters replicated over TP (norms, row-parallel biases).
 - TP under full recompute: the recomputed layers' forward calls again, and with
   ``distribute_saved_activations`` an all-gather of each checkpoint's input.
-- CP (context parallelism, ``c`` ranks; ``a`` is then the rank's ``[s / c, b, h]``): each
-  layer all-gathers its keys and values, ``[s, b, g d / t]`` each, in every forward (again
-  when full or selective recompute reruns it) and reduce-scatters their gradients in
-  backward; the last stage all-reduces each micro-batch's loss sum and token count (two fp32
+- CP (context parallelism, ``c`` ranks; ``a`` is then the rank's ``[s / c, b, h]``): with
+  ``all_gather`` each layer all-gathers its keys and values, ``[s, b, g d / t]`` each, in
+  every forward (again when full or selective recompute reruns it) and reduce-scatters their
+  gradients in backward; with ``a2a`` it exchanges its q, k and v and then its attention
+  output, ``[s / c, b, (q + 2 g d + q) / t]`` in all, in every forward and the same in
+  backward. The last stage all-reduces each micro-batch's loss sum and token count (two fp32
   values) over CP.
 - DP, once: the gradient buffer, ``g P`` all-reduced; with the distributed optimizer
   reduce-scattered, then the updated parameters (``e P``) all-gathered. With CP the
@@ -57,7 +59,8 @@ from mp.estimate.setup import Setup
 FP64 = 8
 GROUPS = ("tp", "cp", "dp", "dp_cp", "pp", "embedding", "mp", "world")
 WIRE_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-               "reduce_scatter": lambda n: (n - 1) / n, "send": lambda n: 1.0,
+               "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
+               "send": lambda n: 1.0,
                "recv": lambda n: 0.0}  # a send's bytes are on the wire once, counted at send
 
 
@@ -66,7 +69,7 @@ class Collective:
     """One kind of call over one group: ``bytes`` summed over an iteration on one rank."""
 
     what: str
-    kind: str  # all_reduce | all_gather | reduce_scatter | send | recv
+    kind: str  # all_reduce | all_gather | reduce_scatter | all_to_all | send | recv
     group: str  # one of GROUPS
     bytes: float
 
@@ -150,12 +153,19 @@ def _context_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
     cfg, m = setup.model, setup.num_microbatches
     layers = cfg.stage_num_layers(pp_rank)
     forwards = layers + _recomputed_layers(setup, pp_rank)
-    if cfg.recompute_granularity == "selective":  # the recomputed core gathers again
+    if cfg.recompute_granularity == "selective":  # the recomputed core exchanges again
         forwards += layers
-    keys = (activation_bytes(cfg) * cfg.seq_length * setup.micro_batch_size
-            * cfg.num_query_groups * cfg.kv_channels / setup.tp)  # K or V, gathered
-    out = [Collective("keys and values", "all_gather", "cp", m * 2 * forwards * keys),
-           Collective("key and value gradients", "reduce_scatter", "cp", m * 2 * layers * keys)]
+    e, b = activation_bytes(cfg), setup.micro_batch_size
+    if cfg.cp_comm_type == "a2a":  # q, k, v, then the attention output; back in backward
+        exchanged = (e * local_tokens(cfg, b) * (cfg.qkv_size + cfg.query_projection_size)
+                     / setup.tp)
+        out = [Collective("Q, K, V and attention output (heads for tokens)", "all_to_all", "cp",
+                          m * (forwards + layers) * exchanged)]
+    else:
+        keys = e * cfg.seq_length * b * cfg.num_query_groups * cfg.kv_channels / setup.tp
+        out = [Collective("keys and values", "all_gather", "cp", m * 2 * forwards * keys),
+               Collective("key and value gradients", "reduce_scatter", "cp",
+                          m * 2 * layers * keys)]
     if pp_rank == setup.pp - 1:
         out.append(Collective("loss sum and token count", "all_reduce", "cp", m * 2 * FP32))
     return out

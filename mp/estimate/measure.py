@@ -9,7 +9,7 @@ The estimator is only worth what its checks are worth; these two meters read the
 - `CollectiveMeter`: every ``torch.distributed`` collective and point-to-point call made inside
   a ``with`` block, with its kind, the global ranks of its group and its size in bytes: the
   tensor of an all-reduce, broadcast or send/recv; the gathered (full) buffer of an
-  all-gather; the full input of a reduce-scatter. That is the per-call ``bytes`` of
+  all-gather; the full input of a reduce-scatter or an all-to-all. That is the per-call ``bytes`` of
   `mp.estimate.comm.Collective`, so the two compare directly. ``broadcast_object_list`` is
   logging (the training loss, sent from the last pipeline stage to the others): it runs, but
   neither it nor the broadcasts it makes inside count in ``calls``; it is listed in
@@ -77,6 +77,7 @@ _SIZED_BY = {
     "broadcast": ("broadcast", "tensor"),
     _GATHER: ("all_gather", "output_tensor"),
     _SCATTER: ("reduce_scatter", "input"),
+    "all_to_all_single": ("all_to_all", "input"),
     "send": ("send", "tensor"),
     "recv": ("recv", "tensor"),
     "isend": ("send", "tensor"),
@@ -84,8 +85,8 @@ _SIZED_BY = {
 }
 # calls the estimate does not model: they fail the measurement rather than go uncounted
 # (``batch_isend_irecv`` is not among them: it runs each ``P2POp``'s isend or irecv, counted)
-_UNMODELLED = ("all_gather", "reduce_scatter", "all_to_all", "all_to_all_single", "reduce",
-               "gather", "scatter", "all_gather_object")
+_UNMODELLED = ("all_gather", "reduce_scatter", "all_to_all", "reduce", "gather", "scatter",
+               "all_gather_object")
 # logging, not training communication: run, listed in ``logging``, not counted in ``calls``
 _LOGGING = ("broadcast_object_list",)
 # the modules a caller may reach the functions through; ``P2POp`` checks its ``op`` against

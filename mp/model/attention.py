@@ -67,6 +67,7 @@ class CoreAttention(nn.Module):
         super().__init__()
         self.cp_group = (parallel_state.get_context_parallel_group()
                          if config.context_parallel_size > 1 else None)
+        self.cp_comm_type = config.cp_comm_type
         self.backend = config.attention_backend
         self.dropout = config.attention_dropout
         self.scale = 1.0 / math.sqrt(config.kv_channels)
@@ -81,7 +82,7 @@ class CoreAttention(nn.Module):
         and value head serves ``np / ng`` consecutive query heads)."""
         if self.cp_group is not None:
             return context_parallel_attention(self._attend, q, k, v, attention_mask,
-                                              self.cp_group)
+                                              self.cp_group, self.cp_comm_type)
         return self._attend(q, k, v, attention_mask)
 
     def _attend(self, q, k, v, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mp.model.context_parallel import CP_COMM_TYPES
 from mp.model.pipeline_split import chunk_layer_counts, chunk_layer_range, parse_layout
 
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,6 +72,7 @@ class TransformerConfig:
     virtual_pipeline_model_parallel_size: int | None = None
     context_parallel_size: int = 1  # each sequence split over this many ranks
     # (mp.model.context_parallel; Megatron's --context-parallel-size)
+    cp_comm_type: str = "all_gather"  # or "a2a": how attention crosses the CP ranks
     # uneven pipeline splits (mp.model.pipeline_split); default: L / (PP x VPP) layers a chunk
     num_layers_in_first_pipeline_stage: int | None = None  # Megatron's
     # --decoder-first-pipeline-num-layers; the middle stages share what first and last leave
@@ -145,8 +147,13 @@ class TransformerConfig:
             raise ValueError(f"seq_length={self.seq_length} exceeds "
                              f"max_position_embeddings={self.max_position_embeddings}")
         cp = self.context_parallel_size
+        _one_of("cp_comm_type", self.cp_comm_type, CP_COMM_TYPES)
         if cp > 1:  # two chunks per CP rank (load balancing), each rank's part split over TP
             _divisible("seq_length", self.seq_length, "2 x context_parallel_size", 2 * cp)
+        if cp > 1 and self.cp_comm_type == "a2a":  # each CP rank takes 1 / cp of the heads
+            for name in ("num_attention_heads", "num_query_groups"):
+                _divisible(name, getattr(self, name), "tensor_model_parallel_size x "
+                           "context_parallel_size (cp_comm_type='a2a')", tp * cp)
         if self.sequence_parallel:
             _divisible("seq_length", self.seq_length, "tensor_model_parallel_size x "
                        "context_parallel_size (sequence_parallel=True)" if cp > 1 else

@@ -8,12 +8,20 @@ token and runs on the rank's ``s / c`` tokens unchanged; the batch is cut with
 `get_batch_on_this_cp_rank`, RoPE takes the angles of the rank's positions
 (`local_positions`).
 
-Attention gathers the keys and values of the whole sequence over the CP group (Megatron's
-``--cp-comm-type all_gather``; backward reduce-scatters their gradients) and puts them back
-in sequence order. Each of the rank's two query chunks then attends to the keys up to its own
-end, causally: the mask is aligned to the bottom right, the queries being the last ``L`` of
-those keys. A given attention mask (document masks, ``[b, 1, s / c, s]``: the rank's queries
-against every key) is cut the same way.
+Attention runs one of Megatron's two ways (``--cp-comm-type``, `CP_COMM_TYPES`):
+
+- ``all_gather`` (the default): each layer gathers the keys and values of the whole sequence
+  over the CP group (backward reduce-scatters their gradients) and puts them back in sequence
+  order. Each of the rank's two query chunks then attends to the keys up to its own end,
+  causally: the mask is aligned to the bottom right, the queries being the last ``L`` of those
+  keys. A given attention mask (document masks, ``[b, 1, s / c, s]``: the rank's queries
+  against every key) is cut the same way.
+- ``a2a`` (Jacobs et al. 2023, DeepSpeed-Ulysses): an all-to-all trades the rank's tokens of
+  every head for every token of ``1 / c`` of the heads (its query heads and, as many groups,
+  its key/value heads: both must divide by ``c``); the rank attends causally over the whole
+  sequence for those heads, and a second all-to-all trades back. Four all-to-alls of a
+  ``1 / c`` share each per layer, whatever ``c``, and no rank ever holds a whole sequence of
+  every head. A given attention mask is all-gathered over the query rows.
 
 The loss of a micro-batch is the sum over every token of the sequence, so the CP ranks add
 their sums and token counts up (`mp.training.gpt_step.loss_func`), and gradients, which each
@@ -28,7 +36,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from mp.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from mp.comm import all_gather_single
+from mp.tensor_parallel.mappings import all_to_all, gather_from_sequence_parallel_region
 
 
 def local_positions(seq_length: int, cp_size: int, cp_rank: int,
@@ -57,24 +66,40 @@ def get_batch_on_this_cp_rank(batch: dict[str, torch.Tensor], group: dist.Proces
             for key, value in batch.items()}
 
 
-def _in_sequence_order(gathered: torch.Tensor, cp_size: int) -> torch.Tensor:
-    """``[s, ...]`` gathered rank by rank (rank ``r``'s chunks ``r`` and ``2c - 1 - r``) ->
-    ``[s, ...]`` in sequence order. A concatenation of views: autograd saves nothing for it."""
-    chunks = gathered.chunk(2 * cp_size)  # rank r's two chunks are entries 2r and 2r + 1
+CP_COMM_TYPES = ("all_gather", "a2a")
+
+
+def _in_sequence_order(gathered: torch.Tensor, cp_size: int, dim: int = 0) -> torch.Tensor:
+    """``s`` along ``dim`` gathered rank by rank (rank ``r``'s chunks ``r`` and ``2c - 1 -
+    r``) -> in sequence order. A concatenation of views: autograd saves nothing for it."""
+    chunks = gathered.chunk(2 * cp_size, dim)  # rank r's two chunks are entries 2r and 2r + 1
     return torch.cat([chunks[2 * r] for r in range(cp_size)]
-                     + [chunks[2 * r + 1] for r in reversed(range(cp_size))])
+                     + [chunks[2 * r + 1] for r in reversed(range(cp_size))], dim)
+
+
+def _in_rank_order(x: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """The inverse of `_in_sequence_order` (along dim 0)."""
+    chunks = x.chunk(2 * cp_size)
+    return torch.cat([chunks[c] for r in range(cp_size) for c in (r, 2 * cp_size - 1 - r)])
 
 
 def context_parallel_attention(attend: Callable, q: torch.Tensor, k: torch.Tensor,
                                v: torch.Tensor, attention_mask: torch.Tensor | None,
-                               group: dist.ProcessGroup) -> torch.Tensor:
+                               group: dist.ProcessGroup, comm_type: str = "all_gather"
+                               ) -> torch.Tensor:
     """``attend(q, k, v, mask)`` over the whole sequence for this rank's queries.
 
     ``q [s / c, b, np, d]`` and ``k, v [s / c, b, ng, d]`` hold this rank's two chunks;
     ``attention_mask`` is None (causal) or ``[b or 1, 1, s / c, s]``. ``attend`` treats a
     None mask as causal with the queries at the end of the keys. Returns ``attend``'s context
-    for the rank's queries, ``[s / c, b, ...]``.
+    for the rank's queries, ``[s / c, b, np * d]``, exchanged the ``comm_type`` way (module
+    doc).
     """
+    if comm_type == "a2a":
+        return _attention_over_heads(attend, q, k, v, attention_mask, group)
+    if comm_type != "all_gather":
+        raise ValueError(f"comm_type={comm_type!r} must be one of "
+                         f"{', '.join(map(repr, CP_COMM_TYPES))}")
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     local = q.size(0)
     chunk = local // 2
@@ -87,3 +112,18 @@ def context_parallel_attention(attend: Callable, q: torch.Tensor, k: torch.Tenso
         mask = None if attention_mask is None else attention_mask[:, :, rows, keys]
         contexts.append(attend(q[rows], k[keys], v[keys], mask))
     return torch.cat(contexts, dim=0)
+
+
+def _attention_over_heads(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          attention_mask: torch.Tensor | None, group: dist.ProcessGroup
+                          ) -> torch.Tensor:
+    """``a2a``: every token of ``1 / c`` of the heads, attended causally, traded back."""
+    cp = dist.get_world_size(group)
+    q, k, v = (_in_sequence_order(all_to_all(t, 2, 0, group), cp) for t in (q, k, v))
+    if attention_mask is not None:  # [b, 1, s / c, s] -> every query row, [b, 1, s, s]
+        rows = attention_mask.movedim(2, 0).contiguous().view(torch.uint8)  # gloo: no bools
+        gathered = rows.new_empty((rows.size(0) * cp, *rows.shape[1:]))
+        all_gather_single(gathered, rows, group=group)
+        attention_mask = _in_sequence_order(gathered, cp).view(torch.bool).movedim(0, 2)
+    context = attend(q, k, v, attention_mask)  # [s, b, np / c * d], causal
+    return all_to_all(_in_rank_order(context, cp), 0, 2, group)

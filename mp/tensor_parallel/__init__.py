@@ -10,6 +10,7 @@ from mp.tensor_parallel.layers import (
     set_tensor_model_parallel_attributes,
 )
 from mp.tensor_parallel.mappings import (
+    all_to_all,
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
@@ -28,7 +29,7 @@ from mp.tensor_parallel.utils import VocabUtility, divide, split_tensor_along_la
 
 __all__ = [
     "ColumnParallelLinear", "CudaRNGStatesTracker", "LinearWithAsyncGradReduce",
-    "RowParallelLinear", "VocabParallelEmbedding", "VocabUtility", "checkpoint",
+    "RowParallelLinear", "VocabParallelEmbedding", "VocabUtility", "all_to_all", "checkpoint",
     "copy_to_tensor_model_parallel_region", "divide", "gather_from_sequence_parallel_region",
     "gather_from_tensor_model_parallel_region", "get_cuda_rng_tracker",
     "model_parallel_cuda_manual_seed", "param_is_not_tensor_parallel_duplicate",

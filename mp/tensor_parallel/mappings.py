@@ -15,6 +15,12 @@ so that the regions between tensor-parallel blocks hold ``1/TP`` of the sequence
 | scatter_to_sequence_parallel_region          | split first dim       | all-gather first dim  |
 | gather_from_sequence_parallel_region         | all-gather first dim  | reduce-scatter first  |
 | reduce_scatter_to_sequence_parallel_region   | reduce-scatter first  | all-gather first dim  |
+| all_to_all (scatter dim a, gather dim b)     | all-to-all a -> b     | all-to-all b -> a     |
+
+``all_to_all`` trades one split dimension for another: rank ``r`` sends block ``j`` of its
+input along ``scatter_dim`` to rank ``j`` and concatenates what it receives along
+``gather_dim`` in rank order (context parallelism's heads-for-sequence exchange,
+`mp.model.context_parallel`).
 
 Activations are ``[sequence, batch, hidden]`` as in Megatron, so "first dim" is the sequence.
 Every function takes ``group`` (default: the tensor-parallel group of ``parallel_state``) and
@@ -169,6 +175,26 @@ class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
         return _gather_along_first_dim(grad, ctx.group), None
 
 
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int,
+                group: dist.ProcessGroup) -> torch.Tensor:
+    blocks = torch.stack(x.chunk(dist.get_world_size(group), dim=scatter_dim))
+    received = torch.empty_like(blocks)
+    dist.all_to_all_single(received, blocks, group=group)  # received[i] came from rank i
+    return torch.cat(received.unbind(0), dim=gather_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scatter_dim, gather_dim, group):
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return _all_to_all(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
+
+
 def _single_rank(group: dist.ProcessGroup) -> bool:
     return dist.get_world_size(group) == 1
 
@@ -212,3 +238,16 @@ def gather_from_sequence_parallel_region(x: torch.Tensor, tensor_parallel_output
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group=None) -> torch.Tensor:
     group = _group(group)
     return x if _single_rank(group) else _ReduceScatterToSequenceParallelRegion.apply(x, group)
+
+
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -> torch.Tensor:
+    """Split ``x`` along ``scatter_dim`` over the ranks and concatenate what they send along
+    ``gather_dim`` (module doc); ``x``'s ``scatter_dim`` must divide by the group's size."""
+    group = _group(group)
+    if _single_rank(group):
+        return x
+    size = dist.get_world_size(group)
+    if x.size(scatter_dim) % size:
+        raise ValueError(f"all_to_all: dimension {scatter_dim} of size {x.size(scatter_dim)} "
+                         f"is not divisible by the group's {size} ranks")
+    return _AllToAll.apply(x, scatter_dim, gather_dim, group)
