@@ -93,6 +93,20 @@ def test_context_parallel_candidates_are_exactly_the_valid_layouts():
                                            recompute_modes=("none",))} == {1}
 
 
+def test_planner_tries_each_cp_exchange():
+    """With ``cp_comm_types`` both exchanges for every CP > 1 (CP 1 once): TP always divides
+    the 4 key/value heads; a2a only where TP x CP does (its rule)."""
+    job = load_config(os.path.join(CONFIGS, "gpt3-1.3b.yaml"), ["--num-query-groups", "4"],
+                      world_size=8)
+    setups = candidate_setups(job, 16, micro_batch_sizes=(1,), recompute_modes=("none",),
+                              context_parallel_sizes=(1, 2, 4, 8),
+                              cp_comm_types=("all_gather", "a2a"))
+    layouts = {(s.tp, s.cp, s.model.cp_comm_type) for s in setups if s.pp == 1}
+    tp_cp = [(tp, cp) for cp in (1, 2, 4, 8) for tp in (1, 2, 4) if 16 % (tp * cp) == 0]
+    assert layouts == {(tp, cp, "all_gather") for tp, cp in tp_cp} | {
+        (tp, cp, "a2a") for tp, cp in tp_cp if cp > 1 and 4 % (tp * cp) == 0}
+
+
 def test_cli_plan_with_context_parallelism_on_a_long_sequence(capsys):
     """Llama 3 8B on 64 H100s at 131072 tokens a sequence (estimates): without context
     parallelism only full recompute fits; with CP 2-8 tried, the fastest layout splits the
@@ -112,6 +126,12 @@ def test_cli_plan_with_context_parallelism_on_a_long_sequence(capsys):
     assert header[:3] == ["#", "TP", "CP"]
     assert int(best[2]) > 1 and best[header.index("recompute")] == "none"
     assert float(best[-3].replace(",", "")) > best_without
+    # a2a's layouts are named; with 8 key/value heads TP x CP is at most 8
+    assert tool.main([*args, "--context-parallel-sizes", "2,4,8", "--cp-comm-types", "a2a",
+                      "--top", "40"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[3:-1]]
+    assert rows and all(row[2].endswith("/a2a") for row in rows)
+    assert all(int(row[1]) * int(row[2].split("/")[0]) <= 8 for row in rows)
 
 
 def test_plan_keeps_what_fits_fastest_first():

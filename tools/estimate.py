@@ -42,6 +42,7 @@ from mp.estimate.planner import (
     RECOMPUTE_MODES,
 )
 from mp.estimate.step_time import DEFAULT_EFFICIENCY
+from mp.model.context_parallel import CP_COMM_TYPES
 from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
 
 # what --plan resets before the user's overrides: the planner chooses these itself, and the
@@ -88,6 +89,15 @@ def _modes(text: str) -> tuple[str, ...]:
     return modes
 
 
+def _cp_comm_types(text: str) -> tuple[str, ...]:
+    types = tuple(text.split(","))
+    for kind in types:
+        if kind not in CP_COMM_TYPES:
+            raise argparse.ArgumentTypeError(
+                f"CP exchange {kind!r} must be one of {', '.join(CP_COMM_TYPES)}")
+    return types
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -126,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--context-parallel-sizes", type=_int_list, default=(1,),
                     help="context-parallel sizes to try, e.g. 1,2,4,8 (default 1: context "
                          "parallelism pays for long sequences only)")
+    pl.add_argument("--cp-comm-types", type=_cp_comm_types,
+                    help="with CP > 1, the exchanges to try, e.g. all_gather,a2a (default: the "
+                         "config's model.cp_comm_type)")
     pl.add_argument("--uneven-pipeline", action="store_true",
                     help="also try pipeline splits that count the embedding and/or the loss as "
                          "a layer (Megatron's --account-for-embedding/loss-in-pipeline-split)")
@@ -154,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                           recompute_modes=args.recompute, sequence_parallel=sp,
                           max_tensor_parallel=args.max_tensor_parallel or gpu.gpus_per_node,
                           distributed_optimizer=distributed, uneven_splits=args.uneven_pipeline,
-                          context_parallel_sizes=args.context_parallel_sizes)
+                          context_parallel_sizes=args.context_parallel_sizes,
+                          cp_comm_types=args.cp_comm_types)
             print(f"{os.path.basename(args.config)} on {args.gpus} x {gpu.name}, global batch "
                   f"{job.training.global_batch_size} x {job.model.seq_length} tokens, "
                   f"{args.efficiency:.0%} of peak:")

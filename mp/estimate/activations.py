@@ -35,6 +35,13 @@ recompute drops the attention core (``34 s b h / t``); full recompute keeps only
 checkpointed chunk's input (see `mp.estimate.memory`). The SDPA core saves far less than the
 formula's ``5 a s / h`` term: no ``s x s`` tensor at all.
 
+With ``c`` context-parallel ranks every per-token tensor holds the rank's ``s / c`` tokens
+(`local_tokens`), and the attention reads other ranks' tokens: ``all_gather`` saves the keys
+and values of the whole sequence and attends in two query chunks (`attention_blocks`);
+``a2a`` saves q, k and v exchanged for every token of ``a / (t c)`` heads
+(`attention_heads`). Both keep each attention call's output apart from the projection's
+input.
+
 What the kernels save depends on where they run; `Kernels` names the differences, and
 `CUDA` (the default) and `CPU` (what the tests measure) are the two sets of them.
 """

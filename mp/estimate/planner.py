@@ -3,8 +3,8 @@ first.
 
 A layout is a tensor-parallel size ``t`` (a divisor of N no larger than a node, so TP traffic
 stays on NVLink), a context-parallel size ``c`` (from ``context_parallel_sizes``: 1 unless
-asked, as it pays only for long sequences), a pipeline size ``p`` (dividing ``N / (t c)``),
-virtual stages ``v`` (with
+asked, as it pays only for long sequences; with ``c > 1``, each of ``cp_comm_types``, by
+default the job's), a pipeline size ``p`` (dividing ``N / (t c)``), virtual stages ``v`` (with
 ``p > 1``), a micro-batch size, a recompute mode (none, selective, full with one layer per
 checkpoint) and sequence parallelism (on with ``t > 1`` by default: it only saves memory).
 With ``uneven_splits`` the planner also tries Megatron's uneven pipeline splits that count the
@@ -67,12 +67,14 @@ def candidate_setups(job: JobConfig, world_size: int,
                      max_tensor_parallel: int = 8,
                      distributed_optimizer: bool | None = None,
                      uneven_splits: bool = False,
-                     context_parallel_sizes: tuple[int, ...] = (1,)) -> list[Setup]:
+                     context_parallel_sizes: tuple[int, ...] = (1,),
+                     cp_comm_types: tuple[str, ...] | None = None) -> list[Setup]:
     """Every layout of ``job``'s model on ``world_size`` GPUs that its rules allow.
     ``sequence_parallel`` lists the values tried when ``t > 1`` (``t = 1`` has none);
     ``distributed_optimizer`` defaults to the job's ``training.use_distributed_optimizer``;
     ``uneven_splits`` adds `PIPELINE_SPLITS` beyond the even one; ``context_parallel_sizes``
-    lists the CP sizes tried (module doc)."""
+    lists the CP sizes tried, each ``c > 1`` with every one of ``cp_comm_types`` (default: the
+    job's ``model.cp_comm_type``) (module doc)."""
     for mode in recompute_modes:
         if mode not in RECOMPUTE_MODES:
             raise ValueError(f"recompute mode {mode!r} must be one of "
@@ -80,10 +82,12 @@ def candidate_setups(job: JobConfig, world_size: int,
     if distributed_optimizer is None:
         distributed_optimizer = job.training.use_distributed_optimizer
     splits = PIPELINE_SPLITS if uneven_splits else {"even": {}}
+    comms = cp_comm_types or (job.model.cp_comm_type,)
     setups, seen = [], set()
-    layouts = ((cp, tp) for cp in context_parallel_sizes if world_size % cp == 0
+    layouts = ((cp, comm, tp) for cp in context_parallel_sizes if world_size % cp == 0
+               for comm in (comms if cp > 1 else comms[:1])
                for tp in _divisors(world_size // cp) if tp <= max_tensor_parallel)
-    for cp, tp in layouts:
+    for cp, comm, tp in layouts:
         for pp, split in itertools.product(_divisors(world_size // (tp * cp)), splits.values()):
             layers = job.model.num_layers + len(split)  # each counted part is one "layer"
             if layers % pp or (pp == 1 and split):
@@ -92,12 +96,20 @@ def candidate_setups(job: JobConfig, world_size: int,
             sps = sequence_parallel if tp > 1 else (False,)
             for vpp, sp, mbs, mode in itertools.product(vpps, sps, micro_batch_sizes,
                                                         recompute_modes):
-                setup = _setup(job, world_size, tp, cp, pp, vpp, sp, mbs, mode,
-                               distributed_optimizer, split)
+                full = mode == "full"
+                setup = _setup(job, world_size, mbs, distributed_optimizer, {
+                    **UNEVEN_SPLIT_FIELDS, **split, "tensor_model_parallel_size": tp,
+                    "context_parallel_size": cp, "cp_comm_type": comm,
+                    "pipeline_model_parallel_size": pp,
+                    "virtual_pipeline_model_parallel_size": vpp, "sequence_parallel": sp,
+                    "recompute_granularity": None if mode == "none" else mode,
+                    "recompute_method": "uniform" if full else None,
+                    "recompute_num_layers": 1 if full else None,
+                    "distribute_saved_activations": False})
                 if setup is None:
                     continue
                 # an uneven split that puts the layers where the even one does is the same
-                key = (tp, cp, pp, vpp, sp, mbs, mode, setup.model.chunk_layer_counts)
+                key = (tp, cp, comm, pp, vpp, sp, mbs, mode, setup.model.chunk_layer_counts)
                 if key not in seen:
                     seen.add(key)
                     setups.append(setup)
@@ -112,19 +124,12 @@ def split_name(setup: Setup) -> str:
                        PIPELINE_SPLITS["emb+loss"]))
 
 
-def _setup(job: JobConfig, world_size: int, tp: int, cp: int, pp: int, vpp: int | None,
-           sp: bool, mbs: int, recompute: str, distributed_optimizer: bool, split: dict
-           ) -> Setup | None:
-    """The layout as a job would build it, or None when a rule of the job forbids it."""
-    full = recompute == "full"
+def _setup(job: JobConfig, world_size: int, mbs: int, distributed_optimizer: bool,
+           model_fields: dict) -> Setup | None:
+    """The layout (``model_fields`` of the job's model) as a job would build it, or None when
+    a rule of the job forbids it."""
     try:
-        model = dataclasses.replace(
-            job.model, **{**UNEVEN_SPLIT_FIELDS, **split}, tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=pp, context_parallel_size=cp,
-            virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp,
-            recompute_granularity=None if recompute == "none" else recompute,
-            recompute_method="uniform" if full else None,
-            recompute_num_layers=1 if full else None, distribute_saved_activations=False)
+        model = dataclasses.replace(job.model, **model_fields)
         training = dataclasses.replace(job.training, micro_batch_size=mbs,
                                        use_distributed_optimizer=distributed_optimizer)
         return Setup.from_job(dataclasses.replace(job, model=model, training=training),
