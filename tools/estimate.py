@@ -80,22 +80,16 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _modes(text: str) -> tuple[str, ...]:
-    modes = tuple(text.split(","))
-    for mode in modes:
-        if mode not in RECOMPUTE_MODES:
-            raise argparse.ArgumentTypeError(
-                f"recompute mode {mode!r} must be one of {', '.join(RECOMPUTE_MODES)}")
-    return modes
-
-
-def _cp_comm_types(text: str) -> tuple[str, ...]:
-    types = tuple(text.split(","))
-    for kind in types:
-        if kind not in CP_COMM_TYPES:
-            raise argparse.ArgumentTypeError(
-                f"CP exchange {kind!r} must be one of {', '.join(CP_COMM_TYPES)}")
-    return types
+def _choices(what: str, allowed: tuple[str, ...]):
+    """An argparse type: a comma-separated list of ``allowed`` values."""
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(text.split(","))
+        for value in values:
+            if value not in allowed:
+                raise argparse.ArgumentTypeError(
+                    f"{what} {value!r} must be one of {', '.join(allowed)}")
+        return values
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="usable fraction of GPU memory (default %(default)s)")
     pl.add_argument("--micro-batch-sizes", type=_int_list, default=DEFAULT_MICRO_BATCH_SIZES,
                     help="micro-batch sizes to try, e.g. 1,2,4 (default 1,2,4,8)")
-    pl.add_argument("--recompute", type=_modes, default=RECOMPUTE_MODES,
+    pl.add_argument("--recompute", type=_choices("recompute mode", RECOMPUTE_MODES),
+                    default=RECOMPUTE_MODES,
                     help="recompute modes to try (default none,selective,full)")
     pl.add_argument("--sequence-parallel-modes", choices=("on", "off", "both"), default="on",
                     help="sequence parallelism tried when TP > 1 (default on; Megatron's "
@@ -136,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--context-parallel-sizes", type=_int_list, default=(1,),
                     help="context-parallel sizes to try, e.g. 1,2,4,8 (default 1: context "
                          "parallelism pays for long sequences only)")
-    pl.add_argument("--cp-comm-types", type=_cp_comm_types,
+    pl.add_argument("--cp-comm-types", type=_choices("CP exchange", CP_COMM_TYPES),
                     help="with CP > 1, the exchanges to try, e.g. all_gather,a2a (default: the "
                          "config's model.cp_comm_type)")
     pl.add_argument("--uneven-pipeline", action="store_true",
