@@ -1,7 +1,8 @@
 """Documents packed into a sample, kept apart (``--reset-position-ids``,
 ``--reset-attention-mask``): positions and masks against Megatron-LM's
 ``get_ltor_masks_and_position_ids`` written out, and a GPT on a packed sample against the same
-GPT on each document alone (learned and rotary positions, both attention cores)."""
+GPT on each document alone (learned and rotary positions, both attention cores); the mask kept
+for backward once for all layers."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from harness import run_distributed
 
 from mp import parallel_state as ps
 from mp.data.document_masks import DocumentMasked, document_positions_and_mask
+from mp.estimate import SavedTensorMeter
 from mp.model import GPTModel, TransformerConfig
 
 EOD = 0
@@ -84,3 +86,34 @@ def _packed_against_alone(position_embedding_type: str, backend: str):
 def test_a_packed_sample_is_its_documents_alone(positions, backend):
     packed, alone = run_distributed(1, _packed_against_alone, positions, backend)[0]
     assert_rel_close(packed, alone, rtol=1e-6, what="per-token loss")
+
+
+def _saved_masks(backend: str, precision: str) -> list[tuple]:
+    """The document masks a three-layer GPT keeps for backward: (shape, dtype) of each
+    storage of a ``[b, 1, s, s]`` tensor it saves."""
+    ps.initialize_model_parallel(1)
+    model = GPTModel(TransformerConfig(
+        num_layers=3, hidden_size=32, num_attention_heads=4, vocab_size=50, seq_length=24,
+        make_vocab_size_divisible_by=8, precision=precision, attention_backend=backend,
+        hidden_dropout=0.0, attention_dropout=0.0))
+    tokens = torch.randint(1, 50, (2, 24), generator=torch.Generator().manual_seed(2))
+    tokens[:, 9] = EOD
+    item = DocumentMasked([{"tokens": t, "position_ids": torch.arange(24)} for t in tokens],
+                          EOD, False, True)
+    mask = torch.stack([item[i]["attention_mask"] for i in range(2)])  # [2, 1, 24, 24]
+    with SavedTensorMeter(exclude=model.parameters()) as meter:
+        loss = model(tokens, attention_mask=mask, labels=tokens)
+    loss.float().sum().backward()
+    return [(shape, dtype) for shape, dtype, _, counted in meter.entries
+            if counted and shape == (2, 1, 24, 24)]
+
+
+@pytest.mark.parametrize("backend,precision", [("sdpa", "bf16"), ("sdpa", "fp32"),
+                                               ("unfused", "bf16")])
+def test_the_layers_share_one_saved_mask(backend, precision):
+    """SDPA would turn the boolean mask into an additive one in every layer and keep each for
+    backward; the block makes it once (in the activation dtype) and every layer keeps that one.
+    The unfused core keeps the boolean mask itself, once."""
+    saved = run_distributed(1, _saved_masks, backend, precision)[0]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    assert saved == [((2, 1, 24, 24), dtype if backend == "sdpa" else torch.bool)]

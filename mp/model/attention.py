@@ -17,9 +17,11 @@ Two attention cores:
   memory-efficient kernels on GPU; causal unless a mask is given.
 - ``unfused``: ``Q K^T`` -> ``FusedScaleMaskSoftmax`` (mp's CUDA kernel when built and usable,
   torch otherwise) -> dropout -> ``P V``; for custom masks and for checking the fused path.
-Masks follow Megatron: boolean ``[b or 1, 1, s, s]``, ``True`` = masked out. With a key/value
-cache (`mp.model.inference`) the new queries attend over the cached keys too, through the
-cache's ``[1, 1, s, cached + s]`` causal mask.
+Masks follow Megatron: boolean ``[b or 1, 1, s, s]``, ``True`` = masked out; the SDPA core also
+takes `sdpa_bias`'s additive form, which `mp.model.transformer.TransformerBlock` makes once for
+all its layers (converting a boolean mask is what SDPA would do in every layer, each keeping
+its own copy for backward). With a key/value cache (`mp.model.inference`) the new queries
+attend over the cached keys too, through the cache's ``[1, 1, s, cached + s]`` causal mask.
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ from mp.tensor_parallel import (
 # SDPA reads grouped keys and values itself from torch 2.5 (enable_gqa); before, they are
 # repeated per query head first, as for the unfused core.
 SDPA_TAKES_GROUPS = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def sdpa_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (``True`` = masked out) as SDPA's additive bias in ``dtype``: 0 where a
+    key is kept, -inf where it is masked."""
+    return torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device
+                       ).masked_fill_(attention_mask, float("-inf"))
 
 
 class CoreAttention(nn.Module):
@@ -98,13 +107,16 @@ class CoreAttention(nn.Module):
         with get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
             if self.backend == "sdpa":
                 grouped = {"enable_gqa": True} if groups < heads else {}
-                if attention_mask is not None:
-                    keep = ~attention_mask  # True = masked in mp, kept in SDPA
-                else:  # flash and memory-efficient kernels take the bottom-right form
-                    keep = causal_lower_right(s, k.size(0)) if offset else None
+                if attention_mask is None:  # flash and memory-efficient kernels take the
+                    # bottom-right form
+                    mask = causal_lower_right(s, k.size(0)) if offset else None
+                elif attention_mask.dtype == torch.bool:
+                    mask = ~attention_mask  # True = masked in mp, kept in SDPA
+                else:
+                    mask = attention_mask  # sdpa_bias's additive form
                 context = F.scaled_dot_product_attention(
                     *(t.permute(1, 2, 0, 3) for t in (q, k, v)),  # [b, np, s, hd]
-                    attn_mask=keep, dropout_p=dropout, is_causal=keep is None,
+                    attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
                     scale=self.scale, **grouped)
             else:
                 if attention_mask is None and offset:

@@ -121,9 +121,12 @@ def _attention_over_heads(attend: Callable, q: torch.Tensor, k: torch.Tensor, v:
     cp = dist.get_world_size(group)
     q, k, v = (_in_sequence_order(all_to_all(t, 2, 0, group), cp) for t in (q, k, v))
     if attention_mask is not None:  # [b, 1, s / c, s] -> every query row, [b, 1, s, s]
-        rows = attention_mask.movedim(2, 0).contiguous().view(torch.uint8)  # gloo: no bools
+        rows = attention_mask.movedim(2, 0).contiguous()
+        if rows.dtype == torch.bool:  # gloo has no bools
+            rows = rows.view(torch.uint8)
         gathered = rows.new_empty((rows.size(0) * cp, *rows.shape[1:]))
         all_gather_single(gathered, rows, group=group)
-        attention_mask = _in_sequence_order(gathered, cp).view(torch.bool).movedim(0, 2)
+        attention_mask = _in_sequence_order(gathered, cp).view(attention_mask.dtype).movedim(
+            0, 2)
     context = attend(q, k, v, attention_mask)  # [s, b, np / c * d], causal
     return all_to_all(_in_rank_order(context, cp), 0, 2, group)
