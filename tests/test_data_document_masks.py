@@ -13,6 +13,7 @@ from mp import parallel_state as ps
 from mp.data.document_masks import DocumentMasked, document_positions_and_mask
 from mp.estimate import SavedTensorMeter
 from mp.model import GPTModel, TransformerConfig
+from mp.model.context_parallel import get_batch_on_this_cp_rank
 
 EOD = 0
 
@@ -88,32 +89,46 @@ def test_a_packed_sample_is_its_documents_alone(positions, backend):
     assert_rel_close(packed, alone, rtol=1e-6, what="per-token loss")
 
 
-def _saved_masks(backend: str, precision: str) -> list[tuple]:
-    """The document masks a three-layer GPT keeps for backward: (shape, dtype) of each
-    storage of a ``[b, 1, s, s]`` tensor it saves."""
-    ps.initialize_model_parallel(1)
+def _saved_masks(backend: str, precision: str, cp_comm_type: str | None = None) -> list[tuple]:
+    """The document masks a three-layer GPT keeps for backward: (dtype, bytes) of each
+    storage of a ``[b, 1, rows, keys]`` tensor it saves (the unfused core's ``[b, 1, rows, 1]``
+    row flags aside); ``cp_comm_type``: at CP 2."""
+    cp = 1 if cp_comm_type is None else 2
+    ps.initialize_model_parallel(1, context_parallel_size=cp)
     model = GPTModel(TransformerConfig(
         num_layers=3, hidden_size=32, num_attention_heads=4, vocab_size=50, seq_length=24,
         make_vocab_size_divisible_by=8, precision=precision, attention_backend=backend,
-        hidden_dropout=0.0, attention_dropout=0.0))
+        hidden_dropout=0.0, attention_dropout=0.0, context_parallel_size=cp,
+        cp_comm_type=cp_comm_type or "all_gather"))
     tokens = torch.randint(1, 50, (2, 24), generator=torch.Generator().manual_seed(2))
     tokens[:, 9] = EOD
     item = DocumentMasked([{"tokens": t, "position_ids": torch.arange(24)} for t in tokens],
                           EOD, False, True)
-    mask = torch.stack([item[i]["attention_mask"] for i in range(2)])  # [2, 1, 24, 24]
+    batch = get_batch_on_this_cp_rank(
+        {"tokens": tokens, "attention_mask": torch.stack([item[i]["attention_mask"]
+                                                          for i in range(2)])},
+        ps.get_context_parallel_group())  # [2, 1, 24, 24] cut to the rank's query rows
     with SavedTensorMeter(exclude=model.parameters()) as meter:
-        loss = model(tokens, attention_mask=mask, labels=tokens)
+        loss = model(batch["tokens"], attention_mask=batch["attention_mask"],
+                     labels=batch["tokens"])
     loss.float().sum().backward()
-    return [(shape, dtype) for shape, dtype, _, counted in meter.entries
-            if counted and shape == (2, 1, 24, 24)]
+    return [(dtype, nbytes) for shape, dtype, nbytes, counted in meter.entries
+            if counted and len(shape) == 4 and shape[:2] == (2, 1) and shape[-1] > 1]
 
 
-@pytest.mark.parametrize("backend,precision", [("sdpa", "bf16"), ("sdpa", "fp32"),
-                                               ("unfused", "bf16")])
-def test_the_layers_share_one_saved_mask(backend, precision):
+@pytest.mark.parametrize("backend,precision,cp_comm_type", [
+    ("sdpa", "bf16", None), ("sdpa", "fp32", None), ("unfused", "bf16", None),
+    ("sdpa", "bf16", "all_gather"), ("sdpa", "bf16", "a2a")])
+def test_the_layers_share_one_saved_mask(backend, precision, cp_comm_type):
     """SDPA would turn the boolean mask into an additive one in every layer and keep each for
     backward; the block makes it once (in the activation dtype) and every layer keeps that one.
-    The unfused core keeps the boolean mask itself, once."""
-    saved = run_distributed(1, _saved_masks, backend, precision)[0]
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-    assert saved == [((2, 1, 24, 24), dtype if backend == "sdpa" else torch.bool)]
+    The unfused core keeps the boolean mask itself, once. With context parallelism the rank's
+    query rows (all_gather, each query chunk's view of them), or every row gathered once
+    (a2a)."""
+    results = run_distributed(1 if cp_comm_type is None else 2, _saved_masks, backend,
+                              precision, cp_comm_type)
+    dtype = {"sdpa": {"bf16": torch.bfloat16, "fp32": torch.float32}[precision],
+             "unfused": torch.bool}[backend]
+    rows = 12 if cp_comm_type == "all_gather" else 24
+    for saved in results:
+        assert saved == [(dtype, 2 * rows * 24 * dtype.itemsize)]

@@ -18,10 +18,11 @@ Two attention cores:
 - ``unfused``: ``Q K^T`` -> ``FusedScaleMaskSoftmax`` (mp's CUDA kernel when built and usable,
   torch otherwise) -> dropout -> ``P V``; for custom masks and for checking the fused path.
 Masks follow Megatron: boolean ``[b or 1, 1, s, s]``, ``True`` = masked out; the SDPA core also
-takes `sdpa_bias`'s additive form, which `mp.model.transformer.TransformerBlock` makes once for
-all its layers (converting a boolean mask is what SDPA would do in every layer, each keeping
-its own copy for backward). With a key/value cache (`mp.model.inference`) the new queries
-attend over the cached keys too, through the cache's ``[1, 1, s, cached + s]`` causal mask.
+takes `sdpa_bias`'s additive form. `mask_for_layers` prepares a batch's mask once for all the
+layers of a `mp.model.transformer.TransformerBlock` (converting a boolean mask is what SDPA
+would do in every layer, each keeping its own copy for backward). With a key/value cache
+(`mp.model.inference`) the new queries attend over the cached keys too, through the cache's
+``[1, 1, s, cached + s]`` causal mask.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch.nn.attention.bias import causal_lower_right
 from mp import parallel_state
 from mp.fused import AttnMaskType, FusedScaleMaskSoftmax, attention_mask_func
 from mp.model.config import TransformerConfig
-from mp.model.context_parallel import context_parallel_attention
+from mp.model.context_parallel import context_parallel_attention, gather_query_rows
 from mp.model.inference import InferenceParams
 from mp.model.init import init_method, output_init_method
 from mp.model.norm import build_norm
@@ -60,6 +61,18 @@ def sdpa_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     key is kept, -inf where it is masked."""
     return torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device
                        ).masked_fill_(attention_mask, float("-inf"))
+
+
+def mask_for_layers(attention_mask: torch.Tensor, config: TransformerConfig,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """A batch's boolean mask as every layer's attention takes it, made once for all of them:
+    every query row under ``a2a`` context parallelism (`gather_query_rows`), and SDPA's
+    additive form (`sdpa_bias`) for the SDPA core."""
+    if config.context_parallel_size > 1 and config.cp_comm_type == "a2a":
+        attention_mask = gather_query_rows(attention_mask,
+                                           parallel_state.get_context_parallel_group())
+    return sdpa_bias(attention_mask, dtype) if config.attention_backend == "sdpa" \
+        else attention_mask
 
 
 class CoreAttention(nn.Module):

@@ -21,7 +21,8 @@ Attention runs one of Megatron's two ways (``--cp-comm-type``, `CP_COMM_TYPES`):
   its key/value heads: both must divide by ``c``); the rank attends causally over the whole
   sequence for those heads, and a second all-to-all trades back. Four all-to-alls of a
   ``1 / c`` share each per layer, whatever ``c``, and no rank ever holds a whole sequence of
-  every head. A given attention mask is all-gathered over the query rows.
+  every head. A given attention mask is all-gathered over the query rows, once for all
+  layers (`gather_query_rows`, called by the transformer block).
 
 The loss of a micro-batch is the sum over every token of the sequence, so the CP ranks add
 their sums and token counts up (`mp.training.gpt_step.loss_func`), and gradients, which each
@@ -90,7 +91,8 @@ def context_parallel_attention(attend: Callable, q: torch.Tensor, k: torch.Tenso
     """``attend(q, k, v, mask)`` over the whole sequence for this rank's queries.
 
     ``q [s / c, b, np, d]`` and ``k, v [s / c, b, ng, d]`` hold this rank's two chunks;
-    ``attention_mask`` is None (causal) or ``[b or 1, 1, s / c, s]``. ``attend`` treats a
+    ``attention_mask`` is None (causal) or ``[b or 1, 1, s / c, s]`` (``a2a``: ``[b or 1, 1,
+    s, s]``, `gather_query_rows`). ``attend`` treats a
     None mask as causal with the queries at the end of the keys. Returns ``attend``'s context
     for the rank's queries, ``[s / c, b, np * d]``, exchanged the ``comm_type`` way (module
     doc).
@@ -114,19 +116,24 @@ def context_parallel_attention(attend: Callable, q: torch.Tensor, k: torch.Tenso
     return torch.cat(contexts, dim=0)
 
 
+def gather_query_rows(attention_mask: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``a2a``'s mask: this CP rank's query rows ``[b, 1, s / c, s]`` -> every row in sequence
+    order, ``[b, 1, s, s]``, gathered over the CP group (boolean or additive)."""
+    rows = attention_mask.movedim(2, 0).contiguous()
+    if rows.dtype == torch.bool:  # gloo has no bools
+        rows = rows.view(torch.uint8)
+    gathered = rows.new_empty((rows.size(0) * dist.get_world_size(group), *rows.shape[1:]))
+    all_gather_single(gathered, rows, group=group)
+    ordered = _in_sequence_order(gathered, dist.get_world_size(group))
+    return ordered.view(attention_mask.dtype).movedim(0, 2)
+
+
 def _attention_over_heads(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           attention_mask: torch.Tensor | None, group: dist.ProcessGroup
                           ) -> torch.Tensor:
-    """``a2a``: every token of ``1 / c`` of the heads, attended causally, traded back."""
+    """``a2a``: every token of ``1 / c`` of the heads, attended causally, traded back; a mask
+    has every query row (`gather_query_rows`)."""
     cp = dist.get_world_size(group)
     q, k, v = (_in_sequence_order(all_to_all(t, 2, 0, group), cp) for t in (q, k, v))
-    if attention_mask is not None:  # [b, 1, s / c, s] -> every query row, [b, 1, s, s]
-        rows = attention_mask.movedim(2, 0).contiguous()
-        if rows.dtype == torch.bool:  # gloo has no bools
-            rows = rows.view(torch.uint8)
-        gathered = rows.new_empty((rows.size(0) * cp, *rows.shape[1:]))
-        all_gather_single(gathered, rows, group=group)
-        attention_mask = _in_sequence_order(gathered, cp).view(attention_mask.dtype).movedim(
-            0, 2)
     context = attend(q, k, v, attention_mask)  # [s, b, np / c * d], causal
     return all_to_all(_in_rank_order(context, cp), 0, 2, group)

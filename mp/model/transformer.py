@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mp.model.attention import SelfAttention, sdpa_bias
+from mp.model.attention import SelfAttention, mask_for_layers
 from mp.model.config import TransformerConfig
 from mp.model.dropout import bias_dropout_add
 from mp.model.inference import InferenceParams
@@ -73,8 +73,8 @@ class TransformerBlock(nn.Module):
                 rotary_freqs: torch.Tensor | None = None,
                 inference_params: InferenceParams | None = None) -> torch.Tensor:
         cfg = self.config
-        if cfg.attention_backend == "sdpa" and attention_mask is not None:
-            attention_mask = sdpa_bias(attention_mask, hidden.dtype)  # once for every layer
+        if attention_mask is not None:
+            attention_mask = mask_for_layers(attention_mask, cfg, hidden.dtype)
         if cfg.recompute_granularity == "full" and self.training:
             hidden = self._recomputed(hidden, attention_mask, rotary_freqs)
         else:
