@@ -175,13 +175,14 @@ def test_context_parallel_size_joins_the_world_size_rule():
         "pipeline_model_parallel_size x context_parallel_size = 2 x 1 x 2 = 4")
     assert error_of("--context-parallel-size", "3", world_size=6) == (
         "seq_length=128 is not divisible by 2 x context_parallel_size=6")
-    assert flag_notices(["--cp-comm-type", "p2p"]) == [
-        "notice: --cp-comm-type p2p runs as all_gather in mp: mp has no ring exchange of the "
-        "keys and values: it gathers them whole (the same attention, more memory for K and V)"]
-    assert shipped("gpt-tiny", "--cp-comm-type", "p2p").model.cp_comm_type == "all_gather"
-    assert shipped("gpt-tiny", "--cp-comm-type", "a2a").model.cp_comm_type == "a2a"
+    for kind in ("p2p", "a2a", "all_gather"):
+        assert shipped("gpt-tiny", "--cp-comm-type", kind).model.cp_comm_type == kind
     assert error_of("--cp-comm-type", "a2a+p2p") == (
-        "cp_comm_type='a2a+p2p' must be one of 'all_gather', 'a2a'")
+        "cp_comm_type='a2a+p2p' must be one of 'all_gather', 'a2a', 'p2p'")
+    assert error_of("--context-parallel-size", "2", "--cp-comm-type", "p2p",
+                    "--attention-dropout", "0.1") == (
+        "cp_comm_type='p2p' needs attention_dropout=0, not 0.1: mp's ring attention has no "
+        "dropout (all_gather and a2a have it)")
     # a2a hands each CP rank 1 / CP of the heads of its TP rank: gpt-tiny has 4 heads, TP 2
     assert error_of("--context-parallel-size", "4", "--cp-comm-type", "a2a",
                     world_size=8) == ("num_attention_heads=4 is not divisible by "

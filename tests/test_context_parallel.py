@@ -113,7 +113,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("tp,cp", [(1, 2), (2, 2), (1, 4)], ids=["cp2", "tp2_cp2", "cp4"])
-@pytest.mark.parametrize("comm_type", ["all_gather", "a2a"])
+@pytest.mark.parametrize("comm_type", ["all_gather", "a2a", "p2p"])
 def test_gpt_with_context_parallelism_equals_one_process(tp, cp, variant, comm_type):
     overrides = {**VARIANTS[variant], "cp_comm_type": comm_type}
     if tp == 1 and overrides.get("sequence_parallel"):
@@ -130,9 +130,9 @@ def test_the_model_makes_the_positions_of_its_own_tokens():
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "unfused"])
-@pytest.mark.parametrize("comm_type", ["all_gather", "a2a"])
+@pytest.mark.parametrize("comm_type", ["all_gather", "a2a", "p2p"])
 def test_document_masks_cut_like_the_sequence(backend, comm_type):
-    """all_gather cuts each rank's rows of the mask; a2a gathers every row."""
+    """all_gather and p2p cut each rank's rows of the mask; a2a gathers every row."""
     run_distributed(2, _check_against_one_process, 1, 2,
                     {"attention_backend": backend, "cp_comm_type": comm_type}, True)
 

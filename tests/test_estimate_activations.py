@@ -111,6 +111,13 @@ def _saved_bytes(module: torch.nn.Module, cfg: TransformerConfig, *args) -> int:
     return meter.bytes
 
 
+def _case(overrides: dict, cp: int, comm_type: str) -> dict:
+    """A case's overrides at CP ``cp`` with ``comm_type`` (p2p: without attention dropout,
+    which its ring attention does not have)."""
+    case = {**overrides, "cp": cp, "cp_comm_type": comm_type}
+    return {**case, "attention_dropout": 0.0} if comm_type == "p2p" else case
+
+
 def _measure_layers(tp: int, cp: int = 1, comm_type: str = "all_gather") -> dict:
     """Saved bytes of one layer (or a two-layer chunk under full recompute) per case."""
     ps.initialize_model_parallel(tp, context_parallel_size=cp)
@@ -118,10 +125,10 @@ def _measure_layers(tp: int, cp: int = 1, comm_type: str = "all_gather") -> dict
     results = {}
     sps = (False, True) if tp > 1 else (False,)
     for (name, overrides), sp in itertools.product(LAYER_CASES.items(), sps):
-        cfg = _config(tp, sp, cp=cp, cp_comm_type=comm_type, **overrides)
+        cfg = _config(tp, sp, **_case(overrides, cp, comm_type))
         results[name, sp] = _saved_bytes(TransformerLayer(cfg, 1), cfg)
     for (name, overrides), sp in itertools.product(BLOCK_CASES.items(), sps):
-        cfg = _config(tp, sp, num_layers=2, cp=cp, cp_comm_type=comm_type, **overrides)
+        cfg = _config(tp, sp, num_layers=2, **_case(overrides, cp, comm_type))
         results[name, sp] = _saved_bytes(TransformerBlock(cfg, post_process=False), cfg)
     return results
 
@@ -133,14 +140,13 @@ def _check_layers(tp: int, cp: int = 1, comm_type: str = "all_gather") -> None:
     failures = []
     for rank, results in enumerate(measured):
         # ranks are laid out TP first, then CP
-        busiest = cp == 1 or comm_type == "a2a" or rank // tp % cp != 0
+        busiest = cp == 1 or comm_type != "all_gather" or rank // tp % cp != 0
         for (name, sp), got in results.items():
             if name in LAYER_CASES:
-                cfg = _config(tp, sp, cp=cp, cp_comm_type=comm_type, **LAYER_CASES[name])
+                cfg = _config(tp, sp, **_case(LAYER_CASES[name], cp, comm_type))
                 expected = sum(layer_terms(cfg, B, CPU).values())
             else:
-                cfg = _config(tp, sp, num_layers=2, cp=cp, cp_comm_type=comm_type,
-                              **BLOCK_CASES[name])
+                cfg = _config(tp, sp, num_layers=2, **_case(BLOCK_CASES[name], cp, comm_type))
                 expected = chunk_saved_bytes(cfg, B, CPU)
             # the CPU estimate is exact to the byte
             if got != expected if busiest else got > expected:
@@ -155,11 +161,12 @@ def test_saved_bytes_of_a_layer_match_the_estimate(tp):
 
 
 @pytest.mark.parametrize("tp,cp", [(1, 2), (2, 2), (1, 4)], ids=["cp2", "tp2_cp2", "cp4"])
-@pytest.mark.parametrize("comm_type", ["all_gather", "a2a"])
+@pytest.mark.parametrize("comm_type", ["all_gather", "a2a", "p2p"])
 def test_saved_bytes_of_a_layer_with_context_parallelism_match_the_estimate(tp, cp, comm_type):
     """all_gather: the keys and values gathered over CP, each query chunk's attention (scores,
     masks, outputs); a2a: Q, K, V exchanged for every token of 1 / CP of the heads, attended
-    whole; both: the rank's share of every per-token tensor."""
+    whole; p2p: the ring's q, k, v inputs, output and log-sum-exp (without attention dropout);
+    all: the rank's share of every per-token tensor."""
     _check_layers(tp, cp, comm_type)
 
 

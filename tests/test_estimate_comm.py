@@ -221,6 +221,14 @@ CONTEXT_PARALLEL = {  # name -> (tp, cp, pp, overrides, distributed optimizer)
                                           position_embedding_type="rope"), False),
     "a2a_cp2_pp2_selective_grouped": (1, 2, 2, dict(cp_comm_type="a2a", num_query_groups=2,
                                                     recompute_granularity="selective"), False),
+    "p2p_cp2_dp2": (1, 2, 1, dict(cp_comm_type="p2p", attention_dropout=0.0), False),
+    "p2p_cp4_full_recompute_grouped": (1, 4, 1, dict(cp_comm_type="p2p", num_query_groups=2,
+                                                     attention_dropout=0.0,
+                                                     recompute_granularity="full",
+                                                     recompute_method="uniform"), False),
+    "p2p_tp2_cp2_sp_selective_distributed_optimizer": (
+        2, 2, 1, dict(cp_comm_type="p2p", sequence_parallel=True, attention_dropout=0.0,
+                      recompute_granularity="selective"), True),
 }
 
 
@@ -230,5 +238,7 @@ def test_collective_bytes_with_context_parallelism(variant):
     results = run_distributed(WORLD, _pipelined_iteration, None, overrides, False, tp, cp, pp,
                               distributed_optimizer)
     for rank, (measured, expected, _) in enumerate(results):
-        assert any(kind in ("all_gather", "all_to_all") for kind, _ in measured), f"rank {rank}"
+        cp_ranks = tuple(r for r in range(WORLD) if r % tp == rank % tp
+                         and r // (tp * cp) == rank // (tp * cp))  # TP, then CP
+        assert any(group == cp_ranks for _, group in measured), f"rank {rank}"
         assert measured == expected, f"rank {rank}"

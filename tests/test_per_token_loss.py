@@ -5,10 +5,10 @@ numbers of tokens per micro-batch and per data-parallel rank: the loss, the grad
 (clipping active) and the weights after a few steps, and the per-token evaluation loss over two
 batches, agree at TP2 x DP2 (with and without SP and the distributed optimizer), PP2 x DP2 with
 1F1B and interleaved, and with context parallelism (CP2 x DP2, TP2 x CP2 with SP and the
-distributed optimizer, PP2 x CP2, TP2 x CP2 with SP and a2a, and TP2 x CP2 x PP2 interleaved
-on 8 ranks); in fp16 with loss
-scaling within fp16's precision. The default mode still follows the mean of the micro-batches'
-means, which differs on that data, at TP2 x DP2, CP2 x DP2 and TP2 x CP2."""
+distributed optimizer, PP2 x CP2, TP2 x CP2 with SP and a2a, TP2 x CP2 with SP, p2p (ring
+attention) and the distributed optimizer, and TP2 x CP2 x PP2 interleaved on 8 ranks); in fp16
+with loss scaling within fp16's precision. The default mode still follows the mean of the
+micro-batches' means, which differs on that data, at TP2 x DP2, CP2 x DP2 and TP2 x CP2."""
 
 import pytest
 import torch
@@ -132,6 +132,8 @@ LAYOUTS = {
     "PP2xCP2-1F1B": {"tp": 1, "pp": 2, "cp": 2},
     "TP2xCP2-SP-a2a": {"tp": 2, "pp": 1, "cp": 2, "sequence_parallel": True,
                        "cp_comm_type": "a2a"},
+    "TP2xCP2-SP-p2p-distopt": {"tp": 2, "pp": 1, "cp": 2, "sequence_parallel": True,
+                               "cp_comm_type": "p2p", "distributed_optimizer": True},
 }
 
 

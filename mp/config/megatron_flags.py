@@ -80,13 +80,6 @@ ALIASES["--use-checkpoint-opt_param-scheduler"] = "training.use_checkpoint_opt_p
 MEGATRON_VALUES: dict[str, dict[str, str]] = {
     "--attention-backend": {"auto": "sdpa", "flash": "sdpa", "fused": "sdpa",
                             "local": "unfused"},
-    "--cp-comm-type": {"p2p": "all_gather"},
-}
-#: (flag, Megatron value) -> why mp runs it as the `MEGATRON_VALUES` value; the job says so
-#: once, as for `NO_EFFECT_FLAGS`.
-VALUE_NOTICES: dict[tuple[str, str], str] = {
-    ("--cp-comm-type", "p2p"): ("mp has no ring exchange of the keys and values: it gathers "
-                                "them whole (the same attention, more memory for K and V)"),
 }
 
 #: Megatron-LM flags that take no value -> (key, the value they set).

@@ -63,7 +63,6 @@ from mp.config.megatron_flags import (
     NO_POSITION_EMBEDDING_FLAG,
     UNSUPPORTED_FLAGS,
     UNSUPPORTED_PREFIXES,
-    VALUE_NOTICES,
     VIRTUAL_STAGE_FLAG,
 )
 from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
@@ -191,17 +190,10 @@ def option_names() -> list[str]:
 
 def no_effect_notices(args: Sequence[str]) -> list[str]:
     """One line for each `NO_EFFECT_FLAGS` flag in ``args`` (a valid command line), saying
-    why it changes nothing, and for each Megatron value mp runs another way
-    (`VALUE_NOTICES`)."""
-    notices = []
-    for name, _, values in _split_options(args):
-        if name in NO_EFFECT_FLAGS:
-            notices.append(f"notice: {' '.join([name, *values])} has no effect in mp: "
-                           f"{NO_EFFECT_FLAGS[name][1]}")
-        elif values and (name, values[0]) in VALUE_NOTICES:
-            notices.append(f"notice: {name} {values[0]} runs as {MEGATRON_VALUES[name][values[0]]}"
-                           f" in mp: {VALUE_NOTICES[name, values[0]]}")
-    return notices
+    why it changes nothing."""
+    return [f"notice: {' '.join([name, *values])} has no effect in mp: "
+            f"{NO_EFFECT_FLAGS[name][1]}"
+            for name, _, values in _split_options(args) if name in NO_EFFECT_FLAGS]
 
 
 def _bucket_megabytes(training: dict, elements: str) -> float:

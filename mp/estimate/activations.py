@@ -40,7 +40,9 @@ With ``c`` context-parallel ranks every per-token tensor holds the rank's ``s / 
 and values of the whole sequence and attends in two query chunks (`attention_blocks`);
 ``a2a`` saves q, k and v exchanged for every token of ``a / (t c)`` heads
 (`attention_heads`). Both keep each attention call's output apart from the projection's
-input.
+input. ``p2p``'s ring attention keeps its q, k, v inputs as they come, its output (the
+projection's input) and an fp32 log-sum-exp per query: CP 1's terms for ``s / c`` tokens,
+with SDPA's core whatever the backend.
 
 What the kernels save depends on where they run; `Kernels` names the differences, and
 `CUDA` (the default) and `CPU` (what the tests measure) are the two sets of them.
@@ -228,6 +230,7 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
     split = cfg.context_parallel_size > 1 and not selective  # else recomputed with the core
     gathered = split and cfg.cp_comm_type == "all_gather"
     exchanged = split and cfg.cp_comm_type == "a2a"
+    ring = split and cfg.cp_comm_type == "p2p"  # saves its q, k, v inputs, as they come
     rope = cfg.position_embedding_type == "rope"
     q, kv = cfg.query_projection_size, cfg.num_query_groups * cfg.kv_channels
     grouped = cfg.num_query_groups < cfg.num_attention_heads
@@ -240,7 +243,7 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
     terms = {}
     if math_core:  # fp32 copies of q, k, v replace the 16-bit QKV output (and RoPE's q, k)
         terms["Q, K, V (fp32 copies)"] = FP32 * (queries + 2 * keys) * width
-    elif grouped and cfg.attention_backend == "unfused" and not selective:
+    elif grouped and cfg.attention_backend == "unfused" and not (selective or ring):
         # the matmuls save q and the keys and values repeated for every query head
         terms["Q, and K, V repeated per head"] = e * (queries + 2 * keys) * width
     elif exchanged:  # RoPE's, the norms' and the projection's q, k, v go into the exchange
@@ -287,6 +290,9 @@ def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
     e = activation_bytes(cfg)
     blocks = attention_blocks(cfg)
     heads = attention_heads(cfg)
+    if cfg.context_parallel_size > 1 and cfg.cp_comm_type == "p2p":  # ring attention keeps
+        # the output it returns (the projection's input) and an fp32 log-sum-exp per query
+        return {"softmax log-sum-exp": FP32 * heads * local_tokens(cfg, micro_batch)}
     scores = heads * micro_batch * sum(q * k for q, k in blocks)  # [b, np, sq, sk] elements
     queries = micro_batch * sum(q for q, _ in blocks)
     bottom_right = sum(q * k for q, k in blocks if k > q)  # elements of their [sq, sk] masks

@@ -25,8 +25,10 @@ row-parallel ones (attention output, fc2):
   every forward (again when full or selective recompute reruns it) and reduce-scatters their
   gradients in backward; with ``a2a`` it exchanges its q, k and v and then its attention
   output, ``[s / c, b, (q + 2 g d + q) / t]`` in all, in every forward and the same in
-  backward. The last stage all-reduces each micro-batch's loss sum and token count (two fp32
-  values) over CP.
+  backward; with ``p2p`` (ring attention) each forward sends its K and V blocks, ``[s / c,
+  b, g d / t]`` each, on ``c - 1`` times, and backward sends them ``c - 1`` times with their
+  fp32 gradients ``c`` times (the last brings the gradients home). The last stage
+  all-reduces each micro-batch's loss sum and token count (two fp32 values) over CP.
 - DP, once: the gradient buffer, ``g P`` all-reduced; with the distributed optimizer
   reduce-scattered, then the updated parameters (``e P``) all-gathered. With CP the
   gradients are reduced over DP x CP (group ``dp_cp``).
@@ -156,11 +158,17 @@ def _context_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
     if cfg.recompute_granularity == "selective":  # the recomputed core exchanges again
         forwards += layers
     e, b = activation_bytes(cfg), setup.micro_batch_size
+    kv_block = local_tokens(cfg, b) * cfg.num_query_groups * cfg.kv_channels / setup.tp
     if cfg.cp_comm_type == "a2a":  # q, k, v, then the attention output; back in backward
         exchanged = (e * local_tokens(cfg, b) * (cfg.qkv_size + cfg.query_projection_size)
                      / setup.tp)
         out = [Collective("Q, K, V and attention output (heads for tokens)", "all_to_all", "cp",
                           m * (forwards + layers) * exchanged)]
+    elif cfg.cp_comm_type == "p2p":  # K and V blocks around the ring, then their gradients
+        c = setup.cp
+        ring = m * 2 * kv_block * ((forwards + layers) * (c - 1) * e + layers * c * FP32)
+        out = [Collective("K, V blocks and their gradients (ring)", kind, "cp", ring)
+               for kind in ("send", "recv")]
     else:
         keys = e * cfg.seq_length * b * cfg.num_query_groups * cfg.kv_channels / setup.tp
         out = [Collective("keys and values", "all_gather", "cp", m * 2 * forwards * keys),

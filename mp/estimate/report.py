@@ -140,8 +140,8 @@ def _step_section(est: Estimate) -> str:
 def format_plan(result: PlanResult, top: int = 10) -> str:
     """The fastest ``top`` layouts that fit, as a table (with a ``split`` column, the
     pipeline's `mp.estimate.planner.PIPELINE_SPLITS` name, when one of them is uneven, and a
-    ``CP`` column when one of them is context-parallel: ``4``, or ``4/a2a`` for the a2a
-    exchange)."""
+    ``CP`` column when one of them is context-parallel: ``4``, or ``4/a2a``, ``4/p2p`` for
+    those exchanges)."""
     if not result.fitting:
         return (f"none of the {result.valid} valid layouts fits in memory; try more GPUs, "
                 "recompute, or a smaller micro-batch")
@@ -152,7 +152,8 @@ def format_plan(result: PlanResult, top: int = 10) -> str:
     rows = []
     for i, (e, split) in enumerate(zip(shown, splits), 1):
         s = e.setup
-        cp = f"{s.cp}/a2a" if s.cp > 1 and s.model.cp_comm_type == "a2a" else str(s.cp)
+        comm = s.model.cp_comm_type
+        cp = f"{s.cp}/{comm}" if s.cp > 1 and comm != "all_gather" else str(s.cp)
         rows.append([str(i), str(s.tp), *([cp] if context else []), str(s.pp),
                      str(s.vpp), *([split] if uneven else []),
                      str(s.data_parallel_size),

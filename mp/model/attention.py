@@ -41,6 +41,7 @@ from mp.model.config import TransformerConfig
 from mp.model.context_parallel import context_parallel_attention, gather_query_rows
 from mp.model.inference import InferenceParams
 from mp.model.init import init_method, output_init_method
+from mp.model.ring_attention import ring_attention
 from mp.model.norm import build_norm
 from mp.model.rope import apply_rotary
 from mp.tensor_parallel import (
@@ -67,10 +68,14 @@ def mask_for_layers(attention_mask: torch.Tensor, config: TransformerConfig,
                     dtype: torch.dtype) -> torch.Tensor:
     """A batch's boolean mask as every layer's attention takes it, made once for all of them:
     every query row under ``a2a`` context parallelism (`gather_query_rows`), and SDPA's
-    additive form (`sdpa_bias`) for the SDPA core."""
-    if config.context_parallel_size > 1 and config.cp_comm_type == "a2a":
+    additive form (`sdpa_bias`) for the SDPA core (``p2p``'s ring attention keeps it
+    boolean)."""
+    split = config.context_parallel_size > 1
+    if split and config.cp_comm_type == "a2a":
         attention_mask = gather_query_rows(attention_mask,
                                            parallel_state.get_context_parallel_group())
+    if split and config.cp_comm_type == "p2p":  # ring attention takes the boolean mask
+        return attention_mask
     return sdpa_bias(attention_mask, dtype) if config.attention_backend == "sdpa" \
         else attention_mask
 
@@ -102,6 +107,8 @@ class CoreAttention(nn.Module):
     def forward(self, q, k, v, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``q [s, b, np, hd]``, ``k, v [s, b, ng, hd]`` (``ng`` divides ``np``: each key
         and value head serves ``np / ng`` consecutive query heads)."""
+        if self.cp_group is not None and self.cp_comm_type == "p2p":
+            return ring_attention(q, k, v, attention_mask, self.scale, self.cp_group)
         if self.cp_group is not None:
             return context_parallel_attention(self._attend, q, k, v, attention_mask,
                                               self.cp_group, self.cp_comm_type)

@@ -72,7 +72,7 @@ class TransformerConfig:
     virtual_pipeline_model_parallel_size: int | None = None
     context_parallel_size: int = 1  # each sequence split over this many ranks
     # (mp.model.context_parallel; Megatron's --context-parallel-size)
-    cp_comm_type: str = "all_gather"  # or "a2a": how attention crosses the CP ranks
+    cp_comm_type: str = "all_gather"  # or "a2a", "p2p": how attention crosses the CP ranks
     # uneven pipeline splits (mp.model.pipeline_split); default: L / (PP x VPP) layers a chunk
     num_layers_in_first_pipeline_stage: int | None = None  # Megatron's
     # --decoder-first-pipeline-num-layers; the middle stages share what first and last leave
@@ -150,6 +150,10 @@ class TransformerConfig:
         _one_of("cp_comm_type", self.cp_comm_type, CP_COMM_TYPES)
         if cp > 1:  # two chunks per CP rank (load balancing), each rank's part split over TP
             _divisible("seq_length", self.seq_length, "2 x context_parallel_size", 2 * cp)
+        if cp > 1 and self.cp_comm_type == "p2p" and self.attention_dropout > 0:
+            raise ValueError(f"cp_comm_type='p2p' needs attention_dropout=0, not "
+                             f"{self.attention_dropout}: mp's ring attention has no dropout "
+                             "(all_gather and a2a have it)")
         if cp > 1 and self.cp_comm_type == "a2a":  # each CP rank takes 1 / cp of the heads
             for name in ("num_attention_heads", "num_query_groups"):
                 _divisible(name, getattr(self, name), "tensor_model_parallel_size x "

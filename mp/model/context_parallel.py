@@ -8,7 +8,7 @@ token and runs on the rank's ``s / c`` tokens unchanged; the batch is cut with
 `get_batch_on_this_cp_rank`, RoPE takes the angles of the rank's positions
 (`local_positions`).
 
-Attention runs one of Megatron's two ways (``--cp-comm-type``, `CP_COMM_TYPES`):
+Attention runs one of Megatron's three ways (``--cp-comm-type``, `CP_COMM_TYPES`):
 
 - ``all_gather`` (the default): each layer gathers the keys and values of the whole sequence
   over the CP group (backward reduce-scatters their gradients) and puts them back in sequence
@@ -23,6 +23,9 @@ Attention runs one of Megatron's two ways (``--cp-comm-type``, `CP_COMM_TYPES`):
   ``1 / c`` share each per layer, whatever ``c``, and no rank ever holds a whole sequence of
   every head. A given attention mask is all-gathered over the query rows, once for all
   layers (`gather_query_rows`, called by the transformer block).
+- ``p2p`` (Megatron's default): the key/value blocks travel around a ring of the CP ranks
+  and the partial attentions merge by their log-sum-exp (`mp.model.ring_attention`); no rank
+  holds the whole sequence's keys and values.
 
 The loss of a micro-batch is the sum over every token of the sequence, so the CP ranks add
 their sums and token counts up (`mp.training.gpt_step.loss_func`), and gradients, which each
@@ -67,7 +70,7 @@ def get_batch_on_this_cp_rank(batch: dict[str, torch.Tensor], group: dist.Proces
             for key, value in batch.items()}
 
 
-CP_COMM_TYPES = ("all_gather", "a2a")
+CP_COMM_TYPES = ("all_gather", "a2a", "p2p")
 
 
 def _in_sequence_order(gathered: torch.Tensor, cp_size: int, dim: int = 0) -> torch.Tensor:
