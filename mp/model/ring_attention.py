@@ -70,9 +70,13 @@ class _Ring:
                 if kc <= qc:
                     yield qh, kh, kc, kc == qc
 
+    def rows(self, h: int) -> slice:
+        """The tokens of half ``h`` (chunk ``h`` of this rank's two)."""
+        return slice(h * self.chunk, (h + 1) * self.chunk)
+
     def half(self, x: torch.Tensor, h: int) -> torch.Tensor:
         """Half ``h`` of ``x``'s second-to-last (token) dimension."""
-        return x[..., h * self.chunk:(h + 1) * self.chunk, :]
+        return x[..., self.rows(h), :]
 
     def start_exchange(self, tensors: list[torch.Tensor]) -> tuple[list, list[torch.Tensor]]:
         """Send ``tensors`` to the next rank and receive as many from the previous one;
@@ -101,8 +105,8 @@ def _block_mask(ring: _Ring, attention_mask: torch.Tensor | None, qh: int, kc: i
     """The mask of query half ``qh`` against key chunk ``kc``, ``[b or 1, 1, 1, L, L]``."""
     if attention_mask is None:
         return None
-    rows = slice(qh * ring.chunk, (qh + 1) * ring.chunk)
-    return attention_mask[:, :, rows, kc * ring.chunk:(kc + 1) * ring.chunk].unsqueeze(2)
+    keys = slice(kc * ring.chunk, (kc + 1) * ring.chunk)
+    return attention_mask[:, :, ring.rows(qh), keys].unsqueeze(2)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -125,8 +129,7 @@ class _RingAttention(torch.autograd.Function):
                 safe = part_lse.masked_fill(part_lse == NEG_INF, 0.0)
                 probs = torch.exp(scores - safe.unsqueeze(-1))
                 part = torch.matmul(probs.to(v.dtype), ring.half(block[1], kh)).float()
-                old_out, old_lse = ring.half(out, qh), lse[..., qh * ring.chunk:
-                                                             (qh + 1) * ring.chunk]
+                old_out, old_lse = ring.half(out, qh), lse[..., ring.rows(qh)]
                 new_lse = torch.logaddexp(old_lse, part_lse)
                 safe = new_lse.masked_fill(new_lse == NEG_INF, 0.0)
                 old_out.copy_(old_out * torch.exp(old_lse - safe).unsqueeze(-1)
@@ -158,7 +161,7 @@ class _RingAttention(torch.autograd.Function):
             kb, vb, dk, dv = block
             for qh, kh, kc, causal in ring.pairs(owner):
                 q_h, k_h, v_h = ring.half(qg, qh), ring.half(kb, kh), ring.half(vb, kh)
-                rows = slice(qh * ring.chunk, (qh + 1) * ring.chunk)
+                rows = ring.rows(qh)
                 scores = _scores(ring, q_h, k_h, ctx.scale, causal,
                                  _block_mask(ring, attention_mask, qh, kc))
                 probs = torch.exp(scores - lse[..., rows].unsqueeze(-1))  # [b, g, r, L, L]
