@@ -7,6 +7,7 @@ split against Megatron's description."""
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from checks import assert_rel_close, own_rank_group
 from harness import run_distributed
 
@@ -15,6 +16,7 @@ from mp.data.document_masks import document_positions_and_mask
 from mp.model import GPTModel, TransformerConfig
 from mp.model.context_parallel import get_batch_on_this_cp_rank, local_positions
 from mp.model.inference import InferenceParams
+from mp.model.ring_attention import ring_attention
 
 B, S, VOCAB = 2, 16, 96
 SEED = 77
@@ -147,3 +149,38 @@ def _decode_with_context_parallelism():
 
 def test_decoding_with_a_cache_is_refused_under_context_parallelism():
     run_distributed(2, _decode_with_context_parallelism)
+
+
+def _ring_against_sdpa(tile: int, groups: int, documents: bool):
+    """`ring_attention` on this CP rank's tokens, ``tile`` query rows at a time, against SDPA
+    over the whole sequence: the output at the rank's positions and the gradients of its q,
+    k and v (which, for k and v, gather every rank's queries)."""
+    ps.initialize_model_parallel(1, context_parallel_size=2)
+    group = ps.get_context_parallel_group()
+    g = torch.Generator().manual_seed(5)
+    heads, d = 4, 8
+    q, k, v = (torch.randn(S, B, n, d, generator=g, dtype=torch.float64)
+               for n in (heads, groups, groups))
+    mask = _batch(True)["attention_mask"] if documents else None  # [b, 1, s, s], True: masked
+    positions = local_positions(S, 2, ps.get_context_parallel_rank())
+    local = [t[positions].clone().requires_grad_(True) for t in (q, k, v)]
+    out = ring_attention(*local, None if mask is None else mask[:, :, positions], 0.3, group,
+                         tile=tile)
+    full = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    keep = torch.ones(S, S, dtype=torch.bool).tril() if mask is None else ~mask
+    ref = F.scaled_dot_product_attention(
+        *(t.permute(1, 2, 0, 3) for t in full), attn_mask=keep, scale=0.3,
+        enable_gqa=groups < heads).permute(2, 0, 1, 3).reshape(S, B, heads * d)
+    assert_rel_close(out, ref[positions], what="output")
+    weights = torch.randn(S, B, heads * d, generator=g, dtype=torch.float64)
+    (out * weights[positions]).sum().backward()
+    (ref * weights).sum().backward()
+    for name, mine, theirs in zip("qkv", local, full):
+        assert_rel_close(mine.grad, theirs.grad[positions], what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("tile", [3, 1024])
+@pytest.mark.parametrize("groups,documents", [(4, False), (2, True)])
+def test_ring_attention_tiles_equal_sdpa_over_the_whole_sequence(tile, groups, documents):
+    """Tiles of 3 rows split each 4-row chunk unevenly; grouped queries; document masks."""
+    run_distributed(2, _ring_against_sdpa, tile, groups, documents)

@@ -20,6 +20,9 @@ working memory of that moment:
   step for GPT-3's vocabulary: compiled (`mp.jit`, CUDA), only the logits' gradient,
   ``e s b V / t`` bytes; eagerly, an fp32 copy of the logits, a bool one-hot and the gradient,
   ``(5 + e) s b V / t``.
+- **Ring attention** (``p2p`` context parallelism) works on one ``[tile, L]`` block of scores
+  per head at a time, in forward and in backward (`ring_working_set`; by the code, not
+  measured).
 - **Full recompute** keeps each checkpointed chunk's input (a ``1 / t`` slice of it with
   ``distribute_saved_activations``); in backward one chunk of layers is recomputed, so its full
   activations are a transient. Selective recompute recomputes one layer's attention core.
@@ -38,6 +41,7 @@ from mp.estimate.activations import (
     INT64,
     Kernels,
     activation_bytes,
+    attention_heads,
     dropout_mask_bytes,
     layer_bytes,
     local_tokens,
@@ -47,6 +51,7 @@ from mp.estimate.activations import (
 from mp.estimate.params import RankParams, StateBytes, rank_params, state_bytes
 from mp.estimate.setup import Setup
 from mp.model.config import TransformerConfig
+from mp.model.ring_attention import tile_bytes
 
 
 def microbatches_in_flight(pp: int, pp_rank: int, num_microbatches: int, vpp: int = 1
@@ -144,6 +149,17 @@ def recompute_working_set(cfg: TransformerConfig, micro_batch: int, kernels: Ker
     return 0.0
 
 
+def ring_working_set(cfg: TransformerConfig, micro_batch: int) -> float:
+    """The block of scores ``p2p``'s ring attention works on at once
+    (`mp.model.ring_attention.tile_bytes`); 0 for the other exchanges, whose kernels keep
+    theirs within the saved terms."""
+    cp = cfg.context_parallel_size
+    if cp == 1 or cfg.cp_comm_type != "p2p":
+        return 0.0
+    return tile_bytes(micro_batch, attention_heads(cfg), cfg.seq_length // (2 * cp),
+                      element_bytes=activation_bytes(cfg))
+
+
 @dataclass(frozen=True)
 class StageMemory:
     """One rank of pipeline stage ``pp_rank`` at its peak, in bytes."""
@@ -176,6 +192,8 @@ def stage_memory(setup: Setup, pp_rank: int, kernels: Kernels = CUDA) -> StageMe
         saved += output
         forward_extra = loss_transient(cfg, b, kernels)
         backward_extra = -output  # the loss's backward has freed them before any recompute
-    transient = max(forward_extra, backward_extra + recompute_working_set(cfg, b, kernels))
+    ring = ring_working_set(cfg, b)  # inside every layer's attention, forward and backward
+    transient = max(forward_extra, ring,
+                    backward_extra + recompute_working_set(cfg, b, kernels) + ring)
     return StageMemory(pp_rank=pp_rank, params=params, state=state_bytes(setup, params),
                        in_flight=in_flight, activations=saved, transient=max(transient, 0.0))

@@ -10,11 +10,12 @@ attention merge them). Backward passes the blocks around again, each with the gr
 its keys and values accumulating as it goes (in fp32), and a last step returns those to their
 owner.
 
-Each block's product runs as plain matrix products with the softmax statistics in fp32 (no
-flash kernel: they take no log-sum-exp in and out through a public API), so the ``[L, L]``
-scores of one block pair exist at a time; what is kept for backward is q, k, v, the output and
-the fp32 log-sum-exp: no rank saves the whole sequence's keys and values. Attention dropout is
-not supported here (`mp.model.config.TransformerConfig` refuses it).
+Each block pair runs as plain matrix products in the inputs' dtype with the softmax statistics
+in fp32 (no flash kernel: torch's take no log-sum-exp in and out through a public API), a
+tile of at most `QUERY_TILE` query rows at a time, so one ``[tile, L]`` block of scores per
+head exists at once (`tile_bytes`); what is kept for backward is q, k, v, the output and the
+fp32 log-sum-exp: no rank saves the whole sequence's keys and values. Attention dropout is not
+supported here (`mp.model.config.TransformerConfig` refuses it).
 
 Shapes: ``q [2L, b, np, d]``, ``k, v [2L, b, ng, d]`` (``L = s / (2c)``, ``ng`` dividing
 ``np``), a boolean ``attention_mask [b or 1, 1, 2L, s]`` (True = masked; the rank's query rows
@@ -27,13 +28,23 @@ import torch
 import torch.distributed as dist
 
 NEG_INF = float("-inf")
+QUERY_TILE = 1024  # query rows of one block of scores
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    attention_mask: torch.Tensor | None, scale: float,
-                   group: dist.ProcessGroup) -> torch.Tensor:
-    """Causal attention of this CP rank's queries over the whole sequence (module doc)."""
-    return _RingAttention.apply(q, k, v, attention_mask, scale, group)
+                   group: dist.ProcessGroup, tile: int = QUERY_TILE) -> torch.Tensor:
+    """Causal attention of this CP rank's queries over the whole sequence (module doc), the
+    scores ``tile`` query rows at a time."""
+    return _RingAttention.apply(q, k, v, attention_mask, scale, group, tile)
+
+
+def tile_bytes(micro_batch: int, heads: int, chunk: int, tile: int = QUERY_TILE,
+               element_bytes: int = 2) -> int:
+    """The working memory of one block of scores at its largest (backward): the fp32
+    probabilities and score gradients of ``heads`` heads, ``[b, heads, min(tile, L), L]``
+    each, and a copy of one in the inputs' dtype for a matrix product."""
+    return micro_batch * heads * min(tile, chunk) * chunk * (2 * 4 + element_bytes)
 
 
 def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -50,10 +61,10 @@ def _ungrouped(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _Ring:
-    """This rank's place in the ring and the chunks each block holds."""
+    """This rank's place in the ring, the chunks each block holds, and the tiles of rows."""
 
-    def __init__(self, group: dist.ProcessGroup, chunk: int):
-        self.group, self.chunk = group, chunk
+    def __init__(self, group: dist.ProcessGroup, chunk: int, tile: int):
+        self.group, self.chunk, self.tile = group, chunk, tile
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
@@ -62,21 +73,23 @@ class _Ring:
         """The sequence chunks CP rank ``owner`` holds, in its order."""
         return owner, 2 * self.size - 1 - owner
 
-    def pairs(self, owner: int):
-        """``(query half, key half, key chunk, causal)`` for the blocks of rank ``owner`` that
-        this rank's queries attend to."""
+    def blocks(self, owner: int):
+        """``(query rows, key half, key chunk, causal offset)`` of each block of scores this
+        rank computes against the keys of rank ``owner``: a tile of query rows (of this rank's
+        ``2L``) against the ``L`` keys of an earlier chunk (offset None: all of them) or of
+        the same chunk (offset: the tile's first row within it; the causal mask's shift)."""
         for qh, qc in enumerate(self.chunks(self.rank)):
             for kh, kc in enumerate(self.chunks(owner)):
-                if kc <= qc:
-                    yield qh, kh, kc, kc == qc
-
-    def rows(self, h: int) -> slice:
-        """The tokens of half ``h`` (chunk ``h`` of this rank's two)."""
-        return slice(h * self.chunk, (h + 1) * self.chunk)
+                if kc > qc:
+                    continue
+                for first in range(0, self.chunk, self.tile):
+                    rows = slice(qh * self.chunk + first,
+                                 qh * self.chunk + min(first + self.tile, self.chunk))
+                    yield rows, kh, kc, first if kc == qc else None
 
     def half(self, x: torch.Tensor, h: int) -> torch.Tensor:
-        """Half ``h`` of ``x``'s second-to-last (token) dimension."""
-        return x[..., self.rows(h), :]
+        """Half ``h`` (chunk ``h`` of a rank's two) of ``x``'s second-to-last dimension."""
+        return x[..., h * self.chunk:(h + 1) * self.chunk, :]
 
     def start_exchange(self, tensors: list[torch.Tensor]) -> tuple[list, list[torch.Tensor]]:
         """Send ``tensors`` to the next rank and receive as many from the previous one;
@@ -88,31 +101,30 @@ class _Ring:
         return dist.batch_isend_irecv(ops), received
 
 
-def _scores(ring: _Ring, q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool,
-            mask: torch.Tensor | None) -> torch.Tensor:
-    """fp32 scores ``[b, g, r, L, L]`` of one block pair, -inf where masked."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-    if causal:
-        above = torch.ones(ring.chunk, ring.chunk, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(above, NEG_INF)
-    if mask is not None:
-        scores = scores.masked_fill(mask, NEG_INF)
+def _scores(ring: _Ring, q: torch.Tensor, k: torch.Tensor, scale: float, offset: int | None,
+            attention_mask: torch.Tensor | None, rows: slice, kc: int) -> torch.Tensor:
+    """fp32 scores ``[b, g, r, rows, L]`` of one block, -inf where masked: above the diagonal
+    of a chunk against itself (its rows start ``offset`` into the chunk), and where
+    ``attention_mask`` (the rank's rows against every key) says."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+    if offset is not None:
+        above = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)
+        scores.masked_fill_(above.triu_(offset + 1), NEG_INF)
+    if attention_mask is not None:
+        keys = slice(kc * ring.chunk, (kc + 1) * ring.chunk)
+        scores.masked_fill_(attention_mask[:, :, rows, keys].unsqueeze(2), NEG_INF)
     return scores
 
 
-def _block_mask(ring: _Ring, attention_mask: torch.Tensor | None, qh: int, kc: int
-                ) -> torch.Tensor | None:
-    """The mask of query half ``qh`` against key chunk ``kc``, ``[b or 1, 1, 1, L, L]``."""
-    if attention_mask is None:
-        return None
-    keys = slice(kc * ring.chunk, (kc + 1) * ring.chunk)
-    return attention_mask[:, :, ring.rows(qh), keys].unsqueeze(2)
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """``lse`` with -inf (rows that kept no key) as 0, to subtract without NaN."""
+    return lse.masked_fill(lse == NEG_INF, 0.0)
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, attention_mask, scale, group):
-        ring = _Ring(group, q.size(0) // 2)
+    def forward(ctx, q, k, v, attention_mask, scale, group, tile):
+        ring = _Ring(group, q.size(0) // 2, tile)
         groups = k.size(2)
         qg, kg, vg = _grouped(q, groups), _grouped(k, groups), _grouped(v, groups)
         out = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
@@ -122,19 +134,17 @@ class _RingAttention(torch.autograd.Function):
             if step < ring.size - 1:  # the next block travels while this one is used
                 requests, received = ring.start_exchange(block)
             owner = (ring.rank - step) % ring.size
-            for qh, kh, kc, causal in ring.pairs(owner):
-                scores = _scores(ring, ring.half(qg, qh), ring.half(block[0], kh), scale,
-                                 causal, _block_mask(ring, attention_mask, qh, kc))
+            for rows, kh, kc, offset in ring.blocks(owner):
+                scores = _scores(ring, qg[..., rows, :], ring.half(block[0], kh), scale,
+                                 offset, attention_mask, rows, kc)
                 part_lse = torch.logsumexp(scores, dim=-1)
-                safe = part_lse.masked_fill(part_lse == NEG_INF, 0.0)
-                probs = torch.exp(scores - safe.unsqueeze(-1))
+                probs = scores.sub_(_finite(part_lse).unsqueeze(-1)).exp_()
                 part = torch.matmul(probs.to(v.dtype), ring.half(block[1], kh)).float()
-                old_out, old_lse = ring.half(out, qh), lse[..., ring.rows(qh)]
-                new_lse = torch.logaddexp(old_lse, part_lse)
-                safe = new_lse.masked_fill(new_lse == NEG_INF, 0.0)
-                old_out.copy_(old_out * torch.exp(old_lse - safe).unsqueeze(-1)
-                              + part * torch.exp(part_lse - safe).unsqueeze(-1))
-                old_lse.copy_(new_lse)
+                new_lse = torch.logaddexp(lse[..., rows], part_lse)
+                shift = _finite(new_lse)
+                out[..., rows, :] = (out[..., rows, :] * (lse[..., rows] - shift).exp_()[..., None]
+                                     + part * (part_lse - shift).exp_()[..., None])
+                lse[..., rows] = new_lse
             if step < ring.size - 1:
                 for request in requests:
                     request.wait()
@@ -142,13 +152,13 @@ class _RingAttention(torch.autograd.Function):
         t, b = q.shape[:2]
         result = _ungrouped(out, q.dtype).reshape(t, b, -1)  # [2L, b, np * d]
         ctx.save_for_backward(q, k, v, result, lse, attention_mask)
-        ctx.scale, ctx.group = scale, group
+        ctx.scale, ctx.group, ctx.tile = scale, group, tile
         return result
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, result, lse, attention_mask = ctx.saved_tensors
-        ring = _Ring(ctx.group, q.size(0) // 2)
+        ring = _Ring(ctx.group, q.size(0) // 2, ctx.tile)
         groups = k.size(2)
         qg, kg, vg = _grouped(q, groups), _grouped(k, groups), _grouped(v, groups)
         dout, out = (_grouped(x.reshape(q.shape), groups) for x in (grad, result))
@@ -159,20 +169,19 @@ class _RingAttention(torch.autograd.Function):
         for step in range(ring.size):
             owner = (ring.rank - step) % ring.size
             kb, vb, dk, dv = block
-            for qh, kh, kc, causal in ring.pairs(owner):
-                q_h, k_h, v_h = ring.half(qg, qh), ring.half(kb, kh), ring.half(vb, kh)
-                rows = ring.rows(qh)
-                scores = _scores(ring, q_h, k_h, ctx.scale, causal,
-                                 _block_mask(ring, attention_mask, qh, kc))
-                probs = torch.exp(scores - lse[..., rows].unsqueeze(-1))  # [b, g, r, L, L]
-                dout_h = ring.half(dout, qh)
-                ring.half(dv, kh).add_(torch.matmul(probs.transpose(-1, -2),
-                                                    dout_h.float()).sum(2, keepdim=True))
-                dprobs = torch.matmul(dout_h, v_h.transpose(-1, -2)).float()
-                dscores = probs * (dprobs - delta[..., rows].unsqueeze(-1)) * ctx.scale
-                ring.half(dq, qh).add_(torch.matmul(dscores, k_h.float()))
-                ring.half(dk, kh).add_(torch.matmul(dscores.transpose(-1, -2),
-                                                    q_h.float()).sum(2, keepdim=True))
+            for rows, kh, kc, offset in ring.blocks(owner):
+                q_r, dout_r = qg[..., rows, :], dout[..., rows, :]
+                k_h, v_h = ring.half(kb, kh), ring.half(vb, kh)
+                probs = _scores(ring, q_r, k_h, ctx.scale, offset, attention_mask, rows, kc
+                                ).sub_(lse[..., rows].unsqueeze(-1)).exp_()  # [b, g, r, T, L]
+                ring.half(dv, kh).add_(torch.matmul(probs.to(v.dtype).transpose(-1, -2), dout_r
+                                                    ).float().sum(2, keepdim=True))
+                dscores = torch.matmul(dout_r, v_h.transpose(-1, -2)).float()
+                dscores.sub_(delta[..., rows].unsqueeze(-1)).mul_(probs).mul_(ctx.scale)
+                dscores = dscores.to(q.dtype)
+                dq[..., rows, :] += torch.matmul(dscores, k_h).float()
+                ring.half(dk, kh).add_(torch.matmul(dscores.transpose(-1, -2), q_r).float()
+                                       .sum(2, keepdim=True))
             # pass the block on with its gradients; after the last step only the gradients,
             # which then reach their owner
             requests, received = ring.start_exchange(block if step < ring.size - 1
@@ -182,4 +191,4 @@ class _RingAttention(torch.autograd.Function):
             block = received if step < ring.size - 1 else [None, None, *received]
         dk, dv = block[2], block[3]
         return (_ungrouped(dq, q.dtype), _ungrouped(dk, k.dtype), _ungrouped(dv, v.dtype),
-                None, None, None)
+                None, None, None, None)
