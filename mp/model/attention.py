@@ -38,11 +38,15 @@ from torch.nn.attention.bias import causal_lower_right
 from mp import parallel_state
 from mp.fused import AttnMaskType, FusedScaleMaskSoftmax, attention_mask_func
 from mp.model.config import TransformerConfig
-from mp.model.context_parallel import context_parallel_attention, gather_query_rows
+from mp.model.context_parallel import (
+    attention_over_gathered_keys,
+    attention_over_heads,
+    gather_query_rows,
+)
 from mp.model.inference import InferenceParams
 from mp.model.init import init_method, output_init_method
-from mp.model.ring_attention import ring_attention
 from mp.model.norm import build_norm
+from mp.model.ring_attention import ring_attention
 from mp.model.rope import apply_rotary
 from mp.tensor_parallel import (
     ColumnParallelLinear,
@@ -107,12 +111,13 @@ class CoreAttention(nn.Module):
     def forward(self, q, k, v, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``q [s, b, np, hd]``, ``k, v [s, b, ng, hd]`` (``ng`` divides ``np``: each key
         and value head serves ``np / ng`` consecutive query heads)."""
-        if self.cp_group is not None and self.cp_comm_type == "p2p":
+        if self.cp_group is None:
+            return self._attend(q, k, v, attention_mask)
+        if self.cp_comm_type == "p2p":
             return ring_attention(q, k, v, attention_mask, self.scale, self.cp_group)
-        if self.cp_group is not None:
-            return context_parallel_attention(self._attend, q, k, v, attention_mask,
-                                              self.cp_group, self.cp_comm_type)
-        return self._attend(q, k, v, attention_mask)
+        across = attention_over_heads if self.cp_comm_type == "a2a" \
+            else attention_over_gathered_keys
+        return across(self._attend, q, k, v, attention_mask, self.cp_group)
 
     def _attend(self, q, k, v, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """``q [sq, b, np, hd]``, ``k, v [sk, b, ng, hd]`` -> ``[sq, b, np * hd]``. Without a

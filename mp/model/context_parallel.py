@@ -73,12 +73,12 @@ def get_batch_on_this_cp_rank(batch: dict[str, torch.Tensor], group: dist.Proces
 CP_COMM_TYPES = ("all_gather", "a2a", "p2p")
 
 
-def _in_sequence_order(gathered: torch.Tensor, cp_size: int, dim: int = 0) -> torch.Tensor:
-    """``s`` along ``dim`` gathered rank by rank (rank ``r``'s chunks ``r`` and ``2c - 1 -
-    r``) -> in sequence order. A concatenation of views: autograd saves nothing for it."""
-    chunks = gathered.chunk(2 * cp_size, dim)  # rank r's two chunks are entries 2r and 2r + 1
+def _in_sequence_order(gathered: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """``[s, ...]`` gathered rank by rank (rank ``r``'s chunks ``r`` and ``2c - 1 - r``) ->
+    ``[s, ...]`` in sequence order. A concatenation of views: autograd saves nothing for it."""
+    chunks = gathered.chunk(2 * cp_size)  # rank r's two chunks are entries 2r and 2r + 1
     return torch.cat([chunks[2 * r] for r in range(cp_size)]
-                     + [chunks[2 * r + 1] for r in reversed(range(cp_size))], dim)
+                     + [chunks[2 * r + 1] for r in reversed(range(cp_size))])
 
 
 def _in_rank_order(x: torch.Tensor, cp_size: int) -> torch.Tensor:
@@ -87,24 +87,17 @@ def _in_rank_order(x: torch.Tensor, cp_size: int) -> torch.Tensor:
     return torch.cat([chunks[c] for r in range(cp_size) for c in (r, 2 * cp_size - 1 - r)])
 
 
-def context_parallel_attention(attend: Callable, q: torch.Tensor, k: torch.Tensor,
-                               v: torch.Tensor, attention_mask: torch.Tensor | None,
-                               group: dist.ProcessGroup, comm_type: str = "all_gather"
-                               ) -> torch.Tensor:
-    """``attend(q, k, v, mask)`` over the whole sequence for this rank's queries.
+def attention_over_gathered_keys(attend: Callable, q: torch.Tensor, k: torch.Tensor,
+                                 v: torch.Tensor, attention_mask: torch.Tensor | None,
+                                 group: dist.ProcessGroup) -> torch.Tensor:
+    """``all_gather``: ``attend(q, k, v, mask)`` over the whole sequence for this rank's
+    queries.
 
     ``q [s / c, b, np, d]`` and ``k, v [s / c, b, ng, d]`` hold this rank's two chunks;
-    ``attention_mask`` is None (causal) or ``[b or 1, 1, s / c, s]`` (``a2a``: ``[b or 1, 1,
-    s, s]``, `gather_query_rows`). ``attend`` treats a
-    None mask as causal with the queries at the end of the keys. Returns ``attend``'s context
-    for the rank's queries, ``[s / c, b, np * d]``, exchanged the ``comm_type`` way (module
-    doc).
+    ``attention_mask`` is None (causal) or ``[b or 1, 1, s / c, s]``. ``attend`` treats a None
+    mask as causal with the queries at the end of the keys. Returns ``attend``'s context for
+    the rank's queries, ``[s / c, b, np * d]``.
     """
-    if comm_type == "a2a":
-        return _attention_over_heads(attend, q, k, v, attention_mask, group)
-    if comm_type != "all_gather":
-        raise ValueError(f"comm_type={comm_type!r} must be one of "
-                         f"{', '.join(map(repr, CP_COMM_TYPES))}")
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     local = q.size(0)
     chunk = local // 2
@@ -131,11 +124,12 @@ def gather_query_rows(attention_mask: torch.Tensor, group: dist.ProcessGroup) ->
     return ordered.view(attention_mask.dtype).movedim(0, 2)
 
 
-def _attention_over_heads(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          attention_mask: torch.Tensor | None, group: dist.ProcessGroup
-                          ) -> torch.Tensor:
-    """``a2a``: every token of ``1 / c`` of the heads, attended causally, traded back; a mask
-    has every query row (`gather_query_rows`)."""
+def attention_over_heads(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         attention_mask: torch.Tensor | None, group: dist.ProcessGroup
+                         ) -> torch.Tensor:
+    """``a2a``: `attention_over_gathered_keys`'s arguments and result, but every token of
+    ``1 / c`` of the heads attended causally and traded back; a mask has every query row,
+    ``[b or 1, 1, s, s]`` (`gather_query_rows`)."""
     cp = dist.get_world_size(group)
     q, k, v = (_in_sequence_order(all_to_all(t, 2, 0, group), cp) for t in (q, k, v))
     context = attend(q, k, v, attention_mask)  # [s, b, np / c * d], causal
