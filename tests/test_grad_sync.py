@@ -6,6 +6,9 @@ sequence parallelism, several micro-batches, overlapped or not, one bucket or ma
 every rank the matching slice of the reference gradient of the mean loss over the whole batch.
 """
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -206,3 +209,28 @@ def _check_bf16_accumulates_in_fp32():
 
 def test_bf16_grads_accumulate_in_fp32():
     run_distributed(1, _check_bf16_accumulates_in_fp32)
+
+
+def _dropped_wrappers_are_freed(distributed_optimizer: bool) -> tuple[bool, bool]:
+    """Build, run backward through and drop a wrapper: are it and its module gone?"""
+    ps.initialize_model_parallel(1)
+    model = DistributedDataParallel(nn.Linear(4, 4),
+                                    use_distributed_optimizer=distributed_optimizer,
+                                    overlap_param_gather=distributed_optimizer)
+    model(torch.ones(2, 4)).sum().backward()
+    model.finish_grad_sync()
+    wrapper, module = weakref.ref(model), weakref.ref(model.module)
+    del model
+    gc.collect()
+    return wrapper() is None, module() is None
+
+
+@pytest.mark.parametrize("distributed_optimizer", [False, True])
+def test_a_dropped_wrapper_frees_its_model(distributed_optimizer):
+    """The gradient hooks on the parameters (and the parameter-gather pre-hooks) must not keep
+    the wrapper alive: through autograd's hooks that cycle is out of the collector's sight,
+    and a long-lived process (a notebook, a test worker) kept every model it built, with its
+    process groups' threads."""
+    for rank, freed in enumerate(run_distributed(2, _dropped_wrappers_are_freed,
+                                                 distributed_optimizer)):
+        assert freed == (True, True), f"rank {rank}"

@@ -43,11 +43,16 @@ accumulation into ``main_grad`` remains (which mixed precision needs anyway).
   gives every rank the updated parameters. With ``overlap_param_gather`` the all-gathers run
   asynchronously and a forward pre-hook on each module waits only for the buckets of its
   own parameters, so the next forward overlaps them.
+
+The hooks reach the wrapper through weak references: a parameter's gradient hook that held
+the wrapper would make a cycle (wrapper -> module -> parameter -> hook -> wrapper) through
+autograd's C++ side, which Python's collector cannot see, and keep the whole model alive.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +63,17 @@ from mp import parallel_state
 from mp.comm import all_gather_single, reduce_scatter_single
 
 DEFAULT_BUCKET_SIZE = 40_000_000  # elements (Megatron-Core's default)
+
+
+def _weakly(method):
+    """``method`` called through a weak reference to its object (the module doc); does
+    nothing once the object is gone."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args):
+        bound = ref()
+        return None if bound is None else bound(*args)
+    return call
 
 
 @dataclass(eq=False)
@@ -144,12 +160,14 @@ class DistributedDataParallel(nn.Module):
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._next_to_launch = 0
         self._sync_enabled = True
+        grad_ready = _weakly(self._grad_ready)
         for param in params:
-            param.register_post_accumulate_grad_hook(self._grad_ready)
+            param.register_post_accumulate_grad_hook(grad_ready)
         if self.overlap_param_gather:
+            wait = _weakly(self._wait_for_own_params)
             for sub in module.modules():
                 if any(True for _ in sub.parameters(recurse=False)):
-                    sub.register_forward_pre_hook(self._wait_for_own_params)
+                    sub.register_forward_pre_hook(wait)
 
     def _plan_buckets(self, params: list[nn.Parameter],
                       bucket_size: int | None) -> list[Bucket]:
