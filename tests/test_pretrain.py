@@ -95,18 +95,19 @@ def test_short_run_lowers_the_loss(cache_dir, tmp_path):
 
 def test_interleaved_pipeline_run_with_context_parallelism_lowers_the_loss(cache_dir):
     """PP=2 with two virtual stages per rank, split unevenly (stage 0 holds 2 of the 6 layers,
-    one a chunk), each sequence split over 2 context-parallel ranks (TP=1, DP=1), and the
-    distributed optimizer: the job builds the stages, the interleaved schedule trains, the
-    optimizer state is sharded over the CP ranks, and rank 0 (first stage) logs the last
-    stage's loss."""
+    one a chunk), each sequence split over 2 context-parallel ranks (TP=1, DP=1) that pass
+    keys and values around a ring (Megatron's p2p), and the distributed optimizer: the job
+    builds the stages, the interleaved schedule trains, the optimizer state is sharded over
+    the CP ranks, and rank 0 (first stage) logs the last stage's loss."""
     run = torchrun(LAUNCH, [*TINY, "--use-distributed-optimizer",
                             "--tensor-model-parallel-size", "1", "--context-parallel-size", "2",
+                            "--cp-comm-type", "p2p",
                             "--pipeline-model-parallel-size", "2", "--num-layers", "6",
                             "--decoder-first-pipeline-num-layers", "2",
                             "--num-virtual-stages-per-pipeline-rank", "2", "--train-iters", "20",
                             "--eval-interval", "20", "--data-cache-path", cache_dir], timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("world 4 = TP 1 x CP 2 x PP 2 (layers 2+4) x DP 1") == 1
+    assert run.stdout.count("world 4 = TP 1 x CP 2 (p2p) x PP 2 (layers 2+4) x DP 1") == 1
     losses = [float(x) for x in re.findall(r"^iteration \d+/20 \|.*?\| lm loss (\S+) \|",
                                            run.stdout, re.MULTILINE)]
     assert len(losses) == 4, run.stdout

@@ -164,7 +164,8 @@ def _pretrain(cfg: JobConfig, forward_step_func: Callable,
     if reporting:
         m, dp = cfg.model, parallel_state.get_data_parallel_world_size()
         split = uneven_stages_text(m.chunk_layer_counts)
-        cp = f" x CP {m.context_parallel_size}" if m.context_parallel_size > 1 else ""
+        cp = "" if m.context_parallel_size == 1 else f" x CP {m.context_parallel_size}" + (
+            f" ({m.cp_comm_type})" if m.cp_comm_type != "all_gather" else "")
         print(f"world {world} = TP {m.tensor_model_parallel_size}{cp} x PP "
               f"{m.pipeline_model_parallel_size}{f' ({split})' if split else ''} x DP {dp}"
               f" | {dist.get_backend()} on {get_device()} | {n_params / 1e6:.2f}M parameters | "
