@@ -15,6 +15,17 @@ they hold the same weights, so gradients are reduced over DP x CP together
 (``get_data_parallel_group(with_context_parallel=True)``), while the data loader shards
 samples over DP alone. With CP=1 (the default) the two groups are the same.
 
+Expert parallelism (EP, `mp.model.moe`) splits the experts of each mixture-of-experts layer
+over EP ranks taken from DP x CP, as Megatron-Core lays them out for experts (TP fastest, then
+EP, then the expert-data-parallel ranks, then PP, with the expert TP size equal to TP)::
+
+    rank = tp_rank + TP * (ep_rank + EP * (edp_rank + EDP * pp_rank)),  EDP = DP x CP / EP
+
+so an EP group is EP consecutive DP ranks of one TP rank and stage. Expert weights are
+replicated over the EDP ranks only, and their gradients are reduced there
+(``get_expert_data_parallel_group``). With EP=1 no expert group is created (the EP group is
+None) and the EDP group is the DP x CP group.
+
 The getters carry Megatron's names so ported code runs unchanged, and the module doubles as
 DeepSpeed's ``mpu``: DeepSpeed calls ``get_model_parallel_{world_size,rank,group}`` and
 ``get_data_parallel_{world_size,rank,group}``. "Model parallel" means TP x PP together, as in
@@ -40,15 +51,20 @@ class RankLayout:
     pipeline: list[list[int]]
     model: list[list[int]]
     embedding: list[list[int]]
+    expert: list[list[int]]  # EP: the ranks that hold the different experts of a layer
+    expert_data: list[list[int]]  # EDP: the ranks that hold the same experts
 
 
 def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
                 pipeline_model_parallel_size: int = 1,
-                context_parallel_size: int = 1) -> RankLayout:
+                context_parallel_size: int = 1, expert_model_parallel_size: int = 1
+                ) -> RankLayout:
     """Megatron's group layout for ``world_size`` ranks; raises ValueError on impossible sizes."""
     tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
+    ep = expert_model_parallel_size
     for name, value in (("world_size", world_size), ("tensor_model_parallel_size", tp),
-                        ("pipeline_model_parallel_size", pp), ("context_parallel_size", cp)):
+                        ("pipeline_model_parallel_size", pp), ("context_parallel_size", cp),
+                        ("expert_model_parallel_size", ep)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive integer")
     if world_size % (tp * pp * cp) != 0:
@@ -57,14 +73,21 @@ def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
             f"x pipeline_model_parallel_size={pp}" + (
                 f" x context_parallel_size={cp}" if cp > 1 else "") + f" = {tp * pp * cp}")
     dp = world_size // (tp * pp * cp)
+    if (dp * cp) % ep:
+        raise ValueError(f"expert_model_parallel_size={ep} does not divide data_parallel_size x "
+                         f"context_parallel_size = {dp} x {cp} = {dp * cp} (world_size="
+                         f"{world_size}): the expert-parallel ranks are data-parallel ones")
     coords = [(t, c, d, p) for p in range(pp) for d in range(dp) for c in range(cp)
               for t in range(tp)]  # in rank order
+    # experts' coordinates: (t, e, edp, p) from the flat DP x CP index c + CP d
+    expert_coords = [(t, (c + cp * d) % ep, (c + cp * d) // ep, p) for t, c, d, p in coords]
 
-    def groups(*varying: int) -> list[list[int]]:
+    def groups(*varying: int, of: list[tuple] = coords) -> list[list[int]]:
         """The groups whose ranks differ only in the coordinates ``varying`` (0 t, 1 c, 2 d,
-        3 p), each in rank order, the groups ordered by their first rank."""
+        3 p; experts' 1 e, 2 edp), each in rank order, the groups ordered by their first
+        rank."""
         found: dict[tuple, list[int]] = {}
-        for rank, xs in enumerate(coords):
+        for rank, xs in enumerate(of):
             key = tuple(x for i, x in enumerate(xs) if i not in varying)
             found.setdefault(key, []).append(rank)
         return sorted(found.values())
@@ -72,7 +95,8 @@ def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
     pipeline = groups(3)
     return RankLayout(tensor=groups(0), context=groups(1), data=groups(2),
                       data_with_context=groups(1, 2), pipeline=pipeline, model=groups(0, 3),
-                      embedding=[sorted({g[0], g[-1]}) for g in pipeline])
+                      embedding=[sorted({g[0], g[-1]}) for g in pipeline],
+                      expert=groups(1, of=expert_coords), expert_data=groups(2, of=expert_coords))
 
 
 @dataclass
@@ -93,6 +117,10 @@ class _Groups:
     model_ranks: list[int]
     embedding: dist.ProcessGroup | None  # None on ranks that hold no embedding
     embedding_ranks: list[int]
+    expert: dist.ProcessGroup | None  # None with EP=1
+    expert_ranks: list[int]
+    expert_data: dist.ProcessGroup
+    expert_data_ranks: list[int]
     virtual_pipeline_world_size: int | None
     virtual_pipeline_rank: int | None
 
@@ -103,10 +131,11 @@ _GROUPS: _Groups | None = None
 def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                               pipeline_model_parallel_size: int = 1,
                               virtual_pipeline_model_parallel_size: int | None = None,
-                              *, context_parallel_size: int = 1, backend: str | None = None,
+                              *, context_parallel_size: int = 1,
+                              expert_model_parallel_size: int = 1, backend: str | None = None,
                               distributed_timeout_minutes: float = 10.0) -> None:
     """Create the TP, CP, DP, DP x CP, PP, model-parallel and embedding groups over the
-    default group.
+    default group, and with ``expert_model_parallel_size`` > 1 the EP and EDP groups.
 
     Every rank must call this with the same arguments (``torch.distributed`` must already be
     initialized). Sizes are checked before any collective. ``backend`` defaults to the default
@@ -134,13 +163,19 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                 f"virtual_pipeline_model_parallel_size={vpp} needs "
                 f"pipeline_model_parallel_size > 1, got {pipeline_model_parallel_size}")
     layout = rank_layout(dist.get_world_size(), tensor_model_parallel_size,
-                         pipeline_model_parallel_size, context_parallel_size)
+                         pipeline_model_parallel_size, context_parallel_size,
+                         expert_model_parallel_size)
     me = dist.get_rank()
     timeout = timedelta(minutes=distributed_timeout_minutes)
     mine: dict[str, tuple[dist.ProcessGroup | None, list[int]]] = {}
-    kinds = ("tensor", "context", "data", "data_with_context", "pipeline", "model", "embedding")
+    kinds = ("tensor", "context", "data", "data_with_context", "pipeline", "model", "embedding",
+             "expert", "expert_data")
     for kind in kinds:
         mine[kind] = (None, [])  # only "embedding" can stay empty (middle stages)
+        if kind.startswith("expert") and expert_model_parallel_size == 1:
+            # EDP = DP x CP and no EP group: no groups of a single rank each
+            mine[kind] = (mine["data_with_context"] if kind == "expert_data" else (None, [me]))
+            continue
         for ranks in getattr(layout, kind):
             # every rank creates every group
             group = dist.new_group(ranks, backend=backend, timeout=timeout)
@@ -162,7 +197,8 @@ def destroy_model_parallel() -> None:
         return
     groups = {id(g): g for g in (_GROUPS.tensor, _GROUPS.context, _GROUPS.data,
                                  _GROUPS.data_with_context, _GROUPS.pipeline, _GROUPS.model,
-                                 _GROUPS.embedding) if g is not None}
+                                 _GROUPS.embedding, _GROUPS.expert, _GROUPS.expert_data)
+              if g is not None}
     _GROUPS = None
     for group in groups.values():
         dist.destroy_process_group(group)
@@ -211,6 +247,16 @@ def is_rank_in_embedding_group() -> bool:
     return _groups().embedding is not None
 
 
+def get_expert_model_parallel_group() -> dist.ProcessGroup | None:
+    """The ranks that split the experts of a layer between them (None with EP=1)."""
+    return _groups().expert
+
+
+def get_expert_data_parallel_group() -> dist.ProcessGroup:
+    """The ranks that hold the same experts and reduce their gradients together."""
+    return _groups().expert_data
+
+
 # --- sizes and ranks ----------------------------------------------------------------------
 
 def get_tensor_model_parallel_world_size() -> int:
@@ -252,6 +298,22 @@ def get_data_parallel_world_size(with_context_parallel: bool = False) -> int:
 
 def get_data_parallel_rank(with_context_parallel: bool = False) -> int:
     return _data_ranks(with_context_parallel).index(dist.get_rank())
+
+
+def get_expert_model_parallel_world_size() -> int:
+    return len(_groups().expert_ranks)
+
+
+def get_expert_model_parallel_rank() -> int:
+    return _groups().expert_ranks.index(dist.get_rank())
+
+
+def get_expert_data_parallel_world_size() -> int:
+    return len(_groups().expert_data_ranks)
+
+
+def get_expert_data_parallel_rank() -> int:
+    return _groups().expert_data_ranks.index(dist.get_rank())
 
 
 def get_model_parallel_world_size() -> int:

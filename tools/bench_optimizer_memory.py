@@ -37,7 +37,7 @@ def main() -> None:
     params = [p for chunk in model for p in chunk.module.parameters()]
     n = sum(p.numel() for p in params)
     weights = _nbytes(params)
-    grads = _nbytes(chunk.grad_buffer for chunk in model)
+    grads = _nbytes(buffer.grads for chunk in model for buffer in chunk.buffers)
     state = [t for s in optimizer.shards for t in optimizer.optimizer.state[s.main].values()]
     masters = [s.main for s in optimizer.shards if not s.main_is_param]
     opt = _nbytes(state) + _nbytes(masters)

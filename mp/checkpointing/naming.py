@@ -12,7 +12,8 @@ A checkpoint key names a parameter of the whole model, never of one rank's piece
 A `Placement` says where a local tensor sits in the global one: its global shape and the
 offset of its first element in every dimension, from the parameter's shard metadata
 (``tensor_model_parallel``, ``partition_dim``, ``partition_stride``, ``global_shape``,
-``shard_offset``; `mp.tensor_parallel.layers`). Parameters without it are replicated.
+``shard_offset``; `mp.tensor_parallel.layers`; an expert's also count its place among the
+experts, `mp.model.moe.experts`). Parameters without it are replicated.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ class Placement:
     @classmethod
     def of_parameter(cls, param: torch.Tensor) -> Placement:
         """From ``param``'s shard metadata; replicated when it has none."""
-        if not getattr(param, "tensor_model_parallel", False):
+        if not hasattr(param, "global_shape"):
             return cls.whole(param)
-        if getattr(param, "partition_stride", 1) != 1:
+        if getattr(param, "tensor_model_parallel", False) \
+                and getattr(param, "partition_stride", 1) != 1:
             raise ValueError(f"a parameter of shape {tuple(param.shape)} has partition_stride="
                              f"{param.partition_stride}; checkpoints support contiguous shards "
                              "(partition_stride=1) only")

@@ -44,6 +44,14 @@ accumulation into ``main_grad`` remains (which mixed precision needs anyway).
   asynchronously and a forward pre-hook on each module waits only for the buckets of its
   own parameters, so the next forward overlaps them.
 
+Mixture-of-experts layers (`mp.model.moe`): expert parameters (``param.allreduce = False``,
+Megatron's marker) differ across the expert-parallel ranks, so they live in a second
+`GradBuffer` of their own, reduced over the expert-data-parallel group (the ranks holding the
+same experts). Both are scaled by ``1 / (DP x CP)``: an expert's gradient already sums the
+losses of every EP rank whose tokens it took (the token exchange's backward brings them), so
+summing over the EDP ranks sums over every rank, as the dense reduction does. Each buffer
+launches its buckets in its own order.
+
 The hooks reach the wrapper through weak references: a parameter's gradient hook that held
 the wrapper would make a cycle (wrapper -> module -> parameter -> hook -> wrapper) through
 autograd's C++ side, which Python's collector cannot see, and keep the whole model alive.
@@ -78,10 +86,11 @@ def _weakly(method):
 
 @dataclass(eq=False)
 class Bucket:
-    """A contiguous slice ``[start, end)`` of the gradient (and, with the distributed
-    optimizer, parameter) buffer and the parameters whose elements live in it."""
+    """A contiguous slice ``[start, end)`` of a `GradBuffer`'s gradients (and, with the
+    distributed optimizer, parameters) and the parameters whose elements live in it."""
 
-    index: int
+    buffer: GradBuffer
+    index: int  # in its buffer
     start: int
     end: int
     data: torch.Tensor  # the gradient buffer's slice
@@ -99,6 +108,20 @@ class Bucket:
         return self.start + rank * length, self.start + (rank + 1) * length
 
 
+@dataclass(eq=False)
+class GradBuffer:
+    """The parameters reduced over one group, back to back: their gradients (``grads``),
+    with the distributed optimizer their values (``params``), cut into ``buckets``."""
+
+    group: dist.ProcessGroup
+    size: int  # ranks in the group
+    rank: int  # this rank's index in it
+    buckets: list[Bucket] = field(default_factory=list)
+    grads: torch.Tensor | None = None
+    params: torch.Tensor | None = None
+    next_to_launch: int = 0  # buckets launch strictly in order
+
+
 class DistributedDataParallel(nn.Module):
     """Wrap ``module`` for data parallelism (see the module doc).
 
@@ -107,6 +130,9 @@ class DistributedDataParallel(nn.Module):
         data_parallel_group: default ``parallel_state.get_data_parallel_group(
             with_context_parallel=True)``: the DP ranks, and the CP ranks, which hold the
             same weights and gradients for their parts of the sequences.
+        expert_data_parallel_group: where expert parameters are reduced; default
+            ``parallel_state.get_expert_data_parallel_group()`` (read only when the module
+            has expert parameters).
         overlap_grad_reduce: start each bucket's reduction during backward.
         bucket_size: elements per bucket (a parameter is never split; a bucket closes once it
             holds at least this many); None puts everything in one bucket.
@@ -122,7 +148,8 @@ class DistributedDataParallel(nn.Module):
     """
 
     def __init__(self, module: nn.Module, *, data_parallel_group=None,
-                 overlap_grad_reduce: bool = True, bucket_size: int | None = DEFAULT_BUCKET_SIZE,
+                 expert_data_parallel_group=None, overlap_grad_reduce: bool = True,
+                 bucket_size: int | None = DEFAULT_BUCKET_SIZE,
                  use_distributed_optimizer: bool = False, overlap_param_gather: bool = False,
                  calculate_per_token_loss: bool = False,
                  grad_dtype: torch.dtype = torch.float32):
@@ -135,7 +162,6 @@ class DistributedDataParallel(nn.Module):
             parallel_state.get_data_parallel_group(with_context_parallel=True)
             if data_parallel_group is None else data_parallel_group)
         self.data_parallel_size = dist.get_world_size(self.data_parallel_group)
-        self.data_parallel_rank = dist.get_rank(self.data_parallel_group)
         self.overlap_grad_reduce = overlap_grad_reduce
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_param_gather = overlap_param_gather and use_distributed_optimizer
@@ -147,18 +173,24 @@ class DistributedDataParallel(nn.Module):
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"DistributedDataParallel: parameters on several devices {devices}")
+        if use_distributed_optimizer:
+            dtypes = {p.dtype for p in params}
+            if len(dtypes) > 1:
+                raise ValueError(f"the distributed optimizer needs parameters of one dtype; "
+                                 f"this module has {sorted(map(str, dtypes))}")
+        # each parameter's [start, end) in its own buffer
         self.param_range: dict[nn.Parameter, tuple[int, int]] = {}
-        self.buckets = self._plan_buckets(params, bucket_size)
-        size = self.buckets[-1].end
-        self.grad_buffer = torch.zeros(size, dtype=grad_dtype, device=params[0].device)
-        for param, (start, end) in self.param_range.items():
-            param.main_grad = self.grad_buffer[start:end].view_as(param)
-        for bucket in self.buckets:
-            bucket.data = self.grad_buffer[bucket.start:bucket.end]
-        self.param_buffer = self._gather_params_into_buffer(params) \
-            if use_distributed_optimizer else None
+        self.buffers: list[GradBuffer] = []
+        dense = [p for p in params if getattr(p, "allreduce", True)]
+        experts = [p for p in params if not getattr(p, "allreduce", True)]
+        for members, group in ((dense, self.data_parallel_group), (experts, None)):
+            if not members:
+                continue
+            if group is None:
+                group = (parallel_state.get_expert_data_parallel_group()
+                         if expert_data_parallel_group is None else expert_data_parallel_group)
+            self.buffers.append(self._build_buffer(group, members, bucket_size, grad_dtype))
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
-        self._next_to_launch = 0
         self._sync_enabled = True
         grad_ready = _weakly(self._grad_ready)
         for param in params:
@@ -169,19 +201,46 @@ class DistributedDataParallel(nn.Module):
                 if any(True for _ in sub.parameters(recurse=False)):
                     sub.register_forward_pre_hook(wait)
 
-    def _plan_buckets(self, params: list[nn.Parameter],
-                      bucket_size: int | None) -> list[Bucket]:
-        """Lay ``params`` out back to back (filling ``param_range``) and cut the buckets;
-        with the distributed optimizer each bucket is padded to a multiple of DP and a tied
-        embedding copy gets a bucket of its own."""
-        buckets, members, start, offset = [], [], 0, 0
-        pad = self.data_parallel_size if self.use_distributed_optimizer else 1
+    @property
+    def buckets(self) -> list[Bucket]:
+        """Every buffer's buckets (the data-parallel one's first)."""
+        return [bucket for buffer in self.buffers for bucket in buffer.buckets]
+
+    @property
+    def grad_buffer(self) -> torch.Tensor:
+        """The gradients reduced over the data-parallel group (all but the experts')."""
+        return self.buffers[0].grads
+
+    def _build_buffer(self, group, params: list[nn.Parameter], bucket_size: int | None,
+                      grad_dtype: torch.dtype) -> GradBuffer:
+        """``params``' buffer over ``group``: their buckets, ``main_grad`` views into its
+        gradients and, with the distributed optimizer, the parameters moved into it."""
+        buffer = GradBuffer(group, dist.get_world_size(group), dist.get_rank(group))
+        self._plan_buckets(buffer, params, bucket_size)
+        size = buffer.buckets[-1].end
+        buffer.grads = torch.zeros(size, dtype=grad_dtype, device=params[0].device)
+        for param in params:
+            start, end = self.param_range[param]
+            param.main_grad = buffer.grads[start:end].view_as(param)
+        for bucket in buffer.buckets:
+            bucket.data = buffer.grads[bucket.start:bucket.end]
+        if self.use_distributed_optimizer:
+            self._gather_params_into_buffer(buffer, params)
+        return buffer
+
+    def _plan_buckets(self, buffer: GradBuffer, params: list[nn.Parameter],
+                      bucket_size: int | None) -> None:
+        """Lay ``params`` out back to back (filling ``param_range``) and cut ``buffer``'s
+        buckets; with the distributed optimizer each bucket is padded to a multiple of the
+        group's size and a tied embedding copy gets a bucket of its own."""
+        buckets, members, start, offset = buffer.buckets, [], 0, 0
+        pad = buffer.size if self.use_distributed_optimizer else 1
 
         def close(all_reduce: bool):
             nonlocal members, start, offset
             offset = -(-offset // pad) * pad
-            buckets.append(Bucket(len(buckets), start, offset, None, frozenset(members),
-                                  all_reduce=all_reduce))
+            buckets.append(Bucket(buffer, len(buckets), start, offset, None,
+                                  frozenset(members), all_reduce=all_reduce))
             members, start = [], offset
 
         # buckets are all-reduced without the distributed optimizer, else reduce-scattered but
@@ -199,23 +258,19 @@ class DistributedDataParallel(nn.Module):
                 close(isolate or plain)
         if members:
             close(plain)
-        return buckets
 
     @torch.no_grad()
-    def _gather_params_into_buffer(self, params: list[nn.Parameter]) -> torch.Tensor:
-        """Move every parameter into one buffer laid out like ``grad_buffer``."""
-        dtypes = {p.dtype for p in params}
-        if len(dtypes) > 1:
-            raise ValueError(f"the distributed optimizer needs parameters of one dtype; this "
-                             f"module has {sorted(map(str, dtypes))}")
-        buffer = torch.zeros(self.grad_buffer.numel(), dtype=params[0].dtype,
-                             device=params[0].device)
-        for param, (start, end) in self.param_range.items():
-            buffer[start:end].copy_(param.detach().view(-1))
-            param.data = buffer[start:end].view_as(param)
-        for bucket in self.buckets:
-            bucket.param_data = buffer[bucket.start:bucket.end]
-        return buffer
+    def _gather_params_into_buffer(self, buffer: GradBuffer,
+                                   params: list[nn.Parameter]) -> None:
+        """Move ``params`` into ``buffer.params``, laid out like its gradients."""
+        buffer.params = torch.zeros(buffer.grads.numel(), dtype=params[0].dtype,
+                                    device=params[0].device)
+        for param in params:
+            start, end = self.param_range[param]
+            buffer.params[start:end].copy_(param.detach().view(-1))
+            param.data = buffer.params[start:end].view_as(param)
+        for bucket in buffer.buckets:
+            bucket.param_data = buffer.params[bucket.start:bucket.end]
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -226,36 +281,36 @@ class DistributedDataParallel(nn.Module):
     def _grad_ready(self, param: nn.Parameter) -> None:
         param.main_grad.add_(param.grad)
         param.grad = None
-        if self._sync_enabled and self.overlap_grad_reduce and self.data_parallel_size > 1:
-            bucket = self._bucket_of[param]
+        bucket = self._bucket_of[param]
+        buffer = bucket.buffer
+        if self._sync_enabled and self.overlap_grad_reduce and buffer.size > 1:
             if bucket.launched:
                 raise RuntimeError(
                     f"a parameter of shape {tuple(param.shape)} got a second gradient after its "
                     f"bucket's all-reduce started (it is used twice in one backward across "
                     f"graphs?); build DistributedDataParallel with overlap_grad_reduce=False")
             bucket.ready.add(param)
-            while (self._next_to_launch < len(self.buckets)
-                   and len(self.buckets[self._next_to_launch].ready)
-                   == len(self.buckets[self._next_to_launch].params)):
-                self._launch(self.buckets[self._next_to_launch])
+            while (buffer.next_to_launch < len(buffer.buckets)
+                   and len(buffer.buckets[buffer.next_to_launch].ready)
+                   == len(buffer.buckets[buffer.next_to_launch].params)):
+                self._launch(buffer.buckets[buffer.next_to_launch])
 
     def _launch(self, bucket: Bucket) -> None:
+        buffer = bucket.buffer
         if self.gradient_scaling_factor != 1.0:
             bucket.data.mul_(self.gradient_scaling_factor)
         if bucket.all_reduce:
-            bucket.handle = dist.all_reduce(bucket.data, group=self.data_parallel_group,
-                                            async_op=True)
+            bucket.handle = dist.all_reduce(bucket.data, group=buffer.group, async_op=True)
         else:
             start, end = self.shard(bucket)
-            bucket.handle = reduce_scatter_single(
-                self.grad_buffer[start:end], bucket.data, group=self.data_parallel_group,
-                async_op=True)
+            bucket.handle = reduce_scatter_single(buffer.grads[start:end], bucket.data,
+                                                  group=buffer.group, async_op=True)
         bucket.launched = True
-        self._next_to_launch = bucket.index + 1
+        buffer.next_to_launch = bucket.index + 1
 
     def shard(self, bucket: Bucket) -> tuple[int, int]:
-        """This rank's ``[start, end)`` of ``bucket`` in buffer coordinates."""
-        return bucket.shard(self.data_parallel_rank, self.data_parallel_size)
+        """This rank's ``[start, end)`` of ``bucket`` in its buffer's coordinates."""
+        return bucket.shard(bucket.buffer.rank, bucket.buffer.size)
 
     # --- the public protocol (Megatron-Core's names) ------------------------------------
 
@@ -272,24 +327,26 @@ class DistributedDataParallel(nn.Module):
         """Launch the buckets not yet in flight, wait for all: ``main_grad`` then holds the
         data-parallel mean (sum, with ``calculate_per_token_loss``). Call once after the last
         micro-batch's backward."""
-        if self.data_parallel_size > 1:
-            for bucket in self.buckets[self._next_to_launch:]:
-                self._launch(bucket)
-            for bucket in self.buckets:
-                bucket.handle.wait()
+        for buffer in self.buffers:
+            if buffer.size > 1:
+                for bucket in buffer.buckets[buffer.next_to_launch:]:
+                    self._launch(bucket)
+                for bucket in buffer.buckets:
+                    bucket.handle.wait()
         self._reset_buckets()
 
     def start_param_sync(self) -> None:
         """All-gather every bucket's parameters from the shards their owners updated
         (distributed optimizer); asynchronous with ``overlap_param_gather``, else done on
         return."""
-        if self.data_parallel_size == 1:
-            return
-        for bucket in reversed(self.buckets):  # the first layers' buckets first
-            start, end = self.shard(bucket)
-            bucket.param_handle = all_gather_single(
-                bucket.param_data, self.param_buffer[start:end],
-                group=self.data_parallel_group, async_op=self.overlap_param_gather)
+        for buffer in self.buffers:
+            if buffer.size == 1:
+                continue
+            for bucket in reversed(buffer.buckets):  # the first layers' buckets first
+                start, end = self.shard(bucket)
+                bucket.param_handle = all_gather_single(
+                    bucket.param_data, buffer.params[start:end], group=buffer.group,
+                    async_op=self.overlap_param_gather)
 
     def finish_param_sync(self) -> None:
         """Wait for every parameter all-gather still in flight."""
@@ -311,20 +368,23 @@ class DistributedDataParallel(nn.Module):
     @torch.no_grad()
     def scale_gradients(self, scaling: float) -> None:
         """Multiply every ``main_grad`` by ``scaling`` (after `finish_grad_sync`)."""
-        self.grad_buffer.mul_(scaling)
+        for buffer in self.buffers:
+            buffer.grads.mul_(scaling)
 
     def zero_grad_buffer(self) -> None:
-        """Zero every ``main_grad`` (one fill of the buffer); call before each iteration."""
-        self.grad_buffer.zero_()
+        """Zero every ``main_grad`` (one fill per buffer); call before each iteration."""
+        for buffer in self.buffers:
+            buffer.grads.zero_()
         for param in self._bucket_of:
             param.grad = None
         self._reset_buckets()
 
     def _reset_buckets(self) -> None:
-        for bucket in self.buckets:
-            bucket.ready.clear()
-            bucket.handle, bucket.launched = None, False
-        self._next_to_launch = 0
+        for buffer in self.buffers:
+            buffer.next_to_launch = 0
+            for bucket in buffer.buckets:
+                bucket.ready.clear()
+                bucket.handle, bucket.launched = None, False
 
     def state_dict(self, *args, **kwargs):
         """The wrapped module's (no ``module.`` prefix: checkpoints do not depend on DP)."""

@@ -82,6 +82,19 @@ class TransformerConfig:
     pipeline_model_parallel_layout: str | None = None  # every chunk written out ("Et*3|...|tL",
     # Megatron's --pipeline-model-parallel-layout); its chunks / PP are the virtual stages
     sequence_parallel: bool = False
+    # mixture of experts (mp.model.moe; Megatron's --num-experts, --moe-*)
+    num_moe_experts: int | None = None  # experts per MoE layer; None: every MLP is dense
+    moe_layer_freq: int = 1  # every this-many-th layer (0-based index divisible by it) is MoE
+    moe_router_topk: int = 2  # experts each token goes to
+    moe_ffn_hidden_size: int | None = None  # an expert's hidden size; default ffn_hidden_size
+    moe_router_pre_softmax: bool = False  # softmax over all experts, then top k (the k
+    # probabilities sum to less than 1); default top k of the logits, then softmax over those
+    moe_router_load_balancing_type: str = "aux_loss"  # aux_loss (Switch's) | none
+    moe_aux_loss_coeff: float = 0.0  # weight of the load-balancing loss
+    moe_z_loss_coeff: float | None = None  # weight of the router z-loss (ST-MoE); None: none
+    expert_model_parallel_size: int = 1  # EP: the experts split over this many DP ranks
+    expert_tensor_parallel_size: int | None = None  # must equal TP (mp splits experts as
+    # the rest of the layer); None: TP
     overlap_p2p_comm: bool = False  # interleaved pipeline: p2p under compute (pipelined.py)
     recompute_granularity: str | None = None  # None | full | selective (attention core only)
     recompute_method: str | None = None  # full: uniform | block
@@ -146,6 +159,7 @@ class TransformerConfig:
         if self.seq_length > self.max_position_embeddings:
             raise ValueError(f"seq_length={self.seq_length} exceeds "
                              f"max_position_embeddings={self.max_position_embeddings}")
+        self._check_moe()
         cp = self.context_parallel_size
         _one_of("cp_comm_type", self.cp_comm_type, CP_COMM_TYPES)
         if cp > 1:  # two chunks per CP rank (load balancing), each rank's part split over TP
@@ -185,6 +199,49 @@ class TransformerConfig:
         elif self.recompute_method is not None:
             raise ValueError(f"recompute_method={self.recompute_method!r} needs "
                              "recompute_granularity='full'")
+
+    def _check_moe(self) -> None:
+        e, tp = self.num_moe_experts, self.tensor_model_parallel_size
+        ep = self.expert_model_parallel_size
+        _positive_int("expert_model_parallel_size", ep)
+        if e is None:
+            if ep > 1:
+                raise ValueError(f"expert_model_parallel_size={ep} needs num_moe_experts (a "
+                                 "mixture-of-experts model)")
+            return
+        _positive_int("num_moe_experts", e)
+        for name in ("moe_layer_freq", "moe_router_topk"):
+            _positive_int(name, getattr(self, name))
+        if self.moe_router_topk > e:
+            raise ValueError(f"moe_router_topk={self.moe_router_topk} exceeds "
+                             f"num_moe_experts={e}")
+        if self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
+        _positive_int("moe_ffn_hidden_size", self.moe_ffn_hidden_size)
+        _divisible("moe_ffn_hidden_size", self.moe_ffn_hidden_size,
+                   "tensor_model_parallel_size", tp)
+        _divisible("num_moe_experts", e, "expert_model_parallel_size", ep)
+        _one_of("moe_router_load_balancing_type", self.moe_router_load_balancing_type,
+                ("aux_loss", "none"))
+        for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name}={value!r} must be >= 0")
+        if self.expert_tensor_parallel_size not in (None, tp):
+            raise ValueError(f"expert_tensor_parallel_size={self.expert_tensor_parallel_size} "
+                             f"must equal tensor_model_parallel_size={tp}: mp splits each "
+                             "expert over the layer's TP ranks")
+        if tp > 1 and not self.sequence_parallel:
+            raise ValueError(f"mixture-of-experts layers at tensor_model_parallel_size={tp} "
+                             "need sequence_parallel=True (as in Megatron)")
+        if self.context_parallel_size > 1:
+            raise ValueError(f"mixture-of-experts layers need context_parallel_size=1, not "
+                             f"{self.context_parallel_size}: mp has no MoE with context "
+                             "parallelism yet")
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether layer ``index`` (0-based over the model) has experts instead of an MLP."""
+        return self.num_moe_experts is not None and index % self.moe_layer_freq == 0
 
     # --- derived sizes ---------------------------------------------------------------------
 

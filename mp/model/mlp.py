@@ -40,7 +40,6 @@ class MLP(nn.Module):
         h, ffn = config.hidden_size, config.ffn_hidden_size
         self.activation = config.activation
         self.swiglu = config.activation == "swiglu"
-        self.gelu_approximate = "tanh" if config.activation == "gelu_tanh" else "none"
         self.fused = config.bias_activation_fusion
         self.linear_fc1 = ColumnParallelLinear(h, ffn, init_method=init, skip_bias_add=True, **kw)
         self.linear_gate = (ColumnParallelLinear(h, ffn, init_method=init, skip_bias_add=True,
@@ -52,13 +51,22 @@ class MLP(nn.Module):
 
     def forward(self, hidden: torch.Tensor):
         up, up_bias = self.linear_fc1(hidden)
-        if self.swiglu:
-            act = bias_swiglu(up, up_bias, *self.linear_gate(hidden), fused=self.fused)
-        elif self.activation == "squared_relu":
-            act = bias_squared_relu(up, up_bias, fused=self.fused)
-        else:
-            act = bias_gelu(up, up_bias, self.gelu_approximate, fused=self.fused)
-        return self.linear_fc2(act)
+        gate = self.linear_gate(hidden) if self.swiglu else (None, None)
+        return self.linear_fc2(bias_activation(self.activation, up, up_bias, *gate,
+                                               fused=self.fused))
+
+
+def bias_activation(activation: str, up: torch.Tensor, up_bias: torch.Tensor | None,
+                    gate: torch.Tensor | None, gate_bias: torch.Tensor | None,
+                    fused: bool) -> torch.Tensor:
+    """The MLP's activation of ``up`` (plus its bias): `bias_swiglu` with ``gate`` for
+    ``activation="swiglu"``, else `bias_squared_relu` or `bias_gelu` (``gate`` unused)."""
+    if activation == "swiglu":
+        return bias_swiglu(up, up_bias, gate, gate_bias, fused=fused)
+    if activation == "squared_relu":
+        return bias_squared_relu(up, up_bias, fused=fused)
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    return bias_gelu(up, up_bias, approximate, fused=fused)
 
 
 def _with_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

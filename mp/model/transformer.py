@@ -10,12 +10,14 @@ from mp.model.config import TransformerConfig
 from mp.model.dropout import bias_dropout_add
 from mp.model.inference import InferenceParams
 from mp.model.mlp import MLP
+from mp.model.moe import MoELayer
 from mp.model.norm import build_norm
 from mp.tensor_parallel import checkpoint
 
 
 class TransformerLayer(nn.Module):
-    """``x + attn(norm(x))`` then ``x + mlp(norm(x))``, each with bias-dropout-add.
+    """``x + attn(norm(x))`` then ``x + mlp(norm(x))``, each with bias-dropout-add; the
+    ``mlp`` is a mixture of experts (`mp.model.moe`) in the layers the config says.
 
     ``hidden [s, b, h]`` (``[s / t, b, h]`` with sequence parallelism) in and out.
     """
@@ -27,7 +29,8 @@ class TransformerLayer(nn.Module):
         self.input_layernorm = build_norm(config)
         self.self_attention = SelfAttention(config, group, layer_number)
         self.pre_mlp_layernorm = build_norm(config)
-        self.mlp = MLP(config, group)
+        self.mlp = (MoELayer(config, group) if config.is_moe_layer(layer_number - 1)
+                    else MLP(config, group))
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_freqs: torch.Tensor | None = None,

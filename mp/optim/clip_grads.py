@@ -7,7 +7,9 @@ parameter once: sharded parameters on every rank, parameters replicated over TP 
 row-parallel biases) only on TP rank 0 (``param_is_not_tensor_parallel_duplicate``), and never
 a pipeline stage's copy of a weight owned by another stage (``param.shared``, the last stage's
 copy of tied word embeddings). Data-parallel replicas hold the same (already averaged)
-gradients, so the data-parallel group takes no part.
+gradients, so the data-parallel group takes no part. Experts (`mp.model.moe`) differ across
+the expert-parallel ranks: their squares are summed over the EP group first
+(``expert_grads``, ``expert_parallel_group``).
 """
 
 from __future__ import annotations
@@ -25,11 +27,28 @@ def counts_in_grad_norm(param: torch.Tensor, tensor_model_parallel_group=None) -
             and param_is_not_tensor_parallel_duplicate(param, tensor_model_parallel_group))
 
 
+def _expert_part(total: torch.Tensor, expert_grads: list[torch.Tensor], expert_parallel_group,
+                 each) -> torch.Tensor:
+    """``total`` plus ``each(expert_grads)`` summed over the expert-parallel group."""
+    if not expert_grads:
+        return total
+    part = each(expert_grads)
+    if expert_parallel_group is not None and dist.get_world_size(expert_parallel_group) > 1:
+        dist.all_reduce(part, group=expert_parallel_group)
+    return total + part
+
+
+def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(torch._foreach_norm(grads, 2.0)).float().square().sum()
+
+
 def get_grad_norm_fp32(grads_for_norm: list[torch.Tensor], model_parallel_group=None, *,
                        other_grads: list[torch.Tensor] = (),
+                       expert_grads: list[torch.Tensor] = (), expert_parallel_group=None,
                        device: torch.device | None = None) -> float:
     """``sqrt(sum over model-parallel ranks of sum_g |g|^2)``; each rank passes the gradients
-    it counts (`counts_in_grad_norm`) as ``grads_for_norm``.
+    it counts (`counts_in_grad_norm`) as ``grads_for_norm``, those of experts among them as
+    ``expert_grads`` (summed over ``expert_parallel_group`` too).
 
     The result is inf or NaN on every rank of the group when any gradient holds an inf or
     NaN, including ``other_grads`` (the ones this rank holds but does not count): they add
@@ -41,7 +60,8 @@ def get_grad_norm_fp32(grads_for_norm: list[torch.Tensor], model_parallel_group=
         else model_parallel_group
     total = torch.zeros((), dtype=torch.float32, device=device)
     if grads_for_norm:
-        total = torch.stack(torch._foreach_norm(grads_for_norm, 2.0)).float().square().sum()
+        total = _sum_of_squares(grads_for_norm)
+    total = _expert_part(total, expert_grads, expert_parallel_group, _sum_of_squares)
     if other_grads:
         total = total + 0.0 * torch.stack(torch._foreach_norm(list(other_grads), 2.0)).sum()
     if dist.get_world_size(group) > 1:
@@ -49,16 +69,20 @@ def get_grad_norm_fp32(grads_for_norm: list[torch.Tensor], model_parallel_group=
     return total.sqrt().item()
 
 
+def _zeros(grads: list[torch.Tensor]) -> torch.Tensor:
+    return sum(grad.numel() - torch.count_nonzero(grad) for grad in grads)
+
+
 def count_zeros_fp32(grads_for_norm: list[torch.Tensor], model_parallel_group=None, *,
+                     expert_grads: list[torch.Tensor] = (), expert_parallel_group=None,
                      device: torch.device | None = None) -> int:
     """Zero elements of the gradients each rank counts (`counts_in_grad_norm`), summed over
-    the model-parallel group: every element of the model once (Megatron's
-    ``count_zeros_fp32``)."""
+    the model-parallel group (the experts' over the expert-parallel group too): every element
+    of the model once (Megatron's ``count_zeros_fp32``)."""
     group = parallel_state.get_model_parallel_group() if model_parallel_group is None \
         else model_parallel_group
-    zeros = torch.zeros((), dtype=torch.int64, device=device)
-    for grad in grads_for_norm:
-        zeros += grad.numel() - torch.count_nonzero(grad)
+    zeros = torch.zeros((), dtype=torch.int64, device=device) + _zeros(grads_for_norm)
+    zeros = _expert_part(zeros, expert_grads, expert_parallel_group, _zeros)
     if dist.get_world_size(group) > 1:
         dist.all_reduce(zeros, group=group)
     return int(zeros.item())

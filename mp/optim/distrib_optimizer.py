@@ -11,7 +11,9 @@ every bucket. One iteration:
 2. `step`: AdamW updates, on each rank, only the parameter elements in its shards (a
    `ParamShard` per parameter that meets a shard: a 1-D slice of it), with their fp32
    masters and moments; the global gradient norm sums the shards' squares over every rank
-   (data-parallel shards are disjoint; model-parallel ranks add as without sharding);
+   (data-parallel shards are disjoint; model-parallel ranks add as without sharding; experts'
+   shards are over the expert-data-parallel ranks, `mp.distributed`, and differ across the
+   expert-parallel ones, so every element still counts once);
 3. the updated shards are written into the parameter buffer and all-gathered
    (`DistributedDataParallel.start_param_sync`), asynchronously when the chunks overlap the
    all-gather with the next forward.
@@ -63,6 +65,8 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
                                      "model chunks given to DistributedOptimizer")
         group = dist.group.WORLD if grad_norm_group is None else grad_norm_group
         super().__init__(param_groups, model_parallel_group=group, **kwargs)
+
+    _experts_need_their_group = False  # the norm sums over every rank already
 
     def _ranges(self, param: nn.Parameter) -> list[tuple[int, int]]:
         owned = self._shard_range.get(param)

@@ -145,6 +145,8 @@ class MixedPrecisionOptimizer:
         grad_scaler: a `DynamicGradScaler` or `ConstantGradScaler` for fp16; None for
             fp32/bf16.
         model_parallel_group, tensor_model_parallel_group: default from ``parallel_state``.
+        expert_parallel_group: where experts' norms are summed as well (their gradients
+            differ across its ranks); default ``parallel_state``'s (None with EP=1: none).
         impl: ``"torch"`` (AdamW) or ``"apex"`` (apex's ``FusedAdam`` when importable).
         log_num_zeros_in_grad: count the zero gradient elements at each applied step.
     """
@@ -154,13 +156,15 @@ class MixedPrecisionOptimizer:
                  clip_grad: float = 0.0,
                  grad_scaler: DynamicGradScaler | ConstantGradScaler | None = None,
                  model_parallel_group=None, tensor_model_parallel_group=None,
-                 impl: str = "torch", log_num_zeros_in_grad: bool = False):
+                 expert_parallel_group=None, impl: str = "torch",
+                 log_num_zeros_in_grad: bool = False):
         if clip_grad < 0:
             raise ValueError(f"clip_grad={clip_grad} must be >= 0 (0 disables clipping)")
         self.clip_grad, self.grad_scaler = clip_grad, grad_scaler
         self.log_num_zeros_in_grad = log_num_zeros_in_grad
         self.model_parallel_group = (parallel_state.get_model_parallel_group()
                                      if model_parallel_group is None else model_parallel_group)
+        self.expert_parallel_group = expert_parallel_group
         self.params: list[nn.Parameter] = [p for g in param_groups for p in g["params"]]
         if not self.params:
             raise ValueError(f"{type(self).__name__} got no parameters")
@@ -171,10 +175,21 @@ class MixedPrecisionOptimizer:
                       for start, end in self._ranges(param)]
             self.shards += shards
             main_groups.append({**group, "params": [shard.main for shard in shards]})
-        self._counts_in_norm = [counts_in_grad_norm(s.param, tensor_model_parallel_group)
-                                for s in self.shards]
+        if any(not getattr(p, "allreduce", True) for p in self.params) \
+                and expert_parallel_group is None and self._experts_need_their_group:
+            self.expert_parallel_group = parallel_state.get_expert_model_parallel_group()
+        # where each shard's gradient goes in the norm: "dense", "expert" or "other" (not
+        # counted on this rank)
+        tp_group = tensor_model_parallel_group
+        self._norm_kind = ["other" if not counts_in_grad_norm(s.param, tp_group)
+                           else "dense" if getattr(s.param, "allreduce", True) else "expert"
+                           for s in self.shards]
         self._copied = [s for s in self.shards if not s.main_is_param]
         self.optimizer = build_adamw([g for g in main_groups if g["params"]], lr, betas, eps, impl)
+
+    #: whether experts' norms need a sum over the expert-parallel group (not when the norm
+    #: is summed over every rank, as the distributed optimizer's is)
+    _experts_need_their_group = True
 
     def _ranges(self, param: nn.Parameter) -> list[tuple[int, int]]:
         """The ``[start, end)`` element ranges of ``param`` this rank updates: all of it."""
@@ -208,10 +223,11 @@ class MixedPrecisionOptimizer:
             param.grad = None
 
     def _attach_main_grads(self):
-        """Give every master its fp32 gradient. Returns (grads counted in the norm, the other
-        grads, masters whose ``.grad`` was borrowed here and must be released after the step)."""
-        norm_grads, other_grads, borrowed = [], [], []
-        for shard, counts in zip(self.shards, self._counts_in_norm):
+        """Give every master its fp32 gradient. Returns (``{"dense", "expert", "other"}`` ->
+        the grads of each `_norm_kind`, masters whose ``.grad`` was borrowed here and must be
+        released after the step)."""
+        grads, borrowed = {"dense": [], "expert": [], "other": []}, []
+        for shard, kind in zip(self.shards, self._norm_kind):
             grad = getattr(shard.param, "main_grad", None)
             if grad is None:
                 grad = shard.param.grad
@@ -221,33 +237,35 @@ class MixedPrecisionOptimizer:
             if grad is not main.grad:
                 main.grad = shard.of(grad).float()  # no copy when fp32 (main_grad buffers)
                 borrowed.append(main)
-            (norm_grads if counts else other_grads).append(main.grad)
-        return norm_grads, other_grads, borrowed
+            grads[kind].append(main.grad)
+        return grads, borrowed
 
     @torch.no_grad()
     def step(self) -> StepResult:
-        norm_grads, other_grads, borrowed = self._attach_main_grads()
+        grads, borrowed = self._attach_main_grads()
         try:
-            return self._step(norm_grads, other_grads)
+            return self._step(grads)
         finally:
             # a borrowed main_grad left on an fp32 parameter would make the next backward
             # accumulate into the buffer twice
             for main in borrowed:
                 main.grad = None
 
-    def _step(self, norm_grads: list[torch.Tensor],
-              other_grads: list[torch.Tensor]) -> StepResult:
-        grads = norm_grads + other_grads
+    def _step(self, by_kind: dict[str, list[torch.Tensor]]) -> StepResult:
+        grads = [grad for kind in by_kind.values() for grad in kind]
+        experts = dict(expert_grads=by_kind["expert"],
+                       expert_parallel_group=self.expert_parallel_group)
         if self.grad_scaler is not None and grads:
             torch._foreach_mul_(grads, self.grad_scaler.inv_scale)
-        grad_norm = get_grad_norm_fp32(norm_grads, self.model_parallel_group,
-                                       other_grads=other_grads, device=self.params[0].device)
+        grad_norm = get_grad_norm_fp32(by_kind["dense"], self.model_parallel_group,
+                                       other_grads=by_kind["other"], **experts,
+                                       device=self.params[0].device)
         if self.grad_scaler is not None:
             found_inf = not math.isfinite(grad_norm)
             self.grad_scaler.update(found_inf)
             if found_inf:
                 return StepResult(False, grad_norm)
-        num_zeros = count_zeros_fp32(norm_grads, self.model_parallel_group,
+        num_zeros = count_zeros_fp32(by_kind["dense"], self.model_parallel_group, **experts,
                                      device=self.params[0].device) \
             if self.log_num_zeros_in_grad else None
         if self.clip_grad > 0:
@@ -263,8 +281,11 @@ class MixedPrecisionOptimizer:
         parameters on every rank, TP-replicated ones on TP rank 0, a stage's shared copy never
         (and the distributed optimizer's shards on their owners). Megatron's
         ``calc_params_l2_norm`` (which also reads the masters in bf16 runs)."""
-        mains = [s.main for s, counts in zip(self.shards, self._counts_in_norm) if counts]
-        return get_grad_norm_fp32(mains, self.model_parallel_group,
+        mains = {kind: [s.main for s, k in zip(self.shards, self._norm_kind) if k == kind]
+                 for kind in ("dense", "expert")}
+        return get_grad_norm_fp32(mains["dense"], self.model_parallel_group,
+                                  expert_grads=mains["expert"],
+                                  expert_parallel_group=self.expert_parallel_group,
                                   device=self.params[0].device)
 
     def adam_state(self, shard: ParamShard) -> dict[str, torch.Tensor]:

@@ -16,11 +16,26 @@ itself; the schedule adds the micro-batches' token counts up and
 step then minimises (sum of every kept token's loss) / (number of kept tokens) over the whole
 global batch, which differs from the mean of micro-batch means when the loss masks keep
 unequal numbers of tokens.
+
+Mixture-of-experts layers add their routers' auxiliary losses in backward
+(`mp.model.moe.aux_loss`); `scale_aux_losses` gives them, before an iteration's forwards, the
+factor each micro-batch's loss backpropagates with: ``loss scale / m``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from mp.model.moe import set_aux_loss_scale
+
+
+def scale_aux_losses(num_microbatches: int, grad_scale_func: Callable | None) -> None:
+    """Make the coming forwards' auxiliary losses backpropagate with ``loss scale / m``
+    (``grad_scale_func``: the optimizer's ``scale_loss``, None for scale 1)."""
+    scale = 1.0 if grad_scale_func is None else float(grad_scale_func(torch.ones(())))
+    set_aux_loss_scale(scale / num_microbatches)
 
 
 def microbatch_loss(outputs: tuple, num_microbatches: int, forward_data_store: list[dict],

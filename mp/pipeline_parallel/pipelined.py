@@ -35,7 +35,7 @@ from torch.autograd import Variable
 
 from mp import parallel_state
 from mp.distributed import finalize_model_grads
-from mp.pipeline_parallel.losses import microbatch_loss
+from mp.pipeline_parallel.losses import microbatch_loss, scale_aux_losses
 from mp.pipeline_parallel.p2p import P2P, _communicate, post
 
 
@@ -55,6 +55,8 @@ class _Stage:
         self.calculate_per_token_loss = calculate_per_token_loss
         self.forward_data_store: list[dict] = []
         self.num_tokens = 0
+        if not forward_only:
+            scale_aux_losses(num_microbatches, grad_scale_func)
 
     def finalize(self, finalize_model_grads_func: Callable | None,
                  models: list[nn.Module]) -> None:

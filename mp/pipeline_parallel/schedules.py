@@ -25,7 +25,7 @@ from torch import nn
 
 from mp import parallel_state
 from mp.distributed import finalize_model_grads
-from mp.pipeline_parallel.losses import microbatch_loss
+from mp.pipeline_parallel.losses import microbatch_loss, scale_aux_losses
 from mp.pipeline_parallel.pipelined import (
     forward_backward_pipelining_with_interleaving,
     forward_backward_pipelining_without_interleaving,
@@ -85,6 +85,8 @@ def forward_backward_no_pipelining(*, forward_step_func: Callable, data_iterator
     no_sync = getattr(model, "no_sync", contextlib.nullcontext)
     forward_data_store: list[dict] = []
     num_tokens = 0
+    if not forward_only:
+        scale_aux_losses(num_microbatches, grad_scale_func)
     with torch.no_grad() if forward_only else contextlib.nullcontext():
         for i in range(num_microbatches):
             last = i == num_microbatches - 1

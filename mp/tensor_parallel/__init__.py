@@ -11,6 +11,7 @@ from mp.tensor_parallel.layers import (
 )
 from mp.tensor_parallel.mappings import (
     all_to_all,
+    all_to_all_by_sizes,
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
@@ -29,8 +30,9 @@ from mp.tensor_parallel.utils import VocabUtility, divide, split_tensor_along_la
 
 __all__ = [
     "ColumnParallelLinear", "CudaRNGStatesTracker", "LinearWithAsyncGradReduce",
-    "RowParallelLinear", "VocabParallelEmbedding", "VocabUtility", "all_to_all", "checkpoint",
-    "copy_to_tensor_model_parallel_region", "divide", "gather_from_sequence_parallel_region",
+    "RowParallelLinear", "VocabParallelEmbedding", "VocabUtility", "all_to_all",
+    "all_to_all_by_sizes", "checkpoint", "copy_to_tensor_model_parallel_region", "divide",
+    "gather_from_sequence_parallel_region",
     "gather_from_tensor_model_parallel_region", "get_cuda_rng_tracker",
     "model_parallel_cuda_manual_seed", "param_is_not_tensor_parallel_duplicate",
     "reduce_from_tensor_model_parallel_region", "reduce_scatter_to_sequence_parallel_region",

@@ -16,11 +16,14 @@ so that the regions between tensor-parallel blocks hold ``1/TP`` of the sequence
 | gather_from_sequence_parallel_region         | all-gather first dim  | reduce-scatter first  |
 | reduce_scatter_to_sequence_parallel_region   | reduce-scatter first  | all-gather first dim  |
 | all_to_all (scatter dim a, gather dim b)     | all-to-all a -> b     | all-to-all b -> a     |
+| all_to_all_by_sizes (rows out, rows in)      | all-to-all, uneven    | the reverse exchange  |
 
 ``all_to_all`` trades one split dimension for another: rank ``r`` sends block ``j`` of its
 input along ``scatter_dim`` to rank ``j`` and concatenates what it receives along
 ``gather_dim`` in rank order (context parallelism's heads-for-sequence exchange,
-`mp.model.context_parallel`).
+`mp.model.context_parallel`). ``all_to_all_by_sizes`` sends rank ``j`` the next
+``input_sizes[j]`` rows and receives ``output_sizes[j]`` rows from it (the token exchange of
+mixture-of-experts layers, `mp.model.moe`).
 
 Activations are ``[sequence, batch, hidden]`` as in Megatron, so "first dim" is the sequence.
 Every function takes ``group`` (default: the tensor-parallel group of ``parallel_state``) and
@@ -195,6 +198,26 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
 
 
+def _all_to_all_by_sizes(x: torch.Tensor, output_sizes: list[int], input_sizes: list[int],
+                         group: dist.ProcessGroup) -> torch.Tensor:
+    received = x.new_empty((sum(output_sizes), *x.shape[1:]))
+    dist.all_to_all_single(received, x.contiguous(), output_sizes, input_sizes, group=group)
+    return received
+
+
+class _AllToAllBySizes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, output_sizes, input_sizes, group):
+        ctx.sizes, ctx.group = (output_sizes, input_sizes), group
+        return _all_to_all_by_sizes(x, output_sizes, input_sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_sizes, input_sizes = ctx.sizes
+        return (_all_to_all_by_sizes(grad, input_sizes, output_sizes, ctx.group),
+                None, None, None)
+
+
 def _single_rank(group: dist.ProcessGroup) -> bool:
     return dist.get_world_size(group) == 1
 
@@ -251,3 +274,17 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -
         raise ValueError(f"all_to_all: dimension {scatter_dim} of size {x.size(scatter_dim)} "
                          f"is not divisible by the group's {size} ranks")
     return _AllToAll.apply(x, scatter_dim, gather_dim, group)
+
+
+def all_to_all_by_sizes(x: torch.Tensor, output_sizes: list[int], input_sizes: list[int],
+                        group=None) -> torch.Tensor:
+    """Send rows ``[sum(input_sizes[:j]), sum(input_sizes[:j + 1]))`` of ``x [n, ...]`` to
+    rank ``j`` and return ``[sum(output_sizes), ...]``: what each rank sent, in rank order
+    (module doc). ``output_sizes[j]`` must be what rank ``j`` sends here."""
+    group = _group(group)
+    if sum(input_sizes) != x.size(0):
+        raise ValueError(f"all_to_all_by_sizes: input_sizes={input_sizes} add up to "
+                         f"{sum(input_sizes)} rows, x has {x.size(0)}")
+    if _single_rank(group):
+        return x
+    return _AllToAllBySizes.apply(x, list(output_sizes), list(input_sizes), group)

@@ -1,0 +1,67 @@
+"""The router's auxiliary losses and how they reach backward.
+
+Both are added to a layer's gradients, not to the reported loss, as in Megatron:
+
+- load balancing (Switch Transformer, Fedus et al. 2021, eq. 4, for top-k routing):
+  ``coeff x E x sum_e f_e P_e`` over the ``N`` tokens of one micro-batch on one rank, where
+  ``f_e`` is the fraction of the ``N k`` routed slots that went to expert ``e`` and ``P_e``
+  the mean over tokens of the softmax probability of ``e``; it is ``coeff`` when routing is
+  uniform and grows as it concentrates;
+- z-loss (ST-MoE, Zoph et al. 2022): ``coeff x mean over tokens of logsumexp(logits)^2``,
+  which keeps the router logits small.
+
+`attach_aux_loss` ties a loss to an activation: the activation passes unchanged, and backward
+gives the loss the gradient ``scale``, captured at forward from `set_aux_loss_scale`. The
+schedules set that to what the language-model loss of a micro-batch is multiplied by before
+its backward (``loss scale / micro-batches``), so an auxiliary loss weighs the same on every
+pipeline stage and at every layout (Megatron's ``MoEAuxLossAutoScaler``). The scale is the
+one piece of state here, held for the iteration's forwards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_SCALE = 1.0
+
+
+def set_aux_loss_scale(scale: float) -> None:
+    """The gradient the auxiliary losses of the coming forwards backpropagate with."""
+    global _SCALE
+    _SCALE = float(scale)
+
+
+def aux_loss_scale() -> float:
+    return _SCALE
+
+
+def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor, topk: int,
+                        coeff: float) -> torch.Tensor:
+    """Switch's loss for ``probs [N, E]`` (softmax over every expert, fp32) and
+    ``tokens_per_expert [E]`` (routed slots, ``N k`` in all)."""
+    num_tokens, num_experts = probs.shape
+    fraction = tokens_per_expert.to(probs.dtype) / (num_tokens * topk)
+    return coeff * num_experts * torch.sum(fraction * probs.mean(dim=0))
+
+
+def z_loss(logits: torch.Tensor, coeff: float) -> torch.Tensor:
+    """ST-MoE's router z-loss for ``logits [N, E]``."""
+    return coeff * torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, activation, loss, scale):
+        ctx.loss_shape, ctx.scale = loss.shape, scale
+        return activation
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.full(ctx.loss_shape, ctx.scale, device=grad.device), None
+
+
+def attach_aux_loss(activation: torch.Tensor, loss: torch.Tensor,
+                    weight: float = 1.0) -> torch.Tensor:
+    """``activation`` unchanged; its backward also backpropagates ``loss`` (a scalar) with
+    gradient ``weight x`` the current `aux_loss_scale`."""
+    return _AttachAuxLoss.apply(activation, loss, weight * _SCALE)

@@ -1,0 +1,98 @@
+"""The experts of a mixture-of-experts layer that one rank holds."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mp.device import get_device
+from mp.model.config import TransformerConfig
+from mp.model.init import init_method, output_init_method
+from mp.model.mlp import bias_activation
+
+
+class Experts(nn.Module):
+    """Experts ``first .. first + E / EP - 1`` of a layer, each an MLP split over TP as
+    `mp.model.mlp.MLP` is, their weights stacked:
+
+    - ``fc1_weight`` (and for SwiGLU ``gate_weight``) ``[E / EP, f / t, h]``,
+      ``fc2_weight [E / EP, h, f / t]``; biases ``fc1_bias``, ``gate_bias [E / EP, f / t]``
+      and ``fc2_bias [E / EP, h]`` (with ``add_bias_linear``).
+
+    ``forward(tokens [M, h], counts)`` runs expert ``first + l`` on the ``counts[l]`` rows
+    after those of the experts before it and returns ``[M, h]``: this TP rank's partial sums
+    (the layer reduces them over TP once for all experts). ``fc2_bias``, replicated over TP,
+    is added as ``fc2_bias / t`` on each TP rank, so the sum holds it once; its gradient is
+    then partial and summed over TP (``sequence_parallel``).
+
+    Every parameter is marked ``allreduce = False`` (Megatron's marker: reduced over the
+    expert-data-parallel ranks, `mp.distributed`) and placed in its global ``[E, ...]`` tensor
+    (``global_shape``, ``shard_offset``), so checkpoints load at any EP and TP. Weights are
+    drawn as a serial model's would be, expert by expert, whatever the layout.
+    """
+
+    def __init__(self, config: TransformerConfig, tp_group, ep_rank: int, ep_size: int):
+        super().__init__()
+        e, f, h = config.num_moe_experts, config.moe_ffn_hidden_size, config.hidden_size
+        self.local = e // ep_size
+        first = ep_rank * self.local
+        self.tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+        self.activation, self.fused = config.activation, config.bias_activation_fusion
+        swiglu = config.activation == "swiglu"
+        shard = f // self.tp_size
+        # (name, full [f, h] or [h, f] of one expert, the TP-split dim of it, init)
+        weights = [("fc1_weight", (f, h), 0, init_method(config))]
+        if swiglu:
+            weights.append(("gate_weight", (f, h), 0, init_method(config)))
+        weights.append(("fc2_weight", (h, f), 1, output_init_method(config)))
+        device = get_device()
+        local = {name: [] for name, *_ in weights}
+        for expert in range(e):
+            for name, shape, dim, init in weights:
+                full = torch.empty(shape, dtype=torch.float32, device=device)
+                init(full)
+                if first <= expert < first + self.local:
+                    local[name].append(full.narrow(dim, tp_rank * shard, shard))
+        for name, shape, dim, _ in weights:
+            self._register(name, torch.stack(local[name]).to(config.params_dtype),
+                           (e, *shape), (first, *(tp_rank * shard if d == dim else 0
+                                                  for d in range(2))), dim + 1)
+        if config.add_bias_linear:
+            for name in ("fc1_bias", "gate_bias") if swiglu else ("fc1_bias",):
+                self._register(name, torch.zeros(self.local, shard, dtype=config.params_dtype,
+                                                 device=device), (e, f),
+                               (first, tp_rank * shard), 1)
+            self._register("fc2_bias", torch.zeros(self.local, h, dtype=config.params_dtype,
+                                                   device=device), (e, h), (first, 0), None)
+            self.fc2_bias.sequence_parallel = True
+        else:
+            self.fc1_bias = self.gate_bias = self.fc2_bias = None
+        if not swiglu:
+            self.gate_weight = self.gate_bias = None
+
+    def _register(self, name: str, value: torch.Tensor, global_shape: tuple,
+                  offsets: tuple, tp_dim: int | None) -> None:
+        param = nn.Parameter(value)
+        param.allreduce = False
+        param.tensor_model_parallel = tp_dim is not None and self.tp_size > 1
+        param.partition_dim = -1 if tp_dim is None else tp_dim
+        param.partition_stride = 1
+        param.global_shape, param.shard_offset = tuple(global_shape), tuple(offsets)
+        setattr(self, name, param)
+
+    def forward(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        outputs = []
+        for index, rows in enumerate(tokens.split(counts)):
+            def pick(param):
+                return None if param is None else param[index]
+            up = F.linear(rows, self.fc1_weight[index])
+            gate = None if self.gate_weight is None else F.linear(rows, self.gate_weight[index])
+            act = bias_activation(self.activation, up, pick(self.fc1_bias), gate,
+                                  pick(self.gate_bias), self.fused)
+            out = F.linear(act, self.fc2_weight[index])
+            if self.fc2_bias is not None:
+                out = out + self.fc2_bias[index] / self.tp_size
+            outputs.append(out)
+        return torch.cat(outputs)

@@ -1,0 +1,61 @@
+"""The mixture-of-experts layer that replaces a transformer layer's MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mp import parallel_state
+from mp.model.config import TransformerConfig
+from mp.model.moe.dispatcher import TokenDispatcher
+from mp.model.moe.experts import Experts
+from mp.model.moe.router import TopKRouter
+from mp.tensor_parallel import (
+    gather_from_sequence_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
+
+
+class MoELayer(nn.Module):
+    """``hidden [s, b, h]`` (``[s / t, b, h]`` with sequence parallelism) ->
+    ``(output, None)`` of the same shape, as `mp.model.mlp.MLP` returns.
+
+    Each token goes to the ``moe_router_topk`` experts its router picks (`TopKRouter`), and
+    its output is their outputs weighted by the router's probabilities. Tensor parallelism
+    (with sequence parallelism, as Megatron requires) works as in the MLP: the sequence is
+    all-gathered over TP first, every TP rank routes all of it and runs its ``1 / t`` of each
+    expert, and the partial outputs are reduce-scattered back to ``[s / t, b, h]``. The
+    experts are split over the expert-parallel group (``expert_group``, default
+    `parallel_state`'s; `TokenDispatcher` moves the tokens).
+    """
+
+    def __init__(self, config: TransformerConfig, group=None, expert_group=None):
+        super().__init__()
+        self.config = config
+        self.group = parallel_state.get_tensor_model_parallel_group() if group is None \
+            else group
+        if expert_group is None:
+            expert_group = parallel_state.get_expert_model_parallel_group()
+        ep = 1 if expert_group is None else dist.get_world_size(expert_group)
+        if ep != config.expert_model_parallel_size:
+            raise ValueError(f"the expert-parallel group has {ep} ranks but "
+                             f"expert_model_parallel_size={config.expert_model_parallel_size}")
+        ep_rank = 0 if expert_group is None else dist.get_rank(expert_group)
+        self.tp = dist.get_world_size(self.group)
+        self.router = TopKRouter(config, aux_loss_weight=1.0 / self.tp)
+        self.experts = Experts(config, self.group, ep_rank, ep)
+        self.dispatcher = TokenDispatcher(config.num_moe_experts, expert_group)
+
+    def forward(self, hidden: torch.Tensor):
+        sequence_parallel = self.config.sequence_parallel and self.tp > 1
+        if sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, group=self.group)
+        tokens = hidden.reshape(-1, hidden.size(-1))
+        probs, chosen = self.router(tokens)
+        rows, counts, routing = self.dispatcher.dispatch(tokens, chosen)
+        output = self.dispatcher.combine(self.experts(rows, counts), probs, routing)
+        output = output.view_as(hidden)
+        if sequence_parallel:
+            output = reduce_scatter_to_sequence_parallel_region(output, group=self.group)
+        return output, None

@@ -1,0 +1,64 @@
+"""The top-k router of a mixture-of-experts layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mp.device import get_device
+from mp.model.config import TransformerConfig
+from mp.model.init import init_method
+from mp.model.moe.aux_loss import attach_aux_loss, load_balancing_loss, z_loss
+
+
+class TopKRouter(nn.Module):
+    """``tokens [N, h] -> (probs [N, k] fp32, experts [N, k] int64)``.
+
+    Logits ``tokens W^T`` with ``W [E, h]``, then either the top ``k`` logits and a softmax
+    over them (the default: each token's ``k`` weights sum to 1, as Mixtral's) or, with
+    ``moe_router_pre_softmax``, a softmax over every expert and its top ``k``. While training,
+    the load-balancing and z losses (`mp.model.moe.aux_loss`) are attached to ``probs``.
+
+    ``W`` is replicated on every rank. Under tensor parallelism each TP rank routes every
+    token of the sequence (the layer gathers them first) but sees only its share of the
+    experts' outputs, so ``W``'s gradient is partial there and is summed over TP like a
+    sequence-parallel weight's (``W.sequence_parallel``); the auxiliary losses, the same on
+    every TP rank, backpropagate ``1 / TP`` of their gradient from each (``aux_loss_weight``).
+    """
+
+    def __init__(self, config: TransformerConfig, aux_loss_weight: float = 1.0):
+        super().__init__()
+        self.config = config
+        self.topk = config.moe_router_topk
+        self.aux_loss_weight = aux_loss_weight
+        full = torch.empty(config.num_moe_experts, config.hidden_size, dtype=torch.float32,
+                           device=get_device())
+        init_method(config)(full)
+        self.weight = nn.Parameter(full.to(config.params_dtype))
+        self.weight.sequence_parallel = True
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        logits = F.linear(tokens, self.weight).float()  # [N, E]
+        scores = torch.softmax(logits, dim=-1) if cfg.moe_router_pre_softmax else None
+        if scores is not None:
+            probs, experts = torch.topk(scores, self.topk, dim=-1)
+        else:
+            top, experts = torch.topk(logits, self.topk, dim=-1)
+            probs = torch.softmax(top, dim=-1)
+        if self.training and torch.is_grad_enabled():
+            probs = self._attach_losses(probs, logits, scores, experts)
+        return probs, experts
+
+    def _attach_losses(self, probs, logits, scores, experts):
+        cfg = self.config
+        if cfg.moe_router_load_balancing_type == "aux_loss" and cfg.moe_aux_loss_coeff > 0:
+            scores = torch.softmax(logits, dim=-1) if scores is None else scores
+            counts = torch.bincount(experts.flatten(), minlength=cfg.num_moe_experts)
+            loss = load_balancing_loss(scores, counts, self.topk, cfg.moe_aux_loss_coeff)
+            probs = attach_aux_loss(probs, loss, self.aux_loss_weight)
+        if cfg.moe_z_loss_coeff:
+            probs = attach_aux_loss(probs, z_loss(logits, cfg.moe_z_loss_coeff),
+                                    self.aux_loss_weight)
+        return probs
