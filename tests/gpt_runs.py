@@ -38,16 +38,17 @@ def setup(tp: int, pp: int, seed: int, precision: str = "fp32", *,
           distributed_optimizer: bool = False, overlap_param_gather: bool = True,
           bucket_size: int = 5000, clip_grad: float = 1.0,
           calculate_per_token_loss: bool = False, grad_dtype: torch.dtype = torch.float32,
-          vpp: int | None = None, cp: int = 1, decoupled_lr: float | None = None,
+          vpp: int | None = None, cp: int = 1, ep: int = 1, decoupled_lr: float | None = None,
           decoupled_min_lr: float | None = None, optimizer_args: dict | None = None,
           **overrides):
     """This rank's DDP-wrapped chunks, optimizer and LR schedule, weights from ``seed``
     (``optimizer_args``: more of `get_megatron_optimizer`'s; ``overrides``:
-    `TransformerConfig` fields; ``cp``: context-parallel ranks)."""
-    ps.initialize_model_parallel(tp, pp, vpp, context_parallel_size=cp)
+    `TransformerConfig` fields; ``cp``: context-parallel ranks; ``ep``: expert-parallel ones)."""
+    ps.initialize_model_parallel(tp, pp, vpp, context_parallel_size=cp,
+                                 expert_model_parallel_size=ep)
     model_parallel_cuda_manual_seed(seed)
     config = gpt_config(tp, pp, precision, virtual_pipeline_model_parallel_size=vpp,
-                        context_parallel_size=cp, **overrides)
+                        context_parallel_size=cp, expert_model_parallel_size=ep, **overrides)
     models = [DistributedDataParallel(chunk, bucket_size=bucket_size,
                                       use_distributed_optimizer=distributed_optimizer,
                                       overlap_param_gather=overlap_param_gather,

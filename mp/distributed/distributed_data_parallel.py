@@ -333,6 +333,8 @@ class DistributedDataParallel(nn.Module):
                     self._launch(bucket)
                 for bucket in buffer.buckets:
                     bucket.handle.wait()
+            elif self.gradient_scaling_factor != 1.0:  # experts no other rank holds
+                buffer.grads.mul_(self.gradient_scaling_factor)
         self._reset_buckets()
 
     def start_param_sync(self) -> None:

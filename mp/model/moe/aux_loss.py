@@ -35,6 +35,11 @@ def aux_loss_scale() -> float:
     return _SCALE
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or as it is when its dtype is wider (float64 in tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor, topk: int,
                         coeff: float) -> torch.Tensor:
     """Switch's loss for ``probs [N, E]`` (softmax over every expert, fp32) and
@@ -46,18 +51,19 @@ def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor, to
 
 def z_loss(logits: torch.Tensor, coeff: float) -> torch.Tensor:
     """ST-MoE's router z-loss for ``logits [N, E]``."""
-    return coeff * torch.logsumexp(logits.float(), dim=-1).square().mean()
+    return coeff * torch.logsumexp(at_least_fp32(logits), dim=-1).square().mean()
 
 
 class _AttachAuxLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, activation, loss, scale):
-        ctx.loss_shape, ctx.scale = loss.shape, scale
+        ctx.loss, ctx.scale = (loss.shape, loss.dtype, loss.device), scale
         return activation
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, torch.full(ctx.loss_shape, ctx.scale, device=grad.device), None
+        shape, dtype, device = ctx.loss
+        return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
 
 
 def attach_aux_loss(activation: torch.Tensor, loss: torch.Tensor,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mp.model.moe.aux_loss import at_least_fp32
 from mp.tensor_parallel import all_to_all_by_sizes
 
 
@@ -80,4 +81,4 @@ class TokenDispatcher:
                                           group=self.group)
         pairs = outputs.index_select(0, torch.argsort(routing.order))  # [N k, h]
         pairs = pairs.view(*probs.shape, -1)
-        return (pairs.float() * probs.unsqueeze(-1)).sum(1).to(outputs.dtype)
+        return (at_least_fp32(pairs) * probs.unsqueeze(-1)).sum(1).to(outputs.dtype)

