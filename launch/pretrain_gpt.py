@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
                                                  m.pipeline_model_parallel_size,
                                                  m.virtual_pipeline_model_parallel_size,
                                                  context_parallel_size=m.context_parallel_size,
+                                                 expert_model_parallel_size=(
+                                                     m.expert_model_parallel_size),
                                                  distributed_timeout_minutes=timeout)
         if dist.get_rank() == 0:
             print(format_config(cfg), end="", flush=True)

@@ -16,10 +16,11 @@
 import pytest
 import torch
 from checks import assert_rel_close
-from gpt_runs import GLOBAL_BATCH, assemble, pieces, setup, train_step
+from gpt_runs import GLOBAL_BATCH, assemble, batch, load_whole, pieces, run, setup, train_step
 from harness import run_distributed
 
 from mp import parallel_state as ps
+from mp.checkpointing import load_checkpoint, save_checkpoint
 from mp.model import TransformerConfig
 from mp.model.moe import MoELayer, set_aux_loss_scale
 
@@ -123,7 +124,6 @@ def _initial_weights() -> dict:
 
 def _train(tp: int, pp: int, ep: int, whole: dict, distributed_optimizer: bool = False,
            **overrides) -> dict:
-    from gpt_runs import load_whole
     models, optimizer, scheduler = setup(tp, pp, seed=9, ep=ep,
                                          distributed_optimizer=distributed_optimizer,
                                          clip_grad=0.5, bucket_size=1500, **MOE, **overrides)
@@ -172,3 +172,102 @@ def test_training_follows_one_process(serial_run, world, tp, pp, ep, distributed
 def _initial_weights_with(overrides: dict) -> dict:
     models, _, _ = setup(1, 1, seed=5, **MOE, **overrides)
     return assemble([pieces(models)])
+
+
+def _save_and_continue(path: str, whole: dict) -> dict:
+    models, optimizer, scheduler = setup(1, 1, seed=9, ep=2, distributed_optimizer=True, **MOE)
+    load_whole(models, optimizer, whole)
+    for step in range(2):
+        train_step(models, optimizer, scheduler, step)
+    save_checkpoint(path, 2, models, optimizer, scheduler,
+                    consumed_train_samples=2 * GLOBAL_BATCH)
+    return _continue(models, optimizer, scheduler)
+
+
+def _continue(models, optimizer, scheduler) -> dict:
+    before = run(models, batch(100), forward_only=True)
+    step, _ = train_step(models, optimizer, scheduler, 2)
+    return {"before": before, "step": step, "weights": pieces(models)}
+
+
+def _load_and_continue(path: str, tp: int, ep: int, **overrides) -> dict:
+    models, optimizer, scheduler = setup(tp, 1, seed=4, ep=ep, **MOE, **overrides)
+    load_checkpoint(path, models, optimizer, scheduler)
+    return _continue(models, optimizer, scheduler)
+
+
+@pytest.mark.parametrize("world,tp,ep,overrides", [
+    (1, 1, 1, {}), (4, 2, 2, {"sequence_parallel": True}), (4, 1, 4, {})],
+    ids=["EP1", "TP2-SPxEP2", "EP4"])
+def test_checkpoint_from_ep2_loads_at_other_layouts(serial_run, tmp_path, world, tp, ep,
+                                                    overrides):
+    """Saved at EP 2 with the distributed optimizer; loaded without it at one rank, at
+    TP 2 x EP 2 and at EP 4: a fixed batch's loss, the next step and the weights after it
+    are the saving run's."""
+    whole, _ = serial_run
+    path = str(tmp_path / "save")
+    saved = run_distributed(2, _save_and_continue, path, whole)
+    loaded = run_distributed(world, _load_and_continue, path, tp, ep, **overrides)
+    for key in ("before", "step"):
+        assert abs(loaded[0][key] - saved[0][key]) <= 1e-5 * abs(saved[0][key]), key
+    want = assemble([r["weights"] for r in saved])
+    got = assemble([r["weights"] for r in loaded])
+    for name in want:
+        assert_rel_close(got[name], want[name], rtol=1e-5, what=name)
+
+
+def test_expert_groups_follow_megatrons_layout():
+    """16 ranks, TP 2, PP 2, EP 2 (DP 4): experts' ranks are TP, then EP, then EDP, then PP."""
+    layout = ps.rank_layout(16, 2, 2, expert_model_parallel_size=2)
+    assert layout.expert[:4] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert layout.expert_data[:4] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert layout.data[:2] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    with pytest.raises(ValueError, match="expert_model_parallel_size=3 does not divide "
+                                         "data_parallel_size x context_parallel_size = 4"):
+        ps.rank_layout(8, 2, 1, expert_model_parallel_size=3)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"num_moe_experts": 6, "expert_model_parallel_size": 4},
+     "num_moe_experts=6 is not divisible by expert_model_parallel_size=4"),
+    ({"num_moe_experts": 4, "moe_router_topk": 5}, "moe_router_topk=5 exceeds num_moe_experts=4"),
+    ({"expert_model_parallel_size": 2}, "expert_model_parallel_size=2 needs num_moe_experts"),
+    ({"num_moe_experts": 4, "tensor_model_parallel_size": 2},
+     "at tensor_model_parallel_size=2 need sequence_parallel=True"),
+    ({"num_moe_experts": 4, "context_parallel_size": 2}, "need context_parallel_size=1"),
+    ({"num_moe_experts": 4, "expert_tensor_parallel_size": 2},
+     "expert_tensor_parallel_size=2 must equal tensor_model_parallel_size=1"),
+    ({"num_moe_experts": 4, "moe_router_load_balancing_type": "sinkhorn"},
+     "moe_router_load_balancing_type='sinkhorn' must be one of"),
+])
+def test_config_rules(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _layer_config(**{"num_moe_experts": None, "moe_aux_loss_coeff": 0.0,
+                         "moe_z_loss_coeff": None, **overrides})
+
+
+def _counted_flops(overrides: dict) -> tuple[float, float]:
+    """(FLOPs torch's counter sees in one forward and backward, `training_flops`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mp.estimate import training_flops
+    from mp.model.gpt import GPTModel
+    ps.initialize_model_parallel(1)
+    cfg = TransformerConfig(num_layers=3, hidden_size=32, num_attention_heads=4, vocab_size=64,
+                            seq_length=16, make_vocab_size_divisible_by=8,
+                            hidden_dropout=0.0, attention_dropout=0.0,
+                            bias_activation_fusion=False, bias_dropout_fusion=False,
+                            cross_entropy_loss_fusion=False, attention_backend="unfused",
+                            **{**MOE, **overrides})
+    model = GPTModel(cfg)
+    ids = torch.randint(0, 64, (2, cfg.seq_length))
+    with FlopCounterMode(display=False) as counter:
+        model(ids, labels=ids).sum().backward()
+    return counter.get_total_flops(), training_flops(cfg, 2, recompute=None)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"activation": "swiglu", "moe_router_topk": 3}],
+                         ids=["gelu-top2", "swiglu-top3"])
+def test_flops_equal_what_torch_counts(overrides):
+    counted, formula = run_distributed(1, _counted_flops, overrides)[0]
+    assert counted == formula

@@ -48,7 +48,9 @@ class BenchJob:
         parallel_state.initialize_model_parallel(m.tensor_model_parallel_size,
                                                  m.pipeline_model_parallel_size,
                                                  m.virtual_pipeline_model_parallel_size,
-                                                 context_parallel_size=m.context_parallel_size)
+                                                 context_parallel_size=m.context_parallel_size,
+                                                 expert_model_parallel_size=(
+                                                     m.expert_model_parallel_size))
         set_random_seed(tr.seed)
         model, optimizer, scheduler = setup_model_and_optimizer(cfg)
         text = torch.randint(0, m.vocab_size, (tr.micro_batch_size, m.seq_length + 1),

@@ -20,7 +20,8 @@ ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_g
                 "kv_channels", "ffn_hidden_size", "vocab_size", "max_position_embeddings",
                 "normalization", "layernorm_zero_centered_gamma", "activation",
                 "position_embedding_type", "rotary_percent", "add_bias_linear",
-                "untie_embeddings_and_output_weights", "qk_layernorm")
+                "untie_embeddings_and_output_weights", "qk_layernorm", "num_moe_experts",
+                "moe_layer_freq", "moe_ffn_hidden_size")
 
 
 def architecture_problems(saved: dict, config: TransformerConfig) -> list[str]:
@@ -29,7 +30,9 @@ def architecture_problems(saved: dict, config: TransformerConfig) -> list[str]:
     heads = saved["num_attention_heads"]
     saved = {"num_query_groups": heads, "kv_channels": saved["hidden_size"] // heads,
              "rotary_percent": 1.0, "layernorm_zero_centered_gamma": False,
-             "qk_layernorm": False, **saved}  # older checkpoints lack these: they were the defaults
+             "qk_layernorm": False, "num_moe_experts": None, "moe_layer_freq": 1,
+             "moe_ffn_hidden_size": None, **saved}  # older checkpoints lack these: they were
+    # the defaults
     return [f"model.{name}={saved.get(name)!r} in the checkpoint but {getattr(config, name)!r} "
             "here" for name in ARCHITECTURE if saved.get(name) != getattr(config, name)]
 

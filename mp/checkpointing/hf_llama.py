@@ -157,7 +157,8 @@ def hf_config(config: TransformerConfig) -> dict:
     kind = _model_type(config)
     check_expressible(config, {"normalization": ("RMSNorm",), "activation": ("swiglu",),
                                "position_embedding_type": ("rope",), "rotary_percent": (1.0,),
-                               "add_bias_linear": (False,)}, FAMILIES[kind].name)
+                               "add_bias_linear": (False,), "num_moe_experts": (None,)},
+                      FAMILIES[kind].name)
     interpolation = config.rotary_seq_len_interpolation_factor
     if config.use_rope_scaling and interpolation is not None:
         raise ValueError("use_rope_scaling with rotary_seq_len_interpolation_factor: a Hugging "

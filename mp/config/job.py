@@ -85,10 +85,10 @@ class JobConfig:
         """The rules that need the world size (each section checked itself when built): TP x PP
         divides it, micro-batch x DP divides every global batch size of the run, with virtual
         pipeline stages the micro-batches are a multiple of PP (Megatron's interleaved
-        schedule), a run counted in samples holds at least one iteration,
-        ``training.grad_reduce_in_bf16`` goes with a bf16 model, DeepSpeed jobs do not
-        ask for the norms and counts only mp's optimizer measures, and the ranks to profile
-        exist."""
+        schedule), expert parallelism fits (`_check_experts`), a run counted in samples
+        holds at least one iteration, ``training.grad_reduce_in_bf16`` goes with a bf16
+        model, DeepSpeed jobs do not ask for the norms and counts only mp's optimizer
+        measures, and the ranks to profile exist."""
         schedule = self.batch_schedule(world_size)
         pp = self.model.pipeline_model_parallel_size
         step = schedule.micro_batch_size * schedule.data_parallel_size
@@ -106,6 +106,7 @@ class JobConfig:
             raise ConfigError(
                 f"training.train_samples={self.training.train_samples} holds no whole iteration "
                 f"(the first takes {schedule.global_batch_size_at(0)} samples)")
+        self._check_experts(world_size)
         if self.training.grad_reduce_in_bf16 and self.model.precision != "bf16":
             raise ConfigError(f"training.grad_reduce_in_bf16=true needs model.precision='bf16' "
                               f"(got {self.model.precision!r}): fp32 and fp16 runs reduce "
@@ -119,6 +120,29 @@ class JobConfig:
         if self.logging.profile and outside:
             raise ConfigError(f"logging.profile_ranks={self.logging.profile_ranks} names ranks "
                               f"{outside} outside the world of {world_size} ranks")
+
+    def _check_experts(self, world_size: int) -> None:
+        """Expert parallelism divides DP x CP; the per-token loss has no weight for the
+        routers' auxiliary losses; DeepSpeed's engine has no expert groups."""
+        m = self.model
+        if m.num_moe_experts is None:
+            return
+        ep, dp = m.expert_model_parallel_size, self.data_parallel_size(world_size)
+        if (dp * m.context_parallel_size) % ep:
+            raise ConfigError(f"model.expert_model_parallel_size={ep} does not divide "
+                              f"data_parallel_size={dp} (world_size={world_size}): the experts "
+                              "are split over data-parallel ranks")
+        aux = (m.moe_router_load_balancing_type == "aux_loss" and m.moe_aux_loss_coeff > 0) \
+            or bool(m.moe_z_loss_coeff)
+        if aux and self.training.calculate_per_token_loss:
+            raise ConfigError("training.calculate_per_token_loss=true is not supported with "
+                              "the routers' auxiliary losses (model.moe_aux_loss_coeff, "
+                              "model.moe_z_loss_coeff): set them to 0, or drop the per-token "
+                              "loss")
+        if self.training.deepspeed:
+            raise ConfigError(f"model.num_moe_experts={m.num_moe_experts} is not supported "
+                              "with training.deepspeed=true (its engine would average the "
+                              "experts over data parallelism); train with mp's optimizer")
 
     # --- plain data ------------------------------------------------------------------------
 

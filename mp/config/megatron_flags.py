@@ -28,7 +28,9 @@ _MEGATRON_NAMES = {
         "rotary_seq_len_interpolation_factor", "init_method_xavier_uniform",
         "qk_layernorm", "context_parallel_size", "account_for_embedding_in_pipeline_split",
         "account_for_loss_in_pipeline_split", "pipeline_model_parallel_layout",
-        "cp_comm_type",
+        "cp_comm_type", "moe_router_topk", "moe_ffn_hidden_size", "moe_aux_loss_coeff",
+        "moe_z_loss_coeff", "moe_router_load_balancing_type", "moe_layer_freq",
+        "expert_model_parallel_size", "expert_tensor_parallel_size",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
@@ -69,6 +71,7 @@ ALIASES: dict[str, str] = {
 }
 
 ALIASES["--overlap-p2p-communication"] = "model.overlap_p2p_comm"  # Megatron's spellings
+ALIASES["--num-experts"] = "model.num_moe_experts"
 ALIASES["--norm-epsilon"] = ALIASES["--layernorm-epsilon"] = "model.layernorm_epsilon"
 ALIASES["--num-virtual-stages-per-pipeline-rank"] = "model.virtual_pipeline_model_parallel_size"
 ALIASES["--decoder-first-pipeline-num-layers"] = "model.num_layers_in_first_pipeline_stage"
@@ -105,6 +108,7 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--no-manual-gc-eval": ("training.manual_gc_eval", "false"),
     "--no-mmap-bin-files": ("data.mmap_bin_files", "false"),
     "--no-data-sharding": ("data.data_sharding", "false"),
+    "--moe-router-pre-softmax": ("model.moe_router_pre_softmax", "true"),
 }
 
 _LOSS_CHECK = ("mp always checks the loss: a non-finite one stops a bf16/fp32 run, and fp16's "
@@ -153,13 +157,17 @@ NO_EFFECT_FLAGS: dict[str, tuple[int, str]] = {
     "--ckpt-fully-parallel-load": (0, _DCP),
     "--num-dataset-builder-threads": (1, "mp builds the dataset indices without a thread pool"),
     "--timing-log-level": (1, ("mp times whole iterations only (the log line's ms/iter)")),
+    "--moe-token-dispatcher-type": (1, ("mp's experts trade tokens by all-to-all over the "
+                                       "expert-parallel ranks (Megatron's alltoall); the "
+                                       "others give the same results")),
+    "--moe-grouped-gemm": (0, ("mp runs a rank's experts one after another (the results are "
+                              "the same)")),
+    "--moe-permute-fusion": (0, "mp sorts the tokens by expert with torch's own kernels"),
 }
 
 #: Megatron-LM flags of features mp does not have -> what to say when one is given
 #: (`UNSUPPORTED_PREFIXES` covers whole families of them).
 UNSUPPORTED_FLAGS: dict[str, str] = {
-    **dict.fromkeys(("--num-experts", "--expert-model-parallel-size",
-                     "--expert-tensor-parallel-size"), "mp has no mixture-of-experts layers"),
     **dict.fromkeys(("--use-torch-fsdp2", "--use-custom-fsdp"),
                     "mp has no FSDP; --use-distributed-optimizer shards the optimizer state "
                     "over data parallel"),
@@ -171,7 +179,11 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
 #: Flag-name prefixes of Megatron-LM feature families mp does not have -> what to say.
 UNSUPPORTED_PREFIXES: dict[str, str] = {
     "--fp8": "mp has no FP8 training (Transformer Engine); use --bf16",
-    "--moe-": "mp has no mixture-of-experts layers",
+    "--moe-": ("mp's mixture of experts has no such option: it has --num-experts, "
+               "--moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq (a number), "
+               "--moe-router-pre-softmax, --moe-router-load-balancing-type aux_loss|none, "
+               "--moe-aux-loss-coeff, --moe-z-loss-coeff, --expert-model-parallel-size "
+               "(dropless top-k routing, docs/training.md)"),
 }
 #: Megatron-LM flags that take values of which mp has some -> (the values mp has, why).
 CHOICE_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {

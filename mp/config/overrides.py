@@ -156,9 +156,6 @@ def _option(name: str) -> _Option:
     """The `_Option` for ``--name``; an unknown option is an error naming the closest one."""
     if name in UNSUPPORTED_FLAGS:
         raise ConfigError(f"{name}: {UNSUPPORTED_FLAGS[name]}")
-    for prefix, why in UNSUPPORTED_PREFIXES.items():
-        if name.startswith(prefix):
-            raise ConfigError(f"{name}: {why}")
     if name in CHOICE_FLAGS:
         return _Option(None, 1, None)
     if name in DEFERRED_FLAGS:
@@ -170,6 +167,9 @@ def _option(name: str) -> _Option:
     if name in CONSTANT_FLAGS:
         key, constant = CONSTANT_FLAGS[name]
         return _Option(key, 0, 0, constant)
+    for prefix, why in UNSUPPORTED_PREFIXES.items():
+        if name.startswith(prefix) and name not in ALIASES:
+            raise ConfigError(f"{name}: {why}")
     key = ALIASES.get(name) or name[2:].replace("-", "_")
     if "." not in key or key not in known_keys():
         raise ConfigError(unknown_key_message("option", name, option_names()))

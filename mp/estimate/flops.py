@@ -9,7 +9,10 @@ the forward costs, with ``n = b s`` tokens:
   query width ``q = a d``, ``h`` by default), ``2 n h (q + 2 g d)`` and ``2 n q h``;
 - scores ``Q K^T`` and ``P V``: ``2 b s^2 q`` each (the full ``s x s``, the papers' convention,
   although a causal kernel skips half of it);
-- MLP ``4 n h f`` (GeLU) or ``6 n h f`` (SwiGLU's gate);
+- MLP ``4 n h f`` (GeLU) or ``6 n h f`` (SwiGLU's gate); a mixture-of-experts layer
+  (`mp.model.moe`) runs ``k`` experts of width ``f_e`` (``moe_ffn_hidden_size``) per token,
+  ``4 n h f_e k`` (``6 ...`` for SwiGLU), plus the router's ``2 n h E`` (Megatron leaves the
+  router out);
 
 and the logits ``2 n h V``. Training is three forwards' worth; full recompute adds one more
 forward of every layer, selective recompute one more of the attention scores. For GPT-3's
@@ -25,12 +28,16 @@ from __future__ import annotations
 from mp.model.config import TransformerConfig
 
 
-def layer_forward_flops(cfg: TransformerConfig, sequences: int) -> tuple[float, float]:
-    """(the attention scores' share, the rest) of one layer's forward for ``sequences``."""
+def layer_forward_flops(cfg: TransformerConfig, sequences: int,
+                        moe: bool = False) -> tuple[float, float]:
+    """(the attention scores' share, the rest) of one layer's forward for ``sequences``
+    (``moe``: a mixture-of-experts layer's)."""
     s, h, f, q = cfg.seq_length, cfg.hidden_size, cfg.ffn_hidden_size, cfg.query_projection_size
     tokens = sequences * s
     mlp_matrices = 3 if cfg.activation == "swiglu" else 2
-    dense = 2 * tokens * h * (cfg.qkv_size + q + mlp_matrices * f)
+    mlp = mlp_matrices * f if not moe else (
+        mlp_matrices * cfg.moe_ffn_hidden_size * cfg.moe_router_topk + cfg.num_moe_experts)
+    dense = 2 * tokens * h * (cfg.qkv_size + q + mlp)
     scores = 2 * 2 * sequences * s * s * q
     return scores, dense
 
@@ -44,17 +51,24 @@ def training_flops(cfg: TransformerConfig, sequences: int, recompute: str | None
     """FLOPs to train on ``sequences`` sequences: forward, backward and the recompute of
     ``recompute`` (``"config"``: the config's ``recompute_granularity``; ``None`` for the
     model FLOPs that MFU counts). ``num_layers`` (default all) and ``logits`` select a part
-    of the model: a pipeline stage."""
+    of the model: a pipeline stage (of a model without mixture-of-experts layers)."""
     if recompute == "config":
         recompute = cfg.recompute_granularity
-    if num_layers is None:
-        num_layers = cfg.num_layers
-    scores, dense = layer_forward_flops(cfg, sequences)
-    passes = {None: 3 * (scores + dense), "selective": 4 * scores + 3 * dense,
-              "full": 4 * (scores + dense)}
-    if recompute not in passes:
+    if recompute not in (None, "selective", "full"):
         raise ValueError(f"recompute={recompute!r} must be one of None, 'selective', 'full'")
-    total = num_layers * passes[recompute]
+    if num_layers is not None and cfg.num_moe_experts is not None:
+        raise ValueError("the FLOPs of part of a mixture-of-experts model are not modelled")
+    moe_layers = sum(map(cfg.is_moe_layer, range(cfg.num_layers)))
+    counts = {False: cfg.num_layers - moe_layers if num_layers is None else num_layers,
+              True: moe_layers}
+    total = 0
+    for moe, count in counts.items():
+        if not count:
+            continue
+        scores, dense = layer_forward_flops(cfg, sequences, moe)
+        passes = {None: 3 * (scores + dense), "selective": 4 * scores + 3 * dense,
+                  "full": 4 * (scores + dense)}
+        total += count * passes[recompute]
     if logits:
         total += 3 * logits_forward_flops(cfg, sequences)
     return total

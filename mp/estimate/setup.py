@@ -53,6 +53,9 @@ class Setup:
         if self.grad_reduce_in_bf16 and self.model.precision != "bf16":
             raise ValueError(f"grad_reduce_in_bf16=True needs a bf16 model, not precision="
                              f"{self.model.precision!r}")
+        if self.model.num_moe_experts is not None:
+            raise ValueError(f"num_moe_experts={self.model.num_moe_experts}: the estimator does "
+                             "not model mixture-of-experts layers yet")
 
     @classmethod
     def from_job(cls, job: JobConfig, world_size: int) -> Setup:

@@ -90,10 +90,17 @@ def build_opt_param_scheduler(optimizer, tr: TrainingConfig) -> OptimizerParamSc
 
 def count_parameters(model: list[torch.nn.Module]) -> int:
     """Parameters of the whole model, each counted once over the model-parallel ranks (the
-    grad norm's rule: TP-replicated ones on TP rank 0, a stage's ``shared`` copy never)."""
-    local = sum(p.numel() for chunk in model for p in chunk.parameters()
-                if counts_in_grad_norm(p))
-    total = torch.tensor([local], dtype=torch.float64, device=get_device())
+    grad norm's rule: TP-replicated ones on TP rank 0, a stage's ``shared`` copy never), and
+    experts over the expert-parallel ranks too."""
+    counted = [p for chunk in model for p in chunk.parameters() if counts_in_grad_norm(p)]
+    dense, experts = (torch.tensor([sum(p.numel() for p in counted
+                                        if getattr(p, "allreduce", True) is kind)],
+                                   dtype=torch.float64, device=get_device())
+                      for kind in (True, False))
+    expert_group = parallel_state.get_expert_model_parallel_group()
+    if expert_group is not None:
+        dist.all_reduce(experts, group=expert_group)
+    total = dense + experts
     dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
     return int(total.item())
 
@@ -166,10 +173,13 @@ def _pretrain(cfg: JobConfig, forward_step_func: Callable,
         split = uneven_stages_text(m.chunk_layer_counts)
         cp = "" if m.context_parallel_size == 1 else f" x CP {m.context_parallel_size}" + (
             f" ({m.cp_comm_type})" if m.cp_comm_type != "all_gather" else "")
+        moe = "" if m.num_moe_experts is None else \
+            f" | {m.num_moe_experts} experts, top {m.moe_router_topk}, EP " \
+            f"{m.expert_model_parallel_size}"
         print(f"world {world} = TP {m.tensor_model_parallel_size}{cp} x PP "
               f"{m.pipeline_model_parallel_size}{f' ({split})' if split else ''} x DP {dp}"
-              f" | {dist.get_backend()} on {get_device()} | {n_params / 1e6:.2f}M parameters | "
-              f"{batches_text(cfg, world)}", flush=True)
+              f"{moe} | {dist.get_backend()} on {get_device()} | {n_params / 1e6:.2f}M "
+              f"parameters | {batches_text(cfg, world)}", flush=True)
     checkpoint_job.resume(start, model, optimizer, scheduler)  # last: restores the RNG states
     if reporting and cfg.training.skip_train:
         print(f"skipping training (training.skip_train) at iteration {state.iteration}",

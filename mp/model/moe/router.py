@@ -15,8 +15,9 @@ from mp.model.moe.aux_loss import at_least_fp32, attach_aux_loss, load_balancing
 class TopKRouter(nn.Module):
     """``tokens [N, h] -> (probs [N, k] fp32, experts [N, k] int64)``.
 
-    Logits ``tokens W^T`` with ``W [E, h]`` (in fp32, or the tokens' dtype if wider), then either the top ``k`` logits and a softmax
-    over them (the default: each token's ``k`` weights sum to 1, as Mixtral's) or, with
+    Logits ``tokens W^T`` with ``W [E, h]`` (in fp32, or the tokens' dtype if wider), then
+    either the top ``k`` logits and a softmax over them (the default: each token's ``k``
+    weights sum to 1, as Mixtral's) or, with
     ``moe_router_pre_softmax``, a softmax over every expert and its top ``k``. While training,
     the load-balancing and z losses (`mp.model.moe.aux_loss`) are attached to ``probs``.
 
