@@ -148,9 +148,12 @@ def test_flags_without_effect_say_why():
 @pytest.mark.parametrize("flags, message", [
     (["--fp8-format", "hybrid"], ("--fp8-format: mp has no FP8 training (Transformer Engine); "
      "use --bf16")),
-    (["--num-experts", "8"], "--num-experts: mp has no mixture-of-experts layers"),
-    (["--moe-router-load-balancing-type", "aux_loss"],  # any --moe-* flag
-     "--moe-router-load-balancing-type: mp has no mixture-of-experts layers"),
+    (["--moe-expert-capacity-factor", "1.0"],  # any --moe-* flag mp does not read
+     "--moe-expert-capacity-factor: mp's mixture of experts has no such option: it has "
+     "--num-experts, --moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq (a number), "
+     "--moe-router-pre-softmax, --moe-router-load-balancing-type aux_loss|none, "
+     "--moe-aux-loss-coeff, --moe-z-loss-coeff, --expert-model-parallel-size (dropless top-k "
+     "routing, docs/training.md)"),
     (["--use-torch-fsdp2"], ("--use-torch-fsdp2: mp has no FSDP; --use-distributed-optimizer "
                              "shards the optimizer state over data parallel")),
     (["--apply-residual-connection-post-layernorm"], (
@@ -264,3 +267,25 @@ def test_dataloader_type_and_data_sharding():
         "data.dataloader_type='external' hands Megatron a data iterator of the user's own")
     assert error_of("--dataloader-type", "random") == (
         "data.dataloader_type='random' must be one of 'single', 'cyclic'")
+
+
+def test_mixture_of_experts_flags():
+    """The MoE flags of Megatron-LM's examples/mixtral script (and the rest of mp's): the
+    model's fields; the grouped GEMM and the dispatcher choice change nothing, with a notice."""
+    argv = ["--config", TINY, "--tensor-model-parallel-size", "1", "--num-experts", "8",
+            "--moe-router-topk", "2", "--moe-router-load-balancing-type", "aux_loss",
+            "--moe-aux-loss-coeff", "1e-2", "--moe-grouped-gemm",
+            "--moe-token-dispatcher-type", "alltoall", "--expert-model-parallel-size", "4",
+            "--moe-ffn-hidden-size", "96", "--moe-layer-freq", "2", "--moe-z-loss-coeff",
+            "1e-3", "--moe-router-pre-softmax", "--expert-tensor-parallel-size", "1"]
+    m = parse_args(argv, world_size=4).model
+    assert (m.num_moe_experts, m.moe_router_topk, m.moe_router_load_balancing_type,
+            m.moe_aux_loss_coeff, m.expert_model_parallel_size, m.moe_ffn_hidden_size,
+            m.moe_layer_freq, m.moe_z_loss_coeff, m.moe_router_pre_softmax,
+            m.expert_tensor_parallel_size) == (8, 2, "aux_loss", 1e-2, 4, 96, 2, 1e-3, True, 1)
+    assert [line.split(" has no effect")[0] for line in flag_notices(argv)] == [
+        "notice: --moe-grouped-gemm", "notice: --moe-token-dispatcher-type alltoall"]
+    assert error_of("--tensor-model-parallel-size", "1", "--num-experts", "8",
+                    "--expert-model-parallel-size", "8", world_size=4) == (
+        "model.expert_model_parallel_size=8 does not divide data_parallel_size=4 "
+        "(world_size=4): the experts are split over data-parallel ranks")

@@ -114,7 +114,29 @@ def test_interleaved_pipeline_run_with_context_parallelism_lowers_the_loss(cache
     assert losses[-1] < 0.8 * losses[0], f"the loss did not fall: {losses}"
 
 
+def test_mixture_of_experts_pipeline_run_lowers_the_loss(cache_dir):
+    """Every other layer a mixture of 4 experts (top 2, load-balancing and z losses) split
+    over 2 expert-parallel ranks, at PP=2 x DP=2 with the distributed optimizer (Megatron's
+    flags): the job builds the expert groups, trains, and the loss falls."""
+    run = torchrun(LAUNCH, [*TINY, "--tensor-model-parallel-size", "1",
+                            "--pipeline-model-parallel-size", "2", "--num-layers", "4",
+                            "--num-experts", "4", "--moe-router-topk", "2",
+                            "--moe-layer-freq", "2", "--expert-model-parallel-size", "2",
+                            "--moe-aux-loss-coeff", "1e-2", "--moe-z-loss-coeff", "1e-3",
+                            "--moe-token-dispatcher-type", "alltoall",
+                            "--use-distributed-optimizer", "--train-iters", "20",
+                            "--eval-interval", "20", "--data-cache-path", cache_dir], timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("world 4 = TP 1 x PP 2 x DP 2 | 4 experts, top 2, EP 2") == 1
+    losses = [float(x) for x in re.findall(r"^iteration \d+/20 \|.*?\| lm loss (\S+) \|",
+                                           run.stdout, re.MULTILINE)]
+    assert len(losses) == 4, run.stdout
+    assert losses[-1] < 0.8 * losses[0], f"the loss did not fall: {losses}"
+
+
 @pytest.mark.parametrize("override,message", [
+    (["--sequence-parallel", "--num-experts", "4", "--expert-model-parallel-size", "4"],
+     "model.expert_model_parallel_size=4 does not divide data_parallel_size=2 (world_size=4)"),
     (["--tensor-model-parallel-size", "3"],
      "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
     (["--micro-batch-size", "3"],
