@@ -93,6 +93,17 @@ def test_short_run_lowers_the_loss(cache_dir, tmp_path):
             assert value == pytest.approx(float(text), rel=1e-3), f"{tag} at {step}"
 
 
+def _check_20_iterations_lower_the_loss(run: subprocess.CompletedProcess,
+                                        start_line: str) -> None:
+    """The job succeeded, printed ``start_line`` once and its loss fell by 20%."""
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count(start_line) == 1
+    losses = [float(x) for x in re.findall(r"^iteration \d+/20 \|.*?\| lm loss (\S+) \|",
+                                           run.stdout, re.MULTILINE)]
+    assert len(losses) == 4, run.stdout
+    assert losses[-1] < 0.8 * losses[0], f"the loss did not fall: {losses}"
+
+
 def test_interleaved_pipeline_run_with_context_parallelism_lowers_the_loss(cache_dir):
     """PP=2 with two virtual stages per rank, split unevenly (stage 0 holds 2 of the 6 layers,
     one a chunk), each sequence split over 2 context-parallel ranks (TP=1, DP=1) that pass
@@ -106,12 +117,8 @@ def test_interleaved_pipeline_run_with_context_parallelism_lowers_the_loss(cache
                             "--decoder-first-pipeline-num-layers", "2",
                             "--num-virtual-stages-per-pipeline-rank", "2", "--train-iters", "20",
                             "--eval-interval", "20", "--data-cache-path", cache_dir], timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("world 4 = TP 1 x CP 2 (p2p) x PP 2 (layers 2+4) x DP 1") == 1
-    losses = [float(x) for x in re.findall(r"^iteration \d+/20 \|.*?\| lm loss (\S+) \|",
-                                           run.stdout, re.MULTILINE)]
-    assert len(losses) == 4, run.stdout
-    assert losses[-1] < 0.8 * losses[0], f"the loss did not fall: {losses}"
+    _check_20_iterations_lower_the_loss(
+        run, "world 4 = TP 1 x CP 2 (p2p) x PP 2 (layers 2+4) x DP 1")
 
 
 def test_mixture_of_experts_pipeline_run_lowers_the_loss(cache_dir):
@@ -126,12 +133,8 @@ def test_mixture_of_experts_pipeline_run_lowers_the_loss(cache_dir):
                             "--moe-token-dispatcher-type", "alltoall",
                             "--use-distributed-optimizer", "--train-iters", "20",
                             "--eval-interval", "20", "--data-cache-path", cache_dir], timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("world 4 = TP 1 x PP 2 x DP 2 | 4 experts, top 2, EP 2") == 1
-    losses = [float(x) for x in re.findall(r"^iteration \d+/20 \|.*?\| lm loss (\S+) \|",
-                                           run.stdout, re.MULTILINE)]
-    assert len(losses) == 4, run.stdout
-    assert losses[-1] < 0.8 * losses[0], f"the loss did not fall: {losses}"
+    _check_20_iterations_lower_the_loss(
+        run, "world 4 = TP 1 x PP 2 x DP 2 | 4 experts, top 2, EP 2")
 
 
 @pytest.mark.parametrize("override,message", [
