@@ -231,9 +231,6 @@ class TransformerConfig:
             raise ValueError(f"expert_tensor_parallel_size={self.expert_tensor_parallel_size} "
                              f"must equal tensor_model_parallel_size={tp}: mp splits each "
                              "expert over the layer's TP ranks")
-        if tp > 1 and not self.sequence_parallel:
-            raise ValueError(f"mixture-of-experts layers at tensor_model_parallel_size={tp} "
-                             "need sequence_parallel=True (as in Megatron)")
         if self.context_parallel_size > 1:
             raise ValueError(f"mixture-of-experts layers need context_parallel_size=1, not "
                              f"{self.context_parallel_size}: mp has no MoE with context "

@@ -12,7 +12,9 @@ from mp.model.moe.dispatcher import TokenDispatcher
 from mp.model.moe.experts import Experts
 from mp.model.moe.router import TopKRouter
 from mp.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
 
@@ -23,9 +25,10 @@ class MoELayer(nn.Module):
 
     Each token goes to the ``moe_router_topk`` experts its router picks (`TopKRouter`), and
     its output is their outputs weighted by the router's probabilities. Tensor parallelism
-    (with sequence parallelism, as Megatron requires) works as in the MLP: the sequence is
-    all-gathered over TP first, every TP rank routes all of it and runs its ``1 / t`` of each
-    expert, and the partial outputs are reduce-scattered back to ``[s / t, b, h]``. The
+    works as in the MLP: every TP rank routes every token of the sequence (all-gathered first
+    under sequence parallelism) the same way and runs its ``1 / t`` of each expert, and the
+    partial outputs are summed over TP (reduce-scattered back to ``[s / t, b, h]`` under
+    sequence parallelism, which Megatron requires with MoE and mp does not). The
     experts are split over the expert-parallel group (``expert_group``, default
     `parallel_state`'s; `TokenDispatcher` moves the tokens).
     """
@@ -48,14 +51,18 @@ class MoELayer(nn.Module):
         self.dispatcher = TokenDispatcher(config.num_moe_experts, expert_group)
 
     def forward(self, hidden: torch.Tensor):
-        sequence_parallel = self.config.sequence_parallel and self.tp > 1
-        if sequence_parallel:
-            hidden = gather_from_sequence_parallel_region(hidden, group=self.group)
+        sequence_parallel = self.config.sequence_parallel
+        if self.tp > 1:
+            enter = gather_from_sequence_parallel_region if sequence_parallel \
+                else copy_to_tensor_model_parallel_region
+            hidden = enter(hidden, group=self.group)
         tokens = hidden.reshape(-1, hidden.size(-1))
         probs, chosen = self.router(tokens)
         rows, counts, routing = self.dispatcher.dispatch(tokens, chosen)
         output = self.dispatcher.combine(self.experts(rows, counts), probs, routing)
         output = output.view_as(hidden)
-        if sequence_parallel:
-            output = reduce_scatter_to_sequence_parallel_region(output, group=self.group)
+        if self.tp > 1:
+            leave = reduce_scatter_to_sequence_parallel_region if sequence_parallel \
+                else reduce_from_tensor_model_parallel_region
+            output = leave(output, group=self.group)
         return output, None

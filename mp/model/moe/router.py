@@ -22,8 +22,8 @@ class TopKRouter(nn.Module):
     the load-balancing and z losses (`mp.model.moe.aux_loss`) are attached to ``probs``.
 
     ``W`` is replicated on every rank. Under tensor parallelism each TP rank routes every
-    token of the sequence (the layer gathers them first) but sees only its share of the
-    experts' outputs, so ``W``'s gradient is partial there and is summed over TP like a
+    token of the sequence (gathered first under SP) but sees only its share of the experts'
+    outputs, so ``W``'s gradient is partial there and is summed over TP like a
     sequence-parallel weight's (``W.sequence_parallel``); the auxiliary losses, the same on
     every TP rank, backpropagate ``1 / TP`` of their gradient from each (``aux_loss_weight``).
     """
