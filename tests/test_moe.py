@@ -25,6 +25,7 @@ from mp import parallel_state as ps
 from mp.checkpointing import load_checkpoint, save_checkpoint
 from mp.model import TransformerConfig
 from mp.model.moe import MoELayer, set_aux_loss_scale
+from mp.model.moe.aux_loss import take_tracked, tracked_names
 
 MOE = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48, moe_layer_freq=2,
            moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01)
@@ -39,7 +40,8 @@ def _layer_config(**overrides) -> TransformerConfig:
 
 
 def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
-    """``(output [s, b, h], auxiliary losses)`` token by token from the layer's weights."""
+    """``(output [s, b, h], auxiliary losses, their logged values)`` token by token from the
+    layer's weights."""
     ex, weight = layer.experts, layer.router.weight
     tokens = x.reshape(-1, x.size(-1))
     act = {"gelu": torch.nn.functional.gelu, "squared_relu": lambda v: torch.relu(v) ** 2}
@@ -73,7 +75,8 @@ def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
     aux = cfg.moe_aux_loss_coeff * num * balance \
         if cfg.moe_router_load_balancing_type == "aux_loss" else 0.0
     z = (cfg.moe_z_loss_coeff or 0.0) * sum(v ** 2 for v in lse) / n
-    return torch.stack(outputs).view_as(x), aux + z
+    logged = {"load_balancing_loss": num * balance, "z_loss": sum(v ** 2 for v in lse) / n}
+    return torch.stack(outputs).view_as(x), aux + z, logged
 
 
 def _layer_vs_reference(overrides: dict) -> None:
@@ -90,13 +93,15 @@ def _layer_vs_reference(overrides: dict) -> None:
     probe = torch.randn(cfg.seq_length, 2, cfg.hidden_size, dtype=torch.float64)
     scale = 0.7
     set_aux_loss_scale(scale)
+    take_tracked()
     out, bias = layer(x)
     assert bias is None
+    tracked = take_tracked()
     (out * probe).sum().backward()
     got = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
     x.grad = None
     layer.zero_grad()
-    want, aux = _reference(layer, x, cfg)
+    want, aux, logged = _reference(layer, x, cfg)
     ((want * probe).sum() + scale * aux).backward()
     expected = [x.grad] + [p.grad for p in layer.parameters()]
     assert_rel_close(out, want, rtol=1e-10, what="output")
@@ -105,6 +110,9 @@ def _layer_vs_reference(overrides: dict) -> None:
         assert_rel_close(g, e, rtol=1e-10, what=f"gradient of {name}")
     losses_on = cfg.moe_router_load_balancing_type == "aux_loss" or cfg.moe_z_loss_coeff
     assert (float(aux) > 0) == bool(losses_on)
+    assert sorted(tracked) == sorted(tracked_names(cfg))
+    for name, (total, count) in tracked.items():  # what the log line shows, coefficient-free
+        assert count == 1 and abs(total - logged[name]) <= 1e-12 * logged[name], name
 
 
 @pytest.mark.parametrize("overrides", [

@@ -124,7 +124,8 @@ def test_interleaved_pipeline_run_with_context_parallelism_lowers_the_loss(cache
 def test_mixture_of_experts_pipeline_run_lowers_the_loss(cache_dir):
     """Every other layer a mixture of 4 experts (top 2, load-balancing and z losses) split
     over 2 expert-parallel ranks, at PP=2 x DP=2 with the distributed optimizer (Megatron's
-    flags): the job builds the expert groups, trains, and the loss falls."""
+    flags): the job builds the expert groups, trains, the loss falls, and the log line has
+    the routers' losses (averaged over both stages' MoE layers)."""
     run = torchrun(LAUNCH, [*TINY, "--tensor-model-parallel-size", "1",
                             "--pipeline-model-parallel-size", "2", "--num-layers", "4",
                             "--num-experts", "4", "--moe-router-topk", "2",
@@ -135,6 +136,9 @@ def test_mixture_of_experts_pipeline_run_lowers_the_loss(cache_dir):
                             "--eval-interval", "20", "--data-cache-path", cache_dir], timeout=600)
     _check_20_iterations_lower_the_loss(
         run, "world 4 = TP 1 x PP 2 x DP 2 | 4 experts, top 2, EP 2")
+    balance = [float(x) for x in re.findall(r"^iteration .*\| load_balancing_loss (\S+) \| "
+                                            r"z_loss \S+ \|", run.stdout, re.MULTILINE)]
+    assert len(balance) == 4 and all(0.5 < b < 4 for b in balance), run.stdout
 
 
 @pytest.mark.parametrize("override,message", [

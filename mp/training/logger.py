@@ -8,7 +8,8 @@ The line (values over the interval since the last line; losses and times average
     0.01 TFLOP/s/GPU | MFU - | peak mem 371 MiB
 
 (on one line; the global batch size is the last iteration's, which changes only under
-``training.rampup_batch_size``; rates count the interval's own samples; with
+``training.rampup_batch_size``; rates count the interval's own samples; a mixture-of-experts
+model's ``load_balancing_loss`` and ``z_loss`` follow the lm loss; with
 ``training.decoupled_lr`` the embedding's and output layer's rate follows the lr as
 ``decoupled lr X``; with ``logging.log_num_zeros_in_grad`` / ``log_params_norm``, the last
 iteration's ``num zeros N`` / ``params norm X`` follow the grad norm). TFLOP/s per GPU counts

@@ -43,6 +43,7 @@ from torch import nn
 from mp import parallel_state
 from mp.config import JobConfig
 from mp.device import get_device
+from mp.model.moe.aux_loss import take_tracked, tracked_names
 from mp.optim import MixedPrecisionOptimizer, OptimizerParamScheduler
 from mp.pipeline_parallel.schedules import get_forward_backward_func
 from mp.training.exit import ExitConditions
@@ -110,6 +111,25 @@ def average_losses(per_microbatch: list[dict], calculate_per_token_loss: bool = 
     return result
 
 
+def router_losses(model: list[nn.Module]) -> dict[str, float]:
+    """The mixture-of-experts routers' auxiliary losses of the iteration, without their
+    coefficients (`mp.model.moe.aux_loss.track`), each averaged over the MoE layers, the
+    micro-batches and the data-parallel ranks: Megatron's ``load_balancing_loss`` and
+    ``z_loss``. Empty for a model without them."""
+    config = getattr(getattr(model[0], "module", model[0]), "config", None)
+    names = tracked_names(config) if config is not None else []
+    taken = take_tracked()
+    if not names:
+        return {}
+    zero = torch.zeros(2, dtype=torch.float64, device=get_device())
+    stats = torch.stack([taken.get(name, zero) for name in names])  # [names, (sum, count)]
+    for group in (parallel_state.get_pipeline_model_parallel_group(),
+                  parallel_state.get_data_parallel_group()):
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(stats, group=group)
+    return dict(zip(names, (stats[:, 0] / stats[:, 1]).tolist()))
+
+
 def train_step(forward_step_func: Callable, data_iterator: Iterator, model: list[nn.Module],
                optimizer: MixedPrecisionOptimizer, opt_param_scheduler: OptimizerParamScheduler,
                *, num_microbatches: int, seq_length: int, micro_batch_size: int,
@@ -137,6 +157,8 @@ def train_step(forward_step_func: Callable, data_iterator: Iterator, model: list
     if empty_unused_memory_level >= 2:
         torch.cuda.empty_cache()
     reduced, local = average_losses(losses, calculate_per_token_loss)
+    moe = router_losses(model)
+    reduced, local = {**reduced, **moe}, {**local, **moe}
     return StepOutput(reduced, local, result.update_successful, result.grad_norm,
                       optimizer.calc_params_l2_norm() if log_params_norm else None,
                       result.num_zeros_in_grad)

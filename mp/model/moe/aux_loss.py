@@ -14,8 +14,12 @@ Both are added to a layer's gradients, not to the reported loss, as in Megatron:
 gives the loss the gradient ``scale``, captured at forward from `set_aux_loss_scale`. The
 schedules set that to what the language-model loss of a micro-batch is multiplied by before
 its backward (``loss scale / micro-batches``), so an auxiliary loss weighs the same on every
-pipeline stage and at every layout (Megatron's ``MoEAuxLossAutoScaler``). The scale is the
-one piece of state here, held for the iteration's forwards.
+pipeline stage and at every layout (Megatron's ``MoEAuxLossAutoScaler``).
+
+For the log, each attached loss is also tracked without its coefficient (`track`), as
+Megatron logs them: ``load_balancing_loss`` (1 when routing is uniform) and ``z_loss``; the
+training loop takes the sums once an iteration (`take_tracked`). The scale and the sums are
+the state here, held for one iteration.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import torch
 
 _SCALE = 1.0
+_TRACKED: dict[str, torch.Tensor] = {}  # name -> [sum, count] since the last take
 
 
 def set_aux_loss_scale(scale: float) -> None:
@@ -38,6 +43,30 @@ def aux_loss_scale() -> float:
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in fp32, or as it is when its dtype is wider (float64 in tests)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def track(name: str, value: torch.Tensor) -> None:
+    """Add a scalar to ``name``'s sum (and count) for the log."""
+    pair = torch.stack((value.detach().double(), torch.ones((), dtype=torch.float64,
+                                                            device=value.device)))
+    _TRACKED[name] = _TRACKED[name] + pair if name in _TRACKED else pair
+
+
+def take_tracked() -> dict[str, torch.Tensor]:
+    """``{name: [sum, count]}`` tracked since the last call, and forget them."""
+    taken = dict(_TRACKED)
+    _TRACKED.clear()
+    return taken
+
+
+def tracked_names(config) -> list[str]:
+    """The names a model of ``config`` (`mp.model.TransformerConfig`) tracks while it
+    trains."""
+    if config.num_moe_experts is None:
+        return []
+    names = ["load_balancing_loss"] if config.moe_router_load_balancing_type == "aux_loss" \
+        and config.moe_aux_loss_coeff > 0 else []
+    return names + (["z_loss"] if config.moe_z_loss_coeff else [])
 
 
 def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor, topk: int,

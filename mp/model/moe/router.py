@@ -9,7 +9,13 @@ from torch import nn
 from mp.device import get_device
 from mp.model.config import TransformerConfig
 from mp.model.init import init_method
-from mp.model.moe.aux_loss import at_least_fp32, attach_aux_loss, load_balancing_loss, z_loss
+from mp.model.moe.aux_loss import (
+    at_least_fp32,
+    attach_aux_loss,
+    load_balancing_loss,
+    track,
+    z_loss,
+)
 
 
 class TopKRouter(nn.Module):
@@ -58,8 +64,10 @@ class TopKRouter(nn.Module):
             scores = torch.softmax(logits, dim=-1) if scores is None else scores
             counts = torch.bincount(experts.flatten(), minlength=cfg.num_moe_experts)
             loss = load_balancing_loss(scores, counts, self.topk, cfg.moe_aux_loss_coeff)
+            track("load_balancing_loss", loss / cfg.moe_aux_loss_coeff)
             probs = attach_aux_loss(probs, loss, self.aux_loss_weight)
         if cfg.moe_z_loss_coeff:
-            probs = attach_aux_loss(probs, z_loss(logits, cfg.moe_z_loss_coeff),
-                                    self.aux_loss_weight)
+            loss = z_loss(logits, cfg.moe_z_loss_coeff)
+            track("z_loss", loss / cfg.moe_z_loss_coeff)
+            probs = attach_aux_loss(probs, loss, self.aux_loss_weight)
         return probs
