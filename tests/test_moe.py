@@ -127,9 +127,20 @@ def test_layer_matches_a_token_by_token_reference(overrides):
 STEPS = 4
 
 
-def _initial_weights() -> dict:
-    models, _, _ = setup(1, 1, seed=5, **MOE)
-    return assemble([pieces(models)])
+def _initial_weights(tp: int = 1, ep: int = 1, **overrides) -> dict:
+    models, _, _ = setup(tp, 1, seed=5, ep=ep, **MOE, **overrides)
+    return pieces(models)
+
+
+def test_weights_are_drawn_the_same_at_every_layout(serial_run):
+    """Experts (and the rest) start from the same weights at EP 2 and TP 2 x EP 2 as in one
+    process: each rank draws every expert in order and keeps its slices."""
+    whole, _ = serial_run
+    for world, tp, ep in ((2, 1, 2), (4, 2, 2)):
+        got = assemble(run_distributed(world, _initial_weights, tp, ep))
+        assert got.keys() == whole.keys()
+        for name in whole:
+            assert torch.equal(got[name], whole[name]), (world, tp, ep, name)
 
 
 def _train(tp: int, pp: int, ep: int, whole: dict, distributed_optimizer: bool = False,
@@ -145,7 +156,7 @@ def _train(tp: int, pp: int, ep: int, whole: dict, distributed_optimizer: bool =
 
 @pytest.fixture(scope="module")
 def serial_run():
-    whole = run_distributed(1, _initial_weights)[0]
+    whole = assemble(run_distributed(1, _initial_weights))
     return whole, run_distributed(1, _train, 1, 1, 1, whole)[0]
 
 
@@ -163,7 +174,7 @@ def test_training_follows_one_process(serial_run, world, tp, pp, ep, distributed
                                       overrides):
     whole, serial = serial_run
     if overrides.get("activation") == "swiglu":  # another model: its own serial run
-        whole = run_distributed(1, _initial_weights_with, overrides)[0]
+        whole = assemble(run_distributed(1, _initial_weights, **overrides))
         serial = run_distributed(1, _train, 1, 1, 1, whole, **overrides)[0]
     runs = run_distributed(world, _train, tp, pp, ep, whole, distributed_optimizer,
                            **overrides)
@@ -178,11 +189,6 @@ def test_training_follows_one_process(serial_run, world, tp, pp, ep, distributed
         assert_rel_close(got[name], want[name], rtol=1e-5, what=name)
     moved = sum((want[n] - whole[n]).abs().max().item() for n in want if "router" in n)
     assert moved > 0, "the routers did not train"
-
-
-def _initial_weights_with(overrides: dict) -> dict:
-    models, _, _ = setup(1, 1, seed=5, **MOE, **overrides)
-    return assemble([pieces(models)])
 
 
 def _save_and_continue(path: str, whole: dict) -> dict:

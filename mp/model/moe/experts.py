@@ -48,17 +48,21 @@ class Experts(nn.Module):
             weights.append(("gate_weight", (f, h), 0, init_method(config)))
         weights.append(("fc2_weight", (h, f), 1, output_init_method(config)))
         device = get_device()
-        local = {name: [] for name, *_ in weights}
-        for expert in range(e):
+        stacked = {}  # this rank's slices, filled expert by expert
+        for name, shape, dim, _ in weights:
+            sizes = [shard if d == dim else n for d, n in enumerate(shape)]
+            stacked[name] = torch.empty(self.local, *sizes, dtype=config.params_dtype,
+                                        device=device)
+        for expert in range(e):  # one full fp32 weight alive at a time
             for name, shape, dim, init in weights:
                 full = torch.empty(shape, dtype=torch.float32, device=device)
                 init(full)
                 if first <= expert < first + self.local:
-                    local[name].append(full.narrow(dim, tp_rank * shard, shard))
+                    stacked[name][expert - first].copy_(full.narrow(dim, tp_rank * shard, shard))
         for name, shape, dim, _ in weights:
-            self._register(name, torch.stack(local[name]).to(config.params_dtype),
-                           (e, *shape), (first, *(tp_rank * shard if d == dim else 0
-                                                  for d in range(2))), dim + 1)
+            self._register(name, stacked[name], (e, *shape),
+                           (first, *(tp_rank * shard if d == dim else 0 for d in range(2))),
+                           dim + 1)
         if config.add_bias_linear:
             for name in ("fc1_bias", "gate_bias") if swiglu else ("fc1_bias",):
                 self._register(name, torch.zeros(self.local, shard, dtype=config.params_dtype,
