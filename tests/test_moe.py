@@ -7,9 +7,10 @@
   (auxiliary losses included, at the scale the schedules set) to 1e-10.
 - Whole training runs (fp32, gradient clipping active, auxiliary losses on, every other layer
   MoE) at EP 2, TP 2 + SP x EP 2, TP 2 x EP 2 (no SP, distributed optimizer), PP 2 x EP 2,
-  DP 4 x EP 2 (two ranks hold each expert) with and without the distributed optimizer, and
-  EP 4, from the same weights as one process on the same micro-batches: losses, gradient
-  norms and every weight after training to 1e-5.
+  DP 4 x EP 2 (two ranks hold each expert) with and without the distributed optimizer,
+  EP 4, and with context parallelism CP 2 x EP 2 (the EP group spans the CP ranks) and
+  CP 2 x DP 2 x EP 4 (distributed optimizer), from the same weights as one process on
+  the same micro-batches: losses, gradient norms and every weight after training to 1e-5.
 - A checkpoint written at EP 2 loads at EP 1, TP 2 x EP 2 and EP 4 and continues the run.
 - The FLOPs formula equals what torch's FLOP counter counts.
 - The rank layout of expert groups (Megatron's) and the config's rules.
@@ -168,8 +169,10 @@ def serial_run():
     (4, 1, 1, 2, False, {}),
     (4, 1, 1, 2, True, {}),
     (4, 1, 1, 4, False, {"activation": "swiglu"}),
+    (2, 1, 1, 2, False, {"cp": 2}),
+    (4, 1, 1, 4, True, {"cp": 2}),
 ], ids=["EP2", "TP2-SPxEP2", "TP2xEP2-distributed-optimizer", "PP2xEP2", "DP4xEP2",
-        "DP4xEP2-distributed-optimizer", "EP4-swiglu"])
+        "DP4xEP2-distributed-optimizer", "EP4-swiglu", "CP2xEP2", "CP2xDP2xEP4-distopt"])
 def test_training_follows_one_process(serial_run, world, tp, pp, ep, distributed_optimizer,
                                       overrides):
     whole, serial = serial_run
@@ -249,7 +252,6 @@ def test_expert_groups_follow_megatrons_layout():
      "num_moe_experts=6 is not divisible by expert_model_parallel_size=4"),
     ({"num_moe_experts": 4, "moe_router_topk": 5}, "moe_router_topk=5 exceeds num_moe_experts=4"),
     ({"expert_model_parallel_size": 2}, "expert_model_parallel_size=2 needs num_moe_experts"),
-    ({"num_moe_experts": 4, "context_parallel_size": 2}, "need context_parallel_size=1"),
     ({"num_moe_experts": 4, "expert_tensor_parallel_size": 2},
      "expert_tensor_parallel_size=2 must equal tensor_model_parallel_size=1"),
     ({"num_moe_experts": 4, "moe_router_load_balancing_type": "sinkhorn"},

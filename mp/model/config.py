@@ -231,10 +231,6 @@ class TransformerConfig:
             raise ValueError(f"expert_tensor_parallel_size={self.expert_tensor_parallel_size} "
                              f"must equal tensor_model_parallel_size={tp}: mp splits each "
                              "expert over the layer's TP ranks")
-        if self.context_parallel_size > 1:
-            raise ValueError(f"mixture-of-experts layers need context_parallel_size=1, not "
-                             f"{self.context_parallel_size}: mp has no MoE with context "
-                             "parallelism yet")
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether layer ``index`` (0-based over the model) has experts instead of an MLP."""

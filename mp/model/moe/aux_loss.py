@@ -3,12 +3,16 @@
 Both are added to a layer's gradients, not to the reported loss, as in Megatron:
 
 - load balancing (Switch Transformer, Fedus et al. 2021, eq. 4, for top-k routing):
-  ``coeff x E x sum_e f_e P_e`` over the ``N`` tokens of one micro-batch on one rank, where
-  ``f_e`` is the fraction of the ``N k`` routed slots that went to expert ``e`` and ``P_e``
-  the mean over tokens of the softmax probability of ``e``; it is ``coeff`` when routing is
-  uniform and grows as it concentrates;
+  ``coeff x E x sum_e f_e P_e`` over the ``N`` tokens of one micro-batch on one
+  data-parallel rank (its whole sequences: the router sums its statistics over context
+  parallelism), where ``f_e`` is the fraction of the ``N k`` routed slots that went to expert
+  ``e`` and ``P_e`` the mean over tokens of the softmax probability of ``e``; it is ``coeff``
+  when routing is uniform and grows as it concentrates;
 - z-loss (ST-MoE, Zoph et al. 2022): ``coeff x mean over tokens of logsumexp(logits)^2``,
   which keeps the router logits small.
+
+Both take sums over tokens and the token count, so that context-parallel ranks can add
+their parts first.
 
 `attach_aux_loss` ties a loss to an activation: the activation passes unchanged, and backward
 gives the loss the gradient ``scale``, captured at forward from `set_aux_loss_scale`. The
@@ -69,18 +73,18 @@ def tracked_names(config) -> list[str]:
     return names + (["z_loss"] if config.moe_z_loss_coeff else [])
 
 
-def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor, topk: int,
-                        coeff: float) -> torch.Tensor:
-    """Switch's loss for ``probs [N, E]`` (softmax over every expert, fp32) and
-    ``tokens_per_expert [E]`` (routed slots, ``N k`` in all)."""
-    num_tokens, num_experts = probs.shape
-    fraction = tokens_per_expert.to(probs.dtype) / (num_tokens * topk)
-    return coeff * num_experts * torch.sum(fraction * probs.mean(dim=0))
+def load_balancing_loss(prob_sums: torch.Tensor, tokens_per_expert: torch.Tensor,
+                        num_tokens: int, topk: int, coeff: float) -> torch.Tensor:
+    """Switch's loss from ``prob_sums [E]`` (each expert's softmax probability summed over
+    the ``num_tokens`` tokens, fp32) and ``tokens_per_expert [E]`` (routed slots, ``N k`` in
+    all)."""
+    fraction = tokens_per_expert.to(prob_sums.dtype) / (num_tokens * topk)
+    return coeff * prob_sums.numel() * torch.sum(fraction * prob_sums / num_tokens)
 
 
-def z_loss(logits: torch.Tensor, coeff: float) -> torch.Tensor:
-    """ST-MoE's router z-loss for ``logits [N, E]``."""
-    return coeff * torch.logsumexp(at_least_fp32(logits), dim=-1).square().mean()
+def z_loss(lse_square_sum: torch.Tensor, num_tokens: int, coeff: float) -> torch.Tensor:
+    """ST-MoE's router z-loss from ``sum over tokens of logsumexp(logits)^2``."""
+    return coeff * lse_square_sum / num_tokens
 
 
 class _AttachAuxLoss(torch.autograd.Function):

@@ -30,10 +30,13 @@ class MoELayer(nn.Module):
     partial outputs are summed over TP (reduce-scattered back to ``[s / t, b, h]`` under
     sequence parallelism, which Megatron requires with MoE and mp does not). The
     experts are split over the expert-parallel group (``expert_group``, default
-    `parallel_state`'s; `TokenDispatcher` moves the tokens).
+    `parallel_state`'s; `TokenDispatcher` moves the tokens). Under context parallelism each
+    rank routes its own tokens; the routers' auxiliary losses count the whole sequences
+    (``context_group``, default `parallel_state`'s when ``context_parallel_size > 1``).
     """
 
-    def __init__(self, config: TransformerConfig, group=None, expert_group=None):
+    def __init__(self, config: TransformerConfig, group=None, expert_group=None,
+                 context_group=None):
         super().__init__()
         self.config = config
         self.group = parallel_state.get_tensor_model_parallel_group() if group is None \
@@ -46,7 +49,10 @@ class MoELayer(nn.Module):
                              f"expert_model_parallel_size={config.expert_model_parallel_size}")
         ep_rank = 0 if expert_group is None else dist.get_rank(expert_group)
         self.tp = dist.get_world_size(self.group)
-        self.router = TopKRouter(config, aux_loss_weight=1.0 / self.tp)
+        if context_group is None and config.context_parallel_size > 1:
+            context_group = parallel_state.get_context_parallel_group()
+        cp = 1 if context_group is None else dist.get_world_size(context_group)
+        self.router = TopKRouter(config, aux_loss_weight=cp / self.tp, context_group=context_group)
         self.experts = Experts(config, self.group, ep_rank, ep)
         self.dispatcher = TokenDispatcher(config.num_moe_experts, expert_group)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -16,6 +17,7 @@ from mp.model.moe.aux_loss import (
     track,
     z_loss,
 )
+from mp.tensor_parallel import reduce_from_tensor_model_parallel_region
 
 
 class TopKRouter(nn.Module):
@@ -31,14 +33,21 @@ class TopKRouter(nn.Module):
     token of the sequence (gathered first under SP) but sees only its share of the experts'
     outputs, so ``W``'s gradient is partial there and is summed over TP like a
     sequence-parallel weight's (``W.sequence_parallel``); the auxiliary losses, the same on
-    every TP rank, backpropagate ``1 / TP`` of their gradient from each (``aux_loss_weight``).
+    every TP rank, backpropagate ``1 / TP`` of their gradient from each. Under context
+    parallelism (``context_group``) the losses' token statistics are summed over the CP ranks
+    (an all-reduce whose backward passes each rank its own part), and each rank
+    backpropagates ``CP x`` its part, as with the language-model loss (the gradients are
+    averaged over DP x CP). Hence ``aux_loss_weight = CP / TP``.
     """
 
-    def __init__(self, config: TransformerConfig, aux_loss_weight: float = 1.0):
+    def __init__(self, config: TransformerConfig, aux_loss_weight: float = 1.0,
+                 context_group=None):
         super().__init__()
         self.config = config
         self.topk = config.moe_router_topk
         self.aux_loss_weight = aux_loss_weight
+        self.context_group = context_group
+        self.cp = 1 if context_group is None else dist.get_world_size(context_group)
         full = torch.empty(config.num_moe_experts, config.hidden_size, dtype=torch.float32,
                            device=get_device())
         init_method(config)(full)
@@ -60,14 +69,27 @@ class TopKRouter(nn.Module):
 
     def _attach_losses(self, probs, logits, scores, experts):
         cfg = self.config
+        num_tokens = logits.size(0) * self.cp  # the whole sequences'
         if cfg.moe_router_load_balancing_type == "aux_loss" and cfg.moe_aux_loss_coeff > 0:
             scores = torch.softmax(logits, dim=-1) if scores is None else scores
             counts = torch.bincount(experts.flatten(), minlength=cfg.num_moe_experts)
-            loss = load_balancing_loss(scores, counts, self.topk, cfg.moe_aux_loss_coeff)
+            sums = self._over_context(scores.sum(0), counts)
+            loss = load_balancing_loss(sums, counts, num_tokens, self.topk,
+                                       cfg.moe_aux_loss_coeff)
             track("load_balancing_loss", loss / cfg.moe_aux_loss_coeff)
             probs = attach_aux_loss(probs, loss, self.aux_loss_weight)
         if cfg.moe_z_loss_coeff:
-            loss = z_loss(logits, cfg.moe_z_loss_coeff)
+            square_sum = torch.logsumexp(logits, dim=-1).square().sum()
+            loss = z_loss(self._over_context(square_sum), num_tokens, cfg.moe_z_loss_coeff)
             track("z_loss", loss / cfg.moe_z_loss_coeff)
             probs = attach_aux_loss(probs, loss, self.aux_loss_weight)
         return probs
+
+    def _over_context(self, sums: torch.Tensor, counts: torch.Tensor | None = None):
+        """``sums`` added up over the context-parallel ranks (backward: each rank's own
+        part), and ``counts`` in place (no gradient)."""
+        if self.context_group is None:
+            return sums
+        if counts is not None:
+            dist.all_reduce(counts, group=self.context_group)
+        return reduce_from_tensor_model_parallel_region(sums, group=self.context_group)
