@@ -1,5 +1,5 @@
-"""Hugging Face Llama (``LlamaForCausalLM``) and Qwen3 (``Qwen3ForCausalLM``) weights to and
-from mp's global parameter names.
+"""Hugging Face Llama (``LlamaForCausalLM``), Qwen3 (``Qwen3ForCausalLM``) and Mixtral
+(``MixtralForCausalLM``) weights to and from mp's global parameter names.
 
 A Llama is mp's GPT with RMSNorm, SwiGLU, rotary embeddings (the rotate-half form, mp's own),
 no linear biases, untied embeddings unless ``tie_word_embeddings``, and grouped-query
@@ -29,6 +29,17 @@ channels before RoPE with an RMSNorm shared by the heads (``q_norm``, ``k_norm``
 ``model_type`` picks the family one way, ``qk_layernorm`` the other. Qwen3's sliding-window
 attention (``use_sliding_window``, ``layer_types`` other than ``full_attention``) and
 ``attention_bias=True`` (biases on the attention projections only) are refused by name.
+
+Mixtral is a Llama whose every MLP is a mixture of ``num_local_experts`` SwiGLU experts with
+a top-``num_experts_per_tok`` router: mp's MoE layer (`mp.model.moe`) with
+``moe_layer_freq=1``. Its router takes the softmax over every expert, keeps the top ``k`` and
+renormalizes them, which is mp's default routing (a softmax over the top ``k`` logits). Files
+hold each expert apart (``block_sparse_moe.experts.<e>.w1`` the gate, ``w3`` the up and ``w2``
+the down projection, as ``save_pretrained`` writes them); mp stacks them into
+``mlp.experts.gate_weight``, ``fc1_weight`` and ``fc2_weight`` (``[E, ...]``), and the router
+``block_sparse_moe.gate`` is ``mlp.router``. Sliding-window attention and router jitter noise
+are refused by name; the auxiliary loss's coefficient is a training setting and is not
+carried over (``--moe-aux-loss-coeff``).
 """
 
 from __future__ import annotations
@@ -61,34 +72,57 @@ _QK_NORM_PAIRS = (("self_attn.q_norm", "self_attention.q_layernorm"),
 _IGNORED_BUFFERS = ("rotary_emb.inv_freq",)  # older checkpoints saved the RoPE frequencies
 
 
+_MOE_PAIRS = (("block_sparse_moe.gate", "mlp.router"),)  # the experts are stacked apart
+_EXPERT_PAIRS = (("w1", "gate_weight"), ("w3", "fc1_weight"), ("w2", "fc2_weight"))
+
+
 class Family(NamedTuple):
     name: str
     architecture: str
     qk_layernorm: bool  # whether its heads have q/k norms
+    moe: bool = False  # whether its MLPs are mixtures of experts
 
 
 #: ``model_type`` -> the family
 FAMILIES = {"llama": Family("Llama", "LlamaForCausalLM", False),
-            "qwen3": Family("Qwen3", "Qwen3ForCausalLM", True)}
+            "qwen3": Family("Qwen3", "Qwen3ForCausalLM", True),
+            "mixtral": Family("Mixtral", "MixtralForCausalLM", False, moe=True)}
 
 
 def _model_type(config: TransformerConfig) -> str:
-    """The family an mp model converts to: Qwen3 with ``qk_layernorm``, else Llama."""
+    """The family an mp model converts to: Mixtral with experts, Qwen3 with
+    ``qk_layernorm``, else Llama."""
+    if config.num_moe_experts is not None:
+        return "mixtral"
     return "qwen3" if config.qk_layernorm else "llama"
 
 
 def _layer_pairs(config: TransformerConfig) -> tuple[tuple[str, str], ...]:
-    """(Hugging Face suffix, mp suffix) of a layer's weights other than q, k, v."""
+    """(Hugging Face suffix, mp suffix) of a layer's weights other than q, k, v (and the
+    experts)."""
+    if config.num_moe_experts is not None:
+        return _LAYER_PAIRS[:3] + _MOE_PAIRS
     return _LAYER_PAIRS + (_QK_NORM_PAIRS if config.qk_layernorm else ())
 
 
+def _expert_names(config: TransformerConfig, layer: int) -> list[tuple[list[str], str]]:
+    """``([Hugging Face name of each expert], mp name)`` of a MoE layer's stacked weights."""
+    return [([f"layers.{layer}.block_sparse_moe.experts.{e}.{hf}.weight"
+              for e in range(config.num_moe_experts)], f"decoder.layers.{layer}.mlp.experts.{mp}")
+            for hf, mp in _EXPERT_PAIRS] if config.num_moe_experts is not None else []
+
+
 def _check_full_attention(hf: dict) -> None:
-    """ValueError for Qwen3's sliding-window attention (mp attends over the whole sequence)."""
+    """ValueError for Qwen3's and Mixtral's sliding-window attention (mp attends over the
+    whole sequence)."""
     layer_types = set(hf.get("layer_types") or ("full_attention",))
     if hf.get("use_sliding_window") or layer_types != {"full_attention"}:
         raise ValueError(f"use_sliding_window={hf.get('use_sliding_window')!r}, layer_types "
                          f"{sorted(layer_types)}: mp attends over the whole sequence "
                          "(use_sliding_window=false, every layer 'full_attention')")
+    if hf.get("model_type") == "mixtral" and hf.get("sliding_window") is not None:
+        raise ValueError(f"sliding_window={hf['sliding_window']!r}: mp attends over the whole "
+                         "sequence (sliding_window=null)")
 
 
 # Llama 3.1's RoPE scaling as mp has it (`mp.model.rope`): only the factor may vary.
@@ -128,12 +162,15 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
     _check_full_attention(hf)
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     for key, value in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
-                       ("pretraining_tp", 1)):
+                       ("pretraining_tp", 1), ("router_jitter_noise", 0.0)):
         if hf.get(key, value) != value:
             raise ValueError(f"{key}={hf[key]!r}: mp's {FAMILIES[kind].name} needs "
                              f"{key}={value!r}")
     positions = hf["max_position_embeddings"]
-    return TransformerConfig(
+    experts = {} if not FAMILIES[kind].moe else dict(
+        num_moe_experts=hf["num_local_experts"], moe_router_topk=hf["num_experts_per_tok"],
+        moe_ffn_hidden_size=hf["intermediate_size"])
+    return TransformerConfig(**experts,
         num_layers=hf["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
         kv_channels=hf.get("head_dim") or hidden // heads,
         num_query_groups=hf.get("num_key_value_heads") or heads,
@@ -152,13 +189,16 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
 
 
 def hf_config(config: TransformerConfig) -> dict:
-    """A Llama ``config.json`` for mp model ``config``, Qwen3's with ``qk_layernorm``;
-    ValueError for an mp model neither can express."""
+    """A Llama ``config.json`` for mp model ``config``, Qwen3's with ``qk_layernorm``,
+    Mixtral's with experts; ValueError for an mp model none can express."""
     kind = _model_type(config)
-    check_expressible(config, {"normalization": ("RMSNorm",), "activation": ("swiglu",),
-                               "position_embedding_type": ("rope",), "rotary_percent": (1.0,),
-                               "add_bias_linear": (False,), "num_moe_experts": (None,)},
-                      FAMILIES[kind].name)
+    needs = {"normalization": ("RMSNorm",), "activation": ("swiglu",),
+             "position_embedding_type": ("rope",), "rotary_percent": (1.0,),
+             "add_bias_linear": (False,)}
+    if FAMILIES[kind].moe:  # every layer's MLP experts, routed as Mixtral routes
+        needs.update(moe_layer_freq=(1,), moe_router_pre_softmax=(False,),
+                     qk_layernorm=(False,))
+    check_expressible(config, needs, FAMILIES[kind].name)
     interpolation = config.rotary_seq_len_interpolation_factor
     if config.use_rope_scaling and interpolation is not None:
         raise ValueError("use_rope_scaling with rotary_seq_len_interpolation_factor: a Hugging "
@@ -170,10 +210,15 @@ def hf_config(config: TransformerConfig) -> dict:
     elif interpolation is not None:
         scaling = {"rope_scaling": {"rope_type": "linear", "factor": interpolation}}
     sliding = {"use_sliding_window": False} if kind == "qwen3" else {}
-    return {**scaling, **sliding, "architectures": [FAMILIES[kind].architecture],
+    experts = {} if not FAMILIES[kind].moe else {
+        "num_local_experts": config.num_moe_experts,
+        "num_experts_per_tok": config.moe_router_topk, "sliding_window": None,
+        "router_jitter_noise": 0.0}
+    return {**scaling, **sliding, **experts, "architectures": [FAMILIES[kind].architecture],
             "model_type": kind,
             "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-            "intermediate_size": config.ffn_hidden_size,
+            "intermediate_size": config.moe_ffn_hidden_size if experts
+            else config.ffn_hidden_size,
             "num_hidden_layers": config.num_layers,
             "num_attention_heads": config.num_attention_heads,
             "num_key_value_heads": config.num_query_groups, "head_dim": config.kv_channels,
@@ -209,8 +254,9 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
     tied = not config.untie_embeddings_and_output_weights
     check_keys(set(hf), {"embed_tokens.weight", "norm.weight"} | {
         f"layers.{i}.{name}.weight" for i in range(config.num_layers)
-        for name in (*_QKV, *(pair[0] for pair in _layer_pairs(config)))},
-        f"{FAMILIES[_model_type(config)].name} state dict")
+        for name in (*_QKV, *(pair[0] for pair in _layer_pairs(config)))} | {
+        name for i in range(config.num_layers) for names, _ in _expert_names(config, i)
+        for name in names}, f"{FAMILIES[_model_type(config)].name} state dict")
     check_output_layer(head, hf["embed_tokens.weight"], tied, "embed_tokens")
     rows = config.padded_vocab_size
     mp = {"embedding.word_embeddings.weight": pad_rows(hf["embed_tokens.weight"], rows),
@@ -223,14 +269,17 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
             *(hf[f"{src}{name}.weight"] for name in _QKV), config.num_query_groups)
         for hf_name, mp_name in _layer_pairs(config):
             mp[f"{dst}{mp_name}.weight"] = hf[f"{src}{hf_name}.weight"]
+        for names, mp_name in _expert_names(config, i):
+            mp[mp_name] = torch.stack([hf[name] for name in names])
     return shift_norm_weights({k: v.contiguous().clone() for k, v in mp.items()}, config, -1.0)
 
 
 def mp_to_hf(weights: dict[str, torch.Tensor],
              config: TransformerConfig) -> dict[str, torch.Tensor]:
     """mp's global weights to ``LlamaForCausalLM.state_dict()``'s keys, shapes and layout
-    (``Qwen3ForCausalLM``'s with ``qk_layernorm``; ``lm_head.weight`` included; with tied
-    embeddings it is ``embed_tokens``' tensor)."""
+    (``Qwen3ForCausalLM``'s with ``qk_layernorm``; Mixtral's as its files hold them, a tensor
+    per expert; ``lm_head.weight`` included; with tied embeddings it is ``embed_tokens``'
+    tensor)."""
     hf_config(config)  # raises for models Llama and Qwen3 cannot express
     tied = not config.untie_embeddings_and_output_weights
     vocab = config.vocab_size
@@ -240,7 +289,8 @@ def mp_to_hf(weights: dict[str, torch.Tensor],
         *(() if tied else ("output_layer.weight",))} | {
         f"decoder.layers.{i}.{name}.weight" for i in range(config.num_layers)
         for name in ("self_attention.query_key_value",
-                     *(pair[1] for pair in _layer_pairs(config)))},
+                     *(pair[1] for pair in _layer_pairs(config)))} | {
+        mp_name for i in range(config.num_layers) for _, mp_name in _expert_names(config, i)},
         "mp checkpoint")
     hf = {"model.embed_tokens.weight": weights["embedding.word_embeddings.weight"][:vocab],
           "model.norm.weight": weights["decoder.final_layernorm.weight"]}
@@ -251,6 +301,8 @@ def mp_to_hf(weights: dict[str, torch.Tensor],
         hf.update({f"{dst}{name}.weight": t for name, t in zip(_QKV, qkv)})
         for hf_name, mp_name in _layer_pairs(config):
             hf[f"{dst}{hf_name}.weight"] = weights[f"{src}{mp_name}.weight"]
+        for names, mp_name in _expert_names(config, i):
+            hf.update({"model." + name: t for name, t in zip(names, weights[mp_name])})
     hf = {k: v.contiguous().clone() for k, v in hf.items()}
     hf["lm_head.weight"] = hf["model.embed_tokens.weight"] if tied else \
         weights["output_layer.weight"][:vocab].contiguous().clone()

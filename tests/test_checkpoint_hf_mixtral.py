@@ -1,0 +1,112 @@
+"""Hugging Face Mixtral round trip: a random-weight ``MixtralForCausalLM`` (built from a
+config, no download) converted by ``tools/convert_checkpoint.py`` gives transformers' own
+logits in mp at TP 1, TP 2 and EP 2 (mp's experts and router against transformers' sparse MoE
+block); converted back, transformers loads the same weights. What mp cannot express is
+refused by name."""
+
+import json
+
+import pytest
+import torch
+from checks import assert_rel_close, seeded
+from harness import run_distributed
+from hf_convert import convert, transformers
+
+from mp import parallel_state as ps
+from mp.checkpointing import load_checkpoint, read_checkpoint_info
+from mp.model import GPTModel, TransformerConfig
+from mp.tensor_parallel import gather_from_tensor_model_parallel_region
+
+VOCAB, EXPERTS, TOPK = 200, 4, 2
+
+
+def _mixtral(topk: int = TOPK):
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=32,
+        num_local_experts=EXPERTS, num_experts_per_tok=topk, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    with torch.no_grad():  # the norms non-trivial, the router's choices spread out
+        for i, param in enumerate(model.parameters()):
+            param.add_(seeded(param.shape, 100 + i, scale=0.05))
+    return model
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def _to_mp(hf_dir, mp_dir, tp: int) -> None:
+    convert.main(["hf-to-mp", "--input", str(hf_dir), "--output", str(mp_dir),
+                  "--tensor-model-parallel-size", str(tp), "--make-vocab-size-divisible-by",
+                  "16"])
+
+
+def _mp_logits(path: str, tp: int, ep: int, tokens: torch.Tensor) -> torch.Tensor:
+    saved = read_checkpoint_info(path).model_config
+    ps.initialize_model_parallel(tp, expert_model_parallel_size=ep)
+    model = GPTModel(TransformerConfig(**{**saved, "tensor_model_parallel_size": tp,
+                                          "expert_model_parallel_size": ep})).eval()
+    load_checkpoint(path, model)
+    with torch.no_grad():
+        logits = gather_from_tensor_model_parallel_region(model(tokens))
+    return logits[..., :VOCAB]
+
+
+@pytest.mark.parametrize("world,tp,ep,topk", [(1, 1, 1, 2), (2, 2, 1, 2), (2, 1, 2, 2),
+                                              (1, 1, 1, 1)],
+                         ids=["TP1", "TP2", "EP2", "top1"])
+def test_mixtral_logits_match_after_conversion(tmp_path, world, tp, ep, topk):
+    model = _mixtral(topk)
+    model.save_pretrained(tmp_path / "hf")
+    _to_mp(tmp_path / "hf", tmp_path / "mp", tp)
+    saved = read_checkpoint_info(tmp_path / "mp").model_config
+    assert (saved["num_moe_experts"], saved["moe_router_topk"], saved["moe_ffn_hidden_size"],
+            saved["moe_layer_freq"]) == (EXPERTS, topk, 96, 1)
+    tokens = _tokens()
+    with torch.no_grad():
+        expected = model(tokens).logits
+    logits = run_distributed(world, _mp_logits, str(tmp_path / "mp"), tp, ep, tokens)
+    for got in logits:  # EP 2: both ranks ran the same tokens
+        assert_rel_close(got, expected, rtol=1e-5, what="logits")
+
+
+def test_mixtral_round_trip_is_exact(tmp_path):
+    model = _mixtral()
+    model.save_pretrained(tmp_path / "hf")
+    _to_mp(tmp_path / "hf", tmp_path / "mp", 1)
+    convert.main(["mp-to-hf", "--input", str(tmp_path / "mp"), "--output", str(tmp_path / "back")])
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (config["model_type"], config["num_local_experts"], config["intermediate_size"]) \
+        == ("mixtral", EXPERTS, 96)
+    back_model = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "back").eval()
+    expected, back = model.state_dict(), back_model.state_dict()
+    assert back.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(back[name], tensor), name
+    with torch.no_grad():
+        assert torch.equal(back_model(_tokens()).logits, model(_tokens()).logits)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sliding_window": 8}, "sliding_window=8: mp attends over the whole sequence"),
+    ({"router_jitter_noise": 0.1},
+     "router_jitter_noise=0.1: mp's Mixtral needs router_jitter_noise=0.0")])
+def test_unsupported_mixtral_configs_are_refused_by_name(tmp_path, change, message):
+    _mixtral().save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(SystemExit, match=message):
+        _to_mp(tmp_path / "hf", tmp_path / "mp", 1)
+
+
+def test_mp_moe_models_mixtral_cannot_express_are_refused():
+    from mp.checkpointing import hf_llama
+    config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=8,
+                               vocab_size=VOCAB, seq_length=16, normalization="RMSNorm",
+                               activation="swiglu", position_embedding_type="rope",
+                               add_bias_linear=False, num_moe_experts=4, moe_layer_freq=2)
+    with pytest.raises(ValueError, match=r"model.moe_layer_freq=2: Mixtral needs"):
+        hf_llama.hf_config(config)
