@@ -8,7 +8,8 @@
 - Whole training runs (fp32, gradient clipping active, auxiliary losses on, every other layer
   MoE) at EP 2, TP 2 + SP x EP 2, TP 2 x EP 2 (no SP, distributed optimizer), PP 2 x EP 2,
   DP 4 x EP 2 (two ranks hold each expert) with and without the distributed optimizer,
-  EP 4, and with context parallelism CP 2 x EP 2 (the EP group spans the CP ranks) and
+  EP 4, TP 2 + SP x EP 2 with full recompute (the token exchange runs again in backward), and
+  with context parallelism CP 2 x EP 2 (the EP group spans the CP ranks) and
   CP 2 x DP 2 x EP 4 (distributed optimizer), from the same weights as one process on
   the same micro-batches: losses, gradient norms and every weight after training to 1e-5.
 - A checkpoint written at EP 2 loads at EP 1, TP 2 x EP 2 and EP 4 and continues the run.
@@ -170,9 +171,12 @@ def serial_run():
     (4, 1, 1, 2, True, {}),
     (4, 1, 1, 4, False, {"activation": "swiglu"}),
     (2, 1, 1, 2, False, {"cp": 2}),
+    (4, 2, 1, 2, False, {"sequence_parallel": True, "recompute_granularity": "full",
+                         "recompute_method": "uniform", "recompute_num_layers": 1}),
     (4, 1, 1, 4, True, {"cp": 2}),
 ], ids=["EP2", "TP2-SPxEP2", "TP2xEP2-distributed-optimizer", "PP2xEP2", "DP4xEP2",
-        "DP4xEP2-distributed-optimizer", "EP4-swiglu", "CP2xEP2", "CP2xDP2xEP4-distopt"])
+        "DP4xEP2-distributed-optimizer", "EP4-swiglu", "CP2xEP2", "TP2-SPxEP2-full-recompute",
+        "CP2xDP2xEP4-distopt"])
 def test_training_follows_one_process(serial_run, world, tp, pp, ep, distributed_optimizer,
                                       overrides):
     whole, serial = serial_run
