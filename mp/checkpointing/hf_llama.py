@@ -1,5 +1,6 @@
-"""Hugging Face Llama (``LlamaForCausalLM``), Qwen3 (``Qwen3ForCausalLM``) and Mixtral
-(``MixtralForCausalLM``) weights to and from mp's global parameter names.
+"""Hugging Face Llama (``LlamaForCausalLM``), Qwen3 (``Qwen3ForCausalLM``), Mixtral
+(``MixtralForCausalLM``) and Qwen3-MoE (``Qwen3MoeForCausalLM``) weights to and from mp's
+global parameter names.
 
 A Llama is mp's GPT with RMSNorm, SwiGLU, rotary embeddings (the rotate-half form, mp's own),
 no linear biases, untied embeddings unless ``tie_word_embeddings``, and grouped-query
@@ -40,6 +41,14 @@ the down projection, as ``save_pretrained`` writes them); mp stacks them into
 ``block_sparse_moe.gate`` is ``mlp.router``. Sliding-window attention and router jitter noise
 are refused by name; the auxiliary loss's coefficient is a training setting and is not
 carried over (``--moe-aux-loss-coeff``).
+
+Qwen3-MoE is a Qwen3 with Mixtral's mixture of experts (``num_experts``, which
+transformers 5 writes ``num_local_experts``, of width
+``moe_intermediate_size``), named ``mlp.gate`` and ``mlp.experts.<e>.gate_proj``,
+``up_proj``, ``down_proj``. With ``norm_topk_prob`` its top ``k`` are renormalized (mp's
+default routing); without, they are the softmax's own (mp's ``moe_router_pre_softmax``).
+Layers without experts (``decoder_sparse_step`` other than 1, ``mlp_only_layers``) are
+refused by name.
 """
 
 from __future__ import annotations
@@ -72,44 +81,56 @@ _QK_NORM_PAIRS = (("self_attn.q_norm", "self_attention.q_layernorm"),
 _IGNORED_BUFFERS = ("rotary_emb.inv_freq",)  # older checkpoints saved the RoPE frequencies
 
 
-_MOE_PAIRS = (("block_sparse_moe.gate", "mlp.router"),)  # the experts are stacked apart
-_EXPERT_PAIRS = (("w1", "gate_weight"), ("w3", "fc1_weight"), ("w2", "fc2_weight"))
+_EXPERT_WEIGHTS = ("gate_weight", "fc1_weight", "fc2_weight")  # mp's gate, up, down
+
+
+class Experts(NamedTuple):
+    """How a mixture-of-experts family names a layer's experts."""
+
+    block: str  # the MLP's module: the router is ``<block>.gate``
+    projections: tuple[str, str, str]  # an expert's gate, up and down projections
 
 
 class Family(NamedTuple):
     name: str
     architecture: str
     qk_layernorm: bool  # whether its heads have q/k norms
-    moe: bool = False  # whether its MLPs are mixtures of experts
+    experts: Experts | None = None  # its MLPs' experts (None: dense MLPs)
 
 
 #: ``model_type`` -> the family
 FAMILIES = {"llama": Family("Llama", "LlamaForCausalLM", False),
             "qwen3": Family("Qwen3", "Qwen3ForCausalLM", True),
-            "mixtral": Family("Mixtral", "MixtralForCausalLM", False, moe=True)}
+            "mixtral": Family("Mixtral", "MixtralForCausalLM", False,
+                              Experts("block_sparse_moe", ("w1", "w3", "w2"))),
+            "qwen3_moe": Family("Qwen3-MoE", "Qwen3MoeForCausalLM", True,
+                                Experts("mlp", ("gate_proj", "up_proj", "down_proj")))}
 
 
 def _model_type(config: TransformerConfig) -> str:
-    """The family an mp model converts to: Mixtral with experts, Qwen3 with
-    ``qk_layernorm``, else Llama."""
+    """The family an mp model converts to: with experts Qwen3-MoE (``qk_layernorm``) or
+    Mixtral, else Qwen3 (``qk_layernorm``) or Llama."""
     if config.num_moe_experts is not None:
-        return "mixtral"
+        return "qwen3_moe" if config.qk_layernorm else "mixtral"
     return "qwen3" if config.qk_layernorm else "llama"
 
 
 def _layer_pairs(config: TransformerConfig) -> tuple[tuple[str, str], ...]:
     """(Hugging Face suffix, mp suffix) of a layer's weights other than q, k, v (and the
     experts)."""
-    if config.num_moe_experts is not None:
-        return _LAYER_PAIRS[:3] + _MOE_PAIRS
-    return _LAYER_PAIRS + (_QK_NORM_PAIRS if config.qk_layernorm else ())
+    experts = FAMILIES[_model_type(config)].experts
+    mlp = _LAYER_PAIRS[3:] if experts is None else ((f"{experts.block}.gate", "mlp.router"),)
+    return _LAYER_PAIRS[:3] + mlp + (_QK_NORM_PAIRS if config.qk_layernorm else ())
 
 
 def _expert_names(config: TransformerConfig, layer: int) -> list[tuple[list[str], str]]:
     """``([Hugging Face name of each expert], mp name)`` of a MoE layer's stacked weights."""
-    return [([f"layers.{layer}.block_sparse_moe.experts.{e}.{hf}.weight"
+    experts = FAMILIES[_model_type(config)].experts
+    if experts is None:
+        return []
+    return [([f"layers.{layer}.{experts.block}.experts.{e}.{hf}.weight"
               for e in range(config.num_moe_experts)], f"decoder.layers.{layer}.mlp.experts.{mp}")
-            for hf, mp in _EXPERT_PAIRS] if config.num_moe_experts is not None else []
+            for hf, mp in zip(experts.projections, _EXPERT_WEIGHTS)]
 
 
 def _check_full_attention(hf: dict) -> None:
@@ -167,9 +188,7 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
             raise ValueError(f"{key}={hf[key]!r}: mp's {FAMILIES[kind].name} needs "
                              f"{key}={value!r}")
     positions = hf["max_position_embeddings"]
-    experts = {} if not FAMILIES[kind].moe else dict(
-        num_moe_experts=hf["num_local_experts"], moe_router_topk=hf["num_experts_per_tok"],
-        moe_ffn_hidden_size=hf["intermediate_size"])
+    experts = _experts_from_hf(hf, kind)
     return TransformerConfig(**experts,
         num_layers=hf["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
         kv_channels=hf.get("head_dim") or hidden // heads,
@@ -188,16 +207,50 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
         pipeline_model_parallel_size=pipeline_model_parallel_size)
 
 
+def _experts_from_hf(hf: dict, kind: str) -> dict:
+    """mp's MoE fields of a Mixtral or Qwen3-MoE config (none for a dense family)."""
+    if kind == "mixtral":
+        return dict(num_moe_experts=hf["num_local_experts"],
+                    moe_router_topk=hf["num_experts_per_tok"],
+                    moe_ffn_hidden_size=hf["intermediate_size"])
+    if kind != "qwen3_moe":
+        return {}
+    for key, value in (("decoder_sparse_step", 1), ("mlp_only_layers", [])):
+        if hf.get(key, value) != value:
+            raise ValueError(f"{key}={hf[key]!r}: mp's Qwen3-MoE needs {key}={value!r} (every "
+                             "layer's MLP a mixture of experts)")
+    experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]  # 5.x
+    return dict(num_moe_experts=experts, moe_router_topk=hf["num_experts_per_tok"],
+                moe_ffn_hidden_size=hf["moe_intermediate_size"],
+                moe_router_pre_softmax=not hf.get("norm_topk_prob", False))
+
+
+def _experts_to_hf(config: TransformerConfig, kind: str) -> dict:
+    """The MoE fields of a Mixtral or Qwen3-MoE ``config.json`` (none for a dense family)."""
+    if kind == "mixtral":
+        return {"num_local_experts": config.num_moe_experts,
+                "num_experts_per_tok": config.moe_router_topk, "sliding_window": None,
+                "router_jitter_noise": 0.0, "intermediate_size": config.moe_ffn_hidden_size}
+    if kind != "qwen3_moe":
+        return {}
+    return {"num_experts": config.num_moe_experts, "num_experts_per_tok": config.moe_router_topk,
+            "moe_intermediate_size": config.moe_ffn_hidden_size,
+            "norm_topk_prob": not config.moe_router_pre_softmax, "decoder_sparse_step": 1,
+            "mlp_only_layers": []}
+
+
 def hf_config(config: TransformerConfig) -> dict:
     """A Llama ``config.json`` for mp model ``config``, Qwen3's with ``qk_layernorm``,
-    Mixtral's with experts; ValueError for an mp model none can express."""
+    Mixtral's with experts, Qwen3-MoE's with both; ValueError for an mp model none can
+    express."""
     kind = _model_type(config)
     needs = {"normalization": ("RMSNorm",), "activation": ("swiglu",),
              "position_embedding_type": ("rope",), "rotary_percent": (1.0,),
              "add_bias_linear": (False,)}
-    if FAMILIES[kind].moe:  # every layer's MLP experts, routed as Mixtral routes
-        needs.update(moe_layer_freq=(1,), moe_router_pre_softmax=(False,),
-                     qk_layernorm=(False,))
+    if kind == "mixtral":  # every layer's MLP experts, routed as Mixtral routes
+        needs.update(moe_layer_freq=(1,), moe_router_pre_softmax=(False,))
+    elif kind == "qwen3_moe":
+        needs.update(moe_layer_freq=(1,))
     check_expressible(config, needs, FAMILIES[kind].name)
     interpolation = config.rotary_seq_len_interpolation_factor
     if config.use_rope_scaling and interpolation is not None:
@@ -209,16 +262,11 @@ def hf_config(config: TransformerConfig) -> dict:
                                     **_LLAMA3_SCALING}}
     elif interpolation is not None:
         scaling = {"rope_scaling": {"rope_type": "linear", "factor": interpolation}}
-    sliding = {"use_sliding_window": False} if kind == "qwen3" else {}
-    experts = {} if not FAMILIES[kind].moe else {
-        "num_local_experts": config.num_moe_experts,
-        "num_experts_per_tok": config.moe_router_topk, "sliding_window": None,
-        "router_jitter_noise": 0.0}
-    return {**scaling, **sliding, **experts, "architectures": [FAMILIES[kind].architecture],
+    sliding = {"use_sliding_window": False} if kind.startswith("qwen3") else {}
+    return {**scaling, **sliding, "architectures": [FAMILIES[kind].architecture],
             "model_type": kind,
             "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-            "intermediate_size": config.moe_ffn_hidden_size if experts
-            else config.ffn_hidden_size,
+            "intermediate_size": config.ffn_hidden_size, **_experts_to_hf(config, kind),
             "num_hidden_layers": config.num_layers,
             "num_attention_heads": config.num_attention_heads,
             "num_key_value_heads": config.num_query_groups, "head_dim": config.kv_channels,
@@ -277,9 +325,9 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
 def mp_to_hf(weights: dict[str, torch.Tensor],
              config: TransformerConfig) -> dict[str, torch.Tensor]:
     """mp's global weights to ``LlamaForCausalLM.state_dict()``'s keys, shapes and layout
-    (``Qwen3ForCausalLM``'s with ``qk_layernorm``; Mixtral's as its files hold them, a tensor
-    per expert; ``lm_head.weight`` included; with tied embeddings it is ``embed_tokens``'
-    tensor)."""
+    (``Qwen3ForCausalLM``'s with ``qk_layernorm``; Mixtral's and Qwen3-MoE's as their files
+    hold them, a tensor per expert; ``lm_head.weight`` included; with tied embeddings it is
+    ``embed_tokens``' tensor)."""
     hf_config(config)  # raises for models Llama and Qwen3 cannot express
     tied = not config.untie_embeddings_and_output_weights
     vocab = config.vocab_size

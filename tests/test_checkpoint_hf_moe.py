@@ -1,7 +1,8 @@
-"""Hugging Face Mixtral round trip: a random-weight ``MixtralForCausalLM`` (built from a
-config, no download) converted by ``tools/convert_checkpoint.py`` gives transformers' own
-logits in mp at TP 1, TP 2 and EP 2 (mp's experts and router against transformers' sparse MoE
-block); converted back, transformers loads the same weights. What mp cannot express is
+"""Hugging Face mixture-of-experts round trip: random-weight ``MixtralForCausalLM`` and
+``Qwen3MoeForCausalLM`` models (built from a config, no download; Qwen3-MoE with and without
+``norm_topk_prob``) converted by ``tools/convert_checkpoint.py`` give transformers' own logits
+in mp at TP 1, TP 2 and EP 2 (mp's experts and router against transformers' sparse MoE
+blocks); converted back, transformers loads the same weights. What mp cannot express is
 refused by name."""
 
 import json
@@ -20,14 +21,18 @@ from mp.tensor_parallel import gather_from_tensor_model_parallel_region
 VOCAB, EXPERTS, TOPK = 200, 4, 2
 
 
-def _mixtral(topk: int = TOPK):
-    config = transformers.MixtralConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=32,
-        num_local_experts=EXPERTS, num_experts_per_tok=topk, rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+def _moe(family: str = "Mixtral", topk: int = TOPK, **extra):
+    """A Mixtral, or a Qwen3-MoE (``extra``: its ``norm_topk_prob``), with experts 96 wide."""
+    experts = {"num_local_experts": EXPERTS, "intermediate_size": 96} if family == "Mixtral" \
+        else {"num_experts": EXPERTS, "moe_intermediate_size": 96, "intermediate_size": 160,
+              "head_dim": 12}
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=32, num_experts_per_tok=topk,
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        **experts, **extra)
     torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(config).eval()
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
     with torch.no_grad():  # the norms non-trivial, the router's choices spread out
         for i, param in enumerate(model.parameters()):
             param.add_(seeded(param.shape, 100 + i, scale=0.05))
@@ -55,16 +60,21 @@ def _mp_logits(path: str, tp: int, ep: int, tokens: torch.Tensor) -> torch.Tenso
     return logits[..., :VOCAB]
 
 
-@pytest.mark.parametrize("world,tp,ep,topk", [(1, 1, 1, 2), (2, 2, 1, 2), (2, 1, 2, 2),
-                                              (1, 1, 1, 1)],
-                         ids=["TP1", "TP2", "EP2", "top1"])
-def test_mixtral_logits_match_after_conversion(tmp_path, world, tp, ep, topk):
-    model = _mixtral(topk)
+@pytest.mark.parametrize("family,world,tp,ep,topk,extra", [
+    ("Mixtral", 1, 1, 1, 2, {}), ("Mixtral", 2, 2, 1, 2, {}), ("Mixtral", 2, 1, 2, 2, {}),
+    ("Mixtral", 1, 1, 1, 1, {}), ("Qwen3Moe", 2, 2, 1, 2, {"norm_topk_prob": True}),
+    ("Qwen3Moe", 2, 1, 2, 2, {"norm_topk_prob": False})],
+    ids=["mixtral-TP1", "mixtral-TP2", "mixtral-EP2", "mixtral-top1", "qwen3-moe-TP2",
+         "qwen3-moe-unnormalized-EP2"])
+def test_moe_logits_match_after_conversion(tmp_path, family, world, tp, ep, topk, extra):
+    model = _moe(family, topk, **extra)
     model.save_pretrained(tmp_path / "hf")
     _to_mp(tmp_path / "hf", tmp_path / "mp", tp)
     saved = read_checkpoint_info(tmp_path / "mp").model_config
     assert (saved["num_moe_experts"], saved["moe_router_topk"], saved["moe_ffn_hidden_size"],
             saved["moe_layer_freq"]) == (EXPERTS, topk, 96, 1)
+    assert saved["qk_layernorm"] == (family == "Qwen3Moe")
+    assert saved["moe_router_pre_softmax"] == (extra.get("norm_topk_prob") is False)
     tokens = _tokens()
     with torch.no_grad():
         expected = model(tokens).logits
@@ -73,15 +83,20 @@ def test_mixtral_logits_match_after_conversion(tmp_path, world, tp, ep, topk):
         assert_rel_close(got, expected, rtol=1e-5, what="logits")
 
 
-def test_mixtral_round_trip_is_exact(tmp_path):
-    model = _mixtral()
+@pytest.mark.parametrize("family,extra,model_type", [
+    ("Mixtral", {}, "mixtral"), ("Qwen3Moe", {"norm_topk_prob": True}, "qwen3_moe"),
+    ("Qwen3Moe", {"norm_topk_prob": False}, "qwen3_moe")],
+    ids=["mixtral", "qwen3-moe", "qwen3-moe-unnormalized"])
+def test_moe_round_trip_is_exact(tmp_path, family, extra, model_type):
+    model = _moe(family, **extra)
     model.save_pretrained(tmp_path / "hf")
     _to_mp(tmp_path / "hf", tmp_path / "mp", 1)
     convert.main(["mp-to-hf", "--input", str(tmp_path / "mp"), "--output", str(tmp_path / "back")])
     config = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert (config["model_type"], config["num_local_experts"], config["intermediate_size"]) \
-        == ("mixtral", EXPERTS, 96)
-    back_model = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert config["model_type"] == model_type
+    assert config.get("norm_topk_prob", True) == extra.get("norm_topk_prob", True)
+    back_model = getattr(transformers, f"{family}ForCausalLM").from_pretrained(
+        tmp_path / "back").eval()
     expected, back = model.state_dict(), back_model.state_dict()
     assert back.keys() == expected.keys()
     for name, tensor in expected.items():
@@ -90,12 +105,16 @@ def test_mixtral_round_trip_is_exact(tmp_path):
         assert torch.equal(back_model(_tokens()).logits, model(_tokens()).logits)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"sliding_window": 8}, "sliding_window=8: mp attends over the whole sequence"),
-    ({"router_jitter_noise": 0.1},
-     "router_jitter_noise=0.1: mp's Mixtral needs router_jitter_noise=0.0")])
-def test_unsupported_mixtral_configs_are_refused_by_name(tmp_path, change, message):
-    _mixtral().save_pretrained(tmp_path / "hf")
+@pytest.mark.parametrize("family, change, message", [
+    ("Mixtral", {"sliding_window": 8}, "sliding_window=8: mp attends over the whole sequence"),
+    ("Mixtral", {"router_jitter_noise": 0.1},
+     "router_jitter_noise=0.1: mp's Mixtral needs router_jitter_noise=0.0"),
+    ("Qwen3Moe", {"decoder_sparse_step": 2},
+     "decoder_sparse_step=2: mp's Qwen3-MoE needs decoder_sparse_step=1"),
+    ("Qwen3Moe", {"mlp_only_layers": [1]},
+     r"mlp_only_layers=\[1\]: mp's Qwen3-MoE needs mlp_only_layers=\[\]")])
+def test_unsupported_moe_configs_are_refused_by_name(tmp_path, family, change, message):
+    _moe(family).save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(SystemExit, match=message):
