@@ -11,7 +11,7 @@ import pytest
 import torch
 from checks import assert_rel_close, seeded
 from harness import run_distributed
-from hf_convert import convert, transformers
+from hf_convert import assert_same_model, convert, transformers
 
 from mp import parallel_state as ps
 from mp.checkpointing import load_checkpoint, read_checkpoint_info
@@ -97,12 +97,7 @@ def test_moe_round_trip_is_exact(tmp_path, family, extra, model_type):
     assert config.get("norm_topk_prob", True) == extra.get("norm_topk_prob", True)
     back_model = getattr(transformers, f"{family}ForCausalLM").from_pretrained(
         tmp_path / "back").eval()
-    expected, back = model.state_dict(), back_model.state_dict()
-    assert back.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(back[name], tensor), name
-    with torch.no_grad():
-        assert torch.equal(back_model(_tokens()).logits, model(_tokens()).logits)
+    assert_same_model(back_model, model, _tokens())
 
 
 @pytest.mark.parametrize("family, change, message", [

@@ -8,12 +8,12 @@ and back.
         [--format safetensors|bin]
 
 ``hf-to-mp`` reads a ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``Qwen3ForCausalLM``,
-``MixtralForCausalLM`` or ``Qwen3MoeForCausalLM`` directory (``config.json`` with ``model.safetensors``, the shards a
-``model.safetensors.index.json`` names, or ``pytorch_model.bin``) or one weights file (then
-``--config`` names the ``config.json``); the config's ``model_type`` (``gpt2``, ``llama``,
-``qwen3``, ``mixtral`` or ``qwen3_moe``) picks the mapping (`mp.checkpointing.hf_gpt2`,
-`mp.checkpointing.hf_llama` for the others). It writes a
-model-only mp checkpoint (a save directory with ``iter_0000000``). mp checkpoints
+``MixtralForCausalLM`` or ``Qwen3MoeForCausalLM`` directory (``config.json`` with
+``model.safetensors``, the shards a ``model.safetensors.index.json`` names, or
+``pytorch_model.bin``) or one weights file (then ``--config`` names the ``config.json``);
+the config's ``model_type`` (``gpt2``, ``llama``, ``qwen3``, ``mixtral`` or ``qwen3_moe``)
+picks the mapping (`mp.checkpointing.hf_gpt2`, `mp.checkpointing.hf_llama` for the others).
+It writes a model-only mp checkpoint (a save directory with ``iter_0000000``). mp checkpoints
 are layout-free: the result loads at any tensor/pipeline/data-parallel layout whose padded
 vocabulary matches, which ``--tensor-model-parallel-size`` and
 ``--make-vocab-size-divisible-by`` set (GPT-2's 50257 tokens pad to 50304 with 128 x 1). Start
