@@ -2,8 +2,9 @@
 ``Qwen3MoeForCausalLM`` models (built from a config, no download; Qwen3-MoE with and without
 ``norm_topk_prob``) converted by ``tools/convert_checkpoint.py`` give transformers' own logits
 in mp at TP 1, TP 2 and EP 2 (mp's experts and router against transformers' sparse MoE
-blocks); converted back, transformers loads the same weights. What mp cannot express is
-refused by name."""
+blocks), with dense layers among them (Qwen3-MoE's ``mlp_only_layers`` and
+``decoder_sparse_step``); converted back, transformers loads the same weights. What mp
+cannot express is refused by name."""
 
 import json
 
@@ -63,16 +64,20 @@ def _mp_logits(path: str, tp: int, ep: int, tokens: torch.Tensor) -> torch.Tenso
 @pytest.mark.parametrize("family,world,tp,ep,topk,extra", [
     ("Mixtral", 1, 1, 1, 2, {}), ("Mixtral", 2, 2, 1, 2, {}), ("Mixtral", 2, 1, 2, 2, {}),
     ("Mixtral", 1, 1, 1, 1, {}), ("Qwen3Moe", 2, 2, 1, 2, {"norm_topk_prob": True}),
-    ("Qwen3Moe", 2, 1, 2, 2, {"norm_topk_prob": False})],
+    ("Qwen3Moe", 2, 1, 2, 2, {"norm_topk_prob": False}),
+    ("Qwen3Moe", 2, 2, 1, 2, {"norm_topk_prob": True, "mlp_only_layers": [0]}),
+    ("Qwen3Moe", 1, 1, 1, 2, {"norm_topk_prob": True, "decoder_sparse_step": 2})],
     ids=["mixtral-TP1", "mixtral-TP2", "mixtral-EP2", "mixtral-top1", "qwen3-moe-TP2",
-         "qwen3-moe-unnormalized-EP2"])
+         "qwen3-moe-unnormalized-EP2", "qwen3-moe-dense-layer-0-TP2", "qwen3-moe-sparse-step-2"])
 def test_moe_logits_match_after_conversion(tmp_path, family, world, tp, ep, topk, extra):
     model = _moe(family, topk, **extra)
     model.save_pretrained(tmp_path / "hf")
     _to_mp(tmp_path / "hf", tmp_path / "mp", tp)
     saved = read_checkpoint_info(tmp_path / "mp").model_config
+    pattern = {"mlp_only_layers": [0, 1], "decoder_sparse_step": [0, 1]}
+    layers = next((v for k, v in pattern.items() if k in extra), 1)
     assert (saved["num_moe_experts"], saved["moe_router_topk"], saved["moe_ffn_hidden_size"],
-            saved["moe_layer_freq"]) == (EXPERTS, topk, 96, 1)
+            saved["moe_layer_freq"]) == (EXPERTS, topk, 96, layers)
     assert saved["qk_layernorm"] == (family == "Qwen3Moe")
     assert saved["moe_router_pre_softmax"] == (extra.get("norm_topk_prob") is False)
     tokens = _tokens()
@@ -85,8 +90,9 @@ def test_moe_logits_match_after_conversion(tmp_path, family, world, tp, ep, topk
 
 @pytest.mark.parametrize("family,extra,model_type", [
     ("Mixtral", {}, "mixtral"), ("Qwen3Moe", {"norm_topk_prob": True}, "qwen3_moe"),
-    ("Qwen3Moe", {"norm_topk_prob": False}, "qwen3_moe")],
-    ids=["mixtral", "qwen3-moe", "qwen3-moe-unnormalized"])
+    ("Qwen3Moe", {"norm_topk_prob": False}, "qwen3_moe"),
+    ("Qwen3Moe", {"norm_topk_prob": True, "mlp_only_layers": [1]}, "qwen3_moe")],
+    ids=["mixtral", "qwen3-moe", "qwen3-moe-unnormalized", "qwen3-moe-dense-layer-1"])
 def test_moe_round_trip_is_exact(tmp_path, family, extra, model_type):
     model = _moe(family, **extra)
     model.save_pretrained(tmp_path / "hf")
@@ -95,6 +101,7 @@ def test_moe_round_trip_is_exact(tmp_path, family, extra, model_type):
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["model_type"] == model_type
     assert config.get("norm_topk_prob", True) == extra.get("norm_topk_prob", True)
+    assert config.get("mlp_only_layers", []) == extra.get("mlp_only_layers", [])
     back_model = getattr(transformers, f"{family}ForCausalLM").from_pretrained(
         tmp_path / "back").eval()
     assert_same_model(back_model, model, _tokens())
@@ -104,10 +111,8 @@ def test_moe_round_trip_is_exact(tmp_path, family, extra, model_type):
     ("Mixtral", {"sliding_window": 8}, "sliding_window=8: mp attends over the whole sequence"),
     ("Mixtral", {"router_jitter_noise": 0.1},
      "router_jitter_noise=0.1: mp's Mixtral needs router_jitter_noise=0.0"),
-    ("Qwen3Moe", {"decoder_sparse_step": 2},
-     "decoder_sparse_step=2: mp's Qwen3-MoE needs decoder_sparse_step=1"),
-    ("Qwen3Moe", {"mlp_only_layers": [1]},
-     r"mlp_only_layers=\[1\]: mp's Qwen3-MoE needs mlp_only_layers=\[\]")])
+    ("Qwen3Moe", {"use_sliding_window": True, "sliding_window": 8},
+     "use_sliding_window=True, layer_types .*: mp attends over the whole sequence")])
 def test_unsupported_moe_configs_are_refused_by_name(tmp_path, family, change, message):
     _moe(family).save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -122,5 +127,6 @@ def test_mp_moe_models_mixtral_cannot_express_are_refused():
                                vocab_size=VOCAB, seq_length=16, normalization="RMSNorm",
                                activation="swiglu", position_embedding_type="rope",
                                add_bias_linear=False, num_moe_experts=4, moe_layer_freq=2)
-    with pytest.raises(ValueError, match=r"model.moe_layer_freq=2: Mixtral needs"):
+    with pytest.raises(ValueError, match=r"model.moe_layer_freq=2: Mixtral has experts in "
+                                         "every layer"):
         hf_llama.hf_config(config)

@@ -150,7 +150,7 @@ def test_flags_without_effect_say_why():
      "use --bf16")),
     (["--moe-expert-capacity-factor", "1.0"],  # any --moe-* flag mp does not read
      "--moe-expert-capacity-factor: mp's mixture of experts has no such option: it has "
-     "--num-experts, --moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq (a number), "
+     "--num-experts, --moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
      "--moe-router-pre-softmax, --moe-router-load-balancing-type aux_loss|none, "
      "--moe-aux-loss-coeff, --moe-z-loss-coeff, --expert-model-parallel-size (dropless top-k "
      "routing, docs/training.md)"),
@@ -285,6 +285,13 @@ def test_mixture_of_experts_flags():
             m.expert_tensor_parallel_size) == (8, 2, "aux_loss", 1e-2, 4, 96, 2, 1e-3, True, 1)
     assert [line.split(" has no effect")[0] for line in flag_notices(argv)] == [
         "notice: --moe-grouped-gemm", "notice: --moe-token-dispatcher-type alltoall"]
+    patterned = parse_args(["--config", TINY, "--num-layers", "4", "--num-experts", "4",
+                            "--moe-layer-freq", "([0]*1+[1]*3)"], world_size=4).model
+    assert patterned.moe_layer_freq == [0, 1, 1, 1]  # Megatron's expression, read without eval
+    assert [patterned.is_moe_layer(i) for i in range(4)] == [False, True, True, True]
+    assert error_of("--num-layers", "4", "--num-experts", "4", "--moe-layer-freq",
+                    "[1,0]") == ("moe_layer_freq=[1, 0] must hold a 0 (dense) or 1 (MoE) "
+                                 "for each of the num_layers=4 layers")
     assert error_of("--tensor-model-parallel-size", "1", "--num-experts", "8",
                     "--expert-model-parallel-size", "8", world_size=4) == (
         "model.expert_model_parallel_size=8 does not divide data_parallel_size=4 "

@@ -317,3 +317,16 @@ def test_generation_is_the_same_at_tp1_and_tp2_with_and_without_the_cache():
     for tp, kv_cache in ((1, True), (2, True), (2, False)):
         got = run_distributed(tp, _generate, tp, kv_cache)
         assert all(torch.equal(g, expected) for g in got), (tp, kv_cache)
+
+
+def test_a_checkpoint_fits_the_same_experts_however_the_pattern_is_written():
+    """``moe_layer_freq=2`` and ``[1, 0, 1, 0]`` are the same model; ``[0, 1, 0, 1]`` is not."""
+    import dataclasses
+
+    from mp.checkpointing.fit import architecture_problems
+    saved = dataclasses.asdict(_layer_config(num_layers=4, moe_layer_freq=2))
+    assert architecture_problems(saved, _layer_config(num_layers=4,
+                                                      moe_layer_freq="[1, 0]*2")) == []
+    assert architecture_problems(saved, _layer_config(num_layers=4, moe_layer_freq=[0, 1, 0, 1])
+                                 ) == ["model.moe_layer_freq=2 in the checkpoint but [0, 1, 0, 1] "
+                                       "here (other layers have experts)"]

@@ -12,16 +12,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from mp.checkpointing.storage import PlacedTensors
-from mp.model.config import TransformerConfig
+from mp.model.config import TransformerConfig, moe_layer_pattern
 
 #: Model fields that two checkpoints of "the same model" share (the rest, such as dropout,
-#: precision and the parallel layout, may change between save and load).
+#: precision and the parallel layout, may change between save and load); also which layers
+#: have experts, however ``moe_layer_freq`` says it.
 ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                 "kv_channels", "ffn_hidden_size", "vocab_size", "max_position_embeddings",
                 "normalization", "layernorm_zero_centered_gamma", "activation",
                 "position_embedding_type", "rotary_percent", "add_bias_linear",
                 "untie_embeddings_and_output_weights", "qk_layernorm", "num_moe_experts",
-                "moe_layer_freq", "moe_ffn_hidden_size")
+                "moe_ffn_hidden_size")
 
 
 def architecture_problems(saved: dict, config: TransformerConfig) -> list[str]:
@@ -33,8 +34,16 @@ def architecture_problems(saved: dict, config: TransformerConfig) -> list[str]:
              "qk_layernorm": False, "num_moe_experts": None, "moe_layer_freq": 1,
              "moe_ffn_hidden_size": None, **saved}  # older checkpoints lack these: they were
     # the defaults
-    return [f"model.{name}={saved.get(name)!r} in the checkpoint but {getattr(config, name)!r} "
-            "here" for name in ARCHITECTURE if saved.get(name) != getattr(config, name)]
+    problems = [f"model.{name}={saved.get(name)!r} in the checkpoint but "
+                f"{getattr(config, name)!r} here"
+                for name in ARCHITECTURE if saved.get(name) != getattr(config, name)]
+    saved_pattern = moe_layer_pattern(saved["num_layers"], saved["num_moe_experts"],
+                                      saved["moe_layer_freq"])
+    if not problems and saved_pattern != moe_layer_pattern(
+            config.num_layers, config.num_moe_experts, config.moe_layer_freq):
+        problems.append(f"model.moe_layer_freq={saved['moe_layer_freq']!r} in the checkpoint "
+                        f"but {config.moe_layer_freq!r} here (other layers have experts)")
+    return problems
 
 
 def vocab_problem(saved_rows: int, rows: int, config: TransformerConfig) -> str:

@@ -47,8 +47,9 @@ transformers 5 writes ``num_local_experts``, of width
 ``moe_intermediate_size``), named ``mlp.gate`` and ``mlp.experts.<e>.gate_proj``,
 ``up_proj``, ``down_proj``. With ``norm_topk_prob`` its top ``k`` are renormalized (mp's
 default routing); without, they are the softmax's own (mp's ``moe_router_pre_softmax``).
-Layers without experts (``decoder_sparse_step`` other than 1, ``mlp_only_layers``) are
-refused by name.
+Its dense layers (``mlp_only_layers``, and those ``decoder_sparse_step`` skips) have Llama's
+MLP of ``intermediate_size``; mp's ``moe_layer_freq`` holds the pattern, and ``mp-to-hf``
+writes it as ``mlp_only_layers``.
 """
 
 from __future__ import annotations
@@ -115,18 +116,19 @@ def _model_type(config: TransformerConfig) -> str:
     return "qwen3" if config.qk_layernorm else "llama"
 
 
-def _layer_pairs(config: TransformerConfig) -> tuple[tuple[str, str], ...]:
-    """(Hugging Face suffix, mp suffix) of a layer's weights other than q, k, v (and the
-    experts)."""
+def _layer_pairs(config: TransformerConfig, layer: int) -> tuple[tuple[str, str], ...]:
+    """(Hugging Face suffix, mp suffix) of ``layer``'s weights other than q, k, v (and the
+    experts): a dense MLP's as Llama names them, or a MoE layer's router."""
     experts = FAMILIES[_model_type(config)].experts
-    mlp = _LAYER_PAIRS[3:] if experts is None else ((f"{experts.block}.gate", "mlp.router"),)
+    mlp = _LAYER_PAIRS[3:] if not config.is_moe_layer(layer) \
+        else ((f"{experts.block}.gate", "mlp.router"),)
     return _LAYER_PAIRS[:3] + mlp + (_QK_NORM_PAIRS if config.qk_layernorm else ())
 
 
 def _expert_names(config: TransformerConfig, layer: int) -> list[tuple[list[str], str]]:
     """``([Hugging Face name of each expert], mp name)`` of a MoE layer's stacked weights."""
     experts = FAMILIES[_model_type(config)].experts
-    if experts is None:
+    if not config.is_moe_layer(layer):
         return []
     return [([f"layers.{layer}.{experts.block}.experts.{e}.{hf}.weight"
               for e in range(config.num_moe_experts)], f"decoder.layers.{layer}.mlp.experts.{mp}")
@@ -215,12 +217,12 @@ def _experts_from_hf(hf: dict, kind: str) -> dict:
                     moe_ffn_hidden_size=hf["intermediate_size"])
     if kind != "qwen3_moe":
         return {}
-    for key, value in (("decoder_sparse_step", 1), ("mlp_only_layers", [])):
-        if hf.get(key, value) != value:
-            raise ValueError(f"{key}={hf[key]!r}: mp's Qwen3-MoE needs {key}={value!r} (every "
-                             "layer's MLP a mixture of experts)")
+    step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
+    pattern = [int(i not in dense and (i + 1) % step == 0)
+               for i in range(hf["num_hidden_layers"])]
     experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]  # 5.x
     return dict(num_moe_experts=experts, moe_router_topk=hf["num_experts_per_tok"],
+                moe_layer_freq=1 if all(pattern) else pattern,
                 moe_ffn_hidden_size=hf["moe_intermediate_size"],
                 moe_router_pre_softmax=not hf.get("norm_topk_prob", False))
 
@@ -236,7 +238,8 @@ def _experts_to_hf(config: TransformerConfig, kind: str) -> dict:
     return {"num_experts": config.num_moe_experts, "num_experts_per_tok": config.moe_router_topk,
             "moe_intermediate_size": config.moe_ffn_hidden_size,
             "norm_topk_prob": not config.moe_router_pre_softmax, "decoder_sparse_step": 1,
-            "mlp_only_layers": []}
+            "mlp_only_layers": [i for i in range(config.num_layers)
+                                if not config.is_moe_layer(i)]}
 
 
 def hf_config(config: TransformerConfig) -> dict:
@@ -247,11 +250,12 @@ def hf_config(config: TransformerConfig) -> dict:
     needs = {"normalization": ("RMSNorm",), "activation": ("swiglu",),
              "position_embedding_type": ("rope",), "rotary_percent": (1.0,),
              "add_bias_linear": (False,)}
-    if kind == "mixtral":  # every layer's MLP experts, routed as Mixtral routes
-        needs.update(moe_layer_freq=(1,), moe_router_pre_softmax=(False,))
-    elif kind == "qwen3_moe":
-        needs.update(moe_layer_freq=(1,))
+    if kind == "mixtral":  # routed as Mixtral routes
+        needs.update(moe_router_pre_softmax=(False,))
     check_expressible(config, needs, FAMILIES[kind].name)
+    if kind == "mixtral" and not all(map(config.is_moe_layer, range(config.num_layers))):
+        raise ValueError(f"model.moe_layer_freq={config.moe_layer_freq!r}: Mixtral has experts "
+                         "in every layer")
     interpolation = config.rotary_seq_len_interpolation_factor
     if config.use_rope_scaling and interpolation is not None:
         raise ValueError("use_rope_scaling with rotary_seq_len_interpolation_factor: a Hugging "
@@ -302,7 +306,7 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
     tied = not config.untie_embeddings_and_output_weights
     check_keys(set(hf), {"embed_tokens.weight", "norm.weight"} | {
         f"layers.{i}.{name}.weight" for i in range(config.num_layers)
-        for name in (*_QKV, *(pair[0] for pair in _layer_pairs(config)))} | {
+        for name in (*_QKV, *(pair[0] for pair in _layer_pairs(config, i)))} | {
         name for i in range(config.num_layers) for names, _ in _expert_names(config, i)
         for name in names}, f"{FAMILIES[_model_type(config)].name} state dict")
     check_output_layer(head, hf["embed_tokens.weight"], tied, "embed_tokens")
@@ -315,7 +319,7 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
         src, dst = f"layers.{i}.", f"decoder.layers.{i}."
         mp[dst + "self_attention.query_key_value.weight"] = _qkv_to_mp(
             *(hf[f"{src}{name}.weight"] for name in _QKV), config.num_query_groups)
-        for hf_name, mp_name in _layer_pairs(config):
+        for hf_name, mp_name in _layer_pairs(config, i):
             mp[f"{dst}{mp_name}.weight"] = hf[f"{src}{hf_name}.weight"]
         for names, mp_name in _expert_names(config, i):
             mp[mp_name] = torch.stack([hf[name] for name in names])
@@ -337,7 +341,7 @@ def mp_to_hf(weights: dict[str, torch.Tensor],
         *(() if tied else ("output_layer.weight",))} | {
         f"decoder.layers.{i}.{name}.weight" for i in range(config.num_layers)
         for name in ("self_attention.query_key_value",
-                     *(pair[1] for pair in _layer_pairs(config)))} | {
+                     *(pair[1] for pair in _layer_pairs(config, i)))} | {
         mp_name for i in range(config.num_layers) for _, mp_name in _expert_names(config, i)},
         "mp checkpoint")
     hf = {"model.embed_tokens.weight": weights["embedding.word_embeddings.weight"][:vocab],
@@ -347,7 +351,7 @@ def mp_to_hf(weights: dict[str, torch.Tensor],
         qkv = _qkv_to_hf(weights[src + "self_attention.query_key_value.weight"],
                          config.num_attention_heads, config.num_query_groups)
         hf.update({f"{dst}{name}.weight": t for name, t in zip(_QKV, qkv)})
-        for hf_name, mp_name in _layer_pairs(config):
+        for hf_name, mp_name in _layer_pairs(config, i):
             hf[f"{dst}{hf_name}.weight"] = weights[f"{src}{mp_name}.weight"]
         for names, mp_name in _expert_names(config, i):
             hf.update({"model." + name: t for name, t in zip(names, weights[mp_name])})

@@ -180,7 +180,7 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
 UNSUPPORTED_PREFIXES: dict[str, str] = {
     "--fp8": "mp has no FP8 training (Transformer Engine); use --bf16",
     "--moe-": ("mp's mixture of experts has no such option: it has --num-experts, "
-               "--moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq (a number), "
+               "--moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
                "--moe-router-pre-softmax, --moe-router-load-balancing-type aux_loss|none, "
                "--moe-aux-loss-coeff, --moe-z-loss-coeff, --expert-model-parallel-size "
                "(dropless top-k routing, docs/training.md)"),

@@ -7,6 +7,7 @@ group exists, with messages that name the value and the rule.
 
 from __future__ import annotations
 
+import ast
 import math
 from dataclasses import dataclass
 
@@ -84,7 +85,9 @@ class TransformerConfig:
     sequence_parallel: bool = False
     # mixture of experts (mp.model.moe; Megatron's --num-experts, --moe-*)
     num_moe_experts: int | None = None  # experts per MoE layer; None: every MLP is dense
-    moe_layer_freq: int = 1  # every this-many-th layer (0-based index divisible by it) is MoE
+    moe_layer_freq: int | list[int] | str = 1  # MoE every this-many-th layer (0-based index
+    # divisible by it), or a 0/1 flag per layer, or Megatron's expression of one:
+    # "([0]*3+[1]*58)" (3 dense layers, then MoE)
     moe_router_topk: int = 2  # experts each token goes to
     moe_ffn_hidden_size: int | None = None  # an expert's hidden size; default ffn_hidden_size
     moe_router_pre_softmax: bool = False  # softmax over all experts, then top k (the k
@@ -210,8 +213,16 @@ class TransformerConfig:
                                  "mixture-of-experts model)")
             return
         _positive_int("num_moe_experts", e)
-        for name in ("moe_layer_freq", "moe_router_topk"):
-            _positive_int(name, getattr(self, name))
+        _positive_int("moe_router_topk", self.moe_router_topk)
+        if isinstance(self.moe_layer_freq, str):
+            self.moe_layer_freq = layer_pattern(self.moe_layer_freq)
+        if isinstance(self.moe_layer_freq, list):
+            pattern = self.moe_layer_freq
+            if len(pattern) != self.num_layers or not set(pattern) <= {0, 1}:
+                raise ValueError(f"moe_layer_freq={pattern} must hold a 0 (dense) or 1 (MoE) "
+                                 f"for each of the num_layers={self.num_layers} layers")
+        else:
+            _positive_int("moe_layer_freq", self.moe_layer_freq)
         if self.moe_router_topk > e:
             raise ValueError(f"moe_router_topk={self.moe_router_topk} exceeds "
                              f"num_moe_experts={e}")
@@ -234,7 +245,8 @@ class TransformerConfig:
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether layer ``index`` (0-based over the model) has experts instead of an MLP."""
-        return self.num_moe_experts is not None and index % self.moe_layer_freq == 0
+        return bool(moe_layer_pattern(self.num_layers, self.num_moe_experts,
+                                      self.moe_layer_freq)[index])
 
     # --- derived sizes ---------------------------------------------------------------------
 
@@ -283,6 +295,48 @@ class TransformerConfig:
     @property
     def params_dtype(self) -> torch.dtype:
         return _PRECISIONS[self.precision]
+
+
+def moe_layer_pattern(num_layers: int, num_moe_experts: int | None,
+                      moe_layer_freq: int | list[int]) -> tuple[int, ...]:
+    """1 for each layer with experts, 0 for each dense one."""
+    if num_moe_experts is None:
+        return (0,) * num_layers
+    if isinstance(moe_layer_freq, list):
+        return tuple(moe_layer_freq)
+    return tuple(int(i % moe_layer_freq == 0) for i in range(num_layers))
+
+
+def layer_pattern(text: str) -> list[int]:
+    """Megatron's ``--moe-layer-freq`` expression, lists of integers joined by ``+`` and
+    repeated by ``*`` (``"([1]*3+[0])*2"``), as a list; read without ``eval``."""
+    def value(node):
+        if isinstance(node, (ast.List, ast.Tuple)):
+            return [item for element in node.elts for item in _as_list(value(element))]
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Add) and isinstance(left, list) \
+                    and isinstance(right, list):
+                return left + right
+            if isinstance(node.op, ast.Mult) and isinstance(left, list) \
+                    and isinstance(right, int):
+                return left * right
+        raise ValueError
+    try:
+        pattern = value(ast.parse(text.strip(), mode="eval").body)
+        if not isinstance(pattern, list):
+            raise ValueError
+    except (SyntaxError, ValueError, RecursionError):
+        raise ValueError(f"moe_layer_freq={text!r} must be an integer, a list of 0/1 per layer "
+                         "or an expression of lists joined by + and repeated by * such as "
+                         "'([0]*3+[1]*58)'") from None
+    return pattern
+
+
+def _as_list(item) -> list:
+    return item if isinstance(item, list) else [item]
 
 
 def _swiglu_ffn(hidden: int) -> int:
