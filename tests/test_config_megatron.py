@@ -152,8 +152,8 @@ def test_flags_without_effect_say_why():
      "--moe-expert-capacity-factor: mp's mixture of experts has no such option: it has "
      "--num-experts, --moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
      "--moe-router-pre-softmax, --moe-router-load-balancing-type aux_loss|none, "
-     "--moe-aux-loss-coeff, --moe-z-loss-coeff, --expert-model-parallel-size (dropless top-k "
-     "routing, docs/training.md)"),
+     "--moe-aux-loss-coeff, --moe-z-loss-coeff, --moe-shared-expert-intermediate-size, "
+     "--expert-model-parallel-size (dropless top-k routing, docs/training.md)"),
     (["--use-torch-fsdp2"], ("--use-torch-fsdp2: mp has no FSDP; --use-distributed-optimizer "
                              "shards the optimizer state over data parallel")),
     (["--apply-residual-connection-post-layernorm"], (

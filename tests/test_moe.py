@@ -8,8 +8,8 @@
 - Whole training runs (fp32, gradient clipping active, auxiliary losses on, every other layer
   MoE) at EP 2, TP 2 + SP x EP 2, TP 2 x EP 2 (no SP, distributed optimizer), PP 2 x EP 2,
   DP 4 x EP 2 (two ranks hold each expert) with and without the distributed optimizer,
-  EP 4, TP 2 + SP x EP 2 with full recompute (the token exchange runs again in backward), and
-  with context parallelism CP 2 x EP 2 (the EP group spans the CP ranks) and
+  EP 4, TP 2 + SP x EP 2 with a shared expert, TP 2 + SP x EP 2 with full recompute (the
+  token exchange runs again in backward), and with context parallelism CP 2 x EP 2 (the EP group spans the CP ranks) and
   CP 2 x DP 2 x EP 4 (distributed optimizer), from the same weights as one process on
   the same micro-batches: losses, gradient norms and every weight after training to 1e-5.
 - A checkpoint written at EP 2 loads at EP 1, TP 2 x EP 2 and EP 4 and continues the run.
@@ -69,6 +69,15 @@ def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
                 hidden = act[cfg.activation](up)
             y = ex.fc2_weight[e] @ hidden + (0 if ex.fc2_bias is None else ex.fc2_bias[e])
             out = out + p * y
+        if layer.shared_experts is not None:  # the dense MLP every token takes too
+            shared = layer.shared_experts
+            up = shared.linear_fc1.weight @ token + _bias(shared.linear_fc1)
+            if cfg.activation == "swiglu":
+                gate = shared.linear_gate.weight @ token + _bias(shared.linear_gate)
+                hidden = gate * torch.sigmoid(gate) * up
+            else:
+                hidden = act[cfg.activation](up)
+            out = out + shared.linear_fc2.weight @ hidden + _bias(shared.linear_fc2)
         outputs.append(out)
         chosen += experts.tolist()
     n, num = len(tokens), cfg.num_moe_experts
@@ -79,6 +88,10 @@ def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
     z = (cfg.moe_z_loss_coeff or 0.0) * sum(v ** 2 for v in lse) / n
     logged = {"load_balancing_loss": num * balance, "z_loss": sum(v ** 2 for v in lse) / n}
     return torch.stack(outputs).view_as(x), aux + z, logged
+
+
+def _bias(linear) -> torch.Tensor | float:
+    return 0.0 if linear.bias is None else linear.bias
 
 
 def _layer_vs_reference(overrides: dict) -> None:
@@ -120,8 +133,12 @@ def _layer_vs_reference(overrides: dict) -> None:
 @pytest.mark.parametrize("overrides", [
     {}, {"activation": "swiglu", "moe_router_topk": 3}, {"moe_router_pre_softmax": True},
     {"activation": "squared_relu", "add_bias_linear": False, "moe_router_topk": 1},
-    {"moe_z_loss_coeff": None, "moe_router_load_balancing_type": "none"}],
-    ids=["gelu-top2", "swiglu-top3", "pre-softmax", "no-bias-top1", "no-aux-loss"])
+    {"moe_z_loss_coeff": None, "moe_router_load_balancing_type": "none"},
+    {"moe_shared_expert_intermediate_size": 20},
+    {"moe_shared_expert_intermediate_size": 16, "activation": "swiglu",
+     "add_bias_linear": False}],
+    ids=["gelu-top2", "swiglu-top3", "pre-softmax", "no-bias-top1", "no-aux-loss",
+         "shared-expert", "swiglu-shared-expert-no-bias"])
 def test_layer_matches_a_token_by_token_reference(overrides):
     run_distributed(1, _layer_vs_reference, overrides)
 
@@ -170,17 +187,19 @@ def serial_run():
     (4, 1, 1, 2, False, {}),
     (4, 1, 1, 2, True, {}),
     (4, 1, 1, 4, False, {"activation": "swiglu"}),
+    (4, 2, 1, 2, False, {"sequence_parallel": True, "moe_shared_expert_intermediate_size": 32}),
     (2, 1, 1, 2, False, {"cp": 2}),
     (4, 2, 1, 2, False, {"sequence_parallel": True, "recompute_granularity": "full",
                          "recompute_method": "uniform", "recompute_num_layers": 1}),
     (4, 1, 1, 4, True, {"cp": 2}),
 ], ids=["EP2", "TP2-SPxEP2", "TP2xEP2-distributed-optimizer", "PP2xEP2", "DP4xEP2",
-        "DP4xEP2-distributed-optimizer", "EP4-swiglu", "CP2xEP2", "TP2-SPxEP2-full-recompute",
+        "DP4xEP2-distributed-optimizer", "EP4-swiglu", "TP2-SPxEP2-shared-expert", "CP2xEP2",
+        "TP2-SPxEP2-full-recompute",
         "CP2xDP2xEP4-distopt"])
 def test_training_follows_one_process(serial_run, world, tp, pp, ep, distributed_optimizer,
                                       overrides):
     whole, serial = serial_run
-    if overrides.get("activation") == "swiglu":  # another model: its own serial run
+    if set(overrides) & {"activation", "moe_shared_expert_intermediate_size"}:  # another model
         whole = assemble(run_distributed(1, _initial_weights, **overrides))
         serial = run_distributed(1, _train, 1, 1, 1, whole, **overrides)[0]
     runs = run_distributed(world, _train, tp, pp, ep, whole, distributed_optimizer,
@@ -287,8 +306,9 @@ def _counted_flops(overrides: dict) -> tuple[float, float]:
     return counter.get_total_flops(), training_flops(cfg, 2, recompute=None)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"activation": "swiglu", "moe_router_topk": 3}],
-                         ids=["gelu-top2", "swiglu-top3"])
+@pytest.mark.parametrize("overrides", [{}, {"activation": "swiglu", "moe_router_topk": 3},
+                                       {"moe_shared_expert_intermediate_size": 40}],
+                         ids=["gelu-top2", "swiglu-top3", "shared-expert"])
 def test_flops_equal_what_torch_counts(overrides):
     counted, formula = run_distributed(1, _counted_flops, overrides)[0]
     assert counted == formula

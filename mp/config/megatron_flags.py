@@ -31,6 +31,7 @@ _MEGATRON_NAMES = {
         "cp_comm_type", "moe_router_topk", "moe_ffn_hidden_size", "moe_aux_loss_coeff",
         "moe_z_loss_coeff", "moe_router_load_balancing_type", "moe_layer_freq",
         "expert_model_parallel_size", "expert_tensor_parallel_size",
+        "moe_shared_expert_intermediate_size",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
@@ -182,7 +183,8 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
     "--moe-": ("mp's mixture of experts has no such option: it has --num-experts, "
                "--moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
                "--moe-router-pre-softmax, --moe-router-load-balancing-type aux_loss|none, "
-               "--moe-aux-loss-coeff, --moe-z-loss-coeff, --expert-model-parallel-size "
+               "--moe-aux-loss-coeff, --moe-z-loss-coeff, "
+               "--moe-shared-expert-intermediate-size, --expert-model-parallel-size "
                "(dropless top-k routing, docs/training.md)"),
 }
 #: Megatron-LM flags that take values of which mp has some -> (the values mp has, why).

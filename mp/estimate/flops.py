@@ -11,8 +11,8 @@ the forward costs, with ``n = b s`` tokens:
   although a causal kernel skips half of it);
 - MLP ``4 n h f`` (GeLU) or ``6 n h f`` (SwiGLU's gate); a mixture-of-experts layer
   (`mp.model.moe`) runs ``k`` experts of width ``f_e`` (``moe_ffn_hidden_size``) per token,
-  ``4 n h f_e k`` (``6 ...`` for SwiGLU), plus the router's ``2 n h E`` (Megatron leaves the
-  router out);
+  ``4 n h f_e k`` (``6 ...`` for SwiGLU), plus a shared expert's ``4 n h f_s`` and the
+  router's ``2 n h E`` (Megatron leaves the router out);
 
 and the logits ``2 n h V``. Training is three forwards' worth; full recompute adds one more
 forward of every layer, selective recompute one more of the attention scores. For GPT-3's
@@ -36,7 +36,9 @@ def layer_forward_flops(cfg: TransformerConfig, sequences: int,
     tokens = sequences * s
     mlp_matrices = 3 if cfg.activation == "swiglu" else 2
     mlp = mlp_matrices * f if not moe else (
-        mlp_matrices * cfg.moe_ffn_hidden_size * cfg.moe_router_topk + cfg.num_moe_experts)
+        mlp_matrices * (cfg.moe_ffn_hidden_size * cfg.moe_router_topk
+                        + (cfg.moe_shared_expert_intermediate_size or 0))
+        + cfg.num_moe_experts)
     dense = 2 * tokens * h * (cfg.qkv_size + q + mlp)
     scores = 2 * 2 * sequences * s * s * q
     return scores, dense

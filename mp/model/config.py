@@ -90,6 +90,8 @@ class TransformerConfig:
     # "([0]*3+[1]*58)" (3 dense layers, then MoE)
     moe_router_topk: int = 2  # experts each token goes to
     moe_ffn_hidden_size: int | None = None  # an expert's hidden size; default ffn_hidden_size
+    moe_shared_expert_intermediate_size: int | None = None  # a dense MLP this wide beside the
+    # routed experts, every token through it (DeepSeek's shared experts, their widths summed)
     moe_router_pre_softmax: bool = False  # softmax over all experts, then top k (the k
     # probabilities sum to less than 1); default top k of the logits, then softmax over those
     moe_router_load_balancing_type: str = "aux_loss"  # aux_loss (Switch's) | none
@@ -232,6 +234,11 @@ class TransformerConfig:
         _divisible("moe_ffn_hidden_size", self.moe_ffn_hidden_size,
                    "tensor_model_parallel_size", tp)
         _divisible("num_moe_experts", e, "expert_model_parallel_size", ep)
+        shared = self.moe_shared_expert_intermediate_size
+        if shared is not None:
+            _positive_int("moe_shared_expert_intermediate_size", shared)
+            _divisible("moe_shared_expert_intermediate_size", shared,
+                       "tensor_model_parallel_size", tp)
         _one_of("moe_router_load_balancing_type", self.moe_router_load_balancing_type,
                 ("aux_loss", "none"))
         for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):

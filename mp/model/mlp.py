@@ -13,7 +13,8 @@ from mp.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
 class MLP(nn.Module):
-    """``[s, b, h] -> [s, b, ffn / t] -> act -> (output [s, b, h], bias)``.
+    """``[s, b, h] -> [s, b, ffn / t] -> act -> (output [s, b, h], bias)``; ``ffn`` is
+    ``config.ffn_hidden_size`` unless ``ffn_hidden_size`` is given (shared experts).
 
     GeLU: ``fc2(gelu(fc1 x))``, exact (erf) or, for ``activation="gelu_tanh"``, the tanh
     approximation GPT-2 was trained with (Hugging Face's ``gelu_new``, Megatron's
@@ -32,12 +33,13 @@ class MLP(nn.Module):
     ``[s, b, ffn / t]`` tensors instead of three.
     """
 
-    def __init__(self, config: TransformerConfig, group=None):
+    def __init__(self, config: TransformerConfig, group=None, ffn_hidden_size: int | None = None):
         super().__init__()
         kw = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel,
                   params_dtype=config.params_dtype, group=group)
         init = init_method(config)
-        h, ffn = config.hidden_size, config.ffn_hidden_size
+        h = config.hidden_size
+        ffn = config.ffn_hidden_size if ffn_hidden_size is None else ffn_hidden_size
         self.activation = config.activation
         self.swiglu = config.activation == "swiglu"
         self.fused = config.bias_activation_fusion

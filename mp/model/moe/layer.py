@@ -8,6 +8,7 @@ from torch import nn
 
 from mp import parallel_state
 from mp.model.config import TransformerConfig
+from mp.model.mlp import MLP
 from mp.model.moe.dispatcher import TokenDispatcher
 from mp.model.moe.experts import Experts
 from mp.model.moe.router import TopKRouter
@@ -33,6 +34,8 @@ class MoELayer(nn.Module):
     `parallel_state`'s; `TokenDispatcher` moves the tokens). Under context parallelism each
     rank routes its own tokens; the routers' auxiliary losses count the whole sequences
     (``context_group``, default `parallel_state`'s when ``context_parallel_size > 1``).
+    With ``moe_shared_expert_intermediate_size`` a dense `MLP` of that width (``shared_experts``,
+    Megatron's name) takes every token too and its output is added.
     """
 
     def __init__(self, config: TransformerConfig, group=None, expert_group=None,
@@ -55,8 +58,14 @@ class MoELayer(nn.Module):
         self.router = TopKRouter(config, aux_loss_weight=cp / self.tp, context_group=context_group)
         self.experts = Experts(config, self.group, ep_rank, ep)
         self.dispatcher = TokenDispatcher(config.num_moe_experts, expert_group)
+        shared = config.moe_shared_expert_intermediate_size
+        self.shared_experts = None if shared is None else MLP(config, self.group, shared)
 
     def forward(self, hidden: torch.Tensor):
+        shared = None
+        if self.shared_experts is not None:
+            shared, bias = self.shared_experts(hidden)
+            shared = shared if bias is None else shared + bias
         sequence_parallel = self.config.sequence_parallel
         if self.tp > 1:
             enter = gather_from_sequence_parallel_region if sequence_parallel \
@@ -71,4 +80,4 @@ class MoELayer(nn.Module):
             leave = reduce_scatter_to_sequence_parallel_region if sequence_parallel \
                 else reduce_from_tensor_model_parallel_region
             output = leave(output, group=self.group)
-        return output, None
+        return (output if shared is None else output + shared), None
