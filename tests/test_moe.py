@@ -9,9 +9,10 @@
   MoE) at EP 2, TP 2 + SP x EP 2, TP 2 x EP 2 (no SP, distributed optimizer), PP 2 x EP 2,
   DP 4 x EP 2 (two ranks hold each expert) with and without the distributed optimizer,
   EP 4, TP 2 + SP x EP 2 with a shared expert, TP 2 + SP x EP 2 with full recompute (the
-  token exchange runs again in backward), and with context parallelism CP 2 x EP 2 (the EP group spans the CP ranks) and
-  CP 2 x DP 2 x EP 4 (distributed optimizer), from the same weights as one process on
-  the same micro-batches: losses, gradient norms and every weight after training to 1e-5.
+  token exchange runs again in backward), and with context parallelism CP 2 x EP 2 (the EP
+  group spans the CP ranks) and CP 2 x DP 2 x EP 4 (distributed optimizer), from the same
+  weights as one process on the same micro-batches: losses, gradient norms and every weight
+  after training to 1e-5.
 - A checkpoint written at EP 2 loads at EP 1, TP 2 x EP 2 and EP 4 and continues the run.
 - The FLOPs formula equals what torch's FLOP counter counts.
 - The rank layout of expert groups (Megatron's) and the config's rules.
