@@ -39,64 +39,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class RankLayout:
-    """Every group of each kind, as lists of global ranks (pure arithmetic, no processes)."""
-
-    tensor: list[list[int]]
-    context: list[list[int]]
-    data: list[list[int]]
-    data_with_context: list[list[int]]  # DP x CP: the ranks that reduce gradients together
-    pipeline: list[list[int]]
-    model: list[list[int]]
-    embedding: list[list[int]]
-    expert: list[list[int]]  # EP: the ranks that hold the different experts of a layer
-    expert_data: list[list[int]]  # EDP: the ranks that hold the same experts
-
-
-def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
-                pipeline_model_parallel_size: int = 1,
-                context_parallel_size: int = 1, expert_model_parallel_size: int = 1
-                ) -> RankLayout:
-    """Megatron's group layout for ``world_size`` ranks; raises ValueError on impossible sizes."""
-    tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
-    ep = expert_model_parallel_size
-    for name, value in (("world_size", world_size), ("tensor_model_parallel_size", tp),
-                        ("pipeline_model_parallel_size", pp), ("context_parallel_size", cp),
-                        ("expert_model_parallel_size", ep)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive integer")
-    if world_size % (tp * pp * cp) != 0:
-        raise ValueError(
-            f"world_size={world_size} is not divisible by tensor_model_parallel_size={tp} "
-            f"x pipeline_model_parallel_size={pp}" + (
-                f" x context_parallel_size={cp}" if cp > 1 else "") + f" = {tp * pp * cp}")
-    dp = world_size // (tp * pp * cp)
-    if (dp * cp) % ep:
-        raise ValueError(f"expert_model_parallel_size={ep} does not divide data_parallel_size x "
-                         f"context_parallel_size = {dp} x {cp} = {dp * cp} (world_size="
-                         f"{world_size}): the expert-parallel ranks are data-parallel ones")
-    coords = [(t, c, d, p) for p in range(pp) for d in range(dp) for c in range(cp)
-              for t in range(tp)]  # in rank order
-    # experts' coordinates: (t, e, edp, p) from the flat DP x CP index c + CP d
-    expert_coords = [(t, (c + cp * d) % ep, (c + cp * d) // ep, p) for t, c, d, p in coords]
-
-    def groups(*varying: int, of: list[tuple] = coords) -> list[list[int]]:
-        """The groups whose ranks differ only in the coordinates ``varying`` (0 t, 1 c, 2 d,
-        3 p; experts' 1 e, 2 edp), each in rank order, the groups ordered by their first
-        rank."""
-        found: dict[tuple, list[int]] = {}
-        for rank, xs in enumerate(of):
-            key = tuple(x for i, x in enumerate(xs) if i not in varying)
-            found.setdefault(key, []).append(rank)
-        return sorted(found.values())
-
-    pipeline = groups(3)
-    return RankLayout(tensor=groups(0), context=groups(1), data=groups(2),
-                      data_with_context=groups(1, 2), pipeline=pipeline, model=groups(0, 3),
-                      embedding=[sorted({g[0], g[-1]}) for g in pipeline],
-                      expert=groups(1, of=expert_coords), expert_data=groups(2, of=expert_coords))
+from mp.rank_layout import RankLayout, rank_layout  # noqa: F401  (``ps.rank_layout`` too)
 
 
 @dataclass
