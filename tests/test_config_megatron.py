@@ -153,7 +153,11 @@ def test_flags_without_effect_say_why():
      "--num-experts, --moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
      "--moe-router-pre-softmax, --moe-router-load-balancing-type aux_loss|none, "
      "--moe-aux-loss-coeff, --moe-z-loss-coeff, --moe-shared-expert-intermediate-size, "
-     "--expert-model-parallel-size (dropless top-k routing, docs/training.md)"),
+     "--moe-router-dtype, --expert-model-parallel-size (dropless top-k softmax routing, "
+     "docs/training.md)"),
+    (["--moe-router-score-function", "sigmoid"], (
+        "--moe-router-score-function sigmoid: mp's routers score experts by softmax; only "
+        "softmax is accepted")),
     (["--use-torch-fsdp2"], ("--use-torch-fsdp2: mp has no FSDP; --use-distributed-optimizer "
                              "shards the optimizer state over data parallel")),
     (["--apply-residual-connection-post-layernorm"], (
@@ -267,6 +271,26 @@ def test_dataloader_type_and_data_sharding():
         "data.dataloader_type='external' hands Megatron a data iterator of the user's own")
     assert error_of("--dataloader-type", "random") == (
         "data.dataloader_type='random' must be one of 'single', 'cyclic'")
+
+
+# The MoE part of a Megatron-LM script for Qwen3-30B-A3B (slime's scripts/models), as
+# written: the layer pattern quoted twice, as bash hands it over.
+QWEN3_30B_A3B_MOE = [
+    "--moe-ffn-hidden-size", "768", "--moe-router-score-function", "softmax",
+    "--moe-token-dispatcher-type", "alltoall", "--moe-router-topk", "8",
+    "--moe-layer-freq", "'([1]*48)'", "--num-experts", "128", "--moe-grouped-gemm",
+    "--moe-token-drop-policy", "probs", "--moe-router-dtype", "fp32", "--moe-permute-fusion",
+    "--moe-aux-loss-coeff", "0"]
+
+
+def test_a_qwen3_moe_script_parses_as_written():
+    argv = ["--config", TINY, "--num-layers", "48", *QWEN3_30B_A3B_MOE]
+    m = parse_args(argv, world_size=4).model
+    assert (m.num_moe_experts, m.moe_router_topk, m.moe_ffn_hidden_size, m.moe_router_dtype,
+            m.moe_layer_freq) == (128, 8, 768, "fp32", [1] * 48)
+    assert [line.split(" has no effect")[0] for line in flag_notices(argv)] == [
+        "notice: --moe-token-dispatcher-type alltoall", "notice: --moe-grouped-gemm",
+        "notice: --moe-token-drop-policy probs", "notice: --moe-permute-fusion"]
 
 
 def test_mixture_of_experts_flags():

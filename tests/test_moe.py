@@ -351,3 +351,27 @@ def test_a_checkpoint_fits_the_same_experts_however_the_pattern_is_written():
     assert architecture_problems(saved, _layer_config(num_layers=4, moe_layer_freq=[0, 1, 0, 1])
                                  ) == ["model.moe_layer_freq=2 in the checkpoint but [0, 1, 0, 1] "
                                        "here (other layers have experts)"]
+
+
+def _router_in(dtype_name: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a bf16 router's probabilities, the same from fp32 logits of its bf16 tokens and
+    weight)."""
+    ps.initialize_model_parallel(1)
+    torch.manual_seed(2)
+    layer = MoELayer(_layer_config(precision="bf16", moe_router_dtype=dtype_name)).eval()
+    tokens = torch.randn(64, 8).to(torch.bfloat16)
+    probs, chosen = layer.router(tokens)
+    logits = torch.nn.functional.linear(tokens.float(), layer.router.weight.float())
+    top, experts = torch.topk(logits, 2, dim=-1)
+    if dtype_name is not None:
+        assert torch.equal(chosen, experts)
+    return probs.detach(), torch.softmax(top, dim=-1).detach()
+
+
+def test_the_router_computes_its_logits_in_moe_router_dtype():
+    """``moe_router_dtype="fp32"``: a bf16 model's router multiplies in fp32 (Megatron's
+    ``--moe-router-dtype fp32``); without it the product is bf16 and differs."""
+    fp32, reference = run_distributed(1, _router_in, "fp32")[0]
+    assert torch.equal(fp32, reference)
+    bf16, reference = run_distributed(1, _router_in, None)[0]
+    assert not torch.equal(bf16, reference)

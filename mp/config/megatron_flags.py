@@ -31,7 +31,7 @@ _MEGATRON_NAMES = {
         "cp_comm_type", "moe_router_topk", "moe_ffn_hidden_size", "moe_aux_loss_coeff",
         "moe_z_loss_coeff", "moe_router_load_balancing_type", "moe_layer_freq",
         "expert_model_parallel_size", "expert_tensor_parallel_size",
-        "moe_shared_expert_intermediate_size",
+        "moe_shared_expert_intermediate_size", "moe_router_dtype",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
@@ -164,6 +164,8 @@ NO_EFFECT_FLAGS: dict[str, tuple[int, str]] = {
     "--moe-grouped-gemm": (0, ("mp runs a rank's experts one after another (the results are "
                               "the same)")),
     "--moe-permute-fusion": (0, "mp sorts the tokens by expert with torch's own kernels"),
+    "--moe-token-drop-policy": (1, ("mp's routing is dropless: which tokens a full expert drops "
+                                   "matters only with a capacity factor")),
 }
 
 #: Megatron-LM flags of features mp does not have -> what to say when one is given
@@ -184,14 +186,16 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
                "--moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
                "--moe-router-pre-softmax, --moe-router-load-balancing-type aux_loss|none, "
                "--moe-aux-loss-coeff, --moe-z-loss-coeff, "
-               "--moe-shared-expert-intermediate-size, --expert-model-parallel-size "
-               "(dropless top-k routing, docs/training.md)"),
+               "--moe-shared-expert-intermediate-size, --moe-router-dtype, "
+               "--expert-model-parallel-size (dropless top-k softmax routing, "
+               "docs/training.md)"),
 }
 #: Megatron-LM flags that take values of which mp has some -> (the values mp has, why).
 CHOICE_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "--recompute-modules": (("core_attn",), ("mp's selective recompute (--recompute-activations) "
                                              "recomputes the attention core only")),
     "--optimizer": (("adam",), "mp trains with AdamW (Megatron's adam)"),
+    "--moe-router-score-function": (("softmax",), "mp's routers score experts by softmax"),
 }
 
 VIRTUAL_STAGE_FLAG = "--num-layers-per-virtual-pipeline-stage"

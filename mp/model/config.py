@@ -92,6 +92,8 @@ class TransformerConfig:
     moe_ffn_hidden_size: int | None = None  # an expert's hidden size; default ffn_hidden_size
     moe_shared_expert_intermediate_size: int | None = None  # a dense MLP this wide beside the
     # routed experts, every token through it (DeepSeek's shared experts, their widths summed)
+    moe_router_dtype: str | None = None  # fp32 | fp64: the router's matrix product in this
+    # dtype (Megatron's --moe-router-dtype); None: the model's, the softmax in fp32 either way
     moe_router_pre_softmax: bool = False  # softmax over all experts, then top k (the k
     # probabilities sum to less than 1); default top k of the logits, then softmax over those
     moe_router_load_balancing_type: str = "aux_loss"  # aux_loss (Switch's) | none
@@ -241,6 +243,7 @@ class TransformerConfig:
                        "tensor_model_parallel_size", tp)
         _one_of("moe_router_load_balancing_type", self.moe_router_load_balancing_type,
                 ("aux_loss", "none"))
+        _one_of("moe_router_dtype", self.moe_router_dtype, (None, "fp32", "fp64"))
         for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
@@ -318,6 +321,8 @@ def layer_pattern(text: str) -> list[int]:
     """Megatron's ``--moe-layer-freq`` expression, lists of integers joined by ``+`` and
     repeated by ``*`` (``"([1]*3+[0])*2"``), as a list; read without ``eval``."""
     def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):  # quoted once more
+            return value(ast.parse(node.value.strip(), mode="eval").body)
         if isinstance(node, (ast.List, ast.Tuple)):
             return [item for element in node.elts for item in _as_list(value(element))]
         if isinstance(node, ast.Constant) and type(node.value) is int:

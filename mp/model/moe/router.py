@@ -20,10 +20,14 @@ from mp.model.moe.aux_loss import (
 from mp.tensor_parallel import reduce_from_tensor_model_parallel_region
 
 
+_ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+
 class TopKRouter(nn.Module):
     """``tokens [N, h] -> (probs [N, k] fp32, experts [N, k] int64)``.
 
-    Logits ``tokens W^T`` with ``W [E, h]`` (in fp32, or the tokens' dtype if wider), then
+    Logits ``tokens W^T`` with ``W [E, h]`` (the product in ``moe_router_dtype`` when set, the
+    rest in fp32, or the tokens' dtype if wider), then
     either the top ``k`` logits and a softmax over them (the default: each token's ``k``
     weights sum to 1, as Mixtral's) or, with
     ``moe_router_pre_softmax``, a softmax over every expert and its top ``k``. While training,
@@ -56,7 +60,11 @@ class TopKRouter(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
-        logits = at_least_fp32(F.linear(tokens, self.weight))  # [N, E]
+        dtype = _ROUTER_DTYPES.get(cfg.moe_router_dtype)
+        if dtype is None:
+            logits = at_least_fp32(F.linear(tokens, self.weight))  # [N, E]
+        else:
+            logits = F.linear(tokens.to(dtype), self.weight.to(dtype))
         scores = torch.softmax(logits, dim=-1) if cfg.moe_router_pre_softmax else None
         if scores is not None:
             probs, experts = torch.topk(scores, self.topk, dim=-1)
