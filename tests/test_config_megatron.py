@@ -153,11 +153,10 @@ def test_flags_without_effect_say_why():
      "--num-experts, --moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
      "--moe-router-pre-softmax, --moe-router-load-balancing-type aux_loss|none, "
      "--moe-aux-loss-coeff, --moe-z-loss-coeff, --moe-shared-expert-intermediate-size, "
-     "--moe-router-dtype, --expert-model-parallel-size (dropless top-k softmax routing, "
+     "--moe-router-dtype, --moe-router-score-function softmax|sigmoid, "
+     "--moe-router-topk-scaling-factor, --moe-router-enable-expert-bias, "
+     "--moe-router-bias-update-rate, --expert-model-parallel-size (dropless top-k routing, "
      "docs/training.md)"),
-    (["--moe-router-score-function", "sigmoid"], (
-        "--moe-router-score-function sigmoid: mp's routers score experts by softmax; only "
-        "softmax is accepted")),
     (["--use-torch-fsdp2"], ("--use-torch-fsdp2: mp has no FSDP; --use-distributed-optimizer "
                              "shards the optimizer state over data parallel")),
     (["--apply-residual-connection-post-layernorm"], (
@@ -316,6 +315,17 @@ def test_mixture_of_experts_flags():
     assert error_of("--num-layers", "4", "--num-experts", "4", "--moe-layer-freq",
                     "[1,0]") == ("moe_layer_freq=[1, 0] must hold a 0 (dense) or 1 (MoE) "
                                  "for each of the num_layers=4 layers")
+    deepseek = parse_args(["--config", TINY, "--num-experts", "8", "--moe-router-topk", "4",
+                           "--moe-router-score-function", "sigmoid",
+                           "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate",
+                           "1e-3", "--moe-router-topk-scaling-factor", "2.5"],
+                          world_size=4).model  # DeepSeek-V3's routing flags
+    assert (deepseek.moe_router_score_function, deepseek.moe_router_enable_expert_bias,
+            deepseek.moe_router_bias_update_rate, deepseek.moe_router_topk_scaling_factor) \
+        == ("sigmoid", True, 1e-3, 2.5)
+    assert error_of("--num-experts", "8", "--moe-router-enable-expert-bias") == (
+        "moe_router_enable_expert_bias=True needs moe_router_score_function='sigmoid' (mp's "
+        "expert bias)")
     assert error_of("--tensor-model-parallel-size", "1", "--num-experts", "8",
                     "--expert-model-parallel-size", "8", world_size=4) == (
         "model.expert_model_parallel_size=8 does not divide data_parallel_size=4 "

@@ -52,13 +52,22 @@ def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
     for token in tokens:
         logits = weight @ token
         softmax = torch.exp(logits - logits.max()) / torch.exp(logits - logits.max()).sum()
-        all_probs.append(softmax)
         lse.append(torch.log(torch.exp(logits).sum()))
-        if cfg.moe_router_pre_softmax:
+        if cfg.moe_router_score_function == "sigmoid":
+            sigmoid = 1 / (1 + torch.exp(-logits))
+            all_probs.append(sigmoid / sigmoid.sum())
+            bias = layer.router.expert_bias
+            _, experts = torch.topk(sigmoid + (0 if bias is None else bias), cfg.moe_router_topk)
+            probs = sigmoid[experts]
+            probs = probs / probs.sum() if cfg.moe_router_topk > 1 else probs
+        elif cfg.moe_router_pre_softmax:
+            all_probs.append(softmax)
             probs, experts = torch.topk(softmax, cfg.moe_router_topk)
         else:
+            all_probs.append(softmax)
             top, experts = torch.topk(logits, cfg.moe_router_topk)
             probs = torch.exp(top) / torch.exp(top).sum()
+        probs = probs * (cfg.moe_router_topk_scaling_factor or 1.0)
         out = torch.zeros_like(token)
         for p, e in zip(probs, experts.tolist()):
             up = ex.fc1_weight[e] @ token + (0 if ex.fc1_bias is None else ex.fc1_bias[e])
@@ -103,7 +112,7 @@ def _layer_vs_reference(overrides: dict) -> None:
     with torch.no_grad():  # biases start at 0; give them values that matter
         for name, param in layer.named_parameters():
             if "bias" in name:
-                param.normal_()
+                param.normal_(std=0.3 if name == "router.expert_bias" else 1.0)
     x = torch.randn(cfg.seq_length, 2, cfg.hidden_size, dtype=torch.float64,
                     requires_grad=True)
     probe = torch.randn(cfg.seq_length, 2, cfg.hidden_size, dtype=torch.float64)
@@ -114,15 +123,15 @@ def _layer_vs_reference(overrides: dict) -> None:
     assert bias is None
     tracked = take_tracked()
     (out * probe).sum().backward()
-    got = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    trained = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+    got = [x.grad.clone()] + [p.grad.clone() for _, p in trained]
     x.grad = None
     layer.zero_grad()
     want, aux, logged = _reference(layer, x, cfg)
     ((want * probe).sum() + scale * aux).backward()
-    expected = [x.grad] + [p.grad for p in layer.parameters()]
+    expected = [x.grad] + [p.grad for _, p in trained]
     assert_rel_close(out, want, rtol=1e-10, what="output")
-    for (name, _), g, e in zip([("input", None)] + list(layer.named_parameters()), got,
-                               expected):
+    for (name, _), g, e in zip([("input", None)] + trained, got, expected):
         assert_rel_close(g, e, rtol=1e-10, what=f"gradient of {name}")
     losses_on = cfg.moe_router_load_balancing_type == "aux_loss" or cfg.moe_z_loss_coeff
     assert (float(aux) > 0) == bool(losses_on)
@@ -137,9 +146,13 @@ def _layer_vs_reference(overrides: dict) -> None:
     {"moe_z_loss_coeff": None, "moe_router_load_balancing_type": "none"},
     {"moe_shared_expert_intermediate_size": 20},
     {"moe_shared_expert_intermediate_size": 16, "activation": "swiglu",
-     "add_bias_linear": False}],
+     "add_bias_linear": False},
+    {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
+     "moe_router_topk_scaling_factor": 2.5, "moe_router_topk": 3},
+    {"moe_router_score_function": "sigmoid", "moe_router_topk": 1}],
     ids=["gelu-top2", "swiglu-top3", "pre-softmax", "no-bias-top1", "no-aux-loss",
-         "shared-expert", "swiglu-shared-expert-no-bias"])
+         "shared-expert", "swiglu-shared-expert-no-bias", "sigmoid-expert-bias-scaled-top3",
+         "sigmoid-top1"])
 def test_layer_matches_a_token_by_token_reference(overrides):
     run_distributed(1, _layer_vs_reference, overrides)
 
@@ -189,18 +202,24 @@ def serial_run():
     (4, 1, 1, 2, True, {}),
     (4, 1, 1, 4, False, {"activation": "swiglu"}),
     (4, 2, 1, 2, False, {"sequence_parallel": True, "moe_shared_expert_intermediate_size": 32}),
+    (4, 1, 2, 2, False, {"moe_router_score_function": "sigmoid",
+                         "moe_router_enable_expert_bias": True,
+                         "moe_router_bias_update_rate": 0.01,
+                         "moe_router_topk_scaling_factor": 2.0}),
     (2, 1, 1, 2, False, {"cp": 2}),
     (4, 2, 1, 2, False, {"sequence_parallel": True, "recompute_granularity": "full",
                          "recompute_method": "uniform", "recompute_num_layers": 1}),
     (4, 1, 1, 4, True, {"cp": 2}),
 ], ids=["EP2", "TP2-SPxEP2", "TP2xEP2-distributed-optimizer", "PP2xEP2", "DP4xEP2",
-        "DP4xEP2-distributed-optimizer", "EP4-swiglu", "TP2-SPxEP2-shared-expert", "CP2xEP2",
+        "DP4xEP2-distributed-optimizer", "EP4-swiglu", "TP2-SPxEP2-shared-expert",
+        "PP2xEP2-sigmoid-expert-bias", "CP2xEP2",
         "TP2-SPxEP2-full-recompute",
         "CP2xDP2xEP4-distopt"])
 def test_training_follows_one_process(serial_run, world, tp, pp, ep, distributed_optimizer,
                                       overrides):
     whole, serial = serial_run
-    if set(overrides) & {"activation", "moe_shared_expert_intermediate_size"}:  # another model
+    if set(overrides) & {"activation", "moe_shared_expert_intermediate_size",
+                         "moe_router_score_function"}:  # another model
         whole = assemble(run_distributed(1, _initial_weights, **overrides))
         serial = run_distributed(1, _train, 1, 1, 1, whole, **overrides)[0]
     runs = run_distributed(world, _train, tp, pp, ep, whole, distributed_optimizer,
@@ -216,6 +235,10 @@ def test_training_follows_one_process(serial_run, world, tp, pp, ep, distributed
         assert_rel_close(got[name], want[name], rtol=1e-5, what=name)
     moved = sum((want[n] - whole[n]).abs().max().item() for n in want if "router" in n)
     assert moved > 0, "the routers did not train"
+    for name in (n for n in want if n.endswith("expert_bias")):
+        assert want[name].abs().max() > 0, f"{name} never moved"
+        held = [piece for run in runs for _, piece in run["weights"].get(name, ())]
+        assert held and all(torch.equal(piece, want[name]) for piece in held), name
 
 
 def _save_and_continue(path: str, whole: dict) -> dict:
@@ -375,3 +398,56 @@ def test_the_router_computes_its_logits_in_moe_router_dtype():
     assert torch.equal(fp32, reference)
     bf16, reference = run_distributed(1, _router_in, None)[0]
     assert not torch.equal(bf16, reference)
+
+
+def _bias_update(counts: list[float], rate: float) -> torch.Tensor:
+    ps.initialize_model_parallel(1)
+    layer = MoELayer(_layer_config(num_moe_experts=len(counts), moe_router_topk=1,
+                                   moe_router_score_function="sigmoid",
+                                   moe_router_enable_expert_bias=True,
+                                   moe_router_bias_update_rate=rate))
+    router = layer.router
+    router.tokens_per_expert += torch.tensor(counts)
+    router.update_expert_bias()  # one rank: its own counts
+    assert torch.count_nonzero(router.tokens_per_expert) == 0  # the next iteration starts at 0
+    return router.expert_bias.detach().clone()
+
+
+def test_the_expert_bias_moves_toward_balance():
+    """DeepSeek-V3's rule: mean 4 tokens an expert; the busy ones go down by the rate, the
+    idle ones up, one at the mean stays."""
+    got = run_distributed(1, _bias_update, [9.0, 0.0, 4.0, 3.0, 4.0], 0.01)[0]
+    assert torch.equal(got, torch.tensor([-0.01, 0.01, 0.0, 0.01, 0.0]))
+
+
+SIGMOID = dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+               moe_router_bias_update_rate=0.01)
+
+
+def _biases(models) -> dict[str, torch.Tensor]:
+    return {name: pieces[0][1] for name, pieces in pieces(models).items()
+            if name.endswith("expert_bias")}
+
+
+def _save_biased(path: str) -> dict:
+    models, optimizer, scheduler = setup(1, 1, seed=9, ep=2, **MOE, **SIGMOID)
+    for step in range(3):  # three moves by the rate: back at 0 only through a tie
+        train_step(models, optimizer, scheduler, step)
+    save_checkpoint(path, 3, models, optimizer, scheduler)
+    return _biases(models)
+
+
+def _load_biased(path: str) -> dict:
+    models, optimizer, scheduler = setup(1, 1, seed=4, **MOE, **SIGMOID)
+    load_checkpoint(path, models, optimizer, scheduler)
+    return _biases(models)
+
+
+def test_the_expert_bias_is_checkpointed(tmp_path):
+    """Not a weight (no gradient, no optimizer state), but the router's state: saved at EP 2,
+    it comes back at EP 1."""
+    saved = run_distributed(2, _save_biased, str(tmp_path / "save"))[0]
+    loaded = run_distributed(1, _load_biased, str(tmp_path / "save"))[0]
+    assert saved.keys() == loaded.keys() and len(saved) == 2  # layers 0 and 2
+    for name, bias in saved.items():
+        assert bias.abs().max() > 0 and torch.equal(loaded[name], bias), name

@@ -253,7 +253,9 @@ def hf_config(config: TransformerConfig) -> dict:
     if kind == "mixtral":  # routed as Mixtral routes
         needs.update(moe_router_pre_softmax=(False,))
     if FAMILIES[kind].experts is not None:
-        needs.update(moe_shared_expert_intermediate_size=(None,))
+        needs.update(moe_shared_expert_intermediate_size=(None,),
+                     moe_router_score_function=("softmax",),
+                     moe_router_topk_scaling_factor=(None,))
     check_expressible(config, needs, FAMILIES[kind].name)
     if kind == "mixtral" and not all(map(config.is_moe_layer, range(config.num_layers))):
         raise ValueError(f"model.moe_layer_freq={config.moe_layer_freq!r}: Mixtral has experts "

@@ -31,7 +31,8 @@ _MEGATRON_NAMES = {
         "cp_comm_type", "moe_router_topk", "moe_ffn_hidden_size", "moe_aux_loss_coeff",
         "moe_z_loss_coeff", "moe_router_load_balancing_type", "moe_layer_freq",
         "expert_model_parallel_size", "expert_tensor_parallel_size",
-        "moe_shared_expert_intermediate_size", "moe_router_dtype",
+        "moe_shared_expert_intermediate_size", "moe_router_dtype", "moe_router_score_function",
+        "moe_router_topk_scaling_factor", "moe_router_bias_update_rate",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
@@ -110,6 +111,7 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--no-mmap-bin-files": ("data.mmap_bin_files", "false"),
     "--no-data-sharding": ("data.data_sharding", "false"),
     "--moe-router-pre-softmax": ("model.moe_router_pre_softmax", "true"),
+    "--moe-router-enable-expert-bias": ("model.moe_router_enable_expert_bias", "true"),
 }
 
 _LOSS_CHECK = ("mp always checks the loss: a non-finite one stops a bf16/fp32 run, and fp16's "
@@ -187,15 +189,15 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
                "--moe-router-pre-softmax, --moe-router-load-balancing-type aux_loss|none, "
                "--moe-aux-loss-coeff, --moe-z-loss-coeff, "
                "--moe-shared-expert-intermediate-size, --moe-router-dtype, "
-               "--expert-model-parallel-size (dropless top-k softmax routing, "
-               "docs/training.md)"),
+               "--moe-router-score-function softmax|sigmoid, --moe-router-topk-scaling-factor, "
+               "--moe-router-enable-expert-bias, --moe-router-bias-update-rate, "
+               "--expert-model-parallel-size (dropless top-k routing, docs/training.md)"),
 }
 #: Megatron-LM flags that take values of which mp has some -> (the values mp has, why).
 CHOICE_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "--recompute-modules": (("core_attn",), ("mp's selective recompute (--recompute-activations) "
                                              "recomputes the attention core only")),
     "--optimizer": (("adam",), "mp trains with AdamW (Megatron's adam)"),
-    "--moe-router-score-function": (("softmax",), "mp's routers score experts by softmax"),
 }
 
 VIRTUAL_STAGE_FLAG = "--num-layers-per-virtual-pipeline-stage"

@@ -16,7 +16,9 @@ Megatron's ``finalize_model_grads``, in order:
 4. per-token loss (``num_tokens`` given, `mp.pipeline_parallel.losses`): the token count the
    last stage added up is broadcast over the pipeline group and summed over data parallel,
    and every gradient is divided by that global count (the chunks' data-parallel reduction
-   summed instead of averaging).
+   summed instead of averaging);
+5. mixture-of-experts routers with an expert bias (`mp.model.moe.router`) move it by the
+   iteration's token counts, summed over DP x CP.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def finalize_model_grads(model_chunks: Iterable[nn.Module],
                          num_tokens: torch.Tensor | int | None = None) -> None:
     """Finish the data-parallel reduction of each chunk (when it has one), all-reduce the
     sequence-parallel gradients over TP and the tied embedding's over the embedding group;
-    with ``num_tokens`` (per-token loss) divide by the global token count. Call once per
+    with ``num_tokens`` (per-token loss) divide by the global token count; update the routers'
+    expert biases. Call once per
     iteration, after backward (Megatron's signature)."""
     chunks = list(model_chunks)
     for chunk in chunks:
@@ -98,3 +101,14 @@ def finalize_model_grads(model_chunks: Iterable[nn.Module],
     allreduce_embedding_grads(chunks)
     if num_tokens is not None:
         divide_by_global_token_count(chunks, num_tokens)
+    update_expert_biases(chunks)
+
+
+def update_expert_biases(model_chunks: Iterable[nn.Module]) -> None:
+    """Each router's ``update_expert_bias`` over the DP x CP group (the routers that keep an
+    expert bias; nothing for other models)."""
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            if getattr(module, "expert_bias", None) is not None:
+                module.update_expert_bias(
+                    parallel_state.get_data_parallel_group(with_context_parallel=True))

@@ -94,6 +94,13 @@ class TransformerConfig:
     # routed experts, every token through it (DeepSeek's shared experts, their widths summed)
     moe_router_dtype: str | None = None  # fp32 | fp64: the router's matrix product in this
     # dtype (Megatron's --moe-router-dtype); None: the model's, the softmax in fp32 either way
+    moe_router_score_function: str = "softmax"  # or "sigmoid": each expert's score on its own,
+    # the top k's renormalized to sum to 1 (DeepSeek-V3's)
+    moe_router_topk_scaling_factor: float | None = None  # the k weights times this
+    moe_router_enable_expert_bias: bool = False  # sigmoid: choose by score + a per-expert bias
+    # that follows the load instead of by an auxiliary loss (DeepSeek-V3's aux-loss-free
+    # balancing; the bias is not a weight: it moves by the rate below each iteration)
+    moe_router_bias_update_rate: float = 1e-3
     moe_router_pre_softmax: bool = False  # softmax over all experts, then top k (the k
     # probabilities sum to less than 1); default top k of the logits, then softmax over those
     moe_router_load_balancing_type: str = "aux_loss"  # aux_loss (Switch's) | none
@@ -244,6 +251,21 @@ class TransformerConfig:
         _one_of("moe_router_load_balancing_type", self.moe_router_load_balancing_type,
                 ("aux_loss", "none"))
         _one_of("moe_router_dtype", self.moe_router_dtype, (None, "fp32", "fp64"))
+        _one_of("moe_router_score_function", self.moe_router_score_function,
+                ("softmax", "sigmoid"))
+        sigmoid = self.moe_router_score_function == "sigmoid"
+        if sigmoid and self.moe_router_pre_softmax:
+            raise ValueError("moe_router_pre_softmax=True needs moe_router_score_function="
+                             "'softmax'")
+        if self.moe_router_enable_expert_bias and not sigmoid:
+            raise ValueError("moe_router_enable_expert_bias=True needs "
+                             "moe_router_score_function='sigmoid' (mp's expert bias)")
+        factor = self.moe_router_topk_scaling_factor
+        if factor is not None and not factor > 0:
+            raise ValueError(f"moe_router_topk_scaling_factor={factor!r} must be > 0")
+        if not self.moe_router_bias_update_rate >= 0:
+            raise ValueError(f"moe_router_bias_update_rate={self.moe_router_bias_update_rate!r} "
+                             "must be >= 0")
         for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
             value = getattr(self, name)
             if value is not None and not value >= 0:

@@ -27,11 +27,15 @@ class TopKRouter(nn.Module):
     """``tokens [N, h] -> (probs [N, k] fp32, experts [N, k] int64)``.
 
     Logits ``tokens W^T`` with ``W [E, h]`` (the product in ``moe_router_dtype`` when set, the
-    rest in fp32, or the tokens' dtype if wider), then
+    rest in fp32, or the tokens' dtype if wider), then, with ``moe_router_score_function=
+    "sigmoid"``, the top ``k`` sigmoids (chosen with the expert bias added when
+    ``moe_router_enable_expert_bias``) renormalized, or
     either the top ``k`` logits and a softmax over them (the default: each token's ``k``
     weights sum to 1, as Mixtral's) or, with
-    ``moe_router_pre_softmax``, a softmax over every expert and its top ``k``. While training,
-    the load-balancing and z losses (`mp.model.moe.aux_loss`) are attached to ``probs``.
+    ``moe_router_pre_softmax``, a softmax over every expert and its top ``k``; the weights times
+    ``moe_router_topk_scaling_factor`` when set. While training, the load-balancing and z
+    losses (`mp.model.moe.aux_loss`) are attached to ``probs`` (the load balancing over the
+    sigmoids normalized over the experts, for a sigmoid router).
 
     ``W`` is replicated on every rank. Under tensor parallelism each TP rank routes every
     token of the sequence (gathered first under SP) but sees only its share of the experts'
@@ -57,6 +61,11 @@ class TopKRouter(nn.Module):
         init_method(config)(full)
         self.weight = nn.Parameter(full.to(config.params_dtype))
         self.weight.sequence_parallel = True
+        self.expert_bias = None  # [E] fp32, the same on every rank (`update_expert_bias`)
+        if config.moe_router_enable_expert_bias:
+            zeros = torch.zeros(config.num_moe_experts, device=get_device())
+            self.expert_bias = nn.Parameter(zeros, requires_grad=False)  # checkpointed
+            self.tokens_per_expert = torch.zeros_like(zeros)  # routed this iteration
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
@@ -66,20 +75,56 @@ class TopKRouter(nn.Module):
         else:
             logits = F.linear(tokens.to(dtype), self.weight.to(dtype))
         scores = torch.softmax(logits, dim=-1) if cfg.moe_router_pre_softmax else None
-        if scores is not None:
+        if cfg.moe_router_score_function == "sigmoid":
+            probs, experts = self._sigmoid_topk(logits)
+        elif scores is not None:
             probs, experts = torch.topk(scores, self.topk, dim=-1)
         else:
             top, experts = torch.topk(logits, self.topk, dim=-1)
             probs = torch.softmax(top, dim=-1)
+        if cfg.moe_router_topk_scaling_factor is not None:
+            probs = probs * cfg.moe_router_topk_scaling_factor
         if self.training and torch.is_grad_enabled():
             probs = self._attach_losses(probs, logits, scores, experts)
+            if self.expert_bias is not None:
+                self.tokens_per_expert += torch.bincount(
+                    experts.flatten(), minlength=cfg.num_moe_experts)
         return probs, experts
+
+    def _sigmoid_topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top ``k`` of ``sigmoid(logits)`` (plus the expert bias, for the choice only),
+        their scores renormalized to sum to 1 when ``k > 1``."""
+        scores = torch.sigmoid(logits)
+        choice = scores if self.expert_bias is None else scores + self.expert_bias
+        experts = torch.topk(choice, self.topk, dim=-1).indices
+        probs = scores.gather(1, experts)
+        if self.topk > 1:
+            probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
+        return probs, experts
+
+    @torch.no_grad()
+    def update_expert_bias(self, group=None) -> None:
+        """After an iteration's backward (`mp.distributed.finalize_model_grads`): move each
+        expert's bias by ``moe_router_bias_update_rate`` toward balance, up for an expert
+        that took fewer than the mean tokens and down for one that took more, counting the
+        tokens of every rank in ``group`` (DP x CP: the TP ranks route the same tokens);
+        DeepSeek-V3's rule, as Megatron applies it."""
+        counts = self.tokens_per_expert
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(counts, group=group)
+        self.expert_bias += torch.sign(counts.mean() - counts) \
+            * self.config.moe_router_bias_update_rate
+        counts.zero_()
 
     def _attach_losses(self, probs, logits, scores, experts):
         cfg = self.config
         num_tokens = logits.size(0) * self.cp  # the whole sequences'
         if cfg.moe_router_load_balancing_type == "aux_loss" and cfg.moe_aux_loss_coeff > 0:
-            scores = torch.softmax(logits, dim=-1) if scores is None else scores
+            if cfg.moe_router_score_function == "sigmoid":  # normalized over the experts
+                scores = torch.sigmoid(logits)
+                scores = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+            elif scores is None:
+                scores = torch.softmax(logits, dim=-1)
             counts = torch.bincount(experts.flatten(), minlength=cfg.num_moe_experts)
             sums = self._over_context(scores.sum(0), counts)
             loss = load_balancing_loss(sums, counts, num_tokens, self.topk,
