@@ -91,8 +91,9 @@ def build_opt_param_scheduler(optimizer, tr: TrainingConfig) -> OptimizerParamSc
 def count_parameters(model: list[torch.nn.Module]) -> int:
     """Parameters of the whole model, each counted once over the model-parallel ranks (the
     grad norm's rule: TP-replicated ones on TP rank 0, a stage's ``shared`` copy never), and
-    experts over the expert-parallel ranks too."""
-    counted = [p for chunk in model for p in chunk.parameters() if counts_in_grad_norm(p)]
+    experts over the expert-parallel ranks too; the trained ones only."""
+    counted = [p for chunk in model for p in chunk.parameters()
+               if p.requires_grad and counts_in_grad_norm(p)]  # not a router's expert bias
     dense, experts = (torch.tensor([sum(p.numel() for p in counted
                                         if getattr(p, "allreduce", True) is kind)],
                                    dtype=torch.float64, device=get_device())
