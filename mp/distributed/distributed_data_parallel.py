@@ -281,9 +281,11 @@ class DistributedDataParallel(nn.Module):
     def _grad_ready(self, param: nn.Parameter) -> None:
         param.main_grad.add_(param.grad)
         param.grad = None
+        if not (self._sync_enabled and self.overlap_grad_reduce):
+            return
         bucket = self._bucket_of[param]
         buffer = bucket.buffer
-        if self._sync_enabled and self.overlap_grad_reduce and buffer.size > 1:
+        if buffer.size > 1:
             if bucket.launched:
                 raise RuntimeError(
                     f"a parameter of shape {tuple(param.shape)} got a second gradient after its "

@@ -186,18 +186,6 @@ def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int,
     return torch.cat(received.unbind(0), dim=gather_dim)
 
 
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scatter_dim, gather_dim, group):
-        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
-        return _all_to_all(x, scatter_dim, gather_dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        scatter_dim, gather_dim = ctx.dims
-        return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
-
-
 def _all_to_all_by_sizes(x: torch.Tensor, output_sizes: list[int], input_sizes: list[int],
                          group: dist.ProcessGroup) -> torch.Tensor:
     received = x.new_empty((sum(output_sizes), *x.shape[1:]))
@@ -205,17 +193,18 @@ def _all_to_all_by_sizes(x: torch.Tensor, output_sizes: list[int], input_sizes: 
     return received
 
 
-class _AllToAllBySizes(torch.autograd.Function):
+class _Exchange(torch.autograd.Function):
+    """``exchange(x, *there)`` forward and ``exchange(grad, *back)`` backward: an all-to-all
+    whose gradient takes the reverse trip."""
+
     @staticmethod
-    def forward(ctx, x, output_sizes, input_sizes, group):
-        ctx.sizes, ctx.group = (output_sizes, input_sizes), group
-        return _all_to_all_by_sizes(x, output_sizes, input_sizes, group)
+    def forward(ctx, x, exchange, there, back):
+        ctx.exchange, ctx.back = exchange, back
+        return exchange(x, *there)
 
     @staticmethod
     def backward(ctx, grad):
-        output_sizes, input_sizes = ctx.sizes
-        return (_all_to_all_by_sizes(grad, input_sizes, output_sizes, ctx.group),
-                None, None, None)
+        return ctx.exchange(grad, *ctx.back), None, None, None
 
 
 def _single_rank(group: dist.ProcessGroup) -> bool:
@@ -273,7 +262,8 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -
     if x.size(scatter_dim) % size:
         raise ValueError(f"all_to_all: dimension {scatter_dim} of size {x.size(scatter_dim)} "
                          f"is not divisible by the group's {size} ranks")
-    return _AllToAll.apply(x, scatter_dim, gather_dim, group)
+    return _Exchange.apply(x, _all_to_all, (scatter_dim, gather_dim, group),
+                           (gather_dim, scatter_dim, group))
 
 
 def all_to_all_by_sizes(x: torch.Tensor, output_sizes: list[int], input_sizes: list[int],
@@ -287,4 +277,6 @@ def all_to_all_by_sizes(x: torch.Tensor, output_sizes: list[int], input_sizes: l
                          f"{sum(input_sizes)} rows, x has {x.size(0)}")
     if _single_rank(group):
         return x
-    return _AllToAllBySizes.apply(x, list(output_sizes), list(input_sizes), group)
+    output_sizes, input_sizes = list(output_sizes), list(input_sizes)
+    return _Exchange.apply(x, _all_to_all_by_sizes, (output_sizes, input_sizes, group),
+                           (input_sizes, output_sizes, group))
