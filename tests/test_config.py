@@ -52,6 +52,7 @@ INTENDED_WORLD_SIZE = {
     "gpt3-175b": 1024,
     "llama3-8b": 8,
     "llama3-70b": 64,
+    "mixtral-8x7b": 64,
 }
 
 

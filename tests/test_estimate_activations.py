@@ -218,10 +218,16 @@ def _measure_model(tp: int, sequence_parallel: bool, compiled: bool, **overrides
     fused functions compiled (on the CPU by inductor's C++ backend)."""
     cp = overrides.get("cp", 1)
     ps.initialize_model_parallel(tp, context_parallel_size=cp)
+    return model_saved_bytes(_config(tp, sequence_parallel, num_layers=2, **overrides),
+                             compiled)
+
+
+def model_saved_bytes(cfg: TransformerConfig, compiled: bool) -> int:
+    """Saved bytes of ``cfg``'s GPT forward with the loss on this rank's ``S / CP`` tokens of
+    ``B`` sequences (model-parallel state already initialized)."""
     model_parallel_cuda_manual_seed(1234)
-    cfg = _config(tp, sequence_parallel, num_layers=2, **overrides)
     model = GPTModel(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (B, S // cp),
+    ids = torch.randint(0, cfg.vocab_size, (B, S // cfg.context_parallel_size),
                         generator=torch.Generator().manual_seed(0))
     with jit_compiled_on_cpu() if compiled else contextlib.nullcontext():
         with SavedTensorMeter(exclude=model.parameters()) as meter:

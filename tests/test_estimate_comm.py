@@ -8,7 +8,13 @@ on the last stage). Context parallelism through ``train_step`` too: CP 2 with DP
 and sequence parallelism, with PP 2, with selective recompute and the distributed optimizer
 (keys and values gathered and their gradients reduce-scattered over CP, or with ``a2a`` q, k,
 v and the attention output exchanged over CP; the loss's sum and count all-reduced over CP,
-gradients reduced over DP x CP). Gradients reduced in
+gradients reduced over DP x CP). Mixture-of-experts layers through ``train_step`` at EP 2
+and 4, with TP (SP on and off), CP, PP and the distributed optimizer: the tokens' and
+outputs' all-to-alls over EP, the experts' gradients over DP x CP / EP, the routers' partial
+gradients over TP and statistics over CP, the expert bias's token counts, the router losses'
+logging. A rank's all-to-all bytes depend on where its tokens' experts live, so those are
+compared summed over the EP group (the estimate is the group's mean, exact); every other
+call per rank. Gradients reduced in
 bf16 (``training.grad_reduce_in_bf16``) move half the bytes: TP2 x DP2 with sequence
 parallelism, with and without the distributed optimizer, and the pipelined tied embedding. The
 loss that
@@ -64,6 +70,9 @@ def _group_ranks() -> dict[str, tuple[int, ...]]:
              "pp": tuple(dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())),
              "mp": tuple(dist.get_process_group_ranks(ps.get_model_parallel_group())),
              "world": tuple(range(dist.get_world_size()))}
+    if ps.get_expert_model_parallel_group() is not None:
+        ranks["ep"] = tuple(dist.get_process_group_ranks(ps.get_expert_model_parallel_group()))
+        ranks["edp"] = tuple(dist.get_process_group_ranks(ps.get_expert_data_parallel_group()))
     if ps.is_rank_in_embedding_group():
         ranks["embedding"] = tuple(dist.get_process_group_ranks(ps.get_embedding_group()))
     return ranks
@@ -147,9 +156,11 @@ def _pipelined_iteration(vpp, overrides: dict, bf16_grads: bool, tp: int = 1, cp
                          pp: int = PP, distributed_optimizer: bool = False
                          ) -> tuple[dict, dict, list]:
     """Measured and estimated bytes per (kind, group ranks) for one `train_step` on this rank
-    of a TP x CP x PP x DP layout (default TP 1 x PP 2 x DP 2), and the logging calls the
-    meter set apart."""
-    ps.initialize_model_parallel(tp, pp, vpp, context_parallel_size=cp)
+    of a TP x CP x PP x DP layout (default TP 1 x PP 2 x DP 2; EP from ``overrides``), and the
+    logging calls the meter set apart."""
+    ps.initialize_model_parallel(
+        tp, pp, vpp, context_parallel_size=cp,
+        expert_model_parallel_size=overrides.get("expert_model_parallel_size", 1))
     model_parallel_cuda_manual_seed(1)
     torch.manual_seed(0)
     cfg = _config(tp, num_layers=4, pipeline_model_parallel_size=pp,
@@ -160,8 +171,8 @@ def _pipelined_iteration(vpp, overrides: dict, bf16_grads: bool, tp: int = 1, cp
                                       grad_dtype=torch.bfloat16 if bf16_grads else torch.float32)
               for chunk in build_gpt_chunks(cfg)]  # its embedding all-reduce: build time
     if distributed_optimizer:  # one bucket, not padded (the estimate leaves padding out)
-        assert all(m.grad_buffer.numel() == sum(p.numel() for p in m.parameters())
-                   for m in models)
+        assert all(sum(b.grads.numel() for b in m.buffers) == sum(
+            p.numel() for p in m.parameters() if p.requires_grad) for m in models)
     opt = get_megatron_optimizer(models, lr=1e-3,
                                  use_distributed_optimizer=distributed_optimizer)
     scheduler = OptimizerParamScheduler(opt, max_lr=1e-3, lr_decay_steps=10)
@@ -242,3 +253,42 @@ def test_collective_bytes_with_context_parallelism(variant):
                          and r // (tp * cp) == rank // (tp * cp))  # TP, then CP
         assert any(group == cp_ranks for _, group in measured), f"rank {rank}"
         assert measured == expected, f"rank {rank}"
+
+
+MOE = dict(num_moe_experts=4, moe_ffn_hidden_size=16, moe_router_topk=2,
+           moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3)
+MIXTURE_OF_EXPERTS = {  # name -> (tp, cp, pp, ep, overrides, distributed optimizer)
+    "ep2_dp4": (1, 1, 1, 2, {}, False),
+    "ep2_dp4_distributed_optimizer": (1, 1, 1, 2, {}, True),
+    "tp2_ep2_sp_swiglu_shared": (2, 1, 1, 2, dict(
+        sequence_parallel=True, activation="swiglu", moe_shared_expert_intermediate_size=32),
+        False),
+    "tp2_ep2_qk_layernorm_no_aux_loss": (2, 1, 1, 2, dict(
+        qk_layernorm=True, moe_aux_loss_coeff=0.0), False),
+    "ep4_sigmoid_expert_bias_distributed_optimizer": (1, 1, 1, 4, dict(
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True), True),
+    "ep2_pp2_every_other_layer": (1, 1, 2, 2, dict(moe_layer_freq=2), False),
+    "cp2_ep2_full_recompute_fp64_router": (1, 2, 1, 2, dict(
+        recompute_granularity="full", recompute_method="uniform", moe_router_dtype="fp64"),
+        False),
+    "cp2_ep4_block_recompute": (1, 2, 1, 4, dict(
+        recompute_granularity="full", recompute_method="block", recompute_num_layers=1), False),
+}
+
+
+@pytest.mark.parametrize("variant", list(MIXTURE_OF_EXPERTS))
+def test_collective_bytes_with_mixture_of_experts(variant):
+    tp, cp, pp, ep, overrides, distributed_optimizer = MIXTURE_OF_EXPERTS[variant]
+    overrides = dict(MOE, expert_model_parallel_size=ep, **overrides)
+    results = run_distributed(WORLD, _pipelined_iteration, None, overrides, False, tp, cp, pp,
+                              distributed_optimizer)
+    exchanged: dict = {}  # EP group -> (measured, estimated) all-to-all bytes, summed
+    for rank, (measured, expected, _) in enumerate(results):
+        for ranks in {group for kind, group in expected if kind == "all_to_all"}:
+            got, want = exchanged.get(ranks, (0, 0))
+            exchanged[ranks] = (got + measured.pop(("all_to_all", ranks)),
+                                want + expected.pop(("all_to_all", ranks)))
+        assert measured == expected, f"rank {rank}"
+    assert exchanged or cp > 1 and ep == 1
+    for ranks, (got, want) in exchanged.items():
+        assert got == want, f"EP group {ranks}"

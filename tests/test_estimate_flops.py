@@ -131,3 +131,19 @@ def test_training_flops_agree_with_the_training_loop_count(recompute, activation
                                                     rel=1e-12)
     assert training_flops(cfg, 16, None) == pytest.approx(
         num_floating_point_operations(cfg, 16, recompute=False), rel=1e-12)
+
+
+def test_stage_flops_of_a_mixture_of_experts_model():
+    """A pipeline stage counts its own layers as dense or MoE: with the experts on the first
+    stage's two layers, that stage costs what a two-layer all-MoE model does without its
+    logits, the last stage what a two-layer dense model does, and together the whole
+    model."""
+    moe = dict(num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=1024)
+    cfg = _config(32, 4096, 4, pipeline_model_parallel_size=2, moe_layer_freq=[1, 1, 0, 0],
+                  **moe)
+    stages = [training_flops(cfg, 4, layers=cfg.stage_layers(r), logits=r == 1)
+              for r in range(2)]
+    assert stages[0] == training_flops(_config(32, 4096, 2, **moe), 4, logits=False)
+    assert stages[1] == training_flops(_config(32, 4096, 2), 4)
+    assert sum(stages) == training_flops(cfg, 4)
+    assert stages[0] != stages[1] - 3 * 2 * 4 * 2048 * 4096 * cfg.padded_vocab_size

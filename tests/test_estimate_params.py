@@ -1,6 +1,9 @@
 """Parameters and model-state bytes per rank: the estimate against the built model, its
 data-parallel gradient buffer and its optimizer, exactly; and the parameter counts of
-Narayanan et al. 2021, Table 1."""
+Narayanan et al. 2021, Table 1. Mixture-of-experts models too: each stage's dense and MoE
+layers at several TP, EP and PP sizes, the experts' share, the routers' untrained expert
+biases, and the distributed optimizer's state sharded over DP for the dense parameters and
+over DP / EP for the experts'."""
 
 import os
 
@@ -39,12 +42,25 @@ def _config(tp: int, pp: int = 1, vpp: int | None = None, **overrides) -> Transf
     return TransformerConfig(**kw)
 
 
-def _stage_counts(tp: int, pp: int, vpp: int | None, overrides: dict) -> list[tuple[int, int]]:
-    """(parameter elements, parameter tensors) one TP rank holds on each pipeline stage: the
-    model chunks of that stage built on the meta device, as a pipelined job builds them."""
+MOE_VARIANTS = {
+    "gelu_every_other_layer": dict(num_moe_experts=4, moe_ffn_hidden_size=48, moe_layer_freq=2),
+    "swiglu_nobias_shared_sigmoid_bias": dict(
+        num_moe_experts=8, moe_ffn_hidden_size=32, moe_router_topk=2, activation="swiglu",
+        add_bias_linear=False, moe_shared_expert_intermediate_size=64,
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True),
+}
+
+
+def _stage_counts(tp: int, pp: int, vpp: int | None, overrides: dict
+                  ) -> list[tuple[int, int, int, int]]:
+    """(trained parameter elements, trained tensors, expert elements, untrained elements)
+    one rank holds on each pipeline stage: the model chunks of that stage built on the meta
+    device, as a pipelined job builds them (the expert-parallel size is the world's
+    divided by TP)."""
     os.environ["MP_DEVICE"] = "meta"
     try:
-        ps.initialize_model_parallel(tp)
+        ep = overrides.get("expert_model_parallel_size", 1)
+        ps.initialize_model_parallel(tp, expert_model_parallel_size=ep)
         cfg = _config(tp, pp, vpp, **overrides)
         chunks = vpp or 1
         counts = []
@@ -55,7 +71,10 @@ def _stage_counts(tp: int, pp: int, vpp: int | None, overrides: dict) -> list[tu
                                  post_process=stage == pp - 1 and chunk == chunks - 1,
                                  layers=cfg.chunk_layers(stage, chunk))
                 params += list(model.parameters())
-            counts.append((sum(p.numel() for p in params), len(params)))
+            trained = [p for p in params if p.requires_grad]
+            counts.append((sum(p.numel() for p in trained), len(trained),
+                           sum(p.numel() for p in trained if not getattr(p, "allreduce", True)),
+                           sum(p.numel() for p in params if not p.requires_grad)))
         return counts
     finally:
         os.environ["MP_DEVICE"] = "cpu"
@@ -67,9 +86,27 @@ def _stage_counts(tp: int, pp: int, vpp: int | None, overrides: dict) -> list[tu
 def test_rank_params_equal_the_built_model(tp, pp, vpp, variant):
     built = run_distributed(tp, _stage_counts, tp, pp, vpp, VARIANTS[variant])[0]
     cfg = _config(tp, pp, vpp, **VARIANTS[variant])
-    for stage, (elements, tensors) in enumerate(built):
+    for stage, (elements, tensors, _, _) in enumerate(built):
         estimate = rank_params(cfg, stage)
         assert (estimate.total, estimate.tensors) == (elements, tensors), f"stage {stage}"
+
+
+@pytest.mark.parametrize("variant", list(MOE_VARIANTS))
+@pytest.mark.parametrize("tp,ep,pp,vpp", [(1, 1, 1, None), (1, 2, 1, None), (2, 2, 2, None),
+                                          (1, 4, 2, 2)])
+def test_rank_params_of_a_mixture_of_experts_model_equal_the_built_model(tp, ep, pp, vpp,
+                                                                         variant):
+    overrides = dict(MOE_VARIANTS[variant], expert_model_parallel_size=ep)
+    built = run_distributed(tp * ep, _stage_counts, tp, pp, vpp, overrides)
+    cfg = _config(tp, pp, vpp, **overrides)
+    assert sum(rank_params(cfg, stage).experts for stage in range(pp)) > 0
+    for rank, stages in enumerate(built):
+        for stage, counts in enumerate(stages):
+            estimate = rank_params(cfg, stage)
+            assert (estimate.total, estimate.tensors, estimate.experts,
+                    estimate.expert_bias) == counts, f"rank {rank}, stage {stage}"
+    unsplit = _config(1, **MOE_VARIANTS[variant], make_vocab_size_divisible_by=96 * tp)
+    assert model_params(cfg) == rank_params(unsplit).total  # every expert once
 
 
 @pytest.mark.parametrize("tp,pp,vpp,split", [
@@ -83,7 +120,7 @@ def test_rank_params_of_uneven_stages_equal_the_built_model(tp, pp, vpp, split):
     assert [rank_params(cfg, stage).layers for stage in range(pp)] == \
         [cfg.stage_num_layers(stage) * rank_params(_config(tp)).layers // 4
          for stage in range(pp)]
-    for stage, (elements, tensors) in enumerate(built):
+    for stage, (elements, tensors, _, _) in enumerate(built):
         estimate = rank_params(cfg, stage)
         assert (estimate.total, estimate.tensors) == (elements, tensors), f"stage {stage}"
 
@@ -113,14 +150,22 @@ def test_narayanan_table_1_sizes(heads, hidden, layers, printed):
 
 
 def _measured_state(tp: int, precision: str, overrides: dict,
-                    grad_dtype: torch.dtype = torch.float32) -> tuple[float, float, float]:
-    """Bytes of weights, gradient buffer and optimizer state this rank holds after a step."""
-    ps.initialize_model_parallel(tp)
+                    grad_dtype: torch.dtype = torch.float32, distributed_optimizer: bool = False
+                    ) -> tuple[float, float, float]:
+    """Bytes of weights, gradient buffers and optimizer state this rank holds after a step
+    (with the distributed optimizer, without its per-shard step counters, which the estimate
+    leaves out; the buffers are checked to need no padding, which it leaves out too)."""
+    ps.initialize_model_parallel(
+        tp, expert_model_parallel_size=overrides.get("expert_model_parallel_size", 1))
     torch.manual_seed(0)
     cfg = _config(tp, precision=precision, hidden_dropout=0.0, attention_dropout=0.0,
                   **overrides)
-    model = DistributedDataParallel(GPTModel(cfg), grad_dtype=grad_dtype)
-    opt = get_megatron_optimizer([model], lr=1e-3, initial_loss_scale=2.0**8)
+    model = DistributedDataParallel(GPTModel(cfg), grad_dtype=grad_dtype, bucket_size=None,
+                                    use_distributed_optimizer=distributed_optimizer)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(buffer.grads.numel() for buffer in model.buffers) == trained
+    opt = get_megatron_optimizer([model], lr=1e-3, initial_loss_scale=2.0**8,
+                                 use_distributed_optimizer=distributed_optimizer)
     ids = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length),
                         generator=torch.Generator().manual_seed(1))
     model.zero_grad_buffer()
@@ -128,11 +173,12 @@ def _measured_state(tp: int, precision: str, overrides: dict,
     finalize_model_grads([model])
     assert opt.step().update_successful, "the step was skipped: no optimizer state to count"
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads = model.grad_buffer.numel() * model.grad_buffer.element_size()
+    grads = sum(buffer.grads.numel() * buffer.grads.element_size() for buffer in model.buffers)
     own = {id(p) for p in model.parameters()}
     masters = sum(m.numel() * m.element_size() for m in opt.main_params if id(m) not in own)
     moments = sum(t.numel() * t.element_size() for state in opt.optimizer.state.values()
-                  for t in state.values())
+                  for name, t in state.items()
+                  if not (distributed_optimizer and name == "step"))
     return weights, grads, masters + moments
 
 
@@ -144,6 +190,27 @@ def test_state_bytes_equal_model_ddp_and_optimizer(tp, variant, precision):
     measured = run_distributed(2, _measured_state, tp, precision, VARIANTS[variant])
     cfg = _config(tp, precision=precision, **VARIANTS[variant])
     expected = state_bytes(Setup(cfg, data_parallel_size=2 // tp), rank_params(cfg))
+    for rank, got in enumerate(measured):
+        assert got == (expected.weights, expected.grads, expected.optimizer), f"rank {rank}"
+
+
+@pytest.mark.parametrize("distributed_optimizer", [False, True])
+@pytest.mark.parametrize("variant", list(MOE_VARIANTS))
+def test_state_bytes_of_a_mixture_of_experts_model(variant, distributed_optimizer):
+    """TP 1 x DP 4 with EP 2 in bf16: the experts' gradients in a buffer of their own, the
+    expert biases in fp32, and the distributed optimizer's masters and moments sharded over 4
+    ranks for the dense parameters and over 2 for the experts'."""
+    overrides = dict(MOE_VARIANTS[variant], expert_model_parallel_size=2, vocab_size=1056,
+                     num_layers=2)  # no bucket needs padding to a multiple of 4 or 2
+    measured = run_distributed(4, _measured_state, 1, "bf16", overrides, torch.float32,
+                               distributed_optimizer)
+    cfg = _config(1, precision="bf16", **overrides)
+    params = rank_params(cfg)
+    expected = state_bytes(Setup(cfg, data_parallel_size=4,
+                                 distributed_optimizer=distributed_optimizer), params)
+    if distributed_optimizer:
+        assert expected.optimizer == 12 * ((params.total - params.experts) / 4
+                                           + params.experts / 2)
     for rank, got in enumerate(measured):
         assert got == (expected.weights, expected.grads, expected.optimizer), f"rank {rank}"
 

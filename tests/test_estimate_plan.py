@@ -93,6 +93,47 @@ def test_context_parallel_candidates_are_exactly_the_valid_layouts():
                                            recompute_modes=("none",))} == {1}
 
 
+def test_expert_parallel_candidates_are_exactly_the_valid_layouts():
+    """Mixtral 8x7B (8 experts, 32 layers, 8 key/value heads) on 16 GPUs, CP 1 and 2: EP
+    divides the 8 experts and DP x CP, which is what TP x PP leave; only EP 1 when asked."""
+    job = load_config(os.path.join(CONFIGS, "mixtral-8x7b.yaml"), [], world_size=64)
+    expected = set()
+    for cp in (1, 2):
+        for tp in (t for t in (1, 2, 4, 8) if 16 % (t * cp) == 0):
+            for pp in (p for p in (1, 2, 4, 8, 16) if (16 // (tp * cp)) % p == 0):
+                dp = 16 // (tp * cp * pp)
+                expected |= {(tp, cp, pp, dp, ep) for ep in (1, 2, 4, 8)
+                             if (dp * cp) % ep == 0}
+    setups = candidate_setups(job, 16, micro_batch_sizes=(1,), recompute_modes=("none",),
+                              context_parallel_sizes=(1, 2))
+    got = {(s.tp, s.cp, s.pp, s.data_parallel_size, s.ep) for s in setups if s.vpp == 1}
+    assert got == expected and any(key[-1] == 8 for key in got)
+    assert {s.ep for s in candidate_setups(job, 16, micro_batch_sizes=(1,),
+                                           recompute_modes=("none",),
+                                           expert_parallel_sizes=(1,))} == {1}
+
+
+def test_cli_plan_and_estimate_of_a_mixture_of_experts_model(capsys):
+    """Mixtral 8x7B on 64 H100s: the plan names each layout's EP, and the config's own layout
+    reports its experts, EP's all-to-alls and the experts' gradient reduction."""
+    tool = _tool()
+    config = os.path.join(CONFIGS, "mixtral-8x7b.yaml")
+    assert tool.main(["--config", config, "--gpus", "64", "--plan", "--top", "3",
+                      "--micro-batch-sizes", "1", "--recompute", "none,full"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[1].split()
+    assert header[:6] == ["#", "TP", "PP", "VP", "DP", "EP"]
+    assert all(int(row.split()[5]) > 1 for row in lines[3:6])
+    assert tool.main(["--config", config, "--gpus", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "8 experts (top 2, ffn 14336) in 32 layers" in out
+    assert "EP8" in out.splitlines()[0] and "EP comm" in out
+    assert "mixture-of-experts layer, balanced routing" in out
+    rows = {tuple(line.split()[1:3]) for line in out.splitlines()
+            if line.split()[:1] == ["0"]}
+    assert {("ep", "all_to_all"), ("edp", "reduce_scatter"), ("edp", "all_gather")} <= rows
+
+
 def test_planner_tries_each_cp_exchange():
     """With ``cp_comm_types`` both exchanges for every CP > 1 (CP 1 once): TP always divides
     the 4 key/value heads; a2a only where TP x CP does (its rule)."""

@@ -1,13 +1,13 @@
 """Parameter counts of the shipped configs, the model built on the meta device: the GPT-3
 sizes against the analytic formula and Brown et al. 2020 (Table 2.1), the Llama 3 sizes
-against Meta's checkpoints."""
+against Meta's checkpoints, Mixtral 8x7B against Mistral's."""
 
 import os
 from pathlib import Path
 
 import pytest
-
 from harness import run_distributed
+
 from mp import parallel_state as ps
 from mp.config import load_config
 from mp.model import GPTModel
@@ -25,6 +25,8 @@ def formula(l: int, h: int, vocab: int, s: int) -> int:
 # Meta's Llama 3 checkpoints (3.1's have the same shapes): model.safetensors.index.json's
 # total_size, bf16 bytes, over 2.
 LLAMA3 = {"llama3-8b": 16_060_522_496 // 2, "llama3-70b": 141_107_412_992 // 2}
+# Mistral's Mixtral-8x7B-v0.1 checkpoint: the same index's total_size, bf16 bytes, over 2
+MIXTRAL = 93_405_585_408 // 2
 
 
 def _count_on_meta(name: str) -> tuple[int, int]:
@@ -34,7 +36,7 @@ def _count_on_meta(name: str) -> tuple[int, int]:
         cfg = load_config(CONFIGS / f"{name}.yaml", ["--tensor-model-parallel-size", "1",
                                                      "--pipeline-model-parallel-size", "1",
                                                      "--model.virtual_pipeline_model_parallel_size",
-                                                     "null"],
+                                                     "null", "--expert-model-parallel-size", "1"],
                           world_size=1).model
         ps.initialize_model_parallel(1)
         model = GPTModel(cfg)
@@ -60,3 +62,14 @@ def test_llama3_parameter_count_is_metas(name):
     128,256-token vocabulary needs no padding at TP 1)."""
     [(built, _)] = run_distributed(1, _count_on_meta, name)
     assert built == LLAMA3[name]
+
+
+def test_mixtral_parameter_count_is_mistrals():
+    """Eight SwiGLU experts and a router in every layer, built at EP 1: to the parameter,
+    and the estimator's count (every expert once) agrees."""
+    from mp.estimate import model_params
+
+    [(built, _)] = run_distributed(1, _count_on_meta, "mixtral-8x7b")
+    assert built == MIXTRAL
+    cfg = load_config(CONFIGS / "mixtral-8x7b.yaml", [], world_size=64).model
+    assert model_params(cfg) == MIXTRAL

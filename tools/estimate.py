@@ -51,6 +51,7 @@ _PLAN_RESETS = ["--model.tensor_model_parallel_size", "1",
                 "--model.pipeline_model_parallel_size", "1",
                 "--model.virtual_pipeline_model_parallel_size", "null",
                 "--model.context_parallel_size", "1",
+                "--model.expert_model_parallel_size", "1",
                 *(part for name, even in UNEVEN_SPLIT_FIELDS.items()
                   for part in (f"--model.{name}", json.dumps(even))),
                 "--model.sequence_parallel", "false",
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--cp-comm-types", type=_choices("CP exchange", CP_COMM_TYPES),
                     help="with CP > 1, the exchanges to try, e.g. all_gather,a2a (default: the "
                          "config's model.cp_comm_type)")
+    pl.add_argument("--expert-parallel-sizes", type=_int_list,
+                    help="for a mixture-of-experts model, the expert-parallel sizes to try "
+                         "(default: every one its experts and data-parallel size allow)")
     pl.add_argument("--uneven-pipeline", action="store_true",
                     help="also try pipeline splits that count the embedding and/or the loss as "
                          "a layer (Megatron's --account-for-embedding/loss-in-pipeline-split)")
@@ -163,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                           max_tensor_parallel=args.max_tensor_parallel or gpu.gpus_per_node,
                           distributed_optimizer=distributed, uneven_splits=args.uneven_pipeline,
                           context_parallel_sizes=args.context_parallel_sizes,
-                          cp_comm_types=args.cp_comm_types)
+                          cp_comm_types=args.cp_comm_types,
+                          expert_parallel_sizes=args.expert_parallel_sizes)
             print(f"{os.path.basename(args.config)} on {args.gpus} x {gpu.name}, global batch "
                   f"{job.training.global_batch_size} x {job.model.seq_length} tokens, "
                   f"{args.efficiency:.0%} of peak:")

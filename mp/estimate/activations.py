@@ -44,6 +44,34 @@ input. ``p2p``'s ring attention keeps its q, k, v inputs as they come, its outpu
 projection's input) and an fp32 log-sum-exp per query: CP 1's terms for ``s / c`` tokens,
 with SDPA's core whatever the backend.
 
+A mixture-of-experts layer (`moe_terms`; ``layer_terms(..., moe=True)``) replaces the MLP's
+terms. Every TP rank routes all ``N`` = `local_tokens` tokens to ``k`` of ``E`` experts and
+runs its ``1 / t`` of each expert on the ``M`` rows it receives; ``M = N k`` with balanced
+routing (`expert_rows`: exact at EP 1, the mean over the ``P`` expert-parallel ranks, which
+take ``P N k`` rows together). With ``r`` the router's bytes (fp32, or fp64 with
+``moe_router_dtype="fp64"``), it saves:
+
+- the MLP input ``e n' h`` where the router or a shared expert reads it as it is; under SP
+  the router's all-gathered input ``e N h`` instead; with a ``moe_router_dtype`` wider than
+  the activations, ``r``-byte copies of the router's input and weight (``r N h + r E h``);
+- the router: top-k indices (int64, ``N k``) and the probabilities (``r N k``); with
+  ``moe_router_pre_softmax`` the softmax over all experts (``r N E``); with the sigmoid score
+  function the sigmoids (``r N E``) and for ``k > 1`` the top ``k`` before renormalizing and
+  their sums (``r N (k + 1)``); the top-k softmax before a ``moe_router_topk_scaling_factor``;
+- the load-balancing loss: a softmax over all experts (``r N E``; the pre-softmax router's
+  own; a sigmoid router's sigmoids again, normalized: ``r N (E + 1)``) and the ``E`` expert
+  fractions; the z-loss: the logits and their log-sum-exp (``r N (E + 1)``);
+- the dispatcher: each routed copy's token (int64, ``N k``), the received rows (``e M h``),
+  and at EP > 1 their regrouping by expert (int64, ``M``);
+- the experts: the MLP interior above for ``M`` rows ``moe_ffn_hidden_size / t`` wide;
+- the combine: the inverse regrouping (int64, ``M``, at EP > 1), the copies' inverse order
+  (int64, ``N k``) and the expert outputs per copy in fp32 (``4 N k h``);
+- a shared expert (``moe_shared_expert_intermediate_size``): the MLP interior for ``N`` rows
+  of its width over ``t``.
+
+No MoE tensor depends on the kernels beyond the MLP interior's rules: CUDA and the CPU run the
+same torch operations for the router, the dispatcher and the combine.
+
 What the kernels save depends on where they run; `Kernels` names the differences, and
 `CUDA` (the default) and `CPU` (what the tests measure) are the two sets of them.
 """
@@ -56,6 +84,8 @@ from mp.model.config import TransformerConfig
 
 FP32 = 4
 INT64 = 8
+_ROUTER_DTYPE_BYTES = {"fp32": 4, "fp64": 8}  # TransformerConfig.moe_router_dtype
+_FLOAT_NAMES = {4: "fp32", 8: "fp64"}
 
 
 @dataclass(frozen=True)
@@ -171,11 +201,15 @@ def attention_heads(cfg: TransformerConfig) -> int:
 
 
 def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
-                selective: bool | None = None) -> dict[str, float]:
+                selective: bool | None = None, moe: bool = False) -> dict[str, float]:
     """Bytes one transformer layer saves for backward on one TP rank for one micro-batch,
     by tensor (see the module doc). ``selective`` (default: the config's recompute) leaves out
     the attention core, which is then recomputed; full recompute is not applied here.
+    ``moe``: the layer's MLP is a mixture of experts (`moe_terms`; ``cfg.is_moe_layer(i)``
+    says which layers are).
     """
+    if moe and cfg.num_moe_experts is None:
+        raise ValueError("moe=True needs a mixture-of-experts config (num_moe_experts is None)")
     if selective is None:
         selective = cfg.recompute_granularity == "selective"
     e = activation_bytes(cfg)
@@ -199,16 +233,101 @@ def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUD
     if cfg.hidden_dropout > 0:
         compiled = kernels.jit_compiled and cfg.bias_dropout_fusion
         terms["residual dropout masks"] = 2 * (1 if compiled else mask) * local * h
-    terms["MLP input"] = e * local * h
-    if cfg.activation == "swiglu" and kernels.jit_compiled and cfg.bias_activation_fusion:
-        terms["SwiGLU gate and up outputs"] = 2 * e * tokens * f / t
-    elif cfg.activation == "swiglu":
-        terms["SwiGLU gate, SiLU and up outputs"] = 3 * e * tokens * f / t
-    elif cfg.activation == "squared_relu":  # relu and square both keep relu's output
-        terms["ReLU output"] = e * tokens * f / t
+    if moe:
+        terms.update(moe_terms(cfg, micro_batch, kernels))
     else:
-        terms["GeLU input"] = e * tokens * f / t
-    terms["fc2 input"] = e * tokens * f / t
+        terms["MLP input"] = e * local * h
+        terms.update(mlp_interior_terms(cfg, kernels, tokens, f / t))
+    return terms
+
+
+def mlp_interior_terms(cfg: TransformerConfig, kernels: Kernels, rows: float, width: float,
+                       prefix: str = "") -> dict[str, float]:
+    """What an MLP's activation and fc2 save for ``rows`` rows ``width`` wide (its ``1 / t``
+    shard): the activation's input(s) and the fc2 input. ``prefix`` names whose MLP it is."""
+    e = activation_bytes(cfg)
+    size = e * rows * width
+    if cfg.activation == "swiglu" and kernels.jit_compiled and cfg.bias_activation_fusion:
+        terms = {"SwiGLU gate and up outputs": 2 * size}
+    elif cfg.activation == "swiglu":
+        terms = {"SwiGLU gate, SiLU and up outputs": 3 * size}
+    elif cfg.activation == "squared_relu":  # relu and square both keep relu's output
+        terms = {"ReLU output": size}
+    else:
+        terms = {"GeLU input": size}
+    terms["fc2 input"] = size
+    return {prefix + name: value for name, value in terms.items()}
+
+
+def expert_rows(cfg: TransformerConfig, micro_batch: int) -> int:
+    """Rows one rank's experts take for one micro-batch, with balanced routing: ``N k``,
+    ``N`` = `local_tokens`, ``k`` = ``moe_router_topk``. Exact at EP 1; over ``P > 1``
+    expert-parallel ranks it is their mean (together they take the ``P N k`` copies their
+    routers sent), which a rank exceeds by as much as its experts are favoured."""
+    return local_tokens(cfg, micro_batch) * cfg.moe_router_topk
+
+
+def moe_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
+              rows: float | None = None) -> dict[str, float]:
+    """What a mixture-of-experts MLP (`mp.model.moe.MoELayer`) saves for backward on one
+    rank for one micro-batch, by tensor (see the module doc); ``rows``: the rows this rank's
+    experts take (default `expert_rows`, the balanced mean)."""
+    if cfg.num_moe_experts is None:
+        raise ValueError("moe_terms needs a mixture-of-experts config (num_moe_experts is None)")
+    e, t, h = activation_bytes(cfg), cfg.tensor_model_parallel_size, cfg.hidden_size
+    experts, k = cfg.num_moe_experts, cfg.moe_router_topk
+    n = local_tokens(cfg, micro_batch)  # every TP rank routes all of them
+    m = expert_rows(cfg, micro_batch) if rows is None else rows
+    shared = cfg.moe_shared_expert_intermediate_size
+    router_dtype = _ROUTER_DTYPE_BYTES.get(cfg.moe_router_dtype)
+    copied = router_dtype is not None and router_dtype != e  # input and weight converted
+    r = router_dtype or max(e, FP32)  # the router's logits, scores and probabilities
+    fp = _FLOAT_NAMES[r]
+    gathered = cfg.sequence_parallel and t > 1
+    sigmoid = cfg.moe_router_score_function == "sigmoid"
+    pre_softmax = cfg.moe_router_pre_softmax
+    terms = {}
+    # the norm's output: the shared expert's fc1 input, and the router's unless SP gathers
+    # it first or the router converts it
+    if shared is not None or not (copied or gathered):
+        terms["MLP input"] = e * sequence_rows(cfg, micro_batch) * h
+    if shared is not None:
+        terms.update(mlp_interior_terms(cfg, kernels, n, shared / t, "shared expert "))
+    if copied:
+        terms[f"router input ({fp} copy)"] = r * n * h
+        terms[f"router weight ({fp} copy)"] = r * experts * h
+    elif gathered:
+        terms["router input (gathered over TP)"] = e * n * h
+    if sigmoid:
+        terms[f"router sigmoids ({fp})"] = r * n * experts
+    elif pre_softmax:
+        terms[f"router softmax over all experts ({fp})"] = r * n * experts
+    terms["router top-k expert indices (int64)"] = INT64 * n * k
+    if sigmoid and k > 1:
+        terms[f"router top-k sigmoids before renormalizing ({fp})"] = r * n * k
+        terms[f"router renormalizing sums ({fp})"] = r * n
+    elif not (sigmoid or pre_softmax) and cfg.moe_router_topk_scaling_factor is not None:
+        terms[f"router top-k softmax before scaling ({fp})"] = r * n * k
+    terms[f"router probabilities ({fp})"] = r * n * k
+    if cfg.moe_router_load_balancing_type == "aux_loss" and cfg.moe_aux_loss_coeff > 0:
+        if sigmoid:  # computed again, and normalized over the experts
+            terms[f"aux loss: sigmoids ({fp})"] = r * n * experts
+            terms[f"aux loss: normalizing sums ({fp})"] = r * n
+        elif not pre_softmax:
+            terms[f"aux loss: softmax over all experts ({fp})"] = r * n * experts
+        terms[f"aux loss: expert fractions ({fp})"] = r * experts
+    if cfg.moe_z_loss_coeff:
+        terms[f"z-loss: router logits ({fp})"] = r * n * experts
+        terms[f"z-loss: logsumexp ({fp})"] = r * n
+    terms["dispatch: token of each routed copy (int64)"] = INT64 * n * k
+    if cfg.expert_model_parallel_size > 1:
+        terms["dispatch: received rows in expert order (int64)"] = INT64 * m
+    terms["expert input rows"] = e * m * h
+    terms.update(mlp_interior_terms(cfg, kernels, m, cfg.moe_ffn_hidden_size / t, "experts' "))
+    if cfg.expert_model_parallel_size > 1:
+        terms["combine: expert outputs back in received order (int64)"] = INT64 * m
+    terms["combine: outputs back in token order (int64)"] = INT64 * n * k
+    terms["combine: expert output of each routed copy (fp32)"] = FP32 * n * k * h
     return terms
 
 
@@ -331,9 +450,9 @@ def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
 
 
 def layer_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
-                selective: bool | None = None) -> float:
+                selective: bool | None = None, moe: bool = False) -> float:
     """The sum of `layer_terms`."""
-    return sum(layer_terms(cfg, micro_batch, kernels, selective).values())
+    return sum(layer_terms(cfg, micro_batch, kernels, selective, moe).values())
 
 
 def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1,

@@ -53,13 +53,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mp.estimate.activations import FP32, activation_bytes, local_tokens, sequence_rows
+from mp.estimate.activations import FP32, INT64, activation_bytes, local_tokens, sequence_rows
 from mp.estimate.hardware import GPUSpec
 from mp.estimate.params import norm_params, rank_params
 from mp.estimate.setup import Setup
+from mp.model.moe.aux_loss import tracked_names
 
 FP64 = 8
-GROUPS = ("tp", "cp", "dp", "dp_cp", "pp", "embedding", "mp", "world")
+GROUPS = ("tp", "cp", "dp", "dp_cp", "ep", "edp", "pp", "embedding", "mp", "world")
 WIRE_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
                "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
                "send": lambda n: 1.0,
@@ -88,40 +89,90 @@ def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[C
         out += _tensor_parallel(setup, pp_rank)
     if setup.cp > 1:
         out += _context_parallel(setup, pp_rank)
-    if setup.gradient_group_size > 1:
-        grads = setup.grad_bytes * rank_params(cfg, pp_rank).total
-        group = "dp_cp" if setup.cp > 1 else "dp"
+    if _stage_layers(setup, pp_rank)[True]:
+        out += _experts(setup, pp_rank)
+    params = rank_params(cfg, pp_rank)
+    dense_group = "dp_cp" if setup.cp > 1 else "dp"
+    for what, group, elements, size in (
+            ("", dense_group, params.total - params.experts, setup.gradient_group_size),
+            ("expert ", "edp", params.experts, setup.expert_data_parallel_size)):
+        if size == 1:
+            continue
+        grads = setup.grad_bytes * elements
         if setup.distributed_optimizer:
-            params = activation_bytes(cfg) * rank_params(cfg, pp_rank).total
-            out += [Collective("gradients (distributed optimizer)", "reduce_scatter", group,
-                               grads),
-                    Collective("updated parameters (distributed optimizer)", "all_gather",
-                               group, params)]
+            out += [Collective(f"{what}gradients (distributed optimizer)", "reduce_scatter",
+                               group, grads),
+                    Collective(f"updated {what}parameters (distributed optimizer)",
+                               "all_gather", group, activation_bytes(cfg) * elements)]
         else:
-            out.append(Collective("gradients", "all_reduce", group, grads))
+            out.append(Collective(f"{what}gradients", "all_reduce", group, grads))
     if setup.pp > 1:
         out += _pipeline(setup, pp_rank)
     if setup.distributed_optimizer and setup.world_size > 1:  # the DP shards add up too
         out.append(Collective("gradient norm", "all_reduce", "world", FP32))
-    elif setup.tp * setup.pp > 1:
-        out.append(Collective("gradient norm", "all_reduce", "mp", FP32))
-    if logging and pp_rank == setup.pp - 1 and setup.data_parallel_size > 1:
-        out.append(Collective("reported loss (logging)", "all_reduce", "dp", 2 * FP64))
+    else:
+        if setup.ep > 1 and params.experts:
+            out.append(Collective("gradient norm (experts)", "all_reduce", "ep", FP32))
+        if setup.tp * setup.pp > 1:
+            out.append(Collective("gradient norm", "all_reduce", "mp", FP32))
+    if logging:
+        out += _logging(setup, pp_rank)
     return [c for c in out if c.bytes > 0]
+
+
+def _logging(setup: Setup, pp_rank: int) -> list[Collective]:
+    out = []
+    if pp_rank == setup.pp - 1 and setup.data_parallel_size > 1:
+        out.append(Collective("reported loss (logging)", "all_reduce", "dp", 2 * FP64))
+    router_losses = 2 * FP64 * len(tracked_names(setup.model))  # (sum, count) of each
+    for group, size in (("pp", setup.pp), ("dp", setup.data_parallel_size)):
+        if size > 1:
+            out.append(Collective("router losses (logging)", "all_reduce", group,
+                                  router_losses))
+    return out
+
+
+def _stage_layers(setup: Setup, pp_rank: int) -> dict[bool, tuple[int, int]]:
+    """``{moe: (layers, forwards)}``: the dense (``False``) and mixture-of-experts (``True``)
+    layers of one rank of stage ``pp_rank``, and their forwards in an iteration's pass over
+    a micro-batch (full recompute runs some twice)."""
+    cfg = setup.model
+    recomputed = set(_recomputed_layers(setup, pp_rank))
+    out = {False: (0, 0), True: (0, 0)}
+    for index in cfg.stage_layers(pp_rank):
+        layers, forwards = out[cfg.is_moe_layer(index)]
+        out[cfg.is_moe_layer(index)] = (layers + 1, forwards + 1 + (index in recomputed))
+    return out
+
+
+def _tensor_parallel_linears(setup: Setup, moe: bool) -> tuple[int, int, int]:
+    """(column-parallel linears, row-parallel linears, regions entered) of one layer: QKV,
+    fc1 (and SwiGLU's gate) column-parallel, the attention projection and fc2 row-parallel.
+    A mixture-of-experts layer enters its experts' region once (a gather, or a copy whose
+    gradient is all-reduced) and leaves it as a row-parallel linear does, and has a shared
+    expert's MLP when there is one."""
+    mlp_columns = 2 if setup.model.activation == "swiglu" else 1
+    if not moe:
+        return 1 + mlp_columns, 2, 0
+    shared = setup.model.moe_shared_expert_intermediate_size is not None
+    return 1 + shared * mlp_columns, 2 + shared, 1
 
 
 def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
     cfg, m = setup.model, setup.num_microbatches
     act = activation_bytes(cfg) * local_tokens(cfg, setup.micro_batch_size) * cfg.hidden_size
-    column = 3 if cfg.activation == "swiglu" else 2
     first, last = pp_rank == 0, pp_rank == setup.pp - 1
-    layers = cfg.stage_num_layers(pp_rank)
-    # full recompute repeats the forward's calls
-    forwards = layers + _recomputed_layers(setup, pp_rank)
+    gathers = scatters = reduces = 0
+    for moe, (layers, forwards) in _stage_layers(setup, pp_rank).items():
+        columns, rows, enters = _tensor_parallel_linears(setup, moe)
+        # forward: gather into columns and regions, reduce(-scatter) out of rows; backward: a
+        # column re-gathers its input, a row gathers its output gradient, and columns and
+        # regions reduce(-scatter) their input gradients
+        gathers += forwards * (columns + enters) + layers * (columns + rows)
+        scatters += forwards * rows + layers * (columns + enters)
+        reduces += forwards * rows + layers * (columns + enters)
     out = []
     if cfg.sequence_parallel:
-        gathers = forwards * column + layers * (column + 2)
-        scatters = forwards * 2 + layers * column
         if last:  # the output layer is column-parallel
             gathers, scatters = gathers + 2, scatters + 1
         if first:
@@ -134,12 +185,12 @@ def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
                            m * gathers * act),
                 Collective("sequence-parallel activations", "reduce_scatter", "tp",
                            m * scatters * act)]
-        out.append(Collective("sequence-parallel parameter gradients", "all_reduce", "tp",
-                              setup.grad_bytes * _sequence_parallel_params(setup, pp_rank)))
     else:
-        reduces = forwards * 2 + layers * column + (1 if first else 0) + (1 if last else 0)
+        reduces += (1 if first else 0) + (1 if last else 0)
         out.append(Collective("tensor-parallel activations", "all_reduce", "tp",
                               m * reduces * act))
+    out.append(Collective("partial gradients of replicated parameters", "all_reduce", "tp",
+                          setup.grad_bytes * _partial_gradient_params(setup, pp_rank)))
     if cfg.recompute_granularity == "full" and cfg.distribute_saved_activations:
         saved = activation_bytes(cfg) * sequence_rows(cfg, setup.micro_batch_size) \
             * cfg.hidden_size
@@ -154,7 +205,7 @@ def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
 def _context_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
     cfg, m = setup.model, setup.num_microbatches
     layers = cfg.stage_num_layers(pp_rank)
-    forwards = layers + _recomputed_layers(setup, pp_rank)
+    forwards = layers + len(_recomputed_layers(setup, pp_rank))
     if cfg.recompute_granularity == "selective":  # the recomputed core exchanges again
         forwards += layers
     e, b = activation_bytes(cfg), setup.micro_batch_size
@@ -176,18 +227,56 @@ def _context_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
                           m * 2 * layers * keys)]
     if pp_rank == setup.pp - 1:
         out.append(Collective("loss sum and token count", "all_reduce", "cp", m * 2 * FP32))
+    moe_layers = _stage_layers(setup, pp_rank)[True][0]  # once: the forward that keeps a
+    if moe_layers and tracked_names(cfg):  # graph attaches the losses, not a recompute's twin
+        out.append(Collective("router statistics", "all_reduce", "cp",
+                              m * moe_layers * _router_statistics_bytes(cfg)))
     return out
 
 
-def _recomputed_layers(setup: Setup, pp_rank: int) -> int:
-    """Layers of one rank of stage ``pp_rank`` whose forward full recompute runs again in
-    backward."""
+def _router_statistics_bytes(cfg) -> int:
+    """What a router sums over CP in a forward: for the load-balancing loss each expert's
+    token count (int64) and probability sum, for the z-loss one sum, in the logits' dtype."""
+    logits = FP64 if cfg.moe_router_dtype == "fp64" else FP32
+    names = tracked_names(cfg)
+    return (("load_balancing_loss" in names) * (INT64 + logits) * cfg.num_moe_experts
+            + ("z_loss" in names) * logits)
+
+
+def _experts(setup: Setup, pp_rank: int) -> list[Collective]:
+    """Expert parallelism: each forward of a mixture-of-experts layer trades the per-expert
+    token counts (int64), then the ``N k`` routed rows of its ``N`` tokens (every token of
+    the rank's sequences, on each TP rank), then the experts' outputs back; backward trades
+    the gradients of both. A rank sends its own ``N k`` rows and gets back as many outputs,
+    but how many rows it receives, and so how many outputs it sends, depends on the routing:
+    this counts ``N k``, the mean over the EP group (whose ranks receive ``EP N k`` rows in
+    all). With an expert bias, the token counts are summed over DP x CP once an iteration."""
+    cfg, m = setup.model, setup.num_microbatches
+    layers, forwards = _stage_layers(setup, pp_rank)[True]
+    out = []
+    if setup.ep > 1:
+        rows = (activation_bytes(cfg) * local_tokens(cfg, setup.micro_batch_size)
+                * cfg.moe_router_topk * cfg.hidden_size)
+        out.append(Collective("tokens to experts and back (counts, rows)", "all_to_all", "ep",
+                              m * (forwards * (INT64 * cfg.num_moe_experts + 2 * rows)
+                                   + layers * 2 * rows)))
+    if cfg.moe_router_enable_expert_bias and setup.gradient_group_size > 1:
+        group = "dp_cp" if setup.cp > 1 else "dp"
+        out.append(Collective("routed token counts (expert bias)", "all_reduce", group,
+                              layers * FP32 * cfg.num_moe_experts))
+    return out
+
+
+def _recomputed_layers(setup: Setup, pp_rank: int) -> list[int]:
+    """The layers (indices over the model) of one rank of stage ``pp_rank`` whose forward
+    full recompute runs again in backward: every one (uniform), or the first ``n`` of each
+    chunk (block)."""
     cfg = setup.model
     if cfg.recompute_granularity != "full":
-        return 0
-    if cfg.recompute_method == "uniform":
-        return cfg.stage_num_layers(pp_rank)
-    return _checkpoints(setup, pp_rank)  # block: one checkpoint a recomputed layer
+        return []
+    chunks = [cfg.chunk_layers(pp_rank, c) for c in range(len(cfg.chunk_layer_counts[pp_rank]))]
+    n = None if cfg.recompute_method == "uniform" else cfg.recompute_num_layers
+    return [index for chunk in chunks for index in chunk[:n]]
 
 
 def _checkpoints(setup: Setup, pp_rank: int) -> int:
@@ -199,12 +288,28 @@ def _checkpoints(setup: Setup, pp_rank: int) -> int:
     return sum(-(-layers // n) for layers in cfg.chunk_layer_counts[pp_rank])
 
 
-def _sequence_parallel_params(setup: Setup, pp_rank: int) -> int:
-    """Elements of the parameters replicated over TP whose gradients are partial under SP."""
+def _partial_gradient_params(setup: Setup, pp_rank: int) -> int:
+    """Elements of the parameters replicated over TP whose gradients are partial sums there
+    (`mp.distributed.finalize_model_grads` all-reduces them): under SP the norms and the
+    row-parallel biases; at any TP the ``qk_layernorm`` norms (each rank normalizes its
+    heads) and a mixture-of-experts layer's router and experts' fc2 biases (each rank sees
+    its share of the experts' outputs)."""
     cfg = setup.model
-    per_layer = 2 * norm_params(cfg)[0] + (2 * cfg.hidden_size if cfg.add_bias_linear else 0)
-    total = cfg.stage_num_layers(pp_rank) * per_layer
-    return total + rank_params(cfg, pp_rank).final_norm
+    bias = cfg.hidden_size if cfg.add_bias_linear else 0
+    total = 0
+    for moe, (layers, _) in _stage_layers(setup, pp_rank).items():
+        if not layers:
+            continue
+        shared = cfg.moe_shared_expert_intermediate_size is not None
+        row_biases = 1 + (shared if moe else 1)  # the attention projection's, fc2's
+        per_layer = 2 * norm_params(cfg, cfg.kv_channels)[0] if cfg.qk_layernorm else 0
+        if cfg.sequence_parallel:
+            per_layer += 2 * norm_params(cfg)[0] + row_biases * bias
+        if moe:
+            local = cfg.num_moe_experts // cfg.expert_model_parallel_size
+            per_layer += cfg.num_moe_experts * cfg.hidden_size + local * bias
+        total += layers * per_layer
+    return total + (rank_params(cfg, pp_rank).final_norm if cfg.sequence_parallel else 0)
 
 
 def _pipeline(setup: Setup, pp_rank: int) -> list[Collective]:
@@ -227,15 +332,18 @@ def _pipeline(setup: Setup, pp_rank: int) -> list[Collective]:
 
 def group_size(setup: Setup, group: str) -> int:
     return {"tp": setup.tp, "cp": setup.cp, "dp": setup.data_parallel_size,
-            "dp_cp": setup.gradient_group_size, "pp": setup.pp, "embedding": 2,
+            "dp_cp": setup.gradient_group_size, "ep": setup.ep,
+            "edp": setup.expert_data_parallel_size, "pp": setup.pp, "embedding": 2,
             "mp": setup.tp * setup.pp, "world": setup.world_size}[group]
 
 
 def group_bandwidth(setup: Setup, group: str, gpu: GPUSpec) -> float:
     """Bytes/s per rank for ``group``'s traffic: NVLink when the whole group shares a node
-    (ranks are laid out TP fastest, then CP, then DP, then PP), InfiniBand otherwise."""
+    (ranks are laid out TP fastest, then CP, then DP, then PP; the expert-parallel ranks
+    are the data-parallel ranks next to each other), InfiniBand otherwise."""
     data = setup.tp * setup.cp * setup.data_parallel_size
     span = {"tp": setup.tp, "cp": setup.tp * setup.cp, "dp": data, "dp_cp": data,
+            "ep": setup.tp * setup.ep, "edp": data,
             "pp": setup.world_size, "embedding": setup.world_size,
             "mp": setup.world_size, "world": setup.world_size}[group]
     gbps = gpu.intra_node_gbps if span <= gpu.gpus_per_node else gpu.inter_node_gbps

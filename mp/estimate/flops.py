@@ -25,6 +25,8 @@ g / a + s / h) q / h + ...)`` with ``query_projection_size = kv_channels x heads
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from mp.model.config import TransformerConfig
 
 
@@ -49,20 +51,19 @@ def logits_forward_flops(cfg: TransformerConfig, sequences: int) -> float:
 
 
 def training_flops(cfg: TransformerConfig, sequences: int, recompute: str | None = "config",
-                   num_layers: int | None = None, logits: bool = True) -> float:
+                   layers: Iterable[int] | None = None, logits: bool = True) -> float:
     """FLOPs to train on ``sequences`` sequences: forward, backward and the recompute of
     ``recompute`` (``"config"``: the config's ``recompute_granularity``; ``None`` for the
-    model FLOPs that MFU counts). ``num_layers`` (default all) and ``logits`` select a part
-    of the model: a pipeline stage (of a model without mixture-of-experts layers)."""
+    model FLOPs that MFU counts). ``layers`` (indices over the model, default all) and
+    ``logits`` select a part of the model: a pipeline stage (`TransformerConfig.stage_layers`).
+    """
     if recompute == "config":
         recompute = cfg.recompute_granularity
     if recompute not in (None, "selective", "full"):
         raise ValueError(f"recompute={recompute!r} must be one of None, 'selective', 'full'")
-    if num_layers is not None and cfg.num_moe_experts is not None:
-        raise ValueError("the FLOPs of part of a mixture-of-experts model are not modelled")
-    moe_layers = sum(map(cfg.is_moe_layer, range(cfg.num_layers)))
-    counts = {False: cfg.num_layers - moe_layers if num_layers is None else num_layers,
-              True: moe_layers}
+    layers = range(cfg.num_layers) if layers is None else list(layers)
+    moe_layers = sum(map(cfg.is_moe_layer, layers))
+    counts = {False: len(layers) - moe_layers, True: moe_layers}
     total = 0
     for moe, count in counts.items():
         if not count:

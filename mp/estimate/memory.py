@@ -27,6 +27,9 @@ working memory of that moment:
   ``distribute_saved_activations``); in backward one chunk of layers is recomputed, so its full
   activations are a transient. Selective recompute recomputes one layer's attention core.
 
+Each layer counts as dense or mixture-of-experts (``cfg.is_moe_layer``), so a chunk's bytes
+and its largest recomputed group depend on which layers it holds (``cfg.chunk_layers``).
+
 Gradients flowing through backward (a few ``s b h``-sized tensors at a time) are left out.
 """
 
@@ -117,36 +120,64 @@ def _vocab_shard(cfg: TransformerConfig) -> int:
 
 
 def chunk_saved_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
-                      layers: int | None = None) -> float:
-    """The ``layers`` transformer layers of one pipeline chunk (default: the first chunk's),
-    for one micro-batch: every layer's `layer_bytes`, or with full recompute the checkpointed
-    chunks' inputs (and the layers left out of ``block`` recompute whole)."""
-    if layers is None:
-        layers = len(cfg.chunk_layers())
+                      layers: range | int | None = None) -> float:
+    """The transformer layers of one pipeline chunk for one micro-batch: every layer's
+    `layer_bytes` (dense or mixture-of-experts, as ``cfg.is_moe_layer`` says), or with full
+    recompute the checkpointed chunks' inputs (and the layers left out of ``block`` recompute
+    whole). ``layers``: the chunk's 0-based layer indices over the model
+    (``cfg.chunk_layers(pp_rank, chunk)``; default the first chunk's); a count of layers
+    stands for a dense model's chunk of that many."""
+    layers = _chunk_range(cfg, layers)
     if cfg.recompute_granularity != "full":
-        return layers * layer_bytes(cfg, micro_batch, kernels)
+        return sum(_layer_bytes(cfg, micro_batch, kernels, i) for i in layers)
     n = cfg.recompute_num_layers
     checkpoint_input = activation_bytes(cfg) * sequence_rows(cfg, micro_batch) * cfg.hidden_size
     if cfg.distribute_saved_activations:
         checkpoint_input /= cfg.tensor_model_parallel_size
     if cfg.recompute_method == "uniform":
-        return math.ceil(layers / n) * checkpoint_input
-    n = min(n, layers)
-    return n * checkpoint_input + (layers - n) * layer_bytes(cfg, micro_batch, kernels,
-                                                             selective=False)
+        return math.ceil(len(layers) / n) * checkpoint_input
+    n = min(n, len(layers))
+    return n * checkpoint_input + sum(_layer_bytes(cfg, micro_batch, kernels, i, selective=False)
+                                      for i in layers[n:])
 
 
-def recompute_working_set(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA
-                          ) -> float:
-    """Activations rebuilt at once during backward: one checkpointed chunk of layers (full),
-    one layer's attention core (selective), nothing otherwise."""
+def recompute_working_set(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
+                          layers: range | int | None = None) -> float:
+    """Activations rebuilt at once during backward in the chunk of ``layers`` (as in
+    `chunk_saved_bytes`): its largest checkpointed group of layers (full), its largest
+    layer's attention core (selective), nothing otherwise."""
+    layers = _chunk_range(cfg, layers)
     if cfg.recompute_granularity == "full":
-        group = cfg.recompute_num_layers if cfg.recompute_method == "uniform" else 1
-        return group * layer_bytes(cfg, micro_batch, kernels, selective=False)
+        n = cfg.recompute_num_layers
+        if cfg.recompute_method == "uniform":
+            groups = [layers[start:start + n] for start in range(0, len(layers), n)]
+        else:  # block: the first n layers, one checkpoint each
+            groups = [layers[i:i + 1] for i in range(min(n, len(layers)))]
+        return max((sum(_layer_bytes(cfg, micro_batch, kernels, i, selective=False)
+                        for i in group) for group in groups), default=0.0)
     if cfg.recompute_granularity == "selective":
-        return (layer_bytes(cfg, micro_batch, kernels, selective=False)
-                - layer_bytes(cfg, micro_batch, kernels, selective=True))
+        return max((_layer_bytes(cfg, micro_batch, kernels, i, selective=False)
+                    - _layer_bytes(cfg, micro_batch, kernels, i, selective=True)
+                    for i in layers), default=0.0)
     return 0.0
+
+
+def _chunk_range(cfg: TransformerConfig, layers: range | int | None) -> range:
+    if layers is None:
+        return cfg.chunk_layers()
+    if isinstance(layers, int):
+        if cfg.num_moe_experts is not None:
+            raise ValueError(f"layers={layers}: a mixture-of-experts model needs the chunk's "
+                             "layer indices (cfg.chunk_layers(pp_rank, chunk)), not a count")
+        return range(layers)
+    return layers
+
+
+def _layer_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, index: int,
+                 selective: bool | None = None) -> float:
+    """`layer_bytes` of layer ``index`` (0-based over the model), dense or MoE."""
+    moe = cfg.num_moe_experts is not None and cfg.is_moe_layer(index)
+    return layer_bytes(cfg, micro_batch, kernels, selective, moe=moe)
 
 
 def ring_working_set(cfg: TransformerConfig, micro_batch: int) -> float:
@@ -181,8 +212,8 @@ def stage_memory(setup: Setup, pp_rank: int, kernels: Kernels = CUDA) -> StageMe
     cfg, b = setup.model, setup.micro_batch_size
     params = rank_params(cfg, pp_rank)
     in_flight = microbatches_in_flight(setup.pp, pp_rank, setup.num_microbatches, setup.vpp)
-    saved = in_flight * sum(chunk_saved_bytes(cfg, b, kernels, layers)
-                            for layers in cfg.chunk_layer_counts[pp_rank])
+    chunks = [cfg.chunk_layers(pp_rank, c) for c in range(len(cfg.chunk_layer_counts[pp_rank]))]
+    saved = in_flight * sum(chunk_saved_bytes(cfg, b, kernels, layers) for layers in chunks)
     forward_extra = backward_extra = 0.0
     if pp_rank == 0:
         saved += min(in_flight, setup.num_microbatches) * sum(
@@ -194,6 +225,7 @@ def stage_memory(setup: Setup, pp_rank: int, kernels: Kernels = CUDA) -> StageMe
         backward_extra = -output  # the loss's backward has freed them before any recompute
     ring = ring_working_set(cfg, b)  # inside every layer's attention, forward and backward
     transient = max(forward_extra, ring,
-                    backward_extra + recompute_working_set(cfg, b, kernels) + ring)
+                    backward_extra + max(recompute_working_set(cfg, b, kernels, layers)
+                                         for layers in chunks) + ring)
     return StageMemory(pp_rank=pp_rank, params=params, state=state_bytes(setup, params),
                        in_flight=in_flight, activations=saved, transient=max(transient, 0.0))

@@ -26,6 +26,14 @@ divided by DP (by DP x CP with context parallelism: the ranks that reduce gradie
 together): ``6 + 12 / DP`` bytes for bf16 (Megatron's table), leaving out each bucket's
 padding to a multiple of DP elements and the per-shard step counters
 (``tests/test_distrib_optimizer.py`` counts both).
+
+A mixture-of-experts layer (`mp.model.moe`) holds, instead of the MLP, a router ``[E, h]``
+(replicated), its ``E / EP`` experts (each an MLP ``moe_ffn_hidden_size`` wide split over TP
+as the dense one is, their weights stacked into one tensor per kind) and a shared expert's
+MLP when there is one. The experts' gradients are reduced over the expert-data-parallel
+ranks (DP x CP / EP), so the distributed optimizer divides their state by that instead. A
+router's expert bias (``moe_router_enable_expert_bias``) is an fp32 weight that is not
+trained: it has no gradient and no optimizer state, and it is not in ``total``.
 """
 
 from __future__ import annotations
@@ -50,7 +58,9 @@ class RankParams:
     layers: int
     final_norm: int
     output_layer: int  # untied output weight, or the last stage's copy of a tied one
-    tensors: int  # how many parameter tensors (AdamW keeps a step counter for each)
+    tensors: int  # how many trained parameter tensors (AdamW keeps a step counter for each)
+    experts: int = 0  # of ``layers``: the experts' (reduced over DP x CP / EP)
+    expert_bias: int = 0  # the routers' untrained fp32 expert biases, beside ``total``
 
     @property
     def total(self) -> int:
@@ -75,16 +85,37 @@ def _linear(cfg: TransformerConfig, in_size: int, out_size: int, shard_out: bool
     return weight + (out_size // t if shard_out else out_size), 2
 
 
-def layer_params(cfg: TransformerConfig) -> tuple[int, int]:
-    """(elements, tensors) of one transformer layer on one TP rank (the attention output
-    projection maps the ``a d`` query width to ``h``; ``qk_layernorm`` adds two norms ``d``
-    wide, replicated)."""
-    h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    parts = [norm_params(cfg), _linear(cfg, h, cfg.qkv_size, True),
-             _linear(cfg, cfg.query_projection_size, h, False),
-             norm_params(cfg), _linear(cfg, h, f, True), _linear(cfg, f, h, False)]
+def _mlp(cfg: TransformerConfig, width: int) -> tuple[int, int]:
+    """(elements, tensors) of an MLP ``width`` wide on one TP rank: fc1 (and SwiGLU's gate)
+    column-parallel, fc2 row-parallel."""
+    h = cfg.hidden_size
+    parts = [_linear(cfg, h, width, True), _linear(cfg, width, h, False)]
     if cfg.activation == "swiglu":
-        parts.append(_linear(cfg, h, f, True))
+        parts.append(_linear(cfg, h, width, True))
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def expert_params(cfg: TransformerConfig) -> tuple[int, int]:
+    """(elements, tensors) of the experts one rank holds in a mixture-of-experts layer:
+    ``E / EP`` MLPs ``moe_ffn_hidden_size`` wide, stacked (one tensor per weight kind)."""
+    elements, tensors = _mlp(cfg, cfg.moe_ffn_hidden_size)
+    return cfg.num_moe_experts // cfg.expert_model_parallel_size * elements, tensors
+
+
+def layer_params(cfg: TransformerConfig, moe: bool = False) -> tuple[int, int]:
+    """(elements, tensors) of one transformer layer's trained parameters on one TP rank (the
+    attention output projection maps the ``a d`` query width to ``h``; ``qk_layernorm`` adds
+    two norms ``d`` wide, replicated); ``moe``: a mixture-of-experts layer's, its
+    `expert_params` included."""
+    h = cfg.hidden_size
+    parts = [norm_params(cfg), _linear(cfg, h, cfg.qkv_size, True),
+             _linear(cfg, cfg.query_projection_size, h, False), norm_params(cfg)]
+    if not moe:
+        parts.append(_mlp(cfg, cfg.ffn_hidden_size))
+    else:
+        parts += [(cfg.num_moe_experts * h, 1), expert_params(cfg)]  # the router, the experts
+        if cfg.moe_shared_expert_intermediate_size is not None:
+            parts.append(_mlp(cfg, cfg.moe_shared_expert_intermediate_size))
     if cfg.qk_layernorm:
         parts += [norm_params(cfg, cfg.kv_channels)] * 2
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
@@ -98,8 +129,10 @@ def rank_params(cfg: TransformerConfig, pp_rank: int = 0) -> RankParams:
     first, last = pp_rank == 0, pp_rank == pp - 1
     h = cfg.hidden_size
     vocab_shard = cfg.padded_vocab_size // cfg.tensor_model_parallel_size * h
-    per_layer, layer_tensors = layer_params(cfg)
-    num_layers = cfg.stage_num_layers(pp_rank)
+    layers = cfg.stage_layers(pp_rank)
+    moe_layers = sum(map(cfg.is_moe_layer, layers))
+    counts = ((len(layers) - moe_layers, layer_params(cfg)),
+              (moe_layers, layer_params(cfg, moe=True) if moe_layers else (0, 0)))
     embedding = tensors = 0
     if first:
         embedding, tensors = vocab_shard, 1
@@ -112,8 +145,12 @@ def rank_params(cfg: TransformerConfig, pp_rank: int = 0) -> RankParams:
         if cfg.untie_embeddings_and_output_weights or not first:
             output = vocab_shard
             tensors += 1
-    return RankParams(embedding=embedding, layers=num_layers * per_layer, final_norm=final_norm,
-                      output_layer=output, tensors=tensors + num_layers * layer_tensors)
+    bias = cfg.num_moe_experts if cfg.moe_router_enable_expert_bias else 0
+    return RankParams(embedding=embedding, layers=sum(n * p[0] for n, p in counts),
+                      final_norm=final_norm, output_layer=output,
+                      tensors=tensors + sum(n * p[1] for n, p in counts),
+                      experts=moe_layers * expert_params(cfg)[0] if moe_layers else 0,
+                      expert_bias=moe_layers * bias)
 
 
 def model_params(cfg: TransformerConfig) -> int:
@@ -123,7 +160,7 @@ def model_params(cfg: TransformerConfig) -> int:
     unsplit = dataclasses.replace(
         cfg, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
         virtual_pipeline_model_parallel_size=None, **UNEVEN_SPLIT_FIELDS,
-        sequence_parallel=False,
+        sequence_parallel=False, expert_model_parallel_size=1, expert_tensor_parallel_size=None,
         recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
         make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by
         * cfg.tensor_model_parallel_size)
@@ -147,10 +184,12 @@ def state_bytes(setup: Setup, params: RankParams) -> StateBytes:
     """Weights, gradient buffer (fp32, or bf16 with ``setup.grad_reduce_in_bf16``) and
     optimizer state for ``params`` (see the module doc)."""
     n = params.total
-    master = 0 if setup.model.precision == "fp32" else FP32
+    per_param = (0 if setup.model.precision == "fp32" else FP32) + ADAM_MOMENT_BYTES
     if setup.distributed_optimizer:
-        optimizer = n * (master + ADAM_MOMENT_BYTES) / setup.gradient_group_size
+        dense = n - params.experts
+        optimizer = per_param * (dense / setup.gradient_group_size
+                                 + params.experts / setup.expert_data_parallel_size)
     else:
-        optimizer = n * (master + ADAM_MOMENT_BYTES) + params.tensors * STEP_COUNTER_BYTES
-    return StateBytes(weights=n * setup.activation_bytes, grads=n * setup.grad_bytes,
-                      optimizer=optimizer)
+        optimizer = n * per_param + params.tensors * STEP_COUNTER_BYTES
+    return StateBytes(weights=n * setup.activation_bytes + FP32 * params.expert_bias,
+                      grads=n * setup.grad_bytes, optimizer=optimizer)

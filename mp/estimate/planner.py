@@ -10,10 +10,12 @@ checkpoint) and sequence parallelism (on with ``t > 1`` by default: it only save
 With ``uneven_splits`` the planner also tries Megatron's uneven pipeline splits that count the
 embedding and/or the loss as a layer (`PIPELINE_SPLITS`): they balance the first and last
 stages, and they let ``p v`` divide ``L + 1`` or ``L + 2`` when it does not divide ``L``.
-Data parallelism takes the rest, ``N / (t c p)``. Each candidate is built as the training job
+Data parallelism takes the rest, ``N / (t c p)``; a mixture-of-experts model also tries each
+expert-parallel size ``e`` (from ``expert_parallel_sizes``, by default every one its experts
+and ``DP x CP`` allow). Each candidate is built as the training job
 would be built, through `mp.model.TransformerConfig` and `mp.config.JobConfig.validate`, so
 the planner knows the same rules (heads divisible by ``t``, the sequence by ``2 c``, layers by
-``p v``, the global batch
+``p v``, experts and ``DP x CP`` by ``e``, the global batch
 by ``micro-batch x DP``, micro-batches by ``p`` when interleaving); a candidate that breaks
 one is not a layout. The rest are estimated, those whose busiest rank exceeds
 ``memory_fraction`` of the GPU's memory are dropped, and the others are ranked by predicted
@@ -68,13 +70,15 @@ def candidate_setups(job: JobConfig, world_size: int,
                      distributed_optimizer: bool | None = None,
                      uneven_splits: bool = False,
                      context_parallel_sizes: tuple[int, ...] = (1,),
-                     cp_comm_types: tuple[str, ...] | None = None) -> list[Setup]:
+                     cp_comm_types: tuple[str, ...] | None = None,
+                     expert_parallel_sizes: tuple[int, ...] | None = None) -> list[Setup]:
     """Every layout of ``job``'s model on ``world_size`` GPUs that its rules allow.
     ``sequence_parallel`` lists the values tried when ``t > 1`` (``t = 1`` has none);
     ``distributed_optimizer`` defaults to the job's ``training.use_distributed_optimizer``;
     ``uneven_splits`` adds `PIPELINE_SPLITS` beyond the even one; ``context_parallel_sizes``
     lists the CP sizes tried, each ``c > 1`` with every one of ``cp_comm_types`` (default: the
-    job's ``model.cp_comm_type``) (module doc)."""
+    job's ``model.cp_comm_type``); ``expert_parallel_sizes`` the EP sizes (default: every
+    divisor of ``world_size`` for a mixture-of-experts model, 1 otherwise) (module doc)."""
     for mode in recompute_modes:
         if mode not in RECOMPUTE_MODES:
             raise ValueError(f"recompute mode {mode!r} must be one of "
@@ -83,6 +87,9 @@ def candidate_setups(job: JobConfig, world_size: int,
         distributed_optimizer = job.training.use_distributed_optimizer
     splits = PIPELINE_SPLITS if uneven_splits else {"even": {}}
     comms = cp_comm_types or (job.model.cp_comm_type,)
+    if expert_parallel_sizes is None:
+        expert_parallel_sizes = (1,) if job.model.num_moe_experts is None \
+            else tuple(_divisors(world_size))
     setups, seen = [], set()
     layouts = ((cp, comm, tp) for cp in context_parallel_sizes if world_size % cp == 0
                for comm in (comms if cp > 1 else comms[:1])
@@ -94,12 +101,13 @@ def candidate_setups(job: JobConfig, world_size: int,
                 continue
             vpps = [None] + ([v for v in _divisors(layers // pp) if v > 1] if pp > 1 else [])
             sps = sequence_parallel if tp > 1 else (False,)
-            for vpp, sp, mbs, mode in itertools.product(vpps, sps, micro_batch_sizes,
-                                                        recompute_modes):
+            for vpp, sp, ep, mbs, mode in itertools.product(vpps, sps, expert_parallel_sizes,
+                                                            micro_batch_sizes, recompute_modes):
                 full = mode == "full"
                 setup = _setup(job, world_size, mbs, distributed_optimizer, {
                     **UNEVEN_SPLIT_FIELDS, **split, "tensor_model_parallel_size": tp,
                     "context_parallel_size": cp, "cp_comm_type": comm,
+                    "expert_model_parallel_size": ep,
                     "pipeline_model_parallel_size": pp,
                     "virtual_pipeline_model_parallel_size": vpp, "sequence_parallel": sp,
                     "recompute_granularity": None if mode == "none" else mode,
@@ -109,7 +117,8 @@ def candidate_setups(job: JobConfig, world_size: int,
                 if setup is None:
                     continue
                 # an uneven split that puts the layers where the even one does is the same
-                key = (tp, cp, comm, pp, vpp, sp, mbs, mode, setup.model.chunk_layer_counts)
+                key = (tp, cp, comm, pp, vpp, sp, ep, mbs, mode,
+                       setup.model.chunk_layer_counts)
                 if key not in seen:
                     seen.add(key)
                     setups.append(setup)

@@ -46,10 +46,17 @@ def format_estimate(est: Estimate, kernels: Kernels = CUDA) -> str:
     heads = f"{cfg.num_attention_heads} heads"
     if cfg.num_query_groups < cfg.num_attention_heads:
         heads += f" sharing {cfg.num_query_groups} keys and values"
+    ffn = f"ffn {cfg.ffn_hidden_size}"
+    if cfg.num_moe_experts is not None:
+        moe_layers = sum(map(cfg.is_moe_layer, range(cfg.num_layers)))
+        ffn = (f"{cfg.num_moe_experts} experts (top {cfg.moe_router_topk}, ffn "
+               f"{cfg.moe_ffn_hidden_size}) in {moe_layers} layers"
+               + (f", ffn {cfg.ffn_hidden_size} in the others" if moe_layers < cfg.num_layers
+                  else ""))
     lines = [
         f"{setup.world_size} x {gpu.name}: {setup.describe()}",
         (f"model: {_count(est.parameters)} parameters, {cfg.num_layers} layers, hidden "
-         f"{cfg.hidden_size}, {heads}, ffn {cfg.ffn_hidden_size}, "
+         f"{cfg.hidden_size}, {heads}, {ffn}, "
          f"sequence {cfg.seq_length}, vocabulary {cfg.vocab_size} padded to "
          f"{cfg.padded_vocab_size}, {cfg.precision}, {cfg.attention_backend} attention"),
         "",
@@ -88,9 +95,17 @@ def _precision_line(est: Estimate) -> str:
 
 def _activation_section(est: Estimate, kernels: Kernels) -> str:
     cfg, b = est.setup.model, est.setup.micro_batch_size
-    terms = layer_terms(cfg, b, kernels)
-    top = sorted(terms.items(), key=lambda kv: -kv[1])[:5]
+    kinds = sorted({cfg.is_moe_layer(i) for i in range(cfg.num_layers)})
     note = " (without full recompute)" if cfg.recompute_granularity == "full" else ""
+    lines = []
+    for moe in kinds:
+        terms = layer_terms(cfg, b, kernels, moe=moe)
+        top = sorted(terms.items(), key=lambda kv: -kv[1])[:5]
+        kind = (" (mixture-of-experts layer, balanced routing)" if moe
+                else " (dense layer)" if len(kinds) > 1 else "")
+        lines.append(f"Activations per layer{kind} and micro-batch on a rank{note}: "
+                     f"{_bytes(sum(terms.values()))}; largest: "
+                     + ", ".join(f"{name} {_bytes(v)}" for name, v in top))
     s, h, a, t = (cfg.seq_length, cfg.hidden_size, cfg.num_attention_heads,
                   cfg.tensor_model_parallel_size)
     paper = {"none": korthikanti_layer_bytes(s, b, h, a),
@@ -98,10 +113,7 @@ def _activation_section(est: Estimate, kernels: Kernels) -> str:
              f"TP {t} + SP": korthikanti_layer_bytes(s, b, h, a, t, True),
              "selective (TP + SP)": korthikanti_layer_bytes(s, b, h, a, t, True, "selective"),
              "full": korthikanti_layer_bytes(s, b, h, a, t, recompute="full")}
-    return (f"Activations per layer and micro-batch on a rank{note}: "
-            f"{_bytes(sum(terms.values()))}; largest: "
-            + ", ".join(f"{name} {_bytes(v)}" for name, v in top)
-            + "\nKorthikanti et al. 2022 for this model"
+    return ("\n".join(lines) + "\nKorthikanti et al. 2022 for this model"
             + (" (the whole sequence on each rank: the paper has no context parallelism)"
                if est.setup.cp > 1 else "") + ": "
             + ", ".join(f"{name} {_bytes(v)}" for name, v in paper.items()))
@@ -130,7 +142,8 @@ def _step_section(est: Estimate) -> str:
     st = est.step
     parts = ", ".join(f"{name} {value:.3f}" for name, value in (
         ("compute", st.compute), ("TP comm", st.tp_comm),
-        *((("CP comm", st.cp_comm),) if est.setup.cp > 1 else ()), ("PP comm", st.pp_comm),
+        *((("CP comm", st.cp_comm),) if est.setup.cp > 1 else ()),
+        *((("EP comm", st.ep_comm),) if est.setup.ep > 1 else ()), ("PP comm", st.pp_comm),
         ("bubble", st.bubble), ("grad sync", st.grad_sync), ("optimizer", st.optimizer)))
     return (f"Step time {st.total:.3f} s at {est.efficiency:.0%} of {est.gpu.peak_tflops:g} "
             f"TFLOP/s ({parts}); {est.tokens_per_second:,.0f} tokens/s, MFU {est.mfu:.1%}, "
@@ -139,9 +152,9 @@ def _step_section(est: Estimate) -> str:
 
 def format_plan(result: PlanResult, top: int = 10) -> str:
     """The fastest ``top`` layouts that fit, as a table (with a ``split`` column, the
-    pipeline's `mp.estimate.planner.PIPELINE_SPLITS` name, when one of them is uneven, and a
+    pipeline's `mp.estimate.planner.PIPELINE_SPLITS` name, when one of them is uneven, a
     ``CP`` column when one of them is context-parallel: ``4``, or ``4/a2a``, ``4/p2p`` for
-    those exchanges)."""
+    those exchanges, and an ``EP`` column when one of them is expert-parallel)."""
     if not result.fitting:
         return (f"none of the {result.valid} valid layouts fits in memory; try more GPUs, "
                 "recompute, or a smaller micro-batch")
@@ -149,6 +162,7 @@ def format_plan(result: PlanResult, top: int = 10) -> str:
     splits = [split_name(e.setup) for e in shown]
     uneven = any(name != "even" for name in splits)
     context = any(e.setup.cp > 1 for e in shown)
+    experts = any(e.setup.ep > 1 for e in shown)
     rows = []
     for i, (e, split) in enumerate(zip(shown, splits), 1):
         s = e.setup
@@ -156,14 +170,15 @@ def format_plan(result: PlanResult, top: int = 10) -> str:
         cp = f"{s.cp}/{comm}" if s.cp > 1 and comm != "all_gather" else str(s.cp)
         rows.append([str(i), str(s.tp), *([cp] if context else []), str(s.pp),
                      str(s.vpp), *([split] if uneven else []),
-                     str(s.data_parallel_size),
+                     str(s.data_parallel_size), *([str(s.ep)] if experts else []),
                      str(s.micro_batch_size), str(s.num_microbatches),
                      "on" if s.model.sequence_parallel else "off",
                      s.model.recompute_granularity or "none", _gib(e.peak_bytes),
                      f"{e.step.total:.2f}", f"{e.tokens_per_second:,.0f}", f"{e.mfu:.1%}",
                      f"{e.bubble_fraction:.1%}"])
     header = ["#", "TP", *(["CP"] if context else []), "PP", "VP",
-              *(["split"] if uneven else []), "DP", "mbs", "m", "SP",
+              *(["split"] if uneven else []), "DP", *(["EP"] if experts else []), "mbs", "m",
+              "SP",
               "recompute", "peak GiB", "step s", "tokens/s", "MFU", "bubble"]
     return (_table(header, rows) + f"\n{len(result.fitting)} of {result.valid} valid layouts "
             f"fit ({result.too_big} do not); peak = the busiest rank")
@@ -182,7 +197,9 @@ def memory_chart(estimates: list[Estimate], path: str, memory_fraction: float) -
             from error
     labels = [f"TP{e.setup.tp}" + (f" CP{e.setup.cp}" if e.setup.cp > 1 else "")
               + f" PP{e.setup.pp}" + (f"v{e.setup.vpp}" if e.setup.vpp > 1 else "")
-              + f" DP{e.setup.data_parallel_size}\nmbs{e.setup.micro_batch_size} "
+              + f" DP{e.setup.data_parallel_size}"
+              + (f" EP{e.setup.ep}" if e.setup.ep > 1 else "")
+              + f"\nmbs{e.setup.micro_batch_size} "
               + (e.setup.model.recompute_granularity or "none") for e in estimates]
     parts = {"weights": [], "gradients": [], "optimizer": [], "activations": [],
              "transient": []}

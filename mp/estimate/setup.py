@@ -1,6 +1,6 @@
 """`Setup`: what an estimate is of: a model split one way over a number of GPUs, fed one way.
 
-The model and its split (TP, CP, PP, virtual stages, sequence parallelism, recompute,
+The model and its split (TP, CP, PP, virtual stages, EP, sequence parallelism, recompute,
 precision) are a `mp.model.TransformerConfig`, which checks its own rules; the rest is the
 data-parallel size, the batch and the optimizer. `Setup.from_job` takes them from a job
 config, so that the estimator reads the same YAML files (and overrides) as the training job.
@@ -21,7 +21,8 @@ class Setup:
 
     Args:
         model: shape, TP/CP/PP/virtual-stage sizes, sequence parallelism, recompute,
-            precision.
+            precision; for a mixture-of-experts model the experts and EP (which divides
+            DP x CP: the expert-parallel ranks are data-parallel ones).
         data_parallel_size: DP; the job runs on ``TP x CP x PP x DP`` GPUs.
         micro_batch_size: sequences per micro-batch on one data-parallel rank.
         num_microbatches: micro-batches per iteration on each data-parallel rank
@@ -53,9 +54,10 @@ class Setup:
         if self.grad_reduce_in_bf16 and self.model.precision != "bf16":
             raise ValueError(f"grad_reduce_in_bf16=True needs a bf16 model, not precision="
                              f"{self.model.precision!r}")
-        if self.model.num_moe_experts is not None:
-            raise ValueError(f"num_moe_experts={self.model.num_moe_experts}: the estimator does "
-                             "not model mixture-of-experts layers yet")
+        ep = self.model.expert_model_parallel_size
+        if self.gradient_group_size % ep:
+            raise ValueError(f"expert_model_parallel_size={ep} does not divide data-parallel x "
+                             f"context-parallel size={self.gradient_group_size}")
 
     @classmethod
     def from_job(cls, job: JobConfig, world_size: int) -> Setup:
@@ -97,6 +99,17 @@ class Setup:
         return self.data_parallel_size * self.cp
 
     @property
+    def ep(self) -> int:
+        """Expert-parallel size (1 for a dense model)."""
+        return self.model.expert_model_parallel_size
+
+    @property
+    def expert_data_parallel_size(self) -> int:
+        """The ranks holding the same experts, which reduce their gradients and share their
+        distributed optimizer state: DP x CP / EP (`mp.parallel_state`'s expert layout)."""
+        return self.gradient_group_size // self.ep
+
+    @property
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.num_microbatches * self.data_parallel_size
 
@@ -114,13 +127,14 @@ class Setup:
     def describe(self) -> str:
         """``TP8 PP16 (v2) DP8, mbs 1 x 192, SP, recompute full, distributed optimizer``;
         an uneven pipeline split adds each stage's layers: ``PP2 (v2, layers 34+46)``;
-        context parallelism shows as ``TP8 CP4 PP2 DP4``."""
+        context parallelism shows as ``TP8 CP4 PP2 DP4``, expert parallelism as
+        ``TP2 PP1 DP8 EP4``."""
         cfg = self.model
         pipeline = ", ".join(part for part in (f"v{self.vpp}" if self.vpp > 1 else "",
                                                uneven_stages_text(cfg.chunk_layer_counts)) if part)
         parts = [f"TP{self.tp}" + (f" CP{self.cp}" if self.cp > 1 else "") + f" PP{self.pp}"
                  + (f" ({pipeline})" if pipeline else "")
-                 + f" DP{self.data_parallel_size}",
+                 + f" DP{self.data_parallel_size}" + (f" EP{self.ep}" if self.ep > 1 else ""),
                  f"mbs {self.micro_batch_size} x {self.num_microbatches}"]
         if cfg.sequence_parallel:
             parts.append("SP")

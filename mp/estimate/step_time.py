@@ -6,17 +6,20 @@ The model is deliberately simple, and each part is printed so that it can be arg
   recompute) over ``peak x efficiency``, divided over its TP and CP ranks. ``efficiency`` is the
   achievable fraction of peak for the matrix products (Narayanan et al. 2021 reach 44-52 %
   on A100 with full recompute counted); it is an input, not a prediction.
-- **tensor-, context- and pipeline-parallel communication** sit on the critical path of
-  every micro-batch (mp overlaps none of it with compute except the column-parallel weight
-  gradient, which is ignored here).
+- **tensor-, context-, expert- and pipeline-parallel communication** sit on the critical
+  path of every micro-batch (mp overlaps none of it with compute except the column-parallel
+  weight gradient, which is ignored here). Expert parallelism assumes balanced routing: each
+  rank computes ``N k`` routed rows, as many as its own tokens chose, and moves as many.
 - **pipeline**: with ``m`` micro-batches the busiest stage's micro-batch time ``T`` is paid
   ``m + (p - 1) / v`` times (1F1B; interleaving with ``v`` chunks divides the bubble by ``v``).
-- **data-parallel reduction** overlaps the backward of the last micro-batch (mp's
-  ``overlap_grad_reduce``); only what does not fit there is exposed. The distributed
+- **data-parallel reduction** (the experts' over their expert-data-parallel group too)
+  overlaps the backward of the last micro-batch (mp's ``overlap_grad_reduce``); only what
+  does not fit there is exposed. The distributed
   optimizer's parameter all-gather after the step is exposed whole.
 - **optimizer step**: bound by HBM bandwidth: AdamW reads and writes the fp32 master and
   both moments, reads the fp32 gradient and writes the parameter: ``28 + e`` bytes per
-  parameter (the state part divided by DP x CP with the distributed optimizer).
+  parameter (the state part divided by DP x CP with the distributed optimizer, by
+  DP x CP / EP for the experts').
 
 The step time is their sum; throughput is ``global batch x s`` tokens over it, and MFU the
 model FLOPs (no recompute) over ``step time x GPUs x peak``.
@@ -46,6 +49,7 @@ class StepTime:
     compute: float  # m micro-batches of the busiest stage's compute
     tp_comm: float  # m micro-batches of its tensor-parallel communication
     cp_comm: float  # m micro-batches of its context-parallel communication
+    ep_comm: float  # m micro-batches of its expert-parallel all-to-alls
     pp_comm: float  # m micro-batches of its point-to-point transfers
     bubble: float  # (p - 1) / v micro-batch times
     grad_sync: float  # gradient reduction and parameter gather not hidden behind backward
@@ -53,15 +57,15 @@ class StepTime:
 
     @property
     def total(self) -> float:
-        return (self.compute + self.tp_comm + self.cp_comm + self.pp_comm + self.bubble
-                + self.grad_sync + self.optimizer)
+        return (self.compute + self.tp_comm + self.cp_comm + self.ep_comm + self.pp_comm
+                + self.bubble + self.grad_sync + self.optimizer)
 
 
 def stage_compute_seconds(setup: Setup, pp_rank: int, gpu: GPUSpec,
                           efficiency: float) -> float:
     """One micro-batch's forward, backward and recompute on one rank of stage ``pp_rank``."""
     cfg = setup.model
-    flops = training_flops(cfg, setup.micro_batch_size, num_layers=cfg.stage_num_layers(pp_rank),
+    flops = training_flops(cfg, setup.micro_batch_size, layers=cfg.stage_layers(pp_rank),
                            logits=pp_rank == setup.pp - 1)
     return flops / (setup.tp * setup.cp) / (gpu.peak_tflops * 1e12 * efficiency)
 
@@ -71,23 +75,24 @@ class _Stage:
     compute: float  # per micro-batch
     tp: float  # per micro-batch
     cp: float  # per micro-batch
+    ep: float  # per micro-batch
     pp: float  # per micro-batch
     grad_reduce: float  # per iteration, can overlap the last backward
     exposed: float  # per iteration, after the step or outside backward
 
     @property
     def per_microbatch(self) -> float:
-        return self.compute + self.tp + self.cp + self.pp
+        return self.compute + self.tp + self.cp + self.ep + self.pp
 
 
 def _stage(setup: Setup, pp_rank: int, gpu: GPUSpec, efficiency: float) -> _Stage:
     m = setup.num_microbatches
-    parts = {"tp": 0.0, "cp": 0.0, "pp": 0.0, "grad_reduce": 0.0, "exposed": 0.0}
+    parts = {"tp": 0.0, "cp": 0.0, "ep": 0.0, "pp": 0.0, "grad_reduce": 0.0, "exposed": 0.0}
     for c in collectives(setup, pp_rank):
         t = seconds(setup, c, gpu)
-        if c.group in ("tp", "cp", "pp"):
+        if c.group in ("tp", "cp", "pp") or (c.group == "ep" and c.kind == "all_to_all"):
             parts[c.group] += t / m
-        elif c.group in ("dp", "dp_cp") and c.kind != "all_gather":
+        elif c.group in ("dp", "dp_cp", "edp") and c.kind != "all_gather":
             parts["grad_reduce"] += t
         else:  # the distributed optimizer's parameter gather, tied embeddings, the grad norm
             parts["exposed"] += t
@@ -103,16 +108,19 @@ def step_time(setup: Setup, gpu: GPUSpec, efficiency: float = DEFAULT_EFFICIENCY
                 key=lambda st: st.per_microbatch)
     backward = stage.compute * 2 / 3  # backward is two of the three forward-equivalents
     return StepTime(compute=m * stage.compute, tp_comm=m * stage.tp, cp_comm=m * stage.cp,
-                    pp_comm=m * stage.pp,
+                    ep_comm=m * stage.ep, pp_comm=m * stage.pp,
                     bubble=(setup.pp - 1) / setup.vpp * stage.per_microbatch,
                     grad_sync=max(0.0, stage.grad_reduce - backward) + stage.exposed,
                     optimizer=_optimizer_seconds(setup, gpu))
 
 
 def _optimizer_seconds(setup: Setup, gpu: GPUSpec) -> float:
-    params = max(rank_params(setup.model, r).total for r in range(setup.pp))
-    state = ADAM_STATE_TRAFFIC
-    if setup.distributed_optimizer:
-        state /= setup.gradient_group_size
-    traffic = params * (state + ADAM_GRAD_TRAFFIC + activation_bytes(setup.model))
-    return traffic / (gpu.hbm_gbps * 1e9)
+    def traffic(params) -> float:
+        state = params.total  # parameters whose master and moments this rank updates
+        if setup.distributed_optimizer:
+            state = ((params.total - params.experts) / setup.gradient_group_size
+                     + params.experts / setup.expert_data_parallel_size)
+        return (state * ADAM_STATE_TRAFFIC
+                + params.total * (ADAM_GRAD_TRAFFIC + activation_bytes(setup.model)))
+    busiest = max(traffic(rank_params(setup.model, r)) for r in range(setup.pp))
+    return busiest / (gpu.hbm_gbps * 1e9)

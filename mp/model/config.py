@@ -320,6 +320,11 @@ class TransformerConfig:
         """0-based indices over the whole model of the layers of ``chunk`` on ``pp_rank``."""
         return chunk_layer_range(self.chunk_layer_counts, pp_rank, chunk)
 
+    def stage_layers(self, pp_rank: int) -> list[int]:
+        """0-based indices over the whole model of the layers of every chunk of ``pp_rank``."""
+        return [index for chunk in range(len(self.chunk_layer_counts[pp_rank]))
+                for index in self.chunk_layers(pp_rank, chunk)]
+
     def stage_num_layers(self, pp_rank: int) -> int:
         """Transformer layers of pipeline stage ``pp_rank``, all its chunks together."""
         return sum(self.chunk_layer_counts[pp_rank])
