@@ -292,7 +292,8 @@ def test_stage_estimates_count_the_layers_each_stage_holds():
     the second's dense ones; full block recompute rebuilds the first layer of a chunk, which
     is the larger MoE one only on the first stage."""
     cfg = _config(1, False, num_layers=4, moe_layer_freq=[1, 1, 0, 0],
-                  pipeline_model_parallel_size=2, moe_aux_loss_coeff=0.1)
+                  pipeline_model_parallel_size=2, moe_aux_loss_coeff=0.1,
+                  moe_ffn_hidden_size=4 * H)  # top 2 of experts as wide as the dense MLP
     moe, dense = layer_bytes(cfg, B, CPU, moe=True), layer_bytes(cfg, B, CPU)
     assert moe > dense
     assert chunk_saved_bytes(cfg, B, CPU, cfg.chunk_layers(0)) == 2 * moe
@@ -337,7 +338,7 @@ def test_cuda_estimate_of_an_moe_layer_term_for_term():
         "experts' GeLU input": 2 * n * k * f / t,
         "experts' fc2 input": 2 * n * k * f / t,
         "combine: outputs back in token order (int64)": 8 * n * k,
-        "combine: expert output of each routed copy (fp32)": 4 * n * k * h,
+        "combine: expert output of each routed copy": 2 * n * k * h,
     }
     dense = layer_terms(cfg, b, CUDA)
     layer = layer_terms(cfg, b, CUDA, moe=True)

@@ -65,7 +65,7 @@ take ``P N k`` rows together). With ``r`` the router's bytes (fp32, or fp64 with
   and at EP > 1 their regrouping by expert (int64, ``M``);
 - the experts: the MLP interior above for ``M`` rows ``moe_ffn_hidden_size / t`` wide;
 - the combine: the inverse regrouping (int64, ``M``, at EP > 1), the copies' inverse order
-  (int64, ``N k``) and the expert outputs per copy in fp32 (``4 N k h``);
+  (int64, ``N k``) and the expert outputs per copy (``e N k h``);
 - a shared expert (``moe_shared_expert_intermediate_size``): the MLP interior for ``N`` rows
   of its width over ``t``.
 
@@ -327,7 +327,7 @@ def moe_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
     if cfg.expert_model_parallel_size > 1:
         terms["combine: expert outputs back in received order (int64)"] = INT64 * m
     terms["combine: outputs back in token order (int64)"] = INT64 * n * k
-    terms["combine: expert output of each routed copy (fp32)"] = FP32 * n * k * h
+    terms["combine: expert output of each routed copy"] = e * n * k * h
     return terms
 
 

@@ -12,7 +12,7 @@ With ``E`` experts over ``P`` expert-parallel ranks, rank ``j`` holds experts
 3. the rows are regrouped by local expert (then source rank), which the experts take.
 
 `combine` undoes 3, 2 and 1 and sums each token's ``k`` outputs weighted by its router
-probabilities (in fp32). Counts leave the device once a layer (the exchange sizes), as in
+probabilities (in fp32, keeping the outputs for backward in their own dtype). Counts leave the device once a layer (the exchange sizes), as in
 Megatron's all-to-all dispatcher.
 """
 
@@ -80,5 +80,23 @@ class TokenDispatcher:
             outputs = all_to_all_by_sizes(outputs, routing.sent, routing.received,
                                           group=self.group)
         pairs = outputs.index_select(0, torch.argsort(routing.order))  # [N k, h]
-        pairs = pairs.view(*probs.shape, -1)
-        return (at_least_fp32(pairs) * probs.unsqueeze(-1)).sum(1).to(outputs.dtype)
+        return _WeightedSum.apply(pairs.view(*probs.shape, -1), probs)
+
+
+class _WeightedSum(torch.autograd.Function):
+    """``pairs [N, k, h]``, ``probs [N, k]`` -> ``sum_i probs[:, i] x pairs[:, i]`` in
+    ``pairs``' dtype, computed in fp32 (or wider) both ways; saves ``pairs`` as they are
+    rather than autograd's fp32 copy of them, which is twice the size for 16-bit models."""
+
+    @staticmethod
+    def forward(ctx, pairs, probs):
+        ctx.save_for_backward(pairs, probs)
+        return (at_least_fp32(pairs) * probs.unsqueeze(-1)).sum(1).to(pairs.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pairs, probs = ctx.saved_tensors
+        wide = at_least_fp32(grad).unsqueeze(1)  # [N, 1, h]
+        grad_pairs = (wide * probs.unsqueeze(-1)).to(pairs.dtype)
+        grad_probs = (at_least_fp32(pairs) * wide).sum(-1).to(probs.dtype)
+        return grad_pairs, grad_probs
