@@ -12,8 +12,8 @@ With ``E`` experts over ``P`` expert-parallel ranks, rank ``j`` holds experts
 3. the rows are regrouped by local expert (then source rank), which the experts take.
 
 `combine` undoes 3, 2 and 1 and sums each token's ``k`` outputs weighted by its router
-probabilities (in fp32, keeping the outputs for backward in their own dtype). Counts leave the device once a layer (the exchange sizes), as in
-Megatron's all-to-all dispatcher.
+probabilities (in fp32, keeping the outputs for backward in their own dtype). Counts leave
+the device once a layer (the exchange sizes), as in Megatron's all-to-all dispatcher.
 """
 
 from __future__ import annotations
