@@ -13,8 +13,8 @@ and 4, with TP (SP on and off), CP, PP and the distributed optimizer: the tokens
 outputs' all-to-alls over EP, the experts' gradients over DP x CP / EP, the routers' partial
 gradients over TP and statistics over CP, the expert bias's token counts, the router losses'
 logging. A rank's all-to-all bytes depend on where its tokens' experts live, so those are
-compared summed over the EP group (the estimate is the group's mean, exact); every other
-call per rank. Gradients reduced in
+compared summed over the world, per group (the estimate is the mean, exact in sum); every
+other call per rank. Gradients reduced in
 bf16 (``training.grad_reduce_in_bf16``) move half the bytes: TP2 x DP2 with sequence
 parallelism, with and without the distributed optimizer, and the pipelined tied embedding. The
 loss that
@@ -265,6 +265,12 @@ MIXTURE_OF_EXPERTS = {  # name -> (tp, cp, pp, ep, overrides, distributed optimi
         False),
     "tp2_ep2_qk_layernorm_no_aux_loss": (2, 1, 1, 2, dict(
         qk_layernorm=True, moe_aux_loss_coeff=0.0), False),
+    "tp2_sp_ep1": (2, 1, 1, 1, dict(sequence_parallel=True), False),
+    "tp2_ep2_sp_sigmoid_expert_bias_full_recompute": (2, 1, 1, 2, dict(
+        sequence_parallel=True, moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True, recompute_granularity="full",
+        recompute_method="uniform"), False),
+    "tp2_cp2_sp_ep2_distributed_optimizer": (2, 2, 1, 2, dict(sequence_parallel=True), True),
     "ep4_sigmoid_expert_bias_distributed_optimizer": (1, 1, 1, 4, dict(
         moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True), True),
     "ep2_pp2_every_other_layer": (1, 1, 2, 2, dict(moe_layer_freq=2), False),
@@ -276,19 +282,32 @@ MIXTURE_OF_EXPERTS = {  # name -> (tp, cp, pp, ep, overrides, distributed optimi
 }
 
 
+def _named_iteration(*args) -> tuple[dict, dict, dict]:
+    """`_pipelined_iteration`'s measured and estimated bytes, and the names of the groups
+    (``{ranks: "ep"}``) whose ranks this rank's keys hold."""
+    measured, expected, _ = _pipelined_iteration(*args)
+    names: dict = {}
+    for name, ranks in _group_ranks().items():
+        names[ranks] = "/".join(filter(None, (names.get(ranks), name)))
+    return measured, expected, names
+
+
 @pytest.mark.parametrize("variant", list(MIXTURE_OF_EXPERTS))
 def test_collective_bytes_with_mixture_of_experts(variant):
     tp, cp, pp, ep, overrides, distributed_optimizer = MIXTURE_OF_EXPERTS[variant]
     overrides = dict(MOE, expert_model_parallel_size=ep, **overrides)
-    results = run_distributed(WORLD, _pipelined_iteration, None, overrides, False, tp, cp, pp,
+    results = run_distributed(WORLD, _named_iteration, None, overrides, False, tp, cp, pp,
                               distributed_optimizer)
-    exchanged: dict = {}  # EP group -> (measured, estimated) all-to-all bytes, summed
-    for rank, (measured, expected, _) in enumerate(results):
+    exchanged: dict = {}  # group name -> (measured, estimated) all-to-all bytes, all ranks
+    for rank, (measured, expected, names) in enumerate(results):
         for ranks in {group for kind, group in expected if kind == "all_to_all"}:
-            got, want = exchanged.get(ranks, (0, 0))
-            exchanged[ranks] = (got + measured.pop(("all_to_all", ranks)),
-                                want + expected.pop(("all_to_all", ranks)))
+            got, want = exchanged.get(names[ranks], (0, 0))
+            exchanged[names[ranks]] = (got + measured.pop(("all_to_all", ranks)),
+                                       want + expected.pop(("all_to_all", ranks)))
         assert measured == expected, f"rank {rank}"
-    assert exchanged or cp > 1 and ep == 1
-    for ranks, (got, want) in exchanged.items():
-        assert got == want, f"EP group {ranks}"
+    exchanging = [name for name, size in (("ep", ep), ("tp", tp)) if size > 1
+                  and (name == "ep" or overrides.get("sequence_parallel"))]
+    assert sorted(next(n for n in names.split("/") if n in exchanging) for names in exchanged) \
+        == sorted(exchanging)  # (a group's name may be several: DP and EP may coincide)
+    for name, (got, want) in exchanged.items():
+        assert got == want, f"all-to-alls over {name}"

@@ -315,18 +315,19 @@ def test_stage_estimates_count_the_layers_each_stage_holds():
 
 def test_cuda_estimate_of_an_moe_layer_term_for_term():
     """A Mixtral-like layer at TP 4 + SP, bf16, top-2 of 8 GeLU experts, aux and z losses:
-    the routing terms in closed form, the experts' interior the dense MLP's for ``N k`` rows.
-    CUDA and the CPU differ only by the MLP interior's rules (compiled SwiGLU)."""
+    the routing terms in closed form for the rank's ``n = N / t`` tokens, the experts'
+    interior the dense MLP's for the ``N k`` rows of the TP group. CUDA and the CPU differ
+    only by the MLP interior's rules (compiled SwiGLU)."""
     s, b, h, f, t, experts, k = 4096, 1, 4096, 14336, 4, 8, 2
     cfg = TransformerConfig(num_layers=32, hidden_size=h, num_attention_heads=32,
                             num_query_groups=8, ffn_hidden_size=f, vocab_size=32000,
                             seq_length=s, precision="bf16", tensor_model_parallel_size=t,
                             sequence_parallel=True, num_moe_experts=experts, moe_router_topk=k,
                             moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001)
-    n = s * b
+    n = s * b // t
     terms = moe_terms(cfg, b, CUDA)
     assert terms == {
-        "router input (gathered over TP)": 2 * n * h,
+        "MLP input": 2 * n * h,
         "router top-k expert indices (int64)": 8 * n * k,
         "router probabilities (fp32)": 4 * n * k,
         "aux loss: softmax over all experts (fp32)": 4 * n * experts,
@@ -334,15 +335,18 @@ def test_cuda_estimate_of_an_moe_layer_term_for_term():
         "z-loss: router logits (fp32)": 4 * n * experts,
         "z-loss: logsumexp (fp32)": 4 * n,
         "dispatch: token of each routed copy (int64)": 8 * n * k,
-        "expert input rows": 2 * n * k * h,
-        "experts' GeLU input": 2 * n * k * f / t,
-        "experts' fc2 input": 2 * n * k * f / t,
+        "dispatch: received rows in expert order (int64)": 8 * t * n * k,
+        "expert input rows": 2 * t * n * k * h,
+        "experts' GeLU input": 2 * n * k * f,
+        "experts' fc2 input": 2 * n * k * f,
+        "combine: expert outputs back in received order (int64)": 8 * t * n * k,
         "combine: outputs back in token order (int64)": 8 * n * k,
         "combine: expert output of each routed copy": 2 * n * k * h,
     }
     dense = layer_terms(cfg, b, CUDA)
     layer = layer_terms(cfg, b, CUDA, moe=True)
-    # the attention side as in a dense layer; the MLP's terms replaced (no SP-local MLP input)
+    # the attention side as in a dense layer (and its MLP input); the MLP's terms replaced
+    assert dense["MLP input"] == layer["MLP input"]
     mlp = ("MLP input", "GeLU input", "fc2 input")
     assert {name: v for name, v in dense.items() if name not in mlp} == \
         {name: v for name, v in layer.items() if name not in terms}
@@ -351,8 +355,8 @@ def test_cuda_estimate_of_an_moe_layer_term_for_term():
     swiglu = dataclasses.replace(cfg, activation="swiglu")
     assert swiglu.bias_activation_fusion
     assert moe_terms(swiglu, b, CUDA)["experts' SwiGLU gate and up outputs"] == \
-        2 * 2 * n * k * f / t
+        2 * 2 * n * k * f  # N k rows, f / t wide
     assert moe_terms(swiglu, b, CPU)["experts' SwiGLU gate, SiLU and up outputs"] == \
-        3 * 2 * n * k * f / t
+        3 * 2 * n * k * f
     with pytest.raises(ValueError, match="num_moe_experts"):
         layer_terms(dataclasses.replace(cfg, num_moe_experts=None), b, CUDA, moe=True)

@@ -210,11 +210,17 @@ def serial_run():
     (4, 2, 1, 2, False, {"sequence_parallel": True, "recompute_granularity": "full",
                          "recompute_method": "uniform", "recompute_num_layers": 1}),
     (4, 1, 1, 4, True, {"cp": 2}),
+    (2, 2, 1, 1, False, {"sequence_parallel": True}),
+    (4, 2, 1, 2, False, {"sequence_parallel": True, "moe_router_score_function": "sigmoid",
+                         "moe_router_enable_expert_bias": True,
+                         "moe_router_bias_update_rate": 0.01}),
+    (4, 2, 1, 2, False, {"sequence_parallel": True, "cp": 2}),
 ], ids=["EP2", "TP2-SPxEP2", "TP2xEP2-distributed-optimizer", "PP2xEP2", "DP4xEP2",
         "DP4xEP2-distributed-optimizer", "EP4-swiglu", "TP2-SPxEP2-shared-expert",
         "PP2xEP2-sigmoid-expert-bias", "CP2xEP2",
         "TP2-SPxEP2-full-recompute",
-        "CP2xDP2xEP4-distopt"])
+        "CP2xDP2xEP4-distopt", "TP2-SP", "TP2-SPxEP2-sigmoid-expert-bias",
+        "TP2-SPxCP2xEP2"])
 def test_training_follows_one_process(serial_run, world, tp, pp, ep, distributed_optimizer,
                                       overrides):
     whole, serial = serial_run

@@ -45,27 +45,29 @@ projection's input) and an fp32 log-sum-exp per query: CP 1's terms for ``s / c`
 with SDPA's core whatever the backend.
 
 A mixture-of-experts layer (`moe_terms`; ``layer_terms(..., moe=True)``) replaces the MLP's
-terms. Every TP rank routes all ``N`` = `local_tokens` tokens to ``k`` of ``E`` experts and
-runs its ``1 / t`` of each expert on the ``M`` rows it receives; ``M = N k`` with balanced
+terms. Each rank routes its ``n'`` tokens (`sequence_rows`: the ``N`` = `local_tokens` of its
+sequences, ``N / t`` of them under SP) to ``k`` of ``E`` experts and runs its ``1 / t`` of each
+local expert on the ``M`` rows its TP group's routers sent there; ``M = N k`` with balanced
 routing (`expert_rows`: exact at EP 1, the mean over the ``P`` expert-parallel ranks, which
 take ``P N k`` rows together). With ``r`` the router's bytes (fp32, or fp64 with
 ``moe_router_dtype="fp64"``), it saves:
 
-- the MLP input ``e n' h`` where the router or a shared expert reads it as it is; under SP
-  the router's all-gathered input ``e N h`` instead; with a ``moe_router_dtype`` wider than
-  the activations, ``r``-byte copies of the router's input and weight (``r N h + r E h``);
-- the router: top-k indices (int64, ``N k``) and the probabilities (``r N k``); with
-  ``moe_router_pre_softmax`` the softmax over all experts (``r N E``); with the sigmoid score
-  function the sigmoids (``r N E``) and for ``k > 1`` the top ``k`` before renormalizing and
-  their sums (``r N (k + 1)``); the top-k softmax before a ``moe_router_topk_scaling_factor``;
-- the load-balancing loss: a softmax over all experts (``r N E``; the pre-softmax router's
-  own; a sigmoid router's sigmoids again, normalized: ``r N (E + 1)``) and the ``E`` expert
-  fractions; the z-loss: the logits and their log-sum-exp (``r N (E + 1)``);
-- the dispatcher: each routed copy's token (int64, ``N k``), the received rows (``e M h``),
-  and at EP > 1 their regrouping by expert (int64, ``M``);
+- the MLP input ``e n' h`` where the router or a shared expert reads it as it is; with a
+  ``moe_router_dtype`` wider than the activations, ``r``-byte copies of the router's input
+  and weight (``r n' h + r E h``);
+- the router: top-k indices (int64, ``n' k``) and the probabilities (``r n' k``); with
+  ``moe_router_pre_softmax`` the softmax over all experts (``r n' E``); with the sigmoid
+  score function the sigmoids (``r n' E``) and for ``k > 1`` the top ``k`` before
+  renormalizing and their sums (``r n' (k + 1)``); the top-k softmax before a
+  ``moe_router_topk_scaling_factor``;
+- the load-balancing loss: a softmax over all experts (``r n' E``; the pre-softmax router's
+  own; a sigmoid router's sigmoids again, normalized: ``r n' (E + 1)``) and the ``E`` expert
+  fractions; the z-loss: the logits and their log-sum-exp (``r n' (E + 1)``);
+- the dispatcher: each routed copy's token (int64, ``n' k``), the received rows (``e M h``),
+  and at EP > 1 or under SP (more than one source) their regrouping by expert (int64, ``M``);
 - the experts: the MLP interior above for ``M`` rows ``moe_ffn_hidden_size / t`` wide;
-- the combine: the inverse regrouping (int64, ``M``, at EP > 1), the copies' inverse order
-  (int64, ``N k``) and the expert outputs per copy (``e N k h``);
+- the combine: the inverse regrouping (int64, ``M``, with more than one source), the
+  copies' inverse order (int64, ``n' k``) and the expert outputs per copy (``e n' k h``);
 - a shared expert (``moe_shared_expert_intermediate_size``): the MLP interior for ``N`` rows
   of its width over ``t``.
 
@@ -276,28 +278,26 @@ def moe_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
         raise ValueError("moe_terms needs a mixture-of-experts config (num_moe_experts is None)")
     e, t, h = activation_bytes(cfg), cfg.tensor_model_parallel_size, cfg.hidden_size
     experts, k = cfg.num_moe_experts, cfg.moe_router_topk
-    n = local_tokens(cfg, micro_batch)  # every TP rank routes all of them
+    n = sequence_rows(cfg, micro_batch)  # routed here: each TP rank's own under SP, else all
     m = expert_rows(cfg, micro_batch) if rows is None else rows
     shared = cfg.moe_shared_expert_intermediate_size
     router_dtype = _ROUTER_DTYPE_BYTES.get(cfg.moe_router_dtype)
     copied = router_dtype is not None and router_dtype != e  # input and weight converted
     r = router_dtype or max(e, FP32)  # the router's logits, scores and probabilities
     fp = _FLOAT_NAMES[r]
-    gathered = cfg.sequence_parallel and t > 1
+    regrouped = cfg.expert_model_parallel_size > 1 or (cfg.sequence_parallel and t > 1)
     sigmoid = cfg.moe_router_score_function == "sigmoid"
     pre_softmax = cfg.moe_router_pre_softmax
     terms = {}
-    # the norm's output: the shared expert's fc1 input, and the router's unless SP gathers
-    # it first or the router converts it
-    if shared is not None or not (copied or gathered):
-        terms["MLP input"] = e * sequence_rows(cfg, micro_batch) * h
+    # the norm's output: the shared expert's fc1 input, and the router's unless it converts it
+    if shared is not None or not copied:
+        terms["MLP input"] = e * n * h
     if shared is not None:
-        terms.update(mlp_interior_terms(cfg, kernels, n, shared / t, "shared expert "))
+        terms.update(mlp_interior_terms(cfg, kernels, local_tokens(cfg, micro_batch),
+                                        shared / t, "shared expert "))
     if copied:
         terms[f"router input ({fp} copy)"] = r * n * h
         terms[f"router weight ({fp} copy)"] = r * experts * h
-    elif gathered:
-        terms["router input (gathered over TP)"] = e * n * h
     if sigmoid:
         terms[f"router sigmoids ({fp})"] = r * n * experts
     elif pre_softmax:
@@ -320,11 +320,11 @@ def moe_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
         terms[f"z-loss: router logits ({fp})"] = r * n * experts
         terms[f"z-loss: logsumexp ({fp})"] = r * n
     terms["dispatch: token of each routed copy (int64)"] = INT64 * n * k
-    if cfg.expert_model_parallel_size > 1:
+    if regrouped:
         terms["dispatch: received rows in expert order (int64)"] = INT64 * m
     terms["expert input rows"] = e * m * h
     terms.update(mlp_interior_terms(cfg, kernels, m, cfg.moe_ffn_hidden_size / t, "experts' "))
-    if cfg.expert_model_parallel_size > 1:
+    if regrouped:
         terms["combine: expert outputs back in received order (int64)"] = INT64 * m
     terms["combine: outputs back in token order (int64)"] = INT64 * n * k
     terms["combine: expert output of each routed copy"] = e * n * k * h

@@ -89,13 +89,14 @@ def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[C
         out += _tensor_parallel(setup, pp_rank)
     if setup.cp > 1:
         out += _context_parallel(setup, pp_rank)
-    if _stage_layers(setup, pp_rank)[True]:
+    if _stage_layers(setup, pp_rank)[True][0]:
         out += _experts(setup, pp_rank)
     params = rank_params(cfg, pp_rank)
     dense_group = "dp_cp" if setup.cp > 1 else "dp"
     for what, group, elements, size in (
             ("", dense_group, params.total - params.experts, setup.gradient_group_size),
-            ("expert ", "edp", params.experts, setup.expert_data_parallel_size)):
+            ("expert ", "edp" if setup.ep > 1 else dense_group, params.experts,
+             setup.expert_data_parallel_size)):
         if size == 1:
             continue
         grads = setup.grad_bytes * elements
@@ -148,13 +149,15 @@ def _stage_layers(setup: Setup, pp_rank: int) -> dict[bool, tuple[int, int]]:
 def _tensor_parallel_linears(setup: Setup, moe: bool) -> tuple[int, int, int]:
     """(column-parallel linears, row-parallel linears, regions entered) of one layer: QKV,
     fc1 (and SwiGLU's gate) column-parallel, the attention projection and fc2 row-parallel.
-    A mixture-of-experts layer enters its experts' region once (a gather, or a copy whose
-    gradient is all-reduced) and leaves it as a row-parallel linear does, and has a shared
-    expert's MLP when there is one."""
+    A mixture-of-experts layer has a shared expert's MLP when there is one; without SP it
+    enters its experts' region once (a copy whose gradient is all-reduced) and leaves it as a
+    row-parallel linear does, while under SP the dispatcher moves its rows (`_experts`)."""
     mlp_columns = 2 if setup.model.activation == "swiglu" else 1
     if not moe:
         return 1 + mlp_columns, 2, 0
     shared = setup.model.moe_shared_expert_intermediate_size is not None
+    if setup.model.sequence_parallel:  # the dispatcher moves the experts' rows (`_experts`)
+        return 1 + shared * mlp_columns, 1 + shared, 0
     return 1 + shared * mlp_columns, 2 + shared, 1
 
 
@@ -227,16 +230,13 @@ def _context_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
                           m * 2 * layers * keys)]
     if pp_rank == setup.pp - 1:
         out.append(Collective("loss sum and token count", "all_reduce", "cp", m * 2 * FP32))
-    moe_layers = _stage_layers(setup, pp_rank)[True][0]  # once: the forward that keeps a
-    if moe_layers and tracked_names(cfg):  # graph attaches the losses, not a recompute's twin
-        out.append(Collective("router statistics", "all_reduce", "cp",
-                              m * moe_layers * _router_statistics_bytes(cfg)))
     return out
 
 
 def _router_statistics_bytes(cfg) -> int:
-    """What a router sums over CP in a forward: for the load-balancing loss each expert's
-    token count (int64) and probability sum, for the z-loss one sum, in the logits' dtype."""
+    """What a router sums over the ranks holding the rest of its sequences in a forward: for
+    the load-balancing loss each expert's token count (int64) and probability sum, for the
+    z-loss one sum, in the logits' dtype."""
     logits = FP64 if cfg.moe_router_dtype == "fp64" else FP32
     names = tracked_names(cfg)
     return (("load_balancing_loss" in names) * (INT64 + logits) * cfg.num_moe_experts
@@ -244,22 +244,42 @@ def _router_statistics_bytes(cfg) -> int:
 
 
 def _experts(setup: Setup, pp_rank: int) -> list[Collective]:
-    """Expert parallelism: each forward of a mixture-of-experts layer trades the per-expert
-    token counts (int64), then the ``N k`` routed rows of its ``N`` tokens (every token of
-    the rank's sequences, on each TP rank), then the experts' outputs back; backward trades
-    the gradients of both. A rank sends its own ``N k`` rows and gets back as many outputs,
-    but how many rows it receives, and so how many outputs it sends, depends on the routing:
-    this counts ``N k``, the mean over the EP group (whose ranks receive ``EP N k`` rows in
-    all). With an expert bias, the token counts are summed over DP x CP once an iteration."""
+    """A mixture-of-experts layer's own calls (`mp.model.moe.dispatcher`). Each forward
+    trades the per-expert token counts (int64) over EP, then the ``n' k`` routed rows of the
+    rank's ``n'`` tokens (`sequence_rows`: its own ``1 / t`` under SP, else every token of
+    its sequences), then the experts' outputs back; backward trades the gradients of both.
+    Under SP the TP ranks then gather each other's counts (an all-gather) and rows (an
+    all-to-all of each rank's rows to every TP rank), and send each rank the partial outputs
+    of its rows (an all-to-all, summed), and the reverse in backward. A rank sends its own
+    ``n' k`` rows over EP and gets as many outputs back, but how many rows it receives, and
+    so how much it sends on, depends on the routing: this counts the mean, ``n' k`` over EP
+    and ``N k`` over TP (exact summed over the ranks, which together receive what they send).
+    The routers sum their statistics over CP and, under SP, TP once a micro-batch (in the
+    forward that keeps a graph, not again in a recompute), and with an expert bias their
+    token counts over DP x CP (and TP) once an iteration."""
     cfg, m = setup.model, setup.num_microbatches
     layers, forwards = _stage_layers(setup, pp_rank)[True]
+    split = cfg.sequence_parallel and setup.tp > 1
+    row = activation_bytes(cfg) * cfg.moe_router_topk * cfg.hidden_size
+    counts = INT64 * cfg.num_moe_experts
     out = []
     if setup.ep > 1:
-        rows = (activation_bytes(cfg) * local_tokens(cfg, setup.micro_batch_size)
-                * cfg.moe_router_topk * cfg.hidden_size)
+        rows = row * sequence_rows(cfg, setup.micro_batch_size)
         out.append(Collective("tokens to experts and back (counts, rows)", "all_to_all", "ep",
-                              m * (forwards * (INT64 * cfg.num_moe_experts + 2 * rows)
-                                   + layers * 2 * rows)))
+                              m * (forwards * (counts + 2 * rows) + layers * 2 * rows)))
+    if split:
+        rows = row * local_tokens(cfg, setup.micro_batch_size)
+        out += [Collective("experts' token counts", "all_gather", "tp",
+                           m * forwards * setup.tp * counts),
+                Collective("experts' rows and partial outputs", "all_to_all", "tp",
+                           m * (forwards + layers) * 2 * rows)]
+    for group, size in (("tp", setup.tp if split else 1), ("cp", setup.cp)):
+        if size > 1 and tracked_names(cfg):
+            out.append(Collective("router statistics", "all_reduce", group,
+                                  m * layers * _router_statistics_bytes(cfg)))
+        if size > 1 and cfg.moe_router_enable_expert_bias and group == "tp":
+            out.append(Collective("routed token counts (expert bias)", "all_reduce", group,
+                                  layers * FP32 * cfg.num_moe_experts))
     if cfg.moe_router_enable_expert_bias and setup.gradient_group_size > 1:
         group = "dp_cp" if setup.cp > 1 else "dp"
         out.append(Collective("routed token counts (expert bias)", "all_reduce", group,

@@ -14,9 +14,7 @@ from mp.model.moe.experts import Experts
 from mp.model.moe.router import TopKRouter
 from mp.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
 )
 
 
@@ -25,15 +23,18 @@ class MoELayer(nn.Module):
     ``(output, None)`` of the same shape, as `mp.model.mlp.MLP` returns.
 
     Each token goes to the ``moe_router_topk`` experts its router picks (`TopKRouter`), and
-    its output is their outputs weighted by the router's probabilities. Tensor parallelism
-    works as in the MLP: every TP rank routes every token of the sequence (all-gathered first
-    under sequence parallelism) the same way and runs its ``1 / t`` of each expert, and the
-    partial outputs are summed over TP (reduce-scattered back to ``[s / t, b, h]`` under
-    sequence parallelism, which Megatron requires with MoE and mp does not). The
-    experts are split over the expert-parallel group (``expert_group``, default
-    `parallel_state`'s; `TokenDispatcher` moves the tokens). Under context parallelism each
-    rank routes its own tokens; the routers' auxiliary losses count the whole sequences
-    (``context_group``, default `parallel_state`'s when ``context_parallel_size > 1``).
+    its output is their outputs weighted by the router's probabilities. Each TP rank holds
+    ``1 / t`` of every expert. Under sequence parallelism (Megatron's way, which it requires
+    with MoE) each TP rank routes its own ``s / t`` tokens, trades them over EP, and the TP
+    ranks then gather each other's rows for their shards of the experts and sum the partial
+    outputs back onto the rows' owners (`TokenDispatcher`): no all-gather of the hidden
+    states, and each routed copy crosses the EP links once. Without it every TP rank routes
+    every token the same way and the partial outputs are all-reduced over TP, as in the
+    MLP. The experts are split over the expert-parallel group (``expert_group``, default
+    `parallel_state`'s). Under context parallelism each rank routes its own tokens; the
+    routers' auxiliary losses count the whole sequences, summing their statistics over the
+    ranks that hold the rest (CP, ``context_group``, default `parallel_state`'s when
+    ``context_parallel_size > 1``; and TP under sequence parallelism).
     With ``moe_shared_expert_intermediate_size`` a dense `MLP` of that width (``shared_experts``,
     Megatron's name) takes every token too and its output is added.
     """
@@ -54,10 +55,13 @@ class MoELayer(nn.Module):
         self.tp = dist.get_world_size(self.group)
         if context_group is None and config.context_parallel_size > 1:
             context_group = parallel_state.get_context_parallel_group()
-        cp = 1 if context_group is None else dist.get_world_size(context_group)
-        self.router = TopKRouter(config, aux_loss_weight=cp / self.tp, context_group=context_group)
+        # the tokens split over TP (each rank routes its own) or replicated there
+        self.split = config.sequence_parallel and self.tp > 1
+        tensor_group = self.group if self.split else None
+        self.router = TopKRouter(config, context_group, tensor_group,
+                                 replicas=1 if self.split else self.tp)
         self.experts = Experts(config, self.group, ep_rank, ep)
-        self.dispatcher = TokenDispatcher(config.num_moe_experts, expert_group)
+        self.dispatcher = TokenDispatcher(config.num_moe_experts, expert_group, tensor_group)
         shared = config.moe_shared_expert_intermediate_size
         self.shared_experts = None if shared is None else MLP(config, self.group, shared)
 
@@ -66,18 +70,14 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             shared, bias = self.shared_experts(hidden)
             shared = shared if bias is None else shared + bias
-        sequence_parallel = self.config.sequence_parallel
-        if self.tp > 1:
-            enter = gather_from_sequence_parallel_region if sequence_parallel \
-                else copy_to_tensor_model_parallel_region
-            hidden = enter(hidden, group=self.group)
+        replicated = self.tp > 1 and not self.split
+        if replicated:
+            hidden = copy_to_tensor_model_parallel_region(hidden, group=self.group)
         tokens = hidden.reshape(-1, hidden.size(-1))
         probs, chosen = self.router(tokens)
         rows, counts, routing = self.dispatcher.dispatch(tokens, chosen)
         output = self.dispatcher.combine(self.experts(rows, counts), probs, routing)
         output = output.view_as(hidden)
-        if self.tp > 1:
-            leave = reduce_scatter_to_sequence_parallel_region if sequence_parallel \
-                else reduce_from_tensor_model_parallel_region
-            output = leave(output, group=self.group)
+        if replicated:
+            output = reduce_from_tensor_model_parallel_region(output, group=self.group)
         return (output if shared is None else output + shared), None

@@ -37,25 +37,30 @@ class TopKRouter(nn.Module):
     losses (`mp.model.moe.aux_loss`) are attached to ``probs`` (the load balancing over the
     sigmoids normalized over the experts, for a sigmoid router).
 
-    ``W`` is replicated on every rank. Under tensor parallelism each TP rank routes every
-    token of the sequence (gathered first under SP) but sees only its share of the experts'
-    outputs, so ``W``'s gradient is partial there and is summed over TP like a
-    sequence-parallel weight's (``W.sequence_parallel``); the auxiliary losses, the same on
-    every TP rank, backpropagate ``1 / TP`` of their gradient from each. Under context
-    parallelism (``context_group``) the losses' token statistics are summed over the CP ranks
-    (an all-reduce whose backward passes each rank its own part), and each rank
-    backpropagates ``CP x`` its part, as with the language-model loss (the gradients are
-    averaged over DP x CP). Hence ``aux_loss_weight = CP / TP``.
+    ``W`` is replicated on every rank and its gradient is partial on each TP rank, summed
+    over TP like a sequence-parallel weight's (``W.sequence_parallel``): under sequence
+    parallelism each TP rank routes its own tokens (``tensor_group``); otherwise every TP rank
+    routes every token (``replicas = TP``) but sees only its share of the experts' outputs,
+    and the auxiliary losses, the same on every TP rank, backpropagate ``1 / TP`` of their
+    gradient from each. The losses' token statistics are summed over the ranks holding the
+    rest of the sequences, ``tensor_group`` and the context-parallel ``context_group`` (an
+    all-reduce whose backward passes each rank its own part), and each rank backpropagates
+    ``CP x`` its part, as with the language-model loss (the gradients are averaged over
+    DP x CP): the losses' weight is ``CP / replicas``.
     """
 
-    def __init__(self, config: TransformerConfig, aux_loss_weight: float = 1.0,
-                 context_group=None):
+    def __init__(self, config: TransformerConfig, context_group=None, tensor_group=None,
+                 replicas: int = 1):
         super().__init__()
         self.config = config
         self.topk = config.moe_router_topk
-        self.aux_loss_weight = aux_loss_weight
-        self.context_group = context_group
-        self.cp = 1 if context_group is None else dist.get_world_size(context_group)
+        self.token_groups = [g for g in (tensor_group, context_group) if g is not None]
+        self.tensor_group = tensor_group
+        cp = 1 if context_group is None else dist.get_world_size(context_group)
+        self.aux_loss_weight = cp / replicas
+        self.token_shares = 1  # ranks whose tokens make up the sequences with this one's
+        for group in self.token_groups:
+            self.token_shares *= dist.get_world_size(group)
         full = torch.empty(config.num_moe_experts, config.hidden_size, dtype=torch.float32,
                            device=get_device())
         init_method(config)(full)
@@ -107,18 +112,19 @@ class TopKRouter(nn.Module):
         """After an iteration's backward (`mp.distributed.finalize_model_grads`): move each
         expert's bias by ``moe_router_bias_update_rate`` toward balance, up for an expert
         that took fewer than the mean tokens and down for one that took more, counting the
-        tokens of every rank in ``group`` (DP x CP: the TP ranks route the same tokens);
-        DeepSeek-V3's rule, as Megatron applies it."""
+        tokens of every rank in ``group`` (DP x CP) and, when each TP rank routes its own
+        tokens, over TP; DeepSeek-V3's rule, as Megatron applies it."""
         counts = self.tokens_per_expert
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(counts, group=group)
+        for over in (self.tensor_group, group):
+            if over is not None and dist.get_world_size(over) > 1:
+                dist.all_reduce(counts, group=over)
         self.expert_bias += torch.sign(counts.mean() - counts) \
             * self.config.moe_router_bias_update_rate
         counts.zero_()
 
     def _attach_losses(self, probs, logits, scores, experts):
         cfg = self.config
-        num_tokens = logits.size(0) * self.cp  # the whole sequences'
+        num_tokens = logits.size(0) * self.token_shares  # the whole sequences'
         if cfg.moe_router_load_balancing_type == "aux_loss" and cfg.moe_aux_loss_coeff > 0:
             if cfg.moe_router_score_function == "sigmoid":  # normalized over the experts
                 scores = torch.sigmoid(logits)
@@ -126,23 +132,23 @@ class TopKRouter(nn.Module):
             elif scores is None:
                 scores = torch.softmax(logits, dim=-1)
             counts = torch.bincount(experts.flatten(), minlength=cfg.num_moe_experts)
-            sums = self._over_context(scores.sum(0), counts)
+            sums = self._over_sequences(scores.sum(0), counts)
             loss = load_balancing_loss(sums, counts, num_tokens, self.topk,
                                        cfg.moe_aux_loss_coeff)
             track("load_balancing_loss", loss / cfg.moe_aux_loss_coeff)
             probs = attach_aux_loss(probs, loss, self.aux_loss_weight)
         if cfg.moe_z_loss_coeff:
             square_sum = torch.logsumexp(logits, dim=-1).square().sum()
-            loss = z_loss(self._over_context(square_sum), num_tokens, cfg.moe_z_loss_coeff)
+            loss = z_loss(self._over_sequences(square_sum), num_tokens, cfg.moe_z_loss_coeff)
             track("z_loss", loss / cfg.moe_z_loss_coeff)
             probs = attach_aux_loss(probs, loss, self.aux_loss_weight)
         return probs
 
-    def _over_context(self, sums: torch.Tensor, counts: torch.Tensor | None = None):
-        """``sums`` added up over the context-parallel ranks (backward: each rank's own
-        part), and ``counts`` in place (no gradient)."""
-        if self.context_group is None:
-            return sums
-        if counts is not None:
-            dist.all_reduce(counts, group=self.context_group)
-        return reduce_from_tensor_model_parallel_region(sums, group=self.context_group)
+    def _over_sequences(self, sums: torch.Tensor, counts: torch.Tensor | None = None):
+        """``sums`` added up over the ranks holding the rest of the sequences (backward: each
+        rank's own part), and ``counts`` in place (no gradient)."""
+        for group in self.token_groups:
+            if counts is not None:
+                dist.all_reduce(counts, group=group)
+            sums = reduce_from_tensor_model_parallel_region(sums, group=group)
+        return sums
