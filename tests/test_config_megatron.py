@@ -286,15 +286,16 @@ def test_a_qwen3_moe_script_parses_as_written():
     argv = ["--config", TINY, "--num-layers", "48", *QWEN3_30B_A3B_MOE]
     m = parse_args(argv, world_size=4).model
     assert (m.num_moe_experts, m.moe_router_topk, m.moe_ffn_hidden_size, m.moe_router_dtype,
-            m.moe_layer_freq) == (128, 8, 768, "fp32", [1] * 48)
+            m.moe_layer_freq, m.moe_grouped_gemm) == (128, 8, 768, "fp32", [1] * 48, True)
     assert [line.split(" has no effect")[0] for line in flag_notices(argv)] == [
-        "notice: --moe-token-dispatcher-type alltoall", "notice: --moe-grouped-gemm",
+        "notice: --moe-token-dispatcher-type alltoall",
         "notice: --moe-token-drop-policy probs", "notice: --moe-permute-fusion"]
 
 
 def test_mixture_of_experts_flags():
     """The MoE flags of Megatron-LM's examples/mixtral script (and the rest of mp's): the
-    model's fields; the grouped GEMM and the dispatcher choice change nothing, with a notice."""
+    model's fields (the grouped GEMM too); the dispatcher choice changes nothing, with a
+    notice."""
     argv = ["--config", TINY, "--tensor-model-parallel-size", "1", "--num-experts", "8",
             "--moe-router-topk", "2", "--moe-router-load-balancing-type", "aux_loss",
             "--moe-aux-loss-coeff", "1e-2", "--moe-grouped-gemm",
@@ -305,9 +306,10 @@ def test_mixture_of_experts_flags():
     assert (m.num_moe_experts, m.moe_router_topk, m.moe_router_load_balancing_type,
             m.moe_aux_loss_coeff, m.expert_model_parallel_size, m.moe_ffn_hidden_size,
             m.moe_layer_freq, m.moe_z_loss_coeff, m.moe_router_pre_softmax,
-            m.expert_tensor_parallel_size) == (8, 2, "aux_loss", 1e-2, 4, 96, 2, 1e-3, True, 1)
+            m.expert_tensor_parallel_size, m.moe_grouped_gemm) == (
+        8, 2, "aux_loss", 1e-2, 4, 96, 2, 1e-3, True, 1, True)
     assert [line.split(" has no effect")[0] for line in flag_notices(argv)] == [
-        "notice: --moe-grouped-gemm", "notice: --moe-token-dispatcher-type alltoall"]
+        "notice: --moe-token-dispatcher-type alltoall"]
     patterned = parse_args(["--config", TINY, "--num-layers", "4", "--num-experts", "4",
                             "--moe-layer-freq", "([0]*1+[1]*3)"], world_size=4).model
     assert patterned.moe_layer_freq == [0, 1, 1, 1]  # Megatron's expression, read without eval

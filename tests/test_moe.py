@@ -215,12 +215,13 @@ def serial_run():
                          "moe_router_enable_expert_bias": True,
                          "moe_router_bias_update_rate": 0.01}),
     (4, 2, 1, 2, False, {"sequence_parallel": True, "cp": 2}),
+    (4, 2, 1, 2, False, {"sequence_parallel": True, "moe_grouped_gemm": True}),
 ], ids=["EP2", "TP2-SPxEP2", "TP2xEP2-distributed-optimizer", "PP2xEP2", "DP4xEP2",
         "DP4xEP2-distributed-optimizer", "EP4-swiglu", "TP2-SPxEP2-shared-expert",
         "PP2xEP2-sigmoid-expert-bias", "CP2xEP2",
         "TP2-SPxEP2-full-recompute",
         "CP2xDP2xEP4-distopt", "TP2-SP", "TP2-SPxEP2-sigmoid-expert-bias",
-        "TP2-SPxCP2xEP2"])
+        "TP2-SPxCP2xEP2", "TP2-SPxEP2-grouped-gemm"])
 def test_training_follows_one_process(serial_run, world, tp, pp, ep, distributed_optimizer,
                                       overrides):
     whole, serial = serial_run

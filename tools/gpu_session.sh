@@ -6,7 +6,8 @@
 #   bash tools/gpu_session.sh kernels      # tools/gpu_check.sh: build, tests/gpu (kernels, compiled
 #                                          # fusions, grouped-query attention, the KV cache), bench_kernels
 #   bash tools/gpu_session.sh memory       # peak memory of 350M/1.3B against the estimate
-#   bash tools/gpu_session.sh training     # fusions, bench_gpt four ways (the last compiled)
+#   bash tools/gpu_session.sh training     # fusions, MoE experts (loop, grouped GEMM), bench_gpt
+#                                          # four ways (the last compiled)
 #   bash tools/gpu_session.sh              # all three
 #
 # CONFIG (default configs/gpt3-1.3b.yaml) is the model bench_gpt runs; a CPU rehearsal of the
@@ -39,6 +40,8 @@ for part in "${parts[@]}"; do
       (
         echo "== fusions"
         timeout 120 python3 tools/bench_fusions.py
+        echo "== MoE experts"
+        timeout 90 python3 tools/bench_moe_experts.py
         bench_gpt default
         bench_gpt unfused --no-bias-dropout-fusion --no-bias-gelu-fusion \
             --no-cross-entropy-loss-fusion

@@ -111,6 +111,7 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--no-mmap-bin-files": ("data.mmap_bin_files", "false"),
     "--no-data-sharding": ("data.data_sharding", "false"),
     "--moe-router-pre-softmax": ("model.moe_router_pre_softmax", "true"),
+    "--moe-grouped-gemm": ("model.moe_grouped_gemm", "true"),
     "--moe-router-enable-expert-bias": ("model.moe_router_enable_expert_bias", "true"),
 }
 
@@ -163,8 +164,6 @@ NO_EFFECT_FLAGS: dict[str, tuple[int, str]] = {
     "--moe-token-dispatcher-type": (1, ("mp's experts trade tokens by all-to-all over the "
                                        "expert-parallel ranks (Megatron's alltoall); the "
                                        "others give the same results")),
-    "--moe-grouped-gemm": (0, ("mp runs a rank's experts one after another (the results are "
-                              "the same)")),
     "--moe-permute-fusion": (0, "mp sorts the tokens by expert with torch's own kernels"),
     "--moe-token-drop-policy": (1, ("mp's routing is dropless: which tokens a full expert drops "
                                    "matters only with a capacity factor")),

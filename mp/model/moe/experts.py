@@ -11,6 +11,7 @@ from mp.device import get_device
 from mp.model.config import TransformerConfig
 from mp.model.init import init_method, output_init_method
 from mp.model.mlp import bias_activation
+from mp.model.moe import grouped_gemm
 
 
 class Experts(nn.Module):
@@ -27,6 +28,10 @@ class Experts(nn.Module):
     is added as ``fc2_bias / t`` on each TP rank, so the sum holds it once; its gradient is
     then partial and summed over TP (``sequence_parallel``).
 
+    With ``moe_grouped_gemm`` each weight kind's products run as one grouped GEMM over all
+    the experts (`mp.model.moe.grouped_gemm`) where torch's kernel takes the dtype and device;
+    otherwise, and by default, the experts run one after another.
+
     Every parameter is marked ``allreduce = False`` (Megatron's marker: reduced over the
     expert-data-parallel ranks, `mp.distributed`) and placed in its global ``[E, ...]`` tensor
     (``global_shape``, ``shard_offset``), so checkpoints load at any EP and TP. Weights are
@@ -40,6 +45,7 @@ class Experts(nn.Module):
         first = ep_rank * self.local
         self.tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
         self.activation, self.fused = config.activation, config.bias_activation_fusion
+        self.grouped = config.moe_grouped_gemm
         swiglu = config.activation == "swiglu"
         shard = f // self.tp_size
         # (name, full [f, h] or [h, f] of one expert, the TP-split dim of it, init)
@@ -87,6 +93,10 @@ class Experts(nn.Module):
         setattr(self, name, param)
 
     def forward(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        weights = [w for w in (self.fc1_weight, self.gate_weight, self.fc2_weight)
+                   if w is not None]
+        if self.grouped and grouped_gemm.usable(tokens, *weights):
+            return self._grouped(tokens, counts)
         outputs = []
         for index, rows in enumerate(tokens.split(counts)):
             def pick(param):
@@ -100,3 +110,19 @@ class Experts(nn.Module):
                 out = out + self.fc2_bias[index] / self.tp_size
             outputs.append(out)
         return torch.cat(outputs)
+
+    def _grouped(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """`forward` with one grouped GEMM per weight kind."""
+        rows = grouped_gemm.GroupedRows(counts, tokens.element_size(), tokens.device)
+
+        def per_row(bias):  # each padded row's expert's bias
+            return None if bias is None else bias.index_select(0, rows.group)
+        x = rows.pad(tokens)
+        up = rows.mm(x, self.fc1_weight)
+        gate = None if self.gate_weight is None else rows.mm(x, self.gate_weight)
+        act = bias_activation(self.activation, up, per_row(self.fc1_bias), gate,
+                              per_row(self.gate_bias), self.fused)
+        out = rows.mm(act, self.fc2_weight)
+        if self.fc2_bias is not None:
+            out = out + per_row(self.fc2_bias) / self.tp_size
+        return rows.unpad(out)

@@ -19,7 +19,6 @@ from mp.model.moe.aux_loss import (
 )
 from mp.tensor_parallel import reduce_from_tensor_model_parallel_region
 
-
 _ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 
