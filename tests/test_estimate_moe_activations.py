@@ -1,5 +1,5 @@
 """Activation memory of mixture-of-experts layers: the bytes autograd saves for backward,
-counted with saved-tensor hooks on the real layers, against `mp.estimate.activations.moe_terms`
+counted with saved-tensor hooks on the real layers, against `mp.estimate.mlp_activations.moe_terms`
 (through ``layer_terms(..., moe=True)``) and the stage-level sums of `mp.estimate.memory`.
 
 The CPU measurement equals the estimate for `mp.estimate.CPU` to the byte. The rows a rank's
@@ -21,13 +21,14 @@ from test_estimate_activations import HEADS, B, H, S, model_saved_bytes
 
 from mp import parallel_state as ps
 from mp.estimate import CPU, CUDA, SavedTensorMeter, layer_terms
-from mp.estimate.activations import layer_bytes, moe_terms
+from mp.estimate.activations import layer_bytes
 from mp.estimate.memory import (
     chunk_saved_bytes,
     embedding_terms,
     output_terms,
     recompute_working_set,
 )
+from mp.estimate.mlp_activations import moe_terms
 from mp.model import TransformerConfig
 from mp.model.context_parallel import local_positions
 from mp.model.rope import rotary_freqs

@@ -25,25 +25,31 @@ def _config(**overrides) -> TransformerConfig:
     return TransformerConfig(**{**args, **overrides})
 
 
-def _both_ways(overrides: dict, dtype: torch.dtype) -> list[dict]:
-    """Outputs and gradients of the grouped experts and of the loop on the same weights."""
-    ps.initialize_model_parallel(1)
-    torch.manual_seed(0)
-    cfg = _config(**overrides)
-    experts = Experts(cfg, ps.get_tensor_model_parallel_group(), 0, 1).to(dtype)
-    rows = torch.randn(sum(COUNTS), cfg.hidden_size, dtype=dtype)
+def grouped_and_loop(experts: Experts, rows: torch.Tensor, counts: list[int]) -> list[dict]:
+    """The output and every gradient (input, each weight) of ``experts`` on ``rows``, run as
+    grouped GEMMs and then as the loop, for the same output gradient."""
+    assert grouped_gemm.usable(rows, experts.fc1_weight, experts.fc2_weight), \
+        "torch's grouped GEMM does not run here"
     grad = torch.randn_like(rows)
     results = []
     for grouped in (True, False):
         experts.grouped = grouped
         experts.zero_grad()
         x = rows.clone().requires_grad_()
-        out = experts(x, COUNTS)
+        out = experts(x, counts)
         out.backward(grad)
         results.append({"output": out.detach(), "input": x.grad,
                         **{n: p.grad.clone() for n, p in experts.named_parameters()}})
-    assert grouped_gemm.usable(rows, experts.fc1_weight, experts.fc2_weight)
     return results
+
+
+def _both_ways(overrides: dict, dtype: torch.dtype) -> list[dict]:
+    ps.initialize_model_parallel(1)
+    torch.manual_seed(0)
+    cfg = _config(**overrides)
+    experts = Experts(cfg, ps.get_tensor_model_parallel_group(), 0, 1).to(dtype)
+    return grouped_and_loop(experts, torch.randn(sum(COUNTS), cfg.hidden_size, dtype=dtype),
+                            COUNTS)
 
 
 @needs_grouped_mm

@@ -7,14 +7,16 @@ time, and a planner that ranks the layouts that fit.
     print(format_estimate(estimate(Setup.from_job(job, 1024), gpu_spec("h100"))))
 
 The pieces, one concept per module: `setup` (what is estimated), `hardware` (GPU types),
-`params` (parameters and model-state bytes per rank), `activations` (bytes saved for backward
-per layer: Korthikanti et al. 2022 and mp's own layer), `memory` (peak per pipeline stage),
+`params` (parameters and model-state bytes per rank), `storage` (how kernels store what they
+save; bytes and rows), `activations` (bytes saved for backward per layer: Korthikanti et al.
+2022 and mp's own layer), `mlp_activations` (its MLP's, dense or mixture of experts),
+`memory` (peak per pipeline stage),
 `flops` (Narayanan et al. 2021), `comm` (bytes per collective), `step_time`, `estimate`,
 `planner`, `report`, and `measure` (the meters the tests check all this with). See
 docs/estimate.md for what is checked against the code and what is formula only.
 """
 
-from mp.estimate.activations import CPU, CUDA, Kernels, korthikanti_layer_bytes, layer_terms
+from mp.estimate.activations import korthikanti_layer_bytes, layer_terms
 from mp.estimate.comm import Collective, collectives
 from mp.estimate.estimate import Estimate, estimate
 from mp.estimate.flops import narayanan_flops, training_flops
@@ -26,6 +28,7 @@ from mp.estimate.planner import PlanResult, candidate_setups, plan
 from mp.estimate.report import format_estimate, format_plan, memory_chart
 from mp.estimate.setup import Setup
 from mp.estimate.step_time import StepTime, step_time
+from mp.estimate.storage import CPU, CUDA, Kernels
 
 __all__ = [
     "CPU", "CUDA", "GPUS", "Collective", "CollectiveMeter", "Estimate", "GPUSpec", "Kernels",

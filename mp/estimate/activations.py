@@ -44,140 +44,24 @@ input. ``p2p``'s ring attention keeps its q, k, v inputs as they come, its outpu
 projection's input) and an fp32 log-sum-exp per query: CP 1's terms for ``s / c`` tokens,
 with SDPA's core whatever the backend.
 
-A mixture-of-experts layer (`moe_terms`; ``layer_terms(..., moe=True)``) replaces the MLP's
-terms. Each rank routes its ``n'`` tokens (`sequence_rows`: the ``N`` = `local_tokens` of its
-sequences, ``N / t`` of them under SP) to ``k`` of ``E`` experts and runs its ``1 / t`` of each
-local expert on the ``M`` rows its TP group's routers sent there; ``M = N k`` with balanced
-routing (`expert_rows`: exact at EP 1, the mean over the ``P`` expert-parallel ranks, which
-take ``P N k`` rows together). With ``r`` the router's bytes (fp32, or fp64 with
-``moe_router_dtype="fp64"``), it saves:
-
-- the MLP input ``e n' h`` where the router or a shared expert reads it as it is; with a
-  ``moe_router_dtype`` wider than the activations, ``r``-byte copies of the router's input
-  and weight (``r n' h + r E h``);
-- the router: top-k indices (int64, ``n' k``) and the probabilities (``r n' k``); with
-  ``moe_router_pre_softmax`` the softmax over all experts (``r n' E``); with the sigmoid
-  score function the sigmoids (``r n' E``) and for ``k > 1`` the top ``k`` before
-  renormalizing and their sums (``r n' (k + 1)``); the top-k softmax before a
-  ``moe_router_topk_scaling_factor``;
-- the load-balancing loss: a softmax over all experts (``r n' E``; the pre-softmax router's
-  own; a sigmoid router's sigmoids again, normalized: ``r n' (E + 1)``) and the ``E`` expert
-  fractions; the z-loss: the logits and their log-sum-exp (``r n' (E + 1)``);
-- the dispatcher: each routed copy's token (int64, ``n' k``), the received rows (``e M h``),
-  and at EP > 1 or under SP (more than one source) their regrouping by expert (int64, ``M``);
-- the experts: the MLP interior above for ``M`` rows ``moe_ffn_hidden_size / t`` wide;
-- the combine: the inverse regrouping (int64, ``M``, with more than one source), the
-  copies' inverse order (int64, ``n' k``) and the expert outputs per copy (``e n' k h``);
-- a shared expert (``moe_shared_expert_intermediate_size``): the MLP interior for ``N`` rows
-  of its width over ``t``.
-
-No MoE tensor depends on the kernels beyond the MLP interior's rules: CUDA and the CPU run the
-same torch operations for the router, the dispatcher and the combine.
-
-What the kernels save depends on where they run; `Kernels` names the differences, and
-`CUDA` (the default) and `CPU` (what the tests measure) are the two sets of them.
+The MLP's interior and a mixture-of-experts layer's terms are `mp.estimate.mlp_activations`'s;
+how the kernels store what they save, and the sizes above, `mp.estimate.storage`'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from mp.estimate.mlp_activations import mlp_interior_terms, moe_terms
+from mp.estimate.storage import (
+    CUDA,
+    FP32,
+    Kernels,
+    activation_bytes,
+    dropout_mask_bytes,
+    local_tokens,
+    norm_terms,
+    sequence_rows,
+)
 from mp.model.config import TransformerConfig
-
-FP32 = 4
-INT64 = 8
-_ROUTER_DTYPE_BYTES = {"fp32": 4, "fp64": 8}  # TransformerConfig.moe_router_dtype
-_FLOAT_NAMES = {4: "fp32", 8: "fp64"}
-
-
-@dataclass(frozen=True)
-class Kernels:
-    """How the kernels a layer runs store what they save for backward.
-
-    Args:
-        name: for messages and reports.
-        dropout_mask_bytes: bytes per element of a dropout mask: 1 for CUDA's fused dropout
-            (a bool mask); ``None`` for "the activation's own size" (the CPU computes dropout
-            as ``x * scaled_bernoulli_noise`` and saves the noise).
-        fused_softmax: mp's fused scale-mask-softmax kernel runs for 16-bit scores (CUDA, the
-            extension built) and saves the probabilities in the activation dtype. Otherwise
-            the torch path saves them in fp32, plus the ``[s, s]`` causal mask (bools, kept
-            by the ``masked_fill`` of the scores). No ``[s, 1]`` fully-masked-row flags: a
-            causal row always keeps its diagonal, so the causal path skips
-            ``zero_fully_masked_rows`` (only an explicit padding mask runs it).
-        norm_stats_bytes: bytes of each per-row norm statistic: 4 (fp32) on CUDA; ``None``
-            for the activation's size (the CPU LayerNorm keeps bf16 statistics for bf16 input).
-        composite_rms_norm: RMSNorm runs as torch's composite ``F.rms_norm`` (the CPU), which
-            computes in fp32 and saves the fp32 input (a copy of 16-bit input), the fp32
-            ``x * rstd`` and an fp32 rstd; otherwise mp's kernel saves x and the rstd.
-        sdpa_dropout_kernel: SDPA with attention dropout: ``"flash"`` (CUDA: the flash kernel
-            takes dropout) or ``"math"`` (CPU: the math path, which upcasts 16-bit q, k, v to
-            fp32 and saves fp32 copies of them and of the softmax, its dropout mask and the
-            dropped probabilities). Without dropout the CPU runs a flash kernel too.
-        sdpa_bottom_right_mask: SDPA's bottom-right causal form (context parallelism's query
-            chunks against longer keys) runs as a materialized ``[sq, sk]`` mask in the
-            activation dtype, which the kernel saves (the CPU); CUDA's flash and
-            memory-efficient kernels take the form as it is.
-        compiled_loss: the cross-entropy's element-wise work runs compiled (`mp.jit`: CUDA,
-            with ``cross_entropy_loss_fusion``), with no ``[s, b, V / t]`` fp32 intermediates;
-            eagerly it keeps one fp32 copy of the logits (and in backward a bool one-hot).
-    """
-
-    name: str
-    dropout_mask_bytes: int | None
-    fused_softmax: bool
-    norm_stats_bytes: int | None
-    composite_rms_norm: bool
-    sdpa_dropout_kernel: str
-    sdpa_bottom_right_mask: bool
-    jit_compiled: bool
-
-    def __post_init__(self):
-        if self.sdpa_dropout_kernel not in ("flash", "math"):
-            raise ValueError(f"sdpa_dropout_kernel={self.sdpa_dropout_kernel!r} must be one "
-                             "of 'flash', 'math'")
-
-
-CUDA = Kernels("cuda", dropout_mask_bytes=1, fused_softmax=True, norm_stats_bytes=FP32,
-               composite_rms_norm=False, sdpa_dropout_kernel="flash",
-               sdpa_bottom_right_mask=False, jit_compiled=True)
-CPU = Kernels("cpu", dropout_mask_bytes=None, fused_softmax=False, norm_stats_bytes=None,
-              composite_rms_norm=True, sdpa_dropout_kernel="math", sdpa_bottom_right_mask=True,
-              jit_compiled=False)
-
-
-def activation_bytes(cfg: TransformerConfig) -> int:
-    """Bytes per activation element: 4 for fp32, 2 for bf16 and fp16."""
-    return 4 if cfg.precision == "fp32" else 2
-
-
-def norm_terms(cfg: TransformerConfig, kernels: Kernels, rows: float) -> dict[str, float]:
-    """What one norm over ``rows`` rows of ``h`` saves: its input and statistics (mean and
-    rstd, or rstd for RMSNorm), and the fp32 normalized input of a composite RMSNorm."""
-    h = cfg.hidden_size
-    if cfg.normalization == "RMSNorm" and kernels.composite_rms_norm:
-        return {"input (fp32)": FP32 * rows * h, "normalized input (fp32)": FP32 * rows * h,
-                "statistics": FP32 * rows}
-    stats = (2 if cfg.normalization == "LayerNorm" else 1) * (kernels.norm_stats_bytes
-                                                              or activation_bytes(cfg))
-    return {"input": activation_bytes(cfg) * rows * h, "statistics": stats * rows}
-
-
-def dropout_mask_bytes(cfg: TransformerConfig, kernels: Kernels) -> int:
-    return kernels.dropout_mask_bytes or activation_bytes(cfg)
-
-
-def local_tokens(cfg: TransformerConfig, micro_batch: int) -> int:
-    """Tokens of a micro-batch on one rank: ``s b``, or ``s b / c`` with ``c`` context-parallel
-    ranks."""
-    return cfg.seq_length // cfg.context_parallel_size * micro_batch
-
-
-def sequence_rows(cfg: TransformerConfig, micro_batch: int) -> float:
-    """Rows (tokens) of a tensor in the sequence-parallel regions on one rank: `local_tokens`,
-    divided by ``t`` with sequence parallelism."""
-    rows = local_tokens(cfg, micro_batch)
-    return rows / cfg.tensor_model_parallel_size if cfg.sequence_parallel else rows
 
 
 def attention_blocks(cfg: TransformerConfig) -> list[tuple[int, int]]:
@@ -240,94 +124,6 @@ def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUD
     else:
         terms["MLP input"] = e * local * h
         terms.update(mlp_interior_terms(cfg, kernels, tokens, f / t))
-    return terms
-
-
-def mlp_interior_terms(cfg: TransformerConfig, kernels: Kernels, rows: float, width: float,
-                       prefix: str = "") -> dict[str, float]:
-    """What an MLP's activation and fc2 save for ``rows`` rows ``width`` wide (its ``1 / t``
-    shard): the activation's input(s) and the fc2 input. ``prefix`` names whose MLP it is."""
-    e = activation_bytes(cfg)
-    size = e * rows * width
-    if cfg.activation == "swiglu" and kernels.jit_compiled and cfg.bias_activation_fusion:
-        terms = {"SwiGLU gate and up outputs": 2 * size}
-    elif cfg.activation == "swiglu":
-        terms = {"SwiGLU gate, SiLU and up outputs": 3 * size}
-    elif cfg.activation == "squared_relu":  # relu and square both keep relu's output
-        terms = {"ReLU output": size}
-    else:
-        terms = {"GeLU input": size}
-    terms["fc2 input"] = size
-    return {prefix + name: value for name, value in terms.items()}
-
-
-def expert_rows(cfg: TransformerConfig, micro_batch: int) -> int:
-    """Rows one rank's experts take for one micro-batch, with balanced routing: ``N k``,
-    ``N`` = `local_tokens`, ``k`` = ``moe_router_topk``. Exact at EP 1; over ``P > 1``
-    expert-parallel ranks it is their mean (together they take the ``P N k`` copies their
-    routers sent), which a rank exceeds by as much as its experts are favoured."""
-    return local_tokens(cfg, micro_batch) * cfg.moe_router_topk
-
-
-def moe_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
-              rows: float | None = None) -> dict[str, float]:
-    """What a mixture-of-experts MLP (`mp.model.moe.MoELayer`) saves for backward on one
-    rank for one micro-batch, by tensor (see the module doc); ``rows``: the rows this rank's
-    experts take (default `expert_rows`, the balanced mean)."""
-    if cfg.num_moe_experts is None:
-        raise ValueError("moe_terms needs a mixture-of-experts config (num_moe_experts is None)")
-    e, t, h = activation_bytes(cfg), cfg.tensor_model_parallel_size, cfg.hidden_size
-    experts, k = cfg.num_moe_experts, cfg.moe_router_topk
-    n = sequence_rows(cfg, micro_batch)  # routed here: each TP rank's own under SP, else all
-    m = expert_rows(cfg, micro_batch) if rows is None else rows
-    shared = cfg.moe_shared_expert_intermediate_size
-    router_dtype = _ROUTER_DTYPE_BYTES.get(cfg.moe_router_dtype)
-    copied = router_dtype is not None and router_dtype != e  # input and weight converted
-    r = router_dtype or max(e, FP32)  # the router's logits, scores and probabilities
-    fp = _FLOAT_NAMES[r]
-    regrouped = cfg.expert_model_parallel_size > 1 or (cfg.sequence_parallel and t > 1)
-    sigmoid = cfg.moe_router_score_function == "sigmoid"
-    pre_softmax = cfg.moe_router_pre_softmax
-    terms = {}
-    # the norm's output: the shared expert's fc1 input, and the router's unless it converts it
-    if shared is not None or not copied:
-        terms["MLP input"] = e * n * h
-    if shared is not None:
-        terms.update(mlp_interior_terms(cfg, kernels, local_tokens(cfg, micro_batch),
-                                        shared / t, "shared expert "))
-    if copied:
-        terms[f"router input ({fp} copy)"] = r * n * h
-        terms[f"router weight ({fp} copy)"] = r * experts * h
-    if sigmoid:
-        terms[f"router sigmoids ({fp})"] = r * n * experts
-    elif pre_softmax:
-        terms[f"router softmax over all experts ({fp})"] = r * n * experts
-    terms["router top-k expert indices (int64)"] = INT64 * n * k
-    if sigmoid and k > 1:
-        terms[f"router top-k sigmoids before renormalizing ({fp})"] = r * n * k
-        terms[f"router renormalizing sums ({fp})"] = r * n
-    elif not (sigmoid or pre_softmax) and cfg.moe_router_topk_scaling_factor is not None:
-        terms[f"router top-k softmax before scaling ({fp})"] = r * n * k
-    terms[f"router probabilities ({fp})"] = r * n * k
-    if cfg.moe_router_load_balancing_type == "aux_loss" and cfg.moe_aux_loss_coeff > 0:
-        if sigmoid:  # computed again, and normalized over the experts
-            terms[f"aux loss: sigmoids ({fp})"] = r * n * experts
-            terms[f"aux loss: normalizing sums ({fp})"] = r * n
-        elif not pre_softmax:
-            terms[f"aux loss: softmax over all experts ({fp})"] = r * n * experts
-        terms[f"aux loss: expert fractions ({fp})"] = r * experts
-    if cfg.moe_z_loss_coeff:
-        terms[f"z-loss: router logits ({fp})"] = r * n * experts
-        terms[f"z-loss: logsumexp ({fp})"] = r * n
-    terms["dispatch: token of each routed copy (int64)"] = INT64 * n * k
-    if regrouped:
-        terms["dispatch: received rows in expert order (int64)"] = INT64 * m
-    terms["expert input rows"] = e * m * h
-    terms.update(mlp_interior_terms(cfg, kernels, m, cfg.moe_ffn_hidden_size / t, "experts' "))
-    if regrouped:
-        terms["combine: expert outputs back in received order (int64)"] = INT64 * m
-    terms["combine: outputs back in token order (int64)"] = INT64 * n * k
-    terms["combine: expert output of each routed copy"] = e * n * k * h
     return terms
 
 

@@ -53,10 +53,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mp.estimate.activations import FP32, INT64, activation_bytes, local_tokens, sequence_rows
 from mp.estimate.hardware import GPUSpec
 from mp.estimate.params import norm_params, rank_params
 from mp.estimate.setup import Setup
+from mp.estimate.storage import FP32, INT64, activation_bytes, local_tokens, sequence_rows
 from mp.model.moe.aux_loss import tracked_names
 
 FP64 = 8

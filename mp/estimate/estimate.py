@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mp.estimate.activations import CUDA, Kernels
 from mp.estimate.comm import Collective, collectives
 from mp.estimate.flops import training_flops
 from mp.estimate.hardware import GPUSpec
@@ -12,6 +11,7 @@ from mp.estimate.memory import StageMemory, stage_memory
 from mp.estimate.params import model_params
 from mp.estimate.setup import Setup
 from mp.estimate.step_time import DEFAULT_EFFICIENCY, StepTime, step_time
+from mp.estimate.storage import CUDA, Kernels
 
 
 @dataclass(frozen=True)

@@ -38,21 +38,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mp.estimate.activations import (
+from mp.estimate.activations import attention_heads, layer_bytes
+from mp.estimate.params import RankParams, StateBytes, rank_params, state_bytes
+from mp.estimate.setup import Setup
+from mp.estimate.storage import (
     CUDA,
     FP32,
     INT64,
     Kernels,
     activation_bytes,
-    attention_heads,
     dropout_mask_bytes,
-    layer_bytes,
     local_tokens,
     norm_terms,
     sequence_rows,
 )
-from mp.estimate.params import RankParams, StateBytes, rank_params, state_bytes
-from mp.estimate.setup import Setup
 from mp.model.config import TransformerConfig
 from mp.model.ring_attention import tile_bytes
 

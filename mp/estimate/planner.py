@@ -29,11 +29,11 @@ import itertools
 from dataclasses import dataclass
 
 from mp.config import JobConfig
-from mp.estimate.activations import CUDA, Kernels
 from mp.estimate.estimate import Estimate, estimate
 from mp.estimate.hardware import GPUSpec
 from mp.estimate.setup import Setup
 from mp.estimate.step_time import DEFAULT_EFFICIENCY
+from mp.estimate.storage import CUDA, Kernels
 from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
 
 RECOMPUTE_MODES = ("none", "selective", "full")

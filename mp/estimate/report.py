@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from mp.estimate.activations import CUDA, Kernels, korthikanti_layer_bytes, layer_terms
+from mp.estimate.activations import korthikanti_layer_bytes, layer_terms
 from mp.estimate.comm import seconds
 from mp.estimate.estimate import Estimate
 from mp.estimate.hardware import GiB
 from mp.estimate.params import state_bytes
 from mp.estimate.planner import PlanResult, split_name
+from mp.estimate.storage import CUDA, Kernels
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

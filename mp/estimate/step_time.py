@@ -29,12 +29,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mp.estimate.activations import FP32, activation_bytes
 from mp.estimate.comm import collectives, seconds
 from mp.estimate.flops import training_flops
 from mp.estimate.hardware import GPUSpec
 from mp.estimate.params import rank_params
 from mp.estimate.setup import Setup
+from mp.estimate.storage import FP32, activation_bytes
 
 DEFAULT_EFFICIENCY = 0.5
 # AdamW per parameter: read and write master and both moments (3 x 8), read the gradient (4)

@@ -101,8 +101,7 @@ class TransformerConfig:
     # that follows the load instead of by an auxiliary loss (DeepSeek-V3's aux-loss-free
     # balancing; the bias is not a weight: it moves by the rate below each iteration)
     moe_router_bias_update_rate: float = 1e-3
-    moe_grouped_gemm: bool = False  # a rank's experts as one grouped GEMM per weight kind
-    # (torch's grouped_mm, where it runs: CUDA bf16 on sm90+, CPU fp32/bf16); else a loop
+    moe_grouped_gemm: bool = False  # experts as torch grouped GEMMs where they run; else a loop
     moe_router_pre_softmax: bool = False  # softmax over all experts, then top k (the k
     # probabilities sum to less than 1); default top k of the logits, then softmax over those
     moe_router_load_balancing_type: str = "aux_loss"  # aux_loss (Switch's) | none

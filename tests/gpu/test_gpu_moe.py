@@ -5,30 +5,18 @@ whole MoE layer's forward and backward on CUDA (routing, sort, regrouping, combi
 
 import pytest
 import torch
+from test_gpu_attention import model_parallel, one_gpu_world  # noqa: F401 (fixtures)
+from test_moe_grouped_gemm import grouped_and_loop
 
 from mp import parallel_state as ps
-from mp.initialize import initialize_distributed
 from mp.model import TransformerConfig
-from mp.model.moe import MoELayer, grouped_gemm
+from mp.model.moe import MoELayer
 from mp.model.moe.experts import Experts
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 COUNTS = [37, 0, 200, 5, 64, 1, 90, 3]  # rows of 8 experts: an empty one, few multiples of 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_gpu_world():
-    initialize_distributed()
-    yield
-
-
-@pytest.fixture(autouse=True)
-def model_parallel():
-    ps.initialize_model_parallel(1)
-    yield
-    ps.destroy_model_parallel()
 
 
 def _config(**overrides) -> TransformerConfig:
@@ -44,18 +32,7 @@ def test_grouped_gemm_equals_the_loop(overrides):
     torch.manual_seed(0)
     experts = Experts(_config(**overrides), ps.get_tensor_model_parallel_group(), 0, 1)
     rows = torch.randn(sum(COUNTS), 1024, device="cuda", dtype=torch.bfloat16)
-    assert grouped_gemm.usable(rows, experts.fc1_weight, experts.fc2_weight), \
-        "torch's grouped GEMM does not run on this GPU"
-    grad = torch.randn_like(rows)
-    results = []
-    for grouped in (True, False):
-        experts.grouped = grouped
-        experts.zero_grad()
-        x = rows.clone().requires_grad_()
-        out = experts(x, COUNTS)
-        out.backward(grad)
-        results.append({"output": out, "input": x.grad,
-                        **{n: p.grad for n, p in experts.named_parameters()}})
+    results = grouped_and_loop(experts, rows, COUNTS)
     for name, want in results[1].items():
         got = results[0][name]
         assert torch.isfinite(got).all(), name

@@ -1,0 +1,109 @@
+"""How kernels store what they save for backward, and the sizes every activation term counts.
+
+What the kernels save depends on where they run; `Kernels` names the differences, and
+`CUDA` (the default) and `CPU` (what the tests measure) are the two sets of them.
+
+The sizes: bytes per activation element (`activation_bytes`), the tokens of a micro-batch on
+one rank (`local_tokens`: ``s b``, or ``s b / c`` with context parallelism) and the rows of
+the sequence-parallel regions (`sequence_rows`: ``/ t`` more under SP); a norm's saves
+(`norm_terms`) and a dropout mask's bytes per element (`dropout_mask_bytes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mp.model.config import TransformerConfig
+
+FP32 = 4
+INT64 = 8
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """How the kernels a layer runs store what they save for backward.
+
+    Args:
+        name: for messages and reports.
+        dropout_mask_bytes: bytes per element of a dropout mask: 1 for CUDA's fused dropout
+            (a bool mask); ``None`` for "the activation's own size" (the CPU computes dropout
+            as ``x * scaled_bernoulli_noise`` and saves the noise).
+        fused_softmax: mp's fused scale-mask-softmax kernel runs for 16-bit scores (CUDA, the
+            extension built) and saves the probabilities in the activation dtype. Otherwise
+            the torch path saves them in fp32, plus the ``[s, s]`` causal mask (bools, kept
+            by the ``masked_fill`` of the scores). No ``[s, 1]`` fully-masked-row flags: a
+            causal row always keeps its diagonal, so the causal path skips
+            ``zero_fully_masked_rows`` (only an explicit padding mask runs it).
+        norm_stats_bytes: bytes of each per-row norm statistic: 4 (fp32) on CUDA; ``None``
+            for the activation's size (the CPU LayerNorm keeps bf16 statistics for bf16 input).
+        composite_rms_norm: RMSNorm runs as torch's composite ``F.rms_norm`` (the CPU), which
+            computes in fp32 and saves the fp32 input (a copy of 16-bit input), the fp32
+            ``x * rstd`` and an fp32 rstd; otherwise mp's kernel saves x and the rstd.
+        sdpa_dropout_kernel: SDPA with attention dropout: ``"flash"`` (CUDA: the flash kernel
+            takes dropout) or ``"math"`` (CPU: the math path, which upcasts 16-bit q, k, v to
+            fp32 and saves fp32 copies of them and of the softmax, its dropout mask and the
+            dropped probabilities). Without dropout the CPU runs a flash kernel too.
+        sdpa_bottom_right_mask: SDPA's bottom-right causal form (context parallelism's query
+            chunks against longer keys) runs as a materialized ``[sq, sk]`` mask in the
+            activation dtype, which the kernel saves (the CPU); CUDA's flash and
+            memory-efficient kernels take the form as it is.
+        compiled_loss: the cross-entropy's element-wise work runs compiled (`mp.jit`: CUDA,
+            with ``cross_entropy_loss_fusion``), with no ``[s, b, V / t]`` fp32 intermediates;
+            eagerly it keeps one fp32 copy of the logits (and in backward a bool one-hot).
+    """
+
+    name: str
+    dropout_mask_bytes: int | None
+    fused_softmax: bool
+    norm_stats_bytes: int | None
+    composite_rms_norm: bool
+    sdpa_dropout_kernel: str
+    sdpa_bottom_right_mask: bool
+    jit_compiled: bool
+
+    def __post_init__(self):
+        if self.sdpa_dropout_kernel not in ("flash", "math"):
+            raise ValueError(f"sdpa_dropout_kernel={self.sdpa_dropout_kernel!r} must be one "
+                             "of 'flash', 'math'")
+
+
+CUDA = Kernels("cuda", dropout_mask_bytes=1, fused_softmax=True, norm_stats_bytes=FP32,
+               composite_rms_norm=False, sdpa_dropout_kernel="flash",
+               sdpa_bottom_right_mask=False, jit_compiled=True)
+CPU = Kernels("cpu", dropout_mask_bytes=None, fused_softmax=False, norm_stats_bytes=None,
+              composite_rms_norm=True, sdpa_dropout_kernel="math", sdpa_bottom_right_mask=True,
+              jit_compiled=False)
+
+
+def activation_bytes(cfg: TransformerConfig) -> int:
+    """Bytes per activation element: 4 for fp32, 2 for bf16 and fp16."""
+    return 4 if cfg.precision == "fp32" else 2
+
+
+def norm_terms(cfg: TransformerConfig, kernels: Kernels, rows: float) -> dict[str, float]:
+    """What one norm over ``rows`` rows of ``h`` saves: its input and statistics (mean and
+    rstd, or rstd for RMSNorm), and the fp32 normalized input of a composite RMSNorm."""
+    h = cfg.hidden_size
+    if cfg.normalization == "RMSNorm" and kernels.composite_rms_norm:
+        return {"input (fp32)": FP32 * rows * h, "normalized input (fp32)": FP32 * rows * h,
+                "statistics": FP32 * rows}
+    stats = (2 if cfg.normalization == "LayerNorm" else 1) * (kernels.norm_stats_bytes
+                                                              or activation_bytes(cfg))
+    return {"input": activation_bytes(cfg) * rows * h, "statistics": stats * rows}
+
+
+def dropout_mask_bytes(cfg: TransformerConfig, kernels: Kernels) -> int:
+    return kernels.dropout_mask_bytes or activation_bytes(cfg)
+
+
+def local_tokens(cfg: TransformerConfig, micro_batch: int) -> int:
+    """Tokens of a micro-batch on one rank: ``s b``, or ``s b / c`` with ``c`` context-parallel
+    ranks."""
+    return cfg.seq_length // cfg.context_parallel_size * micro_batch
+
+
+def sequence_rows(cfg: TransformerConfig, micro_batch: int) -> float:
+    """Rows (tokens) of a tensor in the sequence-parallel regions on one rank: `local_tokens`,
+    divided by ``t`` with sequence parallelism."""
+    rows = local_tokens(cfg, micro_batch)
+    return rows / cfg.tensor_model_parallel_size if cfg.sequence_parallel else rows
