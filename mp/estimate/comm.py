@@ -273,17 +273,18 @@ def _experts(setup: Setup, pp_rank: int) -> list[Collective]:
                            m * forwards * setup.tp * counts),
                 Collective("experts' rows and partial outputs", "all_to_all", "tp",
                            m * (forwards + layers) * 2 * rows)]
-    for group, size in (("tp", setup.tp if split else 1), ("cp", setup.cp)):
-        if size > 1 and tracked_names(cfg):
-            out.append(Collective("router statistics", "all_reduce", group,
-                                  m * layers * _router_statistics_bytes(cfg)))
-        if size > 1 and cfg.moe_router_enable_expert_bias and group == "tp":
-            out.append(Collective("routed token counts (expert bias)", "all_reduce", group,
-                                  layers * FP32 * cfg.num_moe_experts))
-    if cfg.moe_router_enable_expert_bias and setup.gradient_group_size > 1:
-        group = "dp_cp" if setup.cp > 1 else "dp"
-        out.append(Collective("routed token counts (expert bias)", "all_reduce", group,
-                              layers * FP32 * cfg.num_moe_experts))
+    if tracked_names(cfg):  # over the ranks holding the rest of the sequences
+        out += [Collective("router statistics", "all_reduce", group,
+                           m * layers * _router_statistics_bytes(cfg))
+                for group, size in (("tp", setup.tp if split else 1), ("cp", setup.cp))
+                if size > 1]
+    if cfg.moe_router_enable_expert_bias:  # over every rank that routes other tokens
+        out += [Collective("routed token counts (expert bias)", "all_reduce", group,
+                           layers * FP32 * cfg.num_moe_experts)
+                for group, size in (("tp", setup.tp if split else 1),
+                                    ("dp_cp" if setup.cp > 1 else "dp",
+                                     setup.gradient_group_size))
+                if size > 1]
     return out
 
 
