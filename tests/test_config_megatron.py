@@ -148,15 +148,16 @@ def test_flags_without_effect_say_why():
 @pytest.mark.parametrize("flags, message", [
     (["--fp8-format", "hybrid"], ("--fp8-format: mp has no FP8 training (Transformer Engine); "
      "use --bf16")),
-    (["--moe-expert-capacity-factor", "1.0"],  # any --moe-* flag mp does not read
-     "--moe-expert-capacity-factor: mp's mixture of experts has no such option: it has "
+    (["--moe-input-jitter-eps", "0.01"],  # any --moe-* flag mp does not read
+     "--moe-input-jitter-eps: mp's mixture of experts has no such option: it has "
      "--num-experts, --moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
      "--moe-router-pre-softmax, --moe-router-load-balancing-type aux_loss|none, "
      "--moe-aux-loss-coeff, --moe-z-loss-coeff, --moe-shared-expert-intermediate-size, "
      "--moe-router-dtype, --moe-router-score-function softmax|sigmoid, "
      "--moe-router-topk-scaling-factor, --moe-router-enable-expert-bias, "
-     "--moe-router-bias-update-rate, --expert-model-parallel-size (dropless top-k routing, "
-     "docs/training.md)"),
+     "--moe-router-bias-update-rate, --moe-expert-capacity-factor, "
+     "--moe-token-drop-policy probs|position, --moe-grouped-gemm, "
+     "--expert-model-parallel-size (top-k routing, docs/training.md)"),
     (["--use-torch-fsdp2"], ("--use-torch-fsdp2: mp has no FSDP; --use-distributed-optimizer "
                              "shards the optimizer state over data parallel")),
     (["--apply-residual-connection-post-layernorm"], (
@@ -286,10 +287,11 @@ def test_a_qwen3_moe_script_parses_as_written():
     argv = ["--config", TINY, "--num-layers", "48", *QWEN3_30B_A3B_MOE]
     m = parse_args(argv, world_size=4).model
     assert (m.num_moe_experts, m.moe_router_topk, m.moe_ffn_hidden_size, m.moe_router_dtype,
-            m.moe_layer_freq, m.moe_grouped_gemm) == (128, 8, 768, "fp32", [1] * 48, True)
+            m.moe_layer_freq, m.moe_grouped_gemm, m.moe_token_drop_policy,
+            m.moe_expert_capacity_factor) == (128, 8, 768, "fp32", [1] * 48, True, "probs",
+                                               None)
     assert [line.split(" has no effect")[0] for line in flag_notices(argv)] == [
-        "notice: --moe-token-dispatcher-type alltoall",
-        "notice: --moe-token-drop-policy probs", "notice: --moe-permute-fusion"]
+        "notice: --moe-token-dispatcher-type alltoall", "notice: --moe-permute-fusion"]
 
 
 def test_mixture_of_experts_flags():

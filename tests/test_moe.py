@@ -18,6 +18,8 @@
 - The rank layout of expert groups (Megatron's) and the config's rules.
 """
 
+import math
+
 import pytest
 import torch
 from checks import assert_rel_close
@@ -44,11 +46,12 @@ def _layer_config(**overrides) -> TransformerConfig:
 
 def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
     """``(output [s, b, h], auxiliary losses, their logged values)`` token by token from the
-    layer's weights."""
+    layer's weights; with a capacity factor, each expert's queue of (token, choice) copies
+    sorted by the drop policy and cut at its capacity."""
     ex, weight = layer.experts, layer.router.weight
     tokens = x.reshape(-1, x.size(-1))
     act = {"gelu": torch.nn.functional.gelu, "squared_relu": lambda v: torch.relu(v) ** 2}
-    outputs, chosen, all_probs, lse = [], [], [], []
+    outputs, chosen, all_probs, lse, routes = [], [], [], [], []
     for token in tokens:
         logits = weight @ token
         softmax = torch.exp(logits - logits.max()) / torch.exp(logits - logits.max()).sum()
@@ -67,9 +70,12 @@ def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
             all_probs.append(softmax)
             top, experts = torch.topk(logits, cfg.moe_router_topk)
             probs = torch.exp(top) / torch.exp(top).sum()
-        probs = probs * (cfg.moe_router_topk_scaling_factor or 1.0)
+        routes.append((probs * (cfg.moe_router_topk_scaling_factor or 1.0), experts.tolist()))
+        chosen += experts.tolist()
+    kept = _within_capacity(routes, cfg, len(tokens))
+    for t, (token, (probs, experts)) in enumerate(zip(tokens, routes)):
         out = torch.zeros_like(token)
-        for p, e in zip(probs, experts.tolist()):
+        for p, e in ((p, e) for p, e in zip(probs, experts) if (t, e) in kept):
             up = ex.fc1_weight[e] @ token + (0 if ex.fc1_bias is None else ex.fc1_bias[e])
             if cfg.activation == "swiglu":
                 gate = ex.gate_weight[e] @ token + (0 if ex.gate_bias is None else
@@ -89,7 +95,6 @@ def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
                 hidden = act[cfg.activation](up)
             out = out + shared.linear_fc2.weight @ hidden + _bias(shared.linear_fc2)
         outputs.append(out)
-        chosen += experts.tolist()
     n, num = len(tokens), cfg.num_moe_experts
     balance = sum(chosen.count(e) / (n * cfg.moe_router_topk)
                   * sum(p[e] for p in all_probs) / n for e in range(num))
@@ -98,6 +103,25 @@ def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
     z = (cfg.moe_z_loss_coeff or 0.0) * sum(v ** 2 for v in lse) / n
     logged = {"load_balancing_loss": num * balance, "z_loss": sum(v ** 2 for v in lse) / n}
     return torch.stack(outputs).view_as(x), aux + z, logged
+
+
+def _within_capacity(routes: list, cfg: TransformerConfig, n: int) -> set[tuple[int, int]]:
+    """The (token, expert) copies the experts keep: all of them without a capacity factor;
+    else, for each expert, the first ``ceil(n k / E x factor)`` of its copies by probability
+    (ties to the earlier token) or by token."""
+    copies = [(t, e, float(p)) for t, (probs, experts) in enumerate(routes)
+              for p, e in zip(probs, experts)]
+    factor = cfg.moe_expert_capacity_factor
+    if factor is None:
+        return {(t, e) for t, e, _ in copies}
+    capacity = math.ceil(n * cfg.moe_router_topk / cfg.num_moe_experts * factor)
+    kept = set()
+    for expert in range(cfg.num_moe_experts):
+        queue = [(t, p) for t, e, p in copies if e == expert]
+        if cfg.moe_token_drop_policy == "probs":
+            queue.sort(key=lambda item: (-item[1], item[0]))
+        kept |= {(t, expert) for t, _ in queue[:capacity]}
+    return kept
 
 
 def _bias(linear) -> torch.Tensor | float:
@@ -149,12 +173,59 @@ def _layer_vs_reference(overrides: dict) -> None:
      "add_bias_linear": False},
     {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
      "moe_router_topk_scaling_factor": 2.5, "moe_router_topk": 3},
-    {"moe_router_score_function": "sigmoid", "moe_router_topk": 1}],
+    {"moe_router_score_function": "sigmoid", "moe_router_topk": 1},
+    {"moe_expert_capacity_factor": 0.5},
+    {"moe_expert_capacity_factor": 0.7, "moe_token_drop_policy": "position",
+     "moe_shared_expert_intermediate_size": 20},
+    {"moe_expert_capacity_factor": 0.6, "moe_router_score_function": "sigmoid",
+     "moe_router_enable_expert_bias": True, "moe_router_topk": 3}],
     ids=["gelu-top2", "swiglu-top3", "pre-softmax", "no-bias-top1", "no-aux-loss",
          "shared-expert", "swiglu-shared-expert-no-bias", "sigmoid-expert-bias-scaled-top3",
-         "sigmoid-top1"])
+         "sigmoid-top1", "capacity-probs", "capacity-position-shared-expert",
+         "capacity-sigmoid-expert-bias-top3"])
 def test_layer_matches_a_token_by_token_reference(overrides):
     run_distributed(1, _layer_vs_reference, overrides)
+
+
+def _routed(overrides: dict) -> tuple:
+    ps.initialize_model_parallel(1)
+    torch.manual_seed(3)
+    layer = MoELayer(_layer_config(**overrides)).double()
+    layer.router.expert_bias is None or layer.router.expert_bias.data.normal_(std=0.3)
+    tokens = torch.randn(40, 8, dtype=torch.float64)
+    probs, experts = layer.router(tokens)
+    return probs.detach(), experts, layer.router.tokens_per_expert if \
+        layer.router.expert_bias is not None else None
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_experts_drop_the_copies_over_their_capacity(policy):
+    """40 tokens, top 2 of 5, factor 0.5: 8 copies an expert; the router marks the dropped
+    ones -1 with probability 0, keeps at most 8 an expert, and by the policy: the likeliest
+    (none dropped above a kept one) or the earliest; the expert bias counts what was kept."""
+    probs, experts, counted = run_distributed(1, _routed, {
+        "moe_expert_capacity_factor": 0.5, "moe_token_drop_policy": policy,
+        "moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True})[0]
+    full_probs, full_experts, _ = run_distributed(1, _routed, {  # the same routing, dropless
+        "moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True})[0]
+    dropped = experts < 0
+    assert dropped.any() and torch.all(probs[dropped] == 0)
+    assert torch.equal(experts[~dropped], full_experts[~dropped])
+    assert torch.equal(probs[~dropped], full_probs[~dropped])
+    kept = torch.bincount(experts[~dropped], minlength=5)
+    assert kept.max() <= 8 and kept.tolist() == counted.long().tolist()
+    token = torch.arange(40).unsqueeze(1).expand(-1, 2)
+    for expert in range(5):
+        mine = full_experts == expert
+        lost, held = mine & dropped, mine & ~dropped
+        if not lost.any():
+            continue
+        assert held.sum() == 8
+        if policy == "probs":
+            assert full_probs[held].min() >= full_probs[lost].max()
+        else:
+            assert token[held].max() < token[lost].min()
+
 
 
 STEPS = 4
@@ -216,17 +287,22 @@ def serial_run():
                          "moe_router_bias_update_rate": 0.01}),
     (4, 2, 1, 2, False, {"sequence_parallel": True, "cp": 2}),
     (4, 2, 1, 2, False, {"sequence_parallel": True, "moe_grouped_gemm": True}),
+    (4, 1, 1, 2, False, {"moe_expert_capacity_factor": 0.5}),
+    (4, 1, 2, 2, True, {"moe_expert_capacity_factor": 0.7, "moe_token_drop_policy": "position"}),
 ], ids=["EP2", "TP2-SPxEP2", "TP2xEP2-distributed-optimizer", "PP2xEP2", "DP4xEP2",
         "DP4xEP2-distributed-optimizer", "EP4-swiglu", "TP2-SPxEP2-shared-expert",
         "PP2xEP2-sigmoid-expert-bias", "CP2xEP2",
         "TP2-SPxEP2-full-recompute",
         "CP2xDP2xEP4-distopt", "TP2-SP", "TP2-SPxEP2-sigmoid-expert-bias",
-        "TP2-SPxCP2xEP2", "TP2-SPxEP2-grouped-gemm"])
+        "TP2-SPxCP2xEP2", "TP2-SPxEP2-grouped-gemm", "DP4xEP2-capacity",
+        "PP2xEP2-capacity-position-distopt"])
 def test_training_follows_one_process(serial_run, world, tp, pp, ep, distributed_optimizer,
                                       overrides):
     whole, serial = serial_run
     if set(overrides) & {"activation", "moe_shared_expert_intermediate_size",
-                         "moe_router_score_function"}:  # another model
+                         "moe_router_score_function", "moe_expert_capacity_factor"}:
+        # another model (dropping copies: the same model only where every rank routes
+        # what one process routes in a micro-batch, as at these layouts)
         whole = assemble(run_distributed(1, _initial_weights, **overrides))
         serial = run_distributed(1, _train, 1, 1, 1, whole, **overrides)[0]
     runs = run_distributed(world, _train, tp, pp, ep, whole, distributed_optimizer,
@@ -310,6 +386,10 @@ def test_expert_groups_follow_megatrons_layout():
      "expert_tensor_parallel_size=2 must equal tensor_model_parallel_size=1"),
     ({"num_moe_experts": 4, "moe_router_load_balancing_type": "sinkhorn"},
      "moe_router_load_balancing_type='sinkhorn' must be one of"),
+    ({"num_moe_experts": 4, "moe_expert_capacity_factor": 0.0},
+     "moe_expert_capacity_factor=0.0 must be > 0"),
+    ({"num_moe_experts": 4, "moe_token_drop_policy": "random"},
+     "moe_token_drop_policy='random' must be one of"),
 ])
 def test_config_rules(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mp.checkpointing.storage import PlacedTensors
-from mp.model.config import TransformerConfig, moe_layer_pattern
+from mp.model.config import TransformerConfig
+from mp.model.layer_pattern import moe_layer_pattern
 
 #: Model fields that two checkpoints of "the same model" share (the rest, such as dropout,
 #: precision and the parallel layout, may change between save and load); also which layers

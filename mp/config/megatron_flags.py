@@ -33,6 +33,7 @@ _MEGATRON_NAMES = {
         "expert_model_parallel_size", "expert_tensor_parallel_size",
         "moe_shared_expert_intermediate_size", "moe_router_dtype", "moe_router_score_function",
         "moe_router_topk_scaling_factor", "moe_router_bias_update_rate",
+        "moe_expert_capacity_factor", "moe_token_drop_policy",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
@@ -165,8 +166,9 @@ NO_EFFECT_FLAGS: dict[str, tuple[int, str]] = {
                                        "expert-parallel ranks (Megatron's alltoall); the "
                                        "others give the same results")),
     "--moe-permute-fusion": (0, "mp sorts the tokens by expert with torch's own kernels"),
-    "--moe-token-drop-policy": (1, ("mp's routing is dropless: which tokens a full expert drops "
-                                   "matters only with a capacity factor")),
+    "--moe-pad-expert-input-to-capacity": (0, ("mp sizes each layer's exchanges by the counts "
+                                              "it routed; padding with unrouted copies changes "
+                                              "no result")),
 }
 
 #: Megatron-LM flags of features mp does not have -> what to say when one is given
@@ -190,7 +192,9 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
                "--moe-shared-expert-intermediate-size, --moe-router-dtype, "
                "--moe-router-score-function softmax|sigmoid, --moe-router-topk-scaling-factor, "
                "--moe-router-enable-expert-bias, --moe-router-bias-update-rate, "
-               "--expert-model-parallel-size (dropless top-k routing, docs/training.md)"),
+               "--moe-expert-capacity-factor, --moe-token-drop-policy probs|position, "
+               "--moe-grouped-gemm, --expert-model-parallel-size (top-k routing, "
+               "docs/training.md)"),
 }
 #: Megatron-LM flags that take values of which mp has some -> (the values mp has, why).
 CHOICE_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {

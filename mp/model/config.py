@@ -7,13 +7,13 @@ group exists, with messages that name the value and the rule.
 
 from __future__ import annotations
 
-import ast
 import math
 from dataclasses import dataclass
 
 import torch
 
 from mp.model.context_parallel import CP_COMM_TYPES
+from mp.model.layer_pattern import layer_pattern, moe_layer_pattern
 from mp.model.pipeline_split import chunk_layer_counts, chunk_layer_range, parse_layout
 
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -107,6 +107,9 @@ class TransformerConfig:
     moe_router_load_balancing_type: str = "aux_loss"  # aux_loss (Switch's) | none
     moe_aux_loss_coeff: float = 0.0  # weight of the load-balancing loss
     moe_z_loss_coeff: float | None = None  # weight of the router z-loss (ST-MoE); None: none
+    moe_expert_capacity_factor: float | None = None  # an expert takes at most this x its share
+    # of a rank's routed copies, the rest dropped (mp.model.moe.capacity); None: dropless
+    moe_token_drop_policy: str = "probs"  # the copies it keeps: probs (likeliest) | position
     expert_model_parallel_size: int = 1  # EP: the experts split over this many DP ranks
     expert_tensor_parallel_size: int | None = None  # must equal TP (mp splits experts as
     # the rest of the layer); None: TP
@@ -252,6 +255,10 @@ class TransformerConfig:
         _one_of("moe_router_load_balancing_type", self.moe_router_load_balancing_type,
                 ("aux_loss", "none"))
         _one_of("moe_router_dtype", self.moe_router_dtype, (None, "fp32", "fp64"))
+        _one_of("moe_token_drop_policy", self.moe_token_drop_policy, ("probs", "position"))
+        capacity = self.moe_expert_capacity_factor
+        if capacity is not None and not capacity > 0:
+            raise ValueError(f"moe_expert_capacity_factor={capacity!r} must be > 0")
         _one_of("moe_router_score_function", self.moe_router_score_function,
                 ("softmax", "sigmoid"))
         sigmoid = self.moe_router_score_function == "sigmoid"
@@ -333,50 +340,6 @@ class TransformerConfig:
     @property
     def params_dtype(self) -> torch.dtype:
         return _PRECISIONS[self.precision]
-
-
-def moe_layer_pattern(num_layers: int, num_moe_experts: int | None,
-                      moe_layer_freq: int | list[int]) -> tuple[int, ...]:
-    """1 for each layer with experts, 0 for each dense one."""
-    if num_moe_experts is None:
-        return (0,) * num_layers
-    if isinstance(moe_layer_freq, list):
-        return tuple(moe_layer_freq)
-    return tuple(int(i % moe_layer_freq == 0) for i in range(num_layers))
-
-
-def layer_pattern(text: str) -> list[int]:
-    """Megatron's ``--moe-layer-freq`` expression, lists of integers joined by ``+`` and
-    repeated by ``*`` (``"([1]*3+[0])*2"``), as a list; read without ``eval``."""
-    def value(node):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):  # quoted once more
-            return value(ast.parse(node.value.strip(), mode="eval").body)
-        if isinstance(node, (ast.List, ast.Tuple)):
-            return [item for element in node.elts for item in _as_list(value(element))]
-        if isinstance(node, ast.Constant) and type(node.value) is int:
-            return node.value
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
-            left, right = value(node.left), value(node.right)
-            if isinstance(node.op, ast.Add) and isinstance(left, list) \
-                    and isinstance(right, list):
-                return left + right
-            if isinstance(node.op, ast.Mult) and isinstance(left, list) \
-                    and isinstance(right, int):
-                return left * right
-        raise ValueError
-    try:
-        pattern = value(ast.parse(text.strip(), mode="eval").body)
-        if not isinstance(pattern, list):
-            raise ValueError
-    except (SyntaxError, ValueError, RecursionError):
-        raise ValueError(f"moe_layer_freq={text!r} must be an integer, a list of 0/1 per layer "
-                         "or an expression of lists joined by + and repeated by * such as "
-                         "'([0]*3+[1]*58)'") from None
-    return pattern
-
-
-def _as_list(item) -> list:
-    return item if isinstance(item, list) else [item]
 
 
 def _swiglu_ffn(hidden: int) -> int:

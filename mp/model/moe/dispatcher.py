@@ -6,7 +6,8 @@ With ``E`` experts over ``P`` expert-parallel ranks, rank ``j`` holds experts
 `dispatch`:
 
 1. the ``N k`` (token, choice) pairs of the rank's ``N`` tokens are sorted by expert
-   (stable), so the rows for EP rank ``j`` are contiguous and in expert order;
+   (stable), so the rows for EP rank ``j`` are contiguous and in expert order; pairs an
+   expert dropped (expert ``-1``, `mp.model.moe.capacity`) sort last and stay home;
 2. the EP ranks trade their per-expert counts (one all-to-all of ``E`` integers), then the
    rows (`mp.tensor_parallel.all_to_all_by_sizes`); what arrives is grouped by source rank,
    then expert;
@@ -40,7 +41,7 @@ from mp.tensor_parallel import all_to_all_by_sizes
 class Routing:
     """What `combine` needs to undo a `dispatch`."""
 
-    order: torch.Tensor  # [N k]: the pairs (token x k + choice) sorted by expert
+    order: torch.Tensor  # [<= N k]: the pairs (token x k + choice) kept, sorted by expert
     sent: list[int]  # rows sent to each EP rank
     received: list[int]  # rows received from each EP rank
     gathered: list[int]  # rows received over EP by each TP rank (empty: tokens not split)
@@ -60,15 +61,17 @@ class TokenDispatcher:
 
     def dispatch(self, tokens: torch.Tensor, experts: torch.Tensor
                  ) -> tuple[torch.Tensor, list[int], Routing]:
-        """``tokens [N, h]``, ``experts [N, k]`` -> (rows ``[M, h]`` grouped by this rank's
-        experts, the rows of each local expert, the `Routing`)."""
+        """``tokens [N, h]``, ``experts [N, k]`` (-1: a dropped copy) -> (rows ``[M, h]``
+        grouped by this rank's experts, the rows of each local expert, the `Routing`)."""
         k = experts.size(1)
-        flat = experts.flatten()
-        order = torch.argsort(flat, stable=True)
-        rows = tokens.index_select(0, order // k)
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        flat = experts.flatten().masked_fill(experts.flatten() < 0, self.num_experts)
+        order = torch.argsort(flat, stable=True)  # the dropped last
+        counts = torch.bincount(flat, minlength=self.num_experts + 1)[:self.num_experts]
         if self.ranks == 1 and self.tp == 1:
-            return rows, counts.tolist(), Routing(order, [], [], [], None)
+            per_expert = counts.tolist()
+            order = order[:sum(per_expert)]
+            rows = tokens.index_select(0, order // k)
+            return rows, per_expert, Routing(order, [], [], [], None)
         incoming = counts  # [P x local]: from each EP rank, per local expert
         if self.ranks > 1:
             incoming = torch.empty_like(counts)
@@ -79,6 +82,8 @@ class TokenDispatcher:
             all_gather_single(blocks, incoming, group=self.tensor_group)
         host = torch.cat((counts, blocks)).cpu()  # the one wait for the device
         sent = host[:self.num_experts].view(self.ranks, self.local).sum(1).tolist()
+        order = order[:sum(sent)]
+        rows = tokens.index_select(0, order // k)
         blocks = host[self.num_experts:].view(self.tp, self.ranks, self.local)
         mine = blocks[0 if self.tp == 1 else dist.get_rank(self.tensor_group)]
         received = mine.sum(1).tolist()
@@ -114,7 +119,8 @@ class TokenDispatcher:
         if self.ranks > 1:
             outputs = all_to_all_by_sizes(outputs, routing.sent, routing.received,
                                           group=self.group)
-        pairs = outputs.index_select(0, torch.argsort(routing.order))  # [N k, h]
+        pairs = outputs.new_zeros(probs.numel(), outputs.size(-1)).index_copy(
+            0, routing.order, outputs)  # [N k, h]: the dropped copies' zero
         return _WeightedSum.apply(pairs.view(*probs.shape, -1), probs)
 
 

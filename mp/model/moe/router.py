@@ -17,6 +17,7 @@ from mp.model.moe.aux_loss import (
     track,
     z_loss,
 )
+from mp.model.moe.capacity import expert_capacity, within_capacity
 from mp.tensor_parallel import reduce_from_tensor_model_parallel_region
 
 _ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
@@ -34,7 +35,9 @@ class TopKRouter(nn.Module):
     ``moe_router_pre_softmax``, a softmax over every expert and its top ``k``; the weights times
     ``moe_router_topk_scaling_factor`` when set. While training, the load-balancing and z
     losses (`mp.model.moe.aux_loss`) are attached to ``probs`` (the load balancing over the
-    sigmoids normalized over the experts, for a sigmoid router).
+    sigmoids normalized over the experts, for a sigmoid router). With
+    ``moe_expert_capacity_factor`` the copies over an expert's capacity are dropped after
+    that (`mp.model.moe.capacity`): their expert reads -1 and their probability 0.
 
     ``W`` is replicated on every rank and its gradient is partial on each TP rank, summed
     over TP like a sequence-parallel weight's (``W.sequence_parallel``): under sequence
@@ -88,11 +91,17 @@ class TopKRouter(nn.Module):
             probs = torch.softmax(top, dim=-1)
         if cfg.moe_router_topk_scaling_factor is not None:
             probs = probs * cfg.moe_router_topk_scaling_factor
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled():  # the losses see every choice
             probs = self._attach_losses(probs, logits, scores, experts)
-            if self.expert_bias is not None:
-                self.tokens_per_expert += torch.bincount(
-                    experts.flatten(), minlength=cfg.num_moe_experts)
+        if cfg.moe_expert_capacity_factor is not None:
+            capacity = expert_capacity(logits.size(0), self.topk, cfg.num_moe_experts,
+                                       cfg.moe_expert_capacity_factor)
+            kept = within_capacity(probs, experts, cfg.num_moe_experts, capacity,
+                                   cfg.moe_token_drop_policy)
+            probs, experts = probs * kept, experts.masked_fill(~kept, -1)
+        if self.training and torch.is_grad_enabled() and self.expert_bias is not None:
+            self.tokens_per_expert += torch.bincount(experts[experts >= 0],
+                                                     minlength=cfg.num_moe_experts)
         return probs, experts
 
     def _sigmoid_topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
