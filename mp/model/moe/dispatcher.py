@@ -41,7 +41,7 @@ from mp.tensor_parallel import all_to_all_by_sizes
 class Routing:
     """What `combine` needs to undo a `dispatch`."""
 
-    order: torch.Tensor  # [<= N k]: the pairs (token x k + choice) kept, sorted by expert
+    order: torch.Tensor  # [N k]: the pairs (token x k + choice) sorted by expert, dropped last
     sent: list[int]  # rows sent to each EP rank
     received: list[int]  # rows received from each EP rank
     gathered: list[int]  # rows received over EP by each TP rank (empty: tokens not split)
@@ -69,8 +69,7 @@ class TokenDispatcher:
         counts = torch.bincount(flat, minlength=self.num_experts + 1)[:self.num_experts]
         if self.ranks == 1 and self.tp == 1:
             per_expert = counts.tolist()
-            order = order[:sum(per_expert)]
-            rows = tokens.index_select(0, order // k)
+            rows = tokens.index_select(0, order[:sum(per_expert)] // k)
             return rows, per_expert, Routing(order, [], [], [], None)
         incoming = counts  # [P x local]: from each EP rank, per local expert
         if self.ranks > 1:
@@ -82,8 +81,7 @@ class TokenDispatcher:
             all_gather_single(blocks, incoming, group=self.tensor_group)
         host = torch.cat((counts, blocks)).cpu()  # the one wait for the device
         sent = host[:self.num_experts].view(self.ranks, self.local).sum(1).tolist()
-        order = order[:sum(sent)]
-        rows = tokens.index_select(0, order // k)
+        rows = tokens.index_select(0, order[:sum(sent)] // k)
         blocks = host[self.num_experts:].view(self.tp, self.ranks, self.local)
         mine = blocks[0 if self.tp == 1 else dist.get_rank(self.tensor_group)]
         received = mine.sum(1).tolist()
@@ -119,8 +117,10 @@ class TokenDispatcher:
         if self.ranks > 1:
             outputs = all_to_all_by_sizes(outputs, routing.sent, routing.received,
                                           group=self.group)
-        pairs = outputs.new_zeros(probs.numel(), outputs.size(-1)).index_copy(
-            0, routing.order, outputs)  # [N k, h]: the dropped copies' zero
+        dropped = probs.numel() - outputs.size(0)
+        if dropped:  # their outputs are zero, in their places at the end of the order
+            outputs = torch.cat((outputs, outputs.new_zeros(dropped, outputs.size(-1))))
+        pairs = outputs.index_select(0, torch.argsort(routing.order))  # [N k, h]
         return _WeightedSum.apply(pairs.view(*probs.shape, -1), probs)
 
 
