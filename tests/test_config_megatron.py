@@ -303,15 +303,19 @@ def test_mixture_of_experts_flags():
             "--moe-aux-loss-coeff", "1e-2", "--moe-grouped-gemm",
             "--moe-token-dispatcher-type", "alltoall", "--expert-model-parallel-size", "4",
             "--moe-ffn-hidden-size", "96", "--moe-layer-freq", "2", "--moe-z-loss-coeff",
-            "1e-3", "--moe-router-pre-softmax", "--expert-tensor-parallel-size", "1"]
+            "1e-3", "--moe-router-pre-softmax", "--expert-tensor-parallel-size", "1",
+            "--moe-expert-capacity-factor", "1.25", "--moe-token-drop-policy", "position",
+            "--moe-pad-expert-input-to-capacity"]
     m = parse_args(argv, world_size=4).model
+    assert (m.moe_expert_capacity_factor, m.moe_token_drop_policy) == (1.25, "position")
     assert (m.num_moe_experts, m.moe_router_topk, m.moe_router_load_balancing_type,
             m.moe_aux_loss_coeff, m.expert_model_parallel_size, m.moe_ffn_hidden_size,
             m.moe_layer_freq, m.moe_z_loss_coeff, m.moe_router_pre_softmax,
             m.expert_tensor_parallel_size, m.moe_grouped_gemm) == (
         8, 2, "aux_loss", 1e-2, 4, 96, 2, 1e-3, True, 1, True)
     assert [line.split(" has no effect")[0] for line in flag_notices(argv)] == [
-        "notice: --moe-token-dispatcher-type alltoall"]
+        "notice: --moe-token-dispatcher-type alltoall",
+        "notice: --moe-pad-expert-input-to-capacity"]
     patterned = parse_args(["--config", TINY, "--num-layers", "4", "--num-experts", "4",
                             "--moe-layer-freq", "([0]*1+[1]*3)"], world_size=4).model
     assert patterned.moe_layer_freq == [0, 1, 1, 1]  # Megatron's expression, read without eval
