@@ -72,6 +72,10 @@ MOE_CASES = {  # name -> config overrides (tp, sequence_parallel and EP are adde
     "fp32_router_fp32_z_loss": dict(precision="fp32", attention_backend="unfused",
                                     moe_router_dtype="fp32", moe_z_loss_coeff=0.01),
     "selective_aux_loss": dict(recompute_granularity="selective", moe_aux_loss_coeff=0.1),
+    # the expert fractions of each of the B sequences
+    "sequence_aux_loss_sigmoid": dict(moe_router_load_balancing_type="seq_aux_loss",
+                                      moe_router_score_function="sigmoid",
+                                      moe_aux_loss_coeff=0.1),
     "rmsnorm_swiglu_rope_gqa_z_loss": dict(normalization="RMSNorm", activation="swiglu",
                                            position_embedding_type="rope",
                                            add_bias_linear=False, num_attention_heads=16,

@@ -51,7 +51,7 @@ def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
     ex, weight = layer.experts, layer.router.weight
     tokens = x.reshape(-1, x.size(-1))
     act = {"gelu": torch.nn.functional.gelu, "squared_relu": lambda v: torch.relu(v) ** 2}
-    outputs, chosen, all_probs, lse, routes = [], [], [], [], []
+    outputs, all_probs, lse, routes = [], [], [], []
     for token in tokens:
         logits = weight @ token
         softmax = torch.exp(logits - logits.max()) / torch.exp(logits - logits.max()).sum()
@@ -71,7 +71,6 @@ def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
             top, experts = torch.topk(logits, cfg.moe_router_topk)
             probs = torch.exp(top) / torch.exp(top).sum()
         routes.append((probs * (cfg.moe_router_topk_scaling_factor or 1.0), experts.tolist()))
-        chosen += experts.tolist()
     kept = _within_capacity(routes, cfg, len(tokens))
     for t, (token, (probs, experts)) in enumerate(zip(tokens, routes)):
         out = torch.zeros_like(token)
@@ -95,13 +94,18 @@ def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
                 hidden = act[cfg.activation](up)
             out = out + shared.linear_fc2.weight @ hidden + _bias(shared.linear_fc2)
         outputs.append(out)
-    n, num = len(tokens), cfg.num_moe_experts
-    balance = sum(chosen.count(e) / (n * cfg.moe_router_topk)
-                  * sum(p[e] for p in all_probs) / n for e in range(num))
+    n, num, k = len(tokens), cfg.num_moe_experts, cfg.moe_router_topk
+    per_sequence = cfg.moe_router_load_balancing_type == "seq_aux_loss"
+    # the batch's tokens, or each sequence's (token t = position x b + sequence)
+    groups = [range(j, n, x.size(1)) for j in range(x.size(1))] if per_sequence else [range(n)]
+    balance = sum(sum(sum(routes[t][1].count(e) for t in group) / (len(group) * k)
+                      * sum(all_probs[t][e] for t in group) / len(group) for e in range(num))
+                  for group in groups) / len(groups)
     aux = cfg.moe_aux_loss_coeff * num * balance \
-        if cfg.moe_router_load_balancing_type == "aux_loss" else 0.0
+        if cfg.moe_router_load_balancing_type != "none" else 0.0
     z = (cfg.moe_z_loss_coeff or 0.0) * sum(v ** 2 for v in lse) / n
-    logged = {"load_balancing_loss": num * balance, "z_loss": sum(v ** 2 for v in lse) / n}
+    name = "seq_load_balancing_loss" if per_sequence else "load_balancing_loss"
+    logged = {name: num * balance, "z_loss": sum(v ** 2 for v in lse) / n}
     return torch.stack(outputs).view_as(x), aux + z, logged
 
 
@@ -178,11 +182,15 @@ def _layer_vs_reference(overrides: dict) -> None:
     {"moe_expert_capacity_factor": 0.7, "moe_token_drop_policy": "position",
      "moe_shared_expert_intermediate_size": 20},
     {"moe_expert_capacity_factor": 0.6, "moe_router_score_function": "sigmoid",
-     "moe_router_enable_expert_bias": True, "moe_router_topk": 3}],
+     "moe_router_enable_expert_bias": True, "moe_router_topk": 3},
+    {"moe_router_load_balancing_type": "seq_aux_loss"},
+    {"moe_router_load_balancing_type": "seq_aux_loss", "moe_router_score_function": "sigmoid",
+     "moe_expert_capacity_factor": 0.5}],
     ids=["gelu-top2", "swiglu-top3", "pre-softmax", "no-bias-top1", "no-aux-loss",
          "shared-expert", "swiglu-shared-expert-no-bias", "sigmoid-expert-bias-scaled-top3",
          "sigmoid-top1", "capacity-probs", "capacity-position-shared-expert",
-         "capacity-sigmoid-expert-bias-top3"])
+         "capacity-sigmoid-expert-bias-top3", "sequence-aux-loss",
+         "sequence-aux-loss-sigmoid-capacity"])
 def test_layer_matches_a_token_by_token_reference(overrides):
     run_distributed(1, _layer_vs_reference, overrides)
 
@@ -289,22 +297,28 @@ def serial_run():
     (4, 2, 1, 2, False, {"sequence_parallel": True, "moe_grouped_gemm": True}),
     (4, 1, 1, 2, False, {"moe_expert_capacity_factor": 0.5}),
     (4, 1, 2, 2, True, {"moe_expert_capacity_factor": 0.7, "moe_token_drop_policy": "position"}),
+    (4, 2, 1, 2, False, {"sequence_parallel": True,
+                         "moe_router_load_balancing_type": "seq_aux_loss"}),
+    (2, 1, 1, 2, False, {"cp": 2, "moe_router_load_balancing_type": "seq_aux_loss"}),
 ], ids=["EP2", "TP2-SPxEP2", "TP2xEP2-distributed-optimizer", "PP2xEP2", "DP4xEP2",
         "DP4xEP2-distributed-optimizer", "EP4-swiglu", "TP2-SPxEP2-shared-expert",
         "PP2xEP2-sigmoid-expert-bias", "CP2xEP2",
         "TP2-SPxEP2-full-recompute",
         "CP2xDP2xEP4-distopt", "TP2-SP", "TP2-SPxEP2-sigmoid-expert-bias",
         "TP2-SPxCP2xEP2", "TP2-SPxEP2-grouped-gemm", "DP4xEP2-capacity",
-        "PP2xEP2-capacity-position-distopt"])
+        "PP2xEP2-capacity-position-distopt", "TP2-SPxEP2-sequence-aux-loss",
+        "CP2xEP2-sequence-aux-loss"])
 def test_training_follows_one_process(serial_run, world, tp, pp, ep, distributed_optimizer,
                                       overrides):
     whole, serial = serial_run
     if set(overrides) & {"activation", "moe_shared_expert_intermediate_size",
-                         "moe_router_score_function", "moe_expert_capacity_factor"}:
+                         "moe_router_score_function", "moe_expert_capacity_factor",
+                         "moe_router_load_balancing_type"}:
         # another model (dropping copies: the same model only where every rank routes
         # what one process routes in a micro-batch, as at these layouts)
-        whole = assemble(run_distributed(1, _initial_weights, **overrides))
-        serial = run_distributed(1, _train, 1, 1, 1, whole, **overrides)[0]
+        model = {key: value for key, value in overrides.items() if key != "cp"}
+        whole = assemble(run_distributed(1, _initial_weights, **model))
+        serial = run_distributed(1, _train, 1, 1, 1, whole, **model)[0]
     runs = run_distributed(world, _train, tp, pp, ep, whole, distributed_optimizer,
                            **overrides)
     assert max(serial["norms"]) > 0.5, "clipping never acted"

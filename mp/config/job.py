@@ -23,6 +23,7 @@ from mp.config.coerce import ConfigError, build_dataclass, field_annotations, un
 from mp.config.sections import DataConfig, LoggingConfig
 from mp.config.training_section import TrainingConfig
 from mp.model.config import TransformerConfig
+from mp.model.moe.aux_loss import tracked_names
 
 
 @dataclass
@@ -132,9 +133,7 @@ class JobConfig:
             raise ConfigError(f"model.expert_model_parallel_size={ep} does not divide "
                               f"data_parallel_size={dp} (world_size={world_size}): the experts "
                               "are split over data-parallel ranks")
-        aux = (m.moe_router_load_balancing_type == "aux_loss" and m.moe_aux_loss_coeff > 0) \
-            or bool(m.moe_z_loss_coeff)
-        if aux and self.training.calculate_per_token_loss:
+        if tracked_names(m) and self.training.calculate_per_token_loss:
             raise ConfigError("training.calculate_per_token_loss=true is not supported with "
                               "the routers' auxiliary losses (model.moe_aux_loss_coeff, "
                               "model.moe_z_loss_coeff): set them to 0, or drop the per-token "

@@ -187,7 +187,8 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
     "--fp8": "mp has no FP8 training (Transformer Engine); use --bf16",
     "--moe-": ("mp's mixture of experts has no such option: it has --num-experts, "
                "--moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
-               "--moe-router-pre-softmax, --moe-router-load-balancing-type aux_loss|none, "
+               "--moe-router-pre-softmax, "
+               "--moe-router-load-balancing-type aux_loss|seq_aux_loss|none, "
                "--moe-aux-loss-coeff, --moe-z-loss-coeff, "
                "--moe-shared-expert-intermediate-size, --moe-router-dtype, "
                "--moe-router-score-function softmax|sigmoid, --moe-router-topk-scaling-factor, "

@@ -233,14 +233,15 @@ def _context_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
     return out
 
 
-def _router_statistics_bytes(cfg) -> int:
+def _router_statistics_bytes(cfg, micro_batch: int) -> int:
     """What a router sums over the ranks holding the rest of its sequences in a forward: for
-    the load-balancing loss each expert's token count (int64) and probability sum, for the
-    z-loss one sum, in the logits' dtype."""
+    the load-balancing loss each expert's token count (int64) and probability sum (of each
+    sequence, for the sequence-level loss), for the z-loss one sum, in the logits' dtype."""
     logits = FP64 if cfg.moe_router_dtype == "fp64" else FP32
     names = tracked_names(cfg)
-    return (("load_balancing_loss" in names) * (INT64 + logits) * cfg.num_moe_experts
-            + ("z_loss" in names) * logits)
+    balancing = {"load_balancing_loss": 1, "seq_load_balancing_loss": micro_batch}
+    per_expert = sum(balancing.get(name, 0) for name in names)
+    return per_expert * (INT64 + logits) * cfg.num_moe_experts + ("z_loss" in names) * logits
 
 
 def _experts(setup: Setup, pp_rank: int) -> list[Collective]:
@@ -275,7 +276,7 @@ def _experts(setup: Setup, pp_rank: int) -> list[Collective]:
                            m * (forwards + layers) * 2 * rows)]
     if tracked_names(cfg):  # over the ranks holding the rest of the sequences
         out += [Collective("router statistics", "all_reduce", group,
-                           m * layers * _router_statistics_bytes(cfg))
+                           m * layers * _router_statistics_bytes(cfg, setup.micro_batch_size))
                 for group, size in (("tp", setup.tp if split else 1), ("cp", setup.cp))
                 if size > 1]
     if cfg.moe_router_enable_expert_bias:  # over every rank that routes other tokens

@@ -116,13 +116,15 @@ def moe_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
     elif not (sigmoid or pre_softmax) and cfg.moe_router_topk_scaling_factor is not None:
         terms[f"router top-k softmax before scaling ({fp})"] = r * n * k
     terms[f"router probabilities ({fp})"] = r * n * k
-    if cfg.moe_router_load_balancing_type == "aux_loss" and cfg.moe_aux_loss_coeff > 0:
+    balancing = cfg.moe_router_load_balancing_type
+    if balancing != "none" and cfg.moe_aux_loss_coeff > 0:
         if sigmoid:  # computed again, and normalized over the experts
             terms[f"aux loss: sigmoids ({fp})"] = r * n * experts
             terms[f"aux loss: normalizing sums ({fp})"] = r * n
         elif not pre_softmax:
             terms[f"aux loss: softmax over all experts ({fp})"] = r * n * experts
-        terms[f"aux loss: expert fractions ({fp})"] = r * experts
+        per_sequence = micro_batch if balancing == "seq_aux_loss" else 1
+        terms[f"aux loss: expert fractions ({fp})"] = r * experts * per_sequence
     if cfg.moe_z_loss_coeff:
         terms[f"z-loss: router logits ({fp})"] = r * n * experts
         terms[f"z-loss: logsumexp ({fp})"] = r * n

@@ -104,7 +104,8 @@ class TransformerConfig:
     moe_grouped_gemm: bool = False  # experts as torch grouped GEMMs where they run; else a loop
     moe_router_pre_softmax: bool = False  # softmax over all experts, then top k (the k
     # probabilities sum to less than 1); default top k of the logits, then softmax over those
-    moe_router_load_balancing_type: str = "aux_loss"  # aux_loss (Switch's) | none
+    moe_router_load_balancing_type: str = "aux_loss"  # aux_loss (Switch's) | seq_aux_loss
+    # (the same per sequence, averaged: DeepSeek-V2's) | none
     moe_aux_loss_coeff: float = 0.0  # weight of the load-balancing loss
     moe_z_loss_coeff: float | None = None  # weight of the router z-loss (ST-MoE); None: none
     moe_expert_capacity_factor: float | None = None  # an expert takes at most this x its share
@@ -253,7 +254,7 @@ class TransformerConfig:
             _divisible("moe_shared_expert_intermediate_size", shared,
                        "tensor_model_parallel_size", tp)
         _one_of("moe_router_load_balancing_type", self.moe_router_load_balancing_type,
-                ("aux_loss", "none"))
+                ("aux_loss", "seq_aux_loss", "none"))
         _one_of("moe_router_dtype", self.moe_router_dtype, (None, "fp32", "fp64"))
         _one_of("moe_token_drop_policy", self.moe_token_drop_policy, ("probs", "position"))
         capacity = self.moe_expert_capacity_factor

@@ -7,7 +7,10 @@ Both are added to a layer's gradients, not to the reported loss, as in Megatron:
   data-parallel rank (its whole sequences: the router sums its statistics over context
   parallelism), where ``f_e`` is the fraction of the ``N k`` routed slots that went to expert
   ``e`` and ``P_e`` the mean over tokens of the softmax probability of ``e``; it is ``coeff``
-  when routing is uniform and grows as it concentrates;
+  when routing is uniform and grows as it concentrates. The sequence-level form
+  (``moe_router_load_balancing_type="seq_aux_loss"``, DeepSeek-V2's, logged as
+  ``seq_load_balancing_loss``) is the mean over the micro-batch's sequences of each
+  sequence's own loss, which balances every sequence rather than the batch;
 - z-loss (ST-MoE, Zoph et al. 2022): ``coeff x mean over tokens of logsumexp(logits)^2``,
   which keeps the router logits small.
 
@@ -68,8 +71,9 @@ def tracked_names(config) -> list[str]:
     trains."""
     if config.num_moe_experts is None:
         return []
-    names = ["load_balancing_loss"] if config.moe_router_load_balancing_type == "aux_loss" \
-        and config.moe_aux_loss_coeff > 0 else []
+    balancing = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss"}
+    name = balancing.get(config.moe_router_load_balancing_type)
+    names = [name] if name and config.moe_aux_loss_coeff > 0 else []
     return names + (["z_loss"] if config.moe_z_loss_coeff else [])
 
 
@@ -77,9 +81,11 @@ def load_balancing_loss(prob_sums: torch.Tensor, tokens_per_expert: torch.Tensor
                         num_tokens: int, topk: int, coeff: float) -> torch.Tensor:
     """Switch's loss from ``prob_sums [E]`` (each expert's softmax probability summed over
     the ``num_tokens`` tokens, fp32) and ``tokens_per_expert [E]`` (routed slots, ``N k`` in
-    all)."""
+    all); ``[B, E]`` for ``B`` sequences of ``num_tokens`` tokens each: the mean of their
+    losses."""
     fraction = tokens_per_expert.to(prob_sums.dtype) / (num_tokens * topk)
-    return coeff * prob_sums.numel() * torch.sum(fraction * prob_sums / num_tokens)
+    return coeff * prob_sums.size(-1) * torch.sum(fraction * prob_sums / num_tokens,
+                                                  dim=-1).mean()
 
 
 def z_loss(lse_square_sum: torch.Tensor, num_tokens: int, coeff: float) -> torch.Tensor:

@@ -74,7 +74,7 @@ class MoELayer(nn.Module):
         if replicated:
             hidden = copy_to_tensor_model_parallel_region(hidden, group=self.group)
         tokens = hidden.reshape(-1, hidden.size(-1))
-        probs, chosen = self.router(tokens)
+        probs, chosen = self.router(tokens, hidden.size(1))
         rows, counts, routing = self.dispatcher.dispatch(tokens, chosen)
         output = self.dispatcher.combine(self.experts(rows, counts), probs, routing)
         output = output.view_as(hidden)

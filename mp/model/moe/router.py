@@ -15,6 +15,7 @@ from mp.model.moe.aux_loss import (
     attach_aux_loss,
     load_balancing_loss,
     track,
+    tracked_names,
     z_loss,
 )
 from mp.model.moe.capacity import expert_capacity, within_capacity
@@ -74,7 +75,10 @@ class TopKRouter(nn.Module):
             self.expert_bias = nn.Parameter(zeros, requires_grad=False)  # checkpointed
             self.tokens_per_expert = torch.zeros_like(zeros)  # routed this iteration
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, sequences: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tokens [N, h]``, position-major over ``sequences`` sequences (``[s, b, h]``
+        flattened; the sequence-level load-balancing loss needs ``b``)."""
         cfg = self.config
         dtype = _ROUTER_DTYPES.get(cfg.moe_router_dtype)
         if dtype is None:
@@ -92,7 +96,7 @@ class TopKRouter(nn.Module):
         if cfg.moe_router_topk_scaling_factor is not None:
             probs = probs * cfg.moe_router_topk_scaling_factor
         if self.training and torch.is_grad_enabled():  # the losses see every choice
-            probs = self._attach_losses(probs, logits, scores, experts)
+            probs = self._attach_losses(probs, logits, scores, experts, sequences)
         if cfg.moe_expert_capacity_factor is not None:
             capacity = expert_capacity(logits.size(0), self.topk, cfg.num_moe_experts,
                                        cfg.moe_expert_capacity_factor)
@@ -130,20 +134,30 @@ class TopKRouter(nn.Module):
             * self.config.moe_router_bias_update_rate
         counts.zero_()
 
-    def _attach_losses(self, probs, logits, scores, experts):
+    def _attach_losses(self, probs, logits, scores, experts, sequences):
         cfg = self.config
         num_tokens = logits.size(0) * self.token_shares  # the whole sequences'
-        if cfg.moe_router_load_balancing_type == "aux_loss" and cfg.moe_aux_loss_coeff > 0:
+        names = tracked_names(cfg)
+        if names and names[0] != "z_loss":  # a load-balancing loss
             if cfg.moe_router_score_function == "sigmoid":  # normalized over the experts
                 scores = torch.sigmoid(logits)
                 scores = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
             elif scores is None:
                 scores = torch.softmax(logits, dim=-1)
-            counts = torch.bincount(experts.flatten(), minlength=cfg.num_moe_experts)
-            sums = self._over_sequences(scores.sum(0), counts)
-            loss = load_balancing_loss(sums, counts, num_tokens, self.topk,
-                                       cfg.moe_aux_loss_coeff)
-            track("load_balancing_loss", loss / cfg.moe_aux_loss_coeff)
+            experts_count = cfg.num_moe_experts
+            if cfg.moe_router_load_balancing_type == "seq_aux_loss":  # [b, E] per sequence
+                sequence = torch.arange(logits.size(0), device=logits.device) % sequences
+                pair = sequence.repeat_interleave(self.topk) * experts_count + experts.flatten()
+                counts = torch.bincount(pair, minlength=sequences * experts_count)
+                counts = counts.view(sequences, experts_count)
+                sums = scores.view(-1, sequences, experts_count).sum(0)
+                length = num_tokens // sequences
+            else:
+                counts = torch.bincount(experts.flatten(), minlength=experts_count)
+                sums, length = scores.sum(0), num_tokens
+            sums = self._over_sequences(sums, counts)
+            loss = load_balancing_loss(sums, counts, length, self.topk, cfg.moe_aux_loss_coeff)
+            track(names[0], loss / cfg.moe_aux_loss_coeff)
             probs = attach_aux_loss(probs, loss, self.aux_loss_weight)
         if cfg.moe_z_loss_coeff:
             square_sum = torch.logsumexp(logits, dim=-1).square().sum()
