@@ -199,7 +199,8 @@ def _routed(overrides: dict) -> tuple:
     ps.initialize_model_parallel(1)
     torch.manual_seed(3)
     layer = MoELayer(_layer_config(**overrides)).double()
-    layer.router.expert_bias is None or layer.router.expert_bias.data.normal_(std=0.3)
+    if layer.router.expert_bias is not None:
+        layer.router.expert_bias.data.normal_(std=0.3)
     tokens = torch.randn(40, 8, dtype=torch.float64)
     probs, experts = layer.router(tokens)
     return probs.detach(), experts, layer.router.tokens_per_expert if \
