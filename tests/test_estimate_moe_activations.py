@@ -72,6 +72,11 @@ MOE_CASES = {  # name -> config overrides (tp, sequence_parallel and EP are adde
     "fp32_router_fp32_z_loss": dict(precision="fp32", attention_backend="unfused",
                                     moe_router_dtype="fp32", moe_z_loss_coeff=0.01),
     "selective_aux_loss": dict(recompute_granularity="selective", moe_aux_loss_coeff=0.1),
+    # group-limited routing keeps the allowed experts' mask (not for the sigmoid's choice)
+    "groups_pre_softmax": dict(moe_router_num_groups=2, moe_router_group_topk=1,
+                               moe_router_pre_softmax=True),
+    "groups_sigmoid": dict(moe_router_num_groups=2, moe_router_group_topk=1,
+                           moe_router_score_function="sigmoid"),
     # the expert fractions of each of the B sequences
     "sequence_aux_loss_sigmoid": dict(moe_router_load_balancing_type="seq_aux_loss",
                                       moe_router_score_function="sigmoid",

@@ -60,15 +60,15 @@ def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
             sigmoid = 1 / (1 + torch.exp(-logits))
             all_probs.append(sigmoid / sigmoid.sum())
             bias = layer.router.expert_bias
-            _, experts = torch.topk(sigmoid + (0 if bias is None else bias), cfg.moe_router_topk)
+            _, experts = _limited_topk(sigmoid + (0 if bias is None else bias), cfg)
             probs = sigmoid[experts]
             probs = probs / probs.sum() if cfg.moe_router_topk > 1 else probs
         elif cfg.moe_router_pre_softmax:
             all_probs.append(softmax)
-            probs, experts = torch.topk(softmax, cfg.moe_router_topk)
+            probs, experts = _limited_topk(softmax, cfg)
         else:
             all_probs.append(softmax)
-            top, experts = torch.topk(logits, cfg.moe_router_topk)
+            top, experts = _limited_topk(logits, cfg)
             probs = torch.exp(top) / torch.exp(top).sum()
         routes.append((probs * (cfg.moe_router_topk_scaling_factor or 1.0), experts.tolist()))
     kept = _within_capacity(routes, cfg, len(tokens))
@@ -107,6 +107,21 @@ def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
     name = "seq_load_balancing_loss" if per_sequence else "load_balancing_loss"
     logged = {name: num * balance, "z_loss": sum(v ** 2 for v in lse) / n}
     return torch.stack(outputs).view_as(x), aux + z, logged
+
+
+def _limited_topk(scores: torch.Tensor, cfg: TransformerConfig):
+    """The top k of one token's ``scores``; with groups, among the experts of the
+    ``moe_router_group_topk`` groups whose best ``k / group_topk`` scores sum highest."""
+    k, groups = cfg.moe_router_topk, cfg.moe_router_num_groups
+    if groups is None:
+        return torch.topk(scores, k)
+    size, chosen = cfg.num_moe_experts // groups, cfg.moe_router_group_topk
+    group_score = [sum(sorted(scores[g * size:(g + 1) * size].tolist(), reverse=True)
+                       [:k // chosen]) for g in range(groups)]
+    best = sorted(range(groups), key=lambda g: -group_score[g])[:chosen]
+    allowed = torch.tensor([e for g in sorted(best) for e in range(g * size, (g + 1) * size)])
+    values, picked = torch.topk(scores[allowed], k)
+    return values, allowed[picked]
 
 
 def _within_capacity(routes: list, cfg: TransformerConfig, n: int) -> set[tuple[int, int]]:
@@ -185,12 +200,19 @@ def _layer_vs_reference(overrides: dict) -> None:
      "moe_router_enable_expert_bias": True, "moe_router_topk": 3},
     {"moe_router_load_balancing_type": "seq_aux_loss"},
     {"moe_router_load_balancing_type": "seq_aux_loss", "moe_router_score_function": "sigmoid",
-     "moe_expert_capacity_factor": 0.5}],
+     "moe_expert_capacity_factor": 0.5},
+    {"num_moe_experts": 6, "moe_router_num_groups": 3, "moe_router_group_topk": 2,
+     "moe_router_topk": 3},
+    {"num_moe_experts": 8, "moe_router_num_groups": 4, "moe_router_group_topk": 2,
+     "moe_router_topk": 4, "moe_router_pre_softmax": True},
+    {"num_moe_experts": 6, "moe_router_num_groups": 3, "moe_router_group_topk": 1,
+     "moe_router_score_function": "sigmoid"}],
     ids=["gelu-top2", "swiglu-top3", "pre-softmax", "no-bias-top1", "no-aux-loss",
          "shared-expert", "swiglu-shared-expert-no-bias", "sigmoid-expert-bias-scaled-top3",
          "sigmoid-top1", "capacity-probs", "capacity-position-shared-expert",
          "capacity-sigmoid-expert-bias-top3", "sequence-aux-loss",
-         "sequence-aux-loss-sigmoid-capacity"])
+         "sequence-aux-loss-sigmoid-capacity", "groups-3-pick-2-top3", "groups-4-pick-2-top4",
+         "groups-sigmoid-pick-1"])
 def test_layer_matches_a_token_by_token_reference(overrides):
     run_distributed(1, _layer_vs_reference, overrides)
 
@@ -405,6 +427,13 @@ def test_expert_groups_follow_megatrons_layout():
      "moe_expert_capacity_factor=0.0 must be > 0"),
     ({"num_moe_experts": 4, "moe_token_drop_policy": "random"},
      "moe_token_drop_policy='random' must be one of"),
+    ({"num_moe_experts": 4, "moe_router_num_groups": 2},
+     "moe_router_num_groups=2 and moe_router_group_topk=None: set both or neither"),
+    ({"num_moe_experts": 6, "moe_router_num_groups": 4, "moe_router_group_topk": 1},
+     "num_moe_experts=6 is not divisible by moe_router_num_groups=4"),
+    ({"num_moe_experts": 8, "moe_router_num_groups": 4, "moe_router_group_topk": 1,
+      "moe_router_topk": 4}, "moe_router_group_topk=1 must be at most moe_router_num_groups=4 "
+     "and moe_router_topk=4, its groups of 2 experts must hold 4"),
 ])
 def test_config_rules(overrides, message):
     with pytest.raises(ValueError, match=message):

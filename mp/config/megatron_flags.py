@@ -33,7 +33,8 @@ _MEGATRON_NAMES = {
         "expert_model_parallel_size", "expert_tensor_parallel_size",
         "moe_shared_expert_intermediate_size", "moe_router_dtype", "moe_router_score_function",
         "moe_router_topk_scaling_factor", "moe_router_bias_update_rate",
-        "moe_expert_capacity_factor", "moe_token_drop_policy",
+        "moe_expert_capacity_factor", "moe_token_drop_policy", "moe_router_num_groups",
+        "moe_router_group_topk",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
@@ -194,6 +195,7 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
                "--moe-router-score-function softmax|sigmoid, --moe-router-topk-scaling-factor, "
                "--moe-router-enable-expert-bias, --moe-router-bias-update-rate, "
                "--moe-expert-capacity-factor, --moe-token-drop-policy probs|position, "
+               "--moe-router-num-groups, --moe-router-group-topk, "
                "--moe-grouped-gemm, --expert-model-parallel-size (top-k routing, "
                "docs/training.md)"),
 }

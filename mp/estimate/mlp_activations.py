@@ -13,7 +13,8 @@ take ``P N k`` rows together). With ``r`` the router's bytes (fp32, or fp64 with
 - the MLP input ``e n' h`` where the router or a shared expert reads it as it is; with a
   ``moe_router_dtype`` wider than the activations, ``r``-byte copies of the router's input
   and weight (``r n' h + r E h``);
-- the router: top-k indices (int64, ``n' k``) and the probabilities (``r n' k``); with
+- the router: top-k indices (int64, ``n' k``) and the probabilities (``r n' k``) (with
+  ``moe_router_num_groups``, a bool mask of the allowed experts, ``n' E``, unless sigmoid); with
   ``moe_router_pre_softmax`` the softmax over all experts (``r n' E``); with the sigmoid
   score function the sigmoids (``r n' E``) and for ``k > 1`` the top ``k`` before
   renormalizing and their sums (``r n' (k + 1)``); the top-k softmax before a
@@ -115,6 +116,8 @@ def moe_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
         terms[f"router renormalizing sums ({fp})"] = r * n
     elif not (sigmoid or pre_softmax) and cfg.moe_router_topk_scaling_factor is not None:
         terms[f"router top-k softmax before scaling ({fp})"] = r * n * k
+    if cfg.moe_router_num_groups is not None and not sigmoid:  # the chosen groups' experts
+        terms["router group mask (bool)"] = n * experts
     terms[f"router probabilities ({fp})"] = r * n * k
     balancing = cfg.moe_router_load_balancing_type
     if balancing != "none" and cfg.moe_aux_loss_coeff > 0:

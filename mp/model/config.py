@@ -101,6 +101,8 @@ class TransformerConfig:
     # that follows the load instead of by an auxiliary loss (DeepSeek-V3's aux-loss-free
     # balancing; the bias is not a weight: it moves by the rate below each iteration)
     moe_router_bias_update_rate: float = 1e-3
+    moe_router_num_groups: int | None = None  # the experts in this many groups, a token's top
+    moe_router_group_topk: int | None = None  # k taken from this many of them (DeepSeek's)
     moe_grouped_gemm: bool = False  # experts as torch grouped GEMMs where they run; else a loop
     moe_router_pre_softmax: bool = False  # softmax over all experts, then top k (the k
     # probabilities sum to less than 1); default top k of the logits, then softmax over those
@@ -257,6 +259,7 @@ class TransformerConfig:
                 ("aux_loss", "seq_aux_loss", "none"))
         _one_of("moe_router_dtype", self.moe_router_dtype, (None, "fp32", "fp64"))
         _one_of("moe_token_drop_policy", self.moe_token_drop_policy, ("probs", "position"))
+        self._check_router_groups()
         capacity = self.moe_expert_capacity_factor
         if capacity is not None and not capacity > 0:
             raise ValueError(f"moe_expert_capacity_factor={capacity!r} must be > 0")
@@ -283,6 +286,24 @@ class TransformerConfig:
             raise ValueError(f"expert_tensor_parallel_size={self.expert_tensor_parallel_size} "
                              f"must equal tensor_model_parallel_size={tp}: mp splits each "
                              "expert over the layer's TP ranks")
+
+    def _check_router_groups(self) -> None:
+        groups, chosen = self.moe_router_num_groups, self.moe_router_group_topk
+        if (groups is None) != (chosen is None):
+            raise ValueError(f"moe_router_num_groups={groups} and moe_router_group_topk="
+                             f"{chosen}: set both or neither")
+        if groups is None:
+            return
+        _positive_int("moe_router_num_groups", groups)
+        _positive_int("moe_router_group_topk", chosen)
+        _divisible("num_moe_experts", self.num_moe_experts, "moe_router_num_groups", groups)
+        k, per_group = self.moe_router_topk, self.num_moe_experts // groups
+        if not chosen <= min(groups, k) or k // chosen > per_group or chosen * per_group < k:
+            raise ValueError(f"moe_router_group_topk={chosen} must be at most "
+                             f"moe_router_num_groups={groups} and moe_router_topk={k}, its "
+                             f"groups of {per_group} experts must hold {k}, and "
+                             f"moe_router_topk / moe_router_group_topk = {k // chosen} at most "
+                             f"{per_group}")
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether layer ``index`` (0-based over the model) has experts instead of an MLP."""

@@ -34,7 +34,8 @@ class TopKRouter(nn.Module):
     either the top ``k`` logits and a softmax over them (the default: each token's ``k``
     weights sum to 1, as Mixtral's) or, with
     ``moe_router_pre_softmax``, a softmax over every expert and its top ``k``; the weights times
-    ``moe_router_topk_scaling_factor`` when set. While training, the load-balancing and z
+    ``moe_router_topk_scaling_factor`` when set; the top ``k`` within the best groups of
+    experts with ``moe_router_num_groups`` (`_topk`). While training, the load-balancing and z
     losses (`mp.model.moe.aux_loss`) are attached to ``probs`` (the load balancing over the
     sigmoids normalized over the experts, for a sigmoid router). With
     ``moe_expert_capacity_factor`` the copies over an expert's capacity are dropped after
@@ -89,9 +90,9 @@ class TopKRouter(nn.Module):
         if cfg.moe_router_score_function == "sigmoid":
             probs, experts = self._sigmoid_topk(logits)
         elif scores is not None:
-            probs, experts = torch.topk(scores, self.topk, dim=-1)
+            probs, experts = self._topk(scores)
         else:
-            top, experts = torch.topk(logits, self.topk, dim=-1)
+            top, experts = self._topk(logits)
             probs = torch.softmax(top, dim=-1)
         if cfg.moe_router_topk_scaling_factor is not None:
             probs = probs * cfg.moe_router_topk_scaling_factor
@@ -112,12 +113,29 @@ class TopKRouter(nn.Module):
         """The top ``k`` of ``sigmoid(logits)`` (plus the expert bias, for the choice only),
         their scores renormalized to sum to 1 when ``k > 1``."""
         scores = torch.sigmoid(logits)
-        choice = scores if self.expert_bias is None else scores + self.expert_bias
-        experts = torch.topk(choice, self.topk, dim=-1).indices
+        with torch.no_grad():  # the choice only
+            choice = scores if self.expert_bias is None else scores + self.expert_bias
+            experts = self._topk(choice).indices
         probs = scores.gather(1, experts)
         if self.topk > 1:
             probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
         return probs, experts
+
+    def _topk(self, scores: torch.Tensor):
+        """``torch.topk`` of ``scores [N, E]`` over the experts; with ``moe_router_num_groups``
+        ``G``, over the experts of the ``moe_router_group_topk`` groups (of ``E / G``
+        consecutive experts) whose top ``k / group_topk`` scores sum highest (DeepSeek's
+        device- and node-limited routing, Megatron's ``group_limited_topk``)."""
+        groups, chosen = self.config.moe_router_num_groups, self.config.moe_router_group_topk
+        if groups is None:
+            return torch.topk(scores, self.topk, dim=-1)
+        with torch.no_grad():
+            grouped = scores.view(scores.size(0), groups, -1)
+            group_scores = grouped.topk(self.topk // chosen, dim=-1).values.sum(-1)
+            best = group_scores.topk(chosen, dim=-1).indices
+            allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+            allowed = allowed.repeat_interleave(grouped.size(-1), dim=1)  # [N, E]
+        return torch.topk(scores.masked_fill(~allowed, float("-inf")), self.topk, dim=-1)
 
     @torch.no_grad()
     def update_expert_bias(self, group=None) -> None:
