@@ -156,7 +156,8 @@ def test_flags_without_effect_say_why():
      "--moe-router-dtype, --moe-router-score-function softmax|sigmoid, "
      "--moe-router-topk-scaling-factor, --moe-router-enable-expert-bias, "
      "--moe-router-bias-update-rate, --moe-expert-capacity-factor, "
-     "--moe-token-drop-policy probs|position, --moe-grouped-gemm, "
+     "--moe-token-drop-policy probs|position, --moe-router-num-groups, "
+     "--moe-router-group-topk, --moe-grouped-gemm, "
      "--expert-model-parallel-size (top-k routing, docs/training.md)"),
     (["--use-torch-fsdp2"], ("--use-torch-fsdp2: mp has no FSDP; --use-distributed-optimizer "
                              "shards the optimizer state over data parallel")),
