@@ -306,9 +306,11 @@ def test_mixture_of_experts_flags():
             "--moe-ffn-hidden-size", "96", "--moe-layer-freq", "2", "--moe-z-loss-coeff",
             "1e-3", "--moe-router-pre-softmax", "--expert-tensor-parallel-size", "1",
             "--moe-expert-capacity-factor", "1.25", "--moe-token-drop-policy", "position",
-            "--moe-pad-expert-input-to-capacity"]
+            "--moe-pad-expert-input-to-capacity", "--moe-router-num-groups", "2",
+            "--moe-router-group-topk", "1"]
     m = parse_args(argv, world_size=4).model
     assert (m.moe_expert_capacity_factor, m.moe_token_drop_policy) == (1.25, "position")
+    assert (m.moe_router_num_groups, m.moe_router_group_topk) == (2, 1)
     assert (m.num_moe_experts, m.moe_router_topk, m.moe_router_load_balancing_type,
             m.moe_aux_loss_coeff, m.expert_model_parallel_size, m.moe_ffn_hidden_size,
             m.moe_layer_freq, m.moe_z_loss_coeff, m.moe_router_pre_softmax,
