@@ -64,7 +64,8 @@ class TokenDispatcher:
         """``tokens [N, h]``, ``experts [N, k]`` (-1: a dropped copy) -> (rows ``[M, h]``
         grouped by this rank's experts, the rows of each local expert, the `Routing`)."""
         k = experts.size(1)
-        flat = experts.flatten().masked_fill(experts.flatten() < 0, self.num_experts)
+        flat = experts.flatten()
+        flat = flat.masked_fill(flat < 0, self.num_experts)
         order = torch.argsort(flat, stable=True)  # the dropped last
         counts = torch.bincount(flat, minlength=self.num_experts + 1)[:self.num_experts]
         if self.ranks == 1 and self.tp == 1:
