@@ -56,14 +56,20 @@ class GroupedRows:
         starts = torch.cumsum(padded, 0) - padded  # each group's first padded row
         first = torch.cumsum(sizes, 0) - sizes  # each group's first row
         group = torch.repeat_interleave(torch.arange(len(counts)), sizes)
-        # row i of group l goes to starts[l] + (i - first[l])
-        self.positions = (torch.arange(int(sizes.sum())) - first[group] + starts[group]).to(device)
-        self.rows = int(padded.sum())
+        # row i of group l goes to starts[l] + (i - first[l]); a padding row reads row M, a
+        # zero row appended to the rows (index_select keeps only its index for backward,
+        # where index_copy would keep the rows too)
+        rows = int(sizes.sum())
+        positions = torch.arange(rows) - first[group] + starts[group]
+        source = torch.full((int(padded.sum()),), rows, dtype=torch.int64)
+        source[positions] = torch.arange(rows)
+        self.positions, self.source = positions.to(device), source.to(device)
         self.offs = torch.cumsum(padded, 0).to(device=device, dtype=torch.int32)
         self.group = torch.repeat_interleave(torch.arange(len(counts)), padded).to(device)
 
     def pad(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.new_zeros((self.rows, *rows.shape[1:])).index_copy(0, self.positions, rows)
+        zero = rows.new_zeros((1, *rows.shape[1:]))
+        return torch.cat((rows, zero)).index_select(0, self.source)
 
     def unpad(self, rows: torch.Tensor) -> torch.Tensor:
         return rows.index_select(0, self.positions)
