@@ -9,6 +9,7 @@ naming of their own (not `mp.checkpointing`'s), so that tests check that code in
 import re
 
 import torch
+from checks import assert_rel_close
 
 from mp import parallel_state as ps
 from mp.distributed import DistributedDataParallel
@@ -179,3 +180,19 @@ def assemble(per_rank: list[dict]) -> dict[str, torch.Tensor]:
         assert not whole.isnan().any(), f"{name} was not covered"
         out[name] = whole
     return out
+
+
+def assert_same_training(runs: list[dict], serial: dict) -> dict[str, torch.Tensor]:
+    """Each rank's ``{"losses", "norms", "weights"}`` (``weights``: its `pieces`) against one
+    process's: the losses and gradient norms of every step and every weight after them, to
+    1e-5 relative (clipping must have acted: a norm above 0.5). Returns the serial weights."""
+    assert max(serial["norms"]) > 0.5, "clipping never acted"
+    assert_rel_close(torch.tensor(runs[0]["losses"]), torch.tensor(serial["losses"]),
+                     rtol=1e-5, what="losses")
+    assert_rel_close(torch.tensor(runs[0]["norms"]), torch.tensor(serial["norms"]),
+                     rtol=1e-5, what="gradient norms")
+    got, want = assemble([r["weights"] for r in runs]), assemble([serial["weights"]])
+    assert got.keys() == want.keys()
+    for name in want:
+        assert_rel_close(got[name], want[name], rtol=1e-5, what=name)
+    return want

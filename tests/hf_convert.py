@@ -1,6 +1,7 @@
 """What the Hugging Face conversion tests share: ``transformers`` and ``safetensors`` (the
 importing test module is skipped without them), ``tools/convert_checkpoint.py`` as a
-module, and the check of a model read back."""
+module, converting a directory to mp, an mp checkpoint's logits at a layout, and the check
+of a model read back."""
 
 import importlib
 import os
@@ -8,6 +9,11 @@ import sys
 
 import pytest
 import torch
+
+from mp import parallel_state as ps
+from mp.checkpointing import load_checkpoint, read_checkpoint_info
+from mp.model import GPTModel, TransformerConfig
+from mp.tensor_parallel import gather_from_tensor_model_parallel_region
 
 transformers = pytest.importorskip(
     "transformers", reason="the Hugging Face round trip needs transformers and safetensors "
@@ -28,3 +34,23 @@ def assert_same_model(back, model, tokens: torch.Tensor) -> None:
         assert torch.equal(got[name], tensor), name
     with torch.no_grad():
         assert torch.equal(back(tokens).logits, model(tokens).logits)
+
+
+def to_mp(hf_dir, mp_dir, tp: int) -> None:
+    """``hf-to-mp`` of ``hf_dir``, the vocabulary padded to a multiple of 16 x ``tp``."""
+    convert.main(["hf-to-mp", "--input", str(hf_dir), "--output", str(mp_dir),
+                  "--tensor-model-parallel-size", str(tp), "--make-vocab-size-divisible-by",
+                  "16"])
+
+
+def mp_logits(path: str, tp: int, ep: int, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The logits ``[b, s, vocab]`` of the mp checkpoint ``path`` at TP ``tp`` x EP ``ep``
+    (run on ``tp x ep`` ranks), the padding rows cut off."""
+    saved = read_checkpoint_info(path).model_config
+    ps.initialize_model_parallel(tp, expert_model_parallel_size=ep)
+    model = GPTModel(TransformerConfig(**{**saved, "tensor_model_parallel_size": tp,
+                                          "expert_model_parallel_size": ep})).eval()
+    load_checkpoint(path, model)
+    with torch.no_grad():
+        logits = gather_from_tensor_model_parallel_region(model(tokens))
+    return logits[..., :vocab]

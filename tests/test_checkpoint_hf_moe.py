@@ -12,12 +12,10 @@ import pytest
 import torch
 from checks import assert_rel_close, seeded
 from harness import run_distributed
-from hf_convert import assert_same_model, convert, transformers
+from hf_convert import assert_same_model, convert, mp_logits, to_mp, transformers
 
-from mp import parallel_state as ps
-from mp.checkpointing import load_checkpoint, read_checkpoint_info
-from mp.model import GPTModel, TransformerConfig
-from mp.tensor_parallel import gather_from_tensor_model_parallel_region
+from mp.checkpointing import read_checkpoint_info
+from mp.model import TransformerConfig
 
 VOCAB, EXPERTS, TOPK = 200, 4, 2
 
@@ -44,23 +42,6 @@ def _tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
 
 
-def _to_mp(hf_dir, mp_dir, tp: int) -> None:
-    convert.main(["hf-to-mp", "--input", str(hf_dir), "--output", str(mp_dir),
-                  "--tensor-model-parallel-size", str(tp), "--make-vocab-size-divisible-by",
-                  "16"])
-
-
-def _mp_logits(path: str, tp: int, ep: int, tokens: torch.Tensor) -> torch.Tensor:
-    saved = read_checkpoint_info(path).model_config
-    ps.initialize_model_parallel(tp, expert_model_parallel_size=ep)
-    model = GPTModel(TransformerConfig(**{**saved, "tensor_model_parallel_size": tp,
-                                          "expert_model_parallel_size": ep})).eval()
-    load_checkpoint(path, model)
-    with torch.no_grad():
-        logits = gather_from_tensor_model_parallel_region(model(tokens))
-    return logits[..., :VOCAB]
-
-
 @pytest.mark.parametrize("family,world,tp,ep,topk,extra", [
     ("Mixtral", 1, 1, 1, 2, {}), ("Mixtral", 2, 2, 1, 2, {}), ("Mixtral", 2, 1, 2, 2, {}),
     ("Mixtral", 1, 1, 1, 1, {}), ("Qwen3Moe", 2, 2, 1, 2, {"norm_topk_prob": True}),
@@ -72,7 +53,7 @@ def _mp_logits(path: str, tp: int, ep: int, tokens: torch.Tensor) -> torch.Tenso
 def test_moe_logits_match_after_conversion(tmp_path, family, world, tp, ep, topk, extra):
     model = _moe(family, topk, **extra)
     model.save_pretrained(tmp_path / "hf")
-    _to_mp(tmp_path / "hf", tmp_path / "mp", tp)
+    to_mp(tmp_path / "hf", tmp_path / "mp", tp)
     saved = read_checkpoint_info(tmp_path / "mp").model_config
     pattern = {"mlp_only_layers": [0, 1], "decoder_sparse_step": [0, 1]}
     layers = next((v for k, v in pattern.items() if k in extra), 1)
@@ -83,7 +64,7 @@ def test_moe_logits_match_after_conversion(tmp_path, family, world, tp, ep, topk
     tokens = _tokens()
     with torch.no_grad():
         expected = model(tokens).logits
-    logits = run_distributed(world, _mp_logits, str(tmp_path / "mp"), tp, ep, tokens)
+    logits = run_distributed(world, mp_logits, str(tmp_path / "mp"), tp, ep, tokens, VOCAB)
     for got in logits:  # EP 2: both ranks ran the same tokens
         assert_rel_close(got, expected, rtol=1e-5, what="logits")
 
@@ -96,7 +77,7 @@ def test_moe_logits_match_after_conversion(tmp_path, family, world, tp, ep, topk
 def test_moe_round_trip_is_exact(tmp_path, family, extra, model_type):
     model = _moe(family, **extra)
     model.save_pretrained(tmp_path / "hf")
-    _to_mp(tmp_path / "hf", tmp_path / "mp", 1)
+    to_mp(tmp_path / "hf", tmp_path / "mp", 1)
     convert.main(["mp-to-hf", "--input", str(tmp_path / "mp"), "--output", str(tmp_path / "back")])
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["model_type"] == model_type
@@ -118,7 +99,7 @@ def test_unsupported_moe_configs_are_refused_by_name(tmp_path, family, change, m
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(SystemExit, match=message):
-        _to_mp(tmp_path / "hf", tmp_path / "mp", 1)
+        to_mp(tmp_path / "hf", tmp_path / "mp", 1)
 
 
 def test_mp_moe_models_mixtral_cannot_express_are_refused():

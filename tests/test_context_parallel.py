@@ -110,6 +110,10 @@ VARIANTS = {
                                     "recompute_method": "uniform",
                                     "attention_backend": "unfused",
                                     "position_embedding_type": "rope"},
+    # keys dn + dr wide, values dv: the cores and the ring carry both widths
+    "multi_latent_attention": {"multi_latent_attention": True, "position_embedding_type": "rope",
+                               "q_lora_rank": 24, "kv_lora_rank": 16, "qk_head_dim": 8,
+                               "qk_pos_emb_head_dim": 4, "v_head_dim": 12},
 }
 
 

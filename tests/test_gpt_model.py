@@ -18,6 +18,8 @@ from mp.tensor_parallel import (
 )
 
 B, S, VOCAB = 2, 16, 96
+MLA = {"multi_latent_attention": True, "position_embedding_type": "rope", "kv_lora_rank": 16,
+       "qk_head_dim": 8, "qk_pos_emb_head_dim": 4, "v_head_dim": 12}
 SEED = 77
 
 
@@ -128,6 +130,15 @@ VARIANTS = {
                                        "recompute_method": "uniform",
                                        "sequence_parallel": True},
     "squared_relu": {"activation": "squared_relu"},
+    # multi-latent attention: the duplicated down projections and latent norms see each rank's
+    # tokens under SP (partial gradients), the key's RoPE channels reach every rank's heads
+    "mla": MLA,
+    "mla_q_latent_rms_selective_sp": {**MLA, "q_lora_rank": 24, "normalization": "RMSNorm",
+                                      "recompute_granularity": "selective",
+                                      "sequence_parallel": True, "add_bias_linear": False},
+    "mla_full_recompute_unfused_sp": {**MLA, "recompute_granularity": "full",
+                                      "recompute_method": "uniform", "sequence_parallel": True,
+                                      "attention_backend": "unfused"},
 }
 
 

@@ -92,3 +92,50 @@ def test_position_interpolation_divides_the_positions():
                                              "must be > 0 and needs position_embedding_type="):
             TransformerConfig(**{**cfg.__dict__, "rotary_seq_len_interpolation_factor": value,
                                  **extra})
+
+
+@pytest.mark.parametrize("dim,base,factor,original,beta_fast,beta_slow,mscale,mscale_all_dim", [
+    (64, 10000.0, 40.0, 4096, 32.0, 1.0, 0.707, 0.707),  # DeepSeek-V2-Lite
+    (64, 10000.0, 40.0, 4096, 32.0, 1.0, 1.0, 1.0),  # DeepSeek-V3
+    (16, 500000.0, 8.0, 8192, 16.0, 2.0, 1.0, 0.5),
+    (4, 100.0, 4.0, 64, 32.0, 1.0, 0.8, 0.0),  # a ramp that collapses; no softmax scaling
+])
+def test_yarn_matches_transformers(dim, base, factor, original, beta_fast, beta_slow, mscale,
+                                   mscale_all_dim):
+    """YaRN's frequencies, the rotated channels' magnitude and the scores' scale against
+    transformers' DeepSeek-V3 (`ROPE_INIT_FUNCTIONS["yarn"]`, `yarn_apply_mscale`)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, yarn_apply_mscale
+    parameters = {"rope_type": "yarn", "rope_theta": base, "factor": factor,
+                  "original_max_position_embeddings": original, "beta_fast": beta_fast,
+                  "beta_slow": beta_slow, "mscale": mscale, "mscale_all_dim": mscale_all_dim}
+    hf = transformers.DeepseekV3Config(
+        hidden_size=64, num_attention_heads=4, qk_rope_head_dim=dim, qk_nope_head_dim=8,
+        max_position_embeddings=int(original * factor), rope_parameters=parameters)
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=64, num_attention_heads=4, vocab_size=64, seq_length=8,
+        multi_latent_attention=True, qk_head_dim=8, qk_pos_emb_head_dim=dim,
+        position_embedding_type="rope", rotary_base=base, rope_type="yarn",
+        yarn_rotary_scaling_factor=factor, yarn_original_max_position_embeddings=original,
+        yarn_beta_fast=beta_fast, yarn_beta_slow=beta_slow, yarn_mscale=mscale,
+        yarn_mscale_all_dim=mscale_all_dim)
+    angles = rotary_freqs(3, dim, base, "cpu", yarn=cfg.yarn_arguments)
+    assert_rel_close(angles[1, 0, 0, :dim // 2], inv_freq, rtol=1e-6, what="frequencies")
+    assert torch.equal(angles[2], 2 * angles[1])
+    if mscale_all_dim:  # transformers infers the magnitude from both, as DeepSeek's code
+        # does; with mscale_all_dim 0 DeepSeek's m(mscale) / 1 is mp's, transformers' m(1)
+        assert cfg.rotary_magnitude == pytest.approx(attention_factor, rel=1e-12)
+    assert cfg.softmax_scale == pytest.approx(yarn_apply_mscale(parameters, (8 + dim) ** -0.5),
+                                              rel=1e-12)
+    plain = TransformerConfig(**{**vars(cfg), "rope_type": "rope"})
+    assert plain.rotary_magnitude == 1.0
+    assert plain.softmax_scale == pytest.approx((8 + dim) ** -0.5, rel=1e-15)
+
+
+def test_the_magnitude_scales_the_rotated_channels_only():
+    x = torch.randn(5, 2, 3, 8, dtype=torch.float64)
+    freqs = rotary_freqs(5, 4, 100.0, "cpu").double()
+    scaled = apply_rotary(x, freqs, magnitude=1.5)
+    assert torch.allclose(scaled[..., :4], 1.5 * apply_rotary(x, freqs)[..., :4])
+    assert torch.equal(scaled[..., 4:], x[..., 4:])

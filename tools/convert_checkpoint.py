@@ -1,5 +1,5 @@
-"""Convert Hugging Face GPT-2, Llama, Qwen3, Mixtral and Qwen3-MoE weights to an mp checkpoint,
-and back.
+"""Convert Hugging Face GPT-2, Llama, Qwen3, Mixtral, Qwen3-MoE and DeepSeek-V3 weights to an mp
+checkpoint, and back.
 
     python tools/convert_checkpoint.py hf-to-mp --input gpt2/ --output ckpt/gpt2 \\
         [--tensor-model-parallel-size 2] [--make-vocab-size-divisible-by 128] [--seq-length 1024] \\
@@ -8,11 +8,12 @@ and back.
         [--format safetensors|bin]
 
 ``hf-to-mp`` reads a ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``Qwen3ForCausalLM``,
-``MixtralForCausalLM`` or ``Qwen3MoeForCausalLM`` directory (``config.json`` with
-``model.safetensors``, the shards a ``model.safetensors.index.json`` names, or
-``pytorch_model.bin``) or one weights file (then ``--config`` names the ``config.json``);
-the config's ``model_type`` (``gpt2``, ``llama``, ``qwen3``, ``mixtral`` or ``qwen3_moe``)
-picks the mapping (`mp.checkpointing.hf_gpt2`, `mp.checkpointing.hf_llama` for the others).
+``MixtralForCausalLM``, ``Qwen3MoeForCausalLM`` or ``DeepseekV3ForCausalLM`` directory
+(``config.json`` with ``model.safetensors``, the shards a ``model.safetensors.index.json``
+names, or ``pytorch_model.bin``) or one weights file (then ``--config`` names the
+``config.json``); the config's ``model_type`` (``gpt2``, ``llama``, ``qwen3``, ``mixtral``,
+``qwen3_moe`` or ``deepseek_v3``) picks the mapping (`mp.checkpointing.hf_gpt2`,
+`mp.checkpointing.hf_deepseek`, `mp.checkpointing.hf_llama` for the others).
 It writes a model-only mp checkpoint (a save directory with ``iter_0000000``). mp checkpoints
 are layout-free: the result loads at any tensor/pipeline/data-parallel layout whose padded
 vocabulary matches, which ``--tensor-model-parallel-size`` and
@@ -22,7 +23,8 @@ training from it with ``launch/pretrain_gpt.py --load ckpt/gpt2``.
 ``mp-to-hf`` reads any mp checkpoint (a checkpoint directory or a save directory's latest;
 the fp32 masters when it has them) and writes ``config.json`` and the weights in GPT-2's
 names and layout, or Llama's for a model with rotary embeddings (Qwen3's with
-``qk_layernorm``; ``lm_head.weight`` is left
+``qk_layernorm``, Mixtral's or Qwen3-MoE's with experts, DeepSeek-V3's with multi-latent
+attention; ``lm_head.weight`` is left
 out of safetensors files when tied, as ``save_pretrained`` does).
 
 Files are read safely: safetensors, or ``torch.load(weights_only=True)``. GPT-2's ``gelu_new``
@@ -45,6 +47,7 @@ import torch
 
 from mp.checkpointing import (
     CheckpointError,
+    hf_deepseek,
     hf_gpt2,
     hf_llama,
     load_global_model,
@@ -55,12 +58,15 @@ from mp.model.config import TransformerConfig
 SAFETENSORS, BIN, CONFIG = "model.safetensors", "pytorch_model.bin", "config.json"
 INDEX = SAFETENSORS + ".index.json"  # a sharded checkpoint's map of tensors to files
 # config.json's model_type -> its mapping
-FORMATS = {"gpt2": hf_gpt2, **{kind: hf_llama for kind in hf_llama.FAMILIES}}
+FORMATS = {"gpt2": hf_gpt2, "deepseek_v3": hf_deepseek,
+           **{kind: hf_llama for kind in hf_llama.FAMILIES}}
 
 
 def _format_of(config: TransformerConfig):
-    """The Hugging Face mapping an mp model converts to: Llama's (Qwen3's with
-    ``qk_layernorm``) with rotary embeddings."""
+    """The Hugging Face mapping an mp model converts to: DeepSeek-V3's with multi-latent
+    attention, else Llama's (and its kin, `hf_llama.FAMILIES`) with rotary embeddings."""
+    if config.multi_latent_attention:
+        return hf_deepseek
     return hf_llama if config.position_embedding_type == "rope" else hf_gpt2
 
 
@@ -126,7 +132,9 @@ def hf_to_mp_command(args) -> None:
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         seq_length=args.seq_length)
     config = dataclasses.replace(config, layernorm_zero_centered_gamma=args.apply_layernorm_1p)
-    path = save_global_model(args.output, config, mapping.hf_to_mp(state, config))
+    options = {"rope_interleave": hf.get("rope_interleave", True)} \
+        if mapping is hf_deepseek else {}  # DeepSeek's RoPE channels, paired or halved
+    path = save_global_model(args.output, config, mapping.hf_to_mp(state, config, **options))
     print(f"wrote {path}: {config.num_layers} layers, hidden {config.hidden_size}, vocabulary "
           f"{config.vocab_size} padded to {config.padded_vocab_size}")
 

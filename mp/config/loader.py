@@ -62,7 +62,11 @@ CHECKPOINT_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_quer
                    "untie_embeddings_and_output_weights", "layernorm_epsilon", "rotary_base",
                    "rotary_percent", "use_rope_scaling", "rope_scaling_factor",
                    "make_vocab_size_divisible_by", "seq_length", "qk_layernorm",
-                   "rotary_seq_len_interpolation_factor")
+                   "rotary_seq_len_interpolation_factor", "multi_latent_attention",
+                   "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim",
+                   "v_head_dim", "rope_type", "yarn_rotary_scaling_factor",
+                   "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
+                   "yarn_mscale", "yarn_mscale_all_dim")
 
 
 def _take_checkpoint_args(sections: dict, training: dict) -> None:

@@ -34,7 +34,8 @@ _MEGATRON_NAMES = {
         "moe_shared_expert_intermediate_size", "moe_router_dtype", "moe_router_score_function",
         "moe_router_topk_scaling_factor", "moe_router_bias_update_rate",
         "moe_expert_capacity_factor", "moe_token_drop_policy", "moe_router_num_groups",
-        "moe_router_group_topk",
+        "moe_router_group_topk", "multi_latent_attention", "q_lora_rank", "kv_lora_rank",
+        "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
@@ -76,6 +77,9 @@ ALIASES: dict[str, str] = {
 
 ALIASES["--overlap-p2p-communication"] = "model.overlap_p2p_comm"  # Megatron's spellings
 ALIASES["--num-experts"] = "model.num_moe_experts"
+ALIASES["--rotary-scaling-factor"] = "model.yarn_rotary_scaling_factor"
+ALIASES["--mscale"] = "model.yarn_mscale"
+ALIASES["--mscale-all-dim"] = "model.yarn_mscale_all_dim"
 ALIASES["--norm-epsilon"] = ALIASES["--layernorm-epsilon"] = "model.layernorm_epsilon"
 ALIASES["--num-virtual-stages-per-pipeline-rank"] = "model.virtual_pipeline_model_parallel_size"
 ALIASES["--decoder-first-pipeline-num-layers"] = "model.num_layers_in_first_pipeline_stage"

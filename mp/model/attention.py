@@ -28,7 +28,6 @@ would do in every layer, each keeping its own copy for backward). With a key/val
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +100,7 @@ class CoreAttention(nn.Module):
         self.cp_comm_type = config.cp_comm_type
         self.backend = config.attention_backend
         self.dropout = config.attention_dropout
-        self.scale = 1.0 / math.sqrt(config.kv_channels)
+        self.scale = config.softmax_scale
         self.softmax = FusedScaleMaskSoftmax(
             input_in_fp16=config.precision == "fp16", input_in_bf16=config.precision == "bf16",
             attn_mask_type=AttnMaskType.causal,
@@ -109,8 +108,9 @@ class CoreAttention(nn.Module):
             mask_func=attention_mask_func, softmax_in_fp32=True, scale=self.scale)
 
     def forward(self, q, k, v, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``q [s, b, np, hd]``, ``k, v [s, b, ng, hd]`` (``ng`` divides ``np``: each key
-        and value head serves ``np / ng`` consecutive query heads)."""
+        """``q, k [s, b, np or ng, hd]``, ``v [s, b, ng, vd]`` (``ng`` divides ``np``: each
+        key and value head serves ``np / ng`` consecutive query heads; ``vd = hd`` but under
+        multi-latent attention) -> ``[s, b, np * vd]``."""
         if self.cp_group is None:
             return self._attend(q, k, v, attention_mask)
         if self.cp_comm_type == "p2p":
@@ -120,9 +120,10 @@ class CoreAttention(nn.Module):
         return across(self._attend, q, k, v, attention_mask, self.cp_group)
 
     def _attend(self, q, k, v, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """``q [sq, b, np, hd]``, ``k, v [sk, b, ng, hd]`` -> ``[sq, b, np * hd]``. Without a
-        mask, causal with the queries at the last ``sq`` of the ``sk`` positions."""
-        s, b, heads, head_dim = q.shape
+        """``q [sq, b, np, hd]``, ``k [sk, b, ng, hd]``, ``v [sk, b, ng, vd]`` -> ``[sq, b,
+        np * vd]``. Without a mask, causal with the queries at the last ``sq`` of the ``sk``
+        positions."""
+        s, b, heads = q.shape[:3]
         offset = k.size(0) - s  # keys before the first query (context parallelism)
         groups = k.size(2)
         if groups < heads and not (self.backend == "sdpa" and SDPA_TAKES_GROUPS):
@@ -148,7 +149,7 @@ class CoreAttention(nn.Module):
                     attention_mask = torch.ones(s, k.size(0), dtype=torch.bool,
                                                 device=q.device).triu(offset + 1)[None, None]
                 context = self._unfused(q, k, v, attention_mask, dropout)
-        return context.permute(2, 0, 1, 3).reshape(s, b, heads * head_dim)
+        return context.permute(2, 0, 1, 3).reshape(s, b, heads * v.size(-1))
 
     def _unfused(self, q, k, v, attention_mask, dropout) -> torch.Tensor:
         """Returns ``[b, np, s, hd]``."""
@@ -160,7 +161,45 @@ class CoreAttention(nn.Module):
         return torch.matmul(probs, v)
 
 
-class SelfAttention(nn.Module):
+class Attention(nn.Module):
+    """What self-attentions share: the core and the row-parallel output projection ``dense``
+    (``query_projection_size -> h``), and `attend`, from the heads' queries, keys and values to
+    ``(output, bias)``. A subclass builds its input projections, then calls `_build_output`:
+    the default generator draws the weights in that order."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int = 1):
+        super().__init__()
+        self.config = config
+        self.layer_number = layer_number  # its key in an inference cache
+
+    def _build_output(self, group) -> None:
+        config = self.config
+        self.core_attention = CoreAttention(config)
+        self.dense = RowParallelLinear(
+            config.query_projection_size, config.hidden_size, bias=config.add_bias_linear,
+            input_is_parallel=True, init_method=output_init_method(config),
+            skip_bias_add=True, sequence_parallel=config.sequence_parallel,
+            params_dtype=config.params_dtype, group=group)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attention_mask: torch.Tensor | None, inference_params: InferenceParams | None):
+        """``q, k [s, b, np or ng, hd]``, ``v [s, b, ng, vd]`` (after RoPE) -> ``(output,
+        bias)``. With ``inference_params`` the keys and values join the cached ones, and the
+        new queries attend over all of them (``attention_mask`` must then be None)."""
+        if inference_params is not None:
+            if attention_mask is not None:
+                raise ValueError("a key/value cache attends causally: attention_mask must be "
+                                 "None")
+            attention_mask = inference_params.causal_mask(q.size(0), q.device)
+            k, v = inference_params.update(self.layer_number, k, v)
+        if self.config.recompute_granularity == "selective":
+            context = checkpoint(self.core_attention, False, q, k, v, attention_mask)
+        else:
+            context = self.core_attention(q, k, v, attention_mask)
+        return self.dense(context)
+
+
+class SelfAttention(Attention):
     """Returns ``(output, bias)`` like the row-parallel projection it ends with (the bias is
     left for the caller's fused bias-dropout-add).
 
@@ -173,9 +212,7 @@ class SelfAttention(nn.Module):
     """
 
     def __init__(self, config: TransformerConfig, group=None, layer_number: int = 1):
-        super().__init__()
-        self.config = config
-        self.layer_number = layer_number  # its key in an inference cache
+        super().__init__(config, layer_number)
         sp, dtype, bias = config.sequence_parallel, config.params_dtype, config.add_bias_linear
         self.query_key_value = ColumnParallelLinear(
             config.hidden_size, config.qkv_size, bias=bias, gather_output=False,
@@ -188,17 +225,11 @@ class SelfAttention(nn.Module):
             (build_norm(config, config.kv_channels, partial_grads=True),
              build_norm(config, config.kv_channels, partial_grads=True))
             if config.qk_layernorm else (None, None))
-        self.core_attention = CoreAttention(config)
-        self.dense = RowParallelLinear(
-            config.query_projection_size, config.hidden_size, bias=bias, input_is_parallel=True,
-            init_method=output_init_method(config),
-            skip_bias_add=True, sequence_parallel=sp, params_dtype=dtype, group=group)
+        self._build_output(group)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_freqs: torch.Tensor | None = None,
                 inference_params: InferenceParams | None = None):
-        """With ``inference_params`` the keys and values join the cached ones, and the new
-        queries attend over all of them (``attention_mask`` must then be None)."""
         qkv, _ = self.query_key_value(hidden)  # [s, b, (a + 2 g) d / t]
         s, b = qkv.shape[:2]
         d, groups = self.config.kv_channels, self.groups_per_partition
@@ -208,15 +239,6 @@ class SelfAttention(nn.Module):
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rotary_freqs is not None:
-            q, k = apply_rotary(q, rotary_freqs), apply_rotary(k, rotary_freqs)
-        if inference_params is not None:
-            if attention_mask is not None:
-                raise ValueError("a key/value cache attends causally: attention_mask must be "
-                                 "None")
-            attention_mask = inference_params.causal_mask(s, hidden.device)
-            k, v = inference_params.update(self.layer_number, k, v)
-        if self.config.recompute_granularity == "selective":
-            context = checkpoint(self.core_attention, False, q, k, v, attention_mask)
-        else:
-            context = self.core_attention(q, k, v, attention_mask)
-        return self.dense(context)
+            magnitude = self.config.rotary_magnitude
+            q, k = (apply_rotary(t, rotary_freqs, magnitude) for t in (q, k))
+        return self.attend(q, k, v, attention_mask, inference_params)

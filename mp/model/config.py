@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from mp.model.config_rules import check_mla, check_moe, check_yarn, divisible, one_of, positive_int
 from mp.model.context_parallel import CP_COMM_TYPES
-from mp.model.layer_pattern import layer_pattern, moe_layer_pattern
+from mp.model.layer_pattern import moe_layer_pattern
 from mp.model.pipeline_split import chunk_layer_counts, chunk_layer_range, parse_layout
 
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,8 +53,29 @@ class TransformerConfig:
     rope_scaling_factor: float = 8.0
     rotary_seq_len_interpolation_factor: float | None = None  # RoPE at positions / this
     # (linear position interpolation, Megatron's --rotary-seq-len-interpolation-factor)
+    rope_type: str = "rope"  # or "yarn": YaRN's frequencies (Peng et al. 2023, DeepSeek's
+    # long-context RoPE; mp.model.rope.yarn_frequencies) with the yarn_* constants below
+    yarn_rotary_scaling_factor: float = 1.0  # the context's extension (Megatron's
+    # --rotary-scaling-factor)
+    yarn_original_max_position_embeddings: int = 4096  # the context pretraining used
+    yarn_beta_fast: float = 32.0  # pairs turning more than this often over it keep their
+    yarn_beta_slow: float = 1.0  # frequency, less than this are interpolated, ramp between
+    yarn_mscale: float = 1.0  # the rotated channels scale by m(mscale) / m(mscale_all_dim)
+    yarn_mscale_all_dim: float = 0.0  # and the scores by m(mscale_all_dim)^2, with
+    # m(x) = 0.1 x ln(factor) + 1 (DeepSeek's; Megatron's --mscale, --mscale-all-dim)
     rotary_percent: float = 1.0  # RoPE rotates the first int(kv_channels x this) channels of
     # each head, frequencies over those (Megatron's --rotary-percent); the rest pass unchanged
+    # multi-latent attention (DeepSeek-V2's; mp.model.mla, Megatron's --multi-latent-attention):
+    # keys and values from a small latent per token, queries from another (or the hidden state),
+    # each head's query and key holding qk_head_dim channels without position information and
+    # qk_pos_emb_head_dim rotated by RoPE (the key's shared by all heads); kv_channels, the
+    # query groups and rotary_percent do not apply
+    multi_latent_attention: bool = False
+    q_lora_rank: int | None = None  # the queries' latent width; None: projected from h
+    kv_lora_rank: int = 512  # the keys' and values' latent width
+    qk_head_dim: int = 128
+    qk_pos_emb_head_dim: int = 64
+    v_head_dim: int = 128
     add_bias_linear: bool = True
     untie_embeddings_and_output_weights: bool = False
     hidden_dropout: float = 0.1
@@ -128,7 +150,7 @@ class TransformerConfig:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
                      "seq_length", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
                      "pipeline_model_parallel_size", "context_parallel_size"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = (_swiglu_ffn(self.hidden_size) if self.activation == "swiglu"
                                     else 4 * self.hidden_size)
@@ -136,34 +158,34 @@ class TransformerConfig:
             self.max_position_embeddings = self.seq_length
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
-        _positive_int("num_query_groups", self.num_query_groups)
+        positive_int("num_query_groups", self.num_query_groups)
         if self.kv_channels is None:
-            _divisible("hidden_size", self.hidden_size, "num_attention_heads",
+            divisible("hidden_size", self.hidden_size, "num_attention_heads",
                        self.num_attention_heads)
             self.kv_channels = self.hidden_size // self.num_attention_heads
-        _positive_int("kv_channels", self.kv_channels)
-        _positive_int("ffn_hidden_size", self.ffn_hidden_size)
-        _one_of("normalization", self.normalization, ("LayerNorm", "RMSNorm"))
-        _one_of("normalization_impl", self.normalization_impl, ("mp", "apex"))
-        _one_of("activation", self.activation, ("gelu", "gelu_tanh", "swiglu", "squared_relu"))
-        _one_of("position_embedding_type", self.position_embedding_type,
+        positive_int("kv_channels", self.kv_channels)
+        positive_int("ffn_hidden_size", self.ffn_hidden_size)
+        one_of("normalization", self.normalization, ("LayerNorm", "RMSNorm"))
+        one_of("normalization_impl", self.normalization_impl, ("mp", "apex"))
+        one_of("activation", self.activation, ("gelu", "gelu_tanh", "swiglu", "squared_relu"))
+        one_of("position_embedding_type", self.position_embedding_type,
                 ("learned_absolute", "rope", "none"))
-        _one_of("attention_backend", self.attention_backend, ("sdpa", "unfused"))
-        _one_of("precision", self.precision, tuple(_PRECISIONS))
-        _one_of("recompute_granularity", self.recompute_granularity, (None, "full", "selective"))
+        one_of("attention_backend", self.attention_backend, ("sdpa", "unfused"))
+        one_of("precision", self.precision, tuple(_PRECISIONS))
+        one_of("recompute_granularity", self.recompute_granularity, (None, "full", "selective"))
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        _divisible("num_attention_heads", self.num_attention_heads,
+        divisible("num_attention_heads", self.num_attention_heads,
                    "tensor_model_parallel_size", tp)
-        _divisible("num_attention_heads", self.num_attention_heads, "num_query_groups",
+        divisible("num_attention_heads", self.num_attention_heads, "num_query_groups",
                    self.num_query_groups)
-        _divisible("num_query_groups", self.num_query_groups, "tensor_model_parallel_size", tp)
-        _divisible("ffn_hidden_size", self.ffn_hidden_size, "tensor_model_parallel_size", tp)
+        divisible("num_query_groups", self.num_query_groups, "tensor_model_parallel_size", tp)
+        divisible("ffn_hidden_size", self.ffn_hidden_size, "tensor_model_parallel_size", tp)
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ValueError(f"rotary_percent={self.rotary_percent} must be in (0, 1]")
-        if self.position_embedding_type == "rope" and (
+        if self.position_embedding_type == "rope" and not self.multi_latent_attention and (
                 self.rotary_dim < 2 or self.rotary_dim % 2):
             raise ValueError(f"rope rotates pairs of channels: kv_channels x rotary_percent = "
                              f"{self.kv_channels} x {self.rotary_percent} = {self.rotary_dim} "
@@ -180,21 +202,23 @@ class TransformerConfig:
         if self.seq_length > self.max_position_embeddings:
             raise ValueError(f"seq_length={self.seq_length} exceeds "
                              f"max_position_embeddings={self.max_position_embeddings}")
-        self._check_moe()
+        check_moe(self)
+        check_mla(self)
+        check_yarn(self)
         cp = self.context_parallel_size
-        _one_of("cp_comm_type", self.cp_comm_type, CP_COMM_TYPES)
+        one_of("cp_comm_type", self.cp_comm_type, CP_COMM_TYPES)
         if cp > 1:  # two chunks per CP rank (load balancing), each rank's part split over TP
-            _divisible("seq_length", self.seq_length, "2 x context_parallel_size", 2 * cp)
+            divisible("seq_length", self.seq_length, "2 x context_parallel_size", 2 * cp)
         if cp > 1 and self.cp_comm_type == "p2p" and self.attention_dropout > 0:
             raise ValueError(f"cp_comm_type='p2p' needs attention_dropout=0, not "
                              f"{self.attention_dropout}: mp's ring attention has no dropout "
                              "(all_gather and a2a have it)")
         if cp > 1 and self.cp_comm_type == "a2a":  # each CP rank takes 1 / cp of the heads
             for name in ("num_attention_heads", "num_query_groups"):
-                _divisible(name, getattr(self, name), "tensor_model_parallel_size x "
+                divisible(name, getattr(self, name), "tensor_model_parallel_size x "
                            "context_parallel_size (cp_comm_type='a2a')", tp * cp)
         if self.sequence_parallel:
-            _divisible("seq_length", self.seq_length, "tensor_model_parallel_size x "
+            divisible("seq_length", self.seq_length, "tensor_model_parallel_size x "
                        "context_parallel_size (sequence_parallel=True)" if cp > 1 else
                        "tensor_model_parallel_size (sequence_parallel=True)", tp * cp)
         if self.pipeline_model_parallel_layout is not None \
@@ -204,106 +228,22 @@ class TransformerConfig:
                 self.virtual_pipeline_model_parallel_size = chunks // pp
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:
-            _positive_int("virtual_pipeline_model_parallel_size", vpp)
+            positive_int("virtual_pipeline_model_parallel_size", vpp)
             if pp < 2:
                 raise ValueError(f"virtual_pipeline_model_parallel_size={vpp} needs "
                                  f"pipeline_model_parallel_size > 1, got {pp}")
         largest_chunk = max(max(stage) for stage in self.chunk_layer_counts)
         if self.recompute_granularity == "full":
-            _one_of("recompute_method", self.recompute_method, ("uniform", "block"))
+            one_of("recompute_method", self.recompute_method, ("uniform", "block"))
             if self.recompute_num_layers is None:
                 self.recompute_num_layers = 1
-            _positive_int("recompute_num_layers", self.recompute_num_layers)
+            positive_int("recompute_num_layers", self.recompute_num_layers)
             if self.recompute_num_layers > largest_chunk:
                 raise ValueError(f"recompute_num_layers={self.recompute_num_layers} exceeds the "
                                  f"{largest_chunk} layers of the largest pipeline chunk")
         elif self.recompute_method is not None:
             raise ValueError(f"recompute_method={self.recompute_method!r} needs "
                              "recompute_granularity='full'")
-
-    def _check_moe(self) -> None:
-        e, tp = self.num_moe_experts, self.tensor_model_parallel_size
-        ep = self.expert_model_parallel_size
-        _positive_int("expert_model_parallel_size", ep)
-        if e is None:
-            if ep > 1:
-                raise ValueError(f"expert_model_parallel_size={ep} needs num_moe_experts (a "
-                                 "mixture-of-experts model)")
-            return
-        _positive_int("num_moe_experts", e)
-        _positive_int("moe_router_topk", self.moe_router_topk)
-        if isinstance(self.moe_layer_freq, str):
-            self.moe_layer_freq = layer_pattern(self.moe_layer_freq)
-        if isinstance(self.moe_layer_freq, list):
-            pattern = self.moe_layer_freq
-            if len(pattern) != self.num_layers or not set(pattern) <= {0, 1}:
-                raise ValueError(f"moe_layer_freq={pattern} must hold a 0 (dense) or 1 (MoE) "
-                                 f"for each of the num_layers={self.num_layers} layers")
-        else:
-            _positive_int("moe_layer_freq", self.moe_layer_freq)
-        if self.moe_router_topk > e:
-            raise ValueError(f"moe_router_topk={self.moe_router_topk} exceeds "
-                             f"num_moe_experts={e}")
-        if self.moe_ffn_hidden_size is None:
-            self.moe_ffn_hidden_size = self.ffn_hidden_size
-        _positive_int("moe_ffn_hidden_size", self.moe_ffn_hidden_size)
-        _divisible("moe_ffn_hidden_size", self.moe_ffn_hidden_size,
-                   "tensor_model_parallel_size", tp)
-        _divisible("num_moe_experts", e, "expert_model_parallel_size", ep)
-        shared = self.moe_shared_expert_intermediate_size
-        if shared is not None:
-            _positive_int("moe_shared_expert_intermediate_size", shared)
-            _divisible("moe_shared_expert_intermediate_size", shared,
-                       "tensor_model_parallel_size", tp)
-        _one_of("moe_router_load_balancing_type", self.moe_router_load_balancing_type,
-                ("aux_loss", "seq_aux_loss", "none"))
-        _one_of("moe_router_dtype", self.moe_router_dtype, (None, "fp32", "fp64"))
-        _one_of("moe_token_drop_policy", self.moe_token_drop_policy, ("probs", "position"))
-        self._check_router_groups()
-        capacity = self.moe_expert_capacity_factor
-        if capacity is not None and not capacity > 0:
-            raise ValueError(f"moe_expert_capacity_factor={capacity!r} must be > 0")
-        _one_of("moe_router_score_function", self.moe_router_score_function,
-                ("softmax", "sigmoid"))
-        sigmoid = self.moe_router_score_function == "sigmoid"
-        if sigmoid and self.moe_router_pre_softmax:
-            raise ValueError("moe_router_pre_softmax=True needs moe_router_score_function="
-                             "'softmax'")
-        if self.moe_router_enable_expert_bias and not sigmoid:
-            raise ValueError("moe_router_enable_expert_bias=True needs "
-                             "moe_router_score_function='sigmoid' (mp's expert bias)")
-        factor = self.moe_router_topk_scaling_factor
-        if factor is not None and not factor > 0:
-            raise ValueError(f"moe_router_topk_scaling_factor={factor!r} must be > 0")
-        if not self.moe_router_bias_update_rate >= 0:
-            raise ValueError(f"moe_router_bias_update_rate={self.moe_router_bias_update_rate!r} "
-                             "must be >= 0")
-        for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
-            value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise ValueError(f"{name}={value!r} must be >= 0")
-        if self.expert_tensor_parallel_size not in (None, tp):
-            raise ValueError(f"expert_tensor_parallel_size={self.expert_tensor_parallel_size} "
-                             f"must equal tensor_model_parallel_size={tp}: mp splits each "
-                             "expert over the layer's TP ranks")
-
-    def _check_router_groups(self) -> None:
-        groups, chosen = self.moe_router_num_groups, self.moe_router_group_topk
-        if (groups is None) != (chosen is None):
-            raise ValueError(f"moe_router_num_groups={groups} and moe_router_group_topk="
-                             f"{chosen}: set both or neither")
-        if groups is None:
-            return
-        _positive_int("moe_router_num_groups", groups)
-        _positive_int("moe_router_group_topk", chosen)
-        _divisible("num_moe_experts", self.num_moe_experts, "moe_router_num_groups", groups)
-        k, per_group = self.moe_router_topk, self.num_moe_experts // groups
-        if not chosen <= min(groups, k) or k // chosen > per_group or chosen * per_group < k:
-            raise ValueError(f"moe_router_group_topk={chosen} must be at most "
-                             f"moe_router_num_groups={groups} and moe_router_topk={k}, its "
-                             f"groups of {per_group} experts must hold {k}, and "
-                             f"moe_router_topk / moe_router_group_topk = {k // chosen} at most "
-                             f"{per_group}")
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether layer ``index`` (0-based over the model) has experts instead of an MLP."""
@@ -314,14 +254,40 @@ class TransformerConfig:
 
     @property
     def rotary_dim(self) -> int:
-        """Channels of a head that RoPE rotates (the first ones; Megatron's rounding)."""
+        """Channels of a head that RoPE rotates (the first ones; Megatron's rounding; under
+        multi-latent attention the ``qk_pos_emb_head_dim`` channels that hold positions)."""
+        if self.multi_latent_attention:
+            return self.qk_pos_emb_head_dim
         return int(self.kv_channels * self.rotary_percent)
 
     @property
     def query_projection_size(self) -> int:
         """Width of all query heads together, ``a d`` (Megatron's name): the attention output
-        projection's input (``h`` by default)."""
+        projection's input (``h`` by default; ``a v_head_dim`` under multi-latent attention)."""
+        if self.multi_latent_attention:
+            return self.num_attention_heads * self.v_head_dim
         return self.num_attention_heads * self.kv_channels
+
+    @property
+    def softmax_scale(self) -> float:
+        """The attention scores' scale, one over the square root of a query's width."""
+        width = (self.qk_head_dim + self.qk_pos_emb_head_dim if self.multi_latent_attention
+                 else self.kv_channels)
+        return yarn_mscale(self, self.yarn_mscale_all_dim) ** 2 / math.sqrt(width)
+
+    @property
+    def yarn_arguments(self) -> dict | None:
+        """`mp.model.rope.yarn_frequencies`'s arguments with ``rope_type='yarn'``."""
+        if self.rope_type != "yarn":
+            return None
+        return {"factor": self.yarn_rotary_scaling_factor,
+                "original_context": self.yarn_original_max_position_embeddings,
+                "beta_fast": self.yarn_beta_fast, "beta_slow": self.yarn_beta_slow}
+
+    @property
+    def rotary_magnitude(self) -> float:
+        """What RoPE multiplies the rotated channels by: 1 but under YaRN."""
+        return yarn_mscale(self, self.yarn_mscale) / yarn_mscale(self, self.yarn_mscale_all_dim)
 
     @property
     def qkv_size(self) -> int:
@@ -364,22 +330,15 @@ class TransformerConfig:
         return _PRECISIONS[self.precision]
 
 
+def yarn_mscale(config: TransformerConfig, mscale: float) -> float:
+    """YaRN's magnitude ``0.1 mscale ln(factor) + 1`` (1 without YaRN or extension)."""
+    factor = config.yarn_rotary_scaling_factor
+    if config.rope_type != "yarn" or factor <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(factor) + 1.0
+
+
 def _swiglu_ffn(hidden: int) -> int:
     """8h/3 (about the parameters of a 4h GeLU MLP) rounded up to a multiple of 64; it does not
     depend on the TP size, so a model is the same model at every layout."""
     return math.ceil(8 * hidden / 3 / 64) * 64
-
-
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
-
-
-def _one_of(name: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} must be one of {', '.join(map(repr, allowed))}")
-
-
-def _divisible(name: str, value: int, by_name: str, by: int) -> None:
-    if value % by:
-        raise ValueError(f"{name}={value} is not divisible by {by_name}={by}")

@@ -90,7 +90,7 @@ class GPTModel(nn.Module):
             freqs = rotary_freqs(offset + length * cp, c.rotary_dim, c.rotary_base,
                                  input_ids.device,
                                  c.rope_scaling_factor if c.use_rope_scaling else None,
-                                 c.rotary_seq_len_interpolation_factor)
+                                 c.rotary_seq_len_interpolation_factor, c.yarn_arguments)
             freqs = freqs[offset:] if cp == 1 else freqs[local_positions(
                 length * cp, cp, parallel_state.get_context_parallel_rank(), input_ids.device)]
         hidden = self.decoder(hidden, attention_mask, freqs, inference_params)

@@ -8,7 +8,8 @@ cached ones; the caller advances the offset after each call, as in Megatron.
 
 The cache holds this rank's key/value heads (``ng = g / t`` under tensor parallelism), in
 buffers ``[max_sequence_length, b, ng, d]`` (``d = kv_channels``, keys after RoPE) allocated
-on a layer's first call.
+on a layer's first call. Multi-latent attention (`mp.model.mla`) caches every head's key
+(``qk_head_dim + qk_pos_emb_head_dim`` wide) and value (``v_head_dim``), not the latent.
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ class InferenceParams:
 
     def update(self, layer_number: int, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v [s, b, ng, d]`` after layer ``layer_number``'s cached tokens; return
-        every key and value cached there, ``[offset + s, b, ng, d]``."""
+        """Store ``k [s, b, ng, d]`` and ``v [s, b, ng, dv]`` after layer ``layer_number``'s
+        cached tokens; return every key and value cached there, ``[offset + s, b, ng, d or
+        dv]``."""
         start, end = self.sequence_len_offset, self.sequence_len_offset + k.size(0)
         if end > self.max_sequence_length:
             raise ValueError(f"{end} tokens exceed the cache's max_sequence_length="
                              f"{self.max_sequence_length}")
         if layer_number not in self.key_value_memory_dict:
-            shape = (self.max_sequence_length, *k.shape[1:])
-            self.key_value_memory_dict[layer_number] = (k.new_empty(shape), v.new_empty(shape))
+            self.key_value_memory_dict[layer_number] = tuple(
+                t.new_empty((self.max_sequence_length, *t.shape[1:])) for t in (k, v))
         keys, values = self.key_value_memory_dict[layer_number]
         keys[start:end], values[start:end] = k, v
         return keys[:end], values[:end]

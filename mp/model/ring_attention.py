@@ -17,9 +17,10 @@ head exists at once (`tile_bytes`); what is kept for backward is q, k, v, the ou
 fp32 log-sum-exp: no rank saves the whole sequence's keys and values. Attention dropout is not
 supported here (`mp.model.config.TransformerConfig` refuses it).
 
-Shapes: ``q [2L, b, np, d]``, ``k, v [2L, b, ng, d]`` (``L = s / (2c)``, ``ng`` dividing
-``np``), a boolean ``attention_mask [b or 1, 1, 2L, s]`` (True = masked; the rank's query rows
-against every key) or None for causal; the output is ``[2L, b, np * d]``.
+Shapes: ``q [2L, b, np, d]``, ``k [2L, b, ng, d]``, ``v [2L, b, ng, dv]`` (``L = s / (2c)``,
+``ng`` dividing ``np``, ``dv = d`` but under multi-latent attention), a boolean
+``attention_mask [b or 1, 1, 2L, s]`` (True = masked; the rank's query rows against every key)
+or None for causal; the output is ``[2L, b, np * dv]``.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class _RingAttention(torch.autograd.Function):
         ring = _Ring(group, q.size(0) // 2, tile)
         groups = k.size(2)
         qg, kg, vg = _grouped(q, groups), _grouped(k, groups), _grouped(v, groups)
-        out = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
+        out = torch.zeros((*qg.shape[:-1], v.size(-1)), dtype=torch.float32, device=q.device)
         lse = torch.full(qg.shape[:-1], NEG_INF, dtype=torch.float32, device=q.device)
         block = [kg, vg]
         for step in range(ring.size):
@@ -150,7 +151,7 @@ class _RingAttention(torch.autograd.Function):
                     request.wait()
                 block = received
         t, b = q.shape[:2]
-        result = _ungrouped(out, q.dtype).reshape(t, b, -1)  # [2L, b, np * d]
+        result = _ungrouped(out, q.dtype).reshape(t, b, -1)  # [2L, b, np * dv]
         ctx.save_for_backward(q, k, v, result, lse, attention_mask)
         ctx.scale, ctx.group, ctx.tile = scale, group, tile
         return result
@@ -161,7 +162,8 @@ class _RingAttention(torch.autograd.Function):
         ring = _Ring(ctx.group, q.size(0) // 2, ctx.tile)
         groups = k.size(2)
         qg, kg, vg = _grouped(q, groups), _grouped(k, groups), _grouped(v, groups)
-        dout, out = (_grouped(x.reshape(q.shape), groups) for x in (grad, result))
+        dout, out = (_grouped(x.reshape(*q.shape[:-1], v.size(-1)), groups)
+                     for x in (grad, result))
         delta = (dout.float() * out.float()).sum(-1)  # rowsum(dO * O), [b, g, r, 2L]
         dq = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
         block = [kg, vg, torch.zeros(kg.shape, dtype=torch.float32, device=q.device),

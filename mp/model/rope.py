@@ -1,6 +1,7 @@
 """Rotary position embeddings (Su et al. 2021), the "rotate half" form of GPT-NeoX/Megatron,
-with Llama 3.1's frequency scaling and Megatron's partial rotation (``rotary_percent``: only
-the first ``rotary_dim`` channels of each head rotate, frequencies over those) as options."""
+with Llama 3.1's frequency scaling, YaRN's (Peng et al. 2023, as DeepSeek-V2 and V3 use it)
+and Megatron's partial rotation (``rotary_percent``: only the first ``rotary_dim`` channels of
+each head rotate, frequencies over those) as options."""
 
 from __future__ import annotations
 
@@ -22,17 +23,39 @@ def scale_frequencies(inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
     return (1 - mix) * inv_freq / factor + mix * inv_freq
 
 
+def yarn_frequencies(inv_freq: torch.Tensor, base: float, factor: float, original_context: int,
+                     beta_fast: float, beta_slow: float) -> torch.Tensor:
+    """YaRN's ``inv_freq [dim / 2]``: pairs of channels that turn more than ``beta_fast``
+    times over the ``original_context`` keep their frequency, those turning fewer than
+    ``beta_slow`` times are divided by ``factor`` (interpolated), and those between move
+    linearly from one to the other with the pair's index (its bounds rounded outwards)."""
+    dim = 2 * inv_freq.numel()
+
+    def pair(turns: float) -> float:  # the (fractional) pair that turns this often
+        return dim * math.log(original_context / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(math.floor(pair(beta_fast)), 0), min(math.ceil(pair(beta_slow)), dim - 1)
+    ramp = (torch.arange(dim // 2, dtype=torch.float32, device=inv_freq.device) - low) \
+        / max(high - low, 1e-3)
+    interpolated = ramp.clamp(0.0, 1.0)
+    return inv_freq / factor * interpolated + inv_freq * (1 - interpolated)
+
+
 def rotary_freqs(seq_length: int, dim: int, base: float, device,
                  scaling_factor: float | None = None,
-                 interpolation_factor: float | None = None) -> torch.Tensor:
+                 interpolation_factor: float | None = None,
+                 yarn: dict | None = None) -> torch.Tensor:
     """Angles ``[s, 1, 1, dim]`` for the ``dim`` rotated channels of a head (``rotary_dim``:
     all of them unless ``rotary_percent < 1``): position ``p`` (``p / interpolation_factor``
     when given: linear position interpolation) times ``base^(-2i / dim)`` (scaled by
-    `scale_frequencies` when ``scaling_factor`` is given), repeated for the two halves that
-    ``apply_rotary`` rotates against each other."""
+    `scale_frequencies` when ``scaling_factor`` is given, by `yarn_frequencies` with the
+    ``yarn`` arguments), repeated for the two halves that ``apply_rotary`` rotates against
+    each other."""
     inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
     if scaling_factor is not None:
         inv_freq = scale_frequencies(inv_freq, scaling_factor)
+    if yarn is not None:
+        inv_freq = yarn_frequencies(inv_freq, base, **yarn)
     positions = torch.arange(seq_length, dtype=torch.float32, device=device)
     if interpolation_factor is not None:
         positions = positions / interpolation_factor
@@ -40,13 +63,17 @@ def rotary_freqs(seq_length: int, dim: int, base: float, device,
     return torch.cat((angles, angles), dim=-1)[:, None, None, :]
 
 
-def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, freqs: torch.Tensor, magnitude: float = 1.0) -> torch.Tensor:
     """Rotate the first ``r`` channels of ``x [s, b, heads, head_dim]`` by ``freqs
-    [s, 1, 1, r]`` (math in fp32); the other ``head_dim - r`` pass through unchanged
-    (Megatron's ``rotary_percent``)."""
+    [s, 1, 1, r]`` (math in fp32), times ``magnitude`` (YaRN's; 1 otherwise); the other
+    ``head_dim - r`` pass through unchanged (Megatron's ``rotary_percent``)."""
     rotary_dim = freqs.size(-1)
     if rotary_dim < x.size(-1):
-        return torch.cat((apply_rotary(x[..., :rotary_dim], freqs), x[..., rotary_dim:]), dim=-1)
+        return torch.cat((apply_rotary(x[..., :rotary_dim], freqs, magnitude),
+                          x[..., rotary_dim:]), dim=-1)
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * freqs.cos() + rotated * freqs.sin()).to(x.dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    if magnitude != 1.0:
+        cos, sin = cos * magnitude, sin * magnitude
+    return (x.float() * cos + rotated * sin).to(x.dtype)

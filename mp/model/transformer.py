@@ -9,6 +9,7 @@ from mp.model.attention import SelfAttention, mask_for_layers
 from mp.model.config import TransformerConfig
 from mp.model.dropout import bias_dropout_add
 from mp.model.inference import InferenceParams
+from mp.model.mla import MLASelfAttention
 from mp.model.mlp import MLP
 from mp.model.moe import MoELayer
 from mp.model.norm import build_norm
@@ -27,7 +28,8 @@ class TransformerLayer(nn.Module):
         self.config = config
         self.layer_number = layer_number  # 1-based, over the whole model
         self.input_layernorm = build_norm(config)
-        self.self_attention = SelfAttention(config, group, layer_number)
+        attention = MLASelfAttention if config.multi_latent_attention else SelfAttention
+        self.self_attention = attention(config, group, layer_number)
         self.pre_mlp_layernorm = build_norm(config)
         self.mlp = (MoELayer(config, group) if config.is_moe_layer(layer_number - 1)
                     else MLP(config, group))

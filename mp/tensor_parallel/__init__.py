@@ -3,6 +3,7 @@
 from mp.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from mp.tensor_parallel.layers import (
     ColumnParallelLinear,
+    DuplicatedLinear,
     LinearWithAsyncGradReduce,
     RowParallelLinear,
     VocabParallelEmbedding,
@@ -29,7 +30,7 @@ from mp.tensor_parallel.random import (
 from mp.tensor_parallel.utils import VocabUtility, divide, split_tensor_along_last_dim
 
 __all__ = [
-    "ColumnParallelLinear", "CudaRNGStatesTracker", "LinearWithAsyncGradReduce",
+    "ColumnParallelLinear", "CudaRNGStatesTracker", "DuplicatedLinear", "LinearWithAsyncGradReduce",
     "RowParallelLinear", "VocabParallelEmbedding", "VocabUtility", "all_to_all",
     "all_to_all_by_sizes", "checkpoint", "copy_to_tensor_model_parallel_region", "divide",
     "gather_from_sequence_parallel_region",

@@ -9,6 +9,8 @@ in the tensor-parallel group:
 - ``RowParallelLinear``: ``A`` split by columns (input features): weight ``[out, in / t]``,
   bias ``[out]`` added once, after the reduction.
 - ``VocabParallelEmbedding``: table split by vocabulary rows: ``[V / t, h]``.
+- ``DuplicatedLinear``: ``Y = X A^T + b`` with ``A`` whole on every rank (Megatron's
+  "duplicated" mode): small projections that each rank computes for its own tokens.
 
 Every parameter says how it is sharded: ``tensor_model_parallel``, ``partition_dim``,
 ``partition_stride`` (Megatron's attributes) plus ``global_shape`` and ``shard_offset``, so a
@@ -79,17 +81,26 @@ def _sharded_parameter(full_shape: tuple[int, int], partition_dim: int, init_met
                        ) -> nn.Parameter:
     """This rank's slice of a ``full_shape`` weight initialised as a serial one would be."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    local_shape = list(full_shape)
     what = f"dimension {partition_dim} of a {tuple(full_shape)} weight"
-    local_shape[partition_dim] = divide(full_shape[partition_dim], world, what)
+    divide(full_shape[partition_dim], world, what)
+    weight = _initialized(full_shape, init_method, params_dtype, device, perform_initialization,
+                          lambda master: master.chunk(world, dim=partition_dim)[rank])
+    set_tensor_model_parallel_attributes(weight, True, partition_dim, 1, group)
+    return weight
+
+
+def _initialized(full_shape: tuple[int, int], init_method: InitMethod, params_dtype, device,
+                 perform_initialization: bool, part=lambda master: master) -> nn.Parameter:
+    """``part`` of a ``full_shape`` weight drawn in fp32 by ``init_method`` from the default
+    generator (left empty on the meta device or without ``perform_initialization``)."""
     device = get_device() if device is None else torch.device(device)
+    local_shape = part(torch.empty(full_shape, device="meta")).shape
     weight = nn.Parameter(torch.empty(local_shape, dtype=params_dtype, device=device))
     if perform_initialization and device.type != "meta":
         master = torch.empty(full_shape, dtype=torch.float32, device=device)
         init_method(master)
         with torch.no_grad():
-            weight.copy_(master.chunk(world, dim=partition_dim)[rank])
-    set_tensor_model_parallel_attributes(weight, True, partition_dim, 1, group)
+            weight.copy_(part(master))
     return weight
 
 
@@ -288,3 +299,28 @@ class VocabParallelEmbedding(nn.Module):
             output = output.transpose(0, 1).contiguous()
             return reduce_scatter_to_sequence_parallel_region(output, group=self.group)
         return reduce_from_tensor_model_parallel_region(output, group=self.group)
+
+
+class DuplicatedLinear(nn.Module):
+    """``Y = X A^T + b`` with the whole ``A [out, in]`` on every TP rank (Megatron's
+    "duplicated" parallel mode), drawn as a serial layer's. Each rank computes it for the rows
+    it holds; with ``sequence_parallel`` those are its own ``s / t`` tokens, the weight's
+    gradient is partial over the TP group and its parameters say so (``sequence_parallel``,
+    summed by `mp.distributed.finalize_model_grads`). Returns ``(output, None)``, as the
+    parallel linears do without ``skip_bias_add``.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = True,
+                 init_method: InitMethod = nn.init.xavier_normal_, sequence_parallel: bool = False,
+                 params_dtype: torch.dtype = torch.float32, device=None,
+                 perform_initialization: bool = True):
+        super().__init__()
+        self.weight = _initialized((output_size, input_size), init_method, params_dtype, device,
+                                   perform_initialization)
+        set_tensor_model_parallel_attributes(self.weight, False, 0)
+        self.bias = _bias(output_size, params_dtype, device, False, None) if bias else None
+        for param in self.parameters():
+            param.sequence_parallel = sequence_parallel
+
+    def forward(self, input_: torch.Tensor):
+        return F.linear(input_, self.weight, self.bias), None

@@ -1,0 +1,287 @@
+"""Hugging Face DeepSeek-V3 (``DeepseekV3ForCausalLM``) weights to and from mp's global
+parameter names.
+
+DeepSeek-V3 is mp's GPT with RMSNorm, SwiGLU, no linear biases, untied embeddings,
+multi-latent attention (`mp.model.mla`) and, after its first ``first_k_dense_replace`` dense
+layers, mixtures of experts with shared experts (`mp.model.moe`). The names:
+
+- attention: ``q_proj`` (no query latent) or ``q_a_proj``, ``q_a_layernorm``, ``q_b_proj``;
+  ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj`` are mp's
+  ``linear_q_proj`` or ``linear_q_down_proj``, ``q_layernorm``, ``linear_q_up_proj``;
+  ``linear_kv_down_proj``, ``kv_layernorm``, ``linear_kv_up_proj``, ``dense``.
+- With ``rope_interleave`` (DeepSeek's own layout) a head's RoPE channels rotate in adjacent
+  pairs ``(2i, 2i + 1)``; mp's rotate-half form pairs ``(i, i + dr / 2)``. The rows of the
+  query's and the key's RoPE channels are reordered (evens, then odds), which leaves every
+  query-key product, and so the model, unchanged.
+- MLPs: ``mlp.gate_proj``, ``up_proj``, ``down_proj`` (dense layers and
+  ``mlp.shared_experts``) are mp's ``linear_gate``, ``linear_fc1``, ``linear_fc2``; each
+  expert's three are stacked into ``mlp.experts.gate_weight``, ``fc1_weight``, ``fc2_weight``;
+  the router ``mlp.gate`` is ``mlp.router`` and its ``e_score_correction_bias`` the router's
+  ``expert_bias``.
+- Routing (``noaux_tc``): sigmoid scores, the choice by score plus bias within the best
+  ``topk_group`` of ``n_group`` groups ranked by their top two (mp's group-limited routing
+  ranks by the top ``k / topk_group``: the two must be 2), the weights renormalized
+  (``norm_topk_prob``) and times ``routed_scaling_factor``.
+- RoPE is plain or YaRN (mp's ``rope_type='yarn'``, `mp.model.rope.yarn_frequencies`), whose
+  ``mscale_all_dim`` also scales the scores.
+
+The next-token-prediction modules of DeepSeek-V3's own files (layers past
+``num_hidden_layers``) are not part of the model transformers loads, nor of mp's: they are
+dropped. Quantized (FP8) files, other routings and an ``rms_norm_eps`` other than the latent
+norms' fixed 1e-6 are refused by name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mp.checkpointing.hf_tensors import (
+    check_expressible,
+    check_keys,
+    check_output_layer,
+    pad_rows,
+    shift_norm_weights,
+)
+from mp.model.config import TransformerConfig
+
+_PREFIX = "model."
+_NORMS = (("input_layernorm", "input_layernorm"),
+          ("post_attention_layernorm", "pre_mlp_layernorm"))
+_ATTENTION = (("o_proj", "dense"), ("kv_a_layernorm", "kv_layernorm"),
+              ("kv_b_proj", "linear_kv_up_proj"))
+_Q_LATENT = (("q_a_proj", "linear_q_down_proj"), ("q_a_layernorm", "q_layernorm"))
+_MLP = (("gate_proj", "linear_gate"), ("up_proj", "linear_fc1"), ("down_proj", "linear_fc2"))
+_EXPERTS = (("gate_proj", "gate_weight"), ("up_proj", "fc1_weight"), ("down_proj", "fc2_weight"))
+
+
+def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
+                   pipeline_model_parallel_size: int = 1,
+                   make_vocab_size_divisible_by: int = 128,
+                   seq_length: int | None = None) -> TransformerConfig:
+    """The mp model of a DeepSeek-V3 ``config.json``; ValueError for what mp cannot
+    express."""
+    for key, value in (("hidden_act", "silu"), ("attention_bias", False),
+                       ("topk_method", "noaux_tc"), ("scoring_func", "sigmoid"),
+                       ("norm_topk_prob", True), ("quantization_config", None),
+                       ("num_key_value_heads", hf["num_attention_heads"])):
+        if hf.get(key, value) != value:
+            raise ValueError(f"{key}={hf[key]!r}: mp's DeepSeek-V3 needs {key}={value!r}")
+    if hf.get("rms_norm_eps", 1e-6) != 1e-6:
+        raise ValueError(f"rms_norm_eps={hf['rms_norm_eps']!r}: DeepSeek-V3's latent norms "
+                         "take 1e-6 whatever it says, and mp's norms share one epsilon: it must "
+                         "be 1e-6")
+    layers, dense = hf["num_hidden_layers"], hf.get("first_k_dense_replace", 0)
+    k, groups, chosen = hf["num_experts_per_tok"], hf.get("n_group", 1), hf.get("topk_group", 1)
+    if groups > 1 and k != 2 * chosen:
+        raise ValueError(f"num_experts_per_tok={k}, topk_group={chosen}: DeepSeek-V3 ranks "
+                         "its groups by their top 2 scores, mp's by their top "
+                         "num_experts_per_tok / topk_group: it must be 2")
+    positions = hf["max_position_embeddings"]
+    shared = hf.get("n_shared_experts") or 0
+    return TransformerConfig(
+        num_layers=layers, hidden_size=hf["hidden_size"],
+        num_attention_heads=hf["num_attention_heads"], vocab_size=hf["vocab_size"],
+        seq_length=seq_length or positions, max_position_embeddings=positions,
+        ffn_hidden_size=hf["intermediate_size"],
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        normalization="RMSNorm", layernorm_epsilon=1e-6,
+        activation="swiglu", position_embedding_type="rope", **_rope(hf),
+        multi_latent_attention=True, q_lora_rank=hf.get("q_lora_rank"),
+        kv_lora_rank=hf["kv_lora_rank"], qk_head_dim=hf["qk_nope_head_dim"],
+        qk_pos_emb_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
+        num_moe_experts=hf["n_routed_experts"], moe_router_topk=k,
+        moe_layer_freq=[int(i >= dense) for i in range(layers)],
+        moe_ffn_hidden_size=hf["moe_intermediate_size"],
+        moe_shared_expert_intermediate_size=shared * hf["moe_intermediate_size"] or None,
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+        moe_router_num_groups=groups if groups > 1 else None,
+        moe_router_group_topk=chosen if groups > 1 else None,
+        add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=hf.get("attention_dropout", 0.0),
+        init_method_std=hf.get("initializer_range", 0.02),
+        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size)
+
+
+def _rope(hf: dict) -> dict:
+    """mp's RoPE fields of a config (``rope_scaling``, or transformers 5's
+    ``rope_parameters``): plain or YaRN; ValueError for another scaling."""
+    parameters = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    kind = parameters.get("rope_type", parameters.get("type", "default"))
+    fields = {"rotary_base": float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if kind == "default":
+        return fields
+    if kind != "yarn" or parameters.get("attention_factor") is not None:
+        raise ValueError(f"RoPE scaling {parameters!r}: mp's DeepSeek-V3 has YaRN (rope_type "
+                         "'yarn', its attention factor from mscale and mscale_all_dim) or none")
+    return {**fields, "rope_type": "yarn",
+            "yarn_rotary_scaling_factor": float(parameters["factor"]),
+            "yarn_original_max_position_embeddings":
+                parameters["original_max_position_embeddings"],
+            "yarn_beta_fast": float(parameters.get("beta_fast", 32.0)),
+            "yarn_beta_slow": float(parameters.get("beta_slow", 1.0)),
+            "yarn_mscale": float(parameters.get("mscale", 1.0)),
+            "yarn_mscale_all_dim": float(parameters.get("mscale_all_dim", 0.0))}
+
+
+def _check(config: TransformerConfig) -> None:
+    """ValueError for an mp model DeepSeek-V3 cannot express."""
+    check_expressible(config, {
+        "multi_latent_attention": (True,), "normalization": ("RMSNorm",),
+        "activation": ("swiglu",), "add_bias_linear": (False,), "layernorm_epsilon": (1e-6,),
+        "untie_embeddings_and_output_weights": (True,),
+        "moe_router_score_function": ("sigmoid",), "moe_router_enable_expert_bias": (True,),
+        "moe_router_pre_softmax": (False,)}, "DeepSeek-V3")
+    pattern = [int(config.is_moe_layer(i)) for i in range(config.num_layers)]
+    if config.num_moe_experts is None or pattern != sorted(pattern):
+        raise ValueError(f"model.num_moe_experts={config.num_moe_experts}, moe_layer_freq="
+                         f"{config.moe_layer_freq!r}: DeepSeek-V3 has dense layers first, then "
+                         "mixtures of experts")
+    groups = config.moe_router_num_groups
+    if groups is not None and config.moe_router_topk != 2 * config.moe_router_group_topk:
+        raise ValueError(f"model.moe_router_topk={config.moe_router_topk}, "
+                         f"moe_router_group_topk={config.moe_router_group_topk}: DeepSeek-V3 "
+                         "ranks groups by their top 2 scores (their ratio must be 2)")
+    shared = config.moe_shared_expert_intermediate_size or 0
+    if shared % config.moe_ffn_hidden_size:
+        raise ValueError(f"model.moe_shared_expert_intermediate_size={shared} is not a "
+                         f"multiple of moe_ffn_hidden_size={config.moe_ffn_hidden_size}: "
+                         "DeepSeek-V3 counts its shared experts")
+
+
+def hf_config(config: TransformerConfig) -> dict:
+    """A DeepSeek-V3 ``config.json`` for mp model ``config``; ValueError for an mp model it
+    cannot express."""
+    _check(config)
+    rope = {"rope_type": "default", "rope_theta": config.rotary_base}
+    if config.rope_type == "yarn":
+        rope.update(rope_type="yarn", factor=config.yarn_rotary_scaling_factor,
+                    original_max_position_embeddings=config.yarn_original_max_position_embeddings,
+                    beta_fast=config.yarn_beta_fast, beta_slow=config.yarn_beta_slow,
+                    mscale=config.yarn_mscale, mscale_all_dim=config.yarn_mscale_all_dim)
+    groups = config.moe_router_num_groups
+    return {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+            "intermediate_size": config.ffn_hidden_size,
+            "moe_intermediate_size": config.moe_ffn_hidden_size,
+            "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_attention_heads,
+            "n_shared_experts": (config.moe_shared_expert_intermediate_size or 0)
+            // config.moe_ffn_hidden_size,
+            "n_routed_experts": config.num_moe_experts,
+            "routed_scaling_factor": config.moe_router_topk_scaling_factor or 1.0,
+            "kv_lora_rank": config.kv_lora_rank, "q_lora_rank": config.q_lora_rank,
+            "qk_rope_head_dim": config.qk_pos_emb_head_dim, "v_head_dim": config.v_head_dim,
+            "qk_nope_head_dim": config.qk_head_dim, "n_group": groups or 1,
+            "topk_group": config.moe_router_group_topk or 1,
+            "num_experts_per_tok": config.moe_router_topk,
+            "first_k_dense_replace": sum(not config.is_moe_layer(i)
+                                         for i in range(config.num_layers)),
+            "norm_topk_prob": True, "rope_interleave": False, "hidden_act": "silu",
+            "max_position_embeddings": config.max_position_embeddings,
+            "rms_norm_eps": config.layernorm_epsilon, "rope_parameters": rope,
+            "attention_bias": False, "attention_dropout": config.attention_dropout,
+            "initializer_range": config.init_method_std, "tie_word_embeddings": False}
+
+
+def _deinterleave(rows: torch.Tensor, width: int, heads: int) -> torch.Tensor:
+    """``rows [heads x (n + width), ...]`` with each head's last ``width`` rows reordered from
+    DeepSeek's adjacent pairs to rotate-half's: evens, then odds."""
+    per_head = rows.view(heads, -1, *rows.shape[1:])
+    rope = per_head[:, -width:]
+    order = torch.cat((torch.arange(0, width, 2), torch.arange(1, width, 2)))
+    return torch.cat((per_head[:, :-width], rope[:, order]), dim=1).flatten(0, 1)
+
+
+def _pairs(config: TransformerConfig, layer: int) -> list[tuple[str, str]]:
+    """(Hugging Face name, mp name) of ``layer``'s weights, but the stacked experts'."""
+    src, dst = f"layers.{layer}.", f"decoder.layers.{layer}."
+    attention = [*_ATTENTION, ("kv_a_proj_with_mqa", "linear_kv_down_proj"),
+                 *(_Q_LATENT + (("q_b_proj", "linear_q_up_proj"),)
+                   if config.q_lora_rank is not None else (("q_proj", "linear_q_proj"),))]
+    pairs = [(f"{src}{hf}.weight", f"{dst}{mp}.weight") for hf, mp in _NORMS]
+    pairs += [(f"{src}self_attn.{hf}.weight", f"{dst}self_attention.{mp}.weight")
+              for hf, mp in attention]
+    if not config.is_moe_layer(layer):
+        return pairs + [(f"{src}mlp.{hf}.weight", f"{dst}mlp.{mp}.weight") for hf, mp in _MLP]
+    pairs += [(f"{src}mlp.gate.weight", f"{dst}mlp.router.weight"),
+              (f"{src}mlp.gate.e_score_correction_bias", f"{dst}mlp.router.expert_bias")]
+    if config.moe_shared_expert_intermediate_size:
+        pairs += [(f"{src}mlp.shared_experts.{hf}.weight", f"{dst}mlp.shared_experts.{mp}.weight")
+                  for hf, mp in _MLP]
+    return pairs
+
+
+def _experts(config: TransformerConfig, layer: int) -> list[tuple[list[str], str]]:
+    """``([Hugging Face name of each expert], mp name)`` of a MoE layer's stacked weights."""
+    if not config.is_moe_layer(layer):
+        return []
+    return [([f"layers.{layer}.mlp.experts.{e}.{hf}.weight"
+              for e in range(config.num_moe_experts)], f"decoder.layers.{layer}.mlp.experts.{mp}")
+            for hf, mp in _EXPERTS]
+
+
+def _rope_rows(config: TransformerConfig, layer: int) -> dict[str, int]:
+    """mp names of the weights whose rows hold RoPE channels -> how many heads they hold."""
+    dst = f"decoder.layers.{layer}.self_attention."
+    q = "linear_q_up_proj" if config.q_lora_rank is not None else "linear_q_proj"
+    return {f"{dst}{q}.weight": config.num_attention_heads,
+            f"{dst}linear_kv_down_proj.weight": 1}
+
+
+def hf_to_mp(state_dict: dict[str, torch.Tensor], config: TransformerConfig,
+             rope_interleave: bool = True) -> dict[str, torch.Tensor]:
+    """``DeepseekV3ForCausalLM`` weights to mp's global names and layout; ``rope_interleave``
+    as the config says (DeepSeek's default)."""
+    _check(config)
+    hf = {k.removeprefix(_PREFIX): v for k, v in state_dict.items()
+          if not _extra_layer(k, config.num_layers)}
+    pairs = [pair for i in range(config.num_layers) for pair in _pairs(config, i)]
+    experts = [item for i in range(config.num_layers) for item in _experts(config, i)]
+    check_keys(set(hf), {"embed_tokens.weight", "norm.weight", "lm_head.weight"}
+               | {name for name, _ in pairs} | {n for names, _ in experts for n in names},
+               "DeepSeek-V3 state dict")
+    check_output_layer(hf["lm_head.weight"], hf["embed_tokens.weight"], False, "embed_tokens")
+    rows = config.padded_vocab_size
+    mp = {"embedding.word_embeddings.weight": pad_rows(hf["embed_tokens.weight"], rows),
+          "output_layer.weight": pad_rows(hf["lm_head.weight"], rows),
+          "decoder.final_layernorm.weight": hf["norm.weight"]}
+    mp.update({mp_name: hf[hf_name] for hf_name, mp_name in pairs})
+    mp.update({mp_name: torch.stack([hf[n] for n in names]) for names, mp_name in experts})
+    if rope_interleave:
+        for i in range(config.num_layers):
+            for name, heads in _rope_rows(config, i).items():
+                mp[name] = _deinterleave(mp[name], config.qk_pos_emb_head_dim, heads)
+    return shift_norm_weights({k: v.contiguous().clone() for k, v in mp.items()}, config, -1.0)
+
+
+def _extra_layer(name: str, num_layers: int) -> bool:
+    """Whether ``name`` is a weight of a layer past ``num_layers`` (DeepSeek-V3's
+    next-token-prediction modules)."""
+    parts = name.removeprefix(_PREFIX).split(".")
+    return parts[0] == "layers" and int(parts[1]) >= num_layers
+
+
+def mp_to_hf(weights: dict[str, torch.Tensor],
+             config: TransformerConfig) -> dict[str, torch.Tensor]:
+    """mp's global weights to ``DeepseekV3ForCausalLM.state_dict()``'s keys as its files hold
+    them (a tensor per expert), for `hf_config`'s ``rope_interleave: false``."""
+    _check(config)
+    weights = shift_norm_weights(weights, config, 1.0)
+    pairs = [pair for i in range(config.num_layers) for pair in _pairs(config, i)]
+    experts = [item for i in range(config.num_layers) for item in _experts(config, i)]
+    check_keys(set(weights), {"embedding.word_embeddings.weight", "output_layer.weight",
+                              "decoder.final_layernorm.weight"}
+               | {mp_name for _, mp_name in pairs} | {mp_name for _, mp_name in experts},
+               "mp checkpoint")
+    vocab = config.vocab_size
+    hf = {"model.embed_tokens.weight": weights["embedding.word_embeddings.weight"][:vocab],
+          "lm_head.weight": weights["output_layer.weight"][:vocab],
+          "model.norm.weight": weights["decoder.final_layernorm.weight"]}
+    hf.update({_PREFIX + hf_name: weights[mp_name] for hf_name, mp_name in pairs})
+    for names, mp_name in experts:
+        hf.update({_PREFIX + name: t for name, t in zip(names, weights[mp_name])})
+    return {k: v.contiguous().clone() for k, v in hf.items()}

@@ -1,0 +1,157 @@
+"""The rules a `TransformerConfig` must follow that are long enough to read on their own, and
+the checks they are written with: each names the value and the rule it breaks."""
+
+from __future__ import annotations
+
+from mp.model.layer_pattern import layer_pattern
+
+
+def positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def one_of(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} must be one of {', '.join(map(repr, allowed))}")
+
+
+def divisible(name: str, value: int, by_name: str, by: int) -> None:
+    if value % by:
+        raise ValueError(f"{name}={value} is not divisible by {by_name}={by}")
+
+
+def check_moe(config) -> None:
+    """The mixture-of-experts fields of a `TransformerConfig` (fills ``moe_ffn_hidden_size`` and
+    parses ``moe_layer_freq``)."""
+    e, tp = config.num_moe_experts, config.tensor_model_parallel_size
+    ep = config.expert_model_parallel_size
+    positive_int("expert_model_parallel_size", ep)
+    if e is None:
+        if ep > 1:
+            raise ValueError(f"expert_model_parallel_size={ep} needs num_moe_experts (a "
+                             "mixture-of-experts model)")
+        return
+    positive_int("num_moe_experts", e)
+    positive_int("moe_router_topk", config.moe_router_topk)
+    if isinstance(config.moe_layer_freq, str):
+        config.moe_layer_freq = layer_pattern(config.moe_layer_freq)
+    if isinstance(config.moe_layer_freq, list):
+        pattern = config.moe_layer_freq
+        if len(pattern) != config.num_layers or not set(pattern) <= {0, 1}:
+            raise ValueError(f"moe_layer_freq={pattern} must hold a 0 (dense) or 1 (MoE) "
+                             f"for each of the num_layers={config.num_layers} layers")
+    else:
+        positive_int("moe_layer_freq", config.moe_layer_freq)
+    if config.moe_router_topk > e:
+        raise ValueError(f"moe_router_topk={config.moe_router_topk} exceeds "
+                         f"num_moe_experts={e}")
+    if config.moe_ffn_hidden_size is None:
+        config.moe_ffn_hidden_size = config.ffn_hidden_size
+    positive_int("moe_ffn_hidden_size", config.moe_ffn_hidden_size)
+    divisible("moe_ffn_hidden_size", config.moe_ffn_hidden_size,
+               "tensor_model_parallel_size", tp)
+    divisible("num_moe_experts", e, "expert_model_parallel_size", ep)
+    shared = config.moe_shared_expert_intermediate_size
+    if shared is not None:
+        positive_int("moe_shared_expert_intermediate_size", shared)
+        divisible("moe_shared_expert_intermediate_size", shared,
+                   "tensor_model_parallel_size", tp)
+    one_of("moe_router_load_balancing_type", config.moe_router_load_balancing_type,
+            ("aux_loss", "seq_aux_loss", "none"))
+    one_of("moe_router_dtype", config.moe_router_dtype, (None, "fp32", "fp64"))
+    one_of("moe_token_drop_policy", config.moe_token_drop_policy, ("probs", "position"))
+    _check_router_groups(config)
+    capacity = config.moe_expert_capacity_factor
+    if capacity is not None and not capacity > 0:
+        raise ValueError(f"moe_expert_capacity_factor={capacity!r} must be > 0")
+    one_of("moe_router_score_function", config.moe_router_score_function,
+            ("softmax", "sigmoid"))
+    sigmoid = config.moe_router_score_function == "sigmoid"
+    if sigmoid and config.moe_router_pre_softmax:
+        raise ValueError("moe_router_pre_softmax=True needs moe_router_score_function="
+                         "'softmax'")
+    if config.moe_router_enable_expert_bias and not sigmoid:
+        raise ValueError("moe_router_enable_expert_bias=True needs "
+                         "moe_router_score_function='sigmoid' (mp's expert bias)")
+    factor = config.moe_router_topk_scaling_factor
+    if factor is not None and not factor > 0:
+        raise ValueError(f"moe_router_topk_scaling_factor={factor!r} must be > 0")
+    if not config.moe_router_bias_update_rate >= 0:
+        raise ValueError(f"moe_router_bias_update_rate={config.moe_router_bias_update_rate!r} "
+                         "must be >= 0")
+    for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+        value = getattr(config, name)
+        if value is not None and not value >= 0:
+            raise ValueError(f"{name}={value!r} must be >= 0")
+    if config.expert_tensor_parallel_size not in (None, tp):
+        raise ValueError(f"expert_tensor_parallel_size={config.expert_tensor_parallel_size} "
+                         f"must equal tensor_model_parallel_size={tp}: mp splits each "
+                         "expert over the layer's TP ranks")
+
+def _check_router_groups(config) -> None:
+    groups, chosen = config.moe_router_num_groups, config.moe_router_group_topk
+    if (groups is None) != (chosen is None):
+        raise ValueError(f"moe_router_num_groups={groups} and moe_router_group_topk="
+                         f"{chosen}: set both or neither")
+    if groups is None:
+        return
+    positive_int("moe_router_num_groups", groups)
+    positive_int("moe_router_group_topk", chosen)
+    divisible("num_moe_experts", config.num_moe_experts, "moe_router_num_groups", groups)
+    k, per_group = config.moe_router_topk, config.num_moe_experts // groups
+    if not chosen <= min(groups, k) or k // chosen > per_group or chosen * per_group < k:
+        raise ValueError(f"moe_router_group_topk={chosen} must be at most "
+                         f"moe_router_num_groups={groups} and moe_router_topk={k}, its "
+                         f"groups of {per_group} experts must hold {k}, and "
+                         f"moe_router_topk / moe_router_group_topk = {k // chosen} at most "
+                         f"{per_group}")
+
+
+def check_mla(config) -> None:
+    """The multi-latent attention fields of a `TransformerConfig`."""
+    if not config.multi_latent_attention:
+        if config.q_lora_rank is not None:
+            raise ValueError(f"q_lora_rank={config.q_lora_rank} needs "
+                             "multi_latent_attention=True")
+        return
+    for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+        positive_int(name, getattr(config, name))
+    if config.q_lora_rank is not None:
+        positive_int("q_lora_rank", config.q_lora_rank)
+    if config.qk_pos_emb_head_dim % 2:
+        raise ValueError(f"qk_pos_emb_head_dim={config.qk_pos_emb_head_dim} must be even: "
+                         "RoPE rotates pairs of channels")
+    if config.position_embedding_type != "rope":
+        raise ValueError(f"multi_latent_attention=True needs position_embedding_type='rope', "
+                         f"not {config.position_embedding_type!r}: its qk_pos_emb_head_dim "
+                         "channels carry the positions")
+    if config.num_query_groups != config.num_attention_heads:
+        raise ValueError(f"num_query_groups={config.num_query_groups} must equal "
+                         f"num_attention_heads={config.num_attention_heads} under "
+                         "multi_latent_attention: every head has its own key and value")
+    for name, default in (("rotary_percent", 1.0), ("qk_layernorm", False)):
+        if getattr(config, name) != default:
+            raise ValueError(f"{name}={getattr(config, name)!r} does not apply to "
+                             f"multi_latent_attention (leave it {default!r}): the latents "
+                             "have their own norms and only the qk_pos_emb_head_dim channels "
+                             "rotate")
+
+
+def check_yarn(config) -> None:
+    """The YaRN fields of a `TransformerConfig`."""
+    one_of("rope_type", config.rope_type, ("rope", "yarn"))
+    if config.rope_type != "yarn":
+        return
+    if config.position_embedding_type != "rope":
+        raise ValueError(f"rope_type='yarn' scales RoPE's frequencies: it needs "
+                         f"position_embedding_type='rope', not "
+                         f"{config.position_embedding_type!r}")
+    if config.use_rope_scaling:
+        raise ValueError("rope_type='yarn' and use_rope_scaling=True (Llama 3.1's) are two "
+                         "ways to scale RoPE's frequencies: choose one")
+    positive_int("yarn_original_max_position_embeddings",
+                 config.yarn_original_max_position_embeddings)
+    for name in ("yarn_rotary_scaling_factor", "yarn_beta_fast", "yarn_beta_slow"):
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name}={getattr(config, name)!r} must be > 0")

@@ -1,0 +1,138 @@
+"""Hugging Face DeepSeek-V3 round trip: random-weight ``DeepseekV3ForCausalLM`` models (built
+from a config, no download) converted by ``tools/convert_checkpoint.py`` give transformers'
+own logits in mp at TP 1, TP 2 and EP 2: multi-latent attention with and without a query
+latent, DeepSeek's paired RoPE channels and YaRN, a dense first layer, then experts with a
+shared expert and group-limited sigmoid routing with the score-correction bias. Converted
+back, transformers loads the same model. What mp cannot express is refused by name."""
+
+import json
+
+import pytest
+import torch
+from checks import assert_rel_close, seeded
+from harness import run_distributed
+from hf_convert import assert_same_model, convert, mp_logits, to_mp, transformers
+
+from mp.checkpointing import read_checkpoint_info
+from mp.model import TransformerConfig
+
+VOCAB = 200
+YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+        "original_max_position_embeddings": 16, "beta_fast": 8.0, "beta_slow": 1.0,
+        "mscale": 0.9, "mscale_all_dim": 0.8}
+
+
+def _deepseek(**extra):
+    """A DeepSeek-V3 of 3 layers (the first dense) and 8 experts in 4 groups."""
+    config = transformers.DeepseekV3Config(**{
+        "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96,
+        "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "n_shared_experts": 1, "n_routed_experts": 8,
+        "routed_scaling_factor": 2.5, "kv_lora_rank": 24, "q_lora_rank": 40,
+        "qk_rope_head_dim": 8, "v_head_dim": 12, "qk_nope_head_dim": 16, "n_group": 4,
+        "topk_group": 2, "num_experts_per_tok": 4, "first_k_dense_replace": 1,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_parameters": YARN,
+        **extra})
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():  # the norms non-trivial, the routers' choices spread out
+        for i, (name, tensor) in enumerate(model.state_dict().items()):
+            scale = 0.3 if "gate." in name else 0.05
+            tensor.add_(seeded(tensor.shape, 100 + i, scale=scale))
+    return model
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("world,tp,ep,extra", [
+    (1, 1, 1, {}), (2, 2, 1, {}), (2, 1, 2, {}),
+    (2, 2, 1, {"q_lora_rank": None, "rope_interleave": False, "n_group": 1, "topk_group": 1,
+               "num_experts_per_tok": 3, "rope_parameters": {"rope_type": "default",
+                                                             "rope_theta": 500.0}})],
+    ids=["TP1", "TP2", "EP2", "no-query-latent-halved-rope-ungrouped-TP2"])
+def test_logits_match_after_conversion(tmp_path, world, tp, ep, extra):
+    model = _deepseek(**extra)
+    model.save_pretrained(tmp_path / "hf")
+    to_mp(tmp_path / "hf", tmp_path / "mp", tp)
+    saved = read_checkpoint_info(tmp_path / "mp").model_config
+    assert (saved["multi_latent_attention"], saved["q_lora_rank"], saved["moe_layer_freq"],
+            saved["moe_shared_expert_intermediate_size"]) == (
+        True, extra.get("q_lora_rank", 40), [0, 1, 1], 32)
+    assert saved["rope_type"] == ("rope" if "rope_parameters" in extra else "yarn")
+    tokens = _tokens()
+    with torch.no_grad():
+        expected = model(tokens).logits
+    for got in run_distributed(world, mp_logits, str(tmp_path / "mp"), tp, ep, tokens, VOCAB):
+        assert_rel_close(got, expected, rtol=1e-5, what="logits")
+
+
+def test_paired_rope_channels_are_reordered(tmp_path):
+    """Read as if halved, DeepSeek's paired RoPE rows give other logits: the reordering is
+    what makes them agree."""
+    model = _deepseek()
+    model.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config,
+                                                             "rope_interleave": False}))
+    to_mp(tmp_path / "hf", tmp_path / "mp", 1)
+    with torch.no_grad():
+        expected = model(_tokens()).logits
+    [got] = run_distributed(1, mp_logits, str(tmp_path / "mp"), 1, 1, _tokens(), VOCAB)
+    assert (got - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("extra", [{"rope_interleave": False}, {}],
+                         ids=["halved-rope", "paired-rope"])
+def test_round_trip(tmp_path, extra):
+    """Back in transformers: the same tensors for halved RoPE channels (what mp writes);
+    paired ones come back halved, the same model to rounding."""
+    model = _deepseek(**extra)
+    model.save_pretrained(tmp_path / "hf")
+    to_mp(tmp_path / "hf", tmp_path / "mp", 1)
+    convert.main(["mp-to-hf", "--input", str(tmp_path / "mp"), "--output", str(tmp_path / "back")])
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (config["model_type"], config["rope_interleave"], config["first_k_dense_replace"],
+            config["n_shared_experts"], config["rope_parameters"]) == (
+        "deepseek_v3", False, 1, 1, YARN)
+    back = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "back").eval()
+    if extra:
+        assert_same_model(back, model, _tokens())
+    else:
+        with torch.no_grad():
+            assert_rel_close(back(_tokens()).logits, model(_tokens()).logits, rtol=1e-5,
+                             what="logits")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"quantization_config": {"quant_method": "fp8"}},
+     "quantization_config=.*: mp's DeepSeek-V3 needs quantization_config=None"),
+    ({"topk_method": "greedy"}, "topk_method='greedy': mp's DeepSeek-V3 needs "
+                                "topk_method='noaux_tc'"),
+    ({"topk_group": 1}, "num_experts_per_tok=4, topk_group=1: DeepSeek-V3 ranks its groups by "
+                        "their top 2 scores"),
+    ({"rms_norm_eps": 1e-5}, "rms_norm_eps=1e-05: DeepSeek-V3's latent norms take 1e-6"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}},
+     "RoPE scaling .*: mp's DeepSeek-V3 has YaRN")])
+def test_unsupported_configs_are_refused_by_name(tmp_path, change, message):
+    _deepseek().save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(SystemExit, match=message):
+        to_mp(tmp_path / "hf", tmp_path / "mp", 1)
+
+
+def test_mp_models_deepseek_cannot_express_are_refused():
+    from mp.checkpointing import hf_deepseek
+    config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
+                               vocab_size=VOCAB, seq_length=16, normalization="RMSNorm",
+                               activation="swiglu", position_embedding_type="rope",
+                               layernorm_epsilon=1e-6, add_bias_linear=False,
+                               untie_embeddings_and_output_weights=True,
+                               multi_latent_attention=True, num_moe_experts=4,
+                               moe_layer_freq=[1, 0], moe_router_score_function="sigmoid",
+                               moe_router_enable_expert_bias=True)
+    with pytest.raises(ValueError, match=r"moe_layer_freq=\[1, 0\]: DeepSeek-V3 has dense "
+                                         "layers first"):
+        hf_deepseek.hf_config(config)
