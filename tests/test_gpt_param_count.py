@@ -1,6 +1,6 @@
 """Parameter counts of the shipped configs, the model built on the meta device: the GPT-3
 sizes against the analytic formula and Brown et al. 2020 (Table 2.1), the Llama 3 sizes
-against Meta's checkpoints, Mixtral 8x7B against Mistral's."""
+against Meta's checkpoints, Mixtral 8x7B against Mistral's, DeepSeek-V3 against DeepSeek's."""
 
 import os
 from pathlib import Path
@@ -27,6 +27,13 @@ def formula(l: int, h: int, vocab: int, s: int) -> int:
 LLAMA3 = {"llama3-8b": 16_060_522_496 // 2, "llama3-70b": 141_107_412_992 // 2}
 # Mistral's Mixtral-8x7B-v0.1 checkpoint: the same index's total_size, bf16 bytes, over 2
 MIXTRAL = 93_405_585_408 // 2
+# DeepSeek's DeepSeek-V3 checkpoint: the elements of its main model's tensors (the FP8 scales
+# and the multi-token-prediction layer left out), as public recounts of its safetensors
+# headers give them; the routers' score-correction biases among them
+DEEPSEEK_V3 = 671_026_419_200
+
+
+_NO_UNEVEN_SPLIT = [f"--model.num_layers_in_{end}_pipeline_stage=null" for end in ("first", "last")]
 
 
 def _count_on_meta(name: str) -> tuple[int, int]:
@@ -36,7 +43,8 @@ def _count_on_meta(name: str) -> tuple[int, int]:
         cfg = load_config(CONFIGS / f"{name}.yaml", ["--tensor-model-parallel-size", "1",
                                                      "--pipeline-model-parallel-size", "1",
                                                      "--model.virtual_pipeline_model_parallel_size",
-                                                     "null", "--expert-model-parallel-size", "1"],
+                                                     "null", "--expert-model-parallel-size", "1",
+                                                     *_NO_UNEVEN_SPLIT],
                           world_size=1).model
         ps.initialize_model_parallel(1)
         model = GPTModel(cfg)
@@ -73,3 +81,14 @@ def test_mixtral_parameter_count_is_mistrals():
     assert built == MIXTRAL
     cfg = load_config(CONFIGS / "mixtral-8x7b.yaml", [], world_size=64).model
     assert model_params(cfg) == MIXTRAL
+
+
+def test_deepseek_v3_parameter_count_is_deepseeks():
+    """Multi-latent attention, 3 dense layers then 256 experts, a shared expert and a router
+    (with its expert bias) in each of 58: to the parameter, and the estimator agrees."""
+    from mp.estimate import model_params
+
+    [(built, _)] = run_distributed(1, _count_on_meta, "deepseek-v3")
+    assert built == DEEPSEEK_V3
+    cfg = load_config(CONFIGS / "deepseek-v3.yaml", [], world_size=2048).model
+    assert model_params(cfg) + cfg.num_moe_experts * 58 == DEEPSEEK_V3  # the biases untrained
