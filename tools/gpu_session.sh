@@ -4,7 +4,8 @@
 # $OUT (default /tmp/mp-gpu).
 #
 #   bash tools/gpu_session.sh kernels      # tools/gpu_check.sh: build, tests/gpu (kernels, compiled
-#                                          # fusions, grouped-query attention, the KV cache), bench_kernels
+#                                          # fusions, grouped-query and multi-latent attention, the
+#                                          # KV cache, MoE), bench_kernels
 #   bash tools/gpu_session.sh memory       # peak memory of 350M/1.3B against the estimate
 #   bash tools/gpu_session.sh training     # fusions, MoE experts (loop, grouped GEMM), bench_gpt
 #                                          # four ways (the last compiled)
