@@ -182,6 +182,19 @@ def assemble(per_rank: list[dict]) -> dict[str, torch.Tensor]:
     return out
 
 
+def train_from(whole: dict[str, torch.Tensor], tp: int, pp: int, steps: int,
+               masked: bool = False, **setup_args) -> dict:
+    """``steps`` iterations (clipping at 0.5, seeded batches, `batch`'s ``masked``) from the
+    weights ``whole`` at TP ``tp`` x PP ``pp`` (``setup_args``: `setup`'s others): this rank's
+    ``{"losses", "norms", "weights"}`` for `assert_same_training`."""
+    models, optimizer, scheduler = setup(tp, pp, seed=9, clip_grad=0.5, bucket_size=1500,
+                                         **setup_args)
+    load_whole(models, optimizer, whole)
+    losses, norms = zip(*(train_step(models, optimizer, scheduler, step, masked=masked)
+                          for step in range(steps)))
+    return {"losses": losses, "norms": norms, "weights": pieces(models)}
+
+
 def assert_same_training(runs: list[dict], serial: dict) -> dict[str, torch.Tensor]:
     """Each rank's ``{"losses", "norms", "weights"}`` (``weights``: its `pieces`) against one
     process's: the losses and gradient norms of every step and every weight after them, to

@@ -36,7 +36,7 @@ DEEPSEEK_V3 = 671_026_419_200
 _NO_UNEVEN_SPLIT = [f"--model.num_layers_in_{end}_pipeline_stage=null" for end in ("first", "last")]
 
 
-def _count_on_meta(name: str) -> tuple[int, int]:
+def _count_on_meta(name: str, extra: list[str] = ()) -> tuple[int, int]:
     """(parameters of config ``name`` built at TP 1, PP 1, the GPT-3 formula for its sizes)."""
     os.environ["MP_DEVICE"] = "meta"
     try:
@@ -44,7 +44,7 @@ def _count_on_meta(name: str) -> tuple[int, int]:
                                                      "--pipeline-model-parallel-size", "1",
                                                      "--model.virtual_pipeline_model_parallel_size",
                                                      "null", "--expert-model-parallel-size", "1",
-                                                     *_NO_UNEVEN_SPLIT],
+                                                     *_NO_UNEVEN_SPLIT, *extra],
                           world_size=1).model
         ps.initialize_model_parallel(1)
         model = GPTModel(cfg)
@@ -85,10 +85,18 @@ def test_mixtral_parameter_count_is_mistrals():
 
 def test_deepseek_v3_parameter_count_is_deepseeks():
     """Multi-latent attention, 3 dense layers then 256 experts, a shared expert and a router
-    (with its expert bias) in each of 58: to the parameter, and the estimator agrees."""
+    (with its expert bias) in each of 58: to the parameter, and the estimator agrees; the
+    multi-token prediction depth adds its projection, three norms and one more MoE layer."""
     from mp.estimate import model_params
 
-    [(built, _)] = run_distributed(1, _count_on_meta, "deepseek-v3")
+    [(built, _)] = run_distributed(1, _count_on_meta, "deepseek-v3",
+                                   ["--model.mtp_num_layers=null"])
     assert built == DEEPSEEK_V3
-    cfg = load_config(CONFIGS / "deepseek-v3.yaml", [], world_size=2048).model
+    cfg = load_config(CONFIGS / "deepseek-v3.yaml", ["--model.mtp_num_layers=null"],
+                      world_size=2048).model
     assert model_params(cfg) + cfg.num_moe_experts * 58 == DEEPSEEK_V3  # the biases untrained
+    [(with_mtp, _)] = run_distributed(1, _count_on_meta, "deepseek-v3")
+    h, a, c, q, dn, dr, dv, f, e = 7168, 128, 512, 1536, 128, 64, 128, 2048, 256
+    attention = h * q + q + q * a * (dn + dr) + h * (c + dr) + c + c * a * (dn + dv) + a * dv * h
+    moe_layer = attention + 2 * h + e * 3 * h * f + 3 * h * f + e * h + e
+    assert with_mtp - built == 2 * h * h + 3 * h + moe_layer

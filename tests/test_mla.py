@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 from checks import assert_rel_close
-from gpt_runs import assemble, assert_same_training, load_whole, pieces, setup, train_step
+from gpt_runs import (
+    assemble,
+    assert_same_training,
+    pieces,
+    setup,
+    train_from,
+)
 from harness import run_distributed
 
 from mp import parallel_state as ps
@@ -122,13 +128,8 @@ def _initial_weights(**overrides) -> dict:
 
 def _train(tp: int, pp: int, whole: dict, distributed_optimizer: bool = False, cp: int = 1,
            **overrides) -> dict:
-    models, optimizer, scheduler = setup(tp, pp, seed=9, cp=cp, clip_grad=0.5,
-                                         distributed_optimizer=distributed_optimizer,
-                                         bucket_size=1500, **MLA, **overrides)
-    load_whole(models, optimizer, whole)
-    losses, norms = zip(*(train_step(models, optimizer, scheduler, step)
-                          for step in range(STEPS)))
-    return {"losses": losses, "norms": norms, "weights": pieces(models)}
+    return train_from(whole, tp, pp, STEPS, cp=cp, distributed_optimizer=distributed_optimizer,
+                      **MLA, **overrides)
 
 
 @pytest.mark.parametrize("world,tp,pp,cp,distributed_optimizer,overrides", [

@@ -32,6 +32,7 @@ from gpt_runs import (
     pieces,
     run,
     setup,
+    train_from,
     train_step,
 )
 from harness import run_distributed
@@ -290,13 +291,8 @@ def test_weights_are_drawn_the_same_at_every_layout(serial_run):
 
 def _train(tp: int, pp: int, ep: int, whole: dict, distributed_optimizer: bool = False,
            **overrides) -> dict:
-    models, optimizer, scheduler = setup(tp, pp, seed=9, ep=ep,
-                                         distributed_optimizer=distributed_optimizer,
-                                         clip_grad=0.5, bucket_size=1500, **MOE, **overrides)
-    load_whole(models, optimizer, whole)
-    losses, norms = zip(*(train_step(models, optimizer, scheduler, step)
-                          for step in range(STEPS)))
-    return {"losses": losses, "norms": norms, "weights": pieces(models)}
+    return train_from(whole, tp, pp, STEPS, ep=ep, distributed_optimizer=distributed_optimizer,
+                      **MOE, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -108,6 +108,7 @@ class JobConfig:
                 f"training.train_samples={self.training.train_samples} holds no whole iteration "
                 f"(the first takes {schedule.global_batch_size_at(0)} samples)")
         self._check_experts(world_size)
+        self._check_auxiliary_losses()
         if self.training.grad_reduce_in_bf16 and self.model.precision != "bf16":
             raise ConfigError(f"training.grad_reduce_in_bf16=true needs model.precision='bf16' "
                               f"(got {self.model.precision!r}): fp32 and fp16 runs reduce "
@@ -122,9 +123,22 @@ class JobConfig:
             raise ConfigError(f"logging.profile_ranks={self.logging.profile_ranks} names ranks "
                               f"{outside} outside the world of {world_size} ranks")
 
+    def _check_auxiliary_losses(self) -> None:
+        """The per-token loss has no weight for the routers' auxiliary losses nor for
+        multi-token prediction's; DeepSpeed's loop does not scale them."""
+        names = tracked_names(self.model)
+        if names and self.training.calculate_per_token_loss:
+            raise ConfigError(f"training.calculate_per_token_loss=true is not supported with "
+                              f"auxiliary losses ({', '.join(names)}; from "
+                              "model.moe_aux_loss_coeff, model.moe_z_loss_coeff, "
+                              "model.mtp_num_layers): drop them, or the per-token loss")
+        if self.model.mtp_num_layers is not None and self.training.deepspeed:
+            raise ConfigError(f"model.mtp_num_layers={self.model.mtp_num_layers} is not "
+                              "supported with training.deepspeed=true; train with mp's "
+                              "optimizer")
+
     def _check_experts(self, world_size: int) -> None:
-        """Expert parallelism divides DP x CP; the per-token loss has no weight for the
-        routers' auxiliary losses; DeepSpeed's engine has no expert groups."""
+        """Expert parallelism divides DP x CP; DeepSpeed's engine has no expert groups."""
         m = self.model
         if m.num_moe_experts is None:
             return
@@ -133,11 +147,6 @@ class JobConfig:
             raise ConfigError(f"model.expert_model_parallel_size={ep} does not divide "
                               f"data_parallel_size={dp} (world_size={world_size}): the experts "
                               "are split over data-parallel ranks")
-        if tracked_names(m) and self.training.calculate_per_token_loss:
-            raise ConfigError("training.calculate_per_token_loss=true is not supported with "
-                              "the routers' auxiliary losses (model.moe_aux_loss_coeff, "
-                              "model.moe_z_loss_coeff): set them to 0, or drop the per-token "
-                              "loss")
         if self.training.deepspeed:
             raise ConfigError(f"model.num_moe_experts={m.num_moe_experts} is not supported "
                               "with training.deepspeed=true (its engine would average the "

@@ -35,7 +35,8 @@ _MEGATRON_NAMES = {
         "moe_router_topk_scaling_factor", "moe_router_bias_update_rate",
         "moe_expert_capacity_factor", "moe_token_drop_policy", "moe_router_num_groups",
         "moe_router_group_topk", "multi_latent_attention", "q_lora_rank", "kv_lora_rank",
-        "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type",
+        "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "mtp_num_layers",
+        "mtp_loss_scaling_factor",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",

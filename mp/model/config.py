@@ -12,7 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from mp.model.config_rules import check_mla, check_moe, check_yarn, divisible, one_of, positive_int
+from mp.model.config_rules import (
+    check_mla,
+    check_moe,
+    check_mtp,
+    check_yarn,
+    divisible,
+    one_of,
+    positive_int,
+)
 from mp.model.context_parallel import CP_COMM_TYPES
 from mp.model.layer_pattern import moe_layer_pattern
 from mp.model.pipeline_split import chunk_layer_counts, chunk_layer_range, parse_layout
@@ -76,6 +84,10 @@ class TransformerConfig:
     qk_head_dim: int = 128
     qk_pos_emb_head_dim: int = 64
     v_head_dim: int = 128
+    # multi-token prediction (DeepSeek-V3's; mp.model.mtp, Megatron's --mtp-num-layers)
+    mtp_num_layers: int | None = None  # depths after the last layer, each predicting one
+    # token further ahead; None: none
+    mtp_loss_scaling_factor: float = 0.1  # their mean loss's weight in the gradients
     add_bias_linear: bool = True
     untie_embeddings_and_output_weights: bool = False
     hidden_dropout: float = 0.1
@@ -205,6 +217,7 @@ class TransformerConfig:
         check_moe(self)
         check_mla(self)
         check_yarn(self)
+        check_mtp(self)
         cp = self.context_parallel_size
         one_of("cp_comm_type", self.cp_comm_type, CP_COMM_TYPES)
         if cp > 1:  # two chunks per CP rank (load balancing), each rank's part split over TP

@@ -155,3 +155,23 @@ def check_yarn(config) -> None:
     for name in ("yarn_rotary_scaling_factor", "yarn_beta_fast", "yarn_beta_slow"):
         if not getattr(config, name) > 0:
             raise ValueError(f"{name}={getattr(config, name)!r} must be > 0")
+
+
+def check_mtp(config) -> None:
+    """The multi-token prediction fields of a `TransformerConfig`."""
+    if config.mtp_num_layers is None:
+        return
+    positive_int("mtp_num_layers", config.mtp_num_layers)
+    if not config.mtp_loss_scaling_factor >= 0:
+        raise ValueError(f"mtp_loss_scaling_factor={config.mtp_loss_scaling_factor!r} must "
+                         "be >= 0")
+    if config.context_parallel_size > 1:
+        raise ValueError(f"mtp_num_layers={config.mtp_num_layers} needs "
+                         f"context_parallel_size=1, not {config.context_parallel_size}: mp's "
+                         "multi-token prediction shifts the tokens within a rank's sequence")
+    if config.pipeline_model_parallel_size > 1 \
+            and config.position_embedding_type == "learned_absolute":
+        raise ValueError(f"mtp_num_layers={config.mtp_num_layers} with "
+                         f"pipeline_model_parallel_size={config.pipeline_model_parallel_size} "
+                         "needs position_embedding_type 'rope' or 'none': the last stage keeps "
+                         "a copy of the word embedding only")

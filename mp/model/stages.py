@@ -12,7 +12,8 @@ as the output layer's weight. It starts as the first stage's (zeros, then a sum 
 embedding group) and stays equal because both copies are marked ``embedding_group_sync`` and
 their gradients are summed over that group every step
 (`mp.distributed.finalize_model_grads`). The last stage's copy is marked ``shared = True`` so
-that norms and counts take the matrix once.
+that norms and counts take the matrix once. Multi-token prediction (`mp.model.mtp`) reads the
+word embedding on the last stage: its copy is kept the same way, tied or not.
 """
 
 from __future__ import annotations
@@ -43,16 +44,18 @@ def build_gpt_chunks(config: TransformerConfig, group=None) -> list[GPTModel]:
 
 
 def _shared_weight(chunks: list[GPTModel]) -> torch.Tensor | None:
-    """The embedding matrix this rank holds as part of the tied pair, if any."""
+    """The embedding matrix this rank holds as part of the pair kept equal over the first
+    and last stages (tied embeddings, or multi-token prediction's copy), if any."""
     for chunk in chunks:
-        if chunk.share_embeddings and (chunk.pre_process or chunk.post_process):
+        pair = chunk.share_embeddings or chunk.config.mtp_num_layers is not None
+        if pair and (chunk.pre_process or chunk.post_process):
             return chunk.shared_embedding_or_output_weight()
     return None
 
 
 @torch.no_grad()
 def initialize_word_embeddings(chunks: list[GPTModel]) -> None:
-    """Make the last stage's copy of a tied embedding equal to the first stage's."""
+    """Make the last stage's copy of the embedding equal to the first stage's."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return
     weight = _shared_weight(chunks)

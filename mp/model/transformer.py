@@ -23,7 +23,9 @@ class TransformerLayer(nn.Module):
     ``hidden [s, b, h]`` (``[s / t, b, h]`` with sequence parallelism) in and out.
     """
 
-    def __init__(self, config: TransformerConfig, layer_number: int, group=None):
+    def __init__(self, config: TransformerConfig, layer_number: int, group=None,
+                 moe: bool | None = None):
+        """``moe``: experts or not (default: as the config says of layer ``layer_number``)."""
         super().__init__()
         self.config = config
         self.layer_number = layer_number  # 1-based, over the whole model
@@ -31,8 +33,9 @@ class TransformerLayer(nn.Module):
         attention = MLASelfAttention if config.multi_latent_attention else SelfAttention
         self.self_attention = attention(config, group, layer_number)
         self.pre_mlp_layernorm = build_norm(config)
-        self.mlp = (MoELayer(config, group) if config.is_moe_layer(layer_number - 1)
-                    else MLP(config, group))
+        if moe is None:
+            moe = config.is_moe_layer(layer_number - 1)
+        self.mlp = MoELayer(config, group) if moe else MLP(config, group)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_freqs: torch.Tensor | None = None,
@@ -76,7 +79,10 @@ class TransformerBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_freqs: torch.Tensor | None = None,
-                inference_params: InferenceParams | None = None) -> torch.Tensor:
+                inference_params: InferenceParams | None = None,
+                final_norm: bool = True) -> torch.Tensor:
+        """``final_norm=False`` leaves the final norm to the caller (multi-token
+        prediction reads the hidden states before it)."""
         cfg = self.config
         if attention_mask is not None:
             attention_mask = mask_for_layers(attention_mask, cfg, hidden.dtype)
@@ -85,7 +91,9 @@ class TransformerBlock(nn.Module):
         else:
             for layer in self.layers:
                 hidden = layer(hidden, attention_mask, rotary_freqs, inference_params)
-        return hidden if self.final_layernorm is None else self.final_layernorm(hidden)
+        if self.final_layernorm is None or not final_norm:
+            return hidden
+        return self.final_layernorm(hidden)
 
     def _recomputed(self, hidden, attention_mask, rotary_freqs):
         cfg = self.config

@@ -56,5 +56,5 @@ def forward_step(data_iterator: Iterator[dict], model: nn.Module):
     cp_group = parallel_state.get_context_parallel_group()
     batch = get_batch_on_this_cp_rank(get_batch(data_iterator), cp_group)
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                   labels=batch["labels"])
+                   labels=batch["labels"], loss_mask=batch["loss_mask"])
     return output, functools.partial(loss_func, batch["loss_mask"], cp_group=cp_group)

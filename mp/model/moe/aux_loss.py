@@ -68,7 +68,14 @@ def take_tracked() -> dict[str, torch.Tensor]:
 
 def tracked_names(config) -> list[str]:
     """The names a model of ``config`` (`mp.model.TransformerConfig`) tracks while it
-    trains."""
+    trains: its routers' losses, and multi-token prediction's (`mp.model.mtp`)."""
+    return ([f"mtp_{k} loss" for k in range(1, (config.mtp_num_layers or 0) + 1)]
+            + router_loss_names(config))
+
+
+def router_loss_names(config) -> list[str]:
+    """The routers' losses a model of ``config`` tracks: its load balancing's, then the
+    z-loss, those it has."""
     if config.num_moe_experts is None:
         return []
     balancing = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss"}

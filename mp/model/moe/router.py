@@ -14,8 +14,8 @@ from mp.model.moe.aux_loss import (
     at_least_fp32,
     attach_aux_loss,
     load_balancing_loss,
+    router_loss_names,
     track,
-    tracked_names,
     z_loss,
 )
 from mp.model.moe.capacity import expert_capacity, within_capacity
@@ -155,7 +155,7 @@ class TopKRouter(nn.Module):
     def _attach_losses(self, probs, logits, scores, experts, sequences):
         cfg = self.config
         num_tokens = logits.size(0) * self.token_shares  # the whole sequences'
-        names = tracked_names(cfg)
+        names = router_loss_names(cfg)
         if names and names[0] != "z_loss":  # a load-balancing loss
             if cfg.moe_router_score_function == "sigmoid":  # normalized over the experts
                 scores = torch.sigmoid(logits)
