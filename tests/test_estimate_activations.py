@@ -83,6 +83,9 @@ BLOCK_CASES = {  # full recompute over a two-layer chunk
                                      distribute_saved_activations=True),
     "full_block": dict(recompute_granularity="full", recompute_method="block",
                        recompute_num_layers=1, attention_backend="unfused"),
+    # the checkpoints keep the chunk's RoPE angles, one tensor for both
+    "full_uniform_rope": dict(recompute_granularity="full", recompute_method="uniform",
+                              position_embedding_type="rope"),
 }
 
 

@@ -29,6 +29,7 @@ from mp.fused import load_fused_kernels
 from mp.initialize import initialize_distributed
 from mp.model import GPTModel
 from mp.model.context_parallel import local_positions
+from mp.model.rope import rotary_freqs
 from mp.model.transformer import TransformerLayer
 from mp.optim import get_megatron_optimizer
 from mp.tensor_parallel import model_parallel_cuda_manual_seed
@@ -169,3 +170,27 @@ def test_saved_bytes_of_a_context_parallel_layer_on_cuda(backend):
           f"({expected / measured[1] - 1:+.2%} against rank 1)")
     assert measured[0] <= measured[1]
     assert abs(expected - measured[1]) <= TOLERANCE * measured[1]
+
+
+@pytest.mark.parametrize("v_head_dim", [128, 192], ids=["efficient", "flash"])
+def test_saved_bytes_of_a_multi_latent_attention_layer_on_cuda(v_head_dim):
+    """GPT-3 1.3B's layer with DeepSeek-V2's attention (16 heads of 128 + 64 query/key
+    channels, a 512-wide key-value latent, a 1536-wide query latent), dropout on, micro-batch
+    2: values 128 wide (SDPA's memory-efficient kernel, its log-sum-exp in 32-query tiles) or
+    192 (flash) against the CUDA estimate."""
+    job = _job("1.3b", 2, "none")
+    cfg = dataclasses.replace(job.model, multi_latent_attention=True,
+                              position_embedding_type="rope", q_lora_rank=1536,
+                              kv_lora_rank=512, qk_head_dim=128, qk_pos_emb_head_dim=64,
+                              v_head_dim=v_head_dim)
+    layer = TransformerLayer(cfg, 1)
+    x = torch.randn(cfg.seq_length, 2, cfg.hidden_size, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    freqs = rotary_freqs(cfg.seq_length, cfg.rotary_dim, cfg.rotary_base, x.device)
+    with SavedTensorMeter(exclude=layer.parameters()) as meter:
+        y = layer(x, None, freqs)
+    y.float().sum().backward()
+    expected = sum(layer_terms(cfg, 2, _kernels()).values())
+    print(f"\nMLA, dv {v_head_dim}: measured {meter.bytes} B, estimate {expected:.0f} B "
+          f"({expected / meter.bytes - 1:+.2%})")
+    assert abs(expected - meter.bytes) <= TOLERANCE * meter.bytes

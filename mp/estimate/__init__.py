@@ -9,7 +9,8 @@ time, and a planner that ranks the layouts that fit.
 The pieces, one concept per module: `setup` (what is estimated), `hardware` (GPU types),
 `params` (parameters and model-state bytes per rank), `storage` (how kernels store what they
 save; bytes and rows), `activations` (bytes saved for backward per layer: Korthikanti et al.
-2022 and mp's own layer), `mlp_activations` (its MLP's, dense or mixture of experts),
+2022 and mp's own layer), `mlp_activations` (its MLP's, dense or mixture of experts), `mla`
+(multi-latent attention's saves and TP calls),
 `memory` (peak per pipeline stage),
 `flops` (Narayanan et al. 2021), `comm` (bytes per collective), `step_time`, `estimate`,
 `planner`, `report`, and `measure` (the meters the tests check all this with). See

@@ -44,19 +44,26 @@ input. ``p2p``'s ring attention keeps its q, k, v inputs as they come, its outpu
 projection's input) and an fp32 log-sum-exp per query: CP 1's terms for ``s / c`` tokens,
 with SDPA's core whatever the backend.
 
+Multi-latent attention (`mp.model.mla`) replaces the QKV terms by its latents', queries', keys'
+and values' (`mp.estimate.mla`); its core is this module's, scores ``s x s`` per head as
+above, with values ``dv`` wide and, where the values are narrower or wider than the queries,
+the SDPA kernel that takes them (`sdpa_kernel`).
 The MLP's interior and a mixture-of-experts layer's terms are `mp.estimate.mlp_activations`'s;
 how the kernels store what they save, and the sizes above, `mp.estimate.storage`'s.
 """
 
 from __future__ import annotations
 
+from mp.estimate.mla import mla_qkv_terms
 from mp.estimate.mlp_activations import mlp_interior_terms, moe_terms
 from mp.estimate.storage import (
     CUDA,
     FP32,
+    LSE_ROWS,
     Kernels,
     activation_bytes,
     dropout_mask_bytes,
+    head_dims,
     local_tokens,
     norm_terms,
     sequence_rows,
@@ -86,6 +93,23 @@ def attention_heads(cfg: TransformerConfig) -> int:
     return heads // cfg.context_parallel_size if cfg.cp_comm_type == "a2a" else heads
 
 
+def sdpa_kernel(cfg: TransformerConfig, kernels: Kernels) -> str | None:
+    """The kernel SDPA runs (None for the unfused core): ``"flash"``; ``"math"`` where
+    ``kernels`` take attention dropout (CPU) or values narrower or wider than the queries
+    (multi-latent attention, CPU) only that way; ``"efficient"`` (memory-efficient) for such
+    values on CUDA. None too under ``p2p`` context parallelism, whose ring attention runs
+    its own (and saves what flash does)."""
+    ring = cfg.context_parallel_size > 1 and cfg.cp_comm_type == "p2p"
+    if cfg.attention_backend != "sdpa" or ring:
+        return None
+    qk, v = head_dims(cfg)
+    if qk != v:
+        return kernels.sdpa_value_width_kernel
+    if cfg.attention_dropout > 0 and kernels.sdpa_dropout_kernel == "math":
+        return "math"
+    return "flash"
+
+
 def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
                 selective: bool | None = None, moe: bool = False) -> dict[str, float]:
     """Bytes one transformer layer saves for backward on one TP rank for one micro-batch,
@@ -104,13 +128,18 @@ def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUD
     tokens = local_tokens(cfg, micro_batch)
     local = sequence_rows(cfg, micro_batch)
     mask = dropout_mask_bytes(cfg, kernels)
-    math_core = (cfg.attention_backend == "sdpa" and cfg.attention_dropout > 0
-                 and kernels.sdpa_dropout_kernel == "math" and not selective)
+    math_core = sdpa_kernel(cfg, kernels) == "math" and not selective
     terms = {f"norm {name}": 2 * size for name, size in norm_terms(cfg, kernels, local).items()}
     terms["QKV input"] = e * local * h
     if cfg.layernorm_zero_centered_gamma:
         terms["norm weights (1 + weight)"] = 2 * e * h
-    terms.update(_qkv_terms(cfg, micro_batch, kernels, math_core, selective))
+    if cfg.multi_latent_attention:
+        blocks = attention_blocks(cfg)
+        math_rows = (micro_batch * sum(q for q, _ in blocks),
+                     micro_batch * sum(k for _, k in blocks)) if math_core else None
+        terms.update(mla_qkv_terms(cfg, micro_batch, kernels, selective, math_rows))
+    else:
+        terms.update(_qkv_terms(cfg, micro_batch, kernels, math_core, selective))
     if cfg.position_embedding_type == "rope":  # cos and sin tables, for q and for k
         terms["rotary tables"] = 4 * FP32 * local_tokens(cfg, 1) * cfg.rotary_dim
     if not selective:
@@ -213,14 +242,21 @@ def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
     bottom_right = sum(q * k for q, k in blocks if k > q)  # elements of their [sq, sk] masks
     dropout = cfg.attention_dropout > 0
     if math_core:
-        return {"softmax output (fp32)": FP32 * scores, "attention dropout mask (fp32)":
-                FP32 * scores, "dropped probabilities (fp32)": FP32 * scores}
+        core = {"softmax output (fp32)": FP32 * scores}
+        if dropout:
+            core.update({"attention dropout mask (fp32)": FP32 * scores,
+                         "dropped probabilities (fp32)": FP32 * scores})
+        return core
     if cfg.attention_backend == "sdpa":
-        core = {"softmax log-sum-exp": FP32 * heads * queries}
+        if sdpa_kernel(cfg, kernels) == "efficient":  # whole tiles of queries
+            rows = micro_batch * sum(-(-q // LSE_ROWS) * LSE_ROWS for q, _ in blocks)
+        else:
+            rows = queries
+        core = {"softmax log-sum-exp": FP32 * heads * rows}
         if cfg.context_parallel_size > 1:  # the projection's input is a copy: of the query
             # chunks' outputs concatenated (all_gather), or exchanged back (a2a)
             core["attention output before CP's concatenation or exchange"] = \
-                e * queries * heads * cfg.kv_channels
+                e * queries * heads * head_dims(cfg)[1]
         if kernels.sdpa_bottom_right_mask and bottom_right:
             core["bottom-right causal masks"] = e * bottom_right
         return core

@@ -15,6 +15,9 @@ row-parallel ones (attention output, fc2):
   and all-gathers backward: ``(2c + 2) a`` gathered and ``(c + 2) a`` scattered per layer. The
   embedding all-reduces forward (reduce-scatters with RoPE) and all-gathers backward; the
   output layer is a column-parallel layer.
+- Multi-latent attention: `mp.estimate.mla.tensor_parallel_channels` counts the TP calls of
+  its latents and key RoPE channels; under SP its down projections and latent norms have
+  partial gradients; under CP its keys are ``dn + dr`` wide a head, its values ``dv``.
 - TP: the cross-entropy's all-reduces of the row maxima and of the target logits and exp
   sums, ``3 s b`` fp32 values per micro-batch; once per iteration, with SP, the gradients of
   the parameters replicated over TP (norms, row-parallel biases).
@@ -54,9 +57,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mp.estimate.hardware import GPUSpec
-from mp.estimate.params import norm_params, rank_params
+from mp.estimate.mla import tensor_parallel_channels
+from mp.estimate.params import mla_duplicated_params, norm_params, rank_params
 from mp.estimate.setup import Setup
-from mp.estimate.storage import FP32, INT64, activation_bytes, local_tokens, sequence_rows
+from mp.estimate.storage import (
+    FP32,
+    INT64,
+    activation_bytes,
+    attention_widths,
+    local_tokens,
+    sequence_rows,
+)
 from mp.model.moe.aux_loss import tracked_names
 
 FP64 = 8
@@ -152,13 +163,16 @@ def _tensor_parallel_linears(setup: Setup, moe: bool) -> tuple[int, int, int]:
     A mixture-of-experts layer has a shared expert's MLP when there is one; without SP it
     enters its experts' region once (a copy whose gradient is all-reduced) and leaves it as a
     row-parallel linear does, while under SP the dispatcher moves its rows (`_experts`)."""
-    mlp_columns = 2 if setup.model.activation == "swiglu" else 1
+    cfg = setup.model
+    mlp_columns = 2 if cfg.activation == "swiglu" else 1
+    # multi-latent attention's up projections from latents: `mla.tensor_parallel_channels`
+    qkv = 0 if cfg.multi_latent_attention and cfg.q_lora_rank is not None else 1
     if not moe:
-        return 1 + mlp_columns, 2, 0
-    shared = setup.model.moe_shared_expert_intermediate_size is not None
-    if setup.model.sequence_parallel:  # the dispatcher moves the experts' rows (`_experts`)
-        return 1 + shared * mlp_columns, 1 + shared, 0
-    return 1 + shared * mlp_columns, 2 + shared, 1
+        return qkv + mlp_columns, 2, 0
+    shared = cfg.moe_shared_expert_intermediate_size is not None
+    if cfg.sequence_parallel:  # the dispatcher moves the experts' rows (`_experts`)
+        return qkv + shared * mlp_columns, 1 + shared, 0
+    return qkv + shared * mlp_columns, 2 + shared, 1
 
 
 def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
@@ -192,6 +206,11 @@ def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
         reduces += (1 if first else 0) + (1 if last else 0)
         out.append(Collective("tensor-parallel activations", "all_reduce", "tp",
                               m * reduces * act))
+    if cfg.multi_latent_attention:  # act / h bytes per channel of the rank's tokens
+        layers, forwards = map(sum, zip(*_stage_layers(setup, pp_rank).values()))
+        out += [Collective("MLA latents and key RoPE channels", kind, "tp",
+                           m * act // cfg.hidden_size * channels)
+                for kind, channels in tensor_parallel_channels(cfg, layers, forwards).items()]
     out.append(Collective("partial gradients of replicated parameters", "all_reduce", "tp",
                           setup.grad_bytes * _partial_gradient_params(setup, pp_rank)))
     if cfg.recompute_granularity == "full" and cfg.distribute_saved_activations:
@@ -212,22 +231,23 @@ def _context_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
     if cfg.recompute_granularity == "selective":  # the recomputed core exchanges again
         forwards += layers
     e, b = activation_bytes(cfg), setup.micro_batch_size
-    kv_block = local_tokens(cfg, b) * cfg.num_query_groups * cfg.kv_channels / setup.tp
+    q, k, v = attention_widths(cfg)  # channels per token on the rank
+    kv_block = local_tokens(cfg, b) * (k + v)
     if cfg.cp_comm_type == "a2a":  # q, k, v, then the attention output; back in backward
-        exchanged = (e * local_tokens(cfg, b) * (cfg.qkv_size + cfg.query_projection_size)
-                     / setup.tp)
+        exchanged = (e * local_tokens(cfg, b)
+                     * (q + k + v + cfg.query_projection_size / setup.tp))
         out = [Collective("Q, K, V and attention output (heads for tokens)", "all_to_all", "cp",
                           m * (forwards + layers) * exchanged)]
     elif cfg.cp_comm_type == "p2p":  # K and V blocks around the ring, then their gradients
         c = setup.cp
-        ring = m * 2 * kv_block * ((forwards + layers) * (c - 1) * e + layers * c * FP32)
+        ring = m * kv_block * ((forwards + layers) * (c - 1) * e + layers * c * FP32)
         out = [Collective("K, V blocks and their gradients (ring)", kind, "cp", ring)
                for kind in ("send", "recv")]
     else:
-        keys = e * cfg.seq_length * b * cfg.num_query_groups * cfg.kv_channels / setup.tp
-        out = [Collective("keys and values", "all_gather", "cp", m * 2 * forwards * keys),
+        keys = e * cfg.seq_length * b * (k + v)  # the whole sequence's
+        out = [Collective("keys and values", "all_gather", "cp", m * forwards * keys),
                Collective("key and value gradients", "reduce_scatter", "cp",
-                          m * 2 * layers * keys)]
+                          m * layers * keys)]
     if pp_rank == setup.pp - 1:
         out.append(Collective("loss sum and token count", "all_reduce", "cp", m * 2 * FP32))
     return out
@@ -312,10 +332,11 @@ def _checkpoints(setup: Setup, pp_rank: int) -> int:
 
 def _partial_gradient_params(setup: Setup, pp_rank: int) -> int:
     """Elements of the parameters replicated over TP whose gradients are partial sums there
-    (`mp.distributed.finalize_model_grads` all-reduces them): under SP the norms and the
-    row-parallel biases; at any TP the ``qk_layernorm`` norms (each rank normalizes its
-    heads) and a mixture-of-experts layer's router and experts' fc2 biases (each rank sees
-    its share of the experts' outputs)."""
+    (`mp.distributed.finalize_model_grads` all-reduces them): under SP the norms, the
+    row-parallel biases and multi-latent attention's down projections and latent norms; at
+    any TP the ``qk_layernorm`` norms (each rank normalizes its heads) and a
+    mixture-of-experts layer's router and experts' fc2 biases (each rank sees its share of
+    the experts' outputs)."""
     cfg = setup.model
     bias = cfg.hidden_size if cfg.add_bias_linear else 0
     total = 0
@@ -327,6 +348,8 @@ def _partial_gradient_params(setup: Setup, pp_rank: int) -> int:
         per_layer = 2 * norm_params(cfg, cfg.kv_channels)[0] if cfg.qk_layernorm else 0
         if cfg.sequence_parallel:
             per_layer += 2 * norm_params(cfg)[0] + row_biases * bias
+            if cfg.multi_latent_attention:  # its down projections and latent norms
+                per_layer += mla_duplicated_params(cfg)
         if moe:
             local = cfg.num_moe_experts // cfg.expert_model_parallel_size
             per_layer += cfg.num_moe_experts * cfg.hidden_size + local * bias

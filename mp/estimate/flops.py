@@ -21,12 +21,20 @@ full recompute and ``72 B s l h^2 (1 + s / (6 h) + V / (12 l h))`` without (`nar
 Norms, softmax, dropout and the optimizer are left out, as there. For any ``q``, ``g``, MLP
 and vocabulary this is Megatron-LM's ``num_floating_point_operations``, ``12 B s l h^2 ((1 +
 g / a + s / h) q / h + ...)`` with ``query_projection_size = kv_channels x heads``.
+
+Multi-latent attention (`mp.model.mla`; ``dn``, ``dr``, ``dv`` channels, latents ``c`` and
+``r`` wide) replaces the QKV projection by its down and up projections,
+``2 n (h a (dn + dr) + h (c + dr) + c a (dn + dv))`` (with ``q_lora_rank`` ``r`` the queries'
+``h a (dn + dr)`` becomes ``h r + r a (dn + dr)``), the scores by ``2 b s^2 a (dn + dr)`` for
+``Q K^T`` and ``2 b s^2 a dv`` for ``P V``, and the output projection is ``2 n a dv h``
+(`attention_projections`; checked against torch's FLOP counter on the built model).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from mp.estimate.storage import head_dims
 from mp.model.config import TransformerConfig
 
 
@@ -41,9 +49,24 @@ def layer_forward_flops(cfg: TransformerConfig, sequences: int,
         mlp_matrices * (cfg.moe_ffn_hidden_size * cfg.moe_router_topk
                         + (cfg.moe_shared_expert_intermediate_size or 0))
         + cfg.num_moe_experts)
-    dense = 2 * tokens * h * (cfg.qkv_size + q + mlp)
-    scores = 2 * 2 * sequences * s * s * q
+    qk, v = head_dims(cfg)  # Q K^T over qk channels a head, P V over v
+    dense = 2 * tokens * (attention_projections(cfg) + q * h + h * mlp)
+    scores = 2 * sequences * s * s * cfg.num_attention_heads * (qk + v)
     return scores, dense
+
+
+def attention_projections(cfg: TransformerConfig) -> int:
+    """Multiply-adds per token of the attention's input projections: the fused QKV's
+    ``h (q + 2 g d)``; under multi-latent attention the queries' ``h a (dn + dr)`` (or, with
+    ``q_lora_rank`` ``r``, ``h r + r a (dn + dr)``) and the keys' and values' ``h (c + dr) +
+    c a (dn + dv)``."""
+    h = cfg.hidden_size
+    if not cfg.multi_latent_attention:
+        return h * cfg.qkv_size
+    a, c, r = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.q_lora_rank
+    dn, dr = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim
+    queries = h * a * (dn + dr) if r is None else h * r + r * a * (dn + dr)
+    return queries + h * (c + dr) + c * a * (dn + cfg.v_head_dim)
 
 
 def logits_forward_flops(cfg: TransformerConfig, sequences: int) -> float:

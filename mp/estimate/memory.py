@@ -24,8 +24,10 @@ working memory of that moment:
   per head at a time, in forward and in backward (`ring_working_set`; by the code, not
   measured).
 - **Full recompute** keeps each checkpointed chunk's input (a ``1 / t`` slice of it with
-  ``distribute_saved_activations``); in backward one chunk of layers is recomputed, so its full
-  activations are a transient. Selective recompute recomputes one layer's attention core.
+  ``distribute_saved_activations``) and, with RoPE, the angles they all take (one fp32
+  ``[s / c, rotary_dim]`` tensor a model chunk); in backward one chunk of layers is
+  recomputed, so its full activations are a transient. Selective recompute recomputes one
+  layer's attention core.
 
 Each layer counts as dense or mixture-of-experts (``cfg.is_moe_layer``), so a chunk's bytes
 and its largest recomputed group depend on which layers it holds (``cfg.chunk_layers``).
@@ -133,11 +135,15 @@ def chunk_saved_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels
     checkpoint_input = activation_bytes(cfg) * sequence_rows(cfg, micro_batch) * cfg.hidden_size
     if cfg.distribute_saved_activations:
         checkpoint_input /= cfg.tensor_model_parallel_size
+    # every checkpoint keeps the chunk's RoPE angles too, [s / c, 1, 1, rotary_dim] fp32: one
+    # tensor for the whole chunk
+    angles = (FP32 * local_tokens(cfg, 1) * cfg.rotary_dim
+              if cfg.position_embedding_type == "rope" and len(layers) else 0)
     if cfg.recompute_method == "uniform":
-        return math.ceil(len(layers) / n) * checkpoint_input
+        return math.ceil(len(layers) / n) * checkpoint_input + angles
     n = min(n, len(layers))
-    return n * checkpoint_input + sum(_layer_bytes(cfg, micro_batch, kernels, i, selective=False)
-                                      for i in layers[n:])
+    return n * checkpoint_input + angles + sum(
+        _layer_bytes(cfg, micro_batch, kernels, i, selective=False) for i in layers[n:])
 
 
 def recompute_working_set(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,

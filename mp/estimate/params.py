@@ -27,6 +27,11 @@ together): ``6 + 12 / DP`` bytes for bf16 (Megatron's table), leaving out each b
 padding to a multiple of DP elements and the per-shard step counters
 (``tests/test_distrib_optimizer.py`` counts both).
 
+A multi-latent attention layer (`mp.model.mla`) replaces the QKV projection by its down
+projections (whole on every TP rank), the latents' norms (replicated) and its up projections
+(column-parallel), none with a bias (`mla_input_params`); its output projection takes the
+``a dv`` values.
+
 A mixture-of-experts layer (`mp.model.moe`) holds, instead of the MLP, a router ``[E, h]``
 (replicated), its ``E / EP`` experts (each an MLP ``moe_ffn_hidden_size`` wide split over TP
 as the dense one is, their weights stacked into one tensor per kind) and a shared expert's
@@ -102,13 +107,43 @@ def expert_params(cfg: TransformerConfig) -> tuple[int, int]:
     return cfg.num_moe_experts // cfg.expert_model_parallel_size * elements, tensors
 
 
+def mla_input_params(cfg: TransformerConfig) -> tuple[int, int]:
+    """(elements, tensors) of multi-latent attention's input projections on one TP rank
+    (`mp.model.mla`; none has a bias): the queries' ``h -> a (dn + dr)`` column-parallel, or
+    their down projection ``h -> q_lora_rank`` (whole on every rank), its norm and up
+    projection ``q_lora_rank -> a (dn + dr)`` (column-parallel); the keys' and values' down
+    projection ``h -> c + dr`` (whole), the latent's norm ``c`` wide and its up projection
+    ``c -> a (dn + dv)`` (column-parallel)."""
+    h, a, t = cfg.hidden_size, cfg.num_attention_heads, cfg.tensor_model_parallel_size
+    dn, dr, c = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.kv_lora_rank
+    parts = [(h * (c + dr), 1), norm_params(cfg, c), (c * a * (dn + cfg.v_head_dim) // t, 1)]
+    if cfg.q_lora_rank is None:
+        parts.append((h * a * (dn + dr) // t, 1))
+    else:
+        r = cfg.q_lora_rank
+        parts += [(h * r, 1), norm_params(cfg, r), (r * a * (dn + dr) // t, 1)]
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def mla_duplicated_params(cfg: TransformerConfig) -> int:
+    """Elements of multi-latent attention's parameters whole on every TP rank and computed
+    on the rank's own tokens (the down projections and the latents' norms): under sequence
+    parallelism their gradients are partial over TP."""
+    h, c, r = cfg.hidden_size, cfg.kv_lora_rank, cfg.q_lora_rank
+    total = h * (c + cfg.qk_pos_emb_head_dim) + norm_params(cfg, c)[0]
+    return total if r is None else total + h * r + norm_params(cfg, r)[0]
+
+
 def layer_params(cfg: TransformerConfig, moe: bool = False) -> tuple[int, int]:
     """(elements, tensors) of one transformer layer's trained parameters on one TP rank (the
-    attention output projection maps the ``a d`` query width to ``h``; ``qk_layernorm`` adds
-    two norms ``d`` wide, replicated); ``moe``: a mixture-of-experts layer's, its
+    attention output projection maps the ``a d`` query width to ``h``, ``a dv`` under
+    multi-latent attention, whose input projections are `mla_input_params`; ``qk_layernorm``
+    adds two norms ``d`` wide, replicated); ``moe``: a mixture-of-experts layer's, its
     `expert_params` included."""
     h = cfg.hidden_size
-    parts = [norm_params(cfg), _linear(cfg, h, cfg.qkv_size, True),
+    attention = (mla_input_params(cfg) if cfg.multi_latent_attention
+                 else _linear(cfg, h, cfg.qkv_size, True))
+    parts = [norm_params(cfg), attention,
              _linear(cfg, cfg.query_projection_size, h, False), norm_params(cfg)]
     if not moe:
         parts.append(_mlp(cfg, cfg.ffn_hidden_size))

@@ -45,7 +45,12 @@ def format_estimate(est: Estimate, kernels: Kernels = CUDA) -> str:
     FLOPs, communication per rank and step time."""
     setup, cfg, gpu = est.setup, est.setup.model, est.gpu
     heads = f"{cfg.num_attention_heads} heads"
-    if cfg.num_query_groups < cfg.num_attention_heads:
+    if cfg.multi_latent_attention:
+        q = "" if cfg.q_lora_rank is None else f", queries from {cfg.q_lora_rank}"
+        heads += (f" of multi-latent attention (keys and values from {cfg.kv_lora_rank}{q}; "
+                  f"q/k {cfg.qk_head_dim} + {cfg.qk_pos_emb_head_dim} rotated, "
+                  f"v {cfg.v_head_dim})")
+    elif cfg.num_query_groups < cfg.num_attention_heads:
         heads += f" sharing {cfg.num_query_groups} keys and values"
     ffn = f"ffn {cfg.ffn_hidden_size}"
     if cfg.num_moe_experts is not None:
@@ -116,7 +121,9 @@ def _activation_section(est: Estimate, kernels: Kernels) -> str:
              "full": korthikanti_layer_bytes(s, b, h, a, t, recompute="full")}
     return ("\n".join(lines) + "\nKorthikanti et al. 2022 for this model"
             + (" (the whole sequence on each rank: the paper has no context parallelism)"
-               if est.setup.cp > 1 else "") + ": "
+               if est.setup.cp > 1 else "")
+            + (" (its standard attention, not multi-latent)"
+               if est.setup.model.multi_latent_attention else "") + ": "
             + ", ".join(f"{name} {_bytes(v)}" for name, v in paper.items()))
 
 

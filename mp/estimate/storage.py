@@ -5,7 +5,9 @@ What the kernels save depends on where they run; `Kernels` names the differences
 
 The sizes: bytes per activation element (`activation_bytes`), the tokens of a micro-batch on
 one rank (`local_tokens`: ``s b``, or ``s b / c`` with context parallelism) and the rows of
-the sequence-parallel regions (`sequence_rows`: ``/ t`` more under SP); a norm's saves
+the sequence-parallel regions (`sequence_rows`: ``/ t`` more under SP); the channels per
+token of the queries, keys and values the attention takes on one TP rank (`attention_widths`)
+and the width of a query or key head and of a value head (`head_dims`); a norm's saves
 (`norm_terms`) and a dropout mask's bytes per element (`dropout_mask_bytes`).
 """
 
@@ -17,6 +19,7 @@ from mp.model.config import TransformerConfig
 
 FP32 = 4
 INT64 = 8
+LSE_ROWS = 32  # CUDA's memory-efficient attention keeps its log-sum-exp for whole 32-row tiles
 
 
 @dataclass(frozen=True)
@@ -60,19 +63,24 @@ class Kernels:
     sdpa_dropout_kernel: str
     sdpa_bottom_right_mask: bool
     jit_compiled: bool
+    sdpa_value_width_kernel: str = "efficient"
 
     def __post_init__(self):
         if self.sdpa_dropout_kernel not in ("flash", "math"):
             raise ValueError(f"sdpa_dropout_kernel={self.sdpa_dropout_kernel!r} must be one "
                              "of 'flash', 'math'")
+        if self.sdpa_value_width_kernel not in ("efficient", "math"):
+            raise ValueError(f"sdpa_value_width_kernel={self.sdpa_value_width_kernel!r} must "
+                             "be one of 'efficient', 'math'")
 
 
 CUDA = Kernels("cuda", dropout_mask_bytes=1, fused_softmax=True, norm_stats_bytes=FP32,
                composite_rms_norm=False, sdpa_dropout_kernel="flash",
-               sdpa_bottom_right_mask=False, jit_compiled=True)
+               sdpa_bottom_right_mask=False, jit_compiled=True,
+               sdpa_value_width_kernel="efficient")
 CPU = Kernels("cpu", dropout_mask_bytes=None, fused_softmax=False, norm_stats_bytes=None,
               composite_rms_norm=True, sdpa_dropout_kernel="math", sdpa_bottom_right_mask=True,
-              jit_compiled=False)
+              jit_compiled=False, sdpa_value_width_kernel="math")
 
 
 def activation_bytes(cfg: TransformerConfig) -> int:
@@ -80,10 +88,12 @@ def activation_bytes(cfg: TransformerConfig) -> int:
     return 4 if cfg.precision == "fp32" else 2
 
 
-def norm_terms(cfg: TransformerConfig, kernels: Kernels, rows: float) -> dict[str, float]:
-    """What one norm over ``rows`` rows of ``h`` saves: its input and statistics (mean and
-    rstd, or rstd for RMSNorm), and the fp32 normalized input of a composite RMSNorm."""
-    h = cfg.hidden_size
+def norm_terms(cfg: TransformerConfig, kernels: Kernels, rows: float, width: int | None = None
+               ) -> dict[str, float]:
+    """What one norm over ``rows`` rows of ``width`` (default ``h``) saves: its input and
+    statistics (mean and rstd, or rstd for RMSNorm), and the fp32 normalized input of a
+    composite RMSNorm."""
+    h = cfg.hidden_size if width is None else width
     if cfg.normalization == "RMSNorm" and kernels.composite_rms_norm:
         return {"input (fp32)": FP32 * rows * h, "normalized input (fp32)": FP32 * rows * h,
                 "statistics": FP32 * rows}
@@ -107,3 +117,22 @@ def sequence_rows(cfg: TransformerConfig, micro_batch: int) -> float:
     divided by ``t`` with sequence parallelism."""
     rows = local_tokens(cfg, micro_batch)
     return rows / cfg.tensor_model_parallel_size if cfg.sequence_parallel else rows
+
+
+def head_dims(cfg: TransformerConfig) -> tuple[int, int]:
+    """(channels of a query or key head, of a value head): ``(d, d)`` with ``d`` =
+    ``kv_channels``; ``(dn + dr, dv)`` under multi-latent attention (`mp.model.mla`)."""
+    if cfg.multi_latent_attention:
+        return cfg.qk_head_dim + cfg.qk_pos_emb_head_dim, cfg.v_head_dim
+    return cfg.kv_channels, cfg.kv_channels
+
+
+def attention_widths(cfg: TransformerConfig) -> tuple[float, float, float]:
+    """Channels per token of the queries, keys and values one TP rank's heads take (before
+    any context-parallel exchange): ``(a d / t, g d / t, g d / t)``; under multi-latent
+    attention every head has its own key and value, ``(a (dn + dr) / t, a (dn + dr) / t,
+    a dv / t)`` (the key's shared RoPE channels repeated for every head)."""
+    t = cfg.tensor_model_parallel_size
+    qk, v = head_dims(cfg)
+    heads = cfg.num_attention_heads if cfg.multi_latent_attention else cfg.num_query_groups
+    return cfg.num_attention_heads * qk / t, heads * qk / t, heads * v / t

@@ -100,6 +100,7 @@ class MLASelfAttention(Attention):
         s, b = q.shape[:2]
         q_nope, q_pe = q.view(s, b, heads, dn + dr).split([dn, dr], dim=-1)
         k_nope, v = kv.view(s, b, heads, dn + dv).split([dn, dv], dim=-1)
+        v = v.contiguous()  # what attention keeps, without the keys' channels beside it
         k_pe = k_pe.view(s, b, 1, dr)
         if rotary_freqs is not None:
             magnitude = cfg.rotary_magnitude
