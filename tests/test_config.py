@@ -53,6 +53,7 @@ INTENDED_WORLD_SIZE = {
     "llama3-8b": 8,
     "llama3-70b": 64,
     "mixtral-8x7b": 64,
+    "deepseek-v3": 2048,
 }
 
 
