@@ -84,6 +84,10 @@ def _against_reference(overrides: dict):
     ((ref_main * mask).sum() / mask.sum() + weight * sum(depth_losses)).backward()
     for name, p in model.named_parameters():
         assert_rel_close(grads[name], p.grad, what=f"grad of {name}")
+    model.eval()  # evaluation: the main model's losses, no prediction depths
+    with torch.no_grad():
+        assert torch.equal(model(ids, labels=labels, loss_mask=mask), main.detach())
+    assert take_tracked() == {}
 
 
 @pytest.mark.parametrize("overrides", [

@@ -15,8 +15,8 @@ over the whole model of the transformer layers it holds (default: the first chun
 (`mp.model.inference`) ``input_ids`` are the tokens after the cached ones.
 
 With ``mtp_num_layers`` the last stage also holds multi-token prediction (`mp.model.mtp`),
-which runs when ``labels`` are given (its losses, over ``loss_mask``, reach the gradients
-only) and reads the word embedding: a last stage without ``pre_process`` then keeps a copy of
+which runs while training when ``labels`` are given (its losses, over ``loss_mask``, reach
+the gradients only) and reads the word embedding: a last stage without ``pre_process`` then keeps a copy of
 the embedding, synced with the first stage's as a tied output layer's is
 (`mp.model.stages`); with tied embeddings the output layer uses that copy.
 """
@@ -107,7 +107,7 @@ class GPTModel(nn.Module):
                                  c.rotary_seq_len_interpolation_factor, c.yarn_arguments)
             freqs = freqs[offset:] if cp == 1 else freqs[local_positions(
                 length * cp, cp, parallel_state.get_context_parallel_rank(), input_ids.device)]
-        predict_more = self.mtp is not None and labels is not None
+        predict_more = self.mtp is not None and labels is not None and self.training
         hidden = self.decoder(hidden, attention_mask, freqs, inference_params,
                               final_norm=not predict_more)
         if not self.post_process:
