@@ -16,8 +16,8 @@ over the whole model of the transformer layers it holds (default: the first chun
 
 With ``mtp_num_layers`` the last stage also holds multi-token prediction (`mp.model.mtp`),
 which runs while training when ``labels`` are given (its losses, over ``loss_mask``, reach
-the gradients only) and reads the word embedding: a last stage without ``pre_process`` then keeps a copy of
-the embedding, synced with the first stage's as a tied output layer's is
+the gradients only) and reads the word embedding: a last stage without ``pre_process`` then
+keeps a copy of the embedding, synced with the first stage's as a tied output layer's is
 (`mp.model.stages`); with tied embeddings the output layer uses that copy.
 """
 
