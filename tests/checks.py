@@ -56,3 +56,27 @@ def jit_compiled_on_cpu():
             del os.environ["MP_JIT_FUSION_CPU"]
         else:
             os.environ["MP_JIT_FUSION_CPU"] = before
+
+
+def counted_flops(overrides: dict) -> tuple[float, float]:
+    """(the FLOPs torch's counter sees in one forward and backward, with labels, of a small GPT
+    (2 layers unless ``overrides`` say, 2 sequences of 16, unfused attention and element-wise
+    code, so that every product is a counted kernel), `mp.estimate.training_flops` of its
+    config). Run on one rank."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mp import parallel_state as ps
+    from mp.estimate import training_flops
+    from mp.model import GPTModel, TransformerConfig
+    ps.initialize_model_parallel(1)
+    cfg = TransformerConfig(**{
+        "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "vocab_size": 64,
+        "seq_length": 16, "make_vocab_size_divisible_by": 8, "hidden_dropout": 0.0,
+        "attention_dropout": 0.0, "bias_activation_fusion": False,
+        "bias_dropout_fusion": False, "cross_entropy_loss_fusion": False,
+        "attention_backend": "unfused", **overrides})
+    model = GPTModel(cfg)
+    ids = torch.randint(0, 64, (2, cfg.seq_length), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model(ids, labels=ids).sum().backward()
+    return counter.get_total_flops(), training_flops(cfg, 2)

@@ -24,7 +24,8 @@ from harness import run_distributed
 
 from mp import parallel_state as ps
 from mp.estimate import CPU, CUDA, SavedTensorMeter, korthikanti_layer_bytes, layer_terms
-from mp.estimate.memory import chunk_saved_bytes, embedding_terms, output_terms
+from mp.estimate.memory import chunk_saved_bytes
+from mp.estimate.stage_ends import embedding_terms, output_terms
 from mp.model import GPTModel, TransformerConfig
 from mp.model.context_parallel import local_positions
 from mp.model.rope import rotary_freqs

@@ -11,6 +11,7 @@ import itertools
 
 import pytest
 import torch
+from checks import counted_flops
 from harness import run_distributed
 from test_estimate_activations import _saved_bytes, model_saved_bytes
 from test_estimate_comm import WORLD, _one_iteration, _pipelined_iteration
@@ -19,7 +20,8 @@ from test_estimate_params import _measured_state, _stage_counts
 
 from mp import parallel_state as ps
 from mp.estimate import CPU, CUDA, Setup, layer_terms, rank_params, state_bytes, training_flops
-from mp.estimate.memory import chunk_saved_bytes, embedding_terms, output_terms
+from mp.estimate.memory import chunk_saved_bytes
+from mp.estimate.stage_ends import embedding_terms, output_terms
 from mp.model import TransformerConfig
 from mp.model.transformer import TransformerBlock, TransformerLayer
 from mp.tensor_parallel import model_parallel_cuda_manual_seed
@@ -66,29 +68,10 @@ def test_state_bytes_equal_model_ddp_and_optimizer(tp, variant, distributed_opti
 
 # ------------------------------------------------------------------------------------ FLOPs
 
-def _counted_flops(overrides: dict) -> tuple[float, float]:
-    """(FLOPs torch's counter sees in one forward and backward of a GPT, `training_flops`)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from mp.model.gpt import GPTModel
-    ps.initialize_model_parallel(1)
-    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64,
-                            seq_length=16, make_vocab_size_divisible_by=8,
-                            hidden_dropout=0.0, attention_dropout=0.0,
-                            bias_activation_fusion=False, bias_dropout_fusion=False,
-                            cross_entropy_loss_fusion=False, attention_backend="unfused",
-                            **overrides)
-    model = GPTModel(cfg)
-    ids = torch.randint(0, 64, (2, cfg.seq_length))
-    with FlopCounterMode(display=False) as counter:
-        model(ids, labels=ids).sum().backward()
-    return counter.get_total_flops(), training_flops(cfg, 2, recompute=None)
-
-
 @pytest.mark.parametrize("overrides", [MLA, dict(Q_LORA, activation="swiglu")],
                          ids=["mla", "q_lora_swiglu"])
 def test_flops_equal_what_torch_counts(overrides):
-    counted, formula = run_distributed(1, _counted_flops, overrides)[0]
+    counted, formula = run_distributed(1, counted_flops, overrides)[0]
     assert counted == formula
 
 

@@ -22,7 +22,7 @@ import math
 
 import pytest
 import torch
-from checks import assert_rel_close
+from checks import assert_rel_close, counted_flops
 from gpt_runs import (
     GLOBAL_BATCH,
     assemble,
@@ -439,31 +439,12 @@ def test_config_rules(overrides, message):
                          "moe_z_loss_coeff": None, **overrides})
 
 
-def _counted_flops(overrides: dict) -> tuple[float, float]:
-    """(FLOPs torch's counter sees in one forward and backward, `training_flops`)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from mp.estimate import training_flops
-    from mp.model.gpt import GPTModel
-    ps.initialize_model_parallel(1)
-    cfg = TransformerConfig(num_layers=3, hidden_size=32, num_attention_heads=4, vocab_size=64,
-                            seq_length=16, make_vocab_size_divisible_by=8,
-                            hidden_dropout=0.0, attention_dropout=0.0,
-                            bias_activation_fusion=False, bias_dropout_fusion=False,
-                            cross_entropy_loss_fusion=False, attention_backend="unfused",
-                            **{**MOE, **overrides})
-    model = GPTModel(cfg)
-    ids = torch.randint(0, 64, (2, cfg.seq_length))
-    with FlopCounterMode(display=False) as counter:
-        model(ids, labels=ids).sum().backward()
-    return counter.get_total_flops(), training_flops(cfg, 2, recompute=None)
-
-
 @pytest.mark.parametrize("overrides", [{}, {"activation": "swiglu", "moe_router_topk": 3},
                                        {"moe_shared_expert_intermediate_size": 40}],
                          ids=["gelu-top2", "swiglu-top3", "shared-expert"])
 def test_flops_equal_what_torch_counts(overrides):
-    counted, formula = run_distributed(1, _counted_flops, overrides)[0]
+    counted, formula = run_distributed(1, counted_flops,
+                                       {"num_layers": 3, **MOE, **overrides})[0]
     assert counted == formula
 
 

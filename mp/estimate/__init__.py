@@ -11,14 +11,17 @@ The pieces, one concept per module: `setup` (what is estimated), `hardware` (GPU
 save; bytes and rows), `activations` (bytes saved for backward per layer: Korthikanti et al.
 2022 and mp's own layer), `mlp_activations` (its MLP's, dense or mixture of experts), `mla`
 (multi-latent attention's saves and TP calls),
-`memory` (peak per pipeline stage),
-`flops` (Narayanan et al. 2021), `comm` (bytes per collective), `step_time`, `estimate`,
-`planner`, `report`, and `measure` (the meters the tests check all this with). See
+`stage_ends` (what the embedding and the output layer and loss save), `mtp` (multi-token
+prediction's saves and TP calls), `memory` (peak per pipeline stage),
+`flops` (Narayanan et al. 2021), `comm` (bytes per collective; the experts' own in
+`expert_comm`), `collective` (a call's record and its time on the wire), `step_time`,
+`estimate`, `planner`, `report`, and `measure` (the meters the tests check all this with). See
 docs/estimate.md for what is checked against the code and what is formula only.
 """
 
 from mp.estimate.activations import korthikanti_layer_bytes, layer_terms
-from mp.estimate.comm import Collective, collectives
+from mp.estimate.collective import Collective
+from mp.estimate.comm import collectives
 from mp.estimate.estimate import Estimate, estimate
 from mp.estimate.flops import narayanan_flops, training_flops
 from mp.estimate.hardware import GPUS, GPUSpec, gpu_spec

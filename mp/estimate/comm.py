@@ -1,4 +1,5 @@
-"""Bytes each collective moves in one iteration, per rank, and how long that takes.
+"""Bytes each collective moves in one iteration, per rank (their time on the wire is
+`mp.estimate.collective`'s).
 
 `collectives` lists what one rank of pipeline stage ``pp_rank`` calls in an iteration of ``m``
 micro-batches (forward and backward of each, then the gradient reduction and the optimizer
@@ -18,6 +19,12 @@ row-parallel ones (attention output, fc2):
 - Multi-latent attention: `mp.estimate.mla.tensor_parallel_channels` counts the TP calls of
   its latents and key RoPE channels; under SP its down projections and latent norms have
   partial gradients; under CP its keys are ``dn + dr`` wide a head, its values ``dv``.
+- Mixture of experts: `mp.estimate.expert_comm` (the tokens' exchanges, the routers' sums).
+- Multi-token prediction (``D`` depths, last stage): each depth's layer calls what a decoder
+  layer does (never rerun by full recompute), its embedding lookup and output layer what the
+  first stage's embedding and the output layer do, its cross-entropy another ``3 s b`` fp32
+  values; under SP ``eh_proj`` and its norms have partial gradients
+  (`mp.estimate.mtp.mtp_tensor_parallel_activations`, `mtp_partial_gradient_params`).
 - TP: the cross-entropy's all-reduces of the row maxima and of the target logits and exp
   sums, ``3 s b`` fp32 values per micro-batch; once per iteration, with SP, the gradients of
   the parameters replicated over TP (norms, row-parallel biases).
@@ -33,11 +40,13 @@ row-parallel ones (attention output, fc2):
   fp32 gradients ``c`` times (the last brings the gradients home). The last stage
   all-reduces each micro-batch's loss sum and token count (two fp32 values) over CP.
 - DP, once: the gradient buffer, ``g P`` all-reduced; with the distributed optimizer
-  reduce-scattered, then the updated parameters (``e P``) all-gathered. With CP the
-  gradients are reduced over DP x CP (group ``dp_cp``).
+  reduce-scattered, then the updated parameters (``e P``) all-gathered, but for the word
+  embedding's pair kept over the first and last stage (below), whose bucket of its own is
+  all-reduced. With CP the gradients are reduced over DP x CP (group ``dp_cp``).
 - PP: each chunk's output forward and its gradient backward, ``e s b h`` (``/ t`` with SP);
-  once per iteration, the tied word-embedding gradients between the first and last stage,
-  ``g V h / t``.
+  once per iteration, the word-embedding gradients of the first stage and the last stage's
+  copy (tied embeddings, or multi-token prediction's), ``g V h / t``, over the embedding
+  group.
 
 Gradients are read from the buffers, ``g`` bytes an element: 4 (fp32), or 2 with
 ``grad_reduce_in_bf16`` (`Setup.grad_bytes`).
@@ -45,47 +54,32 @@ Gradients are read from the buffers, ``g`` bytes an element: 4 (fp32), or 2 with
   distributed optimizer, whose data-parallel shards add to it).
 
 Bytes follow `mp.estimate.measure`: an all-reduce moves its tensor; an all-gather its
-gathered output; a reduce-scatter its full input. On the wire, a ring all-reduce over ``n``
-ranks sends ``2 (n - 1) / n`` of that per rank, an all-gather or reduce-scatter ``(n - 1) / n``,
-a send all of it. Every row is checked against mp's code (TP, DP with and without the
-distributed optimizer, pipeline with 1F1B and interleaving, tied embeddings, the norm); the
-distributed optimizer's padding of each bucket to a multiple of DP elements is left out.
+gathered output; a reduce-scatter its full input. Every row is checked against mp's code (TP,
+DP with and without the distributed optimizer, pipeline with 1F1B and interleaving, tied
+embeddings, multi-token prediction, the norm); the distributed optimizer's padding of each
+bucket to a multiple of DP elements is left out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from mp.estimate.hardware import GPUSpec
+from mp.estimate.collective import FP64, Collective
+from mp.estimate.expert_comm import expert_collectives
 from mp.estimate.mla import tensor_parallel_channels
-from mp.estimate.params import mla_duplicated_params, norm_params, rank_params
+from mp.estimate.mtp import (
+    mtp_depths,
+    mtp_partial_gradient_params,
+    mtp_tensor_parallel_activations,
+)
+from mp.estimate.params import mla_duplicated_params, mtp_layer_is_moe, norm_params, rank_params
 from mp.estimate.setup import Setup
 from mp.estimate.storage import (
     FP32,
-    INT64,
     activation_bytes,
     attention_widths,
     local_tokens,
     sequence_rows,
 )
 from mp.model.moe.aux_loss import tracked_names
-
-FP64 = 8
-GROUPS = ("tp", "cp", "dp", "dp_cp", "ep", "edp", "pp", "embedding", "mp", "world")
-WIRE_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-               "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
-               "send": lambda n: 1.0,
-               "recv": lambda n: 0.0}  # a send's bytes are on the wire once, counted at send
-
-
-@dataclass(frozen=True)
-class Collective:
-    """One kind of call over one group: ``bytes`` summed over an iteration on one rank."""
-
-    what: str
-    kind: str  # all_reduce | all_gather | reduce_scatter | all_to_all | send | recv
-    group: str  # one of GROUPS
-    bytes: float
 
 
 def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[Collective]:
@@ -100,10 +94,12 @@ def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[C
         out += _tensor_parallel(setup, pp_rank)
     if setup.cp > 1:
         out += _context_parallel(setup, pp_rank)
-    if _stage_layers(setup, pp_rank)[True][0]:
-        out += _experts(setup, pp_rank)
+    moe_layers, moe_forwards = _stage_layers(setup, pp_rank)[True]
+    if moe_layers:
+        out += expert_collectives(setup, moe_layers, moe_forwards)
     params = rank_params(cfg, pp_rank)
     dense_group = "dp_cp" if setup.cp > 1 else "dp"
+    synced = _embedding_group_elements(setup, pp_rank)
     for what, group, elements, size in (
             ("", dense_group, params.total - params.experts, setup.gradient_group_size),
             ("expert ", "edp" if setup.ep > 1 else dense_group, params.experts,
@@ -111,11 +107,15 @@ def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[C
         if size == 1:
             continue
         grads = setup.grad_bytes * elements
-        if setup.distributed_optimizer:
+        if setup.distributed_optimizer:  # the embedding pair's own bucket is all-reduced
+            sharded = grads - setup.grad_bytes * (synced if not what else 0)
             out += [Collective(f"{what}gradients (distributed optimizer)", "reduce_scatter",
-                               group, grads),
+                               group, sharded),
                     Collective(f"updated {what}parameters (distributed optimizer)",
                                "all_gather", group, activation_bytes(cfg) * elements)]
+            if not what:
+                out.append(Collective("word-embedding gradients (distributed optimizer)",
+                                      "all_reduce", group, grads - sharded))
         else:
             out.append(Collective(f"{what}gradients", "all_reduce", group, grads))
     if setup.pp > 1:
@@ -136,24 +136,29 @@ def _logging(setup: Setup, pp_rank: int) -> list[Collective]:
     out = []
     if pp_rank == setup.pp - 1 and setup.data_parallel_size > 1:
         out.append(Collective("reported loss (logging)", "all_reduce", "dp", 2 * FP64))
-    router_losses = 2 * FP64 * len(tracked_names(setup.model))  # (sum, count) of each
+    tracked = 2 * FP64 * len(tracked_names(setup.model))  # (sum, count) of each
     for group, size in (("pp", setup.pp), ("dp", setup.data_parallel_size)):
         if size > 1:
-            out.append(Collective("router losses (logging)", "all_reduce", group,
-                                  router_losses))
+            out.append(Collective("router and MTP losses (logging)", "all_reduce", group,
+                                  tracked))
     return out
 
 
 def _stage_layers(setup: Setup, pp_rank: int) -> dict[bool, tuple[int, int]]:
     """``{moe: (layers, forwards)}``: the dense (``False``) and mixture-of-experts (``True``)
-    layers of one rank of stage ``pp_rank``, and their forwards in an iteration's pass over
-    a micro-batch (full recompute runs some twice)."""
+    layers of one rank of stage ``pp_rank``, multi-token prediction's on the last stage
+    included, and their forwards in an iteration's pass over a micro-batch (full recompute
+    runs some of the decoder's twice, none of multi-token prediction's)."""
     cfg = setup.model
     recomputed = set(_recomputed_layers(setup, pp_rank))
     out = {False: (0, 0), True: (0, 0)}
     for index in cfg.stage_layers(pp_rank):
         layers, forwards = out[cfg.is_moe_layer(index)]
         out[cfg.is_moe_layer(index)] = (layers + 1, forwards + 1 + (index in recomputed))
+    depths = mtp_depths(cfg) if pp_rank == setup.pp - 1 else 0
+    if depths:
+        layers, forwards = out[mtp_layer_is_moe(cfg)]
+        out[mtp_layer_is_moe(cfg)] = (layers + depths, forwards + depths)
     return out
 
 
@@ -219,7 +224,9 @@ def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
         out.append(Collective("distributed checkpoint inputs", "all_gather", "tp",
                               m * _checkpoints(setup, pp_rank) * saved))
     if last:
-        rows = local_tokens(cfg, setup.micro_batch_size)
+        out += [Collective("MTP embeddings and output layers", kind, "tp", m * count * act)
+                for kind, count in mtp_tensor_parallel_activations(cfg).items()]
+        rows = local_tokens(cfg, setup.micro_batch_size) * (1 + mtp_depths(cfg))
         out.append(Collective("cross-entropy", "all_reduce", "tp", m * 3 * FP32 * rows))
     return out
 
@@ -250,62 +257,6 @@ def _context_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
                           m * layers * keys)]
     if pp_rank == setup.pp - 1:
         out.append(Collective("loss sum and token count", "all_reduce", "cp", m * 2 * FP32))
-    return out
-
-
-def _router_statistics_bytes(cfg, micro_batch: int) -> int:
-    """What a router sums over the ranks holding the rest of its sequences in a forward: for
-    the load-balancing loss each expert's token count (int64) and probability sum (of each
-    sequence, for the sequence-level loss), for the z-loss one sum, in the logits' dtype."""
-    logits = FP64 if cfg.moe_router_dtype == "fp64" else FP32
-    names = tracked_names(cfg)
-    balancing = {"load_balancing_loss": 1, "seq_load_balancing_loss": micro_batch}
-    per_expert = sum(balancing.get(name, 0) for name in names)
-    return per_expert * (INT64 + logits) * cfg.num_moe_experts + ("z_loss" in names) * logits
-
-
-def _experts(setup: Setup, pp_rank: int) -> list[Collective]:
-    """A mixture-of-experts layer's own calls (`mp.model.moe.dispatcher`). Each forward
-    trades the per-expert token counts (int64) over EP, then the ``n' k`` routed rows of the
-    rank's ``n'`` tokens (`sequence_rows`: its own ``1 / t`` under SP, else every token of
-    its sequences), then the experts' outputs back; backward trades the gradients of both.
-    Under SP the TP ranks then gather each other's counts (an all-gather) and rows (an
-    all-to-all of each rank's rows to every TP rank), and send each rank the partial outputs
-    of its rows (an all-to-all, summed), and the reverse in backward. A rank sends its own
-    ``n' k`` rows over EP and gets as many outputs back, but how many rows it receives, and
-    so how much it sends on, depends on the routing: this counts the mean, ``n' k`` over EP
-    and ``N k`` over TP (exact summed over the ranks, which together receive what they send).
-    The routers sum their statistics over CP and, under SP, TP once a micro-batch (in the
-    forward that keeps a graph, not again in a recompute), and with an expert bias their
-    token counts over DP x CP (and TP) once an iteration."""
-    cfg, m = setup.model, setup.num_microbatches
-    layers, forwards = _stage_layers(setup, pp_rank)[True]
-    split = cfg.sequence_parallel and setup.tp > 1
-    row = activation_bytes(cfg) * cfg.moe_router_topk * cfg.hidden_size
-    counts = INT64 * cfg.num_moe_experts
-    out = []
-    if setup.ep > 1:
-        rows = row * sequence_rows(cfg, setup.micro_batch_size)
-        out.append(Collective("tokens to experts and back (counts, rows)", "all_to_all", "ep",
-                              m * (forwards * (counts + 2 * rows) + layers * 2 * rows)))
-    if split:
-        rows = row * local_tokens(cfg, setup.micro_batch_size)
-        out += [Collective("experts' token counts", "all_gather", "tp",
-                           m * forwards * setup.tp * counts),
-                Collective("experts' rows and partial outputs", "all_to_all", "tp",
-                           m * (forwards + layers) * 2 * rows)]
-    if tracked_names(cfg):  # over the ranks holding the rest of the sequences
-        out += [Collective("router statistics", "all_reduce", group,
-                           m * layers * _router_statistics_bytes(cfg, setup.micro_batch_size))
-                for group, size in (("tp", setup.tp if split else 1), ("cp", setup.cp))
-                if size > 1]
-    if cfg.moe_router_enable_expert_bias:  # over every rank that routes other tokens
-        out += [Collective("routed token counts (expert bias)", "all_reduce", group,
-                           layers * FP32 * cfg.num_moe_experts)
-                for group, size in (("tp", setup.tp if split else 1),
-                                    ("dp_cp" if setup.cp > 1 else "dp",
-                                     setup.gradient_group_size))
-                if size > 1]
     return out
 
 
@@ -354,6 +305,8 @@ def _partial_gradient_params(setup: Setup, pp_rank: int) -> int:
             local = cfg.num_moe_experts // cfg.expert_model_parallel_size
             per_layer += cfg.num_moe_experts * cfg.hidden_size + local * bias
         total += layers * per_layer
+    if pp_rank == setup.pp - 1:  # eh_proj and the norms of multi-token prediction
+        total += mtp_partial_gradient_params(cfg)
     return total + (rank_params(cfg, pp_rank).final_norm if cfg.sequence_parallel else 0)
 
 
@@ -367,36 +320,20 @@ def _pipeline(setup: Setup, pp_rank: int) -> list[Collective]:
     sends = 2 * m * v - (m if last else 0) - (m if first else 0)
     out = [Collective("stage activations and gradients", "send", "pp", sends * tensor),
            Collective("stage activations and gradients", "recv", "pp", sends * tensor)]
-    tied = not cfg.untie_embeddings_and_output_weights
-    if tied and (first or last):
-        shard = cfg.padded_vocab_size // setup.tp * cfg.hidden_size
-        out.append(Collective("tied word-embedding gradients", "all_reduce", "embedding",
-                              setup.grad_bytes * shard))
+    synced = _embedding_group_elements(setup, pp_rank)
+    if synced:
+        out.append(Collective("word-embedding gradients (first and last stage)", "all_reduce",
+                              "embedding", setup.grad_bytes * synced))
     return out
 
 
-def group_size(setup: Setup, group: str) -> int:
-    return {"tp": setup.tp, "cp": setup.cp, "dp": setup.data_parallel_size,
-            "dp_cp": setup.gradient_group_size, "ep": setup.ep,
-            "edp": setup.expert_data_parallel_size, "pp": setup.pp, "embedding": 2,
-            "mp": setup.tp * setup.pp, "world": setup.world_size}[group]
-
-
-def group_bandwidth(setup: Setup, group: str, gpu: GPUSpec) -> float:
-    """Bytes/s per rank for ``group``'s traffic: NVLink when the whole group shares a node
-    (ranks are laid out TP fastest, then CP, then DP, then PP; the expert-parallel ranks
-    are the data-parallel ranks next to each other), InfiniBand otherwise."""
-    data = setup.tp * setup.cp * setup.data_parallel_size
-    span = {"tp": setup.tp, "cp": setup.tp * setup.cp, "dp": data, "dp_cp": data,
-            "ep": setup.tp * setup.ep, "edp": data,
-            "pp": setup.world_size, "embedding": setup.world_size,
-            "mp": setup.world_size, "world": setup.world_size}[group]
-    gbps = gpu.intra_node_gbps if span <= gpu.gpus_per_node else gpu.inter_node_gbps
-    return gbps * 1e9
-
-
-def seconds(setup: Setup, collective: Collective, gpu: GPUSpec) -> float:
-    """Time on the wire of ``collective`` (bandwidth only; no latency, no overlap)."""
-    n = group_size(setup, collective.group)
-    wire = collective.bytes * WIRE_FACTOR[collective.kind](n)
-    return wire / group_bandwidth(setup, collective.group, gpu)
+def _embedding_group_elements(setup: Setup, pp_rank: int) -> int:
+    """Elements of the word embedding that the first and last stage keep equal by summing
+    their gradients over the embedding group (`mp.model.stages`), on this stage: the
+    matrix's shard ``V h / t`` on both when PP > 1 with tied embeddings or multi-token
+    prediction (the last stage's copy), else none."""
+    cfg = setup.model
+    paired = not cfg.untie_embeddings_and_output_weights or cfg.mtp_num_layers is not None
+    if setup.pp == 1 or not paired or 0 < pp_rank < setup.pp - 1:
+        return 0
+    return cfg.padded_vocab_size // setup.tp * cfg.hidden_size

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mp.estimate.comm import Collective, collectives
+from mp.estimate.collective import Collective
+from mp.estimate.comm import collectives
 from mp.estimate.flops import training_flops
 from mp.estimate.hardware import GPUSpec
 from mp.estimate.memory import StageMemory, stage_memory

@@ -28,6 +28,12 @@ Multi-latent attention (`mp.model.mla`; ``dn``, ``dr``, ``dv`` channels, latents
 ``h a (dn + dr)`` becomes ``h r + r a (dn + dr)``), the scores by ``2 b s^2 a (dn + dr)`` for
 ``Q K^T`` and ``2 b s^2 a dv`` for ``P V``, and the output projection is ``2 n a dv h``
 (`attention_projections`; checked against torch's FLOP counter on the built model).
+
+Multi-token prediction (`mp.model.mtp`, ``D`` depths on the last stage) adds per depth
+``eh_proj``'s ``2 n (2h) h``, one more layer (with experts when the model's last layer has
+them) and the logits ``2 n h V``, each three forwards' worth (`mtp_forward_flops`). Full
+recompute does not rerun its layers (it checkpoints the decoder's); selective recompute
+reruns their attention scores, as the decoder's.
 """
 
 from __future__ import annotations
@@ -73,12 +79,29 @@ def logits_forward_flops(cfg: TransformerConfig, sequences: int) -> float:
     return 2 * sequences * cfg.seq_length * cfg.hidden_size * cfg.padded_vocab_size
 
 
+def mtp_forward_flops(cfg: TransformerConfig, sequences: int) -> tuple[float, float]:
+    """(the attention scores' share, the rest) of multi-token prediction's forward for
+    ``sequences``, its ``D`` depths together: ``eh_proj`` ``[2h] -> [h]``, the layer and the
+    logits of each (0 without ``mtp_num_layers``)."""
+    depths = cfg.mtp_num_layers or 0
+    if not depths:
+        return 0.0, 0.0
+    moe = cfg.num_moe_experts is not None and cfg.is_moe_layer(cfg.num_layers - 1)
+    scores, dense = layer_forward_flops(cfg, sequences, moe)
+    tokens, h = sequences * cfg.seq_length, cfg.hidden_size
+    eh_proj = 2 * tokens * 2 * h * h
+    return depths * scores, depths * (eh_proj + dense + logits_forward_flops(cfg, sequences))
+
+
 def training_flops(cfg: TransformerConfig, sequences: int, recompute: str | None = "config",
-                   layers: Iterable[int] | None = None, logits: bool = True) -> float:
+                   layers: Iterable[int] | None = None, logits: bool = True,
+                   mtp: bool | None = None) -> float:
     """FLOPs to train on ``sequences`` sequences: forward, backward and the recompute of
     ``recompute`` (``"config"``: the config's ``recompute_granularity``; ``None`` for the
-    model FLOPs that MFU counts). ``layers`` (indices over the model, default all) and
-    ``logits`` select a part of the model: a pipeline stage (`TransformerConfig.stage_layers`).
+    model FLOPs that MFU counts). ``layers`` (indices over the model, default all),
+    ``logits`` and ``mtp`` (multi-token prediction's depths, default as ``logits``: both are
+    the last stage's) select a part of the model: a pipeline stage
+    (`TransformerConfig.stage_layers`).
     """
     if recompute == "config":
         recompute = cfg.recompute_granularity
@@ -97,6 +120,9 @@ def training_flops(cfg: TransformerConfig, sequences: int, recompute: str | None
         total += count * passes[recompute]
     if logits:
         total += 3 * logits_forward_flops(cfg, sequences)
+    if logits if mtp is None else mtp:  # not rerun by full recompute (module doc)
+        scores, rest = mtp_forward_flops(cfg, sequences)
+        total += (4 if recompute == "selective" else 3) * scores + 3 * rest
     return total
 
 

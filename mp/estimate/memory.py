@@ -12,14 +12,15 @@ working memory of that moment:
   stage holds ``p (1 + (p - 1) / (p v))`` micro-batches' worth (Korthikanti et al. 2022).
 - **First stage**: the token ids (and, under TP, the out-of-range flags and shifted ids) the
   embedding saves, the position ids, the embedding dropout mask, for each micro-batch in
-  flight.
+  flight (`mp.estimate.stage_ends`).
 - **Last stage**: the final norm's input and statistics, the output layer's input, and what
   the cross-entropy keeps for backward -- the logits ``[s, b, V / t]`` in the activation
-  dtype, one fp32 normalizer per row, the target ids -- for the one micro-batch whose
-  backward comes next. The loss adds working memory beside them, the largest transient of a
-  step for GPT-3's vocabulary: compiled (`mp.jit`, CUDA), only the logits' gradient,
-  ``e s b V / t`` bytes; eagerly, an fp32 copy of the logits, a bool one-hot and the gradient,
-  ``(5 + e) s b V / t``.
+  dtype, one fp32 normalizer per row, the target ids -- and multi-token prediction's depths
+  (`mp.estimate.mtp`), for the one micro-batch whose backward comes next. The loss adds
+  working memory beside them, the largest transient of a step for GPT-3's vocabulary:
+  compiled (`mp.jit`, CUDA), only the logits' gradient, ``e s b V / t`` bytes; eagerly, an
+  fp32 copy of the logits, a bool one-hot and the gradient, ``(5 + e) s b V / t`` (one loss
+  at a time: the depths' run one after the other).
 - **Ring attention** (``p2p`` context parallelism) works on one ``[tile, L]`` block of scores
   per head at a time, in forward and in backward (`ring_working_set`; by the code, not
   measured).
@@ -27,7 +28,8 @@ working memory of that moment:
   ``distribute_saved_activations``) and, with RoPE, the angles they all take (one fp32
   ``[s / c, rotary_dim]`` tensor a model chunk); in backward one chunk of layers is
   recomputed, so its full activations are a transient. Selective recompute recomputes one
-  layer's attention core.
+  layer's attention core (multi-token prediction's layers' too, which full recompute
+  leaves alone).
 
 Each layer counts as dense or mixture-of-experts (``cfg.is_moe_layer``), so a chunk's bytes
 and its largest recomputed group depend on which layers it holds (``cfg.chunk_layers``).
@@ -41,17 +43,16 @@ import math
 from dataclasses import dataclass
 
 from mp.estimate.activations import attention_heads, layer_bytes
+from mp.estimate.mtp import mtp_saved_bytes
 from mp.estimate.params import RankParams, StateBytes, rank_params, state_bytes
 from mp.estimate.setup import Setup
+from mp.estimate.stage_ends import embedding_terms, loss_transient, output_terms
 from mp.estimate.storage import (
     CUDA,
     FP32,
-    INT64,
     Kernels,
     activation_bytes,
-    dropout_mask_bytes,
     local_tokens,
-    norm_terms,
     sequence_rows,
 )
 from mp.model.config import TransformerConfig
@@ -72,52 +73,6 @@ def microbatches_in_flight(pp: int, pp_rank: int, num_microbatches: int, vpp: in
         return total / vpp
     warmup = min(2 * (pp - pp_rank - 1) + (vpp - 1) * pp, total)
     return min(warmup + 1, total) / vpp
-
-
-def embedding_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA
-                    ) -> dict[str, float]:
-    """What the embedding saves for one micro-batch on one TP rank."""
-    tokens = local_tokens(cfg, micro_batch)
-    terms = {"token ids": INT64 * tokens}
-    if cfg.tensor_model_parallel_size > 1:
-        terms["out-of-range token flags"] = tokens
-    if cfg.position_embedding_type == "learned_absolute":
-        terms["position ids"] = INT64 * local_tokens(cfg, 1)
-    if cfg.hidden_dropout > 0:
-        terms["embedding dropout mask"] = (dropout_mask_bytes(cfg, kernels)
-                                           * sequence_rows(cfg, micro_batch) * cfg.hidden_size)
-    return terms
-
-
-def output_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA
-                 ) -> dict[str, float]:
-    """What the final norm, the output layer and the loss save for one micro-batch."""
-    e, h = activation_bytes(cfg), cfg.hidden_size
-    tokens = local_tokens(cfg, micro_batch)
-    local = sequence_rows(cfg, micro_batch)
-    terms = {
-        **{f"final norm {name}": size for name, size in norm_terms(cfg, kernels, local).items()},
-        "output layer input": e * local * h,
-        "cross-entropy logits": e * tokens * _vocab_shard(cfg),
-        "cross-entropy normalizers (fp32)": FP32 * tokens,
-        "cross-entropy target ids": INT64 * tokens,
-    }
-    if cfg.layernorm_zero_centered_gamma:
-        terms["final norm weight (1 + weight)"] = e * h
-    return terms
-
-
-def loss_transient(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA) -> float:
-    """Bytes the cross-entropy needs beside what it saves, at its worst moment (the backward,
-    which writes the logits' gradient; see the module doc)."""
-    e = activation_bytes(cfg)
-    logits = local_tokens(cfg, micro_batch) * _vocab_shard(cfg)
-    compiled = kernels.jit_compiled and cfg.cross_entropy_loss_fusion
-    return logits * (e if compiled else FP32 + 1 + e)
-
-
-def _vocab_shard(cfg: TransformerConfig) -> int:
-    return cfg.padded_vocab_size // cfg.tensor_model_parallel_size
 
 
 def chunk_saved_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
@@ -219,17 +174,24 @@ def stage_memory(setup: Setup, pp_rank: int, kernels: Kernels = CUDA) -> StageMe
     in_flight = microbatches_in_flight(setup.pp, pp_rank, setup.num_microbatches, setup.vpp)
     chunks = [cfg.chunk_layers(pp_rank, c) for c in range(len(cfg.chunk_layer_counts[pp_rank]))]
     saved = in_flight * sum(chunk_saved_bytes(cfg, b, kernels, layers) for layers in chunks)
-    forward_extra = backward_extra = 0.0
     if pp_rank == 0:
         saved += min(in_flight, setup.num_microbatches) * sum(
             embedding_terms(cfg, b, kernels).values())
+    forward_extra = backward_extra = depth_extra = 0.0
     if pp_rank == setup.pp - 1:
         output = sum(output_terms(cfg, b, kernels).values())
-        saved += output
+        depths = mtp_saved_bytes(cfg, b, kernels)
+        saved += output + depths
         forward_extra = loss_transient(cfg, b, kernels)
-        backward_extra = -output  # the loss's backward has freed them before any recompute
+        backward_extra = -output - depths  # freed by the losses' and the depths' backward
+        # before any recompute of the decoder; a depth's own attention core is recomputed
+        # (selective) after the main loss's backward
+        if depths and cfg.recompute_granularity == "selective":
+            last = cfg.num_layers - 1
+            depth_extra = -output + (_layer_bytes(cfg, b, kernels, last, selective=False)
+                                     - _layer_bytes(cfg, b, kernels, last, selective=True))
     ring = ring_working_set(cfg, b)  # inside every layer's attention, forward and backward
-    transient = max(forward_extra, ring,
+    transient = max(forward_extra, ring, depth_extra + ring,
                     backward_extra + max(recompute_working_set(cfg, b, kernels, layers)
                                          for layers in chunks) + ring)
     return StageMemory(pp_rank=pp_rank, params=params, state=state_bytes(setup, params),

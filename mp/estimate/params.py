@@ -59,17 +59,20 @@ STEP_COUNTER_BYTES = FP32  # AdamW's per-tensor ``step``, a float32 scalar tenso
 class RankParams:
     """Parameter elements one TP rank of a pipeline stage holds, by part."""
 
-    embedding: int  # word-embedding shard, plus the position table (learned positions)
+    embedding: int  # word-embedding shard, plus the position table (learned positions); on
+    # a last stage with multi-token prediction, its copy of them
     layers: int
     final_norm: int
-    output_layer: int  # untied output weight, or the last stage's copy of a tied one
+    output_layer: int  # untied output weight, or the last stage's copy of a tied one (none
+    # when multi-token prediction's embedding copy serves it)
     tensors: int  # how many trained parameter tensors (AdamW keeps a step counter for each)
-    experts: int = 0  # of ``layers``: the experts' (reduced over DP x CP / EP)
+    experts: int = 0  # of ``layers`` and ``mtp``: the experts' (reduced over DP x CP / EP)
     expert_bias: int = 0  # the routers' untrained fp32 expert biases, beside ``total``
+    mtp: int = 0  # multi-token prediction's depths (`mtp_params`), on the last stage
 
     @property
     def total(self) -> int:
-        return self.embedding + self.layers + self.final_norm + self.output_layer
+        return self.embedding + self.layers + self.final_norm + self.output_layer + self.mtp
 
 
 def norm_params(cfg: TransformerConfig, size: int | None = None) -> tuple[int, int]:
@@ -156,6 +159,25 @@ def layer_params(cfg: TransformerConfig, moe: bool = False) -> tuple[int, int]:
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
+def mtp_layer_is_moe(cfg: TransformerConfig) -> bool:
+    """Whether multi-token prediction's layers have experts (as the model's last layer)."""
+    return cfg.num_moe_experts is not None and cfg.is_moe_layer(cfg.num_layers - 1)
+
+
+def mtp_params(cfg: TransformerConfig) -> tuple[int, int]:
+    """(elements, tensors) of multi-token prediction's ``D`` depths on one TP rank (none
+    without ``mtp_num_layers``): each ``enorm``, ``hnorm`` and the final norm, ``eh_proj``
+    ``[h, 2h]`` whole, and a transformer layer (`layer_params`, with its experts when
+    `mtp_layer_is_moe`)."""
+    depths = cfg.mtp_num_layers or 0
+    if not depths:
+        return 0, 0
+    norm, norm_tensors = norm_params(cfg)
+    layer, layer_tensors = layer_params(cfg, moe=mtp_layer_is_moe(cfg))
+    return (depths * (3 * norm + 2 * cfg.hidden_size ** 2 + layer),
+            depths * (3 * norm_tensors + 1 + layer_tensors))
+
+
 def rank_params(cfg: TransformerConfig, pp_rank: int = 0) -> RankParams:
     """What one TP rank of pipeline stage ``pp_rank`` holds (all TP ranks hold as much)."""
     pp = cfg.pipeline_model_parallel_size
@@ -168,8 +190,9 @@ def rank_params(cfg: TransformerConfig, pp_rank: int = 0) -> RankParams:
     moe_layers = sum(map(cfg.is_moe_layer, layers))
     counts = ((len(layers) - moe_layers, layer_params(cfg)),
               (moe_layers, layer_params(cfg, moe=True) if moe_layers else (0, 0)))
+    predicts_more = last and cfg.mtp_num_layers is not None  # multi-token prediction here
     embedding = tensors = 0
-    if first:
+    if first or predicts_more:  # the embedding, or multi-token prediction's copy of it
         embedding, tensors = vocab_shard, 1
         if cfg.position_embedding_type == "learned_absolute":
             embedding, tensors = embedding + cfg.max_position_embeddings * h, 2
@@ -177,15 +200,17 @@ def rank_params(cfg: TransformerConfig, pp_rank: int = 0) -> RankParams:
     if last:
         final_norm, norm_tensors = norm_params(cfg)
         tensors += norm_tensors
-        if cfg.untie_embeddings_and_output_weights or not first:
+        if cfg.untie_embeddings_and_output_weights or not (first or predicts_more):
             output = vocab_shard
             tensors += 1
+    mtp, mtp_tensors = mtp_params(cfg) if predicts_more else (0, 0)
+    moe_layers += (cfg.mtp_num_layers if predicts_more and mtp_layer_is_moe(cfg) else 0)
     bias = cfg.num_moe_experts if cfg.moe_router_enable_expert_bias else 0
     return RankParams(embedding=embedding, layers=sum(n * p[0] for n, p in counts),
                       final_norm=final_norm, output_layer=output,
-                      tensors=tensors + sum(n * p[1] for n, p in counts),
+                      tensors=tensors + sum(n * p[1] for n, p in counts) + mtp_tensors,
                       experts=moe_layers * expert_params(cfg)[0] if moe_layers else 0,
-                      expert_bias=moe_layers * bias)
+                      expert_bias=moe_layers * bias, mtp=mtp)
 
 
 def model_params(cfg: TransformerConfig) -> int:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 from mp.estimate.activations import korthikanti_layer_bytes, layer_terms
-from mp.estimate.comm import seconds
+from mp.estimate.collective import seconds
 from mp.estimate.estimate import Estimate
 from mp.estimate.hardware import GiB
-from mp.estimate.params import state_bytes
+from mp.estimate.mtp import mtp_depth_terms
+from mp.estimate.params import model_params, state_bytes
 from mp.estimate.planner import PlanResult, split_name
 from mp.estimate.storage import CUDA, Kernels
 
@@ -59,9 +60,15 @@ def format_estimate(est: Estimate, kernels: Kernels = CUDA) -> str:
                f"{cfg.moe_ffn_hidden_size}) in {moe_layers} layers"
                + (f", ffn {cfg.ffn_hidden_size} in the others" if moe_layers < cfg.num_layers
                   else ""))
+    mtp = ""
+    if cfg.mtp_num_layers:
+        depths = cfg.mtp_num_layers
+        main = model_params(dataclasses.replace(cfg, mtp_num_layers=None))
+        mtp = (f", {depths} multi-token prediction {'depth' if depths == 1 else 'depths'} "
+               f"({_count(est.parameters - main)} parameters)")
     lines = [
         f"{setup.world_size} x {gpu.name}: {setup.describe()}",
-        (f"model: {_count(est.parameters)} parameters, {cfg.num_layers} layers, hidden "
+        (f"model: {_count(est.parameters)} parameters, {cfg.num_layers} layers{mtp}, hidden "
          f"{cfg.hidden_size}, {heads}, {ffn}, "
          f"sequence {cfg.seq_length}, vocabulary {cfg.vocab_size} padded to "
          f"{cfg.padded_vocab_size}, {cfg.precision}, {cfg.attention_backend} attention"),
@@ -112,6 +119,12 @@ def _activation_section(est: Estimate, kernels: Kernels) -> str:
         lines.append(f"Activations per layer{kind} and micro-batch on a rank{note}: "
                      f"{_bytes(sum(terms.values()))}; largest: "
                      + ", ".join(f"{name} {_bytes(v)}" for name, v in top))
+    if cfg.mtp_num_layers:
+        terms = mtp_depth_terms(cfg, b, kernels)
+        top = sorted(terms.items(), key=lambda kv: -kv[1])[:3]
+        lines.append(f"Multi-token prediction on the last stage, per depth and micro-batch: "
+                     f"{_bytes(sum(terms.values()))} (its layer not recomputed by full "
+                     "recompute); largest: " + ", ".join(f"{name} {_bytes(v)}" for name, v in top))
     s, h, a, t = (cfg.seq_length, cfg.hidden_size, cfg.num_attention_heads,
                   cfg.tensor_model_parallel_size)
     paper = {"none": korthikanti_layer_bytes(s, b, h, a),

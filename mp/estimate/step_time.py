@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mp.estimate.comm import collectives, seconds
+from mp.estimate.collective import seconds
+from mp.estimate.comm import collectives
 from mp.estimate.flops import training_flops
 from mp.estimate.hardware import GPUSpec
 from mp.estimate.params import rank_params

@@ -1,0 +1,60 @@
+"""One collective call's record, and its time on the wire.
+
+A `Collective` is one kind of call over one group, its bytes summed over an iteration on one
+rank, as `mp.estimate.measure.CollectiveMeter` counts them: an all-reduce moves its tensor;
+an all-gather its gathered output; a reduce-scatter its full input. On the wire, a ring
+all-reduce over ``n`` ranks sends ``2 (n - 1) / n`` of that per rank, an all-gather,
+reduce-scatter or all-to-all ``(n - 1) / n``, a send all of it (`seconds`), at NVLink's
+bandwidth when the group shares a node and the network's otherwise (`group_bandwidth`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mp.estimate.hardware import GPUSpec
+from mp.estimate.setup import Setup
+
+FP64 = 8
+GROUPS = ("tp", "cp", "dp", "dp_cp", "ep", "edp", "pp", "embedding", "mp", "world")
+WIRE_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+               "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
+               "send": lambda n: 1.0,
+               "recv": lambda n: 0.0}  # a send's bytes are on the wire once, counted at send
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One kind of call over one group: ``bytes`` summed over an iteration on one rank."""
+
+    what: str
+    kind: str  # all_reduce | all_gather | reduce_scatter | all_to_all | send | recv
+    group: str  # one of GROUPS
+    bytes: float
+
+
+def group_size(setup: Setup, group: str) -> int:
+    return {"tp": setup.tp, "cp": setup.cp, "dp": setup.data_parallel_size,
+            "dp_cp": setup.gradient_group_size, "ep": setup.ep,
+            "edp": setup.expert_data_parallel_size, "pp": setup.pp, "embedding": 2,
+            "mp": setup.tp * setup.pp, "world": setup.world_size}[group]
+
+
+def group_bandwidth(setup: Setup, group: str, gpu: GPUSpec) -> float:
+    """Bytes/s per rank for ``group``'s traffic: NVLink when the whole group shares a node
+    (ranks are laid out TP fastest, then CP, then DP, then PP; the expert-parallel ranks
+    are the data-parallel ranks next to each other), InfiniBand otherwise."""
+    data = setup.tp * setup.cp * setup.data_parallel_size
+    span = {"tp": setup.tp, "cp": setup.tp * setup.cp, "dp": data, "dp_cp": data,
+            "ep": setup.tp * setup.ep, "edp": data,
+            "pp": setup.world_size, "embedding": setup.world_size,
+            "mp": setup.world_size, "world": setup.world_size}[group]
+    gbps = gpu.intra_node_gbps if span <= gpu.gpus_per_node else gpu.inter_node_gbps
+    return gbps * 1e9
+
+
+def seconds(setup: Setup, collective: Collective, gpu: GPUSpec) -> float:
+    """Time on the wire of ``collective`` (bandwidth only; no latency, no overlap)."""
+    n = group_size(setup, collective.group)
+    wire = collective.bytes * WIRE_FACTOR[collective.kind](n)
+    return wire / group_bandwidth(setup, collective.group, gpu)

@@ -1,0 +1,69 @@
+"""What mixture-of-experts layers (`mp.model.moe`) call beyond a dense layer's: the tokens'
+and outputs' exchanges over EP (and, under sequence parallelism, over TP), the routers' sums
+of their statistics, and the expert bias's token counts (`expert_collectives`). The experts'
+gradients, reduced over their expert-data-parallel group, are `mp.estimate.comm`'s.
+"""
+
+from __future__ import annotations
+
+from mp.estimate.collective import FP64, Collective
+from mp.estimate.setup import Setup
+from mp.estimate.storage import FP32, INT64, activation_bytes, local_tokens, sequence_rows
+from mp.model.moe.aux_loss import router_loss_names
+
+
+def router_statistics_bytes(cfg, micro_batch: int) -> int:
+    """What a router sums over the ranks holding the rest of its sequences in a forward: for
+    the load-balancing loss each expert's token count (int64) and probability sum (of each
+    sequence, for the sequence-level loss), for the z-loss one sum, in the logits' dtype."""
+    logits = FP64 if cfg.moe_router_dtype == "fp64" else FP32
+    names = router_loss_names(cfg)
+    balancing = {"load_balancing_loss": 1, "seq_load_balancing_loss": micro_batch}
+    per_expert = sum(balancing.get(name, 0) for name in names)
+    return per_expert * (INT64 + logits) * cfg.num_moe_experts + ("z_loss" in names) * logits
+
+
+def expert_collectives(setup: Setup, layers: int, forwards: int) -> list[Collective]:
+    """The own calls (`mp.model.moe.dispatcher`) of ``layers`` mixture-of-experts layers on
+    one rank, run ``forwards`` times in all in an iteration's pass over a micro-batch (full
+    recompute runs some twice), summed over the iteration. Each forward
+    trades the per-expert token counts (int64) over EP, then the ``n' k`` routed rows of the
+    rank's ``n'`` tokens (`sequence_rows`: its own ``1 / t`` under SP, else every token of
+    its sequences), then the experts' outputs back; backward trades the gradients of both.
+    Under SP the TP ranks then gather each other's counts (an all-gather) and rows (an
+    all-to-all of each rank's rows to every TP rank), and send each rank the partial outputs
+    of its rows (an all-to-all, summed), and the reverse in backward. A rank sends its own
+    ``n' k`` rows over EP and gets as many outputs back, but how many rows it receives, and
+    so how much it sends on, depends on the routing: this counts the mean, ``n' k`` over EP
+    and ``N k`` over TP (exact summed over the ranks, which together receive what they send).
+    The routers sum their statistics over CP and, under SP, TP once a micro-batch (in the
+    forward that keeps a graph, not again in a recompute), and with an expert bias their
+    token counts over DP x CP (and TP) once an iteration."""
+    cfg, m = setup.model, setup.num_microbatches
+    split = cfg.sequence_parallel and setup.tp > 1
+    row = activation_bytes(cfg) * cfg.moe_router_topk * cfg.hidden_size
+    counts = INT64 * cfg.num_moe_experts
+    out = []
+    if setup.ep > 1:
+        rows = row * sequence_rows(cfg, setup.micro_batch_size)
+        out.append(Collective("tokens to experts and back (counts, rows)", "all_to_all", "ep",
+                              m * (forwards * (counts + 2 * rows) + layers * 2 * rows)))
+    if split:
+        rows = row * local_tokens(cfg, setup.micro_batch_size)
+        out += [Collective("experts' token counts", "all_gather", "tp",
+                           m * forwards * setup.tp * counts),
+                Collective("experts' rows and partial outputs", "all_to_all", "tp",
+                           m * (forwards + layers) * 2 * rows)]
+    if router_loss_names(cfg):  # over the ranks holding the rest of the sequences
+        out += [Collective("router statistics", "all_reduce", group,
+                           m * layers * router_statistics_bytes(cfg, setup.micro_batch_size))
+                for group, size in (("tp", setup.tp if split else 1), ("cp", setup.cp))
+                if size > 1]
+    if cfg.moe_router_enable_expert_bias:  # over every rank that routes other tokens
+        out += [Collective("routed token counts (expert bias)", "all_reduce", group,
+                           layers * FP32 * cfg.num_moe_experts)
+                for group, size in (("tp", setup.tp if split else 1),
+                                    ("dp_cp" if setup.cp > 1 else "dp",
+                                     setup.gradient_group_size))
+                if size > 1]
+    return out
