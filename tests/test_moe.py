@@ -40,8 +40,8 @@ from harness import run_distributed
 from mp import parallel_state as ps
 from mp.checkpointing import load_checkpoint, save_checkpoint
 from mp.model import TransformerConfig
-from mp.model.moe import MoELayer, set_aux_loss_scale
-from mp.model.moe.aux_loss import take_tracked, tracked_names
+from mp.model.aux_losses import set_aux_loss_scale, take_tracked, tracked_names
+from mp.model.moe import MoELayer
 
 MOE = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48, moe_layer_freq=2,
            moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01)

@@ -23,8 +23,7 @@ from harness import run_distributed
 from mp import parallel_state as ps
 from mp.checkpointing import load_checkpoint, save_checkpoint
 from mp.model import GPTModel, TransformerConfig
-from mp.model.moe import set_aux_loss_scale
-from mp.model.moe.aux_loss import take_tracked
+from mp.model.aux_losses import set_aux_loss_scale, take_tracked
 from mp.model.rope import rotary_freqs
 
 MTP = {"mtp_num_layers": 2, "mtp_loss_scaling_factor": 0.3, "position_embedding_type": "rope"}

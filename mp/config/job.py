@@ -22,8 +22,8 @@ from mp.config.batch_schedule import BatchSchedule
 from mp.config.coerce import ConfigError, build_dataclass, field_annotations, unknown_key_message
 from mp.config.sections import DataConfig, LoggingConfig
 from mp.config.training_section import TrainingConfig
+from mp.model.aux_losses import tracked_names
 from mp.model.config import TransformerConfig
-from mp.model.moe.aux_loss import tracked_names
 
 
 @dataclass

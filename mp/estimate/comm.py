@@ -79,7 +79,7 @@ from mp.estimate.storage import (
     local_tokens,
     sequence_rows,
 )
-from mp.model.moe.aux_loss import tracked_names
+from mp.model.aux_losses import tracked_names
 
 
 def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[Collective]:

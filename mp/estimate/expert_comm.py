@@ -9,7 +9,7 @@ from __future__ import annotations
 from mp.estimate.collective import FP64, Collective
 from mp.estimate.setup import Setup
 from mp.estimate.storage import FP32, INT64, activation_bytes, local_tokens, sequence_rows
-from mp.model.moe.aux_loss import router_loss_names
+from mp.model.aux_losses import router_loss_names
 
 
 def router_statistics_bytes(cfg, micro_batch: int) -> int:

@@ -10,7 +10,7 @@ model's last layer has them), and its own final norm and the model's output laye
 logits for ``t_(i+k+1)``. Its loss is the cross-entropy over the positions whose target
 exists and the loss mask keeps (the mask shifted alike), averaged; the ``D`` losses, times
 ``mtp_loss_scaling_factor / D``, are added to the gradients (not to the reported loss),
-attached to the main model's hidden states (`mp.model.moe.aux_loss.attach_aux_loss`: with the
+attached to the main model's hidden states (`mp.model.aux_losses.attach_aux_loss`: with the
 micro-batch's loss scale), and logged as ``mtp_1 loss`` ... ``mtp_D loss``.
 
 Shapes: hidden ``[s, b, h]`` (``[s / t, b, h]`` with sequence parallelism), tokens, labels and
@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from mp.model.attention import mask_for_layers
+from mp.model.aux_losses import attach_aux_loss, track
 from mp.model.config import TransformerConfig
 from mp.model.init import init_method
-from mp.model.moe.aux_loss import attach_aux_loss, track
 from mp.model.norm import build_norm
 from mp.model.transformer import TransformerLayer
 from mp.tensor_parallel import DuplicatedLinear

@@ -17,8 +17,8 @@ step then minimises (sum of every kept token's loss) / (number of kept tokens) o
 global batch, which differs from the mean of micro-batch means when the loss masks keep
 unequal numbers of tokens.
 
-Mixture-of-experts layers add their routers' auxiliary losses in backward
-(`mp.model.moe.aux_loss`); `scale_aux_losses` gives them, before an iteration's forwards, the
+Mixture-of-experts layers and multi-token prediction add auxiliary losses in backward
+(`mp.model.aux_losses`); `scale_aux_losses` gives them, before an iteration's forwards, the
 factor each micro-batch's loss backpropagates with: ``loss scale / m``.
 """
 
@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from mp.model.moe import set_aux_loss_scale
+from mp.model.aux_losses import set_aux_loss_scale
 
 
 def scale_aux_losses(num_microbatches: int, grad_scale_func: Callable | None) -> None:

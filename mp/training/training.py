@@ -43,7 +43,7 @@ from torch import nn
 from mp import parallel_state
 from mp.config import JobConfig
 from mp.device import get_device
-from mp.model.moe.aux_loss import take_tracked, tracked_names
+from mp.model.aux_losses import take_tracked, tracked_names
 from mp.optim import MixedPrecisionOptimizer, OptimizerParamScheduler
 from mp.pipeline_parallel.schedules import get_forward_backward_func
 from mp.training.exit import ExitConditions
@@ -111,11 +111,12 @@ def average_losses(per_microbatch: list[dict], calculate_per_token_loss: bool = 
     return result
 
 
-def router_losses(model: list[nn.Module]) -> dict[str, float]:
-    """The mixture-of-experts routers' auxiliary losses of the iteration, without their
-    coefficients (`mp.model.moe.aux_loss.track`), each averaged over the MoE layers, the
-    micro-batches and the data-parallel ranks: Megatron's ``load_balancing_loss`` and
-    ``z_loss``. Empty for a model without them."""
+def auxiliary_losses(model: list[nn.Module]) -> dict[str, float]:
+    """The auxiliary losses of the iteration without their coefficients
+    (`mp.model.aux_losses.track`), each averaged over the layers that add it, the
+    micro-batches and the data-parallel ranks: the routers' (Megatron's
+    ``load_balancing_loss``, ``z_loss``) and multi-token prediction's (``mtp_1 loss``, ...).
+    Empty for a model without them."""
     config = getattr(getattr(model[0], "module", model[0]), "config", None)
     names = tracked_names(config) if config is not None else []
     taken = take_tracked()
@@ -157,8 +158,8 @@ def train_step(forward_step_func: Callable, data_iterator: Iterator, model: list
     if empty_unused_memory_level >= 2:
         torch.cuda.empty_cache()
     reduced, local = average_losses(losses, calculate_per_token_loss)
-    moe = router_losses(model)
-    reduced, local = {**reduced, **moe}, {**local, **moe}
+    auxiliary = auxiliary_losses(model)
+    reduced, local = {**reduced, **auxiliary}, {**local, **auxiliary}
     return StepOutput(reduced, local, result.update_successful, result.grad_norm,
                       optimizer.calc_params_l2_norm() if log_params_norm else None,
                       result.num_zeros_in_grad)

@@ -1,7 +1,6 @@
 """Mixture-of-experts layers (Megatron-Core's ``MoELayer``): a router, experts split over
 expert-parallel ranks, and the token exchange between them."""
 
-from mp.model.moe.aux_loss import set_aux_loss_scale
 from mp.model.moe.layer import MoELayer
 
-__all__ = ["MoELayer", "set_aux_loss_scale"]
+__all__ = ["MoELayer"]

@@ -8,16 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mp.device import get_device
+from mp.model.aux_losses import attach_aux_loss, router_loss_names, track
 from mp.model.config import TransformerConfig
 from mp.model.init import init_method
-from mp.model.moe.aux_loss import (
-    at_least_fp32,
-    attach_aux_loss,
-    load_balancing_loss,
-    router_loss_names,
-    track,
-    z_loss,
-)
+from mp.model.moe.aux_loss import at_least_fp32, load_balancing_loss, z_loss
 from mp.model.moe.capacity import expert_capacity, within_capacity
 from mp.tensor_parallel import reduce_from_tensor_model_parallel_region
 
@@ -36,8 +30,8 @@ class TopKRouter(nn.Module):
     ``moe_router_pre_softmax``, a softmax over every expert and its top ``k``; the weights times
     ``moe_router_topk_scaling_factor`` when set; the top ``k`` within the best groups of
     experts with ``moe_router_num_groups`` (`_topk`). While training, the load-balancing and z
-    losses (`mp.model.moe.aux_loss`) are attached to ``probs`` (the load balancing over the
-    sigmoids normalized over the experts, for a sigmoid router). With
+    losses (`mp.model.moe.aux_loss`) are attached to ``probs`` (`mp.model.aux_losses`; the
+    load balancing over the sigmoids normalized over the experts, for a sigmoid router). With
     ``moe_expert_capacity_factor`` the copies over an expert's capacity are dropped after
     that (`mp.model.moe.capacity`): their expert reads -1 and their probability 0.
 
