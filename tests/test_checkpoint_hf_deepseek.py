@@ -136,3 +136,86 @@ def test_mp_models_deepseek_cannot_express_are_refused():
     with pytest.raises(ValueError, match=r"moe_layer_freq=\[1, 0\]: DeepSeek-V3 has dense "
                                          "layers first"):
         hf_deepseek.hf_config(config)
+
+
+def _with_prediction_depth(hf_dir, extra: dict | None = None) -> dict:
+    """Add to a transformers-written DeepSeek-V3 directory what DeepSeek's own files also
+    hold: one multi-token prediction depth as layer ``num_hidden_layers`` (random weights for
+    an MoE layer, ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm``, and copies of the
+    embedding and output layer), ``num_nextn_predict_layers: 1``. Returns the tensors."""
+    from safetensors.torch import load_file, save_file
+    config = json.loads((hf_dir / "config.json").read_text())
+    state = load_file(str(hf_dir / "model.safetensors"))
+    last, depth = f"model.layers.{config['num_hidden_layers'] - 1}.", \
+        f"model.layers.{config['num_hidden_layers']}."
+    h = config["hidden_size"]
+    added = {depth + name[len(last):]: seeded(t.shape, 500 + i, scale=0.1)
+             for i, (name, t) in enumerate(sorted(state.items())) if name.startswith(last)}
+    added.update({f"{depth}enorm.weight": 1 + seeded((h,), 1, scale=0.1),
+                  f"{depth}hnorm.weight": 1 + seeded((h,), 2, scale=0.1),
+                  f"{depth}eh_proj.weight": seeded((h, 2 * h), 3, scale=0.05),
+                  f"{depth}shared_head.norm.weight": 1 + seeded((h,), 4, scale=0.1),
+                  f"{depth}embed_tokens.weight": state["model.embed_tokens.weight"].clone(),
+                  f"{depth}shared_head.head.weight": state["lm_head.weight"].clone(),
+                  **(extra or {})})
+    save_file({**state, **added}, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    (hf_dir / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    return {**state, **added}
+
+
+def test_deepseeks_prediction_depth_converts_both_ways(tmp_path):
+    """DeepSeek's own files hold a prediction depth past the decoder's layers: it becomes mp's
+    `mtp.layers.0` (its layer's RoPE rows reordered as the decoder's are), and mp-to-hf
+    writes every tensor back as it was (halved RoPE channels: tensor for tensor)."""
+    from mp.checkpointing import load_global_model
+    _deepseek(rope_interleave=False).save_pretrained(tmp_path / "hf")
+    state = _with_prediction_depth(tmp_path / "hf")
+    to_mp(tmp_path / "hf", tmp_path / "mp", 1)
+    weights, info = load_global_model(str(tmp_path / "mp"))
+    assert info.model_config["mtp_num_layers"] == 1
+    layer = "mtp.layers.0.transformer_layer."
+    for mp_name, hf_name in (("mtp.layers.0.eh_proj.weight", "model.layers.3.eh_proj.weight"),
+                             ("mtp.layers.0.final_layernorm.weight",
+                              "model.layers.3.shared_head.norm.weight"),
+                             (layer + "self_attention.linear_kv_up_proj.weight",
+                              "model.layers.3.self_attn.kv_b_proj.weight"),
+                             (layer + "mlp.router.expert_bias",
+                              "model.layers.3.mlp.gate.e_score_correction_bias")):
+        assert torch.equal(weights[mp_name], state[hf_name]), mp_name
+    assert torch.equal(weights[layer + "mlp.experts.fc2_weight"][5],
+                       state["model.layers.3.mlp.experts.5.down_proj.weight"])
+    convert.main(["mp-to-hf", "--input", str(tmp_path / "mp"), "--output", str(tmp_path / "back")])
+    from safetensors.torch import load_file
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert back.keys() == state.keys()
+    for name, tensor in state.items():
+        assert torch.equal(back[name], tensor), name
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1
+
+
+def test_a_prediction_depth_with_its_own_embedding_is_refused(tmp_path):
+    _deepseek().save_pretrained(tmp_path / "hf")
+    _with_prediction_depth(tmp_path / "hf", {
+        "model.layers.3.embed_tokens.weight": seeded((VOCAB, 64), 9)})
+    with pytest.raises(SystemExit, match=r"layers.3.embed_tokens.weight differs from "
+                                         r"embed_tokens.weight: mp's prediction depths use"):
+        to_mp(tmp_path / "hf", tmp_path / "mp", 1)
+
+
+def test_the_prediction_depths_rope_rows_are_reordered(tmp_path):
+    """DeepSeek's paired RoPE rows of the depth's query and key projections, as the
+    decoder's: each head's last ``dr`` rows, evens then odds."""
+    from mp.checkpointing import load_global_model
+    _deepseek().save_pretrained(tmp_path / "hf")
+    state = _with_prediction_depth(tmp_path / "hf")
+    to_mp(tmp_path / "hf", tmp_path / "mp", 1)
+    weights, _ = load_global_model(str(tmp_path / "mp"))
+    dr, order = 8, [0, 2, 4, 6, 1, 3, 5, 7]
+    layer = "mtp.layers.0.transformer_layer.self_attention."
+    q = state["model.layers.3.self_attn.q_b_proj.weight"].view(4, 24, -1)  # heads, dn + dr
+    assert torch.equal(weights[layer + "linear_q_up_proj.weight"].view(4, 24, -1),
+                       torch.cat((q[:, :-dr], q[:, -dr:][:, order]), dim=1))
+    kv = state["model.layers.3.self_attn.kv_a_proj_with_mqa.weight"]  # c + dr rows
+    assert torch.equal(weights[layer + "linear_kv_down_proj.weight"],
+                       torch.cat((kv[:-dr], kv[-dr:][order])))

@@ -132,8 +132,11 @@ def hf_to_mp_command(args) -> None:
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         seq_length=args.seq_length)
     config = dataclasses.replace(config, layernorm_zero_centered_gamma=args.apply_layernorm_1p)
-    options = {"rope_interleave": hf.get("rope_interleave", True)} \
-        if mapping is hf_deepseek else {}  # DeepSeek's RoPE channels, paired or halved
+    options = {}
+    if mapping is hf_deepseek:  # its prediction depths; its RoPE channels, paired or halved
+        config = dataclasses.replace(config,
+                                     mtp_num_layers=hf_deepseek.prediction_depths(hf, state))
+        options = {"rope_interleave": hf.get("rope_interleave", True)}
     path = save_global_model(args.output, config, mapping.hf_to_mp(state, config, **options))
     print(f"wrote {path}: {config.num_layers} layers, hidden {config.hidden_size}, vocabulary "
           f"{config.vocab_size} padded to {config.padded_vocab_size}")

@@ -33,6 +33,8 @@ norms' fixed 1e-6 are refused by name.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from mp.checkpointing.hf_tensors import (
@@ -52,6 +54,8 @@ _ATTENTION = (("o_proj", "dense"), ("kv_a_layernorm", "kv_layernorm"),
 _Q_LATENT = (("q_a_proj", "linear_q_down_proj"), ("q_a_layernorm", "q_layernorm"))
 _MLP = (("gate_proj", "linear_gate"), ("up_proj", "linear_fc1"), ("down_proj", "linear_fc2"))
 _EXPERTS = (("gate_proj", "gate_weight"), ("up_proj", "fc1_weight"), ("down_proj", "fc2_weight"))
+_PREDICTION = (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
+               ("shared_head.norm", "final_layernorm"))
 
 
 def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
@@ -181,6 +185,7 @@ def hf_config(config: TransformerConfig) -> dict:
             "first_k_dense_replace": sum(not config.is_moe_layer(i)
                                          for i in range(config.num_layers)),
             "norm_topk_prob": True, "rope_interleave": False, "hidden_act": "silu",
+            "num_nextn_predict_layers": config.mtp_num_layers or 0,
             "max_position_embeddings": config.max_position_embeddings,
             "rms_norm_eps": config.layernorm_epsilon, "rope_parameters": rope,
             "attention_bias": False, "attention_dropout": config.attention_dropout,
@@ -196,55 +201,99 @@ def _deinterleave(rows: torch.Tensor, width: int, heads: int) -> torch.Tensor:
     return torch.cat((per_head[:, :-width], rope[:, order]), dim=1).flatten(0, 1)
 
 
-def _pairs(config: TransformerConfig, layer: int) -> list[tuple[str, str]]:
-    """(Hugging Face name, mp name) of ``layer``'s weights, but the stacked experts'."""
-    src, dst = f"layers.{layer}.", f"decoder.layers.{layer}."
+class _Layer(NamedTuple):
+    """A transformer layer's names in the two: DeepSeek numbers the prediction depths' layers
+    after the decoder's."""
+
+    hf: str  # its Hugging Face prefix, "layers.<i>."
+    mp: str  # its mp prefix
+    moe: bool  # whether it has experts
+
+
+def _layers(config: TransformerConfig) -> list[_Layer]:
+    """The decoder's layers, then each multi-token prediction depth's."""
+    layers, depths = config.num_layers, config.mtp_num_layers or 0
+    last = config.is_moe_layer(layers - 1)  # the depths' layers are alike
+    return ([_Layer(f"layers.{i}.", f"decoder.layers.{i}.", config.is_moe_layer(i))
+             for i in range(layers)]
+            + [_Layer(f"layers.{layers + d}.", f"mtp.layers.{d}.transformer_layer.", last)
+               for d in range(depths)])
+
+
+def _pairs(config: TransformerConfig) -> list[tuple[str, str]]:
+    """(Hugging Face name, mp name) of every weight but the embedding, output layer, final
+    norm and stacked experts."""
     attention = [*_ATTENTION, ("kv_a_proj_with_mqa", "linear_kv_down_proj"),
                  *(_Q_LATENT + (("q_b_proj", "linear_q_up_proj"),)
                    if config.q_lora_rank is not None else (("q_proj", "linear_q_proj"),))]
-    pairs = [(f"{src}{hf}.weight", f"{dst}{mp}.weight") for hf, mp in _NORMS]
-    pairs += [(f"{src}self_attn.{hf}.weight", f"{dst}self_attention.{mp}.weight")
-              for hf, mp in attention]
-    if not config.is_moe_layer(layer):
-        return pairs + [(f"{src}mlp.{hf}.weight", f"{dst}mlp.{mp}.weight") for hf, mp in _MLP]
-    pairs += [(f"{src}mlp.gate.weight", f"{dst}mlp.router.weight"),
-              (f"{src}mlp.gate.e_score_correction_bias", f"{dst}mlp.router.expert_bias")]
-    if config.moe_shared_expert_intermediate_size:
-        pairs += [(f"{src}mlp.shared_experts.{hf}.weight", f"{dst}mlp.shared_experts.{mp}.weight")
-                  for hf, mp in _MLP]
+    pairs = []
+    for src, dst, moe in _layers(config):
+        pairs += [(f"{src}{hf}.weight", f"{dst}{mp}.weight") for hf, mp in _NORMS]
+        pairs += [(f"{src}self_attn.{hf}.weight", f"{dst}self_attention.{mp}.weight")
+                  for hf, mp in attention]
+        if not moe:
+            pairs += [(f"{src}mlp.{hf}.weight", f"{dst}mlp.{mp}.weight") for hf, mp in _MLP]
+            continue
+        pairs += [(f"{src}mlp.gate.weight", f"{dst}mlp.router.weight"),
+                  (f"{src}mlp.gate.e_score_correction_bias", f"{dst}mlp.router.expert_bias")]
+        if config.moe_shared_expert_intermediate_size:
+            pairs += [(f"{src}mlp.shared_experts.{hf}.weight",
+                       f"{dst}mlp.shared_experts.{mp}.weight") for hf, mp in _MLP]
+    layers = config.num_layers
+    for d in range(config.mtp_num_layers or 0):
+        pairs += [(f"layers.{layers + d}.{hf}.weight", f"mtp.layers.{d}.{mp}.weight")
+                  for hf, mp in _PREDICTION]
     return pairs
 
 
-def _experts(config: TransformerConfig, layer: int) -> list[tuple[list[str], str]]:
-    """``([Hugging Face name of each expert], mp name)`` of a MoE layer's stacked weights."""
-    if not config.is_moe_layer(layer):
-        return []
-    return [([f"layers.{layer}.mlp.experts.{e}.{hf}.weight"
-              for e in range(config.num_moe_experts)], f"decoder.layers.{layer}.mlp.experts.{mp}")
-            for hf, mp in _EXPERTS]
+def _experts(config: TransformerConfig) -> list[tuple[list[str], str]]:
+    """``([Hugging Face name of each expert], mp name)`` of the MoE layers' stacked weights."""
+    return [([f"{src}mlp.experts.{e}.{hf}.weight" for e in range(config.num_moe_experts)],
+             f"{dst}mlp.experts.{mp}")
+            for src, dst, moe in _layers(config) if moe for hf, mp in _EXPERTS]
 
 
-def _rope_rows(config: TransformerConfig, layer: int) -> dict[str, int]:
+def _rope_rows(config: TransformerConfig) -> dict[str, int]:
     """mp names of the weights whose rows hold RoPE channels -> how many heads they hold."""
-    dst = f"decoder.layers.{layer}.self_attention."
     q = "linear_q_up_proj" if config.q_lora_rank is not None else "linear_q_proj"
-    return {f"{dst}{q}.weight": config.num_attention_heads,
-            f"{dst}linear_kv_down_proj.weight": 1}
+    return {f"{layer.mp}self_attention.{name}.weight": heads for layer in _layers(config)
+            for name, heads in ((q, config.num_attention_heads), ("linear_kv_down_proj", 1))}
+
+
+def _copies(config: TransformerConfig) -> dict[str, str]:
+    """The prediction depths' copies of the embedding and output layer in DeepSeek's files ->
+    the main model's Hugging Face name (mp's depths use the model's own)."""
+    layers = config.num_layers
+    return {name: main for d in range(config.mtp_num_layers or 0)
+            for name, main in ((f"layers.{layers + d}.embed_tokens.weight", "embed_tokens.weight"),
+                               (f"layers.{layers + d}.shared_head.head.weight", "lm_head.weight"))}
+
+
+def prediction_depths(hf: dict, state_dict: dict[str, torch.Tensor]) -> int | None:
+    """The multi-token prediction depths ``state_dict`` holds: DeepSeek's own files hold
+    ``num_nextn_predict_layers`` (numbered after the decoder's layers), transformers' none."""
+    first = f"{_PREFIX}layers.{hf['num_hidden_layers']}.eh_proj.weight"
+    return (hf.get("num_nextn_predict_layers") or None) if first in state_dict else None
 
 
 def hf_to_mp(state_dict: dict[str, torch.Tensor], config: TransformerConfig,
              rope_interleave: bool = True) -> dict[str, torch.Tensor]:
     """``DeepseekV3ForCausalLM`` weights to mp's global names and layout; ``rope_interleave``
-    as the config says (DeepSeek's default)."""
+    as the config says (DeepSeek's default); with ``mtp_num_layers`` the prediction depths'
+    too (`prediction_depths`), whose copies of the embedding and output layer must equal the
+    model's."""
     _check(config)
-    hf = {k.removeprefix(_PREFIX): v for k, v in state_dict.items()
-          if not _extra_layer(k, config.num_layers)}
-    pairs = [pair for i in range(config.num_layers) for pair in _pairs(config, i)]
-    experts = [item for i in range(config.num_layers) for item in _experts(config, i)]
-    check_keys(set(hf), {"embed_tokens.weight", "norm.weight", "lm_head.weight"}
+    last = config.num_layers + (config.mtp_num_layers or 0)
+    hf = {k.removeprefix(_PREFIX): v for k, v in state_dict.items() if not _extra_layer(k, last)}
+    pairs, experts, copies = _pairs(config), _experts(config), _copies(config)
+    check_keys(set(hf), {"embed_tokens.weight", "norm.weight", "lm_head.weight", *copies}
                | {name for name, _ in pairs} | {n for names, _ in experts for n in names},
                "DeepSeek-V3 state dict")
     check_output_layer(hf["lm_head.weight"], hf["embed_tokens.weight"], False, "embed_tokens")
+    for name, main in copies.items():
+        if not torch.equal(hf[name], hf[main]):
+            raise ValueError(f"{name} differs from {main}: mp's prediction depths use the "
+                             "model's own embedding and output layer")
     rows = config.padded_vocab_size
     mp = {"embedding.word_embeddings.weight": pad_rows(hf["embed_tokens.weight"], rows),
           "output_layer.weight": pad_rows(hf["lm_head.weight"], rows),
@@ -252,36 +301,37 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor], config: TransformerConfig,
     mp.update({mp_name: hf[hf_name] for hf_name, mp_name in pairs})
     mp.update({mp_name: torch.stack([hf[n] for n in names]) for names, mp_name in experts})
     if rope_interleave:
-        for i in range(config.num_layers):
-            for name, heads in _rope_rows(config, i).items():
-                mp[name] = _deinterleave(mp[name], config.qk_pos_emb_head_dim, heads)
+        for name, heads in _rope_rows(config).items():
+            mp[name] = _deinterleave(mp[name], config.qk_pos_emb_head_dim, heads)
     return shift_norm_weights({k: v.contiguous().clone() for k, v in mp.items()}, config, -1.0)
 
 
-def _extra_layer(name: str, num_layers: int) -> bool:
-    """Whether ``name`` is a weight of a layer past ``num_layers`` (DeepSeek-V3's
-    next-token-prediction modules)."""
+def _extra_layer(name: str, layers: int) -> bool:
+    """Whether ``name`` is a weight of a layer past ``layers`` (DeepSeek-V3's prediction
+    depths, when mp's model has none)."""
     parts = name.removeprefix(_PREFIX).split(".")
-    return parts[0] == "layers" and int(parts[1]) >= num_layers
+    return parts[0] == "layers" and int(parts[1]) >= layers
 
 
 def mp_to_hf(weights: dict[str, torch.Tensor],
              config: TransformerConfig) -> dict[str, torch.Tensor]:
     """mp's global weights to ``DeepseekV3ForCausalLM.state_dict()``'s keys as its files hold
-    them (a tensor per expert), for `hf_config`'s ``rope_interleave: false``."""
+    them (a tensor per expert; the prediction depths' after the decoder's layers, with their
+    copies of the embedding and output layer), for `hf_config`'s ``rope_interleave: false``."""
     _check(config)
     weights = shift_norm_weights(weights, config, 1.0)
-    pairs = [pair for i in range(config.num_layers) for pair in _pairs(config, i)]
-    experts = [item for i in range(config.num_layers) for item in _experts(config, i)]
+    pairs, experts = _pairs(config), _experts(config)
     check_keys(set(weights), {"embedding.word_embeddings.weight", "output_layer.weight",
                               "decoder.final_layernorm.weight"}
                | {mp_name for _, mp_name in pairs} | {mp_name for _, mp_name in experts},
                "mp checkpoint")
     vocab = config.vocab_size
-    hf = {"model.embed_tokens.weight": weights["embedding.word_embeddings.weight"][:vocab],
+    hf = {"embed_tokens.weight": weights["embedding.word_embeddings.weight"][:vocab],
           "lm_head.weight": weights["output_layer.weight"][:vocab],
-          "model.norm.weight": weights["decoder.final_layernorm.weight"]}
-    hf.update({_PREFIX + hf_name: weights[mp_name] for hf_name, mp_name in pairs})
+          "norm.weight": weights["decoder.final_layernorm.weight"]}
+    hf.update({hf_name: weights[mp_name] for hf_name, mp_name in pairs})
     for names, mp_name in experts:
-        hf.update({_PREFIX + name: t for name, t in zip(names, weights[mp_name])})
-    return {k: v.contiguous().clone() for k, v in hf.items()}
+        hf.update(zip(names, weights[mp_name]))
+    hf.update({name: hf[main] for name, main in _copies(config).items()})
+    return {(k if k == "lm_head.weight" else _PREFIX + k): v.contiguous().clone()
+            for k, v in hf.items()}

@@ -17,7 +17,8 @@ def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 def shift_norm_weights(weights: dict[str, torch.Tensor], config: TransformerConfig,
                        shift: float) -> dict[str, torch.Tensor]:
     """``weights`` (mp's global names) with ``shift`` added to each norm weight
-    (``*layernorm.weight``) when ``config.layernorm_zero_centered_gamma``, else unchanged.
+    (``*layernorm.weight``, and multi-token prediction's ``enorm``, ``hnorm``) when
+    ``config.layernorm_zero_centered_gamma``, else unchanged.
 
     Hugging Face's norms scale by their weight, a zero-centred mp norm by ``1 + weight``:
     mp's weight is Hugging Face's ``- 1`` (``shift=-1``) and back (``+1``). For Hugging Face
@@ -25,7 +26,8 @@ def shift_norm_weights(weights: dict[str, torch.Tensor], config: TransformerConf
     through mp is bitwise."""
     if not config.layernorm_zero_centered_gamma:
         return weights
-    return {k: v + shift if k.endswith("layernorm.weight") else v for k, v in weights.items()}
+    return {k: v + shift if k.endswith(("layernorm.weight", ".enorm.weight", ".hnorm.weight"))
+            else v for k, v in weights.items()}
 
 
 def check_keys(got: set[str], expected: set[str], what: str) -> None:
