@@ -28,9 +28,9 @@ S, B = 10, 3
 
 
 def _layer_config(**overrides) -> TransformerConfig:
-    return TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
-                             vocab_size=64, seq_length=S, hidden_dropout=0.0,
-                             attention_dropout=0.0, **{**MLA, **overrides})
+    return TransformerConfig(**{"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                                "vocab_size": 64, "seq_length": S, "hidden_dropout": 0.0,
+                                "attention_dropout": 0.0, **MLA, **overrides})
 
 
 def _norm(x: torch.Tensor, weights: dict, name: str, cfg: TransformerConfig) -> torch.Tensor:
@@ -202,6 +202,8 @@ def test_sizes_follow_the_latent_dims():
     assert cfg.query_projection_size == 4 * 12  # heads x v_head_dim: dense's input
     assert cfg.softmax_scale == pytest.approx(1 / math.sqrt(8 + 4))
     assert cfg.rotary_dim == 4
+    # the heads need not divide the hidden size: kv_channels is a query head's width
+    assert _layer_config(hidden_size=30).kv_channels == 8 + 4
 
 
 def test_megatron_flags_set_the_fields():

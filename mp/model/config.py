@@ -76,8 +76,8 @@ class TransformerConfig:
     # multi-latent attention (DeepSeek-V2's; mp.model.mla, Megatron's --multi-latent-attention):
     # keys and values from a small latent per token, queries from another (or the hidden state),
     # each head's query and key holding qk_head_dim channels without position information and
-    # qk_pos_emb_head_dim rotated by RoPE (the key's shared by all heads); kv_channels, the
-    # query groups and rotary_percent do not apply
+    # qk_pos_emb_head_dim rotated by RoPE (the key's shared by all heads); the query groups
+    # and rotary_percent do not apply, kv_channels defaults to a query head's width
     multi_latent_attention: bool = False
     q_lora_rank: int | None = None  # the queries' latent width; None: projected from h
     kv_lora_rank: int = 512  # the keys' and values' latent width
@@ -171,9 +171,11 @@ class TransformerConfig:
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         positive_int("num_query_groups", self.num_query_groups)
+        if self.kv_channels is None and self.multi_latent_attention:  # a query head's width
+            self.kv_channels = self.qk_head_dim + self.qk_pos_emb_head_dim
         if self.kv_channels is None:
             divisible("hidden_size", self.hidden_size, "num_attention_heads",
-                       self.num_attention_heads)
+                      self.num_attention_heads)
             self.kv_channels = self.hidden_size // self.num_attention_heads
         positive_int("kv_channels", self.kv_channels)
         positive_int("ffn_hidden_size", self.ffn_hidden_size)
@@ -181,7 +183,7 @@ class TransformerConfig:
         one_of("normalization_impl", self.normalization_impl, ("mp", "apex"))
         one_of("activation", self.activation, ("gelu", "gelu_tanh", "swiglu", "squared_relu"))
         one_of("position_embedding_type", self.position_embedding_type,
-                ("learned_absolute", "rope", "none"))
+               ("learned_absolute", "rope", "none"))
         one_of("attention_backend", self.attention_backend, ("sdpa", "unfused"))
         one_of("precision", self.precision, tuple(_PRECISIONS))
         one_of("recompute_granularity", self.recompute_granularity, (None, "full", "selective"))
@@ -190,9 +192,9 @@ class TransformerConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         divisible("num_attention_heads", self.num_attention_heads,
-                   "tensor_model_parallel_size", tp)
+                  "tensor_model_parallel_size", tp)
         divisible("num_attention_heads", self.num_attention_heads, "num_query_groups",
-                   self.num_query_groups)
+                  self.num_query_groups)
         divisible("num_query_groups", self.num_query_groups, "tensor_model_parallel_size", tp)
         divisible("ffn_hidden_size", self.ffn_hidden_size, "tensor_model_parallel_size", tp)
         if not 0.0 < self.rotary_percent <= 1.0:
@@ -229,11 +231,11 @@ class TransformerConfig:
         if cp > 1 and self.cp_comm_type == "a2a":  # each CP rank takes 1 / cp of the heads
             for name in ("num_attention_heads", "num_query_groups"):
                 divisible(name, getattr(self, name), "tensor_model_parallel_size x "
-                           "context_parallel_size (cp_comm_type='a2a')", tp * cp)
+                          "context_parallel_size (cp_comm_type='a2a')", tp * cp)
         if self.sequence_parallel:
             divisible("seq_length", self.seq_length, "tensor_model_parallel_size x "
-                       "context_parallel_size (sequence_parallel=True)" if cp > 1 else
-                       "tensor_model_parallel_size (sequence_parallel=True)", tp * cp)
+                      "context_parallel_size (sequence_parallel=True)" if cp > 1 else
+                      "tensor_model_parallel_size (sequence_parallel=True)", tp * cp)
         if self.pipeline_model_parallel_layout is not None \
                 and self.virtual_pipeline_model_parallel_size is None:
             chunks = len(parse_layout(self.pipeline_model_parallel_layout))

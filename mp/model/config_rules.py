@@ -50,15 +50,15 @@ def check_moe(config) -> None:
         config.moe_ffn_hidden_size = config.ffn_hidden_size
     positive_int("moe_ffn_hidden_size", config.moe_ffn_hidden_size)
     divisible("moe_ffn_hidden_size", config.moe_ffn_hidden_size,
-               "tensor_model_parallel_size", tp)
+              "tensor_model_parallel_size", tp)
     divisible("num_moe_experts", e, "expert_model_parallel_size", ep)
     shared = config.moe_shared_expert_intermediate_size
     if shared is not None:
         positive_int("moe_shared_expert_intermediate_size", shared)
         divisible("moe_shared_expert_intermediate_size", shared,
-                   "tensor_model_parallel_size", tp)
+                  "tensor_model_parallel_size", tp)
     one_of("moe_router_load_balancing_type", config.moe_router_load_balancing_type,
-            ("aux_loss", "seq_aux_loss", "none"))
+           ("aux_loss", "seq_aux_loss", "none"))
     one_of("moe_router_dtype", config.moe_router_dtype, (None, "fp32", "fp64"))
     one_of("moe_token_drop_policy", config.moe_token_drop_policy, ("probs", "position"))
     _check_router_groups(config)
@@ -66,7 +66,7 @@ def check_moe(config) -> None:
     if capacity is not None and not capacity > 0:
         raise ValueError(f"moe_expert_capacity_factor={capacity!r} must be > 0")
     one_of("moe_router_score_function", config.moe_router_score_function,
-            ("softmax", "sigmoid"))
+           ("softmax", "sigmoid"))
     sigmoid = config.moe_router_score_function == "sigmoid"
     if sigmoid and config.moe_router_pre_softmax:
         raise ValueError("moe_router_pre_softmax=True needs moe_router_score_function="
