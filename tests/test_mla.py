@@ -1,7 +1,7 @@
 """Multi-latent attention (`mp.model.mla`): one layer against DeepSeek-V2's equations written
 out head by head in float64, training at tensor, sequence, pipeline, context and data
-parallel layouts against one process, decoding with the key/value cache, and the config's
-rules. (`tests/test_gpt_model.py` checks the model at TP 2 and 4 against TP 1 besides.)"""
+parallel layouts against one process, decoding through the cache of latents, and the
+config's rules. (`tests/test_gpt_model.py` checks the model at TP 2 and 4 against TP 1 besides.)"""
 
 import math
 
@@ -173,6 +173,46 @@ def test_generation_is_the_same_at_tp1_and_tp2_with_and_without_the_cache():
     for tp, kv_cache in ((1, True), (2, True), (2, False)):
         got = run_distributed(tp, _generate, tp, kv_cache)
         assert all(torch.equal(g, expected) for g in got), (tp, kv_cache)
+
+
+def _logits_through_the_cache(tp: int, overrides: dict) -> tuple:
+    """(logits of 2 x 20 tokens in one forward, the same fed through the latent cache in
+    pieces of 7, 1 and 12 tokens, the cache's two tensors' shapes for layer 1)."""
+    from mp.model.inference import InferenceParams
+    from mp.tensor_parallel import gather_from_tensor_model_parallel_region
+    ps.initialize_model_parallel(tp)
+    torch.manual_seed(7)
+    cfg = TransformerConfig(**{"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                               "vocab_size": 64, "seq_length": 32,
+                               "make_vocab_size_divisible_by": 8,
+                               "tensor_model_parallel_size": tp, "hidden_dropout": 0.0,
+                               "attention_dropout": 0.0, "init_method_std": 0.3, **MLA,
+                               **overrides})
+    model = GPTModel(cfg).eval()
+    tokens = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(4))
+    cache, pieces = InferenceParams(20), []
+    with torch.no_grad():
+        whole = gather_from_tensor_model_parallel_region(model(tokens))
+        for start, end in ((0, 7), (7, 8), (8, 20)):
+            pieces.append(gather_from_tensor_model_parallel_region(
+                model(tokens[:, start:end], inference_params=cache)))
+            cache.sequence_len_offset = end
+    shapes = [tuple(t.shape) for t in cache.key_value_memory_dict[1]]
+    return whole, torch.cat(pieces, dim=1), shapes
+
+
+@pytest.mark.parametrize("tp,overrides", [
+    (1, {}), (2, {"q_lora_rank": 24}),
+    (2, {"rope_type": "yarn", "yarn_rotary_scaling_factor": 4.0, "yarn_mscale": 0.9,
+         "yarn_mscale_all_dim": 0.8, "yarn_original_max_position_embeddings": 8})],
+    ids=["TP1", "TP2-q-latent", "TP2-yarn"])
+def test_the_latent_cache_gives_the_whole_sequences_logits(tp, overrides):
+    """Decoding through the cache of latents (the key and value projections folded into the
+    query and the output) against one forward over the whole sequence, 1e-5; the cache
+    holds a latent and the rotated key channels per token, not the heads' keys and values."""
+    for whole, pieces, shapes in run_distributed(tp, _logits_through_the_cache, tp, overrides):
+        assert_rel_close(pieces, whole, rtol=1e-5, what="logits through the cache")
+        assert shapes == [(20, 2, 16), (20, 2, 4)]  # [length, b, kv_lora_rank], [.., dr]
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -8,8 +8,9 @@ cached ones; the caller advances the offset after each call, as in Megatron.
 
 The cache holds this rank's key/value heads (``ng = g / t`` under tensor parallelism), in
 buffers ``[max_sequence_length, b, ng, d]`` (``d = kv_channels``, keys after RoPE) allocated
-on a layer's first call. Multi-latent attention (`mp.model.mla`) caches every head's key
-(``qk_head_dim + qk_pos_emb_head_dim`` wide) and value (``v_head_dim``), not the latent.
+on a layer's first call. Multi-latent attention (`mp.model.mla`) caches each token's latent
+``[b, kv_lora_rank]`` and rotated key channels ``[b, qk_pos_emb_head_dim]`` instead, shared by
+every head.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ class InferenceParams:
 
     def update(self, layer_number: int, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k [s, b, ng, d]`` and ``v [s, b, ng, dv]`` after layer ``layer_number``'s
-        cached tokens; return every key and value cached there, ``[offset + s, b, ng, d or
-        dv]``."""
+        """Store ``k [s, b, ...]`` and ``v [s, b, ...]`` (keys and values ``[s, b, ng, d]``;
+        multi-latent attention's latents and rotated key channels) after layer
+        ``layer_number``'s cached tokens; return every one cached there, ``[offset + s, b,
+        ...]``."""
         start, end = self.sequence_len_offset, self.sequence_len_offset + k.size(0)
         if end > self.max_sequence_length:
             raise ValueError(f"{end} tokens exceed the cache's max_sequence_length="

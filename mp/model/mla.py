@@ -92,19 +92,47 @@ class MLASelfAttention(Attention):
             q, _ = self.linear_q_up_proj(self.q_layernorm(q_latent))  # [s, b, np (dn + dr)]
         kv_latent, _ = self.linear_kv_down_proj(hidden)
         kv_latent, k_pe = kv_latent.split([cfg.kv_lora_rank, dr], dim=-1)
-        kv, _ = self.linear_kv_up_proj(self.kv_layernorm(kv_latent))  # [s, b, np (dn + dv)]
+        kv_latent = self.kv_layernorm(kv_latent)
         if cfg.sequence_parallel:
             k_pe = gather_from_sequence_parallel_region(k_pe, group=self.group)
         else:
             k_pe = copy_to_tensor_model_parallel_region(k_pe, group=self.group)
         s, b = q.shape[:2]
         q_nope, q_pe = q.view(s, b, heads, dn + dr).split([dn, dr], dim=-1)
-        k_nope, v = kv.view(s, b, heads, dn + dv).split([dn, dv], dim=-1)
-        v = v.contiguous()  # what attention keeps, without the keys' channels beside it
         k_pe = k_pe.view(s, b, 1, dr)
         if rotary_freqs is not None:
             magnitude = cfg.rotary_magnitude
             q_pe, k_pe = (apply_rotary(t, rotary_freqs, magnitude) for t in (q_pe, k_pe))
+        if inference_params is not None:
+            return self._through_latents(q_nope, q_pe, kv_latent, k_pe, attention_mask,
+                                         inference_params)
+        kv, _ = self.linear_kv_up_proj(kv_latent)  # [s, b, np (dn + dv)]
+        k_nope, v = kv.view(s, b, heads, dn + dv).split([dn, dv], dim=-1)
+        v = v.contiguous()  # what attention keeps, without the keys' channels beside it
         q = torch.cat((q_nope, q_pe), dim=-1)
         k = torch.cat((k_nope, k_pe.expand(s, b, heads, dr)), dim=-1)
-        return self.attend(q, k, v, attention_mask, inference_params)
+        return self.attend(q, k, v, attention_mask, None)
+
+    def _through_latents(self, q_nope, q_pe, latent, k_pe, attention_mask, inference_params):
+        """Decoding with a key/value cache of the latents (DeepSeek-V2's absorbed form):
+        the cache holds each token's normalized latent ``[b, c]`` and rotated key channels
+        ``[b, dr]``, not every head's key and value. A head's key up projection ``W_k
+        [dn, c]`` is folded into its query (``q_nope W_k``, ``c`` wide) and its value
+        projection ``W_v [dv, c]`` applied after the weighted sum of latents, so
+        ``softmax(scale (q_nope W_k latent + q_pe k_pe)) latent W_v^T`` is the attention of the
+        uncached path. ``q_nope [s, b, np, dn]``, ``q_pe [s, b, np, dr]``, ``latent [s, b, c]``,
+        ``k_pe [s, b, 1, dr]`` -> ``(output, bias)``."""
+        if attention_mask is not None:
+            raise ValueError("a key/value cache attends causally: attention_mask must be None")
+        cfg, (s, b, heads, dn) = self.config, q_nope.shape
+        mask = inference_params.causal_mask(s, q_nope.device)
+        latent, k_pe = inference_params.update(self.layer_number, latent, k_pe[:, :, 0])
+        if mask is None:  # nothing cached before: causal over the new tokens
+            mask = torch.ones(s, s, dtype=torch.bool, device=q_nope.device).triu(1)[None, None]
+        w = self.linear_kv_up_proj.weight.view(heads, dn + cfg.v_head_dim, -1)
+        w_k, w_v = w[:, :dn], w[:, dn:]  # [np, dn, c], [np, dv, c]
+        scores = (torch.einsum("sbhd,hdc,tbc->bhst", q_nope, w_k, latent)
+                  + torch.einsum("sbhr,tbr->bhst", q_pe, k_pe)).float() * cfg.softmax_scale
+        probs = scores.masked_fill(mask, float("-inf")).softmax(-1).to(latent.dtype)
+        context = torch.einsum("bhst,tbc,hvc->sbhv", probs, latent, w_v)
+        return self.dense(context.reshape(s, b, heads * cfg.v_head_dim))

@@ -1,7 +1,7 @@
 """Multi-latent attention on a GPU: keys 192 wide and values 128 (DeepSeek-V3's head shapes),
 so SDPA picks a kernel that takes two widths; against the unfused core (mp's fused softmax
 when built) in fp32 and bf16, bf16 against fp32, forward and backward, and generation with
-the key/value cache against running the whole sequence at each step."""
+the cache of latents against running the whole sequence at each step."""
 
 import pytest
 import torch
