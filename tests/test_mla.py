@@ -190,15 +190,15 @@ def _logits_through_the_cache(tp: int, overrides: dict) -> tuple:
                                **overrides})
     model = GPTModel(cfg).eval()
     tokens = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(4))
-    cache, pieces = InferenceParams(20), []
+    cache, parts = InferenceParams(20), []
     with torch.no_grad():
         whole = gather_from_tensor_model_parallel_region(model(tokens))
         for start, end in ((0, 7), (7, 8), (8, 20)):
-            pieces.append(gather_from_tensor_model_parallel_region(
+            parts.append(gather_from_tensor_model_parallel_region(
                 model(tokens[:, start:end], inference_params=cache)))
             cache.sequence_len_offset = end
     shapes = [tuple(t.shape) for t in cache.key_value_memory_dict[1]]
-    return whole, torch.cat(pieces, dim=1), shapes
+    return whole, torch.cat(parts, dim=1), shapes
 
 
 @pytest.mark.parametrize("tp,overrides", [
@@ -210,8 +210,8 @@ def test_the_latent_cache_gives_the_whole_sequences_logits(tp, overrides):
     """Decoding through the cache of latents (the key and value projections folded into the
     query and the output) against one forward over the whole sequence, 1e-5; the cache
     holds a latent and the rotated key channels per token, not the heads' keys and values."""
-    for whole, pieces, shapes in run_distributed(tp, _logits_through_the_cache, tp, overrides):
-        assert_rel_close(pieces, whole, rtol=1e-5, what="logits through the cache")
+    for whole, parts, shapes in run_distributed(tp, _logits_through_the_cache, tp, overrides):
+        assert_rel_close(parts, whole, rtol=1e-5, what="logits through the cache")
         assert shapes == [(20, 2, 16), (20, 2, 4)]  # [length, b, kv_lora_rank], [.., dr]
 
 
