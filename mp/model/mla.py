@@ -2,11 +2,12 @@
 ranks; Megatron-Core's ``MLASelfAttention``.
 
 Each token's keys and values come from one small latent, ``c = kv_lora_rank`` wide, instead of
-from the hidden state (a key/value cache may keep the latent alone); its queries from another,
-``q_lora_rank`` wide, or straight from the hidden state. Positions enter through separate
-channels: each head's query and key hold ``dn = qk_head_dim`` channels without position
-information and ``dr = qk_pos_emb_head_dim`` rotated by RoPE, the key's ``dr`` shared by all
-heads; values are ``dv = v_head_dim`` wide. With ``a`` heads, ``np = a / t`` on a rank::
+from the hidden state (decoding's key/value cache keeps the latent alone, `_through_latents`);
+its queries from another, ``q_lora_rank`` wide, or straight from the hidden state. Positions
+enter through separate channels: each head's query and key hold ``dn = qk_head_dim`` channels
+without position information and ``dr = qk_pos_emb_head_dim`` rotated by RoPE, the key's
+``dr`` shared by all heads; values are ``dv = v_head_dim`` wide. With ``a`` heads, ``np = a /
+t`` on a rank::
 
     hidden [s, b, h]  ([s / t, b, h] with sequence parallelism)
       queries: linear_q_proj (column-parallel)                          h -> a (dn + dr)
