@@ -80,3 +80,21 @@ def counted_flops(overrides: dict) -> tuple[float, float]:
     with FlopCounterMode(display=False) as counter:
         model(ids, labels=ids).sum().backward()
     return counter.get_total_flops(), training_flops(cfg, 2)
+
+
+def greedy_tokens(tp: int, kv_cache: bool, overrides: dict) -> torch.Tensor:
+    """Three seeded prompts of 5 tokens and 10 greedy ones after them ``[3, 15]``, from a small
+    GPT (``overrides``: more of its config; weights seeded, the same at every TP size) at TP
+    ``tp``, with the key/value cache or not. Run on ``tp`` ranks."""
+    from mp import parallel_state as ps
+    from mp.generation import SamplingParams, generate
+    from mp.model import GPTModel, TransformerConfig
+    ps.initialize_model_parallel(tp)
+    torch.manual_seed(7)
+    cfg = TransformerConfig(**{
+        "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "vocab_size": 64,
+        "seq_length": 32, "make_vocab_size_divisible_by": 8, "tensor_model_parallel_size": tp,
+        "hidden_dropout": 0.0, "attention_dropout": 0.0, "init_method_std": 0.3, **overrides})
+    prompts = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(1))
+    return generate(GPTModel(cfg).eval(), prompts, 10, SamplingParams(greedy=True),
+                    kv_cache=kv_cache)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from checks import assert_rel_close
+from checks import assert_rel_close, greedy_tokens
 from gpt_runs import (
     assemble,
     assert_same_training,
@@ -152,26 +152,13 @@ def test_training_follows_one_process(world, tp, pp, cp, distributed_optimizer, 
     assert_same_training(runs, serial)
 
 
-def _generate(tp: int, kv_cache: bool) -> torch.Tensor:
-    from mp.generation import SamplingParams, generate
-    ps.initialize_model_parallel(tp)
-    torch.manual_seed(7)  # the same weights at every TP size (serial-equivalent init)
-    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64,
-                            seq_length=32, make_vocab_size_divisible_by=8,
-                            tensor_model_parallel_size=tp, hidden_dropout=0.0,
-                            attention_dropout=0.0, init_method_std=0.3, q_lora_rank=24, **MLA)
-    prompts = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(1))
-    return generate(GPTModel(cfg).eval(), prompts, 10, SamplingParams(greedy=True),
-                    kv_cache=kv_cache)
-
-
 def test_generation_is_the_same_at_tp1_and_tp2_with_and_without_the_cache():
-    """Greedy decoding: the cache holds every head's key (``dn + dr`` wide) and value
-    (``dv``); TP 2 gives TP 1's tokens, with the cache or not."""
-    expected = run_distributed(1, _generate, 1, False)[0]
+    """Greedy decoding through the cache of latents: TP 2 gives TP 1's tokens, with the cache
+    or not."""
+    expected = run_distributed(1, greedy_tokens, 1, False, {"q_lora_rank": 24, **MLA})[0]
     assert len(set(expected[:, 5:].flatten().tolist())) > 3, "a degenerate reference"
     for tp, kv_cache in ((1, True), (2, True), (2, False)):
-        got = run_distributed(tp, _generate, tp, kv_cache)
+        got = run_distributed(tp, greedy_tokens, tp, kv_cache, {"q_lora_rank": 24, **MLA})
         assert all(torch.equal(g, expected) for g in got), (tp, kv_cache)
 
 
