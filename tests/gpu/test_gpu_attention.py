@@ -8,30 +8,16 @@ the end of longer keys, SDPA's flash or memory-efficient kernels) against an exp
 import pytest
 import torch
 
-from mp import parallel_state as ps
 from mp.device import get_device
 from mp.generation import SamplingParams, generate
-from mp.initialize import initialize_distributed
 from mp.model import GPTModel, TransformerConfig, attention
 from mp.model.attention import CoreAttention
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("one_gpu_world", "model_parallel")]
 
 HEADS, GROUPS, SEQ, VOCAB = 16, 4, 512, 1000
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_gpu_world():
-    initialize_distributed()
-    yield
-
-
-@pytest.fixture(autouse=True)
-def model_parallel():
-    ps.initialize_model_parallel(1)
-    yield
-    ps.destroy_model_parallel()
 
 
 def grouped_model(precision: str, **overrides) -> GPTModel:

@@ -11,19 +11,13 @@ from test_jit_fusion import _checkpoint_replays, _compiled_activations, _compile
 
 from mp import jit
 from mp import parallel_state as ps
-from mp.initialize import initialize_distributed
 from mp.tensor_parallel import vocab_parallel_cross_entropy
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("one_gpu_world")]
 
 TOKENS, VOCAB = 8192, 50304  # GPT-3 1.3B's padded vocabulary, four sequences of 2048
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_gpu_world():
-    initialize_distributed()
-    yield
 
 
 @pytest.fixture(autouse=True)
