@@ -42,6 +42,7 @@ from mp.checkpointing.hf_tensors import (
     check_keys,
     check_output_layer,
     pad_rows,
+    rope_parameters,
     shift_norm_weights,
 )
 from mp.model.config import TransformerConfig
@@ -112,9 +113,8 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
 def _rope(hf: dict) -> dict:
     """mp's RoPE fields of a config (``rope_scaling``, or transformers 5's
     ``rope_parameters``): plain or YaRN; ValueError for another scaling."""
-    parameters = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    kind = parameters.get("rope_type", parameters.get("type", "default"))
-    fields = {"rotary_base": float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    kind, base, parameters = rope_parameters(hf)
+    fields = {"rotary_base": base}
     if kind == "default":
         return fields
     if kind != "yarn" or parameters.get("attention_factor") is not None:

@@ -63,6 +63,7 @@ from mp.checkpointing.hf_tensors import (
     check_keys,
     check_output_layer,
     pad_rows,
+    rope_parameters,
     shift_norm_weights,
 )
 from mp.model.config import TransformerConfig
@@ -156,9 +157,7 @@ _LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
 def _rope(hf: dict) -> dict:
     """mp's RoPE fields of a config (``rope_theta`` and ``rope_scaling``, or transformers 5's
     ``rope_parameters``); ValueError for a scaling mp does not have."""
-    parameters = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    kind = parameters.get("rope_type", parameters.get("type", "default"))
-    base = float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind, base, parameters = rope_parameters(hf)
     if kind == "default":
         return {"rotary_base": base}
     if kind == "linear":  # positions divided by the factor

@@ -54,3 +54,12 @@ def check_expressible(config: TransformerConfig, needs: dict[str, tuple], family
     if wrong:
         raise ValueError(f"model.{', model.'.join(wrong)}: {family} needs "
                          + ", ".join(f"{k} in {v!r}" for k, v in needs.items()))
+
+
+def rope_parameters(hf: dict) -> tuple[str, float, dict]:
+    """A Hugging Face config's RoPE, from ``rope_theta`` and ``rope_scaling`` or transformers
+    5's ``rope_parameters``: ``(its scaling's kind, "default" for none; its base; the
+    scaling's parameters)``."""
+    parameters = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    kind = parameters.get("rope_type", parameters.get("type", "default"))
+    return kind, float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0))), parameters
