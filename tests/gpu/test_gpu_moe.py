@@ -5,7 +5,6 @@ whole MoE layer's forward and backward on CUDA (routing, sort, regrouping, combi
 
 import pytest
 import torch
-from test_gpu_attention import model_parallel, one_gpu_world  # noqa: F401 (fixtures)
 from test_moe_grouped_gemm import grouped_and_loop
 
 from mp import parallel_state as ps
@@ -14,7 +13,8 @@ from mp.model.moe import MoELayer
 from mp.model.moe.experts import Experts
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("one_gpu_world", "model_parallel")]
 
 COUNTS = [37, 0, 200, 5, 64, 1, 90, 3]  # rows of 8 experts: an empty one, few multiples of 8
 
