@@ -166,9 +166,6 @@ def test_flags_without_effect_say_why():
         "the norm (pre-norm, Megatron's default)")),
     (["--optimizer", "sgd"], ("--optimizer sgd: mp trains with AdamW (Megatron's adam); only "
                               "adam is accepted")),
-    (["--recompute-modules", "core_attn", "mlp", "layernorm"], (
-        "--recompute-modules mlp layernorm: mp's selective recompute (--recompute-activations) "
-        "recomputes the attention core only; only core_attn is accepted")),
 ])
 def test_flags_of_missing_features_are_refused(flags, message):
     assert error_of(*flags) == message
@@ -216,9 +213,44 @@ def test_model_flags_beyond_gpt3():
         "--swiglu conflicts with --openai-gelu (both set model.activation)"
 
 
+def test_recompute_modules_flag():
+    """``--recompute-modules`` (Megatron-Core's) lists what selective recompute covers;
+    ``core_attn`` alone by default; a module the model lacks, or one without selective
+    recompute, is refused naming it."""
+    model = shipped("gpt-tiny", "--recompute-activations", "--recompute-modules", "core_attn",
+                    "mlp", "layernorm").model
+    assert model.recompute_modules == ["core_attn", "mlp", "layernorm"]
+    assert model.recomputes("layernorm") and not model.recomputes("moe_act")
+    assert shipped("gpt-tiny", "--recompute-granularity", "selective"
+                   ).model.recompute_modules == ["core_attn"]
+    assert shipped("gpt-tiny").model.recompute_modules is None
+    assert error_of("--recompute-modules", "mlp") == (
+        "recompute_modules=['mlp'] needs recompute_granularity='selective', not None")
+    assert error_of("--recompute-activations", "--recompute-modules", "attn") == (
+        "recompute_modules entry='attn' must be one of 'core_attn', 'mlp', 'moe', "
+        "'shared_experts', 'layernorm', 'moe_act', 'mla_up_proj'")
+    assert error_of("--recompute-activations", "--recompute-modules", "mla_up_proj") == (
+        "recompute_modules names 'mla_up_proj', which needs multi_latent_attention")
+    assert error_of("--recompute-activations", "--recompute-modules", "moe_act") == (
+        "recompute_modules names 'moe_act', which needs num_moe_experts (a mixture of experts)")
+    assert error_of("--recompute-activations", "--recompute-modules", "mlp", "mlp") == (
+        "recompute_modules=['mlp', 'mlp'] names a module twice")
+    experts = ("--recompute-activations", "--num-experts", "4", "--sequence-parallel")
+    assert error_of(*experts, "--recompute-modules", "moe", "moe_act") == (
+        "recompute_modules=['moe', 'moe_act']: 'moe' recomputes the whole mixture-of-experts "
+        "layer, 'moe_act' included; name one of them")
+    assert error_of(*experts, "--recompute-modules", "mlp") == (
+        "recompute_modules names 'mlp', which needs a layer without experts (every layer has "
+        "them: 'moe' recomputes those)")
+    assert error_of("--recompute-activations", "--recompute-modules", "layernorm",
+                    "--model.compile_layers", "true") == (
+        "recompute_modules ['layernorm'] free their outputs' storage, which torch.compile "
+        "cannot trace: they need compile_layers=False")
+
+
 def test_what_mp_does_anyway_is_accepted():
-    """``--optimizer adam`` and ``--recompute-modules core_attn`` are mp's own behaviour;
-    flags that change nothing here are accepted with a notice each."""
+    """``--optimizer adam`` is mp's own behaviour; flags that change nothing here are
+    accepted with a notice each."""
     argv = ["--config", TINY, "--optimizer", "adam", "--recompute-activations",
             "--recompute-modules", "core_attn", "--tp-comm-overlap",
             "--no-gradient-accumulation-fusion", "--timing-log-level", "2"]

@@ -22,6 +22,7 @@ _MEGATRON_NAMES = {
         "position_embedding_type", "untie_embeddings_and_output_weights", "hidden_dropout",
         "attention_dropout", "init_method_std", "tensor_model_parallel_size",
         "pipeline_model_parallel_size", "sequence_parallel", "recompute_granularity",
+        "recompute_modules",
         "overlap_p2p_comm", "recompute_method", "recompute_num_layers",
         "distribute_saved_activations", "rotary_base", "use_rope_scaling",
         "rope_scaling_factor", "attention_backend", "kv_channels", "rotary_percent",
@@ -206,8 +207,6 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
 }
 #: Megatron-LM flags that take values of which mp has some -> (the values mp has, why).
 CHOICE_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
-    "--recompute-modules": (("core_attn",), ("mp's selective recompute (--recompute-activations) "
-                                             "recomputes the attention core only")),
     "--optimizer": (("adam",), "mp trains with AdamW (Megatron's adam)"),
 }
 

@@ -5,7 +5,9 @@ The estimator is only worth what its checks are worth; these two meters read the
 - `SavedTensorMeter`: the bytes autograd keeps for backward inside a ``with`` block, counted
   through ``torch.autograd.graph.saved_tensors_hooks``. A storage counts once however many
   saved tensors view it (q, k and v are views of one fused QKV output), and the storages of
-  excluded tensors (the parameters: weights are not activations) do not count.
+  excluded tensors (the parameters: weights are not activations) do not count. A storage is
+  counted at its size when read: an output freed after its consumers saved it, to be
+  recomputed in backward (`mp.tensor_parallel.CheckpointWithoutOutput`), counts nothing.
 - `CollectiveMeter`: every ``torch.distributed`` collective and point-to-point call made inside
   a ``with`` block, with its kind, the global ranks of its group and its size in bytes: the
   tensor of an all-reduce, broadcast or send/recv; the gathered (full) buffer of an
@@ -29,16 +31,21 @@ from torch.distributed import distributed_c10d
 
 class SavedTensorMeter:
     """``with SavedTensorMeter(exclude=model.parameters()) as meter: loss = model(x)`` then
-    ``meter.bytes``; ``meter.entries`` lists ``(shape, dtype, storage bytes, counted)`` per
-    saved tensor in the order autograd saved them, for reading a difference."""
+    ``meter.bytes``; ``meter.entries`` lists ``(shape, dtype, storage bytes when saved,
+    counted)`` per saved tensor in the order autograd saved them, for reading a
+    difference."""
 
     def __init__(self, exclude: Iterable[torch.Tensor] = ()):
         self._excluded = {_storage_key(t) for t in exclude}
         self._seen: set = set()
         self._kept: list[torch.Tensor] = []  # keep storages alive so no address is reused
         self.entries: list[tuple[tuple[int, ...], torch.dtype, int, bool]] = []
-        self.bytes = 0
         self._hooks = None
+
+    @property
+    def bytes(self) -> int:
+        """The bytes the counted storages hold now."""
+        return sum(t.untyped_storage().nbytes() for t in self._kept)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         key = _storage_key(tensor)
@@ -47,7 +54,6 @@ class SavedTensorMeter:
         if counted:
             self._seen.add(key)
             self._kept.append(tensor)
-            self.bytes += nbytes
         self.entries.append((tuple(tensor.shape), tensor.dtype, nbytes, counted))
         return tensor
 
@@ -60,10 +66,12 @@ class SavedTensorMeter:
         self._hooks.__exit__(*exc)
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple:
+def _storage_key(tensor: torch.Tensor) -> int:
+    """The storage itself (not its address: a freed storage's address can be reused while
+    the meter keeps the storage)."""
     if tensor.device.type == "meta":
         raise ValueError("SavedTensorMeter cannot tell storages apart on the meta device")
-    return tensor.device, tensor.untyped_storage().data_ptr()
+    return tensor.untyped_storage()._cdata
 
 
 # function name in torch.distributed -> (kind, the argument whose size the call has); the

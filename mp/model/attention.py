@@ -184,19 +184,25 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attention_mask: torch.Tensor | None, inference_params: InferenceParams | None):
         """``q, k [s, b, np or ng, hd]``, ``v [s, b, ng, vd]`` (after RoPE) -> ``(output,
-        bias)``. With ``inference_params`` the keys and values join the cached ones, and the
-        new queries attend over all of them (``attention_mask`` must then be None)."""
+        bias)``: `context` through the output projection."""
+        return self.dense(self.context(q, k, v, attention_mask, inference_params))
+
+    def context(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attention_mask: torch.Tensor | None, inference_params: InferenceParams | None
+                ) -> torch.Tensor:
+        """`attend`'s arguments -> the core's ``[s, b, np vd]``, checkpointed when selective
+        recompute covers ``core_attn``. With ``inference_params`` the keys and values join the
+        cached ones, and the new queries attend over all of them (``attention_mask`` must then
+        be None)."""
         if inference_params is not None:
             if attention_mask is not None:
                 raise ValueError("a key/value cache attends causally: attention_mask must be "
                                  "None")
             attention_mask = inference_params.causal_mask(q.size(0), q.device)
             k, v = inference_params.update(self.layer_number, k, v)
-        if self.config.recompute_granularity == "selective":
-            context = checkpoint(self.core_attention, False, q, k, v, attention_mask)
-        else:
-            context = self.core_attention(q, k, v, attention_mask)
-        return self.dense(context)
+        if self.config.recomputes("core_attn"):
+            return checkpoint(self.core_attention, False, q, k, v, attention_mask)
+        return self.core_attention(q, k, v, attention_mask)
 
 
 class SelfAttention(Attention):

@@ -16,6 +16,7 @@ from mp.model.config_rules import (
     check_mla,
     check_moe,
     check_mtp,
+    check_recompute_modules,
     check_yarn,
     divisible,
     one_of,
@@ -151,7 +152,10 @@ class TransformerConfig:
     expert_tensor_parallel_size: int | None = None  # must equal TP (mp splits experts as
     # the rest of the layer); None: TP
     overlap_p2p_comm: bool = False  # interleaved pipeline: p2p under compute (pipelined.py)
-    recompute_granularity: str | None = None  # None | full | selective (attention core only)
+    recompute_granularity: str | None = None  # None | full (whole layers) | selective (parts
+    # of each layer: recompute_modules)
+    recompute_modules: list[str] | None = None  # selective: what (RECOMPUTE_MODULES); None:
+    # ["core_attn"], Megatron's default
     recompute_method: str | None = None  # full: uniform | block
     recompute_num_layers: int | None = None  # full: layers per chunk (uniform) or count (block)
     distribute_saved_activations: bool = False
@@ -259,6 +263,11 @@ class TransformerConfig:
         elif self.recompute_method is not None:
             raise ValueError(f"recompute_method={self.recompute_method!r} needs "
                              "recompute_granularity='full'")
+        check_recompute_modules(self)
+
+    def recomputes(self, module: str) -> bool:
+        """Whether selective recompute covers ``module`` (one of `RECOMPUTE_MODULES`)."""
+        return self.recompute_granularity == "selective" and module in self.recompute_modules
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether layer ``index`` (0-based over the model) has experts instead of an MLP."""

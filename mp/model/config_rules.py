@@ -175,3 +175,55 @@ def check_mtp(config) -> None:
                          f"pipeline_model_parallel_size={config.pipeline_model_parallel_size} "
                          "needs position_embedding_type 'rope' or 'none': the last stage keeps "
                          "a copy of the word embedding only")
+
+
+#: What selective recompute can cover (Megatron-Core's ``recompute_modules``): checkpointed
+#: (inputs kept, insides recomputed) ``core_attn`` (the attention core), ``mlp`` (a dense
+#: layer's MLP), ``moe`` (a mixture-of-experts layer), ``shared_experts``; with their outputs
+#: recomputed too (`mp.tensor_parallel.CheckpointWithoutOutput`) ``layernorm`` (the layer's two
+#: norms), ``moe_act`` (the experts' activation) and ``mla_up_proj`` (multi-latent attention's
+#: up projections and RoPE).
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "shared_experts", "layernorm", "moe_act",
+                     "mla_up_proj")
+OUTPUT_DISCARDING_MODULES = ("layernorm", "moe_act", "mla_up_proj")
+
+
+def check_recompute_modules(config) -> None:
+    """``recompute_modules`` of a `TransformerConfig`: with ``recompute_granularity=
+    'selective'`` only (default ``["core_attn"]``), each of `RECOMPUTE_MODULES` once, and
+    each about a part the model has."""
+    modules, granularity = config.recompute_modules, config.recompute_granularity
+    if granularity != "selective":
+        if modules is not None:
+            raise ValueError(f"recompute_modules={modules} needs recompute_granularity="
+                             f"'selective', not {granularity!r}")
+        return
+    if modules is None:
+        config.recompute_modules = modules = ["core_attn"]
+    if not isinstance(modules, (list, tuple)):
+        raise ValueError(f"recompute_modules={modules!r} must be a list of "
+                         f"{', '.join(RECOMPUTE_MODULES)}")
+    for module in modules:
+        one_of("recompute_modules entry", module, RECOMPUTE_MODULES)
+    if len(set(modules)) < len(modules):
+        raise ValueError(f"recompute_modules={modules} names a module twice")
+    moe = config.num_moe_experts is not None
+    needs = {"mla_up_proj": (config.multi_latent_attention, "multi_latent_attention"),
+             "moe": (moe, "num_moe_experts (a mixture of experts)"),
+             "moe_act": (moe, "num_moe_experts (a mixture of experts)"),
+             "shared_experts": (config.moe_shared_expert_intermediate_size is not None,
+                                "moe_shared_expert_intermediate_size (shared experts)"),
+             "mlp": (not all(map(config.is_moe_layer, range(config.num_layers))),
+                     "a layer without experts (every layer has them: 'moe' recomputes those)")}
+    for module in modules:
+        has, what = needs.get(module, (True, ""))
+        if not has:
+            raise ValueError(f"recompute_modules names {module!r}, which needs {what}")
+    for part in ("moe_act", "shared_experts"):
+        if "moe" in modules and part in modules:
+            raise ValueError(f"recompute_modules={modules}: 'moe' recomputes the whole "
+                             f"mixture-of-experts layer, {part!r} included; name one of them")
+    discarding = [m for m in modules if m in OUTPUT_DISCARDING_MODULES]
+    if discarding and config.compile_layers:
+        raise ValueError(f"recompute_modules {discarding} free their outputs' storage, which "
+                         "torch.compile cannot trace: they need compile_layers=False")

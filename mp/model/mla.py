@@ -41,6 +41,7 @@ from mp.model.init import init_method
 from mp.model.norm import build_norm
 from mp.model.rope import apply_rotary
 from mp.tensor_parallel import (
+    CheckpointWithoutOutput,
     ColumnParallelLinear,
     DuplicatedLinear,
     copy_to_tensor_model_parallel_region,
@@ -84,16 +85,39 @@ class MLASelfAttention(Attention):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_freqs: torch.Tensor | None = None,
                 inference_params: InferenceParams | None = None):
+        """With ``mla_up_proj`` among the recompute modules, everything from the latents to
+        the queries, keys and values is recomputed in backward and its outputs are not kept
+        (`CheckpointWithoutOutput`, freed once the attention core has read them)."""
+        cfg = self.config
+        # the queries' latent [s, b, q_lora_rank] (or the hidden state itself) and the keys'
+        # and values' latent with the key's RoPE channels [s, b, c + dr]
+        q_in = hidden if cfg.q_lora_rank is None else self.linear_q_down_proj(hidden)[0]
+        kv_in, _ = self.linear_kv_down_proj(hidden)
+        if inference_params is not None:
+            return self._through_latents(*self._rotated(q_in, kv_in, rotary_freqs),
+                                         attention_mask, inference_params)
+        if not (cfg.recomputes("mla_up_proj") and self.training and torch.is_grad_enabled()):
+            return self.attend(*self._queries_keys_values(q_in, kv_in, rotary_freqs),
+                               attention_mask, None)
+        up_projections = CheckpointWithoutOutput()
+        q, k, v = up_projections.checkpoint(self._queries_keys_values, q_in, kv_in, rotary_freqs)
+        context = self.context(q, k, v, attention_mask, None)
+        up_projections.discard_output_and_register_recompute(context)
+        return self.dense(context)
+
+    def _rotated(self, q_in: torch.Tensor, kv_in: torch.Tensor,
+                 rotary_freqs: torch.Tensor | None):
+        """The latents (`forward`) -> ``q_nope [s, b, np, dn]``, ``q_pe [s, b, np, dr]``
+        (rotated), the normalized latent ``[s, b, c]`` and ``k_pe [s, b, 1, dr]`` (rotated);
+        ``s`` all the tokens under sequence parallelism."""
         cfg, heads = self.config, self.heads_per_partition
-        dn, dr, dv = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim
+        dn, dr = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim
         if cfg.q_lora_rank is None:
-            q, _ = self.linear_q_proj(hidden)
+            q, _ = self.linear_q_proj(q_in)
         else:
-            q_latent, _ = self.linear_q_down_proj(hidden)
-            q, _ = self.linear_q_up_proj(self.q_layernorm(q_latent))  # [s, b, np (dn + dr)]
-        kv_latent, _ = self.linear_kv_down_proj(hidden)
-        kv_latent, k_pe = kv_latent.split([cfg.kv_lora_rank, dr], dim=-1)
-        kv_latent = self.kv_layernorm(kv_latent)
+            q, _ = self.linear_q_up_proj(self.q_layernorm(q_in))  # [s, b, np (dn + dr)]
+        latent, k_pe = kv_in.split([cfg.kv_lora_rank, dr], dim=-1)
+        latent = self.kv_layernorm(latent)
         if cfg.sequence_parallel:
             k_pe = gather_from_sequence_parallel_region(k_pe, group=self.group)
         else:
@@ -104,15 +128,20 @@ class MLASelfAttention(Attention):
         if rotary_freqs is not None:
             magnitude = cfg.rotary_magnitude
             q_pe, k_pe = (apply_rotary(t, rotary_freqs, magnitude) for t in (q_pe, k_pe))
-        if inference_params is not None:
-            return self._through_latents(q_nope, q_pe, kv_latent, k_pe, attention_mask,
-                                         inference_params)
-        kv, _ = self.linear_kv_up_proj(kv_latent)  # [s, b, np (dn + dv)]
+        return q_nope, q_pe, latent, k_pe
+
+    def _queries_keys_values(self, q_in: torch.Tensor, kv_in: torch.Tensor,
+                             rotary_freqs: torch.Tensor | None):
+        """The latents (`forward`) -> ``q, k [s, b, np, dn + dr]``, ``v [s, b, np, dv]``."""
+        q_nope, q_pe, latent, k_pe = self._rotated(q_in, kv_in, rotary_freqs)
+        s, b, heads, dn = q_nope.shape
+        dr, dv = q_pe.size(-1), self.config.v_head_dim
+        kv, _ = self.linear_kv_up_proj(latent)  # [s, b, np (dn + dv)]
         k_nope, v = kv.view(s, b, heads, dn + dv).split([dn, dv], dim=-1)
         v = v.contiguous()  # what attention keeps, without the keys' channels beside it
         q = torch.cat((q_nope, q_pe), dim=-1)
         k = torch.cat((k_nope, k_pe.expand(s, b, heads, dr)), dim=-1)
-        return self.attend(q, k, v, attention_mask, None)
+        return q, k, v
 
     def _through_latents(self, q_nope, q_pe, latent, k_pe, attention_mask, inference_params):
         """Decoding with a key/value cache of the latents (DeepSeek-V2's absorbed form):

@@ -9,7 +9,7 @@ from torch import nn
 from mp.jit import jit_fuser
 from mp.model.config import TransformerConfig
 from mp.model.init import init_method, output_init_method
-from mp.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from mp.tensor_parallel import ColumnParallelLinear, RowParallelLinear, checkpoint
 
 
 class MLP(nn.Module):
@@ -56,6 +56,20 @@ class MLP(nn.Module):
         gate = self.linear_gate(hidden) if self.swiglu else (None, None)
         return self.linear_fc2(bias_activation(self.activation, up, up_bias, *gate,
                                                fused=self.fused))
+
+
+def checkpointed(module: nn.Module, hidden: torch.Tensor):
+    """``module(hidden)`` for a module that returns ``(output, bias)`` (an `MLP`, a
+    mixture-of-experts layer), recomputed in backward (`mp.tensor_parallel.checkpoint`). The
+    bias, a parameter or None, passes around the checkpoint: returned from it, a parameter
+    would take the checkpoint's graph as its own."""
+    bias = []
+
+    def output(x):
+        out, out_bias = module(x)
+        bias[:] = [out_bias]
+        return out
+    return checkpoint(output, False, hidden), bias[0]
 
 
 def bias_activation(activation: str, up: torch.Tensor, up_bias: torch.Tensor | None,

@@ -10,10 +10,10 @@ from mp.model.config import TransformerConfig
 from mp.model.dropout import bias_dropout_add
 from mp.model.inference import InferenceParams
 from mp.model.mla import MLASelfAttention
-from mp.model.mlp import MLP
+from mp.model.mlp import MLP, checkpointed
 from mp.model.moe import MoELayer
 from mp.model.norm import build_norm
-from mp.tensor_parallel import checkpoint
+from mp.tensor_parallel import CheckpointWithoutOutput, checkpoint
 
 
 class TransformerLayer(nn.Module):
@@ -40,11 +40,33 @@ class TransformerLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_freqs: torch.Tensor | None = None,
                 inference_params: InferenceParams | None = None) -> torch.Tensor:
-        out, bias = self.self_attention(self.input_layernorm(hidden), attention_mask,
-                                        rotary_freqs, inference_params)
+        def attention(x):
+            return self.self_attention(x, attention_mask, rotary_freqs, inference_params)
+        out, bias = self._after_norm(self.input_layernorm, hidden, attention)
         hidden = self._bias_dropout_add(out, bias, hidden)
-        out, bias = self.mlp(self.pre_mlp_layernorm(hidden))
+        out, bias = self._after_norm(self.pre_mlp_layernorm, hidden, self._mlp)
         return self._bias_dropout_add(out, bias, hidden)
+
+    def _after_norm(self, norm: nn.Module, hidden: torch.Tensor, run):
+        """``run(norm(hidden))``, an ``(output, bias)`` pair. With ``layernorm`` among the
+        recompute modules the norm's output is not kept for backward (the projections after it
+        would keep it) but recomputed from ``hidden`` once the output's gradient arrives
+        (`CheckpointWithoutOutput`)."""
+        if not (self.config.recomputes("layernorm") and self.training
+                and torch.is_grad_enabled()):
+            return run(norm(hidden))
+        normed = CheckpointWithoutOutput()
+        out, bias = run(normed.checkpoint(norm, hidden))
+        normed.discard_output_and_register_recompute(out)
+        return out, bias
+
+    def _mlp(self, hidden: torch.Tensor):
+        """The MLP, checkpointed with ``mlp`` among the recompute modules (``moe`` for a
+        mixture of experts)."""
+        module = "moe" if isinstance(self.mlp, MoELayer) else "mlp"
+        if self.config.recomputes(module) and self.training:
+            return checkpointed(self.mlp, hidden)
+        return self.mlp(hidden)
 
     def _bias_dropout_add(self, x, bias, residual):
         cfg = self.config
@@ -61,7 +83,9 @@ class TransformerBlock(nn.Module):
     Full activation recompute (Megatron's ``recompute_granularity='full'``) keeps only chunk
     inputs: ``uniform`` checkpoints every group of ``recompute_num_layers`` consecutive layers;
     ``block`` checkpoints each of the first ``recompute_num_layers`` layers and runs the rest
-    normally. ``selective`` recompute happens inside the attention (see ``SelfAttention``).
+    normally. ``selective`` recompute (Megatron's ``recompute_modules``) happens inside each
+    layer: the norms and the MLP here, the attention's core and up projections in the
+    attention, the experts' activation and shared experts in `mp.model.moe`.
     """
 
     def __init__(self, config: TransformerConfig, post_process: bool = True,

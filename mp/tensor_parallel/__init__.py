@@ -1,5 +1,6 @@
 """Tensor and sequence parallelism (Megatron-Core names)."""
 
+from mp.tensor_parallel.checkpoint_without_output import CheckpointWithoutOutput
 from mp.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from mp.tensor_parallel.layers import (
     ColumnParallelLinear,
@@ -30,7 +31,8 @@ from mp.tensor_parallel.random import (
 from mp.tensor_parallel.utils import VocabUtility, divide, split_tensor_along_last_dim
 
 __all__ = [
-    "ColumnParallelLinear", "CudaRNGStatesTracker", "DuplicatedLinear", "LinearWithAsyncGradReduce",
+    "CheckpointWithoutOutput", "ColumnParallelLinear", "CudaRNGStatesTracker", "DuplicatedLinear",
+    "LinearWithAsyncGradReduce",
     "RowParallelLinear", "VocabParallelEmbedding", "VocabUtility", "all_to_all",
     "all_to_all_by_sizes", "checkpoint", "copy_to_tensor_model_parallel_region", "divide",
     "gather_from_sequence_parallel_region",

@@ -160,16 +160,12 @@ class CheckpointFunction(torch.autograd.Function):
         if distribute_saved_activations:
             ctx.first_shape = args[0].shape
             saved[0] = _slice_for_rank(args[0].detach(), group)
-        ctx.tensor_indices = [i for i, a in enumerate(saved) if torch.is_tensor(a)]
-        ctx.non_tensors = [None if torch.is_tensor(a) else a for a in saved]
-        ctx.save_for_backward(*(saved[i] for i in ctx.tensor_indices))
+        save_arguments(ctx, saved)
         return outputs
 
     @staticmethod
     def backward(ctx, *grads):
-        args = list(ctx.non_tensors)
-        for i, t in zip(ctx.tensor_indices, ctx.saved_tensors):
-            args[i] = t
+        args = saved_arguments(ctx)
         if ctx.distribute:
             args[0] = _gather_slices(args[0], ctx.first_shape, ctx.group)
         inputs = [a.detach().requires_grad_(needs) if torch.is_tensor(a) else a
@@ -185,6 +181,22 @@ class CheckpointFunction(torch.autograd.Function):
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         input_grads = tuple(a.grad if torch.is_tensor(a) else None for a in inputs)
         return (None, None, None) + input_grads
+
+
+def save_arguments(ctx, args) -> None:
+    """Keep a function's arguments on an autograd ``ctx`` for its recompute: the tensors
+    through ``save_for_backward``, the rest as they are (`saved_arguments` gives them back)."""
+    ctx.tensor_indices = [i for i, a in enumerate(args) if torch.is_tensor(a)]
+    ctx.non_tensors = [None if torch.is_tensor(a) else a for a in args]
+    ctx.save_for_backward(*(args[i] for i in ctx.tensor_indices))
+
+
+def saved_arguments(ctx) -> list:
+    """The arguments `save_arguments` kept, in order."""
+    args = list(ctx.non_tensors)
+    for i, t in zip(ctx.tensor_indices, ctx.saved_tensors):
+        args[i] = t
+    return args
 
 
 def _slice_for_rank(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

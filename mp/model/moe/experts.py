@@ -12,6 +12,7 @@ from mp.model.config import TransformerConfig
 from mp.model.init import init_method, output_init_method
 from mp.model.mlp import bias_activation
 from mp.model.moe import grouped_gemm
+from mp.tensor_parallel import CheckpointWithoutOutput
 
 
 class Experts(nn.Module):
@@ -45,6 +46,7 @@ class Experts(nn.Module):
         first = ep_rank * self.local
         self.tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
         self.activation, self.fused = config.activation, config.bias_activation_fusion
+        self.recompute_activation = config.recomputes("moe_act")
         self.grouped = config.moe_grouped_gemm
         swiglu = config.activation == "swiglu"
         shard = f // self.tp_size
@@ -95,23 +97,30 @@ class Experts(nn.Module):
     def forward(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
         weights = [w for w in (self.fc1_weight, self.gate_weight, self.fc2_weight)
                    if w is not None]
+        recomputed = []  # with moe_act: the activations to recompute in backward
         if self.grouped and grouped_gemm.usable(tokens, *weights):
-            return self._grouped(tokens, counts)
-        outputs = []
-        for index, rows in enumerate(tokens.split(counts)):
-            def pick(param):
-                return None if param is None else param[index]
-            up = F.linear(rows, self.fc1_weight[index])
-            gate = None if self.gate_weight is None else F.linear(rows, self.gate_weight[index])
-            act = bias_activation(self.activation, up, pick(self.fc1_bias), gate,
-                                  pick(self.gate_bias), self.fused)
-            out = F.linear(act, self.fc2_weight[index])
-            if self.fc2_bias is not None:
-                out = out + self.fc2_bias[index] / self.tp_size
-            outputs.append(out)
-        return torch.cat(outputs)
+            output = self._grouped(tokens, counts, recomputed)
+        else:
+            output = torch.cat([self._expert(index, rows, recomputed)
+                                for index, rows in enumerate(tokens.split(counts))])
+        for activation in recomputed:
+            activation.discard_output_and_register_recompute(output)
+        return output
 
-    def _grouped(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _expert(self, index: int, rows: torch.Tensor, recomputed: list) -> torch.Tensor:
+        """Local expert ``index`` on its ``rows [m, h]`` -> ``[m, h]``."""
+        def pick(param):
+            return None if param is None else param[index]
+        up = F.linear(rows, self.fc1_weight[index])
+        gate = None if self.gate_weight is None else F.linear(rows, self.gate_weight[index])
+        act = self._activation(recomputed, up, pick(self.fc1_bias), gate, pick(self.gate_bias))
+        out = F.linear(act, self.fc2_weight[index])
+        if self.fc2_bias is not None:
+            out = out + self.fc2_bias[index] / self.tp_size
+        return out
+
+    def _grouped(self, tokens: torch.Tensor, counts: list[int], recomputed: list
+                 ) -> torch.Tensor:
         """`forward` with one grouped GEMM per weight kind."""
         rows = grouped_gemm.GroupedRows(counts, tokens.element_size(), tokens.device)
 
@@ -120,9 +129,21 @@ class Experts(nn.Module):
         x = rows.pad(tokens)
         up = rows.mm(x, self.fc1_weight)
         gate = None if self.gate_weight is None else rows.mm(x, self.gate_weight)
-        act = bias_activation(self.activation, up, per_row(self.fc1_bias), gate,
-                              per_row(self.gate_bias), self.fused)
+        act = self._activation(recomputed, up, per_row(self.fc1_bias), gate,
+                               per_row(self.gate_bias))
         out = rows.mm(act, self.fc2_weight)
         if self.fc2_bias is not None:
             out = out + per_row(self.fc2_bias) / self.tp_size
         return rows.unpad(out)
+
+    def _activation(self, recomputed: list, up, up_bias, gate, gate_bias) -> torch.Tensor:
+        """`mp.model.mlp.bias_activation` of ``up`` (and ``gate``). With ``moe_act`` among
+        the recompute modules its output (fc2's input, the experts' widest tensor) is not kept
+        for backward but recomputed from ``up`` and ``gate``, which the activation's backward
+        keeps anyway: the `CheckpointWithoutOutput` joins ``recomputed``."""
+        def activation(up, up_bias, gate, gate_bias):
+            return bias_activation(self.activation, up, up_bias, gate, gate_bias, self.fused)
+        if not (self.recompute_activation and self.training and torch.is_grad_enabled()):
+            return activation(up, up_bias, gate, gate_bias)
+        recomputed.append(CheckpointWithoutOutput())
+        return recomputed[-1].checkpoint(activation, up, up_bias, gate, gate_bias)

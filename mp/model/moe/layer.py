@@ -8,7 +8,7 @@ from torch import nn
 
 from mp import parallel_state
 from mp.model.config import TransformerConfig
-from mp.model.mlp import MLP
+from mp.model.mlp import MLP, checkpointed
 from mp.model.moe.dispatcher import TokenDispatcher
 from mp.model.moe.experts import Experts
 from mp.model.moe.router import TopKRouter
@@ -36,7 +36,8 @@ class MoELayer(nn.Module):
     ranks that hold the rest (CP, ``context_group``, default `parallel_state`'s when
     ``context_parallel_size > 1``; and TP under sequence parallelism).
     With ``moe_shared_expert_intermediate_size`` a dense `MLP` of that width (``shared_experts``,
-    Megatron's name) takes every token too and its output is added.
+    Megatron's name) takes every token too and its output is added; ``shared_experts`` among
+    the recompute modules checkpoints it.
     """
 
     def __init__(self, config: TransformerConfig, group=None, expert_group=None,
@@ -68,7 +69,10 @@ class MoELayer(nn.Module):
     def forward(self, hidden: torch.Tensor):
         shared = None
         if self.shared_experts is not None:
-            shared, bias = self.shared_experts(hidden)
+            if self.config.recomputes("shared_experts") and self.training:
+                shared, bias = checkpointed(self.shared_experts, hidden)
+            else:
+                shared, bias = self.shared_experts(hidden)
             shared = shared if bias is None else shared + bias
         replicated = self.tp > 1 and not self.split
         if replicated:
