@@ -79,6 +79,17 @@ def test_a_view_of_an_input_is_refused():
         CheckpointWithoutOutput().checkpoint(lambda t: t.view(12), x)
 
 
+def test_empty_tensors_pass():
+    """An expert given no tokens: empty in, empty out, nothing to share or free."""
+    x = torch.empty(0, 8, requires_grad=True)
+    ckpt = CheckpointWithoutOutput()
+    out = torch.nn.functional.linear(ckpt.checkpoint(torch.nn.functional.gelu, x),
+                                     torch.ones(3, 8))
+    ckpt.discard_output_and_register_recompute(out)
+    out.sum().backward()
+    assert x.grad.shape == (0, 8)
+
+
 def test_the_meter_counts_nothing_of_a_discarded_output():
     """What the estimator's tests read: a discarded output leaves the saved bytes."""
     x = torch.randn(16, 8, requires_grad=True)

@@ -43,9 +43,9 @@ class CheckpointWithoutOutput:
         """``run_function(*args)``, its tensors' inputs kept for the recompute."""
         outputs = _CheckpointWithoutOutputFunction.apply(run_function, self, *args)
         self._outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        inputs = {a.untyped_storage().data_ptr() for a in args if torch.is_tensor(a)}
+        inputs = {_address(a) for a in args if torch.is_tensor(a)}
         for output in self._outputs:
-            if output.untyped_storage().data_ptr() in inputs:
+            if _address(output) in inputs - {None}:
                 raise ValueError("CheckpointWithoutOutput: the function returned a view of an "
                                  "input; discarding it would free the input")
         return outputs
@@ -69,6 +69,13 @@ class CheckpointWithoutOutput:
             storage.copy_(again.untyped_storage())
         ctx.recomputed = inputs, outputs
         self._ctx = self._outputs = None  # the graph holds ctx until its backward
+
+
+def _address(tensor: torch.Tensor) -> int | None:
+    """Where ``tensor``'s storage starts; None for an empty one (no memory to share: an
+    expert given no tokens)."""
+    storage = tensor.untyped_storage()
+    return storage.data_ptr() if storage.nbytes() else None
 
 
 def _rerun(ctx) -> tuple[list, tuple]:
