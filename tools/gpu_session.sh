@@ -9,7 +9,9 @@
 #   bash tools/gpu_session.sh memory       # peak memory of 350M/1.3B against the estimate
 #   bash tools/gpu_session.sh training     # fusions, MoE experts (loop, grouped GEMM), bench_gpt
 #                                          # four ways (the last compiled)
-#   bash tools/gpu_session.sh              # all three
+#   bash tools/gpu_session.sh recompute    # the recompute modules on CUDA: tests/gpu's check and
+#                                          # bench_recompute on a DeepSeek-V3-shaped block
+#   bash tools/gpu_session.sh              # all four
 #
 # CONFIG (default configs/gpt3-1.3b.yaml) is the model bench_gpt runs; a CPU rehearsal of the
 # training part: CONFIG=configs/gpt-tiny.yaml bash tools/gpu_session.sh training
@@ -20,7 +22,7 @@ CONFIG=${CONFIG:-configs/gpt3-1.3b.yaml}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(kernels memory training)
+[ ${#parts[@]} -eq 0 ] && parts=(kernels memory training recompute)
 
 bench_gpt() {  # a label, then bench_gpt's arguments
   local label=$1; shift
@@ -49,7 +51,19 @@ for part in "${parts[@]}"; do
         bench_gpt no_dropout --hidden-dropout 0 --attention-dropout 0
         bench_gpt compiled --model.compile_layers true --compile-reference
       ) 2>&1 | tee -a "$OUT/training.log" ;;
+    recompute)
+      (
+        echo "== recompute modules on CUDA"
+        timeout 150 python3 -m pytest -s -q -p no:cacheprovider tests/gpu/test_gpu_recompute.py
+        echo "== bench_recompute: DeepSeek-V3's layer shapes, 2 layers (1 dense, 1 of 16 experts)"
+        timeout 400 python3 tools/bench_recompute.py --config configs/deepseek-v3.yaml \
+            --micro-batch-size 1 --iters 5 --num-layers 2 --moe-layer-freq "([0]+[1])" \
+            --num-experts 16 --moe-router-num-groups 4 --moe-router-group-topk 2 \
+            --moe-grouped-gemm --model.mtp_num_layers null \
+            --model.num_layers_in_first_pipeline_stage null \
+            --model.num_layers_in_last_pipeline_stage null
+      ) 2>&1 | tee -a "$OUT/recompute.log" ;;
     *)
-      echo "unknown part '$part': expected kernels, memory or training" >&2; exit 2 ;;
+      echo "unknown part '$part': expected kernels, memory, training or recompute" >&2; exit 2 ;;
   esac
 done
