@@ -143,22 +143,28 @@ def _train(tp: int, pp: int, ep: int, whole: dict, model: dict, modules: list | 
     (4, 2, 1, 1, {**MLA, "q_lora_rank": 24}, ["mla_up_proj", "layernorm", "core_attn"],
      {"sequence_parallel": True}),
     (2, 2, 1, 1, MLA, ["mla_up_proj", "layernorm"], {}),
+    (4, 2, 1, 1, MLA, ["mla_up_proj", "layernorm", "core_attn"],
+     {"sequence_parallel": True, "cp": 2, "cp_comm_type": "p2p"}),
+    (4, 2, 1, 1, {"position_embedding_type": "rope", "mtp_num_layers": 1},
+     ["layernorm", "mlp", "core_attn"], {"sequence_parallel": True}),
 ], ids=["TP2-SPxDP2-dense", "TP2xPP2-swiglu", "TP2-SPxEP2-shared-experts",
         "TP2-SPxEP2-moe-expert-bias", "TP2-SPxEP2-grouped-gemm", "EP2", "TP2-SP-mla-q-latent",
-        "TP2-mla"])
+        "TP2-mla", "TP2-SPxCP2-p2p-mla", "TP2-SP-mtp"])
 def test_training_follows_one_process_that_recomputes_nothing(world, tp, pp, ep, model,
                                                                modules, layout):
     """A few optimizer steps with ``modules`` recomputed equal one process's without any
     recompute: losses, gradient norms and every weight after them (1e-5). The routers'
-    losses are taken once per forward, not again in the recompute: each rank tracks each
-    once per micro-batch and layer with experts."""
+    losses (and multi-token prediction's) are taken once per forward, not again in the
+    recompute: each rank tracks each once per micro-batch and layer with experts (and once
+    per micro-batch and depth)."""
     whole = assemble(run_distributed(1, _initial_weights, model))
     serial = run_distributed(1, _train, 1, 1, 1, whole, model, None)[0]
     runs = run_distributed(world, _train, tp, pp, ep, whole, model, modules, **layout)
     assert_same_training(runs, serial)
     config = gpt_config(1, 1, **model)
-    layers = sum(map(config.is_moe_layer, range(config.num_layers)))
+    routers = sum(map(config.is_moe_layer, range(config.num_layers)))  # no MTP with experts
     for run in runs:
         micro_batches = GLOBAL_BATCH // MBS // run["dp"]
-        assert run["tracked"] == {name: STEPS * micro_batches * layers
-                                  for name in tracked_names(config)}
+        assert run["tracked"] == {
+            name: STEPS * micro_batches * (1 if name.startswith("mtp") else routers)
+            for name in tracked_names(config)}
