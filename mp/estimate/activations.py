@@ -54,6 +54,8 @@ how the kernels store what they save, and the sizes above, `mp.estimate.storage`
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from mp.estimate.mla import mla_qkv_terms
 from mp.estimate.mlp_activations import mlp_interior_terms, moe_terms
 from mp.estimate.storage import (
@@ -64,6 +66,7 @@ from mp.estimate.storage import (
     activation_bytes,
     dropout_mask_bytes,
     head_dims,
+    kept_input_name,
     local_tokens,
     norm_terms,
     sequence_rows,
@@ -110,54 +113,96 @@ def sdpa_kernel(cfg: TransformerConfig, kernels: Kernels) -> str | None:
     return "flash"
 
 
+def recomputed_modules(cfg: TransformerConfig) -> frozenset[str]:
+    """The modules selective recompute covers (``cfg.recompute_modules``); none without it."""
+    if cfg.recompute_granularity != "selective":
+        return frozenset()
+    return frozenset(cfg.recompute_modules)
+
+
 def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
-                selective: bool | None = None, moe: bool = False) -> dict[str, float]:
+                modules: Collection[str] | None = None, moe: bool = False) -> dict[str, float]:
     """Bytes one transformer layer saves for backward on one TP rank for one micro-batch,
-    by tensor (see the module doc). ``selective`` (default: the config's recompute) leaves out
-    the attention core, which is then recomputed; full recompute is not applied here.
-    ``moe``: the layer's MLP is a mixture of experts (`moe_terms`; ``cfg.is_moe_layer(i)``
-    says which layers are).
+    by tensor (see the module doc): `layer_halves` added up. ``modules``: the selective
+    recompute modules applied (default: the config's, `recomputed_modules`); full recompute
+    is not applied here. ``moe``: the layer's MLP is a mixture of experts (`moe_terms`;
+    ``cfg.is_moe_layer(i)`` says which layers are).
     """
+    attention, mlp = layer_halves(cfg, micro_batch, kernels, modules, moe)
+    terms = dict(attention)
+    for name, size in mlp.items():
+        terms[name] = terms.get(name, 0) + size
+    return terms
+
+
+def layer_halves(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
+                 modules: Collection[str] | None = None, moe: bool = False,
+                 refilled: bool = False) -> tuple[dict[str, float], dict[str, float]]:
+    """`layer_terms` in two: what the attention half (input norm to residual) and what the
+    MLP half (pre-MLP norm to residual) save, each recomputed in its own stretch of the
+    backward. The norms' and the residual dropout masks' terms have the same names in both.
+    ``refilled``: count the outputs that ``layernorm``, ``moe_act`` and ``mla_up_proj`` free
+    after the forward, as their recomputes refill them in backward."""
     if moe and cfg.num_moe_experts is None:
         raise ValueError("moe=True needs a mixture-of-experts config (num_moe_experts is None)")
-    if selective is None:
-        selective = cfg.recompute_granularity == "selective"
+    modules = recomputed_modules(cfg) if modules is None else frozenset(modules)
+    core, up_proj = "core_attn" in modules, "mla_up_proj" in modules
     e = activation_bytes(cfg)
     t, h, f = cfg.tensor_model_parallel_size, cfg.hidden_size, cfg.ffn_hidden_size
     q = cfg.query_projection_size
     tokens = local_tokens(cfg, micro_batch)
     local = sequence_rows(cfg, micro_batch)
     mask = dropout_mask_bytes(cfg, kernels)
-    math_core = sdpa_kernel(cfg, kernels) == "math" and not selective
-    terms = {f"norm {name}": 2 * size for name, size in norm_terms(cfg, kernels, local).items()}
-    terms["QKV input"] = e * local * h
-    if cfg.layernorm_zero_centered_gamma:
-        terms["norm weights (1 + weight)"] = 2 * e * h
+    math_core = sdpa_kernel(cfg, kernels) == "math" and not core
+    # each half: its norm, the norm's output as the next projections' input, ..., the
+    # residual's dropout mask
+    halves = [_norm_half(cfg, kernels, local, "layernorm" in modules, name, refilled)
+              for name in ("QKV input", "MLP input")]
+    attention, mlp = halves
     if cfg.multi_latent_attention:
         blocks = attention_blocks(cfg)
         math_rows = (micro_batch * sum(q for q, _ in blocks),
                      micro_batch * sum(k for _, k in blocks)) if math_core else None
-        terms.update(mla_qkv_terms(cfg, micro_batch, kernels, selective, math_rows))
+        attention.update(mla_qkv_terms(cfg, micro_batch, kernels, core, math_rows, up_proj,
+                                       refilled))
     else:
-        terms.update(_qkv_terms(cfg, micro_batch, kernels, math_core, selective))
-    if cfg.position_embedding_type == "rope":  # cos and sin tables, for q and for k
-        terms["rotary tables"] = 4 * FP32 * local_tokens(cfg, 1) * cfg.rotary_dim
-    if not selective:
-        terms.update(_attention_core(cfg, micro_batch, kernels, math_core))
-    terms["attention output"] = e * tokens * q / t
+        attention.update(_qkv_terms(cfg, micro_batch, kernels, math_core, core))
+    if cfg.position_embedding_type == "rope" and not up_proj:  # cos and sin, for q and k
+        attention["rotary tables"] = 4 * FP32 * local_tokens(cfg, 1) * cfg.rotary_dim
+    if not core:
+        attention.update(_attention_core(cfg, micro_batch, kernels, math_core))
+    attention["attention output"] = e * tokens * q / t
+    if moe:
+        mlp.pop("MLP input", None)  # the router's and the shared expert's input: `moe_terms`
+        mlp.update(moe_terms(cfg, micro_batch, kernels, modules=modules, refilled=refilled))
+    elif "mlp" not in modules:
+        mlp.update(mlp_interior_terms(cfg, kernels, tokens, f / t))
     if cfg.hidden_dropout > 0:
         compiled = kernels.jit_compiled and cfg.bias_dropout_fusion
-        terms["residual dropout masks"] = 2 * (1 if compiled else mask) * local * h
-    if moe:
-        terms.update(moe_terms(cfg, micro_batch, kernels))
-    else:
-        terms["MLP input"] = e * local * h
-        terms.update(mlp_interior_terms(cfg, kernels, tokens, f / t))
+        for half in halves:
+            half["residual dropout masks"] = (1 if compiled else mask) * local * h
+    return attention, mlp
+
+
+def _norm_half(cfg: TransformerConfig, kernels: Kernels, rows: float, recomputed: bool,
+               output: str, refilled: bool = False) -> dict[str, float]:
+    """A layer norm's saves over ``h``, and its output as ``output`` (the next projections'
+    input). With ``layernorm`` recomputed (``recomputed``) the norm keeps no graph and its
+    output is freed (``refilled``: counted): only its input stays, kept by its
+    `CheckpointWithoutOutput`."""
+    e, h = activation_bytes(cfg), cfg.hidden_size
+    if recomputed:
+        kept = {f"norm {kept_input_name(cfg, kernels)}": e * rows * h}
+        return {**kept, output: e * rows * h} if refilled else kept
+    terms = {f"norm {name}": size for name, size in norm_terms(cfg, kernels, rows).items()}
+    terms[output] = e * rows * h
+    if cfg.layernorm_zero_centered_gamma:
+        terms["norm weights (1 + weight)"] = e * h
     return terms
 
 
 def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_core: bool,
-               selective: bool) -> dict[str, float]:
+               core_recomputed: bool) -> dict[str, float]:
     """What the QKV output, the queries and keys (normalized, rotated) leave saved, and the
     ``qk_layernorm`` norms' own saves (their input when they keep it as it comes, statistics
     per head row, a composite RMSNorm's fp32 tensors, the ``1 + weight`` of zero-centred
@@ -171,7 +216,7 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
     queries = micro_batch * sum(q for q, _ in attention_blocks(cfg))
     keys = micro_batch * sum(k for _, k in attention_blocks(cfg))
     width = attention_heads(cfg) * cfg.kv_channels
-    split = cfg.context_parallel_size > 1 and not selective  # else recomputed with the core
+    split = cfg.context_parallel_size > 1 and not core_recomputed  # else with the core
     gathered = split and cfg.cp_comm_type == "all_gather"
     exchanged = split and cfg.cp_comm_type == "a2a"
     ring = split and cfg.cp_comm_type == "p2p"  # saves its q, k, v inputs, as they come
@@ -187,7 +232,7 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
     terms = {}
     if math_core:  # fp32 copies of q, k, v replace the 16-bit QKV output (and RoPE's q, k)
         terms["Q, K, V (fp32 copies)"] = FP32 * (queries + 2 * keys) * width
-    elif grouped and cfg.attention_backend == "unfused" and not (selective or ring):
+    elif grouped and cfg.attention_backend == "unfused" and not (core_recomputed or ring):
         # the matmuls save q and the keys and values repeated for every query head
         terms["Q, and K, V repeated per head"] = e * (queries + 2 * keys) * width
     elif exchanged:  # RoPE's, the norms' and the projection's q, k, v go into the exchange
@@ -282,9 +327,9 @@ def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
 
 
 def layer_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
-                selective: bool | None = None, moe: bool = False) -> float:
+                modules: Collection[str] | None = None, moe: bool = False) -> float:
     """The sum of `layer_terms`."""
-    return sum(layer_terms(cfg, micro_batch, kernels, selective, moe).values())
+    return sum(layer_terms(cfg, micro_batch, kernels, modules, moe).values())
 
 
 def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1,

@@ -40,11 +40,18 @@ Gradients flowing through backward (a few ``s b h``-sized tensors at a time) are
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
-from mp.estimate.activations import attention_heads, layer_bytes
+from mp.estimate.activations import attention_heads, layer_bytes, layer_halves
 from mp.estimate.mtp import mtp_saved_bytes
-from mp.estimate.params import RankParams, StateBytes, rank_params, state_bytes
+from mp.estimate.params import (
+    RankParams,
+    StateBytes,
+    mtp_layer_is_moe,
+    rank_params,
+    state_bytes,
+)
 from mp.estimate.setup import Setup
 from mp.estimate.stage_ends import embedding_terms, loss_transient, output_terms
 from mp.estimate.storage import (
@@ -80,32 +87,40 @@ def chunk_saved_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels
     """The transformer layers of one pipeline chunk for one micro-batch: every layer's
     `layer_bytes` (dense or mixture-of-experts, as ``cfg.is_moe_layer`` says), or with full
     recompute the checkpointed chunks' inputs (and the layers left out of ``block`` recompute
-    whole). ``layers``: the chunk's 0-based layer indices over the model
-    (``cfg.chunk_layers(pp_rank, chunk)``; default the first chunk's); a count of layers
-    stands for a dense model's chunk of that many."""
+    whole); and the RoPE angles the checkpoints keep (`rope_angle_bytes`). ``layers``: the
+    chunk's 0-based layer indices over the model (``cfg.chunk_layers(pp_rank, chunk)``;
+    default the first chunk's); a count of layers stands for a dense model's chunk of that
+    many."""
     layers = _chunk_range(cfg, layers)
+    angles = rope_angle_bytes(cfg) if len(layers) else 0
     if cfg.recompute_granularity != "full":
-        return sum(_layer_bytes(cfg, micro_batch, kernels, i) for i in layers)
+        return angles + sum(_layer_bytes(cfg, micro_batch, kernels, i) for i in layers)
     n = cfg.recompute_num_layers
     checkpoint_input = activation_bytes(cfg) * sequence_rows(cfg, micro_batch) * cfg.hidden_size
     if cfg.distribute_saved_activations:
         checkpoint_input /= cfg.tensor_model_parallel_size
-    # every checkpoint keeps the chunk's RoPE angles too, [s / c, 1, 1, rotary_dim] fp32: one
-    # tensor for the whole chunk
-    angles = (FP32 * local_tokens(cfg, 1) * cfg.rotary_dim
-              if cfg.position_embedding_type == "rope" and len(layers) else 0)
     if cfg.recompute_method == "uniform":
         return math.ceil(len(layers) / n) * checkpoint_input + angles
     n = min(n, len(layers))
     return n * checkpoint_input + angles + sum(
-        _layer_bytes(cfg, micro_batch, kernels, i, selective=False) for i in layers[n:])
+        _layer_bytes(cfg, micro_batch, kernels, i, modules=()) for i in layers[n:])
+
+
+def rope_angle_bytes(cfg: TransformerConfig) -> float:
+    """The RoPE angles ``[s / c, 1, 1, rotary_dim]`` (fp32) that the model hands every layer
+    of a chunk, one tensor for all of them: kept for backward by full recompute's checkpoints
+    and by ``mla_up_proj``'s (which rotate again in backward); 0 otherwise."""
+    kept = cfg.recompute_granularity == "full" or cfg.recomputes("mla_up_proj")
+    if not kept or cfg.position_embedding_type != "rope":
+        return 0.0
+    return FP32 * local_tokens(cfg, 1) * cfg.rotary_dim
 
 
 def recompute_working_set(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
                           layers: range | int | None = None) -> float:
     """Activations rebuilt at once during backward in the chunk of ``layers`` (as in
-    `chunk_saved_bytes`): its largest checkpointed group of layers (full), its largest
-    layer's attention core (selective), nothing otherwise."""
+    `chunk_saved_bytes`): its largest checkpointed group of layers (full), the largest
+    `selective_working_set` of its layers (selective), nothing otherwise."""
     layers = _chunk_range(cfg, layers)
     if cfg.recompute_granularity == "full":
         n = cfg.recompute_num_layers
@@ -113,13 +128,33 @@ def recompute_working_set(cfg: TransformerConfig, micro_batch: int, kernels: Ker
             groups = [layers[start:start + n] for start in range(0, len(layers), n)]
         else:  # block: the first n layers, one checkpoint each
             groups = [layers[i:i + 1] for i in range(min(n, len(layers)))]
-        return max((sum(_layer_bytes(cfg, micro_batch, kernels, i, selective=False)
+        return max((sum(_layer_bytes(cfg, micro_batch, kernels, i, modules=())
                         for i in group) for group in groups), default=0.0)
-    if cfg.recompute_granularity == "selective":
-        return max((_layer_bytes(cfg, micro_batch, kernels, i, selective=False)
-                    - _layer_bytes(cfg, micro_batch, kernels, i, selective=True)
-                    for i in layers), default=0.0)
-    return 0.0
+    return max((selective_working_set(cfg, micro_batch, kernels, _is_moe(cfg, i))
+                for i in layers), default=0.0)
+
+
+def selective_working_set(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
+                          moe: bool) -> float:
+    """What selective recompute rebuilds at once in the backward of one layer: the larger
+    of its halves' `rebuilt_bytes` (the MLP half's backward ends before the attention half's
+    begins)."""
+    return max(rebuilt_bytes(cfg, micro_batch, kernels, moe))
+
+
+def rebuilt_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, moe: bool
+                  ) -> tuple[float, float]:
+    """What the recomputes of each half of one layer (`layer_halves`: attention, MLP) bring
+    back in backward, (0, 0) without selective recompute: the outputs they refill, and every
+    tensor the half saves without recompute and does not hold at the height of its
+    recompute (the recomputed functions' graphs; a term counts the part of it not held
+    under the same name)."""
+    plain = layer_halves(cfg, micro_batch, kernels, (), moe)
+    kept = layer_halves(cfg, micro_batch, kernels, None, moe)
+    refilled = layer_halves(cfg, micro_batch, kernels, None, moe, refilled=True)
+    return tuple(sum(r.values()) - sum(k.values())
+                 + sum(max(0.0, size - r.get(name, 0)) for name, size in p.items())
+                 for p, k, r in zip(plain, kept, refilled))
 
 
 def _chunk_range(cfg: TransformerConfig, layers: range | int | None) -> range:
@@ -133,11 +168,14 @@ def _chunk_range(cfg: TransformerConfig, layers: range | int | None) -> range:
     return layers
 
 
+def _is_moe(cfg: TransformerConfig, index: int) -> bool:
+    return cfg.num_moe_experts is not None and cfg.is_moe_layer(index)
+
+
 def _layer_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, index: int,
-                 selective: bool | None = None) -> float:
+                 modules: Collection[str] | None = None) -> float:
     """`layer_bytes` of layer ``index`` (0-based over the model), dense or MoE."""
-    moe = cfg.num_moe_experts is not None and cfg.is_moe_layer(index)
-    return layer_bytes(cfg, micro_batch, kernels, selective, moe=moe)
+    return layer_bytes(cfg, micro_batch, kernels, modules, moe=_is_moe(cfg, index))
 
 
 def ring_working_set(cfg: TransformerConfig, micro_batch: int) -> float:
@@ -187,9 +225,8 @@ def stage_memory(setup: Setup, pp_rank: int, kernels: Kernels = CUDA) -> StageMe
         # before any recompute of the decoder; a depth's own attention core is recomputed
         # (selective) after the main loss's backward
         if depths and cfg.recompute_granularity == "selective":
-            last = cfg.num_layers - 1
-            depth_extra = -output + (_layer_bytes(cfg, b, kernels, last, selective=False)
-                                     - _layer_bytes(cfg, b, kernels, last, selective=True))
+            depth_extra = -output + selective_working_set(cfg, b, kernels,
+                                                          mtp_layer_is_moe(cfg))
     ring = ring_working_set(cfg, b)  # inside every layer's attention, forward and backward
     transient = max(forward_extra, ring, depth_extra + ring,
                     backward_extra + max(recompute_working_set(cfg, b, kernels, layers)

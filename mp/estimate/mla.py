@@ -41,6 +41,7 @@ from mp.estimate.storage import (
     Kernels,
     activation_bytes,
     attention_widths,
+    kept_input_name,
     local_tokens,
     norm_terms,
     sequence_rows,
@@ -48,16 +49,54 @@ from mp.estimate.storage import (
 from mp.model.config import TransformerConfig
 
 
-def mla_qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, selective: bool,
-                  math_rows: tuple[int, int] | None = None) -> dict[str, float]:
+def mla_qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
+                  core_recomputed: bool, math_rows: tuple[int, int] | None = None,
+                  up_proj_recomputed: bool = False, refilled: bool = False
+                  ) -> dict[str, float]:
     """What multi-latent attention's latents, queries, keys and values leave saved on one TP
-    rank for one micro-batch (module doc). ``selective``: the core is recomputed, and its
+    rank for one micro-batch (module doc). ``core_recomputed`` (``core_attn``): the core's
     checkpoint keeps q, k and v as they come. ``math_rows``: the rows of queries and of keys
-    the SDPA math core reads, when it runs (its fp32 copies then replace q, k and v)."""
+    the SDPA math core reads, when it runs (its fp32 copies then replace q, k and v).
+    ``up_proj_recomputed`` (``mla_up_proj``): the latents are kept as they come, nothing
+    between them and q, k, v is, and q, k, v themselves are freed once the core has saved
+    them (what the core keeps as copies stays; ``refilled``: counted, as the recompute
+    refills them in backward)."""
     e, t = activation_bytes(cfg), cfg.tensor_model_parallel_size
     a, dv = cfg.num_attention_heads, cfg.v_head_dim
     c, r, dr = cfg.kv_lora_rank, cfg.q_lora_rank, cfg.qk_pos_emb_head_dim
     tokens, local = local_tokens(cfg, micro_batch), sequence_rows(cfg, micro_batch)
+    terms = {}
+    if up_proj_recomputed:  # the down projections' outputs, q_in and kv_in
+        kept = kept_input_name(cfg, kernels)
+        if r is not None:
+            terms[f"query latent norm {kept}"] = e * local * r
+        terms[f"key-value latent norm {kept}"] = e * local * (c + dr)
+    else:
+        terms.update(_latent_terms(cfg, kernels, local))
+    q, k, v = attention_widths(cfg)
+    kind = cfg.cp_comm_type if cfg.context_parallel_size > 1 and not core_recomputed else None
+    if math_rows is not None:
+        rows_q, rows_k = math_rows
+        terms["Q, K, V (fp32 copies)"] = FP32 * (rows_q * q + rows_k * (k + v)) \
+            / _exchange_share(cfg)
+    elif kind == "a2a":  # every token of 1 / c of the heads, exchanged: copies
+        terms["Q, K, V exchanged over CP"] = e * tokens * (q + k + v)
+    elif kind == "all_gather":  # the keys and values of the whole sequence, gathered: copies
+        terms["K, V gathered over CP"] = e * micro_batch * cfg.seq_length * (k + v)
+        if refilled or not up_proj_recomputed:
+            terms["Q (with the rotated channels)"] = e * tokens * q
+    elif refilled or not up_proj_recomputed:  # the core (or ring attention, or the core's checkpoint)
+        # keeps its inputs
+        terms["Q, K (with the rotated channels)"] = e * tokens * (q + k)
+        terms["V (a copy of its channels of the up projection's output)"] = \
+            e * tokens * a * dv / t
+    return terms
+
+
+def _latent_terms(cfg: TransformerConfig, kernels: Kernels, local: float) -> dict[str, float]:
+    """The latent norms' saves and outputs (the up projections' inputs), ``local`` rows."""
+    e, c, r, dr = activation_bytes(cfg), cfg.kv_lora_rank, cfg.q_lora_rank, \
+        cfg.qk_pos_emb_head_dim
     terms = {}
     if r is not None:
         terms.update({f"query latent norm {name}": size
@@ -72,21 +111,6 @@ def mla_qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, se
     terms["key-value latent normalized (up projection input)"] = e * local * c
     if cfg.layernorm_zero_centered_gamma:
         terms["latent norm weights (1 + weight)"] = e * (c + (r or 0))
-    q, k, v = attention_widths(cfg)
-    kind = cfg.cp_comm_type if cfg.context_parallel_size > 1 and not selective else None
-    if math_rows is not None:
-        rows_q, rows_k = math_rows
-        terms["Q, K, V (fp32 copies)"] = FP32 * (rows_q * q + rows_k * (k + v)) \
-            / _exchange_share(cfg)
-    elif kind == "a2a":  # every token of 1 / c of the heads, exchanged: copies
-        terms["Q, K, V exchanged over CP"] = e * tokens * (q + k + v)
-    elif kind == "all_gather":  # the keys and values of the whole sequence, gathered: copies
-        terms["K, V gathered over CP"] = e * micro_batch * cfg.seq_length * (k + v)
-        terms["Q (with the rotated channels)"] = e * tokens * q
-    else:  # the core (or ring attention, or the recompute's checkpoint) keeps its inputs
-        terms["Q, K (with the rotated channels)"] = e * tokens * (q + k)
-        terms["V (a copy of its channels of the up projection's output)"] = \
-            e * tokens * a * dv / t
     return terms
 
 

@@ -36,6 +36,8 @@ same torch operations for the router, the dispatcher and the combine.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from mp.estimate.storage import (
     CUDA,
     FP32,
@@ -52,20 +54,33 @@ _FLOAT_NAMES = {4: "fp32", 8: "fp64"}
 
 
 def mlp_interior_terms(cfg: TransformerConfig, kernels: Kernels, rows: float, width: float,
-                       prefix: str = "") -> dict[str, float]:
+                       prefix: str = "", output_recomputed: bool = False,
+                       refilled: bool = False) -> dict[str, float]:
     """What an MLP's activation and fc2 save for ``rows`` rows ``width`` wide (its ``1 / t``
-    shard): the activation's input(s) and the fc2 input. ``prefix`` names whose MLP it is."""
+    shard): the activation's input(s) and the fc2 input. ``prefix`` names whose MLP it is.
+    ``output_recomputed`` (``moe_act``): the activation keeps no graph and its output, fc2's
+    input, is freed (``refilled``: counted, as its recompute refills it in backward); its
+    checkpoint keeps its inputs, ``up`` (and SwiGLU's ``gate``), under the name of the
+    activation's own saves where those are the same tensors (no bias added before it, or
+    the compiled function, which keeps its inputs)."""
     e = activation_bytes(cfg)
     size = e * rows * width
-    if cfg.activation == "swiglu" and kernels.jit_compiled and cfg.bias_activation_fusion:
+    swiglu = cfg.activation == "swiglu"
+    compiled = kernels.jit_compiled and cfg.bias_activation_fusion
+    if swiglu:  # compiled, the SiLU output is recomputed
         terms = {"SwiGLU gate and up outputs": 2 * size}
-    elif cfg.activation == "swiglu":
-        terms = {"SwiGLU gate, SiLU and up outputs": 3 * size}
+        if not compiled:
+            terms["SiLU output"] = size
     elif cfg.activation == "squared_relu":  # relu and square both keep relu's output
         terms = {"ReLU output": size}
     else:
         terms = {"GeLU input": size}
-    terms["fc2 input"] = size
+    if output_recomputed:
+        same = (compiled or not cfg.add_bias_linear) and cfg.activation != "squared_relu"
+        name = next(iter(terms)) if same else "activation inputs (kept for the recompute)"
+        terms = {name: (2 if swiglu else 1) * size}
+    if refilled or not output_recomputed:
+        terms["fc2 input"] = size
     return {prefix + name: value for name, value in terms.items()}
 
 
@@ -78,13 +93,21 @@ def expert_rows(cfg: TransformerConfig, micro_batch: int) -> int:
 
 
 def moe_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
-              rows: float | None = None) -> dict[str, float]:
+              rows: float | None = None, modules: Collection[str] = (),
+              refilled: bool = False) -> dict[str, float]:
     """What a mixture-of-experts MLP (`mp.model.moe.MoELayer`) saves for backward on one
     rank for one micro-batch, by tensor (see the module doc); ``rows``: the rows this rank's
-    experts take (default `expert_rows`, the balanced mean)."""
+    experts take (default `expert_rows`, the balanced mean). ``modules``: the selective
+    recompute modules (``moe``: only the layer's input, kept by its checkpoint;
+    ``shared_experts``: the shared expert's interior recomputed; ``moe_act``: the experts'
+    activation outputs; ``layernorm``: the input, the norm's output, freed). ``refilled``:
+    count the outputs those free, as their recomputes refill them in backward."""
     if cfg.num_moe_experts is None:
         raise ValueError("moe_terms needs a mixture-of-experts config (num_moe_experts is None)")
     e, t, h = activation_bytes(cfg), cfg.tensor_model_parallel_size, cfg.hidden_size
+    input_freed = "layernorm" in modules and not refilled
+    if "moe" in modules:
+        return {} if input_freed else {"MLP input": e * sequence_rows(cfg, micro_batch) * h}
     experts, k = cfg.num_moe_experts, cfg.moe_router_topk
     n = sequence_rows(cfg, micro_batch)  # routed here: each TP rank's own under SP, else all
     m = expert_rows(cfg, micro_batch) if rows is None else rows
@@ -98,9 +121,9 @@ def moe_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
     pre_softmax = cfg.moe_router_pre_softmax
     terms = {}
     # the norm's output: the shared expert's fc1 input, and the router's unless it converts it
-    if shared is not None or not copied:
+    if (shared is not None or not copied) and not input_freed:
         terms["MLP input"] = e * n * h
-    if shared is not None:
+    if shared is not None and "shared_experts" not in modules:
         terms.update(mlp_interior_terms(cfg, kernels, local_tokens(cfg, micro_batch),
                                         shared / t, "shared expert "))
     if copied:
@@ -135,7 +158,8 @@ def moe_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
     if regrouped:
         terms["dispatch: received rows in expert order (int64)"] = INT64 * m
     terms["expert input rows"] = e * m * h
-    terms.update(mlp_interior_terms(cfg, kernels, m, cfg.moe_ffn_hidden_size / t, "experts' "))
+    terms.update(mlp_interior_terms(cfg, kernels, m, cfg.moe_ffn_hidden_size / t, "experts' ",
+                                    output_recomputed="moe_act" in modules, refilled=refilled))
     if regrouped:
         terms["combine: expert outputs back in received order (int64)"] = INT64 * m
     terms["combine: outputs back in token order (int64)"] = INT64 * n * k

@@ -221,8 +221,8 @@ def model_params(cfg: TransformerConfig) -> int:
         cfg, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
         virtual_pipeline_model_parallel_size=None, **UNEVEN_SPLIT_FIELDS,
         sequence_parallel=False, expert_model_parallel_size=1, expert_tensor_parallel_size=None,
-        recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
-        make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by
+        recompute_granularity=None, recompute_modules=None, recompute_method=None,
+        recompute_num_layers=None, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by
         * cfg.tensor_model_parallel_size)
     return rank_params(unsplit).total
 

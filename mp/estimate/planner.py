@@ -111,6 +111,7 @@ def candidate_setups(job: JobConfig, world_size: int,
                     "pipeline_model_parallel_size": pp,
                     "virtual_pipeline_model_parallel_size": vpp, "sequence_parallel": sp,
                     "recompute_granularity": None if mode == "none" else mode,
+                    "recompute_modules": None,
                     "recompute_method": "uniform" if full else None,
                     "recompute_num_layers": 1 if full else None,
                     "distribute_saved_activations": False})

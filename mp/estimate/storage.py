@@ -102,6 +102,16 @@ def norm_terms(cfg: TransformerConfig, kernels: Kernels, rows: float, width: int
     return {"input": activation_bytes(cfg) * rows * h, "statistics": stats * rows}
 
 
+def kept_input_name(cfg: TransformerConfig, kernels: Kernels) -> str:
+    """The `norm_terms` name of a norm's input as it comes (what a recomputed norm's
+    `mp.tensor_parallel.CheckpointWithoutOutput` keeps): ``"input"``, ``"input (fp32)"`` for
+    a composite RMSNorm of fp32 input, ``"input (kept for the recompute)"`` where the
+    composite RMSNorm keeps an fp32 copy instead."""
+    if not (cfg.normalization == "RMSNorm" and kernels.composite_rms_norm):
+        return "input"
+    return "input (fp32)" if activation_bytes(cfg) == FP32 else "input (kept for the recompute)"
+
+
 def dropout_mask_bytes(cfg: TransformerConfig, kernels: Kernels) -> int:
     return kernels.dropout_mask_bytes or activation_bytes(cfg)
 
