@@ -495,7 +495,8 @@ def test_parse_args(capsys):
 
 def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(tmp_path):
     """Over the config file's model, under the command line's (here --seq-length)."""
-    from mp.checkpointing import save_global_model
+    from mp.checkpointing import read_checkpoint_info, save_global_model
+    from mp.checkpointing.fit import architecture_problems
     from mp.config.loader import CHECKPOINT_ARGS
     from mp.model import TransformerConfig
 
@@ -513,6 +514,21 @@ def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(tmp_path):
         {**{name: getattr(saved, name) for name in CHECKPOINT_ARGS}, "seq_length": 64}
     assert (m.tensor_model_parallel_size, m.hidden_dropout) == (2, 0.0)  # the file's
     assert shipped("gpt-tiny", "--load", str(tmp_path / "ckpt")).model.hidden_size == 128
+    # a converted DeepSeek-style model: latents, experts and how they route, prediction depth
+    deepseek = TransformerConfig(
+        num_layers=3, hidden_size=64, num_attention_heads=4, vocab_size=300, seq_length=128,
+        multi_latent_attention=True, q_lora_rank=24, kv_lora_rank=16, qk_head_dim=8,
+        qk_pos_emb_head_dim=4, v_head_dim=12, position_embedding_type="rope",
+        num_moe_experts=8, moe_ffn_hidden_size=32, moe_layer_freq=[0, 1, 1],
+        moe_shared_expert_intermediate_size=32, moe_router_topk=4,
+        moe_router_score_function="sigmoid", moe_router_topk_scaling_factor=2.5,
+        moe_router_enable_expert_bias=True, moe_router_num_groups=4, moe_router_group_topk=2,
+        mtp_num_layers=1)
+    save_global_model(tmp_path / "moe", deepseek, {"output_layer.weight": torch.zeros(2, 2)})
+    m = shipped("gpt-tiny", "--load", str(tmp_path / "moe"), "--use-checkpoint-args").model
+    assert architecture_problems(read_checkpoint_info(tmp_path / "moe").model_config, m) == []
+    assert (m.moe_router_topk, m.moe_router_enable_expert_bias, m.moe_router_group_topk) == \
+        (4, True, 2)
     assert error_of("--use-checkpoint-args", "--load", str(tmp_path / "none")).startswith(
         "training.use_checkpoint_args=true: ")
 

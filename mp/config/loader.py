@@ -54,7 +54,8 @@ def load_config(path: str | None, overrides: Sequence[str] = (),
 
 
 #: What ``training.use_checkpoint_args`` takes from the checkpoint: the architecture (the
-#: fields a load checks), the functions' constants, the vocabulary padding and the sequence.
+#: fields a load checks), the functions' constants, the vocabulary padding, the sequence, and
+#: how the experts route (which sets what the model computes, unlike the routers' losses).
 CHECKPOINT_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                    "kv_channels", "ffn_hidden_size", "vocab_size", "max_position_embeddings",
                    "normalization", "layernorm_zero_centered_gamma", "activation",
@@ -66,7 +67,11 @@ CHECKPOINT_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_quer
                    "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim",
                    "v_head_dim", "rope_type", "yarn_rotary_scaling_factor",
                    "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
-                   "yarn_mscale", "yarn_mscale_all_dim")
+                   "yarn_mscale", "yarn_mscale_all_dim", "num_moe_experts",
+                   "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size",
+                   "moe_router_topk", "moe_router_pre_softmax", "moe_router_score_function",
+                   "moe_router_topk_scaling_factor", "moe_router_enable_expert_bias",
+                   "moe_router_num_groups", "moe_router_group_topk", "mtp_num_layers")
 
 
 def _take_checkpoint_args(sections: dict, training: dict) -> None:
