@@ -1,5 +1,6 @@
 """Hugging Face Llama round trip: random-weight ``LlamaForCausalLM`` models (built from a
-config, no download) with grouped-query, multi-query and multi-head attention, a non-default
+config, no download; Qwen2's with q, k, v biases and Qwen3's with q/k norms besides) with
+grouped-query, multi-query and multi-head attention, a non-default
 RoPE base, Llama 3.1's RoPE scaling, a ``head_dim`` other than hidden / heads (mp's
 ``kv_channels``) and tied or untied embeddings, converted by ``tools/convert_checkpoint.py``
 (also into an mp model with zero-centred norms), give transformers' own logits in mp at TP 1
@@ -45,8 +46,8 @@ def _saved_rope(scaling: dict | None) -> dict:
 
 def _llama(kv_heads: int, tied: bool = False, scaling: dict | None = None,
            head_dim: int | None = None, family: str = "Llama"):
-    """``head_dim``: the default (None) is hidden / heads = 8. ``family``: Llama, or Qwen3 (a
-    Llama with q/k norms)."""
+    """``head_dim``: the default (None) is hidden / heads = 8. ``family``: Llama, Qwen2 (a
+    Llama with q, k, v biases) or Qwen3 (a Llama with q/k norms)."""
     config = getattr(transformers, f"{family}Config")(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=HEADS, num_key_value_heads=kv_heads,
@@ -90,10 +91,12 @@ def _to_mp(hf_dir, mp_dir, tp: int, *options: str) -> None:
     (2, False, 2, LINEAR_SCALING, None, "Llama"),
     (2, False, 2, None, 12, "Llama"), (8, False, 1, LLAMA3_SCALING, 16, "Llama"),
     (2, False, 2, None, 12, "Qwen3"), (2, True, 1, None, 12, "Qwen3"),
-    (2, True, 2, None, 12, "Qwen3")],
+    (2, True, 2, None, 12, "Qwen3"), (2, True, 2, None, None, "Qwen2"),
+    (4, False, 1, None, None, "Qwen2")],
     ids=["grouped-TP2", "multi-head-TP2", "multi-query-TP1", "tied-TP2",
          "llama3.1-rope-TP2", "llama3.2-rope-TP1", "linear-rope-TP2", "head-dim-12-TP2",
-         "head-dim-16-TP1", "qwen3-head-dim-12-TP2", "qwen3-tied-TP1", "qwen3-tied-TP2"])
+         "head-dim-16-TP1", "qwen3-head-dim-12-TP2", "qwen3-tied-TP1", "qwen3-tied-TP2",
+         "qwen2-tied-TP2", "qwen2-TP1"])
 def test_llama_logits_match_after_conversion(tmp_path, kv_heads, tied, tp, scaling, head_dim,
                                              family):
     model = _llama(kv_heads, tied, scaling, head_dim, family)
@@ -104,6 +107,7 @@ def test_llama_logits_match_after_conversion(tmp_path, kv_heads, tied, tp, scali
     assert (saved["num_query_groups"], saved["rotary_base"]) == (kv_heads, 500000.0)
     assert saved["kv_channels"] == (head_dim or 64 // HEADS)
     assert saved["qk_layernorm"] == (family == "Qwen3")
+    assert saved["add_qkv_bias"] == (family == "Qwen2")
     assert {key: saved[key] for key in _saved_rope(None)} == _saved_rope(scaling)
     tokens = _tokens()
     with torch.no_grad():
@@ -116,9 +120,9 @@ def test_llama_logits_match_after_conversion(tmp_path, kv_heads, tied, tp, scali
     (None, None, (), "Llama"), (LLAMA3_SCALING, None, (), "Llama"),
     (LINEAR_SCALING, None, (), "Llama"), (None, 12, (), "Llama"),
     (None, 12, ("--apply-layernorm-1p",), "Llama"), (None, 12, (), "Qwen3"),
-    (None, 12, ("--apply-layernorm-1p",), "Qwen3")],
+    (None, 12, ("--apply-layernorm-1p",), "Qwen3"), (None, None, (), "Qwen2")],
     ids=["plain", "llama3.1-rope", "linear-rope", "head-dim-12", "head-dim-12-layernorm-1p",
-         "qwen3", "qwen3-layernorm-1p"])
+         "qwen3", "qwen3-layernorm-1p", "qwen2"])
 def test_llama_state_dict_round_trip_is_exact(tmp_path, scaling, head_dim, options, family):
     model = _llama(2, scaling=scaling, head_dim=head_dim, family=family)
     model.save_pretrained(tmp_path / "hf")

@@ -209,6 +209,8 @@ def test_model_flags_beyond_gpt3():
         (True, "squared_relu", 24, 12)
     assert m.layernorm_zero_centered_gamma is True
     assert shipped("gpt-tiny", "--openai-gelu").model.activation == "gelu_tanh"
+    m = shipped("gpt-tiny", "--add-qkv-bias", "--disable-bias-linear").model
+    assert (m.add_qkv_bias, m.add_bias_linear) == (True, False)
     assert error_of("--openai-gelu", "--swiglu") == \
         "--swiglu conflicts with --openai-gelu (both set model.activation)"
 

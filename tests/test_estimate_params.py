@@ -31,6 +31,9 @@ VARIANTS = {
     "qk_layernorm_kv_channels": dict(qk_layernorm=True, kv_channels=12),
     "qk_rmsnorm_squared_relu": dict(qk_layernorm=True, normalization="RMSNorm",
                                     activation="squared_relu"),
+    # Qwen2's attention: a bias on the QKV projection only, sharded with its outputs
+    "qkv_bias_grouped_query": dict(add_qkv_bias=True, add_bias_linear=False,
+                                   num_attention_heads=8, num_query_groups=4),
 }
 
 

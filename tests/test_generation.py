@@ -82,10 +82,11 @@ def test_greedy_generation_matches_transformers_at_tp2(converted):
     assert (expected[0, 5 + 2:] == eod).all()
 
 
-@pytest.mark.parametrize("family, head_dim", [("Llama", None), ("Qwen3", 12)])
+@pytest.mark.parametrize("family, head_dim", [("Llama", None), ("Qwen3", 12), ("Qwen2", None)])
 def test_greedy_llama_generation_matches_transformers_at_tp2(tmp_path, family, head_dim):
     """Grouped-query attention and rotary embeddings: the cache's positions and heads (Qwen3:
-    keys normalized before they are cached, heads 12 wide)."""
+    keys normalized before they are cached, heads 12 wide; Qwen2: keys and values with their
+    biases)."""
     hf_model = _llama(2, head_dim=head_dim, family=family)
     hf_model.save_pretrained(tmp_path / "hf")
     _to_mp(tmp_path / "hf", tmp_path / "mp", 2)

@@ -207,6 +207,7 @@ def test_the_latent_cache_gives_the_whole_sequences_logits(tp, overrides):
     ({"num_query_groups": 2}, "num_query_groups=2 must equal num_attention_heads=4"),
     ({"qk_layernorm": True}, "qk_layernorm=True does not apply to multi_latent_attention"),
     ({"rotary_percent": 0.5}, "rotary_percent=0.5 does not apply"),
+    ({"add_qkv_bias": True}, "add_qkv_bias=True does not apply to multi_latent_attention"),
     ({"qk_pos_emb_head_dim": 3}, "qk_pos_emb_head_dim=3 must be even"),
     ({"kv_lora_rank": 0}, "kv_lora_rank=0 must be a positive integer"),
     ({"q_lora_rank": -1}, "q_lora_rank=-1 must be a positive integer"),

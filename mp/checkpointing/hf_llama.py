@@ -1,6 +1,6 @@
-"""Hugging Face Llama (``LlamaForCausalLM``), Qwen3 (``Qwen3ForCausalLM``), Mixtral
-(``MixtralForCausalLM``) and Qwen3-MoE (``Qwen3MoeForCausalLM``) weights to and from mp's
-global parameter names.
+"""Hugging Face Llama (``LlamaForCausalLM``), Qwen2 and Qwen2.5 (``Qwen2ForCausalLM``), Qwen3
+(``Qwen3ForCausalLM``), Mixtral (``MixtralForCausalLM``) and Qwen3-MoE
+(``Qwen3MoeForCausalLM``) weights to and from mp's global parameter names.
 
 A Llama is mp's GPT with RMSNorm, SwiGLU, rotary embeddings (the rotate-half form, mp's own),
 no linear biases, untied embeddings unless ``tie_word_embeddings``, and grouped-query
@@ -23,6 +23,10 @@ Meta's) is mp's ``use_rope_scaling`` and ``rope_scaling_factor``; ``head_dim`` i
 by name: other RoPE scalings (linear, dynamic, YaRN, ...), biases, an activation other than
 SiLU; an mp model that rotates part of each head (``rotary_percent < 1``; Llama rotates whole
 heads).
+
+Qwen2 (and Qwen2.5, the same architecture) is a Llama whose ``q_proj``, ``k_proj`` and
+``v_proj`` have biases (``o_proj`` none): mp's ``add_qkv_bias``, the three biases fused into
+``query_key_value.bias`` in the weight's row order.
 
 Qwen3 is a Llama whose attention normalizes each query and key head over its ``head_dim``
 channels before RoPE with an RMSNorm shared by the heads (``q_norm``, ``k_norm``): mp's
@@ -98,10 +102,12 @@ class Family(NamedTuple):
     architecture: str
     qk_layernorm: bool  # whether its heads have q/k norms
     experts: Experts | None = None  # its MLPs' experts (None: dense MLPs)
+    qkv_bias: bool = False  # whether q_proj, k_proj and v_proj have biases
 
 
 #: ``model_type`` -> the family
 FAMILIES = {"llama": Family("Llama", "LlamaForCausalLM", False),
+            "qwen2": Family("Qwen2", "Qwen2ForCausalLM", False, qkv_bias=True),
             "qwen3": Family("Qwen3", "Qwen3ForCausalLM", True),
             "mixtral": Family("Mixtral", "MixtralForCausalLM", False,
                               Experts("block_sparse_moe", ("w1", "w3", "w2"))),
@@ -111,9 +117,11 @@ FAMILIES = {"llama": Family("Llama", "LlamaForCausalLM", False),
 
 def _model_type(config: TransformerConfig) -> str:
     """The family an mp model converts to: with experts Qwen3-MoE (``qk_layernorm``) or
-    Mixtral, else Qwen3 (``qk_layernorm``) or Llama."""
+    Mixtral, else Qwen2 (``add_qkv_bias``), Qwen3 (``qk_layernorm``) or Llama."""
     if config.num_moe_experts is not None:
         return "qwen3_moe" if config.qk_layernorm else "mixtral"
+    if config.add_qkv_bias:
+        return "qwen2"
     return "qwen3" if config.qk_layernorm else "llama"
 
 
@@ -176,7 +184,7 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
                    pipeline_model_parallel_size: int = 1,
                    make_vocab_size_divisible_by: int = 128,
                    seq_length: int | None = None) -> TransformerConfig:
-    """The mp model of a Llama or Qwen3 ``config.json`` (its ``model_type``, default llama);
+    """The mp model of a `FAMILIES` ``config.json`` (its ``model_type``, default llama);
     ValueError for what mp cannot express."""
     kind = hf.get("model_type", "llama")
     if kind not in FAMILIES:
@@ -199,7 +207,7 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         normalization="RMSNorm", layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
         activation="swiglu", position_embedding_type="rope", **_rope(hf),
-        qk_layernorm=FAMILIES[kind].qk_layernorm,
+        qk_layernorm=FAMILIES[kind].qk_layernorm, add_qkv_bias=FAMILIES[kind].qkv_bias,
         add_bias_linear=False, hidden_dropout=0.0,
         attention_dropout=hf.get("attention_dropout", 0.0),
         init_method_std=hf.get("initializer_range", 0.02),
@@ -248,7 +256,8 @@ def hf_config(config: TransformerConfig) -> dict:
     kind = _model_type(config)
     needs = {"normalization": ("RMSNorm",), "activation": ("swiglu",),
              "position_embedding_type": ("rope",), "rotary_percent": (1.0,),
-             "add_bias_linear": (False,)}
+             "add_bias_linear": (False,), "add_qkv_bias": (FAMILIES[kind].qkv_bias,),
+             "qk_layernorm": (FAMILIES[kind].qk_layernorm,)}
     if kind == "mixtral":  # routed as Mixtral routes
         needs.update(moe_router_pre_softmax=(False,))
     if FAMILIES[kind].experts is not None:
@@ -269,7 +278,7 @@ def hf_config(config: TransformerConfig) -> dict:
                                     **_LLAMA3_SCALING}}
     elif interpolation is not None:
         scaling = {"rope_scaling": {"rope_type": "linear", "factor": interpolation}}
-    sliding = {"use_sliding_window": False} if kind.startswith("qwen3") else {}
+    sliding = {"use_sliding_window": False} if kind.startswith("qwen") else {}
     return {**scaling, **sliding, "architectures": [FAMILIES[kind].architecture],
             "model_type": kind,
             "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
@@ -287,21 +296,27 @@ def hf_config(config: TransformerConfig) -> dict:
 
 def _qkv_to_mp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                groups: int) -> torch.Tensor:
-    """``q [a d, h]``, ``k, v [g d, h]`` -> mp's ``[g (a / g + 2) d, h]``."""
-    per_group = [t.reshape(groups, -1, k.shape[0] // groups, t.shape[-1]) for t in (q, k, v)]
-    return torch.cat(per_group, dim=1).reshape(-1, q.shape[-1])
+    """``q [a d, h]``, ``k, v [g d, h]`` -> mp's ``[g (a / g + 2) d, h]``; biases (``[a d]``,
+    ``[g d]``) alike, to ``[g (a / g + 2) d]``."""
+    per_group = [t.reshape(groups, -1, k.shape[0] // groups, *t.shape[1:]) for t in (q, k, v)]
+    return torch.cat(per_group, dim=1).reshape(-1, *q.shape[1:])
 
 
 def _qkv_to_hf(qkv: torch.Tensor, heads: int, groups: int) -> list[torch.Tensor]:
-    """mp's fused QKV weight -> ``[q, k, v]`` (the inverse of `_qkv_to_mp`)."""
-    per_group = qkv.reshape(groups, heads // groups + 2, -1, qkv.shape[-1])
+    """mp's fused QKV weight (or bias) -> ``[q, k, v]`` (the inverse of `_qkv_to_mp`)."""
+    per_group = qkv.reshape(groups, heads // groups + 2, -1, *qkv.shape[1:])
     q, k, v = per_group.split([heads // groups, 1, 1], dim=1)
-    return [t.reshape(-1, qkv.shape[-1]) for t in (q, k, v)]
+    return [t.reshape(-1, *qkv.shape[1:]) for t in (q, k, v)]
+
+
+def _qkv_parameters(config: TransformerConfig) -> tuple[str, ...]:
+    """What q, k and v each have: a weight, and with ``add_qkv_bias`` a bias."""
+    return ("weight", "bias") if config.add_qkv_bias else ("weight",)
 
 
 def hf_to_mp(state_dict: dict[str, torch.Tensor],
              config: TransformerConfig) -> dict[str, torch.Tensor]:
-    """``LlamaForCausalLM`` or ``Qwen3ForCausalLM`` (or their ``...Model``) weights to mp's
+    """A `FAMILIES` model's weights (``LlamaForCausalLM``'s, ..., or its ``...Model``'s) to mp's
     global names and layout."""
     hf = {k.removeprefix(_PREFIX): v for k, v in state_dict.items()
           if not k.endswith(_IGNORED_BUFFERS)}
@@ -309,7 +324,9 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
     tied = not config.untie_embeddings_and_output_weights
     check_keys(set(hf), {"embed_tokens.weight", "norm.weight"} | {
         f"layers.{i}.{name}.weight" for i in range(config.num_layers)
-        for name in (*_QKV, *(pair[0] for pair in _layer_pairs(config, i)))} | {
+        for name in (pair[0] for pair in _layer_pairs(config, i))} | {
+        f"layers.{i}.{name}.{kind}" for i in range(config.num_layers) for name in _QKV
+        for kind in _qkv_parameters(config)} | {
         name for i in range(config.num_layers) for names, _ in _expert_names(config, i)
         for name in names}, f"{FAMILIES[_model_type(config)].name} state dict")
     check_output_layer(head, hf["embed_tokens.weight"], tied, "embed_tokens")
@@ -320,8 +337,9 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
         mp["output_layer.weight"] = pad_rows(head, rows)
     for i in range(config.num_layers):
         src, dst = f"layers.{i}.", f"decoder.layers.{i}."
-        mp[dst + "self_attention.query_key_value.weight"] = _qkv_to_mp(
-            *(hf[f"{src}{name}.weight"] for name in _QKV), config.num_query_groups)
+        for kind in _qkv_parameters(config):
+            mp[f"{dst}self_attention.query_key_value.{kind}"] = _qkv_to_mp(
+                *(hf[f"{src}{name}.{kind}"] for name in _QKV), config.num_query_groups)
         for hf_name, mp_name in _layer_pairs(config, i):
             mp[f"{dst}{mp_name}.weight"] = hf[f"{src}{hf_name}.weight"]
         for names, mp_name in _expert_names(config, i):
@@ -332,10 +350,11 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
 def mp_to_hf(weights: dict[str, torch.Tensor],
              config: TransformerConfig) -> dict[str, torch.Tensor]:
     """mp's global weights to ``LlamaForCausalLM.state_dict()``'s keys, shapes and layout
-    (``Qwen3ForCausalLM``'s with ``qk_layernorm``; Mixtral's and Qwen3-MoE's as their files
+    (``Qwen2ForCausalLM``'s with ``add_qkv_bias``, ``Qwen3ForCausalLM``'s with
+    ``qk_layernorm``; Mixtral's and Qwen3-MoE's as their files
     hold them, a tensor per expert; ``lm_head.weight`` included; with tied embeddings it is
     ``embed_tokens``' tensor)."""
-    hf_config(config)  # raises for models Llama and Qwen3 cannot express
+    hf_config(config)  # raises for models no family expresses
     tied = not config.untie_embeddings_and_output_weights
     vocab = config.vocab_size
     weights = shift_norm_weights(weights, config, 1.0)
@@ -343,17 +362,19 @@ def mp_to_hf(weights: dict[str, torch.Tensor],
         "embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
         *(() if tied else ("output_layer.weight",))} | {
         f"decoder.layers.{i}.{name}.weight" for i in range(config.num_layers)
-        for name in ("self_attention.query_key_value",
-                     *(pair[1] for pair in _layer_pairs(config, i)))} | {
+        for name in (pair[1] for pair in _layer_pairs(config, i))} | {
+        f"decoder.layers.{i}.self_attention.query_key_value.{kind}"
+        for i in range(config.num_layers) for kind in _qkv_parameters(config)} | {
         mp_name for i in range(config.num_layers) for _, mp_name in _expert_names(config, i)},
         "mp checkpoint")
     hf = {"model.embed_tokens.weight": weights["embedding.word_embeddings.weight"][:vocab],
           "model.norm.weight": weights["decoder.final_layernorm.weight"]}
     for i in range(config.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        qkv = _qkv_to_hf(weights[src + "self_attention.query_key_value.weight"],
-                         config.num_attention_heads, config.num_query_groups)
-        hf.update({f"{dst}{name}.weight": t for name, t in zip(_QKV, qkv)})
+        for kind in _qkv_parameters(config):
+            qkv = _qkv_to_hf(weights[f"{src}self_attention.query_key_value.{kind}"],
+                             config.num_attention_heads, config.num_query_groups)
+            hf.update({f"{dst}{name}.{kind}": t for name, t in zip(_QKV, qkv)})
         for hf_name, mp_name in _layer_pairs(config, i):
             hf[f"{dst}{hf_name}.weight"] = weights[f"{src}{mp_name}.weight"]
         for names, mp_name in _expert_names(config, i):

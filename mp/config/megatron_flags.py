@@ -22,7 +22,7 @@ _MEGATRON_NAMES = {
         "position_embedding_type", "untie_embeddings_and_output_weights", "hidden_dropout",
         "attention_dropout", "init_method_std", "tensor_model_parallel_size",
         "pipeline_model_parallel_size", "sequence_parallel", "recompute_granularity",
-        "recompute_modules",
+        "recompute_modules", "add_qkv_bias",
         "overlap_p2p_comm", "recompute_method", "recompute_num_layers",
         "distribute_saved_activations", "rotary_base", "use_rope_scaling",
         "rope_scaling_factor", "attention_backend", "kv_channels", "rotary_percent",

@@ -82,13 +82,15 @@ def norm_params(cfg: TransformerConfig, size: int | None = None) -> tuple[int, i
     return n * (cfg.hidden_size if size is None else size), n
 
 
-def _linear(cfg: TransformerConfig, in_size: int, out_size: int, shard_out: bool
-            ) -> tuple[int, int]:
-    """(elements, tensors) of a column- (``shard_out``) or row-parallel linear on one rank.
-    A column-parallel bias is sharded with its outputs; a row-parallel one is replicated."""
+def _linear(cfg: TransformerConfig, in_size: int, out_size: int, shard_out: bool,
+            bias: bool = False) -> tuple[int, int]:
+    """(elements, tensors) of a column- (``shard_out``) or row-parallel linear on one rank,
+    with a bias under ``add_bias_linear`` (or ``bias``: the QKV projection's under
+    ``add_qkv_bias``). A column-parallel bias is sharded with its outputs; a row-parallel one
+    is replicated."""
     t = cfg.tensor_model_parallel_size
     weight = in_size * out_size // t
-    if not cfg.add_bias_linear:
+    if not (cfg.add_bias_linear or bias):
         return weight, 1
     return weight + (out_size // t if shard_out else out_size), 2
 
@@ -145,7 +147,7 @@ def layer_params(cfg: TransformerConfig, moe: bool = False) -> tuple[int, int]:
     `expert_params` included."""
     h = cfg.hidden_size
     attention = (mla_input_params(cfg) if cfg.multi_latent_attention
-                 else _linear(cfg, h, cfg.qkv_size, True))
+                 else _linear(cfg, h, cfg.qkv_size, True, cfg.add_qkv_bias))
     parts = [norm_params(cfg), attention,
              _linear(cfg, cfg.query_projection_size, h, False), norm_params(cfg)]
     if not moe:

@@ -219,7 +219,8 @@ class SelfAttention(Attention):
 
     def __init__(self, config: TransformerConfig, group=None, layer_number: int = 1):
         super().__init__(config, layer_number)
-        sp, dtype, bias = config.sequence_parallel, config.params_dtype, config.add_bias_linear
+        sp, dtype = config.sequence_parallel, config.params_dtype
+        bias = config.add_bias_linear or config.add_qkv_bias
         self.query_key_value = ColumnParallelLinear(
             config.hidden_size, config.qkv_size, bias=bias, gather_output=False,
             init_method=init_method(config), sequence_parallel=sp,

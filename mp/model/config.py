@@ -90,6 +90,8 @@ class TransformerConfig:
     # token further ahead; None: none
     mtp_loss_scaling_factor: float = 0.1  # their mean loss's weight in the gradients
     add_bias_linear: bool = True
+    add_qkv_bias: bool = False  # the QKV projection has a bias even without add_bias_linear
+    # (Megatron's --add-qkv-bias; Qwen2's attention)
     untie_embeddings_and_output_weights: bool = False
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1

@@ -136,6 +136,9 @@ def check_mla(config) -> None:
                              f"multi_latent_attention (leave it {default!r}): the latents "
                              "have their own norms and only the qk_pos_emb_head_dim channels "
                              "rotate")
+    if config.add_qkv_bias:
+        raise ValueError("add_qkv_bias=True does not apply to multi_latent_attention: it has no "
+                         "QKV projection (its projections have no bias)")
 
 
 def check_yarn(config) -> None:
