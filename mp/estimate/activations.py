@@ -24,16 +24,38 @@ with sequence parallelism (else ``n``):
   ``(e + 1 + e) a s^2 b / t``; SDPA (flash): only the fp32 log-sum-exp, ``4 a s b / t``;
 - the attention output (the input of the attention's output projection): ``e n q / t``;
 - the two residual dropout masks: ``2 n' h`` (bools);
-- the MLP interior: GeLU input and fc2 input, ``2 e n f / t`` (SwiGLU: gate, SiLU and up
-  outputs and the fc2 input, ``4 e n f / t``; compiled, the SiLU output is recomputed);
+- the MLP interior: GeLU input and fc2 input, ``2 e n f / t`` (SwiGLU: gate and up outputs,
+  the SiLU output and the fc2 input, ``4 e n f / t``; compiled, the SiLU output is
+  recomputed);
 - with ``layernorm_zero_centered_gamma``, each norm's ``1 + weight``, ``2 e h``.
 
 With 16-bit activations, GeLU, ``f = 4h``, the unfused core and the statistics left out, the
 sum is Korthikanti's ``s b h (34 + 5 a s / h)`` at ``t = 1``, ``s b h (10 + 24 / t + 5 a s /
-(h t))`` under TP and ``s b h / t (34 + 5 a s / h)`` with SP, term for term. Selective
-recompute drops the attention core (``34 s b h / t``); full recompute keeps only each
-checkpointed chunk's input (see `mp.estimate.memory`). The SDPA core saves far less than the
-formula's ``5 a s / h`` term: no ``s x s`` tensor at all.
+(h t))`` under TP and ``s b h / t (34 + 5 a s / h)`` with SP, term for term. Full recompute
+keeps only each checkpointed chunk's input (see `mp.estimate.memory`). The SDPA core saves far
+less than the formula's ``5 a s / h`` term: no ``s x s`` tensor at all.
+
+Selective recompute (``cfg.recompute_modules``, `layer_halves`' ``modules``) changes what a
+layer keeps, module by module:
+
+- ``core_attn`` (Korthikanti's selective, ``34 s b h / t``): no attention core; its
+  checkpoint keeps q, k and v as they come (and so, under CP, no gathered or exchanged
+  copies);
+- ``layernorm``: the two norms keep no graph (no statistics, no fp32 copies, no ``1 +
+  weight``) and their outputs, the QKV (or down projections') input and the MLP input, are
+  freed; each norm's input, ``e n' h``, is kept instead (it is the layer input, or the
+  residual after the attention);
+- ``mlp``: a dense layer's MLP interior (its input is kept, as before);
+- ``moe``: a mixture-of-experts MLP keeps only its input, ``e n' h``
+  (`mp.estimate.mlp_activations.moe_terms`); ``shared_experts``: the shared expert's
+  interior; ``moe_act``: the experts' activation output (fc2's input), its inputs kept;
+- ``mla_up_proj``: everything between multi-latent attention's down projections and q, k, v
+  (latent norms, up projections, RoPE: no rotary tables), and q, k, v themselves once the core
+  has saved them; the latents are kept (`mp.estimate.mla`), and the RoPE angles, one fp32
+  ``[s / c, dr]`` tensor for a chunk's layers (`mp.estimate.memory.rope_angle_bytes`).
+
+A freed output is refilled in backward when its recompute runs: ``refilled=True`` counts
+those, for what a recompute brings back (`mp.estimate.memory.rebuilt_bytes`).
 
 With ``c`` context-parallel ranks every per-token tensor holds the rank's ``s / c`` tokens
 (`local_tokens`), and the attention reads other ranks' tokens: ``all_gather`` saves the keys

@@ -27,9 +27,13 @@ working memory of that moment:
 - **Full recompute** keeps each checkpointed chunk's input (a ``1 / t`` slice of it with
   ``distribute_saved_activations``) and, with RoPE, the angles they all take (one fp32
   ``[s / c, rotary_dim]`` tensor a model chunk); in backward one chunk of layers is
-  recomputed, so its full activations are a transient. Selective recompute recomputes one
-  layer's attention core (multi-token prediction's layers' too, which full recompute
-  leaves alone).
+  recomputed, so its full activations are a transient.
+- **Selective recompute** keeps less of each layer (`mp.estimate.activations`; with
+  ``mla_up_proj`` also the chunk's RoPE angles, `rope_angle_bytes`), and in the backward of
+  a layer brings back, one half of the layer at a time (the MLP's, then the attention's),
+  what that half's recomputes refill and rebuild (`rebuilt_bytes`): the transient is the
+  largest half of the chunk's layers (multi-token prediction's layers recompute too, which
+  full recompute leaves alone).
 
 Each layer counts as dense or mixture-of-experts (``cfg.is_moe_layer``), so a chunk's bytes
 and its largest recomputed group depend on which layers it holds (``cfg.chunk_layers``).

@@ -85,8 +85,8 @@ def mla_qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
         terms["K, V gathered over CP"] = e * micro_batch * cfg.seq_length * (k + v)
         if refilled or not up_proj_recomputed:
             terms["Q (with the rotated channels)"] = e * tokens * q
-    elif refilled or not up_proj_recomputed:  # the core (or ring attention, or the core's checkpoint)
-        # keeps its inputs
+    elif refilled or not up_proj_recomputed:  # the core (or ring attention, or the core's
+        # checkpoint) keeps its inputs
         terms["Q, K (with the rotated channels)"] = e * tokens * (q + k)
         terms["V (a copy of its channels of the up projection's output)"] = \
             e * tokens * a * dv / t

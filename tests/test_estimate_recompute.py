@@ -1,0 +1,153 @@
+"""Selective recompute of Megatron-Core's modules (``recompute_modules``) in the estimator,
+against the code: the bytes a layer keeps for backward with each module and with
+combinations of them (`SavedTensorMeter`, read after the forward: an output that
+`mp.tensor_parallel.CheckpointWithoutOutput` frees counts nothing), the bytes its recomputes
+rebuild in backward (the same meter read again after the backward: the outputs refilled and
+what the recomputed functions saved anew), to the byte with the `CPU` storage rules; dense
+layers, mixture-of-experts layers (EP 1: every rank's experts take all ``N k`` copies) and
+multi-latent attention, at TP 1 and TP 2 with SP off and on, bf16 with dropout as in
+tests/test_estimate_activations.py."""
+
+import itertools
+
+import pytest
+import torch
+from harness import run_distributed
+from test_estimate_activations import HEADS, B, H, S
+
+from mp import parallel_state as ps
+from mp.estimate import CPU, SavedTensorMeter
+from mp.estimate.memory import chunk_saved_bytes, rebuilt_bytes
+from mp.model import TransformerConfig
+from mp.model.context_parallel import local_positions
+from mp.model.rope import rotary_freqs
+from mp.model.transformer import TransformerBlock, TransformerLayer
+from mp.tensor_parallel import model_parallel_cuda_manual_seed
+
+MOE = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48)
+MLA = dict(multi_latent_attention=True, position_embedding_type="rope", kv_lora_rank=24,
+           qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=12)
+LLAMA = dict(normalization="RMSNorm", activation="swiglu", position_embedding_type="rope",
+             add_bias_linear=False)
+
+CASES = {  # name -> (config overrides, recompute modules)
+    # dense layers: GPT-3's (LayerNorm, GeLU, biases) and Llama's
+    "mlp": ({}, ["mlp"]),
+    "layernorm": ({}, ["layernorm"]),
+    "layernorm_zero_centered_unfused": (dict(layernorm_zero_centered_gamma=True,
+                                             attention_backend="unfused"), ["layernorm"]),
+    "core_attn_mlp_layernorm": ({}, ["core_attn", "mlp", "layernorm"]),
+    "llama_layernorm": (LLAMA, ["layernorm"]),
+    "llama_mlp_core_attn": (LLAMA, ["mlp", "core_attn"]),
+    "llama_fp32_layernorm_mlp": (dict(LLAMA, precision="fp32", attention_backend="unfused"),
+                                 ["layernorm", "mlp"]),
+    # mixtures of experts
+    "moe": (MOE, ["moe"]),
+    "moe_act": (MOE, ["moe_act"]),
+    "moe_act_swiglu_nobias": (dict(MOE, activation="swiglu", add_bias_linear=False),
+                              ["moe_act"]),
+    "moe_act_squared_relu": (dict(MOE, activation="squared_relu"), ["moe_act"]),
+    "shared_experts": (dict(MOE, moe_shared_expert_intermediate_size=32), ["shared_experts"]),
+    "moe_layernorm_fp32_router": (dict(MOE, moe_router_dtype="fp32", moe_z_loss_coeff=0.01),
+                                  ["moe", "layernorm"]),
+    "layernorm_moe_act_shared_core_attn": (
+        dict(MOE, **LLAMA, moe_shared_expert_intermediate_size=32, moe_aux_loss_coeff=0.1),
+        ["layernorm", "moe_act", "shared_experts", "core_attn"]),
+    # multi-latent attention
+    "mla_up_proj": (MLA, ["mla_up_proj"]),
+    "mla_up_proj_q_lora_unfused": (dict(MLA, q_lora_rank=20, attention_backend="unfused"),
+                                   ["mla_up_proj"]),
+    "mla_up_proj_layernorm_core_attn_q_lora": (dict(MLA, q_lora_rank=20),
+                                               ["mla_up_proj", "layernorm", "core_attn"]),
+    "mla_up_proj_rmsnorm_flash": (dict(MLA, normalization="RMSNorm", v_head_dim=24,
+                                       attention_dropout=0.0), ["mla_up_proj"]),
+    # DeepSeek-V3's: RMSNorm, SwiGLU, no biases, a shared expert, sigmoid routing
+    "deepseek": (dict(MLA, **MOE, normalization="RMSNorm", activation="swiglu",
+                      add_bias_linear=False, q_lora_rank=20,
+                      moe_shared_expert_intermediate_size=32,
+                      moe_router_score_function="sigmoid", moe_aux_loss_coeff=0.1),
+                 ["layernorm", "moe_act", "mla_up_proj"]),
+}
+
+CHUNKS = {  # two-layer chunks: each layer keeps its own, and the RoPE angles once
+    "mla_up_proj_two_layers": (dict(MLA, q_lora_rank=20), ["mla_up_proj", "layernorm"]),
+    "moe_then_dense": (dict(MOE, moe_layer_freq=2, activation="swiglu"),
+                       ["moe_act", "mlp", "layernorm"]),
+    "dense_then_moe_mla": (dict(MLA, **MOE, moe_layer_freq=[0, 1]),
+                           ["moe", "mlp", "mla_up_proj", "core_attn"]),
+}
+
+ALL_CASES = {**CASES, **CHUNKS}
+
+
+def _config(tp: int, sp: bool, overrides: dict, modules: list, num_layers: int = 1
+            ) -> TransformerConfig:
+    kw = dict(num_layers=num_layers, hidden_size=H, num_attention_heads=HEADS, vocab_size=300,
+              seq_length=S, hidden_dropout=0.1, attention_dropout=0.1, precision="bf16",
+              tensor_model_parallel_size=tp, sequence_parallel=sp,
+              recompute_granularity="selective", recompute_modules=modules)
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def _kept_and_rebuilt(module: torch.nn.Module, cfg: TransformerConfig) -> tuple[int, int]:
+    """(bytes ``module(x, None, rotary)`` keeps for backward after its forward, bytes its
+    backward's recomputes add: the outputs refilled, what they save anew), parameters
+    excluded; a storage counts once, at its size when read."""
+    cp = cfg.context_parallel_size
+    rows = S // cp // (cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
+    torch.manual_seed(0)
+    x = torch.randn(rows, B, H, dtype=cfg.params_dtype, requires_grad=True)
+    positions = local_positions(S, cp, ps.get_context_parallel_rank())
+    freqs = (rotary_freqs(S, cfg.rotary_dim, cfg.rotary_base, x.device)[positions]
+             if cfg.position_embedding_type == "rope" else None)
+    meter = SavedTensorMeter(exclude=module.parameters())
+    with meter:
+        y = module(x, None, freqs)
+    kept = meter.bytes
+    loss = y.float().square().sum()  # what the loss saves is not the layer's
+    with meter:
+        loss.backward()
+    assert x.grad is not None
+    return kept, meter.bytes - kept
+
+
+def _measure(tp: int, names: list[str], num_layers: int = 1) -> dict:
+    ps.initialize_model_parallel(tp)
+    results = {}
+    for name, sp in itertools.product(names, (False, True)[:tp]):
+        model_parallel_cuda_manual_seed(1234)
+        cfg = _config(tp, sp, *ALL_CASES[name], num_layers=num_layers)
+        module = (TransformerLayer(cfg, 1) if num_layers == 1
+                  else TransformerBlock(cfg, post_process=False))
+        results[name, sp] = _kept_and_rebuilt(module.train(), cfg)
+    return results
+
+
+def _failures(tp: int, measured: list[dict], num_layers: int = 1) -> list[str]:
+    failures = []
+    for rank, results in enumerate(measured):
+        for (name, sp), (kept, rebuilt) in results.items():
+            cfg = _config(tp, sp, *ALL_CASES[name], num_layers=num_layers)
+            expected = chunk_saved_bytes(cfg, B, CPU, cfg.chunk_layers())
+            expected_rebuilt = sum(sum(rebuilt_bytes(cfg, B, CPU, cfg.is_moe_layer(i)))
+                                   for i in cfg.chunk_layers())
+            for what, got, want in (("kept", kept, expected),
+                                    ("rebuilt", rebuilt, expected_rebuilt)):
+                if got != want:
+                    failures.append(f"rank {rank}, {name} (SP {sp}), {what}: measured {got} B, "
+                                    f"estimated {want:.0f} B ({got - want:+.0f} B)")
+    return failures
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_bytes_a_layer_keeps_and_rebuilds_match_the_estimate(tp):
+    names = list(CASES)
+    failures = _failures(tp, run_distributed(tp, _measure, tp, names))
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_bytes_a_chunk_keeps_and_rebuilds_match_the_estimate(tp):
+    failures = _failures(tp, run_distributed(tp, _measure, tp, list(CHUNKS), 2), 2)
+    assert not failures, "\n".join(failures)
