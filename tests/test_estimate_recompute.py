@@ -9,11 +9,15 @@ multi-latent attention, at TP 1 and TP 2 with SP off and on, bf16 with dropout a
 tests/test_estimate_activations.py."""
 
 import itertools
+from unittest import mock
 
 import pytest
 import torch
+from checks import counted_flops
 from harness import run_distributed
 from test_estimate_activations import HEADS, B, H, S
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from mp import parallel_state as ps
 from mp.estimate import CPU, SavedTensorMeter
@@ -151,3 +155,61 @@ def test_bytes_a_layer_keeps_and_rebuilds_match_the_estimate(tp):
 def test_bytes_a_chunk_keeps_and_rebuilds_match_the_estimate(tp):
     failures = _failures(tp, run_distributed(tp, _measure, tp, list(CHUNKS), 2), 2)
     assert not failures, "\n".join(failures)
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+
+FLOP_CASES = {  # name -> (config overrides, recompute modules); counted_flops's small GPT
+    "core_attn": ({}, ["core_attn"]),
+    "mlp_swiglu": (dict(activation="swiglu"), ["mlp"]),
+    "layernorm_mlp_core_attn": ({}, ["layernorm", "mlp", "core_attn"]),
+    "moe": (dict(MOE, moe_shared_expert_intermediate_size=24), ["moe"]),
+    "shared_experts_moe_act_mlp": (dict(MOE, moe_layer_freq=2, activation="swiglu",
+                                        moe_shared_expert_intermediate_size=24),
+                                   ["shared_experts", "moe_act", "mlp"]),
+    "mla_up_proj": (MLA, ["mla_up_proj"]),
+    "mla_up_proj_q_lora_core_attn": (dict(MLA, q_lora_rank=20), ["mla_up_proj", "core_attn"]),
+    # the depth of multi-token prediction recomputes as the decoder's layers
+    "deepseek_with_a_depth": (dict(MLA, **MOE, q_lora_rank=20, activation="swiglu",
+                                   moe_layer_freq=[0, 1], moe_shared_expert_intermediate_size=24,
+                                   moe_router_score_function="sigmoid", mtp_num_layers=1,
+                                   untie_embeddings_and_output_weights=True),
+                              ["layernorm", "moe", "mla_up_proj", "mlp"]),
+}
+
+
+class _MatrixFlops(TorchDispatchMode):
+    """Torch's FLOP formulas (`torch.utils.flop_counter`) summed over the operations run
+    inside it, forward and backward: `FlopCounterMode` for `checks.counted_flops`, which
+    also tracks modules, through hooks that refuse the inputs a recompute in backward gives
+    a mixture of experts."""
+
+    def __init__(self, display: bool = False):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+    def get_total_flops(self) -> int:
+        return self.total
+
+
+def _counted_flops(overrides: dict) -> tuple[int, float]:
+    with mock.patch("torch.utils.flop_counter.FlopCounterMode", _MatrixFlops):
+        return counted_flops(overrides)
+
+
+@pytest.mark.parametrize("name", list(FLOP_CASES))
+def test_flops_equal_what_torch_counts(name):
+    """Forward, backward and each module's recompute: torch's FLOP formulas count the rerun
+    matrix products inside the backward."""
+    overrides, modules = FLOP_CASES[name]
+    counted, formula = run_distributed(1, _counted_flops, dict(
+        overrides, recompute_granularity="selective", recompute_modules=modules))[0]
+    assert counted == formula

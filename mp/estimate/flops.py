@@ -15,7 +15,13 @@ the forward costs, with ``n = b s`` tokens:
   router's ``2 n h E`` (Megatron leaves the router out);
 
 and the logits ``2 n h V``. Training is three forwards' worth; full recompute adds one more
-forward of every layer, selective recompute one more of the attention scores. For GPT-3's
+forward of every layer, selective recompute one more of the parts its modules cover
+(`RECOMPUTED_PARTS`): ``core_attn`` the attention scores, ``mlp`` a dense layer's MLP, ``moe``
+a mixture-of-experts layer's router, experts and shared experts, ``shared_experts`` the
+shared experts, ``mla_up_proj`` multi-latent attention's up projections (``r a (dn + dr) + c a
+(dn + dv)`` per token, or ``h a (dn + dr) + ...`` without ``q_lora_rank``); ``layernorm`` and
+``moe_act`` rerun no matrix product (checked against torch's FLOP formulas, with the
+recompute inside the backward, in tests/test_estimate_recompute.py). For GPT-3's
 shape this is exactly Narayanan's eq. 3, ``96 B s l h^2 (1 + s / (6 h) + V / (16 l h))`` with
 full recompute and ``72 B s l h^2 (1 + s / (6 h) + V / (12 l h))`` without (`narayanan_flops`).
 Norms, softmax, dropout and the optimizer are left out, as there. For any ``q``, ``g``, MLP
@@ -33,32 +39,61 @@ Multi-token prediction (`mp.model.mtp`, ``D`` depths on the last stage) adds per
 ``eh_proj``'s ``2 n (2h) h``, one more layer (with experts when the model's last layer has
 them) and the logits ``2 n h V``, each three forwards' worth (`mtp_forward_flops`). Full
 recompute does not rerun its layers (it checkpoints the decoder's); selective recompute
-reruns their attention scores, as the decoder's.
+reruns what it reruns in the decoder's (`mtp_training_flops`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
+from mp.estimate.activations import recomputed_modules
 from mp.estimate.storage import head_dims
 from mp.model.config import TransformerConfig
 
+#: The parts of a layer's forward (`layer_forward_parts`) that each selective recompute module
+#: runs again in backward; ``layernorm`` and ``moe_act`` rerun no matrix product.
+RECOMPUTED_PARTS = {"core_attn": ("attention scores",), "mla_up_proj": ("up projections",),
+                    "mlp": ("MLP",), "moe": ("router", "experts", "shared experts"),
+                    "shared_experts": ("shared experts",)}
 
-def layer_forward_flops(cfg: TransformerConfig, sequences: int,
-                        moe: bool = False) -> tuple[float, float]:
-    """(the attention scores' share, the rest) of one layer's forward for ``sequences``
-    (``moe``: a mixture-of-experts layer's)."""
-    s, h, f, q = cfg.seq_length, cfg.hidden_size, cfg.ffn_hidden_size, cfg.query_projection_size
+
+def layer_forward_parts(cfg: TransformerConfig, sequences: int, moe: bool = False
+                        ) -> dict[str, float]:
+    """One layer's forward FLOPs for ``sequences`` by part (``moe``: a mixture-of-experts
+    layer's): the attention scores, the attention's input projections (multi-latent
+    attention's up projections apart), its output projection, and the MLP (or the router,
+    the experts and the shared experts)."""
+    s, h = cfg.seq_length, cfg.hidden_size
     tokens = sequences * s
-    mlp_matrices = 3 if cfg.activation == "swiglu" else 2
-    mlp = mlp_matrices * f if not moe else (
-        mlp_matrices * (cfg.moe_ffn_hidden_size * cfg.moe_router_topk
-                        + (cfg.moe_shared_expert_intermediate_size or 0))
-        + cfg.num_moe_experts)
     qk, v = head_dims(cfg)  # Q K^T over qk channels a head, P V over v
-    dense = 2 * tokens * (attention_projections(cfg) + q * h + h * mlp)
-    scores = 2 * sequences * s * s * cfg.num_attention_heads * (qk + v)
-    return scores, dense
+    up = up_projections(cfg)
+    parts = {"attention scores": 2 * sequences * s * s * cfg.num_attention_heads * (qk + v),
+             "input projections": 2 * tokens * (attention_projections(cfg) - up),
+             "up projections": 2 * tokens * up,
+             "output projection": 2 * tokens * cfg.query_projection_size * h}
+    matrices = 3 if cfg.activation == "swiglu" else 2
+    if not moe:
+        parts["MLP"] = 2 * tokens * h * matrices * cfg.ffn_hidden_size
+        return parts
+    parts["router"] = 2 * tokens * h * cfg.num_moe_experts
+    parts["experts"] = 2 * tokens * h * matrices * cfg.moe_ffn_hidden_size * cfg.moe_router_topk
+    parts["shared experts"] = 2 * tokens * h * matrices * (
+        cfg.moe_shared_expert_intermediate_size or 0)
+    return parts
+
+
+def layer_training_flops(cfg: TransformerConfig, sequences: int, moe: bool,
+                         recompute: str | None, modules: Collection[str] = ()) -> float:
+    """Forward, backward (twice the forward) and recompute of one layer: ``"full"`` reruns
+    its forward, ``"selective"`` the parts of ``modules`` (`RECOMPUTED_PARTS`)."""
+    parts = layer_forward_parts(cfg, sequences, moe)
+    total = 3 * sum(parts.values())
+    if recompute == "full":
+        return total + sum(parts.values())
+    if recompute != "selective":
+        return total
+    rerun = {part for module in modules for part in RECOMPUTED_PARTS.get(module, ())}
+    return total + sum(parts.get(part, 0.0) for part in rerun)
 
 
 def attention_projections(cfg: TransformerConfig) -> int:
@@ -69,60 +104,65 @@ def attention_projections(cfg: TransformerConfig) -> int:
     h = cfg.hidden_size
     if not cfg.multi_latent_attention:
         return h * cfg.qkv_size
-    a, c, r = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.q_lora_rank
-    dn, dr = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim
-    queries = h * a * (dn + dr) if r is None else h * r + r * a * (dn + dr)
-    return queries + h * (c + dr) + c * a * (dn + cfg.v_head_dim)
+    return h * (cfg.q_lora_rank or 0) + h * (cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim) \
+        + up_projections(cfg)
+
+
+def up_projections(cfg: TransformerConfig) -> int:
+    """Multiply-adds per token of what ``mla_up_proj`` reruns: multi-latent attention's
+    queries' ``r a (dn + dr)`` (``h a (dn + dr)`` without ``q_lora_rank``: ``linear_q_proj``)
+    and keys' and values' ``c a (dn + dv)``; 0 for standard attention."""
+    if not cfg.multi_latent_attention:
+        return 0
+    a, dn = cfg.num_attention_heads, cfg.qk_head_dim
+    queries = (cfg.q_lora_rank or cfg.hidden_size) * a * (dn + cfg.qk_pos_emb_head_dim)
+    return queries + cfg.kv_lora_rank * a * (dn + cfg.v_head_dim)
 
 
 def logits_forward_flops(cfg: TransformerConfig, sequences: int) -> float:
     return 2 * sequences * cfg.seq_length * cfg.hidden_size * cfg.padded_vocab_size
 
 
-def mtp_forward_flops(cfg: TransformerConfig, sequences: int) -> tuple[float, float]:
-    """(the attention scores' share, the rest) of multi-token prediction's forward for
-    ``sequences``, its ``D`` depths together: ``eh_proj`` ``[2h] -> [h]``, the layer and the
-    logits of each (0 without ``mtp_num_layers``)."""
+def mtp_training_flops(cfg: TransformerConfig, sequences: int, recompute: str | None,
+                       modules: Collection[str] = ()) -> float:
+    """Multi-token prediction's forward, backward and recompute for ``sequences``, its ``D``
+    depths together: ``eh_proj`` ``[2h] -> [h]``, the layer and the logits of each (0
+    without ``mtp_num_layers``). Full recompute does not rerun them (module doc)."""
     depths = cfg.mtp_num_layers or 0
     if not depths:
-        return 0.0, 0.0
+        return 0.0
     moe = cfg.num_moe_experts is not None and cfg.is_moe_layer(cfg.num_layers - 1)
-    scores, dense = layer_forward_flops(cfg, sequences, moe)
-    tokens, h = sequences * cfg.seq_length, cfg.hidden_size
-    eh_proj = 2 * tokens * 2 * h * h
-    return depths * scores, depths * (eh_proj + dense + logits_forward_flops(cfg, sequences))
+    layer = layer_training_flops(cfg, sequences, moe,
+                                 None if recompute == "full" else recompute, modules)
+    eh_proj = 2 * sequences * cfg.seq_length * 2 * cfg.hidden_size ** 2
+    return depths * (layer + 3 * (eh_proj + logits_forward_flops(cfg, sequences)))
 
 
 def training_flops(cfg: TransformerConfig, sequences: int, recompute: str | None = "config",
                    layers: Iterable[int] | None = None, logits: bool = True,
                    mtp: bool | None = None) -> float:
     """FLOPs to train on ``sequences`` sequences: forward, backward and the recompute of
-    ``recompute`` (``"config"``: the config's ``recompute_granularity``; ``None`` for the
-    model FLOPs that MFU counts). ``layers`` (indices over the model, default all),
-    ``logits`` and ``mtp`` (multi-token prediction's depths, default as ``logits``: both are
-    the last stage's) select a part of the model: a pipeline stage
-    (`TransformerConfig.stage_layers`).
+    ``recompute`` (``"config"``: the config's ``recompute_granularity`` and
+    ``recompute_modules``; ``"selective"``: the config's modules, or Megatron's default
+    ``core_attn`` when the config recomputes none; ``None`` for the model FLOPs that MFU
+    counts). ``layers`` (indices over the model, default all), ``logits`` and ``mtp``
+    (multi-token prediction's depths, default as ``logits``: both are the last stage's)
+    select a part of the model: a pipeline stage (`TransformerConfig.stage_layers`).
     """
     if recompute == "config":
         recompute = cfg.recompute_granularity
     if recompute not in (None, "selective", "full"):
         raise ValueError(f"recompute={recompute!r} must be one of None, 'selective', 'full'")
+    modules = recomputed_modules(cfg) or {"core_attn"}
     layers = range(cfg.num_layers) if layers is None else list(layers)
     moe_layers = sum(map(cfg.is_moe_layer, layers))
-    counts = {False: len(layers) - moe_layers, True: moe_layers}
-    total = 0
-    for moe, count in counts.items():
-        if not count:
-            continue
-        scores, dense = layer_forward_flops(cfg, sequences, moe)
-        passes = {None: 3 * (scores + dense), "selective": 4 * scores + 3 * dense,
-                  "full": 4 * (scores + dense)}
-        total += count * passes[recompute]
+    total = sum(count * layer_training_flops(cfg, sequences, moe, recompute, modules)
+                for moe, count in ((False, len(layers) - moe_layers), (True, moe_layers))
+                if count)
     if logits:
         total += 3 * logits_forward_flops(cfg, sequences)
-    if logits if mtp is None else mtp:  # not rerun by full recompute (module doc)
-        scores, rest = mtp_forward_flops(cfg, sequences)
-        total += (4 if recompute == "selective" else 3) * scores + 3 * rest
+    if logits if mtp is None else mtp:
+        total += mtp_training_flops(cfg, sequences, recompute, modules)
     return total
 
 

@@ -2,7 +2,7 @@
 save for backward on the last stage, and the tensor-parallel calls they add.
 
 Its parameters are `mp.estimate.params.mtp_params` (and the last stage's copy of the word
-embedding, `rank_params`), its FLOPs `mp.estimate.flops.mtp_forward_flops`.
+embedding, `rank_params`), its FLOPs `mp.estimate.flops.mtp_training_flops`.
 
 Depth ``k`` of ``D`` looks up the embeddings of the tokens ``k`` places ahead (``[b, s]`` ids,
 shifted: a new tensor), normalizes them (``enorm``) and the previous depth's hidden states
