@@ -1,6 +1,7 @@
-"""Hugging Face mixture-of-experts round trip: random-weight ``MixtralForCausalLM`` and
-``Qwen3MoeForCausalLM`` models (built from a config, no download; Qwen3-MoE with and without
-``norm_topk_prob``) converted by ``tools/convert_checkpoint.py`` give transformers' own logits
+"""Hugging Face mixture-of-experts round trip: random-weight ``MixtralForCausalLM``,
+``Qwen3MoeForCausalLM`` and ``Qwen2MoeForCausalLM`` models (built from a config, no download;
+Qwen3-MoE and Qwen2-MoE with and without ``norm_topk_prob``; Qwen2-MoE's gated shared expert
+and q, k, v biases) converted by ``tools/convert_checkpoint.py`` give transformers' own logits
 in mp at TP 1, TP 2 and EP 2 (mp's experts and router against transformers' sparse MoE
 blocks), with dense layers among them (Qwen3-MoE's ``mlp_only_layers`` and
 ``decoder_sparse_step``); converted back, transformers loads the same weights. What mp
@@ -21,10 +22,12 @@ VOCAB, EXPERTS, TOPK = 200, 4, 2
 
 
 def _moe(family: str = "Mixtral", topk: int = TOPK, **extra):
-    """A Mixtral, or a Qwen3-MoE (``extra``: its ``norm_topk_prob``), with experts 96 wide."""
+    """A Mixtral, a Qwen3-MoE or a Qwen2-MoE (``extra``: its ``norm_topk_prob``, ...), with
+    experts 96 wide (Qwen2-MoE's shared expert 80)."""
     experts = {"num_local_experts": EXPERTS, "intermediate_size": 96} if family == "Mixtral" \
         else {"num_experts": EXPERTS, "moe_intermediate_size": 96, "intermediate_size": 160,
-              "head_dim": 12}
+              **({"head_dim": 12} if family == "Qwen3Moe"
+                 else {"shared_expert_intermediate_size": 80})}
     config = getattr(transformers, f"{family}Config")(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
         num_key_value_heads=2, max_position_embeddings=32, num_experts_per_tok=topk,
@@ -47,9 +50,13 @@ def _tokens() -> torch.Tensor:
     ("Mixtral", 1, 1, 1, 1, {}), ("Qwen3Moe", 2, 2, 1, 2, {"norm_topk_prob": True}),
     ("Qwen3Moe", 2, 1, 2, 2, {"norm_topk_prob": False}),
     ("Qwen3Moe", 2, 2, 1, 2, {"norm_topk_prob": True, "mlp_only_layers": [0]}),
-    ("Qwen3Moe", 1, 1, 1, 2, {"norm_topk_prob": True, "decoder_sparse_step": 2})],
+    ("Qwen3Moe", 1, 1, 1, 2, {"norm_topk_prob": True, "decoder_sparse_step": 2}),
+    ("Qwen2Moe", 2, 2, 1, 2, {"norm_topk_prob": False}),
+    ("Qwen2Moe", 2, 1, 2, 2, {"norm_topk_prob": True, "mlp_only_layers": [0]}),
+    ("Qwen2Moe", 1, 1, 1, 2, {"norm_topk_prob": False, "qkv_bias": False})],
     ids=["mixtral-TP1", "mixtral-TP2", "mixtral-EP2", "mixtral-top1", "qwen3-moe-TP2",
-         "qwen3-moe-unnormalized-EP2", "qwen3-moe-dense-layer-0-TP2", "qwen3-moe-sparse-step-2"])
+         "qwen3-moe-unnormalized-EP2", "qwen3-moe-dense-layer-0-TP2", "qwen3-moe-sparse-step-2",
+         "qwen2-moe-TP2", "qwen2-moe-dense-layer-0-EP2", "qwen2-moe-no-qkv-bias"])
 def test_moe_logits_match_after_conversion(tmp_path, family, world, tp, ep, topk, extra):
     model = _moe(family, topk, **extra)
     model.save_pretrained(tmp_path / "hf")
@@ -61,6 +68,9 @@ def test_moe_logits_match_after_conversion(tmp_path, family, world, tp, ep, topk
             saved["moe_layer_freq"]) == (EXPERTS, topk, 96, layers)
     assert saved["qk_layernorm"] == (family == "Qwen3Moe")
     assert saved["moe_router_pre_softmax"] == (extra.get("norm_topk_prob") is False)
+    qwen2 = family == "Qwen2Moe"
+    assert (saved["moe_shared_expert_gate"], saved["add_qkv_bias"]) == \
+        (qwen2, qwen2 and extra.get("qkv_bias", True))
     tokens = _tokens()
     with torch.no_grad():
         expected = model(tokens).logits
@@ -72,8 +82,12 @@ def test_moe_logits_match_after_conversion(tmp_path, family, world, tp, ep, topk
 @pytest.mark.parametrize("family,extra,model_type", [
     ("Mixtral", {}, "mixtral"), ("Qwen3Moe", {"norm_topk_prob": True}, "qwen3_moe"),
     ("Qwen3Moe", {"norm_topk_prob": False}, "qwen3_moe"),
-    ("Qwen3Moe", {"norm_topk_prob": True, "mlp_only_layers": [1]}, "qwen3_moe")],
-    ids=["mixtral", "qwen3-moe", "qwen3-moe-unnormalized", "qwen3-moe-dense-layer-1"])
+    ("Qwen3Moe", {"norm_topk_prob": True, "mlp_only_layers": [1]}, "qwen3_moe"),
+    ("Qwen2Moe", {"norm_topk_prob": False}, "qwen2_moe"),
+    ("Qwen2Moe", {"norm_topk_prob": True, "mlp_only_layers": [1], "qkv_bias": False},
+     "qwen2_moe")],
+    ids=["mixtral", "qwen3-moe", "qwen3-moe-unnormalized", "qwen3-moe-dense-layer-1",
+         "qwen2-moe", "qwen2-moe-dense-layer-1-no-qkv-bias"])
 def test_moe_round_trip_is_exact(tmp_path, family, extra, model_type):
     model = _moe(family, **extra)
     model.save_pretrained(tmp_path / "hf")

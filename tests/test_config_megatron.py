@@ -153,6 +153,7 @@ def test_flags_without_effect_say_why():
      "--num-experts, --moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
      "--moe-router-pre-softmax, --moe-router-load-balancing-type aux_loss|seq_aux_loss|none, "
      "--moe-aux-loss-coeff, --moe-z-loss-coeff, --moe-shared-expert-intermediate-size, "
+     "--moe-shared-expert-gate, "
      "--moe-router-dtype, --moe-router-score-function softmax|sigmoid, "
      "--moe-router-topk-scaling-factor, --moe-router-enable-expert-bias, "
      "--moe-router-bias-update-rate, --moe-expert-capacity-factor, "

@@ -51,6 +51,9 @@ MOE_VARIANTS = {
         num_moe_experts=8, moe_ffn_hidden_size=32, moe_router_topk=2, activation="swiglu",
         add_bias_linear=False, moe_shared_expert_intermediate_size=64,
         moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True),
+    "gated_shared_expert_qkv_bias": dict(
+        num_moe_experts=4, moe_ffn_hidden_size=32, moe_shared_expert_intermediate_size=32,
+        moe_shared_expert_gate=True, add_qkv_bias=True, add_bias_linear=False),
 }
 
 

@@ -103,7 +103,10 @@ def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
                 hidden = gate * torch.sigmoid(gate) * up
             else:
                 hidden = act[cfg.activation](up)
-            out = out + shared.linear_fc2.weight @ hidden + _bias(shared.linear_fc2)
+            y = shared.linear_fc2.weight @ hidden + _bias(shared.linear_fc2)
+            if shared.gate_weight is not None:  # Qwen2-MoE's gate on it
+                y = y * torch.sigmoid(shared.gate_weight[0] @ token)
+            out = out + y
         outputs.append(out)
     n, num, k = len(tokens), cfg.num_moe_experts, cfg.moe_router_topk
     per_sequence = cfg.moe_router_load_balancing_type == "seq_aux_loss"
@@ -201,6 +204,7 @@ def _layer_vs_reference(overrides: dict) -> None:
     {"moe_shared_expert_intermediate_size": 20},
     {"moe_shared_expert_intermediate_size": 16, "activation": "swiglu",
      "add_bias_linear": False},
+    {"moe_shared_expert_intermediate_size": 16, "moe_shared_expert_gate": True},
     {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
      "moe_router_topk_scaling_factor": 2.5, "moe_router_topk": 3},
     {"moe_router_score_function": "sigmoid", "moe_router_topk": 1},
@@ -219,7 +223,8 @@ def _layer_vs_reference(overrides: dict) -> None:
     {"num_moe_experts": 6, "moe_router_num_groups": 3, "moe_router_group_topk": 1,
      "moe_router_score_function": "sigmoid"}],
     ids=["gelu-top2", "swiglu-top3", "pre-softmax", "no-bias-top1", "no-aux-loss",
-         "shared-expert", "swiglu-shared-expert-no-bias", "sigmoid-expert-bias-scaled-top3",
+         "shared-expert", "swiglu-shared-expert-no-bias", "gated-shared-expert",
+         "sigmoid-expert-bias-scaled-top3",
          "sigmoid-top1", "capacity-probs", "capacity-position-shared-expert",
          "capacity-sigmoid-expert-bias-top3", "sequence-aux-loss",
          "sequence-aux-loss-sigmoid-capacity", "groups-3-pick-2-top3", "groups-4-pick-2-top4",
@@ -310,6 +315,10 @@ def serial_run():
     (4, 1, 1, 2, True, {}),
     (4, 1, 1, 4, False, {"activation": "swiglu"}),
     (4, 2, 1, 2, False, {"sequence_parallel": True, "moe_shared_expert_intermediate_size": 32}),
+    (4, 2, 1, 2, False, {"sequence_parallel": True, "moe_shared_expert_intermediate_size": 32,
+                         "moe_shared_expert_gate": True}),
+    (4, 2, 1, 2, True, {"moe_shared_expert_intermediate_size": 32,
+                        "moe_shared_expert_gate": True}),
     (4, 1, 2, 2, False, {"moe_router_score_function": "sigmoid",
                          "moe_router_enable_expert_bias": True,
                          "moe_router_bias_update_rate": 0.01,
@@ -331,6 +340,7 @@ def serial_run():
     (2, 1, 1, 2, False, {"cp": 2, "moe_router_load_balancing_type": "seq_aux_loss"}),
 ], ids=["EP2", "TP2-SPxEP2", "TP2xEP2-distributed-optimizer", "PP2xEP2", "DP4xEP2",
         "DP4xEP2-distributed-optimizer", "EP4-swiglu", "TP2-SPxEP2-shared-expert",
+        "TP2-SPxEP2-gated-shared-expert", "TP2xEP2-gated-shared-expert-distopt",
         "PP2xEP2-sigmoid-expert-bias", "CP2xEP2",
         "TP2-SPxEP2-full-recompute",
         "CP2xDP2xEP4-distopt", "TP2-SP", "TP2-SPxEP2-sigmoid-expert-bias",

@@ -1,6 +1,6 @@
 """Hugging Face Llama (``LlamaForCausalLM``), Qwen2 and Qwen2.5 (``Qwen2ForCausalLM``), Qwen3
-(``Qwen3ForCausalLM``), Mixtral (``MixtralForCausalLM``) and Qwen3-MoE
-(``Qwen3MoeForCausalLM``) weights to and from mp's global parameter names.
+(``Qwen3ForCausalLM``), Mixtral (``MixtralForCausalLM``), Qwen3-MoE (``Qwen3MoeForCausalLM``)
+and Qwen2-MoE (``Qwen2MoeForCausalLM``) weights to and from mp's global parameter names.
 
 A Llama is mp's GPT with RMSNorm, SwiGLU, rotary embeddings (the rotate-half form, mp's own),
 no linear biases, untied embeddings unless ``tie_word_embeddings``, and grouped-query
@@ -54,6 +54,12 @@ default routing); without, they are the softmax's own (mp's ``moe_router_pre_sof
 Its dense layers (``mlp_only_layers``, and those ``decoder_sparse_step`` skips) have Llama's
 MLP of ``intermediate_size``; mp's ``moe_layer_freq`` holds the pattern, and ``mp-to-hf``
 writes it as ``mlp_only_layers``.
+
+Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B) is a Qwen2 (``qkv_bias`` in its config, on by
+default) with Qwen3-MoE's experts and routing, and in every layer with experts a shared
+expert (``mlp.shared_expert``, ``shared_expert_intermediate_size`` wide: mp's
+``shared_experts``) whose output is scaled per token by ``sigmoid(shared_expert_gate x)``:
+mp's ``moe_shared_expert_gate`` (``shared_experts.gate_weight``).
 """
 
 from __future__ import annotations
@@ -75,15 +81,21 @@ from mp.model.config import TransformerConfig
 _PREFIX = "model."
 _QKV = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
 _LAYER_PAIRS = (  # (Llama suffix, mp suffix)
-    ("input_layernorm", "input_layernorm"),
-    ("self_attn.o_proj", "self_attention.dense"),
-    ("post_attention_layernorm", "pre_mlp_layernorm"),
-    ("mlp.gate_proj", "mlp.linear_gate"),
-    ("mlp.up_proj", "mlp.linear_fc1"),
-    ("mlp.down_proj", "mlp.linear_fc2"),
+    ("input_layernorm.weight", "input_layernorm.weight"),
+    ("self_attn.o_proj.weight", "self_attention.dense.weight"),
+    ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight"),
+    ("mlp.gate_proj.weight", "mlp.linear_gate.weight"),
+    ("mlp.up_proj.weight", "mlp.linear_fc1.weight"),
+    ("mlp.down_proj.weight", "mlp.linear_fc2.weight"),
 )
-_QK_NORM_PAIRS = (("self_attn.q_norm", "self_attention.q_layernorm"),
-                  ("self_attn.k_norm", "self_attention.k_layernorm"))
+_QK_NORM_PAIRS = (("self_attn.q_norm.weight", "self_attention.q_layernorm.weight"),
+                  ("self_attn.k_norm.weight", "self_attention.k_layernorm.weight"))
+_SHARED_EXPERT_PAIRS = (  # Qwen2-MoE's gated shared expert
+    ("mlp.shared_expert.gate_proj.weight", "mlp.shared_experts.linear_gate.weight"),
+    ("mlp.shared_expert.up_proj.weight", "mlp.shared_experts.linear_fc1.weight"),
+    ("mlp.shared_expert.down_proj.weight", "mlp.shared_experts.linear_fc2.weight"),
+    ("mlp.shared_expert_gate.weight", "mlp.shared_experts.gate_weight"),
+)
 _IGNORED_BUFFERS = ("rotary_emb.inv_freq",)  # older checkpoints saved the RoPE frequencies
 
 
@@ -102,7 +114,9 @@ class Family(NamedTuple):
     architecture: str
     qk_layernorm: bool  # whether its heads have q/k norms
     experts: Experts | None = None  # its MLPs' experts (None: dense MLPs)
-    qkv_bias: bool = False  # whether q_proj, k_proj and v_proj have biases
+    qkv_bias: bool = False  # whether q_proj, k_proj and v_proj have biases (Qwen2-MoE: as
+    # its config's qkv_bias says)
+    shared_expert: bool = False  # whether a MoE layer has a gated shared expert
 
 
 #: ``model_type`` -> the family
@@ -112,13 +126,19 @@ FAMILIES = {"llama": Family("Llama", "LlamaForCausalLM", False),
             "mixtral": Family("Mixtral", "MixtralForCausalLM", False,
                               Experts("block_sparse_moe", ("w1", "w3", "w2"))),
             "qwen3_moe": Family("Qwen3-MoE", "Qwen3MoeForCausalLM", True,
-                                Experts("mlp", ("gate_proj", "up_proj", "down_proj")))}
+                                Experts("mlp", ("gate_proj", "up_proj", "down_proj"))),
+            "qwen2_moe": Family("Qwen2-MoE", "Qwen2MoeForCausalLM", False,
+                                Experts("mlp", ("gate_proj", "up_proj", "down_proj")),
+                                qkv_bias=True, shared_expert=True)}
 
 
 def _model_type(config: TransformerConfig) -> str:
-    """The family an mp model converts to: with experts Qwen3-MoE (``qk_layernorm``) or
-    Mixtral, else Qwen2 (``add_qkv_bias``), Qwen3 (``qk_layernorm``) or Llama."""
+    """The family an mp model converts to: with experts Qwen2-MoE (shared experts or
+    ``add_qkv_bias``), Qwen3-MoE (``qk_layernorm``) or Mixtral, else Qwen2 (``add_qkv_bias``),
+    Qwen3 (``qk_layernorm``) or Llama."""
     if config.num_moe_experts is not None:
+        if config.moe_shared_expert_intermediate_size is not None or config.add_qkv_bias:
+            return "qwen2_moe"
         return "qwen3_moe" if config.qk_layernorm else "mixtral"
     if config.add_qkv_bias:
         return "qwen2"
@@ -126,11 +146,15 @@ def _model_type(config: TransformerConfig) -> str:
 
 
 def _layer_pairs(config: TransformerConfig, layer: int) -> tuple[tuple[str, str], ...]:
-    """(Hugging Face suffix, mp suffix) of ``layer``'s weights other than q, k, v (and the
-    experts): a dense MLP's as Llama names them, or a MoE layer's router."""
-    experts = FAMILIES[_model_type(config)].experts
-    mlp = _LAYER_PAIRS[3:] if not config.is_moe_layer(layer) \
-        else ((f"{experts.block}.gate", "mlp.router"),)
+    """(Hugging Face suffix, mp suffix) of ``layer``'s parameters other than q, k, v (and
+    the experts): a dense MLP's as Llama names them, or a MoE layer's router (and shared
+    expert)."""
+    family = FAMILIES[_model_type(config)]
+    if not config.is_moe_layer(layer):
+        mlp = _LAYER_PAIRS[3:]
+    else:
+        mlp = ((f"{family.experts.block}.gate.weight", "mlp.router.weight"),
+               *(_SHARED_EXPERT_PAIRS if family.shared_expert else ()))
     return _LAYER_PAIRS[:3] + mlp + (_QK_NORM_PAIRS if config.qk_layernorm else ())
 
 
@@ -207,7 +231,8 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         normalization="RMSNorm", layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
         activation="swiglu", position_embedding_type="rope", **_rope(hf),
-        qk_layernorm=FAMILIES[kind].qk_layernorm, add_qkv_bias=FAMILIES[kind].qkv_bias,
+        qk_layernorm=FAMILIES[kind].qk_layernorm,
+        add_qkv_bias=hf.get("qkv_bias", FAMILIES[kind].qkv_bias),
         add_bias_linear=False, hidden_dropout=0.0,
         attention_dropout=hf.get("attention_dropout", 0.0),
         init_method_std=hf.get("initializer_range", 0.02),
@@ -217,32 +242,39 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
 
 
 def _experts_from_hf(hf: dict, kind: str) -> dict:
-    """mp's MoE fields of a Mixtral or Qwen3-MoE config (none for a dense family)."""
+    """mp's MoE fields of a Mixtral, Qwen3-MoE or Qwen2-MoE config (none for a dense
+    family)."""
     if kind == "mixtral":
         return dict(num_moe_experts=hf["num_local_experts"],
                     moe_router_topk=hf["num_experts_per_tok"],
                     moe_ffn_hidden_size=hf["intermediate_size"])
-    if kind != "qwen3_moe":
+    if kind not in ("qwen3_moe", "qwen2_moe"):
         return {}
+    shared = {"moe_shared_expert_intermediate_size": hf["shared_expert_intermediate_size"],
+              "moe_shared_expert_gate": True} if FAMILIES[kind].shared_expert else {}
     step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
     pattern = [int(i not in dense and (i + 1) % step == 0)
                for i in range(hf["num_hidden_layers"])]
     experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]  # 5.x
-    return dict(num_moe_experts=experts, moe_router_topk=hf["num_experts_per_tok"],
+    return dict(num_moe_experts=experts, moe_router_topk=hf["num_experts_per_tok"], **shared,
                 moe_layer_freq=1 if all(pattern) else pattern,
                 moe_ffn_hidden_size=hf["moe_intermediate_size"],
                 moe_router_pre_softmax=not hf.get("norm_topk_prob", False))
 
 
 def _experts_to_hf(config: TransformerConfig, kind: str) -> dict:
-    """The MoE fields of a Mixtral or Qwen3-MoE ``config.json`` (none for a dense family)."""
+    """The MoE fields of a Mixtral, Qwen3-MoE or Qwen2-MoE ``config.json`` (none for a dense
+    family)."""
     if kind == "mixtral":
         return {"num_local_experts": config.num_moe_experts,
                 "num_experts_per_tok": config.moe_router_topk, "sliding_window": None,
                 "router_jitter_noise": 0.0, "intermediate_size": config.moe_ffn_hidden_size}
-    if kind != "qwen3_moe":
+    if kind not in ("qwen3_moe", "qwen2_moe"):
         return {}
-    return {"num_experts": config.num_moe_experts, "num_experts_per_tok": config.moe_router_topk,
+    shared = {"shared_expert_intermediate_size": config.moe_shared_expert_intermediate_size,
+              "qkv_bias": config.add_qkv_bias} if FAMILIES[kind].shared_expert else {}
+    return {**shared, "num_experts": config.num_moe_experts,
+            "num_experts_per_tok": config.moe_router_topk,
             "moe_intermediate_size": config.moe_ffn_hidden_size,
             "norm_topk_prob": not config.moe_router_pre_softmax, "decoder_sparse_step": 1,
             "mlp_only_layers": [i for i in range(config.num_layers)
@@ -256,13 +288,13 @@ def hf_config(config: TransformerConfig) -> dict:
     kind = _model_type(config)
     needs = {"normalization": ("RMSNorm",), "activation": ("swiglu",),
              "position_embedding_type": ("rope",), "rotary_percent": (1.0,),
-             "add_bias_linear": (False,), "add_qkv_bias": (FAMILIES[kind].qkv_bias,),
-             "qk_layernorm": (FAMILIES[kind].qk_layernorm,)}
+             "add_bias_linear": (False,), "qk_layernorm": (FAMILIES[kind].qk_layernorm,),
+             "add_qkv_bias": (True, False) if kind == "qwen2_moe" else (FAMILIES[kind].qkv_bias,),
+             "moe_shared_expert_gate": (FAMILIES[kind].shared_expert,)}
     if kind == "mixtral":  # routed as Mixtral routes
         needs.update(moe_router_pre_softmax=(False,))
     if FAMILIES[kind].experts is not None:
-        needs.update(moe_shared_expert_intermediate_size=(None,),
-                     moe_router_score_function=("softmax",),
+        needs.update(moe_router_score_function=("softmax",),
                      moe_router_topk_scaling_factor=(None,))
     check_expressible(config, needs, FAMILIES[kind].name)
     if kind == "mixtral" and not all(map(config.is_moe_layer, range(config.num_layers))):
@@ -323,7 +355,7 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
     head = hf.pop("lm_head.weight", None)
     tied = not config.untie_embeddings_and_output_weights
     check_keys(set(hf), {"embed_tokens.weight", "norm.weight"} | {
-        f"layers.{i}.{name}.weight" for i in range(config.num_layers)
+        f"layers.{i}.{name}" for i in range(config.num_layers)
         for name in (pair[0] for pair in _layer_pairs(config, i))} | {
         f"layers.{i}.{name}.{kind}" for i in range(config.num_layers) for name in _QKV
         for kind in _qkv_parameters(config)} | {
@@ -341,7 +373,7 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
             mp[f"{dst}self_attention.query_key_value.{kind}"] = _qkv_to_mp(
                 *(hf[f"{src}{name}.{kind}"] for name in _QKV), config.num_query_groups)
         for hf_name, mp_name in _layer_pairs(config, i):
-            mp[f"{dst}{mp_name}.weight"] = hf[f"{src}{hf_name}.weight"]
+            mp[dst + mp_name] = hf[src + hf_name]
         for names, mp_name in _expert_names(config, i):
             mp[mp_name] = torch.stack([hf[name] for name in names])
     return shift_norm_weights({k: v.contiguous().clone() for k, v in mp.items()}, config, -1.0)
@@ -361,7 +393,7 @@ def mp_to_hf(weights: dict[str, torch.Tensor],
     check_keys(set(weights), {
         "embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
         *(() if tied else ("output_layer.weight",))} | {
-        f"decoder.layers.{i}.{name}.weight" for i in range(config.num_layers)
+        f"decoder.layers.{i}.{name}" for i in range(config.num_layers)
         for name in (pair[1] for pair in _layer_pairs(config, i))} | {
         f"decoder.layers.{i}.self_attention.query_key_value.{kind}"
         for i in range(config.num_layers) for kind in _qkv_parameters(config)} | {
@@ -376,7 +408,7 @@ def mp_to_hf(weights: dict[str, torch.Tensor],
                              config.num_attention_heads, config.num_query_groups)
             hf.update({f"{dst}{name}.{kind}": t for name, t in zip(_QKV, qkv)})
         for hf_name, mp_name in _layer_pairs(config, i):
-            hf[f"{dst}{hf_name}.weight"] = weights[f"{src}{mp_name}.weight"]
+            hf[dst + hf_name] = weights[src + mp_name]
         for names, mp_name in _expert_names(config, i):
             hf.update({"model." + name: t for name, t in zip(names, weights[mp_name])})
     hf = {k: v.contiguous().clone() for k, v in hf.items()}

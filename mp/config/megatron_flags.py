@@ -22,7 +22,7 @@ _MEGATRON_NAMES = {
         "position_embedding_type", "untie_embeddings_and_output_weights", "hidden_dropout",
         "attention_dropout", "init_method_std", "tensor_model_parallel_size",
         "pipeline_model_parallel_size", "sequence_parallel", "recompute_granularity",
-        "recompute_modules", "add_qkv_bias",
+        "recompute_modules", "add_qkv_bias", "moe_shared_expert_gate",
         "overlap_p2p_comm", "recompute_method", "recompute_num_layers",
         "distribute_saved_activations", "rotary_base", "use_rope_scaling",
         "rope_scaling_factor", "attention_backend", "kv_channels", "rotary_percent",
@@ -197,7 +197,8 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
                "--moe-router-pre-softmax, "
                "--moe-router-load-balancing-type aux_loss|seq_aux_loss|none, "
                "--moe-aux-loss-coeff, --moe-z-loss-coeff, "
-               "--moe-shared-expert-intermediate-size, --moe-router-dtype, "
+               "--moe-shared-expert-intermediate-size, --moe-shared-expert-gate, "
+               "--moe-router-dtype, "
                "--moe-router-score-function softmax|sigmoid, --moe-router-topk-scaling-factor, "
                "--moe-router-enable-expert-bias, --moe-router-bias-update-rate, "
                "--moe-expert-capacity-factor, --moe-token-drop-policy probs|position, "

@@ -156,6 +156,8 @@ def layer_params(cfg: TransformerConfig, moe: bool = False) -> tuple[int, int]:
         parts += [(cfg.num_moe_experts * h, 1), expert_params(cfg)]  # the router, the experts
         if cfg.moe_shared_expert_intermediate_size is not None:
             parts.append(_mlp(cfg, cfg.moe_shared_expert_intermediate_size))
+        if cfg.moe_shared_expert_gate:  # its [1, h] gate, whole on every TP rank
+            parts.append((h, 1))
     if cfg.qk_layernorm:
         parts += [norm_params(cfg, cfg.kv_channels)] * 2
     return sum(p[0] for p in parts), sum(p[1] for p in parts)

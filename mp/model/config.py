@@ -129,6 +129,8 @@ class TransformerConfig:
     moe_ffn_hidden_size: int | None = None  # an expert's hidden size; default ffn_hidden_size
     moe_shared_expert_intermediate_size: int | None = None  # a dense MLP this wide beside the
     # routed experts, every token through it (DeepSeek's shared experts, their widths summed)
+    moe_shared_expert_gate: bool = False  # their output times sigmoid(x . gate_weight) per
+    # token (Qwen2-MoE's; Megatron's --moe-shared-expert-gate)
     moe_router_dtype: str | None = None  # fp32 | fp64: the router's matrix product in this
     # dtype (Megatron's --moe-router-dtype); None: the model's, the softmax in fp32 either way
     moe_router_score_function: str = "softmax"  # or "sigmoid": each expert's score on its own,

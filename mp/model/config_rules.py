@@ -27,6 +27,10 @@ def check_moe(config) -> None:
     e, tp = config.num_moe_experts, config.tensor_model_parallel_size
     ep = config.expert_model_parallel_size
     positive_int("expert_model_parallel_size", ep)
+    if config.moe_shared_expert_gate and (e is None or
+                                          config.moe_shared_expert_intermediate_size is None):
+        raise ValueError("moe_shared_expert_gate=True needs num_moe_experts and "
+                         "moe_shared_expert_intermediate_size (shared experts to gate)")
     if e is None:
         if ep > 1:
             raise ValueError(f"expert_model_parallel_size={ep} needs num_moe_experts (a "

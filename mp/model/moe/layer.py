@@ -8,10 +8,11 @@ from torch import nn
 
 from mp import parallel_state
 from mp.model.config import TransformerConfig
-from mp.model.mlp import MLP, checkpointed
+from mp.model.mlp import checkpointed
 from mp.model.moe.dispatcher import TokenDispatcher
 from mp.model.moe.experts import Experts
 from mp.model.moe.router import TopKRouter
+from mp.model.moe.shared_experts import SharedExperts
 from mp.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
@@ -35,9 +36,10 @@ class MoELayer(nn.Module):
     routers' auxiliary losses count the whole sequences, summing their statistics over the
     ranks that hold the rest (CP, ``context_group``, default `parallel_state`'s when
     ``context_parallel_size > 1``; and TP under sequence parallelism).
-    With ``moe_shared_expert_intermediate_size`` a dense `MLP` of that width (``shared_experts``,
-    Megatron's name) takes every token too and its output is added; ``shared_experts`` among
-    the recompute modules checkpoints it.
+    With ``moe_shared_expert_intermediate_size`` a dense MLP of that width (`SharedExperts`,
+    ``shared_experts``, Megatron's name; gated with ``moe_shared_expert_gate``) takes every
+    token too and its output is added; ``shared_experts`` among the recompute modules
+    checkpoints it.
     """
 
     def __init__(self, config: TransformerConfig, group=None, expert_group=None,
@@ -63,17 +65,16 @@ class MoELayer(nn.Module):
                                  replicas=1 if self.split else self.tp)
         self.experts = Experts(config, self.group, ep_rank, ep)
         self.dispatcher = TokenDispatcher(config.num_moe_experts, expert_group, tensor_group)
-        shared = config.moe_shared_expert_intermediate_size
-        self.shared_experts = None if shared is None else MLP(config, self.group, shared)
+        self.shared_experts = (None if config.moe_shared_expert_intermediate_size is None
+                               else SharedExperts(config, self.group))
 
     def forward(self, hidden: torch.Tensor):
         shared = None
         if self.shared_experts is not None:
             if self.config.recomputes("shared_experts") and self.training:
-                shared, bias = checkpointed(self.shared_experts, hidden)
+                shared, _ = checkpointed(self.shared_experts, hidden)
             else:
-                shared, bias = self.shared_experts(hidden)
-            shared = shared if bias is None else shared + bias
+                shared, _ = self.shared_experts(hidden)
         replicated = self.tp > 1 and not self.split
         if replicated:
             hidden = copy_to_tensor_model_parallel_region(hidden, group=self.group)
