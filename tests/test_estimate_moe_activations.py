@@ -60,6 +60,8 @@ MOE_CASES = {  # name -> config overrides (tp, sequence_parallel and EP are adde
     "shared_expert_z_loss": dict(moe_shared_expert_intermediate_size=32, moe_z_loss_coeff=0.01),
     "shared_expert_swiglu_nobias": dict(moe_shared_expert_intermediate_size=32,
                                         activation="swiglu", add_bias_linear=False),
+    "gated_shared_expert": dict(moe_shared_expert_intermediate_size=32,
+                                moe_shared_expert_gate=True),
     # fp32 and fp64 copies of the router's input and weight
     "router_fp32_z_loss": dict(moe_router_dtype="fp32", moe_z_loss_coeff=0.01),
     "router_fp64_shared_expert_aux_loss": dict(moe_router_dtype="fp64",

@@ -450,8 +450,11 @@ def test_config_rules(overrides, message):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"activation": "swiglu", "moe_router_topk": 3},
-                                       {"moe_shared_expert_intermediate_size": 40}],
-                         ids=["gelu-top2", "swiglu-top3", "shared-expert"])
+                                       {"moe_shared_expert_intermediate_size": 40},
+                                       {"moe_shared_expert_intermediate_size": 40,
+                                        "moe_shared_expert_gate": True}],
+                         ids=["gelu-top2", "swiglu-top3", "shared-expert",
+                              "gated-shared-expert"])
 def test_flops_equal_what_torch_counts(overrides):
     counted, formula = run_distributed(1, counted_flops,
                                        {"num_layers": 3, **MOE, **overrides})[0]

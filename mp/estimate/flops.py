@@ -11,8 +11,8 @@ the forward costs, with ``n = b s`` tokens:
   although a causal kernel skips half of it);
 - MLP ``4 n h f`` (GeLU) or ``6 n h f`` (SwiGLU's gate); a mixture-of-experts layer
   (`mp.model.moe`) runs ``k`` experts of width ``f_e`` (``moe_ffn_hidden_size``) per token,
-  ``4 n h f_e k`` (``6 ...`` for SwiGLU), plus a shared expert's ``4 n h f_s`` and the
-  router's ``2 n h E`` (Megatron leaves the router out);
+  ``4 n h f_e k`` (``6 ...`` for SwiGLU), plus a shared expert's ``4 n h f_s`` (and its
+  gate's ``2 n h``) and the router's ``2 n h E`` (Megatron leaves the router out);
 
 and the logits ``2 n h V``. Training is three forwards' worth; full recompute adds one more
 forward of every layer, selective recompute one more of the parts its modules cover
@@ -77,8 +77,9 @@ def layer_forward_parts(cfg: TransformerConfig, sequences: int, moe: bool = Fals
         return parts
     parts["router"] = 2 * tokens * h * cfg.num_moe_experts
     parts["experts"] = 2 * tokens * h * matrices * cfg.moe_ffn_hidden_size * cfg.moe_router_topk
-    parts["shared experts"] = 2 * tokens * h * matrices * (
-        cfg.moe_shared_expert_intermediate_size or 0)
+    parts["shared experts"] = 2 * tokens * h * (
+        matrices * (cfg.moe_shared_expert_intermediate_size or 0)
+        + cfg.moe_shared_expert_gate)  # the gate's [1, h]
     return parts
 
 

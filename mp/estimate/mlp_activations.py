@@ -126,6 +126,9 @@ def moe_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
     if shared is not None and "shared_experts" not in modules:
         terms.update(mlp_interior_terms(cfg, kernels, local_tokens(cfg, micro_batch),
                                         shared / t, "shared expert "))
+        if cfg.moe_shared_expert_gate:  # what output x sigmoid(x g) keeps: both factors
+            terms["shared expert output (gated)"] = e * n * h
+            terms["shared expert gate (sigmoid)"] = e * n
     if copied:
         terms[f"router input ({fp} copy)"] = r * n * h
         terms[f"router weight ({fp} copy)"] = r * experts * h
