@@ -520,7 +520,7 @@ def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(tmp_path):
         multi_latent_attention=True, q_lora_rank=24, kv_lora_rank=16, qk_head_dim=8,
         qk_pos_emb_head_dim=4, v_head_dim=12, position_embedding_type="rope",
         num_moe_experts=8, moe_ffn_hidden_size=32, moe_layer_freq=[0, 1, 1],
-        moe_shared_expert_intermediate_size=32, moe_router_topk=4,
+        moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True, moe_router_topk=4,
         moe_router_score_function="sigmoid", moe_router_topk_scaling_factor=2.5,
         moe_router_enable_expert_bias=True, moe_router_num_groups=4, moe_router_group_topk=2,
         mtp_num_layers=1)

@@ -24,7 +24,7 @@ ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_g
                 "position_embedding_type", "rotary_percent", "add_bias_linear",
                 "untie_embeddings_and_output_weights", "qk_layernorm", "num_moe_experts",
                 "moe_ffn_hidden_size", "multi_latent_attention", "mtp_num_layers",
-                "add_qkv_bias")
+                "add_qkv_bias", "moe_shared_expert_gate")
 #: ... and those of multi-latent attention, when the checkpoint's model has it.
 MLA_ARCHITECTURE = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim",
                     "v_head_dim")
@@ -39,7 +39,8 @@ def architecture_problems(saved: dict, config: TransformerConfig) -> list[str]:
              "rotary_percent": 1.0, "layernorm_zero_centered_gamma": False,
              "qk_layernorm": False, "num_moe_experts": None, "moe_layer_freq": 1,
              "moe_ffn_hidden_size": None, "multi_latent_attention": False,
-             "mtp_num_layers": None, "add_qkv_bias": False, **saved}
+             "mtp_num_layers": None, "add_qkv_bias": False, "moe_shared_expert_gate": False,
+             **saved}
     fields = ARCHITECTURE + (MLA_ARCHITECTURE if saved["multi_latent_attention"] else ())
     problems = [f"model.{name}={saved.get(name)!r} in the checkpoint but "
                 f"{getattr(config, name)!r} here"

@@ -69,6 +69,7 @@ CHECKPOINT_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_quer
                    "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
                    "yarn_mscale", "yarn_mscale_all_dim", "num_moe_experts",
                    "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size",
+                   "moe_shared_expert_gate",
                    "moe_router_topk", "moe_router_pre_softmax", "moe_router_score_function",
                    "moe_router_topk_scaling_factor", "moe_router_enable_expert_bias",
                    "moe_router_num_groups", "moe_router_group_topk", "mtp_num_layers")
