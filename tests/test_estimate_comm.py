@@ -51,6 +51,12 @@ VARIANTS = {
                                            recompute_method="block", recompute_num_layers=1,
                                            distribute_saved_activations=True),
     "selective_bf16": dict(recompute_granularity="selective", precision="bf16"),
+    # the MLP's calls again in backward (fc2's all-reduce; under SP fc1's and the gate's
+    # gathers and fc2's reduce-scatter); the norms call nothing
+    "mlp_recompute": dict(recompute_granularity="selective", recompute_modules=["mlp"]),
+    "sp_swiglu_mlp_layernorm_core_attn_recompute": dict(
+        sequence_parallel=True, activation="swiglu", recompute_granularity="selective",
+        recompute_modules=["mlp", "layernorm", "core_attn"]),
 }
 
 
@@ -281,6 +287,19 @@ MIXTURE_OF_EXPERTS = {  # name -> (tp, cp, pp, ep, overrides, distributed optimi
         False),
     "cp2_ep4_block_recompute": (1, 2, 1, 4, dict(
         recompute_granularity="full", recompute_method="block", recompute_num_layers=1), False),
+    # selective recompute: the MoE layers' dispatch, combine and shared expert again
+    "tp2_ep2_sp_shared_moe_layernorm_recompute": (2, 1, 1, 2, dict(
+        sequence_parallel=True, moe_shared_expert_intermediate_size=32,
+        recompute_granularity="selective", recompute_modules=["moe", "layernorm"]), False),
+    "tp2_ep2_moe_recompute": (2, 1, 1, 2, dict(
+        recompute_granularity="selective", recompute_modules=["moe"]), False),
+    "tp2_ep2_swiglu_shared_experts_moe_act_recompute": (2, 1, 1, 2, dict(
+        activation="swiglu", moe_shared_expert_intermediate_size=32,
+        recompute_granularity="selective", recompute_modules=["shared_experts", "moe_act"]),
+        False),
+    "ep2_pp2_moe_mlp_recompute": (1, 1, 2, 2, dict(
+        moe_layer_freq=2, recompute_granularity="selective", recompute_modules=["moe", "mlp"]),
+        False),
 }
 
 

@@ -206,6 +206,17 @@ ITERATIONS = {  # name -> (overrides, distributed optimizer), at TP 2 x DP 2
                                    recompute_method="uniform"), False),
     "tp2_q_lora_selective_distributed_optimizer": (
         dict(Q_LORA, recompute_granularity="selective", precision="bf16"), True),
+    # mla_up_proj: under SP the latents' and the RoPE channels' gathers (and the queries'
+    # projection's from h) again in backward; without SP nothing more
+    "tp2_up_proj": (dict(MLA, recompute_granularity="selective",
+                         recompute_modules=["mla_up_proj"]), False),
+    "tp2_sp_q_lora_up_proj_layernorm": (dict(Q_LORA, sequence_parallel=True,
+                                             recompute_granularity="selective",
+                                             recompute_modules=["mla_up_proj", "layernorm"]),
+                                        False),
+    "tp2_sp_up_proj_core_attn": (dict(MLA, sequence_parallel=True,
+                                      recompute_granularity="selective",
+                                      recompute_modules=["mla_up_proj", "core_attn"]), False),
 }
 
 

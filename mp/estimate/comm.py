@@ -29,7 +29,14 @@ row-parallel ones (attention output, fc2):
   sums, ``3 s b`` fp32 values per micro-batch; once per iteration, with SP, the gradients of
   the parameters replicated over TP (norms, row-parallel biases).
 - TP under full recompute: the recomputed layers' forward calls again, and with
-  ``distribute_saved_activations`` an all-gather of each checkpoint's input.
+  ``distribute_saved_activations`` an all-gather of each checkpoint's input. Under selective
+  recompute the forward calls of what its modules rerun (`_selective_reruns`): ``mlp`` a dense
+  MLP's (fc2's all-reduce; under SP fc1's and the gate's all-gathers and fc2's
+  reduce-scatter), ``shared_experts`` the shared expert's, ``moe`` the shared expert's, the
+  experts' all-reduce without SP and the dispatcher's exchanges (`expert_comm`),
+  ``mla_up_proj`` under SP the latents' and the key's RoPE channels' all-gathers (and the
+  queries' projection's from ``h`` without ``q_lora_rank``); ``core_attn`` reruns CP's
+  exchanges; ``layernorm`` and ``moe_act`` call nothing.
 - CP (context parallelism, ``c`` ranks; ``a`` is then the rank's ``[s / c, b, h]``): with
   ``all_gather`` each layer all-gathers its keys and values, ``[s, b, g d / t]`` each, in
   every forward (again when full or selective recompute reruns it) and reduce-scatters their
@@ -95,6 +102,8 @@ def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[C
     if setup.cp > 1:
         out += _context_parallel(setup, pp_rank)
     moe_layers, moe_forwards = _stage_layers(setup, pp_rank)[True]
+    if cfg.recomputes("moe"):  # the layers' dispatch and combine again
+        moe_forwards += moe_layers
     if moe_layers:
         out += expert_collectives(setup, moe_layers, moe_forwards)
     params = rank_params(cfg, pp_rank)
@@ -180,6 +189,29 @@ def _tensor_parallel_linears(setup: Setup, moe: bool) -> tuple[int, int, int]:
     return qkv + shared * mlp_columns, 2 + shared, 1
 
 
+def _selective_reruns(setup: Setup, moe: bool) -> tuple[int, int]:
+    """(column-parallel linears, row-parallel linears and regions left) of one layer whose
+    forward calls selective recompute runs again in backward: ``mlp`` a dense layer's MLP
+    (fc1, SwiGLU's gate; fc2), ``moe`` a mixture-of-experts layer's shared expert and,
+    without SP, its experts' region (entered by a copy, which calls nothing forward, left by
+    an all-reduce; under SP its dispatcher's calls, `expert_comm`), ``shared_experts`` the
+    shared expert, ``mla_up_proj`` the queries' projection from ``h`` when there is no
+    ``q_lora_rank`` (the latents' gathers: `mla.tensor_parallel_channels`)."""
+    cfg = setup.model
+    mlp_columns = 2 if cfg.activation == "swiglu" else 1
+    shared = cfg.moe_shared_expert_intermediate_size is not None
+    columns = rows = 0
+    if cfg.recomputes("mlp") and not moe:
+        columns, rows = mlp_columns, 1
+    if moe and cfg.recomputes("moe"):
+        columns, rows = shared * mlp_columns, shared + (not cfg.sequence_parallel)
+    if moe and cfg.recomputes("shared_experts"):
+        columns, rows = mlp_columns, 1
+    if cfg.recomputes("mla_up_proj") and cfg.q_lora_rank is None:
+        columns += 1
+    return columns, rows
+
+
 def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
     cfg, m = setup.model, setup.num_microbatches
     act = activation_bytes(cfg) * local_tokens(cfg, setup.micro_batch_size) * cfg.hidden_size
@@ -187,12 +219,14 @@ def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
     gathers = scatters = reduces = 0
     for moe, (layers, forwards) in _stage_layers(setup, pp_rank).items():
         columns, rows, enters = _tensor_parallel_linears(setup, moe)
-        # forward: gather into columns and regions, reduce(-scatter) out of rows; backward: a
-        # column re-gathers its input, a row gathers its output gradient, and columns and
-        # regions reduce(-scatter) their input gradients
-        gathers += forwards * (columns + enters) + layers * (columns + rows)
-        scatters += forwards * rows + layers * (columns + enters)
-        reduces += forwards * rows + layers * (columns + enters)
+        rerun_columns, rerun_rows = _selective_reruns(setup, moe)
+        # forward: gather into columns and regions, reduce(-scatter) out of rows (again for
+        # the linears selective recompute reruns); backward: a column re-gathers its input, a
+        # row gathers its output gradient, and columns and regions reduce(-scatter) their
+        # input gradients
+        gathers += forwards * (columns + enters) + layers * (columns + rows + rerun_columns)
+        scatters += forwards * rows + layers * (columns + enters + rerun_rows)
+        reduces += forwards * rows + layers * (columns + enters + rerun_rows)
     out = []
     if cfg.sequence_parallel:
         if last:  # the output layer is column-parallel
@@ -213,6 +247,8 @@ def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
                               m * reduces * act))
     if cfg.multi_latent_attention:  # act / h bytes per channel of the rank's tokens
         layers, forwards = map(sum, zip(*_stage_layers(setup, pp_rank).values()))
+        if cfg.recomputes("mla_up_proj"):  # the latents' and RoPE channels' gathers again
+            forwards += layers
         out += [Collective("MLA latents and key RoPE channels", kind, "tp",
                            m * act // cfg.hidden_size * channels)
                 for kind, channels in tensor_parallel_channels(cfg, layers, forwards).items()]
@@ -235,7 +271,7 @@ def _context_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
     cfg, m = setup.model, setup.num_microbatches
     layers = cfg.stage_num_layers(pp_rank)
     forwards = layers + len(_recomputed_layers(setup, pp_rank))
-    if cfg.recompute_granularity == "selective":  # the recomputed core exchanges again
+    if cfg.recomputes("core_attn"):  # the recomputed core exchanges again
         forwards += layers
     e, b = activation_bytes(cfg), setup.micro_batch_size
     q, k, v = attention_widths(cfg)  # channels per token on the rank
