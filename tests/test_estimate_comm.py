@@ -269,6 +269,9 @@ MIXTURE_OF_EXPERTS = {  # name -> (tp, cp, pp, ep, overrides, distributed optimi
     "tp2_ep2_sp_swiglu_shared": (2, 1, 1, 2, dict(
         sequence_parallel=True, activation="swiglu", moe_shared_expert_intermediate_size=32),
         False),
+    "tp2_ep2_sp_gated_shared": (2, 1, 1, 2, dict(
+        sequence_parallel=True, moe_shared_expert_intermediate_size=32,
+        moe_shared_expert_gate=True), False),
     "tp2_ep2_qk_layernorm_no_aux_loss": (2, 1, 1, 2, dict(
         qk_layernorm=True, moe_aux_loss_coeff=0.0), False),
     "tp2_sp_ep1": (2, 1, 1, 1, dict(sequence_parallel=True), False),

@@ -320,7 +320,8 @@ def _checkpoints(setup: Setup, pp_rank: int) -> int:
 def _partial_gradient_params(setup: Setup, pp_rank: int) -> int:
     """Elements of the parameters replicated over TP whose gradients are partial sums there
     (`mp.distributed.finalize_model_grads` all-reduces them): under SP the norms, the
-    row-parallel biases and multi-latent attention's down projections and latent norms; at
+    row-parallel biases, the shared experts' gate and multi-latent attention's down
+    projections and latent norms; at
     any TP the ``qk_layernorm`` norms (each rank normalizes its heads) and a
     mixture-of-experts layer's router and experts' fc2 biases (each rank sees its share of
     the experts' outputs)."""
@@ -337,6 +338,8 @@ def _partial_gradient_params(setup: Setup, pp_rank: int) -> int:
             per_layer += 2 * norm_params(cfg)[0] + row_biases * bias
             if cfg.multi_latent_attention:  # its down projections and latent norms
                 per_layer += mla_duplicated_params(cfg)
+            if moe and cfg.moe_shared_expert_gate:  # each rank gates its own tokens
+                per_layer += cfg.hidden_size
         if moe:
             local = cfg.num_moe_experts // cfg.expert_model_parallel_size
             per_layer += cfg.num_moe_experts * cfg.hidden_size + local * bias
