@@ -151,7 +151,7 @@ def test_planner_tries_each_cp_exchange():
 def test_cli_plan_with_context_parallelism_on_a_long_sequence(capsys):
     """Llama 3 8B on 64 H100s at 131072 tokens a sequence (estimates): without context
     parallelism only full recompute fits; with CP 2-8 tried, the fastest layout splits the
-    sequence and recomputes nothing, at a higher predicted throughput."""
+    sequence and recomputes no matrix product, at a higher predicted throughput."""
     tool = _tool()
     args = ["--config", os.path.join(CONFIGS, "llama3-8b.yaml"), "--gpus", "64", "--plan",
             "--seq-length", "131072", "--max-position-embeddings", "131072",
@@ -165,7 +165,9 @@ def test_cli_plan_with_context_parallelism_on_a_long_sequence(capsys):
     lines = capsys.readouterr().out.splitlines()
     header, best = lines[1].split(), lines[3].split()
     assert header[:3] == ["#", "TP", "CP"]
-    assert int(best[2]) > 1 and best[header.index("recompute")] == "none"
+    # no matrix product recomputed: none, or the norms (whose rerun the FLOPs leave out, so
+    # that it ties with none and takes less memory)
+    assert int(best[2]) > 1 and best[header.index("recompute")] in ("none", "layernorm")
     assert float(best[-3].replace(",", "")) > best_without
     # a2a's layouts are named; with 8 key/value heads TP x CP is at most 8
     assert tool.main([*args, "--context-parallel-sizes", "2,4,8", "--cp-comm-types", "a2a",

@@ -8,7 +8,9 @@ layers, mixture-of-experts layers (EP 1: every rank's experts take all ``N k`` c
 multi-latent attention, at TP 1 and TP 2 with SP off and on, bf16 with dropout as in
 tests/test_estimate_activations.py."""
 
+import dataclasses
 import itertools
+import os
 from unittest import mock
 
 import pytest
@@ -16,12 +18,15 @@ import torch
 from checks import counted_flops
 from harness import run_distributed
 from test_estimate_activations import HEADS, B, H, S
+from test_estimate_plan import CONFIGS, _tool
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from mp import parallel_state as ps
+from mp.config import load_config
 from mp.estimate import CPU, SavedTensorMeter
 from mp.estimate.memory import chunk_saved_bytes, rebuilt_bytes
+from mp.estimate.planner import default_recompute_modes, recompute_fields, recompute_mode
 from mp.model import TransformerConfig
 from mp.model.context_parallel import local_positions
 from mp.model.rope import rotary_freqs
@@ -213,3 +218,32 @@ def test_flops_equal_what_torch_counts(name):
     counted, formula = run_distributed(1, _counted_flops, dict(
         overrides, recompute_granularity="selective", recompute_modules=modules))[0]
     assert counted == formula
+
+
+# ------------------------------------------------------------------------- planner and CLI
+
+def test_planner_tries_the_modules_the_model_has():
+    """Dense: the norms; mixture of experts: the norms and the experts' activation, or the
+    whole MoE layers; multi-latent attention: its up projections too. A row names its
+    modules, and its estimate is the one the CLI gives for them."""
+    dense = _config(1, False, {}, ["core_attn"])
+    deepseek = _config(1, False, dict(MLA, **MOE, moe_layer_freq=[0, 1]), ["core_attn"], 2)
+    assert default_recompute_modes(dense) == ("none", "selective", "layernorm",
+                                              "layernorm+mlp+core_attn", "full")
+    assert default_recompute_modes(deepseek) == (
+        "none", "selective", "layernorm+moe_act+mla_up_proj",
+        "layernorm+moe+mlp+mla_up_proj+core_attn", "full")
+    assert recompute_fields("layernorm+moe_act")["recompute_modules"] == ["layernorm",
+                                                                         "moe_act"]
+    with pytest.raises(ValueError, match="'moe_ac' is none of"):
+        recompute_fields("layernorm+moe_ac")
+    for mode in default_recompute_modes(deepseek):
+        assert recompute_mode(dataclasses.replace(deepseek, **recompute_fields(mode))) == mode
+    tool = _tool()
+    path = os.path.join(CONFIGS, "deepseek-v3.yaml")
+    overrides = ["--model.recompute_method", "null", "--model.recompute_num_layers", "null",
+                 "--recompute-granularity", "selective", "--recompute-modules", "layernorm",
+                 "moe_act", "mla_up_proj"]
+    job = load_config(path, overrides, world_size=2048)
+    assert job.model.recompute_modules == ["layernorm", "moe_act", "mla_up_proj"]
+    assert tool.main(["--config", path, "--gpus", "2048", *overrides]) == 0

@@ -39,7 +39,7 @@ from mp.estimate import (
 from mp.estimate.planner import (
     DEFAULT_MEMORY_FRACTION,
     DEFAULT_MICRO_BATCH_SIZES,
-    RECOMPUTE_MODES,
+    recompute_fields,
 )
 from mp.estimate.step_time import DEFAULT_EFFICIENCY
 from mp.model.context_parallel import CP_COMM_TYPES
@@ -55,7 +55,8 @@ _PLAN_RESETS = ["--model.tensor_model_parallel_size", "1",
                 *(part for name, even in UNEVEN_SPLIT_FIELDS.items()
                   for part in (f"--model.{name}", json.dumps(even))),
                 "--model.sequence_parallel", "false",
-                "--model.recompute_granularity", "null", "--model.recompute_method", "null",
+                "--model.recompute_granularity", "null", "--model.recompute_modules", "null",
+                "--model.recompute_method", "null",
                 "--model.recompute_num_layers", "null",
                 "--training.micro_batch_size", "1"]
 
@@ -93,6 +94,17 @@ def _choices(what: str, allowed: tuple[str, ...]):
     return parse
 
 
+def _recompute_modes(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated planner recompute modes (`recompute_fields`)."""
+    modes = tuple(text.split(","))
+    try:
+        for mode in modes:
+            recompute_fields(mode)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+    return modes
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -119,9 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="usable fraction of GPU memory (default %(default)s)")
     pl.add_argument("--micro-batch-sizes", type=_int_list, default=DEFAULT_MICRO_BATCH_SIZES,
                     help="micro-batch sizes to try, e.g. 1,2,4 (default 1,2,4,8)")
-    pl.add_argument("--recompute", type=_choices("recompute mode", RECOMPUTE_MODES),
-                    default=RECOMPUTE_MODES,
-                    help="recompute modes to try (default none,selective,full)")
+    pl.add_argument("--recompute", type=_recompute_modes,
+                    help="recompute modes to try, e.g. none,selective,layernorm+moe_act,full: "
+                         "selective is the attention core (core_attn), modules joined by + "
+                         "are recomputed selectively (default: none, selective, the modules "
+                         "that free their outputs, every module, full)")
     pl.add_argument("--sequence-parallel-modes", choices=("on", "off", "both"), default="on",
                     help="sequence parallelism tried when TP > 1 (default on; Megatron's "
                          "--sequence-parallel is a config override)")

@@ -5,8 +5,12 @@ A layout is a tensor-parallel size ``t`` (a divisor of N no larger than a node, 
 stays on NVLink), a context-parallel size ``c`` (from ``context_parallel_sizes``: 1 unless
 asked, as it pays only for long sequences; with ``c > 1``, each of ``cp_comm_types``, by
 default the job's), a pipeline size ``p`` (dividing ``N / (t c)``), virtual stages ``v`` (with
-``p > 1``), a micro-batch size, a recompute mode (none, selective, full with one layer per
-checkpoint) and sequence parallelism (on with ``t > 1`` by default: it only saves memory).
+``p > 1``), a micro-batch size, a recompute mode (`recompute_fields`: none; selective
+recompute of the attention core, Megatron's default; of the modules that free outputs
+instead of keeping them, which rerun no matrix product but multi-latent attention's up
+projections; of every part a layer's selective recompute can take; full with one layer per
+checkpoint: `default_recompute_modes`) and sequence parallelism (on with ``t > 1`` by
+default: it only saves memory).
 With ``uneven_splits`` the planner also tries Megatron's uneven pipeline splits that count the
 embedding and/or the loss as a layer (`PIPELINE_SPLITS`): they balance the first and last
 stages, and they let ``p v`` divide ``L + 1`` or ``L + 2`` when it does not divide ``L``.
@@ -34,9 +38,11 @@ from mp.estimate.hardware import GPUSpec
 from mp.estimate.setup import Setup
 from mp.estimate.step_time import DEFAULT_EFFICIENCY
 from mp.estimate.storage import CUDA, Kernels
+from mp.model.config import TransformerConfig
+from mp.model.config_rules import RECOMPUTE_MODULES
 from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
 
-RECOMPUTE_MODES = ("none", "selective", "full")
+RECOMPUTE_MODES = ("none", "selective", "full")  # and selective modules joined by "+"
 #: The pipeline splits the planner can try -> the `TransformerConfig` fields that make them.
 PIPELINE_SPLITS = {
     "even": {},
@@ -58,13 +64,56 @@ class PlanResult:
     too_big: int  # of those, layouts that do not fit memory
 
 
+def recompute_fields(mode: str) -> dict:
+    """The `TransformerConfig` recompute fields of a planner mode: ``"none"``; ``"full"``
+    (uniform, one layer a checkpoint); ``"selective"`` (``core_attn``, Megatron's default); or
+    `RECOMPUTE_MODULES` joined by ``+`` (``"layernorm+moe_act"``: selective recompute of
+    those)."""
+    fields = {"recompute_granularity": None, "recompute_modules": None,
+              "recompute_method": None, "recompute_num_layers": None}
+    if mode == "none":
+        return fields
+    if mode == "full":
+        return {**fields, "recompute_granularity": "full", "recompute_method": "uniform",
+                "recompute_num_layers": 1}
+    modules = ["core_attn"] if mode == "selective" else mode.split("+")
+    for module in modules:
+        if module not in RECOMPUTE_MODULES:
+            raise ValueError(f"recompute mode {mode!r}: {module!r} is none of "
+                             f"{', '.join(RECOMPUTE_MODES)} or {', '.join(RECOMPUTE_MODULES)}")
+    return {**fields, "recompute_granularity": "selective", "recompute_modules": modules}
+
+
+def recompute_mode(cfg: TransformerConfig) -> str:
+    """``cfg``'s recompute as a planner mode (`recompute_fields`)."""
+    if cfg.recompute_granularity != "selective":
+        return cfg.recompute_granularity or "none"
+    return "selective" if cfg.recompute_modules == ["core_attn"] \
+        else "+".join(cfg.recompute_modules)
+
+
+def default_recompute_modes(cfg: TransformerConfig) -> tuple[str, ...]:
+    """The modes the planner tries for ``cfg``'s model: none; ``selective`` (the attention
+    core); the output-freeing modules it has (``layernorm``, ``moe_act`` with experts,
+    ``mla_up_proj`` with multi-latent attention: they rerun norms, activations and the up
+    projections only); every part selective recompute can take (those with ``moe`` for
+    ``moe_act``, ``mlp`` where a layer is dense, ``core_attn``); full."""
+    moe = cfg.num_moe_experts is not None
+    mla = ["mla_up_proj"] if cfg.multi_latent_attention else []
+    cheap = ["layernorm", *(["moe_act"] if moe else []), *mla]
+    dense = not moe or not all(map(cfg.is_moe_layer, range(cfg.num_layers)))
+    every = ["layernorm", *(["moe"] if moe else []), *(["mlp"] if dense else []), *mla,
+             "core_attn"]
+    return ("none", "selective", "+".join(cheap), "+".join(every), "full")
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def candidate_setups(job: JobConfig, world_size: int,
                      micro_batch_sizes: tuple[int, ...] = DEFAULT_MICRO_BATCH_SIZES,
-                     recompute_modes: tuple[str, ...] = RECOMPUTE_MODES,
+                     recompute_modes: tuple[str, ...] | None = None,
                      sequence_parallel: tuple[bool, ...] = (True,),
                      max_tensor_parallel: int = 8,
                      distributed_optimizer: bool | None = None,
@@ -78,11 +127,12 @@ def candidate_setups(job: JobConfig, world_size: int,
     ``uneven_splits`` adds `PIPELINE_SPLITS` beyond the even one; ``context_parallel_sizes``
     lists the CP sizes tried, each ``c > 1`` with every one of ``cp_comm_types`` (default: the
     job's ``model.cp_comm_type``); ``expert_parallel_sizes`` the EP sizes (default: every
-    divisor of ``world_size`` for a mixture-of-experts model, 1 otherwise) (module doc)."""
+    divisor of ``world_size`` for a mixture-of-experts model, 1 otherwise); ``recompute_modes``
+    the `recompute_fields` modes (default `default_recompute_modes`) (module doc)."""
+    if recompute_modes is None:
+        recompute_modes = default_recompute_modes(job.model)
     for mode in recompute_modes:
-        if mode not in RECOMPUTE_MODES:
-            raise ValueError(f"recompute mode {mode!r} must be one of "
-                             f"{', '.join(map(repr, RECOMPUTE_MODES))}")
+        recompute_fields(mode)  # a ValueError for a mode that is none
     if distributed_optimizer is None:
         distributed_optimizer = job.training.use_distributed_optimizer
     splits = PIPELINE_SPLITS if uneven_splits else {"even": {}}
@@ -103,18 +153,13 @@ def candidate_setups(job: JobConfig, world_size: int,
             sps = sequence_parallel if tp > 1 else (False,)
             for vpp, sp, ep, mbs, mode in itertools.product(vpps, sps, expert_parallel_sizes,
                                                             micro_batch_sizes, recompute_modes):
-                full = mode == "full"
                 setup = _setup(job, world_size, mbs, distributed_optimizer, {
                     **UNEVEN_SPLIT_FIELDS, **split, "tensor_model_parallel_size": tp,
                     "context_parallel_size": cp, "cp_comm_type": comm,
                     "expert_model_parallel_size": ep,
                     "pipeline_model_parallel_size": pp,
                     "virtual_pipeline_model_parallel_size": vpp, "sequence_parallel": sp,
-                    "recompute_granularity": None if mode == "none" else mode,
-                    "recompute_modules": None,
-                    "recompute_method": "uniform" if full else None,
-                    "recompute_num_layers": 1 if full else None,
-                    "distribute_saved_activations": False})
+                    **recompute_fields(mode), "distribute_saved_activations": False})
                 if setup is None:
                     continue
                 # an uneven split that puts the layers where the even one does is the same

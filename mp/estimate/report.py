@@ -10,7 +10,7 @@ from mp.estimate.estimate import Estimate
 from mp.estimate.hardware import GiB
 from mp.estimate.mtp import mtp_depth_terms
 from mp.estimate.params import model_params, state_bytes
-from mp.estimate.planner import PlanResult, split_name
+from mp.estimate.planner import PlanResult, recompute_mode, split_name
 from mp.estimate.storage import CUDA, Kernels
 
 
@@ -175,7 +175,8 @@ def format_plan(result: PlanResult, top: int = 10) -> str:
     """The fastest ``top`` layouts that fit, as a table (with a ``split`` column, the
     pipeline's `mp.estimate.planner.PIPELINE_SPLITS` name, when one of them is uneven, a
     ``CP`` column when one of them is context-parallel: ``4``, or ``4/a2a``, ``4/p2p`` for
-    those exchanges, and an ``EP`` column when one of them is expert-parallel)."""
+    those exchanges, and an ``EP`` column when one of them is expert-parallel; the
+    ``recompute`` column is `mp.estimate.planner.recompute_mode`'s)."""
     if not result.fitting:
         return (f"none of the {result.valid} valid layouts fits in memory; try more GPUs, "
                 "recompute, or a smaller micro-batch")
@@ -194,7 +195,7 @@ def format_plan(result: PlanResult, top: int = 10) -> str:
                      str(s.data_parallel_size), *([str(s.ep)] if experts else []),
                      str(s.micro_batch_size), str(s.num_microbatches),
                      "on" if s.model.sequence_parallel else "off",
-                     s.model.recompute_granularity or "none", _gib(e.peak_bytes),
+                     recompute_mode(s.model), _gib(e.peak_bytes),
                      f"{e.step.total:.2f}", f"{e.tokens_per_second:,.0f}", f"{e.mfu:.1%}",
                      f"{e.bubble_fraction:.1%}"])
     header = ["#", "TP", *(["CP"] if context else []), "PP", "VP",
@@ -221,7 +222,7 @@ def memory_chart(estimates: list[Estimate], path: str, memory_fraction: float) -
               + f" DP{e.setup.data_parallel_size}"
               + (f" EP{e.setup.ep}" if e.setup.ep > 1 else "")
               + f"\nmbs{e.setup.micro_batch_size} "
-              + (e.setup.model.recompute_granularity or "none") for e in estimates]
+              + recompute_mode(e.setup.model) for e in estimates]
     parts = {"weights": [], "gradients": [], "optimizer": [], "activations": [],
              "transient": []}
     for e in estimates:

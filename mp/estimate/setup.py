@@ -125,7 +125,9 @@ class Setup:
         return 4 if self.model.precision == "fp32" else 2
 
     def describe(self) -> str:
-        """``TP8 PP16 (v2) DP8, mbs 1 x 192, SP, recompute full, distributed optimizer``;
+        """``TP8 PP16 (v2) DP8, mbs 1 x 192, SP, recompute full, distributed optimizer``
+        (``recompute selective (layernorm, moe_act)`` names the selective modules other than
+        Megatron's default, the attention core);
         an uneven pipeline split adds each stage's layers: ``PP2 (v2, layers 34+46)``;
         context parallelism shows as ``TP8 CP4 PP2 DP4``, expert parallelism as
         ``TP2 PP1 DP8 EP4``."""
@@ -138,7 +140,10 @@ class Setup:
                  f"mbs {self.micro_batch_size} x {self.num_microbatches}"]
         if cfg.sequence_parallel:
             parts.append("SP")
-        parts.append(f"recompute {cfg.recompute_granularity or 'none'}")
+        recompute = cfg.recompute_granularity or "none"
+        if recompute == "selective" and cfg.recompute_modules != ["core_attn"]:
+            recompute += f" ({', '.join(cfg.recompute_modules)})"
+        parts.append(f"recompute {recompute}")
         if self.distributed_optimizer:
             parts.append("distributed optimizer")
         return ", ".join(parts)
