@@ -4,6 +4,8 @@
     python tools/estimate.py --config configs/gpt3-175b.yaml --gpus 1024 --gpu h100
     python tools/estimate.py --config configs/gpt3-1.3b.yaml --gpus 8 --micro-batch-size 8 \\
         --recompute-granularity full --recompute-method uniform
+    python tools/estimate.py --config configs/gpt3-1.3b.yaml --gpus 8 \\
+        --recompute-granularity selective --recompute-modules layernorm mlp
 
     # every valid layout that fits, fastest first, and a memory chart (needs matplotlib)
     python tools/estimate.py --config configs/gpt3-175b.yaml --gpus 1024 --gpu h100 --plan \\
