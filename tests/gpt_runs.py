@@ -104,12 +104,13 @@ def run(models, micro: list[dict], forward_only: bool, per_token: bool = False,
 
 
 def train_step(models, optimizer, scheduler, seed: int, *, per_token: bool = False,
-               masked: bool = False) -> tuple[float, float]:
-    """One iteration on batch ``seed``: (its loss, the gradient norm before clipping)."""
+               masked: bool = False, micro_batches=batch) -> tuple[float, float]:
+    """One iteration on batch ``seed``: (its loss, the gradient norm before clipping).
+    ``micro_batches(seed, masked)``: this rank's micro-batches of it (default `batch`)."""
     for model in models:
         model.zero_grad_buffer()
     optimizer.zero_grad()
-    loss = run(models, batch(seed, masked), forward_only=False, per_token=per_token,
+    loss = run(models, micro_batches(seed, masked), forward_only=False, per_token=per_token,
                grad_scale_func=optimizer.scale_loss)
     result = optimizer.step()
     assert result.update_successful
@@ -183,14 +184,16 @@ def assemble(per_rank: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def train_from(whole: dict[str, torch.Tensor], tp: int, pp: int, steps: int,
-               masked: bool = False, **setup_args) -> dict:
+               masked: bool = False, micro_batches=batch, **setup_args) -> dict:
     """``steps`` iterations (clipping at 0.5, seeded batches, `batch`'s ``masked``) from the
-    weights ``whole`` at TP ``tp`` x PP ``pp`` (``setup_args``: `setup`'s others): this rank's
-    ``{"losses", "norms", "weights"}`` for `assert_same_training`."""
+    weights ``whole`` at TP ``tp`` x PP ``pp`` (``setup_args``: `setup`'s others;
+    ``micro_batches``: `train_step`'s): this rank's ``{"losses", "norms", "weights"}`` for
+    `assert_same_training`."""
     models, optimizer, scheduler = setup(tp, pp, seed=9, clip_grad=0.5, bucket_size=1500,
                                          **setup_args)
     load_whole(models, optimizer, whole)
-    losses, norms = zip(*(train_step(models, optimizer, scheduler, step, masked=masked)
+    losses, norms = zip(*(train_step(models, optimizer, scheduler, step, masked=masked,
+                                     micro_batches=micro_batches)
                           for step in range(steps)))
     return {"losses": losses, "norms": norms, "weights": pieces(models)}
 

@@ -151,10 +151,10 @@ def test_flags_without_effect_say_why():
     (["--moe-input-jitter-eps", "0.01"],  # any --moe-* flag mp does not read
      "--moe-input-jitter-eps: mp's mixture of experts has no such option: it has "
      "--num-experts, --moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
-     "--moe-router-pre-softmax, --moe-router-load-balancing-type aux_loss|seq_aux_loss|none, "
+     "--moe-router-pre-softmax, "
+     "--moe-router-load-balancing-type aux_loss|seq_aux_loss|global_aux_loss|none, "
      "--moe-aux-loss-coeff, --moe-z-loss-coeff, --moe-shared-expert-intermediate-size, "
-     "--moe-shared-expert-gate, "
-     "--moe-router-dtype, --moe-router-score-function softmax|sigmoid, "
+     "--moe-shared-expert-gate, --moe-router-dtype, --moe-router-score-function softmax|sigmoid, "
      "--moe-router-topk-scaling-factor, --moe-router-enable-expert-bias, "
      "--moe-router-bias-update-rate, --moe-expert-capacity-factor, "
      "--moe-token-drop-policy probs|position, --moe-router-num-groups, "

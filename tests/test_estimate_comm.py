@@ -282,6 +282,11 @@ MIXTURE_OF_EXPERTS = {  # name -> (tp, cp, pp, ep, overrides, distributed optimi
     "tp2_cp2_sp_ep2_distributed_optimizer": (2, 2, 1, 2, dict(sequence_parallel=True), True),
     "tp2_cp2_sp_ep2_sequence_aux_loss": (2, 2, 1, 2, dict(
         sequence_parallel=True, moe_router_load_balancing_type="seq_aux_loss"), False),
+    # the global loss's statistics over DP (x CP), the z-loss's over CP
+    "tp2_sp_ep2_global_aux_loss": (2, 1, 1, 2, dict(
+        sequence_parallel=True, moe_router_load_balancing_type="global_aux_loss"), False),
+    "cp2_ep2_global_aux_loss": (1, 2, 1, 2, dict(
+        moe_router_load_balancing_type="global_aux_loss"), False),
     "ep4_sigmoid_expert_bias_distributed_optimizer": (1, 1, 1, 4, dict(
         moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True), True),
     "ep2_pp2_every_other_layer": (1, 1, 2, 2, dict(moe_layer_freq=2), False),

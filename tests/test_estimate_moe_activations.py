@@ -62,6 +62,8 @@ MOE_CASES = {  # name -> config overrides (tp, sequence_parallel and EP are adde
                                         activation="swiglu", add_bias_linear=False),
     "gated_shared_expert": dict(moe_shared_expert_intermediate_size=32,
                                 moe_shared_expert_gate=True),
+    "global_aux_loss": dict(moe_router_load_balancing_type="global_aux_loss",
+                            moe_aux_loss_coeff=0.1),
     # fp32 and fp64 copies of the router's input and weight
     "router_fp32_z_loss": dict(moe_router_dtype="fp32", moe_z_loss_coeff=0.01),
     "router_fp64_shared_expert_aux_loss": dict(moe_router_dtype="fp64",

@@ -13,8 +13,9 @@ weights to an mp checkpoint, and back.
 (``config.json`` with ``model.safetensors``, the shards a ``model.safetensors.index.json``
 names, or ``pytorch_model.bin``) or one weights file (then ``--config`` names the
 ``config.json``); the config's ``model_type`` (``gpt2``, ``llama``, ``qwen2``, ``qwen3``,
-``mixtral``, ``qwen3_moe``, ``qwen2_moe`` or ``deepseek_v3``) picks the mapping (`mp.checkpointing.hf_gpt2`,
-`mp.checkpointing.hf_deepseek`, `mp.checkpointing.hf_llama` for the others).
+``mixtral``, ``qwen3_moe``, ``qwen2_moe`` or ``deepseek_v3``) picks the mapping
+(`mp.checkpointing.hf_gpt2`, `mp.checkpointing.hf_deepseek`, `mp.checkpointing.hf_llama` for the
+others).
 It writes a model-only mp checkpoint (a save directory with ``iter_0000000``). mp checkpoints
 are layout-free: the result loads at any tensor/pipeline/data-parallel layout whose padded
 vocabulary matches, which ``--tensor-model-parallel-size`` and

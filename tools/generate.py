@@ -40,7 +40,7 @@ _FOR_GENERATION = dict(pipeline_model_parallel_size=1, virtual_pipeline_model_pa
                        context_parallel_size=1, expert_model_parallel_size=1,
                        expert_tensor_parallel_size=None, **UNEVEN_SPLIT_FIELDS,
                        sequence_parallel=False, recompute_granularity=None,
-                       recompute_method=None, recompute_num_layers=None,
+                       recompute_modules=None, recompute_method=None, recompute_num_layers=None,
                        distribute_saved_activations=False, hidden_dropout=0.0,
                        attention_dropout=0.0, compile_layers=False)
 

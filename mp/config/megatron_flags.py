@@ -195,7 +195,7 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
     "--moe-": ("mp's mixture of experts has no such option: it has --num-experts, "
                "--moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
                "--moe-router-pre-softmax, "
-               "--moe-router-load-balancing-type aux_loss|seq_aux_loss|none, "
+               "--moe-router-load-balancing-type aux_loss|seq_aux_loss|global_aux_loss|none, "
                "--moe-aux-loss-coeff, --moe-z-loss-coeff, "
                "--moe-shared-expert-intermediate-size, --moe-shared-expert-gate, "
                "--moe-router-dtype, "

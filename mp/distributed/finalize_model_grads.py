@@ -101,14 +101,14 @@ def finalize_model_grads(model_chunks: Iterable[nn.Module],
     allreduce_embedding_grads(chunks)
     if num_tokens is not None:
         divide_by_global_token_count(chunks, num_tokens)
-    update_expert_biases(chunks)
+    end_router_iterations(chunks)
 
 
-def update_expert_biases(model_chunks: Iterable[nn.Module]) -> None:
-    """Each router's ``update_expert_bias`` over the DP x CP group (the routers that keep an
-    expert bias; nothing for other models)."""
+def end_router_iterations(model_chunks: Iterable[nn.Module]) -> None:
+    """Each mixture-of-experts router's ``end_iteration`` over the DP x CP group (its expert
+    bias updated, its global load-balancing counts reset; nothing for other models)."""
     for chunk in model_chunks:
         for module in chunk.modules():
-            if getattr(module, "expert_bias", None) is not None:
-                module.update_expert_bias(
+            if hasattr(module, "end_iteration"):
+                module.end_iteration(
                     parallel_state.get_data_parallel_group(with_context_parallel=True))

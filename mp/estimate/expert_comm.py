@@ -12,15 +12,16 @@ from mp.estimate.storage import FP32, INT64, activation_bytes, local_tokens, seq
 from mp.model.aux_losses import router_loss_names
 
 
-def router_statistics_bytes(cfg, micro_batch: int) -> int:
-    """What a router sums over the ranks holding the rest of its sequences in a forward: for
-    the load-balancing loss each expert's token count (int64) and probability sum (of each
-    sequence, for the sequence-level loss), for the z-loss one sum, in the logits' dtype."""
+def router_statistics_bytes(cfg, micro_batch: int) -> tuple[int, int]:
+    """What a router sums in a forward, (for the load-balancing loss, for the z-loss): each
+    expert's token count (int64) and probability sum (of each sequence, for the
+    sequence-level loss), and one sum, in the logits' dtype."""
     logits = FP64 if cfg.moe_router_dtype == "fp64" else FP32
     names = router_loss_names(cfg)
-    balancing = {"load_balancing_loss": 1, "seq_load_balancing_loss": micro_batch}
+    balancing = {"load_balancing_loss": 1, "global_load_balancing_loss": 1,
+                 "seq_load_balancing_loss": micro_batch}
     per_expert = sum(balancing.get(name, 0) for name in names)
-    return per_expert * (INT64 + logits) * cfg.num_moe_experts + ("z_loss" in names) * logits
+    return per_expert * (INT64 + logits) * cfg.num_moe_experts, ("z_loss" in names) * logits
 
 
 def expert_collectives(setup: Setup, layers: int, forwards: int) -> list[Collective]:
@@ -37,8 +38,9 @@ def expert_collectives(setup: Setup, layers: int, forwards: int) -> list[Collect
     so how much it sends on, depends on the routing: this counts the mean, ``n' k`` over EP
     and ``N k`` over TP (exact summed over the ranks, which together receive what they send).
     The routers sum their statistics over CP and, under SP, TP once a micro-batch (in the
-    forward that keeps a graph, not again in a recompute), and with an expert bias their
-    token counts over DP x CP (and TP) once an iteration."""
+    forward that keeps a graph, not again in a recompute; the global load-balancing loss's
+    over DP x CP instead of CP), and with an expert bias their token counts over DP x CP (and
+    TP) once an iteration."""
     cfg, m = setup.model, setup.num_microbatches
     split = cfg.sequence_parallel and setup.tp > 1
     row = activation_bytes(cfg) * cfg.moe_router_topk * cfg.hidden_size
@@ -54,16 +56,20 @@ def expert_collectives(setup: Setup, layers: int, forwards: int) -> list[Collect
                            m * forwards * setup.tp * counts),
                 Collective("experts' rows and partial outputs", "all_to_all", "tp",
                            m * (forwards + layers) * 2 * rows)]
-    if router_loss_names(cfg):  # over the ranks holding the rest of the sequences
-        out += [Collective("router statistics", "all_reduce", group,
-                           m * layers * router_statistics_bytes(cfg, setup.micro_batch_size))
-                for group, size in (("tp", setup.tp if split else 1), ("cp", setup.cp))
-                if size > 1]
+    dp_cp = "dp_cp" if setup.cp > 1 else "dp"
+    balancing, z = router_statistics_bytes(cfg, setup.micro_batch_size)
+    if cfg.moe_router_load_balancing_type == "global_aux_loss":  # every DP rank's tokens
+        summed = ((dp_cp, setup.gradient_group_size, balancing), ("cp", setup.cp, z))
+    else:  # over the ranks holding the rest of the sequences
+        summed = (("cp", setup.cp, balancing + z),)
+    out += [Collective("router statistics", "all_reduce", group, m * layers * size_bytes)
+            for group, size, size_bytes in (("tp", setup.tp if split else 1, balancing + z),
+                                            *summed)
+            if size > 1 and size_bytes]
     if cfg.moe_router_enable_expert_bias:  # over every rank that routes other tokens
         out += [Collective("routed token counts (expert bias)", "all_reduce", group,
                            layers * FP32 * cfg.num_moe_experts)
                 for group, size in (("tp", setup.tp if split else 1),
-                                    ("dp_cp" if setup.cp > 1 else "dp",
-                                     setup.gradient_group_size))
+                                    (dp_cp, setup.gradient_group_size))
                 if size > 1]
     return out

@@ -60,7 +60,8 @@ def router_loss_names(config) -> list[str]:
     z-loss, those it has."""
     if config.num_moe_experts is None:
         return []
-    balancing = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss"}
+    balancing = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+                 "global_aux_loss": "global_load_balancing_loss"}
     name = balancing.get(config.moe_router_load_balancing_type)
     names = [name] if name and config.moe_aux_loss_coeff > 0 else []
     return names + (["z_loss"] if config.moe_z_loss_coeff else [])

@@ -146,7 +146,8 @@ class TransformerConfig:
     moe_router_pre_softmax: bool = False  # softmax over all experts, then top k (the k
     # probabilities sum to less than 1); default top k of the logits, then softmax over those
     moe_router_load_balancing_type: str = "aux_loss"  # aux_loss (Switch's) | seq_aux_loss
-    # (the same per sequence, averaged: DeepSeek-V2's) | none
+    # (the same per sequence, averaged: DeepSeek-V2's) | global_aux_loss (over every DP
+    # rank's micro-batch, Megatron's) | none
     moe_aux_loss_coeff: float = 0.0  # weight of the load-balancing loss
     moe_z_loss_coeff: float | None = None  # weight of the router z-loss (ST-MoE); None: none
     moe_expert_capacity_factor: float | None = None  # an expert takes at most this x its share

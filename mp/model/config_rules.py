@@ -62,7 +62,7 @@ def check_moe(config) -> None:
         divisible("moe_shared_expert_intermediate_size", shared,
                   "tensor_model_parallel_size", tp)
     one_of("moe_router_load_balancing_type", config.moe_router_load_balancing_type,
-           ("aux_loss", "seq_aux_loss", "none"))
+           ("aux_loss", "seq_aux_loss", "global_aux_loss", "none"))
     one_of("moe_router_dtype", config.moe_router_dtype, (None, "fp32", "fp64"))
     one_of("moe_token_drop_policy", config.moe_token_drop_policy, ("probs", "position"))
     _check_router_groups(config)

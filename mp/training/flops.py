@@ -10,8 +10,9 @@ recompute repeats the recomputed forward once more. Hence, for a batch of ``B`` 
     full recompute:  96 B s l h^2 (1 + s / (6h) + V / (16 l h))
 
 `num_floating_point_operations` counts the same way for any MLP width and activation (SwiGLU
-has three ``h x ffn`` matrices instead of two), and for selective recompute (only the
-attention core is recomputed); for a ``4h`` GeLU MLP it is exactly the formulas above. ``V`` is
+has three ``h x ffn`` matrices instead of two), and for selective recompute (the matrix
+products of the ``recompute_modules`` it reruns: the attention scores for ``core_attn``); for
+a ``4h`` GeLU MLP it is exactly the formulas above. ``V`` is
 the padded vocabulary (what the output layer computes). See docs/training.md.
 """
 

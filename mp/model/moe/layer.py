@@ -35,7 +35,9 @@ class MoELayer(nn.Module):
     `parallel_state`'s). Under context parallelism each rank routes its own tokens; the
     routers' auxiliary losses count the whole sequences, summing their statistics over the
     ranks that hold the rest (CP, ``context_group``, default `parallel_state`'s when
-    ``context_parallel_size > 1``; and TP under sequence parallelism).
+    ``context_parallel_size > 1``; and TP under sequence parallelism), and the global
+    load-balancing loss every data-parallel rank's micro-batch (DP x CP, ``data_group``,
+    default `parallel_state`'s).
     With ``moe_shared_expert_intermediate_size`` a dense MLP of that width (`SharedExperts`,
     ``shared_experts``, Megatron's name; gated with ``moe_shared_expert_gate``) takes every
     token too and its output is added; ``shared_experts`` among the recompute modules
@@ -43,7 +45,7 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, config: TransformerConfig, group=None, expert_group=None,
-                 context_group=None):
+                 context_group=None, data_group=None):
         super().__init__()
         self.config = config
         self.group = parallel_state.get_tensor_model_parallel_group() if group is None \
@@ -61,8 +63,10 @@ class MoELayer(nn.Module):
         # the tokens split over TP (each rank routes its own) or replicated there
         self.split = config.sequence_parallel and self.tp > 1
         tensor_group = self.group if self.split else None
+        if data_group is None and config.moe_router_load_balancing_type == "global_aux_loss":
+            data_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.router = TopKRouter(config, context_group, tensor_group,
-                                 replicas=1 if self.split else self.tp)
+                                 replicas=1 if self.split else self.tp, data_group=data_group)
         self.experts = Experts(config, self.group, ep_rank, ep)
         self.dispatcher = TokenDispatcher(config.num_moe_experts, expert_group, tensor_group)
         self.shared_experts = (None if config.moe_shared_expert_intermediate_size is None

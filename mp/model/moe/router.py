@@ -45,20 +45,33 @@ class TopKRouter(nn.Module):
     all-reduce whose backward passes each rank its own part), and each rank backpropagates
     ``CP x`` its part, as with the language-model loss (the gradients are averaged over
     DP x CP): the losses' weight is ``CP / replicas``.
+
+    The global load-balancing loss (``moe_router_load_balancing_type="global_aux_loss"``,
+    Megatron's) counts the micro-batch of every data-parallel rank together: the statistics
+    are summed over ``data_group`` (DP x CP) too, and the weight is ``DP CP / replicas``, so
+    the gradient averaged over DP is that of the loss of all those tokens. Its expert
+    fractions are the mean of the micro-batches' so far in the iteration
+    (`end_iteration` starts them again), as Megatron's running average.
     """
 
     def __init__(self, config: TransformerConfig, context_group=None, tensor_group=None,
-                 replicas: int = 1):
+                 replicas: int = 1, data_group=None):
         super().__init__()
         self.config = config
         self.topk = config.moe_router_topk
-        self.token_groups = [g for g in (tensor_group, context_group) if g is not None]
         self.tensor_group = tensor_group
-        cp = 1 if context_group is None else dist.get_world_size(context_group)
-        self.aux_loss_weight = cp / replicas
-        self.token_shares = 1  # ranks whose tokens make up the sequences with this one's
-        for group in self.token_groups:
-            self.token_shares *= dist.get_world_size(group)
+        # the ranks holding the rest of the sequences, and (global loss) of the global batch
+        self.token_groups = [g for g in (tensor_group, context_group) if g is not None]
+        self.global_groups = [g for g in (tensor_group, data_group) if g is not None]
+        self.token_shares, self.global_shares = (
+            _world(groups) for groups in (self.token_groups, self.global_groups))
+        self.aux_loss_weight = _world([context_group]) / replicas
+        self.global_loss_weight = _world([data_group]) / replicas
+        self.global_tokens_per_expert = None  # [E] summed over this iteration's micro-batches
+        if config.moe_router_load_balancing_type == "global_aux_loss":
+            self.global_tokens_per_expert = torch.zeros(config.num_moe_experts,
+                                                        dtype=torch.float64, device=get_device())
+            self.global_micro_batches = 0
         full = torch.empty(config.num_moe_experts, config.hidden_size, dtype=torch.float32,
                            device=get_device())
         init_method(config)(full)
@@ -132,6 +145,17 @@ class TopKRouter(nn.Module):
         return torch.topk(scores.masked_fill(~allowed, float("-inf")), self.topk, dim=-1)
 
     @torch.no_grad()
+    def end_iteration(self, group=None) -> None:
+        """After an iteration's backward (`mp.distributed.finalize_model_grads`;
+        ``group``: DP x CP): `update_expert_bias` when the router has an expert bias, and the
+        global load-balancing loss's counts start again."""
+        if self.expert_bias is not None:
+            self.update_expert_bias(group)
+        if self.global_tokens_per_expert is not None:
+            self.global_tokens_per_expert.zero_()
+            self.global_micro_batches = 0
+
+    @torch.no_grad()
     def update_expert_bias(self, group=None) -> None:
         """After an iteration's backward (`mp.distributed.finalize_model_grads`): move each
         expert's bias by ``moe_router_bias_update_rate`` toward balance, up for an expert
@@ -156,33 +180,49 @@ class TopKRouter(nn.Module):
                 scores = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
             elif scores is None:
                 scores = torch.softmax(logits, dim=-1)
-            experts_count = cfg.num_moe_experts
-            if cfg.moe_router_load_balancing_type == "seq_aux_loss":  # [b, E] per sequence
+            experts_count, weight = cfg.num_moe_experts, self.aux_loss_weight
+            kind = cfg.moe_router_load_balancing_type
+            groups = self.global_groups if kind == "global_aux_loss" else self.token_groups
+            if kind == "seq_aux_loss":  # [b, E] per sequence
                 sequence = torch.arange(logits.size(0), device=logits.device) % sequences
                 pair = sequence.repeat_interleave(self.topk) * experts_count + experts.flatten()
                 counts = torch.bincount(pair, minlength=sequences * experts_count)
                 counts = counts.view(sequences, experts_count)
                 sums = scores.view(-1, sequences, experts_count).sum(0)
-                length = num_tokens // sequences
+                sums, length = self._summed(sums, groups, counts), num_tokens // sequences
             else:
                 counts = torch.bincount(experts.flatten(), minlength=experts_count)
-                sums, length = scores.sum(0), num_tokens
-            sums = self._over_sequences(sums, counts)
+                sums, length = self._summed(scores.sum(0), groups, counts), num_tokens
+            if kind == "global_aux_loss":  # every DP rank's micro-batch, the counts averaged
+                length, weight = logits.size(0) * self.global_shares, self.global_loss_weight
+                self.global_tokens_per_expert += counts
+                self.global_micro_batches += 1
+                counts = self.global_tokens_per_expert / self.global_micro_batches
             loss = load_balancing_loss(sums, counts, length, self.topk, cfg.moe_aux_loss_coeff)
             track(names[0], loss / cfg.moe_aux_loss_coeff)
-            probs = attach_aux_loss(probs, loss, self.aux_loss_weight)
+            probs = attach_aux_loss(probs, loss, weight)
         if cfg.moe_z_loss_coeff:
             square_sum = torch.logsumexp(logits, dim=-1).square().sum()
-            loss = z_loss(self._over_sequences(square_sum), num_tokens, cfg.moe_z_loss_coeff)
+            loss = z_loss(self._summed(square_sum, self.token_groups), num_tokens,
+                          cfg.moe_z_loss_coeff)
             track("z_loss", loss / cfg.moe_z_loss_coeff)
             probs = attach_aux_loss(probs, loss, self.aux_loss_weight)
         return probs
 
-    def _over_sequences(self, sums: torch.Tensor, counts: torch.Tensor | None = None):
-        """``sums`` added up over the ranks holding the rest of the sequences (backward: each
-        rank's own part), and ``counts`` in place (no gradient)."""
-        for group in self.token_groups:
+    @staticmethod
+    def _summed(sums: torch.Tensor, groups: list, counts: torch.Tensor | None = None):
+        """``sums`` added up over ``groups`` (the ranks holding the rest of the tokens the loss
+        counts; backward: each rank's own part), and ``counts`` in place (no gradient)."""
+        for group in groups:
             if counts is not None:
                 dist.all_reduce(counts, group=group)
             sums = reduce_from_tensor_model_parallel_region(sums, group=group)
         return sums
+
+
+def _world(groups) -> int:
+    """The ranks of ``groups`` together (None counts 1)."""
+    size = 1
+    for group in groups:
+        size *= 1 if group is None else dist.get_world_size(group)
+    return size
