@@ -23,7 +23,8 @@ the planner knows the same rules (heads divisible by ``t``, the sequence by ``2 
 by ``micro-batch x DP``, micro-batches by ``p`` when interleaving); a candidate that breaks
 one is not a layout. The rest are estimated, those whose busiest rank exceeds
 ``memory_fraction`` of the GPU's memory are dropped, and the others are ranked by predicted
-tokens per second (less memory first among equals).
+tokens per second; among equals, the one recomputing least (`recompute_work`), then the one
+using less memory.
 """
 
 from __future__ import annotations
@@ -193,6 +194,16 @@ def _setup(job: JobConfig, world_size: int, mbs: int, distributed_optimizer: boo
         return None
 
 
+def recompute_work(cfg: TransformerConfig) -> int:
+    """How much a config recomputes, for ranking equally fast layouts: 0 without recompute,
+    the number of selective modules, more than all of them for full recompute. The step-time
+    estimate counts matrix products only, so the norms' and activations' reruns look free;
+    they are not."""
+    if cfg.recompute_granularity == "full":
+        return len(RECOMPUTE_MODULES) + 1
+    return len(cfg.recompute_modules or ()) if cfg.recompute_granularity else 0
+
+
 def plan(job: JobConfig, world_size: int, gpu: GPUSpec, *,
          efficiency: float = DEFAULT_EFFICIENCY,
          memory_fraction: float = DEFAULT_MEMORY_FRACTION, kernels: Kernels = CUDA,
@@ -204,5 +215,6 @@ def plan(job: JobConfig, world_size: int, gpu: GPUSpec, *,
     setups = candidate_setups(job, world_size, **candidates)
     estimates = [estimate(s, gpu, efficiency, kernels) for s in setups]
     fitting = [e for e in estimates if e.fits(memory_fraction)]
-    fitting.sort(key=lambda e: (-e.tokens_per_second, e.peak_bytes))
+    fitting.sort(key=lambda e: (-e.tokens_per_second, recompute_work(e.setup.model),
+                                e.peak_bytes))
     return PlanResult(fitting=fitting, valid=len(setups), too_big=len(setups) - len(fitting))
