@@ -90,16 +90,14 @@ def measure(model: GPTModel, batch: tuple, device: torch.device, iters: int
     with SavedTensorMeter(exclude=list(model.parameters())) as meter:
         loss = model(ids, labels=labels).float().mean()
     kept = meter.bytes
-    del meter
+    loss.backward()
+    del meter, loss  # the meter holds what it counted: measure the peak without it
     peak = None
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    loss.backward()
-    if device.type == "cuda":
-        loss = model(ids, labels=labels).float().mean()
-        loss.backward()
+        step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(device) - base
     seconds, _ = timed_steps(step, device, warmup=1, iters=iters)
