@@ -25,7 +25,7 @@ YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
 
 def _deepseek(**extra):
     """A DeepSeek-V3 of 3 layers (the first dense) and 8 experts in 4 groups."""
-    config = transformers.DeepseekV3Config(**{
+    return _random(transformers.DeepseekV3ForCausalLM, transformers.DeepseekV3Config(**{
         "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96,
         "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
         "num_key_value_heads": 4, "n_shared_experts": 1, "n_routed_experts": 8,
@@ -33,9 +33,26 @@ def _deepseek(**extra):
         "qk_rope_head_dim": 8, "v_head_dim": 12, "qk_nope_head_dim": 16, "n_group": 4,
         "topk_group": 2, "num_experts_per_tok": 4, "first_k_dense_replace": 1,
         "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_parameters": YARN,
-        **extra})
+        **extra}))
+
+
+def _deepseek_v2(**extra):
+    """A DeepSeek-V2 of 3 layers (the first dense), 8 experts routed by softmax, 2 shared,
+    without a query latent (as DeepSeek-V2-Lite)."""
+    return _random(transformers.DeepseekV2ForCausalLM, transformers.DeepseekV2Config(**{
+        "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96,
+        "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "n_shared_experts": 2, "n_routed_experts": 8,
+        "kv_lora_rank": 24, "q_lora_rank": None, "qk_rope_head_dim": 8, "v_head_dim": 12,
+        "qk_nope_head_dim": 16, "num_experts_per_tok": 3, "first_k_dense_replace": 1,
+        "topk_method": "greedy", "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+        "rope_parameters": YARN, **extra}))
+
+
+def _random(model_class, config):
+    """``model_class(config)`` with seeded weights."""
     torch.manual_seed(0)
-    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    model = model_class(config).eval()
     with torch.no_grad():  # the norms non-trivial, the routers' choices spread out
         for i, (name, tensor) in enumerate(model.state_dict().items()):
             scale = 0.3 if "gate." in name else 0.05
@@ -67,6 +84,45 @@ def test_logits_match_after_conversion(tmp_path, world, tp, ep, extra):
         expected = model(tokens).logits
     for got in run_distributed(world, mp_logits, str(tmp_path / "mp"), tp, ep, tokens, VOCAB):
         assert_rel_close(got, expected, rtol=1e-5, what="logits")
+
+
+@pytest.mark.parametrize("world,tp,ep,extra", [
+    (1, 1, 1, {}), (2, 2, 1, {"q_lora_rank": 40, "routed_scaling_factor": 2.0}),
+    (2, 1, 2, {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}})],
+    ids=["lite-TP1", "query-latent-scaled-TP2", "plain-rope-EP2"])
+def test_deepseek_v2_logits_match_after_conversion(tmp_path, world, tp, ep, extra):
+    """DeepSeek-V2's routing (a softmax over every expert, its top k as they are, scaled) is
+    mp's ``moe_router_pre_softmax`` with ``moe_router_topk_scaling_factor``."""
+    model = _deepseek_v2(**extra)
+    model.save_pretrained(tmp_path / "hf")
+    to_mp(tmp_path / "hf", tmp_path / "mp", tp)
+    saved = read_checkpoint_info(tmp_path / "mp").model_config
+    assert (saved["moe_router_pre_softmax"], saved["moe_router_score_function"],
+            saved["moe_router_enable_expert_bias"], saved["moe_router_topk_scaling_factor"],
+            saved["moe_shared_expert_intermediate_size"]) == (
+        True, "softmax", False, extra.get("routed_scaling_factor"), 64)
+    tokens = _tokens()
+    with torch.no_grad():
+        expected = model(tokens).logits
+    for got in run_distributed(world, mp_logits, str(tmp_path / "mp"), tp, ep, tokens, VOCAB):
+        assert_rel_close(got, expected, rtol=1e-5, what="logits")
+
+
+@pytest.mark.parametrize("extra", [{}, {"q_lora_rank": 40, "routed_scaling_factor": 2.0}],
+                         ids=["lite", "query-latent-scaled"])
+def test_deepseek_v2_round_trip_is_exact(tmp_path, extra):
+    """Back to DeepSeek-V2 (its RoPE channels paired again): the same tensors."""
+    model = _deepseek_v2(**extra)
+    model.save_pretrained(tmp_path / "hf")
+    to_mp(tmp_path / "hf", tmp_path / "mp", 1)
+    convert.main(["mp-to-hf", "--input", str(tmp_path / "mp"), "--output", str(tmp_path / "back")])
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (config["model_type"], config["topk_method"], config["n_shared_experts"]) == (
+        "deepseek_v2", "greedy", 2)
+    back = transformers.DeepseekV2ForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert_same_model(back, model, _tokens())
+
+
 
 
 def test_paired_rope_channels_are_reordered(tmp_path):
@@ -106,7 +162,7 @@ def test_round_trip(tmp_path, extra):
                              what="logits")
 
 
-@pytest.mark.parametrize("change, message", [
+V3_REFUSALS = [
     ({"quantization_config": {"quant_method": "fp8"}},
      "quantization_config=.*: mp's DeepSeek-V3 needs quantization_config=None"),
     ({"topk_method": "greedy"}, "topk_method='greedy': mp's DeepSeek-V3 needs "
@@ -115,9 +171,19 @@ def test_round_trip(tmp_path, extra):
                         "their top 2 scores"),
     ({"rms_norm_eps": 1e-5}, "rms_norm_eps=1e-05: DeepSeek-V3's latent norms take 1e-6"),
     ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}},
-     "RoPE scaling .*: mp's DeepSeek-V3 has YaRN")])
-def test_unsupported_configs_are_refused_by_name(tmp_path, change, message):
-    _deepseek().save_pretrained(tmp_path / "hf")
+     "RoPE scaling .*: mp's DeepSeek has YaRN")]
+V2_REFUSALS = [
+    ({"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1},
+     "topk_method='group_limited_greedy': mp's DeepSeek-V2 needs topk_method='greedy'"),
+    ({"norm_topk_prob": True}, "norm_topk_prob=True: mp's DeepSeek-V2 needs "
+                               "norm_topk_prob=False")]
+
+
+@pytest.mark.parametrize("build, change, message",
+                         [(_deepseek, *case) for case in V3_REFUSALS]
+                         + [(_deepseek_v2, *case) for case in V2_REFUSALS])
+def test_unsupported_configs_are_refused_by_name(tmp_path, build, change, message):
+    build().save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(SystemExit, match=message):

@@ -1,5 +1,5 @@
-"""Convert Hugging Face GPT-2, Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE, Qwen2-MoE and DeepSeek-V3
-weights to an mp checkpoint, and back.
+"""Convert Hugging Face GPT-2, Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE, Qwen2-MoE, DeepSeek-V2 and
+DeepSeek-V3 weights to an mp checkpoint, and back.
 
     python tools/convert_checkpoint.py hf-to-mp --input gpt2/ --output ckpt/gpt2 \\
         [--tensor-model-parallel-size 2] [--make-vocab-size-divisible-by 128] [--seq-length 1024] \\
@@ -9,11 +9,11 @@ weights to an mp checkpoint, and back.
 
 ``hf-to-mp`` reads a ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
 ``Qwen3ForCausalLM``, ``MixtralForCausalLM``, ``Qwen3MoeForCausalLM``,
-``Qwen2MoeForCausalLM`` or ``DeepseekV3ForCausalLM`` directory
+``Qwen2MoeForCausalLM``, ``DeepseekV2ForCausalLM`` or ``DeepseekV3ForCausalLM`` directory
 (``config.json`` with ``model.safetensors``, the shards a ``model.safetensors.index.json``
 names, or ``pytorch_model.bin``) or one weights file (then ``--config`` names the
 ``config.json``); the config's ``model_type`` (``gpt2``, ``llama``, ``qwen2``, ``qwen3``,
-``mixtral``, ``qwen3_moe``, ``qwen2_moe`` or ``deepseek_v3``) picks the mapping
+``mixtral``, ``qwen3_moe``, ``qwen2_moe``, ``deepseek_v2`` or ``deepseek_v3``) picks the mapping
 (`mp.checkpointing.hf_gpt2`, `mp.checkpointing.hf_deepseek`, `mp.checkpointing.hf_llama` for the
 others).
 It writes a model-only mp checkpoint (a save directory with ``iter_0000000``). mp checkpoints
@@ -60,7 +60,7 @@ from mp.model.config import TransformerConfig
 SAFETENSORS, BIN, CONFIG = "model.safetensors", "pytorch_model.bin", "config.json"
 INDEX = SAFETENSORS + ".index.json"  # a sharded checkpoint's map of tensors to files
 # config.json's model_type -> its mapping
-FORMATS = {"gpt2": hf_gpt2, "deepseek_v3": hf_deepseek,
+FORMATS = {"gpt2": hf_gpt2, "deepseek_v3": hf_deepseek, "deepseek_v2": hf_deepseek,
            **{kind: hf_llama for kind in hf_llama.FAMILIES}}
 
 

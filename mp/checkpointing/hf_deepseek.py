@@ -1,5 +1,5 @@
-"""Hugging Face DeepSeek-V3 (``DeepseekV3ForCausalLM``) weights to and from mp's global
-parameter names.
+"""Hugging Face DeepSeek-V3 (``DeepseekV3ForCausalLM``) and DeepSeek-V2 (``DeepseekV2ForCausalLM``:
+DeepSeek-V2-Lite, DeepSeek-V2) weights to and from mp's global parameter names.
 
 DeepSeek-V3 is mp's GPT with RMSNorm, SwiGLU, no linear biases, untied embeddings,
 multi-latent attention (`mp.model.mla`) and, after its first ``first_k_dense_replace`` dense
@@ -24,6 +24,13 @@ layers, mixtures of experts with shared experts (`mp.model.moe`). The names:
   (``norm_topk_prob``) and times ``routed_scaling_factor``.
 - RoPE is plain or YaRN (mp's ``rope_type='yarn'``, `mp.model.rope.yarn_frequencies`), whose
   ``mscale_all_dim`` also scales the scores.
+
+DeepSeek-V2 is the same model with another routing (``topk_method: greedy``): a softmax over
+every expert, its top ``k`` as they are (mp's ``moe_router_pre_softmax``; not renormalized:
+``norm_topk_prob`` must be false, as transformers ignores it), times
+``routed_scaling_factor``; no score-correction bias, no prediction depths. Its RoPE channels
+are always paired, so ``mp-to-hf`` writes them paired again. An mp model converts to
+DeepSeek-V2 when it routes by softmax, to DeepSeek-V3 when by sigmoid with an expert bias.
 
 The next-token-prediction modules of DeepSeek-V3's own files (layers past
 ``num_hidden_layers``) are not part of the model transformers loads, nor of mp's: they are
@@ -59,28 +66,31 @@ _PREDICTION = (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
                ("shared_head.norm", "final_layernorm"))
 
 
+V3, V2 = "deepseek_v3", "deepseek_v2"
+_NAMES = {V3: ("DeepSeek-V3", "DeepseekV3ForCausalLM"),
+          V2: ("DeepSeek-V2", "DeepseekV2ForCausalLM")}
+
+
 def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
                    pipeline_model_parallel_size: int = 1,
                    make_vocab_size_divisible_by: int = 128,
                    seq_length: int | None = None) -> TransformerConfig:
-    """The mp model of a DeepSeek-V3 ``config.json``; ValueError for what mp cannot
-    express."""
+    """The mp model of a DeepSeek-V3 or DeepSeek-V2 ``config.json`` (its ``model_type``,
+    default V3); ValueError for what mp cannot express."""
+    version = hf.get("model_type", V3)
+    name = _NAMES[version][0]
+    routing = ((("topk_method", "noaux_tc"), ("scoring_func", "sigmoid"), ("norm_topk_prob", True))
+               if version == V3 else (("topk_method", "greedy"), ("norm_topk_prob", False)))
     for key, value in (("hidden_act", "silu"), ("attention_bias", False),
-                       ("topk_method", "noaux_tc"), ("scoring_func", "sigmoid"),
-                       ("norm_topk_prob", True), ("quantization_config", None),
-                       ("num_key_value_heads", hf["num_attention_heads"])):
+                       ("quantization_config", None),
+                       ("num_key_value_heads", hf["num_attention_heads"]), *routing):
         if hf.get(key, value) != value:
-            raise ValueError(f"{key}={hf[key]!r}: mp's DeepSeek-V3 needs {key}={value!r}")
+            raise ValueError(f"{key}={hf[key]!r}: mp's {name} needs {key}={value!r}")
     if hf.get("rms_norm_eps", 1e-6) != 1e-6:
-        raise ValueError(f"rms_norm_eps={hf['rms_norm_eps']!r}: DeepSeek-V3's latent norms "
+        raise ValueError(f"rms_norm_eps={hf['rms_norm_eps']!r}: {name}'s latent norms "
                          "take 1e-6 whatever it says, and mp's norms share one epsilon: it must "
                          "be 1e-6")
     layers, dense = hf["num_hidden_layers"], hf.get("first_k_dense_replace", 0)
-    k, groups, chosen = hf["num_experts_per_tok"], hf.get("n_group", 1), hf.get("topk_group", 1)
-    if groups > 1 and k != 2 * chosen:
-        raise ValueError(f"num_experts_per_tok={k}, topk_group={chosen}: DeepSeek-V3 ranks "
-                         "its groups by their top 2 scores, mp's by their top "
-                         "num_experts_per_tok / topk_group: it must be 2")
     positions = hf["max_position_embeddings"]
     shared = hf.get("n_shared_experts") or 0
     return TransformerConfig(
@@ -94,20 +104,44 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
         multi_latent_attention=True, q_lora_rank=hf.get("q_lora_rank"),
         kv_lora_rank=hf["kv_lora_rank"], qk_head_dim=hf["qk_nope_head_dim"],
         qk_pos_emb_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
-        num_moe_experts=hf["n_routed_experts"], moe_router_topk=k,
+        num_moe_experts=hf["n_routed_experts"], moe_router_topk=hf["num_experts_per_tok"],
         moe_layer_freq=[int(i >= dense) for i in range(layers)],
         moe_ffn_hidden_size=hf["moe_intermediate_size"],
         moe_shared_expert_intermediate_size=shared * hf["moe_intermediate_size"] or None,
-        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-        moe_router_topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-        moe_router_num_groups=groups if groups > 1 else None,
-        moe_router_group_topk=chosen if groups > 1 else None,
+        **(_v3_routing(hf) if version == V3 else _v2_routing(hf)),
         add_bias_linear=False, hidden_dropout=0.0,
         attention_dropout=hf.get("attention_dropout", 0.0),
         init_method_std=hf.get("initializer_range", 0.02),
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size)
+
+
+def _v3_routing(hf: dict) -> dict:
+    """mp's routing fields of DeepSeek-V3's ``noaux_tc``: sigmoid scores with the
+    score-correction bias, group-limited, renormalized and scaled."""
+    k, groups, chosen = hf["num_experts_per_tok"], hf.get("n_group", 1), hf.get("topk_group", 1)
+    if groups > 1 and k != 2 * chosen:
+        raise ValueError(f"num_experts_per_tok={k}, topk_group={chosen}: DeepSeek-V3 ranks "
+                         "its groups by their top 2 scores, mp's by their top "
+                         "num_experts_per_tok / topk_group: it must be 2")
+    return dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                moe_router_topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+                moe_router_num_groups=groups if groups > 1 else None,
+                moe_router_group_topk=chosen if groups > 1 else None)
+
+
+def _v2_routing(hf: dict) -> dict:
+    """mp's routing fields of DeepSeek-V2's ``greedy``: the top ``k`` of a softmax over every
+    expert, scaled."""
+    factor = float(hf.get("routed_scaling_factor", 1.0))
+    return dict(moe_router_pre_softmax=True,
+                moe_router_topk_scaling_factor=None if factor == 1.0 else factor)
+
+
+def _version(config: TransformerConfig) -> str:
+    """DeepSeek-V3 for an mp model routing by sigmoid, else DeepSeek-V2."""
+    return V3 if config.moe_router_score_function == "sigmoid" else V2
 
 
 def _rope(hf: dict) -> dict:
@@ -118,7 +152,7 @@ def _rope(hf: dict) -> dict:
     if kind == "default":
         return fields
     if kind != "yarn" or parameters.get("attention_factor") is not None:
-        raise ValueError(f"RoPE scaling {parameters!r}: mp's DeepSeek-V3 has YaRN (rope_type "
+        raise ValueError(f"RoPE scaling {parameters!r}: mp's DeepSeek has YaRN (rope_type "
                          "'yarn', its attention factor from mscale and mscale_all_dim) or none")
     return {**fields, "rope_type": "yarn",
             "yarn_rotary_scaling_factor": float(parameters["factor"]),
@@ -131,17 +165,21 @@ def _rope(hf: dict) -> dict:
 
 
 def _check(config: TransformerConfig) -> None:
-    """ValueError for an mp model DeepSeek-V3 cannot express."""
+    """ValueError for an mp model neither DeepSeek model can express."""
+    version = _version(config)
+    routing = ({"moe_router_enable_expert_bias": (True,), "moe_router_pre_softmax": (False,)}
+               if version == V3 else
+               {"moe_router_pre_softmax": (True,), "moe_router_num_groups": (None,),
+                "mtp_num_layers": (None,)})
+    name = _NAMES[version][0]
     check_expressible(config, {
         "multi_latent_attention": (True,), "normalization": ("RMSNorm",),
         "activation": ("swiglu",), "add_bias_linear": (False,), "layernorm_epsilon": (1e-6,),
-        "untie_embeddings_and_output_weights": (True,),
-        "moe_router_score_function": ("sigmoid",), "moe_router_enable_expert_bias": (True,),
-        "moe_router_pre_softmax": (False,)}, "DeepSeek-V3")
+        "untie_embeddings_and_output_weights": (True,), **routing}, name)
     pattern = [int(config.is_moe_layer(i)) for i in range(config.num_layers)]
     if config.num_moe_experts is None or pattern != sorted(pattern):
         raise ValueError(f"model.num_moe_experts={config.num_moe_experts}, moe_layer_freq="
-                         f"{config.moe_layer_freq!r}: DeepSeek-V3 has dense layers first, then "
+                         f"{config.moe_layer_freq!r}: {name} has dense layers first, then "
                          "mixtures of experts")
     groups = config.moe_router_num_groups
     if groups is not None and config.moe_router_topk != 2 * config.moe_router_group_topk:
@@ -156,9 +194,10 @@ def _check(config: TransformerConfig) -> None:
 
 
 def hf_config(config: TransformerConfig) -> dict:
-    """A DeepSeek-V3 ``config.json`` for mp model ``config``; ValueError for an mp model it
-    cannot express."""
+    """A DeepSeek-V3 ``config.json`` for mp model ``config``, DeepSeek-V2's for one routing
+    by softmax; ValueError for an mp model neither can express."""
     _check(config)
+    version = _version(config)
     rope = {"rope_type": "default", "rope_theta": config.rotary_base}
     if config.rope_type == "yarn":
         rope.update(rope_type="yarn", factor=config.yarn_rotary_scaling_factor,
@@ -166,7 +205,11 @@ def hf_config(config: TransformerConfig) -> dict:
                     beta_fast=config.yarn_beta_fast, beta_slow=config.yarn_beta_slow,
                     mscale=config.yarn_mscale, mscale_all_dim=config.yarn_mscale_all_dim)
     groups = config.moe_router_num_groups
-    return {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+    routing = ({"n_group": groups or 1, "topk_group": config.moe_router_group_topk or 1,
+                "norm_topk_prob": True, "rope_interleave": False,
+                "num_nextn_predict_layers": config.mtp_num_layers or 0}
+               if version == V3 else {"topk_method": "greedy", "norm_topk_prob": False})
+    return {"architectures": [_NAMES[version][1]], "model_type": version, **routing,
             "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
             "intermediate_size": config.ffn_hidden_size,
             "moe_intermediate_size": config.moe_ffn_hidden_size,
@@ -179,25 +222,25 @@ def hf_config(config: TransformerConfig) -> dict:
             "routed_scaling_factor": config.moe_router_topk_scaling_factor or 1.0,
             "kv_lora_rank": config.kv_lora_rank, "q_lora_rank": config.q_lora_rank,
             "qk_rope_head_dim": config.qk_pos_emb_head_dim, "v_head_dim": config.v_head_dim,
-            "qk_nope_head_dim": config.qk_head_dim, "n_group": groups or 1,
-            "topk_group": config.moe_router_group_topk or 1,
+            "qk_nope_head_dim": config.qk_head_dim,
             "num_experts_per_tok": config.moe_router_topk,
             "first_k_dense_replace": sum(not config.is_moe_layer(i)
                                          for i in range(config.num_layers)),
-            "norm_topk_prob": True, "rope_interleave": False, "hidden_act": "silu",
-            "num_nextn_predict_layers": config.mtp_num_layers or 0,
-            "max_position_embeddings": config.max_position_embeddings,
+            "hidden_act": "silu", "max_position_embeddings": config.max_position_embeddings,
             "rms_norm_eps": config.layernorm_epsilon, "rope_parameters": rope,
             "attention_bias": False, "attention_dropout": config.attention_dropout,
             "initializer_range": config.init_method_std, "tie_word_embeddings": False}
 
 
-def _deinterleave(rows: torch.Tensor, width: int, heads: int) -> torch.Tensor:
+def _deinterleave(rows: torch.Tensor, width: int, heads: int,
+                  inverse: bool = False) -> torch.Tensor:
     """``rows [heads x (n + width), ...]`` with each head's last ``width`` rows reordered from
-    DeepSeek's adjacent pairs to rotate-half's: evens, then odds."""
+    DeepSeek's adjacent pairs to rotate-half's: evens, then odds (``inverse``: back)."""
     per_head = rows.view(heads, -1, *rows.shape[1:])
     rope = per_head[:, -width:]
     order = torch.cat((torch.arange(0, width, 2), torch.arange(1, width, 2)))
+    if inverse:
+        order = torch.argsort(order)
     return torch.cat((per_head[:, :-width], rope[:, order]), dim=1).flatten(0, 1)
 
 
@@ -234,8 +277,10 @@ def _pairs(config: TransformerConfig) -> list[tuple[str, str]]:
         if not moe:
             pairs += [(f"{src}mlp.{hf}.weight", f"{dst}mlp.{mp}.weight") for hf, mp in _MLP]
             continue
-        pairs += [(f"{src}mlp.gate.weight", f"{dst}mlp.router.weight"),
-                  (f"{src}mlp.gate.e_score_correction_bias", f"{dst}mlp.router.expert_bias")]
+        pairs.append((f"{src}mlp.gate.weight", f"{dst}mlp.router.weight"))
+        if config.moe_router_enable_expert_bias:
+            pairs.append((f"{src}mlp.gate.e_score_correction_bias",
+                          f"{dst}mlp.router.expert_bias"))
         if config.moe_shared_expert_intermediate_size:
             pairs += [(f"{src}mlp.shared_experts.{hf}.weight",
                        f"{dst}mlp.shared_experts.{mp}.weight") for hf, mp in _MLP]
@@ -278,17 +323,17 @@ def prediction_depths(hf: dict, state_dict: dict[str, torch.Tensor]) -> int | No
 
 def hf_to_mp(state_dict: dict[str, torch.Tensor], config: TransformerConfig,
              rope_interleave: bool = True) -> dict[str, torch.Tensor]:
-    """``DeepseekV3ForCausalLM`` weights to mp's global names and layout; ``rope_interleave``
-    as the config says (DeepSeek's default); with ``mtp_num_layers`` the prediction depths'
-    too (`prediction_depths`), whose copies of the embedding and output layer must equal the
-    model's."""
+    """``DeepseekV3ForCausalLM`` (or ``DeepseekV2ForCausalLM``) weights to mp's global names
+    and layout; ``rope_interleave`` as the config says (DeepSeek's default; V2's always); with
+    ``mtp_num_layers`` the prediction depths' too (`prediction_depths`), whose copies of the
+    embedding and output layer must equal the model's."""
     _check(config)
     last = config.num_layers + (config.mtp_num_layers or 0)
     hf = {k.removeprefix(_PREFIX): v for k, v in state_dict.items() if not _extra_layer(k, last)}
     pairs, experts, copies = _pairs(config), _experts(config), _copies(config)
     check_keys(set(hf), {"embed_tokens.weight", "norm.weight", "lm_head.weight", *copies}
                | {name for name, _ in pairs} | {n for names, _ in experts for n in names},
-               "DeepSeek-V3 state dict")
+               f"{_NAMES[_version(config)][0]} state dict")
     check_output_layer(hf["lm_head.weight"], hf["embed_tokens.weight"], False, "embed_tokens")
     for name, main in copies.items():
         if not torch.equal(hf[name], hf[main]):
@@ -317,7 +362,8 @@ def mp_to_hf(weights: dict[str, torch.Tensor],
              config: TransformerConfig) -> dict[str, torch.Tensor]:
     """mp's global weights to ``DeepseekV3ForCausalLM.state_dict()``'s keys as its files hold
     them (a tensor per expert; the prediction depths' after the decoder's layers, with their
-    copies of the embedding and output layer), for `hf_config`'s ``rope_interleave: false``."""
+    copies of the embedding and output layer), for `hf_config`'s ``rope_interleave: false``;
+    DeepSeek-V2's (whose RoPE channels are always paired) with them paired again."""
     _check(config)
     weights = shift_norm_weights(weights, config, 1.0)
     pairs, experts = _pairs(config), _experts(config)
@@ -333,5 +379,11 @@ def mp_to_hf(weights: dict[str, torch.Tensor],
     for names, mp_name in experts:
         hf.update(zip(names, weights[mp_name]))
     hf.update({name: hf[main] for name, main in _copies(config).items()})
+    if _version(config) == V2:  # its RoPE channels paired again
+        rope = _rope_rows(config)
+        for hf_name, mp_name in pairs:
+            if mp_name in rope:
+                hf[hf_name] = _deinterleave(hf[hf_name], config.qk_pos_emb_head_dim,
+                                            rope[mp_name], inverse=True)
     return {(k if k == "lm_head.weight" else _PREFIX + k): v.contiguous().clone()
             for k, v in hf.items()}
