@@ -1,8 +1,10 @@
 """Megatron-LM command lines: its example scripts' flags as written, the flags that change
 nothing in mp (accepted, with a notice) and those of features mp does not have (refused)."""
 
+import os
+
 import pytest
-from test_config import TINY, error_of, shipped
+from test_config import CONFIGS, TINY, error_of, shipped
 
 from mp.config import flag_notices, parse_args
 
@@ -245,6 +247,16 @@ def test_recompute_modules_flag():
     assert error_of(*experts, "--recompute-modules", "mlp") == (
         "recompute_modules names 'mlp', which needs a layer without experts (every layer has "
         "them: 'moe' recomputes those)")
+    # over a config file with full recompute: its method and layer count give way, unless the
+    # command line gives them too
+    model = shipped("deepseek-v3", "--recompute-activations", "--recompute-modules",
+                    "layernorm", "moe_act", "mla_up_proj").model
+    assert (model.recompute_granularity, model.recompute_method,
+            model.recompute_num_layers) == ("selective", None, None)
+    assert model.recompute_modules == ["layernorm", "moe_act", "mla_up_proj"]
+    assert error_of("--recompute-activations", "--recompute-method", "block",
+                    world_size=2048, path=os.path.join(CONFIGS, "deepseek-v3.yaml")) == (
+        "recompute_method='block' needs recompute_granularity='full'")
     assert error_of("--recompute-activations", "--recompute-modules", "layernorm",
                     "--model.compile_layers", "true") == (
         "recompute_modules ['layernorm'] free their outputs' storage, which torch.compile "

@@ -21,7 +21,9 @@ Syntax, applied left to right (a later override of the same key wins):
   instead, ``--num-virtual-stages-per-pipeline-rank V``, as Megatron asks.
   Other value-less flags (`CONSTANT_FLAGS`) set a key to a fixed value the same way:
   ``--disable-bias-linear``, ``--use-rotary-position-embeddings``, ``--use-flash-attn``,
-  ``--recompute-activations`` (selective recompute, as in Megatron), ...
+  ``--recompute-activations`` (selective recompute, as in Megatron), ... A recompute
+  granularity other than ``full`` given on the command line drops the config file's
+  ``recompute_method`` and ``recompute_num_layers`` (full recompute's) unless it gives them.
 - ``--attention-backend`` also takes Megatron's values (`MEGATRON_VALUES`): ``auto``,
   ``flash`` and ``fused`` are ``sdpa`` (PyTorch picks the flash or cuDNN kernel), ``local``
   (matmul, fused softmax, matmul) is ``unfused``.
@@ -86,7 +88,9 @@ def apply_overrides(sections: dict, args: Sequence[str]) -> None:
     """
     deferred: dict[str, list[str]] = {}
     constants_given: dict[str, str] = {}
+    given = set()  # the keys the command line sets
     for name, option, values in _split_options(args):
+        given.add(option.key)
         if option.key is None:
             deferred[name] = values
         elif option.constant is not None:
@@ -117,6 +121,18 @@ def apply_overrides(sections: dict, args: Sequence[str]) -> None:
         layers_per_stage = coerce(VIRTUAL_STAGE_FLAG, deferred[VIRTUAL_STAGE_FLAG][0], int)
         vpp = _virtual_stages(model, layers_per_stage)
         _set(sections, "model.virtual_pipeline_model_parallel_size", vpp)
+    _drop_full_recompute_settings(sections, given)
+
+
+def _drop_full_recompute_settings(sections: dict, given: set) -> None:
+    """A command line that makes the recompute other than ``full`` (``--recompute-activations``
+    over a config file with full recompute) drops the file's full-recompute method and layer
+    count, unless it gives them itself: they would contradict it."""
+    model = sections.get("model") or {}
+    if "model.recompute_granularity" in given and model.get("recompute_granularity") != "full":
+        for name in ("recompute_method", "recompute_num_layers"):
+            if f"model.{name}" not in given:
+                model.pop(name, None)
 
 
 def _set(sections: dict, key: str, value) -> None:
