@@ -16,7 +16,7 @@ from harness import run_distributed
 from test_estimate_activations import _saved_bytes, model_saved_bytes
 from test_estimate_comm import WORLD, _one_iteration, _pipelined_iteration
 from test_estimate_params import _config as _params_config
-from test_estimate_params import _measured_state, _stage_counts
+from test_estimate_params import _measured_state, assert_rank_params_equal_the_built_model
 
 from mp import parallel_state as ps
 from mp.estimate import CPU, CUDA, Setup, layer_terms, rank_params, state_bytes, training_flops
@@ -43,11 +43,7 @@ PARAM_VARIANTS = {
 @pytest.mark.parametrize("variant", list(PARAM_VARIANTS))
 @pytest.mark.parametrize("tp,pp,vpp", [(1, 1, None), (2, 1, None), (2, 2, 2)])
 def test_rank_params_equal_the_built_model(tp, pp, vpp, variant):
-    built = run_distributed(tp, _stage_counts, tp, pp, vpp, PARAM_VARIANTS[variant])[0]
-    cfg = _params_config(tp, pp, vpp, **PARAM_VARIANTS[variant])
-    for stage, (elements, tensors, _, _) in enumerate(built):
-        estimate = rank_params(cfg, stage)
-        assert (estimate.total, estimate.tensors) == (elements, tensors), f"stage {stage}"
+    assert_rank_params_equal_the_built_model(tp, pp, vpp, PARAM_VARIANTS[variant])
 
 
 @pytest.mark.parametrize("distributed_optimizer", [False, True])

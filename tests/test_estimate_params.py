@@ -90,8 +90,14 @@ def _stage_counts(tp: int, pp: int, vpp: int | None, overrides: dict
 @pytest.mark.parametrize("tp,pp,vpp", [(1, 1, None), (2, 1, None), (4, 1, None), (1, 2, None),
                                        (2, 4, None), (2, 2, 2)])
 def test_rank_params_equal_the_built_model(tp, pp, vpp, variant):
-    built = run_distributed(tp, _stage_counts, tp, pp, vpp, VARIANTS[variant])[0]
-    cfg = _config(tp, pp, vpp, **VARIANTS[variant])
+    assert_rank_params_equal_the_built_model(tp, pp, vpp, VARIANTS[variant])
+
+
+def assert_rank_params_equal_the_built_model(tp: int, pp: int, vpp: int | None,
+                                             overrides: dict) -> None:
+    """`rank_params` of each stage against the chunks built (`_stage_counts`)."""
+    built = run_distributed(tp, _stage_counts, tp, pp, vpp, overrides)[0]
+    cfg = _config(tp, pp, vpp, **overrides)
     for stage, (elements, tensors, _, _) in enumerate(built):
         estimate = rank_params(cfg, stage)
         assert (estimate.total, estimate.tensors) == (elements, tensors), f"stage {stage}"
