@@ -1,0 +1,211 @@
+"""The model side of the Hugging Face Llama family (`mp.checkpointing.hf_llama`): which family
+a ``config.json`` or an mp model is, and the one config as the other (``config_from_hf``,
+``hf_config``)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from mp.checkpointing.hf_tensors import check_expressible, rope_parameters
+from mp.model.config import TransformerConfig
+
+
+class Experts(NamedTuple):
+    """How a mixture-of-experts family names a layer's experts."""
+
+    block: str  # the MLP's module: the router is ``<block>.gate``
+    projections: tuple[str, str, str]  # an expert's gate, up and down projections
+
+
+class Family(NamedTuple):
+    name: str
+    architecture: str
+    qk_layernorm: bool  # whether its heads have q/k norms
+    experts: Experts | None = None  # its MLPs' experts (None: dense MLPs)
+    qkv_bias: bool = False  # whether q_proj, k_proj and v_proj have biases (Qwen2-MoE: as
+    # its config's qkv_bias says)
+    shared_expert: bool = False  # whether a MoE layer has a gated shared expert
+
+
+#: ``model_type`` -> the family
+FAMILIES = {"llama": Family("Llama", "LlamaForCausalLM", False),
+            "qwen2": Family("Qwen2", "Qwen2ForCausalLM", False, qkv_bias=True),
+            "qwen3": Family("Qwen3", "Qwen3ForCausalLM", True),
+            "mixtral": Family("Mixtral", "MixtralForCausalLM", False,
+                              Experts("block_sparse_moe", ("w1", "w3", "w2"))),
+            "qwen3_moe": Family("Qwen3-MoE", "Qwen3MoeForCausalLM", True,
+                                Experts("mlp", ("gate_proj", "up_proj", "down_proj"))),
+            "qwen2_moe": Family("Qwen2-MoE", "Qwen2MoeForCausalLM", False,
+                                Experts("mlp", ("gate_proj", "up_proj", "down_proj")),
+                                qkv_bias=True, shared_expert=True)}
+
+
+def model_type(config: TransformerConfig) -> str:
+    """The family an mp model converts to: with experts Qwen2-MoE (shared experts or
+    ``add_qkv_bias``), Qwen3-MoE (``qk_layernorm``) or Mixtral, else Qwen2 (``add_qkv_bias``),
+    Qwen3 (``qk_layernorm``) or Llama."""
+    if config.num_moe_experts is not None:
+        if config.moe_shared_expert_intermediate_size is not None or config.add_qkv_bias:
+            return "qwen2_moe"
+        return "qwen3_moe" if config.qk_layernorm else "mixtral"
+    if config.add_qkv_bias:
+        return "qwen2"
+    return "qwen3" if config.qk_layernorm else "llama"
+
+
+def _check_full_attention(hf: dict) -> None:
+    """ValueError for Qwen3's and Mixtral's sliding-window attention (mp attends over the
+    whole sequence)."""
+    layer_types = set(hf.get("layer_types") or ("full_attention",))
+    if hf.get("use_sliding_window") or layer_types != {"full_attention"}:
+        raise ValueError(f"use_sliding_window={hf.get('use_sliding_window')!r}, layer_types "
+                         f"{sorted(layer_types)}: mp attends over the whole sequence "
+                         "(use_sliding_window=false, every layer 'full_attention')")
+    if hf.get("model_type") == "mixtral" and hf.get("sliding_window") is not None:
+        raise ValueError(f"sliding_window={hf['sliding_window']!r}: mp attends over the whole "
+                         "sequence (sliding_window=null)")
+
+
+# Llama 3.1's RoPE scaling as mp has it (`mp.model.rope`): only the factor may vary.
+_LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+
+
+def _rope(hf: dict) -> dict:
+    """mp's RoPE fields of a config (``rope_theta`` and ``rope_scaling``, or transformers 5's
+    ``rope_parameters``); ValueError for a scaling mp does not have."""
+    kind, base, parameters = rope_parameters(hf)
+    if kind == "default":
+        return {"rotary_base": base}
+    if kind == "linear":  # positions divided by the factor
+        return {"rotary_base": base,
+                "rotary_seq_len_interpolation_factor": float(parameters["factor"])}
+    llama3 = {k: parameters.get(k) for k in _LLAMA3_SCALING}
+    if kind != "llama3" or llama3 != _LLAMA3_SCALING:
+        raise ValueError(f"RoPE scaling {parameters!r}: mp's RoPE has Llama 3.1's scaling "
+                         f"(rope_type 'llama3' with {_LLAMA3_SCALING}), linear position "
+                         "interpolation (rope_type 'linear') or none")
+    return {"rotary_base": base, "use_rope_scaling": True,
+            "rope_scaling_factor": float(parameters["factor"])}
+
+
+def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
+                   pipeline_model_parallel_size: int = 1,
+                   make_vocab_size_divisible_by: int = 128,
+                   seq_length: int | None = None) -> TransformerConfig:
+    """The mp model of a `FAMILIES` ``config.json`` (its ``model_type``, default llama);
+    ValueError for what mp cannot express."""
+    kind = hf.get("model_type", "llama")
+    if kind not in FAMILIES:
+        raise ValueError(f"model_type={kind!r} must be one of {', '.join(map(repr, FAMILIES))}")
+    _check_full_attention(hf)
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    for key, value in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+                       ("pretraining_tp", 1), ("router_jitter_noise", 0.0)):
+        if hf.get(key, value) != value:
+            raise ValueError(f"{key}={hf[key]!r}: mp's {FAMILIES[kind].name} needs "
+                             f"{key}={value!r}")
+    positions = hf["max_position_embeddings"]
+    experts = _experts_from_hf(hf, kind)
+    return TransformerConfig(**experts,
+        num_layers=hf["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
+        kv_channels=hf.get("head_dim") or hidden // heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        vocab_size=hf["vocab_size"], seq_length=seq_length or positions,
+        max_position_embeddings=positions, ffn_hidden_size=hf["intermediate_size"],
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        normalization="RMSNorm", layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
+        activation="swiglu", position_embedding_type="rope", **_rope(hf),
+        qk_layernorm=FAMILIES[kind].qk_layernorm,
+        add_qkv_bias=hf.get("qkv_bias", FAMILIES[kind].qkv_bias),
+        add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=hf.get("attention_dropout", 0.0),
+        init_method_std=hf.get("initializer_range", 0.02),
+        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size)
+
+
+def _experts_from_hf(hf: dict, kind: str) -> dict:
+    """mp's MoE fields of a Mixtral, Qwen3-MoE or Qwen2-MoE config (none for a dense
+    family)."""
+    if kind == "mixtral":
+        return dict(num_moe_experts=hf["num_local_experts"],
+                    moe_router_topk=hf["num_experts_per_tok"],
+                    moe_ffn_hidden_size=hf["intermediate_size"])
+    if kind not in ("qwen3_moe", "qwen2_moe"):
+        return {}
+    shared = {"moe_shared_expert_intermediate_size": hf["shared_expert_intermediate_size"],
+              "moe_shared_expert_gate": True} if FAMILIES[kind].shared_expert else {}
+    step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
+    pattern = [int(i not in dense and (i + 1) % step == 0)
+               for i in range(hf["num_hidden_layers"])]
+    experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]  # 5.x
+    return dict(num_moe_experts=experts, moe_router_topk=hf["num_experts_per_tok"], **shared,
+                moe_layer_freq=1 if all(pattern) else pattern,
+                moe_ffn_hidden_size=hf["moe_intermediate_size"],
+                moe_router_pre_softmax=not hf.get("norm_topk_prob", False))
+
+
+def _experts_to_hf(config: TransformerConfig, kind: str) -> dict:
+    """The MoE fields of a Mixtral, Qwen3-MoE or Qwen2-MoE ``config.json`` (none for a dense
+    family)."""
+    if kind == "mixtral":
+        return {"num_local_experts": config.num_moe_experts,
+                "num_experts_per_tok": config.moe_router_topk, "sliding_window": None,
+                "router_jitter_noise": 0.0, "intermediate_size": config.moe_ffn_hidden_size}
+    if kind not in ("qwen3_moe", "qwen2_moe"):
+        return {}
+    shared = {"shared_expert_intermediate_size": config.moe_shared_expert_intermediate_size,
+              "qkv_bias": config.add_qkv_bias} if FAMILIES[kind].shared_expert else {}
+    return {**shared, "num_experts": config.num_moe_experts,
+            "num_experts_per_tok": config.moe_router_topk,
+            "moe_intermediate_size": config.moe_ffn_hidden_size,
+            "norm_topk_prob": not config.moe_router_pre_softmax, "decoder_sparse_step": 1,
+            "mlp_only_layers": [i for i in range(config.num_layers)
+                                if not config.is_moe_layer(i)]}
+
+
+def hf_config(config: TransformerConfig) -> dict:
+    """A Llama ``config.json`` for mp model ``config``, Qwen3's with ``qk_layernorm``,
+    Mixtral's with experts, Qwen3-MoE's with both; ValueError for an mp model none can
+    express."""
+    kind = model_type(config)
+    needs = {"normalization": ("RMSNorm",), "activation": ("swiglu",),
+             "position_embedding_type": ("rope",), "rotary_percent": (1.0,),
+             "add_bias_linear": (False,), "qk_layernorm": (FAMILIES[kind].qk_layernorm,),
+             "add_qkv_bias": (True, False) if kind == "qwen2_moe" else (FAMILIES[kind].qkv_bias,),
+             "moe_shared_expert_gate": (FAMILIES[kind].shared_expert,)}
+    if kind == "mixtral":  # routed as Mixtral routes
+        needs.update(moe_router_pre_softmax=(False,))
+    if FAMILIES[kind].experts is not None:
+        needs.update(moe_router_score_function=("softmax",),
+                     moe_router_topk_scaling_factor=(None,))
+    check_expressible(config, needs, FAMILIES[kind].name)
+    if kind == "mixtral" and not all(map(config.is_moe_layer, range(config.num_layers))):
+        raise ValueError(f"model.moe_layer_freq={config.moe_layer_freq!r}: Mixtral has experts "
+                         "in every layer")
+    interpolation = config.rotary_seq_len_interpolation_factor
+    if config.use_rope_scaling and interpolation is not None:
+        raise ValueError("use_rope_scaling with rotary_seq_len_interpolation_factor: a Hugging "
+                         "Face config holds one RoPE scaling")
+    scaling = {}
+    if config.use_rope_scaling:
+        scaling = {"rope_scaling": {"rope_type": "llama3", "factor": config.rope_scaling_factor,
+                                    **_LLAMA3_SCALING}}
+    elif interpolation is not None:
+        scaling = {"rope_scaling": {"rope_type": "linear", "factor": interpolation}}
+    sliding = {"use_sliding_window": False} if kind.startswith("qwen") else {}
+    return {**scaling, **sliding, "architectures": [FAMILIES[kind].architecture],
+            "model_type": kind,
+            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+            "intermediate_size": config.ffn_hidden_size, **_experts_to_hf(config, kind),
+            "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_query_groups, "head_dim": config.kv_channels,
+            "hidden_act": "silu", "max_position_embeddings": config.max_position_embeddings,
+            "rms_norm_eps": config.layernorm_epsilon, "rope_theta": config.rotary_base,
+            "attention_bias": False, "mlp_bias": False,
+            "attention_dropout": config.attention_dropout,
+            "initializer_range": config.init_method_std,
+            "tie_word_embeddings": not config.untie_embeddings_and_output_weights}
