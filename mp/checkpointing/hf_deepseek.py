@@ -48,6 +48,7 @@ from mp.checkpointing.hf_tensors import (
     check_expressible,
     check_keys,
     check_output_layer,
+    common_fields,
     pad_rows,
     rope_parameters,
     shift_norm_weights,
@@ -109,12 +110,7 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
         moe_ffn_hidden_size=hf["moe_intermediate_size"],
         moe_shared_expert_intermediate_size=shared * hf["moe_intermediate_size"] or None,
         **(_v3_routing(hf) if version == V3 else _v2_routing(hf)),
-        add_bias_linear=False, hidden_dropout=0.0,
-        attention_dropout=hf.get("attention_dropout", 0.0),
-        init_method_std=hf.get("initializer_range", 0.02),
-        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size)
+        **common_fields(hf, tensor_model_parallel_size, pipeline_model_parallel_size))
 
 
 def _v3_routing(hf: dict) -> dict:

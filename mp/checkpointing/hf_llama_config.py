@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from mp.checkpointing.hf_tensors import check_expressible, rope_parameters
+from mp.checkpointing.hf_tensors import check_expressible, common_fields, rope_parameters
 from mp.model.config import TransformerConfig
 
 
@@ -118,12 +118,7 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
         activation="swiglu", position_embedding_type="rope", **_rope(hf),
         qk_layernorm=FAMILIES[kind].qk_layernorm,
         add_qkv_bias=hf.get("qkv_bias", FAMILIES[kind].qkv_bias),
-        add_bias_linear=False, hidden_dropout=0.0,
-        attention_dropout=hf.get("attention_dropout", 0.0),
-        init_method_std=hf.get("initializer_range", 0.02),
-        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size)
+        **common_fields(hf, tensor_model_parallel_size, pipeline_model_parallel_size))
 
 
 def _experts_from_hf(hf: dict, kind: str) -> dict:

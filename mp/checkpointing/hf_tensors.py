@@ -63,3 +63,16 @@ def rope_parameters(hf: dict) -> tuple[str, float, dict]:
     parameters = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     kind = parameters.get("rope_type", parameters.get("type", "default"))
     return kind, float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0))), parameters
+
+
+def common_fields(hf: dict, tensor_model_parallel_size: int,
+                  pipeline_model_parallel_size: int) -> dict:
+    """The `TransformerConfig` fields the Llama-like and DeepSeek ``config.json`` give alike:
+    no biases, no dropout on the hidden states (the attention's as given), the init std,
+    tied or untied embeddings; and the parallel layout asked for."""
+    return dict(add_bias_linear=False, hidden_dropout=0.0,
+                attention_dropout=hf.get("attention_dropout", 0.0),
+                init_method_std=hf.get("initializer_range", 0.02),
+                untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
+                tensor_model_parallel_size=tensor_model_parallel_size,
+                pipeline_model_parallel_size=pipeline_model_parallel_size)
