@@ -1,8 +1,8 @@
 """Context parallelism: GPT with each sequence split over CP ranks equals the one-process
 model on the same weights -- per-token losses at every position, every gradient (summed over
 CP, as the DP x CP reduction does) -- at CP 2 and 4, with TP and sequence parallelism, both
-attention cores, grouped queries, RoPE, document masks and recompute; the load-balanced
-split against Megatron's description."""
+attention cores, grouped queries, RoPE, document masks, sliding windows and recompute; the
+load-balanced split against Megatron's description."""
 
 import pytest
 import torch
@@ -114,6 +114,10 @@ VARIANTS = {
     "multi_latent_attention": {"multi_latent_attention": True, "position_embedding_type": "rope",
                                "q_lora_rank": 24, "kv_lora_rank": 16, "qk_head_dim": 8,
                                "qk_pos_emb_head_dim": 4, "v_head_dim": 12},
+    # a window of 5 earlier keys crosses the chunks' edges (4 tokens at CP 2, 2 at CP 4); the
+    # second layer attends to everything
+    "sliding_window": {"window_size": [5, 0], "window_attn_skip_freq": [1, 0],
+                       "num_query_groups": 2},
 }
 
 
@@ -135,12 +139,15 @@ def test_the_model_makes_the_positions_of_its_own_tokens():
     run_distributed(2, _check_against_one_process, 1, 2, {}, False, False)
 
 
+@pytest.mark.parametrize("window", [None, [3, 0]], ids=["full", "window3"])
 @pytest.mark.parametrize("backend", ["sdpa", "unfused"])
 @pytest.mark.parametrize("comm_type", ["all_gather", "a2a", "p2p"])
-def test_document_masks_cut_like_the_sequence(backend, comm_type):
-    """all_gather and p2p cut each rank's rows of the mask; a2a gathers every row."""
+def test_document_masks_cut_like_the_sequence(backend, comm_type, window):
+    """all_gather and p2p cut each rank's rows of the mask; a2a gathers every row; a sliding
+    window masks on top of the documents."""
     run_distributed(2, _check_against_one_process, 1, 2,
-                    {"attention_backend": backend, "cp_comm_type": comm_type}, True)
+                    {"attention_backend": backend, "cp_comm_type": comm_type,
+                     "window_size": window}, True)
 
 
 def _decode_with_context_parallelism():
@@ -155,10 +162,11 @@ def test_decoding_with_a_cache_is_refused_under_context_parallelism():
     run_distributed(2, _decode_with_context_parallelism)
 
 
-def _ring_against_sdpa(tile: int, groups: int, documents: bool):
-    """`ring_attention` on this CP rank's tokens, ``tile`` query rows at a time, against SDPA
-    over the whole sequence: the output at the rank's positions and the gradients of its q,
-    k and v (which, for k and v, gather every rank's queries)."""
+def _ring_against_sdpa(tile: int, groups: int, documents: bool, window: int | None):
+    """`ring_attention` on this CP rank's tokens, ``tile`` query rows at a time (a sliding
+    window of ``window`` earlier keys), against SDPA over the whole sequence with the mask
+    written out: the output at the rank's positions and the gradients of its q, k and v
+    (which, for k and v, gather every rank's queries)."""
     ps.initialize_model_parallel(1, context_parallel_size=2)
     group = ps.get_context_parallel_group()
     g = torch.Generator().manual_seed(5)
@@ -169,9 +177,11 @@ def _ring_against_sdpa(tile: int, groups: int, documents: bool):
     positions = local_positions(S, 2, ps.get_context_parallel_rank())
     local = [t[positions].clone().requires_grad_(True) for t in (q, k, v)]
     out = ring_attention(*local, None if mask is None else mask[:, :, positions], 0.3, group,
-                         tile=tile)
+                         tile=tile, window=window)
     full = [t.clone().requires_grad_(True) for t in (q, k, v)]
     keep = torch.ones(S, S, dtype=torch.bool).tril() if mask is None else ~mask
+    if window is not None:  # query i keeps keys i - window .. i
+        keep = keep & torch.ones(S, S, dtype=torch.bool).triu(-window)
     ref = F.scaled_dot_product_attention(
         *(t.permute(1, 2, 0, 3) for t in full), attn_mask=keep, scale=0.3,
         enable_gqa=groups < heads).permute(2, 0, 1, 3).reshape(S, B, heads * d)
@@ -183,8 +193,12 @@ def _ring_against_sdpa(tile: int, groups: int, documents: bool):
         assert_rel_close(mine.grad, theirs.grad[positions], what=f"grad of {name}")
 
 
+@pytest.mark.parametrize("window", [None, 2, 5], ids=["full", "window2", "window5"])
 @pytest.mark.parametrize("tile", [3, 1024])
 @pytest.mark.parametrize("groups,documents", [(4, False), (2, True)])
-def test_ring_attention_tiles_equal_sdpa_over_the_whole_sequence(tile, groups, documents):
-    """Tiles of 3 rows split each 4-row chunk unevenly; grouped queries; document masks."""
-    run_distributed(2, _ring_against_sdpa, tile, groups, documents)
+def test_ring_attention_tiles_equal_sdpa_over_the_whole_sequence(tile, groups, documents,
+                                                                 window):
+    """Tiles of 3 rows split each 4-row chunk unevenly; grouped queries; document masks;
+    windows of 2 and 5 earlier keys (the blocks of chunks further back skipped, the rest
+    cut)."""
+    run_distributed(2, _ring_against_sdpa, tile, groups, documents, window)

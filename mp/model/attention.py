@@ -17,6 +17,8 @@ Two attention cores:
   memory-efficient kernels on GPU; causal unless a mask is given.
 - ``unfused``: ``Q K^T`` -> ``FusedScaleMaskSoftmax`` (mp's CUDA kernel when built and usable,
   torch otherwise) -> dropout -> ``P V``; for custom masks and for checking the fused path.
+A layer with a sliding window (``config.attention_window``, Megatron's ``--window-size``) masks
+out, besides, every key more than ``window`` positions before its query (`window_mask`).
 Masks follow Megatron: boolean ``[b or 1, 1, s, s]``, ``True`` = masked out; the SDPA core also
 takes `sdpa_bias`'s additive form. `mask_for_layers` prepares a batch's mask once for all the
 layers of a `mp.model.transformer.TransformerBlock` (converting a boolean mask is what SDPA
@@ -67,6 +69,27 @@ def sdpa_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
                        ).masked_fill_(attention_mask, float("-inf"))
 
 
+def window_mask(queries: int, keys: int, window: int, device) -> torch.Tensor:
+    """``[queries, keys]`` boolean, True where a key is masked out for a query under a sliding
+    window of ``window`` earlier keys: after the query, or more than ``window`` before it. The
+    queries are the last ``queries`` of the ``keys`` positions."""
+    distance = (torch.arange(keys - queries, keys, device=device)[:, None]
+                - torch.arange(keys, device=device))  # query position - key position
+    return (distance < 0) | (distance > window)
+
+
+def _with_window(attention_mask: torch.Tensor | None, queries: int, keys: int, window: int,
+                 device) -> torch.Tensor:
+    """``attention_mask`` (None for causal; boolean or `sdpa_bias`'s additive form) with the
+    keys out of the window masked too, in the same form (boolean for None)."""
+    outside = window_mask(queries, keys, window, device)
+    if attention_mask is None:
+        return outside[None, None]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask | outside
+    return attention_mask.masked_fill(outside, float("-inf"))
+
+
 def mask_for_layers(attention_mask: torch.Tensor, config: TransformerConfig,
                     dtype: torch.dtype) -> torch.Tensor:
     """A batch's boolean mask as every layer's attention takes it, made once for all of them:
@@ -90,11 +113,13 @@ class CoreAttention(nn.Module):
     holds different heads, as a serial model's heads draw different masks. With context
     parallelism (``config.context_parallel_size > 1``) ``s`` is the rank's part of the
     sequence and the keys and values of the rest come from the other CP ranks
-    (`mp.model.context_parallel`).
+    (`mp.model.context_parallel`). ``window``: a query attends to its key and at most this
+    many earlier ones (a sliding window); None: to every earlier one.
     """
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, window: int | None = None):
         super().__init__()
+        self.window = window
         self.cp_group = (parallel_state.get_context_parallel_group()
                          if config.context_parallel_size > 1 else None)
         self.cp_comm_type = config.cp_comm_type
@@ -114,7 +139,8 @@ class CoreAttention(nn.Module):
         if self.cp_group is None:
             return self._attend(q, k, v, attention_mask)
         if self.cp_comm_type == "p2p":
-            return ring_attention(q, k, v, attention_mask, self.scale, self.cp_group)
+            return ring_attention(q, k, v, attention_mask, self.scale, self.cp_group,
+                                  window=self.window)
         across = attention_over_heads if self.cp_comm_type == "a2a" \
             else attention_over_gathered_keys
         return across(self._attend, q, k, v, attention_mask, self.cp_group)
@@ -122,9 +148,11 @@ class CoreAttention(nn.Module):
     def _attend(self, q, k, v, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """``q [sq, b, np, hd]``, ``k [sk, b, ng, hd]``, ``v [sk, b, ng, vd]`` -> ``[sq, b,
         np * vd]``. Without a mask, causal with the queries at the last ``sq`` of the ``sk``
-        positions."""
+        positions (so is the window's mask, when a key falls out of it)."""
         s, b, heads = q.shape[:3]
         offset = k.size(0) - s  # keys before the first query (context parallelism)
+        if self.window is not None and k.size(0) - 1 > self.window:
+            attention_mask = _with_window(attention_mask, s, k.size(0), self.window, q.device)
         groups = k.size(2)
         if groups < heads and not (self.backend == "sdpa" and SDPA_TAKES_GROUPS):
             k, v = (t.repeat_interleave(heads // groups, dim=2) for t in (k, v))
@@ -174,7 +202,7 @@ class Attention(nn.Module):
 
     def _build_output(self, group) -> None:
         config = self.config
-        self.core_attention = CoreAttention(config)
+        self.core_attention = CoreAttention(config, config.attention_window(self.layer_number))
         self.dense = RowParallelLinear(
             config.query_projection_size, config.hidden_size, bias=config.add_bias_linear,
             input_is_parallel=True, init_method=output_init_method(config),

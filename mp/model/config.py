@@ -17,6 +17,7 @@ from mp.model.config_rules import (
     check_moe,
     check_mtp,
     check_recompute_modules,
+    check_window,
     check_yarn,
     divisible,
     one_of,
@@ -55,6 +56,12 @@ class TransformerConfig:
     # | swiglu | squared_relu (relu(x)^2, Megatron's --squared-relu)
     qk_layernorm: bool = False  # normalize each query and key head over its kv_channels
     # (Megatron's --qk-layernorm): one q_layernorm and one k_layernorm shared by all heads
+    window_size: list[int] | str | None = None  # sliding-window attention (Megatron's
+    # --window-size left,right): a query attends to its own key and the `left` keys before it;
+    # right must be 0 (a GPT is causal). None: to every earlier key
+    window_attn_skip_freq: int | list[int] | str | None = None  # which layers slide: None:
+    # all; N: all but every N-th (the 1-based layer numbers N divides attend fully); or a 0/1
+    # per layer, 1 = sliding (Megatron's expression of one too: "([1]*3+[0])*2")
     position_embedding_type: str = "learned_absolute"  # learned_absolute | rope | none (no
     # position information but the causal mask, "NoPE"; Megatron's --no-position-embedding)
     rotary_base: float = 10000.0
@@ -229,6 +236,7 @@ class TransformerConfig:
         check_mla(self)
         check_yarn(self)
         check_mtp(self)
+        check_window(self)
         cp = self.context_parallel_size
         one_of("cp_comm_type", self.cp_comm_type, CP_COMM_TYPES)
         if cp > 1:  # two chunks per CP rank (load balancing), each rank's part split over TP
@@ -278,6 +286,17 @@ class TransformerConfig:
         """Whether layer ``index`` (0-based over the model) has experts instead of an MLP."""
         return bool(moe_layer_pattern(self.num_layers, self.num_moe_experts,
                                       self.moe_layer_freq)[index])
+
+    def attention_window(self, layer_number: int) -> int | None:
+        """The keys before its own that a query of layer ``layer_number`` (1-based over the
+        model) attends to: ``window_size[0]`` where the layer slides, None for every one.
+        Multi-token prediction's depths attend as the last layer does."""
+        if self.window_size is None:
+            return None
+        number, freq = min(layer_number, self.num_layers), self.window_attn_skip_freq
+        slides = (freq is None or (freq[number - 1] == 1 if isinstance(freq, list)
+                                   else number % freq != 0))
+        return self.window_size[0] if slides else None
 
     # --- derived sizes ---------------------------------------------------------------------
 

@@ -38,15 +38,7 @@ def check_moe(config) -> None:
         return
     positive_int("num_moe_experts", e)
     positive_int("moe_router_topk", config.moe_router_topk)
-    if isinstance(config.moe_layer_freq, str):
-        config.moe_layer_freq = layer_pattern(config.moe_layer_freq)
-    if isinstance(config.moe_layer_freq, list):
-        pattern = config.moe_layer_freq
-        if len(pattern) != config.num_layers or not set(pattern) <= {0, 1}:
-            raise ValueError(f"moe_layer_freq={pattern} must hold a 0 (dense) or 1 (MoE) "
-                             f"for each of the num_layers={config.num_layers} layers")
-    else:
-        positive_int("moe_layer_freq", config.moe_layer_freq)
+    config.moe_layer_freq = _layer_frequency(config, "moe_layer_freq", "0 (dense) or 1 (MoE)")
     if config.moe_router_topk > e:
         raise ValueError(f"moe_router_topk={config.moe_router_topk} exceeds "
                          f"num_moe_experts={e}")
@@ -92,6 +84,59 @@ def check_moe(config) -> None:
         raise ValueError(f"expert_tensor_parallel_size={config.expert_tensor_parallel_size} "
                          f"must equal tensor_model_parallel_size={tp}: mp splits each "
                          "expert over the layer's TP ranks")
+
+def _layer_frequency(config, name: str, flags: str) -> int | list[int]:
+    """Field ``name``: every n-th layer (a positive int) or ``flags`` per layer (a list of 0/1,
+    or Megatron's expression of one, parsed here)."""
+    value = getattr(config, name)
+    if isinstance(value, str):
+        value = layer_pattern(value, name)
+    if isinstance(value, list):
+        if len(value) != config.num_layers or not set(value) <= {0, 1}:
+            raise ValueError(f"{name}={value} must hold a {flags} for each of the "
+                             f"num_layers={config.num_layers} layers")
+    else:
+        positive_int(name, value)
+    return value
+
+
+def check_window(config) -> None:
+    """Sliding-window attention: ``window_size`` (``[left, 0]``, or its text ``"4096,0"`` /
+    ``"(4096, 0)"``, parsed here) and ``window_attn_skip_freq``."""
+    window = config.window_size
+    if isinstance(window, str):
+        window = config.window_size = _window_text(window)
+    if window is None:
+        if config.window_attn_skip_freq is not None:
+            raise ValueError(f"window_attn_skip_freq={config.window_attn_skip_freq!r} needs "
+                             "window_size (the window of the layers that slide)")
+        return
+    if not (isinstance(window, (list, tuple)) and len(window) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in window)):
+        raise ValueError(f"window_size={window!r} must be two integers [left, right]")
+    config.window_size = window = list(window)
+    left, right = window
+    if right != 0:
+        raise ValueError(f"window_size={window}: right={right} must be 0, a GPT attends "
+                         "causally (no key after its query)")
+    if left < 0:
+        raise ValueError(f"window_size={window}: left={left} must be >= 0 (how many earlier "
+                         "keys a query attends to); leave window_size null to attend to "
+                         "every earlier key")
+    if config.window_attn_skip_freq is not None:
+        config.window_attn_skip_freq = _layer_frequency(
+            config, "window_attn_skip_freq", "0 (full attention) or 1 (sliding window)")
+
+
+def _window_text(text: str) -> list[int] | str:
+    """``"4096,0"``, ``"(4096, 0)"`` or ``"[4096, 0]"`` as ``[4096, 0]`` (the text itself
+    when it is none of those, for the caller's message)."""
+    parts = text.strip().strip("()[]").split(",")
+    try:
+        return [int(part) for part in parts]
+    except ValueError:
+        return text
+
 
 def _check_router_groups(config) -> None:
     groups, chosen = config.moe_router_num_groups, config.moe_router_group_topk

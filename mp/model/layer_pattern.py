@@ -1,5 +1,7 @@
-"""Which layers of a mixture-of-experts model have experts: Megatron's ``--moe-layer-freq``
-(every ``n``-th layer, a 0/1 flag per layer, or an expression of such lists)."""
+"""Per-layer 0/1 patterns: which layers of a mixture-of-experts model have experts
+(Megatron's ``--moe-layer-freq``) and which attend through a sliding window (its
+``--window-attn-skip-freq``): every ``n``-th layer, a 0/1 flag per layer, or an expression of
+such lists."""
 
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ def moe_layer_pattern(num_layers: int, num_moe_experts: int | None,
     return tuple(int(i % moe_layer_freq == 0) for i in range(num_layers))
 
 
-def layer_pattern(text: str) -> list[int]:
-    """Megatron's ``--moe-layer-freq`` expression, lists of integers joined by ``+`` and
-    repeated by ``*`` (``"([1]*3+[0])*2"``), as a list; read without ``eval``."""
+def layer_pattern(text: str, name: str = "moe_layer_freq") -> list[int]:
+    """Megatron's expression of a per-layer pattern (the ``name`` field's), lists of integers
+    joined by ``+`` and repeated by ``*`` (``"([1]*3+[0])*2"``), as a list; read without
+    ``eval``."""
     def value(node):
         if isinstance(node, ast.Constant) and isinstance(node.value, str):  # quoted once more
             return value(ast.parse(node.value.strip(), mode="eval").body)
@@ -40,7 +43,7 @@ def layer_pattern(text: str) -> list[int]:
         if not isinstance(pattern, list):
             raise ValueError
     except (SyntaxError, ValueError, RecursionError):
-        raise ValueError(f"moe_layer_freq={text!r} must be an integer, a list of 0/1 per layer "
+        raise ValueError(f"{name}={text!r} must be an integer, a list of 0/1 per layer "
                          "or an expression of lists joined by + and repeated by * such as "
                          "'([0]*3+[1]*58)'") from None
     return pattern

@@ -4,11 +4,12 @@ The CP ranks pass their keys and values around a ring: at step ``i`` rank ``r`` 
 block of rank ``r - i`` (its chunks ``j`` and ``2c - 1 - j``, `mp.model.context_parallel`)
 while it sends on the one it holds and receives the next, so no rank ever holds more than two
 blocks. Each of its query chunks attends to each key chunk before it (whole), to its own chunk
-(causally), and not to later ones; the partial results merge by their log-sum-exp (the
-online softmax of Milakov and Gimelshein 2018, as flash attention and Liu et al. 2023's ring
-attention merge them). Backward passes the blocks around again, each with the gradients of
-its keys and values accumulating as it goes (in fp32), and a last step returns those to their
-owner.
+(causally), and not to later ones; under a sliding window (``window`` earlier keys at most) a
+block wholly out of the window is skipped and the others are masked by distance. The partial
+results merge by their log-sum-exp (the online softmax of Milakov and Gimelshein 2018, as
+flash attention and Liu et al. 2023's ring attention merge them). Backward passes the blocks
+around again, each with the gradients of its keys and values accumulating as it goes (in
+fp32), and a last step returns those to their owner.
 
 Each block pair runs as plain matrix products in the inputs' dtype with the softmax statistics
 in fp32 (no flash kernel: torch's take no log-sum-exp in and out through a public API), a
@@ -34,10 +35,12 @@ QUERY_TILE = 1024  # query rows of one block of scores
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    attention_mask: torch.Tensor | None, scale: float,
-                   group: dist.ProcessGroup, tile: int = QUERY_TILE) -> torch.Tensor:
+                   group: dist.ProcessGroup, tile: int = QUERY_TILE,
+                   window: int | None = None) -> torch.Tensor:
     """Causal attention of this CP rank's queries over the whole sequence (module doc), the
-    scores ``tile`` query rows at a time."""
-    return _RingAttention.apply(q, k, v, attention_mask, scale, group, tile)
+    scores ``tile`` query rows at a time; with ``window``, over the ``window`` keys before
+    each query and its own."""
+    return _RingAttention.apply(q, k, v, attention_mask, scale, group, tile, window)
 
 
 def tile_bytes(micro_batch: int, heads: int, chunk: int, tile: int = QUERY_TILE,
@@ -64,8 +67,8 @@ def _ungrouped(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class _Ring:
     """This rank's place in the ring, the chunks each block holds, and the tiles of rows."""
 
-    def __init__(self, group: dist.ProcessGroup, chunk: int, tile: int):
-        self.group, self.chunk, self.tile = group, chunk, tile
+    def __init__(self, group: dist.ProcessGroup, chunk: int, tile: int, window: int | None):
+        self.group, self.chunk, self.tile, self.window = group, chunk, tile, window
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
@@ -75,18 +78,32 @@ class _Ring:
         return owner, 2 * self.size - 1 - owner
 
     def blocks(self, owner: int):
-        """``(query rows, key half, key chunk, causal offset)`` of each block of scores this
-        rank computes against the keys of rank ``owner``: a tile of query rows (of this rank's
-        ``2L``) against the ``L`` keys of an earlier chunk (offset None: all of them) or of
-        the same chunk (offset: the tile's first row within it; the causal mask's shift)."""
+        """``(query rows, key half, key chunk, first query's position)`` of each block of
+        scores this rank computes against the keys of rank ``owner``: a tile of query rows (of
+        this rank's ``2L``) against the ``L`` keys of a chunk no later than theirs, some of
+        them within the window."""
         for qh, qc in enumerate(self.chunks(self.rank)):
             for kh, kc in enumerate(self.chunks(owner)):
-                if kc > qc:
-                    continue
                 for first in range(0, self.chunk, self.tile):
+                    position = qc * self.chunk + first
+                    nearest = position - (kc + 1) * self.chunk + 1  # to the chunk's last key
+                    if kc > qc or (self.window is not None and nearest > self.window):
+                        continue
                     rows = slice(qh * self.chunk + first,
                                  qh * self.chunk + min(first + self.tile, self.chunk))
-                    yield rows, kh, kc, first if kc == qc else None
+                    yield rows, kh, kc, position
+
+    def masked(self, rows: int, kc: int, position: int, device) -> torch.Tensor | None:
+        """``[rows, L]`` boolean, True where key chunk ``kc``'s key comes after the query
+        (``rows`` queries from ``position`` on) or before its window; None when none does."""
+        if kc * self.chunk + self.chunk - 1 <= position and (
+                self.window is None or position + rows - 1 - kc * self.chunk <= self.window):
+            return None
+        distance = (torch.arange(position, position + rows, device=device)[:, None]
+                    - torch.arange(kc * self.chunk, (kc + 1) * self.chunk, device=device))
+        if self.window is None:
+            return distance < 0
+        return (distance < 0) | (distance > self.window)
 
     def half(self, x: torch.Tensor, h: int) -> torch.Tensor:
         """Half ``h`` (chunk ``h`` of a rank's two) of ``x``'s second-to-last dimension."""
@@ -102,15 +119,15 @@ class _Ring:
         return dist.batch_isend_irecv(ops), received
 
 
-def _scores(ring: _Ring, q: torch.Tensor, k: torch.Tensor, scale: float, offset: int | None,
+def _scores(ring: _Ring, q: torch.Tensor, k: torch.Tensor, scale: float, position: int,
             attention_mask: torch.Tensor | None, rows: slice, kc: int) -> torch.Tensor:
-    """fp32 scores ``[b, g, r, rows, L]`` of one block, -inf where masked: above the diagonal
-    of a chunk against itself (its rows start ``offset`` into the chunk), and where
+    """fp32 scores ``[b, g, r, rows, L]`` of one block (its first query at ``position``), -inf
+    where masked: keys after their query or out of its window (`_Ring.masked`), and where
     ``attention_mask`` (the rank's rows against every key) says."""
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
-    if offset is not None:
-        above = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)
-        scores.masked_fill_(above.triu_(offset + 1), NEG_INF)
+    masked = ring.masked(scores.size(-2), kc, position, q.device)
+    if masked is not None:
+        scores.masked_fill_(masked, NEG_INF)
     if attention_mask is not None:
         keys = slice(kc * ring.chunk, (kc + 1) * ring.chunk)
         scores.masked_fill_(attention_mask[:, :, rows, keys].unsqueeze(2), NEG_INF)
@@ -124,8 +141,8 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, attention_mask, scale, group, tile):
-        ring = _Ring(group, q.size(0) // 2, tile)
+    def forward(ctx, q, k, v, attention_mask, scale, group, tile, window):
+        ring = _Ring(group, q.size(0) // 2, tile, window)
         groups = k.size(2)
         qg, kg, vg = _grouped(q, groups), _grouped(k, groups), _grouped(v, groups)
         out = torch.zeros((*qg.shape[:-1], v.size(-1)), dtype=torch.float32, device=q.device)
@@ -135,9 +152,9 @@ class _RingAttention(torch.autograd.Function):
             if step < ring.size - 1:  # the next block travels while this one is used
                 requests, received = ring.start_exchange(block)
             owner = (ring.rank - step) % ring.size
-            for rows, kh, kc, offset in ring.blocks(owner):
+            for rows, kh, kc, position in ring.blocks(owner):
                 scores = _scores(ring, qg[..., rows, :], ring.half(block[0], kh), scale,
-                                 offset, attention_mask, rows, kc)
+                                 position, attention_mask, rows, kc)
                 part_lse = torch.logsumexp(scores, dim=-1)
                 probs = scores.sub_(_finite(part_lse).unsqueeze(-1)).exp_()
                 part = torch.matmul(probs.to(v.dtype), ring.half(block[1], kh)).float()
@@ -153,13 +170,13 @@ class _RingAttention(torch.autograd.Function):
         t, b = q.shape[:2]
         result = _ungrouped(out, q.dtype).reshape(t, b, -1)  # [2L, b, np * dv]
         ctx.save_for_backward(q, k, v, result, lse, attention_mask)
-        ctx.scale, ctx.group, ctx.tile = scale, group, tile
+        ctx.scale, ctx.group, ctx.tile, ctx.window = scale, group, tile, window
         return result
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, result, lse, attention_mask = ctx.saved_tensors
-        ring = _Ring(ctx.group, q.size(0) // 2, ctx.tile)
+        ring = _Ring(ctx.group, q.size(0) // 2, ctx.tile, ctx.window)
         groups = k.size(2)
         qg, kg, vg = _grouped(q, groups), _grouped(k, groups), _grouped(v, groups)
         dout, out = (_grouped(x.reshape(*q.shape[:-1], v.size(-1)), groups)
@@ -171,11 +188,11 @@ class _RingAttention(torch.autograd.Function):
         for step in range(ring.size):
             owner = (ring.rank - step) % ring.size
             kb, vb, dk, dv = block
-            for rows, kh, kc, offset in ring.blocks(owner):
+            for rows, kh, kc, position in ring.blocks(owner):
                 q_r, dout_r = qg[..., rows, :], dout[..., rows, :]
                 k_h, v_h = ring.half(kb, kh), ring.half(vb, kh)
-                probs = _scores(ring, q_r, k_h, ctx.scale, offset, attention_mask, rows, kc
-                                ).sub_(lse[..., rows].unsqueeze(-1)).exp_()  # [b, g, r, T, L]
+                probs = _scores(ring, q_r, k_h, ctx.scale, position, attention_mask, rows,
+                                kc).sub_(lse[..., rows].unsqueeze(-1)).exp_()  # [b, g, r, T, L]
                 ring.half(dv, kh).add_(torch.matmul(probs.to(v.dtype).transpose(-1, -2), dout_r
                                                     ).float().sum(2, keepdim=True))
                 dscores = torch.matmul(dout_r, v_h.transpose(-1, -2)).float()
@@ -193,4 +210,4 @@ class _RingAttention(torch.autograd.Function):
             block = received if step < ring.size - 1 else [None, None, *received]
         dk, dv = block[2], block[3]
         return (_ungrouped(dq, q.dtype), _ungrouped(dk, k.dtype), _ungrouped(dv, v.dtype),
-                None, None, None, None)
+                None, None, None, None, None)
