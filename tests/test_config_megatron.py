@@ -370,6 +370,11 @@ def test_mixture_of_experts_flags():
                             "--moe-layer-freq", "([0]*1+[1]*3)"], world_size=4).model
     assert patterned.moe_layer_freq == [0, 1, 1, 1]  # Megatron's expression, read without eval
     assert [patterned.is_moe_layer(i) for i in range(4)] == [False, True, True, True]
+    windowed = parse_args(["--config", TINY, "--num-layers", "4", "--window-size", "(4, 0)",
+                           "--window-attn-skip-freq", "([1]*3+[0])"], world_size=4).model
+    assert (windowed.window_size, windowed.window_attn_skip_freq) == ([4, 0], [1, 1, 1, 0])
+    assert parse_args(["--config", TINY, "--window-size", "4,0", "--window-attn-skip-freq",
+                       "2"], world_size=4).model.attention_window(2) is None
     assert error_of("--num-layers", "4", "--num-experts", "4", "--moe-layer-freq",
                     "[1,0]") == ("moe_layer_freq=[1, 0] must hold a 0 (dense) or 1 (MoE) "
                                  "for each of the num_layers=4 layers")

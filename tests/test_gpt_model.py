@@ -130,6 +130,12 @@ VARIANTS = {
                                        "recompute_method": "uniform",
                                        "sequence_parallel": True},
     "squared_relu": {"activation": "squared_relu"},
+    # a window of 3 earlier keys in layers 1 and 3 (the second attends fully), grouped keys
+    "sliding_window_grouped_query_sp": {"window_size": [3, 0], "window_attn_skip_freq": 2,
+                                        "num_attention_heads": 8, "num_query_groups": 4,
+                                        "sequence_parallel": True},
+    "sliding_window_unfused_selective": {"window_size": [5, 0], "attention_backend": "unfused",
+                                         "recompute_granularity": "selective"},
     # multi-latent attention: the duplicated down projections and latent norms see each rank's
     # tokens under SP (partial gradients), the key's RoPE channels reach every rank's heads
     "mla": MLA,

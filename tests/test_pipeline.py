@@ -127,6 +127,9 @@ LLAMA = {"num_query_groups": 2, "normalization": "RMSNorm", "activation": "swigl
 # and q/k norms (replicated over TP, their gradients summed there)
 WIDE_HEADS = {**LLAMA, "kv_channels": 12, "rotary_percent": 0.5,
               "layernorm_zero_centered_gamma": True, "qk_layernorm": True}
+# ... with a sliding window of 3 keys but in layers 3 and 6: each stage's layers by their
+# numbers over the whole model
+MISTRAL = {**LLAMA, "window_size": [3, 0], "window_attn_skip_freq": 3}
 
 
 def _config(tp=1, pp=1, vpp=None, sp=False, overlap=True, **model) -> TransformerConfig:
@@ -242,6 +245,7 @@ def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int, sp: bool,
     (1, 8, None, 8, False, True, None),  # PP8, 8 micro-batches
     (2, 2, 2, 4, True, True, LLAMA),     # the interleaved SP layout with a Llama-style model
     (2, 2, None, 4, True, True, WIDE_HEADS),  # TP2 x PP2 x DP2, SP, 1F1B, kv_channels etc.
+    (1, 2, 2, 4, False, True, MISTRAL),  # PP2 x VPP2 x DP4, sliding windows
 ])
 def test_gpt_pipeline_training_matches_single_process(tp, pp, vpp, microbatches, sp, overlap,
                                                       model):
