@@ -79,7 +79,7 @@ from mp.checkpointing.storage import (
     tensor_entries,
     write_tensors,
 )
-from mp.distributed import DistributedDataParallel
+from mp.distributed import finish_param_sync
 from mp.model.config import TransformerConfig
 from mp.optim import MixedPrecisionOptimizer, OptimizerParamScheduler
 
@@ -143,13 +143,6 @@ def _chunks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     return [model] if isinstance(model, nn.Module) else list(model)
 
 
-def _finish_param_sync(chunks: list[nn.Module]) -> None:
-    """Wait for parameters still being all-gathered (distributed optimizer)."""
-    for chunk in chunks:
-        if isinstance(chunk, DistributedDataParallel):
-            chunk.finish_param_sync()
-
-
 # --- saving -------------------------------------------------------------------------------
 
 def _save(ranks: _Ranks, save_dir: str | Path, iteration: int, tensors: PlacedTensors,
@@ -199,7 +192,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int,
     commit on every rank.
     """
     chunks = _chunks(model)
-    _finish_param_sync(chunks)
+    finish_param_sync(chunks)
     ranks = _Ranks(distributed=True)
     params = named_parameters(chunks)
     tensors = model_tensors(params)
@@ -334,7 +327,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | Sequence[nn.Module],
         scheduler.load_state_dict(meta["scheduler"])
     if optimizer_targets is not None:
         optimizer_targets.apply()
-        _finish_param_sync(chunks)
+        finish_param_sync(chunks)
         if load_optimizer_state and optimizer.grad_scaler is not None \
                 and meta["grad_scaler"] is not None:
             optimizer.grad_scaler.load_state_dict(meta["grad_scaler"])

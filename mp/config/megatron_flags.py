@@ -56,6 +56,7 @@ _MEGATRON_NAMES = {
         "decoupled_min_lr", "grad_reduce_in_bf16", "manual_gc", "manual_gc_interval",
         "empty_unused_memory_level", "distributed_timeout_minutes",
         "weight_decay_incr_style", "start_weight_decay", "end_weight_decay",
+        "check_weight_hash_across_dp_replicas_interval",
         "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler",
     ),
     "data": (

@@ -132,6 +132,9 @@ class TrainingConfig(Section):
     save_interval: int | None = None
     keep_last: int | None = None
     exit_interval: int | None = None
+    check_weight_hash_across_dp_replicas_interval: int | None = None  # every N iterations,
+    # stop unless the data-parallel replicas' weights are bitwise equal (mp.distributed.
+    # replica_check)
     exit_duration_in_mins: float | None = None
     exit_signal_handler: bool = False
     exit_signal: str = "SIGTERM"  # SIGTERM | SIGINT | SIGUSR1 | SIGUSR2
@@ -150,7 +153,8 @@ class TrainingConfig(Section):
         for name in ("micro_batch_size", "global_batch_size", "loss_scale_window", "hysteresis"):
             self._at_least(name, 1)
         for name in ("train_iters", "train_samples", "eval_interval", "save_interval",
-                     "keep_last", "exit_interval"):
+                     "keep_last", "exit_interval",
+                     "check_weight_hash_across_dp_replicas_interval"):
             self._at_least(name, 1, optional=True)
         if self.exit_duration_in_mins is not None:
             self._positive("exit_duration_in_mins")

@@ -1,6 +1,10 @@
 """Data-parallel gradient synchronisation and the end-of-backward gradient fix-ups."""
 
-from mp.distributed.distributed_data_parallel import DEFAULT_BUCKET_SIZE, DistributedDataParallel
+from mp.distributed.distributed_data_parallel import (
+    DEFAULT_BUCKET_SIZE,
+    DistributedDataParallel,
+    finish_param_sync,
+)
 from mp.distributed.finalize_model_grads import (
     allreduce_embedding_grads,
     allreduce_sequence_parallel_grads,
@@ -8,4 +12,4 @@ from mp.distributed.finalize_model_grads import (
 )
 
 __all__ = ["DEFAULT_BUCKET_SIZE", "DistributedDataParallel", "allreduce_embedding_grads",
-           "allreduce_sequence_parallel_grads", "finalize_model_grads"]
+           "allreduce_sequence_parallel_grads", "finalize_model_grads", "finish_param_sync"]

@@ -396,3 +396,12 @@ class DistributedDataParallel(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def finish_param_sync(chunks: list[nn.Module]) -> None:
+    """Wait for the parameter all-gathers still in flight in ``chunks`` (the distributed
+    optimizer's, overlapped with the next forward): every rank then holds the updated
+    weights."""
+    for chunk in chunks:
+        if isinstance(chunk, DistributedDataParallel):
+            chunk.finish_param_sync()

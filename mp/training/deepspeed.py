@@ -28,6 +28,7 @@ How the two meet (more in ``docs/training.md``, "DeepSpeed"):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -42,6 +43,7 @@ from mp.checkpointing.job import DEEPSPEED_LATEST
 from mp.checkpointing.rng import get_rng_state, set_rng_state
 from mp.config import JobConfig
 from mp.device import get_device
+from mp.distributed.replica_check import check_param_hashes_across_dp_replicas
 from mp.model.stages import build_gpt_chunks
 from mp.optim import get_param_groups
 from mp.optim.optimizer import build_adamw
@@ -213,7 +215,8 @@ def train_deepspeed(forward_step_func: Callable, engine, train_data_iterator: It
                                            lr_increment=lr_increment),
         cfg, logger, lr=engine.lr_scheduler.get_lr, loss_scale=lambda: loss_scale(engine),
         evaluate=evaluator(valid_data_iterator), test=evaluator(test_data_iterator),
-        state=state, checkpoint_hook=checkpoint_hook, exit_conditions=exit_conditions)
+        state=state, checkpoint_hook=checkpoint_hook, exit_conditions=exit_conditions,
+        check_replicas=functools.partial(check_param_hashes_across_dp_replicas, [engine.module]))
 
 
 def pretrain_deepspeed(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step,

@@ -43,6 +43,7 @@ from torch import nn
 from mp import parallel_state
 from mp.config import JobConfig
 from mp.device import get_device
+from mp.distributed.replica_check import check_param_hashes_across_dp_replicas
 from mp.model.aux_losses import take_tracked, tracked_names
 from mp.optim import MixedPrecisionOptimizer, OptimizerParamScheduler
 from mp.pipeline_parallel.schedules import get_forward_backward_func
@@ -238,7 +239,8 @@ def train(forward_step_func: Callable, model: list[nn.Module],
         decoupled_lr=None if tr.decoupled_lr is None else functools.partial(
             opt_param_scheduler.get_lr, param_group={"is_decoupled_lr": True}),
         evaluate=evaluator(valid_data_iterator), test=evaluator(test_data_iterator),
-        state=state, checkpoint_hook=checkpoint_hook, exit_conditions=exit_conditions)
+        state=state, checkpoint_hook=checkpoint_hook, exit_conditions=exit_conditions,
+        check_replicas=functools.partial(check_param_hashes_across_dp_replicas, model))
 
 
 def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: TrainingLogger, *,
@@ -248,7 +250,8 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
                    state: TrainState | None = None,
                    checkpoint_hook: Callable[[TrainState], None] | None = None,
                    exit_conditions: ExitConditions | None = None,
-                   test: Callable[[], dict[str, float]] | None = None) -> TrainState:
+                   test: Callable[[], dict[str, float]] | None = None,
+                   check_replicas: Callable[[int], None] | None = None) -> TrainState:
     """The loop around ``step(global_batch_size)``, one iteration (mp's `train_step`, or
     DeepSpeed's engine in `mp.training.deepspeed`): count iterations and samples, check the loss,
     log with ``lr()``, ``loss_scale()`` (and ``decoupled_lr()``), ``evaluate`` the validation data
@@ -256,8 +259,11 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
     and at the end, then evaluate the ``test`` data. When ``exit_conditions`` give a reason to stop
     before the last iteration, the run saves and ends there, without the final evaluations. With
     ``training.skip_train`` only the final evaluations happen, at ``state``'s iteration, printed but
-    not written as scalars. Nothing is evaluated with ``eval_iters`` 0. Garbage collection
-    (`ManualGC`) and profiling (`IterationProfiler`) happen around the iterations."""
+    not written as scalars. Nothing is evaluated with ``eval_iters`` 0. Every
+    ``check_weight_hash_across_dp_replicas_interval`` iterations ``check_replicas(iteration)``
+    compares the data-parallel replicas' weights, before any save (a drifted model is not
+    saved). Garbage collection (`ManualGC`) and profiling (`IterationProfiler`) happen around
+    the iterations."""
     tr = cfg.training
     state = TrainState() if state is None else state
     check_loss = cfg.model.precision != "fp16"
@@ -297,6 +303,9 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
             if can_evaluate and tr.eval_interval and state.iteration % tr.eval_interval == 0:
                 run_evaluation("validation", evaluate)
                 evaluated_at = state.iteration
+            if check_replicas and tr.check_weight_hash_across_dp_replicas_interval and \
+                    state.iteration % tr.check_weight_hash_across_dp_replicas_interval == 0:
+                check_replicas(state.iteration)
             if checkpoint_hook and tr.save_interval and state.iteration % tr.save_interval == 0:
                 save()
             profiler.after_iteration(state.iteration)
