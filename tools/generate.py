@@ -5,10 +5,9 @@
         --prompt "class " --temperature 0.8 --top-k 40 --top-p 0.95 --seed 7
 
 The model's shape comes from the checkpoint, and so does the tokenizer when the checkpoint
-holds its job's config (a pretraining checkpoint does; a converted one needs
-``--tokenizer-type`` and its files). The tensor-parallel size is the world size (one process:
-TP 1); it must divide the checkpoint's padded vocabulary, whose padding rows are never
-drawn. A prompt and its new tokens must fit in ``max_position_embeddings``. Each prompt is
+holds its job's config (`mp.generation_setup`). The tensor-parallel size is the world size
+(one process: TP 1); it must divide the checkpoint's padded vocabulary, whose padding rows
+are never drawn. A prompt and its new tokens must fit in ``max_position_embeddings``. Each prompt is
 continued until ``--max-new-tokens`` or the end-of-document token; rank 0 prints the prompt
 and its continuation, separated by a line of dashes.
 """
@@ -25,29 +24,23 @@ import torch
 import torch.distributed as dist
 
 from mp import parallel_state
-from mp.checkpointing import load_checkpoint, read_checkpoint_info
+from mp.checkpointing import read_checkpoint_info
 from mp.config import resolve_world_size
-from mp.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
+from mp.data.tokenizer import build_tokenizer
 from mp.device import get_device
 from mp.generation import SamplingParams, generate
+from mp.generation_setup import (
+    add_checkpoint_arguments,
+    generation_config,
+    load_for_generation,
+    tokenizer_args,
+)
 from mp.initialize import initialize_distributed
-from mp.model import GPTModel, TransformerConfig
-from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
-
-# What generation changes in the saved model config: one stage, no sequence parallelism
-# (the sequence grows a token at a time), nothing that only matters in training.
-_FOR_GENERATION = dict(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
-                       context_parallel_size=1, expert_model_parallel_size=1,
-                       expert_tensor_parallel_size=None, **UNEVEN_SPLIT_FIELDS,
-                       sequence_parallel=False, recompute_granularity=None,
-                       recompute_modules=None, recompute_method=None, recompute_num_layers=None,
-                       distribute_saved_activations=False, hidden_dropout=0.0,
-                       attention_dropout=0.0, compile_layers=False)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--load", required=True, help="a checkpoint or a save directory (its newest)")
+    add_checkpoint_arguments(p)
     p.add_argument("--prompt", action="append", required=True, help="text to continue; repeat "
                    "for several prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -56,40 +49,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="0: no limit")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0: no limit")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES,
-                   help="default: the checkpoint's job config")
-    p.add_argument("--vocab-file")
-    p.add_argument("--merge-file")
-    p.add_argument("--tokenizer-model")
-    p.add_argument("--vocab-size", type=int, help="NullTokenizer: ids below it")
     return p.parse_args(argv)
-
-
-def tokenizer_args(args: argparse.Namespace, job_config: dict | None) -> dict:
-    """`build_tokenizer`'s arguments: the command line's, else the checkpoint job's."""
-    data = (job_config or {}).get("data", {})
-    if args.tokenizer_type is None and not data:
-        raise SystemExit(f"generate.py: {args.load} holds no job config to take the tokenizer "
-                         "from (a converted checkpoint): give --tokenizer-type and its files")
-    if args.tokenizer_type is not None:
-        data = {}
-    return {"tokenizer_type": args.tokenizer_type or data["tokenizer_type"],
-            "vocab_file": args.vocab_file or data.get("vocab_file"),
-            "merge_file": args.merge_file or data.get("merge_file"),
-            "tokenizer_model": args.tokenizer_model or data.get("tokenizer_model"),
-            "eod_token": data.get("eod_token"),
-            "vocab_size": args.vocab_size or data.get("vocab_size")}
-
-
-def generation_config(saved: dict, tp: int) -> TransformerConfig:
-    """The saved model config at tensor-parallel size ``tp``, for generation: one stage, no
-    sequence parallelism, no dropout, and the saved padded vocabulary (whatever ``tp``)."""
-    rows = TransformerConfig(**saved).padded_vocab_size
-    if rows % tp:
-        raise ValueError(f"the checkpoint's padded vocabulary ({rows} rows) does not divide "
-                         f"over {tp} tensor-parallel ranks; run with fewer processes")
-    return TransformerConfig(**{**saved, **_FOR_GENERATION, "tensor_model_parallel_size": tp,
-                                "make_vocab_size_divisible_by": rows // tp})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,8 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     initialize_distributed()
     try:
         parallel_state.initialize_model_parallel(dist.get_world_size())
-        model = GPTModel(config)
-        load_checkpoint(info.path, model, load_rng=False)
+        model = load_for_generation(info.path, config)
         generator = torch.Generator(get_device()).manual_seed(args.seed)
         for prompt, tokens in zip(args.prompt, prompts):
             ids = torch.tensor([tokens], device=get_device())

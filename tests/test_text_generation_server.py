@@ -1,0 +1,125 @@
+"""The text-generation server (`mp.text_generation_server`, Megatron's ``PUT /api``) at TP 2:
+greedy answers against transformers' ``generate`` on the same GPT-2 weights, sampled answers
+reproducible by their seed, bad requests answered 400 with the rule and no rank involved (the
+server goes on), idle time bridged by heartbeats, and the command line's refusals."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from harness import run_distributed
+from test_checkpoint_hf import VOCAB, _convert_to_mp, _gpt2
+
+from mp import parallel_state as ps
+from mp.checkpointing import read_checkpoint_info
+from mp.data.tokenizer import NullTokenizer
+from mp.generation_setup import generation_config, load_for_generation
+from mp.text_generation_server import serve
+
+EOD = VOCAB - 1  # NullTokenizer(VOCAB - 1): ids 0 .. VOCAB - 2 and the eod id VOCAB - 1
+SERVER = Path(__file__).resolve().parents[1] / "tools" / "run_text_generation_server.py"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A random GPT-2 and its mp checkpoint."""
+    directory = tmp_path_factory.mktemp("server")
+    model = _gpt2("gelu_new")
+    model.save_pretrained(directory / "hf")
+    _convert_to_mp(directory / "hf", directory / "mp")
+    return model, str(directory / "mp")
+
+
+def _put(port: int, body) -> tuple[int, dict]:
+    data = (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api", data=data, method="PUT",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _serve_and_ask(path: str, bodies: list, idle_s: float) -> list[tuple[int, dict]] | None:
+    """Serve ``path`` at TP 2 (heartbeats every 0.1 s); rank 0's client thread sends each of
+    ``bodies`` after ``idle_s`` seconds, then stops the server. Returns the answers on rank 0."""
+    ps.initialize_model_parallel(2)
+    config = generation_config(read_checkpoint_info(path).model_config, 2)
+    model = load_for_generation(path, config)
+    tokenizer = NullTokenizer(EOD)
+    stop, answers = threading.Event(), []
+
+    def client(port: int) -> None:
+        def ask():
+            try:
+                for body in bodies:
+                    time.sleep(idle_s)
+                    answers.append(_put(port, body))
+            finally:
+                stop.set()
+        threading.Thread(target=ask, daemon=True).start()
+
+    serve(model, tokenizer, "127.0.0.1", 0, heartbeat_s=0.1, stop=stop, on_listening=client)
+    return answers if torch.distributed.get_rank() == 0 else None
+
+
+def _continuations(texts: list[str], prompts: torch.Tensor) -> list[list[int]]:
+    """The new ids of each answer (the text is the prompt's ids, then the new ones)."""
+    return [[int(t) for t in text.split()][len(p):] for text, p in zip(texts, prompts.tolist())]
+
+
+def test_greedy_answers_are_transformers_greedy_generation(converted):
+    hf, path = converted
+    prompts = torch.randint(0, EOD, (3, 5), generator=torch.Generator().manual_seed(2))
+    texts = [" ".join(map(str, p)) for p in prompts.tolist()]
+    (status, answer), = run_distributed(2, _serve_and_ask, path, [
+        {"prompts": texts, "tokens_to_generate": 10, "top_k": 1}], 0.3)[0]
+    assert status == 200
+    assert [t.split()[:5] for t in answer["text"]] == [t.split() for t in texts]
+    for prompt, new in zip(prompts, _continuations(answer["text"], prompts)):
+        expected = hf.generate(prompt[None], attention_mask=torch.ones(1, 5, dtype=torch.long),
+                               max_new_tokens=10, do_sample=False, eos_token_id=EOD,
+                               pad_token_id=EOD)[0, 5:].tolist()
+        assert new == [t for t in expected if t != EOD]
+
+
+def test_sampling_follows_the_seed_and_bad_requests_are_refused(converted):
+    _, path = converted
+    sampled = {"prompts": ["1 2 3"], "tokens_to_generate": 8, "temperature": 1.5,
+               "random_seed": 7}
+    bad = [
+        ({"prompts": []}, "prompts=[] must be a non-empty list of non-empty strings"),
+        ({"prompts": ["1"], "tokens_to_generate": "8"}, "tokens_to_generate='8' must be an int"),
+        ({"prompts": ["1"], "top_k": 5, "top_p": 0.9}, "top_k=5 and top_p=0.9: set one"),
+        ({"prompts": ["1"], "logprobs": True}, "logprobs: mp returns the text only"),
+        ({"prompts": ["1"], "tokens": 3}, "unknown field 'tokens'"),
+        ({"prompts": ["1 2"], "tokens_to_generate": 31},
+         "prompt '1 2' is 2 tokens; with tokens_to_generate=31 it must fit in the model's "
+         "max_position_embeddings=32"),
+        ({"prompts": ["x"]}, "NullTokenizer reads integer ids"),
+        (b"{not json", "Expecting property name"),
+    ]
+    answers = run_distributed(2, _serve_and_ask, path, [
+        sampled, *(body for body, _ in bad), sampled, {**sampled, "random_seed": 8}], 0.05)[0]
+    first, *refused, again, other = answers
+    assert first[0] == again[0] == other[0] == 200
+    assert first[1] == again[1]  # the same seed, the same draws
+    assert first[1] != other[1]
+    for (status, answer), (_, message) in zip(refused, bad):
+        assert status == 400 and message in answer["error"], answer
+
+
+def test_the_command_line_refuses_a_checkpoint_without_a_tokenizer(converted):
+    _, path = converted
+    refused = subprocess.run([sys.executable, str(SERVER), "--load", path],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "holds no job config to take the tokenizer from" in refused.stderr
