@@ -43,13 +43,15 @@ def to_mp(hf_dir, mp_dir, tp: int) -> None:
                   "16"])
 
 
-def mp_logits(path: str, tp: int, ep: int, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+def mp_logits(path: str, tp: int, ep: int, tokens: torch.Tensor, vocab: int,
+              **model) -> torch.Tensor:
     """The logits ``[b, s, vocab]`` of the mp checkpoint ``path`` at TP ``tp`` x EP ``ep``
-    (run on ``tp x ep`` ranks), the padding rows cut off."""
+    (run on ``tp x ep`` ranks), the padding rows cut off; ``model``: config fields to
+    override (``attention_backend``, ...)."""
     saved = read_checkpoint_info(path).model_config
     ps.initialize_model_parallel(tp, expert_model_parallel_size=ep)
     model = GPTModel(TransformerConfig(**{**saved, "tensor_model_parallel_size": tp,
-                                          "expert_model_parallel_size": ep})).eval()
+                                          "expert_model_parallel_size": ep, **model})).eval()
     load_checkpoint(path, model)
     with torch.no_grad():
         logits = gather_from_tensor_model_parallel_region(model(tokens))

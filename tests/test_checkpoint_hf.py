@@ -108,8 +108,10 @@ def test_unsupported_gpt2_configs_are_refused_by_name(tmp_path):
      r"model.num_query_groups=2: GPT-2 needs .*num_query_groups in \(4,\)"),
     ({"kv_channels": 16}, r"model.kv_channels=16: GPT-2 needs .*kv_channels in \(8,\)"),
     ({"hidden_size": 30, "kv_channels": 8},
-     r"model.kv_channels=8: GPT-2 needs .*kv_channels in \(\)")],
-    ids=["grouped_query", "kv_channels", "heads_do_not_divide_hidden"])
+     r"model.kv_channels=8: GPT-2 needs .*kv_channels in \(\)"),
+    ({"window_size": [3, 0]}, r"model.window_size=\[3, 0\]: GPT-2 needs .*window_size in "
+                              r"\(None,\)")],
+    ids=["grouped_query", "kv_channels", "heads_do_not_divide_hidden", "sliding_window"])
 def test_models_gpt2_cannot_express_do_not_export(model, message):
     config = TransformerConfig(**{"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
                                   "vocab_size": 64, "seq_length": 16, **model})

@@ -45,16 +45,17 @@ def _saved_rope(scaling: dict | None) -> dict:
 
 
 def _llama(kv_heads: int, tied: bool = False, scaling: dict | None = None,
-           head_dim: int | None = None, family: str = "Llama"):
+           head_dim: int | None = None, family: str = "Llama", **extra):
     """``head_dim``: the default (None) is hidden / heads = 8. ``family``: Llama, Qwen2 (a
-    Llama with q, k, v biases) or Qwen3 (a Llama with q/k norms)."""
+    Llama with q, k, v biases), Qwen3 (a Llama with q/k norms) or Mistral. ``extra``: more
+    of the config's fields (its sliding window, ...)."""
     config = getattr(transformers, f"{family}Config")(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=HEADS, num_key_value_heads=kv_heads,
         **({} if head_dim is None else {"head_dim": head_dim}),  # Qwen3's default: 128
         max_position_embeddings=POSITIONS, rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0, **(scaling or {})},
-        tie_word_embeddings=tied)
+        tie_word_embeddings=tied, **extra)
     torch.manual_seed(0)
     model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
     with torch.no_grad():  # make the norms non-trivial too
@@ -153,11 +154,7 @@ def test_llama_state_dict_round_trip_is_exact(tmp_path, scaling, head_dim, optio
     ({"hidden_act": "gelu"}, "hidden_act='gelu': mp's Llama needs hidden_act='silu'", "Llama"),
     ({"attention_bias": True}, "attention_bias=True: mp's Qwen3 needs attention_bias=False",
      "Qwen3"),
-    ({"use_sliding_window": True, "sliding_window": 8, "layer_types": ["full_attention",
-                                                                       "sliding_attention"]},
-     "use_sliding_window=True, layer_types .*'sliding_attention'.*: mp attends over the "
-     "whole sequence", "Qwen3"),
-])
+])  # sliding windows: test_checkpoint_hf_sliding_window.py
 def test_unsupported_llama_configs_are_refused_by_name(tmp_path, change, message, family):
     model = _llama(2, family=family)
     model.save_pretrained(tmp_path / "hf")

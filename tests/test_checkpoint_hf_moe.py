@@ -102,12 +102,10 @@ def test_moe_round_trip_is_exact(tmp_path, family, extra, model_type):
     assert_same_model(back_model, model, _tokens())
 
 
+# (sliding windows convert: test_checkpoint_hf_sliding_window.py)
 @pytest.mark.parametrize("family, change, message", [
-    ("Mixtral", {"sliding_window": 8}, "sliding_window=8: mp attends over the whole sequence"),
     ("Mixtral", {"router_jitter_noise": 0.1},
-     "router_jitter_noise=0.1: mp's Mixtral needs router_jitter_noise=0.0"),
-    ("Qwen3Moe", {"use_sliding_window": True, "sliding_window": 8},
-     "use_sliding_window=True, layer_types .*: mp attends over the whole sequence")])
+     "router_jitter_noise=0.1: mp's Mixtral needs router_jitter_noise=0.0")])
 def test_unsupported_moe_configs_are_refused_by_name(tmp_path, family, change, message):
     _moe(family).save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

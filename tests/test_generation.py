@@ -31,14 +31,18 @@ NEW = 12
 GENERATE = Path(__file__).resolve().parents[1] / "tools" / "generate.py"
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """A perturbed random GPT-2 (`test_checkpoint_hf`) and its mp checkpoint."""
-    directory = tmp_path_factory.mktemp("generation")
+def gpt2_checkpoint(directory: Path):
+    """A perturbed random GPT-2 (`test_checkpoint_hf`) and its mp checkpoint in
+    ``directory``: ``(model, path)``."""
     model = _gpt2("gelu_new")
     model.save_pretrained(directory / "hf")
     _convert_to_mp(directory / "hf", directory / "mp")
     return model, str(directory / "mp")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    return gpt2_checkpoint(tmp_path_factory.mktemp("generation"))
 
 
 def _prompts() -> torch.Tensor:
@@ -82,17 +86,24 @@ def test_greedy_generation_matches_transformers_at_tp2(converted):
     assert (expected[0, 5 + 2:] == eod).all()
 
 
-@pytest.mark.parametrize("family, head_dim", [("Llama", None), ("Qwen3", 12), ("Qwen2", None)])
-def test_greedy_llama_generation_matches_transformers_at_tp2(tmp_path, family, head_dim):
+@pytest.mark.parametrize("family, head_dim, window", [
+    ("Llama", None, {}), ("Qwen3", 12, {}), ("Qwen2", None, {}),
+    ("Mistral", None, {"sliding_window": 4})])
+def test_greedy_llama_generation_matches_transformers_at_tp2(tmp_path, family, head_dim,
+                                                             window):
     """Grouped-query attention and rotary embeddings: the cache's positions and heads (Qwen3:
     keys normalized before they are cached, heads 12 wide; Qwen2: keys and values with their
-    biases)."""
-    hf_model = _llama(2, head_dim=head_dim, family=family)
+    biases; Mistral: a sliding window of 4 keys over the cached ones, which changes
+    transformers' tokens)."""
+    hf_model = _llama(2, head_dim=head_dim, family=family, **window)
     hf_model.save_pretrained(tmp_path / "hf")
     _to_mp(tmp_path / "hf", tmp_path / "mp", 2)
     prompts = _prompts()
     with torch.no_grad():
         expected = _hf_greedy(hf_model, prompts, None)
+        if window:  # the same model without its window generates other tokens
+            hf_model.config.sliding_window = None
+            assert not torch.equal(_hf_greedy(hf_model, prompts, None), expected)
     got = run_distributed(2, _mp_generate, str(tmp_path / "mp"), prompts,
                           SamplingParams(greedy=True), None, 0)
     assert torch.equal(got[0], expected)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from harness import run_distributed
-from test_checkpoint_hf import VOCAB, _convert_to_mp, _gpt2
+from test_checkpoint_hf import VOCAB
+from test_generation import gpt2_checkpoint
 
 from mp import parallel_state as ps
 from mp.checkpointing import read_checkpoint_info
@@ -29,12 +30,7 @@ SERVER = Path(__file__).resolve().parents[1] / "tools" / "run_text_generation_se
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """A random GPT-2 and its mp checkpoint."""
-    directory = tmp_path_factory.mktemp("server")
-    model = _gpt2("gelu_new")
-    model.save_pretrained(directory / "hf")
-    _convert_to_mp(directory / "hf", directory / "mp")
-    return model, str(directory / "mp")
+    return gpt2_checkpoint(tmp_path_factory.mktemp("server"))
 
 
 def _put(port: int, body) -> tuple[int, dict]:

@@ -1,6 +1,7 @@
-"""Hugging Face Llama (``LlamaForCausalLM``), Qwen2 and Qwen2.5 (``Qwen2ForCausalLM``), Qwen3
-(``Qwen3ForCausalLM``), Mixtral (``MixtralForCausalLM``), Qwen3-MoE (``Qwen3MoeForCausalLM``)
-and Qwen2-MoE (``Qwen2MoeForCausalLM``) weights to and from mp's global parameter names.
+"""Hugging Face Llama (``LlamaForCausalLM``), Mistral (``MistralForCausalLM``), Qwen2 and
+Qwen2.5 (``Qwen2ForCausalLM``), Qwen3 (``Qwen3ForCausalLM``), Mixtral
+(``MixtralForCausalLM``), Qwen3-MoE (``Qwen3MoeForCausalLM``) and Qwen2-MoE
+(``Qwen2MoeForCausalLM``) weights to and from mp's global parameter names.
 
 A Llama is mp's GPT with RMSNorm, SwiGLU, rotary embeddings (the rotate-half form, mp's own),
 no linear biases, untied embeddings unless ``tie_word_embeddings``, and grouped-query
@@ -32,9 +33,8 @@ Qwen2 (and Qwen2.5, the same architecture) is a Llama whose ``q_proj``, ``k_proj
 Qwen3 is a Llama whose attention normalizes each query and key head over its ``head_dim``
 channels before RoPE with an RMSNorm shared by the heads (``q_norm``, ``k_norm``): mp's
 ``qk_layernorm`` (``self_attention.q_layernorm``, ``k_layernorm``). The config's
-``model_type`` picks the family one way, ``qk_layernorm`` the other. Qwen3's sliding-window
-attention (``use_sliding_window``, ``layer_types`` other than ``full_attention``) and
-``attention_bias=True`` (biases on the attention projections only) are refused by name.
+``model_type`` picks the family one way, ``qk_layernorm`` the other.
+``attention_bias=True`` (biases on the attention projections only) is refused by name.
 
 Mixtral is a Llama whose every MLP is a mixture of ``num_local_experts`` SwiGLU experts with
 a top-``num_experts_per_tok`` router: mp's MoE layer (`mp.model.moe`) with
@@ -43,9 +43,9 @@ renormalizes them, which is mp's default routing (a softmax over the top ``k`` l
 hold each expert apart (``block_sparse_moe.experts.<e>.w1`` the gate, ``w3`` the up and ``w2``
 the down projection, as ``save_pretrained`` writes them); mp stacks them into
 ``mlp.experts.gate_weight``, ``fc1_weight`` and ``fc2_weight`` (``[E, ...]``), and the router
-``block_sparse_moe.gate`` is ``mlp.router``. Sliding-window attention and router jitter noise
-are refused by name; the auxiliary loss's coefficient is a training setting and is not
-carried over (``--moe-aux-loss-coeff``).
+``block_sparse_moe.gate`` is ``mlp.router``. Router jitter noise is refused by name; the
+auxiliary loss's coefficient is a training setting and is not carried over
+(``--moe-aux-loss-coeff``).
 
 Qwen3-MoE is a Qwen3 with Mixtral's mixture of experts (``num_experts``, which
 transformers 5 writes ``num_local_experts``, of width
@@ -61,6 +61,17 @@ default) with Qwen3-MoE's experts and routing, and in every layer with experts a
 expert (``mlp.shared_expert``, ``shared_expert_intermediate_size`` wide: mp's
 ``shared_experts``) whose output is scaled per token by ``sigmoid(shared_expert_gate x)``:
 mp's ``moe_shared_expert_gate`` (``shared_experts.gate_weight``).
+
+Mistral is a Llama whose every layer may attend through a sliding window. Sliding windows
+are config fields only (the weights do not change): Hugging Face's ``sliding_window = W``
+lets a query see the keys less than ``W`` positions back, its own included, which is mp's
+``window_size = [W - 1, 0]`` (Megatron's ``--window-size``). Mistral and Mixtral slide every
+layer when ``sliding_window`` is not null, Qwen3-MoE every layer with ``use_sliding_window``;
+Qwen2, Qwen3 and Qwen2-MoE with ``use_sliding_window`` slide the layers ``layer_types``
+names ``sliding_attention`` (derived from ``max_window_layers`` when absent, as transformers 5
+does), mp's per-layer ``window_attn_skip_freq``. ``mp-to-hf`` writes Mistral for a dense
+Llama-like model with windows, and refuses a pattern of sliding layers the family cannot
+express (Mistral, Mixtral and Qwen3-MoE: every layer or none).
 """
 
 from __future__ import annotations

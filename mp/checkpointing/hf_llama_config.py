@@ -1,6 +1,6 @@
 """The model side of the Hugging Face Llama family (`mp.checkpointing.hf_llama`): which family
 a ``config.json`` or an mp model is, and the one config as the other (``config_from_hf``,
-``hf_config``)."""
+``hf_config``), sliding windows included."""
 
 from __future__ import annotations
 
@@ -25,45 +25,120 @@ class Family(NamedTuple):
     qkv_bias: bool = False  # whether q_proj, k_proj and v_proj have biases (Qwen2-MoE: as
     # its config's qkv_bias says)
     shared_expert: bool = False  # whether a MoE layer has a gated shared expert
+    windows: str | None = None  # how its config.json gives sliding windows (`_windows_from_hf`):
+    # "every" (``sliding_window``, W or null, on every layer), "flag" (on every layer when
+    # ``use_sliding_window``), "layers" (``use_sliding_window``, and per layer ``layer_types``
+    # or, without, ``max_window_layers``); None: every layer attends fully
 
 
 #: ``model_type`` -> the family
 FAMILIES = {"llama": Family("Llama", "LlamaForCausalLM", False),
-            "qwen2": Family("Qwen2", "Qwen2ForCausalLM", False, qkv_bias=True),
-            "qwen3": Family("Qwen3", "Qwen3ForCausalLM", True),
+            "mistral": Family("Mistral", "MistralForCausalLM", False, windows="every"),
+            "qwen2": Family("Qwen2", "Qwen2ForCausalLM", False, qkv_bias=True,
+                            windows="layers"),
+            "qwen3": Family("Qwen3", "Qwen3ForCausalLM", True, windows="layers"),
             "mixtral": Family("Mixtral", "MixtralForCausalLM", False,
-                              Experts("block_sparse_moe", ("w1", "w3", "w2"))),
+                              Experts("block_sparse_moe", ("w1", "w3", "w2")), windows="every"),
             "qwen3_moe": Family("Qwen3-MoE", "Qwen3MoeForCausalLM", True,
-                                Experts("mlp", ("gate_proj", "up_proj", "down_proj"))),
+                                Experts("mlp", ("gate_proj", "up_proj", "down_proj")),
+                                windows="flag"),
             "qwen2_moe": Family("Qwen2-MoE", "Qwen2MoeForCausalLM", False,
                                 Experts("mlp", ("gate_proj", "up_proj", "down_proj")),
-                                qkv_bias=True, shared_expert=True)}
+                                qkv_bias=True, shared_expert=True, windows="layers")}
 
 
 def model_type(config: TransformerConfig) -> str:
     """The family an mp model converts to: with experts Qwen2-MoE (shared experts or
     ``add_qkv_bias``), Qwen3-MoE (``qk_layernorm``) or Mixtral, else Qwen2 (``add_qkv_bias``),
-    Qwen3 (``qk_layernorm``) or Llama."""
+    Qwen3 (``qk_layernorm``), Mistral (sliding windows) or Llama."""
     if config.num_moe_experts is not None:
         if config.moe_shared_expert_intermediate_size is not None or config.add_qkv_bias:
             return "qwen2_moe"
         return "qwen3_moe" if config.qk_layernorm else "mixtral"
     if config.add_qkv_bias:
         return "qwen2"
-    return "qwen3" if config.qk_layernorm else "llama"
+    if config.qk_layernorm:
+        return "qwen3"
+    return "mistral" if any(_sliding_layers(config)) else "llama"
 
 
-def _check_full_attention(hf: dict) -> None:
-    """ValueError for Qwen3's and Mixtral's sliding-window attention (mp attends over the
-    whole sequence)."""
-    layer_types = set(hf.get("layer_types") or ("full_attention",))
-    if hf.get("use_sliding_window") or layer_types != {"full_attention"}:
-        raise ValueError(f"use_sliding_window={hf.get('use_sliding_window')!r}, layer_types "
-                         f"{sorted(layer_types)}: mp attends over the whole sequence "
-                         "(use_sliding_window=false, every layer 'full_attention')")
-    if hf.get("model_type") == "mixtral" and hf.get("sliding_window") is not None:
-        raise ValueError(f"sliding_window={hf['sliding_window']!r}: mp attends over the whole "
-                         "sequence (sliding_window=null)")
+def _sliding_layers(config: TransformerConfig) -> list[bool]:
+    """Whether each layer (0-based) of an mp model attends through a sliding window."""
+    return [config.attention_window(i + 1) is not None for i in range(config.num_layers)]
+
+
+def _derived_layer_types(kind: str, layers: int, first: int) -> list[bool]:
+    """Which layers slide, as transformers 5 derives ``layer_types`` from
+    ``max_window_layers = first`` when a config has ``use_sliding_window`` and no
+    ``layer_types``: Qwen2 and Qwen3 slide the layers from ``first`` on, Qwen2-MoE the even
+    (0-based) ones before ``first``."""
+    if kind == "qwen2_moe":
+        return [i % 2 == 0 and i < first for i in range(layers)]
+    return [i >= first for i in range(layers)]
+
+
+_SLIDING, _FULL = "sliding_attention", "full_attention"
+
+
+def _windows_from_hf(hf: dict, kind: str) -> dict:
+    """mp's ``window_size`` and ``window_attn_skip_freq`` (a 0/1 per layer, None when every
+    layer slides) of a ``kind`` config's sliding windows, as transformers 5 reads them; none
+    when every layer attends fully. Hugging Face's ``sliding_window = W`` lets a query see
+    the keys less than ``W`` positions back (its own included): mp's ``window_size = [W - 1,
+    0]``. ValueError for what mp cannot express."""
+    style, layers, name = FAMILIES[kind].windows, hf["num_hidden_layers"], FAMILIES[kind].name
+    # transformers drops the window without use_sliding_window; the defaults are its configs'
+    on = style == "every" or style is not None and bool(hf.get("use_sliding_window"))
+    width = hf.get("sliding_window", None if kind == "mixtral" else 4096) if on else None
+    slides = [width is not None] * layers
+    if style == "layers":
+        types = hf.get("layer_types")
+        if types is not None:
+            if len(types) != layers or not set(types) <= {_SLIDING, _FULL}:
+                raise ValueError(f"layer_types={types!r}: mp's {name} needs '{_FULL}' or "
+                                 f"'{_SLIDING}' for each of the num_hidden_layers={layers} "
+                                 "layers")
+            slides = [t == _SLIDING for t in types]
+            if any(slides) and not on:
+                raise ValueError(f"layer_types={types!r} with use_sliding_window="
+                                 f"{hf.get('use_sliding_window')!r}: mp's {name} slides the "
+                                 f"'{_SLIDING}' layers with use_sliding_window=true")
+        elif width is not None:
+            slides = _derived_layer_types(kind, layers, hf.get("max_window_layers", 28))
+    if not any(slides):
+        return {}
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"sliding_window={width!r}: mp's {name} needs an integer >= 1 for "
+                         f"its layers of '{_SLIDING}' (a query sees the keys less than "
+                         "sliding_window positions back)")
+    return {"window_size": [width - 1, 0],
+            "window_attn_skip_freq": None if all(slides) else [int(s) for s in slides]}
+
+
+def _windows_to_hf(config: TransformerConfig, kind: str) -> dict:
+    """The sliding-window fields of a ``kind`` ``config.json`` for mp model ``config``
+    (``sliding_window = window_size[0] + 1``; the inverse of `_windows_from_hf`); ValueError
+    for a pattern of sliding layers the family cannot express (Mistral, Mixtral and Qwen3-MoE
+    slide every layer or none)."""
+    style, slides = FAMILIES[kind].windows, _sliding_layers(config)
+    if not any(slides):
+        return {"every": {"sliding_window": None}, "flag": {"use_sliding_window": False},
+                "layers": {"use_sliding_window": False}}.get(style, {})
+    if style != "layers" and not all(slides):
+        raise ValueError(f"model.window_attn_skip_freq={config.window_attn_skip_freq!r}: "
+                         f"{FAMILIES[kind].name} has a sliding window in every layer or none "
+                         "(window_attn_skip_freq=None)")
+    width = {"sliding_window": config.window_size[0] + 1}
+    if style == "every":
+        return width
+    if style == "flag":
+        return {"use_sliding_window": True, **width}
+    # transformers 5 reads layer_types; max_window_layers too where it alone gives the layers
+    first = next((n for n in range(config.num_layers + 1)
+                  if _derived_layer_types(kind, config.num_layers, n) == slides), None)
+    return {"use_sliding_window": True, **width,
+            "layer_types": [_SLIDING if s else _FULL for s in slides],
+            **({} if first is None else {"max_window_layers": first})}
 
 
 # Llama 3.1's RoPE scaling as mp has it (`mp.model.rope`): only the factor may vary.
@@ -98,7 +173,6 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
     kind = hf.get("model_type", "llama")
     if kind not in FAMILIES:
         raise ValueError(f"model_type={kind!r} must be one of {', '.join(map(repr, FAMILIES))}")
-    _check_full_attention(hf)
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     for key, value in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
                        ("pretraining_tp", 1), ("router_jitter_noise", 0.0)):
@@ -118,6 +192,7 @@ def config_from_hf(hf: dict, *, tensor_model_parallel_size: int = 1,
         activation="swiglu", position_embedding_type="rope", **_rope(hf),
         qk_layernorm=FAMILIES[kind].qk_layernorm,
         add_qkv_bias=hf.get("qkv_bias", FAMILIES[kind].qkv_bias),
+        **_windows_from_hf(hf, kind),
         **common_fields(hf, tensor_model_parallel_size, pipeline_model_parallel_size))
 
 
@@ -147,7 +222,7 @@ def _experts_to_hf(config: TransformerConfig, kind: str) -> dict:
     family)."""
     if kind == "mixtral":
         return {"num_local_experts": config.num_moe_experts,
-                "num_experts_per_tok": config.moe_router_topk, "sliding_window": None,
+                "num_experts_per_tok": config.moe_router_topk,
                 "router_jitter_noise": 0.0, "intermediate_size": config.moe_ffn_hidden_size}
     if kind not in ("qwen3_moe", "qwen2_moe"):
         return {}
@@ -162,9 +237,8 @@ def _experts_to_hf(config: TransformerConfig, kind: str) -> dict:
 
 
 def hf_config(config: TransformerConfig) -> dict:
-    """A Llama ``config.json`` for mp model ``config``, Qwen3's with ``qk_layernorm``,
-    Mixtral's with experts, Qwen3-MoE's with both; ValueError for an mp model none can
-    express."""
+    """The `FAMILIES` ``config.json`` (`model_type`'s family) of mp model ``config``, its
+    sliding windows included; ValueError for an mp model none can express."""
     kind = model_type(config)
     needs = {"normalization": ("RMSNorm",), "activation": ("swiglu",),
              "position_embedding_type": ("rope",), "rotary_percent": (1.0,),
@@ -190,9 +264,8 @@ def hf_config(config: TransformerConfig) -> dict:
                                     **_LLAMA3_SCALING}}
     elif interpolation is not None:
         scaling = {"rope_scaling": {"rope_type": "linear", "factor": interpolation}}
-    sliding = {"use_sliding_window": False} if kind.startswith("qwen") else {}
-    return {**scaling, **sliding, "architectures": [FAMILIES[kind].architecture],
-            "model_type": kind,
+    return {**scaling, **_windows_to_hf(config, kind),
+            "architectures": [FAMILIES[kind].architecture], "model_type": kind,
             "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
             "intermediate_size": config.ffn_hidden_size, **_experts_to_hf(config, kind),
             "num_hidden_layers": config.num_layers,
