@@ -3,7 +3,9 @@ itself (``enable_gqa``, flash or cuDNN kernels) against the same model with the 
 repeated per query head, and against the unfused core (mp's fused softmax when built), in
 fp32 and bf16, forward and backward; generation with the cache against running the whole
 sequence at each step; the bottom-right causal attention of context parallelism (queries at
-the end of longer keys, SDPA's flash or memory-efficient kernels) against an explicit mask."""
+the end of longer keys, SDPA's flash or memory-efficient kernels) against an explicit mask;
+sliding-window attention against float64 with the window written out, and generating with
+it through the cache."""
 
 import pytest
 import torch
@@ -102,3 +104,51 @@ def bottom_right_against_explicit(precision: str) -> list[tuple[str, float]]:
 def test_bottom_right_causal_attention_equals_the_explicit_mask(precision, rtol):
     for name, difference in bottom_right_against_explicit(precision):
         assert difference <= rtol, f"{name}: {difference:.2e}"
+
+
+def windowed_against_float64(backend: str, precision: str) -> list[tuple[str, float]]:
+    """Relative differences, output and each input gradient, between `CoreAttention` with a
+    sliding window of 100 earlier keys (512 queries at the end of 1024 grouped keys, as a
+    cache or a context-parallel chunk has them) and the same attention in float64 with the
+    window's mask written out."""
+    torch.manual_seed(4)
+    config = TransformerConfig(
+        num_layers=1, hidden_size=1024, num_attention_heads=HEADS, num_query_groups=GROUPS,
+        vocab_size=VOCAB, seq_length=1024, attention_dropout=0.0, precision=precision,
+        attention_backend=backend)
+    window, sq, sk, d = 100, 512, 1024, 64
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    inputs = [torch.randn(s, 2, h, d, device=get_device(), dtype=dtype, requires_grad=True)
+              for s, h in ((sq, HEADS), (sk, GROUPS), (sk, GROUPS))]
+    exact = [t.detach().double().requires_grad_(True) for t in inputs]
+    out = CoreAttention(config, window)(*inputs)
+    positions = torch.arange(sk - sq, sk, device=get_device())[:, None]
+    keys = torch.arange(sk, device=get_device())
+    keep = (keys <= positions) & (positions - keys <= window)  # [sq, sk]
+    q, k, v = (t.permute(1, 2, 0, 3) for t in exact)  # [b, heads or groups, s, d]
+    k, v = (t.repeat_interleave(HEADS // GROUPS, dim=1) for t in (k, v))
+    scores = (q @ k.transpose(-1, -2) / d ** 0.5).masked_fill(~keep, float("-inf"))
+    ref = (scores.softmax(-1) @ v).permute(2, 0, 1, 3).reshape(sq, 2, HEADS * d)
+    weights = torch.randn(out.shape, device=get_device(), dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * weights).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), exact)
+    return [(name, ((a.double() - b).norm() / b.norm()).item())
+            for name, a, b in zip(("output", "dq", "dk", "dv"), (out, *grads),
+                                  (ref, *ref_grads))]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "unfused"])
+@pytest.mark.parametrize("precision, rtol", [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_sliding_window_attention_equals_float64(backend, precision, rtol):
+    for name, difference in windowed_against_float64(backend, precision):
+        assert difference <= rtol, f"{name}: {difference:.2e}"
+
+
+def test_windowed_cached_generation_equals_the_whole_sequence():
+    """A window of 40 keys over 100 prompt tokens and 64 new ones: the cache's mask slides."""
+    model = grouped_model("fp32", window_size=[40, 0], window_attn_skip_freq=2)
+    prompts = torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(2))
+    prompts = prompts.to(get_device())
+    runs = [generate(model, prompts, 64, SamplingParams(greedy=True), kv_cache=kv_cache)
+            for kv_cache in (True, False)]
+    assert torch.equal(*runs)
