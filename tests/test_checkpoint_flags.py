@@ -18,6 +18,7 @@ from test_exit import training
 from test_training import job
 from test_training_runtime import _pretrain, tiny_job
 
+from mp import parallel_state as ps
 from mp.checkpointing import CheckpointError
 from mp.checkpointing import job as checkpoint_job
 from mp.checkpointing.files import META_FILE
@@ -250,3 +251,52 @@ def test_redundant_combinations_are_allowed_as_in_megatron():
     with nothing to evaluate (the job then only loads)."""
     training(load="ckpt", finetune=True, no_load_optim=True, no_load_rng=True)
     training(skip_train=True, eval_iters=0)
+
+
+# --- --ckpt-step --------------------------------------------------------------------------
+
+def _save_twice_and_load_step(path: str, step: int | None) -> tuple:
+    """Iterations 1 and 2 saved into one save directory, each with its weights; then the
+    job's start point and resume with ``--ckpt-step step`` into other weights."""
+    models, optimizer, scheduler = setup(1, 1, seed=1)
+    weights = {}
+    for iteration in (1, 2):
+        train_step(models, optimizer, scheduler, iteration)
+        weights[iteration] = assemble([pieces(models)])
+        checkpoint_job.checkpoint_hook(_job("--save", path), models, optimizer, scheduler)(
+            TrainState(iteration, iteration * GLOBAL_BATCH))
+    ps.destroy_model_parallel()
+    models, optimizer, scheduler = setup(1, 1, seed=2)
+    flags = () if step is None else ("--ckpt-step", str(step))
+    start = checkpoint_job.start_point(_job("--load", path, *flags))
+    checkpoint_job.resume(start, models, optimizer, scheduler)
+    loaded = assemble([pieces(models)])
+    same = {i: all(torch.equal(loaded[k], w[k]) for k in w) for i, w in weights.items()}
+    return start.iteration, scheduler.num_steps, same
+
+
+@pytest.mark.parametrize("step, iteration", [(None, 2), (1, 1), (2, 2)])
+def test_ckpt_step_loads_that_iteration(tmp_path, step, iteration):
+    """Megatron's --ckpt-step: that iteration's weights, iteration and schedule, not the
+    newest's; without it, the newest."""
+    (loaded_at, steps, same), = run_distributed(1, _save_twice_and_load_step, str(tmp_path),
+                                                step)
+    assert (loaded_at, steps) == (iteration, iteration)
+    assert same == {1: iteration == 1, 2: iteration == 2}
+
+
+def test_ckpt_step_names_the_iterations_there(tmp_path):
+    run_distributed(1, _save_twice_and_load_step, str(tmp_path), None)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"ckpt_step=3: {tmp_path / 'iter_0000003'} is missing or has no manifest.json; "
+            f"{tmp_path} holds iterations 1, 2")):
+        checkpoint_job.start_point(_job("--load", str(tmp_path), "--ckpt-step", "3"))
+    with pytest.raises(ConfigError, match=re.escape(
+            "training.ckpt_step=3 needs training.load (the save directory holding that "
+            "iteration)")):
+        _job("--ckpt-step", "3")
+    # --use-checkpoint-args reads that iteration's arguments (a missing one is named too)
+    with pytest.raises(ConfigError, match="training.use_checkpoint_args=true: ckpt_step=5"):
+        _job("--load", str(tmp_path), "--use-checkpoint-args", "--ckpt-step", "5")
+    assert _job("--load", str(tmp_path), "--use-checkpoint-args", "--ckpt-step",
+                "1").training.ckpt_step == 1

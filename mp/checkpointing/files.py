@@ -79,10 +79,13 @@ def read_latest(save_dir: str | Path) -> int | None:
     return int(text)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path, iteration: int | None = None) -> Path:
     """``path`` itself when it is a committed checkpoint, else the checkpoint that the pointer
-    file of save directory ``path`` names."""
+    file of save directory ``path`` names, or with ``iteration`` (Megatron's
+    ``--ckpt-step``) that iteration's."""
     path = Path(path)
+    if iteration is not None:
+        return _iteration_checkpoint(path, iteration)
     if (path / MANIFEST_FILE).is_file():
         return path
     if path.name.endswith(TMP_SUFFIX):
@@ -101,13 +104,30 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return directory
 
 
-def find_checkpoint(path: str | Path) -> Path | None:
+def _iteration_checkpoint(save_dir: Path, iteration: int) -> Path:
+    """Save directory ``save_dir``'s committed checkpoint of ``iteration``."""
+    if (save_dir / MANIFEST_FILE).is_file():
+        raise CheckpointError(f"ckpt_step={iteration} picks an iteration of a save directory; "
+                              f"{save_dir} is a checkpoint itself")
+    directory = checkpoint_dir(save_dir, iteration)
+    if not (directory / MANIFEST_FILE).is_file():
+        held = committed_iterations(save_dir) if save_dir.is_dir() else []
+        raise CheckpointError(f"ckpt_step={iteration}: {directory} is missing or has no "
+                              f"{MANIFEST_FILE}; {save_dir} holds "
+                              + (f"iterations {', '.join(map(str, held))}" if held
+                                 else "no complete checkpoint"))
+    return directory
+
+
+def find_checkpoint(path: str | Path, iteration: int | None = None) -> Path | None:
     """Like `resolve_checkpoint`, but None when ``path`` holds no checkpoint at all (neither
-    a manifest nor a pointer file): a save directory before its first save."""
+    a manifest nor a pointer file): a save directory before its first save (with
+    ``iteration``, that iteration must be there)."""
     path = Path(path)
-    if not (path / MANIFEST_FILE).is_file() and not (path / LATEST_FILE).is_file():
+    if iteration is None and not (path / MANIFEST_FILE).is_file() \
+            and not (path / LATEST_FILE).is_file():
         return None
-    return resolve_checkpoint(path)
+    return resolve_checkpoint(path, iteration)
 
 
 # --- integrity ----------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def start_point(cfg: JobConfig) -> StartPoint:
     tr = cfg.training
     if tr.load is None:
         return StartPoint()
-    directory = find_checkpoint(tr.load)
+    directory = find_checkpoint(tr.load, tr.ckpt_step)
     if directory is None:
         if os.path.isfile(os.path.join(tr.load, DEEPSPEED_LATEST)):
             raise CheckpointError(f"training.load={tr.load!r} holds a DeepSpeed "

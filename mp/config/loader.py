@@ -78,8 +78,9 @@ CHECKPOINT_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_quer
 
 def _take_checkpoint_args(sections: dict, training: dict) -> None:
     """Megatron's ``--use-checkpoint-args``: when ``training`` (the resolved section) asks,
-    `CHECKPOINT_ARGS` from the metadata of its ``load``'s newest checkpoint replace the model
-    section's values in ``sections`` (the config file's; the command line is applied after)."""
+    `CHECKPOINT_ARGS` from the metadata of its ``load``'s newest checkpoint (its ``ckpt_step``
+    one when set) replace the model section's values in ``sections`` (the config file's; the
+    command line is applied after)."""
     if not coerce("training.use_checkpoint_args", training.get("use_checkpoint_args", False),
                   bool):
         return
@@ -87,9 +88,11 @@ def _take_checkpoint_args(sections: dict, training: dict) -> None:
         raise ConfigError("training.use_checkpoint_args=true needs training.load (the "
                           "checkpoint whose model arguments the run takes)")
     from mp.checkpointing import CheckpointError, read_checkpoint_info  # imports mp.config
+    from mp.checkpointing.files import resolve_checkpoint
 
+    step = coerce("training.ckpt_step", training.get("ckpt_step"), int | None)
     try:
-        saved = read_checkpoint_info(training["load"]).model_config
+        saved = read_checkpoint_info(resolve_checkpoint(training["load"], step)).model_config
     except CheckpointError as error:
         raise ConfigError(f"training.use_checkpoint_args=true: {error}") from None
     taken = {name: saved[name] for name in CHECKPOINT_ARGS if name in saved}

@@ -50,7 +50,7 @@ _MEGATRON_NAMES = {
         "overlap_param_gather", "overlap_grad_reduce", "deepspeed", "deepspeed_config",
         "eval_interval", "eval_iters", "save", "load", "finetune", "use_checkpoint_args",
         "no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng",
-        "exit_on_missing_checkpoint", "skip_train",
+        "exit_on_missing_checkpoint", "skip_train", "ckpt_step",
         "save_interval", "exit_interval", "exit_duration_in_mins", "exit_signal_handler",
         "exit_signal", "calculate_per_token_loss", "decoupled_lr",
         "decoupled_min_lr", "grad_reduce_in_bf16", "manual_gc", "manual_gc_interval",

@@ -21,7 +21,8 @@ _WORDS = {"iters": "iterations", "samples": "samples"}
 _NOT_WITH_DEEPSPEED = {
     **dict.fromkeys(("calculate_per_token_loss", "decoupled_lr", "grad_reduce_in_bf16"),
                     "mp's own data parallelism and optimizer implement it"),
-    **dict.fromkeys(("no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng"),
+    **dict.fromkeys(("no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng",
+                     "ckpt_step"),
                     "a DeepSpeed job saves and resumes DeepSpeed's checkpoints whole"),
 }
 
@@ -123,6 +124,8 @@ class TrainingConfig(Section):
     load: str | None = None
     finetune: bool = False  # load's weights only: iteration 0, fresh optimizer and schedule
     use_checkpoint_args: bool = False  # the model's architecture from load's checkpoint
+    ckpt_step: int | None = None  # load this iteration of load, not its newest (Megatron's
+    # --ckpt-step)
     no_load_optim: bool = False  # resume without the optimizer state, loss scale and schedule
     no_load_rng: bool = False  # resume without the RNG states
     no_save_optim: bool = False  # checkpoints without the optimizer state, loss scale, schedule
@@ -196,6 +199,10 @@ class TrainingConfig(Section):
         for name, what in _NEEDS_LOAD.items():
             if getattr(self, name) and self.load is None:
                 raise ConfigError(f"training.{name}=true needs training.load ({what})")
+        if self.ckpt_step is not None and self.load is None:
+            raise ConfigError(f"training.ckpt_step={self.ckpt_step} needs training.load (the "
+                              "save directory holding that iteration)")
+        self._at_least("ckpt_step", 0, optional=True)
         self._not_above("min_lr", "lr")
         self._not_above("min_loss_scale", "initial_loss_scale")
 
