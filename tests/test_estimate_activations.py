@@ -77,8 +77,21 @@ LAYER_CASES = {  # name -> config overrides (tp and sequence_parallel are added 
         qk_layernorm=True, normalization="RMSNorm", num_attention_heads=16, num_query_groups=4,
         attention_dropout=0.0, kv_channels=24),
     "squared_relu_nobias": dict(activation="squared_relu", add_bias_linear=False),
+    # sliding windows of 8 earlier keys (of S = 32): an explicit mask where a call's keys
+    # reach past the window (at CP 4, rank 1's first chunk's 8 keys do not: mixed calls)
+    "window_unfused": dict(attention_backend="unfused", window_size=[8, 0]),
+    "window_unfused_selective": dict(attention_backend="unfused", window_size=[8, 0],
+                                     recompute_granularity="selective"),
+    "window_sdpa_math": dict(window_size=[8, 0]),  # the math path adds the mask: saves none
+    "window_gqa_sdpa_flash_rope": dict(window_size=[8, 0], attention_dropout=0.0,
+                                       num_attention_heads=16, num_query_groups=4,
+                                       position_embedding_type="rope"),
+    "window_0_sdpa_flash_selective": dict(window_size=[0, 0], attention_dropout=0.0,
+                                          recompute_granularity="selective"),
+    # a window reaching the first key from the last query: no mask, as without one
+    "window_31_sdpa_flash": dict(window_size=[S - 1, 0], attention_dropout=0.0),
 }
-BLOCK_CASES = {  # full recompute over a two-layer chunk
+BLOCK_CASES = {  # two-layer chunks: full recompute over them, or layers that differ
     "full_uniform": dict(recompute_granularity="full", recompute_method="uniform"),
     "full_uniform_distributed": dict(recompute_granularity="full", recompute_method="uniform",
                                      distribute_saved_activations=True),
@@ -87,6 +100,12 @@ BLOCK_CASES = {  # full recompute over a two-layer chunk
     # the checkpoints keep the chunk's RoPE angles, one tensor for both
     "full_uniform_rope": dict(recompute_granularity="full", recompute_method="uniform",
                               position_embedding_type="rope"),
+    # the second layer slides and is saved whole, the first is checkpointed
+    "full_block_window_second_layer": dict(recompute_granularity="full", recompute_method="block",
+                                           recompute_num_layers=1, attention_backend="unfused",
+                                           window_size=[8, 0], window_attn_skip_freq=[0, 1]),
+    "window_every_other_layer_sdpa_flash": dict(window_size=[8, 0], window_attn_skip_freq=2,
+                                                attention_dropout=0.0),
 }
 
 
@@ -252,8 +271,12 @@ def model_saved_bytes(cfg: TransformerConfig, compiled: bool) -> int:
     (1, False, False, dict(cp=2)),  # learned positions at the rank's own
     (2, True, False, dict(cp=2, normalization="RMSNorm", activation="swiglu",
                           add_bias_linear=False, position_embedding_type="rope")),
+    # the first layer slides, the second attends fully
+    (2, True, False, dict(cp=2, cp_comm_type="a2a", window_size=[8, 0],
+                          window_attn_skip_freq=2, attention_dropout=0.0)),
 ], ids=["tp1", "tp2_sp", "tp2_sp_compiled_swiglu", "tp2_sp_zero_centered_kv_channels",
-        "tp2_sp_rmsnorm_llama", "tp2_qk_layernorm_squared_relu", "cp2", "tp2_cp2_sp_llama"])
+        "tp2_sp_rmsnorm_llama", "tp2_qk_layernorm_squared_relu", "cp2", "tp2_cp2_sp_llama",
+        "tp2_cp2_sp_a2a_window_every_other_layer"])
 def test_saved_bytes_of_the_whole_model(tp, sequence_parallel, compiled, overrides):
     """Embedding, layers, final norm, output layer and what the cross-entropy saves (with
     context parallelism, on the last CP rank: a busiest one)."""
@@ -262,7 +285,7 @@ def test_saved_bytes_of_the_whole_model(tp, sequence_parallel, compiled, overrid
                           **overrides)[-1]
     cfg = _config(tp, sequence_parallel, num_layers=2, **overrides)
     kernels = dataclasses.replace(CPU, jit_compiled=compiled)
-    expected = (2 * sum(layer_terms(cfg, B, kernels).values())
+    expected = (chunk_saved_bytes(cfg, B, kernels)  # both layers
                 + sum(embedding_terms(cfg, B, kernels).values())
                 + sum(output_terms(cfg, B, kernels).values()))
     assert got == expected

@@ -57,6 +57,9 @@ VARIANTS = {
     "sp_swiglu_mlp_layernorm_core_attn_recompute": dict(
         sequence_parallel=True, activation="swiglu", recompute_granularity="selective",
         recompute_modules=["mlp", "layernorm", "core_attn"]),
+    # a sliding window moves no byte: the first layer slides, the second attends fully
+    "sp_window_every_other_layer": dict(sequence_parallel=True, window_size=[3, 0],
+                                        window_attn_skip_freq=2),
 }
 
 
@@ -246,6 +249,9 @@ CONTEXT_PARALLEL = {  # name -> (tp, cp, pp, overrides, distributed optimizer)
     "p2p_tp2_cp2_sp_selective_distributed_optimizer": (
         2, 2, 1, dict(cp_comm_type="p2p", sequence_parallel=True, attention_dropout=0.0,
                       recompute_granularity="selective"), True),
+    # the ring skips the blocks out of a 3-key window (chunks of 4) but passes every block on
+    "p2p_cp2_dp2_window": (1, 2, 1, dict(cp_comm_type="p2p", attention_dropout=0.0,
+                                         window_size=[3, 0]), False),
 }
 
 

@@ -115,12 +115,16 @@ def test_peak_memory_of_an_iteration(name, mbs, recompute):
     assert abs(est.peak_bytes - measured) <= TOLERANCE * measured
 
 
+@pytest.mark.parametrize("window", [None, 512], ids=["full", "window_512"])
 @pytest.mark.parametrize("backend", ["sdpa", "unfused"])
-def test_saved_bytes_of_a_layer_on_cuda(backend):
+def test_saved_bytes_of_a_layer_on_cuda(backend, window):
     """GPT-3 1.3B's layer at micro-batch 2, dropout on: the CUDA estimate, and for the unfused
-    core Korthikanti's ``s b h (34 + 5 a s / h)`` (plus the norm statistics it leaves out)."""
+    core Korthikanti's ``s b h (34 + 5 a s / h)`` (plus the norm statistics it leaves out).
+    With a sliding window SDPA runs the memory-efficient kernel, which keeps the window's mask
+    as its additive bias."""
     job = _job("1.3b", 2, "none")
-    cfg = dataclasses.replace(job.model, attention_backend=backend)
+    cfg = dataclasses.replace(job.model, attention_backend=backend,
+                              window_size=None if window is None else [window, 0])
     layer = TransformerLayer(cfg, 1)
     x = torch.randn(cfg.seq_length, 2, cfg.hidden_size, device="cuda", dtype=torch.bfloat16,
                     requires_grad=True)
@@ -131,7 +135,7 @@ def test_saved_bytes_of_a_layer_on_cuda(backend):
     expected = sum(terms.values())
     paper = korthikanti_layer_bytes(cfg.seq_length, 2, cfg.hidden_size,
                                     cfg.num_attention_heads) + terms["norm statistics"]
-    print(f"\n{backend}: measured {meter.bytes} B, estimate {expected:.0f} B "
+    print(f"\n{backend}, window {window}: measured {meter.bytes} B, estimate {expected:.0f} B "
           f"({expected / meter.bytes - 1:+.2%}), Korthikanti + statistics {paper:.0f} B "
           f"({paper / meter.bytes - 1:+.2%}); fused softmax built: "
           f"{load_fused_kernels() is not None}")

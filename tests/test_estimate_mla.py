@@ -99,6 +99,10 @@ LAYER_CASES = {  # name -> overrides of MLA (tp and sequence_parallel are added 
                                           layernorm_zero_centered_gamma=True, q_lora_rank=20),
     "layernorm_zero_centered_flash": dict(layernorm_zero_centered_gamma=True, v_head_dim=24,
                                           attention_dropout=0.0),
+    # a sliding window of 8 earlier keys: the flash kernel keeps its mask, math adds it
+    "window_sdpa_math_no_dropout": dict(window_size=[8, 0], attention_dropout=0.0),
+    "window_sdpa_flash_equal_widths": dict(window_size=[8, 0], v_head_dim=24,
+                                           attention_dropout=0.0),
 }
 BLOCK_CASES = {  # full recompute over a two-layer chunk (the checkpoints keep RoPE's angles)
     "full_block": dict(recompute_granularity="full", recompute_method="block",
@@ -107,7 +111,7 @@ BLOCK_CASES = {  # full recompute over a two-layer chunk (the checkpoints keep R
                                      distribute_saved_activations=True),
 }
 CP_CASES = ("sdpa_math", "sdpa_flash_equal_widths", "unfused", "unfused_q_lora_selective",
-            "rmsnorm_swiglu_q_lora_nobias")
+            "rmsnorm_swiglu_q_lora_nobias", "window_sdpa_flash_equal_widths")
 
 
 def _layer_config(tp: int, sp: bool, num_layers: int = 1, cp: int = 1, **overrides):

@@ -200,6 +200,9 @@ SAVED_CASES = {  # name -> (tp, sequence parallel, overrides of the activation t
                                             recompute_method="uniform")),
     "tp2_selective_mla": (2, False, dict(PARAM_VARIANTS["mla_untied"],
                                          recompute_granularity="selective")),
+    # the second layer slides, and so do the depths (as the last layer): flash keeps its mask
+    "tp2_sp_window_last_layer": (2, True, dict(MTP, window_size=[8, 0], attention_dropout=0.0,
+                                               window_attn_skip_freq=[0, 1])),
 }
 
 

@@ -4,9 +4,9 @@ combinations of them (`SavedTensorMeter`, read after the forward: an output that
 `mp.tensor_parallel.CheckpointWithoutOutput` frees counts nothing), the bytes its recomputes
 rebuild in backward (the same meter read again after the backward: the outputs refilled and
 what the recomputed functions saved anew), to the byte with the `CPU` storage rules; dense
-layers, mixture-of-experts layers (EP 1: every rank's experts take all ``N k`` copies) and
-multi-latent attention, at TP 1 and TP 2 with SP off and on, bf16 with dropout as in
-tests/test_estimate_activations.py."""
+layers, mixture-of-experts layers (EP 1: every rank's experts take all ``N k`` copies),
+multi-latent attention and sliding windows, at TP 1 and TP 2 with SP off and on, bf16 with
+dropout as in tests/test_estimate_activations.py."""
 
 import dataclasses
 import itertools
@@ -76,6 +76,13 @@ CASES = {  # name -> (config overrides, recompute modules)
                       moe_shared_expert_intermediate_size=32,
                       moe_router_score_function="sigmoid", moe_aux_loss_coeff=0.1),
                  ["layernorm", "moe_act", "mla_up_proj"]),
+    # sliding windows (8 of S = 32 keys): core_attn rebuilds the window's mask with the core,
+    # the others leave it saved
+    "window_core_attn_unfused": (dict(window_size=[8, 0], attention_backend="unfused"),
+                                 ["core_attn"]),
+    "window_layernorm_flash": (dict(window_size=[8, 0], attention_dropout=0.0), ["layernorm"]),
+    "window_mla_up_proj_flash": (dict(MLA, window_size=[8, 0], v_head_dim=24,
+                                      attention_dropout=0.0), ["mla_up_proj"]),
 }
 
 CHUNKS = {  # two-layer chunks: each layer keeps its own, and the RoPE angles once
@@ -84,6 +91,8 @@ CHUNKS = {  # two-layer chunks: each layer keeps its own, and the RoPE angles on
                        ["moe_act", "mlp", "layernorm"]),
     "dense_then_moe_mla": (dict(MLA, **MOE, moe_layer_freq=[0, 1]),
                            ["moe", "mlp", "mla_up_proj", "core_attn"]),
+    "full_then_sliding_unfused": (dict(window_size=[8, 0], window_attn_skip_freq=[0, 1],
+                                       attention_backend="unfused"), ["core_attn", "mlp"]),
 }
 
 ALL_CASES = {**CASES, **CHUNKS}
@@ -139,7 +148,7 @@ def _failures(tp: int, measured: list[dict], num_layers: int = 1) -> list[str]:
         for (name, sp), (kept, rebuilt) in results.items():
             cfg = _config(tp, sp, *ALL_CASES[name], num_layers=num_layers)
             expected = chunk_saved_bytes(cfg, B, CPU, cfg.chunk_layers())
-            expected_rebuilt = sum(sum(rebuilt_bytes(cfg, B, CPU, cfg.is_moe_layer(i)))
+            expected_rebuilt = sum(sum(rebuilt_bytes(cfg, B, CPU, cfg.is_moe_layer(i), i))
                                    for i in cfg.chunk_layers())
             for what, got, want in (("kept", kept, expected),
                                     ("rebuilt", rebuilt, expected_rebuilt)):

@@ -66,6 +66,18 @@ input. ``p2p``'s ring attention keeps its q, k, v inputs as they come, its outpu
 projection's input) and an fp32 log-sum-exp per query: CP 1's terms for ``s / c`` tokens,
 with SDPA's core whatever the backend.
 
+A layer with a sliding window (``cfg.attention_window``; `layer_terms`' ``layer``) attends
+through an explicit mask in each attention call whose keys reach past the window
+(`window_masks`), in place of the causal form, and saves it as such a mask is saved: the
+unfused core's torch path the boolean ``[sq, sk]`` mask and ``[sq, 1]`` fully-masked-row
+flags (in place of the square causal mask; mp's fused softmax keeps no mask), SDPA's CPU
+flash kernel and CUDA's memory-efficient one (which runs instead of flash, which takes no
+mask) the mask in the activation dtype, ``e sq sk`` (CUDA's by the kernels' code, not
+measured), and the math path nothing (it adds the mask to its scores). Under ``all_gather``
+a chunk's call is cut or not by its own keys, so the estimate is the CP rank whose calls mask
+the most (`attention_blocks`); ``p2p``'s ring masks by distance and keeps no mask; selective
+``core_attn`` recomputes the mask with the core.
+
 Multi-latent attention (`mp.model.mla`) replaces the QKV terms by its latents', queries', keys'
 and values' (`mp.estimate.mla`); its core is this module's, scores ``s x s`` per head as
 above, with values ``dv`` wide and, where the values are narrower or wider than the queries,
@@ -96,19 +108,33 @@ from mp.estimate.storage import (
 from mp.model.config import TransformerConfig
 
 
-def attention_blocks(cfg: TransformerConfig) -> list[tuple[int, int]]:
+def attention_blocks(cfg: TransformerConfig, window: int | None = None
+                     ) -> list[tuple[int, int]]:
     """``(queries, keys)`` of each causal attention call on one rank for one sequence: the
     whole sequence, ``[(s, s)]`` (also for ``a2a`` context parallelism, over fewer heads:
     `attention_heads`); with ``c > 1`` ``all_gather`` context-parallel ranks, each of the
     rank's two chunks of ``L = s / (2c)`` queries against the keys up to its end
-    (`mp.model.context_parallel`). Those are CP rank 1's, ``[(L, 2L), (L, (2c - 1) L)]``: every
-    rank but 0 attends over ``(2c + 1) L`` keys in all, and rank 0, with the same total, has a
-    square first block, which needs no bottom-right mask and saves less."""
+    (`mp.model.context_parallel`): CP rank ``r``'s ``[(L, (r + 1) L), (L, (2c - r) L)]``.
+    Every rank but 0 attends over ``(2c + 1) L`` keys in all, and rank 0, with the same
+    total, has a square first block, which needs no bottom-right mask and saves less. The
+    blocks returned are CP rank 1's; with a sliding window of ``window`` keys, those of the
+    rank (1 or more) whose calls cut by the window (`window_masks`) hold the most (query,
+    key) pairs, as on CUDA a window's mask is saved where the bottom-right form is not."""
     s, c = cfg.seq_length, cfg.context_parallel_size
     if c == 1 or cfg.cp_comm_type == "a2a":
         return [(s, s)]
     chunk = s // (2 * c)
-    return [(chunk, 2 * chunk), (chunk, (2 * c - 1) * chunk)]
+    ranks = ([(chunk, (r + 1) * chunk), (chunk, (2 * c - r) * chunk)] for r in range(1, c))
+    return max(ranks, key=lambda blocks: sum(q * k for q, k in blocks
+                                             if window_masks(k, window)))
+
+
+def window_masks(keys: int, window: int | None) -> bool:
+    """Whether an attention call over ``keys`` keys masks some of them by a sliding window of
+    ``window`` earlier keys (None: no window): when ``keys - 1 > window``, as
+    `mp.model.attention.CoreAttention` decides. Such a call takes an explicit ``[sq, sk]``
+    mask instead of the causal form."""
+    return window is not None and keys - 1 > window
 
 
 def attention_heads(cfg: TransformerConfig) -> int:
@@ -118,12 +144,13 @@ def attention_heads(cfg: TransformerConfig) -> int:
     return heads // cfg.context_parallel_size if cfg.cp_comm_type == "a2a" else heads
 
 
-def sdpa_kernel(cfg: TransformerConfig, kernels: Kernels) -> str | None:
+def sdpa_kernel(cfg: TransformerConfig, kernels: Kernels, masked: bool = False) -> str | None:
     """The kernel SDPA runs (None for the unfused core): ``"flash"``; ``"math"`` where
     ``kernels`` take attention dropout (CPU) or values narrower or wider than the queries
     (multi-latent attention, CPU) only that way; ``"efficient"`` (memory-efficient) for such
-    values on CUDA. None too under ``p2p`` context parallelism, whose ring attention runs
-    its own (and saves what flash does)."""
+    values on CUDA. ``masked``: the call takes a sliding window's explicit mask, which CUDA's
+    flash kernel refuses (``kernels.sdpa_mask_kernel``). None too under ``p2p`` context
+    parallelism, whose ring attention runs its own (and saves what flash does)."""
     ring = cfg.context_parallel_size > 1 and cfg.cp_comm_type == "p2p"
     if cfg.attention_backend != "sdpa" or ring:
         return None
@@ -132,7 +159,7 @@ def sdpa_kernel(cfg: TransformerConfig, kernels: Kernels) -> str | None:
         return kernels.sdpa_value_width_kernel
     if cfg.attention_dropout > 0 and kernels.sdpa_dropout_kernel == "math":
         return "math"
-    return "flash"
+    return kernels.sdpa_mask_kernel if masked else "flash"
 
 
 def recomputed_modules(cfg: TransformerConfig) -> frozenset[str]:
@@ -143,14 +170,17 @@ def recomputed_modules(cfg: TransformerConfig) -> frozenset[str]:
 
 
 def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
-                modules: Collection[str] | None = None, moe: bool = False) -> dict[str, float]:
+                modules: Collection[str] | None = None, moe: bool = False, layer: int = 0
+                ) -> dict[str, float]:
     """Bytes one transformer layer saves for backward on one TP rank for one micro-batch,
     by tensor (see the module doc): `layer_halves` added up. ``modules``: the selective
     recompute modules applied (default: the config's, `recomputed_modules`); full recompute
     is not applied here. ``moe``: the layer's MLP is a mixture of experts (`moe_terms`;
-    ``cfg.is_moe_layer(i)`` says which layers are).
+    ``cfg.is_moe_layer(i)`` says which layers are). ``layer``: its index over the model
+    (0-based; multi-token prediction's from ``cfg.num_layers``), for its sliding window
+    (``cfg.attention_window(layer + 1)``).
     """
-    attention, mlp = layer_halves(cfg, micro_batch, kernels, modules, moe)
+    attention, mlp = layer_halves(cfg, micro_batch, kernels, modules, moe, layer=layer)
     terms = dict(attention)
     for name, size in mlp.items():
         terms[name] = terms.get(name, 0) + size
@@ -159,7 +189,8 @@ def layer_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUD
 
 def layer_halves(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
                  modules: Collection[str] | None = None, moe: bool = False,
-                 refilled: bool = False) -> tuple[dict[str, float], dict[str, float]]:
+                 refilled: bool = False, layer: int = 0
+                 ) -> tuple[dict[str, float], dict[str, float]]:
     """`layer_terms` in two: what the attention half (input norm to residual) and what the
     MLP half (pre-MLP norm to residual) save, each recomputed in its own stretch of the
     backward. The norms' and the residual dropout masks' terms have the same names in both.
@@ -192,7 +223,8 @@ def layer_halves(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CU
     if cfg.position_embedding_type == "rope" and not up_proj:  # cos and sin, for q and k
         attention["rotary tables"] = 4 * FP32 * local_tokens(cfg, 1) * cfg.rotary_dim
     if not core:
-        attention.update(_attention_core(cfg, micro_batch, kernels, math_core))
+        attention.update(_attention_core(cfg, micro_batch, kernels, math_core,
+                                         cfg.attention_window(layer + 1)))
     attention["attention output"] = e * tokens * q / t
     if moe:
         mlp.pop("MLP input", None)  # the router's and the shared expert's input: `moe_terms`
@@ -295,51 +327,59 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
 
 
 def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
-                    math_core: bool) -> dict[str, float]:
+                    math_core: bool, window: int | None = None) -> dict[str, float]:
     """What the attention core saves between Q, K, V and its output, over the
-    `attention_blocks` of ``micro_batch`` sequences."""
+    `attention_blocks` of ``micro_batch`` sequences; ``window``: the layer's sliding window,
+    whose explicit mask replaces the causal form in the calls it cuts (`window_masks`)."""
     e = activation_bytes(cfg)
-    blocks = attention_blocks(cfg)
+    blocks = attention_blocks(cfg, window)
     heads = attention_heads(cfg)
     if cfg.context_parallel_size > 1 and cfg.cp_comm_type == "p2p":  # ring attention keeps
-        # the output it returns (the projection's input) and an fp32 log-sum-exp per query
+        # the output it returns (the projection's input) and an fp32 log-sum-exp per query;
+        # it masks by distance, keeping no mask
         return {"softmax log-sum-exp": FP32 * heads * local_tokens(cfg, micro_batch)}
     scores = heads * micro_batch * sum(q * k for q, k in blocks)  # [b, np, sq, sk] elements
     queries = micro_batch * sum(q for q, _ in blocks)
-    bottom_right = sum(q * k for q, k in blocks if k > q)  # elements of their [sq, sk] masks
+    windowed = [(q, k) for q, k in blocks if window_masks(k, window)]
+    bottom_right = [(q, k) for q, k in blocks if k > q and not window_masks(k, window)]
     dropout = cfg.attention_dropout > 0
-    if math_core:
+    if math_core:  # the math path adds any mask to its scores: it saves none
         core = {"softmax output (fp32)": FP32 * scores}
         if dropout:
             core.update({"attention dropout mask (fp32)": FP32 * scores,
                          "dropped probabilities (fp32)": FP32 * scores})
         return core
     if cfg.attention_backend == "sdpa":
-        if sdpa_kernel(cfg, kernels) == "efficient":  # whole tiles of queries
-            rows = micro_batch * sum(-(-q // LSE_ROWS) * LSE_ROWS for q, _ in blocks)
-        else:
-            rows = queries
+        rows = micro_batch * sum(  # the memory-efficient kernel's are whole tiles of queries
+            -(-q // LSE_ROWS) * LSE_ROWS
+            if sdpa_kernel(cfg, kernels, window_masks(k, window)) == "efficient" else q
+            for q, k in blocks)
         core = {"softmax log-sum-exp": FP32 * heads * rows}
         if cfg.context_parallel_size > 1:  # the projection's input is a copy: of the query
             # chunks' outputs concatenated (all_gather), or exchanged back (a2a)
             core["attention output before CP's concatenation or exchange"] = \
                 e * queries * heads * head_dims(cfg)[1]
         if kernels.sdpa_bottom_right_mask and bottom_right:
-            core["bottom-right causal masks"] = e * bottom_right
+            core["bottom-right causal masks"] = e * sum(q * k for q, k in bottom_right)
+        if windowed:  # the window's mask in the activation dtype: the CPU's flash kernel
+            # converts it so, CUDA's memory-efficient one takes it so as its additive bias
+            core["sliding-window masks"] = e * sum(q * k for q, k in windowed)
         return core
     fused = kernels.fused_softmax and e == 2  # the kernel takes 16-bit scores only
     softmax_bytes = e if fused else FP32
     core = {"softmax output": softmax_bytes * scores}
     if not fused:
         # the [sq, sk] bool mask the scores' masked_fill saves: the causal torch path runs no
-        # zero_fully_masked_rows (no row is fully masked), so no [sq, 1] row flags; a
-        # bottom-right block's explicit mask takes the padding path, which saves them
-        square = sum(q * q for q, k in blocks if k == q)
+        # zero_fully_masked_rows (no row is fully masked), so no [sq, 1] row flags; an
+        # explicit mask (a bottom-right block's, a window's) takes the padding path, which
+        # saves them
+        square = sum(q * q for q, k in blocks if k == q and not window_masks(k, window))
         if square:
             core["causal mask"] = square
-        if bottom_right:
-            core["bottom-right causal masks and row flags"] = bottom_right + sum(
-                q for q, k in blocks if k > q)
+        for name, masked in (("bottom-right causal masks", bottom_right),
+                             ("sliding-window masks", windowed)):
+            if masked:
+                core[f"{name} and row flags"] = sum(q * k + q for q, k in masked)
     if dropout:
         core["attention dropout mask"] = dropout_mask_bytes(cfg, kernels) * scores
         core["dropped probabilities"] = e * scores
@@ -349,9 +389,10 @@ def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
 
 
 def layer_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
-                modules: Collection[str] | None = None, moe: bool = False) -> float:
+                modules: Collection[str] | None = None, moe: bool = False, layer: int = 0
+                ) -> float:
     """The sum of `layer_terms`."""
-    return sum(layer_terms(cfg, micro_batch, kernels, modules, moe).values())
+    return sum(layer_terms(cfg, micro_batch, kernels, modules, moe, layer).values())
 
 
 def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1,

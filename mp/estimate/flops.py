@@ -8,7 +8,12 @@ the forward costs, with ``n = b s`` tokens:
   heads for ``a`` query heads (grouped-query attention) and heads ``d`` wide (``kv_channels``,
   query width ``q = a d``, ``h`` by default), ``2 n h (q + 2 g d)`` and ``2 n q h``;
 - scores ``Q K^T`` and ``P V``: ``2 b s^2 q`` each (the full ``s x s``, the papers' convention,
-  although a causal kernel skips half of it);
+  although a causal kernel skips half of it); with a sliding window of ``W`` earlier keys
+  (``cfg.attention_window``: per layer, as ``window_attn_skip_freq`` picks them) the square
+  times the share of the causal (query, key) pairs the window keeps, ``sum_i min(i + 1, W +
+  1) / (s (s + 1) / 2)`` over the ``s`` queries (`window_share`: 1 for ``W >= s - 1``; about
+  ``2 W / s`` for ``W << s``), whether the kernel skips the pairs out of the window or masks
+  them (mp's SDPA and unfused cores compute the square, ``p2p``'s ring skips whole blocks);
 - MLP ``4 n h f`` (GeLU) or ``6 n h f`` (SwiGLU's gate); a mixture-of-experts layer
   (`mp.model.moe`) runs ``k`` experts of width ``f_e`` (``moe_ffn_hidden_size``) per token,
   ``4 n h f_e k`` (``6 ...`` for SwiGLU), plus a shared expert's ``4 n h f_s`` (and its
@@ -39,11 +44,13 @@ Multi-token prediction (`mp.model.mtp`, ``D`` depths on the last stage) adds per
 ``eh_proj``'s ``2 n (2h) h``, one more layer (with experts when the model's last layer has
 them) and the logits ``2 n h V``, each three forwards' worth (`mtp_forward_flops`). Full
 recompute does not rerun its layers (it checkpoints the decoder's); selective recompute
-reruns what it reruns in the decoder's (`mtp_training_flops`).
+reruns what it reruns in the decoder's (`mtp_training_flops`); its layers slide as the
+decoder's last one does.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Collection, Iterable
 
 from mp.estimate.activations import recomputed_modules
@@ -57,17 +64,30 @@ RECOMPUTED_PARTS = {"core_attn": ("attention scores",), "mla_up_proj": ("up proj
                     "shared_experts": ("shared experts",)}
 
 
-def layer_forward_parts(cfg: TransformerConfig, sequences: int, moe: bool = False
-                        ) -> dict[str, float]:
+def window_share(s: int, window: int | None) -> float:
+    """The share of a sequence's ``s (s + 1) / 2`` causal (query, key) pairs that a sliding
+    window of ``window`` earlier keys keeps, ``sum_i min(i + 1, window + 1)`` over the ``s``
+    queries: 1 without a window or with one that reaches the first key from the last query
+    (``window >= s - 1``)."""
+    if window is None or window >= s - 1:
+        return 1.0
+    kept = (window + 1) * (window + 2) // 2 + (s - window - 1) * (window + 1)
+    return kept / (s * (s + 1) / 2)
+
+
+def layer_forward_parts(cfg: TransformerConfig, sequences: int, moe: bool = False,
+                        window: int | None = None) -> dict[str, float]:
     """One layer's forward FLOPs for ``sequences`` by part (``moe``: a mixture-of-experts
-    layer's): the attention scores, the attention's input projections (multi-latent
-    attention's up projections apart), its output projection, and the MLP (or the router,
-    the experts and the shared experts)."""
+    layer's; ``window``: its sliding window, `window_share` of the full square of scores):
+    the attention scores, the attention's input projections (multi-latent attention's up
+    projections apart), its output projection, and the MLP (or the router, the experts and
+    the shared experts)."""
     s, h = cfg.seq_length, cfg.hidden_size
     tokens = sequences * s
     qk, v = head_dims(cfg)  # Q K^T over qk channels a head, P V over v
     up = up_projections(cfg)
-    parts = {"attention scores": 2 * sequences * s * s * cfg.num_attention_heads * (qk + v),
+    parts = {"attention scores": 2 * sequences * s * s * cfg.num_attention_heads * (qk + v)
+             * window_share(s, window),
              "input projections": 2 * tokens * (attention_projections(cfg) - up),
              "up projections": 2 * tokens * up,
              "output projection": 2 * tokens * cfg.query_projection_size * h}
@@ -84,10 +104,11 @@ def layer_forward_parts(cfg: TransformerConfig, sequences: int, moe: bool = Fals
 
 
 def layer_training_flops(cfg: TransformerConfig, sequences: int, moe: bool,
-                         recompute: str | None, modules: Collection[str] = ()) -> float:
+                         recompute: str | None, modules: Collection[str] = (),
+                         window: int | None = None) -> float:
     """Forward, backward (twice the forward) and recompute of one layer: ``"full"`` reruns
     its forward, ``"selective"`` the parts of ``modules`` (`RECOMPUTED_PARTS`)."""
-    parts = layer_forward_parts(cfg, sequences, moe)
+    parts = layer_forward_parts(cfg, sequences, moe, window)
     total = 3 * sum(parts.values())
     if recompute == "full":
         return total + sum(parts.values())
@@ -132,9 +153,10 @@ def mtp_training_flops(cfg: TransformerConfig, sequences: int, recompute: str | 
     depths = cfg.mtp_num_layers or 0
     if not depths:
         return 0.0
-    moe = cfg.num_moe_experts is not None and cfg.is_moe_layer(cfg.num_layers - 1)
-    layer = layer_training_flops(cfg, sequences, moe,
-                                 None if recompute == "full" else recompute, modules)
+    last = cfg.num_layers - 1  # the depths' layers have the last layer's experts and window
+    moe = cfg.num_moe_experts is not None and cfg.is_moe_layer(last)
+    layer = layer_training_flops(cfg, sequences, moe, None if recompute == "full" else recompute,
+                                 modules, cfg.attention_window(last + 1))
     eh_proj = 2 * sequences * cfg.seq_length * 2 * cfg.hidden_size ** 2
     return depths * (layer + 3 * (eh_proj + logits_forward_flops(cfg, sequences)))
 
@@ -155,11 +177,11 @@ def training_flops(cfg: TransformerConfig, sequences: int, recompute: str | None
     if recompute not in (None, "selective", "full"):
         raise ValueError(f"recompute={recompute!r} must be one of None, 'selective', 'full'")
     modules = recomputed_modules(cfg) or {"core_attn"}
-    layers = range(cfg.num_layers) if layers is None else list(layers)
-    moe_layers = sum(map(cfg.is_moe_layer, layers))
-    total = sum(count * layer_training_flops(cfg, sequences, moe, recompute, modules)
-                for moe, count in ((False, len(layers) - moe_layers), (True, moe_layers))
-                if count)
+    layers = range(cfg.num_layers) if layers is None else layers
+    kinds = collections.Counter((cfg.is_moe_layer(i), cfg.attention_window(i + 1))
+                                for i in layers)  # the layers alike count once
+    total = sum(count * layer_training_flops(cfg, sequences, moe, recompute, modules, window)
+                for (moe, window), count in kinds.items())
     if logits:
         total += 3 * logits_forward_flops(cfg, sequences)
     if logits if mtp is None else mtp:

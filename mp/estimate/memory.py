@@ -35,8 +35,9 @@ working memory of that moment:
   largest half of the chunk's layers (multi-token prediction's layers recompute too, which
   full recompute leaves alone).
 
-Each layer counts as dense or mixture-of-experts (``cfg.is_moe_layer``), so a chunk's bytes
-and its largest recomputed group depend on which layers it holds (``cfg.chunk_layers``).
+Each layer counts as dense or mixture-of-experts (``cfg.is_moe_layer``), and with its sliding
+window or none (``cfg.attention_window``), so a chunk's bytes and its largest recomputed group
+depend on which layers it holds (``cfg.chunk_layers``).
 
 Gradients flowing through backward (a few ``s b h``-sized tensors at a time) are left out.
 """
@@ -134,28 +135,28 @@ def recompute_working_set(cfg: TransformerConfig, micro_batch: int, kernels: Ker
             groups = [layers[i:i + 1] for i in range(min(n, len(layers)))]
         return max((sum(_layer_bytes(cfg, micro_batch, kernels, i, modules=())
                         for i in group) for group in groups), default=0.0)
-    return max((selective_working_set(cfg, micro_batch, kernels, _is_moe(cfg, i))
+    return max((selective_working_set(cfg, micro_batch, kernels, _is_moe(cfg, i), i)
                 for i in layers), default=0.0)
 
 
 def selective_working_set(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
-                          moe: bool) -> float:
+                          moe: bool, layer: int = 0) -> float:
     """What selective recompute rebuilds at once in the backward of one layer: the larger
     of its halves' `rebuilt_bytes` (the MLP half's backward ends before the attention half's
     begins)."""
-    return max(rebuilt_bytes(cfg, micro_batch, kernels, moe))
+    return max(rebuilt_bytes(cfg, micro_batch, kernels, moe, layer))
 
 
-def rebuilt_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, moe: bool
-                  ) -> tuple[float, float]:
-    """What the recomputes of each half of one layer (`layer_halves`: attention, MLP) bring
-    back in backward, (0, 0) without selective recompute: the outputs they refill, and every
-    tensor the half saves without recompute and does not hold at the height of its
-    recompute (the recomputed functions' graphs; a term counts the part of it not held
-    under the same name)."""
-    plain = layer_halves(cfg, micro_batch, kernels, (), moe)
-    kept = layer_halves(cfg, micro_batch, kernels, None, moe)
-    refilled = layer_halves(cfg, micro_batch, kernels, None, moe, refilled=True)
+def rebuilt_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, moe: bool,
+                  layer: int = 0) -> tuple[float, float]:
+    """What the recomputes of each half of layer ``layer`` (0-based, for its sliding window;
+    `layer_halves`: attention, MLP) bring back in backward, (0, 0) without selective
+    recompute: the outputs they refill, and every tensor the half saves without recompute
+    and does not hold at the height of its recompute (the recomputed functions' graphs; a
+    term counts the part of it not held under the same name)."""
+    plain = layer_halves(cfg, micro_batch, kernels, (), moe, layer=layer)
+    kept = layer_halves(cfg, micro_batch, kernels, None, moe, layer=layer)
+    refilled = layer_halves(cfg, micro_batch, kernels, None, moe, refilled=True, layer=layer)
     return tuple(sum(r.values()) - sum(k.values())
                  + sum(max(0.0, size - r.get(name, 0)) for name, size in p.items())
                  for p, k, r in zip(plain, kept, refilled))
@@ -178,8 +179,9 @@ def _is_moe(cfg: TransformerConfig, index: int) -> bool:
 
 def _layer_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, index: int,
                  modules: Collection[str] | None = None) -> float:
-    """`layer_bytes` of layer ``index`` (0-based over the model), dense or MoE."""
-    return layer_bytes(cfg, micro_batch, kernels, modules, moe=_is_moe(cfg, index))
+    """`layer_bytes` of layer ``index`` (0-based over the model), dense or MoE, with its
+    sliding window or none."""
+    return layer_bytes(cfg, micro_batch, kernels, modules, _is_moe(cfg, index), index)
 
 
 def ring_working_set(cfg: TransformerConfig, micro_batch: int) -> float:
@@ -230,7 +232,7 @@ def stage_memory(setup: Setup, pp_rank: int, kernels: Kernels = CUDA) -> StageMe
         # (selective) after the main loss's backward
         if depths and cfg.recompute_granularity == "selective":
             depth_extra = -output + selective_working_set(cfg, b, kernels,
-                                                          mtp_layer_is_moe(cfg))
+                                                          mtp_layer_is_moe(cfg), cfg.num_layers)
     ring = ring_working_set(cfg, b)  # inside every layer's attention, forward and backward
     transient = max(forward_extra, ring, depth_extra + ring,
                     backward_extra + max(recompute_working_set(cfg, b, kernels, layers)

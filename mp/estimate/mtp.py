@@ -18,9 +18,9 @@ its rows in the sequence-parallel regions (`sequence_rows`), one depth saves
   main model's final norm (depth 1) or the previous depth's final norm saves too (torch's
   composite RMSNorm on the CPU makes its own fp32 copy of 16-bit input, counted);
 - ``eh_proj``'s input, the concatenation, ``2 e n' h`` (the concatenation saves nothing);
-- the layer's terms (`mp.estimate.activations.layer_terms`, with experts when the model's last
-  layer has them; selective recompute applies, full recompute does not: it checkpoints the
-  decoder's layers only);
+- the layer's terms (`mp.estimate.activations.layer_terms`, with experts and a sliding window
+  when the model's last layer has them; selective recompute applies, full recompute does
+  not: it checkpoints the decoder's layers only);
 - the final norm, the output layer's input and the cross-entropy
   (`mp.estimate.stage_ends.output_terms`);
 - the shifted loss mask, fp32 ``[b, s]``, and the mask's sum, one fp32 scalar (the mean's
@@ -74,8 +74,9 @@ def mtp_depth_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels =
     if cfg.layernorm_zero_centered_gamma:
         terms["enorm and hnorm weights (1 + weight)"] = 2 * e * h
     terms["eh_proj input (the two normalized, concatenated)"] = e * local * 2 * h
-    terms.update({f"layer {name}": size for name, size in layer_terms(
-        cfg, micro_batch, kernels, moe=mtp_layer_is_moe(cfg)).items()})
+    terms.update({f"layer {name}": size for name, size in layer_terms(  # numbered after the
+        # decoder's layers, it slides as the last one does (`cfg.attention_window`)
+        cfg, micro_batch, kernels, moe=mtp_layer_is_moe(cfg), layer=cfg.num_layers).items()})
     terms.update(output_terms(cfg, micro_batch, kernels))
     terms["loss mask, shifted (fp32)"] = FP32 * tokens
     terms["loss mask sum (fp32)"] = FP32

@@ -108,14 +108,21 @@ def _precision_line(est: Estimate) -> str:
 
 def _activation_section(est: Estimate, kernels: Kernels) -> str:
     cfg, b = est.setup.model, est.setup.micro_batch_size
-    kinds = sorted({cfg.is_moe_layer(i) for i in range(cfg.num_layers)})
+    kinds: dict = {}  # (MoE, sliding window) -> the first layer of that kind
+    for i in range(cfg.num_layers):
+        kinds.setdefault((cfg.is_moe_layer(i), cfg.attention_window(i + 1)), i)
+    mixed = len({moe for moe, _ in kinds}) > 1
     note = " (without full recompute)" if cfg.recompute_granularity == "full" else ""
     lines = []
-    for moe in kinds:
-        terms = layer_terms(cfg, b, kernels, moe=moe)
+    for (moe, window), layer in kinds.items():
+        terms = layer_terms(cfg, b, kernels, moe=moe, layer=layer)
         top = sorted(terms.items(), key=lambda kv: -kv[1])[:5]
-        kind = (" (mixture-of-experts layer, balanced routing)" if moe
-                else " (dense layer)" if len(kinds) > 1 else "")
+        labels = []
+        if moe or mixed:
+            labels.append("mixture-of-experts layer, balanced routing" if moe else "dense layer")
+        if cfg.window_size is not None:
+            labels.append("full attention" if window is None else f"sliding window {window}")
+        kind = f" ({', '.join(labels)})" if labels else ""
         lines.append(f"Activations per layer{kind} and micro-batch on a rank{note}: "
                      f"{_bytes(sum(terms.values()))}; largest: "
                      + ", ".join(f"{name} {_bytes(v)}" for name, v in top))

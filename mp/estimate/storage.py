@@ -50,6 +50,11 @@ class Kernels:
             chunks against longer keys) runs as a materialized ``[sq, sk]`` mask in the
             activation dtype, which the kernel saves (the CPU); CUDA's flash and
             memory-efficient kernels take the form as it is.
+        sdpa_mask_kernel: the SDPA kernel that takes an explicit mask (a sliding window's):
+            ``"efficient"`` on CUDA (flash takes none; the memory-efficient kernel takes the
+            mask as an additive bias in the activation dtype and keeps it for backward, and
+            its log-sum-exp for whole 32-query tiles), ``"flash"`` on the CPU (its flash
+            kernel converts the mask to the activation dtype and keeps that).
         compiled_loss: the cross-entropy's element-wise work runs compiled (`mp.jit`: CUDA,
             with ``cross_entropy_loss_fusion``), with no ``[s, b, V / t]`` fp32 intermediates;
             eagerly it keeps one fp32 copy of the logits (and in backward a bool one-hot).
@@ -64,6 +69,7 @@ class Kernels:
     sdpa_bottom_right_mask: bool
     jit_compiled: bool
     sdpa_value_width_kernel: str = "efficient"
+    sdpa_mask_kernel: str = "efficient"
 
     def __post_init__(self):
         if self.sdpa_dropout_kernel not in ("flash", "math"):
@@ -72,15 +78,18 @@ class Kernels:
         if self.sdpa_value_width_kernel not in ("efficient", "math"):
             raise ValueError(f"sdpa_value_width_kernel={self.sdpa_value_width_kernel!r} must "
                              "be one of 'efficient', 'math'")
+        if self.sdpa_mask_kernel not in ("efficient", "flash"):
+            raise ValueError(f"sdpa_mask_kernel={self.sdpa_mask_kernel!r} must be one of "
+                             "'efficient', 'flash'")
 
 
 CUDA = Kernels("cuda", dropout_mask_bytes=1, fused_softmax=True, norm_stats_bytes=FP32,
                composite_rms_norm=False, sdpa_dropout_kernel="flash",
                sdpa_bottom_right_mask=False, jit_compiled=True,
-               sdpa_value_width_kernel="efficient")
+               sdpa_value_width_kernel="efficient", sdpa_mask_kernel="efficient")
 CPU = Kernels("cpu", dropout_mask_bytes=None, fused_softmax=False, norm_stats_bytes=None,
               composite_rms_norm=True, sdpa_dropout_kernel="math", sdpa_bottom_right_mask=True,
-              jit_compiled=False, sdpa_value_width_kernel="math")
+              jit_compiled=False, sdpa_value_width_kernel="math", sdpa_mask_kernel="flash")
 
 
 def activation_bytes(cfg: TransformerConfig) -> int:

@@ -13,7 +13,10 @@ recompute repeats the recomputed forward once more. Hence, for a batch of ``B`` 
 has three ``h x ffn`` matrices instead of two), and for selective recompute (the matrix
 products of the ``recompute_modules`` it reruns: the attention scores for ``core_attn``); for
 a ``4h`` GeLU MLP it is exactly the formulas above. ``V`` is
-the padded vocabulary (what the output layer computes). See docs/training.md.
+the padded vocabulary (what the output layer computes). A layer with a sliding window of ``W``
+keys (``window_size``) counts its ``4 s h`` times the share of the causal (query, key) pairs
+the window keeps, ``sum_i min(i + 1, W + 1) / (s (s + 1) / 2)`` (1 for ``W >= s - 1``;
+`mp.estimate.flops.window_share`). See docs/training.md.
 """
 
 from __future__ import annotations
