@@ -1,7 +1,7 @@
 """What the Hugging Face conversion tests share: ``transformers`` and ``safetensors`` (the
 importing test module is skipped without them), ``tools/convert_checkpoint.py`` as a
-module, converting a directory to mp, an mp checkpoint's logits at a layout, and the check
-of a model read back."""
+module, converting a directory to mp, an mp checkpoint's logits at a layout, and the checks
+of a model read back and of two checkpoints alike."""
 
 import importlib
 import os
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mp import parallel_state as ps
-from mp.checkpointing import load_checkpoint, read_checkpoint_info
+from mp.checkpointing import load_checkpoint, load_global_model, read_checkpoint_info
 from mp.model import GPTModel, TransformerConfig
 from mp.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -34,6 +34,15 @@ def assert_same_model(back, model, tokens: torch.Tensor) -> None:
         assert torch.equal(got[name], tensor), name
     with torch.no_grad():
         assert torch.equal(back(tokens).logits, model(tokens).logits)
+
+
+def assert_same_checkpoint(path, other) -> None:
+    """The mp checkpoints ``path`` and ``other`` hold the same config and weights, tensor
+    for tensor."""
+    (first, info), (second, info2) = map(load_global_model, (path, other))
+    assert info.model_config == info2.model_config
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
 
 
 def to_mp(hf_dir, mp_dir, tp: int) -> None:

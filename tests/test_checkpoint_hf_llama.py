@@ -164,12 +164,18 @@ def test_unsupported_llama_configs_are_refused_by_name(tmp_path, change, message
         _to_mp(tmp_path / "hf", tmp_path / "mp", 1)
 
 
-def test_partly_rotated_heads_do_not_export_to_llama():
-    """Llama rotates whole heads: an mp model with ``rotary_percent < 1`` is refused."""
+@pytest.mark.parametrize("rope, message", [
+    ({"rotary_percent": 0.5}, r"model.rotary_percent=0.5: Llama needs .*rotary_percent in "
+                              r"\(1.0,\)"),
+    ({"rotary_interleaved": True}, r"model.rotary_interleaved=True: Llama needs .*"
+                                   r"rotary_interleaved in \(False,\)")],
+    ids=["partly_rotated", "interleaved"])
+def test_rope_llama_lacks_does_not_export(rope, message):
+    """Llama rotates whole heads, in halves: ``rotary_percent < 1`` and GPT-J's interleaved
+    pairs are refused."""
     config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=HEADS,
                                vocab_size=VOCAB, seq_length=16, normalization="RMSNorm",
                                activation="swiglu", position_embedding_type="rope",
-                               add_bias_linear=False, rotary_percent=0.5)
-    with pytest.raises(ValueError, match=r"model.rotary_percent=0.5: Llama needs .*"
-                                         r"rotary_percent in \(1.0,\)"):
+                               add_bias_linear=False, **rope)
+    with pytest.raises(ValueError, match=message):
         hf_llama.mp_to_hf({}, config)

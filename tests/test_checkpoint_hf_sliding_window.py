@@ -14,11 +14,18 @@ import pytest
 import torch
 from checks import assert_rel_close
 from harness import run_distributed
-from hf_convert import assert_same_model, convert, mp_logits, to_mp, transformers
+from hf_convert import (
+    assert_same_checkpoint,
+    assert_same_model,
+    convert,
+    mp_logits,
+    to_mp,
+    transformers,
+)
 from test_checkpoint_hf_llama import _llama
 from test_checkpoint_hf_moe import VOCAB, _moe, _tokens
 
-from mp.checkpointing import hf_llama, load_global_model, read_checkpoint_info
+from mp.checkpointing import hf_llama, read_checkpoint_info
 from mp.model import TransformerConfig
 
 _ON = {"use_sliding_window": True}
@@ -99,10 +106,7 @@ def test_windowed_round_trip_is_exact(tmp_path, case):
         assert back.config.layer_types == model.config.layer_types
     assert_same_model(back.eval(), model, _tokens())
     to_mp(tmp_path / "back", tmp_path / "mp2", 1)
-    (first, info), (second, info2) = map(load_global_model, (tmp_path / "mp", tmp_path / "mp2"))
-    assert info.model_config == info2.model_config
-    assert first.keys() == second.keys()
-    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert_same_checkpoint(tmp_path / "mp", tmp_path / "mp2")
 
 
 def _mp_config(**fields) -> TransformerConfig:

@@ -1,9 +1,9 @@
 """Text generation (`mp.generation`, `tools/generate.py`): greedy decoding at TP=2 against
-Hugging Face's ``generate`` on the same GPT-2 and Llama weights (learned and rotary positions,
-grouped-query attention, end-of-document handling), with the key/value cache; the cache
-against running the whole sequence at each step; the temperature, top-k and top-p filters
-against transformers' logits warpers; sampled tokens the same on every tensor-parallel rank;
-the command line on a converted checkpoint."""
+Hugging Face's ``generate`` on the same GPT-2, Llama and StarCoder2 weights (learned and rotary
+positions, grouped-query attention, sliding windows, end-of-document handling), with the
+key/value cache; the cache against running the whole sequence at each step; the temperature,
+top-k and top-p filters against transformers' logits warpers; sampled tokens the same on every
+tensor-parallel rank; the command line on a converted checkpoint."""
 
 import subprocess
 import sys
@@ -15,6 +15,7 @@ from checks import assert_rel_close
 from harness import run_distributed
 from test_checkpoint_hf import VOCAB, _convert_to_mp, _gpt2
 from test_checkpoint_hf_llama import _llama, _to_mp
+from test_checkpoint_hf_starcoder2 import _starcoder2
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -88,14 +89,15 @@ def test_greedy_generation_matches_transformers_at_tp2(converted):
 
 @pytest.mark.parametrize("family, head_dim, window", [
     ("Llama", None, {}), ("Qwen3", 12, {}), ("Qwen2", None, {}),
-    ("Mistral", None, {"sliding_window": 4})])
+    ("Mistral", None, {"sliding_window": 4}), ("Starcoder2", None, {"sliding_window": 4})])
 def test_greedy_llama_generation_matches_transformers_at_tp2(tmp_path, family, head_dim,
                                                              window):
     """Grouped-query attention and rotary embeddings: the cache's positions and heads (Qwen3:
     keys normalized before they are cached, heads 12 wide; Qwen2: keys and values with their
     biases; Mistral: a sliding window of 4 keys over the cached ones, which changes
-    transformers' tokens)."""
-    hf_model = _llama(2, head_dim=head_dim, family=family, **window)
+    transformers' tokens; StarCoder2: Mistral's window with LayerNorm, GeLU and biases)."""
+    hf_model = _starcoder2(**window) if family == "Starcoder2" else \
+        _llama(2, head_dim=head_dim, family=family, **window)
     hf_model.save_pretrained(tmp_path / "hf")
     _to_mp(tmp_path / "hf", tmp_path / "mp", 2)
     prompts = _prompts()

@@ -130,6 +130,9 @@ VARIANTS = {
                                        "recompute_method": "uniform",
                                        "sequence_parallel": True},
     "squared_relu": {"activation": "squared_relu"},
+    "rotary_interleaved_grouped_query_sp": {"position_embedding_type": "rope",
+                                            "rotary_interleaved": True, "num_attention_heads": 8,
+                                            "num_query_groups": 4, "sequence_parallel": True},
     # a window of 3 earlier keys in layers 1 and 3 (the second attends fully), grouped keys
     "sliding_window_grouped_query_sp": {"window_size": [3, 0], "window_attn_skip_freq": 2,
                                         "num_attention_heads": 8, "num_query_groups": 4,

@@ -30,27 +30,37 @@ def reference_angles(positions: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     return positions.double()[:, None] * BASE ** (-2 * i / rotary_dim)
 
 
-def reference_rotary(x: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    """``x [s, b, heads, d]`` in float64 with channel pairs ``(i, i + r/2)``, ``i < r/2``, as
-    complex numbers multiplied by ``exp(i angle)``; channels ``r..d`` as they were."""
+def reference_rotary(x: torch.Tensor, rotary_dim: int, interleaved: bool = False
+                     ) -> torch.Tensor:
+    """``x [s, b, heads, d]`` in float64 with channel pairs ``(i, i + r/2)``, ``i < r/2``
+    (``interleaved``: ``(2i, 2i + 1)``), as complex numbers multiplied by ``exp(i angle)``;
+    channels ``r..d`` as they were."""
     x = x.double()
     half = rotary_dim // 2
     angles = reference_angles(torch.arange(x.size(0)), rotary_dim)
-    turn = torch.polar(torch.ones_like(angles), angles)
-    z = torch.complex(x[..., :half], x[..., half:rotary_dim]) * turn[:, None, None, :]
+    turn = torch.polar(torch.ones_like(angles), angles)[:, None, None, :]
+    if interleaved:
+        z = torch.complex(x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]) * turn
+        rotated = torch.stack((z.real, z.imag), dim=-1).flatten(-2)
+        return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
+    z = torch.complex(x[..., :half], x[..., half:rotary_dim]) * turn
     return torch.cat((z.real, z.imag, x[..., rotary_dim:]), dim=-1)
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["halves", "interleaved"])
 @pytest.mark.parametrize("kv_channels,rotary_percent,rotary_dim", [
     (16, 1.0, 16), (16, 0.5, 8), (20, 0.3, 6), (24, 0.25, 6)])
-def test_partial_rotation_matches_float64(kv_channels, rotary_percent, rotary_dim):
+def test_partial_rotation_matches_float64(kv_channels, rotary_percent, rotary_dim,
+                                          interleaved):
     """Megatron's ``int(kv_channels x rotary_percent)`` channels rotate, frequencies over
-    them; the rest pass through bit for bit."""
+    them, in pairs of halves or (``--rotary-interleaved``) of neighbours; the rest pass
+    through bit for bit."""
     cfg = _config(kv_channels, rotary_percent)
     assert cfg.rotary_dim == rotary_dim
     x = seeded((S, 2, 3, kv_channels), 1)
-    got = apply_rotary(x, rotary_freqs(S, cfg.rotary_dim, BASE, x.device))
-    assert_rel_close(got, reference_rotary(x, rotary_dim), what="rotated tensor")
+    got = apply_rotary(x, rotary_freqs(S, cfg.rotary_dim, BASE, x.device),
+                       interleaved=interleaved)
+    assert_rel_close(got, reference_rotary(x, rotary_dim, interleaved), what="rotated tensor")
     assert torch.equal(got[..., rotary_dim:], x[..., rotary_dim:])
 
 

@@ -1,21 +1,25 @@
-"""Convert Hugging Face GPT-2, Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE, Qwen2-MoE, DeepSeek-V2 and
-DeepSeek-V3 weights to an mp checkpoint, and back.
+"""Convert Hugging Face GPT-2, Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE, Qwen2-MoE,
+DeepSeek-V2, DeepSeek-V3 and StarCoder2 weights to an mp checkpoint, and back; and
+Megatron-Core GPT checkpoints to mp.
 
     python tools/convert_checkpoint.py hf-to-mp --input gpt2/ --output ckpt/gpt2 \\
         [--tensor-model-parallel-size 2] [--make-vocab-size-divisible-by 128] [--seq-length 1024] \\
         [--apply-layernorm-1p]
     python tools/convert_checkpoint.py mp-to-hf --input ckpt/gpt2 --output gpt2-out/ \\
         [--format safetensors|bin]
+    python tools/convert_checkpoint.py megatron-to-mp --input megatron-save/ --output ckpt/m \\
+        [--tensor-model-parallel-size 2] [--make-vocab-size-divisible-by 128] [--vocab-size N]
 
-``hf-to-mp`` reads a ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM``, ``MixtralForCausalLM``, ``Qwen3MoeForCausalLM``,
-``Qwen2MoeForCausalLM``, ``DeepseekV2ForCausalLM`` or ``DeepseekV3ForCausalLM`` directory
-(``config.json`` with ``model.safetensors``, the shards a ``model.safetensors.index.json``
-names, or ``pytorch_model.bin``) or one weights file (then ``--config`` names the
-``config.json``); the config's ``model_type`` (``gpt2``, ``llama``, ``qwen2``, ``qwen3``,
-``mixtral``, ``qwen3_moe``, ``qwen2_moe``, ``deepseek_v2`` or ``deepseek_v3``) picks the mapping
-(`mp.checkpointing.hf_gpt2`, `mp.checkpointing.hf_deepseek`, `mp.checkpointing.hf_llama` for the
-others).
+``hf-to-mp`` reads a ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``MistralForCausalLM``,
+``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``MixtralForCausalLM``, ``Qwen3MoeForCausalLM``,
+``Qwen2MoeForCausalLM``, ``DeepseekV2ForCausalLM``, ``DeepseekV3ForCausalLM`` or
+``Starcoder2ForCausalLM`` directory (``config.json`` with ``model.safetensors``, the shards a
+``model.safetensors.index.json`` names, or ``pytorch_model.bin``) or one weights file (then
+``--config`` names the ``config.json``); the config's ``model_type`` (``gpt2``, ``llama``,
+``mistral``, ``qwen2``, ``qwen3``, ``mixtral``, ``qwen3_moe``, ``qwen2_moe``, ``deepseek_v2``,
+``deepseek_v3`` or ``starcoder2``) picks the mapping (`mp.checkpointing.hf_gpt2`,
+`mp.checkpointing.hf_deepseek`, `mp.checkpointing.hf_starcoder2`, `mp.checkpointing.hf_llama`
+for the others).
 It writes a model-only mp checkpoint (a save directory with ``iter_0000000``). mp checkpoints
 are layout-free: the result loads at any tensor/pipeline/data-parallel layout whose padded
 vocabulary matches, which ``--tensor-model-parallel-size`` and
@@ -26,8 +30,15 @@ training from it with ``launch/pretrain_gpt.py --load ckpt/gpt2``.
 the fp32 masters when it has them) and writes ``config.json`` and the weights in GPT-2's
 names and layout, or Llama's for a model with rotary embeddings (Qwen3's with
 ``qk_layernorm``, Mixtral's or Qwen3-MoE's with experts, DeepSeek-V3's with multi-latent
-attention; ``lm_head.weight`` is left
+attention, StarCoder2's with LayerNorm; ``lm_head.weight`` is left
 out of safetensors files when tied, as ``save_pretrained`` does).
+
+``megatron-to-mp`` reads a Megatron-LM save directory (or one ``iter_XXXXXXX``) in the
+``torch_dist`` format, Megatron-LM's default, or the legacy ``torch`` one (one stage), and
+writes the model-only mp checkpoint of its GPT, its shape taken from the checkpoint's
+``args`` (`mp.checkpointing.megatron`). The tensor-parallel size and the vocabulary's
+divisor default to the checkpoint's; they only check that mp pads the vocabulary to
+Megatron's ``padded_vocab_size`` rows, all of which are kept.
 
 Files are read safely: safetensors, or ``torch.load(weights_only=True)``. GPT-2's ``gelu_new``
 becomes mp's ``activation: gelu_tanh`` (the same function), so logits agree with the Hugging
@@ -52,7 +63,9 @@ from mp.checkpointing import (
     hf_deepseek,
     hf_gpt2,
     hf_llama,
+    hf_starcoder2,
     load_global_model,
+    megatron,
     save_global_model,
 )
 from mp.model.config import TransformerConfig
@@ -61,15 +74,18 @@ SAFETENSORS, BIN, CONFIG = "model.safetensors", "pytorch_model.bin", "config.jso
 INDEX = SAFETENSORS + ".index.json"  # a sharded checkpoint's map of tensors to files
 # config.json's model_type -> its mapping
 FORMATS = {"gpt2": hf_gpt2, "deepseek_v3": hf_deepseek, "deepseek_v2": hf_deepseek,
-           **{kind: hf_llama for kind in hf_llama.FAMILIES}}
+           "starcoder2": hf_starcoder2, **{kind: hf_llama for kind in hf_llama.FAMILIES}}
 
 
 def _format_of(config: TransformerConfig):
     """The Hugging Face mapping an mp model converts to: DeepSeek-V3's with multi-latent
-    attention, else Llama's (and its kin, `hf_llama.FAMILIES`) with rotary embeddings."""
+    attention, else with rotary embeddings StarCoder2's with LayerNorm (its GeLU MLP and
+    biases) and Llama's (and its kin, `hf_llama.FAMILIES`) with RMSNorm; GPT-2's without."""
     if config.multi_latent_attention:
         return hf_deepseek
-    return hf_llama if config.position_embedding_type == "rope" else hf_gpt2
+    if config.position_embedding_type != "rope":
+        return hf_gpt2
+    return hf_starcoder2 if config.normalization == "LayerNorm" else hf_llama
 
 
 def _safetensors():
@@ -152,11 +168,22 @@ def mp_to_hf_command(args) -> None:
     print(f"wrote {path} and {Path(args.output) / CONFIG} from {info.path}")
 
 
+def megatron_to_mp_command(args) -> None:
+    megatron_args, weights = megatron.read_checkpoint(args.input)
+    config = megatron.config_from_args(
+        megatron_args, tensor_model_parallel_size=args.tensor_model_parallel_size,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        vocab_size=args.vocab_size)
+    path = save_global_model(args.output, config, megatron.megatron_to_mp(weights, config))
+    print(f"wrote {path}: {config.num_layers} layers, hidden {config.hidden_size}, "
+          f"{config.padded_vocab_size} vocabulary rows")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    to_mp = commands.add_parser("hf-to-mp", help="Hugging Face GPT-2, Llama or Qwen3 -> mp "
+    to_mp = commands.add_parser("hf-to-mp", help="Hugging Face model (a family above) -> mp "
                                    "checkpoint")
     to_mp.add_argument("--input", required=True, help="Hugging Face directory or weights file")
     to_mp.add_argument("--config", help="config.json (default: beside the weights)")
@@ -172,12 +199,25 @@ def main(argv: list[str] | None = None) -> None:
                        help="an mp model whose norms scale by 1 + weight (the weights are "
                             "stored minus 1)")
     to_mp.set_defaults(run=hf_to_mp_command)
-    to_hf = commands.add_parser("mp-to-hf", help="mp checkpoint -> Hugging Face GPT-2, Llama or "
-                                   "Qwen3")
+    to_hf = commands.add_parser("mp-to-hf", help="mp checkpoint -> Hugging Face model (the "
+                                   "family that expresses it)")
     to_hf.add_argument("--input", required=True, help="mp checkpoint or save directory")
     to_hf.add_argument("--output", required=True, help="directory to write")
     to_hf.add_argument("--format", choices=("safetensors", "bin"), default="safetensors")
     to_hf.set_defaults(run=mp_to_hf_command)
+    from_megatron = commands.add_parser("megatron-to-mp", help="Megatron-Core GPT checkpoint "
+                                        "(torch_dist, or legacy torch) -> mp checkpoint")
+    from_megatron.add_argument("--input", required=True,
+                               help="Megatron save directory or one of its iter_XXXXXXX")
+    from_megatron.add_argument("--output", required=True, help="mp save directory to create")
+    from_megatron.add_argument("--tensor-model-parallel-size", type=int,
+                               help="with --make-vocab-size-divisible-by, must pad the "
+                                    "vocabulary to the checkpoint's rows (default: its own)")
+    from_megatron.add_argument("--make-vocab-size-divisible-by", type=int,
+                               help="default: the checkpoint's")
+    from_megatron.add_argument("--vocab-size", type=int,
+                               help="the tokenizer's (default: the checkpoint's padded rows)")
+    from_megatron.set_defaults(run=megatron_to_mp_command)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -6,10 +6,11 @@
 - `save_global_model` / `load_global_model`: whole weights in one process (tools).
 - `read_checkpoint_info`: what a checkpoint holds, from its metadata alone.
 - `resolve_checkpoint`, `find_checkpoint`, `read_latest` (`mp.checkpointing.files`): where the
-  newest complete checkpoint of a save directory is.
+  newest complete checkpoint of a save directory is (or a given iteration's).
 - `mp.checkpointing.job`: the pretraining job's resume and save hook;
-  `mp.checkpointing.hf_gpt2`, `mp.checkpointing.hf_llama`: Hugging Face GPT-2 and Llama
-  weights to and from global names.
+  `mp.checkpointing.hf_gpt2`, `hf_llama` (with `hf_llama_config`), `hf_starcoder2`,
+  `hf_deepseek`: Hugging Face weights to and from global names; `mp.checkpointing.megatron`:
+  Megatron-Core checkpoints to global names.
 - `CheckpointError`, `CorruptCheckpointError`.
 
 See docs/checkpoints.md for the format and the guarantees.

@@ -171,7 +171,8 @@ def _check(config: TransformerConfig) -> None:
     check_expressible(config, {
         "multi_latent_attention": (True,), "normalization": ("RMSNorm",),
         "activation": ("swiglu",), "add_bias_linear": (False,), "layernorm_epsilon": (1e-6,),
-        "untie_embeddings_and_output_weights": (True,), "window_size": (None,), **routing},
+        "untie_embeddings_and_output_weights": (True,), "window_size": (None,),
+        "rotary_interleaved": (False,), **routing},
         name)
     pattern = [int(config.is_moe_layer(i)) for i in range(config.num_layers)]
     if config.num_moe_experts is None or pattern != sorted(pattern):

@@ -79,7 +79,14 @@ from __future__ import annotations
 import torch
 
 from mp.checkpointing.hf_llama_config import FAMILIES, config_from_hf, hf_config, model_type
-from mp.checkpointing.hf_tensors import check_keys, check_output_layer, pad_rows, shift_norm_weights
+from mp.checkpointing.hf_tensors import (
+    check_keys,
+    check_output_layer,
+    pad_rows,
+    qkv_to_hf,
+    qkv_to_mp,
+    shift_norm_weights,
+)
 from mp.model.config import TransformerConfig
 
 __all__ = ["FAMILIES", "config_from_hf", "hf_config", "hf_to_mp", "mp_to_hf"]
@@ -131,21 +138,6 @@ def _expert_names(config: TransformerConfig, layer: int) -> list[tuple[list[str]
             for hf, mp in zip(experts.projections, _EXPERT_WEIGHTS)]
 
 
-def _qkv_to_mp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               groups: int) -> torch.Tensor:
-    """``q [a d, h]``, ``k, v [g d, h]`` -> mp's ``[g (a / g + 2) d, h]``; biases (``[a d]``,
-    ``[g d]``) alike, to ``[g (a / g + 2) d]``."""
-    per_group = [t.reshape(groups, -1, k.shape[0] // groups, *t.shape[1:]) for t in (q, k, v)]
-    return torch.cat(per_group, dim=1).reshape(-1, *q.shape[1:])
-
-
-def _qkv_to_hf(qkv: torch.Tensor, heads: int, groups: int) -> list[torch.Tensor]:
-    """mp's fused QKV weight (or bias) -> ``[q, k, v]`` (the inverse of `_qkv_to_mp`)."""
-    per_group = qkv.reshape(groups, heads // groups + 2, -1, *qkv.shape[1:])
-    q, k, v = per_group.split([heads // groups, 1, 1], dim=1)
-    return [t.reshape(-1, *qkv.shape[1:]) for t in (q, k, v)]
-
-
 def _qkv_parameters(config: TransformerConfig) -> tuple[str, ...]:
     """What q, k and v each have: a weight, and with ``add_qkv_bias`` a bias."""
     return ("weight", "bias") if config.add_qkv_bias else ("weight",)
@@ -175,7 +167,7 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
     for i in range(config.num_layers):
         src, dst = f"layers.{i}.", f"decoder.layers.{i}."
         for kind in _qkv_parameters(config):
-            mp[f"{dst}self_attention.query_key_value.{kind}"] = _qkv_to_mp(
+            mp[f"{dst}self_attention.query_key_value.{kind}"] = qkv_to_mp(
                 *(hf[f"{src}{name}.{kind}"] for name in _QKV), config.num_query_groups)
         for hf_name, mp_name in _layer_pairs(config, i):
             mp[dst + mp_name] = hf[src + hf_name]
@@ -209,8 +201,8 @@ def mp_to_hf(weights: dict[str, torch.Tensor],
     for i in range(config.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         for kind in _qkv_parameters(config):
-            qkv = _qkv_to_hf(weights[f"{src}self_attention.query_key_value.{kind}"],
-                             config.num_attention_heads, config.num_query_groups)
+            qkv = qkv_to_hf(weights[f"{src}self_attention.query_key_value.{kind}"],
+                            config.num_attention_heads, config.num_query_groups)
             hf.update({f"{dst}{name}.{kind}": t for name, t in zip(_QKV, qkv)})
         for hf_name, mp_name in _layer_pairs(config, i):
             hf[dst + hf_name] = weights[src + mp_name]

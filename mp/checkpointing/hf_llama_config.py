@@ -242,7 +242,8 @@ def hf_config(config: TransformerConfig) -> dict:
     kind = model_type(config)
     needs = {"normalization": ("RMSNorm",), "activation": ("swiglu",),
              "position_embedding_type": ("rope",), "rotary_percent": (1.0,),
-             "add_bias_linear": (False,), "qk_layernorm": (FAMILIES[kind].qk_layernorm,),
+             "rotary_interleaved": (False,), "add_bias_linear": (False,),
+             "qk_layernorm": (FAMILIES[kind].qk_layernorm,),
              "add_qkv_bias": (True, False) if kind == "qwen2_moe" else (FAMILIES[kind].qkv_bias,),
              "moe_shared_expert_gate": (FAMILIES[kind].shared_expert,)}
     if kind == "mixtral":  # routed as Mixtral routes

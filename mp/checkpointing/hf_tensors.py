@@ -1,6 +1,7 @@
-"""What the Hugging Face converters (`mp.checkpointing.hf_gpt2`, `hf_llama`) share: the
-padded vocabulary rows, zero-centred norm weights, and the checks of a state dict's names,
-its output layer and the model an mp config describes."""
+"""What the Hugging Face converters (`mp.checkpointing.hf_gpt2`, `hf_llama`,
+`hf_starcoder2`, ...) share: the padded vocabulary rows, zero-centred norm weights, separate
+q, k, v projections fused as mp fuses them, and the checks of a state dict's names, its
+output layer and the model an mp config describes."""
 
 from __future__ import annotations
 
@@ -28,6 +29,23 @@ def shift_norm_weights(weights: dict[str, torch.Tensor], config: TransformerConf
         return weights
     return {k: v + shift if k.endswith(("layernorm.weight", ".enorm.weight", ".hnorm.weight"))
             else v for k, v in weights.items()}
+
+
+def qkv_to_mp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              groups: int) -> torch.Tensor:
+    """Separate ``q [a d, h]``, ``k, v [g d, h]`` (Llama's, StarCoder2's) -> mp's fused
+    ``query_key_value`` ``[g (a / g + 2) d, h]``, laid per query group (the group's ``a / g``
+    queries, its key, its value) so that a tensor-parallel slice holds whole groups; biases
+    (``[a d]``, ``[g d]``) alike, to ``[g (a / g + 2) d]``."""
+    per_group = [t.reshape(groups, -1, k.shape[0] // groups, *t.shape[1:]) for t in (q, k, v)]
+    return torch.cat(per_group, dim=1).reshape(-1, *q.shape[1:])
+
+
+def qkv_to_hf(qkv: torch.Tensor, heads: int, groups: int) -> list[torch.Tensor]:
+    """mp's fused QKV weight (or bias) -> ``[q, k, v]`` (the inverse of `qkv_to_mp`)."""
+    per_group = qkv.reshape(groups, heads // groups + 2, -1, *qkv.shape[1:])
+    q, k, v = per_group.split([heads // groups, 1, 1], dim=1)
+    return [t.reshape(-1, *qkv.shape[1:]) for t in (q, k, v)]
 
 
 def check_keys(got: set[str], expected: set[str], what: str) -> None:

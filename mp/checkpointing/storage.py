@@ -132,7 +132,7 @@ _METADATA_CLASSES = {
 }
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class MetadataUnpickler(pickle.Unpickler):
     """Builds DCP's metadata and nothing else."""
 
     def find_class(self, module: str, name: str):
@@ -148,7 +148,7 @@ def read_metadata(directory: str | Path) -> Metadata:
     path = Path(directory) / METADATA_FILE
     try:
         with open(path, "rb") as file:
-            metadata = _MetadataUnpickler(file).load()
+            metadata = MetadataUnpickler(file).load()
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError,
             ValueError) as error:
         raise CheckpointError(f"cannot read checkpoint index {path}: {error}") from error

@@ -37,7 +37,7 @@ _MEGATRON_NAMES = {
         "moe_expert_capacity_factor", "moe_token_drop_policy", "moe_router_num_groups",
         "moe_router_group_topk", "multi_latent_attention", "q_lora_rank", "kv_lora_rank",
         "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "mtp_num_layers",
-        "mtp_loss_scaling_factor", "window_size", "window_attn_skip_freq",
+        "mtp_loss_scaling_factor", "window_size", "window_attn_skip_freq", "rotary_interleaved",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",

@@ -275,5 +275,6 @@ class SelfAttention(Attention):
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rotary_freqs is not None:
             magnitude = self.config.rotary_magnitude
-            q, k = (apply_rotary(t, rotary_freqs, magnitude) for t in (q, k))
+            q, k = (apply_rotary(t, rotary_freqs, magnitude, self.config.rotary_interleaved)
+                    for t in (q, k))
         return self.attend(q, k, v, attention_mask, inference_params)

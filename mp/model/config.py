@@ -79,6 +79,8 @@ class TransformerConfig:
     yarn_mscale: float = 1.0  # the rotated channels scale by m(mscale) / m(mscale_all_dim)
     yarn_mscale_all_dim: float = 0.0  # and the scores by m(mscale_all_dim)^2, with
     # m(x) = 0.1 x ln(factor) + 1 (DeepSeek's; Megatron's --mscale, --mscale-all-dim)
+    rotary_interleaved: bool = False  # RoPE turns channels 2i and 2i + 1 together (GPT-J's;
+    # Megatron's --rotary-interleaved), not i and i + r / 2
     rotary_percent: float = 1.0  # RoPE rotates the first int(kv_channels x this) channels of
     # each head, frequencies over those (Megatron's --rotary-percent); the rest pass unchanged
     # multi-latent attention (DeepSeek-V2's; mp.model.mla, Megatron's --multi-latent-attention):
@@ -220,6 +222,9 @@ class TransformerConfig:
             raise ValueError(f"rope rotates pairs of channels: kv_channels x rotary_percent = "
                              f"{self.kv_channels} x {self.rotary_percent} = {self.rotary_dim} "
                              "must be even and at least 2")
+        if self.rotary_interleaved and self.position_embedding_type != "rope":
+            raise ValueError(f"rotary_interleaved=True lays out RoPE's pairs; "
+                             f"position_embedding_type={self.position_embedding_type!r}")
         if self.use_rope_scaling and self.position_embedding_type != "rope":
             raise ValueError(f"use_rope_scaling=True scales rotary embeddings; "
                              f"position_embedding_type={self.position_embedding_type!r}")

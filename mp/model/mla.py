@@ -127,7 +127,8 @@ class MLASelfAttention(Attention):
         k_pe = k_pe.view(s, b, 1, dr)
         if rotary_freqs is not None:
             magnitude = cfg.rotary_magnitude
-            q_pe, k_pe = (apply_rotary(t, rotary_freqs, magnitude) for t in (q_pe, k_pe))
+            q_pe, k_pe = (apply_rotary(t, rotary_freqs, magnitude, cfg.rotary_interleaved)
+                          for t in (q_pe, k_pe))
         return q_nope, q_pe, latent, k_pe
 
     def _queries_keys_values(self, q_in: torch.Tensor, kv_in: torch.Tensor,

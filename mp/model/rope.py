@@ -1,7 +1,9 @@
-"""Rotary position embeddings (Su et al. 2021), the "rotate half" form of GPT-NeoX/Megatron,
-with Llama 3.1's frequency scaling, YaRN's (Peng et al. 2023, as DeepSeek-V2 and V3 use it)
-and Megatron's partial rotation (``rotary_percent``: only the first ``rotary_dim`` channels of
-each head rotate, frequencies over those) as options."""
+"""Rotary position embeddings (Su et al. 2021), the "rotate half" form of GPT-NeoX/Megatron
+(channel ``i`` turns with channel ``i + r / 2``) or the interleaved one of GPT-J and Megatron's
+``--rotary-interleaved`` (channel ``2i`` with ``2i + 1``), with Llama 3.1's frequency scaling,
+YaRN's (Peng et al. 2023, as DeepSeek-V2 and V3 use it) and Megatron's partial rotation
+(``rotary_percent``: only the first ``rotary_dim`` channels of each head rotate, frequencies
+over those) as options."""
 
 from __future__ import annotations
 
@@ -63,16 +65,24 @@ def rotary_freqs(seq_length: int, dim: int, base: float, device,
     return torch.cat((angles, angles), dim=-1)[:, None, None, :]
 
 
-def apply_rotary(x: torch.Tensor, freqs: torch.Tensor, magnitude: float = 1.0) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, freqs: torch.Tensor, magnitude: float = 1.0,
+                 interleaved: bool = False) -> torch.Tensor:
     """Rotate the first ``r`` channels of ``x [s, b, heads, head_dim]`` by ``freqs
-    [s, 1, 1, r]`` (math in fp32), times ``magnitude`` (YaRN's; 1 otherwise); the other
-    ``head_dim - r`` pass through unchanged (Megatron's ``rotary_percent``)."""
+    [s, 1, 1, r]`` (`rotary_freqs`' halves; math in fp32), times ``magnitude`` (YaRN's; 1
+    otherwise); the other ``head_dim - r`` pass through unchanged (Megatron's
+    ``rotary_percent``). Pair ``j`` of the ``r / 2`` turns by angle ``freqs[..., j]``: channels
+    ``j`` and ``j + r / 2``, or with ``interleaved`` ``2j`` and ``2j + 1``."""
     rotary_dim = freqs.size(-1)
     if rotary_dim < x.size(-1):
-        return torch.cat((apply_rotary(x[..., :rotary_dim], freqs, magnitude),
+        return torch.cat((apply_rotary(x[..., :rotary_dim], freqs, magnitude, interleaved),
                           x[..., rotary_dim:]), dim=-1)
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
+    if interleaved:  # [..., r / 2, 2] pairs, each pair's angle repeated for its two channels
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+        freqs = freqs[..., :rotary_dim // 2].repeat_interleave(2, dim=-1)
+    else:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
     cos, sin = freqs.cos(), freqs.sin()
     if magnitude != 1.0:
         cos, sin = cos * magnitude, sin * magnitude
