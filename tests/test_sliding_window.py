@@ -14,7 +14,8 @@ from harness import run_distributed
 
 from mp import parallel_state as ps
 from mp.model import GPTModel, TransformerConfig
-from mp.model.attention import CoreAttention, sdpa_bias
+from mp.model import attention
+from mp.model.attention import CoreAttention, sdpa_bias, tile_mask, window_tile
 from mp.model.inference import InferenceParams
 
 S, HEADS, D = 12, 4, 8
@@ -78,6 +79,54 @@ def test_core_attention_equals_the_window_written_out(backend, window, groups, d
     for name, a, b in zip("qkv", mine, theirs):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6,
                                    msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "unfused"])
+@pytest.mark.parametrize("window", [0, 3, 10])
+@pytest.mark.parametrize("queries", [48, 30], ids=["all_queries", "queries_after_keys"])
+def test_tiled_windows_equal_the_window_written_out(monkeypatch, backend, window, queries):
+    """Tiles of `window_tile` queries (at least 4 rows here, then rounded so that a tile and
+    its window make a multiple of 16 keys: 16, 13 and 22 rows) over 48 keys, the last tile
+    short, the first ones' windows cut at key 0."""
+    monkeypatch.setattr(attention, "WINDOW_TILE", 4)
+    assert window_tile(window) == {0: 16, 3: 13, 10: 22}[window]
+    core = CoreAttention(_config(attention_backend=backend, num_query_groups=2,
+                                 seq_length=48), window)
+    g = torch.Generator().manual_seed(window)
+    q = torch.randn(queries, 2, HEADS, D, generator=g, requires_grad=True)
+    k, v = (torch.randn(48, 2, 2, D, generator=g, requires_grad=True) for _ in range(2))
+    out = core(q, k, v)
+    expected = _reference(q, k, v, window, None)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    weights = torch.randn(out.shape, generator=g)
+    mine = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    theirs = torch.autograd.grad((expected * weights.double()).sum(), (q, k, v))
+    for name, a, b in zip("qkv", mine, theirs):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def test_the_layers_of_a_window_share_one_tile_mask():
+    """Two sliding layers over 64 tokens in tiles of 24 rows (16, rounded so that 24 + 8
+    keys make a multiple of 16; 3 tiles, the last of 16 rows): one mask is built for all
+    the tiles and reused by the second layer (the layers' backward keeps one copy, not one
+    each)."""
+    misses, hits = run_distributed(1, _forward_in_tiles)[0]
+    assert (misses, hits) == (1, 1)  # built for the first layer, found for the second
+
+
+def _forward_in_tiles() -> tuple[int, int]:
+    saved = attention.WINDOW_TILE
+    attention.WINDOW_TILE = 16  # the worker's own module, put back after
+    tile_mask.cache_clear()
+    try:
+        ps.initialize_model_parallel(1)
+        model = GPTModel(_config(num_layers=2, seq_length=64, window_size=[8, 0]))
+        model(torch.randint(0, 64, (2, 64))).sum().backward()
+        return tile_mask.cache_info().misses, tile_mask.cache_info().hits
+    finally:
+        attention.WINDOW_TILE = saved
+        tile_mask.cache_clear()
 
 
 @pytest.mark.parametrize("freq, windows", [

@@ -18,7 +18,12 @@ Two attention cores:
 - ``unfused``: ``Q K^T`` -> ``FusedScaleMaskSoftmax`` (mp's CUDA kernel when built and usable,
   torch otherwise) -> dropout -> ``P V``; for custom masks and for checking the fused path.
 A layer with a sliding window (``config.attention_window``, Megatron's ``--window-size``) masks
-out, besides, every key more than ``window`` positions before its query (`window_mask`).
+out, besides, every key more than ``window`` positions before its query (`window_mask`). When
+no other mask is given and the queries outnumber a tile (`window_tile`, at least
+`WINDOW_TILE` rows), each tile of queries attends to the keys from ``window`` before its
+first query to its last, through one ``[tile, tile + window]`` mask that every tile and
+every layer of that window shares (`tile_mask`): ``s (tile + window)`` scores instead of
+``s^2``, and one mask in memory, not one per layer.
 Masks follow Megatron: boolean ``[b or 1, 1, s, s]``, ``True`` = masked out; the SDPA core also
 takes `sdpa_bias`'s additive form. `mask_for_layers` prepares a batch's mask once for all the
 layers of a `mp.model.transformer.TransformerBlock` (converting a boolean mask is what SDPA
@@ -30,6 +35,7 @@ would do in every layer, each keeping its own copy for backward). With a key/val
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +82,30 @@ def window_mask(queries: int, keys: int, window: int, device) -> torch.Tensor:
     distance = (torch.arange(keys - queries, keys, device=device)[:, None]
                 - torch.arange(keys, device=device))  # query position - key position
     return (distance < 0) | (distance > window)
+
+
+WINDOW_TILE = 1024  # the fewest query rows of a tile of windowed attention
+
+
+def window_tile(window: int) -> int:
+    """The query rows of a tile under a window of ``window`` earlier keys: at least
+    `WINDOW_TILE` and the window, and such that ``tile + window`` is a multiple of 16 (the
+    keys of a whole tile, so that a CUDA kernel takes the shared mask without padding it)."""
+    tile = max(WINDOW_TILE, window)
+    return tile + (-(tile + window)) % 16
+
+
+@functools.lru_cache(maxsize=16)
+def tile_mask(tile: int, window: int, form: torch.dtype, device: torch.device
+              ) -> torch.Tensor:
+    """``[1, 1, tile, tile + window]``: query ``r`` of a tile against the ``window`` keys
+    before the tile's first query and the tile's own, key ``c`` kept when ``r <= c <= r +
+    window``; boolean (True = masked) for ``form=torch.bool``, else `sdpa_bias`'s additive
+    form in ``form``. Cached: the tiles and layers of one window share it (never written)."""
+    rows = torch.arange(tile, device=device)[:, None]
+    keys = torch.arange(tile + window, device=device)
+    masked = ((keys < rows) | (keys > rows + window))[None, None]
+    return masked if form == torch.bool else sdpa_bias(masked, form)
 
 
 def _with_window(attention_mask: torch.Tensor | None, queries: int, keys: int, window: int,
@@ -149,10 +179,33 @@ class CoreAttention(nn.Module):
         """``q [sq, b, np, hd]``, ``k [sk, b, ng, hd]``, ``v [sk, b, ng, vd]`` -> ``[sq, b,
         np * vd]``. Without a mask, causal with the queries at the last ``sq`` of the ``sk``
         positions (so is the window's mask, when a key falls out of it)."""
+        s = q.size(0)
+        if self.window is not None and k.size(0) - 1 > self.window:
+            if attention_mask is None and s > window_tile(self.window):
+                return self._tiled(q, k, v)
+            attention_mask = _with_window(attention_mask, s, k.size(0), self.window, q.device)
+        return self._core(q, k, v, attention_mask)
+
+    def _tiled(self, q, k, v) -> torch.Tensor:
+        """`_attend` under the window in tiles of `window_tile` queries (module doc), the
+        queries at the last ``sq`` of the ``sk`` positions."""
+        window, tile = self.window, window_tile(self.window)
+        form = torch.bool if self.backend == "unfused" else q.dtype
+        shared = tile_mask(tile, window, form, q.device)
+        first = k.size(0) - q.size(0)  # the position of the first query
+        contexts = []
+        for start in range(0, q.size(0), tile):
+            end = min(start + tile, q.size(0))
+            keys = max(0, first + start - window)  # the tile's first key
+            mask = shared[..., :end - start, keys - (first + start - window):end - start + window]
+            contexts.append(self._core(q[start:end], k[keys:first + end], v[keys:first + end],
+                                       mask))
+        return torch.cat(contexts)
+
+    def _core(self, q, k, v, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """`_attend` with the window's mask in ``attention_mask`` already."""
         s, b, heads = q.shape[:3]
         offset = k.size(0) - s  # keys before the first query (context parallelism)
-        if self.window is not None and k.size(0) - 1 > self.window:
-            attention_mask = _with_window(attention_mask, s, k.size(0), self.window, q.device)
         groups = k.size(2)
         if groups < heads and not (self.backend == "sdpa" and SDPA_TAKES_GROUPS):
             k, v = (t.repeat_interleave(heads // groups, dim=2) for t in (k, v))

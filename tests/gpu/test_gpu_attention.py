@@ -106,17 +106,18 @@ def test_bottom_right_causal_attention_equals_the_explicit_mask(precision, rtol)
         assert difference <= rtol, f"{name}: {difference:.2e}"
 
 
-def windowed_against_float64(backend: str, precision: str) -> list[tuple[str, float]]:
+def windowed_against_float64(backend: str, precision: str, sq: int, sk: int
+                             ) -> list[tuple[str, float]]:
     """Relative differences, output and each input gradient, between `CoreAttention` with a
-    sliding window of 100 earlier keys (512 queries at the end of 1024 grouped keys, as a
-    cache or a context-parallel chunk has them) and the same attention in float64 with the
-    window's mask written out."""
+    sliding window of 100 earlier keys (``sq`` queries at the end of ``sk`` grouped keys, as a
+    cache or a context-parallel chunk has them; more than `window_tile` of them attend in
+    tiles) and the same attention in float64 with the window's mask written out."""
     torch.manual_seed(4)
     config = TransformerConfig(
         num_layers=1, hidden_size=1024, num_attention_heads=HEADS, num_query_groups=GROUPS,
-        vocab_size=VOCAB, seq_length=1024, attention_dropout=0.0, precision=precision,
+        vocab_size=VOCAB, seq_length=sk, attention_dropout=0.0, precision=precision,
         attention_backend=backend)
-    window, sq, sk, d = 100, 512, 1024, 64
+    window, d = 100, 64
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     inputs = [torch.randn(s, 2, h, d, device=get_device(), dtype=dtype, requires_grad=True)
               for s, h in ((sq, HEADS), (sk, GROUPS), (sk, GROUPS))]
@@ -139,8 +140,9 @@ def windowed_against_float64(backend: str, precision: str) -> list[tuple[str, fl
 
 @pytest.mark.parametrize("backend", ["sdpa", "unfused"])
 @pytest.mark.parametrize("precision, rtol", [("fp32", 1e-5), ("bf16", 2e-2)])
-def test_sliding_window_attention_equals_float64(backend, precision, rtol):
-    for name, difference in windowed_against_float64(backend, precision):
+@pytest.mark.parametrize("sq, sk", [(512, 1024), (2500, 3000)], ids=["one_call", "tiles"])
+def test_sliding_window_attention_equals_float64(backend, precision, rtol, sq, sk):
+    for name, difference in windowed_against_float64(backend, precision, sq, sk):
         assert difference <= rtol, f"{name}: {difference:.2e}"
 
 
