@@ -13,8 +13,7 @@ import torch
 from harness import run_distributed
 
 from mp import parallel_state as ps
-from mp.model import GPTModel, TransformerConfig
-from mp.model import attention
+from mp.model import GPTModel, TransformerConfig, attention
 from mp.model.attention import CoreAttention, sdpa_bias, tile_mask, window_tile
 from mp.model.inference import InferenceParams
 
@@ -62,16 +61,23 @@ def test_core_attention_equals_the_window_written_out(backend, window, groups, d
     """``window = S - 1`` covers every key (no mask is made); ``S - 2`` misses one; 5 queries
     after 7 earlier keys are a cache's or a context-parallel chunk's."""
     core = CoreAttention(_config(attention_backend=backend, num_query_groups=groups), window)
-    g = torch.Generator().manual_seed(window)
-    q = torch.randn(queries, 2, HEADS, D, generator=g, requires_grad=True)
-    k, v = (torch.randn(S, 2, groups, D, generator=g, requires_grad=True) for _ in range(2))
     mask = _documents(queries, S) if documents else None
     given = None
     if documents:
         given = sdpa_bias(mask, torch.float32) if backend == "sdpa" else mask
         given = given[None, None]
+    _check_against_reference(core, queries, S, groups, given, mask)
+
+
+def _check_against_reference(core: CoreAttention, queries: int, keys: int, groups: int,
+                             given: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+    """``core`` on random q, k, v (``given`` as its mask) against `_reference` (``mask``):
+    the output and the gradients of q, k and v."""
+    g = torch.Generator().manual_seed(core.window)
+    q = torch.randn(queries, 2, HEADS, D, generator=g, requires_grad=True)
+    k, v = (torch.randn(keys, 2, groups, D, generator=g, requires_grad=True) for _ in range(2))
     out = core(q, k, v, given)
-    expected = _reference(q, k, v, window, mask)
+    expected = _reference(q, k, v, core.window, mask)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
     weights = torch.randn(out.shape, generator=g)
     mine = torch.autograd.grad((out * weights).sum(), (q, k, v))
@@ -92,18 +98,7 @@ def test_tiled_windows_equal_the_window_written_out(monkeypatch, backend, window
     assert window_tile(window) == {0: 16, 3: 13, 10: 22}[window]
     core = CoreAttention(_config(attention_backend=backend, num_query_groups=2,
                                  seq_length=48), window)
-    g = torch.Generator().manual_seed(window)
-    q = torch.randn(queries, 2, HEADS, D, generator=g, requires_grad=True)
-    k, v = (torch.randn(48, 2, 2, D, generator=g, requires_grad=True) for _ in range(2))
-    out = core(q, k, v)
-    expected = _reference(q, k, v, window, None)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
-    weights = torch.randn(out.shape, generator=g)
-    mine = torch.autograd.grad((out * weights).sum(), (q, k, v))
-    theirs = torch.autograd.grad((expected * weights.double()).sum(), (q, k, v))
-    for name, a, b in zip("qkv", mine, theirs):
-        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6,
-                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+    _check_against_reference(core, queries, 48, 2, None, None)
 
 
 def test_the_layers_of_a_window_share_one_tile_mask():
