@@ -6,7 +6,8 @@ attention reading the keys and values of the earlier ones from a cache
 (`mp.model.inference.InferenceParams`). ``kv_cache=False`` runs the whole sequence so far
 at every step instead: the same tokens, ``n`` times the work, kept as the plain reference.
 Prompts of one call share a length; this is for looking at what a model learned, not a
-serving engine.
+serving engine. `token_logprobs` scores a sequence instead: each token's log-probability
+given the ones before it, from one forward.
 
 Sampling follows the usual order (Hugging Face's): logits divided by ``temperature``, then
 only the ``top_k`` largest kept, then only the smallest set of the largest whose
@@ -85,15 +86,7 @@ def generate(model: GPTModel, tokens: torch.Tensor, max_new_tokens: int,
     sequence is finished or ``n = max_new_tokens``. Collective over the tensor-parallel
     ``group`` (default: `parallel_state`'s); every rank passes the same ``tokens``."""
     config = model.config
-    if config.pipeline_model_parallel_size > 1 or not (model.pre_process and model.post_process):
-        raise ValueError(f"generate needs the whole model on each rank "
-                         f"(pipeline_model_parallel_size=1, got "
-                         f"{config.pipeline_model_parallel_size}); a checkpoint loads at any "
-                         "layout")
-    if config.sequence_parallel:
-        raise ValueError("generate needs sequence_parallel=False (the sequence grows a token "
-                         "at a time); sequence parallelism changes no weight, so build the "
-                         "model without it")
+    _check_whole_model(model)
     if tokens.dim() != 2 or tokens.size(1) == 0:
         raise ValueError(f"tokens must be [batch, length >= 1], got {list(tokens.shape)}")
     limit = config.max_position_embeddings
@@ -109,9 +102,8 @@ def generate(model: GPTModel, tokens: torch.Tensor, max_new_tokens: int,
     new = tokens  # what the model has not seen yet
     try:
         for _ in range(max_new_tokens):
-            local = model(new, inference_params=cache)[:, -1]  # [b, V / t]
-            logits = gather_from_tensor_model_parallel_region(local, group)  # [b, V padded]
-            logits[:, config.vocab_size:] = float("-inf")
+            logits = _vocabulary_logits(model, model(new, inference_params=cache)[:, -1],
+                                        group)  # [b, V padded]
             token = next_token(logits, params, generator)
             dist.broadcast(token, source, group=group)
             if eod is not None:
@@ -126,3 +118,42 @@ def generate(model: GPTModel, tokens: torch.Tensor, max_new_tokens: int,
     finally:
         model.train(was_training)
     return tokens
+
+
+@torch.no_grad()
+def token_logprobs(model: GPTModel, tokens: torch.Tensor, group=None) -> torch.Tensor:
+    """``[b, s - 1]`` float32: the log-probability of each token of ``tokens [b, s]`` but the
+    first given the ones before it, under the softmax over the real vocabulary (the padding
+    rows left out, as `generate` draws). Collective over the tensor-parallel ``group``."""
+    _check_whole_model(model)
+    if tokens.dim() != 2 or tokens.size(1) < 2:
+        raise ValueError(f"tokens must be [batch, length >= 2], got {list(tokens.shape)}")
+    group = parallel_state.get_tensor_model_parallel_group() if group is None else group
+    was_training = model.training
+    model.eval()
+    try:
+        logits = _vocabulary_logits(model, model(tokens[:, :-1]), group)  # [b, s - 1, V]
+    finally:
+        model.train(was_training)
+    return logits.log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
+def _vocabulary_logits(model: GPTModel, local: torch.Tensor, group) -> torch.Tensor:
+    """Vocab-parallel logits ``[..., V / t]`` gathered in fp32, ``-inf`` on the padding rows."""
+    logits = gather_from_tensor_model_parallel_region(local, group).float()
+    logits[..., model.config.vocab_size:] = float("-inf")
+    return logits
+
+
+def _check_whole_model(model: GPTModel) -> None:
+    """ValueError unless ``model`` decodes: the whole model on each rank, no SP."""
+    config = model.config
+    if config.pipeline_model_parallel_size > 1 or not (model.pre_process and model.post_process):
+        raise ValueError(f"mp.generation needs the whole model on each rank "
+                         f"(pipeline_model_parallel_size=1, got "
+                         f"{config.pipeline_model_parallel_size}); a checkpoint loads at any "
+                         "layout")
+    if config.sequence_parallel:
+        raise ValueError("mp.generation needs sequence_parallel=False (the sequence grows a "
+                         "token at a time); sequence parallelism changes no weight, so build "
+                         "the model without it")

@@ -5,16 +5,19 @@ tensor-parallel rank generating together (`mp.generation`).
 Request (Megatron's names; only ``prompts`` is required)::
 
     {"prompts": ["def main(", "import "], "tokens_to_generate": 64, "temperature": 1.0,
-     "top_k": 0, "top_p": 0.0, "random_seed": 1234}
+     "top_k": 0, "top_p": 0.0, "random_seed": 1234, "logprobs": false}
 
 ``top_k`` 1 is greedy decoding; ``top_k`` 0 and ``top_p`` 0 (Megatron's "off" for both) keep
 every token; Megatron refuses ``top_k`` and ``top_p`` together, and so does this. The answer
 is ``{"text": [prompt and continuation, ...]}`` (the tokens of both, detokenized together),
-each prompt continued until
-``tokens_to_generate`` or the end-of-document token. A request that breaks a rule (a missing
-or empty prompt, a wrong type, a prompt that with its new tokens exceeds the model's
-positions, a field Megatron has and mp does not, such as ``logprobs``) gets status 400 and
-the rule, before any rank is involved.
+each prompt continued until ``tokens_to_generate`` or the end-of-document token. With
+``logprobs`` it also holds, per prompt, ``"segments"`` (each token of the prompt and its
+continuation, the end-of-document token included when drawn, detokenized alone) and
+``"logprobs"`` (each but the first's log-probability given those before it,
+`mp.generation.token_logprobs`); ``tokens_to_generate`` 0 then scores the prompts alone, as in
+Megatron. A request that breaks a rule (a missing or empty prompt, a wrong type, a prompt that
+with its new tokens exceeds the model's positions, a field Megatron has and mp does not, such
+as ``beam_width``) gets status 400 and the rule, before any rank is involved.
 
 Rank 0 answers HTTP; the world is one tensor-parallel group. For each request rank 0
 broadcasts the checked request to the other ranks (`torch.distributed.broadcast_object_list`)
@@ -35,31 +38,32 @@ import torch
 import torch.distributed as dist
 
 from mp.device import get_device
-from mp.generation import SamplingParams, generate
+from mp.generation import SamplingParams, generate, token_logprobs
 from mp.model import GPTModel
 
 #: Megatron's request fields that mp does not implement -> why.
 UNSUPPORTED_FIELDS = {
-    "logprobs": "mp returns the text only, not the tokens' log-probabilities",
     "add_BOS": "mp's tokenizers add no beginning-of-sequence token",
     "stop_on_double_eol": "mp stops at the end-of-document token only",
     "stop_on_eol": "mp stops at the end-of-document token only",
     "prevent_newline_after_colon": "mp does not filter newlines",
     "beam_width": "mp decodes greedily or by sampling, not by beam search",
 }
-_FIELDS = ("prompts", "tokens_to_generate", "temperature", "top_k", "top_p", "random_seed")
+_FIELDS = ("prompts", "tokens_to_generate", "temperature", "top_k", "top_p", "random_seed",
+           "logprobs")
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A checked request: each prompt's token ids, how many tokens to add, how to choose them
-    and the sampling seed."""
+    """A checked request: each prompt's token ids, how many tokens to add, how to choose them,
+    the sampling seed, and whether to score the tokens."""
 
     prompts: list[str]
     tokens: list[list[int]]
     tokens_to_generate: int
     params: SamplingParams
     seed: int
+    logprobs: bool
 
 
 def parse_request(body: dict, tokenizer, max_positions: int) -> GenerationRequest:
@@ -81,8 +85,12 @@ def parse_request(body: dict, tokenizer, max_positions: int) -> GenerationReques
     top_p = _number(body, "top_p", float, 0.0)
     temperature = _number(body, "temperature", float, 1.0)
     seed = _number(body, "random_seed", int, 1234)
-    if count < 1:
-        raise ValueError(f"tokens_to_generate={count} must be at least 1")
+    logprobs = body.get("logprobs", False)
+    if not isinstance(logprobs, bool):
+        raise ValueError(f"logprobs={logprobs!r} must be true or false")
+    if count < (0 if logprobs else 1):
+        raise ValueError(f"tokens_to_generate={count} must be at least 1, or 0 with logprobs "
+                         "(scoring the prompts)")
     if top_k > 0 and top_p > 0:
         raise ValueError(f"top_k={top_k} and top_p={top_p}: set one of them (Megatron's rule)")
     params = SamplingParams(greedy=top_k == 1, temperature=temperature, top_k=top_k,
@@ -93,7 +101,10 @@ def parse_request(body: dict, tokenizer, max_positions: int) -> GenerationReques
             raise ValueError(f"prompt {prompt!r} is {len(ids)} tokens; with "
                              f"tokens_to_generate={count} it must fit in the model's "
                              f"max_position_embeddings={max_positions}")
-    return GenerationRequest(prompts, tokens, count, params, seed)
+        if logprobs and len(ids) + count < 2:
+            raise ValueError(f"prompt {prompt!r} is {len(ids)} token: logprobs scores each "
+                             "token given those before it, so it needs two at least")
+    return GenerationRequest(prompts, tokens, count, params, seed, logprobs)
 
 
 def _number(body: dict, field: str, kind: type, default):
@@ -106,18 +117,27 @@ def _number(body: dict, field: str, kind: type, default):
     return kind(value)
 
 
-def answer(model: GPTModel, tokenizer, request: GenerationRequest) -> list[str]:
-    """Each prompt's tokens and their continuation, detokenized together as Megatron does
+def answer(model: GPTModel, tokenizer, request: GenerationRequest) -> dict:
+    """The response (module doc): each prompt's tokens and their continuation, detokenized
+    together as Megatron does, and with ``logprobs`` the segments and their scores
     (collective over the tensor-parallel group: each rank passes the same request)."""
     generator = torch.Generator(get_device()).manual_seed(request.seed)
-    texts = []
+    response = {"text": []}
+    if request.logprobs:
+        response.update(segments=[], logprobs=[])
     for ids in request.tokens:
         tokens = torch.tensor([ids], device=get_device())
         out = generate(model, tokens, request.tokens_to_generate, request.params,
-                       eod=tokenizer.eod, generator=generator)
-        new = [t for t in out[0, len(ids):].tolist() if t != tokenizer.eod]
-        texts.append(tokenizer.detokenize(ids + new))
-    return texts
+                       eod=tokenizer.eod, generator=generator)[0].tolist()
+        new = out[len(ids):]  # padded with the end-of-document token after the first one
+        drawn = new[:new.index(tokenizer.eod) + 1] if tokenizer.eod in new else new
+        response["text"].append(tokenizer.detokenize(
+            ids + [t for t in drawn if t != tokenizer.eod]))
+        if request.logprobs:
+            scored = torch.tensor([ids + drawn], device=get_device())
+            response["segments"].append([tokenizer.detokenize([t]) for t in ids + drawn])
+            response["logprobs"].append(token_logprobs(model, scored)[0].tolist())
+    return response
 
 
 def _broadcast(command: tuple) -> tuple:
@@ -151,7 +171,7 @@ def serve(model: GPTModel, tokenizer, host: str, port: int, *, heartbeat_s: floa
             except ValueError as error:  # json's errors are ValueErrors too
                 return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(error)})
             _broadcast(("generate", request))
-            self._reply(HTTPStatus.OK, {"text": answer(model, tokenizer, request)})
+            self._reply(HTTPStatus.OK, answer(model, tokenizer, request))
 
         def _reply(self, status: HTTPStatus, payload: dict) -> None:
             data = json.dumps(payload).encode()

@@ -87,6 +87,28 @@ def test_greedy_answers_are_transformers_greedy_generation(converted):
         assert new == [t for t in expected if t != EOD]
 
 
+def test_logprobs_are_transformers_log_softmax(converted):
+    """Scoring prompts alone (``tokens_to_generate`` 0) and with their greedy continuation:
+    each token's log-probability given the ones before it, against transformers' log-softmax
+    over its vocabulary (mp's padding rows left out)."""
+    hf, path = converted
+    prompts = torch.randint(0, EOD, (2, 7), generator=torch.Generator().manual_seed(5))
+    texts = [" ".join(map(str, p)) for p in prompts.tolist()]
+    scored, generated = run_distributed(2, _serve_and_ask, path, [
+        {"prompts": texts, "tokens_to_generate": 0, "logprobs": True},
+        {"prompts": texts, "tokens_to_generate": 6, "top_k": 1, "logprobs": True}], 0.05)[0]
+    for (status, answer), extra in ((scored, 0), (generated, 6)):
+        assert status == 200
+        for text, segments, logprobs in zip(answer["text"], answer["segments"],
+                                            answer["logprobs"]):
+            ids = torch.tensor([[int(t) for t in segments]])
+            assert segments[:7] == text.split()[:7] and len(ids[0]) <= 7 + extra
+            with torch.no_grad():
+                expected = hf(ids).logits.log_softmax(-1)[0, :-1].gather(
+                    -1, ids[0, 1:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(logprobs), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_sampling_follows_the_seed_and_bad_requests_are_refused(converted):
     _, path = converted
     sampled = {"prompts": ["1 2 3"], "tokens_to_generate": 8, "temperature": 1.5,
@@ -95,7 +117,12 @@ def test_sampling_follows_the_seed_and_bad_requests_are_refused(converted):
         ({"prompts": []}, "prompts=[] must be a non-empty list of non-empty strings"),
         ({"prompts": ["1"], "tokens_to_generate": "8"}, "tokens_to_generate='8' must be an int"),
         ({"prompts": ["1"], "top_k": 5, "top_p": 0.9}, "top_k=5 and top_p=0.9: set one"),
-        ({"prompts": ["1"], "logprobs": True}, "logprobs: mp returns the text only"),
+        ({"prompts": ["1"], "beam_width": 2}, "beam_width: mp decodes greedily or by sampling"),
+        ({"prompts": ["1 2"], "tokens_to_generate": 0}, "tokens_to_generate=0 must be at least "
+                                                         "1, or 0 with logprobs"),
+        ({"prompts": ["1"], "tokens_to_generate": 0, "logprobs": True},
+         "prompt '1' is 1 token: logprobs scores each token given those before it"),
+        ({"prompts": ["1"], "logprobs": "yes"}, "logprobs='yes' must be true or false"),
         ({"prompts": ["1"], "tokens": 3}, "unknown field 'tokens'"),
         ({"prompts": ["1 2"], "tokens_to_generate": 31},
          "prompt '1 2' is 2 tokens; with tokens_to_generate=31 it must fit in the model's "
