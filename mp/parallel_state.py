@@ -133,9 +133,26 @@ def model_parallel_is_initialized() -> bool:
     return _GROUPS is not None
 
 
+_WRITERS: dist.ProcessGroup | None = None  # `get_checkpoint_writer_group`'s
+
+
+def get_checkpoint_writer_group() -> dist.ProcessGroup:
+    """A gloo group of every rank for checkpoint writes in the background
+    (`mp.checkpointing.async_save`), apart from training's collectives; made on the first
+    call (collective then: every rank calls it) and forgotten with the other groups."""
+    global _WRITERS
+    _groups()  # model parallelism must be initialized
+    if _WRITERS is None:
+        _WRITERS = dist.new_group(backend="gloo")
+    return _WRITERS
+
+
 def destroy_model_parallel() -> None:
     """Forget the groups (the default group stays). Safe to call when not initialized."""
-    global _GROUPS
+    global _GROUPS, _WRITERS
+    if _WRITERS is not None:
+        dist.destroy_process_group(_WRITERS)
+        _WRITERS = None
     if _GROUPS is None:
         return
     groups = {id(g): g for g in (_GROUPS.tensor, _GROUPS.context, _GROUPS.data,

@@ -96,8 +96,11 @@ def test_tp2_dp2_follows_the_single_process_curve(serial_curve, sequence_paralle
         assert lr == want_lr
 
 
-def _nan_at(bad_rank: int, bad_iteration: int):
-    cfg = job(tp=1, train_iters=6)
+def train_until_nan(cfg: JobConfig, bad_rank: int | None, bad_iteration: int,
+                    hook=None) -> tuple[str, TrainState]:
+    """``train`` at TP 1 with ``cfg`` (6 iterations of 2 micro-batches) whose output turns
+    NaN from iteration ``bad_iteration`` on, on ``bad_rank`` (None: every rank); ``hook(model,
+    optimizer, scheduler)`` gives its checkpoint hook. The error's message and the state."""
     ps.initialize_model_parallel(1)
     set_random_seed(cfg.training.seed)
     model, optimizer, scheduler = setup_model_and_optimizer(cfg)
@@ -106,7 +109,7 @@ def _nan_at(bad_rank: int, bad_iteration: int):
     def forward_step(data_iterator, chunk):
         output, loss_func = gpt_step.forward_step(data_iterator, chunk)
         calls["n"] += 1
-        if dist.get_rank() == bad_rank and calls["n"] > 2 * (bad_iteration - 1):
+        if bad_rank in (None, dist.get_rank()) and calls["n"] > 2 * (bad_iteration - 1):
             output = output * float("nan")
         return output, loss_func
 
@@ -114,9 +117,15 @@ def _nan_at(bad_rank: int, bad_iteration: int):
     state = TrainState()
     with pytest.raises(NonFiniteLossError) as error:
         train(forward_step, model, optimizer, scheduler, micro_batches(6), None, cfg, logger,
-              state=state, checkpoint_hook=lambda s: None)
+              state=state, checkpoint_hook=(lambda s: None) if hook is None
+              else hook(model, optimizer, scheduler))
+    return str(error.value), state
+
+
+def _nan_at(bad_rank: int, bad_iteration: int):
+    message, state = train_until_nan(job(tp=1, train_iters=6), bad_rank, bad_iteration)
     assert state.iteration == bad_iteration
-    return str(error.value)
+    return message
 
 
 def test_nan_loss_stops_the_run_naming_iteration_and_rank():

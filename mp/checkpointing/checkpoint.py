@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,21 +43,13 @@ from mp.checkpointing.errors import CheckpointError, CorruptCheckpointError
 from mp.checkpointing.files import (
     META_FILE,
     check_files,
-    checkpoint_dir,
-    commit,
-    content_files,
-    describe_files,
-    read_latest,
     read_manifest,
-    remove_stale,
     resolve_checkpoint,
-    staging_dir,
-    write_manifest,
-    write_text_atomically,
 )
 from mp.checkpointing.fit import architecture_problems, target_problems
 from mp.checkpointing.naming import Placement, named_parameters, unwrap
 from mp.checkpointing.rng import set_rng_state
+from mp.checkpointing.saving import Ranks, begin_save, describe_share, finish_save
 from mp.checkpointing.state import (
     OptimizerTargets,
     model_key,
@@ -100,33 +91,6 @@ class CheckpointInfo:
     rng_restored: bool
 
 
-class _Ranks:
-    """The collectives save and load need, over the default group or within one process."""
-
-    def __init__(self, distributed: bool):
-        self.distributed = distributed
-        self.rank = dist.get_rank() if distributed else 0
-        self.world = dist.get_world_size() if distributed else 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def gather(self, value) -> list:
-        """Every rank's ``value`` (picklable), on every rank."""
-        if not self.distributed:
-            return [value]
-        values = [None] * self.world
-        dist.all_gather_object(values, value)
-        return values
-
-    def agree(self, problems: list[str], error: type[CheckpointError], headline: str) -> None:
-        """Raise ``error`` on every rank when any rank found a problem."""
-        found = sorted({p for part in self.gather(problems) for p in part})
-        if found:
-            raise error(headline + ":\n  " + "\n  ".join(found))
-
-
 def current_layout() -> dict:
     """The parallel layout of this job (part of ``meta.json``)."""
     return {"world_size": dist.get_world_size(),
@@ -145,34 +109,11 @@ def _chunks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
 
 # --- saving -------------------------------------------------------------------------------
 
-def _save(ranks: _Ranks, save_dir: str | Path, iteration: int, tensors: PlacedTensors,
+def _save(ranks: Ranks, save_dir: str | Path, iteration: int, tensors: PlacedTensors,
           meta: dict, keep_last: int | None) -> Path:
-    if not isinstance(iteration, int) or iteration < 0:
-        raise ValueError(f"iteration={iteration!r} must be a non-negative integer")
-    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-        raise ValueError(f"keep_last={keep_last!r} must be a positive integer or None")
-    save_dir = Path(save_dir)
-    if read_latest(save_dir) == iteration:
-        raise CheckpointError(f"iteration {iteration} is already the latest checkpoint in "
-                              f"{save_dir}; refusing to overwrite it")
-    staging = staging_dir(save_dir, iteration)
-    if ranks.rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)  # left by a save that crashed
-        staging.mkdir()
-    ranks.barrier()
+    staging = begin_save(ranks, save_dir, iteration, meta, keep_last)
     write_tensors(staging, tensors, distributed=ranks.distributed)
-    if ranks.rank == 0:
-        write_text_atomically(staging / META_FILE, json.dumps(meta, indent=1))
-    ranks.barrier()
-    names = content_files(staging)
-    described = ranks.gather(describe_files(staging, names[ranks.rank::ranks.world]))
-    if ranks.rank == 0:
-        write_manifest(staging, {k: v for part in described for k, v in part.items()})
-        commit(save_dir, iteration)
-        remove_stale(save_dir, iteration, keep_last)
-    ranks.barrier()
-    return checkpoint_dir(save_dir, iteration)
+    return finish_save(ranks, save_dir, iteration, keep_last, describe_share(ranks, staging))
 
 
 def save_checkpoint(save_dir: str | Path, iteration: int,
@@ -191,15 +132,27 @@ def save_checkpoint(save_dir: str | Path, iteration: int,
     checkpoints once this one is committed. Collective: every rank calls it. Returns after the
     commit on every rank.
     """
+    tensors, meta = job_state(model, optimizer, scheduler, iteration=iteration,
+                              consumed_train_samples=consumed_train_samples, config=config,
+                              save_rng=save_rng)
+    return _save(Ranks(distributed=True), save_dir, iteration, tensors, meta, keep_last)
+
+
+def job_state(model: nn.Module | Sequence[nn.Module],
+              optimizer: MixedPrecisionOptimizer | None,
+              scheduler: OptimizerParamScheduler | None, *, iteration: int,
+              consumed_train_samples: int, config: dict | None,
+              save_rng: bool) -> tuple[PlacedTensors, dict]:
+    """What `save_checkpoint` writes (its arguments): this rank's placed tensors, once the
+    parameter all-gathers in flight have landed, and ``meta.json``'s contents."""
     chunks = _chunks(model)
     finish_param_sync(chunks)
-    ranks = _Ranks(distributed=True)
     params = named_parameters(chunks)
     tensors = model_tensors(params)
     if optimizer is not None:
         tensors.update(optimizer_tensors(optimizer, params))
     if save_rng:
-        tensors.update(rng_tensors(ranks.rank))
+        tensors.update(rng_tensors(dist.get_rank()))
     scaler = None if optimizer is None else optimizer.grad_scaler
     meta = {"format": FORMAT, "version": VERSION, "iteration": iteration,
             "consumed_train_samples": consumed_train_samples,
@@ -208,7 +161,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int,
             "model": dataclasses.asdict(unwrap(chunks[0]).config), "config": config,
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "grad_scaler": None if scaler is None else scaler.state_dict()}
-    return _save(ranks, save_dir, iteration, tensors, meta, keep_last)
+    return tensors, meta
 
 
 def save_global_model(save_dir: str | Path, model_config: TransformerConfig,
@@ -222,12 +175,12 @@ def save_global_model(save_dir: str | Path, model_config: TransformerConfig,
             "layout": None,
             "model": dataclasses.asdict(model_config), "config": None, "scheduler": None,
             "grad_scaler": None}
-    return _save(_Ranks(distributed=False), save_dir, iteration, tensors, meta, None)
+    return _save(Ranks(distributed=False), save_dir, iteration, tensors, meta, None)
 
 
 # --- loading ------------------------------------------------------------------------------
 
-def _verify(ranks: _Ranks, directory: Path) -> None:
+def _verify(ranks: Ranks, directory: Path) -> None:
     """Every file against the manifest, hashing shared over the ranks."""
     manifest = read_manifest(directory)
     missing = [name for name in (META_FILE, METADATA_FILE) if name not in manifest]
@@ -293,7 +246,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | Sequence[nn.Module],
     `CorruptCheckpointError` or `CheckpointError` on every rank, before reading any tensor,
     when a file is damaged or the checkpoint does not fit.
     """
-    ranks = _Ranks(distributed=True)
+    ranks = Ranks(distributed=True)
     directory = resolve_checkpoint(path)
     _verify(ranks, directory)
     meta = _read_meta(directory)
@@ -339,7 +292,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | Sequence[nn.Module],
 def load_global_model(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
     """The whole weights ``{global name: tensor}`` of a checkpoint (fp32 masters where it
     has them), verified, in one process; for tools. Holds the entire model in memory."""
-    ranks = _Ranks(distributed=False)
+    ranks = Ranks(distributed=False)
     directory = resolve_checkpoint(path)
     _verify(ranks, directory)
     meta = _read_meta(directory)

@@ -19,21 +19,24 @@
 - `checkpoint_hook`: what the training loop calls every ``save_interval`` iterations and at
   the end (`mp.training.training.train`), saving into ``training.save``, without the optimizer
   state and schedule under ``training.no_save_optim`` and the RNG states under
-  ``no_save_rng``.
+  ``no_save_rng``; with ``training.async_save`` the writing goes on in the background
+  (`mp.checkpointing.async_save`), the loop polling it after every iteration and finishing
+  it before it ends.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 from torch import nn
 
+from mp.checkpointing.async_save import AsyncSave
 from mp.checkpointing.checkpoint import (
     CheckpointInfo,
+    job_state,
     load_checkpoint,
     read_checkpoint_info,
     save_checkpoint,
@@ -133,17 +136,43 @@ def resume(start: StartPoint, model: list[nn.Module], optimizer: MixedPrecisionO
 
 
 def checkpoint_hook(cfg: JobConfig, model: list[nn.Module], optimizer: MixedPrecisionOptimizer,
-                    scheduler: OptimizerParamScheduler) -> Callable | None:
-    """``hook(state)`` saving the job at ``state.iteration`` into ``training.save`` (keeping
-    the last ``training.keep_last``); None when the job does not save."""
-    tr = cfg.training
-    if tr.save is None:
-        return None
-    config = cfg.to_dict()
-    saved = (None, None) if tr.no_save_optim else (optimizer, scheduler)
+                    scheduler: OptimizerParamScheduler) -> JobSaver | None:
+    """The `JobSaver` of a job that saves (``training.save``), else None."""
+    return None if cfg.training.save is None else JobSaver(cfg, model, optimizer, scheduler)
 
-    def hook(state) -> None:
-        save_checkpoint(tr.save, state.iteration, model, *saved,
-                        consumed_train_samples=state.consumed_train_samples, config=config,
-                        keep_last=tr.keep_last, save_rng=not tr.no_save_rng)
-    return hook
+
+class JobSaver:
+    """``saver(state)`` saves the job at ``state.iteration`` into ``training.save`` (keeping
+    the last ``training.keep_last``); with ``training.async_save`` it starts an `AsyncSave`
+    (after finishing the one in flight), which `poll` commits once written and `finish`
+    waits for. Collective, as saving is."""
+
+    def __init__(self, cfg: JobConfig, model: list[nn.Module],
+                 optimizer: MixedPrecisionOptimizer, scheduler: OptimizerParamScheduler):
+        self.training, self.config, self.model = cfg.training, cfg.to_dict(), model
+        self.saved = (None, None) if self.training.no_save_optim else (optimizer, scheduler)
+        self.pending: AsyncSave | None = None
+
+    def __call__(self, state) -> None:
+        tr = self.training
+        arguments = dict(consumed_train_samples=state.consumed_train_samples,
+                         config=self.config, save_rng=not tr.no_save_rng)
+        if not tr.async_save:
+            save_checkpoint(tr.save, state.iteration, self.model, *self.saved,
+                            keep_last=tr.keep_last, **arguments)
+            return
+        self.finish()
+        tensors, meta = job_state(self.model, *self.saved, iteration=state.iteration,
+                                  **arguments)
+        self.pending = AsyncSave(tr.save, state.iteration, tensors, meta, tr.keep_last)
+
+    def poll(self) -> None:
+        """Commit the save in flight if every rank has written it."""
+        if self.pending is not None and self.pending.poll() is not None:
+            self.pending = None
+
+    def finish(self) -> None:
+        """Wait for the save in flight and commit it."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.finish()

@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
@@ -185,15 +186,25 @@ def _by_piece(tensors: PlacedTensors) -> dict[str, torch.Tensor]:
     return {f"{key}#{index}": tensor.detach() for key, index, tensor, _ in _pieces(tensors)}
 
 
-def write_tensors(directory: str | Path, tensors: PlacedTensors, *, distributed: bool) -> None:
+def write_tensors(directory: str | Path, tensors: PlacedTensors, *, distributed: bool,
+                  group: dist.ProcessGroup | None = None) -> None:
     """Write every piece of ``tensors`` into ``directory`` (one data file per rank, each
-    fsynced): collective over the default group when ``distributed``, else this process
-    alone."""
+    fsynced): collective over ``group`` (default: the default group) when ``distributed``,
+    else this process alone. Every rank returns once every rank's files and the index are
+    written."""
     with _single_process(distributed):
         dcp.save(_by_piece(tensors),
                  storage_writer=FileSystemWriter(directory, single_file_per_rank=True,
                                                  sync_files=True),
-                 planner=_PlacedSavePlanner(tensors), no_dist=not distributed)
+                 planner=_PlacedSavePlanner(tensors), no_dist=not distributed,
+                 process_group=group)
+
+
+def snapshot(tensors: PlacedTensors) -> PlacedTensors:
+    """``tensors`` copied to CPU memory (what an asynchronous save writes while training
+    changes the originals)."""
+    return {key: [(tensor.detach().to("cpu", copy=True), placement)
+                  for tensor, placement in pieces] for key, pieces in tensors.items()}
 
 
 def tensor_entries(metadata: Metadata) -> dict[str, TensorStorageMetadata]:

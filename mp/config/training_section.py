@@ -22,7 +22,7 @@ _NOT_WITH_DEEPSPEED = {
     **dict.fromkeys(("calculate_per_token_loss", "decoupled_lr", "grad_reduce_in_bf16"),
                     "mp's own data parallelism and optimizer implement it"),
     **dict.fromkeys(("no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng",
-                     "ckpt_step"),
+                     "ckpt_step", "async_save"),
                     "a DeepSpeed job saves and resumes DeepSpeed's checkpoints whole"),
 }
 
@@ -126,6 +126,8 @@ class TrainingConfig(Section):
     use_checkpoint_args: bool = False  # the model's architecture from load's checkpoint
     ckpt_step: int | None = None  # load this iteration of load, not its newest (Megatron's
     # --ckpt-step)
+    async_save: bool = False  # write checkpoints in the background while training goes on
+    # (Megatron's --async-save; mp.checkpointing.async_save)
     no_load_optim: bool = False  # resume without the optimizer state, loss scale and schedule
     no_load_rng: bool = False  # resume without the RNG states
     no_save_optim: bool = False  # checkpoints without the optimizer state, loss scale, schedule

@@ -262,8 +262,10 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
     not written as scalars. Nothing is evaluated with ``eval_iters`` 0. Every
     ``check_weight_hash_across_dp_replicas_interval`` iterations ``check_replicas(iteration)``
     compares the data-parallel replicas' weights, before any save (a drifted model is not
-    saved). Garbage collection (`ManualGC`) and profiling (`IterationProfiler`) happen around
-    the iterations."""
+    saved). A ``checkpoint_hook`` with ``poll()`` and ``finish()`` (`mp.checkpointing.job.
+    JobSaver`'s asynchronous saves) is polled after every iteration and finished before the
+    loop ends, a non-finite loss's stop included. Garbage collection (`ManualGC`) and
+    profiling (`IterationProfiler`) happen around the iterations."""
     tr = cfg.training
     state = TrainState() if state is None else state
     check_loss = cfg.model.precision != "fp16"
@@ -280,6 +282,10 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
         checkpoint_hook(state)
         state.last_saved_iteration = state.iteration
 
+    def finish_saving():
+        if hasattr(checkpoint_hook, "finish"):
+            checkpoint_hook.finish()
+
     can_evaluate = evaluate is not None and tr.eval_iters > 0
     stop = None
     schedule = cfg.batch_schedule(dist.get_world_size())
@@ -293,7 +299,11 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
             state.iteration += 1
             state.consumed_train_samples += batch
             if check_loss:
-                _check_finite(out, state)
+                try:
+                    _check_finite(out, state)
+                except NonFiniteLossError:
+                    finish_saving()  # the checkpoint the message names is committed
+                    raise
             logger.training_iteration(state.iteration, state.consumed_train_samples, out.losses,
                                       lr(), out.grad_norm, loss_scale(), out.update_successful,
                                       batch, params_norm=out.params_norm,
@@ -308,6 +318,8 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
                 check_replicas(state.iteration)
             if checkpoint_hook and tr.save_interval and state.iteration % tr.save_interval == 0:
                 save()
+            if hasattr(checkpoint_hook, "poll"):
+                checkpoint_hook.poll()
             profiler.after_iteration(state.iteration)
             collector.after_iteration(state.iteration)
             if exit_conditions is not None and state.iteration < iterations:
@@ -318,6 +330,7 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
             run_evaluation("validation", evaluate)
         if checkpoint_hook and not tr.skip_train and state.last_saved_iteration != state.iteration:
             save()
+        finish_saving()
         if test is not None and tr.eval_iters > 0 and stop is None:
             run_evaluation("test", test)
     if stop is not None:
