@@ -66,6 +66,7 @@ from mp.checkpointing import (
     hf_starcoder2,
     load_global_model,
     megatron,
+    megatron_files,
     save_global_model,
 )
 from mp.model.config import TransformerConfig
@@ -169,7 +170,7 @@ def mp_to_hf_command(args) -> None:
 
 
 def megatron_to_mp_command(args) -> None:
-    megatron_args, weights = megatron.read_checkpoint(args.input)
+    megatron_args, weights = megatron_files.read_checkpoint(args.input)
     config = megatron.config_from_args(
         megatron_args, tensor_model_parallel_size=args.tensor_model_parallel_size,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,

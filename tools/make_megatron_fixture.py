@@ -8,11 +8,16 @@ Runs on CPU, in a virtual environment of its own (the project's stays without me
     /tmp/mcvenv/bin/python tools/make_megatron_fixture.py --output tests/fixtures/megatron
 
 Each variant (`VARIANTS`) builds a Megatron-Core ``GPTModel`` with the local layer spec
-(``get_gpt_layer_local_spec``: no Transformer Engine, no apex) at its tensor-parallel size,
-one gloo process per rank, ``use_cpu_initialization`` (serial-equivalent weights, drawn on the
-CPU), dropouts 0. Every weight is then redrawn (norms around 1, biases non-zero), each
-tensor-parallel rank its own draw of a sharded weight and the same draw of a replicated one,
-so that nothing the converter reads is a constant. The model runs forward on `TOKENS` with
+(``get_gpt_layer_local_spec``: no Transformer Engine, no apex; a mixture of experts's layers
+from ``get_gpt_decoder_block_spec``, dense or MoE by ``moe_layer_freq``) at its
+tensor-parallel size (times its expert-parallel size, ``ep``), one gloo process per rank,
+``use_cpu_initialization`` (serial-equivalent weights, drawn on the CPU), dropouts 0. Every
+weight is then redrawn (norms around 1, biases non-zero), each tensor-parallel rank its own
+draw of a sharded weight and the same draw of a replicated one, each expert-parallel rank
+its own draw of its experts, routers' expert biases too, so that nothing the converter reads
+is a constant. The MoE variants route dropless with the ``allgather`` token dispatcher
+(``alltoall``, Megatron-LM's default, needs CUDA streams; both compute the same), without
+auxiliary losses in the forward (eval mode). The model runs forward on `TOKENS` with
 Megatron-LM's causal mask and position ids, and is saved the way Megatron-LM's
 ``save_checkpoint`` lays out ``--ckpt-format torch_dist`` (no optimizer, no RNG state):
 ``dist_checkpointing.save`` of ``{"args", "checkpoint_version", "iteration", "model"}`` into
@@ -30,18 +35,28 @@ shape (``ARGS`` and the variant's), as Megatron-LM's parser leaves them after
 
 Only what CUDA-less Megatron-Core lacks is patched, here and only in this process:
 ``torch.cuda.current_device`` answers ``"cpu"`` (the RoPE frequencies move there),
-``torch.cuda.synchronize`` (before the checkpoint's writes) does nothing, and the
-CUDA RNG tracker's ``fork`` is a no-op context (dropout is 0).
+``torch.cuda.synchronize`` (before the checkpoint's writes) does nothing, the
+CUDA RNG tracker's ``fork`` is a no-op context (dropout is 0), the router's
+``te_general_gemm`` (left undefined without Transformer Engine) is None, the legacy
+GroupedMLP's ``grouped_gemm.ops.gmm`` is a loop of matrix products, and torch's norms take
+sequence parallelism (which Megatron asks for with TP and EP together; the local spec refuses
+it only because the norms' gradients would miss their sum over TP).
+
+Megatron-Core 0.14 gates shared experts only through the spec (``SharedExpertMLP``'s
+``gate``); its args here say ``moe_shared_expert_gate``, as later Megatron-LM's
+``--moe-shared-expert-gate`` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -66,6 +81,20 @@ ARGS = dict(  # the args every variant shares (Megatron-LM's names, as validate_
     transformer_impl="local", ckpt_format="torch_dist", tokenizer_type="NullTokenizer",
     iteration=ITERATION, train_iters=ITERATION, micro_batch_size=2, global_batch_size=2,
     lr=1e-4, seed=1234)
+MOE_ARGS = dict(  # the MoE variants' args: Megatron-LM's names and, but the sizes, defaults
+    num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=8, moe_layer_freq=1,
+    moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None,
+    moe_router_score_function="softmax", moe_router_pre_softmax=False,
+    moe_router_topk_scaling_factor=None, moe_router_enable_expert_bias=False,
+    moe_router_bias_update_rate=1e-3, moe_router_num_groups=None, moe_router_group_topk=None,
+    moe_router_dtype=None, moe_shared_expert_intermediate_size=None,
+    moe_shared_expert_gate=False, moe_shared_expert_overlap=False, moe_grouped_gemm=False,
+    moe_use_legacy_grouped_gemm=False, moe_token_dispatcher_type="allgather",
+    moe_expert_capacity_factor=None, moe_token_drop_policy="probs",
+    moe_pad_expert_input_to_capacity=False, moe_input_jitter_eps=None,
+    moe_apply_probs_on_input=False, moe_router_topk_limited_devices=None,
+    moe_router_force_load_balancing=False, moe_permute_fusion=False, moe_router_fusion=False,
+    expert_tensor_parallel_size=None)
 VARIANTS = {
     # GPT-2-like: LayerNorm, GeLU, learned positions, biases, tied embeddings
     "gpt": dict(tp=2, legacy=True, args=dict(
@@ -89,6 +118,27 @@ VARIANTS = {
         group_query_attention=True, num_query_groups=2, position_embedding_type="rope",
         rotary_interleaved=True, add_bias_linear=False,
         untie_embeddings_and_output_weights=True)),
+    # Mixture of experts (the Llama-like model's attention): a dense first layer, then 4 SwiGLU
+    # experts 8 wide, top 2 of a softmax over the top logits, and a shared expert 12 wide
+    # gated per token; SequentialMLP (a module per expert) at TP 2
+    "moe": dict(tp=2, ep=1, legacy=False, args=dict(
+        MOE_ARGS, normalization="RMSNorm", swiglu=True, ffn_hidden_size=24, kv_channels=4,
+        group_query_attention=True, num_query_groups=2, position_embedding_type="rope",
+        add_bias_linear=False, untie_embeddings_and_output_weights=True,
+        moe_layer_freq=[0, 1], moe_shared_expert_intermediate_size=12,
+        moe_shared_expert_gate=True, moe_aux_loss_coeff=0.01)),
+    # every layer a mixture: DeepSeek-V3's routing (sigmoid scores, the expert bias for the
+    # choice, 2 groups of 2 experts of which a token's top 2 come from the best 1, the weights
+    # times 2.5), an ungated shared expert 8 wide; the legacy GroupedMLP (the experts' weights
+    # as two tensors) at TP 2 x EP 2 (with sequence parallelism, as Megatron asks)
+    "moe_grouped": dict(tp=2, ep=2, legacy=False, args=dict(
+        MOE_ARGS, normalization="RMSNorm", swiglu=True, ffn_hidden_size=24, kv_channels=4,
+        group_query_attention=True, num_query_groups=2, position_embedding_type="rope",
+        add_bias_linear=False, untie_embeddings_and_output_weights=False,
+        moe_shared_expert_intermediate_size=8, moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5,
+        moe_router_num_groups=2, moe_router_group_topk=1, moe_grouped_gemm=True,
+        moe_use_legacy_grouped_gemm=True, sequence_parallel=True)),
 }
 
 
@@ -102,7 +152,8 @@ def megatron_args(variant: dict) -> argparse.Namespace:
     args.attention_backend = AttnBackend.auto  # the enums Megatron-LM's args hold
     args.model_type = ModelType.encoder_or_decoder
     args.tensor_model_parallel_size = variant["tp"]
-    args.world_size = variant["tp"]
+    args.expert_model_parallel_size = variant.get("ep", 1)
+    args.world_size = variant["tp"] * args.expert_model_parallel_size
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     args.padded_vocab_size = -(-args.vocab_size // multiple) * multiple
     return args
@@ -110,9 +161,34 @@ def megatron_args(variant: dict) -> argparse.Namespace:
 
 def _patch_cuda_only_calls() -> None:
     from megatron.core.tensor_parallel import random as mc_random
+    from megatron.core.transformer import torch_norm
+    from megatron.core.transformer.moe import grouped_gemm_util, moe_utils
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda device=None: None
     mc_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+    moe_utils.te_general_gemm = None  # left undefined without Transformer Engine
+    ops = SimpleNamespace(gmm=_grouped_gemm)  # the grouped_gemm package's CUDA kernel
+    grouped_gemm_util.grouped_gemm, grouped_gemm_util.ops = SimpleNamespace(ops=ops), ops
+    torch_norm.WrappedTorchNorm.__new__ = _norm_under_sequence_parallelism(
+        torch_norm.WrappedTorchNorm.__new__)
+
+
+def _norm_under_sequence_parallelism(new):
+    """torch's norms under sequence parallelism, which the local spec refuses (their weights'
+    gradients would miss the sum over TP; a forward takes none)."""
+    def wrapped(cls, config, *args, **kwargs):
+        config = copy.copy(config)
+        config.sequence_parallel = False
+        return new(cls, config, *args, **kwargs)
+    return wrapped
+
+
+def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor,
+                  trans_b: bool = False) -> torch.Tensor:
+    """``grouped_gemm.ops.gmm`` on the CPU: expert ``e``'s ``batch_sizes[e]`` rows of ``a``
+    times ``b[e]`` (``b[e]^T`` with ``trans_b``)."""
+    rows = a.split(batch_sizes.tolist())
+    return torch.cat([x @ (w.t() if trans_b else w) for x, w in zip(rows, b)])
 
 
 def _transformer_config(args: argparse.Namespace):
@@ -134,15 +210,42 @@ def _transformer_config(args: argparse.Namespace):
         use_cpu_initialization=True, perform_initialization=True,
         gradient_accumulation_fusion=False, bias_activation_fusion=False,
         bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
-        persist_layer_norm=False, params_dtype=torch.float32)
+        persist_layer_norm=False, params_dtype=torch.float32,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        sequence_parallel=getattr(args, "sequence_parallel", False),
+        **(_moe_config(args) if args.num_experts else {}))
+
+
+def _moe_config(args: argparse.Namespace) -> dict:
+    """The MoE fields of ``core_transformer_config_from_args`` (the args' names, but
+    ``num_moe_experts``), dropless, no fused kernels."""
+    names = ("moe_router_topk", "moe_ffn_hidden_size", "moe_layer_freq",
+             "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+             "moe_router_score_function", "moe_router_pre_softmax",
+             "moe_router_topk_scaling_factor", "moe_router_enable_expert_bias",
+             "moe_router_num_groups", "moe_router_group_topk", "moe_router_dtype",
+             "moe_shared_expert_intermediate_size", "moe_grouped_gemm",
+             "moe_use_legacy_grouped_gemm", "moe_token_dispatcher_type")
+    return dict(num_moe_experts=args.num_experts, **{n: getattr(args, n) for n in names})
 
 
 def _build_model(args: argparse.Namespace):
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_local_spec,
+    )
     config = _transformer_config(args)
-    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm,
-                                    normalization=args.normalization)
+    if args.num_experts:  # the local spec's layers, dense or MoE by moe_layer_freq
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
+                                          normalization=args.normalization)
+        for layer in spec.layer_specs:  # Megatron-LM's --moe-shared-expert-gate (after 0.14)
+            shared = getattr(layer.submodules.mlp.submodules, "shared_experts", None)
+            if shared is not None:
+                shared.params = {**shared.params, "gate": args.moe_shared_expert_gate}
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm,
+                                        normalization=args.normalization)
     return GPTModel(
         config, spec, vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
@@ -152,14 +255,21 @@ def _build_model(args: argparse.Namespace):
 
 
 @torch.no_grad()
-def _redraw_weights(model, tp_rank: int) -> None:
+def _redraw_weights(model, tp_rank: int, ep_rank: int) -> None:
     """Every parameter from N(0, 0.2) (norm weights 1 + that), seeded by its place in the
-    model and, for a tensor-parallel shard, the rank holding it."""
+    model and, for a tensor-parallel shard, the rank holding it, for an expert's weight the
+    expert-parallel rank too; routers' expert biases from N(0, 0.1)."""
     for index, (name, param) in enumerate(model.named_parameters()):
         sharded = getattr(param, "tensor_model_parallel", False)
-        generator = torch.Generator().manual_seed(1000 * index + (tp_rank if sharded else 0))
+        expert = ".experts." in name
+        generator = torch.Generator().manual_seed(1000 * index + (tp_rank if sharded else 0)
+                                                  + (100 * ep_rank if expert else 0))
         noise = torch.randn(param.shape, generator=generator) * 0.2
         param.copy_(noise + 1.0 if name.endswith("layernorm.weight") else noise)
+    for index, (name, buffer) in enumerate(model.named_buffers()):
+        if name.endswith("router.expert_bias"):
+            generator = torch.Generator().manual_seed(7 + index)
+            buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
 
 
 def _causal_inputs(tokens: torch.Tensor):
@@ -178,10 +288,13 @@ def _rank(rank: int, world: int, port: int, name: str, output: str) -> None:
     _patch_cuda_only_calls()
     variant = VARIANTS[name]
     args = megatron_args(variant)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=variant["tp"],
+        expert_model_parallel_size=args.expert_model_parallel_size)
     torch.manual_seed(args.seed)
     model = _build_model(args)
-    _redraw_weights(model, parallel_state.get_tensor_model_parallel_rank())
+    _redraw_weights(model, parallel_state.get_tensor_model_parallel_rank(),
+                    parallel_state.get_expert_model_parallel_rank())
     model.eval()
     mask, positions = _causal_inputs(TOKENS)
     with torch.no_grad():
@@ -220,10 +333,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=29533)
     args = parser.parse_args(argv)
     for offset, name in enumerate(args.variants):
-        world = VARIANTS[name]["tp"]
-        mp_spawn.spawn(_rank, args=(world, args.port + offset, name, args.output),
-                       nprocs=world, join=True)
-        print(f"wrote {Path(args.output) / name} (TP {world})", file=sys.stderr)
+        tp, ep = VARIANTS[name]["tp"], VARIANTS[name].get("ep", 1)
+        mp_spawn.spawn(_rank, args=(tp * ep, args.port + offset, name, args.output),
+                       nprocs=tp * ep, join=True)
+        print(f"wrote {Path(args.output) / name} (TP {tp}, EP {ep})", file=sys.stderr)
 
 
 if __name__ == "__main__":
