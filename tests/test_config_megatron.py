@@ -145,6 +145,16 @@ def test_flags_without_effect_say_why():
         ("notice: --attention-softmax-in-fp32 has no effect in mp: mp's softmax always computes "
         "in fp32")]
     assert error_of("--ckpt-format") == "--ckpt-format needs a value"
+    more = ["--config", TINY, "--use-dist-ckpt", "--auto-detect-ckpt-format",
+            "--no-async-strategy", "--dist-ckpt-strictness", "assume_ok_unexpected",
+            "--no-rope-fusion", "--apply-query-key-layer-scaling",
+            "--cross-entropy-fusion-impl", "te", "--log-loss-scale-to-tensorboard"]
+    parse_args(more, world_size=4)
+    assert [line.split(" has no effect")[0] for line in flag_notices(more)] == [
+        "notice: --use-dist-ckpt", "notice: --auto-detect-ckpt-format",
+        "notice: --no-async-strategy", "notice: --dist-ckpt-strictness assume_ok_unexpected",
+        "notice: --no-rope-fusion", "notice: --apply-query-key-layer-scaling",
+        "notice: --cross-entropy-fusion-impl te", "notice: --log-loss-scale-to-tensorboard"]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -162,6 +172,9 @@ def test_flags_without_effect_say_why():
      "--moe-token-drop-policy probs|position, --moe-router-num-groups, "
      "--moe-router-group-topk, --moe-grouped-gemm, "
      "--expert-model-parallel-size (top-k routing, docs/training.md)"),
+    (["--use-tp-pp-dp-mapping"], ("--use-tp-pp-dp-mapping: mp lays ranks out in Megatron's "
+                                  "default order (TP fastest, then CP, DP, PP); the TP-PP-DP "
+                                  "order is not available")),
     (["--use-torch-fsdp2"], ("--use-torch-fsdp2: mp has no FSDP; --use-distributed-optimizer "
                              "shards the optimizer state over data parallel")),
     (["--apply-residual-connection-post-layernorm"], (

@@ -167,6 +167,21 @@ NO_EFFECT_FLAGS: dict[str, tuple[int, str]] = {
     "--no-check-for-nan-in-loss-and-grad": (0, _LOSS_CHECK),
     "--ckpt-fully-parallel-save": (0, _DCP),
     "--ckpt-fully-parallel-load": (0, _DCP),
+    "--use-dist-ckpt": (0, _DCP),
+    "--auto-detect-ckpt-format": (0, _DCP),
+    "--no-async-strategy": (0, ("mp's --async-save writes with torch.distributed.checkpoint "
+                                "from a background thread; it has no other strategy")),
+    "--dist-ckpt-strictness": (1, ("mp always checks every tensor of a checkpoint by name and "
+                                   "shape, and names what is missing or unexpected")),
+    "--no-rope-fusion": (0, "mp has no fused RoPE kernel to turn off"),
+    "--apply-query-key-layer-scaling": (0, ("its division of the scores by the layer number, "
+                                            "undone in the softmax, guards fp16 scores; mp's "
+                                            "SDPA core scales inside the kernel and every "
+                                            "softmax computes in fp32")),
+    "--cross-entropy-fusion-impl": (1, ("mp's fused cross-entropy is its own compiled one "
+                                        "(--cross-entropy-loss-fusion)")),
+    "--log-loss-scale-to-tensorboard": (0, ("TensorBoard always gets the loss scale "
+                                           "(loss-scale)")),
     "--num-dataset-builder-threads": (1, "mp builds the dataset indices without a thread pool"),
     "--timing-log-level": (1, ("mp times whole iterations only (the log line's ms/iter)")),
     "--moe-token-dispatcher-type": (1, ("mp's experts trade tokens by all-to-all over the "
@@ -188,6 +203,8 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--apply-residual-connection-post-layernorm": ("mp's layers add the residual from before "
                                                    "the norm (pre-norm, Megatron's default)"),
     "--use-legacy-models": "mp has one GPT, laid out as Megatron-Core's; drop the flag",
+    "--use-tp-pp-dp-mapping": ("mp lays ranks out in Megatron's default order (TP fastest, then "
+                               "CP, DP, PP); the TP-PP-DP order is not available"),
 }
 #: Flag-name prefixes of Megatron-LM feature families mp does not have -> what to say.
 UNSUPPORTED_PREFIXES: dict[str, str] = {
