@@ -121,11 +121,11 @@ def _config(tp: int, sequence_parallel: bool, num_layers: int = 1, cp: int = 1, 
 def _saved_bytes(module: torch.nn.Module, cfg: TransformerConfig, *args) -> int:
     """Bytes ``module(x, None, rotary)`` saves for backward on this rank (parameters excluded);
     runs the backward too, so that a wrong save would also show up as a failure."""
-    cp = cfg.context_parallel_size
-    rows = S // cp // (cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
+    s, cp = cfg.seq_length, cfg.context_parallel_size
+    rows = s // cp // (cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
     x = torch.randn(rows, B, H, dtype=torch.bfloat16, requires_grad=True)
-    positions = local_positions(S, cp, ps.get_context_parallel_rank())  # this CP rank's
-    freqs = (rotary_freqs(S, cfg.rotary_dim, cfg.rotary_base, x.device)[positions]
+    positions = local_positions(s, cp, ps.get_context_parallel_rank())  # this CP rank's
+    freqs = (rotary_freqs(s, cfg.rotary_dim, cfg.rotary_base, x.device)[positions]
              if cfg.position_embedding_type == "rope" else None)
     with SavedTensorMeter(exclude=module.parameters()) as meter:
         y = module(x, None, freqs)
@@ -246,11 +246,11 @@ def _measure_model(tp: int, sequence_parallel: bool, compiled: bool, **overrides
 
 
 def model_saved_bytes(cfg: TransformerConfig, compiled: bool) -> int:
-    """Saved bytes of ``cfg``'s GPT forward with the loss on this rank's ``S / CP`` tokens of
+    """Saved bytes of ``cfg``'s GPT forward with the loss on this rank's ``s / CP`` tokens of
     ``B`` sequences (model-parallel state already initialized)."""
     model_parallel_cuda_manual_seed(1234)
     model = GPTModel(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (B, S // cfg.context_parallel_size),
+    ids = torch.randint(0, cfg.vocab_size, (B, cfg.seq_length // cfg.context_parallel_size),
                         generator=torch.Generator().manual_seed(0))
     with jit_compiled_on_cpu() if compiled else contextlib.nullcontext():
         with SavedTensorMeter(exclude=model.parameters()) as meter:

@@ -112,12 +112,12 @@ def _kept_and_rebuilt(module: torch.nn.Module, cfg: TransformerConfig) -> tuple[
     """(bytes ``module(x, None, rotary)`` keeps for backward after its forward, bytes its
     backward's recomputes add: the outputs refilled, what they save anew), parameters
     excluded; a storage counts once, at its size when read."""
-    cp = cfg.context_parallel_size
-    rows = S // cp // (cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
+    s, cp = cfg.seq_length, cfg.context_parallel_size
+    rows = s // cp // (cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
     torch.manual_seed(0)
     x = torch.randn(rows, B, H, dtype=cfg.params_dtype, requires_grad=True)
-    positions = local_positions(S, cp, ps.get_context_parallel_rank())
-    freqs = (rotary_freqs(S, cfg.rotary_dim, cfg.rotary_base, x.device)[positions]
+    positions = local_positions(s, cp, ps.get_context_parallel_rank())
+    freqs = (rotary_freqs(s, cfg.rotary_dim, cfg.rotary_base, x.device)[positions]
              if cfg.position_embedding_type == "rope" else None)
     meter = SavedTensorMeter(exclude=module.parameters())
     with meter:

@@ -1,5 +1,6 @@
 """Sliding-window attention (``window_size``, ``window_attn_skip_freq``) in the estimator's
-FLOPs, its CUDA storage rules and its command line. The bytes windowed layers save and the
+FLOPs, its CUDA storage rules and its command line, and the tiles a long sequence attends in
+(`mp.model.attention.window_tile`), measured here. The bytes windowed layers save and the
 bytes they move are checked with the other layers': windowed cases in
 tests/test_estimate_activations.py (both cores, TP 1/2/4 with SP, every CP exchange, full
 recompute, whole models), test_estimate_recompute.py (what selective recompute keeps and
@@ -9,18 +10,28 @@ and test_estimate_comm.py (no byte more or less).
 A windowed layer's attention products count the full ``s x s`` square times the share of the
 causal (query, key) pairs its window keeps, written out here query by query."""
 
+import contextlib
 import dataclasses
+import itertools
 import os
 
 import pytest
 from checks import counted_flops
 from harness import run_distributed
+from test_estimate_activations import B, _saved_bytes, model_saved_bytes
+from test_estimate_activations import _config as _layer_config
 from test_estimate_flops import _config
 from test_estimate_plan import CONFIGS, _tool
+from test_estimate_recompute import MLA, _kept_and_rebuilt
 
+from mp import parallel_state as ps
 from mp.config import load_config
-from mp.estimate import CUDA, layer_terms, training_flops
-from mp.model import TransformerConfig
+from mp.estimate import CPU, CUDA, Setup, layer_terms, stage_memory, training_flops
+from mp.estimate.activations import busiest_calls, tile_mask_name
+from mp.estimate.memory import chunk_saved_bytes, rebuilt_bytes
+from mp.model import TransformerConfig, attention
+from mp.model.transformer import TransformerBlock, TransformerLayer
+from mp.tensor_parallel import model_parallel_cuda_manual_seed
 from mp.training.flops import num_floating_point_operations
 
 S, BATCH, HEADS, HIDDEN = 2048, 4, 32, 4096
@@ -86,17 +97,29 @@ def test_torch_counts_the_square_the_cores_compute(overrides, passes):
 
 
 @pytest.mark.parametrize("s", [2048, 2000])  # 2000: the last 32-query tile part-filled
-def test_cuda_runs_the_memory_efficient_kernel_for_a_window(s):
+def test_cuda_runs_the_memory_efficient_kernel_for_a_window(monkeypatch, s):
     """On CUDA a windowed SDPA layer saves what the flash one does plus the window's mask in
     the activation dtype (the memory-efficient kernel's additive bias) and its log-sum-exp
-    for whole 32-query tiles; the unfused core's fused softmax keeps no mask."""
-    for backend, extra in (("sdpa", 2 * s * s + 4 * 16 * 2 * (-s % 32)), ("unfused", 0)):
-        plain = TransformerConfig(num_layers=1, hidden_size=1024, num_attention_heads=16,
+    for whole 32-query tiles; the unfused core's fused softmax keeps no mask. In one call
+    (the tile raised above ``s``): an ``[s, s]`` mask. In tiles of 1024 queries (a window of
+    64: 1024 + 64 keys a tile, the first tile's cut to 1024): one shared ``[1024, 1088]``
+    mask, each tile's log-sum-exp rounded up (2000's last tile: 976 rows, 992 kept), the
+    tiles' outputs apart from their concatenation (the projection's input), and for the
+    fused softmax only its smaller scores."""
+    heads, b, e = 16, 2, 2
+    pairs = 1024 * 1024 + (s - 1024) * (s - 1024 + 64)  # the tiles' (query, key) pairs
+    tiled = {"sdpa": e * 1024 * 1088 + e * s * b * 1024 + 4 * heads * b * (-(s - 1024) % 32),
+             "unfused": e * heads * b * (pairs - s * s)}
+    one_call = {"sdpa": e * s * s + 4 * heads * b * (-s % 32), "unfused": 0}
+    for (layout, extra), backend in itertools.product(
+            (("tiles", tiled), ("one call", one_call)), ("sdpa", "unfused")):
+        monkeypatch.setattr(attention, "WINDOW_TILE", 1024 if layout == "tiles" else s)
+        plain = TransformerConfig(num_layers=1, hidden_size=1024, num_attention_heads=heads,
                                   vocab_size=1000, seq_length=s, precision="bf16",
                                   attention_dropout=0.0, attention_backend=backend)
         windowed = dataclasses.replace(plain, window_size=[64, 0])
-        saved = [sum(layer_terms(c, 2, CUDA).values()) for c in (plain, windowed)]
-        assert saved[1] - saved[0] == extra, backend
+        saved = [sum(layer_terms(c, b, CUDA).values()) for c in (plain, windowed)]
+        assert saved[1] - saved[0] == extra[backend], (layout, backend)
 
 
 def test_the_busiest_cp_rank_masks_the_most_pairs_by_its_window():
@@ -129,3 +152,149 @@ def test_the_estimate_tool_takes_a_window(capsys):
     assert "(sliding window 4)" in out and "(full attention)" in out
     assert tool.main(["--config", config, "--gpus", "4", "--plan", "--top", "2", *window]) == 0
     assert "valid layouts fit" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------- tiles
+
+TILE_ROWS = 4  # attention.WINDOW_TILE while measuring tiles
+S_TILED = 96  # tokens: a window of 6 attends in tiles of 10 queries (4 rounded: 10 + 6 = 16)
+TILED = {  # name -> (config overrides, layers); a window of 6 but where set
+    "sdpa_flash": (dict(attention_dropout=0.0), 1),
+    "sdpa_math": ({}, 1),  # attention dropout: torch's math path copies q, k, v per tile
+    "unfused": (dict(attention_backend="unfused"), 1),
+    "unfused_core_attn": (dict(attention_backend="unfused", recompute_granularity="selective"),
+                          1),
+    # a window of 8: tiles of 8 (the window itself); of 5: tiles of 11
+    "window_8_gqa_sdpa_flash_rope": (dict(window_size=[8, 0], attention_dropout=0.0,
+                                          num_attention_heads=16, num_query_groups=4,
+                                          position_embedding_type="rope"), 1),
+    "window_5_gqa_unfused": (dict(window_size=[5, 0], attention_backend="unfused",
+                                  num_attention_heads=16, num_query_groups=4), 1),
+    "gqa_sdpa_math": (dict(num_attention_heads=16, num_query_groups=4), 1),
+    # multi-latent attention: values as wide as the queries (flash) or narrower (math)
+    "mla_flash": (dict(MLA, v_head_dim=24, attention_dropout=0.0), 1),
+    "mla_math": (dict(MLA, attention_dropout=0.0), 1),
+    # two layers of one window: one tile mask (SDPA's additive, the unfused core's boolean)
+    "two_layers_sdpa_flash": (dict(attention_dropout=0.0), 2),
+    "two_layers_unfused_mlp": (dict(attention_backend="unfused",
+                                    recompute_granularity="selective",
+                                    recompute_modules=["mlp"]), 2),
+    # the first layer checkpointed, the second saved whole with its mask
+    "two_layers_full_block": (dict(recompute_granularity="full", recompute_method="block",
+                                   recompute_num_layers=1, attention_dropout=0.0), 2),
+}
+
+
+@contextlib.contextmanager
+def _tiles_of(rows: int):
+    """`attention.WINDOW_TILE` at ``rows`` inside, put back after (pool workers persist)."""
+    saved = attention.WINDOW_TILE
+    attention.WINDOW_TILE = rows
+    try:
+        yield
+    finally:
+        attention.WINDOW_TILE = saved
+
+
+def _tiled_config(name: str, tp: int, sp: bool, cp: int = 1, comm_type: str = "all_gather"
+                  ) -> TransformerConfig:
+    overrides, layers = TILED[name]
+    return _layer_config(tp, sp, layers, **{"window_size": [6, 0], **overrides, "cp": cp,
+                                            "cp_comm_type": comm_type,
+                                            "seq_length": S_TILED})
+
+
+def _measure_tiled(tp: int, cp: int, comm_type: str) -> dict:
+    """Saved bytes of one layer, or a two-layer chunk, per case, attending in tiles."""
+    ps.initialize_model_parallel(tp, context_parallel_size=cp)
+    model_parallel_cuda_manual_seed(1234)
+    results = {}
+    with _tiles_of(TILE_ROWS):
+        for name, sp in itertools.product(TILED, (False, True)[:tp]):
+            cfg = _tiled_config(name, tp, sp, cp, comm_type)
+            module = (TransformerLayer(cfg, 1) if cfg.num_layers == 1
+                      else TransformerBlock(cfg, post_process=False))
+            results[name, sp] = _saved_bytes(module, cfg)
+    return results
+
+
+@pytest.mark.parametrize("tp,cp,comm_type", [
+    (1, 1, "all_gather"), (2, 1, "all_gather"), (1, 2, "all_gather"), (1, 4, "all_gather"),
+    (1, 2, "a2a"), (2, 2, "a2a")], ids=["tp1", "tp2", "cp2", "cp4", "cp2_a2a", "tp2_cp2_a2a"])
+def test_saved_bytes_of_tiled_layers_match_the_estimate(monkeypatch, tp, cp, comm_type):
+    """Tiles of 10 queries under a window of 6 (8 and 11 under windows of 8 and 5) over 96
+    tokens: a whole sequence (also ``a2a``'s, over half the heads) in 9 tiles and a last one
+    of 6 queries; ``all_gather``'s chunks of 24 (CP 2) or 12 (CP 4) queries in tiles too, the
+    first ones cut at key 0 on CP rank 0 only (which saves less). Each layer's and each
+    chunk's bytes to the byte against the CPU estimate, the tile mask once for a chunk's
+    two layers."""
+    monkeypatch.setattr(attention, "WINDOW_TILE", TILE_ROWS)
+    measured = run_distributed(tp * cp, _measure_tiled, tp, cp, comm_type)
+    failures = []
+    for rank, results in enumerate(measured):
+        busiest = cp == 1 or comm_type != "all_gather" or rank // tp % cp != 0  # TP, then CP
+        for (name, sp), got in results.items():
+            cfg = _tiled_config(name, tp, sp, cp, comm_type)
+            window = cfg.attention_window(1)
+            assert any(call.mask == "tile" for call in busiest_calls(cfg, B, CPU, window)), name
+            expected = chunk_saved_bytes(cfg, B, CPU)
+            if got != expected if busiest else got > expected:
+                failures.append(f"rank {rank}, {name} (SP {sp}): measured {got} B, estimated "
+                                f"{expected:.0f} B ({got - expected:+.0f} B)")
+    assert not failures, "\n".join(failures)
+
+
+def test_a_chunk_holds_one_tile_mask_for_its_layers(monkeypatch):
+    """What makes a chunk's bytes less than its layers': SDPA's bf16 ``[10, 16]`` mask
+    (320 B) and the unfused core's boolean one (160 B), counted once."""
+    monkeypatch.setattr(attention, "WINDOW_TILE", TILE_ROWS)
+    for name, mask in (("two_layers_sdpa_flash", 320), ("two_layers_unfused_mlp", 160)):
+        cfg = _tiled_config(name, 1, False)
+        layers = [layer_terms(cfg, B, CPU, layer=i) for i in range(2)]
+        assert all(terms[tile_mask_name(6)] == mask for terms in layers)
+        assert chunk_saved_bytes(cfg, B, CPU) == sum(sum(t.values()) for t in layers) - mask
+
+
+def _measure_tiled_recompute(tp: int) -> dict:
+    """(kept, rebuilt) bytes of a ``core_attn`` layer attending in tiles, per SP."""
+    ps.initialize_model_parallel(tp)
+    model_parallel_cuda_manual_seed(1234)
+    results = {}
+    with _tiles_of(TILE_ROWS):
+        for sp in (False, True)[:tp]:
+            cfg = _tiled_config("unfused_core_attn", tp, sp)
+            results[sp] = _kept_and_rebuilt(TransformerLayer(cfg, 1).train(), cfg)
+    return results
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_core_attn_rebuilds_the_tiles_and_their_mask(monkeypatch, tp):
+    """Selective ``core_attn`` keeps no tile mask and brings it back (its storage, whole)
+    with the tiles' scores when its recompute runs."""
+    monkeypatch.setattr(attention, "WINDOW_TILE", TILE_ROWS)
+    for sp, got in run_distributed(tp, _measure_tiled_recompute, tp)[0].items():
+        cfg = _tiled_config("unfused_core_attn", tp, sp)
+        assert tile_mask_name(6) not in layer_terms(cfg, B, CPU)
+        assert tile_mask_name(6) in layer_terms(cfg, B, CPU, modules=())
+        assert got == (chunk_saved_bytes(cfg, B, CPU), sum(rebuilt_bytes(cfg, B, CPU, False)))
+
+
+def _measure_tiled_model(tp: int, overrides: dict) -> int:
+    ps.initialize_model_parallel(tp)
+    with _tiles_of(TILE_ROWS):
+        return model_saved_bytes(_layer_config(tp, True, 2, **overrides), False)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(attention_dropout=0.0),
+    dict(attention_backend="unfused", mtp_num_layers=2, position_embedding_type="rope"),
+], ids=["sdpa_flash", "unfused_rope_two_depths"])
+def test_a_tiled_model_holds_one_tile_mask(monkeypatch, overrides):
+    """A whole GPT at TP 2 + SP, both layers (and two multi-token prediction depths, which
+    slide as the last layer) in tiles: one mask for all of them, and the stage's estimate
+    (one micro-batch in flight) is the model's bytes."""
+    monkeypatch.setattr(attention, "WINDOW_TILE", TILE_ROWS)
+    overrides = dict(overrides, window_size=[6, 0], seq_length=S_TILED)
+    got = run_distributed(2, _measure_tiled_model, 2, overrides)[-1]
+    cfg = _layer_config(2, True, 2, **overrides)
+    assert got == stage_memory(Setup(cfg, micro_batch_size=B), 0, CPU).activations

@@ -59,7 +59,7 @@ those, for what a recompute brings back (`mp.estimate.memory.rebuilt_bytes`).
 
 With ``c`` context-parallel ranks every per-token tensor holds the rank's ``s / c`` tokens
 (`local_tokens`), and the attention reads other ranks' tokens: ``all_gather`` saves the keys
-and values of the whole sequence and attends in two query chunks (`attention_blocks`);
+and values of the whole sequence and attends in two query chunks (`rank_calls`);
 ``a2a`` saves q, k and v exchanged for every token of ``a / (t c)`` heads
 (`attention_heads`). Both keep each attention call's output apart from the projection's
 input. ``p2p``'s ring attention keeps its q, k, v inputs as they come, its output (the
@@ -67,16 +67,26 @@ projection's input) and an fp32 log-sum-exp per query: CP 1's terms for ``s / c`
 with SDPA's core whatever the backend.
 
 A layer with a sliding window (``cfg.attention_window``; `layer_terms`' ``layer``) attends
-through an explicit mask in each attention call whose keys reach past the window
-(`window_masks`), in place of the causal form, and saves it as such a mask is saved: the
-unfused core's torch path the boolean ``[sq, sk]`` mask and ``[sq, 1]`` fully-masked-row
-flags (in place of the square causal mask; mp's fused softmax keeps no mask), SDPA's CPU
-flash kernel and CUDA's memory-efficient one (which runs instead of flash, which takes no
-mask) the mask in the activation dtype, ``e sq sk`` (CUDA's by the kernels' code, not
-measured), and the math path nothing (it adds the mask to its scores). Under ``all_gather``
-a chunk's call is cut or not by its own keys, so the estimate is the CP rank whose calls mask
-the most (`attention_blocks`); ``p2p``'s ring masks by distance and keeps no mask; selective
-``core_attn`` recomputes the mask with the core.
+through an explicit mask in each attention call whose keys reach past the window, in place of
+the causal form (`window_calls`): its own ``[sq, sk]`` mask when the call's queries fit a
+tile (`mp.model.attention.window_tile`, the rule the model runs), else, tile by tile of ``T``
+queries, each against the ``W`` keys before the tile and its own (the first tiles' cut at
+key 0), through a view of one cached ``[T, T + W]`` mask that every tile and every layer of
+the window shares (``tile`` calls). The kernels save a mask as they save a given one: the
+unfused core's torch path the boolean mask and ``[sq, 1]`` fully-masked-row flags (in place
+of the square causal mask; mp's fused softmax keeps no mask), SDPA's CPU flash kernel and
+CUDA's memory-efficient one (which runs instead of flash, which takes no mask) the mask in
+the activation dtype, ``e sq sk`` (CUDA's by the kernels' code, not measured), and the math
+path nothing (it adds the mask to its scores). A tile's view keeps the whole shared mask,
+``T (T + W)`` bools or ``e T (T + W)`` bytes, under one name a window (`tile_mask_name`):
+each layer's terms hold it, the layers held together once (`split_tile_masks`). Everything
+else is per call: scores, row flags, the math path's fp32 copies of q, k and v (the tiles'
+keys overlap), the unfused core's keys and values repeated per head, the log-sum-exp (on
+CUDA in whole 32-query tiles per call); SDPA's tiles keep their outputs apart from their
+concatenation, the projection's input. Under ``all_gather`` each chunk's calls are cut,
+tiled or neither by its own queries and keys, so the estimate is the CP rank that saves the
+most (`busiest_calls`); ``p2p``'s ring masks by distance and keeps no mask; selective
+``core_attn`` recomputes the mask with the core (a recompute of tiles saves the shared mask).
 
 Multi-latent attention (`mp.model.mla`) replaces the QKV terms by its latents', queries', keys'
 and values' (`mp.estimate.mla`); its core is this module's, scores ``s x s`` per head as
@@ -88,7 +98,8 @@ how the kernels store what they save, and the sizes above, `mp.estimate.storage`
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
+from typing import NamedTuple
 
 from mp.estimate.mla import mla_qkv_terms
 from mp.estimate.mlp_activations import mlp_interior_terms, moe_terms
@@ -105,36 +116,83 @@ from mp.estimate.storage import (
     norm_terms,
     sequence_rows,
 )
+from mp.model.attention import window_tile
 from mp.model.config import TransformerConfig
 
 
-def attention_blocks(cfg: TransformerConfig, window: int | None = None
-                     ) -> list[tuple[int, int]]:
-    """``(queries, keys)`` of each causal attention call on one rank for one sequence: the
-    whole sequence, ``[(s, s)]`` (also for ``a2a`` context parallelism, over fewer heads:
-    `attention_heads`); with ``c > 1`` ``all_gather`` context-parallel ranks, each of the
-    rank's two chunks of ``L = s / (2c)`` queries against the keys up to its end
-    (`mp.model.context_parallel`): CP rank ``r``'s ``[(L, (r + 1) L), (L, (2c - r) L)]``.
-    Every rank but 0 attends over ``(2c + 1) L`` keys in all, and rank 0, with the same
-    total, has a square first block, which needs no bottom-right mask and saves less. The
-    blocks returned are CP rank 1's; with a sliding window of ``window`` keys, those of the
-    rank (1 or more) whose calls cut by the window (`window_masks`) hold the most (query,
-    key) pairs, as on CUDA a window's mask is saved where the bottom-right form is not."""
+class AttentionCall(NamedTuple):
+    """One call of the attention core on one rank for one sequence: ``queries``, the last of
+    the ``keys`` positions, and the ``mask`` it attends through: ``"causal"`` (none: the
+    square causal form, or the bottom-right one for fewer queries than keys), ``"window"``
+    (a sliding window's own ``[sq, sk]`` mask) or ``"tile"`` (a view of the window's
+    ``[T, T + W]`` tile mask, which every tile and layer of that window shares)."""
+
+    queries: int
+    keys: int
+    mask: str
+
+
+def rank_calls(cfg: TransformerConfig, window: int | None = None
+               ) -> list[list[AttentionCall]]:
+    """The attention calls of each CP rank that may save the most for one sequence, under a
+    sliding window of ``window`` keys (None: none); `busiest_calls` picks one. One candidate
+    over the whole sequence, ``(s, s)`` (also ``a2a``'s, over fewer heads:
+    `attention_heads`); with ``c > 1`` ``all_gather`` ranks, each of the rank's two chunks of
+    ``L = s / (2c)`` queries against the keys up to its end (`mp.model.context_parallel`):
+    CP rank ``r``'s ``[(L, (r + 1) L), (L, (2c - r) L)]``, for ranks 1 to ``c - 1`` (rank
+    0, whose first chunk is square, saves less); each attended as `window_calls` says. No
+    calls under ``p2p``: its ring attention runs no core (`mp.model.ring_attention`)."""
     s, c = cfg.seq_length, cfg.context_parallel_size
+    if c > 1 and cfg.cp_comm_type == "p2p":
+        return [[]]
     if c == 1 or cfg.cp_comm_type == "a2a":
-        return [(s, s)]
+        return [window_calls(s, s, window)]
     chunk = s // (2 * c)
-    ranks = ([(chunk, (r + 1) * chunk), (chunk, (2 * c - r) * chunk)] for r in range(1, c))
-    return max(ranks, key=lambda blocks: sum(q * k for q, k in blocks
-                                             if window_masks(k, window)))
+    return [window_calls(chunk, (r + 1) * chunk, window)
+            + window_calls(chunk, (2 * c - r) * chunk, window) for r in range(1, c)]
 
 
-def window_masks(keys: int, window: int | None) -> bool:
-    """Whether an attention call over ``keys`` keys masks some of them by a sliding window of
-    ``window`` earlier keys (None: no window): when ``keys - 1 > window``, as
-    `mp.model.attention.CoreAttention` decides. Such a call takes an explicit ``[sq, sk]``
-    mask instead of the causal form."""
-    return window is not None and keys - 1 > window
+def window_calls(queries: int, keys: int, window: int | None) -> list[AttentionCall]:
+    """The core's calls for ``queries`` against ``keys``, as `mp.model.attention.CoreAttention`
+    makes them under a window of ``window`` earlier keys (None: none): one causal call when
+    no key falls out of the window (``keys - 1 <= window``); one call through the window's
+    mask when the queries fit a tile (`mp.model.attention.window_tile`); else a call per tile
+    of ``T`` queries (the last one shorter), each against the ``W`` keys before the tile and
+    its own (fewer for the first tiles, cut at key 0), through the shared tile mask."""
+    if window is None or keys - 1 <= window:
+        return [AttentionCall(queries, keys, "causal")]
+    tile = window_tile(window)
+    if queries <= tile:
+        return [AttentionCall(queries, keys, "window")]
+    first = keys - queries  # the position of the first query
+    return [AttentionCall(min(tile, queries - start),
+                          first + min(start + tile, queries) - max(0, first + start - window),
+                          "tile") for start in range(0, queries, tile)]
+
+
+TILE_MASK = "sliding-window tile mask"
+
+
+def tile_mask_name(window: int) -> str:
+    """The term of the tile mask that the layers with a sliding window of ``window`` keys
+    share (`split_tile_masks` counts it once for the layers held together)."""
+    return f"{TILE_MASK} of window {window} (one for its layers)"
+
+
+def split_tile_masks(terms: Iterable[dict[str, float]], base: float = 0.0
+                     ) -> tuple[float, dict[str, float]]:
+    """The terms of several layers held at once: (their sum without the tile masks, plus
+    ``base``; each tile mask once, by its `tile_mask_name`, any prefix before it dropped).
+    The tiles of all the layers of a window attend through views of one cached mask
+    (`mp.model.attention.tile_mask`), which the meter, and the memory, hold once."""
+    own, masks = base, {}
+    for layer in terms:
+        for name, size in layer.items():
+            if TILE_MASK in name:
+                masks[name[name.index(TILE_MASK):]] = size
+            else:
+                own += size
+    return own, masks
 
 
 def attention_heads(cfg: TransformerConfig) -> int:
@@ -148,8 +206,9 @@ def sdpa_kernel(cfg: TransformerConfig, kernels: Kernels, masked: bool = False) 
     """The kernel SDPA runs (None for the unfused core): ``"flash"``; ``"math"`` where
     ``kernels`` take attention dropout (CPU) or values narrower or wider than the queries
     (multi-latent attention, CPU) only that way; ``"efficient"`` (memory-efficient) for such
-    values on CUDA. ``masked``: the call takes a sliding window's explicit mask, which CUDA's
-    flash kernel refuses (``kernels.sdpa_mask_kernel``). None too under ``p2p`` context
+    values on CUDA. ``masked``: the call takes a sliding window's explicit mask (its own or a
+    tile's view of the shared one), which CUDA's flash kernel refuses
+    (``kernels.sdpa_mask_kernel``). None too under ``p2p`` context
     parallelism, whose ring attention runs its own (and saves what flash does)."""
     ring = cfg.context_parallel_size > 1 and cfg.cp_comm_type == "p2p"
     if cfg.attention_backend != "sdpa" or ring:
@@ -199,32 +258,23 @@ def layer_halves(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CU
     if moe and cfg.num_moe_experts is None:
         raise ValueError("moe=True needs a mixture-of-experts config (num_moe_experts is None)")
     modules = recomputed_modules(cfg) if modules is None else frozenset(modules)
-    core, up_proj = "core_attn" in modules, "mla_up_proj" in modules
+    up_proj = "mla_up_proj" in modules
     e = activation_bytes(cfg)
     t, h, f = cfg.tensor_model_parallel_size, cfg.hidden_size, cfg.ffn_hidden_size
     q = cfg.query_projection_size
     tokens = local_tokens(cfg, micro_batch)
     local = sequence_rows(cfg, micro_batch)
     mask = dropout_mask_bytes(cfg, kernels)
-    math_core = sdpa_kernel(cfg, kernels) == "math" and not core
     # each half: its norm, the norm's output as the next projections' input, ..., the
     # residual's dropout mask
     halves = [_norm_half(cfg, kernels, local, "layernorm" in modules, name, refilled)
               for name in ("QKV input", "MLP input")]
     attention, mlp = halves
-    if cfg.multi_latent_attention:
-        blocks = attention_blocks(cfg)
-        math_rows = (micro_batch * sum(q for q, _ in blocks),
-                     micro_batch * sum(k for _, k in blocks)) if math_core else None
-        attention.update(mla_qkv_terms(cfg, micro_batch, kernels, core, math_rows, up_proj,
-                                       refilled))
-    else:
-        attention.update(_qkv_terms(cfg, micro_batch, kernels, math_core, core))
+    window = cfg.attention_window(layer + 1)
+    attention.update(_attention_terms(cfg, micro_batch, kernels, modules, refilled,
+                                      busiest_calls(cfg, micro_batch, kernels, window), window))
     if cfg.position_embedding_type == "rope" and not up_proj:  # cos and sin, for q and k
         attention["rotary tables"] = 4 * FP32 * local_tokens(cfg, 1) * cfg.rotary_dim
-    if not core:
-        attention.update(_attention_core(cfg, micro_batch, kernels, math_core,
-                                         cfg.attention_window(layer + 1)))
     attention["attention output"] = e * tokens * q / t
     if moe:
         mlp.pop("MLP input", None)  # the router's and the shared expert's input: `moe_terms`
@@ -236,6 +286,35 @@ def layer_halves(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CU
         for half in halves:
             half["residual dropout masks"] = (1 if compiled else mask) * local * h
     return attention, mlp
+
+
+def busiest_calls(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
+                  window: int | None) -> list[AttentionCall]:
+    """The `rank_calls` of the CP rank whose attention saves the most without recompute (its
+    q, k, v and their copies, its core; the first of equals): the estimate's rank."""
+    candidates = rank_calls(cfg, window)
+    if len(candidates) == 1:
+        return candidates[0]
+    return max(candidates, key=lambda calls: sum(_attention_terms(
+        cfg, micro_batch, kernels, frozenset(), False, calls, window).values()))
+
+
+def _attention_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
+                     modules: frozenset[str], refilled: bool, calls: list[AttentionCall],
+                     window: int | None) -> dict[str, float]:
+    """What the attention saves between its input projections' outputs and its core's
+    output, attending through ``calls`` (`layer_halves`' arguments)."""
+    core, up_proj = "core_attn" in modules, "mla_up_proj" in modules
+    math_core = sdpa_kernel(cfg, kernels) == "math" and not core
+    if cfg.multi_latent_attention:
+        math_rows = (micro_batch * sum(c.queries for c in calls),
+                     micro_batch * sum(c.keys for c in calls)) if math_core else None
+        terms = mla_qkv_terms(cfg, micro_batch, kernels, core, math_rows, up_proj, refilled)
+    else:
+        terms = _qkv_terms(cfg, micro_batch, kernels, math_core, core, calls)
+    if not core:
+        terms.update(_attention_core(cfg, micro_batch, kernels, math_core, calls, window))
+    return terms
 
 
 def _norm_half(cfg: TransformerConfig, kernels: Kernels, rows: float, recomputed: bool,
@@ -256,19 +335,20 @@ def _norm_half(cfg: TransformerConfig, kernels: Kernels, rows: float, recomputed
 
 
 def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_core: bool,
-               core_recomputed: bool) -> dict[str, float]:
+               core_recomputed: bool, calls: list[AttentionCall]) -> dict[str, float]:
     """What the QKV output, the queries and keys (normalized, rotated) leave saved, and the
     ``qk_layernorm`` norms' own saves (their input when they keep it as it comes, statistics
     per head row, a composite RMSNorm's fp32 tensors, the ``1 + weight`` of zero-centred
     ones). With context parallelism the attention reads the keys and values of the whole
     sequence, gathered over CP: copies, so the QKV output stays saved only through the
     queries that view it; with ``a2a`` the attention reads copies of all three, exchanged
-    for every token of its heads."""
+    for every token of its heads. The math core's copies and the unfused core's repeated
+    keys and values are made per call of ``calls`` (a window's tiles overlap in keys)."""
     e, t = activation_bytes(cfg), cfg.tensor_model_parallel_size
     tokens = local_tokens(cfg, micro_batch)
     # rows the attention calls read, and the query channels they read them with
-    queries = micro_batch * sum(q for q, _ in attention_blocks(cfg))
-    keys = micro_batch * sum(k for _, k in attention_blocks(cfg))
+    queries = micro_batch * sum(c.queries for c in calls)
+    keys = micro_batch * sum(c.keys for c in calls)
     width = attention_heads(cfg) * cfg.kv_channels
     split = cfg.context_parallel_size > 1 and not core_recomputed  # else with the core
     gathered = split and cfg.cp_comm_type == "all_gather"
@@ -327,21 +407,25 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
 
 
 def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
-                    math_core: bool, window: int | None = None) -> dict[str, float]:
-    """What the attention core saves between Q, K, V and its output, over the
-    `attention_blocks` of ``micro_batch`` sequences; ``window``: the layer's sliding window,
-    whose explicit mask replaces the causal form in the calls it cuts (`window_masks`)."""
+                    math_core: bool, calls: list[AttentionCall], window: int | None
+                    ) -> dict[str, float]:
+    """What the attention core saves between Q, K, V and its output over ``calls``
+    (`busiest_calls`) of ``micro_batch`` sequences; ``window``: the layer's sliding window
+    (the tiles' shared mask is ``[T, T + W]``, `mp.model.attention.window_tile`)."""
     e = activation_bytes(cfg)
-    blocks = attention_blocks(cfg, window)
     heads = attention_heads(cfg)
     if cfg.context_parallel_size > 1 and cfg.cp_comm_type == "p2p":  # ring attention keeps
         # the output it returns (the projection's input) and an fp32 log-sum-exp per query;
         # it masks by distance, keeping no mask
         return {"softmax log-sum-exp": FP32 * heads * local_tokens(cfg, micro_batch)}
-    scores = heads * micro_batch * sum(q * k for q, k in blocks)  # [b, np, sq, sk] elements
-    queries = micro_batch * sum(q for q, _ in blocks)
-    windowed = [(q, k) for q, k in blocks if window_masks(k, window)]
-    bottom_right = [(q, k) for q, k in blocks if k > q and not window_masks(k, window)]
+    # [b, np, sq, sk] elements
+    scores = heads * micro_batch * sum(c.queries * c.keys for c in calls)
+    queries = micro_batch * sum(c.queries for c in calls)
+    windowed = [c for c in calls if c.mask == "window"]
+    bottom_right = [c for c in calls if c.mask == "causal" and c.keys > c.queries]
+    tiles = [c for c in calls if c.mask == "tile"]
+    tile = window_tile(window) if tiles else 0  # one [T, T + W] mask for every tile and layer
+    shared = {tile_mask_name(window): tile * (tile + window)} if tiles else {}
     dropout = cfg.attention_dropout > 0
     if math_core:  # the math path adds any mask to its scores: it saves none
         core = {"softmax output (fp32)": FP32 * scores}
@@ -351,19 +435,22 @@ def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
         return core
     if cfg.attention_backend == "sdpa":
         rows = micro_batch * sum(  # the memory-efficient kernel's are whole tiles of queries
-            -(-q // LSE_ROWS) * LSE_ROWS
-            if sdpa_kernel(cfg, kernels, window_masks(k, window)) == "efficient" else q
-            for q, k in blocks)
+            -(-c.queries // LSE_ROWS) * LSE_ROWS
+            if sdpa_kernel(cfg, kernels, c.mask != "causal") == "efficient" else c.queries
+            for c in calls)
         core = {"softmax log-sum-exp": FP32 * heads * rows}
-        if cfg.context_parallel_size > 1:  # the projection's input is a copy: of the query
-            # chunks' outputs concatenated (all_gather), or exchanged back (a2a)
-            core["attention output before CP's concatenation or exchange"] = \
+        if cfg.context_parallel_size > 1 or tiles:  # the projection's input is a copy: of
+            # the calls' outputs concatenated (tiles, all_gather's chunks) or exchanged back
+            # (a2a)
+            core["attention output before its concatenation or exchange"] = \
                 e * queries * heads * head_dims(cfg)[1]
         if kernels.sdpa_bottom_right_mask and bottom_right:
-            core["bottom-right causal masks"] = e * sum(q * k for q, k in bottom_right)
+            core["bottom-right causal masks"] = e * sum(c.queries * c.keys for c in bottom_right)
         if windowed:  # the window's mask in the activation dtype: the CPU's flash kernel
             # converts it so, CUDA's memory-efficient one takes it so as its additive bias
-            core["sliding-window masks"] = e * sum(q * k for q, k in windowed)
+            core["sliding-window masks"] = e * sum(c.queries * c.keys for c in windowed)
+        # the tiles': views of the shared mask, made in the activation dtype
+        core.update({name: e * size for name, size in shared.items()})
         return core
     fused = kernels.fused_softmax and e == 2  # the kernel takes 16-bit scores only
     softmax_bytes = e if fused else FP32
@@ -371,15 +458,19 @@ def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
     if not fused:
         # the [sq, sk] bool mask the scores' masked_fill saves: the causal torch path runs no
         # zero_fully_masked_rows (no row is fully masked), so no [sq, 1] row flags; an
-        # explicit mask (a bottom-right block's, a window's) takes the padding path, which
-        # saves them
-        square = sum(q * q for q, k in blocks if k == q and not window_masks(k, window))
+        # explicit mask (a bottom-right block's, a window's, a tile's view of the shared one)
+        # takes the padding path, which saves them
+        square = sum(c.queries ** 2 for c in calls if c.mask == "causal" and c.keys == c.queries)
         if square:
             core["causal mask"] = square
         for name, masked in (("bottom-right causal masks", bottom_right),
                              ("sliding-window masks", windowed)):
             if masked:
-                core[f"{name} and row flags"] = sum(q * k + q for q, k in masked)
+                core[f"{name} and row flags"] = sum(c.queries * c.keys + c.queries
+                                                    for c in masked)
+        if tiles:
+            core["row flags of the tiles"] = sum(c.queries for c in tiles)
+            core.update(shared)
     if dropout:
         core["attention dropout mask"] = dropout_mask_bytes(cfg, kernels) * scores
         core["dropped probabilities"] = e * scores

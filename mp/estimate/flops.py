@@ -13,7 +13,13 @@ the forward costs, with ``n = b s`` tokens:
   times the share of the causal (query, key) pairs the window keeps, ``sum_i min(i + 1, W +
   1) / (s (s + 1) / 2)`` over the ``s`` queries (`window_share`: 1 for ``W >= s - 1``; about
   ``2 W / s`` for ``W << s``), whether the kernel skips the pairs out of the window or masks
-  them (mp's SDPA and unfused cores compute the square, ``p2p``'s ring skips whole blocks);
+  them: mp's SDPA and unfused cores compute the whole ``sq x sk`` of a call, so of a long
+  sequence's tiles (`mp.model.attention.window_tile`: ``T`` queries against ``T + W`` keys
+  each, fewer for the first tiles) about ``s (T + W)`` pairs, masked ones included, and of
+  one call over a shorter one the square; ``p2p``'s ring skips whole blocks. The step time
+  (`mp.estimate.step_time`) takes these FLOPs too: under this count's convention (the full
+  square, twice the causal pairs) tiles compute about what is counted for ``W >= T``, and up
+  to ``(T + W) / (2 (W + 1))`` times more for shorter windows (docs/estimate.md);
 - MLP ``4 n h f`` (GeLU) or ``6 n h f`` (SwiGLU's gate); a mixture-of-experts layer
   (`mp.model.moe`) runs ``k`` experts of width ``f_e`` (``moe_ffn_hidden_size``) per token,
   ``4 n h f_e k`` (``6 ...`` for SwiGLU), plus a shared expert's ``4 n h f_s`` (and its

@@ -37,7 +37,11 @@ working memory of that moment:
 
 Each layer counts as dense or mixture-of-experts (``cfg.is_moe_layer``), and with its sliding
 window or none (``cfg.attention_window``), so a chunk's bytes and its largest recomputed group
-depend on which layers it holds (``cfg.chunk_layers``).
+depend on which layers it holds (``cfg.chunk_layers``). A window's tile mask
+(`mp.estimate.activations.split_tile_masks`: one cached tensor whose views the tiled layers
+save) counts once for a chunk (`chunk_saves`) and once for a stage, whatever its chunks,
+depths and micro-batches in flight; it stays through the backward (the cache holds it), and
+a recompute counts it only where the stage saves none (``core_attn``, full recompute).
 
 Gradients flowing through backward (a few ``s b h``-sized tensors at a time) are left out.
 """
@@ -48,8 +52,13 @@ import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from mp.estimate.activations import attention_heads, layer_bytes, layer_halves
-from mp.estimate.mtp import mtp_saved_bytes
+from mp.estimate.activations import (
+    attention_heads,
+    layer_halves,
+    layer_terms,
+    split_tile_masks,
+)
+from mp.estimate.mtp import mtp_saves
 from mp.estimate.params import (
     RankParams,
     StateBytes,
@@ -92,23 +101,32 @@ def chunk_saved_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels
     """The transformer layers of one pipeline chunk for one micro-batch: every layer's
     `layer_bytes` (dense or mixture-of-experts, as ``cfg.is_moe_layer`` says), or with full
     recompute the checkpointed chunks' inputs (and the layers left out of ``block`` recompute
-    whole); and the RoPE angles the checkpoints keep (`rope_angle_bytes`). ``layers``: the
-    chunk's 0-based layer indices over the model (``cfg.chunk_layers(pp_rank, chunk)``;
-    default the first chunk's); a count of layers stands for a dense model's chunk of that
-    many."""
+    whole); and the RoPE angles the checkpoints keep (`rope_angle_bytes`); a window's tile
+    mask once (`chunk_saves`). ``layers``: the chunk's 0-based layer indices over the model
+    (``cfg.chunk_layers(pp_rank, chunk)``; default the first chunk's); a count of layers
+    stands for a dense model's chunk of that many."""
+    own, masks = chunk_saves(cfg, micro_batch, kernels, layers)
+    return own + sum(masks.values())
+
+
+def chunk_saves(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
+                layers: range | int | None = None) -> tuple[float, dict[str, float]]:
+    """`chunk_saved_bytes` in two: the bytes but the sliding windows' tile masks, and those
+    masks by name, each once (`mp.estimate.activations.split_tile_masks`: the layers of a
+    window, and every micro-batch and chunk of a stage, share one)."""
     layers = _chunk_range(cfg, layers)
     angles = rope_angle_bytes(cfg) if len(layers) else 0
     if cfg.recompute_granularity != "full":
-        return angles + sum(_layer_bytes(cfg, micro_batch, kernels, i) for i in layers)
+        return split_tile_masks(_layers_terms(cfg, micro_batch, kernels, layers), angles)
     n = cfg.recompute_num_layers
     checkpoint_input = activation_bytes(cfg) * sequence_rows(cfg, micro_batch) * cfg.hidden_size
     if cfg.distribute_saved_activations:
         checkpoint_input /= cfg.tensor_model_parallel_size
     if cfg.recompute_method == "uniform":
-        return math.ceil(len(layers) / n) * checkpoint_input + angles
+        return math.ceil(len(layers) / n) * checkpoint_input + angles, {}
     n = min(n, len(layers))
-    return n * checkpoint_input + angles + sum(
-        _layer_bytes(cfg, micro_batch, kernels, i, modules=()) for i in layers[n:])
+    return split_tile_masks(_layers_terms(cfg, micro_batch, kernels, layers[n:], modules=()),
+                            n * checkpoint_input + angles)
 
 
 def rope_angle_bytes(cfg: TransformerConfig) -> float:
@@ -122,21 +140,23 @@ def rope_angle_bytes(cfg: TransformerConfig) -> float:
 
 
 def recompute_working_set(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
-                          layers: range | int | None = None) -> float:
+                          layers: range | int | None = None, held: Collection[str] = ()
+                          ) -> float:
     """Activations rebuilt at once during backward in the chunk of ``layers`` (as in
-    `chunk_saved_bytes`): its largest checkpointed group of layers (full), the largest
-    `selective_working_set` of its layers (selective), nothing otherwise."""
+    `chunk_saved_bytes`): its largest checkpointed group of layers (full; a window's tile
+    mask once, none of those ``held`` already, by name), the largest `selective_working_set`
+    of its layers (selective), nothing otherwise."""
     layers = _chunk_range(cfg, layers)
     if cfg.recompute_granularity == "full":
         n = cfg.recompute_num_layers
-        if cfg.recompute_method == "uniform":
-            groups = [layers[start:start + n] for start in range(0, len(layers), n)]
-        else:  # block: the first n layers, one checkpoint each
-            groups = [layers[i:i + 1] for i in range(min(n, len(layers)))]
-        return max((sum(_layer_bytes(cfg, micro_batch, kernels, i, modules=())
-                        for i in group) for group in groups), default=0.0)
-    return max((selective_working_set(cfg, micro_batch, kernels, _is_moe(cfg, i), i)
-                for i in layers), default=0.0)
+        if cfg.recompute_method != "uniform":  # block: the first n layers, one checkpoint each
+            layers, n = layers[:n], 1
+        terms = _layers_terms(cfg, micro_batch, kernels, layers, modules=())
+        sizes = (split_tile_masks(terms[start:start + n]) for start in range(0, len(terms), n))
+        return max((own + sum(size for name, size in masks.items() if name not in held)
+                    for own, masks in sizes), default=0.0)
+    return max((selective_working_set(cfg, micro_batch, kernels, moe, i)
+                for (moe, _), i in _kinds(cfg, layers).items()), default=0.0)
 
 
 def selective_working_set(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
@@ -177,11 +197,21 @@ def _is_moe(cfg: TransformerConfig, index: int) -> bool:
     return cfg.num_moe_experts is not None and cfg.is_moe_layer(index)
 
 
-def _layer_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, index: int,
-                 modules: Collection[str] | None = None) -> float:
-    """`layer_bytes` of layer ``index`` (0-based over the model), dense or MoE, with its
-    sliding window or none."""
-    return layer_bytes(cfg, micro_batch, kernels, modules, _is_moe(cfg, index), index)
+def _kinds(cfg: TransformerConfig, layers: range) -> dict[tuple[bool, int | None], int]:
+    """The kinds of ``layers`` (0-based over the model), dense or MoE and with their sliding
+    window or none, each with its first layer: the layers of a kind save alike."""
+    kinds: dict = {}
+    for i in layers:
+        kinds.setdefault((_is_moe(cfg, i), cfg.attention_window(i + 1)), i)
+    return kinds
+
+
+def _layers_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, layers: range,
+                  modules: Collection[str] | None = None) -> list[dict[str, float]]:
+    """`layer_terms` of each of ``layers``, computed once for each of their `_kinds`."""
+    terms = {kind: layer_terms(cfg, micro_batch, kernels, modules, kind[0], i)
+             for kind, i in _kinds(cfg, layers).items()}
+    return [terms[_is_moe(cfg, i), cfg.attention_window(i + 1)] for i in layers]
 
 
 def ring_working_set(cfg: TransformerConfig, micro_batch: int) -> float:
@@ -217,25 +247,29 @@ def stage_memory(setup: Setup, pp_rank: int, kernels: Kernels = CUDA) -> StageMe
     params = rank_params(cfg, pp_rank)
     in_flight = microbatches_in_flight(setup.pp, pp_rank, setup.num_microbatches, setup.vpp)
     chunks = [cfg.chunk_layers(pp_rank, c) for c in range(len(cfg.chunk_layer_counts[pp_rank]))]
-    saved = in_flight * sum(chunk_saved_bytes(cfg, b, kernels, layers) for layers in chunks)
+    saves = [chunk_saves(cfg, b, kernels, layers) for layers in chunks]
+    saved = in_flight * sum(own for own, _ in saves)
+    masks = {name: size for _, chunk in saves for name, size in chunk.items()}
     if pp_rank == 0:
         saved += min(in_flight, setup.num_microbatches) * sum(
             embedding_terms(cfg, b, kernels).values())
     forward_extra = backward_extra = depth_extra = 0.0
     if pp_rank == setup.pp - 1:
         output = sum(output_terms(cfg, b, kernels).values())
-        depths = mtp_saved_bytes(cfg, b, kernels)
+        depths, depth_masks = mtp_saves(cfg, b, kernels)
+        masks.update(depth_masks)
         saved += output + depths
         forward_extra = loss_transient(cfg, b, kernels)
         backward_extra = -output - depths  # freed by the losses' and the depths' backward
-        # before any recompute of the decoder; a depth's own attention core is recomputed
-        # (selective) after the main loss's backward
+        # before any recompute of the decoder (not the tile masks: the cache holds them); a
+        # depth's own attention core is recomputed (selective) after the main loss's backward
         if depths and cfg.recompute_granularity == "selective":
             depth_extra = -output + selective_working_set(cfg, b, kernels,
                                                           mtp_layer_is_moe(cfg), cfg.num_layers)
+    saved += sum(masks.values())  # once for every micro-batch, chunk and depth
     ring = ring_working_set(cfg, b)  # inside every layer's attention, forward and backward
     transient = max(forward_extra, ring, depth_extra + ring,
-                    backward_extra + max(recompute_working_set(cfg, b, kernels, layers)
+                    backward_extra + max(recompute_working_set(cfg, b, kernels, layers, masks)
                                          for layers in chunks) + ring)
     return StageMemory(pp_rank=pp_rank, params=params, state=state_bytes(setup, params),
                        in_flight=in_flight, activations=saved, transient=max(transient, 0.0))

@@ -20,7 +20,8 @@ its rows in the sequence-parallel regions (`sequence_rows`), one depth saves
 - ``eh_proj``'s input, the concatenation, ``2 e n' h`` (the concatenation saves nothing);
 - the layer's terms (`mp.estimate.activations.layer_terms`, with experts and a sliding window
   when the model's last layer has them; selective recompute applies, full recompute does
-  not: it checkpoints the decoder's layers only);
+  not: it checkpoints the decoder's layers only); a window's tile mask is one for all the
+  depths and the decoder's layers of that window (`mtp_saves`);
 - the final norm, the output layer's input and the cross-entropy
   (`mp.estimate.stage_ends.output_terms`);
 - the shifted loss mask, fp32 ``[b, s]``, and the mask's sum, one fp32 scalar (the mean's
@@ -38,7 +39,7 @@ over TP and all-reduced with the other sequence-parallel ones (`mtp_partial_grad
 
 from __future__ import annotations
 
-from mp.estimate.activations import layer_terms
+from mp.estimate.activations import layer_terms, split_tile_masks
 from mp.estimate.params import mtp_layer_is_moe, norm_params
 from mp.estimate.stage_ends import embedding_terms, output_terms
 from mp.estimate.storage import (
@@ -86,8 +87,18 @@ def mtp_depth_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels =
 def mtp_saved_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA
                     ) -> float:
     """What all ``D`` depths save for one micro-batch (0 without multi-token prediction)."""
+    own, masks = mtp_saves(cfg, micro_batch, kernels)
+    return own + sum(masks.values())
+
+
+def mtp_saves(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA
+              ) -> tuple[float, dict[str, float]]:
+    """`mtp_saved_bytes` in two: the bytes but their layers' sliding-window tile mask, and
+    that mask by name, once for all the depths (`split_tile_masks`; the decoder's layers of
+    the same window share it too)."""
     depths = mtp_depths(cfg)
-    return depths * sum(mtp_depth_terms(cfg, micro_batch, kernels).values()) if depths else 0.0
+    terms = mtp_depth_terms(cfg, micro_batch, kernels) if depths else {}
+    return split_tile_masks([terms] * depths)
 
 
 def mtp_tensor_parallel_activations(cfg: TransformerConfig) -> dict[str, int]:

@@ -50,11 +50,14 @@ class Kernels:
             chunks against longer keys) runs as a materialized ``[sq, sk]`` mask in the
             activation dtype, which the kernel saves (the CPU); CUDA's flash and
             memory-efficient kernels take the form as it is.
-        sdpa_mask_kernel: the SDPA kernel that takes an explicit mask (a sliding window's):
-            ``"efficient"`` on CUDA (flash takes none; the memory-efficient kernel takes the
-            mask as an additive bias in the activation dtype and keeps it for backward, and
-            its log-sum-exp for whole 32-query tiles), ``"flash"`` on the CPU (its flash
-            kernel converts the mask to the activation dtype and keeps that).
+        sdpa_mask_kernel: the SDPA kernel that takes an explicit mask (a sliding window's,
+            or a tile's view of the window's shared one): ``"efficient"`` on CUDA (flash takes
+            none; the memory-efficient kernel takes the mask as an additive bias in the
+            activation dtype and keeps it for backward, a view as it comes when its strides
+            are multiples of 8, as the tile mask's are; and its log-sum-exp for whole
+            32-query tiles, per call), ``"flash"`` on the CPU (its flash kernel converts a
+            boolean mask to the activation dtype and keeps that, an additive one as it
+            comes).
         compiled_loss: the cross-entropy's element-wise work runs compiled (`mp.jit`: CUDA,
             with ``cross_entropy_loss_fusion``), with no ``[s, b, V / t]`` fp32 intermediates;
             eagerly it keeps one fp32 copy of the logits (and in backward a bool one-hot).
