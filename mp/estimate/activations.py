@@ -139,8 +139,9 @@ def rank_calls(cfg: TransformerConfig, window: int | None = None
     over the whole sequence, ``(s, s)`` (also ``a2a``'s, over fewer heads:
     `attention_heads`); with ``c > 1`` ``all_gather`` ranks, each of the rank's two chunks of
     ``L = s / (2c)`` queries against the keys up to its end (`mp.model.context_parallel`):
-    CP rank ``r``'s ``[(L, (r + 1) L), (L, (2c - r) L)]``, for ranks 1 to ``c - 1`` (rank
-    0, whose first chunk is square, saves less); each attended as `window_calls` says. No
+    CP rank ``r``'s ``[(L, (r + 1) L), (L, (2c - r) L)]``, for every rank (rank 0's first
+    chunk is square, but under a window its tiles near the start copy their masks); each
+    attended as `window_calls` says. No
     calls under ``p2p``: its ring attention runs no core (`mp.model.ring_attention`)."""
     s, c = cfg.seq_length, cfg.context_parallel_size
     if c > 1 and cfg.cp_comm_type == "p2p":
@@ -149,7 +150,7 @@ def rank_calls(cfg: TransformerConfig, window: int | None = None
         return [window_calls(s, s, window)]
     chunk = s // (2 * c)
     return [window_calls(chunk, (r + 1) * chunk, window)
-            + window_calls(chunk, (2 * c - r) * chunk, window) for r in range(1, c)]
+            + window_calls(chunk, (2 * c - r) * chunk, window) for r in range(c)]
 
 
 def window_calls(queries: int, keys: int, window: int | None) -> list[AttentionCall]:
@@ -158,7 +159,8 @@ def window_calls(queries: int, keys: int, window: int | None) -> list[AttentionC
     no key falls out of the window (``keys - 1 <= window``); one call through the window's
     mask when the queries fit a tile (`mp.model.attention.window_tile`); else a call per tile
     of ``T`` queries (the last one shorter), each against the ``W`` keys before the tile and
-    its own (fewer for the first tiles, cut at key 0), through the shared tile mask."""
+    its own, through the shared tile mask, but for the first tiles, cut at key 0, which take a
+    copy of their part (a mask of their own, as a one-call window's)."""
     if window is None or keys - 1 <= window:
         return [AttentionCall(queries, keys, "causal")]
     tile = window_tile(window)
@@ -167,7 +169,8 @@ def window_calls(queries: int, keys: int, window: int | None) -> list[AttentionC
     first = keys - queries  # the position of the first query
     return [AttentionCall(min(tile, queries - start),
                           first + min(start + tile, queries) - max(0, first + start - window),
-                          "tile") for start in range(0, queries, tile)]
+                          "tile" if first + start >= window else "window")
+            for start in range(0, queries, tile)]
 
 
 TILE_MASK = "sliding-window tile mask"

@@ -22,8 +22,9 @@ out, besides, every key more than ``window`` positions before its query (`window
 no other mask is given and the queries outnumber a tile (`window_tile`, at least
 `WINDOW_TILE` rows), each tile of queries attends to the keys from ``window`` before its
 first query to its last, through one ``[tile, tile + window]`` mask that every tile and
-every layer of that window shares (`tile_mask`): ``s (tile + window)`` scores instead of
-``s^2``, and one mask in memory, not one per layer.
+every layer of that window shares (`tile_mask`; the tiles whose window reaches before the
+first key take a copy of their part): ``s (tile + window)`` scores instead of ``s^2``, and one
+mask in memory, not one per layer.
 Masks follow Megatron: boolean ``[b or 1, 1, s, s]``, ``True`` = masked out; the SDPA core also
 takes `sdpa_bias`'s additive form. `mask_for_layers` prepares a batch's mask once for all the
 layers of a `mp.model.transformer.TransformerBlock` (converting a boolean mask is what SDPA
@@ -197,7 +198,10 @@ class CoreAttention(nn.Module):
         for start in range(0, q.size(0), tile):
             end = min(start + tile, q.size(0))
             keys = max(0, first + start - window)  # the tile's first key
-            mask = shared[..., :end - start, keys - (first + start - window):end - start + window]
+            cut = keys - (first + start - window)  # columns before key 0: a tile near the start
+            mask = shared[..., :end - start, cut:end - start + window]
+            if cut:  # a copy of its own: CUDA's kernels want the mask's start aligned
+                mask = mask.contiguous()
             contexts.append(self._core(q[start:end], k[keys:first + end], v[keys:first + end],
                                        mask))
         return torch.cat(contexts)
