@@ -99,13 +99,11 @@ def window_tile(window: int) -> int:
 @functools.lru_cache(maxsize=16)
 def tile_mask(tile: int, window: int, form: torch.dtype, device: torch.device
               ) -> torch.Tensor:
-    """``[1, 1, tile, tile + window]``: query ``r`` of a tile against the ``window`` keys
-    before the tile's first query and the tile's own, key ``c`` kept when ``r <= c <= r +
-    window``; boolean (True = masked) for ``form=torch.bool``, else `sdpa_bias`'s additive
-    form in ``form``. Cached: the tiles and layers of one window share it (never written)."""
-    rows = torch.arange(tile, device=device)[:, None]
-    keys = torch.arange(tile + window, device=device)
-    masked = ((keys < rows) | (keys > rows + window))[None, None]
+    """``[1, 1, tile, tile + window]``: a tile's queries against the ``window`` keys before
+    its first query and its own (`window_mask`); boolean (True = masked) for
+    ``form=torch.bool``, else `sdpa_bias`'s additive form in ``form``. Cached: the tiles and
+    layers of one window share it (never written)."""
+    masked = window_mask(tile, tile + window, window, device)[None, None]
     return masked if form == torch.bool else sdpa_bias(masked, form)
 
 
