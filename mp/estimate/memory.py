@@ -52,12 +52,8 @@ import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from mp.estimate.activations import (
-    attention_heads,
-    layer_halves,
-    layer_terms,
-    split_tile_masks,
-)
+from mp.estimate.activations import attention_heads, layer_halves, layer_terms
+from mp.estimate.attention_calls import split_tile_masks
 from mp.estimate.mtp import mtp_saves
 from mp.estimate.params import (
     RankParams,

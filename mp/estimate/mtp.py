@@ -39,7 +39,8 @@ over TP and all-reduced with the other sequence-parallel ones (`mtp_partial_grad
 
 from __future__ import annotations
 
-from mp.estimate.activations import layer_terms, split_tile_masks
+from mp.estimate.activations import layer_terms
+from mp.estimate.attention_calls import split_tile_masks
 from mp.estimate.params import mtp_layer_is_moe, norm_params
 from mp.estimate.stage_ends import embedding_terms, output_terms
 from mp.estimate.storage import (
