@@ -38,7 +38,7 @@ working memory of that moment:
 Each layer counts as dense or mixture-of-experts (``cfg.is_moe_layer``), and with its sliding
 window or none (``cfg.attention_window``), so a chunk's bytes and its largest recomputed group
 depend on which layers it holds (``cfg.chunk_layers``). A window's tile mask
-(`mp.estimate.activations.split_tile_masks`: one cached tensor whose views the tiled layers
+(`mp.estimate.attention_calls.split_tile_masks`: one cached tensor whose views the tiled layers
 save) counts once for a chunk (`chunk_saves`) and once for a stage, whatever its chunks,
 depths and micro-batches in flight; it stays through the backward (the cache holds it), and
 a recompute counts it only where the stage saves none (``core_attn``, full recompute).
@@ -108,7 +108,7 @@ def chunk_saved_bytes(cfg: TransformerConfig, micro_batch: int, kernels: Kernels
 def chunk_saves(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
                 layers: range | int | None = None) -> tuple[float, dict[str, float]]:
     """`chunk_saved_bytes` in two: the bytes but the sliding windows' tile masks, and those
-    masks by name, each once (`mp.estimate.activations.split_tile_masks`: the layers of a
+    masks by name, each once (`mp.estimate.attention_calls.split_tile_masks`: the layers of a
     window, and every micro-batch and chunk of a stage, share one)."""
     layers = _chunk_range(cfg, layers)
     angles = rope_angle_bytes(cfg) if len(layers) else 0
