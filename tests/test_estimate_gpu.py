@@ -23,7 +23,8 @@ from mp import parallel_state as ps
 from mp.config import load_config
 from mp.distributed import DistributedDataParallel, finalize_model_grads
 from mp.estimate import CUDA, SavedTensorMeter, Setup, estimate, gpu_spec, layer_terms
-from mp.estimate.activations import busiest_calls, korthikanti_layer_bytes
+from mp.estimate.activations import korthikanti_layer_bytes
+from mp.estimate.attention_activations import busiest_calls
 from mp.estimate.attention_calls import AttentionCall
 from mp.estimate.hardware import GiB
 from mp.fused import load_fused_kernels

@@ -27,7 +27,7 @@ from test_estimate_recompute import MLA, _kept_and_rebuilt
 from mp import parallel_state as ps
 from mp.config import load_config
 from mp.estimate import CPU, CUDA, Setup, layer_terms, stage_memory, training_flops
-from mp.estimate.activations import busiest_calls
+from mp.estimate.attention_activations import busiest_calls
 from mp.estimate.attention_calls import tile_mask_name
 from mp.estimate.memory import chunk_saved_bytes, rebuilt_bytes
 from mp.model import TransformerConfig, attention

@@ -52,7 +52,8 @@ import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from mp.estimate.activations import attention_heads, layer_halves, layer_terms
+from mp.estimate.activations import layer_halves, layer_terms
+from mp.estimate.attention_activations import attention_heads
 from mp.estimate.attention_calls import split_tile_masks
 from mp.estimate.mtp import mtp_saves
 from mp.estimate.params import (
