@@ -1,6 +1,6 @@
 """Convert Hugging Face GPT-2, Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE, Qwen2-MoE,
 DeepSeek-V2, DeepSeek-V3 and StarCoder2 weights to an mp checkpoint, and back; and
-Megatron-Core GPT checkpoints to mp.
+Megatron-Core GPT checkpoints to mp, and back.
 
     python tools/convert_checkpoint.py hf-to-mp --input gpt2/ --output ckpt/gpt2 \\
         [--tensor-model-parallel-size 2] [--make-vocab-size-divisible-by 128] [--seq-length 1024] \\
@@ -9,6 +9,8 @@ Megatron-Core GPT checkpoints to mp.
         [--format safetensors|bin]
     python tools/convert_checkpoint.py megatron-to-mp --input megatron-save/ --output ckpt/m \\
         [--tensor-model-parallel-size 2] [--make-vocab-size-divisible-by 128] [--vocab-size N]
+    python tools/convert_checkpoint.py mp-to-megatron --input ckpt/m --output megatron-save/ \
+        [--iteration N | --release] [--transformer-impl transformer_engine|local]
 
 ``hf-to-mp`` reads a ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``MistralForCausalLM``,
 ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``MixtralForCausalLM``, ``Qwen3MoeForCausalLM``,
@@ -40,6 +42,18 @@ writes the model-only mp checkpoint of its GPT, its shape taken from the checkpo
 divisor default to the checkpoint's; they only check that mp pads the vocabulary to
 Megatron's ``padded_vocab_size`` rows, all of which are kept.
 
+``mp-to-megatron`` (``--load``/``--save`` are aliases of ``--input``/``--output``) writes an
+mp checkpoint's model as a Megatron-LM ``torch_dist`` checkpoint (`mp.checkpointing.
+megatron_export`): ``latest_checkpointed_iteration.txt`` and ``iter_XXXXXXX/`` (the mp
+checkpoint's iteration unless ``--iteration``; ``release/`` with ``--release``), its
+``common.pt`` holding Megatron-LM's ``args`` for the model (so ``--use-checkpoint-args``
+works). Weights only, no optimizer or RNG state: load it in Megatron-LM with ``--load DIR
+--ckpt-format torch_dist --finetune`` (or ``--no-load-optim --no-load-rng``; a ``--release``
+checkpoint needs neither). ``--transformer-impl`` is the Megatron-LM run's (its default
+``transformer_engine``, or ``local``): it sets the extra-state objects written and the name of
+a mixture-of-experts layer's norm. Features Megatron-Core's GPT cannot express (multi-latent
+attention, multi-token prediction, YaRN, GPT-2's tanh GeLU, ...) are refused by name.
+
 Files are read safely: safetensors, or ``torch.load(weights_only=True)``. GPT-2's ``gelu_new``
 becomes mp's ``activation: gelu_tanh`` (the same function), so logits agree with the Hugging
 Face model's to float rounding.
@@ -66,7 +80,9 @@ from mp.checkpointing import (
     hf_starcoder2,
     load_global_model,
     megatron,
+    megatron_export,
     megatron_files,
+    read_checkpoint_info,
     save_global_model,
 )
 from mp.model.config import TransformerConfig
@@ -180,6 +196,23 @@ def megatron_to_mp_command(args) -> None:
           f"{config.padded_vocab_size} vocabulary rows")
 
 
+def mp_to_megatron_command(args) -> None:
+    config = TransformerConfig(**read_checkpoint_info(args.input).model_config)
+    megatron_export.check_exportable(config)  # before reading the weights
+    weights, info = load_global_model(args.input)
+    iteration = info.iteration if args.iteration is None else args.iteration
+    state = megatron_export.sharded_state_dict(megatron_export.mp_to_megatron(weights, config),
+                                               config, transformer_impl=args.transformer_impl)
+    megatron_args = megatron_export.args_from_config(
+        config, iteration=0 if args.release else iteration,
+        transformer_impl=args.transformer_impl)
+    path = megatron_export.write_checkpoint(args.output, megatron_args, state,
+                                            iteration=iteration, release=args.release)
+    print(f"wrote {path} from {info.path}: {config.num_layers} layers, hidden "
+          f"{config.hidden_size}, {config.padded_vocab_size} vocabulary rows (weights only: "
+          "load it with --finetune, or --no-load-optim --no-load-rng)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,6 +252,25 @@ def main(argv: list[str] | None = None) -> None:
     from_megatron.add_argument("--vocab-size", type=int,
                                help="the tokenizer's (default: the checkpoint's padded rows)")
     from_megatron.set_defaults(run=megatron_to_mp_command)
+    to_megatron = commands.add_parser(
+        "mp-to-megatron", help="mp checkpoint -> Megatron-LM torch_dist checkpoint (weights only)",
+        description="Writes the model only (no optimizer or RNG state): load it in Megatron-LM "
+                    "with --load OUT --ckpt-format torch_dist --finetune (or --no-load-optim "
+                    "--no-load-rng; a --release checkpoint needs neither), with "
+                    "--use-checkpoint-args or the same model flags.")
+    to_megatron.add_argument("--input", "--load", required=True,
+                             help="mp checkpoint or save directory")
+    to_megatron.add_argument("--output", "--save", required=True,
+                             help="Megatron save directory to write")
+    when = to_megatron.add_mutually_exclusive_group()
+    when.add_argument("--iteration", type=int,
+                      help="the iteration to record (default: the mp checkpoint's)")
+    when.add_argument("--release", action="store_true",
+                      help="write release/ (Megatron then loads no optimizer or RNG state)")
+    to_megatron.add_argument("--transformer-impl", choices=megatron_export.IMPLS,
+                             default="transformer_engine",
+                             help="the Megatron-LM run's --transformer-impl")
+    to_megatron.set_defaults(run=mp_to_megatron_command)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -1,7 +1,9 @@
 """Megatron-Core GPT checkpoints (Megatron-LM's ``--ckpt-format torch_dist`` and ``torch``) to
 mp's global parameter names: the model's config from Megatron-LM's ``args``, and the weights.
 
-The files (``torch_dist``, legacy ``torch``) are read, safely, by `mp.checkpointing.megatron_files`.
+The files (``torch_dist``, legacy ``torch``) are read, safely, by `mp.checkpointing.megatron_files`;
+the other direction, mp to ``torch_dist``, is `mp.checkpointing.megatron_export`, which reads
+the same name table (`megatron_names`, `fused_gate`).
 
 Megatron-Core's names (``decoder.layers.<i>.``, the TE spec's, which ``torch_dist`` also uses
 for the local spec) and mp's: ``self_attention.linear_qkv.layer_norm_weight`` /
@@ -50,12 +52,12 @@ _REFUSED_ARGS = {
     "moe_input_jitter_eps": (None, (None,)), "moe_apply_probs_on_input": (False, (False,)),
     "moe_router_force_load_balancing": (False, (False,))}
 #: Megatron-LM's MoE arguments mp's config takes as they are, with Megatron-LM's defaults
-_MOE_ARGS = {"moe_router_topk": 2, "moe_ffn_hidden_size": None, "moe_layer_freq": 1,
-             "moe_router_score_function": "softmax", "moe_router_pre_softmax": False,
-             "moe_router_enable_expert_bias": False, "moe_router_bias_update_rate": 1e-3,
-             "moe_router_dtype": None, "moe_shared_expert_intermediate_size": None,
-             "moe_shared_expert_gate": False, "moe_grouped_gemm": False,
-             "moe_z_loss_coeff": None, "moe_token_drop_policy": "probs"}
+MOE_ARGS = {"moe_router_topk": 2, "moe_ffn_hidden_size": None, "moe_layer_freq": 1,
+            "moe_router_score_function": "softmax", "moe_router_pre_softmax": False,
+            "moe_router_enable_expert_bias": False, "moe_router_bias_update_rate": 1e-3,
+            "moe_router_dtype": None, "moe_shared_expert_intermediate_size": None,
+            "moe_shared_expert_gate": False, "moe_grouped_gemm": False,
+            "moe_z_loss_coeff": None, "moe_token_drop_policy": "probs"}
 _POSITIONS = ("learned_absolute", "rope", "none")
 
 
@@ -139,7 +141,7 @@ def _moe_fields(args) -> dict:
     experts = getattr(args, "num_experts", None)
     if not experts:
         return {}
-    fields = {name: getattr(args, name, default) for name, default in _MOE_ARGS.items()}
+    fields = {name: getattr(args, name, default) for name, default in MOE_ARGS.items()}
     groups = getattr(args, "moe_router_num_groups", None)
     group_topk = getattr(args, "moe_router_group_topk", None)
     limited = getattr(args, "moe_router_topk_limited_devices", None)
@@ -185,7 +187,7 @@ def _position_embedding_type(args) -> str:
 
 def _layer_pairs(config: TransformerConfig, layer: int) -> list[tuple[str, str]]:
     """(Megatron-Core name, mp name) of layer ``layer``'s parameters, under
-    ``decoder.layers.<i>.``; SwiGLU's fused ``linear_fc1`` is left to `megatron_to_mp`."""
+    ``decoder.layers.<i>.``; SwiGLU's fused ``linear_fc1`` is left to `fused_gate`."""
     norm = ("weight", "bias") if config.normalization == "LayerNorm" else ("weight",)
     linear = ("weight", "bias") if config.add_bias_linear else ("weight",)
     qkv = ("weight", "bias") if config.add_bias_linear or config.add_qkv_bias else ("weight",)
@@ -214,6 +216,34 @@ def _layer_pairs(config: TransformerConfig, layer: int) -> list[tuple[str, str]]
     return pairs
 
 
+def megatron_names(config: TransformerConfig) -> dict[str, str]:
+    """Megatron-Core name -> mp name of every weight of ``config``'s model (one key per layer,
+    ``decoder.layers.<i>.``; SwiGLU's fused ``linear_fc1`` is named as mp's up projection,
+    `fused_gate` names its gate). The table both directions read."""
+    names = {"embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
+             "decoder.final_layernorm.weight": "decoder.final_layernorm.weight"}
+    if config.normalization == "LayerNorm":
+        names["decoder.final_layernorm.bias"] = "decoder.final_layernorm.bias"
+    if config.position_embedding_type == "learned_absolute":
+        names["embedding.position_embeddings.weight"] = "embedding.position_embeddings.weight"
+    if config.untie_embeddings_and_output_weights:
+        names["output_layer.weight"] = "output_layer.weight"
+    names.update({f"decoder.layers.{i}.{src}": f"decoder.layers.{i}.{dst}"
+                  for i in range(config.num_layers) for src, dst in _layer_pairs(config, i)})
+    return names
+
+
+def fused_gate(config: TransformerConfig, mp_name: str) -> tuple[str, int] | None:
+    """(mp's gate name, the dimension Megatron stacks ``[gate; up]`` along) when Megatron
+    fuses mp's ``mp_name`` (an up projection of a SwiGLU model) with its gate; else None."""
+    if config.activation != "swiglu" or not _FUSED_GATE.search(mp_name):
+        return None
+    experts = mp_name.endswith("fc1_weight")
+    gate = mp_name.replace("fc1_weight", "gate_weight") if experts \
+        else mp_name.replace("linear_fc1", "linear_gate")
+    return gate, 1 if experts else 0
+
+
 def megatron_to_mp(weights: dict[str, torch.Tensor],
                    config: TransformerConfig) -> dict[str, torch.Tensor]:
     """`read_checkpoint`'s weights to mp's global names and layout. The tensors keep their
@@ -221,21 +251,11 @@ def megatron_to_mp(weights: dict[str, torch.Tensor],
     ``--apply-layernorm-1p``; SwiGLU's ``linear_fc1 [2 ffn, h]`` (``[gate; up]``) becomes
     ``linear_gate [ffn, h]`` and ``linear_fc1 [ffn, h]`` (biases alike), the experts'
     ``[E, 2 f, h]`` ``gate_weight`` and ``fc1_weight`` ``[E, f, h]``."""
-    tied = not config.untie_embeddings_and_output_weights
-    names = {"embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
-             "decoder.final_layernorm.weight": "decoder.final_layernorm.weight"}
-    if config.normalization == "LayerNorm":
-        names["decoder.final_layernorm.bias"] = "decoder.final_layernorm.bias"
-    if config.position_embedding_type == "learned_absolute":
-        names["embedding.position_embeddings.weight"] = "embedding.position_embeddings.weight"
-    if not tied:
-        names["output_layer.weight"] = "output_layer.weight"
-    names.update({f"decoder.layers.{i}.{src}": f"decoder.layers.{i}.{dst}"
-                  for i in range(config.num_layers) for src, dst in _layer_pairs(config, i)})
+    names = megatron_names(config)
     check_keys(set(weights), set(names), "Megatron checkpoint (for its args)")
     mp = {dst: weights[src] for src, dst in names.items()}
-    if config.activation == "swiglu":
-        for key in [k for k in mp if _FUSED_GATE.search(k)]:
-            name = key.replace("linear_fc1", "linear_gate").replace("fc1_weight", "gate_weight")
-            mp[name], mp[key] = mp[key].chunk(2, dim=1 if key.endswith("fc1_weight") else 0)
+    for key in list(mp):
+        gate = fused_gate(config, key)
+        if gate is not None:
+            mp[gate[0]], mp[key] = mp[key].chunk(2, dim=gate[1])
     return {k: v.contiguous().clone() for k, v in mp.items()}
