@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from mp import parallel_state
 from mp.config import flag_notices, format_config, parse_args
-from mp.initialize import initialize_distributed
+from mp.initialize import initialize_distributed, initialize_model_parallel_of
 from mp.training.pretrain import check_supported, pretrain
 
 
@@ -36,17 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         print(f"pretrain_gpt.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
-    timeout = cfg.training.distributed_timeout_minutes
-    initialize_distributed(timeout_minutes=timeout)
+    initialize_distributed(timeout_minutes=cfg.training.distributed_timeout_minutes)
     try:
-        m = cfg.model
-        parallel_state.initialize_model_parallel(m.tensor_model_parallel_size,
-                                                 m.pipeline_model_parallel_size,
-                                                 m.virtual_pipeline_model_parallel_size,
-                                                 context_parallel_size=m.context_parallel_size,
-                                                 expert_model_parallel_size=(
-                                                     m.expert_model_parallel_size),
-                                                 distributed_timeout_minutes=timeout)
+        initialize_model_parallel_of(cfg)
         if dist.get_rank() == 0:
             print(format_config(cfg), end="", flush=True)
             for line in flag_notices(argv):

@@ -6,11 +6,15 @@ from __future__ import annotations
 import os
 import tempfile
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from mp import launch_env
+
+if TYPE_CHECKING:
+    from mp.config import JobConfig
 
 
 def initialize_distributed(backend: str | None = None, timeout_minutes: float = 10.0) -> None:
@@ -42,3 +46,18 @@ def initialize_distributed(backend: str | None = None, timeout_minutes: float = 
     else:
         store = dist.FileStore(tempfile.mktemp(prefix="mp-world-of-one-"), 1)
         dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+
+
+def initialize_model_parallel_of(cfg: JobConfig) -> None:
+    """`mp.parallel_state.initialize_model_parallel` with job ``cfg``'s sizes: tensor,
+    pipeline (and virtual), context and expert parallelism, the distributed optimizer's
+    instances, and the collectives' timeout (``training.distributed_timeout_minutes``)."""
+    from mp import parallel_state
+
+    m, tr = cfg.model, cfg.training
+    parallel_state.initialize_model_parallel(
+        m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
+        m.virtual_pipeline_model_parallel_size, context_parallel_size=m.context_parallel_size,
+        expert_model_parallel_size=m.expert_model_parallel_size,
+        distributed_timeout_minutes=tr.distributed_timeout_minutes,
+        num_distributed_optimizer_instances=tr.num_distributed_optimizer_instances)

@@ -26,6 +26,20 @@ replicated over the EDP ranks only, and their gradients are reduced there
 (``get_expert_data_parallel_group``). With EP=1 no expert group is created (the EP group is
 None) and the EDP group is the DP x CP group.
 
+Several distributed-optimizer instances (Megatron-Core's
+``num_distributed_optimizer_instances`` N, `mp.optim.DistributedOptimizer`) cut each DP x CP
+group into N instances of DP x CP / N consecutive ranks of it: the optimizer state is sharded
+inside an instance (``get_data_parallel_group(with_context_parallel=True,
+partial_data_parallel=True)``, Megatron's intra-partial data-parallel group, and for experts
+``get_expert_data_parallel_group(partial_expert_data_parallel=True)``: EDP / N consecutive EDP
+ranks) and replicated across the instances (``get_inter_distributed_optimizer_instance_group``:
+the N ranks at the same place in each instance, every (DP x CP / N)-th rank of the DP x CP
+group; the same ranks for experts). ``get_intra_distributed_optimizer_instance_group`` is every
+rank of this rank's instance (all TP, PP, EP ranks of its DP x CP slice): one copy of the whole
+optimizer state. For 8 ranks at DP 8, N 2: intra [0,1,2,3] [4,5,6,7], inter [0,4] [1,5] ...
+With N=1 (the default) no group is created: the intra groups are the DP x CP and EDP groups,
+the inter group is None and the instance group is the world.
+
 The getters carry Megatron's names so ported code runs unchanged, and the module doubles as
 DeepSpeed's ``mpu``: DeepSpeed calls ``get_model_parallel_{world_size,rank,group}`` and
 ``get_data_parallel_{world_size,rank,group}``. "Model parallel" means TP x PP together, as in
@@ -34,41 +48,15 @@ Megatron-Core (with PP=1 it is the TP group, which is what older DeepSpeed code 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
 
+from mp.instance_layout import instance_layout
+from mp.parallel_groups import Groups, create_groups
 from mp.rank_layout import RankLayout, rank_layout  # noqa: F401  (``ps.rank_layout`` too)
 
-
-@dataclass
-class _Groups:
-    """This rank's groups and the global ranks in each."""
-
-    tensor: dist.ProcessGroup
-    tensor_ranks: list[int]
-    context: dist.ProcessGroup
-    context_ranks: list[int]
-    data: dist.ProcessGroup
-    data_ranks: list[int]
-    data_with_context: dist.ProcessGroup
-    data_with_context_ranks: list[int]
-    pipeline: dist.ProcessGroup
-    pipeline_ranks: list[int]
-    model: dist.ProcessGroup
-    model_ranks: list[int]
-    embedding: dist.ProcessGroup | None  # None on ranks that hold no embedding
-    embedding_ranks: list[int]
-    expert: dist.ProcessGroup | None  # None with EP=1
-    expert_ranks: list[int]
-    expert_data: dist.ProcessGroup
-    expert_data_ranks: list[int]
-    virtual_pipeline_world_size: int | None
-    virtual_pipeline_rank: int | None
-
-
-_GROUPS: _Groups | None = None
+_GROUPS: Groups | None = None
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1,
@@ -76,9 +64,12 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                               virtual_pipeline_model_parallel_size: int | None = None,
                               *, context_parallel_size: int = 1,
                               expert_model_parallel_size: int = 1, backend: str | None = None,
-                              distributed_timeout_minutes: float = 10.0) -> None:
+                              distributed_timeout_minutes: float = 10.0,
+                              num_distributed_optimizer_instances: int = 1) -> None:
     """Create the TP, CP, DP, DP x CP, PP, model-parallel and embedding groups over the
-    default group, and with ``expert_model_parallel_size`` > 1 the EP and EDP groups.
+    default group, with ``expert_model_parallel_size`` > 1 the EP and EDP groups, and with
+    ``num_distributed_optimizer_instances`` > 1 the distributed optimizer's instance groups
+    (module doc; it must divide DP x CP and EDP).
 
     Every rank must call this with the same arguments (``torch.distributed`` must already be
     initialized). Sizes are checked before any collective. ``backend`` defaults to the default
@@ -108,25 +99,9 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     layout = rank_layout(dist.get_world_size(), tensor_model_parallel_size,
                          pipeline_model_parallel_size, context_parallel_size,
                          expert_model_parallel_size)
-    me = dist.get_rank()
-    timeout = timedelta(minutes=distributed_timeout_minutes)
-    mine: dict[str, tuple[dist.ProcessGroup | None, list[int]]] = {}
-    kinds = ("tensor", "context", "data", "data_with_context", "pipeline", "model", "embedding",
-             "expert", "expert_data")
-    for kind in kinds:
-        mine[kind] = (None, [])  # only "embedding" can stay empty (middle stages)
-        if kind.startswith("expert") and expert_model_parallel_size == 1:
-            # EDP = DP x CP and no EP group: no groups of a single rank each
-            mine[kind] = (mine["data_with_context"] if kind == "expert_data" else (None, [me]))
-            continue
-        for ranks in getattr(layout, kind):
-            # every rank creates every group
-            group = dist.new_group(ranks, backend=backend, timeout=timeout)
-            if me in ranks:
-                mine[kind] = (group, ranks)
-    _GROUPS = _Groups(
-        *(part for kind in kinds for part in mine[kind]),
-        virtual_pipeline_world_size=vpp, virtual_pipeline_rank=0 if vpp is not None else None)
+    instances = instance_layout(layout, num_distributed_optimizer_instances)
+    _GROUPS = create_groups(layout, instances, backend,
+                            timedelta(minutes=distributed_timeout_minutes), vpp)
 
 
 def model_parallel_is_initialized() -> bool:
@@ -155,16 +130,13 @@ def destroy_model_parallel() -> None:
         _WRITERS = None
     if _GROUPS is None:
         return
-    groups = {id(g): g for g in (_GROUPS.tensor, _GROUPS.context, _GROUPS.data,
-                                 _GROUPS.data_with_context, _GROUPS.pipeline, _GROUPS.model,
-                                 _GROUPS.embedding, _GROUPS.expert, _GROUPS.expert_data)
-              if g is not None}
+    groups = {id(g): g for g in _GROUPS.process_groups()}
     _GROUPS = None
     for group in groups.values():
         dist.destroy_process_group(group)
 
 
-def _groups() -> _Groups:
+def _groups() -> Groups:
     if _GROUPS is None:
         raise RuntimeError("model parallel groups are not initialized: call "
                            "mp.parallel_state.initialize_model_parallel first")
@@ -186,11 +158,44 @@ def get_context_parallel_group() -> dist.ProcessGroup:
     return _groups().context
 
 
-def get_data_parallel_group(with_context_parallel: bool = False) -> dist.ProcessGroup:
+def _partial(with_context_parallel: bool, partial_data_parallel: bool) -> bool:
+    if partial_data_parallel and not with_context_parallel:
+        raise ValueError("partial_data_parallel=True needs with_context_parallel=True: the "
+                         "distributed optimizer's instances are slices of DP x CP (Megatron's "
+                         "rule)")
+    return partial_data_parallel
+
+
+def get_data_parallel_group(with_context_parallel: bool = False,
+                            partial_data_parallel: bool = False) -> dist.ProcessGroup:
     """The data-parallel ranks (which read different samples), or with
-    ``with_context_parallel`` the DP x CP ranks, which reduce gradients together."""
+    ``with_context_parallel`` the DP x CP ranks, which reduce gradients together, or with
+    ``partial_data_parallel`` too this rank's distributed-optimizer instance of them
+    (Megatron's intra-partial group; module doc)."""
     groups = _groups()
+    if _partial(with_context_parallel, partial_data_parallel):
+        return groups.intra_partial_data
     return groups.data_with_context if with_context_parallel else groups.data
+
+
+def get_inter_distributed_optimizer_instance_group() -> dist.ProcessGroup | None:
+    """The ranks at this rank's place in each distributed-optimizer instance, which all-reduce
+    their shards of the gradients (dense and experts'); None with one instance."""
+    return _groups().inter_instance
+
+
+get_inter_partial_data_parallel_group = get_inter_distributed_optimizer_instance_group  # older
+
+
+def get_intra_distributed_optimizer_instance_group() -> dist.ProcessGroup:
+    """Every rank of this rank's distributed-optimizer instance, which together hold one copy
+    of the optimizer state (the world with one instance)."""
+    return _groups().intra_instance
+
+
+def get_num_distributed_optimizer_instances() -> int:
+    """N: how many copies of the distributed optimizer's state the world holds."""
+    return dist.get_world_size() // len(_groups().intra_instance_ranks)
 
 
 def get_model_parallel_group() -> dist.ProcessGroup:
@@ -212,9 +217,13 @@ def get_expert_model_parallel_group() -> dist.ProcessGroup | None:
     return _groups().expert
 
 
-def get_expert_data_parallel_group() -> dist.ProcessGroup:
-    """The ranks that hold the same experts and reduce their gradients together."""
-    return _groups().expert_data
+def get_expert_data_parallel_group(partial_expert_data_parallel: bool = False
+                                   ) -> dist.ProcessGroup:
+    """The ranks that hold the same experts and reduce their gradients together, or with
+    ``partial_expert_data_parallel`` this rank's distributed-optimizer instance of them."""
+    groups = _groups()
+    return groups.intra_partial_expert_data if partial_expert_data_parallel \
+        else groups.expert_data
 
 
 # --- sizes and ranks ----------------------------------------------------------------------
@@ -247,17 +256,21 @@ def get_context_parallel_global_ranks() -> list[int]:
     return list(_groups().context_ranks)
 
 
-def _data_ranks(with_context_parallel: bool) -> list[int]:
+def _data_ranks(with_context_parallel: bool, partial_data_parallel: bool = False) -> list[int]:
     groups = _groups()
+    if _partial(with_context_parallel, partial_data_parallel):
+        return groups.intra_partial_data_ranks
     return groups.data_with_context_ranks if with_context_parallel else groups.data_ranks
 
 
-def get_data_parallel_world_size(with_context_parallel: bool = False) -> int:
-    return len(_data_ranks(with_context_parallel))
+def get_data_parallel_world_size(with_context_parallel: bool = False,
+                                 partial_data_parallel: bool = False) -> int:
+    return len(_data_ranks(with_context_parallel, partial_data_parallel))
 
 
-def get_data_parallel_rank(with_context_parallel: bool = False) -> int:
-    return _data_ranks(with_context_parallel).index(dist.get_rank())
+def get_data_parallel_rank(with_context_parallel: bool = False,
+                           partial_data_parallel: bool = False) -> int:
+    return _data_ranks(with_context_parallel, partial_data_parallel).index(dist.get_rank())
 
 
 def get_expert_model_parallel_world_size() -> int:
@@ -268,12 +281,18 @@ def get_expert_model_parallel_rank() -> int:
     return _groups().expert_ranks.index(dist.get_rank())
 
 
-def get_expert_data_parallel_world_size() -> int:
-    return len(_groups().expert_data_ranks)
+def _expert_data_ranks(partial_expert_data_parallel: bool) -> list[int]:
+    groups = _groups()
+    return groups.intra_partial_expert_data_ranks if partial_expert_data_parallel \
+        else groups.expert_data_ranks
 
 
-def get_expert_data_parallel_rank() -> int:
-    return _groups().expert_data_ranks.index(dist.get_rank())
+def get_expert_data_parallel_world_size(partial_expert_data_parallel: bool = False) -> int:
+    return len(_expert_data_ranks(partial_expert_data_parallel))
+
+
+def get_expert_data_parallel_rank(partial_expert_data_parallel: bool = False) -> int:
+    return _expert_data_ranks(partial_expert_data_parallel).index(dist.get_rank())
 
 
 def get_model_parallel_world_size() -> int:

@@ -39,7 +39,7 @@ SMALL = dict(num_layers=2, hidden_size=16, num_attention_heads=4, vocab_size=50,
              attention_dropout=0.0)
 CONFIGS = {  # the round trip's models
     "gpt": dict(normalization="LayerNorm", activation="gelu", add_bias_linear=True,
-                layernorm_zero_centered_gamma=True),
+                layernorm_zero_centered_gamma=True, embedding_init_method_std=0.01),
     "llama": dict(normalization="RMSNorm", activation="swiglu", ffn_hidden_size=24,
                   position_embedding_type="rope", rotary_interleaved=True, num_query_groups=2,
                   add_bias_linear=False, add_qkv_bias=True, qk_layernorm=True,
@@ -51,7 +51,8 @@ CONFIGS = {  # the round trip's models
                 add_bias_linear=False, num_moe_experts=4, moe_ffn_hidden_size=8,
                 moe_layer_freq=[0, 1], moe_shared_expert_intermediate_size=12,
                 moe_shared_expert_gate=True, moe_router_score_function="sigmoid",
-                moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.0),
+                moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.0,
+                qk_l2_norm=True, no_rope_freq="[1, 0]"),  # Llama 4's knobs
 }
 FIXTURE_NAMES = ("gpt", "llama", "qwen", "llama_interleaved", "moe", "moe_grouped")
 

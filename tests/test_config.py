@@ -374,7 +374,8 @@ COMMAND_LINE_ERRORS = [
      "'GPTSentencePieceTokenizer', 'ByteLevelTokenizer', 'NullTokenizer'")),
     (["--tokenizer-type", "GPT2BPETokenizer"], 4,
      ("model.vocab_size is not set, so it is read from the tokenizer (GPT2BPETokenizer), which "
-     "could not be built: vocab_file=None is not a file")),
+     "could not be built: tokenizer_type='GPT2BPETokenizer' needs vocab_file and merge_file "
+     "(Megatron's --vocab-file, --merge-file)")),
 ]
 
 

@@ -135,6 +135,12 @@ def test_megatron_llama3_example_runs_as_written():
         "notice: --ckpt-format torch_dist", "notice: --log-timers-to-tensorboard"]
 
 
+def notices_of(argv: list[str]) -> list[str]:
+    """The flags (and values) of the notices of ``argv``, a command line that parses."""
+    parse_args(argv, world_size=4)
+    return [line.split(" has no effect")[0] for line in flag_notices(argv)]
+
+
 def test_flags_without_effect_say_why():
     argv = ["--config", TINY, "--transformer-impl", "local",
             "--attention-softmax-in-fp32", "--lr", "1e-3"]
@@ -149,8 +155,7 @@ def test_flags_without_effect_say_why():
             "--no-async-strategy", "--dist-ckpt-strictness", "assume_ok_unexpected",
             "--no-rope-fusion", "--apply-query-key-layer-scaling",
             "--cross-entropy-fusion-impl", "te", "--log-loss-scale-to-tensorboard"]
-    parse_args(more, world_size=4)
-    assert [line.split(" has no effect")[0] for line in flag_notices(more)] == [
+    assert notices_of(more) == [
         "notice: --use-dist-ckpt", "notice: --auto-detect-ckpt-format",
         "notice: --no-async-strategy", "notice: --dist-ckpt-strictness assume_ok_unexpected",
         "notice: --no-rope-fusion", "notice: --apply-query-key-layer-scaling",
@@ -175,8 +180,40 @@ def test_flags_without_effect_say_why():
     (["--use-tp-pp-dp-mapping"], ("--use-tp-pp-dp-mapping: mp lays ranks out in Megatron's "
                                   "default order (TP fastest, then CP, DP, PP); the TP-PP-DP "
                                   "order is not available")),
-    (["--use-torch-fsdp2"], ("--use-torch-fsdp2: mp has no FSDP; --use-distributed-optimizer "
-                             "shards the optimizer state over data parallel")),
+    (["--use-torch-fsdp2"], ("--use-torch-fsdp2: mp has no FSDP (--use-megatron-fsdp, "
+                             "--use-torch-fsdp2); --use-distributed-optimizer shards the "
+                             "optimizer state over data parallel")),
+    (["--data-parallel-sharding-strategy", "optim_grads"], (
+        "--data-parallel-sharding-strategy optim_grads: mp has no FSDP (--use-megatron-fsdp, "
+        "--use-torch-fsdp2); --use-distributed-optimizer shards the optimizer state over data "
+        "parallel; only no_shard is accepted")),
+    (["--batch-size", "4"], ("--batch-size: Megatron-LM refuses this old flag too: use "
+                             "--micro-batch-size")),
+    (["--rerun-mode", "validate_results"], (
+        "--rerun-mode validate_results: mp has no re-run engine: it never re-runs an iteration "
+        "to check its result (a non-finite loss stops a bf16/fp32 run); only disabled is "
+        "accepted")),
+    (["--fp4-format", "e2m1"], "--fp4-format: mp has no FP4 training (Transformer Engine); use "
+     "--bf16"),
+    (["--no-fp8-wgrad"], "--no-fp8-wgrad: mp has no FP8 training (Transformer Engine); use "
+     "--bf16"),
+    (["--spec", "my.specs", "layer_spec"], (
+        "--spec my.specs layer_spec: mp builds Megatron's local layers (--spec local); it takes "
+        "no spec module; only local is accepted")),
+    (["--mid-level-dataset-surplus", "0.01"], (
+        "--mid-level-dataset-surplus 0.01: mp builds each blend member with Megatron's default "
+        "surplus of 0.005 (mp.data.dataset_builder); only 0.005 is accepted")),
+    (["--cp-comm-type", "p2p", "a2a"], (
+        "--cp-comm-type p2p a2a: mp takes one communication type for every layer (all_gather, "
+        "a2a or p2p), not one per layer")),
+    (["--moe-router-load-balancing-type", "aux_loss", "seq_aux_loss", "--moe-aux-loss-coeff",
+      "1e-2", "1e-3"], (
+        "--moe-router-load-balancing-type aux_loss seq_aux_loss: mp takes one load-balancing "
+        "type (aux_loss, seq_aux_loss, global_aux_loss or none), not several whose losses add "
+        "up")),
+    (["--moe-aux-loss-coeff", "1e-2", "1e-3"], (
+        "--moe-aux-loss-coeff 1e-2 1e-3: mp takes one coefficient, that of its one "
+        "--moe-router-load-balancing-type")),
     (["--apply-residual-connection-post-layernorm"], (
         "--apply-residual-connection-post-layernorm: mp's layers add the residual from before "
         "the norm (pre-norm, Megatron's default)")),
@@ -406,3 +443,70 @@ def test_mixture_of_experts_flags():
                     "--expert-model-parallel-size", "8", world_size=4) == (
         "model.expert_model_parallel_size=8 does not divide data_parallel_size=4 "
         "(world_size=4): the experts are split over data-parallel ranks")
+
+
+def test_megatron_spellings_and_aliases():
+    """Megatron's current spellings: the encoder aliases of GPT's layers and sequence (Megatron
+    copies them), ``--persistent-save-interval``, ``--no-overlap-p2p-communication`` and
+    ``--cp-comm-type allgather``; a list flag with one value is that value."""
+    cfg = shipped("gpt-tiny", "--encoder-num-layers", "3", "--encoder-seq-length", "64",
+                  "--persistent-save-interval", "7", "--overlap-p2p-communication",
+                  "--no-overlap-p2p-communication", "--cp-comm-type", "allgather",
+                  "--moe-router-load-balancing-type", "seq_aux_loss", "--moe-aux-loss-coeff",
+                  "1e-3")
+    m = cfg.model
+    assert (m.num_layers, m.seq_length, cfg.training.save_interval) == (3, 64, 7)
+    assert (m.overlap_p2p_comm, m.cp_comm_type) == (False, "all_gather")
+    assert (m.moe_router_load_balancing_type, m.moe_aux_loss_coeff) == ("seq_aux_loss", 1e-3)
+    assert shipped("gpt-tiny", "--overlap-p2p-communication").model.overlap_p2p_comm is True
+
+
+def test_more_flags_without_effect():
+    """Flags that change nothing in mp, and values that are what mp does anyway (accepted
+    silently, as ``--optimizer adam``)."""
+    argv = ["--config", TINY, "--local-rank", "3", "--no-log-loss-scale-to-tensorboard",
+            "--high-priority-stream-groups", "dp", "ep", "--no-ckpt-fully-parallel-save",
+            "--disable-tp-comm-split-ag", "--timing-log-option", "max", "--rerun-mode",
+            "disabled", "--data-parallel-sharding-strategy", "no_shard",
+            "--pipeline-model-parallel-comm-backend", "nccl", "--spec", "local",
+            "--mid-level-dataset-surplus", "5e-3", "--high-priority-stream-groups"]
+    assert notices_of(argv) == [
+        "notice: --local-rank 3", "notice: --no-log-loss-scale-to-tensorboard",
+        "notice: --high-priority-stream-groups dp ep", "notice: --no-ckpt-fully-parallel-save",
+        "notice: --disable-tp-comm-split-ag", "notice: --timing-log-option max",
+        "notice: --high-priority-stream-groups"]
+    assert flag_notices(["--no-log-loss-scale-to-tensorboard"]) == [
+        "notice: --no-log-loss-scale-to-tensorboard has no effect in mp: TensorBoard always "
+        "gets the loss scale (loss-scale); mp has no switch to leave it out"]
+
+
+def test_a_bad_flag_value_is_one_error_line(tmp_path, capsys):
+    """A Hugging Face tokenizer without its file names the missing flag; a file its library
+    cannot read is named too; neither shows a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--tokenizer-type", "HuggingFaceTokenizer"], world_size=1, prog="p")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "p: error: model.vocab_size is not set, so it is read from the tokenizer "
+        "(HuggingFaceTokenizer), which could not be built: tokenizer_type="
+        "'HuggingFaceTokenizer' needs tokenizer_model (Megatron's --tokenizer-model)\n")
+    (tmp_path / "tokenizer.json").write_text("not json")
+    with pytest.raises(SystemExit):
+        parse_args(["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                    str(tmp_path)], world_size=1, prog="p")
+    err = capsys.readouterr().err
+    assert err.startswith(f"p: error: model.vocab_size is not set, so it is read from the "
+                          f"tokenizer (HuggingFaceTokenizer), which could not be built: "
+                          f"tokenizer_model='{tmp_path / 'tokenizer.json'}' could not be read: ")
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_any_config_exception_is_one_error_line(monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("a library's own error")
+
+    monkeypatch.setattr("mp.config.cli.load_config", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--lr", "1"], world_size=1, prog="p")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "p: error: RuntimeError: a library's own error\n"

@@ -205,8 +205,17 @@ def test_build_tokenizer_errors_name_the_value(tmp_path):
     with pytest.raises(ValueError, match="does not take vocab_file"):
         build_tokenizer("ByteLevelTokenizer", vocab_file="v.json")
     (tmp_path / "vocab.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="merge_file=None is not a file"):
+    with pytest.raises(ValueError, match=r"'GPT2BPETokenizer' needs merge_file \(Megatron's "
+                       r"--merge-file\)"):
         build_tokenizer("GPT2BPETokenizer", vocab_file=str(tmp_path / "vocab.json"))
+    with pytest.raises(FileNotFoundError, match="merge_file='nowhere.txt' is not a file"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(tmp_path / "vocab.json"),
+                        merge_file="nowhere.txt")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    (tmp_path / "vocab.json").write_text("[1, 2]")  # not a mapping of tokens to ids
+    with pytest.raises(ValueError, match="vocab_file and merge_file=.* could not be read: "):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(tmp_path / "vocab.json"),
+                        merge_file=str(tmp_path / "merges.txt"))
     with pytest.raises(FileNotFoundError, match="tokenizer_model='nowhere.model' is not a file"):
         build_tokenizer("GPTSentencePieceTokenizer", tokenizer_model="nowhere.model")
 

@@ -77,6 +77,13 @@ LAYER_CASES = {  # name -> config overrides (tp and sequence_parallel are added 
         qk_layernorm=True, normalization="RMSNorm", num_attention_heads=16, num_query_groups=4,
         attention_dropout=0.0, kv_channels=24),
     "squared_relu_nobias": dict(activation="squared_relu", add_bias_linear=False),
+    # qk_l2_norm: fp32 copies of q and k and a factor per head row; a NoPE layer
+    # (no_rope_freq) keeps its normalized q and k, no rotated ones, no rotary tables
+    "qk_l2_norm_gqa_unfused_nope": dict(qk_l2_norm=True, position_embedding_type="rope",
+                                        no_rope_freq=1, attention_backend="unfused",
+                                        num_attention_heads=16, num_query_groups=4),
+    "qk_l2_norm_rope_sdpa_flash": dict(qk_l2_norm=True, position_embedding_type="rope",
+                                       attention_dropout=0.0),
     # sliding windows of 8 earlier keys (of S = 32): an explicit mask where a call's keys
     # reach past the window (at CP 4, rank 1's first chunk's 8 keys do not: mixed calls)
     "window_unfused": dict(attention_backend="unfused", window_size=[8, 0]),
@@ -104,6 +111,10 @@ BLOCK_CASES = {  # two-layer chunks: full recompute over them, or layers that di
     "full_block_window_second_layer": dict(recompute_granularity="full", recompute_method="block",
                                            recompute_num_layers=1, attention_backend="unfused",
                                            window_size=[8, 0], window_attn_skip_freq=[0, 1]),
+    # Llama 4's attention: the second layer skips RoPE, both L2-normalize q and k
+    "no_rope_second_layer_qk_l2_norm_gqa": dict(position_embedding_type="rope", no_rope_freq=2,
+                                                qk_l2_norm=True, num_attention_heads=16,
+                                                num_query_groups=4, attention_dropout=0.0),
     "window_every_other_layer_sdpa_flash": dict(window_size=[8, 0], window_attn_skip_freq=2,
                                                 attention_dropout=0.0),
 }

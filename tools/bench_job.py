@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from mp import parallel_state
 from mp.config import JobConfig, parse_args
-from mp.initialize import initialize_distributed
+from mp.initialize import initialize_distributed, initialize_model_parallel_of
 from mp.training import gpt_step
 from mp.training.pretrain import set_random_seed, setup_model_and_optimizer
 from mp.training.training import train_step
@@ -43,14 +43,9 @@ class BenchJob:
         parser.add_argument("--config", required=True, help="YAML config, as for pretrain_gpt.py")
         args, overrides = parser.parse_known_args()
         cfg = parse_args(["--config", args.config, *overrides], prog=prog)
-        initialize_distributed()
+        initialize_distributed(timeout_minutes=cfg.training.distributed_timeout_minutes)
+        initialize_model_parallel_of(cfg)
         m, tr = cfg.model, cfg.training
-        parallel_state.initialize_model_parallel(m.tensor_model_parallel_size,
-                                                 m.pipeline_model_parallel_size,
-                                                 m.virtual_pipeline_model_parallel_size,
-                                                 context_parallel_size=m.context_parallel_size,
-                                                 expert_model_parallel_size=(
-                                                     m.expert_model_parallel_size))
         set_random_seed(tr.seed)
         model, optimizer, scheduler = setup_model_and_optimizer(cfg)
         text = torch.randint(0, m.vocab_size, (tr.micro_batch_size, m.seq_length + 1),

@@ -9,8 +9,8 @@ random tokens (AdamW creates its moments there), then counts, tensor by tensor o
 parameters, the fp32 gradient buffer (padding included), and the optimizer state (fp32 masters
 that are not the parameters themselves, AdamW's moments and step counters). Prints one table
 row in bytes per model parameter next to Megatron's figures (`2 + 4 + 12/d` bf16, `4 + 4 +
-8/d` fp32 with the distributed optimizer; 18 and 16 without). Other arguments are config
-overrides (``launch/pretrain_gpt.py --help``).
+8/d` fp32 with the distributed optimizer, `d` = DP / `--num-distributed-optimizer-instances`;
+18 and 16 without). Other arguments are config overrides (``launch/pretrain_gpt.py --help``).
 """
 
 from __future__ import annotations
@@ -43,10 +43,12 @@ def main() -> None:
     opt = _nbytes(state) + _nbytes(masters)
     dp = parallel_state.get_data_parallel_world_size()
     half = m.precision != "fp32"
-    shards = dp if tr.use_distributed_optimizer else 1
+    instances = tr.num_distributed_optimizer_instances  # copies of the sharded state
+    shards = dp // instances if tr.use_distributed_optimizer else 1
     formula = (2 + 4 + 12 / shards) if half else (4 + 4 + 8 / shards)
     if dist.get_rank() == 0:
         name = "distributed" if tr.use_distributed_optimizer else "plain"
+        name += f", {instances} instances" if instances > 1 else ""
         print(f"| {os.path.basename(job.args.config)} {m.precision} | {name} | DP{dp} | "
               f"{n / 1e6:.1f}M | {weights / n:.3f} | {grads / n:.4f} | {opt / n:.4f} | "
               f"{(weights + grads + opt) / n:.4f} | {formula:.3f} |", flush=True)

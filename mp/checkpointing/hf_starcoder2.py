@@ -122,6 +122,7 @@ def hf_config(config: TransformerConfig) -> dict:
              "rotary_percent": (1.0,), "rotary_interleaved": (False,),
              "use_rope_scaling": (False,),
              "rotary_seq_len_interpolation_factor": (None,), "qk_layernorm": (False,),
+             "qk_l2_norm": (False,), "no_rope_freq": (None,),
              # q, k, v biases come with use_bias, which gives every linear layer one
              "add_qkv_bias": (False, True) if config.add_bias_linear else (False,),
              "num_moe_experts": (None,), "multi_latent_attention": (False,),

@@ -1,6 +1,7 @@
 """How the pretraining job uses checkpoints (Megatron's ``--load``, ``--save``,
 ``--save-interval``, ``--no-load-optim``, ``--no-load-rng``, ``--no-save-optim``,
-``--no-save-rng``, ``--exit-on-missing-checkpoint``, plus ``keep_last``).
+``--no-save-rng``, ``--exit-on-missing-checkpoint``, ``--non-persistent-save-interval``,
+plus ``keep_last``).
 
 - `start_point`: where the run starts, from ``training.load``'s newest complete checkpoint
   (its metadata only). A directory with no checkpoint yet starts from scratch, so one command
@@ -12,7 +13,10 @@
   resumes its iteration and data position; ``training.no_load_optim`` leaves out the
   optimizer state, the loss scaler and the learning-rate schedule (as Megatron, whose schedule
   is saved with the optimizer), and a checkpoint saved without them (``no_save_optim``) needs
-  it; ``training.no_load_rng`` leaves out the RNG states.
+  it; ``training.no_load_rng`` leaves out the RNG states. With
+  ``training.non_persistent_ckpt_type="global"`` the newest checkpoint of the non-persistent
+  directory (`non_persistent_dir` of ``load``) is taken instead when it is at least as new
+  (Megatron's rule); ``training.ckpt_step`` names one of ``load``'s own.
 - `resume`: load it. Call it last, right before the training loop: it restores the RNG states,
   and anything drawing from them afterwards would shift the run (creating a DataLoader
   iterator draws its base seed from torch's generator, so build the data iterators first).
@@ -21,7 +25,9 @@
   state and schedule under ``training.no_save_optim`` and the RNG states under
   ``no_save_rng``; with ``training.async_save`` the writing goes on in the background
   (`mp.checkpointing.async_save`), the loop polling it after every iteration and finishing
-  it before it ends.
+  it before it ends. Every ``training.non_persistent_save_interval`` iterations that are not
+  a ``save_interval`` one, the loop saves into the non-persistent directory instead, which
+  keeps only its newest checkpoint; the run's end and early exits save into ``save``.
 """
 
 from __future__ import annotations
@@ -43,10 +49,11 @@ from mp.checkpointing.checkpoint import (
 )
 from mp.checkpointing.errors import CheckpointError
 from mp.checkpointing.files import find_checkpoint
-from mp.config import JobConfig
+from mp.config import JobConfig, TrainingConfig
 from mp.optim import MixedPrecisionOptimizer, OptimizerParamScheduler
 
 DEEPSPEED_LATEST = "latest"  # DeepSpeed's file naming a save directory's newest checkpoint
+NON_PERSISTENT_DIR = "non_persistent"  # Megatron's, under the save or load directory
 
 
 @dataclass(frozen=True)
@@ -66,11 +73,30 @@ def _say(text: str) -> None:
         print(text, flush=True)
 
 
+def non_persistent_dir(training: TrainingConfig, base: str) -> Path:
+    """The directory of the non-persistent checkpoints: ``training.non_persistent_global_ckpt_
+    dir``, else ``base/non_persistent`` (``base``: the save or the load directory)."""
+    return Path(training.non_persistent_global_ckpt_dir or os.path.join(base, NON_PERSISTENT_DIR))
+
+
+def _checkpoint_to_load(training: TrainingConfig) -> Path | None:
+    """``training.load``'s newest checkpoint (``ckpt_step``'s with one), or the non-persistent
+    directory's when that is at least as new; None when neither holds one."""
+    persistent = find_checkpoint(training.load, training.ckpt_step)
+    if training.non_persistent_ckpt_type is None or training.ckpt_step is not None:
+        return persistent
+    scratch = find_checkpoint(non_persistent_dir(training, training.load))
+    if scratch is None or (persistent is not None and read_checkpoint_info(scratch).iteration
+                           < read_checkpoint_info(persistent).iteration):
+        return persistent
+    return scratch
+
+
 def check_checkpoint_exists(cfg: JobConfig) -> None:
     """With ``training.exit_on_missing_checkpoint``, raise ValueError naming ``training.load``
     unless it holds a checkpoint (mp's, or a DeepSpeed job's); needs no process group."""
     load = cfg.training.load
-    if cfg.training.exit_on_missing_checkpoint and find_checkpoint(load) is None \
+    if cfg.training.exit_on_missing_checkpoint and _checkpoint_to_load(cfg.training) is None \
             and not os.path.isfile(os.path.join(load, DEEPSPEED_LATEST)):
         raise ValueError(f"training.load={load!r} holds no checkpoint and training."
                          "exit_on_missing_checkpoint is set: stopping before training (drop "
@@ -83,7 +109,7 @@ def start_point(cfg: JobConfig) -> StartPoint:
     tr = cfg.training
     if tr.load is None:
         return StartPoint()
-    directory = find_checkpoint(tr.load, tr.ckpt_step)
+    directory = _checkpoint_to_load(tr)
     if directory is None:
         if os.path.isfile(os.path.join(tr.load, DEEPSPEED_LATEST)):
             raise CheckpointError(f"training.load={tr.load!r} holds a DeepSpeed "
@@ -143,9 +169,10 @@ def checkpoint_hook(cfg: JobConfig, model: list[nn.Module], optimizer: MixedPrec
 
 class JobSaver:
     """``saver(state)`` saves the job at ``state.iteration`` into ``training.save`` (keeping
-    the last ``training.keep_last``); with ``training.async_save`` it starts an `AsyncSave`
-    (after finishing the one in flight), which `poll` commits once written and `finish`
-    waits for. Collective, as saving is."""
+    the last ``training.keep_last``), ``saver(state, non_persistent=True)`` into the
+    non-persistent directory (keeping the newest only); with ``training.async_save`` it
+    starts an `AsyncSave` (after finishing the one in flight), which `poll` commits once
+    written and `finish` waits for. Collective, as saving is."""
 
     def __init__(self, cfg: JobConfig, model: list[nn.Module],
                  optimizer: MixedPrecisionOptimizer, scheduler: OptimizerParamScheduler):
@@ -153,18 +180,20 @@ class JobSaver:
         self.saved = (None, None) if self.training.no_save_optim else (optimizer, scheduler)
         self.pending: AsyncSave | None = None
 
-    def __call__(self, state) -> None:
+    def __call__(self, state, non_persistent: bool = False) -> None:
         tr = self.training
+        directory, keep_last = (non_persistent_dir(tr, tr.save), 1) if non_persistent \
+            else (tr.save, tr.keep_last)
         arguments = dict(consumed_train_samples=state.consumed_train_samples,
                          config=self.config, save_rng=not tr.no_save_rng)
         if not tr.async_save:
-            save_checkpoint(tr.save, state.iteration, self.model, *self.saved,
-                            keep_last=tr.keep_last, **arguments)
+            save_checkpoint(directory, state.iteration, self.model, *self.saved,
+                            keep_last=keep_last, **arguments)
             return
         self.finish()
         tensors, meta = job_state(self.model, *self.saved, iteration=state.iteration,
                                   **arguments)
-        self.pending = AsyncSave(tr.save, state.iteration, tensors, meta, tr.keep_last)
+        self.pending = AsyncSave(directory, state.iteration, tensors, meta, keep_last)
 
     def poll(self) -> None:
         """Commit the save in flight if every rank has written it."""

@@ -45,8 +45,7 @@ _REFUSED_ARGS = {
     "multi_latent_attention": (False, (False,)),
     "mtp_num_layers": (None, (None, 0)),
     "apply_residual_connection_post_layernorm": (False, (False,)),
-    "softmax_scale": (None, (None,)), "no_rope_freq": (None, (None,)),
-    "quick_geglu": (False, (False,)), "qk_l2_norm": (False, (False,)),
+    "softmax_scale": (None, (None,)), "quick_geglu": (False, (False,)),
     "heterogeneous_layers_config_path": (None, (None,)),
     "normalization": ("LayerNorm", ("LayerNorm", "RMSNorm")),
     "moe_input_jitter_eps": (None, (None,)), "moe_apply_probs_on_input": (False, (False,)),
@@ -105,7 +104,11 @@ def _config(args, positions: str, tensor_model_parallel_size: int | None,
         layernorm_zero_centered_gamma=getattr(args, "apply_layernorm_1p", False),
         activation=("swiglu" if args.swiglu else "squared_relu"
                     if getattr(args, "squared_relu", False) else "gelu"),
-        qk_layernorm=getattr(args, "qk_layernorm", False),
+        qk_l2_norm=getattr(args, "qk_l2_norm", False),
+        # Megatron builds the L2 norm in the q/k layernorms' place: no q/k norm weights then
+        qk_layernorm=getattr(args, "qk_layernorm", False) and not getattr(args, "qk_l2_norm",
+                                                                          False),
+        no_rope_freq=getattr(args, "no_rope_freq", None) or None,  # Megatron: 0 or [] is off
         position_embedding_type=positions,
         rotary_base=float(getattr(args, "rotary_base", 10000)),
         rotary_percent=getattr(args, "rotary_percent", 1.0),
@@ -120,6 +123,7 @@ def _config(args, positions: str, tensor_model_parallel_size: int | None,
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std, tensor_model_parallel_size=tp,
+        embedding_init_method_std=getattr(args, "embedding_init_method_std", None),
         **_moe_fields(args))
     if config.padded_vocab_size != rows:
         raise ValueError(

@@ -103,6 +103,15 @@ def _moe_layer_freq(config: TransformerConfig) -> int | list[int]:
     return [int(config.is_moe_layer(i)) for i in range(config.num_layers)]
 
 
+def _no_rope_freq(config: TransformerConfig) -> int | list[int] | None:
+    """``config.no_rope_freq`` as Megatron-LM's args hold it: N, or a 0/1 per layer (1: no
+    RoPE) for a list or an expression."""
+    freq = config.no_rope_freq
+    if freq is None or isinstance(freq, int):
+        return freq
+    return [int(not config.applies_rope(layer)) for layer in range(1, config.num_layers + 1)]
+
+
 def args_from_config(config: TransformerConfig, *, iteration: int = 0,
                      transformer_impl: str = "transformer_engine") -> argparse.Namespace:
     """Megatron-LM's ``args`` of ``config``'s model, the names ``validate_args`` leaves (what
@@ -123,7 +132,7 @@ def args_from_config(config: TransformerConfig, *, iteration: int = 0,
         normalization=config.normalization, norm_epsilon=config.layernorm_epsilon,
         apply_layernorm_1p=config.layernorm_zero_centered_gamma,
         swiglu=config.activation == "swiglu", squared_relu=config.activation == "squared_relu",
-        openai_gelu=False, qk_layernorm=config.qk_layernorm, qk_l2_norm=False,
+        openai_gelu=False, qk_layernorm=config.qk_layernorm, qk_l2_norm=config.qk_l2_norm,
         position_embedding_type=positions,
         add_position_embedding=positions == "learned_absolute",
         use_rotary_position_embeddings=positions == "rope",
@@ -133,11 +142,13 @@ def args_from_config(config: TransformerConfig, *, iteration: int = 0,
         rotary_seq_len_interpolation_factor=config.rotary_seq_len_interpolation_factor,
         window_size=None if window is None else tuple(window),
         window_attn_skip_freq=config.window_attn_skip_freq,
+        no_rope_freq=_no_rope_freq(config),
         add_bias_linear=config.add_bias_linear, add_qkv_bias=config.add_qkv_bias,
         untie_embeddings_and_output_weights=config.untie_embeddings_and_output_weights,
         apply_residual_connection_post_layernorm=False, multi_latent_attention=False,
         mtp_num_layers=None, hidden_dropout=config.hidden_dropout,
         attention_dropout=config.attention_dropout, init_method_std=config.init_method_std,
+        embedding_init_method_std=config.embedding_init_method_std,
         init_method_xavier_uniform=config.init_method_xavier_uniform,
         tensor_model_parallel_size=config.tensor_model_parallel_size,
         pipeline_model_parallel_size=config.pipeline_model_parallel_size,

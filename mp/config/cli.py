@@ -32,7 +32,8 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
     ``--config`` the flags give the whole job, as on Megatron-LM's command line).
 
     Like argparse, ``-h``/``--help`` prints `help_text` and exits with status 0, and a bad
-    command line or config prints ``PROG: error: MESSAGE`` to stderr and exits with status 2.
+    command line or config prints ``PROG: error: MESSAGE`` to stderr and exits with status 2
+    (any other exception the config raises too, its type named: never a traceback).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or os.path.basename(sys.argv[0] or "pretrain_gpt.py")
@@ -44,6 +45,9 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
         return load_config(path, overrides, world_size)
     except (ValueError, OSError) as error:  # ConfigError, TransformerConfig's, a missing file
         print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+    except Exception as error:  # any other: still one line, never a traceback
+        print(f"{prog}: error: {type(error).__name__}: {error}", file=sys.stderr)
         raise SystemExit(2) from error
 
 

@@ -86,9 +86,10 @@ class JobConfig:
         """The rules that need the world size (each section checked itself when built): TP x PP
         divides it, micro-batch x DP divides every global batch size of the run, with virtual
         pipeline stages the micro-batches are a multiple of PP (Megatron's interleaved
-        schedule), expert parallelism fits (`_check_experts`), a run counted in samples
-        holds at least one iteration, ``training.grad_reduce_in_bf16`` goes with a bf16
-        model, DeepSpeed jobs do not ask for the norms and counts only mp's optimizer
+        schedule), expert parallelism fits (`_check_experts`), the distributed optimizer's
+        instances divide DP x CP (`TrainingConfig.check_optimizer_instances`), a run counted in
+        samples holds at least one iteration, ``training.grad_reduce_in_bf16`` goes with a
+        bf16 model, DeepSpeed jobs do not ask for the norms and counts only mp's optimizer
         measures, and the ranks to profile exist."""
         schedule = self.batch_schedule(world_size)
         pp = self.model.pipeline_model_parallel_size
@@ -108,6 +109,10 @@ class JobConfig:
                 f"training.train_samples={self.training.train_samples} holds no whole iteration "
                 f"(the first takes {schedule.global_batch_size_at(0)} samples)")
         self._check_experts(world_size)
+        m = self.model
+        self.training.check_optimizer_instances(self.data_parallel_size(world_size),
+                                                m.context_parallel_size,
+                                                m.expert_model_parallel_size)
         self._check_auxiliary_losses()
         if self.training.grad_reduce_in_bf16 and self.model.precision != "bf16":
             raise ConfigError(f"training.grad_reduce_in_bf16=true needs model.precision='bf16' "

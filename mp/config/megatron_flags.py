@@ -20,7 +20,8 @@ _MEGATRON_NAMES = {
         "ffn_hidden_size", "seq_length",
         "max_position_embeddings", "make_vocab_size_divisible_by", "normalization",
         "position_embedding_type", "untie_embeddings_and_output_weights", "hidden_dropout",
-        "attention_dropout", "init_method_std", "tensor_model_parallel_size",
+        "attention_dropout", "init_method_std", "embedding_init_method_std",
+        "tensor_model_parallel_size",
         "pipeline_model_parallel_size", "sequence_parallel", "recompute_granularity",
         "recompute_modules", "add_qkv_bias", "moe_shared_expert_gate",
         "overlap_p2p_comm", "recompute_method", "recompute_num_layers",
@@ -38,6 +39,7 @@ _MEGATRON_NAMES = {
         "moe_router_group_topk", "multi_latent_attention", "q_lora_rank", "kv_lora_rank",
         "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "mtp_num_layers",
         "mtp_loss_scaling_factor", "window_size", "window_attn_skip_freq", "rotary_interleaved",
+        "qk_l2_norm", "no_rope_freq",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
@@ -58,6 +60,9 @@ _MEGATRON_NAMES = {
         "weight_decay_incr_style", "start_weight_decay", "end_weight_decay",
         "check_weight_hash_across_dp_replicas_interval",
         "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler",
+        "iterations_to_skip", "deterministic_mode",
+        "num_distributed_optimizer_instances", "non_persistent_save_interval",
+        "non_persistent_ckpt_type", "non_persistent_global_ckpt_dir",
     ),
     "data": (
         "data_path", "split", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model",
@@ -66,7 +71,7 @@ _MEGATRON_NAMES = {
         "test_data_path", "dataloader_type",
     ),
     "logging": ("log_interval", "tensorboard_dir", "log_params_norm", "log_num_zeros_in_grad",
-                "wandb_project", "wandb_exp_name", "wandb_save_dir", "profile",
+                "wandb_project", "wandb_entity", "wandb_exp_name", "wandb_save_dir", "profile",
                 "use_pytorch_profiler", "profile_step_start", "profile_step_end",
                 "profile_ranks", "tensorboard_log_interval", "tensorboard_queue_size",
                 "log_world_size_to_tensorboard"),
@@ -87,6 +92,9 @@ ALIASES["--norm-epsilon"] = ALIASES["--layernorm-epsilon"] = "model.layernorm_ep
 ALIASES["--num-virtual-stages-per-pipeline-rank"] = "model.virtual_pipeline_model_parallel_size"
 ALIASES["--decoder-first-pipeline-num-layers"] = "model.num_layers_in_first_pipeline_stage"
 ALIASES["--decoder-last-pipeline-num-layers"] = "model.num_layers_in_last_pipeline_stage"
+ALIASES["--encoder-num-layers"] = "model.num_layers"  # Megatron copies both to GPT's keys
+ALIASES["--encoder-seq-length"] = "model.seq_length"
+ALIASES["--persistent-save-interval"] = "training.save_interval"
 ALIASES["--override-opt_param-scheduler"] = "training.override_opt_param_scheduler"
 ALIASES["--use-checkpoint-opt_param-scheduler"] = "training.use_checkpoint_opt_param_scheduler"
 
@@ -94,6 +102,19 @@ ALIASES["--use-checkpoint-opt_param-scheduler"] = "training.use_checkpoint_opt_p
 MEGATRON_VALUES: dict[str, dict[str, str]] = {
     "--attention-backend": {"auto": "sdpa", "flash": "sdpa", "fused": "sdpa",
                             "local": "unfused"},
+    "--cp-comm-type": {"allgather": "all_gather"},
+}
+
+#: Megatron-LM flags that take a list where mp's key takes one value -> what mp takes (more
+#: than one value is an error saying so).
+ONE_VALUE_FLAGS: dict[str, str] = {
+    "--cp-comm-type": ("mp takes one communication type for every layer (all_gather, a2a or "
+                       "p2p), not one per layer"),
+    "--moe-router-load-balancing-type": ("mp takes one load-balancing type (aux_loss, "
+                                         "seq_aux_loss, global_aux_loss or none), not several "
+                                         "whose losses add up"),
+    "--moe-aux-loss-coeff": ("mp takes one coefficient, that of its one "
+                             "--moe-router-load-balancing-type"),
 }
 
 #: Megatron-LM flags that take no value -> (key, the value they set).
@@ -122,16 +143,23 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--moe-router-pre-softmax": ("model.moe_router_pre_softmax", "true"),
     "--moe-grouped-gemm": ("model.moe_grouped_gemm", "true"),
     "--moe-router-enable-expert-bias": ("model.moe_router_enable_expert_bias", "true"),
+    "--no-overlap-p2p-communication": ("model.overlap_p2p_comm", "false"),
 }
 
 _LOSS_CHECK = ("mp always checks the loss: a non-finite one stops a bf16/fp32 run, and fp16's "
                "loss scaler skips the step")
 _DCP = ("mp's checkpoints are torch.distributed.checkpoint directories: every rank writes and "
         "reads its own part")
+_TIMING = "mp times whole iterations only (the log line's ms/iter)"
+_TP_OVERLAP = ("it tunes --tp-comm-overlap (Transformer Engine's userbuffers), which mp does "
+               "not do")
+_ANY_LAYOUT = ("mp's checkpoints, optimizer state included, load at any parallel layout "
+               "(docs/checkpoints.md)")
+_DEPRECATED = "Megatron-LM ignores it too (deprecated)"
 
 #: Megatron-LM flags that mp accepts and that change nothing in mp -> (how many values they
-#: take, why). A job started with one says so once (`no_effect_notices`).
-NO_EFFECT_FLAGS: dict[str, tuple[int, str]] = {
+#: take, None for any number; why). A job started with one says so once (`no_effect_notices`).
+NO_EFFECT_FLAGS: dict[str, tuple[int | None, str]] = {
     "--use-mcore-models": (0, "mp has one GPT, laid out as Megatron-Core's"),
     "--log-throughput": (0, "every log line has tokens/s, TFLOP/s per GPU and MFU"),
     "--log-timers-to-tensorboard": (0, ("mp times whole iterations, and TensorBoard always gets "
@@ -183,7 +211,7 @@ NO_EFFECT_FLAGS: dict[str, tuple[int, str]] = {
     "--log-loss-scale-to-tensorboard": (0, ("TensorBoard always gets the loss scale "
                                            "(loss-scale)")),
     "--num-dataset-builder-threads": (1, "mp builds the dataset indices without a thread pool"),
-    "--timing-log-level": (1, ("mp times whole iterations only (the log line's ms/iter)")),
+    "--timing-log-level": (1, _TIMING),
     "--moe-token-dispatcher-type": (1, ("mp's experts trade tokens by all-to-all over the "
                                        "expert-parallel ranks (Megatron's alltoall); the "
                                        "others give the same results")),
@@ -191,14 +219,115 @@ NO_EFFECT_FLAGS: dict[str, tuple[int, str]] = {
     "--moe-pad-expert-input-to-capacity": (0, ("mp sizes each layer's exchanges by the counts "
                                               "it routed; padding with unrouted copies changes "
                                               "no result")),
+    "--local-rank": (1, ("mp reads the local rank from LOCAL_RANK, which torchrun (and "
+                         "torch.distributed.launch) sets")),
+    "--no-async-tensor-model-parallel-allreduce": (0, _DEPRECATED),
+    "--dist-ckpt-format": (1, _DEPRECATED + " for --ckpt-format; mp writes one format"),
+    "--no-ckpt-fully-parallel-save": (0, _DCP),
+    "--ckpt-assume-constant-structure": (0, ("it lets Megatron reuse a save plan between "
+                                             "saves; mp plans each save anew and writes the "
+                                             "same files")),
+    "--use-persistent-ckpt-worker": (0, ("mp's --async-save writes from a background thread; "
+                                         "it has no worker process to keep")),
+    "--dist-ckpt-save-pre-mcore-014": (0, ("mp writes its own checkpoint format, not "
+                                           "Megatron-Core's, so there is no older layout to "
+                                           "keep")),
+    "--dist-ckpt-optim-fully-reshardable": (0, _ANY_LAYOUT),
+    "--distrib-optim-fully-reshardable-mem-efficient": (0, _ANY_LAYOUT),
+    "--tp-comm-overlap-cfg": (1, _TP_OVERLAP),
+    "--tp-comm-overlap-rs-dgrad": (0, _TP_OVERLAP),
+    "--tp-comm-bootstrap-backend": (1, _TP_OVERLAP),
+    **dict.fromkeys(("--disable-tp-comm-overlap-ag", "--disable-tp-comm-overlap-rs",
+                     "--disable-tp-comm-bulk-dgrad", "--disable-tp-comm-bulk-wgrad",
+                     "--disable-tp-comm-split-ag", "--disable-tp-comm-split-rs"),
+                    (0, _TP_OVERLAP)),
+    "--timing-log-option": (1, _TIMING),
+    "--no-barrier-with-level-1-timing": (0, _TIMING),
+    "--no-log-loss-scale-to-tensorboard": (0, ("TensorBoard always gets the loss scale "
+                                              "(loss-scale); mp has no switch to leave it out")),
+    "--use-te-activation-func": (0, ("it picks Transformer Engine's activation kernels; mp "
+                                     "computes its activations with torch's ops")),
+    "--no-gradient-reduce-div-fusion": (0, ("mp scales the gradients by 1/DP before it reduces "
+                                            "them, as Megatron does with this flag")),
+    "--use-fused-weighted-squared-relu": (0, ("it picks a fused kernel for the experts' "
+                                              "squared ReLU times their routing weights; mp "
+                                              "has no such kernel")),
+    "--no-clone-scatter-output-in-embedding": (0, ("it saves Megatron a copy of the "
+                                                   "sequence-parallel embedding output; mp "
+                                                   "makes no such copy")),
+    "--no-scatter-gather-tensors-in-pipeline": (0, ("mp's pipeline sends each activation "
+                                                    "whole")),
+    "--no-align-grad-reduce": (0, ("it changes when each pipeline stage starts its gradient "
+                                   "reductions, not what they compute")),
+    "--no-align-param-gather": (0, ("it changes when each pipeline stage starts its parameter "
+                                    "all-gathers, not what they gather")),
+    "--high-priority-stream-groups": (None, ("mp runs each collective on its group's default "
+                                             "stream; stream priorities change timing only")),
+    "--enable-experimental": (0, "mp has no experimental features behind a switch"),
+    "--legacy-tokenizer": (0, ("mp's tokenizers are its own (mp.data.tokenizer), not "
+                               "Megatron's legacy or new ones")),
+    "--no-use-tokenizer-model-from-checkpoint-args": (0, ("mp's --use-checkpoint-args takes "
+                                                          "the model's arguments only, never "
+                                                          "the tokenizer")),
+    "--no-initialization": (0, ("mp always initializes the weights (a --load then overwrites "
+                                "them); Megatron skips it to start faster")),
 }
 
 #: Megatron-LM flags of features mp does not have -> what to say when one is given
 #: (`UNSUPPORTED_PREFIXES` covers whole families of them).
+_FSDP = ("mp has no FSDP (--use-megatron-fsdp, --use-torch-fsdp2); --use-distributed-optimizer "
+         "shards the optimizer state over data parallel")
+_FP8 = "mp has no FP8 training (Transformer Engine); use --bf16"
+_RERUN = ("mp has no re-run engine: it never re-runs an iteration to check its result (a "
+          "non-finite loss stops a bf16/fp32 run)")
+_NVRX = ("mp has no local (NVRx) checkpoints; --save writes torch.distributed.checkpoint "
+         "directories")
+_FABRIC = ("mp's collectives are plain torch.distributed ones (NCCL with CUDA, gloo on the "
+           "CPU), with no fabric-specific options")
+_CONVERT = ("mp writes one checkpoint format; tools/convert_checkpoint.py converts Megatron-Core "
+            "and Hugging Face checkpoints")
+
+
+def _renamed(new: str) -> str:
+    return f"Megatron-LM refuses this old flag too: use {new}"
+
+
 UNSUPPORTED_FLAGS: dict[str, str] = {
-    **dict.fromkeys(("--use-torch-fsdp2", "--use-custom-fsdp"),
-                    "mp has no FSDP; --use-distributed-optimizer shards the optimizer state "
-                    "over data parallel"),
+    **dict.fromkeys(("--use-megatron-fsdp", "--use-torch-fsdp2", "--use-custom-fsdp",
+                     "--fsdp-double-buffer", "--suggested-communication-unit-size",
+                     "--enable-full-sharding-in-hsdp", "--torch-fsdp2-no-reshard-after-forward",
+                     "--init-model-with-meta-device", "--no-strict-fsdp-dtensor-load"), _FSDP),
+    **dict.fromkeys(("--no-fp8-wgrad", "--first-last-layers-bf16", "--num-layers-at-start-in-bf16",
+                     "--num-layers-at-end-in-bf16", "--reuse-grad-buf-for-mxfp8-param-ag",
+                     "--keep-fp8-transpose-cache"), _FP8),
+    "--batch-size": _renamed("--micro-batch-size"),
+    "--warmup": _renamed("--lr-warmup-iters, --lr-warmup-samples or --lr-warmup-fraction"),
+    "--model-parallel-size": _renamed("--tensor-model-parallel-size"),
+    "--checkpoint-activations": _renamed("--recompute-activations (selective), or "
+                                         "--recompute-granularity full with --recompute-method"),
+    "--yaml-cfg": "mp reads a YAML config with --config PATH (mp's own keys: see --help)",
+    **dict.fromkeys(("--ckpt-convert-format", "--ckpt-convert-save",
+                     "--ckpt-convert-update-legacy-dist-opt-format"), _CONVERT),
+    **dict.fromkeys(("--non-persistent-local-ckpt-dir", "--non-persistent-local-ckpt-algo",
+                     "--replication", "--replication-jump", "--replication-factor"), _NVRX),
+    **dict.fromkeys(("--use-nccl-ub", "--disable-symmetric-registration", "--use-sharp",
+                     "--sharp-enabled-group", "--use-ring-exchange-p2p"), _FABRIC),
+    "--lazy-mpu-init": ("mp's job makes its process groups itself; it has no deferred start "
+                        "for an outside DDP manager"),
+    "--sgd-momentum": "mp trains with AdamW only (--optimizer adam): it has no SGD",
+    **dict.fromkeys(("--enable-cuda-graph", "--external-cuda-graph", "--te-rng-tracker"),
+                    "mp has no CUDA graphs for training; --model.compile_layers compiles each "
+                    "layer with torch.compile instead"),
+    **dict.fromkeys(("--check-for-spiky-loss", "--check-for-large-grads",
+                     "--error-injection-rate", "--error-injection-type",
+                     "--result-rejected-tracker-filename"), _RERUN),
+    "--dump-param-to-param-group-map": ("mp builds its optimizer's parameter groups itself "
+                                        "(decay, no decay, --decoupled-lr)"),
+    "--test-mode": "mp has no tests that run alongside training",
+    "--config-logger-dir": ("mp prints the whole resolved config at the start of a job instead "
+                            "(read back with --config)"),
+    "--tokenizer-metadata": ("mp's tokenizers take --tokenizer-type and their files only "
+                             "(docs/training.md)"),
     "--fp32-residual-connection": "mp keeps the residual stream in the model's precision",
     "--apply-residual-connection-post-layernorm": ("mp's layers add the residual from before "
                                                    "the norm (pre-norm, Megatron's default)"),
@@ -208,7 +337,12 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
 }
 #: Flag-name prefixes of Megatron-LM feature families mp does not have -> what to say.
 UNSUPPORTED_PREFIXES: dict[str, str] = {
-    "--fp8": "mp has no FP8 training (Transformer Engine); use --bf16",
+    "--fp8": _FP8,
+    "--fp4": "mp has no FP4 training (Transformer Engine); use --bf16",
+    "--cuda-graph-": ("mp has no CUDA graphs for training; --model.compile_layers compiles each "
+                      "layer with torch.compile instead"),
+    "--muon-": "mp trains with AdamW only (--optimizer adam): it has no Muon",
+    "--heterogeneous-layers-": "mp's layers all have the same shape (one per model config)",
     "--moe-": ("mp's mixture of experts has no such option: it has --num-experts, "
                "--moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
                "--moe-router-pre-softmax, "
@@ -226,6 +360,14 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
 #: Megatron-LM flags that take values of which mp has some -> (the values mp has, why).
 CHOICE_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "--optimizer": (("adam",), "mp trains with AdamW (Megatron's adam)"),
+    "--rerun-mode": (("disabled",), _RERUN),
+    "--data-parallel-sharding-strategy": (("no_shard",), _FSDP),
+    "--pipeline-model-parallel-comm-backend": (("nccl",), _FABRIC),
+    "--spec": (("local",), ("mp builds Megatron's local layers (--spec local); it takes no "
+                            "spec module")),
+    "--mid-level-dataset-surplus": (("0.005",), ("mp builds each blend member with Megatron's "
+                                                 "default surplus of 0.005 "
+                                                 "(mp.data.dataset_builder)")),
 }
 
 VIRTUAL_STAGE_FLAG = "--num-layers-per-virtual-pipeline-stage"

@@ -27,6 +27,10 @@ Syntax, applied left to right (a later override of the same key wins):
 - ``--attention-backend`` also takes Megatron's values (`MEGATRON_VALUES`): ``auto``,
   ``flash`` and ``fused`` are ``sdpa`` (PyTorch picks the flash or cuDNN kernel), ``local``
   (matmul, fused softmax, matmul) is ``unfused``.
+  ``--cp-comm-type allgather`` is ``all_gather``. Megatron flags that take a list where mp
+  takes one value (`ONE_VALUE_FLAGS`: ``--cp-comm-type`` per layer,
+  ``--moe-router-load-balancing-type`` and ``--moe-aux-loss-coeff`` per loss) are errors
+  with more than one value, saying what mp takes.
 - ``--group-query-attention`` turns on grouped-query attention as in Megatron, where
   ``--num-query-groups`` then defaults to 1 (multi-query attention): it sets
   ``model.num_query_groups`` to 1 unless the config or the command line gives a count.
@@ -63,6 +67,7 @@ from mp.config.megatron_flags import (
     MEGATRON_VALUES,
     NO_EFFECT_FLAGS,
     NO_POSITION_EMBEDDING_FLAG,
+    ONE_VALUE_FLAGS,
     UNSUPPORTED_FLAGS,
     UNSUPPORTED_PREFIXES,
     VIRTUAL_STAGE_FLAG,
@@ -105,7 +110,7 @@ def apply_overrides(sections: dict, args: Sequence[str]) -> None:
         else:
             _set(sections, option.key, "true")
     for name, (accepted, why) in CHOICE_FLAGS.items():
-        others = [value for value in deferred.get(name, ()) if value not in accepted]
+        others = [value for value in deferred.get(name, ()) if not _is_one_of(value, accepted)]
         if others:
             raise ConfigError(f"{name} {' '.join(others)}: {why}; only "
                               f"{', '.join(accepted)} is accepted")
@@ -157,10 +162,13 @@ def _split_options(args: Sequence[str]):
             values = [inline]
         else:
             values = []
+            most = None if name in ONE_VALUE_FLAGS else option.max_values
             while (i < len(args) and not args[i].startswith("--")
-                   and (option.max_values is None or len(values) < option.max_values)):
+                   and (most is None or len(values) < most)):
                 values.append(args[i])
                 i += 1
+        if name in ONE_VALUE_FLAGS and len(values) > 1:
+            raise ConfigError(f"{name} {' '.join(values)}: {ONE_VALUE_FLAGS[name]}")
         if len(values) < option.min_values:
             raise ConfigError(f"{name} needs a value")
         if option.max_values is not None and len(values) > option.max_values:
@@ -178,8 +186,8 @@ def _option(name: str) -> _Option:
         takes = int(name in (VIRTUAL_STAGE_FLAG, BUCKET_SIZE_FLAG))
         return _Option(None, takes, takes)
     if name in NO_EFFECT_FLAGS:
-        takes = NO_EFFECT_FLAGS[name][0]
-        return _Option(None, takes, takes)
+        takes = NO_EFFECT_FLAGS[name][0]  # None: any number
+        return _Option(None, takes or 0, takes)
     if name in CONSTANT_FLAGS:
         key, constant = CONSTANT_FLAGS[name]
         return _Option(key, 0, 0, constant)
@@ -210,6 +218,15 @@ def no_effect_notices(args: Sequence[str]) -> list[str]:
     return [f"notice: {' '.join([name, *values])} has no effect in mp: "
             f"{NO_EFFECT_FLAGS[name][1]}"
             for name, _, values in _split_options(args) if name in NO_EFFECT_FLAGS]
+
+
+def _is_one_of(value: str, accepted: tuple[str, ...]) -> bool:
+    """Whether ``value`` is one of ``accepted``, a number being equal to its value in any
+    spelling (``5e-3`` is ``0.005``)."""
+    try:
+        return value in accepted or float(value) in {float(a) for a in accepted}
+    except ValueError:
+        return False
 
 
 def _bucket_megabytes(training: dict, elements: str) -> float:

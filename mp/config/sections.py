@@ -134,6 +134,7 @@ class LoggingConfig(Section):
     log_params_norm: bool = False  # the L2 norm of all parameters, on each log line
     log_num_zeros_in_grad: bool = False  # the count of zero gradient elements, likewise
     wandb_project: str | None = None  # Weights & Biases: log there too (when installed)
+    wandb_entity: str | None = None  # the W&B team or user the run goes to (None: default)
     wandb_exp_name: str | None = None
     wandb_save_dir: str | None = None
     profile: bool = False  # profile iterations [profile_step_start, profile_step_end)

@@ -8,11 +8,12 @@ size, are `JobConfig.validate`'s.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from mp.config.coerce import ConfigError
 from mp.config.section import Section
+from mp.instance_layout import check_instances
 from mp.optim.lr_scheduler import DECAY_STYLES, WD_INCR_STYLES, WSD_DECAY_STYLES
 
 _WORDS = {"iters": "iterations", "samples": "samples"}
@@ -22,7 +23,7 @@ _NOT_WITH_DEEPSPEED = {
     **dict.fromkeys(("calculate_per_token_loss", "decoupled_lr", "grad_reduce_in_bf16"),
                     "mp's own data parallelism and optimizer implement it"),
     **dict.fromkeys(("no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng",
-                     "ckpt_step", "async_save"),
+                     "ckpt_step", "async_save", "non_persistent_ckpt_type"),
                     "a DeepSpeed job saves and resumes DeepSpeed's checkpoints whole"),
 }
 
@@ -60,7 +61,10 @@ class TrainingConfig(Section):
     ``exit_duration_in_mins`` and ``exit_signal_handler`` (with ``exit_signal``) end the run
     early with a checkpoint (`mp.training.exit`). ``no_load_optim``, ``no_load_rng``,
     ``no_save_optim``, ``no_save_rng``, ``exit_on_missing_checkpoint`` and ``skip_train`` are
-    Megatron's checkpoint and run-control flags (`mp.checkpointing.job`, docs/checkpoints.md).
+    Megatron's checkpoint and run-control flags (`mp.checkpointing.job`, docs/checkpoints.md),
+    as are ``non_persistent_save_interval`` with ``non_persistent_ckpt_type="global"``
+    (frequent saves into ``non_persistent_global_ckpt_dir``, which keeps only the newest; a
+    resume takes it when it is at least as new as ``load``'s).
     ``weight_decay_incr_style`` linear or cosine moves the weight decay from
     ``start_weight_decay`` to ``end_weight_decay`` over the whole run; ``constant`` keeps
     ``weight_decay``. A resume refuses schedule values other than the checkpoint's unless
@@ -69,7 +73,9 @@ class TrainingConfig(Section):
 
     ``use_distributed_optimizer`` shards the fp32 master weights and AdamW moments over the
     data-parallel ranks (Megatron's distributed optimizer); ``overlap_param_gather`` then
-    overlaps the all-gather of updated parameters with the next forward.
+    overlaps the all-gather of updated parameters with the next forward;
+    ``num_distributed_optimizer_instances`` N (Megatron's flag) shards them over DP x CP / N
+    consecutive ranks only, N copies (it must divide DP x CP: `check_optimizer_instances`).
     ``optimizer_impl="apex"`` steps with NVIDIA apex's ``FusedAdam`` when apex is importable
     (a notice and torch's AdamW otherwise). ``deepspeed`` hands data parallelism and the
     optimizer (ZeRO stage 1 or 2) to DeepSpeed's engine configured by the JSON file
@@ -113,6 +119,7 @@ class TrainingConfig(Section):
     hysteresis: int = 2
     use_distributed_optimizer: bool = False
     overlap_param_gather: bool = True  # distributed optimizer: all-gather during forward
+    num_distributed_optimizer_instances: int = 1  # distributed optimizer: copies of its state
     optimizer_impl: str = "torch"  # torch | apex (FusedAdam)
     deepspeed: bool = False
     deepspeed_config: str | None = None
@@ -136,6 +143,10 @@ class TrainingConfig(Section):
     skip_train: bool = False  # no iterations: evaluate (what load holds) and exit
     save_interval: int | None = None
     keep_last: int | None = None
+    non_persistent_save_interval: int | None = None  # also save every N iterations into a
+    # scratch directory that keeps only its newest checkpoint (Megatron's; mp.checkpointing.job)
+    non_persistent_ckpt_type: str | None = None  # global: the only type mp has
+    non_persistent_global_ckpt_dir: str | None = None  # default: <save or load>/non_persistent
     exit_interval: int | None = None
     check_weight_hash_across_dp_replicas_interval: int | None = None  # every N iterations,
     # stop unless the data-parallel replicas' weights are bitwise equal (mp.distributed.
@@ -153,8 +164,16 @@ class TrainingConfig(Section):
     empty_unused_memory_level: int = 0  # 1: empty the CUDA cache after each step, 2: also
     # after the forward and backward passes
     distributed_timeout_minutes: float = 10.0  # collectives' timeout
+    iterations_to_skip: list[int] = field(default_factory=list)  # Megatron's: the iterations
+    # that start with N done read their batch and take no step (mp.training.training)
+    deterministic_mode: bool = False  # Megatron's: torch.use_deterministic_algorithms (and
+    # cuBLAS's workspace setting), mp.training.determinism
 
     def __post_init__(self) -> None:
+        negative = [n for n in self.iterations_to_skip if n < 0]
+        if negative:
+            raise ConfigError(f"training.iterations_to_skip={self.iterations_to_skip} holds "
+                              f"{negative}: iterations count from 0")
         for name in ("micro_batch_size", "global_batch_size", "loss_scale_window", "hysteresis"):
             self._at_least(name, 1)
         for name in ("train_iters", "train_samples", "eval_interval", "save_interval",
@@ -198,6 +217,8 @@ class TrainingConfig(Section):
                 raise ConfigError(f"training.deepspeed=true with training.{name}="
                                   f"{getattr(self, name)!r}: not supported ({why}); drop one "
                                   "of them")
+        self._check_instances()
+        self._check_non_persistent()
         for name, what in _NEEDS_LOAD.items():
             if getattr(self, name) and self.load is None:
                 raise ConfigError(f"training.{name}=true needs training.load ({what})")
@@ -207,6 +228,49 @@ class TrainingConfig(Section):
         self._at_least("ckpt_step", 0, optional=True)
         self._not_above("min_lr", "lr")
         self._not_above("min_loss_scale", "initial_loss_scale")
+
+    def _check_non_persistent(self) -> None:
+        """Non-persistent checkpoints: Megatron's ``global`` type only; saving them needs
+        ``save``, and the interval the type."""
+        self._at_least("non_persistent_save_interval", 1, optional=True)
+        kind = self.non_persistent_ckpt_type
+        if kind not in (None, "global"):
+            raise ConfigError(f"training.non_persistent_ckpt_type={kind!r} must be 'global' "
+                              "(a standard checkpoint in a scratch directory): the 'local' and "
+                              "'in_memory' types need NVIDIA's resiliency extension, which mp "
+                              "does not have")
+        interval = self.non_persistent_save_interval
+        if interval is not None and kind is None:
+            raise ConfigError(f"training.non_persistent_save_interval={interval} needs "
+                              "training.non_persistent_ckpt_type=global "
+                              "(--non-persistent-ckpt-type global)")
+        if interval is not None and self.save is None:
+            raise ConfigError(f"training.non_persistent_save_interval={interval} needs "
+                              "training.save (the job that saves)")
+
+    def _check_instances(self) -> None:
+        """``num_distributed_optimizer_instances``: a positive count; above 1 it shards the
+        distributed optimizer (not DeepSpeed's ZeRO)."""
+        n = self.num_distributed_optimizer_instances
+        self._at_least("num_distributed_optimizer_instances", 1)
+        if n > 1 and self.deepspeed:
+            raise ConfigError(f"training.deepspeed=true with training.num_distributed_optimizer_"
+                              f"instances={n}: not supported (ZeRO shards DeepSpeed's optimizer "
+                              "state its own way); drop one of them")
+        if n > 1 and not self.use_distributed_optimizer:
+            raise ConfigError(f"training.num_distributed_optimizer_instances={n} needs "
+                              "training.use_distributed_optimizer=true (the instances are "
+                              "copies of its sharded state)")
+
+    def check_optimizer_instances(self, data_parallel_size: int, context_parallel_size: int = 1,
+                                  expert_model_parallel_size: int = 1) -> None:
+        """The rule that needs the layout: ``num_distributed_optimizer_instances`` divides
+        DP x CP (and the experts' DP x CP / EP), checked before any process group exists."""
+        try:
+            check_instances(self.num_distributed_optimizer_instances, data_parallel_size,
+                            context_parallel_size, expert_model_parallel_size)
+        except ValueError as error:
+            raise ConfigError(f"training.{error}") from None
 
     def _check_param_scheduler(self) -> None:
         """Megatron's rules for the weight decay's schedule (``constant`` takes no start and

@@ -159,7 +159,8 @@ class GPT2BPETokenizer(_HFTokenizerBase):
 
         _require_file(vocab_file, "vocab_file")
         _require_file(merge_file, "merge_file")
-        backend = Backend(models.BPE.from_file(vocab_file, merge_file))
+        backend = Backend(_read("vocab_file and merge_file", (vocab_file, merge_file),
+                                lambda: models.BPE.from_file(vocab_file, merge_file)))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         super().__init__(backend, "<|endoftext|>", vocab_file, add_special_tokens=False)
@@ -184,7 +185,7 @@ class HuggingFaceTokenizer(_HFTokenizerBase):
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
         _require_file(path, "tokenizer_model")
-        backend = Backend.from_file(path)
+        backend = _read("tokenizer_model", path, lambda: Backend.from_file(path))
         if eod_token is None:
             eod_token = _configured_eos(os.path.dirname(path)) or next(
                 (t for t in EOD_TOKEN_CANDIDATES if backend.token_to_id(t) is not None), None
@@ -214,7 +215,8 @@ class GPTSentencePieceTokenizer(Tokenizer):
         import sentencepiece
 
         _require_file(tokenizer_model, "tokenizer_model")
-        self._processor = sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
+        self._processor = _read("tokenizer_model", tokenizer_model, lambda: (
+            sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)))
         self._eod = self._processor.eos_id()
         if self._eod < 0:
             raise ValueError(f"{tokenizer_model}: the SentencePiece model has no eos piece for eod")
@@ -239,6 +241,17 @@ def _require_file(path: str | None, role: str) -> None:
         raise FileNotFoundError(f"{role}={path!r} is not a file")
 
 
+def _read(role: str, path, load):
+    """``load()``, with the tokenizer libraries' own errors (a file they cannot parse) as a
+    ``ValueError`` that names ``role`` and its ``path``."""
+    try:
+        return load()
+    except (OSError, ValueError):
+        raise
+    except Exception as error:  # tokenizers raises Exception, sentencepiece RuntimeError
+        raise ValueError(f"{role}={path!r} could not be read: {error}") from error
+
+
 TOKENIZER_TYPES = (
     "GPT2BPETokenizer",
     "HuggingFaceTokenizer",
@@ -258,8 +271,9 @@ def build_tokenizer(
 ) -> Tokenizer:
     """The tokenizer named by Megatron's ``--tokenizer-type`` (see the module table).
 
-    Raises ``ValueError`` for an unknown type or for an argument the type does not take, and
-    ``FileNotFoundError`` naming the argument whose file is missing.
+    Raises ``ValueError`` for an unknown type, an argument the type does not take, a file
+    argument it needs and lacks, or a file its library cannot read, and ``FileNotFoundError``
+    naming the argument whose file is missing.
     """
     given = {
         "vocab_file": vocab_file,
@@ -289,6 +303,12 @@ def build_tokenizer(
             f"tokenizer_type={tokenizer_type!r} does not take {', '.join(extra)} "
             f"(it takes: {', '.join(takes[tokenizer_type]) or 'no files'})"
         )
+    missing = [name for name in takes[tokenizer_type]
+               if name in ("vocab_file", "merge_file", "tokenizer_model") and given[name] is None]
+    if missing:
+        flags = ", ".join("--" + name.replace("_", "-") for name in missing)
+        raise ValueError(f"tokenizer_type={tokenizer_type!r} needs {' and '.join(missing)} "
+                         f"(Megatron's {flags})")
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(vocab_file, merge_file)
     if tokenizer_type == "HuggingFaceTokenizer":

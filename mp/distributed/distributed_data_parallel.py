@@ -30,19 +30,27 @@ accumulation into ``main_grad`` remains (which mixed precision needs anyway).
 
 ``use_distributed_optimizer`` (Megatron's distributed optimizer, `mp.optim.DistributedOptimizer`):
 
-- each bucket is padded to a multiple of DP and split into DP equal shards; data-parallel
-  rank ``r`` owns shard ``r`` of every bucket (`Bucket.shard`), and its optimizer updates
+- each bucket is padded to a multiple of DP and split into DP equal shards (the bucket
+  layout: `mp.distributed.param_and_grad_buffer`); data-parallel rank ``r`` owns shard ``r``
+  of every bucket (`Bucket.owned`), and its optimizer updates
   exactly the parameter elements that fall there;
 - a bucket is reduce-scattered instead of all-reduced: afterwards only the owned shard of
   ``main_grad`` holds the data-parallel mean (the rest is this rank's own partial sum). A
   bucket holding a tied embedding copy (``embedding_group_sync``, summed across pipeline stages
   afterwards) is all-reduced, and sits in a bucket of its own, since the two stages' shards
   of it differ;
+- with ``num_distributed_optimizer_instances`` N > 1 (Megatron-Core's flag) the buckets
+  are sharded over this rank's instance only (``DP x CP / N`` consecutive ranks,
+  `mp.parallel_state`), reduce-scattered there, and the reduced shard is all-reduced across
+  the N instances (`mp.distributed.param_and_grad_buffer`); experts likewise over their
+  EDP / N ranks. With ``overlap_grad_reduce`` a bucket's cross-instance all-reduce starts
+  when the next bucket launches (after its own reduce-scatter is done), so it too overlaps
+  the rest of backward;
 - the parameters become views into one contiguous buffer laid out like the gradients, so
   that after the optimizer wrote its shard, one all-gather per bucket (`start_param_sync`)
-  gives every rank the updated parameters. With ``overlap_param_gather`` the all-gathers run
-  asynchronously and a forward pre-hook on each module waits only for the buckets of its
-  own parameters, so the next forward overlaps them.
+  over the shard group gives every rank the updated parameters. With
+  ``overlap_param_gather`` the all-gathers run asynchronously and a forward pre-hook on each
+  module waits only for the buckets of its own parameters, so the next forward overlaps them.
 
 Mixture-of-experts layers (`mp.model.moe`): expert parameters (``param.allreduce = False``,
 Megatron's marker) differ across the expert-parallel ranks, so they live in a second
@@ -61,14 +69,13 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from mp import parallel_state
-from mp.comm import all_gather_single, reduce_scatter_single
+from mp.distributed.param_and_grad_buffer import Bucket, GradBuffer, plan_buckets
 
 DEFAULT_BUCKET_SIZE = 40_000_000  # elements (Megatron-Core's default)
 
@@ -82,44 +89,6 @@ def _weakly(method):
         bound = ref()
         return None if bound is None else bound(*args)
     return call
-
-
-@dataclass(eq=False)
-class Bucket:
-    """A contiguous slice ``[start, end)`` of a `GradBuffer`'s gradients (and, with the
-    distributed optimizer, parameters) and the parameters whose elements live in it."""
-
-    buffer: GradBuffer
-    index: int  # in its buffer
-    start: int
-    end: int
-    data: torch.Tensor  # the gradient buffer's slice
-    params: frozenset
-    all_reduce: bool = True  # False: reduce-scatter (distributed optimizer)
-    ready: set = field(default_factory=set)
-    handle: object = None  # the async gradient reduction's Work once launched
-    launched: bool = False
-    param_data: torch.Tensor | None = None  # the parameter buffer's slice (distributed opt.)
-    param_handle: object = None  # the async parameter all-gather's Work while in flight
-
-    def shard(self, rank: int, size: int) -> tuple[int, int]:
-        """Data-parallel rank ``rank``'s ``[start, end)`` of the buffer (of ``size`` ranks)."""
-        length = (self.end - self.start) // size
-        return self.start + rank * length, self.start + (rank + 1) * length
-
-
-@dataclass(eq=False)
-class GradBuffer:
-    """The parameters reduced over one group, back to back: their gradients (``grads``),
-    with the distributed optimizer their values (``params``), cut into ``buckets``."""
-
-    group: dist.ProcessGroup
-    size: int  # ranks in the group
-    rank: int  # this rank's index in it
-    buckets: list[Bucket] = field(default_factory=list)
-    grads: torch.Tensor | None = None
-    params: torch.Tensor | None = None
-    next_to_launch: int = 0  # buckets launch strictly in order
 
 
 class DistributedDataParallel(nn.Module):
@@ -145,6 +114,10 @@ class DistributedDataParallel(nn.Module):
             them (module doc).
         grad_dtype: the dtype of ``main_grad`` and of the reduction: fp32, or bf16 (module
             doc).
+        num_distributed_optimizer_instances: N copies of the distributed optimizer's state,
+            each sharded over DP x CP / N ranks (module doc); > 1 needs
+            ``use_distributed_optimizer`` and ``parallel_state`` initialized with the same N
+            (its groups are used; explicit groups are refused).
     """
 
     def __init__(self, module: nn.Module, *, data_parallel_group=None,
@@ -152,11 +125,15 @@ class DistributedDataParallel(nn.Module):
                  bucket_size: int | None = DEFAULT_BUCKET_SIZE,
                  use_distributed_optimizer: bool = False, overlap_param_gather: bool = False,
                  calculate_per_token_loss: bool = False,
-                 grad_dtype: torch.dtype = torch.float32):
+                 grad_dtype: torch.dtype = torch.float32,
+                 num_distributed_optimizer_instances: int = 1):
         super().__init__()
         if bucket_size is not None and bucket_size < 1:
             raise ValueError(f"bucket_size={bucket_size} must be a positive number of elements "
                              "or None (one bucket)")
+        self.num_distributed_optimizer_instances = num_distributed_optimizer_instances
+        _check_instances(num_distributed_optimizer_instances, use_distributed_optimizer,
+                         data_parallel_group, expert_data_parallel_group)
         self.module = module
         self.data_parallel_group = (
             parallel_state.get_data_parallel_group(with_context_parallel=True)
@@ -183,13 +160,10 @@ class DistributedDataParallel(nn.Module):
         self.buffers: list[GradBuffer] = []
         dense = [p for p in params if getattr(p, "allreduce", True)]
         experts = [p for p in params if not getattr(p, "allreduce", True)]
-        for members, group in ((dense, self.data_parallel_group), (experts, None)):
-            if not members:
-                continue
-            if group is None:
-                group = (parallel_state.get_expert_data_parallel_group()
-                         if expert_data_parallel_group is None else expert_data_parallel_group)
-            self.buffers.append(self._build_buffer(group, members, bucket_size, grad_dtype))
+        for members, expert in ((dense, False), (experts, True)):
+            if members:
+                buffer = self._make_buffer(expert, expert_data_parallel_group)
+                self._build_buffer(buffer, members, bucket_size, grad_dtype)
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._sync_enabled = True
         grad_ready = _weakly(self._grad_ready)
@@ -211,12 +185,29 @@ class DistributedDataParallel(nn.Module):
         """The gradients reduced over the data-parallel group (all but the experts')."""
         return self.buffers[0].grads
 
-    def _build_buffer(self, group, params: list[nn.Parameter], bucket_size: int | None,
-                      grad_dtype: torch.dtype) -> GradBuffer:
-        """``params``' buffer over ``group``: their buckets, ``main_grad`` views into its
+    def _make_buffer(self, expert: bool, expert_data_parallel_group) -> GradBuffer:
+        """An empty buffer over the data-parallel group or (``expert``) the expert one, with
+        several distributed-optimizer instances sharded over this rank's instance of it."""
+        if self.num_distributed_optimizer_instances > 1:
+            group = (parallel_state.get_expert_data_parallel_group() if expert
+                     else self.data_parallel_group)
+            shard_group = (
+                parallel_state.get_expert_data_parallel_group(partial_expert_data_parallel=True)
+                if expert else parallel_state.get_data_parallel_group(
+                    with_context_parallel=True, partial_data_parallel=True))
+            inter = parallel_state.get_inter_distributed_optimizer_instance_group()
+            return GradBuffer(group, shard_group, inter)
+        group = self.data_parallel_group if not expert else (
+            parallel_state.get_expert_data_parallel_group()
+            if expert_data_parallel_group is None else expert_data_parallel_group)
+        return GradBuffer(group, group)
+
+    def _build_buffer(self, buffer: GradBuffer, params: list[nn.Parameter],
+                      bucket_size: int | None, grad_dtype: torch.dtype) -> None:
+        """Fill ``buffer`` with ``params``: their buckets, ``main_grad`` views into its
         gradients and, with the distributed optimizer, the parameters moved into it."""
-        buffer = GradBuffer(group, dist.get_world_size(group), dist.get_rank(group))
-        self._plan_buckets(buffer, params, bucket_size)
+        self.param_range.update(plan_buckets(buffer, params, bucket_size,
+                                             self.use_distributed_optimizer))
         size = buffer.buckets[-1].end
         buffer.grads = torch.zeros(size, dtype=grad_dtype, device=params[0].device)
         for param in params:
@@ -226,38 +217,7 @@ class DistributedDataParallel(nn.Module):
             bucket.data = buffer.grads[bucket.start:bucket.end]
         if self.use_distributed_optimizer:
             self._gather_params_into_buffer(buffer, params)
-        return buffer
-
-    def _plan_buckets(self, buffer: GradBuffer, params: list[nn.Parameter],
-                      bucket_size: int | None) -> None:
-        """Lay ``params`` out back to back (filling ``param_range``) and cut ``buffer``'s
-        buckets; with the distributed optimizer each bucket is padded to a multiple of the
-        group's size and a tied embedding copy gets a bucket of its own."""
-        buckets, members, start, offset = buffer.buckets, [], 0, 0
-        pad = buffer.size if self.use_distributed_optimizer else 1
-
-        def close(all_reduce: bool):
-            nonlocal members, start, offset
-            offset = -(-offset // pad) * pad
-            buckets.append(Bucket(buffer, len(buckets), start, offset, None,
-                                  frozenset(members), all_reduce=all_reduce))
-            members, start = [], offset
-
-        # buckets are all-reduced without the distributed optimizer, else reduce-scattered but
-        # for a tied embedding copy's own bucket
-        plain = not self.use_distributed_optimizer
-        for param in params:
-            isolate = self.use_distributed_optimizer and getattr(param, "embedding_group_sync",
-                                                                 False)
-            if isolate and members:
-                close(plain)
-            self.param_range[param] = (offset, offset + param.numel())
-            members.append(param)
-            offset += param.numel()
-            if isolate or (bucket_size is not None and offset - start >= bucket_size):
-                close(isolate or plain)
-        if members:
-            close(plain)
+        self.buffers.append(buffer)
 
     @torch.no_grad()
     def _gather_params_into_buffer(self, buffer: GradBuffer,
@@ -298,21 +258,13 @@ class DistributedDataParallel(nn.Module):
                 self._launch(buffer.buckets[buffer.next_to_launch])
 
     def _launch(self, bucket: Bucket) -> None:
-        buffer = bucket.buffer
         if self.gradient_scaling_factor != 1.0:
             bucket.data.mul_(self.gradient_scaling_factor)
-        if bucket.all_reduce:
-            bucket.handle = dist.all_reduce(bucket.data, group=buffer.group, async_op=True)
-        else:
-            start, end = self.shard(bucket)
-            bucket.handle = reduce_scatter_single(buffer.grads[start:end], bucket.data,
-                                                  group=buffer.group, async_op=True)
-        bucket.launched = True
-        buffer.next_to_launch = bucket.index + 1
+        bucket.buffer.start_grad_sync(bucket)
 
     def shard(self, bucket: Bucket) -> tuple[int, int]:
         """This rank's ``[start, end)`` of ``bucket`` in its buffer's coordinates."""
-        return bucket.shard(bucket.buffer.rank, bucket.buffer.size)
+        return bucket.owned()
 
     # --- the public protocol (Megatron-Core's names) ------------------------------------
 
@@ -333,8 +285,7 @@ class DistributedDataParallel(nn.Module):
             if buffer.size > 1:
                 for bucket in buffer.buckets[buffer.next_to_launch:]:
                     self._launch(bucket)
-                for bucket in buffer.buckets:
-                    bucket.handle.wait()
+                buffer.finish_grad_sync()
             elif self.gradient_scaling_factor != 1.0:  # experts no other rank holds
                 buffer.grads.mul_(self.gradient_scaling_factor)
         self._reset_buckets()
@@ -344,13 +295,7 @@ class DistributedDataParallel(nn.Module):
         (distributed optimizer); asynchronous with ``overlap_param_gather``, else done on
         return."""
         for buffer in self.buffers:
-            if buffer.size == 1:
-                continue
-            for bucket in reversed(buffer.buckets):  # the first layers' buckets first
-                start, end = self.shard(bucket)
-                bucket.param_handle = all_gather_single(
-                    bucket.param_data, buffer.params[start:end], group=buffer.group,
-                    async_op=self.overlap_param_gather)
+            buffer.start_param_sync(self.overlap_param_gather)
 
     def finish_param_sync(self) -> None:
         """Wait for every parameter all-gather still in flight."""
@@ -385,10 +330,7 @@ class DistributedDataParallel(nn.Module):
 
     def _reset_buckets(self) -> None:
         for buffer in self.buffers:
-            buffer.next_to_launch = 0
-            for bucket in buffer.buckets:
-                bucket.ready.clear()
-                bucket.handle, bucket.launched = None, False
+            buffer.reset()
 
     def state_dict(self, *args, **kwargs):
         """The wrapped module's (no ``module.`` prefix: checkpoints do not depend on DP)."""
@@ -405,3 +347,25 @@ def finish_param_sync(chunks: list[nn.Module]) -> None:
     for chunk in chunks:
         if isinstance(chunk, DistributedDataParallel):
             chunk.finish_param_sync()
+
+
+def _check_instances(instances: int, use_distributed_optimizer: bool, data_parallel_group,
+                     expert_data_parallel_group) -> None:
+    """`DistributedDataParallel`'s rules for ``num_distributed_optimizer_instances``."""
+    if not isinstance(instances, int) or isinstance(instances, bool) or instances < 1:
+        raise ValueError(f"num_distributed_optimizer_instances={instances!r} must be a positive "
+                         "integer")
+    if instances == 1:
+        return
+    if not use_distributed_optimizer:
+        raise ValueError(f"num_distributed_optimizer_instances={instances} needs "
+                         "use_distributed_optimizer=True (the instances shard its state)")
+    if data_parallel_group is not None or expert_data_parallel_group is not None:
+        raise ValueError(f"num_distributed_optimizer_instances={instances} takes its groups "
+                         "from parallel_state; do not pass data_parallel_group or "
+                         "expert_data_parallel_group")
+    initialized = parallel_state.get_num_distributed_optimizer_instances()
+    if initialized != instances:
+        raise ValueError(f"num_distributed_optimizer_instances={instances} but parallel_state "
+                         f"was initialized with num_distributed_optimizer_instances="
+                         f"{initialized}")

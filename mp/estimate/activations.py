@@ -133,10 +133,11 @@ def layer_halves(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CU
     halves = [_norm_half(cfg, kernels, local, "layernorm" in modules, name, refilled)
               for name in ("QKV input", "MLP input")]
     attention, mlp = halves
-    window = cfg.attention_window(layer + 1)
+    window, rope = cfg.attention_window(layer + 1), cfg.applies_rope(layer + 1)
     attention.update(attention_terms(cfg, micro_batch, kernels, modules, refilled,
-                                      busiest_calls(cfg, micro_batch, kernels, window), window))
-    if cfg.position_embedding_type == "rope" and not up_proj:  # cos and sin, for q and k
+                                      busiest_calls(cfg, micro_batch, kernels, window), window,
+                                      rope))
+    if rope and not up_proj:  # cos and sin, for q and k (none on no_rope_freq's layers)
         attention["rotary tables"] = 4 * FP32 * local_tokens(cfg, 1) * cfg.rotary_dim
     attention["attention output"] = e * tokens * q / t
     if moe:

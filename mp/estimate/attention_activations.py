@@ -1,8 +1,9 @@
 """What a layer's attention saves for backward, from its input projections' outputs to its
-core's output: q, k and v with their copies (RoPE, ``qk_layernorm``, grouped queries, context
-parallelism) and the core, over the attention calls one rank makes
-(`mp.estimate.attention_calls`). `mp.estimate.activations` adds the rest of the layer and
-sums the terms (its module doc lists them all).
+core's output: q, k and v with their copies (RoPE but on ``no_rope_freq``'s layers,
+``qk_layernorm`` or ``qk_l2_norm``, grouped queries, context parallelism) and the core, over
+the attention calls one rank makes (`mp.estimate.attention_calls`).
+`mp.estimate.activations` adds the rest of the layer and sums the terms (its module doc lists
+them all).
 
 With ``c`` context-parallel ranks the attention reads other ranks' tokens: ``all_gather`` saves
 the keys and values of the whole sequence and attends in two query chunks (`rank_calls`);
@@ -96,9 +97,13 @@ def busiest_calls(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
 
 def attention_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
                      modules: frozenset[str], refilled: bool, calls: list[AttentionCall],
-                     window: int | None) -> dict[str, float]:
+                     window: int | None, rope: bool | None = None) -> dict[str, float]:
     """What the attention saves between its input projections' outputs and its core's
-    output, attending through ``calls`` (`mp.estimate.activations.layer_halves`' arguments)."""
+    output, attending through ``calls`` (`mp.estimate.activations.layer_halves`' arguments).
+    ``rope``: RoPE rotates the layer's q and k (``cfg.applies_rope``; default: with RoPE, as
+    every layer does without ``no_rope_freq``)."""
+    if rope is None:
+        rope = cfg.position_embedding_type == "rope"
     core, up_proj = "core_attn" in modules, "mla_up_proj" in modules
     math_core = sdpa_kernel(cfg, kernels) == "math" and not core
     if cfg.multi_latent_attention:
@@ -106,22 +111,24 @@ def attention_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
                      micro_batch * sum(c.keys for c in calls)) if math_core else None
         terms = mla_qkv_terms(cfg, micro_batch, kernels, core, math_rows, up_proj, refilled)
     else:
-        terms = _qkv_terms(cfg, micro_batch, kernels, math_core, core, calls)
+        terms = _qkv_terms(cfg, micro_batch, kernels, math_core, core, calls, rope)
     if not core:
         terms.update(_attention_core(cfg, micro_batch, kernels, math_core, calls, window))
     return terms
 
 
 def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_core: bool,
-               core_recomputed: bool, calls: list[AttentionCall]) -> dict[str, float]:
-    """What the QKV output, the queries and keys (normalized, rotated) leave saved, and the
-    ``qk_layernorm`` norms' own saves (their input when they keep it as it comes, statistics
-    per head row, a composite RMSNorm's fp32 tensors, the ``1 + weight`` of zero-centred
-    ones). With context parallelism the attention reads the keys and values of the whole
-    sequence, gathered over CP: copies, so the QKV output stays saved only through the
-    queries that view it; with ``a2a`` the attention reads copies of all three, exchanged
-    for every token of its heads. The math core's copies and the unfused core's repeated
-    keys and values are made per call of ``calls`` (a window's tiles overlap in keys)."""
+               core_recomputed: bool, calls: list[AttentionCall], rope: bool
+               ) -> dict[str, float]:
+    """What the QKV output, the queries and keys (normalized, rotated where ``rope``) leave
+    saved, and the ``qk_layernorm`` norms' own saves (their input when they keep it as it
+    comes, statistics per head row, a composite RMSNorm's fp32 tensors, the ``1 + weight`` of
+    zero-centred ones) or ``qk_l2_norm``'s (`_l2_norm_terms`). With context parallelism the
+    attention reads the keys and values of the whole sequence, gathered over CP: copies, so
+    the QKV output stays saved only through the queries that view it; with ``a2a`` the
+    attention reads copies of all three, exchanged for every token of its heads. The math
+    core's copies and the unfused core's repeated keys and values are made per call of
+    ``calls`` (a window's tiles overlap in keys)."""
     e, t = activation_bytes(cfg), cfg.tensor_model_parallel_size
     tokens = local_tokens(cfg, micro_batch)
     # rows the attention calls read, and the query channels they read them with
@@ -132,15 +139,15 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
     gathered = split and cfg.cp_comm_type == "all_gather"
     exchanged = split and cfg.cp_comm_type == "a2a"
     ring = split and cfg.cp_comm_type == "p2p"  # saves its q, k, v inputs, as they come
-    rope = cfg.position_embedding_type == "rope"
     q, kv = cfg.query_projection_size, cfg.num_query_groups * cfg.kv_channels
     grouped = cfg.num_query_groups < cfg.num_attention_heads
     copied_q = grouped and cfg.num_query_groups > t  # with one group per rank, q is a view
-    qk_norm = cfg.qk_layernorm
+    qk_norm = cfg.qk_layernorm or cfg.qk_l2_norm
     composite = cfg.normalization == "RMSNorm" and kernels.composite_rms_norm
     # a norm that keeps its q, k input as is (k is a view of the QKV output); the composite
     # RMSNorm keeps an fp32 copy of 16-bit input instead
-    norm_keeps_input = qk_norm and not (composite and e != FP32)
+    norm_keeps_input = cfg.qk_layernorm and not (composite and e != FP32) \
+        or cfg.qk_l2_norm and e == FP32
     terms = {}
     if math_core:  # fp32 copies of q, k, v replace the 16-bit QKV output (and RoPE's q, k)
         terms["Q, K, V (fp32 copies)"] = FP32 * (queries + 2 * keys) * width
@@ -170,6 +177,9 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
         if copied_q:
             terms["Q (copied out of its groups)"] = e * tokens * q / t
     rows = tokens * (cfg.num_attention_heads + cfg.num_query_groups) / t
+    if cfg.qk_l2_norm:
+        terms.update(_l2_norm_terms(e, tokens * (q + kv) / t, rows))
+        return terms
     if composite:
         if e != FP32:
             terms["Q, K norm input (fp32)"] = FP32 * tokens * (q + kv) / t
@@ -182,6 +192,14 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
     if cfg.layernorm_zero_centered_gamma:
         terms["Q, K norm weights (1 + weight)"] = 2 * e * cfg.kv_channels
     return terms
+
+
+def _l2_norm_terms(e: int, elements: float, rows: float) -> dict[str, float]:
+    """`mp.model.attention.l2_norm`'s own saves over q and k, ``elements`` of them in
+    ``rows`` head rows: their fp32 copy of 16-bit input (fp32 input is kept as it comes,
+    `_qkv_terms`' "Q, K, V"), and an fp32 factor per row."""
+    terms = {"Q, K L2 norm input (fp32)": FP32 * elements} if e != FP32 else {}
+    return {**terms, "Q, K L2 norm factors (fp32)": FP32 * rows}
 
 
 def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,

@@ -16,7 +16,9 @@ from mp.estimate.hardware import GPUSpec
 from mp.estimate.setup import Setup
 
 FP64 = 8
-GROUPS = ("tp", "cp", "dp", "dp_cp", "ep", "edp", "pp", "embedding", "mp", "world")
+GROUPS = ("tp", "cp", "dp", "dp_cp", "ep", "edp", "pp", "embedding", "mp", "world",
+          "intra_dp_cp", "intra_edp", "inter_dist_opt", "intra_dist_opt")  # the last four:
+# the distributed optimizer's instances (`mp.parallel_state`)
 WIRE_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
                "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
                "send": lambda n: 1.0,
@@ -37,7 +39,11 @@ def group_size(setup: Setup, group: str) -> int:
     return {"tp": setup.tp, "cp": setup.cp, "dp": setup.data_parallel_size,
             "dp_cp": setup.gradient_group_size, "ep": setup.ep,
             "edp": setup.expert_data_parallel_size, "pp": setup.pp, "embedding": 2,
-            "mp": setup.tp * setup.pp, "world": setup.world_size}[group]
+            "mp": setup.tp * setup.pp, "world": setup.world_size,
+            "intra_dp_cp": setup.optimizer_shard_size,
+            "intra_edp": setup.expert_optimizer_shard_size,
+            "inter_dist_opt": setup.distributed_optimizer_instances,
+            "intra_dist_opt": setup.world_size // setup.distributed_optimizer_instances}[group]
 
 
 def group_bandwidth(setup: Setup, group: str, gpu: GPUSpec) -> float:
@@ -48,7 +54,12 @@ def group_bandwidth(setup: Setup, group: str, gpu: GPUSpec) -> float:
     span = {"tp": setup.tp, "cp": setup.tp * setup.cp, "dp": data, "dp_cp": data,
             "ep": setup.tp * setup.ep, "edp": data,
             "pp": setup.world_size, "embedding": setup.world_size,
-            "mp": setup.world_size, "world": setup.world_size}[group]
+            "mp": setup.world_size, "world": setup.world_size,
+            # an instance is DP x CP / N consecutive data-parallel ranks (of every stage)
+            "intra_dp_cp": data // setup.distributed_optimizer_instances,
+            "intra_edp": data // setup.distributed_optimizer_instances, "inter_dist_opt": data,
+            "intra_dist_opt": (setup.world_size if setup.pp > 1
+                               else data // setup.distributed_optimizer_instances)}[group]
     gbps = gpu.intra_node_gbps if span <= gpu.gpus_per_node else gpu.inter_node_gbps
     return gbps * 1e9
 

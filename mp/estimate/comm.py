@@ -49,7 +49,11 @@ row-parallel ones (attention output, fc2):
 - DP, once: the gradient buffer, ``g P`` all-reduced; with the distributed optimizer
   reduce-scattered, then the updated parameters (``e P``) all-gathered, but for the word
   embedding's pair kept over the first and last stage (below), whose bucket of its own is
-  all-reduced. With CP the gradients are reduced over DP x CP (group ``dp_cp``).
+  all-reduced. With CP the gradients are reduced over DP x CP (group ``dp_cp``). With N
+  distributed-optimizer instances the reduce-scatter and the all-gather run inside the
+  instance (``intra_dp_cp``, DP x CP / N ranks; experts ``intra_edp``, EDP / N), and each
+  rank's reduced shard, ``g P / (DP x CP / N)``, is all-reduced across the instances
+  (``inter_dist_opt``, N ranks; the experts' shard too).
 - PP: each chunk's output forward and its gradient backward, ``e s b h`` (``/ t`` with SP);
   once per iteration, the word-embedding gradients of the first stage and the last stage's
   copy (tied embeddings, or multi-token prediction's), ``g V h / t``, over the embedding
@@ -58,7 +62,8 @@ row-parallel ones (attention output, fc2):
 Gradients are read from the buffers, ``g`` bytes an element: 4 (fp32), or 2 with
 ``grad_reduce_in_bf16`` (`Setup.grad_bytes`).
 - Model-parallel group, once: the gradient norm, one fp32 scalar (over every rank with the
-  distributed optimizer, whose data-parallel shards add to it).
+  distributed optimizer, whose data-parallel shards add to it; over one instance's ranks,
+  ``intra_dist_opt``, with several instances, which hold the same shards).
 
 Bytes follow `mp.estimate.measure`: an all-reduce moves its tensor; an all-gather its
 gathered output; a reduce-scatter its full input. Every row is checked against mp's code (TP,
@@ -106,39 +111,58 @@ def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[C
         moe_forwards += moe_layers
     if moe_layers:
         out += expert_collectives(setup, moe_layers, moe_forwards)
-    params = rank_params(cfg, pp_rank)
-    dense_group = "dp_cp" if setup.cp > 1 else "dp"
-    synced = _embedding_group_elements(setup, pp_rank)
-    for what, group, elements, size in (
-            ("", dense_group, params.total - params.experts, setup.gradient_group_size),
-            ("expert ", "edp" if setup.ep > 1 else dense_group, params.experts,
-             setup.expert_data_parallel_size)):
-        if size == 1:
-            continue
-        grads = setup.grad_bytes * elements
-        if setup.distributed_optimizer:  # the embedding pair's own bucket is all-reduced
-            sharded = grads - setup.grad_bytes * (synced if not what else 0)
-            out += [Collective(f"{what}gradients (distributed optimizer)", "reduce_scatter",
-                               group, sharded),
-                    Collective(f"updated {what}parameters (distributed optimizer)",
-                               "all_gather", group, activation_bytes(cfg) * elements)]
-            if not what:
-                out.append(Collective("word-embedding gradients (distributed optimizer)",
-                                      "all_reduce", group, grads - sharded))
-        else:
-            out.append(Collective(f"{what}gradients", "all_reduce", group, grads))
+    out += _data_parallel(setup, pp_rank)
     if setup.pp > 1:
         out += _pipeline(setup, pp_rank)
-    if setup.distributed_optimizer and setup.world_size > 1:  # the DP shards add up too
-        out.append(Collective("gradient norm", "all_reduce", "world", FP32))
+    instances = setup.distributed_optimizer_instances
+    if setup.distributed_optimizer:  # the shards add up too (one instance's)
+        if setup.world_size > instances:
+            out.append(Collective("gradient norm", "all_reduce",
+                                  "world" if instances == 1 else "intra_dist_opt", FP32))
     else:
-        if setup.ep > 1 and params.experts:
+        if setup.ep > 1 and rank_params(cfg, pp_rank).experts:
             out.append(Collective("gradient norm (experts)", "all_reduce", "ep", FP32))
         if setup.tp * setup.pp > 1:
             out.append(Collective("gradient norm", "all_reduce", "mp", FP32))
     if logging:
         out += _logging(setup, pp_rank)
     return [c for c in out if c.bytes > 0]
+
+
+def _data_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
+    """The gradient reduction over DP (x CP) and, with the distributed optimizer, the
+    parameter all-gather: dense parameters' and experts' (module doc)."""
+    cfg, out = setup.model, []
+    params = rank_params(cfg, pp_rank)
+    dense_group = "dp_cp" if setup.cp > 1 else "dp"
+    synced = _embedding_group_elements(setup, pp_rank)
+    several = setup.distributed_optimizer_instances > 1
+    for what, group, elements, size, intra, shard_size in (
+            ("", dense_group, params.total - params.experts, setup.gradient_group_size,
+             "intra_dp_cp", setup.optimizer_shard_size),
+            ("expert ", "edp" if setup.ep > 1 else dense_group, params.experts,
+             setup.expert_data_parallel_size, "intra_edp" if setup.ep > 1 else "intra_dp_cp",
+             setup.expert_optimizer_shard_size)):
+        if size == 1:
+            continue
+        shard_group = intra if several else group
+        grads = setup.grad_bytes * elements
+        if not setup.distributed_optimizer:
+            out.append(Collective(f"{what}gradients", "all_reduce", group, grads))
+            continue
+        sharded = grads - setup.grad_bytes * (synced if not what else 0)
+        if shard_size > 1:
+            out += [Collective(f"{what}gradients (distributed optimizer)", "reduce_scatter",
+                               shard_group, sharded),
+                    Collective(f"updated {what}parameters (distributed optimizer)",
+                               "all_gather", shard_group, activation_bytes(cfg) * elements)]
+        if several:  # the reduced shard, across the instances
+            out.append(Collective(f"{what}gradient shards (distributed optimizer instances)",
+                                  "all_reduce", "inter_dist_opt", sharded / shard_size))
+        if not what:  # the embedding pair's own bucket is all-reduced
+            out.append(Collective("word-embedding gradients (distributed optimizer)",
+                                  "all_reduce", group, grads - sharded))
+    return out
 
 
 def _logging(setup: Setup, pp_rank: int) -> list[Collective]:

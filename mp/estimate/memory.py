@@ -153,7 +153,7 @@ def recompute_working_set(cfg: TransformerConfig, micro_batch: int, kernels: Ker
         return max((own + sum(size for name, size in masks.items() if name not in held)
                     for own, masks in sizes), default=0.0)
     return max((selective_working_set(cfg, micro_batch, kernels, moe, i)
-                for (moe, _), i in _kinds(cfg, layers).items()), default=0.0)
+                for (moe, *_), i in _kinds(cfg, layers).items()), default=0.0)
 
 
 def selective_working_set(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
@@ -194,13 +194,18 @@ def _is_moe(cfg: TransformerConfig, index: int) -> bool:
     return cfg.num_moe_experts is not None and cfg.is_moe_layer(index)
 
 
-def _kinds(cfg: TransformerConfig, layers: range) -> dict[tuple[bool, int | None], int]:
-    """The kinds of ``layers`` (0-based over the model), dense or MoE and with their sliding
-    window or none, each with its first layer: the layers of a kind save alike."""
+def _kinds(cfg: TransformerConfig, layers: range) -> dict[tuple[bool, int | None, bool], int]:
+    """The kinds of ``layers`` (0-based over the model), dense or MoE, with their sliding
+    window or none, rotating q and k or not (``no_rope_freq``), each with its first layer: the
+    layers of a kind save alike."""
     kinds: dict = {}
     for i in layers:
-        kinds.setdefault((_is_moe(cfg, i), cfg.attention_window(i + 1)), i)
+        kinds.setdefault(_kind(cfg, i), i)
     return kinds
+
+
+def _kind(cfg: TransformerConfig, i: int) -> tuple[bool, int | None, bool]:
+    return _is_moe(cfg, i), cfg.attention_window(i + 1), cfg.applies_rope(i + 1)
 
 
 def _layers_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, layers: range,
@@ -208,7 +213,7 @@ def _layers_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, la
     """`layer_terms` of each of ``layers``, computed once for each of their `_kinds`."""
     terms = {kind: layer_terms(cfg, micro_batch, kernels, modules, kind[0], i)
              for kind, i in _kinds(cfg, layers).items()}
-    return [terms[_is_moe(cfg, i), cfg.attention_window(i + 1)] for i in layers]
+    return [terms[_kind(cfg, i)] for i in layers]
 
 
 def ring_working_set(cfg: TransformerConfig, micro_batch: int) -> float:

@@ -251,8 +251,8 @@ def state_bytes(setup: Setup, params: RankParams) -> StateBytes:
     per_param = (0 if setup.model.precision == "fp32" else FP32) + ADAM_MOMENT_BYTES
     if setup.distributed_optimizer:
         dense = n - params.experts
-        optimizer = per_param * (dense / setup.gradient_group_size
-                                 + params.experts / setup.expert_data_parallel_size)
+        optimizer = per_param * (dense / setup.optimizer_shard_size
+                                 + params.experts / setup.expert_optimizer_shard_size)
     else:
         optimizer = n * per_param + params.tensors * STEP_COUNTER_BYTES
     return StateBytes(weights=n * setup.activation_bytes + FP32 * params.expert_bias,

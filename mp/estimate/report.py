@@ -108,13 +108,14 @@ def _precision_line(est: Estimate) -> str:
 
 def _activation_section(est: Estimate, kernels: Kernels) -> str:
     cfg, b = est.setup.model, est.setup.micro_batch_size
-    kinds: dict = {}  # (MoE, sliding window) -> the first layer of that kind
+    kinds: dict = {}  # (MoE, sliding window, RoPE) -> the first layer of that kind
     for i in range(cfg.num_layers):
-        kinds.setdefault((cfg.is_moe_layer(i), cfg.attention_window(i + 1)), i)
-    mixed = len({moe for moe, _ in kinds}) > 1
+        kinds.setdefault((cfg.is_moe_layer(i), cfg.attention_window(i + 1),
+                          cfg.applies_rope(i + 1)), i)
+    mixed = len({moe for moe, _, _ in kinds}) > 1
     note = " (without full recompute)" if cfg.recompute_granularity == "full" else ""
     lines = []
-    for (moe, window), layer in kinds.items():
+    for (moe, window, rope), layer in kinds.items():
         terms = layer_terms(cfg, b, kernels, moe=moe, layer=layer)
         top = sorted(terms.items(), key=lambda kv: -kv[1])[:5]
         labels = []
@@ -122,6 +123,8 @@ def _activation_section(est: Estimate, kernels: Kernels) -> str:
             labels.append("mixture-of-experts layer, balanced routing" if moe else "dense layer")
         if cfg.window_size is not None:
             labels.append("full attention" if window is None else f"sliding window {window}")
+        if cfg.no_rope_freq is not None:
+            labels.append("RoPE" if rope else "no RoPE")
         kind = f" ({', '.join(labels)})" if labels else ""
         lines.append(f"Activations per layer{kind} and micro-batch on a rank{note}: "
                      f"{_bytes(sum(terms.values()))}; largest: "

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mp.config import JobConfig
+from mp.instance_layout import check_instances
 from mp.model.config import TransformerConfig
 from mp.model.pipeline_split import uneven_stages_text
 
@@ -32,6 +33,9 @@ class Setup:
             `mp.optim.DistributedOptimizer`).
         grad_reduce_in_bf16: gradients accumulated and reduced in bf16, not fp32 (Megatron's
             ``--grad-reduce-in-bf16``; bf16 models only).
+        distributed_optimizer_instances: N copies of the distributed optimizer's state, each
+            sharded over DP x CP / N ranks (Megatron's ``--num-distributed-optimizer-
+            instances``; N divides DP x CP and the experts' EDP).
     """
 
     model: TransformerConfig
@@ -40,6 +44,7 @@ class Setup:
     num_microbatches: int = 1
     distributed_optimizer: bool = False
     grad_reduce_in_bf16: bool = False
+    distributed_optimizer_instances: int = 1
 
     def __post_init__(self):
         for name in ("data_parallel_size", "micro_batch_size", "num_microbatches"):
@@ -58,6 +63,11 @@ class Setup:
         if self.gradient_group_size % ep:
             raise ValueError(f"expert_model_parallel_size={ep} does not divide data-parallel x "
                              f"context-parallel size={self.gradient_group_size}")
+        n = self.distributed_optimizer_instances
+        check_instances(n, self.data_parallel_size, self.cp, ep)
+        if n > 1 and not self.distributed_optimizer:
+            raise ValueError(f"distributed_optimizer_instances={n} needs "
+                             "distributed_optimizer=True (the instances are copies of its state)")
 
     @classmethod
     def from_job(cls, job: JobConfig, world_size: int) -> Setup:
@@ -67,7 +77,9 @@ class Setup:
                    micro_batch_size=job.training.micro_batch_size,
                    num_microbatches=job.num_microbatches(world_size),
                    distributed_optimizer=job.training.use_distributed_optimizer,
-                   grad_reduce_in_bf16=job.training.grad_reduce_in_bf16)
+                   grad_reduce_in_bf16=job.training.grad_reduce_in_bf16,
+                   distributed_optimizer_instances=(
+                       job.training.num_distributed_optimizer_instances))
 
     # --- derived sizes ---------------------------------------------------------------------
 
@@ -110,6 +122,17 @@ class Setup:
         return self.gradient_group_size // self.ep
 
     @property
+    def optimizer_shard_size(self) -> int:
+        """The ranks one copy of the distributed optimizer's state is sharded over: DP x CP /
+        N (one instance)."""
+        return self.gradient_group_size // self.distributed_optimizer_instances
+
+    @property
+    def expert_optimizer_shard_size(self) -> int:
+        """The same for the experts' state: EDP / N."""
+        return self.expert_data_parallel_size // self.distributed_optimizer_instances
+
+    @property
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.num_microbatches * self.data_parallel_size
 
@@ -145,5 +168,6 @@ class Setup:
             recompute += f" ({', '.join(cfg.recompute_modules)})"
         parts.append(f"recompute {recompute}")
         if self.distributed_optimizer:
-            parts.append("distributed optimizer")
+            n = self.distributed_optimizer_instances
+            parts.append("distributed optimizer" + (f" x{n} instances" if n > 1 else ""))
         return ", ".join(parts)

@@ -119,8 +119,8 @@ def _optimizer_seconds(setup: Setup, gpu: GPUSpec) -> float:
     def traffic(params) -> float:
         state = params.total  # parameters whose master and moments this rank updates
         if setup.distributed_optimizer:
-            state = ((params.total - params.experts) / setup.gradient_group_size
-                     + params.experts / setup.expert_data_parallel_size)
+            state = ((params.total - params.experts) / setup.optimizer_shard_size
+                     + params.experts / setup.expert_optimizer_shard_size)
         return (state * ADAM_STATE_TRAFFIC
                 + params.total * (ADAM_GRAD_TRAFFIC + activation_bytes(setup.model)))
     busiest = max(traffic(rank_params(setup.model, r)) for r in range(setup.pp))

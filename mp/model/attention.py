@@ -135,6 +135,15 @@ def mask_for_layers(attention_mask: torch.Tensor, config: TransformerConfig,
         else attention_mask
 
 
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama 4's L2 norm of each row of ``x [..., d]`` (Megatron-Core's ``L2Norm``, its
+    ``--qk-l2-norm``): ``x / sqrt(mean(x^2) + eps)`` computed in fp32, in ``x``'s dtype, no
+    weights. It keeps ``x`` in fp32 (a copy of 16-bit input) and the ``[..., 1]`` fp32 factor
+    for backward."""
+    x_float = x.float()
+    return (x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
 class CoreAttention(nn.Module):
     """``q, k, v [s, b, np, hd] -> context [s, b, np * hd]``.
 
@@ -297,7 +306,13 @@ class SelfAttention(Attention):
     model's norm: ``q_layernorm`` is shared by all query heads, ``k_layernorm`` by all key
     heads, each ``[d]``. They are replicated over TP while each rank sees only its heads, so
     their gradients are partial sums over the TP group (marked ``sequence_parallel``, as
-    sequence-parallel norms are; `mp.distributed.finalize_model_grads` adds them up).
+    sequence-parallel norms are; `mp.distributed.finalize_model_grads` adds them up). With
+    ``config.qk_l2_norm`` (Megatron's ``--qk-l2-norm``, Llama 4's) `l2_norm` takes their
+    place there: no weights.
+
+    RoPE rotates q and k unless ``config.no_rope_freq`` makes this layer a NoPE one
+    (``config.applies_rope(layer_number)``): its q and k then attend as projected (and
+    normalized).
     """
 
     def __init__(self, config: TransformerConfig, group=None, layer_number: int = 1):
@@ -315,6 +330,7 @@ class SelfAttention(Attention):
             (build_norm(config, config.kv_channels, partial_grads=True),
              build_norm(config, config.kv_channels, partial_grads=True))
             if config.qk_layernorm else (None, None))
+        self.rotary = config.applies_rope(layer_number)  # False on NoPE layers
         self._build_output(group)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -328,7 +344,10 @@ class SelfAttention(Attention):
         q = q.reshape(s, b, self.heads_per_partition, d)  # a view when groups = heads
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
-        if rotary_freqs is not None:
+        elif self.config.qk_l2_norm:
+            eps = self.config.layernorm_epsilon
+            q, k = l2_norm(q, eps), l2_norm(k, eps)
+        if rotary_freqs is not None and self.rotary:
             magnitude = self.config.rotary_magnitude
             q, k = (apply_rotary(t, rotary_freqs, magnitude, self.config.rotary_interleaved)
                     for t in (q, k))

@@ -16,6 +16,7 @@ from mp.model.config_rules import (
     check_mla,
     check_moe,
     check_mtp,
+    check_qk_l2_norm_and_no_rope,
     check_recompute_modules,
     check_window,
     check_yarn,
@@ -56,12 +57,19 @@ class TransformerConfig:
     # | swiglu | squared_relu (relu(x)^2, Megatron's --squared-relu)
     qk_layernorm: bool = False  # normalize each query and key head over its kv_channels
     # (Megatron's --qk-layernorm): one q_layernorm and one k_layernorm shared by all heads
+    qk_l2_norm: bool = False  # Llama 4's L2 norm of each query and key head instead (Megatron's
+    # --qk-l2-norm): x / sqrt(mean(x^2) + layernorm_epsilon) over its kv_channels, in fp32,
+    # no weights, after the projection and before RoPE, in every layer
     window_size: list[int] | str | None = None  # sliding-window attention (Megatron's
     # --window-size left,right): a query attends to its own key and the `left` keys before it;
     # right must be 0 (a GPT is causal). None: to every earlier key
     window_attn_skip_freq: int | list[int] | str | None = None  # which layers slide: None:
     # all; N: all but every N-th (the 1-based layer numbers N divides attend fully); or a 0/1
     # per layer, 1 = sliding (Megatron's expression of one too: "([1]*3+[0])*2")
+    no_rope_freq: int | list[int] | str | None = None  # layers that skip RoPE ("NoPE", Llama
+    # 4's; Megatron's --no-rope-freq): None: none; N: every N-th (the 1-based layer numbers N
+    # divides; N must divide num_layers); or a 0/1 per layer, 1 = no RoPE (Megatron's
+    # expression of one too: "([0]*3+[1])*2"). Needs position_embedding_type rope
     position_embedding_type: str = "learned_absolute"  # learned_absolute | rope | none (no
     # position information but the causal mask, "NoPE"; Megatron's --no-position-embedding)
     rotary_base: float = 10000.0
@@ -105,6 +113,8 @@ class TransformerConfig:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     init_method_std: float = 0.02
+    embedding_init_method_std: float | None = None  # the embeddings' N(0, std) instead, and
+    # then no weight decay on them (Megatron's --embedding-init-method-std; mp.model.init)
     init_method_xavier_uniform: bool = False  # Glorot's uniform for every weight matrix
     # instead of N(0, init_method_std) (Megatron's --init-method-xavier-uniform)
     attention_backend: str = "sdpa"  # sdpa (flash on GPU) | unfused (matmul, softmax, matmul)
@@ -234,6 +244,10 @@ class TransformerConfig:
                              "needs position_embedding_type='rope' (it divides RoPE's positions)")
         if not self.rope_scaling_factor > 0:
             raise ValueError(f"rope_scaling_factor={self.rope_scaling_factor} must be > 0")
+        std = self.embedding_init_method_std
+        if std is not None and not std > 0:
+            raise ValueError(f"embedding_init_method_std={std} must be > 0 (or None: "
+                             "init_method_std's)")
         if self.seq_length > self.max_position_embeddings:
             raise ValueError(f"seq_length={self.seq_length} exceeds "
                              f"max_position_embeddings={self.max_position_embeddings}")
@@ -242,6 +256,7 @@ class TransformerConfig:
         check_yarn(self)
         check_mtp(self)
         check_window(self)
+        check_qk_l2_norm_and_no_rope(self)
         cp = self.context_parallel_size
         one_of("cp_comm_type", self.cp_comm_type, CP_COMM_TYPES)
         if cp > 1:  # two chunks per CP rank (load balancing), each rank's part split over TP
@@ -302,6 +317,17 @@ class TransformerConfig:
         slides = (freq is None or (freq[number - 1] == 1 if isinstance(freq, list)
                                    else number % freq != 0))
         return self.window_size[0] if slides else None
+
+    def applies_rope(self, layer_number: int) -> bool:
+        """Whether RoPE rotates the queries and keys of layer ``layer_number`` (1-based over
+        the model): with RoPE, in every layer but ``no_rope_freq``'s. Multi-token prediction's
+        depths rotate as the last layer does."""
+        if self.position_embedding_type != "rope":
+            return False
+        number, freq = min(layer_number, self.num_layers), self.no_rope_freq
+        if freq is None:
+            return True
+        return freq[number - 1] == 0 if isinstance(freq, list) else number % freq != 0
 
     # --- derived sizes ---------------------------------------------------------------------
 

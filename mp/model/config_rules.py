@@ -128,6 +128,35 @@ def check_window(config) -> None:
             config, "window_attn_skip_freq", "0 (full attention) or 1 (sliding window)")
 
 
+def check_qk_l2_norm_and_no_rope(config) -> None:
+    """Llama 4's two attention options: ``qk_l2_norm`` (instead of ``qk_layernorm``, not
+    under multi-latent attention, as Megatron asserts) and ``no_rope_freq`` (with RoPE, not
+    under multi-latent attention; parsed here: every n-th layer, n dividing ``num_layers``, or a
+    0/1 per layer)."""
+    mla = config.multi_latent_attention
+    if config.qk_l2_norm and config.qk_layernorm:
+        raise ValueError("qk_l2_norm=True and qk_layernorm=True: choose one (Megatron builds "
+                         "the L2 norm in the q/k layernorms' place, leaving their weights out)")
+    if config.qk_l2_norm and mla:
+        raise ValueError("qk_l2_norm=True does not apply to multi_latent_attention (Megatron "
+                         "refuses it there too)")
+    freq = config.no_rope_freq
+    if freq is None:
+        return
+    if config.position_embedding_type != "rope":
+        raise ValueError(f"no_rope_freq={freq!r} names the layers that skip RoPE: it needs "
+                         f"position_embedding_type='rope', not "
+                         f"{config.position_embedding_type!r}")
+    if mla:
+        raise ValueError(f"no_rope_freq={freq!r} does not apply to multi_latent_attention: "
+                         "its qk_pos_emb_head_dim channels rotate in every layer (Megatron's "
+                         "multi-latent attention ignores no_rope_freq)")
+    freq = config.no_rope_freq = _layer_frequency(config, "no_rope_freq",
+                                                  "0 (RoPE) or 1 (no RoPE)")
+    if isinstance(freq, int):
+        divisible("num_layers", config.num_layers, "no_rope_freq", freq)
+
+
 def _window_text(text: str) -> list[int] | str:
     """``"4096,0"``, ``"(4096, 0)"`` or ``"[4096, 0]"`` as ``[4096, 0]`` (the text itself
     when it is none of those, for the caller's message)."""

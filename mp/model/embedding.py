@@ -9,7 +9,7 @@ from mp import parallel_state
 from mp.device import get_device
 from mp.model.config import TransformerConfig
 from mp.model.dropout import hidden_dropout
-from mp.model.init import init_method
+from mp.model.init import embedding_init_method
 from mp.tensor_parallel import VocabParallelEmbedding, scatter_to_sequence_parallel_region
 
 
@@ -26,7 +26,7 @@ class LanguageModelEmbedding(nn.Module):
     def __init__(self, config: TransformerConfig, group=None):
         super().__init__()
         self.config = config
-        init = init_method(config)
+        init = embedding_init_method(config)
         self.add_position_embedding = config.position_embedding_type == "learned_absolute"
         self.reduce_scatter = config.sequence_parallel and not self.add_position_embedding
         self.word_embeddings = VocabParallelEmbedding(

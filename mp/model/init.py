@@ -36,3 +36,15 @@ def output_init_method(config: TransformerConfig):
     if config.init_method_xavier_uniform:
         return nn.init.xavier_uniform_
     return scaled_init_method_normal(config.init_method_std, config.num_layers)
+
+
+def embedding_init_method(config: TransformerConfig):
+    """The word and position embeddings: ``N(0, embedding_init_method_std)`` when it is set and
+    differs from ``init_method_std`` (Megatron's ``--embedding-init-method-std``; ~1.0 against
+    loss spikes, arXiv 2312.16903), else `init_method`'s, as Megatron-Core's
+    ``TransformerConfig`` decides (an equal std keeps Glorot's uniform with
+    ``init_method_xavier_uniform``). The output layer, untied, keeps `init_method`'s."""
+    std = config.embedding_init_method_std
+    if std is not None and std != config.init_method_std:
+        return init_method_normal(std)
+    return init_method(config)

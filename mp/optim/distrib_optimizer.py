@@ -23,6 +23,16 @@ fp32 gradient buffer stays whole): bf16 or fp16 parameters ``2 + 4 + 12 / d`` (m
 moments sharded), fp32 ``4 + 4 + 8 / d`` (the parameter is its own master). A checkpoint holds
 the same global tensors as without sharding (`mp.checkpointing`): it loads with or without
 the distributed optimizer, at any data-parallel size.
+
+Several instances (Megatron-Core's ``num_distributed_optimizer_instances`` N, the chunks'
+setting): the shards are cut over one instance's ``d / N`` ranks (`mp.parallel_state`) and
+every instance holds the same copy of them, so ``d`` becomes ``d / N`` above. Gradients are
+reduce-scattered inside the instance, then each shard is all-reduced across the instances;
+parameters are all-gathered inside the instance. The gradient norm sums the shards of one
+instance's ranks only (``get_intra_distributed_optimizer_instance_group``: all of its
+model-parallel and data-parallel ranks), so every element counts once. A checkpoint's
+replicated shards are identical chunks of the same global tensors, which the writer stores
+once (`mp.checkpointing.storage`), and load at any N.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from collections.abc import Sequence
 import torch.distributed as dist
 from torch import nn
 
+from mp import parallel_state
 from mp.distributed import DistributedDataParallel
 from mp.optim.optimizer import MixedPrecisionOptimizer, StepResult
 
@@ -44,7 +55,8 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         model_chunks: this rank's `DistributedDataParallel` chunks, built with
             ``use_distributed_optimizer=True``; they own the buffers and collectives.
         grad_norm_group: the ranks whose shards make up the whole model: default every rank
-            (data parallel x model parallel).
+            (data parallel x model parallel), or with several instances every rank of this
+            rank's instance.
         **kwargs: `MixedPrecisionOptimizer`'s (lr, betas, eps, clip_grad, grad_scaler, ...).
     """
 
@@ -63,7 +75,14 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
                 if param not in known:
                     raise ValueError(f"a parameter of shape {tuple(param.shape)} is not in the "
                                      "model chunks given to DistributedOptimizer")
-        group = dist.group.WORLD if grad_norm_group is None else grad_norm_group
+        instances = {chunk.num_distributed_optimizer_instances for chunk in self.model_chunks}
+        if len(instances) > 1:
+            raise ValueError(f"the model chunks have different num_distributed_optimizer_"
+                             f"instances {sorted(instances)}; build them all with one")
+        group = grad_norm_group
+        if group is None:
+            group = (dist.group.WORLD if instances == {1}
+                     else parallel_state.get_intra_distributed_optimizer_instance_group())
         super().__init__(param_groups, model_parallel_group=group, **kwargs)
 
     _experts_need_their_group = False  # the norm sums over every rank already

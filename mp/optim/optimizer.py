@@ -95,13 +95,23 @@ def is_embedding_or_output_parameter(name: str) -> bool:
 
 
 def get_param_groups(model_chunks: Iterable[nn.Module], weight_decay: float,
-                     decoupled_lr: float | None = None) -> list[dict]:
+                     decoupled_lr: float | None = None,
+                     skip_embedding_weight_decay: bool | None = None) -> list[dict]:
     """AdamW groups: matrices decay with ``weight_decay``; 1-D parameters (biases, norm
     weights) do not (each group's ``wd_mult``, 1 or 0, says which for a weight-decay schedule,
-    as in Megatron). With ``decoupled_lr`` (Megatron's ``--decoupled-lr``) the embedding and
+    as in Megatron). With ``skip_embedding_weight_decay`` (None: when a chunk's model config
+    sets ``embedding_init_method_std``, as Megatron's training decides) the word and position
+    embeddings do not decay either, nor a last stage's copy of the tied word embedding (which
+    Megatron's name rule misses, letting the two copies drift apart). With ``decoupled_lr``
+    (Megatron's ``--decoupled-lr``) the embedding and
     output weights (`is_embedding_or_output_parameter`) get a group of their own, marked
     ``is_decoupled_lr`` and starting at that rate (`OptimizerParamScheduler` gives it its own
     schedule). Each parameter appears once even when chunks share it."""
+    model_chunks = list(model_chunks)
+    if skip_embedding_weight_decay is None:
+        skip_embedding_weight_decay = any(
+            getattr(getattr(module, "config", None), "embedding_init_method_std", None)
+            is not None for chunk in model_chunks for module in chunk.modules())
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     seen = set()
     for chunk in model_chunks:
@@ -109,7 +119,11 @@ def get_param_groups(model_chunks: Iterable[nn.Module], weight_decay: float,
             if param.requires_grad and id(param) not in seen:
                 seen.add(id(param))
                 decoupled = decoupled_lr is not None and is_embedding_or_output_parameter(name)
-                groups.setdefault((decoupled, param.dim() == 1), []).append(param)
+                embedding = ("." + name).endswith((".embedding.word_embeddings.weight",
+                                                   ".embedding.position_embeddings.weight")) \
+                    or (is_embedding_or_output_parameter(name) and getattr(param, "shared", False))
+                no_decay = param.dim() == 1 or (skip_embedding_weight_decay and embedding)
+                groups.setdefault((decoupled, no_decay), []).append(param)
     out = []
     for (decoupled, no_decay), params in sorted(groups.items()):
         group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay,

@@ -65,6 +65,7 @@ from mp.training.training import (
     average_losses,
     evaluate,
     run_iterations,
+    skip_batches,
 )
 
 _TAG = "iter_{:07d}"
@@ -216,7 +217,8 @@ def train_deepspeed(forward_step_func: Callable, engine, train_data_iterator: It
         cfg, logger, lr=engine.lr_scheduler.get_lr, loss_scale=lambda: loss_scale(engine),
         evaluate=evaluator(valid_data_iterator), test=evaluator(test_data_iterator),
         state=state, checkpoint_hook=checkpoint_hook, exit_conditions=exit_conditions,
-        check_replicas=functools.partial(check_param_hashes_across_dp_replicas, [engine.module]))
+        check_replicas=functools.partial(check_param_hashes_across_dp_replicas, [engine.module]),
+        skip=lambda batch: skip_batches(train_data_iterator, num_microbatches))
 
 
 def pretrain_deepspeed(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step,

@@ -29,7 +29,8 @@ Evaluations write ``validation lm loss`` / ``test lm loss`` and their ``... PPL`
 writes both splits under ``lm loss validation``, the test point overwriting the validation one
 at the same step; mp keeps them apart), except under ``training.skip_train`` (as in Megatron:
 an evaluation-only run adds no points to the training run's curves). The W&B rank starts a run
-named ``wandb_exp_name`` (None: W&B picks one) in ``wandb_save_dir`` (default
+of ``wandb_entity`` (a team or user; None: W&B's default) named ``wandb_exp_name`` (None: W&B
+picks one) in ``wandb_save_dir`` (default
 ``<training.save>/wandb`` as in Megatron, else W&B's own default), with the resolved job config
 as its config, and finishes it at the end. Without ``wandb`` installed (``pip install wandb``,
 mp's ``wandb`` extra) it says so in one line and the job runs.
@@ -94,8 +95,8 @@ def _open_wandb(cfg: JobConfig):
         directory = os.path.join(cfg.training.save, "wandb")
     if directory is not None:
         os.makedirs(directory, exist_ok=True)
-    return wandb.init(project=lg.wandb_project, name=lg.wandb_exp_name, dir=directory,
-                      config=cfg.to_dict())
+    return wandb.init(project=lg.wandb_project, entity=lg.wandb_entity, name=lg.wandb_exp_name,
+                      dir=directory, config=cfg.to_dict())
 
 
 class TrainingLogger:

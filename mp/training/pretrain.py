@@ -26,6 +26,7 @@ from mp.optim import (
 from mp.tensor_parallel import model_parallel_cuda_manual_seed
 from mp.training import gpt_step
 from mp.training.data import build_data_iterators
+from mp.training.determinism import check_deterministic, deterministic_algorithms
 from mp.training.exit import ExitConditions
 from mp.training.logger import TrainingLogger
 from mp.training.training import TrainState, train
@@ -55,7 +56,8 @@ def setup_model_and_optimizer(cfg: JobConfig) -> tuple[list[DistributedDataParal
         bucket_size=max(1, int(tr.bucket_size_mb * 2**20 / grad_dtype.itemsize)),
         use_distributed_optimizer=tr.use_distributed_optimizer,
         overlap_param_gather=tr.overlap_param_gather,
-        calculate_per_token_loss=tr.calculate_per_token_loss, grad_dtype=grad_dtype)
+        calculate_per_token_loss=tr.calculate_per_token_loss, grad_dtype=grad_dtype,
+        num_distributed_optimizer_instances=tr.num_distributed_optimizer_instances)
         for chunk in build_gpt_chunks(cfg.model)]
     optimizer = get_megatron_optimizer(
         model, lr=tr.lr, weight_decay=tr.weight_decay, adam_beta1=tr.adam_beta1,
@@ -121,12 +123,13 @@ def batches_text(cfg: JobConfig, world_size: int) -> str:
 
 
 def check_supported(cfg: JobConfig, world_size: int | None = None) -> None:
-    """Refuse what this version cannot do, and a ``training.load`` that holds no checkpoint
-    under ``training.exit_on_missing_checkpoint`` (ValueError); needs no process group. The
+    """Refuse what this version cannot do and a ``training.load`` that holds no checkpoint under
+    ``training.exit_on_missing_checkpoint`` (ValueError); needs no process group. The
     world size defaults to the job's (`mp.config.resolve_world_size` before
     ``torch.distributed`` starts: torchrun's or the MPI launcher's)."""
     tr = cfg.training
     checkpoint_job.check_checkpoint_exists(cfg)
+    check_deterministic(tr.deterministic_mode)
     if tr.deepspeed:
         from mp.training.deepspeed_config import check_deepspeed_supported
         if world_size is None:
@@ -146,7 +149,8 @@ def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step
     (`mp.training.training.train`). Needs
     ``initialize_model_parallel`` done with ``cfg``'s sizes; rank 0 reports."""
     check_supported(cfg)
-    with ExitConditions(cfg.training) as exit_conditions:
+    with (deterministic_algorithms(cfg.training.deterministic_mode),
+          ExitConditions(cfg.training) as exit_conditions):
         if cfg.training.deepspeed:  # DeepSpeed's engine does data parallelism and the optimizer
             from mp.training.deepspeed import pretrain_deepspeed
             return pretrain_deepspeed(cfg, forward_step_func, exit_conditions)

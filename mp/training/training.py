@@ -191,6 +191,16 @@ def evaluate(forward_step_func: Callable, data_iterator: Iterator, model: list[n
     return average_losses(losses, calculate_per_token_loss)[0]
 
 
+def skip_batches(data_iterator, num_microbatches: int) -> None:
+    """Megatron's ``dummy_train_step``: read an iteration's ``num_microbatches`` micro-batches
+    from ``data_iterator`` (or from each model chunk's, given a list) without running the
+    model, as the iteration would have."""
+    iterators = data_iterator if isinstance(data_iterator, (list, tuple)) else [data_iterator]
+    for iterator in iterators:
+        for _ in range(num_microbatches):
+            next(iterator)
+
+
 def _check_finite(out: StepOutput, state: TrainState) -> None:
     bad = {k: v for k, v in out.losses.items() if not math.isfinite(v)}
     if not bad:
@@ -211,7 +221,7 @@ def train(forward_step_func: Callable, model: list[nn.Module],
           optimizer: MixedPrecisionOptimizer, opt_param_scheduler: OptimizerParamScheduler,
           train_data_iterator: Iterator, valid_data_iterator: Iterator | None,
           cfg: JobConfig, logger: TrainingLogger, *, state: TrainState | None = None,
-          checkpoint_hook: Callable[[TrainState], None] | None = None,
+          checkpoint_hook: Callable[..., None] | None = None,
           exit_conditions: ExitConditions | None = None,
           test_data_iterator: Iterator | None = None) -> TrainState:
     """Run iterations from ``state`` (default: the start) to the end of the run
@@ -240,7 +250,8 @@ def train(forward_step_func: Callable, model: list[nn.Module],
             opt_param_scheduler.get_lr, param_group={"is_decoupled_lr": True}),
         evaluate=evaluator(valid_data_iterator), test=evaluator(test_data_iterator),
         state=state, checkpoint_hook=checkpoint_hook, exit_conditions=exit_conditions,
-        check_replicas=functools.partial(check_param_hashes_across_dp_replicas, model))
+        check_replicas=functools.partial(check_param_hashes_across_dp_replicas, model),
+        skip=lambda batch: skip_batches(train_data_iterator, batch // per_microbatch))
 
 
 def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: TrainingLogger, *,
@@ -248,10 +259,11 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
                    evaluate: Callable[[], dict[str, float]] | None,
                    decoupled_lr: Callable[[], float] | None = None,
                    state: TrainState | None = None,
-                   checkpoint_hook: Callable[[TrainState], None] | None = None,
+                   checkpoint_hook: Callable[..., None] | None = None,
                    exit_conditions: ExitConditions | None = None,
                    test: Callable[[], dict[str, float]] | None = None,
-                   check_replicas: Callable[[int], None] | None = None) -> TrainState:
+                   check_replicas: Callable[[int], None] | None = None,
+                   skip: Callable[[int], None] | None = None) -> TrainState:
     """The loop around ``step(global_batch_size)``, one iteration (mp's `train_step`, or
     DeepSpeed's engine in `mp.training.deepspeed`): count iterations and samples, check the loss,
     log with ``lr()``, ``loss_scale()`` (and ``decoupled_lr()``), ``evaluate`` the validation data
@@ -260,12 +272,19 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
     before the last iteration, the run saves and ends there, without the final evaluations. With
     ``training.skip_train`` only the final evaluations happen, at ``state``'s iteration, printed but
     not written as scalars. Nothing is evaluated with ``eval_iters`` 0. Every
+    ``non_persistent_save_interval`` iterations that no ``save_interval`` one falls on, the
+    hook saves into the non-persistent directory (``checkpoint_hook(state, non_persistent=
+    True)``). Every
     ``check_weight_hash_across_dp_replicas_interval`` iterations ``check_replicas(iteration)``
     compares the data-parallel replicas' weights, before any save (a drifted model is not
     saved). A ``checkpoint_hook`` with ``poll()`` and ``finish()`` (`mp.checkpointing.job.
     JobSaver`'s asynchronous saves) is polled after every iteration and finished before the
-    loop ends, a non-finite loss's stop included. Garbage collection (`ManualGC`) and
-    profiling (`IterationProfiler`) happen around the iterations."""
+    loop ends, a non-finite loss's stop included. An iteration that starts with N iterations
+    done, N in ``training.iterations_to_skip`` (Megatron's count), only reads its batch
+    (``skip(global_batch_size)``) and counts its iteration and samples: no step, so the
+    learning-rate schedule does not advance, and no log line, evaluation, save or exit check.
+    Garbage collection (`ManualGC`) and profiling (`IterationProfiler`) happen around the
+    iterations."""
     tr = cfg.training
     state = TrainState() if state is None else state
     check_loss = cfg.model.precision != "fp16"
@@ -290,10 +309,19 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
     stop = None
     schedule = cfg.batch_schedule(dist.get_world_size())
     iterations = state.iteration if tr.skip_train else cfg.train_iterations(dist.get_world_size())
+    skipped = set(tr.iterations_to_skip)
+    if skipped and skip is None:
+        raise ValueError(f"training.iterations_to_skip={tr.iterations_to_skip} needs a way to "
+                         "read the skipped batches (run_iterations' skip)")
     with (ManualGC(tr) as collector,
           IterationProfiler(cfg.logging, dist.get_rank(), get_device()) as profiler):
         while state.iteration < iterations:
             batch = schedule.global_batch_size_at(state.consumed_train_samples)
+            if state.iteration in skipped:  # Megatron's: the batch is read, no step is taken
+                skip(batch)
+                state.iteration += 1
+                state.consumed_train_samples += batch
+                continue
             profiler.before_iteration(state.iteration)
             out = step(batch)
             state.iteration += 1
@@ -318,6 +346,9 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
                 check_replicas(state.iteration)
             if checkpoint_hook and tr.save_interval and state.iteration % tr.save_interval == 0:
                 save()
+            elif checkpoint_hook and tr.non_persistent_save_interval and \
+                    state.iteration % tr.non_persistent_save_interval == 0:
+                checkpoint_hook(state, non_persistent=True)  # the end still saves into save
             if hasattr(checkpoint_hook, "poll"):
                 checkpoint_hook.poll()
             profiler.after_iteration(state.iteration)
