@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from mp.config.coerce import ConfigError
 from mp.config.section import Section
-from mp.data.dataset_builder import SPLIT_NAMES, parse_data_sources
+from mp.data.dataset_builder import SPLIT_NAMES, check_validation_sets, parse_data_sources
 from mp.data.samplers import DATALOADER_TYPES
 from mp.data.tokenizer import TOKENIZER_TYPES
 
@@ -44,7 +44,10 @@ class DataConfig(Section):
     into a sample apart (`mp.data.document_masks`). ``dataloader_type`` is Megatron's order of
     the samples, ``single`` (once, in dataset order) or ``cyclic`` (epoch after epoch, each
     shuffled, within each data-parallel rank's shard unless ``data_sharding`` is off):
-    `mp.data.samplers`.
+    `mp.data.samplers`. ``full_validation`` (Megatron's ``--full-validation``) makes every
+    validation cover the whole validation split once instead of ``training.eval_iters``
+    batches; ``multiple_validation_sets`` (Megatron's ``--multiple-validation-sets``) evaluates
+    each ``valid_data_path`` dataset on its own, one loss each (`mp.training.data`).
     """
 
     section: ClassVar[str] = "data"
@@ -69,6 +72,8 @@ class DataConfig(Section):
     mmap_bin_files: bool = True  # False: read each .bin file into memory instead of mapping it
     dataloader_type: str = "single"  # or "cyclic" (Megatron's --dataloader-type)
     data_sharding: bool = True  # cyclic: each DP rank shuffles its own shard (--no-data-sharding)
+    full_validation: bool = False  # each validation covers the validation split whole, once
+    multiple_validation_sets: bool = False  # each valid_data_path dataset evaluated on its own
 
     def __post_init__(self) -> None:
         per_split = self.per_split_data_path
@@ -79,8 +84,13 @@ class DataConfig(Section):
             raise ConfigError(f"data.valid_data_path={self.valid_data_path!r} and data."
                               f"test_data_path={self.test_data_path!r} without data."
                               "train_data_path: the run needs its training data")
+        if self.mock_data and (self.full_validation or self.multiple_validation_sets):
+            flag = "full_validation" if self.full_validation else "multiple_validation_sets"
+            raise ConfigError(f"data.{flag}=true needs datasets of documents (Megatron: GPT "
+                              "datasets only); data.mock_data=true draws random samples")
         try:
-            parse_data_sources(self.data_path, self.split, per_split)
+            blends = parse_data_sources(self.data_path, self.split, per_split)
+            check_validation_sets(blends, self.multiple_validation_sets, self.full_validation)
         except ValueError as error:
             raise ConfigError(f"{self.section}.{error}") from None
         self._one_of("tokenizer_type", TOKENIZER_TYPES)

@@ -11,7 +11,13 @@ datasets, and there is no ``split``; a split without a path is ``None``.
 
 With one prefix each split is a `GPTDataset`. With several, each prefix's split is a
 `GPTDataset` of ``ceil(ceil(n * w) * 1.005)`` samples (Megatron's margin) and the split is a
-`BlendedDataset` of exactly ``n`` samples. A split whose fraction is 0 or that is asked for 0
+`BlendedDataset` of exactly ``n`` samples. A split asked for ``None`` samples (Megatron's size
+``None``: ``--full-validation``'s validation split) is one epoch: each prefix's `GPTDataset` holds
+every full window of its documents once and a blend of several takes all of them (weights are
+refused: they need a sample count). With ``multiple_validation_sets`` (Megatron's
+``--multiple-validation-sets``, per-split paths only, no weights) the validation split is a
+list: one dataset per ``valid_data_path`` prefix, each built as if it were the only one, which
+Megatron's builder does too. A split whose fraction is 0 or that is asked for 0
 samples is ``None``; one asked for samples but left without documents is an error. Each
 `GPTDataset` caches its indices under its file's path and its split's name (among others), so
 different files or splits never share a cache entry.
@@ -121,9 +127,9 @@ def build_gpt_datasets(
     split: str | None,
     seq_length: int,
     seed: int,
-    train_samples: int,
-    valid_samples: int,
-    test_samples: int,
+    train_samples: int | None,
+    valid_samples: int | None,
+    test_samples: int | None,
     *,
     per_split_data_path: Sequence[Sequence[str] | None] | None = None,
     eod: int | None = None,
@@ -131,22 +137,27 @@ def build_gpt_datasets(
     path_to_cache: str | None = None,
     group: dist.ProcessGroup | None = None,
     mmap_bin_files: bool = True,
-) -> tuple[torch.utils.data.Dataset | None, ...]:
+    multiple_validation_sets: bool = False,
+) -> tuple[torch.utils.data.Dataset | list[torch.utils.data.Dataset] | None, ...]:
     """``(train, valid, test)``, each a `GPTDataset`, a `BlendedDataset` or None (see the module
     doc); items are `GPTDataset` dicts of ``[seq_length]`` tensors. The data is ``data_path``
     cut by ``split``, or ``per_split_data_path`` = ``[train, valid, test]`` paths (each a
     ``data_path`` list or None) with ``data_path`` and ``split`` None. ``mmap_bin_files=False``
     reads the ``.bin`` files with plain reads instead of mapping them (`IndexedDataset`'s
-    ``mmap``).
+    ``mmap``). A split's sample count may be None (one epoch); with
+    ``multiple_validation_sets`` the validation entry is a list of datasets, one per
+    ``valid_data_path`` prefix in order.
 
     Collective over ``group`` under ``torch.distributed`` (index caches are built by its rank 0
     while the others wait): call it on every rank of the group.
     """
     sizes = (train_samples, valid_samples, test_samples)
     for name, n in zip(SPLIT_NAMES, sizes):
-        if not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"{name}_samples={n!r} must be an integer >= 0")
+        if n is not None and (not isinstance(n, (int, np.integer)) or n < 0):
+            raise ValueError(f"{name}_samples={n!r} must be an integer >= 0 or None (one "
+                             "epoch)")
     blends = parse_data_sources(data_path, split, per_split_data_path)  # before any file
+    check_validation_sets(blends, multiple_validation_sets, valid_samples is None)
     for key, (prefixes, _) in blends.items():
         for prefix in prefixes:
             if not IndexedDataset.exists(prefix):
@@ -163,10 +174,39 @@ def build_gpt_datasets(
         "group": group,
     }
     sources = _split_sources(opened, split)
-    return tuple(
+    built = [
         None if n == 0 or sources[i] is None else _build_split(name, n, *sources[i], options)
+        if not (multiple_validation_sets and name == "valid")
+        else [_build_split(name, n, [member], None, options) for member in sources[i][0]]
         for i, (name, n) in enumerate(zip(SPLIT_NAMES, sizes))
-    )
+    ]
+    return tuple(built)
+
+
+def check_validation_sets(blends: dict[str, tuple[list[str], list[float] | None]],
+                          multiple_validation_sets: bool, full_validation: bool) -> None:
+    """Megatron's rules for ``--multiple-validation-sets`` and ``--full-validation`` on the
+    parsed sources (`parse_data_sources`): several validation sets come from
+    ``valid_data_path`` without weights, and a whole-epoch validation split (sample count
+    None) has no weights either (Megatron: ``size_is_none => weights_are_none``). ValueError
+    naming the values."""
+    valid = blends.get("valid_data_path")
+    if multiple_validation_sets and valid is None:
+        given = f" (data_path={blends['data_path'][0]} gives one validation split)" \
+            if "data_path" in blends else ""
+        raise ValueError("multiple_validation_sets=true evaluates each dataset of "
+                         f"valid_data_path on its own, and valid_data_path is not set{given}: "
+                         "give train_data_path and valid_data_path, as in Megatron-LM")
+    if multiple_validation_sets and valid is not None and valid[1] is not None:
+        raise ValueError(f"multiple_validation_sets=true with valid_data_path weights "
+                         f"{valid[1]}: each dataset is evaluated whole on its own, so the list "
+                         "must hold prefixes only (Megatron-LM's rule)")
+    blend = valid if valid is not None else blends.get("data_path")
+    if full_validation and blend is not None and blend[1] is not None:
+        key = "valid_data_path" if valid is not None else "data_path"
+        raise ValueError(f"full_validation=true with {key} weights {blend[1]}: a full "
+                         "validation takes every sample of each dataset once, and weights need "
+                         "a sample count; give prefixes only (Megatron-LM's rule)")
 
 
 def _split_sources(opened: dict, split: str | None) -> list[tuple[list, list | None] | None]:
@@ -191,18 +231,28 @@ def _build_split(
     weights: list[float] | None,
     options: dict,
 ) -> torch.utils.data.Dataset:
-    """One split: a GPTDataset over the one member's document range, or a blend of them."""
+    """One split of ``num_samples`` samples (None: one epoch): a GPTDataset over the one
+    member's document range, or a blend of them."""
     empty = [d.path_prefix for d, (begin, end) in members if begin == end]
     if empty:
         raise ValueError(
             f"{name} split of {', '.join(empty)} has no documents; "
-            f"{num_samples} {name} samples were requested"
+            + ("a whole epoch was requested" if num_samples is None
+               else f"{num_samples} {name} samples were requested")
         )
     if len(members) == 1:
         ((dataset, document_range),) = members
         return GPTDataset(
             dataset, np.arange(*document_range), num_samples, split_name=name, **options
         )
+    if num_samples is None:
+        if weights is not None:
+            raise ValueError(f"the {name} split's weights {weights} need a sample count; a whole "
+                             "epoch (num_samples None) takes no weights")
+        datasets = [GPTDataset(dataset, np.arange(*document_range), None, split_name=name,
+                               **options) for dataset, document_range in members]
+        sizes = [len(d) for d in datasets]  # every sample of each once
+        return BlendedDataset(datasets, sizes, sum(sizes))
     weights = weights or [float(d.sequence_lengths[b:e].sum()) for d, (b, e) in members]
     total = sum(weights)
     datasets = [

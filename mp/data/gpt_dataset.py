@@ -18,7 +18,9 @@ shuffle index ``[num_samples]``
 These are the arrays of Megatron-Core's ``GPTDataset`` for the same documents, sequence length
 and seed (its compiled ``build_sample_idx`` is a loop; here it is one ``searchsorted``), so
 samples come in Megatron's order. Enough epochs are built for ``num_samples``; ``len()`` counts
-every full window of those epochs and may be larger.
+every full window of those epochs and may be larger. ``num_samples=None`` builds one epoch
+(Megatron's size ``None``, used by ``--full-validation``): every full window of the documents
+once.
 
 An item is a dict, as Megatron-Core's GPT dataset returns, each tensor ``[seq_length]``:
 ``tokens`` (int64, the window without its last token), ``labels`` (int64, the window shifted by
@@ -44,9 +46,11 @@ _SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
 _INDEX_NAMES = ("document_index", "sample_index", "shuffle_index")
 
 
-def num_epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:
+def num_epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int | None) -> int:
     """The fewest epochs (at least 1) whose tokens hold ``num_samples`` windows of
-    ``seq_length + 1`` tokens that overlap by one."""
+    ``seq_length + 1`` tokens that overlap by one; 1 for ``num_samples=None`` (one epoch)."""
+    if num_samples is None:
+        return 1
     needed = num_samples * seq_length + 1
     return max(1, -(-needed // tokens_per_epoch))
 
@@ -99,7 +103,7 @@ def build_shuffle_index(
 def build_indices(
     sequence_lengths: np.ndarray,
     documents: np.ndarray,
-    num_samples: int,
+    num_samples: int | None,
     seq_length: int,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -124,7 +128,7 @@ def _cache_paths(
     indexed_dataset: IndexedDataset,
     document_ids: np.ndarray,
     split_name: str,
-    num_samples: int,
+    num_samples: int | None,
     seq_length: int,
     seed: int,
     path_to_cache: str | None,
@@ -164,7 +168,8 @@ class GPTDataset(torch.utils.data.Dataset):
         indexed_dataset: the tokenized documents (one sequence per document, as preprocessing
             writes them).
         document_ids: the sequence ids of this split, e.g. ``numpy.arange(begin, end)``.
-        num_samples: how many samples the caller will draw at least.
+        num_samples: how many samples the caller will draw at least; None for one epoch
+            (every full window once).
         seq_length: tokens per sample; each window holds ``seq_length + 1``.
         seed: the shuffle seed.
         split_name: ``train``, ``valid`` or ``test``; part of the cache file names.
@@ -179,7 +184,7 @@ class GPTDataset(torch.utils.data.Dataset):
         self,
         indexed_dataset: IndexedDataset,
         document_ids: np.ndarray,
-        num_samples: int,
+        num_samples: int | None,
         seq_length: int,
         seed: int,
         *,
@@ -189,7 +194,7 @@ class GPTDataset(torch.utils.data.Dataset):
         path_to_cache: str | None = None,
         group: dist.ProcessGroup | None = None,
     ) -> None:
-        if seq_length < 1 or num_samples < 0:
+        if seq_length < 1 or (num_samples is not None and num_samples < 0):
             raise ValueError(
                 f"seq_length={seq_length} must be >= 1 and num_samples={num_samples} >= 0"
             )

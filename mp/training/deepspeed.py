@@ -21,7 +21,9 @@ How the two meet (more in ``docs/training.md``, "DeepSpeed"):
   norms) get a hook summing each micro-batch's gradient over TP before DeepSpeed sees it (what
   `mp.distributed.finalize_model_grads` does once per iteration).
 - An iteration is ``gradient_accumulation_steps`` rounds of forward, ``engine.backward`` and
-  ``engine.step``; loss averaging, the NaN stop, evaluation and the log line are mp's.
+  ``engine.step``; loss averaging, the NaN stop, evaluation and the log line are mp's
+  (``data.full_validation`` and ``data.multiple_validation_sets`` included:
+  `mp.training.training.validation_evaluator`).
 - ``training.save``/``load`` hold DeepSpeed checkpoints with the iteration, consumed samples
   and RNG states as client state (not interchangeable with mp's own format).
 """
@@ -66,6 +68,7 @@ from mp.training.training import (
     evaluate,
     run_iterations,
     skip_batches,
+    validation_evaluator,
 )
 
 _TAG = "iter_{:07d}"
@@ -204,9 +207,12 @@ def train_deepspeed(forward_step_func: Callable, engine, train_data_iterator: It
     shapes = {"num_microbatches": num_microbatches, "seq_length": cfg.model.seq_length,
               "micro_batch_size": cfg.training.micro_batch_size}
 
+    def evaluate_iterator(iterator: Iterator, **extra) -> dict[str, float]:
+        return evaluate(forward_step_func, iterator, [engine], eval_iters=cfg.training.eval_iters,
+                        **shapes, **extra)
+
     def evaluator(iterator: Iterator | None) -> Callable[[], dict[str, float]] | None:
-        return None if iterator is None else lambda: evaluate(
-            forward_step_func, iterator, [engine], eval_iters=cfg.training.eval_iters, **shapes)
+        return None if iterator is None else lambda: evaluate_iterator(iterator)
 
     engine.train()
     lr_increment = cfg.training.global_batch_size if cfg.training.counts_samples else 1
@@ -215,7 +221,8 @@ def train_deepspeed(forward_step_func: Callable, engine, train_data_iterator: It
                                            num_microbatches=num_microbatches,
                                            lr_increment=lr_increment),
         cfg, logger, lr=engine.lr_scheduler.get_lr, loss_scale=lambda: loss_scale(engine),
-        evaluate=evaluator(valid_data_iterator), test=evaluator(test_data_iterator),
+        evaluate=validation_evaluator(evaluate_iterator, valid_data_iterator, cfg),
+        test=evaluator(test_data_iterator),
         state=state, checkpoint_hook=checkpoint_hook, exit_conditions=exit_conditions,
         check_replicas=functools.partial(check_param_hashes_across_dp_replicas, [engine.module]),
         skip=lambda batch: skip_batches(train_data_iterator, num_microbatches))

@@ -28,7 +28,12 @@ every ``logging.tensorboard_log_interval`` iterations; the interval's ``iteratio
 Evaluations write ``validation lm loss`` / ``test lm loss`` and their ``... PPL`` (Megatron
 writes both splits under ``lm loss validation``, the test point overwriting the validation one
 at the same step; mp keeps them apart), except under ``training.skip_train`` (as in Megatron:
-an evaluation-only run adds no points to the training run's curves). The W&B rank starts a run
+an evaluation-only run adds no points to the training run's curves). With
+``data.multiple_validation_sets`` each validation set ``i`` (in ``data.valid_data_path`` order)
+gets Megatron's line ``validation-<i> loss at iteration N | lm loss value: X | lm loss PPL: Y |``
+and Megatron's scalars ``lm loss validation-<i>`` and ``lm loss validation-<i> ppl`` (Megatron
+writes the latter with ``--log-validation-ppl-to-tensorboard``; mp always does, as for the
+single validation split). The W&B rank starts a run
 of ``wandb_entity`` (a team or user; None: W&B's default) named ``wandb_exp_name`` (None: W&B
 picks one) in ``wandb_save_dir`` (default
 ``<training.save>/wandb`` as in Megatron, else W&B's own default), with the resolved job config
@@ -225,6 +230,24 @@ class TrainingLogger:
                         + " | ".join(f"{k} {v:.4E}" for k, v in results.items()))
         if write:
             self._write_scalars({f"{split} {k}": v for k, v in results.items()}, iteration)
+
+    def validation_sets(self, iteration: int, results: list[dict[str, float]], *,
+                        write: bool = True) -> None:
+        """Print the losses and perplexities of each validation set's evaluation at
+        ``iteration`` (``results[i]`` for set ``i``) in Megatron's line, and write them as
+        Megatron's scalars (the module doc) unless not ``write``."""
+        for index, losses in enumerate(results):
+            suffix, fields, scalars = f"-{index}", [], {}
+            for key, value in losses.items():
+                ppl = math.exp(min(20.0, value))
+                fields.append(f"{key} value: {value:.6E} | {key} PPL: {ppl:.6E} |")
+                scalars[f"{key} validation{suffix}"] = value
+                scalars[f"{key} validation{suffix} ppl"] = ppl
+            if self.enabled:
+                self._print(f"validation{suffix} loss at iteration {iteration} | "
+                            + " ".join(fields))
+            if write:
+                self._write_scalars(scalars, iteration)
 
     def early_exit(self, iteration: int, reason: str) -> None:
         """Say that the run stopped after ``iteration`` (of `JobConfig.train_iterations`),

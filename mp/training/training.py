@@ -9,7 +9,10 @@ reported losses over micro-batches and data-parallel ranks (one all-reduce; with
 ``eval_interval`` iterations, and after the last one, the validation loss is measured with a
 forward-only schedule, averaged the same way over all its iterations; after the last one (and
 the final save) the test split's loss is measured the same way, over its first ``eval_iters``
-global batches (Megatron's end of ``pretrain``). With
+global batches (Megatron's end of ``pretrain``). With ``data.full_validation`` each validation
+reads the whole validation split once instead of ``eval_iters`` global batches
+(`validation_evaluator`); with ``data.multiple_validation_sets`` each ``valid_data_path``
+dataset is evaluated on its own and reported under Megatron's ``validation-<i>`` names. With
 ``logging.log_params_norm`` the step also measures the parameters' norm
 (`MixedPrecisionOptimizer.calc_params_l2_norm`).
 
@@ -47,6 +50,7 @@ from mp.distributed.replica_check import check_param_hashes_across_dp_replicas
 from mp.model.aux_losses import take_tracked, tracked_names
 from mp.optim import MixedPrecisionOptimizer, OptimizerParamScheduler
 from mp.pipeline_parallel.schedules import get_forward_backward_func
+from mp.training.data import ValidationSets
 from mp.training.exit import ExitConditions
 from mp.training.logger import TrainingLogger
 from mp.training.manual_gc import ManualGC
@@ -169,19 +173,25 @@ def train_step(forward_step_func: Callable, data_iterator: Iterator, model: list
 def evaluate(forward_step_func: Callable, data_iterator: Iterator, model: list[nn.Module], *,
              eval_iters: int, num_microbatches: int, seq_length: int,
              micro_batch_size: int, empty_unused_memory_level: int = 0,
-             calculate_per_token_loss: bool = False) -> dict[str, float]:
+             calculate_per_token_loss: bool = False,
+             total_microbatches: int | None = None) -> dict[str, float]:
     """The reported losses of ``eval_iters`` forward-only iterations (models in eval mode, no
     gradients) averaged over all their micro-batches and the data-parallel ranks, or per
     token (`average_losses`); the CUDA cache is emptied after each at
-    ``empty_unused_memory_level`` >= 1."""
+    ``empty_unused_memory_level`` >= 1. Given ``total_microbatches`` (a full validation),
+    ``eval_iters`` is not used: iterations of ``num_microbatches`` run until that many
+    micro-batches are read, the last iteration taking what is left."""
+    counts = [num_microbatches] * eval_iters if total_microbatches is None else \
+        [min(num_microbatches, total_microbatches - done)
+         for done in range(0, total_microbatches, num_microbatches)]
     for chunk in model:
         chunk.eval()
     losses: list[dict] = []
     try:
-        for _ in range(eval_iters):
+        for count in counts:
             losses += get_forward_backward_func()(
                 forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
-                num_microbatches=num_microbatches, seq_length=seq_length,
+                num_microbatches=count, seq_length=seq_length,
                 micro_batch_size=micro_batch_size, forward_only=True)
             if empty_unused_memory_level >= 1:
                 torch.cuda.empty_cache()
@@ -189,6 +199,42 @@ def evaluate(forward_step_func: Callable, data_iterator: Iterator, model: list[n
         for chunk in model:
             chunk.train()
     return average_losses(losses, calculate_per_token_loss)[0]
+
+
+def validation_evaluator(evaluate_iterator: Callable[..., dict[str, float]],
+                         valid_data_iterator, cfg: JobConfig
+                         ) -> Callable[[], dict[str, float] | list[dict[str, float]]] | None:
+    """The validation of a run: ``evaluate_iterator(iterator, **extra)`` (`evaluate` bound to
+    the model and shapes) over ``valid_data_iterator``, which is as
+    `mp.training.data.build_data_iterators` returns it, or a list of those, one per model
+    chunk. With ``data.full_validation`` each call restarts the `ValidationPass` iterators and
+    reads their ``num_microbatches`` (made a multiple of the pipeline size under the
+    interleaved schedule, which needs it), with ``data.multiple_validation_sets`` it returns
+    one result per validation set (a list). None without validation data."""
+    if valid_data_iterator is None:
+        return None
+    chunked = isinstance(valid_data_iterator, list) and \
+        not isinstance(valid_data_iterator, ValidationSets)
+    per_chunk = valid_data_iterator if chunked else [valid_data_iterator]
+    multiple = isinstance(per_chunk[0], ValidationSets)
+    # [set][chunk]: each set's iterator, or each chunk's iterator of it
+    sets = [list(chunks) for chunks in zip(*per_chunk)] if multiple else [per_chunk]
+    sets = [chunks if chunked else chunks[0] for chunks in sets]
+
+    def one(iterator) -> dict[str, float]:
+        if not cfg.data.full_validation:
+            return evaluate_iterator(iterator)
+        passes = iterator if isinstance(iterator, list) else [iterator]
+        for chunk_pass in passes:
+            chunk_pass.restart()
+        total = passes[0].num_microbatches
+        if cfg.model.virtual_pipeline_model_parallel_size is not None:
+            total -= total % cfg.model.pipeline_model_parallel_size
+        return evaluate_iterator(iterator, total_microbatches=total)
+
+    if multiple:
+        return lambda: [one(iterator) for iterator in sets]
+    return lambda: one(sets[0])
 
 
 def skip_batches(data_iterator, num_microbatches: int) -> None:
@@ -233,10 +279,13 @@ def train(forward_step_func: Callable, model: list[nn.Module],
               "calculate_per_token_loss": tr.calculate_per_token_loss}
     per_microbatch = tr.micro_batch_size * parallel_state.get_data_parallel_world_size()
 
+    def evaluate_iterator(iterator: Iterator, **extra) -> dict[str, float]:
+        return evaluate(forward_step_func, iterator, model, eval_iters=tr.eval_iters,
+                        num_microbatches=cfg.num_microbatches(dist.get_world_size()),
+                        **shared, **extra)
+
     def evaluator(iterator: Iterator | None) -> Callable[[], dict[str, float]] | None:
-        return None if iterator is None else lambda: evaluate(
-            forward_step_func, iterator, model, eval_iters=tr.eval_iters,
-            num_microbatches=cfg.num_microbatches(dist.get_world_size()), **shared)
+        return None if iterator is None else lambda: evaluate_iterator(iterator)
 
     for chunk in model:
         chunk.train()
@@ -248,7 +297,8 @@ def train(forward_step_func: Callable, model: list[nn.Module],
         cfg, logger, lr=opt_param_scheduler.get_lr, loss_scale=optimizer.get_loss_scale,
         decoupled_lr=None if tr.decoupled_lr is None else functools.partial(
             opt_param_scheduler.get_lr, param_group={"is_decoupled_lr": True}),
-        evaluate=evaluator(valid_data_iterator), test=evaluator(test_data_iterator),
+        evaluate=validation_evaluator(evaluate_iterator, valid_data_iterator, cfg),
+        test=evaluator(test_data_iterator),
         state=state, checkpoint_hook=checkpoint_hook, exit_conditions=exit_conditions,
         check_replicas=functools.partial(check_param_hashes_across_dp_replicas, model),
         skip=lambda batch: skip_batches(train_data_iterator, batch // per_microbatch))
@@ -256,7 +306,7 @@ def train(forward_step_func: Callable, model: list[nn.Module],
 
 def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: TrainingLogger, *,
                    lr: Callable[[], float], loss_scale: Callable[[], float],
-                   evaluate: Callable[[], dict[str, float]] | None,
+                   evaluate: Callable[[], dict[str, float] | list[dict[str, float]]] | None,
                    decoupled_lr: Callable[[], float] | None = None,
                    state: TrainState | None = None,
                    checkpoint_hook: Callable[..., None] | None = None,
@@ -271,7 +321,10 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
     and at the end, then evaluate the ``test`` data. When ``exit_conditions`` give a reason to stop
     before the last iteration, the run saves and ends there, without the final evaluations. With
     ``training.skip_train`` only the final evaluations happen, at ``state``'s iteration, printed but
-    not written as scalars. Nothing is evaluated with ``eval_iters`` 0. Every
+    not written as scalars. Nothing is evaluated with ``eval_iters`` 0, except the validation
+    data under ``data.full_validation`` (Megatron's ``do_valid``). An ``evaluate`` that returns
+    a list (``data.multiple_validation_sets``) is reported set by set
+    (`TrainingLogger.validation_sets`). Every
     ``non_persistent_save_interval`` iterations that no ``save_interval`` one falls on, the
     hook saves into the non-persistent directory (``checkpoint_hook(state, non_persistent=
     True)``). Every
@@ -290,10 +343,14 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
     check_loss = cfg.model.precision != "fp16"
     evaluated_at = None
 
-    def run_evaluation(split: str, losses: Callable[[], dict[str, float]]):
+    def run_evaluation(split: str, losses: Callable[[], dict | list[dict]]):
         logger.pause()
         collector.before_evaluation()
-        logger.evaluation(split, state.iteration, losses(), write=not tr.skip_train)
+        results = losses()
+        if isinstance(results, list):
+            logger.validation_sets(state.iteration, results, write=not tr.skip_train)
+        else:
+            logger.evaluation(split, state.iteration, results, write=not tr.skip_train)
         collector.after_evaluation()
         logger.resume()
 
@@ -305,7 +362,7 @@ def run_iterations(step: Callable[[int], StepOutput], cfg: JobConfig, logger: Tr
         if hasattr(checkpoint_hook, "finish"):
             checkpoint_hook.finish()
 
-    can_evaluate = evaluate is not None and tr.eval_iters > 0
+    can_evaluate = evaluate is not None and (tr.eval_iters > 0 or cfg.data.full_validation)
     stop = None
     schedule = cfg.batch_schedule(dist.get_world_size())
     iterations = state.iteration if tr.skip_train else cfg.train_iterations(dist.get_world_size())
