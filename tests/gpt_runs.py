@@ -18,8 +18,8 @@ from mp.model.stages import build_gpt_chunks
 from mp.optim import OptimizerParamScheduler, get_megatron_optimizer
 from mp.pipeline_parallel.schedules import get_forward_backward_func
 from mp.tensor_parallel import model_parallel_cuda_manual_seed
+from mp.training.evaluation import average_losses
 from mp.training.gpt_step import forward_step
-from mp.training.training import average_losses
 
 S, MBS, GLOBAL_BATCH, VOCAB = 16, 2, 8, 128  # VOCAB pads to 128 rows at TP 1, 2 and 4
 LR, EPS = 3e-3, 1e-5

@@ -27,8 +27,8 @@ from gpt_runs import (
 )
 from harness import run_distributed
 
+from mp.training.evaluation import evaluate
 from mp.training.gpt_step import forward_step
-from mp.training.training import evaluate
 
 STEPS, EVAL_BATCHES = 3, (100, 101)
 RTOL = 1e-5  # fp32 runs against the reference; the two modes must differ by far more

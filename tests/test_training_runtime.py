@@ -24,10 +24,11 @@ from test_training import job, micro_batches
 from mp import parallel_state as ps
 from mp.config import ConfigError, JobConfig, LoggingConfig
 from mp.training import gpt_step
+from mp.training.evaluation import evaluate
 from mp.training.logger import TrainingLogger
 from mp.training.pretrain import pretrain, set_random_seed, setup_model_and_optimizer
 from mp.training.profiling import IterationProfiler
-from mp.training.training import StepOutput, evaluate, run_iterations, train_step
+from mp.training.training import StepOutput, run_iterations, train_step
 
 
 def _gc_points(manual_gc_eval: bool) -> tuple:

@@ -98,7 +98,7 @@ def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[C
     """Every collective one rank of stage ``pp_rank`` calls in one iteration (module doc).
     ``logging`` adds what `mp.training.training.train_step` does to report the loss: on the
     last stage, the all-reduce over DP of its numerator and denominator (two float64 values,
-    `mp.training.training.average_losses`; its ``broadcast_object_list`` to the other stages
+    `mp.training.evaluation.average_losses`; its ``broadcast_object_list`` to the other stages
     is not modelled)."""
     cfg = setup.model
     out: list[Collective] = []

@@ -5,7 +5,7 @@ Megatron-Core's schedule ``forward_step``), shared by every schedule.
 averaged, or, as Megatron's GPT step does (`mp.training.gpt_step`), ``(loss_sum, num_tokens,
 reported)``: the sum of the per-token losses its mask keeps and how many tokens that is.
 ``reported`` maps names to what the training loop averages
-(`mp.training.training.average_losses`).
+(`mp.training.evaluation.average_losses`).
 
 By default backward starts from the micro-batch's mean loss divided by the number of
 micro-batches ``m``, so that the gradients accumulate to the mean over micro-batches (and

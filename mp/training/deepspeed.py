@@ -23,7 +23,7 @@ How the two meet (more in ``docs/training.md``, "DeepSpeed"):
 - An iteration is ``gradient_accumulation_steps`` rounds of forward, ``engine.backward`` and
   ``engine.step``; loss averaging, the NaN stop, evaluation and the log line are mp's
   (``data.full_validation`` and ``data.multiple_validation_sets`` included:
-  `mp.training.training.validation_evaluator`).
+  `mp.training.evaluation.validation_evaluator`).
 - ``training.save``/``load`` hold DeepSpeed checkpoints with the iteration, consumed samples
   and RNG states as client state (not interchangeable with mp's own format).
 """
@@ -53,6 +53,7 @@ from mp.pipeline_parallel.schedules import forward_step
 from mp.training import gpt_step
 from mp.training.data import build_data_iterators
 from mp.training.deepspeed_config import deepspeed_config, import_deepspeed
+from mp.training.evaluation import average_losses, evaluate, validation_evaluator
 from mp.training.exit import ExitConditions
 from mp.training.logger import TrainingLogger
 from mp.training.pretrain import (
@@ -61,15 +62,7 @@ from mp.training.pretrain import (
     count_parameters,
     set_random_seed,
 )
-from mp.training.training import (
-    StepOutput,
-    TrainState,
-    average_losses,
-    evaluate,
-    run_iterations,
-    skip_batches,
-    validation_evaluator,
-)
+from mp.training.training import StepOutput, TrainState, run_iterations, skip_batches
 
 _TAG = "iter_{:07d}"
 
