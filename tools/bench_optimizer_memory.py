@@ -6,11 +6,16 @@
 
 Builds the job's model and optimizer (`mp.training.pretrain`), takes one training step on
 random tokens (AdamW creates its moments there), then counts, tensor by tensor on rank 0: the
-parameters, the fp32 gradient buffer (padding included), and the optimizer state (fp32 masters
-that are not the parameters themselves, AdamW's moments and step counters). Prints one table
-row in bytes per model parameter next to Megatron's figures (`2 + 4 + 12/d` bf16, `4 + 4 +
-8/d` fp32 with the distributed optimizer, `d` = DP / `--num-distributed-optimizer-instances`;
-18 and 16 without). Other arguments are config overrides (``launch/pretrain_gpt.py --help``).
+parameters, the gradient buffer (padding included), and the optimizer state (fp32 masters
+that are not the parameters themselves, AdamW's moments in their dtypes with any fp16 scale
+factors, and step counters). Prints one table row in bytes per model parameter next to
+Megatron's figure ``w + g + (M + m + v) / d``: weights ``w`` (2 bf16/fp16, 4 fp32), gradients
+``g`` (4, 2 with ``--grad-reduce-in-bf16`` or ``--main-grads-dtype bf16``), master ``M`` (4,
+0 for fp32 models), moments ``m`` and ``v`` (4 each, 2 in bf16/fp16 with
+``--use-precision-aware-optimizer --exp-avg-dtype/--exp-avg-sq-dtype``), ``d`` = DP /
+``--num-distributed-optimizer-instances`` with the distributed optimizer, else 1: ``2 + 4 +
+12/d`` bf16, ``2 + 4 + 8/d`` with bf16 moments. Other arguments are config overrides
+(``launch/pretrain_gpt.py --help``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.distributed as dist
 from bench_job import BenchJob
 
 from mp import parallel_state
+from mp.estimate.setup import STATE_DTYPE_BYTES
 
 
 def _nbytes(tensors) -> int:
@@ -45,10 +51,14 @@ def main() -> None:
     half = m.precision != "fp32"
     instances = tr.num_distributed_optimizer_instances  # copies of the sharded state
     shards = dp // instances if tr.use_distributed_optimizer else 1
-    formula = (2 + 4 + 12 / shards) if half else (4 + 4 + 8 / shards)
+    moments = STATE_DTYPE_BYTES[tr.exp_avg_dtype] + STATE_DTYPE_BYTES[tr.exp_avg_sq_dtype]
+    grad_bytes = 2 if tr.grad_reduce_in_bf16 else 4
+    formula = (2 if half else 4) + grad_bytes + ((4 if half else 0) + moments) / shards
     if dist.get_rank() == 0:
         name = "distributed" if tr.use_distributed_optimizer else "plain"
         name += f", {instances} instances" if instances > 1 else ""
+        name += f", moments {tr.exp_avg_dtype}/{tr.exp_avg_sq_dtype}" \
+            if tr.use_precision_aware_optimizer else ""
         print(f"| {os.path.basename(job.args.config)} {m.precision} | {name} | DP{dp} | "
               f"{n / 1e6:.1f}M | {weights / n:.3f} | {grads / n:.4f} | {opt / n:.4f} | "
               f"{(weights + grads + opt) / n:.4f} | {formula:.3f} |", flush=True)

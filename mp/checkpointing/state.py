@@ -5,8 +5,8 @@ key                                    value                                    
 =====================================  ==========================================  ============
 ``model.<name>``                       the parameter (its own dtype)               the parameter
 ``optimizer.<name>.master``            fp32 master (bf16/fp16 parameters only)     the parameter
-``optimizer.<name>.exp_avg``           AdamW's first moment (fp32)                 the parameter
-``optimizer.<name>.exp_avg_sq``        AdamW's second moment (fp32)                the parameter
+``optimizer.<name>.exp_avg``           AdamW's first moment (fp32, note below)     the parameter
+``optimizer.<name>.exp_avg_sq``        AdamW's second moment (fp32, note below)    the parameter
 ``optimizer.<name>.step``              AdamW's step count (fp32 scalar)            whole
 ``rng.rank<r>.<generator>``            rank ``r``'s generator (`mp.checkpointing.rng`)  whole
 =====================================  ==========================================  ============
@@ -20,6 +20,10 @@ Optimizer entries are written and read per `mp.optim.ParamShard`: a whole parame
 distributed optimizer, the flat slice of it this data-parallel rank updates, placed as the
 rectangles that tile it (`Placement.of_flat_range`). The global tensors are the same either way, so
 a checkpoint loads with or without the distributed optimizer at any data-parallel size.
+The moments are fp32 even when the precision-aware optimizer keeps them in bf16 or fp16
+(`mp.optim.PrecisionAwareAdamW`: ``adam_state`` decodes them, ``load_adam_state`` rounds them
+into the loading run's dtypes): fp16 moments are scaled per shard and chunk, so their stored
+values would not place on another layout, and any run loads any checkpoint.
 Half-precision parameters take their values from the loaded masters (``copy_main_params_to_model``,
 which all-gathers them under the distributed optimizer).
 """

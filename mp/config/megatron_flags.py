@@ -62,7 +62,10 @@ _MEGATRON_NAMES = {
         "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler",
         "iterations_to_skip", "deterministic_mode",
         "num_distributed_optimizer_instances", "non_persistent_save_interval",
+        "save_retain_interval",
         "non_persistent_ckpt_type", "non_persistent_global_ckpt_dir",
+        "use_precision_aware_optimizer", "main_params_dtype", "main_grads_dtype",
+        "exp_avg_dtype", "exp_avg_sq_dtype",
     ),
     "data": (
         "data_path", "split", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model",

@@ -20,11 +20,25 @@ _WORDS = {"iters": "iterations", "samples": "samples"}
 
 #: Training keys a ``deepspeed`` job refuses -> why.
 _NOT_WITH_DEEPSPEED = {
-    **dict.fromkeys(("calculate_per_token_loss", "decoupled_lr", "grad_reduce_in_bf16"),
+    **dict.fromkeys(("calculate_per_token_loss", "decoupled_lr", "grad_reduce_in_bf16",
+                     "use_precision_aware_optimizer"),
                     "mp's own data parallelism and optimizer implement it"),
     **dict.fromkeys(("no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng",
                      "ckpt_step", "async_save", "non_persistent_ckpt_type"),
                     "a DeepSpeed job saves and resumes DeepSpeed's checkpoints whole"),
+}
+
+#: The precision-aware optimizer's dtype keys -> the values mp takes (Megatron's names).
+_STATE_DTYPE_KEYS = {"main_params_dtype": ("fp32",), "main_grads_dtype": ("fp32", "bf16"),
+                     "exp_avg_dtype": ("fp32", "bf16", "fp16"),
+                     "exp_avg_sq_dtype": ("fp32", "bf16", "fp16")}
+#: (key, value) Megatron takes that mp refuses -> why.
+_STATE_DTYPE_REFUSED = {
+    **dict.fromkeys((("exp_avg_dtype", "fp8"), ("exp_avg_sq_dtype", "fp8")),
+                    "Megatron's fp8 states need Transformer Engine's per-tensor fp8 scaling, "
+                    "which mp does not implement; use bf16 or fp16"),
+    ("main_params_dtype", "fp16"): "fp16 master weights are not implemented in mp (the "
+                                   "masters stay fp32); use fp32",
 }
 
 #: Training keys that need ``load`` -> what it is to them.
@@ -77,9 +91,14 @@ class TrainingConfig(Section):
     ``num_distributed_optimizer_instances`` N (Megatron's flag) shards them over DP x CP / N
     consecutive ranks only, N copies (it must divide DP x CP: `check_optimizer_instances`).
     ``optimizer_impl="apex"`` steps with NVIDIA apex's ``FusedAdam`` when apex is importable
-    (a notice and torch's AdamW otherwise). ``deepspeed`` hands data parallelism and the
-    optimizer (ZeRO stage 1 or 2) to DeepSpeed's engine configured by the JSON file
-    ``deepspeed_config``.
+    (a notice and torch's AdamW otherwise). ``use_precision_aware_optimizer`` (Megatron's
+    flag) steps with `mp.optim.PrecisionAwareAdamW`, storing AdamW's moments in
+    ``exp_avg_dtype`` / ``exp_avg_sq_dtype`` (fp32, bf16, fp16); ``main_grads_dtype="bf16"``
+    is Megatron's spelling of ``grad_reduce_in_bf16`` (it sets it: bf16 models only) and
+    ``main_params_dtype`` stays fp32. Without the flag every one of them must be fp32, as
+    Megatron checks; unlike Megatron, mp does not require the distributed optimizer.
+    ``deepspeed`` hands data parallelism and the optimizer (ZeRO stage 1 or 2) to DeepSpeed's
+    engine configured by the JSON file ``deepspeed_config``.
     """
 
     section: ClassVar[str] = "training"
@@ -143,6 +162,8 @@ class TrainingConfig(Section):
     skip_train: bool = False  # no iterations: evaluate (what load holds) and exit
     save_interval: int | None = None
     keep_last: int | None = None
+    save_retain_interval: int | None = None  # also keep the checkpoints of the iterations it
+    # divides, the others going once a newer one is saved (Megatron's --save-retain-interval)
     non_persistent_save_interval: int | None = None  # also save every N iterations into a
     # scratch directory that keeps only its newest checkpoint (Megatron's; mp.checkpointing.job)
     non_persistent_ckpt_type: str | None = None  # global: the only type mp has
@@ -158,6 +179,11 @@ class TrainingConfig(Section):
     decoupled_lr: float | None = None  # the embedding's and output layer's own peak rate
     decoupled_min_lr: float | None = None  # ... and final rate (default min_lr)
     grad_reduce_in_bf16: bool = False  # bf16 gradient buffers and reduction (bf16 runs)
+    use_precision_aware_optimizer: bool = False  # AdamW's states in the dtypes below
+    main_params_dtype: str = "fp32"  # fp32 (Megatron's fp16 is refused)
+    main_grads_dtype: str = "fp32"  # fp32 | bf16 (= grad_reduce_in_bf16)
+    exp_avg_dtype: str = "fp32"  # fp32 | bf16 | fp16 (Megatron's fp8 is refused)
+    exp_avg_sq_dtype: str = "fp32"  # fp32 | bf16 | fp16
     manual_gc: bool = False  # Python's garbage collector only every manual_gc_interval
     manual_gc_interval: int = 0  # iterations between collections (0: never)
     manual_gc_eval: bool = True  # ... and a collection after each evaluation
@@ -177,7 +203,7 @@ class TrainingConfig(Section):
         for name in ("micro_batch_size", "global_batch_size", "loss_scale_window", "hysteresis"):
             self._at_least(name, 1)
         for name in ("train_iters", "train_samples", "eval_interval", "save_interval",
-                     "keep_last", "exit_interval",
+                     "keep_last", "save_retain_interval", "exit_interval",
                      "check_weight_hash_across_dp_replicas_interval"):
             self._at_least(name, 1, optional=True)
         if self.exit_duration_in_mins is not None:
@@ -218,7 +244,8 @@ class TrainingConfig(Section):
                                   f"{getattr(self, name)!r}: not supported ({why}); drop one "
                                   "of them")
         self._check_instances()
-        self._check_non_persistent()
+        self._check_precision_aware()
+        self._check_kept_checkpoints()
         for name, what in _NEEDS_LOAD.items():
             if getattr(self, name) and self.load is None:
                 raise ConfigError(f"training.{name}=true needs training.load ({what})")
@@ -229,9 +256,34 @@ class TrainingConfig(Section):
         self._not_above("min_lr", "lr")
         self._not_above("min_loss_scale", "initial_loss_scale")
 
-    def _check_non_persistent(self) -> None:
-        """Non-persistent checkpoints: Megatron's ``global`` type only; saving them needs
-        ``save``, and the interval the type."""
+    def _check_precision_aware(self) -> None:
+        """Megatron's rules for the state dtypes (``OptimizerConfig.__post_init__``), and
+        ``main_grads_dtype="bf16"`` turned into ``grad_reduce_in_bf16``."""
+        for name, allowed in _STATE_DTYPE_KEYS.items():
+            value = getattr(self, name)
+            if value in allowed:
+                continue
+            why = _STATE_DTYPE_REFUSED.get((name, value))
+            raise ConfigError(f"training.{name}={value!r} " + (
+                f"is not supported: {why}" if why else f"must be one of {', '.join(allowed)}"))
+        if not self.use_precision_aware_optimizer:
+            for name in _STATE_DTYPE_KEYS:
+                if getattr(self, name) != "fp32":
+                    raise ConfigError(f"training.{name}={getattr(self, name)!r} needs "
+                                      "training.use_precision_aware_optimizer=true (without "
+                                      "it the optimizer's tensors stay fp32, as in Megatron)")
+            return
+        if self.optimizer_impl != "torch":
+            raise ConfigError(f"training.use_precision_aware_optimizer=true with training."
+                              f"optimizer_impl={self.optimizer_impl!r}: the precision-aware "
+                              "step replaces apex's FusedAdam; drop one of them")
+        if self.main_grads_dtype == "bf16":
+            self.grad_reduce_in_bf16 = True
+
+    def _check_kept_checkpoints(self) -> None:
+        """Which checkpoints a job keeps: ``save_retain_interval`` a multiple of
+        ``save_interval``; non-persistent checkpoints of Megatron's ``global`` type only,
+        saving them needs ``save``, and the interval the type."""
         self._at_least("non_persistent_save_interval", 1, optional=True)
         kind = self.non_persistent_ckpt_type
         if kind not in (None, "global"):
@@ -239,6 +291,10 @@ class TrainingConfig(Section):
                               "(a standard checkpoint in a scratch directory): the 'local' and "
                               "'in_memory' types need NVIDIA's resiliency extension, which mp "
                               "does not have")
+        retain = self.save_retain_interval
+        if retain is not None and (self.save_interval is None or retain % self.save_interval):
+            raise ConfigError(f"training.save_retain_interval={retain} must be a multiple of "
+                              f"training.save_interval={self.save_interval} (Megatron's rule)")
         interval = self.non_persistent_save_interval
         if interval is not None and kind is None:
             raise ConfigError(f"training.non_persistent_save_interval={interval} needs "

@@ -27,6 +27,13 @@ together): ``6 + 12 / DP`` bytes for bf16 (Megatron's table), leaving out each b
 padding to a multiple of DP elements and the per-shard step counters
 (``tests/test_distrib_optimizer.py`` counts both).
 
+The precision-aware optimizer (`mp.optim.PrecisionAwareAdamW`, Megatron's
+``--use-precision-aware-optimizer``) stores the two moments in ``exp_avg_dtype`` and
+``exp_avg_sq_dtype``: 2 bytes each in bf16 or fp16, so a bf16 parameter costs
+``2 + 4 + (4 + 2 + 2) = 14`` bytes (``6 + 8 / DP`` distributed), 12 with
+``main_grads_dtype=bf16`` (``grad_reduce_in_bf16``). fp16 moments add a 4-byte scale factor per
+``mp.optim.precision_aware.CHUNK_ELEMENTS`` (4Mi) elements of each shard, left out here.
+
 A multi-latent attention layer (`mp.model.mla`) replaces the QKV projection by its down
 projections (whole on every TP rank), the latents' norms (replicated) and its up projections
 (column-parallel), none with a bias (`mla_input_params`); its output projection takes the
@@ -51,7 +58,6 @@ from mp.model.config import TransformerConfig
 from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
 
 FP32 = 4
-ADAM_MOMENT_BYTES = 2 * FP32  # exp_avg and exp_avg_sq
 STEP_COUNTER_BYTES = FP32  # AdamW's per-tensor ``step``, a float32 scalar tensor
 
 
@@ -246,9 +252,9 @@ class StateBytes:
 
 def state_bytes(setup: Setup, params: RankParams) -> StateBytes:
     """Weights, gradient buffer (fp32, or bf16 with ``setup.grad_reduce_in_bf16``) and
-    optimizer state for ``params`` (see the module doc)."""
+    optimizer state (moments in ``setup``'s dtypes) for ``params`` (see the module doc)."""
     n = params.total
-    per_param = (0 if setup.model.precision == "fp32" else FP32) + ADAM_MOMENT_BYTES
+    per_param = (0 if setup.model.precision == "fp32" else FP32) + setup.moment_bytes
     if setup.distributed_optimizer:
         dense = n - params.experts
         optimizer = per_param * (dense / setup.optimizer_shard_size

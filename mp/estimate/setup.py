@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 from mp.config import JobConfig
 from mp.instance_layout import check_instances
+
+#: Bytes per element of an AdamW moment stored in each dtype (the precision-aware optimizer).
+STATE_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 from mp.model.config import TransformerConfig
 from mp.model.pipeline_split import uneven_stages_text
 
@@ -36,6 +39,8 @@ class Setup:
         distributed_optimizer_instances: N copies of the distributed optimizer's state, each
             sharded over DP x CP / N ranks (Megatron's ``--num-distributed-optimizer-
             instances``; N divides DP x CP and the experts' EDP).
+        exp_avg_dtype, exp_avg_sq_dtype: the AdamW moments' storage dtypes, fp32, bf16 or
+            fp16 (Megatron's precision-aware optimizer, `mp.optim.PrecisionAwareAdamW`).
     """
 
     model: TransformerConfig
@@ -45,8 +50,14 @@ class Setup:
     distributed_optimizer: bool = False
     grad_reduce_in_bf16: bool = False
     distributed_optimizer_instances: int = 1
+    exp_avg_dtype: str = "fp32"
+    exp_avg_sq_dtype: str = "fp32"
 
     def __post_init__(self):
+        for name in ("exp_avg_dtype", "exp_avg_sq_dtype"):
+            if getattr(self, name) not in STATE_DTYPE_BYTES:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of "
+                                 f"{', '.join(STATE_DTYPE_BYTES)}")
         for name in ("data_parallel_size", "micro_batch_size", "num_microbatches"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -79,7 +90,9 @@ class Setup:
                    distributed_optimizer=job.training.use_distributed_optimizer,
                    grad_reduce_in_bf16=job.training.grad_reduce_in_bf16,
                    distributed_optimizer_instances=(
-                       job.training.num_distributed_optimizer_instances))
+                       job.training.num_distributed_optimizer_instances),
+                   exp_avg_dtype=job.training.exp_avg_dtype,
+                   exp_avg_sq_dtype=job.training.exp_avg_sq_dtype)
 
     # --- derived sizes ---------------------------------------------------------------------
 
@@ -143,6 +156,11 @@ class Setup:
         return 2 if self.grad_reduce_in_bf16 else 4
 
     @property
+    def moment_bytes(self) -> int:
+        """Bytes per element of AdamW's two moments together: 8 in fp32, 4 in bf16/fp16."""
+        return STATE_DTYPE_BYTES[self.exp_avg_dtype] + STATE_DTYPE_BYTES[self.exp_avg_sq_dtype]
+
+    @property
     def activation_bytes(self) -> int:
         """Bytes per element of activations (and of the parameters): the model's precision."""
         return 4 if self.model.precision == "fp32" else 2
@@ -170,4 +188,6 @@ class Setup:
         if self.distributed_optimizer:
             n = self.distributed_optimizer_instances
             parts.append("distributed optimizer" + (f" x{n} instances" if n > 1 else ""))
+        if (self.exp_avg_dtype, self.exp_avg_sq_dtype) != ("fp32", "fp32"):
+            parts.append(f"Adam moments {self.exp_avg_dtype}/{self.exp_avg_sq_dtype}")
         return ", ".join(parts)

@@ -18,8 +18,8 @@ The model is deliberately simple, and each part is printed so that it can be arg
   optimizer's parameter all-gather after the step is exposed whole.
 - **optimizer step**: bound by HBM bandwidth: AdamW reads and writes the fp32 master and
   both moments, reads the fp32 gradient and writes the parameter: ``28 + e`` bytes per
-  parameter (the state part divided by DP x CP with the distributed optimizer, by
-  DP x CP / EP for the experts').
+  parameter, ``20 + e`` with bf16 or fp16 moments (the state part divided by DP x CP with
+  the distributed optimizer, by DP x CP / EP for the experts').
 
 The step time is their sum; throughput is ``global batch x s`` tokens over it, and MFU the
 model FLOPs (no recompute) over ``step time x GPUs x peak``.
@@ -38,8 +38,8 @@ from mp.estimate.setup import Setup
 from mp.estimate.storage import FP32, activation_bytes
 
 DEFAULT_EFFICIENCY = 0.5
-# AdamW per parameter: read and write master and both moments (3 x 8), read the gradient (4)
-ADAM_STATE_TRAFFIC = 6 * FP32
+# AdamW per parameter: read the gradient (4); master and moments are read and written
+# (2 x (4 + the moments' bytes), `Setup.moment_bytes`)
 ADAM_GRAD_TRAFFIC = FP32
 
 
@@ -121,7 +121,7 @@ def _optimizer_seconds(setup: Setup, gpu: GPUSpec) -> float:
         if setup.distributed_optimizer:
             state = ((params.total - params.experts) / setup.optimizer_shard_size
                      + params.experts / setup.expert_optimizer_shard_size)
-        return (state * ADAM_STATE_TRAFFIC
+        return (state * 2 * (FP32 + setup.moment_bytes)  # read and write master and moments
                 + params.total * (ADAM_GRAD_TRAFFIC + activation_bytes(setup.model)))
     busiest = max(traffic(rank_params(setup.model, r)) for r in range(setup.pp))
     return busiest / (gpu.hbm_gbps * 1e9)

@@ -13,12 +13,13 @@ from mp.optim.optimizer import (
     ParamShard,
     StepResult,
     get_megatron_optimizer,
-    get_param_groups,
 )
+from mp.optim.param_groups import get_param_groups
+from mp.optim.precision_aware import PrecisionAwareAdamW
 
 __all__ = [
     "ConstantGradScaler", "DistributedOptimizer", "DynamicGradScaler",
-    "MixedPrecisionOptimizer", "ParamShard",
+    "MixedPrecisionOptimizer", "ParamShard", "PrecisionAwareAdamW",
     "OptimizerParamScheduler", "StepResult",
     "clip_grad_by_total_norm_fp32", "counts_in_grad_norm", "get_grad_norm_fp32",
     "get_megatron_optimizer", "get_param_groups",

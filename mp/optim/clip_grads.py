@@ -39,7 +39,9 @@ def _expert_part(total: torch.Tensor, expert_grads: list[torch.Tensor], expert_p
 
 
 def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(torch._foreach_norm(grads, 2.0)).float().square().sum()
+    """Sum of the squares of ``grads``' elements in fp32, also for bf16 gradients (the
+    precision-aware optimizer's): each tensor's norm comes out in fp32, not rounded to bf16."""
+    return torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).square().sum()
 
 
 def get_grad_norm_fp32(grads_for_norm: list[torch.Tensor], model_parallel_group=None, *,
@@ -90,7 +92,13 @@ def count_zeros_fp32(grads_for_norm: list[torch.Tensor], model_parallel_group=No
 
 def clip_grad_by_total_norm_fp32(grads: list[torch.Tensor], max_norm: float,
                                  total_norm: float) -> None:
-    """Scale ``grads`` in place by ``max_norm / (total_norm + 1e-6)`` when that is below 1."""
-    coeff = max_norm / (total_norm + 1.0e-6)
+    """Scale ``grads`` in place by `clip_coefficient` when that is below 1."""
+    coeff = clip_coefficient(max_norm, total_norm)
     if coeff < 1.0 and grads:
         torch._foreach_mul_(grads, coeff)
+
+
+def clip_coefficient(max_norm: float, total_norm: float) -> float:
+    """What clipping to ``max_norm`` multiplies the gradients by: ``max_norm / (total_norm +
+    1e-6)`` when that is below 1, else 1 (Megatron's rule)."""
+    return min(1.0, max_norm / (total_norm + 1.0e-6))

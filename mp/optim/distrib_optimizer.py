@@ -20,7 +20,8 @@ every bucket. One iteration:
 
 Bytes of optimizer state per parameter, with ``d`` data-parallel ranks (Megatron's table; the
 fp32 gradient buffer stays whole): bf16 or fp16 parameters ``2 + 4 + 12 / d`` (master and two
-moments sharded), fp32 ``4 + 4 + 8 / d`` (the parameter is its own master). A checkpoint holds
+moments sharded), fp32 ``4 + 4 + 8 / d`` (the parameter is its own master); with bf16 or fp16
+moments (`mp.optim.PrecisionAwareAdamW`) ``2 + 4 + 8 / d`` for bf16. A checkpoint holds
 the same global tensors as without sharding (`mp.checkpointing`): it loads with or without
 the distributed optimizer, at any data-parallel size.
 

@@ -19,6 +19,11 @@ when present, else from ``param.grad`` (cast to fp32).
 6. clip by the norm, run AdamW, copy masters into the model's half-precision parameters.
 
 It returns ``StepResult(update_successful, grad_norm, num_zeros_in_grad)``.
+
+With ``use_precision_aware_optimizer`` (Megatron's flag) AdamW is `PrecisionAwareAdamW`,
+which keeps the moments in ``exp_avg_dtype`` / ``exp_avg_sq_dtype`` (fp32, bf16 or fp16): the
+gradients are handed to it in their buffer's dtype (``decoupled_grad``: a bf16 buffer is not
+copied to fp32), and clipping becomes a factor of its step rather than an in-place multiply.
 `calc_params_l2_norm` gives the norm of the updated masters by the same rule as the gradients'.
 
 The optimizer works on `ParamShard`s: the elements ``[start, end)`` (row-major) of a model
@@ -39,12 +44,15 @@ from torch import nn
 from mp import parallel_state
 from mp.apex import fused_adam_class
 from mp.optim.clip_grads import (
+    clip_coefficient,
     clip_grad_by_total_norm_fp32,
     count_zeros_fp32,
     counts_in_grad_norm,
     get_grad_norm_fp32,
 )
 from mp.optim.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from mp.optim.param_groups import get_param_groups
+from mp.optim.precision_aware import PrecisionAwareAdamW
 
 
 @dataclass(eq=False)
@@ -86,53 +94,6 @@ class StepResult(NamedTuple):
     num_zeros_in_grad: int | None = None  # with log_num_zeros_in_grad, on applied steps
 
 
-def is_embedding_or_output_parameter(name: str) -> bool:
-    """Whether the parameter called ``name`` in a GPT chunk (wrapped or not) is the word
-    embedding's weight or the output layer's (with tied embeddings: the shared matrix, and
-    a last stage's copy of it): Megatron's ``is_embedding_or_output_parameter``, which
-    leaves out the position embeddings and every bias and norm."""
-    return ("." + name).endswith((".embedding.word_embeddings.weight", ".output_layer.weight"))
-
-
-def get_param_groups(model_chunks: Iterable[nn.Module], weight_decay: float,
-                     decoupled_lr: float | None = None,
-                     skip_embedding_weight_decay: bool | None = None) -> list[dict]:
-    """AdamW groups: matrices decay with ``weight_decay``; 1-D parameters (biases, norm
-    weights) do not (each group's ``wd_mult``, 1 or 0, says which for a weight-decay schedule,
-    as in Megatron). With ``skip_embedding_weight_decay`` (None: when a chunk's model config
-    sets ``embedding_init_method_std``, as Megatron's training decides) the word and position
-    embeddings do not decay either, nor a last stage's copy of the tied word embedding (which
-    Megatron's name rule misses, letting the two copies drift apart). With ``decoupled_lr``
-    (Megatron's ``--decoupled-lr``) the embedding and
-    output weights (`is_embedding_or_output_parameter`) get a group of their own, marked
-    ``is_decoupled_lr`` and starting at that rate (`OptimizerParamScheduler` gives it its own
-    schedule). Each parameter appears once even when chunks share it."""
-    model_chunks = list(model_chunks)
-    if skip_embedding_weight_decay is None:
-        skip_embedding_weight_decay = any(
-            getattr(getattr(module, "config", None), "embedding_init_method_std", None)
-            is not None for chunk in model_chunks for module in chunk.modules())
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    seen = set()
-    for chunk in model_chunks:
-        for name, param in chunk.named_parameters():
-            if param.requires_grad and id(param) not in seen:
-                seen.add(id(param))
-                decoupled = decoupled_lr is not None and is_embedding_or_output_parameter(name)
-                embedding = ("." + name).endswith((".embedding.word_embeddings.weight",
-                                                   ".embedding.position_embeddings.weight")) \
-                    or (is_embedding_or_output_parameter(name) and getattr(param, "shared", False))
-                no_decay = param.dim() == 1 or (skip_embedding_weight_decay and embedding)
-                groups.setdefault((decoupled, no_decay), []).append(param)
-    out = []
-    for (decoupled, no_decay), params in sorted(groups.items()):
-        group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
-                 "wd_mult": 0.0 if no_decay else 1.0}
-        out.append({**group, "is_decoupled_lr": True, "lr": decoupled_lr} if decoupled
-                   else group)
-    return out
-
-
 def build_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
                 impl: str) -> torch.optim.Optimizer:
     """AdamW over ``groups``: apex's ``FusedAdam`` for ``impl="apex"`` when importable, else
@@ -163,6 +124,8 @@ class MixedPrecisionOptimizer:
             differ across its ranks); default ``parallel_state``'s (None with EP=1: none).
         impl: ``"torch"`` (AdamW) or ``"apex"`` (apex's ``FusedAdam`` when importable).
         log_num_zeros_in_grad: count the zero gradient elements at each applied step.
+        use_precision_aware_optimizer: step with `PrecisionAwareAdamW` (``impl`` must be
+            ``"torch"``), its moments stored in ``exp_avg_dtype`` and ``exp_avg_sq_dtype``.
     """
 
     def __init__(self, param_groups: list[dict], *, lr: float,
@@ -171,9 +134,21 @@ class MixedPrecisionOptimizer:
                  grad_scaler: DynamicGradScaler | ConstantGradScaler | None = None,
                  model_parallel_group=None, tensor_model_parallel_group=None,
                  expert_parallel_group=None, impl: str = "torch",
-                 log_num_zeros_in_grad: bool = False):
+                 log_num_zeros_in_grad: bool = False,
+                 use_precision_aware_optimizer: bool = False,
+                 exp_avg_dtype: torch.dtype = torch.float32,
+                 exp_avg_sq_dtype: torch.dtype = torch.float32):
         if clip_grad < 0:
             raise ValueError(f"clip_grad={clip_grad} must be >= 0 (0 disables clipping)")
+        if not use_precision_aware_optimizer and (exp_avg_dtype, exp_avg_sq_dtype) != (
+                torch.float32, torch.float32):
+            raise ValueError(f"exp_avg_dtype={exp_avg_dtype}, exp_avg_sq_dtype="
+                             f"{exp_avg_sq_dtype}: moments other than fp32 need "
+                             "use_precision_aware_optimizer=True")
+        if use_precision_aware_optimizer and impl != "torch":
+            raise ValueError(f"impl={impl!r} with use_precision_aware_optimizer=True: the "
+                             "precision-aware step replaces apex's FusedAdam; use impl='torch'")
+        self.precision_aware = use_precision_aware_optimizer
         self.clip_grad, self.grad_scaler = clip_grad, grad_scaler
         self.log_num_zeros_in_grad = log_num_zeros_in_grad
         self.model_parallel_group = (parallel_state.get_model_parallel_group()
@@ -199,7 +174,11 @@ class MixedPrecisionOptimizer:
                            else "dense" if getattr(s.param, "allreduce", True) else "expert"
                            for s in self.shards]
         self._copied = [s for s in self.shards if not s.main_is_param]
-        self.optimizer = build_adamw([g for g in main_groups if g["params"]], lr, betas, eps, impl)
+        groups = [g for g in main_groups if g["params"]]
+        self.optimizer = PrecisionAwareAdamW(
+            groups, lr=lr, betas=betas, eps=eps, exp_avg_dtype=exp_avg_dtype,
+            exp_avg_sq_dtype=exp_avg_sq_dtype) if use_precision_aware_optimizer \
+            else build_adamw(groups, lr, betas, eps, impl)
 
     #: whether experts' norms need a sum over the expert-parallel group (not when the norm
     #: is summed over every rank, as the distributed optimizer's is)
@@ -248,10 +227,17 @@ class MixedPrecisionOptimizer:
                 if grad is None:
                     continue
             main = shard.main
-            if grad is not main.grad:
+            if self.precision_aware:  # bf16 buffers stay bf16; fp16 ones are unscaled in fp32
+                grad = shard.of(grad)
+                main.decoupled_grad = grad.float() if grad.dtype == torch.float16 else grad
+                borrowed.append(main)
+                grads[kind].append(main.decoupled_grad)
+            elif grad is not main.grad:
                 main.grad = shard.of(grad).float()  # no copy when fp32 (main_grad buffers)
                 borrowed.append(main)
-            grads[kind].append(main.grad)
+                grads[kind].append(main.grad)
+            else:
+                grads[kind].append(main.grad)
         return grads, borrowed
 
     @torch.no_grad()
@@ -263,7 +249,10 @@ class MixedPrecisionOptimizer:
             # a borrowed main_grad left on an fp32 parameter would make the next backward
             # accumulate into the buffer twice
             for main in borrowed:
-                main.grad = None
+                if self.precision_aware:
+                    main.decoupled_grad = None
+                else:
+                    main.grad = None
 
     def _step(self, by_kind: dict[str, list[torch.Tensor]]) -> StepResult:
         grads = [grad for kind in by_kind.values() for grad in kind]
@@ -282,7 +271,9 @@ class MixedPrecisionOptimizer:
         num_zeros = count_zeros_fp32(by_kind["dense"], self.model_parallel_group, **experts,
                                      device=self.params[0].device) \
             if self.log_num_zeros_in_grad else None
-        if self.clip_grad > 0:
+        if self.clip_grad > 0 and self.precision_aware:  # a factor of the fp32 step
+            self.optimizer.grad_scale = clip_coefficient(self.clip_grad, grad_norm)
+        elif self.clip_grad > 0:
             clip_grad_by_total_norm_fp32(grads, self.clip_grad, grad_norm)
         self.optimizer.step()
         self.copy_main_params_to_model()
@@ -303,9 +294,11 @@ class MixedPrecisionOptimizer:
                                   device=self.params[0].device)
 
     def adam_state(self, shard: ParamShard) -> dict[str, torch.Tensor]:
-        """AdamW's ``exp_avg``, ``exp_avg_sq`` and ``step`` (fp32 scalar) for ``shard``; zeros
-        and step 0 before the first step. (torch keeps ``step`` per parameter, apex's
-        FusedAdam per group.)"""
+        """AdamW's ``exp_avg``, ``exp_avg_sq`` (fp32, decoded from the precision-aware
+        optimizer's dtypes) and ``step`` (fp32 scalar) for ``shard``; zeros and step 0 before
+        the first step. (torch keeps ``step`` per parameter, apex's FusedAdam per group.)"""
+        if self.precision_aware:
+            return self.optimizer.unscaled_state(shard.main)
         state = self.optimizer.state.get(shard.main, {})
         step = state.get("step")
         if step is None:  # apex's count, or nothing before the first step
@@ -379,12 +372,19 @@ def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
                            loss_scale_window: int = 1000, hysteresis: int = 2,
                            use_distributed_optimizer: bool = False,
                            optimizer_impl: str = "torch", decoupled_lr: float | None = None,
-                           log_num_zeros_in_grad: bool = False) -> MixedPrecisionOptimizer:
+                           log_num_zeros_in_grad: bool = False,
+                           use_precision_aware_optimizer: bool = False,
+                           exp_avg_dtype: torch.dtype = torch.float32,
+                           exp_avg_sq_dtype: torch.dtype = torch.float32
+                           ) -> MixedPrecisionOptimizer:
     """The training optimizer for ``model_chunks`` (Megatron's name and arguments):
     a `DistributedOptimizer` when ``use_distributed_optimizer`` (the chunks must then be
     `DistributedDataParallel` built for it), else a `MixedPrecisionOptimizer`; AdamW from
     torch, or apex's ``FusedAdam`` for ``optimizer_impl="apex"``; the groups of
-    `get_param_groups` (``decoupled_lr``: the embedding and output weights apart).
+    `get_param_groups` (``decoupled_lr``: the embedding and output weights apart);
+    `PrecisionAwareAdamW` with ``use_precision_aware_optimizer``, its moments stored in
+    ``exp_avg_dtype`` / ``exp_avg_sq_dtype``. (Megatron's ``main_grads_dtype`` is the dtype
+    of the chunks' gradient buffers; its ``main_params_dtype`` fp16 is not supported.)
 
     Loss scaling is switched on exactly when a parameter is fp16: a fixed ``loss_scale`` when
     given, else dynamic from ``initial_loss_scale``. The loss-scale arguments are ignored for
@@ -399,7 +399,9 @@ def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
                               growth_interval=loss_scale_window, hysteresis=hysteresis)
     kwargs = dict(lr=lr, betas=(adam_beta1, adam_beta2), eps=adam_eps, clip_grad=clip_grad,
                   grad_scaler=scaler, impl=optimizer_impl,
-                  log_num_zeros_in_grad=log_num_zeros_in_grad)
+                  log_num_zeros_in_grad=log_num_zeros_in_grad,
+                  use_precision_aware_optimizer=use_precision_aware_optimizer,
+                  exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype)
     if use_distributed_optimizer:
         from mp.optim.distrib_optimizer import DistributedOptimizer  # it subclasses this one
         return DistributedOptimizer(groups, chunks, **kwargs)

@@ -23,6 +23,7 @@ from mp.optim import (
     counts_in_grad_norm,
     get_megatron_optimizer,
 )
+from mp.optim.precision_aware import STATE_DTYPES
 from mp.tensor_parallel import model_parallel_cuda_manual_seed
 from mp.training import gpt_step
 from mp.training.data import build_data_iterators
@@ -66,7 +67,10 @@ def setup_model_and_optimizer(cfg: JobConfig) -> tuple[list[DistributedDataParal
         min_loss_scale=tr.min_loss_scale, loss_scale_window=tr.loss_scale_window,
         hysteresis=tr.hysteresis, use_distributed_optimizer=tr.use_distributed_optimizer,
         optimizer_impl=tr.optimizer_impl, decoupled_lr=tr.decoupled_lr,
-        log_num_zeros_in_grad=cfg.logging.log_num_zeros_in_grad)
+        log_num_zeros_in_grad=cfg.logging.log_num_zeros_in_grad,
+        use_precision_aware_optimizer=tr.use_precision_aware_optimizer,
+        exp_avg_dtype=STATE_DTYPES[tr.exp_avg_dtype],
+        exp_avg_sq_dtype=STATE_DTYPES[tr.exp_avg_sq_dtype])
     return model, optimizer, build_opt_param_scheduler(optimizer, tr)
 
 
