@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,14 @@ from mp.checkpointing import (
     save_checkpoint,
     save_global_model,
 )
-from mp.checkpointing.files import MANIFEST_FILE, META_FILE, describe_files, write_manifest
+from mp.checkpointing.files import (
+    MANIFEST_FILE,
+    META_FILE,
+    Retention,
+    committed_iterations,
+    describe_files,
+    write_manifest,
+)
 from mp.model import GPTModel, TransformerConfig
 from mp.optim import OptimizerParamScheduler, get_megatron_optimizer
 
@@ -295,3 +303,29 @@ def test_a_deepspeed_save_directory_is_not_mistaken_for_an_empty_one(tmp_path):
                       "--tensor-model-parallel-size", "1", "--load", str(tmp_path)])
     with pytest.raises(CheckpointError, match="holds a DeepSpeed checkpoint"):
         start_point(cfg)
+
+
+@pytest.mark.parametrize("keep_last, retain, kept", [
+    (None, 2, [2, 4, 6, 7]),  # the newest and those 2 divides
+    (2, 4, [4, 6, 7]),  # and the newest 2
+    (3, None, [5, 6, 7]),
+    (None, None, [1, 2, 3, 4, 5, 6, 7]),
+])
+def test_retention_keeps_the_newest_and_those_the_retain_interval_divides(keep_last, retain,
+                                                                          kept):
+    iterations = list(range(1, 8))
+    stale = Retention(keep_last, retain).stale(iterations)
+    assert [i for i in iterations if i not in stale] == kept
+
+
+def _save_and_retain(path: str) -> list[int]:
+    model = _model(1)
+    for iteration in range(1, 6):
+        save_checkpoint(path, iteration, model, retain_interval=2)
+    return committed_iterations(Path(path))
+
+
+def test_saves_keep_the_retained_checkpoints(tmp_path):
+    assert run_distributed(2, _save_and_retain, str(tmp_path)) == [[2, 4, 5]] * 2
+    with pytest.raises(ValueError, match="retain_interval=0 must be a positive integer"):
+        Retention(retain_interval=0)

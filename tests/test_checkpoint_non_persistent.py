@@ -84,6 +84,8 @@ def test_scratch_saves_keep_the_newest_and_a_resume_takes_them(tmp_path):
     (("--non-persistent-ckpt-type", "local"), "'local' must be 'global'"),
     (("--non-persistent-save-interval", "0", "--non-persistent-ckpt-type", "global"),
      "non_persistent_save_interval=0 must be >= 1"),
+    (("--save-retain-interval", "4"), r"save_retain_interval=4 must be a multiple of "
+                                      r"training.save_interval=3"),
 ])
 def test_bad_non_persistent_settings_are_refused(tmp_path, flags, message):
     with pytest.raises(ConfigError, match=message):

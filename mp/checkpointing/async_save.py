@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from mp import parallel_state
 from mp.checkpointing.errors import CheckpointError
+from mp.checkpointing.files import Retention
 from mp.checkpointing.saving import Ranks, begin_save, describe_share, finish_save
 from mp.checkpointing.storage import PlacedTensors, snapshot, write_tensors
 
@@ -37,11 +38,11 @@ class AsyncSave:
     calls `poll` and `finish`, at the same points."""
 
     def __init__(self, save_dir: str | Path, iteration: int, tensors: PlacedTensors,
-                 meta: dict, keep_last: int | None):
+                 meta: dict, retention: Retention):
         self.ranks = Ranks(distributed=True)
-        self.save_dir, self.iteration, self.keep_last = save_dir, iteration, keep_last
+        self.save_dir, self.iteration, self.retention = save_dir, iteration, retention
         copies = snapshot(tensors)
-        staging = begin_save(self.ranks, save_dir, iteration, meta, keep_last)
+        staging = begin_save(self.ranks, save_dir, iteration, meta)
         self.group = parallel_state.get_checkpoint_writer_group()
         self.described: dict[str, dict] | None = None
         self.error: BaseException | None = None
@@ -70,5 +71,5 @@ class AsyncSave:
                                                          f"{self.error!r}"],
                          CheckpointError, f"the asynchronous save of iteration "
                          f"{self.iteration} failed; the previous checkpoint stands")
-        return finish_save(self.ranks, self.save_dir, self.iteration, self.keep_last,
+        return finish_save(self.ranks, self.save_dir, self.iteration, self.retention,
                            self.described)

@@ -42,6 +42,7 @@ from mp import parallel_state
 from mp.checkpointing.errors import CheckpointError, CorruptCheckpointError
 from mp.checkpointing.files import (
     META_FILE,
+    Retention,
     check_files,
     read_manifest,
     resolve_checkpoint,
@@ -110,10 +111,10 @@ def _chunks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
 # --- saving -------------------------------------------------------------------------------
 
 def _save(ranks: Ranks, save_dir: str | Path, iteration: int, tensors: PlacedTensors,
-          meta: dict, keep_last: int | None) -> Path:
-    staging = begin_save(ranks, save_dir, iteration, meta, keep_last)
+          meta: dict, retention: Retention) -> Path:
+    staging = begin_save(ranks, save_dir, iteration, meta)
     write_tensors(staging, tensors, distributed=ranks.distributed)
-    return finish_save(ranks, save_dir, iteration, keep_last, describe_share(ranks, staging))
+    return finish_save(ranks, save_dir, iteration, retention, describe_share(ranks, staging))
 
 
 def save_checkpoint(save_dir: str | Path, iteration: int,
@@ -121,21 +122,25 @@ def save_checkpoint(save_dir: str | Path, iteration: int,
                     optimizer: MixedPrecisionOptimizer | None = None,
                     scheduler: OptimizerParamScheduler | None = None, *,
                     consumed_train_samples: int = 0, config: dict | None = None,
-                    keep_last: int | None = None, save_rng: bool = True) -> Path:
+                    keep_last: int | None = None, retain_interval: int | None = None,
+                    save_rng: bool = True) -> Path:
     """Write ``save_dir/iter_<iteration>`` and make it the latest; return its path.
 
     ``model`` is this rank's chunk or list of chunks (`DistributedDataParallel`-wrapped or
     not); ``config`` the job's resolved config (``JobConfig.to_dict()``), stored for the
     record. Without ``optimizer`` the checkpoint holds no optimizer state (half-precision
     weights then only in their own dtype), without ``scheduler`` no schedule, and with
-    ``save_rng=False`` no RNG states. ``keep_last`` deletes all but the newest ``keep_last``
-    checkpoints once this one is committed. Collective: every rank calls it. Returns after the
+    ``save_rng=False`` no RNG states. Once this one is committed, ``keep_last`` deletes all
+    but the newest ``keep_last`` checkpoints, ``retain_interval`` all but the newest and those
+    of the iterations it divides (both: those and the newest ``keep_last``; `Retention`).
+    Collective: every rank calls it. Returns after the
     commit on every rank.
     """
+    retention = Retention(keep_last, retain_interval)
     tensors, meta = job_state(model, optimizer, scheduler, iteration=iteration,
                               consumed_train_samples=consumed_train_samples, config=config,
                               save_rng=save_rng)
-    return _save(Ranks(distributed=True), save_dir, iteration, tensors, meta, keep_last)
+    return _save(Ranks(distributed=True), save_dir, iteration, tensors, meta, retention)
 
 
 def job_state(model: nn.Module | Sequence[nn.Module],
@@ -175,7 +180,7 @@ def save_global_model(save_dir: str | Path, model_config: TransformerConfig,
             "layout": None,
             "model": dataclasses.asdict(model_config), "config": None, "scheduler": None,
             "grad_scaler": None}
-    return _save(Ranks(distributed=False), save_dir, iteration, tensors, meta, None)
+    return _save(Ranks(distributed=False), save_dir, iteration, tensors, meta, Retention())
 
 
 # --- loading ------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from mp.checkpointing.errors import CheckpointError, CorruptCheckpointError
@@ -223,14 +224,36 @@ def committed_iterations(save_dir: Path) -> list[int]:
     return sorted(found)
 
 
-def remove_stale(save_dir: Path, newest: int, keep_last: int | None) -> None:
-    """After committing ``newest``: delete unfinished saves (``*.tmp``) and, with
-    ``keep_last``, all but the newest ``keep_last`` checkpoints up to ``newest``. Checkpoints
-    after ``newest`` (left by a run the pointer was rolled back from) are not touched."""
+@dataclass(frozen=True)
+class Retention:
+    """Which committed checkpoints a save directory keeps: the newest ``keep_last`` (every one
+    when None) and, with ``retain_interval`` (Megatron's ``--save-retain-interval``), those of
+    the iterations it divides, the others going as soon as a newer one is committed."""
+
+    keep_last: int | None = None
+    retain_interval: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("keep_last", "retain_interval"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer or None")
+
+    def stale(self, iterations: list[int]) -> list[int]:
+        """The checkpoints of ``iterations`` (ascending, the newest last) to delete."""
+        recent = self.keep_last or (1 if self.retain_interval else len(iterations))
+        return [i for i in iterations[:-recent]
+                if self.retain_interval is None or i % self.retain_interval]
+
+
+def remove_stale(save_dir: Path, newest: int, retention: Retention) -> None:
+    """After committing ``newest``: delete unfinished saves (``*.tmp``) and the checkpoints up
+    to ``newest`` that ``retention`` does not keep. Checkpoints after ``newest`` (left by a run
+    the pointer was rolled back from) are not touched."""
     for entry in save_dir.iterdir():
         if entry.is_dir() and entry.name.endswith(TMP_SUFFIX):
             shutil.rmtree(entry, ignore_errors=True)
-    if keep_last is not None:
-        older = [i for i in committed_iterations(save_dir) if i <= newest]
-        for iteration in older[:-keep_last]:
-            _discard(checkpoint_dir(save_dir, iteration))
+    older = [i for i in committed_iterations(save_dir) if i <= newest]
+    for iteration in retention.stale(older):
+        _discard(checkpoint_dir(save_dir, iteration))

@@ -1,7 +1,7 @@
 """How the pretraining job uses checkpoints (Megatron's ``--load``, ``--save``,
 ``--save-interval``, ``--no-load-optim``, ``--no-load-rng``, ``--no-save-optim``,
 ``--no-save-rng``, ``--exit-on-missing-checkpoint``, ``--non-persistent-save-interval``,
-plus ``keep_last``).
+``--save-retain-interval``, plus ``keep_last``).
 
 - `start_point`: where the run starts, from ``training.load``'s newest complete checkpoint
   (its metadata only). A directory with no checkpoint yet starts from scratch, so one command
@@ -48,7 +48,7 @@ from mp.checkpointing.checkpoint import (
     save_checkpoint,
 )
 from mp.checkpointing.errors import CheckpointError
-from mp.checkpointing.files import find_checkpoint
+from mp.checkpointing.files import Retention, find_checkpoint
 from mp.config import JobConfig, TrainingConfig
 from mp.optim import MixedPrecisionOptimizer, OptimizerParamScheduler
 
@@ -169,7 +169,8 @@ def checkpoint_hook(cfg: JobConfig, model: list[nn.Module], optimizer: MixedPrec
 
 class JobSaver:
     """``saver(state)`` saves the job at ``state.iteration`` into ``training.save`` (keeping
-    the last ``training.keep_last``), ``saver(state, non_persistent=True)`` into the
+    the last ``training.keep_last`` and those ``training.save_retain_interval`` divides:
+    `Retention`), ``saver(state, non_persistent=True)`` into the
     non-persistent directory (keeping the newest only); with ``training.async_save`` it
     starts an `AsyncSave` (after finishing the one in flight), which `poll` commits once
     written and `finish` waits for. Collective, as saving is."""
@@ -182,18 +183,19 @@ class JobSaver:
 
     def __call__(self, state, non_persistent: bool = False) -> None:
         tr = self.training
-        directory, keep_last = (non_persistent_dir(tr, tr.save), 1) if non_persistent \
-            else (tr.save, tr.keep_last)
+        directory = non_persistent_dir(tr, tr.save) if non_persistent else tr.save
+        keep = dict(keep_last=1) if non_persistent else dict(
+            keep_last=tr.keep_last, retain_interval=tr.save_retain_interval)
         arguments = dict(consumed_train_samples=state.consumed_train_samples,
                          config=self.config, save_rng=not tr.no_save_rng)
         if not tr.async_save:
             save_checkpoint(directory, state.iteration, self.model, *self.saved,
-                            keep_last=keep_last, **arguments)
+                            **keep, **arguments)
             return
         self.finish()
         tensors, meta = job_state(self.model, *self.saved, iteration=state.iteration,
                                   **arguments)
-        self.pending = AsyncSave(directory, state.iteration, tensors, meta, keep_last)
+        self.pending = AsyncSave(directory, state.iteration, tensors, meta, Retention(**keep))
 
     def poll(self) -> None:
         """Commit the save in flight if every rank has written it."""

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from mp.checkpointing.errors import CheckpointError
 from mp.checkpointing.files import (
     META_FILE,
+    Retention,
     checkpoint_dir,
     commit,
     content_files,
@@ -58,14 +59,11 @@ class Ranks:
 
 
 
-def begin_save(ranks: Ranks, save_dir: str | Path, iteration: int, meta: dict,
-               keep_last: int | None) -> Path:
+def begin_save(ranks: Ranks, save_dir: str | Path, iteration: int, meta: dict) -> Path:
     """Check the arguments, make the staging directory and write ``meta.json`` into it (rank
     0); return it once every rank may write there."""
     if not isinstance(iteration, int) or iteration < 0:
         raise ValueError(f"iteration={iteration!r} must be a non-negative integer")
-    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-        raise ValueError(f"keep_last={keep_last!r} must be a positive integer or None")
     save_dir = Path(save_dir)
     if read_latest(save_dir) == iteration:
         raise CheckpointError(f"iteration {iteration} is already the latest checkpoint in "
@@ -87,10 +85,11 @@ def describe_share(ranks: Ranks, staging: Path) -> dict[str, dict]:
     return describe_files(staging, names[ranks.rank::ranks.world])
 
 
-def finish_save(ranks: Ranks, save_dir: str | Path, iteration: int, keep_last: int | None,
+def finish_save(ranks: Ranks, save_dir: str | Path, iteration: int, retention: Retention,
                 described: dict[str, dict]) -> Path:
     """Gather the manifest's shares (``described``: `describe_share`), then on rank 0 write
-    it, commit the staging directory and remove stale checkpoints; return the checkpoint's
+    it, commit the staging directory and remove the checkpoints ``retention`` does not keep;
+    return the checkpoint's
     path on every rank once it is committed."""
     save_dir = Path(save_dir)
     shares = ranks.gather(described)
@@ -98,6 +97,6 @@ def finish_save(ranks: Ranks, save_dir: str | Path, iteration: int, keep_last: i
         write_manifest(staging_dir(save_dir, iteration),
                        {k: v for part in shares for k, v in part.items()})
         commit(save_dir, iteration)
-        remove_stale(save_dir, iteration, keep_last)
+        remove_stale(save_dir, iteration, retention)
     ranks.barrier()
     return checkpoint_dir(save_dir, iteration)
