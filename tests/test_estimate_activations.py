@@ -77,6 +77,11 @@ LAYER_CASES = {  # name -> config overrides (tp and sequence_parallel are added 
         qk_layernorm=True, normalization="RMSNorm", num_attention_heads=16, num_query_groups=4,
         attention_dropout=0.0, kv_channels=24),
     "squared_relu_nobias": dict(activation="squared_relu", add_bias_linear=False),
+    # gpt-oss's gated unit: eager, the clamp keeps both halves before it, the offset a copy
+    "quick_geglu_clamp_offset": dict(activation="quick_geglu", activation_func_clamp_value=0.5,
+                                     glu_linear_offset=1.0),
+    "swiglu_offset_nobias": dict(activation="swiglu", glu_linear_offset=1.0,
+                                 add_bias_linear=False),
     # qk_l2_norm: fp32 copies of q and k and a factor per head row; a NoPE layer
     # (no_rope_freq) keeps its normalized q and k, no rotated ones, no rotary tables
     "qk_l2_norm_gqa_unfused_nope": dict(qk_l2_norm=True, position_embedding_type="rope",

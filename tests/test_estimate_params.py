@@ -34,6 +34,8 @@ VARIANTS = {
     # Qwen2's attention: a bias on the QKV projection only, sharded with its outputs
     "qkv_bias_grouped_query": dict(add_qkv_bias=True, add_bias_linear=False,
                                    num_attention_heads=8, num_query_groups=4),
+    # gpt-oss's: a gated quick GeGLU (gate and up projections) and one sink logit per head
+    "quick_geglu_learnable_sinks": dict(activation="quick_geglu", softmax_type="learnable"),
 }
 
 

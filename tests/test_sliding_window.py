@@ -26,10 +26,12 @@ def _config(**overrides) -> TransformerConfig:
     return TransformerConfig(**{**kw, **overrides})
 
 
-def _reference(q, k, v, window: int | None, mask: torch.Tensor | None) -> torch.Tensor:
+def _reference(q, k, v, window: int | None, mask: torch.Tensor | None,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention in float64 with each query's keys listed one by one: query ``i`` (at
     position ``sk - sq + i``) keeps key ``j`` when ``j`` is not after it, at most ``window``
-    before it, and ``mask`` (``[sq, sk]``, True = masked) keeps it."""
+    before it, and ``mask`` (``[sq, sk]``, True = masked) keeps it. ``sinks`` (``[heads]``):
+    each softmax row also takes the head's sink logit, which adds no value."""
     sq, sk, groups = q.size(0), k.size(0), k.size(2)
     k, v = (t.double().repeat_interleave(HEADS // groups, dim=2) for t in (k, v))
     rows = []
@@ -39,7 +41,12 @@ def _reference(q, k, v, window: int | None, mask: torch.Tensor | None) -> torch.
                 and (window is None or position - j <= window)
                 and (mask is None or not mask[i, j])]
         scores = torch.einsum("bhd,kbhd->bhk", q[i].double(), k[keys]) / math.sqrt(D)
-        rows.append(torch.einsum("bhk,kbhd->bhd", scores.softmax(-1), v[keys]))
+        if sinks is not None:
+            sink = sinks.double().view(1, HEADS, 1).expand(scores.size(0), HEADS, 1)
+            probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+        else:
+            probs = scores.softmax(-1)
+        rows.append(torch.einsum("bhk,kbhd->bhd", probs, v[keys]))
     return torch.stack(rows).flatten(2)  # [sq, b, heads * d]
 
 

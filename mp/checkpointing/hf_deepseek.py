@@ -172,7 +172,8 @@ def _check(config: TransformerConfig) -> None:
         "multi_latent_attention": (True,), "normalization": ("RMSNorm",),
         "activation": ("swiglu",), "add_bias_linear": (False,), "layernorm_epsilon": (1e-6,),
         "untie_embeddings_and_output_weights": (True,), "window_size": (None,),
-        "rotary_interleaved": (False,), **routing},
+        "rotary_interleaved": (False,), "activation_func_clamp_value": (None,),
+        "glu_linear_offset": (0.0,), "softmax_type": ("vanilla",), **routing},
         name)
     pattern = [int(config.is_moe_layer(i)) for i in range(config.num_layers)]
     if config.num_moe_experts is None or pattern != sorted(pattern):

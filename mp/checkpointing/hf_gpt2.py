@@ -84,7 +84,7 @@ def hf_config(config: TransformerConfig) -> dict:
              "num_query_groups": (heads,),  # GPT-2 has one key per head
              "kv_channels": (hidden // heads,) if hidden % heads == 0 else (),
              "qk_layernorm": (False,), "qk_l2_norm": (False,), "num_moe_experts": (None,),
-             "window_size": (None,)}
+             "window_size": (None,), "softmax_type": ("vanilla",)}
     check_expressible(config, needs, "GPT-2")
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": config.vocab_size, "n_positions": config.max_position_embeddings,

@@ -244,7 +244,8 @@ def hf_config(config: TransformerConfig) -> dict:
              "position_embedding_type": ("rope",), "rotary_percent": (1.0,),
              "rotary_interleaved": (False,), "add_bias_linear": (False,),
              "qk_layernorm": (FAMILIES[kind].qk_layernorm,), "qk_l2_norm": (False,),
-             "no_rope_freq": (None,),
+             "no_rope_freq": (None,), "activation_func_clamp_value": (None,),
+             "glu_linear_offset": (0.0,), "softmax_type": ("vanilla",),
              "add_qkv_bias": (True, False) if kind == "qwen2_moe" else (FAMILIES[kind].qkv_bias,),
              "moe_shared_expert_gate": (FAMILIES[kind].shared_expert,)}
     if kind == "mixtral":  # routed as Mixtral routes

@@ -126,7 +126,7 @@ def hf_config(config: TransformerConfig) -> dict:
              # q, k, v biases come with use_bias, which gives every linear layer one
              "add_qkv_bias": (False, True) if config.add_bias_linear else (False,),
              "num_moe_experts": (None,), "multi_latent_attention": (False,),
-             "mtp_num_layers": (None,)}
+             "mtp_num_layers": (None,), "softmax_type": ("vanilla",)}
     check_expressible(config, needs, "StarCoder2")
     windows = {config.attention_window(i + 1) for i in range(config.num_layers)}
     if len(windows) > 1:

@@ -1,7 +1,7 @@
 """How the pretraining job uses checkpoints (Megatron's ``--load``, ``--save``,
 ``--save-interval``, ``--no-load-optim``, ``--no-load-rng``, ``--no-save-optim``,
 ``--no-save-rng``, ``--exit-on-missing-checkpoint``, ``--non-persistent-save-interval``,
-``--save-retain-interval``, plus ``keep_last``).
+``--save-retain-interval``, ``--pretrained-checkpoint``, plus ``keep_last``).
 
 - `start_point`: where the run starts, from ``training.load``'s newest complete checkpoint
   (its metadata only). A directory with no checkpoint yet starts from scratch, so one command
@@ -9,7 +9,13 @@
   ``training.exit_on_missing_checkpoint`` (`check_checkpoint_exists`, before any process
   group). A checkpoint written by a tool (converted from Hugging Face: no layout, Megatron's
   "release" checkpoint), or any checkpoint under ``training.finetune``, gives weights only:
-  the run starts at iteration 0 with a fresh optimizer and schedule. A job's checkpoint
+  the run starts at iteration 0 with a fresh optimizer and schedule. When ``load`` is unset
+  or holds no checkpoint, ``training.pretrained_checkpoint``'s (its ``ckpt_step`` one with
+  one) is taken instead, as weights only (Megatron's rule, ``load_checkpoint``: it sets
+  ``finetune``); when neither holds one the job stops before any process group
+  (`check_checkpoint_exists`). A ``load`` that holds one always wins: a fine-tuning job
+  resumes its own checkpoints. (Megatron asks ``load`` for its tracker file only; mp counts
+  a non-persistent checkpoint too, since the job would resume it.) A job's checkpoint
   resumes its iteration and data position; ``training.no_load_optim`` leaves out the
   optimizer state, the loss scaler and the learning-rate schedule (as Megatron, whose schedule
   is saved with the optimizer), and a checkpoint saved without them (``no_save_optim``) needs
@@ -33,8 +39,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 from torch import nn
@@ -69,7 +77,7 @@ class StartPoint:
 
 
 def _say(text: str) -> None:
-    if dist.get_rank() == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         print(text, flush=True)
 
 
@@ -92,10 +100,51 @@ def _checkpoint_to_load(training: TrainingConfig) -> Path | None:
     return scratch
 
 
+def _load_holds_checkpoint(training: TrainingConfig) -> bool:
+    """Whether ``training.load`` holds a checkpoint a run would resume (any iteration of its
+    own or of its non-persistent directory, or a DeepSpeed job's)."""
+    load = training.load
+    if load is None:
+        return False
+    if find_checkpoint(load) is not None or os.path.isfile(os.path.join(load, DEEPSPEED_LATEST)):
+        return True
+    return training.non_persistent_ckpt_type is not None and \
+        find_checkpoint(non_persistent_dir(training, load)) is not None
+
+
+def _load_text(training: TrainingConfig) -> str:
+    """``training.load`` holds no checkpoint, in words."""
+    return "training.load is not set" if training.load is None else \
+        f"training.load={training.load!r} holds none"
+
+
+def _pretrained_to_load(training: TrainingConfig) -> Path | None:
+    """``training.pretrained_checkpoint``'s checkpoint when the run takes it (set, and
+    ``load`` holds none), else None; ValueError when it is taken but holds none."""
+    pretrained = training.pretrained_checkpoint
+    if pretrained is None or _load_holds_checkpoint(training):
+        return None
+    try:
+        directory = find_checkpoint(pretrained, training.ckpt_step)
+    except CheckpointError as error:
+        directory, why = None, f" ({error})"
+    else:
+        why = ""
+    if directory is None:
+        raise ValueError(f"training.pretrained_checkpoint={pretrained!r} holds no "
+                         f"checkpoint{why}, and {_load_text(training)}: nothing to fine-tune "
+                         "from (Megatron stops here too)")
+    return directory
+
+
 def check_checkpoint_exists(cfg: JobConfig) -> None:
     """With ``training.exit_on_missing_checkpoint``, raise ValueError naming ``training.load``
-    unless it holds a checkpoint (mp's, or a DeepSpeed job's); needs no process group."""
+    unless it holds a checkpoint (mp's, or a DeepSpeed job's) or the run fine-tunes from
+    ``training.pretrained_checkpoint``; with ``pretrained_checkpoint`` that the run takes,
+    raise ValueError unless it holds one. Needs no process group."""
     load = cfg.training.load
+    if _pretrained_to_load(cfg.training) is not None:
+        return
     if cfg.training.exit_on_missing_checkpoint and _checkpoint_to_load(cfg.training) is None \
             and not os.path.isfile(os.path.join(load, DEEPSPEED_LATEST)):
         raise ValueError(f"training.load={load!r} holds no checkpoint and training."
@@ -107,6 +156,11 @@ def start_point(cfg: JobConfig) -> StartPoint:
     """The start of a run given ``training.load`` (reads metadata only; the same error on
     every rank when the checkpoint holds no optimizer state and the flags want it)."""
     tr = cfg.training
+    pretrained = _pretrained_to_load(tr)
+    if pretrained is not None:
+        _say(f"{_load_text(tr)}: fine-tuning from {pretrained} "
+             "(training.pretrained_checkpoint; weights only, iteration 0)")
+        return StartPoint(pretrained)
     if tr.load is None:
         return StartPoint()
     directory = _checkpoint_to_load(tr)
@@ -162,9 +216,12 @@ def resume(start: StartPoint, model: list[nn.Module], optimizer: MixedPrecisionO
 
 
 def checkpoint_hook(cfg: JobConfig, model: list[nn.Module], optimizer: MixedPrecisionOptimizer,
-                    scheduler: OptimizerParamScheduler) -> JobSaver | None:
-    """The `JobSaver` of a job that saves (``training.save``), else None."""
-    return None if cfg.training.save is None else JobSaver(cfg, model, optimizer, scheduler)
+                    scheduler: OptimizerParamScheduler,
+                    on_save: Callable[[Any], None] | None = None) -> JobSaver | None:
+    """The `JobSaver` of a job that saves (``training.save``), else None; ``on_save(state)``
+    follows each save into ``save`` (`JobSaver`)."""
+    return None if cfg.training.save is None else \
+        JobSaver(cfg, model, optimizer, scheduler, on_save)
 
 
 class JobSaver:
@@ -173,13 +230,17 @@ class JobSaver:
     `Retention`), ``saver(state, non_persistent=True)`` into the
     non-persistent directory (keeping the newest only); with ``training.async_save`` it
     starts an `AsyncSave` (after finishing the one in flight), which `poll` commits once
-    written and `finish` waits for. Collective, as saving is."""
+    written and `finish` waits for. ``on_save(state)``, when given, is called after each save
+    into ``save`` (once it is written, or with ``async_save`` once it is started: Megatron's
+    points for its progress log), never after a non-persistent one. Collective, as saving is."""
 
     def __init__(self, cfg: JobConfig, model: list[nn.Module],
-                 optimizer: MixedPrecisionOptimizer, scheduler: OptimizerParamScheduler):
+                 optimizer: MixedPrecisionOptimizer, scheduler: OptimizerParamScheduler,
+                 on_save: Callable[[Any], None] | None = None):
         self.training, self.config, self.model = cfg.training, cfg.to_dict(), model
         self.saved = (None, None) if self.training.no_save_optim else (optimizer, scheduler)
         self.pending: AsyncSave | None = None
+        self.on_save = on_save
 
     def __call__(self, state, non_persistent: bool = False) -> None:
         tr = self.training
@@ -191,11 +252,14 @@ class JobSaver:
         if not tr.async_save:
             save_checkpoint(directory, state.iteration, self.model, *self.saved,
                             **keep, **arguments)
-            return
-        self.finish()
-        tensors, meta = job_state(self.model, *self.saved, iteration=state.iteration,
-                                  **arguments)
-        self.pending = AsyncSave(directory, state.iteration, tensors, meta, Retention(**keep))
+        else:
+            self.finish()
+            tensors, meta = job_state(self.model, *self.saved, iteration=state.iteration,
+                                      **arguments)
+            self.pending = AsyncSave(directory, state.iteration, tensors, meta,
+                                     Retention(**keep))
+        if self.on_save is not None and not non_persistent:
+            self.on_save(state)
 
     def poll(self) -> None:
         """Commit the save in flight if every rank has written it."""

@@ -11,7 +11,9 @@ for the local spec) and mp's: ``self_attention.linear_qkv.layer_norm_weight`` /
 per query group, ``[g, a / g + 2, d]``: the group's queries, its key, its value),
 ``linear_proj`` is ``dense``, ``mlp.linear_fc1.layer_norm_*`` is ``pre_mlp_layernorm``; the
 local spec's legacy files say ``input_layernorm`` and ``pre_mlp_layernorm`` themselves.
-SwiGLU's ``linear_fc1`` fuses the gate and the up projection: ``torch_dist`` stores the
+``--softmax-type learnable``'s sink logits are ``self_attention.core_attention.softmax_offset``
+``[a]`` in both. SwiGLU's (and quick GeGLU's) ``linear_fc1`` fuses the gate and the up
+projection: ``torch_dist`` stores the
 global ``[gate (ffn rows); up (ffn rows)]`` (Megatron's ``apply_swiglu_sharded_factory``),
 a legacy file a rank's ``[gate shard; up shard]``; mp has them apart, ``linear_gate`` and
 ``linear_fc1``. The vocabulary keeps Megatron's padded rows (they are trained weights, and
@@ -45,7 +47,7 @@ _REFUSED_ARGS = {
     "multi_latent_attention": (False, (False,)),
     "mtp_num_layers": (None, (None, 0)),
     "apply_residual_connection_post_layernorm": (False, (False,)),
-    "softmax_scale": (None, (None,)), "quick_geglu": (False, (False,)),
+    "softmax_scale": (None, (None,)),
     "heterogeneous_layers_config_path": (None, (None,)),
     "normalization": ("LayerNorm", ("LayerNorm", "RMSNorm")),
     "moe_input_jitter_eps": (None, (None,)), "moe_apply_probs_on_input": (False, (False,)),
@@ -103,7 +105,11 @@ def _config(args, positions: str, tensor_model_parallel_size: int | None,
         layernorm_epsilon=getattr(args, "norm_epsilon", getattr(args, "layernorm_epsilon", 1e-5)),
         layernorm_zero_centered_gamma=getattr(args, "apply_layernorm_1p", False),
         activation=("swiglu" if args.swiglu else "squared_relu"
-                    if getattr(args, "squared_relu", False) else "gelu"),
+                    if getattr(args, "squared_relu", False) else "quick_geglu"
+                    if getattr(args, "quick_geglu", False) else "gelu"),
+        activation_func_clamp_value=getattr(args, "activation_func_clamp_value", None),
+        glu_linear_offset=getattr(args, "glu_linear_offset", 0.0),
+        softmax_type=getattr(args, "softmax_type", "vanilla"),
         qk_l2_norm=getattr(args, "qk_l2_norm", False),
         # Megatron builds the L2 norm in the q/k layernorms' place: no q/k norm weights then
         qk_layernorm=getattr(args, "qk_layernorm", False) and not getattr(args, "qk_l2_norm",
@@ -202,6 +208,9 @@ def _layer_pairs(config: TransformerConfig, layer: int) -> list[tuple[str, str]]
     if config.qk_layernorm:
         pairs += [(f"self_attention.{n}.{p}", f"self_attention.{n}.{p}")
                   for n in ("q_layernorm", "k_layernorm") for p in norm]
+    if config.softmax_type == "learnable":  # the sinks' logits, one per head
+        pairs.append(("self_attention.core_attention.softmax_offset",
+                      "self_attention.core_attention.softmax_offset"))
     pairs += [(f"self_attention.linear_proj.{p}", f"self_attention.dense.{p}") for p in linear]
     pairs += [(f"mlp.linear_fc1.layer_norm_{p}", f"pre_mlp_layernorm.{p}") for p in norm]
     if not config.is_moe_layer(layer):
@@ -239,8 +248,9 @@ def megatron_names(config: TransformerConfig) -> dict[str, str]:
 
 def fused_gate(config: TransformerConfig, mp_name: str) -> tuple[str, int] | None:
     """(mp's gate name, the dimension Megatron stacks ``[gate; up]`` along) when Megatron
-    fuses mp's ``mp_name`` (an up projection of a SwiGLU model) with its gate; else None."""
-    if config.activation != "swiglu" or not _FUSED_GATE.search(mp_name):
+    fuses mp's ``mp_name`` (an up projection of a gated model: SwiGLU, quick GeGLU) with its
+    gate; else None."""
+    if not config.gated_linear_unit or not _FUSED_GATE.search(mp_name):
         return None
     experts = mp_name.endswith("fc1_weight")
     gate = mp_name.replace("fc1_weight", "gate_weight") if experts \
@@ -258,6 +268,12 @@ def megatron_to_mp(weights: dict[str, torch.Tensor],
     names = megatron_names(config)
     check_keys(set(weights), set(names), "Megatron checkpoint (for its args)")
     mp = {dst: weights[src] for src, dst in names.items()}
+    heads = (config.num_attention_heads,)
+    for key in [k for k in mp if k.endswith("core_attention.softmax_offset")]:
+        if mp[key].numel() != heads[0]:  # one per head (a legacy file's TP shard has fewer)
+            raise ValueError(f"{key} has shape {tuple(mp[key].shape)} in the Megatron "
+                             f"checkpoint: learnable softmax offsets are one per head, {heads}")
+        mp[key] = mp[key].reshape(heads)
     for key in list(mp):
         gate = fused_gate(config, key)
         if gate is not None:

@@ -53,7 +53,8 @@ BACKENDS = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
 IMPLS = ("transformer_engine", "local")
 #: what Megatron-Core's GPT (as mp maps it) cannot express: mp's field -> the values it can
 _EXPRESSIBLE = {"multi_latent_attention": (False,), "mtp_num_layers": (None, 0),
-                "rope_type": ("rope",), "activation": ("gelu", "swiglu", "squared_relu")}
+                "rope_type": ("rope",),
+                "activation": ("gelu", "swiglu", "squared_relu", "quick_geglu")}
 #: mp's fields a Megatron checkpoint does not carry (parallel layout, kernels, recompute,
 #: precision: the run chooses them), left out of `check_exportable`'s round trip
 _RUN_FIELDS = {
@@ -132,6 +133,9 @@ def args_from_config(config: TransformerConfig, *, iteration: int = 0,
         normalization=config.normalization, norm_epsilon=config.layernorm_epsilon,
         apply_layernorm_1p=config.layernorm_zero_centered_gamma,
         swiglu=config.activation == "swiglu", squared_relu=config.activation == "squared_relu",
+        quick_geglu=config.activation == "quick_geglu",
+        activation_func_clamp_value=config.activation_func_clamp_value,
+        glu_linear_offset=config.glu_linear_offset, softmax_type=config.softmax_type,
         openai_gelu=False, qk_layernorm=config.qk_layernorm, qk_l2_norm=config.qk_l2_norm,
         position_embedding_type=positions,
         add_position_embedding=positions == "learned_absolute",

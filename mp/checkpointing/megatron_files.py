@@ -228,13 +228,14 @@ def _global_names(model: dict) -> dict[str, torch.Tensor]:
 
 def _merge_legacy(key: str, shards: list[torch.Tensor], args) -> torch.Tensor:
     """One tensor from its tensor-parallel shards: concatenated along its split dimension
-    (SwiGLU's ``linear_fc1`` as ``[every gate shard; every up shard]``), or the first copy of a
-    replicated one."""
+    (a gated unit's, SwiGLU's or quick GeGLU's, ``linear_fc1`` as ``[every gate shard; every up
+    shard]``), or the first copy of a replicated one."""
     if key.endswith(_COLUMNS):
         return torch.cat(shards, dim=1)
     if not key.endswith(_ROWS):
         return shards[0]
-    if getattr(args, "swiglu", False) and ".linear_fc1." in key:
+    if (getattr(args, "swiglu", False) or getattr(args, "quick_geglu", False)) \
+            and ".linear_fc1." in key:  # a gated unit's [gate; up]
         halves = [s.chunk(2) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
     return torch.cat(shards)

@@ -85,24 +85,24 @@ class JobConfig:
     def validate(self, world_size: int) -> None:
         """The rules that need the world size (each section checked itself when built): TP x PP
         divides it, micro-batch x DP divides every global batch size of the run, with virtual
-        pipeline stages the micro-batches are a multiple of PP (Megatron's interleaved
-        schedule), expert parallelism fits (`_check_experts`), the distributed optimizer's
-        instances divide DP x CP (`TrainingConfig.check_optimizer_instances`), a run counted in
-        samples holds at least one iteration, ``training.grad_reduce_in_bf16`` goes with a
-        bf16 model, DeepSpeed jobs do not ask for the norms and counts only mp's optimizer
-        measures, and the ranks to profile exist."""
+        pipeline stages the micro-batches fit Megatron's interleaved schedule (a multiple of
+        PP, or with micro-batch groups `interleaved_microbatches_rule`), expert parallelism
+        fits (`_check_experts`), the distributed optimizer's instances divide DP x CP
+        (`TrainingConfig.check_optimizer_instances`), a run counted in samples holds at least
+        one iteration, ``training.grad_reduce_in_bf16`` goes with a bf16 model, DeepSpeed
+        jobs do not ask for the norms and counts only mp's optimizer measures, and the ranks
+        to profile exist."""
         schedule = self.batch_schedule(world_size)
-        pp = self.model.pipeline_model_parallel_size
         step = schedule.micro_batch_size * schedule.data_parallel_size
         for batch in schedule.batch_sizes():
-            if self.model.virtual_pipeline_model_parallel_size is not None and batch // step % pp:
+            rule = self.model.interleaved_microbatches_rule(batch // step)
+            if rule is not None:
                 where = "training.global_batch_size" if batch == schedule.global_batch_size \
                     else f"a step of training.rampup_batch_size={self.training.rampup_batch_size}"
                 raise ConfigError(
                     f"the interleaved pipeline schedule needs the number of micro-batches "
                     f"({batch // step} = global batch {batch} ({where}) / "
-                    f"(training.micro_batch_size x data_parallel_size = {step})) to be a "
-                    f"multiple of pipeline_model_parallel_size={pp}"
+                    f"(training.micro_batch_size x data_parallel_size = {step})) {rule}"
                 )
         if self.train_iterations(world_size) < 1:
             raise ConfigError(

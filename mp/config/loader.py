@@ -9,7 +9,8 @@ first (its own ``base`` too) and this file's keys replace its keys, section by s
 pads it, see `TransformerConfig.padded_vocab_size`). Without a file (``path=None``) the
 defaults and the overrides make the whole config, as a Megatron-LM command line does. With
 ``training.use_checkpoint_args`` the model's architecture comes from ``training.load``'s
-checkpoint, over the file's values and under the command line's.
+checkpoint, over the file's values and under the command line's; with
+``training.use_mp_args_from_checkpoint_args`` its parallel sizes too, over both (Megatron's).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def load_config(path: str | None, overrides: Sequence[str] = (),
     apply_overrides(given, overrides)
     _take_checkpoint_args(sections, given.get("training") or {})
     apply_overrides(sections, overrides)  # the command line wins over the checkpoint's args
+    _take_checkpoint_layout(sections, given.get("training") or {})  # except these (Megatron)
     model = sections.get("model") or {}
     if "vocab_size" not in model:
         sections["model"] = {**model, "vocab_size": _tokenizer_vocab_size(sections.get("data"))}
@@ -89,15 +91,57 @@ def _take_checkpoint_args(sections: dict, training: dict) -> None:
     if training.get("load") is None:
         raise ConfigError("training.use_checkpoint_args=true needs training.load (the "
                           "checkpoint whose model arguments the run takes)")
+    saved = _load_info(training, "use_checkpoint_args").model_config
+    taken = {name: saved[name] for name in CHECKPOINT_ARGS if name in saved}
+    sections["model"] = {**(sections.get("model") or {}), **taken}
+
+
+def _load_info(training: dict, key: str):
+    """The `CheckpointInfo` of ``training``'s ``load`` (its ``ckpt_step`` one when set), for
+    ``training.<key>``; ConfigError when there is none."""
     from mp.checkpointing import CheckpointError, read_checkpoint_info  # imports mp.config
     from mp.checkpointing.files import resolve_checkpoint
 
     step = coerce("training.ckpt_step", training.get("ckpt_step"), int | None)
     try:
-        saved = read_checkpoint_info(resolve_checkpoint(training["load"], step)).model_config
+        return read_checkpoint_info(resolve_checkpoint(training["load"], step))
     except CheckpointError as error:
-        raise ConfigError(f"training.use_checkpoint_args=true: {error}") from None
-    taken = {name: saved[name] for name in CHECKPOINT_ARGS if name in saved}
+        raise ConfigError(f"training.{key}=true: {error}") from None
+
+
+#: What ``training.use_mp_args_from_checkpoint_args`` takes (Megatron's list: TP, PP, virtual
+#: PP and EP sizes): model key -> where the checkpoint holds it (its layout, or its model
+#: config for the expert-parallel size, which the layout does not record).
+CHECKPOINT_MP_ARGS = {"tensor_model_parallel_size": "layout",
+                      "pipeline_model_parallel_size": "layout",
+                      "virtual_pipeline_model_parallel_size": "layout",
+                      "expert_model_parallel_size": "model_config"}
+
+
+def _take_checkpoint_layout(sections: dict, training: dict) -> None:
+    """Megatron's ``--use-mp-args-from-checkpoint-args`` (only with ``--use-checkpoint-args``):
+    the parallel sizes `CHECKPOINT_MP_ARGS` of the layout that wrote ``load``'s checkpoint
+    replace the model section's in ``sections``, the command line's included (Megatron forces
+    them); a size the checkpoint does not hold (None) stays. The data-parallel size follows
+    from the world size, as always."""
+    key = "use_mp_args_from_checkpoint_args"
+    if not coerce(f"training.{key}", training.get(key, False), bool):
+        return
+    if not coerce("training.use_checkpoint_args", training.get("use_checkpoint_args", False),
+                  bool):
+        raise ConfigError(f"training.{key}=true needs training.use_checkpoint_args=true "
+                          "(Megatron reads a checkpoint's arguments only then): add "
+                          "--use-checkpoint-args")
+    info = _load_info(training, key)
+    if info.layout is None:
+        raise ConfigError(f"training.{key}=true: {info.path} was written by a single-process "
+                          "tool, not a job, so it records no parallel layout to take; set "
+                          "the parallel sizes yourself")
+    taken = {}
+    for name, source in CHECKPOINT_MP_ARGS.items():
+        value = getattr(info, source).get(name)
+        if value is not None:
+            taken[name] = value
     sections["model"] = {**(sections.get("model") or {}), **taken}
 
 

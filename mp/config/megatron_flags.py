@@ -39,7 +39,8 @@ _MEGATRON_NAMES = {
         "moe_router_group_topk", "multi_latent_attention", "q_lora_rank", "kv_lora_rank",
         "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "mtp_num_layers",
         "mtp_loss_scaling_factor", "window_size", "window_attn_skip_freq", "rotary_interleaved",
-        "qk_l2_norm", "no_rope_freq",
+        "qk_l2_norm", "no_rope_freq", "activation_func_clamp_value", "glu_linear_offset",
+        "softmax_type",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
@@ -51,6 +52,7 @@ _MEGATRON_NAMES = {
         "min_loss_scale", "loss_scale_window", "hysteresis", "use_distributed_optimizer",
         "overlap_param_gather", "overlap_grad_reduce", "deepspeed", "deepspeed_config",
         "eval_interval", "eval_iters", "save", "load", "finetune", "use_checkpoint_args",
+        "use_mp_args_from_checkpoint_args", "pretrained_checkpoint",
         "no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng",
         "exit_on_missing_checkpoint", "skip_train", "ckpt_step", "async_save",
         "save_interval", "exit_interval", "exit_duration_in_mins", "exit_signal_handler",
@@ -77,7 +79,8 @@ _MEGATRON_NAMES = {
                 "wandb_project", "wandb_entity", "wandb_exp_name", "wandb_save_dir", "profile",
                 "use_pytorch_profiler", "profile_step_start", "profile_step_end",
                 "profile_ranks", "tensorboard_log_interval", "tensorboard_queue_size",
-                "log_world_size_to_tensorboard"),
+                "log_world_size_to_tensorboard", "log_progress", "record_memory_history",
+                "memory_snapshot_path"),
 }
 
 #: Megatron-LM flag -> the key it sets.
@@ -93,6 +96,8 @@ ALIASES["--mscale"] = "model.yarn_mscale"
 ALIASES["--mscale-all-dim"] = "model.yarn_mscale_all_dim"
 ALIASES["--norm-epsilon"] = ALIASES["--layernorm-epsilon"] = "model.layernorm_epsilon"
 ALIASES["--num-virtual-stages-per-pipeline-rank"] = "model.virtual_pipeline_model_parallel_size"
+ALIASES["--microbatch-group-size-per-virtual-pipeline-stage"] = \
+    "model.microbatch_group_size_per_vp_stage"
 ALIASES["--decoder-first-pipeline-num-layers"] = "model.num_layers_in_first_pipeline_stage"
 ALIASES["--decoder-last-pipeline-num-layers"] = "model.num_layers_in_last_pipeline_stage"
 ALIASES["--encoder-num-layers"] = "model.num_layers"  # Megatron copies both to GPT's keys
@@ -126,6 +131,7 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--fp16": ("model.precision", "fp16"),
     "--swiglu": ("model.activation", "swiglu"),
     "--squared-relu": ("model.activation", "squared_relu"),
+    "--quick-geglu": ("model.activation", "quick_geglu"),
     "--openai-gelu": ("model.activation", "gelu_tanh"),
     "--disable-bias-linear": ("model.add_bias_linear", "false"),
     "--use-rotary-position-embeddings": ("model.position_embedding_type", "rope"),

@@ -131,7 +131,10 @@ class LoggingConfig(Section):
     scalars when ``tensorboard_dir`` is set (the iteration's own values every
     ``tensorboard_log_interval`` iterations, the interval's rates with each line; the writer
     holds up to ``tensorboard_queue_size`` events before it writes them out), and a progress bar
-    (``"auto"``: only when the output is a terminal)."""
+    (``"auto"``: only when the output is a terminal). ``log_progress`` appends Megatron's job
+    and throughput lines to ``progress.txt`` in ``training.save`` (`mp.training.progress_log`);
+    ``record_memory_history`` records CUDA's allocations from the start and dumps their snapshot
+    to ``memory_snapshot_path`` with each log line (Megatron's; `mp.training.logger`)."""
 
     section: ClassVar[str] = "logging"
 
@@ -152,6 +155,9 @@ class LoggingConfig(Section):
     profile_step_start: int = 10
     profile_step_end: int = 12
     profile_ranks: list[int] = field(default_factory=lambda: [0])
+    log_progress: bool = False  # Megatron's progress.txt in training.save
+    record_memory_history: bool = False  # CUDA only: the allocator's history, on every rank
+    memory_snapshot_path: str = "snapshot.pickle"  # Megatron's default; the last rank dumps it
 
     def __post_init__(self) -> None:
         self._at_least("log_interval", 1)
@@ -165,3 +171,6 @@ class LoggingConfig(Section):
             raise ConfigError("logging.use_pytorch_profiler=true writes its trace into "
                               "logging.tensorboard_dir (as Megatron does), which is not set")
         self._one_of("progress", ("auto", True, False))
+        if not self.memory_snapshot_path:
+            raise ConfigError(f"logging.memory_snapshot_path={self.memory_snapshot_path!r} "
+                              "must name a file (where the memory snapshot is dumped)")

@@ -24,7 +24,8 @@ _NOT_WITH_DEEPSPEED = {
                      "use_precision_aware_optimizer"),
                     "mp's own data parallelism and optimizer implement it"),
     **dict.fromkeys(("no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng",
-                     "ckpt_step", "async_save", "non_persistent_ckpt_type"),
+                     "ckpt_step", "async_save", "non_persistent_ckpt_type",
+                     "pretrained_checkpoint"),
                     "a DeepSpeed job saves and resumes DeepSpeed's checkpoints whole"),
 }
 
@@ -43,7 +44,10 @@ _STATE_DTYPE_REFUSED = {
 
 #: Training keys that need ``load`` -> what it is to them.
 _NEEDS_LOAD = {"finetune": "the checkpoint whose weights the run starts from",
-               "exit_on_missing_checkpoint": "the directory that must hold a checkpoint"}
+               "exit_on_missing_checkpoint": "the directory that must hold a checkpoint",
+               "use_mp_args_from_checkpoint_args": "the checkpoint whose layout the run takes"}
+#: Of those, the keys that ``pretrained_checkpoint`` serves as well as ``load``.
+_OR_PRETRAINED = ("finetune",)
 
 
 @dataclass
@@ -70,7 +74,10 @@ class TrainingConfig(Section):
     at its end); ``finetune`` (Megatron's ``--finetune``) takes only the weights of ``load``'s
     checkpoint and starts at iteration 0 with a fresh optimizer, schedule and data order;
     ``use_checkpoint_args`` (Megatron's ``--use-checkpoint-args``) takes the model's
-    architecture from that checkpoint (`mp.config.loader.CHECKPOINT_ARGS`); ``keep_last=None``
+    architecture from that checkpoint (`mp.config.loader.CHECKPOINT_ARGS`), and with
+    ``use_mp_args_from_checkpoint_args`` its parallel sizes too; ``pretrained_checkpoint``
+    (Megatron's ``--pretrained-checkpoint``) is fine-tuned from, as ``finetune`` would, when
+    ``load`` holds no checkpoint (`mp.checkpointing.job`); ``keep_last=None``
     keeps every checkpoint. ``exit_interval``,
     ``exit_duration_in_mins`` and ``exit_signal_handler`` (with ``exit_signal``) end the run
     early with a checkpoint (`mp.training.exit`). ``no_load_optim``, ``no_load_rng``,
@@ -150,6 +157,10 @@ class TrainingConfig(Section):
     load: str | None = None
     finetune: bool = False  # load's weights only: iteration 0, fresh optimizer and schedule
     use_checkpoint_args: bool = False  # the model's architecture from load's checkpoint
+    use_mp_args_from_checkpoint_args: bool = False  # with use_checkpoint_args: the TP, PP,
+    # virtual PP and EP sizes too, over the command line's (Megatron's; mp.config.loader)
+    pretrained_checkpoint: str | None = None  # weights to fine-tune from when load holds no
+    # checkpoint (Megatron's --pretrained-checkpoint; mp.checkpointing.job)
     ckpt_step: int | None = None  # load this iteration of load, not its newest (Megatron's
     # --ckpt-step)
     async_save: bool = False  # write checkpoints in the background while training goes on
@@ -247,9 +258,14 @@ class TrainingConfig(Section):
         self._check_precision_aware()
         self._check_kept_checkpoints()
         for name, what in _NEEDS_LOAD.items():
-            if getattr(self, name) and self.load is None:
+            if getattr(self, name) and self.load is None and (
+                    name not in _OR_PRETRAINED or self.pretrained_checkpoint is None):
                 raise ConfigError(f"training.{name}=true needs training.load ({what})")
-        if self.ckpt_step is not None and self.load is None:
+        if self.use_mp_args_from_checkpoint_args and not self.use_checkpoint_args:
+            raise ConfigError("training.use_mp_args_from_checkpoint_args=true needs training."
+                              "use_checkpoint_args=true (Megatron reads a checkpoint's "
+                              "arguments only then): add --use-checkpoint-args")
+        if self.ckpt_step is not None and self.load is None and self.pretrained_checkpoint is None:
             raise ConfigError(f"training.ckpt_step={self.ckpt_step} needs training.load (the "
                               "save directory holding that iteration)")
         self._at_least("ckpt_step", 0, optional=True)

@@ -102,6 +102,11 @@ def attention_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
     output, attending through ``calls`` (`mp.estimate.activations.layer_halves`' arguments).
     ``rope``: RoPE rotates the layer's q and k (``cfg.applies_rope``; default: with RoPE, as
     every layer does without ``no_rope_freq``)."""
+    if cfg.softmax_type != "vanilla":
+        raise ValueError(f"softmax_type={cfg.softmax_type!r}: the activation estimate does not "
+                         "model attention sinks yet (their extra key and channel change what "
+                         "q, k, v, the masks and the core save); estimate with "
+                         "softmax_type='vanilla' for an approximation")
     if rope is None:
         rope = cfg.position_embedding_type == "rope"
     core, up_proj = "core_attn" in modules, "mla_up_proj" in modules

@@ -202,7 +202,7 @@ def _tensor_parallel_linears(setup: Setup, moe: bool) -> tuple[int, int, int]:
     enters its experts' region once (a copy whose gradient is all-reduced) and leaves it as a
     row-parallel linear does, while under SP the dispatcher moves its rows (`_experts`)."""
     cfg = setup.model
-    mlp_columns = 2 if cfg.activation == "swiglu" else 1
+    mlp_columns = 2 if cfg.gated_linear_unit else 1
     # multi-latent attention's up projections from latents: `mla.tensor_parallel_channels`
     qkv = 0 if cfg.multi_latent_attention and cfg.q_lora_rank is not None else 1
     if not moe:
@@ -222,7 +222,7 @@ def _selective_reruns(setup: Setup, moe: bool) -> tuple[int, int]:
     shared expert, ``mla_up_proj`` the queries' projection from ``h`` when there is no
     ``q_lora_rank`` (the latents' gathers: `mla.tensor_parallel_channels`)."""
     cfg = setup.model
-    mlp_columns = 2 if cfg.activation == "swiglu" else 1
+    mlp_columns = 2 if cfg.gated_linear_unit else 1
     shared = cfg.moe_shared_expert_intermediate_size is not None
     columns = rows = 0
     if cfg.recomputes("mlp") and not moe:

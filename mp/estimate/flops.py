@@ -97,7 +97,7 @@ def layer_forward_parts(cfg: TransformerConfig, sequences: int, moe: bool = Fals
              "input projections": 2 * tokens * (attention_projections(cfg) - up),
              "up projections": 2 * tokens * up,
              "output projection": 2 * tokens * cfg.query_projection_size * h}
-    matrices = 3 if cfg.activation == "swiglu" else 2
+    matrices = 3 if cfg.gated_linear_unit else 2
     if not moe:
         parts["MLP"] = 2 * tokens * h * matrices * cfg.ffn_hidden_size
         return parts

@@ -7,9 +7,10 @@ working memory of that moment:
 - **In flight** (Narayanan et al. 2021; Megatron's schedules): under 1F1B, stage ``r`` of ``p``
   runs ``min(p - r - 1, m)`` warm-up forwards and one more forward before its first backward,
   so it holds ``min(p - r, m)`` micro-batches: the first stage ``p``, the last one. Interleaved
-  with ``v`` chunks per rank, Megatron warms up ``2 (p - r - 1) + (v - 1) p`` chunk forwards
-  (all ``m v`` when ``m = p``), each chunk holding ``1 / v`` of the stage's layers: the first
-  stage holds ``p (1 + (p - 1) / (p v))`` micro-batches' worth (Korthikanti et al. 2022).
+  with ``v`` chunks per rank, Megatron warms up ``2 (p - r - 1) + (v - 1) N`` chunk forwards
+  for micro-batch groups of ``N`` (default ``p``; all ``m v`` when ``m = p``), each chunk
+  holding ``1 / v`` of the stage's layers: with ``N = p`` the first stage holds
+  ``p (1 + (p - 1) / (p v))`` micro-batches' worth (Korthikanti et al. 2022).
 - **First stage**: the token ids (and, under TP, the out-of-range flags and shifted ids) the
   embedding saves, the position ids, the embedding dropout mask, for each micro-batch in
   flight (`mp.estimate.stage_ends`).
@@ -75,21 +76,21 @@ from mp.estimate.storage import (
 )
 from mp.model.config import TransformerConfig
 from mp.model.ring_attention import tile_bytes
+from mp.pipeline_parallel.pipelined import interleaved_warmup
 
 
-def microbatches_in_flight(pp: int, pp_rank: int, num_microbatches: int, vpp: int = 1
-                           ) -> float:
+def microbatches_in_flight(pp: int, pp_rank: int, num_microbatches: int, vpp: int = 1,
+                           group: int | None = None) -> float:
     """Micro-batches' worth of a stage's activations held at its peak (see the module doc):
-    chunk forwards in flight divided by the chunks per rank."""
+    chunk forwards in flight divided by the chunks per rank. ``group``: the interleaved
+    schedule's micro-batch group size (None: ``pp``)."""
     if not 0 <= pp_rank < pp:
         raise ValueError(f"pp_rank={pp_rank} must be in [0, pp={pp})")
     m = num_microbatches
     if vpp == 1:
         return min(pp - pp_rank, m)
     total = m * vpp
-    if m == pp:
-        return total / vpp
-    warmup = min(2 * (pp - pp_rank - 1) + (vpp - 1) * pp, total)
+    warmup = interleaved_warmup(pp, pp_rank, m, vpp, group or pp)
     return min(warmup + 1, total) / vpp
 
 
@@ -247,7 +248,8 @@ def stage_memory(setup: Setup, pp_rank: int, kernels: Kernels = CUDA) -> StageMe
     """The peak of one rank of stage ``pp_rank`` (see the module doc)."""
     cfg, b = setup.model, setup.micro_batch_size
     params = rank_params(cfg, pp_rank)
-    in_flight = microbatches_in_flight(setup.pp, pp_rank, setup.num_microbatches, setup.vpp)
+    in_flight = microbatches_in_flight(setup.pp, pp_rank, setup.num_microbatches, setup.vpp,
+                                       cfg.microbatch_group_size)
     chunks = [cfg.chunk_layers(pp_rank, c) for c in range(len(cfg.chunk_layer_counts[pp_rank]))]
     saves = [chunk_saves(cfg, b, kernels, layers) for layers in chunks]
     saved = in_flight * sum(own for own, _ in saves)

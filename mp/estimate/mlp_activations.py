@@ -60,14 +60,23 @@ def mlp_interior_terms(cfg: TransformerConfig, kernels: Kernels, rows: float, wi
     shard): the activation's input(s) and the fc2 input. ``prefix`` names whose MLP it is.
     ``output_recomputed`` (``moe_act``): the activation keeps no graph and its output, fc2's
     input, is freed (``refilled``: counted, as its recompute refills it in backward); its
-    checkpoint keeps its inputs, ``up`` (and SwiGLU's ``gate``), under the name of the
+    checkpoint keeps its inputs, ``up`` (and a gated unit's ``gate``), under the name of the
     activation's own saves where those are the same tensors (no bias added before it, or
     the compiled function, which keeps its inputs)."""
     e = activation_bytes(cfg)
     size = e * rows * width
-    swiglu = cfg.activation == "swiglu"
+    swiglu = cfg.gated_linear_unit  # SwiGLU or quick GeGLU: a gate and an up projection
     compiled = kernels.jit_compiled and cfg.bias_activation_fusion
-    if swiglu:  # compiled, the SiLU output is recomputed
+    clamped = cfg.activation_func_clamp_value is not None
+    general = cfg.activation == "quick_geglu" or clamped or cfg.glu_linear_offset != 0.0
+    if general:  # mp.model.mlp.bias_glu: compiled, it keeps its inputs and recomputes
+        terms = {"gated unit gate and up outputs": 2 * size}
+        if not compiled:  # the SiLU's input (1.702 g for quick GeGLU), its output, the up
+            # half (plus the offset) the product keeps; a clamp keeps its unclamped input
+            terms = {"gated unit SiLU input, output and up half": 3 * size}
+            if clamped:
+                terms["gated unit gate and up before the clamp"] = 2 * size
+    elif swiglu:  # compiled, the SiLU output is recomputed
         terms = {"SwiGLU gate and up outputs": 2 * size}
         if not compiled:
             terms["SiLU output"] = size

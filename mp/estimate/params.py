@@ -106,7 +106,7 @@ def _mlp(cfg: TransformerConfig, width: int) -> tuple[int, int]:
     column-parallel, fc2 row-parallel."""
     h = cfg.hidden_size
     parts = [_linear(cfg, h, width, True), _linear(cfg, width, h, False)]
-    if cfg.activation == "swiglu":
+    if cfg.gated_linear_unit:
         parts.append(_linear(cfg, h, width, True))
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
@@ -149,8 +149,9 @@ def layer_params(cfg: TransformerConfig, moe: bool = False) -> tuple[int, int]:
     """(elements, tensors) of one transformer layer's trained parameters on one TP rank (the
     attention output projection maps the ``a d`` query width to ``h``, ``a dv`` under
     multi-latent attention, whose input projections are `mla_input_params`; ``qk_layernorm``
-    adds two norms ``d`` wide, replicated); ``moe``: a mixture-of-experts layer's, its
-    `expert_params` included."""
+    adds two norms ``d`` wide, replicated, and learnable attention sinks one logit per head,
+    split over TP with the heads); ``moe``: a mixture-of-experts layer's, its `expert_params`
+    included."""
     h = cfg.hidden_size
     attention = (mla_input_params(cfg) if cfg.multi_latent_attention
                  else _linear(cfg, h, cfg.qkv_size, True, cfg.add_qkv_bias))
@@ -166,6 +167,8 @@ def layer_params(cfg: TransformerConfig, moe: bool = False) -> tuple[int, int]:
             parts.append((h, 1))
     if cfg.qk_layernorm:
         parts += [norm_params(cfg, cfg.kv_channels)] * 2
+    if cfg.softmax_type == "learnable":  # the core's softmax_offset
+        parts.append((cfg.num_attention_heads // cfg.tensor_model_parallel_size, 1))
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 

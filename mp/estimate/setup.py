@@ -62,11 +62,14 @@ class Setup:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        pp = self.model.pipeline_model_parallel_size
-        if self.model.virtual_pipeline_model_parallel_size is not None \
-                and self.num_microbatches % pp:
-            raise ValueError(f"num_microbatches={self.num_microbatches} is not divisible by "
-                             f"pipeline_model_parallel_size={pp} (the interleaved schedule's rule)")
+        rule = self.model.interleaved_microbatches_rule(self.num_microbatches)
+        if rule is not None:  # with N = PP the rule reads as divisibility
+            pp = self.model.pipeline_model_parallel_size
+            raise ValueError(
+                f"num_microbatches={self.num_microbatches} is not divisible by "
+                f"pipeline_model_parallel_size={pp} (the interleaved schedule's rule)"
+                if self.model.microbatch_group_size == pp else
+                f"the interleaved schedule needs num_microbatches={self.num_microbatches} {rule}")
         if self.grad_reduce_in_bf16 and self.model.precision != "bf16":
             raise ValueError(f"grad_reduce_in_bf16=True needs a bf16 model, not precision="
                              f"{self.model.precision!r}")

@@ -25,6 +25,10 @@ first query to its last, through one ``[tile, tile + window]`` mask that every t
 every layer of that window shares (`tile_mask`; the tiles whose window reaches before the
 first key take a copy of their part): ``s (tile + window)`` scores instead of ``s^2``, and one
 mask in memory, not one per layer.
+With ``config.softmax_type`` off-by-one or learnable (Megatron's ``--softmax-type``, gpt-oss's
+attention sinks) every softmax row has one more logit, ``s_h`` per head (0, or the learned
+``core_attention.softmax_offset [np]``), which joins the denominator and no value:
+``P = exp(scores) / (sum exp(scores) + exp(s_h))`` (`CoreAttention._with_sink`).
 Masks follow Megatron: boolean ``[b or 1, 1, s, s]``, ``True`` = masked out; the SDPA core also
 takes `sdpa_bias`'s additive form. `mask_for_layers` prepares a batch's mask once for all the
 layers of a `mp.model.transformer.TransformerBlock` (converting a boolean mask is what SDPA
@@ -52,7 +56,7 @@ from mp.model.context_parallel import (
     gather_query_rows,
 )
 from mp.model.inference import InferenceParams
-from mp.model.init import init_method, output_init_method
+from mp.model.init import init_method, init_method_normal, output_init_method
 from mp.model.norm import build_norm
 from mp.model.ring_attention import ring_attention
 from mp.model.rope import apply_rotary
@@ -63,6 +67,7 @@ from mp.tensor_parallel import (
     divide,
     get_cuda_rng_tracker,
 )
+from mp.tensor_parallel.layers import _sharded_parameter
 
 # SDPA reads grouped keys and values itself from torch 2.5 (enable_gqa); before, they are
 # repeated per query head first, as for the unfused core.
@@ -153,11 +158,24 @@ class CoreAttention(nn.Module):
     sequence and the keys and values of the rest come from the other CP ranks
     (`mp.model.context_parallel`). ``window``: a query attends to its key and at most this
     many earlier ones (a sliding window); None: to every earlier one.
+
+    ``config.softmax_type``: "off-by-one" or "learnable" add a sink logit per head to every
+    softmax row (`_with_sink`); learnable's is the parameter ``softmax_offset [np]``
+    (Megatron's name), this TP rank's heads of a ``[a]`` tensor drawn from
+    ``N(0, init_method_std)`` as a serial model's (Megatron's init_method), split over
+    ``group`` (None: the tensor-parallel group) with the heads.
     """
 
-    def __init__(self, config: TransformerConfig, window: int | None = None):
+    def __init__(self, config: TransformerConfig, window: int | None = None, group=None):
         super().__init__()
         self.window = window
+        self.softmax_type = config.softmax_type
+        self.softmax_offset = None
+        if config.softmax_type == "learnable":
+            group = parallel_state.get_tensor_model_parallel_group() if group is None else group
+            self.softmax_offset = _sharded_parameter(
+                (config.num_attention_heads,), 0, init_method_normal(config.init_method_std),
+                group, config.params_dtype, None, True)
         self.cp_group = (parallel_state.get_context_parallel_group()
                          if config.context_parallel_size > 1 else None)
         self.cp_comm_type = config.cp_comm_type
@@ -213,8 +231,44 @@ class CoreAttention(nn.Module):
                                        mask))
         return torch.cat(contexts)
 
+    def _with_sink(self, q, k, v, attention_mask: torch.Tensor | None):
+        """`_core`'s arguments with the sink folded in as one more key, exactly: each query
+        head gains a channel ``s_h / scale`` (``s_h`` its sink logit: 0 for off-by-one),
+        every key a channel 0, and a key ``[0, .., 0, 1]`` with value 0 comes first, which
+        every query keeps (a column of kept entries joins ``attention_mask``; without one the
+        causal rule with the queries at the last ``sq`` of the ``sk + 1`` positions keeps it
+        too). Its score is ``s_h``, the real keys' are unchanged: the softmax runs over them
+        and the sink, and the sink adds nothing to the context. q and k (and v, where as
+        wide as k; `_core` drops its extra channels from the context) are padded with 0 up
+        to the next multiple of 8 channels, which CUDA's flash and memory-efficient kernels
+        take. Both cores (and the CUDA softmax kernel) run as they are; the learnable logits'
+        gradients come through the queries' channel. It costs up to 8 channels on q, k, v
+        and one key, not a per-head ``[b, np, sq, sk]`` bias (what a sink column as a mask
+        would take under SDPA)."""
+        sq, b, heads = q.shape[:3]
+        groups, width = k.size(2), k.size(-1)
+        extra = 8 - width % 8  # the sink's channel and zeros up to a multiple of 8
+        if self.softmax_offset is None:  # off-by-one: a 0 logit
+            column = q.new_zeros(sq, b, heads, 1)
+        else:
+            column = (self.softmax_offset.to(q.dtype) / self.scale).view(1, 1, heads, 1)
+            column = column.expand(sq, b, heads, 1)
+        q = torch.cat([q, column, q.new_zeros(sq, b, heads, extra - 1)], dim=-1)
+        sink_key = k.new_zeros(1, b, groups, width + extra)
+        sink_key[..., width] = 1.0
+        k = torch.cat([sink_key, F.pad(k, (0, extra))])
+        value_pad = extra if v.size(-1) == width else 0
+        v = F.pad(v, (0, value_pad, 0, 0, 0, 0, 1, 0))  # a zero value first
+        if attention_mask is not None:  # False (bool) and 0 (additive) keep the sink
+            kept = attention_mask.new_zeros(*attention_mask.shape[:-1], 1)
+            attention_mask = torch.cat([kept, attention_mask], dim=-1)
+        return q, k, v, attention_mask
+
     def _core(self, q, k, v, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """`_attend` with the window's mask in ``attention_mask`` already."""
+        value_width = v.size(-1)
+        if self.softmax_type != "vanilla":
+            q, k, v, attention_mask = self._with_sink(q, k, v, attention_mask)
         s, b, heads = q.shape[:3]
         offset = k.size(0) - s  # keys before the first query (context parallelism)
         groups = k.size(2)
@@ -241,7 +295,9 @@ class CoreAttention(nn.Module):
                     attention_mask = torch.ones(s, k.size(0), dtype=torch.bool,
                                                 device=q.device).triu(offset + 1)[None, None]
                 context = self._unfused(q, k, v, attention_mask, dropout)
-        return context.permute(2, 0, 1, 3).reshape(s, b, heads * v.size(-1))
+        if context.size(-1) != value_width:  # the sink's padded value channels
+            context = context[..., :value_width]
+        return context.permute(2, 0, 1, 3).reshape(s, b, heads * value_width)
 
     def _unfused(self, q, k, v, attention_mask, dropout) -> torch.Tensor:
         """Returns ``[b, np, s, hd]``."""
@@ -266,7 +322,8 @@ class Attention(nn.Module):
 
     def _build_output(self, group) -> None:
         config = self.config
-        self.core_attention = CoreAttention(config, config.attention_window(self.layer_number))
+        self.core_attention = CoreAttention(config, config.attention_window(self.layer_number),
+                                            group)
         self.dense = RowParallelLinear(
             config.query_projection_size, config.hidden_size, bias=config.add_bias_linear,
             input_is_parallel=True, init_method=output_init_method(config),

@@ -13,20 +13,22 @@ from dataclasses import dataclass
 import torch
 
 from mp.model.config_rules import (
+    check_glu_and_softmax_type,
     check_mla,
     check_moe,
     check_mtp,
     check_qk_l2_norm_and_no_rope,
     check_recompute_modules,
+    check_rope,
     check_window,
     check_yarn,
     divisible,
     one_of,
     positive_int,
 )
-from mp.model.context_parallel import CP_COMM_TYPES
 from mp.model.layer_pattern import moe_layer_pattern
-from mp.model.pipeline_split import chunk_layer_counts, chunk_layer_range, parse_layout
+from mp.model.parallel_rules import check_parallel_layout, interleaved_microbatches_rule
+from mp.model.pipeline_split import chunk_layer_counts, chunk_layer_range
 
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,7 +56,16 @@ class TransformerConfig:
     layernorm_zero_centered_gamma: bool = False  # every norm scales by 1 + weight and its weight
     # starts at 0 (Megatron's --apply-layernorm-1p); LayerNorm and RMSNorm, mp's or apex's
     activation: str = "gelu"  # gelu | gelu_tanh (GPT-2's gelu_new, Megatron's --openai-gelu)
-    # | swiglu | squared_relu (relu(x)^2, Megatron's --squared-relu)
+    # | swiglu | squared_relu (relu(x)^2, Megatron's --squared-relu) | quick_geglu (gpt-oss's
+    # gated unit, Megatron's --quick-geglu: g sigmoid(1.702 g) times the linear half)
+    activation_func_clamp_value: float | None = None  # gated units: the gate half clamped to
+    # at most this, the linear half to [-this, this], after the biases (Megatron's
+    # --activation-func-clamp-value; gpt-oss: 7)
+    glu_linear_offset: float = 0.0  # gated units: this added to the linear half after the
+    # clamp (Megatron's --glu-linear-offset; gpt-oss: 1)
+    softmax_type: str = "vanilla"  # attention softmax (Megatron's --softmax-type): vanilla |
+    # off-by-one (a 0 logit joins every row's denominator) | learnable (a learned logit per
+    # head, "attention sinks", gpt-oss's: core_attention.softmax_offset [heads], split over TP)
     qk_layernorm: bool = False  # normalize each query and key head over its kv_channels
     # (Megatron's --qk-layernorm): one q_layernorm and one k_layernorm shared by all heads
     qk_l2_norm: bool = False  # Llama 4's L2 norm of each query and key head instead (Megatron's
@@ -127,6 +138,9 @@ class TransformerConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
+    microbatch_group_size_per_vp_stage: int | None = None  # interleaved: each chunk runs
+    # this many consecutive micro-batches before the next (Megatron's
+    # --microbatch-group-size-per-virtual-pipeline-stage); None: PP; unused without VPP
     context_parallel_size: int = 1  # each sequence split over this many ranks
     # (mp.model.context_parallel; Megatron's --context-parallel-size)
     cp_comm_type: str = "all_gather"  # or "a2a", "p2p": how attention crosses the CP ranks
@@ -209,7 +223,8 @@ class TransformerConfig:
         positive_int("ffn_hidden_size", self.ffn_hidden_size)
         one_of("normalization", self.normalization, ("LayerNorm", "RMSNorm"))
         one_of("normalization_impl", self.normalization_impl, ("mp", "apex"))
-        one_of("activation", self.activation, ("gelu", "gelu_tanh", "swiglu", "squared_relu"))
+        one_of("activation", self.activation,
+               ("gelu", "gelu_tanh", "swiglu", "squared_relu", "quick_geglu"))
         one_of("position_embedding_type", self.position_embedding_type,
                ("learned_absolute", "rope", "none"))
         one_of("attention_backend", self.attention_backend, ("sdpa", "unfused"))
@@ -218,32 +233,14 @@ class TransformerConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
-        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        tp = self.tensor_model_parallel_size
         divisible("num_attention_heads", self.num_attention_heads,
                   "tensor_model_parallel_size", tp)
         divisible("num_attention_heads", self.num_attention_heads, "num_query_groups",
                   self.num_query_groups)
         divisible("num_query_groups", self.num_query_groups, "tensor_model_parallel_size", tp)
         divisible("ffn_hidden_size", self.ffn_hidden_size, "tensor_model_parallel_size", tp)
-        if not 0.0 < self.rotary_percent <= 1.0:
-            raise ValueError(f"rotary_percent={self.rotary_percent} must be in (0, 1]")
-        if self.position_embedding_type == "rope" and not self.multi_latent_attention and (
-                self.rotary_dim < 2 or self.rotary_dim % 2):
-            raise ValueError(f"rope rotates pairs of channels: kv_channels x rotary_percent = "
-                             f"{self.kv_channels} x {self.rotary_percent} = {self.rotary_dim} "
-                             "must be even and at least 2")
-        if self.rotary_interleaved and self.position_embedding_type != "rope":
-            raise ValueError(f"rotary_interleaved=True lays out RoPE's pairs; "
-                             f"position_embedding_type={self.position_embedding_type!r}")
-        if self.use_rope_scaling and self.position_embedding_type != "rope":
-            raise ValueError(f"use_rope_scaling=True scales rotary embeddings; "
-                             f"position_embedding_type={self.position_embedding_type!r}")
-        factor = self.rotary_seq_len_interpolation_factor
-        if factor is not None and not (factor > 0 and self.position_embedding_type == "rope"):
-            raise ValueError(f"rotary_seq_len_interpolation_factor={factor!r} must be > 0 and "
-                             "needs position_embedding_type='rope' (it divides RoPE's positions)")
-        if not self.rope_scaling_factor > 0:
-            raise ValueError(f"rope_scaling_factor={self.rope_scaling_factor} must be > 0")
+        check_rope(self)
         std = self.embedding_init_method_std
         if std is not None and not std > 0:
             raise ValueError(f"embedding_init_method_std={std} must be > 0 (or None: "
@@ -257,33 +254,8 @@ class TransformerConfig:
         check_mtp(self)
         check_window(self)
         check_qk_l2_norm_and_no_rope(self)
-        cp = self.context_parallel_size
-        one_of("cp_comm_type", self.cp_comm_type, CP_COMM_TYPES)
-        if cp > 1:  # two chunks per CP rank (load balancing), each rank's part split over TP
-            divisible("seq_length", self.seq_length, "2 x context_parallel_size", 2 * cp)
-        if cp > 1 and self.cp_comm_type == "p2p" and self.attention_dropout > 0:
-            raise ValueError(f"cp_comm_type='p2p' needs attention_dropout=0, not "
-                             f"{self.attention_dropout}: mp's ring attention has no dropout "
-                             "(all_gather and a2a have it)")
-        if cp > 1 and self.cp_comm_type == "a2a":  # each CP rank takes 1 / cp of the heads
-            for name in ("num_attention_heads", "num_query_groups"):
-                divisible(name, getattr(self, name), "tensor_model_parallel_size x "
-                          "context_parallel_size (cp_comm_type='a2a')", tp * cp)
-        if self.sequence_parallel:
-            divisible("seq_length", self.seq_length, "tensor_model_parallel_size x "
-                      "context_parallel_size (sequence_parallel=True)" if cp > 1 else
-                      "tensor_model_parallel_size (sequence_parallel=True)", tp * cp)
-        if self.pipeline_model_parallel_layout is not None \
-                and self.virtual_pipeline_model_parallel_size is None:
-            chunks = len(parse_layout(self.pipeline_model_parallel_layout))
-            if chunks > pp and chunks % pp == 0:
-                self.virtual_pipeline_model_parallel_size = chunks // pp
-        vpp = self.virtual_pipeline_model_parallel_size
-        if vpp is not None:
-            positive_int("virtual_pipeline_model_parallel_size", vpp)
-            if pp < 2:
-                raise ValueError(f"virtual_pipeline_model_parallel_size={vpp} needs "
-                                 f"pipeline_model_parallel_size > 1, got {pp}")
+        check_glu_and_softmax_type(self)
+        check_parallel_layout(self)
         largest_chunk = max(max(stage) for stage in self.chunk_layer_counts)
         if self.recompute_granularity == "full":
             one_of("recompute_method", self.recompute_method, ("uniform", "block"))
@@ -328,6 +300,27 @@ class TransformerConfig:
         if freq is None:
             return True
         return freq[number - 1] == 0 if isinstance(freq, list) else number % freq != 0
+
+    @property
+    def microbatch_group_size(self) -> int:
+        """Consecutive micro-batches each model chunk runs in the interleaved schedule:
+        ``microbatch_group_size_per_vp_stage``, by default the pipeline size (Megatron's)."""
+        return self.microbatch_group_size_per_vp_stage or self.pipeline_model_parallel_size
+
+    def interleaved_microbatches_rule(self, num_microbatches: int) -> str | None:
+        """What Megatron's interleaved schedule asks of ``num_microbatches`` (m) with groups
+        of N = `microbatch_group_size`, as a phrase ("to be ..."), or None when m is fine or
+        there are no virtual stages. See `interleaved_microbatches_rule` (the function)."""
+        if self.virtual_pipeline_model_parallel_size is None:
+            return None
+        return interleaved_microbatches_rule(num_microbatches, self.pipeline_model_parallel_size,
+                                             self.microbatch_group_size)
+
+    @property
+    def gated_linear_unit(self) -> bool:
+        """Whether the MLPs are gated (Megatron's name): SwiGLU or quick GeGLU, each with a
+        gate projection beside fc1."""
+        return self.activation in ("swiglu", "quick_geglu")
 
     # --- derived sizes ---------------------------------------------------------------------
 

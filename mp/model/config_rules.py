@@ -157,6 +157,30 @@ def check_qk_l2_norm_and_no_rope(config) -> None:
         divisible("num_layers", config.num_layers, "no_rope_freq", freq)
 
 
+def check_glu_and_softmax_type(config) -> None:
+    """gpt-oss's knobs: ``activation_func_clamp_value`` (> 0) and ``glu_linear_offset`` act on
+    a gated unit's halves, so they need one (``activation`` swiglu or quick_geglu);
+    ``softmax_type`` is vanilla, off-by-one or learnable, and its sink logit joins the
+    softmax where a rank sees all of a head's keys: not under ``p2p`` context parallelism
+    (ring attention merges partial softmaxes) nor ``a2a`` (its ranks hold other heads)."""
+    clamp, offset = config.activation_func_clamp_value, config.glu_linear_offset
+    gated = config.activation in ("swiglu", "quick_geglu")
+    if clamp is not None and not clamp > 0:
+        raise ValueError(f"activation_func_clamp_value={clamp!r} must be > 0 (the gate half is "
+                         "clamped to at most it, the linear half to [-it, it])")
+    for name, value, unset in (("activation_func_clamp_value", clamp, None),
+                               ("glu_linear_offset", offset, 0.0)):
+        if value != unset and not gated:
+            raise ValueError(f"{name}={value!r} acts on a gated unit's halves: it needs "
+                             f"activation 'swiglu' or 'quick_geglu', not {config.activation!r}")
+    one_of("softmax_type", config.softmax_type, ("vanilla", "off-by-one", "learnable"))
+    if config.softmax_type != "vanilla" and config.context_parallel_size > 1 \
+            and config.cp_comm_type in ("p2p", "a2a"):
+        raise ValueError(f"softmax_type={config.softmax_type!r} with cp_comm_type="
+                         f"{config.cp_comm_type!r}: mp adds the sink logit where one call sees "
+                         "all of a head's keys; use cp_comm_type='all_gather'")
+
+
 def _window_text(text: str) -> list[int] | str:
     """``"4096,0"``, ``"(4096, 0)"`` or ``"[4096, 0]"`` as ``[4096, 0]`` (the text itself
     when it is none of those, for the caller's message)."""
@@ -308,3 +332,28 @@ def check_recompute_modules(config) -> None:
     if discarding and config.compile_layers:
         raise ValueError(f"recompute_modules {discarding} free their outputs' storage, which "
                          "torch.compile cannot trace: they need compile_layers=False")
+
+
+def check_rope(config) -> None:
+    """RoPE's settings: ``rotary_percent`` in (0, 1] turning an even number (>= 2) of a head's
+    channels; interleaving, Llama 3.1's scaling and the interpolation factor need RoPE; the
+    scaling factor is positive."""
+    if not 0.0 < config.rotary_percent <= 1.0:
+        raise ValueError(f"rotary_percent={config.rotary_percent} must be in (0, 1]")
+    if config.position_embedding_type == "rope" and not config.multi_latent_attention and (
+            config.rotary_dim < 2 or config.rotary_dim % 2):
+        raise ValueError(f"rope rotates pairs of channels: kv_channels x rotary_percent = "
+                         f"{config.kv_channels} x {config.rotary_percent} = {config.rotary_dim} "
+                         "must be even and at least 2")
+    if config.rotary_interleaved and config.position_embedding_type != "rope":
+        raise ValueError(f"rotary_interleaved=True lays out RoPE's pairs; "
+                         f"position_embedding_type={config.position_embedding_type!r}")
+    if config.use_rope_scaling and config.position_embedding_type != "rope":
+        raise ValueError(f"use_rope_scaling=True scales rotary embeddings; "
+                         f"position_embedding_type={config.position_embedding_type!r}")
+    factor = config.rotary_seq_len_interpolation_factor
+    if factor is not None and not (factor > 0 and config.position_embedding_type == "rope"):
+        raise ValueError(f"rotary_seq_len_interpolation_factor={factor!r} must be > 0 and "
+                         "needs position_embedding_type='rope' (it divides RoPE's positions)")
+    if not config.rope_scaling_factor > 0:
+        raise ValueError(f"rope_scaling_factor={config.rope_scaling_factor} must be > 0")

@@ -6,11 +6,19 @@ micro-batches' activations alive (1F1B: ``p - r`` on stage ``r``, not ``m`` as G
 1F1B on stage ``r``: ``min(p - r - 1, m)`` warm-up forwards, then ``m - warmup`` pairs of one
 forward and one backward, then ``warmup`` cool-down backwards.
 
-Interleaved (``v`` model chunks per rank): virtual micro-batch ``k`` runs chunk
-``(k mod p v) // p`` on micro-batch ``(k // p v) p + k mod p``; backwards walk the chunks in
-reverse. Warm-up is ``2 (p - r - 1) + (v - 1) p`` forwards (all ``m v`` when ``m = p``), then
-1F1B pairs, then cool-down. The bubble shrinks by ``v``; Megatron's schedule needs ``m`` to be a
-multiple of ``p``, and so does this one.
+Interleaved (``v`` model chunks per rank), Megatron's schedule table: the micro-batches go in
+groups of ``N`` consecutive ones (``microbatch_group_size_per_vp_stage``, by default ``p``; the
+last group holds what is left), and each group runs through chunk 0, then chunk 1, ... before
+the next group: virtual micro-batch ``k`` is the ``k``-th entry of `schedule_table`; backwards
+walk the same table with the chunks reversed. Warm-up is ``2 (p - r - 1) + (v - 1) N`` forwards
+(`interleaved_warmup`; all ``m v`` when ``m = p``), then 1F1B pairs, then cool-down. The bubble
+shrinks by ``v``; a larger ``N`` holds more micro-batches in flight and switches chunks less
+often. Megatron's rules on ``m`` (`mp.model.parallel_rules.interleaved_microbatches_rule`): with
+``N = p`` a multiple of ``p``; else at least ``N``, the last group empty or at least ``p`` long.
+Which step receives which chunk's tensor follows Megatron's ``recv_tensor_from_previous_stage``
+(``receives`` in the schedule): the first rank's forward inputs and the last rank's backward
+gradients come from the other end of the pipeline, ``p - 1`` steps behind; with ``N > p`` they
+can arrive before their chunk's turn and wait in order.
 
 An output already sent downstream keeps only its autograd graph: its data is freed (it is
 never read again) and backward runs from the gradient the next stage sends back.
@@ -35,6 +43,7 @@ from torch.autograd import Variable
 
 from mp import parallel_state
 from mp.distributed import finalize_model_grads
+from mp.model.parallel_rules import interleaved_microbatches_rule
 from mp.pipeline_parallel.losses import microbatch_loss, scale_aux_losses
 from mp.pipeline_parallel.p2p import P2P, _communicate, post
 
@@ -181,10 +190,28 @@ def forward_backward_pipelining_without_interleaving(
     return stage.forward_data_store
 
 
-def interleaved_chunk(k: int, p: int, v: int, forward: bool) -> int:
-    """The model chunk of virtual micro-batch ``k`` (backwards walk the chunks in reverse)."""
-    chunk = (k % (p * v)) // p
-    return chunk if forward else v - 1 - chunk
+def schedule_table(num_microbatches: int, num_chunks: int, group: int) -> list[tuple[int, int]]:
+    """Megatron's ``get_schedule_table``: ``(micro-batch, chunk)`` of each virtual micro-batch
+    in forward order. Micro-batches go in groups of ``group`` consecutive ones (the last group
+    what is left); each group runs through every chunk in turn before the next group."""
+    table = []
+    for start in range(0, num_microbatches, group):
+        stop = min(start + group, num_microbatches)
+        table += [(mb, c) for c in range(num_chunks) for mb in range(start, stop)]
+    return table
+
+
+def interleaved_warmup(p: int, r: int, num_microbatches: int, num_chunks: int,
+                       group: int) -> int:
+    """Warm-up forwards of stage ``r`` of ``p`` in the interleaved schedule: Megatron's
+    ``2 (p - r - 1) + (v - 1) N`` for groups of ``N``, at most all ``m v``; all of them when
+    ``m = p`` (Megatron's rule before micro-batch groups; it keeps the all-forward-then-all-
+    backward order there, as mp always ran it, where Megatron now runs 1F1B on later stages).
+    """
+    total = num_microbatches * num_chunks
+    if num_microbatches == p:
+        return total
+    return min(2 * (p - r - 1) + (num_chunks - 1) * group, total)
 
 
 def forward_backward_pipelining_with_interleaving(
@@ -200,13 +227,19 @@ def forward_backward_pipelining_with_interleaving(
     v = len(models)
     if len(iterators) != v:
         raise ValueError(f"{v} model chunks but {len(iterators)} data iterators")
-    if num_microbatches % p:
+    group = _unwrap(models[0]).config.microbatch_group_size_per_vp_stage or p
+    if group < p:
+        raise ValueError(f"microbatch_group_size_per_vp_stage={group} must be at least "
+                         f"pipeline_model_parallel_size={p} (Megatron's rule)")
+    rule = interleaved_microbatches_rule(num_microbatches, p, group)
+    if rule is not None:
         raise ValueError(f"the interleaved schedule needs num_microbatches={num_microbatches} "
-                         f"to be a multiple of pipeline_model_parallel_size={p}")
+                         f"{rule}")
     m = num_microbatches
     total = m * v
     all_warmup = m == p
-    warmup = total if all_warmup else min((p - r - 1) * 2 + (v - 1) * p, total)
+    warmup = interleaved_warmup(p, r, m, v, group)
+    chunk_of = [c for _, c in schedule_table(m, v, group)]
     shape, dtype = _tensor_shape(models[0], seq_length, micro_batch_size)
     device = next(models[0].parameters()).device
     stage = _Stage(forward_step_func, m, grad_scale_func, forward_only,
@@ -221,21 +254,37 @@ def forward_backward_pipelining_with_interleaving(
         return _communicate(send_next=send_next, send_prev=send_prev, recv_prev=recv_prev,
                             recv_next=recv_next, tensor_shape=shape, dtype=dtype, device=device)
 
+    def chunk(k: int, forward: bool) -> int:
+        """The model chunk of virtual micro-batch ``k`` (backwards: the chunks reversed)."""
+        c = chunk_of[k % total]
+        return c if forward else v - 1 - c
+
+    def receives(k: int, forward: bool) -> tuple[bool, int]:
+        """Megatron's ``recv_tensor_from_previous_stage``: whether this rank receives (an input
+        in forward, an output gradient in backward) with step ``k``, and for which chunk."""
+        if not (first_rank if forward else last_rank):
+            return True, chunk(k + 1, forward)
+        if k < p - 1:  # the other end of the pipeline, p - 1 steps behind, sent nothing yet
+            return False, chunk(k + 1, forward)
+        c = chunk(k - (p - 1), forward)  # what the other end's step of now produced
+        return c != (v - 1 if forward else 0), c + 1 if forward else c - 1
+
     def run_forward(k: int):
-        c = interleaved_chunk(k, p, v, True)
+        c = chunk(k, True)
         parallel_state.set_virtual_pipeline_model_parallel_rank(c)
         if parallel_state.is_pipeline_first_stage() and len(inputs[c]) == len(outputs[c]):
             inputs[c].append(None)
         is_last = parallel_state.is_pipeline_last_stage()
-        output = stage.forward(models[c], iterators[c], inputs[c][-1], is_last)
+        # inputs of later micro-batches may wait behind this one's (groups longer than p)
+        output = stage.forward(models[c], iterators[c], inputs[c][len(outputs[c])], is_last)
         outputs[c].append(output)
         if forward_only:
-            inputs[c].pop()
+            inputs[c].popleft()
             outputs[c].pop()
         return None if is_last else output  # nothing to send from the very last chunk
 
     def run_backward(k: int):
-        c = interleaved_chunk(k, p, v, False)
+        c = chunk(k, False)
         parallel_state.set_virtual_pipeline_model_parallel_rank(c)
         if parallel_state.is_pipeline_last_stage() and not output_grads[c]:
             output_grads[c].append(None)
@@ -267,8 +316,8 @@ def forward_backward_pipelining_with_interleaving(
         inputs[0].append(exchange(recv_prev=not first_rank)[0])
         for k in range(warmup):
             output = run_forward(k)
-            next_chunk = interleaved_chunk(k + 1, p, v, True)
-            recv_prev = not (first_rank and next_chunk == 0) and k != total - 1
+            recv_prev, next_chunk = receives(k, True)
+            recv_prev = recv_prev and k != total - 1
             if k == warmup - 1 and not forward_only and not all_warmup:
                 from_prev, from_next = exchange(send_next=output, recv_prev=recv_prev,
                                                 recv_next=not last_rank)
@@ -284,12 +333,7 @@ def forward_backward_pipelining_with_interleaving(
             if overlap:
                 wait("forward")  # this forward's input
             output = run_forward(fk)
-            if first_rank:
-                next_fwd = interleaved_chunk(fk - (p - 1), p, v, True)
-                recv_prev = next_fwd != v - 1
-                next_fwd += 1
-            else:
-                next_fwd, recv_prev = interleaved_chunk(fk + 1, p, v, True), True
+            recv_prev, next_fwd = receives(fk, True)
             recv_prev = recv_prev and i != total - warmup - 1
             if overlap:
                 from_prev, _ = post_flow("forward", send_next=output, recv_prev=recv_prev)
@@ -299,12 +343,7 @@ def forward_backward_pipelining_with_interleaving(
                 if overlap:
                     wait("backward")  # this backward's output gradient
                 input_grad = run_backward(bk)
-            if last_rank:
-                next_bwd = interleaved_chunk(bk - (p - 1), p, v, False)
-                recv_next = next_bwd != 0
-                next_bwd -= 1
-            else:
-                next_bwd, recv_next = interleaved_chunk(bk + 1, p, v, False), True
+            recv_next, next_bwd = receives(bk, False)
             recv_next = recv_next and not forward_only
             if overlap:
                 _, from_next = post_flow("backward", send_prev=input_grad, recv_next=recv_next)
@@ -324,8 +363,8 @@ def forward_backward_pipelining_with_interleaving(
                 output_grads[v - 1].append(exchange(recv_next=not last_rank)[1])
             for k in range(total - warmup, total):
                 input_grad = run_backward(k)
-                next_chunk = interleaved_chunk(k + 1, p, v, False)
-                recv_next = not (last_rank and next_chunk == v - 1) and k != total - 1
+                recv_next, next_chunk = receives(k, False)
+                recv_next = recv_next and k != total - 1
                 _, from_next = exchange(send_prev=input_grad, recv_next=recv_next)
                 if recv_next:
                     output_grads[next_chunk].append(from_next)

@@ -39,6 +39,18 @@ picks one) in ``wandb_save_dir`` (default
 ``<training.save>/wandb`` as in Megatron, else W&B's own default), with the resolved job config
 as its config, and finishes it at the end. Without ``wandb`` installed (``pip install wandb``,
 mp's ``wandb`` extra) it says so in one line and the job runs.
+
+With ``logging.record_memory_history`` (Megatron's ``--record-memory-history``) on CUDA,
+`record_memory_history` (called by `mp.training.pretrain.pretrain` before the model is built,
+where Megatron's ``model_provider`` does) starts CUDA's allocator history on every rank
+(``torch.cuda.memory._record_memory_history``, the last 100000 events with their stacks) and
+attaches an out-of-memory observer that dumps the rank's snapshot to
+``oom_rank-<rank>_<name>`` beside ``logging.memory_snapshot_path`` (Megatron prefixes the whole
+path, which breaks one with a directory); the last rank dumps the snapshot
+(``torch.cuda.memory._dump_snapshot``) to ``memory_snapshot_path`` with each log line, as
+Megatron's ``training_log`` does (the dump is left out of ms/iter). Open it at
+https://pytorch.org/memory_viz. On the CPU there is no such history: rank 0 says so in one line
+and nothing else happens.
 """
 
 from __future__ import annotations
@@ -63,6 +75,32 @@ def peak_memory_bytes(device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+
+
+def record_memory_history(cfg: JobConfig, device: torch.device) -> bool:
+    """Start recording CUDA's allocator history and attach the out-of-memory dump when
+    ``logging.record_memory_history`` asks and ``device`` is a GPU (the module doc); on the CPU
+    print the one-line notice on rank 0. Whether it started."""
+    lg = cfg.logging
+    if not lg.record_memory_history:
+        return False
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if device.type != "cuda":
+        if rank == 0:
+            print(f"logging.record_memory_history is set but the job runs on {device.type}: "
+                  "only CUDA records an allocator history, so no memory snapshot is written",
+                  flush=True)
+        return False
+    torch.cuda.memory._record_memory_history(enabled="all", max_entries=100000)
+    head, name = os.path.split(lg.memory_snapshot_path)
+    oom_path = os.path.join(head, f"oom_rank-{rank}_{name}")
+
+    def dump_on_oom(device_index, alloc, device_alloc, device_free):
+        print(f"rank {rank}: out of memory; memory snapshot in {oom_path}", flush=True)
+        torch.cuda.memory._dump_snapshot(oom_path)
+
+    torch._C._cuda_attach_out_of_memory_observer(dump_on_oom)
+    return True
 
 
 def _bytes(n: int) -> str:
@@ -118,6 +156,8 @@ class TrainingLogger:
         self.writer = _open_tensorboard(lg.tensorboard_dir, lg.tensorboard_queue_size) \
             if enabled else None
         self.wandb = _open_wandb(cfg) if cfg.logging.wandb_project and _is_last_rank() else None
+        self.memory_snapshot_path = lg.memory_snapshot_path if lg.record_memory_history and \
+            device.type == "cuda" and _is_last_rank() else None  # Megatron's rank for it
         show = cfg.logging.progress
         if show == "auto":
             show = sys.stdout.isatty()
@@ -175,6 +215,8 @@ class TrainingLogger:
         if iteration % lg.log_interval:
             return
         self.pause()
+        if self.memory_snapshot_path is not None:
+            torch.cuda.memory._dump_snapshot(self.memory_snapshot_path)
         seconds = self._elapsed / self._iterations
         means = {k: v / self._iterations for k, v in self._loss_sums.items()}
         model = self.cfg.model

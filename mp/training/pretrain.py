@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -29,7 +30,8 @@ from mp.training import gpt_step
 from mp.training.data import build_data_iterators
 from mp.training.determinism import check_deterministic, deterministic_algorithms
 from mp.training.exit import ExitConditions
-from mp.training.logger import TrainingLogger
+from mp.training.logger import TrainingLogger, record_memory_history
+from mp.training.progress_log import ProgressLog
 from mp.training.training import TrainState, train
 
 
@@ -128,11 +130,19 @@ def batches_text(cfg: JobConfig, world_size: int) -> str:
 
 def check_supported(cfg: JobConfig, world_size: int | None = None) -> None:
     """Refuse what this version cannot do and a ``training.load`` that holds no checkpoint under
-    ``training.exit_on_missing_checkpoint`` (ValueError); needs no process group. The
+    ``training.exit_on_missing_checkpoint``, or a ``training.pretrained_checkpoint`` to
+    fine-tune from that holds none, and ``logging.log_progress`` without ``training.save`` or
+    with ``training.deepspeed`` (ValueError); needs no process group. The
     world size defaults to the job's (`mp.config.resolve_world_size` before
     ``torch.distributed`` starts: torchrun's or the MPI launcher's)."""
     tr = cfg.training
     checkpoint_job.check_checkpoint_exists(cfg)
+    if cfg.logging.log_progress and tr.save is None:
+        raise ValueError("logging.log_progress=true writes progress.txt into training.save, "
+                         "which is not set: add --save DIR (Megatron logs nothing then)")
+    if cfg.logging.log_progress and tr.deepspeed:
+        raise ValueError("logging.log_progress=true with training.deepspeed=true: not "
+                         "supported (the progress log follows mp's own saves); drop one")
     check_deterministic(tr.deterministic_mode)
     if tr.deepspeed:
         from mp.training.deepspeed_config import check_deepspeed_supported
@@ -151,19 +161,28 @@ def pretrain(cfg: JobConfig, forward_step_func: Callable = gpt_step.forward_step
     early exit (`mp.training.exit`, whose clock and signal handler start here), then evaluate
     the test split; with ``training.skip_train`` only evaluate, saving nothing
     (`mp.training.training.train`). Needs
-    ``initialize_model_parallel`` done with ``cfg``'s sizes; rank 0 reports."""
+    ``initialize_model_parallel`` done with ``cfg``'s sizes; rank 0 reports. With
+    ``logging.record_memory_history`` CUDA's allocator history starts here
+    (`mp.training.logger.record_memory_history`); with ``logging.log_progress`` rank 0
+    appends to ``progress.txt`` in ``training.save`` (`mp.training.progress_log`)."""
+    start_time = time.time()  # the progress log's job throughput counts from here
     check_supported(cfg)
+    record_memory_history(cfg, get_device())
     with (deterministic_algorithms(cfg.training.deterministic_mode),
           ExitConditions(cfg.training) as exit_conditions):
         if cfg.training.deepspeed:  # DeepSpeed's engine does data parallelism and the optimizer
             from mp.training.deepspeed import pretrain_deepspeed
             return pretrain_deepspeed(cfg, forward_step_func, exit_conditions)
-        return _pretrain(cfg, forward_step_func, exit_conditions)
+        return _pretrain(cfg, forward_step_func, exit_conditions, start_time)
 
 
 def _pretrain(cfg: JobConfig, forward_step_func: Callable,
-              exit_conditions: ExitConditions) -> TrainState:
+              exit_conditions: ExitConditions, start_time: float) -> TrainState:
+    progress = None if not cfg.logging.log_progress else ProgressLog(
+        cfg, dist.get_world_size(), start_time, enabled=dist.get_rank() == 0)
     start = checkpoint_job.start_point(cfg)  # first: a checkpoint the flags refuse stops here
+    if progress is not None:
+        progress.started_from(start.consumed_train_samples)
     set_random_seed(cfg.training.seed)
     model, optimizer, scheduler = setup_model_and_optimizer(cfg)
     state = TrainState(start.iteration, start.consumed_train_samples,
@@ -198,8 +217,9 @@ def _pretrain(cfg: JobConfig, forward_step_func: Callable,
     try:
         return train(forward_step_func, model, optimizer, scheduler, train_iterator,
                      valid_iterator, cfg, logger, state=state,
-                     checkpoint_hook=checkpoint_job.checkpoint_hook(cfg, model, optimizer,
-                                                                    scheduler),
+                     checkpoint_hook=checkpoint_job.checkpoint_hook(
+                         cfg, model, optimizer, scheduler,
+                         on_save=None if progress is None else progress.saved),
                      exit_conditions=exit_conditions, test_data_iterator=test_iterator)
     finally:
         logger.close()

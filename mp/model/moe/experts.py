@@ -10,7 +10,7 @@ from torch import nn
 from mp.device import get_device
 from mp.model.config import TransformerConfig
 from mp.model.init import init_method, output_init_method
-from mp.model.mlp import bias_activation
+from mp.model.mlp import bias_activation, glu_options
 from mp.model.moe import grouped_gemm
 from mp.tensor_parallel import CheckpointWithoutOutput
 
@@ -19,7 +19,7 @@ class Experts(nn.Module):
     """Experts ``first .. first + E / EP - 1`` of a layer, each an MLP split over TP as
     `mp.model.mlp.MLP` is, their weights stacked:
 
-    - ``fc1_weight`` (and for SwiGLU ``gate_weight``) ``[E / EP, f / t, h]``,
+    - ``fc1_weight`` (and for SwiGLU or quick GeGLU ``gate_weight``) ``[E / EP, f / t, h]``,
       ``fc2_weight [E / EP, h, f / t]``; biases ``fc1_bias``, ``gate_bias [E / EP, f / t]``
       and ``fc2_bias [E / EP, h]`` (with ``add_bias_linear``).
 
@@ -46,9 +46,10 @@ class Experts(nn.Module):
         first = ep_rank * self.local
         self.tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
         self.activation, self.fused = config.activation, config.bias_activation_fusion
+        self.glu_options = glu_options(config)  # clamp and offset of a gated unit
         self.recompute_activation = config.recomputes("moe_act")
         self.grouped = config.moe_grouped_gemm
-        swiglu = config.activation == "swiglu"
+        swiglu = config.gated_linear_unit  # a gate weight: SwiGLU or quick GeGLU
         shard = f // self.tp_size
         # (name, full [f, h] or [h, f] of one expert, the TP-split dim of it, init)
         weights = [("fc1_weight", (f, h), 0, init_method(config))]
@@ -142,7 +143,8 @@ class Experts(nn.Module):
         for backward but recomputed from ``up`` and ``gate``, which the activation's backward
         keeps anyway: the `CheckpointWithoutOutput` joins ``recomputed``."""
         def activation(up, up_bias, gate, gate_bias):
-            return bias_activation(self.activation, up, up_bias, gate, gate_bias, self.fused)
+            return bias_activation(self.activation, up, up_bias, gate, gate_bias, self.fused,
+                                   **self.glu_options)
         if not (self.recompute_activation and self.training and torch.is_grad_enabled()):
             return activation(up, up_bias, gate, gate_bias)
         recomputed.append(CheckpointWithoutOutput())
