@@ -1,6 +1,6 @@
 """Sliding-window attention (``window_size``, ``window_attn_skip_freq``) in the estimator's
 FLOPs, its CUDA storage rules and its command line, and the tiles a long sequence attends in
-(`mp.model.attention.window_tile`), measured here. The bytes windowed layers save and the
+(`mp.model.attention_masks.window_tile`), measured here. The bytes windowed layers save and the
 bytes they move are checked with the other layers': windowed cases in
 tests/test_estimate_activations.py (both cores, TP 1/2/4 with SP, every CP exchange, full
 recompute, whole models), test_estimate_recompute.py (what selective recompute keeps and
@@ -30,7 +30,7 @@ from mp.estimate import CPU, CUDA, Setup, layer_terms, stage_memory, training_fl
 from mp.estimate.attention_activations import busiest_calls
 from mp.estimate.attention_calls import tile_mask_name
 from mp.estimate.memory import chunk_saved_bytes, rebuilt_bytes
-from mp.model import TransformerConfig, attention
+from mp.model import TransformerConfig, attention_masks
 from mp.model.transformer import TransformerBlock, TransformerLayer
 from mp.tensor_parallel import model_parallel_cuda_manual_seed
 from mp.training.flops import num_floating_point_operations
@@ -116,7 +116,7 @@ def test_cuda_runs_the_memory_efficient_kernel_for_a_window(monkeypatch, s):
     one_call = {"sdpa": e * s * s + 4 * heads * b * (-s % 32), "unfused": 0}
     for (layout, extra), backend in itertools.product(
             (("tiles", tiled), ("one call", one_call)), ("sdpa", "unfused")):
-        monkeypatch.setattr(attention, "WINDOW_TILE", 1024 if layout == "tiles" else s)
+        monkeypatch.setattr(attention_masks, "WINDOW_TILE", 1024 if layout == "tiles" else s)
         plain = TransformerConfig(num_layers=1, hidden_size=1024, num_attention_heads=heads,
                                   vocab_size=1000, seq_length=s, precision="bf16",
                                   attention_dropout=0.0, attention_backend=backend)
@@ -159,7 +159,7 @@ def test_the_estimate_tool_takes_a_window(capsys):
 
 # --------------------------------------------------------------------------------- tiles
 
-TILE_ROWS = 4  # attention.WINDOW_TILE while measuring tiles
+TILE_ROWS = 4  # attention_masks.WINDOW_TILE while measuring tiles
 S_TILED = 96  # tokens: a window of 6 attends in tiles of 10 queries (4 rounded: 10 + 6 = 16)
 TILED = {  # name -> (config overrides, layers); a window of 6 but where set
     "sdpa_flash": (dict(attention_dropout=0.0), 1),
@@ -190,13 +190,13 @@ TILED = {  # name -> (config overrides, layers); a window of 6 but where set
 
 @contextlib.contextmanager
 def _tiles_of(rows: int):
-    """`attention.WINDOW_TILE` at ``rows`` inside, put back after (pool workers persist)."""
-    saved = attention.WINDOW_TILE
-    attention.WINDOW_TILE = rows
+    """`attention_masks.WINDOW_TILE` at ``rows`` inside, put back after (pool workers persist)."""
+    saved = attention_masks.WINDOW_TILE
+    attention_masks.WINDOW_TILE = rows
     try:
         yield
     finally:
-        attention.WINDOW_TILE = saved
+        attention_masks.WINDOW_TILE = saved
 
 
 def _tiled_config(name: str, tp: int, sp: bool, cp: int = 1, comm_type: str = "all_gather"
@@ -231,7 +231,7 @@ def test_saved_bytes_of_tiled_layers_match_the_estimate(monkeypatch, tp, cp, com
     first ones cut at key 0 on CP rank 0 only (which copy their masks). Each layer's and each
     chunk's bytes to the byte against the CPU estimate, the busiest rank's (no rank above
     it, one on it), the tile mask once for a chunk's two layers."""
-    monkeypatch.setattr(attention, "WINDOW_TILE", TILE_ROWS)
+    monkeypatch.setattr(attention_masks, "WINDOW_TILE", TILE_ROWS)
     measured = run_distributed(tp * cp, _measure_tiled, tp, cp, comm_type)
     failures = []
     for case in measured[0]:
@@ -250,7 +250,7 @@ def test_saved_bytes_of_tiled_layers_match_the_estimate(monkeypatch, tp, cp, com
 def test_a_chunk_holds_one_tile_mask_for_its_layers(monkeypatch):
     """What makes a chunk's bytes less than its layers': SDPA's bf16 ``[10, 16]`` mask
     (320 B) and the unfused core's boolean one (160 B), counted once."""
-    monkeypatch.setattr(attention, "WINDOW_TILE", TILE_ROWS)
+    monkeypatch.setattr(attention_masks, "WINDOW_TILE", TILE_ROWS)
     for name, mask in (("two_layers_sdpa_flash", 320), ("two_layers_unfused_mlp", 160)):
         cfg = _tiled_config(name, 1, False)
         layers = [layer_terms(cfg, B, CPU, layer=i) for i in range(2)]
@@ -274,7 +274,7 @@ def _measure_tiled_recompute(tp: int) -> dict:
 def test_core_attn_rebuilds_the_tiles_and_their_mask(monkeypatch, tp):
     """Selective ``core_attn`` keeps no tile mask and brings it back (its storage, whole)
     with the tiles' scores when its recompute runs."""
-    monkeypatch.setattr(attention, "WINDOW_TILE", TILE_ROWS)
+    monkeypatch.setattr(attention_masks, "WINDOW_TILE", TILE_ROWS)
     for sp, got in run_distributed(tp, _measure_tiled_recompute, tp)[0].items():
         cfg = _tiled_config("unfused_core_attn", tp, sp)
         assert tile_mask_name(6) not in layer_terms(cfg, B, CPU)
@@ -296,7 +296,7 @@ def test_a_tiled_model_holds_one_tile_mask(monkeypatch, overrides):
     """A whole GPT at TP 2 + SP, both layers (and two multi-token prediction depths, which
     slide as the last layer) in tiles: one mask for all of them, and the stage's estimate
     (one micro-batch in flight) is the model's bytes."""
-    monkeypatch.setattr(attention, "WINDOW_TILE", TILE_ROWS)
+    monkeypatch.setattr(attention_masks, "WINDOW_TILE", TILE_ROWS)
     overrides = dict(overrides, window_size=[6, 0], seq_length=S_TILED)
     got = run_distributed(2, _measure_tiled_model, 2, overrides)[-1]
     cfg = _layer_config(2, True, 2, **overrides)

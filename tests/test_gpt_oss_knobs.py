@@ -19,7 +19,8 @@ from test_sliding_window import _reference
 
 from mp import parallel_state as ps
 from mp.model import TransformerConfig
-from mp.model.attention import CoreAttention, sdpa_bias
+from mp.model.attention import CoreAttention
+from mp.model.attention_masks import sdpa_bias
 from mp.model.mlp import MLP
 from mp.model.moe.experts import Experts
 

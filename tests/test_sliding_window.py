@@ -13,8 +13,9 @@ import torch
 from harness import run_distributed
 
 from mp import parallel_state as ps
-from mp.model import GPTModel, TransformerConfig, attention
-from mp.model.attention import CoreAttention, sdpa_bias, tile_mask, window_tile
+from mp.model import GPTModel, TransformerConfig, attention_masks
+from mp.model.attention import CoreAttention
+from mp.model.attention_masks import sdpa_bias, tile_mask, window_tile
 from mp.model.inference import InferenceParams
 
 S, HEADS, D = 12, 4, 8
@@ -101,7 +102,7 @@ def test_tiled_windows_equal_the_window_written_out(monkeypatch, backend, window
     """Tiles of `window_tile` queries (at least 4 rows here, then rounded so that a tile and
     its window make a multiple of 16 keys: 16, 13 and 22 rows) over 48 keys, the last tile
     short, the first ones' windows cut at key 0."""
-    monkeypatch.setattr(attention, "WINDOW_TILE", 4)
+    monkeypatch.setattr(attention_masks, "WINDOW_TILE", 4)
     assert window_tile(window) == {0: 16, 3: 13, 10: 22}[window]
     core = CoreAttention(_config(attention_backend=backend, num_query_groups=2,
                                  seq_length=48), window)
@@ -118,8 +119,8 @@ def test_the_layers_of_a_window_share_one_tile_mask():
 
 
 def _forward_in_tiles() -> tuple[int, int]:
-    saved = attention.WINDOW_TILE
-    attention.WINDOW_TILE = 16  # the worker's own module, put back after
+    saved = attention_masks.WINDOW_TILE
+    attention_masks.WINDOW_TILE = 16  # the worker's own module, put back after
     tile_mask.cache_clear()
     try:
         ps.initialize_model_parallel(1)
@@ -127,7 +128,7 @@ def _forward_in_tiles() -> tuple[int, int]:
         model(torch.randint(0, 64, (2, 64))).sum().backward()
         return tile_mask.cache_info().misses, tile_mask.cache_info().hits
     finally:
-        attention.WINDOW_TILE = saved
+        attention_masks.WINDOW_TILE = saved
         tile_mask.cache_clear()
 
 

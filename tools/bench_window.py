@@ -1,6 +1,6 @@
 """What a sliding window costs in one attention core: forward+backward time and the bytes
 autograd keeps, full causal attention against windowed attention in one call (the window's
-``[s, s]`` mask) and in tiles (`mp.model.attention.window_tile`; each tile against its window,
+``[s, s]`` mask) and in tiles (`mp.model.attention_masks.window_tile`; each tile against its window,
 one shared ``[T, T + L]`` mask).
 
     python tools/bench_window.py                        # CPU-sized: s 2048 and 4096
@@ -27,7 +27,7 @@ from bench_gpt import timed_steps
 
 from mp.device import get_device
 from mp.estimate.measure import SavedTensorMeter
-from mp.model import TransformerConfig, attention
+from mp.model import TransformerConfig, attention_masks
 from mp.model.attention import CoreAttention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -91,16 +91,16 @@ def main(argv: list[str] | None = None) -> None:
         for window in args.window:
             rows += [("one call", window, s + 1), ("tiles", window, None)]
         for how, window, tile in rows:
-            saved = attention.WINDOW_TILE
-            attention.WINDOW_TILE = tile or saved
+            saved = attention_masks.WINDOW_TILE
+            attention_masks.WINDOW_TILE = tile or saved
             try:
                 ms, kept, peak = measure(CoreAttention(config, window), inputs, args.warmup,
                                          args.iters)
-                shown = "-" if window is None or tile else attention.window_tile(window)
+                shown = "-" if window is None or tile else attention_masks.window_tile(window)
                 if shown != "-" and shown >= s:
                     shown = f"{shown} (s fits one)"
             finally:
-                attention.WINDOW_TILE = saved
+                attention_masks.WINDOW_TILE = saved
             print(f"| {s} | {window if window is not None else '-'} | {how} | {shown} | "
                   f"{ms:.1f} | {kept / mib:.1f} | "
                   f"{'-' if peak is None else f'{peak / mib:.0f}'} |", flush=True)

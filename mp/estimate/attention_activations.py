@@ -16,7 +16,7 @@ backend.
 A layer with a sliding window (``cfg.attention_window``; `layer_terms`' ``layer``) attends
 through an explicit mask in each attention call whose keys reach past the window, in place of
 the causal form (`window_calls`): its own ``[sq, sk]`` mask when the call's queries fit a
-tile (`mp.model.attention.window_tile`, the rule the model runs), else, tile by tile of ``T``
+tile (`mp.model.attention_masks.window_tile`, the rule the model runs), else, tile by tile of ``T``
 queries, each against the ``W`` keys before the tile and its own (the first tiles' cut at
 key 0), through a view of one cached ``[T, T + W]`` mask that every tile and every layer of
 the window shares (``tile`` calls). The kernels save a mask as they save a given one: the
@@ -54,7 +54,7 @@ from mp.estimate.storage import (
     head_dims,
     local_tokens,
 )
-from mp.model.attention import window_tile
+from mp.model.attention_masks import window_tile
 from mp.model.config import TransformerConfig
 
 
@@ -212,7 +212,7 @@ def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
                     ) -> dict[str, float]:
     """What the attention core saves between Q, K, V and its output over ``calls``
     (`busiest_calls`) of ``micro_batch`` sequences; ``window``: the layer's sliding window
-    (the tiles' shared mask is ``[T, T + W]``, `mp.model.attention.window_tile`)."""
+    (the tiles' shared mask is ``[T, T + W]``, `mp.model.attention_masks.window_tile`)."""
     e = activation_bytes(cfg)
     heads = attention_heads(cfg)
     if cfg.context_parallel_size > 1 and cfg.cp_comm_type == "p2p":  # ring attention keeps

@@ -1,7 +1,7 @@
 """The calls of the attention core the estimate counts (`mp.estimate.activations`): which
 ``(queries, keys)`` calls each CP rank makes for one sequence, through which mask, as
 `mp.model.attention.CoreAttention` makes them under a sliding window (one call, or tiles of
-`mp.model.attention.window_tile` queries through one shared tile mask), and that shared
+`mp.model.attention_masks.window_tile` queries through one shared tile mask), and that shared
 mask counted once for the layers held together."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from mp.model.attention import window_tile
+from mp.model.attention_masks import window_tile
 from mp.model.config import TransformerConfig
 
 
@@ -50,7 +50,7 @@ def window_calls(queries: int, keys: int, window: int | None) -> list[AttentionC
     """The core's calls for ``queries`` against ``keys``, as `mp.model.attention.CoreAttention`
     makes them under a window of ``window`` earlier keys (None: none): one causal call when
     no key falls out of the window (``keys - 1 <= window``); one call through the window's
-    mask when the queries fit a tile (`mp.model.attention.window_tile`); else a call per tile
+    mask when the queries fit a tile (`mp.model.attention_masks.window_tile`); else a call per tile
     of ``T`` queries (the last one shorter), each against the ``W`` keys before the tile and
     its own, through the shared tile mask, but for the first tiles, cut at key 0, which take a
     copy of their part (a mask of their own, as a one-call window's)."""
@@ -80,7 +80,7 @@ def split_tile_masks(terms: Iterable[dict[str, float]], base: float = 0.0
     """The terms of several layers held at once: (their sum without the tile masks, plus
     ``base``; each tile mask once, by its `tile_mask_name`, any prefix before it dropped).
     The tiles of all the layers of a window attend through views of one cached mask
-    (`mp.model.attention.tile_mask`), which the meter, and the memory, hold once."""
+    (`mp.model.attention_masks.tile_mask`), which the meter, and the memory, hold once."""
     own, masks = base, {}
     for layer in terms:
         for name, size in layer.items():

@@ -14,7 +14,7 @@ the forward costs, with ``n = b s`` tokens:
   1) / (s (s + 1) / 2)`` over the ``s`` queries (`window_share`: 1 for ``W >= s - 1``; about
   ``2 W / s`` for ``W << s``), whether the kernel skips the pairs out of the window or masks
   them: mp's SDPA and unfused cores compute the whole ``sq x sk`` of a call, so of a long
-  sequence's tiles (`mp.model.attention.window_tile`: ``T`` queries against ``T + W`` keys
+  sequence's tiles (`mp.model.attention_masks.window_tile`: ``T`` queries against ``T + W`` keys
   each, fewer for the first tiles) about ``s (T + W)`` pairs, masked ones included, and of
   one call over a shorter one the square; ``p2p``'s ring skips whole blocks. The step time
   (`mp.estimate.step_time`) takes these FLOPs too: under this count's convention (the full

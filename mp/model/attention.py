@@ -18,29 +18,28 @@ Two attention cores:
 - ``unfused``: ``Q K^T`` -> ``FusedScaleMaskSoftmax`` (mp's CUDA kernel when built and usable,
   torch otherwise) -> dropout -> ``P V``; for custom masks and for checking the fused path.
 A layer with a sliding window (``config.attention_window``, Megatron's ``--window-size``) masks
-out, besides, every key more than ``window`` positions before its query (`window_mask`). When
-no other mask is given and the queries outnumber a tile (`window_tile`, at least
-`WINDOW_TILE` rows), each tile of queries attends to the keys from ``window`` before its
-first query to its last, through one ``[tile, tile + window]`` mask that every tile and
-every layer of that window shares (`tile_mask`; the tiles whose window reaches before the
-first key take a copy of their part): ``s (tile + window)`` scores instead of ``s^2``, and one
-mask in memory, not one per layer.
+out, besides, every key more than ``window`` positions before its query (the masks:
+`mp.model.attention_masks`). When no other mask is given and the queries outnumber a tile
+(`window_tile`, at least `WINDOW_TILE` rows), each tile of queries attends to the keys from
+``window`` before its first query to its last, through one ``[tile, tile + window]`` mask that
+every tile and every layer of that window shares (`tile_mask`; the tiles whose window reaches
+before the first key take a copy of their part): ``s (tile + window)`` scores instead of
+``s^2``, and one mask in memory, not one per layer.
 With ``config.softmax_type`` off-by-one or learnable (Megatron's ``--softmax-type``, gpt-oss's
 attention sinks) every softmax row has one more logit, ``s_h`` per head (0, or the learned
 ``core_attention.softmax_offset [np]``), which joins the denominator and no value:
 ``P = exp(scores) / (sum exp(scores) + exp(s_h))`` (`CoreAttention._with_sink`).
 Masks follow Megatron: boolean ``[b or 1, 1, s, s]``, ``True`` = masked out; the SDPA core also
-takes `sdpa_bias`'s additive form. `mask_for_layers` prepares a batch's mask once for all the
-layers of a `mp.model.transformer.TransformerBlock` (converting a boolean mask is what SDPA
-would do in every layer, each keeping its own copy for backward). With a key/value cache
-(`mp.model.inference`) the new queries attend over the cached keys too, through the cache's
-``[1, 1, s, cached + s]`` causal mask.
+takes `sdpa_bias`'s additive form. `attention_masks.mask_for_layers` prepares a batch's mask
+once for all the layers of a `mp.model.transformer.TransformerBlock` (converting a boolean mask
+is what SDPA would do in every layer, each keeping its own copy for backward). With a key/value
+cache (`mp.model.inference`) the new queries attend over the cached keys too, through the
+cache's ``[1, 1, s, cached + s]`` causal mask.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +48,11 @@ from torch.nn.attention.bias import causal_lower_right
 
 from mp import parallel_state
 from mp.fused import AttnMaskType, FusedScaleMaskSoftmax, attention_mask_func
+from mp.model.attention_masks import tile_mask, window_tile, with_window
 from mp.model.config import TransformerConfig
 from mp.model.context_parallel import (
     attention_over_gathered_keys,
     attention_over_heads,
-    gather_query_rows,
 )
 from mp.model.inference import InferenceParams
 from mp.model.init import init_method, init_method_normal, output_init_method
@@ -72,72 +71,6 @@ from mp.tensor_parallel.layers import _sharded_parameter
 # SDPA reads grouped keys and values itself from torch 2.5 (enable_gqa); before, they are
 # repeated per query head first, as for the unfused core.
 SDPA_TAKES_GROUPS = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-def sdpa_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean mask (``True`` = masked out) as SDPA's additive bias in ``dtype``: 0 where a
-    key is kept, -inf where it is masked."""
-    return torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device
-                       ).masked_fill_(attention_mask, float("-inf"))
-
-
-def window_mask(queries: int, keys: int, window: int, device) -> torch.Tensor:
-    """``[queries, keys]`` boolean, True where a key is masked out for a query under a sliding
-    window of ``window`` earlier keys: after the query, or more than ``window`` before it. The
-    queries are the last ``queries`` of the ``keys`` positions."""
-    distance = (torch.arange(keys - queries, keys, device=device)[:, None]
-                - torch.arange(keys, device=device))  # query position - key position
-    return (distance < 0) | (distance > window)
-
-
-WINDOW_TILE = 1024  # the fewest query rows of a tile of windowed attention
-
-
-def window_tile(window: int) -> int:
-    """The query rows of a tile under a window of ``window`` earlier keys: at least
-    `WINDOW_TILE` and the window, and such that ``tile + window`` is a multiple of 16 (the
-    keys of a whole tile, so that a CUDA kernel takes the shared mask without padding it)."""
-    tile = max(WINDOW_TILE, window)
-    return tile + (-(tile + window)) % 16
-
-
-@functools.lru_cache(maxsize=16)
-def tile_mask(tile: int, window: int, form: torch.dtype, device: torch.device
-              ) -> torch.Tensor:
-    """``[1, 1, tile, tile + window]``: a tile's queries against the ``window`` keys before
-    its first query and its own (`window_mask`); boolean (True = masked) for
-    ``form=torch.bool``, else `sdpa_bias`'s additive form in ``form``. Cached: the tiles and
-    layers of one window share it (never written)."""
-    masked = window_mask(tile, tile + window, window, device)[None, None]
-    return masked if form == torch.bool else sdpa_bias(masked, form)
-
-
-def _with_window(attention_mask: torch.Tensor | None, queries: int, keys: int, window: int,
-                 device) -> torch.Tensor:
-    """``attention_mask`` (None for causal; boolean or `sdpa_bias`'s additive form) with the
-    keys out of the window masked too, in the same form (boolean for None)."""
-    outside = window_mask(queries, keys, window, device)
-    if attention_mask is None:
-        return outside[None, None]
-    if attention_mask.dtype == torch.bool:
-        return attention_mask | outside
-    return attention_mask.masked_fill(outside, float("-inf"))
-
-
-def mask_for_layers(attention_mask: torch.Tensor, config: TransformerConfig,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """A batch's boolean mask as every layer's attention takes it, made once for all of them:
-    every query row under ``a2a`` context parallelism (`gather_query_rows`), and SDPA's
-    additive form (`sdpa_bias`) for the SDPA core (``p2p``'s ring attention keeps it
-    boolean)."""
-    split = config.context_parallel_size > 1
-    if split and config.cp_comm_type == "a2a":
-        attention_mask = gather_query_rows(attention_mask,
-                                           parallel_state.get_context_parallel_group())
-    if split and config.cp_comm_type == "p2p":  # ring attention takes the boolean mask
-        return attention_mask
-    return sdpa_bias(attention_mask, dtype) if config.attention_backend == "sdpa" \
-        else attention_mask
 
 
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -209,7 +142,7 @@ class CoreAttention(nn.Module):
         if self.window is not None and k.size(0) - 1 > self.window:
             if attention_mask is None and s > window_tile(self.window):
                 return self._tiled(q, k, v)
-            attention_mask = _with_window(attention_mask, s, k.size(0), self.window, q.device)
+            attention_mask = with_window(attention_mask, s, k.size(0), self.window, q.device)
         return self._core(q, k, v, attention_mask)
 
     def _tiled(self, q, k, v) -> torch.Tensor:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mp.model.attention import mask_for_layers
+from mp.model.attention_masks import mask_for_layers
 from mp.model.aux_losses import attach_aux_loss, track
 from mp.model.config import TransformerConfig
 from mp.model.init import init_method

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mp.model.attention import SelfAttention, mask_for_layers
+from mp.model.attention import SelfAttention
+from mp.model.attention_masks import mask_for_layers
 from mp.model.config import TransformerConfig
 from mp.model.dropout import bias_dropout_add
 from mp.model.inference import InferenceParams
