@@ -38,7 +38,7 @@ from mp.checkpointing.naming import NamedParameter, Placement
 from mp.checkpointing.rng import get_rng_state
 from mp.checkpointing.storage import PlacedTensors, placed
 from mp.optim import MixedPrecisionOptimizer, ParamShard
-from mp.optim.optimizer import MOMENTS
+from mp.optim.precision_aware import MOMENTS
 
 _STEP = Placement((), ())
 

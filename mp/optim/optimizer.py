@@ -52,7 +52,7 @@ from mp.optim.clip_grads import (
 )
 from mp.optim.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from mp.optim.param_groups import get_param_groups
-from mp.optim.precision_aware import PrecisionAwareAdamW
+from mp.optim.precision_aware import MOMENTS, PrecisionAwareAdamW
 
 
 @dataclass(eq=False)
@@ -83,9 +83,6 @@ class ParamShard:
     def of(self, tensor: torch.Tensor) -> torch.Tensor:
         """This shard's elements of ``tensor`` (shaped like ``param``), shaped like ``main``."""
         return tensor.view(-1)[self.start:self.end].view_as(self.main)
-
-
-MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides ``step``
 
 
 class StepResult(NamedTuple):

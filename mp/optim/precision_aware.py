@@ -41,7 +41,7 @@ import torch
 
 #: Megatron's dtype names -> the dtypes this step can store a moment in.
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MOMENTS = ("exp_avg", "exp_avg_sq")
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides ``step``
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB per fp32 temporary
 _FP16_TARGET = torch.finfo(torch.float16).max / 2  # TE's headroom: absmax <= 65504 / 2
 
