@@ -7,7 +7,7 @@ mp-to-megatron``, `mp.checkpointing.megatron_export`):
   (``tests/fixtures/megatron/``), imported and exported again, give Megatron's own tensor
   keys, global shapes, dtypes, values and extra-state objects, and the ``args`` the importer
   needs; Megatron-Core loading an export was checked once with
-  ``tools/make_megatron_fixture.py --verify-export`` (not here: it needs megatron-core);
+  ``tools/verify_megatron_export.py`` (not here: it needs megatron-core);
 - refusals name the feature or value and the rule.
 """
 

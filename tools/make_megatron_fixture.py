@@ -42,19 +42,7 @@ GroupedMLP's ``grouped_gemm.ops.gmm`` is a loop of matrix products, and torch's 
 sequence parallelism (which Megatron asks for with TP and EP together; the local spec refuses
 it only because the norms' gradients would miss their sum over TP).
 
-``--verify-export`` checks ``tools/convert_checkpoint.py mp-to-megatron`` against real
-Megatron-Core instead of writing fixtures: for each variant, an mp model of its shape (the mp
-config `mp.checkpointing.megatron` reads from the variant's args) with weights of its own
-(the variant's fixture converted to mp, every weight plus N(0, 0.1) noise, so nothing equals
-what Megatron saved) is saved as an mp checkpoint and run by mp on `TOKENS` (one process);
-the export (``--transformer-impl local``) is then loaded by Megatron-Core at each ``--tp``
-the way Megatron-LM's ``load_checkpoint`` does (``dist_checkpointing.load`` of the model's
-``sharded_state_dict`` with ``strict='assume_ok_unexpected'``, then a strict
-``load_state_dict``), built from the checkpoint's own ``args`` (plus the run's choices: the
-allgather dispatcher, the legacy GroupedMLP for ``moe_grouped_gemm``), and its logits are
-compared with mp's::
-
-    /tmp/mcvenv/bin/python tools/make_megatron_fixture.py --verify-export --tp 1 2
+``tools/verify_megatron_export.py`` loads mp's exports in Megatron-Core with these builders.
 
 Megatron-Core 0.14 gates shared experts only through the spec (``SharedExpertMLP``'s
 ``gate``); its args here say ``moe_shared_expert_gate``, as later Megatron-LM's
@@ -173,7 +161,7 @@ def megatron_args(variant: dict) -> argparse.Namespace:
     return args
 
 
-def _patch_cuda_only_calls() -> None:
+def patch_cuda_only_calls() -> None:
     from megatron.core.tensor_parallel import random as mc_random
     from megatron.core.transformer import torch_norm
     from megatron.core.transformer.moe import grouped_gemm_util, moe_utils
@@ -243,7 +231,7 @@ def _moe_config(args: argparse.Namespace) -> dict:
     return dict(num_moe_experts=args.num_experts, **{n: getattr(args, n) for n in names})
 
 
-def _build_model(args: argparse.Namespace):
+def build_model(args: argparse.Namespace):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_decoder_block_spec,
@@ -286,7 +274,7 @@ def _redraw_weights(model, tp_rank: int, ep_rank: int) -> None:
             buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
 
 
-def _causal_inputs(tokens: torch.Tensor):
+def causal_inputs(tokens: torch.Tensor):
     """Megatron-LM's ``get_ltor_masks_and_position_ids`` for plain sequences: the boolean
     mask ``[1, 1, s, s]`` (True = masked) and positions ``[b, s]``."""
     b, s = tokens.shape
@@ -299,18 +287,18 @@ def _rank(rank: int, world: int, port: int, name: str, output: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-    _patch_cuda_only_calls()
+    patch_cuda_only_calls()
     variant = VARIANTS[name]
     args = megatron_args(variant)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=variant["tp"],
         expert_model_parallel_size=args.expert_model_parallel_size)
     torch.manual_seed(args.seed)
-    model = _build_model(args)
+    model = build_model(args)
     _redraw_weights(model, parallel_state.get_tensor_model_parallel_rank(),
                     parallel_state.get_expert_model_parallel_rank())
     model.eval()
-    mask, positions = _causal_inputs(TOKENS)
+    mask, positions = causal_inputs(TOKENS)
     with torch.no_grad():
         logits = gather_from_tensor_model_parallel_region(model(TOKENS, positions, mask))
     root, legacy_root = Path(output) / name, Path(output) / f"{name}_legacy"
@@ -339,110 +327,13 @@ def _rank(rank: int, world: int, port: int, name: str, output: str) -> None:
     dist.destroy_process_group()
 
 
-def _mp_reference(name: str, directory: Path, seed: int) -> tuple[Path, Path]:
-    """An mp checkpoint of variant ``name``'s shape with weights of its own, its export
-    (``--transformer-impl local``), and mp's logits ``[b, s, padded vocab]`` on `TOKENS`
-    (``<directory>/mp_logits.pt``); one process."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import convert_checkpoint
-
-    from mp import parallel_state as ps
-    from mp.checkpointing import load_checkpoint, megatron, megatron_files, save_global_model
-    from mp.model import GPTModel
-    args, weights = megatron_files.read_checkpoint(Path(__file__).resolve().parent.parent
-                                                   / "tests" / "fixtures" / "megatron" / name)
-    config = megatron.config_from_args(args)
-    generator = torch.Generator().manual_seed(seed)
-    own = {k: v + 0.1 * torch.randn(v.shape, generator=generator)
-           for k, v in megatron.megatron_to_mp(weights, config).items()}
-    shutil.rmtree(directory, ignore_errors=True)
-    mp_dir, export = directory / "mp", directory / "megatron"
-    save_global_model(mp_dir, config, own, iteration=7)
-    convert_checkpoint.main(["mp-to-megatron", "--load", str(mp_dir), "--save", str(export),
-                             "--transformer-impl", "local"])
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29400 + seed % 100))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    ps.initialize_model_parallel(1)
-    model = GPTModel(config).eval()
-    load_checkpoint(str(mp_dir), model)
-    with torch.no_grad():
-        logits = model(TOKENS)
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
-    torch.save({"tokens": TOKENS.clone(), "logits": logits.contiguous()},
-               directory / "mp_logits.pt")
-    return export, directory / "mp_logits.pt"
-
-
-def _verify_rank(rank: int, world: int, port: int, export: str, reference: str, tp: int,
-                 results: str) -> None:
-    """Load ``export`` in Megatron-Core at TP ``tp`` as Megatron-LM does and write how far its
-    logits are from mp's (``reference``) to ``results`` (rank 0): the largest difference,
-    the norm-wise relative one, the checkpoint's iteration."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    from megatron.core import dist_checkpointing, parallel_state
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-    _patch_cuda_only_calls()
-    common = dist_checkpointing.load_common_state_dict(export)
-    args = copy.copy(common["args"])  # the run's choices on top of the checkpoint's model
-    args.tensor_model_parallel_size, args.expert_model_parallel_size = tp, 1
-    if args.num_experts:
-        args.moe_token_dispatcher_type = "allgather"
-        args.moe_use_legacy_grouped_gemm = args.moe_grouped_gemm
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    model = _build_model(args)
-    sharded = {"model": model.sharded_state_dict(metadata=common.get("content_metadata"))}
-    state = dist_checkpointing.load(sharded, export, strict="assume_ok_unexpected")
-    model.load_state_dict(state["model"], strict=True)
-    model.eval()
-    mask, positions = _causal_inputs(TOKENS)
-    with torch.no_grad():
-        logits = gather_from_tensor_model_parallel_region(model(TOKENS, positions, mask))
-    if rank == 0:
-        want = torch.load(reference, weights_only=True)["logits"].double()
-        error = logits.double() - want  # largest, and norm-wise relative
-        Path(results).write_text(f"{error.abs().max().item():.3e} "
-                                 f"{(error.norm() / want.norm()).item():.3e} "
-                                 f"{common['iteration']}")
-    dist.destroy_process_group()
-
-
-def verify_export(variants: list[str], tps: list[int], port: int, work: Path) -> bool:
-    """`_mp_reference` and `_verify_rank` for each variant and TP size; prints a table."""
-    ok = True
-    print("variant            TP  max |mc - mp|  |mc - mp| / |mp|  iteration")
-    for offset, name in enumerate(variants):
-        export, reference = _mp_reference(name, work / name, seed=offset)
-        iteration = (export / "latest_checkpointed_iteration.txt").read_text()
-        for tp in tps:
-            results = work / name / f"tp{tp}.txt"
-            mp_spawn.spawn(_verify_rank, args=(tp, port + 10 * offset + tp, str(
-                export / f"iter_{int(iteration):07d}"), str(reference), tp, str(results)),
-                nprocs=tp, join=True)
-            diff, relative, saved = results.read_text().split()
-            ok &= float(relative) < 1e-5
-            print(f"{name:18} {tp:2}  {float(diff):12.3e}  {float(relative):16.3e}  {saved}")
-    return ok
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="tests/fixtures/megatron")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--port", type=int, default=29533)
-    parser.add_argument("--verify-export", action="store_true",
-                        help="check mp-to-megatron against Megatron-Core (see above)")
-    parser.add_argument("--tp", type=int, nargs="*", default=[1, 2],
-                        help="--verify-export: the tensor-parallel sizes to load at")
-    parser.add_argument("--work", default="/tmp/mp_megatron_export",
-                        help="--verify-export: where to write the checkpoints")
     args = parser.parse_args(argv)
-    if args.verify_export:
-        if not verify_export(args.variants, args.tp, args.port, Path(args.work)):
-            raise SystemExit("make_megatron_fixture.py: Megatron-Core's logits differ from mp's")
-        return
     for offset, name in enumerate(args.variants):
         tp, ep = VARIANTS[name]["tp"], VARIANTS[name].get("ep", 1)
         mp_spawn.spawn(_rank, args=(tp * ep, args.port + offset, name, args.output),
