@@ -41,12 +41,14 @@ def setup(tp: int, pp: int, seed: int, precision: str = "fp32", *,
           calculate_per_token_loss: bool = False, grad_dtype: torch.dtype = torch.float32,
           vpp: int | None = None, cp: int = 1, ep: int = 1, decoupled_lr: float | None = None,
           decoupled_min_lr: float | None = None, optimizer_args: dict | None = None,
-          **overrides):
+          instances: int = 1, **overrides):
     """This rank's DDP-wrapped chunks, optimizer and LR schedule, weights from ``seed``
     (``optimizer_args``: more of `get_megatron_optimizer`'s; ``overrides``:
-    `TransformerConfig` fields; ``cp``: context-parallel ranks; ``ep``: expert-parallel ones)."""
+    `TransformerConfig` fields; ``cp``: context-parallel ranks; ``ep``: expert-parallel ones;
+    ``instances``: distributed-optimizer instances)."""
     ps.initialize_model_parallel(tp, pp, vpp, context_parallel_size=cp,
-                                 expert_model_parallel_size=ep)
+                                 expert_model_parallel_size=ep,
+                                 num_distributed_optimizer_instances=instances)
     model_parallel_cuda_manual_seed(seed)
     config = gpt_config(tp, pp, precision, virtual_pipeline_model_parallel_size=vpp,
                         context_parallel_size=cp, expert_model_parallel_size=ep, **overrides)
@@ -54,7 +56,8 @@ def setup(tp: int, pp: int, seed: int, precision: str = "fp32", *,
                                       use_distributed_optimizer=distributed_optimizer,
                                       overlap_param_gather=overlap_param_gather,
                                       calculate_per_token_loss=calculate_per_token_loss,
-                                      grad_dtype=grad_dtype)
+                                      grad_dtype=grad_dtype,
+                                      num_distributed_optimizer_instances=instances)
               for chunk in build_gpt_chunks(config)]
     optimizer = get_megatron_optimizer(models, lr=LR, weight_decay=0.1, clip_grad=clip_grad,
                                        adam_eps=EPS,
