@@ -275,34 +275,40 @@ def test_uneven_pipeline_training_matches_single_process(tp, pp, vpp, microbatch
     assert {pp_rank: layers for pp_rank, layers in built} == dict(enumerate(chunk_layers))
 
 
-def _check_forward_only(pp: int, vpp):
+def _check_forward_only(pp: int, vpp, m: int | None = None, group: int | None = None):
+    """Forward-only over ``m`` micro-batches (default PP), interleaved in groups of
+    ``group``: each micro-batch's loss, in order, as one process's."""
     ps.initialize_model_parallel(1, pp, vpp)
+    m = m or pp
     torch.manual_seed(5)
     ref = GPTModel(_config(), group=own_rank_group())
     ref_params = dict(ref.named_parameters())
-    chunks = build_gpt_chunks(_config(1, pp, vpp))
+    chunks = build_gpt_chunks(_config(1, pp, vpp, microbatch_group_size_per_vp_stage=group))
     with torch.no_grad():
         for c, chunk in enumerate(chunks):
             first = chunk.config.chunk_layers(ps.get_pipeline_model_parallel_rank(), c).start
             for name, p in chunk.named_parameters():
                 p.copy_(ref_params[_reference_name(name, first, True)])
-    batch = next(_global_batches(MBS * pp))
-    micro = [{k: v[i * MBS:(i + 1) * MBS] for k, v in batch.items()} for i in range(pp)]
+    batch = next(_global_batches(MBS * m))
+    micro = [{k: v[i * MBS:(i + 1) * MBS] for k, v in batch.items()} for i in range(m)]
     reported = get_forward_backward_func()(
         forward_step_func=gpt_forward_step, data_iterator=[iter(micro) for _ in chunks],
-        model=chunks, num_microbatches=pp, seq_length=S, micro_batch_size=MBS,
+        model=chunks, num_microbatches=m, seq_length=S, micro_batch_size=MBS,
         forward_only=True)
     assert all(p.grad is None for chunk in chunks for p in chunk.parameters())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
-        loss = torch.stack([r["lm loss"][0] / r["lm loss"][1] for r in reported]).mean()
+        assert len(reported) == m
         with torch.no_grad():
-            assert_rel_close(loss, ref(batch["tokens"], labels=batch["labels"]).mean(),
-                             what="validation loss")
+            for i, (r, one) in enumerate(zip(reported, micro)):
+                assert_rel_close(r["lm loss"][0] / r["lm loss"][1],
+                                 ref(one["tokens"], labels=one["labels"]).mean(),
+                                 what=f"micro-batch {i}'s validation loss")
 
 
-@pytest.mark.parametrize("pp,vpp", [(4, None), (2, 2)])
-def test_forward_only_evaluation(pp, vpp):
-    run_distributed(4 if pp == 4 else 2, _check_forward_only, pp, vpp)
+@pytest.mark.parametrize("pp,vpp,m,group", [(4, None, None, None), (2, 2, None, None),
+                                            (2, 2, 5, 3)])
+def test_forward_only_evaluation(pp, vpp, m, group):
+    run_distributed(4 if pp == 4 else 2, _check_forward_only, pp, vpp, m, group)
 
 
 def _check_bad_layouts():
