@@ -54,6 +54,8 @@ INTENDED_WORLD_SIZE = {
     "llama3-70b": 64,
     "mixtral-8x7b": 64,
     "deepseek-v3": 2048,
+    "gpt-oss-20b": 8,
+    "gpt-oss-120b": 64,
 }
 
 
@@ -494,6 +496,42 @@ def test_parse_args(capsys):
                                       "default)\n"
 
 
+# The model fields `mp.config.loader.CHECKPOINT_ARGS` leaves to the run: how it computes, is
+# laid out, trained and regularized, none of which changes the checkpoint's tensors or what
+# they compute.
+_RUN_ARGS = ("normalization_impl", "mtp_loss_scaling_factor", "hidden_dropout",
+             "attention_dropout", "init_method_std", "embedding_init_method_std",
+             "init_method_xavier_uniform", "attention_backend", "masked_softmax_fusion",
+             "bias_dropout_fusion", "bias_activation_fusion", "cross_entropy_loss_fusion",
+             "compile_layers", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+             "virtual_pipeline_model_parallel_size", "microbatch_group_size_per_vp_stage",
+             "context_parallel_size", "cp_comm_type", "num_layers_in_first_pipeline_stage",
+             "num_layers_in_last_pipeline_stage", "account_for_embedding_in_pipeline_split",
+             "account_for_loss_in_pipeline_split", "pipeline_model_parallel_layout",
+             "sequence_parallel", "moe_router_dtype", "moe_router_bias_update_rate",
+             "moe_grouped_gemm", "moe_router_load_balancing_type", "moe_aux_loss_coeff",
+             "moe_z_loss_coeff", "moe_expert_capacity_factor", "moe_token_drop_policy",
+             "expert_model_parallel_size", "expert_tensor_parallel_size", "overlap_p2p_comm",
+             "recompute_granularity", "recompute_modules", "recompute_method",
+             "recompute_num_layers", "distribute_saved_activations", "precision",
+             "fp32_residual_connection")
+
+
+def test_every_model_field_is_a_checkpoint_arg_or_the_runs():
+    """A new model field must be classified: one that changes the checkpoint's tensors or
+    their math joins `CHECKPOINT_ARGS` (``--use-checkpoint-args`` takes it), others
+    `_RUN_ARGS`."""
+    import dataclasses
+
+    from mp.config.loader import CHECKPOINT_ARGS
+    from mp.model import TransformerConfig
+
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    assert not set(CHECKPOINT_ARGS) & set(_RUN_ARGS)
+    assert fields - set(CHECKPOINT_ARGS) - set(_RUN_ARGS) == set(), "classify these"
+    assert (set(CHECKPOINT_ARGS) | set(_RUN_ARGS)) - fields == set(), "no such fields"
+
+
 def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(tmp_path):
     """Over the config file's model, under the command line's (here --seq-length)."""
     from mp.checkpointing import read_checkpoint_info, save_global_model
@@ -530,6 +568,20 @@ def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(tmp_path):
     assert architecture_problems(read_checkpoint_info(tmp_path / "moe").model_config, m) == []
     assert (m.moe_router_topk, m.moe_router_enable_expert_bias, m.moe_router_group_topk) == \
         (4, True, 2)
+    # a converted gpt-oss-style model: sinks, the clamped gated unit, unrounded YaRN, windows
+    oss = TransformerConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+        vocab_size=300, seq_length=128, position_embedding_type="rope", rope_type="yarn",
+        yarn_rotary_scaling_factor=4.0, yarn_original_max_position_embeddings=32,
+        yarn_correction_range_round_to_int=False, softmax_type="learnable",
+        activation="quick_geglu", activation_func_clamp_value=7.0, glu_linear_offset=1.0,
+        num_moe_experts=4, moe_ffn_hidden_size=32, moe_router_bias=True, window_size=(8, 0),
+        window_attn_skip_freq=2, normalization="RMSNorm", add_qkv_bias=True)
+    save_global_model(tmp_path / "oss", oss, {"output_layer.weight": torch.zeros(2, 2)})
+    m = shipped("gpt-tiny", "--load", str(tmp_path / "oss"), "--use-checkpoint-args").model
+    assert architecture_problems(read_checkpoint_info(tmp_path / "oss").model_config, m) == []
+    assert {name: getattr(m, name) for name in CHECKPOINT_ARGS} == \
+        {name: getattr(oss, name) for name in CHECKPOINT_ARGS}
     assert error_of("--use-checkpoint-args", "--load", str(tmp_path / "none")).startswith(
         "training.use_checkpoint_args=true: ")
 

@@ -180,13 +180,15 @@ def test_flags_without_effect_say_why():
     (["--use-tp-pp-dp-mapping"], ("--use-tp-pp-dp-mapping: mp lays ranks out in Megatron's "
                                   "default order (TP fastest, then CP, DP, PP); the TP-PP-DP "
                                   "order is not available")),
-    (["--use-torch-fsdp2"], ("--use-torch-fsdp2: mp has no FSDP (--use-megatron-fsdp, "
-                             "--use-torch-fsdp2); --use-distributed-optimizer shards the "
-                             "optimizer state over data parallel")),
+    (["--use-megatron-fsdp"], ("--use-megatron-fsdp: mp has no Megatron FSDP "
+                               "(--use-megatron-fsdp); --use-torch-fsdp2 shards parameters, "
+                               "gradients and optimizer state with PyTorch's FSDP2, "
+                               "--use-distributed-optimizer the optimizer state")),
     (["--data-parallel-sharding-strategy", "optim_grads"], (
-        "--data-parallel-sharding-strategy optim_grads: mp has no FSDP (--use-megatron-fsdp, "
-        "--use-torch-fsdp2); --use-distributed-optimizer shards the optimizer state over data "
-        "parallel; only no_shard is accepted")),
+        "--data-parallel-sharding-strategy optim_grads: mp has no Megatron FSDP "
+        "(--use-megatron-fsdp); --use-torch-fsdp2 shards parameters, gradients and optimizer "
+        "state with PyTorch's FSDP2, --use-distributed-optimizer the optimizer state; only "
+        "no_shard is accepted")),
     (["--batch-size", "4"], ("--batch-size: Megatron-LM refuses this old flag too: use "
                              "--micro-batch-size")),
     (["--rerun-mode", "validate_results"], (

@@ -102,6 +102,22 @@ LAYER_CASES = {  # name -> config overrides (tp and sequence_parallel are added 
                                           recompute_granularity="selective"),
     # a window reaching the first key from the last query: no mask, as without one
     "window_31_sdpa_flash": dict(window_size=[S - 1, 0], attention_dropout=0.0),
+    # attention sinks: q, k, v padded per call (a channel, a key), a mask for every call
+    # (a kept column; the causal ones bottom-right), the output cut to its channels; p2p's
+    # ring keeps its inputs and the logits (off-by-one's zeros)
+    "sinks_learnable_gqa_unfused_window": dict(softmax_type="learnable", window_size=[8, 0],
+                                               attention_backend="unfused",
+                                               num_attention_heads=16, num_query_groups=4),
+    "sinks_off_by_one_kv_channels_sdpa_flash_rope": dict(
+        softmax_type="off-by-one", kv_channels=12, attention_dropout=0.0,
+        position_embedding_type="rope"),
+    "sinks_learnable_sdpa_math": dict(softmax_type="learnable"),  # fp32 copies, wider
+    # an fp32 residual stream: fp32 norm inputs and statistics, the norms' fp32 weight copies
+    "fp32_residual_zero_centered": dict(fp32_residual_connection=True,
+                                        layernorm_zero_centered_gamma=True),
+    "fp32_residual_rmsnorm_swiglu_rope_selective": dict(
+        fp32_residual_connection=True, normalization="RMSNorm", activation="swiglu",
+        position_embedding_type="rope", recompute_granularity="selective"),
 }
 BLOCK_CASES = {  # two-layer chunks: full recompute over them, or layers that differ
     "full_uniform": dict(recompute_granularity="full", recompute_method="uniform"),
@@ -122,6 +138,9 @@ BLOCK_CASES = {  # two-layer chunks: full recompute over them, or layers that di
                                                 num_query_groups=4, attention_dropout=0.0),
     "window_every_other_layer_sdpa_flash": dict(window_size=[8, 0], window_attn_skip_freq=2,
                                                 attention_dropout=0.0),
+    "full_uniform_distributed_fp32_residual": dict(
+        recompute_granularity="full", recompute_method="uniform",
+        distribute_saved_activations=True, fp32_residual_connection=True),
 }
 
 
@@ -139,7 +158,8 @@ def _saved_bytes(module: torch.nn.Module, cfg: TransformerConfig, *args) -> int:
     runs the backward too, so that a wrong save would also show up as a failure."""
     s, cp = cfg.seq_length, cfg.context_parallel_size
     rows = s // cp // (cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
-    x = torch.randn(rows, B, H, dtype=torch.bfloat16, requires_grad=True)
+    dtype = torch.float32 if cfg.fp32_residual_connection else torch.bfloat16
+    x = torch.randn(rows, B, H, dtype=dtype, requires_grad=True)
     positions = local_positions(s, cp, ps.get_context_parallel_rank())  # this CP rank's
     freqs = (rotary_freqs(s, cfg.rotary_dim, cfg.rotary_base, x.device)[positions]
              if cfg.position_embedding_type == "rope" else None)
@@ -290,9 +310,15 @@ def model_saved_bytes(cfg: TransformerConfig, compiled: bool) -> int:
     # the first layer slides, the second attends fully
     (2, True, False, dict(cp=2, cp_comm_type="a2a", window_size=[8, 0],
                           window_attn_skip_freq=2, attention_dropout=0.0)),
+    # the embedding's output, the layers' and the final norm's inputs in fp32
+    (2, True, False, dict(fp32_residual_connection=True)),
+    # attention sinks, the core recomputed
+    (2, True, False, dict(softmax_type="learnable", recompute_granularity="selective",
+                          position_embedding_type="rope", num_query_groups=2)),
 ], ids=["tp1", "tp2_sp", "tp2_sp_compiled_swiglu", "tp2_sp_zero_centered_kv_channels",
         "tp2_sp_rmsnorm_llama", "tp2_qk_layernorm_squared_relu", "cp2", "tp2_cp2_sp_llama",
-        "tp2_cp2_sp_a2a_window_every_other_layer"])
+        "tp2_cp2_sp_a2a_window_every_other_layer", "tp2_sp_fp32_residual",
+        "tp2_sp_sinks_selective"])
 def test_saved_bytes_of_the_whole_model(tp, sequence_parallel, compiled, overrides):
     """Embedding, layers, final norm, output layer and what the cross-entropy saves (with
     context parallelism, on the last CP rank: a busiest one)."""

@@ -60,6 +60,12 @@ VARIANTS = {
     # a sliding window moves no byte: the first layer slides, the second attends fully
     "sp_window_every_other_layer": dict(sequence_parallel=True, window_size=[3, 0],
                                         window_attn_skip_freq=2),
+    # an fp32 residual stream: the SP calls move bf16 (the norms' outputs, the embedding cast
+    # after its split), the distributed checkpoints' inputs fp32
+    "sp_fp32_residual_block_recompute_distributed": dict(
+        sequence_parallel=True, precision="bf16", fp32_residual_connection=True,
+        recompute_granularity="full", recompute_method="block", recompute_num_layers=1,
+        distribute_saved_activations=True),
 }
 
 
@@ -206,7 +212,10 @@ def _pipelined_iteration(vpp, overrides: dict, bf16_grads: bool, tp: int = 1, cp
 PIPELINED = {"plain": ({}, False),
              "untied_bf16": (dict(untie_embeddings_and_output_weights=True, precision="bf16"),
                              False),
-             "tied_bf16_grads": (dict(precision="bf16"), True)}
+             "tied_bf16_grads": (dict(precision="bf16"), True),
+             # the stages send the fp32 residual stream
+             "fp32_residual_bf16": (dict(precision="bf16", fp32_residual_connection=True),
+                                    False)}
 
 
 @pytest.mark.parametrize("variant", list(PIPELINED))

@@ -203,6 +203,12 @@ SAVED_CASES = {  # name -> (tp, sequence parallel, overrides of the activation t
     # the second layer slides, and so do the depths (as the last layer): flash keeps its mask
     "tp2_sp_window_last_layer": (2, True, dict(MTP, window_size=[8, 0], attention_dropout=0.0,
                                                window_attn_skip_freq=[0, 1])),
+    # an fp32 residual stream, the depths' layers' too: enorm, hnorm, fp32 weight copies
+    "tp1_fp32_residual_zero_centered": (1, False, dict(MTP, fp32_residual_connection=True,
+                                                       layernorm_zero_centered_gamma=True)),
+    "tp2_sp_fp32_residual_llama": (2, True, dict(MTP, fp32_residual_connection=True,
+                                                 normalization="RMSNorm", activation="swiglu",
+                                                 add_bias_linear=False)),
 }
 
 

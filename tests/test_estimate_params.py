@@ -56,6 +56,7 @@ MOE_VARIANTS = {
     "gated_shared_expert_qkv_bias": dict(
         num_moe_experts=4, moe_ffn_hidden_size=32, moe_shared_expert_intermediate_size=32,
         moe_shared_expert_gate=True, add_qkv_bias=True, add_bias_linear=False),
+    "router_bias": dict(num_moe_experts=4, moe_ffn_hidden_size=32, moe_router_bias=True),
 }
 
 

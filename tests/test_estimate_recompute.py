@@ -50,6 +50,12 @@ CASES = {  # name -> (config overrides, recompute modules)
     "llama_mlp_core_attn": (LLAMA, ["mlp", "core_attn"]),
     "llama_fp32_layernorm_mlp": (dict(LLAMA, precision="fp32", attention_backend="unfused"),
                                  ["layernorm", "mlp"]),
+    # an fp32 residual stream: the norms keep fp32 inputs, rebuild fp32 weight copies
+    "layernorm_fp32_residual_zero_centered": (dict(fp32_residual_connection=True,
+                                                   layernorm_zero_centered_gamma=True),
+                                              ["layernorm"]),
+    "llama_fp32_residual_layernorm_mlp": (dict(LLAMA, fp32_residual_connection=True),
+                                          ["layernorm", "mlp"]),
     # mixtures of experts
     "moe": (MOE, ["moe"]),
     "moe_act": (MOE, ["moe_act"]),
@@ -115,7 +121,8 @@ def _kept_and_rebuilt(module: torch.nn.Module, cfg: TransformerConfig) -> tuple[
     s, cp = cfg.seq_length, cfg.context_parallel_size
     rows = s // cp // (cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
     torch.manual_seed(0)
-    x = torch.randn(rows, B, H, dtype=cfg.params_dtype, requires_grad=True)
+    x = torch.randn(rows, B, H, requires_grad=True,
+                    dtype=torch.float32 if cfg.fp32_residual_connection else cfg.params_dtype)
     positions = local_positions(s, cp, ps.get_context_parallel_rank())
     freqs = (rotary_freqs(s, cfg.rotary_dim, cfg.rotary_base, x.device)[positions]
              if cfg.position_embedding_type == "rope" else None)

@@ -195,8 +195,9 @@ def test_gpt_oss_layers_at_tp2_equal_tp1(overrides):
     ({"glu_linear_offset": 1.0, "activation": "squared_relu"}, "glu_linear_offset=1.0 acts"),
     ({"activation": "quick_geglu", "activation_func_clamp_value": 0.0}, "must be > 0"),
     ({"softmax_type": "sink"}, "softmax_type='sink' must be one of"),
-    ({"softmax_type": "learnable", "context_parallel_size": 2, "cp_comm_type": "p2p"},
-     "use cp_comm_type='all_gather'"),
+    # every cp_comm_type takes sinks; the hierarchical ones stay refused
+    ({"softmax_type": "learnable", "context_parallel_size": 2, "cp_comm_type": "a2a+p2p"},
+     "must be one of 'all_gather', 'a2a', 'p2p'"),
 ])
 def test_config_rules(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -1,6 +1,7 @@
 """Parameter counts of the shipped configs, the model built on the meta device: the GPT-3
 sizes against the analytic formula and Brown et al. 2020 (Table 2.1), the Llama 3 sizes
-against Meta's checkpoints, Mixtral 8x7B against Mistral's, DeepSeek-V3 against DeepSeek's."""
+against Meta's checkpoints, Mixtral 8x7B against Mistral's, DeepSeek-V3 against DeepSeek's,
+gpt-oss against OpenAI's model card."""
 
 import os
 from pathlib import Path
@@ -31,6 +32,10 @@ MIXTRAL = 93_405_585_408 // 2
 # and the multi-token-prediction layer left out), as public recounts of its safetensors
 # headers give them; the routers' score-correction biases among them
 DEEPSEEK_V3 = 671_026_419_200
+
+# OpenAI's gpt-oss model card (2025), Table 1: total and active parameters, in billions, as
+# printed (two decimals); layers and experts
+GPT_OSS = {"gpt-oss-20b": (20.91, 3.61, 24, 32), "gpt-oss-120b": (116.83, 5.13, 36, 128)}
 
 
 _NO_UNEVEN_SPLIT = [f"--model.num_layers_in_{end}_pipeline_stage=null" for end in ("first", "last")]
@@ -100,3 +105,24 @@ def test_deepseek_v3_parameter_count_is_deepseeks():
     attention = h * q + q + q * a * (dn + dr) + h * (c + dr) + c + c * a * (dn + dv) + a * dv * h
     moe_layer = attention + 2 * h + e * 3 * h * f + 3 * h * f + e * h + e
     assert with_mtp - built == 2 * h * h + 3 * h + moe_layer
+
+
+@pytest.mark.parametrize("name", list(GPT_OSS))
+def test_gpt_oss_parameter_count_is_the_model_cards(name):
+    """Biased projections, a sink logit per head, a biased router and biased gated experts in
+    every layer, untied embeddings: the built model equals the count written out here from the
+    architecture, which rounds to the card's total, and to its active count (the embedding
+    and the 124 or 28 experts a token skips left out); the estimator agrees."""
+    from mp.estimate import model_params
+
+    total, active, layers, experts = GPT_OSS[name]
+    [(built, _)] = run_distributed(1, _count_on_meta, name)
+    h, vocab, heads, groups, d, f, top = 2880, 201088, 64, 8, 64, 2880, 4
+    expert = h * 2 * f + 2 * f + f * h + h  # gated fc1 [2f, h] and fc2 [h, f], biased
+    attention = h * (heads + 2 * groups) * d + (heads + 2 * groups) * d + heads * d * h + h
+    layer = attention + heads + 2 * h + experts * (h + 1) + experts * expert  # sinks, norms
+    assert built == layers * layer + 2 * vocab * h + h
+    assert round(built / 1e9, 2) == total
+    assert round((built - vocab * h - layers * (experts - top) * expert) / 1e9, 2) == active
+    cfg = load_config(CONFIGS / f"{name}.yaml", [], world_size=8 if experts == 32 else 64).model
+    assert model_params(cfg) == built

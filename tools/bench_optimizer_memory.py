@@ -14,8 +14,9 @@ Megatron's figure ``w + g + (M + m + v) / d``: weights ``w`` (2 bf16/fp16, 4 fp3
 0 for fp32 models), moments ``m`` and ``v`` (4 each, 2 in bf16/fp16 with
 ``--use-precision-aware-optimizer --exp-avg-dtype/--exp-avg-sq-dtype``), ``d`` = DP /
 ``--num-distributed-optimizer-instances`` with the distributed optimizer, else 1: ``2 + 4 +
-12/d`` bf16, ``2 + 4 + 8/d`` with bf16 moments. Other arguments are config overrides
-(``launch/pretrain_gpt.py --help``).
+12/d`` bf16, ``2 + 4 + 8/d`` with bf16 moments. With ``--use-torch-fsdp2`` the weights (fp32,
+their own masters), gradients and moments are all shards over the DP x CP ranks: ``(4 + 4 +
+8) / DP``. Other arguments are config overrides (``launch/pretrain_gpt.py --help``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from bench_job import BenchJob
 
 from mp import parallel_state
+from mp.distributed.torch_fsdp2 import local_tensor
 from mp.estimate.setup import STATE_DTYPE_BYTES
 
 
@@ -41,9 +43,11 @@ def main() -> None:
     job.step()  # AdamW creates its moments here
     model, optimizer, m, tr = job.model, job.optimizer, job.cfg.model, job.cfg.training
     params = [p for chunk in model for p in chunk.module.parameters()]
-    n = sum(p.numel() for p in params)
-    weights = _nbytes(params)
-    grads = _nbytes(buffer.grads for chunk in model for buffer in chunk.buffers)
+    n = sum(p.numel() for p in params)  # a DTensor's numel is the whole tensor's
+    weights = _nbytes(local_tensor(p) for p in params)
+    fsdp = tr.use_torch_fsdp2
+    grads = _nbytes(local_tensor(p.grad) for p in params if p.grad is not None) if fsdp \
+        else _nbytes(buffer.grads for chunk in model for buffer in chunk.buffers)
     state = [t for s in optimizer.shards for t in optimizer.optimizer.state[s.main].values()]
     masters = [s.main for s in optimizer.shards if not s.main_is_param]
     opt = _nbytes(state) + _nbytes(masters)
@@ -54,8 +58,11 @@ def main() -> None:
     moments = STATE_DTYPE_BYTES[tr.exp_avg_dtype] + STATE_DTYPE_BYTES[tr.exp_avg_sq_dtype]
     grad_bytes = 2 if tr.grad_reduce_in_bf16 else 4
     formula = (2 if half else 4) + grad_bytes + ((4 if half else 0) + moments) / shards
+    if fsdp:
+        formula = (4 + 4 + moments) / dist.get_world_size(  # fp32 shards, grads too
+            parallel_state.get_data_parallel_group(with_context_parallel=True))
     if dist.get_rank() == 0:
-        name = "distributed" if tr.use_distributed_optimizer else "plain"
+        name = "FSDP" if fsdp else "distributed" if tr.use_distributed_optimizer else "plain"
         name += f", {instances} instances" if instances > 1 else ""
         name += f", moments {tr.exp_avg_dtype}/{tr.exp_avg_sq_dtype}" \
             if tr.use_precision_aware_optimizer else ""

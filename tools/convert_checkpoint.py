@@ -1,5 +1,5 @@
 """Convert Hugging Face GPT-2, Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE, Qwen2-MoE,
-DeepSeek-V2, DeepSeek-V3 and StarCoder2 weights to an mp checkpoint, and back; and
+DeepSeek-V2, DeepSeek-V3, StarCoder2 and gpt-oss weights to an mp checkpoint, and back; and
 Megatron-Core GPT checkpoints to mp, and back.
 
     python tools/convert_checkpoint.py hf-to-mp --input gpt2/ --output ckpt/gpt2 \\
@@ -14,14 +14,17 @@ Megatron-Core GPT checkpoints to mp, and back.
 
 ``hf-to-mp`` reads a ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``MistralForCausalLM``,
 ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``MixtralForCausalLM``, ``Qwen3MoeForCausalLM``,
-``Qwen2MoeForCausalLM``, ``DeepseekV2ForCausalLM``, ``DeepseekV3ForCausalLM`` or
-``Starcoder2ForCausalLM`` directory (``config.json`` with ``model.safetensors``, the shards a
-``model.safetensors.index.json`` names, or ``pytorch_model.bin``) or one weights file (then
-``--config`` names the ``config.json``); the config's ``model_type`` (``gpt2``, ``llama``,
-``mistral``, ``qwen2``, ``qwen3``, ``mixtral``, ``qwen3_moe``, ``qwen2_moe``, ``deepseek_v2``,
-``deepseek_v3`` or ``starcoder2``) picks the mapping (`mp.checkpointing.hf_gpt2`,
-`mp.checkpointing.hf_deepseek`, `mp.checkpointing.hf_starcoder2`, `mp.checkpointing.hf_llama`
-for the others).
+``Qwen2MoeForCausalLM``, ``DeepseekV2ForCausalLM``, ``DeepseekV3ForCausalLM``,
+``Starcoder2ForCausalLM`` or ``GptOssForCausalLM`` directory (``config.json`` with
+``model.safetensors``, the shards a ``model.safetensors.index.json`` names, or
+``pytorch_model.bin``) or one weights file (then ``--config`` names the ``config.json``);
+the config's ``model_type`` (``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``,
+``mixtral``, ``qwen3_moe``, ``qwen2_moe``, ``deepseek_v2``, ``deepseek_v3``, ``starcoder2``
+or ``gpt_oss``) picks the mapping (`mp.checkpointing.hf_gpt2`, `mp.checkpointing.hf_deepseek`,
+`mp.checkpointing.hf_starcoder2`, `mp.checkpointing.hf_gpt_oss`, `mp.checkpointing.hf_llama`
+for the others). gpt-oss's released weights are MXFP4-quantized (a ``quantization_config``)
+and are refused: load them with transformers' ``Mxfp4Config(dequantize=True)`` and
+``save_pretrained`` them in bf16 first.
 It writes a model-only mp checkpoint (a save directory with ``iter_0000000``). mp checkpoints
 are layout-free: the result loads at any tensor/pipeline/data-parallel layout whose padded
 vocabulary matches, which ``--tensor-model-parallel-size`` and
@@ -32,8 +35,8 @@ training from it with ``launch/pretrain_gpt.py --load ckpt/gpt2``.
 the fp32 masters when it has them) and writes ``config.json`` and the weights in GPT-2's
 names and layout, or Llama's for a model with rotary embeddings (Qwen3's with
 ``qk_layernorm``, Mixtral's or Qwen3-MoE's with experts, DeepSeek-V3's with multi-latent
-attention, StarCoder2's with LayerNorm; ``lm_head.weight`` is left
-out of safetensors files when tied, as ``save_pretrained`` does).
+attention, gpt-oss's with attention sinks or quick GeGLU, StarCoder2's with LayerNorm;
+``lm_head.weight`` is left out of safetensors files when tied, as ``save_pretrained`` does).
 
 ``megatron-to-mp`` reads a Megatron-LM save directory (or one ``iter_XXXXXXX``) in the
 ``torch_dist`` format, Megatron-LM's default, or the legacy ``torch`` one (one stage), and
@@ -76,6 +79,7 @@ from mp.checkpointing import (
     CheckpointError,
     hf_deepseek,
     hf_gpt2,
+    hf_gpt_oss,
     hf_llama,
     hf_starcoder2,
     load_global_model,
@@ -91,15 +95,19 @@ SAFETENSORS, BIN, CONFIG = "model.safetensors", "pytorch_model.bin", "config.jso
 INDEX = SAFETENSORS + ".index.json"  # a sharded checkpoint's map of tensors to files
 # config.json's model_type -> its mapping
 FORMATS = {"gpt2": hf_gpt2, "deepseek_v3": hf_deepseek, "deepseek_v2": hf_deepseek,
-           "starcoder2": hf_starcoder2, **{kind: hf_llama for kind in hf_llama.FAMILIES}}
+           "starcoder2": hf_starcoder2, "gpt_oss": hf_gpt_oss,
+           **{kind: hf_llama for kind in hf_llama.FAMILIES}}
 
 
 def _format_of(config: TransformerConfig):
     """The Hugging Face mapping an mp model converts to: DeepSeek-V3's with multi-latent
-    attention, else with rotary embeddings StarCoder2's with LayerNorm (its GeLU MLP and
-    biases) and Llama's (and its kin, `hf_llama.FAMILIES`) with RMSNorm; GPT-2's without."""
+    attention, gpt-oss's with attention sinks or quick GeGLU, else with rotary embeddings
+    StarCoder2's with LayerNorm (its GeLU MLP and biases) and Llama's (and its kin,
+    `hf_llama.FAMILIES`) with RMSNorm; GPT-2's without."""
     if config.multi_latent_attention:
         return hf_deepseek
+    if config.softmax_type != "vanilla" or config.activation == "quick_geglu":
+        return hf_gpt_oss
     if config.position_embedding_type != "rope":
         return hf_gpt2
     return hf_starcoder2 if config.normalization == "LayerNorm" else hf_llama

@@ -9,8 +9,8 @@
   newest complete checkpoint of a save directory is (or a given iteration's).
 - `mp.checkpointing.job`: the pretraining job's resume and save hook;
   `mp.checkpointing.hf_gpt2`, `hf_llama` (with `hf_llama_config`), `hf_starcoder2`,
-  `hf_deepseek`: Hugging Face weights to and from global names; `mp.checkpointing.megatron`:
-  Megatron-Core checkpoints to global names.
+  `hf_deepseek`, `hf_gpt_oss`: Hugging Face weights to and from global names;
+  `mp.checkpointing.megatron`: Megatron-Core checkpoints to global names.
 - `CheckpointError`, `CorruptCheckpointError`.
 
 See docs/checkpoints.md for the format and the guarantees.

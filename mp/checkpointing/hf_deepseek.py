@@ -52,6 +52,8 @@ from mp.checkpointing.hf_tensors import (
     pad_rows,
     rope_parameters,
     shift_norm_weights,
+    yarn_from_hf,
+    yarn_to_hf,
 )
 from mp.model.config import TransformerConfig
 
@@ -150,12 +152,7 @@ def _rope(hf: dict) -> dict:
     if kind != "yarn" or parameters.get("attention_factor") is not None:
         raise ValueError(f"RoPE scaling {parameters!r}: mp's DeepSeek has YaRN (rope_type "
                          "'yarn', its attention factor from mscale and mscale_all_dim) or none")
-    return {**fields, "rope_type": "yarn",
-            "yarn_rotary_scaling_factor": float(parameters["factor"]),
-            "yarn_original_max_position_embeddings":
-                parameters["original_max_position_embeddings"],
-            "yarn_beta_fast": float(parameters.get("beta_fast", 32.0)),
-            "yarn_beta_slow": float(parameters.get("beta_slow", 1.0)),
+    return {**fields, **yarn_from_hf(parameters),
             "yarn_mscale": float(parameters.get("mscale", 1.0)),
             "yarn_mscale_all_dim": float(parameters.get("mscale_all_dim", 0.0))}
 
@@ -173,7 +170,8 @@ def _check(config: TransformerConfig) -> None:
         "activation": ("swiglu",), "add_bias_linear": (False,), "layernorm_epsilon": (1e-6,),
         "untie_embeddings_and_output_weights": (True,), "window_size": (None,),
         "rotary_interleaved": (False,), "activation_func_clamp_value": (None,),
-        "glu_linear_offset": (0.0,), "softmax_type": ("vanilla",), **routing},
+        "glu_linear_offset": (0.0,), "softmax_type": ("vanilla",), "moe_router_bias": (False,),
+        **routing},
         name)
     pattern = [int(config.is_moe_layer(i)) for i in range(config.num_layers)]
     if config.num_moe_experts is None or pattern != sorted(pattern):
@@ -199,10 +197,8 @@ def hf_config(config: TransformerConfig) -> dict:
     version = _version(config)
     rope = {"rope_type": "default", "rope_theta": config.rotary_base}
     if config.rope_type == "yarn":
-        rope.update(rope_type="yarn", factor=config.yarn_rotary_scaling_factor,
-                    original_max_position_embeddings=config.yarn_original_max_position_embeddings,
-                    beta_fast=config.yarn_beta_fast, beta_slow=config.yarn_beta_slow,
-                    mscale=config.yarn_mscale, mscale_all_dim=config.yarn_mscale_all_dim)
+        rope.update(**yarn_to_hf(config), mscale=config.yarn_mscale,
+                    mscale_all_dim=config.yarn_mscale_all_dim)
     groups = config.moe_router_num_groups
     routing = ({"n_group": groups or 1, "topk_group": config.moe_router_group_topk or 1,
                 "norm_topk_prob": True, "rope_interleave": False,

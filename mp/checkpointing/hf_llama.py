@@ -81,8 +81,7 @@ import torch
 from mp.checkpointing.hf_llama_config import FAMILIES, config_from_hf, hf_config, model_type
 from mp.checkpointing.hf_tensors import (
     check_keys,
-    check_output_layer,
-    pad_rows,
+    llama_ends_to_mp,
     qkv_to_hf,
     qkv_to_mp,
     shift_norm_weights,
@@ -150,7 +149,6 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
     hf = {k.removeprefix(_PREFIX): v for k, v in state_dict.items()
           if not k.endswith(_IGNORED_BUFFERS)}
     head = hf.pop("lm_head.weight", None)
-    tied = not config.untie_embeddings_and_output_weights
     check_keys(set(hf), {"embed_tokens.weight", "norm.weight"} | {
         f"layers.{i}.{name}" for i in range(config.num_layers)
         for name in (pair[0] for pair in _layer_pairs(config, i))} | {
@@ -158,12 +156,7 @@ def hf_to_mp(state_dict: dict[str, torch.Tensor],
         for kind in _qkv_parameters(config)} | {
         name for i in range(config.num_layers) for names, _ in _expert_names(config, i)
         for name in names}, f"{FAMILIES[model_type(config)].name} state dict")
-    check_output_layer(head, hf["embed_tokens.weight"], tied, "embed_tokens")
-    rows = config.padded_vocab_size
-    mp = {"embedding.word_embeddings.weight": pad_rows(hf["embed_tokens.weight"], rows),
-          "decoder.final_layernorm.weight": hf["norm.weight"]}
-    if not tied:
-        mp["output_layer.weight"] = pad_rows(head, rows)
+    mp = llama_ends_to_mp(hf, head, config)
     for i in range(config.num_layers):
         src, dst = f"layers.{i}.", f"decoder.layers.{i}."
         for kind in _qkv_parameters(config):

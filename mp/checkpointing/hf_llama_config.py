@@ -94,17 +94,30 @@ def _windows_from_hf(hf: dict, kind: str) -> dict:
     if style == "layers":
         types = hf.get("layer_types")
         if types is not None:
-            if len(types) != layers or not set(types) <= {_SLIDING, _FULL}:
-                raise ValueError(f"layer_types={types!r}: mp's {name} needs '{_FULL}' or "
-                                 f"'{_SLIDING}' for each of the num_hidden_layers={layers} "
-                                 "layers")
-            slides = [t == _SLIDING for t in types]
+            slides = sliding_from_layer_types(types, layers, name)
             if any(slides) and not on:
                 raise ValueError(f"layer_types={types!r} with use_sliding_window="
                                  f"{hf.get('use_sliding_window')!r}: mp's {name} slides the "
                                  f"'{_SLIDING}' layers with use_sliding_window=true")
         elif width is not None:
             slides = _derived_layer_types(kind, layers, hf.get("max_window_layers", 28))
+    return window_fields(slides, width, name)
+
+
+def sliding_from_layer_types(types: list[str], layers: int, name: str) -> list[bool]:
+    """Whether each layer slides, as a config's ``layer_types`` says; ValueError for a list
+    that does not name ``'full_attention'`` or ``'sliding_attention'`` for every layer."""
+    if len(types) != layers or not set(types) <= {_SLIDING, _FULL}:
+        raise ValueError(f"layer_types={types!r}: mp's {name} needs '{_FULL}' or "
+                         f"'{_SLIDING}' for each of the num_hidden_layers={layers} layers")
+    return [t == _SLIDING for t in types]
+
+
+def window_fields(slides: list[bool], width, name: str) -> dict:
+    """mp's ``window_size`` and ``window_attn_skip_freq`` (a 0/1 per layer, None when every
+    layer slides) for the layers ``slides`` names sliding through Hugging Face's
+    ``sliding_window = width``; none when no layer slides. ValueError for a width mp cannot
+    take."""
     if not any(slides):
         return {}
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
@@ -113,6 +126,12 @@ def _windows_from_hf(hf: dict, kind: str) -> dict:
                          "sliding_window positions back)")
     return {"window_size": [width - 1, 0],
             "window_attn_skip_freq": None if all(slides) else [int(s) for s in slides]}
+
+
+def layer_types(config: TransformerConfig) -> list[str]:
+    """Hugging Face's ``layer_types`` of mp model ``config``: each layer's
+    ``'sliding_attention'`` or ``'full_attention'``."""
+    return [_SLIDING if s else _FULL for s in _sliding_layers(config)]
 
 
 def _windows_to_hf(config: TransformerConfig, kind: str) -> dict:
@@ -137,7 +156,7 @@ def _windows_to_hf(config: TransformerConfig, kind: str) -> dict:
     first = next((n for n in range(config.num_layers + 1)
                   if _derived_layer_types(kind, config.num_layers, n) == slides), None)
     return {"use_sliding_window": True, **width,
-            "layer_types": [_SLIDING if s else _FULL for s in slides],
+            "layer_types": layer_types(config),
             **({} if first is None else {"max_window_layers": first})}
 
 
@@ -247,7 +266,8 @@ def hf_config(config: TransformerConfig) -> dict:
              "no_rope_freq": (None,), "activation_func_clamp_value": (None,),
              "glu_linear_offset": (0.0,), "softmax_type": ("vanilla",),
              "add_qkv_bias": (True, False) if kind == "qwen2_moe" else (FAMILIES[kind].qkv_bias,),
-             "moe_shared_expert_gate": (FAMILIES[kind].shared_expert,)}
+             "moe_shared_expert_gate": (FAMILIES[kind].shared_expert,),
+             "rope_type": ("rope",), "moe_router_bias": (False,)}
     if kind == "mixtral":  # routed as Mixtral routes
         needs.update(moe_router_pre_softmax=(False,))
     if FAMILIES[kind].experts is not None:

@@ -66,6 +66,21 @@ def check_output_layer(head: torch.Tensor | None, embedding: torch.Tensor, tied:
         raise ValueError("tie_word_embeddings is false but the state dict has no lm_head.weight")
 
 
+def llama_ends_to_mp(hf: dict[str, torch.Tensor], head: torch.Tensor | None,
+                     config: TransformerConfig) -> dict[str, torch.Tensor]:
+    """mp's embedding, final norm and (untied) output layer from a Llama-style ``hf``
+    (``embed_tokens.weight``, ``norm.weight``; ``head``: ``lm_head.weight`` or None), the
+    vocabulary padded to ``config.padded_vocab_size`` rows."""
+    tied = not config.untie_embeddings_and_output_weights
+    check_output_layer(head, hf["embed_tokens.weight"], tied, "embed_tokens")
+    rows = config.padded_vocab_size
+    mp = {"embedding.word_embeddings.weight": pad_rows(hf["embed_tokens.weight"], rows),
+          "decoder.final_layernorm.weight": hf["norm.weight"]}
+    if not tied:
+        mp["output_layer.weight"] = pad_rows(head, rows)
+    return mp
+
+
 def check_expressible(config: TransformerConfig, needs: dict[str, tuple], family: str) -> None:
     """ValueError naming each ``model.key`` whose value is not among ``needs[key]``."""
     wrong = [f"{k}={getattr(config, k)!r}" for k, v in needs.items() if getattr(config, k) not in v]
@@ -74,13 +89,38 @@ def check_expressible(config: TransformerConfig, needs: dict[str, tuple], family
                          + ", ".join(f"{k} in {v!r}" for k, v in needs.items()))
 
 
-def rope_parameters(hf: dict) -> tuple[str, float, dict]:
+def rope_parameters(hf: dict, default_base: float = 10000.0) -> tuple[str, float, dict]:
     """A Hugging Face config's RoPE, from ``rope_theta`` and ``rope_scaling`` or transformers
-    5's ``rope_parameters``: ``(its scaling's kind, "default" for none; its base; the
-    scaling's parameters)``."""
+    5's ``rope_parameters``: ``(its scaling's kind, "default" for none; its base,
+    ``default_base`` when it has none (the family's ``default_theta``); the scaling's
+    parameters)``."""
     parameters = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     kind = parameters.get("rope_type", parameters.get("type", "default"))
-    return kind, float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0))), parameters
+    base = parameters.get("rope_theta", hf.get("rope_theta", default_base))
+    return kind, float(base), parameters
+
+
+def yarn_from_hf(parameters: dict) -> dict:
+    """mp's YaRN fields of a ``rope_type: yarn`` scaling's ``parameters`` but its magnitude
+    (``mscale``, ``mscale_all_dim``, ``attention_factor``: each family reads them), with
+    transformers' defaults: ``beta_fast`` 32, ``beta_slow`` 1, and ``truncate`` true (the
+    ramp's ends rounded to whole pairs: mp's ``yarn_correction_range_round_to_int``)."""
+    return {"rope_type": "yarn", "yarn_rotary_scaling_factor": float(parameters["factor"]),
+            "yarn_original_max_position_embeddings":
+                parameters["original_max_position_embeddings"],
+            "yarn_beta_fast": float(parameters.get("beta_fast") or 32.0),
+            "yarn_beta_slow": float(parameters.get("beta_slow") or 1.0),
+            "yarn_correction_range_round_to_int": bool(parameters.get("truncate", True))}
+
+
+def yarn_to_hf(config: TransformerConfig) -> dict:
+    """The ``rope_parameters`` of mp model ``config``'s YaRN but its magnitude (the inverse of
+    `yarn_from_hf`; ``truncate`` written when false, transformers' default being true)."""
+    rounded = config.yarn_correction_range_round_to_int
+    return {"rope_type": "yarn", "factor": config.yarn_rotary_scaling_factor,
+            "original_max_position_embeddings": config.yarn_original_max_position_embeddings,
+            "beta_fast": config.yarn_beta_fast, "beta_slow": config.yarn_beta_slow,
+            **({} if rounded else {"truncate": False})}
 
 
 def common_fields(hf: dict, tensor_model_parallel_size: int,

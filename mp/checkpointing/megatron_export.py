@@ -161,6 +161,7 @@ def args_from_config(config: TransformerConfig, *, iteration: int = 0,
         expert_model_parallel_size=config.expert_model_parallel_size,
         expert_tensor_parallel_size=config.expert_tensor_parallel_size,
         fp16=config.precision == "fp16", bf16=config.precision == "bf16",
+        fp32_residual_connection=config.fp32_residual_connection,
         params_dtype=config.params_dtype, transformer_impl=transformer_impl,
         ckpt_format="torch_dist", iteration=iteration, num_experts=experts,
         **({name: getattr(config, name) for name in MOE_ARGS} if experts else {}))

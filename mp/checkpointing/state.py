@@ -20,6 +20,9 @@ Optimizer entries are written and read per `mp.optim.ParamShard`: a whole parame
 distributed optimizer, the flat slice of it this data-parallel rank updates, placed as the
 rectangles that tile it (`Placement.of_flat_range`). The global tensors are the same either way, so
 a checkpoint loads with or without the distributed optimizer at any data-parallel size.
+Under FSDP (`mp.distributed.torch_fsdp2`) a rank holds rows of each parameter: it writes and
+reads its weights, masters-to-be and moments as those rows of the same global tensors, so a
+checkpoint loads with or without FSDP.
 The moments are fp32 even when the precision-aware optimizer keeps them in bf16 or fp16
 (`mp.optim.PrecisionAwareAdamW`: ``adam_state`` decodes them, ``load_adam_state`` rounds them
 into the loading run's dtypes): fp16 moments are scaled per shard and chunk, so their stored
@@ -37,6 +40,7 @@ import torch
 from mp.checkpointing.naming import NamedParameter, Placement
 from mp.checkpointing.rng import get_rng_state
 from mp.checkpointing.storage import PlacedTensors, placed
+from mp.distributed.torch_fsdp2 import dp_shard_range, local_tensor
 from mp.optim import MixedPrecisionOptimizer, ParamShard
 from mp.optim.precision_aware import MOMENTS
 
@@ -76,8 +80,25 @@ def _shards(optimizer: MixedPrecisionOptimizer, params: list[NamedParameter]
 
 def _pieces(values: torch.Tensor, shard: ParamShard, placement: Placement) -> list:
     """``values`` (one per element of ``shard``, shaped like its master) as placed pieces."""
+    return _flat_pieces(values, shard.param.shape, shard.start, shard.end, placement)
+
+
+def _weight(entry: NamedParameter) -> list:
+    """The placed pieces of ``entry``'s weight this rank holds: the parameter, or an FSDP
+    parameter's rows (its local tensor, `mp.distributed.torch_fsdp2`)."""
+    local = local_tensor(entry.param)
+    if local is entry.param:
+        return placed(entry.param, entry.placement)
+    return _flat_pieces(local, entry.param.shape, *dp_shard_range(entry.param),
+                        entry.placement)
+
+
+def _flat_pieces(values: torch.Tensor, shape: torch.Size, start: int, end: int,
+                 placement: Placement) -> list:
+    """``values``, elements ``[start, end)`` of a tensor of ``shape`` placed at
+    ``placement``, as placed pieces (views of ``values``)."""
     flat, pieces, position = values.view(-1), [], 0
-    for sizes, box in placement.of_flat_range(shard.param.shape, shard.start, shard.end):
+    for sizes, box in placement.of_flat_range(shape, start, end):
         count = math.prod(sizes)
         pieces.append((flat[position:position + count].view(sizes), box))
         position += count
@@ -87,7 +108,7 @@ def _pieces(values: torch.Tensor, shard: ParamShard, placement: Placement) -> li
 # --- saving -------------------------------------------------------------------------------
 
 def model_tensors(params: list[NamedParameter]) -> PlacedTensors:
-    return {model_key(e.name): placed(e.param, e.placement) for e in params if e.owner}
+    return {model_key(e.name): _weight(e) for e in params if e.owner}
 
 
 def optimizer_tensors(optimizer: MixedPrecisionOptimizer,
@@ -161,7 +182,7 @@ class OptimizerTargets:
 def model_targets(params: list[NamedParameter], stored: set[str]) -> PlacedTensors:
     """Every parameter of this rank, the tied embedding's copy included. (With an optimizer,
     `OptimizerTargets` replaces the targets of half-precision parameters by their masters.)"""
-    return {weight_source(e.name, stored): placed(e.param, e.placement) for e in params}
+    return {weight_source(e.name, stored): _weight(e) for e in params}
 
 
 def rng_targets(rank: int, shapes: dict[str, tuple[torch.Size, torch.dtype]]

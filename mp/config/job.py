@@ -88,7 +88,8 @@ class JobConfig:
         pipeline stages the micro-batches fit Megatron's interleaved schedule (a multiple of
         PP, or with micro-batch groups `interleaved_microbatches_rule`), expert parallelism
         fits (`_check_experts`), the distributed optimizer's instances divide DP x CP
-        (`TrainingConfig.check_optimizer_instances`), a run counted in samples holds at least
+        (`TrainingConfig.check_optimizer_instances`), FSDP goes with the model
+        (`_check_fsdp`), a run counted in samples holds at least
         one iteration, ``training.grad_reduce_in_bf16`` goes with a bf16 model, DeepSpeed
         jobs do not ask for the norms and counts only mp's optimizer measures, and the ranks
         to profile exist."""
@@ -109,6 +110,7 @@ class JobConfig:
                 f"training.train_samples={self.training.train_samples} holds no whole iteration "
                 f"(the first takes {schedule.global_batch_size_at(0)} samples)")
         self._check_experts(world_size)
+        self._check_fsdp()
         m = self.model
         self.training.check_optimizer_instances(self.data_parallel_size(world_size),
                                                 m.context_parallel_size,
@@ -141,6 +143,22 @@ class JobConfig:
             raise ConfigError(f"model.mtp_num_layers={self.model.mtp_num_layers} is not "
                               "supported with training.deepspeed=true; train with mp's "
                               "optimizer")
+
+    def _check_fsdp(self) -> None:
+        """FSDP2 (``training.use_torch_fsdp2``) trains fp32 or bf16 models without expert
+        parallelism (Megatron refuses fp16 and EP too)."""
+        m = self.model
+        if not self.training.use_torch_fsdp2:
+            return
+        if m.precision == "fp16":
+            raise ConfigError("training.use_torch_fsdp2=true with model.precision='fp16': not "
+                              "supported (FSDP's shards are fp32 masters, so the loss scaler "
+                              "would not act; Megatron refuses it too); use bf16")
+        if m.num_moe_experts is not None and m.expert_model_parallel_size > 1:
+            raise ConfigError(f"training.use_torch_fsdp2=true with model."
+                              f"expert_model_parallel_size={m.expert_model_parallel_size}: not "
+                              "supported (experts would need a sharding group of their own); "
+                              "use expert_model_parallel_size=1")
 
     def _check_experts(self, world_size: int) -> None:
         """Expert parallelism divides DP x CP; DeepSpeed's engine has no expert groups."""

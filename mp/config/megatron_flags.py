@@ -40,7 +40,8 @@ _MEGATRON_NAMES = {
         "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "mtp_num_layers",
         "mtp_loss_scaling_factor", "window_size", "window_attn_skip_freq", "rotary_interleaved",
         "qk_l2_norm", "no_rope_freq", "activation_func_clamp_value", "glu_linear_offset",
-        "softmax_type",
+        "softmax_type", "yarn_original_max_position_embeddings", "yarn_beta_fast",
+        "yarn_beta_slow",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
@@ -51,6 +52,7 @@ _MEGATRON_NAMES = {
         "adam_beta2", "adam_eps", "clip_grad", "seed", "loss_scale", "initial_loss_scale",
         "min_loss_scale", "loss_scale_window", "hysteresis", "use_distributed_optimizer",
         "overlap_param_gather", "overlap_grad_reduce", "deepspeed", "deepspeed_config",
+        "use_torch_fsdp2",
         "eval_interval", "eval_iters", "save", "load", "finetune", "use_checkpoint_args",
         "use_mp_args_from_checkpoint_args", "pretrained_checkpoint",
         "no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng",
@@ -138,6 +140,8 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--use-flash-attn": ("model.attention_backend", "sdpa"),
     "--recompute-activations": ("model.recompute_granularity", "selective"),
     "--apex-fused-adam": ("training.optimizer_impl", "apex"),
+    "--torch-fsdp2-no-reshard-after-forward": ("training.torch_fsdp2_reshard_after_forward",
+                                               "false"),
     "--apex-layer-norm": ("model.normalization_impl", "apex"),
     "--no-masked-softmax-fusion": ("model.masked_softmax_fusion", "false"),
     "--no-bias-dropout-fusion": ("model.bias_dropout_fusion", "false"),
@@ -146,6 +150,7 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--cross-entropy-loss-fusion": ("model.cross_entropy_loss_fusion", "true"),
     "--no-cross-entropy-loss-fusion": ("model.cross_entropy_loss_fusion", "false"),
     "--apply-layernorm-1p": ("model.layernorm_zero_centered_gamma", "true"),
+    "--fp32-residual-connection": ("model.fp32_residual_connection", "true"),
     "--no-manual-gc-eval": ("training.manual_gc_eval", "false"),
     "--no-mmap-bin-files": ("data.mmap_bin_files", "false"),
     "--no-data-sharding": ("data.data_sharding", "false"),
@@ -153,6 +158,10 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--moe-grouped-gemm": ("model.moe_grouped_gemm", "true"),
     "--moe-router-enable-expert-bias": ("model.moe_router_enable_expert_bias", "true"),
     "--no-overlap-p2p-communication": ("model.overlap_p2p_comm", "false"),
+    "--yarn-correction-range-round-to-int": ("model.yarn_correction_range_round_to_int",
+                                             "true"),
+    "--no-yarn-correction-range-round-to-int": ("model.yarn_correction_range_round_to_int",
+                                                "false"),
 }
 
 _LOSS_CHECK = ("mp always checks the loss: a non-finite one stops a bf16/fp32 run, and fp16's "
@@ -284,8 +293,9 @@ NO_EFFECT_FLAGS: dict[str, tuple[int | None, str]] = {
 
 #: Megatron-LM flags of features mp does not have -> what to say when one is given
 #: (`UNSUPPORTED_PREFIXES` covers whole families of them).
-_FSDP = ("mp has no FSDP (--use-megatron-fsdp, --use-torch-fsdp2); --use-distributed-optimizer "
-         "shards the optimizer state over data parallel")
+_FSDP = ("mp has no Megatron FSDP (--use-megatron-fsdp); --use-torch-fsdp2 shards parameters, "
+         "gradients and optimizer state with PyTorch's FSDP2, --use-distributed-optimizer the "
+         "optimizer state")
 _FP8 = "mp has no FP8 training (Transformer Engine); use --bf16"
 _RERUN = ("mp has no re-run engine: it never re-runs an iteration to check its result (a "
           "non-finite loss stops a bf16/fp32 run)")
@@ -302,9 +312,9 @@ def _renamed(new: str) -> str:
 
 
 UNSUPPORTED_FLAGS: dict[str, str] = {
-    **dict.fromkeys(("--use-megatron-fsdp", "--use-torch-fsdp2", "--use-custom-fsdp",
+    **dict.fromkeys(("--use-megatron-fsdp", "--use-custom-fsdp",
                      "--fsdp-double-buffer", "--suggested-communication-unit-size",
-                     "--enable-full-sharding-in-hsdp", "--torch-fsdp2-no-reshard-after-forward",
+                     "--enable-full-sharding-in-hsdp",
                      "--init-model-with-meta-device", "--no-strict-fsdp-dtensor-load"), _FSDP),
     **dict.fromkeys(("--no-fp8-wgrad", "--first-last-layers-bf16", "--num-layers-at-start-in-bf16",
                      "--num-layers-at-end-in-bf16", "--reuse-grad-buf-for-mxfp8-param-ag",
@@ -337,7 +347,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
                             "(read back with --config)"),
     "--tokenizer-metadata": ("mp's tokenizers take --tokenizer-type and their files only "
                              "(docs/training.md)"),
-    "--fp32-residual-connection": "mp keeps the residual stream in the model's precision",
     "--apply-residual-connection-post-layernorm": ("mp's layers add the residual from before "
                                                    "the norm (pre-norm, Megatron's default)"),
     "--use-legacy-models": "mp has one GPT, laid out as Megatron-Core's; drop the flag",

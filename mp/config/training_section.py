@@ -105,7 +105,10 @@ class TrainingConfig(Section):
     ``main_params_dtype`` stays fp32. Without the flag every one of them must be fp32, as
     Megatron checks; unlike Megatron, mp does not require the distributed optimizer.
     ``deepspeed`` hands data parallelism and the optimizer (ZeRO stage 1 or 2) to DeepSpeed's
-    engine configured by the JSON file ``deepspeed_config``.
+    engine configured by the JSON file ``deepspeed_config``. ``use_torch_fsdp2`` (Megatron's
+    flag) shards the parameters, gradients and optimizer state over DP x CP with PyTorch's FSDP2
+    (`mp.distributed.torch_fsdp2`), ``torch_fsdp2_reshard_after_forward`` false keeping each
+    unit's gathered weights from forward to backward.
     """
 
     section: ClassVar[str] = "training"
@@ -147,6 +150,10 @@ class TrainingConfig(Section):
     overlap_param_gather: bool = True  # distributed optimizer: all-gather during forward
     num_distributed_optimizer_instances: int = 1  # distributed optimizer: copies of its state
     optimizer_impl: str = "torch"  # torch | apex (FusedAdam)
+    use_torch_fsdp2: bool = False  # ZeRO-3: parameters, gradients and optimizer state
+    # sharded over DP x CP by PyTorch's FSDP2 (Megatron's --use-torch-fsdp2)
+    torch_fsdp2_reshard_after_forward: bool = True  # FSDP2: free gathered weights after
+    # forward, gather again for backward (false: Megatron's --torch-fsdp2-no-reshard-after-forward)
     deepspeed: bool = False
     deepspeed_config: str | None = None
     overlap_grad_reduce: bool = True
@@ -255,6 +262,7 @@ class TrainingConfig(Section):
                                   f"{getattr(self, name)!r}: not supported ({why}); drop one "
                                   "of them")
         self._check_instances()
+        self._check_fsdp()
         self._check_precision_aware()
         self._check_kept_checkpoints()
         for name, what in _NEEDS_LOAD.items():
@@ -319,6 +327,29 @@ class TrainingConfig(Section):
         if interval is not None and self.save is None:
             raise ConfigError(f"training.non_persistent_save_interval={interval} needs "
                               "training.save (the job that saves)")
+
+    def _check_fsdp(self) -> None:
+        """``use_torch_fsdp2`` replaces mp's data parallelism and shards what the distributed
+        optimizer and DeepSpeed's ZeRO would; the replicas it leaves are not whole."""
+        if not self.use_torch_fsdp2:
+            if not self.torch_fsdp2_reshard_after_forward:
+                raise ConfigError("training.torch_fsdp2_reshard_after_forward=false needs "
+                                  "training.use_torch_fsdp2=true (add --use-torch-fsdp2)")
+            return
+        refused = {
+            "use_distributed_optimizer": "FSDP shards the optimizer state already (Megatron "
+                                         "refuses the pair too)",
+            "deepspeed": "DeepSpeed's engine would wrap the model a second time",
+            "use_precision_aware_optimizer": "mp's precision-aware optimizer is not wired to "
+                                             "FSDP's sharded gradients",
+            "check_weight_hash_across_dp_replicas_interval": "FSDP's data-parallel ranks hold "
+                                                             "different rows, not replicas",
+        }
+        for name, why in refused.items():
+            if getattr(self, name) not in (False, None):
+                raise ConfigError(f"training.use_torch_fsdp2=true with training.{name}="
+                                  f"{getattr(self, name)!r}: not supported ({why}); drop one "
+                                  "of them")
 
     def _check_instances(self) -> None:
         """``num_distributed_optimizer_instances``: a positive count; above 1 it shards the

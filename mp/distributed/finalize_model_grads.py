@@ -31,10 +31,13 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from mp import parallel_state
+from mp.distributed.torch_fsdp2 import local_tensor
 
 
 def _grad(param: nn.Parameter) -> torch.Tensor | None:
-    return param.main_grad if hasattr(param, "main_grad") else param.grad
+    """``param``'s gradient: DDP's ``main_grad``, else ``.grad`` (an FSDP parameter's local
+    shard of it, which lines up across the TP and embedding groups)."""
+    return param.main_grad if hasattr(param, "main_grad") else local_tensor(param.grad)
 
 
 def allreduce_sequence_parallel_grads(model_chunks: Iterable[nn.Module],

@@ -29,6 +29,12 @@ with sequence parallelism (else ``n``):
   recomputed);
 - with ``layernorm_zero_centered_gamma``, each norm's ``1 + weight``, ``2 e h``.
 
+With ``fp32_residual_connection`` (16-bit models) the residual stream is fp32: the two norm
+inputs take 4 bytes an element instead of ``e`` (their statistics on the CPU too, and a
+``layernorm`` recompute's kept inputs), and each norm keeps the fp32 copies of its weights it
+computes with instead of a 16-bit ``1 + weight`` (`mp.estimate.storage.norm_weight_terms`);
+everything between the norms, the dropout masks included, stays in ``e``.
+
 With 16-bit activations, GeLU, ``f = 4h``, the unfused core and the statistics left out, the
 sum is Korthikanti's ``s b h (34 + 5 a s / h)`` at ``t = 1``, ``s b h (10 + 24 / t + 5 a s /
 (h t))`` under TP and ``s b h / t (34 + 5 a s / h)`` with SP, term for term. Full recompute
@@ -79,6 +85,8 @@ from mp.estimate.storage import (
     kept_input_name,
     local_tokens,
     norm_terms,
+    norm_weight_terms,
+    residual_bytes,
     sequence_rows,
 )
 from mp.model.config import TransformerConfig
@@ -160,12 +168,13 @@ def _norm_half(cfg: TransformerConfig, kernels: Kernels, rows: float, recomputed
     `CheckpointWithoutOutput`."""
     e, h = activation_bytes(cfg), cfg.hidden_size
     if recomputed:
-        kept = {f"norm {kept_input_name(cfg, kernels)}": e * rows * h}
+        kept = {f"norm {kept_input_name(cfg, kernels, residual=True)}":
+                residual_bytes(cfg) * rows * h}
         return {**kept, output: e * rows * h} if refilled else kept
-    terms = {f"norm {name}": size for name, size in norm_terms(cfg, kernels, rows).items()}
+    terms = {f"norm {name}": size
+             for name, size in norm_terms(cfg, kernels, rows, residual=True).items()}
     terms[output] = e * rows * h
-    if cfg.layernorm_zero_centered_gamma:
-        terms["norm weights (1 + weight)"] = e * h
+    terms.update({f"norm {name}": size for name, size in norm_weight_terms(cfg, kernels).items()})
     return terms
 
 

@@ -35,10 +35,18 @@ tiled or neither by its own queries and keys, so the estimate is the CP rank tha
 most (`busiest_calls`); ``p2p``'s ring masks by distance and keeps no mask; selective
 ``core_attn`` recomputes the mask with the core (a recompute of tiles saves the shared mask).
 
+With attention sinks (``softmax_type`` off-by-one or learnable) each core call pads copies of
+its q, k and v, one more key and channels up to a multiple of 8 (`core_head_dims`), which the
+core keeps in place of any other q, k, v; every call has one more key and a mask of its own
+(`sink_calls`: the causal ones bottom-right, the tiles' no view of the shared mask), and
+SDPA's padded output is kept apart from the projection's input, cut to the values' channels
+(with one head per call the input views it).
+``p2p``'s ring keeps what it keeps without sinks, and off-by-one's fp32 zero logits.
+
 Multi-latent attention (`mp.model.mla`) replaces the QKV terms by its latents', queries', keys'
 and values' (`mp.estimate.mla`); its core is this module's, scores ``s x s`` per head as
 above, with values ``dv`` wide and, where the values are narrower or wider than the queries,
-the SDPA kernel that takes them (`sdpa_kernel`).
+the SDPA kernel that takes them (`sdpa_kernel`); with attention sinks it is refused.
 """
 
 from __future__ import annotations
@@ -63,6 +71,27 @@ def attention_heads(cfg: TransformerConfig) -> int:
     parallelism trades its tokens of every head for every token of some heads."""
     heads = cfg.num_attention_heads // cfg.tensor_model_parallel_size
     return heads // cfg.context_parallel_size if cfg.cp_comm_type == "a2a" else heads
+
+
+def core_head_dims(cfg: TransformerConfig) -> tuple[int, int]:
+    """(channels of a query or key head, of a value head) as the core takes them: `head_dims`,
+    but with attention sinks (``softmax_type`` off-by-one or learnable) the query and key
+    heads padded with the sink's channel and zeros up to the next multiple of 8, and the value
+    heads as much where as wide (`mp.model.attention.CoreAttention._with_sink`)."""
+    qk, v = head_dims(cfg)
+    if cfg.softmax_type == "vanilla":
+        return qk, v
+    extra = 8 - qk % 8
+    return qk + extra, v + extra if v == qk else v
+
+
+def sink_calls(calls: list[AttentionCall]) -> list[AttentionCall]:
+    """``calls`` as the core makes them with attention sinks: each with one more key (the
+    sink's, first) and a mask of its own (a column that keeps the sink joins a given mask;
+    a tile's is no view of the shared one then; causal calls have fewer queries than keys,
+    the bottom-right form)."""
+    return [AttentionCall(c.queries, c.keys + 1, "window" if c.mask == "tile" else c.mask)
+            for c in calls]
 
 
 def sdpa_kernel(cfg: TransformerConfig, kernels: Kernels, masked: bool = False) -> str | None:
@@ -102,14 +131,16 @@ def attention_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
     output, attending through ``calls`` (`mp.estimate.activations.layer_halves`' arguments).
     ``rope``: RoPE rotates the layer's q and k (``cfg.applies_rope``; default: with RoPE, as
     every layer does without ``no_rope_freq``)."""
-    if cfg.softmax_type != "vanilla":
-        raise ValueError(f"softmax_type={cfg.softmax_type!r}: the activation estimate does not "
-                         "model attention sinks yet (their extra key and channel change what "
-                         "q, k, v, the masks and the core save); estimate with "
-                         "softmax_type='vanilla' for an approximation")
+    if cfg.softmax_type != "vanilla" and cfg.multi_latent_attention:
+        raise ValueError(f"softmax_type={cfg.softmax_type!r} with multi_latent_attention: the "
+                         "activation estimate does not model attention sinks over multi-latent "
+                         "attention's queries, keys and values")
     if rope is None:
         rope = cfg.position_embedding_type == "rope"
     core, up_proj = "core_attn" in modules, "mla_up_proj" in modules
+    ring = cfg.context_parallel_size > 1 and cfg.cp_comm_type == "p2p"
+    if cfg.softmax_type != "vanilla" and not (core or ring):
+        calls = sink_calls(calls)
     math_core = sdpa_kernel(cfg, kernels) == "math" and not core
     if cfg.multi_latent_attention:
         math_rows = (micro_batch * sum(c.queries for c in calls),
@@ -139,11 +170,13 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
     # rows the attention calls read, and the query channels they read them with
     queries = micro_batch * sum(c.queries for c in calls)
     keys = micro_batch * sum(c.keys for c in calls)
-    width = attention_heads(cfg) * cfg.kv_channels
+    heads, (qk_width, v_width) = attention_heads(cfg), core_head_dims(cfg)
     split = cfg.context_parallel_size > 1 and not core_recomputed  # else with the core
     gathered = split and cfg.cp_comm_type == "all_gather"
     exchanged = split and cfg.cp_comm_type == "a2a"
     ring = split and cfg.cp_comm_type == "p2p"  # saves its q, k, v inputs, as they come
+    # the sinks' padded copies of q, k, v replace every other input of the core's
+    padded = cfg.softmax_type != "vanilla" and not (core_recomputed or ring)
     q, kv = cfg.query_projection_size, cfg.num_query_groups * cfg.kv_channels
     grouped = cfg.num_query_groups < cfg.num_attention_heads
     copied_q = grouped and cfg.num_query_groups > t  # with one group per rank, q is a view
@@ -153,12 +186,17 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
     # RMSNorm keeps an fp32 copy of 16-bit input instead
     norm_keeps_input = cfg.qk_layernorm and not (composite and e != FP32) \
         or cfg.qk_l2_norm and e == FP32
+    per_head = heads * (queries * qk_width + keys * (qk_width + v_width))
     terms = {}
     if math_core:  # fp32 copies of q, k, v replace the 16-bit QKV output (and RoPE's q, k)
-        terms["Q, K, V (fp32 copies)"] = FP32 * (queries + 2 * keys) * width
+        terms["Q, K, V (fp32 copies)"] = FP32 * per_head
     elif grouped and cfg.attention_backend == "unfused" and not (core_recomputed or ring):
         # the matmuls save q and the keys and values repeated for every query head
-        terms["Q, and K, V repeated per head"] = e * (queries + 2 * keys) * width
+        terms["Q, and K, V repeated per head"] = e * per_head
+    elif padded:  # per call: the sink's channel on q and k, its key on k and v
+        key_heads = heads * cfg.num_query_groups // cfg.num_attention_heads
+        terms["Q, K, V padded for the sinks"] = e * (heads * queries * qk_width
+                                                     + key_heads * keys * (qk_width + v_width))
     elif exchanged:  # RoPE's, the norms' and the projection's q, k, v go into the exchange
         terms["Q, K, V exchanged over CP"] = e * tokens * cfg.qkv_size / t
     else:
@@ -217,8 +255,12 @@ def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
     heads = attention_heads(cfg)
     if cfg.context_parallel_size > 1 and cfg.cp_comm_type == "p2p":  # ring attention keeps
         # the output it returns (the projection's input) and an fp32 log-sum-exp per query;
-        # it masks by distance, keeping no mask
-        return {"softmax log-sum-exp": FP32 * heads * local_tokens(cfg, micro_batch)}
+        # it masks by distance, keeping no mask; the sinks' logits (a parameter, but
+        # off-by-one's fp32 zeros)
+        core = {"softmax log-sum-exp": FP32 * heads * local_tokens(cfg, micro_batch)}
+        if cfg.softmax_type == "off-by-one":
+            core["off-by-one sink logits (fp32 zeros)"] = FP32 * heads
+        return core
     # [b, np, sq, sk] elements
     scores = heads * micro_batch * sum(c.queries * c.keys for c in calls)
     queries = micro_batch * sum(c.queries for c in calls)
@@ -228,6 +270,16 @@ def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
     tile = window_tile(window) if tiles else 0  # one [T, T + W] mask for every tile and layer
     shared = {tile_mask_name(window): tile * (tile + window)} if tiles else {}
     dropout = cfg.attention_dropout > 0
+    value_width, padded_width = head_dims(cfg)[1], core_head_dims(cfg)[1]
+    # the projection's input is a copy of SDPA's outputs: concatenated (tiles, all_gather's
+    # chunks), exchanged back (a2a) or cut to the values' channels (the sinks' padding), but
+    # for one call of one head whose output (in the queries' [s, b, np, d] memory order) is
+    # only cut: a view of it then
+    copied = cfg.context_parallel_size > 1 or len(calls) > 1 \
+        or (padded_width != value_width and heads > 1)
+    viewed = {} if copied or padded_width == value_width else {
+        "attention output's padded value channels (the projection's input views it)":
+            e * queries * heads * (padded_width - value_width)}
     if math_core:  # the math path adds any mask to its scores: it saves none
         core = {"softmax output (fp32)": FP32 * scores}
         if dropout:
@@ -239,12 +291,10 @@ def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
             -(-c.queries // LSE_ROWS) * LSE_ROWS
             if sdpa_kernel(cfg, kernels, c.mask != "causal") == "efficient" else c.queries
             for c in calls)
-        core = {"softmax log-sum-exp": FP32 * heads * rows}
-        if cfg.context_parallel_size > 1 or tiles:  # the projection's input is a copy: of
-            # the calls' outputs concatenated (tiles, all_gather's chunks) or exchanged back
-            # (a2a)
-            core["attention output before its concatenation or exchange"] = \
-                e * queries * heads * head_dims(cfg)[1]
+        core = {"softmax log-sum-exp": FP32 * heads * rows, **viewed}
+        if copied:  # SDPA keeps its output
+            core["attention output before its concatenation, exchange or cut"] = \
+                e * queries * heads * padded_width
         if kernels.sdpa_bottom_right_mask and bottom_right:
             core["bottom-right causal masks"] = e * sum(c.queries * c.keys for c in bottom_right)
         if windowed:  # the window's mask in the activation dtype: the CPU's flash kernel

@@ -29,7 +29,9 @@ row-parallel ones (attention output, fc2):
   sums, ``3 s b`` fp32 values per micro-batch; once per iteration, with SP, the gradients of
   the parameters replicated over TP (norms, row-parallel biases).
 - TP under full recompute: the recomputed layers' forward calls again, and with
-  ``distribute_saved_activations`` an all-gather of each checkpoint's input. Under selective
+  ``distribute_saved_activations`` an all-gather of each checkpoint's input (fp32 with
+  ``fp32_residual_connection``; every other TP call moves the model's dtype: the norms return
+  it, and the embedding casts its output after its calls). Under selective
   recompute the forward calls of what its modules rerun (`_selective_reruns`): ``mlp`` a dense
   MLP's (fc2's all-reduce; under SP fc1's and the gate's all-gathers and fc2's
   reduce-scatter), ``shared_experts`` the shared expert's, ``moe`` the shared expert's, the
@@ -54,15 +56,23 @@ row-parallel ones (attention output, fc2):
   instance (``intra_dp_cp``, DP x CP / N ranks; experts ``intra_edp``, EDP / N), and each
   rank's reduced shard, ``g P / (DP x CP / N)``, is all-reduced across the instances
   (``inter_dist_opt``, N ranks; the experts' shard too).
-- PP: each chunk's output forward and its gradient backward, ``e s b h`` (``/ t`` with SP);
+- PP: each chunk's output forward and its gradient backward, ``e s b h`` (``/ t`` with SP;
+  ``e`` = 4 with ``fp32_residual_connection``, whose residual stream the stages send);
   once per iteration, the word-embedding gradients of the first stage and the last stage's
   copy (tied embeddings, or multi-token prediction's), ``g V h / t``, over the embedding
   group.
 
 Gradients are read from the buffers, ``g`` bytes an element: 4 (fp32), or 2 with
 ``grad_reduce_in_bf16`` (`Setup.grad_bytes`).
+- FSDP (``Setup.fully_sharded``, `mp.distributed.torch_fsdp2`) instead of the DP rows: in
+  every micro-batch each unit's weights, ``e P`` in all, all-gathered over DP (x CP) for its
+  forward and, with ``reshard_after_forward``, again for its backward (under pipelining
+  FSDP2 gathers some units once more: not modelled), and its gradients,
+  ``g P``, reduce-scattered; the TP and embedding-group all-reduces above then move each
+  rank's fp32 shard, ``4 / (DP x CP)`` bytes an element (each tensor's rows padded to a
+  multiple of DP x CP by FSDP is left out).
 - Model-parallel group, once: the gradient norm, one fp32 scalar (over every rank with the
-  distributed optimizer, whose data-parallel shards add to it; over one instance's ranks,
+  distributed optimizer or FSDP, whose data-parallel shards add to it; over one instance's ranks,
   ``intra_dist_opt``, with several instances, which hold the same shards).
 
 Bytes follow `mp.estimate.measure`: an all-reduce moves its tensor; an all-gather its
@@ -89,6 +99,7 @@ from mp.estimate.storage import (
     activation_bytes,
     attention_widths,
     local_tokens,
+    residual_bytes,
     sequence_rows,
 )
 from mp.model.aux_losses import tracked_names
@@ -115,7 +126,7 @@ def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[C
     if setup.pp > 1:
         out += _pipeline(setup, pp_rank)
     instances = setup.distributed_optimizer_instances
-    if setup.distributed_optimizer:  # the shards add up too (one instance's)
+    if setup.distributed_optimizer or setup.fully_sharded:  # the shards add up too
         if setup.world_size > instances:
             out.append(Collective("gradient norm", "all_reduce",
                                   "world" if instances == 1 else "intra_dist_opt", FP32))
@@ -131,8 +142,11 @@ def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[C
 
 def _data_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
     """The gradient reduction over DP (x CP) and, with the distributed optimizer, the
-    parameter all-gather: dense parameters' and experts' (module doc)."""
+    parameter all-gather: dense parameters' and experts' (module doc); FSDP's gathers and
+    reduce-scatters."""
     cfg, out = setup.model, []
+    if setup.fully_sharded:
+        return _fully_sharded(setup, pp_rank)
     params = rank_params(cfg, pp_rank)
     dense_group = "dp_cp" if setup.cp > 1 else "dp"
     synced = _embedding_group_elements(setup, pp_rank)
@@ -163,6 +177,32 @@ def _data_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
             out.append(Collective("word-embedding gradients (distributed optimizer)",
                                   "all_reduce", group, grads - sharded))
     return out
+
+
+def _fully_sharded(setup: Setup, pp_rank: int) -> list[Collective]:
+    """FSDP over DP x CP (module doc): every micro-batch gathers each unit's weights in the
+    model's dtype for its forward, and again for its backward under ``reshard_after_forward``
+    (without it a unit stays gathered from its forward to its backward), and reduce-scatters
+    its gradients. Exact when forwards and backwards alternate (no pipelining); under a
+    pipeline schedule FSDP2 gathers some units once more (a decoder layer of the first stage
+    at PP 2 with 2 micro-batches), which is not modelled."""
+    if setup.gradient_group_size == 1:
+        return []
+    elements = rank_params(setup.model, pp_rank).total
+    group, m = ("dp_cp" if setup.cp > 1 else "dp"), setup.num_microbatches
+    gathers = m * (2 if setup.reshard_after_forward else 1)
+    return [Collective("parameters (FSDP)", "all_gather", group,
+                       gathers * activation_bytes(setup.model) * elements),
+            Collective("gradients (FSDP)", "reduce_scatter", group,
+                       m * setup.grad_bytes * elements)]
+
+
+def _shard_grad_bytes(setup: Setup, elements: int) -> float:
+    """Bytes of the reduced gradients of ``elements`` parameter elements on one rank: the
+    gradient buffer's, or under FSDP its fp32 shard of them."""
+    if setup.fully_sharded:
+        return FP32 * elements / setup.gradient_group_size
+    return setup.grad_bytes * elements
 
 
 def _logging(setup: Setup, pp_rank: int) -> list[Collective]:
@@ -277,9 +317,9 @@ def _tensor_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
                            m * act // cfg.hidden_size * channels)
                 for kind, channels in tensor_parallel_channels(cfg, layers, forwards).items()]
     out.append(Collective("partial gradients of replicated parameters", "all_reduce", "tp",
-                          setup.grad_bytes * _partial_gradient_params(setup, pp_rank)))
+                          _shard_grad_bytes(setup, _partial_gradient_params(setup, pp_rank))))
     if cfg.recompute_granularity == "full" and cfg.distribute_saved_activations:
-        saved = activation_bytes(cfg) * sequence_rows(cfg, setup.micro_batch_size) \
+        saved = residual_bytes(cfg) * sequence_rows(cfg, setup.micro_batch_size) \
             * cfg.hidden_size
         out.append(Collective("distributed checkpoint inputs", "all_gather", "tp",
                               m * _checkpoints(setup, pp_rank) * saved))
@@ -375,7 +415,7 @@ def _partial_gradient_params(setup: Setup, pp_rank: int) -> int:
 
 def _pipeline(setup: Setup, pp_rank: int) -> list[Collective]:
     cfg, m, v = setup.model, setup.num_microbatches, setup.vpp
-    tensor = (activation_bytes(cfg) * sequence_rows(cfg, setup.micro_batch_size)
+    tensor = (residual_bytes(cfg) * sequence_rows(cfg, setup.micro_batch_size)
               * cfg.hidden_size)
     first, last = pp_rank == 0, pp_rank == setup.pp - 1
     # each of the m v chunk passes sends its output on, except the model's last chunk, and
@@ -386,7 +426,7 @@ def _pipeline(setup: Setup, pp_rank: int) -> list[Collective]:
     synced = _embedding_group_elements(setup, pp_rank)
     if synced:
         out.append(Collective("word-embedding gradients (first and last stage)", "all_reduce",
-                              "embedding", setup.grad_bytes * synced))
+                              "embedding", _shard_grad_bytes(setup, synced)))
     return out
 
 

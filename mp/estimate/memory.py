@@ -25,7 +25,8 @@ working memory of that moment:
 - **Ring attention** (``p2p`` context parallelism) works on one ``[tile, L]`` block of scores
   per head at a time, in forward and in backward (`ring_working_set`; by the code, not
   measured).
-- **Full recompute** keeps each checkpointed chunk's input (a ``1 / t`` slice of it with
+- **Full recompute** keeps each checkpointed chunk's input (fp32 with
+  ``fp32_residual_connection``; a ``1 / t`` slice of it with
   ``distribute_saved_activations``) and, with RoPE, the angles they all take (one fp32
   ``[s / c, rotary_dim]`` tensor a model chunk); in backward one chunk of layers is
   recomputed, so its full activations are a transient.
@@ -72,6 +73,7 @@ from mp.estimate.storage import (
     Kernels,
     activation_bytes,
     local_tokens,
+    residual_bytes,
     sequence_rows,
 )
 from mp.model.config import TransformerConfig
@@ -117,7 +119,7 @@ def chunk_saves(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUD
     if cfg.recompute_granularity != "full":
         return split_tile_masks(_layers_terms(cfg, micro_batch, kernels, layers), angles)
     n = cfg.recompute_num_layers
-    checkpoint_input = activation_bytes(cfg) * sequence_rows(cfg, micro_batch) * cfg.hidden_size
+    checkpoint_input = residual_bytes(cfg) * sequence_rows(cfg, micro_batch) * cfg.hidden_size
     if cfg.distribute_saved_activations:
         checkpoint_input /= cfg.tensor_model_parallel_size
     if cfg.recompute_method == "uniform":

@@ -16,7 +16,9 @@ its rows in the sequence-parallel regions (`sequence_rows`), one depth saves
 - the embedding's saves (`mp.estimate.stage_ends.embedding_terms`: ids, flags, dropout mask);
 - ``enorm``'s input and statistics; ``hnorm``'s statistics only: its input is the tensor the
   main model's final norm (depth 1) or the previous depth's final norm saves too (torch's
-  composite RMSNorm on the CPU makes its own fp32 copy of 16-bit input, counted);
+  composite RMSNorm on the CPU makes its own fp32 copy of 16-bit input, counted); both are
+  norms of the residual stream (fp32 with ``fp32_residual_connection``, which casts
+  ``eh_proj``'s output to fp32 for the layer: `mp.estimate.storage.norm_weight_terms`);
 - ``eh_proj``'s input, the concatenation, ``2 e n' h`` (the concatenation saves nothing);
 - the layer's terms (`mp.estimate.activations.layer_terms`, with experts and a sliding window
   when the model's last layer has them; selective recompute applies, full recompute does
@@ -50,6 +52,8 @@ from mp.estimate.storage import (
     activation_bytes,
     local_tokens,
     norm_terms,
+    norm_weight_terms,
+    residual_bytes,
     sequence_rows,
 )
 from mp.model.config import TransformerConfig
@@ -69,12 +73,14 @@ def mtp_depth_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels =
     terms = {f"embedding {name}": size
              for name, size in embedding_terms(cfg, micro_batch, kernels).items()}
     terms.update({f"enorm {name}": size
-                  for name, size in norm_terms(cfg, kernels, local).items()})
-    copied = cfg.normalization == "RMSNorm" and kernels.composite_rms_norm and e != FP32
-    terms.update({f"hnorm {name}": size for name, size in norm_terms(cfg, kernels, local).items()
+                  for name, size in norm_terms(cfg, kernels, local, residual=True).items()})
+    copied = (cfg.normalization == "RMSNorm" and kernels.composite_rms_norm
+              and residual_bytes(cfg) != FP32)
+    terms.update({f"hnorm {name}": size
+                  for name, size in norm_terms(cfg, kernels, local, residual=True).items()
                   if copied or not name.startswith("input")})
-    if cfg.layernorm_zero_centered_gamma:
-        terms["enorm and hnorm weights (1 + weight)"] = 2 * e * h
+    terms.update({f"enorm and hnorm {name}": 2 * size
+                  for name, size in norm_weight_terms(cfg, kernels).items()})
     terms["eh_proj input (the two normalized, concatenated)"] = e * local * 2 * h
     terms.update({f"layer {name}": size for name, size in layer_terms(  # numbered after the
         # decoder's layers, it slides as the last one does (`cfg.attention_window`)

@@ -27,6 +27,14 @@ together): ``6 + 12 / DP`` bytes for bf16 (Megatron's table), leaving out each b
 padding to a multiple of DP elements and the per-shard step counters
 (``tests/test_distrib_optimizer.py`` counts both).
 
+Under FSDP (`mp.distributed.torch_fsdp2`, ``Setup.fully_sharded``) every parameter is an
+fp32 shard, its own master, over DP x CP ranks, and so are its gradient and moments: ``16 / (DP
+x CP)`` bytes a parameter whatever the model's precision (the gradients are reduced in bf16
+with ``grad_reduce_in_bf16`` but kept in fp32), plus the step counters. Each unit's weights,
+gathered for its forward and backward in the model's dtype, and their unsharded gradients
+are transient and left out, as is the padding of each tensor's rows to a multiple of the
+ranks.
+
 The precision-aware optimizer (`mp.optim.PrecisionAwareAdamW`, Megatron's
 ``--use-precision-aware-optimizer``) stores the two moments in ``exp_avg_dtype`` and
 ``exp_avg_sq_dtype``: 2 bytes each in bf16 or fp16, so a bf16 parameter costs
@@ -40,12 +48,13 @@ projections (whole on every TP rank), the latents' norms (replicated) and its up
 ``a dv`` values.
 
 A mixture-of-experts layer (`mp.model.moe`) holds, instead of the MLP, a router ``[E, h]``
-(replicated), its ``E / EP`` experts (each an MLP ``moe_ffn_hidden_size`` wide split over TP
-as the dense one is, their weights stacked into one tensor per kind) and a shared expert's
-MLP when there is one. The experts' gradients are reduced over the expert-data-parallel
-ranks (DP x CP / EP), so the distributed optimizer divides their state by that instead. A
-router's expert bias (``moe_router_enable_expert_bias``) is an fp32 weight that is not
-trained: it has no gradient and no optimizer state, and it is not in ``total``.
+(replicated; and a bias ``[E]`` with ``moe_router_bias``), its ``E / EP`` experts (each an
+MLP ``moe_ffn_hidden_size`` wide split over TP as the dense one is, their weights stacked into
+one tensor per kind) and a shared expert's MLP when there is one. The experts' gradients are
+reduced over the expert-data-parallel ranks (DP x CP / EP), so the distributed optimizer
+divides their state by that instead. A router's expert bias (``moe_router_enable_expert_bias``)
+is an fp32 weight that is not trained: it has no gradient and no optimizer state, and it is not
+in ``total``.
 """
 
 from __future__ import annotations
@@ -160,7 +169,8 @@ def layer_params(cfg: TransformerConfig, moe: bool = False) -> tuple[int, int]:
     if not moe:
         parts.append(_mlp(cfg, cfg.ffn_hidden_size))
     else:
-        parts += [(cfg.num_moe_experts * h, 1), expert_params(cfg)]  # the router, the experts
+        router = (h + cfg.moe_router_bias) * cfg.num_moe_experts, 1 + cfg.moe_router_bias
+        parts += [router, expert_params(cfg)]  # the router (its bias with moe_router_bias)
         if cfg.moe_shared_expert_intermediate_size is not None:
             parts.append(_mlp(cfg, cfg.moe_shared_expert_intermediate_size))
         if cfg.moe_shared_expert_gate:  # its [1, h] gate, whole on every TP rank
@@ -257,6 +267,11 @@ def state_bytes(setup: Setup, params: RankParams) -> StateBytes:
     """Weights, gradient buffer (fp32, or bf16 with ``setup.grad_reduce_in_bf16``) and
     optimizer state (moments in ``setup``'s dtypes) for ``params`` (see the module doc)."""
     n = params.total
+    if setup.fully_sharded:  # FSDP: fp32 shards of everything over DP x CP (module doc)
+        shard = n / setup.gradient_group_size
+        return StateBytes(weights=FP32 * (shard + params.expert_bias / setup.gradient_group_size),
+                          grads=FP32 * shard, optimizer=setup.moment_bytes * shard
+                          + params.tensors * STEP_COUNTER_BYTES)
     per_param = (0 if setup.model.precision == "fp32" else FP32) + setup.moment_bytes
     if setup.distributed_optimizer:
         dense = n - params.experts

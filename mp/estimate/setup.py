@@ -41,6 +41,9 @@ class Setup:
             instances``; N divides DP x CP and the experts' EDP).
         exp_avg_dtype, exp_avg_sq_dtype: the AdamW moments' storage dtypes, fp32, bf16 or
             fp16 (Megatron's precision-aware optimizer, `mp.optim.PrecisionAwareAdamW`).
+        fully_sharded: FSDP2 (Megatron's ``--use-torch-fsdp2``, `mp.distributed.torch_fsdp2`):
+            weights, gradients and optimizer state sharded over DP x CP, the weights gathered
+            for each forward; ``reshard_after_forward`` gathers them again for each backward.
     """
 
     model: TransformerConfig
@@ -52,8 +55,16 @@ class Setup:
     distributed_optimizer_instances: int = 1
     exp_avg_dtype: str = "fp32"
     exp_avg_sq_dtype: str = "fp32"
+    fully_sharded: bool = False
+    reshard_after_forward: bool = True
 
     def __post_init__(self):
+        if self.fully_sharded and (self.distributed_optimizer or self.ep > 1
+                                   or self.model.precision == "fp16"):
+            raise ValueError(f"fully_sharded=True (FSDP2) needs distributed_optimizer=False, "
+                             f"expert_model_parallel_size=1 and no fp16; got "
+                             f"{self.distributed_optimizer}, {self.ep} and "
+                             f"{self.model.precision!r}")
         for name in ("exp_avg_dtype", "exp_avg_sq_dtype"):
             if getattr(self, name) not in STATE_DTYPE_BYTES:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of "
@@ -95,7 +106,9 @@ class Setup:
                    distributed_optimizer_instances=(
                        job.training.num_distributed_optimizer_instances),
                    exp_avg_dtype=job.training.exp_avg_dtype,
-                   exp_avg_sq_dtype=job.training.exp_avg_sq_dtype)
+                   exp_avg_sq_dtype=job.training.exp_avg_sq_dtype,
+                   fully_sharded=job.training.use_torch_fsdp2,
+                   reshard_after_forward=job.training.torch_fsdp2_reshard_after_forward)
 
     # --- derived sizes ---------------------------------------------------------------------
 
@@ -191,6 +204,8 @@ class Setup:
         if self.distributed_optimizer:
             n = self.distributed_optimizer_instances
             parts.append("distributed optimizer" + (f" x{n} instances" if n > 1 else ""))
+        if self.fully_sharded:
+            parts.append("FSDP" + ("" if self.reshard_after_forward else " (no reshard)"))
         if (self.exp_avg_dtype, self.exp_avg_sq_dtype) != ("fp32", "fp32"):
             parts.append(f"Adam moments {self.exp_avg_dtype}/{self.exp_avg_sq_dtype}")
         return ", ".join(parts)

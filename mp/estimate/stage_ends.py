@@ -2,9 +2,11 @@
 stage's final norm, output layer and loss (and the loss's working memory).
 
 The embedding keeps the token ids (and, under TP, the out-of-range flags and shifted ids), the
-position ids with learned positions, and its dropout mask. The final norm keeps its input and
-statistics, the output layer its input, and the cross-entropy the logits ``[s, b, V / t]`` in
-the activation dtype, one fp32 normalizer per row and the target ids. The loss's working
+position ids with learned positions, and its dropout mask (fp32 on the CPU with
+``fp32_residual_connection``: the embedding's output is the residual stream). The final norm
+keeps its input and statistics (and weights, `mp.estimate.storage.norm_weight_terms`), the
+output layer its input, and the cross-entropy the logits ``[s, b, V / t]`` in the activation
+dtype, one fp32 normalizer per row and the target ids. The loss's working
 memory is the largest transient of a step for GPT-3's vocabulary: compiled (`mp.jit`, CUDA),
 only the logits' gradient, ``e s b V / t`` bytes; eagerly, an fp32 copy of the logits, a bool
 one-hot and the gradient, ``(5 + e) s b V / t``. Multi-token prediction (`mp.estimate.mtp`)
@@ -22,6 +24,7 @@ from mp.estimate.storage import (
     dropout_mask_bytes,
     local_tokens,
     norm_terms,
+    norm_weight_terms,
     sequence_rows,
 )
 from mp.model.config import TransformerConfig
@@ -37,7 +40,7 @@ def embedding_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels =
     if cfg.position_embedding_type == "learned_absolute":
         terms["position ids"] = INT64 * local_tokens(cfg, 1)
     if cfg.hidden_dropout > 0:
-        terms["embedding dropout mask"] = (dropout_mask_bytes(cfg, kernels)
+        terms["embedding dropout mask"] = (dropout_mask_bytes(cfg, kernels, residual=True)
                                            * sequence_rows(cfg, micro_batch) * cfg.hidden_size)
     return terms
 
@@ -49,14 +52,14 @@ def output_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CU
     tokens = local_tokens(cfg, micro_batch)
     local = sequence_rows(cfg, micro_batch)
     terms = {
-        **{f"final norm {name}": size for name, size in norm_terms(cfg, kernels, local).items()},
+        **{f"final norm {name}": size
+           for name, size in norm_terms(cfg, kernels, local, residual=True).items()},
+        **{f"final norm {name}": size for name, size in norm_weight_terms(cfg, kernels).items()},
         "output layer input": e * local * h,
         "cross-entropy logits": e * tokens * _vocab_shard(cfg),
         "cross-entropy normalizers (fp32)": FP32 * tokens,
         "cross-entropy target ids": INT64 * tokens,
     }
-    if cfg.layernorm_zero_centered_gamma:
-        terms["final norm weight (1 + weight)"] = e * h
     return terms
 
 

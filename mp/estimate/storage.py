@@ -3,12 +3,14 @@
 What the kernels save depends on where they run; `Kernels` names the differences, and
 `CUDA` (the default) and `CPU` (what the tests measure) are the two sets of them.
 
-The sizes: bytes per activation element (`activation_bytes`), the tokens of a micro-batch on
+The sizes: bytes per activation element (`activation_bytes`) and per element of the residual
+stream (`residual_bytes`: fp32 with ``fp32_residual_connection``), the tokens of a micro-batch on
 one rank (`local_tokens`: ``s b``, or ``s b / c`` with context parallelism) and the rows of
 the sequence-parallel regions (`sequence_rows`: ``/ t`` more under SP); the channels per
 token of the queries, keys and values the attention takes on one TP rank (`attention_widths`)
 and the width of a query or key head and of a value head (`head_dims`); a norm's saves
-(`norm_terms`) and a dropout mask's bytes per element (`dropout_mask_bytes`).
+(`norm_terms`, and `norm_weight_terms` for the norms of the residual stream) and a dropout
+mask's bytes per element (`dropout_mask_bytes`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class Kernels:
         compiled_loss: the cross-entropy's element-wise work runs compiled (`mp.jit`: CUDA,
             with ``cross_entropy_loss_fusion``), with no ``[s, b, V / t]`` fp32 intermediates;
             eagerly it keeps one fp32 copy of the logits (and in backward a bool one-hot).
+        layer_norm_saves_bias: LayerNorm keeps its bias for backward besides its weight
+            (torch's, the CPU); mp's kernel keeps the weight only. It counts for the fp32
+            copies of 16-bit parameters a norm of an fp32 residual stream computes with.
     """
 
     name: str
@@ -73,6 +78,7 @@ class Kernels:
     jit_compiled: bool
     sdpa_value_width_kernel: str = "efficient"
     sdpa_mask_kernel: str = "efficient"
+    layer_norm_saves_bias: bool = False
 
     def __post_init__(self):
         if self.sdpa_dropout_kernel not in ("flash", "math"):
@@ -92,7 +98,8 @@ CUDA = Kernels("cuda", dropout_mask_bytes=1, fused_softmax=True, norm_stats_byte
                sdpa_value_width_kernel="efficient", sdpa_mask_kernel="efficient")
 CPU = Kernels("cpu", dropout_mask_bytes=None, fused_softmax=False, norm_stats_bytes=None,
               composite_rms_norm=True, sdpa_dropout_kernel="math", sdpa_bottom_right_mask=True,
-              jit_compiled=False, sdpa_value_width_kernel="math", sdpa_mask_kernel="flash")
+              jit_compiled=False, sdpa_value_width_kernel="math", sdpa_mask_kernel="flash",
+              layer_norm_saves_bias=True)
 
 
 def activation_bytes(cfg: TransformerConfig) -> int:
@@ -100,32 +107,60 @@ def activation_bytes(cfg: TransformerConfig) -> int:
     return 4 if cfg.precision == "fp32" else 2
 
 
-def norm_terms(cfg: TransformerConfig, kernels: Kernels, rows: float, width: int | None = None
-               ) -> dict[str, float]:
+def residual_bytes(cfg: TransformerConfig) -> int:
+    """Bytes per element of the residual stream (the embedding's output, each layer's input
+    and output, what a pipeline stage sends): 4 with ``fp32_residual_connection``, else
+    `activation_bytes`."""
+    return FP32 if cfg.fp32_residual_connection else activation_bytes(cfg)
+
+
+def norm_terms(cfg: TransformerConfig, kernels: Kernels, rows: float, width: int | None = None,
+               residual: bool = False) -> dict[str, float]:
     """What one norm over ``rows`` rows of ``width`` (default ``h``) saves: its input and
-    statistics (mean and rstd, or rstd for RMSNorm), and the fp32 normalized input of a
-    composite RMSNorm."""
+    statistics (mean and rstd, or rstd for RMSNorm; the CPU's in the input's dtype), and the
+    fp32 normalized input of a composite RMSNorm. ``residual``: a norm of the residual stream,
+    its input `residual_bytes` an element (its weights: `norm_weight_terms`)."""
     h = cfg.hidden_size if width is None else width
     if cfg.normalization == "RMSNorm" and kernels.composite_rms_norm:
         return {"input (fp32)": FP32 * rows * h, "normalized input (fp32)": FP32 * rows * h,
                 "statistics": FP32 * rows}
-    stats = (2 if cfg.normalization == "LayerNorm" else 1) * (kernels.norm_stats_bytes
-                                                              or activation_bytes(cfg))
-    return {"input": activation_bytes(cfg) * rows * h, "statistics": stats * rows}
+    x = residual_bytes(cfg) if residual else activation_bytes(cfg)
+    stats = (2 if cfg.normalization == "LayerNorm" else 1) * (kernels.norm_stats_bytes or x)
+    return {"input": x * rows * h, "statistics": stats * rows}
 
 
-def kept_input_name(cfg: TransformerConfig, kernels: Kernels) -> str:
+def norm_weight_terms(cfg: TransformerConfig, kernels: Kernels) -> dict[str, float]:
+    """What one norm of the residual stream saves of its weights (the parameters themselves
+    are not counted): with ``fp32_residual_connection`` the fp32 copies it computes with
+    (`mp.fused.normalization`), of the weight (``1 + weight`` with zero-centred gamma) and,
+    where LayerNorm keeps it, the bias; else with ``layernorm_zero_centered_gamma`` its
+    ``1 + weight``; else nothing."""
+    h = cfg.hidden_size
+    if cfg.fp32_residual_connection:
+        bias = cfg.normalization == "LayerNorm" and kernels.layer_norm_saves_bias
+        return {"weights (fp32 copies)": (2 if bias else 1) * FP32 * h}
+    if cfg.layernorm_zero_centered_gamma:
+        return {"weights (1 + weight)": activation_bytes(cfg) * h}
+    return {}
+
+
+def kept_input_name(cfg: TransformerConfig, kernels: Kernels, residual: bool = False) -> str:
     """The `norm_terms` name of a norm's input as it comes (what a recomputed norm's
     `mp.tensor_parallel.CheckpointWithoutOutput` keeps): ``"input"``, ``"input (fp32)"`` for
     a composite RMSNorm of fp32 input, ``"input (kept for the recompute)"`` where the
-    composite RMSNorm keeps an fp32 copy instead."""
+    composite RMSNorm keeps an fp32 copy instead. ``residual``: a norm of the residual
+    stream (`norm_terms`)."""
     if not (cfg.normalization == "RMSNorm" and kernels.composite_rms_norm):
         return "input"
-    return "input (fp32)" if activation_bytes(cfg) == FP32 else "input (kept for the recompute)"
+    x = residual_bytes(cfg) if residual else activation_bytes(cfg)
+    return "input (fp32)" if x == FP32 else "input (kept for the recompute)"
 
 
-def dropout_mask_bytes(cfg: TransformerConfig, kernels: Kernels) -> int:
-    return kernels.dropout_mask_bytes or activation_bytes(cfg)
+def dropout_mask_bytes(cfg: TransformerConfig, kernels: Kernels, residual: bool = False) -> int:
+    """Bytes per element of a dropout mask; ``residual``: of a dropout on the residual stream
+    (the embedding's, `residual_bytes` an element)."""
+    return kernels.dropout_mask_bytes or (residual_bytes(cfg) if residual
+                                          else activation_bytes(cfg))
 
 
 def local_tokens(cfg: TransformerConfig, micro_batch: int) -> int:

@@ -9,7 +9,11 @@ over rows in a fixed order (bitwise deterministic).
 
 ``fused_layer_norm`` / ``fused_rms_norm`` run the kernels when ``norm_kernel_usable`` says they
 can (a CUDA input of one of those dtypes, weight and bias of the same dtype, the extension
-built) and torch's ``F.layer_norm`` / ``F.rms_norm`` otherwise. ``FusedLayerNorm`` and
+built) and torch's ``F.layer_norm`` / ``F.rms_norm`` otherwise. An fp32 input with fp16 or bf16
+parameters (the residual stream of ``fp32_residual_connection``) is normalized in fp32, the
+parameters upcast, and comes out in the parameters' dtype, as Megatron's mixed-precision norms
+(apex's ``forward_affine_mixed_dtypes``) do; the kernels then run in fp32 (they take one dtype
+for all), their fp32 copy of the weight saved for backward. ``FusedLayerNorm`` and
 ``FusedRMSNorm`` are the modules, with Megatron's ``sequence_parallel`` attribute on their
 parameters: under sequence parallelism each TP rank sees part of the sequence, so these
 replicated parameters' gradients must be all-reduced over the TP group. With
@@ -53,16 +57,28 @@ def norm_kernel_usable(x: torch.Tensor, weight: torch.Tensor,
 def fused_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                      eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm of ``x [..., hidden]`` with ``weight`` and ``bias`` ``[hidden]``."""
-    if norm_kernel_usable(x, weight, bias):
-        return _FusedNorm.apply(x, weight, bias, eps)
-    return F.layer_norm(x, (weight.numel(),), weight, bias, eps)
+    return _normalize(x, weight, bias, eps,
+                      lambda x, w, b: F.layer_norm(x, (w.numel(),), w, b, eps))
 
 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """RMSNorm of ``x [..., hidden]`` with ``weight [hidden]``."""
-    if norm_kernel_usable(x, weight):
-        return _FusedNorm.apply(x, weight, None, eps)
-    return F.rms_norm(x, (weight.numel(),), weight, eps)
+    return _normalize(x, weight, None, eps,
+                      lambda x, w, _: F.rms_norm(x, (w.numel(),), w, eps))
+
+
+def _normalize(x, weight, bias, eps, torch_norm):
+    """The kernel when usable, else ``torch_norm(x, weight, bias)``; fp32 ``x`` with 16-bit
+    parameters in fp32, returned in the parameters' dtype (module doc)."""
+    mixed = x.dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16)
+    out_dtype = weight.dtype
+    if mixed:
+        weight, bias = weight.float(), None if bias is None else bias.float()
+    if norm_kernel_usable(x, weight, bias):
+        y = _FusedNorm.apply(x, weight, bias, eps)
+    else:
+        y = torch_norm(x, weight, bias)
+    return y.to(out_dtype) if mixed else y
 
 
 class _FusedNorm(torch.autograd.Function):

@@ -53,6 +53,7 @@ from mp.model.config import TransformerConfig
 from mp.model.context_parallel import (
     attention_over_gathered_keys,
     attention_over_heads,
+    heads_of_this_rank,
 )
 from mp.model.inference import InferenceParams
 from mp.model.init import init_method, init_method_normal, output_init_method
@@ -96,7 +97,9 @@ class CoreAttention(nn.Module):
     softmax row (`_with_sink`); learnable's is the parameter ``softmax_offset [np]``
     (Megatron's name), this TP rank's heads of a ``[a]`` tensor drawn from
     ``N(0, init_method_std)`` as a serial model's (Megatron's init_method), split over
-    ``group`` (None: the tensor-parallel group) with the heads.
+    ``group`` (None: the tensor-parallel group) with the heads. Under context parallelism the
+    sinks follow the heads (``a2a``: the CP rank's share, `_learned_sinks`) or join the ring's
+    merged softmax (``p2p``, `mp.model.ring_attention`).
     """
 
     def __init__(self, config: TransformerConfig, window: int | None = None, group=None):
@@ -129,7 +132,7 @@ class CoreAttention(nn.Module):
             return self._attend(q, k, v, attention_mask)
         if self.cp_comm_type == "p2p":
             return ring_attention(q, k, v, attention_mask, self.scale, self.cp_group,
-                                  window=self.window)
+                                  window=self.window, sinks=self._ring_sinks(q))
         across = attention_over_heads if self.cp_comm_type == "a2a" \
             else attention_over_gathered_keys
         return across(self._attend, q, k, v, attention_mask, self.cp_group)
@@ -164,6 +167,20 @@ class CoreAttention(nn.Module):
                                        mask))
         return torch.cat(contexts)
 
+    def _ring_sinks(self, q: torch.Tensor) -> torch.Tensor | None:
+        """Ring attention's ``sinks [np]`` for ``q [2L, b, np, hd]``: None without sinks,
+        the learned logits, or off-by-one's fp32 zeros."""
+        if self.softmax_type == "off-by-one":
+            return torch.zeros(q.size(2), device=q.device)
+        return self.softmax_offset
+
+    def _learned_sinks(self) -> torch.Tensor:
+        """``softmax_offset``'s logits of the heads `_core` attends: this TP rank's ``np``, or
+        under ``a2a`` context parallelism this CP rank's share of them."""
+        if self.cp_group is not None and self.cp_comm_type == "a2a":
+            return heads_of_this_rank(self.softmax_offset, self.cp_group)
+        return self.softmax_offset
+
     def _with_sink(self, q, k, v, attention_mask: torch.Tensor | None):
         """`_core`'s arguments with the sink folded in as one more key, exactly: each query
         head gains a channel ``s_h / scale`` (``s_h`` its sink logit: 0 for off-by-one),
@@ -184,7 +201,7 @@ class CoreAttention(nn.Module):
         if self.softmax_offset is None:  # off-by-one: a 0 logit
             column = q.new_zeros(sq, b, heads, 1)
         else:
-            column = (self.softmax_offset.to(q.dtype) / self.scale).view(1, 1, heads, 1)
+            column = (self._learned_sinks().to(q.dtype) / self.scale).view(1, 1, heads, 1)
             column = column.expand(sq, b, heads, 1)
         q = torch.cat([q, column, q.new_zeros(sq, b, heads, extra - 1)], dim=-1)
         sink_key = k.new_zeros(1, b, groups, width + extra)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mp.model.config_rules import (
+    check_fp32_residual_connection,
     check_glu_and_softmax_type,
     check_mla,
     check_moe,
@@ -98,6 +99,9 @@ class TransformerConfig:
     yarn_mscale: float = 1.0  # the rotated channels scale by m(mscale) / m(mscale_all_dim)
     yarn_mscale_all_dim: float = 0.0  # and the scores by m(mscale_all_dim)^2, with
     # m(x) = 0.1 x ln(factor) + 1 (DeepSeek's; Megatron's --mscale, --mscale-all-dim)
+    yarn_correction_range_round_to_int: bool = True  # the ramp's ends rounded outwards to
+    # whole pairs (DeepSeek's); false: left fractional (gpt-oss's, Hugging Face's "truncate":
+    # false; Megatron's --no-yarn-correction-range-round-to-int)
     rotary_interleaved: bool = False  # RoPE turns channels 2i and 2i + 1 together (GPT-J's;
     # Megatron's --rotary-interleaved), not i and i + r / 2
     rotary_percent: float = 1.0  # RoPE rotates the first int(kv_channels x this) channels of
@@ -173,6 +177,10 @@ class TransformerConfig:
     # that follows the load instead of by an auxiliary loss (DeepSeek-V3's aux-loss-free
     # balancing; the bias is not a weight: it moves by the rate below each iteration)
     moe_router_bias_update_rate: float = 1e-3
+    moe_router_bias: bool = False  # a learned bias [E] on the router's logits (gpt-oss's;
+    # Megatron-Core's router.bias, which Megatron-Core after 0.14 adds whenever
+    # add_bias_linear: mp adds it by this flag only, so add_bias_linear MoE models and their
+    # checkpoints stay 0.14's)
     moe_router_num_groups: int | None = None  # the experts in this many groups, a token's top
     moe_router_group_topk: int | None = None  # k taken from this many of them (DeepSeek's)
     moe_grouped_gemm: bool = False  # experts as torch grouped GEMMs where they run; else a loop
@@ -199,6 +207,9 @@ class TransformerConfig:
     distribute_saved_activations: bool = False
     # numerics
     precision: str = "fp32"  # fp32 | bf16 | fp16 (parameters and activations)
+    fp32_residual_connection: bool = False  # bf16/fp16: the residual stream (embedding output,
+    # layer inputs and outputs, pipeline sends) in fp32; norms take it and return the precision
+    # (Megatron's --fp32-residual-connection)
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
@@ -255,6 +266,7 @@ class TransformerConfig:
         check_window(self)
         check_qk_l2_norm_and_no_rope(self)
         check_glu_and_softmax_type(self)
+        check_fp32_residual_connection(self)
         check_parallel_layout(self)
         largest_chunk = max(max(stage) for stage in self.chunk_layer_counts)
         if self.recompute_granularity == "full":
@@ -354,7 +366,8 @@ class TransformerConfig:
             return None
         return {"factor": self.yarn_rotary_scaling_factor,
                 "original_context": self.yarn_original_max_position_embeddings,
-                "beta_fast": self.yarn_beta_fast, "beta_slow": self.yarn_beta_slow}
+                "beta_fast": self.yarn_beta_fast, "beta_slow": self.yarn_beta_slow,
+                "round_to_int": self.yarn_correction_range_round_to_int}
 
     @property
     def rotary_magnitude(self) -> float:

@@ -32,6 +32,8 @@ def check_moe(config) -> None:
         raise ValueError("moe_shared_expert_gate=True needs num_moe_experts and "
                          "moe_shared_expert_intermediate_size (shared experts to gate)")
     if e is None:
+        if config.moe_router_bias:
+            raise ValueError("moe_router_bias=True needs num_moe_experts (a router to bias)")
         if ep > 1:
             raise ValueError(f"expert_model_parallel_size={ep} needs num_moe_experts (a "
                              "mixture-of-experts model)")
@@ -160,9 +162,8 @@ def check_qk_l2_norm_and_no_rope(config) -> None:
 def check_glu_and_softmax_type(config) -> None:
     """gpt-oss's knobs: ``activation_func_clamp_value`` (> 0) and ``glu_linear_offset`` act on
     a gated unit's halves, so they need one (``activation`` swiglu or quick_geglu);
-    ``softmax_type`` is vanilla, off-by-one or learnable, and its sink logit joins the
-    softmax where a rank sees all of a head's keys: not under ``p2p`` context parallelism
-    (ring attention merges partial softmaxes) nor ``a2a`` (its ranks hold other heads)."""
+    ``softmax_type`` is vanilla, off-by-one or learnable (every attention path and
+    ``cp_comm_type`` takes its sink logits)."""
     clamp, offset = config.activation_func_clamp_value, config.glu_linear_offset
     gated = config.activation in ("swiglu", "quick_geglu")
     if clamp is not None and not clamp > 0:
@@ -174,11 +175,6 @@ def check_glu_and_softmax_type(config) -> None:
             raise ValueError(f"{name}={value!r} acts on a gated unit's halves: it needs "
                              f"activation 'swiglu' or 'quick_geglu', not {config.activation!r}")
     one_of("softmax_type", config.softmax_type, ("vanilla", "off-by-one", "learnable"))
-    if config.softmax_type != "vanilla" and config.context_parallel_size > 1 \
-            and config.cp_comm_type in ("p2p", "a2a"):
-        raise ValueError(f"softmax_type={config.softmax_type!r} with cp_comm_type="
-                         f"{config.cp_comm_type!r}: mp adds the sink logit where one call sees "
-                         "all of a head's keys; use cp_comm_type='all_gather'")
 
 
 def _window_text(text: str) -> list[int] | str:
@@ -357,3 +353,18 @@ def check_rope(config) -> None:
                          "needs position_embedding_type='rope' (it divides RoPE's positions)")
     if not config.rope_scaling_factor > 0:
         raise ValueError(f"rope_scaling_factor={config.rope_scaling_factor} must be > 0")
+
+
+def check_fp32_residual_connection(config) -> None:
+    """``fp32_residual_connection`` needs a 16-bit model (Megatron asserts ``--fp16`` or
+    ``--bf16``: in fp32 the residual stream is fp32 already) and mp's norms (apex's take
+    input and weight of one dtype)."""
+    if not config.fp32_residual_connection:
+        return
+    if config.precision == "fp32":
+        raise ValueError("fp32_residual_connection=True needs precision='bf16' or 'fp16', not "
+                         "'fp32' (the residual stream is fp32 already; Megatron refuses it too)")
+    if config.normalization_impl != "mp":
+        raise ValueError(f"fp32_residual_connection=True needs normalization_impl='mp', not "
+                         f"{config.normalization_impl!r}: apex's norms take an input and "
+                         "weights of one dtype, mp's take an fp32 input with 16-bit weights")

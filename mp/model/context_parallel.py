@@ -22,7 +22,8 @@ Attention runs one of Megatron's three ways (``--cp-comm-type``, `CP_COMM_TYPES`
   sequence for those heads, and a second all-to-all trades back. Four all-to-alls of a
   ``1 / c`` share each per layer, whatever ``c``, and no rank ever holds a whole sequence of
   every head. A given attention mask is all-gathered over the query rows, once for all
-  layers (`gather_query_rows`, called by the transformer block).
+  layers (`gather_query_rows`, called by the transformer block). Per-head parameters follow
+  the heads (`heads_of_this_rank`: the sinks' logits).
 - ``p2p`` (Megatron's default): the key/value blocks travel around a ring of the CP ranks
   and the partial attentions merge by their log-sum-exp (`mp.model.ring_attention`); no rank
   holds the whole sequence's keys and values.
@@ -134,3 +135,10 @@ def attention_over_heads(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: 
     q, k, v = (_in_sequence_order(all_to_all(t, 2, 0, group), cp) for t in (q, k, v))
     context = attend(q, k, v, attention_mask)  # [s, b, np / c * d], causal
     return all_to_all(_in_rank_order(context, cp), 0, 2, group)
+
+
+def heads_of_this_rank(per_head: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``a2a``: the entries of ``per_head [np]`` (a value per query head of this TP rank: the
+    sinks' logits) of the ``np / c`` heads this CP rank attends in `attention_over_heads`
+    (the all-to-all hands CP rank ``r`` the ``r``-th ``1 / c`` of them); a view."""
+    return per_head.chunk(dist.get_world_size(group))[dist.get_rank(group)]

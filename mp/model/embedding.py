@@ -21,6 +21,12 @@ class LanguageModelEmbedding(nn.Module):
     word lookup's partial sums are reduce-scattered straight to ``[s / t, b, h]`` instead of
     all-reduced and then split. Dropout on sequence-parallel activations uses the TP-specific
     RNG stream, since each rank then holds different tokens.
+
+    With ``fp32_residual_connection`` the output is cast to fp32, the residual stream's
+    dtype, after the lookup's all-reduce or reduce-scatter (in the parameters' dtype, as in
+    Megatron) and, unlike Megatron, also after the sequence-parallel split: the values are the
+    same, but the split's backward all-gathers the gradient in the parameters' dtype, half of
+    Megatron's fp32 bytes.
     """
 
     def __init__(self, config: TransformerConfig, group=None):
@@ -50,5 +56,7 @@ class LanguageModelEmbedding(nn.Module):
             embeddings = embeddings.transpose(0, 1).contiguous()
             if self.config.sequence_parallel:
                 embeddings = scatter_to_sequence_parallel_region(embeddings, group=self.group)
+        if self.config.fp32_residual_connection:
+            embeddings = embeddings.float()
         return hidden_dropout(embeddings, self.config.hidden_dropout, self.training,
                               self.config.sequence_parallel)

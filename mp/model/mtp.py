@@ -16,6 +16,10 @@ micro-batch's loss scale), and logged as ``mtp_1 loss`` ... ``mtp_D loss``.
 Shapes: hidden ``[s, b, h]`` (``[s / t, b, h]`` with sequence parallelism), tokens, labels and
 the loss mask ``[b, s]``. ``eh_proj`` is a `mp.tensor_parallel.DuplicatedLinear`: whole on
 every TP rank, each computing its own tokens under sequence parallelism.
+
+With ``fp32_residual_connection`` ``eh_proj``'s output is cast to fp32, so that each depth's
+layer keeps its residual in fp32 as the decoder's layers do (Megatron-Core adds it in the
+parameters' dtype there) and every depth computes alike.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ class MTPLayer(nn.Module):
         final norm)``."""
         joined = torch.cat((self.enorm(embedded), self.hnorm(hidden)), dim=-1)
         hidden, _ = self.eh_proj(joined)
+        if self.config.fp32_residual_connection:  # the layer's residual, as the decoder's
+            hidden = hidden.float()
         hidden = self.transformer_layer(hidden, attention_mask, rotary_freqs)
         return hidden, self.final_layernorm(hidden)
 
@@ -86,7 +92,7 @@ class MultiTokenPrediction(nn.Module):
         (the model's output layer and cross-entropy)."""
         cfg = self.config
         if attention_mask is not None:
-            attention_mask = mask_for_layers(attention_mask, cfg, hidden.dtype)
+            attention_mask = mask_for_layers(attention_mask, cfg, cfg.params_dtype)
         weight = cfg.mtp_loss_scaling_factor / len(self.layers)
         depth_hidden, total = hidden, 0.0
         for k, layer in enumerate(self.layers, start=1):

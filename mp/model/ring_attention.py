@@ -18,10 +18,17 @@ head exists at once (`tile_bytes`); what is kept for backward is q, k, v, the ou
 fp32 log-sum-exp: no rank saves the whole sequence's keys and values. Attention dropout is not
 supported here (`mp.model.config.TransformerConfig` refuses it).
 
+Attention sinks (``sinks``, a logit ``s_h`` per head, `mp.model.attention.CoreAttention`) join
+once all blocks are merged: each row's log-sum-exp takes ``exp(s_h)`` into its sum and the
+output is rescaled to the new denominator. Backward then reads each key's probability against
+that log-sum-exp, and the sink's, ``p = exp(s_h - lse)``, gives ``d s_h = -sum p rowsum(dO
+O)`` over this rank's rows (the sink adds no value): a partial sum, as every CP-replicated
+parameter's gradient is, that the DP x CP reduction completes.
+
 Shapes: ``q [2L, b, np, d]``, ``k [2L, b, ng, d]``, ``v [2L, b, ng, dv]`` (``L = s / (2c)``,
 ``ng`` dividing ``np``, ``dv = d`` but under multi-latent attention), a boolean
 ``attention_mask [b or 1, 1, 2L, s]`` (True = masked; the rank's query rows against every key)
-or None for causal; the output is ``[2L, b, np * dv]``.
+or None for causal; ``sinks [np]`` or None; the output is ``[2L, b, np * dv]``.
 """
 
 from __future__ import annotations
@@ -36,11 +43,13 @@ QUERY_TILE = 1024  # query rows of one block of scores
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    attention_mask: torch.Tensor | None, scale: float,
                    group: dist.ProcessGroup, tile: int = QUERY_TILE,
-                   window: int | None = None) -> torch.Tensor:
+                   window: int | None = None, sinks: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """Causal attention of this CP rank's queries over the whole sequence (module doc), the
     scores ``tile`` query rows at a time; with ``window``, over the ``window`` keys before
-    each query and its own."""
-    return _RingAttention.apply(q, k, v, attention_mask, scale, group, tile, window)
+    each query and its own; with ``sinks [np]``, each head's sink logit in every row's
+    softmax."""
+    return _RingAttention.apply(q, k, v, attention_mask, scale, group, tile, window, sinks)
 
 
 def tile_bytes(micro_batch: int, heads: int, chunk: int, tile: int = QUERY_TILE,
@@ -139,9 +148,14 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse == NEG_INF, 0.0)
 
 
+def _sink_logits(sinks: torch.Tensor, groups: int) -> torch.Tensor:
+    """``sinks [np]`` as fp32 ``[1, g, r, 1]``, beside a ``[b, g, r, 2L]`` log-sum-exp."""
+    return sinks.float().view(1, groups, -1, 1)
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, attention_mask, scale, group, tile, window):
+    def forward(ctx, q, k, v, attention_mask, scale, group, tile, window, sinks):
         ring = _Ring(group, q.size(0) // 2, tile, window)
         groups = k.size(2)
         qg, kg, vg = _grouped(q, groups), _grouped(k, groups), _grouped(v, groups)
@@ -167,15 +181,19 @@ class _RingAttention(torch.autograd.Function):
                 for request in requests:
                     request.wait()
                 block = received
+        if sinks is not None:  # exp(s_h) joins every row's denominator
+            total = torch.logaddexp(lse, _sink_logits(sinks, groups))
+            out.mul_((lse - total).exp_()[..., None])
+            lse = total
         t, b = q.shape[:2]
         result = _ungrouped(out, q.dtype).reshape(t, b, -1)  # [2L, b, np * dv]
-        ctx.save_for_backward(q, k, v, result, lse, attention_mask)
+        ctx.save_for_backward(q, k, v, result, lse, attention_mask, sinks)
         ctx.scale, ctx.group, ctx.tile, ctx.window = scale, group, tile, window
         return result
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, result, lse, attention_mask = ctx.saved_tensors
+        q, k, v, result, lse, attention_mask, sinks = ctx.saved_tensors
         ring = _Ring(ctx.group, q.size(0) // 2, ctx.tile, ctx.window)
         groups = k.size(2)
         qg, kg, vg = _grouped(q, groups), _grouped(k, groups), _grouped(v, groups)
@@ -209,5 +227,9 @@ class _RingAttention(torch.autograd.Function):
                 request.wait()
             block = received if step < ring.size - 1 else [None, None, *received]
         dk, dv = block[2], block[3]
+        dsinks = None
+        if sinks is not None:  # p_sink (dP_sink - delta), dP_sink = 0: the sink has no value
+            p_sink = (_sink_logits(sinks, groups) - lse).exp_()
+            dsinks = -(p_sink * delta).sum((0, 3)).reshape(-1).to(sinks.dtype)
         return (_ungrouped(dq, q.dtype), _ungrouped(dk, k.dtype), _ungrouped(dv, v.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, dsinks)

@@ -26,17 +26,22 @@ def scale_frequencies(inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def yarn_frequencies(inv_freq: torch.Tensor, base: float, factor: float, original_context: int,
-                     beta_fast: float, beta_slow: float) -> torch.Tensor:
+                     beta_fast: float, beta_slow: float, round_to_int: bool = True
+                     ) -> torch.Tensor:
     """YaRN's ``inv_freq [dim / 2]``: pairs of channels that turn more than ``beta_fast``
     times over the ``original_context`` keep their frequency, those turning fewer than
     ``beta_slow`` times are divided by ``factor`` (interpolated), and those between move
-    linearly from one to the other with the pair's index (its bounds rounded outwards)."""
+    linearly from one to the other with the pair's index (the ramp's ends rounded outwards
+    to whole pairs with ``round_to_int``, DeepSeek's; fractional without, gpt-oss's)."""
     dim = 2 * inv_freq.numel()
 
     def pair(turns: float) -> float:  # the (fractional) pair that turns this often
         return dim * math.log(original_context / (turns * 2 * math.pi)) / (2 * math.log(base))
 
-    low, high = max(math.floor(pair(beta_fast)), 0), min(math.ceil(pair(beta_slow)), dim - 1)
+    low, high = pair(beta_fast), pair(beta_slow)
+    if round_to_int:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     ramp = (torch.arange(dim // 2, dtype=torch.float32, device=inv_freq.device) - low) \
         / max(high - low, 1e-3)
     interpolated = ramp.clamp(0.0, 1.0)

@@ -21,7 +21,10 @@ class TransformerLayer(nn.Module):
     """``x + attn(norm(x))`` then ``x + mlp(norm(x))``, each with bias-dropout-add; the
     ``mlp`` is a mixture of experts (`mp.model.moe`) in the layers the config says.
 
-    ``hidden [s, b, h]`` (``[s / t, b, h]`` with sequence parallelism) in and out.
+    ``hidden [s, b, h]`` (``[s / t, b, h]`` with sequence parallelism) in and out. With
+    ``fp32_residual_connection`` it is fp32 while the layer computes in the parameters'
+    dtype: the norms return that dtype (`mp.fused.normalization`), and each residual add
+    promotes back to fp32.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, group=None,
@@ -110,7 +113,7 @@ class TransformerBlock(nn.Module):
         prediction reads the hidden states before it)."""
         cfg = self.config
         if attention_mask is not None:
-            attention_mask = mask_for_layers(attention_mask, cfg, hidden.dtype)
+            attention_mask = mask_for_layers(attention_mask, cfg, cfg.params_dtype)
         if cfg.recompute_granularity == "full" and self.training:
             hidden = self._recomputed(hidden, attention_mask, rotary_freqs)
         else:

@@ -28,7 +28,9 @@ copied to fp32), and clipping becomes a factor of its step rather than an in-pla
 
 The optimizer works on `ParamShard`s: the elements ``[start, end)`` (row-major) of a model
 parameter that this rank updates, with their fp32 master. Here every shard is a whole
-parameter; `mp.optim.DistributedOptimizer` cuts them over the data-parallel ranks.
+parameter; `mp.optim.DistributedOptimizer` cuts them over the data-parallel ranks. Under FSDP
+(`mp.distributed.torch_fsdp2`) a shard is the rows of a ``DTensor`` parameter this rank holds,
+its local tensor the master, updated in place; the gradient norm then sums over every rank.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mp import parallel_state
 from mp.apex import fused_adam_class
+from mp.distributed.torch_fsdp2 import dp_shard_range, local_tensor
 from mp.optim.clip_grads import (
     clip_coefficient,
     clip_grad_by_total_norm_fp32,
@@ -68,6 +72,10 @@ class ParamShard:
 
     @classmethod
     def make(cls, param: nn.Parameter, start: int, end: int) -> ParamShard:
+        local = local_tensor(param)
+        if local is not param:  # FSDP: the DTensor's local rows are the shard, in place
+            return cls(param, start, end, local if local.dtype == torch.float32
+                       else local.detach().float())
         whole = start == 0 and end == param.numel()
         if param.dtype == torch.float32:
             main = param if whole else param.detach().view(-1)[start:end]
@@ -81,7 +89,11 @@ class ParamShard:
         return self.param.dtype == torch.float32
 
     def of(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This shard's elements of ``tensor`` (shaped like ``param``), shaped like ``main``."""
+        """This shard's elements of ``tensor`` (shaped like ``param``; an FSDP ``DTensor``
+        holds them as its local tensor), shaped like ``main``."""
+        local = local_tensor(tensor)
+        if local is not tensor:
+            return local.view_as(self.main)
         return tensor.view(-1)[self.start:self.end].view_as(self.main)
 
 
@@ -182,8 +194,10 @@ class MixedPrecisionOptimizer:
     _experts_need_their_group = True
 
     def _ranges(self, param: nn.Parameter) -> list[tuple[int, int]]:
-        """The ``[start, end)`` element ranges of ``param`` this rank updates: all of it."""
-        return [(0, param.numel())]
+        """The ``[start, end)`` element ranges of ``param`` this rank updates: all of it, or
+        an FSDP parameter's rows held here (`dp_shard_range`)."""
+        return [dp_shard_range(param) if local_tensor(param) is not param
+                else (0, param.numel())]
 
     @property
     def model_params(self) -> list[nn.Parameter]:
@@ -402,4 +416,7 @@ def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
     if use_distributed_optimizer:
         from mp.optim.distrib_optimizer import DistributedOptimizer  # it subclasses this one
         return DistributedOptimizer(groups, chunks, **kwargs)
+    if any(getattr(chunk, "fully_sharded", False) for chunk in chunks):
+        # FSDP: every rank holds other rows of the same replica, so the norm sums over all
+        kwargs["model_parallel_group"] = dist.group.WORLD
     return MixedPrecisionOptimizer(groups, **kwargs)

@@ -112,12 +112,15 @@ def _free(output: torch.Tensor) -> None:
 
 
 def _tensor_shape(model: nn.Module, seq_length: int, micro_batch_size: int):
-    """What a stage sends: ``[s / CP (/ TP with sequence parallelism), b, h]``."""
+    """What a stage sends: ``[s / CP (/ TP with sequence parallelism), b, h]``, in the
+    model's dtype, or fp32 with ``fp32_residual_connection`` (the residual stream's; as
+    Megatron's p2p and its inference wrappers do)."""
     config = _unwrap(model).config
     s = seq_length // config.context_parallel_size
     if config.sequence_parallel:
         s //= config.tensor_model_parallel_size
-    return (s, micro_batch_size, config.hidden_size), config.params_dtype
+    dtype = torch.float32 if config.fp32_residual_connection else config.params_dtype
+    return (s, micro_batch_size, config.hidden_size), dtype
 
 
 def _no_sync_all(models: list[nn.Module]):

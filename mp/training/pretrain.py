@@ -16,6 +16,7 @@ from mp.checkpointing import job as checkpoint_job
 from mp.config import JobConfig, TrainingConfig, resolve_world_size
 from mp.device import get_device
 from mp.distributed import DistributedDataParallel
+from mp.distributed.torch_fsdp2 import TorchFullyShardedDataParallel
 from mp.model.pipeline_split import uneven_stages_text
 from mp.model.stages import build_gpt_chunks
 from mp.optim import (
@@ -50,18 +51,24 @@ def set_random_seed(seed: int) -> None:
 def setup_model_and_optimizer(cfg: JobConfig) -> tuple[list[DistributedDataParallel],
                                                        MixedPrecisionOptimizer,
                                                        OptimizerParamScheduler]:
-    """This rank's GPT chunks (one per virtual stage) wrapped for data parallelism, their
-    optimizer and LR schedule."""
+    """This rank's GPT chunks (one per virtual stage) wrapped for data parallelism (FSDP2
+    with ``training.use_torch_fsdp2``), their optimizer and LR schedule."""
     tr = cfg.training
     grad_dtype = torch.bfloat16 if tr.grad_reduce_in_bf16 else torch.float32
-    model = [DistributedDataParallel(
-        chunk, overlap_grad_reduce=tr.overlap_grad_reduce,
-        bucket_size=max(1, int(tr.bucket_size_mb * 2**20 / grad_dtype.itemsize)),
-        use_distributed_optimizer=tr.use_distributed_optimizer,
-        overlap_param_gather=tr.overlap_param_gather,
-        calculate_per_token_loss=tr.calculate_per_token_loss, grad_dtype=grad_dtype,
-        num_distributed_optimizer_instances=tr.num_distributed_optimizer_instances)
-        for chunk in build_gpt_chunks(cfg.model)]
+    if tr.use_torch_fsdp2:  # ZeRO-3 (mp.distributed.torch_fsdp2) instead of DDP
+        model = [TorchFullyShardedDataParallel(
+            chunk, reshard_after_forward=tr.torch_fsdp2_reshard_after_forward,
+            calculate_per_token_loss=tr.calculate_per_token_loss, grad_dtype=grad_dtype)
+            for chunk in build_gpt_chunks(cfg.model)]
+    else:
+        model = [DistributedDataParallel(
+            chunk, overlap_grad_reduce=tr.overlap_grad_reduce,
+            bucket_size=max(1, int(tr.bucket_size_mb * 2**20 / grad_dtype.itemsize)),
+            use_distributed_optimizer=tr.use_distributed_optimizer,
+            overlap_param_gather=tr.overlap_param_gather,
+            calculate_per_token_loss=tr.calculate_per_token_loss, grad_dtype=grad_dtype,
+            num_distributed_optimizer_instances=tr.num_distributed_optimizer_instances)
+            for chunk in build_gpt_chunks(cfg.model)]
     optimizer = get_megatron_optimizer(
         model, lr=tr.lr, weight_decay=tr.weight_decay, adam_beta1=tr.adam_beta1,
         adam_beta2=tr.adam_beta2, adam_eps=tr.adam_eps, clip_grad=tr.clip_grad,

@@ -10,7 +10,7 @@ from torch import nn
 from mp.device import get_device
 from mp.model.aux_losses import attach_aux_loss, router_loss_names, track
 from mp.model.config import TransformerConfig
-from mp.model.init import init_method
+from mp.model.init import init_method, init_method_normal
 from mp.model.moe.aux_loss import at_least_fp32, load_balancing_loss, z_loss
 from mp.model.moe.capacity import expert_capacity, within_capacity
 from mp.tensor_parallel import reduce_from_tensor_model_parallel_region
@@ -34,6 +34,9 @@ class TopKRouter(nn.Module):
     load balancing over the sigmoids normalized over the experts, for a sigmoid router). With
     ``moe_expert_capacity_factor`` the copies over an expert's capacity are dropped after
     that (`mp.model.moe.capacity`): their expert reads -1 and their probability 0.
+
+    With ``moe_router_bias`` the logits are ``tokens W^T + b`` with a learned ``b [E]``
+    (gpt-oss's; Megatron-Core's ``router.bias``), replicated and reduced as ``W`` is.
 
     ``W`` is replicated on every rank and its gradient is partial on each TP rank, summed
     over TP like a sequence-parallel weight's (``W.sequence_parallel``): under sequence
@@ -77,6 +80,12 @@ class TopKRouter(nn.Module):
         init_method(config)(full)
         self.weight = nn.Parameter(full.to(config.params_dtype))
         self.weight.sequence_parallel = True
+        self.bias = None
+        if config.moe_router_bias:  # N(0, init_method_std) after the weight, as Megatron
+            full = torch.empty(config.num_moe_experts, dtype=torch.float32, device=get_device())
+            init_method_normal(config.init_method_std)(full)
+            self.bias = nn.Parameter(full.to(config.params_dtype))
+            self.bias.sequence_parallel = True
         self.expert_bias = None  # [E] fp32, the same on every rank (`update_expert_bias`)
         if config.moe_router_enable_expert_bias:
             zeros = torch.zeros(config.num_moe_experts, device=get_device())
@@ -90,9 +99,10 @@ class TopKRouter(nn.Module):
         cfg = self.config
         dtype = _ROUTER_DTYPES.get(cfg.moe_router_dtype)
         if dtype is None:
-            logits = at_least_fp32(F.linear(tokens, self.weight))  # [N, E]
+            logits = at_least_fp32(F.linear(tokens, self.weight, self.bias))  # [N, E]
         else:
-            logits = F.linear(tokens.to(dtype), self.weight.to(dtype))
+            logits = F.linear(tokens.to(dtype), self.weight.to(dtype),
+                              None if self.bias is None else self.bias.to(dtype))
         scores = torch.softmax(logits, dim=-1) if cfg.moe_router_pre_softmax else None
         if cfg.moe_router_score_function == "sigmoid":
             probs, experts = self._sigmoid_topk(logits)
