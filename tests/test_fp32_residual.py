@@ -64,25 +64,30 @@ def test_megatron_flag_sets_the_field():
 
 @pytest.mark.parametrize("kind", ["LayerNorm", "RMSNorm"])
 def test_norm_of_fp32_input_with_bf16_weights(kind, monkeypatch):
+    check_fp32_input_norm(kind, monkeypatch, "cpu")
+
+
+def check_fp32_input_norm(kind: str, monkeypatch, device: str, h: int = 48) -> list[bool]:
     """fp32 ``x``, bf16 weight and bias: the statistics and the affine map in fp32 (the
     weights upcast, also for the kernel's gate), the output rounded once to bf16; ``dx`` in
-    fp32 and the weights' gradients in bf16, against float64."""
-    h = 48
-    x = seeded((6, 3, h), 0, scale=3.0).add_(1.5).requires_grad_()
-    weight = torch.nn.Parameter(seeded(h, 1, torch.bfloat16).add_(1))
-    bias = torch.nn.Parameter(seeded(h, 2, torch.bfloat16)) if kind == "LayerNorm" else None
-    gated = []
+    fp32 and the weights' gradients in bf16, against float64. Returns the kernel gate's
+    answers (tests/gpu runs this on CUDA, where the kernel takes it)."""
+    x = seeded((6, 3, h), 0, scale=3.0).add_(1.5).to(device).requires_grad_()
+    weight = torch.nn.Parameter(seeded(h, 1, torch.bfloat16).add_(1).to(device))
+    bias = torch.nn.Parameter(seeded(h, 2, torch.bfloat16).to(device)) \
+        if kind == "LayerNorm" else None
+    gated, answers = [], []
     usable = normalization.norm_kernel_usable
     monkeypatch.setattr(normalization, "norm_kernel_usable",
                         lambda *t: gated.append([a.dtype for a in t if a is not None])
-                        or usable(*t))
+                        or answers.append(usable(*t)) or answers[-1])
     if kind == "LayerNorm":
         y = normalization.fused_layer_norm(x, weight, bias, 1e-5)
     else:
         y = normalization.fused_rms_norm(x, weight, 1e-5)
     assert y.dtype == torch.bfloat16 and gated == [[torch.float32] * (3 if bias is not None
                                                                        else 2)]
-    dy = seeded(y.shape, 3, torch.bfloat16)
+    dy = seeded(y.shape, 3, torch.bfloat16).to(device)
     y.backward(dy)
 
     x64 = x.detach().double().requires_grad_()
@@ -100,6 +105,7 @@ def test_norm_of_fp32_input_with_bf16_weights(kind, monkeypatch):
     for param, param64 in zip((weight, bias), params64):
         assert param.grad.dtype == torch.bfloat16
         assert_rel_close(param.grad, param64.grad, rtol=4e-3, what="weight gradient")
+    return answers
 
 
 # ---------------------------------------------------------------------- the whole model

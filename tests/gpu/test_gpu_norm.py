@@ -125,3 +125,12 @@ def test_zero_centered_modules_equal_the_plain_ones_with_one_added(ext, cls):
     assert torch.equal(*outputs)
     for p, q in zip(centred.parameters(), plain.parameters()):
         assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("kind", ["LayerNorm", "RMSNorm"])
+def test_fp32_input_with_bf16_weights_takes_the_kernel(ext, kind, monkeypatch):
+    """``--fp32-residual-connection``'s norms on CUDA: fp32 input, bf16 weights upcast, the
+    kernel in fp32, the output rounded once to bf16, against float64 (test_fp32_residual)."""
+    from test_fp32_residual import check_fp32_input_norm
+
+    assert check_fp32_input_norm(kind, monkeypatch, "cuda", h=1024) == [True]
