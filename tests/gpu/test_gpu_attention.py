@@ -4,8 +4,8 @@ repeated per query head, and against the unfused core (mp's fused softmax when b
 fp32 and bf16, forward and backward; generation with the cache against running the whole
 sequence at each step; the bottom-right causal attention of context parallelism (queries at
 the end of longer keys, SDPA's flash or memory-efficient kernels) against an explicit mask;
-sliding-window attention against float64 with the window written out, and generating with
-it through the cache."""
+sliding-window attention against float64 with the window written out (attention sinks too),
+and generating with it through the cache."""
 
 import pytest
 import torch
@@ -106,35 +106,47 @@ def test_bottom_right_causal_attention_equals_the_explicit_mask(precision, rtol)
         assert difference <= rtol, f"{name}: {difference:.2e}"
 
 
-def windowed_against_float64(backend: str, precision: str, sq: int, sk: int
-                             ) -> list[tuple[str, float]]:
+def windowed_against_float64(backend: str, precision: str, sq: int, sk: int,
+                             softmax_type: str = "vanilla") -> list[tuple[str, float]]:
     """Relative differences, output and each input gradient, between `CoreAttention` with a
     sliding window of 100 earlier keys (``sq`` queries at the end of ``sk`` grouped keys, as a
     cache or a context-parallel chunk has them; more than `window_tile` of them attend in
-    tiles) and the same attention in float64 with the window's mask written out."""
+    tiles) and the same attention in float64 with the window's mask written out; with attention
+    sinks, each head's sink logit (0, or its learned one, whose gradient is compared too) one
+    more column of the float64 softmax, dropped after it."""
     torch.manual_seed(4)
     config = TransformerConfig(
         num_layers=1, hidden_size=1024, num_attention_heads=HEADS, num_query_groups=GROUPS,
         vocab_size=VOCAB, seq_length=sk, attention_dropout=0.0, precision=precision,
-        attention_backend=backend)
+        attention_backend=backend, softmax_type=softmax_type)
     window, d = 100, 64
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     inputs = [torch.randn(s, 2, h, d, device=get_device(), dtype=dtype, requires_grad=True)
               for s, h in ((sq, HEADS), (sk, GROUPS), (sk, GROUPS))]
     exact = [t.detach().double().requires_grad_(True) for t in inputs]
-    out = CoreAttention(config, window)(*inputs)
+    core = CoreAttention(config, window).to(get_device())
+    learned = [core.softmax_offset] if softmax_type == "learnable" else []
+    with torch.no_grad():
+        for p in learned:  # logits that matter beside a window of scores
+            p.normal_(0, 2)
+    exact += [p.detach().double().requires_grad_(True) for p in learned]
+    out = core(*inputs)
     positions = torch.arange(sk - sq, sk, device=get_device())[:, None]
     keys = torch.arange(sk, device=get_device())
     keep = (keys <= positions) & (positions - keys <= window)  # [sq, sk]
-    q, k, v = (t.permute(1, 2, 0, 3) for t in exact)  # [b, heads or groups, s, d]
+    q, k, v = (t.permute(1, 2, 0, 3) for t in exact[:3])  # [b, heads or groups, s, d]
     k, v = (t.repeat_interleave(HEADS // GROUPS, dim=1) for t in (k, v))
     scores = (q @ k.transpose(-1, -2) / d ** 0.5).masked_fill(~keep, float("-inf"))
-    ref = (scores.softmax(-1) @ v).permute(2, 0, 1, 3).reshape(sq, 2, HEADS * d)
+    if softmax_type != "vanilla":
+        sink = exact[3] if learned else scores.new_zeros(HEADS)
+        scores = torch.cat([scores, sink.view(1, HEADS, 1, 1).expand(2, HEADS, sq, 1)], -1)
+    probs = scores.softmax(-1)[..., :sk]
+    ref = (probs @ v).permute(2, 0, 1, 3).reshape(sq, 2, HEADS * d)
     weights = torch.randn(out.shape, device=get_device(), dtype=torch.float64)
-    grads = torch.autograd.grad((out.double() * weights).sum(), inputs)
+    grads = torch.autograd.grad((out.double() * weights).sum(), inputs + learned)
     ref_grads = torch.autograd.grad((ref * weights).sum(), exact)
     return [(name, ((a.double() - b).norm() / b.norm()).item())
-            for name, a, b in zip(("output", "dq", "dk", "dv"), (out, *grads),
+            for name, a, b in zip(("output", "dq", "dk", "dv", "dsink"), (out, *grads),
                                   (ref, *ref_grads))]
 
 
@@ -143,6 +155,18 @@ def windowed_against_float64(backend: str, precision: str, sq: int, sk: int
 @pytest.mark.parametrize("sq, sk", [(512, 1024), (2500, 3000)], ids=["one_call", "tiles"])
 def test_sliding_window_attention_equals_float64(backend, precision, rtol, sq, sk):
     for name, difference in windowed_against_float64(backend, precision, sq, sk):
+        assert difference <= rtol, f"{name}: {difference:.2e}"
+
+
+@pytest.mark.parametrize("softmax_type", ["off-by-one", "learnable"])
+@pytest.mark.parametrize("backend", ["sdpa", "unfused"])
+@pytest.mark.parametrize("precision, rtol", [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_attention_sinks_equal_float64(softmax_type, backend, precision, rtol):
+    """gpt-oss's sinks on CUDA: q, k, v padded with the sink's channel to a multiple of 8
+    reach SDPA's flash or memory-efficient kernels, windows tiled (2,500 queries)."""
+    results = windowed_against_float64(backend, precision, 2500, 3000, softmax_type)
+    assert len(results) == (5 if softmax_type == "learnable" else 4)
+    for name, difference in results:
         assert difference <= rtol, f"{name}: {difference:.2e}"
 
 
