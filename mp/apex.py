@@ -46,6 +46,12 @@ def fused_adam_class():
 
 
 @functools.cache
+def fused_sgd_class():
+    """``apex.optimizers.FusedSGD``, or None (torch's SGD then runs)."""
+    return _find("apex.optimizers", "FusedSGD", "training.optimizer_impl=apex", "torch's SGD")
+
+
+@functools.cache
 def norm_class(normalization: str):
     """apex's ``FusedLayerNorm`` or ``FusedRMSNorm`` for mp's ``normalization`` ("LayerNorm" |
     "RMSNorm"), or None (mp's norm then runs). Constructed as

@@ -59,5 +59,6 @@ def initialize_model_parallel_of(cfg: JobConfig) -> None:
         m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
         m.virtual_pipeline_model_parallel_size, context_parallel_size=m.context_parallel_size,
         expert_model_parallel_size=m.expert_model_parallel_size,
+        expert_tensor_parallel_size=m.expert_tensor_parallel_size,
         distributed_timeout_minutes=tr.distributed_timeout_minutes,
         num_distributed_optimizer_instances=tr.num_distributed_optimizer_instances)

@@ -12,9 +12,14 @@ from mp.instance_layout import InstanceLayout
 from mp.rank_layout import RankLayout
 
 _KINDS = ("tensor", "context", "data", "data_with_context", "pipeline", "model", "embedding",
-          "expert", "expert_data")
+          "expert", "expert_data", "expert_tensor", "expert_tensor_and_model", "expert_norm")
 _INSTANCE_KINDS = ("intra_partial_data", "intra_partial_expert_data", "inter_instance",
                    "intra_instance")
+
+# the expert kinds that are None when each has one rank, and the groups each may equal
+_NONE_WHEN_ONE_RANK = ("expert", "expert_tensor", "expert_tensor_and_model", "expert_norm")
+_SAME_RANKS = {"expert_data": ("data_with_context",), "expert_tensor": ("tensor",),
+               "expert_tensor_and_model": ("tensor", "expert"), "expert_norm": ("expert",)}
 
 GroupAndRanks = tuple[dist.ProcessGroup | None, list[int]]
 
@@ -41,6 +46,12 @@ class Groups:
     expert_ranks: list[int]
     expert_data: dist.ProcessGroup
     expert_data_ranks: list[int]
+    expert_tensor: dist.ProcessGroup | None  # ETP; None with ETP=1
+    expert_tensor_ranks: list[int]
+    expert_tensor_and_model: dist.ProcessGroup | None  # ETP x EP; None when one rank
+    expert_tensor_and_model_ranks: list[int]
+    expert_norm: dist.ProcessGroup | None  # the EP ranks at this TP rank; None when one rank
+    expert_norm_ranks: list[int]
     intra_partial_data: dist.ProcessGroup  # one distributed-optimizer instance: the DP x CP
     intra_partial_data_ranks: list[int]  # group with N=1
     intra_partial_expert_data: dist.ProcessGroup  # ... of the EDP group (N=1: the EDP group)
@@ -64,15 +75,17 @@ def create_groups(layout: RankLayout, instances: InstanceLayout, backend: str | 
     """Create every group of ``layout`` and ``instances`` (collective: every rank creates
     every group, in the same order) and return this rank's."""
     me = dist.get_rank()
-    expert_parallel = len(layout.expert[0]) > 1
     mine: dict[str, GroupAndRanks] = {}
     for kind in _KINDS:
         mine[kind] = (None, [])  # only "embedding" can stay empty (middle stages)
-        if kind.startswith("expert") and not expert_parallel:
-            # EDP = DP x CP and no EP group: no groups of a single rank each
-            mine[kind] = (mine["data_with_context"] if kind == "expert_data" else (None, [me]))
-            continue
-        mine[kind] = _create(getattr(layout, kind), me, backend, timeout)
+        same = [k for k in _SAME_RANKS.get(kind, ())
+                if getattr(layout, k) == getattr(layout, kind)]
+        if kind in _NONE_WHEN_ONE_RANK and len(getattr(layout, kind)[0]) == 1:
+            mine[kind] = (None, [me])  # no groups of a single rank each (EP=1, ETP=1)
+        elif same:  # the ranks of a group made already (EDP = DP x CP with EP=1, ETP = TP)
+            mine[kind] = mine[same[0]]
+        else:
+            mine[kind] = _create(getattr(layout, kind), me, backend, timeout)
     made = _instance_groups(instances, mine, me, backend, timeout)
     vpp = virtual_pipeline_world_size
     return Groups(*(part for kind in _KINDS for part in mine[kind]),

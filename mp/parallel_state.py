@@ -26,6 +26,20 @@ replicated over the EDP ranks only, and their gradients are reduced there
 (``get_expert_data_parallel_group``). With EP=1 no expert group is created (the EP group is
 None) and the EDP group is the DP x CP group.
 
+With ``expert_tensor_parallel_size`` ETP = 1 under TP > 1 (Megatron's "parallel folding":
+each expert whole on one rank) the experts' coordinates run over a stage's TP x CP x DP ranks
+with the expert TP rank fastest, then EP, then EDP::
+
+    tp_rank + TP * (cp_rank + CP * dp_rank) = etp_rank + ETP * (ep_rank + EP * edp_rank),
+    EDP = TP x CP x DP / (ETP x EP)
+
+so the TP ranks serve as EP ranks too (EP up to TP x CP x DP). The expert TP group
+(``get_expert_tensor_parallel_group``) is the TP group with ETP = TP and None with ETP = 1;
+``get_expert_tensor_and_model_parallel_group`` is ETP x EP, one copy of a stage's experts.
+The experts' squared gradient norm is summed over ``get_expert_grad_norm_group`` (the EP
+ranks at this rank's TP rank: the EP group with ETP = TP), then with the rest over TP x PP,
+so each expert element counts once (with ETP = 1, EP a multiple of TP).
+
 Several distributed-optimizer instances (Megatron-Core's
 ``num_distributed_optimizer_instances`` N, `mp.optim.DistributedOptimizer`) cut each DP x CP
 group into N instances of DP x CP / N consecutive ranks of it: the optimizer state is sharded
@@ -63,7 +77,9 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                               pipeline_model_parallel_size: int = 1,
                               virtual_pipeline_model_parallel_size: int | None = None,
                               *, context_parallel_size: int = 1,
-                              expert_model_parallel_size: int = 1, backend: str | None = None,
+                              expert_model_parallel_size: int = 1,
+                              expert_tensor_parallel_size: int | None = None,
+                              backend: str | None = None,
                               distributed_timeout_minutes: float = 10.0,
                               num_distributed_optimizer_instances: int = 1) -> None:
     """Create the TP, CP, DP, DP x CP, PP, model-parallel and embedding groups over the
@@ -73,7 +89,8 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
 
     Every rank must call this with the same arguments (``torch.distributed`` must already be
     initialized). Sizes are checked before any collective. ``backend`` defaults to the default
-    group's backend. A collective in any of the groups that waits longer than
+    group's backend (``expert_tensor_parallel_size`` None: TP, module doc). A collective in
+    any of the groups that waits longer than
     ``distributed_timeout_minutes`` for a peer fails instead of hanging (Megatron's
     ``--distributed-timeout-minutes``, the ``timeout`` of each group).
     """
@@ -98,7 +115,13 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                 f"pipeline_model_parallel_size > 1, got {pipeline_model_parallel_size}")
     layout = rank_layout(dist.get_world_size(), tensor_model_parallel_size,
                          pipeline_model_parallel_size, context_parallel_size,
-                         expert_model_parallel_size)
+                         expert_model_parallel_size, expert_tensor_parallel_size)
+    etp, n = expert_tensor_parallel_size, num_distributed_optimizer_instances
+    if etp not in (None, tensor_model_parallel_size) and n > 1:
+        raise ValueError(f"num_distributed_optimizer_instances={n} with "
+                         f"expert_tensor_parallel_size={etp} != "
+                         f"tensor_model_parallel_size={tensor_model_parallel_size}: not "
+                         "supported; use one instance")
     instances = instance_layout(layout, num_distributed_optimizer_instances)
     _GROUPS = create_groups(layout, instances, backend,
                             timedelta(minutes=distributed_timeout_minutes), vpp)
@@ -226,6 +249,23 @@ def get_expert_data_parallel_group(partial_expert_data_parallel: bool = False
         else groups.expert_data
 
 
+def get_expert_tensor_parallel_group() -> dist.ProcessGroup | None:
+    """The ranks that split each expert (ETP): the TP group, or None with ETP=1."""
+    return _groups().expert_tensor
+
+
+def get_expert_tensor_and_model_parallel_group() -> dist.ProcessGroup | None:
+    """ETP x EP: the ranks that together hold one copy of a stage's experts (None: one)."""
+    return _groups().expert_tensor_and_model
+
+
+def get_expert_grad_norm_group() -> dist.ProcessGroup | None:
+    """The EP ranks at this rank's TP rank (the EP group with ETP = TP; None: one rank): the
+    experts' squared gradient norm, summed here, then with the rest over TP x PP, counts each
+    expert element once (module doc)."""
+    return _groups().expert_norm
+
+
 # --- sizes and ranks ----------------------------------------------------------------------
 
 def get_tensor_model_parallel_world_size() -> int:
@@ -293,6 +333,22 @@ def get_expert_data_parallel_world_size(partial_expert_data_parallel: bool = Fal
 
 def get_expert_data_parallel_rank(partial_expert_data_parallel: bool = False) -> int:
     return _expert_data_ranks(partial_expert_data_parallel).index(dist.get_rank())
+
+
+def get_expert_tensor_parallel_world_size() -> int:
+    return len(_groups().expert_tensor_ranks)
+
+
+def get_expert_tensor_parallel_rank() -> int:
+    return _groups().expert_tensor_ranks.index(dist.get_rank())
+
+
+def get_expert_tensor_and_model_parallel_world_size() -> int:
+    return len(_groups().expert_tensor_and_model_ranks)
+
+
+def get_expert_tensor_and_model_parallel_rank() -> int:
+    return _groups().expert_tensor_and_model_ranks.index(dist.get_rank())
 
 
 def get_model_parallel_world_size() -> int:

@@ -1,8 +1,9 @@
 """Megatron's rank layout: which global ranks form each group, as pure arithmetic (no
 processes; `mp.parallel_state` creates the groups from it).
 
-Ranks are laid out TP fastest, then CP, then DP, then PP; experts' ranks TP fastest, then EP,
-then the expert-data-parallel ranks, then PP (`mp.parallel_state`'s doc has the formulas).
+Ranks are laid out TP fastest, then CP, then DP, then PP; experts' ranks over the same ranks
+of a stage as the expert TP ranks (ETP) fastest, then EP, then the expert-data-parallel ranks,
+then PP (Megatron's "parallel folding"; `mp.parallel_state`'s doc has the formulas).
 """
 
 from __future__ import annotations
@@ -23,18 +24,23 @@ class RankLayout:
     embedding: list[list[int]]
     expert: list[list[int]]  # EP: the ranks that hold the different experts of a layer
     expert_data: list[list[int]]  # EDP: the ranks that hold the same experts
+    expert_tensor: list[list[int]]  # ETP: the ranks that split each expert
+    expert_tensor_and_model: list[list[int]]  # ETP x EP: one copy of a stage's experts
+    expert_norm: list[list[int]]  # the EP ranks at one TP rank (`mp.parallel_state`)
 
 
 def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
                 pipeline_model_parallel_size: int = 1,
-                context_parallel_size: int = 1, expert_model_parallel_size: int = 1
-                ) -> RankLayout:
-    """Megatron's group layout for ``world_size`` ranks; raises ValueError on impossible sizes."""
+                context_parallel_size: int = 1, expert_model_parallel_size: int = 1,
+                expert_tensor_parallel_size: int | None = None) -> RankLayout:
+    """Megatron's group layout for ``world_size`` ranks (``expert_tensor_parallel_size``
+    None: TP); raises ValueError on impossible sizes."""
     tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
     ep = expert_model_parallel_size
+    etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
     for name, value in (("world_size", world_size), ("tensor_model_parallel_size", tp),
                         ("pipeline_model_parallel_size", pp), ("context_parallel_size", cp),
-                        ("expert_model_parallel_size", ep)):
+                        ("expert_model_parallel_size", ep), ("expert_tensor_parallel_size", etp)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive integer")
     if world_size % (tp * pp * cp) != 0:
@@ -43,14 +49,23 @@ def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
             f"x pipeline_model_parallel_size={pp}" + (
                 f" x context_parallel_size={cp}" if cp > 1 else "") + f" = {tp * pp * cp}")
     dp = world_size // (tp * pp * cp)
-    if (dp * cp) % ep:
+    if etp == tp and (dp * cp) % ep:
         raise ValueError(f"expert_model_parallel_size={ep} does not divide data_parallel_size x "
                          f"context_parallel_size = {dp} x {cp} = {dp * cp} (world_size="
                          f"{world_size}): the expert-parallel ranks are data-parallel ones")
+    if (tp * dp * cp) % (etp * ep):
+        raise ValueError(f"expert_tensor_parallel_size={etp} x expert_model_parallel_size={ep} "
+                         f"does not divide tensor_model_parallel_size x data_parallel_size x "
+                         f"context_parallel_size = {tp} x {dp} x {cp} = {tp * dp * cp} "
+                         f"(world_size={world_size}): the experts' ranks are a stage's")
     coords = [(t, c, d, p) for p in range(pp) for d in range(dp) for c in range(cp)
               for t in range(tp)]  # in rank order
-    # experts' coordinates: (t, e, edp, p) from the flat DP x CP index c + CP d
-    expert_coords = [(t, (c + cp * d) % ep, (c + cp * d) // ep, p) for t, c, d, p in coords]
+    # experts' coordinates: (expert t, e, edp, p) from a stage's flat index t + TP (c + CP d)
+    flat = [t + tp * (c + cp * d) for t, c, d, _ in coords]
+    expert_coords = [(i % etp, i // etp % ep, i // (etp * ep), p)
+                     for i, (_, _, _, p) in zip(flat, coords)]
+    # the norm's: the EP ranks at one TP rank (the EP group itself with ETP = TP)
+    norm_coords = [(t, e, edp, p) for (t, _, _, _), (_, e, edp, p) in zip(coords, expert_coords)]
 
     def groups(*varying: int, of: list[tuple] = coords) -> list[list[int]]:
         """The groups whose ranks differ only in the coordinates ``varying`` (0 t, 1 c, 2 d,
@@ -66,4 +81,7 @@ def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
     return RankLayout(tensor=groups(0), context=groups(1), data=groups(2),
                       data_with_context=groups(1, 2), pipeline=pipeline, model=groups(0, 3),
                       embedding=[sorted({g[0], g[-1]}) for g in pipeline],
-                      expert=groups(1, of=expert_coords), expert_data=groups(2, of=expert_coords))
+                      expert=groups(1, of=expert_coords), expert_data=groups(2, of=expert_coords),
+                      expert_tensor=groups(0, of=expert_coords),
+                      expert_tensor_and_model=groups(0, 1, of=expert_coords),
+                      expert_norm=groups(1, of=norm_coords))

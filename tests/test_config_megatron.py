@@ -219,8 +219,15 @@ def test_flags_without_effect_say_why():
     (["--apply-residual-connection-post-layernorm"], (
         "--apply-residual-connection-post-layernorm: mp's layers add the residual from before "
         "the norm (pre-norm, Megatron's default)")),
-    (["--optimizer", "sgd"], ("--optimizer sgd: mp trains with AdamW (Megatron's adam); only "
-                              "adam is accepted")),
+    (["--optimizer", "dist_muon"], (
+        "training.optimizer='dist_muon' (Megatron's layer-wise distributed Muon) is not "
+        "supported: mp's Muon keeps whole matrices on every data-parallel rank; use "
+        "training.optimizer=muon without the distributed optimizer")),
+    (["--muon-scalar-optimizer", "lion"], (
+        "--muon-scalar-optimizer: mp's Muon has no such option: it has --muon-momentum, "
+        "--muon-use-nesterov, --muon-num-ns-steps, --muon-coefficient-type, --muon-scale-mode, "
+        "--muon-extra-scale-factor, --muon-fp32-matmul-prec, --muon-tp-mode, "
+        "--muon-no-split-qkv (docs/training.md)")),
 ])
 def test_flags_of_missing_features_are_refused(flags, message):
     assert error_of(*flags) == message
@@ -443,8 +450,9 @@ def test_mixture_of_experts_flags():
         "expert bias)")
     assert error_of("--tensor-model-parallel-size", "1", "--num-experts", "8",
                     "--expert-model-parallel-size", "8", world_size=4) == (
-        "model.expert_model_parallel_size=8 does not divide data_parallel_size=4 "
-        "(world_size=4): the experts are split over data-parallel ranks")
+        "model.expert_model_parallel_size=8 x expert_tensor_parallel_size=1 does not divide "
+        "tensor_model_parallel_size=1 x data_parallel_size=4 x context_parallel_size=1 "
+        "(world_size=4): the experts are laid out over a stage's TP x DP x CP ranks")
 
 
 def test_megatron_spellings_and_aliases():

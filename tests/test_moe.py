@@ -371,8 +371,9 @@ def test_training_follows_one_process(serial_run, world, tp, pp, ep, distributed
         assert held and all(torch.equal(piece, want[name]) for piece in held), name
 
 
-def _save_and_continue(path: str, whole: dict) -> dict:
-    models, optimizer, scheduler = setup(1, 1, seed=9, ep=2, distributed_optimizer=True, **MOE)
+def _save_and_continue(path: str, whole: dict, tp: int = 1, **config) -> dict:
+    models, optimizer, scheduler = setup(tp, 1, seed=9, ep=2, distributed_optimizer=True,
+                                         **MOE, **config)
     load_whole(models, optimizer, whole)
     for step in range(2):
         train_step(models, optimizer, scheduler, step)
@@ -405,6 +406,12 @@ def test_checkpoint_from_ep2_loads_at_other_layouts(serial_run, tmp_path, world,
     path = str(tmp_path / "save")
     saved = run_distributed(2, _save_and_continue, path, whole)
     loaded = run_distributed(world, _load_and_continue, path, tp, ep, **overrides)
+    _assert_same_continuation(saved, loaded)
+
+
+def _assert_same_continuation(saved: list[dict], loaded: list[dict]) -> None:
+    """The loading run's fixed-batch loss, next step and weights after it are the saving
+    run's (to 1e-5)."""
     for key in ("before", "step"):
         assert abs(loaded[0][key] - saved[0][key]) <= 1e-5 * abs(saved[0][key]), key
     want = assemble([r["weights"] for r in saved])
@@ -419,6 +426,7 @@ def test_expert_groups_follow_megatrons_layout():
     assert layout.expert[:4] == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert layout.expert_data[:4] == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert layout.data[:2] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert layout.expert_tensor == layout.tensor  # ETP = TP (ETP 1: test_moe_expert_tp.py)
     with pytest.raises(ValueError, match="expert_model_parallel_size=3 does not divide "
                                          "data_parallel_size x context_parallel_size = 4"):
         ps.rank_layout(8, 2, 1, expert_model_parallel_size=3)
@@ -430,7 +438,7 @@ def test_expert_groups_follow_megatrons_layout():
     ({"num_moe_experts": 4, "moe_router_topk": 5}, "moe_router_topk=5 exceeds num_moe_experts=4"),
     ({"expert_model_parallel_size": 2}, "expert_model_parallel_size=2 needs num_moe_experts"),
     ({"num_moe_experts": 4, "expert_tensor_parallel_size": 2},
-     "expert_tensor_parallel_size=2 must equal tensor_model_parallel_size=1"),
+     "expert_tensor_parallel_size=2 must be 1 or equal tensor_model_parallel_size=1"),
     ({"num_moe_experts": 4, "moe_router_load_balancing_type": "sinkhorn"},
      "moe_router_load_balancing_type='sinkhorn' must be one of"),
     ({"num_moe_experts": 4, "moe_expert_capacity_factor": 0.0},

@@ -143,7 +143,9 @@ def test_mixture_of_experts_pipeline_run_lowers_the_loss(cache_dir):
 
 @pytest.mark.parametrize("override,message", [
     (["--sequence-parallel", "--num-experts", "4", "--expert-model-parallel-size", "4"],
-     "model.expert_model_parallel_size=4 does not divide data_parallel_size=2 (world_size=4)"),
+     "model.expert_model_parallel_size=4 x expert_tensor_parallel_size=2 does not divide "
+     "tensor_model_parallel_size=2 x data_parallel_size=2 x context_parallel_size=1 "
+     "(world_size=4)"),
     (["--tensor-model-parallel-size", "3"],
      "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
     (["--micro-batch-size", "3"],

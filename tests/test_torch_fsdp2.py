@@ -3,17 +3,19 @@
 The same GPT from the same seed on the same batches, trained with DDP and with FSDP in one
 process group, must give the same losses, gradient norms (clipping active) and weights: fp32
 to 1e-6 at DP 2 (tied embeddings inside one chunk), TP 2 x DP 2 with sequence parallelism
-(the norms' partial gradients summed over TP on the shards) and PP 2 x DP 2 (two
+(the norms' partial gradients summed over TP on the shards), PP 2 x DP 2 (two
 micro-batches per rank, the tied embedding's copies summed over the embedding group on the
-shards); bf16 FSDP (fp32 shards, bf16 compute, fp32 reduction) stays close to DDP-bf16's
-losses and fp32 masters. The weights are gathered over DP by the test itself, not by
-mp's checkpoint code. Each rank holds its ``torch.chunk`` rows of every tensor: about 1/DP
-of the model's elements. The model state per rank equals the estimator's `state_bytes`.
-A checkpoint saved under FSDP resumes without FSDP and the other way round, the next step
-equal to the uninterrupted run's. The estimator's bytes per collective equal the measured
-ones in one iteration without pipelining, with and without resharding after forward (under
-a pipeline schedule FSDP2 gathers some units once more, which the estimate leaves out). Bad
-combinations are refused when the config is validated.
+shards), CP 2 x DP 2 (sharded over the 4 ranks) with the per-token loss on batches of unequal
+token counts, a mixture of experts at EP 1 (experts sharded like the rest, the routers' expert
+biases whole and moved as DDP moves them) and full recompute under 1F1B; bf16 FSDP (fp32
+shards, bf16 compute, fp32 reduction) stays close to DDP-bf16's losses and fp32 masters. The
+weights are gathered over DP (x CP) by the test itself, not by mp's checkpoint code. Each rank
+holds its ``torch.chunk`` rows of every trained tensor: about 1/(DP x CP) of the model's
+elements. The model state per rank equals the estimator's `state_bytes`. A checkpoint saved
+under FSDP resumes without FSDP and the other way round, the next step equal to the
+uninterrupted run's. The estimator's bytes per collective equal the measured ones in one
+iteration without pipelining, with 1F1B and interleaved, with and without resharding after
+forward, and with full recompute. Bad combinations are refused when the config is validated.
 """
 
 import math
@@ -43,12 +45,16 @@ STEPS = 3
 
 
 def fsdp_setup(tp: int, pp: int, precision: str = "fp32", *, reshard: bool = True,
-               clip_grad: float = 0.5, **overrides):
-    """`gpt_runs.setup`'s model, optimizer and schedule, the chunks wrapped in FSDP2."""
-    ps.initialize_model_parallel(tp, pp)
+               clip_grad: float = 0.5, vpp: int | None = None, cp: int = 1,
+               calculate_per_token_loss: bool = False, **overrides):
+    """`gpt_runs.setup`'s model, optimizer and schedule (same arguments), the chunks wrapped
+    in FSDP2."""
+    ps.initialize_model_parallel(tp, pp, vpp, context_parallel_size=cp)
     model_parallel_cuda_manual_seed(1)
-    config = gpt_config(tp, pp, precision, **overrides)
-    models = [TorchFullyShardedDataParallel(chunk, reshard_after_forward=reshard)
+    config = gpt_config(tp, pp, precision, virtual_pipeline_model_parallel_size=vpp,
+                        context_parallel_size=cp, **overrides)
+    models = [TorchFullyShardedDataParallel(chunk, reshard_after_forward=reshard,
+                                            calculate_per_token_loss=calculate_per_token_loss)
               for chunk in build_gpt_chunks(config)]
     optimizer = get_megatron_optimizer(models, lr=LR, weight_decay=0.1, clip_grad=clip_grad,
                                        adam_eps=EPS)
@@ -78,6 +84,13 @@ def _whole(models, optimizer=None) -> dict[str, torch.Tensor]:
             for c, model in enumerate(models) for name, p in model.module.named_parameters()}
 
 
+def _config(tp: int, pp: int, precision: str, args: dict):
+    """The model `fsdp_setup` (and `gpt_runs.setup`) builds from ``args``."""
+    fields = {k: v for k, v in args.items() if k not in ("cp", "vpp", "calculate_per_token_loss")}
+    return gpt_config(tp, pp, precision, context_parallel_size=args.get("cp", 1),
+                      virtual_pipeline_model_parallel_size=args.get("vpp"), **fields)
+
+
 def _train_both(tp: int, pp: int, precision: str, overrides: dict) -> dict:
     """DDP then FSDP from the same seed: their losses, norms and weights (DDP's fp32
     masters), and FSDP's element counts and model state per rank."""
@@ -88,12 +101,17 @@ def _train_both(tp: int, pp: int, precision: str, overrides: dict) -> dict:
                                                  clip_grad=0.5, **overrides)
         else:
             models, optimizer, scheduler = fsdp_setup(tp, pp, precision, **overrides)
-        steps = [train_step(models, optimizer, scheduler, step) for step in range(STEPS)]
+        per_token = overrides.get("calculate_per_token_loss", False)
+        steps = [train_step(models, optimizer, scheduler, step, per_token=per_token,
+                            masked=per_token) for step in range(STEPS)]
         runs[kind] = {"steps": steps,
                       "weights": _whole(models, optimizer if kind == "ddp" else None)}
         if kind == "fsdp":
-            runs["held"] = sum(local_tensor(p).numel() for m in models for p in m.parameters())
-            runs["unsharded"] = sum(p.numel() for m in models for p in m.parameters())
+            trained = [p for m in models for p in m.parameters() if p.requires_grad]
+            runs["held"] = sum(local_tensor(p).numel() for p in trained)
+            runs["unsharded"] = sum(p.numel() for p in trained)
+            runs["untrained"] = [local_tensor(p) is p for m in models for p in m.parameters()
+                                 if not p.requires_grad]
             runs["state"] = _state_bytes(models, optimizer)
             runs["pp_rank"] = ps.get_pipeline_model_parallel_rank()
         ps.destroy_model_parallel()
@@ -104,19 +122,33 @@ def _state_bytes(models, optimizer) -> tuple[int, int, int]:
     """(weights, gradients, optimizer state) bytes this rank holds, tensor by tensor."""
     params = [local_tensor(p) for m in models for p in m.parameters()]
     weights = sum(p.numel() * p.element_size() for p in params)
-    grads = sum(local_tensor(p.grad).numel() * 4 for m in models for p in m.parameters())
+    grads = sum(local_tensor(p.grad).numel() * 4 for m in models for p in m.parameters()
+                if p.requires_grad)
     state = sum(t.numel() * t.element_size() for s in optimizer.optimizer.state.values()
                 for t in s.values())
     return weights, grads, state
 
 
-# TP2 adds sequence parallelism; PP2 splits the tied embedding over the stages
-@pytest.mark.parametrize("tp,pp,precision,overrides", [
+MOE = {"num_moe_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 32,
+       "moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
+       "moe_aux_loss_coeff": 0.1}
+RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform",
+             "recompute_num_layers": 1}
+
+
+# TP2 adds sequence parallelism; PP2 splits the tied embedding over the stages; CP2 shards
+# over DP x CP (4 ranks), with the per-token loss on masked batches; the mixture of experts
+# keeps its router's expert bias whole on every rank; full recompute reruns each layer's
+# forward (and its gathers) in backward, under 1F1B
+@pytest.mark.parametrize("tp,pp,precision,args", [
     (1, 1, "fp32", {}), (1, 1, "bf16", {}), (2, 1, "fp32", {"sequence_parallel": True}),
-    (1, 2, "fp32", {})], ids=["DP2", "DP2-bf16", "TP2xDP2-SP", "PP2xDP2-tied"])
-def test_matches_ddp(tp, pp, precision, overrides):
-    world = 2 * tp * pp
-    runs = run_distributed(world, _train_both, tp, pp, precision, overrides)
+    (1, 2, "fp32", {}), (1, 1, "fp32", {"cp": 2, "calculate_per_token_loss": True}),
+    (1, 1, "fp32", MOE), (1, 2, "fp32", RECOMPUTE)],
+    ids=["DP2", "DP2-bf16", "TP2xDP2-SP", "PP2xDP2-tied", "CP2xDP2-per-token", "DP2-MoE",
+         "PP2xDP2-recompute"])
+def test_matches_ddp(tp, pp, precision, args):
+    cp = args.get("cp", 1)
+    runs = run_distributed(2 * tp * pp * cp, _train_both, tp, pp, precision, args)
     rtol = 1e-6 if precision == "fp32" else 1e-4
     ddp, fsdp = runs[0]["ddp"]["steps"], runs[0]["fsdp"]["steps"]
     assert max(norm for _, norm in ddp) > 0.5, "clipping never acted"
@@ -131,10 +163,12 @@ def test_matches_ddp(tp, pp, precision, overrides):
             # different points (DDP's parameters, FSDP's gathered copies)
             assert_rel_close(got, want, rtol=rtol if precision == "fp32" else 2e-2,
                              what=f"rank {rank} {name}")
-        # each rank holds its rows of every tensor, 1/DP of them when DP divides the rows
-        # (as it does every tensor here: no padding)
-        assert 2 * run["held"] == run["unsharded"], (run["held"], run["unsharded"])
-        cfg = gpt_config(tp, pp, precision, **overrides)
+        # each rank holds its rows of every tensor, 1/(DP x CP) of them when that divides
+        # the rows (as it does every tensor here: no padding)
+        assert 2 * cp * run["held"] == run["unsharded"], (run["held"], run["unsharded"])
+        # untrained parameters (the expert biases) stay whole, not DTensors
+        assert all(run["untrained"]) and len(run["untrained"]) == (4 if args is MOE else 0)
+        cfg = _config(tp, pp, precision, args)
         estimate = state_bytes(Setup(cfg, data_parallel_size=2, fully_sharded=True),
                                rank_params(cfg, run["pp_rank"]))
         assert run["state"] == (estimate.weights, estimate.grads, estimate.optimizer)
@@ -178,7 +212,7 @@ def _measured_iteration(tp: int, pp: int, reshard: bool, overrides: dict):
     with CollectiveMeter() as meter:
         train_step(models, optimizer, scheduler, 0)
     micro = len(batch(0))
-    cfg = gpt_config(tp, pp, **overrides)
+    cfg = _config(tp, pp, "fp32", overrides)
     estimate = Setup(cfg, data_parallel_size=2, micro_batch_size=2, num_microbatches=micro,
                      fully_sharded=True, reshard_after_forward=reshard)
     expected = _expected(estimate, ps.get_pipeline_model_parallel_rank(), logging=True)
@@ -186,9 +220,14 @@ def _measured_iteration(tp: int, pp: int, reshard: bool, overrides: dict):
     return meter.totals(), expected
 
 
+# PP2: 1F1B, the first stage's two forwards before its first backward (FSDP2's default
+# backward prefetch gathered a layer once more there); VPP2: interleaved, every forward before
+# any backward; full recompute gathers for the rerun instead of for the backward
 @pytest.mark.parametrize("tp,pp,reshard,overrides", [
-    (1, 1, True, {}), (1, 1, False, {}), (2, 1, True, {"sequence_parallel": True})],
-    ids=["DP2", "DP2-no-reshard", "TP2xDP2-SP"])
+    (1, 1, True, {}), (1, 1, False, {}), (2, 1, True, {"sequence_parallel": True}),
+    (1, 2, True, {}), (1, 2, False, {}), (1, 2, True, {"vpp": 2}), (1, 2, True, RECOMPUTE)],
+    ids=["DP2", "DP2-no-reshard", "TP2xDP2-SP", "PP2xDP2", "PP2xDP2-no-reshard",
+         "VPP2xPP2xDP2", "PP2xDP2-recompute"])
 def test_collective_bytes_match_the_estimate(tp, pp, reshard, overrides):
     for rank, (measured, expected) in enumerate(
             run_distributed(2 * tp * pp, _measured_iteration, tp, pp, reshard, overrides)):

@@ -8,6 +8,7 @@ key                                    value                                    
 ``optimizer.<name>.exp_avg``           AdamW's first moment (fp32, note below)     the parameter
 ``optimizer.<name>.exp_avg_sq``        AdamW's second moment (fp32, note below)    the parameter
 ``optimizer.<name>.step``              AdamW's step count (fp32 scalar)            whole
+``optimizer.<name>.momentum_buffer``   SGD's or Muon's momentum (fp32)             the parameter
 ``rng.rank<r>.<generator>``            rank ``r``'s generator (`mp.checkpointing.rng`)  whole
 =====================================  ==========================================  ============
 
@@ -37,12 +38,13 @@ import math
 
 import torch
 
+from mp.checkpointing.errors import CheckpointError
 from mp.checkpointing.naming import NamedParameter, Placement
 from mp.checkpointing.rng import get_rng_state
 from mp.checkpointing.storage import PlacedTensors, placed
 from mp.distributed.torch_fsdp2 import dp_shard_range, local_tensor
 from mp.optim import MixedPrecisionOptimizer, ParamShard
-from mp.optim.precision_aware import MOMENTS
+from mp.optim.update_rules import rule_of_items
 
 _STEP = Placement((), ())
 
@@ -121,11 +123,10 @@ def optimizer_tensors(optimizer: MixedPrecisionOptimizer,
         if not entry.owner:
             continue
         for shard in shards.get(entry.name, ()):
-            state = optimizer.adam_state(shard)
-            for item in MOMENTS:
+            for item, value in optimizer.shard_state(shard).items():
                 tensors.setdefault(optimizer_key(entry.name, item), []).extend(
-                    _pieces(state[item], shard, entry.placement))
-            tensors[optimizer_key(entry.name, "step")] = placed(state["step"], _STEP)
+                    placed(value, _STEP) if item == "step"
+                    else _pieces(value, shard, entry.placement))
             if not shard.main_is_param:
                 tensors.setdefault(optimizer_key(entry.name, "master"), []).extend(
                     _pieces(shard.main, shard, entry.placement))
@@ -150,6 +151,8 @@ class OptimizerTargets:
         self.state: dict[ParamShard, dict] | None = {} if adam_state else None
         self.tensors: PlacedTensors = {}
         shards = _shards(optimizer, params)
+        if adam_state:
+            _check_update_rule(optimizer, stored)
         for entry in params:
             if entry.name not in shards:
                 continue
@@ -163,20 +166,35 @@ class OptimizerTargets:
                         _pieces(shard.main, shard, entry.placement))
 
     def _read_adam_state(self, entry: NamedParameter, shard: ParamShard) -> None:
-        state = self.state[shard] = {"step": torch.zeros((), dtype=torch.float32),
-                                     **{m: torch.zeros_like(shard.main) for m in MOMENTS}}
-        for item in MOMENTS:
-            self.tensors.setdefault(optimizer_key(entry.name, item), []).extend(
-                _pieces(state[item], shard, entry.placement))
-        self.tensors[optimizer_key(entry.name, "step")] = placed(state["step"], _STEP)
+        state = self.state[shard] = {}
+        for item in self.optimizer.state_items(shard):
+            if item == "step":
+                state[item] = torch.zeros((), dtype=torch.float32)
+                self.tensors[optimizer_key(entry.name, item)] = placed(state[item], _STEP)
+            else:
+                state[item] = torch.zeros_like(shard.main)
+                self.tensors.setdefault(optimizer_key(entry.name, item), []).extend(
+                    _pieces(state[item], shard, entry.placement))
 
     @torch.no_grad()
     def apply(self) -> None:
         """Give the loaded moments and step counts to AdamW (when read), and refresh the
         half-precision parameters from the loaded masters."""
         if self.state is not None:
-            self.optimizer.load_adam_state(self.state)
+            self.optimizer.load_shard_state(self.state)
         self.optimizer.copy_main_params_to_model()
+
+
+def _check_update_rule(optimizer: MixedPrecisionOptimizer, stored: set[str]) -> None:
+    """Refuse a checkpoint whose optimizer state is another update rule's (AdamW's moments,
+    SGD's momentum, or Muon's both), on every rank alike (they all hold the same keys)."""
+    items = {key.rsplit(".", 1)[1] for key in stored if key.startswith("optimizer.")}
+    saved = rule_of_items(items - {"master"})
+    mine = optimizer.update_rule
+    if saved is not None and saved != mine:
+        raise CheckpointError(f"the checkpoint holds optimizer state of --optimizer {saved}, but "
+                              f"this run's optimizer is {mine}: resume with --optimizer {saved}, "
+                              "or without its optimizer state (--no-load-optim)")
 
 
 def model_targets(params: list[NamedParameter], stored: set[str]) -> PlacedTensors:

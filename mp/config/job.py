@@ -120,6 +120,9 @@ class JobConfig:
             raise ConfigError(f"training.grad_reduce_in_bf16=true needs model.precision='bf16' "
                               f"(got {self.model.precision!r}): fp32 and fp16 runs reduce "
                               "their gradients in fp32")
+        if self.training.optimizer == "muon" and self.model.precision == "fp16":
+            raise ConfigError("training.optimizer='muon' with model.precision='fp16': not "
+                              "supported (Megatron's Muon takes no loss scaling); use bf16")
         for name in ("log_params_norm", "log_num_zeros_in_grad"):
             if self.training.deepspeed and getattr(self.logging, name):
                 raise ConfigError(f"logging.{name}=true is not supported with "
@@ -161,15 +164,26 @@ class JobConfig:
                               "use expert_model_parallel_size=1")
 
     def _check_experts(self, world_size: int) -> None:
-        """Expert parallelism divides DP x CP; DeepSpeed's engine has no expert groups."""
+        """Expert-TP x EP divides a stage's TP x DP x CP ranks (DP x CP when the experts are
+        split over TP as the layer is); whole experts (ETP 1 under TP > 1) take one
+        distributed-optimizer instance; DeepSpeed's engine has no expert groups."""
         m = self.model
         if m.num_moe_experts is None:
             return
         ep, dp = m.expert_model_parallel_size, self.data_parallel_size(world_size)
-        if (dp * m.context_parallel_size) % ep:
-            raise ConfigError(f"model.expert_model_parallel_size={ep} does not divide "
-                              f"data_parallel_size={dp} (world_size={world_size}): the experts "
-                              "are split over data-parallel ranks")
+        tp, cp = m.tensor_model_parallel_size, m.context_parallel_size
+        etp = tp if m.expert_tensor_parallel_size is None else m.expert_tensor_parallel_size
+        if (tp * dp * cp) % (etp * ep):
+            raise ConfigError(f"model.expert_model_parallel_size={ep} x expert_tensor_parallel_"
+                              f"size={etp} does not divide tensor_model_parallel_size={tp} x "
+                              f"data_parallel_size={dp} x context_parallel_size={cp} "
+                              f"(world_size={world_size}): the experts are laid out over a "
+                              "stage's TP x DP x CP ranks")
+        instances = self.training.num_distributed_optimizer_instances
+        if etp != tp and instances > 1:
+            raise ConfigError(f"training.num_distributed_optimizer_instances={instances} with "
+                              f"model.expert_tensor_parallel_size={etp} != tensor_model_"
+                              f"parallel_size={tp}: not supported; use one instance")
         if self.training.deepspeed:
             raise ConfigError(f"model.num_moe_experts={m.num_moe_experts} is not supported "
                               "with training.deepspeed=true (its engine would average the "

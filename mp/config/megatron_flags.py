@@ -69,7 +69,9 @@ _MEGATRON_NAMES = {
         "save_retain_interval",
         "non_persistent_ckpt_type", "non_persistent_global_ckpt_dir",
         "use_precision_aware_optimizer", "main_params_dtype", "main_grads_dtype",
-        "exp_avg_dtype", "exp_avg_sq_dtype",
+        "exp_avg_dtype", "exp_avg_sq_dtype", "optimizer", "sgd_momentum", "muon_momentum",
+        "muon_use_nesterov", "muon_num_ns_steps", "muon_coefficient_type", "muon_scale_mode",
+        "muon_extra_scale_factor", "muon_fp32_matmul_prec", "muon_tp_mode",
     ),
     "data": (
         "data_path", "split", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model",
@@ -140,6 +142,7 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--use-flash-attn": ("model.attention_backend", "sdpa"),
     "--recompute-activations": ("model.recompute_granularity", "selective"),
     "--apex-fused-adam": ("training.optimizer_impl", "apex"),
+    "--muon-no-split-qkv": ("training.muon_split_qkv", "false"),
     "--torch-fsdp2-no-reshard-after-forward": ("training.torch_fsdp2_reshard_after_forward",
                                                "false"),
     "--apex-layer-norm": ("model.normalization_impl", "apex"),
@@ -333,7 +336,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
                      "--sharp-enabled-group", "--use-ring-exchange-p2p"), _FABRIC),
     "--lazy-mpu-init": ("mp's job makes its process groups itself; it has no deferred start "
                         "for an outside DDP manager"),
-    "--sgd-momentum": "mp trains with AdamW only (--optimizer adam): it has no SGD",
     **dict.fromkeys(("--enable-cuda-graph", "--external-cuda-graph", "--te-rng-tracker"),
                     "mp has no CUDA graphs for training; --model.compile_layers compiles each "
                     "layer with torch.compile instead"),
@@ -359,7 +361,10 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
     "--fp4": "mp has no FP4 training (Transformer Engine); use --bf16",
     "--cuda-graph-": ("mp has no CUDA graphs for training; --model.compile_layers compiles each "
                       "layer with torch.compile instead"),
-    "--muon-": "mp trains with AdamW only (--optimizer adam): it has no Muon",
+    "--muon-": ("mp's Muon has no such option: it has --muon-momentum, --muon-use-nesterov, "
+                "--muon-num-ns-steps, --muon-coefficient-type, --muon-scale-mode, "
+                "--muon-extra-scale-factor, --muon-fp32-matmul-prec, --muon-tp-mode, "
+                "--muon-no-split-qkv (docs/training.md)"),
     "--heterogeneous-layers-": "mp's layers all have the same shape (one per model config)",
     "--moe-": ("mp's mixture of experts has no such option: it has --num-experts, "
                "--moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
@@ -377,7 +382,6 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
 }
 #: Megatron-LM flags that take values of which mp has some -> (the values mp has, why).
 CHOICE_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
-    "--optimizer": (("adam",), "mp trains with AdamW (Megatron's adam)"),
     "--rerun-mode": (("disabled",), _RERUN),
     "--data-parallel-sharding-strategy": (("no_shard",), _FSDP),
     "--pipeline-model-parallel-comm-backend": (("nccl",), _FABRIC),

@@ -43,8 +43,7 @@ Syntax, applied left to right (a later override of the same key wins):
   ``--use-mcore-models`` or ``--ckpt-format torch_dist``) are accepted, and the job prints why
   each changes nothing. Flags of features mp does not have (`UNSUPPORTED_FLAGS`,
   `UNSUPPORTED_PREFIXES`: FP8, mixture of experts, FSDP, ...) are errors that say so, and so
-  are the values mp lacks of `CHOICE_FLAGS` (``--optimizer sgd``; ``--optimizer adam`` is what
-  mp does).
+  are the values mp lacks of `CHOICE_FLAGS` (``--rerun-mode`` other than ``disabled``, ...).
 
 A value never starts with ``--`` unless it is given with ``=``.
 """

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from mp.config.coerce import ConfigError
-from mp.config.section import Section
-from mp.instance_layout import check_instances
+from mp.config.optimizer_section import OptimizerFields
 from mp.optim.lr_scheduler import DECAY_STYLES, WD_INCR_STYLES, WSD_DECAY_STYLES
 
 _WORDS = {"iters": "iterations", "samples": "samples"}
@@ -29,19 +28,6 @@ _NOT_WITH_DEEPSPEED = {
                     "a DeepSpeed job saves and resumes DeepSpeed's checkpoints whole"),
 }
 
-#: The precision-aware optimizer's dtype keys -> the values mp takes (Megatron's names).
-_STATE_DTYPE_KEYS = {"main_params_dtype": ("fp32",), "main_grads_dtype": ("fp32", "bf16"),
-                     "exp_avg_dtype": ("fp32", "bf16", "fp16"),
-                     "exp_avg_sq_dtype": ("fp32", "bf16", "fp16")}
-#: (key, value) Megatron takes that mp refuses -> why.
-_STATE_DTYPE_REFUSED = {
-    **dict.fromkeys((("exp_avg_dtype", "fp8"), ("exp_avg_sq_dtype", "fp8")),
-                    "Megatron's fp8 states need Transformer Engine's per-tensor fp8 scaling, "
-                    "which mp does not implement; use bf16 or fp16"),
-    ("main_params_dtype", "fp16"): "fp16 master weights are not implemented in mp (the "
-                                   "masters stay fp32); use fp32",
-}
-
 #: Training keys that need ``load`` -> what it is to them.
 _NEEDS_LOAD = {"finetune": "the checkpoint whose weights the run starts from",
                "exit_on_missing_checkpoint": "the directory that must hold a checkpoint",
@@ -51,9 +37,9 @@ _OR_PRETRAINED = ("finetune",)
 
 
 @dataclass
-class TrainingConfig(Section):
-    """Batch sizes, the learning-rate schedule, the optimizer, loss scaling, evaluation and
-    checkpointing.
+class TrainingConfig(OptimizerFields):
+    """Batch sizes, the learning-rate schedule, the optimizer (`OptimizerFields`' keys and
+    rules), loss scaling, evaluation and checkpointing.
 
     A run is counted in iterations (``train_iters``, ``lr_warmup_iters``, ``lr_decay_iters``)
     or, as Megatron's ``--train-samples``, in samples (``train_samples``,
@@ -92,18 +78,6 @@ class TrainingConfig(Section):
     ``override_opt_param_scheduler`` (this run's win) or ``use_checkpoint_opt_param_scheduler``
     (the checkpoint's win).
 
-    ``use_distributed_optimizer`` shards the fp32 master weights and AdamW moments over the
-    data-parallel ranks (Megatron's distributed optimizer); ``overlap_param_gather`` then
-    overlaps the all-gather of updated parameters with the next forward;
-    ``num_distributed_optimizer_instances`` N (Megatron's flag) shards them over DP x CP / N
-    consecutive ranks only, N copies (it must divide DP x CP: `check_optimizer_instances`).
-    ``optimizer_impl="apex"`` steps with NVIDIA apex's ``FusedAdam`` when apex is importable
-    (a notice and torch's AdamW otherwise). ``use_precision_aware_optimizer`` (Megatron's
-    flag) steps with `mp.optim.PrecisionAwareAdamW`, storing AdamW's moments in
-    ``exp_avg_dtype`` / ``exp_avg_sq_dtype`` (fp32, bf16, fp16); ``main_grads_dtype="bf16"``
-    is Megatron's spelling of ``grad_reduce_in_bf16`` (it sets it: bf16 models only) and
-    ``main_params_dtype`` stays fp32. Without the flag every one of them must be fp32, as
-    Megatron checks; unlike Megatron, mp does not require the distributed optimizer.
     ``deepspeed`` hands data parallelism and the optimizer (ZeRO stage 1 or 2) to DeepSpeed's
     engine configured by the JSON file ``deepspeed_config``. ``use_torch_fsdp2`` (Megatron's
     flag) shards the parameters, gradients and optimizer state over DP x CP with PyTorch's FSDP2
@@ -136,9 +110,6 @@ class TrainingConfig(Section):
     end_weight_decay: float | None = None  # ... to this (>= start)
     override_opt_param_scheduler: bool = False  # on resume, this run's schedule values win
     use_checkpoint_opt_param_scheduler: bool = False  # ... or the checkpoint's
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234
     loss_scale: float | None = None
@@ -146,10 +117,6 @@ class TrainingConfig(Section):
     min_loss_scale: float = 1.0
     loss_scale_window: int = 1000
     hysteresis: int = 2
-    use_distributed_optimizer: bool = False
-    overlap_param_gather: bool = True  # distributed optimizer: all-gather during forward
-    num_distributed_optimizer_instances: int = 1  # distributed optimizer: copies of its state
-    optimizer_impl: str = "torch"  # torch | apex (FusedAdam)
     use_torch_fsdp2: bool = False  # ZeRO-3: parameters, gradients and optimizer state
     # sharded over DP x CP by PyTorch's FSDP2 (Megatron's --use-torch-fsdp2)
     torch_fsdp2_reshard_after_forward: bool = True  # FSDP2: free gathered weights after
@@ -197,11 +164,6 @@ class TrainingConfig(Section):
     decoupled_lr: float | None = None  # the embedding's and output layer's own peak rate
     decoupled_min_lr: float | None = None  # ... and final rate (default min_lr)
     grad_reduce_in_bf16: bool = False  # bf16 gradient buffers and reduction (bf16 runs)
-    use_precision_aware_optimizer: bool = False  # AdamW's states in the dtypes below
-    main_params_dtype: str = "fp32"  # fp32 (Megatron's fp16 is refused)
-    main_grads_dtype: str = "fp32"  # fp32 | bf16 (= grad_reduce_in_bf16)
-    exp_avg_dtype: str = "fp32"  # fp32 | bf16 | fp16 (Megatron's fp8 is refused)
-    exp_avg_sq_dtype: str = "fp32"  # fp32 | bf16 | fp16
     manual_gc: bool = False  # Python's garbage collector only every manual_gc_interval
     manual_gc_interval: int = 0  # iterations between collections (0: never)
     manual_gc_eval: bool = True  # ... and a collection after each evaluation
@@ -240,16 +202,13 @@ class TrainingConfig(Section):
         self._at_least("manual_gc_interval", 0)
         self._one_of("empty_unused_memory_level", (0, 1, 2))
         self._positive("distributed_timeout_minutes")
-        for name in ("adam_eps", "initial_loss_scale", "min_loss_scale", "bucket_size_mb"):
+        for name in ("initial_loss_scale", "min_loss_scale", "bucket_size_mb"):
             self._positive(name)
         if self.loss_scale is not None:
             self._positive("loss_scale")
-        self._below_one("adam_beta1")
-        self._below_one("adam_beta2")
         self._one_of("lr_decay_style", DECAY_STYLES)
         self._one_of("lr_wsd_decay_style", tuple(WSD_DECAY_STYLES))
         self._check_param_scheduler()
-        self._one_of("optimizer_impl", ("torch", "apex"))
         self._one_of("exit_signal", ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"))
         self._check_run_length()
         if self.finetune and self.deepspeed:
@@ -261,9 +220,10 @@ class TrainingConfig(Section):
                 raise ConfigError(f"training.deepspeed=true with training.{name}="
                                   f"{getattr(self, name)!r}: not supported ({why}); drop one "
                                   "of them")
-        self._check_instances()
+        self._check_optimizer(self.deepspeed, self.use_torch_fsdp2)
         self._check_fsdp()
-        self._check_precision_aware()
+        if self.main_grads_dtype == "bf16":  # Megatron's spelling (precision-aware only)
+            self.grad_reduce_in_bf16 = True
         self._check_kept_checkpoints()
         for name, what in _NEEDS_LOAD.items():
             if getattr(self, name) and self.load is None and (
@@ -279,30 +239,6 @@ class TrainingConfig(Section):
         self._at_least("ckpt_step", 0, optional=True)
         self._not_above("min_lr", "lr")
         self._not_above("min_loss_scale", "initial_loss_scale")
-
-    def _check_precision_aware(self) -> None:
-        """Megatron's rules for the state dtypes (``OptimizerConfig.__post_init__``), and
-        ``main_grads_dtype="bf16"`` turned into ``grad_reduce_in_bf16``."""
-        for name, allowed in _STATE_DTYPE_KEYS.items():
-            value = getattr(self, name)
-            if value in allowed:
-                continue
-            why = _STATE_DTYPE_REFUSED.get((name, value))
-            raise ConfigError(f"training.{name}={value!r} " + (
-                f"is not supported: {why}" if why else f"must be one of {', '.join(allowed)}"))
-        if not self.use_precision_aware_optimizer:
-            for name in _STATE_DTYPE_KEYS:
-                if getattr(self, name) != "fp32":
-                    raise ConfigError(f"training.{name}={getattr(self, name)!r} needs "
-                                      "training.use_precision_aware_optimizer=true (without "
-                                      "it the optimizer's tensors stay fp32, as in Megatron)")
-            return
-        if self.optimizer_impl != "torch":
-            raise ConfigError(f"training.use_precision_aware_optimizer=true with training."
-                              f"optimizer_impl={self.optimizer_impl!r}: the precision-aware "
-                              "step replaces apex's FusedAdam; drop one of them")
-        if self.main_grads_dtype == "bf16":
-            self.grad_reduce_in_bf16 = True
 
     def _check_kept_checkpoints(self) -> None:
         """Which checkpoints a job keeps: ``save_retain_interval`` a multiple of
@@ -350,30 +286,6 @@ class TrainingConfig(Section):
                 raise ConfigError(f"training.use_torch_fsdp2=true with training.{name}="
                                   f"{getattr(self, name)!r}: not supported ({why}); drop one "
                                   "of them")
-
-    def _check_instances(self) -> None:
-        """``num_distributed_optimizer_instances``: a positive count; above 1 it shards the
-        distributed optimizer (not DeepSpeed's ZeRO)."""
-        n = self.num_distributed_optimizer_instances
-        self._at_least("num_distributed_optimizer_instances", 1)
-        if n > 1 and self.deepspeed:
-            raise ConfigError(f"training.deepspeed=true with training.num_distributed_optimizer_"
-                              f"instances={n}: not supported (ZeRO shards DeepSpeed's optimizer "
-                              "state its own way); drop one of them")
-        if n > 1 and not self.use_distributed_optimizer:
-            raise ConfigError(f"training.num_distributed_optimizer_instances={n} needs "
-                              "training.use_distributed_optimizer=true (the instances are "
-                              "copies of its sharded state)")
-
-    def check_optimizer_instances(self, data_parallel_size: int, context_parallel_size: int = 1,
-                                  expert_model_parallel_size: int = 1) -> None:
-        """The rule that needs the layout: ``num_distributed_optimizer_instances`` divides
-        DP x CP (and the experts' DP x CP / EP), checked before any process group exists."""
-        try:
-            check_instances(self.num_distributed_optimizer_instances, data_parallel_size,
-                            context_parallel_size, expert_model_parallel_size)
-        except ValueError as error:
-            raise ConfigError(f"training.{error}") from None
 
     def _check_param_scheduler(self) -> None:
         """Megatron's rules for the weight decay's schedule (``constant`` takes no start and

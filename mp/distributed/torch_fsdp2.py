@@ -16,13 +16,25 @@ does:
   ``torch.chunk`` cuts it: rank ``r`` holds rows ``[r c, (r + 1) c)`` of the tensor it would
   hold without FSDP (its TP shard), ``c = ceil(rows / size)``, the last ranks fewer or none
   (`dp_shard_range`). Tensor-parallel layers keep their own collectives: FSDP shards each TP
-  rank's local tensor, and the ranks of a DP group hold equal shapes.
+  rank's local tensor, and the ranks of a DP group hold equal shapes. Untrained parameters
+  (``requires_grad=False``: a router's expert bias, which mp moves in place after each
+  iteration by the token counts summed over DP x CP) stay out of FSDP (``ignored_params``):
+  whole and equal on every rank, as without FSDP. Experts (EP 1) are sharded like the rest.
 - communication: a unit's parameters are all-gathered before its forward and freed after it
   (``reshard_after_forward``, passed explicitly as Megatron does, so the root's too),
   gathered again before its backward, and its gradients are reduce-scattered right after
-  (averaged over DP x CP,
-  summed with ``calculate_per_token_loss``). Like Megatron's wrapper, whose ``no_sync`` does
-  nothing, every micro-batch reduce-scatters; the sharded gradients accumulate in ``.grad``.
+  (averaged over DP x CP, summed with ``calculate_per_token_loss``). Like Megatron's wrapper,
+  whose ``no_sync`` does nothing, every micro-batch reduce-scatters; the sharded gradients
+  accumulate in ``.grad``. Under full recompute the rerun of a unit's forward takes its
+  backward's gather: the unit stays gathered from the rerun to its backward.
+- backward prefetch, set explicitly: each unit's backward starts the all-gather of the unit
+  before it (the root's, of the last unit; the first unit names itself, already gathered, as
+  an empty list means FSDP2's default). The default walks back through the units the forwards
+  recorded since the last backward ended, newest first. Under 1F1B the first stage's first
+  backward follows two forwards: its units take micro-batch 2's records, and the record before
+  the first unit's is micro-batch 1's last unit, whose gather this backward never uses; FSDP2
+  takes every backward for the iteration's last (``set_is_last_backward``), drops that gather
+  and its records when the backward ends, and gathers the unit again in the next backward.
 - precision: parameters are sharded in fp32 and are the optimizer's masters. A bf16 model
   computes in bf16: its weights are all-gathered cast to bf16 and its gradients are reduced in
   fp32 (``reduce_dtype``; bf16 with ``grad_reduce_in_bf16``). fp16 is refused, as in
@@ -134,15 +146,24 @@ class TorchFullyShardedDataParallel(nn.Module):
         device = next(module.parameters()).device
         mesh = DeviceMesh.from_group(self.data_parallel_group, device.type)
         markers = _markers(module)
+        untrained = {p for p in module.parameters() if not p.requires_grad}
         with torch.no_grad():
             for param in module.parameters():
-                param.data = param.data.float()
+                if param not in untrained:
+                    param.data = param.data.float()
         options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
                        mp_policy=MixedPrecisionPolicy(param_dtype=compute,
-                                                      reduce_dtype=grad_dtype))
-        for unit in fsdp_units(module):
+                                                      reduce_dtype=grad_dtype),
+                       ignored_params=untrained)
+        units = fsdp_units(module)
+        for unit in units:
             fully_shard(unit, **options)
         fully_shard(module, **options)
+        # each unit's backward prefetches the unit before it (the root's, the last unit), the
+        # first one itself (already gathered: an empty list means FSDP2's default, module doc)
+        backward = [module, *reversed(units)]
+        for unit, following in zip(backward, backward[1:] + backward[-1:]):
+            unit.set_modules_to_backward_prefetch([following])
         for name, param in module.named_parameters():
             for key, value in markers[name].items():
                 setattr(param, key, value)

@@ -66,8 +66,9 @@ Gradients are read from the buffers, ``g`` bytes an element: 4 (fp32), or 2 with
 ``grad_reduce_in_bf16`` (`Setup.grad_bytes`).
 - FSDP (``Setup.fully_sharded``, `mp.distributed.torch_fsdp2`) instead of the DP rows: in
   every micro-batch each unit's weights, ``e P`` in all, all-gathered over DP (x CP) for its
-  forward and, with ``reshard_after_forward``, again for its backward (under pipelining
-  FSDP2 gathers some units once more: not modelled), and its gradients,
+  forward and, with ``reshard_after_forward``, again for its backward (with full recompute,
+  for the rerun of its forward, which keeps it for its backward), under any schedule (the
+  wrapper sets FSDP2's backward prefetch, `mp.distributed.torch_fsdp2`), and its gradients,
   ``g P``, reduce-scattered; the TP and embedding-group all-reduces above then move each
   rank's fp32 shard, ``4 / (DP x CP)`` bytes an element (each tensor's rows padded to a
   multiple of DP x CP by FSDP is left out).
@@ -183,9 +184,8 @@ def _fully_sharded(setup: Setup, pp_rank: int) -> list[Collective]:
     """FSDP over DP x CP (module doc): every micro-batch gathers each unit's weights in the
     model's dtype for its forward, and again for its backward under ``reshard_after_forward``
     (without it a unit stays gathered from its forward to its backward), and reduce-scatters
-    its gradients. Exact when forwards and backwards alternate (no pipelining); under a
-    pipeline schedule FSDP2 gathers some units once more (a decoder layer of the first stage
-    at PP 2 with 2 micro-batches), which is not modelled."""
+    its gradients; the same under 1F1B and interleaving (the wrapper's explicit backward
+    prefetch targets only the units the running backward needs)."""
     if setup.gradient_group_size == 1:
         return []
     elements = rank_params(setup.model, pp_rank).total

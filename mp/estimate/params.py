@@ -16,7 +16,9 @@ Bytes per parameter, as ``mp`` keeps them (checked against the built model and o
 | bf16 / fp16 | 2 | 4 | 12: fp32 master, Adam ``exp_avg`` and ``exp_avg_sq`` |
 | fp32 | 4 | 4 | 8: the parameter is its own master |
 
-plus AdamW's ``step`` counter, a 4-byte tensor per parameter tensor. That is 18 bytes per
+plus AdamW's ``step`` counter, a 4-byte tensor per parameter tensor. With SGD
+(``Setup.optimizer="sgd"``) one fp32 momentum buffer replaces the two moments (4 bytes, no step
+counter). That is 18 bytes per
 parameter for bf16 (Megatron's figure), 16 when ``grad_reduce_in_bf16`` (Megatron's
 ``--grad-reduce-in-bf16``) keeps the gradients in bf16. fp16 costs 18 too: mp accumulates
 every precision's gradients in fp32, where Megatron's fp16 path keeps fp16 gradients and an
@@ -33,7 +35,7 @@ x CP)`` bytes a parameter whatever the model's precision (the gradients are redu
 with ``grad_reduce_in_bf16`` but kept in fp32), plus the step counters. Each unit's weights,
 gathered for its forward and backward in the model's dtype, and their unsharded gradients
 are transient and left out, as is the padding of each tensor's rows to a multiple of the
-ranks.
+ranks. The routers' expert biases, not trained, stay whole on every rank, outside FSDP.
 
 The precision-aware optimizer (`mp.optim.PrecisionAwareAdamW`, Megatron's
 ``--use-precision-aware-optimizer``) stores the two moments in ``exp_avg_dtype`` and
@@ -269,15 +271,20 @@ def state_bytes(setup: Setup, params: RankParams) -> StateBytes:
     n = params.total
     if setup.fully_sharded:  # FSDP: fp32 shards of everything over DP x CP (module doc)
         shard = n / setup.gradient_group_size
-        return StateBytes(weights=FP32 * (shard + params.expert_bias / setup.gradient_group_size),
+        return StateBytes(weights=FP32 * (shard + params.expert_bias),  # biases whole
                           grads=FP32 * shard, optimizer=setup.moment_bytes * shard
-                          + params.tensors * STEP_COUNTER_BYTES)
+                          + params.tensors * _step_counter_bytes(setup))
     per_param = (0 if setup.model.precision == "fp32" else FP32) + setup.moment_bytes
     if setup.distributed_optimizer:
         dense = n - params.experts
         optimizer = per_param * (dense / setup.optimizer_shard_size
                                  + params.experts / setup.expert_optimizer_shard_size)
     else:
-        optimizer = n * per_param + params.tensors * STEP_COUNTER_BYTES
+        optimizer = n * per_param + params.tensors * _step_counter_bytes(setup)
     return StateBytes(weights=n * setup.activation_bytes + FP32 * params.expert_bias,
                       grads=n * setup.grad_bytes, optimizer=optimizer)
+
+
+def _step_counter_bytes(setup: Setup) -> int:
+    """AdamW's step counter per parameter tensor; SGD keeps none."""
+    return 0 if setup.optimizer == "sgd" else STEP_COUNTER_BYTES

@@ -41,6 +41,9 @@ class Setup:
             instances``; N divides DP x CP and the experts' EDP).
         exp_avg_dtype, exp_avg_sq_dtype: the AdamW moments' storage dtypes, fp32, bf16 or
             fp16 (Megatron's precision-aware optimizer, `mp.optim.PrecisionAwareAdamW`).
+        optimizer: the update rule, ``adam`` (two moments per parameter) or ``sgd`` (one
+            fp32 momentum buffer, no step counter); ``muon`` is refused: the estimator does
+            not split the parameters into Muon's matrices and AdamW's rest.
         fully_sharded: FSDP2 (Megatron's ``--use-torch-fsdp2``, `mp.distributed.torch_fsdp2`):
             weights, gradients and optimizer state sharded over DP x CP, the weights gathered
             for each forward; ``reshard_after_forward`` gathers them again for each backward.
@@ -55,6 +58,7 @@ class Setup:
     distributed_optimizer_instances: int = 1
     exp_avg_dtype: str = "fp32"
     exp_avg_sq_dtype: str = "fp32"
+    optimizer: str = "adam"
     fully_sharded: bool = False
     reshard_after_forward: bool = True
 
@@ -65,6 +69,9 @@ class Setup:
                              f"expert_model_parallel_size=1 and no fp16; got "
                              f"{self.distributed_optimizer}, {self.ep} and "
                              f"{self.model.precision!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer={self.optimizer!r}: the estimator counts adam and sgd "
+                             "state only (Muon's split of matrices and the rest is not counted)")
         for name in ("exp_avg_dtype", "exp_avg_sq_dtype"):
             if getattr(self, name) not in STATE_DTYPE_BYTES:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of "
@@ -84,7 +91,11 @@ class Setup:
         if self.grad_reduce_in_bf16 and self.model.precision != "bf16":
             raise ValueError(f"grad_reduce_in_bf16=True needs a bf16 model, not precision="
                              f"{self.model.precision!r}")
-        ep = self.model.expert_model_parallel_size
+        ep, etp = self.model.expert_model_parallel_size, self.model.expert_tensor_parallel_size
+        if etp not in (None, self.model.tensor_model_parallel_size):
+            raise ValueError(f"expert_tensor_parallel_size={etp} != tensor_model_parallel_size="
+                             f"{self.model.tensor_model_parallel_size}: the estimator counts "
+                             "experts split over TP only (ETP = TP)")
         if self.gradient_group_size % ep:
             raise ValueError(f"expert_model_parallel_size={ep} does not divide data-parallel x "
                              f"context-parallel size={self.gradient_group_size}")
@@ -107,6 +118,7 @@ class Setup:
                        job.training.num_distributed_optimizer_instances),
                    exp_avg_dtype=job.training.exp_avg_dtype,
                    exp_avg_sq_dtype=job.training.exp_avg_sq_dtype,
+                   optimizer=job.training.optimizer,
                    fully_sharded=job.training.use_torch_fsdp2,
                    reshard_after_forward=job.training.torch_fsdp2_reshard_after_forward)
 
@@ -173,7 +185,10 @@ class Setup:
 
     @property
     def moment_bytes(self) -> int:
-        """Bytes per element of AdamW's two moments together: 8 in fp32, 4 in bf16/fp16."""
+        """Bytes per element of AdamW's two moments together: 8 in fp32, 4 in bf16/fp16; SGD's
+        fp32 momentum buffer: 4."""
+        if self.optimizer == "sgd":
+            return 4
         return STATE_DTYPE_BYTES[self.exp_avg_dtype] + STATE_DTYPE_BYTES[self.exp_avg_sq_dtype]
 
     @property

@@ -195,8 +195,8 @@ class TransformerConfig:
     # of a rank's routed copies, the rest dropped (mp.model.moe.capacity); None: dropless
     moe_token_drop_policy: str = "probs"  # the copies it keeps: probs (likeliest) | position
     expert_model_parallel_size: int = 1  # EP: the experts split over this many DP ranks
-    expert_tensor_parallel_size: int | None = None  # must equal TP (mp splits experts as
-    # the rest of the layer); None: TP
+    expert_tensor_parallel_size: int | None = None  # ETP: None or TP (experts split as the
+    # rest of the layer) | 1 (each expert whole; needs sequence_parallel, EP a multiple of TP)
     overlap_p2p_comm: bool = False  # interleaved pipeline: p2p under compute (pipelined.py)
     recompute_granularity: str | None = None  # None | full (whole layers) | selective (parts
     # of each layer: recompute_modules)

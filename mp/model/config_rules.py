@@ -47,8 +47,9 @@ def check_moe(config) -> None:
     if config.moe_ffn_hidden_size is None:
         config.moe_ffn_hidden_size = config.ffn_hidden_size
     positive_int("moe_ffn_hidden_size", config.moe_ffn_hidden_size)
+    etp = _expert_tensor_parallel_size(config)
     divisible("moe_ffn_hidden_size", config.moe_ffn_hidden_size,
-              "tensor_model_parallel_size", tp)
+              "expert_tensor_parallel_size", etp)
     divisible("num_moe_experts", e, "expert_model_parallel_size", ep)
     shared = config.moe_shared_expert_intermediate_size
     if shared is not None:
@@ -82,10 +83,29 @@ def check_moe(config) -> None:
         value = getattr(config, name)
         if value is not None and not value >= 0:
             raise ValueError(f"{name}={value!r} must be >= 0")
-    if config.expert_tensor_parallel_size not in (None, tp):
-        raise ValueError(f"expert_tensor_parallel_size={config.expert_tensor_parallel_size} "
-                         f"must equal tensor_model_parallel_size={tp}: mp splits each "
-                         "expert over the layer's TP ranks")
+
+
+def _expert_tensor_parallel_size(config) -> int:
+    """ETP: TP (None, the default: each expert split as the layer's MLP) or 1 (each expert
+    whole on one rank, the TP ranks serving as EP ranks too: sequence parallelism, so that
+    each TP rank routes its own tokens, and EP a multiple of TP, so that the TP ranks hold
+    different experts)."""
+    etp, tp = config.expert_tensor_parallel_size, config.tensor_model_parallel_size
+    ep = config.expert_model_parallel_size
+    if etp is None or etp == tp:
+        return tp
+    if etp != 1:
+        raise ValueError(f"expert_tensor_parallel_size={etp!r} must be 1 or equal "
+                         f"tensor_model_parallel_size={tp}")
+    if not config.sequence_parallel:
+        raise ValueError(f"expert_tensor_parallel_size=1 with tensor_model_parallel_size={tp} "
+                         "needs sequence_parallel=True (each TP rank routes its own tokens)")
+    if ep % tp:
+        raise ValueError(f"expert_tensor_parallel_size=1 needs expert_model_parallel_size={ep} "
+                         f"to be a multiple of tensor_model_parallel_size={tp} (the TP ranks "
+                         "hold different experts)")
+    return 1
+
 
 def _layer_frequency(config, name: str, flags: str) -> int | list[int]:
     """Field ``name``: every n-th layer (a positive int) or ``flags`` per layer (a list of 0/1,

@@ -1,11 +1,10 @@
-"""AdamW over fp32 master weights, with loss scaling and global-norm clipping.
+"""An update rule over fp32 master weights, with loss scaling and global-norm clipping.
 
 One class covers Megatron's ``FP32Optimizer`` and ``Float16OptimizerWithFloat16Params``:
 an fp32 parameter is its own master; a bf16 or fp16 parameter gets an fp32 master copy that
-``torch.optim.AdamW`` (fused where the device has the kernel, else foreach) updates, after which
-the result is copied back into the half-precision parameter. Gradients are read from
-``param.main_grad`` (the fp32 accumulation buffer of `mp.distributed.DistributedDataParallel`)
-when present, else from ``param.grad`` (cast to fp32).
+the update rule (`mp.optim.update_rules`: ``--optimizer adam``, ``sgd`` or ``muon``) updates,
+then copied back into the half-precision parameter. Gradients are read from ``param.main_grad``
+(`mp.distributed.DistributedDataParallel`'s fp32 buffer), else ``param.grad`` (cast to fp32).
 
 ``step()`` per iteration:
 
@@ -16,7 +15,7 @@ when present, else from ``param.grad`` (cast to fp32).
    rank, so the norm doubles as the inf check and all ranks agree without a second collective;
 4. fp16 with a non-finite norm: skip the update (every rank skips) and back off the scale;
 5. with ``log_num_zeros_in_grad``, count the zero gradient elements (`count_zeros_fp32`);
-6. clip by the norm, run AdamW, copy masters into the model's half-precision parameters.
+6. clip by the norm, run the update rule, copy masters into the half-precision parameters.
 
 It returns ``StepResult(update_successful, grad_norm, num_zeros_in_grad)``.
 
@@ -36,16 +35,13 @@ its local tensor the master, updated in place; the gradient norm then sums over 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mp import parallel_state
-from mp.apex import fused_adam_class
 from mp.distributed.torch_fsdp2 import dp_shard_range, local_tensor
 from mp.optim.clip_grads import (
     clip_coefficient,
@@ -55,8 +51,13 @@ from mp.optim.clip_grads import (
     get_grad_norm_fp32,
 )
 from mp.optim.grad_scaler import ConstantGradScaler, DynamicGradScaler
-from mp.optim.param_groups import get_param_groups
-from mp.optim.precision_aware import MOMENTS, PrecisionAwareAdamW
+from mp.optim.muon import MuonSettings, MuonUnit
+from mp.optim.precision_aware import MOMENTS
+from mp.optim.update_rules import (
+    build_update_rule,
+    check_update_rule,
+    state_items,
+)
 
 
 @dataclass(eq=False)
@@ -103,20 +104,6 @@ class StepResult(NamedTuple):
     num_zeros_in_grad: int | None = None  # with log_num_zeros_in_grad, on applied steps
 
 
-def build_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
-                impl: str) -> torch.optim.Optimizer:
-    """AdamW over ``groups``: apex's ``FusedAdam`` for ``impl="apex"`` when importable, else
-    torch's (fused where the device has the kernel, else foreach)."""
-    if impl == "apex":
-        fused_adam = fused_adam_class()
-        if fused_adam is not None:
-            return fused_adam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
-    try:
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
-    except RuntimeError:  # no fused kernel for this device
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
-
-
 class MixedPrecisionOptimizer:
     """AdamW on fp32 masters of ``param_groups``' parameters (see the module doc).
 
@@ -130,11 +117,17 @@ class MixedPrecisionOptimizer:
             fp32/bf16.
         model_parallel_group, tensor_model_parallel_group: default from ``parallel_state``.
         expert_parallel_group: where experts' norms are summed as well (their gradients
-            differ across its ranks); default ``parallel_state``'s (None with EP=1: none).
+            differ across its ranks); default ``parallel_state.get_expert_grad_norm_group()``
+            (the EP ranks at this TP rank; None with one: none).
         impl: ``"torch"`` (AdamW) or ``"apex"`` (apex's ``FusedAdam`` when importable).
         log_num_zeros_in_grad: count the zero gradient elements at each applied step.
         use_precision_aware_optimizer: step with `PrecisionAwareAdamW` (``impl`` must be
-            ``"torch"``), its moments stored in ``exp_avg_dtype`` and ``exp_avg_sq_dtype``.
+            ``"torch"``, ``optimizer`` adam), its moments stored in ``exp_avg_dtype`` and
+            ``exp_avg_sq_dtype``.
+        optimizer: the update rule, ``"adam"``, ``"sgd"`` (with ``sgd_momentum``) or
+            ``"muon"`` (`mp.optim.update_rules`); Muon takes the groups marked ``"muon":
+            True``, whose parameters make up ``muon_units`` (`mp.optim.muon.muon_units`), with
+            the hyper-parameters ``muon``.
     """
 
     def __init__(self, param_groups: list[dict], *, lr: float,
@@ -146,18 +139,14 @@ class MixedPrecisionOptimizer:
                  log_num_zeros_in_grad: bool = False,
                  use_precision_aware_optimizer: bool = False,
                  exp_avg_dtype: torch.dtype = torch.float32,
-                 exp_avg_sq_dtype: torch.dtype = torch.float32):
+                 exp_avg_sq_dtype: torch.dtype = torch.float32, optimizer: str = "adam",
+                 sgd_momentum: float = 0.9, muon: MuonSettings | None = None,
+                 muon_units: list[MuonUnit] = ()):
         if clip_grad < 0:
             raise ValueError(f"clip_grad={clip_grad} must be >= 0 (0 disables clipping)")
-        if not use_precision_aware_optimizer and (exp_avg_dtype, exp_avg_sq_dtype) != (
-                torch.float32, torch.float32):
-            raise ValueError(f"exp_avg_dtype={exp_avg_dtype}, exp_avg_sq_dtype="
-                             f"{exp_avg_sq_dtype}: moments other than fp32 need "
-                             "use_precision_aware_optimizer=True")
-        if use_precision_aware_optimizer and impl != "torch":
-            raise ValueError(f"impl={impl!r} with use_precision_aware_optimizer=True: the "
-                             "precision-aware step replaces apex's FusedAdam; use impl='torch'")
-        self.precision_aware = use_precision_aware_optimizer
+        check_update_rule(optimizer, impl, use_precision_aware_optimizer, exp_avg_dtype,
+                          exp_avg_sq_dtype)
+        self.precision_aware, self.update_rule = use_precision_aware_optimizer, optimizer
         self.clip_grad, self.grad_scaler = clip_grad, grad_scaler
         self.log_num_zeros_in_grad = log_num_zeros_in_grad
         self.model_parallel_group = (parallel_state.get_model_parallel_group()
@@ -175,7 +164,7 @@ class MixedPrecisionOptimizer:
             main_groups.append({**group, "params": [shard.main for shard in shards]})
         if any(not getattr(p, "allreduce", True) for p in self.params) \
                 and expert_parallel_group is None and self._experts_need_their_group:
-            self.expert_parallel_group = parallel_state.get_expert_model_parallel_group()
+            self.expert_parallel_group = parallel_state.get_expert_grad_norm_group()
         # where each shard's gradient goes in the norm: "dense", "expert" or "other" (not
         # counted on this rank)
         tp_group = tensor_model_parallel_group
@@ -183,11 +172,14 @@ class MixedPrecisionOptimizer:
                            else "dense" if getattr(s.param, "allreduce", True) else "expert"
                            for s in self.shards]
         self._copied = [s for s in self.shards if not s.main_is_param]
-        groups = [g for g in main_groups if g["params"]]
-        self.optimizer = PrecisionAwareAdamW(
-            groups, lr=lr, betas=betas, eps=eps, exp_avg_dtype=exp_avg_dtype,
-            exp_avg_sq_dtype=exp_avg_sq_dtype) if use_precision_aware_optimizer \
-            else build_adamw(groups, lr, betas, eps, impl)
+        main_of = {id(s.param): s.main for s in self.shards}
+        self.optimizer = build_update_rule(
+            [g for g in main_groups if g["params"]], optimizer=optimizer, lr=lr, betas=betas,
+            eps=eps, impl=impl, precision_aware=use_precision_aware_optimizer,
+            exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype,
+            sgd_momentum=sgd_momentum, muon=muon,
+            muon_units=[u.with_tensors(main_of[id(t)] for t in u.tensors) for u in muon_units
+                        if id(u.tensors[0]) in main_of])
 
     #: whether experts' norms need a sum over the expert-parallel group (not when the norm
     #: is summed over every rank, as the distributed optimizer's is)
@@ -210,7 +202,7 @@ class MixedPrecisionOptimizer:
 
     @property
     def param_groups(self) -> list[dict]:
-        """The inner AdamW's groups (of master parameters): schedulers set ``lr`` here."""
+        """The update rule's groups (of master parameters): schedulers set ``lr`` here."""
         return self.optimizer.param_groups
 
     def get_loss_scale(self) -> float:
@@ -304,16 +296,47 @@ class MixedPrecisionOptimizer:
                                   expert_parallel_group=self.expert_parallel_group,
                                   device=self.params[0].device)
 
+    def _rule_of(self, shard: ParamShard) -> torch.optim.Optimizer:
+        """The optimizer that updates ``shard`` (Muon's chain holds two)."""
+        chained = getattr(self.optimizer, "optimizer_of", None)
+        return self.optimizer if chained is None else chained(shard.main)
+
+    def state_items(self, shard: ParamShard) -> tuple[str, ...]:
+        """What `shard_state` holds for ``shard``: AdamW's moments and ``step``, or a
+        ``momentum_buffer`` (`mp.optim.update_rules.state_items`)."""
+        return state_items(self._rule_of(shard))
+
+    def shard_state(self, shard: ParamShard) -> dict[str, torch.Tensor]:
+        """The update rule's state of ``shard`` (fp32, shaped like its master; ``step`` a
+        scalar): `adam_state`, or the momentum buffer (zeros before the first step, which is
+        what SGD without dampening and Muon start from)."""
+        rule = self._rule_of(shard)
+        if "step" in state_items(rule):
+            return self.adam_state(shard)
+        buffer = rule.state.get(shard.main, {}).get("momentum_buffer")
+        return {"momentum_buffer": torch.zeros_like(shard.main) if buffer is None else buffer}
+
+    def load_shard_state(self, states: dict[ParamShard, dict[str, torch.Tensor]]) -> None:
+        """Give the update rule the state of ``states`` (`shard_state`'s form)."""
+        adam = {shard: value for shard, value in states.items() if "step" in value}
+        for shard, value in states.items():
+            if "momentum_buffer" in value:
+                self._rule_of(shard).state[shard.main]["momentum_buffer"] = \
+                    value["momentum_buffer"].to(shard.main.device)
+        if adam:
+            self.load_adam_state(adam)
+
     def adam_state(self, shard: ParamShard) -> dict[str, torch.Tensor]:
         """AdamW's ``exp_avg``, ``exp_avg_sq`` (fp32, decoded from the precision-aware
         optimizer's dtypes) and ``step`` (fp32 scalar) for ``shard``; zeros and step 0 before
         the first step. (torch keeps ``step`` per parameter, apex's FusedAdam per group.)"""
         if self.precision_aware:
             return self.optimizer.unscaled_state(shard.main)
-        state = self.optimizer.state.get(shard.main, {})
+        adamw = self._rule_of(shard)
+        state = adamw.state.get(shard.main, {})
         step = state.get("step")
         if step is None:  # apex's count, or nothing before the first step
-            group = next(g for g in self.optimizer.param_groups
+            group = next(g for g in adamw.param_groups
                          if any(p is shard.main for p in g["params"]))
             step = group.get("step", 0)
         return {"step": torch.as_tensor(step, dtype=torch.float32).detach().cpu(),
@@ -322,16 +345,17 @@ class MixedPrecisionOptimizer:
     def load_adam_state(self, states: dict[ParamShard, dict[str, torch.Tensor]]) -> None:
         """Give AdamW the moments and step counts of ``states`` (`adam_state`'s form), through
         its own ``load_state_dict``, which places them as its kernels want."""
-        order = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups
+        adamw = self._rule_of(next(iter(states)))
+        order = {id(p): i for i, p in enumerate(p for g in adamw.param_groups
                                                 for p in g["params"])}
-        saved = self.optimizer.state_dict()
+        saved = adamw.state_dict()
         saved["state"] = {order[id(shard.main)]: dict(value) for shard, value in states.items()}
         for group in saved["param_groups"]:
             if "step" in group:  # apex: one count per group, the same for all its params
                 steps = [states[s]["step"] for s in self.shards
                          if s in states and order[id(s.main)] in group["params"]]
                 group["step"] = int(steps[0]) if steps else group["step"]
-        self.optimizer.load_state_dict(saved)
+        adamw.load_state_dict(saved)
 
     @torch.no_grad()
     def copy_main_params_to_model(self) -> None:
@@ -374,49 +398,3 @@ class MixedPrecisionOptimizer:
                 shard.main.copy_(value)
         self.copy_main_params_to_model()
 
-
-def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
-                           weight_decay: float = 0.01, adam_beta1: float = 0.9,
-                           adam_beta2: float = 0.999, adam_eps: float = 1e-8,
-                           clip_grad: float = 1.0, loss_scale: float | None = None,
-                           initial_loss_scale: float = 2.0**32, min_loss_scale: float = 1.0,
-                           loss_scale_window: int = 1000, hysteresis: int = 2,
-                           use_distributed_optimizer: bool = False,
-                           optimizer_impl: str = "torch", decoupled_lr: float | None = None,
-                           log_num_zeros_in_grad: bool = False,
-                           use_precision_aware_optimizer: bool = False,
-                           exp_avg_dtype: torch.dtype = torch.float32,
-                           exp_avg_sq_dtype: torch.dtype = torch.float32
-                           ) -> MixedPrecisionOptimizer:
-    """The training optimizer for ``model_chunks`` (Megatron's name and arguments):
-    a `DistributedOptimizer` when ``use_distributed_optimizer`` (the chunks must then be
-    `DistributedDataParallel` built for it), else a `MixedPrecisionOptimizer`; AdamW from
-    torch, or apex's ``FusedAdam`` for ``optimizer_impl="apex"``; the groups of
-    `get_param_groups` (``decoupled_lr``: the embedding and output weights apart);
-    `PrecisionAwareAdamW` with ``use_precision_aware_optimizer``, its moments stored in
-    ``exp_avg_dtype`` / ``exp_avg_sq_dtype``. (Megatron's ``main_grads_dtype`` is the dtype
-    of the chunks' gradient buffers; its ``main_params_dtype`` fp16 is not supported.)
-
-    Loss scaling is switched on exactly when a parameter is fp16: a fixed ``loss_scale`` when
-    given, else dynamic from ``initial_loss_scale``. The loss-scale arguments are ignored for
-    fp32 and bf16 models.
-    """
-    chunks = list(model_chunks)
-    groups = get_param_groups(chunks, weight_decay, decoupled_lr)
-    scaler = None
-    if any(p.dtype == torch.float16 for g in groups for p in g["params"]):
-        scaler = ConstantGradScaler(loss_scale) if loss_scale is not None else \
-            DynamicGradScaler(initial_scale=initial_loss_scale, min_scale=min_loss_scale,
-                              growth_interval=loss_scale_window, hysteresis=hysteresis)
-    kwargs = dict(lr=lr, betas=(adam_beta1, adam_beta2), eps=adam_eps, clip_grad=clip_grad,
-                  grad_scaler=scaler, impl=optimizer_impl,
-                  log_num_zeros_in_grad=log_num_zeros_in_grad,
-                  use_precision_aware_optimizer=use_precision_aware_optimizer,
-                  exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype)
-    if use_distributed_optimizer:
-        from mp.optim.distrib_optimizer import DistributedOptimizer  # it subclasses this one
-        return DistributedOptimizer(groups, chunks, **kwargs)
-    if any(getattr(chunk, "fully_sharded", False) for chunk in chunks):
-        # FSDP: every rank holds other rows of the same replica, so the norm sums over all
-        kwargs["model_parallel_group"] = dist.group.WORLD
-    return MixedPrecisionOptimizer(groups, **kwargs)

@@ -48,7 +48,7 @@ from mp.device import get_device
 from mp.distributed.replica_check import check_param_hashes_across_dp_replicas
 from mp.model.stages import build_gpt_chunks
 from mp.optim import get_param_groups
-from mp.optim.optimizer import build_adamw
+from mp.optim.update_rules import build_adamw
 from mp.pipeline_parallel.schedules import forward_step
 from mp.training import gpt_step
 from mp.training.data import build_data_iterators

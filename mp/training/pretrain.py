@@ -79,7 +79,8 @@ def setup_model_and_optimizer(cfg: JobConfig) -> tuple[list[DistributedDataParal
         log_num_zeros_in_grad=cfg.logging.log_num_zeros_in_grad,
         use_precision_aware_optimizer=tr.use_precision_aware_optimizer,
         exp_avg_dtype=STATE_DTYPES[tr.exp_avg_dtype],
-        exp_avg_sq_dtype=STATE_DTYPES[tr.exp_avg_sq_dtype])
+        exp_avg_sq_dtype=STATE_DTYPES[tr.exp_avg_sq_dtype], optimizer=tr.optimizer,
+        sgd_momentum=tr.sgd_momentum, muon=tr.muon_settings)
     return model, optimizer, build_opt_param_scheduler(optimizer, tr)
 
 
@@ -113,7 +114,7 @@ def count_parameters(model: list[torch.nn.Module]) -> int:
                                         if getattr(p, "allreduce", True) is kind)],
                                    dtype=torch.float64, device=get_device())
                       for kind in (True, False))
-    expert_group = parallel_state.get_expert_model_parallel_group()
+    expert_group = parallel_state.get_expert_grad_norm_group()  # each expert element once
     if expert_group is not None:
         dist.all_reduce(experts, group=expert_group)
     total = dense + experts
@@ -210,7 +211,9 @@ def _pretrain(cfg: JobConfig, forward_step_func: Callable,
             f" ({m.cp_comm_type})" if m.cp_comm_type != "all_gather" else "")
         moe = "" if m.num_moe_experts is None else \
             f" | {m.num_moe_experts} experts, top {m.moe_router_topk}, EP " \
-            f"{m.expert_model_parallel_size}"
+            f"{m.expert_model_parallel_size}" + (
+                "" if m.expert_tensor_parallel_size in (None, m.tensor_model_parallel_size)
+                else f" x ETP {m.expert_tensor_parallel_size}")
         print(f"world {world} = TP {m.tensor_model_parallel_size}{cp} x PP "
               f"{m.pipeline_model_parallel_size}{f' ({split})' if split else ''} x DP {dp}"
               f"{moe} | {dist.get_backend()} on {get_device()} | {n_params / 1e6:.2f}M "

@@ -2,7 +2,9 @@
 and the experts' outputs back.
 
 With ``E`` experts over ``P`` expert-parallel ranks, rank ``j`` holds experts
-``[j E / P, (j + 1) E / P)``, each split over the ``t`` ranks of its tensor-parallel group.
+``[j E / P, (j + 1) E / P)``, each split over the ``t`` ranks of its expert tensor-parallel
+group (the TP group, or with ``expert_tensor_parallel_size=1`` none: ``t = 1``, whole experts,
+the TP ranks then among the ``P`` EP ranks, and step 3 and its undoing skipped).
 `dispatch`:
 
 1. the ``N k`` (token, choice) pairs of the rank's ``N`` tokens are sorted by expert
@@ -50,8 +52,9 @@ class Routing:
 
 class TokenDispatcher:
     """Moves token copies between the ``expert_group`` ranks (None: one rank holds all
-    ``num_experts``) and, when each rank of ``tensor_group`` routes its own tokens
-    (sequence parallelism), between those (None: every TP rank routes the same tokens)."""
+    ``num_experts``) and, when each rank of ``tensor_group`` (the expert TP group) routes its
+    own tokens (sequence parallelism), between those (None: every TP rank routes the same
+    tokens, or the experts are whole)."""
 
     def __init__(self, num_experts: int, expert_group=None, tensor_group=None):
         self.num_experts, self.group, self.tensor_group = num_experts, expert_group, tensor_group

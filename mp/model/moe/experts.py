@@ -16,7 +16,8 @@ from mp.tensor_parallel import CheckpointWithoutOutput
 
 
 class Experts(nn.Module):
-    """Experts ``first .. first + E / EP - 1`` of a layer, each an MLP split over TP as
+    """Experts ``first .. first + E / EP - 1`` of a layer, each an MLP split over the ``t``
+    ranks of ``tp_group`` (the expert TP group: TP, or None for whole experts, ETP=1) as
     `mp.model.mlp.MLP` is, their weights stacked:
 
     - ``fc1_weight`` (and for SwiGLU or quick GeGLU ``gate_weight``) ``[E / EP, f / t, h]``,
@@ -27,7 +28,7 @@ class Experts(nn.Module):
     after those of the experts before it and returns ``[M, h]``: this TP rank's partial sums
     (the layer reduces them over TP once for all experts). ``fc2_bias``, replicated over TP,
     is added as ``fc2_bias / t`` on each TP rank, so the sum holds it once; its gradient is
-    then partial and summed over TP (``sequence_parallel``).
+    then partial and summed over TP (``sequence_parallel``, with ``t > 1`` only).
 
     With ``moe_grouped_gemm`` each weight kind's products run as one grouped GEMM over all
     the experts (`mp.model.moe.grouped_gemm`) where torch's kernel takes the dtype and device;
@@ -35,8 +36,12 @@ class Experts(nn.Module):
 
     Every parameter is marked ``allreduce = False`` (Megatron's marker: reduced over the
     expert-data-parallel ranks, `mp.distributed`) and placed in its global ``[E, ...]`` tensor
-    (``global_shape``, ``shard_offset``), so checkpoints load at any EP and TP. Weights are
-    drawn as a serial model's would be, expert by expert, whatever the layout.
+    (``global_shape``, ``shard_offset``), so checkpoints load at any EP, TP and ETP.
+    ``tensor_model_parallel`` (Megatron's marker; the gradient norm counts a parameter
+    without it on TP rank 0 only) is set where no other TP rank holds a copy: on the shards
+    over ``t > 1`` ranks, and on every whole expert under TP > 1 (ETP=1), the TP ranks then
+    holding different experts. Weights are drawn as a serial model's would be, expert by
+    expert, whatever the layout.
     """
 
     def __init__(self, config: TransformerConfig, tp_group, ep_rank: int, ep_size: int):
@@ -44,7 +49,9 @@ class Experts(nn.Module):
         e, f, h = config.num_moe_experts, config.moe_ffn_hidden_size, config.hidden_size
         self.local = e // ep_size
         first = ep_rank * self.local
-        self.tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+        self.tp_size, tp_rank = ((1, 0) if tp_group is None else
+                                 (dist.get_world_size(tp_group), dist.get_rank(tp_group)))
+        self.folded = self.tp_size < config.tensor_model_parallel_size  # whole, ETP=1
         self.activation, self.fused = config.activation, config.bias_activation_fusion
         self.glu_options = glu_options(config)  # clamp and offset of a gated unit
         self.recompute_activation = config.recomputes("moe_act")
@@ -79,7 +86,7 @@ class Experts(nn.Module):
                                (first, tp_rank * shard), 1)
             self._register("fc2_bias", torch.zeros(self.local, h, dtype=config.params_dtype,
                                                    device=device), (e, h), (first, 0), None)
-            self.fc2_bias.sequence_parallel = True
+            self.fc2_bias.sequence_parallel = self.tp_size > 1
         else:
             self.fc1_bias = self.gate_bias = self.fc2_bias = None
         if not swiglu:
@@ -89,7 +96,7 @@ class Experts(nn.Module):
                   offsets: tuple, tp_dim: int | None) -> None:
         param = nn.Parameter(value)
         param.allreduce = False
-        param.tensor_model_parallel = tp_dim is not None and self.tp_size > 1
+        param.tensor_model_parallel = self.folded or (tp_dim is not None and self.tp_size > 1)
         param.partition_dim = -1 if tp_dim is None else tp_dim
         param.partition_stride = 1
         param.global_shape, param.shard_offset = tuple(global_shape), tuple(offsets)

@@ -24,14 +24,18 @@ class MoELayer(nn.Module):
     ``(output, None)`` of the same shape, as `mp.model.mlp.MLP` returns.
 
     Each token goes to the ``moe_router_topk`` experts its router picks (`TopKRouter`), and
-    its output is their outputs weighted by the router's probabilities. Each TP rank holds
-    ``1 / t`` of every expert. Under sequence parallelism (Megatron's way, which it requires
-    with MoE) each TP rank routes its own ``s / t`` tokens, trades them over EP, and the TP
-    ranks then gather each other's rows for their shards of the experts and sum the partial
-    outputs back onto the rows' owners (`TokenDispatcher`): no all-gather of the hidden
-    states, and each routed copy crosses the EP links once. Without it every TP rank routes
-    every token the same way and the partial outputs are all-reduced over TP, as in the
-    MLP. The experts are split over the expert-parallel group (``expert_group``, default
+    its output is their outputs weighted by the router's probabilities. Each rank of the
+    expert TP group (``expert_tensor_group``: the TP group, or with
+    ``expert_tensor_parallel_size=1`` none, each expert whole) holds ``1 / t`` of every
+    expert. Under sequence parallelism (Megatron's way, which it requires with MoE) each TP
+    rank routes its own ``s / t`` tokens, trades them over EP, and the TP ranks then gather
+    each other's rows for their shards of the experts and sum the partial outputs back onto
+    the rows' owners (`TokenDispatcher`): no all-gather of the hidden states, and each
+    routed copy crosses the EP links once. Without it every TP rank routes every token the
+    same way and the partial outputs are all-reduced over TP, as in the MLP. With whole
+    experts the TP ranks are expert-parallel ranks too (Megatron's parallel folding,
+    `mp.parallel_state`): the rows cross the larger EP group only, with no gather nor sum
+    over TP. The experts are split over the expert-parallel group (``expert_group``, default
     `parallel_state`'s). Under context parallelism each rank routes its own tokens; the
     routers' auxiliary losses count the whole sequences, summing their statistics over the
     ranks that hold the rest (CP, ``context_group``, default `parallel_state`'s when
@@ -48,6 +52,13 @@ class MoELayer(nn.Module):
                  context_group=None, data_group=None):
         super().__init__()
         self.config = config
+        if group is None and expert_group is None:  # parallel_state's: made at the same ETP
+            etp = parallel_state.get_expert_tensor_parallel_world_size()
+            if etp != (config.expert_tensor_parallel_size
+                       or parallel_state.get_tensor_model_parallel_world_size()):
+                raise ValueError(f"the expert groups were made with expert_tensor_parallel_size="
+                                 f"{etp} but the config has "
+                                 f"{config.expert_tensor_parallel_size} (None: TP)")
         self.group = parallel_state.get_tensor_model_parallel_group() if group is None \
             else group
         if expert_group is None:
@@ -62,13 +73,18 @@ class MoELayer(nn.Module):
             context_group = parallel_state.get_context_parallel_group()
         # the tokens split over TP (each rank routes its own) or replicated there
         self.split = config.sequence_parallel and self.tp > 1
+        # the ranks that split each expert: TP, or none (ETP=1: whole experts)
+        self.expert_tensor_group = (None if config.expert_tensor_parallel_size == 1
+                                    else self.group)
         tensor_group = self.group if self.split else None
         if data_group is None and config.moe_router_load_balancing_type == "global_aux_loss":
             data_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.router = TopKRouter(config, context_group, tensor_group,
                                  replicas=1 if self.split else self.tp, data_group=data_group)
-        self.experts = Experts(config, self.group, ep_rank, ep)
-        self.dispatcher = TokenDispatcher(config.num_moe_experts, expert_group, tensor_group)
+        self.experts = Experts(config, self.expert_tensor_group, ep_rank, ep)
+        self.dispatcher = TokenDispatcher(
+            config.num_moe_experts, expert_group,
+            self.expert_tensor_group if self.split else None)
         self.shared_experts = (None if config.moe_shared_expert_intermediate_size is None
                                else SharedExperts(config, self.group))
 

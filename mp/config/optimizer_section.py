@@ -1,0 +1,183 @@
+"""The optimizer's keys of the ``training`` section (`OptimizerFields`, which
+`mp.config.training_section.TrainingConfig` inherits): the update rule and its
+hyper-parameters, the distributed optimizer and the precision-aware optimizer.
+
+Field names follow Megatron-LM's arguments (``--muon-num-ns-steps`` is ``muon_num_ns_steps``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mp.config.coerce import ConfigError
+from mp.config.section import Section
+from mp.instance_layout import check_instances
+from mp.optim.muon import MuonSettings
+from mp.optim.update_rules import OPTIMIZERS
+
+#: The precision-aware optimizer's dtype keys -> the values mp takes (Megatron's names).
+_STATE_DTYPE_KEYS = {"main_params_dtype": ("fp32",), "main_grads_dtype": ("fp32", "bf16"),
+                     "exp_avg_dtype": ("fp32", "bf16", "fp16"),
+                     "exp_avg_sq_dtype": ("fp32", "bf16", "fp16")}
+#: (key, value) Megatron takes that mp refuses -> why.
+_STATE_DTYPE_REFUSED = {
+    **dict.fromkeys((("exp_avg_dtype", "fp8"), ("exp_avg_sq_dtype", "fp8")),
+                    "Megatron's fp8 states need Transformer Engine's per-tensor fp8 scaling, "
+                    "which mp does not implement; use bf16 or fp16"),
+    ("main_params_dtype", "fp16"): "fp16 master weights are not implemented in mp (the "
+                                   "masters stay fp32); use fp32",
+}
+#: Keys Muon refuses (Megatron's rules) -> why.
+_NOT_WITH_MUON = {
+    "use_distributed_optimizer": "Muon orthogonalizes whole matrices, which the distributed "
+                                 "optimizer cuts into flat shards (Megatron refuses it too)",
+    "use_precision_aware_optimizer": "the precision-aware optimizer is AdamW's",
+}
+
+
+@dataclass(kw_only=True)
+class OptimizerFields(Section):
+    """The optimizer's keys of `TrainingConfig` (its docstring tells the others).
+
+    ``optimizer`` is Megatron's ``--optimizer``: ``adam`` (AdamW), ``sgd`` (torch's SGD with
+    momentum ``sgd_momentum``, weight decay added to the gradient) or ``muon`` (Muon for the
+    linear layers' matrices, AdamW with the ``adam_*`` keys for the rest: `mp.optim.muon`);
+    Megatron's ``dist_muon`` (layer-wise sharded Muon) is refused. Muon's keys are Megatron's
+    ``--muon-*`` flags with their defaults: ``muon_momentum``, ``muon_use_nesterov``,
+    ``muon_num_ns_steps`` Newton-Schulz steps with ``muon_coefficient_type`` coefficients
+    (quintic: a multiple of 5 steps), ``muon_scale_mode``, ``muon_extra_scale_factor``,
+    ``muon_fp32_matmul_prec`` (medium: the iteration in bf16), ``muon_tp_mode`` (blockwise,
+    duplicated or distributed) and ``muon_split_qkv`` (false: ``--muon-no-split-qkv``). Muon
+    takes neither the distributed optimizer, FSDP, DeepSpeed, fp16 nor the precision-aware
+    optimizer, as Megatron; SGD neither DeepSpeed nor the precision-aware optimizer.
+
+    ``use_distributed_optimizer`` shards the fp32 master weights and the optimizer's state over
+    the data-parallel ranks (Megatron's distributed optimizer); ``overlap_param_gather`` then
+    overlaps the all-gather of updated parameters with the next forward;
+    ``num_distributed_optimizer_instances`` N (Megatron's flag) shards them over DP x CP / N
+    consecutive ranks only, N copies (it must divide DP x CP: `check_optimizer_instances`).
+    ``optimizer_impl="apex"`` steps with NVIDIA apex's ``FusedAdam`` (``FusedSGD`` for SGD)
+    when apex is importable (a notice and torch's otherwise). ``use_precision_aware_optimizer``
+    (Megatron's flag) steps with `mp.optim.PrecisionAwareAdamW`, storing AdamW's moments in
+    ``exp_avg_dtype`` / ``exp_avg_sq_dtype`` (fp32, bf16, fp16); ``main_grads_dtype="bf16"``
+    is Megatron's spelling of ``grad_reduce_in_bf16`` (it sets it: bf16 models only) and
+    ``main_params_dtype`` stays fp32. Without the flag every one of them must be fp32, as
+    Megatron checks; unlike Megatron, mp does not require the distributed optimizer.
+    """
+
+    optimizer: str = "adam"  # adam | sgd | muon (Megatron's --optimizer)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.9
+    muon_momentum: float = 0.9
+    muon_use_nesterov: bool = False
+    muon_num_ns_steps: int = 5
+    muon_coefficient_type: str = "quintic"  # quintic | simple
+    muon_scale_mode: str = "spectral"  # spectral | unit_rms_norm | shape_scaling
+    muon_extra_scale_factor: float = 1.0
+    muon_fp32_matmul_prec: str = "medium"  # medium (bf16 iteration) | high
+    muon_tp_mode: str = "blockwise"  # blockwise | duplicated | distributed
+    muon_split_qkv: bool = True
+    use_distributed_optimizer: bool = False
+    overlap_param_gather: bool = True  # distributed optimizer: all-gather during forward
+    num_distributed_optimizer_instances: int = 1  # distributed optimizer: copies of its state
+    optimizer_impl: str = "torch"  # torch | apex (FusedAdam, FusedSGD)
+    use_precision_aware_optimizer: bool = False  # AdamW's states in the dtypes below
+    main_params_dtype: str = "fp32"  # fp32 (Megatron's fp16 is refused)
+    main_grads_dtype: str = "fp32"  # fp32 | bf16 (= grad_reduce_in_bf16)
+    exp_avg_dtype: str = "fp32"  # fp32 | bf16 | fp16 (Megatron's fp8 is refused)
+    exp_avg_sq_dtype: str = "fp32"  # fp32 | bf16 | fp16
+
+    @property
+    def muon_settings(self) -> MuonSettings:
+        """The ``muon_*`` keys as `mp.optim.MuonSettings`."""
+        return MuonSettings(
+            momentum=self.muon_momentum, use_nesterov=self.muon_use_nesterov,
+            num_ns_steps=self.muon_num_ns_steps, coefficient_type=self.muon_coefficient_type,
+            scale_mode=self.muon_scale_mode, extra_scale_factor=self.muon_extra_scale_factor,
+            fp32_matmul_prec=self.muon_fp32_matmul_prec, tp_mode=self.muon_tp_mode,
+            split_qkv=self.muon_split_qkv)
+
+    def _check_optimizer(self, deepspeed: bool, use_torch_fsdp2: bool) -> None:
+        """The optimizer's own rules, and those against ``deepspeed`` and FSDP
+        (``use_torch_fsdp2``), the training section's keys."""
+        self._positive("adam_eps")
+        self._below_one("adam_beta1")
+        self._below_one("adam_beta2")
+        self._one_of("optimizer_impl", ("torch", "apex"))
+        self._check_update_rule(deepspeed, use_torch_fsdp2)
+        self._check_instances(deepspeed)
+        self._check_precision_aware()
+
+    def _check_update_rule(self, deepspeed: bool, use_torch_fsdp2: bool) -> None:
+        if self.optimizer == "dist_muon":
+            raise ConfigError("training.optimizer='dist_muon' (Megatron's layer-wise distributed "
+                              "Muon) is not supported: mp's Muon keeps whole matrices on every "
+                              "data-parallel rank; use training.optimizer=muon without the "
+                              "distributed optimizer")
+        self._one_of("optimizer", OPTIMIZERS)
+        self._at_least("sgd_momentum", 0.0)
+        try:
+            self.muon_settings
+        except ValueError as error:
+            raise ConfigError(f"training.muon_* keys: {error}") from None
+        if self.optimizer == "adam":
+            return
+        refused = {"deepspeed": (deepspeed, "DeepSpeed's engine builds AdamW only"),
+                   "use_precision_aware_optimizer": (self.use_precision_aware_optimizer,
+                                                     "the precision-aware optimizer is AdamW's "
+                                                     "(Megatron's rule)")}
+        if self.optimizer == "muon":
+            refused.update({name: (getattr(self, name), why)
+                            for name, why in _NOT_WITH_MUON.items()})
+            refused["use_torch_fsdp2"] = (use_torch_fsdp2, "FSDP shards the matrices by rows "
+                                          "(Megatron refuses it too)")
+        for name, (value, why) in refused.items():
+            if value:
+                raise ConfigError(f"training.optimizer={self.optimizer!r} with training.{name}="
+                                  f"{value!r}: not supported ({why}); drop one of them")
+
+    def _check_precision_aware(self) -> None:
+        """Megatron's rules for the state dtypes (``OptimizerConfig.__post_init__``)."""
+        for name, allowed in _STATE_DTYPE_KEYS.items():
+            value = getattr(self, name)
+            if value in allowed:
+                continue
+            why = _STATE_DTYPE_REFUSED.get((name, value))
+            raise ConfigError(f"training.{name}={value!r} " + (
+                f"is not supported: {why}" if why else f"must be one of {', '.join(allowed)}"))
+        if not self.use_precision_aware_optimizer:
+            for name in _STATE_DTYPE_KEYS:
+                if getattr(self, name) != "fp32":
+                    raise ConfigError(f"training.{name}={getattr(self, name)!r} needs "
+                                      "training.use_precision_aware_optimizer=true (without "
+                                      "it the optimizer's tensors stay fp32, as in Megatron)")
+        elif self.optimizer_impl != "torch":
+            raise ConfigError(f"training.use_precision_aware_optimizer=true with training."
+                              f"optimizer_impl={self.optimizer_impl!r}: the precision-aware "
+                              "step replaces apex's FusedAdam; drop one of them")
+
+    def _check_instances(self, deepspeed: bool) -> None:
+        """``num_distributed_optimizer_instances``: a positive count; above 1 it shards the
+        distributed optimizer (not DeepSpeed's ZeRO)."""
+        n = self.num_distributed_optimizer_instances
+        self._at_least("num_distributed_optimizer_instances", 1)
+        if n > 1 and deepspeed:
+            raise ConfigError(f"training.deepspeed=true with training.num_distributed_optimizer_"
+                              f"instances={n}: not supported (ZeRO shards DeepSpeed's optimizer "
+                              "state its own way); drop one of them")
+        if n > 1 and not self.use_distributed_optimizer:
+            raise ConfigError(f"training.num_distributed_optimizer_instances={n} needs "
+                              "training.use_distributed_optimizer=true (the instances are "
+                              "copies of its state)")
+
+    def check_optimizer_instances(self, data_parallel_size: int, context_parallel_size: int = 1,
+                                  expert_model_parallel_size: int = 1) -> None:
+        """The rule that needs the layout: ``num_distributed_optimizer_instances`` divides
+        DP x CP (and the experts' DP x CP / EP), checked before any process group exists."""
+        try:
+            check_instances(self.num_distributed_optimizer_instances, data_parallel_size,
+                            context_parallel_size, expert_model_parallel_size)
+        except ValueError as error:
+            raise ConfigError(f"training.{error}") from None
