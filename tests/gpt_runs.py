@@ -45,10 +45,12 @@ def setup(tp: int, pp: int, seed: int, precision: str = "fp32", *,
     """This rank's DDP-wrapped chunks, optimizer and LR schedule, weights from ``seed``
     (``optimizer_args``: more of `get_megatron_optimizer`'s; ``overrides``:
     `TransformerConfig` fields; ``cp``: context-parallel ranks; ``ep``: expert-parallel ones;
-    ``instances``: distributed-optimizer instances)."""
-    ps.initialize_model_parallel(tp, pp, vpp, context_parallel_size=cp,
-                                 expert_model_parallel_size=ep,
-                                 num_distributed_optimizer_instances=instances)
+    ``instances``: distributed-optimizer instances; the groups take the overrides' expert
+    tensor-parallel size)."""
+    ps.initialize_model_parallel(
+        tp, pp, vpp, context_parallel_size=cp, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=overrides.get("expert_tensor_parallel_size"),
+        num_distributed_optimizer_instances=instances)
     model_parallel_cuda_manual_seed(seed)
     config = gpt_config(tp, pp, precision, virtual_pipeline_model_parallel_size=vpp,
                         context_parallel_size=cp, expert_model_parallel_size=ep, **overrides)

@@ -13,8 +13,6 @@
   whose config's ETP is not the groups'.
 """
 
-import functools
-
 import pytest
 from gpt_runs import (
     assemble,
@@ -36,17 +34,6 @@ from mp.estimate import Setup
 from mp.model.moe import MoELayer
 
 STEPS = 3
-
-
-def _at_etp1(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` on this rank with the model-parallel groups made at expert
-    tensor parallel size 1 (`gpt_runs.setup` makes them at ETP = TP)."""
-    initialize = ps.initialize_model_parallel
-    ps.initialize_model_parallel = functools.partial(initialize, expert_tensor_parallel_size=1)
-    try:
-        return fn(*args, expert_tensor_parallel_size=1, **kwargs)
-    finally:
-        ps.initialize_model_parallel = initialize
 
 
 def test_expert_groups_follow_megatrons_layout_at_etp1():
@@ -91,8 +78,8 @@ def serial_run():
                          ids=["EP2", "EP2-distopt", "EP4", "EP4-distopt"])
 def test_training_follows_one_process(serial_run, ep, distributed_optimizer):
     whole, serial = serial_run
-    runs = run_distributed(4, _at_etp1, _train, 2, ep, whole, distributed_optimizer,
-                           sequence_parallel=True)
+    runs = run_distributed(4, _train, 2, ep, whole, distributed_optimizer,
+                           sequence_parallel=True, expert_tensor_parallel_size=1)
     assert_same_training(runs, serial)
     fc1 = [piece for run in runs for _, piece in
            next(v for n, v in run["weights"].items() if n.endswith("experts.fc1_weight"))]
@@ -109,8 +96,8 @@ def test_checkpoint_from_etp1_loads_at_other_layouts(serial_run, tmp_path, world
     are the saving run's."""
     whole, _ = serial_run
     path = str(tmp_path / "save")
-    saved = run_distributed(4, _at_etp1, _save_and_continue, path, whole, 2,
-                            sequence_parallel=True)
+    saved = run_distributed(4, _save_and_continue, path, whole, 2,
+                            sequence_parallel=True, expert_tensor_parallel_size=1)
     loaded = run_distributed(world, _load_and_continue, path, tp, ep, **overrides)
     _assert_same_continuation(saved, loaded)
 
@@ -120,8 +107,8 @@ def test_checkpoint_from_ep2_loads_at_etp1(serial_run, tmp_path):
     whole, _ = serial_run
     path = str(tmp_path / "save")
     saved = run_distributed(2, _save_and_continue, path, whole)
-    loaded = run_distributed(4, _at_etp1, _load_and_continue, path, 2, 2,
-                             sequence_parallel=True)
+    loaded = run_distributed(4, _load_and_continue, path, 2, 2,
+                             sequence_parallel=True, expert_tensor_parallel_size=1)
     _assert_same_continuation(saved, loaded)
 
 
