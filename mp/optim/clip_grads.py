@@ -8,8 +8,9 @@ row-parallel biases) only on TP rank 0 (``param_is_not_tensor_parallel_duplicate
 a pipeline stage's copy of a weight owned by another stage (``param.shared``, the last stage's
 copy of tied word embeddings). Data-parallel replicas hold the same (already averaged)
 gradients, so the data-parallel group takes no part. Experts (`mp.model.moe`) differ across
-the expert-parallel ranks: their squares are summed over the EP group first
-(``expert_grads``, ``expert_parallel_group``).
+the expert-parallel ranks: their squares are summed over the EP ranks at this TP rank first
+(``expert_grads``, ``expert_parallel_group``: `mp.parallel_state.get_expert_grad_norm_group`,
+the EP group itself when experts are split over TP as the layer is).
 """
 
 from __future__ import annotations
