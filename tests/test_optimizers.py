@@ -2,7 +2,8 @@
 SGD against ``torch.optim.SGD`` on the same weights and schedule, and at TP 2 x DP 2 (plain and
 distributed optimizer) against one process; Muon's matrix update against ``torch.optim.Muon``
 and a float64 formula, a GPT at TP 2 against TP 1 (duplicated and distributed modes) and, in
-blockwise mode, against a float64 update of each rank's shards; bit-exact resumes; refusals."""
+blockwise mode, against a float64 update of each rank's shards; bit-exact resumes; refusals;
+the estimator's SGD and Muon state against the bytes the built optimizer holds."""
 
 import pytest
 import torch
@@ -362,5 +363,42 @@ def _sgd_state_bytes() -> tuple[float, float]:
 def test_estimated_sgd_state_is_a_master_and_one_buffer():
     held, estimated = run_distributed(1, _sgd_state_bytes)[0]
     assert held == estimated
-    with pytest.raises(ValueError, match="optimizer='muon': the estimator counts adam and sgd"):
-        Setup(gpt_config(1, 1), optimizer="muon")
+
+
+def _muon_state_bytes(tp: int, pp: int, overrides: dict) -> dict:
+    """This rank's bf16 masters, Muon buffers and AdamW state after one step, by kind, and
+    the estimate for its stage."""
+    models, optimizer, scheduler = setup(tp, pp, seed=2, precision="bf16",
+                                         optimizer_args={"optimizer": "muon"}, **overrides)
+    train_step(models, optimizer, scheduler, 0)
+    held = {"masters": sum(m.numel() * m.element_size() for m in optimizer.main_params)}
+    for rule in optimizer.optimizer.optimizers:  # Muon's, then AdamW's
+        held[type(rule).__name__] = sum(t.numel() * t.element_size()
+                                        for state in rule.state.values() for t in state.values())
+    cfg = models[0].module.config
+    params = rank_params(cfg, ps.get_pipeline_model_parallel_rank())
+    return {"held": held, "estimated": state_bytes(Setup(cfg, optimizer="muon"), params).optimizer}
+
+
+@pytest.mark.parametrize("tp,pp,overrides", [
+    (2, 2, {}),  # LayerNorm and biases; TP 2, first and last stages
+    (1, 2, dict(activation="swiglu", normalization="RMSNorm", add_bias_linear=False,
+                untie_embeddings_and_output_weights=True)),
+    (2, 1, dict(num_moe_experts=4, moe_ffn_hidden_size=16, moe_router_topk=2,
+                moe_router_bias=True, moe_router_score_function="sigmoid",
+                moe_router_enable_expert_bias=True)),  # stacked expert biases too
+], ids=["gpt_tp2_pp2", "swiglu_rms_nobias_pp2", "moe_tp2"])
+def test_estimated_muon_state_is_a_master_one_buffer_per_matrix_and_adamw_for_the_rest(
+        tp, pp, overrides):
+    for rank in run_distributed(tp * pp, _muon_state_bytes, tp, pp, overrides):
+        held = rank["held"]
+        assert held["TensorParallelMuon"] > 0 and held["AdamW"] > 0, held
+        assert sum(held.values()) == rank["estimated"], rank
+
+
+def test_estimator_refuses_muon_with_sharded_state():
+    for sharded in ({"distributed_optimizer": True}, {"fully_sharded": True}):
+        with pytest.raises(ValueError, match="optimizer='muon' needs distributed_optimizer="):
+            Setup(gpt_config(1, 1), optimizer="muon", **sharded)
+    with pytest.raises(ValueError, match="optimizer='lion' must be one of adam, sgd, muon"):
+        Setup(gpt_config(1, 1), optimizer="lion")

@@ -18,7 +18,9 @@ Bytes per parameter, as ``mp`` keeps them (checked against the built model and o
 
 plus AdamW's ``step`` counter, a 4-byte tensor per parameter tensor. With SGD
 (``Setup.optimizer="sgd"``) one fp32 momentum buffer replaces the two moments (4 bytes, no step
-counter). That is 18 bytes per
+counter); with Muon (``"muon"``, `mp.optim.muon`) so it does for the layers' matrices
+(``RankParams.matrices``: each linear layer's weight, the router's, each expert's), and the
+rest (embeddings, output layer, norms, biases, sinks) keeps AdamW's. That is 18 bytes per
 parameter for bf16 (Megatron's figure), 16 when ``grad_reduce_in_bf16`` (Megatron's
 ``--grad-reduce-in-bf16``) keeps the gradients in bf16. fp16 costs 18 too: mp accumulates
 every precision's gradients in fp32, where Megatron's fp16 path keeps fp16 gradients and an
@@ -63,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from mp.estimate.setup import Setup
 from mp.model.config import TransformerConfig
@@ -70,6 +73,27 @@ from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
 
 FP32 = 4
 STEP_COUNTER_BYTES = FP32  # AdamW's per-tensor ``step``, a float32 scalar tensor
+MOMENTUM_BYTES = FP32  # SGD's and Muon's ``momentum_buffer`` per element
+
+
+class Count(NamedTuple):
+    """Trained parameters on one rank: elements and tensors, and of them the matrices Muon
+    updates (`mp.optim.muon.is_muon_parameter`: the layers' 2-D weights, per expert)."""
+
+    elements: int
+    tensors: int
+    matrix_elements: int = 0
+    matrices: int = 0
+
+
+def _sum(parts, times: int = 1) -> Count:
+    """``times`` the field-wise sum of the `Count`s ``parts``."""
+    return Count(*(times * sum(field) for field in zip(*parts, strict=True)))
+
+
+def _matrix(elements: int) -> Count:
+    """One weight matrix of ``elements`` elements."""
+    return Count(elements, 1, elements, 1)
 
 
 @dataclass(frozen=True)
@@ -86,51 +110,57 @@ class RankParams:
     experts: int = 0  # of ``layers`` and ``mtp``: the experts' (reduced over DP x CP / EP)
     expert_bias: int = 0  # the routers' untrained fp32 expert biases, beside ``total``
     mtp: int = 0  # multi-token prediction's depths (`mtp_params`), on the last stage
+    matrices: int = 0  # of ``layers`` and ``mtp``: the matrices' (`Count`; Muon's, when it
+    # is the optimizer: the rest, embeddings and output layer included, takes AdamW)
+    matrix_tensors: int = 0  # how many tensors hold them
 
     @property
     def total(self) -> int:
         return self.embedding + self.layers + self.final_norm + self.output_layer + self.mtp
 
 
-def norm_params(cfg: TransformerConfig, size: int | None = None) -> tuple[int, int]:
-    """(elements, tensors) of one norm ``size`` wide (default ``hidden_size``): weight and
-    bias (LayerNorm) or weight (RMSNorm)."""
+def norm_params(cfg: TransformerConfig, size: int | None = None) -> Count:
+    """`Count` of one norm ``size`` wide (default ``hidden_size``): weight and bias
+    (LayerNorm) or weight (RMSNorm), vectors."""
     n = 2 if cfg.normalization == "LayerNorm" else 1
-    return n * (cfg.hidden_size if size is None else size), n
+    return Count(n * (cfg.hidden_size if size is None else size), n)
 
 
 def _linear(cfg: TransformerConfig, in_size: int, out_size: int, shard_out: bool,
-            bias: bool = False) -> tuple[int, int]:
-    """(elements, tensors) of a column- (``shard_out``) or row-parallel linear on one rank,
+            bias: bool = False) -> Count:
+    """`Count` of a column- (``shard_out``) or row-parallel linear on one rank,
     with a bias under ``add_bias_linear`` (or ``bias``: the QKV projection's under
     ``add_qkv_bias``). A column-parallel bias is sharded with its outputs; a row-parallel one
     is replicated."""
     t = cfg.tensor_model_parallel_size
-    weight = in_size * out_size // t
+    weight = _matrix(in_size * out_size // t)
     if not (cfg.add_bias_linear or bias):
-        return weight, 1
-    return weight + (out_size // t if shard_out else out_size), 2
+        return weight
+    return _sum([weight, Count(out_size // t if shard_out else out_size, 1)])
 
 
-def _mlp(cfg: TransformerConfig, width: int) -> tuple[int, int]:
-    """(elements, tensors) of an MLP ``width`` wide on one TP rank: fc1 (and SwiGLU's gate)
+def _mlp(cfg: TransformerConfig, width: int) -> Count:
+    """`Count` of an MLP ``width`` wide on one TP rank: fc1 (and SwiGLU's gate)
     column-parallel, fc2 row-parallel."""
     h = cfg.hidden_size
     parts = [_linear(cfg, h, width, True), _linear(cfg, width, h, False)]
     if cfg.gated_linear_unit:
         parts.append(_linear(cfg, h, width, True))
-    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    return _sum(parts)
 
 
-def expert_params(cfg: TransformerConfig) -> tuple[int, int]:
-    """(elements, tensors) of the experts one rank holds in a mixture-of-experts layer:
-    ``E / EP`` MLPs ``moe_ffn_hidden_size`` wide, stacked (one tensor per weight kind)."""
-    elements, tensors = _mlp(cfg, cfg.moe_ffn_hidden_size)
-    return cfg.num_moe_experts // cfg.expert_model_parallel_size * elements, tensors
+def expert_params(cfg: TransformerConfig) -> Count:
+    """`Count` of the experts one rank holds in a mixture-of-experts layer: ``E / EP`` MLPs
+    ``moe_ffn_hidden_size`` wide, stacked (one tensor per weight kind; Muon updates each
+    expert's matrix, AdamW the stacked biases)."""
+    mlp = _mlp(cfg, cfg.moe_ffn_hidden_size)
+    experts = cfg.num_moe_experts // cfg.expert_model_parallel_size
+    return mlp._replace(elements=experts * mlp.elements,
+                        matrix_elements=experts * mlp.matrix_elements)
 
 
-def mla_input_params(cfg: TransformerConfig) -> tuple[int, int]:
-    """(elements, tensors) of multi-latent attention's input projections on one TP rank
+def mla_input_params(cfg: TransformerConfig) -> Count:
+    """`Count` of multi-latent attention's input projections on one TP rank
     (`mp.model.mla`; none has a bias): the queries' ``h -> a (dn + dr)`` column-parallel, or
     their down projection ``h -> q_lora_rank`` (whole on every rank), its norm and up
     projection ``q_lora_rank -> a (dn + dr)`` (column-parallel); the keys' and values' down
@@ -138,13 +168,14 @@ def mla_input_params(cfg: TransformerConfig) -> tuple[int, int]:
     ``c -> a (dn + dv)`` (column-parallel)."""
     h, a, t = cfg.hidden_size, cfg.num_attention_heads, cfg.tensor_model_parallel_size
     dn, dr, c = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.kv_lora_rank
-    parts = [(h * (c + dr), 1), norm_params(cfg, c), (c * a * (dn + cfg.v_head_dim) // t, 1)]
+    parts = [_matrix(h * (c + dr)), norm_params(cfg, c),
+             _matrix(c * a * (dn + cfg.v_head_dim) // t)]
     if cfg.q_lora_rank is None:
-        parts.append((h * a * (dn + dr) // t, 1))
+        parts.append(_matrix(h * a * (dn + dr) // t))
     else:
         r = cfg.q_lora_rank
-        parts += [(h * r, 1), norm_params(cfg, r), (r * a * (dn + dr) // t, 1)]
-    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+        parts += [_matrix(h * r), norm_params(cfg, r), _matrix(r * a * (dn + dr) // t)]
+    return _sum(parts)
 
 
 def mla_duplicated_params(cfg: TransformerConfig) -> int:
@@ -156,8 +187,8 @@ def mla_duplicated_params(cfg: TransformerConfig) -> int:
     return total if r is None else total + h * r + norm_params(cfg, r)[0]
 
 
-def layer_params(cfg: TransformerConfig, moe: bool = False) -> tuple[int, int]:
-    """(elements, tensors) of one transformer layer's trained parameters on one TP rank (the
+def layer_params(cfg: TransformerConfig, moe: bool = False) -> Count:
+    """`Count` of one transformer layer's trained parameters on one TP rank (the
     attention output projection maps the ``a d`` query width to ``h``, ``a dv`` under
     multi-latent attention, whose input projections are `mla_input_params`; ``qk_layernorm``
     adds two norms ``d`` wide, replicated, and learnable attention sinks one logit per head,
@@ -171,17 +202,18 @@ def layer_params(cfg: TransformerConfig, moe: bool = False) -> tuple[int, int]:
     if not moe:
         parts.append(_mlp(cfg, cfg.ffn_hidden_size))
     else:
-        router = (h + cfg.moe_router_bias) * cfg.num_moe_experts, 1 + cfg.moe_router_bias
-        parts += [router, expert_params(cfg)]  # the router (its bias with moe_router_bias)
+        parts += [_matrix(h * cfg.num_moe_experts), expert_params(cfg)]  # router [E, h]
+        if cfg.moe_router_bias:
+            parts.append(Count(cfg.num_moe_experts, 1))
         if cfg.moe_shared_expert_intermediate_size is not None:
             parts.append(_mlp(cfg, cfg.moe_shared_expert_intermediate_size))
         if cfg.moe_shared_expert_gate:  # its [1, h] gate, whole on every TP rank
-            parts.append((h, 1))
+            parts.append(_matrix(h))
     if cfg.qk_layernorm:
         parts += [norm_params(cfg, cfg.kv_channels)] * 2
     if cfg.softmax_type == "learnable":  # the core's softmax_offset
-        parts.append((cfg.num_attention_heads // cfg.tensor_model_parallel_size, 1))
-    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+        parts.append(Count(cfg.num_attention_heads // cfg.tensor_model_parallel_size, 1))
+    return _sum(parts)
 
 
 def mtp_layer_is_moe(cfg: TransformerConfig) -> bool:
@@ -189,18 +221,14 @@ def mtp_layer_is_moe(cfg: TransformerConfig) -> bool:
     return cfg.num_moe_experts is not None and cfg.is_moe_layer(cfg.num_layers - 1)
 
 
-def mtp_params(cfg: TransformerConfig) -> tuple[int, int]:
-    """(elements, tensors) of multi-token prediction's ``D`` depths on one TP rank (none
+def mtp_params(cfg: TransformerConfig) -> Count:
+    """`Count` of multi-token prediction's ``D`` depths on one TP rank (none
     without ``mtp_num_layers``): each ``enorm``, ``hnorm`` and the final norm, ``eh_proj``
     ``[h, 2h]`` whole, and a transformer layer (`layer_params`, with its experts when
     `mtp_layer_is_moe`)."""
-    depths = cfg.mtp_num_layers or 0
-    if not depths:
-        return 0, 0
-    norm, norm_tensors = norm_params(cfg)
-    layer, layer_tensors = layer_params(cfg, moe=mtp_layer_is_moe(cfg))
-    return (depths * (3 * norm + 2 * cfg.hidden_size ** 2 + layer),
-            depths * (3 * norm_tensors + 1 + layer_tensors))
+    return _sum([norm_params(cfg)] * 3 + [_matrix(2 * cfg.hidden_size ** 2),
+                                          layer_params(cfg, moe=mtp_layer_is_moe(cfg))],
+                times=cfg.mtp_num_layers or 0)
 
 
 def rank_params(cfg: TransformerConfig, pp_rank: int = 0) -> RankParams:
@@ -213,8 +241,9 @@ def rank_params(cfg: TransformerConfig, pp_rank: int = 0) -> RankParams:
     vocab_shard = cfg.padded_vocab_size // cfg.tensor_model_parallel_size * h
     layers = cfg.stage_layers(pp_rank)
     moe_layers = sum(map(cfg.is_moe_layer, layers))
-    counts = ((len(layers) - moe_layers, layer_params(cfg)),
-              (moe_layers, layer_params(cfg, moe=True) if moe_layers else (0, 0)))
+    stack = [_sum([layer_params(cfg)], len(layers) - moe_layers)]
+    if moe_layers:
+        stack.append(_sum([layer_params(cfg, moe=True)], moe_layers))
     predicts_more = last and cfg.mtp_num_layers is not None  # multi-token prediction here
     embedding = tensors = 0
     if first or predicts_more:  # the embedding, or multi-token prediction's copy of it
@@ -223,19 +252,21 @@ def rank_params(cfg: TransformerConfig, pp_rank: int = 0) -> RankParams:
             embedding, tensors = embedding + cfg.max_position_embeddings * h, 2
     final_norm, output = (0, 0)
     if last:
-        final_norm, norm_tensors = norm_params(cfg)
+        final_norm, norm_tensors = norm_params(cfg)[:2]
         tensors += norm_tensors
         if cfg.untie_embeddings_and_output_weights or not (first or predicts_more):
             output = vocab_shard
             tensors += 1
-    mtp, mtp_tensors = mtp_params(cfg) if predicts_more else (0, 0)
+    mtp = mtp_params(cfg) if predicts_more else Count(0, 0)
+    trained = _sum(stack + [mtp])  # the layers' and multi-token prediction's
     moe_layers += (cfg.mtp_num_layers if predicts_more and mtp_layer_is_moe(cfg) else 0)
     bias = cfg.num_moe_experts if cfg.moe_router_enable_expert_bias else 0
-    return RankParams(embedding=embedding, layers=sum(n * p[0] for n, p in counts),
+    return RankParams(embedding=embedding, layers=trained.elements - mtp.elements,
                       final_norm=final_norm, output_layer=output,
-                      tensors=tensors + sum(n * p[1] for n, p in counts) + mtp_tensors,
-                      experts=moe_layers * expert_params(cfg)[0] if moe_layers else 0,
-                      expert_bias=moe_layers * bias, mtp=mtp)
+                      tensors=tensors + trained.tensors,
+                      experts=moe_layers * expert_params(cfg).elements if moe_layers else 0,
+                      expert_bias=moe_layers * bias, mtp=mtp.elements,
+                      matrices=trained.matrix_elements, matrix_tensors=trained.matrices)
 
 
 def model_params(cfg: TransformerConfig) -> int:
@@ -274,13 +305,17 @@ def state_bytes(setup: Setup, params: RankParams) -> StateBytes:
         return StateBytes(weights=FP32 * (shard + params.expert_bias),  # biases whole
                           grads=FP32 * shard, optimizer=setup.moment_bytes * shard
                           + params.tensors * _step_counter_bytes(setup))
-    per_param = (0 if setup.model.precision == "fp32" else FP32) + setup.moment_bytes
+    master = 0 if setup.model.precision == "fp32" else FP32
     if setup.distributed_optimizer:
         dense = n - params.experts
-        optimizer = per_param * (dense / setup.optimizer_shard_size
-                                 + params.experts / setup.expert_optimizer_shard_size)
-    else:
-        optimizer = n * per_param + params.tensors * _step_counter_bytes(setup)
+        optimizer = (master + setup.moment_bytes) * (
+            dense / setup.optimizer_shard_size + params.experts / setup.expert_optimizer_shard_size)
+    else:  # Muon: its matrices keep one fp32 buffer and no step counter, the rest AdamW's
+        muon = setup.optimizer == "muon"
+        matrices, matrix_tensors = (params.matrices, params.matrix_tensors) if muon else (0, 0)
+        optimizer = (n * master + matrices * MOMENTUM_BYTES
+                     + (n - matrices) * setup.moment_bytes
+                     + (params.tensors - matrix_tensors) * _step_counter_bytes(setup))
     return StateBytes(weights=n * setup.activation_bytes + FP32 * params.expert_bias,
                       grads=n * setup.grad_bytes, optimizer=optimizer)
 

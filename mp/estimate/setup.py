@@ -17,6 +17,7 @@ from mp.instance_layout import check_instances
 STATE_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 from mp.model.config import TransformerConfig
 from mp.model.pipeline_split import uneven_stages_text
+from mp.optim.update_rules import OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,10 @@ class Setup:
             instances``; N divides DP x CP and the experts' EDP).
         exp_avg_dtype, exp_avg_sq_dtype: the AdamW moments' storage dtypes, fp32, bf16 or
             fp16 (Megatron's precision-aware optimizer, `mp.optim.PrecisionAwareAdamW`).
-        optimizer: the update rule, ``adam`` (two moments per parameter) or ``sgd`` (one
-            fp32 momentum buffer, no step counter); ``muon`` is refused: the estimator does
-            not split the parameters into Muon's matrices and AdamW's rest.
+        optimizer: the update rule, ``adam`` (two moments per parameter), ``sgd`` (one
+            fp32 momentum buffer, no step counter) or ``muon`` (SGD's buffer for the layers'
+            matrices, AdamW's state for the rest; without the distributed optimizer and
+            FSDP, as Megatron's rule).
         fully_sharded: FSDP2 (Megatron's ``--use-torch-fsdp2``, `mp.distributed.torch_fsdp2`):
             weights, gradients and optimizer state sharded over DP x CP, the weights gathered
             for each forward; ``reshard_after_forward`` gathers them again for each backward.
@@ -69,9 +71,13 @@ class Setup:
                              f"expert_model_parallel_size=1 and no fp16; got "
                              f"{self.distributed_optimizer}, {self.ep} and "
                              f"{self.model.precision!r}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer={self.optimizer!r}: the estimator counts adam and sgd "
-                             "state only (Muon's split of matrices and the rest is not counted)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} must be one of "
+                             f"{', '.join(OPTIMIZERS)}")
+        if self.optimizer == "muon" and (self.distributed_optimizer or self.fully_sharded):
+            raise ValueError(f"optimizer='muon' needs distributed_optimizer=False and "
+                             f"fully_sharded=False (Muon orthogonalizes whole matrices); got "
+                             f"{self.distributed_optimizer} and {self.fully_sharded}")
         for name in ("exp_avg_dtype", "exp_avg_sq_dtype"):
             if getattr(self, name) not in STATE_DTYPE_BYTES:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of "
@@ -185,8 +191,8 @@ class Setup:
 
     @property
     def moment_bytes(self) -> int:
-        """Bytes per element of AdamW's two moments together: 8 in fp32, 4 in bf16/fp16; SGD's
-        fp32 momentum buffer: 4."""
+        """Bytes per element of AdamW's two moments together: 8 in fp32, 4 in bf16/fp16 (with
+        Muon: for the parameters AdamW updates); SGD's fp32 momentum buffer: 4."""
         if self.optimizer == "sgd":
             return 4
         return STATE_DTYPE_BYTES[self.exp_avg_dtype] + STATE_DTYPE_BYTES[self.exp_avg_sq_dtype]
