@@ -83,6 +83,20 @@ def test_bubble_and_step_time_parts():
     assert est.step.total > est.step.compute > 0
 
 
+def test_muon_steps_with_one_buffer_per_matrix_element():
+    """The optimizer step's HBM traffic: Muon reads and writes one fp32 momentum per matrix
+    element where AdamW moves two moments, 8 bytes less each; the vectors move as AdamW's."""
+    from mp.estimate import rank_params
+
+    cfg = _config(32, 4096, 32)
+    gpu = gpu_spec("h100")
+    adam, muon = (estimate(Setup(cfg, num_microbatches=8, optimizer=kind), gpu).step.optimizer
+                  for kind in ("adam", "muon"))
+    matrices = rank_params(cfg).matrices
+    assert 0 < matrices < rank_params(cfg).total
+    assert adam - muon == pytest.approx(8 * matrices / (gpu.hbm_gbps * 1e9), rel=1e-12)
+
+
 def test_context_parallel_ranks_share_the_compute():
     """The same global batch on the same 8 GPUs, as DP 8 or as CP 4 x DP 2 (each micro-batch
     split over 4 ranks, 4 times as many per rank): the same model FLOPs and compute time; CP

@@ -19,7 +19,10 @@ The model is deliberately simple, and each part is printed so that it can be arg
 - **optimizer step**: bound by HBM bandwidth: AdamW reads and writes the fp32 master and
   both moments, reads the fp32 gradient and writes the parameter: ``28 + e`` bytes per
   parameter, ``20 + e`` with bf16 or fp16 moments (the state part divided by DP x CP with
-  the distributed optimizer, by DP x CP / EP for the experts').
+  the distributed optimizer, by DP x CP / EP for the experts'). SGD's one momentum buffer
+  and Muon's, for the matrices it updates (`RankParams.matrices`), count 4 bytes where the
+  moments count theirs; Muon's Newton-Schulz matrix products are left out (a few per matrix
+  and step: small beside the micro-batches' compute).
 
 The step time is their sum; throughput is ``global batch x s`` tokens over it, and MFU the
 model FLOPs (no recompute) over ``step time x GPUs x peak``.
@@ -121,7 +124,9 @@ def _optimizer_seconds(setup: Setup, gpu: GPUSpec) -> float:
         if setup.distributed_optimizer:
             state = ((params.total - params.experts) / setup.optimizer_shard_size
                      + params.experts / setup.expert_optimizer_shard_size)
+        momentum_only = params.matrices if setup.optimizer == "muon" else 0  # Muon's buffer
         return (state * 2 * (FP32 + setup.moment_bytes)  # read and write master and moments
+                - momentum_only * 2 * (setup.moment_bytes - FP32)
                 + params.total * (ADAM_GRAD_TRAFFIC + activation_bytes(setup.model)))
     busiest = max(traffic(rank_params(setup.model, r)) for r in range(setup.pp))
     return busiest / (gpu.hbm_gbps * 1e9)
