@@ -354,6 +354,19 @@ def test_no_position_embedding(flags, expected):
         == expected
 
 
+def test_position_embedding_type_yarn_is_rope_with_yarn_frequencies():
+    """Megatron-Core's GPTModel takes ``position_embedding_type='yarn'`` (YaRN's rotary
+    embedding), which mp spells ``rope`` + ``rope_type yarn``."""
+    model = parse_args(["--config", TINY, "--position-embedding-type", "yarn",
+                        "--rotary-scaling-factor", "4",
+                        "--yarn-original-max-position-embeddings", "64"], world_size=4).model
+    assert (model.position_embedding_type, model.rope_type) == ("rope", "yarn")
+    assert model.yarn_arguments["factor"] == 4.0
+    model = parse_args(["--config", TINY, "--position-embedding-type", "rope"],
+                       world_size=4).model
+    assert (model.position_embedding_type, model.rope_type) == ("rope", "rope")
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_ddp_bucket_size_counts_elements(bf16):
     """Megatron's ``--ddp-bucket-size`` is gradient elements per bucket; the job's buckets hold

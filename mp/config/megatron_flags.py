@@ -115,6 +115,13 @@ MEGATRON_VALUES: dict[str, dict[str, str]] = {
     "--attention-backend": {"auto": "sdpa", "flash": "sdpa", "fused": "sdpa",
                             "local": "unfused"},
     "--cp-comm-type": {"allgather": "all_gather"},
+    "--position-embedding-type": {"yarn": "rope"},
+}
+
+#: Megatron-LM flag values that set a second key too -> (key, value): the position embedding
+#: ``yarn`` of Megatron-Core's GPTModel is mp's RoPE with YaRN's frequencies.
+IMPLIED_VALUES: dict[tuple[str, str], tuple[str, str]] = {
+    ("--position-embedding-type", "yarn"): ("model.rope_type", "yarn"),
 }
 
 #: Megatron-LM flags that take a list where mp's key takes one value -> what mp takes (more

@@ -27,10 +27,12 @@ Syntax, applied left to right (a later override of the same key wins):
 - ``--attention-backend`` also takes Megatron's values (`MEGATRON_VALUES`): ``auto``,
   ``flash`` and ``fused`` are ``sdpa`` (PyTorch picks the flash or cuDNN kernel), ``local``
   (matmul, fused softmax, matmul) is ``unfused``.
-  ``--cp-comm-type allgather`` is ``all_gather``. Megatron flags that take a list where mp
-  takes one value (`ONE_VALUE_FLAGS`: ``--cp-comm-type`` per layer,
-  ``--moe-router-load-balancing-type`` and ``--moe-aux-loss-coeff`` per loss) are errors
-  with more than one value, saying what mp takes.
+  ``--cp-comm-type allgather`` is ``all_gather``; ``--position-embedding-type yarn``
+  (Megatron-Core's GPTModel) is ``rope`` with ``model.rope_type yarn`` (`IMPLIED_VALUES`).
+  Megatron flags that take a list where mp takes one value (`ONE_VALUE_FLAGS`:
+  ``--cp-comm-type`` per layer, ``--moe-router-load-balancing-type`` and
+  ``--moe-aux-loss-coeff`` per loss) are errors with more than one value, saying what mp
+  takes.
 - ``--group-query-attention`` turns on grouped-query attention as in Megatron, where
   ``--num-query-groups`` then defaults to 1 (multi-query attention): it sets
   ``model.num_query_groups`` to 1 unless the config or the command line gives a count.
@@ -63,6 +65,7 @@ from mp.config.megatron_flags import (
     CONSTANT_FLAGS,
     DEFERRED_FLAGS,
     GROUP_QUERY_FLAG,
+    IMPLIED_VALUES,
     MEGATRON_VALUES,
     NO_EFFECT_FLAGS,
     NO_POSITION_EMBEDDING_FLAG,
@@ -106,6 +109,8 @@ def apply_overrides(sections: dict, args: Sequence[str]) -> None:
             _set(sections, option.key, values[0] if len(values) == 1 else values)
         elif values:
             _set(sections, option.key, MEGATRON_VALUES.get(name, {}).get(values[0], values[0]))
+            if (name, values[0]) in IMPLIED_VALUES:
+                _set(sections, *IMPLIED_VALUES[name, values[0]])
         else:
             _set(sections, option.key, "true")
     for name, (accepted, why) in CHOICE_FLAGS.items():
