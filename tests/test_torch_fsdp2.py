@@ -46,7 +46,8 @@ STEPS = 3
 
 def fsdp_setup(tp: int, pp: int, precision: str = "fp32", *, reshard: bool = True,
                clip_grad: float = 0.5, vpp: int | None = None, cp: int = 1,
-               calculate_per_token_loss: bool = False, **overrides):
+               calculate_per_token_loss: bool = False, optimizer_args: dict | None = None,
+               **overrides):
     """`gpt_runs.setup`'s model, optimizer and schedule (same arguments), the chunks wrapped
     in FSDP2."""
     ps.initialize_model_parallel(tp, pp, vpp, context_parallel_size=cp)
@@ -57,7 +58,7 @@ def fsdp_setup(tp: int, pp: int, precision: str = "fp32", *, reshard: bool = Tru
                                             calculate_per_token_loss=calculate_per_token_loss)
               for chunk in build_gpt_chunks(config)]
     optimizer = get_megatron_optimizer(models, lr=LR, weight_decay=0.1, clip_grad=clip_grad,
-                                       adam_eps=EPS)
+                                       adam_eps=EPS, **(optimizer_args or {}))
     scheduler = OptimizerParamScheduler(optimizer, max_lr=LR, min_lr=LR / 10,
                                         lr_warmup_steps=2, lr_decay_steps=20)
     return models, optimizer, scheduler
@@ -86,7 +87,8 @@ def _whole(models, optimizer=None) -> dict[str, torch.Tensor]:
 
 def _config(tp: int, pp: int, precision: str, args: dict):
     """The model `fsdp_setup` (and `gpt_runs.setup`) builds from ``args``."""
-    fields = {k: v for k, v in args.items() if k not in ("cp", "vpp", "calculate_per_token_loss")}
+    fields = {k: v for k, v in args.items()
+              if k not in ("cp", "vpp", "calculate_per_token_loss", "optimizer_args")}
     return gpt_config(tp, pp, precision, context_parallel_size=args.get("cp", 1),
                       virtual_pipeline_model_parallel_size=args.get("vpp"), **fields)
 
@@ -134,18 +136,23 @@ MOE = {"num_moe_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 32,
        "moe_aux_loss_coeff": 0.1}
 RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform",
              "recompute_num_layers": 1}
+SELECTIVE = {"sequence_parallel": True, "recompute_granularity": "selective",
+             "recompute_modules": ["core_attn", "mlp", "layernorm"]}
+SGD = {"optimizer_args": {"optimizer": "sgd", "sgd_momentum": 0.8}}
 
 
 # TP2 adds sequence parallelism; PP2 splits the tied embedding over the stages; CP2 shards
 # over DP x CP (4 ranks), with the per-token loss on masked batches; the mixture of experts
 # keeps its router's expert bias whole on every rank; full recompute reruns each layer's
-# forward (and its gathers) in backward, under 1F1B
+# forward (and its gathers) in backward, under 1F1B; selective recompute reruns modules
+# inside the sharded layer; SGD keeps one momentum per element of the shards
 @pytest.mark.parametrize("tp,pp,precision,args", [
     (1, 1, "fp32", {}), (1, 1, "bf16", {}), (2, 1, "fp32", {"sequence_parallel": True}),
     (1, 2, "fp32", {}), (1, 1, "fp32", {"cp": 2, "calculate_per_token_loss": True}),
-    (1, 1, "fp32", MOE), (1, 2, "fp32", RECOMPUTE)],
+    (1, 1, "fp32", MOE), (1, 2, "fp32", RECOMPUTE), (2, 1, "fp32", SELECTIVE),
+    (1, 1, "fp32", SGD)],
     ids=["DP2", "DP2-bf16", "TP2xDP2-SP", "PP2xDP2-tied", "CP2xDP2-per-token", "DP2-MoE",
-         "PP2xDP2-recompute"])
+         "PP2xDP2-recompute", "TP2xDP2-selective", "DP2-SGD"])
 def test_matches_ddp(tp, pp, precision, args):
     cp = args.get("cp", 1)
     runs = run_distributed(2 * tp * pp * cp, _train_both, tp, pp, precision, args)
@@ -169,7 +176,9 @@ def test_matches_ddp(tp, pp, precision, args):
         # untrained parameters (the expert biases) stay whole, not DTensors
         assert all(run["untrained"]) and len(run["untrained"]) == (4 if args is MOE else 0)
         cfg = _config(tp, pp, precision, args)
-        estimate = state_bytes(Setup(cfg, data_parallel_size=2, fully_sharded=True),
+        optimizer = args.get("optimizer_args", {}).get("optimizer", "adam")
+        estimate = state_bytes(Setup(cfg, data_parallel_size=2, fully_sharded=True,
+                                     optimizer=optimizer),
                                rank_params(cfg, run["pp_rank"]))
         assert run["state"] == (estimate.weights, estimate.grads, estimate.optimizer)
 
