@@ -54,7 +54,7 @@ _MEGATRON_NAMES = {
         "overlap_param_gather", "overlap_grad_reduce", "deepspeed", "deepspeed_config",
         "use_torch_fsdp2",
         "eval_interval", "eval_iters", "save", "load", "finetune", "use_checkpoint_args",
-        "use_mp_args_from_checkpoint_args", "pretrained_checkpoint",
+        "use_mp_args_from_checkpoint_args", "pretrained_checkpoint", "moe_use_upcycling",
         "no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng",
         "exit_on_missing_checkpoint", "skip_train", "ckpt_step", "async_save",
         "save_interval", "exit_interval", "exit_duration_in_mins", "exit_signal_handler",

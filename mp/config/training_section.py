@@ -24,14 +24,15 @@ _NOT_WITH_DEEPSPEED = {
                     "mp's own data parallelism and optimizer implement it"),
     **dict.fromkeys(("no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng",
                      "ckpt_step", "async_save", "non_persistent_ckpt_type",
-                     "pretrained_checkpoint"),
+                     "pretrained_checkpoint", "moe_use_upcycling"),
                     "a DeepSpeed job saves and resumes DeepSpeed's checkpoints whole"),
 }
 
 #: Training keys that need ``load`` -> what it is to them.
 _NEEDS_LOAD = {"finetune": "the checkpoint whose weights the run starts from",
                "exit_on_missing_checkpoint": "the directory that must hold a checkpoint",
-               "use_mp_args_from_checkpoint_args": "the checkpoint whose layout the run takes"}
+               "use_mp_args_from_checkpoint_args": "the checkpoint whose layout the run takes",
+               "moe_use_upcycling": "the dense checkpoint the experts start from"}
 #: Of those, the keys that ``pretrained_checkpoint`` serves as well as ``load``.
 _OR_PRETRAINED = ("finetune",)
 
@@ -135,6 +136,8 @@ class TrainingConfig(OptimizerFields):
     # virtual PP and EP sizes too, over the command line's (Megatron's; mp.config.loader)
     pretrained_checkpoint: str | None = None  # weights to fine-tune from when load holds no
     # checkpoint (Megatron's --pretrained-checkpoint; mp.checkpointing.job)
+    moe_use_upcycling: bool = False  # start the experts from load's dense checkpoint, written
+    # upcycled into save first (Megatron's --moe-use-upcycling; mp.checkpointing.upcycling)
     ckpt_step: int | None = None  # load this iteration of load, not its newest (Megatron's
     # --ckpt-step)
     async_save: bool = False  # write checkpoints in the background while training goes on

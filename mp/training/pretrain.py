@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from mp import parallel_state
 from mp.checkpointing import job as checkpoint_job
+from mp.checkpointing.upcycling import check_upcycling, upcycled_start
 from mp.config import JobConfig, TrainingConfig, resolve_world_size
 from mp.device import get_device
 from mp.distributed import DistributedDataParallel
@@ -145,6 +146,7 @@ def check_supported(cfg: JobConfig, world_size: int | None = None) -> None:
     ``torch.distributed`` starts: torchrun's or the MPI launcher's)."""
     tr = cfg.training
     checkpoint_job.check_checkpoint_exists(cfg)
+    check_upcycling(cfg)
     if cfg.logging.log_progress and tr.save is None:
         raise ValueError("logging.log_progress=true writes progress.txt into training.save, "
                          "which is not set: add --save DIR (Megatron logs nothing then)")
@@ -188,7 +190,9 @@ def _pretrain(cfg: JobConfig, forward_step_func: Callable,
               exit_conditions: ExitConditions, start_time: float) -> TrainState:
     progress = None if not cfg.logging.log_progress else ProgressLog(
         cfg, dist.get_world_size(), start_time, enabled=dist.get_rank() == 0)
-    start = checkpoint_job.start_point(cfg)  # first: a checkpoint the flags refuse stops here
+    # first: a checkpoint the flags refuse stops here
+    start = upcycled_start(cfg) if cfg.training.moe_use_upcycling else \
+        checkpoint_job.start_point(cfg)
     if progress is not None:
         progress.started_from(start.consumed_train_samples)
     set_random_seed(cfg.training.seed)
