@@ -14,7 +14,7 @@ from harness import run_distributed
 from test_data_gpt_dataset import EOD, make_dataset
 
 from mp import parallel_state as ps
-from mp.config import ConfigError, load_config
+from mp.config import ConfigError, JobConfig, load_config
 from mp.data.blended_dataset import BlendedDataset
 from mp.data.dataset_builder import build_gpt_datasets
 from mp.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
@@ -166,3 +166,34 @@ def test_the_job_reads_each_split_from_its_files(files, tmp_path):
         for got, dataset in zip(got_splits, datasets):
             want = torch.stack([dataset[i]["tokens"] for i in (2 * rank, 2 * rank + 1)])
             assert torch.equal(got, want), rank
+
+
+def test_data_paths_from_files(tmp_path):
+    """Megatron's ``--data-args-path`` (whitespace-separated ``--data-path`` words) and
+    ``--per-split-data-args-path`` (JSON of the three splits, lists or strings); the resolved
+    config holds the paths, and rebuilds from its own dict."""
+    blend = tmp_path / "blend.txt"
+    blend.write_text("0.3 a\n0.7\tb\n")
+    cfg = load_config(TINY, ["--data-args-path", str(blend)], world_size=4)
+    assert (cfg.data.data_path, cfg.data.data_args_path) == (["0.3", "a", "0.7", "b"], None)
+    assert JobConfig.from_dict(cfg.to_dict()).data == cfg.data
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": "0.5 a 0.5 b", "valid": ["c"]}))
+    data = load_config(TINY, ["--per-split-data-args-path", str(splits)], world_size=4).data
+    assert (data.train_data_path, data.valid_data_path, data.test_data_path, data.data_path) \
+        == (["0.5", "a", "0.5", "b"], ["c"], None, None)
+    bad_json, unknown = tmp_path / "bad.json", tmp_path / "unknown.json"
+    bad_json.write_text("{train: a}")
+    unknown.write_text(json.dumps({"training": ["a"]}))
+    for flags, message in [
+            (["--data-args-path", str(blend), "--data-path", "c"],
+             "data.data_args_path=.* and data.data_path both give the data"),
+            (["--data-args-path", str(tmp_path / "none.txt")],
+             "data.data_args_path=.*none.txt': No such file"),
+            (["--per-split-data-args-path", str(bad_json)], "bad.json' is not JSON"),
+            (["--per-split-data-args-path", str(unknown)],
+             r"must hold an object with keys among \['train', 'valid', 'test'\]"),
+            (["--per-split-data-args-path", str(splits), "--train-data-path", "t"],
+             "and data.train/valid/test_data_path both give the data")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(TINY, flags, world_size=4)

@@ -10,6 +10,7 @@ the world size, are `JobConfig.validate`'s.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -35,7 +36,12 @@ class DataConfig(Section):
     (the default). ``split`` gives train/valid/test proportions of each dataset's documents
     (default `DEFAULT_SPLIT`). Instead, as in Megatron, ``train_data_path``, ``valid_data_path``
     and ``test_data_path`` (lists of the same form; valid and test optional) give each split
-    whole datasets of its own, with neither ``data_path`` nor ``split``. ``tokenizer_type``
+    whole datasets of its own, with neither ``data_path`` nor ``split``. Megatron's
+    ``data_args_path`` names a file whose whitespace-separated words are ``data_path`` (a
+    blend too long for a command line), ``per_split_data_args_path`` a JSON file
+    ``{"train": ..., "valid": ..., "test": ...}`` of the three (each a list, or a string of
+    words; valid and test optional): both are read here, and the resolved config holds the
+    paths they gave, not the file. ``tokenizer_type``
     and its files are `mp.data.tokenizer.build_tokenizer`'s arguments. ``data_cache_path`` holds
     the index caches (``None``: beside the data). ``eod_mask_loss`` leaves end-of-document
     tokens out of the loss. ``mock_data`` (Megatron's ``--mock-data``) trains on random tokens
@@ -74,8 +80,11 @@ class DataConfig(Section):
     data_sharding: bool = True  # cyclic: each DP rank shuffles its own shard (--no-data-sharding)
     full_validation: bool = False  # each validation covers the validation split whole, once
     multiple_validation_sets: bool = False  # each valid_data_path dataset evaluated on its own
+    data_args_path: str | None = None  # read into data_path (Megatron's --data-args-path)
+    per_split_data_args_path: str | None = None  # JSON read into the three *_data_path
 
     def __post_init__(self) -> None:
+        self._read_data_args()
         per_split = self.per_split_data_path
         if per_split is None:
             self.data_path = [BUILTIN_DATA_PATH] if self.data_path is None else self.data_path
@@ -117,12 +126,51 @@ class DataConfig(Section):
             raise ConfigError("data.reset_position_ids / reset_attention_mask need documents; "
                               "data.mock_data=true has none")
 
+    def _read_data_args(self) -> None:
+        """Replace ``data_args_path`` and ``per_split_data_args_path`` by the paths their
+        files hold (class doc)."""
+        if self.data_args_path is not None:
+            if self.data_path is not None:
+                raise ConfigError(f"data.data_args_path={self.data_args_path!r} and data."
+                                  "data_path both give the data: keep one")
+            self.data_path = _read(self.data_args_path, "data_args_path").split()
+            self.data_args_path = None
+        if self.per_split_data_args_path is not None:
+            path, self.per_split_data_args_path = self.per_split_data_args_path, None
+            if self.per_split_data_path is not None:
+                raise ConfigError(f"data.per_split_data_args_path={path!r} and data."
+                                  "train/valid/test_data_path both give the data: keep one")
+            try:
+                splits = json.loads(_read(path, "per_split_data_args_path"))
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"data.per_split_data_args_path={path!r} is not JSON: "
+                                  f"{error}") from None
+            if not isinstance(splits, dict) or not set(splits) <= set(SPLIT_NAMES):
+                raise ConfigError(f"data.per_split_data_args_path={path!r} must hold an "
+                                  f"object with keys among {list(SPLIT_NAMES)}")
+            for split, paths in splits.items():
+                if not (isinstance(paths, str) or isinstance(paths, list)
+                        and all(isinstance(p, str | int | float) for p in paths)):
+                    raise ConfigError(f"data.per_split_data_args_path={path!r}: {split!r} "
+                                      "must be a list of paths (and weights) or a string")
+                setattr(self, f"{split}_data_path",
+                        paths.split() if isinstance(paths, str) else [str(p) for p in paths])
+
     @property
     def per_split_data_path(self) -> list[list[str] | None] | None:
         """``[train, valid, test]`` data paths when any is set (each split then has its own
         datasets), else None."""
         paths = [getattr(self, f"{split}_data_path") for split in SPLIT_NAMES]
         return None if paths == [None] * len(paths) else paths
+
+
+def _read(path: str, key: str) -> str:
+    """The text of the file ``data.key`` names (ConfigError when it cannot be read)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except OSError as error:
+        raise ConfigError(f"data.{key}={path!r}: {error.strerror}") from None
 
 
 @dataclass
