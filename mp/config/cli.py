@@ -12,14 +12,8 @@ from collections.abc import Sequence
 from mp.config.coerce import ConfigError, describe, field_annotations
 from mp.config.job import SECTIONS, JobConfig
 from mp.config.loader import load_config
-from mp.config.megatron_flags import (
-    ALIASES,
-    CHOICE_FLAGS,
-    CONSTANT_FLAGS,
-    DEFERRED_FLAGS,
-    MEGATRON_VALUES,
-    NO_EFFECT_FLAGS,
-)
+from mp.config.megatron_flags import ALIASES, CONSTANT_FLAGS, DEFERRED_FLAGS, MEGATRON_VALUES
+from mp.config.megatron_notices import CHOICE_FLAGS, NO_EFFECT_FLAGS
 from mp.config.overrides import no_effect_notices
 
 CONFIG_FLAG = "--config"
@@ -53,7 +47,7 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
 
 def flag_notices(argv: Sequence[str]) -> list[str]:
     """The notices a job prints for the flags of ``argv`` (a command line that `parse_args`
-    took) that change nothing in mp (`mp.config.megatron_flags.NO_EFFECT_FLAGS`)."""
+    took) that change nothing in mp (`mp.config.megatron_notices.NO_EFFECT_FLAGS`)."""
     return no_effect_notices(_split_config_flag(list(argv))[1])
 
 

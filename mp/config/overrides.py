@@ -1,5 +1,6 @@
 """Command-line overrides of a config: ``--section.key VALUE`` for any key, and Megatron-LM's
-common flags as aliases (their tables: `mp.config.megatron_flags`).
+common flags as aliases (their tables: `mp.config.megatron_flags`; the flags accepted without
+effect or refused: `mp.config.megatron_notices`).
 
 Syntax, applied left to right (a later override of the same key wins):
 
@@ -61,18 +62,20 @@ from mp.config.job import SECTIONS, known_keys
 from mp.config.megatron_flags import (
     ALIASES,
     BUCKET_SIZE_FLAG,
-    CHOICE_FLAGS,
     CONSTANT_FLAGS,
     DEFERRED_FLAGS,
     GROUP_QUERY_FLAG,
     IMPLIED_VALUES,
     MEGATRON_VALUES,
-    NO_EFFECT_FLAGS,
     NO_POSITION_EMBEDDING_FLAG,
     ONE_VALUE_FLAGS,
+    VIRTUAL_STAGE_FLAG,
+)
+from mp.config.megatron_notices import (
+    CHOICE_FLAGS,
+    NO_EFFECT_FLAGS,
     UNSUPPORTED_FLAGS,
     UNSUPPORTED_PREFIXES,
-    VIRTUAL_STAGE_FLAG,
 )
 from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
 
