@@ -1,8 +1,9 @@
 """``TransformerConfig``: the shape of a GPT and how it is split and computed.
 
 Field names follow Megatron-Core's ``TransformerConfig`` / ``ModelParallelConfig`` so ported
-code and configs read the same. Everything is checked in ``__post_init__``, before any process
-group exists, with messages that name the value and the rule.
+code and configs read the same. ``__post_init__`` fills the sizes left to their defaults and
+checks everything, before any process group exists, with messages that name the value and
+the rule (`mp.model.config_check`).
 """
 
 from __future__ import annotations
@@ -12,26 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mp.model.config_rules import (
-    check_fp32_residual_connection,
-    check_glu_and_softmax_type,
-    check_mla,
-    check_moe,
-    check_mtp,
-    check_qk_l2_norm_and_no_rope,
-    check_recompute_modules,
-    check_rope,
-    check_window,
-    check_yarn,
-    divisible,
-    one_of,
-    positive_int,
-)
+from mp.model.config_check import PRECISIONS, complete_and_check
 from mp.model.layer_pattern import moe_layer_pattern
-from mp.model.parallel_rules import check_parallel_layout, interleaved_microbatches_rule
+from mp.model.parallel_rules import interleaved_microbatches_rule
 from mp.model.pipeline_split import chunk_layer_counts, chunk_layer_range
-
-_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -212,75 +197,7 @@ class TransformerConfig:
     # (Megatron's --fp32-residual-connection)
 
     def __post_init__(self):
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
-                     "seq_length", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
-                     "pipeline_model_parallel_size", "context_parallel_size"):
-            positive_int(name, getattr(self, name))
-        if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = (_swiglu_ffn(self.hidden_size) if self.activation == "swiglu"
-                                    else 4 * self.hidden_size)
-        if self.max_position_embeddings is None:
-            self.max_position_embeddings = self.seq_length
-        if self.num_query_groups is None:
-            self.num_query_groups = self.num_attention_heads
-        positive_int("num_query_groups", self.num_query_groups)
-        if self.kv_channels is None and self.multi_latent_attention:  # a query head's width
-            self.kv_channels = self.qk_head_dim + self.qk_pos_emb_head_dim
-        if self.kv_channels is None:
-            divisible("hidden_size", self.hidden_size, "num_attention_heads",
-                      self.num_attention_heads)
-            self.kv_channels = self.hidden_size // self.num_attention_heads
-        positive_int("kv_channels", self.kv_channels)
-        positive_int("ffn_hidden_size", self.ffn_hidden_size)
-        one_of("normalization", self.normalization, ("LayerNorm", "RMSNorm"))
-        one_of("normalization_impl", self.normalization_impl, ("mp", "apex"))
-        one_of("activation", self.activation,
-               ("gelu", "gelu_tanh", "swiglu", "squared_relu", "quick_geglu"))
-        one_of("position_embedding_type", self.position_embedding_type,
-               ("learned_absolute", "rope", "none"))
-        one_of("attention_backend", self.attention_backend, ("sdpa", "unfused"))
-        one_of("precision", self.precision, tuple(_PRECISIONS))
-        one_of("recompute_granularity", self.recompute_granularity, (None, "full", "selective"))
-        for name in ("hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
-        tp = self.tensor_model_parallel_size
-        divisible("num_attention_heads", self.num_attention_heads,
-                  "tensor_model_parallel_size", tp)
-        divisible("num_attention_heads", self.num_attention_heads, "num_query_groups",
-                  self.num_query_groups)
-        divisible("num_query_groups", self.num_query_groups, "tensor_model_parallel_size", tp)
-        divisible("ffn_hidden_size", self.ffn_hidden_size, "tensor_model_parallel_size", tp)
-        check_rope(self)
-        std = self.embedding_init_method_std
-        if std is not None and not std > 0:
-            raise ValueError(f"embedding_init_method_std={std} must be > 0 (or None: "
-                             "init_method_std's)")
-        if self.seq_length > self.max_position_embeddings:
-            raise ValueError(f"seq_length={self.seq_length} exceeds "
-                             f"max_position_embeddings={self.max_position_embeddings}")
-        check_moe(self)
-        check_mla(self)
-        check_yarn(self)
-        check_mtp(self)
-        check_window(self)
-        check_qk_l2_norm_and_no_rope(self)
-        check_glu_and_softmax_type(self)
-        check_fp32_residual_connection(self)
-        check_parallel_layout(self)
-        largest_chunk = max(max(stage) for stage in self.chunk_layer_counts)
-        if self.recompute_granularity == "full":
-            one_of("recompute_method", self.recompute_method, ("uniform", "block"))
-            if self.recompute_num_layers is None:
-                self.recompute_num_layers = 1
-            positive_int("recompute_num_layers", self.recompute_num_layers)
-            if self.recompute_num_layers > largest_chunk:
-                raise ValueError(f"recompute_num_layers={self.recompute_num_layers} exceeds the "
-                                 f"{largest_chunk} layers of the largest pipeline chunk")
-        elif self.recompute_method is not None:
-            raise ValueError(f"recompute_method={self.recompute_method!r} needs "
-                             "recompute_granularity='full'")
-        check_recompute_modules(self)
+        complete_and_check(self)
 
     def recomputes(self, module: str) -> bool:
         """Whether selective recompute covers ``module`` (one of `RECOMPUTE_MODULES`)."""
@@ -412,7 +329,7 @@ class TransformerConfig:
 
     @property
     def params_dtype(self) -> torch.dtype:
-        return _PRECISIONS[self.precision]
+        return PRECISIONS[self.precision]
 
 
 def yarn_mscale(config: TransformerConfig, mscale: float) -> float:
@@ -421,9 +338,3 @@ def yarn_mscale(config: TransformerConfig, mscale: float) -> float:
     if config.rope_type != "yarn" or factor <= 1:
         return 1.0
     return 0.1 * mscale * math.log(factor) + 1.0
-
-
-def _swiglu_ffn(hidden: int) -> int:
-    """8h/3 (about the parameters of a 4h GeLU MLP) rounded up to a multiple of 64; it does not
-    depend on the TP size, so a model is the same model at every layout."""
-    return math.ceil(8 * hidden / 3 / 64) * 64
