@@ -50,14 +50,16 @@ def initialize_distributed(backend: str | None = None, timeout_minutes: float = 
 
 def initialize_model_parallel_of(cfg: JobConfig) -> None:
     """`mp.parallel_state.initialize_model_parallel` with job ``cfg``'s sizes: tensor,
-    pipeline (and virtual), context and expert parallelism, the distributed optimizer's
-    instances, and the collectives' timeout (``training.distributed_timeout_minutes``)."""
+    pipeline (and virtual), context (and its hierarchical levels) and expert parallelism, the
+    distributed optimizer's instances, and the collectives' timeout
+    (``training.distributed_timeout_minutes``)."""
     from mp import parallel_state
 
     m, tr = cfg.model, cfg.training
     parallel_state.initialize_model_parallel(
         m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
         m.virtual_pipeline_model_parallel_size, context_parallel_size=m.context_parallel_size,
+        hierarchical_context_parallel_sizes=m.hierarchical_context_parallel_sizes,
         expert_model_parallel_size=m.expert_model_parallel_size,
         expert_tensor_parallel_size=m.expert_tensor_parallel_size,
         distributed_timeout_minutes=tr.distributed_timeout_minutes,

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -62,12 +62,16 @@ class Groups:
     intra_instance_ranks: list[int]
     virtual_pipeline_world_size: int | None
     virtual_pipeline_rank: int | None
+    # a group per level of the hierarchical CP sizes (``[a2a, p2p]``); none without them
+    hierarchical_context: list[dist.ProcessGroup] = field(default_factory=list)
+    hierarchical_context_ranks: list[list[int]] = field(default_factory=list)
 
     def process_groups(self) -> list[dist.ProcessGroup]:
         """The groups created for this rank (not None, not the world)."""
-        return [value for f in fields(self)
-                if isinstance(value := getattr(self, f.name), dist.ProcessGroup)
-                and value is not dist.group.WORLD]
+        values = [getattr(self, f.name) for f in fields(self)]
+        return [group for value in values for group in
+                (value if isinstance(value, list) else [value])
+                if isinstance(group, dist.ProcessGroup) and group is not dist.group.WORLD]
 
 
 def create_groups(layout: RankLayout, instances: InstanceLayout, backend: str | None,
@@ -87,11 +91,15 @@ def create_groups(layout: RankLayout, instances: InstanceLayout, backend: str | 
         else:
             mine[kind] = _create(getattr(layout, kind), me, backend, timeout)
     made = _instance_groups(instances, mine, me, backend, timeout)
+    levels = [mine["context"] if level == layout.context  # a level of every CP rank
+              else _create(level, me, backend, timeout) for level in layout.hierarchical_context]
     vpp = virtual_pipeline_world_size
     return Groups(*(part for kind in _KINDS for part in mine[kind]),
                   *(part for kind in _INSTANCE_KINDS for part in made[kind]),
                   virtual_pipeline_world_size=vpp,
-                  virtual_pipeline_rank=0 if vpp is not None else None)
+                  virtual_pipeline_rank=0 if vpp is not None else None,
+                  hierarchical_context=[group for group, _ in levels],
+                  hierarchical_context_ranks=[ranks for _, ranks in levels])
 
 
 def _create(all_ranks: list[list[int]], me: int, backend, timeout) -> GroupAndRanks:

@@ -13,32 +13,14 @@ TP=2, PP=4: TP groups [0,1] [2,3] ...; DP groups [0,2] [1,3] [4,6] ...; PP group
 Context parallelism (`mp.model.context_parallel`) splits each sequence over the CP ranks;
 they hold the same weights, so gradients are reduced over DP x CP together
 (``get_data_parallel_group(with_context_parallel=True)``), while the data loader shards
-samples over DP alone. With CP=1 (the default) the two groups are the same.
+samples over DP alone. With CP=1 (the default) the two groups are the same. Given
+``hierarchical_context_parallel_sizes`` ``[A, P]`` (Megatron's, for ``--cp-comm-type
+a2a+p2p``) each CP group also splits into groups of A consecutive CP ranks (all-to-all's) and
+groups of every A-th one (the ring's): `get_hierarchical_context_parallel_groups`, laid out
+by `mp.rank_layout.hierarchical_groups`.
 
-Expert parallelism (EP, `mp.model.moe`) splits the experts of each mixture-of-experts layer
-over EP ranks taken from DP x CP, as Megatron-Core lays them out for experts (TP fastest, then
-EP, then the expert-data-parallel ranks, then PP, with the expert TP size equal to TP)::
-
-    rank = tp_rank + TP * (ep_rank + EP * (edp_rank + EDP * pp_rank)),  EDP = DP x CP / EP
-
-so an EP group is EP consecutive DP ranks of one TP rank and stage. Expert weights are
-replicated over the EDP ranks only, and their gradients are reduced there
-(``get_expert_data_parallel_group``). With EP=1 no expert group is created (the EP group is
-None) and the EDP group is the DP x CP group.
-
-With ``expert_tensor_parallel_size`` ETP = 1 under TP > 1 (Megatron's "parallel folding":
-each expert whole on one rank) the experts' coordinates run over a stage's TP x CP x DP ranks
-with the expert TP rank fastest, then EP, then EDP::
-
-    tp_rank + TP * (cp_rank + CP * dp_rank) = etp_rank + ETP * (ep_rank + EP * edp_rank),
-    EDP = TP x CP x DP / (ETP x EP)
-
-so the TP ranks serve as EP ranks too (EP up to TP x CP x DP). The expert TP group
-(``get_expert_tensor_parallel_group``) is the TP group with ETP = TP and None with ETP = 1;
-``get_expert_tensor_and_model_parallel_group`` is ETP x EP, one copy of a stage's experts.
-The experts' squared gradient norm is summed over ``get_expert_grad_norm_group`` (the EP
-ranks at this rank's TP rank: the EP group with ETP = TP), then with the rest over TP x PP,
-so each expert element counts once (with ETP = 1, EP a multiple of TP).
+Expert parallelism's groups and their getters: `mp.parallel_state_expert` (re-exported
+here).
 
 Several distributed-optimizer instances (Megatron-Core's
 ``num_distributed_optimizer_instances`` N, `mp.optim.DistributedOptimizer`) cut each DP x CP
@@ -68,6 +50,21 @@ import torch.distributed as dist
 
 from mp.instance_layout import instance_layout
 from mp.parallel_groups import Groups, create_groups
+from mp.parallel_state_expert import (  # noqa: F401  (Megatron's getters, here too)
+    get_expert_data_parallel_group,
+    get_expert_data_parallel_rank,
+    get_expert_data_parallel_world_size,
+    get_expert_grad_norm_group,
+    get_expert_model_parallel_group,
+    get_expert_model_parallel_rank,
+    get_expert_model_parallel_world_size,
+    get_expert_tensor_and_model_parallel_group,
+    get_expert_tensor_and_model_parallel_rank,
+    get_expert_tensor_and_model_parallel_world_size,
+    get_expert_tensor_parallel_group,
+    get_expert_tensor_parallel_rank,
+    get_expert_tensor_parallel_world_size,
+)
 from mp.rank_layout import RankLayout, rank_layout  # noqa: F401  (``ps.rank_layout`` too)
 
 _GROUPS: Groups | None = None
@@ -77,13 +74,15 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                               pipeline_model_parallel_size: int = 1,
                               virtual_pipeline_model_parallel_size: int | None = None,
                               *, context_parallel_size: int = 1,
+                              hierarchical_context_parallel_sizes: list[int] | None = None,
                               expert_model_parallel_size: int = 1,
                               expert_tensor_parallel_size: int | None = None,
                               backend: str | None = None,
                               distributed_timeout_minutes: float = 10.0,
                               num_distributed_optimizer_instances: int = 1) -> None:
     """Create the TP, CP, DP, DP x CP, PP, model-parallel and embedding groups over the
-    default group, with ``expert_model_parallel_size`` > 1 the EP and EDP groups, and with
+    default group, with ``hierarchical_context_parallel_sizes`` (product CP) the hierarchical
+    CP groups, with ``expert_model_parallel_size`` > 1 the EP and EDP groups, and with
     ``num_distributed_optimizer_instances`` > 1 the distributed optimizer's instance groups
     (module doc; it must divide DP x CP and EDP).
 
@@ -115,7 +114,8 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                 f"pipeline_model_parallel_size > 1, got {pipeline_model_parallel_size}")
     layout = rank_layout(dist.get_world_size(), tensor_model_parallel_size,
                          pipeline_model_parallel_size, context_parallel_size,
-                         expert_model_parallel_size, expert_tensor_parallel_size)
+                         expert_model_parallel_size, expert_tensor_parallel_size,
+                         hierarchical_context_parallel_sizes)
     etp, n = expert_tensor_parallel_size, num_distributed_optimizer_instances
     if etp not in (None, tensor_model_parallel_size) and n > 1:
         raise ValueError(f"num_distributed_optimizer_instances={n} with "
@@ -181,6 +181,17 @@ def get_context_parallel_group() -> dist.ProcessGroup:
     return _groups().context
 
 
+def get_hierarchical_context_parallel_groups() -> list[dist.ProcessGroup]:
+    """This rank's group at each level of ``hierarchical_context_parallel_sizes``, ``[a2a
+    group, p2p group]`` for ``[A, P]`` (module doc; Megatron-Core's getter, which Transformer
+    Engine's ``attn_forward_func_with_cp`` takes as ``cp_group`` under ``a2a+p2p``)."""
+    groups = _groups()
+    if not groups.hierarchical_context:
+        raise RuntimeError("no hierarchical context-parallel groups: initialize_model_parallel "
+                           "was called without hierarchical_context_parallel_sizes")
+    return list(groups.hierarchical_context)
+
+
 def _partial(with_context_parallel: bool, partial_data_parallel: bool) -> bool:
     if partial_data_parallel and not with_context_parallel:
         raise ValueError("partial_data_parallel=True needs with_context_parallel=True: the "
@@ -235,35 +246,6 @@ def is_rank_in_embedding_group() -> bool:
     return _groups().embedding is not None
 
 
-def get_expert_model_parallel_group() -> dist.ProcessGroup | None:
-    """The ranks that split the experts of a layer between them (None with EP=1)."""
-    return _groups().expert
-
-
-def get_expert_data_parallel_group(partial_expert_data_parallel: bool = False
-                                   ) -> dist.ProcessGroup:
-    """The ranks that hold the same experts and reduce their gradients together, or with
-    ``partial_expert_data_parallel`` this rank's distributed-optimizer instance of them."""
-    groups = _groups()
-    return groups.intra_partial_expert_data if partial_expert_data_parallel \
-        else groups.expert_data
-
-
-def get_expert_tensor_parallel_group() -> dist.ProcessGroup | None:
-    """The ranks that split each expert (ETP): the TP group, or None with ETP=1."""
-    return _groups().expert_tensor
-
-
-def get_expert_tensor_and_model_parallel_group() -> dist.ProcessGroup | None:
-    """ETP x EP: the ranks that together hold one copy of a stage's experts (None: one)."""
-    return _groups().expert_tensor_and_model
-
-
-def get_expert_grad_norm_group() -> dist.ProcessGroup | None:
-    """The EP ranks at this rank's TP rank (the EP group with ETP = TP; None: one rank): the
-    experts' squared gradient norm, summed here, then with the rest over TP x PP, counts each
-    expert element once (module doc)."""
-    return _groups().expert_norm
 
 
 # --- sizes and ranks ----------------------------------------------------------------------
@@ -312,43 +294,6 @@ def get_data_parallel_rank(with_context_parallel: bool = False,
                            partial_data_parallel: bool = False) -> int:
     return _data_ranks(with_context_parallel, partial_data_parallel).index(dist.get_rank())
 
-
-def get_expert_model_parallel_world_size() -> int:
-    return len(_groups().expert_ranks)
-
-
-def get_expert_model_parallel_rank() -> int:
-    return _groups().expert_ranks.index(dist.get_rank())
-
-
-def _expert_data_ranks(partial_expert_data_parallel: bool) -> list[int]:
-    groups = _groups()
-    return groups.intra_partial_expert_data_ranks if partial_expert_data_parallel \
-        else groups.expert_data_ranks
-
-
-def get_expert_data_parallel_world_size(partial_expert_data_parallel: bool = False) -> int:
-    return len(_expert_data_ranks(partial_expert_data_parallel))
-
-
-def get_expert_data_parallel_rank(partial_expert_data_parallel: bool = False) -> int:
-    return _expert_data_ranks(partial_expert_data_parallel).index(dist.get_rank())
-
-
-def get_expert_tensor_parallel_world_size() -> int:
-    return len(_groups().expert_tensor_ranks)
-
-
-def get_expert_tensor_parallel_rank() -> int:
-    return _groups().expert_tensor_ranks.index(dist.get_rank())
-
-
-def get_expert_tensor_and_model_parallel_world_size() -> int:
-    return len(_groups().expert_tensor_and_model_ranks)
-
-
-def get_expert_tensor_and_model_parallel_rank() -> int:
-    return _groups().expert_tensor_and_model_ranks.index(dist.get_rank())
 
 
 def get_model_parallel_world_size() -> int:

@@ -3,11 +3,14 @@ processes; `mp.parallel_state` creates the groups from it).
 
 Ranks are laid out TP fastest, then CP, then DP, then PP; experts' ranks over the same ranks
 of a stage as the expert TP ranks (ETP) fastest, then EP, then the expert-data-parallel ranks,
-then PP (Megatron's "parallel folding"; `mp.parallel_state`'s doc has the formulas).
+then PP (Megatron's "parallel folding"; `mp.parallel_state`'s doc has the formulas). Given
+``hierarchical_context_parallel_sizes``, each CP group splits into levels too
+(`hierarchical_groups`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -27,14 +30,18 @@ class RankLayout:
     expert_tensor: list[list[int]]  # ETP: the ranks that split each expert
     expert_tensor_and_model: list[list[int]]  # ETP x EP: one copy of a stage's experts
     expert_norm: list[list[int]]  # the EP ranks at one TP rank (`mp.parallel_state`)
+    hierarchical_context: tuple[list[list[int]], ...] = ()  # each level's groups
+    # (`hierarchical_groups`); none without hierarchical_context_parallel_sizes
 
 
 def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
                 pipeline_model_parallel_size: int = 1,
                 context_parallel_size: int = 1, expert_model_parallel_size: int = 1,
-                expert_tensor_parallel_size: int | None = None) -> RankLayout:
+                expert_tensor_parallel_size: int | None = None,
+                hierarchical_context_parallel_sizes: list[int] | None = None) -> RankLayout:
     """Megatron's group layout for ``world_size`` ranks (``expert_tensor_parallel_size``
-    None: TP); raises ValueError on impossible sizes."""
+    None: TP; ``hierarchical_context_parallel_sizes`` None: no hierarchical CP groups);
+    raises ValueError on impossible sizes."""
     tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
     ep = expert_model_parallel_size
     etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
@@ -48,6 +55,7 @@ def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
             f"world_size={world_size} is not divisible by tensor_model_parallel_size={tp} "
             f"x pipeline_model_parallel_size={pp}" + (
                 f" x context_parallel_size={cp}" if cp > 1 else "") + f" = {tp * pp * cp}")
+    check_hierarchical_sizes(hierarchical_context_parallel_sizes, cp)
     dp = world_size // (tp * pp * cp)
     if etp == tp and (dp * cp) % ep:
         raise ValueError(f"expert_model_parallel_size={ep} does not divide data_parallel_size x "
@@ -77,11 +85,50 @@ def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
             found.setdefault(key, []).append(rank)
         return sorted(found.values())
 
-    pipeline = groups(3)
-    return RankLayout(tensor=groups(0), context=groups(1), data=groups(2),
+    pipeline, context = groups(3), groups(1)
+    levels = hierarchical_context_parallel_sizes
+    return RankLayout(tensor=groups(0), context=context, data=groups(2),
                       data_with_context=groups(1, 2), pipeline=pipeline, model=groups(0, 3),
                       embedding=[sorted({g[0], g[-1]}) for g in pipeline],
                       expert=groups(1, of=expert_coords), expert_data=groups(2, of=expert_coords),
                       expert_tensor=groups(0, of=expert_coords),
                       expert_tensor_and_model=groups(0, 1, of=expert_coords),
-                      expert_norm=groups(1, of=norm_coords))
+                      expert_norm=groups(1, of=norm_coords),
+                      hierarchical_context=() if levels is None
+                      else hierarchical_groups(context, levels))
+
+
+def check_hierarchical_sizes(sizes: list[int] | None, context_parallel_size: int) -> None:
+    """ValueError unless ``sizes`` (Megatron's ``--hierarchical-context-parallel-sizes``) is
+    None or positive integers whose product is ``context_parallel_size`` (Megatron's rule)."""
+    if sizes is None:
+        return
+    if not isinstance(sizes, (list, tuple)) or not sizes or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
+        raise ValueError(f"hierarchical_context_parallel_sizes={sizes!r} must be a list of "
+                         "positive integers")
+    if math.prod(sizes) != context_parallel_size:
+        raise ValueError(f"hierarchical_context_parallel_sizes={list(sizes)} multiply to "
+                         f"{math.prod(sizes)}, not context_parallel_size="
+                         f"{context_parallel_size}")
+
+
+def hierarchical_groups(context: list[list[int]], sizes: list[int]
+                        ) -> tuple[list[list[int]], ...]:
+    """Each level's groups of the CP groups ``context`` split by ``sizes`` ``[s_0, s_1, ..]``
+    (their product the CP size), as Megatron-Core's ``create_hierarchical_groups``
+    (megatron/core/parallel_state.py) forms them: with a CP group's index written in the
+    digits ``s_0`` (fastest), ``s_1``, ..., a level-``l`` group is the ranks of one CP group
+    whose indices differ in digit ``l`` only. For ``[A, P]`` (``--cp-comm-type a2a+p2p``)
+    the first level, all-to-all's, is ``A`` consecutive CP ranks ``[r_0 .. r_{A-1}]``,
+    ``[r_A .. r_{2A-1}]``, ..., and the second, the ring's, every ``A``-th one ``[r_0, r_A,
+    r_{2A}, ..]``, ``[r_1, r_{A+1}, ..]``, ... Each group in CP order, the groups of a level
+    ordered by their first rank."""
+    levels = []
+    for level, size in enumerate(sizes):
+        inner = math.prod(sizes[:level])  # the stride of digit ``level``
+        levels.append(sorted([ranks[base + offset + inner * i] for i in range(size)]
+                             for ranks in context
+                             for base in range(0, len(ranks), inner * size)
+                             for offset in range(inner)))
+    return tuple(levels)

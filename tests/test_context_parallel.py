@@ -57,10 +57,13 @@ def _batch(documents: bool) -> dict:
 def _check_against_one_process(tp: int, cp: int, overrides: dict, documents: bool,
                                given_positions: bool = True):
     """``given_positions=False``: both models make their own position ids."""
-    ps.initialize_model_parallel(tp, context_parallel_size=cp)
+    ps.initialize_model_parallel(tp, context_parallel_size=cp, hierarchical_context_parallel_sizes=
+                                 overrides.get("hierarchical_context_parallel_sizes"))
     cp_group, tp_group = ps.get_context_parallel_group(), ps.get_tensor_model_parallel_group()
     torch.manual_seed(SEED)
-    ref = GPTModel(_config(**{k: v for k, v in overrides.items() if k != "sequence_parallel"}),
+    ref = GPTModel(_config(**{k: v for k, v in overrides.items()
+                              if k not in ("sequence_parallel",
+                                           "hierarchical_context_parallel_sizes")}),
                    group=own_rank_group())
     model = GPTModel(_config(tp, cp, **overrides), group=tp_group)
     with torch.no_grad():  # the reference's weights, this rank's TP shard of each

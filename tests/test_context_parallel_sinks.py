@@ -38,15 +38,18 @@ def _documents() -> torch.Tensor:
     return ((keys > positions) | ((positions > 6) & (keys <= 6)))[None, None]
 
 
-def _check_core():
-    ps.initialize_model_parallel(1, context_parallel_size=2)
+def _check_core(cases: dict = CORE_CASES, cp: int = 2, sizes: list[int] | None = None):
+    """``cases`` at CP ``cp`` (``sizes``: a2a+p2p's)."""
+    ps.initialize_model_parallel(1, context_parallel_size=cp,
+                                 hierarchical_context_parallel_sizes=sizes)
     group = ps.get_context_parallel_group()
-    positions = local_positions(S, 2, ps.get_context_parallel_rank())
-    for name, (comm, backend, kind, groups, window, documents) in CORE_CASES.items():
+    positions = local_positions(S, cp, ps.get_context_parallel_rank())
+    for name, (comm, backend, kind, groups, window, documents) in cases.items():
         cfg = TransformerConfig(num_layers=1, hidden_size=HEADS * D, num_attention_heads=HEADS,
                                 num_query_groups=groups, vocab_size=64, seq_length=S,
                                 attention_dropout=0.0, attention_backend=backend,
-                                softmax_type=kind, context_parallel_size=2, cp_comm_type=comm)
+                                softmax_type=kind, context_parallel_size=cp, cp_comm_type=comm,
+                                hierarchical_context_parallel_sizes=sizes)
         core = CoreAttention(cfg, window)
         sinks = torch.zeros(HEADS, dtype=torch.float64)
         if kind == "learnable":  # logits that matter beside scores of O(1)

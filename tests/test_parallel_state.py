@@ -35,6 +35,17 @@ def test_layout_16_ranks_tp2_cp2_pp2_follows_megatrons_order():
     assert without.data_with_context == without.data
 
 
+def test_hierarchical_context_groups_match_megatron_docs():
+    """Megatron-Core's ``create_hierarchical_groups`` docstring: 16 CP ranks at sizes
+    [2, 2, 4]; each level varies one digit of the CP index, the first level's fastest."""
+    layout = ps.rank_layout(16, context_parallel_size=16,
+                            hierarchical_context_parallel_sizes=[2, 2, 4])
+    assert layout.hierarchical_context == (
+        [[2 * i, 2 * i + 1] for i in range(8)],
+        [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11], [12, 14], [13, 15]],
+        [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]])
+
+
 def test_layout_8_ranks():
     l22 = ps.rank_layout(8, 2, 2)
     assert l22.tensor == [[0, 1], [2, 3], [4, 5], [6, 7]]

@@ -30,7 +30,8 @@ _MEGATRON_NAMES = {
         "rotary_seq_len_interpolation_factor", "init_method_xavier_uniform",
         "qk_layernorm", "context_parallel_size", "account_for_embedding_in_pipeline_split",
         "account_for_loss_in_pipeline_split", "pipeline_model_parallel_layout",
-        "cp_comm_type", "moe_router_topk", "moe_ffn_hidden_size", "moe_aux_loss_coeff",
+        "cp_comm_type", "hierarchical_context_parallel_sizes",
+        "moe_router_topk", "moe_ffn_hidden_size", "moe_aux_loss_coeff",
         "moe_z_loss_coeff", "moe_router_load_balancing_type", "moe_layer_freq",
         "expert_model_parallel_size", "expert_tensor_parallel_size",
         "moe_shared_expert_intermediate_size", "moe_router_dtype", "moe_router_score_function",
@@ -128,8 +129,8 @@ IMPLIED_VALUES: dict[tuple[str, str], tuple[str, str]] = {
 #: Megatron-LM flags that take a list where mp's key takes one value -> what mp takes (more
 #: than one value is an error saying so).
 ONE_VALUE_FLAGS: dict[str, str] = {
-    "--cp-comm-type": ("mp takes one communication type for every layer (all_gather, a2a or "
-                       "p2p), not one per layer"),
+    "--cp-comm-type": ("mp takes one communication type for every layer (all_gather, a2a, "
+                       "p2p or a2a+p2p), not one per layer"),
     "--moe-router-load-balancing-type": ("mp takes one load-balancing type (aux_loss, "
                                          "seq_aux_loss, global_aux_loss or none), not several "
                                          "whose losses add up"),

@@ -97,6 +97,9 @@ class Setup:
         if self.grad_reduce_in_bf16 and self.model.precision != "bf16":
             raise ValueError(f"grad_reduce_in_bf16=True needs a bf16 model, not precision="
                              f"{self.model.precision!r}")
+        if self.cp > 1 and self.model.cp_comm_type == "a2a+p2p":
+            raise ValueError("cp_comm_type='a2a+p2p' is not estimated yet: estimate a2a or p2p "
+                             "at the same context_parallel_size instead")
         ep, etp = self.model.expert_model_parallel_size, self.model.expert_tensor_parallel_size
         if etp not in (None, self.model.tensor_model_parallel_size):
             raise ValueError(f"expert_tensor_parallel_size={etp} != tensor_model_parallel_size="

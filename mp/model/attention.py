@@ -53,6 +53,7 @@ from mp.model.config import TransformerConfig
 from mp.model.context_parallel import (
     attention_over_gathered_keys,
     attention_over_heads,
+    exchange_groups,
     heads_of_this_rank,
 )
 from mp.model.inference import InferenceParams
@@ -99,7 +100,7 @@ class CoreAttention(nn.Module):
     ``N(0, init_method_std)`` as a serial model's (Megatron's init_method), split over
     ``group`` (None: the tensor-parallel group) with the heads. Under context parallelism the
     sinks follow the heads (``a2a``: the CP rank's share, `_learned_sinks`) or join the ring's
-    merged softmax (``p2p``, `mp.model.ring_attention`).
+    merged softmax (``p2p``, `mp.model.ring_attention`), or both (``a2a+p2p``).
     """
 
     def __init__(self, config: TransformerConfig, window: int | None = None, group=None):
@@ -114,7 +115,7 @@ class CoreAttention(nn.Module):
                 group, config.params_dtype, None, True)
         self.cp_group = (parallel_state.get_context_parallel_group()
                          if config.context_parallel_size > 1 else None)
-        self.cp_comm_type = config.cp_comm_type
+        self.heads_group, self.ring_group = exchange_groups(config)  # a2a's, p2p's
         self.backend = config.attention_backend
         self.dropout = config.attention_dropout
         self.scale = config.softmax_scale
@@ -130,12 +131,19 @@ class CoreAttention(nn.Module):
         multi-latent attention) -> ``[s, b, np * vd]``."""
         if self.cp_group is None:
             return self._attend(q, k, v, attention_mask)
-        if self.cp_comm_type == "p2p":
-            return ring_attention(q, k, v, attention_mask, self.scale, self.cp_group,
-                                  window=self.window, sinks=self._ring_sinks(q))
-        across = attention_over_heads if self.cp_comm_type == "a2a" \
-            else attention_over_gathered_keys
-        return across(self._attend, q, k, v, attention_mask, self.cp_group)
+        if self.heads_group is not None:  # a2a; a2a+p2p with the ring inside
+            attend = self._attend if self.ring_group is None else self._ring
+            return attention_over_heads(attend, q, k, v, attention_mask, self.heads_group)
+        if self.ring_group is not None:
+            return self._ring(q, k, v, attention_mask)
+        return attention_over_gathered_keys(self._attend, q, k, v, attention_mask,
+                                            self.cp_group)
+
+    def _ring(self, q, k, v, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """`ring_attention` of ``q [2L, b, np, hd]`` over ``ring_group`` (``p2p``, or
+        ``a2a+p2p``'s for the a2a group's share of the heads) -> ``[2L, b, np * vd]``."""
+        return ring_attention(q, k, v, attention_mask, self.scale, self.ring_group,
+                              window=self.window, sinks=self._ring_sinks(q))
 
     def _attend(self, q, k, v, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """``q [sq, b, np, hd]``, ``k [sk, b, ng, hd]``, ``v [sk, b, ng, vd]`` -> ``[sq, b,
@@ -172,13 +180,14 @@ class CoreAttention(nn.Module):
         the learned logits, or off-by-one's fp32 zeros."""
         if self.softmax_type == "off-by-one":
             return torch.zeros(q.size(2), device=q.device)
-        return self.softmax_offset
+        return None if self.softmax_offset is None else self._learned_sinks()
 
     def _learned_sinks(self) -> torch.Tensor:
         """``softmax_offset``'s logits of the heads `_core` attends: this TP rank's ``np``, or
-        under ``a2a`` context parallelism this CP rank's share of them."""
-        if self.cp_group is not None and self.cp_comm_type == "a2a":
-            return heads_of_this_rank(self.softmax_offset, self.cp_group)
+        under ``a2a`` context parallelism this CP rank's share of them (of its a2a group's
+        under ``a2a+p2p``)."""
+        if self.heads_group is not None:
+            return heads_of_this_rank(self.softmax_offset, self.heads_group)
         return self.softmax_offset
 
     def _with_sink(self, q, k, v, attention_mask: torch.Tensor | None):

@@ -14,9 +14,8 @@ import functools
 
 import torch
 
-from mp import parallel_state
 from mp.model.config import TransformerConfig
-from mp.model.context_parallel import gather_query_rows
+from mp.model.context_parallel import exchange_groups, gather_query_rows
 
 
 def sdpa_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -72,14 +71,13 @@ def with_window(attention_mask: torch.Tensor | None, queries: int, keys: int, wi
 def mask_for_layers(attention_mask: torch.Tensor, config: TransformerConfig,
                     dtype: torch.dtype) -> torch.Tensor:
     """A batch's boolean mask as every layer's attention takes it, made once for all of them:
-    every query row under ``a2a`` context parallelism (`gather_query_rows`), and SDPA's
-    additive form (`sdpa_bias`) for the SDPA core (``p2p``'s ring attention keeps it
-    boolean)."""
-    split = config.context_parallel_size > 1
-    if split and config.cp_comm_type == "a2a":
-        attention_mask = gather_query_rows(attention_mask,
-                                           parallel_state.get_context_parallel_group())
-    if split and config.cp_comm_type == "p2p":  # ring attention takes the boolean mask
+    every query row under ``a2a`` context parallelism (`gather_query_rows`; its a2a group's
+    under ``a2a+p2p``), and SDPA's additive form (`sdpa_bias`) for the SDPA core (the ring
+    attention of ``p2p`` and ``a2a+p2p`` keeps it boolean)."""
+    heads, ring = exchange_groups(config)
+    if heads is not None:
+        attention_mask = gather_query_rows(attention_mask, heads)
+    if ring is not None:  # ring attention takes the boolean mask
         return attention_mask
     return sdpa_bias(attention_mask, dtype) if config.attention_backend == "sdpa" \
         else attention_mask

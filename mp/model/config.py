@@ -132,7 +132,9 @@ class TransformerConfig:
     # --microbatch-group-size-per-virtual-pipeline-stage); None: PP; unused without VPP
     context_parallel_size: int = 1  # each sequence split over this many ranks
     # (mp.model.context_parallel; Megatron's --context-parallel-size)
-    cp_comm_type: str = "all_gather"  # or "a2a", "p2p": how attention crosses the CP ranks
+    cp_comm_type: str = "all_gather"  # or "a2a", "p2p", "a2a+p2p": how attention crosses CP
+    hierarchical_context_parallel_sizes: list[int] | None = None  # a2a+p2p's [A, P], A x P =
+    # CP: all-to-all in A consecutive CP ranks, the ring across (Megatron's flag of this name)
     # uneven pipeline splits (mp.model.pipeline_split); default: L / (PP x VPP) layers a chunk
     num_layers_in_first_pipeline_stage: int | None = None  # Megatron's
     # --decoder-first-pipeline-num-layers; the middle stages share what first and last leave

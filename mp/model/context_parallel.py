@@ -8,7 +8,7 @@ token and runs on the rank's ``s / c`` tokens unchanged; the batch is cut with
 `get_batch_on_this_cp_rank`, RoPE takes the angles of the rank's positions
 (`local_positions`).
 
-Attention runs one of Megatron's three ways (``--cp-comm-type``, `CP_COMM_TYPES`):
+Attention runs one of Megatron's four ways (``--cp-comm-type``, `CP_COMM_TYPES`):
 
 - ``all_gather`` (the default): each layer gathers the keys and values of the whole sequence
   over the CP group (backward reduce-scatters their gradients) and puts them back in sequence
@@ -27,6 +27,19 @@ Attention runs one of Megatron's three ways (``--cp-comm-type``, `CP_COMM_TYPES`
 - ``p2p`` (Megatron's default): the key/value blocks travel around a ring of the CP ranks
   and the partial attentions merge by their log-sum-exp (`mp.model.ring_attention`); no rank
   holds the whole sequence's keys and values.
+- ``a2a+p2p`` (hierarchical: Megatron's ``--hierarchical-context-parallel-sizes A P``, ``A x
+  P = c``): ``a2a`` inside each group of A consecutive CP ranks, ``p2p`` across the P groups
+  (`mp.parallel_state.get_hierarchical_context_parallel_groups`: ``[a2a group, p2p group]``,
+  Transformer Engine's ``cp_group[0]`` and ``cp_group[1]`` in ``attn_forward_func_with_cp``).
+  It composes: after the all-to-all in group ``g`` (CP ranks ``gA .. gA + A - 1``, chunks
+  ``gA + j`` and ``2c - 1 - gA - j``) the A front chunks in order and the A back chunks in
+  order (`_in_sequence_order` over the group) are super-chunks ``g`` and ``2P - 1 - g`` of
+  ``2P``: the load-balanced layout of a CP-P ring, for ``1 / A`` of the heads, whose ring
+  then runs over the p2p group (ring rank ``g``), before the all-to-all back. The all-to-alls
+  stay within A (fast, intra-node) ranks; the ring's blocks are ``1 / A`` of p2p's. Sinks'
+  logits follow the heads (`heads_of_this_rank` over the a2a group) into the ring; a mask
+  gathers its query rows over the a2a group (`gather_query_rows`). With ``A = 1`` it is
+  ``p2p``, with ``P = 1`` ``a2a``, over the whole CP group (`exchange_groups`).
 
 The loss of a micro-batch is the sum over every token of the sequence, so the CP ranks add
 their sums and token counts up (`mp.training.gpt_step.loss_func`), and gradients, which each
@@ -37,12 +50,17 @@ rank holds for its own tokens, are reduced over DP x CP
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+from mp import parallel_state
 from mp.comm import all_gather_single
 from mp.tensor_parallel.mappings import all_to_all, gather_from_sequence_parallel_region
+
+if TYPE_CHECKING:
+    from mp.model.config import TransformerConfig
 
 
 def local_positions(seq_length: int, cp_size: int, cp_rank: int,
@@ -71,7 +89,29 @@ def get_batch_on_this_cp_rank(batch: dict[str, torch.Tensor], group: dist.Proces
             for key, value in batch.items()}
 
 
-CP_COMM_TYPES = ("all_gather", "a2a", "p2p")
+CP_COMM_TYPES = ("all_gather", "a2a", "p2p", "a2a+p2p")
+
+
+def exchange_groups(config: TransformerConfig) -> tuple[dist.ProcessGroup | None,
+                                                        dist.ProcessGroup | None]:
+    """``(heads, ring)``: the group whose all-to-all trades tokens for heads
+    (`attention_over_heads`) and the ring's (`mp.model.ring_attention`) under ``config``'s
+    context parallelism, None where there is none: both without CP and under ``all_gather``,
+    ``(CP, None)`` under ``a2a``, ``(None, CP)`` under ``p2p``, ``(a2a group, p2p group)``
+    under ``a2a+p2p``, whose level of one rank leaves the other level's exchange over the
+    whole CP group (``[1, P]`` is ``p2p``, ``[A, 1]`` ``a2a``, as Transformer Engine's
+    ``attn_forward_func_with_cp`` falls back)."""
+    comm = config.cp_comm_type
+    if config.context_parallel_size == 1 or comm == "all_gather":
+        return None, None
+    if comm == "a2a+p2p":
+        a2a, p2p = config.hierarchical_context_parallel_sizes
+        if a2a > 1 and p2p > 1:
+            heads, ring = parallel_state.get_hierarchical_context_parallel_groups()
+            return heads, ring
+        comm = "a2a" if a2a > 1 else "p2p"
+    group = parallel_state.get_context_parallel_group()
+    return (group, None) if comm == "a2a" else (None, group)
 
 
 def _in_sequence_order(gathered: torch.Tensor, cp_size: int) -> torch.Tensor:
@@ -115,7 +155,8 @@ def attention_over_gathered_keys(attend: Callable, q: torch.Tensor, k: torch.Ten
 
 def gather_query_rows(attention_mask: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """``a2a``'s mask: this CP rank's query rows ``[b, 1, s / c, s]`` -> every row in sequence
-    order, ``[b, 1, s, s]``, gathered over the CP group (boolean or additive)."""
+    order, ``[b, 1, s, s]``, gathered over the CP group (boolean or additive); ``a2a+p2p``'s,
+    over the a2a group: the rows of its two super-chunks, ``[b, 1, 2 s / P, s]``."""
     rows = attention_mask.movedim(2, 0).contiguous()
     if rows.dtype == torch.bool:  # gloo has no bools
         rows = rows.view(torch.uint8)
@@ -130,7 +171,10 @@ def attention_over_heads(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: 
                          ) -> torch.Tensor:
     """``a2a``: `attention_over_gathered_keys`'s arguments and result, but every token of
     ``1 / c`` of the heads attended causally and traded back; a mask has every query row,
-    ``[b or 1, 1, s, s]`` (`gather_query_rows`)."""
+    ``[b or 1, 1, s, s]`` (`gather_query_rows`). Under ``a2a+p2p`` ``group`` is the a2a
+    group (A ranks) and ``attend`` the ring over the p2p group: the tokens traded are the
+    group's, super-chunks ``g`` and ``2P - 1 - g`` (module doc), and a mask has their rows,
+    ``[b or 1, 1, 2 s / P, s]``."""
     cp = dist.get_world_size(group)
     q, k, v = (_in_sequence_order(all_to_all(t, 2, 0, group), cp) for t in (q, k, v))
     context = attend(q, k, v, attention_mask)  # [s, b, np / c * d], causal
@@ -140,5 +184,6 @@ def attention_over_heads(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: 
 def heads_of_this_rank(per_head: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """``a2a``: the entries of ``per_head [np]`` (a value per query head of this TP rank: the
     sinks' logits) of the ``np / c`` heads this CP rank attends in `attention_over_heads`
-    (the all-to-all hands CP rank ``r`` the ``r``-th ``1 / c`` of them); a view."""
+    (the all-to-all hands CP rank ``r`` the ``r``-th ``1 / c`` of them); a view. Under
+    ``a2a+p2p`` over the a2a group: ``1 / A`` of them."""
     return per_head.chunk(dist.get_world_size(group))[dist.get_rank(group)]
