@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from checks import assert_rel_close, own_rank_group
+from checks import RTOL, assert_rel_close, own_rank_group
 from harness import run_distributed
 
 from mp import parallel_state as ps
@@ -97,7 +97,10 @@ def _check_against_one_process(tp: int, cp: int, overrides: dict, documents: boo
         expected = ref_params[name].grad
         if getattr(p, "tensor_model_parallel", False):
             expected = expected.chunk(tp, p.partition_dim)[ps.get_tensor_model_parallel_rank()]
-        assert_rel_close(grad, expected, what=f"grad of {name}")
+        # the sinks' logits' gradient sums each head's sink probability over every query, a
+        # cancelling fp32 sum taken in other orders on each side: 1.4e-6 is seen under load
+        rtol = 5e-6 if name.endswith("softmax_offset") else RTOL
+        assert_rel_close(grad, expected, rtol=rtol, what=f"grad of {name}")
 
 
 VARIANTS = {
