@@ -211,8 +211,10 @@ def _pretrain(cfg: JobConfig, forward_step_func: Callable,
     if reporting:
         m, dp = cfg.model, parallel_state.get_data_parallel_world_size()
         split = uneven_stages_text(m.chunk_layer_counts)
+        levels = m.hierarchical_context_parallel_sizes
+        comm = m.cp_comm_type + ("" if levels is None else f" {levels[0]} x {levels[1]}")
         cp = "" if m.context_parallel_size == 1 else f" x CP {m.context_parallel_size}" + (
-            f" ({m.cp_comm_type})" if m.cp_comm_type != "all_gather" else "")
+            f" ({comm})" if m.cp_comm_type != "all_gather" else "")
         moe = "" if m.num_moe_experts is None else \
             f" | {m.num_moe_experts} experts, top {m.moe_router_topk}, EP " \
             f"{m.expert_model_parallel_size}" + (
