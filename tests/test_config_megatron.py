@@ -219,10 +219,6 @@ def test_flags_without_effect_say_why():
     (["--apply-residual-connection-post-layernorm"], (
         "--apply-residual-connection-post-layernorm: mp's layers add the residual from before "
         "the norm (pre-norm, Megatron's default)")),
-    (["--optimizer", "dist_muon"], (
-        "training.optimizer='dist_muon' (Megatron's layer-wise distributed Muon) is not "
-        "supported: mp's Muon keeps whole matrices on every data-parallel rank; use "
-        "training.optimizer=muon without the distributed optimizer")),
     (["--muon-scalar-optimizer", "lion"], (
         "--muon-scalar-optimizer: mp's Muon has no such option: it has --muon-momentum, "
         "--muon-use-nesterov, --muon-num-ns-steps, --muon-coefficient-type, --muon-scale-mode, "

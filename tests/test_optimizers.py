@@ -308,14 +308,11 @@ BASE = dict(micro_batch_size=1, global_batch_size=8, lr=1e-3, train_iters=10)
 
 
 @pytest.mark.parametrize("keys,message", [
-    ({"optimizer": "muon", "use_distributed_optimizer": True}, "training.optimizer='muon' with "
-     "training.use_distributed_optimizer=True: not supported (Muon orthogonalizes whole"),
     ({"optimizer": "muon", "use_torch_fsdp2": True}, "with training.use_torch_fsdp2=True"),
     ({"optimizer": "sgd", "use_precision_aware_optimizer": True}, "the precision-aware "
      "optimizer is AdamW's"),
     ({"optimizer": "sgd", "deepspeed": True, "deepspeed_config": "x.json"},
      "DeepSpeed's engine builds AdamW only"),
-    ({"optimizer": "dist_muon"}, "training.optimizer='dist_muon' (Megatron's layer-wise"),
     ({"optimizer": "lion"}, "training.optimizer='lion' must be one of 'adam', 'sgd', 'muon'"),
     ({"optimizer": "muon", "muon_num_ns_steps": 3}, "num_ns_steps=3 must be a positive "
      "multiple of the 5 coefficient sets of coefficient_type='quintic'"),

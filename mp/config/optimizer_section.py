@@ -7,6 +7,7 @@ Field names follow Megatron-LM's arguments (``--muon-num-ns-steps`` is ``muon_nu
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from mp.config.coerce import ConfigError
@@ -27,12 +28,7 @@ _STATE_DTYPE_REFUSED = {
     ("main_params_dtype", "fp16"): "fp16 master weights are not implemented in mp (the "
                                    "masters stay fp32); use fp32",
 }
-#: Keys Muon refuses (Megatron's rules) -> why.
-_NOT_WITH_MUON = {
-    "use_distributed_optimizer": "Muon orthogonalizes whole matrices, which the distributed "
-                                 "optimizer cuts into flat shards (Megatron refuses it too)",
-    "use_precision_aware_optimizer": "the precision-aware optimizer is AdamW's",
-}
+logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -41,15 +37,19 @@ class OptimizerFields(Section):
 
     ``optimizer`` is Megatron's ``--optimizer``: ``adam`` (AdamW), ``sgd`` (torch's SGD with
     momentum ``sgd_momentum``, weight decay added to the gradient) or ``muon`` (Muon for the
-    linear layers' matrices, AdamW with the ``adam_*`` keys for the rest: `mp.optim.muon`);
-    Megatron's ``dist_muon`` (layer-wise sharded Muon) is refused. Muon's keys are Megatron's
+    linear layers' matrices, AdamW with the ``adam_*`` keys for the rest: `mp.optim.muon`).
+    Muon with ``use_distributed_optimizer`` runs Megatron's layer-wise distributed optimizer
+    (`mp.optim.layer_wise`: whole parameters dealt over the DP x CP ranks, gradients
+    all-reduced; ``overlap_param_gather`` does not apply to it); Megatron's deprecated
+    ``dist_muon`` becomes exactly that, with a notice. Muon's keys are Megatron's
     ``--muon-*`` flags with their defaults: ``muon_momentum``, ``muon_use_nesterov``,
     ``muon_num_ns_steps`` Newton-Schulz steps with ``muon_coefficient_type`` coefficients
     (quintic: a multiple of 5 steps), ``muon_scale_mode``, ``muon_extra_scale_factor``,
     ``muon_fp32_matmul_prec`` (medium: the iteration in bf16), ``muon_tp_mode`` (blockwise,
     duplicated or distributed) and ``muon_split_qkv`` (false: ``--muon-no-split-qkv``). Muon
-    takes neither the distributed optimizer, FSDP, DeepSpeed, fp16 nor the precision-aware
-    optimizer, as Megatron; SGD neither DeepSpeed nor the precision-aware optimizer.
+    takes neither FSDP, DeepSpeed, fp16 nor the precision-aware optimizer, as Megatron, nor
+    several distributed-optimizer instances; SGD neither DeepSpeed nor the precision-aware
+    optimizer.
 
     ``use_distributed_optimizer`` shards the fp32 master weights and the optimizer's state over
     the data-parallel ranks (Megatron's distributed optimizer); ``overlap_param_gather`` then
@@ -65,7 +65,7 @@ class OptimizerFields(Section):
     Megatron checks; unlike Megatron, mp does not require the distributed optimizer.
     """
 
-    optimizer: str = "adam"  # adam | sgd | muon (Megatron's --optimizer)
+    optimizer: str = "adam"  # adam | sgd | muon (Megatron's --optimizer; dist_muon: muon)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -110,12 +110,17 @@ class OptimizerFields(Section):
         self._check_instances(deepspeed)
         self._check_precision_aware()
 
+    @property
+    def use_layer_wise_distributed_optimizer(self) -> bool:
+        """Megatron's name: Muon with the distributed optimizer, which is then the layer-wise
+        one (`mp.optim.layer_wise`), over chunks that all-reduce their gradients."""
+        return self.optimizer == "muon" and self.use_distributed_optimizer
+
     def _check_update_rule(self, deepspeed: bool, use_torch_fsdp2: bool) -> None:
-        if self.optimizer == "dist_muon":
-            raise ConfigError("training.optimizer='dist_muon' (Megatron's layer-wise distributed "
-                              "Muon) is not supported: mp's Muon keeps whole matrices on every "
-                              "data-parallel rank; use training.optimizer=muon without the "
-                              "distributed optimizer")
+        if self.optimizer == "dist_muon":  # Megatron-LM's deprecated spelling, mapped as there
+            logger.warning("notice: training.optimizer='dist_muon' is deprecated (as in "
+                           "Megatron-LM): it runs as --optimizer muon --use-distributed-optimizer")
+            self.optimizer, self.use_distributed_optimizer = "muon", True
         self._one_of("optimizer", OPTIMIZERS)
         self._at_least("sgd_momentum", 0.0)
         try:
@@ -129,8 +134,10 @@ class OptimizerFields(Section):
                                                      "the precision-aware optimizer is AdamW's "
                                                      "(Megatron's rule)")}
         if self.optimizer == "muon":
-            refused.update({name: (getattr(self, name), why)
-                            for name, why in _NOT_WITH_MUON.items()})
+            instances = self.num_distributed_optimizer_instances
+            refused["num_distributed_optimizer_instances"] = (
+                instances if instances > 1 else 0, "the layer-wise distributed optimizer keeps "
+                "one copy of the state over every data-parallel rank")
             refused["use_torch_fsdp2"] = (use_torch_fsdp2, "FSDP shards the matrices by rows "
                                           "(Megatron refuses it too)")
         for name, (value, why) in refused.items():

@@ -76,7 +76,8 @@ class Setup:
                              f"{', '.join(OPTIMIZERS)}")
         if self.optimizer == "muon" and (self.distributed_optimizer or self.fully_sharded):
             raise ValueError(f"optimizer='muon' needs distributed_optimizer=False and "
-                             f"fully_sharded=False (Muon orthogonalizes whole matrices); got "
+                             f"fully_sharded=False (the estimator does not count the layer-wise "
+                             f"distributed optimizer's state; FSDP cuts Muon's matrices); got "
                              f"{self.distributed_optimizer} and {self.fully_sharded}")
         for name in ("exp_avg_dtype", "exp_avg_sq_dtype"):
             if getattr(self, name) not in STATE_DTYPE_BYTES:

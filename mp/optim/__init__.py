@@ -9,6 +9,7 @@ from mp.optim.clip_grads import (
 from mp.optim.distrib_optimizer import DistributedOptimizer
 from mp.optim.factory import get_megatron_optimizer
 from mp.optim.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from mp.optim.layer_wise import LayerWiseDistributedOptimizer
 from mp.optim.lr_scheduler import OptimizerParamScheduler
 from mp.optim.muon import MuonSettings, TensorParallelMuon
 from mp.optim.optimizer import MixedPrecisionOptimizer, ParamShard, StepResult
@@ -17,8 +18,8 @@ from mp.optim.precision_aware import PrecisionAwareAdamW
 
 __all__ = [
     "ConstantGradScaler", "DistributedOptimizer", "DynamicGradScaler",
-    "MixedPrecisionOptimizer", "MuonSettings", "ParamShard", "PrecisionAwareAdamW",
-    "OptimizerParamScheduler", "StepResult", "TensorParallelMuon",
+    "LayerWiseDistributedOptimizer", "MixedPrecisionOptimizer", "MuonSettings", "ParamShard",
+    "PrecisionAwareAdamW", "OptimizerParamScheduler", "StepResult", "TensorParallelMuon",
     "clip_grad_by_total_norm_fp32", "counts_in_grad_norm", "get_grad_norm_fp32",
     "get_megatron_optimizer", "get_param_groups",
 ]

@@ -30,19 +30,21 @@ def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
                            muon: MuonSettings | None = None) -> MixedPrecisionOptimizer:
     """The training optimizer for ``model_chunks`` (Megatron's name and arguments):
     a `DistributedOptimizer` when ``use_distributed_optimizer`` (the chunks must then be
-    `DistributedDataParallel` built for it), else a `MixedPrecisionOptimizer`; the update rule
-    ``optimizer`` (`mp.optim.update_rules`): AdamW (from torch, or apex's ``FusedAdam`` for
-    ``optimizer_impl="apex"``), SGD with ``sgd_momentum``, or Muon (hyper-parameters ``muon``,
-    default `MuonSettings()`) for the linear layers' matrices (`mp.optim.muon`) and AdamW for
-    the rest; the groups of `get_param_groups` (``decoupled_lr``: the embedding and output
-    weights apart); `PrecisionAwareAdamW` with ``use_precision_aware_optimizer``, its moments
-    stored in ``exp_avg_dtype`` / ``exp_avg_sq_dtype``. (Megatron's ``main_grads_dtype`` is the
-    dtype of the chunks' gradient buffers; its ``main_params_dtype`` fp16 is not supported.)
+    `DistributedDataParallel` built for it), for Muon the `LayerWiseDistributedOptimizer`
+    (the chunks then built without it: plain all-reduce), else a `MixedPrecisionOptimizer`;
+    the update rule ``optimizer`` (`mp.optim.update_rules`): AdamW (torch's, or apex's
+    ``FusedAdam`` for ``optimizer_impl="apex"``), SGD with ``sgd_momentum``, or Muon
+    (hyper-parameters ``muon``, default `MuonSettings()`) for the linear layers' matrices
+    (`mp.optim.muon`) and AdamW for the rest; the groups of `get_param_groups`
+    (``decoupled_lr``: the embedding and output weights apart); `PrecisionAwareAdamW` with
+    ``use_precision_aware_optimizer``, its moments stored in ``exp_avg_dtype`` /
+    ``exp_avg_sq_dtype``. (Megatron's ``main_grads_dtype`` is the dtype of the chunks'
+    gradient buffers; its ``main_params_dtype`` fp16 is not supported.)
 
     Loss scaling is switched on exactly when a parameter is fp16: a fixed ``loss_scale`` when
     given, else dynamic from ``initial_loss_scale``. The loss-scale arguments are ignored for
-    fp32 and bf16 models. Muon refuses, as Megatron does, the distributed optimizer (and FSDP:
-    it orthogonalizes whole matrices) and fp16 parameters.
+    fp32 and bf16 models. Muon refuses, as Megatron does, FSDP (it orthogonalizes whole
+    matrices) and fp16 parameters.
     """
     chunks = list(model_chunks)
     fsdp = any(getattr(chunk, "fully_sharded", False) for chunk in chunks)
@@ -50,10 +52,9 @@ def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
     fp16 = any(p.dtype == torch.float16 for g in groups for p in g["params"])
     units = []
     if optimizer == "muon":
-        if use_distributed_optimizer or fsdp or fp16:
-            raise ValueError("optimizer='muon' needs whole matrices on every rank and no fp16 "
-                             "(Megatron's rule): not with the distributed optimizer, FSDP or "
-                             "fp16 parameters")
+        if fsdp or fp16:
+            raise ValueError("optimizer='muon' needs whole matrices and no fp16 (Megatron's "
+                             "rule): not with FSDP or fp16 parameters")
         muon = MuonSettings() if muon is None else muon
         units = muon_units(chunks, muon.split_qkv)
         groups = _split_muon_groups(chunks, groups)
@@ -68,6 +69,9 @@ def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
                   use_precision_aware_optimizer=use_precision_aware_optimizer,
                   exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype,
                   optimizer=optimizer, sgd_momentum=sgd_momentum, muon=muon, muon_units=units)
+    if use_distributed_optimizer and optimizer == "muon":
+        from mp.optim.layer_wise import LayerWiseDistributedOptimizer  # it subclasses this one
+        return LayerWiseDistributedOptimizer(groups, chunks, **kwargs)
     if use_distributed_optimizer:
         from mp.optim.distrib_optimizer import DistributedOptimizer  # it subclasses this one
         return DistributedOptimizer(groups, chunks, **kwargs)

@@ -173,8 +173,8 @@ class MixedPrecisionOptimizer:
                            for s in self.shards]
         self._copied = [s for s in self.shards if not s.main_is_param]
         main_of = {id(s.param): s.main for s in self.shards}
-        self.optimizer = build_update_rule(
-            [g for g in main_groups if g["params"]], optimizer=optimizer, lr=lr, betas=betas,
+        self.optimizer = build_update_rule(  # groups this rank holds none of stay, empty
+            main_groups, optimizer=optimizer, lr=lr, betas=betas,
             eps=eps, impl=impl, precision_aware=use_precision_aware_optimizer,
             exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype,
             sgd_momentum=sgd_momentum, muon=muon,

@@ -65,7 +65,8 @@ def setup_model_and_optimizer(cfg: JobConfig) -> tuple[list[DistributedDataParal
         model = [DistributedDataParallel(
             chunk, overlap_grad_reduce=tr.overlap_grad_reduce,
             bucket_size=max(1, int(tr.bucket_size_mb * 2**20 / grad_dtype.itemsize)),
-            use_distributed_optimizer=tr.use_distributed_optimizer,
+            use_distributed_optimizer=(tr.use_distributed_optimizer
+                                       and not tr.use_layer_wise_distributed_optimizer),
             overlap_param_gather=tr.overlap_param_gather,
             calculate_per_token_loss=tr.calculate_per_token_loss, grad_dtype=grad_dtype,
             num_distributed_optimizer_instances=tr.num_distributed_optimizer_instances)
