@@ -197,6 +197,15 @@ def test_sentencepiece_model(tmp_path):
     ids = tok.tokenize("the lazy fox")
     assert ids and all(3 <= i < 40 for i in ids)
     assert tok.detokenize(ids) == "the lazy fox"
+    # Llama 2's: the same pieces after the bos id, which decoding drops
+    llama = build_tokenizer("Llama2Tokenizer", tokenizer_model=str(tmp_path / "sp.model"))
+    assert (llama.vocab_size, llama.eod, llama.tokenize("the lazy fox")) == (40, 2, [1, *ids])
+    assert llama.detokenize(llama.tokenize("the lazy fox")) == "the lazy fox"
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "no_bos"), vocab_size=40,
+        model_type="bpe", minloglevel=2, bos_id=-1)
+    with pytest.raises(ValueError, match="no_bos.model: the SentencePiece model has no bos"):
+        build_tokenizer("Llama2Tokenizer", tokenizer_model=str(tmp_path / "no_bos.model"))
 
 
 def test_build_tokenizer_errors_name_the_value(tmp_path):

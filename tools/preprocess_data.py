@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument(
         "--tokenizer-model",
         help="HuggingFaceTokenizer: tokenizer.json or its directory; "
-        "GPTSentencePieceTokenizer: the .model file",
+        "GPTSentencePieceTokenizer, Llama2Tokenizer: the .model file",
     )
     group.add_argument(
         "--vocab-size",

@@ -13,6 +13,8 @@ merging itself is done by the maintained libraries (``tokenizers``, ``sentencepi
   ``AutoTokenizer(text)`` does.
 - ``GPTSentencePieceTokenizer`` (``tokenizer_model``): a SentencePiece ``.model``; eod is its
   eos (``</s>``) id.
+- ``Llama2Tokenizer`` (``tokenizer_model``): the same with the model's bos id (``<s>``) before
+  every text, as Llama 2 was trained (Megatron's text-completion default: no eos added).
 - ``ByteLevelTokenizer`` (no files): ids 0..255 are the UTF-8 bytes, eod is 256, vocab_size 257.
 - ``NullTokenizer`` (``vocab_size`` V, no files): the text is already token ids, written as
   integers separated by whitespace; eod is V and vocab_size V + 1.
@@ -236,6 +238,21 @@ class GPTSentencePieceTokenizer(Tokenizer):
         return self._processor.decode([int(i) for i in ids])
 
 
+class Llama2Tokenizer(GPTSentencePieceTokenizer):
+    """Megatron's ``Llama2Tokenizer``: a SentencePiece model whose texts each start with its
+    bos id; eod is its eos id."""
+
+    def __init__(self, tokenizer_model: str) -> None:
+        super().__init__(tokenizer_model)
+        self._bos = self._processor.bos_id()
+        if self._bos < 0:
+            raise ValueError(f"{tokenizer_model}: the SentencePiece model has no bos piece, "
+                             "which Llama2Tokenizer puts before every text")
+
+    def tokenize(self, text: str) -> list[int]:
+        return [self._bos, *super().tokenize(text)]
+
+
 def _require_file(path: str | None, role: str) -> None:
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"{role}={path!r} is not a file")
@@ -256,6 +273,7 @@ TOKENIZER_TYPES = (
     "GPT2BPETokenizer",
     "HuggingFaceTokenizer",
     "GPTSentencePieceTokenizer",
+    "Llama2Tokenizer",
     "ByteLevelTokenizer",
     "NullTokenizer",
 )
@@ -286,6 +304,7 @@ def build_tokenizer(
         "GPT2BPETokenizer": ("vocab_file", "merge_file"),
         "HuggingFaceTokenizer": ("tokenizer_model", "eod_token"),
         "GPTSentencePieceTokenizer": ("tokenizer_model",),
+        "Llama2Tokenizer": ("tokenizer_model",),
         "ByteLevelTokenizer": (),
         "NullTokenizer": ("vocab_size",),
     }
@@ -315,6 +334,8 @@ def build_tokenizer(
         return HuggingFaceTokenizer(tokenizer_model, eod_token)
     if tokenizer_type == "GPTSentencePieceTokenizer":
         return GPTSentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type == "Llama2Tokenizer":
+        return Llama2Tokenizer(tokenizer_model)
     if tokenizer_type == "NullTokenizer":
         return NullTokenizer(vocab_size)
     return ByteLevelTokenizer()
