@@ -88,6 +88,9 @@ def _group_ranks() -> dict[str, tuple[int, ...]]:
     if ps.get_expert_model_parallel_group() is not None:
         ranks["ep"] = tuple(dist.get_process_group_ranks(ps.get_expert_model_parallel_group()))
         ranks["edp"] = tuple(dist.get_process_group_ranks(ps.get_expert_data_parallel_group()))
+        norm = ps.get_expert_grad_norm_group()
+        ranks["expert_norm"] = (dist.get_rank(),) if norm is None \
+            else tuple(dist.get_process_group_ranks(norm))
     if ps.is_rank_in_embedding_group():
         ranks["embedding"] = tuple(dist.get_process_group_ranks(ps.get_embedding_group()))
     return ranks
@@ -175,7 +178,8 @@ def _pipelined_iteration(vpp, overrides: dict, bf16_grads: bool, tp: int = 1, cp
     logging calls the meter set apart."""
     ps.initialize_model_parallel(
         tp, pp, vpp, context_parallel_size=cp,
-        expert_model_parallel_size=overrides.get("expert_model_parallel_size", 1))
+        expert_model_parallel_size=overrides.get("expert_model_parallel_size", 1),
+        expert_tensor_parallel_size=overrides.get("expert_tensor_parallel_size"))
     model_parallel_cuda_manual_seed(1)
     torch.manual_seed(0)
     cfg = _config(tp, num_layers=4, pipeline_model_parallel_size=pp,
@@ -338,7 +342,14 @@ def _named_iteration(*args) -> tuple[dict, dict, dict]:
 
 @pytest.mark.parametrize("variant", list(MIXTURE_OF_EXPERTS))
 def test_collective_bytes_with_mixture_of_experts(variant):
-    tp, cp, pp, ep, overrides, distributed_optimizer = MIXTURE_OF_EXPERTS[variant]
+    assert_moe_collective_bytes(*MIXTURE_OF_EXPERTS[variant])
+
+
+def assert_moe_collective_bytes(tp: int, cp: int, pp: int, ep: int, overrides: dict,
+                                distributed_optimizer: bool) -> None:
+    """Every call of one `train_step` per rank, the all-to-alls summed over the world per
+    group, equal the estimate; the dispatcher exchanges over EP and, when the experts are split
+    over TP under SP, over TP."""
     overrides = dict(MOE, expert_model_parallel_size=ep, **overrides)
     results = run_distributed(WORLD, _named_iteration, None, overrides, False, tp, cp, pp,
                               distributed_optimizer)
@@ -349,8 +360,10 @@ def test_collective_bytes_with_mixture_of_experts(variant):
             exchanged[names[ranks]] = (got + measured.pop(("all_to_all", ranks)),
                                        want + expected.pop(("all_to_all", ranks)))
         assert measured == expected, f"rank {rank}"
+    split = overrides.get("expert_tensor_parallel_size") != 1 and overrides.get(
+        "sequence_parallel")  # experts split over TP: their rows gathered there
     exchanging = [name for name, size in (("ep", ep), ("tp", tp)) if size > 1
-                  and (name == "ep" or overrides.get("sequence_parallel"))]
+                  and (name == "ep" or split)]
     assert sorted(next(n for n in names.split("/") if n in exchanging) for names in exchanged) \
         == sorted(exchanging)  # (a group's name may be several: DP and EP may coincide)
     for name, (got, want) in exchanged.items():

@@ -64,12 +64,12 @@ def _stage_counts(tp: int, pp: int, vpp: int | None, overrides: dict
                   ) -> list[tuple[int, int, int, int]]:
     """(trained parameter elements, trained tensors, expert elements, untrained elements)
     one rank holds on each pipeline stage: the model chunks of that stage built on the meta
-    device, as a pipelined job builds them (the expert-parallel size is the world's
-    divided by TP)."""
+    device, as a pipelined job builds them (EP and ETP from ``overrides``)."""
     os.environ["MP_DEVICE"] = "meta"
     try:
-        ep = overrides.get("expert_model_parallel_size", 1)
-        ps.initialize_model_parallel(tp, expert_model_parallel_size=ep)
+        ps.initialize_model_parallel(
+            tp, expert_model_parallel_size=overrides.get("expert_model_parallel_size", 1),
+            expert_tensor_parallel_size=overrides.get("expert_tensor_parallel_size"))
         cfg = _config(tp, pp, vpp, **overrides)
         chunks = vpp or 1
         counts = []
@@ -171,7 +171,8 @@ def _measured_state(tp: int, precision: str, overrides: dict,
     (with the distributed optimizer, without its per-shard step counters, which the estimate
     leaves out; the buffers are checked to need no padding, which it leaves out too)."""
     ps.initialize_model_parallel(
-        tp, expert_model_parallel_size=overrides.get("expert_model_parallel_size", 1))
+        tp, expert_model_parallel_size=overrides.get("expert_model_parallel_size", 1),
+        expert_tensor_parallel_size=overrides.get("expert_tensor_parallel_size"))
     torch.manual_seed(0)
     cfg = _config(tp, precision=precision, hidden_dropout=0.0, attention_dropout=0.0,
                   **overrides)

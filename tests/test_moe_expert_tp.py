@@ -9,8 +9,8 @@
   acting) and every weight to 1e-5.
 - A checkpoint written at ETP 1 loads at ETP = TP = 2 and at one rank and continues the same,
   and one written at EP 2 (one process per expert pair) loads at ETP 1.
-- The config's refusals, the estimator's (it counts experts split over TP only), and a layer
-  whose config's ETP is not the groups'.
+- The config's refusals, and a layer whose config's ETP is not the groups' (the estimator's
+  counts at ETP 1: tests/test_estimate_expert_tp.py).
 """
 
 import pytest
@@ -30,7 +30,6 @@ from test_moe import (
 )
 
 from mp import parallel_state as ps
-from mp.estimate import Setup
 from mp.model.moe import MoELayer
 
 STEPS = 3
@@ -128,15 +127,6 @@ def test_checkpoint_from_ep2_loads_at_etp1(serial_run, tmp_path):
 def test_config_rules(overrides, message):
     with pytest.raises(ValueError, match=message):
         _layer_config(**{"num_moe_experts": 4, **overrides})
-
-
-def test_the_estimator_refuses_whole_experts():
-    cfg = _layer_config(num_moe_experts=4, tensor_model_parallel_size=2,
-                        sequence_parallel=True, expert_model_parallel_size=2,
-                        expert_tensor_parallel_size=1)
-    with pytest.raises(ValueError, match="expert_tensor_parallel_size=1 != "
-                                         "tensor_model_parallel_size=2: the estimator"):
-        Setup(cfg, data_parallel_size=2)
 
 
 def _layer_at_etp_tp() -> None:

@@ -13,9 +13,10 @@ save; bytes and rows), `activations` (bytes saved for backward per layer: Korthi
 (multi-latent attention's saves and TP calls),
 `stage_ends` (what the embedding and the output layer and loss save), `mtp` (multi-token
 prediction's saves and TP calls), `memory` (peak per pipeline stage),
-`flops` (Narayanan et al. 2021), `comm` (bytes per collective; the experts' own in
-`expert_comm`), `collective` (a call's record and its time on the wire), `step_time`,
-`estimate`, `planner`, `report`, and `measure` (the meters the tests check all this with). See
+`flops` (Narayanan et al. 2021), `comm` (bytes per collective; the layers' TP and CP calls in
+`model_comm`, the experts' own in `expert_comm`), `collective` (a call's record and its time
+on the wire), `step_time` (Muon's Newton-Schulz products in `newton_schulz`), `estimate`,
+`planner`, `report`, and `measure` (the meters the tests check all this with). See
 docs/estimate.md for what is checked against the code and what is formula only.
 """
 

@@ -16,9 +16,10 @@ from mp.estimate.hardware import GPUSpec
 from mp.estimate.setup import Setup
 
 FP64 = 8
-GROUPS = ("tp", "cp", "dp", "dp_cp", "ep", "edp", "pp", "embedding", "mp", "world",
-          "intra_dp_cp", "intra_edp", "inter_dist_opt", "intra_dist_opt")  # the last four:
-# the distributed optimizer's instances (`mp.parallel_state`)
+GROUPS = ("tp", "cp", "dp", "dp_cp", "ep", "edp", "expert_norm", "pp", "embedding", "mp",
+          "world", "intra_dp_cp", "intra_edp", "inter_dist_opt", "intra_dist_opt")  # the last
+# four: the distributed optimizer's instances; ``expert_norm`` the EP ranks at one TP rank
+# (`mp.parallel_state.get_expert_grad_norm_group`)
 WIRE_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
                "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
                "send": lambda n: 1.0,
@@ -38,7 +39,8 @@ class Collective:
 def group_size(setup: Setup, group: str) -> int:
     return {"tp": setup.tp, "cp": setup.cp, "dp": setup.data_parallel_size,
             "dp_cp": setup.gradient_group_size, "ep": setup.ep,
-            "edp": setup.expert_data_parallel_size, "pp": setup.pp, "embedding": 2,
+            "edp": setup.expert_data_parallel_size,
+            "expert_norm": setup.ep * setup.etp // setup.tp, "pp": setup.pp, "embedding": 2,
             "mp": setup.tp * setup.pp, "world": setup.world_size,
             "intra_dp_cp": setup.optimizer_shard_size,
             "intra_edp": setup.expert_optimizer_shard_size,
@@ -49,10 +51,12 @@ def group_size(setup: Setup, group: str) -> int:
 def group_bandwidth(setup: Setup, group: str, gpu: GPUSpec) -> float:
     """Bytes/s per rank for ``group``'s traffic: NVLink when the whole group shares a node
     (ranks are laid out TP fastest, then CP, then DP, then PP; the expert-parallel ranks
-    are the data-parallel ranks next to each other), InfiniBand otherwise."""
+    are the data-parallel ranks next to each other, or with whole experts, ETP 1, EP
+    consecutive ranks), InfiniBand otherwise."""
     data = setup.tp * setup.cp * setup.data_parallel_size
+    experts = setup.etp * setup.ep  # one copy of a stage's experts
     span = {"tp": setup.tp, "cp": setup.tp * setup.cp, "dp": data, "dp_cp": data,
-            "ep": setup.tp * setup.ep, "edp": data,
+            "ep": experts, "edp": data, "expert_norm": experts,
             "pp": setup.world_size, "embedding": setup.world_size,
             "mp": setup.world_size, "world": setup.world_size,
             # an instance is DP x CP / N consecutive data-parallel ranks (of every stage)

@@ -1,7 +1,8 @@
 """What mixture-of-experts layers (`mp.model.moe`) call beyond a dense layer's: the tokens'
-and outputs' exchanges over EP (and, under sequence parallelism, over TP), the routers' sums
-of their statistics, and the expert bias's token counts (`expert_collectives`). The experts'
-gradients, reduced over their expert-data-parallel group, are `mp.estimate.comm`'s.
+and outputs' exchanges over EP (and, under sequence parallelism with experts split over TP,
+over TP), the routers' sums of their statistics, and the expert bias's token counts
+(`expert_collectives`). The experts' gradients, reduced over their expert-data-parallel group,
+are `mp.estimate.comm`'s.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def expert_collectives(setup: Setup, layers: int, forwards: int) -> list[Collect
     its sequences), then the experts' outputs back; backward trades the gradients of both.
     Under SP the TP ranks then gather each other's counts (an all-gather) and rows (an
     all-to-all of each rank's rows to every TP rank), and send each rank the partial outputs
-    of its rows (an all-to-all, summed), and the reverse in backward. A rank sends its own
+    of its rows (an all-to-all, summed), and the reverse in backward; not with whole experts
+    (ETP 1), whose EP group holds the TP ranks too. A rank sends its own
     ``n' k`` rows over EP and gets as many outputs back, but how many rows it receives, and
     so how much it sends on, depends on the routing: this counts the mean, ``n' k`` over EP
     and ``N k`` over TP (exact summed over the ranks, which together receive what they send).
@@ -50,7 +52,7 @@ def expert_collectives(setup: Setup, layers: int, forwards: int) -> list[Collect
         rows = row * sequence_rows(cfg, setup.micro_batch_size)
         out.append(Collective("tokens to experts and back (counts, rows)", "all_to_all", "ep",
                               m * (forwards * (counts + 2 * rows) + layers * 2 * rows)))
-    if split:
+    if split and setup.etp > 1:  # whole experts (ETP 1) take their rows over EP alone
         rows = row * local_tokens(cfg, setup.micro_batch_size)
         out += [Collective("experts' token counts", "all_gather", "tp",
                            m * forwards * setup.tp * counts),

@@ -5,10 +5,11 @@ The dense MLP saves its activation's input(s) and fc2's input (`mlp_interior_ter
 mixture-of-experts layer (`moe_terms`; ``layer_terms(..., moe=True)``) replaces the dense
 MLP's terms. Each rank routes its ``n'`` tokens (`sequence_rows`: the ``N`` = `local_tokens`
 of its sequences, ``N / t`` of them under SP) to ``k`` of ``E`` experts and runs its ``1 / t``
-of each local expert on the ``M`` rows its TP group's routers sent there; ``M = N k`` with balanced
-routing (`expert_rows`: exact at EP 1, the mean over the ``P`` expert-parallel ranks, which
-take ``P N k`` rows together). With ``r`` the router's bytes (fp32, or fp64 with
-``moe_router_dtype="fp64"``), it saves:
+of each local expert on the ``M`` rows its TP group's routers sent there; ``M = N k`` with
+balanced routing (`expert_rows`: exact at EP 1, the mean over the ``P`` expert-parallel ranks,
+which take ``P M`` rows together). Whole experts (ETP 1 under TP > 1, SP) run on the
+``M = n' k`` rows sent to the rank alone, ``moe_ffn_hidden_size`` wide. With ``r`` the
+router's bytes (fp32, or fp64 with ``moe_router_dtype="fp64"``), it saves:
 
 - the MLP input ``e n' h`` where the router or a shared expert reads it as it is; with a
   ``moe_router_dtype`` wider than the activations, ``r``-byte copies of the router's input
@@ -24,7 +25,7 @@ take ``P N k`` rows together). With ``r`` the router's bytes (fp32, or fp64 with
   fractions; the z-loss: the logits and their log-sum-exp (``r n' (E + 1)``);
 - the dispatcher: each routed copy's token (int64, ``n' k``), the received rows (``e M h``),
   and at EP > 1 or under SP (more than one source) their regrouping by expert (int64, ``M``);
-- the experts: the MLP interior for ``M`` rows ``moe_ffn_hidden_size / t`` wide;
+- the experts: the MLP interior for ``M`` rows ``moe_ffn_hidden_size / ETP`` wide;
 - the combine: the inverse regrouping (int64, ``M``, with more than one source), the
   copies' inverse order (int64, ``n' k``) and the expert outputs per copy (``e n' k h``);
 - a shared expert (``moe_shared_expert_intermediate_size``): the MLP interior for ``N`` rows
@@ -44,6 +45,7 @@ from mp.estimate.storage import (
     INT64,
     Kernels,
     activation_bytes,
+    expert_tensor_parallel_size,
     local_tokens,
     sequence_rows,
 )
@@ -95,10 +97,13 @@ def mlp_interior_terms(cfg: TransformerConfig, kernels: Kernels, rows: float, wi
 
 def expert_rows(cfg: TransformerConfig, micro_batch: int) -> int:
     """Rows one rank's experts take for one micro-batch, with balanced routing: ``N k``,
-    ``N`` = `local_tokens`, ``k`` = ``moe_router_topk``. Exact at EP 1; over ``P > 1``
-    expert-parallel ranks it is their mean (together they take the ``P N k`` copies their
-    routers sent), which a rank exceeds by as much as its experts are favoured."""
-    return local_tokens(cfg, micro_batch) * cfg.moe_router_topk
+    ``N`` = `local_tokens`, ``k`` = ``moe_router_topk``; ``N k / t`` with whole experts
+    (ETP 1 under TP ``t`` > 1: each rank takes the copies of its own ``N / t`` tokens' worth).
+    Exact at EP 1; over ``P > 1`` expert-parallel ranks it is their mean (together they take
+    the copies their routers sent), which a rank exceeds by as much as its experts are
+    favoured."""
+    folded = cfg.tensor_model_parallel_size // expert_tensor_parallel_size(cfg)
+    return local_tokens(cfg, micro_batch) * cfg.moe_router_topk // folded
 
 
 def moe_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
@@ -125,7 +130,8 @@ def moe_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
     copied = router_dtype is not None and router_dtype != e  # input and weight converted
     r = router_dtype or max(e, FP32)  # the router's logits, scores and probabilities
     fp = _FLOAT_NAMES[r]
-    regrouped = cfg.expert_model_parallel_size > 1 or (cfg.sequence_parallel and t > 1)
+    etp = expert_tensor_parallel_size(cfg)
+    regrouped = cfg.expert_model_parallel_size > 1 or (cfg.sequence_parallel and etp > 1)
     sigmoid = cfg.moe_router_score_function == "sigmoid"
     pre_softmax = cfg.moe_router_pre_softmax
     terms = {}
@@ -170,7 +176,7 @@ def moe_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels = CUDA,
     if regrouped:
         terms["dispatch: received rows in expert order (int64)"] = INT64 * m
     terms["expert input rows"] = e * m * h
-    terms.update(mlp_interior_terms(cfg, kernels, m, cfg.moe_ffn_hidden_size / t, "experts' ",
+    terms.update(mlp_interior_terms(cfg, kernels, m, cfg.moe_ffn_hidden_size / etp, "experts' ",
                                     output_recomputed="moe_act" in modules, refilled=refilled))
     if regrouped:
         terms["combine: expert outputs back in received order (int64)"] = INT64 * m

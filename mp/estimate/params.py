@@ -53,12 +53,13 @@ projections (whole on every TP rank), the latents' norms (replicated) and its up
 
 A mixture-of-experts layer (`mp.model.moe`) holds, instead of the MLP, a router ``[E, h]``
 (replicated; and a bias ``[E]`` with ``moe_router_bias``), its ``E / EP`` experts (each an
-MLP ``moe_ffn_hidden_size`` wide split over TP as the dense one is, their weights stacked into
-one tensor per kind) and a shared expert's MLP when there is one. The experts' gradients are
-reduced over the expert-data-parallel ranks (DP x CP / EP), so the distributed optimizer
-divides their state by that instead. A router's expert bias (``moe_router_enable_expert_bias``)
-is an fp32 weight that is not trained: it has no gradient and no optimizer state, and it is not
-in ``total``.
+MLP ``moe_ffn_hidden_size`` wide split over ETP, TP as the dense one is or with
+``expert_tensor_parallel_size=1`` whole, their weights stacked into one tensor per kind) and a
+shared expert's MLP when there is one. The experts' gradients are reduced over the
+expert-data-parallel ranks (EDP = TP x DP x CP / (ETP x EP): DP x CP / EP at ETP = TP), so
+the distributed optimizer divides their state by that instead. A router's expert bias
+(``moe_router_enable_expert_bias``) is an fp32 weight that is not trained: it has no gradient
+and no optimizer state, and it is not in ``total``.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from mp.estimate.setup import Setup
+from mp.estimate.storage import expert_tensor_parallel_size
 from mp.model.config import TransformerConfig
 from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
 
@@ -107,7 +109,7 @@ class RankParams:
     output_layer: int  # untied output weight, or the last stage's copy of a tied one (none
     # when multi-token prediction's embedding copy serves it)
     tensors: int  # how many trained parameter tensors (AdamW keeps a step counter for each)
-    experts: int = 0  # of ``layers`` and ``mtp``: the experts' (reduced over DP x CP / EP)
+    experts: int = 0  # of ``layers`` and ``mtp``: the experts' (reduced over EDP)
     expert_bias: int = 0  # the routers' untrained fp32 expert biases, beside ``total``
     mtp: int = 0  # multi-token prediction's depths (`mtp_params`), on the last stage
     matrices: int = 0  # of ``layers`` and ``mtp``: the matrices' (`Count`; Muon's, when it
@@ -127,33 +129,33 @@ def norm_params(cfg: TransformerConfig, size: int | None = None) -> Count:
 
 
 def _linear(cfg: TransformerConfig, in_size: int, out_size: int, shard_out: bool,
-            bias: bool = False) -> Count:
-    """`Count` of a column- (``shard_out``) or row-parallel linear on one rank,
-    with a bias under ``add_bias_linear`` (or ``bias``: the QKV projection's under
+            bias: bool = False, t: int | None = None) -> Count:
+    """`Count` of a column- (``shard_out``) or row-parallel linear on one rank of ``t`` (default
+    TP), with a bias under ``add_bias_linear`` (or ``bias``: the QKV projection's under
     ``add_qkv_bias``). A column-parallel bias is sharded with its outputs; a row-parallel one
     is replicated."""
-    t = cfg.tensor_model_parallel_size
+    t = cfg.tensor_model_parallel_size if t is None else t
     weight = _matrix(in_size * out_size // t)
     if not (cfg.add_bias_linear or bias):
         return weight
     return _sum([weight, Count(out_size // t if shard_out else out_size, 1)])
 
 
-def _mlp(cfg: TransformerConfig, width: int) -> Count:
-    """`Count` of an MLP ``width`` wide on one TP rank: fc1 (and SwiGLU's gate)
-    column-parallel, fc2 row-parallel."""
+def _mlp(cfg: TransformerConfig, width: int, t: int | None = None) -> Count:
+    """`Count` of an MLP ``width`` wide on one of ``t`` ranks (default TP): fc1 (and SwiGLU's
+    gate) column-parallel, fc2 row-parallel."""
     h = cfg.hidden_size
-    parts = [_linear(cfg, h, width, True), _linear(cfg, width, h, False)]
+    parts = [_linear(cfg, h, width, True, t=t), _linear(cfg, width, h, False, t=t)]
     if cfg.gated_linear_unit:
-        parts.append(_linear(cfg, h, width, True))
+        parts.append(_linear(cfg, h, width, True, t=t))
     return _sum(parts)
 
 
 def expert_params(cfg: TransformerConfig) -> Count:
     """`Count` of the experts one rank holds in a mixture-of-experts layer: ``E / EP`` MLPs
-    ``moe_ffn_hidden_size`` wide, stacked (one tensor per weight kind; Muon updates each
-    expert's matrix, AdamW the stacked biases)."""
-    mlp = _mlp(cfg, cfg.moe_ffn_hidden_size)
+    ``moe_ffn_hidden_size`` wide split over ETP (`expert_tensor_parallel_size`), stacked (one
+    tensor per weight kind; Muon updates each expert's matrix, AdamW the stacked biases)."""
+    mlp = _mlp(cfg, cfg.moe_ffn_hidden_size, expert_tensor_parallel_size(cfg))
     experts = cfg.num_moe_experts // cfg.expert_model_parallel_size
     return mlp._replace(elements=experts * mlp.elements,
                         matrix_elements=experts * mlp.matrix_elements)

@@ -175,7 +175,8 @@ def _step_section(est: Estimate) -> str:
         ("compute", st.compute), ("TP comm", st.tp_comm),
         *((("CP comm", st.cp_comm),) if est.setup.cp > 1 else ()),
         *((("EP comm", st.ep_comm),) if est.setup.ep > 1 else ()), ("PP comm", st.pp_comm),
-        ("bubble", st.bubble), ("grad sync", st.grad_sync), ("optimizer", st.optimizer)))
+        ("bubble", st.bubble), ("grad sync", st.grad_sync), ("optimizer", st.optimizer),
+        *((("Newton-Schulz", st.newton_schulz),) if est.setup.optimizer == "muon" else ())))
     return (f"Step time {st.total:.3f} s at {est.efficiency:.0%} of {est.gpu.peak_tflops:g} "
             f"TFLOP/s ({parts}); {est.tokens_per_second:,.0f} tokens/s, MFU {est.mfu:.1%}, "
             f"bubble {est.bubble_fraction:.1%}")

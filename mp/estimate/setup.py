@@ -15,8 +15,10 @@ from mp.instance_layout import check_instances
 
 #: Bytes per element of an AdamW moment stored in each dtype (the precision-aware optimizer).
 STATE_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+from mp.estimate.storage import expert_tensor_parallel_size
 from mp.model.config import TransformerConfig
 from mp.model.pipeline_split import uneven_stages_text
+from mp.optim.muon import MuonSettings
 from mp.optim.update_rules import OPTIMIZERS
 
 
@@ -26,8 +28,9 @@ class Setup:
 
     Args:
         model: shape, TP/CP/PP/virtual-stage sizes, sequence parallelism, recompute,
-            precision; for a mixture-of-experts model the experts and EP (which divides
-            DP x CP: the expert-parallel ranks are data-parallel ones).
+            precision; for a mixture-of-experts model the experts, EP and ETP (ETP x EP
+            divides TP x DP x CP: the experts' ranks are a stage's; with ETP = TP, EP divides
+            DP x CP).
         data_parallel_size: DP; the job runs on ``TP x CP x PP x DP`` GPUs.
         micro_batch_size: sequences per micro-batch on one data-parallel rank.
         num_microbatches: micro-batches per iteration on each data-parallel rank
@@ -49,6 +52,9 @@ class Setup:
         fully_sharded: FSDP2 (Megatron's ``--use-torch-fsdp2``, `mp.distributed.torch_fsdp2`):
             weights, gradients and optimizer state sharded over DP x CP, the weights gathered
             for each forward; ``reshard_after_forward`` gathers them again for each backward.
+        muon: Muon's settings (`mp.optim.MuonSettings`, the job's ``muon_*`` keys): its
+            Newton-Schulz steps, TP mode, QKV split and matmul precision set the step's
+            matrix products (`mp.estimate.newton_schulz`).
     """
 
     model: TransformerConfig
@@ -63,6 +69,7 @@ class Setup:
     optimizer: str = "adam"
     fully_sharded: bool = False
     reshard_after_forward: bool = True
+    muon: MuonSettings = MuonSettings()
 
     def __post_init__(self):
         if self.fully_sharded and (self.distributed_optimizer or self.ep > 1
@@ -101,15 +108,15 @@ class Setup:
         if self.cp > 1 and self.model.cp_comm_type == "a2a+p2p":
             raise ValueError("cp_comm_type='a2a+p2p' is not estimated yet: estimate a2a or p2p "
                              "at the same context_parallel_size instead")
-        ep, etp = self.model.expert_model_parallel_size, self.model.expert_tensor_parallel_size
-        if etp not in (None, self.model.tensor_model_parallel_size):
-            raise ValueError(f"expert_tensor_parallel_size={etp} != tensor_model_parallel_size="
-                             f"{self.model.tensor_model_parallel_size}: the estimator counts "
-                             "experts split over TP only (ETP = TP)")
-        if self.gradient_group_size % ep:
-            raise ValueError(f"expert_model_parallel_size={ep} does not divide data-parallel x "
-                             f"context-parallel size={self.gradient_group_size}")
-        n = self.distributed_optimizer_instances
+        ep, etp, n = self.ep, self.etp, self.distributed_optimizer_instances
+        if (self.tp * self.gradient_group_size) % (etp * ep):
+            raise ValueError(f"expert_tensor_parallel_size={etp} x expert_model_parallel_size="
+                             f"{ep} does not divide tensor-parallel x data-parallel x "
+                             f"context-parallel size={self.tp * self.gradient_group_size}")
+        if etp != self.tp and n > 1:
+            raise ValueError(f"distributed_optimizer_instances={n} with expert_tensor_parallel_"
+                             f"size={etp} != tensor_model_parallel_size={self.tp}: not "
+                             "supported (the job's rule); use one instance")
         check_instances(n, self.data_parallel_size, self.cp, ep)
         if n > 1 and not self.distributed_optimizer:
             raise ValueError(f"distributed_optimizer_instances={n} needs "
@@ -130,7 +137,8 @@ class Setup:
                    exp_avg_sq_dtype=job.training.exp_avg_sq_dtype,
                    optimizer=job.training.optimizer,
                    fully_sharded=job.training.use_torch_fsdp2,
-                   reshard_after_forward=job.training.torch_fsdp2_reshard_after_forward)
+                   reshard_after_forward=job.training.torch_fsdp2_reshard_after_forward,
+                   muon=job.training.muon_settings)
 
     # --- derived sizes ---------------------------------------------------------------------
 
@@ -167,10 +175,17 @@ class Setup:
         return self.model.expert_model_parallel_size
 
     @property
+    def etp(self) -> int:
+        """Expert tensor-parallel size: the ranks that split each expert, TP or 1
+        (`mp.estimate.storage.expert_tensor_parallel_size`)."""
+        return expert_tensor_parallel_size(self.model)
+
+    @property
     def expert_data_parallel_size(self) -> int:
         """The ranks holding the same experts, which reduce their gradients and share their
-        distributed optimizer state: DP x CP / EP (`mp.parallel_state`'s expert layout)."""
-        return self.gradient_group_size // self.ep
+        distributed optimizer state: TP x DP x CP / (ETP x EP), DP x CP / EP with ETP = TP
+        (`mp.parallel_state`'s expert layout)."""
+        return self.tp * self.gradient_group_size // (self.etp * self.ep)
 
     @property
     def optimizer_shard_size(self) -> int:
@@ -212,13 +227,14 @@ class Setup:
         Megatron's default, the attention core);
         an uneven pipeline split adds each stage's layers: ``PP2 (v2, layers 34+46)``;
         context parallelism shows as ``TP8 CP4 PP2 DP4``, expert parallelism as
-        ``TP2 PP1 DP8 EP4``."""
+        ``TP2 PP1 DP8 EP4`` (``TP2 PP1 DP8 EP4 ETP1`` with whole experts)."""
         cfg = self.model
         pipeline = ", ".join(part for part in (f"v{self.vpp}" if self.vpp > 1 else "",
                                                uneven_stages_text(cfg.chunk_layer_counts)) if part)
         parts = [f"TP{self.tp}" + (f" CP{self.cp}" if self.cp > 1 else "") + f" PP{self.pp}"
                  + (f" ({pipeline})" if pipeline else "")
-                 + f" DP{self.data_parallel_size}" + (f" EP{self.ep}" if self.ep > 1 else ""),
+                 + f" DP{self.data_parallel_size}" + (f" EP{self.ep}" if self.ep > 1 else "")
+                 + (f" ETP{self.etp}" if self.etp != self.tp else ""),
                  f"mbs {self.micro_batch_size} x {self.num_microbatches}"]
         if cfg.sequence_parallel:
             parts.append("SP")

@@ -19,10 +19,13 @@ The model is deliberately simple, and each part is printed so that it can be arg
 - **optimizer step**: bound by HBM bandwidth: AdamW reads and writes the fp32 master and
   both moments, reads the fp32 gradient and writes the parameter: ``28 + e`` bytes per
   parameter, ``20 + e`` with bf16 or fp16 moments (the state part divided by DP x CP with
-  the distributed optimizer, by DP x CP / EP for the experts'). SGD's one momentum buffer
+  the distributed optimizer, by the experts' EDP for theirs). SGD's one momentum buffer
   and Muon's, for the matrices it updates (`RankParams.matrices`), count 4 bytes where the
-  moments count theirs; Muon's Newton-Schulz matrix products are left out (a few per matrix
-  and step: small beside the micro-batches' compute).
+  moments count theirs.
+- **Newton-Schulz** (Muon): the busiest stage's matrix products of the step
+  (`mp.estimate.newton_schulz`) at ``efficiency`` of the peak: the 16-bit one for the bf16
+  iteration (``muon_fp32_matmul_prec="medium"``), half of it for fp32 products at ``"high"``
+  (TF32, whose dense tensor-core rate is half the 16-bit one on A100 and H100).
 
 The step time is their sum; throughput is ``global batch x s`` tokens over it, and MFU the
 model FLOPs (no recompute) over ``step time x GPUs x peak``.
@@ -36,6 +39,7 @@ from mp.estimate.collective import seconds
 from mp.estimate.comm import collectives
 from mp.estimate.flops import training_flops
 from mp.estimate.hardware import GPUSpec
+from mp.estimate.newton_schulz import newton_schulz_flops
 from mp.estimate.params import rank_params
 from mp.estimate.setup import Setup
 from mp.estimate.storage import FP32, activation_bytes
@@ -44,6 +48,7 @@ DEFAULT_EFFICIENCY = 0.5
 # AdamW per parameter: read the gradient (4); master and moments are read and written
 # (2 x (4 + the moments' bytes), `Setup.moment_bytes`)
 ADAM_GRAD_TRAFFIC = FP32
+TF32_FRACTION = 0.5  # of the 16-bit tensor-core peak (A100, H100 data sheets)
 
 
 @dataclass(frozen=True)
@@ -58,11 +63,12 @@ class StepTime:
     bubble: float  # (p - 1) / v micro-batch times
     grad_sync: float  # gradient reduction and parameter gather not hidden behind backward
     optimizer: float
+    newton_schulz: float = 0.0  # Muon's matrix products in the step
 
     @property
     def total(self) -> float:
         return (self.compute + self.tp_comm + self.cp_comm + self.ep_comm + self.pp_comm
-                + self.bubble + self.grad_sync + self.optimizer)
+                + self.bubble + self.grad_sync + self.optimizer + self.newton_schulz)
 
 
 def stage_compute_seconds(setup: Setup, pp_rank: int, gpu: GPUSpec,
@@ -115,7 +121,16 @@ def step_time(setup: Setup, gpu: GPUSpec, efficiency: float = DEFAULT_EFFICIENCY
                     ep_comm=m * stage.ep, pp_comm=m * stage.pp,
                     bubble=(setup.pp - 1) / setup.vpp * stage.per_microbatch,
                     grad_sync=max(0.0, stage.grad_reduce - backward) + stage.exposed,
-                    optimizer=_optimizer_seconds(setup, gpu))
+                    optimizer=_optimizer_seconds(setup, gpu),
+                    newton_schulz=_newton_schulz_seconds(setup, gpu, efficiency))
+
+
+def _newton_schulz_seconds(setup: Setup, gpu: GPUSpec, efficiency: float) -> float:
+    """Muon's Newton-Schulz products on the busiest stage (module doc)."""
+    rate = gpu.peak_tflops * 1e12 * efficiency
+    if setup.muon.fp32_matmul_prec != "medium":
+        rate *= TF32_FRACTION
+    return max(newton_schulz_flops(setup, r) for r in range(setup.pp)) / rate
 
 
 def _optimizer_seconds(setup: Setup, gpu: GPUSpec) -> float:

@@ -6,7 +6,8 @@ What the kernels save depends on where they run; `Kernels` names the differences
 The sizes: bytes per activation element (`activation_bytes`) and per element of the residual
 stream (`residual_bytes`: fp32 with ``fp32_residual_connection``), the tokens of a micro-batch on
 one rank (`local_tokens`: ``s b``, or ``s b / c`` with context parallelism) and the rows of
-the sequence-parallel regions (`sequence_rows`: ``/ t`` more under SP); the channels per
+the sequence-parallel regions (`sequence_rows`: ``/ t`` more under SP), the ranks that split
+each expert (`expert_tensor_parallel_size`); the channels per
 token of the queries, keys and values the attention takes on one TP rank (`attention_widths`)
 and the width of a query or key head and of a value head (`head_dims`); a norm's saves
 (`norm_terms`, and `norm_weight_terms` for the norms of the residual stream) and a dropout
@@ -174,6 +175,12 @@ def sequence_rows(cfg: TransformerConfig, micro_batch: int) -> float:
     divided by ``t`` with sequence parallelism."""
     rows = local_tokens(cfg, micro_batch)
     return rows / cfg.tensor_model_parallel_size if cfg.sequence_parallel else rows
+
+
+def expert_tensor_parallel_size(cfg: TransformerConfig) -> int:
+    """ETP, the ranks that split each expert: TP (``expert_tensor_parallel_size`` None, the
+    default), or 1 (whole experts under TP > 1, the TP ranks then EP ranks too)."""
+    return cfg.expert_tensor_parallel_size or cfg.tensor_model_parallel_size
 
 
 def head_dims(cfg: TransformerConfig) -> tuple[int, int]:
