@@ -229,11 +229,13 @@ def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int, sp: bool,
                          what="loss curve")
     unchanged = [n for n, p in ref.named_parameters() if torch.equal(p, initial[n])]
     assert not unchanged, f"the reference never updated {unchanged}: the test is too weak"
+    # the weights after AdamW steps: a bias whose gradient is near zero moves by the ratio of
+    # two small numbers (1.1e-5 seen on an AMD EPYC for fc2's bias), hence 3e-5
     for c, chunk in enumerate(chunks):
         first = chunk.config.chunk_layers(pp_rank, c).start
         for name, p in chunk.named_parameters():
             assert_rel_close(p, _shard(p, ref_params[_reference_name(name, first, tied)]),
-                             rtol=1e-5, what=f"final {name}")
+                             rtol=3e-5, what=f"final {name}")
     return pp_rank, [len(chunk.decoder.layers) for chunk in chunks]
 
 

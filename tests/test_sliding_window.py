@@ -91,7 +91,8 @@ def _check_against_reference(core: CoreAttention, queries: int, keys: int, group
     mine = torch.autograd.grad((out * weights).sum(), (q, k, v))
     theirs = torch.autograd.grad((expected * weights.double()).sum(), (q, k, v))
     for name, a, b in zip("qkv", mine, theirs):
-        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6,
+        # fp32 sums of O(1) terms: 1.1e-6 seen on an AMD EPYC where the float64 value is ~0
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=3e-6,
                                    msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
