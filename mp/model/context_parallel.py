@@ -156,7 +156,7 @@ def attention_over_gathered_keys(attend: Callable, q: torch.Tensor, k: torch.Ten
 def gather_query_rows(attention_mask: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """``a2a``'s mask: this CP rank's query rows ``[b, 1, s / c, s]`` -> every row in sequence
     order, ``[b, 1, s, s]``, gathered over the CP group (boolean or additive); ``a2a+p2p``'s,
-    over the a2a group: the rows of its two super-chunks, ``[b, 1, 2 s / P, s]``."""
+    over the a2a group: the rows of its two super-chunks, ``[b, 1, s / P, s]``."""
     rows = attention_mask.movedim(2, 0).contiguous()
     if rows.dtype == torch.bool:  # gloo has no bools
         rows = rows.view(torch.uint8)
@@ -174,7 +174,7 @@ def attention_over_heads(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: 
     ``[b or 1, 1, s, s]`` (`gather_query_rows`). Under ``a2a+p2p`` ``group`` is the a2a
     group (A ranks) and ``attend`` the ring over the p2p group: the tokens traded are the
     group's, super-chunks ``g`` and ``2P - 1 - g`` (module doc), and a mask has their rows,
-    ``[b or 1, 1, 2 s / P, s]``."""
+    ``[b or 1, 1, s / P, s]``."""
     cp = dist.get_world_size(group)
     q, k, v = (_in_sequence_order(all_to_all(t, 2, 0, group), cp) for t in (q, k, v))
     context = attend(q, k, v, attention_mask)  # [s, b, np / c * d], causal
