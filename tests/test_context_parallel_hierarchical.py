@@ -10,7 +10,7 @@ consecutive CP ranks, the ring across the P groups.
   of q, k, v and the sinks' logits, with grouped queries, windows and document masks.
 - A GPT at CP 4 and TP 2 x CP 2 equals one process on the same weights (per-token losses and
   every gradient, `test_context_parallel`'s check).
-- The config's rules, the Megatron flag, and the estimator's refusal.
+- The config's rules, the Megatron flag, and the estimate's exchanges over each level.
 """
 
 import pytest
@@ -22,7 +22,7 @@ from test_context_parallel_sinks import HEADS, _check_core
 
 from mp import parallel_state as ps
 from mp.config import parse_args
-from mp.estimate import Setup
+from mp.estimate import Setup, collectives
 from mp.model import TransformerConfig
 
 TINY = "configs/gpt-tiny.yaml"
@@ -140,11 +140,14 @@ def test_config_refuses(overrides, match):
         _config(**overrides)
 
 
-def test_megatron_flags_and_the_estimators_refusal():
+def test_megatron_flags_and_the_estimate():
     cfg = parse_args(["--config", TINY, "--tensor-model-parallel-size", "1",
                       "--context-parallel-size", "4", "--cp-comm-type", "a2a+p2p",
                       "--hierarchical-context-parallel-sizes", "2", "2"], world_size=4)
     assert cfg.model.cp_comm_type == "a2a+p2p"
     assert cfg.model.hierarchical_context_parallel_sizes == [2, 2]
-    with pytest.raises(ValueError, match="cp_comm_type='a2a\\+p2p' is not estimated yet"):
-        Setup(_config(), data_parallel_size=1, micro_batch_size=1, num_microbatches=1)
+    setup = Setup(_config(), data_parallel_size=1, micro_batch_size=1, num_microbatches=1)
+    # the all-to-alls over the a2a group, the ring over the p2p group
+    # (tests/test_estimate_hierarchical_cp.py checks the bytes)
+    assert {(c.kind, c.group) for c in collectives(setup, 0) if c.group.startswith("cp_")} == {
+        ("all_to_all", "cp_a2a"), ("send", "cp_p2p"), ("recv", "cp_p2p")}

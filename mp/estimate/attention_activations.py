@@ -11,7 +11,9 @@ the keys and values of the whole sequence and attends in two query chunks (`rank
 Both keep each attention call's output apart from the projection's input. ``p2p``'s ring
 attention keeps its q, k, v inputs as they come, its output (the projection's input) and an
 fp32 log-sum-exp per query: CP 1's terms for ``s / c`` tokens, with SDPA's core whatever the
-backend.
+backend. ``a2a+p2p`` (``A x P = c``, `exchange_sizes`) saves ``a2a``'s exchanged q, k, v, for
+``s / P`` tokens of ``a / (t A)`` heads, which its ring keeps with its output (kept apart
+from the projection's input, which the all-to-all back makes) and log-sum-exp.
 
 A layer with a sliding window (``cfg.attention_window``; `layer_terms`' ``layer``) attends
 through an explicit mask in each attention call whose keys reach past the window, in place of
@@ -51,7 +53,12 @@ the SDPA kernel that takes them (`sdpa_kernel`); with attention sinks it is refu
 
 from __future__ import annotations
 
-from mp.estimate.attention_calls import AttentionCall, rank_calls, tile_mask_name
+from mp.estimate.attention_calls import (
+    AttentionCall,
+    exchange_sizes,
+    rank_calls,
+    tile_mask_name,
+)
 from mp.estimate.mla import mla_qkv_terms
 from mp.estimate.storage import (
     FP32,
@@ -68,9 +75,9 @@ from mp.model.config import TransformerConfig
 
 def attention_heads(cfg: TransformerConfig) -> int:
     """Query heads one rank attends with: ``a / t``, or ``a / (t c)`` when ``a2a`` context
-    parallelism trades its tokens of every head for every token of some heads."""
-    heads = cfg.num_attention_heads // cfg.tensor_model_parallel_size
-    return heads // cfg.context_parallel_size if cfg.cp_comm_type == "a2a" else heads
+    parallelism trades its tokens of every head for every token of some heads (``a / (t
+    A)`` under ``a2a+p2p``)."""
+    return cfg.num_attention_heads // cfg.tensor_model_parallel_size // exchange_sizes(cfg)[0]
 
 
 def core_head_dims(cfg: TransformerConfig) -> tuple[int, int]:
@@ -100,10 +107,9 @@ def sdpa_kernel(cfg: TransformerConfig, kernels: Kernels, masked: bool = False) 
     (multi-latent attention, CPU) only that way; ``"efficient"`` (memory-efficient) for such
     values on CUDA. ``masked``: the call takes a sliding window's explicit mask (its own or a
     tile's view of the shared one), which CUDA's flash kernel refuses
-    (``kernels.sdpa_mask_kernel``). None too under ``p2p`` context
+    (``kernels.sdpa_mask_kernel``). None too under ``p2p`` and ``a2a+p2p`` context
     parallelism, whose ring attention runs its own (and saves what flash does)."""
-    ring = cfg.context_parallel_size > 1 and cfg.cp_comm_type == "p2p"
-    if cfg.attention_backend != "sdpa" or ring:
+    if cfg.attention_backend != "sdpa" or exchange_sizes(cfg)[1] > 1:
         return None
     qk, v = head_dims(cfg)
     if qk != v:
@@ -137,8 +143,12 @@ def attention_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
                          "attention's queries, keys and values")
     if rope is None:
         rope = cfg.position_embedding_type == "rope"
+    if cfg.multi_latent_attention and cfg.cp_comm_type == "a2a+p2p":
+        raise ValueError("multi_latent_attention with cp_comm_type='a2a+p2p': the activation "
+                         "estimate does not model multi-latent attention's queries, keys and "
+                         "values exchanged for its ring")
     core, up_proj = "core_attn" in modules, "mla_up_proj" in modules
-    ring = cfg.context_parallel_size > 1 and cfg.cp_comm_type == "p2p"
+    ring = exchange_sizes(cfg)[1] > 1
     if cfg.softmax_type != "vanilla" and not (core or ring):
         calls = sink_calls(calls)
     math_core = sdpa_kernel(cfg, kernels) == "math" and not core
@@ -162,7 +172,8 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
     zero-centred ones) or ``qk_l2_norm``'s (`_l2_norm_terms`). With context parallelism the
     attention reads the keys and values of the whole sequence, gathered over CP: copies, so
     the QKV output stays saved only through the queries that view it; with ``a2a`` the
-    attention reads copies of all three, exchanged for every token of its heads. The math
+    attention reads copies of all three, exchanged for every token of its heads (under
+    ``a2a+p2p`` for the ring's ``s / P`` tokens, which it keeps). The math
     core's copies and the unfused core's repeated keys and values are made per call of
     ``calls`` (a window's tiles overlap in keys)."""
     e, t = activation_bytes(cfg), cfg.tensor_model_parallel_size
@@ -172,9 +183,10 @@ def _qkv_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, math_
     keys = micro_batch * sum(c.keys for c in calls)
     heads, (qk_width, v_width) = attention_heads(cfg), core_head_dims(cfg)
     split = cfg.context_parallel_size > 1 and not core_recomputed  # else with the core
+    heads_shared, ring_size = exchange_sizes(cfg)
     gathered = split and cfg.cp_comm_type == "all_gather"
-    exchanged = split and cfg.cp_comm_type == "a2a"
-    ring = split and cfg.cp_comm_type == "p2p"  # saves its q, k, v inputs, as they come
+    exchanged = split and heads_shared > 1  # a2a+p2p's ring saves the exchanged copies
+    ring = split and ring_size > 1  # saves its q, k, v inputs, as they come
     # the sinks' padded copies of q, k, v replace every other input of the core's
     padded = cfg.softmax_type != "vanilla" and not (core_recomputed or ring)
     q, kv = cfg.query_projection_size, cfg.num_query_groups * cfg.kv_channels
@@ -253,11 +265,15 @@ def _attention_core(cfg: TransformerConfig, micro_batch: int, kernels: Kernels,
     (the tiles' shared mask is ``[T, T + W]``, `mp.model.attention_masks.window_tile`)."""
     e = activation_bytes(cfg)
     heads = attention_heads(cfg)
-    if cfg.context_parallel_size > 1 and cfg.cp_comm_type == "p2p":  # ring attention keeps
-        # the output it returns (the projection's input) and an fp32 log-sum-exp per query;
-        # it masks by distance, keeping no mask; the sinks' logits (a parameter, but
-        # off-by-one's fp32 zeros)
-        core = {"softmax log-sum-exp": FP32 * heads * local_tokens(cfg, micro_batch)}
+    heads_shared, ring_size = exchange_sizes(cfg)
+    if ring_size > 1:  # ring attention keeps the output it returns (p2p: the projection's
+        # input; a2a+p2p: exchanged back into another) and an fp32 log-sum-exp per query of
+        # its s / P tokens; it masks by distance, keeping no mask; the sinks' logits (a
+        # parameter, but off-by-one's fp32 zeros)
+        rows = heads_shared * local_tokens(cfg, micro_batch)
+        core = {"softmax log-sum-exp": FP32 * heads * rows}
+        if heads_shared > 1:
+            core["attention output before its exchange"] = e * rows * heads * head_dims(cfg)[1]
         if cfg.softmax_type == "off-by-one":
             core["off-by-one sink logits (fp32 zeros)"] = FP32 * heads
         return core

@@ -2,7 +2,8 @@
 ``(queries, keys)`` calls each CP rank makes for one sequence, through which mask, as
 `mp.model.attention.CoreAttention` makes them under a sliding window (one call, or tiles of
 `mp.model.attention_masks.window_tile` queries through one shared tile mask), and that shared
-mask counted once for the layers held together."""
+mask counted once for the layers held together; how many CP ranks share the heads and how
+many pass the ring's blocks (`exchange_sizes`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,21 @@ class AttentionCall(NamedTuple):
     mask: str
 
 
+def exchange_sizes(cfg: TransformerConfig) -> tuple[int, int]:
+    """``(A, P)``: the CP ranks whose all-to-all trades tokens for heads and those around the
+    ring, as `mp.model.context_parallel.exchange_groups` forms them: ``(c, 1)`` under
+    ``a2a``, ``(1, c)`` under ``p2p``, ``hierarchical_context_parallel_sizes`` under
+    ``a2a+p2p`` (``[1, c]`` is ``p2p``, ``[c, 1]`` ``a2a``), ``(1, 1)`` without CP and under
+    ``all_gather``."""
+    c, comm = cfg.context_parallel_size, cfg.cp_comm_type
+    if c == 1 or comm == "all_gather":
+        return 1, 1
+    if comm == "a2a+p2p":
+        a2a, p2p = cfg.hierarchical_context_parallel_sizes
+        return a2a, p2p
+    return (c, 1) if comm == "a2a" else (1, c)
+
+
 def rank_calls(cfg: TransformerConfig, window: int | None = None
                ) -> list[list[AttentionCall]]:
     """The attention calls of each CP rank that may save the most for one sequence, under a
@@ -35,11 +51,13 @@ def rank_calls(cfg: TransformerConfig, window: int | None = None
     CP rank ``r``'s ``[(L, (r + 1) L), (L, (2c - r) L)]``, for every rank (rank 0's first
     chunk is square, but under a window its tiles near the start copy their masks); each
     attended as `window_calls` says. No
-    calls under ``p2p``: its ring attention runs no core (`mp.model.ring_attention`)."""
+    calls under ``p2p`` and ``a2a+p2p``: their ring attention runs no core
+    (`mp.model.ring_attention`)."""
     s, c = cfg.seq_length, cfg.context_parallel_size
-    if c > 1 and cfg.cp_comm_type == "p2p":
+    heads, ring = exchange_sizes(cfg)
+    if ring > 1:
         return [[]]
-    if c == 1 or cfg.cp_comm_type == "a2a":
+    if heads > 1 or c == 1:
         return [window_calls(s, s, window)]
     chunk = s // (2 * c)
     return [window_calls(chunk, (r + 1) * chunk, window)

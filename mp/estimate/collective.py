@@ -12,16 +12,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mp.estimate.attention_calls import exchange_sizes
 from mp.estimate.hardware import GPUSpec
 from mp.estimate.setup import Setup
 
 FP64 = 8
-GROUPS = ("tp", "cp", "dp", "dp_cp", "ep", "edp", "expert_norm", "pp", "embedding", "mp",
-          "world", "intra_dp_cp", "intra_edp", "inter_dist_opt", "intra_dist_opt")  # the last
-# four: the distributed optimizer's instances; ``expert_norm`` the EP ranks at one TP rank
-# (`mp.parallel_state.get_expert_grad_norm_group`)
+GROUPS = ("tp", "cp", "cp_a2a", "cp_p2p", "dp", "dp_cp", "ep", "edp", "expert_norm", "pp",
+          "embedding", "mp", "world", "intra_dp_cp", "intra_edp", "inter_dist_opt",
+          "intra_dist_opt")  # the last four: the distributed optimizer's instances;
+# ``expert_norm`` the EP ranks at one TP rank (`mp.parallel_state.get_expert_grad_norm_group`);
+# ``cp_a2a`` and ``cp_p2p`` ``a2a+p2p``'s levels
+# (`mp.parallel_state.get_hierarchical_context_parallel_groups`)
 WIRE_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
                "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
+               "broadcast": lambda n: (n - 1) / n,  # the layer-wise optimizer's owners'
                "send": lambda n: 1.0,
                "recv": lambda n: 0.0}  # a send's bytes are on the wire once, counted at send
 
@@ -37,7 +41,9 @@ class Collective:
 
 
 def group_size(setup: Setup, group: str) -> int:
-    return {"tp": setup.tp, "cp": setup.cp, "dp": setup.data_parallel_size,
+    heads, ring = exchange_sizes(setup.model)
+    return {"tp": setup.tp, "cp": setup.cp, "cp_a2a": heads, "cp_p2p": ring,
+            "dp": setup.data_parallel_size,
             "dp_cp": setup.gradient_group_size, "ep": setup.ep,
             "edp": setup.expert_data_parallel_size,
             "expert_norm": setup.ep * setup.etp // setup.tp, "pp": setup.pp, "embedding": 2,
@@ -50,12 +56,15 @@ def group_size(setup: Setup, group: str) -> int:
 
 def group_bandwidth(setup: Setup, group: str, gpu: GPUSpec) -> float:
     """Bytes/s per rank for ``group``'s traffic: NVLink when the whole group shares a node
-    (ranks are laid out TP fastest, then CP, then DP, then PP; the expert-parallel ranks
-    are the data-parallel ranks next to each other, or with whole experts, ETP 1, EP
-    consecutive ranks), InfiniBand otherwise."""
+    (ranks are laid out TP fastest, then CP, then DP, then PP; ``a2a+p2p``'s a2a group is A
+    consecutive CP ranks, its p2p group every A-th one, across the CP group; the
+    expert-parallel ranks are the data-parallel ranks next to each other, or with whole
+    experts, ETP 1, EP consecutive ranks), InfiniBand otherwise."""
     data = setup.tp * setup.cp * setup.data_parallel_size
     experts = setup.etp * setup.ep  # one copy of a stage's experts
-    span = {"tp": setup.tp, "cp": setup.tp * setup.cp, "dp": data, "dp_cp": data,
+    span = {"tp": setup.tp, "cp": setup.tp * setup.cp,
+            "cp_a2a": setup.tp * exchange_sizes(setup.model)[0], "cp_p2p": setup.tp * setup.cp,
+            "dp": data, "dp_cp": data,
             "ep": experts, "edp": data, "expert_norm": experts,
             "pp": setup.world_size, "embedding": setup.world_size,
             "mp": setup.world_size, "world": setup.world_size,

@@ -8,6 +8,8 @@ parameters):
 
 - TP and CP: `mp.estimate.model_comm` (the layers', embedding's, output layer's and loss's
   calls).
+- Muon over TP (``muon_tp_mode`` duplicated or distributed), once:
+  `mp.estimate.newton_schulz.tp_mode_collectives`.
 - Mixture of experts: `mp.estimate.expert_comm` (the tokens' exchanges, the routers' sums).
 - DP, once: the gradient buffer, ``g P`` all-reduced; with the distributed optimizer
   reduce-scattered, then the updated parameters (``e P``) all-gathered, but for the word
@@ -16,7 +18,10 @@ parameters):
   distributed-optimizer instances the reduce-scatter and the all-gather run inside the
   instance (``intra_dp_cp``, DP x CP / N ranks; experts ``intra_edp``, EDP / N), and each
   rank's reduced shard, ``g P / (DP x CP / N)``, is all-reduced across the instances
-  (``inter_dist_opt``, N ranks; the experts' shard too).
+  (``inter_dist_opt``, N ranks; the experts' shard too). Muon's layer-wise distributed
+  optimizer (`mp.optim.layer_wise`) all-reduces the gradients as without it, then each owner
+  broadcasts its updated parameters, one flat tensor per owner and dtype over DP (x CP), the
+  experts' over EDP: ``e P`` a rank over the group's broadcasts, as an all-gather's output.
 - PP: each chunk's output forward and its gradient backward, ``e s b h`` (``/ t`` with SP;
   ``e`` = 4 with ``fp32_residual_connection``, whose residual stream the stages send);
   once per iteration, the word-embedding gradients of the first stage and the last stage's
@@ -56,6 +61,7 @@ from mp.estimate.model_comm import (
     stage_layers,
     tensor_parallel_collectives,
 )
+from mp.estimate.newton_schulz import tp_mode_collectives
 from mp.estimate.params import rank_params
 from mp.estimate.setup import Setup
 from mp.estimate.storage import (
@@ -76,7 +82,7 @@ def collectives(setup: Setup, pp_rank: int = 0, logging: bool = False) -> list[C
     cfg = setup.model
     out: list[Collective] = []
     if setup.tp > 1:
-        out += tensor_parallel_collectives(setup, pp_rank)
+        out += tensor_parallel_collectives(setup, pp_rank) + tp_mode_collectives(setup, pp_rank)
     if setup.cp > 1:
         out += context_parallel_collectives(setup, pp_rank)
     moe_layers, moe_forwards = stage_layers(setup, pp_rank)[True]
@@ -123,8 +129,11 @@ def _data_parallel(setup: Setup, pp_rank: int) -> list[Collective]:
             continue
         shard_group = intra if several else group
         grads = setup.grad_bytes * elements
-        if not setup.distributed_optimizer:
+        if not setup.distributed_optimizer or setup.optimizer == "muon":
             out.append(Collective(f"{what}gradients", "all_reduce", group, grads))
+            if setup.distributed_optimizer:  # layer-wise: the owners broadcast their updates
+                out.append(Collective(f"updated {what}parameters (layer-wise optimizer)",
+                                      "broadcast", group, activation_bytes(cfg) * elements))
             continue
         sharded = grads - setup.grad_bytes * (synced if not what else 0)
         if shard_size > 1:

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 
 from mp.estimate.activations import layer_halves, layer_terms
 from mp.estimate.attention_activations import attention_heads
-from mp.estimate.attention_calls import split_tile_masks
+from mp.estimate.attention_calls import exchange_sizes, split_tile_masks
 from mp.estimate.mtp import mtp_saves
 from mp.estimate.params import (
     RankParams,
@@ -220,13 +220,13 @@ def _layers_terms(cfg: TransformerConfig, micro_batch: int, kernels: Kernels, la
 
 
 def ring_working_set(cfg: TransformerConfig, micro_batch: int) -> float:
-    """The block of scores ``p2p``'s ring attention works on at once
-    (`mp.model.ring_attention.tile_bytes`); 0 for the other exchanges, whose kernels keep
-    theirs within the saved terms."""
-    cp = cfg.context_parallel_size
-    if cp == 1 or cfg.cp_comm_type != "p2p":
+    """The block of scores ``p2p``'s (and ``a2a+p2p``'s) ring attention works on at once
+    (`mp.model.ring_attention.tile_bytes`, chunks of ``s / 2P`` keys); 0 for the other
+    exchanges, whose kernels keep theirs within the saved terms."""
+    ring = exchange_sizes(cfg)[1]
+    if ring == 1:
         return 0.0
-    return tile_bytes(micro_batch, attention_heads(cfg), cfg.seq_length // (2 * cp),
+    return tile_bytes(micro_batch, attention_heads(cfg), cfg.seq_length // (2 * ring),
                       element_bytes=activation_bytes(cfg))
 
 

@@ -41,8 +41,13 @@ transformer layer (QKV, fc1, and SwiGLU's gate), two row-parallel ones (attentio
   output, ``[s / c, b, (q + 2 g d + q) / t]`` in all, in every forward and the same in
   backward; with ``p2p`` (ring attention) each forward sends its K and V blocks, ``[s / c,
   b, g d / t]`` each, on ``c - 1`` times, and backward sends them ``c - 1`` times with their
-  fp32 gradients ``c`` times (the last brings the gradients home). The last stage
-  all-reduces each micro-batch's loss sum and token count (two fp32 values) over CP.
+  fp32 gradients ``c`` times (the last brings the gradients home); with ``a2a+p2p`` (``A x
+  P = c``) both: ``a2a``'s all-to-alls, as many bytes, over the A ranks of its a2a group
+  (``cp_a2a``: their tokens of ``1 / A`` of the heads for the rank's ``s / c`` tokens of
+  every head), and ``p2p``'s ring over the P ranks of its p2p group (``cp_p2p``) with ``P``
+  in place of ``c``, its blocks, ``s / P`` tokens of ``1 / A`` of the key/value heads, as
+  large as ``p2p``'s. The last stage all-reduces each micro-batch's loss sum and token count
+  (two fp32 values) over CP.
 
 Bytes follow `mp.estimate.measure` (`mp.estimate.comm`'s doc); every row is checked against mp's
 code.
@@ -50,6 +55,7 @@ code.
 
 from __future__ import annotations
 
+from mp.estimate.attention_calls import exchange_sizes
 from mp.estimate.collective import Collective
 from mp.estimate.mla import tensor_parallel_channels
 from mp.estimate.mtp import (
@@ -194,17 +200,21 @@ def context_parallel_collectives(setup: Setup, pp_rank: int) -> list[Collective]
     e, b = activation_bytes(cfg), setup.micro_batch_size
     q, k, v = attention_widths(cfg)  # channels per token on the rank
     kv_block = local_tokens(cfg, b) * (k + v)
-    if cfg.cp_comm_type == "a2a":  # q, k, v, then the attention output; back in backward
+    heads, ring = exchange_sizes(cfg)  # the CP ranks of the all-to-all, of the ring
+    hierarchical = heads > 1 and ring > 1  # a2a+p2p: each over its level's group
+    out = []
+    if heads > 1:  # q, k, v, then the attention output; back in backward
         exchanged = (e * local_tokens(cfg, b)
                      * (q + k + v + cfg.query_projection_size / setup.tp))
-        out = [Collective("Q, K, V and attention output (heads for tokens)", "all_to_all", "cp",
-                          m * (forwards + layers) * exchanged)]
-    elif cfg.cp_comm_type == "p2p":  # K and V blocks around the ring, then their gradients
-        c = setup.cp
-        ring = m * kv_block * ((forwards + layers) * (c - 1) * e + layers * c * FP32)
-        out = [Collective("K, V blocks and their gradients (ring)", kind, "cp", ring)
-               for kind in ("send", "recv")]
-    else:
+        out.append(Collective("Q, K, V and attention output (heads for tokens)", "all_to_all",
+                              "cp_a2a" if hierarchical else "cp",
+                              m * (forwards + layers) * exchanged))
+    if ring > 1:  # K and V blocks around the ring, then their gradients
+        sent = m * kv_block * ((forwards + layers) * (ring - 1) * e + layers * ring * FP32)
+        out += [Collective("K, V blocks and their gradients (ring)", kind,
+                           "cp_p2p" if hierarchical else "cp", sent)
+                for kind in ("send", "recv")]
+    if heads == ring == 1:
         keys = e * cfg.seq_length * b * (k + v)  # the whole sequence's
         out = [Collective("keys and values", "all_gather", "cp", m * forwards * keys),
                Collective("key and value gradients", "reduce_scatter", "cp",

@@ -29,7 +29,9 @@ With the distributed optimizer (`mp.optim.DistributedOptimizer`) the optimizer c
 divided by DP (by DP x CP with context parallelism: the ranks that reduce gradients
 together): ``6 + 12 / DP`` bytes for bf16 (Megatron's table), leaving out each bucket's
 padding to a multiple of DP elements and the per-shard step counters
-(``tests/test_distrib_optimizer.py`` counts both).
+(``tests/test_distrib_optimizer.py`` counts both). With Muon the distributed optimizer is
+the layer-wise one (`mp.estimate.layer_wise`): whole parameters dealt over DP x CP, each rank
+keeping the state of its own; the optimizer column is then the busiest rank's.
 
 Under FSDP (`mp.distributed.torch_fsdp2`, ``Setup.fully_sharded``) every parameter is an
 fp32 shard, its own master, over DP x CP ranks, and so are its gradient and moments: ``16 / (DP
@@ -115,6 +117,7 @@ class RankParams:
     matrices: int = 0  # of ``layers`` and ``mtp``: the matrices' (`Count`; Muon's, when it
     # is the optimizer: the rest, embeddings and output layer included, takes AdamW)
     matrix_tensors: int = 0  # how many tensors hold them
+    pp_rank: int = 0  # the stage (the layer-wise optimizer deals its parameters in order)
 
     @property
     def total(self) -> int:
@@ -268,7 +271,8 @@ def rank_params(cfg: TransformerConfig, pp_rank: int = 0) -> RankParams:
                       tensors=tensors + trained.tensors,
                       experts=moe_layers * expert_params(cfg).elements if moe_layers else 0,
                       expert_bias=moe_layers * bias, mtp=mtp.elements,
-                      matrices=trained.matrix_elements, matrix_tensors=trained.matrices)
+                      matrices=trained.matrix_elements, matrix_tensors=trained.matrices,
+                      pp_rank=pp_rank)
 
 
 def model_params(cfg: TransformerConfig) -> int:
@@ -308,7 +312,10 @@ def state_bytes(setup: Setup, params: RankParams) -> StateBytes:
                           grads=FP32 * shard, optimizer=setup.moment_bytes * shard
                           + params.tensors * _step_counter_bytes(setup))
     master = 0 if setup.model.precision == "fp32" else FP32
-    if setup.distributed_optimizer:
+    if setup.distributed_optimizer and setup.optimizer == "muon":  # whole parameters, dealt
+        from mp.estimate.layer_wise import busiest_state_bytes  # it imports this module
+        optimizer = busiest_state_bytes(setup, params.pp_rank)
+    elif setup.distributed_optimizer:
         dense = n - params.experts
         optimizer = (master + setup.moment_bytes) * (
             dense / setup.optimizer_shard_size + params.experts / setup.expert_optimizer_shard_size)

@@ -185,9 +185,9 @@ def _step_section(est: Estimate) -> str:
 def format_plan(result: PlanResult, top: int = 10) -> str:
     """The fastest ``top`` layouts that fit, as a table (with a ``split`` column, the
     pipeline's `mp.estimate.planner.PIPELINE_SPLITS` name, when one of them is uneven, a
-    ``CP`` column when one of them is context-parallel: ``4``, or ``4/a2a``, ``4/p2p`` for
-    those exchanges, and an ``EP`` column when one of them is expert-parallel; the
-    ``recompute`` column is `mp.estimate.planner.recompute_mode`'s)."""
+    ``CP`` column when one of them is context-parallel: ``4``, or ``4/a2a``, ``4/p2p``,
+    ``4/a2a+p2p 2x2`` (``[A, P]``) for those exchanges, and an ``EP`` column when one of them
+    is expert-parallel; the ``recompute`` column is `mp.estimate.planner.recompute_mode`'s)."""
     if not result.fitting:
         return (f"none of the {result.valid} valid layouts fits in memory; try more GPUs, "
                 "recompute, or a smaller micro-batch")
@@ -200,6 +200,8 @@ def format_plan(result: PlanResult, top: int = 10) -> str:
     for i, (e, split) in enumerate(zip(shown, splits), 1):
         s = e.setup
         comm = s.model.cp_comm_type
+        if comm == "a2a+p2p":
+            comm += " {}x{}".format(*s.model.hierarchical_context_parallel_sizes)
         cp = f"{s.cp}/{comm}" if s.cp > 1 and comm != "all_gather" else str(s.cp)
         rows.append([str(i), str(s.tp), *([cp] if context else []), str(s.pp),
                      str(s.vpp), *([split] if uneven else []),

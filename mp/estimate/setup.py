@@ -81,11 +81,9 @@ class Setup:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r} must be one of "
                              f"{', '.join(OPTIMIZERS)}")
-        if self.optimizer == "muon" and (self.distributed_optimizer or self.fully_sharded):
-            raise ValueError(f"optimizer='muon' needs distributed_optimizer=False and "
-                             f"fully_sharded=False (the estimator does not count the layer-wise "
-                             f"distributed optimizer's state; FSDP cuts Muon's matrices); got "
-                             f"{self.distributed_optimizer} and {self.fully_sharded}")
+        if self.optimizer == "muon" and self.fully_sharded:
+            raise ValueError("optimizer='muon' needs fully_sharded=False (FSDP cuts Muon's "
+                             "matrices); got True")
         for name in ("exp_avg_dtype", "exp_avg_sq_dtype"):
             if getattr(self, name) not in STATE_DTYPE_BYTES:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of "
@@ -105,9 +103,6 @@ class Setup:
         if self.grad_reduce_in_bf16 and self.model.precision != "bf16":
             raise ValueError(f"grad_reduce_in_bf16=True needs a bf16 model, not precision="
                              f"{self.model.precision!r}")
-        if self.cp > 1 and self.model.cp_comm_type == "a2a+p2p":
-            raise ValueError("cp_comm_type='a2a+p2p' is not estimated yet: estimate a2a or p2p "
-                             "at the same context_parallel_size instead")
         ep, etp, n = self.ep, self.etp, self.distributed_optimizer_instances
         if (self.tp * self.gradient_group_size) % (etp * ep):
             raise ValueError(f"expert_tensor_parallel_size={etp} x expert_model_parallel_size="

@@ -15,13 +15,15 @@ The model is deliberately simple, and each part is printed so that it can be arg
 - **data-parallel reduction** (the experts' over their expert-data-parallel group too)
   overlaps the backward of the last micro-batch (mp's ``overlap_grad_reduce``); only what
   does not fit there is exposed. The distributed
-  optimizer's parameter all-gather after the step is exposed whole.
+  optimizer's parameter all-gather after the step is exposed whole, as are the layer-wise
+  optimizer's broadcasts.
 - **optimizer step**: bound by HBM bandwidth: AdamW reads and writes the fp32 master and
   both moments, reads the fp32 gradient and writes the parameter: ``28 + e`` bytes per
   parameter, ``20 + e`` with bf16 or fp16 moments (the state part divided by DP x CP with
   the distributed optimizer, by the experts' EDP for theirs). SGD's one momentum buffer
   and Muon's, for the matrices it updates (`RankParams.matrices`), count 4 bytes where the
-  moments count theirs.
+  moments count theirs. Muon's layer-wise distributed optimizer updates the busiest rank's
+  own parameters (`mp.estimate.layer_wise`).
 - **Newton-Schulz** (Muon): the busiest stage's matrix products of the step
   (`mp.estimate.newton_schulz`) at ``efficiency`` of the peak: the 16-bit one for the bf16
   iteration (``muon_fp32_matmul_prec="medium"``), half of it for fp32 products at ``"high"``
@@ -39,6 +41,7 @@ from mp.estimate.collective import seconds
 from mp.estimate.comm import collectives
 from mp.estimate.flops import training_flops
 from mp.estimate.hardware import GPUSpec
+from mp.estimate.layer_wise import busiest
 from mp.estimate.newton_schulz import newton_schulz_flops
 from mp.estimate.params import rank_params
 from mp.estimate.setup import Setup
@@ -100,9 +103,11 @@ def _stage(setup: Setup, pp_rank: int, gpu: GPUSpec, efficiency: float) -> _Stag
     parts = {"tp": 0.0, "cp": 0.0, "ep": 0.0, "pp": 0.0, "grad_reduce": 0.0, "exposed": 0.0}
     for c in collectives(setup, pp_rank):
         t = seconds(setup, c, gpu)
-        if c.group in ("tp", "cp", "pp") or (c.group == "ep" and c.kind == "all_to_all"):
+        if c.group in ("cp_a2a", "cp_p2p"):  # a2a+p2p's levels, each at its link's bandwidth
+            parts["cp"] += t / m
+        elif c.group in ("tp", "cp", "pp") or (c.group == "ep" and c.kind == "all_to_all"):
             parts[c.group] += t / m
-        elif c.group in ("dp", "dp_cp", "edp") and c.kind != "all_gather":
+        elif c.group in ("dp", "dp_cp", "edp") and c.kind not in ("all_gather", "broadcast"):
             parts["grad_reduce"] += t
         else:  # the distributed optimizer's parameter gather, tied embeddings, the grad norm
             parts["exposed"] += t
@@ -134,14 +139,22 @@ def _newton_schulz_seconds(setup: Setup, gpu: GPUSpec, efficiency: float) -> flo
 
 
 def _optimizer_seconds(setup: Setup, gpu: GPUSpec) -> float:
+    def state_traffic(elements: float, momentum_only: float) -> float:
+        """Read and write master and moments, Muon's one buffer for ``momentum_only``."""
+        return (elements * 2 * (FP32 + setup.moment_bytes)
+                - momentum_only * 2 * (setup.moment_bytes - FP32))
+
     def traffic(params) -> float:
-        state = params.total  # parameters whose master and moments this rank updates
-        if setup.distributed_optimizer:
-            state = ((params.total - params.experts) / setup.optimizer_shard_size
-                     + params.experts / setup.expert_optimizer_shard_size)
-        momentum_only = params.matrices if setup.optimizer == "muon" else 0  # Muon's buffer
-        return (state * 2 * (FP32 + setup.moment_bytes)  # read and write master and moments
-                - momentum_only * 2 * (setup.moment_bytes - FP32)
-                + params.total * (ADAM_GRAD_TRAFFIC + activation_bytes(setup.model)))
-    busiest = max(traffic(rank_params(setup.model, r)) for r in range(setup.pp))
-    return busiest / (gpu.hbm_gbps * 1e9)
+        muon = setup.optimizer == "muon"
+        if muon and setup.distributed_optimizer:  # layer-wise: the busiest rank's own
+            updated = busiest(setup, params.pp_rank, lambda cards: sum(state_traffic(
+                c.elements, c.elements if c.matrices else 0) for c in cards))
+        else:
+            state = params.total  # parameters whose master and moments this rank updates
+            if setup.distributed_optimizer:
+                state = ((params.total - params.experts) / setup.optimizer_shard_size
+                         + params.experts / setup.expert_optimizer_shard_size)
+            updated = state_traffic(state, params.matrices if muon else 0)
+        return updated + params.total * (ADAM_GRAD_TRAFFIC + activation_bytes(setup.model))
+    return max(traffic(rank_params(setup.model, r)) for r in range(setup.pp)) / (
+        gpu.hbm_gbps * 1e9)

@@ -28,8 +28,8 @@ broadcasts per group (DP x CP, expert DP) and dtype, of exactly the parameter by
 padding: each rank receives the parameters it does not own, ``(D - 1) / D`` of its chunks'
 parameter bytes when the deal is even, as an all-gather would.
 
-A rank's optimizer state covers its own parameters only (the estimator does not count it
-yet). A checkpoint holds the same global tensors as the plain optimizer's, each parameter's
+A rank's optimizer state covers its own parameters only (`mp.estimate.layer_wise` counts
+it). A checkpoint holds the same global tensors as the plain optimizer's, each parameter's
 state written by its owner (`mp.checkpointing.state`): it loads with plain Muon at any
 data-parallel size, and plain Muon's loads here. ``overlap_param_gather`` does not apply: the
 broadcasts end the step.
