@@ -195,9 +195,9 @@ def test_gpt_oss_layers_at_tp2_equal_tp1(overrides):
     ({"glu_linear_offset": 1.0, "activation": "squared_relu"}, "glu_linear_offset=1.0 acts"),
     ({"activation": "quick_geglu", "activation_func_clamp_value": 0.0}, "must be > 0"),
     ({"softmax_type": "sink"}, "softmax_type='sink' must be one of"),
-    # every cp_comm_type takes sinks; the hierarchical ones stay refused
+    # every cp_comm_type takes sinks; the hierarchical one needs its sizes
     ({"softmax_type": "learnable", "context_parallel_size": 2, "cp_comm_type": "a2a+p2p"},
-     "must be one of 'all_gather', 'a2a', 'p2p'"),
+     r"cp_comm_type='a2a\+p2p' needs hierarchical_context_parallel_sizes \[A, P\]"),
 ])
 def test_config_rules(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
