@@ -16,7 +16,10 @@ Megatron's figure ``w + g + (M + m + v) / d``: weights ``w`` (2 bf16/fp16, 4 fp3
 ``--num-distributed-optimizer-instances`` with the distributed optimizer, else 1: ``2 + 4 +
 12/d`` bf16, ``2 + 4 + 8/d`` with bf16 moments. With ``--use-torch-fsdp2`` the weights (fp32,
 their own masters), gradients and moments are all shards over the DP x CP ranks: ``(4 + 4 +
-8) / DP``. Other arguments are config overrides (``launch/pretrain_gpt.py --help``).
+8) / DP``. With ``--optimizer muon --use-distributed-optimizer`` (the layer-wise optimizer:
+whole parameters dealt over the ranks, an uneven deal) it prints every DP rank's optimizer
+state next to the estimator's for that rank (`mp.estimate.layer_wise`). Other arguments are
+config overrides (``launch/pretrain_gpt.py --help``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from bench_job import BenchJob
 
 from mp import parallel_state
 from mp.distributed.torch_fsdp2 import local_tensor
+from mp.estimate import Setup
+from mp.estimate.layer_wise import dealt_cards, owned_state_bytes
 from mp.estimate.setup import STATE_DTYPE_BYTES
 
 
@@ -69,7 +74,26 @@ def main() -> None:
         print(f"| {os.path.basename(job.args.config)} {m.precision} | {name} | DP{dp} | "
               f"{n / 1e6:.1f}M | {weights / n:.3f} | {grads / n:.4f} | {opt / n:.4f} | "
               f"{(weights + grads + opt) / n:.4f} | {formula:.3f} |", flush=True)
+    if tr.optimizer == "muon" and tr.use_distributed_optimizer:
+        _layer_wise_rows(job.cfg, opt)
     job.end()
+
+
+def _layer_wise_rows(cfg, opt: int) -> None:
+    """Each DP x CP rank's optimizer state (masters, momentum, moments) in bytes on the first
+    TP rank of the first stage, measured and as `mp.estimate.layer_wise` deals it (a model
+    without experts)."""
+    where = (parallel_state.get_tensor_model_parallel_rank(),
+             parallel_state.get_pipeline_model_parallel_rank(),
+             parallel_state.get_data_parallel_rank(with_context_parallel=True))
+    measured = [None] * dist.get_world_size()
+    dist.all_gather_object(measured, (*where, opt))
+    setup = Setup.from_job(cfg, dist.get_world_size())
+    dense, _ = dealt_cards(setup)
+    if dist.get_rank() == 0:
+        for _, _, rank, got in sorted(m for m in measured if m[:2] == (0, 0)):
+            print(f"| DP rank {rank} | {got:,} | {owned_state_bytes(setup, dense[rank]):,.0f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
