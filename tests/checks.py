@@ -40,6 +40,18 @@ def own_rank_group():
     return mine
 
 
+def computed_once(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` computed on global rank 0 only and sent to every rank (all ranks
+    call this together). For a single-process reference that does not depend on the rank:
+    every rank of a simulated cluster computing it alike would multiply its cost on the shared
+    cores. ``fn`` must not take part in collectives."""
+    import torch.distributed as dist
+
+    out = [fn(*args, **kwargs) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(out, src=0)
+    return out[0]
+
+
 @contextlib.contextmanager
 def jit_compiled_on_cpu():
     """Within it, `mp.jit` fused functions run their ``torch.compile`` build on the CPU (the

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 import torch.distributed as dist
-from checks import assert_rel_close, own_rank_group
+from checks import assert_rel_close, computed_once, own_rank_group
 from harness import run_distributed
 from torch import nn
 
@@ -167,6 +167,27 @@ def _shard(param, full: torch.Tensor) -> torch.Tensor:
     return full
 
 
+def _train_reference(ref: GPTModel, global_batch: int):
+    """The single-process reference's loss per step over `_global_batches` and its trained
+    parameters by name."""
+    initial = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    decay = [p for p in ref.parameters() if p.dim() > 1]
+    ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                 {"params": [p for p in ref.parameters() if p.dim() == 1],
+                                  "weight_decay": 0.0}], lr=LR, eps=EPS)
+    losses = []
+    for batch in _global_batches(global_batch):
+        ref_opt.zero_grad()
+        loss = ref(batch["tokens"], labels=batch["labels"]).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
+        ref_opt.step()
+        losses.append(loss.item())
+    unchanged = [n for n, p in ref.named_parameters() if torch.equal(p, initial[n])]
+    assert not unchanged, f"the reference never updated {unchanged}: the test is too weak"
+    return losses, {n: p.detach().clone() for n, p in ref.named_parameters()}
+
+
 def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int, sp: bool,
                              overlap: bool = True, model: dict | None = None,
                              split: dict | None = None):
@@ -183,22 +204,18 @@ def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int, sp: bool,
     torch.manual_seed(5)
     ref = GPTModel(_config(**model), group=ref_group)
     ref_params = dict(ref.named_parameters())
-    initial = {n: p.detach().clone() for n, p in ref_params.items()}
     chunks = build_gpt_chunks(_config(tp, pp, vpp, sp, overlap, **model, **(split or {})))
     with torch.no_grad():  # start from the reference's weights (stages are seeded apart)
         for c, chunk in enumerate(chunks):
             first = chunk.config.chunk_layers(pp_rank, c).start
             for name, p in chunk.named_parameters():
                 p.copy_(_shard(p, ref_params[_reference_name(name, first, tied)]))
+    ref_losses, ref_params = computed_once(_train_reference, ref, global_batch)
     models = [DistributedDataParallel(chunk, bucket_size=2000) for chunk in chunks]
     optimizer = get_megatron_optimizer(models, lr=LR, weight_decay=0.1, clip_grad=CLIP,
                                        adam_eps=EPS)
-    decay = [p for p in ref.parameters() if p.dim() > 1]
-    ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                                 {"params": [p for p in ref.parameters() if p.dim() == 1],
-                                  "weight_decay": 0.0}], lr=LR, eps=EPS)
 
-    losses, ref_losses = [], []
+    losses = []
     for batch in _global_batches(global_batch):
         rows = slice(dp_rank * global_batch // dp, (dp_rank + 1) * global_batch // dp)
         local = {k: v[rows] for k, v in batch.items()}
@@ -217,18 +234,9 @@ def _check_pipeline_training(tp: int, pp: int, vpp, microbatches: int, sp: bool,
             dist.all_reduce(loss, group=ps.get_data_parallel_group())
             losses.append(loss.item() / dp)
 
-        ref_opt.zero_grad()
-        ref_loss = ref(batch["tokens"], labels=batch["labels"]).mean()
-        ref_loss.backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
-        ref_opt.step()
-        ref_losses.append(ref_loss.item())
-
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         assert_rel_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5,
                          what="loss curve")
-    unchanged = [n for n, p in ref.named_parameters() if torch.equal(p, initial[n])]
-    assert not unchanged, f"the reference never updated {unchanged}: the test is too weak"
     # the weights after AdamW steps: a bias whose gradient is near zero moves by the ratio of
     # two small numbers (1.1e-5 seen on an AMD EPYC for fc2's bias), hence 3e-5
     for c, chunk in enumerate(chunks):

@@ -210,9 +210,10 @@ def test_megatron_llama3_example_runs_scaled_down(cache_dir, tmp_path, monkeypat
         "--seq-length": "64", "--max-position-embeddings": "64", "--global-batch-size": "8",
         "--train-samples": "96", "--lr-decay-samples": "96", "--lr-warmup-samples": "16",
         "--tensor-model-parallel-size": "2", "--vocab-size": "1000"})
-    flags += ["--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt"),
-              "--tensorboard-dir", str(tmp_path / "tb"), "--data-cache-path", cache_dir,
-              "--wandb-save-dir", str(tmp_path / "wandb")]
+    # the final validation scaled down too: 4 batches, not Megatron's default 100
+    flags += ["--eval-iters", "4", "--save", str(tmp_path / "ckpt"), "--load",
+              str(tmp_path / "ckpt"), "--tensorboard-dir", str(tmp_path / "tb"),
+              "--data-cache-path", cache_dir, "--wandb-save-dir", str(tmp_path / "wandb")]
     monkeypatch.setenv("WANDB_MODE", "offline")  # when wandb is installed: no network
     run = torchrun(LAUNCH, flags, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

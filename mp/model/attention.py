@@ -44,7 +44,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from mp import parallel_state
 from mp.fused import AttnMaskType, FusedScaleMaskSoftmax, attention_mask_func
@@ -240,7 +239,7 @@ class CoreAttention(nn.Module):
                 grouped = {"enable_gqa": True} if groups < heads else {}
                 if attention_mask is None:  # flash and memory-efficient kernels take the
                     # bottom-right form
-                    mask = causal_lower_right(s, k.size(0)) if offset else None
+                    mask = _causal_lower_right(s, k.size(0)) if offset else None
                 elif attention_mask.dtype == torch.bool:
                     mask = ~attention_mask  # True = masked in mp, kept in SDPA
                 else:
@@ -368,3 +367,11 @@ class SelfAttention(Attention):
             q, k = (apply_rotary(t, rotary_freqs, magnitude, self.config.rotary_interleaved)
                     for t in (q, k))
         return self.attend(q, k, v, attention_mask, inference_params)
+
+
+def _causal_lower_right(sq: int, sk: int):
+    """SDPA's bottom-right causal bias for ``sq`` queries over ``sk`` keys (imported here:
+    ``torch.nn.attention.bias`` imports TorchDynamo, seconds of every job's start-up)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    return causal_lower_right(sq, sk)

@@ -69,7 +69,9 @@ class Experts(nn.Module):
             sizes = [shard if d == dim else n for d, n in enumerate(shape)]
             stacked[name] = torch.empty(self.local, *sizes, dtype=config.params_dtype,
                                         device=device)
-        for expert in range(e):  # one full fp32 weight alive at a time
+        # one full fp32 weight alive at a time; none on the meta device (a build that counts
+        # parameters), where there are no values to draw
+        for expert in range(e if device.type != "meta" else 0):
             for name, shape, dim, init in weights:
                 full = torch.empty(shape, dtype=torch.float32, device=device)
                 init(full)
