@@ -55,7 +55,8 @@ for part in "${parts[@]}"; do
     recompute)
       (
         echo "== recompute modules on CUDA"
-        timeout 150 python3 -m pytest -s -q -p no:cacheprovider tests/gpu/test_gpu_recompute.py
+        timeout 150 python3 -m pytest -s -q -p no:cacheprovider tests/gpu/test_gpu_recompute.py \
+            tests/gpu/test_gpu_cpu_offload.py
         echo "== bench_recompute: DeepSeek-V3's layer shapes, 2 layers (1 dense, 1 of 16 experts)"
         timeout 400 python3 tools/bench_recompute.py --config configs/deepseek-v3.yaml \
             --micro-batch-size 1 --iters 5 --num-layers 2 --moe-layer-freq "([0]+[1])" \

@@ -28,7 +28,7 @@ The moments are fp32 even when the precision-aware optimizer keeps them in bf16 
 (`mp.optim.PrecisionAwareAdamW`: ``adam_state`` decodes them, ``load_adam_state`` rounds them
 into the loading run's dtypes): fp16 moments are scaled per shard and chunk, so their stored
 values would not place on another layout, and any run loads any checkpoint.
-Half-precision parameters take their values from the loaded masters (``copy_main_params_to_model``,
+Half-precision parameters take their values from the loaded masters (``load_finished``,
 which all-gathers them under the distributed optimizer).
 """
 
@@ -182,7 +182,7 @@ class OptimizerTargets:
         half-precision parameters from the loaded masters."""
         if self.state is not None:
             self.optimizer.load_shard_state(self.state)
-        self.optimizer.copy_main_params_to_model()
+        self.optimizer.load_finished()
 
 
 def _check_update_rule(optimizer: MixedPrecisionOptimizer, stored: set[str]) -> None:

@@ -73,6 +73,7 @@ _MEGATRON_NAMES = {
         "exp_avg_dtype", "exp_avg_sq_dtype", "optimizer", "sgd_momentum", "muon_momentum",
         "muon_use_nesterov", "muon_num_ns_steps", "muon_coefficient_type", "muon_scale_mode",
         "muon_extra_scale_factor", "muon_fp32_matmul_prec", "muon_tp_mode",
+        "optimizer_cpu_offload", "optimizer_offload_fraction",
     ),
     "data": (
         "data_path", "split", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model",

@@ -82,6 +82,13 @@ NO_EFFECT_FLAGS: dict[str, tuple[int | None, str]] = {
     "--moe-pad-expert-input-to-capacity": (0, ("mp sizes each layer's exchanges by the counts "
                                               "it routed; padding with unrouted copies changes "
                                               "no result")),
+    "--overlap-cpu-optimizer-d2h-h2d": (0, ("mp's --optimizer-cpu-offload copies gradients to "
+                                            "the host and masters back on the current stream, "
+                                            "around the host step")),
+    "--use-torch-optimizer-for-cpu-offload": (0, ("mp's --optimizer-cpu-offload always steps "
+                                                  "with torch's optimizer on the host")),
+    "--no-pin-cpu-grads": (0, "mp pins its host gradients when CUDA is there"),
+    "--no-pin-cpu-params": (0, "mp pins its host masters when CUDA is there"),
     "--local-rank": (1, ("mp reads the local rank from LOCAL_RANK, which torchrun (and "
                          "torch.distributed.launch) sets")),
     "--no-async-tensor-model-parallel-allreduce": (0, _DEPRECATED),

@@ -63,6 +63,13 @@ class OptimizerFields(Section):
     is Megatron's spelling of ``grad_reduce_in_bf16`` (it sets it: bf16 models only) and
     ``main_params_dtype`` stays fp32. Without the flag every one of them must be fp32, as
     Megatron checks; unlike Megatron, mp does not require the distributed optimizer.
+
+    ``optimizer_cpu_offload`` (Megatron's ``--optimizer-cpu-offload``) keeps the fp32 masters
+    and the update rule's state of the first ``optimizer_offload_fraction`` of this rank's
+    optimizer elements (whole shards in order, as Megatron's ``HybridDeviceOptimizer``) in
+    host memory and steps them there (`mp.optim.optimizer.ParamShard`); AdamW or SGD with
+    torch's implementation only. Unlike Megatron, it needs neither the distributed nor the
+    precision-aware optimizer.
     """
 
     optimizer: str = "adam"  # adam | sgd | muon (Megatron's --optimizer; dist_muon: muon)
@@ -88,6 +95,8 @@ class OptimizerFields(Section):
     main_grads_dtype: str = "fp32"  # fp32 | bf16 (= grad_reduce_in_bf16)
     exp_avg_dtype: str = "fp32"  # fp32 | bf16 | fp16 (Megatron's fp8 is refused)
     exp_avg_sq_dtype: str = "fp32"  # fp32 | bf16 | fp16
+    optimizer_cpu_offload: bool = False  # masters and state of a fraction in host memory
+    optimizer_offload_fraction: float = 1.0  # of this rank's optimizer elements, in [0, 1]
 
     @property
     def muon_settings(self) -> MuonSettings:
@@ -109,6 +118,29 @@ class OptimizerFields(Section):
         self._check_update_rule(deepspeed, use_torch_fsdp2)
         self._check_instances(deepspeed)
         self._check_precision_aware()
+        self._check_cpu_offload(deepspeed, use_torch_fsdp2)
+
+    def _check_cpu_offload(self, deepspeed: bool, use_torch_fsdp2: bool) -> None:
+        """``optimizer_offload_fraction`` in [0, 1]; the offload with torch's AdamW or SGD on
+        mp's own data parallelism only."""
+        fraction = self.optimizer_offload_fraction
+        if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"training.optimizer_offload_fraction={fraction!r} must be a "
+                              "number in [0, 1] (the share of the optimizer offloaded)")
+        if not self.optimizer_cpu_offload:
+            return
+        refused = {"optimizer": (self.optimizer if self.optimizer == "muon" else None,
+                                 "Muon's Newton-Schulz runs collectives on the masters"),
+                   "optimizer_impl": (self.optimizer_impl if self.optimizer_impl != "torch"
+                                      else None, "apex's fused kernels step CUDA tensors only"),
+                   "use_torch_fsdp2": (use_torch_fsdp2 or None, "FSDP updates its rows in "
+                                       "place"),
+                   "deepspeed": (deepspeed or None, "DeepSpeed's engine owns the optimizer; "
+                                 "use its offload_optimizer")}
+        for name, (value, why) in refused.items():
+            if value is not None:
+                raise ConfigError(f"training.optimizer_cpu_offload=true with training.{name}="
+                                  f"{value!r}: not supported ({why}); drop one of them")
 
     @property
     def use_layer_wise_distributed_optimizer(self) -> bool:

@@ -33,7 +33,7 @@ def _expert_part(total: torch.Tensor, expert_grads: list[torch.Tensor], expert_p
     """``total`` plus ``each(expert_grads)`` summed over the expert-parallel group."""
     if not expert_grads:
         return total
-    part = each(expert_grads)
+    part = each(expert_grads).to(total.device)
     if expert_parallel_group is not None and dist.get_world_size(expert_parallel_group) > 1:
         dist.all_reduce(part, group=expert_parallel_group)
     return total + part
@@ -41,8 +41,11 @@ def _expert_part(total: torch.Tensor, expert_grads: list[torch.Tensor], expert_p
 
 def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
     """Sum of the squares of ``grads``' elements in fp32, also for bf16 gradients (the
-    precision-aware optimizer's): each tensor's norm comes out in fp32, not rounded to bf16."""
-    return torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).square().sum()
+    precision-aware optimizer's): each tensor's norm comes out in fp32, not rounded to bf16.
+    On the first tensor's device; host tensors among device ones (offloaded masters) count
+    too."""
+    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+    return torch.stack([n.to(norms[0].device) for n in norms]).square().sum()
 
 
 def get_grad_norm_fp32(grads_for_norm: list[torch.Tensor], model_parallel_group=None, *,
@@ -56,14 +59,16 @@ def get_grad_norm_fp32(grads_for_norm: list[torch.Tensor], model_parallel_group=
     The result is inf or NaN on every rank of the group when any gradient holds an inf or
     NaN, including ``other_grads`` (the ones this rank holds but does not count): they add
     ``0 * |g|``, which is 0 when finite and NaN otherwise, so one all-reduce of one scalar is
-    both the norm and the overflow check. ``device`` places the sum when this rank has no
-    gradients at all.
+    both the norm and the overflow check. ``device`` places the sum (where the all-reduce
+    runs; tensors may be elsewhere, as offloaded masters are) and is needed when this rank has
+    no gradients at all.
     """
     group = parallel_state.get_model_parallel_group() if model_parallel_group is None \
         else model_parallel_group
     total = torch.zeros((), dtype=torch.float32, device=device)
     if grads_for_norm:
         total = _sum_of_squares(grads_for_norm)
+        total = total if device is None else total.to(device)
     total = _expert_part(total, expert_grads, expert_parallel_group, _sum_of_squares)
     if other_grads:
         total = total + 0.0 * torch.stack(torch._foreach_norm(list(other_grads), 2.0)).sum()

@@ -27,7 +27,8 @@ def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
                            exp_avg_dtype: torch.dtype = torch.float32,
                            exp_avg_sq_dtype: torch.dtype = torch.float32,
                            optimizer: str = "adam", sgd_momentum: float = 0.9,
-                           muon: MuonSettings | None = None) -> MixedPrecisionOptimizer:
+                           muon: MuonSettings | None = None, optimizer_cpu_offload: bool = False,
+                           optimizer_offload_fraction: float = 1.0) -> MixedPrecisionOptimizer:
     """The training optimizer for ``model_chunks`` (Megatron's name and arguments):
     a `DistributedOptimizer` when ``use_distributed_optimizer`` (the chunks must then be
     `DistributedDataParallel` built for it), for Muon the `LayerWiseDistributedOptimizer`
@@ -39,7 +40,9 @@ def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
     (``decoupled_lr``: the embedding and output weights apart); `PrecisionAwareAdamW` with
     ``use_precision_aware_optimizer``, its moments stored in ``exp_avg_dtype`` /
     ``exp_avg_sq_dtype``. (Megatron's ``main_grads_dtype`` is the dtype of the chunks'
-    gradient buffers; its ``main_params_dtype`` fp16 is not supported.)
+    gradient buffers; its ``main_params_dtype`` fp16 is not supported.) With
+    ``optimizer_cpu_offload`` the masters and state of the first ``optimizer_offload_fraction``
+    of each rank's optimizer elements live and step in host memory.
 
     Loss scaling is switched on exactly when a parameter is fp16: a fixed ``loss_scale`` when
     given, else dynamic from ``initial_loss_scale``. The loss-scale arguments are ignored for
@@ -68,7 +71,8 @@ def get_megatron_optimizer(model_chunks: Iterable[nn.Module], *, lr: float,
                   log_num_zeros_in_grad=log_num_zeros_in_grad,
                   use_precision_aware_optimizer=use_precision_aware_optimizer,
                   exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype,
-                  optimizer=optimizer, sgd_momentum=sgd_momentum, muon=muon, muon_units=units)
+                  optimizer=optimizer, sgd_momentum=sgd_momentum, muon=muon, muon_units=units,
+                  cpu_offload=optimizer_cpu_offload, offload_fraction=optimizer_offload_fraction)
     if use_distributed_optimizer and optimizer == "muon":
         from mp.optim.layer_wise import LayerWiseDistributedOptimizer  # it subclasses this one
         return LayerWiseDistributedOptimizer(groups, chunks, **kwargs)

@@ -25,6 +25,12 @@ gradients are handed to it in their buffer's dtype (``decoupled_grad``: a bf16 b
 copied to fp32), and clipping becomes a factor of its step rather than an in-place multiply.
 `calc_params_l2_norm` gives the norm of the updated masters by the same rule as the gradients'.
 
+With ``cpu_offload`` (Megatron's ``--optimizer-cpu-offload``) the first ``offload_fraction`` of
+this rank's elements (whole shards, in order) have their master in host memory, a copy even of
+an fp32 parameter, and so their update rule's state: the norm and clipping work on the device
+gradients, which are then copied into pinned host buffers, the host steps, and the masters
+are copied back into the parameters.
+
 The optimizer works on `ParamShard`s: the elements ``[start, end)`` (row-major) of a model
 parameter that this rank updates, with their fp32 master. Here every shard is a whole
 parameter; `mp.optim.DistributedOptimizer` cuts them over the data-parallel ranks. Under FSDP
@@ -70,23 +76,31 @@ class ParamShard:
     start: int
     end: int
     main: torch.Tensor
+    offloaded: bool = False  # ``main`` a host copy (``cpu_offload``)
+    host_grad: torch.Tensor | None = None  # offloaded: the pinned buffer of its gradient
 
     @classmethod
-    def make(cls, param: nn.Parameter, start: int, end: int) -> ParamShard:
+    def make(cls, param: nn.Parameter, start: int, end: int,
+             offload: bool = False) -> ParamShard:
         local = local_tensor(param)
         if local is not param:  # FSDP: the DTensor's local rows are the shard, in place
+            if offload:
+                raise ValueError("cpu_offload does not apply to FSDP's in-place rows")
             return cls(param, start, end, local if local.dtype == torch.float32
                        else local.detach().float())
         whole = start == 0 and end == param.numel()
+        view = param.detach() if whole else param.detach().view(-1)[start:end]
+        if offload:  # pinned, for asynchronous copies from the device
+            main = torch.empty(view.shape, dtype=torch.float32, pin_memory=view.is_cuda)
+            return cls(param, start, end, main.copy_(view), offloaded=True)
         if param.dtype == torch.float32:
-            main = param if whole else param.detach().view(-1)[start:end]
-        else:
-            main = (param.detach() if whole else param.detach().view(-1)[start:end]).float()
-        return cls(param, start, end, main)
+            return cls(param, start, end, param if whole else view)
+        return cls(param, start, end, view.float())
 
     @property
     def main_is_param(self) -> bool:
-        """Whether ``main`` is (a view of) the parameter, so AdamW updates it directly."""
+        """Whether the parameter holds the master's values (fp32): ``main`` is (a view of)
+        it, or its host copy, written back after every step."""
         return self.param.dtype == torch.float32
 
     def of(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -128,6 +142,9 @@ class MixedPrecisionOptimizer:
             ``"muon"`` (`mp.optim.update_rules`); Muon takes the groups marked ``"muon":
             True``, whose parameters make up ``muon_units`` (`mp.optim.muon.muon_units`), with
             the hyper-parameters ``muon``.
+        cpu_offload, offload_fraction: keep the masters and state of the first
+            ``offload_fraction`` of this rank's elements in host memory (see the module doc);
+            not with Muon, apex or FSDP.
     """
 
     def __init__(self, param_groups: list[dict], *, lr: float,
@@ -141,9 +158,13 @@ class MixedPrecisionOptimizer:
                  exp_avg_dtype: torch.dtype = torch.float32,
                  exp_avg_sq_dtype: torch.dtype = torch.float32, optimizer: str = "adam",
                  sgd_momentum: float = 0.9, muon: MuonSettings | None = None,
-                 muon_units: list[MuonUnit] = ()):
+                 muon_units: list[MuonUnit] = (), cpu_offload: bool = False,
+                 offload_fraction: float = 1.0):
         if clip_grad < 0:
             raise ValueError(f"clip_grad={clip_grad} must be >= 0 (0 disables clipping)")
+        if cpu_offload and (optimizer == "muon" or impl != "torch"):
+            raise ValueError(f"cpu_offload with optimizer={optimizer!r}, impl={impl!r}: the "
+                             "host steps with torch's AdamW or SGD only")
         check_update_rule(optimizer, impl, use_precision_aware_optimizer, exp_avg_dtype,
                           exp_avg_sq_dtype)
         self.precision_aware, self.update_rule = use_precision_aware_optimizer, optimizer
@@ -157,9 +178,13 @@ class MixedPrecisionOptimizer:
             raise ValueError(f"{type(self).__name__} got no parameters")
         self.shards: list[ParamShard] = []
         main_groups = []
-        for group in param_groups:
-            shards = [ParamShard.make(param, start, end) for param in group["params"]
-                      for start, end in self._ranges(param)]
+        ranges = [[(param, start, end) for param in group["params"]
+                   for start, end in self._ranges(param)] for group in param_groups]
+        offloaded = _offloaded([end - start for group in ranges for _, start, end in group],
+                               offload_fraction if cpu_offload else 0.0)
+        for group, group_ranges in zip(param_groups, ranges):
+            shards = [ParamShard.make(param, start, end, next(offloaded))
+                      for param, start, end in group_ranges]
             self.shards += shards
             main_groups.append({**group, "params": [shard.main for shard in shards]})
         if any(not getattr(p, "allreduce", True) for p in self.params) \
@@ -171,7 +196,7 @@ class MixedPrecisionOptimizer:
         self._norm_kind = ["other" if not counts_in_grad_norm(s.param, tp_group)
                            else "dense" if getattr(s.param, "allreduce", True) else "expert"
                            for s in self.shards]
-        self._copied = [s for s in self.shards if not s.main_is_param]
+        self._copied = [s for s in self.shards if not s.main_is_param or s.offloaded]
         main_of = {id(s.param): s.main for s in self.shards}
         self.optimizer = build_update_rule(  # groups this rank holds none of stay, empty
             main_groups, optimizer=optimizer, lr=lr, betas=betas,
@@ -219,10 +244,11 @@ class MixedPrecisionOptimizer:
             param.grad = None
 
     def _attach_main_grads(self):
-        """Give every master its fp32 gradient. Returns (``{"dense", "expert", "other"}`` ->
-        the grads of each `_norm_kind`, masters whose ``.grad`` was borrowed here and must be
-        released after the step)."""
-        grads, borrowed = {"dense": [], "expert": [], "other": []}, []
+        """Give every master its fp32 gradient, but the offloaded ones (`_grads_to_host`).
+        Returns (``{"dense", "expert", "other"}`` -> the grads of each `_norm_kind`, masters
+        whose ``.grad`` was borrowed here and must be released after the step, (offloaded
+        shard, its fp32 gradient on the device) pairs)."""
+        grads, borrowed, to_host = {"dense": [], "expert": [], "other": []}, [], []
         for shard, kind in zip(self.shards, self._norm_kind):
             grad = getattr(shard.param, "main_grad", None)
             if grad is None:
@@ -230,7 +256,10 @@ class MixedPrecisionOptimizer:
                 if grad is None:
                     continue
             main = shard.main
-            if self.precision_aware:  # bf16 buffers stay bf16; fp16 ones are unscaled in fp32
+            if shard.offloaded:  # the norm and clipping on the device, then the copy
+                to_host.append((shard, shard.of(grad).float()))
+                grads[kind].append(to_host[-1][1])
+            elif self.precision_aware:  # bf16 buffers stay bf16; fp16 ones are unscaled in fp32
                 grad = shard.of(grad)
                 main.decoupled_grad = grad.float() if grad.dtype == torch.float16 else grad
                 borrowed.append(main)
@@ -241,13 +270,30 @@ class MixedPrecisionOptimizer:
                 grads[kind].append(main.grad)
             else:
                 grads[kind].append(main.grad)
-        return grads, borrowed
+        return grads, borrowed, to_host
+
+    def _grads_to_host(self, to_host: list[tuple[ParamShard, torch.Tensor]],
+                       borrowed: list[torch.Tensor]) -> None:
+        """Copy the offloaded shards' gradients (unscaled and clipped) into their pinned
+        host buffers and give them to the host masters."""
+        for shard, grad in to_host:
+            if shard.host_grad is None:
+                shard.host_grad = torch.empty(shard.main.shape, dtype=torch.float32,
+                                              pin_memory=grad.is_cuda)
+            shard.host_grad.copy_(grad, non_blocking=True)
+            if self.precision_aware:
+                shard.main.decoupled_grad = shard.host_grad
+            else:
+                shard.main.grad = shard.host_grad
+            borrowed.append(shard.main)
+        if any(grad.is_cuda for _, grad in to_host):
+            torch.cuda.current_stream().synchronize()  # the host step reads them next
 
     @torch.no_grad()
     def step(self) -> StepResult:
-        grads, borrowed = self._attach_main_grads()
+        grads, borrowed, to_host = self._attach_main_grads()
         try:
-            return self._step(grads)
+            return self._step(grads, to_host, borrowed)
         finally:
             # a borrowed main_grad left on an fp32 parameter would make the next backward
             # accumulate into the buffer twice
@@ -257,7 +303,9 @@ class MixedPrecisionOptimizer:
                 else:
                     main.grad = None
 
-    def _step(self, by_kind: dict[str, list[torch.Tensor]]) -> StepResult:
+    def _step(self, by_kind: dict[str, list[torch.Tensor]],
+              to_host: list[tuple[ParamShard, torch.Tensor]],
+              borrowed: list[torch.Tensor]) -> StepResult:
         grads = [grad for kind in by_kind.values() for grad in kind]
         experts = dict(expert_grads=by_kind["expert"],
                        expert_parallel_group=self.expert_parallel_group)
@@ -278,6 +326,7 @@ class MixedPrecisionOptimizer:
             self.optimizer.grad_scale = clip_coefficient(self.clip_grad, grad_norm)
         elif self.clip_grad > 0:
             clip_grad_by_total_norm_fp32(grads, self.clip_grad, grad_norm)
+        self._grads_to_host(to_host, borrowed)
         self.optimizer.step()
         self.copy_main_params_to_model()
         return StepResult(True, grad_norm, num_zeros)
@@ -361,18 +410,23 @@ class MixedPrecisionOptimizer:
     def copy_main_params_to_model(self) -> None:
         """Copy the masters into the model's parameters: after each step, and after a
         checkpoint loaded the masters."""
-        if self._copied:
-            torch._foreach_copy_([s.of(s.param) for s in self._copied],
-                                 [s.main for s in self._copied])
+        _copy([s.of(s.param) for s in self._copied], [s.main for s in self._copied])
+
+    @torch.no_grad()
+    def load_finished(self) -> None:
+        """After a checkpoint loaded the weights and masters: the offloaded masters of fp32
+        parameters take the loaded weights, the half-precision parameters the loaded masters
+        (`copy_main_params_to_model`)."""
+        fp32 = [s for s in self._copied if s.main_is_param]
+        _copy([s.main for s in fp32], [s.of(s.param) for s in fp32])
+        self.copy_main_params_to_model()
 
     @torch.no_grad()
     def reload_model_params(self) -> None:
         """Refresh the masters from the model's parameters (Megatron's name and meaning):
         after weights were written into the model alone, as a model-only checkpoint load
         does; otherwise the next step would put the stale masters back."""
-        if self._copied:
-            torch._foreach_copy_([s.main for s in self._copied],
-                                 [s.of(s.param) for s in self._copied])
+        _copy([s.main for s in self._copied], [s.of(s.param) for s in self._copied])
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(),
@@ -398,3 +452,25 @@ class MixedPrecisionOptimizer:
                 shard.main.copy_(value)
         self.copy_main_params_to_model()
 
+
+
+def _offloaded(sizes: list[int], fraction: float):
+    """For shards of ``sizes`` elements in order, whether each is offloaded: while the
+    elements offloaded so far are below ``fraction`` of all (Megatron's
+    ``HybridDeviceOptimizer``), so 1 offloads every shard and 0 none."""
+    threshold, done = fraction * sum(sizes), 0
+    for size in sizes:
+        offload = done < threshold
+        done += size if offload else 0
+        yield offload
+
+
+def _copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """``dst.copy_(src)`` for every pair: one foreach call for those on one device, one copy
+    each for those across the host boundary (offloaded masters)."""
+    same = [(d, s) for d, s in zip(dsts, srcs) if d.device == s.device]
+    for d, s in zip(dsts, srcs):
+        if d.device != s.device:
+            d.copy_(s)
+    if same:
+        torch._foreach_copy_([d for d, _ in same], [s for _, s in same])

@@ -82,7 +82,9 @@ def setup_model_and_optimizer(cfg: JobConfig) -> tuple[list[DistributedDataParal
         use_precision_aware_optimizer=tr.use_precision_aware_optimizer,
         exp_avg_dtype=STATE_DTYPES[tr.exp_avg_dtype],
         exp_avg_sq_dtype=STATE_DTYPES[tr.exp_avg_sq_dtype], optimizer=tr.optimizer,
-        sgd_momentum=tr.sgd_momentum, muon=tr.muon_settings)
+        sgd_momentum=tr.sgd_momentum, muon=tr.muon_settings,
+        optimizer_cpu_offload=tr.optimizer_cpu_offload,
+        optimizer_offload_fraction=tr.optimizer_offload_fraction)
     return model, optimizer, build_opt_param_scheduler(optimizer, tr)
 
 
