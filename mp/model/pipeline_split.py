@@ -29,6 +29,7 @@ checked with a message naming the values, before any process group exists.
 
 from __future__ import annotations
 
+import functools
 import re
 
 #: The `TransformerConfig` fields that split the layers unevenly, and their values for an even
@@ -40,6 +41,7 @@ UNEVEN_SPLIT_FIELDS = {"num_layers_in_first_pipeline_stage": None,
                        "pipeline_model_parallel_layout": None}
 
 
+@functools.lru_cache(maxsize=1024)  # asked for per layer by the estimator's planner
 def chunk_layer_counts(num_layers: int, pp: int, vpp: int | None = None,
                        first: int | None = None, last: int | None = None,
                        account_for_embedding: bool = False, account_for_loss: bool = False,
@@ -154,6 +156,7 @@ def _layout_split(layout: str, num_layers: int, pp: int, v: int
     return tuple(tuple(chunks[c * pp + r].count("t") for c in range(v)) for r in range(pp))
 
 
+@functools.lru_cache(maxsize=4096)
 def chunk_layer_range(counts: tuple[tuple[int, ...], ...], pp_rank: int, chunk: int) -> range:
     """0-based indices, over the whole model, of the layers of ``chunk`` on ``pp_rank``."""
     pp = len(counts)
