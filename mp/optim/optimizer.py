@@ -31,17 +31,13 @@ an fp32 parameter, and so their update rule's state: the norm and clipping work 
 gradients, which are then copied into pinned host buffers, the host steps, and the masters
 are copied back into the parameters.
 
-The optimizer works on `ParamShard`s: the elements ``[start, end)`` (row-major) of a model
-parameter that this rank updates, with their fp32 master. Here every shard is a whole
-parameter; `mp.optim.DistributedOptimizer` cuts them over the data-parallel ranks. Under FSDP
-(`mp.distributed.torch_fsdp2`) a shard is the rows of a ``DTensor`` parameter this rank holds,
-its local tensor the master, updated in place; the gradient norm then sums over every rank.
+The optimizer works on `mp.optim.param_shard.ParamShard`s: here every shard is a whole
+parameter; `mp.optim.DistributedOptimizer` cuts them over the data-parallel ranks.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -58,58 +54,13 @@ from mp.optim.clip_grads import (
 )
 from mp.optim.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from mp.optim.muon import MuonSettings, MuonUnit
+from mp.optim.param_shard import ParamShard, copy_across, offloaded_shards
 from mp.optim.precision_aware import MOMENTS
 from mp.optim.update_rules import (
     build_update_rule,
     check_update_rule,
     state_items,
 )
-
-
-@dataclass(eq=False)
-class ParamShard:
-    """Elements ``[start, end)`` of ``param`` (row-major) and their fp32 ``main`` (the master
-    AdamW updates): the parameter itself (fp32, whole), a view of it (fp32, part), or an fp32
-    copy (bf16/fp16), shaped like the parameter when whole, else 1-D."""
-
-    param: nn.Parameter
-    start: int
-    end: int
-    main: torch.Tensor
-    offloaded: bool = False  # ``main`` a host copy (``cpu_offload``)
-    host_grad: torch.Tensor | None = None  # offloaded: the pinned buffer of its gradient
-
-    @classmethod
-    def make(cls, param: nn.Parameter, start: int, end: int,
-             offload: bool = False) -> ParamShard:
-        local = local_tensor(param)
-        if local is not param:  # FSDP: the DTensor's local rows are the shard, in place
-            if offload:
-                raise ValueError("cpu_offload does not apply to FSDP's in-place rows")
-            return cls(param, start, end, local if local.dtype == torch.float32
-                       else local.detach().float())
-        whole = start == 0 and end == param.numel()
-        view = param.detach() if whole else param.detach().view(-1)[start:end]
-        if offload:  # pinned, for asynchronous copies from the device
-            main = torch.empty(view.shape, dtype=torch.float32, pin_memory=view.is_cuda)
-            return cls(param, start, end, main.copy_(view), offloaded=True)
-        if param.dtype == torch.float32:
-            return cls(param, start, end, param if whole else view)
-        return cls(param, start, end, view.float())
-
-    @property
-    def main_is_param(self) -> bool:
-        """Whether the parameter holds the master's values (fp32): ``main`` is (a view of)
-        it, or its host copy, written back after every step."""
-        return self.param.dtype == torch.float32
-
-    def of(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This shard's elements of ``tensor`` (shaped like ``param``; an FSDP ``DTensor``
-        holds them as its local tensor), shaped like ``main``."""
-        local = local_tensor(tensor)
-        if local is not tensor:
-            return local.view_as(self.main)
-        return tensor.view(-1)[self.start:self.end].view_as(self.main)
 
 
 class StepResult(NamedTuple):
@@ -180,7 +131,7 @@ class MixedPrecisionOptimizer:
         main_groups = []
         ranges = [[(param, start, end) for param in group["params"]
                    for start, end in self._ranges(param)] for group in param_groups]
-        offloaded = _offloaded([end - start for group in ranges for _, start, end in group],
+        offloaded = offloaded_shards([end - start for group in ranges for _, start, end in group],
                                offload_fraction if cpu_offload else 0.0)
         for group, group_ranges in zip(param_groups, ranges):
             shards = [ParamShard.make(param, start, end, next(offloaded))
@@ -277,14 +228,8 @@ class MixedPrecisionOptimizer:
         """Copy the offloaded shards' gradients (unscaled and clipped) into their pinned
         host buffers and give them to the host masters."""
         for shard, grad in to_host:
-            if shard.host_grad is None:
-                shard.host_grad = torch.empty(shard.main.shape, dtype=torch.float32,
-                                              pin_memory=grad.is_cuda)
-            shard.host_grad.copy_(grad, non_blocking=True)
-            if self.precision_aware:
-                shard.main.decoupled_grad = shard.host_grad
-            else:
-                shard.main.grad = shard.host_grad
+            setattr(shard.main, "decoupled_grad" if self.precision_aware else "grad",
+                    shard.copy_to_host_grad(grad))
             borrowed.append(shard.main)
         if any(grad.is_cuda for _, grad in to_host):
             torch.cuda.current_stream().synchronize()  # the host step reads them next
@@ -410,7 +355,7 @@ class MixedPrecisionOptimizer:
     def copy_main_params_to_model(self) -> None:
         """Copy the masters into the model's parameters: after each step, and after a
         checkpoint loaded the masters."""
-        _copy([s.of(s.param) for s in self._copied], [s.main for s in self._copied])
+        copy_across([s.of(s.param) for s in self._copied], [s.main for s in self._copied])
 
     @torch.no_grad()
     def load_finished(self) -> None:
@@ -418,7 +363,7 @@ class MixedPrecisionOptimizer:
         parameters take the loaded weights, the half-precision parameters the loaded masters
         (`copy_main_params_to_model`)."""
         fp32 = [s for s in self._copied if s.main_is_param]
-        _copy([s.main for s in fp32], [s.of(s.param) for s in fp32])
+        copy_across([s.main for s in fp32], [s.of(s.param) for s in fp32])
         self.copy_main_params_to_model()
 
     @torch.no_grad()
@@ -426,7 +371,7 @@ class MixedPrecisionOptimizer:
         """Refresh the masters from the model's parameters (Megatron's name and meaning):
         after weights were written into the model alone, as a model-only checkpoint load
         does; otherwise the next step would put the stale masters back."""
-        _copy([s.main for s in self._copied], [s.of(s.param) for s in self._copied])
+        copy_across([s.main for s in self._copied], [s.of(s.param) for s in self._copied])
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(),
@@ -453,24 +398,3 @@ class MixedPrecisionOptimizer:
         self.copy_main_params_to_model()
 
 
-
-def _offloaded(sizes: list[int], fraction: float):
-    """For shards of ``sizes`` elements in order, whether each is offloaded: while the
-    elements offloaded so far are below ``fraction`` of all (Megatron's
-    ``HybridDeviceOptimizer``), so 1 offloads every shard and 0 none."""
-    threshold, done = fraction * sum(sizes), 0
-    for size in sizes:
-        offload = done < threshold
-        done += size if offload else 0
-        yield offload
-
-
-def _copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-    """``dst.copy_(src)`` for every pair: one foreach call for those on one device, one copy
-    each for those across the host boundary (offloaded masters)."""
-    same = [(d, s) for d, s in zip(dsts, srcs) if d.device == s.device]
-    for d, s in zip(dsts, srcs):
-        if d.device != s.device:
-            d.copy_(s)
-    if same:
-        torch._foreach_copy_([d for d, _ in same], [s for _, s in same])
