@@ -131,8 +131,8 @@ class MixedPrecisionOptimizer:
         main_groups = []
         ranges = [[(param, start, end) for param in group["params"]
                    for start, end in self._ranges(param)] for group in param_groups]
-        offloaded = offloaded_shards([end - start for group in ranges for _, start, end in group],
-                               offload_fraction if cpu_offload else 0.0)
+        sizes = [end - start for group in ranges for _, start, end in group]
+        offloaded = offloaded_shards(sizes, offload_fraction if cpu_offload else 0.0)
         for group, group_ranges in zip(param_groups, ranges):
             shards = [ParamShard.make(param, start, end, next(offloaded))
                       for param, start, end in group_ranges]
