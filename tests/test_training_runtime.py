@@ -243,3 +243,47 @@ def test_without_wandb_the_job_says_so_and_logs_on(monkeypatch, capsys):
     assert lines[0].startswith("logging.wandb_project='mp-test' is set but wandb is not usable "
                                "(import of wandb halted; None in sys.modules); pip install wandb")
     assert lines[1].startswith("iteration 1/20 | consumed samples 8 |")
+
+
+class _FakeWandb:
+    """A stand-in ``wandb`` module whose ``init`` fails as W&B does without a login, or
+    returns a run."""
+
+    def __init__(self, fails: bool):
+        self.fails = fails
+
+    def init(self, **settings):
+        if self.fails:
+            raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+        return "run"
+
+
+def _open_logger_with_wandb(fails: bool) -> str:
+    """What constructing the job's logger gives this rank: its W&B run, or its error."""
+    cfg = job()
+    cfg.logging.wandb_project = "mp-test"
+    saved = sys.modules.get("wandb")
+    sys.modules["wandb"] = _FakeWandb(fails)
+    try:
+        logger = TrainingLogger(cfg, dist.get_world_size(), torch.device("cpu"),
+                                enabled=dist.get_rank() == 0)
+        return f"run {logger.wandb}"
+    except RuntimeError as error:
+        return f"error {error}"
+    finally:
+        sys.modules.pop("wandb")
+        if saved is not None:
+            sys.modules["wandb"] = saved
+
+
+def test_a_failing_wandb_init_stops_every_rank_before_training():
+    """Only the last rank opens W&B; when that fails, the others must not go on into the first
+    step's collectives and die there: every rank raises at the logger's construction."""
+    assert run_distributed(2, _open_logger_with_wandb, False) == ["run None", "run run"]
+    first, last = run_distributed(2, _open_logger_with_wandb, True)
+    assert first == ("error logging.wandb_project='mp-test': wandb.init failed on the last "
+                     "rank (1), which logs to W&B; its error says why")
+    assert last == ("error logging.wandb_project='mp-test': wandb.init failed on this rank, "
+                    "which logs to W&B (RuntimeError: No API key configured. Use `wandb login` "
+                    "to log in.); run `wandb login` or set WANDB_API_KEY, or log offline with "
+                    "WANDB_MODE=offline, or drop --wandb-project")

@@ -38,7 +38,9 @@ of ``wandb_entity`` (a team or user; None: W&B's default) named ``wandb_exp_name
 picks one) in ``wandb_save_dir`` (default
 ``<training.save>/wandb`` as in Megatron, else W&B's own default), with the resolved job config
 as its config, and finishes it at the end. Without ``wandb`` installed (``pip install wandb``,
-mp's ``wandb`` extra) it says so in one line and the job runs.
+mp's ``wandb`` extra) it says so in one line and the job runs. When ``wandb.init`` fails there
+(no login, no network), every rank raises before training starts, the W&B rank with W&B's
+reason, the others naming that rank (`open_wandb_everywhere`).
 
 With ``logging.record_memory_history`` (Megatron's ``--record-memory-history``) on CUDA,
 `record_memory_history` (called by `mp.training.pretrain.pretrain` before the model is built,
@@ -142,6 +144,35 @@ def _open_wandb(cfg: JobConfig):
                       dir=directory, config=cfg.to_dict())
 
 
+def open_wandb_everywhere(cfg: JobConfig, device: torch.device):
+    """`_open_wandb` on the last rank, agreed on by every rank of the job (one all-reduce on
+    ``device``): the last rank's run, None on the others. When it fails there, every rank
+    raises here, before the first training step, so no rank is left waiting in a collective
+    the W&B rank never reaches."""
+    run, error = None, None
+    if _is_last_rank():
+        try:
+            run = _open_wandb(cfg)
+        except Exception as caught:  # W&B raises its own UsageError, CommError, ...
+            error = caught
+    failed = error is not None
+    if dist.is_initialized():
+        flag = torch.tensor([int(failed)], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed = bool(flag.item())
+    project = cfg.logging.wandb_project
+    if error is not None:
+        raise RuntimeError(
+            f"logging.wandb_project={project!r}: wandb.init failed on this rank, which logs to "
+            f"W&B ({type(error).__name__}: {error}); run `wandb login` or set WANDB_API_KEY, or "
+            "log offline with WANDB_MODE=offline, or drop --wandb-project") from error
+    if failed:
+        raise RuntimeError(
+            f"logging.wandb_project={project!r}: wandb.init failed on the last rank "
+            f"({dist.get_world_size() - 1}), which logs to W&B; its error says why")
+    return run
+
+
 class TrainingLogger:
     """Reports for a job of ``world_size`` ranks on ``device``. Only the rank constructed
     with ``enabled=True`` prints and writes TensorBoard scalars, and only the last rank logs to
@@ -155,7 +186,7 @@ class TrainingLogger:
         lg = cfg.logging
         self.writer = _open_tensorboard(lg.tensorboard_dir, lg.tensorboard_queue_size) \
             if enabled else None
-        self.wandb = _open_wandb(cfg) if cfg.logging.wandb_project and _is_last_rank() else None
+        self.wandb = open_wandb_everywhere(cfg, device) if cfg.logging.wandb_project else None
         self.memory_snapshot_path = lg.memory_snapshot_path if lg.record_memory_history and \
             device.type == "cuda" and _is_last_rank() else None  # Megatron's rank for it
         show = cfg.logging.progress
