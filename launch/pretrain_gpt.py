@@ -9,8 +9,9 @@ process group exists. Then every rank joins the job (NCCL with one GPU per local
 CUDA is there, gloo on the CPU), the tensor/pipeline/data-parallel groups are made, rank 0
 prints the resolved config (and a notice for each Megatron flag that changes nothing in mp),
 and `mp.training.pretrain.pretrain` builds the data (the embedded corpus by default), the
-model and the optimizer, and trains. An exception on any rank ends
-that rank with a traceback and a non-zero status, and torchrun then stops the others.
+model and the optimizer, and trains (`train`, what each rank runs once the default process
+group exists). An exception on any rank ends that rank with a traceback and a non-zero status,
+and torchrun then stops the others.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from error
     initialize_distributed(timeout_minutes=cfg.training.distributed_timeout_minutes)
     try:
+        train(cfg, argv)
+    finally:
+        dist.destroy_process_group()
+
+
+def train(cfg, argv: list[str]) -> None:
+    """The job of ``cfg`` (parsed from ``argv``) on this rank of the default process group:
+    the model-parallel groups, rank 0's printout of the config and the flag notices, and
+    `pretrain`; the groups are gone again when it returns or raises."""
+    try:
         initialize_model_parallel_of(cfg)
         if dist.get_rank() == 0:
             print(format_config(cfg), end="", flush=True)
@@ -46,7 +57,6 @@ def main(argv: list[str] | None = None) -> None:
         pretrain(cfg)
     finally:
         parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

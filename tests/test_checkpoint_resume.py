@@ -1,10 +1,12 @@
-"""Exact resume of the pretraining job under ``torchrun`` at TP2 x DP2: 20 iterations straight
-against 10 iterations, a SIGKILL of the whole job, and a resume for the last 10; and the same
-for a run counted in samples, killed in the middle of its batch-size ramp, with decoupled
-learning rates for the embedding and output weights, a weight decay that follows Megatron's
-cosine schedule, and its samples read in Megatron's cyclic (shuffled) order. The loss, the
-gradient norm and the learning rate of every iteration (read bit for bit, as float.hex) and
-the final weights are identical."""
+"""Exact resume of the pretraining job at TP2 x DP2: 20 iterations straight against a
+``torchrun`` job SIGKILLed right after its checkpoint at iteration 10 and a resume for the last
+10; and a run counted in samples resumed from its checkpoint in the middle of its batch-size
+ramp, with decoupled learning rates for the embedding and output weights, a weight decay that
+follows Megatron's cosine schedule, and its samples read in Megatron's cyclic (shuffled) order.
+The loss, the gradient norm and the learning rate of every iteration (read bit for bit, as
+float.hex) and the final weights are identical. Only the killed job is launched; the others
+run the launcher's job in the simulated ranks (`jobs.run_job`), which also checks that the two
+compute alike."""
 
 import os
 import re
@@ -16,11 +18,11 @@ import time
 
 import pytest
 import torch
+from harness import run_distributed
+from jobs import LAUNCH, ROOT, exact_values, run_job
 
 from mp.checkpointing import load_global_model, read_latest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCH = os.path.join(ROOT, "launch", "pretrain_gpt.py")
 TINY = ["--config", os.path.join(ROOT, "configs", "gpt-tiny.yaml"),
         "--tensor-model-parallel-size", "2", "--num-layers", "2", "--hidden-size", "64",
         "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
@@ -40,24 +42,16 @@ RAMPED = [*TINY, "--global-batch-size", "16", "--train-iters", "null", "--lr-war
 
 
 def _exact_logging_script(directory) -> str:
-    """The launcher, with rank 0 also printing each iteration's loss, grad norm and learning
-    rate exactly (the log line rounds them)."""
+    """The launcher under `jobs.exact_lines`."""
     script = directory / "pretrain_exact.py"
     script.write_text(textwrap.dedent(f"""
         import runpy, sys
-        from mp.training.logger import TrainingLogger
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        from jobs import exact_lines
 
-        real = TrainingLogger.training_iteration
-
-        def exact(self, iteration, consumed, losses, lr, grad_norm, *rest, **extras):
-            if self.enabled:
-                print(f"exact {{iteration}} {{losses['lm loss'].hex()}} {{grad_norm.hex()}} "
-                      f"{{lr.hex()}}", flush=True)
-            return real(self, iteration, consumed, losses, lr, grad_norm, *rest, **extras)
-
-        TrainingLogger.training_iteration = exact
         sys.argv = [{LAUNCH!r}, *sys.argv[1:]]
-        runpy.run_path({LAUNCH!r}, run_name="__main__")
+        with exact_lines():
+            runpy.run_path({LAUNCH!r}, run_name="__main__")
     """))
     return str(script)
 
@@ -99,63 +93,54 @@ def _kill_job(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _run(script: str, args: list[str], log_path, timeout: float = 480) -> str:
+def _killed_after_checkpoint(tmp_path, args: list[str], save_at: int):
+    """A launched job of ``args`` SIGKILLed right after its checkpoint at ``save_at``: its
+    directory, and the exact values it printed."""
+    directory, log_path = tmp_path / "killed", tmp_path / "killed.log"
     with open(log_path, "w") as log:
-        proc = _start(script, args, log)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_job(proc)
-    out = log_path.read_text()
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
-def _exact(out: str) -> dict[int, tuple[str, str, str]]:
-    return {int(i): rest for i, *rest in
-            (line.split()[1:] for line in out.splitlines() if line.startswith("exact "))}
-
-
-@pytest.mark.parametrize("args, iters, save_at, consumed", [(TINY, 20, 10, 80),
-                                                             (RAMPED, 19, 8, 40)],
-                         ids=["iterations", "samples_ramp_schedules"])
-def test_killed_and_resumed_job_matches_the_straight_run(tmp_path, args, iters, save_at,
-                                                         consumed):
-    start = time.monotonic()
-    script = _exact_logging_script(tmp_path)
-    common = [*args, "--data-cache-path", str(tmp_path / "cache")]
-
-    straight = _exact(_run(script, [*common, "--save", str(tmp_path / "straight")],
-                           tmp_path / "straight.log"))
-    assert sorted(straight) == list(range(1, iters + 1))
-
-    killed_dir, killed_log = tmp_path / "killed", tmp_path / "killed.log"
-    with open(killed_log, "w") as log:
-        proc = _start(script, [*common, "--save", str(killed_dir), "--save-interval",
-                               str(save_at)], log)
+        proc = _start(_exact_logging_script(tmp_path), [*args, "--save", str(directory),
+                                                        "--save-interval", str(save_at)], log)
         deadline = time.monotonic() + 480
-        while read_latest(killed_dir) is None and proc.poll() is None:
+        while read_latest(directory) is None and proc.poll() is None:
             assert time.monotonic() < deadline, "no checkpoint within 480 s"
             time.sleep(0.05)
         _kill_job(proc)  # mid-training, right after the checkpoint
-    assert read_latest(killed_dir) == save_at, killed_log.read_text()[-3000:]
-    killed = _exact(killed_log.read_text())
+    assert read_latest(directory) == save_at, log_path.read_text()[-3000:]
+    return directory, exact_values(log_path.read_text())
 
-    out = _run(script, [*common, "--save", str(killed_dir), "--load", str(killed_dir)],
-               tmp_path / "resumed.log")
+
+@pytest.mark.parametrize("args, iters, save_at, consumed, killed", [
+    (TINY, 20, 10, 80, True), (RAMPED, 19, 8, 40, False)],
+    ids=["killed_iterations", "samples_ramp_schedules"])
+def test_resumed_job_matches_the_straight_run(tmp_path, args, iters, save_at, consumed, killed):
+    start = time.monotonic()
+    common = [*args, "--data-cache-path", str(tmp_path / "cache")]
+    straight_dir = tmp_path / "straight"
+    straight = exact_values(run_distributed(
+        4, run_job, [*common, "--save", str(straight_dir), "--save-interval", str(save_at)],
+        exact=True)[0])
+    assert sorted(straight) == list(range(1, iters + 1))
+
+    if killed:
+        load, first = _killed_after_checkpoint(tmp_path, common, save_at)
+        step = []
+    else:  # the straight run's checkpoint in the middle of the ramp
+        load, first, step = straight_dir, straight, ["--ckpt-step", str(save_at)]
+    resumed_dir = tmp_path / "resumed"
+    out = run_distributed(4, run_job, [*common, "--load", str(load), *step,
+                                       "--save", str(resumed_dir)], exact=True)[0]
     assert re.search(rf"resuming from \S+iter_{save_at:07d}: iteration {save_at}, "
                      rf"{consumed} samples consumed, RNG states restored", out), out[-3000:]
-    resumed = _exact(out)
+    resumed = exact_values(out)
     assert sorted(resumed) == list(range(save_at + 1, iters + 1))
 
     for iteration in range(1, iters + 1):
-        got = (killed if iteration <= save_at else resumed)[iteration]
+        got = (first if iteration <= save_at else resumed)[iteration]
         assert got == straight[iteration], f"iteration {iteration}: (loss, grad norm, lr) " \
                                            f"{got} after resuming, {straight[iteration]} straight"
-    final, _ = load_global_model(killed_dir)
-    reference, _ = load_global_model(tmp_path / "straight")
+    final, _ = load_global_model(resumed_dir)
+    reference, _ = load_global_model(straight_dir)
     assert final.keys() == reference.keys()
     for name, tensor in reference.items():
         assert torch.equal(final[name], tensor), f"final {name} differs"
     print(f"exact resume: {time.monotonic() - start:.1f} s")
-

@@ -1,0 +1,76 @@
+"""The pretraining job of ``launch/pretrain_gpt.py`` run in the simulated cluster's ranks.
+
+    from harness import run_distributed
+    from jobs import run_job
+    printed = run_distributed(4, run_job, [*flags])[0]  # what rank 0 printed
+
+`run_job` parses the flags and runs the launcher's own `train` (the model-parallel groups,
+the printed config and notices, `mp.training.pretrain.pretrain`) on the pool's process group,
+so a test of what a job computes pays for no process start-up. What only a launched job shows
+(torchrun's process group, signals, a rank's death taking the job down) stays in tests that
+launch one. `exact_lines` makes rank 0 print each iteration's loss, gradient norm and learning
+rate exactly, in a launched job (its script enters it) or here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch", "pretrain_gpt.py")
+
+
+def launcher():
+    """``launch/pretrain_gpt.py`` as a module (imported once per process)."""
+    module = sys.modules.get("pretrain_gpt_launcher")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("pretrain_gpt_launcher", LAUNCH)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["pretrain_gpt_launcher"] = module
+    return module
+
+
+@contextlib.contextmanager
+def exact_lines():
+    """Rank 0 also prints ``exact ITERATION LOSS GRAD_NORM LR`` (``float.hex``) with each
+    log line's iteration: the log line rounds them."""
+    from mp.training.logger import TrainingLogger
+
+    real = TrainingLogger.training_iteration
+
+    def exact(self, iteration, consumed, losses, lr, grad_norm, *rest, **extras):
+        if self.enabled:
+            print(f"exact {iteration} {losses['lm loss'].hex()} {grad_norm.hex()} {lr.hex()}",
+                  flush=True)
+        return real(self, iteration, consumed, losses, lr, grad_norm, *rest, **extras)
+
+    TrainingLogger.training_iteration = exact
+    try:
+        yield
+    finally:
+        TrainingLogger.training_iteration = real
+
+
+def exact_values(printed: str) -> dict[int, tuple[str, ...]]:
+    """``{iteration: (loss, grad norm, lr)}`` from `exact_lines`' lines in ``printed``."""
+    return {int(i): tuple(rest) for i, *rest in
+            (line.split()[1:] for line in printed.splitlines() if line.startswith("exact "))}
+
+
+def run_job(argv: list[str], exact: bool = False) -> str:
+    """What this rank prints running the job of ``argv`` (``launch/pretrain_gpt.py``'s flags)
+    on the pool's ranks, with `exact_lines` when ``exact``."""
+    import torch.distributed as dist
+
+    from mp.config import parse_args
+
+    cfg = parse_args(argv, world_size=dist.get_world_size(), prog="pretrain_gpt.py")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), exact_lines() if exact else contextlib.nullcontext():
+        launcher().train(cfg, argv)
+    return out.getvalue()
