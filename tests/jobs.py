@@ -62,15 +62,31 @@ def exact_values(printed: str) -> dict[int, tuple[str, ...]]:
             (line.split()[1:] for line in printed.splitlines() if line.startswith("exact "))}
 
 
-def run_job(argv: list[str], exact: bool = False) -> str:
+@contextlib.contextmanager
+def environment(env: dict[str, str]):
+    """``env`` set in ``os.environ`` meanwhile."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+
+
+def run_job(argv: list[str], exact: bool = False, env: dict[str, str] | None = None) -> str:
     """What this rank prints running the job of ``argv`` (``launch/pretrain_gpt.py``'s flags)
-    on the pool's ranks, with `exact_lines` when ``exact``."""
+    on the pool's ranks, with `exact_lines` when ``exact`` and ``env`` in the environment."""
     import torch.distributed as dist
 
     from mp.config import parse_args
 
-    cfg = parse_args(argv, world_size=dist.get_world_size(), prog="pretrain_gpt.py")
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), exact_lines() if exact else contextlib.nullcontext():
+    with environment(env or {}), contextlib.redirect_stdout(out), \
+            exact_lines() if exact else contextlib.nullcontext():
+        cfg = parse_args(argv, world_size=dist.get_world_size(), prog="pretrain_gpt.py")
         launcher().train(cfg, argv)
     return out.getvalue()

@@ -1,6 +1,8 @@
 """``launch/pretrain_gpt.py`` end to end under ``torchrun`` on 4 CPU ranks (TP=2 x DP=2): a
-short run on the embedded corpus lowers the loss; a bad config stops before any process group;
-a rank that dies takes the whole job down."""
+short run on the embedded corpus lowers the loss; a rank that dies takes the whole job down.
+The launcher's job in the simulated ranks (`jobs.run_job`): interleaved pipelines with context
+parallelism, mixture-of-experts pipelines and Megatron's Llama 3 example train; and in this
+process, a bad config stops before any process group."""
 
 import math
 import os
@@ -12,9 +14,10 @@ import textwrap
 import time
 
 import pytest
+import torch.distributed as dist
+from harness import run_distributed
+from jobs import LAUNCH, ROOT, launcher, run_job
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCH = os.path.join(ROOT, "launch", "pretrain_gpt.py")
 TINY = ["--config", os.path.join(ROOT, "configs", "gpt-tiny.yaml"),
         "--tensor-model-parallel-size", "2", "--num-layers", "2", "--hidden-size", "64",
         "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8",
@@ -52,7 +55,7 @@ def torchrun(script: str, args: list[str], timeout: float) -> subprocess.Complet
 def test_short_run_lowers_the_loss(cache_dir, tmp_path):
     start = time.monotonic()
     run = torchrun(LAUNCH, [*TINY, "--train-iters", "30", "--eval-interval", "15",
-                            "--data-cache-path", cache_dir,
+                            "--data-cache-path", cache_dir, "--num-workers", "2",
                             "--logging.tensorboard_dir", str(tmp_path / "tb")], timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
@@ -93,14 +96,12 @@ def test_short_run_lowers_the_loss(cache_dir, tmp_path):
             assert value == pytest.approx(float(text), rel=1e-3), f"{tag} at {step}"
 
 
-def _check_20_iterations_lower_the_loss(run: subprocess.CompletedProcess,
-                                        start_line: str) -> None:
-    """The job succeeded, printed ``start_line`` once and its loss fell by 20%."""
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count(start_line) == 1
+def _check_20_iterations_lower_the_loss(out: str, start_line: str) -> None:
+    """The job printed ``start_line`` once and its loss fell by 20%."""
+    assert out.count(start_line) == 1, out
     losses = [float(x) for x in re.findall(r"^iteration \d+/20 \|.*?\| lm loss (\S+) \|",
-                                           run.stdout, re.MULTILINE)]
-    assert len(losses) == 4, run.stdout
+                                           out, re.MULTILINE)]
+    assert len(losses) == 4, out
     assert losses[-1] < 0.8 * losses[0], f"the loss did not fall: {losses}"
 
 
@@ -110,15 +111,14 @@ def test_interleaved_pipeline_run_with_context_parallelism_lowers_the_loss(cache
     keys and values around a ring (Megatron's p2p), and the distributed optimizer: the job
     builds the stages, the interleaved schedule trains, the optimizer state is sharded over
     the CP ranks, and rank 0 (first stage) logs the last stage's loss."""
-    run = torchrun(LAUNCH, [*TINY, "--use-distributed-optimizer",
-                            "--tensor-model-parallel-size", "1", "--context-parallel-size", "2",
-                            "--cp-comm-type", "p2p",
-                            "--pipeline-model-parallel-size", "2", "--num-layers", "6",
-                            "--decoder-first-pipeline-num-layers", "2",
-                            "--num-virtual-stages-per-pipeline-rank", "2", "--train-iters", "20",
-                            "--eval-interval", "20", "--data-cache-path", cache_dir], timeout=600)
+    out = run_distributed(4, run_job, [
+        *TINY, "--use-distributed-optimizer", "--tensor-model-parallel-size", "1",
+        "--context-parallel-size", "2", "--cp-comm-type", "p2p",
+        "--pipeline-model-parallel-size", "2", "--num-layers", "6",
+        "--decoder-first-pipeline-num-layers", "2", "--num-virtual-stages-per-pipeline-rank",
+        "2", "--train-iters", "20", "--eval-interval", "20", "--data-cache-path", cache_dir])[0]
     _check_20_iterations_lower_the_loss(
-        run, "world 4 = TP 1 x CP 2 (p2p) x PP 2 (layers 2+4) x DP 1")
+        out, "world 4 = TP 1 x CP 2 (p2p) x PP 2 (layers 2+4) x DP 1")
 
 
 def test_mixture_of_experts_pipeline_run_lowers_the_loss(cache_dir):
@@ -126,19 +126,18 @@ def test_mixture_of_experts_pipeline_run_lowers_the_loss(cache_dir):
     over 2 expert-parallel ranks, at PP=2 x DP=2 with the distributed optimizer (Megatron's
     flags): the job builds the expert groups, trains, the loss falls, and the log line has
     the routers' losses (averaged over both stages' MoE layers)."""
-    run = torchrun(LAUNCH, [*TINY, "--tensor-model-parallel-size", "1",
-                            "--pipeline-model-parallel-size", "2", "--num-layers", "4",
-                            "--num-experts", "4", "--moe-router-topk", "2",
-                            "--moe-layer-freq", "2", "--expert-model-parallel-size", "2",
-                            "--moe-aux-loss-coeff", "1e-2", "--moe-z-loss-coeff", "1e-3",
-                            "--moe-token-dispatcher-type", "alltoall",
-                            "--use-distributed-optimizer", "--train-iters", "20",
-                            "--eval-interval", "20", "--data-cache-path", cache_dir], timeout=600)
+    out = run_distributed(4, run_job, [
+        *TINY, "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
+        "--num-layers", "4", "--num-experts", "4", "--moe-router-topk", "2",
+        "--moe-layer-freq", "2", "--expert-model-parallel-size", "2",
+        "--moe-aux-loss-coeff", "1e-2", "--moe-z-loss-coeff", "1e-3",
+        "--moe-token-dispatcher-type", "alltoall", "--use-distributed-optimizer",
+        "--train-iters", "20", "--eval-interval", "20", "--data-cache-path", cache_dir])[0]
     _check_20_iterations_lower_the_loss(
-        run, "world 4 = TP 1 x PP 2 x DP 2 | 4 experts, top 2, EP 2")
+        out, "world 4 = TP 1 x PP 2 x DP 2 | 4 experts, top 2, EP 2")
     balance = [float(x) for x in re.findall(r"^iteration .*\| load_balancing_loss (\S+) \| "
-                                            r"z_loss \S+ \|", run.stdout, re.MULTILINE)]
-    assert len(balance) == 4 and all(0.5 < b < 4 for b in balance), run.stdout
+                                            r"z_loss \S+ \|", out, re.MULTILINE)]
+    assert len(balance) == 4 and all(0.5 < b < 4 for b in balance), out
 
 
 @pytest.mark.parametrize("override,message", [
@@ -154,12 +153,15 @@ def test_mixture_of_experts_pipeline_run_lowers_the_loss(cache_dir):
     (["--load", "/nonexistent/ckpt", "--exit-on-missing-checkpoint"],
      "training.load='/nonexistent/ckpt' holds no checkpoint and training."
      "exit_on_missing_checkpoint is set: stopping before training")])
-def test_bad_config_fails_before_any_process_group(override, message):
-    env = {**os.environ, "WORLD_SIZE": "4"}  # torchrun's world, but no rendezvous to join
-    run = subprocess.run([sys.executable, LAUNCH, *TINY, *override], check=False,
-                         capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
-    assert run.returncode == 2, run.stderr
-    assert message in run.stderr
+def test_bad_config_fails_before_any_process_group(override, message, monkeypatch, capsys):
+    """The launcher's ``main`` here, in torchrun's world of 4 but with no rendezvous to
+    join: it exits with status 2 and the reason, having made no process group."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit) as exited:
+        launcher().main([*TINY, *override])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not dist.is_initialized()
 
 
 def test_a_dying_rank_takes_the_job_down(cache_dir, tmp_path):
@@ -197,7 +199,7 @@ def _replaced(flags: list[str], values: dict[str, str]) -> list[str]:
     return out
 
 
-def test_megatron_llama3_example_runs_scaled_down(cache_dir, tmp_path, monkeypatch):
+def test_megatron_llama3_example_runs_scaled_down(cache_dir, tmp_path):
     """Megatron-LM's Llama 3 8B bf16 example on mock data, its flags as written but the sizes
     shrunk (and TP 2; heads 24 wide at hidden size 64): it trains in bf16 with the per-token
     loss, decoupled rates and bf16 gradient reduction, prints why the flags without effect
@@ -210,14 +212,14 @@ def test_megatron_llama3_example_runs_scaled_down(cache_dir, tmp_path, monkeypat
         "--seq-length": "64", "--max-position-embeddings": "64", "--global-batch-size": "8",
         "--train-samples": "96", "--lr-decay-samples": "96", "--lr-warmup-samples": "16",
         "--tensor-model-parallel-size": "2", "--vocab-size": "1000"})
-    # the final validation scaled down too: 4 batches, not Megatron's default 100
-    flags += ["--eval-iters", "4", "--save", str(tmp_path / "ckpt"), "--load",
+    # the final validation scaled down too: 4 batches, not Megatron's default 100; no loader
+    # processes (the simulated ranks may not start any; test_short_run_lowers_the_loss's job
+    # has them)
+    flags += ["--eval-iters", "4", "--num-workers", "0", "--save", str(tmp_path / "ckpt"), "--load",
               str(tmp_path / "ckpt"), "--tensorboard-dir", str(tmp_path / "tb"),
               "--data-cache-path", cache_dir, "--wandb-save-dir", str(tmp_path / "wandb")]
-    monkeypatch.setenv("WANDB_MODE", "offline")  # when wandb is installed: no network
-    run = torchrun(LAUNCH, flags, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    out = run.stdout
+    # when wandb is installed: no network
+    out = run_distributed(4, run_job, flags, env={"WANDB_MODE": "offline"})[0]
     assert out.count("world 4 = TP 2 x PP 1 x DP 2") == 1
     assert out.count("has no effect in mp") == 6
     losses = [float(x) for x in re.findall(r"^iteration \d+/12 \|.*?\| lm loss (\S+) \|", out,

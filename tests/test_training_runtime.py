@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from harness import run_distributed
+from jobs import environment
 from test_training import job, micro_batches
 
 from mp import parallel_state as ps
@@ -123,21 +124,13 @@ def tiny_job(**logging) -> JobConfig:
 def _pretrain(cfg: JobConfig, env: dict[str, str]) -> str:
     """What the job prints on this rank, run with ``env`` in the environment (at ``cfg``'s
     TP and PP sizes)."""
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
     out = io.StringIO()
-    try:
+    with environment(env):
         ps.initialize_model_parallel(cfg.model.tensor_model_parallel_size,
                                      cfg.model.pipeline_model_parallel_size)
         with contextlib.redirect_stdout(out):
             pretrain(cfg)
-        return out.getvalue()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key)
-            else:
-                os.environ[key] = value
+    return out.getvalue()
 
 
 def test_pytorch_profiler_traces_the_profiled_iterations_on_the_listed_ranks(tmp_path):
