@@ -1,8 +1,8 @@
 """DeepSpeed's engine for data parallelism and ZeRO, mp for tensor parallelism
 (`mp.training.deepspeed`): at TP2 x DP2 ZeRO-1 and ZeRO-2 (the latter with sequence
 parallelism) follow mp's own optimizer path step by step; a resumed run continues the
-uninterrupted one; ``launch/pretrain_gpt.py --deepspeed`` trains under torchrun; and every
-refusal names its rule before any process group exists."""
+uninterrupted one; ``launch/pretrain_gpt.py --deepspeed``'s job trains (in the simulated
+ranks, `jobs.run_job`); and every refusal names its rule before any process group exists."""
 
 import contextlib
 import io
@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -24,7 +23,8 @@ pytest.importorskip("deepspeed", reason='DeepSpeed is an optional extra: pip ins
 import torch.distributed as dist
 from deepspeed.utils import groups as deepspeed_groups
 from harness import run_distributed
-from test_pretrain import LAUNCH, ROOT, TINY, torchrun
+from jobs import ROOT, launcher, run_job
+from test_pretrain import TINY
 from test_training import MBS, SEQ, job, micro_batches
 
 from mp import parallel_state as ps
@@ -178,15 +178,13 @@ def test_resumed_run_continues_the_uninterrupted_one(cache_dir, tmp_path):
     assert not re.search(r"^iteration \d", printed, re.MULTILINE), printed
 
 
-# --- torchrun ---------------------------------------------------------------------------------
+# --- the launcher's job ----------------------------------------------------------------------
 
 def test_launch_with_deepspeed_trains_at_tp2_dp2(cache_dir):
-    run = torchrun(LAUNCH, [*TINY, "--train-iters", "4", "--lr-warmup-iters", "2",
-                            "--log-interval", "2",
-                            "--eval-interval", "4", "--deepspeed", "--deepspeed-config", ZERO2,
-                            "--data-cache-path", cache_dir], timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    out = run.stdout
+    out = run_distributed(4, run_job, [
+        *TINY, "--train-iters", "4", "--lr-warmup-iters", "2", "--log-interval", "2",
+        "--eval-interval", "4", "--deepspeed", "--deepspeed-config", ZERO2,
+        "--data-cache-path", cache_dir])[0]
     assert out.count("world 4 = TP 2 x PP 1 x DP 2 | DeepSpeed ZeRO-2 | gloo") == 1, out
     losses = [float(x) for x in re.findall(r"^iteration [24]/4 \| consumed samples \d+ \| "
                                            r"global batch size 8 \| lm loss (\S+) \| lr \S+ \| "
@@ -311,9 +309,10 @@ def test_config_is_filled_in_from_mp(tmp_path):
                             "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1.0}
 
 
-def test_launch_refuses_before_any_process_group():
-    env = {**os.environ, "WORLD_SIZE": "4"}  # torchrun's world, but no rendezvous to join
-    run = subprocess.run([sys.executable, LAUNCH, *TINY, "--deepspeed"], check=False,
-                         capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
-    assert run.returncode == 2, run.stderr
-    assert "training.deepspeed=true needs training.deepspeed_config" in run.stderr
+def test_launch_refuses_before_any_process_group(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun's world, but no rendezvous to join
+    with pytest.raises(SystemExit) as exited:
+        launcher().main([*TINY, "--deepspeed"])
+    assert exited.value.code == 2
+    assert "training.deepspeed=true needs training.deepspeed_config" in capsys.readouterr().err
+    assert not dist.is_initialized()

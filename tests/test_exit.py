@@ -2,7 +2,7 @@
 ``--exit-signal-handler``): the config rules, every rank agreeing when only one got the
 signal or ran out of time, the loop stopping, saving and skipping the final evaluation, and
 the pretraining job under ``torchrun`` saving and stopping on SIGTERM, then resuming from
-that checkpoint and stopping at an exit interval."""
+that checkpoint (in the simulated ranks, `jobs.run_job`) and stopping at an exit interval."""
 
 import contextlib
 import io
@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from harness import run_distributed
+from jobs import run_job
 from test_pretrain import LAUNCH, ROOT, TINY
 from test_training import job
 
@@ -146,11 +147,9 @@ def test_sigterm_saves_and_stops_the_job_and_it_resumes(tmp_path):
     assert 3 <= at < 300 and read_latest(checkpoints) == at
     assert f"iteration {at + 1}/300 " not in out  # no rank went on
 
-    with open(tmp_path / "resumed.log", "w") as log:
-        proc = _start([*common, "--load", str(checkpoints), "--exit-interval", str(at + 2)], log)
-        proc.wait(timeout=300)
-    out = (tmp_path / "resumed.log").read_text()
-    assert proc.returncode == 0, out[-3000:]
+    # resumed by the launcher's job in the simulated ranks
+    out = run_distributed(4, run_job, [*common, "--load", str(checkpoints), "--exit-interval",
+                                       str(at + 2)])[0]
     assert f"iteration {at}, {at * 8} samples consumed" in out, out[-3000:]
     assert f"exiting after iteration {at + 2}/300: iteration {at + 2} (training.exit_interval=" \
            f"{at + 2}); checkpoint saved in {checkpoints}" in out, out[-3000:]

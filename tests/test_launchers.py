@@ -18,13 +18,13 @@ import sys
 import textwrap
 
 import pytest
+from harness import run_distributed
+from jobs import ROOT, run_job
 
 from mp import launch_env
 from mp.config.job import resolve_world_size
 from mp.launch_env import Ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCH = os.path.join(ROOT, "launch", "pretrain_gpt.py")
 MPIRUN_WRAPPER = os.path.join(ROOT, "launch", "mpirun_pretrain.sh")
 SLURM_SCRIPT = os.path.join(ROOT, "launch", "slurm_pretrain.sbatch")
 
@@ -249,9 +249,11 @@ LOG_LINE = re.compile(r"(iteration \d+/6 \|.*?\| lm loss \S+ \|.*?\| grad norm \
 
 
 @needs_mpirun
-def test_mpirun_pretraining_equals_torchrun(tmp_path):
+def test_mpirun_pretraining_equals_the_simulated_ranks(tmp_path):
     """``launch/mpirun_pretrain.sh 4`` (mpirun -np 4 python launch/pretrain_gpt.py) trains
-    TP=2 x DP=2 on the CPU and logs the same losses and grad norms as torchrun does."""
+    TP=2 x DP=2 on the CPU and logs the same losses and grad norms as the launcher's job in
+    the simulated ranks (`jobs.run_job`, which computes as torchrun's job does, bit for bit:
+    tests/test_checkpoint_resume.py)."""
     args = [*TINY, "--data-cache-path", str(tmp_path)]
     wrapper_env = {"PYTHON": sys.executable}
     if MPIRUN == "openmpi":
@@ -262,10 +264,7 @@ def test_mpirun_pretraining_equals_torchrun(tmp_path):
     logged = LOG_LINE.findall(run.stdout)
     assert len(logged) == 3, run.stdout[-3000:]  # iterations 3 and 6, validation at 6
 
-    reference = launch([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", "4", LAUNCH, *args], timeout=300)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    assert logged == LOG_LINE.findall(reference.stdout)
+    assert logged == LOG_LINE.findall(run_distributed(4, run_job, args)[0])
 
 
 # --- Slurm ------------------------------------------------------------------------------------
