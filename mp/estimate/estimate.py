@@ -15,6 +15,12 @@ from mp.estimate.step_time import DEFAULT_EFFICIENCY, StepTime, step_time
 from mp.estimate.storage import CUDA, Kernels
 
 
+def fits(stages: list[StageMemory], gpu: GPUSpec, memory_fraction: float) -> bool:
+    """Whether the peak of every stage's rank is within ``memory_fraction`` of ``gpu``'s
+    memory."""
+    return max(stage.peak for stage in stages) <= memory_fraction * gpu.memory_bytes
+
+
 @dataclass(frozen=True)
 class Estimate:
     """Everything predicted for ``setup`` on ``gpu``. Per-rank figures are for one rank of
@@ -42,7 +48,7 @@ class Estimate:
 
     def fits(self, memory_fraction: float) -> bool:
         """Whether every rank's peak is within ``memory_fraction`` of the GPU's memory."""
-        return self.peak_bytes <= memory_fraction * self.gpu.memory_bytes
+        return fits(self.stages, self.gpu, memory_fraction)
 
     @property
     def tokens_per_second(self) -> float:
@@ -60,17 +66,24 @@ class Estimate:
         return (self.setup.pp - 1) / (self.setup.vpp * self.setup.num_microbatches)
 
 
+def stages_memory(setup: Setup, kernels: Kernels = CUDA) -> list[StageMemory]:
+    """`stage_memory` of each pipeline stage of ``setup``."""
+    return [stage_memory(setup, r, kernels) for r in range(setup.pp)]
+
+
 def estimate(setup: Setup, gpu: GPUSpec, efficiency: float = DEFAULT_EFFICIENCY,
-             kernels: Kernels = CUDA) -> Estimate:
+             kernels: Kernels = CUDA, *, stages: list[StageMemory] | None = None) -> Estimate:
     """Predict memory, FLOPs, communication and step time of ``setup`` on ``gpu``.
 
     ``efficiency`` is the achievable fraction of the GPU's peak for the matrix products;
     ``kernels`` says how the layers' kernels store what they save (`mp.estimate.CUDA` for a
-    GPU job, `mp.estimate.CPU` for what the CPU tests measure)."""
+    GPU job, `mp.estimate.CPU` for what the CPU tests measure); ``stages``: the setup's
+    `stages_memory` when already computed (the planner's, which drops a layout that does not
+    fit before it counts the rest)."""
     cfg = setup.model
     return Estimate(
         setup=setup, gpu=gpu, efficiency=efficiency, parameters=model_params(cfg),
-        stages=[stage_memory(setup, r, kernels) for r in range(setup.pp)],
+        stages=stages_memory(setup, kernels) if stages is None else stages,
         collectives=[collectives(setup, r) for r in range(setup.pp)],
         flops=training_flops(cfg, setup.global_batch_size),
         model_flops=training_flops(cfg, setup.global_batch_size, recompute=None),

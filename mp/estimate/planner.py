@@ -34,8 +34,9 @@ import itertools
 from dataclasses import dataclass
 
 from mp.config import JobConfig
-from mp.estimate.estimate import Estimate, estimate
+from mp.estimate.estimate import Estimate, estimate, fits
 from mp.estimate.hardware import GPUSpec
+from mp.estimate.memory import stage_memory
 from mp.estimate.setup import Setup
 from mp.estimate.step_time import DEFAULT_EFFICIENCY
 from mp.estimate.storage import CUDA, Kernels
@@ -213,8 +214,15 @@ def plan(job: JobConfig, world_size: int, gpu: GPUSpec, *,
     if not 0 < memory_fraction <= 1:
         raise ValueError(f"memory_fraction={memory_fraction} must be in (0, 1]")
     setups = candidate_setups(job, world_size, **candidates)
-    estimates = [estimate(s, gpu, efficiency, kernels) for s in setups]
-    fitting = [e for e in estimates if e.fits(memory_fraction)]
+    fitting = []
+    for setup in setups:  # memory first, stage by stage: the rest only for a layout that fits
+        stages = []
+        for pp_rank in range(setup.pp):
+            stages.append(stage_memory(setup, pp_rank, kernels))
+            if not fits(stages[-1:], gpu, memory_fraction):
+                break
+        else:
+            fitting.append(estimate(setup, gpu, efficiency, kernels, stages=stages))
     fitting.sort(key=lambda e: (-e.tokens_per_second, recompute_work(e.setup.model),
                                 e.peak_bytes))
     return PlanResult(fitting=fitting, valid=len(setups), too_big=len(setups) - len(fitting))
