@@ -9,7 +9,9 @@ the printed config and notices, `mp.training.pretrain.pretrain`) on the pool's p
 so a test of what a job computes pays for no process start-up. What only a launched job shows
 (torchrun's process group, signals, a rank's death taking the job down) stays in tests that
 launch one. `exact_lines` makes rank 0 print each iteration's loss, gradient norm and learning
-rate exactly, in a launched job (its script enters it) or here.
+rate exactly, in a launched job (its script enters it) or here. `script` imports any of the
+repository's scripts, so that a test can call its ``main`` where a refusal needs no process of
+its own.
 """
 
 from __future__ import annotations
@@ -24,15 +26,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "pretrain_gpt.py")
 
 
-def launcher():
-    """``launch/pretrain_gpt.py`` as a module (imported once per process)."""
-    module = sys.modules.get("pretrain_gpt_launcher")
+def script(path: str | os.PathLike):
+    """The script at ``path`` as a module (imported once per process)."""
+    name = f"script_{os.path.splitext(os.path.relpath(path, ROOT))[0].replace(os.sep, '_')}"
+    module = sys.modules.get(name)
     if module is None:
-        spec = importlib.util.spec_from_file_location("pretrain_gpt_launcher", LAUNCH)
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        sys.modules["pretrain_gpt_launcher"] = module
+        sys.modules[name] = module
     return module
+
+
+def launcher():
+    """``launch/pretrain_gpt.py`` as a module."""
+    return script(LAUNCH)
 
 
 @contextlib.contextmanager

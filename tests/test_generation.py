@@ -13,6 +13,7 @@ import pytest
 import torch
 from checks import assert_rel_close
 from harness import run_distributed
+from jobs import script
 from test_checkpoint_hf import VOCAB, _convert_to_mp, _gpt2
 from test_checkpoint_hf_llama import _llama, _to_mp
 from test_checkpoint_hf_starcoder2 import _starcoder2
@@ -202,13 +203,12 @@ def test_command_line_continues_prompts(converted, tmp_path):
     below the model's VOCAB, whose ids are the only ones drawn) it prints each prompt and its
     continuation."""
     _, path = converted
-    cmd = [sys.executable, str(GENERATE), "--load", path, "--prompt", "ab",
-           "--prompt", "xyz", "--max-new-tokens", "6", "--greedy"]
-    refused = subprocess.run(cmd, capture_output=True, text=True)
-    assert refused.returncode != 0
-    assert "holds no job config to take the tokenizer from" in refused.stderr
-    done = subprocess.run([*cmd, "--tokenizer-type", "ByteLevelTokenizer"], capture_output=True,
-                          text=True, timeout=300)
+    args = ["--load", path, "--prompt", "ab", "--prompt", "xyz", "--max-new-tokens", "6",
+            "--greedy"]
+    with pytest.raises(SystemExit, match="holds no job config to take the tokenizer from"):
+        script(GENERATE).main(args)  # before any process group: here
+    done = subprocess.run([sys.executable, str(GENERATE), *args, "--tokenizer-type",
+                           "ByteLevelTokenizer"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ab\n" + "-" * 40 + "\n")
     assert "\nxyz\n" + "-" * 40 + "\n" in done.stdout

@@ -4,8 +4,6 @@ reproducible by their seed, bad requests answered 400 with the rule and no rank 
 server goes on), idle time bridged by heartbeats, and the command line's refusals."""
 
 import json
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from harness import run_distributed
+from jobs import script
 from test_checkpoint_hf import VOCAB
 from test_generation import gpt2_checkpoint
 
@@ -142,7 +141,5 @@ def test_sampling_follows_the_seed_and_bad_requests_are_refused(converted):
 
 def test_the_command_line_refuses_a_checkpoint_without_a_tokenizer(converted):
     _, path = converted
-    refused = subprocess.run([sys.executable, str(SERVER), "--load", path],
-                             capture_output=True, text=True, timeout=120)
-    assert refused.returncode != 0
-    assert "holds no job config to take the tokenizer from" in refused.stderr
+    with pytest.raises(SystemExit, match="holds no job config to take the tokenizer from"):
+        script(SERVER).main(["--load", path])  # before any process group: here
