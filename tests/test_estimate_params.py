@@ -164,12 +164,10 @@ def test_narayanan_table_1_sizes(heads, hidden, layers, printed):
     assert f"{model_params(cfg) / 1e9:.{decimals}f}" == printed
 
 
-def _measured_state(tp: int, precision: str, overrides: dict,
-                    grad_dtype: torch.dtype = torch.float32, distributed_optimizer: bool = False
-                    ) -> tuple[float, float, float]:
-    """Bytes of weights, gradient buffers and optimizer state this rank holds after a step
-    (with the distributed optimizer, without its per-shard step counters, which the estimate
-    leaves out; the buffers are checked to need no padding, which it leaves out too)."""
+def _stepped(tp: int, precision: str, overrides: dict, grad_dtype: torch.dtype,
+             distributed_optimizer: bool, offload_fraction: float = 0.0):
+    """The test GPT wrapped for data parallelism and its optimizer, after one step (the
+    buffers checked to need no padding, which the estimate leaves out)."""
     ps.initialize_model_parallel(
         tp, expert_model_parallel_size=overrides.get("expert_model_parallel_size", 1),
         expert_tensor_parallel_size=overrides.get("expert_tensor_parallel_size"))
@@ -181,13 +179,25 @@ def _measured_state(tp: int, precision: str, overrides: dict,
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(buffer.grads.numel() for buffer in model.buffers) == trained
     opt = get_megatron_optimizer([model], lr=1e-3, initial_loss_scale=2.0**8,
-                                 use_distributed_optimizer=distributed_optimizer)
+                                 use_distributed_optimizer=distributed_optimizer,
+                                 optimizer_cpu_offload=offload_fraction > 0,
+                                 optimizer_offload_fraction=offload_fraction)
     ids = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length),
                         generator=torch.Generator().manual_seed(1))
     model.zero_grad_buffer()
     model(ids, labels=ids).float().mean().backward()
     finalize_model_grads([model])
     assert opt.step().update_successful, "the step was skipped: no optimizer state to count"
+    return model, opt
+
+
+def _measured_state(tp: int, precision: str, overrides: dict,
+                    grad_dtype: torch.dtype = torch.float32, distributed_optimizer: bool = False
+                    ) -> tuple[float, float, float]:
+    """Bytes of weights, gradient buffers and optimizer state this rank holds after a step
+    (with the distributed optimizer, without its per-shard step counters, which the estimate
+    leaves out)."""
+    model, opt = _stepped(tp, precision, overrides, grad_dtype, distributed_optimizer)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     grads = sum(buffer.grads.numel() * buffer.grads.element_size() for buffer in model.buffers)
     own = {id(p) for p in model.parameters()}
@@ -196,6 +206,64 @@ def _measured_state(tp: int, precision: str, overrides: dict,
                   for name, t in state.items()
                   if not (distributed_optimizer and name == "step"))
     return weights, grads, masters + moments
+
+
+def _measured_offload(precision: str, distributed_optimizer: bool, fraction: float) -> tuple:
+    """After a step with ``fraction`` of the optimizer offloaded: this rank's optimizer bytes
+    on the device (masters and moments of the shards kept there, every step counter), in
+    host memory (the offloaded shards' fp32 masters, moments and gradient buffers), the
+    fraction of its optimizer elements offloaded and its largest shard's."""
+    _, opt = _stepped(1, precision, {}, torch.float32, distributed_optimizer, fraction)
+    device = host = 0
+    for shard in opt.shards:
+        state = opt.optimizer.state[shard.main]
+        moments = sum(t.numel() * t.element_size() for name, t in state.items() if name != "step")
+        counters = 0 if distributed_optimizer else state["step"].numel() * 4
+        master = 0 if shard.main_is_param and not shard.offloaded else shard.main.numel() * 4
+        if shard.offloaded:
+            grad = shard.host_grad.numel() * shard.host_grad.element_size()
+            host, device = host + master + moments + grad, device + counters
+        else:
+            device += master + moments + counters
+    elements = sum(shard.end - shard.start for shard in opt.shards)
+    return (device, host, sum(s.end - s.start for s in opt.shards if s.offloaded) / elements,
+            max(shard.end - shard.start for shard in opt.shards) / elements)
+
+
+@pytest.mark.parametrize("precision,distributed_optimizer,fraction", [
+    ("bf16", True, 0.4), ("fp32", False, 0.4), ("bf16", False, 1.0)])
+def test_offloaded_optimizer_state_is_counted_in_host_memory(precision, distributed_optimizer,
+                                                             fraction):
+    """At DP 2: the fraction offloaded is at least the one asked for and under one shard more
+    (whole shards, Megatron's rule); at that fraction the estimate's device and host bytes are
+    the built optimizer's."""
+    measured = run_distributed(2, _measured_offload, precision, distributed_optimizer, fraction)
+    cfg = _config(1, precision=precision)
+    for rank, (device, host, offloaded, largest) in enumerate(measured):
+        assert fraction <= offloaded < fraction + largest, f"rank {rank}"
+        expected = state_bytes(Setup(cfg, data_parallel_size=2,
+                                     distributed_optimizer=distributed_optimizer,
+                                     optimizer_offload_fraction=offloaded), rank_params(cfg))
+        assert (device, host) == pytest.approx((expected.optimizer, expected.host),
+                                               rel=1e-12), f"rank {rank}"
+
+
+def test_offload_fraction_comes_from_the_job_flags_and_is_checked():
+    from mp.config import parse_args
+
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "gpt-tiny.yaml")
+    job = parse_args(["--config", config, "--tensor-model-parallel-size", "1"], world_size=1)
+    assert Setup.from_job(job, 1).optimizer_offload_fraction == 0  # the fraction alone: off
+    job = parse_args(["--config", config, "--tensor-model-parallel-size", "1",
+                      "--optimizer-cpu-offload", "--optimizer-offload-fraction", "0.25"],
+                     world_size=1)
+    assert Setup.from_job(job, 1).optimizer_offload_fraction == 0.25
+    cfg = _config(1)
+    with pytest.raises(ValueError, match=r"optimizer_offload_fraction=1.5 must be in \[0, 1\]"):
+        Setup(cfg, optimizer_offload_fraction=1.5)
+    with pytest.raises(ValueError, match="needs an optimizer other than Muon and no FSDP; got "
+                                         "optimizer='muon', fully_sharded=False"):
+        Setup(cfg, optimizer="muon", optimizer_offload_fraction=0.5)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])

@@ -41,6 +41,14 @@ gathered for its forward and backward in the model's dtype, and their unsharded 
 are transient and left out, as is the padding of each tensor's rows to a multiple of the
 ranks. The routers' expert biases, not trained, stay whole on every rank, outside FSDP.
 
+With the optimizer's state offloaded (``Setup.optimizer_offload_fraction`` F, Megatron's
+``--optimizer-cpu-offload``) the first F of a rank's optimizer elements (after the
+distributed optimizer's sharding) keep their fp32 master (a copy even of an fp32 parameter)
+and moments in host memory, with a pinned fp32 buffer for their gradient:
+``StateBytes.host``, ``F x (4 + 8 + 4)`` bytes an element with fp32 moments, and the device's
+optimizer column shrinks by ``F``. mp offloads whole shards in order (Megatron's rule), so it
+offloads up to one parameter's shard more than F; the estimate counts F exactly.
+
 The precision-aware optimizer (`mp.optim.PrecisionAwareAdamW`, Megatron's
 ``--use-precision-aware-optimizer``) stores the two moments in ``exp_avg_dtype`` and
 ``exp_avg_sq_dtype``: 2 bytes each in bf16 or fp16, so a bf16 parameter costs
@@ -291,11 +299,13 @@ def model_params(cfg: TransformerConfig) -> int:
 
 @dataclass(frozen=True)
 class StateBytes:
-    """Bytes of model state on one rank."""
+    """Bytes of model state on one rank: on the device, and in host memory (``host``, the
+    offloaded optimizer state, not in ``total``)."""
 
     weights: float
     grads: float
     optimizer: float
+    host: float = 0.0
 
     @property
     def total(self) -> float:
@@ -311,22 +321,33 @@ def state_bytes(setup: Setup, params: RankParams) -> StateBytes:
         return StateBytes(weights=FP32 * (shard + params.expert_bias),  # biases whole
                           grads=FP32 * shard, optimizer=setup.moment_bytes * shard
                           + params.tensors * _step_counter_bytes(setup))
-    master = 0 if setup.model.precision == "fp32" else FP32
-    if setup.distributed_optimizer and setup.optimizer == "muon":  # whole parameters, dealt
-        from mp.estimate.layer_wise import busiest_state_bytes  # it imports this module
-        optimizer = busiest_state_bytes(setup, params.pp_rank)
-    elif setup.distributed_optimizer:
-        dense = n - params.experts
-        optimizer = (master + setup.moment_bytes) * (
-            dense / setup.optimizer_shard_size + params.experts / setup.expert_optimizer_shard_size)
-    else:  # Muon: its matrices keep one fp32 buffer and no step counter, the rest AdamW's
-        muon = setup.optimizer == "muon"
-        matrices, matrix_tensors = (params.matrices, params.matrix_tensors) if muon else (0, 0)
-        optimizer = (n * master + matrices * MOMENTUM_BYTES
-                     + (n - matrices) * setup.moment_bytes
-                     + (params.tensors - matrix_tensors) * _step_counter_bytes(setup))
-    return StateBytes(weights=n * setup.activation_bytes + FP32 * params.expert_bias,
-                      grads=n * setup.grad_bytes, optimizer=optimizer)
+    weights = n * setup.activation_bytes + FP32 * params.expert_bias
+    grads = n * setup.grad_bytes
+    if setup.optimizer == "muon":  # its matrices keep one fp32 buffer, the rest AdamW's state
+        if setup.distributed_optimizer:  # whole parameters, dealt
+            from mp.estimate.layer_wise import busiest_state_bytes  # it imports this module
+            optimizer = busiest_state_bytes(setup, params.pp_rank)
+        else:  # no step counter for the matrices
+            optimizer = (n * _master_bytes(setup) + params.matrices * MOMENTUM_BYTES
+                         + (n - params.matrices) * setup.moment_bytes
+                         + (params.tensors - params.matrix_tensors) * STEP_COUNTER_BYTES)
+        return StateBytes(weights=weights, grads=grads, optimizer=optimizer)
+    if setup.distributed_optimizer:  # sharded, without the per-shard step counters
+        elements = ((n - params.experts) / setup.optimizer_shard_size
+                    + params.experts / setup.expert_optimizer_shard_size)
+        counters = 0
+    else:
+        elements, counters = n, params.tensors * _step_counter_bytes(setup)
+    offloaded = setup.optimizer_offload_fraction * elements
+    return StateBytes(weights=weights, grads=grads,
+                      optimizer=(elements - offloaded) * (_master_bytes(setup)
+                                                          + setup.moment_bytes) + counters,
+                      host=offloaded * (FP32 + setup.moment_bytes + FP32))
+
+
+def _master_bytes(setup: Setup) -> int:
+    """A master weight's bytes on the device: none for fp32 (the parameter is its own)."""
+    return 0 if setup.model.precision == "fp32" else FP32
 
 
 def _step_counter_bytes(setup: Setup) -> int:

@@ -87,6 +87,10 @@ def format_estimate(est: Estimate, kernels: Kernels = CUDA) -> str:
                          "activations (in flight)", "transient", "peak"], rows))
     lines.append(f"peak {_gib(est.peak_bytes)} GiB of {gpu.memory_gib:g} GiB "
                  f"(stage {est.peak_stage.pp_rank})")
+    host = max(stage.state.host for stage in est.stages)
+    if host:
+        lines.append(f"host memory per rank for the offloaded optimizer state (fp32 masters, "
+                     f"moments, gradients): up to {_gib(host)} GiB")
     lines.append(_precision_line(est))
     lines += ["", _activation_section(est, kernels), "", _flops_section(est), "",
               _comm_section(est), "", _step_section(est)]

@@ -55,6 +55,10 @@ class Setup:
         muon: Muon's settings (`mp.optim.MuonSettings`, the job's ``muon_*`` keys): its
             Newton-Schulz steps, TP mode, QKV split and matmul precision set the step's
             matrix products (`mp.estimate.newton_schulz`).
+        optimizer_offload_fraction: the first F of each rank's optimizer elements keep their
+            fp32 masters and moments in host memory (Megatron's ``--optimizer-cpu-offload``
+            with ``--optimizer-offload-fraction F``, `mp.optim.MixedPrecisionOptimizer`'s
+            ``cpu_offload``); 0: none. Not with Muon or FSDP (the job's rule).
     """
 
     model: TransformerConfig
@@ -70,8 +74,16 @@ class Setup:
     fully_sharded: bool = False
     reshard_after_forward: bool = True
     muon: MuonSettings = MuonSettings()
+    optimizer_offload_fraction: float = 0.0
 
     def __post_init__(self):
+        offload = self.optimizer_offload_fraction
+        if not 0 <= offload <= 1:
+            raise ValueError(f"optimizer_offload_fraction={offload} must be in [0, 1]")
+        if offload and (self.optimizer == "muon" or self.fully_sharded):
+            raise ValueError(f"optimizer_offload_fraction={offload} needs an optimizer other "
+                             f"than Muon and no FSDP; got optimizer={self.optimizer!r}, "
+                             f"fully_sharded={self.fully_sharded}")
         if self.fully_sharded and (self.distributed_optimizer or self.ep > 1
                                    or self.model.precision == "fp16"):
             raise ValueError(f"fully_sharded=True (FSDP2) needs distributed_optimizer=False, "
@@ -133,7 +145,9 @@ class Setup:
                    optimizer=job.training.optimizer,
                    fully_sharded=job.training.use_torch_fsdp2,
                    reshard_after_forward=job.training.torch_fsdp2_reshard_after_forward,
-                   muon=job.training.muon_settings)
+                   muon=job.training.muon_settings,
+                   optimizer_offload_fraction=job.training.optimizer_offload_fraction
+                   if job.training.optimizer_cpu_offload else 0.0)
 
     # --- derived sizes ---------------------------------------------------------------------
 
@@ -222,7 +236,8 @@ class Setup:
         Megatron's default, the attention core);
         an uneven pipeline split adds each stage's layers: ``PP2 (v2, layers 34+46)``;
         context parallelism shows as ``TP8 CP4 PP2 DP4``, expert parallelism as
-        ``TP2 PP1 DP8 EP4`` (``TP2 PP1 DP8 EP4 ETP1`` with whole experts)."""
+        ``TP2 PP1 DP8 EP4`` (``TP2 PP1 DP8 EP4 ETP1`` with whole experts); an offload adds
+        ``optimizer state 50% in host memory``."""
         cfg = self.model
         pipeline = ", ".join(part for part in (f"v{self.vpp}" if self.vpp > 1 else "",
                                                uneven_stages_text(cfg.chunk_layer_counts)) if part)
@@ -244,4 +259,6 @@ class Setup:
             parts.append("FSDP" + ("" if self.reshard_after_forward else " (no reshard)"))
         if (self.exp_avg_dtype, self.exp_avg_sq_dtype) != ("fp32", "fp32"):
             parts.append(f"Adam moments {self.exp_avg_dtype}/{self.exp_avg_sq_dtype}")
+        if self.optimizer_offload_fraction:
+            parts.append(f"optimizer state {self.optimizer_offload_fraction:.0%} in host memory")
         return ", ".join(parts)
