@@ -51,8 +51,8 @@ def initialize_distributed(backend: str | None = None, timeout_minutes: float = 
 def initialize_model_parallel_of(cfg: JobConfig) -> None:
     """`mp.parallel_state.initialize_model_parallel` with job ``cfg``'s sizes: tensor,
     pipeline (and virtual), context (and its hierarchical levels) and expert parallelism, the
-    distributed optimizer's instances, and the collectives' timeout
-    (``training.distributed_timeout_minutes``)."""
+    distributed optimizer's instances, the rank order (``training.use_tp_pp_dp_mapping``) and
+    the collectives' timeout (``training.distributed_timeout_minutes``)."""
     from mp import parallel_state
 
     m, tr = cfg.model, cfg.training
@@ -63,4 +63,5 @@ def initialize_model_parallel_of(cfg: JobConfig) -> None:
         expert_model_parallel_size=m.expert_model_parallel_size,
         expert_tensor_parallel_size=m.expert_tensor_parallel_size,
         distributed_timeout_minutes=tr.distributed_timeout_minutes,
-        num_distributed_optimizer_instances=tr.num_distributed_optimizer_instances)
+        num_distributed_optimizer_instances=tr.num_distributed_optimizer_instances,
+        use_tp_pp_dp_mapping=tr.use_tp_pp_dp_mapping)

@@ -9,6 +9,9 @@ TP fastest, then CP, then DP, then PP::
 so that the ranks of one TP group are adjacent (same node, fastest links). For 16 ranks with
 TP=2, PP=4: TP groups [0,1] [2,3] ...; DP groups [0,2] [1,3] [4,6] ...; PP groups
 [0,4,8,12] [1,5,9,13] ...; embedding groups (first and last stage) [0,12] [1,13] ...
+Megatron's other order (``use_tp_pp_dp_mapping``, ``--use-tp-pp-dp-mapping``; no CP or EP)
+puts PP inside DP, ``rank = tp_rank + TP * (pp_rank + PP * dp_rank)``: for the same 16 ranks
+PP groups [0,2,4,6] [1,3,5,7] [8,10,12,14] ..., DP groups [0,8] [1,9] ...
 
 Context parallelism (`mp.model.context_parallel`) splits each sequence over the CP ranks;
 they hold the same weights, so gradients are reduced over DP x CP together
@@ -79,7 +82,8 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                               expert_tensor_parallel_size: int | None = None,
                               backend: str | None = None,
                               distributed_timeout_minutes: float = 10.0,
-                              num_distributed_optimizer_instances: int = 1) -> None:
+                              num_distributed_optimizer_instances: int = 1,
+                              use_tp_pp_dp_mapping: bool = False) -> None:
     """Create the TP, CP, DP, DP x CP, PP, model-parallel and embedding groups over the
     default group, with ``hierarchical_context_parallel_sizes`` (product CP) the hierarchical
     CP groups, with ``expert_model_parallel_size`` > 1 the EP and EDP groups, and with
@@ -91,7 +95,9 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     group's backend (``expert_tensor_parallel_size`` None: TP, module doc). A collective in
     any of the groups that waits longer than
     ``distributed_timeout_minutes`` for a peer fails instead of hanging (Megatron's
-    ``--distributed-timeout-minutes``, the ``timeout`` of each group).
+    ``--distributed-timeout-minutes``, the ``timeout`` of each group). With
+    ``use_tp_pp_dp_mapping`` ranks are laid out TP fastest, then PP, then DP (Megatron's
+    ``--use-tp-pp-dp-mapping``; no CP or EP; `mp.rank_layout`).
     """
     global _GROUPS
     if not dist.is_initialized():
@@ -115,7 +121,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     layout = rank_layout(dist.get_world_size(), tensor_model_parallel_size,
                          pipeline_model_parallel_size, context_parallel_size,
                          expert_model_parallel_size, expert_tensor_parallel_size,
-                         hierarchical_context_parallel_sizes)
+                         hierarchical_context_parallel_sizes, use_tp_pp_dp_mapping)
     etp, n = expert_tensor_parallel_size, num_distributed_optimizer_instances
     if etp not in (None, tensor_model_parallel_size) and n > 1:
         raise ValueError(f"num_distributed_optimizer_instances={n} with "

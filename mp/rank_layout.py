@@ -5,7 +5,8 @@ Ranks are laid out TP fastest, then CP, then DP, then PP; experts' ranks over th
 of a stage as the expert TP ranks (ETP) fastest, then EP, then the expert-data-parallel ranks,
 then PP (Megatron's "parallel folding"; `mp.parallel_state`'s doc has the formulas). Given
 ``hierarchical_context_parallel_sizes``, each CP group splits into levels too
-(`hierarchical_groups`).
+(`hierarchical_groups`). With ``tp_pp_dp`` (Megatron's ``--use-tp-pp-dp-mapping``, its order
+``tp-pp-dp``, without CP or EP) TP is fastest, then PP, then DP: rank ``t + TP (p + PP d)``.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
                 pipeline_model_parallel_size: int = 1,
                 context_parallel_size: int = 1, expert_model_parallel_size: int = 1,
                 expert_tensor_parallel_size: int | None = None,
-                hierarchical_context_parallel_sizes: list[int] | None = None) -> RankLayout:
+                hierarchical_context_parallel_sizes: list[int] | None = None,
+                tp_pp_dp: bool = False) -> RankLayout:
     """Megatron's group layout for ``world_size`` ranks (``expert_tensor_parallel_size``
-    None: TP; ``hierarchical_context_parallel_sizes`` None: no hierarchical CP groups);
-    raises ValueError on impossible sizes."""
+    None: TP; ``hierarchical_context_parallel_sizes`` None: no hierarchical CP groups;
+    ``tp_pp_dp``: the module doc's other order); raises ValueError on impossible sizes."""
     tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
     ep = expert_model_parallel_size
     etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
@@ -56,6 +58,10 @@ def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
             f"x pipeline_model_parallel_size={pp}" + (
                 f" x context_parallel_size={cp}" if cp > 1 else "") + f" = {tp * pp * cp}")
     check_hierarchical_sizes(hierarchical_context_parallel_sizes, cp)
+    if tp_pp_dp and (cp > 1 or ep > 1):
+        raise ValueError(f"the TP-PP-DP rank order (use_tp_pp_dp_mapping) takes neither context "
+                         f"nor expert parallelism (Megatron's rule); got context_parallel_size="
+                         f"{cp}, expert_model_parallel_size={ep}")
     dp = world_size // (tp * pp * cp)
     if etp == tp and (dp * cp) % ep:
         raise ValueError(f"expert_model_parallel_size={ep} does not divide data_parallel_size x "
@@ -68,6 +74,8 @@ def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
                          f"(world_size={world_size}): the experts' ranks are a stage's")
     coords = [(t, c, d, p) for p in range(pp) for d in range(dp) for c in range(cp)
               for t in range(tp)]  # in rank order
+    if tp_pp_dp:
+        coords.sort(key=lambda xs: (xs[2], xs[3], xs[0]))  # d slowest, then p, t fastest
     # experts' coordinates: (expert t, e, edp, p) from a stage's flat index t + TP (c + CP d)
     flat = [t + tp * (c + cp * d) for t, c, d, _ in coords]
     expert_coords = [(i % etp, i // etp % ep, i // (etp * ep), p)

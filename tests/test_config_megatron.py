@@ -177,9 +177,6 @@ def test_flags_without_effect_say_why():
      "--moe-token-drop-policy probs|position, --moe-router-num-groups, "
      "--moe-router-group-topk, --moe-grouped-gemm, "
      "--expert-model-parallel-size (top-k routing, docs/training.md)"),
-    (["--use-tp-pp-dp-mapping"], ("--use-tp-pp-dp-mapping: mp lays ranks out in Megatron's "
-                                  "default order (TP fastest, then CP, DP, PP); the TP-PP-DP "
-                                  "order is not available")),
     (["--use-megatron-fsdp"], ("--use-megatron-fsdp: mp has no Megatron FSDP "
                                "(--use-megatron-fsdp); --use-torch-fsdp2 shards parameters, "
                                "gradients and optimizer state with PyTorch's FSDP2, "

@@ -35,6 +35,21 @@ def test_layout_16_ranks_tp2_cp2_pp2_follows_megatrons_order():
     assert without.data_with_context == without.data
 
 
+def test_tp_pp_dp_order_puts_pipelines_inside_data_parallelism():
+    """Megatron's ``--use-tp-pp-dp-mapping`` (its order ``tp-pp-dp``): rank = t + 2 (p + 4 d)."""
+    layout = ps.rank_layout(16, 2, 4, tp_pp_dp=True)
+    assert layout.tensor == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]]
+    assert layout.pipeline == [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14], [9, 11, 13, 15]]
+    assert layout.data == [[r, r + 8] for r in range(8)]
+    assert layout.data_with_context == layout.data
+    assert layout.embedding == [[0, 6], [1, 7], [8, 14], [9, 15]]
+    assert layout.model == [list(range(8)), list(range(8, 16))]
+    for sizes in ({"context_parallel_size": 2}, {"expert_model_parallel_size": 2}):
+        with pytest.raises(ValueError, match=r"the TP-PP-DP rank order \(use_tp_pp_dp_mapping\) "
+                                             r"takes neither context nor expert parallelism"):
+            ps.rank_layout(16, 2, 2, tp_pp_dp=True, **sizes)
+
+
 def test_hierarchical_context_groups_match_megatron_docs():
     """Megatron-Core's ``create_hierarchical_groups`` docstring: 16 CP ranks at sizes
     [2, 2, 4]; each level varies one digit of the CP index, the first level's fastest."""
@@ -72,10 +87,11 @@ def test_layout_rejects_impossible_sizes(world, tp, pp, match):
         ps.rank_layout(world, tp, pp, cp)
 
 
-def _check_groups(tp: int, pp: int, vpp, cp: int = 1):
-    ps.initialize_model_parallel(tp, pp, vpp, context_parallel_size=cp)
+def _check_groups(tp: int, pp: int, vpp, cp: int = 1, tp_pp_dp: bool = False):
+    ps.initialize_model_parallel(tp, pp, vpp, context_parallel_size=cp,
+                                 use_tp_pp_dp_mapping=tp_pp_dp)
     world, rank = dist.get_world_size(), dist.get_rank()
-    layout = ps.rank_layout(world, tp, pp, cp)
+    layout = ps.rank_layout(world, tp, pp, cp, tp_pp_dp=tp_pp_dp)
 
     def mine(groups):
         return next(g for g in groups if rank in g)
@@ -132,13 +148,14 @@ def _check_groups(tp: int, pp: int, vpp, cp: int = 1):
     return rank
 
 
-@pytest.mark.parametrize("world,tp,pp,vpp,cp", [
-    (8, 2, 2, None, 1), (8, 4, 1, None, 1), (8, 2, 4, 2, 1), (8, 1, 8, None, 1),
-    (4, 2, 1, None, 1), (2, 1, 2, 3, 1), (1, 1, 1, None, 1), (8, 2, 2, None, 2),
-    (8, 1, 1, None, 4),
+@pytest.mark.parametrize("world,tp,pp,vpp,cp,tp_pp_dp", [
+    (8, 2, 2, None, 1, False), (8, 4, 1, None, 1, False), (8, 2, 4, 2, 1, False),
+    (8, 1, 8, None, 1, False), (4, 2, 1, None, 1, False), (2, 1, 2, 3, 1, False),
+    (1, 1, 1, None, 1, False), (8, 2, 2, None, 2, False), (8, 1, 1, None, 4, False),
+    (8, 2, 2, None, 1, True), (8, 1, 2, 2, 1, True),
 ])
-def test_groups_and_getters(world, tp, pp, vpp, cp):
-    assert run_distributed(world, _check_groups, tp, pp, vpp, cp) == list(range(world))
+def test_groups_and_getters(world, tp, pp, vpp, cp, tp_pp_dp):
+    assert run_distributed(world, _check_groups, tp, pp, vpp, cp, tp_pp_dp) == list(range(world))
 
 
 def _check_errors_before_any_collective():

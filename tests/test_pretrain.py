@@ -16,7 +16,9 @@ import time
 import pytest
 import torch.distributed as dist
 from harness import run_distributed
-from jobs import LAUNCH, ROOT, launcher, run_job
+from jobs import LAUNCH, ROOT, exact_values, launcher, run_job
+
+from mp import parallel_state as ps
 
 TINY = ["--config", os.path.join(ROOT, "configs", "gpt-tiny.yaml"),
         "--tensor-model-parallel-size", "2", "--num-layers", "2", "--hidden-size", "64",
@@ -138,6 +140,39 @@ def test_mixture_of_experts_pipeline_run_lowers_the_loss(cache_dir):
     balance = [float(x) for x in re.findall(r"^iteration .*\| load_balancing_loss (\S+) \| "
                                             r"z_loss \S+ \|", out, re.MULTILINE)]
     assert len(balance) == 4 and all(0.5 < b < 4 for b in balance), out
+
+
+def _job_and_pipeline_ranks(args: list[str]) -> tuple[str, list[int]]:
+    """`jobs.run_job` with exact lines, and this rank's pipeline group as the job made it."""
+    module, seen = launcher(), []
+    real = module.pretrain
+
+    def recording(cfg):
+        seen.append(ps.get_pipeline_model_parallel_ranks())
+        return real(cfg)
+
+    module.pretrain = recording
+    try:
+        return run_job(args, exact=True), seen[0]
+    finally:
+        module.pretrain = real
+
+
+def test_the_tp_pp_dp_rank_order_trains_as_the_default_one(cache_dir):
+    """``--use-tp-pp-dp-mapping`` at TP 2 x PP 2 x DP 2: each pipeline is other ranks
+    (``t + 2 (p + 2 d)``, not ``t + 2 (d + 2 p)``), the losses, gradient norms and rates the
+    same bit for bit."""
+    args = [*TINY, "--pipeline-model-parallel-size", "2", "--train-iters", "6",
+            "--eval-iters", "0", "--data-cache-path", cache_dir]
+    runs = [run_distributed(8, _job_and_pipeline_ranks, flags)
+            for flags in (args, [*args, "--use-tp-pp-dp-mapping"])]
+    default, mapped = runs[0][0][0], runs[1][0][0]  # what rank 0 printed
+    assert [pipe for _, pipe in runs[0]] == [[r % 4, r % 4 + 4] for r in range(8)]
+    assert [pipe for _, pipe in runs[1]] == [[r - r % 4 + r % 2, r - r % 4 + r % 2 + 2]
+                                             for r in range(8)]
+    assert "world 8 = TP 2 x PP 2 x DP 2 (TP-PP-DP order) |" in mapped
+    assert len(exact_values(default)) == 6
+    assert exact_values(mapped) == exact_values(default)
 
 
 @pytest.mark.parametrize("override,message", [

@@ -89,10 +89,10 @@ class JobConfig:
         PP, or with micro-batch groups `interleaved_microbatches_rule`), expert parallelism
         fits (`_check_experts`), the distributed optimizer's instances divide DP x CP
         (`TrainingConfig.check_optimizer_instances`), FSDP goes with the model
-        (`_check_fsdp`), a run counted in samples holds at least
-        one iteration, ``training.grad_reduce_in_bf16`` goes with a bf16 model, DeepSpeed
-        jobs do not ask for the norms and counts only mp's optimizer measures, and the ranks
-        to profile exist."""
+        (`_check_fsdp`), the TP-PP-DP rank order has no CP or EP, a run counted in samples
+        holds at least one iteration, ``training.grad_reduce_in_bf16`` goes with a bf16 model,
+        DeepSpeed jobs do not ask for the norms and counts only mp's optimizer measures, and
+        the ranks to profile exist."""
         schedule = self.batch_schedule(world_size)
         step = schedule.micro_batch_size * schedule.data_parallel_size
         for batch in schedule.batch_sizes():
@@ -112,6 +112,13 @@ class JobConfig:
         self._check_experts(world_size)
         self._check_fsdp()
         m = self.model
+        if self.training.use_tp_pp_dp_mapping and (m.context_parallel_size > 1
+                                                   or m.expert_model_parallel_size > 1):
+            raise ConfigError(
+                f"training.use_tp_pp_dp_mapping=true takes neither context nor expert "
+                f"parallelism (Megatron's rule); got model.context_parallel_size="
+                f"{m.context_parallel_size}, expert_model_parallel_size="
+                f"{m.expert_model_parallel_size}")
         self.training.check_optimizer_instances(self.data_parallel_size(world_size),
                                                 m.context_parallel_size,
                                                 m.expert_model_parallel_size)

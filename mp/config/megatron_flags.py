@@ -61,7 +61,7 @@ _MEGATRON_NAMES = {
         "save_interval", "exit_interval", "exit_duration_in_mins", "exit_signal_handler",
         "exit_signal", "calculate_per_token_loss", "decoupled_lr",
         "decoupled_min_lr", "grad_reduce_in_bf16", "manual_gc", "manual_gc_interval",
-        "empty_unused_memory_level", "distributed_timeout_minutes",
+        "empty_unused_memory_level", "distributed_timeout_minutes", "use_tp_pp_dp_mapping",
         "weight_decay_incr_style", "start_weight_decay", "end_weight_decay",
         "check_weight_hash_across_dp_replicas_interval",
         "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler",

@@ -201,8 +201,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--apply-residual-connection-post-layernorm": ("mp's layers add the residual from before "
                                                    "the norm (pre-norm, Megatron's default)"),
     "--use-legacy-models": "mp has one GPT, laid out as Megatron-Core's; drop the flag",
-    "--use-tp-pp-dp-mapping": ("mp lays ranks out in Megatron's default order (TP fastest, then "
-                               "CP, DP, PP); the TP-PP-DP order is not available"),
 }
 #: Flag-name prefixes of Megatron-LM feature families mp does not have -> what to say.
 UNSUPPORTED_PREFIXES: dict[str, str] = {

@@ -173,6 +173,8 @@ class TrainingConfig(OptimizerFields):
     empty_unused_memory_level: int = 0  # 1: empty the CUDA cache after each step, 2: also
     # after the forward and backward passes
     distributed_timeout_minutes: float = 10.0  # collectives' timeout
+    use_tp_pp_dp_mapping: bool = False  # Megatron's other rank order: TP, then PP, then DP
+    # (no CP or EP; mp.rank_layout)
     iterations_to_skip: list[int] = field(default_factory=list)  # Megatron's: the iterations
     # that start with N done read their batch and take no step (mp.training.training)
     deterministic_mode: bool = False  # Megatron's: torch.use_deterministic_algorithms (and

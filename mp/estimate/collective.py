@@ -59,20 +59,22 @@ def group_bandwidth(setup: Setup, group: str, gpu: GPUSpec) -> float:
     (ranks are laid out TP fastest, then CP, then DP, then PP; ``a2a+p2p``'s a2a group is A
     consecutive CP ranks, its p2p group every A-th one, across the CP group; the
     expert-parallel ranks are the data-parallel ranks next to each other, or with whole
-    experts, ETP 1, EP consecutive ranks), InfiniBand otherwise."""
-    data = setup.tp * setup.cp * setup.data_parallel_size
+    experts, ETP 1, EP consecutive ranks; with ``tp_pp_dp_mapping`` TP fastest, then PP,
+    then DP), InfiniBand otherwise."""
+    inner_pp = setup.tp_pp_dp_mapping  # a pipeline's ranks within tp x pp consecutive ones
+    stage = setup.tp * setup.pp if inner_pp else setup.world_size  # pipeline groups' span
+    data = setup.world_size if inner_pp else setup.tp * setup.cp * setup.data_parallel_size
     experts = setup.etp * setup.ep  # one copy of a stage's experts
+    instance = data // setup.distributed_optimizer_instances
     span = {"tp": setup.tp, "cp": setup.tp * setup.cp,
             "cp_a2a": setup.tp * exchange_sizes(setup.model)[0], "cp_p2p": setup.tp * setup.cp,
             "dp": data, "dp_cp": data,
             "ep": experts, "edp": data, "expert_norm": experts,
-            "pp": setup.world_size, "embedding": setup.world_size,
-            "mp": setup.world_size, "world": setup.world_size,
+            "pp": stage, "embedding": stage, "mp": stage, "world": setup.world_size,
             # an instance is DP x CP / N consecutive data-parallel ranks (of every stage)
-            "intra_dp_cp": data // setup.distributed_optimizer_instances,
-            "intra_edp": data // setup.distributed_optimizer_instances, "inter_dist_opt": data,
-            "intra_dist_opt": (setup.world_size if setup.pp > 1
-                               else data // setup.distributed_optimizer_instances)}[group]
+            "intra_dp_cp": instance, "intra_edp": instance, "inter_dist_opt": data,
+            "intra_dist_opt": (setup.world_size if setup.pp > 1 and not inner_pp
+                               else instance)}[group]
     gbps = gpu.intra_node_gbps if span <= gpu.gpus_per_node else gpu.inter_node_gbps
     return gbps * 1e9
 

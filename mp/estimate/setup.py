@@ -55,6 +55,9 @@ class Setup:
         muon: Muon's settings (`mp.optim.MuonSettings`, the job's ``muon_*`` keys): its
             Newton-Schulz steps, TP mode, QKV split and matmul precision set the step's
             matrix products (`mp.estimate.newton_schulz`).
+        tp_pp_dp_mapping: ranks laid out TP fastest, then PP, then DP (Megatron's
+            ``--use-tp-pp-dp-mapping``; no CP or EP): which groups share a node
+            (`mp.estimate.collective.group_bandwidth`).
         optimizer_offload_fraction: the first F of each rank's optimizer elements keep their
             fp32 masters and moments in host memory (Megatron's ``--optimizer-cpu-offload``
             with ``--optimizer-offload-fraction F``, `mp.optim.MixedPrecisionOptimizer`'s
@@ -75,8 +78,12 @@ class Setup:
     reshard_after_forward: bool = True
     muon: MuonSettings = MuonSettings()
     optimizer_offload_fraction: float = 0.0
+    tp_pp_dp_mapping: bool = False
 
     def __post_init__(self):
+        if self.tp_pp_dp_mapping and (self.cp > 1 or self.ep > 1):
+            raise ValueError(f"tp_pp_dp_mapping=True takes neither context nor expert "
+                             f"parallelism (Megatron's rule); got CP {self.cp}, EP {self.ep}")
         offload = self.optimizer_offload_fraction
         if not 0 <= offload <= 1:
             raise ValueError(f"optimizer_offload_fraction={offload} must be in [0, 1]")
@@ -147,7 +154,8 @@ class Setup:
                    reshard_after_forward=job.training.torch_fsdp2_reshard_after_forward,
                    muon=job.training.muon_settings,
                    optimizer_offload_fraction=job.training.optimizer_offload_fraction
-                   if job.training.optimizer_cpu_offload else 0.0)
+                   if job.training.optimizer_cpu_offload else 0.0,
+                   tp_pp_dp_mapping=job.training.use_tp_pp_dp_mapping)
 
     # --- derived sizes ---------------------------------------------------------------------
 

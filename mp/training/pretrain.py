@@ -223,9 +223,10 @@ def _pretrain(cfg: JobConfig, forward_step_func: Callable,
             f"{m.expert_model_parallel_size}" + (
                 "" if m.expert_tensor_parallel_size in (None, m.tensor_model_parallel_size)
                 else f" x ETP {m.expert_tensor_parallel_size}")
+        order = " (TP-PP-DP order)" if cfg.training.use_tp_pp_dp_mapping else ""
         print(f"world {world} = TP {m.tensor_model_parallel_size}{cp} x PP "
               f"{m.pipeline_model_parallel_size}{f' ({split})' if split else ''} x DP {dp}"
-              f"{moe} | {dist.get_backend()} on {get_device()} | {n_params / 1e6:.2f}M "
+              f"{order}{moe} | {dist.get_backend()} on {get_device()} | {n_params / 1e6:.2f}M "
               f"parameters | {batches_text(cfg, world)}", flush=True)
     checkpoint_job.resume(start, model, optimizer, scheduler)  # last: restores the RNG states
     if reporting and cfg.training.skip_train:
