@@ -165,8 +165,8 @@ def test_flags_without_effect_say_why():
 @pytest.mark.parametrize("flags, message", [
     (["--fp8-format", "hybrid"], ("--fp8-format: mp has no FP8 training (Transformer Engine); "
      "use --bf16")),
-    (["--moe-input-jitter-eps", "0.01"],  # any --moe-* flag mp does not read
-     "--moe-input-jitter-eps: mp's mixture of experts has no such option: it has "
+    (["--moe-router-force-load-balancing"],  # any --moe-* flag mp does not read
+     "--moe-router-force-load-balancing: mp's mixture of experts has no such option: it has "
      "--num-experts, --moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
      "--moe-router-pre-softmax, "
      "--moe-router-load-balancing-type aux_loss|seq_aux_loss|global_aux_loss|none, "
@@ -175,7 +175,7 @@ def test_flags_without_effect_say_why():
      "--moe-router-topk-scaling-factor, --moe-router-enable-expert-bias, "
      "--moe-router-bias-update-rate, --moe-expert-capacity-factor, "
      "--moe-token-drop-policy probs|position, --moe-router-num-groups, "
-     "--moe-router-group-topk, --moe-grouped-gemm, "
+     "--moe-router-group-topk, --moe-input-jitter-eps, --moe-grouped-gemm, "
      "--expert-model-parallel-size (top-k routing, docs/training.md)"),
     (["--use-megatron-fsdp"], ("--use-megatron-fsdp: mp has no Megatron FSDP "
                                "(--use-megatron-fsdp); --use-torch-fsdp2 shards parameters, "

@@ -339,6 +339,9 @@ def serial_run():
     (4, 2, 1, 2, False, {"sequence_parallel": True,
                          "moe_router_load_balancing_type": "seq_aux_loss"}),
     (2, 1, 1, 2, False, {"cp": 2, "moe_router_load_balancing_type": "seq_aux_loss"}),
+    (2, 2, 1, 1, False, {"moe_input_jitter_eps": 0.3}),
+    (2, 2, 1, 1, False, {"moe_input_jitter_eps": 0.3, "recompute_granularity": "full",
+                         "recompute_method": "uniform", "recompute_num_layers": 1}),
 ], ids=["EP2", "TP2-SPxEP2", "TP2xEP2-distributed-optimizer", "PP2xEP2", "DP4xEP2",
         "DP4xEP2-distributed-optimizer", "DP4xEP2-distopt-2-instances",
         "EP4-swiglu", "TP2-SPxEP2-shared-expert",
@@ -348,16 +351,17 @@ def serial_run():
         "CP2xDP2xEP4-distopt", "TP2-SP", "TP2-SPxEP2-sigmoid-expert-bias",
         "TP2-SPxCP2xEP2", "TP2-SPxEP2-grouped-gemm", "DP4xEP2-capacity",
         "PP2xEP2-capacity-position-distopt", "TP2-SPxEP2-sequence-aux-loss",
-        "CP2xEP2-sequence-aux-loss"])
+        "CP2xEP2-sequence-aux-loss", "TP2-jitter", "TP2-jitter-full-recompute"])
 def test_training_follows_one_process(serial_run, world, tp, pp, ep, distributed_optimizer,
                                       overrides):
     whole, serial = serial_run
     if set(overrides) & {"activation", "moe_shared_expert_intermediate_size",
                          "moe_router_score_function", "moe_expert_capacity_factor",
-                         "moe_router_load_balancing_type"}:
+                         "moe_router_load_balancing_type", "moe_input_jitter_eps"}:
         # another model (dropping copies: the same model only where every rank routes
         # what one process routes in a micro-batch, as at these layouts)
-        model = {key: value for key, value in overrides.items() if key != "cp"}
+        model = {key: value for key, value in overrides.items()  # one process: no recompute
+                 if key != "cp" and not key.startswith("recompute")}
         whole = assemble(run_distributed(1, _initial_weights, **model))
         serial = run_distributed(1, _train, 1, 1, 1, whole, **model)[0]
     runs = run_distributed(world, _train, tp, pp, ep, whole, distributed_optimizer,
@@ -516,6 +520,41 @@ def test_the_router_computes_its_logits_in_moe_router_dtype():
     assert torch.equal(fp32, reference)
     bf16, reference = run_distributed(1, _router_in, None)[0]
     assert not torch.equal(bf16, reference)
+
+
+def _jittered_routing() -> dict[str, bool]:
+    """A router with input jitter 0.2 against the one without, on tokens the jitter moves."""
+    ps.initialize_model_parallel(1)
+    torch.manual_seed(2)
+    jittered = MoELayer(_layer_config(moe_input_jitter_eps=0.2)).router
+    plain = MoELayer(_layer_config()).router
+    plain.load_state_dict(jittered.state_dict())
+    tokens = torch.randn(256, 8)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        noise = torch.empty_like(tokens).uniform_(0.8, 1.2)  # Megatron's U(1 - eps, 1 + eps)
+        torch.manual_seed(7)
+        trained = jittered(tokens)
+        evaluated_state = torch.get_rng_state()
+        eval_out = jittered.eval()(tokens)
+        untouched = torch.equal(evaluated_state, torch.get_rng_state())
+        reference = plain(tokens * noise)
+        unjittered = plain(tokens)
+    return {"training jitters": all(torch.equal(a, b) for a, b in zip(trained, reference)),
+            "jitter changes a routing": not torch.equal(trained[1], unjittered[1]),
+            "evaluation does not": all(torch.equal(a, b) for a, b in zip(eval_out, unjittered)),
+            "evaluation draws nothing": untouched}
+
+
+def test_input_jitter_multiplies_the_tokens_in_training_only():
+    """``moe_input_jitter_eps``: in training the router sees its tokens times noise uniform in
+    [1 - eps, 1 + eps] from the default generator; in evaluation the tokens as they are."""
+    got = run_distributed(1, _jittered_routing)[0]
+    assert got == dict.fromkeys(got, True), got
+    with pytest.raises(ValueError, match=r"moe_input_jitter_eps=1.5 must be in \(0, 1\)"):
+        _layer_config(moe_input_jitter_eps=1.5)
+    with pytest.raises(ValueError, match="moe_input_jitter_eps=0.1 needs num_moe_experts"):
+        _layer_config(num_moe_experts=None, moe_input_jitter_eps=0.1)
 
 
 def _bias_update(counts: list[float], rate: float) -> torch.Tensor:

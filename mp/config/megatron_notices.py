@@ -224,6 +224,7 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
                "--moe-router-enable-expert-bias, --moe-router-bias-update-rate, "
                "--moe-expert-capacity-factor, --moe-token-drop-policy probs|position, "
                "--moe-router-num-groups, --moe-router-group-topk, "
+               "--moe-input-jitter-eps, "
                "--moe-grouped-gemm, --expert-model-parallel-size (top-k routing, "
                "docs/training.md)"),
 }

@@ -160,6 +160,8 @@ class TransformerConfig:
     moe_router_score_function: str = "softmax"  # or "sigmoid": each expert's score on its own,
     # the top k's renormalized to sum to 1 (DeepSeek-V3's)
     moe_router_topk_scaling_factor: float | None = None  # the k weights times this
+    moe_input_jitter_eps: float | None = None  # in training the router's input times noise
+    # uniform in [1 - eps, 1 + eps] (the Switch Transformer's, Megatron's --moe-input-jitter-eps)
     moe_router_enable_expert_bias: bool = False  # sigmoid: choose by score + a per-expert bias
     # that follows the load instead of by an auxiliary loss (DeepSeek-V3's aux-loss-free
     # balancing; the bias is not a weight: it moves by the rate below each iteration)

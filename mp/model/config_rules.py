@@ -34,6 +34,9 @@ def check_moe(config) -> None:
     if e is None:
         if config.moe_router_bias:
             raise ValueError("moe_router_bias=True needs num_moe_experts (a router to bias)")
+        if config.moe_input_jitter_eps is not None:
+            raise ValueError(f"moe_input_jitter_eps={config.moe_input_jitter_eps} needs "
+                             "num_moe_experts (a router to jitter)")
         if ep > 1:
             raise ValueError(f"expert_model_parallel_size={ep} needs num_moe_experts (a "
                              "mixture-of-experts model)")
@@ -76,6 +79,9 @@ def check_moe(config) -> None:
     factor = config.moe_router_topk_scaling_factor
     if factor is not None and not factor > 0:
         raise ValueError(f"moe_router_topk_scaling_factor={factor!r} must be > 0")
+    jitter = config.moe_input_jitter_eps
+    if jitter is not None and not 0 < jitter < 1:
+        raise ValueError(f"moe_input_jitter_eps={jitter!r} must be in (0, 1)")
     if not config.moe_router_bias_update_rate >= 0:
         raise ValueError(f"moe_router_bias_update_rate={config.moe_router_bias_update_rate!r} "
                          "must be >= 0")

@@ -38,6 +38,13 @@ class TopKRouter(nn.Module):
     With ``moe_router_bias`` the logits are ``tokens W^T + b`` with a learned ``b [E]``
     (gpt-oss's; Megatron-Core's ``router.bias``), replicated and reduced as ``W`` is.
 
+    With ``moe_input_jitter_eps`` eps, in training the tokens are first multiplied by noise
+    uniform in ``[1 - eps, 1 + eps]`` (the Switch Transformer's input jitter, Megatron's
+    ``--moe-input-jitter-eps``), drawn from the default generator as Megatron draws it: the
+    same on every TP rank, which route the same tokens without sequence parallelism, and
+    redrawn alike when activation recompute replays the layer. Megatron jitters in evaluation
+    too; mp does not.
+
     ``W`` is replicated on every rank and its gradient is partial on each TP rank, summed
     over TP like a sequence-parallel weight's (``W.sequence_parallel``): under sequence
     parallelism each TP rank routes its own tokens (``tensor_group``); otherwise every TP rank
@@ -97,6 +104,9 @@ class TopKRouter(nn.Module):
         """``tokens [N, h]``, position-major over ``sequences`` sequences (``[s, b, h]``
         flattened; the sequence-level load-balancing loss needs ``b``)."""
         cfg = self.config
+        eps = cfg.moe_input_jitter_eps
+        if self.training and eps is not None:
+            tokens = tokens * torch.empty_like(tokens).uniform_(1 - eps, 1 + eps)
         dtype = _ROUTER_DTYPES.get(cfg.moe_router_dtype)
         if dtype is None:
             logits = at_least_fp32(F.linear(tokens, self.weight, self.bias))  # [N, E]
