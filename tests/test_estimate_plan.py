@@ -134,6 +134,29 @@ def test_cli_plan_and_estimate_of_a_mixture_of_experts_model(capsys):
     assert {("ep", "all_to_all"), ("edp", "reduce_scatter"), ("edp", "all_gather")} <= rows
 
 
+def test_planner_tries_each_split_of_a2a_p2p():
+    """``a2a+p2p`` at every ``[A, P]`` with ``A P = CP``, both above 1 (CP 2 has none), its
+    all-to-all's A x TP dividing the 8 key/value heads; a job that runs ``a2a+p2p`` itself
+    still gets the other exchanges, without its levels."""
+    job = load_config(os.path.join(CONFIGS, "gpt3-1.3b.yaml"),
+                      ["--num-query-groups", "8", "--context-parallel-size", "4",
+                       "--cp-comm-type", "a2a+p2p", "--hierarchical-context-parallel-sizes",
+                       "2", "2", "--attention-dropout", "0"], world_size=32)
+    setups = candidate_setups(job, 32, micro_batch_sizes=(1,), recompute_modes=("none",),
+                              context_parallel_sizes=(2, 4, 8),
+                              cp_comm_types=("all_gather", "a2a+p2p"))
+    flat = [s for s in setups if s.pp == 1]
+    levels = {(s.tp, s.cp, tuple(s.model.hierarchical_context_parallel_sizes))
+              for s in flat if s.model.cp_comm_type == "a2a+p2p"}
+    assert levels == {(tp, cp, (a, cp // a)) for cp in (4, 8) for a in (2, 4) if a < cp
+                      for tp in (1, 2, 4, 8) if 32 % (tp * cp) == 0 and 8 % (tp * a) == 0}
+    gathered = {(s.tp, s.cp) for s in flat if s.model.cp_comm_type == "all_gather"}
+    assert gathered == {(tp, cp) for cp in (2, 4, 8) for tp in (1, 2, 4, 8)
+                        if 32 % (tp * cp) == 0}
+    assert all(s.model.hierarchical_context_parallel_sizes is None for s in flat
+               if s.model.cp_comm_type == "all_gather")
+
+
 def test_planner_tries_each_cp_exchange():
     """With ``cp_comm_types`` both exchanges for every CP > 1 (CP 1 once): TP always divides
     the 4 key/value heads; a2a only where TP x CP does (its rule)."""

@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="context-parallel sizes to try, e.g. 1,2,4,8 (default 1: context "
                          "parallelism pays for long sequences only)")
     pl.add_argument("--cp-comm-types", type=_choices("CP exchange", CP_COMM_TYPES),
-                    help="with CP > 1, the exchanges to try, e.g. all_gather,a2a (default: the "
-                         "config's model.cp_comm_type)")
+                    help="with CP > 1, the exchanges to try, e.g. all_gather,a2a,a2a+p2p "
+                         "(a2a+p2p at every [A, P] split of CP; default: the config's "
+                         "model.cp_comm_type)")
     pl.add_argument("--expert-parallel-sizes", type=_int_list,
                     help="for a mixture-of-experts model, the expert-parallel sizes to try "
                          "(default: every one its experts and data-parallel size allow)")

@@ -4,7 +4,8 @@ first.
 A layout is a tensor-parallel size ``t`` (a divisor of N no larger than a node, so TP traffic
 stays on NVLink), a context-parallel size ``c`` (from ``context_parallel_sizes``: 1 unless
 asked, as it pays only for long sequences; with ``c > 1``, each of ``cp_comm_types``, by
-default the job's), a pipeline size ``p`` (dividing ``N / (t c)``), virtual stages ``v`` (with
+default the job's, ``a2a+p2p`` at each ``[A, P]`` with ``A P = c``, both above 1:
+`hierarchical_splits`), a pipeline size ``p`` (dividing ``N / (t c)``), virtual stages ``v`` (with
 ``p > 1``), a micro-batch size, a recompute mode (`recompute_fields`: none; selective
 recompute of the attention core, Megatron's default; of the modules that free outputs
 instead of keeping them, which rerun no matrix product but multi-latent attention's up
@@ -113,6 +114,16 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def hierarchical_splits(cp: int, comm: str) -> list[list[int] | None]:
+    """The ``hierarchical_context_parallel_sizes`` tried for exchange ``comm`` at CP ``cp``:
+    for ``a2a+p2p`` under CP every ``[A, P]``, all-to-all in groups of ``A`` and the ring
+    across ``P`` of them, ``A P = cp``, both above 1 (one of them 1 is ``p2p`` or ``a2a``);
+    none for the other exchanges."""
+    if comm != "a2a+p2p" or cp == 1:
+        return [None]
+    return [[a, cp // a] for a in _divisors(cp) if 1 < a < cp]
+
+
 def candidate_setups(job: JobConfig, world_size: int,
                      micro_batch_sizes: tuple[int, ...] = DEFAULT_MICRO_BATCH_SIZES,
                      recompute_modes: tuple[str, ...] | None = None,
@@ -143,10 +154,11 @@ def candidate_setups(job: JobConfig, world_size: int,
         expert_parallel_sizes = (1,) if job.model.num_moe_experts is None \
             else tuple(_divisors(world_size))
     setups, seen = [], set()
-    layouts = ((cp, comm, tp) for cp in context_parallel_sizes if world_size % cp == 0
+    layouts = ((cp, comm, levels, tp) for cp in context_parallel_sizes if world_size % cp == 0
                for comm in (comms if cp > 1 else comms[:1])
+               for levels in hierarchical_splits(cp, comm)
                for tp in _divisors(world_size // cp) if tp <= max_tensor_parallel)
-    for cp, comm, tp in layouts:
+    for cp, comm, levels, tp in layouts:
         for pp, split in itertools.product(_divisors(world_size // (tp * cp)), splits.values()):
             layers = job.model.num_layers + len(split)  # each counted part is one "layer"
             if layers % pp or (pp == 1 and split):
@@ -158,6 +170,7 @@ def candidate_setups(job: JobConfig, world_size: int,
                 setup = _setup(job, world_size, mbs, distributed_optimizer, {
                     **UNEVEN_SPLIT_FIELDS, **split, "tensor_model_parallel_size": tp,
                     "context_parallel_size": cp, "cp_comm_type": comm,
+                    "hierarchical_context_parallel_sizes": levels,
                     "expert_model_parallel_size": ep,
                     "pipeline_model_parallel_size": pp,
                     "virtual_pipeline_model_parallel_size": vpp, "sequence_parallel": sp,
@@ -165,7 +178,7 @@ def candidate_setups(job: JobConfig, world_size: int,
                 if setup is None:
                     continue
                 # an uneven split that puts the layers where the even one does is the same
-                key = (tp, cp, comm, pp, vpp, sp, ep, mbs, mode,
+                key = (tp, cp, comm, levels and tuple(levels), pp, vpp, sp, ep, mbs, mode,
                        setup.model.chunk_layer_counts)
                 if key not in seen:
                     seen.add(key)
