@@ -10,6 +10,7 @@ from mp.config import load_config
 from mp.estimate import Setup, candidate_setups, estimate, gpu_spec, plan
 from mp.estimate.hardware import GiB
 from mp.estimate.planner import split_name
+from mp.estimate.report import format_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -155,6 +156,26 @@ def test_planner_tries_each_split_of_a2a_p2p():
                         if 32 % (tp * cp) == 0}
     assert all(s.model.hierarchical_context_parallel_sizes is None for s in flat
                if s.model.cp_comm_type == "all_gather")
+
+
+def test_planner_tries_each_expert_tensor_parallel_size():
+    """``expert_tensor_parallel_sizes`` (1, None): the experts split as the layers (ETP = TP,
+    None) at every TP, and whole (ETP 1) where EP is a multiple of TP > 1 (mp's rule: the TP
+    ranks hold different experts); ETP 1 at TP 1 is the default, once. The table names ETP 1
+    beside EP."""
+    job = load_config(os.path.join(CONFIGS, "mixtral-8x7b.yaml"), [], world_size=64)
+    flat = [(s.tp, s.ep, s.model.expert_tensor_parallel_size) for s in candidate_setups(
+        job, 16, micro_batch_sizes=(1,), recompute_modes=("full",), expert_parallel_sizes=(2, 4),
+        expert_tensor_parallel_sizes=(1, None)) if s.pp == 1]
+    default = [(s.tp, s.ep, None) for s in candidate_setups(
+        job, 16, micro_batch_sizes=(1,), recompute_modes=("full",), expert_parallel_sizes=(2, 4))
+        if s.pp == 1]
+    assert sorted(flat, key=str) == sorted(
+        default + [(tp, ep, 1) for tp in (2, 4, 8) for ep in (2, 4) if ep % tp == 0], key=str)
+    fitting = plan(job, 16, gpu_spec("h100"), micro_batch_sizes=(1,), recompute_modes=("full",),
+                   expert_parallel_sizes=(2,), expert_tensor_parallel_sizes=(1,))
+    assert fitting.fitting and all(e.setup.etp == 1 for e in fitting.fitting)
+    assert "2/ETP1" in format_plan(fitting, top=40)
 
 
 def test_planner_tries_each_cp_exchange():

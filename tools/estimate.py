@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with CP > 1, the exchanges to try, e.g. all_gather,a2a,a2a+p2p "
                          "(a2a+p2p at every [A, P] split of CP; default: the config's "
                          "model.cp_comm_type)")
+    pl.add_argument("--expert-tensor-parallel-sizes", type=_int_list,
+                    help="for a mixture-of-experts model, the experts' tensor-parallel sizes to "
+                         "try, e.g. 1,8 (default: the config's; Megatron's "
+                         "--expert-tensor-parallel-size)")
     pl.add_argument("--expert-parallel-sizes", type=_int_list,
                     help="for a mixture-of-experts model, the expert-parallel sizes to try "
                          "(default: every one its experts and data-parallel size allow)")
@@ -185,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                           distributed_optimizer=distributed, uneven_splits=args.uneven_pipeline,
                           context_parallel_sizes=args.context_parallel_sizes,
                           cp_comm_types=args.cp_comm_types,
-                          expert_parallel_sizes=args.expert_parallel_sizes)
+                          expert_parallel_sizes=args.expert_parallel_sizes,
+                          expert_tensor_parallel_sizes=args.expert_tensor_parallel_sizes)
             print(f"{os.path.basename(args.config)} on {args.gpus} x {gpu.name}, global batch "
                   f"{job.training.global_batch_size} x {job.model.seq_length} tokens, "
                   f"{args.efficiency:.0%} of peak:")

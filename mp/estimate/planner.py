@@ -133,15 +133,19 @@ def candidate_setups(job: JobConfig, world_size: int,
                      uneven_splits: bool = False,
                      context_parallel_sizes: tuple[int, ...] = (1,),
                      cp_comm_types: tuple[str, ...] | None = None,
-                     expert_parallel_sizes: tuple[int, ...] | None = None) -> list[Setup]:
+                     expert_parallel_sizes: tuple[int, ...] | None = None,
+                     expert_tensor_parallel_sizes: tuple[int | None, ...] | None = None
+                     ) -> list[Setup]:
     """Every layout of ``job``'s model on ``world_size`` GPUs that its rules allow.
     ``sequence_parallel`` lists the values tried when ``t > 1`` (``t = 1`` has none);
     ``distributed_optimizer`` defaults to the job's ``training.use_distributed_optimizer``;
     ``uneven_splits`` adds `PIPELINE_SPLITS` beyond the even one; ``context_parallel_sizes``
     lists the CP sizes tried, each ``c > 1`` with every one of ``cp_comm_types`` (default: the
     job's ``model.cp_comm_type``); ``expert_parallel_sizes`` the EP sizes (default: every
-    divisor of ``world_size`` for a mixture-of-experts model, 1 otherwise); ``recompute_modes``
-    the `recompute_fields` modes (default `default_recompute_modes`) (module doc)."""
+    divisor of ``world_size`` for a mixture-of-experts model, 1 otherwise),
+    ``expert_tensor_parallel_sizes`` the ETP sizes (None: TP; default the job's);
+    ``recompute_modes`` the `recompute_fields` modes (default `default_recompute_modes`)
+    (module doc)."""
     if recompute_modes is None:
         recompute_modes = default_recompute_modes(job.model)
     for mode in recompute_modes:
@@ -153,6 +157,8 @@ def candidate_setups(job: JobConfig, world_size: int,
     if expert_parallel_sizes is None:
         expert_parallel_sizes = (1,) if job.model.num_moe_experts is None \
             else tuple(_divisors(world_size))
+    if expert_tensor_parallel_sizes is None:
+        expert_tensor_parallel_sizes = (job.model.expert_tensor_parallel_size,)
     setups, seen = [], set()
     layouts = ((cp, comm, levels, tp) for cp in context_parallel_sizes if world_size % cp == 0
                for comm in (comms if cp > 1 else comms[:1])
@@ -165,20 +171,22 @@ def candidate_setups(job: JobConfig, world_size: int,
                 continue
             vpps = [None] + ([v for v in _divisors(layers // pp) if v > 1] if pp > 1 else [])
             sps = sequence_parallel if tp > 1 else (False,)
-            for vpp, sp, ep, mbs, mode in itertools.product(vpps, sps, expert_parallel_sizes,
-                                                            micro_batch_sizes, recompute_modes):
+            etps = {None if etp == tp else etp for etp in expert_tensor_parallel_sizes}
+            for vpp, sp, ep, etp, mbs, mode in itertools.product(
+                    vpps, sps, expert_parallel_sizes, sorted(etps, key=str), micro_batch_sizes,
+                    recompute_modes):
                 setup = _setup(job, world_size, mbs, distributed_optimizer, {
                     **UNEVEN_SPLIT_FIELDS, **split, "tensor_model_parallel_size": tp,
                     "context_parallel_size": cp, "cp_comm_type": comm,
                     "hierarchical_context_parallel_sizes": levels,
-                    "expert_model_parallel_size": ep,
+                    "expert_model_parallel_size": ep, "expert_tensor_parallel_size": etp,
                     "pipeline_model_parallel_size": pp,
                     "virtual_pipeline_model_parallel_size": vpp, "sequence_parallel": sp,
                     **recompute_fields(mode), "distribute_saved_activations": False})
                 if setup is None:
                     continue
                 # an uneven split that puts the layers where the even one does is the same
-                key = (tp, cp, comm, levels and tuple(levels), pp, vpp, sp, ep, mbs, mode,
+                key = (tp, cp, comm, levels and tuple(levels), pp, vpp, sp, ep, etp, mbs, mode,
                        setup.model.chunk_layer_counts)
                 if key not in seen:
                     seen.add(key)

@@ -191,7 +191,8 @@ def format_plan(result: PlanResult, top: int = 10) -> str:
     pipeline's `mp.estimate.planner.PIPELINE_SPLITS` name, when one of them is uneven, a
     ``CP`` column when one of them is context-parallel: ``4``, or ``4/a2a``, ``4/p2p``,
     ``4/a2a+p2p 2x2`` (``[A, P]``) for those exchanges, and an ``EP`` column when one of them
-    is expert-parallel; the ``recompute`` column is `mp.estimate.planner.recompute_mode`'s)."""
+    is expert-parallel: ``4``, or ``4/ETP1`` when the experts' TP is not the layers'; the
+    ``recompute`` column is `mp.estimate.planner.recompute_mode`'s)."""
     if not result.fitting:
         return (f"none of the {result.valid} valid layouts fits in memory; try more GPUs, "
                 "recompute, or a smaller micro-batch")
@@ -207,9 +208,10 @@ def format_plan(result: PlanResult, top: int = 10) -> str:
         if comm == "a2a+p2p":
             comm += " {}x{}".format(*s.model.hierarchical_context_parallel_sizes)
         cp = f"{s.cp}/{comm}" if s.cp > 1 and comm != "all_gather" else str(s.cp)
+        ep = str(s.ep) if s.etp == s.tp else f"{s.ep}/ETP{s.etp}"
         rows.append([str(i), str(s.tp), *([cp] if context else []), str(s.pp),
                      str(s.vpp), *([split] if uneven else []),
-                     str(s.data_parallel_size), *([str(s.ep)] if experts else []),
+                     str(s.data_parallel_size), *([ep] if experts else []),
                      str(s.micro_batch_size), str(s.num_microbatches),
                      "on" if s.model.sequence_parallel else "off",
                      recompute_mode(s.model), _gib(e.peak_bytes),
