@@ -57,7 +57,7 @@ def torchrun(script: str, args: list[str], timeout: float) -> subprocess.Complet
 def test_short_run_lowers_the_loss(cache_dir, tmp_path):
     start = time.monotonic()
     run = torchrun(LAUNCH, [*TINY, "--train-iters", "30", "--eval-interval", "15",
-                            "--data-cache-path", cache_dir, "--num-workers", "2",
+                            "--data-cache-path", cache_dir, "--num-workers", "1",
                             "--logging.tensorboard_dir", str(tmp_path / "tb")], timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
