@@ -58,10 +58,7 @@ def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
             f"x pipeline_model_parallel_size={pp}" + (
                 f" x context_parallel_size={cp}" if cp > 1 else "") + f" = {tp * pp * cp}")
     check_hierarchical_sizes(hierarchical_context_parallel_sizes, cp)
-    if tp_pp_dp and (cp > 1 or ep > 1):
-        raise ValueError(f"the TP-PP-DP rank order (use_tp_pp_dp_mapping) takes neither context "
-                         f"nor expert parallelism (Megatron's rule); got context_parallel_size="
-                         f"{cp}, expert_model_parallel_size={ep}")
+    check_rank_order(tp_pp_dp, cp, ep)
     dp = world_size // (tp * pp * cp)
     if etp == tp and (dp * cp) % ep:
         raise ValueError(f"expert_model_parallel_size={ep} does not divide data_parallel_size x "
@@ -104,6 +101,17 @@ def rank_layout(world_size: int, tensor_model_parallel_size: int = 1,
                       expert_norm=groups(1, of=norm_coords),
                       hierarchical_context=() if levels is None
                       else hierarchical_groups(context, levels))
+
+
+def check_rank_order(tp_pp_dp: bool, context_parallel_size: int,
+                     expert_model_parallel_size: int) -> None:
+    """ValueError when the TP-PP-DP order (``tp_pp_dp``, Megatron's ``--use-tp-pp-dp-mapping``)
+    meets context or expert parallelism, which it does not take (Megatron's rule)."""
+    cp, ep = context_parallel_size, expert_model_parallel_size
+    if tp_pp_dp and (cp > 1 or ep > 1):
+        raise ValueError(f"the TP-PP-DP rank order (use_tp_pp_dp_mapping) takes neither context "
+                         f"nor expert parallelism (Megatron's rule); got context_parallel_size="
+                         f"{cp}, expert_model_parallel_size={ep}")
 
 
 def check_hierarchical_sizes(sizes: list[int] | None, context_parallel_size: int) -> None:

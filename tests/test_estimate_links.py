@@ -35,8 +35,8 @@ def test_a_group_takes_nvlink_exactly_when_its_ranks_share_a_node(tp, pp, dp, tp
 def test_the_order_comes_from_the_job_and_refuses_cp_and_ep():
     cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=128,
                             seq_length=32, context_parallel_size=2)
-    with pytest.raises(ValueError, match="tp_pp_dp_mapping=True takes neither context nor "
-                                         "expert parallelism"):
+    with pytest.raises(ValueError, match=r"the TP-PP-DP rank order \(use_tp_pp_dp_mapping\) "
+                                         "takes neither context nor expert parallelism"):
         Setup(cfg, tp_pp_dp_mapping=True)
     from mp.config import parse_args
 

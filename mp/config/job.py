@@ -24,6 +24,7 @@ from mp.config.sections import DataConfig, LoggingConfig
 from mp.config.training_section import TrainingConfig
 from mp.model.aux_losses import tracked_names
 from mp.model.config import TransformerConfig
+from mp.rank_layout import check_rank_order
 
 
 @dataclass
@@ -112,13 +113,8 @@ class JobConfig:
         self._check_experts(world_size)
         self._check_fsdp()
         m = self.model
-        if self.training.use_tp_pp_dp_mapping and (m.context_parallel_size > 1
-                                                   or m.expert_model_parallel_size > 1):
-            raise ConfigError(
-                f"training.use_tp_pp_dp_mapping=true takes neither context nor expert "
-                f"parallelism (Megatron's rule); got model.context_parallel_size="
-                f"{m.context_parallel_size}, expert_model_parallel_size="
-                f"{m.expert_model_parallel_size}")
+        check_rank_order(self.training.use_tp_pp_dp_mapping, m.context_parallel_size,
+                         m.expert_model_parallel_size)
         self.training.check_optimizer_instances(self.data_parallel_size(world_size),
                                                 m.context_parallel_size,
                                                 m.expert_model_parallel_size)

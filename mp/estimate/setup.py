@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from mp.config import JobConfig
 from mp.instance_layout import check_instances
+from mp.rank_layout import check_rank_order
 
 #: Bytes per element of an AdamW moment stored in each dtype (the precision-aware optimizer).
 STATE_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -81,9 +82,7 @@ class Setup:
     tp_pp_dp_mapping: bool = False
 
     def __post_init__(self):
-        if self.tp_pp_dp_mapping and (self.cp > 1 or self.ep > 1):
-            raise ValueError(f"tp_pp_dp_mapping=True takes neither context nor expert "
-                             f"parallelism (Megatron's rule); got CP {self.cp}, EP {self.ep}")
+        check_rank_order(self.tp_pp_dp_mapping, self.cp, self.ep)
         offload = self.optimizer_offload_fraction
         if not 0 <= offload <= 1:
             raise ValueError(f"optimizer_offload_fraction={offload} must be in [0, 1]")
