@@ -8,6 +8,7 @@ import pytest
 
 from mp.config import load_config
 from mp.estimate import Setup, candidate_setups, estimate, gpu_spec, plan
+from mp.estimate.collective import group_bandwidth
 from mp.estimate.hardware import GiB
 from mp.estimate.planner import split_name
 from mp.estimate.report import format_plan
@@ -176,6 +177,29 @@ def test_planner_tries_each_expert_tensor_parallel_size():
                    expert_parallel_sizes=(2,), expert_tensor_parallel_sizes=(1,))
     assert fitting.fitting and all(e.setup.etp == 1 for e in fitting.fitting)
     assert "2/ETP1" in format_plan(fitting, top=40)
+
+
+def test_planner_tries_each_rank_order():
+    """``tp_pp_dp_orders`` (False, True): every layout in Megatron's default order and, without
+    context parallelism (the TP-PP-DP order's rule), in the TP-PP-DP one too, whose links
+    differ (a pipeline of TP 4 x PP 2 shares a node, its DP spans both); the table says which
+    order each row is in."""
+    job = load_config(os.path.join(CONFIGS, "gpt3-1.3b.yaml"), [], world_size=8)
+    setups = candidate_setups(job, 16, micro_batch_sizes=(1,), recompute_modes=("none",),
+                              context_parallel_sizes=(1, 2), tp_pp_dp_orders=(False, True))
+    layouts = [(s.tp, s.cp, s.pp, s.vpp) for s in setups]
+    default = {layout for layout, s in zip(layouts, setups) if not s.tp_pp_dp_mapping}
+    mapped = {layout for layout, s in zip(layouts, setups) if s.tp_pp_dp_mapping}
+    assert mapped == {layout for layout in default if layout[1] == 1} and len(mapped) > 10
+    gpu = gpu_spec("h100")
+    pair = [s for s in setups if (s.tp, s.cp, s.pp, s.vpp) == (4, 1, 2, 1)]
+    assert {(s.tp_pp_dp_mapping, group_bandwidth(s, "pp", gpu) == gpu.intra_node_gbps * 1e9,
+             group_bandwidth(s, "dp", gpu) == gpu.intra_node_gbps * 1e9) for s in pair} == {
+        (False, False, True), (True, True, False)}
+    result = plan(job, 16, gpu, micro_batch_sizes=(1,), recompute_modes=("none",),
+                  tp_pp_dp_orders=(True,))
+    table = format_plan(result, top=3).splitlines()
+    assert "order" in table[0].split() and all("tp-pp-dp" in row for row in table[2:5])
 
 
 def test_planner_tries_each_cp_exchange():

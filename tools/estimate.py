@@ -47,6 +47,8 @@ from mp.estimate.step_time import DEFAULT_EFFICIENCY
 from mp.model.context_parallel import CP_COMM_TYPES
 from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
 
+RANK_ORDERS = ("tp-dp-pp", "tp-pp-dp")  # Megatron's default (CP after TP), --use-tp-pp-dp-mapping
+
 # what --plan resets before the user's overrides: the planner chooses these itself, and the
 # config's own layout need not fit the GPU count
 _PLAN_RESETS = ["--model.tensor_model_parallel_size", "1",
@@ -156,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="for a mixture-of-experts model, the experts' tensor-parallel sizes to "
                          "try, e.g. 1,8 (default: the config's; Megatron's "
                          "--expert-tensor-parallel-size)")
+    pl.add_argument("--rank-orders", type=_choices("rank order", RANK_ORDERS),
+                    help="the rank orders to try: tp-dp-pp (Megatron's default), tp-pp-dp "
+                         "(--use-tp-pp-dp-mapping: a pipeline's stages on neighbouring ranks; "
+                         "no CP or EP); default: the config's")
     pl.add_argument("--expert-parallel-sizes", type=_int_list,
                     help="for a mixture-of-experts model, the expert-parallel sizes to try "
                          "(default: every one its experts and data-parallel size allow)")
@@ -190,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                           context_parallel_sizes=args.context_parallel_sizes,
                           cp_comm_types=args.cp_comm_types,
                           expert_parallel_sizes=args.expert_parallel_sizes,
-                          expert_tensor_parallel_sizes=args.expert_tensor_parallel_sizes)
+                          expert_tensor_parallel_sizes=args.expert_tensor_parallel_sizes,
+                          tp_pp_dp_orders=None if args.rank_orders is None else tuple(
+                              order == "tp-pp-dp" for order in args.rank_orders))
             print(f"{os.path.basename(args.config)} on {args.gpus} x {gpu.name}, global batch "
                   f"{job.training.global_batch_size} x {job.model.seq_length} tokens, "
                   f"{args.efficiency:.0%} of peak:")

@@ -134,8 +134,8 @@ def candidate_setups(job: JobConfig, world_size: int,
                      context_parallel_sizes: tuple[int, ...] = (1,),
                      cp_comm_types: tuple[str, ...] | None = None,
                      expert_parallel_sizes: tuple[int, ...] | None = None,
-                     expert_tensor_parallel_sizes: tuple[int | None, ...] | None = None
-                     ) -> list[Setup]:
+                     expert_tensor_parallel_sizes: tuple[int | None, ...] | None = None,
+                     tp_pp_dp_orders: tuple[bool, ...] | None = None) -> list[Setup]:
     """Every layout of ``job``'s model on ``world_size`` GPUs that its rules allow.
     ``sequence_parallel`` lists the values tried when ``t > 1`` (``t = 1`` has none);
     ``distributed_optimizer`` defaults to the job's ``training.use_distributed_optimizer``;
@@ -144,6 +144,8 @@ def candidate_setups(job: JobConfig, world_size: int,
     job's ``model.cp_comm_type``); ``expert_parallel_sizes`` the EP sizes (default: every
     divisor of ``world_size`` for a mixture-of-experts model, 1 otherwise),
     ``expert_tensor_parallel_sizes`` the ETP sizes (None: TP; default the job's);
+    ``tp_pp_dp_orders`` the rank orders (True: Megatron's TP-PP-DP, without CP or EP; default
+    the job's ``training.use_tp_pp_dp_mapping``);
     ``recompute_modes`` the `recompute_fields` modes (default `default_recompute_modes`)
     (module doc)."""
     if recompute_modes is None:
@@ -159,6 +161,8 @@ def candidate_setups(job: JobConfig, world_size: int,
             else tuple(_divisors(world_size))
     if expert_tensor_parallel_sizes is None:
         expert_tensor_parallel_sizes = (job.model.expert_tensor_parallel_size,)
+    if tp_pp_dp_orders is None:
+        tp_pp_dp_orders = (job.training.use_tp_pp_dp_mapping,)
     setups, seen = [], set()
     layouts = ((cp, comm, levels, tp) for cp in context_parallel_sizes if world_size % cp == 0
                for comm in (comms if cp > 1 else comms[:1])
@@ -172,10 +176,10 @@ def candidate_setups(job: JobConfig, world_size: int,
             vpps = [None] + ([v for v in _divisors(layers // pp) if v > 1] if pp > 1 else [])
             sps = sequence_parallel if tp > 1 else (False,)
             etps = {None if etp == tp else etp for etp in expert_tensor_parallel_sizes}
-            for vpp, sp, ep, etp, mbs, mode in itertools.product(
+            for vpp, sp, ep, etp, mbs, mode, order in itertools.product(
                     vpps, sps, expert_parallel_sizes, sorted(etps, key=str), micro_batch_sizes,
-                    recompute_modes):
-                setup = _setup(job, world_size, mbs, distributed_optimizer, {
+                    recompute_modes, tp_pp_dp_orders):
+                setup = _setup(job, world_size, mbs, distributed_optimizer, order, {
                     **UNEVEN_SPLIT_FIELDS, **split, "tensor_model_parallel_size": tp,
                     "context_parallel_size": cp, "cp_comm_type": comm,
                     "hierarchical_context_parallel_sizes": levels,
@@ -187,7 +191,7 @@ def candidate_setups(job: JobConfig, world_size: int,
                     continue
                 # an uneven split that puts the layers where the even one does is the same
                 key = (tp, cp, comm, levels and tuple(levels), pp, vpp, sp, ep, etp, mbs, mode,
-                       setup.model.chunk_layer_counts)
+                       order, setup.model.chunk_layer_counts)
                 if key not in seen:
                     seen.add(key)
                     setups.append(setup)
@@ -203,13 +207,14 @@ def split_name(setup: Setup) -> str:
 
 
 def _setup(job: JobConfig, world_size: int, mbs: int, distributed_optimizer: bool,
-           model_fields: dict) -> Setup | None:
-    """The layout (``model_fields`` of the job's model) as a job would build it, or None when
-    a rule of the job forbids it."""
+           tp_pp_dp: bool, model_fields: dict) -> Setup | None:
+    """The layout (``model_fields`` of the job's model, in the rank order ``tp_pp_dp``) as a
+    job would build it, or None when a rule of the job forbids it."""
     try:
         model = dataclasses.replace(job.model, **model_fields)
         training = dataclasses.replace(job.training, micro_batch_size=mbs,
-                                       use_distributed_optimizer=distributed_optimizer)
+                                       use_distributed_optimizer=distributed_optimizer,
+                                       use_tp_pp_dp_mapping=tp_pp_dp)
         return Setup.from_job(dataclasses.replace(job, model=model, training=training),
                               world_size)
     except ValueError:  # TransformerConfig's and JobConfig's rules (ConfigError is one)

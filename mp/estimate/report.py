@@ -191,8 +191,9 @@ def format_plan(result: PlanResult, top: int = 10) -> str:
     pipeline's `mp.estimate.planner.PIPELINE_SPLITS` name, when one of them is uneven, a
     ``CP`` column when one of them is context-parallel: ``4``, or ``4/a2a``, ``4/p2p``,
     ``4/a2a+p2p 2x2`` (``[A, P]``) for those exchanges, and an ``EP`` column when one of them
-    is expert-parallel: ``4``, or ``4/ETP1`` when the experts' TP is not the layers'; the
-    ``recompute`` column is `mp.estimate.planner.recompute_mode`'s)."""
+    is expert-parallel: ``4``, or ``4/ETP1`` when the experts' TP is not the layers'; an
+    ``order`` column, ``tp-pp-dp`` or ``tp-dp-pp``, when one of them is in Megatron's TP-PP-DP
+    rank order; the ``recompute`` column is `mp.estimate.planner.recompute_mode`'s)."""
     if not result.fitting:
         return (f"none of the {result.valid} valid layouts fits in memory; try more GPUs, "
                 "recompute, or a smaller micro-batch")
@@ -201,6 +202,7 @@ def format_plan(result: PlanResult, top: int = 10) -> str:
     uneven = any(name != "even" for name in splits)
     context = any(e.setup.cp > 1 for e in shown)
     experts = any(e.setup.ep > 1 for e in shown)
+    orders = any(e.setup.tp_pp_dp_mapping for e in shown)
     rows = []
     for i, (e, split) in enumerate(zip(shown, splits), 1):
         s = e.setup
@@ -212,13 +214,15 @@ def format_plan(result: PlanResult, top: int = 10) -> str:
         rows.append([str(i), str(s.tp), *([cp] if context else []), str(s.pp),
                      str(s.vpp), *([split] if uneven else []),
                      str(s.data_parallel_size), *([ep] if experts else []),
+                     *(["tp-pp-dp" if s.tp_pp_dp_mapping else "tp-dp-pp"] if orders else []),
                      str(s.micro_batch_size), str(s.num_microbatches),
                      "on" if s.model.sequence_parallel else "off",
                      recompute_mode(s.model), _gib(e.peak_bytes),
                      f"{e.step.total:.2f}", f"{e.tokens_per_second:,.0f}", f"{e.mfu:.1%}",
                      f"{e.bubble_fraction:.1%}"])
     header = ["#", "TP", *(["CP"] if context else []), "PP", "VP",
-              *(["split"] if uneven else []), "DP", *(["EP"] if experts else []), "mbs", "m",
+              *(["split"] if uneven else []), "DP", *(["EP"] if experts else []),
+              *(["order"] if orders else []), "mbs", "m",
               "SP",
               "recompute", "peak GiB", "step s", "tokens/s", "MFU", "bubble"]
     return (_table(header, rows) + f"\n{len(result.fitting)} of {result.valid} valid layouts "
