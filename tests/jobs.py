@@ -64,6 +64,21 @@ def exact_lines():
         TrainingLogger.training_iteration = real
 
 
+def refusal(argv: list[str], monkeypatch, capsys) -> str:
+    """What ``launch/pretrain_gpt.py``'s ``main`` says refusing ``argv``, called here in
+    torchrun's world of 4 with no rendezvous to join (pytest's ``monkeypatch`` and ``capsys``):
+    it must exit with status 2 before making any process group."""
+    import pytest
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit) as exited:
+        launcher().main(argv)
+    assert exited.value.code == 2
+    assert not dist.is_initialized()
+    return capsys.readouterr().err
+
+
 def exact_values(printed: str) -> dict[int, tuple[str, ...]]:
     """``{iteration: (loss, grad norm, lr)}`` from `exact_lines`' lines in ``printed``."""
     return {int(i): tuple(rest) for i, *rest in
