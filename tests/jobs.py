@@ -11,7 +11,7 @@ so a test of what a job computes pays for no process start-up. What only a launc
 launch one. `exact_lines` makes rank 0 print each iteration's loss, gradient norm and learning
 rate exactly, in a launched job (its script enters it) or here. `script` imports any of the
 repository's scripts, so that a test can call its ``main`` where a refusal needs no process of
-its own.
+its own, and `generated` runs ``tools/generate.py`` here.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "pretrain_gpt.py")
+GENERATE = os.path.join(ROOT, "tools", "generate.py")
 
 
 def script(path: str | os.PathLike):
@@ -62,6 +63,13 @@ def exact_lines():
         yield
     finally:
         TrainingLogger.training_iteration = real
+
+
+def generated(argv: list[str], capsys) -> str:
+    """What ``tools/generate.py`` prints for ``argv``, run here (pytest's ``capsys``) as the
+    one-process world it makes and destroys itself without torchrun."""
+    script(GENERATE).main(argv)
+    return capsys.readouterr().out
 
 
 def refusal(argv: list[str], monkeypatch, capsys) -> str:

@@ -121,7 +121,7 @@ def _start(args: list[str], log) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("WORLD_SIZE", None)
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc-per-node", "4", LAUNCH, *args], stdout=log,
+                             "--nproc-per-node", "2", LAUNCH, *args], stdout=log,
                             stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
@@ -148,7 +148,7 @@ def test_sigterm_saves_and_stops_the_job_and_it_resumes(tmp_path):
     assert f"iteration {at + 1}/300 " not in out  # no rank went on
 
     # resumed by the launcher's job in the simulated ranks
-    out = run_distributed(4, run_job, [*common, "--load", str(checkpoints), "--exit-interval",
+    out = run_distributed(2, run_job, [*common, "--load", str(checkpoints), "--exit-interval",
                                        str(at + 2)])[0]
     assert f"iteration {at}, {at * 8} samples consumed" in out, out[-3000:]
     assert f"exiting after iteration {at + 2}/300: iteration {at + 2} (training.exit_interval=" \

@@ -5,15 +5,13 @@ key/value cache; the cache against running the whole sequence at each step; the 
 top-k and top-p filters against transformers' logits warpers; sampled tokens the same on every
 tensor-parallel rank; the command line on a converted checkpoint."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from checks import assert_rel_close
 from harness import run_distributed
-from jobs import script
+from jobs import GENERATE, generated, script
 from test_checkpoint_hf import VOCAB, _convert_to_mp, _gpt2
 from test_checkpoint_hf_llama import _llama, _to_mp
 from test_checkpoint_hf_starcoder2 import _starcoder2
@@ -30,7 +28,6 @@ from mp.model import GPTModel, TransformerConfig
 from mp.model.inference import InferenceParams
 
 NEW = 12
-GENERATE = Path(__file__).resolve().parents[1] / "tools" / "generate.py"
 
 
 def gpt2_checkpoint(directory: Path):
@@ -197,7 +194,7 @@ def test_sampling_params_are_checked(params, message):
         SamplingParams(**params)
 
 
-def test_command_line_continues_prompts(converted, tmp_path):
+def test_command_line_continues_prompts(converted, capsys):
     """One process (TP 1) on the checkpoint padded for TP 2. A converted checkpoint names no
     tokenizer: without one the tool refuses; with the byte-level one (the prompts' bytes are
     below the model's VOCAB, whose ids are the only ones drawn) it prints each prompt and its
@@ -207,8 +204,6 @@ def test_command_line_continues_prompts(converted, tmp_path):
             "--greedy"]
     with pytest.raises(SystemExit, match="holds no job config to take the tokenizer from"):
         script(GENERATE).main(args)  # before any process group: here
-    done = subprocess.run([sys.executable, str(GENERATE), *args, "--tokenizer-type",
-                           "ByteLevelTokenizer"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("ab\n" + "-" * 40 + "\n")
-    assert "\nxyz\n" + "-" * 40 + "\n" in done.stdout
+    out = generated([*args, "--tokenizer-type", "ByteLevelTokenizer"], capsys)
+    assert out.startswith("ab\n" + "-" * 40 + "\n")
+    assert "\nxyz\n" + "-" * 40 + "\n" in out

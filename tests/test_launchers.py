@@ -250,21 +250,21 @@ LOG_LINE = re.compile(r"(iteration \d+/6 \|.*?\| lm loss \S+ \|.*?\| grad norm \
 
 @needs_mpirun
 def test_mpirun_pretraining_equals_the_simulated_ranks(tmp_path):
-    """``launch/mpirun_pretrain.sh 4`` (mpirun -np 4 python launch/pretrain_gpt.py) trains
-    TP=2 x DP=2 on the CPU and logs the same losses and grad norms as the launcher's job in
-    the simulated ranks (`jobs.run_job`, which computes as torchrun's job does, bit for bit:
+    """``launch/mpirun_pretrain.sh 2`` (mpirun -np 2 python launch/pretrain_gpt.py) trains
+    DP=2 on the CPU and logs the same losses and grad norms as the launcher's job in the
+    simulated ranks (`jobs.run_job`, which computes as torchrun's job does, bit for bit:
     tests/test_checkpoint_resume.py)."""
-    args = [*TINY, "--data-cache-path", str(tmp_path)]
+    args = [*TINY, "--tensor-model-parallel-size", "1", "--data-cache-path", str(tmp_path)]
     wrapper_env = {"PYTHON": sys.executable}
     if MPIRUN == "openmpi":
         wrapper_env["MPIRUN_ARGS"] = "--oversubscribe"
-    run = launch(["bash", MPIRUN_WRAPPER, "4", *args], timeout=300, extra_env=wrapper_env)
+    run = launch(["bash", MPIRUN_WRAPPER, "2", *args], timeout=300, extra_env=wrapper_env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("world 4 = TP 2 x PP 1 x DP 2") == 1
+    assert run.stdout.count("world 2 = TP 1 x PP 1 x DP 2") == 1
     logged = LOG_LINE.findall(run.stdout)
     assert len(logged) == 3, run.stdout[-3000:]  # iterations 3 and 6, validation at 6
 
-    assert logged == LOG_LINE.findall(run_distributed(4, run_job, args)[0])
+    assert logged == LOG_LINE.findall(run_distributed(2, run_job, args)[0])
 
 
 # --- Slurm ------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """``launch/pretrain_gpt.py`` end to end under ``torchrun`` on 4 CPU ranks (TP=2 x DP=2): a
-short run on the embedded corpus lowers the loss; a rank that dies takes the whole job down.
+short run on the embedded corpus lowers the loss; a rank that dies takes the whole job down
+(2 ranks).
 The launcher's job in the simulated ranks (`jobs.run_job`): interleaved pipelines with context
 parallelism, mixture-of-experts pipelines and Megatron's Llama 3 example train; and in this
 process, a bad config stops before any process group."""
@@ -15,7 +16,7 @@ import time
 
 import pytest
 from harness import run_distributed
-from jobs import LAUNCH, ROOT, exact_values, launcher, refusal, run_job
+from jobs import LAUNCH, ROOT, exact_values, generated, launcher, refusal, run_job
 
 from mp import parallel_state as ps
 
@@ -30,12 +31,14 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("mp-cache"))
 
 
-def torchrun(script: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run ``script`` on 4 local ranks; on timeout kill torchrun and every rank it started."""
+def torchrun(script: str, args: list[str], timeout: float,
+             ranks: int = 4) -> subprocess.CompletedProcess:
+    """Run ``script`` on ``ranks`` local ranks; on timeout kill torchrun and every rank it
+    started."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("WORLD_SIZE", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "4", script, *args]
+               "--nproc-per-node", str(ranks), script, *args]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=ROOT, start_new_session=True)
     try:
@@ -214,7 +217,7 @@ def test_a_dying_rank_takes_the_job_down(cache_dir, tmp_path):
     """))
     start = time.monotonic()
     run = torchrun(str(script), [*TINY, "--train-iters", "30", "--data-cache-path", cache_dir],
-                   timeout=180)
+                   timeout=180, ranks=2)
     assert run.returncode != 0
     assert "planted failure on rank 1" in run.stdout + run.stderr
     assert time.monotonic() - start < 120
@@ -228,7 +231,7 @@ def _replaced(flags: list[str], values: dict[str, str]) -> list[str]:
     return out
 
 
-def test_megatron_llama3_example_runs_scaled_down(cache_dir, tmp_path):
+def test_megatron_llama3_example_runs_scaled_down(cache_dir, tmp_path, capsys):
     """Megatron-LM's Llama 3 8B bf16 example on mock data, its flags as written but the sizes
     shrunk (and TP 2; heads 24 wide at hidden size 64): it trains in bf16 with the per-token
     loss, decoupled rates and bf16 gradient reduction, prints why the flags without effect
@@ -257,11 +260,9 @@ def test_megatron_llama3_example_runs_scaled_down(cache_dir, tmp_path):
     assert abs(losses[0] - math.log(1001)) < 0.1  # random tokens of NullTokenizer's vocabulary
     assert re.search(r"^iteration 12/12 \|.*\| decoupled lr \S+ \| grad norm \S+ \| num zeros "
                      r"\d+ \| params norm \S+ \|", out, re.MULTILINE), out
-    generate = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--load",
-         str(tmp_path / "ckpt"), "--prompt", "1 2 3", "--max-new-tokens", "4", "--greedy"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
-    assert generate.returncode == 0, generate.stderr[-3000:]
-    prompt, *_, continued = generate.stdout.strip().splitlines()
-    assert prompt == "1 2 3", generate.stdout
-    assert [int(token) <= 1000 for token in continued.split()] == [True] * 4, generate.stdout
+    capsys.readouterr()
+    printed = generated(["--load", str(tmp_path / "ckpt"), "--prompt", "1 2 3",
+                         "--max-new-tokens", "4", "--greedy"], capsys)
+    prompt, *_, continued = printed.strip().splitlines()
+    assert prompt == "1 2 3", printed
+    assert [int(token) <= 1000 for token in continued.split()] == [True] * 4, printed
