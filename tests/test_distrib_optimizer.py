@@ -24,7 +24,7 @@ from mp.distributed import DistributedDataParallel
 from mp.estimate import Setup, rank_params, state_bytes
 from mp.optim import DistributedOptimizer, get_param_groups
 
-STEPS = 10
+STEPS = 5
 
 
 def _train(tp: int, pp: int, distributed_optimizer: bool, precision: str, overlap: bool,

@@ -275,7 +275,7 @@ def test_experts_drop_the_copies_over_their_capacity(policy):
 
 
 
-STEPS = 4
+STEPS = 3
 
 
 def _initial_weights(tp: int = 1, ep: int = 1, **overrides) -> dict:
