@@ -4,7 +4,7 @@
     results = run_distributed(4, check_column_parallel, 2, sequence_parallel=True)
 
 Each world size gets a pool of worker processes that join one ``torch.distributed`` group
-(gloo, CPU) when the pool starts and then serve test after test. The workers are forked from
+(gloo, CPU) when the pool starts and then serve test after test. CPU workers are forked from
 one fork server that imported torch and mp once, so a pool starts in a fraction of a second
 (a fresh Python importing them takes seconds a rank). ``run_distributed`` returns the
 function's return values ordered by rank. Workers see the environment of the test session
@@ -44,7 +44,8 @@ DEFAULT_TIMEOUT_S = float(os.environ.get("MP_TEST_TIMEOUT", "180"))
 FAILURE_GRACE_S = 5.0  # after one rank fails, how long the others get to finish on their own
 # What every rank imports, imported once in the fork server that starts the ranks, so that a
 # new rank is a fork (a quarter of a second for 8 ranks) instead of a fresh Python importing
-# torch, TorchDynamo (the optimizers import it) and mp (10 s for 8 ranks on 2 cores).
+# torch, TorchDynamo (the optimizers import it) and mp (10 s for 8 ranks on 2 cores). Ranks
+# that compute on CUDA are spawned.
 PRELOAD = ["torch", "torch._dynamo", "mp.training.pretrain", "harness", "checks", "gpt_runs"]
 
 
@@ -118,8 +119,11 @@ class _Pool:
     """N worker processes that share one gloo process group."""
 
     def __init__(self, world_size: int, start_timeout: float):
-        ctx = mp_proc.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
+        if os.environ.get("MP_TEST_DEVICE", "cpu") == "cpu":
+            ctx = mp_proc.get_context("forkserver")
+            ctx.set_forkserver_preload(PRELOAD)
+        else:  # CUDA in a process forked after anything touched the driver fails: start anew
+            ctx = mp_proc.get_context("spawn")
         self.world_size = world_size
         fd, self._init_file = tempfile.mkstemp(prefix=f"mp-test-{world_size}-")
         os.close(fd)
