@@ -4,8 +4,9 @@
     results = run_distributed(4, check_column_parallel, 2, sequence_parallel=True)
 
 Each world size gets a pool of worker processes that join one ``torch.distributed`` group
-(gloo, CPU) when the pool starts and then serve test after test. CPU workers are forked from
-one fork server that imported torch and mp once, so a pool starts in a fraction of a second
+(gloo, CPU; its store is served from this process) when the pool starts and then serve test
+after test. CPU workers are forked from one fork server that imported torch and mp once, so
+a pool starts in a fraction of a second
 (a fresh Python importing them takes seconds a rank). ``run_distributed`` returns the
 function's return values ordered by rank. Workers see the environment of the test session
 as it was when the first pool started.
@@ -13,7 +14,8 @@ as it was when the first pool started.
 Failure is bounded in time. A rank that raises fails the call with that rank's traceback; a
 rank that hangs (or that is left waiting in a collective by a rank that failed) fails it after
 ``timeout`` seconds. A pool whose ranks did not all come back is killed and rebuilt on next use,
-so one broken test never poisons or hangs the ones after it.
+so one broken test never poisons or hangs the ones after it. The gloo groups of a rank share
+one transport device, whose thread runs at the lowest priority (`pool_gloo`).
 
 Workers compute on the CPU unless ``MP_TEST_DEVICE`` names another device (``cuda``: gloo
 then carries CUDA tensors, which covers the collectives but not send/recv).
@@ -34,11 +36,14 @@ import multiprocessing as mp_proc
 import os
 import pickle
 import queue
-import tempfile
+import signal
 import time
 import traceback
 from datetime import timedelta
 from multiprocessing.reduction import ForkingPickler
+
+import pool_gloo
+from torch.distributed import TCPStore
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("MP_TEST_TIMEOUT", "180"))
 FAILURE_GRACE_S = 5.0  # after one rank fails, how long the others get to finish on their own
@@ -73,15 +78,17 @@ def _reset_rank_state() -> None:
         rnd.get_cuda_rng_tracker().reset()
 
 
-def _worker_main(rank: int, world_size: int, init_file: str, tasks, results) -> None:
+def _worker_main(rank: int, world_size: int, store_port: int, tasks, results) -> None:
     os.environ["MP_DEVICE"] = os.environ.get("MP_TEST_DEVICE", "cpu")
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    pool_gloo.install()
     dist.init_process_group(
         "gloo",
-        init_method=f"file://{init_file}",
+        store=dist.TCPStore("127.0.0.1", store_port, is_master=False,
+                            timeout=timedelta(seconds=DEFAULT_TIMEOUT_S + 60)),
         rank=rank,
         world_size=world_size,
         timeout=timedelta(seconds=DEFAULT_TIMEOUT_S + 60),
@@ -125,15 +132,14 @@ class _Pool:
         else:  # CUDA in a process forked after anything touched the driver fails: start anew
             ctx = mp_proc.get_context("spawn")
         self.world_size = world_size
-        fd, self._init_file = tempfile.mkstemp(prefix=f"mp-test-{world_size}-")
-        os.close(fd)
-        os.unlink(self._init_file)  # the file store creates it
+        # the ranks' rendezvous store lives here, in the parent, for the pool's lifetime
+        self._store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._procs = [
             ctx.Process(
                 target=_worker_main,
-                args=(r, world_size, self._init_file, self._tasks[r], self._results),
+                args=(r, world_size, self._store.port, self._tasks[r], self._results),
                 daemon=True,
                 name=f"mp-test-rank{r}-of-{world_size}",
             )
@@ -154,6 +160,7 @@ class _Pool:
     def run(self, fn, args, kwargs, timeout: float) -> list:
         self._next_id += 1
         task_id = self._next_id
+        self.resume()
         for q in self._tasks:
             q.put((task_id, fn, args, kwargs))
         got = self._collect(task_id, timeout)
@@ -200,7 +207,22 @@ class _Pool:
     def alive(self) -> bool:
         return all(p.is_alive() for p in self._procs)
 
+    def pause(self) -> None:
+        """Stop the ranks (SIGSTOP) until the next test: idle, each would still wake its gloo
+        transport thread a hundred times a second, taking CPU from the other pools and from
+        the jobs that tests launch."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: int) -> None:
+        for p in self._procs:
+            if p.is_alive():
+                os.kill(p.pid, sig)
+
     def close(self) -> None:
+        self.resume()
         for q in self._tasks:
             q.put(None)
         for p in self._procs:
@@ -213,8 +235,6 @@ class _Pool:
                 p.kill()
         for p in self._procs:
             p.join(timeout=5)
-        if os.path.exists(self._init_file):
-            os.unlink(self._init_file)
 
 
 _pools: dict[int, _Pool] = {}
@@ -238,7 +258,9 @@ def run_distributed(world_size: int, fn, *args, timeout: float = DEFAULT_TIMEOUT
     try:
         return pool.run(fn, args, kwargs, timeout)
     finally:
-        if not pool.alive():
+        if pool.alive():
+            pool.pause()
+        else:
             _pools.pop(world_size, None)
 
 
