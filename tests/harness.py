@@ -5,11 +5,11 @@
 
 Each world size gets a pool of worker processes that join one ``torch.distributed`` group
 (gloo, CPU; its store is served from this process) when the pool starts and then serve test
-after test. CPU workers are forked from one fork server that imported torch and mp once, so
-a pool starts in a fraction of a second
-(a fresh Python importing them takes seconds a rank). ``run_distributed`` returns the
-function's return values ordered by rank. Workers see the environment of the test session
-as it was when the first pool started.
+after test, stopped (SIGSTOP) in between. CPU workers are forked from one fork server that
+imported torch and mp once, so a pool starts in a fraction of a second (a fresh Python
+importing them takes seconds a rank). ``run_distributed`` returns the function's return
+values ordered by rank. Workers see the environment of the test session as it was when the
+first pool started.
 
 Failure is bounded in time. A rank that raises fails the call with that rank's traceback; a
 rank that hangs (or that is left waiting in a collective by a rank that failed) fails it after

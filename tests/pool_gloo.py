@@ -11,7 +11,8 @@ rank has one ticking thread.
 
 That thread also spins on epoll while a message waits for its receive to be posted; with
 more ranks than cores the spinning took the CPU from the very threads it waited for. It
-runs at nice 19 (a 2-rank all_reduce of 256 floats: 1.8 -> 0.7 ms; 4 ranks: 6.6 -> 3.2 ms).
+runs at nice 19 (a 2-rank all_reduce of 256 floats: 1.8 -> 0.7-1.0 ms; 4 ranks: 6.6 ->
+3.2-3.5 ms; noisy).
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ import os
 
 from torch.distributed import distributed_c10d
 
-_TRANSPORT_THREAD = "gloo_tcp_loop"
+TRANSPORT_THREAD = "gloo_tcp_loop"
 
 
 def install() -> None:
     """From now on, every gloo group of this process uses one device whose thread runs at
     nice 19. Call it before the default group is made."""
     base = distributed_c10d.ProcessGroupGloo
-    before = _threads_named(_TRANSPORT_THREAD)
+    before = _threads()
     device = base.create_default_device()
-    for tid in _threads_named(_TRANSPORT_THREAD) - before:
+    for tid in _threads() - before:  # by id: the thread may not have named itself yet
         os.setpriority(os.PRIO_PROCESS, tid, 19)
 
     class SharedDeviceGloo(base):
@@ -44,13 +45,17 @@ def install() -> None:
     distributed_c10d.ProcessGroupGloo = SharedDeviceGloo
 
 
-def _threads_named(name: str) -> set[int]:
+def _threads() -> set[int]:
+    return {int(tid) for tid in os.listdir("/proc/self/task")}
+
+
+def threads_named(name: str) -> set[int]:
     found = set()
-    for tid in os.listdir("/proc/self/task"):
+    for tid in _threads():
         try:
             with open(f"/proc/self/task/{tid}/comm") as f:
                 if f.read().strip() == name:
-                    found.add(int(tid))
+                    found.add(tid)
         except OSError:
             pass  # the thread ended meanwhile
     return found
