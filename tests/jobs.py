@@ -68,6 +68,7 @@ def exact_lines():
 def generated(argv: list[str], capsys) -> str:
     """What ``tools/generate.py`` prints for ``argv``, run here (pytest's ``capsys``) as the
     one-process world it makes and destroys itself without torchrun."""
+    capsys.readouterr()  # what the test printed before is not the tool's
     script(GENERATE).main(argv)
     return capsys.readouterr().out
 

@@ -260,7 +260,6 @@ def test_megatron_llama3_example_runs_scaled_down(cache_dir, tmp_path, capsys):
     assert abs(losses[0] - math.log(1001)) < 0.1  # random tokens of NullTokenizer's vocabulary
     assert re.search(r"^iteration 12/12 \|.*\| decoupled lr \S+ \| grad norm \S+ \| num zeros "
                      r"\d+ \| params norm \S+ \|", out, re.MULTILINE), out
-    capsys.readouterr()
     printed = generated(["--load", str(tmp_path / "ckpt"), "--prompt", "1 2 3",
                          "--max-new-tokens", "4", "--greedy"], capsys)
     prompt, *_, continued = printed.strip().splitlines()
