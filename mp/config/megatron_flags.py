@@ -80,7 +80,7 @@ _MEGATRON_NAMES = {
         "data_cache_path", "num_workers", "eod_mask_loss", "mock_data", "reset_position_ids",
         "reset_attention_mask", "vocab_size", "train_data_path", "valid_data_path",
         "test_data_path", "dataloader_type", "full_validation", "multiple_validation_sets",
-        "data_args_path", "per_split_data_args_path",
+        "data_args_path", "per_split_data_args_path", "sft", "sft_tokenizer_prompt_format",
     ),
     "logging": ("log_interval", "tensorboard_dir", "log_params_norm", "log_num_zeros_in_grad",
                 "wandb_project", "wandb_entity", "wandb_exp_name", "wandb_save_dir", "profile",

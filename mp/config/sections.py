@@ -17,6 +17,7 @@ from typing import ClassVar
 from mp.config.coerce import ConfigError
 from mp.config.section import Section
 from mp.data.dataset_builder import SPLIT_NAMES, check_validation_sets, parse_data_sources
+from mp.data.prompt_formats import PROMPT_FORMATS
 from mp.data.samplers import DATALOADER_TYPES
 from mp.data.tokenizer import TOKENIZER_TYPES
 
@@ -54,6 +55,11 @@ class DataConfig(Section):
     validation cover the whole validation split once instead of ``training.eval_iters``
     batches; ``multiple_validation_sets`` (Megatron's ``--multiple-validation-sets``) evaluates
     each ``valid_data_path`` dataset on its own, one loss each (`mp.training.data`).
+    ``sft`` (Megatron's ``--sft``) fine-tunes on conversations: the paths are JSON Lines
+    conversation files (`mp.data.conversations`; ``builtin`` stands for conversations made
+    from the embedded corpus, `mp.data.conversation_corpus`), made into samples by the
+    prompt format ``sft_tokenizer_prompt_format`` (`mp.data.prompt_formats`), the loss on the
+    assistant's words only (`mp.data.sft_dataset`).
     """
 
     section: ClassVar[str] = "data"
@@ -82,6 +88,8 @@ class DataConfig(Section):
     multiple_validation_sets: bool = False  # each valid_data_path dataset evaluated on its own
     data_args_path: str | None = None  # read into data_path (Megatron's --data-args-path)
     per_split_data_args_path: str | None = None  # JSON read into the three *_data_path
+    sft: bool = False  # the paths are conversation files, trained on the assistant's words
+    sft_tokenizer_prompt_format: str = "nemotron-h-aligned"  # mp.data.prompt_formats
 
     def __post_init__(self) -> None:
         self._read_data_args()
@@ -125,6 +133,22 @@ class DataConfig(Section):
         if self.mock_data and (self.reset_position_ids or self.reset_attention_mask):
             raise ConfigError("data.reset_position_ids / reset_attention_mask need documents; "
                               "data.mock_data=true has none")
+        self._one_of("sft_tokenizer_prompt_format", tuple(PROMPT_FORMATS))
+        if self.sft:
+            self._check_sft()
+
+    def _check_sft(self) -> None:
+        """What ``sft`` does not combine with."""
+        if self.mock_data:
+            raise ConfigError("data.sft=true reads conversations; data.mock_data=true draws "
+                              "random tokens: keep one")
+        for key in ("reset_position_ids", "reset_attention_mask"):
+            if getattr(self, key):
+                raise ConfigError(f"data.{key}=true with data.sft=true: SFT samples restart "
+                                  "positions and attention at each conversation already")
+        if self.tokenizer_type == "NullTokenizer":
+            raise ConfigError("data.sft=true writes its prompt format as text, which "
+                              "data.tokenizer_type='NullTokenizer' (token ids) cannot read")
 
     def _read_data_args(self) -> None:
         """Replace ``data_args_path`` and ``per_split_data_args_path`` by the paths their

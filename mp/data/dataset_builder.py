@@ -35,8 +35,12 @@ import torch
 import torch.distributed as dist
 
 from mp.data.blended_dataset import BlendedDataset
+from mp.data.conversations import ConversationFile
 from mp.data.gpt_dataset import GPTDataset
 from mp.data.indexed_dataset import IndexedDataset
+from mp.data.prompt_formats import PromptFormat
+from mp.data.sft_dataset import SFTDataset
+from mp.data.tokenizer import Tokenizer
 
 SPLIT_NAMES = ("train", "valid", "test")
 _BLEND_MARGIN = 0.005
@@ -152,12 +156,7 @@ def build_gpt_datasets(
     while the others wait): call it on every rank of the group.
     """
     sizes = (train_samples, valid_samples, test_samples)
-    for name, n in zip(SPLIT_NAMES, sizes):
-        if n is not None and (not isinstance(n, (int, np.integer)) or n < 0):
-            raise ValueError(f"{name}_samples={n!r} must be an integer >= 0 or None (one "
-                             "epoch)")
-    blends = parse_data_sources(data_path, split, per_split_data_path)  # before any file
-    check_validation_sets(blends, multiple_validation_sets, valid_samples is None)
+    blends = _sources(data_path, split, per_split_data_path, sizes, multiple_validation_sets)
     for key, (prefixes, _) in blends.items():
         for prefix in prefixes:
             if not IndexedDataset.exists(prefix):
@@ -165,22 +164,76 @@ def build_gpt_datasets(
                                         f"{prefix}.idx")
     opened = {key: ([IndexedDataset(p, mmap=mmap_bin_files) for p in prefixes], weights)
               for key, (prefixes, weights) in blends.items()}
-    options = {
-        "seq_length": seq_length,
-        "seed": seed,
-        "eod": eod,
-        "eod_mask_loss": eod_mask_loss,
-        "path_to_cache": path_to_cache,
-        "group": group,
-    }
+
+    def make(dataset: IndexedDataset, documents: np.ndarray, num_samples: int | None,
+             name: str) -> GPTDataset:
+        return GPTDataset(dataset, documents, num_samples, seq_length=seq_length, seed=seed,
+                          eod=eod, eod_mask_loss=eod_mask_loss, path_to_cache=path_to_cache,
+                          group=group, split_name=name)
+
+    def tokens(dataset: IndexedDataset, begin: int, end: int) -> float:
+        return float(dataset.sequence_lengths[begin:end].sum())
+    return _build_splits(opened, split, sizes, multiple_validation_sets, make, tokens)
+
+
+def build_sft_datasets(
+    data_path: Sequence[str] | None,
+    split: str | None,
+    seq_length: int,
+    seed: int,
+    train_samples: int | None,
+    valid_samples: int | None,
+    test_samples: int | None,
+    *,
+    tokenizer: Tokenizer,
+    prompt_format: PromptFormat,
+    per_split_data_path: Sequence[Sequence[str] | None] | None = None,
+    multiple_validation_sets: bool = False,
+) -> tuple[torch.utils.data.Dataset | list[torch.utils.data.Dataset] | None, ...]:
+    """`build_gpt_datasets` for supervised fine-tuning (Megatron's ``--sft``): the paths
+    are conversation files (`mp.data.conversations`), ``split`` cuts each file's lines, and
+    each split is an `SFTDataset` or a blend of them, weighted by their lines unless weights
+    are given. Every rank reads and checks the files itself: no collective."""
+    sizes = (train_samples, valid_samples, test_samples)
+    blends = _sources(data_path, split, per_split_data_path, sizes, multiple_validation_sets)
+    opened = {key: ([ConversationFile(p) for p in paths], weights)
+              for key, (paths, weights) in blends.items()}
+
+    def make(conversations: ConversationFile, lines: np.ndarray, num_samples: int | None,
+             name: str) -> SFTDataset:
+        return SFTDataset(conversations, lines, num_samples, seq_length, tokenizer,
+                          prompt_format, seed)
+    return _build_splits(opened, split, sizes, multiple_validation_sets, make,
+                         lambda conversations, begin, end: float(end - begin))
+
+
+def _sources(data_path, split, per_split_data_path, sizes: tuple,
+             multiple_validation_sets: bool) -> dict[str, tuple[list[str], list[float] | None]]:
+    """The checked sources (`parse_data_sources`) of the builders' arguments, before any
+    file is opened; ``sizes`` are the three splits' sample counts, each an integer >= 0 or
+    None. ValueError naming the value and the rule."""
+    for name, n in zip(SPLIT_NAMES, sizes):
+        if n is not None and (not isinstance(n, (int, np.integer)) or n < 0):
+            raise ValueError(f"{name}_samples={n!r} must be an integer >= 0 or None (one "
+                             "epoch)")
+    blends = parse_data_sources(data_path, split, per_split_data_path)
+    check_validation_sets(blends, multiple_validation_sets, sizes[1] is None)
+    return blends
+
+
+def _build_splits(opened: dict, split: str | None, sizes: tuple, multiple_validation_sets: bool,
+                  make, weigh) -> tuple:
+    """Each split of ``sizes`` samples from the ``opened`` sources (`_split_sources`): None,
+    a dataset ``make(source, ids, num_samples, split_name)`` of one member, a blend of them
+    (weights given or ``weigh(source, begin, end)`` of each member) or, for the validation
+    split with ``multiple_validation_sets``, a list of one per member."""
     sources = _split_sources(opened, split)
-    built = [
-        None if n == 0 or sources[i] is None else _build_split(name, n, *sources[i], options)
+    return tuple(
+        None if n == 0 or sources[i] is None
+        else _build_split(name, n, *sources[i], make, weigh)
         if not (multiple_validation_sets and name == "valid")
-        else [_build_split(name, n, [member], None, options) for member in sources[i][0]]
-        for i, (name, n) in enumerate(zip(SPLIT_NAMES, sizes))
-    ]
-    return tuple(built)
+        else [_build_split(name, n, [member], None, make, weigh) for member in sources[i][0]]
+        for i, (name, n) in enumerate(zip(SPLIT_NAMES, sizes)))
 
 
 def check_validation_sets(blends: dict[str, tuple[list[str], list[float] | None]],
@@ -226,13 +279,14 @@ def _split_sources(opened: dict, split: str | None) -> list[tuple[list, list | N
 
 def _build_split(
     name: str,
-    num_samples: int,
-    members: list[tuple[IndexedDataset, tuple[int, int]]],
+    num_samples: int | None,
+    members: list[tuple[IndexedDataset | ConversationFile, tuple[int, int]]],
     weights: list[float] | None,
-    options: dict,
+    make,
+    weigh,
 ) -> torch.utils.data.Dataset:
-    """One split of ``num_samples`` samples (None: one epoch): a GPTDataset over the one
-    member's document range, or a blend of them."""
+    """One split of ``num_samples`` samples (None: one epoch): ``make``'s dataset over the
+    one member's document range, or a blend of them (`_build_splits`)."""
     empty = [d.path_prefix for d, (begin, end) in members if begin == end]
     if empty:
         raise ValueError(
@@ -242,27 +296,20 @@ def _build_split(
         )
     if len(members) == 1:
         ((dataset, document_range),) = members
-        return GPTDataset(
-            dataset, np.arange(*document_range), num_samples, split_name=name, **options
-        )
+        return make(dataset, np.arange(*document_range), num_samples, name)
     if num_samples is None:
         if weights is not None:
             raise ValueError(f"the {name} split's weights {weights} need a sample count; a whole "
                              "epoch (num_samples None) takes no weights")
-        datasets = [GPTDataset(dataset, np.arange(*document_range), None, split_name=name,
-                               **options) for dataset, document_range in members]
+        datasets = [make(dataset, np.arange(*document_range), None, name)
+                    for dataset, document_range in members]
         sizes = [len(d) for d in datasets]  # every sample of each once
         return BlendedDataset(datasets, sizes, sum(sizes))
-    weights = weights or [float(d.sequence_lengths[b:e].sum()) for d, (b, e) in members]
+    weights = weights or [weigh(d, b, e) for d, (b, e) in members]
     total = sum(weights)
     datasets = [
-        GPTDataset(
-            dataset,
-            np.arange(*document_range),
-            math.ceil(math.ceil(num_samples * w / total) * (1 + _BLEND_MARGIN)),
-            split_name=name,
-            **options,
-        )
+        make(dataset, np.arange(*document_range),
+             math.ceil(math.ceil(num_samples * w / total) * (1 + _BLEND_MARGIN)), name)
         for (dataset, document_range), w in zip(members, weights)
     ]
     return BlendedDataset(datasets, weights, num_samples)

@@ -22,14 +22,20 @@ def document_positions_and_mask(tokens: torch.Tensor,
     """For ``tokens [s]``: each token's position in its document ``[s]``, and the attention
     mask ``[1, s, s]`` (True where query ``i`` must not see key ``j``: ``j > i`` or another
     document)."""
-    s = tokens.size(0)
-    index = torch.arange(s)
-    ends = tokens == eod
-    starts = torch.ones(s, dtype=torch.bool)
-    starts[1:] = ends[:-1]
+    starts = torch.ones_like(tokens, dtype=torch.bool)
+    starts[1:] = tokens[:-1] == eod
+    return segment_positions_and_mask(torch.cumsum(starts, 0))
+
+
+def segment_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``segments [s]``, non-decreasing segment ids (a document's, a conversation's):
+    each token's position in its segment ``[s]``, and the mask ``[1, s, s]`` that is True where
+    query ``i`` must not see key ``j`` (``j > i``, or another segment)."""
+    index = torch.arange(segments.size(0))
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[1:] = segments[1:] != segments[:-1]
     positions = index - torch.where(starts, index, 0).cummax(0).values
-    document = torch.cumsum(starts, 0)
-    mask = (index[None, :] > index[:, None]) | (document[None, :] != document[:, None])
+    mask = (index[None, :] > index[:, None]) | (segments[None, :] != segments[:, None])
     return positions, mask[None]
 
 

@@ -1,7 +1,9 @@
 """Tokenizers: one small interface over GPT-2 BPE, Hugging Face, SentencePiece and raw bytes.
 
 Every tokenizer has ``tokenize(text) -> list[int]``, ``detokenize(ids) -> str``, ``vocab_size``
-and ``eod`` (the end-of-document id that preprocessing appends with ``--append-eod``). The
+and ``eod`` (the end-of-document id that preprocessing appends with ``--append-eod``), and
+``tokenize_piece(text)``: the ids of a piece of a longer text, without the special tokens
+(a BOS) that ``tokenize`` puts around a whole text (the SFT prompt formats use it). The
 merging itself is done by the maintained libraries (``tokenizers``, ``sentencepiece``, both in the
 ``data`` extra), imported only when such a tokenizer is built. `build_tokenizer` takes Megatron's
 ``--tokenizer-type`` names and file arguments (behaviour as in Megatron-LM):
@@ -50,6 +52,11 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def detokenize(self, ids: Sequence[int]) -> str:
         """Ids to text."""
+
+    def tokenize_piece(self, text: str) -> list[int]:
+        """``text`` as a piece of a longer text: its ids with no special token added around
+        them (the same as `tokenize` for tokenizers that add none)."""
+        return self.tokenize(text)
 
 
 class ByteLevelTokenizer(Tokenizer):
@@ -145,6 +152,9 @@ class _HFTokenizerBase(Tokenizer):
 
     def tokenize(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=self._add_special_tokens).ids
+
+    def tokenize_piece(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=False)
@@ -251,6 +261,9 @@ class Llama2Tokenizer(GPTSentencePieceTokenizer):
 
     def tokenize(self, text: str) -> list[int]:
         return [self._bos, *super().tokenize(text)]
+
+    def tokenize_piece(self, text: str) -> list[int]:
+        return super().tokenize(text)
 
 
 def _require_file(path: str | None, role: str) -> None:

@@ -9,7 +9,9 @@ reported)``: the sum of the per-token losses its mask keeps and how many tokens 
 
 By default backward starts from the micro-batch's mean loss divided by the number of
 micro-batches ``m``, so that the gradients accumulate to the mean over micro-batches (and
-`mp.distributed.DistributedDataParallel` averages them over the data-parallel ranks). With
+`mp.distributed.DistributedDataParallel` averages them over the data-parallel ranks). A
+micro-batch whose mask keeps no token (fine-tuning samples cut before the assistant speaks)
+backpropagates 0 and is left out of the reported mean, where Megatron's would be NaN. With
 ``calculate_per_token_loss`` (Megatron's ``--calculate-per-token-loss``) it starts from the sum
 itself; the schedule adds the micro-batches' token counts up and
 `mp.distributed.finalize_model_grads` divides the gradients by the global batch's count. The
@@ -44,8 +46,8 @@ def microbatch_loss(outputs: tuple, num_microbatches: int, forward_data_store: l
     is 0 for a loss_func that returns a mean); appends ``reported`` to ``forward_data_store``."""
     if len(outputs) == 3:
         loss, num_tokens, reported = outputs
-        if not calculate_per_token_loss:
-            loss = loss / num_tokens / num_microbatches
+        if not calculate_per_token_loss:  # no kept token: 0, where Megatron divides by 0
+            loss = loss / torch.as_tensor(num_tokens).clamp(min=1) / num_microbatches
     elif calculate_per_token_loss:
         raise ValueError("calculate_per_token_loss=True needs a loss_func that returns "
                          f"(loss sum, token count, reported); this one returned {len(outputs)} "

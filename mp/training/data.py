@@ -7,7 +7,8 @@ waiting) into ``data.data_cache_path`` or ``~/.cache/mp``; ``data.train_data_pat
 ``data.mock_data`` reads random tokens instead (`mp.data.mock`), no tokenizer or file needed,
 each split built where ``data.split`` gives it a share (all where it is unset).
 ``data.reset_position_ids`` and ``data.reset_attention_mask`` keep a sample's documents apart
-(`mp.data.document_masks`).
+(`mp.data.document_masks`). ``data.sft`` reads conversation files instead
+(`mp.data.sft_dataset`; ``builtin``: the conversations of `mp.data.conversation_corpus`).
 Sample counts follow Megatron: ``train_samples``, or ``train_iters x global_batch_size``,
 training samples; for validation, ``eval_iters x global_batch_size`` for each evaluation the
 run will do (every ``eval_interval`` iterations and one at the end); for the test, one
@@ -38,10 +39,12 @@ import torch.distributed as dist
 
 from mp import parallel_state
 from mp.config import BUILTIN_DATA_PATH, JobConfig
+from mp.data.conversation_corpus import prepare_default_conversations
 from mp.data.corpus import prepare_default_corpus
-from mp.data.dataset_builder import build_gpt_datasets, parse_split
+from mp.data.dataset_builder import build_gpt_datasets, build_sft_datasets, parse_split
 from mp.data.document_masks import DocumentMasked
 from mp.data.mock import MockGPTDataset
+from mp.data.prompt_formats import get_prompt_format
 from mp.data.samplers import build_pretraining_data_loader
 from mp.data.tokenizer import build_tokenizer
 
@@ -90,8 +93,9 @@ def num_evaluations(cfg: JobConfig, world_size: int) -> int:
 
 def _corpus_datasets(cfg: JobConfig, samples: tuple[int, int, int]):
     """The training, validation and test datasets of ``samples`` samples each from
-    ``data.data_path`` (the embedded corpus tokenized first when it is ``builtin``) or from the
-    per-split paths, and the end-of-document id."""
+    ``data.data_path`` (the embedded corpus tokenized first when it is ``builtin``, or its
+    conversations written with ``data.sft``) or from the per-split paths, and the
+    end-of-document id."""
     data, tr = cfg.data, cfg.training
     tokenizer = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
                                 merge_file=data.merge_file, tokenizer_model=data.tokenizer_model,
@@ -100,9 +104,16 @@ def _corpus_datasets(cfg: JobConfig, samples: tuple[int, int, int]):
         raise ValueError(f"the tokenizer's vocabulary ({tokenizer.vocab_size} tokens) does not "
                          f"fit model.vocab_size={cfg.model.vocab_size} (padded to "
                          f"{cfg.model.padded_vocab_size})")
-    data_path = data.data_path
+    data_path, cache = data.data_path, data.data_cache_path or default_cache_dir()
+    if data.sft:
+        if data_path == [BUILTIN_DATA_PATH]:
+            data_path = [prepare_default_conversations(cache)]
+        return build_sft_datasets(
+            data_path, data.split, cfg.model.seq_length, tr.seed, *samples,
+            tokenizer=tokenizer, prompt_format=get_prompt_format(data.sft_tokenizer_prompt_format),
+            per_split_data_path=data.per_split_data_path,
+            multiple_validation_sets=data.multiple_validation_sets), tokenizer.eod
     if data_path == [BUILTIN_DATA_PATH]:
-        cache = data.data_cache_path or default_cache_dir()
         data_path = [prepare_default_corpus(os.path.join(cache, "corpus"), tokenizer)]
     datasets = build_gpt_datasets(
         data_path, data.split, cfg.model.seq_length, tr.seed, *samples,

@@ -26,13 +26,16 @@ from mp.training.data import ValidationSets
 def _sum_and_count(values: list[torch.Tensor], per_token: bool) -> torch.Tensor:
     """``[numerator, denominator]`` (float64) of the mean of one reported key over
     micro-batches: a value is a micro-batch's mean (one element) or its ``[loss sum, token
-    count]`` (two), whose ratio is averaged per micro-batch, or summed when ``per_token``."""
+    count]`` (two), whose ratio is averaged over the micro-batches that count tokens, or
+    summed when ``per_token``."""
     pairs = torch.stack([v.detach().double().view(-1) for v in values])
     if pairs.size(1) == 1:
         return torch.stack([pairs.sum(), pairs.new_tensor(float(len(values)))])
     if per_token:
         return pairs.sum(0)
-    return torch.stack([(pairs[:, 0] / pairs[:, 1]).sum(), pairs.new_tensor(float(len(values)))])
+    counted = pairs[pairs[:, 1] > 0]
+    return torch.stack([(counted[:, 0] / counted[:, 1]).sum(),
+                        counted.new_tensor(float(len(counted)))])
 
 
 def average_losses(per_microbatch: list[dict], calculate_per_token_loss: bool = False
