@@ -201,6 +201,7 @@ def test_sentencepiece_model(tmp_path):
     llama = build_tokenizer("Llama2Tokenizer", tokenizer_model=str(tmp_path / "sp.model"))
     assert (llama.vocab_size, llama.eod, llama.tokenize("the lazy fox")) == (40, 2, [1, *ids])
     assert llama.detokenize(llama.tokenize("the lazy fox")) == "the lazy fox"
+    assert llama.tokenize_piece("the lazy fox") == ids  # a piece of a text: no bos
     sentencepiece.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(tmp_path / "no_bos"), vocab_size=40,
         model_type="bpe", minloglevel=2, bos_id=-1)

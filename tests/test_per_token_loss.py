@@ -27,7 +27,8 @@ from gpt_runs import (
 )
 from harness import run_distributed
 
-from mp.training.evaluation import evaluate
+from mp.pipeline_parallel.losses import microbatch_loss
+from mp.training.evaluation import _sum_and_count, evaluate
 from mp.training.gpt_step import forward_step
 
 STEPS, EVAL_BATCHES = 3, (100, 101)
@@ -165,3 +166,16 @@ def test_per_token_loss_with_fp16_loss_scaling(references):
     want = references[True]
     _assert_follows(run_distributed(4, _parallel, want["initial"], 2, 1, True, "fp16"), want,
                     rtol=1e-2)
+
+
+def test_a_micro_batch_that_keeps_no_token_adds_nothing():
+    """Its mean backpropagates 0 (Megatron's divides 0 by 0) and the reported mean of
+    micro-batch means leaves it out (fine-tuning samples cut before the assistant speaks)."""
+    weight, store = torch.ones(3, requires_grad=True), []
+    loss, count = microbatch_loss(((weight * 0).sum(), torch.tensor(0), {"lm loss": None}), 2,
+                                  store, calculate_per_token_loss=False)
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(weight.grad, torch.zeros(3)) and count == 0
+    reported = [torch.tensor([6.0, 2.0]), torch.tensor([0.0, 0.0]), torch.tensor([3.0, 3.0])]
+    assert _sum_and_count(reported, per_token=False).tolist() == [4.0, 2.0]  # (3 + 1) / 2
+    assert _sum_and_count(reported, per_token=True).tolist() == [9.0, 5.0]
