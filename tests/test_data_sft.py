@@ -60,6 +60,16 @@ def test_prompt_formats_write_their_templates(name, text, trained):
     assert (ids, mask) == _expected(text, trained)
 
 
+def test_a_prompt_ends_with_the_assistants_header():
+    for name, text in (("chatml", "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU"
+                                  "<|im_end|>\n<|im_start|>assistant\n"),
+                       ("nemotron-h-aligned", "<SPECIAL_10>System\nS\n<SPECIAL_11>User\nU\n"
+                                              "<SPECIAL_11>Assistant\n")):
+        ids = get_prompt_format(name).prompt([{"role": "system", "content": "S"},
+                                              {"role": "user", "content": "U"}], BYTES)
+        assert BYTES.detokenize(ids) == text
+
+
 def test_the_eod_is_trained_only_after_the_assistant():
     ids, mask = get_prompt_format("chatml").encode(CHAT[:2], BYTES)
     assert ids[-1] == EOD and not any(mask)

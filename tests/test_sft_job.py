@@ -2,7 +2,9 @@
 last iteration, reports the saved model's validation loss over the whole validation file as
 one process computes it from the samples (positions, masks and loss masks of
 `mp.data.sft_dataset`), micro-batch by micro-batch; micro-batches whose samples are cut
-before the assistant speaks keep no token and are left out of the mean, not NaN."""
+before the assistant speaks keep no token and are left out of the mean, not NaN. Then
+``tools/generate.py --chat`` answers from the saved model as greedy decoding written out
+does, from the chatml template written out."""
 
 import contextlib
 import io
@@ -11,6 +13,7 @@ import re
 import pytest
 import torch
 from harness import run_distributed
+from jobs import generated
 from test_checkpoint_flags import _variant
 from test_config import TINY
 
@@ -65,10 +68,20 @@ def _job(cfg) -> str:
     return out.getvalue()
 
 
-def _direct_loss(cfg, files, dp: int) -> tuple[float, int]:
-    """One process: the mean over the validation epoch's micro-batches (the groups of ``MBS x
-    dp`` samples a full validation reads) of each one's mean loss over its kept tokens, with
-    the saved model; and how many micro-batches kept no token."""
+_RUNS: dict[int, tuple] = {}
+
+
+def _trained(files, tmp_path_factory, tp: int):
+    """The job at TP ``tp`` x DP ``2 / tp`` (run once per module): its config and what rank 0
+    printed."""
+    if tp not in _RUNS:
+        cfg = _config(files, tmp_path_factory.mktemp(f"tp{tp}"), tp)
+        _RUNS[tp] = cfg, run_distributed(2, _job, cfg)[0]
+    return _RUNS[tp]
+
+
+def _saved_model(cfg):
+    """The model ``cfg``'s job saved, in this one process, in eval mode."""
     ps.initialize_model_parallel(1)
     tp = cfg.model.tensor_model_parallel_size  # the same vocabulary padding at TP 1
     serial = _variant(cfg, model={"tensor_model_parallel_size": 1,
@@ -76,7 +89,14 @@ def _direct_loss(cfg, files, dp: int) -> tuple[float, int]:
                       training={"load": cfg.training.save, "save": None})
     model, optimizer, scheduler = setup_model_and_optimizer(serial)
     checkpoint_job.resume(checkpoint_job.start_point(serial), model, optimizer, scheduler)
-    model[0].eval()
+    return model[0].eval()
+
+
+def _direct_loss(cfg, files, dp: int) -> tuple[float, int]:
+    """One process: the mean over the validation epoch's micro-batches (the groups of ``MBS x
+    dp`` samples a full validation reads) of each one's mean loss over its kept tokens, with
+    the saved model; and how many micro-batches kept no token."""
+    model = _saved_model(cfg)
     valid = build_sft_datasets(None, None, SEQ, SEED, 0, None, 0,
                                per_split_data_path=[[files[0]], [files[1]], None],
                                tokenizer=ByteLevelTokenizer(),
@@ -86,8 +106,8 @@ def _direct_loss(cfg, files, dp: int) -> tuple[float, int]:
         batch = {k: torch.stack([valid[i][k] for i in range(start, start + MBS)])
                  for k in valid[0]}
         with torch.no_grad():
-            loss = model[0](batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                            labels=batch["labels"]).double()
+            loss = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                         labels=batch["labels"]).double()
         kept = batch["loss_mask"].double()
         if kept.sum() == 0:
             empty += 1
@@ -97,9 +117,8 @@ def _direct_loss(cfg, files, dp: int) -> tuple[float, int]:
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["DP2", "TP2"])
-def test_the_job_reports_the_loss_on_the_assistants_words(files, tmp_path, tp):
-    cfg = _config(files, tmp_path, tp)
-    out = run_distributed(2, _job, cfg)[0]
+def test_the_job_reports_the_loss_on_the_assistants_words(files, tmp_path_factory, tp):
+    cfg, out = _trained(files, tmp_path_factory, tp)
     losses = [float(x) for x in re.findall(r"^iteration \d/3 .*\| lm loss (\S+) \|", out,
                                            re.MULTILINE)]
     assert len(losses) == 3 and all(0 < x < 10 for x in losses), out
@@ -108,3 +127,25 @@ def test_the_job_reports_the_loss_on_the_assistants_words(files, tmp_path, tp):
     want, empty = run_distributed(1, _direct_loss, cfg, files, 2 // tp)[0]
     assert empty > 0  # the mean leaves those out
     assert float(reported.group(1)) == pytest.approx(want, rel=2e-5)
+
+
+def _greedy(cfg, prompt: list[int], count: int) -> list[int]:
+    """``count`` tokens of greedy decoding from ``prompt``, the whole sequence run each step
+    (no cache), stopping after the end-of-document id."""
+    model, ids = _saved_model(cfg), list(prompt)
+    with torch.no_grad():
+        for _ in range(count):
+            ids.append(int(model(torch.tensor([ids]))[0, -1, :257].argmax()))
+            if ids[-1] == ByteLevelTokenizer.EOD_ID:
+                break
+    return ids[len(prompt):]
+
+
+def test_chat_answers_in_the_jobs_prompt_format(files, tmp_path_factory, capsys):
+    cfg, _ = _trained(files, tmp_path_factory, 1)
+    template = "<|im_start|>user\nbeta<|im_end|>\n<|im_start|>assistant\n"  # 54 bytes
+    want = run_distributed(1, _greedy, cfg, list(template.encode()), 10)[0]
+    printed = generated(["--load", cfg.training.save, "--chat", "--prompt", "beta",
+                         "--greedy", "--max-new-tokens", "10"], capsys)
+    answer = ByteLevelTokenizer().detokenize([t for t in want if t != ByteLevelTokenizer.EOD_ID])
+    assert printed == f"beta\n{'-' * 40}\n{answer}\n\n"

@@ -132,6 +132,7 @@ def test_nan_loss_stops_the_run_naming_iteration_and_rank():
     messages = run_distributed(2, _nan_at, 1, 3)
     assert "iteration 3: the data-parallel mean lm loss is nan on rank 1" in messages[1]
     assert "this rank's own lm loss is nan" in messages[1]
+    assert "nan is also the mean over no tokens, when no loss mask" in messages[1]
     assert "another data-parallel rank produced it" in messages[0]
     assert "no checkpoint was saved" in messages[0]  # save_interval unset: only a final save
 

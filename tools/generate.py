@@ -3,13 +3,18 @@
     python tools/generate.py --load ckpt --prompt "def main(" --max-new-tokens 64 --greedy
     torchrun --nproc-per-node 2 tools/generate.py --load ckpt --prompt "import " \\
         --prompt "class " --temperature 0.8 --top-k 40 --top-p 0.95 --seed 7
+    python tools/generate.py --load sft-ckpt --chat --prompt 'Write `dedent` of `textwrap`: ...'
 
 The model's shape comes from the checkpoint, and so does the tokenizer when the checkpoint
 holds its job's config (`mp.generation_setup`). The tensor-parallel size is the world size
 (one process: TP 1); it must divide the checkpoint's padded vocabulary, whose padding rows
 are never drawn. A prompt and its new tokens must fit in ``max_position_embeddings``. Each prompt is
 continued until ``--max-new-tokens`` or the end-of-document token; rank 0 prints the prompt
-and its continuation, separated by a line of dashes.
+and its continuation, separated by a line of dashes. With ``--chat`` (a model fine-tuned with
+``--sft``) each prompt is a user's message, after ``--system``'s when given, written in the
+prompt format of the checkpoint's job (``--sft-tokenizer-prompt-format`` to choose another,
+`mp.data.prompt_formats`) and followed by the assistant's header: the continuation is the
+assistant's answer.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import torch.distributed as dist
 from mp import parallel_state
 from mp.checkpointing import read_checkpoint_info
 from mp.config import resolve_world_size
+from mp.config.sections import DataConfig
+from mp.data.prompt_formats import PROMPT_FORMATS, get_prompt_format
 from mp.data.tokenizer import build_tokenizer
 from mp.device import get_device
 from mp.generation import SamplingParams, generate
@@ -49,7 +56,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="0: no limit")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0: no limit")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--chat", action="store_true", help="each prompt is a user's message and "
+                   "the model answers as the assistant (a model fine-tuned with --sft)")
+    p.add_argument("--system", help="--chat: a system message before each prompt")
+    p.add_argument("--sft-tokenizer-prompt-format", choices=tuple(PROMPT_FORMATS),
+                   help="--chat: the prompt format (default: the checkpoint job's)")
     return p.parse_args(argv)
+
+
+def prompt_ids(args: argparse.Namespace, tokenizer, job_config: dict | None) -> list[list[int]]:
+    """Each ``--prompt``'s token ids: the text's, or with ``--chat`` the conversation's
+    (module doc)."""
+    if not args.chat:
+        if args.system or args.sft_tokenizer_prompt_format:
+            raise ValueError("--system and --sft-tokenizer-prompt-format go with --chat")
+        return [tokenizer.tokenize(prompt) for prompt in args.prompt]
+    saved = (job_config or {}).get("data", {}).get("sft_tokenizer_prompt_format")
+    prompt_format = get_prompt_format(args.sft_tokenizer_prompt_format or saved
+                                      or DataConfig.sft_tokenizer_prompt_format)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return [prompt_format.prompt([*system, {"role": "user", "content": prompt}], tokenizer)
+            for prompt in args.prompt]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         info = read_checkpoint_info(args.load)
         tokenizer = build_tokenizer(**tokenizer_args(args, info.config))
         config = generation_config(info.model_config, resolve_world_size())
-        prompts = [tokenizer.tokenize(prompt) for prompt in args.prompt]
+        prompts = prompt_ids(args, tokenizer, info.config)
         for prompt, ids in zip(args.prompt, prompts):
             if len(ids) + args.max_new_tokens > config.max_position_embeddings:
                 raise ValueError(f"prompt {prompt!r} is {len(ids)} tokens; with "

@@ -56,13 +56,23 @@ class PromptFormat:
     def encode(self, messages: list[dict], tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
         """The ids of one conversation, ended by ``tokenizer.eod``, and whether each is
         trained (the eod is when the assistant spoke last)."""
+        ids, trained = self._tokenized(self.pieces(messages), tokenizer)
+        return ids + [tokenizer.eod], trained + [messages[-1]["role"] == "assistant"]
+
+    def prompt(self, messages: list[dict], tokenizer: Tokenizer) -> list[int]:
+        """The ids a model continues to answer as the assistant: ``messages`` (a conversation
+        so far) and the assistant's header."""
+        pieces = [*self.pieces(messages), (self.headers["assistant"], False)]
+        return self._tokenized([p for p in pieces if p[0]], tokenizer)[0]
+
+    @staticmethod
+    def _tokenized(pieces: list[tuple[str, bool]], tokenizer: Tokenizer
+                   ) -> tuple[list[int], list[bool]]:
         ids, trained = [], []
-        for text, train in self.pieces(messages):
+        for text, train in pieces:
             piece = tokenizer.tokenize_piece(text)
             ids += piece
             trained += [train] * len(piece)
-        ids.append(tokenizer.eod)
-        trained.append(messages[-1]["role"] == "assistant")
         return ids, trained
 
 

@@ -151,8 +151,8 @@ def _check_finite(out: StepOutput, state: TrainState) -> None:
                   "produced it")
     resume = (f"resume from the checkpoint of iteration {state.last_saved_iteration}"
               if state.last_saved_iteration is not None else "no checkpoint was saved")
-    hint = ("; a mean over no tokens is nan too: no loss mask of the iteration kept one "
-            "(fine-tuning samples cut before the assistant speaks need a longer "
+    hint = ("; nan is also the mean over no tokens, when no loss mask of the iteration keeps "
+            "one (fine-tuning samples cut before the assistant speaks need a longer "
             "model.seq_length)") if math.isnan(value) else ""
     raise NonFiniteLossError(
         f"iteration {state.iteration}: the data-parallel mean {key} is {value} on rank "
