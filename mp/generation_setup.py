@@ -1,11 +1,13 @@
 """What the generation tools share (`tools/generate.py`, `tools/run_text_generation_server.py`):
-their checkpoint and tokenizer flags, the saved model config made fit for generation at a
-tensor-parallel size, and the model loaded from the checkpoint.
+their checkpoint, tokenizer and prompt-format flags, the saved model config made fit for
+generation at a tensor-parallel size, and the model loaded from the checkpoint.
 
 The model's shape comes from the checkpoint, and so does the tokenizer when the checkpoint
 holds its job's config (a pretraining checkpoint does; a converted one needs
 ``--tokenizer-type`` and its files). The tensor-parallel size is the world size; it must
-divide the checkpoint's padded vocabulary.
+divide the checkpoint's padded vocabulary. Conversations (a model fine-tuned with ``--sft``) are
+written in the prompt format of the checkpoint's job unless ``--sft-tokenizer-prompt-format``
+names another (`mp.data.prompt_formats`; Megatron's default for a checkpoint without one).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import argparse
 
 from mp.checkpointing import load_checkpoint
+from mp.config.sections import DataConfig
+from mp.data.prompt_formats import PROMPT_FORMATS, PromptFormat, get_prompt_format
 from mp.data.tokenizer import TOKENIZER_TYPES
 from mp.model import GPTModel, TransformerConfig
 from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
@@ -38,6 +42,16 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge-file")
     parser.add_argument("--tokenizer-model")
     parser.add_argument("--vocab-size", type=int, help="NullTokenizer: ids below it")
+    parser.add_argument("--sft-tokenizer-prompt-format", choices=tuple(PROMPT_FORMATS),
+                        help="how conversations are written (default: the checkpoint job's)")
+
+
+def prompt_format(args: argparse.Namespace, job_config: dict | None) -> PromptFormat:
+    """The prompt format for conversations: the command line's, else the checkpoint job's,
+    else Megatron's default."""
+    saved = (job_config or {}).get("data", {}).get("sft_tokenizer_prompt_format")
+    return get_prompt_format(args.sft_tokenizer_prompt_format or saved
+                             or DataConfig.sft_tokenizer_prompt_format)
 
 
 def tokenizer_args(args: argparse.Namespace, job_config: dict | None) -> dict:

@@ -7,6 +7,9 @@ Request (Megatron's names; only ``prompts`` is required)::
     {"prompts": ["def main(", "import "], "tokens_to_generate": 64, "temperature": 1.0,
      "top_k": 0, "top_p": 0.0, "random_seed": 1234, "logprobs": false}
 
+A prompt may also be a conversation, a list of ``{"role", "content"}`` messages (a model
+fine-tuned with ``--sft``): it is written in the server's prompt format and followed by the
+assistant's header (`mp.data.prompt_formats`), so the continuation is the assistant's answer.
 ``top_k`` 1 is greedy decoding; ``top_k`` 0 and ``top_p`` 0 (Megatron's "off" for both) keep
 every token; Megatron refuses ``top_k`` and ``top_p`` together, and so does this. The answer
 is ``{"text": [prompt and continuation, ...]}`` (the tokens of both, detokenized together),
@@ -37,6 +40,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import torch
 import torch.distributed as dist
 
+from mp.data.conversations import check_messages
+from mp.data.prompt_formats import PromptFormat
 from mp.device import get_device
 from mp.generation import SamplingParams, generate, token_logprobs
 from mp.model import GPTModel
@@ -58,7 +63,7 @@ class GenerationRequest:
     """A checked request: each prompt's token ids, how many tokens to add, how to choose them,
     the sampling seed, and whether to score the tokens."""
 
-    prompts: list[str]
+    prompts: list[str | list[dict]]
     tokens: list[list[int]]
     tokens_to_generate: int
     params: SamplingParams
@@ -66,9 +71,11 @@ class GenerationRequest:
     logprobs: bool
 
 
-def parse_request(body: dict, tokenizer, max_positions: int) -> GenerationRequest:
+def parse_request(body: dict, tokenizer, max_positions: int,
+                  prompt_format: PromptFormat | None = None) -> GenerationRequest:
     """``body`` (the request's JSON) as a `GenerationRequest`, or a ValueError naming the
-    field, its value and the rule (module doc)."""
+    field, its value and the rule (module doc); conversations are written in
+    ``prompt_format`` (None: refused)."""
     if not isinstance(body, dict):
         raise ValueError(f"the request must be a JSON object, not {type(body).__name__}")
     for field in body:
@@ -78,8 +85,9 @@ def parse_request(body: dict, tokenizer, max_positions: int) -> GenerationReques
             raise ValueError(f"unknown field {field!r}; the fields are {', '.join(_FIELDS)}")
     prompts = body.get("prompts")
     if not (isinstance(prompts, list) and prompts
-            and all(isinstance(p, str) and p for p in prompts)):
-        raise ValueError(f"prompts={prompts!r} must be a non-empty list of non-empty strings")
+            and all(isinstance(p, str | list) and p for p in prompts)):
+        raise ValueError(f"prompts={prompts!r} must be a non-empty list of non-empty strings "
+                         "or conversations (lists of messages)")
     count = _number(body, "tokens_to_generate", int, 64)
     top_k = _number(body, "top_k", int, 0)
     top_p = _number(body, "top_p", float, 0.0)
@@ -95,7 +103,9 @@ def parse_request(body: dict, tokenizer, max_positions: int) -> GenerationReques
         raise ValueError(f"top_k={top_k} and top_p={top_p}: set one of them (Megatron's rule)")
     params = SamplingParams(greedy=top_k == 1, temperature=temperature, top_k=top_k,
                             top_p=top_p if top_p > 0 else 1.0)
-    tokens = [tokenizer.tokenize(prompt) for prompt in prompts]
+    tokens = [tokenizer.tokenize(prompt) if isinstance(prompt, str)
+              else _conversation(prompt, i, tokenizer, prompt_format)
+              for i, prompt in enumerate(prompts)]
     for prompt, ids in zip(prompts, tokens):
         if not ids or len(ids) + count > max_positions:
             raise ValueError(f"prompt {prompt!r} is {len(ids)} tokens; with "
@@ -105,6 +115,16 @@ def parse_request(body: dict, tokenizer, max_positions: int) -> GenerationReques
             raise ValueError(f"prompt {prompt!r} is {len(ids)} token: logprobs scores each "
                              "token given those before it, so it needs two at least")
     return GenerationRequest(prompts, tokens, count, params, seed, logprobs)
+
+
+def _conversation(messages: list, index: int, tokenizer,
+                  prompt_format: PromptFormat | None) -> list[int]:
+    """The ids of conversation ``messages`` (prompt ``index``) with the assistant's header."""
+    if prompt_format is None:
+        raise ValueError(f"prompt {index} is a conversation, and this server has no prompt "
+                         "format to write it in")
+    check_messages({"messages": messages}, f"prompt {index}")
+    return prompt_format.prompt(messages, tokenizer)
 
 
 def _number(body: dict, field: str, kind: type, default):
@@ -148,11 +168,12 @@ def _broadcast(command: tuple) -> tuple:
 
 
 def serve(model: GPTModel, tokenizer, host: str, port: int, *, heartbeat_s: float = 60.0,
-          stop: threading.Event | None = None,
-          on_listening=None) -> None:
+          stop: threading.Event | None = None, on_listening=None,
+          prompt_format: PromptFormat | None = None) -> None:
     """Answer ``PUT /api`` on rank 0 at ``host:port`` (``port`` 0: any free one) until
     ``stop`` is set; the other ranks follow rank 0's commands. ``on_listening(port)`` is
-    called on rank 0 once the socket listens."""
+    called on rank 0 once the socket listens; conversations are written in
+    ``prompt_format``."""
     if dist.get_rank() != 0:
         while (command := _broadcast(None))[0] != "stop":
             if command[0] == "generate":
@@ -167,7 +188,7 @@ def serve(model: GPTModel, tokenizer, host: str, port: int, *, heartbeat_s: floa
                 return self._reply(HTTPStatus.NOT_FOUND, {"error": f"no {self.path}; PUT /api"})
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                request = parse_request(body, tokenizer, max_positions)
+                request = parse_request(body, tokenizer, max_positions, prompt_format)
             except ValueError as error:  # json's errors are ValueErrors too
                 return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(error)})
             _broadcast(("generate", request))

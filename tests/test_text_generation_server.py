@@ -1,7 +1,8 @@
 """The text-generation server (`mp.text_generation_server`, Megatron's ``PUT /api``) at TP 2:
 greedy answers against transformers' ``generate`` on the same GPT-2 weights, sampled answers
 reproducible by their seed, bad requests answered 400 with the rule and no rank involved (the
-server goes on), idle time bridged by heartbeats, and the command line's refusals."""
+server goes on), idle time bridged by heartbeats, and the command line's refusals;
+conversation prompts written in the prompt format."""
 
 import json
 import threading
@@ -19,9 +20,10 @@ from test_generation import gpt2_checkpoint
 
 from mp import parallel_state as ps
 from mp.checkpointing import read_checkpoint_info
-from mp.data.tokenizer import NullTokenizer
+from mp.data.prompt_formats import get_prompt_format
+from mp.data.tokenizer import ByteLevelTokenizer, NullTokenizer
 from mp.generation_setup import generation_config, load_for_generation
-from mp.text_generation_server import serve
+from mp.text_generation_server import parse_request, serve
 
 EOD = VOCAB - 1  # NullTokenizer(VOCAB - 1): ids 0 .. VOCAB - 2 and the eod id VOCAB - 1
 SERVER = Path(__file__).resolve().parents[1] / "tools" / "run_text_generation_server.py"
@@ -143,3 +145,20 @@ def test_the_command_line_refuses_a_checkpoint_without_a_tokenizer(converted):
     _, path = converted
     with pytest.raises(SystemExit, match="holds no job config to take the tokenizer from"):
         script(SERVER).main(["--load", path])  # before any process group: here
+
+
+def test_a_conversation_prompt_is_written_in_the_prompt_format():
+    """A conversation becomes the chatml template written out, with the assistant's header;
+    a bad one, or one sent to a server without a prompt format, is refused by name."""
+    tok, chatml = ByteLevelTokenizer(), get_prompt_format("chatml")
+    conversation = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}]
+    request = parse_request({"prompts": [conversation, "text"]}, tok, 512, chatml)
+    assert request.tokens == [list(b"<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi"
+                                   b"<|im_end|>\n<|im_start|>assistant\n"), list(b"text")]
+    with pytest.raises(ValueError, match="prompt 1 is a conversation, and this server has no "
+                                         "prompt format"):
+        parse_request({"prompts": ["text", conversation]}, tok, 512)
+    with pytest.raises(ValueError, match="prompt 0: message 1 is an assistant message that "
+                                         "does not follow a user message"):
+        parse_request({"prompts": [[conversation[0], {"role": "assistant", "content": "x"}]]},
+                      tok, 512, chatml)

@@ -31,8 +31,6 @@ import torch.distributed as dist
 from mp import parallel_state
 from mp.checkpointing import read_checkpoint_info
 from mp.config import resolve_world_size
-from mp.config.sections import DataConfig
-from mp.data.prompt_formats import PROMPT_FORMATS, get_prompt_format
 from mp.data.tokenizer import build_tokenizer
 from mp.device import get_device
 from mp.generation import SamplingParams, generate
@@ -40,6 +38,7 @@ from mp.generation_setup import (
     add_checkpoint_arguments,
     generation_config,
     load_for_generation,
+    prompt_format,
     tokenizer_args,
 )
 from mp.initialize import initialize_distributed
@@ -59,8 +58,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="each prompt is a user's message and "
                    "the model answers as the assistant (a model fine-tuned with --sft)")
     p.add_argument("--system", help="--chat: a system message before each prompt")
-    p.add_argument("--sft-tokenizer-prompt-format", choices=tuple(PROMPT_FORMATS),
-                   help="--chat: the prompt format (default: the checkpoint job's)")
     return p.parse_args(argv)
 
 
@@ -71,11 +68,9 @@ def prompt_ids(args: argparse.Namespace, tokenizer, job_config: dict | None) -> 
         if args.system or args.sft_tokenizer_prompt_format:
             raise ValueError("--system and --sft-tokenizer-prompt-format go with --chat")
         return [tokenizer.tokenize(prompt) for prompt in args.prompt]
-    saved = (job_config or {}).get("data", {}).get("sft_tokenizer_prompt_format")
-    prompt_format = get_prompt_format(args.sft_tokenizer_prompt_format or saved
-                                      or DataConfig.sft_tokenizer_prompt_format)
+    chat = prompt_format(args, job_config)
     system = [{"role": "system", "content": args.system}] if args.system else []
-    return [prompt_format.prompt([*system, {"role": "user", "content": prompt}], tokenizer)
+    return [chat.prompt([*system, {"role": "user", "content": prompt}], tokenizer)
             for prompt in args.prompt]
 
 

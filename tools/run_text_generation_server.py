@@ -5,9 +5,9 @@ Megatron-LM's ``tools/run_text_generation_server.py`` API, at any tensor-paralle
     curl -X PUT localhost:5000/api -H 'Content-Type: application/json' \\
         -d '{"prompts": ["def main("], "tokens_to_generate": 32, "top_k": 1}'
 
-The model and tokenizer come from the checkpoint as for ``tools/generate.py``
-(`mp.generation_setup`); the tensor-parallel size is the world size. Rank 0 listens on
-``--host:--port``; the server runs until interrupted.
+The model, tokenizer and the prompt format of conversation prompts come from the checkpoint as
+for ``tools/generate.py`` (`mp.generation_setup`); the tensor-parallel size is the world size.
+Rank 0 listens on ``--host:--port``; the server runs until interrupted.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from mp.generation_setup import (
     add_checkpoint_arguments,
     generation_config,
     load_for_generation,
+    prompt_format,
     tokenizer_args,
 )
 from mp.initialize import initialize_distributed
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     try:  # every check before any process talks
         info = read_checkpoint_info(args.load)
         tokenizer = build_tokenizer(**tokenizer_args(args, info.config))
+        chat = prompt_format(args, info.config)
         config = generation_config(info.model_config, resolve_world_size())
     except (ValueError, OSError) as error:
         raise SystemExit(f"run_text_generation_server.py: error: {error}") from error
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         model = load_for_generation(info.path, config)
         serve(model, tokenizer, args.host, args.port, heartbeat_s=args.heartbeat_seconds,
               on_listening=lambda port: print(f"serving PUT http://{args.host}:{port}/api",
-                                              flush=True))
+                                              flush=True), prompt_format=chat)
     except KeyboardInterrupt:
         pass
     finally:
