@@ -16,7 +16,7 @@ from mp.data.conversations import ConversationFile, split_conversations
 from mp.data.dataset_builder import build_sft_datasets
 from mp.data.prompt_formats import get_prompt_format
 from mp.data.sft_dataset import SFTDataset
-from mp.data.tokenizer import ByteLevelTokenizer, HuggingFaceTokenizer
+from mp.data.tokenizer import ByteLevelTokenizer, HuggingFaceTokenizer, build_tokenizer
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                     "gpt-tiny.yaml")
@@ -87,7 +87,9 @@ def test_special_tokens_and_no_bos_between_pieces(tmp_path):
     backend.post_processor = processors.TemplateProcessing(single="<s> $A",
                                                            special_tokens=[("<s>", 1)])
     backend.save(str(tmp_path / "tokenizer.json"))
-    tok = HuggingFaceTokenizer(str(tmp_path / "tokenizer.json"), eod_token="</s>")
+    tok = build_tokenizer("SFTTokenizer", tokenizer_model=str(tmp_path / "tokenizer.json"),
+                          eod_token="</s>")  # Megatron's name for a Hugging Face one
+    assert isinstance(tok, HuggingFaceTokenizer)
     start, end = backend.token_to_id("<|im_start|>"), backend.token_to_id("<|im_end|>")
     assert tok.tokenize("hi") == [1, 5] and tok.tokenize_piece("hi") == [5]
     ids, mask = get_prompt_format("chatml").encode(

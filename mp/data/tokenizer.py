@@ -13,6 +13,9 @@ merging itself is done by the maintained libraries (``tokenizers``, ``sentencepi
 - ``HuggingFaceTokenizer`` (``tokenizer_model``, optional ``eod_token``): a ``tokenizer.json``
   or a directory holding one; the special tokens of its post-processor (e.g. BOS) are added, as
   ``AutoTokenizer(text)`` does.
+- ``SFTTokenizer`` (Megatron's for ``--sft``: ``tokenizer_model``, optional ``eod_token``):
+  ``HuggingFaceTokenizer``; the prompt format it applies in Megatron is
+  ``--sft-tokenizer-prompt-format`` here (`mp.data.prompt_formats`).
 - ``GPTSentencePieceTokenizer`` (``tokenizer_model``): a SentencePiece ``.model``; eod is its
   eos (``</s>``) id.
 - ``Llama2Tokenizer`` (``tokenizer_model``): the same with the model's bos id (``<s>``) before
@@ -285,6 +288,7 @@ def _read(role: str, path, load):
 TOKENIZER_TYPES = (
     "GPT2BPETokenizer",
     "HuggingFaceTokenizer",
+    "SFTTokenizer",
     "GPTSentencePieceTokenizer",
     "Llama2Tokenizer",
     "ByteLevelTokenizer",
@@ -316,6 +320,7 @@ def build_tokenizer(
     takes = {
         "GPT2BPETokenizer": ("vocab_file", "merge_file"),
         "HuggingFaceTokenizer": ("tokenizer_model", "eod_token"),
+        "SFTTokenizer": ("tokenizer_model", "eod_token"),
         "GPTSentencePieceTokenizer": ("tokenizer_model",),
         "Llama2Tokenizer": ("tokenizer_model",),
         "ByteLevelTokenizer": (),
@@ -343,7 +348,7 @@ def build_tokenizer(
                          f"(Megatron's {flags})")
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(vocab_file, merge_file)
-    if tokenizer_type == "HuggingFaceTokenizer":
+    if tokenizer_type in ("HuggingFaceTokenizer", "SFTTokenizer"):
         return HuggingFaceTokenizer(tokenizer_model, eod_token)
     if tokenizer_type == "GPTSentencePieceTokenizer":
         return GPTSentencePieceTokenizer(tokenizer_model)
