@@ -373,7 +373,8 @@ COMMAND_LINE_ERRORS = [
      "prefixes only, or weight and prefix pairs such as ['0.3', 'a', '0.7', 'b']")),
     (["--tokenizer-type", "Bytes", "--model.vocab_size", "300"], 4,
      ("data.tokenizer_type='Bytes' must be one of 'GPT2BPETokenizer', 'HuggingFaceTokenizer', "
-     "'GPTSentencePieceTokenizer', 'Llama2Tokenizer', 'ByteLevelTokenizer', 'NullTokenizer'")),
+     "'GPTSentencePieceTokenizer', 'Llama2Tokenizer', 'ByteLevelTokenizer', 'NullTokenizer', "
+     "'SFTTokenizer'")),
     (["--tokenizer-type", "GPT2BPETokenizer"], 4,
      ("model.vocab_size is not set, so it is read from the tokenizer (GPT2BPETokenizer), which "
      "could not be built: tokenizer_type='GPT2BPETokenizer' needs vocab_file and merge_file "

@@ -288,11 +288,11 @@ def _read(role: str, path, load):
 TOKENIZER_TYPES = (
     "GPT2BPETokenizer",
     "HuggingFaceTokenizer",
-    "SFTTokenizer",
     "GPTSentencePieceTokenizer",
     "Llama2Tokenizer",
     "ByteLevelTokenizer",
     "NullTokenizer",
+    "SFTTokenizer",
 )
 
 
