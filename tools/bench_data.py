@@ -11,7 +11,11 @@ Prints one table row per measurement:
 - building the document / sample / shuffle indices for millions of samples of ``seq_length``
   over synthetic document lengths;
 - reading random samples of ``seq_length`` through the mmap: a raw ``IndexedDataset.get``, a full
-  ``GPTDataset`` item, and a DataLoader of micro-batches of 8.
+  ``GPTDataset`` item, the same with its documents kept apart (``--reset-position-ids
+  --reset-attention-mask``: positions and the ``[1, s, s]`` mask), and a DataLoader of
+  micro-batches of 8;
+- supervised fine-tuning samples (``--sft``): random `SFTDataset` items of ``seq_length`` from
+  the embedded conversations in the chatml format (read, tokenized, packed and masked).
 """
 
 from __future__ import annotations
@@ -27,10 +31,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
+from mp.data.conversation_corpus import prepare_default_conversations
+from mp.data.conversations import ConversationFile
 from mp.data.corpus import stdlib_source_files, tokenize_corpus
+from mp.data.document_masks import DocumentMasked
 from mp.data.gpt_dataset import GPTDataset, build_indices
 from mp.data.indexed_dataset import IndexedDataset
+from mp.data.prompt_formats import get_prompt_format
 from mp.data.samplers import build_pretraining_data_loader
+from mp.data.sft_dataset import SFTDataset
 from mp.data.tokenizer import ByteLevelTokenizer, GPT2BPETokenizer
 
 
@@ -118,16 +127,12 @@ def bench_reads(prefix: str, seq_length: int, reads: int, cache: str) -> None:
 
     gpt = GPTDataset(ds, np.arange(len(ds)), 10 * reads, seq_length, 1, path_to_cache=cache)
     picks = rng.integers(0, len(gpt), reads)
-    start = time.perf_counter()
-    for i in picks:
-        gpt[int(i)]
-    seconds = time.perf_counter() - start
-    row(
-        f"GPTDataset item, seq_length {seq_length}, random",
-        f"{reads:,} samples of {len(gpt):,}",
-        seconds,
-        f"{reads / seconds:,.0f} samples/s ({1e6 * seconds / reads:.1f} us)",
-    )
+    _time_items(gpt, picks, f"GPTDataset item, seq_length {seq_length}, random",
+                f"of {len(gpt):,}")
+
+    masked = DocumentMasked(gpt, ByteLevelTokenizer().eod, True, True)
+    _time_items(masked, picks[:reads // 10], f"GPTDataset item with document masks, seq_length "
+                f"{seq_length}, random", f"of {len(gpt):,}")
 
     loader = build_pretraining_data_loader(gpt, 0, 8, 0, 1)
     batches = min(len(loader), reads // 8)
@@ -141,6 +146,24 @@ def bench_reads(prefix: str, seq_length: int, reads: int, cache: str) -> None:
         seconds,
         f"{8 * batches / seconds:,.0f} samples/s",
     )
+
+
+def bench_sft(seq_length: int, reads: int, out: str) -> None:
+    conversations = ConversationFile(prepare_default_conversations(out))
+    dataset = SFTDataset(conversations, np.arange(len(conversations)), 10 * reads, seq_length,
+                         ByteLevelTokenizer(), get_prompt_format("chatml"), 1)
+    picks = np.random.default_rng(1).integers(0, len(dataset), reads)
+    _time_items(dataset, picks, f"SFTDataset item (chatml), seq_length {seq_length}, random",
+                f"of {len(conversations):,} conversations")
+
+
+def _time_items(dataset, picks: np.ndarray, what: str, of: str) -> None:
+    start = time.perf_counter()
+    for i in picks:
+        dataset[int(i)]
+    seconds = time.perf_counter() - start
+    row(what, f"{len(picks):,} samples {of}", seconds,
+        f"{len(picks) / seconds:,.0f} samples/s ({1e6 * seconds / len(picks):.1f} us)")
 
 
 def main(argv=None) -> None:
@@ -161,6 +184,7 @@ def main(argv=None) -> None:
             bench_preprocess(files, train_bpe(files, out), "BPE-8192", args.workers, out)
         bench_index_build(args.seq_length, args.index_samples, args.index_documents)
         bench_reads(prefix, args.seq_length, args.reads, os.path.join(out, "cache"))
+        bench_sft(args.seq_length, args.reads // 10, out)
 
 
 if __name__ == "__main__":

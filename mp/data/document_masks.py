@@ -13,6 +13,8 @@ where it starts; learned position embeddings read the reset positions.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.data import Dataset
 
@@ -31,12 +33,23 @@ def segment_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, to
     """For ``segments [s]``, non-decreasing segment ids (a document's, a conversation's):
     each token's position in its segment ``[s]``, and the mask ``[1, s, s]`` that is True where
     query ``i`` must not see key ``j`` (``j > i``, or another segment)."""
-    index = torch.arange(segments.size(0))
+    s = segments.size(0)
+    index = torch.arange(s)
     starts = torch.ones_like(segments, dtype=torch.bool)
     starts[1:] = segments[1:] != segments[:-1]
     positions = index - torch.where(starts, index, 0).cummax(0).values
-    mask = (index[None, :] > index[:, None]) | (segments[None, :] != segments[:, None])
-    return positions, mask[None]
+    mask = torch.ones(1, s, s, dtype=torch.bool)
+    bounds = [*starts.nonzero().flatten().tolist(), s]
+    causal = _future_keys(s)
+    for begin, end in zip(bounds, bounds[1:]):  # each segment's causal block on the diagonal
+        mask[0, begin:end, begin:end] = causal[:end - begin, :end - begin]
+    return positions, mask
+
+
+@functools.lru_cache(maxsize=4)
+def _future_keys(s: int) -> torch.Tensor:
+    """``[s, s]``, True where key ``j`` comes after query ``i`` (read only, shared)."""
+    return torch.ones(s, s, dtype=torch.bool).triu_(1)
 
 
 class DocumentMasked(Dataset):
