@@ -8,12 +8,14 @@ import pytest
 import torch
 from checks import assert_rel_close
 from harness import run_distributed
+from torch.utils.data import default_collate
 
 from mp import parallel_state as ps
-from mp.data.document_masks import DocumentMasked, document_positions_and_mask
+from mp.data.document_masks import DocumentMasked, document_positions_and_mask, segment_mask
 from mp.estimate import SavedTensorMeter
 from mp.model import GPTModel, TransformerConfig
 from mp.model.context_parallel import get_batch_on_this_cp_rank
+from mp.training.gpt_step import get_batch
 
 EOD = 0
 
@@ -55,7 +57,15 @@ def test_the_wrapper_sets_only_what_it_is_asked():
     assert "attention_mask" not in only_positions
     only_mask = DocumentMasked([sample], EOD, False, True)[0]
     assert only_mask["position_ids"].tolist() == [0, 1, 2, 3]
-    assert only_mask["attention_mask"].shape == (1, 4, 4)
+    assert only_mask["segment_ids"].tolist() == [0, 0, 1, 1] and "attention_mask" not in only_mask
+    # the step makes the masks from the segments, batched (a sample of one document: causal)
+    one = DocumentMasked([{"tokens": torch.tensor([4, 6, 2, 3]), "position_ids": torch.arange(4)}],
+                         EOD, False, True)[0]
+    batch = get_batch(iter([default_collate([only_mask, one])]))
+    assert "segment_ids" not in batch and batch["attention_mask"].shape == (2, 1, 4, 4)
+    assert torch.equal(batch["attention_mask"][0], document_positions_and_mask(
+        sample["tokens"], EOD)[1])
+    assert torch.equal(batch["attention_mask"][1, 0], torch.ones(4, 4, dtype=torch.bool).triu(1))
 
 
 def _packed_against_alone(position_embedding_type: str, backend: str):
@@ -75,7 +85,8 @@ def _packed_against_alone(position_embedding_type: str, backend: str):
     labels = torch.roll(tokens, -1)
     item = DocumentMasked([{"tokens": tokens, "position_ids": torch.arange(24)}], EOD, True,
                           True)[0]
-    packed = model(tokens[None], item["position_ids"][None], item["attention_mask"][None],
+    batch = get_batch(iter([default_collate([item])]))  # as the training step reads it
+    packed = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
                    labels=labels[None])[0]
     alone = [model(doc[None], labels=doc_labels[None])[0] for doc, doc_labels in (
         (tokens[:10], labels[:10]), (tokens[10:], labels[10:]))]
@@ -105,8 +116,8 @@ def _saved_masks(backend: str, precision: str, cp_comm_type: str | None = None) 
     item = DocumentMasked([{"tokens": t, "position_ids": torch.arange(24)} for t in tokens],
                           EOD, False, True)
     batch = get_batch_on_this_cp_rank(
-        {"tokens": tokens, "attention_mask": torch.stack([item[i]["attention_mask"]
-                                                          for i in range(2)])},
+        {"tokens": tokens, "attention_mask": segment_mask(torch.stack([item[i]["segment_ids"]
+                                                                       for i in range(2)]))},
         ps.get_context_parallel_group())  # [2, 1, 24, 24] cut to the rank's query rows
     with SavedTensorMeter(exclude=model.parameters()) as meter:
         loss = model(batch["tokens"], attention_mask=batch["attention_mask"],

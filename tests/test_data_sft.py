@@ -14,6 +14,7 @@ from mp.config import ConfigError, load_config
 from mp.data.conversation_corpus import function_conversations, prepare_default_conversations
 from mp.data.conversations import ConversationFile, split_conversations
 from mp.data.dataset_builder import build_sft_datasets
+from mp.data.document_masks import segment_mask
 from mp.data.prompt_formats import get_prompt_format
 from mp.data.sft_dataset import SFTDataset
 from mp.data.tokenizer import ByteLevelTokenizer, HuggingFaceTokenizer, build_tokenizer
@@ -145,10 +146,10 @@ def test_a_sample_packs_its_lines_conversations_apart(tmp_path, seq_length):
     assert item["tokens"].tolist() == ids[:-1] and item["labels"].tolist() == ids[1:]
     assert item["loss_mask"].tolist() == [float(t) for t in trained[1:]]
     assert item["position_ids"].tolist() == positions
-    assert torch.equal(item["attention_mask"], mask[None])
+    assert torch.equal(segment_mask(item["segment_ids"]), mask[None])
     assert {k: v.dtype for k, v in item.items()} == {
         "tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
-        "position_ids": torch.int64, "attention_mask": torch.bool}
+        "position_ids": torch.int64, "segment_ids": torch.int64}
 
 
 def test_lines_are_shuffled_once_per_epoch(tmp_path):

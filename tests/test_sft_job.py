@@ -16,6 +16,7 @@ from harness import run_distributed
 from jobs import generated
 from test_checkpoint_flags import _variant
 from test_config import TINY
+from torch.utils.data import default_collate
 
 from mp import parallel_state as ps
 from mp.checkpointing import job as checkpoint_job
@@ -23,6 +24,7 @@ from mp.config import load_config
 from mp.data.dataset_builder import build_sft_datasets
 from mp.data.prompt_formats import get_prompt_format
 from mp.data.tokenizer import ByteLevelTokenizer
+from mp.training.gpt_step import get_batch
 from mp.training.pretrain import pretrain, setup_model_and_optimizer
 
 SEQ, MBS, SEED = 64, 2, 7
@@ -103,8 +105,8 @@ def _direct_loss(cfg, files, dp: int) -> tuple[float, int]:
                                prompt_format=get_prompt_format("chatml"))[1]
     means, empty = [], 0
     for start in range(0, len(valid) // (MBS * dp) * MBS * dp, MBS):
-        batch = {k: torch.stack([valid[i][k] for i in range(start, start + MBS)])
-                 for k in valid[0]}
+        batch = get_batch(iter([default_collate([valid[i]
+                                                 for i in range(start, start + MBS)])]))
         with torch.no_grad():
             loss = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
                          labels=batch["labels"]).double()

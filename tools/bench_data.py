@@ -12,10 +12,11 @@ Prints one table row per measurement:
   over synthetic document lengths;
 - reading random samples of ``seq_length`` through the mmap: a raw ``IndexedDataset.get``, a full
   ``GPTDataset`` item, the same with its documents kept apart (``--reset-position-ids
-  --reset-attention-mask``: positions and the ``[1, s, s]`` mask), and a DataLoader of
-  micro-batches of 8;
+  --reset-attention-mask``: positions and segment ids), and a DataLoader of micro-batches of 8;
 - supervised fine-tuning samples (``--sft``): random `SFTDataset` items of ``seq_length`` from
-  the embedded conversations in the chatml format (read, tokenized, packed and masked).
+  the embedded conversations in the chatml format (read, tokenized and packed);
+- the step's attention mask from a micro-batch of 8 such samples' segment ids
+  (`mp.data.document_masks.segment_mask`, on the CPU here).
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
+import torch
 
 from mp.data.conversation_corpus import prepare_default_conversations
 from mp.data.conversations import ConversationFile
 from mp.data.corpus import stdlib_source_files, tokenize_corpus
-from mp.data.document_masks import DocumentMasked
+from mp.data.document_masks import DocumentMasked, segment_mask
 from mp.data.gpt_dataset import GPTDataset, build_indices
 from mp.data.indexed_dataset import IndexedDataset
 from mp.data.prompt_formats import get_prompt_format
@@ -131,8 +133,8 @@ def bench_reads(prefix: str, seq_length: int, reads: int, cache: str) -> None:
                 f"of {len(gpt):,}")
 
     masked = DocumentMasked(gpt, ByteLevelTokenizer().eod, True, True)
-    _time_items(masked, picks[:reads // 10], f"GPTDataset item with document masks, seq_length "
-                f"{seq_length}, random", f"of {len(gpt):,}")
+    _time_items(masked, picks[:reads // 10], f"GPTDataset item with document segments, "
+                f"seq_length {seq_length}, random", f"of {len(gpt):,}")
 
     loader = build_pretraining_data_loader(gpt, 0, 8, 0, 1)
     batches = min(len(loader), reads // 8)
@@ -155,6 +157,13 @@ def bench_sft(seq_length: int, reads: int, out: str) -> None:
     picks = np.random.default_rng(1).integers(0, len(dataset), reads)
     _time_items(dataset, picks, f"SFTDataset item (chatml), seq_length {seq_length}, random",
                 f"of {len(conversations):,} conversations")
+    segments = torch.stack([dataset[int(i)]["segment_ids"] for i in picks[:8]])
+    start = time.perf_counter()
+    for _ in range(10):
+        segment_mask(segments)
+    seconds = (time.perf_counter() - start) / 10
+    row(f"segment_mask of 8 x {seq_length} segment ids", "1 micro-batch", seconds,
+        f"{8 / seconds:,.0f} samples/s")
 
 
 def _time_items(dataset, picks: np.ndarray, what: str, of: str) -> None:

@@ -9,14 +9,41 @@ Megatron. ``reset_position_ids`` restarts the positions at 0 after each end-of-d
 end-of-document token belongs to the document it ends). Rotary embeddings depend only on
 relative positions, so with ``reset_attention_mask`` a document's outputs do not depend on
 where it starts; learned position embeddings read the reset positions.
+
+A sample carries its tokens' segment ids ``[s]`` (each token's document, or conversation for
+`mp.data.sft_dataset`), not the ``[1, s, s]`` mask: the training step makes the mask from
+them on its own device (`segment_mask`, `mp.training.gpt_step.get_batch`), so that the data
+loader's workers neither build nor pass ``s^2`` bytes a sample (64 MiB at 8192 tokens).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.utils.data import Dataset
+
+
+def document_segments(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """For ``tokens [s]``: each token's document, counted from 0 ``[s]`` (int64); the
+    end-of-document token belongs to the document it ends."""
+    starts = torch.zeros_like(tokens, dtype=torch.int64)
+    starts[1:] = tokens[:-1] == eod
+    return torch.cumsum(starts, 0)
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """For ``segments [s]``, non-decreasing: each token's position in its segment ``[s]``."""
+    index = torch.arange(segments.size(0), device=segments.device)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[1:] = segments[1:] != segments[:-1]
+    return index - torch.where(starts, index, 0).cummax(0).values
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """For ``segments [..., s]``: the attention mask ``[..., 1, s, s]``, True where query ``i``
+    must not see key ``j`` (``j > i``, or another segment), on ``segments``' device."""
+    index = torch.arange(segments.size(-1), device=segments.device)
+    later = index[None, :] > index[:, None]
+    return (later | (segments[..., None, :] != segments[..., :, None])).unsqueeze(-3)
 
 
 def document_positions_and_mask(tokens: torch.Tensor,
@@ -24,37 +51,14 @@ def document_positions_and_mask(tokens: torch.Tensor,
     """For ``tokens [s]``: each token's position in its document ``[s]``, and the attention
     mask ``[1, s, s]`` (True where query ``i`` must not see key ``j``: ``j > i`` or another
     document)."""
-    starts = torch.ones_like(tokens, dtype=torch.bool)
-    starts[1:] = tokens[:-1] == eod
-    return segment_positions_and_mask(torch.cumsum(starts, 0))
-
-
-def segment_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For ``segments [s]``, non-decreasing segment ids (a document's, a conversation's):
-    each token's position in its segment ``[s]``, and the mask ``[1, s, s]`` that is True where
-    query ``i`` must not see key ``j`` (``j > i``, or another segment)."""
-    s = segments.size(0)
-    index = torch.arange(s)
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[1:] = segments[1:] != segments[:-1]
-    positions = index - torch.where(starts, index, 0).cummax(0).values
-    mask = torch.ones(1, s, s, dtype=torch.bool)
-    bounds = [*starts.nonzero().flatten().tolist(), s]
-    causal = _future_keys(s)
-    for begin, end in zip(bounds, bounds[1:]):  # each segment's causal block on the diagonal
-        mask[0, begin:end, begin:end] = causal[:end - begin, :end - begin]
-    return positions, mask
-
-
-@functools.lru_cache(maxsize=4)
-def _future_keys(s: int) -> torch.Tensor:
-    """``[s, s]``, True where key ``j`` comes after query ``i`` (read only, shared)."""
-    return torch.ones(s, s, dtype=torch.bool).triu_(1)
+    segments = document_segments(tokens, eod)
+    return segment_positions(segments), segment_mask(segments)
 
 
 class DocumentMasked(Dataset):
-    """``dataset``'s items with positions and/or an ``attention_mask [1, s, s]`` that keep
-    the documents of a sample apart (see the module doc)."""
+    """``dataset``'s items with positions that restart with each document
+    (``reset_position_ids``) and/or the ``segment_ids [s]`` the step makes the attention mask
+    from (``reset_attention_mask``; see the module doc)."""
 
     def __init__(self, dataset: Dataset, eod: int, reset_position_ids: bool,
                  reset_attention_mask: bool):
@@ -67,9 +71,9 @@ class DocumentMasked(Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         item = dict(self.dataset[idx])
-        positions, mask = document_positions_and_mask(item["tokens"], self.eod)
+        segments = document_segments(item["tokens"], self.eod)
         if self.reset_position_ids:
-            item["position_ids"] = positions
+            item["position_ids"] = segment_positions(segments)
         if self.reset_attention_mask:
-            item["attention_mask"] = mask
+            item["segment_ids"] = segments
         return item

@@ -14,11 +14,12 @@ up to it with the end-of-document id. Then, like a `GPTDataset` item, each tenso
 - ``loss_mask`` (float32): 1 where the label is trained (an assistant's words, module doc of
   `mp.data.prompt_formats`), 0 for context and padding;
 - ``position_ids`` (int64): positions restarting at 0 with each conversation;
-- ``attention_mask`` (bool ``[1, s, s]``): True where a token must not attend: later tokens
-  and other conversations (the padding is a segment of its own).
+- ``segment_ids`` (int64): each token's conversation (the padding is a segment of its own),
+  from which the training step makes the attention mask (`mp.data.document_masks`): a token
+  attends to earlier tokens of its own conversation only.
 
 So conversations packed together do not see each other, as Megatron's ``cu_seqlens`` make
-them; here the mask does it, on every attention backend (`mp.data.document_masks`).
+them; here the mask does it, on every attention backend.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mp.data.conversations import ConversationFile, split_conversations
-from mp.data.document_masks import segment_positions_and_mask
+from mp.data.document_masks import segment_positions
 from mp.data.prompt_formats import PromptFormat
 from mp.data.tokenizer import Tokenizer
 
@@ -70,7 +71,7 @@ class SFTDataset(Dataset):
         trained += [False] * padding
         segments += [segments[-1] + 1] * padding
         tokens = torch.tensor(ids[:length], dtype=torch.int64)
-        positions, mask = segment_positions_and_mask(torch.tensor(segments[:length - 1]))
+        segment_ids = torch.tensor(segments[:length - 1], dtype=torch.int64)
         return {"tokens": tokens[:-1], "labels": tokens[1:],
                 "loss_mask": torch.tensor(trained[1:length], dtype=torch.float32),
-                "position_ids": positions, "attention_mask": mask}
+                "position_ids": segment_positions(segment_ids), "segment_ids": segment_ids}

@@ -2,7 +2,8 @@
 
 A micro-batch is the data loader's dict of ``[b, s]`` tensors (`mp.data.gpt_dataset`):
 ``tokens``, ``labels`` (the tokens shifted by one), ``loss_mask`` and ``position_ids``, and
-``attention_mask [b, 1, s, s]`` when documents are kept apart (`mp.data.document_masks`). The
+``segment_ids`` when documents or conversations are kept apart, which `get_batch` turns into
+the ``attention_mask [b, 1, s, s]`` on the rank's device (`mp.data.document_masks`). The
 model returns the per-token loss ``[b, s]``; as in Megatron, `loss_func` returns its sum over
 the tokens the mask keeps and their count, and the schedule takes the micro-batch's mean from
 them, or keeps the sum for the per-token loss (`mp.pipeline_parallel.losses`).
@@ -24,14 +25,20 @@ import torch.distributed as dist
 from torch import nn
 
 from mp import parallel_state
+from mp.data.document_masks import segment_mask
 from mp.device import get_device
 from mp.model.context_parallel import get_batch_on_this_cp_rank
 
 
 def get_batch(data_iterator: Iterator[dict]) -> dict[str, torch.Tensor]:
-    """The next micro-batch, on this rank's device."""
+    """The next micro-batch, on this rank's device; its ``segment_ids`` made into the
+    ``attention_mask`` (module doc)."""
     device = get_device()
-    return {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
+    batch = {key: value.to(device, non_blocking=True)
+             for key, value in next(data_iterator).items()}
+    if "segment_ids" in batch:
+        batch["attention_mask"] = segment_mask(batch.pop("segment_ids"))
+    return batch
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor,
