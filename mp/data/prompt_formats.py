@@ -9,7 +9,8 @@ and the end-of-document id after a conversation whose last message is the assist
 trained; everything else (``begin``, headers, the system's and user's messages) is context.
 
 Each piece is tokenized on its own (`Tokenizer.tokenize_piece`, no BOS added), so the loss
-mask follows the pieces exactly; a BPE merge across a piece boundary is therefore never made.
+mask follows the pieces exactly; a BPE merge across a piece boundary is therefore never made
+(and a SentencePiece model marks each piece as the start of a word, as it marks a text's).
 Special-token text in a format (``<|im_start|>``) becomes that token's id with a Hugging Face
 tokenizer that has it as a special token, and plain text with the others.
 
