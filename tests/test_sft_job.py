@@ -1,7 +1,7 @@
-"""The fine-tuning job (``--sft``) at DP 2 and TP 2: it trains on a conversation file and, at its
-last iteration, reports the saved model's validation loss over the whole validation file as
-one process computes it from the samples (positions, masks and loss masks of
-`mp.data.sft_dataset`), micro-batch by micro-batch; micro-batches whose samples are cut
+"""The fine-tuning job (``--sft``) at DP 2, TP 2 and PP 2: it trains on a conversation file
+and, at its last iteration, reports the saved model's validation loss over the whole
+validation file as one process computes it from the samples (positions, masks and loss masks
+of `mp.data.sft_dataset`), micro-batch by micro-batch; micro-batches whose samples are cut
 before the assistant speaks keep no token and are left out of the mean, not NaN. Then
 ``tools/generate.py --chat`` answers from the saved model as greedy decoding written out
 does, from the chatml template written out."""
@@ -50,36 +50,41 @@ def files(tmp_path_factory):
     return _write(root / "train.jsonl", train), _write(root / "valid.jsonl", valid)
 
 
-def _config(files, tmp_path, tp: int):
+LAYOUTS = {"DP2": (1, 1), "TP2": (2, 1), "PP2": (1, 2)}  # name -> (TP, PP) on 2 ranks
+
+
+def _config(files, tmp_path, layout: str):
+    tp, pp = LAYOUTS[layout]
     return load_config(TINY, [
         "--sft", "--sft-tokenizer-prompt-format", "chatml", "--train-data-path", files[0],
         "--valid-data-path", files[1], "--full-validation", "--eval-iters", "0",
-        "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2",
+        "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2",
         "--seq-length", str(SEQ), "--micro-batch-size", str(MBS), "--global-batch-size", "4",
         "--train-iters", "3", "--eval-interval", "3", "--lr", "3e-3", "--lr-warmup-iters", "0",
-        "--tensor-model-parallel-size", str(tp), "--num-workers", "0", "--seed", str(SEED),
+        "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+        "--num-workers", "0", "--seed", str(SEED),
         "--log-interval", "1", "--logging.progress", "false", "--save", str(tmp_path / "ckpt")],
         world_size=2)
 
 
 def _job(cfg) -> str:
-    ps.initialize_model_parallel(cfg.model.tensor_model_parallel_size)
+    ps.initialize_model_parallel(cfg.model.tensor_model_parallel_size,
+                                 cfg.model.pipeline_model_parallel_size)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         pretrain(cfg)
     return out.getvalue()
 
 
-_RUNS: dict[int, tuple] = {}
+_RUNS: dict[str, tuple] = {}
 
 
-def _trained(files, tmp_path_factory, tp: int):
-    """The job at TP ``tp`` x DP ``2 / tp`` (run once per module): its config and what rank 0
-    printed."""
-    if tp not in _RUNS:
-        cfg = _config(files, tmp_path_factory.mktemp(f"tp{tp}"), tp)
-        _RUNS[tp] = cfg, run_distributed(2, _job, cfg)[0]
-    return _RUNS[tp]
+def _trained(files, tmp_path_factory, layout: str):
+    """The job at ``layout`` (run once per module): its config and what rank 0 printed."""
+    if layout not in _RUNS:
+        cfg = _config(files, tmp_path_factory.mktemp(layout), layout)
+        _RUNS[layout] = cfg, run_distributed(2, _job, cfg)[0]
+    return _RUNS[layout]
 
 
 def _saved_model(cfg):
@@ -87,6 +92,7 @@ def _saved_model(cfg):
     ps.initialize_model_parallel(1)
     tp = cfg.model.tensor_model_parallel_size  # the same vocabulary padding at TP 1
     serial = _variant(cfg, model={"tensor_model_parallel_size": 1,
+                                  "pipeline_model_parallel_size": 1,
                                   "make_vocab_size_divisible_by": 16 * tp},
                       training={"load": cfg.training.save, "save": None})
     model, optimizer, scheduler = setup_model_and_optimizer(serial)
@@ -118,15 +124,16 @@ def _direct_loss(cfg, files, dp: int) -> tuple[float, int]:
     return sum(means) / len(means), empty
 
 
-@pytest.mark.parametrize("tp", [1, 2], ids=["DP2", "TP2"])
-def test_the_job_reports_the_loss_on_the_assistants_words(files, tmp_path_factory, tp):
-    cfg, out = _trained(files, tmp_path_factory, tp)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_job_reports_the_loss_on_the_assistants_words(files, tmp_path_factory, layout):
+    cfg, out = _trained(files, tmp_path_factory, layout)
     losses = [float(x) for x in re.findall(r"^iteration \d/3 .*\| lm loss (\S+) \|", out,
                                            re.MULTILINE)]
     assert len(losses) == 3 and all(0 < x < 10 for x in losses), out
     reported = VALIDATION.search(out)
     assert reported, out
-    want, empty = run_distributed(1, _direct_loss, cfg, files, 2 // tp)[0]
+    tp, pp = LAYOUTS[layout]
+    want, empty = run_distributed(1, _direct_loss, cfg, files, 2 // (tp * pp))[0]
     assert empty > 0  # the mean leaves those out
     assert float(reported.group(1)) == pytest.approx(want, rel=2e-5)
 
@@ -144,7 +151,7 @@ def _greedy(cfg, prompt: list[int], count: int) -> list[int]:
 
 
 def test_chat_answers_in_the_jobs_prompt_format(files, tmp_path_factory, capsys):
-    cfg, _ = _trained(files, tmp_path_factory, 1)
+    cfg, _ = _trained(files, tmp_path_factory, "DP2")
     template = "<|im_start|>user\nbeta<|im_end|>\n<|im_start|>assistant\n"  # 54 bytes
     want = run_distributed(1, _greedy, cfg, list(template.encode()), 10)[0]
     printed = generated(["--load", cfg.training.save, "--chat", "--prompt", "beta",
