@@ -11,7 +11,7 @@ paragraph, and the assistant answers with its source (dedented)::
     assistant: def dedent(text):
                    ...
 
-One conversation per line, in corpus order. `prepare_default_conversations` writes them once
+One conversation per line, file by file in corpus order. `prepare_default_conversations` writes them once
 (by one rank, the others waiting) to a JSON Lines file named by a fingerprint of the
 interpreter and the files, and returns its path.
 """
@@ -37,7 +37,8 @@ _LAYOUT = "v2"  # in the file's fingerprint: bump it when the conversations chan
 
 
 def function_conversations(path: str, module: str) -> Iterator[dict]:
-    """The conversations of one source file (module doc), in the order of the source."""
+    """The conversations of one source file (module doc), in `ast.walk`'s order: the
+    module's own functions first, then those one level deeper (methods), and so on."""
     with open(path, encoding="utf-8", errors="replace") as file:
         source = file.read()
     try:
