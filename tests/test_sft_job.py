@@ -16,6 +16,7 @@ from harness import run_distributed
 from jobs import generated
 from test_checkpoint_flags import _variant
 from test_config import TINY
+from test_data_sft import _line, _write
 from torch.utils.data import default_collate
 
 from mp import parallel_state as ps
@@ -31,11 +32,9 @@ SEQ, MBS, SEED = 64, 2, 7
 VALIDATION = re.compile(r"^validation at iteration 3 \| lm loss (\S+) \|", re.MULTILINE)
 
 
-def _write(path, questions: list[str]) -> str:
-    lines = [f'{{"messages": [{{"role": "user", "content": "{q}"}}, '
-             f'{{"role": "assistant", "content": "{q[::-1]}!"}}]}}' for q in questions]
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
+def _questions(path, questions: list[str]) -> str:
+    """A conversation file: each question, answered with it reversed."""
+    return _write(path, [_line(f"user:{q}", f"assistant:{q[::-1]}!") for q in questions])
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,7 @@ def files(tmp_path_factory):
     train = [f"{a} {b}" for a in words for b in words[:3]]
     valid = [f"{w} {i}" for i, w in enumerate(words[:4])] + [w * n for w in words
                                                              for n in (4, 5)][:12]
-    return _write(root / "train.jsonl", train), _write(root / "valid.jsonl", valid)
+    return _questions(root / "train.jsonl", train), _questions(root / "valid.jsonl", valid)
 
 
 LAYOUTS = {"DP2": (1, 1), "TP2": (2, 1), "PP2": (1, 2)}  # name -> (TP, PP) on 2 ranks
