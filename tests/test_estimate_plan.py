@@ -115,6 +115,18 @@ def test_expert_parallel_candidates_are_exactly_the_valid_layouts():
                                            expert_parallel_sizes=(1,))} == {1}
 
 
+def test_cli_says_what_document_masks_add(capsys):
+    """A job that keeps documents or conversations apart is told that their masks are not
+    counted, with the estimate and with the plan; a plain one is not."""
+    tool = _tool()
+    args = ["--config", os.path.join(CONFIGS, "gpt3-1.3b.yaml"), "--gpus", "8"]
+    for flags, noted in (([], False), (["--sft"], True), (["--reset-attention-mask"], True),
+                         (["--sft", "--plan", "--top", "1", "--micro-batch-sizes", "1",
+                           "--recompute", "none"], True)):
+        assert tool.main([*args, *flags]) == 0
+        assert (tool.DOCUMENT_MASKS_NOTE in capsys.readouterr().out) == noted, flags
+
+
 def test_cli_plan_and_estimate_of_a_mixture_of_experts_model(capsys):
     """Mixtral 8x7B on 64 H100s: the plan names each layout's EP, and the config's own layout
     reports its experts, EP's all-to-alls and the experts' gradient reduction."""

@@ -109,6 +109,13 @@ def _recompute_modes(text: str) -> tuple[str, ...]:
     return modes
 
 
+#: What a job that keeps documents or conversations apart holds beyond the estimate.
+DOCUMENT_MASKS_NOTE = (
+    "not counted: the job keeps documents apart (data.sft or data.reset_attention_mask), so "
+    "each model chunk also keeps a [b, 1, s, s] attention mask for every micro-batch in "
+    "flight (SDPA: 2 b s^2 bytes in 16-bit; docs/estimate.md, Limits)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -209,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             est = estimate(Setup.from_job(job, args.gpus), gpu, args.efficiency, kernels)
             print(f"{os.path.basename(args.config)}: " + format_estimate(est, kernels))
             shown = [est]
+        if job.data.sft or job.data.reset_attention_mask:
+            print(DOCUMENT_MASKS_NOTE)
         if args.chart and shown:
             memory_chart(shown, args.chart, args.memory_fraction)
             print(f"memory chart written to {args.chart}")
