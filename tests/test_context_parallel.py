@@ -2,7 +2,8 @@
 model on the same weights -- per-token losses at every position, every gradient (summed over
 CP, as the DP x CP reduction does) -- at CP 2 and 4, with TP and sequence parallelism, both
 attention cores, grouped queries, RoPE, document masks, sliding windows and recompute; the
-load-balanced split against Megatron's description."""
+load-balanced split against Megatron's description. Packed documents, as the training step
+passes them, become the mask; handed to the model whole they are refused."""
 
 import pytest
 import torch
@@ -12,10 +13,11 @@ from checks import RTOL, assert_rel_close, own_rank_group
 from harness import run_distributed
 
 from mp import parallel_state as ps
-from mp.data.document_masks import document_positions_and_mask
+from mp.data.document_masks import document_positions_and_mask, document_segments
 from mp.model import GPTModel, TransformerConfig
 from mp.model.context_parallel import get_batch_on_this_cp_rank, local_positions
 from mp.model.inference import InferenceParams
+from mp.model.packed_documents import PackedDocuments
 from mp.model.ring_attention import ring_attention
 
 B, S, VOCAB = 2, 16, 96
@@ -40,7 +42,8 @@ def _config(tp: int = 1, cp: int = 1, **overrides) -> TransformerConfig:
     return TransformerConfig(**kw)
 
 
-def _batch(documents: bool) -> dict:
+def _batch(documents: bool | str) -> dict:
+    """``documents``: False, True (the dense mask) or "packed" (`PackedDocuments`)."""
     g = torch.Generator().manual_seed(3)
     batch = {"tokens": torch.randint(0, VOCAB, (B, S), generator=g),
              "labels": torch.randint(0, VOCAB, (B, S), generator=g),
@@ -51,12 +54,16 @@ def _batch(documents: bool) -> dict:
         batch["tokens"][1, 8] = eod
         batch["attention_mask"] = torch.stack([document_positions_and_mask(t, eod)[1]
                                                for t in batch["tokens"]])  # [b, 1, s, s]
+        if documents == "packed":
+            batch["attention_mask"] = PackedDocuments(torch.stack([
+                document_segments(t, eod) for t in batch["tokens"]]))
     return batch
 
 
-def _check_against_one_process(tp: int, cp: int, overrides: dict, documents: bool,
+def _check_against_one_process(tp: int, cp: int, overrides: dict, documents: bool | str,
                                given_positions: bool = True):
-    """``given_positions=False``: both models make their own position ids."""
+    """``given_positions=False``: both models make their own position ids; ``documents``:
+    `_batch`'s, the reference always under the dense mask."""
     ps.initialize_model_parallel(tp, context_parallel_size=cp, hierarchical_context_parallel_sizes=
                                  overrides.get("hierarchical_context_parallel_sizes"))
     cp_group, tp_group = ps.get_context_parallel_group(), ps.get_tensor_model_parallel_group()
@@ -77,8 +84,8 @@ def _check_against_one_process(tp: int, cp: int, overrides: dict, documents: boo
     batch = _batch(documents)
     if not given_positions:
         batch["position_ids"] = None
-    ref_loss = ref(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                   labels=batch["labels"])
+    ref_loss = ref(batch["tokens"], batch["position_ids"], _batch(bool(documents)).get(
+        "attention_mask"), labels=batch["labels"])
     local = get_batch_on_this_cp_rank({k: v for k, v in batch.items() if v is not None},
                                       cp_group)
     loss = model(local["tokens"], local.get("position_ids"), local.get("attention_mask"),
@@ -154,6 +161,25 @@ def test_document_masks_cut_like_the_sequence(backend, comm_type, window):
     run_distributed(2, _check_against_one_process, 1, 2,
                     {"attention_backend": backend, "cp_comm_type": comm_type,
                      "window_size": window}, True)
+
+
+@pytest.mark.parametrize("comm_type", ["all_gather", "a2a", "p2p"])
+def test_packed_documents_become_the_mask(comm_type):
+    run_distributed(2, _check_against_one_process, 1, 2, {"cp_comm_type": comm_type}, "packed")
+
+
+def _packed_documents_whole():
+    ps.initialize_model_parallel(1, context_parallel_size=2)
+    model = GPTModel(_config(cp=2))
+    packed = _batch("packed")["attention_mask"]
+    with pytest.raises(ValueError, match="packed documents attend within a rank's whole "
+                                         "sequence: under context parallelism pass their "
+                                         "mask\\(\\) instead"):
+        model(torch.zeros(B, S // 2, dtype=torch.int64), attention_mask=packed)
+
+
+def test_packed_documents_handed_to_the_model_are_refused_under_context_parallelism():
+    run_distributed(2, _packed_documents_whole)
 
 
 def _decode_with_context_parallelism():

@@ -15,6 +15,7 @@ from mp.data.document_masks import DocumentMasked, document_positions_and_mask, 
 from mp.estimate import SavedTensorMeter
 from mp.model import GPTModel, TransformerConfig
 from mp.model.context_parallel import get_batch_on_this_cp_rank
+from mp.model.packed_documents import PackedDocuments
 from mp.training.gpt_step import get_batch
 
 EOD = 0
@@ -58,14 +59,16 @@ def test_the_wrapper_sets_only_what_it_is_asked():
     only_mask = DocumentMasked([sample], EOD, False, True)[0]
     assert only_mask["position_ids"].tolist() == [0, 1, 2, 3]
     assert only_mask["segment_ids"].tolist() == [0, 0, 1, 1] and "attention_mask" not in only_mask
-    # the step makes the masks from the segments, batched (a sample of one document: causal)
+    # the step packs the documents of the batch, whose mask is the documents' (a sample of one
+    # document: causal)
     one = DocumentMasked([{"tokens": torch.tensor([4, 6, 2, 3]), "position_ids": torch.arange(4)}],
                          EOD, False, True)[0]
     batch = get_batch(iter([default_collate([only_mask, one])]))
-    assert "segment_ids" not in batch and batch["attention_mask"].shape == (2, 1, 4, 4)
-    assert torch.equal(batch["attention_mask"][0], document_positions_and_mask(
-        sample["tokens"], EOD)[1])
-    assert torch.equal(batch["attention_mask"][1, 0], torch.ones(4, 4, dtype=torch.bool).triu(1))
+    assert "segment_ids" not in batch and isinstance(batch["attention_mask"], PackedDocuments)
+    mask = batch["attention_mask"].mask()
+    assert mask.shape == (2, 1, 4, 4)
+    assert torch.equal(mask[0], document_positions_and_mask(sample["tokens"], EOD)[1])
+    assert torch.equal(mask[1, 0], torch.ones(4, 4, dtype=torch.bool).triu(1))
 
 
 def _packed_against_alone(position_embedding_type: str, backend: str):

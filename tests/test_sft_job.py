@@ -113,7 +113,8 @@ def _direct_loss(cfg, files, dp: int) -> tuple[float, int]:
         batch = get_batch(iter([default_collate([valid[i]
                                                  for i in range(start, start + MBS)])]))
         with torch.no_grad():
-            loss = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+            loss = model(batch["tokens"], batch["position_ids"],
+                         batch["attention_mask"].mask(),  # the dense mask, not the job's gathers
                          labels=batch["labels"]).double()
         kept = batch["loss_mask"].double()
         if kept.sum() == 0:

@@ -15,8 +15,9 @@ Prints one table row per measurement:
   --reset-attention-mask``: positions and segment ids), and a DataLoader of micro-batches of 8;
 - supervised fine-tuning samples (``--sft``): random `SFTDataset` items of ``seq_length`` from
   the embedded conversations in the chatml format (read, tokenized and packed);
-- the step's attention mask from a micro-batch of 8 such samples' segment ids
-  (`mp.data.document_masks.segment_mask`, on the CPU here).
+- the step's packed documents from a micro-batch of 8 such samples' segment ids
+  (`mp.model.packed_documents.PackedDocuments`, made on the host in
+  `mp.training.gpt_step.get_batch`).
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ import torch
 from mp.data.conversation_corpus import prepare_default_conversations
 from mp.data.conversations import ConversationFile
 from mp.data.corpus import stdlib_source_files, tokenize_corpus
-from mp.data.document_masks import DocumentMasked, segment_mask
+from mp.data.document_masks import DocumentMasked
 from mp.data.gpt_dataset import GPTDataset, build_indices
 from mp.data.indexed_dataset import IndexedDataset
 from mp.data.prompt_formats import get_prompt_format
 from mp.data.samplers import build_pretraining_data_loader
 from mp.data.sft_dataset import SFTDataset
 from mp.data.tokenizer import ByteLevelTokenizer, GPT2BPETokenizer
+from mp.model.packed_documents import PackedDocuments
 
 
 def row(what: str, amount: str, seconds: float, rate: str) -> None:
@@ -160,9 +162,9 @@ def bench_sft(seq_length: int, reads: int, out: str) -> None:
     segments = torch.stack([dataset[int(i)]["segment_ids"] for i in picks[:8]])
     start = time.perf_counter()
     for _ in range(10):
-        segment_mask(segments)
+        PackedDocuments(segments)
     seconds = (time.perf_counter() - start) / 10
-    row(f"segment_mask of 8 x {seq_length} segment ids", "1 micro-batch", seconds,
+    row(f"PackedDocuments of 8 x {seq_length} segment ids", "1 micro-batch", seconds,
         f"{8 / seconds:,.0f} samples/s")
 
 

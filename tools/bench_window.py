@@ -60,10 +60,9 @@ def measure(core: CoreAttention, inputs: list[torch.Tensor], warmup: int, iters:
     return 1e3 * seconds, kept, peak
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_core_arguments(p: argparse.ArgumentParser) -> None:
+    """The core's and the timing's arguments, shared with ``tools/bench_documents.py``."""
     p.add_argument("--seq", type=int, nargs="+", default=[2048, 4096])
-    p.add_argument("--window", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--groups", type=int, default=2)
@@ -72,21 +71,39 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", choices=("sdpa", "unfused"), default="sdpa")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
-    args = p.parse_args(argv)
-    device, dtype = get_device(), DTYPES[args.dtype]
-    mib = 2 ** 20
+
+
+def core_setup(args: argparse.Namespace, s: int, device: torch.device
+               ) -> tuple[TransformerConfig, list[torch.Tensor]]:
+    """The core's config at ``s`` tokens and its random ``q, k, v`` on ``device`` (seed 0)."""
+    config = TransformerConfig(
+        num_layers=1, hidden_size=args.heads * args.head_dim, num_attention_heads=args.heads,
+        num_query_groups=args.groups, vocab_size=128, seq_length=s, attention_dropout=0.0,
+        attention_backend=args.backend, precision=args.dtype)
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(s, args.batch, h, args.head_dim, generator=g)
+              .to(device, DTYPES[args.dtype]).requires_grad_(True)
+              for h in (args.heads, args.groups, args.groups)]
+    return config, inputs
+
+
+def print_setup(args: argparse.Namespace, device: torch.device) -> None:
     print(f"device {device}, {args.backend}, {args.dtype}, batch {args.batch}, heads "
           f"{args.heads} (groups {args.groups}) x {args.head_dim}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_core_arguments(p)
+    p.add_argument("--window", type=int, nargs="+", default=[256, 1024])
+    args = p.parse_args(argv)
+    device = get_device()
+    mib = 2 ** 20
+    print_setup(args, device)
     print("| s | window | how | tile | ms fwd+bwd | kept MiB | CUDA peak MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for s in args.seq:
-        config = TransformerConfig(
-            num_layers=1, hidden_size=args.heads * args.head_dim, num_attention_heads=args.heads,
-            num_query_groups=args.groups, vocab_size=128, seq_length=s, attention_dropout=0.0,
-            attention_backend=args.backend, precision=args.dtype)
-        g = torch.Generator().manual_seed(0)
-        inputs = [torch.randn(s, args.batch, h, args.head_dim, generator=g).to(device, dtype)
-                  .requires_grad_(True) for h in (args.heads, args.groups, args.groups)]
+        config, inputs = core_setup(args, s, device)
         rows = [("full causal", None, None)]
         for window in args.window:
             rows += [("one call", window, s + 1), ("tiles", window, None)]

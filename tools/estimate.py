@@ -109,11 +109,12 @@ def _recompute_modes(text: str) -> tuple[str, ...]:
     return modes
 
 
-#: What a job that keeps documents or conversations apart holds beyond the estimate.
+#: How a job that keeps documents or conversations apart differs from the estimate.
 DOCUMENT_MASKS_NOTE = (
-    "not counted: the job keeps documents apart (data.sft or data.reset_attention_mask), so "
-    "each model chunk also keeps a [b, 1, s, s] attention mask for every micro-batch in "
-    "flight (SDPA: 2 b s^2 bytes in 16-bit; docs/estimate.md, Limits)")
+    "not modelled: the job keeps documents apart (data.sft or data.reset_attention_mask); the "
+    "estimate counts causal attention over whole samples, where the job attends within each "
+    "document, padded to its bucket, and under context parallelism also keeps a [b, 1, s, s] "
+    "mask for every micro-batch in flight (docs/estimate.md, Limits)")
 
 
 def build_parser() -> argparse.ArgumentParser:

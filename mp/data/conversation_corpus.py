@@ -11,9 +11,9 @@ paragraph, and the assistant answers with its source (dedented)::
     assistant: def dedent(text):
                    ...
 
-One conversation per line, file by file in corpus order. `prepare_default_conversations` writes them once
-(by one rank, the others waiting) to a JSON Lines file named by a fingerprint of the
-interpreter and the files, and returns its path.
+One conversation per line, file by file in corpus order. `prepare_default_conversations`
+writes them once (by one rank, the others waiting) to a JSON Lines file named by a fingerprint
+of the interpreter and the files, and returns its path.
 """
 
 from __future__ import annotations

@@ -30,11 +30,14 @@ attention sinks) every softmax row has one more logit, ``s_h`` per head (0, or t
 ``core_attention.softmax_offset [np]``), which joins the denominator and no value:
 ``P = exp(scores) / (sum exp(scores) + exp(s_h))`` (`CoreAttention._with_sink`).
 Masks follow Megatron: boolean ``[b or 1, 1, s, s]``, ``True`` = masked out; the SDPA core also
-takes `sdpa_bias`'s additive form. `attention_masks.mask_for_layers` prepares a batch's mask
-once for all the layers of a `mp.model.transformer.TransformerBlock` (converting a boolean mask
-is what SDPA would do in every layer, each keeping its own copy for backward). With a key/value
-cache (`mp.model.inference`) the new queries attend over the cached keys too, through the
-cache's ``[1, 1, s, cached + s]`` causal mask.
+takes `sdpa_bias`'s additive form. A micro-batch's `mp.model.packed_documents.PackedDocuments`
+may stand where a mask would: the core then attends causally within each document, the
+documents gathered into a batch of their own (no mask; the flash kernels run).
+`attention_masks.mask_for_layers` prepares a batch's mask once for all the layers of a
+`mp.model.transformer.TransformerBlock` (converting a boolean mask is what SDPA would do in
+every layer, each keeping its own copy for backward). With a key/value cache
+(`mp.model.inference`) the new queries attend over the cached keys too, through the cache's
+``[1, 1, s, cached + s]`` causal mask.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from mp.model.context_parallel import (
 from mp.model.inference import InferenceParams
 from mp.model.init import init_method, init_method_normal, output_init_method
 from mp.model.norm import build_norm
+from mp.model.packed_documents import PackedDocuments
 from mp.model.ring_attention import ring_attention
 from mp.model.rope import apply_rotary
 from mp.tensor_parallel import (
@@ -124,10 +128,17 @@ class CoreAttention(nn.Module):
             scaled_masked_softmax_fusion=config.masked_softmax_fusion,
             mask_func=attention_mask_func, softmax_in_fp32=True, scale=self.scale)
 
-    def forward(self, q, k, v, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, q, k, v, attention_mask: torch.Tensor | PackedDocuments | None = None
+                ) -> torch.Tensor:
         """``q, k [s, b, np or ng, hd]``, ``v [s, b, ng, vd]`` (``ng`` divides ``np``: each
         key and value head serves ``np / ng`` consecutive query heads; ``vd = hd`` but under
-        multi-latent attention) -> ``[s, b, np * vd]``."""
+        multi-latent attention) -> ``[s, b, np * vd]``. ``attention_mask``: None (causal), a
+        mask, or the micro-batch's `PackedDocuments` (module doc)."""
+        if isinstance(attention_mask, PackedDocuments):
+            if self.cp_group is not None:
+                raise ValueError("packed documents attend within a rank's whole sequence: "
+                                 "under context parallelism pass their mask() instead")
+            return attention_mask.attend(self._attend, q, k, v)
         if self.cp_group is None:
             return self._attend(q, k, v, attention_mask)
         if self.heads_group is not None:  # a2a; a2a+p2p with the ring inside

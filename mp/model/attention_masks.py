@@ -16,6 +16,7 @@ import torch
 
 from mp.model.config import TransformerConfig
 from mp.model.context_parallel import exchange_groups, gather_query_rows
+from mp.model.packed_documents import PackedDocuments
 
 
 def sdpa_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -68,12 +69,15 @@ def with_window(attention_mask: torch.Tensor | None, queries: int, keys: int, wi
     return attention_mask.masked_fill(outside, float("-inf"))
 
 
-def mask_for_layers(attention_mask: torch.Tensor, config: TransformerConfig,
-                    dtype: torch.dtype) -> torch.Tensor:
+def mask_for_layers(attention_mask: torch.Tensor | PackedDocuments, config: TransformerConfig,
+                    dtype: torch.dtype) -> torch.Tensor | PackedDocuments:
     """A batch's boolean mask as every layer's attention takes it, made once for all of them:
     every query row under ``a2a`` context parallelism (`gather_query_rows`; its a2a group's
     under ``a2a+p2p``), and SDPA's additive form (`sdpa_bias`) for the SDPA core (the ring
-    attention of ``p2p`` and ``a2a+p2p`` keeps it boolean)."""
+    attention of ``p2p`` and ``a2a+p2p`` keeps it boolean). `PackedDocuments` are taken as
+    they are."""
+    if isinstance(attention_mask, PackedDocuments):
+        return attention_mask
     heads, ring = exchange_groups(config)
     if heads is not None:
         attention_mask = gather_query_rows(attention_mask, heads)

@@ -57,6 +57,7 @@ import torch.distributed as dist
 
 from mp import parallel_state
 from mp.comm import all_gather_single
+from mp.model.packed_documents import PackedDocuments
 from mp.tensor_parallel.mappings import all_to_all, gather_from_sequence_parallel_region
 
 if TYPE_CHECKING:
@@ -79,10 +80,13 @@ def get_batch_on_this_cp_rank(batch: dict[str, torch.Tensor], group: dist.Proces
                               ) -> dict[str, torch.Tensor]:
     """This CP rank's part of a micro-batch of ``[b, s]`` tensors (``tokens``, ``labels``,
     ``loss_mask``, ``position_ids``); an ``attention_mask [b, 1, s, s]`` keeps the rank's
-    query rows and every key (Megatron's ``get_batch_on_this_cp_rank``)."""
+    query rows and every key (Megatron's ``get_batch_on_this_cp_rank``), and packed documents
+    (`mp.model.packed_documents`) become that mask."""
     cp = dist.get_world_size(group)
     if cp == 1:
         return batch
+    if isinstance(batch.get("attention_mask"), PackedDocuments):
+        batch = {**batch, "attention_mask": batch["attention_mask"].mask()}
     seq_length = batch["tokens"].size(1)
     index = local_positions(seq_length, cp, dist.get_rank(group), batch["tokens"].device)
     return {key: value.index_select(2 if key == "attention_mask" else 1, index)

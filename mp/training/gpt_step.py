@@ -3,7 +3,8 @@
 A micro-batch is the data loader's dict of ``[b, s]`` tensors (`mp.data.gpt_dataset`):
 ``tokens``, ``labels`` (the tokens shifted by one), ``loss_mask`` and ``position_ids``, and
 ``segment_ids`` when documents or conversations are kept apart, which `get_batch` turns into
-the ``attention_mask [b, 1, s, s]`` on the rank's device (`mp.data.document_masks`). The
+the micro-batch's `mp.model.packed_documents.PackedDocuments`, passed as the model's
+``attention_mask``: attention within each document, with no ``[s, s]`` mask. The
 model returns the per-token loss ``[b, s]``; as in Megatron, `loss_func` returns its sum over
 the tokens the mask keeps and their count, and the schedule takes the micro-batch's mean from
 them, or keeps the sum for the per-token loss (`mp.pipeline_parallel.losses`).
@@ -25,19 +26,20 @@ import torch.distributed as dist
 from torch import nn
 
 from mp import parallel_state
-from mp.data.document_masks import segment_mask
 from mp.device import get_device
 from mp.model.context_parallel import get_batch_on_this_cp_rank
+from mp.model.packed_documents import PackedDocuments
 
 
-def get_batch(data_iterator: Iterator[dict]) -> dict[str, torch.Tensor]:
+def get_batch(data_iterator: Iterator[dict]) -> dict:
     """The next micro-batch, on this rank's device; its ``segment_ids`` made into the
-    ``attention_mask`` (module doc)."""
+    ``attention_mask``, packed documents (module doc)."""
     device = get_device()
-    batch = {key: value.to(device, non_blocking=True)
-             for key, value in next(data_iterator).items()}
-    if "segment_ids" in batch:
-        batch["attention_mask"] = segment_mask(batch.pop("segment_ids"))
+    batch = dict(next(data_iterator))
+    segments = batch.pop("segment_ids", None)
+    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    if segments is not None:
+        batch["attention_mask"] = PackedDocuments(segments, device)
     return batch
 
 
