@@ -73,6 +73,15 @@ def test_each_call_gathers_its_documents_in_order_and_the_inverse_puts_them_back
     assert torch.equal(rows.index_select(0, packed.inverse), ids)
 
 
+def test_samples_of_one_document_each_attend_as_they_are():
+    q, k, v = (torch.zeros(4, 2, 1, 8) for _ in range(3))
+    seen = []
+    PackedDocuments(torch.tensor([[0] * 4, [3] * 4])).attend(
+        lambda *args: seen.append(args) or args[0], q, k, v)
+    assert len(seen) == 1 and all(a is b for a, b in zip(seen[0], (q, k, v, None)))
+    assert not PackedDocuments(torch.tensor([[0] * 4, [0, 0, 1, 1]])).whole_samples
+
+
 def test_the_refusals():
     with pytest.raises(ValueError, match="segment_ids must not decrease along a sample"):
         PackedDocuments(torch.tensor([[0, 1, 0]]))

@@ -11,7 +11,8 @@
 #                                          # four ways (the last compiled)
 #   bash tools/gpu_session.sh recompute    # the recompute modules on CUDA: tests/gpu's check and
 #                                          # bench_recompute on a DeepSeek-V3-shaped block;
-#                                          # bench_window (sliding windows, one call vs tiles)
+#                                          # bench_window (sliding windows, one call vs tiles);
+#                                          # bench_documents (packed documents vs the mask)
 #   bash tools/gpu_session.sh              # all four
 #
 # CONFIG (default configs/gpt3-1.3b.yaml) is the model bench_gpt runs; a CPU rehearsal of the
@@ -67,6 +68,9 @@ for part in "${parts[@]}"; do
         echo "== bench_window: sliding windows in one call and in tiles"
         timeout 120 python3 tools/bench_window.py --seq 8192 16384 --window 1024 4096 \
             --dtype bf16 --heads 32 --groups 8 --head-dim 128 --iters 5
+        echo "== bench_documents: packed documents against the dense document mask"
+        timeout 90 python3 tools/bench_documents.py --seq 4096 8192 --batch 4 --dtype bf16 \
+            --heads 32 --groups 8 --head-dim 128 --iters 5
       ) 2>&1 | tee -a "$OUT/recompute.log" ;;
     *)
       echo "unknown part '$part': expected kernels, memory, training or recompute" >&2; exit 2 ;;

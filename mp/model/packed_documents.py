@@ -16,7 +16,8 @@ queries; the padded queries' outputs are dropped, so no gradient reaches what th
 
 Buckets are 1, 2, 3, 4, 6, 8, 12, 16, 24, ... tokens (powers of two and 1.5 times them,
 capped at ``s``): a document is padded to less than 1.5 times its length, and a micro-batch
-calls the core once per bucket its documents fall in, at most ``2 log2(s)`` times.
+calls the core once per bucket its documents fall in, at most ``2 log2(s)`` times. A
+micro-batch whose every sample is one document attends as it is, causally (no gathers).
 Context parallelism splits a document over ranks: there the documents become the dense mask
 again (`mask`, `mp.model.context_parallel.get_batch_on_this_cp_rank`).
 """
@@ -48,7 +49,8 @@ class PackedDocuments:
     ``segment_ids`` on ``device``; ``calls``, one ``(L, index [L * D])`` per bucket: ``D``
     documents padded to ``L`` tokens, ``index`` into the ``[s * b]`` tokens of the
     ``[s, b, ...]`` layout, row ``j * D + d`` the ``j``-th token of document ``d``;
-    ``inverse [s * b]``: each token's row in the buckets' outputs, concatenated.
+    ``inverse [s * b]``: each token's row in the buckets' outputs, concatenated;
+    ``whole_samples``: every sample is one document (`attend` gathers nothing).
     """
 
     def __init__(self, segment_ids: torch.Tensor, device: torch.device | str | None = None):
@@ -64,24 +66,25 @@ class PackedDocuments:
         sample, first = starts.nonzero(as_tuple=True)  # [D], sample by sample
         flat_first = sample * s + first  # each document's first token, sample-major
         lengths = torch.diff(flat_first, append=torch.tensor([b * s]))
-        buckets = bucket_lengths(lengths, s)
+        sizes, bucket = bucket_lengths(lengths, s).unique(return_inverse=True)
+        counts = torch.bincount(bucket)  # documents per bucket
+        order = torch.sort(bucket, stable=True).indices  # the documents, bucket by bucket
+        begins = torch.cumsum(counts, 0) - counts  # each bucket's first in `order`
+        rank = torch.empty_like(order)  # each document's place in its bucket
+        rank[order] = torch.arange(order.numel()) - begins[bucket[order]]
+        offsets = torch.cumsum(sizes * counts, 0) - sizes * counts  # of its rows
         document = starts.flatten().cumsum(0) - 1  # each token's, sample-major [b * s]
         position = torch.arange(b * s) - flat_first[document]  # in its document
-        rank = torch.empty_like(lengths)  # each document's place in its bucket
-        where = torch.empty(b * s, dtype=torch.long)
+        mine = bucket[document]
+        where = offsets[mine] + position * counts[mine] + rank[document]
         self.calls: list[tuple[int, torch.Tensor]] = []
-        offset = 0
-        for length in buckets.unique().tolist():
-            members = (buckets == length).nonzero().squeeze(1)
-            rank[members] = torch.arange(members.numel())
+        for length, members in zip(sizes.tolist(), order.split(counts.tolist())):
             step = torch.arange(length)[:, None]  # [L, 1]
             index = torch.where(step < lengths[members], (first[members] + step) * b
                                 + sample[members], 0)
             self.calls.append((length, index.flatten().to(device, non_blocking=True)))
-            mine = buckets[document] == length
-            where[mine] = offset + position[mine] * members.numel() + rank[document[mine]]
-            offset += length * members.numel()
         self.shape = (s, b)
+        self.whole_samples = lengths.numel() == b
         self.inverse = where.view(b, s).t().flatten().to(device, non_blocking=True)
         self.segment_ids = segment_ids.to(device, non_blocking=True)
 
@@ -97,6 +100,8 @@ class PackedDocuments:
         if tuple(q.shape[:2]) != self.shape:
             raise ValueError(f"queries [s, b] = {list(q.shape[:2])} do not match the packed "
                              f"documents' [s, b] = {list(self.shape)}")
+        if self.whole_samples:
+            return attend(q, k, v, None)
         flat = [t.flatten(0, 1) for t in (q, k, v)]
         contexts = [attend(*(t.index_select(0, index).unflatten(0, (length, -1))
                              for t in flat), None).flatten(0, 1)
