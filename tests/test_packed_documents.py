@@ -167,3 +167,37 @@ def test_a_tp2_gpt_trains_as_under_the_document_mask(recompute):
     for rank in run_distributed(2, _gpt_against_mask, recompute):
         for what, got, want in rank:
             assert_rel_close(got, want, what=what)
+
+
+def _graphs_over_micro_batches() -> list[int]:
+    """Compiled layers (as ``compile_layers`` compiles them; TorchDynamo's eager backend):
+    the graphs made so far after each of three micro-batches whose documents fall in different
+    buckets."""
+    from torch._dynamo.utils import counters
+
+    ps.initialize_model_parallel(1)
+    torch.manual_seed(6)
+    model = GPTModel(TransformerConfig(
+        num_layers=1, hidden_size=32, num_attention_heads=4, vocab_size=64, seq_length=S,
+        hidden_dropout=0.0, attention_dropout=0.0, position_embedding_type="rope"))
+    torch._dynamo.reset()
+    counters.clear()
+    for layer in model.decoder.layers:
+        layer.compile(backend="eager")
+    graphs = []
+    for seed in range(3):
+        segments = _segments(seed)
+        tokens = torch.randint(0, 64, (B, S), generator=torch.Generator().manual_seed(seed))
+        model(tokens, attention_mask=PackedDocuments(segments), labels=tokens).sum().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert len({tuple(c[0] for c in PackedDocuments(_segments(seed)).calls)
+                for seed in range(3)}) > 1, "the micro-batches fall in the same buckets"
+    torch._dynamo.reset()
+    return graphs
+
+
+def test_compiled_layers_compile_once_whatever_the_buckets():
+    """The gathers and calls, whose number and shapes change with every micro-batch, run
+    outside the compiled graphs (`PackedDocuments.attend` is not traced)."""
+    graphs = run_distributed(1, _graphs_over_micro_batches)[0]
+    assert graphs[0] > 0 and graphs == [graphs[0]] * 3, graphs
