@@ -1,7 +1,7 @@
 """Supervised fine-tuning data (``--sft``): the prompt formats against their templates written
 out as strings, the samples against a packing written with loops, the conversation files'
-rules and the split of their lines, the embedded conversations against the source they come
-from, and the config's refusals."""
+rules, the split of their lines and the cache of their line index, the embedded conversations
+against the source they come from, and the config's refusals."""
 
 import json
 import os
@@ -9,10 +9,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from harness import run_distributed
 
 from mp.config import ConfigError, load_config
+from mp.data import conversations
 from mp.data.conversation_corpus import function_conversations, prepare_default_conversations
-from mp.data.conversations import ConversationFile, split_conversations
+from mp.data.conversations import ConversationFile, cache_file, split_conversations
 from mp.data.dataset_builder import build_sft_datasets
 from mp.data.document_masks import segment_mask
 from mp.data.prompt_formats import get_prompt_format
@@ -194,6 +196,58 @@ def test_blank_lines_are_skipped_and_an_empty_file_refused(tmp_path):
         ConversationFile(_write(tmp_path / "e.jsonl", ["", ""]))
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         ConversationFile(str(tmp_path / "missing.jsonl"))
+
+
+def test_the_line_index_is_cached_until_the_file_changes(tmp_path, monkeypatch):
+    lines = [_line("user:q", f"assistant:a{i}") for i in range(3)]
+    path = _write(tmp_path / "c.jsonl", lines)
+    first = ConversationFile(path)
+    assert first.read_anew and os.path.isfile(cache_file(path, None))
+    assert os.path.dirname(cache_file(path, None)) == str(tmp_path / "cache" /
+                                                          "ConversationFile_lines")
+
+    def unread(path):
+        raise AssertionError(f"{path} read again")
+    with monkeypatch.context() as patch:
+        patch.setattr(conversations, "line_ranges", unread)
+        again = ConversationFile(path)
+    assert not again.read_anew and [again[i] for i in range(3)] == [m["messages"]
+                                                                     for m in lines]
+    with open(path, "a") as f:  # one more line: a new size
+        f.write(json.dumps(_line("user:q", "assistant:a3")) + "\n")
+    grown = ConversationFile(path)
+    assert grown.read_anew and len(grown) == 4
+    text = open(path).read().replace("a3", "b3")  # the same size, a new modification time
+    with open(path, "w") as f:
+        f.write(text)
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+    edited = ConversationFile(path)
+    assert edited.read_anew and edited[3][1]["content"] == "b3"
+
+
+def test_a_cache_that_cannot_be_written_leaves_the_file_read_each_time(tmp_path, capsys):
+    path = _write(tmp_path / "c.jsonl", [_line("user:q", "assistant:a")])
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    for _ in range(2):
+        file = ConversationFile(path, str(blocked))
+        assert file.read_anew and file[0] == _line("user:q", "assistant:a")["messages"]
+        assert "mp.data: cannot cache the line index of" in capsys.readouterr().out
+
+
+def _opened_by_two_ranks(path: str, cache: str) -> tuple[bool, list]:
+    file = ConversationFile(path, cache)
+    return file.read_anew, [file[i] for i in range(len(file))]
+
+
+def test_one_rank_reads_the_file_and_the_others_load_its_index(tmp_path):
+    lines = [_line("user:q", f"assistant:a{i}") for i in range(5)]
+    path = _write(tmp_path / "c.jsonl", lines)
+    (rank0, read0), (rank1, read1) = run_distributed(2, _opened_by_two_ranks, path,
+                                                     str(tmp_path / "index"))
+    assert (rank0, rank1) == (True, False)
+    assert read0 == read1 == [m["messages"] for m in lines]
 
 
 def _answers(dataset) -> set[str]:

@@ -189,14 +189,18 @@ def build_sft_datasets(
     prompt_format: PromptFormat,
     per_split_data_path: Sequence[Sequence[str] | None] | None = None,
     multiple_validation_sets: bool = False,
+    path_to_cache: str | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.utils.data.Dataset | list[torch.utils.data.Dataset] | None, ...]:
     """`build_gpt_datasets` for supervised fine-tuning (Megatron's ``--sft``): the paths
     are conversation files (`mp.data.conversations`), ``split`` cuts each file's lines, and
     each split is an `SFTDataset` or a blend of them, weighted by their lines unless weights
-    are given. Every rank reads and checks the files itself: no collective."""
+    are given. Collective over ``group`` as `build_gpt_datasets` is: each file's line index is
+    read and checked by its rank 0 and cached in ``path_to_cache`` (default beside the
+    file)."""
     sizes = (train_samples, valid_samples, test_samples)
     blends = _sources(data_path, split, per_split_data_path, sizes, multiple_validation_sets)
-    opened = {key: ([ConversationFile(p) for p in paths], weights)
+    opened = {key: ([ConversationFile(p, path_to_cache, group) for p in paths], weights)
               for key, (paths, weights) in blends.items()}
 
     def make(conversations: ConversationFile, lines: np.ndarray, num_samples: int | None,

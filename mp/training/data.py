@@ -112,7 +112,8 @@ def _corpus_datasets(cfg: JobConfig, samples: tuple[int, int, int]):
             data_path, data.split, cfg.model.seq_length, tr.seed, *samples,
             tokenizer=tokenizer, prompt_format=get_prompt_format(data.sft_tokenizer_prompt_format),
             per_split_data_path=data.per_split_data_path,
-            multiple_validation_sets=data.multiple_validation_sets), tokenizer.eod
+            multiple_validation_sets=data.multiple_validation_sets,
+            path_to_cache=data.data_cache_path), tokenizer.eod
     if data_path == [BUILTIN_DATA_PATH]:
         data_path = [prepare_default_corpus(os.path.join(cache, "corpus"), tokenizer)]
     datasets = build_gpt_datasets(
