@@ -3,7 +3,8 @@ model on the same weights -- per-token losses at every position, every gradient 
 CP, as the DP x CP reduction does) -- at CP 2 and 4, with TP and sequence parallelism, both
 attention cores, grouped queries, RoPE, document masks, sliding windows and recompute; the
 load-balanced split against Megatron's description. Packed documents, as the training step
-passes them, become the mask; handed to the model whole they are refused."""
+passes them: attended as they are under a2a, as the rank's rows of their mask under the other
+kinds; handed to such a core they are refused."""
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from harness import run_distributed
 
 from mp import parallel_state as ps
 from mp.data.document_masks import document_positions_and_mask, document_segments
+from mp.estimate import SavedTensorMeter
 from mp.model import GPTModel, TransformerConfig
 from mp.model.context_parallel import get_batch_on_this_cp_rank, local_positions
 from mp.model.inference import InferenceParams
@@ -163,23 +165,50 @@ def test_document_masks_cut_like_the_sequence(backend, comm_type, window):
                      "window_size": window}, True)
 
 
-@pytest.mark.parametrize("comm_type", ["all_gather", "a2a", "p2p"])
-def test_packed_documents_become_the_mask(comm_type):
-    run_distributed(2, _check_against_one_process, 1, 2, {"cp_comm_type": comm_type}, "packed")
+@pytest.mark.parametrize("cp,overrides", [
+    (2, {"cp_comm_type": "all_gather"}), (2, {"cp_comm_type": "p2p"}),
+    (2, {"cp_comm_type": "a2a"}),
+    (2, {"cp_comm_type": "a2a", "window_size": [3, 0], "attention_backend": "unfused"}),
+    (4, {"cp_comm_type": "a2a+p2p", "hierarchical_context_parallel_sizes": [2, 2]})],
+    ids=["all_gather", "p2p", "a2a", "a2a_window_unfused", "a2a+p2p"])
+def test_packed_documents_under_context_parallelism(cp, overrides):
+    run_distributed(cp, _check_against_one_process, 1, cp, overrides, "packed")
 
 
-def _packed_documents_whole():
+def _masks_kept(comm_type: str) -> list[int]:
+    """The bytes of the ``[b, 1, ...]`` masks a CP 2 GPT keeps for backward with packed
+    documents (of each storage)."""
     ps.initialize_model_parallel(1, context_parallel_size=2)
-    model = GPTModel(_config(cp=2))
+    model = GPTModel(_config(cp=2, cp_comm_type=comm_type))
+    batch = get_batch_on_this_cp_rank(_batch("packed"), ps.get_context_parallel_group())
+    with SavedTensorMeter(exclude=model.parameters()) as meter:
+        model(batch["tokens"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return [nbytes for shape, _, nbytes, counted in meter.entries
+            if counted and len(shape) == 4 and shape[:2] == (B, 1)]
+
+
+@pytest.mark.parametrize("comm_type", ["a2a", "all_gather"])
+def test_a2a_keeps_no_mask_of_packed_documents(comm_type):
+    """a2a gathers the documents of its heads' whole sequence; all_gather keeps its rows of
+    their mask (SDPA's additive form in fp32), one storage that its chunks' views share."""
+    kept = run_distributed(2, _masks_kept, comm_type)
+    want = [] if comm_type == "a2a" else [B * S // 2 * S * 4]
+    assert kept == [want, want]
+
+
+def _packed_documents_in_a_core_that_splits_them():
+    ps.initialize_model_parallel(1, context_parallel_size=2)
+    core = GPTModel(_config(cp=2)).decoder.layers[0].self_attention.core_attention
     packed = _batch("packed")["attention_mask"]
-    with pytest.raises(ValueError, match="packed documents attend within a rank's whole "
-                                         "sequence: under context parallelism pass their "
-                                         "mask\\(\\) instead"):
-        model(torch.zeros(B, S // 2, dtype=torch.int64), attention_mask=packed)
+    q = torch.zeros(S // 2, B, 4, 8)
+    with pytest.raises(ValueError, match="packed documents split over context-parallel ranks: "
+                                         "the attention under all_gather, p2p and a2a\\+p2p "
+                                         "takes the rank's rows of their mask"):
+        core(q, q, q, packed)
 
 
-def test_packed_documents_handed_to_the_model_are_refused_under_context_parallelism():
-    run_distributed(2, _packed_documents_whole)
+def test_packed_documents_are_refused_by_a_core_that_splits_them():
+    run_distributed(2, _packed_documents_in_a_core_that_splits_them)
 
 
 def _decode_with_context_parallelism():

@@ -113,8 +113,9 @@ def _recompute_modes(text: str) -> tuple[str, ...]:
 DOCUMENT_MASKS_NOTE = (
     "not modelled: the job keeps documents apart (data.sft or data.reset_attention_mask); the "
     "estimate counts causal attention over whole samples, where the job attends within each "
-    "document, padded to its bucket, and under context parallelism also keeps a [b, 1, s, s] "
-    "mask for every micro-batch in flight (docs/estimate.md, Limits)")
+    "document, padded to its bucket, and under all_gather, p2p and a2a+p2p context "
+    "parallelism also keeps a [b, 1, s / C, s] mask for every micro-batch in flight "
+    "(docs/estimate.md, Limits)")
 
 
 def build_parser() -> argparse.ArgumentParser:

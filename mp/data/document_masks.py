@@ -12,8 +12,9 @@ where it starts; learned position embeddings read the reset positions.
 
 A sample carries its tokens' segment ids ``[s]`` (each token's document, or conversation for
 `mp.data.sft_dataset`), not the ``[1, s, s]`` mask: the training step makes the mask from
-them on its own device (`segment_mask`, `mp.training.gpt_step.get_batch`), so that the data
-loader's workers neither build nor pass ``s^2`` bytes a sample (64 MiB at 8192 tokens).
+them (`mp.training.gpt_step.get_batch`: `mp.model.packed_documents.PackedDocuments`, or
+`segment_mask`) on its own device, so that the data loader's workers neither build nor pass
+``s^2`` bytes a sample (64 MiB at 8192 tokens).
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ def segment_positions(segments: torch.Tensor) -> torch.Tensor:
     return index - torch.where(starts, index, 0).cummax(0).values
 
 
-def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+def segment_mask(segments: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """For ``segments [..., s]``: the attention mask ``[..., 1, s, s]``, True where query ``i``
-    must not see key ``j`` (``j > i``, or another segment), on ``segments``' device."""
+    must not see key ``j`` (``j > i``, or another segment), on ``segments``' device; with
+    ``rows [r]`` (positions) only those queries' rows, ``[..., 1, r, s]``."""
     index = torch.arange(segments.size(-1), device=segments.device)
-    later = index[None, :] > index[:, None]
-    return (later | (segments[..., None, :] != segments[..., :, None])).unsqueeze(-3)
+    queries = index if rows is None else rows
+    later = index[None, :] > queries[:, None]
+    return (later | (segments[..., None, :] != segments[..., queries, None])).unsqueeze(-3)
 
 
 def document_positions_and_mask(tokens: torch.Tensor,

@@ -133,16 +133,18 @@ class CoreAttention(nn.Module):
         """``q, k [s, b, np or ng, hd]``, ``v [s, b, ng, vd]`` (``ng`` divides ``np``: each
         key and value head serves ``np / ng`` consecutive query heads; ``vd = hd`` but under
         multi-latent attention) -> ``[s, b, np * vd]``. ``attention_mask``: None (causal), a
-        mask, or the micro-batch's `PackedDocuments` (module doc)."""
-        if isinstance(attention_mask, PackedDocuments):
-            if self.cp_group is not None:
-                raise ValueError("packed documents attend within a rank's whole sequence: "
-                                 "under context parallelism pass their mask() instead")
-            return attention_mask.attend(self._attend, q, k, v)
+        mask, or the micro-batch's `PackedDocuments` (module doc; under context parallelism
+        with ``a2a`` only: the other kinds take their mask, `mask_for_layers`)."""
+        packed = isinstance(attention_mask, PackedDocuments)
+        if packed and self.cp_group is not None and (self.heads_group is None
+                                                     or self.ring_group is not None):
+            raise ValueError("packed documents split over context-parallel ranks: the "
+                             "attention under all_gather, p2p and a2a+p2p takes the rank's "
+                             "rows of their mask (mp.model.attention_masks.mask_for_layers)")
         if self.cp_group is None:
-            return self._attend(q, k, v, attention_mask)
+            return self._attend_within(q, k, v, attention_mask)
         if self.heads_group is not None:  # a2a; a2a+p2p with the ring inside
-            attend = self._attend if self.ring_group is None else self._ring
+            attend = self._attend_within if self.ring_group is None else self._ring
             return attention_over_heads(attend, q, k, v, attention_mask, self.heads_group)
         if self.ring_group is not None:
             return self._ring(q, k, v, attention_mask)
@@ -154,6 +156,13 @@ class CoreAttention(nn.Module):
         ``a2a+p2p``'s for the a2a group's share of the heads) -> ``[2L, b, np * vd]``."""
         return ring_attention(q, k, v, attention_mask, self.scale, self.ring_group,
                               window=self.window, sinks=self._ring_sinks(q))
+
+    def _attend_within(self, q, k, v, attention_mask: torch.Tensor | PackedDocuments | None
+                       ) -> torch.Tensor:
+        """`_attend`, or with packed documents `_attend` within each of them."""
+        if isinstance(attention_mask, PackedDocuments):
+            return attention_mask.attend(self._attend, q, k, v)
+        return self._attend(q, k, v, attention_mask)
 
     def _attend(self, q, k, v, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """``q [sq, b, np, hd]``, ``k [sk, b, ng, hd]``, ``v [sk, b, ng, vd]`` -> ``[sq, b,

@@ -14,8 +14,9 @@ import functools
 
 import torch
 
+from mp import parallel_state
 from mp.model.config import TransformerConfig
-from mp.model.context_parallel import exchange_groups, gather_query_rows
+from mp.model.context_parallel import exchange_groups, gather_query_rows, local_positions
 from mp.model.packed_documents import PackedDocuments
 
 
@@ -74,11 +75,18 @@ def mask_for_layers(attention_mask: torch.Tensor | PackedDocuments, config: Tran
     """A batch's boolean mask as every layer's attention takes it, made once for all of them:
     every query row under ``a2a`` context parallelism (`gather_query_rows`; its a2a group's
     under ``a2a+p2p``), and SDPA's additive form (`sdpa_bias`) for the SDPA core (the ring
-    attention of ``p2p`` and ``a2a+p2p`` keeps it boolean). `PackedDocuments` are taken as
-    they are."""
-    if isinstance(attention_mask, PackedDocuments):
-        return attention_mask
+    attention of ``p2p`` and ``a2a+p2p`` keeps it boolean). `PackedDocuments` of the whole
+    sequence are taken as they are without context parallelism and under ``a2a``; under the
+    other CP kinds they become the rank's query rows of their mask first (`local_positions`)."""
     heads, ring = exchange_groups(config)
+    if isinstance(attention_mask, PackedDocuments):
+        cp = config.context_parallel_size
+        if cp == 1 or (heads is not None and ring is None):
+            return attention_mask
+        rows = local_positions(attention_mask.shape[0], cp,
+                               parallel_state.get_context_parallel_rank(),
+                               attention_mask.segment_ids.device)
+        attention_mask = attention_mask.mask(rows)
     if heads is not None:
         attention_mask = gather_query_rows(attention_mask, heads)
     if ring is not None:  # ring attention takes the boolean mask

@@ -80,16 +80,15 @@ def get_batch_on_this_cp_rank(batch: dict[str, torch.Tensor], group: dist.Proces
                               ) -> dict[str, torch.Tensor]:
     """This CP rank's part of a micro-batch of ``[b, s]`` tensors (``tokens``, ``labels``,
     ``loss_mask``, ``position_ids``); an ``attention_mask [b, 1, s, s]`` keeps the rank's
-    query rows and every key (Megatron's ``get_batch_on_this_cp_rank``), and packed documents
-    (`mp.model.packed_documents`) become that mask."""
+    query rows and every key (Megatron's ``get_batch_on_this_cp_rank``); packed documents
+    (`mp.model.packed_documents`) stay whole (the model takes what its CP kind needs)."""
     cp = dist.get_world_size(group)
     if cp == 1:
         return batch
-    if isinstance(batch.get("attention_mask"), PackedDocuments):
-        batch = {**batch, "attention_mask": batch["attention_mask"].mask()}
     seq_length = batch["tokens"].size(1)
     index = local_positions(seq_length, cp, dist.get_rank(group), batch["tokens"].device)
-    return {key: value.index_select(2 if key == "attention_mask" else 1, index)
+    return {key: value if isinstance(value, PackedDocuments)
+            else value.index_select(2 if key == "attention_mask" else 1, index)
             for key, value in batch.items()}
 
 
@@ -175,7 +174,8 @@ def attention_over_heads(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: 
                          ) -> torch.Tensor:
     """``a2a``: `attention_over_gathered_keys`'s arguments and result, but every token of
     ``1 / c`` of the heads attended causally and traded back; a mask has every query row,
-    ``[b or 1, 1, s, s]`` (`gather_query_rows`). Under ``a2a+p2p`` ``group`` is the a2a
+    ``[b or 1, 1, s, s]`` (`gather_query_rows`), and packed documents are the whole
+    sequence's (`mp.model.packed_documents`: the tokens come back in sequence order). Under ``a2a+p2p`` ``group`` is the a2a
     group (A ranks) and ``attend`` the ring over the p2p group: the tokens traded are the
     group's, super-chunks ``g`` and ``2P - 1 - g`` (module doc), and a mask has their rows,
     ``[b or 1, 1, s / P, s]``."""

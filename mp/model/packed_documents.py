@@ -18,8 +18,10 @@ Buckets are 1, 2, 3, 4, 6, 8, 12, 16, 24, ... tokens (powers of two and 1.5 time
 capped at ``s``): a document is padded to less than 1.5 times its length, and a micro-batch
 calls the core once per bucket its documents fall in, at most ``2 log2(s)`` times. A
 micro-batch whose every sample is one document attends as it is, causally (no gathers).
-Context parallelism splits a document over ranks: there the documents become the dense mask
-again (`mask`, `mp.model.context_parallel.get_batch_on_this_cp_rank`).
+Under ``a2a`` context parallelism each rank attends every token of its share of the heads, in
+sequence order: the documents are gathered there as without CP. ``all_gather``, ``p2p`` and
+``a2a+p2p`` split a document over ranks: there the documents become the rank's rows of the
+dense mask (`mask`, in `mp.model.attention_masks.mask_for_layers`).
 """
 
 from __future__ import annotations
@@ -88,9 +90,10 @@ class PackedDocuments:
         self.inverse = where.view(b, s).t().flatten().to(device, non_blocking=True)
         self.segment_ids = segment_ids.to(device, non_blocking=True)
 
-    def mask(self) -> torch.Tensor:
-        """The same attention as a boolean ``[b, 1, s, s]`` mask, True = masked out."""
-        return segment_mask(self.segment_ids)
+    def mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The same attention as a boolean ``[b, 1, s, s]`` mask, True = masked out; with
+        ``rows [r]`` (query positions) only theirs, ``[b, 1, r, s]``."""
+        return segment_mask(self.segment_ids, rows)
 
     @torch.compiler.disable
     def attend(self, attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
