@@ -2,7 +2,7 @@
 computation written out in the test (tokens, labels and the loss mask shifted by hand, the
 full-vocabulary cross-entropy), training at tensor, sequence, pipeline (the embedding's copy
 on the last stage, tied and untied), data and expert parallel layouts against one process,
-and the config's rules."""
+packed documents against each document alone, and the config's rules."""
 
 import pytest
 import torch
@@ -24,6 +24,7 @@ from mp import parallel_state as ps
 from mp.checkpointing import load_checkpoint, save_checkpoint
 from mp.model import GPTModel, TransformerConfig
 from mp.model.aux_losses import set_aux_loss_scale, take_tracked
+from mp.model.packed_documents import PackedDocuments
 from mp.model.rope import rotary_freqs
 
 MTP = {"mtp_num_layers": 2, "mtp_loss_scaling_factor": 0.3, "position_embedding_type": "rope"}
@@ -95,6 +96,40 @@ def _against_reference(overrides: dict):
     ids=["two-depths", "one-depth-rms-swiglu", "experts"])
 def test_losses_and_gradients_match_the_written_out_computation(overrides):
     run_distributed(1, _against_reference, overrides)
+
+
+def _packed_against_alone() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each depth's loss over a sample packing documents of 5 and 7 tokens (packed
+    documents), and the same mean over each document alone: its mean loss times the places
+    with a target ``k`` ahead in it, ``n - k``, summed, over their count."""
+    ps.initialize_model_parallel(1)
+    torch.manual_seed(0)
+    model = GPTModel(TransformerConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB, seq_length=S,
+        make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0, **MTP))
+    g = torch.Generator().manual_seed(2)
+    ids, labels = (torch.randint(1, VOCAB, (1, S), generator=g) for _ in range(2))
+    lengths = (5, 7)
+    segments = torch.repeat_interleave(torch.arange(2), torch.tensor(lengths))[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    take_tracked()
+    with torch.no_grad():
+        model.train()
+        model(ids, positions, PackedDocuments(segments), labels=labels)
+        packed = take_tracked()
+        sums = [0.0] * MTP["mtp_num_layers"]
+        for doc_ids, doc_labels in zip(ids.split(lengths, 1), labels.split(lengths, 1)):
+            model(doc_ids, labels=doc_labels)
+            alone = take_tracked()
+            for k in range(1, len(sums) + 1):
+                sums[k - 1] += alone[f"mtp_{k} loss"][0] * (doc_ids.size(1) - k)
+    return [(packed[f"mtp_{k} loss"][0], sums[k - 1] / sum(n - k for n in lengths))
+            for k in range(1, len(sums) + 1)]
+
+
+def test_packed_documents_predict_within_each_document():
+    for got, want in run_distributed(1, _packed_against_alone)[0]:
+        assert_rel_close(got, want, what="a depth's loss")
 
 
 STEPS = 3

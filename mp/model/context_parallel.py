@@ -175,10 +175,10 @@ def attention_over_heads(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: 
     """``a2a``: `attention_over_gathered_keys`'s arguments and result, but every token of
     ``1 / c`` of the heads attended causally and traded back; a mask has every query row,
     ``[b or 1, 1, s, s]`` (`gather_query_rows`), and packed documents are the whole
-    sequence's (`mp.model.packed_documents`: the tokens come back in sequence order). Under ``a2a+p2p`` ``group`` is the a2a
-    group (A ranks) and ``attend`` the ring over the p2p group: the tokens traded are the
-    group's, super-chunks ``g`` and ``2P - 1 - g`` (module doc), and a mask has their rows,
-    ``[b or 1, 1, s / P, s]``."""
+    sequence's (`mp.model.packed_documents`: the tokens come back in sequence order). Under
+    ``a2a+p2p`` ``group`` is the a2a group (A ranks) and ``attend`` the ring over the p2p
+    group: the tokens traded are the group's, super-chunks ``g`` and ``2P - 1 - g`` (module
+    doc), and a mask has their rows, ``[b or 1, 1, s / P, s]``."""
     cp = dist.get_world_size(group)
     q, k, v = (_in_sequence_order(all_to_all(t, 2, 0, group), cp) for t in (q, k, v))
     context = attend(q, k, v, attention_mask)  # [s, b, np / c * d], causal

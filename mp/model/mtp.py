@@ -13,6 +13,11 @@ exists and the loss mask keeps (the mask shifted alike), averaged; the ``D`` los
 attached to the main model's hidden states (`mp.model.aux_losses.attach_aux_loss`: with the
 micro-batch's loss scale), and logged as ``mtp_1 loss`` ... ``mtp_D loss``.
 
+With packed documents (`mp.model.packed_documents`: ``--reset-attention-mask``, ``--sft``) the
+tokens, labels and loss mask move within each document, zeros where the place ``k`` ahead is
+in the next one (Megatron-Core rolls each packed sequence so), so no depth learns across
+documents; a mask given as a tensor carries no documents, and they move along the sample.
+
 Shapes: hidden ``[s, b, h]`` (``[s / t, b, h]`` with sequence parallelism), tokens, labels and
 the loss mask ``[b, s]``. ``eh_proj`` is a `mp.tensor_parallel.DuplicatedLinear`: whole on
 every TP rank, each computing its own tokens under sequence parallelism.
@@ -34,13 +39,18 @@ from mp.model.aux_losses import attach_aux_loss, track
 from mp.model.config import TransformerConfig
 from mp.model.init import init_method
 from mp.model.norm import build_norm
+from mp.model.packed_documents import PackedDocuments
 from mp.model.transformer import TransformerLayer
 from mp.tensor_parallel import DuplicatedLinear
 
 
-def shift_left(x: torch.Tensor, k: int) -> torch.Tensor:
-    """``x [b, s]`` moved ``k`` places left along the sequence, zeros in the last ``k``."""
-    return torch.cat((x[:, k:], x.new_zeros(x.size(0), k)), dim=1)
+def shift_left(x: torch.Tensor, k: int, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [b, s]`` moved ``k`` places left along the sequence, zeros in the last ``k``; with
+    ``segments [b, s]`` zeros too where the place ``k`` ahead is in another segment."""
+    shifted = torch.cat((x[:, k:], x.new_zeros(x.size(0), k)), dim=1)
+    if segments is None:
+        return shifted
+    return shifted.masked_fill(shift_left(segments, k) != segments, 0)
 
 
 class MTPLayer(nn.Module):
@@ -91,15 +101,17 @@ class MultiTokenPrediction(nn.Module):
         ``token_losses(normed [s, b, h], labels [b, s])`` the per-token losses ``[b, s]``
         (the model's output layer and cross-entropy)."""
         cfg = self.config
+        segments = (attention_mask.segment_ids
+                    if isinstance(attention_mask, PackedDocuments) else None)
         if attention_mask is not None:
             attention_mask = mask_for_layers(attention_mask, cfg, cfg.params_dtype)
         weight = cfg.mtp_loss_scaling_factor / len(self.layers)
         depth_hidden, total = hidden, 0.0
         for k, layer in enumerate(self.layers, start=1):
-            depth_hidden, normed = layer(depth_hidden, embed(shift_left(input_ids, k)),
+            depth_hidden, normed = layer(depth_hidden, embed(shift_left(input_ids, k, segments)),
                                          attention_mask, rotary_freqs)
-            mask = shift_left(loss_mask.float(), k)
-            losses = token_losses(normed, shift_left(labels, k))
+            mask = shift_left(loss_mask.float(), k, segments)
+            losses = token_losses(normed, shift_left(labels, k, segments))
             loss = (losses.float() * mask).sum() / mask.sum().clamp(min=1.0)
             track(f"mtp_{k} loss", loss)
             total = total + loss
