@@ -216,6 +216,14 @@ def test_flags_without_effect_say_why():
     (["--apply-residual-connection-post-layernorm"], (
         "--apply-residual-connection-post-layernorm: mp's layers add the residual from before "
         "the norm (pre-norm, Megatron's default)")),
+    (["--inprocess-restart"], ("--inprocess-restart: mp has no in-process restart "
+                               "(nvidia-resiliency-ext): a failed job stops, and --save / "
+                               "--load resume it")),
+    (["--hybrid-override-pattern", "M-M*"], (
+        "--hybrid-override-pattern: mp has no Mamba layers (Megatron's hybrid models): its "
+        "layers are attention with an MLP or experts")),
+    (["--is-hybrid-model"], ("--is-hybrid-model: mp has no Mamba layers (Megatron's hybrid "
+                             "models): its layers are attention with an MLP or experts")),
     (["--muon-scalar-optimizer", "lion"], (
         "--muon-scalar-optimizer: mp's Muon has no such option: it has --muon-momentum, "
         "--muon-use-nesterov, --muon-num-ns-steps, --muon-coefficient-type, --muon-scale-mode, "
@@ -494,6 +502,27 @@ def test_more_flags_without_effect():
     assert flag_notices(["--no-log-loss-scale-to-tensorboard"]) == [
         "notice: --no-log-loss-scale-to-tensorboard has no effect in mp: TensorBoard always "
         "gets the loss scale (loss-scale); mp has no switch to leave it out"]
+
+
+def test_monitoring_and_scheduling_flags_are_accepted_with_a_reason():
+    """Megatron's straggler detector, job telemetry, fault-tolerance package, energy and logger
+    level, and flags that change when work happens but not its result."""
+    argv = ["--config", TINY, "--log-straggler", "--straggler-minmax-count", "2",
+            "--one-logger-project", "p", "--app-tag-run-version", "1.0", "--enable-ft-package",
+            "--log-energy", "--logging-level", "20", "--ddp-average-in-collective",
+            "--defer-embedding-wgrad-compute", "--wgrad-deferral-limit", "2", "--lr", "2e-3"]
+    assert parse_args(argv, world_size=4).training.lr == 2e-3
+    assert notices_of(argv) == [
+        "notice: --log-straggler", "notice: --straggler-minmax-count 2",
+        "notice: --one-logger-project p", "notice: --app-tag-run-version 1.0",
+        "notice: --enable-ft-package", "notice: --log-energy", "notice: --logging-level 20",
+        "notice: --ddp-average-in-collective", "notice: --defer-embedding-wgrad-compute",
+        "notice: --wgrad-deferral-limit 2"]
+    assert flag_notices(["--ddp-average-in-collective"]) == [
+        "notice: --ddp-average-in-collective has no effect in mp: mp scales the gradients by "
+        "1/DP before it sums them over the data-parallel ranks: the same mean as averaging in "
+        "the collective"]
+    assert error_of("--logging-level") == "--logging-level needs a value"
 
 
 def test_a_bad_flag_value_is_one_error_line(tmp_path, capsys):

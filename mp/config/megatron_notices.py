@@ -19,6 +19,14 @@ _TP_OVERLAP = ("it tunes --tp-comm-overlap (Transformer Engine's userbuffers), w
 _ANY_LAYOUT = ("mp's checkpoints, optimizer state included, load at any parallel layout "
                "(docs/checkpoints.md)")
 _DEPRECATED = "Megatron-LM ignores it too (deprecated)"
+_STRAGGLER = ("mp has no straggler detector; every log line has the iteration's time "
+              "(ms/iter), and --profile traces chosen steps")
+_ONE_LOGGER = "it configures one_logger (NVIDIA's internal job telemetry), which mp does not have"
+_FT = ("it enables NVIDIA's internal fault-tolerance package, which mp does not have; "
+       "--distributed-timeout-minutes bounds how long a rank waits in a collective")
+_WGRAD_DEFERRAL = ("it moves the output layer's weight-gradient products to the pipeline flush, "
+                   "to overlap Transformer Engine's tensor-parallel communication "
+                   "(--tp-comm-overlap), which mp does not do; the gradients are the same")
 
 #: Megatron-LM flags that mp accepts and that change nothing in mp -> (how many values they
 #: take, None for any number; why). A job started with one says so once (`no_effect_notices`).
@@ -141,6 +149,27 @@ NO_EFFECT_FLAGS: dict[str, tuple[int | None, str]] = {
                                                           "the tokenizer")),
     "--no-initialization": (0, ("mp always initializes the weights (a --load then overwrites "
                                 "them); Megatron skips it to start faster")),
+    "--log-straggler": (0, _STRAGGLER),
+    "--disable-straggler-on-startup": (0, _STRAGGLER),
+    "--straggler-ctrlr-port": (1, _STRAGGLER),
+    "--straggler-minmax-count": (1, _STRAGGLER),
+    "--run-workload-inspector-server": (0, ("mp has no workload inspector server; --profile "
+                                            "traces chosen steps with torch.profiler")),
+    "--no-one-logger": (0, _ONE_LOGGER),
+    "--one-logger-project": (1, _ONE_LOGGER),
+    "--one-logger-run-name": (1, _ONE_LOGGER),
+    "--one-logger-async": (0, _ONE_LOGGER),
+    "--app-tag-run-name": (1, _ONE_LOGGER),
+    "--app-tag-run-version": (1, _ONE_LOGGER),
+    "--enable-ft-package": (0, _FT),
+    "--calc-ft-timeouts": (0, _FT),
+    "--log-energy": (0, "mp does not read the GPUs' energy counters"),
+    "--logging-level": (1, "mp prints its messages itself; it has no logger levels to set"),
+    "--ddp-average-in-collective": (0, ("mp scales the gradients by 1/DP before it sums them "
+                                        "over the data-parallel ranks: the same mean as "
+                                        "averaging in the collective")),
+    "--defer-embedding-wgrad-compute": (0, _WGRAD_DEFERRAL),
+    "--wgrad-deferral-limit": (1, _WGRAD_DEFERRAL),
 }
 
 #: Megatron-LM flags of features mp does not have -> what to say when one is given
@@ -155,6 +184,8 @@ _NVRX = ("mp has no local (NVRx) checkpoints; --save writes torch.distributed.ch
          "directories")
 _FABRIC = ("mp's collectives are plain torch.distributed ones (NCCL with CUDA, gloo on the "
            "CPU), with no fabric-specific options")
+_MAMBA = ("mp has no Mamba layers (Megatron's hybrid models): its layers are attention "
+          "with an MLP or experts")
 _CONVERT = ("mp writes one checkpoint format; tools/convert_checkpoint.py converts Megatron-Core "
             "and Hugging Face checkpoints")
 
@@ -201,6 +232,7 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--apply-residual-connection-post-layernorm": ("mp's layers add the residual from before "
                                                    "the norm (pre-norm, Megatron's default)"),
     "--use-legacy-models": "mp has one GPT, laid out as Megatron-Core's; drop the flag",
+    "--is-hybrid-model": _MAMBA,
 }
 #: Flag-name prefixes of Megatron-LM feature families mp does not have -> what to say.
 UNSUPPORTED_PREFIXES: dict[str, str] = {
@@ -213,6 +245,10 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
                 "--muon-extra-scale-factor, --muon-fp32-matmul-prec, --muon-tp-mode, "
                 "--muon-no-split-qkv (docs/training.md)"),
     "--heterogeneous-layers-": "mp's layers all have the same shape (one per model config)",
+    "--hybrid-": _MAMBA,
+    "--mamba-": _MAMBA,
+    "--inprocess-": ("mp has no in-process restart (nvidia-resiliency-ext): a failed job stops, "
+                     "and --save / --load resume it"),
     "--moe-": ("mp's mixture of experts has no such option: it has --num-experts, "
                "--moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
                "--moe-router-pre-softmax, "
