@@ -4,6 +4,9 @@ attention under the dense document mask -- the core in float64 (both cores, grou
 sinks, a window, values of another width), a GPT at TP 2 with sequence parallelism and each
 recompute mode -- with no ``[s, s]`` mask kept; the refusals."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from checks import assert_rel_close
@@ -170,20 +173,24 @@ def test_a_tp2_gpt_trains_as_under_the_document_mask(recompute):
 
 
 def _graphs_over_micro_batches() -> list[int]:
-    """Compiled layers (as ``compile_layers`` compiles them; TorchDynamo's eager backend):
+    """A model with ``compile_layers`` (TorchDynamo's eager backend in place of inductor's):
     the graphs made so far after each of three micro-batches whose documents fall in different
     buckets."""
     from torch._dynamo.utils import counters
 
     ps.initialize_model_parallel(1)
     torch.manual_seed(6)
-    model = GPTModel(TransformerConfig(
-        num_layers=1, hidden_size=32, num_attention_heads=4, vocab_size=64, seq_length=S,
-        hidden_dropout=0.0, attention_dropout=0.0, position_embedding_type="rope"))
     torch._dynamo.reset()
     counters.clear()
-    for layer in model.decoder.layers:
-        layer.compile(backend="eager")
+    compile_module = torch.nn.Module.compile
+    torch.nn.Module.compile = lambda self: compile_module(self, backend="eager")
+    try:
+        model = GPTModel(TransformerConfig(
+            num_layers=1, hidden_size=32, num_attention_heads=4, vocab_size=64, seq_length=S,
+            hidden_dropout=0.0, attention_dropout=0.0, position_embedding_type="rope",
+            compile_layers=True))
+    finally:
+        torch.nn.Module.compile = compile_module
     graphs = []
     for seed in range(3):
         segments = _segments(seed)
@@ -198,6 +205,16 @@ def _graphs_over_micro_batches() -> list[int]:
 
 def test_compiled_layers_compile_once_whatever_the_buckets():
     """The gathers and calls, whose number and shapes change with every micro-batch, run
-    outside the compiled graphs (`PackedDocuments.attend` is not traced)."""
+    outside the compiled graphs (`CoreAttention` does not let them be traced)."""
     graphs = run_distributed(1, _graphs_over_micro_batches)[0]
     assert graphs[0] > 0 and graphs == [graphs[0]] * 3, graphs
+
+
+def test_the_model_imports_without_torchdynamo():
+    """Deciding what compiled layers leave untraced imports TorchDynamo only for them: its
+    import is seconds of every job's start-up."""
+    code = ("import sys, mp.model.gpt, mp.training.gpt_step; "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"

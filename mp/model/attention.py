@@ -120,6 +120,11 @@ class CoreAttention(nn.Module):
                          if config.context_parallel_size > 1 else None)
         self.heads_group, self.ring_group = exchange_groups(config)  # a2a's, p2p's
         self.backend = config.attention_backend
+        # compiled layers attend packed documents outside their graphs, which would compile
+        # again for every micro-batch's buckets (decided here: torch.compiler.disable imports
+        # TorchDynamo, seconds of every job's start-up)
+        self._packed_attend = (torch.compiler.disable(PackedDocuments.attend)
+                               if config.compile_layers else PackedDocuments.attend)
         self.dropout = config.attention_dropout
         self.scale = config.softmax_scale
         self.softmax = FusedScaleMaskSoftmax(
@@ -161,7 +166,7 @@ class CoreAttention(nn.Module):
                        ) -> torch.Tensor:
         """`_attend`, or with packed documents `_attend` within each of them."""
         if isinstance(attention_mask, PackedDocuments):
-            return attention_mask.attend(self._attend, q, k, v)
+            return self._packed_attend(attention_mask, self._attend, q, k, v)
         return self._attend(q, k, v, attention_mask)
 
     def _attend(self, q, k, v, attention_mask: torch.Tensor | None) -> torch.Tensor:

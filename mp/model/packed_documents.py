@@ -95,14 +95,13 @@ class PackedDocuments:
         ``rows [r]`` (query positions) only theirs, ``[b, 1, r, s]``."""
         return segment_mask(self.segment_ids, rows)
 
-    @torch.compiler.disable
     def attend(self, attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> torch.Tensor:
         """``q [s, b, np, hd]``, ``k [s, b, ng, hd]``, ``v [s, b, ng, vd]`` -> ``[s, b, F]``:
         ``attend(q', k', v', None)`` on each bucket's ``[L, D, ...]`` gathers, causal within
-        each document, its ``[L, D, F]`` gathered back. Never traced by TorchDynamo
-        (``compile_layers``): the calls' number and shapes change with every micro-batch, and
-        a compiled layer would compile again for each."""
+        each document, its ``[L, D, F]`` gathered back. Compiled layers must not trace it:
+        the calls' number and shapes change with every micro-batch, and a compiled layer would
+        compile again for each (`mp.model.attention.CoreAttention` runs it outside them)."""
         if tuple(q.shape[:2]) != self.shape:
             raise ValueError(f"queries [s, b] = {list(q.shape[:2])} do not match the packed "
                              f"documents' [s, b] = {list(self.shape)}")
