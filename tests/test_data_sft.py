@@ -3,6 +3,8 @@ out as strings, the samples against a packing written with loops, the conversati
 rules, the split of their lines and the cache of their line index, the embedded conversations
 against the source they come from, and the config's refusals."""
 
+import contextlib
+import io
 import json
 import os
 
@@ -236,18 +238,25 @@ def test_a_cache_that_cannot_be_written_leaves_the_file_read_each_time(tmp_path,
         assert "mp.data: cannot cache the line index of" in capsys.readouterr().out
 
 
-def _opened_by_two_ranks(path: str, cache: str) -> tuple[bool, list]:
-    file = ConversationFile(path, cache)
-    return file.read_anew, [file[i] for i in range(len(file))]
+def _opened_by_two_ranks(path: str, cache: str) -> tuple[bool, list, str]:
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        file = ConversationFile(path, cache)
+    return file.read_anew, [file[i] for i in range(len(file))], out.getvalue()
 
 
-def test_one_rank_reads_the_file_and_the_others_load_its_index(tmp_path):
+@pytest.mark.parametrize("writable", [True, False])
+def test_one_rank_reads_the_file_and_the_others_load_its_index(tmp_path, writable):
+    """A cache that cannot be written: each rank reads, the first one says so."""
     lines = [_line("user:q", f"assistant:a{i}") for i in range(5)]
     path = _write(tmp_path / "c.jsonl", lines)
-    (rank0, read0), (rank1, read1) = run_distributed(2, _opened_by_two_ranks, path,
-                                                     str(tmp_path / "index"))
-    assert (rank0, rank1) == (True, False)
-    assert read0 == read1 == [m["messages"] for m in lines]
+    cache = tmp_path / "index"
+    if not writable:
+        cache.write_text("")
+    (read0, got0, said0), (read1, got1, said1) = run_distributed(2, _opened_by_two_ranks, path,
+                                                                 str(cache))
+    assert (read0, read1) == (True, not writable)
+    assert got0 == got1 == [m["messages"] for m in lines]
+    assert ("cannot cache the line index" in said0, said1) == (not writable, "")
 
 
 def _answers(dataset) -> set[str]:

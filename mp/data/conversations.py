@@ -100,7 +100,8 @@ class ConversationFile:
     (blank lines skipped), ``len(file)`` the number of lines.
 
     ``path_to_cache``: where the line index is cached (`cache_file`); a directory that cannot
-    be written leaves every rank reading the file itself, with a notice. ``group``: the
+    be written leaves every rank reading the file itself, with a notice (from the group's
+    first rank). ``group``: the
     build-once collective's (default: the world); every rank of it must open the file.
     ``read_anew``: whether this rank read and checked the lines."""
 
@@ -118,9 +119,10 @@ class ConversationFile:
                 os.makedirs(os.path.dirname(cache), exist_ok=True)
                 save_array(cache, read[0])
             except OSError as error:
-                print(f"mp.data: cannot cache the line index of {path} in "
-                      f"{os.path.dirname(cache)} ({error}); each rank reads the file itself. "
-                      "--data-cache-path names a writable directory", flush=True)
+                if not dist.is_initialized() or dist.get_rank(group) == 0:  # said once
+                    print(f"mp.data: cannot cache the line index of {path} in "
+                          f"{os.path.dirname(cache)} ({error}); each rank reads the file "
+                          "itself. --data-cache-path names a writable directory", flush=True)
 
         build_once(lambda: os.path.isfile(cache), build, f"the line index {cache}", group)
         self.read_anew = bool(read)
