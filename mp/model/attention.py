@@ -120,9 +120,8 @@ class CoreAttention(nn.Module):
                          if config.context_parallel_size > 1 else None)
         self.heads_group, self.ring_group = exchange_groups(config)  # a2a's, p2p's
         self.backend = config.attention_backend
-        # compiled layers attend packed documents outside their graphs, which would compile
-        # again for every micro-batch's buckets (decided here: torch.compiler.disable imports
-        # TorchDynamo, seconds of every job's start-up)
+        # compiled layers attend packed documents outside their graphs (which would compile
+        # again for each micro-batch's buckets); torch.compiler.disable imports TorchDynamo
         self._packed_attend = (torch.compiler.disable(PackedDocuments.attend)
                                if config.compile_layers else PackedDocuments.attend)
         self.dropout = config.attention_dropout
@@ -140,9 +139,8 @@ class CoreAttention(nn.Module):
         multi-latent attention) -> ``[s, b, np * vd]``. ``attention_mask``: None (causal), a
         mask, or the micro-batch's `PackedDocuments` (module doc; under context parallelism
         with ``a2a`` only: the other kinds take their mask, `mask_for_layers`)."""
-        packed = isinstance(attention_mask, PackedDocuments)
-        if packed and self.cp_group is not None and (self.heads_group is None
-                                                     or self.ring_group is not None):
+        if isinstance(attention_mask, PackedDocuments) and self.cp_group is not None and (
+                self.heads_group is None or self.ring_group is not None):
             raise ValueError("packed documents split over context-parallel ranks: the "
                              "attention under all_gather, p2p and a2a+p2p takes the rank's "
                              "rows of their mask (mp.model.attention_masks.mask_for_layers)")
