@@ -34,7 +34,7 @@ from mp.model.attention_masks import mask_for_layers
 from mp.model.packed_documents import PackedDocuments
 
 
-def document_segments(batch: int, seq: int, low: int, high: int, generator: torch.Generator
+def random_segments(batch: int, seq: int, low: int, high: int, generator: torch.Generator
                       ) -> torch.Tensor:
     """``[batch, seq]`` segment ids of samples filled with documents of ``low..high`` tokens."""
     rows = []
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         core = CoreAttention(config).to(device)
         for lengths in args.doc_lengths:
             low, high = (int(n) for n in lengths.split("-"))
-            segments = document_segments(args.batch, s, low, high, g)
+            segments = random_segments(args.batch, s, low, high, g)
             documents = PackedDocuments(segments, device)
             mean = s * args.batch / (int(segments[:, -1].sum()) + args.batch)
             rows = [("mask", 1, lambda q, k, v: core(q, k, v, mask_for_layers(
