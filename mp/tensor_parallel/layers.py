@@ -36,6 +36,7 @@ from torch import nn
 from mp import parallel_state
 from mp.comm import all_gather_single, reduce_scatter_single
 from mp.device import get_device
+from mp.tensor_parallel.fp8 import PLAIN, Fp8Gemms, Fp8Recipe, Gemms, check_fp8_dims
 from mp.tensor_parallel.mappings import (
     _gather_along_first_dim,
     gather_from_tensor_model_parallel_region,
@@ -112,7 +113,8 @@ def _bias(size: int, params_dtype, device, sharded: bool, group) -> nn.Parameter
 
 
 class LinearWithAsyncGradReduce(torch.autograd.Function):
-    """``F.linear`` of a column-parallel layer with its TP communication fused in.
+    """``F.linear`` of a column-parallel layer with its TP communication fused in, its
+    products by ``gemms`` (`mp.tensor_parallel.fp8`: plain or FP8).
 
     Forward: with sequence parallelism, all-gather the input ``[s/t, b, in]`` -> ``[s, b, in]``.
     Backward: compute the input gradient first, start its all-reduce (or reduce-scatter with
@@ -120,14 +122,16 @@ class LinearWithAsyncGradReduce(torch.autograd.Function):
     flight (Megatron's overlap; on CUDA set ``CUDA_DEVICE_MAX_CONNECTIONS=1`` so the
     communication kernel is scheduled before the weight-gradient GEMM). With sequence
     parallelism only the local ``[s/t, b, in]`` input is saved and re-gathered in backward.
+    ``group`` None: no communication (an FP8 linear of any other kind, `_linear`).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, sequence_parallel):
+    def forward(ctx, x, weight, bias, group, sequence_parallel, gemms: Gemms = PLAIN):
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.sequence_parallel, ctx.has_bias = group, sequence_parallel, bias is not None
+        ctx.gemms = gemms
         total = _gather_along_first_dim(x, group) if sequence_parallel else x
-        return F.linear(total, weight, bias)
+        return gemms.linear(total, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -141,9 +145,12 @@ class LinearWithAsyncGradReduce(torch.autograd.Function):
         else:
             total, gather = x, None
         grad_x, reduce = None, None
+        dy = ctx.gemms.gradient(grad_output)
         if need_x:
-            grad_total = grad_output.matmul(weight)
-            if sp:
+            grad_total = ctx.gemms.dgrad(dy, weight)
+            if group is None:
+                grad_x = grad_total
+            elif sp:
                 grad_x = torch.empty_like(x)
                 reduce = reduce_scatter_single(grad_x, grad_total, group=group,
                                                async_op=True)
@@ -152,12 +159,29 @@ class LinearWithAsyncGradReduce(torch.autograd.Function):
                 reduce = dist.all_reduce(grad_x, group=group, async_op=True)
         if gather is not None:
             gather.wait()
-        grad_2d = grad_output.reshape(-1, grad_output.size(-1))
-        grad_w = grad_2d.t().matmul(total.reshape(-1, total.size(-1))) if need_w else None
-        grad_b = grad_2d.sum(0) if ctx.has_bias and need_b else None
+        grad_w = ctx.gemms.wgrad(dy, total) if need_w else None
+        grad_b = grad_output.reshape(-1, grad_output.size(-1)).sum(0) if ctx.has_bias and \
+            need_b else None
         if reduce is not None:
             reduce.wait()
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _linear(x, weight, bias, gemms: Fp8Gemms | None):
+    """``F.linear``, or ``gemms``' FP8 products when the layer has them."""
+    if gemms is None:
+        return F.linear(x, weight, bias)
+    return LinearWithAsyncGradReduce.apply(x, weight, bias, None, False, gemms)
+
+
+def _fp8_gemms(fp8: Fp8Recipe | None, group, in_size: int, out_size: int) -> Fp8Gemms | None:
+    """The FP8 products of a ``[out_size, in_size]`` weight shard (sizes checked), amaxes
+    all-reduced over ``group``; None without ``fp8``."""
+    if fp8 is None:
+        return None
+    check_fp8_dims(f"an FP8 linear layer's [{out_size}, {in_size}] weight shard",
+                   in_features=in_size, out_features=out_size)
+    return Fp8Gemms(fp8, group)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -167,6 +191,7 @@ class ColumnParallelLinear(nn.Module):
     ``[..., out / t]``); ``skip_bias_add`` returns the bias instead of adding it, so the caller
     can fuse it; ``sequence_parallel`` takes a ``[s / t, b, in]`` input and all-gathers it;
     ``skip_weight_param_allocation`` makes ``forward`` take the weight (a tied output layer).
+    ``fp8`` runs its products in FP8 (`mp.tensor_parallel.fp8`).
 
     Returns ``(output, bias)``, ``bias`` being ``None`` unless ``skip_bias_add``.
     """
@@ -176,7 +201,7 @@ class ColumnParallelLinear(nn.Module):
                  skip_bias_add: bool = False, sequence_parallel: bool = False,
                  skip_weight_param_allocation: bool = False,
                  params_dtype: torch.dtype = torch.float32, device=None, group=None,
-                 perform_initialization: bool = True):
+                 perform_initialization: bool = True, fp8: Fp8Recipe | None = None):
         super().__init__()
         if sequence_parallel and gather_output:
             raise ValueError("ColumnParallelLinear: sequence_parallel=True and gather_output=True "
@@ -192,6 +217,7 @@ class ColumnParallelLinear(nn.Module):
             perform_initialization)
         self.bias = _bias(self.output_size_per_partition, params_dtype, device, True,
                           self.group) if bias else None
+        self.gemms = _fp8_gemms(fp8, self.group, input_size, self.output_size_per_partition)
 
     def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None):
         if weight is None:
@@ -204,10 +230,11 @@ class ColumnParallelLinear(nn.Module):
                              f"{(self.output_size_per_partition, self.input_size)}")
         bias = None if self.skip_bias_add else self.bias
         if self.world_size == 1:
-            output = F.linear(input_, weight, bias)
+            output = _linear(input_, weight, bias, self.gemms)
         else:
             output = LinearWithAsyncGradReduce.apply(input_, weight, bias, self.group,
-                                                     self.sequence_parallel)
+                                                     self.sequence_parallel,
+                                                     self.gemms or PLAIN)
         if self.gather_output:
             output = gather_from_tensor_model_parallel_region(output, group=self.group)
         return output, (self.bias if self.skip_bias_add else None)
@@ -219,14 +246,15 @@ class RowParallelLinear(nn.Module):
     ``input_is_parallel`` says the input is already split ``[..., in / t]`` (the output of a
     ColumnParallelLinear); otherwise it is split here. The partial products are all-reduced,
     or reduce-scattered to ``[s / t, b, out]`` with ``sequence_parallel``; the bias is added
-    after the reduction. Returns ``(output, bias)`` as ColumnParallelLinear does.
+    after the reduction. ``fp8`` runs its product in FP8. Returns ``(output, bias)`` as
+    ColumnParallelLinear does.
     """
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True,
                  input_is_parallel: bool = False, init_method: InitMethod = nn.init.xavier_normal_,
                  skip_bias_add: bool = False, sequence_parallel: bool = False,
                  params_dtype: torch.dtype = torch.float32, device=None, group=None,
-                 perform_initialization: bool = True):
+                 perform_initialization: bool = True, fp8: Fp8Recipe | None = None):
         super().__init__()
         if sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear: sequence_parallel=True needs "
@@ -242,15 +270,16 @@ class RowParallelLinear(nn.Module):
         self.bias = _bias(output_size, params_dtype, device, False, self.group) if bias else None
         if self.bias is not None:
             self.bias.sequence_parallel = sequence_parallel
+        self.gemms = _fp8_gemms(fp8, self.group, self.input_size_per_partition, output_size)
 
     def forward(self, input_: torch.Tensor):
         if self.world_size == 1:
             if self.skip_bias_add:
-                return F.linear(input_, self.weight), self.bias
-            return F.linear(input_, self.weight, self.bias), None
+                return _linear(input_, self.weight, None, self.gemms), self.bias
+            return _linear(input_, self.weight, self.bias, self.gemms), None
         if not self.input_is_parallel:
             input_ = scatter_to_tensor_model_parallel_region(input_, group=self.group)
-        partial = F.linear(input_, self.weight)
+        partial = _linear(input_, self.weight, None, self.gemms)
         if self.sequence_parallel:
             output = reduce_scatter_to_sequence_parallel_region(partial, group=self.group)
         else:
