@@ -22,14 +22,15 @@ from mp.model import GPTModel, TransformerConfig
 from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
 
 # What generation changes in the saved model config: one stage, no sequence parallelism
-# (the sequence grows a token at a time), nothing that only matters in training.
+# (the sequence grows a token at a time), no FP8 (its products need multiples of 16 tokens),
+# nothing that only matters in training.
 _FOR_GENERATION = dict(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
                        context_parallel_size=1, expert_model_parallel_size=1,
                        expert_tensor_parallel_size=None, **UNEVEN_SPLIT_FIELDS,
                        sequence_parallel=False, recompute_granularity=None,
                        recompute_modules=None, recompute_method=None, recompute_num_layers=None,
                        distribute_saved_activations=False, hidden_dropout=0.0,
-                       attention_dropout=0.0, compile_layers=False)
+                       attention_dropout=0.0, compile_layers=False, fp8=None)
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:

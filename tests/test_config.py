@@ -517,7 +517,8 @@ _RUN_ARGS = ("normalization_impl", "mtp_loss_scaling_factor", "hidden_dropout",
              "expert_model_parallel_size", "expert_tensor_parallel_size", "overlap_p2p_comm",
              "recompute_granularity", "recompute_modules", "recompute_method",
              "recompute_num_layers", "distribute_saved_activations", "precision",
-             "fp32_residual_connection")
+             "fp32_residual_connection", "fp8", "fp8_recipe", "fp8_wgrad",
+             "first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16")
 
 
 def test_every_model_field_is_a_checkpoint_arg_or_the_runs():

@@ -163,8 +163,9 @@ def test_flags_without_effect_say_why():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--fp8-format", "hybrid"], ("--fp8-format: mp has no FP8 training (Transformer Engine); "
-     "use --bf16")),
+    (["--fp8-param-gather"], ("--fp8-param-gather: mp's FP8 is --fp8-format e4m3|hybrid with "
+     "--fp8-recipe tensorwise (the transformer layers' linears, each operand scaled by its own "
+     "amax); it keeps no FP8 parameters and gathers none")),
     (["--moe-router-force-load-balancing"],  # any --moe-* flag mp does not read
      "--moe-router-force-load-balancing: mp's mixture of experts has no such option: it has "
      "--num-experts, --moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
@@ -193,8 +194,6 @@ def test_flags_without_effect_say_why():
         "to check its result (a non-finite loss stops a bf16/fp32 run); only disabled is "
         "accepted")),
     (["--fp4-format", "e2m1"], "--fp4-format: mp has no FP4 training (Transformer Engine); use "
-     "--bf16"),
-    (["--no-fp8-wgrad"], "--no-fp8-wgrad: mp has no FP8 training (Transformer Engine); use "
      "--bf16"),
     (["--spec", "my.specs", "layer_spec"], (
         "--spec my.specs layer_spec: mp builds Megatron's local layers (--spec local); it takes "

@@ -24,6 +24,7 @@ from mp.config.sections import DataConfig, LoggingConfig
 from mp.config.training_section import TrainingConfig
 from mp.model.aux_losses import tracked_names
 from mp.model.config import TransformerConfig
+from mp.model.fp8_layers import check_fp8_tokens
 from mp.rank_layout import check_rank_order
 
 
@@ -92,8 +93,9 @@ class JobConfig:
         (`TrainingConfig.check_optimizer_instances`), FSDP goes with the model
         (`_check_fsdp`), the TP-PP-DP rank order has no CP or EP, a run counted in samples
         holds at least one iteration, ``training.grad_reduce_in_bf16`` goes with a bf16 model,
-        DeepSpeed jobs do not ask for the norms and counts only mp's optimizer measures, and
-        the ranks to profile exist."""
+        DeepSpeed jobs do not ask for the norms and counts only mp's optimizer measures, an
+        FP8 model's micro-batches hold a multiple of 16 tokens a rank, and the ranks to profile
+        exist."""
         schedule = self.batch_schedule(world_size)
         step = schedule.micro_batch_size * schedule.data_parallel_size
         for batch in schedule.batch_sizes():
@@ -119,6 +121,10 @@ class JobConfig:
                                                 m.context_parallel_size,
                                                 m.expert_model_parallel_size)
         self._check_auxiliary_losses()
+        try:
+            check_fp8_tokens(m, self.training.micro_batch_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if self.training.grad_reduce_in_bf16 and self.model.precision != "bf16":
             raise ConfigError(f"training.grad_reduce_in_bf16=true needs model.precision='bf16' "
                               f"(got {self.model.precision!r}): fp32 and fp16 runs reduce "

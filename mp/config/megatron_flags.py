@@ -42,7 +42,8 @@ _MEGATRON_NAMES = {
         "mtp_loss_scaling_factor", "window_size", "window_attn_skip_freq", "rotary_interleaved",
         "qk_l2_norm", "no_rope_freq", "activation_func_clamp_value", "glu_linear_offset",
         "softmax_type", "yarn_original_max_position_embeddings", "yarn_beta_fast",
-        "yarn_beta_slow",
+        "yarn_beta_slow", "fp8_recipe", "first_last_layers_bf16", "num_layers_at_start_in_bf16",
+        "num_layers_at_end_in_bf16",
     ),
     "training": (
         "micro_batch_size", "global_batch_size", "train_iters", "train_samples",
@@ -98,6 +99,7 @@ ALIASES: dict[str, str] = {
 
 ALIASES["--overlap-p2p-communication"] = "model.overlap_p2p_comm"  # Megatron's spellings
 ALIASES["--num-experts"] = "model.num_moe_experts"
+ALIASES["--fp8-format"] = "model.fp8"
 ALIASES["--rotary-scaling-factor"] = "model.yarn_rotary_scaling_factor"
 ALIASES["--mscale"] = "model.yarn_mscale"
 ALIASES["--mscale-all-dim"] = "model.yarn_mscale_all_dim"
@@ -164,6 +166,7 @@ CONSTANT_FLAGS: dict[str, tuple[str, str]] = {
     "--no-cross-entropy-loss-fusion": ("model.cross_entropy_loss_fusion", "false"),
     "--apply-layernorm-1p": ("model.layernorm_zero_centered_gamma", "true"),
     "--fp32-residual-connection": ("model.fp32_residual_connection", "true"),
+    "--no-fp8-wgrad": ("model.fp8_wgrad", "false"),
     "--no-manual-gc-eval": ("training.manual_gc_eval", "false"),
     "--no-mmap-bin-files": ("data.mmap_bin_files", "false"),
     "--no-data-sharding": ("data.data_sharding", "false"),

@@ -28,6 +28,9 @@ _WGRAD_DEFERRAL = ("it moves the output layer's weight-gradient products to the 
                    "to overlap Transformer Engine's tensor-parallel communication "
                    "(--tp-comm-overlap), which mp does not do; the gradients are the same")
 
+_DELAYED = ("it sets Transformer Engine's delayed scaling; mp's --fp8-recipe tensorwise scales "
+            "each operand by its own amax at every product")
+
 #: Megatron-LM flags that mp accepts and that change nothing in mp -> (how many values they
 #: take, None for any number; why). A job started with one says so once (`no_effect_notices`).
 NO_EFFECT_FLAGS: dict[str, tuple[int | None, str]] = {
@@ -168,6 +171,8 @@ NO_EFFECT_FLAGS: dict[str, tuple[int | None, str]] = {
     "--ddp-average-in-collective": (0, ("mp scales the gradients by 1/DP before it sums them "
                                         "over the data-parallel ranks: the same mean as "
                                         "averaging in the collective")),
+    **dict.fromkeys(("--fp8-margin", "--fp8-interval", "--fp8-amax-history-len",
+                     "--fp8-amax-compute-algo"), (1, _DELAYED)),
     "--defer-embedding-wgrad-compute": (0, _WGRAD_DEFERRAL),
     "--wgrad-deferral-limit": (1, _WGRAD_DEFERRAL),
 }
@@ -177,7 +182,9 @@ NO_EFFECT_FLAGS: dict[str, tuple[int | None, str]] = {
 _FSDP = ("mp has no Megatron FSDP (--use-megatron-fsdp); --use-torch-fsdp2 shards parameters, "
          "gradients and optimizer state with PyTorch's FSDP2, --use-distributed-optimizer the "
          "optimizer state")
-_FP8 = "mp has no FP8 training (Transformer Engine); use --bf16"
+_FP8 = ("mp's FP8 is --fp8-format e4m3|hybrid with --fp8-recipe tensorwise (the transformer "
+        "layers' linears, each operand scaled by its own amax); it keeps no FP8 parameters "
+        "and gathers none")
 _RERUN = ("mp has no re-run engine: it never re-runs an iteration to check its result (a "
           "non-finite loss stops a bf16/fp32 run)")
 _NVRX = ("mp has no local (NVRx) checkpoints; --save writes torch.distributed.checkpoint "
@@ -199,9 +206,8 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
                      "--fsdp-double-buffer", "--suggested-communication-unit-size",
                      "--enable-full-sharding-in-hsdp",
                      "--init-model-with-meta-device", "--no-strict-fsdp-dtensor-load"), _FSDP),
-    **dict.fromkeys(("--no-fp8-wgrad", "--first-last-layers-bf16", "--num-layers-at-start-in-bf16",
-                     "--num-layers-at-end-in-bf16", "--reuse-grad-buf-for-mxfp8-param-ag",
-                     "--keep-fp8-transpose-cache"), _FP8),
+    **dict.fromkeys(("--reuse-grad-buf-for-mxfp8-param-ag", "--keep-fp8-transpose-cache"),
+                    _FP8),
     "--batch-size": _renamed("--micro-batch-size"),
     "--warmup": _renamed("--lr-warmup-iters, --lr-warmup-samples or --lr-warmup-fraction"),
     "--model-parallel-size": _renamed("--tensor-model-parallel-size"),

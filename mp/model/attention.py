@@ -1,22 +1,21 @@
 """Causal self-attention with heads split over tensor-parallel ranks.
 
-``[s, b, h]`` (or ``[s / t, b, h]`` with sequence parallelism) -> fused QKV projection
-(column-parallel, ``[s, b, (a + 2 g) d / t]``: this rank's ``np = a / t`` query heads and
-``ng = g / t`` key/value heads) -> attention per head -> output projection (row-parallel,
-reduced back to ``[s, b, h]`` or ``[s / t, b, h]``). ``a`` heads of size ``d`` (``kv_channels``,
-``h / a`` by default; the output projection takes ``a d`` inputs) share ``g`` key/value heads
-(``num_query_groups``): ``g = a`` is multi-head attention, ``g < a`` grouped-query attention
-(Ainslie et al. 2023), ``g = 1`` multi-query attention.
+``[s, b, h]`` (``[s / t, b, h]`` with sequence parallelism) -> fused QKV projection (column-
+parallel, ``[s, b, (a + 2 g) d / t]``: this rank's ``np = a / t`` query heads and ``ng = g / t``
+key/value heads) -> attention per head -> output projection (row-parallel, reduced back to
+``[s, b, h]`` or ``[s / t, b, h]``). ``a`` heads of size ``d`` (``kv_channels``, ``h / a`` by
+default; the output projection takes ``a d`` inputs) share ``g`` key/value heads
+(``num_query_groups``): ``g = a`` multi-head, ``g < a`` grouped-query, ``g = 1`` multi-query.
 
 The fused QKV weight is laid out per query group, ``[g, a / g + 2, d]`` along its output
 dim: the group's queries, then its key, then its value (Megatron's layout; with ``g = a``
 that is ``[heads, 3, d]``). A contiguous TP slice holds whole groups.
 
-Two attention cores:
-- ``sdpa`` (default): ``torch.nn.functional.scaled_dot_product_attention``, flash or
-  memory-efficient kernels on GPU; causal unless a mask is given.
-- ``unfused``: ``Q K^T`` -> ``FusedScaleMaskSoftmax`` (mp's CUDA kernel when built and usable,
-  torch otherwise) -> dropout -> ``P V``; for custom masks and for checking the fused path.
+The projections run in FP8 with ``config.fp8`` (`mp.model.fp8_layers`). Two attention cores:
+``sdpa`` (default): ``torch.nn.functional.scaled_dot_product_attention``, flash or
+memory-efficient kernels on GPU, causal unless a mask is given; ``unfused``: ``Q K^T`` ->
+``FusedScaleMaskSoftmax`` (mp's CUDA kernel when built and usable, torch otherwise) -> dropout
+-> ``P V``, for custom masks and for checking the fused path.
 A layer with a sliding window (``config.attention_window``, Megatron's ``--window-size``) masks
 out, besides, every key more than ``window`` positions before its query (the masks:
 `mp.model.attention_masks`). When no other mask is given and the queries outnumber a tile
@@ -58,6 +57,7 @@ from mp.model.context_parallel import (
     exchange_groups,
     heads_of_this_rank,
 )
+from mp.model.fp8_layers import fp8_recipe
 from mp.model.inference import InferenceParams
 from mp.model.init import init_method, init_method_normal, output_init_method
 from mp.model.norm import build_norm
@@ -302,14 +302,13 @@ class Attention(nn.Module):
         self.layer_number = layer_number  # its key in an inference cache
 
     def _build_output(self, group) -> None:
-        config = self.config
-        self.core_attention = CoreAttention(config, config.attention_window(self.layer_number),
-                                            group)
+        config, number = self.config, self.layer_number
+        self.core_attention = CoreAttention(config, config.attention_window(number), group)
         self.dense = RowParallelLinear(
             config.query_projection_size, config.hidden_size, bias=config.add_bias_linear,
             input_is_parallel=True, init_method=output_init_method(config),
             skip_bias_add=True, sequence_parallel=config.sequence_parallel,
-            params_dtype=config.params_dtype, group=group)
+            params_dtype=config.params_dtype, group=group, fp8=fp8_recipe(config, number))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attention_mask: torch.Tensor | None, inference_params: InferenceParams | None):
@@ -360,7 +359,7 @@ class SelfAttention(Attention):
         self.query_key_value = ColumnParallelLinear(
             config.hidden_size, config.qkv_size, bias=bias, gather_output=False,
             init_method=init_method(config), sequence_parallel=sp,
-            params_dtype=dtype, group=group)
+            params_dtype=dtype, group=group, fp8=fp8_recipe(config, layer_number))
         tp = self.query_key_value.world_size
         self.heads_per_partition = divide(config.num_attention_heads, tp, "num_attention_heads")
         self.groups_per_partition = divide(config.num_query_groups, tp, "num_query_groups")

@@ -199,6 +199,14 @@ class TransformerConfig:
     fp32_residual_connection: bool = False  # bf16/fp16: the residual stream (embedding output,
     # layer inputs and outputs, pipeline sends) in fp32; norms take it and return the precision
     # (Megatron's --fp32-residual-connection)
+    fp8: str | None = None  # FP8 products in the transformer layers' dense linears (Megatron's
+    # --fp8-format): e4m3 | hybrid (e5m2 gradients); which layers: mp.model.fp8_layers
+    fp8_recipe: str = "tensorwise"  # per-tensor current scaling, the one mp has (Megatron's
+    # default is delayed; mp.tensor_parallel.fp8)
+    fp8_wgrad: bool = True  # the weight gradient's product in FP8 too (--no-fp8-wgrad: false)
+    first_last_layers_bf16: bool = False  # keep the first num_layers_at_start_in_bf16 and the
+    num_layers_at_start_in_bf16: int = 1  # last num_layers_at_end_in_bf16 layers out of FP8
+    num_layers_at_end_in_bf16: int = 1
 
     def __post_init__(self):
         complete_and_check(self)

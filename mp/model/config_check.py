@@ -27,6 +27,7 @@ from mp.model.config_rules import (
     one_of,
     positive_int,
 )
+from mp.model.fp8_layers import check_fp8
 from mp.model.parallel_rules import check_parallel_layout
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ def complete_and_check(config: TransformerConfig) -> None:
     check_qk_l2_norm_and_no_rope(config)
     check_glu_and_softmax_type(config)
     check_fp32_residual_connection(config)
+    check_fp8(config)
     check_parallel_layout(config)
     largest_chunk = max(max(stage) for stage in config.chunk_layer_counts)
     if config.recompute_granularity == "full":

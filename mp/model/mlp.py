@@ -10,11 +10,13 @@ from mp.jit import jit_fuser
 from mp.model.config import TransformerConfig
 from mp.model.init import init_method, output_init_method
 from mp.tensor_parallel import ColumnParallelLinear, RowParallelLinear, checkpoint
+from mp.tensor_parallel.fp8 import Fp8Recipe
 
 
 class MLP(nn.Module):
     """``[s, b, h] -> [s, b, ffn / t] -> act -> (output [s, b, h], bias)``; ``ffn`` is
-    ``config.ffn_hidden_size`` unless ``ffn_hidden_size`` is given (shared experts).
+    ``config.ffn_hidden_size`` unless ``ffn_hidden_size`` is given (shared experts). ``fp8``
+    runs the projections' products in FP8 (`mp.model.fp8_layers`).
 
     GeLU: ``fc2(gelu(fc1 x))``, exact (erf) or, for ``activation="gelu_tanh"``, the tanh
     approximation GPT-2 was trained with (Hugging Face's ``gelu_new``, Megatron's
@@ -38,10 +40,11 @@ class MLP(nn.Module):
     ``[s, b, ffn / t]`` tensors instead of three.
     """
 
-    def __init__(self, config: TransformerConfig, group=None, ffn_hidden_size: int | None = None):
+    def __init__(self, config: TransformerConfig, group=None, ffn_hidden_size: int | None = None,
+                 fp8: Fp8Recipe | None = None):
         super().__init__()
         kw = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel,
-                  params_dtype=config.params_dtype, group=group)
+                  params_dtype=config.params_dtype, group=group, fp8=fp8)
         init = init_method(config)
         h = config.hidden_size
         ffn = config.ffn_hidden_size if ffn_hidden_size is None else ffn_hidden_size

@@ -9,6 +9,7 @@ from mp.model.attention import SelfAttention
 from mp.model.attention_masks import mask_for_layers
 from mp.model.config import TransformerConfig
 from mp.model.dropout import bias_dropout_add
+from mp.model.fp8_layers import fp8_recipe
 from mp.model.inference import InferenceParams
 from mp.model.mla import MLASelfAttention
 from mp.model.mlp import MLP, checkpointed
@@ -39,7 +40,8 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_layernorm = build_norm(config)
         if moe is None:
             moe = config.is_moe_layer(layer_number - 1)
-        self.mlp = MoELayer(config, group) if moe else MLP(config, group)
+        self.mlp = (MoELayer(config, group) if moe
+                    else MLP(config, group, fp8=fp8_recipe(config, layer_number)))
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_freqs: torch.Tensor | None = None,
