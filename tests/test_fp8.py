@@ -15,7 +15,7 @@ from checks import assert_rel_close, seeded
 from harness import run_distributed
 from mp import parallel_state as ps
 from mp import tensor_parallel as tp_
-from mp.tensor_parallel.fp8 import E4M3, E5M2, Fp8Recipe, quantize
+from mp.tensor_parallel.fp8 import E4M3, E5M2, Fp8Recipe, check_fp8_device, quantize
 
 S, B, IN, OUT = 8, 2, 64, 128  # 16 tokens; every shard a multiple of 16 up to TP 4
 INIT = functools.partial(nn.init.normal_, std=0.3)
@@ -144,3 +144,14 @@ def _check_sizes():
 
 def test_sizes_fp8_cannot_multiply_are_refused():
     run_distributed(2, _check_sizes)
+
+
+def test_gpus_without_fp8_tensor_cores_are_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ValueError, match=r"compute capability 8.9 or newer \(Ada, Hopper, "
+                                         r"Blackwell\); NVIDIA A100 is 8.0"):
+        check_fp8_device(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_fp8_device(torch.device("cuda"))
+    check_fp8_device(torch.device("cpu"))

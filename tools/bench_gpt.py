@@ -198,7 +198,7 @@ def run(cfg, args: argparse.Namespace) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{os.path.basename(args.config)}: l={m.num_layers} h={m.hidden_size} "
           f"a={m.num_attention_heads} s={m.seq_length} V={m.padded_vocab_size} | micro-batch "
-          f"{args.micro_batch_size} | {m.precision} | recompute {m.recompute_granularity} | "
+          f"{args.micro_batch_size} | {m.precision}, fp8 {m.fp8} | recompute {m.recompute_granularity} | "
           f"dropout {m.hidden_dropout}/{m.attention_dropout} | mp fusions: bias-dropout-add "
           f"{m.bias_dropout_fusion}, bias-activation {m.bias_activation_fusion}, loss "
           f"{m.cross_entropy_loss_fusion} | compile_layers {m.compile_layers} | "

@@ -13,7 +13,9 @@
 #                                          # bench_recompute on a DeepSeek-V3-shaped block;
 #                                          # bench_window (sliding windows, one call vs tiles);
 #                                          # bench_documents (packed documents vs the mask)
-#   bash tools/gpu_session.sh              # all four
+#   bash tools/gpu_session.sh fp8          # FP8 linears: tests/gpu's check, bench_fp8 (bf16 vs
+#                                          # FP8 eager and compiled), bench_gpt in bf16 and FP8
+#   bash tools/gpu_session.sh              # all five
 #
 # CONFIG (default configs/gpt3-1.3b.yaml) is the model bench_gpt runs; a CPU rehearsal of the
 # training part: CONFIG=configs/gpt-tiny.yaml bash tools/gpu_session.sh training
@@ -24,7 +26,7 @@ CONFIG=${CONFIG:-configs/gpt3-1.3b.yaml}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(kernels memory training recompute)
+[ ${#parts[@]} -eq 0 ] && parts=(kernels memory training recompute fp8)
 
 bench_gpt() {  # a label, then bench_gpt's arguments
   local label=$1; shift
@@ -72,7 +74,18 @@ for part in "${parts[@]}"; do
         timeout 90 python3 tools/bench_documents.py --seq 4096 8192 --batch 4 --dtype bf16 \
             --heads 32 --groups 8 --head-dim 128 --iters 5
       ) 2>&1 | tee -a "$OUT/recompute.log" ;;
+    fp8)
+      (
+        echo "== FP8 on CUDA"
+        timeout 150 python3 -m pytest -s -q -p no:cacheprovider tests/gpu/test_gpu_fp8.py
+        echo "== bench_fp8: GPT-3 1.3B's linears in bf16 and FP8"
+        timeout 120 python3 tools/bench_fp8.py --iters 10
+        bench_gpt bf16
+        bench_gpt fp8 --fp8-format hybrid
+        bench_gpt fp8_compiled --fp8-format hybrid --model.compile_layers true
+      ) 2>&1 | tee -a "$OUT/fp8.log" ;;
     *)
-      echo "unknown part '$part': expected kernels, memory, training or recompute" >&2; exit 2 ;;
+      echo "unknown part '$part': expected kernels, memory, training, recompute or fp8" >&2
+      exit 2 ;;
   esac
 done

@@ -80,6 +80,16 @@ def quantize(tensor: torch.Tensor, dtype: torch.dtype, group=None) -> Scaled:
     return Scaled(data, scale.reciprocal())
 
 
+def check_fp8_device(device: torch.device) -> None:
+    """ValueError on a GPU without FP8 tensor cores (compute capability below 8.9: before Ada
+    and Hopper). The CPU multiplies FP8 too (for tests; slowly on most CPUs)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"FP8 products need a GPU of compute capability 8.9 or newer (Ada, "
+                         f"Hopper, Blackwell); {torch.cuda.get_device_name(device)} is "
+                         f"{major}.{minor}: train in bf16 (drop --fp8-format)")
+
+
 def check_fp8_dims(what: str, **dims: int) -> None:
     """ValueError naming the first of ``dims`` that is not a multiple of `FP8_MULTIPLE`."""
     for name, size in dims.items():

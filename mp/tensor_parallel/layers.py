@@ -36,7 +36,14 @@ from torch import nn
 from mp import parallel_state
 from mp.comm import all_gather_single, reduce_scatter_single
 from mp.device import get_device
-from mp.tensor_parallel.fp8 import PLAIN, Fp8Gemms, Fp8Recipe, Gemms, check_fp8_dims
+from mp.tensor_parallel.fp8 import (
+    PLAIN,
+    Fp8Gemms,
+    Fp8Recipe,
+    Gemms,
+    check_fp8_device,
+    check_fp8_dims,
+)
 from mp.tensor_parallel.mappings import (
     _gather_along_first_dim,
     gather_from_tensor_model_parallel_region,
@@ -174,11 +181,13 @@ def _linear(x, weight, bias, gemms: Fp8Gemms | None):
     return LinearWithAsyncGradReduce.apply(x, weight, bias, None, False, gemms)
 
 
-def _fp8_gemms(fp8: Fp8Recipe | None, group, in_size: int, out_size: int) -> Fp8Gemms | None:
-    """The FP8 products of a ``[out_size, in_size]`` weight shard (sizes checked), amaxes
-    all-reduced over ``group``; None without ``fp8``."""
+def _fp8_gemms(fp8: Fp8Recipe | None, group, in_size: int, out_size: int,
+               device) -> Fp8Gemms | None:
+    """The FP8 products of a ``[out_size, in_size]`` weight shard on ``device`` (sizes and
+    device checked), amaxes all-reduced over ``group``; None without ``fp8``."""
     if fp8 is None:
         return None
+    check_fp8_device(get_device() if device is None else torch.device(device))
     check_fp8_dims(f"an FP8 linear layer's [{out_size}, {in_size}] weight shard",
                    in_features=in_size, out_features=out_size)
     return Fp8Gemms(fp8, group)
@@ -217,7 +226,8 @@ class ColumnParallelLinear(nn.Module):
             perform_initialization)
         self.bias = _bias(self.output_size_per_partition, params_dtype, device, True,
                           self.group) if bias else None
-        self.gemms = _fp8_gemms(fp8, self.group, input_size, self.output_size_per_partition)
+        self.gemms = _fp8_gemms(fp8, self.group, input_size, self.output_size_per_partition,
+                                device)
 
     def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None):
         if weight is None:
@@ -270,7 +280,8 @@ class RowParallelLinear(nn.Module):
         self.bias = _bias(output_size, params_dtype, device, False, self.group) if bias else None
         if self.bias is not None:
             self.bias.sequence_parallel = sequence_parallel
-        self.gemms = _fp8_gemms(fp8, self.group, self.input_size_per_partition, output_size)
+        self.gemms = _fp8_gemms(fp8, self.group, self.input_size_per_partition, output_size,
+                                device)
 
     def forward(self, input_: torch.Tensor):
         if self.world_size == 1:
