@@ -115,16 +115,22 @@ def test_expert_parallel_candidates_are_exactly_the_valid_layouts():
                                            expert_parallel_sizes=(1,))} == {1}
 
 
-def test_cli_says_what_document_masks_add(capsys):
+def test_cli_says_what_document_masks_and_fp8_add(capsys):
     """A job that keeps documents or conversations apart is told that their masks are not
-    counted, with the estimate and with the plan; a plain one is not."""
+    counted, one in FP8 that its rate and copies are not, with the estimate and with the plan;
+    a plain one is told neither."""
     tool = _tool()
     args = ["--config", os.path.join(CONFIGS, "gpt3-1.3b.yaml"), "--gpus", "8"]
-    for flags, noted in (([], False), (["--sft"], True), (["--reset-attention-mask"], True),
-                         (["--sft", "--plan", "--top", "1", "--micro-batch-sizes", "1",
-                           "--recompute", "none"], True)):
+    plan = ["--plan", "--top", "1", "--micro-batch-sizes", "1", "--recompute", "none"]
+    for flags, noted in (([], ()), (["--sft"], ("masks",)),
+                         (["--reset-attention-mask"], ("masks",)),
+                         (["--sft", *plan], ("masks",)),
+                         (["--fp8-format", "hybrid"], ("fp8",)),
+                         (["--fp8-format", "e4m3", "--sft", *plan], ("masks", "fp8"))):
         assert tool.main([*args, *flags]) == 0
-        assert (tool.DOCUMENT_MASKS_NOTE in capsys.readouterr().out) == noted, flags
+        out = capsys.readouterr().out
+        assert (tool.DOCUMENT_MASKS_NOTE in out, tool.FP8_NOTE in out) == \
+            ("masks" in noted, "fp8" in noted), flags
 
 
 def test_cli_plan_and_estimate_of_a_mixture_of_experts_model(capsys):

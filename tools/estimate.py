@@ -116,6 +116,18 @@ DOCUMENT_MASKS_NOTE = (
     "document, padded to its bucket, and under all_gather, p2p and a2a+p2p context "
     "parallelism also keeps a [b, 1, s / C, s] mask for every micro-batch in flight "
     "(docs/estimate.md, Limits)")
+#: How a job whose linears run in FP8 differs from the estimate.
+FP8_NOTE = (
+    "not modelled: the job runs its transformer layers' linears in FP8 (model.fp8); the "
+    "estimate times every product at the GPU's dense bf16 rate and counts no float8 copies "
+    "(each product quantizes its operands into transient 1-byte copies; what backward keeps "
+    "is the model precision's, as counted) (docs/estimate.md, Limits)")
+
+
+def unmodelled(job) -> list[str]:
+    """The notes of what ``job`` does that the estimate leaves out."""
+    return ([DOCUMENT_MASKS_NOTE] * bool(job.data.sft or job.data.reset_attention_mask)
+            + [FP8_NOTE] * (job.model.fp8 is not None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             est = estimate(Setup.from_job(job, args.gpus), gpu, args.efficiency, kernels)
             print(f"{os.path.basename(args.config)}: " + format_estimate(est, kernels))
             shown = [est]
-        if job.data.sft or job.data.reset_attention_mask:
-            print(DOCUMENT_MASKS_NOTE)
+        for note in unmodelled(job):
+            print(note)
         if args.chart and shown:
             memory_chart(shown, args.chart, args.memory_fraction)
             print(f"memory chart written to {args.chart}")
