@@ -198,11 +198,11 @@ def run(cfg, args: argparse.Namespace) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{os.path.basename(args.config)}: l={m.num_layers} h={m.hidden_size} "
           f"a={m.num_attention_heads} s={m.seq_length} V={m.padded_vocab_size} | micro-batch "
-          f"{args.micro_batch_size} | {m.precision}, fp8 {m.fp8} | recompute {m.recompute_granularity} | "
-          f"dropout {m.hidden_dropout}/{m.attention_dropout} | mp fusions: bias-dropout-add "
-          f"{m.bias_dropout_fusion}, bias-activation {m.bias_activation_fusion}, loss "
-          f"{m.cross_entropy_loss_fusion} | compile_layers {m.compile_layers} | "
-          f"{name} (dense bf16 peak {peak or '-'} TFLOP/s)", flush=True)
+          f"{args.micro_batch_size} | {m.precision}, fp8 {m.fp8} | recompute "
+          f"{m.recompute_granularity} | dropout {m.hidden_dropout}/{m.attention_dropout} | "
+          f"mp fusions: bias-dropout-add {m.bias_dropout_fusion}, bias-activation "
+          f"{m.bias_activation_fusion}, loss {m.cross_entropy_loss_fusion} | compile_layers "
+          f"{m.compile_layers} | {name} (dense bf16 peak {peak or '-'} TFLOP/s)", flush=True)
     tokens = args.micro_batch_size * m.seq_length
     # mp does the config's recompute; the reference never recomputes (its count = model FLOPs)
     flops = {"mp": num_floating_point_operations(m, args.micro_batch_size),
