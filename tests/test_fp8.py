@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from checks import assert_rel_close, seeded
+from checks import assert_rel_close, jit_compiled_on_cpu, seeded
 from harness import run_distributed
 from mp import parallel_state as ps
 from mp import tensor_parallel as tp_
@@ -155,3 +155,14 @@ def test_gpus_without_fp8_tensor_cores_are_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     check_fp8_device(torch.device("cuda"))
     check_fp8_device(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_compiled_scale_and_cast_quantizes_as_eagerly(dtype):
+    """On CUDA the scale and cast run as one compiled kernel (`mp.jit`): the same bytes."""
+    t = seeded((96, 80), 8, dtype=torch.bfloat16, scale=3.0)
+    eager = quantize(t, dtype)
+    with jit_compiled_on_cpu():
+        compiled = quantize(t, dtype)
+    assert torch.equal(compiled.scale_inv, eager.scale_inv)
+    assert torch.equal(compiled.data.view(torch.uint8), eager.data.view(torch.uint8))

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mp.jit import jit_fuser
+
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8_FORMATS = ("e4m3", "hybrid")
 #: cuBLAS's FP8 GEMMs take only dimensions that are multiples of this.
@@ -70,14 +72,22 @@ class Scaled(NamedTuple):
 def quantize(tensor: torch.Tensor, dtype: torch.dtype, group=None) -> Scaled:
     """``tensor`` in float8 ``dtype``, scaled so its largest magnitude (all-reduced over
     ``group`` when it has several ranks) meets the type's largest value; an all-zero tensor
-    keeps scale 1. A NaN or infinite element makes the result non-finite."""
+    keeps scale 1. A NaN or infinite element makes the result non-finite. Two passes over
+    ``tensor`` on CUDA: the amax, then one fused kernel (`mp.jit`) that scales and casts."""
     amax = torch.linalg.vector_norm(tensor, float("inf"), dtype=torch.float32)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
-    fmax = torch.finfo(dtype).max
+    return Scaled(*_scale_and_cast(tensor, amax, torch.finfo(dtype).max, dtype))
+
+
+@jit_fuser
+def _scale_and_cast(tensor: torch.Tensor, amax: torch.Tensor, fmax: float, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(saturate(tensor * scale) in dtype, 1 / scale)`` with ``scale = fmax / amax`` (1 for
+    a zero amax), the product in fp32."""
     scale = torch.where(amax > 0, fmax / amax, torch.ones_like(amax))
-    data = (tensor.float() * scale).clamp_(-fmax, fmax).to(dtype)
-    return Scaled(data, scale.reciprocal())
+    data = (tensor.float() * scale).clamp(-fmax, fmax).to(dtype)
+    return data, scale.reciprocal()
 
 
 def check_fp8_device(device: torch.device) -> None:
