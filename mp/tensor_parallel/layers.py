@@ -167,8 +167,8 @@ class LinearWithAsyncGradReduce(torch.autograd.Function):
         if gather is not None:
             gather.wait()
         grad_w = ctx.gemms.wgrad(dy, total) if need_w else None
-        grad_b = grad_output.reshape(-1, grad_output.size(-1)).sum(0) if ctx.has_bias and \
-            need_b else None
+        rows = grad_output.reshape(-1, grad_output.size(-1))
+        grad_b = rows.sum(0) if ctx.has_bias and need_b else None
         if reduce is not None:
             reduce.wait()
         return grad_x, grad_w, grad_b, None, None, None
