@@ -9,7 +9,10 @@ precision (bf16 on a GPU, fp32 on a CPU), in FP8 (``hybrid``, `mp.tensor_paralle
 eagerly, and in FP8 through ``torch.compile`` (which fuses each quantization's passes).
 Columns: median milliseconds of forward+backward, the three products' rate
 (``6 tokens in out`` FLOPs), the rate against the first row, and on CUDA the memory the step
-allocates beyond its inputs at its peak.
+allocates beyond its inputs at its peak. A second table times one quantization
+(`mp.tensor_parallel.fp8.quantize`: the amax, then the scale and cast, compiled into one
+kernel on CUDA) of each linear's input, as a rate of the bytes it must move (read the input
+twice, write one byte an element).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from mp import parallel_state
 from mp.device import get_device
 from mp.initialize import initialize_distributed
 from mp.tensor_parallel import ColumnParallelLinear
-from mp.tensor_parallel.fp8 import Fp8Recipe
+from mp.tensor_parallel.fp8 import E4M3, Fp8Recipe, quantize
 
 
 def linear_case(tokens: int, in_size: int, out_size: int, dtype, device) -> dict:
@@ -78,6 +81,13 @@ def main() -> None:
                 print(f"| {label} [{in_size} -> {out_size}] | {variant} | {1000 * seconds:.2f} "
                       f"| {6 * tokens * in_size * out_size / seconds / 1e12:.2f} "
                       f"| {first / seconds:.2f} | {memory} |", flush=True)
+        print("\n| quantized input | ms | GB/s |\n| --- | ---: | ---: |")
+        for size in sorted({in_size for in_size, _ in shapes.values()}):
+            x = torch.randn(tokens, size, dtype=dtype, device=device)
+            seconds, _ = measure(lambda: quantize(x, E4M3), device, args.iters)
+            moved = x.numel() * (2 * x.element_size() + 1)
+            print(f"| [{tokens}, {size}] | {1000 * seconds:.3f} | {moved / seconds / 1e9:.0f} |",
+                  flush=True)
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
