@@ -24,12 +24,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-import torch.distributed as dist
 from bench_fusions import measure
+from bench_gpt import one_rank
 
-from mp import parallel_state
-from mp.device import get_device
-from mp.initialize import initialize_distributed
 from mp.tensor_parallel import ColumnParallelLinear
 from mp.tensor_parallel.fp8 import E4M3, Fp8Recipe, quantize
 
@@ -59,14 +56,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
-    initialize_distributed()
-    try:
-        parallel_state.initialize_model_parallel(1)
-        device = get_device()
-        cuda = device.type == "cuda"
-        dtype = torch.bfloat16 if cuda else torch.float32
-        tokens, h = (16384, 2048) if cuda else (1024, 512)
-        name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    with one_rank() as (device, dtype, name):
+        tokens, h = (16384, 2048) if device.type == "cuda" else (1024, 512)
         print(f"{name} | tokens {tokens} | h {h} | products in {dtype} or FP8", flush=True)
         shapes = {"QKV": (h, 3 * h), "attention output": (h, h), "fc1": (h, 4 * h),
                   "fc2": (4 * h, h)}
@@ -88,9 +79,6 @@ def main() -> None:
             moved = x.numel() * (2 * x.element_size() + 1)
             print(f"| [{tokens}, {size}] | {1000 * seconds:.3f} | {moved / seconds / 1e9:.0f} |",
                   flush=True)
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

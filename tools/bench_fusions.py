@@ -32,13 +32,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from bench_gpt import timed_steps
+from bench_gpt import one_rank, timed_steps
 
-from mp import jit, parallel_state
-from mp.device import get_device
-from mp.initialize import initialize_distributed
+from mp import jit
 from mp.model.dropout import bias_dropout_add
 from mp.model.mlp import bias_gelu, bias_swiglu
 from mp.tensor_parallel import vocab_parallel_cross_entropy
@@ -114,14 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
-    initialize_distributed()
-    try:
-        parallel_state.initialize_model_parallel(1)
-        device = get_device()
-        cuda = device.type == "cuda"
-        dtype = torch.bfloat16 if cuda else torch.float32
-        s, b, h, vocab = (2048, 8, 2048, 50304) if cuda else (512, 8, 512, 6288)
-        name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    with one_rank() as (device, dtype, name):
+        s, b, h, vocab = (2048, 8, 2048, 50304) if device.type == "cuda" else (512, 8, 512, 6288)
         print(f"{name} | {dtype} | s={s} b={b} h={h} V={vocab} | compiled here: "
               f"{jit.compiles_on(device)}", flush=True)
         cases = {f"bias-dropout-add [{s}, {b}, {h}]": bias_dropout_add_case(s, b, h, dtype,
@@ -140,9 +131,6 @@ def main() -> None:
                 memory = "-" if extra is None else f"{extra / 2**20:,.0f} MiB"
                 print(f"| {op} | {variant} | {1000 * seconds:.3f} | {moved / seconds / 1e9:,.1f} "
                       f"| {memory} |", flush=True)
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

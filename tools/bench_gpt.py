@@ -30,7 +30,7 @@ import os
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -118,6 +118,23 @@ def check_plain_architecture(cfg: TransformerConfig) -> None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextmanager
+def one_rank():
+    """A world of this one process at TP 1 for a benchmark, torn down after it; yields
+    ``(device, dtype, name)``: the device, what the benchmarks compute in there (bf16 on CUDA,
+    fp32 on the CPU) and the device's name."""
+    initialize_distributed()
+    try:
+        parallel_state.initialize_model_parallel(1)
+        device = get_device()
+        cuda = device.type == "cuda"
+        yield (device, torch.bfloat16 if cuda else torch.float32,
+               torch.cuda.get_device_name(device) if cuda else "CPU")
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 def timed_steps(step, device: torch.device, warmup: int, iters: int) -> tuple[float, float]:
@@ -243,13 +260,8 @@ def main() -> None:
                                     "--micro-batch-size", mbs, "--global-batch-size", mbs],
                       world_size=1)
     check_plain_architecture(cfg.model)
-    initialize_distributed()
-    try:
-        parallel_state.initialize_model_parallel(1)
+    with one_rank():
         run(cfg, args)
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

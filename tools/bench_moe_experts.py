@@ -21,11 +21,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-from bench_gpt import timed_steps
+from bench_gpt import one_rank, timed_steps
 
 from mp import parallel_state
-from mp.device import get_device
-from mp.initialize import initialize_distributed
 from mp.model import TransformerConfig
 from mp.model.moe import grouped_gemm
 from mp.model.moe.experts import Experts
@@ -39,10 +37,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, help="routed rows (tokens x top k)")
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
-    initialize_distributed()
-    try:
-        parallel_state.initialize_model_parallel(1)
-        device = get_device()
+    with one_rank() as (device, _, name):
         cuda = device.type == "cuda"
         h = args.hidden or (4096 if cuda else 256)
         f = args.ffn or (14336 if cuda else 512)
@@ -61,7 +56,6 @@ def main() -> None:
         counts = counts.tolist()
         x = torch.randn(rows, h, generator=g).to(device, cfg.params_dtype).requires_grad_()
         dy = torch.randn(rows, h, generator=g).to(device, cfg.params_dtype)
-        name = torch.cuda.get_device_name(device) if cuda else "CPU"
         usable = grouped_gemm.usable(x, experts.fc1_weight, experts.fc2_weight)
         print(f"{name} | {cfg.params_dtype} | {args.experts} experts, h={h}, f={f}, "
               f"{rows} rows (fewest {min(counts)}, most {max(counts)}) | grouped GEMM runs "
@@ -83,8 +77,6 @@ def main() -> None:
             seconds, _ = timed_steps(step, device, warmup=2, iters=args.iters)
             print(f"| {variant} | {seconds * 1e3:.2f} | {flops / seconds / 1e12:.3g} |",
                   flush=True)
-    finally:
-        parallel_state.destroy_model_parallel()
 
 
 if __name__ == "__main__":
