@@ -171,3 +171,33 @@ def test_compiled_scale_and_cast_quantizes_as_eagerly():
     """On CUDA the scale and cast run as one compiled kernel (`mp.jit`): the same bytes (in a
     rank, as the other compiled tests: the test process itself never imports the compiler)."""
     run_distributed(1, _check_compiled_cast)
+
+
+def _amax_reductions(kind: str) -> int:
+    """All-reduces (max) in one forward+backward of a TP 2 + SP FP8 layer of ``kind``."""
+    ps.initialize_model_parallel(2)
+    column = kind == "column"
+    layer = (tp_.ColumnParallelLinear(IN, OUT, sequence_parallel=True, fp8=Fp8Recipe())
+             if column else tp_.RowParallelLinear(IN, OUT, input_is_parallel=True,
+                                                   sequence_parallel=True, fp8=Fp8Recipe()))
+    x = seeded((S // 2, B, IN) if column else (S, B, IN // 2), 1).requires_grad_()
+    calls, all_reduce = [], dist.all_reduce
+
+    def counted(tensor, op=dist.ReduceOp.SUM, *args, **kwargs):
+        calls.append(op)
+        return all_reduce(tensor, op, *args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        layer(x)[0].sum().backward()
+    finally:
+        dist.all_reduce = all_reduce
+    return calls.count(dist.ReduceOp.MAX)
+
+
+def test_operands_every_rank_holds_whole_skip_the_amax_reduction():
+    """A column-parallel layer's (gathered) input and a row-parallel layer's output gradient
+    are the same on every TP rank: their amaxes are not all-reduced. Left: the weight in the
+    forward and the input gradient's product, and the sharded operand once or twice."""
+    assert run_distributed(2, _amax_reductions, "column") == [3, 3]  # w, w, dy
+    assert run_distributed(2, _amax_reductions, "row") == [4, 4]  # x, w, w, x

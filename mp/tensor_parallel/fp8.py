@@ -10,11 +10,13 @@ output gradients are e4m3 too (``e4m3``) or e5m2 (fmax 57344, wider range, ``hyb
 ``Fp8Recipe.wgrad`` false (Megatron's ``--no-fp8-wgrad``) computes ``dw`` in the activations'
 dtype instead.
 
-With a process group (the layer's tensor-parallel group), each amax is all-reduced (max) over
-it before scaling, so every rank scales its shard as one process holding the whole tensor
-would: the TP layout changes nothing but the order of fp32 sums. (Transformer Engine scales
-each shard of a weight by its own amax instead.) Data- and context-parallel ranks scale their
-own tokens, as successive micro-batches of one process do.
+With a process group (the layer's tensor-parallel group), the amax of each operand sharded
+over it is all-reduced (max) before scaling, so every rank scales its shard as one process
+holding the whole tensor would: the TP layout changes nothing but the order of fp32 sums.
+(Transformer Engine scales each shard of a weight by its own amax instead.) An operand every
+rank holds whole (a column-parallel layer's input, a row-parallel layer's output gradient)
+needs no reduction. Data- and context-parallel ranks scale their own tokens, as successive
+micro-batches of one process do.
 
 The operands are quantized again where backward needs them (the quantization is a pure
 function of the tensor, so ``dx`` and ``dw`` use the very ``q(w)`` and ``q(x)`` the forward
@@ -152,28 +154,36 @@ class _Gradient(NamedTuple):
 
 
 class Fp8Gemms(Gemms):
-    """`Gemms` in FP8 by ``recipe`` (module doc), amaxes all-reduced over ``group``."""
+    """`Gemms` in FP8 by ``recipe`` (module doc), amaxes all-reduced over ``group``: the
+    weight's always (a shard), the input's unless ``replicated`` says every rank of the group
+    holds the same input (a column-parallel layer's, gathered under sequence parallelism),
+    the output gradient's unless it says that of the gradient (a row-parallel layer's, whose
+    output is reduced): ``replicated`` is None, ``"input"`` or ``"gradient"``."""
 
-    def __init__(self, recipe: Fp8Recipe, group=None):
-        self.recipe, self.group = recipe, group
-
-    def _q(self, t, dtype=E4M3) -> Scaled:
-        return quantize(t, dtype, self.group)
+    def __init__(self, recipe: Fp8Recipe, group=None, replicated: str | None = None):
+        if replicated not in (None, "input", "gradient"):
+            raise ValueError(f"replicated={replicated!r}: must be None, 'input' or 'gradient'")
+        self.recipe, self.weight_group = recipe, group
+        self.input_group = None if replicated == "input" else group
+        self.grad_group = None if replicated == "gradient" else group
 
     def linear(self, x, weight, bias):
-        y = scaled_mm(self._q(_rows(x)), self._q(weight).t(), x.dtype, x.shape[:-1])
+        y = scaled_mm(quantize(_rows(x), E4M3, self.input_group),
+                      quantize(weight, E4M3, self.weight_group).t(), x.dtype, x.shape[:-1])
         return y if bias is None else y + bias
 
     def gradient(self, grad_output):
-        return _Gradient(grad_output, self._q(_rows(grad_output), self.recipe.grad_dtype))
+        return _Gradient(grad_output, quantize(_rows(grad_output), self.recipe.grad_dtype,
+                                               self.grad_group))
 
     def dgrad(self, dy, weight):
-        return scaled_mm(dy.scaled, self._q(weight), dy.tensor.dtype, dy.tensor.shape[:-1])
+        return scaled_mm(dy.scaled, quantize(weight, E4M3, self.weight_group), dy.tensor.dtype,
+                         dy.tensor.shape[:-1])
 
     def wgrad(self, dy, x):
         if not self.recipe.wgrad:
             return super().wgrad(dy.tensor, x)
-        return scaled_mm(dy.scaled.t(), self._q(_rows(x)), x.dtype)
+        return scaled_mm(dy.scaled.t(), quantize(_rows(x), E4M3, self.input_group), x.dtype)
 
 
 #: The plain products, for layers without FP8.

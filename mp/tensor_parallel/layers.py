@@ -181,16 +181,17 @@ def _linear(x, weight, bias, gemms: Fp8Gemms | None):
     return LinearWithAsyncGradReduce.apply(x, weight, bias, None, False, gemms)
 
 
-def _fp8_gemms(fp8: Fp8Recipe | None, group, in_size: int, out_size: int,
-               device) -> Fp8Gemms | None:
+def _fp8_gemms(fp8: Fp8Recipe | None, group, in_size: int, out_size: int, device,
+               replicated: str) -> Fp8Gemms | None:
     """The FP8 products of a ``[out_size, in_size]`` weight shard on ``device`` (sizes and
-    device checked), amaxes all-reduced over ``group``; None without ``fp8``."""
+    device checked), amaxes all-reduced over ``group`` but the ``replicated`` operand's
+    (`Fp8Gemms`); None without ``fp8``."""
     if fp8 is None:
         return None
     check_fp8_device(get_device() if device is None else torch.device(device))
     check_fp8_dims(f"an FP8 linear layer's [{out_size}, {in_size}] weight shard",
                    in_features=in_size, out_features=out_size)
-    return Fp8Gemms(fp8, group)
+    return Fp8Gemms(fp8, group, replicated)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -227,7 +228,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _bias(self.output_size_per_partition, params_dtype, device, True,
                           self.group) if bias else None
         self.gemms = _fp8_gemms(fp8, self.group, input_size, self.output_size_per_partition,
-                                device)
+                                device, replicated="input")
 
     def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None):
         if weight is None:
@@ -281,7 +282,7 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None:
             self.bias.sequence_parallel = sequence_parallel
         self.gemms = _fp8_gemms(fp8, self.group, self.input_size_per_partition, output_size,
-                                device)
+                                device, replicated="gradient")
 
     def forward(self, input_: torch.Tensor):
         if self.world_size == 1:
