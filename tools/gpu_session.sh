@@ -14,7 +14,8 @@
 #                                          # bench_window (sliding windows, one call vs tiles);
 #                                          # bench_documents (packed documents vs the mask)
 #   bash tools/gpu_session.sh fp8          # FP8 linears: tests/gpu's check, bench_fp8 (bf16 vs
-#                                          # FP8 eager and compiled), bench_gpt in bf16 and FP8
+#                                          # FP8 eager and compiled), bench_gpt in FP8 (eager,
+#                                          # compiled), each beside its plain bf16 baseline
 #   bash tools/gpu_session.sh              # all five
 #
 # CONFIG (default configs/gpt3-1.3b.yaml) is the model bench_gpt runs; a CPU rehearsal of the
@@ -80,7 +81,7 @@ for part in "${parts[@]}"; do
         timeout 150 python3 -m pytest -s -q -p no:cacheprovider tests/gpu/test_gpu_fp8.py
         echo "== bench_fp8: GPT-3 1.3B's linears in bf16 and FP8"
         timeout 120 python3 tools/bench_fp8.py --iters 10
-        bench_gpt bf16
+        # each bench_gpt run times the plain-PyTorch bf16 model beside it, on the same card
         bench_gpt fp8 --fp8-format hybrid
         bench_gpt fp8_compiled --fp8-format hybrid --model.compile_layers true
       ) 2>&1 | tee -a "$OUT/fp8.log" ;;
