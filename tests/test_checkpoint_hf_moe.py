@@ -7,6 +7,7 @@ blocks), with dense layers among them (Qwen3-MoE's ``mlp_only_layers`` and
 ``decoder_sparse_step``); converted back, transformers loads the same weights. What mp
 cannot express is refused by name."""
 
+import dataclasses
 import json
 
 import pytest
@@ -123,3 +124,7 @@ def test_mp_moe_models_mixtral_cannot_express_are_refused():
     with pytest.raises(ValueError, match=r"model.moe_layer_freq=2: Mixtral has experts in "
                                          "every layer"):
         hf_llama.hf_config(config)
+    top1 = dataclasses.replace(config, moe_layer_freq=1, moe_router_topk=1,
+                               moe_apply_probs_on_input=True)
+    with pytest.raises(ValueError, match="moe_apply_probs_on_input=True"):
+        hf_llama.hf_config(top1)

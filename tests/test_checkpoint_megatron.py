@@ -210,8 +210,6 @@ def _args(**changes) -> argparse.Namespace:
 @pytest.mark.parametrize("changes, message", [
     (dict(moe_input_jitter_eps=0.01), "moe_input_jitter_eps=0.01 in the Megatron checkpoint's "
                                       "args: mp converts moe_input_jitter_eps in (None,)"),
-    (dict(moe_apply_probs_on_input=True), "moe_apply_probs_on_input=True"),
-    (dict(moe_router_force_load_balancing=True), "moe_router_force_load_balancing=True"),
     (dict(num_experts=4, moe_router_load_balancing_type="sinkhorn"),
      "moe_router_load_balancing_type='sinkhorn' in the Megatron checkpoint's args: mp routes "
      "by the top k scores"),
@@ -247,6 +245,10 @@ def test_moe_args_fields():
     dense = config()  # Megatron-LM's defaults where older args lack a field
     assert (dense.moe_ffn_hidden_size, dense.moe_layer_freq) == (24, 1)
     assert config(moe_expert_capacity_factor=-1.0).moe_expert_capacity_factor is None
+    llama4 = megatron.config_from_args(_args(  # Llama 4's top-1 layer; the benchmark switch
+        num_experts=4, moe_router_topk=1, moe_apply_probs_on_input=True,  # is the run's
+        moe_router_force_load_balancing=True))
+    assert llama4.moe_apply_probs_on_input and not llama4.moe_router_force_load_balancing
 
 
 def test_refuses_a_shared_expert_gate_the_args_do_not_name():

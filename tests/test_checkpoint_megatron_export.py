@@ -193,6 +193,10 @@ def test_args_from_config():
     assert megatron_export.keyed_per_layer(moe)
     assert not megatron_export.keyed_per_layer(dataclasses.replace(moe, moe_layer_freq=1))
     assert megatron_export.keyed_per_layer(dataclasses.replace(moe, moe_layer_freq=2))
+    top1 = dataclasses.replace(moe, moe_router_topk=1, moe_apply_probs_on_input=True,
+                               moe_router_force_load_balancing=True)
+    megatron_export.check_exportable(top1)  # the benchmark switch is the run's
+    assert megatron_export.args_from_config(top1).moe_apply_probs_on_input
     dense = TransformerConfig(**SMALL, moe_layer_freq=[1, 1])
     assert not megatron_export.keyed_per_layer(dense)  # a dense model's layers stack
 

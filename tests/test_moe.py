@@ -2,7 +2,9 @@
 
 - One layer (one process, float64) against a token-by-token reference written from the
   definitions: router logits, top-k (or softmax then top-k), each chosen expert's MLP, the
-  probability-weighted sum; the load-balancing loss of Switch (Fedus et al. 2021, eq. 4) and
+  probability-weighted sum (or, with probabilities on the input, the experts' outputs for
+  the scaled tokens; with forced balancing, the routing of the drawn logits, the gradient
+  passing to the real ones); the load-balancing loss of Switch (Fedus et al. 2021, eq. 4) and
   the z-loss of ST-MoE, counted from the routing by loops; outputs and every gradient
   (auxiliary losses included, at the scale the schedules set) to 1e-10.
 - Whole training runs (fp32, gradient clipping active, auxiliary losses on, every other layer
@@ -55,16 +57,19 @@ def _layer_config(**overrides) -> TransformerConfig:
     return TransformerConfig(**{**args, **overrides})
 
 
-def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
+def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig, drawn=None):
     """``(output [s, b, h], auxiliary losses, their logged values)`` token by token from the
     layer's weights; with a capacity factor, each expert's queue of (token, choice) copies
-    sorted by the drop policy and cut at its capacity."""
+    sorted by the drop policy and cut at its capacity. Forced load balancing routes by the
+    logits ``drawn [N, E]``, the gradient passing to the real ones."""
     ex, weight = layer.experts, layer.router.weight
     tokens = x.reshape(-1, x.size(-1))
     act = {"gelu": torch.nn.functional.gelu, "squared_relu": lambda v: torch.relu(v) ** 2}
     outputs, all_probs, lse, routes = [], [], [], []
-    for token in tokens:
+    for t, token in enumerate(tokens):
         logits = weight @ token
+        if cfg.moe_router_force_load_balancing:
+            logits = logits - logits.detach() + drawn[t]
         softmax = torch.exp(logits - logits.max()) / torch.exp(logits - logits.max()).sum()
         lse.append(torch.log(torch.exp(logits).sum()))
         if cfg.moe_router_score_function == "sigmoid":
@@ -83,18 +88,19 @@ def _reference(layer: MoELayer, x: torch.Tensor, cfg: TransformerConfig):
             probs = torch.exp(top) / torch.exp(top).sum()
         routes.append((probs * (cfg.moe_router_topk_scaling_factor or 1.0), experts.tolist()))
     kept = _within_capacity(routes, cfg, len(tokens))
+    on_input = cfg.moe_apply_probs_on_input  # the expert takes p x token, its output unweighted
     for t, (token, (probs, experts)) in enumerate(zip(tokens, routes)):
         out = torch.zeros_like(token)
         for p, e in ((p, e) for p, e in zip(probs, experts) if (t, e) in kept):
-            up = ex.fc1_weight[e] @ token + (0 if ex.fc1_bias is None else ex.fc1_bias[e])
+            v = p * token if on_input else token
+            up = ex.fc1_weight[e] @ v + (0 if ex.fc1_bias is None else ex.fc1_bias[e])
             if cfg.activation == "swiglu":
-                gate = ex.gate_weight[e] @ token + (0 if ex.gate_bias is None else
-                                                    ex.gate_bias[e])
+                gate = ex.gate_weight[e] @ v + (0 if ex.gate_bias is None else ex.gate_bias[e])
                 hidden = gate * torch.sigmoid(gate) * up
             else:
                 hidden = act[cfg.activation](up)
             y = ex.fc2_weight[e] @ hidden + (0 if ex.fc2_bias is None else ex.fc2_bias[e])
-            out = out + p * y
+            out = out + (y if on_input else p * y)
         if layer.shared_experts is not None:  # the dense MLP every token takes too
             shared = layer.shared_experts
             up = shared.linear_fc1.weight @ token + _bias(shared.linear_fc1)
@@ -176,7 +182,10 @@ def _layer_vs_reference(overrides: dict) -> None:
     scale = 0.7
     set_aux_loss_scale(scale)
     take_tracked()
+    state = torch.get_rng_state()  # forced balancing draws the logits [N, E] from here
     out, bias = layer(x)
+    torch.set_rng_state(state)
+    drawn = torch.randn(x.numel() // x.size(-1), cfg.num_moe_experts, dtype=torch.float64)
     assert bias is None
     tracked = take_tracked()
     (out * probe).sum().backward()
@@ -184,7 +193,7 @@ def _layer_vs_reference(overrides: dict) -> None:
     got = [x.grad.clone()] + [p.grad.clone() for _, p in trained]
     x.grad = None
     layer.zero_grad()
-    want, aux, logged = _reference(layer, x, cfg)
+    want, aux, logged = _reference(layer, x, cfg, drawn)
     ((want * probe).sum() + scale * aux).backward()
     expected = [x.grad] + [p.grad for _, p in trained]
     assert_rel_close(out, want, rtol=1e-10, what="output")
@@ -221,14 +230,22 @@ def _layer_vs_reference(overrides: dict) -> None:
     {"num_moe_experts": 8, "moe_router_num_groups": 4, "moe_router_group_topk": 2,
      "moe_router_topk": 4, "moe_router_pre_softmax": True},
     {"num_moe_experts": 6, "moe_router_num_groups": 3, "moe_router_group_topk": 1,
-     "moe_router_score_function": "sigmoid"}],
+     "moe_router_score_function": "sigmoid"},
+    {"moe_router_topk": 1, "moe_apply_probs_on_input": True, "moe_router_pre_softmax": True},
+    {"moe_router_topk": 1, "moe_apply_probs_on_input": True, "activation": "swiglu",
+     "moe_router_score_function": "sigmoid", "moe_expert_capacity_factor": 0.5},
+    {"moe_router_force_load_balancing": True},
+    {"moe_router_force_load_balancing": True, "moe_router_score_function": "sigmoid",
+     "moe_router_enable_expert_bias": True, "moe_router_topk": 3}],
     ids=["gelu-top2", "swiglu-top3", "pre-softmax", "no-bias-top1", "no-aux-loss",
          "shared-expert", "swiglu-shared-expert-no-bias", "gated-shared-expert",
          "sigmoid-expert-bias-scaled-top3",
          "sigmoid-top1", "capacity-probs", "capacity-position-shared-expert",
          "capacity-sigmoid-expert-bias-top3", "sequence-aux-loss",
          "sequence-aux-loss-sigmoid-capacity", "groups-3-pick-2-top3", "groups-4-pick-2-top4",
-         "groups-sigmoid-pick-1"])
+         "groups-sigmoid-pick-1", "pre-softmax-probs-on-input",
+         "probs-on-input-swiglu-sigmoid-capacity",
+         "forced-balance", "forced-balance-sigmoid-expert-bias-top3"])
 def test_layer_matches_a_token_by_token_reference(overrides):
     run_distributed(1, _layer_vs_reference, overrides)
 
@@ -279,7 +296,7 @@ STEPS = 3
 
 
 def _initial_weights(tp: int = 1, ep: int = 1, **overrides) -> dict:
-    models, _, _ = setup(tp, 1, seed=5, ep=ep, **MOE, **overrides)
+    models, _, _ = setup(tp, 1, seed=5, ep=ep, **{**MOE, **overrides})
     return pieces(models)
 
 
@@ -297,7 +314,7 @@ def test_weights_are_drawn_the_same_at_every_layout(serial_run):
 def _train(tp: int, pp: int, ep: int, whole: dict, distributed_optimizer: bool = False,
            **overrides) -> dict:
     return train_from(whole, tp, pp, STEPS, ep=ep, distributed_optimizer=distributed_optimizer,
-                      **MOE, **overrides)
+                      **{**MOE, **overrides})
 
 
 @pytest.fixture(scope="module")

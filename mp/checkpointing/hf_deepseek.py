@@ -171,7 +171,7 @@ def _check(config: TransformerConfig) -> None:
         "untie_embeddings_and_output_weights": (True,), "window_size": (None,),
         "rotary_interleaved": (False,), "activation_func_clamp_value": (None,),
         "glu_linear_offset": (0.0,), "softmax_type": ("vanilla",), "moe_router_bias": (False,),
-        **routing},
+        "moe_apply_probs_on_input": (False,), **routing},
         name)
     pattern = [int(config.is_moe_layer(i)) for i in range(config.num_layers)]
     if config.num_moe_experts is None or pattern != sorted(pattern):

@@ -227,7 +227,8 @@ def hf_config(config: TransformerConfig) -> dict:
         "mtp_num_layers": (None,), "moe_router_bias": (True,),
         "moe_router_score_function": ("softmax",), "moe_router_pre_softmax": (False,),
         "moe_router_topk_scaling_factor": (None,), "moe_router_num_groups": (None,),
-        "moe_shared_expert_intermediate_size": (None,)}, _NAME)
+        "moe_shared_expert_intermediate_size": (None,), "moe_apply_probs_on_input": (False,)},
+        _NAME)
     clamp = config.activation_func_clamp_value
     if clamp is None or config.num_moe_experts is None or not all(
             map(config.is_moe_layer, range(config.num_layers))):

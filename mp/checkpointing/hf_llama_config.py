@@ -267,7 +267,8 @@ def hf_config(config: TransformerConfig) -> dict:
              "glu_linear_offset": (0.0,), "softmax_type": ("vanilla",),
              "add_qkv_bias": (True, False) if kind == "qwen2_moe" else (FAMILIES[kind].qkv_bias,),
              "moe_shared_expert_gate": (FAMILIES[kind].shared_expert,),
-             "rope_type": ("rope",), "moe_router_bias": (False,)}
+             "rope_type": ("rope",), "moe_router_bias": (False,),
+             "moe_apply_probs_on_input": (False,)}
     if kind == "mixtral":  # routed as Mixtral routes
         needs.update(moe_router_pre_softmax=(False,))
     if FAMILIES[kind].experts is not None:

@@ -50,15 +50,15 @@ _REFUSED_ARGS = {
     "softmax_scale": (None, (None,)),
     "heterogeneous_layers_config_path": (None, (None,)),
     "normalization": ("LayerNorm", ("LayerNorm", "RMSNorm")),
-    "moe_input_jitter_eps": (None, (None,)), "moe_apply_probs_on_input": (False, (False,)),
-    "moe_router_force_load_balancing": (False, (False,))}
+    "moe_input_jitter_eps": (None, (None,))}
 #: Megatron-LM's MoE arguments mp's config takes as they are, with Megatron-LM's defaults
 MOE_ARGS = {"moe_router_topk": 2, "moe_ffn_hidden_size": None, "moe_layer_freq": 1,
             "moe_router_score_function": "softmax", "moe_router_pre_softmax": False,
             "moe_router_enable_expert_bias": False, "moe_router_bias_update_rate": 1e-3,
             "moe_router_dtype": None, "moe_shared_expert_intermediate_size": None,
             "moe_shared_expert_gate": False, "moe_grouped_gemm": False,
-            "moe_z_loss_coeff": None, "moe_token_drop_policy": "probs"}
+            "moe_z_loss_coeff": None, "moe_token_drop_policy": "probs",
+            "moe_apply_probs_on_input": False}
 _POSITIONS = ("learned_absolute", "rope", "none")
 
 

@@ -78,7 +78,8 @@ CHECKPOINT_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_quer
                    "moe_shared_expert_gate",
                    "moe_router_topk", "moe_router_pre_softmax", "moe_router_score_function",
                    "moe_router_topk_scaling_factor", "moe_router_enable_expert_bias",
-                   "moe_router_num_groups", "moe_router_group_topk", "mtp_num_layers",
+                   "moe_router_num_groups", "moe_router_group_topk",
+                   "moe_apply_probs_on_input", "mtp_num_layers",
                    "window_size", "window_attn_skip_freq")
 
 

@@ -36,6 +36,7 @@ _MEGATRON_NAMES = {
         "expert_model_parallel_size", "expert_tensor_parallel_size",
         "moe_shared_expert_intermediate_size", "moe_router_dtype", "moe_router_score_function",
         "moe_router_topk_scaling_factor", "moe_router_bias_update_rate", "moe_input_jitter_eps",
+        "moe_router_force_load_balancing", "moe_apply_probs_on_input",
         "moe_expert_capacity_factor", "moe_token_drop_policy", "moe_router_num_groups",
         "moe_router_group_topk", "multi_latent_attention", "q_lora_rank", "kv_lora_rank",
         "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "mtp_num_layers",
@@ -184,6 +185,7 @@ VIRTUAL_STAGE_FLAG = "--num-layers-per-virtual-pipeline-stage"
 GROUP_QUERY_FLAG = "--group-query-attention"
 NO_POSITION_EMBEDDING_FLAG = "--no-position-embedding"
 BUCKET_SIZE_FLAG = "--ddp-bucket-size"
+MOE_LAYER_RECOMPUTE_FLAG = "--moe-layer-recompute"
 
 #: Flags resolved after every other override -> what they do (for --help).
 DEFERRED_FLAGS: dict[str, str] = {
@@ -193,4 +195,6 @@ DEFERRED_FLAGS: dict[str, str] = {
     NO_POSITION_EMBEDDING_FLAG: ("model.position_embedding_type=none unless it is rope"),
     BUCKET_SIZE_FLAG: ("training.bucket_size_mb = N elements x the gradient's bytes (4, or 2 "
                        "with grad_reduce_in_bf16) / 2^20"),
+    MOE_LAYER_RECOMPUTE_FLAG: ("model.recompute_granularity=selective, 'moe' added to "
+                               "model.recompute_modules (Megatron's deprecated spelling)"),
 }

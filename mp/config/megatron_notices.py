@@ -28,6 +28,9 @@ _WGRAD_DEFERRAL = ("it moves the output layer's weight-gradient products to the 
                    "to overlap Transformer Engine's tensor-parallel communication "
                    "(--tp-comm-overlap), which mp does not do; the gradients are the same")
 
+_EP_OVERLAP = ("it overlaps one micro-batch's expert-parallel all-to-alls with another's "
+               "compute (delaying weight gradients for it), which mp does not do; the "
+               "gradients are the same")
 _DELAYED = ("it sets Transformer Engine's delayed scaling; mp's --fp8-recipe tensorwise scales "
             "each operand by its own amax at every product")
 
@@ -90,6 +93,15 @@ NO_EFFECT_FLAGS: dict[str, tuple[int | None, str]] = {
                                        "expert-parallel ranks (Megatron's alltoall); the "
                                        "others give the same results")),
     "--moe-permute-fusion": (0, "mp sorts the tokens by expert with torch's own kernels"),
+    "--moe-router-fusion": (0, "mp's router takes its top k and softmax with torch's own "
+                               "kernels"),
+    "--moe-use-legacy-grouped-gemm": (0, ("mp has one grouped GEMM for the experts, torch's "
+                                          "(--moe-grouped-gemm)")),
+    "--moe-shared-expert-overlap": (0, ("mp runs the shared experts before the routed ones, "
+                                        "not beside their token exchange; the results are "
+                                        "the same")),
+    "--overlap-moe-expert-parallel-comm": (0, _EP_OVERLAP),
+    "--delay-wgrad-compute": (0, _EP_OVERLAP),
     "--moe-pad-expert-input-to-capacity": (0, ("mp sizes each layer's exchanges by the counts "
                                               "it routed; padding with unrouted copies changes "
                                               "no result")),
@@ -238,6 +250,8 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--apply-residual-connection-post-layernorm": ("mp's layers add the residual from before "
                                                    "the norm (pre-norm, Megatron's default)"),
     "--use-legacy-models": "mp has one GPT, laid out as Megatron-Core's; drop the flag",
+    "--moe-extended-tp": ("Megatron-LM deprecated it for --expert-tensor-parallel-size, which "
+                          "mp takes (1: whole experts; default: split over TP)"),
     "--is-hybrid-model": _MAMBA,
 }
 #: Flag-name prefixes of Megatron-LM feature families mp does not have -> what to say.
@@ -266,7 +280,8 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
                "--moe-router-enable-expert-bias, --moe-router-bias-update-rate, "
                "--moe-expert-capacity-factor, --moe-token-drop-policy probs|position, "
                "--moe-router-num-groups, --moe-router-group-topk, "
-               "--moe-input-jitter-eps, "
+               "--moe-input-jitter-eps, --moe-router-force-load-balancing, "
+               "--moe-apply-probs-on-input, --moe-layer-recompute, "
                "--moe-grouped-gemm, --expert-model-parallel-size (top-k routing, "
                "docs/training.md)"),
 }

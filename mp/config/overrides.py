@@ -67,6 +67,7 @@ from mp.config.megatron_flags import (
     GROUP_QUERY_FLAG,
     IMPLIED_VALUES,
     MEGATRON_VALUES,
+    MOE_LAYER_RECOMPUTE_FLAG,
     NO_POSITION_EMBEDDING_FLAG,
     ONE_VALUE_FLAGS,
     VIRTUAL_STAGE_FLAG,
@@ -133,6 +134,10 @@ def apply_overrides(sections: dict, args: Sequence[str]) -> None:
         layers_per_stage = coerce(VIRTUAL_STAGE_FLAG, deferred[VIRTUAL_STAGE_FLAG][0], int)
         vpp = _virtual_stages(model, layers_per_stage)
         _set(sections, "model.virtual_pipeline_model_parallel_size", vpp)
+    if MOE_LAYER_RECOMPUTE_FLAG in deferred:
+        _set(sections, "model.recompute_modules", _with_moe_recompute(model))
+        _set(sections, "model.recompute_granularity", "selective")
+        given.add("model.recompute_granularity")
     _drop_full_recompute_settings(sections, given)
 
 
@@ -145,6 +150,19 @@ def _drop_full_recompute_settings(sections: dict, given: set) -> None:
         for name in ("recompute_method", "recompute_num_layers"):
             if f"model.{name}" not in given:
                 model.pop(name, None)
+
+
+def _with_moe_recompute(model: dict) -> list:
+    """The recompute modules with ``moe`` added, as Megatron turns ``--moe-layer-recompute``
+    into selective recompute: the modules given, or none (not the default ``core_attn``).
+    Refused over full recompute, as in Megatron."""
+    if model.get("recompute_granularity") == "full":
+        raise ConfigError(f"{MOE_LAYER_RECOMPUTE_FLAG} conflicts with model.recompute_granularity"
+                          "=full (Megatron's rule): it makes the recompute selective, with "
+                          "'moe' among model.recompute_modules")
+    modules = model.get("recompute_modules") or []
+    modules = [modules] if isinstance(modules, str) else list(modules)
+    return modules if "moe" in modules else [*modules, "moe"]
 
 
 def _set(sections: dict, key: str, value) -> None:

@@ -162,6 +162,10 @@ class TransformerConfig:
     moe_router_topk_scaling_factor: float | None = None  # the k weights times this
     moe_input_jitter_eps: float | None = None  # in training the router's input times noise
     # uniform in [1 - eps, 1 + eps] (the Switch Transformer's, Megatron's --moe-input-jitter-eps)
+    moe_router_force_load_balancing: bool = False  # route by random N(0, 1) logits, their
+    # gradient passed to the real ones (benchmarks: balanced loads whatever the weights)
+    moe_apply_probs_on_input: bool = False  # top-1: the expert takes its token times the
+    # router's probability and its output is not weighted (Llama 4's)
     moe_router_enable_expert_bias: bool = False  # sigmoid: choose by score + a per-expert bias
     # that follows the load instead of by an auxiliary loss (DeepSeek-V3's aux-loss-free
     # balancing; the bias is not a weight: it moves by the rate below each iteration)

@@ -32,11 +32,11 @@ def check_moe(config) -> None:
         raise ValueError("moe_shared_expert_gate=True needs num_moe_experts and "
                          "moe_shared_expert_intermediate_size (shared experts to gate)")
     if e is None:
-        if config.moe_router_bias:
-            raise ValueError("moe_router_bias=True needs num_moe_experts (a router to bias)")
-        if config.moe_input_jitter_eps is not None:
-            raise ValueError(f"moe_input_jitter_eps={config.moe_input_jitter_eps} needs "
-                             "num_moe_experts (a router to jitter)")
+        for name in ("moe_router_bias", "moe_input_jitter_eps",
+                     "moe_router_force_load_balancing", "moe_apply_probs_on_input"):
+            if getattr(config, name) not in (None, False):
+                raise ValueError(f"{name}={getattr(config, name)} needs num_moe_experts (a "
+                                 "mixture-of-experts model)")
         if ep > 1:
             raise ValueError(f"expert_model_parallel_size={ep} needs num_moe_experts (a "
                              "mixture-of-experts model)")
@@ -47,6 +47,10 @@ def check_moe(config) -> None:
     if config.moe_router_topk > e:
         raise ValueError(f"moe_router_topk={config.moe_router_topk} exceeds "
                          f"num_moe_experts={e}")
+    if config.moe_apply_probs_on_input and config.moe_router_topk != 1:
+        raise ValueError(f"moe_apply_probs_on_input=True needs moe_router_topk=1, not "
+                         f"{config.moe_router_topk} (a token's copies would each carry one "
+                         "probability, and their outputs add up unweighted)")
     if config.moe_ffn_hidden_size is None:
         config.moe_ffn_hidden_size = config.ffn_hidden_size
     positive_int("moe_ffn_hidden_size", config.moe_ffn_hidden_size)

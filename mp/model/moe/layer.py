@@ -45,7 +45,10 @@ class MoELayer(nn.Module):
     With ``moe_shared_expert_intermediate_size`` a dense MLP of that width (`SharedExperts`,
     ``shared_experts``, Megatron's name; gated with ``moe_shared_expert_gate``) takes every
     token too and its output is added; ``shared_experts`` among the recompute modules
-    checkpoints it.
+    checkpoints it. With ``moe_apply_probs_on_input`` (top-1 routing) each token is
+    multiplied by its probability (in fp32, then cast back) before it leaves for its expert,
+    whose output then comes back unweighted (Llama 4's layer, Megatron's
+    ``--moe-apply-probs-on-input``, which scales the same rows after the exchange).
     """
 
     def __init__(self, config: TransformerConfig, group=None, expert_group=None,
@@ -100,6 +103,8 @@ class MoELayer(nn.Module):
             hidden = copy_to_tensor_model_parallel_region(hidden, group=self.group)
         tokens = hidden.reshape(-1, hidden.size(-1))
         probs, chosen = self.router(tokens, hidden.size(1))
+        if self.config.moe_apply_probs_on_input:  # [N, 1]: the expert sees p x token
+            tokens, probs = (probs * tokens).to(tokens.dtype), torch.ones_like(probs)
         rows, counts, routing = self.dispatcher.dispatch(tokens, chosen)
         output = self.dispatcher.combine(self.experts(rows, counts), probs, routing)
         output = output.view_as(hidden)

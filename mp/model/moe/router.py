@@ -45,6 +45,14 @@ class TopKRouter(nn.Module):
     redrawn alike when activation recompute replays the layer. Megatron jitters in evaluation
     too; mp does not.
 
+    With ``moe_router_force_load_balancing`` (Megatron's, for benchmarks) the logits are
+    replaced by draws from N(0, 1), so every expert gets about ``k / E`` of the tokens
+    whatever the weights; their gradient passes to the real logits unchanged (a
+    straight-through estimate, as Megatron's), so the router still trains. Megatron draws
+    from a generator of its own seeded by the global rank; mp draws from the default one, as
+    the jitter, so TP ranks that route the same tokens route them alike and recompute replays
+    the draw.
+
     ``W`` is replicated on every rank and its gradient is partial on each TP rank, summed
     over TP like a sequence-parallel weight's (``W.sequence_parallel``): under sequence
     parallelism each TP rank routes its own tokens (``tensor_group``); otherwise every TP rank
@@ -113,6 +121,8 @@ class TopKRouter(nn.Module):
         else:
             logits = F.linear(tokens.to(dtype), self.weight.to(dtype),
                               None if self.bias is None else self.bias.to(dtype))
+        if cfg.moe_router_force_load_balancing:  # the draws' values, the logits' gradient
+            logits = logits - logits.detach() + torch.randn_like(logits)
         scores = torch.softmax(logits, dim=-1) if cfg.moe_router_pre_softmax else None
         if cfg.moe_router_score_function == "sigmoid":
             probs, experts = self._sigmoid_topk(logits)
