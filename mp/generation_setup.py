@@ -23,14 +23,16 @@ from mp.model.pipeline_split import UNEVEN_SPLIT_FIELDS
 
 # What generation changes in the saved model config: one stage, no sequence parallelism
 # (the sequence grows a token at a time), no FP8 (its products need multiples of 16 tokens),
-# nothing that only matters in training.
+# experts routed by their router (not a benchmark's random logits), nothing that only matters
+# in training.
 _FOR_GENERATION = dict(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
                        context_parallel_size=1, expert_model_parallel_size=1,
                        expert_tensor_parallel_size=None, **UNEVEN_SPLIT_FIELDS,
                        sequence_parallel=False, recompute_granularity=None,
                        recompute_modules=None, recompute_method=None, recompute_num_layers=None,
                        distribute_saved_activations=False, hidden_dropout=0.0,
-                       attention_dropout=0.0, compile_layers=False, fp8=None)
+                       attention_dropout=0.0, compile_layers=False, fp8=None,
+                       moe_router_force_load_balancing=False)
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:

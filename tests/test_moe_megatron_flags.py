@@ -20,6 +20,7 @@ from test_config_megatron import notices_of
 from test_moe import _initial_weights, _layer_config, _train
 
 from mp import parallel_state as ps
+from mp.generation_setup import generation_config
 from mp.model.moe import MoELayer
 
 EXPERTS = ("--num-experts", "4", "--sequence-parallel")
@@ -79,6 +80,11 @@ def test_forced_balancing_spreads_the_tokens_evenly():
     assert run_distributed(1, _counts, False)[0] == [4000, 4000, 0, 0]
     counts = run_distributed(1, _counts, True)[0]
     assert sum(counts) == 8000 and all(abs(c - 2000) < 200 for c in counts), counts
+
+
+def test_generation_routes_by_the_router():
+    saved = _layer_config(moe_router_force_load_balancing=True).__dict__
+    assert not generation_config(saved, 1).moe_router_force_load_balancing
 
 
 def _one_process(**overrides) -> tuple[dict, dict]:
