@@ -166,8 +166,8 @@ def test_flags_without_effect_say_why():
     (["--fp8-param-gather"], ("--fp8-param-gather: mp's FP8 is --fp8-format e4m3|hybrid with "
      "--fp8-recipe tensorwise (the transformer layers' linears, each operand scaled by its own "
      "amax); it keeps no FP8 parameters and gathers none")),
-    (["--moe-router-force-load-balancing"],  # any --moe-* flag mp does not read
-     "--moe-router-force-load-balancing: mp's mixture of experts has no such option: it has "
+    (["--moe-router-padding-for-fp8"],  # any --moe-* flag mp does not read
+     "--moe-router-padding-for-fp8: mp's mixture of experts has no such option: it has "
      "--num-experts, --moe-router-topk, --moe-ffn-hidden-size, --moe-layer-freq, "
      "--moe-router-pre-softmax, "
      "--moe-router-load-balancing-type aux_loss|seq_aux_loss|global_aux_loss|none, "
@@ -176,7 +176,9 @@ def test_flags_without_effect_say_why():
      "--moe-router-topk-scaling-factor, --moe-router-enable-expert-bias, "
      "--moe-router-bias-update-rate, --moe-expert-capacity-factor, "
      "--moe-token-drop-policy probs|position, --moe-router-num-groups, "
-     "--moe-router-group-topk, --moe-input-jitter-eps, --moe-grouped-gemm, "
+     "--moe-router-group-topk, --moe-input-jitter-eps, --moe-router-force-load-balancing, "
+     "--moe-apply-probs-on-input, --moe-layer-recompute, --moe-per-layer-logging, "
+     "--moe-grouped-gemm, "
      "--expert-model-parallel-size (top-k routing, docs/training.md)"),
     (["--use-megatron-fsdp"], ("--use-megatron-fsdp: mp has no Megatron FSDP "
                                "(--use-megatron-fsdp); --use-torch-fsdp2 shards parameters, "

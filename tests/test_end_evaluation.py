@@ -130,8 +130,8 @@ def test_tensorboard_gets_each_nth_iterations_values_and_the_line_keeps_its_mean
     loss, lr, norm = (lambda it: 4.0 + it), (lambda it: 1e-4 * it), (lambda it: 0.1 * it)
     decoupled = lambda it: 3e-4 * it  # noqa: E731
     for it in range(1, 9):
-        logger.training_iteration(it, 8 * it, {"lm loss": loss(it)}, lr(it), norm(it), 1.0,
-                                  True, 8, decoupled_lr=decoupled(it))
+        logger.training_iteration(it, 8 * it, {"lm loss": loss(it), "moe/z_loss_layer_1": it},
+                                  lr(it), norm(it), 1.0, True, 8, decoupled_lr=decoupled(it))
     logger.evaluation("test", 8, {"lm loss": 2.0})
     logger.evaluation("validation", 8, {"lm loss": 3.0}, write=False)  # --skip-train
     logger.close()
@@ -139,10 +139,12 @@ def test_tensorboard_gets_each_nth_iterations_values_and_the_line_keeps_its_mean
     means = [re.search(r"\| lm loss (\S+) \|", line)[1] for line in lines[:2]]
     assert means == ["6.5000E+00", "1.0500E+01"]  # iterations 1-4 and 5-8
     assert "| lr 8.000E-04 | decoupled lr 2.400E-03 | grad norm 0.800 |" in lines[1]
+    assert not any("moe/" in line for line in lines)  # a layer's loss: TensorBoard's only
     scalars = _scalars(tmp_path)
     for tag, value in (("lm loss", loss), ("learning-rate", lr), ("grad-norm", norm),
                        ("decoupled-learning-rate", decoupled),
-                       ("world-size", lambda it: 4), ("batch-size", lambda it: 8)):
+                       ("world-size", lambda it: 4), ("batch-size", lambda it: 8),
+                       ("moe/z_loss_layer_1", lambda it: it)):
         assert scalars[tag] == [(it, pytest.approx(value(it))) for it in (3, 6)], tag
     assert [step for step, _ in scalars["iteration-time-ms"]] == [4, 8]
     assert scalars["test lm loss"] == [(8, 2.0)]

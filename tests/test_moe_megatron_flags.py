@@ -1,7 +1,8 @@
 """Megatron-LM's remaining mixture-of-experts flags: ``--moe-router-force-load-balancing``
 (random routing for benchmarks), ``--moe-apply-probs-on-input`` (Llama 4's top-1 layer),
 ``--moe-layer-recompute`` (selective recompute of the MoE layer, Megatron's old spelling),
-and the flags that change nothing in mp or that it refuses.
+``--moe-per-layer-logging`` (each layer's auxiliary losses in the log, reduced over PP and DP
+as one process logs them), and the flags that change nothing in mp or that it refuses.
 
 The layers themselves are checked against the token-by-token reference of `test_moe`
 (``forced-balance*``, ``*probs-on-input*``); here: the flags, how evenly forced balancing
@@ -13,23 +14,27 @@ balancing under the ``moe`` recompute module against the same layout without rec
 
 import pytest
 import torch
-from gpt_runs import assemble, assert_same_training
+from gpt_runs import assemble, assert_same_training, load_whole, setup, train_step
 from harness import run_distributed
 from test_config import TINY, error_of, shipped
 from test_config_megatron import notices_of
-from test_moe import _initial_weights, _layer_config, _train
+from test_moe import MOE, _initial_weights, _layer_config, _train
 
 from mp import parallel_state as ps
 from mp.generation_setup import generation_config
+from mp.model.aux_losses import take_tracked
 from mp.model.moe import MoELayer
+from mp.training.training import auxiliary_losses
 
 EXPERTS = ("--num-experts", "4", "--sequence-parallel")
 
 
 def test_flags():
     m = shipped("gpt-tiny", *EXPERTS, "--moe-router-force-load-balancing",
-                "--moe-apply-probs-on-input", "--moe-router-topk", "1").model
-    assert (m.moe_router_force_load_balancing, m.moe_apply_probs_on_input) == (True, True)
+                "--moe-apply-probs-on-input", "--moe-router-topk", "1",
+                "--moe-per-layer-logging").model
+    assert (m.moe_router_force_load_balancing, m.moe_apply_probs_on_input,
+            m.moe_per_layer_logging) == (True, True, True)
     for given, modules in (((), ["moe"]), (("--recompute-activations",), ["moe"]),
                            (("--recompute-activations", "--recompute-modules", "core_attn"),
                             ["core_attn", "moe"]),
@@ -55,8 +60,6 @@ def test_flags():
              "--delay-wgrad-compute")
     assert notices_of(["--config", TINY, *EXPERTS, *quiet]) == [
         f"notice: {flag}" for flag in quiet]
-    assert error_of(*EXPERTS, "--moe-router-padding-for-fp8").startswith(
-        "--moe-router-padding-for-fp8: mp's mixture of experts has no such option")
 
 
 def _counts(forced: bool) -> list[int]:
@@ -108,6 +111,34 @@ def test_training_follows_one_process(world, tp, ep, model, layout):
     runs = run_distributed(world, _train, tp, 1, ep, whole, False, **model, **layout)
     want = assert_same_training(runs, serial)
     assert any((want[n] - whole[n]).abs().max() > 0 for n in want if "router" in n)
+
+
+def _logged(tp: int, pp: int, ep: int, whole: dict) -> dict[str, float]:
+    """One iteration's auxiliary losses as the job logs them (`auxiliary_losses`)."""
+    models, optimizer, scheduler = setup(tp, pp, seed=9, ep=ep, moe_per_layer_logging=True,
+                                         **{**MOE, "moe_layer_freq": [1, 1, 0, 1]})
+    load_whole(models, optimizer, whole)
+    take_tracked()
+    train_step(models, optimizer, scheduler, 0)
+    return auxiliary_losses(models)
+
+
+def test_each_moe_layers_losses_are_logged():
+    """With ``moe_per_layer_logging`` the log also gets each MoE layer's losses (layers 0, 1
+    and 3 of 4), averaged over the micro-batches and data-parallel ranks: at PP 2 x DP 2 x
+    EP 2 (each layer on one stage) as in one process; the totals are their means."""
+    whole = assemble(run_distributed(1, _initial_weights, moe_layer_freq=[1, 1, 0, 1]))
+    serial = run_distributed(1, _logged, 1, 1, 1, whole)[0]
+    names = ["load_balancing_loss", "z_loss"]
+    assert list(serial) == names + [f"moe/{name}_layer_{i}" for i in (0, 1, 3) for name in names]
+    for name in names:
+        layers = [serial[f"moe/{name}_layer_{i}"] for i in (0, 1, 3)]
+        assert serial[name] == pytest.approx(sum(layers) / 3, rel=1e-12)
+        assert max(layers) - min(layers) > 1e-4 * serial[name]  # three different values
+    for got in run_distributed(4, _logged, 1, 2, 2, whole):
+        assert got.keys() == serial.keys()
+        for name, value in serial.items():
+            assert got[name] == pytest.approx(value, rel=1e-6), name
 
 
 def test_forced_balancing_replays_its_draw_in_recompute():

@@ -68,7 +68,8 @@ _RUN_FIELDS = {
     "sequence_parallel", "expert_model_parallel_size", "expert_tensor_parallel_size",
     "overlap_p2p_comm", "recompute_granularity", "recompute_modules", "recompute_method",
     "recompute_num_layers", "distribute_saved_activations", "precision",
-    "init_method_xavier_uniform", "mtp_loss_scaling_factor", "moe_router_force_load_balancing"}
+    "init_method_xavier_uniform", "mtp_loss_scaling_factor", "moe_router_force_load_balancing",
+    "moe_per_layer_logging"}
 _EXPERTS = "mlp.experts.experts."
 
 

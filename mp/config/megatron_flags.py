@@ -36,7 +36,7 @@ _MEGATRON_NAMES = {
         "expert_model_parallel_size", "expert_tensor_parallel_size",
         "moe_shared_expert_intermediate_size", "moe_router_dtype", "moe_router_score_function",
         "moe_router_topk_scaling_factor", "moe_router_bias_update_rate", "moe_input_jitter_eps",
-        "moe_router_force_load_balancing", "moe_apply_probs_on_input",
+        "moe_router_force_load_balancing", "moe_apply_probs_on_input", "moe_per_layer_logging",
         "moe_expert_capacity_factor", "moe_token_drop_policy", "moe_router_num_groups",
         "moe_router_group_topk", "multi_latent_attention", "q_lora_rank", "kv_lora_rank",
         "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "mtp_num_layers",

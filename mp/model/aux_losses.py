@@ -11,8 +11,10 @@ pipeline stage and at every layout (Megatron's ``MoEAuxLossAutoScaler`` and
 ``MTPLossAutoScaler``).
 
 For the log, each loss is also tracked (`track`) under a name `tracked_names` lists, without
-its coefficient (``load_balancing_loss`` is 1 when routing is uniform); the training loop
-takes the sums once an iteration (`take_tracked`). The scale and the sums are the state here,
+its coefficient (``load_balancing_loss`` is 1 when routing is uniform), and with
+``moe_per_layer_logging`` each router's under ``moe/{name}_layer_{i}`` too (Megatron's tags,
+``i`` the layer's 0-based index); the training loop takes the sums once an iteration
+(`take_tracked`). The scale and the sums are the state here,
 held for one iteration.
 """
 
@@ -34,11 +36,18 @@ def aux_loss_scale() -> float:
     return _SCALE
 
 
-def track(name: str, value: torch.Tensor) -> None:
-    """Add a scalar to ``name``'s sum (and count) for the log."""
+def track(name: str, value: torch.Tensor, layer: int | None = None) -> None:
+    """Add a scalar to ``name``'s sum (and count) for the log, and to layer ``layer``'s
+    (`per_layer_name`) when given."""
     pair = torch.stack((value.detach().double(), torch.ones((), dtype=torch.float64,
                                                             device=value.device)))
-    _TRACKED[name] = _TRACKED[name] + pair if name in _TRACKED else pair
+    for key in (name,) if layer is None else (name, per_layer_name(name, layer)):
+        _TRACKED[key] = _TRACKED[key] + pair if key in _TRACKED else pair
+
+
+def per_layer_name(name: str, layer: int) -> str:
+    """Megatron's TensorBoard tag of loss ``name`` of the layer of 0-based index ``layer``."""
+    return f"moe/{name}_layer_{layer}"
 
 
 def take_tracked() -> dict[str, torch.Tensor]:
@@ -50,9 +59,16 @@ def take_tracked() -> dict[str, torch.Tensor]:
 
 def tracked_names(config) -> list[str]:
     """The names a model of ``config`` (`mp.model.TransformerConfig`) tracks while it
-    trains: its routers' losses, and multi-token prediction's (`mp.model.mtp`)."""
-    return ([f"mtp_{k} loss" for k in range(1, (config.mtp_num_layers or 0) + 1)]
-            + router_loss_names(config))
+    trains: multi-token prediction's (`mp.model.mtp`) and its routers' losses, then with
+    ``moe_per_layer_logging`` those of each MoE layer (`per_layer_name`)."""
+    names = router_loss_names(config)
+    if names and config.moe_per_layer_logging:  # the decoder's MoE layers, then MTP's
+        depths = config.mtp_num_layers or 0
+        layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
+        if depths and config.is_moe_layer(config.num_layers - 1):
+            layers += range(config.num_layers, config.num_layers + depths)
+        names += [per_layer_name(name, i) for i in layers for name in router_loss_names(config)]
+    return ([f"mtp_{k} loss" for k in range(1, (config.mtp_num_layers or 0) + 1)] + names)
 
 
 def router_loss_names(config) -> list[str]:

@@ -166,6 +166,8 @@ class TransformerConfig:
     # gradient passed to the real ones (benchmarks: balanced loads whatever the weights)
     moe_apply_probs_on_input: bool = False  # top-1: the expert takes its token times the
     # router's probability and its output is not weighted (Llama 4's)
+    moe_per_layer_logging: bool = False  # TensorBoard / W&B also get each MoE layer's
+    # auxiliary losses, moe/{name}_layer_{i} (Megatron's --moe-per-layer-logging)
     moe_router_enable_expert_bias: bool = False  # sigmoid: choose by score + a per-expert bias
     # that follows the load instead of by an auxiliary loss (DeepSeek-V3's aux-loss-free
     # balancing; the bias is not a weight: it moves by the rate below each iteration)

@@ -40,7 +40,7 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_layernorm = build_norm(config)
         if moe is None:
             moe = config.is_moe_layer(layer_number - 1)
-        self.mlp = (MoELayer(config, group) if moe
+        self.mlp = (MoELayer(config, group, layer_index=layer_number - 1) if moe
                     else MLP(config, group, fp8=fp8_recipe(config, layer_number)))
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -9,7 +9,8 @@ The line (values over the interval since the last line; losses and times average
 
 (on one line; the global batch size is the last iteration's, which changes only under
 ``training.rampup_batch_size``; rates count the interval's own samples; a mixture-of-experts
-model's ``load_balancing_loss`` and ``z_loss`` follow the lm loss; with
+model's ``load_balancing_loss`` and ``z_loss`` follow the lm loss (each layer's,
+``moe/{name}_layer_{i}``, go to TensorBoard and W&B only); with
 ``training.decoupled_lr`` the embedding's and output layer's rate follows the lr as
 ``decoupled lr X``; with ``logging.log_num_zeros_in_grad`` / ``log_params_norm``, the last
 iteration's ``num zeros N`` / ``params norm X`` follow the grad norm). TFLOP/s per GPU counts
@@ -229,8 +230,9 @@ class TrainingLogger:
         self._skipped += not update_successful
         for key, value in losses.items():
             self._loss_sums[key] = self._loss_sums.get(key, 0.0) + value
+        shown = {k: v for k, v in losses.items() if not k.startswith("moe/")}  # not per layer
         if self.progress is not None:
-            self.progress.update(iteration, " | ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+            self.progress.update(iteration, " | ".join(f"{k} {v:.4f}" for k, v in shown.items()))
         lg = self.cfg.logging
         if iteration % lg.tensorboard_log_interval == 0:
             scalars = {**losses, "learning-rate": lr, "batch-size": global_batch_size,
@@ -249,7 +251,8 @@ class TrainingLogger:
         if self.memory_snapshot_path is not None:
             torch.cuda.memory._dump_snapshot(self.memory_snapshot_path)
         seconds = self._elapsed / self._iterations
-        means = {k: v / self._iterations for k, v in self._loss_sums.items()}
+        means = {k: v / self._iterations for k, v in self._loss_sums.items()
+                 if not k.startswith("moe/")}
         model = self.cfg.model
         per_gpu = self._elapsed * self.world_size * 1e12  # FLOPs -> TFLOP/s per GPU
         tflops = num_floating_point_operations(model, self._samples) / per_gpu

@@ -52,7 +52,9 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, config: TransformerConfig, group=None, expert_group=None,
-                 context_group=None, data_group=None):
+                 context_group=None, data_group=None, layer_index: int | None = None):
+        """``layer_index``: the layer's 0-based index in the model (multi-token prediction's
+        after the decoder's), under which ``moe_per_layer_logging`` tracks its losses."""
         super().__init__()
         self.config = config
         if group is None and expert_group is None:  # parallel_state's: made at the same ETP
@@ -83,7 +85,8 @@ class MoELayer(nn.Module):
         if data_group is None and config.moe_router_load_balancing_type == "global_aux_loss":
             data_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.router = TopKRouter(config, context_group, tensor_group,
-                                 replicas=1 if self.split else self.tp, data_group=data_group)
+                                 replicas=1 if self.split else self.tp, data_group=data_group,
+                                 layer_index=layer_index)
         self.experts = Experts(config, self.expert_tensor_group, ep_rank, ep)
         self.dispatcher = TokenDispatcher(
             config.num_moe_experts, expert_group,

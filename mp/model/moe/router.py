@@ -73,9 +73,10 @@ class TopKRouter(nn.Module):
     """
 
     def __init__(self, config: TransformerConfig, context_group=None, tensor_group=None,
-                 replicas: int = 1, data_group=None):
+                 replicas: int = 1, data_group=None, layer_index: int | None = None):
         super().__init__()
         self.config = config
+        self.layer_index = layer_index if config.moe_per_layer_logging else None
         self.topk = config.moe_router_topk
         self.tensor_group = tensor_group
         # the ranks holding the rest of the sequences, and (global loss) of the global batch
@@ -229,13 +230,13 @@ class TopKRouter(nn.Module):
                 self.global_micro_batches += 1
                 counts = self.global_tokens_per_expert / self.global_micro_batches
             loss = load_balancing_loss(sums, counts, length, self.topk, cfg.moe_aux_loss_coeff)
-            track(names[0], loss / cfg.moe_aux_loss_coeff)
+            track(names[0], loss / cfg.moe_aux_loss_coeff, self.layer_index)
             probs = attach_aux_loss(probs, loss, weight)
         if cfg.moe_z_loss_coeff:
             square_sum = torch.logsumexp(logits, dim=-1).square().sum()
             loss = z_loss(self._summed(square_sum, self.token_groups), num_tokens,
                           cfg.moe_z_loss_coeff)
-            track("z_loss", loss / cfg.moe_z_loss_coeff)
+            track("z_loss", loss / cfg.moe_z_loss_coeff, self.layer_index)
             probs = attach_aux_loss(probs, loss, self.aux_loss_weight)
         return probs
 
