@@ -176,7 +176,8 @@ def test_flags_without_effect_say_why():
      "--moe-router-topk-scaling-factor, --moe-router-enable-expert-bias, "
      "--moe-router-bias-update-rate, --moe-expert-capacity-factor, "
      "--moe-token-drop-policy probs|position, --moe-router-num-groups, "
-     "--moe-router-group-topk, --moe-input-jitter-eps, --moe-router-force-load-balancing, "
+     "--moe-router-group-topk, --moe-router-topk-limited-devices, --moe-input-jitter-eps, "
+     "--moe-router-force-load-balancing, "
      "--moe-apply-probs-on-input, --moe-layer-recompute, --moe-per-layer-logging, "
      "--moe-grouped-gemm, "
      "--expert-model-parallel-size (top-k routing, docs/training.md)"),

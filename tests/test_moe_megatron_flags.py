@@ -42,6 +42,11 @@ def test_flags():
                              "layernorm"), ["moe", "layernorm"])):
         m = shipped("gpt-tiny", *EXPERTS, *given, "--moe-layer-recompute").model
         assert (m.recompute_granularity, m.recompute_modules) == ("selective", modules), given
+    for given, groups in (((), (2, 1)), (("--moe-router-num-groups", "4",
+                                          "--moe-router-group-topk", "2"), (4, 2))):
+        m = shipped("gpt-tiny", "--num-experts", "8", "--expert-model-parallel-size", "2",
+                    "--moe-router-topk-limited-devices", "1", *given).model
+        assert (m.moe_router_num_groups, m.moe_router_group_topk) == groups, given
     assert error_of(*EXPERTS, "--recompute-granularity", "full", "--recompute-method",
                     "uniform", "--recompute-num-layers", "1", "--moe-layer-recompute") == (
         "--moe-layer-recompute conflicts with model.recompute_granularity=full (Megatron's "

@@ -186,6 +186,7 @@ GROUP_QUERY_FLAG = "--group-query-attention"
 NO_POSITION_EMBEDDING_FLAG = "--no-position-embedding"
 BUCKET_SIZE_FLAG = "--ddp-bucket-size"
 MOE_LAYER_RECOMPUTE_FLAG = "--moe-layer-recompute"
+LIMITED_DEVICES_FLAG = "--moe-router-topk-limited-devices"
 
 #: Flags resolved after every other override -> what they do (for --help).
 DEFERRED_FLAGS: dict[str, str] = {
@@ -197,4 +198,7 @@ DEFERRED_FLAGS: dict[str, str] = {
                        "with grad_reduce_in_bf16) / 2^20"),
     MOE_LAYER_RECOMPUTE_FLAG: ("model.recompute_granularity=selective, 'moe' added to "
                                "model.recompute_modules (Megatron's deprecated spelling)"),
+    LIMITED_DEVICES_FLAG: ("model.moe_router_num_groups = expert_model_parallel_size, "
+                           "moe_router_group_topk = N, unless the group top-k is given "
+                           "(Megatron's deprecated spelling)"),
 }

@@ -280,6 +280,7 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
                "--moe-router-enable-expert-bias, --moe-router-bias-update-rate, "
                "--moe-expert-capacity-factor, --moe-token-drop-policy probs|position, "
                "--moe-router-num-groups, --moe-router-group-topk, "
+               "--moe-router-topk-limited-devices, "
                "--moe-input-jitter-eps, --moe-router-force-load-balancing, "
                "--moe-apply-probs-on-input, --moe-layer-recompute, --moe-per-layer-logging, "
                "--moe-grouped-gemm, --expert-model-parallel-size (top-k routing, "

@@ -67,6 +67,7 @@ from mp.config.megatron_flags import (
     GROUP_QUERY_FLAG,
     IMPLIED_VALUES,
     MEGATRON_VALUES,
+    LIMITED_DEVICES_FLAG,
     MOE_LAYER_RECOMPUTE_FLAG,
     NO_POSITION_EMBEDDING_FLAG,
     ONE_VALUE_FLAGS,
@@ -134,6 +135,10 @@ def apply_overrides(sections: dict, args: Sequence[str]) -> None:
         layers_per_stage = coerce(VIRTUAL_STAGE_FLAG, deferred[VIRTUAL_STAGE_FLAG][0], int)
         vpp = _virtual_stages(model, layers_per_stage)
         _set(sections, "model.virtual_pipeline_model_parallel_size", vpp)
+    if LIMITED_DEVICES_FLAG in deferred and "moe_router_group_topk" not in model:
+        _set(sections, "model.moe_router_num_groups",
+             model.get("expert_model_parallel_size", 1))  # one group per EP rank
+        _set(sections, "model.moe_router_group_topk", deferred[LIMITED_DEVICES_FLAG][0])
     if MOE_LAYER_RECOMPUTE_FLAG in deferred:
         _set(sections, "model.recompute_modules", _with_moe_recompute(model))
         _set(sections, "model.recompute_granularity", "selective")
@@ -208,7 +213,7 @@ def _option(name: str) -> _Option:
     if name in CHOICE_FLAGS:
         return _Option(None, 1, None)
     if name in DEFERRED_FLAGS:
-        takes = int(name in (VIRTUAL_STAGE_FLAG, BUCKET_SIZE_FLAG))
+        takes = int(name in (VIRTUAL_STAGE_FLAG, BUCKET_SIZE_FLAG, LIMITED_DEVICES_FLAG))
         return _Option(None, takes, takes)
     if name in NO_EFFECT_FLAGS:
         takes = NO_EFFECT_FLAGS[name][0]  # None: any number
