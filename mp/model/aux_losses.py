@@ -61,14 +61,14 @@ def tracked_names(config) -> list[str]:
     """The names a model of ``config`` (`mp.model.TransformerConfig`) tracks while it
     trains: multi-token prediction's (`mp.model.mtp`) and its routers' losses, then with
     ``moe_per_layer_logging`` those of each MoE layer (`per_layer_name`)."""
-    names = router_loss_names(config)
-    if names and config.moe_per_layer_logging:  # the decoder's MoE layers, then MTP's
-        depths = config.mtp_num_layers or 0
+    depths = config.mtp_num_layers or 0
+    routers, per_layer = router_loss_names(config), []
+    if routers and config.moe_per_layer_logging:  # the decoder's MoE layers, then MTP's
         layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
         if depths and config.is_moe_layer(config.num_layers - 1):
             layers += range(config.num_layers, config.num_layers + depths)
-        names += [per_layer_name(name, i) for i in layers for name in router_loss_names(config)]
-    return ([f"mtp_{k} loss" for k in range(1, (config.mtp_num_layers or 0) + 1)] + names)
+        per_layer = [per_layer_name(name, i) for i in layers for name in routers]
+    return [f"mtp_{k} loss" for k in range(1, depths + 1)] + routers + per_layer
 
 
 def router_loss_names(config) -> list[str]:
